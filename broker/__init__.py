@@ -1,0 +1,1 @@
+"""EdgeKMS broker: the single gRPC ingress (mTLS, authz, audit, routing over NATS)."""

@@ -1,0 +1,1 @@
+"""Key providers: the tokens a crypto service can front, behind providers.base.Provider."""

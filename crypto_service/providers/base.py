@@ -1,0 +1,85 @@
+"""The one small protocol every key provider implements (PKCS#11 token, TPM 2.0).
+
+A provider is synchronous and blocking: token calls block, so the service runs them on
+worker threads (a bounded pool for PKCS#11 sessions, a single queue for a TPM). The
+service validates requests with edgekms.algorithms before calling a provider; providers
+raise edgekms.errors types and never return half-made keys: if generation fails midway
+they remove what they created before raising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from edgekms.algorithms import KeyType, SignatureAlgorithm
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    key_id: bytes
+    public_key_der: bytes  # SubjectPublicKeyInfo
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    key_id: bytes
+    label: str
+    key_type: KeyType
+
+
+@dataclass(frozen=True)
+class KeyCreateOptions:
+    """Provider-specific options; a provider that cannot honour one refuses the create."""
+
+    pcr_indexes: tuple[int, ...] = ()
+    require_auth: bool = False
+
+
+@dataclass(frozen=True)
+class Attestation:
+    format: str
+    attestation: bytes
+    signature: bytes
+    signature_algorithm: SignatureAlgorithm
+    attestation_key_der: bytes
+    key_public_area: bytes = b""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What a crypto service needs from a token.
+
+    Errors: NotFound for an unknown key_id, AlreadyExists for a reused key_id,
+    FailedPrecondition for a key type the token lacks, Unavailable when the token is
+    unreachable, InvalidArgument for requests the token rejects as malformed.
+    """
+
+    kind: str  # "pkcs11", "tpm2"
+
+    def key_types(self) -> frozenset[KeyType]:
+        """Key types this token can generate."""
+        ...
+
+    def generate(
+        self, key_id: bytes, label: str, key_type: KeyType, options: KeyCreateOptions
+    ) -> GeneratedKey: ...
+
+    def public_key(self, key_id: bytes) -> tuple[bytes, KeyType]:
+        """SubjectPublicKeyInfo DER and the key's type."""
+        ...
+
+    def sign(self, key_id: bytes, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
+        """Sign a digest (or an Ed25519 message); ECDSA results are DER-encoded."""
+        ...
+
+    def destroy(self, key_id: bytes) -> None: ...
+
+    def list_keys(self) -> list[StoredKey]: ...
+
+    def attest(self, key_id: bytes, nonce: bytes) -> Attestation:
+        """Hardware evidence for the key; FailedPrecondition where the token has none."""
+        ...
+
+    def close(self) -> None: ...

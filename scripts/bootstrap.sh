@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install what EdgeKMS needs on a Debian 12 machine (run as root): the system packages
+# that are missing, then the virtual environment from requirements.lock.
+# Idempotent: a second run installs nothing and takes a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+# What the services and tests use: SoftHSM, swtpm and its tools, tpm2-tools, libtss2
+# (tpm2-pytss builds against it), opensc (pkcs11-tool), openssl and curl (tests check
+# signatures and TLS with them), and a compiler with Python headers for the wheels
+# that build from source.
+APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl curl
+  ca-certificates gcc make pkg-config)
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  APT_PACKAGES+=(python3 python3-venv python3-dev)
+elif [ "$("$PYTHON" -c 'import sys; print(sys.prefix)')" = /usr ]; then
+  APT_PACKAGES+=(python3-venv python3-dev)  # Debian's own python needs these split parts
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "bootstrap: these Debian packages are missing and only root can install them: ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+stamp="$VENV/.edgekms-installed"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ requirements.lock -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: installing Python packages from requirements.lock"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "uv==0.13.9"
+  "$VENV/bin/uv" pip sync -q --python "$VENV/bin/python" requirements.lock
+  "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps -e .
+  touch "$stamp"
+fi
