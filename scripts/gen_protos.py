@@ -26,11 +26,15 @@ def generate(out: Path) -> None:
     import grpc_tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
+    # The mypy-protobuf plugins live beside this interpreter, whatever PATH says.
+    bindir = Path(sys.executable).parent
     for proto in PROTO_FILES:
         args = [
             "protoc",
             f"-I{PROTO_ROOT}",
             f"-I{include}",
+            f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
             f"--python_out={out}",
             f"--mypy_out={out}",
         ]
