@@ -6,12 +6,13 @@ import filecmp
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "protos" / "edgekms" / "v1"
 
 
-def _load_generator():  # type: ignore[no-untyped-def]
+def _load_generator() -> Any:
     spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

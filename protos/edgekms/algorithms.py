@@ -8,6 +8,7 @@ way. Verification in software lives here too: it needs only the public key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -16,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from edgekms.errors import InvalidArgument
 from edgekms.v1 import common_pb2 as pb
 
-KeyType = int  # edgekms.v1.KeyType value
-SignatureAlgorithm = int  # edgekms.v1.SignatureAlgorithm value
+KeyType: TypeAlias = pb.KeyType.ValueType
+SignatureAlgorithm: TypeAlias = pb.SignatureAlgorithm.ValueType
 
 
 @dataclass(frozen=True)
