@@ -1,0 +1,134 @@
+"""`kms-crypto --config FILE`: run one crypto service until SIGTERM or SIGINT.
+
+Exit codes are for supervisors (systemd, compose): 0 clean stop, 2 bad config,
+3 the token refused us (wrong PIN, no such token), 4 NATS unreachable. Each failure
+prints one line on stderr that says what to fix; logs go to stderr as JSON lines
+(edgekms.logs) with key=value messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+import nats
+
+from crypto_service.config import ConfigError, ServiceConfig, load_config, make_provider
+from crypto_service.providers.base import Provider
+from crypto_service.service import CryptoService
+from edgekms.errors import KMSError
+from edgekms.logs import setup_logging
+
+log = logging.getLogger("crypto_service")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_TOKEN = 3
+EXIT_NATS = 4
+CONNECT_DEADLINE = 5.0
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def _serve(config: ServiceConfig, provider: Provider) -> None:
+    async def on_error(exc: Exception) -> None:
+        log.warning("event=nats_error error=%s", type(exc).__name__)
+
+    async def on_disconnect() -> None:
+        log.warning("event=nats_disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("event=nats_reconnected")
+
+    # nats-py retries a first connect as often as later reconnects (forever, here), so the
+    # first connect gets its own deadline: a service that cannot reach the bus says so.
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=[config.nats_url],
+                name=f"kms-crypto-{config.provider_id}",
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            ),
+            timeout=CONNECT_DEADLINE,
+        )
+    except (Exception, TimeoutError) as exc:
+        raise _Exit(
+            EXIT_NATS, f"cannot reach NATS at {config.nats_url}: {type(exc).__name__}"
+        ) from None
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    service = CryptoService(nc, provider, config.provider_id, config.workers)
+    try:
+        await service.start()
+        await stop.wait()
+        log.info("event=stopping")
+    finally:
+        await service.stop()
+        try:
+            await nc.drain()
+        except Exception as exc:
+            log.warning("event=drain_failed error=%s", type(exc).__name__)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config of this crypto service.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def main(config_path: Path, log_level: str) -> None:
+    """Serve one key provider (a PKCS#11 token or a TPM) on NATS."""
+    setup_logging("kms-crypto", log_level)
+    try:
+        config = load_config(config_path)
+        provider = make_provider(config)
+    except ConfigError as exc:
+        click.echo(f"kms-crypto: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except KMSError as exc:
+        click.echo(f"kms-crypto: {exc.message}", err=True)
+        sys.exit(EXIT_TOKEN)
+    except ImportError as exc:
+        click.echo(f"kms-crypto: provider code missing: {exc}", err=True)
+        sys.exit(EXIT_TOKEN)
+    code = EXIT_OK
+    try:
+        asyncio.run(_serve(config, provider))
+    except _Exit as exc:
+        click.echo(f"kms-crypto: {exc.message}", err=True)
+        code = exc.code
+    finally:
+        provider.close()
+    log.info("event=exit code=%d", code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

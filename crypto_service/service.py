@@ -1,0 +1,259 @@
+"""The crypto service on the bus: a nats.micro service answering kms.crypto.<provider>.<Op>.
+
+It trusts nobody on the bus, so every request is parsed and validated again here
+(edgekms.algorithms) before the token sees it. Token calls block, so they run on a bounded
+thread pool; nats-py delivers one subscription's messages one after another, so each
+request becomes its own task, with at most `workers * 2` in flight per service (the rest
+wait in the subscription, which is the back-pressure). Replicas of one provider share a
+queue group, so each request is answered by exactly one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import nats.micro
+from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from crypto_service.providers.base import KeyCreateOptions, Provider
+from edgekms.algorithms import (
+    KeyType,
+    check_sign_request,
+    key_type_info,
+    verify_signature,
+)
+from edgekms.errors import Internal, InvalidArgument, KMSError
+from edgekms.subjects import (
+    CRYPTO_OPERATIONS,
+    crypto_queue_group,
+    crypto_service_name,
+    crypto_subject,
+)
+from edgekms.v1 import common_pb2 as pb
+from edgekms.v1 import crypto_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_VERSION = "0.1.0"
+MAX_KEY_ID = 64
+MAX_LABEL = 128
+MAX_NONCE = 64
+
+T = TypeVar("T")
+
+REQUEST_TYPES: dict[str, type[Message]] = {
+    "GenerateKey": crypto_pb2.GenerateKeyRequest,
+    "GetPublicKey": crypto_pb2.GetPublicKeyRequest,
+    "Sign": crypto_pb2.SignRequest,
+    "Verify": crypto_pb2.VerifyRequest,
+    "DestroyKey": crypto_pb2.DestroyKeyRequest,
+    "ListKeys": crypto_pb2.ListProviderKeysRequest,
+    "Attest": crypto_pb2.AttestRequest,
+}
+
+
+def _check_key_id(key_id: bytes) -> None:
+    if not key_id:
+        raise InvalidArgument("key.id_missing", "key_id is required")
+    if len(key_id) > MAX_KEY_ID:
+        raise InvalidArgument("key.id_too_long", f"key_id is limited to {MAX_KEY_ID} bytes")
+
+
+class CryptoService:
+    """One provider on the bus. `start()` registers it, `stop()` unregisters and drains."""
+
+    def __init__(self, nc: Client, provider: Provider, provider_id: str, workers: int) -> None:
+        self.nc = nc
+        self.provider = provider
+        self.provider_id = provider_id
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms-token")
+        self._slots = asyncio.Semaphore(workers * 2)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._service: Service | None = None
+        # Public keys never change, so a key's type is looked up once (dropped on destroy).
+        self._public: dict[bytes, tuple[bytes, KeyType]] = {}
+        self._ops: dict[str, Callable[[Any], Awaitable[Message]]] = {
+            "GenerateKey": self._generate,
+            "GetPublicKey": self._get_public_key,
+            "Sign": self._sign,
+            "Verify": self._verify,
+            "DestroyKey": self._destroy,
+            "ListKeys": self._list_keys,
+            "Attest": self._attest,
+        }
+
+    async def start(self) -> None:
+        name = crypto_service_name(self.provider_id)
+        self._service = await nats.micro.add_service(
+            self.nc,
+            name=name,
+            version=SERVICE_VERSION,
+            description=f"EdgeKMS crypto service for provider {self.provider_id}",
+            metadata={"provider": self.provider_id, "kind": self.provider.kind},
+        )
+        for op in CRYPTO_OPERATIONS:
+            await self._service.add_endpoint(
+                name=op,
+                subject=crypto_subject(self.provider_id, op),
+                queue_group=crypto_queue_group(self.provider_id),
+                handler=self._handler(op),
+            )
+        await self.nc.flush()
+        log.info(
+            "event=service_started service=%s provider=%s kind=%s workers=%d",
+            name,
+            self.provider_id,
+            self.provider.kind,
+            self.workers,
+        )
+
+    async def stop(self) -> None:
+        """Stop taking requests, finish those in flight, release the threads."""
+        if self._service is not None:
+            await self._service.stop()
+            self._service = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+        log.info("event=service_stopped provider=%s", self.provider_id)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _handler(self, op: str) -> Callable[[Request], Awaitable[None]]:
+        async def handle(req: Request) -> None:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(op, req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return handle
+
+    async def _serve(self, op: str, req: Request) -> None:
+        started = time.monotonic()
+        try:
+            try:
+                message = REQUEST_TYPES[op]()
+                try:
+                    message.ParseFromString(req.data)
+                except DecodeError:
+                    raise InvalidArgument(
+                        "request.malformed", f"{op}: the payload is not a {type(message).__name__}"
+                    ) from None
+                response = await self._ops[op](message)
+            except KMSError as err:
+                log.info(
+                    "event=request_failed op=%s code=%s reason=%s", op, err.code_name, err.reason
+                )
+                await req.respond_error(
+                    err.code_name, err.message, err.to_proto().SerializeToString()
+                )
+                return
+            except Exception:
+                log.exception("event=request_crashed op=%s", op)
+                crash = Internal("internal.error", f"{op} failed inside the crypto service")
+                await req.respond_error(
+                    crash.code_name, crash.message, crash.to_proto().SerializeToString()
+                )
+                return
+            await req.respond(response.SerializeToString())
+            log.debug("event=request_done op=%s ms=%.1f", op, (time.monotonic() - started) * 1e3)
+        except Exception:
+            # The reply itself failed (connection gone): nothing to tell the caller.
+            log.exception("event=reply_failed op=%s", op)
+        finally:
+            self._slots.release()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _public_key(self, key_id: bytes) -> tuple[bytes, KeyType]:
+        cached = self._public.get(key_id)
+        if cached is None:
+            cached = await self._run(self.provider.public_key, key_id)
+            self._public[key_id] = cached
+        return cached
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def _generate(self, req: crypto_pb2.GenerateKeyRequest) -> Message:
+        _check_key_id(req.key_id)
+        if req.key_type == pb.KEY_TYPE_UNSPECIFIED:
+            raise InvalidArgument("key.type_missing", "key_type is required")
+        key_type_info(req.key_type)
+        if len(req.label) > MAX_LABEL:
+            raise InvalidArgument("key.label_too_long", f"labels are limited to {MAX_LABEL}")
+        options = KeyCreateOptions(
+            pcr_indexes=tuple(req.options.pcr_indexes), require_auth=req.options.require_auth
+        )
+        made = await self._run(
+            self.provider.generate, bytes(req.key_id), req.label, req.key_type, options
+        )
+        self._public[made.key_id] = (made.public_key_der, req.key_type)
+        return crypto_pb2.GenerateKeyResponse(
+            key_id=made.key_id, public_key_der=made.public_key_der
+        )
+
+    async def _get_public_key(self, req: crypto_pb2.GetPublicKeyRequest) -> Message:
+        _check_key_id(req.key_id)
+        der, key_type = await self._public_key(bytes(req.key_id))
+        return crypto_pb2.GetPublicKeyResponse(public_key_der=der, key_type=key_type)
+
+    async def _sign(self, req: crypto_pb2.SignRequest) -> Message:
+        _check_key_id(req.key_id)
+        key_id = bytes(req.key_id)
+        _, key_type = await self._public_key(key_id)
+        check_sign_request(key_type, req.algorithm, req.data)
+        signature = await self._run(self.provider.sign, key_id, req.algorithm, bytes(req.data))
+        return crypto_pb2.SignResponse(signature=signature)
+
+    async def _verify(self, req: crypto_pb2.VerifyRequest) -> Message:
+        _check_key_id(req.key_id)
+        der, key_type = await self._public_key(bytes(req.key_id))
+        check_sign_request(key_type, req.algorithm, req.data)
+        if not req.signature:
+            raise InvalidArgument("verify.signature_missing", "signature is required")
+        valid = verify_signature(der, req.algorithm, bytes(req.data), bytes(req.signature))
+        return crypto_pb2.VerifyResponse(valid=valid)
+
+    async def _destroy(self, req: crypto_pb2.DestroyKeyRequest) -> Message:
+        _check_key_id(req.key_id)
+        key_id = bytes(req.key_id)
+        self._public.pop(key_id, None)
+        try:
+            await self._run(self.provider.destroy, key_id)
+        finally:
+            self._public.pop(key_id, None)
+        return crypto_pb2.DestroyKeyResponse()
+
+    async def _list_keys(self, req: crypto_pb2.ListProviderKeysRequest) -> Message:
+        keys = await self._run(self.provider.list_keys)
+        return crypto_pb2.ListProviderKeysResponse(
+            keys=[
+                crypto_pb2.ProviderKey(key_id=k.key_id, label=k.label, key_type=k.key_type)
+                for k in keys
+            ]
+        )
+
+    async def _attest(self, req: crypto_pb2.AttestRequest) -> Message:
+        _check_key_id(req.key_id)
+        if len(req.nonce) > MAX_NONCE:
+            raise InvalidArgument("attest.nonce_too_long", f"nonces are limited to {MAX_NONCE}")
+        evidence = await self._run(self.provider.attest, bytes(req.key_id), bytes(req.nonce))
+        return crypto_pb2.AttestResponse(
+            format=evidence.format,
+            attestation=evidence.attestation,
+            signature=evidence.signature,
+            signature_algorithm=evidence.signature_algorithm,
+            attestation_key_der=evidence.attestation_key_der,
+            key_public_area=evidence.key_public_area,
+        )

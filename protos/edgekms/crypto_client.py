@@ -1,0 +1,163 @@
+"""The caller's side of the crypto services: typed requests over NATS, typed errors back.
+
+The broker and the CA service talk to every provider through this. A failure always
+comes out as an edgekms.errors type: the service's own error (sent with nats.micro's
+error headers and an edgekms.v1.Error payload) is rebuilt as the same class, and bus
+trouble becomes Unavailable or DeadlineExceeded with a stable reason.
+"""
+
+# The timeout parameters are the agreed API (the broker codes against it); they bound one
+# NATS request, which asyncio.timeout would not make clearer.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, TypeVar
+
+import nats.aio.client
+import nats.errors
+from google.protobuf.message import DecodeError, Message
+
+from edgekms.errors import DeadlineExceeded, Internal, KMSError, Unavailable, from_bytes
+from edgekms.subjects import crypto_service_name, crypto_subject
+from edgekms.v1 import crypto_pb2
+
+log = logging.getLogger(__name__)
+
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+ERROR_HEADER = "Nats-Service-Error"
+
+R = TypeVar("R", bound=Message)
+
+
+class CryptoClient:
+    """Requests to kms.crypto.<provider>.<Operation>; safe to share across tasks."""
+
+    def __init__(self, nc: nats.aio.client.Client, default_timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.default_timeout = default_timeout
+
+    async def _call(
+        self,
+        provider: str,
+        operation: str,
+        request: Message,
+        response_type: type[R],
+        timeout: float | None,
+    ) -> R:
+        subject = crypto_subject(provider, operation)
+        wait = self.default_timeout if timeout is None else timeout
+        try:
+            msg = await self.nc.request(subject, request.SerializeToString(), timeout=wait)
+        except nats.errors.NoRespondersError:
+            raise Unavailable(
+                "provider.unavailable",
+                f"no crypto service answers for provider {provider!r}",
+                {"provider": provider},
+            ) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise DeadlineExceeded(
+                "provider.deadline",
+                f"provider {provider!r} did not answer {operation} within {wait:g}s",
+                {"provider": provider},
+            ) from None
+        except (
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionDrainingError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+            nats.errors.NoServersError,
+            nats.errors.OutboundBufferLimitError,
+        ):
+            raise Unavailable("bus.unavailable", "the NATS connection is not usable") from None
+        headers = msg.headers or {}
+        if ERROR_CODE_HEADER in headers:
+            err = from_bytes(msg.data) if msg.data else None
+            if err is None or not isinstance(err, KMSError) or err.reason == "unknown":
+                description = headers.get(ERROR_HEADER, "")
+                err = Internal(
+                    "provider.error", f"{provider} {operation}: {description or 'failed'}"
+                )
+            raise err
+        response = response_type()
+        try:
+            response.ParseFromString(msg.data)
+        except DecodeError:
+            raise Internal(
+                "wire.bad_response", f"{provider} {operation}: the reply could not be decoded"
+            ) from None
+        return response
+
+    async def generate_key(
+        self, provider: str, req: crypto_pb2.GenerateKeyRequest, timeout: float | None = None
+    ) -> crypto_pb2.GenerateKeyResponse:
+        return await self._call(
+            provider, "GenerateKey", req, crypto_pb2.GenerateKeyResponse, timeout
+        )
+
+    async def get_public_key(
+        self, provider: str, req: crypto_pb2.GetPublicKeyRequest, timeout: float | None = None
+    ) -> crypto_pb2.GetPublicKeyResponse:
+        return await self._call(
+            provider, "GetPublicKey", req, crypto_pb2.GetPublicKeyResponse, timeout
+        )
+
+    async def sign(
+        self, provider: str, req: crypto_pb2.SignRequest, timeout: float | None = None
+    ) -> crypto_pb2.SignResponse:
+        return await self._call(provider, "Sign", req, crypto_pb2.SignResponse, timeout)
+
+    async def verify(
+        self, provider: str, req: crypto_pb2.VerifyRequest, timeout: float | None = None
+    ) -> crypto_pb2.VerifyResponse:
+        return await self._call(provider, "Verify", req, crypto_pb2.VerifyResponse, timeout)
+
+    async def destroy_key(
+        self, provider: str, req: crypto_pb2.DestroyKeyRequest, timeout: float | None = None
+    ) -> crypto_pb2.DestroyKeyResponse:
+        return await self._call(provider, "DestroyKey", req, crypto_pb2.DestroyKeyResponse, timeout)
+
+    async def list_keys(
+        self, provider: str, timeout: float | None = None
+    ) -> crypto_pb2.ListProviderKeysResponse:
+        return await self._call(
+            provider,
+            "ListKeys",
+            crypto_pb2.ListProviderKeysRequest(),
+            crypto_pb2.ListProviderKeysResponse,
+            timeout,
+        )
+
+    async def attest(
+        self, provider: str, req: crypto_pb2.AttestRequest, timeout: float | None = None
+    ) -> crypto_pb2.AttestResponse:
+        return await self._call(provider, "Attest", req, crypto_pb2.AttestResponse, timeout)
+
+    async def ping(self, provider: str, timeout: float = 1.0) -> dict[str, Any]:
+        """The first replica's $SRV.PING answer (id, name, version, metadata)."""
+        subject = f"$SRV.PING.{crypto_service_name(provider)}"
+        try:
+            msg = await self.nc.request(subject, b"", timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise Unavailable(
+                "provider.unavailable",
+                f"no crypto service answers for provider {provider!r}",
+                {"provider": provider},
+            ) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise Unavailable(
+                "provider.unavailable",
+                f"provider {provider!r} did not answer a ping within {timeout:g}s",
+                {"provider": provider},
+            ) from None
+        except nats.errors.Error:
+            raise Unavailable("bus.unavailable", "the NATS connection is not usable") from None
+        try:
+            answer = json.loads(msg.data)
+        except ValueError:
+            raise Internal("wire.bad_response", f"{provider}: the ping reply is not JSON") from None
+        if not isinstance(answer, dict):
+            raise Internal("wire.bad_response", f"{provider}: the ping reply is not an object")
+        return answer
