@@ -1,0 +1,83 @@
+"""The broker's configuration file (TOML), read once at start.
+
+listen = "127.0.0.1:8443"
+nats_url = "nats://127.0.0.1:4222"
+default_provider = "hsm0"
+providers = ["hsm0"]          # crypto services `status` expects to answer
+sign_timeout = 5.0            # seconds; generation gets generate_timeout
+generate_timeout = 120.0
+[tls]
+cert = "pki/broker.crt"       # relative paths are relative to this file
+key = "pki/broker.key"
+client_ca = "pki/internal-ca.crt"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekms.subjects import PROVIDER_ID_RE
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unreadable or wrong; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    listen: str
+    nats_url: str
+    default_provider: str
+    providers: tuple[str, ...]
+    tls: TLSConfig
+    sign_timeout: float = 5.0
+    generate_timeout: float = 120.0
+
+
+def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
+    if name not in table:
+        raise ConfigError(f"{path}: missing field {name!r}")
+    value = table[name]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: {name!r} must be a {kind.__name__}")
+    return value
+
+
+def load_config(path: Path) -> BrokerConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.parent
+    tls_raw = _field(raw, "tls", dict, path)
+    tls = TLSConfig(
+        *(base / _field(tls_raw, name, str, path) for name in ("cert", "key", "client_ca"))
+    )
+    providers = tuple(_field(raw, "providers", list, path))
+    default = _field(raw, "default_provider", str, path)
+    for provider in (*providers, default):
+        if not isinstance(provider, str) or not PROVIDER_ID_RE.match(provider):
+            raise ConfigError(f"{path}: bad provider id {provider!r}")
+    if default not in providers:
+        raise ConfigError(f"{path}: default_provider {default!r} is not in providers")
+    return BrokerConfig(
+        listen=_field(raw, "listen", str, path),
+        nats_url=_field(raw, "nats_url", str, path),
+        default_provider=default,
+        providers=providers,
+        tls=tls,
+        sign_timeout=float(raw.get("sign_timeout", 5.0)),
+        generate_timeout=float(raw.get("generate_timeout", 120.0)),
+    )

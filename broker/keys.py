@@ -1,0 +1,448 @@
+"""The gRPC KeyService and SystemService: authenticate, authorize, look up, route.
+
+Every method follows one path: who is calling (client certificate), may that role call
+this method, does the key exist and is it usable, does its policy allow it, is the
+request well-formed; then the request goes over NATS to the crypto service holding the
+key. KMSErrors anywhere on that path become the matching gRPC status with the typed
+Error in the trailing metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from broker.authz import check_key_policy, check_method
+from broker.config import BrokerConfig
+from broker.registry import KeyRegistry, check_key_name
+from edgekms.algorithms import check_sign_request, key_type_info
+from edgekms.crypto_client import CryptoClient
+from edgekms.errors import (
+    ERROR_METADATA_KEY,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KMSError,
+    NotFound,
+    Unauthenticated,
+)
+from edgekms.identity import Identity, identity_from_certificate
+from edgekms.logs import fields
+from edgekms.v1 import common_pb2 as pb
+from edgekms.v1 import crypto_pb2, keys_pb2, keys_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, Context, Identity], Awaitable[Resp]]
+
+
+class IdentityCache:
+    """Parsing a certificate per request is waste on the hot path: remember by PEM."""
+
+    def __init__(self, size: int = 1024):
+        self._size = size
+        self._cache: dict[bytes, Identity] = {}
+
+    def identify(self, context: Context) -> Identity:
+        auth = context.auth_context()
+        pems = list(auth.get("x509_pem_cert") or [])
+        if not pems:
+            raise Unauthenticated("auth.no_certificate", "no client certificate")
+        pem = pems[0]
+        identity = self._cache.get(pem)
+        if identity is None:
+            identity = identity_from_certificate(x509.load_pem_x509_certificate(pem))
+            if len(self._cache) >= self._size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[pem] = identity
+        return identity
+
+
+def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
+    """Wrap a servicer method: identify, check the role, map KMSErrors, log the outcome."""
+
+    def wrap(handler: Handler[Req, Resp]) -> Any:
+        @functools.wraps(handler)
+        async def run(self: Any, request: Req, context: Context) -> Resp:
+            started = time.perf_counter()
+            identity: Identity | None = None
+            try:
+                identity = self.identities.identify(context)
+                check_method(identity, method)
+                response = await handler(self, request, context, identity)
+            except KMSError as err:
+                _log_outcome(method, identity, request, started, err)
+                context.set_trailing_metadata(
+                    ((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),)
+                )
+                await context.abort(err.grpc_status, f"{err.reason}: {err.message}")
+                raise  # abort() raises; this keeps type checkers sure we never fall through
+            except Exception:
+                log.exception("unexpected error", extra=fields(method=method))
+                internal = Internal("internal.error", "the broker failed unexpectedly")
+                context.set_trailing_metadata(
+                    ((ERROR_METADATA_KEY, internal.to_proto().SerializeToString()),)
+                )
+                await context.abort(internal.grpc_status, internal.reason)
+                raise
+            _log_outcome(method, identity, request, started, None)
+            return response
+
+        return run
+
+    return wrap
+
+
+def _log_outcome(
+    method: str, identity: Identity | None, request: Any, started: float, err: KMSError | None
+) -> None:
+    entry = {
+        "method": method,
+        "client": identity.client if identity else None,
+        "role": identity.role if identity else None,
+        "key": getattr(request, "name", None) or None,
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+        "outcome": "ok" if err is None else err.reason,
+    }
+    if err is None:
+        log.info("request", extra=fields(**entry))
+    else:
+        log.warning("request refused", extra=fields(**entry, code=err.code_name))
+
+
+def _state_name(state: int) -> str:
+    return pb.KeyState.Name(state).removeprefix("KEY_STATE_").lower()  # type: ignore[arg-type]
+
+
+def require_usable(record: pb.KeyRecord) -> None:
+    if record.state != pb.KEY_STATE_ACTIVE:
+        state = _state_name(record.state)
+        raise FailedPrecondition(
+            f"key.{state}", f"key {record.name!r} is {state}", {"state": state}
+        )
+
+
+def to_key(record: pb.KeyRecord) -> keys_pb2.Key:
+    return keys_pb2.Key(
+        name=record.name,
+        provider=record.provider,
+        key_type=record.key_type,
+        state=record.state,
+        policy=record.policy,
+        options=record.options,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        created_by=record.created_by,
+        labels=record.labels,
+        key_id=record.key_id.hex(),
+    )
+
+
+class KeyService(keys_pb2_grpc.KeyServiceServicer):
+    def __init__(
+        self,
+        config: BrokerConfig,
+        registry: KeyRegistry,
+        crypto: CryptoClient,
+        identities: IdentityCache,
+    ):
+        self.config = config
+        self.registry = registry
+        self.crypto = crypto
+        self.identities = identities
+
+    def _timeout(self, context: Context, ceiling: float) -> float:
+        """The NATS deadline: the configured ceiling, cut to what the caller has left."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return ceiling
+        return max(0.05, min(ceiling, remaining - 0.05))
+
+    @rpc("CreateKey")
+    async def CreateKey(
+        self,
+        request: keys_pb2.CreateKeyRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.Key:
+        check_key_name(request.name)
+        if request.key_type == pb.KEY_TYPE_UNSPECIFIED:
+            raise InvalidArgument("key.type_missing", "a key type is required")
+        key_type_info(request.key_type)
+        provider = request.provider or self.config.default_provider
+        if provider not in self.config.providers:
+            raise InvalidArgument(
+                "provider.unknown",
+                f"no provider {provider!r}; this broker knows {', '.join(self.config.providers)}",
+            )
+        for index in request.options.pcr_indexes:
+            if index > 23:
+                raise InvalidArgument("key.pcr_invalid", f"PCR index {index} is out of range")
+        record = pb.KeyRecord(
+            name=request.name,
+            provider=provider,
+            key_type=request.key_type,
+            key_id=secrets.token_bytes(16),
+            policy=request.policy,
+            options=request.options,
+            created_by=identity.client,
+            labels=request.labels,
+        )
+        revision = await self.registry.reserve(record)
+        try:
+            generated = await self.crypto.generate_key(
+                provider,
+                crypto_pb2.GenerateKeyRequest(
+                    key_id=record.key_id,
+                    label=record.name,
+                    key_type=record.key_type,
+                    options=record.options,
+                ),
+                timeout=self._timeout(context, self.config.generate_timeout),
+            )
+            record.public_key_der = generated.public_key_der
+            record = await self.registry.activate(record, revision)
+        except BaseException:
+            await self.registry.release(record.name, revision)
+            raise
+        return to_key(record)
+
+    @rpc("GetKey")
+    async def GetKey(
+        self, request: keys_pb2.GetKeyRequest, context: Context, identity: Identity
+    ) -> keys_pb2.Key:
+        return to_key(self.registry.get(request.name))
+
+    @rpc("ListKeys")
+    async def ListKeys(
+        self,
+        request: keys_pb2.ListKeysRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.ListKeysResponse:
+        records = self.registry.list(request.prefix, request.include_destroyed)
+        return keys_pb2.ListKeysResponse(keys=[to_key(r) for r in records])
+
+    @rpc("GetPublicKey")
+    async def GetPublicKey(
+        self,
+        request: keys_pb2.GetPublicKeyRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.PublicKey:
+        record = self.registry.get(request.name)
+        check_key_policy(identity, record, pb.KEY_OPERATION_GET_PUBLIC_KEY)
+        if record.state == pb.KEY_STATE_DESTROYED:
+            require_usable(record)
+        pem = (
+            serialization.load_der_public_key(record.public_key_der)
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+        return keys_pb2.PublicKey(
+            name=record.name, key_type=record.key_type, der=record.public_key_der, pem=pem
+        )
+
+    @rpc("Sign")
+    async def Sign(
+        self, request: keys_pb2.SignRequest, context: Context, identity: Identity
+    ) -> keys_pb2.SignResponse:
+        record = self.registry.get(request.name)
+        require_usable(record)
+        check_key_policy(identity, record, pb.KEY_OPERATION_SIGN, request.algorithm)
+        check_sign_request(record.key_type, request.algorithm, request.data)
+        response = await self.crypto.sign(
+            record.provider,
+            crypto_pb2.SignRequest(
+                key_id=record.key_id, algorithm=request.algorithm, data=request.data
+            ),
+            timeout=self._timeout(context, self.config.sign_timeout),
+        )
+        return keys_pb2.SignResponse(
+            signature=response.signature, algorithm=request.algorithm, key_name=record.name
+        )
+
+    @rpc("Verify")
+    async def Verify(
+        self, request: keys_pb2.VerifyRequest, context: Context, identity: Identity
+    ) -> keys_pb2.VerifyResponse:
+        record = self.registry.get(request.name)
+        require_usable(record)
+        check_key_policy(identity, record, pb.KEY_OPERATION_VERIFY, request.algorithm)
+        check_sign_request(record.key_type, request.algorithm, request.data)
+        if not request.signature:
+            raise InvalidArgument("verify.signature_missing", "no signature to verify")
+        response = await self.crypto.verify(
+            record.provider,
+            crypto_pb2.VerifyRequest(
+                key_id=record.key_id,
+                algorithm=request.algorithm,
+                data=request.data,
+                signature=request.signature,
+            ),
+            timeout=self._timeout(context, self.config.sign_timeout),
+        )
+        return keys_pb2.VerifyResponse(valid=response.valid)
+
+    async def _transition(
+        self, identity: Identity, name: str, operation: int, allowed: tuple[int, ...], to: int
+    ) -> keys_pb2.Key:
+        record = self.registry.get(name)
+        check_key_policy(identity, record, operation)  # type: ignore[arg-type]
+        updated, changed = await self.registry.transition(name, allowed, to)
+        if changed:
+            log.info(
+                "key state changed",
+                extra=fields(key=name, state=_state_name(to), client=identity.client),
+            )
+        return to_key(updated)
+
+    @rpc("DisableKey")
+    async def DisableKey(
+        self,
+        request: keys_pb2.DisableKeyRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.Key:
+        return await self._transition(
+            identity,
+            request.name,
+            pb.KEY_OPERATION_DISABLE,
+            (pb.KEY_STATE_ACTIVE,),
+            pb.KEY_STATE_DISABLED,
+        )
+
+    @rpc("EnableKey")
+    async def EnableKey(
+        self,
+        request: keys_pb2.EnableKeyRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.Key:
+        return await self._transition(
+            identity,
+            request.name,
+            pb.KEY_OPERATION_ENABLE,
+            (pb.KEY_STATE_DISABLED,),
+            pb.KEY_STATE_ACTIVE,
+        )
+
+    @rpc("DestroyKey")
+    async def DestroyKey(
+        self,
+        request: keys_pb2.DestroyKeyRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.Key:
+        record = self.registry.get(request.name)
+        check_key_policy(identity, record, pb.KEY_OPERATION_DESTROY)
+        if record.state == pb.KEY_STATE_DESTROYED:
+            return to_key(record)
+        # NotFound: already gone from the token (a destroy that failed halfway): finish it.
+        with contextlib.suppress(NotFound):
+            await self.crypto.destroy_key(
+                record.provider,
+                crypto_pb2.DestroyKeyRequest(key_id=record.key_id),
+                timeout=self._timeout(context, self.config.sign_timeout),
+            )
+        return await self._transition(
+            identity,
+            request.name,
+            pb.KEY_OPERATION_DESTROY,
+            (pb.KEY_STATE_ACTIVE, pb.KEY_STATE_DISABLED),
+            pb.KEY_STATE_DESTROYED,
+        )
+
+    @rpc("AttestKey")
+    async def AttestKey(
+        self,
+        request: keys_pb2.AttestKeyRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.AttestKeyResponse:
+        record = self.registry.get(request.name)
+        require_usable(record)
+        check_key_policy(identity, record, pb.KEY_OPERATION_ATTEST)
+        if len(request.nonce) < 8 or len(request.nonce) > 64:
+            raise InvalidArgument("attest.nonce_length", "the nonce must be 8 to 64 bytes")
+        evidence = await self.crypto.attest(
+            record.provider,
+            crypto_pb2.AttestRequest(key_id=record.key_id, nonce=request.nonce),
+            timeout=self._timeout(context, self.config.sign_timeout),
+        )
+        return keys_pb2.AttestKeyResponse(
+            format=evidence.format,
+            attestation=evidence.attestation,
+            signature=evidence.signature,
+            signature_algorithm=evidence.signature_algorithm,
+            attestation_key_der=evidence.attestation_key_der,
+            key_public_area=evidence.key_public_area,
+            public_key_der=record.public_key_der,
+        )
+
+
+class SystemService(keys_pb2_grpc.SystemServiceServicer):
+    def __init__(
+        self,
+        config: BrokerConfig,
+        registry: KeyRegistry,
+        crypto: CryptoClient,
+        identities: IdentityCache,
+        bus_check: Callable[[], Awaitable[str]],
+    ):
+        self.config = config
+        self.registry = registry
+        self.crypto = crypto
+        self.identities = identities
+        self.bus_check = bus_check
+
+    @rpc("GetStatus")
+    async def GetStatus(
+        self,
+        request: keys_pb2.GetStatusRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.GetStatusResponse:
+        components = [keys_pb2.ComponentStatus(name="broker", ok=True, detail="answering")]
+        try:
+            detail = await self.bus_check()
+            components.append(keys_pb2.ComponentStatus(name="bus", ok=True, detail=detail))
+        except KMSError as err:
+            components.append(keys_pb2.ComponentStatus(name="bus", ok=False, detail=str(err)))
+        for provider in self.config.providers:
+            try:
+                info = await self.crypto.ping(provider, timeout=1.0)
+                detail = f"{info.get('name', '')} {info.get('version', '')}".strip()
+                components.append(
+                    keys_pb2.ComponentStatus(name=f"crypto/{provider}", ok=True, detail=detail)
+                )
+            except KMSError as err:
+                components.append(
+                    keys_pb2.ComponentStatus(name=f"crypto/{provider}", ok=False, detail=str(err))
+                )
+        return keys_pb2.GetStatusResponse(ok=all(c.ok for c in components), components=components)
+
+    @rpc("WhoAmI")
+    async def WhoAmI(
+        self, request: keys_pb2.WhoAmIRequest, context: Context, identity: Identity
+    ) -> keys_pb2.WhoAmIResponse:
+        return keys_pb2.WhoAmIResponse(
+            client=identity.client,
+            role=identity.role,
+            serial=format(identity.serial, "x"),
+            not_after=identity.not_after,
+        )

@@ -1,0 +1,175 @@
+"""The key registry: a JetStream KV bucket of KeyRecord messages, keyed by key name.
+
+The broker routes every request by it, so reads must not cost a round trip: a watcher
+keeps an in-memory copy current (a disable made by another broker replica is seen here
+within milliseconds). Writes go to the bucket with compare-and-set on the revision, so
+two brokers cannot both create one name or race a state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import re
+
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from edgekms.subjects import KEY_REGISTRY_BUCKET
+from edgekms.v1 import common_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+KEY_NAME_RE = re.compile(r"^[a-z0-9]+(?:[/._-][a-z0-9]+)*$")
+MAX_KEY_NAME = 128
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def check_key_name(name: str) -> None:
+    if not name:
+        raise InvalidArgument("key.name_missing", "a key name is required")
+    if len(name) > MAX_KEY_NAME or not KEY_NAME_RE.match(name):
+        raise InvalidArgument(
+            "key.name_invalid",
+            f"key name {name[:140]!r} must be lower-case [a-z0-9] segments joined by "
+            f"'/', '.', '_' or '-', at most {MAX_KEY_NAME} characters",
+        )
+
+
+class KeyRegistry:
+    """Names to KeyRecords. `start()` loads the bucket and follows it."""
+
+    def __init__(self, js: JetStreamContext, replicas: int = 1):
+        self._js = js
+        self._replicas = replicas
+        self._kv: KeyValue | None = None
+        self._records: dict[str, tuple[pb.KeyRecord, int]] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        try:
+            self._kv = await self._js.key_value(KEY_REGISTRY_BUCKET)
+        except BucketNotFoundError:
+            self._kv = await self._js.create_key_value(
+                bucket=KEY_REGISTRY_BUCKET,
+                history=5,
+                replicas=self._replicas,
+                description="EdgeKMS key registry: KeyRecord by key name",
+            )
+        self._watch_task = asyncio.create_task(self._follow(), name="registry-watch")
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self._kv is not None, "registry not started"
+        return self._kv
+
+    async def _follow(self) -> None:
+        watcher = await self.kv.watchall()
+        async for entry in watcher:
+            if entry is None:  # end of the initial snapshot
+                self._ready.set()
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self._records.pop(entry.key, None)
+                continue
+            record = pb.KeyRecord()
+            record.ParseFromString(entry.value)
+            current = self._records.get(entry.key)
+            if current is None or current[1] < entry.revision:
+                self._records[entry.key] = (record, entry.revision)
+
+    def get(self, name: str) -> pb.KeyRecord:
+        """The record as last seen; NotFound if absent or only a pending reservation."""
+        check_key_name(name)
+        found = self._records.get(name)
+        if found is None or found[0].state == pb.KEY_STATE_PENDING:
+            raise NotFound("key.not_found", f"no key named {name!r}")
+        return found[0]
+
+    def list(self, prefix: str = "", include_destroyed: bool = False) -> list[pb.KeyRecord]:
+        out = []
+        for name in sorted(self._records):
+            record = self._records[name][0]
+            if not name.startswith(prefix) or record.state == pb.KEY_STATE_PENDING:
+                continue
+            if record.state == pb.KEY_STATE_DESTROYED and not include_destroyed:
+                continue
+            out.append(record)
+        return out
+
+    async def reserve(self, record: pb.KeyRecord) -> int:
+        """Take the name with a PENDING record; AlreadyExists if anyone holds it."""
+        check_key_name(record.name)
+        record.state = pb.KEY_STATE_PENDING
+        record.created_at = record.updated_at = now()
+        try:
+            revision = await self.kv.create(record.name, record.SerializeToString())
+        except KeyWrongLastSequenceError:
+            raise AlreadyExists("key.exists", f"a key named {record.name!r} exists") from None
+        self._records[record.name] = (record, revision)
+        return revision
+
+    async def activate(self, record: pb.KeyRecord, revision: int) -> pb.KeyRecord:
+        record.state = pb.KEY_STATE_ACTIVE
+        record.updated_at = now()
+        new_revision = await self.kv.update(record.name, record.SerializeToString(), last=revision)
+        self._records[record.name] = (record, new_revision)
+        return record
+
+    async def release(self, name: str, revision: int) -> None:
+        """Drop a reservation whose key could not be made (nothing half-done stays)."""
+        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+            await self.kv.delete(name, last=revision)
+        self._records.pop(name, None)
+
+    async def transition(
+        self, name: str, allowed_from: tuple[int, ...], to: int
+    ) -> tuple[pb.KeyRecord, bool]:
+        """Move a key to state `to` (CAS on the stored revision).
+
+        Returns (record, changed); changed is False when it was already in `to`.
+        """
+        check_key_name(name)
+        for _ in range(5):
+            try:
+                entry = await self.kv.get(name)
+            except KeyNotFoundError:
+                raise NotFound("key.not_found", f"no key named {name!r}") from None
+            record = pb.KeyRecord()
+            record.ParseFromString(entry.value or b"")
+            if record.state == pb.KEY_STATE_PENDING:
+                raise NotFound("key.not_found", f"no key named {name!r}")
+            if record.state == to:
+                return record, False
+            if record.state not in allowed_from:
+                state = pb.KeyState.Name(record.state).removeprefix("KEY_STATE_").lower()
+                raise FailedPrecondition(
+                    f"key.{state}", f"key {name!r} is {state}", {"state": state}
+                )
+            record.state = to  # type: ignore[assignment]
+            record.updated_at = now()
+            try:
+                assert entry.revision is not None
+                revision = await self.kv.update(
+                    name, record.SerializeToString(), last=entry.revision
+                )
+            except KeyWrongLastSequenceError:
+                continue  # someone else changed it meanwhile: read again
+            self._records[name] = (record, revision)
+            return record, True
+        raise FailedPrecondition("key.contended", f"key {name!r} is changing; try again")

@@ -1,0 +1,146 @@
+"""Assemble and run the broker: NATS connection, key registry, gRPC server with mTLS,
+the standard health service and server reflection.
+
+The server requires a client certificate chaining to the internal CA: a connection
+without one, or with another CA's, fails in the TLS handshake before any handler runs.
+Health reports SERVING only while the bus is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+import grpc.aio
+import nats
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NATS
+
+from broker.config import BrokerConfig
+from broker.keys import IdentityCache, KeyService, SystemService
+from broker.registry import KeyRegistry
+from edgekms.crypto_client import CryptoClient
+from edgekms.errors import Unavailable
+from edgekms.logs import fields
+from edgekms.v1 import keys_pb2, keys_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+    keys_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+)
+# Largest gRPC message accepted: an Ed25519 message of 64 KiB plus the envelope.
+MAX_MESSAGE = 256 * 1024
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig):
+        self.config = config
+        self.nc: NATS | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.registry: KeyRegistry | None = None
+        self.port: int = 0
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("bus disconnected")
+        await self._set_serving(False)
+
+    async def _on_reconnect(self) -> None:
+        log.info("bus reconnected")
+        await self._set_serving(True)
+
+    async def _bus_check(self) -> str:
+        if self.nc is None or not self.nc.is_connected:
+            raise Unavailable("bus.unavailable", "not connected to NATS")
+        try:
+            info = await self.nc.jetstream().account_info()
+        except Exception as exc:
+            raise Unavailable("bus.jetstream_unavailable", f"JetStream: {exc}") from None
+        where = self.nc.connected_url.netloc if self.nc.connected_url else ""
+        return f"{where} streams={info.streams}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            self.nc = await nats.connect(
+                cfg.nats_url,
+                name="kms-broker",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+                allow_reconnect=True,
+            )
+        except Exception as exc:
+            raise Unavailable(
+                "bus.unavailable", f"cannot reach NATS at {cfg.nats_url}: {exc}"
+            ) from None
+        self.registry = KeyRegistry(self.nc.jetstream())
+        await self.registry.start()
+        crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout)
+        identities = IdentityCache()
+
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(
+            KeyService(cfg, self.registry, crypto, identities), self.server
+        )
+        keys_pb2_grpc.add_SystemServiceServicer_to_server(
+            SystemService(cfg, self.registry, crypto, identities, self._bus_check), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())],
+            root_certificates=cfg.tls.client_ca.read_bytes(),
+            require_client_auth=True,
+        )
+        self.port = self.server.add_secure_port(cfg.listen, credentials)
+        if self.port == 0:
+            raise Unavailable("broker.listen_failed", f"cannot listen on {cfg.listen}")
+        await self.server.start()
+        await self._set_serving(True)
+        log.info("broker ready", extra=fields(listen=cfg.listen, port=self.port))
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self._set_serving(False)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.registry is not None:
+            await self.registry.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def serve(config: BrokerConfig) -> None:
+    broker = Broker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("broker stopping")
+    await broker.stop()
