@@ -1,0 +1,560 @@
+"""`kmsctl key ...`: create, inspect, use and retire keys through the broker.
+
+Every command dials the broker with the client config `kmsctl init` wrote (mutual TLS),
+so what an administrator can do here is exactly what the broker lets that certificate do.
+Files are hashed here and only the digest travels (Ed25519 excepted: it signs the message).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, ParamSpec, TypeVar
+
+import click
+from cryptography.hazmat.primitives import hashes, serialization
+
+from edgekms.algorithms import (
+    ALGORITHM_BY_CLI,
+    KEY_TYPE_BY_CLI,
+    MAX_MESSAGE_SIZE,
+    AlgorithmInfo,
+    KeyType,
+    key_type_info,
+)
+from edgekms.errors import FailedPrecondition, InvalidArgument
+from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
+from mgmt.cli.output import (
+    algorithm_name,
+    echo_json,
+    handle_errors,
+    key_details,
+    key_table,
+    key_to_dict,
+    key_type_name,
+    progress,
+)
+from mgmt.client import CREATE_TIMEOUT, KMSClient, resolve_algorithm
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Key types whose generation takes long enough that a silent terminal looks hung
+# (and every key on a TPM provider, which is slow at everything).
+_SLOW_TYPES = {"rsa-2048", "rsa-3072", "rsa-4096"}
+_CHUNK = 1 << 16
+
+# The scheme kmsctl signs with when not told: SHA-256 for every hashed family, so that
+# `openssl dgst -sha256 -verify pub.pem -signature SIG FILE` works for any key.
+_CLI_DEFAULT_ALGORITHM = {"ec": "ecdsa-sha256", "rsa": "rsa-pkcs1-sha256", "ed25519": "ed25519"}
+
+
+def default_algorithm_for(key_type: KeyType) -> AlgorithmInfo:
+    """kmsctl's default scheme for a key type (SHA-256 based, unlike the API's default)."""
+    return ALGORITHM_BY_CLI[_CLI_DEFAULT_ALGORITHM[key_type_info(key_type).family]]
+
+
+def parse_labels(values: tuple[str, ...]) -> dict[str, str]:
+    """`k=v` pairs into a dict; a repeated key or a missing `=` is a usage error."""
+    labels: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not k=v", param_hint="--label")
+        if key in labels:
+            raise click.BadParameter(f"label {key!r} given twice", param_hint="--label")
+        labels[key] = value
+    return labels
+
+
+def client_options(fn: Callable[P, R]) -> Callable[..., R]:
+    """--data-dir and --config, and turn KMSError into the one-line report + exit code."""
+
+    @data_dir_option
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="EDGEKMS_CONFIG",
+        default=None,
+        help="Client config (broker address, CA, client certificate).  "
+        "[default: $EDGEKMS_CONFIG or DATA_DIR/client/config.toml]",
+    )
+    @functools.wraps(fn)
+    @handle_errors
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def open_client(data_dir: Path, config_path: Path | None, timeout: float = 10.0) -> KMSClient:
+    return KMSClient.from_config(config_path or client_config_path(data_dir), timeout=timeout)
+
+
+def write_output(target: str, data: bytes) -> None:
+    """Write all of `data` or nothing: a temporary file beside the target, then rename,
+    so an interrupted or failed command never leaves half a signature behind."""
+    if target == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    path = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _wire_data(ainfo: AlgorithmInfo, stream: IO[bytes]) -> bytes:
+    """Digest of the stream (read in chunks, any size) or, for Ed25519, the bounded message."""
+    if ainfo.hash_name is None:
+        message = stream.read(MAX_MESSAGE_SIZE + 1)
+        if len(message) > MAX_MESSAGE_SIZE:
+            raise InvalidArgument(
+                "sign.message_too_large",
+                f"{ainfo.cli_name} signs the message itself; at most {MAX_MESSAGE_SIZE} bytes",
+            )
+        return bytes(message)
+    h = hashes.Hash(ainfo.hash())
+    while chunk := stream.read(_CHUNK):
+        h.update(chunk)
+    return h.finalize()
+
+
+def _algorithm(kms: KMSClient, name: str, algorithm: str | None) -> AlgorithmInfo:
+    if algorithm is not None:
+        return resolve_algorithm(algorithm)
+    return default_algorithm_for(kms.key_type(name))
+
+
+algorithm_option = click.option(
+    "--algorithm",
+    "-a",
+    type=click.Choice(sorted(ALGORITHM_BY_CLI)),
+    default=None,
+    metavar="ALG",
+    help="Signature scheme, one of " + ", ".join(sorted(ALGORITHM_BY_CLI)) + ".  "
+    "[default: the key family's SHA-256 scheme; ed25519 for ed25519 keys]",
+)
+
+
+@click.group("key")
+def key_group() -> None:
+    """Create, inspect, use and retire keys. The private half never leaves its token.
+
+    \b
+    Examples:
+      kmsctl key create web --type ec-p256 --label env=prod
+      kmsctl key list --prefix nas/
+      kmsctl key sign web --in release.tar --out release.sig
+      kmsctl key pubkey web --out web.pem
+      openssl dgst -sha256 -verify web.pem -signature release.sig release.tar
+    """
+
+
+@key_group.command("create")
+@click.argument("name")
+@click.option(
+    "--type",
+    "key_type",
+    required=True,
+    type=click.Choice(list(KEY_TYPE_BY_CLI)),
+    help="Key type. Which ones a provider holds is up to the provider.",
+)
+@click.option("--provider", default="", help="Provider id (hsm0, tpm0). [default: the broker's]")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="A label; repeatable.")
+@output_option
+@client_options
+def create_cmd(
+    name: str,
+    key_type: str,
+    provider: str,
+    labels: tuple[str, ...],
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Generate key NAME inside a provider.
+
+    \b
+    Names are [a-z0-9] segments joined by / - _ or . (at most 128 characters).
+    RSA keys take seconds to generate; progress shows on stderr.
+
+    \b
+    Examples:
+      kmsctl key create web --type ec-p256
+      kmsctl key create ca/root --type rsa-4096 --provider hsm0 --label role=ca
+    """
+    label_map = parse_labels(labels)
+    with open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms:
+        where = f" in {provider}" if provider else ""
+        if key_type in _SLOW_TYPES or provider.startswith("tpm"):
+            with progress(f"generating {key_type} key {name}{where}"):
+                key = kms.create_key(name, key_type, provider=provider, labels=label_map)
+        else:
+            key = kms.create_key(name, key_type, provider=provider, labels=label_map)
+    if output == "json":
+        echo_json(key_to_dict(key))
+    else:
+        click.echo(f"created {key.name} ({key_type_name(key.key_type)}) in {key.provider}")
+
+
+@key_group.command("list")
+@click.option("--prefix", default="", help="Only keys whose name starts with this.")
+@click.option("--all", "include_destroyed", is_flag=True, help="Include destroyed keys.")
+@output_option
+@client_options
+def list_cmd(
+    prefix: str, include_destroyed: bool, output: str, data_dir: Path, config_path: Path | None
+) -> None:
+    """List keys, sorted by name.
+
+    \b
+    Examples:
+      kmsctl key list
+      kmsctl key list --prefix ca/ --all -o json
+    """
+    with open_client(data_dir, config_path) as kms:
+        keys = sorted(kms.list_keys(prefix, include_destroyed), key=lambda k: k.name)
+    if output == "json":
+        echo_json([key_to_dict(k) for k in keys])
+    elif keys:
+        click.echo(key_table(keys))
+    else:
+        click.echo("no keys", err=True)
+
+
+@key_group.command("show")
+@click.argument("name")
+@output_option
+@client_options
+def show_cmd(name: str, output: str, data_dir: Path, config_path: Path | None) -> None:
+    """Show key NAME's record: type, provider, state, labels, policy.
+
+    \b
+    Example:
+      kmsctl key show web -o json
+    """
+    with open_client(data_dir, config_path) as kms:
+        key = kms.get_key(name)
+    if output == "json":
+        echo_json(key_to_dict(key))
+    else:
+        click.echo(key_details(key))
+
+
+def _state_command(verb: str, doc: str) -> None:
+    @key_group.command(verb, help=doc)
+    @click.argument("name")
+    @output_option
+    @client_options
+    def cmd(name: str, output: str, data_dir: Path, config_path: Path | None) -> None:
+        with open_client(data_dir, config_path) as kms:
+            key = getattr(kms, f"{verb}_key")(name)
+        if output == "json":
+            echo_json(key_to_dict(key))
+        else:
+            click.echo(f"{key.name}: {key_to_dict(key)['state']}")
+
+
+_state_command(
+    "disable",
+    """Disable key NAME: every use is refused until it is enabled again.
+
+    \b
+    Example:
+      kmsctl key disable web
+    """,
+)
+_state_command(
+    "enable",
+    """Enable key NAME again after `kmsctl key disable`.
+
+    \b
+    Example:
+      kmsctl key enable web
+    """,
+)
+
+
+@key_group.command("destroy")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask; needed when stdin is not a terminal.")
+@output_option
+@client_options
+def destroy_cmd(
+    name: str, yes: bool, output: str, data_dir: Path, config_path: Path | None
+) -> None:
+    """Destroy key NAME for good: the token erases it; the record stays as destroyed.
+
+    Nothing signed by it can be signed again. Asks for confirmation unless --yes.
+
+    \b
+    Example:
+      kmsctl key destroy old/web --yes
+    """
+    if not yes:
+        if not sys.stdin.isatty():
+            click.echo(
+                f"kmsctl: destroy.confirmation_required: refusing to destroy {name} without "
+                "a terminal to confirm on; pass --yes",
+                err=True,
+            )
+            sys.exit(int(ExitCode.USAGE))
+        click.confirm(f"Destroy key {name}? This cannot be undone", abort=True, err=True)
+    with open_client(data_dir, config_path) as kms:
+        key = kms.destroy_key(name)
+    if output == "json":
+        echo_json(key_to_dict(key))
+    else:
+        click.echo(f"{key.name}: {key_to_dict(key)['state']}")
+
+
+@key_group.command("pubkey")
+@click.argument("name")
+@click.option("--out", "out", default="-", metavar="FILE", help="Write the PEM here. [default: -]")
+@output_option
+@client_options
+def pubkey_cmd(name: str, out: str, output: str, data_dir: Path, config_path: Path | None) -> None:
+    """Print key NAME's public key (PEM SubjectPublicKeyInfo).
+
+    \b
+    Examples:
+      kmsctl key pubkey web --out web.pem
+      kmsctl key pubkey web | openssl pkey -pubin -noout -text
+    """
+    with open_client(data_dir, config_path) as kms:
+        public = kms.get_public_key(name)
+    pem = public.pem
+    if output == "json":
+        if out != "-":
+            write_output(out, pem.encode())
+        echo_json({"name": public.name, "type": key_type_name(public.key_type), "pem": pem})
+    else:
+        write_output(out, pem.encode())
+
+
+@key_group.command("sign")
+@click.argument("name")
+@click.option(
+    "--in", "infile", required=True, type=click.File("rb"), help="File to sign; - is stdin."
+)
+@click.option("--out", "out", required=True, metavar="SIG", help="Signature file; - is stdout.")
+@algorithm_option
+@output_option
+@client_options
+def sign_cmd(
+    name: str,
+    infile: IO[bytes],
+    out: str,
+    algorithm: str | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Sign a file with key NAME; the file is hashed here, only its digest travels.
+
+    ECDSA signatures are DER, RSA ones raw, as openssl expects them.
+
+    \b
+    Examples:
+      kmsctl key sign web --in release.tar --out release.sig
+      openssl dgst -sha256 -verify web.pem -signature release.sig release.tar
+      tar c dir | kmsctl key sign web --in - --out dir.sig --algorithm ecdsa-sha384
+    """
+    with open_client(data_dir, config_path) as kms:
+        ainfo = _algorithm(kms, name, algorithm)
+        signature = kms.sign_digest(name, ainfo.algorithm, _wire_data(ainfo, infile))
+    write_output(out, signature)
+    if output == "json":
+        echo_json(
+            {
+                "name": name,
+                "algorithm": algorithm_name(ainfo.algorithm),
+                "signature": base64.b64encode(signature).decode(),
+                "out": out,
+            }
+        )
+    elif out != "-":
+        click.echo(f"signed with {name} ({ainfo.cli_name}) -> {out}", err=True)
+
+
+@key_group.command("verify")
+@click.argument("name")
+@click.option(
+    "--in", "infile", required=True, type=click.File("rb"), help="Signed file; - is stdin."
+)
+@click.option("--sig", "sigfile", required=True, type=click.File("rb"), help="Signature file.")
+@algorithm_option
+@output_option
+@client_options
+def verify_cmd(
+    name: str,
+    infile: IO[bytes],
+    sigfile: IO[bytes],
+    algorithm: str | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Check a signature made by key NAME. Exit 0 if valid, 1 if not.
+
+    \b
+    Example:
+      kmsctl key verify web --in release.tar --sig release.sig && echo good
+    """
+    signature = sigfile.read()
+    with open_client(data_dir, config_path) as kms:
+        ainfo = _algorithm(kms, name, algorithm)
+        valid = kms.verify(
+            name,
+            _wire_data(ainfo, infile),
+            signature,
+            algorithm=ainfo.algorithm,
+            prehashed=ainfo.hash_name is not None,
+        )
+    if output == "json":
+        echo_json({"name": name, "algorithm": ainfo.cli_name, "valid": valid})
+    else:
+        click.echo("valid" if valid else "invalid")
+    if not valid:
+        sys.exit(int(ExitCode.FAILURE))
+
+
+def _load_public_key_der(path: Path) -> bytes:
+    """A pinned public key file, PEM or DER SubjectPublicKeyInfo, as DER."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            "attest.ak_unreadable", f"cannot read {path}: {exc.strerror}"
+        ) from None
+    try:
+        public = (
+            serialization.load_pem_public_key(raw)
+            if raw.lstrip().startswith(b"-----")
+            else serialization.load_der_public_key(raw)
+        )
+    except ValueError:
+        raise InvalidArgument(
+            "attest.ak_invalid", f"{path} holds no PEM or DER public key"
+        ) from None
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _pem(der: bytes) -> str:
+    return (
+        serialization.load_der_public_key(der)
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@key_group.command("attest")
+@click.argument("name")
+@click.option(
+    "--ak",
+    "ak_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The TPM's attestation key (PEM/DER public key) pinned at enrollment. Without it "
+    "the evidence is checked against the AK the KMS reports, which proves nothing about "
+    "WHICH TPM holds the key.",
+)
+@click.option(
+    "--save-ak",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the reported AK (PEM) here, to pin it with --ak next time.",
+)
+@output_option
+@client_options
+def attest_cmd(
+    name: str,
+    ak_file: Path | None,
+    save_ak: Path | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Prove that TPM key NAME lives in its TPM (TPM2_Certify evidence).
+
+    A fresh random nonce goes to the TPM; its attestation key signs a statement about
+    the key, and this command checks it here: signature, nonce, key attributes
+    (fixedTPM, fixedParent, sensitiveDataOrigin) and that it is the registry's key.
+    Any failed check exits 6 with an attest.* reason.
+
+    \b
+    Examples:
+      kmsctl key attest device/id --save-ak tpm0-ak.pem      first time: pin the AK
+      kmsctl key attest device/id --ak tpm0-ak.pem -o json
+    """
+    from mgmt.attestation import verify_certify
+
+    expected_ak = _load_public_key_der(ak_file) if ak_file is not None else None
+    nonce = secrets.token_bytes(32)
+    with open_client(data_dir, config_path) as kms:
+        evidence = kms.attest_key(name, nonce)
+    if evidence.format != "tpm2":
+        raise FailedPrecondition(
+            "attest.format_unknown", f"cannot check evidence of format {evidence.format!r}"
+        )
+    verify_certify(
+        attestation=evidence.attestation,
+        signature=evidence.signature,
+        signature_algorithm=evidence.signature_algorithm,
+        attestation_key_der=evidence.attestation_key_der,
+        key_public_area=evidence.key_public_area,
+        nonce=nonce,
+        expected_public_key_der=evidence.public_key_der,
+        expected_ak_der=expected_ak or evidence.attestation_key_der,
+    )
+    ak_pem = _pem(evidence.attestation_key_der)
+    if save_ak is not None:
+        write_output(str(save_ak), ak_pem.encode())
+    if output == "json":
+        echo_json(
+            {
+                "name": name,
+                "format": evidence.format,
+                "verified": True,
+                "ak_pinned": expected_ak is not None,
+                "nonce": nonce.hex(),
+                "ak_pem": ak_pem,
+            }
+        )
+    else:
+        click.echo(f"{name}: attested by the TPM (nonce {nonce.hex()[:16]}...)")
+    if expected_ak is None:
+        click.echo(
+            "kmsctl: warning: the attestation key is not pinned; pass --ak FILE to check "
+            "that this is the TPM you enrolled",
+            err=True,
+        )
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(key_group)
+
+
+__all__ = [
+    "default_algorithm_for",
+    "key_group",
+    "parse_labels",
+    "register",
+    "write_output",
+]

@@ -1,0 +1,339 @@
+"""KMSClient: the synchronous, typed way a Python program reaches EdgeKMS.
+
+It speaks gRPC with mutual TLS to the broker, hashes locally before signing (the wire
+carries digests, see DESIGN.md) and turns every gRPC failure back into the typed
+edgekms.errors exception the broker raised, so callers never see a raw grpc.RpcError.
+Every call has a deadline: a broker that hangs must not hang the caller.
+
+    with KMSClient.from_config(path) as kms:
+        kms.create_key("web", "ec-p256")
+        sig = kms.sign("web", b"hello")
+        cert = builder.sign(kms.remote_key("web"), hashes.SHA256())
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives import hashes
+
+from edgekms import errors
+from edgekms.algorithms import (
+    ALGORITHM_BY_CLI,
+    KEY_TYPE_BY_CLI,
+    AlgorithmInfo,
+    KeyType,
+    SignatureAlgorithm,
+    algorithm_info,
+    key_type_info,
+)
+from edgekms.errors import InvalidArgument, KMSError
+from edgekms.v1 import common_pb2, keys_pb2, keys_pb2_grpc
+from mgmt.clientconfig import load_client_config
+from mgmt.remote_key import RemoteKey, remote_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+# Generating RSA-4096 on a token, or any key on a slow TPM, takes seconds to a minute.
+CREATE_TIMEOUT = 120.0
+
+_Resp = TypeVar("_Resp")
+
+
+def resolve_key_type(key_type: KeyType | str) -> KeyType:
+    """Accept the enum value or kmsctl's spelling ("ec-p256")."""
+    if isinstance(key_type, str):
+        info = KEY_TYPE_BY_CLI.get(key_type.lower())
+        if info is None:
+            raise InvalidArgument(
+                "key.type_unknown",
+                f"unknown key type {key_type!r}; one of {', '.join(KEY_TYPE_BY_CLI)}",
+                {"value": key_type},
+            )
+        return info.key_type
+    return key_type_info(key_type).key_type
+
+
+def resolve_algorithm(algorithm: SignatureAlgorithm | str) -> AlgorithmInfo:
+    """Accept the enum value or kmsctl's spelling ("ecdsa-sha256")."""
+    if isinstance(algorithm, str):
+        info = ALGORITHM_BY_CLI.get(algorithm.lower())
+        if info is None:
+            raise InvalidArgument(
+                "sign.algorithm_unknown",
+                f"unknown signature algorithm {algorithm!r}; one of {', '.join(ALGORITHM_BY_CLI)}",
+                {"value": algorithm},
+            )
+        return info
+    return algorithm_info(algorithm)
+
+
+def prepare_data(ainfo: AlgorithmInfo, data: bytes, prehashed: bool) -> bytes:
+    """What goes on the wire: the digest of `data` (or `data` if it already is one);
+    Ed25519 signs the message itself, so a digest makes no sense there."""
+    if ainfo.hash_name is None:
+        if prehashed:
+            raise InvalidArgument(
+                "sign.prehashed_unsupported", f"{ainfo.cli_name} signs the message, not a digest"
+            )
+        return data
+    if prehashed:
+        return data
+    h = hashes.Hash(ainfo.hash())
+    h.update(data)
+    return h.finalize()
+
+
+def error_from_rpc(exc: grpc.RpcError) -> KMSError:
+    """Rebuild the broker's typed error from a failed call (status + trailing Error)."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+    trailing: bytes | None = None
+    if isinstance(exc, grpc.Call):
+        for key, value in exc.trailing_metadata() or ():
+            if key == errors.ERROR_METADATA_KEY and isinstance(value, bytes):
+                trailing = value
+                break
+    return errors.from_grpc(code, details, trailing)
+
+
+class _KeySigner:
+    """A DigestSigner bound to one key name, for RemoteKey."""
+
+    def __init__(self, client: KMSClient, name: str) -> None:
+        self._client = client
+        self._name = name
+
+    def sign_digest(self, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
+        return self._client.sign_digest(self._name, algorithm, data)
+
+
+class KMSClient:
+    """One mTLS channel to the broker. Thread-safe as grpc channels are; close() when done."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca_cert: bytes,
+        cert: bytes,
+        key: bytes,
+        server_name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_cert, private_key=key, certificate_chain=cert
+        )
+        options: list[tuple[str, str | int]] = []
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+            options.append(("grpc.default_authority", server_name))
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
+        self._system = keys_pb2_grpc.SystemServiceStub(self._channel)
+        self._key_types: dict[str, KeyType] = {}
+
+    @classmethod
+    def from_config(cls, path: Path, timeout: float = DEFAULT_TIMEOUT) -> KMSClient:
+        config = load_client_config(path)
+        ca_cert, cert, key = config.read_credentials()
+        return cls(
+            config.broker,
+            ca_cert=ca_cert,
+            cert=cert,
+            key=key,
+            server_name=config.server_name,
+            timeout=timeout,
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _call(
+        self, method: str, fn: Callable[..., _Resp], request: object, timeout: float | None
+    ) -> _Resp:
+        deadline = self.timeout if timeout is None else timeout
+        started = time.monotonic()
+        try:
+            response = fn(request, timeout=deadline)
+        except grpc.RpcError as exc:
+            err = error_from_rpc(exc)
+            log.debug(
+                "rpc.failed method=%s reason=%s code=%s elapsed_ms=%d",
+                method,
+                err.reason,
+                err.code_name,
+                (time.monotonic() - started) * 1000,
+            )
+            raise err from None
+        log.debug("rpc.ok method=%s elapsed_ms=%d", method, (time.monotonic() - started) * 1000)
+        return response
+
+    def _remember(self, key: keys_pb2.Key) -> keys_pb2.Key:
+        if key.key_type != common_pb2.KEY_TYPE_UNSPECIFIED:
+            self._key_types[key.name] = key.key_type
+        return key
+
+    def key_type(self, name: str) -> KeyType:
+        """The key's type, asked once per client (a key's type never changes)."""
+        cached = self._key_types.get(name)
+        if cached is None:
+            cached = self.get_key(name).key_type
+        return cached
+
+    def _algorithm(self, name: str, algorithm: SignatureAlgorithm | str | None) -> AlgorithmInfo:
+        if algorithm is None:
+            return algorithm_info(key_type_info(self.key_type(name)).default_algorithm)
+        return resolve_algorithm(algorithm)
+
+    # -- KeyService -------------------------------------------------------------------
+
+    def create_key(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        *,
+        provider: str = "",
+        policy: common_pb2.KeyPolicy | None = None,
+        options: common_pb2.KeyOptions | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> keys_pb2.Key:
+        """Generate a key in a provider. The request_id (random unless given) makes a retry
+        after a lost answer return the first result instead of failing with ALREADY_EXISTS."""
+        request = keys_pb2.CreateKeyRequest(
+            name=name,
+            key_type=resolve_key_type(key_type),
+            provider=provider,
+            policy=policy,
+            options=options,
+            labels=dict(labels or {}),
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._remember(self._call("CreateKey", self._keys.CreateKey, request, deadline))
+
+    def get_key(self, name: str) -> keys_pb2.Key:
+        request = keys_pb2.GetKeyRequest(name=name)
+        return self._remember(self._call("GetKey", self._keys.GetKey, request, None))
+
+    def list_keys(self, prefix: str = "", include_destroyed: bool = False) -> list[keys_pb2.Key]:
+        request = keys_pb2.ListKeysRequest(prefix=prefix, include_destroyed=include_destroyed)
+        response = self._call("ListKeys", self._keys.ListKeys, request, None)
+        return [self._remember(k) for k in response.keys]
+
+    def get_public_key(self, name: str) -> keys_pb2.PublicKey:
+        request = keys_pb2.GetPublicKeyRequest(name=name)
+        response = self._call("GetPublicKey", self._keys.GetPublicKey, request, None)
+        if response.key_type != common_pb2.KEY_TYPE_UNSPECIFIED:
+            self._key_types[name] = response.key_type
+        return response
+
+    def sign_digest(self, name: str, algorithm: SignatureAlgorithm, digest: bytes) -> bytes:
+        """Sign what is already on-the-wire data: a digest (or the Ed25519 message)."""
+        request = keys_pb2.SignRequest(
+            name=name, algorithm=algorithm, data=digest, request_id=uuid.uuid4().hex
+        )
+        return self._call("Sign", self._keys.Sign, request, None).signature
+
+    def sign(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        algorithm: SignatureAlgorithm | str | None = None,
+        prehashed: bool = False,
+    ) -> bytes:
+        """Sign `data`, hashing it here with the algorithm's hash unless `prehashed`.
+        Without an algorithm, the key type's default (ECDSA over the curve's hash, RSA
+        PKCS#1 v1.5 with SHA-256, pure Ed25519). ECDSA signatures come back DER-encoded."""
+        ainfo = self._algorithm(name, algorithm)
+        return self.sign_digest(name, ainfo.algorithm, prepare_data(ainfo, data, prehashed))
+
+    def verify(
+        self,
+        name: str,
+        data: bytes,
+        signature: bytes,
+        *,
+        algorithm: SignatureAlgorithm | str | None = None,
+        prehashed: bool = False,
+    ) -> bool:
+        """True if `signature` is the key's over `data`; a bad signature is False, not an error."""
+        ainfo = self._algorithm(name, algorithm)
+        request = keys_pb2.VerifyRequest(
+            name=name,
+            algorithm=ainfo.algorithm,
+            data=prepare_data(ainfo, data, prehashed),
+            signature=signature,
+        )
+        return self._call("Verify", self._keys.Verify, request, None).valid
+
+    def disable_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
+        request = keys_pb2.DisableKeyRequest(name=name, request_id=request_id or uuid.uuid4().hex)
+        return self._remember(self._call("DisableKey", self._keys.DisableKey, request, None))
+
+    def enable_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
+        request = keys_pb2.EnableKeyRequest(name=name, request_id=request_id or uuid.uuid4().hex)
+        return self._remember(self._call("EnableKey", self._keys.EnableKey, request, None))
+
+    def destroy_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
+        request = keys_pb2.DestroyKeyRequest(name=name, request_id=request_id or uuid.uuid4().hex)
+        key = self._call("DestroyKey", self._keys.DestroyKey, request, None)
+        self._key_types.pop(name, None)
+        return key
+
+    def attest_key(self, name: str, nonce: bytes) -> keys_pb2.AttestKeyResponse:
+        request = keys_pb2.AttestKeyRequest(name=name, nonce=nonce)
+        return self._call("AttestKey", self._keys.AttestKey, request, None)
+
+    def remote_key(self, name: str) -> RemoteKey:
+        """A cryptography private-key object whose sign() runs in the KMS, so that
+        CertificateBuilder().sign(client.remote_key(name), SHA256()) signs in the token."""
+        public = self.get_public_key(name)
+        return remote_key(_KeySigner(self, name), public.der)
+
+    # -- SystemService ----------------------------------------------------------------
+
+    def status(self) -> keys_pb2.GetStatusResponse:
+        return self._call("GetStatus", self._system.GetStatus, keys_pb2.GetStatusRequest(), None)
+
+    def whoami(self) -> keys_pb2.WhoAmIResponse:
+        return self._call("WhoAmI", self._system.WhoAmI, keys_pb2.WhoAmIRequest(), None)
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = [
+    "CREATE_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "KMSClient",
+    "error_from_rpc",
+    "prepare_data",
+    "resolve_algorithm",
+    "resolve_key_type",
+]
