@@ -1,0 +1,189 @@
+"""`kmsctl up`, `kmsctl init` and `kmsctl status`: running the system and checking it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+
+from edgekms.errors import KMSError
+from edgekms.logs import setup_logging
+from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
+from mgmt.cli.output import echo_json, handle_errors, table
+
+
+@click.command()
+@data_dir_option
+@click.option("--nats-port", default=4222, show_default=True, help="Loopback port for NATS.")
+@click.option(
+    "--broker-listen",
+    default="127.0.0.1:8443",
+    show_default=True,
+    help="Where the broker listens (host:port). Use 0.0.0.0:8443 to serve the LAN.",
+)
+@click.option(
+    "--tpm",
+    default=None,
+    metavar="swtpm|DEVICE|TCTI",
+    help="Also run crypto service tpm0: `swtpm` starts a software TPM for development; "
+    "on a board give the device (/dev/tpmrm0) or a TCTI string.",
+)
+@click.option("--swtpm-port", default=2321, show_default=True, help="With --tpm swtpm.")
+@click.option("--log-level", default="info", show_default=True)
+def up(
+    data_dir: Path,
+    nats_port: int,
+    broker_listen: str,
+    tpm: str | None,
+    swtpm_port: int,
+    log_level: str,
+) -> None:
+    """Run the embedded EdgeKMS in the foreground until Ctrl-C.
+
+    \b
+    Starts, each as its own process with a log under DATA_DIR/logs:
+      nats-server     JetStream on a file store (DATA_DIR/nats)
+      SoftHSM token   created on first run (DATA_DIR/softhsm/softhsm2.conf)
+      kms-crypto      provider hsm0, in front of the token
+      kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device)
+      kms-broker      gRPC with mutual TLS on --broker-listen
+    The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
+    key is generated inside the token, the broker's certificate and an admin client
+    certificate, with a client config that every later command uses.
+
+    \b
+    Example:
+      kmsctl up --data-dir ./kms &
+      kmsctl status --data-dir ./kms
+    """
+    from mgmt.stack import StackError, StackOptions, run_stack
+
+    setup_logging("kmsctl-up", log_level)
+    options = StackOptions(
+        data_dir=data_dir,
+        nats_port=nats_port,
+        broker_listen=broker_listen,
+        tpm=tpm,
+        swtpm_port=swtpm_port,
+    )
+
+    def ready(stack: object) -> None:
+        click.echo(
+            f"EdgeKMS is up: broker {broker_listen}, NATS 127.0.0.1:{nats_port}, "
+            f"data in {data_dir}. Client config: {client_config_path(data_dir)}. Ctrl-C stops.",
+            err=True,
+        )
+
+    try:
+        asyncio.run(run_stack(options, ready))
+    except StackError as exc:
+        click.echo(f"kmsctl: {exc}", err=True)
+        sys.exit(ExitCode.UNAVAILABLE)
+    except KMSError as exc:
+        click.echo(f"kmsctl: {exc}", err=True)
+        sys.exit(ExitCode.UNAVAILABLE)
+    click.echo("EdgeKMS stopped.", err=True)
+
+
+@click.command()
+@data_dir_option
+@click.option("--nats-url", default="nats://127.0.0.1:4222", show_default=True)
+@click.option("--provider", default="hsm0", show_default=True, help="Where the CA key is made.")
+@click.option(
+    "--broker-address",
+    default="127.0.0.1:8443",
+    show_default=True,
+    help="host:port clients dial; written into the client config.",
+)
+@click.option(
+    "--broker-name",
+    "broker_names",
+    multiple=True,
+    default=("localhost", "127.0.0.1"),
+    show_default=True,
+    help="Extra DNS names / IPs for the broker's certificate (repeat).",
+)
+@output_option
+@handle_errors
+def init(
+    data_dir: Path,
+    nats_url: str,
+    provider: str,
+    broker_address: str,
+    broker_names: tuple[str, ...],
+    output: str,
+) -> None:
+    """Run the bootstrap ceremony (once; later runs change nothing).
+
+    Needs NATS and the crypto service PROVIDER running (`kmsctl up` runs this for you).
+    The internal CA key is generated inside the token and never leaves it; the
+    broker's certificate and the first admin's client certificate are issued from it,
+    and DATA_DIR/client/config.toml is written for every later command.
+    """
+    from mgmt.pki import run_ceremony
+
+    result = asyncio.run(
+        run_ceremony(
+            nats_url,
+            provider,
+            data_dir / "pki",
+            data_dir / "client",
+            broker_address=broker_address,
+            broker_names=list(broker_names),
+        )
+    )
+    if output == "json":
+        echo_json(
+            {
+                "created": result.created,
+                "ca_cert": str(result.ca_cert),
+                "client_config": str(result.client_config),
+            }
+        )
+    elif result.created:
+        click.echo(f"Internal CA ready: {result.ca_cert}\nClient config: {result.client_config}")
+    else:
+        click.echo(f"Already initialised: {result.client_config}")
+
+
+@click.command()
+@data_dir_option
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="EDGEKMS_CONFIG",
+    default=None,
+    help="Client config (default: DATA_DIR/client/config.toml).",
+)
+@output_option
+@handle_errors
+def status(data_dir: Path, config_path: Path | None, output: str) -> None:
+    """Is everything answering? Exit 0 only if the broker, the bus and every crypto
+    service answer; 8 (unavailable) otherwise."""
+    from mgmt.client import KMSClient
+
+    with KMSClient.from_config(config_path or client_config_path(data_dir), timeout=5) as client:
+        response = client.status()
+    if output == "json":
+        echo_json(
+            {
+                "ok": response.ok,
+                "components": [
+                    {"name": c.name, "ok": c.ok, "detail": c.detail} for c in response.components
+                ],
+            }
+        )
+    else:
+        rows = [[c.name, "ok" if c.ok else "DOWN", c.detail] for c in response.components]
+        click.echo(table(["component", "status", "detail"], rows))
+    if not response.ok:
+        sys.exit(ExitCode.UNAVAILABLE)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(up)
+    cli.add_command(init)
+    cli.add_command(status)

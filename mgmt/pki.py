@@ -1,0 +1,337 @@
+"""The bootstrap ceremony's PKI: the internal CA that every mTLS hop trusts, the
+broker's server certificate and the first administrator's client certificate.
+
+The internal CA key is generated inside the token (through the crypto service) and
+recorded in the key registry as `edgekms/internal-ca`; only its certificate is on disk.
+Leaf keys for TLS are ordinary files (0600): gRPC needs them in memory to terminate TLS.
+Client identity is carried as edgekms.identity describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+
+from edgekms.crypto_client import CryptoClient
+from edgekms.identity import identity_uris
+from edgekms.subjects import KEY_REGISTRY_BUCKET
+from edgekms.v1 import common_pb2 as pb
+from edgekms.v1 import crypto_pb2
+from mgmt.nats_signer import NatsDigestSigner
+from mgmt.remote_key import remote_key
+
+INTERNAL_CA_KEY = "edgekms/internal-ca"
+BROKER_SERVER_NAME = "edgekms-broker"
+CA_VALIDITY = datetime.timedelta(days=3650)
+LEAF_VALIDITY = datetime.timedelta(days=825)
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "internal-ca.crt"
+
+    @property
+    def broker_cert(self) -> Path:
+        return self.root / "broker.crt"
+
+    @property
+    def broker_key(self) -> Path:
+        return self.root / "broker.key"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file 0600 from the first byte (no window where others may read)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+class InternalCA:
+    """Issues the certificates of the mTLS fabric, signing in the token."""
+
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey):
+        self.cert = cert
+        self.key = key  # a RemoteKey: signs through the KMS
+
+    def _leaf(
+        self,
+        common_name: str,
+        public_key: ec.EllipticCurvePublicKey,
+        sans: list[x509.GeneralName],
+        eku: list[x509.ObjectIdentifier],
+        validity: datetime.timedelta = LEAF_VALIDITY,
+    ) -> x509.Certificate:
+        now = _now()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(min(now + validity, self.cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        return builder.sign(self.key, hashes.SHA256())
+
+    def issue_server(
+        self, public_key: ec.EllipticCurvePublicKey, names: list[str]
+    ) -> x509.Certificate:
+        sans: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        return self._leaf(names[0], public_key, sans, [ExtendedKeyUsageOID.SERVER_AUTH])
+
+    def issue_client(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        client: str,
+        role: str,
+        validity: datetime.timedelta = LEAF_VALIDITY,
+    ) -> x509.Certificate:
+        sans: list[x509.GeneralName] = list(identity_uris(client, role))
+        return self._leaf(client, public_key, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], validity)
+
+
+def build_ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeKMS"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "EdgeKMS internal CA"),
+        ]
+    )
+    now = _now()
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+async def _registry(nc: NATS) -> object:
+    js = nc.jetstream()
+    try:
+        return await js.key_value(KEY_REGISTRY_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=KEY_REGISTRY_BUCKET, history=5)
+
+
+async def internal_ca_key(
+    nc: NATS, crypto: CryptoClient, provider: str, generate_timeout: float = 120.0
+) -> pb.KeyRecord:
+    """The internal CA's key record, generating the key in the token on first use.
+
+    The record is created in the registry only after the token made the key, with
+    create-if-absent: a second ceremony racing this one loses and the loser's key is
+    destroyed, so exactly one internal CA key is ever recorded.
+    """
+    kv = await _registry(nc)
+    try:
+        entry = await kv.get(INTERNAL_CA_KEY)  # type: ignore[attr-defined]
+        record = pb.KeyRecord()
+        record.ParseFromString(entry.value)
+        return record
+    except KeyNotFoundError:
+        pass
+    key_id = secrets.token_bytes(16)
+    generated = await crypto.generate_key(
+        provider,
+        crypto_pb2.GenerateKeyRequest(
+            key_id=key_id, label=INTERNAL_CA_KEY, key_type=pb.KEY_TYPE_EC_P256
+        ),
+        timeout=generate_timeout,
+    )
+    stamp = _now().isoformat()
+    record = pb.KeyRecord(
+        name=INTERNAL_CA_KEY,
+        provider=provider,
+        key_type=pb.KEY_TYPE_EC_P256,
+        state=pb.KEY_STATE_ACTIVE,
+        key_id=key_id,
+        public_key_der=generated.public_key_der,
+        created_at=stamp,
+        updated_at=stamp,
+        created_by="kmsctl-init",
+        labels={"purpose": "internal-ca"},
+        # Only administrators manage it; nobody signs with it through the broker.
+        policy=pb.KeyPolicy(
+            rules=[pb.PolicyRule(roles=["admin"], operations=[pb.KEY_OPERATION_GET_PUBLIC_KEY])]
+        ),
+    )
+    try:
+        await kv.create(INTERNAL_CA_KEY, record.SerializeToString())  # type: ignore[attr-defined]
+    except Exception:
+        await crypto.destroy_key(provider, crypto_pb2.DestroyKeyRequest(key_id=key_id))
+        raise
+    return record
+
+
+def write_client_config(path: Path, **values: str) -> None:
+    """The client config (format: mgmt.clientconfig); paths are relative to its folder."""
+    body = "".join(f"{name} = {json.dumps(value)}\n" for name, value in values.items())
+    write_public(path, ("# EdgeKMS client config, written by `kmsctl init`.\n" + body).encode())
+
+
+def point_client_at(path: Path, broker_address: str) -> None:
+    """Keep the client config's broker address current when the stack moves ports."""
+    values = tomllib.loads(path.read_text())
+    if values.get("broker") != broker_address:
+        values["broker"] = broker_address
+        write_client_config(path, **{k: str(v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class CeremonyResult:
+    created: bool
+    ca_cert: Path
+    client_config: Path
+
+
+async def run_ceremony(
+    nats_url: str,
+    provider: str,
+    pki_dir: Path,
+    client_dir: Path,
+    broker_address: str,
+    broker_names: list[str],
+    admin_name: str = "admin",
+) -> CeremonyResult:
+    """Make the internal CA, the broker's server cert and the first admin's client cert.
+
+    Idempotent: files that exist are kept, so a second run changes nothing.
+    """
+    import nats
+
+    paths = PkiPaths(pki_dir)
+    client_config = client_dir / "config.toml"
+    if paths.ca_cert.exists() and paths.broker_cert.exists() and client_config.exists():
+        point_client_at(client_config, broker_address)
+        return CeremonyResult(False, paths.ca_cert, client_config)
+    nc = await nats.connect(nats_url, name="kmsctl-init", connect_timeout=5)
+    try:
+        crypto = CryptoClient(nc)
+        record = await internal_ca_key(nc, crypto, provider)
+        loop = asyncio.get_running_loop()
+        signer = NatsDigestSigner(crypto, loop, record.provider, record.key_id)
+        ca_key = remote_key(signer, record.public_key_der)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        if paths.ca_cert.exists():
+            ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        else:
+            ca_cert = await asyncio.to_thread(build_ca_certificate, ca_key)
+            write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+        ca = InternalCA(ca_cert, ca_key)
+        if not paths.broker_cert.exists():
+            broker_key = ec.generate_private_key(ec.SECP256R1())
+            cert = await asyncio.to_thread(
+                ca.issue_server, broker_key.public_key(), [BROKER_SERVER_NAME, *broker_names]
+            )
+            write_private(paths.broker_key, _key_pem(broker_key))
+            write_public(paths.broker_cert, cert.public_bytes(serialization.Encoding.PEM))
+        if not client_config.exists():
+            admin_key = ec.generate_private_key(ec.SECP256R1())
+            cert = await asyncio.to_thread(
+                ca.issue_client, admin_key.public_key(), admin_name, "admin"
+            )
+            write_private(client_dir / f"{admin_name}.key", _key_pem(admin_key))
+            write_public(
+                client_dir / f"{admin_name}.crt", cert.public_bytes(serialization.Encoding.PEM)
+            )
+            write_public(client_dir / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+            write_client_config(
+                client_config,
+                broker=broker_address,
+                server_name=BROKER_SERVER_NAME,
+                ca_cert="ca.crt",
+                cert=f"{admin_name}.crt",
+                key=f"{admin_name}.key",
+            )
+    finally:
+        await nc.close()
+    return CeremonyResult(True, paths.ca_cert, client_config)

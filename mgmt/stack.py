@@ -1,0 +1,418 @@
+"""The embedded default: the whole EdgeKMS on one machine, supervised in the foreground.
+
+`kmsctl up` starts, in order, nats-server (JetStream file store), the SoftHSM token
+(created on first run), crypto service `hsm0`, the bootstrap ceremony (first run only)
+and the broker, each as its own process with its log under <data-dir>/logs. A child
+that dies is restarted with backoff; one that keeps dying, or exits saying its config
+or token is wrong, stops the stack with its reason. SIGINT/SIGTERM stop everything in
+reverse order. <data-dir>/run/state.json says when the stack is ready and where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from edgekms.crypto_client import CryptoClient
+from edgekms.errors import KMSError
+from edgekms.logs import fields
+from mgmt.natsserver import NatsServer, NatsServerConfig, wait_for_port
+from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
+from mgmt.softhsm import init_token
+from mgmt.swtpm import Swtpm
+
+log = logging.getLogger(__name__)
+
+# Exit codes of kms-crypto / kms-broker that no restart can fix.
+FATAL_EXIT_CODES = {2: "bad configuration", 3: "token refused (PIN or token missing)"}
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+
+
+class StackError(RuntimeError):
+    """The stack could not start, or a part of it failed for good."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lives under the data dir."""
+
+    root: Path
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.root / "nats"
+
+    @property
+    def softhsm_dir(self) -> Path:
+        return self.root / "softhsm"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def pki(self) -> PkiPaths:
+        return PkiPaths(self.root / "pki")
+
+    @property
+    def client_dir(self) -> Path:
+        return self.root / "client"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run / "state.json"
+
+
+@dataclass
+class StackOptions:
+    data_dir: Path
+    nats_port: int = 4222
+    broker_listen: str = "127.0.0.1:8443"
+    provider_id: str = "hsm0"
+    token_label: str = "edgekms"  # noqa: S105 - a label, not a secret
+    # None: no TPM service; "swtpm": start swtpm for development; otherwise a TCTI
+    # ("device:/dev/tpmrm0") or a device path ("/dev/tpmrm0").
+    tpm: str | None = None
+    tpm_provider_id: str = "tpm0"
+    swtpm_port: int = 2321
+
+    @property
+    def providers(self) -> list[str]:
+        return [self.provider_id] + ([self.tpm_provider_id] if self.tpm else [])
+
+
+def _secret(path: Path) -> str:
+    """Read a secret file, creating it with a fresh random value on first use."""
+    if not path.exists():
+        write_private(path, (secrets.token_urlsafe(18) + "\n").encode())
+    return path.read_text().strip()
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready: Callable[[], Coroutine[Any, Any, None]]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C reaches `up`, which stops children in order
+            )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def last_log_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+
+class Stack:
+    def __init__(self, options: StackOptions):
+        self.options = options
+        self.layout = Layout(options.data_dir)
+        self.nats: NatsServer | None = None
+        self.swtpm: Swtpm | None = None
+        self.children: list[Child] = []
+        self._stopping = asyncio.Event()
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.options.nats_port}"
+
+    def _prepare_dirs(self) -> None:
+        for path in (self.layout.root, self.layout.secrets, self.layout.run):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (self.layout.config, self.layout.logs, self.layout.nats_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def _start_nats(self) -> None:
+        config = NatsServerConfig(
+            store_dir=self.layout.nats_dir / "jetstream", port=self.options.nats_port
+        )
+        self.nats = NatsServer(
+            config, self.layout.nats_dir / "nats.conf", self.layout.logs / "nats.log"
+        )
+        self.nats.start()
+
+    def _softhsm_env(self) -> dict[str, str]:
+        label = self.options.token_label
+        pin = _secret(self.layout.secrets / f"{self.options.provider_id}.pin")
+        so_pin = _secret(self.layout.secrets / f"{self.options.provider_id}.so-pin")
+        token = init_token(self.layout.softhsm_dir, label, pin=pin, so_pin=so_pin)
+        return {**os.environ, **token.env()}
+
+    def _pkcs11_section(self) -> str:
+        from mgmt.softhsm import find_module
+
+        pin_file = self.layout.secrets / f"{self.options.provider_id}.pin"
+        return (
+            "[pkcs11]\n"
+            f"module = {json.dumps(find_module())}\n"
+            f"token_label = {json.dumps(self.options.token_label)}\n"
+            f"pin_file = {json.dumps(str(pin_file))}\n"
+            "sessions = 4\n"
+        )
+
+    def _tpm2_section(self, tcti: str) -> str:
+        provider = self.options.tpm_provider_id
+        auth = self.layout.secrets / f"{provider}.auth"
+        _secret(auth)
+        return (
+            "[tpm2]\n"
+            f"tcti = {json.dumps(tcti)}\n"
+            f"state_dir = {json.dumps(str(self.layout.root / provider))}\n"
+            f"key_auth_file = {json.dumps(str(auth))}\n"
+        )
+
+    def _start_swtpm(self) -> str:
+        from mgmt.swtpm import Swtpm, SwtpmConfig
+
+        self.swtpm = Swtpm(
+            SwtpmConfig(state_dir=self.layout.root / "swtpm", port=self.options.swtpm_port),
+            log_path=self.layout.logs / "swtpm.log",
+        )
+        self.swtpm.start()
+        return self.swtpm.tcti
+
+    def _tpm_tcti(self) -> str:
+        tpm = self.options.tpm or ""
+        if tpm == "swtpm":
+            return self._start_swtpm()
+        if tpm.startswith("/dev/"):
+            return f"device:{tpm}"
+        return tpm
+
+    def _crypto_child(self, provider: str, section: str, env: dict[str, str]) -> Child:
+        conf = self.layout.config / f"crypto-{provider}.toml"
+        header = f"provider_id = {json.dumps(provider)}\nnats_url = {json.dumps(self.nats_url)}\n"
+        write_public(conf, (header + section).encode())
+
+        async def ready() -> None:
+            nc = await nats.connect(self.nats_url, connect_timeout=2)
+            try:
+                client = CryptoClient(nc)
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        await client.ping(provider, timeout=0.5)
+                        return
+                    except KMSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
+            finally:
+                await nc.close()
+
+        return Child(
+            name=f"crypto-{provider}",
+            argv=[_script("kms-crypto"), "--config", str(conf)],
+            env=env,
+            log_path=self.layout.logs / f"crypto-{provider}.log",
+            ready=ready,
+        )
+
+    def _broker_child(self) -> Child:
+        pki = self.layout.pki
+        conf = self.layout.config / "broker.toml"
+        write_public(
+            conf,
+            (
+                f"listen = {json.dumps(self.options.broker_listen)}\n"
+                f"nats_url = {json.dumps(self.nats_url)}\n"
+                f"default_provider = {json.dumps(self.options.provider_id)}\n"
+                f"providers = {json.dumps(self.options.providers)}\n"
+                "[tls]\n"
+                f"cert = {json.dumps(str(pki.broker_cert))}\n"
+                f"key = {json.dumps(str(pki.broker_key))}\n"
+                f"client_ca = {json.dumps(str(pki.ca_cert))}\n"
+            ).encode(),
+        )
+        host, _, port = self.options.broker_listen.rpartition(":")
+
+        async def ready() -> None:
+            await asyncio.to_thread(wait_for_port, host, int(port), 30.0)
+
+        return Child(
+            name="broker",
+            argv=[_script("kms-broker"), "--config", str(conf)],
+            env=dict(os.environ),
+            log_path=self.layout.logs / "broker.log",
+            ready=ready,
+        )
+
+    async def _start_child(self, child: Child) -> None:
+        child.spawn()
+        ready = asyncio.create_task(child.ready())
+        while not ready.done():
+            await asyncio.sleep(0.05)
+            assert child.process is not None
+            code = child.process.poll()
+            if code is not None:
+                ready.cancel()
+                reason = FATAL_EXIT_CODES.get(code, f"exit code {code}")
+                raise StackError(
+                    f"{child.name} failed to start ({reason}): {child.last_log_line()}"
+                )
+        ready.result()
+        self.children.append(child)
+        log.info(
+            "started",
+            extra=fields(part=child.name, pid=child.process.pid if child.process else None),
+        )
+
+    def _write_state(self, ready: bool) -> None:
+        state = {
+            "ready": ready,
+            "nats_url": self.nats_url,
+            "broker": self.options.broker_listen,
+            "client_config": str(self.layout.client_dir / "config.toml"),
+            "pid": os.getpid(),
+            "children": {c.name: c.process.pid for c in self.children if c.process is not None},
+        }
+        write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
+
+    async def start(self) -> None:
+        self._prepare_dirs()
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.state_file.unlink()
+        self._start_nats()
+        log.info("started", extra=fields(part="nats", url=self.nats_url))
+        env = await asyncio.to_thread(self._softhsm_env)
+        await self._start_child(
+            self._crypto_child(self.options.provider_id, self._pkcs11_section(), env)
+        )
+        if self.options.tpm:
+            tcti = await asyncio.to_thread(self._tpm_tcti)
+            section = self._tpm2_section(tcti)
+            child = self._crypto_child(self.options.tpm_provider_id, section, dict(os.environ))
+            await self._start_child(child)
+        host = self.options.broker_listen.rpartition(":")[0]
+        result = await run_ceremony(
+            self.nats_url,
+            self.options.provider_id,
+            self.layout.pki.root,
+            self.layout.client_dir,
+            broker_address=self.options.broker_listen.replace("0.0.0.0", "127.0.0.1"),
+            broker_names=sorted({"localhost", "127.0.0.1", host} - {"0.0.0.0", ""}),
+        )
+        if result.created:
+            log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))
+        await self._start_child(self._broker_child())
+        self._write_state(True)
+
+    async def supervise(self) -> None:
+        """Restart children that die; give up on one that dies too often."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
+            if self._stopping.is_set():
+                return
+            if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
+                log.warning("nats-server exited; restarting")
+                self._start_nats()
+            if self.swtpm is not None and not self.swtpm.running():
+                log.warning("swtpm exited; restarting")
+                self.swtpm.start()
+            for child in self.children:
+                assert child.process is not None
+                code = child.process.poll()
+                if code is None:
+                    continue
+                if code in FATAL_EXIT_CODES:
+                    raise StackError(f"{child.name} stopped: {FATAL_EXIT_CODES[code]}")
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
+                if len(child.restarts) >= MAX_RESTARTS:
+                    raise StackError(
+                        f"{child.name} died {MAX_RESTARTS} times in {RESTART_WINDOW:.0f}s: "
+                        f"{child.last_log_line()}"
+                    )
+                child.restarts.append(now)
+                delay = min(2 ** (len(child.restarts) - 1) * 0.5, 10.0)
+                log.warning(
+                    "child exited; restarting",
+                    extra=fields(part=child.name, code=code, delay=delay),
+                )
+                await asyncio.sleep(delay)
+                child.spawn()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._write_state(False)
+        for child in reversed(self.children):
+            child.stop()
+        if self.swtpm is not None:
+            self.swtpm.stop()
+        if self.nats is not None:
+            self.nats.stop()
+
+
+def _script(name: str) -> str:
+    """A console script of this installation (beside the running interpreter)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+async def run_stack(options: StackOptions, on_ready: Callable[[Stack], None]) -> None:
+    stack = Stack(options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stack.request_stop)
+    try:
+        await stack.start()
+        on_ready(stack)
+        await stack.supervise()
+    finally:
+        stack.stop()

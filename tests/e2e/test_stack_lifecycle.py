@@ -1,0 +1,46 @@
+"""`kmsctl up` itself: state survives a restart, the ceremony runs once, a wrong PIN
+stops the stack with a clear message instead of a crash loop."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from mgmt.natsserver import free_port
+from tests.e2e.conftest import BIN, start_stack, stop_stack
+
+
+def test_restart_keeps_keys_and_certificates_and_wrong_pin_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    stack = start_stack(data_dir)
+    try:
+        with stack.client() as client:
+            client.create_key("persist/p256", "ec-p256")
+            first_sig = client.sign("persist/p256", b"first life")
+        ca_before = (data_dir / "pki" / "internal-ca.crt").read_bytes()
+        status = subprocess.run(
+            [str(BIN / "kmsctl"), "status", "-o", "json"], env=stack.env(), capture_output=True
+        )
+        assert status.returncode == 0, status.stderr
+    finally:
+        assert stop_stack(stack) == 0
+
+    stack = start_stack(data_dir)
+    try:
+        assert (data_dir / "pki" / "internal-ca.crt").read_bytes() == ca_before
+        with stack.client() as client:
+            assert client.verify("persist/p256", b"first life", first_sig)
+            client.sign("persist/p256", b"second life")
+    finally:
+        assert stop_stack(stack) == 0
+
+    pin_file = data_dir / "secrets" / "hsm0.pin"
+    pin_file.write_text("not-the-pin\n")
+    result = subprocess.run(
+        [str(BIN / "kmsctl"), "up", "--data-dir", str(data_dir), "--nats-port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 8
+    assert "crypto-hsm0 failed to start (token refused" in result.stderr

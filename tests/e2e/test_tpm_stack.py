@@ -1,0 +1,108 @@
+"""`kmsctl up --tpm swtpm`: a TPM crypto service beside hsm0, reached through the broker."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from edgekms import errors
+from edgekms.v1 import common_pb2 as pb
+from mgmt.swtpm import free_port_pair
+from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+
+pytestmark = pytest.mark.tpm
+
+
+@pytest.fixture(scope="module")
+def tpm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsStack]:
+    data_dir = tmp_path_factory.mktemp("tpmstack") / "data"
+    stack = start_stack(data_dir, "--tpm", "swtpm", "--swtpm-port", str(free_port_pair()))
+    yield stack
+    assert stop_stack(stack) == 0
+
+
+def test_status_includes_tpm0(tpm_stack: KmsStack) -> None:
+    with tpm_stack.client() as client:
+        status = client.status()
+    assert {c.name: c.ok for c in status.components}["crypto/tpm0"] is True
+    assert status.ok
+
+
+@pytest.mark.parametrize(
+    ("key_type", "digest"),
+    [("ec-p256", "-sha256"), ("ec-p384", "-sha384"), ("rsa-2048", "-sha256")],
+)
+def test_tpm_key_signs_through_the_broker(
+    tpm_stack: KmsStack, key_type: str, digest: str, tmp_path: Path
+) -> None:
+    """Each key signs with its type's default scheme; openssl checks with that hash."""
+    name = f"tpm/{key_type}"
+    message = b"signed inside the TPM"
+    with tpm_stack.client(timeout=60) as client:
+        key = client.create_key(name, key_type, provider="tpm0")
+        assert key.provider == "tpm0"
+        signature = client.sign(name, message)
+        assert client.verify(name, message, signature)
+        pem = client.get_public_key(name).pem
+    (tmp_path / "pub.pem").write_text(pem)
+    (tmp_path / "msg").write_bytes(message)
+    (tmp_path / "sig").write_bytes(signature)
+    result = subprocess.run(
+        ["openssl", "dgst", digest, "-verify", "pub.pem", "-signature", "sig", "msg"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "Verified OK" in result.stdout, result.stderr
+
+
+def test_certificate_through_remote_key_on_a_tpm_key(tpm_stack: KmsStack) -> None:
+    with tpm_stack.client(timeout=60) as client:
+        client.create_key("tpm/ca", "ec-p256", provider="tpm0")
+        key = client.remote_key("tpm/ca")
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TPM-backed CA")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        cert.verify_directly_issued_by(cert)
+        spki = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        assert spki == client.get_public_key("tpm/ca").der
+
+
+def test_key_type_the_tpm_lacks_is_failed_precondition(tpm_stack: KmsStack) -> None:
+    with tpm_stack.client() as client:
+        with pytest.raises(errors.FailedPrecondition) as info:
+            client.create_key("tpm/ed", "ed25519", provider="tpm0")
+        assert info.value.reason == "provider.key_type_unsupported"
+        with pytest.raises(errors.NotFound):
+            client.get_key("tpm/ed")  # the reservation was released
+
+
+def test_tpm_digest_of_wrong_length_is_invalid_argument(tpm_stack: KmsStack) -> None:
+    with tpm_stack.client() as client:
+        client.create_key("tpm/len", "ec-p256", provider="tpm0")
+        with pytest.raises(errors.InvalidArgument):
+            client.sign_digest(
+                "tpm/len", pb.SIGNATURE_ALGORITHM_ECDSA_SHA256, hashlib.sha384(b"x").digest()
+            )
