@@ -144,8 +144,9 @@ class KMSClient:
         self._key_types: dict[str, KeyType] = {}
 
     @classmethod
-    def from_config(cls, path: Path, timeout: float = DEFAULT_TIMEOUT) -> KMSClient:
-        config = load_client_config(path)
+    def from_config(cls, path: Path | str, timeout: float = DEFAULT_TIMEOUT) -> KMSClient:
+        """A client for the broker a config file names (`kmsctl init` writes one)."""
+        config = load_client_config(Path(path).expanduser())
         ca_cert, cert, key = config.read_credentials()
         return cls(
             config.broker,
