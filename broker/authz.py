@@ -13,6 +13,13 @@ from edgekms.errors import PermissionDenied
 from edgekms.identity import Identity
 from edgekms.v1 import common_pb2 as pb
 
+# The CertificateAuthority's RPCs (forwarded to kms.ca.*): operators run the CA day to
+# day; only administrators create or replace the CA itself.
+CA_READ = frozenset(
+    {"GetCertificate", "ListCertificates", "GetCRL", "GetCACertificates", "ListProfiles"}
+)
+CA_OPERATE = CA_READ | {"IssueCertificate", "RevokeCertificate", "RenewCertificate"}
+
 # Broker methods (the gRPC method name) each role may call.
 ROLE_METHODS: dict[str, frozenset[str]] = {
     "admin": frozenset(
@@ -50,6 +57,9 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
     ),
     "enrollee": frozenset({"WhoAmI"}),
 }
+ROLE_METHODS["admin"] |= CA_OPERATE | {"Init"}
+ROLE_METHODS["operator"] |= CA_OPERATE
+ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL"}
 
 _MANAGEMENT = frozenset(
     {

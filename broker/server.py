@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 
+from broker.ca_forward import SERVICE as CA_SERVICE
+from broker.ca_forward import CAForwarder
 from broker.config import BrokerConfig
 from broker.keys import IdentityCache, KeyService, SystemService
 from broker.registry import KeyRegistry
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
     keys_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+    CA_SERVICE.full_name,
 )
 # Largest gRPC message accepted: an Ed25519 message of 64 KiB plus the envelope.
 MAX_MESSAGE = 256 * 1024
@@ -108,6 +111,7 @@ class Broker:
         keys_pb2_grpc.add_SystemServiceServicer_to_server(
             SystemService(cfg, self.registry, crypto, identities, self._bus_check), self.server
         )
+        self.server.add_generic_rpc_handlers((CAForwarder(self.nc, identities).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

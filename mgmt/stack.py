@@ -102,6 +102,10 @@ class StackOptions:
     tpm: str | None = None
     tpm_provider_id: str = "tpm0"
     swtpm_port: int = 2321
+    # The CA service's HTTP side (CRL, OCSP, CA certificates) and the base URL written
+    # into certificates; "" leaves CRL DP / AIA out.
+    ca_http: str = "127.0.0.1:8180"
+    ca_base_url: str = ""
 
     @property
     def providers(self) -> list[str]:
@@ -260,6 +264,34 @@ class Stack:
             ready=ready,
         )
 
+    def _ca_child(self) -> Child:
+        conf = self.layout.config / "ca.toml"
+        write_public(
+            conf,
+            (
+                f"nats_url = {json.dumps(self.nats_url)}\n"
+                f"http_listen = {json.dumps(self.options.ca_http)}\n"
+                f"base_url = {json.dumps(self.options.ca_base_url)}\n"
+            ).encode(),
+        )
+        host, _, port = self.options.ca_http.rpartition(":")
+
+        async def ready() -> None:
+            await asyncio.to_thread(wait_for_port, host, int(port), 30.0)
+            nc = await nats.connect(self.nats_url, connect_timeout=2)
+            try:
+                await nc.request("$SRV.PING.kms-ca", b"", timeout=5)
+            finally:
+                await nc.close()
+
+        return Child(
+            name="ca",
+            argv=[_script("kmsctl"), "ca", "serve", "--config", str(conf)],
+            env=dict(os.environ),
+            log_path=self.layout.logs / "ca.log",
+            ready=ready,
+        )
+
     def _broker_child(self) -> Child:
         pki = self.layout.pki
         conf = self.layout.config / "broker.toml"
@@ -314,6 +346,7 @@ class Stack:
             "ready": ready,
             "nats_url": self.nats_url,
             "broker": self.options.broker_listen,
+            "ca_http": self.options.ca_http,
             "client_config": str(self.layout.client_dir / "config.toml"),
             "pid": os.getpid(),
             "children": {c.name: c.process.pid for c in self.children if c.process is not None},
@@ -346,6 +379,7 @@ class Stack:
         )
         if result.created:
             log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))
+        await self._start_child(self._ca_child())
         await self._start_child(self._broker_child())
         self._write_state(True)
 

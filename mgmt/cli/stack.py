@@ -31,6 +31,18 @@ from mgmt.cli.output import echo_json, handle_errors, table
     "on a board give the device (/dev/tpmrm0) or a TCTI string.",
 )
 @click.option("--swtpm-port", default=2321, show_default=True, help="With --tpm swtpm.")
+@click.option(
+    "--ca-http",
+    default="127.0.0.1:8180",
+    show_default=True,
+    help="Where the CA serves its CRL, OCSP and CA certificates (host:port).",
+)
+@click.option(
+    "--ca-base-url",
+    default="",
+    help="Base URL relying parties reach the CA at (e.g. http://nas.lan:8180); written "
+    "into certificates as CRL distribution point and AIA. Empty: left out.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def up(
     data_dir: Path,
@@ -38,6 +50,8 @@ def up(
     broker_listen: str,
     tpm: str | None,
     swtpm_port: int,
+    ca_http: str,
+    ca_base_url: str,
     log_level: str,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
@@ -48,6 +62,7 @@ def up(
       SoftHSM token   created on first run (DATA_DIR/softhsm/softhsm2.conf)
       kms-crypto      provider hsm0, in front of the token
       kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device)
+      kmsctl ca serve the mini-CA on NATS, and HTTP for CRL/OCSP on --ca-http
       kms-broker      gRPC with mutual TLS on --broker-listen
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
     key is generated inside the token, the broker's certificate and an admin client
@@ -67,6 +82,8 @@ def up(
         broker_listen=broker_listen,
         tpm=tpm,
         swtpm_port=swtpm_port,
+        ca_http=ca_http,
+        ca_base_url=ca_base_url,
     )
 
     def ready(stack: object) -> None:

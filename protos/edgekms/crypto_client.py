@@ -18,16 +18,15 @@ from typing import Any, TypeVar
 
 import nats.aio.client
 import nats.errors
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
-from edgekms.errors import DeadlineExceeded, Internal, KMSError, Unavailable, from_bytes
+from edgekms import natsrpc
+from edgekms.errors import Internal, Unavailable
 from edgekms.subjects import crypto_service_name, crypto_subject
 from edgekms.v1 import crypto_pb2
 
 log = logging.getLogger(__name__)
 
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-ERROR_HEADER = "Nats-Service-Error"
 
 R = TypeVar("R", bound=Message)
 
@@ -47,48 +46,16 @@ class CryptoClient:
         response_type: type[R],
         timeout: float | None,
     ) -> R:
-        subject = crypto_subject(provider, operation)
-        wait = self.default_timeout if timeout is None else timeout
-        try:
-            msg = await self.nc.request(subject, request.SerializeToString(), timeout=wait)
-        except nats.errors.NoRespondersError:
-            raise Unavailable(
-                "provider.unavailable",
-                f"no crypto service answers for provider {provider!r}",
-                {"provider": provider},
-            ) from None
-        except (TimeoutError, nats.errors.TimeoutError):
-            raise DeadlineExceeded(
-                "provider.deadline",
-                f"provider {provider!r} did not answer {operation} within {wait:g}s",
-                {"provider": provider},
-            ) from None
-        except (
-            nats.errors.ConnectionClosedError,
-            nats.errors.ConnectionDrainingError,
-            nats.errors.ConnectionReconnectingError,
-            nats.errors.StaleConnectionError,
-            nats.errors.NoServersError,
-            nats.errors.OutboundBufferLimitError,
-        ):
-            raise Unavailable("bus.unavailable", "the NATS connection is not usable") from None
-        headers = msg.headers or {}
-        if ERROR_CODE_HEADER in headers:
-            err = from_bytes(msg.data) if msg.data else None
-            if err is None or not isinstance(err, KMSError) or err.reason == "unknown":
-                description = headers.get(ERROR_HEADER, "")
-                err = Internal(
-                    "provider.error", f"{provider} {operation}: {description or 'failed'}"
-                )
-            raise err
-        response = response_type()
-        try:
-            response.ParseFromString(msg.data)
-        except DecodeError:
-            raise Internal(
-                "wire.bad_response", f"{provider} {operation}: the reply could not be decoded"
-            ) from None
-        return response
+        return await natsrpc.request(
+            self.nc,
+            crypto_subject(provider, operation),
+            request,
+            response_type,
+            self.default_timeout if timeout is None else timeout,
+            service=f"provider {provider!r}",
+            reason_prefix="provider",
+            details={"provider": provider},
+        )
 
     async def generate_key(
         self, provider: str, req: crypto_pb2.GenerateKeyRequest, timeout: float | None = None

@@ -37,6 +37,7 @@ class KmsStack:
     broker: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    ca_url: str = ""
 
     @property
     def client_config(self) -> Path:
@@ -53,7 +54,7 @@ class KmsStack:
 
 
 def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
-    nats_port, broker_port = free_port(), free_port()
+    nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
@@ -66,6 +67,8 @@ def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
                 str(nats_port),
                 "--broker-listen",
                 f"127.0.0.1:{broker_port}",
+                "--ca-http",
+                f"127.0.0.1:{ca_port}",
                 *extra,
             ],
             stdout=log_file,

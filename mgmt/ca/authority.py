@@ -1,0 +1,345 @@
+"""The CA's operations (init, issue, renew, revoke, list, CRL, OCSP) over its store and
+its keys, as the NATS service and the HTTP side both need them.
+
+Signing runs on worker threads (the key's sign() blocks on the crypto service); every
+certificate's record is stored before the certificate is returned, and every refusal is
+a typed error raised before anything is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from edgekms.algorithms import KEY_TYPES
+from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KMSError
+from edgekms.subjects import PROVIDER_ID_RE
+from edgekms.v1 import ca_pb2
+from mgmt.ca import ocsp as ocsp_mod
+from mgmt.ca.builder import (
+    CAKey,
+    CaUrls,
+    build_intermediate,
+    build_leaf,
+    build_root,
+    ca_name,
+    random_serial,
+    serial_hex,
+)
+from mgmt.ca.crl import REASON_FLAGS, Revocation, build_crl
+from mgmt.ca.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
+from mgmt.ca.profiles import BUILTIN_PROFILES, Profile, get_profile
+from mgmt.ca.signer import KeyBackend
+from mgmt.ca.store import CAStore, parse_rfc3339, rfc3339
+
+log = logging.getLogger(__name__)
+
+ROOT_LABEL = "ca/root"
+INTERMEDIATE_LABEL = "ca/intermediate"
+# The CRL is rebuilt when less than this is left before its nextUpdate.
+CRL_REFRESH_MARGIN = datetime.timedelta(days=3)
+_REQUESTER_MAX = 256
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+@dataclass
+class _Issuer:
+    state: ca_pb2.CAState
+    cert: x509.Certificate
+    root: x509.Certificate
+    key: CAKey
+
+
+class CertificateAuthority:
+    def __init__(
+        self,
+        store: CAStore,
+        keys: KeyBackend,
+        profiles: dict[str, Profile] | None = None,
+        urls: CaUrls = CaUrls(),  # noqa: B008 - frozen dataclass
+        new_serial: Callable[[], int] = random_serial,
+    ):
+        self.store = store
+        self.keys = keys
+        self.profiles = dict(profiles or BUILTIN_PROFILES)
+        self.urls = urls
+        self._new_serial = new_serial
+        self._issuer: _Issuer | None = None
+
+    # ---- the CA itself -------------------------------------------------------------------
+
+    async def init(self, req: ca_pb2.InitCARequest) -> ca_pb2.InitCAResponse:
+        if not PROVIDER_ID_RE.match(req.provider):
+            raise InvalidArgument("ca.provider_invalid", f"{req.provider!r} is not a provider id")
+        if req.key_type not in KEY_TYPES:
+            raise InvalidArgument("key.type_unknown", "choose the CA key type")
+        if KEY_TYPES[req.key_type].family == "rsa" and KEY_TYPES[req.key_type].bits < 2048:
+            raise InvalidArgument("ca.weak_key", "RSA CA keys need 2048 bits at least")
+        if not req.common_name.strip():
+            raise InvalidArgument("ca.name_missing", "the CA needs a common name")
+        root_days = req.root_validity_days or 7300
+        int_days = req.intermediate_validity_days or 1825
+        if not 1 <= int_days < root_days <= 36500:
+            raise InvalidArgument(
+                "ca.validity_invalid", "the intermediate must end before the root"
+            )
+        if await self.store.get_state() is not None:
+            raise AlreadyExists("ca.already_initialized", "this CA exists already")
+
+        made: list[bytes] = []
+        try:
+            root_id, root_pub = await self.keys.generate(req.provider, ROOT_LABEL, req.key_type)
+            made.append(root_id)
+            int_id, int_pub = await self.keys.generate(
+                req.provider, INTERMEDIATE_LABEL, req.key_type
+            )
+            made.append(int_id)
+            root_key = self.keys.signing_key(req.provider, root_id, root_pub)
+            int_public = serialization.load_der_public_key(int_pub)
+            assert isinstance(int_public, PublicKey)
+            org = req.organization.strip()
+            cn = req.common_name.strip()
+            root = await asyncio.to_thread(build_root, root_key, ca_name(cn, org), root_days)
+            inter = await asyncio.to_thread(
+                build_intermediate,
+                root_key,
+                root,
+                int_public,
+                ca_name(f"{cn} Issuing CA", org),
+                int_days,
+            )
+            state = ca_pb2.CAState(
+                provider=req.provider,
+                key_type=req.key_type,
+                root_key_id=root_id,
+                intermediate_key_id=int_id,
+                root_certificate_der=_der(root),
+                intermediate_certificate_der=_der(inter),
+                root_key_disabled=req.disable_root,
+                created_at=rfc3339(_now()),
+            )
+            await self.store.create_state(state)
+        except BaseException:
+            for key_id in made:  # nothing half-done: the keys go with the failed init
+                await self.keys.destroy(req.provider, key_id)
+            raise
+        log.info(
+            "event=ca_initialized provider=%s root_disabled=%s", req.provider, req.disable_root
+        )
+        await self.rebuild_crl()
+        return ca_pb2.InitCAResponse(
+            root_certificate_der=state.root_certificate_der,
+            intermediate_certificate_der=state.intermediate_certificate_der,
+        )
+
+    async def issuer(self) -> _Issuer:
+        if self._issuer is None:
+            state = await self.store.require_state()
+            cert = x509.load_der_x509_certificate(state.intermediate_certificate_der)
+            root = x509.load_der_x509_certificate(state.root_certificate_der)
+            key = self.keys.signing_key(
+                state.provider,
+                state.intermediate_key_id,
+                cert.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+            )
+            self._issuer = _Issuer(state, cert, root, key)
+        return self._issuer
+
+    async def ca_certificates(self) -> ca_pb2.GetCACertificatesResponse:
+        issuer = await self.issuer()
+        return ca_pb2.GetCACertificatesResponse(
+            root_certificate_der=issuer.state.root_certificate_der,
+            intermediate_certificate_der=issuer.state.intermediate_certificate_der,
+        )
+
+    def list_profiles(self) -> ca_pb2.ListProfilesResponse:
+        return ca_pb2.ListProfilesResponse(
+            profiles=[
+                ca_pb2.ProfileInfo(
+                    name=p.name,
+                    description=p.description,
+                    max_validity_days=p.max_validity_days,
+                    key_types=sorted(p.key_types),
+                    extended_key_usages=p.eku_names(),
+                )
+                for p in sorted(self.profiles.values(), key=lambda p: p.name)
+            ]
+        )
+
+    # ---- certificates --------------------------------------------------------------------
+
+    async def _issue_plan(
+        self, plan: IssuePlan, requester: str, renewed_from: str = ""
+    ) -> ca_pb2.IssueCertificateResponse:
+        if len(requester) > _REQUESTER_MAX:
+            raise InvalidArgument("cert.requester_invalid", "requester name is too long")
+        issuer = await self.issuer()
+
+        async def make(serial: int) -> ca_pb2.CertificateRecord:
+            cert = await asyncio.to_thread(
+                build_leaf, issuer.key, issuer.cert, plan, serial, self.urls
+            )
+            return ca_pb2.CertificateRecord(
+                serial=serial_hex(serial),
+                profile=plan.profile.name,
+                requester=requester,
+                status=ca_pb2.CERTIFICATE_STATUS_VALID,
+                certificate_der=_der(cert),
+                subject=plan.subject.rfc4514_string(),
+                sans=plan.san_list,
+                not_before=rfc3339(cert.not_valid_before_utc),
+                not_after=rfc3339(cert.not_valid_after_utc),
+                issued_at=rfc3339(_now()),
+                renewed_from=renewed_from,
+                key_type=plan.key_type,
+            )
+
+        from mgmt.ca.store import store_with_fresh_serial
+
+        record = await store_with_fresh_serial(self.store, make, self._new_serial)
+        log.info(
+            "event=ca_issued serial=%s profile=%s requester=%s sans=%s",
+            record.serial,
+            record.profile,
+            requester,
+            ",".join(record.sans),
+        )
+        return ca_pb2.IssueCertificateResponse(
+            record=record,
+            certificate_der=record.certificate_der,
+            chain_der=[
+                issuer.state.intermediate_certificate_der,
+                issuer.state.root_certificate_der,
+            ],
+        )
+
+    async def issue(self, req: ca_pb2.IssueCertificateRequest) -> ca_pb2.IssueCertificateResponse:
+        profile = get_profile(self.profiles, req.profile)
+        plan = plan_from_csr(profile, load_csr(req.csr), req.validity_days)
+        return await self._issue_plan(plan, req.requester)
+
+    async def renew(self, req: ca_pb2.RenewCertificateRequest) -> ca_pb2.IssueCertificateResponse:
+        old, _ = await self.store.get_record(req.serial)
+        if old.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
+            raise FailedPrecondition(
+                "cert.revoked", f"certificate {old.serial} is revoked: issue a new one"
+            )
+        profile = get_profile(self.profiles, old.profile)
+        cert = x509.load_der_x509_certificate(old.certificate_der)
+        public = cert.public_key()
+        assert isinstance(public, PublicKey)
+        try:
+            san: x509.SubjectAlternativeName | None = cert.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+        except x509.ExtensionNotFound:
+            san = None
+        plan = make_plan(profile, cert.subject, public, san, req.validity_days)
+        return await self._issue_plan(plan, req.requester or old.requester, old.serial)
+
+    async def get(self, req: ca_pb2.GetCertificateRequest) -> ca_pb2.GetCertificateResponse:
+        record, _ = await self.store.get_record(req.serial)
+        return ca_pb2.GetCertificateResponse(record=record)
+
+    async def list(self, req: ca_pb2.ListCertificatesRequest) -> ca_pb2.ListCertificatesResponse:
+        records = await self.store.list_records()
+        now = _now()
+        horizon = now + datetime.timedelta(days=req.expiring_within_days)
+        out = []
+        for r in records:
+            revoked = r.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+            if req.revoked_only and not revoked:
+                continue
+            if req.profile and r.profile != req.profile:
+                continue
+            if req.expiring_within_days and (revoked or parse_rfc3339(r.not_after) > horizon):
+                continue
+            out.append(r)
+        out.sort(key=lambda r: (r.not_after, r.serial))
+        return ca_pb2.ListCertificatesResponse(records=out)
+
+    async def revoke(
+        self, req: ca_pb2.RevokeCertificateRequest
+    ) -> ca_pb2.RevokeCertificateResponse:
+        if req.reason != ca_pb2.REVOCATION_REASON_UNSPECIFIED and req.reason not in REASON_FLAGS:
+            raise InvalidArgument(
+                "revoke.reason_unknown", f"unknown revocation reason {req.reason}"
+            )
+        await self.issuer()  # a CA must exist
+        record = await self.store.revoke(req.serial, req.reason, _now())
+        log.info("event=ca_revoke serial=%s requester=%s", record.serial, req.requester)
+        crl = await self.rebuild_crl()
+        return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
+
+    # ---- CRL and OCSP --------------------------------------------------------------------
+
+    async def rebuild_crl(self) -> ca_pb2.GetCRLResponse:
+        issuer = await self.issuer()
+        number = await self.store.next_crl_number()
+        revoked = [
+            Revocation(int(r.serial, 16), parse_rfc3339(r.revoked_at), r.revocation_reason)
+            for r in await self.store.list_records()
+            if r.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+        ]
+        crl = await asyncio.to_thread(build_crl, issuer.key, issuer.cert, revoked, number)
+        next_update = crl.next_update_utc
+        assert next_update is not None
+        response = ca_pb2.GetCRLResponse(
+            crl_der=crl.public_bytes(serialization.Encoding.DER),
+            crl_number=number,
+            next_update=rfc3339(next_update),
+        )
+        await self.store.store_crl(response)
+        log.info("event=ca_crl_built number=%d revoked=%d", number, len(revoked))
+        current = await self.store.get_crl()
+        return current or response
+
+    async def current_crl(self) -> ca_pb2.GetCRLResponse:
+        """The stored CRL, rebuilt first when it is missing or close to its nextUpdate."""
+        crl = await self.store.get_crl()
+        if crl is None or parse_rfc3339(crl.next_update) - _now() < CRL_REFRESH_MARGIN:
+            crl = await self.rebuild_crl()
+        return crl
+
+    async def ocsp(self, request_der: bytes) -> bytes:
+        """A DER OCSP response for a DER request; never raises for bad requests."""
+        try:
+            issuer = await self.issuer()
+        except KMSError:
+            return ocsp_mod.unsuccessful(x509.ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+        try:
+            query = ocsp_mod.parse_request(request_der, issuer.cert)
+        except ocsp_mod.BadOCSPRequest as exc:
+            return ocsp_mod.unsuccessful(exc.status)
+        record = await self.store.find_record(query.serial)
+        state: ocsp_mod.CertState | None = None
+        if record is not None:
+            revoked = record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+            state = ocsp_mod.CertState(
+                parse_rfc3339(record.revoked_at) if revoked else None, record.revocation_reason
+            )
+        try:
+            return await asyncio.to_thread(
+                ocsp_mod.build_response, issuer.key, issuer.cert, query, state
+            )
+        except KMSError as exc:
+            log.warning("event=ca_ocsp_sign_failed reason=%s", exc.reason)
+            return ocsp_mod.unsuccessful(x509.ocsp.OCSPResponseStatus.TRY_LATER)
+
+
+__all__ = ["CertificateAuthority"]

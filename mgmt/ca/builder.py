@@ -1,0 +1,230 @@
+"""Builds the CA's certificates (root, intermediate, leaves) with cryptography's builder.
+
+Signer-agnostic: the CA key is any cryptography private-key object, in production a
+mgmt.remote_key RemoteKey whose signatures come from the token. Nothing here does I/O
+except through that key's sign().
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+from edgekms.errors import FailedPrecondition
+from mgmt.ca.policy import IssuePlan, PublicKey
+
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+# Leaves start a little in the past so that a relying party whose clock lags accepts them.
+BACKDATE = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class CaUrls:
+    """Where relying parties fetch revocation data and the issuer: put into every leaf
+    (CRL distribution point, AIA OCSP and caIssuers) when set."""
+
+    crl: str = ""
+    ocsp: str = ""
+    ca_issuers: str = ""
+
+    @classmethod
+    def from_base(cls, base_url: str) -> CaUrls:
+        if not base_url:
+            return cls()
+        base = base_url.rstrip("/")
+        return cls(crl=f"{base}/crl", ocsp=f"{base}/ocsp", ca_issuers=f"{base}/ca.crt")
+
+
+def random_serial() -> int:
+    """128 random bits, positive and non-zero (RFC 5280: at most 20 octets)."""
+    while True:
+        serial = secrets.randbits(128)
+        if serial:
+            return serial
+
+
+def serial_hex(serial: int) -> str:
+    return f"{serial:X}"
+
+
+def signing_hash(key: CAKey | PublicKey) -> hashes.SHA256 | hashes.SHA384 | None:
+    """The hash a CA key signs with: SHA-384 for P-384, none for Ed25519, else SHA-256."""
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()
+    return hashes.SHA256()
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def ca_name(common_name: str, organization: str = "") -> x509.Name:
+    attrs = []
+    if organization:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attrs)
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    # digitalSignature too: the issuing CA signs OCSP responses itself.
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_root(
+    key: CAKey, subject: x509.Name, days: int, now: datetime.datetime | None = None
+) -> x509.Certificate:
+    now = now or _now()
+    public = key.public_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(public)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public)
+        .serial_number(random_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now - BACKDATE + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    return builder.sign(key, signing_hash(key))
+
+
+def build_intermediate(
+    root_key: CAKey,
+    root_cert: x509.Certificate,
+    public_key: PublicKey,
+    subject: x509.Name,
+    days: int,
+    now: datetime.datetime | None = None,
+) -> x509.Certificate:
+    now = now or _now()
+    not_after = now - BACKDATE + datetime.timedelta(days=days)
+    if not_after > root_cert.not_valid_after_utc:
+        raise FailedPrecondition(
+            "cert.validity_exceeds_issuer",
+            "the intermediate would outlive the root",
+            {"issuer_not_after": root_cert.not_valid_after_utc.isoformat()},
+        )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(root_cert.subject)
+        .public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_aki(root_cert), critical=False)
+    )
+    return builder.sign(root_key, signing_hash(root_key))
+
+
+def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _leaf_key_usage(plan: IssuePlan) -> x509.KeyUsage:
+    is_rsa = isinstance(plan.public_key, rsa.RSAPublicKey)
+    is_ec = isinstance(plan.public_key, ec.EllipticCurvePublicKey)
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=is_rsa,
+        data_encipherment=False,
+        key_agreement=is_ec and plan.profile.key_agreement,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def build_leaf(
+    ca_key: CAKey,
+    ca_cert: x509.Certificate,
+    plan: IssuePlan,
+    serial: int,
+    urls: CaUrls = CaUrls(),
+    now: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """The end-entity certificate for an allowed plan (mgmt.ca.policy)."""
+    now = now or _now()
+    not_before = now - BACKDATE
+    not_after = not_before + datetime.timedelta(days=plan.validity_days)
+    if not_after > ca_cert.not_valid_after_utc:
+        raise FailedPrecondition(
+            "cert.validity_exceeds_issuer",
+            f"{plan.validity_days} days would outlive the issuing CA "
+            f"(valid until {ca_cert.not_valid_after_utc.isoformat()})",
+            {"issuer_not_after": ca_cert.not_valid_after_utc.isoformat()},
+        )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(plan.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(plan.public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_leaf_key_usage(plan), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(plan.profile.extended_key_usages)), False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(plan.public_key), critical=False)
+        .add_extension(_aki(ca_cert), critical=False)
+    )
+    if plan.san is not None:
+        # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
+        builder = builder.add_extension(plan.san, critical=len(plan.subject) == 0)
+    if urls.crl:
+        point = x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(urls.crl)],
+            relative_name=None,
+            reasons=None,
+            crl_issuer=None,
+        )
+        builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+    access = []
+    if urls.ocsp:
+        access.append(
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(urls.ocsp)
+            )
+        )
+    if urls.ca_issuers:
+        access.append(
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.CA_ISSUERS,
+                x509.UniformResourceIdentifier(urls.ca_issuers),
+            )
+        )
+    if access:
+        builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
+    return builder.sign(ca_key, signing_hash(ca_key))

@@ -1,0 +1,44 @@
+"""The CA service's config file (TOML), as `kmsctl ca serve --config` reads it.
+
+nats_url = "nats://127.0.0.1:4222"
+http_listen = "127.0.0.1:8180"      # CRL, OCSP and CA certificates for relying parties
+base_url = "http://nas.lan:8180"    # put into certificates as CRL DP / AIA; "" for none
+profiles_file = "profiles.toml"     # optional custom profiles; relative to this file
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from mgmt.ca.service import ServeConfig
+
+
+class CAConfigError(ValueError):
+    """The CA config is missing, unreadable or wrong; the message names file and field."""
+
+
+def load_serve_config(path: Path) -> ServeConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise CAConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CAConfigError(f"{path}: not valid TOML: {exc}") from None
+    nats_url = raw.get("nats_url")
+    if not isinstance(nats_url, str) or not nats_url:
+        raise CAConfigError(f"{path}: missing field 'nats_url'")
+    host, sep, port = str(raw.get("http_listen", "127.0.0.1:8180")).rpartition(":")
+    if not sep or not port.isdigit():
+        raise CAConfigError(f"{path}: http_listen must be host:port")
+    profiles = raw.get("profiles_file")
+    base_url = raw.get("base_url", "")
+    if not isinstance(base_url, str):
+        raise CAConfigError(f"{path}: base_url must be a string")
+    return ServeConfig(
+        nats_url=nats_url,
+        http_host=host,
+        http_port=int(port),
+        base_url=base_url,
+        profiles_file=(path.parent / profiles) if isinstance(profiles, str) else None,
+    )

@@ -1,0 +1,75 @@
+"""Builds the issuing CA's CRL from the revocations in the store.
+
+The CRL number comes from the store's monotonic counter; this module only turns a list
+of revocations into a signed CRL that pkilint and openssl accept.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from edgekms.v1 import ca_pb2
+from mgmt.ca.builder import CAKey, signing_hash
+
+# How long a CRL is good for; the service rebuilds it well before (see service.py).
+CRL_VALIDITY = datetime.timedelta(days=7)
+
+REASON_FLAGS: dict[int, x509.ReasonFlags] = {
+    ca_pb2.REVOCATION_REASON_KEY_COMPROMISE: x509.ReasonFlags.key_compromise,
+    ca_pb2.REVOCATION_REASON_CA_COMPROMISE: x509.ReasonFlags.ca_compromise,
+    ca_pb2.REVOCATION_REASON_AFFILIATION_CHANGED: x509.ReasonFlags.affiliation_changed,
+    ca_pb2.REVOCATION_REASON_SUPERSEDED: x509.ReasonFlags.superseded,
+    ca_pb2.REVOCATION_REASON_CESSATION_OF_OPERATION: x509.ReasonFlags.cessation_of_operation,
+    ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD: x509.ReasonFlags.certificate_hold,
+    ca_pb2.REVOCATION_REASON_PRIVILEGE_WITHDRAWN: x509.ReasonFlags.privilege_withdrawn,
+    ca_pb2.REVOCATION_REASON_AA_COMPROMISE: x509.ReasonFlags.aa_compromise,
+}
+
+
+@dataclass(frozen=True)
+class Revocation:
+    serial: int
+    revoked_at: datetime.datetime
+    reason: int  # ca_pb2.RevocationReason
+
+
+def reason_flag(reason: int) -> x509.ReasonFlags | None:
+    """None for "unspecified": RFC 5280 5.3.1 says to leave the reasonCode out then."""
+    return REASON_FLAGS.get(reason)
+
+
+def build_crl(
+    ca_key: CAKey,
+    ca_cert: x509.Certificate,
+    revocations: Iterable[Revocation],
+    crl_number: int,
+    now: datetime.datetime | None = None,
+    validity: datetime.timedelta = CRL_VALIDITY,
+) -> x509.CertificateRevocationList:
+    now = now or datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + validity)
+        .add_extension(x509.CRLNumber(crl_number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    for rev in sorted(revocations, key=lambda r: r.serial):
+        entry = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(rev.serial)
+            .revocation_date(rev.revoked_at.replace(microsecond=0))
+        )
+        flag = reason_flag(rev.reason)
+        if flag is not None:
+            entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(ca_key, signing_hash(ca_key))

@@ -1,0 +1,206 @@
+"""The CA service (`kmsctl ca serve`): answers kms.ca.<Operation> on NATS with ca.proto
+messages, for the broker's CertificateAuthority gRPC service, and serves relying
+parties over HTTP (mgmt.ca.http). It keeps the CRL fresh in the background.
+
+Errors leave as nats.micro service errors whose payload is the edgekms.v1.Error, as the
+crypto services answer, so the broker turns them into the same gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+
+from edgekms.errors import Internal, InvalidArgument, KMSError
+from edgekms.subjects import CA_PREFIX, ca_subject
+from edgekms.v1 import ca_pb2
+from mgmt.ca.authority import CertificateAuthority
+from mgmt.ca.builder import CaUrls
+from mgmt.ca.profiles import load_profiles
+from mgmt.ca.signer import KMSKeyBackend
+from mgmt.ca.store import CA_BUCKET, CAStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "kms-ca"
+SERVICE_VERSION = "0.1.0"
+QUEUE_GROUP = CA_PREFIX
+CRL_CHECK_INTERVAL = 3600.0
+MAX_IN_FLIGHT = 32
+
+Handler = Callable[[Any], Awaitable[Message]]
+
+
+def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], Handler]]:
+    """RPC name -> (request message type, handler); the subject is kms.ca.<RPC name>."""
+
+    async def get_crl(_: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
+        return await ca.current_crl()
+
+    async def get_ca_certs(_: ca_pb2.GetCACertificatesRequest) -> Message:
+        return await ca.ca_certificates()
+
+    async def list_profiles(_: ca_pb2.ListProfilesRequest) -> Message:
+        return ca.list_profiles()
+
+    return {
+        "Init": (ca_pb2.InitCARequest, ca.init),
+        "IssueCertificate": (ca_pb2.IssueCertificateRequest, ca.issue),
+        "GetCertificate": (ca_pb2.GetCertificateRequest, ca.get),
+        "ListCertificates": (ca_pb2.ListCertificatesRequest, ca.list),
+        "RevokeCertificate": (ca_pb2.RevokeCertificateRequest, ca.revoke),
+        "RenewCertificate": (ca_pb2.RenewCertificateRequest, ca.renew),
+        "GetCRL": (ca_pb2.GetCRLRequest, get_crl),
+        "GetCACertificates": (ca_pb2.GetCACertificatesRequest, get_ca_certs),
+        "ListProfiles": (ca_pb2.ListProfilesRequest, list_profiles),
+    }
+
+
+class CAService:
+    """The nats.micro side: each request runs as its own task (bounded), so slow token
+    signatures for one caller do not queue everybody else behind them."""
+
+    def __init__(self, nc: Any, ca: CertificateAuthority, concurrency: int = MAX_IN_FLIGHT):
+        self.nc = nc
+        self.ca = ca
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._service: Any = None
+
+    async def start(self) -> CAService:
+        from nats import micro
+
+        self._service = await micro.add_service(
+            self.nc,
+            name=SERVICE_NAME,
+            version=SERVICE_VERSION,
+            description="EdgeKMS certificate authority",
+            queue_group=QUEUE_GROUP,
+        )
+        for name, (request_type, handler) in operations(self.ca).items():
+            await self._service.add_endpoint(
+                name=name,
+                subject=ca_subject(name),
+                handler=self._handler(name, request_type, handler),
+            )
+        log.info("event=ca_service_started endpoints=%d", len(operations(self.ca)))
+        return self
+
+    async def stop(self) -> None:
+        if self._service is not None:
+            await self._service.stop()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _handler(
+        self, name: str, request_type: type[Message], handler: Handler
+    ) -> Callable[[Any], Awaitable[None]]:
+        async def handle(req: Any) -> None:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(name, request_type, handler, req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return handle
+
+    async def _serve(
+        self, name: str, request_type: type[Message], handler: Handler, req: Any
+    ) -> None:
+        try:
+            try:
+                message = request_type()
+                try:
+                    message.ParseFromString(req.data)
+                except DecodeError:
+                    raise InvalidArgument(
+                        "request.malformed", f"{name}: the payload is not a {request_type.__name__}"
+                    ) from None
+                response = await handler(message)
+            except KMSError as err:
+                log.info("event=ca_request_refused op=%s reason=%s", name, err.reason)
+                await req.respond_error(
+                    err.code_name, err.message, err.to_proto().SerializeToString()
+                )
+                return
+            except Exception:
+                log.exception("event=ca_request_crashed op=%s", name)
+                crash = Internal("internal.error", f"{name} failed inside the CA service")
+                await req.respond_error(
+                    crash.code_name, crash.message, crash.to_proto().SerializeToString()
+                )
+                return
+            await req.respond(response.SerializeToString())
+        except Exception:
+            log.exception("event=ca_reply_failed op=%s", name)
+        finally:
+            self._slots.release()
+
+
+async def add_ca_service(nc: Any, ca: CertificateAuthority) -> CAService:
+    """Register every CA operation as a nats.micro endpoint on kms.ca.<Operation>."""
+    return await CAService(nc, ca).start()
+
+
+async def keep_crl_fresh(ca: CertificateAuthority, interval: float = CRL_CHECK_INTERVAL) -> None:
+    """Rebuild the CRL before its nextUpdate, even when nothing is revoked."""
+    while True:
+        try:
+            await ca.current_crl()
+        except KMSError as exc:  # no CA yet, or the token is away: try again later
+            log.info("event=ca_crl_refresh_skipped reason=%s", exc.reason)
+        await asyncio.sleep(interval)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    nats_url: str
+    http_host: str = "127.0.0.1"
+    http_port: int = 8180
+    # Base of the URLs put into certificates (CRL DP, AIA); empty: none.
+    base_url: str = ""
+    profiles_file: Path | None = None
+    bucket: str = CA_BUCKET
+
+
+async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the CA service until `stop` is set (or forever)."""
+    import nats
+
+    from edgekms.crypto_client import CryptoClient
+    from mgmt.ca.http import start_http
+
+    nc = await nats.connect(config.nats_url, name=SERVICE_NAME)
+    try:
+        store = await CAStore.open(nc.jetstream(), config.bucket)
+        ca = CertificateAuthority(
+            store,
+            KMSKeyBackend(CryptoClient(nc), asyncio.get_running_loop()),
+            load_profiles(config.profiles_file),
+            CaUrls.from_base(config.base_url),
+        )
+        service = await add_ca_service(nc, ca)
+        runner = await start_http(ca, config.http_host, config.http_port)
+        refresher = asyncio.create_task(keep_crl_fresh(ca))
+        log.info(
+            "event=ca_serving nats=%s http=%s:%d",
+            config.nats_url,
+            config.http_host,
+            config.http_port,
+        )
+        try:
+            await (stop or asyncio.Event()).wait()
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await runner.cleanup()
+            await service.stop()
+    finally:
+        await nc.drain()

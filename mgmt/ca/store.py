@@ -1,0 +1,250 @@
+"""The CA's state in a JetStream KV bucket: its own keys and certificates, every issued
+certificate by serial, the CRL number and the current CRL.
+
+Layout of bucket `kms_ca` (values are serialized edgekms.v1 protobuf messages):
+
+    config          CAState: provider, key ids, root and intermediate certificates
+    cert.<SERIAL>   CertificateRecord (upper-case hex serial), status and revocation
+    crl.number      the last CRL number handed out, decimal ASCII (monotonic counter)
+    crl.current     GetCRLResponse: the newest CRL (DER), its number and nextUpdate
+
+Every write that must not race uses KV's revision check (create-if-absent, or update at
+the revision read), so several CA replicas can share one bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from edgekms.v1 import ca_pb2
+
+log = logging.getLogger(__name__)
+
+CA_BUCKET = "kms_ca"
+CONFIG_KEY = "config"
+CRL_NUMBER_KEY = "crl.number"
+CRL_CURRENT_KEY = "crl.current"
+_CAS_RETRIES = 20
+
+
+def cert_key(serial: str) -> str:
+    return f"cert.{serial.upper()}"
+
+
+def normalize_serial(serial: str) -> str:
+    """Accept "0A:1B", "0a1b" or "0x0A1B"; answer the canonical upper-case hex."""
+    text = serial.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        value = int(text, 16)
+    except ValueError:
+        raise NotFound("cert.not_found", f"{serial!r} is not a serial number") from None
+    if value <= 0:
+        raise NotFound("cert.not_found", f"{serial!r} is not a serial number")
+    return f"{value:X}"
+
+
+def rfc3339(ts: datetime.datetime) -> str:
+    return ts.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> datetime.datetime:
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+class CAStore:
+    """Async access to the CA bucket; raises edgekms.errors types."""
+
+    def __init__(self, kv: Any):
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, js: Any, bucket: str = CA_BUCKET) -> CAStore:
+        from nats.js.api import KeyValueConfig, StorageType
+
+        try:
+            kv = await js.key_value(bucket)
+        except Exception:  # the bucket does not exist yet
+            kv = await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=5, storage=StorageType.FILE)
+            )
+        return cls(kv)
+
+    # ---- the CA itself -------------------------------------------------------------------
+
+    async def get_state(self) -> tuple[ca_pb2.CAState, int] | None:
+        try:
+            entry = await self.kv.get(CONFIG_KEY)
+        except KeyNotFoundError:
+            return None
+        state = ca_pb2.CAState()
+        state.ParseFromString(entry.value)
+        return state, int(entry.revision)
+
+    async def require_state(self) -> ca_pb2.CAState:
+        found = await self.get_state()
+        if found is None:
+            raise FailedPrecondition("ca.not_initialized", "no CA yet: run `kmsctl ca init`")
+        return found[0]
+
+    async def create_state(self, state: ca_pb2.CAState) -> None:
+        try:
+            await self.kv.create(CONFIG_KEY, state.SerializeToString())
+        except KeyWrongLastSequenceError:
+            raise AlreadyExists("ca.already_initialized", "this CA exists already") from None
+
+    # ---- certificates --------------------------------------------------------------------
+
+    async def create_record(self, record: ca_pb2.CertificateRecord) -> None:
+        """Store a new certificate's record; AlreadyExists("cert.serial_taken") if the
+        serial is in use, which the caller answers by signing again with a new serial."""
+        try:
+            await self.kv.create(cert_key(record.serial), record.SerializeToString())
+        except KeyWrongLastSequenceError:
+            raise AlreadyExists("cert.serial_taken", f"serial {record.serial} exists") from None
+        log.info(
+            "event=ca_record_stored serial=%s profile=%s requester=%s",
+            record.serial,
+            record.profile,
+            record.requester,
+        )
+
+    async def get_record(self, serial: str) -> tuple[ca_pb2.CertificateRecord, int]:
+        canonical = normalize_serial(serial)
+        try:
+            entry = await self.kv.get(cert_key(canonical))
+        except KeyNotFoundError:
+            raise NotFound(
+                "cert.not_found", f"no certificate with serial {canonical}", {"serial": canonical}
+            ) from None
+        record = ca_pb2.CertificateRecord()
+        record.ParseFromString(entry.value)
+        return record, int(entry.revision)
+
+    async def find_record(self, serial: int) -> ca_pb2.CertificateRecord | None:
+        try:
+            return (await self.get_record(f"{serial:X}"))[0]
+        except NotFound:
+            return None
+
+    async def list_records(self) -> list[ca_pb2.CertificateRecord]:
+        watcher = await self.kv.watch("cert.>", ignore_deletes=True)
+        records: list[ca_pb2.CertificateRecord] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value:
+                    record = ca_pb2.CertificateRecord()
+                    record.ParseFromString(entry.value)
+                    records.append(record)
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return records
+
+    async def revoke(
+        self, serial: str, reason: int, revoked_at: datetime.datetime
+    ) -> ca_pb2.CertificateRecord:
+        """Mark a certificate revoked; the revision check makes a concurrent second
+        revocation see the first and fail with cert.already_revoked."""
+        for _ in range(_CAS_RETRIES):
+            record, revision = await self.get_record(serial)
+            if record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
+                raise FailedPrecondition(
+                    "cert.already_revoked",
+                    f"certificate {record.serial} was revoked at {record.revoked_at}",
+                    {"serial": record.serial},
+                )
+            record.status = ca_pb2.CERTIFICATE_STATUS_REVOKED
+            record.revoked_at = rfc3339(revoked_at)
+            record.revocation_reason = reason  # type: ignore[assignment]
+            try:
+                await self.kv.update(
+                    cert_key(record.serial), record.SerializeToString(), last=revision
+                )
+            except KeyWrongLastSequenceError:
+                continue
+            log.info("event=ca_revoked serial=%s reason=%s", record.serial, reason)
+            return record
+        raise Internal("store.contention", "the certificate record kept changing; try again")
+
+    # ---- CRL -----------------------------------------------------------------------------
+
+    async def next_crl_number(self) -> int:
+        """Take the next CRL number; never hands out the same number twice."""
+        for _ in range(_CAS_RETRIES):
+            try:
+                entry = await self.kv.get(CRL_NUMBER_KEY)
+            except KeyNotFoundError:
+                try:
+                    await self.kv.create(CRL_NUMBER_KEY, b"1")
+                except KeyWrongLastSequenceError:
+                    continue
+                return 1
+            number = int(entry.value.decode()) + 1
+            try:
+                await self.kv.update(CRL_NUMBER_KEY, str(number).encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            return number
+        raise Internal("store.contention", "the CRL number kept changing; try again")
+
+    async def get_crl(self) -> ca_pb2.GetCRLResponse | None:
+        try:
+            entry = await self.kv.get(CRL_CURRENT_KEY)
+        except KeyNotFoundError:
+            return None
+        crl = ca_pb2.GetCRLResponse()
+        crl.ParseFromString(entry.value)
+        return crl
+
+    async def store_crl(self, crl: ca_pb2.GetCRLResponse) -> bool:
+        """Keep `crl` as current unless a CRL with a higher number is there already (two
+        replicas building at once): the higher number was built later, from more."""
+        for _ in range(_CAS_RETRIES):
+            try:
+                entry = await self.kv.get(CRL_CURRENT_KEY)
+            except KeyNotFoundError:
+                try:
+                    await self.kv.create(CRL_CURRENT_KEY, crl.SerializeToString())
+                except KeyWrongLastSequenceError:
+                    continue
+                return True
+            current = ca_pb2.GetCRLResponse()
+            current.ParseFromString(entry.value)
+            if current.crl_number >= crl.crl_number:
+                return False
+            try:
+                await self.kv.update(CRL_CURRENT_KEY, crl.SerializeToString(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            return True
+        raise Internal("store.contention", "the CRL kept changing; try again")
+
+
+async def store_with_fresh_serial(
+    store: CAStore,
+    make: Callable[[int], Awaitable[ca_pb2.CertificateRecord]],
+    new_serial: Callable[[], int],
+    attempts: int = 3,
+) -> ca_pb2.CertificateRecord:
+    """Sign (through `make`) and store under a fresh serial, retrying on a collision, so
+    that a certificate exists outside the CA only once its record is stored."""
+    for _ in range(attempts):
+        record = await make(new_serial())
+        try:
+            await store.create_record(record)
+        except AlreadyExists:
+            log.warning("event=ca_serial_collision serial=%s", record.serial)
+            await asyncio.sleep(0)
+            continue
+        return record
+    raise Internal("cert.serial_exhausted", "could not find a free serial number")
