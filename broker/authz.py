@@ -9,8 +9,9 @@ like everyone else: a policy that names who may sign binds admins too.
 
 from __future__ import annotations
 
-from edgekms.errors import PermissionDenied
-from edgekms.identity import Identity
+from edgekms.algorithms import ALGORITHMS, key_type_info
+from edgekms.errors import InvalidArgument, PermissionDenied
+from edgekms.identity import CLIENT_NAME_RE, ROLES, Identity
 from edgekms.v1 import common_pb2 as pb
 
 # The CertificateAuthority's RPCs (forwarded to kms.ca.*): operators run the CA day to
@@ -60,6 +61,29 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
 ROLE_METHODS["admin"] |= CA_OPERATE | {"Init"}
 ROLE_METHODS["operator"] |= CA_OPERATE
 ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL"}
+# Clients and key policies: only administrators change who may do what; operators may look.
+ROLE_METHODS["admin"] |= {"AddClient", "ListClients", "RevokeClient", "UpdateKeyPolicy"}
+ROLE_METHODS["operator"] |= {"ListClients"}
+# The audit log: administrators and operators may read it (kmsctl audit tail/verify).
+ROLE_METHODS["admin"] |= {"TailAudit"}
+ROLE_METHODS["operator"] |= {"TailAudit"}
+
+# Methods whose request names one key (`request.name`): a client registered with a key
+# pattern may call them only for keys matching it (ListKeys is filtered instead).
+KEY_SCOPED_METHODS = frozenset(
+    {
+        "CreateKey",
+        "GetKey",
+        "GetPublicKey",
+        "Sign",
+        "Verify",
+        "DisableKey",
+        "EnableKey",
+        "DestroyKey",
+        "AttestKey",
+        "UpdateKeyPolicy",
+    }
+)
 
 _MANAGEMENT = frozenset(
     {
@@ -106,3 +130,46 @@ def check_key_policy(
         f"the policy of key {record.name!r} does not let {identity.client!r} {op}",
         {"client": identity.client, "key": record.name, "operation": op},
     )
+
+
+MAX_POLICY_RULES = 32
+
+
+def check_policy_rules(policy: pb.KeyPolicy, key_type: pb.KeyType.ValueType) -> None:
+    """A policy that names unknown things or could never match is a mistake: refuse it."""
+    family = key_type_info(key_type).family
+    if len(policy.rules) > MAX_POLICY_RULES:
+        raise InvalidArgument("policy.too_many_rules", f"at most {MAX_POLICY_RULES} rules")
+    for index, rule in enumerate(policy.rules):
+        where = {"rule": str(index)}
+        if not rule.roles and not rule.clients:
+            raise InvalidArgument("policy.no_subject", f"rule {index} names nobody", where)
+        for role in rule.roles:
+            if role not in ROLES:
+                raise InvalidArgument(
+                    "policy.role_unknown", f"rule {index}: unknown role {role[:40]!r}", where
+                )
+        for client in rule.clients:
+            if not CLIENT_NAME_RE.match(client):
+                raise InvalidArgument(
+                    "policy.client_invalid", f"rule {index}: bad client name {client[:70]!r}", where
+                )
+        if not rule.operations:
+            raise InvalidArgument("policy.no_operation", f"rule {index} grants nothing", where)
+        for op in rule.operations:
+            if op == pb.KEY_OPERATION_UNSPECIFIED or op not in pb.KeyOperation.values():
+                raise InvalidArgument(
+                    "policy.operation_unknown", f"rule {index}: unknown operation {op}", where
+                )
+        for alg in rule.algorithms:
+            info = ALGORITHMS.get(alg)
+            if info is None:
+                raise InvalidArgument(
+                    "policy.algorithm_unknown", f"rule {index}: unknown algorithm {alg}", where
+                )
+            if info.family != family:
+                raise InvalidArgument(
+                    "policy.algorithm_mismatch",
+                    f"rule {index}: {info.cli_name} cannot be used with this key",
+                    where,
+                )

@@ -10,16 +10,22 @@ generate_timeout = 120.0
 cert = "pki/broker.crt"       # relative paths are relative to this file
 key = "pki/broker.key"
 client_ca = "pki/internal-ca.crt"
+
+Optional bus identity (mgmt.natsauth; `kmsctl up` writes these):
+nats_user = "broker"
+nats_password_file = "secrets/nats/broker.password"
+nats_ca = "nats/tls/bus-ca.crt"
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgekms.subjects import PROVIDER_ID_RE
+from mgmt.natsauth import BusCredentials, parse_bus_fields
 
 
 class ConfigError(ValueError):
@@ -42,6 +48,7 @@ class BrokerConfig:
     tls: TLSConfig
     sign_timeout: float = 5.0
     generate_timeout: float = 120.0
+    bus: BusCredentials = field(default_factory=BusCredentials)
 
 
 def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
@@ -72,7 +79,11 @@ def load_config(path: Path) -> BrokerConfig:
             raise ConfigError(f"{path}: bad provider id {provider!r}")
     if default not in providers:
         raise ConfigError(f"{path}: default_provider {default!r} is not in providers")
+    bus, problems = parse_bus_fields(raw, base)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
     return BrokerConfig(
+        bus=bus,
         listen=_field(raw, "listen", str, path),
         nats_url=_field(raw, "nats_url", str, path),
         default_provider=default,

@@ -15,16 +15,18 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.authz import check_key_policy, check_method
+from broker.audit_service import AuditScope, record_before_change
+from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
 from broker.registry import KeyRegistry, check_key_name
 from edgekms.algorithms import check_sign_request, key_type_info
+from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import (
     ERROR_METADATA_KEY,
@@ -40,6 +42,9 @@ from edgekms.logs import fields
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2, keys_pb2, keys_pb2_grpc
 
+if TYPE_CHECKING:
+    from broker.clients import AccessGate
+
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -48,26 +53,52 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, Context, Identity], Awaitable[Resp]]
 
 
+# Keys EdgeKMS keeps for itself (the internal CA): their policy cannot be changed.
+RESERVED_PREFIX = "edgekms/"
+
+
 class IdentityCache:
     """Parsing a certificate per request is waste on the hot path: remember by PEM."""
 
-    def __init__(self, size: int = 1024):
+    def __init__(self, size: int = 1024, gate: AccessGate | None = None):
         self._size = size
         self._cache: dict[bytes, Identity] = {}
+        # Throttling, revocation, expiry and key patterns (broker.clients); None in
+        # brokers assembled without a client registry.
+        self.gate = gate
+
+    @staticmethod
+    def _pem(context: Context) -> bytes | None:
+        pems = list(context.auth_context().get("x509_pem_cert") or [])
+        return pems[0] if pems else None
 
     def identify(self, context: Context) -> Identity:
-        auth = context.auth_context()
-        pems = list(auth.get("x509_pem_cert") or [])
-        if not pems:
+        pem = self._pem(context)
+        if pem is None:
             raise Unauthenticated("auth.no_certificate", "no client certificate")
-        pem = pems[0]
+        if self.gate is not None:
+            self.gate.before_identify(pem)
         identity = self._cache.get(pem)
         if identity is None:
             identity = identity_from_certificate(x509.load_pem_x509_certificate(pem))
             if len(self._cache) >= self._size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[pem] = identity
+        if self.gate is not None:
+            self.gate.admit(identity)
         return identity
+
+    def check_scope(self, identity: Identity, method: str, request: Any) -> None:
+        if self.gate is not None:
+            self.gate.check_scope(identity, method, request)
+
+    def key_allowed(self, identity: Identity, name: str) -> bool:
+        return self.gate is None or self.gate.key_allowed(identity, name)
+
+    def failed(self, context: Context, identity: Identity | None, err: KMSError) -> None:
+        """Count a refusal against whoever asked (see broker.throttle)."""
+        if self.gate is not None:
+            self.gate.failed(self._pem(context), identity, err)
 
 
 def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
@@ -78,11 +109,21 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
         async def run(self: Any, request: Req, context: Context) -> Resp:
             started = time.perf_counter()
             identity: Identity | None = None
+            # Every decision is audited before its answer leaves (broker/audit_service.py).
+            scope = AuditScope.for_request(getattr(self, "audit", None), method, request)
+            bound = scope.bind()
             try:
                 identity = self.identities.identify(context)
+                scope.identity = identity
                 check_method(identity, method)
+                self.identities.check_scope(identity, method, request)
                 response = await handler(self, request, context, identity)
+                failure = await scope.settle(None)
+                if failure is not None:
+                    raise failure
             except KMSError as err:
+                self.identities.failed(context, identity, err)
+                err = (await scope.settle(err)) or err
                 _log_outcome(method, identity, request, started, err)
                 context.set_trailing_metadata(
                     ((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),)
@@ -91,12 +132,15 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
                 raise  # abort() raises; this keeps type checkers sure we never fall through
             except Exception:
                 log.exception("unexpected error", extra=fields(method=method))
-                internal = Internal("internal.error", "the broker failed unexpectedly")
+                internal: KMSError = Internal("internal.error", "the broker failed unexpectedly")
+                internal = (await scope.settle(internal)) or internal
                 context.set_trailing_metadata(
                     ((ERROR_METADATA_KEY, internal.to_proto().SerializeToString()),)
                 )
                 await context.abort(internal.grpc_status, internal.reason)
                 raise
+            finally:
+                AuditScope.unbind(bound)
             _log_outcome(method, identity, request, started, None)
             return response
 
@@ -157,11 +201,13 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         registry: KeyRegistry,
         crypto: CryptoClient,
         identities: IdentityCache,
+        audit: AuditWriter | None = None,
     ):
         self.config = config
         self.registry = registry
         self.crypto = crypto
         self.identities = identities
+        self.audit = audit
 
     def _timeout(self, context: Context, ceiling: float) -> float:
         """The NATS deadline: the configured ceiling, cut to what the caller has left."""
@@ -200,6 +246,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             created_by=identity.client,
             labels=request.labels,
         )
+        await record_before_change(provider=provider)
         revision = await self.registry.reserve(record)
         try:
             generated = await self.crypto.generate_key(
@@ -233,7 +280,9 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         identity: Identity,
     ) -> keys_pb2.ListKeysResponse:
         records = self.registry.list(request.prefix, request.include_destroyed)
-        return keys_pb2.ListKeysResponse(keys=[to_key(r) for r in records])
+        return keys_pb2.ListKeysResponse(
+            keys=[to_key(r) for r in records if self.identities.key_allowed(identity, r.name)]
+        )
 
     @rpc("GetPublicKey")
     async def GetPublicKey(
@@ -303,6 +352,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     ) -> keys_pb2.Key:
         record = self.registry.get(name)
         check_key_policy(identity, record, operation)  # type: ignore[arg-type]
+        await record_before_change(state=_state_name(to))
         updated, changed = await self.registry.transition(name, allowed, to)
         if changed:
             log.info(
@@ -352,6 +402,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         check_key_policy(identity, record, pb.KEY_OPERATION_DESTROY)
         if record.state == pb.KEY_STATE_DESTROYED:
             return to_key(record)
+        await record_before_change(state="destroyed")
         # NotFound: already gone from the token (a destroy that failed halfway): finish it.
         with contextlib.suppress(NotFound):
             await self.crypto.destroy_key(
@@ -366,6 +417,29 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             (pb.KEY_STATE_ACTIVE, pb.KEY_STATE_DISABLED),
             pb.KEY_STATE_DESTROYED,
         )
+
+    @rpc("UpdateKeyPolicy")
+    async def UpdateKeyPolicy(
+        self,
+        request: keys_pb2.UpdateKeyPolicyRequest,
+        context: Context,
+        identity: Identity,
+    ) -> keys_pb2.Key:
+        record = self.registry.get(request.name)
+        if record.name.startswith(RESERVED_PREFIX):
+            raise FailedPrecondition(
+                "key.reserved",
+                f"key {record.name!r} belongs to EdgeKMS itself; its policy is fixed",
+            )
+        if record.state == pb.KEY_STATE_DESTROYED:
+            require_usable(record)
+        check_policy_rules(request.policy, record.key_type)
+        updated = await self.registry.update_policy(request.name, request.policy)
+        log.info(
+            "key policy changed",
+            extra=fields(key=request.name, rules=len(request.policy.rules), client=identity.client),
+        )
+        return to_key(updated)
 
     @rpc("AttestKey")
     async def AttestKey(
@@ -403,12 +477,14 @@ class SystemService(keys_pb2_grpc.SystemServiceServicer):
         crypto: CryptoClient,
         identities: IdentityCache,
         bus_check: Callable[[], Awaitable[str]],
+        audit: AuditWriter | None = None,
     ):
         self.config = config
         self.registry = registry
         self.crypto = crypto
         self.identities = identities
         self.bus_check = bus_check
+        self.audit = audit
 
     @rpc("GetStatus")
     async def GetStatus(

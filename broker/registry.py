@@ -137,6 +137,31 @@ class KeyRegistry:
             await self.kv.delete(name, last=revision)
         self._records.pop(name, None)
 
+    async def update_policy(self, name: str, policy: pb.KeyPolicy) -> pb.KeyRecord:
+        """Replace a key's policy (CAS on the stored revision); NotFound if absent."""
+        check_key_name(name)
+        for _ in range(5):
+            try:
+                entry = await self.kv.get(name)
+            except KeyNotFoundError:
+                raise NotFound("key.not_found", f"no key named {name!r}") from None
+            record = pb.KeyRecord()
+            record.ParseFromString(entry.value or b"")
+            if record.state == pb.KEY_STATE_PENDING:
+                raise NotFound("key.not_found", f"no key named {name!r}")
+            record.policy.CopyFrom(policy)
+            record.updated_at = now()
+            try:
+                assert entry.revision is not None
+                revision = await self.kv.update(
+                    name, record.SerializeToString(), last=entry.revision
+                )
+            except KeyWrongLastSequenceError:
+                continue
+            self._records[name] = (record, revision)
+            return record
+        raise FailedPrecondition("key.contended", f"key {name!r} is changing; try again")
+
     async def transition(
         self, name: str, allowed_from: tuple[int, ...], to: int
     ) -> tuple[pb.KeyRecord, bool]:

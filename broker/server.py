@@ -14,27 +14,40 @@ import signal
 
 import grpc
 import grpc.aio
-import nats
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 
+from broker.audit_service import AuditService
 from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
+from broker.clients import AccessGate, ClientRegistry, ClientService
 from broker.config import BrokerConfig
 from broker.keys import IdentityCache, KeyService, SystemService
 from broker.registry import KeyRegistry
+from broker.throttle import FailureThrottle
+from edgekms import natsrpc
+from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import Unavailable
 from edgekms.logs import fields
-from edgekms.v1 import keys_pb2, keys_pb2_grpc
+from edgekms.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    clients_pb2,
+    clients_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
     keys_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     CA_SERVICE.full_name,
+    clients_pb2.DESCRIPTOR.services_by_name["ClientService"].full_name,
 )
 # Largest gRPC message accepted: an Ed25519 message of 64 KiB plus the envelope.
 MAX_MESSAGE = 256 * 1024
@@ -47,6 +60,7 @@ class Broker:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.registry: KeyRegistry | None = None
+        self.clients: ClientRegistry | None = None
         self.port: int = 0
 
     async def _set_serving(self, serving: bool) -> None:
@@ -78,25 +92,30 @@ class Broker:
 
     async def start(self) -> None:
         cfg = self.config
-        try:
-            self.nc = await nats.connect(
-                cfg.nats_url,
-                name="kms-broker",
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=5,
-                disconnected_cb=self._on_disconnect,
-                reconnected_cb=self._on_reconnect,
-                allow_reconnect=True,
-            )
-        except Exception as exc:
-            raise Unavailable(
-                "bus.unavailable", f"cannot reach NATS at {cfg.nats_url}: {exc}"
-            ) from None
+        self.nc = await natsrpc.connect(
+            cfg.nats_url,
+            name="kms-broker",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+            allow_reconnect=True,
+            **cfg.bus.connect_options(),
+        )
         self.registry = KeyRegistry(self.nc.jetstream())
         await self.registry.start()
+        # The audit stream exists before the first request: no decision goes unrecorded.
+        audit = AuditWriter(self.nc.jetstream(), "broker")
+        try:
+            await audit.ensure_stream()
+        except Exception as exc:
+            raise Unavailable("audit.unavailable", f"no audit stream: {exc}") from None
         crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout)
-        identities = IdentityCache()
+        # Clients, revocations and the failure throttle, consulted on every request.
+        self.clients = ClientRegistry(self.nc.jetstream())
+        await self.clients.start()
+        identities = IdentityCache(gate=AccessGate(self.clients, FailureThrottle()))
 
         self.server = grpc.aio.server(
             options=[
@@ -106,10 +125,17 @@ class Broker:
             ]
         )
         keys_pb2_grpc.add_KeyServiceServicer_to_server(
-            KeyService(cfg, self.registry, crypto, identities), self.server
+            KeyService(cfg, self.registry, crypto, identities, audit), self.server
         )
         keys_pb2_grpc.add_SystemServiceServicer_to_server(
-            SystemService(cfg, self.registry, crypto, identities, self._bus_check), self.server
+            SystemService(cfg, self.registry, crypto, identities, self._bus_check, audit),
+            self.server,
+        )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(
+            AuditService(self.nc.jetstream(), audit, identities), self.server
+        )
+        clients_pb2_grpc.add_ClientServiceServicer_to_server(
+            ClientService(cfg, self.registry, self.clients, crypto, identities, audit), self.server
         )
         self.server.add_generic_rpc_handlers((CAForwarder(self.nc, identities).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -134,6 +160,8 @@ class Broker:
             await self.server.stop(grace)
         if self.registry is not None:
             await self.registry.stop()
+        if self.clients is not None:
+            await self.clients.stop()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
 

@@ -49,6 +49,10 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
     async def on_reconnect() -> None:
         log.info("event=nats_reconnected")
 
+    try:
+        bus_options = config.bus.connect_options()
+    except KMSError as exc:
+        raise _Exit(EXIT_CONFIG, exc.message) from None
     # nats-py retries a first connect as often as later reconnects (forever, here), so the
     # first connect gets its own deadline: a service that cannot reach the bus says so.
     try:
@@ -63,6 +67,7 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **bus_options,
             ),
             timeout=CONNECT_DEADLINE,
         )

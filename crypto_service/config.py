@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekms.subjects import PROVIDER_ID_RE
+from mgmt.natsauth import BusCredentials, parse_bus_fields
 
 if TYPE_CHECKING:
     from crypto_service.providers.base import Provider
@@ -61,13 +62,16 @@ class ServiceConfig:
     pkcs11: Pkcs11Config | None = None
     tpm2: Tpm2Config | None = None
     source: Path | None = None
+    # This service's bus identity (nats_user, nats_password_file, nats_ca); empty: open bus.
+    bus: BusCredentials = field(default_factory=BusCredentials)
 
     @property
     def kind(self) -> str:
         return "pkcs11" if self.pkcs11 is not None else "tpm2"
 
 
-_TOP_KEYS = {"provider_id", "nats_url", "workers", "pkcs11", "tpm2"}
+_BUS_KEYS = {"nats_user", "nats_password_file", "nats_ca"}
+_TOP_KEYS = {"provider_id", "nats_url", "workers", "pkcs11", "tpm2", *_BUS_KEYS}
 _PKCS11_KEYS = {"module", "token_label", "pin_file", "pin_env", "sessions"}
 
 
@@ -113,7 +117,11 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> ServiceConfi
         tpm2 = _parse_tpm2(data["tpm2"], fail)
         default_workers = 1
     workers = _int(data, "workers", fail, default_workers, 1, MAX_WORKERS)
-    return ServiceConfig(provider_id, nats_url, workers, pkcs11, tpm2, path)
+    bus, problems = parse_bus_fields(data, path.parent if path is not None else None)
+    if problems:
+        name, _, problem = problems[0].partition(": ")
+        raise fail(name, problem)
+    return ServiceConfig(provider_id, nats_url, workers, pkcs11, tpm2, path, bus)
 
 
 Fail = Callable[[str, str], ConfigError]

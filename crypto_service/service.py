@@ -24,6 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from crypto_service.providers.base import KeyCreateOptions, Provider
+from crypto_service.throttle import AuthGuard
 from edgekms.algorithms import (
     KeyType,
     check_sign_request,
@@ -70,8 +71,17 @@ def _check_key_id(key_id: bytes) -> None:
 class CryptoService:
     """One provider on the bus. `start()` registers it, `stop()` unregisters and drains."""
 
-    def __init__(self, nc: Client, provider: Provider, provider_id: str, workers: int) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        provider: Provider,
+        provider_id: str,
+        workers: int,
+        auth_guard: AuthGuard | None = None,
+    ) -> None:
         self.nc = nc
+        # Wrong TPM auth values are refused here before they can drive the TPM into lockout.
+        self.auth_guard = auth_guard or AuthGuard.for_provider(provider)
         self.provider = provider
         self.provider_id = provider_id
         self.workers = workers
@@ -213,7 +223,12 @@ class CryptoService:
         key_id = bytes(req.key_id)
         _, key_type = await self._public_key(key_id)
         check_sign_request(key_type, req.algorithm, req.data)
-        signature = await self._run(self.provider.sign, key_id, req.algorithm, bytes(req.data))
+        self.auth_guard.check(key_id)
+        try:
+            signature = await self._run(self.provider.sign, key_id, req.algorithm, bytes(req.data))
+        except KMSError as err:
+            self.auth_guard.observe(key_id, err)
+            raise
         return crypto_pb2.SignResponse(signature=signature)
 
     async def _verify(self, req: crypto_pb2.VerifyRequest) -> Message:
@@ -248,7 +263,12 @@ class CryptoService:
         _check_key_id(req.key_id)
         if len(req.nonce) > MAX_NONCE:
             raise InvalidArgument("attest.nonce_too_long", f"nonces are limited to {MAX_NONCE}")
-        evidence = await self._run(self.provider.attest, bytes(req.key_id), bytes(req.nonce))
+        self.auth_guard.check(bytes(req.key_id))
+        try:
+            evidence = await self._run(self.provider.attest, bytes(req.key_id), bytes(req.nonce))
+        except KMSError as err:
+            self.auth_guard.observe(bytes(req.key_id), err)
+            raise
         return crypto_pb2.AttestResponse(
             format=evidence.format,
             attestation=evidence.attestation,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -35,9 +35,19 @@ from edgekms.algorithms import (
     key_type_info,
 )
 from edgekms.errors import InvalidArgument, KMSError
-from edgekms.v1 import common_pb2, keys_pb2, keys_pb2_grpc
+from edgekms.remote_key import RemoteKey, remote_key
+from edgekms.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    ca_pb2,
+    ca_pb2_grpc,
+    clients_pb2,
+    clients_pb2_grpc,
+    common_pb2,
+    keys_pb2,
+    keys_pb2_grpc,
+)
 from mgmt.clientconfig import load_client_config
-from mgmt.remote_key import RemoteKey, remote_key
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +151,9 @@ class KMSClient:
         self._channel = grpc.secure_channel(target, credentials, options=options)
         self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
         self._system = keys_pb2_grpc.SystemServiceStub(self._channel)
+        self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
+        self._clients = clients_pb2_grpc.ClientServiceStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
         self._key_types: dict[str, KeyType] = {}
 
     @classmethod
@@ -304,6 +317,44 @@ class KMSClient:
         public = self.get_public_key(name)
         return remote_key(_KeySigner(self, name), public.der)
 
+    def update_key_policy(self, name: str, policy: common_pb2.KeyPolicy) -> keys_pb2.Key:
+        """Replace the key's policy; an empty KeyPolicy clears it (the role table decides)."""
+        request = keys_pb2.UpdateKeyPolicyRequest(name=name, policy=policy)
+        return self._call("UpdateKeyPolicy", self._keys.UpdateKeyPolicy, request, None)
+
+    # -- ClientService ----------------------------------------------------------------
+
+    def add_client(
+        self,
+        name: str,
+        role: str,
+        *,
+        public_key_der: bytes = b"",
+        csr: bytes = b"",
+        key_pattern: str = "",
+        validity_days: int = 0,
+    ) -> clients_pb2.AddClientResponse:
+        """Have the broker issue a client certificate for a key made here (give its public
+        half as DER SubjectPublicKeyInfo, or a CSR); the private key never travels."""
+        request = clients_pb2.AddClientRequest(
+            name=name,
+            role=role,
+            key_pattern=key_pattern,
+            public_key_der=public_key_der,
+            csr=csr,
+            validity_days=validity_days,
+        )
+        return self._call("AddClient", self._clients.AddClient, request, None)
+
+    def list_clients(self, include_revoked: bool = False) -> list[clients_pb2.Client]:
+        request = clients_pb2.ListClientsRequest(include_revoked=include_revoked)
+        return list(self._call("ListClients", self._clients.ListClients, request, None).clients)
+
+    def revoke_client(self, name: str) -> clients_pb2.Client:
+        """Revoke the client's certificate; the broker refuses it from its next request on."""
+        request = clients_pb2.RevokeClientRequest(name=name)
+        return self._call("RevokeClient", self._clients.RevokeClient, request, None)
+
     # -- SystemService ----------------------------------------------------------------
 
     def status(self) -> keys_pb2.GetStatusResponse:
@@ -311,6 +362,104 @@ class KMSClient:
 
     def whoami(self) -> keys_pb2.WhoAmIResponse:
         return self._call("WhoAmI", self._system.WhoAmI, keys_pb2.WhoAmIRequest(), None)
+
+    # -- AuditService -----------------------------------------------------------------
+
+    def tail_audit(
+        self, from_seq: int = 1, *, follow: bool = False, timeout: float | None = None
+    ) -> Generator[audit_pb2.TailAuditResponse, None, None]:
+        """The audit stream's state first, then its stored entries from `from_seq` on.
+        With `follow`, new entries keep coming until the iterator is closed (no deadline
+        unless given); without, it ends at the last entry present when the call began.
+        The entries are the stored bytes: check them with edgekms.audit.ChainVerifier."""
+        request = audit_pb2.TailAuditRequest(from_seq=from_seq, follow=follow)
+        deadline = timeout if timeout is not None or follow else 10 * self.timeout
+        call = self._audit.TailAudit(request, timeout=deadline)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            err = error_from_rpc(exc)
+            log.debug("rpc.failed method=TailAudit reason=%s code=%s", err.reason, err.code_name)
+            raise err from None
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    # -- CertificateAuthority (the mini-CA, docs/ca.md) ---------------------------------
+
+    def ca_init(
+        self,
+        common_name: str,
+        key_type: KeyType | str = "ec-p256",
+        *,
+        provider: str = "hsm0",
+        organization: str = "",
+        root_validity_days: int = 0,
+        intermediate_validity_days: int = 0,
+        disable_root: bool = False,
+        timeout: float | None = None,
+    ) -> ca_pb2.InitCAResponse:
+        """Make the CA: root and intermediate keys in `provider`, their certificates.
+        AlreadyExists (ca.already_initialized) when this KMS has a CA."""
+        request = ca_pb2.InitCARequest(
+            provider=provider,
+            key_type=resolve_key_type(key_type),
+            common_name=common_name,
+            organization=organization,
+            root_validity_days=root_validity_days,
+            intermediate_validity_days=intermediate_validity_days,
+            disable_root=disable_root,
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._call("Init", self._ca.Init, request, deadline)
+
+    def issue_certificate(
+        self, profile: str, csr: bytes, validity_days: int = 0
+    ) -> ca_pb2.IssueCertificateResponse:
+        """A certificate for a PKCS#10 request (PEM or DER); the requester recorded is
+        this client's certificate name, set by the broker."""
+        request = ca_pb2.IssueCertificateRequest(
+            profile=profile, csr=csr, validity_days=validity_days
+        )
+        return self._call("IssueCertificate", self._ca.IssueCertificate, request, None)
+
+    def get_certificate(self, serial: str) -> ca_pb2.CertificateRecord:
+        request = ca_pb2.GetCertificateRequest(serial=serial)
+        return self._call("GetCertificate", self._ca.GetCertificate, request, None).record
+
+    def list_certificates(
+        self, *, revoked_only: bool = False, expiring_within_days: int = 0, profile: str = ""
+    ) -> list[ca_pb2.CertificateRecord]:
+        request = ca_pb2.ListCertificatesRequest(
+            revoked_only=revoked_only, expiring_within_days=expiring_within_days, profile=profile
+        )
+        response = self._call("ListCertificates", self._ca.ListCertificates, request, None)
+        return list(response.records)
+
+    def revoke_certificate(
+        self,
+        serial: str,
+        reason: ca_pb2.RevocationReason.ValueType = ca_pb2.REVOCATION_REASON_UNSPECIFIED,
+    ) -> ca_pb2.RevokeCertificateResponse:
+        request = ca_pb2.RevokeCertificateRequest(serial=serial, reason=reason)
+        return self._call("RevokeCertificate", self._ca.RevokeCertificate, request, None)
+
+    def renew_certificate(
+        self, serial: str, validity_days: int = 0
+    ) -> ca_pb2.IssueCertificateResponse:
+        """A new certificate (new serial) for the same key, subject and SANs."""
+        request = ca_pb2.RenewCertificateRequest(serial=serial, validity_days=validity_days)
+        return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
+
+    def get_crl(self) -> ca_pb2.GetCRLResponse:
+        return self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+
+    def get_ca_certificates(self) -> ca_pb2.GetCACertificatesResponse:
+        request = ca_pb2.GetCACertificatesRequest()
+        return self._call("GetCACertificates", self._ca.GetCACertificates, request, None)
+
+    def list_profiles(self) -> list[ca_pb2.ProfileInfo]:
+        request = ca_pb2.ListProfilesRequest()
+        return list(self._call("ListProfiles", self._ca.ListProfiles, request, None).profiles)
 
     # -- lifetime ---------------------------------------------------------------------
 

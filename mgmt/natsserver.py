@@ -41,22 +41,36 @@ class NatsServerConfig:
     port: int = 4222
     host: str = "127.0.0.1"
     server_name: str = "edgekms"
+    max_payload: int = MAX_PAYLOAD
+    # TLS for every client (cert and key PEM files); None: plain TCP (tests, development).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # A rendered `authorization { ... }` block (mgmt.natsauth); None: an open bus.
+    authorization: str | None = None
 
     def render(self) -> str:
         # JSON is valid NATS config syntax, and json.dumps quotes paths safely.
-        return "\n".join(
-            [
-                f"server_name: {json.dumps(self.server_name)}",
-                f"host: {json.dumps(self.host)}",
-                f"port: {self.port}",
-                f"max_payload: {MAX_PAYLOAD}",
-                "jetstream: {",
-                f"  store_dir: {json.dumps(str(self.store_dir))}",
-                "  sync_interval: always",
+        lines = [
+            f"server_name: {json.dumps(self.server_name)}",
+            f"host: {json.dumps(self.host)}",
+            f"port: {self.port}",
+            f"max_payload: {self.max_payload}",
+            "jetstream: {",
+            f"  store_dir: {json.dumps(str(self.store_dir))}",
+            "  sync_interval: always",
+            "}",
+        ]
+        if self.tls_cert is not None and self.tls_key is not None:
+            lines += [
+                "tls: {",
+                f"  cert_file: {json.dumps(str(self.tls_cert))}",
+                f"  key_file: {json.dumps(str(self.tls_key))}",
+                "  timeout: 2",
                 "}",
-                "",
             ]
-        )
+        if self.authorization is not None:
+            lines.append(self.authorization)
+        return "\n".join([*lines, ""])
 
 
 class NatsServer:
@@ -70,7 +84,8 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        return f"nats://{self.config.host}:{self.config.port}"
+        scheme = "tls" if self.config.tls_cert is not None else "nats"
+        return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         self.config.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

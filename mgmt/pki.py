@@ -18,21 +18,28 @@ import secrets
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NATS
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
+from edgekms import natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
-from edgekms.subjects import KEY_REGISTRY_BUCKET
+from edgekms.nats_signer import NatsDigestSigner
+from edgekms.remote_key import remote_key
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
-from mgmt.nats_signer import NatsDigestSigner
-from mgmt.remote_key import remote_key
+from mgmt.registry_record import (
+    admin_only_policy,
+    new_key_record,
+    read_key_record,
+    record_generated_key,
+    registry_kv,
+)
 
 INTERNAL_CA_KEY = "edgekms/internal-ca"
 BROKER_SERVER_NAME = "edgekms-broker"
@@ -194,14 +201,6 @@ def build_ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     )
 
 
-async def _registry(nc: NATS) -> object:
-    js = nc.jetstream()
-    try:
-        return await js.key_value(KEY_REGISTRY_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(bucket=KEY_REGISTRY_BUCKET, history=5)
-
-
 async def internal_ca_key(
     nc: NATS, crypto: CryptoClient, provider: str, generate_timeout: float = 120.0
 ) -> pb.KeyRecord:
@@ -211,14 +210,10 @@ async def internal_ca_key(
     create-if-absent: a second ceremony racing this one loses and the loser's key is
     destroyed, so exactly one internal CA key is ever recorded.
     """
-    kv = await _registry(nc)
-    try:
-        entry = await kv.get(INTERNAL_CA_KEY)  # type: ignore[attr-defined]
-        record = pb.KeyRecord()
-        record.ParseFromString(entry.value)
-        return record
-    except KeyNotFoundError:
-        pass
+    kv = await registry_kv(nc)
+    found = await read_key_record(kv, INTERNAL_CA_KEY)
+    if found is not None:
+        return found[0]
     key_id = secrets.token_bytes(16)
     generated = await crypto.generate_key(
         provider,
@@ -227,28 +222,22 @@ async def internal_ca_key(
         ),
         timeout=generate_timeout,
     )
-    stamp = _now().isoformat()
-    record = pb.KeyRecord(
+    record = new_key_record(
         name=INTERNAL_CA_KEY,
         provider=provider,
         key_type=pb.KEY_TYPE_EC_P256,
-        state=pb.KEY_STATE_ACTIVE,
         key_id=key_id,
         public_key_der=generated.public_key_der,
-        created_at=stamp,
-        updated_at=stamp,
         created_by="kmsctl-init",
         labels={"purpose": "internal-ca"},
         # Only administrators manage it; nobody signs with it through the broker.
-        policy=pb.KeyPolicy(
-            rules=[pb.PolicyRule(roles=["admin"], operations=[pb.KEY_OPERATION_GET_PUBLIC_KEY])]
-        ),
+        policy=admin_only_policy(),
     )
-    try:
-        await kv.create(INTERNAL_CA_KEY, record.SerializeToString())  # type: ignore[attr-defined]
-    except Exception:
+
+    async def destroy() -> None:
         await crypto.destroy_key(provider, crypto_pb2.DestroyKeyRequest(key_id=key_id))
-        raise
+
+    await record_generated_key(kv, record, destroy)
     return record
 
 
@@ -281,19 +270,22 @@ async def run_ceremony(
     broker_address: str,
     broker_names: list[str],
     admin_name: str = "admin",
+    nats_options: dict[str, Any] | None = None,
 ) -> CeremonyResult:
     """Make the internal CA, the broker's server cert and the first admin's client cert.
 
     Idempotent: files that exist are kept, so a second run changes nothing.
+    `nats_options` (mgmt.natsauth.BusCredentials.connect_options) give the ceremony its
+    own bus identity on an authenticated bus.
     """
-    import nats
-
     paths = PkiPaths(pki_dir)
     client_config = client_dir / "config.toml"
     if paths.ca_cert.exists() and paths.broker_cert.exists() and client_config.exists():
         point_client_at(client_config, broker_address)
         return CeremonyResult(False, paths.ca_cert, client_config)
-    nc = await nats.connect(nats_url, name="kmsctl-init", connect_timeout=5)
+    nc = await natsrpc.connect(
+        nats_url, name="kmsctl-init", connect_timeout=5, **(nats_options or {})
+    )
     try:
         crypto = CryptoClient(nc)
         record = await internal_ca_key(nc, crypto, provider)

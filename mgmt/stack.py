@@ -25,11 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nats
-
+from edgekms import natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.logs import fields
+from mgmt.natsauth import (
+    BUS_MAX_PAYLOAD,
+    CA_USER,
+    KMSCTL_USER,
+    BusCredentials,
+    broker_identity,
+    bus_fields_toml,
+    crypto_user,
+    ensure_bus_tls,
+    ensure_passwords,
+    read_password,
+    render_authorization,
+    stack_identities,
+)
 from mgmt.natsserver import NatsServer, NatsServerConfig, wait_for_port
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
 from mgmt.softhsm import init_token
@@ -106,6 +119,9 @@ class StackOptions:
     # into certificates; "" leaves CRL DP / AIA out.
     ca_http: str = "127.0.0.1:8180"
     ca_base_url: str = ""
+    # The one provider the CA service may reach on the bus ("": the first, hsm0);
+    # `kmsctl ca init --provider` must name this one.
+    ca_provider: str = ""
 
     @property
     def providers(self) -> list[str]:
@@ -167,10 +183,12 @@ class Stack:
         self.swtpm: Swtpm | None = None
         self.children: list[Child] = []
         self._stopping = asyncio.Event()
+        # Each part's bus identity (mgmt.natsauth), filled in when nats-server starts.
+        self.bus: dict[str, BusCredentials] = {}
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.options.nats_port}"
+        return f"tls://127.0.0.1:{self.options.nats_port}"
 
     def _prepare_dirs(self) -> None:
         for path in (self.layout.root, self.layout.secrets, self.layout.run):
@@ -179,13 +197,34 @@ class Stack:
             path.mkdir(parents=True, exist_ok=True)
 
     def _start_nats(self) -> None:
+        # One identity per part, least privilege each; TLS from the bus CA (mgmt.natsauth).
+        identities = stack_identities(self.options.providers, self.options.ca_provider or None)
+        tls = ensure_bus_tls(self.layout.nats_dir / "tls", self.layout.secrets)
+        passwords = ensure_passwords(self.layout.secrets, [i.user for i in identities])
+        self.bus = {user: BusCredentials(user, p, tls.ca_cert) for user, p in passwords.items()}
         config = NatsServerConfig(
-            store_dir=self.layout.nats_dir / "jetstream", port=self.options.nats_port
+            store_dir=self.layout.nats_dir / "jetstream",
+            port=self.options.nats_port,
+            max_payload=BUS_MAX_PAYLOAD,
+            tls_cert=tls.server_cert,
+            tls_key=tls.server_key,
+            authorization=render_authorization(
+                identities, {user: read_password(p) for user, p in passwords.items()}
+            ),
         )
         self.nats = NatsServer(
             config, self.layout.nats_dir / "nats.conf", self.layout.logs / "nats.log"
         )
         self.nats.start()
+
+    def _bus_toml(self, user: str) -> str:
+        creds = self.bus[user]
+        assert creds.password_file is not None and creds.ca_file is not None
+        return bus_fields_toml(user, creds.password_file, creds.ca_file)
+
+    def _kmsctl_bus(self) -> dict[str, Any]:
+        """`kmsctl up`'s own bus options (readiness probes, the ceremony)."""
+        return self.bus[KMSCTL_USER].connect_options()
 
     def _softhsm_env(self) -> dict[str, str]:
         label = self.options.token_label
@@ -238,10 +277,13 @@ class Stack:
     def _crypto_child(self, provider: str, section: str, env: dict[str, str]) -> Child:
         conf = self.layout.config / f"crypto-{provider}.toml"
         header = f"provider_id = {json.dumps(provider)}\nnats_url = {json.dumps(self.nats_url)}\n"
+        header += self._bus_toml(crypto_user(provider))
         write_public(conf, (header + section).encode())
 
         async def ready() -> None:
-            nc = await nats.connect(self.nats_url, connect_timeout=2)
+            nc = await natsrpc.connect(
+                self.nats_url, name="kmsctl-up", connect_timeout=2, **self._kmsctl_bus()
+            )
             try:
                 client = CryptoClient(nc)
                 deadline = time.monotonic() + 30
@@ -270,6 +312,7 @@ class Stack:
             conf,
             (
                 f"nats_url = {json.dumps(self.nats_url)}\n"
+                f"{self._bus_toml(CA_USER)}"
                 f"http_listen = {json.dumps(self.options.ca_http)}\n"
                 f"base_url = {json.dumps(self.options.ca_base_url)}\n"
             ).encode(),
@@ -278,7 +321,9 @@ class Stack:
 
         async def ready() -> None:
             await asyncio.to_thread(wait_for_port, host, int(port), 30.0)
-            nc = await nats.connect(self.nats_url, connect_timeout=2)
+            nc = await natsrpc.connect(
+                self.nats_url, name="kmsctl-up", connect_timeout=2, **self._kmsctl_bus()
+            )
             try:
                 await nc.request("$SRV.PING.kms-ca", b"", timeout=5)
             finally:
@@ -300,6 +345,7 @@ class Stack:
             (
                 f"listen = {json.dumps(self.options.broker_listen)}\n"
                 f"nats_url = {json.dumps(self.nats_url)}\n"
+                f"{self._bus_toml(broker_identity().user)}"
                 f"default_provider = {json.dumps(self.options.provider_id)}\n"
                 f"providers = {json.dumps(self.options.providers)}\n"
                 "[tls]\n"
@@ -376,6 +422,7 @@ class Stack:
             self.layout.client_dir,
             broker_address=self.options.broker_listen.replace("0.0.0.0", "127.0.0.1"),
             broker_names=sorted({"localhost", "127.0.0.1", host} - {"0.0.0.0", ""}),
+            nats_options=self._kmsctl_bus(),
         )
         if result.created:
             log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))

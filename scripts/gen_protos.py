@@ -18,7 +18,12 @@ PROTO_FILES = sorted(
     p.relative_to(PROTO_ROOT) for p in (PROTO_ROOT / "edgekms" / "v1").glob("*.proto")
 )
 # Only these services get gRPC stubs; the rest are message-only (NATS payloads).
-GRPC_FILES = {Path("edgekms/v1/keys.proto"), Path("edgekms/v1/ca.proto")}
+GRPC_FILES = {
+    Path("edgekms/v1/keys.proto"),
+    Path("edgekms/v1/ca.proto"),
+    Path("edgekms/v1/audit.proto"),
+    Path("edgekms/v1/clients.proto"),
+}
 
 
 def generate(out: Path) -> None:

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from edgekms.algorithms import SignatureAlgorithm, algorithm_info, pss_padding
+from edgekms.remote_key import KeyNotExportable, remote_key
 from edgekms.v1 import common_pb2 as pb
-from mgmt.remote_key import KeyNotExportable, remote_key
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +22,7 @@ from edgekms.algorithms import KEY_TYPES
 from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KMSError
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
+from edgekms.v1 import common_pb2 as pb
 from mgmt.ca import ocsp as ocsp_mod
 from mgmt.ca.builder import (
     CAKey,
@@ -55,6 +57,28 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
+class CAKeyRegistry(Protocol):
+    """The key registry as the CA uses it (mgmt.registry_record.RegistryKeys): its keys
+    are recorded there, so `kmsctl key disable ca/root` reaches the CA too."""
+
+    async def record(
+        self,
+        name: str,
+        provider: str,
+        key_type: pb.KeyType.ValueType,
+        key_id: bytes,
+        public_key_der: bytes,
+        destroy: Callable[[], Awaitable[None]],
+        labels: Mapping[str, str] | None = None,
+    ) -> int: ...
+
+    async def forget(self, name: str, revision: int) -> None: ...
+
+    async def set_state(self, name: str, revision: int, state: pb.KeyState.ValueType) -> int: ...
+
+    async def require_active(self, name: str) -> pb.KeyRecord: ...
+
+
 @dataclass
 class _Issuer:
     state: ca_pb2.CAState
@@ -71,8 +95,10 @@ class CertificateAuthority:
         profiles: dict[str, Profile] | None = None,
         urls: CaUrls = CaUrls(),  # noqa: B008 - frozen dataclass
         new_serial: Callable[[], int] = random_serial,
+        registry: CAKeyRegistry | None = None,
     ):
         self.store = store
+        self.registry = registry
         self.keys = keys
         self.profiles = dict(profiles or BUILTIN_PROFILES)
         self.urls = urls
@@ -100,13 +126,30 @@ class CertificateAuthority:
             raise AlreadyExists("ca.already_initialized", "this CA exists already")
 
         made: list[bytes] = []
+        recorded: dict[str, int] = {}
+
+        async def record(label: str, key_id: bytes, public_der: bytes) -> None:
+            if self.registry is None:
+                return
+
+            async def destroy() -> None:
+                made.remove(key_id)
+                await self.keys.destroy(req.provider, key_id)
+
+            recorded[label] = await self.registry.record(
+                label, req.provider, req.key_type, key_id, public_der, destroy, {"purpose": label}
+            )
+
         try:
             root_id, root_pub = await self.keys.generate(req.provider, ROOT_LABEL, req.key_type)
             made.append(root_id)
+            await record(ROOT_LABEL, root_id, root_pub)
             int_id, int_pub = await self.keys.generate(
                 req.provider, INTERMEDIATE_LABEL, req.key_type
             )
             made.append(int_id)
+            await record(INTERMEDIATE_LABEL, int_id, int_pub)
+            await self._require_active(ROOT_LABEL)
             root_key = self.keys.signing_key(req.provider, root_id, root_pub)
             int_public = serialization.load_der_public_key(int_pub)
             assert isinstance(int_public, PublicKey)
@@ -131,10 +174,17 @@ class CertificateAuthority:
                 root_key_disabled=req.disable_root,
                 created_at=rfc3339(_now()),
             )
+            if req.disable_root and self.registry is not None:
+                recorded[ROOT_LABEL] = await self.registry.set_state(
+                    ROOT_LABEL, recorded[ROOT_LABEL], pb.KEY_STATE_DISABLED
+                )
             await self.store.create_state(state)
         except BaseException:
-            for key_id in made:  # nothing half-done: the keys go with the failed init
+            for key_id in list(made):  # nothing half-done: the keys go with the failed init
                 await self.keys.destroy(req.provider, key_id)
+            if self.registry is not None:
+                for label, revision in recorded.items():
+                    await self.registry.forget(label, revision)
             raise
         log.info(
             "event=ca_initialized provider=%s root_disabled=%s", req.provider, req.disable_root
@@ -159,6 +209,29 @@ class CertificateAuthority:
             )
             self._issuer = _Issuer(state, cert, root, key)
         return self._issuer
+
+    async def _require_active(self, label: str) -> None:
+        """Refuse (FailedPrecondition ca.key_disabled) to sign with a CA key that the key
+        registry does not hold ACTIVE: the administrator's switch for the CA's keys."""
+        if self.registry is not None:
+            await self.registry.require_active(label)
+
+    async def root_key(self) -> CAKey:
+        """The root's signing key, for signing the next intermediate. Refused while the
+        registry has ca/root disabled (or, without a registry, after `--disable-root`)."""
+        issuer = await self.issuer()
+        state = issuer.state
+        if self.registry is not None:
+            await self._require_active(ROOT_LABEL)
+        elif state.root_key_disabled:
+            raise FailedPrecondition("ca.key_disabled", "the root key is disabled")
+        return self.keys.signing_key(
+            state.provider,
+            state.root_key_id,
+            issuer.root.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
 
     async def ca_certificates(self) -> ca_pb2.GetCACertificatesResponse:
         issuer = await self.issuer()
@@ -189,6 +262,7 @@ class CertificateAuthority:
         if len(requester) > _REQUESTER_MAX:
             raise InvalidArgument("cert.requester_invalid", "requester name is too long")
         issuer = await self.issuer()
+        await self._require_active(INTERMEDIATE_LABEL)
 
         async def make(serial: int) -> ca_pb2.CertificateRecord:
             cert = await asyncio.to_thread(
@@ -281,6 +355,8 @@ class CertificateAuthority:
                 "revoke.reason_unknown", f"unknown revocation reason {req.reason}"
             )
         await self.issuer()  # a CA must exist
+        # Checked before the revocation is stored: it must reach a CRL this CA can sign.
+        await self._require_active(INTERMEDIATE_LABEL)
         record = await self.store.revoke(req.serial, req.reason, _now())
         log.info("event=ca_revoke serial=%s requester=%s", record.serial, req.requester)
         crl = await self.rebuild_crl()
@@ -290,6 +366,7 @@ class CertificateAuthority:
 
     async def rebuild_crl(self) -> ca_pb2.GetCRLResponse:
         issuer = await self.issuer()
+        await self._require_active(INTERMEDIATE_LABEL)
         number = await self.store.next_crl_number()
         revoked = [
             Revocation(int(r.serial, 16), parse_rfc3339(r.revoked_at), r.revocation_reason)
@@ -334,6 +411,7 @@ class CertificateAuthority:
                 parse_rfc3339(record.revoked_at) if revoked else None, record.revocation_reason
             )
         try:
+            await self._require_active(INTERMEDIATE_LABEL)
             return await asyncio.to_thread(
                 ocsp_mod.build_response, issuer.key, issuer.cert, query, state
             )

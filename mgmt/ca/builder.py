@@ -1,7 +1,7 @@
 """Builds the CA's certificates (root, intermediate, leaves) with cryptography's builder.
 
 Signer-agnostic: the CA key is any cryptography private-key object, in production a
-mgmt.remote_key RemoteKey whose signatures come from the token. Nothing here does I/O
+edgekms.remote_key RemoteKey whose signatures come from the token. Nothing here does I/O
 except through that key's sign().
 """
 

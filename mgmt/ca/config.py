@@ -4,6 +4,9 @@ nats_url = "nats://127.0.0.1:4222"
 http_listen = "127.0.0.1:8180"      # CRL, OCSP and CA certificates for relying parties
 base_url = "http://nas.lan:8180"    # put into certificates as CRL DP / AIA; "" for none
 profiles_file = "profiles.toml"     # optional custom profiles; relative to this file
+nats_user = "ca"                    # optional bus identity (mgmt.natsauth), with
+nats_password_file = "ca.password"  # its password file and the bus CA (relative paths:
+nats_ca = "bus-ca.crt"              # relative to this file)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 from mgmt.ca.service import ServeConfig
+from mgmt.natsauth import parse_bus_fields
 
 
 class CAConfigError(ValueError):
@@ -35,7 +39,11 @@ def load_serve_config(path: Path) -> ServeConfig:
     base_url = raw.get("base_url", "")
     if not isinstance(base_url, str):
         raise CAConfigError(f"{path}: base_url must be a string")
+    bus, problems = parse_bus_fields(raw, path.parent)
+    if problems:
+        raise CAConfigError(f"{path}: {problems[0]}")
     return ServeConfig(
+        bus=bus,
         nats_url=nats_url,
         http_host=host,
         http_port=int(port),

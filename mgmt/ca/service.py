@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 
+from edgekms import natsrpc
 from edgekms.errors import Internal, InvalidArgument, KMSError
 from edgekms.subjects import CA_PREFIX, ca_subject
 from edgekms.v1 import ca_pb2
@@ -26,6 +27,7 @@ from mgmt.ca.builder import CaUrls
 from mgmt.ca.profiles import load_profiles
 from mgmt.ca.signer import KMSKeyBackend
 from mgmt.ca.store import CA_BUCKET, CAStore
+from mgmt.natsauth import BusCredentials
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +169,17 @@ class ServeConfig:
     base_url: str = ""
     profiles_file: Path | None = None
     bucket: str = CA_BUCKET
+    # The CA's bus identity (mgmt.natsauth); the default is an open bus.
+    bus: BusCredentials = field(default_factory=BusCredentials)
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     """Run the CA service until `stop` is set (or forever)."""
-    import nats
-
     from edgekms.crypto_client import CryptoClient
     from mgmt.ca.http import start_http
+    from mgmt.registry_record import RegistryKeys
 
-    nc = await nats.connect(config.nats_url, name=SERVICE_NAME)
+    nc = await natsrpc.connect(config.nats_url, name=SERVICE_NAME, **config.bus.connect_options())
     try:
         store = await CAStore.open(nc.jetstream(), config.bucket)
         ca = CertificateAuthority(
@@ -184,6 +187,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             KMSKeyBackend(CryptoClient(nc), asyncio.get_running_loop()),
             load_profiles(config.profiles_file),
             CaUrls.from_base(config.base_url),
+            registry=await RegistryKeys.open(nc, SERVICE_NAME, "ca.key_disabled"),
         )
         service = await add_ca_service(nc, ca)
         runner = await start_http(ca, config.http_host, config.http_port)

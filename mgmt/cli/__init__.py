@@ -29,7 +29,7 @@ def _register() -> None:
     # Imported here so each group module can import `cli` helpers without cycles.
     import importlib
 
-    for name in ("stack", "keys", "ca"):
+    for name in ("stack", "keys", "ca", "certs", "audit", "clients", "policy"):
         try:
             module = importlib.import_module(f"mgmt.cli.{name}")
         except ModuleNotFoundError as exc:

@@ -43,6 +43,12 @@ from mgmt.cli.output import echo_json, handle_errors, table
     help="Base URL relying parties reach the CA at (e.g. http://nas.lan:8180); written "
     "into certificates as CRL distribution point and AIA. Empty: left out.",
 )
+@click.option(
+    "--ca-provider",
+    default="",
+    help="The provider holding the mini-CA's keys (hsm0, or tpm0 with --tpm); the CA "
+    "service may reach only this one. Default: hsm0.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def up(
     data_dir: Path,
@@ -52,6 +58,7 @@ def up(
     swtpm_port: int,
     ca_http: str,
     ca_base_url: str,
+    ca_provider: str,
     log_level: str,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
@@ -84,7 +91,10 @@ def up(
         swtpm_port=swtpm_port,
         ca_http=ca_http,
         ca_base_url=ca_base_url,
+        ca_provider=ca_provider,
     )
+    if ca_provider and ca_provider not in options.providers:
+        raise click.UsageError(f"--ca-provider {ca_provider}: no such provider in this stack")
 
     def ready(stack: object) -> None:
         click.echo(
@@ -122,6 +132,19 @@ def up(
     show_default=True,
     help="Extra DNS names / IPs for the broker's certificate (repeat).",
 )
+@click.option("--nats-user", envvar="EDGEKMS_NATS_USER", help="Bus identity (default: kmsctl's).")
+@click.option(
+    "--nats-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="EDGEKMS_NATS_PASSWORD_FILE",
+    help="File holding that identity's password (never pass it on the command line).",
+)
+@click.option(
+    "--nats-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="EDGEKMS_NATS_CA",
+    help="CA certificate of the bus's TLS.",
+)
 @output_option
 @handle_errors
 def init(
@@ -130,17 +153,27 @@ def init(
     provider: str,
     broker_address: str,
     broker_names: tuple[str, ...],
+    nats_user: str | None,
+    nats_password_file: Path | None,
+    nats_ca: Path | None,
     output: str,
 ) -> None:
     """Run the bootstrap ceremony (once; later runs change nothing).
 
     Needs NATS and the crypto service PROVIDER running (`kmsctl up` runs this for you).
+    On a bus with credentials, it uses --nats-user/--nats-password-file/--nats-ca, or
+    else the `kmsctl` identity that `kmsctl up` made under DATA_DIR.
     The internal CA key is generated inside the token and never leaves it; the
     broker's certificate and the first admin's client certificate are issued from it,
     and DATA_DIR/client/config.toml is written for every later command.
     """
+    from mgmt.natsauth import BusCredentials, local_credentials
     from mgmt.pki import run_ceremony
 
+    if nats_user or nats_password_file:
+        credentials = BusCredentials(nats_user, nats_password_file, nats_ca)
+    else:
+        credentials = local_credentials(data_dir)
     result = asyncio.run(
         run_ceremony(
             nats_url,
@@ -149,6 +182,7 @@ def init(
             data_dir / "client",
             broker_address=broker_address,
             broker_names=list(broker_names),
+            nats_options=credentials.connect_options(),
         )
     )
     if output == "json":

@@ -9,8 +9,10 @@ DeadlineExceeded with a stable reason naming the service that did not answer.
 # ruff: noqa: ASYNC109 - `timeout` bounds one NATS request; it is the API, not a wrapper.
 from __future__ import annotations
 
-from typing import TypeVar
+import asyncio
+from typing import Any, TypeVar
 
+import nats
 import nats.aio.client
 import nats.errors
 from google.protobuf.message import DecodeError, Message
@@ -79,3 +81,18 @@ async def request(
             "wire.bad_response", f"{service} {operation}: the reply could not be decoded"
         ) from None
     return response
+
+
+async def connect(
+    url: str, *, name: str, deadline: float = 10.0, **options: Any
+) -> nats.aio.client.Client:
+    """nats.connect that gives up: nats-py retries a failing first connect forever
+    (refused TLS, wrong password, nobody listening), which would hang a service's start
+    instead of failing it. Once connected, the client reconnects as usual."""
+    try:
+        return await asyncio.wait_for(nats.connect(url, name=name, **options), deadline)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise Unavailable(
+            "bus.unavailable", f"cannot connect to NATS at {url} within {deadline:g}s ({detail})"
+        ) from None

@@ -19,10 +19,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mgmt.client import KMSClient
+from mgmt.natsauth import local_credentials
 from mgmt.natsserver import NatsServer, free_port, wait_for_port
 from mgmt.pki import run_ceremony
 from tests.conftest import TokenInfo, make_token, start_nats
@@ -51,6 +53,10 @@ class KmsStack:
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "EDGEKMS_DATA_DIR": str(self.data_dir)}
+
+    def nats_options(self) -> dict[str, Any]:
+        """nats.connect options for the stack's authenticated bus, as `kmsctl up` itself."""
+        return local_credentials(self.data_dir).connect_options()
 
 
 def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:

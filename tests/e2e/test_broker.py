@@ -22,12 +22,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from edgekms import errors
 from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
+from edgekms.nats_signer import NatsDigestSigner
+from edgekms.remote_key import remote_key
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import keys_pb2, keys_pb2_grpc
 from mgmt.client import KMSClient
-from mgmt.nats_signer import NatsDigestSigner
 from mgmt.pki import INTERNAL_CA_KEY, InternalCA
-from mgmt.remote_key import remote_key
 from tests.e2e.conftest import KmsStack, Parts
 
 SHA256_OF_HELLO = hashlib.sha256(b"hello").digest()
@@ -56,7 +56,7 @@ def issue_client_cert(stack: KmsStack, client: str, role: str) -> tuple[bytes, b
     """A client certificate from the stack's own internal CA (its key is in the token)."""
 
     async def issue() -> tuple[bytes, bytes]:
-        nc = await nats.connect(stack.nats_url)
+        nc = await nats.connect(stack.nats_url, **stack.nats_options())
         try:
             kv = await nc.jetstream().key_value("kms_keys")
             record = pb.KeyRecord()

@@ -3,11 +3,13 @@ stops the stack with a clear message instead of a crash loop."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
+from mgmt.client import KMSClient
 from mgmt.natsserver import free_port
-from tests.e2e.conftest import BIN, start_stack, stop_stack
+from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
 
 
 def test_restart_keeps_keys_and_certificates_and_wrong_pin_is_refused(tmp_path: Path) -> None:
@@ -44,3 +46,40 @@ def test_restart_keeps_keys_and_certificates_and_wrong_pin_is_refused(tmp_path: 
     )
     assert result.returncode == 8
     assert "crypto-hsm0 failed to start (token refused" in result.stderr
+
+
+def test_init_uses_bus_credentials_and_is_refused_without(
+    kms_stack: KmsStack, tmp_path: Path
+) -> None:
+    """`kmsctl init` against the stack's TLS bus: with the kmsctl identity it issues a
+    fresh admin config (reusing the internal CA key already in the token); without
+    credentials the bus refuses it."""
+    secrets = kms_stack.data_dir / "secrets" / "nats"
+    common = [str(BIN / "kmsctl"), "init", "--nats-url", kms_stack.nats_url, "-o", "json"]
+    refused = subprocess.run(
+        [*common, "--data-dir", str(tmp_path / "anon")], capture_output=True, text=True
+    )
+    assert refused.returncode != 0
+    assert not (tmp_path / "anon" / "client" / "config.toml").exists()
+    done = subprocess.run(
+        [
+            *common,
+            "--data-dir",
+            str(tmp_path / "second"),
+            "--nats-user",
+            "kmsctl",
+            "--nats-password-file",
+            str(secrets / "kmsctl.password"),
+            "--nats-ca",
+            str(kms_stack.data_dir / "nats" / "tls" / "bus-ca.crt"),
+            "--broker-address",
+            kms_stack.broker,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["created"] is True
+    config = tmp_path / "second" / "client" / "config.toml"
+    with KMSClient.from_config(config) as client:
+        assert client.whoami().role == "admin"

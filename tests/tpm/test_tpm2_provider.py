@@ -37,8 +37,8 @@ from edgekms.errors import (
     PermissionDenied,
     Unavailable,
 )
+from edgekms.remote_key import remote_key
 from edgekms.v1 import common_pb2 as pb
-from mgmt.remote_key import remote_key
 from mgmt.swtpm import Swtpm
 from tests.tpm.conftest import AUTH_VALUE, OpenProvider
 from tests.tpm.swtpm_fixtures import SwtpmFactory

@@ -493,6 +493,29 @@ class AttestKeyResponse(_message.Message):
 Global___AttestKeyResponse: _TypeAlias = AttestKeyResponse  # noqa: Y015
 
 @_typing.final
+class UpdateKeyPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def policy(self) -> _common_pb2.KeyPolicy: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        policy: _common_pb2.KeyPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyPolicyRequest: _TypeAlias = UpdateKeyPolicyRequest  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -86,6 +86,11 @@ class KeyServiceStub:
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.AttestKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.AttestKeyResponse.FromString,
                 _registered_method=True)
+        self.UpdateKeyPolicy = channel.unary_unary(
+                '/edgekms.v1.KeyService/UpdateKeyPolicy',
+                request_serializer=edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -157,6 +162,13 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKeyPolicy(self, request, context):
+        """Replaces the key's policy (an empty policy clears it: the role table decides).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +221,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.AttestKey,
                     request_deserializer=edgekms_dot_v1_dot_keys__pb2.AttestKeyRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_keys__pb2.AttestKeyResponse.SerializeToString,
+            ),
+            'UpdateKeyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKeyPolicy,
+                    request_deserializer=edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_keys__pb2.Key.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +500,33 @@ class KeyService:
             '/edgekms.v1.KeyService/AttestKey',
             edgekms_dot_v1_dot_keys__pb2.AttestKeyRequest.SerializeToString,
             edgekms_dot_v1_dot_keys__pb2.AttestKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKeyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.KeyService/UpdateKeyPolicy',
+            edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.SerializeToString,
+            edgekms_dot_v1_dot_keys__pb2.Key.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,8 @@ class KeyServiceStub:
     DestroyKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.DestroyKeyRequest, _keys_pb2.Key]
     """Removes the key material from the provider for good; the record stays as DESTROYED."""
     AttestKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.AttestKeyRequest, _keys_pb2.AttestKeyResponse]
+    UpdateKeyPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyPolicyRequest, _keys_pb2.Key]
+    """Replaces the key's policy (an empty policy clears it: the role table decides)."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -71,6 +73,8 @@ class KeyServiceAsyncStub(KeyServiceStub):
     DestroyKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.DestroyKeyRequest, _keys_pb2.Key]  # type: ignore[assignment]
     """Removes the key material from the provider for good; the record stays as DESTROYED."""
     AttestKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.AttestKeyRequest, _keys_pb2.AttestKeyResponse]  # type: ignore[assignment]
+    UpdateKeyPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyPolicyRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    """Replaces the key's policy (an empty policy clears it: the role table decides)."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every method answers errors with the gRPC status of the ErrorCode and, in the trailing
@@ -150,6 +154,14 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.AttestKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.AttestKeyResponse, _abc.Awaitable[_keys_pb2.AttestKeyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateKeyPolicy(
+        self,
+        request: _keys_pb2.UpdateKeyPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
+        """Replaces the key's policy (an empty policy clears it: the role table decides)."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -4,7 +4,9 @@ cryptography lets a program bring its own private key class: subclass the EC, RS
 Ed25519 private-key base and implement sign(). Its X.509 builders (certificates, CSRs,
 CRLs, OCSP responses) then sign through it. A RemoteKey hashes locally and hands the
 digest to a DigestSigner, which is the KMS seen from wherever the caller is: the gRPC
-client for programs, the NATS crypto service for the CA service.
+client for programs, the NATS crypto service for the CA service and the broker (which
+issues client certificates with the internal CA key). It lives in the shared package so
+that every service and the CLI use this one implementation.
 
     cert = builder.sign(remote_key(signer, public_key_der), hashes.SHA256())
 """

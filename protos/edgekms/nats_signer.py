@@ -1,5 +1,6 @@
 """A DigestSigner that reaches a crypto service over NATS, for code running inside the
-system (the bootstrap ceremony, the CA service) rather than through the broker.
+system (the bootstrap ceremony, the CA service, the broker issuing client certificates)
+rather than through the broker's gRPC API. Shared, so no service imports another's code.
 
 cryptography's builders call sign() synchronously, and the NATS client is asyncio: run
 the builder in a worker thread and this signer hands each request to the event loop.
@@ -11,6 +12,7 @@ import asyncio
 
 from edgekms.algorithms import SignatureAlgorithm
 from edgekms.crypto_client import CryptoClient
+from edgekms.errors import DeadlineExceeded
 from edgekms.v1 import crypto_pb2
 
 
@@ -40,4 +42,10 @@ class NatsDigestSigner:
         future = asyncio.run_coroutine_threadsafe(
             self._client.sign(self._provider, request, timeout=self._timeout), self._loop
         )
-        return future.result(self._timeout + 1).signature
+        try:
+            return future.result(self._timeout + 1).signature
+        except TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded(
+                "sign.timeout", f"the {self._provider} crypto service did not sign in time"
+            ) from None

@@ -1,0 +1,256 @@
+"""The broker's side of the audit log: recording every decision, and serving the log.
+
+Recording. `rpc()` in broker/keys.py opens an AuditScope per call. A call that only
+reads or uses a key is recorded once, after the decision and before the answer leaves:
+if the entry cannot be stored, the answer (a signature, say) is dropped and the caller
+gets Unavailable("audit.unavailable"). A call that changes state calls
+`record_before_change()` right before the change, so no change happens unrecorded; if
+the change then fails, a second entry records the failure.
+
+Serving. TailAudit hands out the stored bytes untouched, with their stream sequence,
+so that kmsctl (not the broker) checks the chain: a broker that could be lied to, or
+that lies, cannot vouch for the log it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import Message
+from nats.js import JetStreamContext, api
+
+from broker.authz import check_method
+from edgekms.audit import STREAM, SUBJECT_PREFIX, AuditWriter, parse_entry
+from edgekms.errors import ERROR_METADATA_KEY, Internal, KMSError, Unavailable
+from edgekms.identity import Identity
+from edgekms.logs import fields
+from edgekms.v1 import audit_pb2, audit_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+AUDIT_UNAVAILABLE = "audit.unavailable"
+# Request fields worth keeping in an entry's details (never data, digests or signatures).
+_DETAIL_FIELDS = ("provider", "key_type", "algorithm", "prefix", "include_destroyed")
+
+_current: contextvars.ContextVar[AuditScope | None] = contextvars.ContextVar(
+    "edgekms_audit_scope", default=None
+)
+
+
+def request_details(request: Any) -> dict[str, str]:
+    """The request's routing parameters, enum values by name; empty fields left out."""
+    details: dict[str, str] = {}
+    if not isinstance(request, Message):
+        return details
+    for name in _DETAIL_FIELDS:
+        fd = request.DESCRIPTOR.fields_by_name.get(name)
+        if fd is None:
+            continue
+        value = getattr(request, name)
+        if not value:
+            continue
+        if fd.enum_type is not None:
+            known = fd.enum_type.values_by_number.get(value)  # proto3 enums are open
+            details[name] = known.name.lower() if known is not None else str(value)
+        else:
+            details[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return details
+
+
+@dataclass
+class AuditScope:
+    """One call's audit trail. With no writer (unit tests of handlers) nothing is stored."""
+
+    writer: AuditWriter | None
+    method: str
+    target: str = ""
+    request_id: str = ""
+    identity: Identity | None = None
+    details: dict[str, str] = field(default_factory=dict)
+    recorded: bool = False
+
+    @classmethod
+    def for_request(cls, writer: AuditWriter | None, method: str, request: Any) -> AuditScope:
+        return cls(
+            writer,
+            method,
+            target=str(getattr(request, "name", "") or ""),
+            request_id=str(getattr(request, "request_id", "") or "") or uuid.uuid4().hex,
+            details=request_details(request),
+        )
+
+    async def _append(self, outcome: str) -> None:
+        if self.writer is None:
+            return
+        await self.writer.append(
+            self.method,
+            outcome,
+            client=self.identity.client if self.identity else "",
+            role=self.identity.role if self.identity else "",
+            target=self.target,
+            request_id=self.request_id,
+            details=self.details,
+        )
+
+    async def record_ok(self) -> None:
+        await self._append("ok")
+        self.recorded = True
+
+    async def settle(self, err: KMSError | None) -> KMSError | None:
+        """Record how the call ended. Returns the error to answer with: `err`, or
+        audit.unavailable when the record could not be stored (fail closed)."""
+        if err is None and self.recorded:
+            return None
+        if err is not None and err.reason == AUDIT_UNAVAILABLE:
+            return err  # the log is what failed: nothing more can be written to it
+        if err is not None and self.recorded:
+            self.details["after"] = "ok recorded before the change"
+        try:
+            await self._append("ok" if err is None else err.reason)
+        except KMSError as audit_err:
+            return audit_err
+        return err
+
+    def bind(self) -> contextvars.Token[AuditScope | None]:
+        return _current.set(self)
+
+    @staticmethod
+    def unbind(token: contextvars.Token[AuditScope | None]) -> None:
+        _current.reset(token)
+
+
+async def record_before_change(**details: str) -> None:
+    """Called by a handler just before it changes state: the decision is stored first,
+    so a change the log cannot record never happens."""
+    scope = _current.get()
+    if scope is None or scope.recorded:
+        return
+    scope.details.update(details)
+    await scope.record_ok()
+
+
+async def abort_with(context: Context, err: KMSError) -> None:
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),))
+    await context.abort(err.grpc_status, f"{err.reason}: {err.message}")
+
+
+def entry_message(raw: bytes) -> audit_pb2.AuditEntry:
+    """The typed view of stored bytes; empty if they are no entry (the reader says so)."""
+    try:
+        entry = parse_entry(raw)
+    except ValueError:
+        return audit_pb2.AuditEntry()
+    actor = entry["actor"]
+    return audit_pb2.AuditEntry(
+        time=str(entry["time"]),
+        writer=str(entry["writer"]),
+        actor=audit_pb2.AuditActor(
+            client=str(actor.get("client", "")), role=str(actor.get("role", ""))
+        ),
+        action=str(entry["action"]),
+        target=str(entry["target"]),
+        outcome=str(entry["outcome"]),
+        request_id=str(entry["request_id"]),
+        details={str(k): str(v) for k, v in entry["details"].items()},
+        prev_hash=str(entry["prev_hash"]),
+        hash=str(entry["hash"]),
+    )
+
+
+class AuditService(audit_pb2_grpc.AuditServiceServicer):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        writer: AuditWriter,
+        identities: Any,
+        idle_timeout: float = 1.0,
+    ) -> None:
+        self.js = js
+        self.writer = writer
+        self.identities = identities
+        self.idle_timeout = idle_timeout
+
+    async def TailAudit(  # type: ignore[override]
+        self, request: audit_pb2.TailAuditRequest, context: Context
+    ) -> AsyncIterator[audit_pb2.TailAuditResponse]:
+        scope = AuditScope.for_request(self.writer, "TailAudit", request)
+        scope.details.update(from_seq=str(request.from_seq), follow=str(request.follow).lower())
+        failure: KMSError | None
+        try:
+            scope.identity = self.identities.identify(context)
+            check_method(scope.identity, "TailAudit")
+            failure = await scope.settle(None)
+        except KMSError as err:
+            failure = await scope.settle(err)
+        if failure is not None:
+            await abort_with(context, failure)
+            return
+        try:
+            info = await self.js.stream_info(STREAM)
+        except (nats.errors.Error, TimeoutError) as exc:
+            await abort_with(context, Unavailable(AUDIT_UNAVAILABLE, f"audit stream: {exc}"))
+            return
+        state = info.state
+        yield audit_pb2.TailAuditResponse(
+            state=audit_pb2.AuditStreamState(
+                first_seq=state.first_seq, last_seq=state.last_seq, messages=state.messages
+            )
+        )
+        start = max(request.from_seq, 1)
+        if not request.follow and (start > state.last_seq or state.messages == 0):
+            return
+        try:
+            async for record in self._read(start, None if request.follow else state.last_seq):
+                yield audit_pb2.TailAuditResponse(record=record)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("audit tail failed", extra=fields(error=type(exc).__name__))
+            await abort_with(context, Unavailable(AUDIT_UNAVAILABLE, f"audit stream: {exc}"))
+        except KMSError as err:
+            await abort_with(context, err)
+        except Exception:
+            log.exception("audit tail failed unexpectedly")
+            await abort_with(context, Internal("internal.error", "the audit tail failed"))
+
+    async def _read(self, start: int, last: int | None) -> AsyncIterator[audit_pb2.AuditRecord]:
+        """Stored messages from `start` in order; up to `last`, or forever if None."""
+        sub = await self.js.subscribe(
+            f"{SUBJECT_PREFIX}.>",
+            stream=STREAM,
+            ordered_consumer=True,
+            config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+            inactive_threshold=30.0,
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=self.idle_timeout)
+                except nats.errors.TimeoutError:
+                    if last is None:
+                        continue
+                    return  # what is left up to `last` was deleted
+                meta = msg.metadata
+                seq = meta.sequence.stream
+                if last is not None and seq > last:
+                    return
+                raw = bytes(msg.data)
+                yield audit_pb2.AuditRecord(
+                    seq=seq, raw=raw, subject=msg.subject, entry=entry_message(raw)
+                )
+                if last is not None and (seq >= last or meta.num_pending == 0):
+                    return
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()

@@ -1,0 +1,463 @@
+"""Clients of the broker: who they are, what they may touch, and revoking them at once.
+
+The ClientService issues client certificates from a public key (or CSR) the caller made
+itself, signing with the internal CA key inside the token (registry key
+`edgekms/internal-ca`) through the crypto service, exactly as the bootstrap ceremony
+does. Each client is recorded in the JetStream KV bucket `kms_clients`:
+
+    client.<name>       edgekms.v1.Client (role, key pattern, serial, validity, status)
+    revoked.<serial>    the client name; the revocation set, never deleted
+
+Every broker replica follows the bucket with a watcher, so a revocation made anywhere
+refuses the certificate on its very next request (UNAUTHENTICATED, "auth.revoked"),
+with no restart; the replica that revoked adds the serial to its own set before it even
+answers. The AccessGate is what the `rpc` wrapper asks on every request: throttled?
+revoked? expired? which keys may this client touch?
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import fnmatch
+import hashlib
+import logging
+import re
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from broker.authz import KEY_SCOPED_METHODS
+from broker.config import BrokerConfig
+from broker.keys import Context, IdentityCache, rpc
+from broker.registry import KeyRegistry
+from broker.throttle import FailureThrottle
+from edgekms.client_certs import (
+    INTERNAL_CA_KEY,
+    check_client_public_key,
+    client_certificate,
+)
+from edgekms.crypto_client import CryptoClient
+from edgekms.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    KMSError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from edgekms.identity import CLIENT_NAME_RE, ROLES, Identity
+from edgekms.logs import fields
+from edgekms.nats_signer import NatsDigestSigner
+from edgekms.remote_key import remote_key
+from edgekms.v1 import clients_pb2, clients_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CLIENTS_BUCKET = "kms_clients"
+MAX_PATTERN = 256
+PATTERN_RE = re.compile(r"^[a-z0-9/._*?\[\]!-]+$")
+MAX_VALIDITY_DAYS = 3650
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def _stamp(when: datetime.datetime | None = None) -> str:
+    moment = when or datetime.datetime.now(datetime.UTC)
+    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds")
+
+
+def check_key_pattern(pattern: str) -> None:
+    if len(pattern) > MAX_PATTERN or (pattern and not PATTERN_RE.match(pattern)):
+        raise InvalidArgument(
+            "client.pattern_invalid",
+            f"key pattern {pattern[:80]!r} must be a glob of key-name characters and * ? [ ]",
+        )
+
+
+def key_matches(pattern: str, name: str) -> bool:
+    """Empty pattern: any key. Otherwise fnmatch, case-sensitive; `*` also crosses `/`."""
+    return not pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+class ClientRegistry:
+    """The kms_clients bucket, followed into memory. `start()` loads it."""
+
+    def __init__(self, js: JetStreamContext, replicas: int = 1):
+        self._js = js
+        self._replicas = replicas
+        self._kv: KeyValue | None = None
+        self._clients: dict[str, clients_pb2.Client] = {}
+        self._revoked: set[str] = set()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        try:
+            self._kv = await self._js.key_value(CLIENTS_BUCKET)
+        except BucketNotFoundError:
+            self._kv = await self._js.create_key_value(
+                bucket=CLIENTS_BUCKET,
+                history=5,
+                replicas=self._replicas,
+                description="EdgeKMS clients (client.<name>) and revoked serials (revoked.<hex>)",
+            )
+        self._watch_task = asyncio.create_task(self._follow(), name="clients-watch")
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self._kv is not None, "client registry not started"
+        return self._kv
+
+    async def _follow(self) -> None:
+        watcher = await self.kv.watchall()
+        async for entry in watcher:
+            if entry is None:  # end of the initial snapshot
+                self._ready.set()
+                continue
+            kind, _, rest = entry.key.partition(".")
+            if kind == "revoked":
+                # Revocations are never undone, whatever happens to the entry.
+                self._revoked.add(rest)
+                continue
+            if kind != "client":
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self._clients.pop(rest, None)
+                continue
+            record = clients_pb2.Client()
+            record.ParseFromString(entry.value)
+            self._clients[rest] = record
+            if record.status == clients_pb2.CLIENT_STATUS_REVOKED and record.serial:
+                self._revoked.add(record.serial)
+
+    # -- reads (memory) -----------------------------------------------------------------
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial_hex(serial) in self._revoked
+
+    def get(self, name: str) -> clients_pb2.Client | None:
+        record = self._clients.get(name)
+        if record is None or record.status == clients_pb2.CLIENT_STATUS_UNSPECIFIED:
+            return None
+        return record
+
+    def list(self, include_revoked: bool = False) -> list[clients_pb2.Client]:
+        out = []
+        for name in sorted(self._clients):
+            record = self._clients[name]
+            if record.status == clients_pb2.CLIENT_STATUS_UNSPECIFIED:
+                continue
+            if record.status == clients_pb2.CLIENT_STATUS_REVOKED and not include_revoked:
+                continue
+            out.append(record)
+        return out
+
+    # -- writes (bucket, compare-and-set) ---------------------------------------------
+
+    async def reserve(self, name: str, role: str, key_pattern: str, by: str) -> int:
+        """Take the name with a pending record; AlreadyExists while an active client has it.
+
+        A revoked name may be given to a new certificate: the old serial stays revoked.
+        """
+        pending = clients_pb2.Client(
+            name=name, role=role, key_pattern=key_pattern, created_at=_stamp(), created_by=by
+        )
+        key = f"client.{name}"
+        try:
+            return await self.kv.create(key, pending.SerializeToString())
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            raise FailedPrecondition("client.contended", f"client {name!r} is changing") from None
+        current = clients_pb2.Client()
+        current.ParseFromString(entry.value or b"")
+        if current.status != clients_pb2.CLIENT_STATUS_REVOKED:
+            raise AlreadyExists("client.exists", f"a client named {name!r} exists")
+        assert entry.revision is not None
+        try:
+            return await self.kv.update(key, pending.SerializeToString(), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            raise FailedPrecondition("client.contended", f"client {name!r} is changing") from None
+
+    async def activate(self, record: clients_pb2.Client, revision: int) -> None:
+        record.status = clients_pb2.CLIENT_STATUS_ACTIVE
+        await self.kv.update(f"client.{record.name}", record.SerializeToString(), last=revision)
+        self._clients[record.name] = record
+
+    async def release(self, name: str, revision: int) -> None:
+        """Drop a reservation whose certificate could not be made."""
+        with contextlib.suppress(KeyWrongLastSequenceError, KeyNotFoundError):
+            await self.kv.delete(f"client.{name}", last=revision)
+
+    async def revoke(self, name: str, by: str) -> clients_pb2.Client:
+        key = f"client.{name}"
+        for _ in range(5):
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                raise NotFound("client.not_found", f"no client named {name!r}") from None
+            record = clients_pb2.Client()
+            record.ParseFromString(entry.value or b"")
+            if record.status == clients_pb2.CLIENT_STATUS_UNSPECIFIED:
+                raise NotFound("client.not_found", f"no client named {name!r}")
+            if record.status == clients_pb2.CLIENT_STATUS_REVOKED:
+                return record
+            # The revocation set first: from here on the certificate is dead everywhere,
+            # even if the record update below has to be retried.
+            await self.kv.put(f"revoked.{record.serial}", name.encode())
+            self._revoked.add(record.serial)
+            record.status = clients_pb2.CLIENT_STATUS_REVOKED
+            record.revoked_at = _stamp()
+            record.revoked_by = by
+            assert entry.revision is not None
+            try:
+                await self.kv.update(key, record.SerializeToString(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            self._clients[name] = record
+            return record
+        raise FailedPrecondition("client.contended", f"client {name!r} is changing; try again")
+
+
+class AccessGate:
+    """What the `rpc` wrapper consults on every request, before and after identifying."""
+
+    def __init__(self, clients: ClientRegistry, throttle: FailureThrottle):
+        self.clients = clients
+        self.throttle = throttle
+
+    @staticmethod
+    def certificate_subject(pem: bytes) -> str:
+        return "cert:" + hashlib.sha256(pem).hexdigest()[:32]
+
+    def before_identify(self, pem: bytes) -> None:
+        self.throttle.check(self.certificate_subject(pem))
+
+    def admit(self, identity: Identity) -> None:
+        self.throttle.check("client:" + identity.client)
+        if self.clients.is_revoked(identity.serial):
+            raise Unauthenticated(
+                "auth.revoked",
+                f"the certificate of client {identity.client!r} is revoked",
+                {"client": identity.client, "serial": serial_hex(identity.serial)},
+            )
+        not_after = datetime.datetime.fromisoformat(identity.not_after)
+        if not_after <= datetime.datetime.now(datetime.UTC):
+            raise Unauthenticated("auth.expired", "the client certificate has expired")
+
+    def failed(self, pem: bytes | None, identity: Identity | None, err: KMSError) -> None:
+        if not isinstance(err, Unauthenticated | PermissionDenied):
+            return
+        if identity is not None:
+            self.throttle.failed("client:" + identity.client)
+        elif pem is not None:
+            self.throttle.failed(self.certificate_subject(pem))
+
+    def key_pattern(self, identity: Identity) -> str:
+        record = self.clients.get(identity.client)
+        return record.key_pattern if record is not None else ""
+
+    def key_allowed(self, identity: Identity, name: str) -> bool:
+        return key_matches(self.key_pattern(identity), name)
+
+    def check_scope(self, identity: Identity, method: str, request: Any) -> None:
+        if method not in KEY_SCOPED_METHODS:
+            return
+        name = str(getattr(request, "name", ""))
+        pattern = self.key_pattern(identity)
+        if not key_matches(pattern, name):
+            raise PermissionDenied(
+                "authz.key_pattern",
+                f"client {identity.client!r} may only use keys matching {pattern!r}",
+                {"client": identity.client, "key": name, "pattern": pattern},
+            )
+
+
+def _load_csr_key(csr_bytes: bytes) -> object:
+    try:
+        if csr_bytes.lstrip().startswith(b"-----BEGIN"):
+            csr = x509.load_pem_x509_csr(csr_bytes)
+        else:
+            csr = x509.load_der_x509_csr(csr_bytes)
+    except ValueError:
+        raise InvalidArgument("client.csr_invalid", "the CSR is not PEM or DER PKCS#10") from None
+    if not csr.is_signature_valid:
+        raise InvalidArgument(
+            "client.csr_signature", "the CSR's signature does not match its public key"
+        )
+    return csr.public_key()
+
+
+def _load_public_key(der: bytes) -> object:
+    try:
+        return serialization.load_der_public_key(der)
+    except (ValueError, TypeError):
+        raise InvalidArgument(
+            "client.key_invalid", "public_key_der is not a DER SubjectPublicKeyInfo"
+        ) from None
+
+
+class ClientService(clients_pb2_grpc.ClientServiceServicer):
+    def __init__(
+        self,
+        config: BrokerConfig,
+        registry: KeyRegistry,
+        clients: ClientRegistry,
+        crypto: CryptoClient,
+        identities: IdentityCache,
+        audit: Any = None,
+    ):
+        self.config = config
+        self.registry = registry
+        self.clients = clients
+        self.crypto = crypto
+        self.identities = identities  # read by the `rpc` wrapper
+        self.audit = audit  # an edgekms.audit.AuditWriter, read by the `rpc` wrapper
+
+    def _ca_certificate(self, public_key_der: bytes) -> x509.Certificate:
+        """The internal CA certificate (from the broker's client-CA file) for this key."""
+        for cert in x509.load_pem_x509_certificates(self.config.tls.client_ca.read_bytes()):
+            spki = cert.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            if spki == public_key_der:
+                return cert
+        raise FailedPrecondition(
+            "client.ca_mismatch", "the broker's client CA file does not hold the internal CA"
+        )
+
+    async def _issue(
+        self, request: clients_pb2.AddClientRequest, public_key: object
+    ) -> x509.Certificate:
+        checked = check_client_public_key(public_key)
+        try:
+            record = self.registry.get(INTERNAL_CA_KEY)
+        except NotFound:
+            raise FailedPrecondition(
+                "client.no_internal_ca", "the internal CA key is not in the registry"
+            ) from None
+        ca_cert = self._ca_certificate(record.public_key_der)
+        signer = NatsDigestSigner(
+            self.crypto,
+            asyncio.get_running_loop(),
+            record.provider,
+            record.key_id,
+            timeout=self.config.sign_timeout,
+        )
+        ca_key = remote_key(signer, record.public_key_der)
+        not_after = None
+        if request.validity_days:
+            not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
+                days=request.validity_days
+            )
+        return await asyncio.to_thread(
+            client_certificate,
+            ca_cert,
+            ca_key,  # type: ignore[arg-type]
+            checked,
+            request.name,
+            request.role,
+            not_after=not_after,
+        )
+
+    @rpc("AddClient")
+    async def AddClient(
+        self, request: clients_pb2.AddClientRequest, context: Context, identity: Identity
+    ) -> clients_pb2.AddClientResponse:
+        if not CLIENT_NAME_RE.match(request.name):
+            raise InvalidArgument(
+                "client.name_invalid",
+                f"client name {request.name[:80]!r} must match {CLIENT_NAME_RE.pattern}",
+            )
+        if request.role not in ROLES:
+            raise InvalidArgument(
+                "client.role_invalid",
+                f"role {request.role[:40]!r} is not one of {', '.join(ROLES)}",
+            )
+        check_key_pattern(request.key_pattern)
+        if request.validity_days > MAX_VALIDITY_DAYS:
+            raise InvalidArgument(
+                "client.validity_invalid", f"validity is at most {MAX_VALIDITY_DAYS} days"
+            )
+        if bool(request.csr) == bool(request.public_key_der):
+            raise InvalidArgument(
+                "client.key_missing", "give exactly one of a CSR or a public key (DER)"
+            )
+        public_key = (
+            _load_csr_key(request.csr) if request.csr else _load_public_key(request.public_key_der)
+        )
+        check_client_public_key(public_key)
+        revision = await self.clients.reserve(
+            request.name, request.role, request.key_pattern, identity.client
+        )
+        try:
+            cert = await self._issue(request, public_key)
+            record = clients_pb2.Client(
+                name=request.name,
+                role=request.role,
+                key_pattern=request.key_pattern,
+                serial=serial_hex(cert.serial_number),
+                not_before=_stamp(cert.not_valid_before_utc),
+                not_after=_stamp(cert.not_valid_after_utc),
+                created_at=_stamp(),
+                created_by=identity.client,
+            )
+            await self.clients.activate(record, revision)
+        except BaseException:
+            await self.clients.release(request.name, revision)
+            raise
+        log.info(
+            "client added",
+            extra=fields(
+                client=record.name,
+                role=record.role,
+                pattern=record.key_pattern,
+                serial=record.serial,
+                by=identity.client,
+            ),
+        )
+        ca_pem = self._ca_certificate(self.registry.get(INTERNAL_CA_KEY).public_key_der)
+        return clients_pb2.AddClientResponse(
+            client=record,
+            certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            ca_certificate_pem=ca_pem.public_bytes(serialization.Encoding.PEM).decode(),
+        )
+
+    @rpc("ListClients")
+    async def ListClients(
+        self, request: clients_pb2.ListClientsRequest, context: Context, identity: Identity
+    ) -> clients_pb2.ListClientsResponse:
+        return clients_pb2.ListClientsResponse(
+            clients=self.clients.list(include_revoked=request.include_revoked)
+        )
+
+    @rpc("RevokeClient")
+    async def RevokeClient(
+        self, request: clients_pb2.RevokeClientRequest, context: Context, identity: Identity
+    ) -> clients_pb2.Client:
+        if not CLIENT_NAME_RE.match(request.name):
+            raise InvalidArgument("client.name_invalid", "not a client name")
+        record = await self.clients.revoke(request.name, identity.client)
+        log.warning(
+            "client revoked",
+            extra=fields(client=record.name, serial=record.serial, by=identity.client),
+        )
+        return record

@@ -1,0 +1,546 @@
+"""Least privilege on the bus: one NATS identity per service, its permissions as data,
+the credentials behind it, and the TLS that keeps them off the wire.
+
+Each service connects as its own user and may touch only the subjects its job needs
+(DESIGN.md, "Security model"): the broker asks any crypto service and the CA; a crypto
+service hears only `kms.crypto.<its id>.>` and may publish nothing but replies
+(`allow_responses`); the CA service hears `kms.ca.>` and may ask only its own provider to
+sign; JetStream API subjects are granted per stream, so a service reaches only its own
+buckets and streams and nobody may create or delete anyone else's.
+
+Replies: every identity requests with its own inbox prefix `_INBOX.<user>` and may
+subscribe to that prefix only, so no identity can read another's replies.
+
+Credentials are user + password. The server config holds only bcrypt hashes (stdlib
+`crypt` where the platform has it); the passwords are files (0600) under
+<data-dir>/secrets/nats, named by each service's config file, never on argv. nkeys would
+spare the server even the hashes, but nats-py needs the `nkeys` package (and PyNaCl) for
+them, which the device image does not carry.
+
+TLS: the bus has its own small CA, generated in software on first start, not the
+internal CA. The internal CA's key lives in the token and signs through the crypto
+service, which talks over NATS, so nats-server must be up (with its certificate) before
+the internal CA can sign anything. The bus CA key (0600, <data-dir>/secrets) signs only
+the nats-server certificate, and clients trust only it for the bus.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import ssl
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edgekms.algorithms import MAX_MESSAGE_SIZE
+from edgekms.errors import FailedPrecondition, InvalidArgument
+from edgekms.logs import fields
+from edgekms.subjects import (
+    CA_PREFIX,
+    CRYPTO_PREFIX,
+    IDEMPOTENCY_BUCKET,
+    KEY_REGISTRY_BUCKET,
+    PROVIDER_ID_RE,
+    crypto_service_name,
+    crypto_subject,
+)
+
+log = logging.getLogger(__name__)
+
+INBOX_ROOT = "_INBOX"
+AUDIT_STREAM = "KMS_AUDIT"
+AUDIT_SUBJECTS = "kms.audit.>"
+CA_BUCKET = "kms_ca"  # mgmt.ca.store.CA_BUCKET; not imported so the bus layer needs no CA code
+CA_SERVICE_NAME = "kms-ca"  # mgmt.ca.service.SERVICE_NAME
+CLIENTS_BUCKET = "kms_clients"  # broker.clients.CLIENTS_BUCKET
+
+# The largest message on the bus is a Sign request carrying an Ed25519 message of
+# MAX_MESSAGE_SIZE; everything else (digests, DER keys, certificates, CRLs of a small CA,
+# KV records) is far smaller. The rest is room for the protobuf envelope and headers.
+BUS_MAX_PAYLOAD = MAX_MESSAGE_SIZE + 64 * 1024
+
+# What the CA service may ask of its provider: make, use and drop its own CA keys.
+CA_CRYPTO_OPERATIONS = ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey")
+# What `kmsctl up` itself may ask (bootstrap ceremony, readiness probes).
+KMSCTL_CRYPTO_OPERATIONS = ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey")
+
+BROKER_USER = "broker"
+CA_USER = "ca"
+KMSCTL_USER = "kmsctl"
+USER_RE_PATTERN = r"^[a-z][a-z0-9_-]{0,47}$"
+BCRYPT_COST = 11
+SERVER_CERT_VALIDITY = datetime.timedelta(days=3650)
+
+
+def crypto_user(provider: str) -> str:
+    return f"crypto-{provider}"
+
+
+def inbox_prefix(user: str) -> str:
+    """The reply-subject prefix of one identity; only that identity may subscribe below it."""
+    return f"{INBOX_ROOT}.{user}"
+
+
+# --- permission tables ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects an identity may publish to and subscribe to (NATS wildcards allowed).
+
+    An empty tuple means "nothing", never "everything": it is rendered as a deny of `>`.
+    """
+
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    allow_responses: bool = False
+
+    def render(self) -> dict[str, Any]:
+        def side(allowed: tuple[str, ...]) -> dict[str, list[str]]:
+            return {"allow": list(allowed)} if allowed else {"deny": [">"]}
+
+        out: dict[str, Any] = {
+            "publish": side(self.publish),
+            "subscribe": side(self.subscribe),
+        }
+        if self.allow_responses:
+            # One reply per request, within a minute (key generation can take that long).
+            out["allow_responses"] = {"max": 1, "expires": "2m"}
+        return out
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    permissions: Permissions
+    description: str = ""
+
+
+def stream_read(stream: str) -> tuple[str, ...]:
+    """JetStream API subjects to read one stream: info, get, direct get, ephemeral consumers."""
+    api = "$JS.API"
+    return (
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.CONSUMER.CREATE.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.INFO.{stream}.>",
+        f"{api}.CONSUMER.DELETE.{stream}.>",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    )
+
+
+def stream_create(stream: str) -> tuple[str, ...]:
+    """Creating one named stream (first start); never update, purge or delete."""
+    return (f"$JS.API.STREAM.CREATE.{stream}",)
+
+
+def kv_access(bucket: str, *, write: bool = True, create: bool = True) -> tuple[str, ...]:
+    """A KV bucket is stream KV_<bucket>; writes are publishes to $KV.<bucket>.<key>."""
+    stream = f"KV_{bucket}"
+    subjects = stream_read(stream)
+    if write:
+        subjects += (f"$KV.{bucket}.>",)
+    if create:
+        subjects += stream_create(stream)
+    return subjects
+
+
+def micro_subscriptions(service_name: str) -> tuple[str, ...]:
+    """What nats.micro subscribes to for discovery ($SRV.PING/INFO/STATS, all three forms)."""
+    return (
+        "$SRV.PING",
+        "$SRV.INFO",
+        "$SRV.STATS",
+        f"$SRV.*.{service_name}",
+        f"$SRV.*.{service_name}.*",
+    )
+
+
+def _check_provider(provider: str) -> None:
+    if not PROVIDER_ID_RE.match(provider):
+        raise InvalidArgument("bus.provider_invalid", f"{provider!r} is not a provider id")
+
+
+def broker_identity() -> Identity:
+    user = BROKER_USER
+    return Identity(
+        user,
+        Permissions(
+            publish=(
+                f"{CRYPTO_PREFIX}.>",
+                f"{CA_PREFIX}.>",
+                # Health pings of any service (wildcards match whole tokens only, so
+                # "kms-crypto-*" cannot be said); the answers are discovery data.
+                "$SRV.PING.*",
+                "$JS.API.INFO",
+                *kv_access(KEY_REGISTRY_BUCKET),
+                *kv_access(IDEMPOTENCY_BUCKET),
+                *kv_access(CLIENTS_BUCKET),
+                *stream_read(AUDIT_STREAM),
+                *stream_create(AUDIT_STREAM),
+                AUDIT_SUBJECTS,
+            ),
+            subscribe=(f"{inbox_prefix(user)}.>",),
+        ),
+        "the gRPC ingress: routes to every crypto service and the CA, owns the registry",
+    )
+
+
+def crypto_identity(provider: str) -> Identity:
+    _check_provider(provider)
+    return Identity(
+        crypto_user(provider),
+        Permissions(
+            publish=(),
+            subscribe=(
+                f"{CRYPTO_PREFIX}.{provider}.>",
+                *micro_subscriptions(crypto_service_name(provider)),
+            ),
+            allow_responses=True,
+        ),
+        f"crypto service {provider}: answers its own subjects, publishes only replies",
+    )
+
+
+def ca_identity(provider: str) -> Identity:
+    _check_provider(provider)
+    return Identity(
+        CA_USER,
+        Permissions(
+            publish=(
+                *(crypto_subject(provider, op) for op in CA_CRYPTO_OPERATIONS),
+                *kv_access(CA_BUCKET),
+                # The CA records its own keys (ca/root, ca/intermediate) in the registry.
+                *kv_access(KEY_REGISTRY_BUCKET),
+                *stream_read(AUDIT_STREAM),
+                *stream_create(AUDIT_STREAM),
+                AUDIT_SUBJECTS,
+            ),
+            subscribe=(
+                f"{CA_PREFIX}.>",
+                *micro_subscriptions(CA_SERVICE_NAME),
+                f"{inbox_prefix(CA_USER)}.>",
+            ),
+            allow_responses=True,
+        ),
+        f"CA service: answers kms.ca.>, signs only through provider {provider}",
+    )
+
+
+def kmsctl_identity(providers: Sequence[str]) -> Identity:
+    """`kmsctl up` itself: the bootstrap ceremony on the first provider, readiness pings."""
+    for provider in providers:
+        _check_provider(provider)
+    ceremony = providers[0]
+    return Identity(
+        KMSCTL_USER,
+        Permissions(
+            publish=(
+                *(crypto_subject(ceremony, op) for op in KMSCTL_CRYPTO_OPERATIONS),
+                *(f"$SRV.PING.{crypto_service_name(p)}" for p in providers),
+                f"$SRV.PING.{CA_SERVICE_NAME}",
+                *kv_access(KEY_REGISTRY_BUCKET),
+            ),
+            subscribe=(f"{inbox_prefix(KMSCTL_USER)}.>",),
+        ),
+        f"kmsctl up: bootstrap ceremony on {ceremony}, readiness probes",
+    )
+
+
+def stack_identities(providers: Sequence[str], ca_provider: str | None = None) -> list[Identity]:
+    """Every identity of one stack; the CA's signs through `ca_provider` (default: first)."""
+    if not providers:
+        raise InvalidArgument("bus.no_providers", "a stack needs at least one provider")
+    if len(set(providers)) != len(providers):
+        raise InvalidArgument("bus.provider_duplicate", "provider ids must be distinct")
+    return [
+        broker_identity(),
+        *(crypto_identity(p) for p in providers),
+        ca_identity(ca_provider or providers[0]),
+        kmsctl_identity(providers),
+    ]
+
+
+# --- server side: credentials and the authorization block -------------------------------
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def password_hash(password: str, cost: int = BCRYPT_COST) -> str:
+    """A bcrypt hash nats-server accepts; the plain password where no bcrypt is available."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt  # removed in Python 3.13; the config then holds the password itself
+
+        hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2**cost))  # noqa: S324 - bcrypt
+    except (ImportError, OSError, AttributeError):
+        hashed = None
+    if hashed and hashed.startswith("$2"):
+        return hashed
+    log.warning("bcrypt unavailable; bus passwords are stored as given in the 0600 server config")
+    return password
+
+
+def password_path(secrets_dir: Path, user: str) -> Path:
+    return secrets_dir / "nats" / f"{user}.password"
+
+
+def ensure_passwords(secrets_dir: Path, users: Iterable[str]) -> dict[str, Path]:
+    """One password file per user (0600, created once, kept across restarts)."""
+    from mgmt.pki import write_private
+
+    paths: dict[str, Path] = {}
+    for user in users:
+        path = password_path(secrets_dir, user)
+        if not path.exists():
+            write_private(path, (new_password() + "\n").encode())
+            log.info("bus password created", extra=fields(user=user))
+        paths[user] = path
+    return paths
+
+
+def read_password(path: Path) -> str:
+    try:
+        password = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = getattr(exc, "strerror", None) or type(exc).__name__
+        raise FailedPrecondition(
+            "bus.credentials_unreadable", f"cannot read the bus password file {path}: {problem}"
+        ) from None
+    if not password:
+        raise FailedPrecondition("bus.credentials_empty", f"the bus password file {path} is empty")
+    return password
+
+
+def render_authorization(identities: Sequence[Identity], passwords: dict[str, str]) -> str:
+    """The `authorization { users: [...] }` block of nats.conf (JSON is NATS config syntax)."""
+    users = []
+    for identity in identities:
+        if identity.user not in passwords:
+            raise InvalidArgument("bus.password_missing", f"no password for {identity.user!r}")
+        users.append(
+            {
+                "user": identity.user,
+                "password": password_hash(passwords[identity.user]),
+                "permissions": identity.permissions.render(),
+            }
+        )
+    if len({u["user"] for u in users}) != len(users):
+        raise InvalidArgument("bus.user_duplicate", "bus user names must be distinct")
+    return "authorization: " + json.dumps({"timeout": 2, "users": users}, indent=2)
+
+
+# --- TLS: the bus CA ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BusTLS:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _san(names: Iterable[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            out.append(x509.DNSName(name))
+    return out
+
+
+def ensure_bus_tls(
+    tls_dir: Path, secrets_dir: Path, names: Sequence[str] = ("127.0.0.1", "localhost")
+) -> BusTLS:
+    """The bus CA and nats-server's certificate, made on first start and kept after."""
+    from mgmt.pki import write_private, write_public
+
+    paths = BusTLS(
+        ca_cert=tls_dir / "bus-ca.crt",
+        server_cert=tls_dir / "nats-server.crt",
+        server_key=secrets_dir / "nats-server.key",
+    )
+    ca_key_path = secrets_dir / "bus-ca.key"
+    if paths.ca_cert.exists() and paths.server_cert.exists() and paths.server_key.exists():
+        return paths
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    if ca_key_path.exists() and paths.ca_cert.exists():
+        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        ca_key = loaded
+        ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name("EdgeKMS bus CA"))
+            .issuer_name(_name("EdgeKMS bus CA"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + SERVER_CERT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        write_private(ca_key_path, _pem_key(ca_key))
+        write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("edgekms-nats"))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(min(now + SERVER_CERT_VALIDITY, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    write_private(paths.server_key, _pem_key(server_key))
+    write_public(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    log.info("bus TLS ready", extra=fields(ca=str(paths.ca_cert), names=",".join(names)))
+    return paths
+
+
+# --- client side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BusCredentials:
+    """How one service authenticates to the bus; all None: an open bus (tests, development)."""
+
+    user: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for nats.connect (user, password, inbox prefix, TLS context)."""
+        options: dict[str, Any] = dict(self.extra)
+        if self.user is not None:
+            if self.password_file is None:
+                raise FailedPrecondition(
+                    "bus.credentials_incomplete", f"bus user {self.user!r} has no password file"
+                )
+            options["user"] = self.user
+            options["password"] = read_password(self.password_file)
+            options["inbox_prefix"] = inbox_prefix(self.user)
+        if self.ca_file is not None:
+            options["tls"] = client_tls_context(self.ca_file)
+        return options
+
+
+def client_tls_context(ca_file: Path) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise FailedPrecondition(
+            "bus.ca_unreadable", f"cannot load the bus CA {ca_file}: {exc}"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def parse_bus_fields(
+    table: dict[str, Any], base: Path | None = None
+) -> tuple[BusCredentials, list[str]]:
+    """Read nats_user / nats_password_file / nats_ca from a service config table.
+
+    Returns the credentials and a list of problems ("field: what is wrong") for the
+    caller to raise as its own ConfigError, so each config keeps one error type.
+    """
+    problems: list[str] = []
+    values: dict[str, str] = {}
+    for name in ("nats_user", "nats_password_file", "nats_ca"):
+        if name in table:
+            value = table[name]
+            if not isinstance(value, str) or not value:
+                problems.append(f"{name}: must be a non-empty string")
+            else:
+                values[name] = value
+    user = values.get("nats_user")
+    if user is not None and not re.match(USER_RE_PATTERN, user):
+        problems.append(f"nats_user: {user!r} must match {USER_RE_PATTERN}")
+    if ("nats_user" in values) != ("nats_password_file" in values):
+        problems.append("nats_user/nats_password_file: give both or neither")
+
+    def resolve(name: str) -> Path | None:
+        if name not in values:
+            return None
+        path = Path(values[name]).expanduser()
+        return path if path.is_absolute() or base is None else base / path
+
+    creds = BusCredentials(user, resolve("nats_password_file"), resolve("nats_ca"))
+    return creds, problems
+
+
+def bus_fields_toml(user: str, password_file: Path, ca_file: Path) -> str:
+    """The three top-level lines a service config needs to join an authenticated bus."""
+    return (
+        f"nats_user = {json.dumps(user)}\n"
+        f"nats_password_file = {json.dumps(str(password_file))}\n"
+        f"nats_ca = {json.dumps(str(ca_file))}\n"
+    )
+
+
+def local_credentials(data_dir: Path, user: str = KMSCTL_USER) -> BusCredentials:
+    """The credentials `kmsctl up` made for `user` under data_dir; open bus if it made none."""
+    password_file = password_path(data_dir / "secrets", user)
+    ca_file = data_dir / "nats" / "tls" / "bus-ca.crt"
+    if not password_file.exists():
+        return BusCredentials()
+    return BusCredentials(user, password_file, ca_file if ca_file.exists() else None)

@@ -1,0 +1,316 @@
+"""The broker records every decision, serves the log, and refuses to work unrecorded;
+kmsctl tails it and names the first broken link. Real nats-server, SoftHSM, kms-crypto
+and kms-broker processes throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import nats
+import pytest
+
+from edgekms import errors
+from edgekms.audit import STREAM, ChainVerifier, parse_entry, stream_config
+from edgekms.v1 import common_pb2 as pb
+from mgmt.client import KMSClient
+from tests.audit.helpers import rewrite, stored
+from tests.e2e.conftest import Parts
+
+KMSCTL = str(Path(sys.executable).parent / "kmsctl")
+
+
+def _kmsctl(parts: Parts, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KMSCTL, *args, "--config", str(parts.client_config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "EDGEKMS_DATA_DIR": str(parts.root)},
+    )
+
+
+def _entries(client: KMSClient, after: int) -> list[dict[str, Any]]:
+    """Entries after sequence `after`, TailAudit's own records left out."""
+    out = []
+    for item in client.tail_audit(after + 1):
+        if item.HasField("record"):
+            entry = parse_entry(item.record.raw)
+            if entry["action"] != "TailAudit":
+                out.append(entry)
+    return out
+
+
+def _last_seq(client: KMSClient) -> int:
+    for item in client.tail_audit(1):
+        if item.HasField("state"):
+            return item.state.last_seq
+    raise AssertionError("no state from TailAudit")
+
+
+def _js(parts: Parts, action: Any) -> Any:
+    async def run() -> Any:
+        nc = await nats.connect(parts.nats.url)
+        try:
+            return await action(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def _verify_whole(client: KMSClient) -> int:
+    verifier = ChainVerifier()
+    last = 0
+    for item in client.tail_audit(1):
+        if item.HasField("state"):
+            last = item.state.last_seq
+        else:
+            verifier.feed(item.record.seq, item.record.raw)
+    report = verifier.finish(last)
+    assert report.ok, report.problems
+    return report.entries
+
+
+def test_every_decision_appends_one_entry(audit_parts: Parts) -> None:
+    signer_only = pb.KeyPolicy(
+        rules=[pb.PolicyRule(roles=["signer"], operations=[pb.KEY_OPERATION_SIGN])]
+    )
+    with audit_parts.client() as client:
+        start = _last_seq(client)
+        client.create_key("aud-web", "ec-p256", request_id="rq-create")
+        client.sign("aud-web", b"hello")
+        client.create_key("aud-locked", "ec-p256", policy=signer_only)
+        with pytest.raises(errors.PermissionDenied):
+            client.sign("aud-locked", b"hello")
+        client.disable_key("aud-web", request_id="rq-disable")
+        entries = _entries(client, start)
+        whole = _verify_whole(client)
+    assert [(e["action"], e["target"], e["outcome"]) for e in entries] == [
+        ("CreateKey", "aud-web", "ok"),
+        ("Sign", "aud-web", "ok"),
+        ("CreateKey", "aud-locked", "ok"),
+        ("Sign", "aud-locked", "authz.policy_denied"),
+        ("DisableKey", "aud-web", "ok"),
+    ]
+    assert all(e["actor"] == {"client": "admin", "role": "admin"} for e in entries)
+    assert all(e["writer"] == "broker" for e in entries)
+    create, sign, _, denied, disable = entries
+    assert create["request_id"] == "rq-create"
+    assert create["details"]["provider"] == "hsm0"
+    assert create["details"]["key_type"] == "key_type_ec_p256"
+    assert sign["details"]["algorithm"].startswith("signature_algorithm_ecdsa")
+    assert denied["details"]["algorithm"] == sign["details"]["algorithm"]
+    assert disable["request_id"] == "rq-disable" and disable["details"]["state"] == "disabled"
+    assert whole > start
+
+
+def test_kmsctl_tail_json_and_verify(audit_parts: Parts) -> None:
+    with audit_parts.client() as client:
+        client.list_keys()
+    result = _kmsctl(audit_parts, "audit", "tail", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    seqs = [line["seq"] for line in lines]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 2
+    assert any(line["entry"]["action"] == "ListKeys" for line in lines)
+    text = _kmsctl(audit_parts, "audit", "tail", "--from", str(seqs[-1]))
+    assert text.returncode == 0 and text.stdout.splitlines()[0].split()[0] == "SEQ"
+    verified = _kmsctl(audit_parts, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith("audit chain whole:")
+    as_json = json.loads(_kmsctl(audit_parts, "audit", "verify", "-o", "json").stdout)
+    assert as_json["ok"] is True and as_json["first_problem"] is None
+    assert as_json["entries"] == as_json["last_seq"] > len(seqs)
+
+
+def test_kmsctl_tail_follow_sees_new_entries(audit_parts: Parts) -> None:
+    with audit_parts.client() as client:
+        start = _last_seq(client) + 1
+    argv = [KMSCTL, "audit", "tail", "-f", "-o", "json", "--from", str(start), "--count", "4"]
+    process = subprocess.Popen(
+        [*argv, "--config", str(audit_parts.client_config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)  # new entries arrive while the tail waits
+        with audit_parts.client() as client:
+            for _ in range(3):
+                client.status()
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["seq"] for line in lines] == list(range(start, start + 4))
+    actions = [line["entry"]["action"] for line in lines]
+    assert actions.count("GetStatus") == 3 and "TailAudit" in actions
+
+
+def test_signer_may_not_read_the_log(audit_parts: Parts) -> None:
+    from tests.e2e.test_broker import _client_with, issue_client_cert
+
+    stack: Any = SimpleNamespace(
+        nats_url=audit_parts.nats.url,
+        data_dir=audit_parts.root,
+        broker=f"127.0.0.1:{audit_parts.broker_port}",
+        nats_options=getattr(audit_parts, "nats_options", dict),
+    )
+    cert, key = issue_client_cert(stack, "reader", "signer")
+    with audit_parts.client() as admin:
+        start = _last_seq(admin)
+    with _client_with(stack, cert, key) as client, pytest.raises(errors.KMSError) as caught:
+        list(client.tail_audit(1))
+    assert caught.value.reason in ("authz.role_denied", "client.unknown")
+    with audit_parts.client() as admin:
+        denied = [e for e in _entries_all(admin, start) if e["actor"]["client"] == "reader"]
+    assert denied and denied[-1]["outcome"] == caught.value.reason
+
+
+def _entries_all(client: KMSClient, after: int) -> list[dict[str, Any]]:
+    return [
+        parse_entry(item.record.raw)
+        for item in client.tail_audit(after + 1)
+        if item.HasField("record")
+    ]
+
+
+def test_verify_names_tampered_reordered_and_deleted_entries(parts: Parts) -> None:
+    with parts.client() as client:
+        client.create_key("t", "ec-p256")
+        for _ in range(5):
+            client.sign("t", b"x")
+    assert _kmsctl(parts, "audit", "verify").returncode == 0
+
+    async def tamper(js: Any) -> None:
+        messages = [(raw, subject) for _, raw, subject in await stored(js)]
+        entry = json.loads(messages[2][0])
+        entry["outcome"] = "authz.policy_denied"
+        await rewrite(
+            js, [*messages[:2], (json.dumps(entry).encode(), messages[2][1]), *messages[3:]]
+        )
+
+    original = _js(parts, stored)
+    _js(parts, tamper)
+    result = _kmsctl(parts, "audit", "verify", "-o", "json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert (
+        report["first_problem"]["seq"] == 3 and report["first_problem"]["kind"] == "hash_mismatch"
+    )
+
+    async def restore(js: Any) -> None:
+        now = [(raw, subject) for _, raw, subject in await stored(js)]
+        now[2] = (original[2][1], original[2][2])
+        await rewrite(js, now)
+
+    _js(parts, restore)
+    assert _kmsctl(parts, "audit", "verify").returncode == 0
+
+    async def swap(js: Any) -> None:
+        now = [(raw, subject) for _, raw, subject in await stored(js)]
+        now[3], now[4] = now[4], now[3]
+        await rewrite(js, now)
+
+    _js(parts, swap)
+    result = _kmsctl(parts, "audit", "verify")
+    assert result.returncode == 1
+    assert result.stdout.startswith("audit chain broken at entry 4:"), result.stdout
+    assert "reordered" in result.stdout
+    _js(parts, swap)  # swapping back restores the chain
+    assert _kmsctl(parts, "audit", "verify").returncode == 0
+
+    async def delete(js: Any) -> None:
+        await js.delete_msg(STREAM, 6)
+
+    _js(parts, delete)
+    result = _kmsctl(parts, "audit", "verify")
+    assert result.returncode == 1
+    assert result.stdout.startswith("audit chain broken at entry 6:"), result.stdout
+    assert "missing" in result.stdout
+
+
+def test_unwritable_log_refuses_the_operation(parts: Parts) -> None:
+    with parts.client(timeout=5) as client:
+        client.create_key("fc", "ec-p256")
+        assert client.sign("fc", b"before")
+
+        async def drop(js: Any) -> None:
+            await js.delete_stream(STREAM)
+
+        _js(parts, drop)
+        with pytest.raises(errors.Unavailable) as caught:
+            client.sign("fc", b"unrecorded")
+        assert caught.value.reason == "audit.unavailable"
+        with pytest.raises(errors.Unavailable):
+            client.disable_key("fc")
+        with pytest.raises(errors.Unavailable):
+            client.get_key("fc")
+
+        async def recreate(js: Any) -> None:
+            await js.add_stream(stream_config())
+
+        _js(parts, recreate)
+        assert client.get_key("fc").state == pb.KEY_STATE_ACTIVE  # the disable never happened
+        assert client.sign("fc", b"after")
+        _verify_whole(client)
+
+
+def test_chain_survives_kill_9_of_every_component(parts: Parts) -> None:
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def busy() -> None:
+        with parts.client(timeout=3) as client:
+            while not stop.is_set():
+                try:
+                    client.sign("k9", b"load")
+                    outcomes.append("ok")
+                except errors.KMSError as exc:
+                    outcomes.append(exc.reason)
+                    time.sleep(0.05)
+
+    with parts.client() as client:
+        client.create_key("k9", "ec-p256")
+    threads = [threading.Thread(target=busy) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        parts.stop("broker", signal.SIGKILL)
+        parts.start_broker()
+        time.sleep(1.0)
+        parts.stop("crypto", signal.SIGKILL)
+        time.sleep(0.5)
+        parts.start_crypto()
+        time.sleep(0.5)
+        parts.nats.kill()
+        parts.nats.start()
+        deadline = time.monotonic() + 30
+        seen = len(outcomes)
+        while time.monotonic() < deadline and outcomes[seen:].count("ok") < 5:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert outcomes.count("ok") > 10
+    with parts.client() as client:
+        assert client.sign("k9", b"after")
+    result = _kmsctl(parts, "audit", "verify", "-o", "json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, report["problems"]
+    assert report["entries"] >= outcomes.count("ok")

@@ -1,0 +1,146 @@
+"""AuditWriter against a real nats-server: one chain across writers, tampering through
+the raw JetStream API caught and named, and no entry stored when the stream is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from edgekms.audit import STREAM, AuditWriter, parse_entry
+from edgekms.errors import Unavailable
+from tests.audit.helpers import rewrite, stored, verify_stream
+from tests.conftest import start_nats
+
+
+@pytest.fixture
+async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
+    server = start_nats(tmp_path / "nats")
+    conn = await nats.connect(server.url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+        server.stop()
+
+
+async def _fill(nc: NATS, n: int) -> AuditWriter:
+    writer = AuditWriter(nc.jetstream(), "test")
+    await writer.ensure_stream()
+    for i in range(n):
+        await writer.append("Sign", "ok", client="alice", role="signer", target=f"key{i}")
+    return writer
+
+
+async def test_entries_carry_the_fields_and_chain(nc: NATS) -> None:
+    writer = AuditWriter(nc.jetstream(), "broker")
+    await writer.ensure_stream()
+    first = await writer.append(
+        "Sign",
+        "authz.policy_denied",
+        client="bob",
+        role="signer",
+        target="web",
+        request_id="r1",
+        details={"algorithm": "ecdsa_sha256"},
+    )
+    second = await writer.append("DisableKey", "ok", client="admin", role="admin", target="web")
+    assert (first.seq, second.seq) == (1, 2)
+    (s1, raw1, subject1), (_, raw2, _) = await stored(nc.jetstream())
+    entry = parse_entry(raw1)
+    assert subject1 == "kms.audit.broker" and s1 == 1
+    assert entry["actor"] == {"client": "bob", "role": "signer"}
+    assert (entry["action"], entry["target"], entry["outcome"]) == (
+        "Sign",
+        "web",
+        "authz.policy_denied",
+    )
+    assert entry["request_id"] == "r1" and entry["details"] == {"algorithm": "ecdsa_sha256"}
+    assert entry["prev_hash"] == "00" * 32
+    assert parse_entry(raw2)["prev_hash"] == entry["hash"]
+    assert (await verify_stream(nc.jetstream())).ok
+
+
+async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
+    server = start_nats(tmp_path / "nats")
+    conns = [await nats.connect(server.url) for _ in range(2)]
+    try:
+        writers = [AuditWriter(c.jetstream(), f"w{i}") for i, c in enumerate(conns)]
+        await writers[0].ensure_stream()
+        await writers[1].ensure_stream()
+
+        async def busy(writer: AuditWriter) -> None:
+            for i in range(60):
+                await writer.append("Sign", "ok", target=f"{writer.writer}-{i}")
+
+        await asyncio.gather(*(busy(w) for w in writers for _ in range(2)))
+        report = await verify_stream(conns[0].jetstream())
+        assert report.ok, report.problems
+        assert report.entries == report.last_seq == 240
+        subjects = {s for _, _, s in await stored(conns[0].jetstream())}
+        assert subjects == {"kms.audit.w0", "kms.audit.w1"}
+    finally:
+        for c in conns:
+            await c.close()
+        server.stop()
+
+
+async def test_deleted_entry_is_named(nc: NATS) -> None:
+    await _fill(nc, 6)
+    await nc.jetstream().delete_msg(STREAM, 4)
+    report = await verify_stream(nc.jetstream())
+    assert [(p.seq, p.kind) for p in report.problems] == [(4, "missing")]
+
+
+async def test_deleted_last_entry_is_named_and_writing_goes_on(nc: NATS) -> None:
+    await _fill(nc, 4)
+    await nc.jetstream().delete_msg(STREAM, 4)
+    fresh = AuditWriter(nc.jetstream(), "test")  # no cached head: reads past the hole
+    appended = await fresh.append("GetKey", "ok")
+    assert appended.seq == 5
+    report = await verify_stream(nc.jetstream())
+    assert [(p.seq, p.kind) for p in report.problems] == [(4, "missing")]
+
+
+async def test_tampered_entry_is_named(nc: NATS) -> None:
+    await _fill(nc, 6)
+    messages = [(raw, subject) for _, raw, subject in await stored(nc.jetstream())]
+    entry = json.loads(messages[2][0])
+    entry["outcome"] = "ok"
+    entry["actor"]["client"] = "mallory"
+    messages[2] = (json.dumps(entry).encode(), messages[2][1])
+    await rewrite(nc.jetstream(), messages)
+    report = await verify_stream(nc.jetstream())
+    assert [(p.seq, p.kind) for p in report.problems] == [(3, "hash_mismatch")]
+
+
+async def test_reordered_entries_are_named(nc: NATS) -> None:
+    await _fill(nc, 6)
+    messages = [(raw, subject) for _, raw, subject in await stored(nc.jetstream())]
+    messages[3], messages[4] = messages[4], messages[3]
+    await rewrite(nc.jetstream(), messages)
+    report = await verify_stream(nc.jetstream())
+    assert report.problems[0].seq == 4 and report.problems[0].kind == "prev_mismatch"
+
+
+async def test_forged_append_is_named(nc: NATS) -> None:
+    await _fill(nc, 3)
+    (_, raw, _) = (await stored(nc.jetstream()))[0]
+    await nc.jetstream().publish("kms.audit.test", raw, stream=STREAM)  # a replayed entry
+    report = await verify_stream(nc.jetstream())
+    assert [(p.seq, p.kind) for p in report.problems] == [(4, "prev_mismatch")]
+
+
+async def test_no_stream_fails_closed(nc: NATS) -> None:
+    writer = await _fill(nc, 2)
+    await nc.jetstream().delete_stream(STREAM)
+    with pytest.raises(Unavailable) as caught:
+        await writer.append("Sign", "ok")
+    assert caught.value.reason == "audit.unavailable"
+    with pytest.raises(Unavailable):
+        await AuditWriter(nc.jetstream(), "other").append("Sign", "ok")
