@@ -1,0 +1,332 @@
+"""compose.yaml checked without a Docker engine: its structure with pyyaml, `docker
+compose config` where the CLI has the plugin, the NATS per-service permissions on a
+real nats-server configured by the setup one-shot (run for real, SoftHSM included)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import yaml
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from mgmt import natsauth
+from mgmt.natsserver import find_binary, free_port, wait_for_port
+from mgmt.softhsm import token_exists
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose.yaml"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+CONFIG_DIR = ROOT / "docker" / "config"
+PROVIDERS = ("hsm0", "tpm0")
+
+LONG_RUNNING = {"nats", "crypto-hsm", "swtpm", "crypto-tpm", "ca", "broker"}
+ONE_SHOT = {"setup", "init"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def test_services_and_one_shots(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == LONG_RUNNING | ONE_SHOT
+    for name in ONE_SHOT:
+        assert services[name]["restart"] == "no", name
+    for name in LONG_RUNNING:
+        assert services[name]["restart"] == "on-failure", name
+
+
+def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    for name in LONG_RUNNING:
+        check = compose["services"][name]["healthcheck"]
+        assert check["test"][0] == "CMD" and len(check["test"]) > 1, name
+        assert check["retries"] >= 3
+
+
+def test_start_order_is_expressed_by_conditions(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    allowed = {"service_healthy", "service_completed_successfully"}
+
+    def needs(name: str) -> dict[str, str]:
+        return {d: c["condition"] for d, c in services[name].get("depends_on", {}).items()}
+
+    for name in services:
+        for dep, condition in needs(name).items():
+            assert dep in services and condition in allowed, (name, dep)
+            expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert condition == expected, (name, dep)
+    assert needs("nats") == {"setup": "service_completed_successfully"}
+    assert needs("init") == {"nats": "service_healthy"}
+    assert {"init", "nats"} <= set(needs("crypto-hsm"))
+    assert {"init", "nats", "swtpm"} <= set(needs("crypto-tpm"))
+    assert {"crypto-hsm", "crypto-tpm", "ca"} <= set(needs("broker"))
+
+
+def test_no_privileges_and_only_loopback_ports(compose: dict[str, Any]) -> None:
+    published: list[str] = []
+    for name, service in compose["services"].items():
+        assert not service.get("privileged", False), name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("read_only") is True, name
+        assert "devices" not in service and "network_mode" not in service, name
+        published += service.get("ports", [])
+    assert sorted(published) == ["127.0.0.1:8080:8080", "127.0.0.1:8443:8443"]
+
+
+def test_volumes_are_declared_and_state_is_shared(compose: dict[str, Any]) -> None:
+    declared = set(compose["volumes"])
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if not source.startswith((".", "/", "$")):
+                assert source in declared, (name, source)
+            else:
+                local = source.split("}", 1)[-1] if source.startswith("$") else source
+                if local.startswith("./docker"):
+                    assert (ROOT / local).exists(), local
+    for name in ("setup", "init", "crypto-hsm", "crypto-tpm", "ca", "broker", "nats"):
+        mounts = compose["services"][name]["volumes"]
+        assert "edgekms-data:/var/lib/edgekms" in mounts, name
+
+
+def test_every_role_the_compose_file_runs_exists_in_the_entrypoint(
+    compose: dict[str, Any],
+) -> None:
+    roles = set(re.findall(r"^(\S+)\)$", ENTRYPOINT.read_text(), re.M))
+    used = {
+        s["command"][0]
+        for s in compose["services"].values()
+        if s.get("image") == "edgekms:dev" and "command" in s
+    }
+    assert used == {"setup", "init", "crypto-hsm", "crypto-tpm", "ca", "broker"}
+    assert used <= roles
+    for check in compose["services"].values():
+        test = check.get("healthcheck", {}).get("test", [])
+        if "/usr/local/bin/edgekms-healthcheck" in test:
+            assert test[-1] in roles
+
+
+def test_dockerfiles_exist_and_drop_root() -> None:
+    for dockerfile in ("Dockerfile", "swtpm.Dockerfile"):
+        text = (ROOT / "docker" / dockerfile).read_text()
+        assert re.search(r"^USER (?!root)\S+", text, re.M), dockerfile
+        assert "rm -rf /var/lib/apt/lists/*" in text
+
+
+def compose_plugin() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    probe = subprocess.run(
+        ["docker", "compose", "version"], capture_output=True, text=True, timeout=20, check=False
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not compose_plugin(), reason="the docker CLI here has no compose plugin")
+def test_docker_compose_config_accepts_the_file() -> None:
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- the setup one-shot, for real, and the bus it configures ----------------------
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data volume after the setup role ran twice (it must be idempotent)."""
+    if shutil.which("softhsm2-util") is None:
+        pytest.skip("softhsm2 is not installed")
+    data = tmp_path_factory.mktemp("compose-data")
+    env = {
+        **os.environ,
+        "EDGEKMS_DATA_DIR": str(data),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    outputs = []
+    for _ in range(2):
+        result = subprocess.run(
+            ["sh", str(ENTRYPOINT), "setup"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout + result.stderr)
+        if _ == 0:
+            first = {p.name: p.read_bytes() for p in (data / "secrets" / "nats").iterdir()}
+    assert first == {p.name: p.read_bytes() for p in (data / "secrets" / "nats").iterdir()}
+    pin = (data / "secrets" / "hsm0.pin").read_text().strip()
+    for output in outputs:
+        assert pin not in output
+        for password in first.values():
+            assert password.decode().strip() not in output
+    return data
+
+
+def test_setup_makes_private_secrets_and_the_token(setup_dir: Path) -> None:
+    passwords = {p.name for p in (setup_dir / "secrets" / "nats").iterdir()}
+    users = {"broker", "ca", "kmsctl", *(natsauth.crypto_user(p) for p in PROVIDERS)}
+    assert passwords == {f"{u}.password" for u in users}
+    for secret in [
+        *(setup_dir / "secrets" / "nats").iterdir(),
+        setup_dir / "secrets" / "hsm0.pin",
+        setup_dir / "nats" / "nats.conf",
+    ]:
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    assert token_exists(setup_dir / "softhsm" / "softhsm2.conf", "edgekms")
+    conf = (setup_dir / "nats" / "nats.conf").read_text()
+    for path in (setup_dir / "secrets" / "nats").iterdir():
+        assert path.read_text().strip() not in conf  # only bcrypt hashes reach the config
+
+
+def test_container_configs_name_the_setup_credentials(setup_dir: Path) -> None:
+    expected = {
+        "crypto-hsm0.toml": natsauth.crypto_user("hsm0"),
+        "crypto-tpm0.toml": natsauth.crypto_user("tpm0"),
+        "broker.toml": natsauth.BROKER_USER,
+        "ca.toml": natsauth.CA_USER,
+    }
+    for name, user in expected.items():
+        settings = tomllib.loads((CONFIG_DIR / name).read_text())
+        creds, problems = natsauth.parse_bus_fields(settings)
+        assert problems == [] and creds.user == user, name
+        assert settings["nats_url"] == "tls://nats:4222"
+        assert creds.password_file is not None and creds.ca_file is not None
+        local = setup_dir / creds.password_file.relative_to("/var/lib/edgekms")
+        assert local.is_file(), name
+        assert (setup_dir / creds.ca_file.relative_to("/var/lib/edgekms")).is_file()
+
+
+@pytest.fixture(scope="module")
+def stack_nats(setup_dir: Path) -> Any:
+    """nats-server on the config the setup role wrote; flags move it to a free loopback port."""
+    port = free_port()
+    log_path = setup_dir / "nats.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed after the server stops
+    process = subprocess.Popen(
+        [
+            find_binary(),
+            "-c",
+            str(setup_dir / "nats" / "nats.conf"),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-m",
+            str(free_port()),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, 15, process, log_path)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+async def connect(setup_dir: Path, port: int, user: str, errors: list[Exception]) -> Any:
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    creds = natsauth.BusCredentials(
+        user,
+        natsauth.password_path(setup_dir / "secrets", user),
+        setup_dir / "nats" / "tls" / "bus-ca.crt",
+    )
+    return await nats.connect(
+        f"tls://127.0.0.1:{port}",
+        error_cb=on_error,
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+        connect_timeout=5,
+        **creds.connect_options(),
+    )
+
+
+async def test_bus_users_have_only_their_subjects(setup_dir: Path, stack_nats: int) -> None:
+    errors: list[Exception] = []
+    hsm0 = await connect(setup_dir, stack_nats, natsauth.crypto_user("hsm0"), errors)
+    broker = await connect(setup_dir, stack_nats, natsauth.BROKER_USER, errors)
+    try:
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(b"signed:" + msg.data)
+
+        await hsm0.subscribe("kms.crypto.hsm0.Sign", queue="kms.crypto.hsm0", cb=answer)
+        await hsm0.flush()
+        reply = await broker.request("kms.crypto.hsm0.Sign", b"digest", timeout=5)
+        assert reply.data == b"signed:digest"
+
+        # hsm0 may not listen on tpm0's subjects, nor ask anybody anything.
+        await hsm0.subscribe("kms.crypto.tpm0.Sign")
+        await hsm0.publish("kms.ca.Issue", b"x")
+        await hsm0.flush()
+        for _ in range(50):
+            if len(errors) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        text = " ".join(str(e) for e in errors).lower()
+        assert 'permissions violation for subscription to "kms.crypto.tpm0.sign"' in text
+        assert 'permissions violation for publish to "kms.ca.issue"' in text
+        with pytest.raises((NatsTimeoutError, nats.errors.NoRespondersError)):
+            await broker.request("kms.crypto.tpm0.Sign", b"digest", timeout=0.5)
+    finally:
+        await hsm0.close()
+        await broker.close()
+
+
+async def test_bus_refuses_a_wrong_password(setup_dir: Path, stack_nats: int) -> None:
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    with pytest.raises(Exception) as refused:
+        await asyncio.wait_for(
+            nats.connect(
+                f"tls://127.0.0.1:{stack_nats}",
+                user=natsauth.BROKER_USER,
+                password="not-the-password",
+                tls=natsauth.client_tls_context(setup_dir / "nats" / "tls" / "bus-ca.crt"),
+                error_cb=on_error,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                connect_timeout=5,
+            ),
+            10,
+        )
+    assert not isinstance(refused.value, TimeoutError)
+    assert "authorization" in " ".join(str(e) for e in [refused.value, *errors]).lower()
+
+
+def test_entrypoint_refuses_an_unknown_role() -> None:
+    result = subprocess.run(
+        ["sh", str(ENTRYPOINT), "bogus"], capture_output=True, text=True, timeout=10, check=False
+    )
+    assert result.returncode == 64 and "usage" in result.stderr

@@ -1,0 +1,131 @@
+SUMMARY = "EdgeKMS: key management for edge devices, keys in OP-TEE or a TPM"
+DESCRIPTION = "The EdgeKMS services: a gRPC broker with mutual TLS, one crypto \
+               service per token (OP-TEE's PKCS#11 TA, an SPI TPM 2.0), a \
+               mini certificate authority and the kmsctl administration CLI, \
+               split into one package per service with its systemd unit."
+HOMEPAGE = "https://github.com/edgekms/edgekms"
+BUGTRACKER = "https://github.com/edgekms/edgekms/issues"
+SECTION = "console/network"
+LICENSE = "Apache-2.0"
+# The repository carries the Apache-2.0 text in LICENSE.
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
+
+# The wire contract is regenerated with scarthgap's protoc (grpcio-tools 1.62):
+# the committed modules come from a newer protoc whose runtime check refuses
+# the python3-protobuf 4.25 of meta-python.
+DEPENDS += "python3-grpcio-tools-native"
+
+SRC_URI = "file://edgekms-nats.service \
+           file://edgekms-crypto-hsm0.service \
+           file://edgekms-crypto-tpm0.service \
+           file://edgekms-ca.service \
+           file://edgekms-broker.service \
+           file://edgekms-init.service \
+           file://edgekms.tmpfiles \
+           file://edgekms-tee.rules"
+
+# The layer lives in the EdgeKMS repository and builds that checkout (set
+# EDGEKMS_SRCDIR in local.conf to build another one).
+EXTERNALSRC = "${EDGEKMS_SRCDIR}"
+EXTERNALSRC_BUILD = "${WORKDIR}/build"
+
+inherit externalsrc python_setuptools_build_meta systemd useradd
+
+EDGEKMS_SERVICES = "nats crypto-hsm0 crypto-tpm0 ca broker init"
+
+do_install:append() {
+    site=${D}${PYTHON_SITEPACKAGES_DIR}
+    for proto in ${S}/protos/edgekms/v1/*.proto; do
+        rel=edgekms/v1/$(basename ${proto})
+        grpc_out=""
+        if grep -q '^service ' ${proto}; then
+            grpc_out="--grpc_python_out=${site}"
+        fi
+        nativepython3 -m grpc_tools.protoc -I${S}/protos --python_out=${site} ${grpc_out} ${rel}
+    done
+
+    install -d ${D}${systemd_system_unitdir}
+    for svc in ${EDGEKMS_SERVICES}; do
+        install -m 0644 ${WORKDIR}/edgekms-${svc}.service ${D}${systemd_system_unitdir}/
+    done
+    sed -i -e 's,@BINDIR@,${bindir},g' \
+           -e 's,@SYSCONFDIR@,${sysconfdir},g' \
+           -e 's,@LOCALSTATEDIR@,${localstatedir},g' \
+           ${D}${systemd_system_unitdir}/edgekms-*.service
+
+    install -d ${D}${nonarch_libdir}/tmpfiles.d
+    sed -e 's,@LOCALSTATEDIR@,${localstatedir},g' ${WORKDIR}/edgekms.tmpfiles \
+        > ${D}${nonarch_libdir}/tmpfiles.d/edgekms.conf
+
+    install -d ${D}${nonarch_base_libdir}/udev/rules.d
+    install -m 0644 ${WORKDIR}/edgekms-tee.rules ${D}${nonarch_base_libdir}/udev/rules.d/60-edgekms-tee.rules
+
+    install -d ${D}${sysconfdir}/edgekms
+    for conf in nats.conf crypto-hsm0.toml crypto-tpm0.toml broker.toml ca.toml; do
+        install -m 0644 ${S}/deploy/${conf} ${D}${sysconfdir}/edgekms/${conf}
+    done
+}
+
+PACKAGE_BEFORE_PN = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+
+FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/edgekms.conf"
+FILES:${PN}-nats += "${systemd_system_unitdir}/edgekms-nats.service \
+                     ${sysconfdir}/edgekms/nats.conf"
+FILES:${PN}-crypto-hsm += "${systemd_system_unitdir}/edgekms-crypto-hsm0.service \
+                           ${sysconfdir}/edgekms/crypto-hsm0.toml \
+                           ${nonarch_base_libdir}/udev/rules.d/60-edgekms-tee.rules"
+FILES:${PN}-crypto-tpm += "${systemd_system_unitdir}/edgekms-crypto-tpm0.service \
+                           ${sysconfdir}/edgekms/crypto-tpm0.toml"
+FILES:${PN}-ca += "${systemd_system_unitdir}/edgekms-ca.service \
+                   ${sysconfdir}/edgekms/ca.toml"
+FILES:${PN}-broker += "${systemd_system_unitdir}/edgekms-broker.service \
+                       ${sysconfdir}/edgekms/broker.toml"
+FILES:${PN}-init += "${systemd_system_unitdir}/edgekms-init.service"
+
+CONFFILES:${PN}-nats = "${sysconfdir}/edgekms/nats.conf"
+CONFFILES:${PN}-crypto-hsm = "${sysconfdir}/edgekms/crypto-hsm0.toml"
+CONFFILES:${PN}-crypto-tpm = "${sysconfdir}/edgekms/crypto-tpm0.toml"
+CONFFILES:${PN}-ca = "${sysconfdir}/edgekms/ca.toml"
+CONFFILES:${PN}-broker = "${sysconfdir}/edgekms/broker.toml"
+
+SYSTEMD_PACKAGES = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+SYSTEMD_SERVICE:${PN}-nats = "edgekms-nats.service"
+SYSTEMD_SERVICE:${PN}-crypto-hsm = "edgekms-crypto-hsm0.service"
+SYSTEMD_SERVICE:${PN}-crypto-tpm = "edgekms-crypto-tpm0.service"
+SYSTEMD_SERVICE:${PN}-ca = "edgekms-ca.service"
+SYSTEMD_SERVICE:${PN}-broker = "edgekms-broker.service"
+SYSTEMD_SERVICE:${PN}-init = "edgekms-init.service"
+
+# One system user per service; tss (from tpm2-tss) and teeclnt give device access.
+USERADD_PACKAGES = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker"
+USERADD_PARAM:${PN}-nats = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-nats"
+GROUPADD_PARAM:${PN}-crypto-hsm = "--system teeclnt"
+USERADD_PARAM:${PN}-crypto-hsm = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group --groups teeclnt edgekms-hsm"
+GROUPADD_PARAM:${PN}-crypto-tpm = "--system tss"
+USERADD_PARAM:${PN}-crypto-tpm = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group --groups tss edgekms-tpm"
+USERADD_PARAM:${PN}-ca = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-ca"
+USERADD_PARAM:${PN}-broker = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-broker"
+
+RDEPENDS:${PN} += "python3-aiohttp \
+                   python3-asn1crypto \
+                   python3-click \
+                   python3-cryptography \
+                   python3-grpcio \
+                   python3-grpcio-health-checking \
+                   python3-grpcio-reflection \
+                   python3-logging \
+                   python3-nats-py \
+                   python3-protobuf \
+                   python3-tomllib"
+RDEPENDS:${PN}-nats += "nats-server"
+RDEPENDS:${PN}-crypto-hsm += "${PN} \
+                              optee-client \
+                              python3-pkcs11"
+RDEPENDS:${PN}-crypto-tpm += "${PN} \
+                              python3-tpm2-pytss \
+                              tpm2-tss"
+RDEPENDS:${PN}-ca += "${PN}"
+RDEPENDS:${PN}-broker += "${PN}"
+RDEPENDS:${PN}-init += "${PN}"
+
+CVE_PRODUCT = "edgekms"
