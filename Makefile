@@ -21,7 +21,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy broker crypto_service mgmt protos/edgekms tests scripts
+	$(BIN)/mypy broker crypto_service mgmt protos/edgekms tests scripts bench
 
 # Regenerate protos/edgekms/v1/*_pb2*.py after changing a .proto (a test fails if stale).
 protos: setup
@@ -31,7 +31,9 @@ protos: setup
 lock:
 	$(BIN)/uv pip compile -q --python-version 3.11 --extra dev pyproject.toml -o requirements.lock
 
-bench: setup
+# Benchmarks (not part of `make test`): results land in bench/results/.
+bench:
+	@WITH_BENCH=1 ./scripts/bootstrap.sh
 	$(BIN)/python -m bench
 
 clean:

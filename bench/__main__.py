@@ -1,0 +1,198 @@
+"""`python -m bench` / `make bench`: one run, one machine, every figure of issue 7.
+
+Order: raw provider rates on a token and swtpm of their own; then `kmsctl up` (cold, then
+warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/64 in
+flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
+hot path. Results land in bench/results/ (results.json, results.md, chart.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.load import LoadSpec, run_load
+from bench.procs import rss_kb
+from bench.raw import RawSpec, run_raw
+from bench.stats import RunResult, summarise
+
+log = logging.getLogger("bench")
+
+E2E_KEYS = (("hsm0", "ec-p256"), ("tpm0", "ec-p256"), ("hsm0", "rsa-2048"), ("tpm0", "rsa-2048"))
+INFLIGHT = (1, 16, 64)
+
+
+def _args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-issuance", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
+    return parser.parse_args()
+
+
+def _raw(work: Path, duration: float) -> list[RunResult]:
+    from mgmt.softhsm import init_token
+    from mgmt.swtpm import Swtpm
+
+    pin = secrets.token_hex(8)
+    token = init_token(work / "raw-softhsm", "bench", pin=pin, so_pin=secrets.token_hex(8))
+    with Swtpm.on_free_port(work / "raw-swtpm") as tpm:
+        return run_raw(
+            RawSpec(
+                softhsm_conf=str(token.conf),
+                module=token.module,
+                token_label="bench",
+                pin=pin,
+                tcti=tpm.tcti,
+                tpm_state_dir=str(work / "raw-tpm-state"),
+                duration=duration,
+                key_types=("ec-p256", "rsa-2048"),
+                threads=(1, 4),
+            )
+        )
+
+
+def _e2e(
+    stack: Any, duration: float, warmup: float, processes: int, pids: dict[str, int]
+) -> tuple[list[RunResult], dict[str, list[float]], dict[str, int]]:
+    from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
+    from mgmt.client import KMSClient
+    from mgmt.clientconfig import load_client_config
+
+    config = load_client_config(stack.client_config)
+    ca_cert, cert, key = config.read_credentials()
+    runs: list[RunResult] = []
+    samples: dict[str, list[float]] = {}
+    peak: dict[str, int] = {}
+    with KMSClient.from_config(stack.client_config, timeout=60) as client:
+        for provider, cli in E2E_KEYS:
+            client.create_key(f"bench/{provider}/{cli}", cli, provider=provider)
+    digest = secrets.token_bytes(32)
+    for provider, cli in E2E_KEYS:
+        algorithm = key_type_info(KEY_TYPE_BY_CLI[cli].key_type).default_algorithm
+        levels = INFLIGHT if cli == "ec-p256" else (16,)
+        for inflight in levels:
+            spec = LoadSpec(
+                target=stack.broker,
+                server_name=config.server_name or "edgekms-broker",
+                ca_cert=ca_cert,
+                cert=cert,
+                key=key,
+                key_name=f"bench/{provider}/{cli}",
+                algorithm=algorithm,
+                data=digest,
+                inflight=inflight,
+                duration=duration,
+                warmup=warmup,
+            )
+            outcome = run_load(spec, processes if inflight > 1 else 1, pids)
+            run = summarise(
+                "e2e", provider, cli, inflight, outcome.latencies, duration,
+                errors=outcome.errors, cpu=outcome.cpu, note=outcome.first_error,
+            )  # fmt: skip
+            runs.append(run)
+            samples[f"{provider}/{cli}/{inflight}"] = outcome.latencies
+            for name, kb in outcome.peak_kb.items():
+                if not name.startswith("loadgen"):
+                    peak[name] = max(peak.get(name, 0), kb)
+            log.warning(
+                "e2e provider=%s key=%s inflight=%d rate=%.0f p50_ms=%.2f p99_ms=%.2f errors=%d",
+                provider, cli, inflight, run.rate, run.p50_ms, run.p99_ms, run.errors,
+            )  # fmt: skip
+    return runs, samples, peak
+
+
+def main() -> None:
+    args = _args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    from bench import stackrun
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="edgekms-bench-"))
+    started = time.time()
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg(),
+        },
+        "settings": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "loadgen_processes": args.processes,
+        },
+    }
+    try:
+        raw = _raw(work, args.duration)
+        for r in raw:
+            log.warning(
+                "raw provider=%s key=%s threads=%d rate=%.0f",
+                r.provider,
+                r.key_type,
+                r.inflight,
+                r.rate,
+            )
+        results["raw"] = [r.to_json() for r in raw]
+
+        data = work / "stack" / "data"
+        data.parent.mkdir()
+        cold = stackrun.start(data)
+        cold.stop()
+        stack = stackrun.start(data)
+        results["ready_seconds"] = {"cold": cold.ready_seconds, "warm": stack.ready_seconds}
+        log.warning("ready cold=%.2fs warm=%.2fs", cold.ready_seconds, stack.ready_seconds)
+        try:
+            pids = stack.pids()
+            results["pids"] = pids
+            time.sleep(1.0)
+            idle = {name: rss_kb(pid) for name, pid in pids.items()}
+            runs, samples, peak = _e2e(stack, args.duration, args.warmup, args.processes, pids)
+            results["e2e"] = [r.to_json() for r in runs]
+            results["memory_kb"] = {"idle": idle, "peak": peak}
+            if not args.no_issuance:
+                from bench import issuance
+
+                issue_runs, issue_samples, issue_peak = issuance.run(
+                    stack, work, args.duration, args.warmup, pids
+                )
+                results["issuance"] = [r.to_json() for r in issue_runs]
+                samples.update(issue_samples)
+                results["memory_kb"]["peak_issuance"] = issue_peak
+            if not args.no_profile:
+                from bench import profile
+
+                results["profiles"] = profile.run(stack, pids, out, args.processes)
+            results["latency_samples_ms"] = {
+                k: [round(v * 1000, 3) for v in vs[:: max(1, len(vs) // 2000)]]
+                for k, vs in samples.items()
+            }
+        finally:
+            stack.stop()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results["bench_seconds"] = time.time() - started
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    report.write(results, out)
+    print(f"results in {out} ({results['bench_seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Certificate issuance: the same CSRs to EdgeKMS's CA service (kms.ca.IssueCertificate:
+CSR checked against the https-server profile, certificate signed by the intermediate key
+in the token, stored in the CA bucket; no audit: that is the broker's, which has
+no CA gRPC service yet) and to `cfssl serve` (Debian's
+golang-cfssl, CA key in software), at 1 and 16 in flight.
+
+The load runs in one spawned process per run (asyncio, nats-py or aiohttp), measured the
+same way as the Sign runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Watch, wait_until
+from bench.stats import RunResult, summarise
+from mgmt.natsserver import free_port, wait_for_port
+
+LEVELS = (1, 16)
+PROFILE = "https-server"
+CSR_COUNT = 64
+
+
+@dataclass(frozen=True)
+class IssueSpec:
+    kind: str  # "edgekms" | "cfssl"
+    target: str  # nats URL or cfssl base URL
+    data_dir: str  # the stack's, for its bus credentials
+    csrs: tuple[bytes, ...]  # PEM
+    inflight: int
+    duration: float
+    warmup: float
+
+
+def make_csrs(count: int = CSR_COUNT) -> tuple[bytes, ...]:
+    """P-256 CSRs for distinct host names, each with the SAN the profile requires."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out = []
+    for i in range(count):
+        host = f"host{i}.bench.lan"
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        out.append(csr.public_bytes(serialization.Encoding.PEM))
+    return tuple(out)
+
+
+async def _edgekms_caller(spec: IssueSpec) -> tuple[Callable[[bytes], Awaitable[None]], Any]:
+    import nats
+
+    from bench.stackrun import bus_options
+    from edgekms.v1 import ca_pb2
+
+    nc = await nats.connect(spec.target, **bus_options(Path(spec.data_dir)))
+
+    async def call(csr: bytes) -> None:
+        request = ca_pb2.IssueCertificateRequest(profile=PROFILE, csr=csr, requester="bench")
+        reply = await nc.request("kms.ca.IssueCertificate", request.SerializeToString(), timeout=30)
+        if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
+            raise RuntimeError(reply.headers.get("Nats-Service-Error", "CA error"))
+        response = ca_pb2.IssueCertificateResponse()
+        response.ParseFromString(reply.data)
+        if not response.certificate_der:
+            raise RuntimeError("no certificate in the answer")
+
+    return call, nc.close
+
+
+async def _cfssl_caller(spec: IssueSpec) -> tuple[Callable[[bytes], Awaitable[None]], Any]:
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=spec.inflight))
+
+    async def call(csr: bytes) -> None:
+        body = {"certificate_request": csr.decode(), "profile": "server"}
+        async with session.post(f"{spec.target}/api/v1/cfssl/sign", json=body) as resp:
+            answer = await resp.json(content_type=None)
+        if not answer.get("success") or not answer.get("result", {}).get("certificate"):
+            raise RuntimeError(f"cfssl: {answer.get('errors')}")
+
+    return call, session.close
+
+
+async def _drive(spec: IssueSpec, start_at: float) -> tuple[list[float], int, str]:
+    maker = _edgekms_caller if spec.kind == "edgekms" else _cfssl_caller
+    call, close = await maker(spec)
+    latencies: list[float] = []
+    errors = 0
+    first_error = ""
+    measure_from = start_at + spec.warmup
+    end = measure_from + spec.duration
+    try:
+        await call(spec.csrs[0])
+
+        async def one(index: int) -> None:
+            nonlocal errors, first_error
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            n = index
+            while time.time() < end:
+                t0, wall = time.perf_counter(), time.time()
+                try:
+                    await call(spec.csrs[n % len(spec.csrs)])
+                except Exception as exc:
+                    errors += 1
+                    first_error = first_error or str(exc)[:200]
+                    continue
+                finally:
+                    n += spec.inflight
+                if wall >= measure_from and time.time() < end:
+                    latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(one(i) for i in range(spec.inflight)))
+    finally:
+        await close()
+    return latencies, errors, first_error
+
+
+def _child(spec: IssueSpec, start_at: float, out: mp.Queue[tuple[list[float], int, str]]) -> None:
+    try:
+        out.put(asyncio.run(_drive(spec, start_at)))
+    except Exception as exc:
+        out.put(([], 1, f"load process failed: {exc!r}"[:300]))
+
+
+def measure(
+    spec: IssueSpec, watch: Mapping[str, int]
+) -> tuple[RunResult, list[float], dict[str, int]]:
+    ctx = mp.get_context("spawn")
+    out: mp.Queue[tuple[list[float], int, str]] = ctx.Queue()
+    start_at = time.time() + 3.0
+    proc = ctx.Process(target=_child, args=(spec, start_at, out))
+    proc.start()
+    wait_until(start_at + spec.warmup)
+    sampler = Watch({**watch, "loadgen0": proc.pid or 0})
+    sampler.start()
+    wait_until(start_at + spec.warmup + spec.duration)
+    sampler.stop()
+    latencies, errors, first_error = out.get(timeout=20 + spec.duration)
+    proc.join(10)
+    run = summarise(
+        "issue", spec.kind, "ec-p256", spec.inflight, latencies, spec.duration,
+        errors=errors, cpu=sampler.cpu, note=first_error,
+    )  # fmt: skip
+    return run, latencies, sampler.peak_kb
+
+
+def _init_ca(nats_url: str, data_dir: Path) -> None:
+    async def init() -> None:
+        import nats
+
+        from bench.stackrun import bus_options
+        from edgekms.v1 import ca_pb2
+        from edgekms.v1 import common_pb2 as pb
+
+        nc = await nats.connect(nats_url, **bus_options(data_dir))
+        try:
+            request = ca_pb2.InitCARequest(
+                provider="hsm0", key_type=pb.KEY_TYPE_EC_P256, common_name="Bench CA"
+            )
+            reply = await nc.request("kms.ca.Init", request.SerializeToString(), timeout=60)
+            if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
+                error = reply.headers.get("Nats-Service-Error", "")
+                if "already" not in error.lower():
+                    raise RuntimeError(f"CA init failed: {error}")
+        finally:
+            await nc.close()
+
+    asyncio.run(init())
+
+
+def _start_cfssl(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`cfssl serve` with a P-256 CA key in software and a "server" signing profile."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    binary = shutil.which("cfssl")
+    if binary is None:
+        raise RuntimeError("cfssl not found: apt-get install golang-cfssl")
+    directory = work / "cfssl"
+    directory.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cfssl Bench CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    (directory / "ca-key.pem").chmod(0o600)
+    config = {
+        "signing": {
+            "default": {"expiry": "9528h", "usages": ["digital signature", "server auth"]},
+            "profiles": {
+                "server": {"expiry": "9528h", "usages": ["digital signature", "server auth"]}
+            },
+        }
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    port = free_port()
+    log = open(directory / "cfssl.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [
+            binary, "serve", "-address", "127.0.0.1", "-port", str(port),
+            "-ca", str(directory / "ca.pem"), "-ca-key", str(directory / "ca-key.pem"),
+            "-config", str(directory / "config.json"), "-loglevel", "3",
+        ],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    log.close()
+    wait_for_port("127.0.0.1", port, 15.0, proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def run(
+    stack: Any, work: Path, duration: float, warmup: float, pids: Mapping[str, int]
+) -> tuple[list[RunResult], dict[str, list[float]], dict[str, int]]:
+    csrs = make_csrs()
+    _init_ca(stack.nats_url, stack.data_dir)
+    runs: list[RunResult] = []
+    samples: dict[str, list[float]] = {}
+    peak: dict[str, int] = {}
+    for n in LEVELS:
+        run_, lat, kb = measure(
+            IssueSpec("edgekms", stack.nats_url, str(stack.data_dir), csrs, n, duration, warmup),
+            pids,
+        )
+        runs.append(run_)
+        samples[f"issue/edgekms/{n}"] = lat
+        for name, value in kb.items():
+            if not name.startswith("loadgen"):
+                peak[name] = max(peak.get(name, 0), value)
+    cfssl, url = _start_cfssl(work)
+    try:
+        for n in LEVELS:
+            spec = IssueSpec("cfssl", url, "", csrs, n, duration, warmup)
+            run_, lat, _ = measure(spec, {"cfssl": cfssl.pid})
+            runs.append(run_)
+            samples[f"issue/cfssl/{n}"] = lat
+    finally:
+        cfssl.terminate()
+        cfssl.wait(10)
+    return runs, samples, peak

@@ -1,0 +1,120 @@
+"""Where the time goes on the hot path: py-spy samples the broker and the crypto
+service while the load generator holds 64 Signs in flight, and the collapsed stacks
+become a per-function table (self time, and time inside each top-level layer)."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.load import LoadSpec, run_load
+
+PROFILED = ("broker", "crypto-hsm0")
+LOOP_SELF = "asyncio loop and select, self time"
+# Layers a reader cares about, matched against "function (file)" frames of a stack.
+LAYERS = {
+    "grpc server (C core + aio glue)": ("grpc/_cython", "grpc/aio"),
+    "protobuf": ("google/protobuf",),
+    "nats client": ("nats/aio", "nats/micro", "nats/protocol"),
+    "ssl": ("ssl.py",),
+    "pkcs11 (token call)": ("pkcs11/", "sign (crypto_service/providers/pkcs11.py"),
+    "logging": ("logging/",),
+    "edgekms code": ("broker/", "crypto_service/", "edgekms/"),
+}
+
+
+def py_spy() -> str | None:
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else None
+
+
+def summarise_collapsed(text: str, top: int = 12) -> dict[str, Any]:
+    """Self time per function and the share of samples that pass through each layer."""
+    self_counts: Counter[str] = Counter()
+    layer_counts: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        leaf = frames[-1]
+        self_counts[_short(leaf)] += count
+        if "asyncio/" in leaf or "selectors.py" in leaf:
+            layer_counts[LOOP_SELF] += count
+        # Every stack starts in the service's main(): it says nothing about where time goes.
+        inner = [f for f in frames if "__main__.py" not in f]
+        for layer, needles in LAYERS.items():
+            if any(n in frame for frame in inner for n in needles):
+                layer_counts[layer] += count
+    if not total:
+        return {"samples": 0, "self": [], "layers": []}
+    return {
+        "samples": total,
+        "self": [(name, 100.0 * c / total) for name, c in self_counts.most_common(top)],
+        "layers": [(name, 100.0 * c / total) for name, c in layer_counts.most_common()],
+    }
+
+
+def _short(frame: str) -> str:
+    """`sign (crypto_service/providers/pkcs11.py:560)` -> `sign (…/pkcs11.py)`."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").split(":")[0]
+    parts = path.split("/")
+    return f"{name} ({'/'.join(parts[-2:])})" if path else name
+
+
+def run(stack: Any, pids: Mapping[str, int], out: Path, processes: int) -> dict[str, Any]:
+    binary = py_spy()
+    if binary is None:
+        return {"skipped": "py-spy not installed in the venv"}
+    from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
+    from mgmt.clientconfig import load_client_config
+
+    config = load_client_config(stack.client_config)
+    ca_cert, cert, key = config.read_credentials()
+    duration = 6.0
+    spec = LoadSpec(
+        target=stack.broker,
+        server_name=config.server_name or "edgekms-broker",
+        ca_cert=ca_cert,
+        cert=cert,
+        key=key,
+        key_name="bench/hsm0/ec-p256",
+        algorithm=key_type_info(KEY_TYPE_BY_CLI["ec-p256"].key_type).default_algorithm,
+        data=secrets.token_bytes(32),
+        inflight=64,
+        duration=duration,
+        warmup=1.0,
+    )
+    profile_dir = out / "profiles"
+    profile_dir.mkdir(exist_ok=True)
+    spies = {}
+    for name in PROFILED:
+        target = profile_dir / f"{name}.collapsed.txt"
+        spies[name] = (
+            subprocess.Popen(
+                [binary, "record", "--pid", str(pids[name]), "--duration", str(int(duration + 4)),
+                 "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ),
+            target,
+        )  # fmt: skip
+    outcome = run_load(spec, processes, pids)
+    result: dict[str, Any] = {
+        "rate_while_profiled": len(outcome.latencies) / duration,
+    }
+    for name, (proc, target) in spies.items():
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0 or not target.exists():
+            result[name] = {"error": err.decode(errors="replace")[-300:]}
+            continue
+        result[name] = summarise_collapsed(target.read_text())
+    return result

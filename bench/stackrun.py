@@ -1,0 +1,121 @@
+"""The stack under test, started exactly as a user starts it: `kmsctl up` in a subprocess
+(nats-server, SoftHSM token, kms-crypto hsm0 and tpm0 on swtpm, ceremony, kms-broker),
+timed from spawn until <data-dir>/run/state.json says ready.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.procs import children
+from mgmt.natsserver import free_port
+from mgmt.swtpm import free_port_pair
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class RunningStack:
+    data_dir: Path
+    broker: str
+    nats_url: str
+    process: subprocess.Popen[bytes]
+    ready_seconds: float
+    log_path: Path
+
+    @property
+    def client_config(self) -> Path:
+        return self.data_dir / "client" / "config.toml"
+
+    def pids(self) -> dict[str, int]:
+        """Every process of the stack by role: kmsctl-up, nats-server, swtpm, crypto-*, broker."""
+        state = json.loads((self.data_dir / "run" / "state.json").read_text())
+        named = {str(k): int(v) for k, v in state["children"].items()}
+        found = {"kmsctl-up": self.process.pid}
+        for pid, comm in children(self.process.pid).items():
+            if pid in named.values():
+                continue
+            if comm.startswith("nats-server"):
+                found["nats-server"] = pid
+            elif comm.startswith("swtpm"):
+                found["swtpm"] = pid
+        return {**found, **named}
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def bus_options(data_dir: Path, user: str = "broker") -> dict[str, Any]:
+    """nats.connect options for one of the stack's bus identities.
+
+    When the stack runs with bus auth and TLS (mgmt.natsauth), the bench speaks to the CA
+    service as the broker does, with the broker's identity; on an open bus, nothing."""
+    tls_ca = data_dir / "nats" / "tls" / "bus-ca.crt"
+    if not tls_ca.exists():
+        return {}
+    from mgmt.natsauth import BusCredentials, password_path
+
+    creds = BusCredentials(user, password_path(data_dir / "secrets", user), tls_ca)
+    return creds.connect_options()
+
+
+def start(data_dir: Path, timeout: float = 120.0) -> RunningStack:
+    nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
+    swtpm_port = free_port_pair()
+    log_path = data_dir.parent / f"{data_dir.name}-up.log"
+    argv = [
+        str(BIN / "kmsctl"),
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--nats-port",
+        str(nats_port),
+        "--broker-listen",
+        f"127.0.0.1:{broker_port}",
+        "--tpm",
+        "swtpm",
+        "--swtpm-port",
+        str(swtpm_port),
+        "--ca-http",
+        f"127.0.0.1:{ca_port}",
+        "--log-level",
+        "warning",
+    ]
+    state_file = data_dir / "run" / "state.json"
+    with open(log_path, "ab") as log_file:
+        t0 = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = t0 + timeout
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"kmsctl up exited {process.returncode}: {log_path.read_text()[-2000:]}"
+            )
+        try:
+            ready = json.loads(state_file.read_text() or "{}").get("ready")
+        except (OSError, ValueError):
+            ready = False
+        if ready:
+            return RunningStack(
+                data_dir,
+                f"127.0.0.1:{broker_port}",
+                str(json.loads(state_file.read_text()).get("nats_url", "")),
+                process,
+                time.perf_counter() - t0,
+                log_path,
+            )
+        time.sleep(0.01)
+    process.kill()
+    raise RuntimeError(f"kmsctl up not ready in {timeout:.0f}s: {log_path.read_text()[-2000:]}")
