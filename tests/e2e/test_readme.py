@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
-from tests.e2e.conftest import KmsStack
+from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -20,3 +21,37 @@ def test_readme_python_example_runs(kms_stack: KmsStack) -> None:
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     csr = namespace["csr"]
     assert getattr(csr, "is_signature_valid", False) is True
+
+
+def _sh_block_after(heading: str) -> str:
+    text = README.read_text()
+    section = text[text.index(heading) :]
+    match = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL)
+    assert match, f"no sh block after {heading!r}"
+    return match.group(1)
+
+
+def test_readme_shell_blocks_run_as_written(tmp_path: Path) -> None:
+    """The five-minute tour and the security commands, line by line under `set -e`,
+    against a stack of their own (the tour names keys other tests might use)."""
+    stack = start_stack(tmp_path / "data")
+    try:
+        root = README.parent
+        tour = _sh_block_after("## A five-minute tour").replace(
+            ". .venv/bin/activate", f". {root}/.venv/bin/activate"
+        )
+        security = _sh_block_after("## Who may do what")
+        script = "set -euo pipefail\n" + tour + security
+        result = subprocess.run(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            env={**stack.env(), "PATH": f"{root}/.venv/bin:/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "Verified OK" in result.stdout
+        assert (tmp_path / "backup-job" / "backup-job.crt").exists()
+    finally:
+        assert stop_stack(stack) == 0
