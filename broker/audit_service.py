@@ -41,7 +41,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 AUDIT_UNAVAILABLE = "audit.unavailable"
 # Request fields worth keeping in an entry's details (never data, digests or signatures).
-_DETAIL_FIELDS = ("provider", "key_type", "algorithm", "prefix", "include_destroyed")
+_DETAIL_FIELDS = (
+    "provider",
+    "key_type",
+    "algorithm",
+    "prefix",
+    "include_destroyed",
+    "profile",
+    "serial",
+    "reason",
+)
 
 _current: contextvars.ContextVar[AuditScope | None] = contextvars.ContextVar(
     "edgekms_audit_scope", default=None
@@ -138,6 +147,14 @@ async def record_before_change(**details: str) -> None:
         return
     scope.details.update(details)
     await scope.record_ok()
+
+
+def note(**details: str) -> None:
+    """Add what only the answer knows (a new certificate's serial) to this call's entry,
+    which is written after the handler returns."""
+    scope = _current.get()
+    if scope is not None and not scope.recorded:
+        scope.details.update(details)
 
 
 async def abort_with(context: Context, err: KMSError) -> None:

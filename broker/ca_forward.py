@@ -16,8 +16,12 @@ import grpc
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
 
+from broker import wire
+from broker.audit_service import note
+from broker.idempotency import IdempotencyStore
 from broker.keys import Context, IdentityCache, rpc
 from edgekms import natsrpc
+from edgekms.audit import AuditWriter
 from edgekms.identity import Identity
 from edgekms.subjects import ca_subject
 from edgekms.v1 import ca_pb2
@@ -26,12 +30,24 @@ SERVICE = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"]
 # Making CA keys in a token or TPM can take seconds; the rest answers quickly.
 SLOW_METHODS = {"Init": 120.0}
 DEFAULT_TIMEOUT = 10.0
+# Calls that change the CA's state: a retry with the same request_id is done once.
+STATE_CHANGING = {"Init", "IssueCertificate", "RevokeCertificate", "RenewCertificate"}
 
 
 class CAForwarder:
-    def __init__(self, nc: NATS, identities: IdentityCache):
+    def __init__(
+        self,
+        nc: NATS,
+        identities: IdentityCache,
+        idempotency: IdempotencyStore | None = None,
+        audit: AuditWriter | None = None,
+    ):
         self.nc = nc
-        self.identities = identities  # read by the `rpc` wrapper
+        # Read by the `rpc` wrapper: who is calling, and where every decision is recorded
+        # (certificate issuance and revocation are changes the audit log must show).
+        self.identities = identities
+        self.idempotency = idempotency
+        self.audit = audit
 
     def _forward(
         self, method: str, response_type: type[Message]
@@ -44,26 +60,34 @@ class CAForwarder:
             ceiling = SLOW_METHODS.get(method, DEFAULT_TIMEOUT)
             remaining = context.time_remaining()
             timeout = ceiling if remaining is None else max(0.05, min(ceiling, remaining - 0.05))
-            return await natsrpc.request(
-                self.nc,
-                ca_subject(method),
-                request,
-                response_type,
-                timeout,
-                service="the CA service",
-                reason_prefix="ca",
-            )
+
+            async def send() -> Message:
+                return await natsrpc.request(
+                    self.nc,
+                    ca_subject(method),
+                    request,
+                    response_type,
+                    timeout,
+                    service="the CA service",
+                    reason_prefix="ca",
+                )
+
+            if self.idempotency is None or method not in STATE_CHANGING:
+                response = await send()
+            else:
+                response = await self.idempotency.run(
+                    identity, method, request, response_type, send, lease=timeout
+                )
+            record = getattr(response, "record", None)
+            if record is not None and record.serial:
+                note(serial=record.serial)  # an issuance's entry names what it issued
+            return response
 
         return functools.partial(rpc(method)(forward), self)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        handlers = {}
-        for method in SERVICE.methods:
-            request_type = getattr(ca_pb2, method.input_type.name)
-            response_type = getattr(ca_pb2, method.output_type.name)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                self._forward(method.name, response_type),
-                request_deserializer=request_type.FromString,
-                response_serializer=response_type.SerializeToString,
-            )
-        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+        def implementation(method: str) -> Callable[[Message, Context], Any]:
+            output = SERVICE.methods_by_name[method].output_type.name
+            return self._forward(method, getattr(ca_pb2, output))
+
+        return wire.unary_handlers(SERVICE, ca_pb2, implementation)

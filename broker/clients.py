@@ -56,11 +56,11 @@ from edgekms.identity import CLIENT_NAME_RE, ROLES, Identity
 from edgekms.logs import fields
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
+from edgekms.subjects import CLIENTS_BUCKET
 from edgekms.v1 import clients_pb2, clients_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-CLIENTS_BUCKET = "kms_clients"
 MAX_PATTERN = 256
 PATTERN_RE = re.compile(r"^[a-z0-9/._*?\[\]!-]+$")
 MAX_VALIDITY_DAYS = 3650

@@ -24,7 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from broker.audit_service import AuditScope, record_before_change
 from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
+from broker.idempotency import IdempotencyStore, idempotent
 from broker.registry import KeyRegistry, check_key_name
+from broker.wire import Malformed
 from edgekms.algorithms import check_sign_request, key_type_info
 from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
@@ -116,6 +118,10 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
                 identity = self.identities.identify(context)
                 scope.identity = identity
                 check_method(identity, method)
+                if isinstance(request, Malformed):
+                    raise InvalidArgument(
+                        "request.malformed", f"{method}: the request is not a {request.expected}"
+                    )
                 self.identities.check_scope(identity, method, request)
                 response = await handler(self, request, context, identity)
                 failure = await scope.settle(None)
@@ -202,12 +208,15 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         crypto: CryptoClient,
         identities: IdentityCache,
         audit: AuditWriter | None = None,
+        idempotency: IdempotencyStore | None = None,
     ):
         self.config = config
         self.registry = registry
         self.crypto = crypto
         self.identities = identities
         self.audit = audit
+        # Retried state changes (same request_id) are done once (broker/idempotency.py).
+        self.idempotency = idempotency
 
     def _timeout(self, context: Context, ceiling: float) -> float:
         """The NATS deadline: the configured ceiling, cut to what the caller has left."""
@@ -217,6 +226,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         return max(0.05, min(ceiling, remaining - 0.05))
 
     @rpc("CreateKey")
+    @idempotent("CreateKey", keys_pb2.Key)
     async def CreateKey(
         self,
         request: keys_pb2.CreateKeyRequest,
@@ -224,6 +234,10 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         identity: Identity,
     ) -> keys_pb2.Key:
         check_key_name(request.name)
+        if request.name.startswith(RESERVED_PREFIX):
+            raise InvalidArgument(
+                "key.reserved", f"names under {RESERVED_PREFIX!r} belong to EdgeKMS itself"
+            )
         if request.key_type == pb.KEY_TYPE_UNSPECIFIED:
             raise InvalidArgument("key.type_missing", "a key type is required")
         key_type_info(request.key_type)
@@ -247,7 +261,8 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             labels=request.labels,
         )
         await record_before_change(provider=provider)
-        revision = await self.registry.reserve(record)
+        # A reservation outlives any generation only if its broker died: then take it.
+        revision = await self.registry.reserve(record, self.config.generate_timeout + 30)
         try:
             generated = await self.crypto.generate_key(
                 provider,
@@ -362,6 +377,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         return to_key(updated)
 
     @rpc("DisableKey")
+    @idempotent("DisableKey", keys_pb2.Key)
     async def DisableKey(
         self,
         request: keys_pb2.DisableKeyRequest,
@@ -377,6 +393,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         )
 
     @rpc("EnableKey")
+    @idempotent("EnableKey", keys_pb2.Key)
     async def EnableKey(
         self,
         request: keys_pb2.EnableKeyRequest,
@@ -392,6 +409,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         )
 
     @rpc("DestroyKey")
+    @idempotent("DestroyKey", keys_pb2.Key)
     async def DestroyKey(
         self,
         request: keys_pb2.DestroyKeyRequest,
@@ -402,6 +420,10 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         check_key_policy(identity, record, pb.KEY_OPERATION_DESTROY)
         if record.state == pb.KEY_STATE_DESTROYED:
             return to_key(record)
+        if record.name.startswith(RESERVED_PREFIX):
+            raise FailedPrecondition(
+                "key.reserved", f"{record.name!r} holds EdgeKMS together and cannot be destroyed"
+            )
         await record_before_change(state="destroyed")
         # NotFound: already gone from the token (a destroy that failed halfway): finish it.
         with contextlib.suppress(NotFound):
@@ -419,6 +441,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         )
 
     @rpc("UpdateKeyPolicy")
+    @idempotent("UpdateKeyPolicy", keys_pb2.Key)
     async def UpdateKeyPolicy(
         self,
         request: keys_pb2.UpdateKeyPolicyRequest,

@@ -19,6 +19,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 
 from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from edgekms.logs import fields
 from edgekms.subjects import KEY_REGISTRY_BUCKET
 from edgekms.v1 import common_pb2 as pb
 
@@ -112,16 +113,44 @@ class KeyRegistry:
             out.append(record)
         return out
 
-    async def reserve(self, record: pb.KeyRecord) -> int:
-        """Take the name with a PENDING record; AlreadyExists if anyone holds it."""
+    async def reserve(self, record: pb.KeyRecord, stale_after: float = 180.0) -> int:
+        """Take the name with a PENDING record; AlreadyExists if anyone holds it.
+
+        A PENDING record older than `stale_after` seconds (longer than any generation
+        may take) was left by a broker that died mid-create: it is taken over, by
+        compare-and-set, so of several retries exactly one wins. The token object the
+        dead broker may have made is orphaned (no record points at it), never used.
+        """
         check_key_name(record.name)
         record.state = pb.KEY_STATE_PENDING
         record.created_at = record.updated_at = now()
+        payload = record.SerializeToString()
         try:
-            revision = await self.kv.create(record.name, record.SerializeToString())
+            revision = await self.kv.create(record.name, payload)
         except KeyWrongLastSequenceError:
-            raise AlreadyExists("key.exists", f"a key named {record.name!r} exists") from None
+            revision = await self._take_over_stale(record.name, payload, stale_after)
         self._records[record.name] = (record, revision)
+        return revision
+
+    async def _take_over_stale(self, name: str, payload: bytes, stale_after: float) -> int:
+        exists = AlreadyExists("key.exists", f"a key named {name!r} exists")
+        try:
+            entry = await self.kv.get(name)
+        except KeyNotFoundError:
+            raise exists from None  # deleted meanwhile: let the caller retry plainly
+        held = pb.KeyRecord()
+        held.ParseFromString(entry.value or b"")
+        age = datetime.datetime.now(datetime.UTC) - datetime.datetime.fromisoformat(
+            held.updated_at or held.created_at or now()
+        )
+        if held.state != pb.KEY_STATE_PENDING or age.total_seconds() < stale_after:
+            raise exists
+        assert entry.revision is not None
+        try:
+            revision = await self.kv.update(name, payload, last=entry.revision)
+        except KeyWrongLastSequenceError:
+            raise exists from None  # another retry took it first
+        log.warning("took over a stale reservation", extra=fields(key=name, age=age.seconds))
         return revision
 
     async def activate(self, record: pb.KeyRecord, revision: int) -> pb.KeyRecord:

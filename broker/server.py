@@ -18,11 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 
+from broker import wire
 from broker.audit_service import AuditService
 from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
 from broker.clients import AccessGate, ClientRegistry, ClientService
 from broker.config import BrokerConfig
+from broker.idempotency import IdempotencyStore
 from broker.keys import IdentityCache, KeyService, SystemService
 from broker.registry import KeyRegistry
 from broker.throttle import FailureThrottle
@@ -35,9 +37,7 @@ from edgekms.v1 import (
     audit_pb2,
     audit_pb2_grpc,
     clients_pb2,
-    clients_pb2_grpc,
     keys_pb2,
-    keys_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ class Broker:
         self.clients = ClientRegistry(self.nc.jetstream())
         await self.clients.start()
         identities = IdentityCache(gate=AccessGate(self.clients, FailureThrottle()))
+        # Request ids of state-changing calls (broker/idempotency.py).
+        idempotency = IdempotencyStore(self.nc.jetstream())
+        await idempotency.start()
 
         self.server = grpc.aio.server(
             options=[
@@ -124,20 +127,31 @@ class Broker:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        keys_pb2_grpc.add_KeyServiceServicer_to_server(
-            KeyService(cfg, self.registry, crypto, identities, audit), self.server
-        )
-        keys_pb2_grpc.add_SystemServiceServicer_to_server(
-            SystemService(cfg, self.registry, crypto, identities, self._bus_check, audit),
+        # Unary services go through broker.wire so undecodable requests get a typed error.
+        wire.register(
             self.server,
+            KeyService(cfg, self.registry, crypto, identities, audit, idempotency),
+            keys_pb2.DESCRIPTOR.services_by_name["KeyService"],
+            keys_pb2,
+        )
+        wire.register(
+            self.server,
+            SystemService(cfg, self.registry, crypto, identities, self._bus_check, audit),
+            keys_pb2.DESCRIPTOR.services_by_name["SystemService"],
+            keys_pb2,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(
             AuditService(self.nc.jetstream(), audit, identities), self.server
         )
-        clients_pb2_grpc.add_ClientServiceServicer_to_server(
-            ClientService(cfg, self.registry, self.clients, crypto, identities, audit), self.server
+        wire.register(
+            self.server,
+            ClientService(cfg, self.registry, self.clients, crypto, identities, audit),
+            clients_pb2.DESCRIPTOR.services_by_name["ClientService"],
+            clients_pb2,
         )
-        self.server.add_generic_rpc_handlers((CAForwarder(self.nc, identities).handler(),))
+        self.server.add_generic_rpc_handlers(
+            (CAForwarder(self.nc, identities, idempotency, audit).handler(),)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

@@ -57,6 +57,13 @@ CREATE_TIMEOUT = 120.0
 
 _Resp = TypeVar("_Resp")
 
+# Failures after which the same request may be sent again (edgekms.v1.ErrorCode names).
+RETRYABLE = frozenset({"ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"})
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
 
 def resolve_key_type(key_type: KeyType | str) -> KeyType:
     """Accept the enum value or kmsctl's spelling ("ec-p256")."""
@@ -138,6 +145,8 @@ class KMSClient:
         key: bytes,
         server_name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 0,
+        retry_wait: float = 0.25,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=ca_cert, private_key=key, certificate_chain=cert
@@ -148,6 +157,11 @@ class KMSClient:
             options.append(("grpc.default_authority", server_name))
         self.target = target
         self.timeout = timeout
+        # Calls failing UNAVAILABLE / DEADLINE_EXCEEDED are sent again, up to `retries`
+        # times, as the same request: state changes keep their request_id, so the
+        # broker does them once (broker/idempotency.py).
+        self.retries = retries
+        self.retry_wait = retry_wait
         self._channel = grpc.secure_channel(target, credentials, options=options)
         self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
         self._system = keys_pb2_grpc.SystemServiceStub(self._channel)
@@ -157,7 +171,13 @@ class KMSClient:
         self._key_types: dict[str, KeyType] = {}
 
     @classmethod
-    def from_config(cls, path: Path | str, timeout: float = DEFAULT_TIMEOUT) -> KMSClient:
+    def from_config(
+        cls,
+        path: Path | str,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 0,
+        retry_wait: float = 0.25,
+    ) -> KMSClient:
         """A client for the broker a config file names (`kmsctl init` writes one)."""
         config = load_client_config(Path(path).expanduser())
         ca_cert, cert, key = config.read_credentials()
@@ -168,6 +188,8 @@ class KMSClient:
             key=key,
             server_name=config.server_name,
             timeout=timeout,
+            retries=retries,
+            retry_wait=retry_wait,
         )
 
     # -- plumbing ---------------------------------------------------------------------
@@ -177,18 +199,25 @@ class KMSClient:
     ) -> _Resp:
         deadline = self.timeout if timeout is None else timeout
         started = time.monotonic()
-        try:
-            response = fn(request, timeout=deadline)
-        except grpc.RpcError as exc:
-            err = error_from_rpc(exc)
-            log.debug(
-                "rpc.failed method=%s reason=%s code=%s elapsed_ms=%d",
-                method,
-                err.reason,
-                err.code_name,
-                (time.monotonic() - started) * 1000,
-            )
-            raise err from None
+        attempt = 0
+        while True:
+            try:
+                response = fn(request, timeout=deadline)
+                break
+            except grpc.RpcError as exc:
+                err = error_from_rpc(exc)
+                log.debug(
+                    "rpc.failed method=%s reason=%s code=%s attempt=%d elapsed_ms=%d",
+                    method,
+                    err.reason,
+                    err.code_name,
+                    attempt,
+                    (time.monotonic() - started) * 1000,
+                )
+                if attempt >= self.retries or err.code_name not in RETRYABLE:
+                    raise err from None
+                attempt += 1
+                time.sleep(self.retry_wait * min(attempt, 8))
         log.debug("rpc.ok method=%s elapsed_ms=%d", method, (time.monotonic() - started) * 1000)
         return response
 
@@ -232,7 +261,7 @@ class KMSClient:
             policy=policy,
             options=options,
             labels=dict(labels or {}),
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or new_request_id(),
         )
         deadline = CREATE_TIMEOUT if timeout is None else timeout
         return self._remember(self._call("CreateKey", self._keys.CreateKey, request, deadline))
@@ -256,7 +285,7 @@ class KMSClient:
     def sign_digest(self, name: str, algorithm: SignatureAlgorithm, digest: bytes) -> bytes:
         """Sign what is already on-the-wire data: a digest (or the Ed25519 message)."""
         request = keys_pb2.SignRequest(
-            name=name, algorithm=algorithm, data=digest, request_id=uuid.uuid4().hex
+            name=name, algorithm=algorithm, data=digest, request_id=new_request_id()
         )
         return self._call("Sign", self._keys.Sign, request, None).signature
 
@@ -294,15 +323,15 @@ class KMSClient:
         return self._call("Verify", self._keys.Verify, request, None).valid
 
     def disable_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
-        request = keys_pb2.DisableKeyRequest(name=name, request_id=request_id or uuid.uuid4().hex)
+        request = keys_pb2.DisableKeyRequest(name=name, request_id=request_id or new_request_id())
         return self._remember(self._call("DisableKey", self._keys.DisableKey, request, None))
 
     def enable_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
-        request = keys_pb2.EnableKeyRequest(name=name, request_id=request_id or uuid.uuid4().hex)
+        request = keys_pb2.EnableKeyRequest(name=name, request_id=request_id or new_request_id())
         return self._remember(self._call("EnableKey", self._keys.EnableKey, request, None))
 
     def destroy_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
-        request = keys_pb2.DestroyKeyRequest(name=name, request_id=request_id or uuid.uuid4().hex)
+        request = keys_pb2.DestroyKeyRequest(name=name, request_id=request_id or new_request_id())
         key = self._call("DestroyKey", self._keys.DestroyKey, request, None)
         self._key_types.pop(name, None)
         return key
@@ -317,9 +346,13 @@ class KMSClient:
         public = self.get_public_key(name)
         return remote_key(_KeySigner(self, name), public.der)
 
-    def update_key_policy(self, name: str, policy: common_pb2.KeyPolicy) -> keys_pb2.Key:
+    def update_key_policy(
+        self, name: str, policy: common_pb2.KeyPolicy, request_id: str | None = None
+    ) -> keys_pb2.Key:
         """Replace the key's policy; an empty KeyPolicy clears it (the role table decides)."""
-        request = keys_pb2.UpdateKeyPolicyRequest(name=name, policy=policy)
+        request = keys_pb2.UpdateKeyPolicyRequest(
+            name=name, policy=policy, request_id=request_id or new_request_id()
+        )
         return self._call("UpdateKeyPolicy", self._keys.UpdateKeyPolicy, request, None)
 
     # -- ClientService ----------------------------------------------------------------
@@ -397,6 +430,7 @@ class KMSClient:
         intermediate_validity_days: int = 0,
         disable_root: bool = False,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> ca_pb2.InitCAResponse:
         """Make the CA: root and intermediate keys in `provider`, their certificates.
         AlreadyExists (ca.already_initialized) when this KMS has a CA."""
@@ -408,17 +442,22 @@ class KMSClient:
             root_validity_days=root_validity_days,
             intermediate_validity_days=intermediate_validity_days,
             disable_root=disable_root,
+            request_id=request_id or new_request_id(),
         )
         deadline = CREATE_TIMEOUT if timeout is None else timeout
         return self._call("Init", self._ca.Init, request, deadline)
 
     def issue_certificate(
-        self, profile: str, csr: bytes, validity_days: int = 0
+        self, profile: str, csr: bytes, validity_days: int = 0, request_id: str | None = None
     ) -> ca_pb2.IssueCertificateResponse:
         """A certificate for a PKCS#10 request (PEM or DER); the requester recorded is
-        this client's certificate name, set by the broker."""
+        this client's certificate name, set by the broker. Sent again with the same
+        request_id, the answer is the same certificate (same serial), never a second."""
         request = ca_pb2.IssueCertificateRequest(
-            profile=profile, csr=csr, validity_days=validity_days
+            profile=profile,
+            csr=csr,
+            validity_days=validity_days,
+            request_id=request_id or new_request_id(),
         )
         return self._call("IssueCertificate", self._ca.IssueCertificate, request, None)
 
@@ -439,15 +478,20 @@ class KMSClient:
         self,
         serial: str,
         reason: ca_pb2.RevocationReason.ValueType = ca_pb2.REVOCATION_REASON_UNSPECIFIED,
+        request_id: str | None = None,
     ) -> ca_pb2.RevokeCertificateResponse:
-        request = ca_pb2.RevokeCertificateRequest(serial=serial, reason=reason)
+        request = ca_pb2.RevokeCertificateRequest(
+            serial=serial, reason=reason, request_id=request_id or new_request_id()
+        )
         return self._call("RevokeCertificate", self._ca.RevokeCertificate, request, None)
 
     def renew_certificate(
-        self, serial: str, validity_days: int = 0
+        self, serial: str, validity_days: int = 0, request_id: str | None = None
     ) -> ca_pb2.IssueCertificateResponse:
         """A new certificate (new serial) for the same key, subject and SANs."""
-        request = ca_pb2.RenewCertificateRequest(serial=serial, validity_days=validity_days)
+        request = ca_pb2.RenewCertificateRequest(
+            serial=serial, validity_days=validity_days, request_id=request_id or new_request_id()
+        )
         return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
 
     def get_crl(self) -> ca_pb2.GetCRLResponse:
@@ -481,8 +525,10 @@ class KMSClient:
 __all__ = [
     "CREATE_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "RETRYABLE",
     "KMSClient",
     "error_from_rpc",
+    "new_request_id",
     "prepare_data",
     "resolve_algorithm",
     "resolve_key_type",

@@ -48,7 +48,12 @@ from edgekms.algorithms import MAX_MESSAGE_SIZE
 from edgekms.errors import FailedPrecondition, InvalidArgument
 from edgekms.logs import fields
 from edgekms.subjects import (
+    AUDIT_PREFIX,
+    AUDIT_STREAM,
+    CA_BUCKET,
     CA_PREFIX,
+    CA_SERVICE_NAME,
+    CLIENTS_BUCKET,
     CRYPTO_PREFIX,
     IDEMPOTENCY_BUCKET,
     KEY_REGISTRY_BUCKET,
@@ -60,11 +65,7 @@ from edgekms.subjects import (
 log = logging.getLogger(__name__)
 
 INBOX_ROOT = "_INBOX"
-AUDIT_STREAM = "KMS_AUDIT"
-AUDIT_SUBJECTS = "kms.audit.>"
-CA_BUCKET = "kms_ca"  # mgmt.ca.store.CA_BUCKET; not imported so the bus layer needs no CA code
-CA_SERVICE_NAME = "kms-ca"  # mgmt.ca.service.SERVICE_NAME
-CLIENTS_BUCKET = "kms_clients"  # broker.clients.CLIENTS_BUCKET
+AUDIT_SUBJECTS = f"{AUDIT_PREFIX}.>"
 
 # The largest message on the bus is a Sign request carrying an Ed25519 message of
 # MAX_MESSAGE_SIZE; everything else (digests, DER keys, certificates, CRLs of a small CA,
@@ -301,6 +302,41 @@ def password_hash(password: str, cost: int = BCRYPT_COST) -> str:
     return password
 
 
+def cached_password_hash(path: Path, cost: int = BCRYPT_COST) -> str:
+    """The bcrypt hash of the password in `path`, kept beside it across restarts.
+
+    A cost-11 hash takes ~0.1-0.2 s of CPU and `kmsctl up` needs one per bus user at
+    every start; the cache (0600, `<user>.password.hash`) holds the hash with the SHA-256
+    of the password it was made from, so a changed password (or cost) is rehashed. The
+    passwords are 256-bit random values, so their SHA-256 reveals nothing a bcrypt hash
+    of them would not.
+    """
+    import hashlib
+
+    from mgmt.pki import write_private
+
+    password = read_password(path)
+    digest = hashlib.sha256(password.encode("utf-8")).hexdigest()
+    cache = path.with_name(path.name + ".hash")
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if (
+            isinstance(cached, dict)
+            and cached.get("sha256") == digest
+            and cached.get("cost") == cost
+            and isinstance(cached.get("hash"), str)
+            and cached["hash"]
+        ):
+            return str(cached["hash"])
+    except (OSError, ValueError):
+        pass
+    hashed = password_hash(password, cost)
+    if hashed != password:  # never write a plain password (no bcrypt) to a second file
+        cache.unlink(missing_ok=True)
+        write_private(cache, json.dumps({"sha256": digest, "cost": cost, "hash": hashed}).encode())
+    return hashed
+
+
 def password_path(secrets_dir: Path, user: str) -> Path:
     return secrets_dir / "nats" / f"{user}.password"
 
@@ -332,16 +368,24 @@ def read_password(path: Path) -> str:
     return password
 
 
-def render_authorization(identities: Sequence[Identity], passwords: dict[str, str]) -> str:
-    """The `authorization { users: [...] }` block of nats.conf (JSON is NATS config syntax)."""
+def render_authorization(
+    identities: Sequence[Identity],
+    passwords: dict[str, str],
+    password_hashes: dict[str, str] | None = None,
+) -> str:
+    """The `authorization { users: [...] }` block of nats.conf (JSON is NATS config syntax).
+
+    `password_hashes` (user -> bcrypt hash, from cached_password_hash) saves hashing again.
+    """
     users = []
     for identity in identities:
         if identity.user not in passwords:
             raise InvalidArgument("bus.password_missing", f"no password for {identity.user!r}")
+        hashed = (password_hashes or {}).get(identity.user)
         users.append(
             {
                 "user": identity.user,
-                "password": password_hash(passwords[identity.user]),
+                "password": hashed or password_hash(passwords[identity.user]),
                 "permissions": identity.permissions.render(),
             }
         )

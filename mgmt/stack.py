@@ -29,6 +29,7 @@ from edgekms import natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.logs import fields
+from edgekms.subjects import CA_SERVICE_NAME
 from mgmt.natsauth import (
     BUS_MAX_PAYLOAD,
     CA_USER,
@@ -36,6 +37,7 @@ from mgmt.natsauth import (
     BusCredentials,
     broker_identity,
     bus_fields_toml,
+    cached_password_hash,
     crypto_user,
     ensure_bus_tls,
     ensure_passwords,
@@ -209,7 +211,9 @@ class Stack:
             tls_cert=tls.server_cert,
             tls_key=tls.server_key,
             authorization=render_authorization(
-                identities, {user: read_password(p) for user, p in passwords.items()}
+                identities,
+                {user: read_password(p) for user, p in passwords.items()},
+                {user: cached_password_hash(p) for user, p in passwords.items()},
             ),
         )
         self.nats = NatsServer(
@@ -325,7 +329,7 @@ class Stack:
                 self.nats_url, name="kmsctl-up", connect_timeout=2, **self._kmsctl_bus()
             )
             try:
-                await nc.request("$SRV.PING.kms-ca", b"", timeout=5)
+                await nc.request(f"$SRV.PING.{CA_SERVICE_NAME}", b"", timeout=5)
             finally:
                 await nc.close()
 
@@ -370,17 +374,23 @@ class Stack:
     async def _start_child(self, child: Child) -> None:
         child.spawn()
         ready = asyncio.create_task(child.ready())
-        while not ready.done():
-            await asyncio.sleep(0.05)
-            assert child.process is not None
-            code = child.process.poll()
-            if code is not None:
-                ready.cancel()
-                reason = FATAL_EXIT_CODES.get(code, f"exit code {code}")
-                raise StackError(
-                    f"{child.name} failed to start ({reason}): {child.last_log_line()}"
-                )
-        ready.result()
+        try:
+            while not ready.done():
+                await asyncio.wait({ready}, timeout=0.05)
+                assert child.process is not None
+                code = child.process.poll()
+                if code is not None:
+                    reason = FATAL_EXIT_CODES.get(code, f"exit code {code}")
+                    raise StackError(
+                        f"{child.name} failed to start ({reason}): {child.last_log_line()}"
+                    )
+            ready.result()
+        except BaseException:
+            # Children start side by side: one failing cancels the others, and a child
+            # that never became ready is not in self.children, so stop() would miss it.
+            ready.cancel()
+            child.stop(timeout=5.0)
+            raise
         self.children.append(child)
         log.info(
             "started",
@@ -396,6 +406,10 @@ class Stack:
             "client_config": str(self.layout.client_dir / "config.toml"),
             "pid": os.getpid(),
             "children": {c.name: c.process.pid for c in self.children if c.process is not None},
+            # Current pids, rewritten after every restart (fault drills kill them by pid).
+            "nats_pid": (
+                self.nats.process.pid if self.nats is not None and self.nats.process else None
+            ),
         }
         write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
 
@@ -405,15 +419,32 @@ class Stack:
             self.layout.state_file.unlink()
         self._start_nats()
         log.info("started", extra=fields(part="nats", url=self.nats_url))
+        # Once NATS is up the parts need only it, except the ceremony (needs hsm0) and
+        # the broker (needs the ceremony's files): start the rest side by side, so the
+        # start costs the slowest chain, not the sum of every service's imports.
+        chains = [self._start_hsm_ceremony_broker(), self._start_child(self._ca_child())]
+        if self.options.tpm:
+            chains.append(self._start_tpm())
+        await _together(chains)
+        order = {name: i for i, name in enumerate(self._child_order())}
+        self.children.sort(key=lambda c: order.get(c.name, len(order)))
+        self._write_state(True)
+
+    def _child_order(self) -> list[str]:
+        """Start order as before the parallel start: stop() stops them in reverse."""
+        return [f"crypto-{p}" for p in self.options.providers] + ["ca", "broker"]
+
+    async def _start_tpm(self) -> None:
+        tcti = await asyncio.to_thread(self._tpm_tcti)
+        section = self._tpm2_section(tcti)
+        child = self._crypto_child(self.options.tpm_provider_id, section, dict(os.environ))
+        await self._start_child(child)
+
+    async def _start_hsm_ceremony_broker(self) -> None:
         env = await asyncio.to_thread(self._softhsm_env)
         await self._start_child(
             self._crypto_child(self.options.provider_id, self._pkcs11_section(), env)
         )
-        if self.options.tpm:
-            tcti = await asyncio.to_thread(self._tpm_tcti)
-            section = self._tpm2_section(tcti)
-            child = self._crypto_child(self.options.tpm_provider_id, section, dict(os.environ))
-            await self._start_child(child)
         host = self.options.broker_listen.rpartition(":")[0]
         result = await run_ceremony(
             self.nats_url,
@@ -426,9 +457,7 @@ class Stack:
         )
         if result.created:
             log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))
-        await self._start_child(self._ca_child())
         await self._start_child(self._broker_child())
-        self._write_state(True)
 
     async def supervise(self) -> None:
         """Restart children that die; give up on one that dies too often."""
@@ -440,6 +469,7 @@ class Stack:
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()
+                self._write_state(True)
             if self.swtpm is not None and not self.swtpm.running():
                 log.warning("swtpm exited; restarting")
                 self.swtpm.start()
@@ -465,6 +495,7 @@ class Stack:
                 )
                 await asyncio.sleep(delay)
                 child.spawn()
+                self._write_state(True)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -478,6 +509,18 @@ class Stack:
             self.swtpm.stop()
         if self.nats is not None:
             self.nats.stop()
+
+
+async def _together(chains: list[Coroutine[Any, Any, None]]) -> None:
+    """Run start-up chains side by side; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in chains]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _script(name: str) -> str:

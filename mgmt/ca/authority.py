@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edgekms.algorithms import KEY_TYPES
-from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KMSError
+from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, KMSError
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
@@ -47,6 +49,14 @@ INTERMEDIATE_LABEL = "ca/intermediate"
 # The CRL is rebuilt when less than this is left before its nextUpdate.
 CRL_REFRESH_MARGIN = datetime.timedelta(days=3)
 _REQUESTER_MAX = 256
+
+
+def request_serial(secret: bytes, requester: str, request_id: str) -> int:
+    """The serial for one requester's request id: 128 bits of HMAC-SHA256 keyed with the
+    intermediate's key id (never published in a certificate), so serials stay
+    unpredictable to requesters and a retry of the same request lands on the same one."""
+    mac = hmac.new(secret, f"{requester}\0{request_id}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(mac[:16], "big") or 1
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -257,7 +267,7 @@ class CertificateAuthority:
     # ---- certificates --------------------------------------------------------------------
 
     async def _issue_plan(
-        self, plan: IssuePlan, requester: str, renewed_from: str = ""
+        self, plan: IssuePlan, requester: str, renewed_from: str = "", request_id: str = ""
     ) -> ca_pb2.IssueCertificateResponse:
         if len(requester) > _REQUESTER_MAX:
             raise InvalidArgument("cert.requester_invalid", "requester name is too long")
@@ -281,11 +291,15 @@ class CertificateAuthority:
                 issued_at=rfc3339(_now()),
                 renewed_from=renewed_from,
                 key_type=plan.key_type,
+                request_id=request_id,
             )
 
         from mgmt.ca.store import store_with_fresh_serial
 
-        record = await store_with_fresh_serial(self.store, make, self._new_serial)
+        if request_id:
+            record = await self._issue_once(issuer, make, requester, request_id)
+        else:
+            record = await store_with_fresh_serial(self.store, make, self._new_serial)
         log.info(
             "event=ca_issued serial=%s profile=%s requester=%s sans=%s",
             record.serial,
@@ -302,10 +316,37 @@ class CertificateAuthority:
             ],
         )
 
+    async def _issue_once(
+        self,
+        issuer: _Issuer,
+        make: Callable[[int], Awaitable[ca_pb2.CertificateRecord]],
+        requester: str,
+        request_id: str,
+    ) -> ca_pb2.CertificateRecord:
+        """Issue under the serial the request id determines, so that a retry whose first
+        attempt was stored but never answered (a CA, bus or broker killed in between)
+        finds that record instead of making a second certificate: the create-if-absent
+        of cert.<serial> is the one place that decides."""
+        serial = request_serial(issuer.state.intermediate_key_id, requester, request_id)
+        for _ in range(2):
+            existing = await self.store.find_record(serial)
+            if existing is not None:
+                if existing.request_id != request_id or existing.requester != requester:
+                    raise Internal("cert.serial_exhausted", "request serial collision")
+                log.info("event=ca_issue_replayed serial=%s", existing.serial)
+                return existing
+            record = await make(serial)
+            try:
+                await self.store.create_record(record)
+            except AlreadyExists:
+                continue  # a concurrent retry stored it first: answer with that one
+            return record
+        raise Internal("cert.serial_exhausted", "could not store the certificate")
+
     async def issue(self, req: ca_pb2.IssueCertificateRequest) -> ca_pb2.IssueCertificateResponse:
         profile = get_profile(self.profiles, req.profile)
         plan = plan_from_csr(profile, load_csr(req.csr), req.validity_days)
-        return await self._issue_plan(plan, req.requester)
+        return await self._issue_plan(plan, req.requester, request_id=req.request_id)
 
     async def renew(self, req: ca_pb2.RenewCertificateRequest) -> ca_pb2.IssueCertificateResponse:
         old, _ = await self.store.get_record(req.serial)
@@ -324,7 +365,9 @@ class CertificateAuthority:
         except x509.ExtensionNotFound:
             san = None
         plan = make_plan(profile, cert.subject, public, san, req.validity_days)
-        return await self._issue_plan(plan, req.requester or old.requester, old.serial)
+        return await self._issue_plan(
+            plan, req.requester or old.requester, old.serial, request_id=req.request_id
+        )
 
     async def get(self, req: ca_pb2.GetCertificateRequest) -> ca_pb2.GetCertificateResponse:
         record, _ = await self.store.get_record(req.serial)

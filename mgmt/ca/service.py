@@ -20,18 +20,18 @@ from google.protobuf.message import DecodeError, Message
 
 from edgekms import natsrpc
 from edgekms.errors import Internal, InvalidArgument, KMSError
-from edgekms.subjects import CA_PREFIX, ca_subject
+from edgekms.subjects import CA_BUCKET, CA_PREFIX, CA_SERVICE_NAME, ca_subject
 from edgekms.v1 import ca_pb2
 from mgmt.ca.authority import CertificateAuthority
 from mgmt.ca.builder import CaUrls
 from mgmt.ca.profiles import load_profiles
 from mgmt.ca.signer import KMSKeyBackend
-from mgmt.ca.store import CA_BUCKET, CAStore
+from mgmt.ca.store import CAStore
 from mgmt.natsauth import BusCredentials
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "kms-ca"
+SERVICE_NAME = CA_SERVICE_NAME
 SERVICE_VERSION = "0.1.0"
 QUEUE_GROUP = CA_PREFIX
 CRL_CHECK_INTERVAL = 3600.0
@@ -179,7 +179,14 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     from mgmt.ca.http import start_http
     from mgmt.registry_record import RegistryKeys
 
-    nc = await natsrpc.connect(config.nats_url, name=SERVICE_NAME, **config.bus.connect_options())
+    nc = await natsrpc.connect(
+        config.nats_url,
+        name=SERVICE_NAME,
+        # Keep reconnecting through a bus restart, however long (kmsctl up restarts it).
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        **config.bus.connect_options(),
+    )
     try:
         store = await CAStore.open(nc.jetstream(), config.bucket)
         ca = CertificateAuthority(

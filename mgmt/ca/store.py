@@ -23,11 +23,11 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from edgekms.subjects import CA_BUCKET
 from edgekms.v1 import ca_pb2
 
 log = logging.getLogger(__name__)
 
-CA_BUCKET = "kms_ca"
 CONFIG_KEY = "config"
 CRL_NUMBER_KEY = "crl.number"
 CRL_CURRENT_KEY = "crl.current"

@@ -44,11 +44,12 @@ from nats.js import JetStreamContext, api
 
 from edgekms.errors import Unavailable
 from edgekms.logs import fields
+from edgekms.subjects import AUDIT_PREFIX, AUDIT_STREAM
 
 log = logging.getLogger(__name__)
 
-STREAM = "KMS_AUDIT"
-SUBJECT_PREFIX = "kms.audit"
+STREAM = AUDIT_STREAM
+SUBJECT_PREFIX = AUDIT_PREFIX
 GENESIS = bytes(32)
 FORMAT_VERSION = "1"
 # JetStream's error code for a failed Nats-Expected-Last-Sequence check.

@@ -4,15 +4,19 @@ An error is a KMSError subclass carrying a stable `reason`. It travels on NATS a
 edgekms.v1.Error payload (with nats.micro's error headers), and comes out of the broker
 as the gRPC status of its code with the Error in trailing metadata, so clients can
 rebuild the same exception type on their side.
+
+grpc is imported only where a gRPC status is asked for: the crypto service never speaks
+gRPC and would otherwise carry the whole library (about 20 MB) for the names.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import grpc
+from typing import TYPE_CHECKING, ClassVar
 
 from edgekms.v1 import common_pb2
+
+if TYPE_CHECKING:
+    import grpc
 
 ERROR_METADATA_KEY = "edgekms-error-bin"
 
@@ -21,7 +25,7 @@ class KMSError(Exception):
     """Base class. `reason` is stable and dotted ("key.not_found"); `message` is prose."""
 
     code: ClassVar[common_pb2.ErrorCode.ValueType] = common_pb2.ERROR_CODE_INTERNAL
-    grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    grpc_name: ClassVar[str] = "INTERNAL"  # the grpc.StatusCode member this error maps to
 
     def __init__(self, reason: str, message: str, details: dict[str, str] | None = None):
         super().__init__(message)
@@ -41,58 +45,64 @@ class KMSError(Exception):
         )
 
     @property
+    def grpc_status(self) -> grpc.StatusCode:
+        import grpc
+
+        return getattr(grpc.StatusCode, self.grpc_name)  # type: ignore[no-any-return]
+
+    @property
     def code_name(self) -> str:
         return common_pb2.ErrorCode.Name(self.code)
 
 
 class InvalidArgument(KMSError):
     code = common_pb2.ERROR_CODE_INVALID_ARGUMENT
-    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    grpc_name = "INVALID_ARGUMENT"
 
 
 class NotFound(KMSError):
     code = common_pb2.ERROR_CODE_NOT_FOUND
-    grpc_status = grpc.StatusCode.NOT_FOUND
+    grpc_name = "NOT_FOUND"
 
 
 class AlreadyExists(KMSError):
     code = common_pb2.ERROR_CODE_ALREADY_EXISTS
-    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+    grpc_name = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(KMSError):
     code = common_pb2.ERROR_CODE_FAILED_PRECONDITION
-    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    grpc_name = "FAILED_PRECONDITION"
 
 
 class PermissionDenied(KMSError):
     code = common_pb2.ERROR_CODE_PERMISSION_DENIED
-    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+    grpc_name = "PERMISSION_DENIED"
 
 
 class Unauthenticated(KMSError):
     code = common_pb2.ERROR_CODE_UNAUTHENTICATED
-    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+    grpc_name = "UNAUTHENTICATED"
 
 
 class Unavailable(KMSError):
     code = common_pb2.ERROR_CODE_UNAVAILABLE
-    grpc_status = grpc.StatusCode.UNAVAILABLE
+    grpc_name = "UNAVAILABLE"
 
 
 class DeadlineExceeded(KMSError):
     code = common_pb2.ERROR_CODE_DEADLINE_EXCEEDED
-    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+    grpc_name = "DEADLINE_EXCEEDED"
 
 
 class ResourceExhausted(KMSError):
     code = common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED
-    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    grpc_name = "RESOURCE_EXHAUSTED"
 
 
 class Internal(KMSError):
     code = common_pb2.ERROR_CODE_INTERNAL
-    grpc_status = grpc.StatusCode.INTERNAL
+    grpc_name = "INTERNAL"
 
 
 _BY_CODE: dict[common_pb2.ErrorCode.ValueType, type[KMSError]] = {
@@ -110,9 +120,7 @@ _BY_CODE: dict[common_pb2.ErrorCode.ValueType, type[KMSError]] = {
         Internal,
     )
 }
-_BY_GRPC: dict[grpc.StatusCode, type[KMSError]] = {
-    cls.grpc_status: cls for cls in _BY_CODE.values()
-}
+_BY_GRPC_NAME: dict[str, type[KMSError]] = {cls.grpc_name: cls for cls in _BY_CODE.values()}
 
 
 def from_proto(err: common_pb2.Error) -> KMSError:
@@ -133,10 +141,10 @@ def from_grpc(status: grpc.StatusCode, details: str, trailing: bytes | None) -> 
     """Rebuild the typed error from a gRPC failure (trailing Error if present)."""
     if trailing:
         return from_bytes(trailing)
-    cls = _BY_GRPC.get(status, Internal)
+    cls = _BY_GRPC_NAME.get(status.name, Internal)
     reason = {
-        grpc.StatusCode.UNAVAILABLE: "transport.unavailable",
-        grpc.StatusCode.DEADLINE_EXCEEDED: "transport.deadline",
-        grpc.StatusCode.UNAUTHENTICATED: "auth.unauthenticated",
-    }.get(status, "transport." + status.name.lower())
+        "UNAVAILABLE": "transport.unavailable",
+        "DEADLINE_EXCEEDED": "transport.deadline",
+        "UNAUTHENTICATED": "auth.unauthenticated",
+    }.get(status.name, "transport." + status.name.lower())
     return cls(reason, details or status.name)

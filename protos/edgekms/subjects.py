@@ -6,6 +6,8 @@ import re
 
 CRYPTO_PREFIX = "kms.crypto"
 CA_PREFIX = "kms.ca"
+AUDIT_PREFIX = "kms.audit"  # each audit writer publishes on kms.audit.<writer>
+CA_SERVICE_NAME = "kms-ca"  # the CA's nats.micro name: $SRV.PING.kms-ca reaches it
 # Provider ids become subject tokens and micro service names: keep them plain.
 PROVIDER_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -20,9 +22,13 @@ CRYPTO_OPERATIONS = (
     "Attest",
 )
 
-# JetStream names.
+# JetStream names: every bucket and stream, in one place, because the bus permissions
+# (mgmt/natsauth.py) must name exactly what each service touches.
 KEY_REGISTRY_BUCKET = "kms_keys"
 IDEMPOTENCY_BUCKET = "kms_requests"
+CLIENTS_BUCKET = "kms_clients"
+CA_BUCKET = "kms_ca"
+AUDIT_STREAM = "KMS_AUDIT"
 
 
 def crypto_subject(provider: str, operation: str) -> str:

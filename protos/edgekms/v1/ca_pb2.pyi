@@ -94,6 +94,7 @@ class CertificateRecord(_message.Message):
     REVOCATION_REASON_FIELD_NUMBER: _builtins.int
     RENEWED_FROM_FIELD_NUMBER: _builtins.int
     KEY_TYPE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     """Upper-case hex of the serial number, no separators."""
     profile: _builtins.str
@@ -113,6 +114,10 @@ class CertificateRecord(_message.Message):
     """Serial of the certificate this one renewed, if any."""
     key_type: _builtins.str
     """"ec-p256", "rsa-2048", ... (edgekms.algorithms cli names)."""
+    request_id: _builtins.str
+    """The request id the certificate was issued for (empty if none was given): a retried
+    issue with the same id finds this record instead of making a second certificate.
+    """
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -132,10 +137,11 @@ class CertificateRecord(_message.Message):
         revocation_reason: Global___RevocationReason.ValueType = ...,
         renewed_from: _builtins.str = ...,
         key_type: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "requester", b"requester", "revocation_reason", b"revocation_reason", "revoked_at", b"revoked_at", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revoked_at", b"revoked_at", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,6 +209,7 @@ class InitCARequest(_message.Message):
     ROOT_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     INTERMEDIATE_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     DISABLE_ROOT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     key_type: _common_pb2.KeyType.ValueType
     common_name: _builtins.str
@@ -214,6 +221,8 @@ class InitCARequest(_message.Message):
     """0: 1825"""
     disable_root: _builtins.bool
     """Leave the root key disabled for signing once the intermediate exists."""
+    request_id: _builtins.str
+    """Idempotency (broker/idempotency.py): a retry with the same id gets the first answer."""
     def __init__(
         self,
         *,
@@ -224,10 +233,11 @@ class InitCARequest(_message.Message):
         root_validity_days: _builtins.int = ...,
         intermediate_validity_days: _builtins.int = ...,
         disable_root: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_name", b"common_name", "disable_root", b"disable_root", "intermediate_validity_days", b"intermediate_validity_days", "key_type", b"key_type", "organization", b"organization", "provider", b"provider", "root_validity_days", b"root_validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_name", b"common_name", "disable_root", b"disable_root", "intermediate_validity_days", b"intermediate_validity_days", "key_type", b"key_type", "organization", b"organization", "provider", b"provider", "request_id", b"request_id", "root_validity_days", b"root_validity_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -265,6 +275,7 @@ class IssueCertificateRequest(_message.Message):
     CSR_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     csr: _builtins.bytes
     """PKCS#10, PEM or DER. The key was made by the requester (kmsctl --generate makes it
@@ -273,6 +284,8 @@ class IssueCertificateRequest(_message.Message):
     requester: _builtins.str
     validity_days: _builtins.int
     """0: the profile's default."""
+    request_id: _builtins.str
+    """Idempotency: a retry with the same id gets the same certificate (same serial)."""
     def __init__(
         self,
         *,
@@ -280,10 +293,11 @@ class IssueCertificateRequest(_message.Message):
         csr: _builtins.bytes = ...,
         requester: _builtins.str = ...,
         validity_days: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "profile", b"profile", "requester", b"requester", "validity_days", b"validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "profile", b"profile", "request_id", b"request_id", "requester", b"requester", "validity_days", b"validity_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -416,19 +430,22 @@ class RevokeCertificateRequest(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     reason: Global___RevocationReason.ValueType
     requester: _builtins.str
+    request_id: _builtins.str
     def __init__(
         self,
         *,
         serial: _builtins.str = ...,
         reason: Global___RevocationReason.ValueType = ...,
         requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "requester", b"requester", "serial", b"serial"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "requester", b"requester", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,19 +485,22 @@ class RenewCertificateRequest(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     requester: _builtins.str
     validity_days: _builtins.int
+    request_id: _builtins.str
     def __init__(
         self,
         *,
         serial: _builtins.str = ...,
         requester: _builtins.str = ...,
         validity_days: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["requester", b"requester", "serial", b"serial", "validity_days", b"validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "requester", b"requester", "serial", b"serial", "validity_days", b"validity_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -498,7 +498,9 @@ class UpdateKeyPolicyRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    request_id: _builtins.str
     @_builtins.property
     def policy(self) -> _common_pb2.KeyPolicy: ...
     def __init__(
@@ -506,10 +508,11 @@ class UpdateKeyPolicyRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         policy: _common_pb2.KeyPolicy | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "policy", b"policy", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
