@@ -1,16 +1,18 @@
-"""Certificate issuance: the same CSRs to EdgeKMS's CA service (kms.ca.IssueCertificate:
-CSR checked against the https-server profile, certificate signed by the intermediate key
-in the token, stored in the CA bucket; no audit: that is the broker's, which has
-no CA gRPC service yet) and to `cfssl serve` (Debian's
-golang-cfssl, CA key in software), at 1 and 16 in flight.
+"""Certificate issuance: the same CSRs to EdgeKMS's CertificateAuthority gRPC service
+through the broker (mutual TLS as the admin client; the broker authorises, writes the
+audit record and forwards to the CA service, which checks the CSR against the
+https-server profile, signs with the intermediate key in the token and stores the record
+in the CA bucket) and to `cfssl serve` (Debian's golang-cfssl, CA key in software), at 1
+and 16 in flight.
 
-The load runs in one spawned process per run (asyncio, nats-py or aiohttp), measured the
-same way as the Sign runs.
+The load runs in one spawned process per run (asyncio: grpc.aio or aiohttp), measured
+the same way as the Sign runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import shutil
@@ -33,8 +35,8 @@ CSR_COUNT = 64
 @dataclass(frozen=True)
 class IssueSpec:
     kind: str  # "edgekms" | "cfssl"
-    target: str  # nats URL or cfssl base URL
-    data_dir: str  # the stack's, for its bus credentials
+    target: str  # the broker's host:port or cfssl's base URL
+    data_dir: str  # the stack's, for the admin client's credentials
     csrs: tuple[bytes, ...]  # PEM
     inflight: int
     duration: float
@@ -63,24 +65,32 @@ def make_csrs(count: int = CSR_COUNT) -> tuple[bytes, ...]:
 
 
 async def _edgekms_caller(spec: IssueSpec) -> tuple[Callable[[bytes], Awaitable[None]], Any]:
-    import nats
+    import uuid
 
-    from bench.stackrun import bus_options
-    from edgekms.v1 import ca_pb2
+    import grpc
 
-    nc = await nats.connect(spec.target, **bus_options(Path(spec.data_dir)))
+    from edgekms.v1 import ca_pb2, ca_pb2_grpc
+    from mgmt.clientconfig import load_client_config
+
+    config = load_client_config(Path(spec.data_dir) / "client" / "config.toml")
+    ca_cert, cert, key = config.read_credentials()
+    name = config.server_name or "edgekms-broker"
+    channel = grpc.aio.secure_channel(
+        spec.target,
+        grpc.ssl_channel_credentials(ca_cert, key, cert),
+        options=[("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)],
+    )
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
 
     async def call(csr: bytes) -> None:
-        request = ca_pb2.IssueCertificateRequest(profile=PROFILE, csr=csr, requester="bench")
-        reply = await nc.request("kms.ca.IssueCertificate", request.SerializeToString(), timeout=30)
-        if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
-            raise RuntimeError(reply.headers.get("Nats-Service-Error", "CA error"))
-        response = ca_pb2.IssueCertificateResponse()
-        response.ParseFromString(reply.data)
+        request = ca_pb2.IssueCertificateRequest(
+            profile=PROFILE, csr=csr, request_id=str(uuid.uuid4())
+        )
+        response = await stub.IssueCertificate(request, timeout=30)
         if not response.certificate_der:
             raise RuntimeError("no certificate in the answer")
 
-    return call, nc.close
+    return call, channel.close
 
 
 async def _cfssl_caller(spec: IssueSpec) -> tuple[Callable[[bytes], Awaitable[None]], Any]:
@@ -161,28 +171,17 @@ def measure(
     return run, latencies, sampler.peak_kb
 
 
-def _init_ca(nats_url: str, data_dir: Path) -> None:
-    async def init() -> None:
-        import nats
+def _init_ca(client_config: Path) -> None:
+    """The CA (P-256 root and intermediate in hsm0) through the broker, as an admin does."""
+    from edgekms.errors import AlreadyExists
+    from mgmt.client import KMSClient
 
-        from bench.stackrun import bus_options
-        from edgekms.v1 import ca_pb2
-        from edgekms.v1 import common_pb2 as pb
-
-        nc = await nats.connect(nats_url, **bus_options(data_dir))
-        try:
-            request = ca_pb2.InitCARequest(
-                provider="hsm0", key_type=pb.KEY_TYPE_EC_P256, common_name="Bench CA"
-            )
-            reply = await nc.request("kms.ca.Init", request.SerializeToString(), timeout=60)
-            if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
-                error = reply.headers.get("Nats-Service-Error", "")
-                if "already" not in error.lower():
-                    raise RuntimeError(f"CA init failed: {error}")
-        finally:
-            await nc.close()
-
-    asyncio.run(init())
+    # AlreadyExists: a second run on the same data dir.
+    with (
+        KMSClient.from_config(client_config, timeout=60) as client,
+        contextlib.suppress(AlreadyExists),
+    ):
+        client.ca_init("Bench CA", "ec-p256", provider="hsm0")
 
 
 def _start_cfssl(work: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -250,13 +249,13 @@ def run(
     stack: Any, work: Path, duration: float, warmup: float, pids: Mapping[str, int]
 ) -> tuple[list[RunResult], dict[str, list[float]], dict[str, int]]:
     csrs = make_csrs()
-    _init_ca(stack.nats_url, stack.data_dir)
+    _init_ca(stack.client_config)
     runs: list[RunResult] = []
     samples: dict[str, list[float]] = {}
     peak: dict[str, int] = {}
     for n in LEVELS:
         run_, lat, kb = measure(
-            IssueSpec("edgekms", stack.nats_url, str(stack.data_dir), csrs, n, duration, warmup),
+            IssueSpec("edgekms", stack.broker, str(stack.data_dir), csrs, n, duration, warmup),
             pids,
         )
         runs.append(run_)

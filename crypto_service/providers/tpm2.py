@@ -13,8 +13,12 @@ How keys live
   SRK; the service keeps both in one JSON file per key in `state_dir`, named by the key id
   in hex, written atomically (tmp, fsync, rename, fsync dir; mode 0600). Without its file
   a key does not exist; with it, it is complete.
-* Every operation loads the key, uses it and flushes it in a `finally`, so the TPM's few
-  object slots (three on swtpm) never fill up (TPM_RC_OBJECT_MEMORY, 0x902).
+* Signing keeps the last LOADED_KEYS_MAX keys loaded (an LRU of their handles), so a
+  repeated sign is one TPM command instead of three (load, sign, flush). Every other
+  operation (generate, attest, the AK) first flushes that cache and flushes what it loads
+  in a `finally`, so the TPM's few object slots (three on swtpm: transient SRK + two
+  cached keys) never fill up (TPM_RC_OBJECT_MEMORY, 0x902); a load that still meets 0x902
+  flushes the cache and tries once more.
 * One TPM command at a time: every ESAPI call runs on the single thread of a one-worker
   executor, whose queue orders the callers. The ESAPI context never leaves that thread.
 
@@ -58,6 +62,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,6 +81,7 @@ from tpm2_pytss.constants import (
     TPM2_SE,
     TPM2_ST,
     TPMA_OBJECT,
+    TSS2_RC,
 )
 from tpm2_pytss.types import (
     TPM2_HANDLE,
@@ -128,6 +134,13 @@ PCR_COUNT = 24
 _TSS2_LAYER_TCTI = 10
 _TSS2_LAYER_RESMGR = 11  # tabrmd and the kernel RM report their own transport failures
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{2,128}$")
+# Loaded signing keys kept between signs. Two, because swtpm (and the minimum of the PC
+# Client spec) has three object slots and the transient SRK holds one; a load under a
+# persistent SRK borrows a slot for the SRK during the command, which the LRU's eviction
+# before each load leaves free.
+LOADED_KEYS_MAX = 2
+# What a cached handle the TPM (or ESAPI) no longer knows, flushed behind our back, looks like.
+_STALE_HANDLE_RCS = (TPM2_RC.HANDLE, TPM2_RC.REFERENCE_H0, TPM2_RC.VALUE)
 
 # Template names for TPM2B_PUBLIC.parse, per key type the TPM may hold.
 _TEMPLATES: dict[KeyType, str] = {
@@ -207,6 +220,8 @@ class Tpm2Provider:
         self._esys: Any = None
         self._srk: Any = None
         self._key_types: frozenset[KeyType] | None = None
+        # (key id, private blob) -> loaded ESYS_TR, least recently used first.
+        self._loaded: OrderedDict[tuple[bytes, str], Any] = OrderedDict()
         # Connect now, so a wrong TCTI or an absent TPM shows at service start.
         self._run("connect", lambda esys: None)
 
@@ -261,6 +276,7 @@ class Tpm2Provider:
         )
 
     def _drop_connection(self) -> None:
+        self._loaded.clear()  # handles die with the connection (and _flush_stale cleans up)
         esys, self._esys, self._srk = self._esys, None, None
         if esys is not None:
             with contextlib.suppress(Exception):  # the transport may already be gone
@@ -474,6 +490,7 @@ class Tpm2Provider:
         auth = self._auth_value() if options.require_auth else b""
 
         def create(esys: Any) -> tuple[bytes, bytes, bytes]:
+            self._flush_loaded(esys)  # TPM2_Create needs a free object slot
             attrs = _KEY_ATTRS
             if not auth:
                 attrs |= TPMA_OBJECT.NODA
@@ -554,6 +571,41 @@ class Tpm2Provider:
         private, _ = TPM2B_PRIVATE.unmarshal(_unb64(record["private"]))
         return esys.load(self._srk, private, public)
 
+    def _loaded_handle(self, esys: Any, key_id: bytes, record: dict[str, Any]) -> tuple[Any, bool]:
+        """The key's loaded handle, from the LRU or freshly loaded; (handle, was_cached)."""
+        cache_key = (key_id, str(record["private"]))
+        handle = self._loaded.get(cache_key)
+        if handle is not None:
+            self._loaded.move_to_end(cache_key)
+            return handle, True
+        while len(self._loaded) >= LOADED_KEYS_MAX:
+            self._evict(esys, next(iter(self._loaded)))
+        try:
+            handle = self._load(esys, record)
+        except TSS2_Exception as exc:
+            if exc.error != TPM2_RC.OBJECT_MEMORY or not self._loaded:
+                raise
+            self._flush_loaded(esys)
+            handle = self._load(esys, record)
+        self._loaded[cache_key] = handle
+        return handle, False
+
+    def _evict(self, esys: Any, cache_key: tuple[bytes, str]) -> None:
+        handle = self._loaded.pop(cache_key, None)
+        if handle is not None:
+            with contextlib.suppress(TSS2_Exception):  # already gone: nothing to free
+                esys.flush_context(handle)
+
+    def _flush_loaded(self, esys: Any) -> None:
+        """Free every cached key's slot before an operation that needs slots of its own."""
+        for cache_key in list(self._loaded):
+            self._evict(esys, cache_key)
+
+    @staticmethod
+    def _is_transport_error(exc: TSS2_Exception) -> bool:
+        layer = (int(exc.rc) >> 16) & 0xFF
+        return layer in (_TSS2_LAYER_TCTI, _TSS2_LAYER_RESMGR) or exc.error == TPM2_RC.FAILURE
+
     def _key_type_of(self, record: dict[str, Any]) -> KeyType:
         info = KEY_TYPE_BY_CLI.get(record.get("key_type", ""))
         if info is None:
@@ -585,22 +637,43 @@ class Tpm2Provider:
         needs_auth = bool(record.get("require_auth"))
         auth = self._auth_value() if needs_auth else b""
 
-        def do_sign(esys: Any) -> bytes:
-            handle = self._load(esys, record)
+        cache_key = (key_id, str(record["private"]))
+
+        def sign_once(esys: Any, handle: Any) -> Any:
             session = ESYS_TR.PASSWORD
             try:
-                if auth:
-                    esys.tr_set_auth(handle, TPM2B_AUTH(auth))
+                # The handle's auth lives in this ESAPI context only: set it every time,
+                # so a changed key auth file takes effect at the next sign, cached or not.
+                esys.tr_set_auth(handle, TPM2B_AUTH(auth))
                 if pcrs:
                     session = self._policy_session(esys, pcrs, needs_auth)
                 scheme = TPMT_SIG_SCHEME(scheme=scheme_alg)
                 scheme.details.any.hashAlg = hash_alg
                 ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
-                sig = esys.sign(handle, TPM2B_DIGEST(data), scheme, ticket, session1=session)
+                return esys.sign(handle, TPM2B_DIGEST(data), scheme, ticket, session1=session)
             finally:
                 if session != ESYS_TR.PASSWORD:
                     esys.flush_context(session)
-                esys.flush_context(handle)
+
+        def do_sign(esys: Any) -> bytes:
+            handle, cached = self._loaded_handle(esys, key_id, record)
+            try:
+                sig = sign_once(esys, handle)
+            except TSS2_Exception as exc:
+                if self._is_transport_error(exc):
+                    raise  # _map_error drops the connection and with it the cache
+                self._evict(esys, cache_key)
+                # Only a stale cached handle is retried: an auth or policy failure must
+                # count once against the TPM's dictionary-attack counter, never twice.
+                stale = exc.error in _STALE_HANDLE_RCS or exc.rc == TSS2_RC.ESYS_RC_BAD_TR
+                if not cached or not stale:
+                    raise
+                handle, _ = self._loaded_handle(esys, key_id, record)
+                try:
+                    sig = sign_once(esys, handle)
+                except TSS2_Exception:
+                    self._evict(esys, cache_key)
+                    raise
             if ainfo.family == "ec":
                 r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
                 s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
@@ -623,6 +696,15 @@ class Tpm2Provider:
         except FileNotFoundError:
             raise NotFound("key.not_found", f"no TPM key {key_id.hex()}") from None
         self._fsync_dir()
+
+        def evict(esys: Any) -> None:
+            for cache_key in [k for k in self._loaded if k[0] == key_id]:
+                self._evict(esys, cache_key)
+
+        # Unload it too, so no copy stays usable in the TPM; the blob is already gone, so
+        # a TPM that cannot be reached right now changes nothing (its handles die with it).
+        with contextlib.suppress(KMSError):
+            self._run("destroy", evict, key_id)
         log.info("tpm destroy key_id=%s", key_id.hex())
 
     def list_keys(self) -> list[StoredKey]:
@@ -653,6 +735,7 @@ class Tpm2Provider:
         auth = self._auth_value() if record.get("require_auth") else b""
 
         def certify(esys: Any) -> Attestation:
+            self._flush_loaded(esys)  # the AK and the key need two slots
             ak, ak_pub, _, _, _ = esys.create_primary(None, ak_template(), ESYS_TR.ENDORSEMENT)
             try:
                 handle = self._load(esys, record)
@@ -684,6 +767,7 @@ class Tpm2Provider:
         """The AK's SubjectPublicKeyInfo DER: what a verifier pins for this TPM."""
 
         def make(esys: Any) -> bytes:
+            self._flush_loaded(esys)
             ak, ak_pub, _, _, _ = esys.create_primary(None, ak_template(), ESYS_TR.ENDORSEMENT)
             esys.flush_context(ak)
             return bytes(ak_pub.publicArea.to_der())
@@ -697,6 +781,8 @@ class Tpm2Provider:
             self._closed = True
 
         def shutdown() -> None:
+            if self._esys is not None:
+                self._flush_loaded(self._esys)
             if self._esys is not None and self._srk is not None and self.srk_handle is None:
                 with contextlib.suppress(TSS2_Exception):
                     self._esys.flush_context(self._srk)
