@@ -1,22 +1,26 @@
 #!/usr/bin/env python3
 """Container health checks for the EdgeKMS stack (compose `healthcheck:`).
 
-A crypto service is healthy when its nats.micro service answers `$SRV.PING`, asked
-as the `kmsctl` bus identity (the one allowed readiness pings, mgmt.natsauth), which
-proves the process and its NATS login at once. The broker and the CA are healthy when
-their ports accept connections. Passwords are read from their files, never from argv.
+A crypto service is healthy while it holds an established connection to the bus port
+its config names. It cannot be asked over NATS: its identity may publish only replies
+(mgmt.natsauth), and lending it another identity's password would undo the per-service
+secrets. nats-server closes a connection whose login fails, and kms-crypto exits when it
+loses the bus for good, so a lasting connection means "logged in and serving". The
+broker and the CA are healthy when their ports accept connections.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import sys
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 CONF_DIR = Path("/etc/edgekms")
-DATA_DIR = Path("/var/lib/edgekms")
+PROC_TCP = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+TCP_ESTABLISHED = "01"
 
 
 def port_open(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -27,29 +31,25 @@ def port_open(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-PING_TIMEOUT = 2.0
+def established_to(port: int, tables: Iterable[Path] = PROC_TCP) -> bool:
+    """Whether some socket of this network namespace is connected to remote `port`."""
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 3 and cols[3] == TCP_ESTABLISHED:
+                remote_port = cols[2].rpartition(":")[2]
+                if int(remote_port, 16) == port:
+                    return True
+    return False
 
 
-async def micro_ping(settings: dict[str, str]) -> bool:
-    import nats
-
-    from mgmt.natsauth import local_credentials
-
-    options = local_credentials(DATA_DIR).connect_options()
-    nc = await nats.connect(
-        settings["nats_url"],
-        connect_timeout=PING_TIMEOUT,
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-        **options,
-    )
-    try:
-        await nc.request(f"$SRV.PING.kms-crypto-{settings['provider_id']}", b"", PING_TIMEOUT)
-        return True
-    except Exception:
-        return False
-    finally:
-        await nc.close()
+def bus_port(config: Path) -> int:
+    url = tomllib.loads(config.read_text())["nats_url"]
+    return urlsplit(url).port or 4222
 
 
 def main(argv: list[str]) -> int:
@@ -60,9 +60,8 @@ def main(argv: list[str]) -> int:
     if role in ("crypto-hsm", "crypto-tpm"):
         name = "crypto-hsm0.toml" if role == "crypto-hsm" else "crypto-tpm0.toml"
         try:
-            settings = tomllib.loads((CONF_DIR / name).read_text())
-            ok = asyncio.run(micro_ping(settings))
-        except Exception as exc:
+            ok = established_to(bus_port(CONF_DIR / name))
+        except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as exc:
             print(f"health role={role} error={type(exc).__name__}", file=sys.stderr)
             ok = False
     elif role == "ca":

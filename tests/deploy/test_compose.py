@@ -69,10 +69,11 @@ def test_start_order_is_expressed_by_conditions(compose: dict[str, Any]) -> None
             expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert condition == expected, (name, dep)
     assert needs("nats") == {"setup": "service_completed_successfully"}
-    assert needs("init") == {"nats": "service_healthy"}
-    assert {"init", "nats"} <= set(needs("crypto-hsm"))
-    assert {"init", "nats", "swtpm"} <= set(needs("crypto-tpm"))
-    assert {"crypto-hsm", "crypto-tpm", "ca"} <= set(needs("broker"))
+    # The ceremony signs through crypto-hsm, so it runs after it; the broker needs its output.
+    assert needs("crypto-hsm") == {"nats": "service_healthy"}
+    assert needs("init") == {"nats": "service_healthy", "crypto-hsm": "service_healthy"}
+    assert {"nats", "swtpm"} <= set(needs("crypto-tpm"))
+    assert {"init", "crypto-hsm", "crypto-tpm", "ca"} <= set(needs("broker"))
 
 
 def test_no_privileges_and_only_loopback_ports(compose: dict[str, Any]) -> None:
@@ -98,9 +99,39 @@ def test_volumes_are_declared_and_state_is_shared(compose: dict[str, Any]) -> No
                 local = source.split("}", 1)[-1] if source.startswith("$") else source
                 if local.startswith("./docker"):
                     assert (ROOT / local).exists(), local
-    for name in ("setup", "init", "crypto-hsm", "crypto-tpm", "ca", "broker", "nats"):
-        mounts = compose["services"][name]["volumes"]
-        assert "edgekms-data:/var/lib/edgekms" in mounts, name
+
+
+# Which per-service volumes each container mounts, and how (docs/deploy.md).
+MOUNTS = {
+    "nats": {"edgekms-nats": "rw", "edgekms-public": "ro"},
+    "crypto-hsm": {"edgekms-hsm0": "rw", "edgekms-public": "ro"},
+    "crypto-tpm": {"edgekms-tpm0": "rw", "edgekms-public": "ro"},
+    "ca": {"edgekms-ca": "ro", "edgekms-public": "ro"},
+    "broker": {"edgekms-broker": "ro", "edgekms-public": "ro"},
+    "init": {"edgekms-init": "rw", "edgekms-broker": "rw", "edgekms-public": "ro"},
+}
+
+
+def named_mounts(service: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for volume in service.get("volumes", []):
+        parts = volume.split(":")
+        if parts[0].startswith("edgekms-"):
+            assert parts[1] == "/var/lib/edgekms/" + parts[0].removeprefix("edgekms-")
+            out[parts[0]] = parts[2] if len(parts) > 2 else "rw"
+    return out
+
+
+def test_each_service_mounts_only_its_own_secrets(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, expected in MOUNTS.items():
+        assert named_mounts(services[name]) == expected, name
+    # Only setup sees every volume, and only setup sees the master secrets.
+    assert set(named_mounts(services["setup"])) == {
+        v for v in compose["volumes"] if v.startswith("edgekms-")
+    }
+    holders = [n for n, s in services.items() if "edgekms-setup" in named_mounts(s)]
+    assert holders == ["setup"]
 
 
 def test_every_role_the_compose_file_runs_exists_in_the_entrypoint(
@@ -161,6 +192,7 @@ def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {
         **os.environ,
         "EDGEKMS_DATA_DIR": str(data),
+        "EDGEKMS_SETUP": str(ROOT / "deploy" / "edgekms-setup"),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     outputs = []
@@ -176,9 +208,9 @@ def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert result.returncode == 0, result.stderr
         outputs.append(result.stdout + result.stderr)
         if _ == 0:
-            first = {p.name: p.read_bytes() for p in (data / "secrets" / "nats").iterdir()}
-    assert first == {p.name: p.read_bytes() for p in (data / "secrets" / "nats").iterdir()}
-    pin = (data / "secrets" / "hsm0.pin").read_text().strip()
+            first = {p.name: p.read_bytes() for p in (data / "setup" / "nats").iterdir()}
+    assert first == {p.name: p.read_bytes() for p in (data / "setup" / "nats").iterdir()}
+    pin = (data / "hsm0" / "pin").read_text().strip()
     for output in outputs:
         assert pin not in output
         for password in first.values():
@@ -186,20 +218,47 @@ def setup_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
+# Each service's volume gets exactly its own bus password (and hsm0 its PIN).
+VOLUME_PASSWORDS = {
+    "hsm0": natsauth.crypto_user("hsm0"),
+    "tpm0": natsauth.crypto_user("tpm0"),
+    "ca": natsauth.CA_USER,
+    "broker": natsauth.BROKER_USER,
+    "init": natsauth.KMSCTL_USER,
+}
+
+
 def test_setup_makes_private_secrets_and_the_token(setup_dir: Path) -> None:
-    passwords = {p.name for p in (setup_dir / "secrets" / "nats").iterdir()}
+    passwords = {p.name for p in (setup_dir / "setup" / "nats").iterdir()}
     users = {"broker", "ca", "kmsctl", *(natsauth.crypto_user(p) for p in PROVIDERS)}
     assert passwords == {f"{u}.password" for u in users}
     for secret in [
-        *(setup_dir / "secrets" / "nats").iterdir(),
-        setup_dir / "secrets" / "hsm0.pin",
+        *(setup_dir / "setup" / "nats").iterdir(),
+        setup_dir / "hsm0" / "pin",
         setup_dir / "nats" / "nats.conf",
+        setup_dir / "nats" / "nats-server.key",
     ]:
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
-    assert token_exists(setup_dir / "softhsm" / "softhsm2.conf", "edgekms")
+    assert token_exists(setup_dir / "hsm0" / "softhsm" / "softhsm2.conf", "edgekms")
     conf = (setup_dir / "nats" / "nats.conf").read_text()
-    for path in (setup_dir / "secrets" / "nats").iterdir():
+    for path in (setup_dir / "setup" / "nats").iterdir():
         assert path.read_text().strip() not in conf  # only bcrypt hashes reach the config
+    assert str(setup_dir / "nats" / "nats-server.key") in conf
+
+
+def test_setup_hands_each_volume_only_its_own_secret(setup_dir: Path) -> None:
+    master = setup_dir / "setup" / "nats"
+    for volume, user in VOLUME_PASSWORDS.items():
+        files = sorted(p.name for p in (setup_dir / volume).iterdir() if p.is_file())
+        expected = ["nats.password", "pin"] if volume == "hsm0" else ["nats.password"]
+        assert files == expected, volume
+        own = (setup_dir / volume / "nats.password").read_bytes()
+        assert own == (master / f"{user}.password").read_bytes(), volume
+    assert not any((setup_dir / "public").glob("*.key"))
+    assert sorted(p.name for p in (setup_dir / "nats").iterdir() if p.is_file()) == [
+        "nats-server.key",
+        "nats.conf",
+    ]
 
 
 def test_container_configs_name_the_setup_credentials(setup_dir: Path) -> None:
@@ -216,7 +275,7 @@ def test_container_configs_name_the_setup_credentials(setup_dir: Path) -> None:
         assert settings["nats_url"] == "tls://nats:4222"
         assert creds.password_file is not None and creds.ca_file is not None
         local = setup_dir / creds.password_file.relative_to("/var/lib/edgekms")
-        assert local.is_file(), name
+        assert local.read_bytes() == natsauth.password_path(setup_dir / "setup", user).read_bytes()
         assert (setup_dir / creds.ca_file.relative_to("/var/lib/edgekms")).is_file()
 
 
@@ -256,8 +315,8 @@ async def connect(setup_dir: Path, port: int, user: str, errors: list[Exception]
 
     creds = natsauth.BusCredentials(
         user,
-        natsauth.password_path(setup_dir / "secrets", user),
-        setup_dir / "nats" / "tls" / "bus-ca.crt",
+        natsauth.password_path(setup_dir / "setup", user),
+        setup_dir / "public" / "bus-ca.crt",
     )
     return await nats.connect(
         f"tls://127.0.0.1:{port}",
@@ -313,7 +372,7 @@ async def test_bus_refuses_a_wrong_password(setup_dir: Path, stack_nats: int) ->
                 f"tls://127.0.0.1:{stack_nats}",
                 user=natsauth.BROKER_USER,
                 password="not-the-password",
-                tls=natsauth.client_tls_context(setup_dir / "nats" / "tls" / "bus-ca.crt"),
+                tls=natsauth.client_tls_context(setup_dir / "public" / "bus-ca.crt"),
                 error_cb=on_error,
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
@@ -330,3 +389,35 @@ def test_entrypoint_refuses_an_unknown_role() -> None:
         ["sh", str(ENTRYPOINT), "bogus"], capture_output=True, text=True, timeout=10, check=False
     )
     assert result.returncode == 64 and "usage" in result.stderr
+
+
+def load_healthcheck() -> Any:
+    import importlib.machinery
+    import importlib.util
+
+    path = ROOT / "docker" / "healthcheck.py"
+    loader = importlib.machinery.SourceFileLoader("edgekms_healthcheck", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_crypto_healthcheck_sees_a_live_bus_connection_and_its_end() -> None:
+    import socket
+
+    health = load_healthcheck()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert not health.established_to(port)
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        peer, _ = server.accept()
+        try:
+            assert health.established_to(port)
+        finally:
+            client.close()
+            peer.close()
+        assert not health.established_to(port)
+    assert health.bus_port(CONFIG_DIR / "crypto-hsm0.toml") == 4222
+    assert health.bus_port(CONFIG_DIR / "crypto-tpm0.toml") == 4222

@@ -83,10 +83,12 @@ def test_sign_through_the_stack(stack: Path) -> None:
 
 
 def test_issue_a_certificate_through_the_stack(stack: Path) -> None:
-    from edgekms.v1 import ca_pb2
     from mgmt.client import KMSClient
 
     client = KMSClient.from_config(client_config(stack))
+    # The CA's bus identity may sign only through hsm0 (EDGEKMS_CA_PROVIDER's default).
+    init = client.ca_init("EdgeKMS compose test CA", "ec-p256", provider="hsm0")
+    assert init.root_certificate_der and init.intermediate_certificate_der
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
@@ -96,13 +98,11 @@ def test_issue_a_certificate_through_the_stack(stack: Path) -> None:
         )
         .sign(key, hashes.SHA256())
     )
-    response = client._ca.IssueCertificate(
-        ca_pb2.IssueCertificateRequest(profile="https-server", csr=csr.public_bytes(Encoding.DER)),
-        timeout=30,
-    )
+    response = client.issue_certificate("https-server", csr.public_bytes(Encoding.DER))
     certificate = x509.load_der_x509_certificate(response.certificate_der)
     assert certificate.public_key() == key.public_key()
     issuer = x509.load_der_x509_certificate(response.chain_der[0])
     certificate.verify_directly_issued_by(issuer)
+    assert issuer.public_bytes(Encoding.DER) == init.intermediate_certificate_der
     sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert sans.value.get_values_for_type(x509.DNSName) == ["nas.example.test"]

@@ -29,7 +29,8 @@ TARGET_ONLY = {"edgekms_0.1.0.bb", "edgekms-firewall_1.0.bb"}
 
 # The long-running services and what each must run (the agreed command lines).
 SERVICES = {
-    "edgekms-nats.service": ("edgekms-nats", "/nats-server -c /etc/edgekms/nats.conf"),
+    # nats.conf is made by edgekms-setup and reaches nats-server as a credential (%d).
+    "edgekms-nats.service": ("edgekms-nats", "/nats-server -c %d/nats.conf"),
     "edgekms-crypto-hsm0.service": (
         "edgekms-hsm",
         "/kms-crypto --config /etc/edgekms/crypto-hsm0.toml",
@@ -106,7 +107,7 @@ def test_every_service_package_has_its_unit() -> None:
     recipe = bb_assignments(RECIPE)
     packages = recipe["SYSTEMD_PACKAGES"].split()
     units = {recipe[f"SYSTEMD_SERVICE:{pkg}"] for pkg in packages}
-    assert set(SERVICES) | {"edgekms-init.service"} == units
+    assert set(SERVICES) | {"edgekms-init.service", "edgekms-setup.service"} == units
     src_uri = recipe["SRC_URI"]
     for unit in units:
         assert (FILES / unit).is_file(), unit
@@ -149,15 +150,16 @@ def test_tpm_service_is_in_tss_group_and_hsm_in_teeclnt() -> None:
 def test_tmpfiles_create_every_state_dir_the_configs_use() -> None:
     tmpfiles = (FILES / "edgekms.tmpfiles").read_text().replace("@LOCALSTATEDIR@", "/var")
     declared = {line.split()[1] for line in tmpfiles.splitlines() if line.startswith("d ")}
-    for conf in ("crypto-hsm0.toml", "crypto-tpm0.toml", "broker.toml"):
+    for conf in ("crypto-hsm0.toml", "crypto-tpm0.toml", "broker.toml", "ca.toml"):
         settings = tomllib.loads((ROOT / "deploy" / conf).read_text())
-        for table in settings.values():
-            if not isinstance(table, dict):
-                continue
-            for value in table.values():
-                if isinstance(value, str) and value.startswith("/var/lib/edgekms/"):
-                    parent = value if conf == "crypto-tpm0.toml" else str(Path(value).parent)
-                    assert parent in declared, (conf, value)
+        values = [*settings.values()]
+        values += [v for t in settings.values() if isinstance(t, dict) for v in t.values()]
+        for value in values:
+            if isinstance(value, str) and value.startswith("/var/lib/edgekms/"):
+                parent = value if value.endswith("/tpm0") else str(Path(value).parent)
+                assert parent in declared, (conf, value)
+    secrets = next(line for line in tmpfiles.splitlines() if "/edgekms/secrets " in line)
+    assert secrets.split()[2:5] == ["0700", "root", "root"]
 
 
 def test_board_configs_match_the_service_formats() -> None:
@@ -169,8 +171,9 @@ def test_board_configs_match_the_service_formats() -> None:
     broker = tomllib.loads((ROOT / "deploy" / "broker.toml").read_text())
     assert set(broker["providers"]) == {"hsm0", "tpm0"}
     assert set(broker["tls"]) == {"cert", "key", "client_ca"}
-    nats_conf = (ROOT / "deploy" / "nats.conf").read_text()
-    assert 'host: "127.0.0.1"' in nats_conf and "/var/lib/edgekms/nats" in nats_conf
+    # The bus is authenticated on the board too: nats.conf is generated, never shipped.
+    assert not (ROOT / "deploy" / "nats.conf").exists()
+    assert "nats.conf" not in RECIPE.read_text().split("do_install", 1)[1].split("FILES:", 1)[0]
 
 
 def test_image_installs_every_service_and_no_debug_features() -> None:

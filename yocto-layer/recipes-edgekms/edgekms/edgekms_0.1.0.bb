@@ -15,7 +15,8 @@ LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 # the python3-protobuf 4.25 of meta-python.
 DEPENDS += "python3-grpcio-tools-native"
 
-SRC_URI = "file://edgekms-nats.service \
+SRC_URI = "file://edgekms-setup.service \
+           file://edgekms-nats.service \
            file://edgekms-crypto-hsm0.service \
            file://edgekms-crypto-tpm0.service \
            file://edgekms-ca.service \
@@ -31,7 +32,7 @@ EXTERNALSRC_BUILD = "${WORKDIR}/build"
 
 inherit externalsrc python_setuptools_build_meta systemd useradd
 
-EDGEKMS_SERVICES = "nats crypto-hsm0 crypto-tpm0 ca broker init"
+EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init"
 
 do_install:append() {
     site=${D}${PYTHON_SITEPACKAGES_DIR}
@@ -51,7 +52,12 @@ do_install:append() {
     sed -i -e 's,@BINDIR@,${bindir},g' \
            -e 's,@SYSCONFDIR@,${sysconfdir},g' \
            -e 's,@LOCALSTATEDIR@,${localstatedir},g' \
+           -e 's,@LIBEXECDIR@,${libexecdir},g' \
            ${D}${systemd_system_unitdir}/edgekms-*.service
+
+    # First boot and every boot after: the bus identities (mgmt.natsauth), as `kmsctl up` makes them.
+    install -d ${D}${libexecdir}/edgekms
+    install -m 0755 ${S}/deploy/edgekms-setup ${D}${libexecdir}/edgekms/edgekms-setup
 
     install -d ${D}${nonarch_libdir}/tmpfiles.d
     sed -e 's,@LOCALSTATEDIR@,${localstatedir},g' ${WORKDIR}/edgekms.tmpfiles \
@@ -61,16 +67,17 @@ do_install:append() {
     install -m 0644 ${WORKDIR}/edgekms-tee.rules ${D}${nonarch_base_libdir}/udev/rules.d/60-edgekms-tee.rules
 
     install -d ${D}${sysconfdir}/edgekms
-    for conf in nats.conf crypto-hsm0.toml crypto-tpm0.toml broker.toml ca.toml; do
+    for conf in crypto-hsm0.toml crypto-tpm0.toml broker.toml ca.toml; do
         install -m 0644 ${S}/deploy/${conf} ${D}${sysconfdir}/edgekms/${conf}
     done
 }
 
-PACKAGE_BEFORE_PN = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+PACKAGE_BEFORE_PN = "${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
 
 FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/edgekms.conf"
-FILES:${PN}-nats += "${systemd_system_unitdir}/edgekms-nats.service \
-                     ${sysconfdir}/edgekms/nats.conf"
+FILES:${PN}-setup += "${systemd_system_unitdir}/edgekms-setup.service \
+                      ${libexecdir}/edgekms/edgekms-setup"
+FILES:${PN}-nats += "${systemd_system_unitdir}/edgekms-nats.service"
 FILES:${PN}-crypto-hsm += "${systemd_system_unitdir}/edgekms-crypto-hsm0.service \
                            ${sysconfdir}/edgekms/crypto-hsm0.toml \
                            ${nonarch_base_libdir}/udev/rules.d/60-edgekms-tee.rules"
@@ -82,13 +89,13 @@ FILES:${PN}-broker += "${systemd_system_unitdir}/edgekms-broker.service \
                        ${sysconfdir}/edgekms/broker.toml"
 FILES:${PN}-init += "${systemd_system_unitdir}/edgekms-init.service"
 
-CONFFILES:${PN}-nats = "${sysconfdir}/edgekms/nats.conf"
 CONFFILES:${PN}-crypto-hsm = "${sysconfdir}/edgekms/crypto-hsm0.toml"
 CONFFILES:${PN}-crypto-tpm = "${sysconfdir}/edgekms/crypto-tpm0.toml"
 CONFFILES:${PN}-ca = "${sysconfdir}/edgekms/ca.toml"
 CONFFILES:${PN}-broker = "${sysconfdir}/edgekms/broker.toml"
 
-SYSTEMD_PACKAGES = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+SYSTEMD_PACKAGES = "${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+SYSTEMD_SERVICE:${PN}-setup = "edgekms-setup.service"
 SYSTEMD_SERVICE:${PN}-nats = "edgekms-nats.service"
 SYSTEMD_SERVICE:${PN}-crypto-hsm = "edgekms-crypto-hsm0.service"
 SYSTEMD_SERVICE:${PN}-crypto-tpm = "edgekms-crypto-tpm0.service"
@@ -117,7 +124,8 @@ RDEPENDS:${PN} += "python3-aiohttp \
                    python3-nats-py \
                    python3-protobuf \
                    python3-tomllib"
-RDEPENDS:${PN}-nats += "nats-server"
+RDEPENDS:${PN}-setup += "${PN} python3-crypt"
+RDEPENDS:${PN}-nats += "${PN}-setup nats-server"
 RDEPENDS:${PN}-crypto-hsm += "${PN} \
                               optee-client \
                               python3-pkcs11"

@@ -21,6 +21,7 @@ IMAGE_INSTALL += "edgekms \
                   edgekms-firewall \
                   edgekms-init \
                   edgekms-nats \
+                  edgekms-setup \
                   opensc \
                   optee-client \
                   packagegroup-core-boot \
