@@ -60,6 +60,36 @@ def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
     return value
 
 
+BUS_FIELDS = ("nats_user", "nats_password_file", "nats_ca")
+KNOWN_FIELDS = frozenset(
+    {
+        "listen",
+        "nats_url",
+        "default_provider",
+        "providers",
+        "sign_timeout",
+        "generate_timeout",
+        "tls",
+        *BUS_FIELDS,
+    }
+)
+KNOWN_TLS_FIELDS = frozenset({"cert", "key", "client_ca"})
+
+
+def _reject_unknown(table: dict[str, Any], known: frozenset[str], path: Path, where: str) -> None:
+    """A misspelt field would otherwise be ignored and its default used in silence."""
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field {where}{unknown[0]!r}")
+
+
+def _seconds(raw: dict[str, Any], name: str, default: float, path: Path) -> float:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{path}: {name!r} must be a positive number of seconds")
+    return float(value)
+
+
 def load_config(path: Path) -> BrokerConfig:
     try:
         raw = tomllib.loads(path.read_text())
@@ -68,7 +98,9 @@ def load_config(path: Path) -> BrokerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     base = path.parent
+    _reject_unknown(raw, KNOWN_FIELDS, path, "")
     tls_raw = _field(raw, "tls", dict, path)
+    _reject_unknown(tls_raw, KNOWN_TLS_FIELDS, path, "tls.")
     tls = TLSConfig(
         *(base / _field(tls_raw, name, str, path) for name in ("cert", "key", "client_ca"))
     )
@@ -89,6 +121,6 @@ def load_config(path: Path) -> BrokerConfig:
         default_provider=default,
         providers=providers,
         tls=tls,
-        sign_timeout=float(raw.get("sign_timeout", 5.0)),
-        generate_timeout=float(raw.get("generate_timeout", 120.0)),
+        sign_timeout=_seconds(raw, "sign_timeout", 5.0, path),
+        generate_timeout=_seconds(raw, "generate_timeout", 120.0, path),
     )

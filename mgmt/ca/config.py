@@ -22,6 +22,19 @@ class CAConfigError(ValueError):
     """The CA config is missing, unreadable or wrong; the message names file and field."""
 
 
+KNOWN_FIELDS = frozenset(
+    {
+        "nats_url",
+        "http_listen",
+        "base_url",
+        "profiles_file",
+        "nats_user",
+        "nats_password_file",
+        "nats_ca",
+    }
+)
+
+
 def load_serve_config(path: Path) -> ServeConfig:
     try:
         raw = tomllib.loads(path.read_text())
@@ -29,6 +42,9 @@ def load_serve_config(path: Path) -> ServeConfig:
         raise CAConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise CAConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - KNOWN_FIELDS)
+    if unknown:
+        raise CAConfigError(f"{path}: unknown field {unknown[0]!r}")
     nats_url = raw.get("nats_url")
     if not isinstance(nats_url, str) or not nats_url:
         raise CAConfigError(f"{path}: missing field 'nats_url'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 
 import nats
 import pytest
@@ -27,10 +28,18 @@ async def test_stale_reservation_is_taken_over_once(nats_server: NatsServer) -> 
         await alive.start()
         await dead.reserve(_record("stale/one"))  # ...and then the broker died
         with pytest.raises(AlreadyExists):
-            await alive.reserve(_record("stale/one"))  # not stale yet
+            await alive.reserve(_record("stale/one"), stale_after=60)  # not stale yet
+        # Let an hour pass for the dead broker's reservation.
+        kv = await nc.jetstream().key_value("kms_keys")
+        held = pb.KeyRecord()
+        held.ParseFromString((await kv.get("stale/one")).value or b"")
+        held.updated_at = (
+            datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+        ).isoformat()
+        await kv.put("stale/one", held.SerializeToString())
         results = await asyncio.gather(
-            alive.reserve(_record("stale/one"), stale_after=0),
-            alive.reserve(_record("stale/one"), stale_after=0),
+            alive.reserve(_record("stale/one"), stale_after=60),
+            alive.reserve(_record("stale/one"), stale_after=60),
             return_exceptions=True,
         )
         assert sorted(type(r).__name__ for r in results) == ["AlreadyExists", "int"]

@@ -1,0 +1,73 @@
+"""The broker's and the CA service's config loaders refuse what they would otherwise
+ignore or crash on, naming the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import ConfigError, load_config
+from mgmt.ca.config import CAConfigError, load_serve_config
+
+BROKER = """listen = "127.0.0.1:8443"
+nats_url = "nats://127.0.0.1:4222"
+default_provider = "hsm0"
+providers = ["hsm0"]
+{extra}
+[tls]
+cert = "broker.crt"
+key = "broker.key"
+client_ca = "ca.crt"
+{tls_extra}
+"""
+
+
+def _broker(tmp_path: Path, extra: str = "", tls_extra: str = "") -> Path:
+    path = tmp_path / "broker.toml"
+    path.write_text(BROKER.format(extra=extra, tls_extra=tls_extra))
+    return path
+
+
+def test_broker_config_loads(tmp_path: Path) -> None:
+    config = load_config(_broker(tmp_path, extra="sign_timeout = 2"))
+    assert config.sign_timeout == 2.0
+    assert config.tls.cert == tmp_path / "broker.crt"
+
+
+@pytest.mark.parametrize(
+    ("extra", "tls_extra", "message"),
+    [
+        ("sign_timout = 2", "", "unknown field 'sign_timout'"),
+        ("", 'crt = "x"', "unknown field tls.'crt'"),
+        ('sign_timeout = "fast"', "", "'sign_timeout' must be a positive number"),
+        ("generate_timeout = 0", "", "'generate_timeout' must be a positive number"),
+        ('nats_user = "broker"', "", "give both or neither"),
+    ],
+)
+def test_broker_config_refuses(tmp_path: Path, extra: str, tls_extra: str, message: str) -> None:
+    path = _broker(tmp_path, extra, tls_extra)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(path) in str(refused.value)
+    assert message in str(refused.value)
+
+
+def test_ca_config_refuses_unknown_and_bad_fields(tmp_path: Path) -> None:
+    path = tmp_path / "ca.toml"
+    path.write_text('nats_url = "nats://127.0.0.1:4222"\nstate_dir = "/var/lib/x"\n')
+    with pytest.raises(CAConfigError, match="unknown field 'state_dir'"):
+        load_serve_config(path)
+    path.write_text('nats_url = "nats://127.0.0.1:4222"\nhttp_listen = "8180"\n')
+    with pytest.raises(CAConfigError, match="http_listen must be host:port"):
+        load_serve_config(path)
+    path.write_text('http_listen = "127.0.0.1:8180"\n')
+    with pytest.raises(CAConfigError, match="missing field 'nats_url'"):
+        load_serve_config(path)
+
+
+@pytest.mark.parametrize("shipped", ["deploy", "docker/config"])
+def test_shipped_configs_have_no_unknown_fields(shipped: str) -> None:
+    root = Path(__file__).resolve().parents[2] / shipped
+    load_config(root / "broker.toml")
+    load_serve_config(root / "ca.toml")
