@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from edgekms.audit import ChainVerifier, parse_entry
+from edgekms.audit import ChainVerifier, check_entry, parse_entry, split_message
 from edgekms.v1 import audit_pb2
 from mgmt.cli.common import ExitCode, output_option
 from mgmt.cli.keys import client_options, open_client
@@ -34,27 +34,39 @@ def audit_group() -> None:
     """
 
 
-def record_to_dict(record: audit_pb2.AuditRecord) -> dict[str, Any]:
-    """The stable json shape of an entry: its sequence and the stored entry itself."""
-    try:
-        entry: dict[str, Any] | None = parse_entry(record.raw)
-    except ValueError:
-        entry = None
-    result: dict[str, Any] = {"seq": record.seq, "entry": entry}
-    if entry is None:
-        result["raw"] = record.raw.decode("utf-8", errors="replace")
-    return result
+def record_to_dicts(record: audit_pb2.AuditRecord) -> list[dict[str, Any]]:
+    """The stable json shape of each entry in a stored message: its sequence, its index
+    within the message (0 for a lone entry; a group-committed batch holds several) and
+    the stored entry itself, or None with the raw text when it is no entry."""
+    items = split_message(record.raw)
+    if items is None:
+        try:
+            entry: dict[str, Any] | None = parse_entry(record.raw)
+        except ValueError:
+            entry = None
+        result: dict[str, Any] = {"seq": record.seq, "index": 0, "entry": entry}
+        if entry is None:
+            result["raw"] = record.raw.decode("utf-8", errors="replace")
+        return [result]
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append({"seq": record.seq, "index": index, "entry": check_entry(item)})
+        except ValueError:
+            raw = json.dumps(item, sort_keys=True)
+            out.append({"seq": record.seq, "index": index, "entry": None, "raw": raw})
+    return out
 
 
-def _row(record: audit_pb2.AuditRecord) -> list[str]:
-    data = record_to_dict(record)
+def _row(data: dict[str, Any]) -> list[str]:
+    where = str(data["seq"]) if data["index"] == 0 else f"{data['seq']}#{data['index']}"
     entry = data["entry"]
     if entry is None:
-        return [str(record.seq), "-", "-", "-", "-", "(not an audit entry)"]
+        return [where, "-", "-", "-", "-", "(not an audit entry)"]
     actor = entry["actor"]
     who = f"{actor.get('client', '')}/{actor.get('role', '')}".strip("/") or "-"
     return [
-        str(record.seq),
+        where,
         str(entry["time"]),
         who,
         str(entry["action"]),
@@ -86,29 +98,38 @@ def tail(
     count: int | None,
     output: str,
 ) -> None:
-    """Print audit entries in order, oldest first."""
+    """Print audit entries in order, oldest first, one line each (a batch message's
+    entries are shown as SEQ#INDEX after its first)."""
     printed = 0
     with open_client(data_dir, config_path) as kms:
         stream = kms.tail_audit(from_seq, follow=follow)
         try:
             if output == "text" and not follow:
-                records = [item.record for item in stream if item.HasField("record")]
+                rows = [
+                    data
+                    for item in stream
+                    if item.HasField("record")
+                    for data in record_to_dicts(item.record)
+                ]
                 if count is not None:
-                    records = records[:count]
-                if records:
-                    click.echo(table(_HEADERS, [_row(r) for r in records]))
+                    rows = rows[:count]
+                if rows:
+                    click.echo(table(_HEADERS, [_row(d) for d in rows]))
                 return
             if output == "text":
                 click.echo("  ".join(_HEADERS))
             for item in stream:
                 if not item.HasField("record"):
                     continue
-                if output == "json":
-                    click.echo(json.dumps(record_to_dict(item.record), sort_keys=True))
-                else:
-                    click.echo("  ".join(_row(item.record)))
-                sys.stdout.flush()
-                printed += 1
+                for data in record_to_dicts(item.record):
+                    if output == "json":
+                        click.echo(json.dumps(data, sort_keys=True))
+                    else:
+                        click.echo("  ".join(_row(data)))
+                    sys.stdout.flush()
+                    printed += 1
+                    if count is not None and printed >= count:
+                        break
                 if count is not None and printed >= count:
                     break
         except KeyboardInterrupt:
@@ -141,14 +162,15 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
         click.echo(
-            f"audit chain whole: {report.entries} entries, last seq {report.last_seq}, "
+            f"audit chain whole: {report.entries} entries in {report.messages} messages, "
+            f"last seq {report.last_seq}, "
             f"head {report.head_hash}"
         )
     else:
         first = report.problems[0]
-        click.echo(f"audit chain broken at entry {first.seq}: {first.message}")
+        click.echo(f"audit chain broken at entry {first.where}: {first.message}")
         for problem in report.problems[1:]:
-            click.echo(f"  also at entry {problem.seq}: {problem.message}")
+            click.echo(f"  also at entry {problem.where}: {problem.message}")
     if not report.ok:
         sys.exit(int(ExitCode.FAILURE))
 
@@ -157,4 +179,4 @@ def register(cli: click.Group) -> None:
     cli.add_command(audit_group)
 
 
-__all__ = ["audit_group", "record_to_dict", "register"]
+__all__ = ["audit_group", "record_to_dicts", "register"]

@@ -15,6 +15,16 @@ re-encoding), while sorted-key JSON can be recomputed by any auditor with any JS
 library, `jq -cS` included. The stream sequence number is NOT part of the entry: it is
 assigned by the server after the hash is fixed; a missing number shows as a gap.
 
+Group commit. One message may hold several entries: a lone entry is stored as its own
+canonical JSON (as it always was), several as the canonical JSON of {"batch": [entry,
+...]}, in chain order. A batch is packaging only: every entry inside still carries its
+predecessor's hash and hashes exactly as a lone entry would, so an auditor walks entries,
+not messages. The envelope is a one-key object rather than a bare JSON array so that a
+message is always an object, and a single parse tells the two kinds apart. While one
+publish is in flight, a writer's further appends queue; on the acknowledgement it chains
+everything queued (up to MAX_BATCH_ENTRIES / MAX_BATCH_BYTES) and publishes it as ONE
+message, so one fsync serves the whole batch and the batch is stored all or nothing.
+
 Chain. hash = SHA-256(prev_hash || canonical(entry without "hash")), prev_hash being the
 previous entry's hash (32 zero bytes for the first). Both travel hex-encoded in the entry.
 One global chain across writers: an append reads the head (last sequence and its hash,
@@ -57,6 +67,12 @@ WRONG_LAST_SEQUENCE = 10071
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 # How far back the writer looks for a readable head when the newest entries were deleted.
 HEAD_SEARCH_LIMIT = 1000
+# Group-commit caps: a batch message stays far below the bus's max payload
+# (mgmt/natsauth.BUS_MAX_PAYLOAD, over 1 MiB), and 128 entries cover any realistic
+# number of requests in flight at once.
+MAX_BATCH_ENTRIES = 128
+MAX_BATCH_BYTES = 64 * 1024
+BATCH_KEY = "batch"
 
 _ENTRY_FIELDS = frozenset(
     {
@@ -151,6 +167,11 @@ def parse_entry(raw: bytes) -> dict[str, Any]:
         entry = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    return check_entry(entry)
+
+
+def check_entry(entry: Any) -> dict[str, Any]:
+    """`entry` itself if it has an entry's shape, or ValueError saying why not."""
     if not isinstance(entry, dict):
         raise ValueError("not a JSON object")
     missing = _ENTRY_FIELDS - entry.keys()
@@ -169,10 +190,57 @@ def parse_entry(raw: bytes) -> dict[str, Any]:
     return entry
 
 
+def encode_message(entries: list[dict[str, Any]]) -> bytes:
+    """The stored bytes for entries published together (see "Group commit" above)."""
+    if len(entries) == 1:
+        return canonical(entries[0])
+    return canonical({BATCH_KEY: entries})
+
+
+def split_message(raw: bytes) -> list[Any] | None:
+    """The items of a batch message (each still to be checked with check_entry), or None
+    when `raw` is no batch envelope (then it is a lone entry, or garbage)."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(value, dict) and value.keys() == {BATCH_KEY}:
+        items = value[BATCH_KEY]
+        if isinstance(items, list) and items:
+            return items
+    return None
+
+
+def parse_message(raw: bytes) -> list[dict[str, Any]]:
+    """Every entry in a stored message, in chain order, or ValueError naming the first
+    that is not one (e.g. "#3: missing fields hash")."""
+    items = split_message(raw)
+    if items is None:
+        return [parse_entry(raw)]
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append(check_entry(item))
+        except ValueError as exc:
+            raise ValueError(f"#{index}: {exc}") from None
+    return out
+
+
+def _item_link(item: Any) -> bytes:
+    try:
+        return bytes.fromhex(check_entry(item)["hash"])
+    except ValueError:
+        return hashlib.sha256(canonical({BATCH_KEY: [item]})).digest()
+
+
 def link_of(raw: bytes) -> bytes:
-    """What the next entry must carry as prev_hash: the entry's own hash field, or, for
-    bytes that are no entry at all, their SHA-256 (writer and verifier agree on this, so
-    one corrupt message is reported once instead of breaking every link after it)."""
+    """What the next entry must carry as prev_hash: the (last) entry's own hash field, or,
+    for bytes that are no entry at all, their SHA-256 (writer and verifier agree on this,
+    so one corrupt message is reported once instead of breaking every link after it).
+    A batch whose last item is no entry links by a hash of that item alone."""
+    items = split_message(raw)
+    if items is not None:
+        return _item_link(items[-1])
     try:
         return bytes.fromhex(parse_entry(raw)["hash"])
     except ValueError:
@@ -184,14 +252,27 @@ def link_of(raw: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Appended:
+    """Where an entry was stored: the stream sequence of the message holding it, and its
+    position in that message (0 for a lone entry, 0.. for a batch)."""
+
     seq: int
     entry: dict[str, Any]
+    index: int = 0
+
+
+@dataclass
+class _Pending:
+    """One caller's entry waiting for a batch; its fields, not yet chained."""
+
+    fields: dict[str, Any]
+    done: asyncio.Future[Appended]
 
 
 class AuditWriter:
-    """Appends to the global chain for one process. Appends from one writer are
-    serialized (a lock); appends from several processes race on the server's
-    expected-last-sequence check and the loser retries on the new head."""
+    """Appends to the global chain for one process with group commit: one publish in
+    flight at a time, everything that queued meanwhile goes out as the next single
+    message. Appends from several processes race on the server's expected-last-sequence
+    check and the loser re-chains its whole batch on the new head and retries."""
 
     def __init__(
         self,
@@ -200,14 +281,19 @@ class AuditWriter:
         *,
         timeout: float = 2.0,
         max_attempts: int = 50,
+        max_batch_entries: int = MAX_BATCH_ENTRIES,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
     ) -> None:
         self.js = js
         self.writer = writer
         self.subject = audit_subject(writer)
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.max_batch_entries = max(1, max_batch_entries)
+        self.max_batch_bytes = max_batch_bytes
         self._head: tuple[int, bytes] | None = None
-        self._lock = asyncio.Lock()
+        self._queue: list[_Pending] = []
+        self._drainer: asyncio.Task[None] | None = None
 
     async def ensure_stream(self) -> None:
         """Create KMS_AUDIT if missing; an existing stream is left as it is."""
@@ -256,53 +342,138 @@ class AuditWriter:
         request_id: str = "",
         details: Mapping[str, str] | None = None,
     ) -> Appended:
-        """Store one entry, or raise Unavailable("audit.unavailable") having stored none."""
-        async with self._lock:
-            for attempt in range(1, self.max_attempts + 1):
-                try:
-                    if self._head is None:
-                        self._head = await self.read_head()
-                    last_seq, prev = self._head
-                    entry = build_entry(
-                        writer=self.writer,
-                        action=action,
-                        outcome=outcome,
-                        prev_hash=prev,
-                        client=client,
-                        role=role,
-                        target=target,
-                        request_id=request_id,
-                        details=details,
-                    )
-                    ack = await self.js.publish(
-                        self.subject,
-                        canonical(entry),
-                        timeout=self.timeout,
-                        stream=STREAM,
-                        headers={EXPECTED_LAST_SEQUENCE: str(last_seq)},
-                    )
-                except nats.js.errors.APIError as exc:
-                    self._head = None
-                    if exc.err_code == WRONG_LAST_SEQUENCE:
-                        # Another writer appended first: chain to its entry instead.
-                        await asyncio.sleep(random.uniform(0, 0.002 * attempt))
-                        continue
-                    raise self._unavailable(action, exc) from None
-                except (nats.errors.Error, TimeoutError, OSError) as exc:
-                    self._head = None
-                    raise self._unavailable(action, exc) from None
-                self._head = (ack.seq, bytes.fromhex(entry["hash"]))
-                return Appended(ack.seq, entry)
-            self._head = None
-            raise Unavailable(
-                "audit.unavailable",
-                f"the audit log is too contended: {self.max_attempts} attempts lost the race",
-            )
+        """Store one entry, or raise Unavailable("audit.unavailable") having stored none.
+        Returns once the message holding the entry is acknowledged (on disk)."""
+        pending = _Pending(
+            fields={
+                "action": action,
+                "outcome": outcome,
+                "client": client,
+                "role": role,
+                "target": target,
+                "request_id": request_id,
+                "details": dict(details or {}),
+                "time": now_rfc3339(),
+            },
+            done=asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(pending)
+        if self._drainer is None or self._drainer.done():
+            # The drain runs as its own task so that a caller cancelled mid-publish
+            # does not abandon the others sharing its batch.
+            self._drainer = asyncio.create_task(self._drain())
+        # A cancelled caller leaves its entry to be stored or dropped as a whole batch
+        # decides; it never splits one.
+        return await pending.done
 
-    def _unavailable(self, action: str, exc: BaseException) -> Unavailable:
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await self._publish(batch)
+            except Unavailable as exc:
+                # The whole message was refused: none of its entries is stored, and each
+                # caller gets its own error object (one raised in many tasks would share
+                # a traceback).
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(Unavailable(exc.reason, exc.message))
+                continue
+            except BaseException as exc:  # a bug or cancellation: fail the batch closed
+                self._head = None
+                err = self._unavailable(str(batch[0].fields["action"]), exc)
+                for p in batch + self._queue:
+                    if not p.done.done():
+                        p.done.set_exception(err)
+                self._queue.clear()
+                raise
+            for p, result in zip(batch, results, strict=True):
+                if not p.done.done():
+                    p.done.set_result(result)
+
+    def _take(self) -> list[_Pending]:
+        """Up to max_batch_entries queued appends whose callers still wait."""
+        batch: list[_Pending] = []
+        while self._queue and len(batch) < self.max_batch_entries:
+            p = self._queue.pop(0)
+            if not p.done.cancelled():
+                batch.append(p)
+        return batch
+
+    def _chain(self, batch: list[_Pending], prev: bytes) -> list[dict[str, Any]]:
+        """Seal the batch's entries in order on `prev`; entries past the byte cap go back
+        to the head of the queue (the first one always goes, however big)."""
+        entries: list[dict[str, Any]] = []
+        size = len(BATCH_KEY) + 6
+        for i, p in enumerate(batch):
+            f = p.fields
+            entry = build_entry(
+                writer=self.writer,
+                action=f["action"],
+                outcome=f["outcome"],
+                prev_hash=prev,
+                client=f["client"],
+                role=f["role"],
+                target=f["target"],
+                request_id=f["request_id"],
+                details=f["details"],
+                time=f["time"],
+            )
+            size += len(canonical(entry)) + 1
+            if entries and size > self.max_batch_bytes:
+                self._queue[0:0] = batch[i:]
+                del batch[i:]
+                break
+            entries.append(entry)
+            prev = bytes.fromhex(entry["hash"])
+        return entries
+
+    async def _publish(self, batch: list[_Pending]) -> list[Appended]:
+        """Chain `batch` on the head and store it as one message; on a lost race re-chain
+        on the new head. Raises Unavailable with nothing stored."""
+        action = str(batch[0].fields["action"])
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                if self._head is None:
+                    self._head = await self.read_head()
+                last_seq, prev = self._head
+                entries = self._chain(batch, prev)
+                ack = await self.js.publish(
+                    self.subject,
+                    encode_message(entries),
+                    timeout=self.timeout,
+                    stream=STREAM,
+                    headers={EXPECTED_LAST_SEQUENCE: str(last_seq)},
+                )
+            except nats.js.errors.APIError as exc:
+                self._head = None
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    # Another writer appended first: chain to its entry instead.
+                    await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+                    continue
+                raise self._unavailable(action, exc, len(batch)) from None
+            except Unavailable:
+                self._head = None
+                raise
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                self._head = None
+                raise self._unavailable(action, exc, len(batch)) from None
+            self._head = (ack.seq, bytes.fromhex(entries[-1]["hash"]))
+            return [Appended(ack.seq, e, i) for i, e in enumerate(entries)]
+        self._head = None
+        raise Unavailable(
+            "audit.unavailable",
+            f"the audit log is too contended: {self.max_attempts} attempts lost the race",
+        )
+
+    def _unavailable(self, action: str, exc: BaseException, entries: int = 1) -> Unavailable:
         log.error(
             "audit append failed",
-            extra=fields(action=action, writer=self.writer, error=type(exc).__name__),
+            extra=fields(
+                action=action, writer=self.writer, entries=entries, error=type(exc).__name__
+            ),
         )
         return Unavailable("audit.unavailable", f"the audit log cannot be written: {exc}")
 
@@ -312,17 +483,27 @@ class AuditWriter:
 
 @dataclass(frozen=True)
 class ChainProblem:
+    """One broken link. `index` is the entry's position inside a batch message, None for
+    a lone entry or for a problem with the message as a whole (missing, malformed)."""
+
     seq: int
-    kind: str  # missing | malformed | hash_mismatch | prev_mismatch
+    kind: str  # missing | malformed | hash_mismatch | prev_mismatch | out_of_order
     message: str
+    index: int | None = None
+
+    @property
+    def where(self) -> str:
+        """ "12" for message 12, "12 #3" for the entry at index 3 of batch message 12."""
+        return str(self.seq) if self.index is None else f"{self.seq} #{self.index}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "kind": self.kind, "message": self.message}
+        return {"seq": self.seq, "index": self.index, "kind": self.kind, "message": self.message}
 
 
 @dataclass
 class ChainReport:
-    entries: int = 0
+    entries: int = 0  # entries walked, counting each one inside a batch
+    messages: int = 0  # stored messages walked
     last_seq: int = 0
     head_hash: str = GENESIS.hex()
     problems: list[ChainProblem] = field(default_factory=list)
@@ -335,6 +516,7 @@ class ChainReport:
         return {
             "ok": self.ok,
             "entries": self.entries,
+            "messages": self.messages,
             "last_seq": self.last_seq,
             "head_hash": self.head_hash,
             "first_problem": self.problems[0].to_dict() if self.problems else None,
@@ -343,14 +525,16 @@ class ChainReport:
 
 
 class ChainVerifier:
-    """Walks the chain in stream order from sequence 1. Feed every stored message; each
-    broken link is reported once, and the walk carries on from the stored entry so that
-    one bad entry does not make every later one look bad too."""
+    """Walks the chain in stream order from sequence 1, entry by entry (into batches).
+    Feed every stored message; each broken link is reported once, and the walk carries
+    on from the stored entry so that one bad entry does not make every later one look
+    bad too."""
 
     def __init__(self) -> None:
         self.report = ChainReport()
         self._expected_seq = 1
         self._prev = GENESIS
+        self._prev_name = ""
 
     def feed(self, seq: int, raw: bytes) -> None:
         report = self.report
@@ -366,36 +550,60 @@ class ChainVerifier:
             report.problems.append(
                 ChainProblem(first, "missing", f"{span} missing from the stream (deleted)")
             )
-        report.entries += 1
+        report.messages += 1
         report.last_seq = seq
         self._expected_seq = seq + 1
-        try:
-            entry = parse_entry(raw)
-        except ValueError as exc:
-            report.problems.append(ChainProblem(seq, "malformed", f"entry {seq}: {exc}"))
-            self._prev = link_of(raw)
-            report.head_hash = self._prev.hex()
+        items = split_message(raw)
+        if items is None:
+            report.entries += 1
+            try:
+                entry = parse_entry(raw)
+            except ValueError as exc:
+                report.problems.append(ChainProblem(seq, "malformed", f"entry {seq}: {exc}"))
+                self._advance(link_of(raw), f"entry {seq}")
+                return
+            self._check(entry, seq, None, gap)
             return
-        computed = entry_hash(entry)
-        if computed != entry["hash"]:
-            report.problems.append(
+        for index, item in enumerate(items):
+            report.entries += 1
+            try:
+                entry = check_entry(item)
+            except ValueError as exc:
+                report.problems.append(
+                    ChainProblem(seq, "malformed", f"entry {seq} #{index}: {exc}", index)
+                )
+                self._advance(_item_link(item), f"entry {seq} #{index}")
+                continue
+            self._check(entry, seq, index, gap and index == 0)
+
+    def _check(self, entry: dict[str, Any], seq: int, index: int | None, gap: bool) -> None:
+        name = f"entry {seq}" if index is None else f"entry {seq} #{index}"
+        if entry_hash(entry) != entry["hash"]:
+            self.report.problems.append(
                 ChainProblem(
                     seq,
                     "hash_mismatch",
-                    f"entry {seq} does not match its hash: its contents were altered",
+                    f"{name} does not match its hash: its contents were altered",
+                    index,
                 )
             )
         elif entry["prev_hash"] != self._prev.hex() and not gap:
-            report.problems.append(
+            before = self._prev_name or "the start of the chain"
+            self.report.problems.append(
                 ChainProblem(
                     seq,
                     "prev_mismatch",
-                    f"entry {seq} does not link to entry {seq - 1}: "
+                    f"{name} does not link to {before}: "
                     "entries were reordered or inserted, or the one before was rewritten",
+                    index,
                 )
             )
-        self._prev = bytes.fromhex(entry["hash"])
-        report.head_hash = entry["hash"]
+        self._advance(bytes.fromhex(entry["hash"]), name)
+
+    def _advance(self, link: bytes, name: str) -> None:
+        self._prev = link
+        self._prev_name = name
+        self.report.head_hash = link.hex()
 
     def finish(self, last_seq: int) -> ChainReport:
         """`last_seq` is the stream's: entries deleted from the end show up here."""

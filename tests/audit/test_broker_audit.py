@@ -20,7 +20,7 @@ import nats
 import pytest
 
 from edgekms import errors
-from edgekms.audit import STREAM, ChainVerifier, parse_entry, stream_config
+from edgekms.audit import STREAM, AuditWriter, ChainVerifier, parse_entry, stream_config
 from edgekms.v1 import common_pb2 as pb
 from mgmt.client import KMSClient
 from tests.audit.helpers import rewrite, stored
@@ -131,6 +131,32 @@ def test_kmsctl_tail_json_and_verify(audit_parts: Parts) -> None:
     as_json = json.loads(_kmsctl(audit_parts, "audit", "verify", "-o", "json").stdout)
     assert as_json["ok"] is True and as_json["first_problem"] is None
     assert as_json["entries"] == as_json["last_seq"] > len(seqs)
+
+
+def test_kmsctl_tail_and_verify_expand_batches(audit_parts: Parts) -> None:
+    """Group-committed batch messages: tail prints one line per entry, verify walks into
+    them and counts entries, not messages."""
+
+    async def burst(js: Any) -> list[Any]:
+        writer = AuditWriter(js, "burst")
+        return list(
+            await asyncio.gather(*(writer.append("Sign", "ok", target=f"b{i}") for i in range(40)))
+        )
+
+    appended = _js(audit_parts, burst)
+    first = min(a.seq for a in appended)
+    result = _kmsctl(audit_parts, "audit", "tail", "-o", "json", "--from", str(first))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    mine = [line for line in lines if line["entry"]["writer"] == "burst"]
+    assert [(m["seq"], m["index"]) for m in mine] == [(a.seq, a.index) for a in appended]
+    assert [m["entry"]["target"] for m in mine] == [f"b{i}" for i in range(40)]
+    assert max(m["index"] for m in mine) > 0  # at least one message held several entries
+    text = _kmsctl(audit_parts, "audit", "tail", "--from", str(first))
+    assert f"{appended[-1].seq}#{appended[-1].index}" in text.stdout
+    as_json = json.loads(_kmsctl(audit_parts, "audit", "verify", "-o", "json").stdout)
+    assert as_json["ok"] is True, as_json["problems"]
+    assert as_json["entries"] > as_json["messages"] == as_json["last_seq"]
 
 
 def test_kmsctl_tail_follow_sees_new_entries(audit_parts: Parts) -> None:

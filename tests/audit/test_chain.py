@@ -9,8 +9,11 @@ from edgekms.audit import (
     GENESIS,
     build_entry,
     canonical,
+    encode_message,
     entry_hash,
+    link_of,
     parse_entry,
+    parse_message,
     verify_chain,
 )
 
@@ -25,6 +28,10 @@ def _chain(n: int) -> list[bytes]:
         out.append(canonical(entry))
         prev = bytes.fromhex(entry["hash"])
     return out
+
+
+def _entries(n: int) -> list[dict[str, object]]:
+    return [parse_entry(raw) for raw in _chain(n)]
 
 
 def test_canonical_is_sorted_compact_utf8() -> None:
@@ -114,3 +121,57 @@ def test_request_details_names_enums_and_keeps_unknown_values() -> None:
     unknown = keys_pb2.SignRequest(name="k")
     unknown.algorithm = 99  # type: ignore[assignment]
     assert request_details(unknown) == {"algorithm": "99"}
+
+
+def test_batches_verify_across_and_within_messages() -> None:
+    entries = _entries(7)
+    raws = [
+        encode_message(entries[0:1]),
+        encode_message(entries[1:4]),
+        encode_message(entries[4:5]),
+        encode_message(entries[5:7]),
+    ]
+    assert raws[0] == canonical(entries[0]) and raws[1].startswith(b'{"batch":[')
+    assert parse_message(raws[1]) == entries[1:4] and parse_message(raws[0]) == [entries[0]]
+    assert link_of(raws[3]) == bytes.fromhex(str(entries[6]["hash"]))
+    report = verify_chain(list(enumerate(raws, start=1)), 4)
+    assert report.ok and report.entries == 7 and report.messages == report.last_seq == 4
+    assert report.head_hash == entries[6]["hash"]
+
+
+def test_altered_entry_in_a_batch_is_named_with_its_index() -> None:
+    entries = _entries(6)
+    entries[3] = {**entries[3], "target": "forged"}
+    raws = [encode_message(entries[0:2]), encode_message(entries[2:6])]
+    report = verify_chain(list(enumerate(raws, start=1)), 2)
+    assert [(p.seq, p.index, p.kind) for p in report.problems] == [(2, 1, "hash_mismatch")]
+    assert report.problems[0].to_dict()["index"] == 1
+    assert "entry 2 #1" in report.problems[0].message
+
+
+def test_reordered_entries_within_a_batch_are_named() -> None:
+    entries = _entries(5)
+    entries[2], entries[3] = entries[3], entries[2]
+    report = verify_chain([(1, encode_message(entries))], 1)
+    assert next((p.seq, p.index, p.kind) for p in report.problems) == (1, 2, "prev_mismatch")
+    assert "does not link to entry 1 #1" in report.problems[0].message
+
+
+def test_dropped_entry_from_a_batch_is_named() -> None:
+    entries = _entries(5)
+    raws = [encode_message(entries[0:2]), encode_message(entries[3:5])]
+    report = verify_chain(list(enumerate(raws, start=1)), 2)
+    assert [(p.seq, p.index, p.kind) for p in report.problems] == [(2, 0, "prev_mismatch")]
+    assert "does not link to entry 1 #1" in report.problems[0].message
+
+
+def test_malformed_item_in_a_batch_is_named_and_the_walk_goes_on() -> None:
+    entries: list[object] = list(_entries(4))
+    del entries[1]["hash"]  # type: ignore[attr-defined]
+    raw = canonical({"batch": entries})
+    report = verify_chain([(1, raw)], 1)
+    assert [(p.seq, p.index, p.kind) for p in report.problems] == [
+        (1, 1, "malformed"),
+        (1, 2, "prev_mismatch"),
+    ]
+    assert report.entries == 4

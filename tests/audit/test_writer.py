@@ -4,6 +4,7 @@ the raw JetStream API caught and named, and no entry stored when the stream is g
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from edgekms.audit import STREAM, AuditWriter, parse_entry
+from edgekms.audit import STREAM, AuditWriter, canonical, parse_entry, split_message, stream_config
 from edgekms.errors import Unavailable
 from tests.audit.helpers import rewrite, stored, verify_stream
 from tests.conftest import start_nats
@@ -81,7 +82,8 @@ async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
         await asyncio.gather(*(busy(w) for w in writers for _ in range(2)))
         report = await verify_stream(conns[0].jetstream())
         assert report.ok, report.problems
-        assert report.entries == report.last_seq == 240
+        # Group commit: two tasks per writer share messages, so fewer messages than entries.
+        assert report.entries == 240 and report.messages == report.last_seq <= 240
         subjects = {s for _, _, s in await stored(conns[0].jetstream())}
         assert subjects == {"kms.audit.w0", "kms.audit.w1"}
     finally:
@@ -144,3 +146,86 @@ async def test_no_stream_fails_closed(nc: NATS) -> None:
     assert caught.value.reason == "audit.unavailable"
     with pytest.raises(Unavailable):
         await AuditWriter(nc.jetstream(), "other").append("Sign", "ok")
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+async def test_concurrent_appends_share_messages_and_chain(nc: NATS) -> None:
+    writer = AuditWriter(nc.jetstream(), "broker")
+    await writer.ensure_stream()
+    results = await asyncio.gather(
+        *(writer.append("Sign", "ok", target=f"k{i}", request_id=f"r{i}") for i in range(200))
+    )
+    records = await stored(nc.jetstream())
+    report = await verify_stream(nc.jetstream())
+    assert report.ok, report.problems
+    assert report.entries == 200 and report.messages == len(records) < 200
+    assert any(split_message(raw) is not None for _, raw, _ in records)
+    # Each caller learns where its own entry went, and the entries are chained in order.
+    by_place = {(r.seq, r.index): r.entry for r in results}
+    assert len(by_place) == 200
+    for seq, raw, _ in records:
+        items = split_message(raw) or [parse_entry(raw)]
+        for index, item in enumerate(items):
+            assert by_place[(seq, index)] == item
+    ordered = [by_place[k] for k in sorted(by_place)]
+    assert [e["request_id"] for e in ordered] == [f"r{i}" for i in range(200)]
+    assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(ordered))
+    # A lone append after the burst is stored as a plain entry, as before group commit.
+    last = await writer.append("GetKey", "ok")
+    assert last.index == 0 and split_message((await stored(nc.jetstream()))[-1][1]) is None
+    assert (await verify_stream(nc.jetstream())).ok
+
+
+async def test_batch_respects_entry_cap(nc: NATS) -> None:
+    writer = AuditWriter(nc.jetstream(), "broker", max_batch_entries=7)
+    await writer.ensure_stream()
+    await asyncio.gather(*(writer.append("Sign", "ok", target=f"k{i}") for i in range(30)))
+    sizes = [len(split_message(raw) or [raw]) for _, raw, _ in await stored(nc.jetstream())]
+    assert sum(sizes) == 30 and max(sizes) == 7
+    assert (await verify_stream(nc.jetstream())).ok
+
+
+async def test_tampered_entry_inside_a_batch_is_named_with_its_index(nc: NATS) -> None:
+    writer = AuditWriter(nc.jetstream(), "broker")
+    await writer.ensure_stream()
+    await writer.append("CreateKey", "ok", target="k")
+    await asyncio.gather(*(writer.append("Sign", "ok", target=f"k{i}") for i in range(10)))
+    messages = [(raw, subject) for _, raw, subject in await stored(nc.jetstream())]
+    batch_at = next(i for i, (raw, _) in enumerate(messages) if split_message(raw))
+    items = split_message(messages[batch_at][0])
+    assert items is not None and len(items) > 4
+    items[3]["outcome"] = "authz.policy_denied"
+    messages[batch_at] = (canonical({"batch": items}), messages[batch_at][1])
+    await rewrite(nc.jetstream(), messages)
+    report = await verify_stream(nc.jetstream())
+    assert [(p.seq, p.index, p.kind) for p in report.problems] == [
+        (batch_at + 1, 3, "hash_mismatch")
+    ]
+    assert report.problems[0].where == f"{batch_at + 1} #3"
+    assert f"entry {batch_at + 1} #3" in report.problems[0].message
+
+
+async def test_failed_batch_fails_every_caller_and_stores_nothing(nc: NATS) -> None:
+    # The stream takes a lone entry but not a batch of 12: the server rejects the whole
+    # message, with the stream intact, the way a real store failure would.
+    js = nc.jetstream()
+    config = stream_config()
+    config.max_msg_size = 2048
+    await js.add_stream(config)
+    writer = AuditWriter(js, "broker")
+    first = await writer.append("CreateKey", "ok", target="k")
+    outcomes = await asyncio.gather(
+        *(writer.append("Sign", "ok", target=f"k{i}") for i in range(12)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert {o.reason for o in outcomes if isinstance(o, Unavailable)} == {"audit.unavailable"}
+    records = await stored(js)
+    assert [seq for seq, _, _ in records] == [first.seq]
+    assert (await js.stream_info(STREAM)).state.last_seq == first.seq
+    # The writer carries on from the real head: nothing half-done is chained to.
+    after = await writer.append("GetKey", "ok")
+    assert after.seq == first.seq + 1 and after.entry["prev_hash"] == first.entry["hash"]
+    assert (await verify_stream(js)).ok

@@ -174,6 +174,7 @@ async def test_nats_micro_discovery_works_for_own_service(secure_bus: SecureBus)
         connected(secure_bus, "broker") as broker,
     ):
         service = await nats.micro.add_service(tpm0.nc, name="kms-crypto-tpm0", version="0.1.0")
+        await tpm0.nc.flush()  # the server has the subscriptions before anyone asks
         try:
             reply = await broker.nc.request("$SRV.PING.kms-crypto-tpm0", b"", timeout=2)
             assert b"kms-crypto-tpm0" in reply.data
