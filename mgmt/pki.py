@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NATS
 
 from edgekms import natsrpc
+from edgekms.client_certs import INTERNAL_CA_KEY, LEAF_VALIDITY, leaf_certificate
 from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
@@ -41,10 +42,8 @@ from mgmt.registry_record import (
     registry_kv,
 )
 
-INTERNAL_CA_KEY = "edgekms/internal-ca"
 BROKER_SERVER_NAME = "edgekms-broker"
 CA_VALIDITY = datetime.timedelta(days=3650)
-LEAF_VALIDITY = datetime.timedelta(days=825)
 
 
 @dataclass(frozen=True)
@@ -108,39 +107,10 @@ class InternalCA:
         eku: list[x509.ObjectIdentifier],
         validity: datetime.timedelta = LEAF_VALIDITY,
     ) -> x509.Certificate:
-        now = _now()
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(min(now + validity, self.cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
+        # The one template for the internal CA's leaves, shared with the broker.
+        return leaf_certificate(
+            self.cert, self.key, common_name, public_key, sans, eku, not_after=_now() + validity
         )
-        return builder.sign(self.key, hashes.SHA256())
 
     def issue_server(
         self, public_key: ec.EllipticCurvePublicKey, names: list[str]

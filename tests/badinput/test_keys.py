@@ -15,12 +15,12 @@ import pytest
 
 from edgekms import errors
 from edgekms.algorithms import MAX_MESSAGE_SIZE
+from edgekms.client_certs import INTERNAL_CA_KEY
 from edgekms.crypto_client import CryptoClient
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import keys_pb2, keys_pb2_grpc
 from mgmt.client import KMSClient
 from mgmt.natsauth import local_credentials
-from mgmt.pki import INTERNAL_CA_KEY
 from tests.e2e.conftest import KmsStack
 from tests.e2e.test_broker import issue_client_cert
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgekms import errors
+from edgekms.client_certs import INTERNAL_CA_KEY
 from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
@@ -27,7 +28,7 @@ from edgekms.remote_key import remote_key
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import keys_pb2, keys_pb2_grpc
 from mgmt.client import KMSClient
-from mgmt.pki import INTERNAL_CA_KEY, InternalCA
+from mgmt.pki import InternalCA
 from tests.e2e.conftest import KmsStack, Parts
 
 SHA256_OF_HELLO = hashlib.sha256(b"hello").digest()
