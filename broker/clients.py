@@ -29,10 +29,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from broker.authz import KEY_SCOPED_METHODS
+from broker.buckets import FollowedBucket
 from broker.config import BrokerConfig
 from broker.keys import Context, IdentityCache, rpc
 from broker.registry import KeyRegistry
@@ -88,63 +88,33 @@ def key_matches(pattern: str, name: str) -> bool:
     return not pattern or fnmatch.fnmatchcase(name, pattern)
 
 
-class ClientRegistry:
+class ClientRegistry(FollowedBucket):
     """The kms_clients bucket, followed into memory. `start()` loads it."""
 
+    bucket = CLIENTS_BUCKET
+    description = "EdgeKMS clients (client.<name>) and revoked serials (revoked.<hex>)"
+
     def __init__(self, js: JetStreamContext, replicas: int = 1):
-        self._js = js
-        self._replicas = replicas
-        self._kv: KeyValue | None = None
+        super().__init__(js, replicas)
         self._clients: dict[str, clients_pb2.Client] = {}
         self._revoked: set[str] = set()
-        self._watch_task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
 
-    async def start(self) -> None:
-        try:
-            self._kv = await self._js.key_value(CLIENTS_BUCKET)
-        except BucketNotFoundError:
-            self._kv = await self._js.create_key_value(
-                bucket=CLIENTS_BUCKET,
-                history=5,
-                replicas=self._replicas,
-                description="EdgeKMS clients (client.<name>) and revoked serials (revoked.<hex>)",
-            )
-        self._watch_task = asyncio.create_task(self._follow(), name="clients-watch")
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
-
-    async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-
-    @property
-    def kv(self) -> KeyValue:
-        assert self._kv is not None, "client registry not started"
-        return self._kv
-
-    async def _follow(self) -> None:
-        watcher = await self.kv.watchall()
-        async for entry in watcher:
-            if entry is None:  # end of the initial snapshot
-                self._ready.set()
-                continue
-            kind, _, rest = entry.key.partition(".")
-            if kind == "revoked":
-                # Revocations are never undone, whatever happens to the entry.
-                self._revoked.add(rest)
-                continue
-            if kind != "client":
-                continue
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self._clients.pop(rest, None)
-                continue
-            record = clients_pb2.Client()
-            record.ParseFromString(entry.value)
-            self._clients[rest] = record
-            if record.status == clients_pb2.CLIENT_STATUS_REVOKED and record.serial:
-                self._revoked.add(record.serial)
+    def apply(self, entry: Any) -> None:
+        kind, _, rest = entry.key.partition(".")
+        if kind == "revoked":
+            # Revocations are never undone, whatever happens to the entry.
+            self._revoked.add(rest)
+            return
+        if kind != "client":
+            return
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._clients.pop(rest, None)
+            return
+        record = clients_pb2.Client()
+        record.ParseFromString(entry.value)
+        self._clients[rest] = record
+        if record.status == clients_pb2.CLIENT_STATUS_REVOKED and record.serial:
+            self._revoked.add(record.serial)
 
     # -- reads (memory) -----------------------------------------------------------------
 

@@ -38,9 +38,10 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from broker.buckets import open_bucket
 from edgekms.errors import InvalidArgument, KMSError, Unavailable
 from edgekms.identity import Identity
 from edgekms.logs import fields
@@ -138,15 +139,13 @@ class IdempotencyStore:
         self.owner = secrets.token_hex(6)
 
     async def start(self) -> None:
-        try:
-            self._kv = await self._js.key_value(self._bucket)
-        except BucketNotFoundError:
-            self._kv = await self._js.create_key_value(
-                bucket=self._bucket,
-                history=1,
-                ttl=self._ttl,
-                description="EdgeKMS request ids: claims and answers of state-changing calls",
-            )
+        self._kv = await open_bucket(
+            self._js,
+            self._bucket,
+            history=1,
+            ttl=self._ttl,
+            description="EdgeKMS request ids: claims and answers of state-changing calls",
+        )
 
     @property
     def kv(self) -> KeyValue:

@@ -8,16 +8,16 @@ two brokers cannot both create one name or race a state change.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
 import logging
 import re
+from typing import Any
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from broker.buckets import FollowedBucket
 from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from edgekms.logs import fields
 from edgekms.subjects import KEY_REGISTRY_BUCKET
@@ -44,55 +44,25 @@ def check_key_name(name: str) -> None:
         )
 
 
-class KeyRegistry:
+class KeyRegistry(FollowedBucket):
     """Names to KeyRecords. `start()` loads the bucket and follows it."""
 
+    bucket = KEY_REGISTRY_BUCKET
+    description = "EdgeKMS key registry: KeyRecord by key name"
+
     def __init__(self, js: JetStreamContext, replicas: int = 1):
-        self._js = js
-        self._replicas = replicas
-        self._kv: KeyValue | None = None
+        super().__init__(js, replicas)
         self._records: dict[str, tuple[pb.KeyRecord, int]] = {}
-        self._watch_task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
 
-    async def start(self) -> None:
-        try:
-            self._kv = await self._js.key_value(KEY_REGISTRY_BUCKET)
-        except BucketNotFoundError:
-            self._kv = await self._js.create_key_value(
-                bucket=KEY_REGISTRY_BUCKET,
-                history=5,
-                replicas=self._replicas,
-                description="EdgeKMS key registry: KeyRecord by key name",
-            )
-        self._watch_task = asyncio.create_task(self._follow(), name="registry-watch")
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
-
-    async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-
-    @property
-    def kv(self) -> KeyValue:
-        assert self._kv is not None, "registry not started"
-        return self._kv
-
-    async def _follow(self) -> None:
-        watcher = await self.kv.watchall()
-        async for entry in watcher:
-            if entry is None:  # end of the initial snapshot
-                self._ready.set()
-                continue
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self._records.pop(entry.key, None)
-                continue
-            record = pb.KeyRecord()
-            record.ParseFromString(entry.value)
-            current = self._records.get(entry.key)
-            if current is None or current[1] < entry.revision:
-                self._records[entry.key] = (record, entry.revision)
+    def apply(self, entry: Any) -> None:
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._records.pop(entry.key, None)
+            return
+        record = pb.KeyRecord()
+        record.ParseFromString(entry.value)
+        current = self._records.get(entry.key)
+        if current is None or current[1] < entry.revision:
+            self._records[entry.key] = (record, entry.revision)
 
     def get(self, name: str) -> pb.KeyRecord:
         """The record as last seen; NotFound if absent or only a pending reservation."""

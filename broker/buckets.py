@@ -1,0 +1,79 @@
+"""JetStream KV buckets as the broker uses them: opened (or made on first start), and,
+for the registries it answers from, followed into memory by a watcher.
+
+The broker answers key and client lookups from memory, so a sign costs no registry
+round trip; the watcher keeps that memory current with changes made by any replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+
+async def open_bucket(
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    description: str,
+    history: int = 5,
+    replicas: int = 1,
+    ttl: float | None = None,
+) -> KeyValue:
+    """The bucket, created with these settings if it does not exist yet."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(
+            bucket=bucket, history=history, replicas=replicas, ttl=ttl, description=description
+        )
+
+
+class FollowedBucket:
+    """A bucket mirrored in memory. Subclasses say how an entry changes their view
+    (`apply`); `start()` returns once the initial snapshot is in."""
+
+    bucket: str
+    description: str
+
+    def __init__(self, js: JetStreamContext, replicas: int = 1):
+        self._js = js
+        self._replicas = replicas
+        self._kv: KeyValue | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._kv = await open_bucket(
+            self._js, self.bucket, description=self.description, replicas=self._replicas
+        )
+        self._watch_task = asyncio.create_task(self._follow(), name=f"{self.bucket}-watch")
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+
+    @property
+    def kv(self) -> KeyValue:
+        assert self._kv is not None, f"{self.bucket} not started"
+        return self._kv
+
+    def apply(self, entry: Any) -> None:
+        """Fold one watched entry (a put, a delete or a purge) into the view."""
+        raise NotImplementedError
+
+    async def _follow(self) -> None:
+        watcher = await self.kv.watchall()
+        async for entry in watcher:
+            if entry is None:  # end of the initial snapshot
+                self._ready.set()
+                continue
+            self.apply(entry)
