@@ -27,7 +27,6 @@ the nats-server certificate, and clients trust only it for the bus.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import logging
 import re
@@ -40,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgekms.algorithms import MAX_MESSAGE_SIZE
+from edgekms.client_certs import host_names, leaf_certificate, self_signed_ca
 from edgekms.errors import FailedPrecondition, InvalidArgument
 from edgekms.logs import fields
 from edgekms.subjects import (
@@ -414,16 +414,6 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _san(names: Iterable[str]) -> list[x509.GeneralName]:
-    out: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            out.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            out.append(x509.DNSName(name))
-    return out
-
-
 def ensure_bus_tls(
     tls_dir: Path, secrets_dir: Path, names: Sequence[str] = ("127.0.0.1", "localhost")
 ) -> BusTLS:
@@ -446,53 +436,18 @@ def ensure_bus_tls(
         ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name("EdgeKMS bus CA"))
-            .issuer_name(_name("EdgeKMS bus CA"))
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + SERVER_CERT_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        ca_cert = self_signed_ca(ca_key, _name("EdgeKMS bus CA"), SERVER_CERT_VALIDITY)
         write_private(ca_key_path, _pem_key(ca_key))
         write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("edgekms-nats"))
-        .issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(min(now + SERVER_CERT_VALIDITY, ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(_san(names)), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    server_cert = leaf_certificate(
+        ca_cert,
+        ca_key,
+        "edgekms-nats",
+        server_key.public_key(),
+        host_names(names),
+        [ExtendedKeyUsageOID.SERVER_AUTH],
+        not_after=now + SERVER_CERT_VALIDITY,
     )
     write_private(paths.server_key, _pem_key(server_key))
     write_public(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -21,13 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NATS
 
 from edgekms import natsrpc
-from edgekms.client_certs import INTERNAL_CA_KEY, LEAF_VALIDITY, leaf_certificate
+from edgekms.client_certs import (
+    INTERNAL_CA_KEY,
+    LEAF_VALIDITY,
+    host_names,
+    leaf_certificate,
+    self_signed_ca,
+)
 from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
@@ -115,13 +120,9 @@ class InternalCA:
     def issue_server(
         self, public_key: ec.EllipticCurvePublicKey, names: list[str]
     ) -> x509.Certificate:
-        sans: list[x509.GeneralName] = []
-        for name in names:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                sans.append(x509.DNSName(name))
-        return self._leaf(names[0], public_key, sans, [ExtendedKeyUsageOID.SERVER_AUTH])
+        return self._leaf(
+            names[0], public_key, host_names(names), [ExtendedKeyUsageOID.SERVER_AUTH]
+        )
 
     def issue_client(
         self,
@@ -141,34 +142,7 @@ def build_ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
             x509.NameAttribute(NameOID.COMMON_NAME, "EdgeKMS internal CA"),
         ]
     )
-    now = _now()
-    public = key.public_key()
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    return self_signed_ca(key, name, CA_VALIDITY)
 
 
 async def internal_ca_key(

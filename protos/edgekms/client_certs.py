@@ -1,7 +1,8 @@
-"""The one template for certificates of the internal CA's mTLS fabric, shared by the
-bootstrap ceremony (mgmt.pki) and the broker's ClientService, so that a client added
-with `kmsctl client add` and the first admin made by `kmsctl init` look alike and both
-carry their identity as edgekms.identity documents.
+"""The one template for certificates of EdgeKMS's own fabric, shared by the bootstrap
+ceremony (mgmt.pki), the bus TLS (mgmt.natsauth) and the broker's ClientService, so that
+a client added with `kmsctl client add` and the first admin made by `kmsctl init` look
+alike and both carry their identity as edgekms.identity documents. (The mini-CA that
+serves NAS users builds its certificates from profiles, in mgmt.ca.)
 
 The CA key is whatever private-key object the caller holds: in practice a RemoteKey
 whose signatures are made in the token. Building blocks on it (cryptography's builders
@@ -11,6 +12,8 @@ call sign() synchronously), so async callers run these functions in a worker thr
 from __future__ import annotations
 
 import datetime
+import ipaddress
+from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -33,6 +36,54 @@ ClientPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519
 
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def host_names(names: Iterable[str]) -> list[x509.GeneralName]:
+    """subjectAltNames for a server: IP addresses as such, everything else as DNS names."""
+    out: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            out.append(x509.DNSName(name))
+    return out
+
+
+def self_signed_ca(
+    key: CertificateIssuerPrivateKeyTypes, name: x509.Name, validity: datetime.timedelta
+) -> x509.Certificate:
+    """A CA that issues leaves only (pathLen 0): the internal CA, the bus CA."""
+    start = now()
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(start + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
 
 
 def check_client_public_key(public_key: object) -> ClientPublicKey:
