@@ -82,8 +82,9 @@ class Conn:
     nc: Client
     errors: list[str] = field(default_factory=list)
 
-    async def violation(self, needle: str, within: float = 2.0) -> str:
-        """Wait for the server's 'Permissions Violation' naming `needle`."""
+    async def violation(self, needle: str, within: float = 5.0) -> str:
+        """Wait for the server's 'Permissions Violation' naming `needle`. It returns as
+        soon as the notice arrives; the bound only needs room for a loaded machine."""
         deadline = asyncio.get_running_loop().time() + within
         while asyncio.get_running_loop().time() < deadline:
             for error in self.errors:

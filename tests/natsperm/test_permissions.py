@@ -204,7 +204,7 @@ async def test_nobody_reads_another_identitys_replies(secure_bus: SecureBus) -> 
             await refused_subscribe(broker, ">"),
         ]
         await answer(hsm0, "kms.crypto.hsm0.GetPublicKey", b"public")
-        reply = await kmsctl.nc.request("kms.crypto.hsm0.GetPublicKey", b"", timeout=2)
+        reply = await kmsctl.nc.request("kms.crypto.hsm0.GetPublicKey", b"", timeout=5)
         assert reply.data == b"public"
         assert reply.subject.startswith(inbox_prefix("kmsctl") + ".")
         for spy in spies:
