@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.load import LoadSpec, run_load
+from bench.load import GENERATORS, LoadSpec, describe, resolve_generator, run_load
 from bench.procs import rss_kb
 from bench.raw import RawSpec, run_raw
 from bench.stats import RunResult, summarise
@@ -36,7 +36,10 @@ def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measured run")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--loadgen", choices=GENERATORS, default="auto", help="Go client (auto: if it builds)"
+    )
+    parser.add_argument("--processes", type=int, default=2, help="Python load generator processes")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-issuance", action="store_true")
@@ -67,7 +70,12 @@ def _raw(work: Path, duration: float) -> list[RunResult]:
 
 
 def _e2e(
-    stack: Any, duration: float, warmup: float, processes: int, pids: dict[str, int]
+    stack: Any,
+    duration: float,
+    warmup: float,
+    processes: int,
+    pids: dict[str, int],
+    generator: str = "auto",
 ) -> tuple[list[RunResult], dict[str, list[float]], dict[str, int]]:
     from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
     from mgmt.client import KMSClient
@@ -78,9 +86,12 @@ def _e2e(
     runs: list[RunResult] = []
     samples: dict[str, list[float]] = {}
     peak: dict[str, int] = {}
+    public_keys: dict[str, bytes] = {}
     with KMSClient.from_config(stack.client_config, timeout=60) as client:
         for provider, cli in E2E_KEYS:
-            client.create_key(f"bench/{provider}/{cli}", cli, provider=provider)
+            name = f"bench/{provider}/{cli}"
+            client.create_key(name, cli, provider=provider)
+            public_keys[name] = client.get_public_key(name).der
     digest = secrets.token_bytes(32)
     for provider, cli in E2E_KEYS:
         algorithm = key_type_info(KEY_TYPE_BY_CLI[cli].key_type).default_algorithm
@@ -98,8 +109,9 @@ def _e2e(
                 inflight=inflight,
                 duration=duration,
                 warmup=warmup,
+                public_key_der=public_keys[f"bench/{provider}/{cli}"],
             )
-            outcome = run_load(spec, processes if inflight > 1 else 1, pids)
+            outcome = run_load(spec, processes if inflight > 1 else 1, pids, generator)
             run = summarise(
                 "e2e", provider, cli, inflight, outcome.latencies, duration,
                 errors=outcome.errors, cpu=outcome.cpu, note=outcome.first_error,
@@ -138,6 +150,10 @@ def main() -> None:
             "loadgen_processes": args.processes,
         },
     }
+    generator = resolve_generator(args.loadgen)
+    results["settings"]["loadgen"] = describe(generator, args.processes) + (
+        ", 1 at 1 in flight" if generator == "python" else ""
+    )
     try:
         raw = _raw(work, args.duration)
         for r in raw:
@@ -162,7 +178,9 @@ def main() -> None:
             results["pids"] = pids
             time.sleep(1.0)
             idle = {name: rss_kb(pid) for name, pid in pids.items()}
-            runs, samples, peak = _e2e(stack, args.duration, args.warmup, args.processes, pids)
+            runs, samples, peak = _e2e(
+                stack, args.duration, args.warmup, args.processes, pids, generator
+            )
             results["e2e"] = [r.to_json() for r in runs]
             results["memory_kb"] = {"idle": idle, "peak": peak}
             if not args.no_issuance:

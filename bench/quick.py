@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench import stackrun
-from bench.load import LoadSpec, run_load
+from bench.load import GENERATORS, LoadSpec, resolve_generator, run_load
 from bench.procs import rss_kb
 from bench.stats import summarise
 
@@ -26,7 +26,12 @@ def main() -> None:
     parser.add_argument("--provider", default="hsm0", help="hsm0 or tpm0")
     parser.add_argument("--key", default="ec-p256", help="key type, as kmsctl names it")
     parser.add_argument("--inflight", type=int, nargs="+", default=[64])
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--loadgen", choices=GENERATORS, default="auto", help="Go client (auto: if it builds)"
+    )
+    parser.add_argument("--processes", type=int, default=2, help="Python load generator processes")
+    parser.add_argument("--connections", type=int, default=1, help="Go client HTTP/2 connections")
+    parser.add_argument("--gomaxprocs", type=int, default=2, help="Go client GOMAXPROCS")
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     args = parser.parse_args()
@@ -36,6 +41,7 @@ def main() -> None:
     from mgmt.client import KMSClient
     from mgmt.clientconfig import load_client_config
 
+    generator = resolve_generator(args.loadgen)
     work = Path(tempfile.mkdtemp(prefix="edgekms-quick-"))
     try:
         stack = stackrun.start(work / "data")
@@ -49,6 +55,7 @@ def main() -> None:
             name = f"quick/{args.provider}/{args.key}"
             with KMSClient.from_config(stack.client_config, timeout=120) as client:
                 client.create_key(name, args.key, provider=args.provider)
+                public_key_der = client.get_public_key(name).der
             algorithm = key_type_info(KEY_TYPE_BY_CLI[args.key].key_type).default_algorithm
             for inflight in args.inflight:
                 spec = LoadSpec(
@@ -63,8 +70,12 @@ def main() -> None:
                     inflight=inflight,
                     duration=args.duration,
                     warmup=args.warmup,
+                    public_key_der=public_key_der,
                 )
-                outcome = run_load(spec, args.processes if inflight > 1 else 1, pids)
+                outcome = run_load(
+                    spec, args.processes if inflight > 1 else 1, pids,
+                    generator=generator, connections=args.connections, gomaxprocs=args.gomaxprocs,
+                )  # fmt: skip
                 run = summarise(
                     "e2e", args.provider, args.key, inflight, outcome.latencies, args.duration,
                     errors=outcome.errors, cpu=outcome.cpu, note=outcome.first_error,
@@ -78,6 +89,7 @@ def main() -> None:
                     f"in flight {inflight}: {run.rate:,.0f}/s p50 {run.p50_ms:.2f} ms "
                     f"p99 {run.p99_ms:.2f} ms errors {run.errors} {run.note}"
                 )
+                print(f"  load from: {outcome.generator}")
                 print(f"  CPU µs per request: {per_request}")
                 print("  peak RSS MB:", {n: round(k / 1024, 1) for n, k in outcome.peak_kb.items()})
         finally:

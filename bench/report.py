@@ -171,8 +171,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         f"Machine: {machine.get('cpus')} CPUs, {machine.get('platform')}, "
         f"Python {machine.get('python')}, load average {_load(machine)}. "
         f"Each run: {settings['warmup_s']:.0f} s warm-up, {settings['duration_s']:.0f} s measured; "
-        f"load from {settings['loadgen_processes']} grpc.aio client processes "
-        "(1 at 1 in flight). Produced by `make bench`; method in docs/performance.md.",
+        f"load from: {settings.get('loadgen', 'python grpc.aio client processes')}. "
+        "Produced by `make bench`; method in docs/performance.md.",
         "",
         "## Targets",
         "",

@@ -13,8 +13,9 @@ PYTHON=${PYTHON:-python3}
 # that build from source.
 APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl curl
   ca-certificates gcc make pkg-config)
-# `make bench` also measures cfssl, the peer a NAS admin might pick instead.
-[ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl)
+# `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
+# broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
+[ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-go golang-google-grpc-dev)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   APT_PACKAGES+=(python3 python3-venv python3-dev)
 elif [ "$("$PYTHON" -c 'import sys; print(sys.prefix)')" = /usr ]; then
