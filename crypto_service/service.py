@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from crypto_service.providers.base import KeyCreateOptions, Provider
 from crypto_service.throttle import AuthGuard
 from edgekms.algorithms import (
     KeyType,
+    SignatureAlgorithm,
     check_sign_request,
     key_type_info,
     verify_signature,
@@ -47,6 +49,9 @@ SERVICE_VERSION = "0.1.0"
 MAX_KEY_ID = 64
 MAX_LABEL = 128
 MAX_NONCE = 64
+# Items in one SignBatch: bounds the reply (128 RSA-4096 signatures are 64 KiB, half of
+# the bus's max_payload) and how long one batch holds the token's threads.
+MAX_SIGN_BATCH = 128
 
 T = TypeVar("T")
 
@@ -54,11 +59,16 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "GenerateKey": crypto_pb2.GenerateKeyRequest,
     "GetPublicKey": crypto_pb2.GetPublicKeyRequest,
     "Sign": crypto_pb2.SignRequest,
+    "SignBatch": crypto_pb2.SignBatchRequest,
     "Verify": crypto_pb2.VerifyRequest,
     "DestroyKey": crypto_pb2.DestroyKeyRequest,
     "ListKeys": crypto_pb2.ListProviderKeysRequest,
     "Attest": crypto_pb2.AttestRequest,
 }
+
+
+# A batch item that passed validation: (position in the batch, key id, algorithm, data).
+_SignItem = tuple[int, bytes, SignatureAlgorithm, bytes]
 
 
 def _check_key_id(key_id: bytes) -> None:
@@ -82,6 +92,9 @@ class CryptoService:
         self.nc = nc
         # Wrong TPM auth values are refused here before they can drive the TPM into lockout.
         self.auth_guard = auth_guard or AuthGuard.for_provider(provider)
+        # SignBatch consults the guard from the token's threads, item by item, so that a
+        # batch cannot spend the TPM's whole auth budget at once: its state is locked.
+        self._guard_lock = threading.Lock()
         self.provider = provider
         self.provider_id = provider_id
         self.workers = workers
@@ -95,6 +108,7 @@ class CryptoService:
             "GenerateKey": self._generate,
             "GetPublicKey": self._get_public_key,
             "Sign": self._sign,
+            "SignBatch": self._sign_batch,
             "Verify": self._verify,
             "DestroyKey": self._destroy,
             "ListKeys": self._list_keys,
@@ -193,6 +207,14 @@ class CryptoService:
             self._public[key_id] = cached
         return cached
 
+    def _guard_check(self, key_id: bytes) -> None:
+        with self._guard_lock:
+            self.auth_guard.check(key_id)
+
+    def _guard_observe(self, key_id: bytes, err: KMSError) -> None:
+        with self._guard_lock:
+            self.auth_guard.observe(key_id, err)
+
     # -- operations ----------------------------------------------------------------------
 
     async def _generate(self, req: crypto_pb2.GenerateKeyRequest) -> Message:
@@ -223,13 +245,71 @@ class CryptoService:
         key_id = bytes(req.key_id)
         _, key_type = await self._public_key(key_id)
         check_sign_request(key_type, req.algorithm, req.data)
-        self.auth_guard.check(key_id)
+        self._guard_check(key_id)
         try:
             signature = await self._run(self.provider.sign, key_id, req.algorithm, bytes(req.data))
         except KMSError as err:
-            self.auth_guard.observe(key_id, err)
+            self._guard_observe(key_id, err)
             raise
         return crypto_pb2.SignResponse(signature=signature)
+
+    async def _sign_batch(self, req: crypto_pb2.SignBatchRequest) -> Message:
+        """Each item validated as `_sign` does, the valid ones signed in at most `workers`
+        executor jobs (one per thread, so the hand-off is paid per chunk, not per item)."""
+        count = len(req.requests)
+        if count == 0:
+            raise InvalidArgument("batch.empty", "SignBatch needs at least one request")
+        if count > MAX_SIGN_BATCH:
+            raise InvalidArgument(
+                "batch.too_large",
+                f"SignBatch takes at most {MAX_SIGN_BATCH} requests, got {count}",
+                {"max_items": str(MAX_SIGN_BATCH)},
+            )
+        results = [crypto_pb2.SignResult() for _ in range(count)]
+        todo: list[_SignItem] = []
+        for index, item in enumerate(req.requests):
+            try:
+                _check_key_id(item.key_id)
+                key_id = bytes(item.key_id)
+                _, key_type = await self._public_key(key_id)
+                check_sign_request(key_type, item.algorithm, item.data)
+                self._guard_check(key_id)
+            except KMSError as err:
+                results[index].error.CopyFrom(err.to_proto())
+                continue
+            todo.append((index, key_id, item.algorithm, bytes(item.data)))
+        if todo:
+            jobs = min(self.workers, len(todo))
+            size = -(-len(todo) // jobs)
+            chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+            done = await asyncio.gather(*(self._run(self._sign_chunk, chunk) for chunk in chunks))
+            for chunk_outcomes in done:
+                for index, outcome in chunk_outcomes:
+                    if isinstance(outcome, bytes):
+                        results[index].signature = outcome
+                    else:
+                        results[index].error.CopyFrom(outcome.to_proto())
+        return crypto_pb2.SignBatchResponse(results=results)
+
+    def _sign_chunk(self, chunk: list[_SignItem]) -> list[tuple[int, bytes | KMSError]]:
+        """Runs on a token thread. The guard is asked again before each item, so a
+        wrong auth value seen earlier in the batch stops the later guesses on that key."""
+        outcomes: list[tuple[int, bytes | KMSError]] = []
+        for index, key_id, algorithm, data in chunk:
+            try:
+                self._guard_check(key_id)
+                try:
+                    outcomes.append((index, self.provider.sign(key_id, algorithm, data)))
+                except KMSError as err:
+                    self._guard_observe(key_id, err)
+                    raise
+            except KMSError as err:
+                outcomes.append((index, err))
+            except Exception:
+                log.exception("event=request_crashed op=SignBatch item=%d", index)
+                crash = Internal("internal.error", "Sign failed inside the crypto service")
+                outcomes.append((index, crash))
+        return outcomes
 
     async def _verify(self, req: crypto_pb2.VerifyRequest) -> Message:
         _check_key_id(req.key_id)
@@ -263,11 +343,11 @@ class CryptoService:
         _check_key_id(req.key_id)
         if len(req.nonce) > MAX_NONCE:
             raise InvalidArgument("attest.nonce_too_long", f"nonces are limited to {MAX_NONCE}")
-        self.auth_guard.check(bytes(req.key_id))
+        self._guard_check(bytes(req.key_id))
         try:
             evidence = await self._run(self.provider.attest, bytes(req.key_id), bytes(req.nonce))
         except KMSError as err:
-            self.auth_guard.observe(bytes(req.key_id), err)
+            self._guard_observe(bytes(req.key_id), err)
             raise
         return crypto_pb2.AttestResponse(
             format=evidence.format,

@@ -76,6 +76,13 @@ class CryptoClient:
     ) -> crypto_pb2.SignResponse:
         return await self._call(provider, "Sign", req, crypto_pb2.SignResponse, timeout)
 
+    async def sign_batch(
+        self, provider: str, req: crypto_pb2.SignBatchRequest, timeout: float | None = None
+    ) -> crypto_pb2.SignBatchResponse:
+        """Many Signs in one message (edgekms.sign_batcher makes these from concurrent
+        `sign` calls); each result is a signature or that item's own error."""
+        return await self._call(provider, "SignBatch", req, crypto_pb2.SignBatchResponse, timeout)
+
     async def verify(
         self, provider: str, req: crypto_pb2.VerifyRequest, timeout: float | None = None
     ) -> crypto_pb2.VerifyResponse:

@@ -16,6 +16,7 @@ CRYPTO_OPERATIONS = (
     "GenerateKey",
     "GetPublicKey",
     "Sign",
+    "SignBatch",
     "Verify",
     "DestroyKey",
     "ListKeys",

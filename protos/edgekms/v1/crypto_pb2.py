@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgekms.v1 import common_pb2 as edgekms_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/crypto.proto\x12\x11\x65\x64gekms.v1.crypto\x1a\x17\x65\x64gekms/v1/common.proto\"\x83\x01\n\x12GenerateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\r\n\x05label\x18\x02 \x01(\t\x12%\n\x08key_type\x18\x03 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.edgekms.v1.KeyOptions\"=\n\x13GenerateKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x02 \x01(\x0c\"%\n\x13GetPublicKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\"U\n\x14GetPublicKeyResponse\x12\x16\n\x0epublic_key_der\x18\x01 \x01(\x0c\x12%\n\x08key_type\x18\x02 \x01(\x0e\x32\x13.edgekms.v1.KeyType\"^\n\x0bSignRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x31\n\talgorithm\x18\x02 \x01(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"!\n\x0cSignResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"s\n\rVerifyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x31\n\talgorithm\x18\x02 \x01(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\x1f\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\"#\n\x11\x44\x65stroyKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\"\x14\n\x12\x44\x65stroyKeyResponse\"\x19\n\x17ListProviderKeysRequest\"S\n\x0bProviderKey\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\r\n\x05label\x18\x02 \x01(\t\x12%\n\x08key_type\x18\x03 \x01(\x0e\x32\x13.edgekms.v1.KeyType\"H\n\x18ListProviderKeysResponse\x12,\n\x04keys\x18\x01 \x03(\x0b\x32\x1e.edgekms.v1.crypto.ProviderKey\".\n\rAttestRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"\xbb\x01\n\x0e\x41ttestResponse\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x13\n\x0b\x61ttestation\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12;\n\x13signature_algorithm\x18\x04 \x01(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\x12\x1b\n\x13\x61ttestation_key_der\x18\x05 \x01(\x0c\x12\x17\n\x0fkey_public_area\x18\x06 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/crypto.proto\x12\x11\x65\x64gekms.v1.crypto\x1a\x17\x65\x64gekms/v1/common.proto\"\x83\x01\n\x12GenerateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\r\n\x05label\x18\x02 \x01(\t\x12%\n\x08key_type\x18\x03 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.edgekms.v1.KeyOptions\"=\n\x13GenerateKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x02 \x01(\x0c\"%\n\x13GetPublicKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\"U\n\x14GetPublicKeyResponse\x12\x16\n\x0epublic_key_der\x18\x01 \x01(\x0c\x12%\n\x08key_type\x18\x02 \x01(\x0e\x32\x13.edgekms.v1.KeyType\"^\n\x0bSignRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x31\n\talgorithm\x18\x02 \x01(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"!\n\x0cSignResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"D\n\x10SignBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.edgekms.v1.crypto.SignRequest\"C\n\x11SignBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.edgekms.v1.crypto.SignResult\"P\n\nSignResult\x12\x13\n\tsignature\x18\x01 \x01(\x0cH\x00\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.edgekms.v1.ErrorH\x00\x42\t\n\x07outcome\"s\n\rVerifyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x31\n\talgorithm\x18\x02 \x01(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\x1f\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\"#\n\x11\x44\x65stroyKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\"\x14\n\x12\x44\x65stroyKeyResponse\"\x19\n\x17ListProviderKeysRequest\"S\n\x0bProviderKey\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\r\n\x05label\x18\x02 \x01(\t\x12%\n\x08key_type\x18\x03 \x01(\x0e\x32\x13.edgekms.v1.KeyType\"H\n\x18ListProviderKeysResponse\x12,\n\x04keys\x18\x01 \x03(\x0b\x32\x1e.edgekms.v1.crypto.ProviderKey\".\n\rAttestRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"\xbb\x01\n\x0e\x41ttestResponse\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x13\n\x0b\x61ttestation\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12;\n\x13signature_algorithm\x18\x04 \x01(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\x12\x1b\n\x13\x61ttestation_key_der\x18\x05 \x01(\x0c\x12\x17\n\x0fkey_public_area\x18\x06 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,22 +44,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNREQUEST']._serialized_end=488
   _globals['_SIGNRESPONSE']._serialized_start=490
   _globals['_SIGNRESPONSE']._serialized_end=523
-  _globals['_VERIFYREQUEST']._serialized_start=525
-  _globals['_VERIFYREQUEST']._serialized_end=640
-  _globals['_VERIFYRESPONSE']._serialized_start=642
-  _globals['_VERIFYRESPONSE']._serialized_end=673
-  _globals['_DESTROYKEYREQUEST']._serialized_start=675
-  _globals['_DESTROYKEYREQUEST']._serialized_end=710
-  _globals['_DESTROYKEYRESPONSE']._serialized_start=712
-  _globals['_DESTROYKEYRESPONSE']._serialized_end=732
-  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_start=734
-  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_end=759
-  _globals['_PROVIDERKEY']._serialized_start=761
-  _globals['_PROVIDERKEY']._serialized_end=844
-  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_start=846
-  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_end=918
-  _globals['_ATTESTREQUEST']._serialized_start=920
-  _globals['_ATTESTREQUEST']._serialized_end=966
-  _globals['_ATTESTRESPONSE']._serialized_start=969
-  _globals['_ATTESTRESPONSE']._serialized_end=1156
+  _globals['_SIGNBATCHREQUEST']._serialized_start=525
+  _globals['_SIGNBATCHREQUEST']._serialized_end=593
+  _globals['_SIGNBATCHRESPONSE']._serialized_start=595
+  _globals['_SIGNBATCHRESPONSE']._serialized_end=662
+  _globals['_SIGNRESULT']._serialized_start=664
+  _globals['_SIGNRESULT']._serialized_end=744
+  _globals['_VERIFYREQUEST']._serialized_start=746
+  _globals['_VERIFYREQUEST']._serialized_end=861
+  _globals['_VERIFYRESPONSE']._serialized_start=863
+  _globals['_VERIFYRESPONSE']._serialized_end=894
+  _globals['_DESTROYKEYREQUEST']._serialized_start=896
+  _globals['_DESTROYKEYREQUEST']._serialized_end=931
+  _globals['_DESTROYKEYRESPONSE']._serialized_start=933
+  _globals['_DESTROYKEYRESPONSE']._serialized_end=953
+  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_start=955
+  _globals['_LISTPROVIDERKEYSREQUEST']._serialized_end=980
+  _globals['_PROVIDERKEY']._serialized_start=982
+  _globals['_PROVIDERKEY']._serialized_end=1065
+  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_start=1067
+  _globals['_LISTPROVIDERKEYSRESPONSE']._serialized_end=1139
+  _globals['_ATTESTREQUEST']._serialized_start=1141
+  _globals['_ATTESTREQUEST']._serialized_end=1187
+  _globals['_ATTESTRESPONSE']._serialized_start=1190
+  _globals['_ATTESTRESPONSE']._serialized_end=1377
 # @@protoc_insertion_point(module_scope)

@@ -171,6 +171,82 @@ class SignResponse(_message.Message):
 Global___SignResponse: _TypeAlias = SignResponse  # noqa: Y015
 
 @_typing.final
+class SignBatchRequest(_message.Message):
+    """Subject: kms.crypto.<provider>.SignBatch
+    Many Signs in one bus message: under load the per-message costs (nats-server, the NATS
+    clients, micro's dispatch, the hand-off to the token's threads) are paid once per batch.
+    The whole batch is refused (error reply) only when it is not a batch at all: empty
+    (batch.empty) or over the service's item limit (batch.too_large).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SignRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignBatchRequest: _TypeAlias = SignBatchRequest  # noqa: Y015
+
+@_typing.final
+class SignBatchResponse(_message.Message):
+    """One result per request, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SignResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignBatchResponse: _TypeAlias = SignBatchResponse  # noqa: Y015
+
+@_typing.final
+class SignResult(_message.Message):
+    """An item's own failure is its typed error; it does not fail the rest of the batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    signature: _builtins.bytes
+    @_builtins.property
+    def error(self) -> _common_pb2.Error: ...
+    def __init__(
+        self,
+        *,
+        signature: _builtins.bytes = ...,
+        error: _common_pb2.Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "signature", b"signature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["signature", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___SignResult: _TypeAlias = SignResult  # noqa: Y015
+
+@_typing.final
 class VerifyRequest(_message.Message):
     """Subject: kms.crypto.<provider>.Verify"""
 
