@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekms.busauth import BusCredentials, parse_bus_fields
 from edgekms.subjects import PROVIDER_ID_RE
-from mgmt.natsauth import BusCredentials, parse_bus_fields
 
 
 class ConfigError(ValueError):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgekms.busauth import BusCredentials, parse_bus_fields
 from edgekms.subjects import PROVIDER_ID_RE
-from mgmt.natsauth import BusCredentials, parse_bus_fields
 
 if TYPE_CHECKING:
     from crypto_service.providers.base import Provider

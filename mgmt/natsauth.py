@@ -29,12 +29,10 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import re
 import secrets
-import ssl
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +42,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgekms.algorithms import MAX_MESSAGE_SIZE
+
+# The client side moved to edgekms.busauth so services need not import mgmt; these
+# names stay importable from here for kmsctl, bench and the tests.
+from edgekms.busauth import INBOX_ROOT as INBOX_ROOT
+from edgekms.busauth import USER_RE_PATTERN as USER_RE_PATTERN
+from edgekms.busauth import BusCredentials as BusCredentials
+from edgekms.busauth import client_tls_context as client_tls_context
+from edgekms.busauth import inbox_prefix as inbox_prefix
+from edgekms.busauth import parse_bus_fields as parse_bus_fields
+from edgekms.busauth import read_password as read_password
 from edgekms.client_certs import host_names, leaf_certificate, self_signed_ca
-from edgekms.errors import FailedPrecondition, InvalidArgument
+from edgekms.errors import InvalidArgument
 from edgekms.logs import fields
 from edgekms.subjects import (
     AUDIT_PREFIX,
@@ -64,7 +72,6 @@ from edgekms.subjects import (
 
 log = logging.getLogger(__name__)
 
-INBOX_ROOT = "_INBOX"
 AUDIT_SUBJECTS = f"{AUDIT_PREFIX}.>"
 
 # The largest message on the bus is a Sign request carrying an Ed25519 message of
@@ -80,18 +87,12 @@ KMSCTL_CRYPTO_OPERATIONS = ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey")
 BROKER_USER = "broker"
 CA_USER = "ca"
 KMSCTL_USER = "kmsctl"
-USER_RE_PATTERN = r"^[a-z][a-z0-9_-]{0,47}$"
 BCRYPT_COST = 11
 SERVER_CERT_VALIDITY = datetime.timedelta(days=3650)
 
 
 def crypto_user(provider: str) -> str:
     return f"crypto-{provider}"
-
-
-def inbox_prefix(user: str) -> str:
-    """The reply-subject prefix of one identity; only that identity may subscribe below it."""
-    return f"{INBOX_ROOT}.{user}"
 
 
 # --- permission tables ----------------------------------------------------------------
@@ -355,19 +356,6 @@ def ensure_passwords(secrets_dir: Path, users: Iterable[str]) -> dict[str, Path]
     return paths
 
 
-def read_password(path: Path) -> str:
-    try:
-        password = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        problem = getattr(exc, "strerror", None) or type(exc).__name__
-        raise FailedPrecondition(
-            "bus.credentials_unreadable", f"cannot read the bus password file {path}: {problem}"
-        ) from None
-    if not password:
-        raise FailedPrecondition("bus.credentials_empty", f"the bus password file {path} is empty")
-    return password
-
-
 def render_authorization(
     identities: Sequence[Identity],
     passwords: dict[str, str],
@@ -456,75 +444,6 @@ def ensure_bus_tls(
 
 
 # --- client side ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BusCredentials:
-    """How one service authenticates to the bus; all None: an open bus (tests, development)."""
-
-    user: str | None = None
-    password_file: Path | None = None
-    ca_file: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def connect_options(self) -> dict[str, Any]:
-        """Keyword arguments for nats.connect (user, password, inbox prefix, TLS context)."""
-        options: dict[str, Any] = dict(self.extra)
-        if self.user is not None:
-            if self.password_file is None:
-                raise FailedPrecondition(
-                    "bus.credentials_incomplete", f"bus user {self.user!r} has no password file"
-                )
-            options["user"] = self.user
-            options["password"] = read_password(self.password_file)
-            options["inbox_prefix"] = inbox_prefix(self.user)
-        if self.ca_file is not None:
-            options["tls"] = client_tls_context(self.ca_file)
-        return options
-
-
-def client_tls_context(ca_file: Path) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise FailedPrecondition(
-            "bus.ca_unreadable", f"cannot load the bus CA {ca_file}: {exc}"
-        ) from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
-def parse_bus_fields(
-    table: dict[str, Any], base: Path | None = None
-) -> tuple[BusCredentials, list[str]]:
-    """Read nats_user / nats_password_file / nats_ca from a service config table.
-
-    Returns the credentials and a list of problems ("field: what is wrong") for the
-    caller to raise as its own ConfigError, so each config keeps one error type.
-    """
-    problems: list[str] = []
-    values: dict[str, str] = {}
-    for name in ("nats_user", "nats_password_file", "nats_ca"):
-        if name in table:
-            value = table[name]
-            if not isinstance(value, str) or not value:
-                problems.append(f"{name}: must be a non-empty string")
-            else:
-                values[name] = value
-    user = values.get("nats_user")
-    if user is not None and not re.match(USER_RE_PATTERN, user):
-        problems.append(f"nats_user: {user!r} must match {USER_RE_PATTERN}")
-    if ("nats_user" in values) != ("nats_password_file" in values):
-        problems.append("nats_user/nats_password_file: give both or neither")
-
-    def resolve(name: str) -> Path | None:
-        if name not in values:
-            return None
-        path = Path(values[name]).expanduser()
-        return path if path.is_absolute() or base is None else base / path
-
-    creds = BusCredentials(user, resolve("nats_password_file"), resolve("nats_ca"))
-    return creds, problems
 
 
 def bus_fields_toml(user: str, password_file: Path, ca_file: Path) -> str:

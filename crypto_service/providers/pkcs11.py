@@ -24,29 +24,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import pkcs11
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pkcs11 import Attribute, Mechanism, ObjectClass
-from pkcs11 import KeyType as P11KeyType
-from pkcs11 import exceptions as p11err
+from crypto_service.providers import der
+from crypto_service.providers._lean_pkcs11 import defer_pkcs11_util
 
-from crypto_service.config import Pkcs11Config
-from crypto_service.providers.base import (
+defer_pkcs11_util()
+
+import pkcs11  # noqa: E402
+from pkcs11 import Attribute, Mechanism, ObjectClass  # noqa: E402
+from pkcs11 import KeyType as P11KeyType  # noqa: E402
+from pkcs11 import exceptions as p11err  # noqa: E402
+
+from crypto_service.config import Pkcs11Config  # noqa: E402
+from crypto_service.providers.base import (  # noqa: E402
     Attestation,
     GeneratedKey,
     KeyCreateOptions,
     StoredKey,
 )
-from edgekms.algorithms import (
+from edgekms.algorithms import (  # noqa: E402
     AlgorithmInfo,
     KeyType,
     SignatureAlgorithm,
     check_sign_request,
     key_type_info,
 )
-from edgekms.errors import (
+from edgekms.errors import (  # noqa: E402
     AlreadyExists,
     FailedPrecondition,
     Internal,
@@ -56,7 +58,7 @@ from edgekms.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from edgekms.v1 import common_pb2 as pb
+from edgekms.v1 import common_pb2 as pb  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,8 @@ MAX_LABEL = 128
 SESSION_WAIT = 30.0
 
 # DER of the named curves' OIDs, as CKA_EC_PARAMS carries them.
-_P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")
-_P384_PARAMS = bytes.fromhex("06052b81040022")
+_P256_PARAMS = der.P256_OID
+_P384_PARAMS = der.P384_OID
 _ED25519_OID_PARAMS = bytes.fromhex("06032b6570")
 # PKCS#11 3.0 also allows the curve name as a PrintableString.
 _ED25519_NAME_PARAMS = b"\x13\x0cedwards25519"
@@ -75,9 +77,9 @@ _EC_PARAMS: dict[KeyType, bytes] = {
     pb.KEY_TYPE_EC_P256: _P256_PARAMS,
     pb.KEY_TYPE_EC_P384: _P384_PARAMS,
 }
-_CURVES: dict[bytes, tuple[KeyType, ec.EllipticCurve]] = {
-    _P256_PARAMS: (pb.KEY_TYPE_EC_P256, ec.SECP256R1()),
-    _P384_PARAMS: (pb.KEY_TYPE_EC_P384, ec.SECP384R1()),
+_CURVES: dict[bytes, KeyType] = {
+    _P256_PARAMS: pb.KEY_TYPE_EC_P256,
+    _P384_PARAMS: pb.KEY_TYPE_EC_P384,
 }
 _RSA_BITS: dict[int, KeyType] = {
     2048: pb.KEY_TYPE_RSA_2048,
@@ -98,18 +100,10 @@ _PSS_PARAMS = {
 }
 
 
-def _der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes([tag, n]) + body
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + body
-
-
 def digest_info(hash_name: str, digest: bytes) -> bytes:
     """DigestInfo ::= SEQUENCE { SEQUENCE { hash OID, NULL }, OCTET STRING digest } (RFC 8017)."""
-    algorithm = _der(0x30, _HASH_OIDS[hash_name] + b"\x05\x00")
-    return _der(0x30, algorithm + _der(0x04, digest))
+    algorithm = der.tlv(0x30, _HASH_OIDS[hash_name] + b"\x05\x00")
+    return der.tlv(0x30, algorithm + der.tlv(0x04, digest))
 
 
 def _unwrap_octet_string(value: bytes, raw_len: int) -> bytes:
@@ -136,7 +130,7 @@ def _p11_key_type(obj: Any) -> KeyType:
     if kt == P11KeyType.EC:
         params = bytes(obj[Attribute.EC_PARAMS])
         if params in _CURVES:
-            return _CURVES[params][0]
+            return _CURVES[params]
     elif kt == P11KeyType.RSA:
         bits = len(bytes(obj[Attribute.MODULUS]).lstrip(b"\x00")) * 8
         if bits in _RSA_BITS:
@@ -151,25 +145,21 @@ def _p11_key_type(obj: Any) -> KeyType:
 def _public_der(obj: Any) -> tuple[bytes, KeyType]:
     """SubjectPublicKeyInfo DER from a public key object's attributes, and the key's type."""
     key_type = _p11_key_type(obj)
-    public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
     if key_type in (pb.KEY_TYPE_EC_P256, pb.KEY_TYPE_EC_P384):
-        curve = _CURVES[_EC_PARAMS[key_type]][1]
-        size = (curve.key_size + 7) // 8
+        params = _EC_PARAMS[key_type]
+        size = der.CURVE_SIZES[params]
         point = _unwrap_octet_string(bytes(obj[Attribute.EC_POINT]), 1 + 2 * size)
-        public = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+        spki = der.ec_public_key_info(params, point)
     elif key_type in _RSA_BITS.values():
         n = int.from_bytes(bytes(obj[Attribute.MODULUS]), "big")
         e = int.from_bytes(bytes(obj[Attribute.PUBLIC_EXPONENT]), "big")
-        public = rsa.RSAPublicNumbers(e, n).public_key()
+        spki = der.rsa_public_key_info(n, e)
     elif key_type == pb.KEY_TYPE_ED25519:
         point = _unwrap_octet_string(bytes(obj[Attribute.EC_POINT]), 32)
-        public = ed25519.Ed25519PublicKey.from_public_bytes(point)
+        spki = der.ed25519_public_key_info(point)
     else:
         raise Internal("token.key_type_unknown", "the token holds a key of a type EdgeKMS lacks")
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return der, key_type
+    return spki, key_type
 
 
 # --- threading: python-pkcs11 initialises modules single-threaded ---------------------
@@ -462,7 +452,7 @@ class Pkcs11Provider:
                 self._sweep(session, key_id)
                 raise _token_error(exc, f"generate on {self._where}") from None
             try:
-                der, made_type = _public_der(public)
+                spki, made_type = _public_der(public)
                 if made_type != key_type:
                     raise Internal("token.key_type_mismatch", "the token made another key type")
             except BaseException:
@@ -470,9 +460,9 @@ class Pkcs11Provider:
                 raise
             pooled.private_keys[key_id] = private
         with self._state_lock:
-            self._public[key_id] = (der, key_type)
+            self._public[key_id] = (spki, key_type)
         log.info("event=key_generated key_id=%s type=%s", key_id.hex(), info.cli_name)
-        return GeneratedKey(key_id=key_id, public_key_der=der)
+        return GeneratedKey(key_id=key_id, public_key_der=spki)
 
     def _generate_pair(
         self, session: Any, key_id: bytes, label: str, key_type: KeyType
@@ -576,11 +566,7 @@ class Pkcs11Provider:
 
     def _sign_with(self, key: Any, ainfo: AlgorithmInfo, data: bytes) -> bytes:
         if ainfo.family == "ec":
-            raw = bytes(key.sign(data, mechanism=Mechanism.ECDSA))
-            half = len(raw) // 2
-            r = int.from_bytes(raw[:half], "big")
-            s = int.from_bytes(raw[half:], "big")
-            return encode_dss_signature(r, s)
+            return der.ecdsa_signature(bytes(key.sign(data, mechanism=Mechanism.ECDSA)))
         if ainfo.family == "rsa":
             assert ainfo.hash_name is not None
             if ainfo.pss:

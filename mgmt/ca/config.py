@@ -14,8 +14,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from edgekms.busauth import parse_bus_fields
 from mgmt.ca.service import ServeConfig
-from mgmt.natsauth import parse_bus_fields
 
 
 class CAConfigError(ValueError):

@@ -7,16 +7,25 @@ the CA certificates. No authentication: all of it is public and signed.
     GET  /ca.crt         issuing CA certificate, DER (the AIA caIssuers target)
     GET  /root.crt       root certificate, DER
     GET  /chain.pem      issuing CA then root, PEM
+
+The server is a few dozen lines of asyncio rather than aiohttp: six fixed routes, small
+bodies, one request per connection, and aiohttp costs the CA service ~13 MB resident.
+Anything it does not serve gets a 4xx with a one-line text reason, never a hang: heads
+and bodies have size limits and a deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from urllib.parse import unquote
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -26,77 +35,256 @@ from mgmt.ca.authority import CertificateAuthority
 log = logging.getLogger(__name__)
 
 _MAX_OCSP_BODY = 16 * 1024
+_MAX_LINE = 8 * 1024  # request line or one header line (the reader's buffer limit)
+_MAX_HEADERS = 64
+_READ_DEADLINE = 10.0  # for the head and the body of one request
+_LINGER_BYTES = 256 * 1024  # read and dropped after a refused request, at most
+_LINGER_SECONDS = 1.0
 OCSP_RESPONSE = "application/ocsp-response"
+_TEXT = "text/plain; charset=utf-8"
 
 
-def make_app(ca: CertificateAuthority) -> web.Application:
-    async def crl(_: web.Request) -> web.Response:
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = _TEXT
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def text(cls, status: int, text: str) -> Response:
+        return cls(status, text.encode("utf-8") + b"\n")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # still percent-encoded, without the query
+    body: bytes
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
+    """(method, path) -> handler; "/ocsp/" as a GET path means the prefix of /ocsp/<base64>."""
+
+    def unavailable(exc: KMSError) -> Response:
+        return Response.text(503, exc.reason)
+
+    async def crl(_: Request) -> Response:
         try:
             current = await ca.current_crl()
         except KMSError as exc:
-            return web.Response(status=503, text=exc.reason)
-        return web.Response(body=current.crl_der, content_type="application/pkix-crl")
+            return unavailable(exc)
+        return Response(body=current.crl_der, content_type="application/pkix-crl")
 
-    async def ocsp_get(request: web.Request) -> web.Response:
-        raw = unquote(request.match_info["req"])
+    async def ocsp_get(request: Request) -> Response:
+        raw = unquote(request.path[len("/ocsp/") :])
         # Clients send standard or URL-safe base64, padded or not.
         raw = raw.replace("-", "+").replace("_", "/")
         try:
             der = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
         except (binascii.Error, ValueError):
-            der = b""
-        return web.Response(body=await ca.ocsp(der), content_type=OCSP_RESPONSE)
+            der = b""  # the CA answers malformedRequest, as OCSP wants
+        return Response(body=await ca.ocsp(der), content_type=OCSP_RESPONSE)
 
-    async def ocsp_post(request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > _MAX_OCSP_BODY:
-            return web.Response(status=413)
-        body = await request.content.read(_MAX_OCSP_BODY + 1)
-        if len(body) > _MAX_OCSP_BODY:
-            return web.Response(status=413)
-        return web.Response(body=await ca.ocsp(body), content_type=OCSP_RESPONSE)
+    async def ocsp_post(request: Request) -> Response:
+        return Response(body=await ca.ocsp(request.body), content_type=OCSP_RESPONSE)
 
-    async def ca_cert(_: web.Request) -> web.Response:
+    async def ca_cert(_: Request) -> Response:
         try:
             certs = await ca.ca_certificates()
         except KMSError as exc:
-            return web.Response(status=503, text=exc.reason)
-        return web.Response(
+            return unavailable(exc)
+        return Response(
             body=certs.intermediate_certificate_der, content_type="application/pkix-cert"
         )
 
-    async def root_cert(_: web.Request) -> web.Response:
+    async def root_cert(_: Request) -> Response:
         try:
             certs = await ca.ca_certificates()
         except KMSError as exc:
-            return web.Response(status=503, text=exc.reason)
-        return web.Response(body=certs.root_certificate_der, content_type="application/pkix-cert")
+            return unavailable(exc)
+        return Response(body=certs.root_certificate_der, content_type="application/pkix-cert")
 
-    async def chain(_: web.Request) -> web.Response:
+    async def chain(_: Request) -> Response:
         try:
             certs = await ca.ca_certificates()
         except KMSError as exc:
-            return web.Response(status=503, text=exc.reason)
+            return unavailable(exc)
         pem = b"".join(
             x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM)
             for d in (certs.intermediate_certificate_der, certs.root_certificate_der)
         )
-        return web.Response(body=pem, content_type="application/pem-certificate-chain")
+        return Response(body=pem, content_type="application/pem-certificate-chain")
 
-    app = web.Application(client_max_size=_MAX_OCSP_BODY)
-    app.router.add_get("/crl", crl)
-    app.router.add_get("/ocsp/{req:.+}", ocsp_get)
-    app.router.add_post("/ocsp", ocsp_post)
-    app.router.add_post("/ocsp/", ocsp_post)
-    app.router.add_get("/ca.crt", ca_cert)
-    app.router.add_get("/root.crt", root_cert)
-    app.router.add_get("/chain.pem", chain)
-    return app
+    return {
+        ("GET", "/crl"): crl,
+        ("GET", "/ocsp/"): ocsp_get,
+        ("POST", "/ocsp"): ocsp_post,
+        ("POST", "/ocsp/"): ocsp_post,
+        ("GET", "/ca.crt"): ca_cert,
+        ("GET", "/root.crt"): root_cert,
+        ("GET", "/chain.pem"): chain,
+    }
 
 
-async def start_http(ca: CertificateAuthority, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(make_app(ca), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+class HttpServer:
+    """The listening socket and its routes; `cleanup()` stops it (aiohttp's runner API)."""
+
+    def __init__(self, routes: dict[tuple[str, str], Handler]) -> None:
+        self.routes = routes
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._connection, host, port, limit=_MAX_LINE)
+
+    async def cleanup(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    def route(self, method: str, path: str) -> Handler | None:
+        handler = self.routes.get((method, path))
+        if handler is None and method == "GET" and path.startswith("/ocsp/") and path != "/ocsp/":
+            handler = self.routes.get(("GET", "/ocsp/"))
+        return handler
+
+    def allowed(self, path: str) -> list[str]:
+        methods = {m for (m, p) in self.routes if p == path}
+        if path.startswith("/ocsp/") and path != "/ocsp/":
+            methods.add("GET")
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head_only = False
+        unread = False  # part of the request is still on the wire
+        try:
+            try:
+                request = await asyncio.wait_for(_read_request(reader), _READ_DEADLINE)
+                head_only = request.method == "HEAD"
+                response = await self._respond(request)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return  # the client went away: nobody to answer
+            except _BadRequest as exc:
+                response = Response.text(exc.status, exc.reason)
+                unread = True
+            except TimeoutError:
+                response = Response.text(408, "request not complete in time")
+                unread = True
+            except Exception as exc:
+                log.error("event=ca_http_failed error=%s", type(exc).__name__)
+                response = Response.text(500, "internal error")
+            writer.write(_serialise(response, head_only))
+            await writer.drain()
+            if unread:
+                await _linger(reader, writer)
+        except ConnectionError:
+            pass  # the client went away before the answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _respond(self, request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = self.route(method, request.path)
+        if handler is not None:
+            return await handler(request)
+        allowed = self.allowed(request.path)
+        if allowed:
+            response = Response.text(405, f"{request.method} is not allowed here")
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        return Response.text(404, "no such resource")
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read (a bounded amount of) what the client still sends: closing a
+    socket with unread input resets the connection, and the reset can destroy the 4xx
+    answer before the client reads it."""
+    with contextlib.suppress(Exception):
+        writer.write_eof()
+        discarded = 0
+        while discarded < _LINGER_BYTES:
+            chunk = await asyncio.wait_for(reader.read(4096), _LINGER_SECONDS)
+            if not chunk:
+                return
+            discarded += len(chunk)
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise _BadRequest(431, "request line or header too long") from None
+    return line.rstrip(b"\r\n")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Request:
+    parts = (await _read_line(reader)).split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise _BadRequest(400, "not an HTTP/1.x request line")
+    try:
+        method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        raise _BadRequest(400, "request line is not ASCII") from None
+    if not method.isalpha() or not method.isupper():
+        raise _BadRequest(400, "bad method")
+    if not target.startswith("/"):
+        raise _BadRequest(400, "request target must be a path")
+    headers: dict[str, str] = {}
+    for _ in range(_MAX_HEADERS + 1):
+        line = await _read_line(reader)
+        if not line:
+            break
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            raise _BadRequest(400, "malformed header line")
+        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+    else:
+        raise _BadRequest(431, "too many header lines")
+    if "transfer-encoding" in headers:
+        raise _BadRequest(411, "send the body with a Content-Length")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit():
+        raise _BadRequest(400, "bad Content-Length")
+    length = int(length_text)
+    if length > _MAX_OCSP_BODY:
+        raise _BadRequest(413, f"bodies are limited to {_MAX_OCSP_BODY} bytes")
+    body = await reader.readexactly(length) if length else b""
+    return Request(method, target.partition("?")[0], body)
+
+
+def _serialise(response: Response, head_only: bool) -> bytes:
+    try:
+        reason = HTTPStatus(response.status).phrase
+    except ValueError:
+        reason = "Status"
+    lines = [
+        f"HTTP/1.1 {response.status} {reason}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in response.headers.items()),
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+async def start_http(ca: CertificateAuthority, host: str, port: int) -> HttpServer:
+    server = HttpServer(make_routes(ca))
+    await server.start(host, port)
     log.info("event=ca_http_listening host=%s port=%d", host, port)
-    return runner
+    return server

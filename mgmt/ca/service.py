@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf.message import DecodeError, Message
 
 from edgekms import natsrpc
+from edgekms.busauth import BusCredentials
 from edgekms.errors import Internal, InvalidArgument, KMSError
 from edgekms.subjects import CA_BUCKET, CA_PREFIX, CA_SERVICE_NAME, ca_subject
 from edgekms.v1 import ca_pb2
@@ -27,7 +28,6 @@ from mgmt.ca.builder import CaUrls
 from mgmt.ca.profiles import load_profiles
 from mgmt.ca.signer import KMSKeyBackend
 from mgmt.ca.store import CAStore
-from mgmt.natsauth import BusCredentials
 
 log = logging.getLogger(__name__)
 

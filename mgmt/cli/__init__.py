@@ -3,12 +3,41 @@ assembles them. Exit codes (mgmt.cli.output.ExitCode) mean the same in every com
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from mgmt.cli.common import CONTEXT_SETTINGS
 
+# Which modules make each top-level command, in the order they register: a command
+# imports only its own modules, so `kmsctl up` (and `kmsctl ca serve`, which it starts)
+# does not pay for every group's imports before it can start anything.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "up": ("stack",),
+    "init": ("stack",),
+    "status": ("stack",),
+    "key": ("keys", "policy"),
+    "ca": ("ca",),
+    "cert": ("certs",),
+    "audit": ("audit",),
+    "client": ("clients",),
+}
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+
+class _LazyGroup(click.Group):
+    """A group whose commands are registered when first asked for by name."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            _register(COMMAND_MODULES.get(cmd_name, ()))
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _register_all()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_LazyGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="edgekms", prog_name="kmsctl")
 def cli() -> None:
     """Manage an EdgeKMS: keys in a TPM or PKCS#11 token, a mini-CA, clients, audit.
@@ -25,11 +54,15 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    # Imported here so each group module can import `cli` helpers without cycles.
-    import importlib
+_registered: set[str] = set()
 
-    for name in ("stack", "keys", "ca", "certs", "audit", "clients", "policy"):
+
+def _register(names: tuple[str, ...]) -> None:
+    # Imported here so each group module can import `cli` helpers without cycles.
+    for name in names:
+        if name in _registered:
+            continue
+        _registered.add(name)
         try:
             module = importlib.import_module(f"mgmt.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -39,7 +72,9 @@ def _register() -> None:
         module.register(cli)
 
 
-_register()
+def _register_all() -> None:
+    for names in COMMAND_MODULES.values():
+        _register(names)
 
 
 def main() -> None:

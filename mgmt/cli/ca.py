@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 import sys
 from pathlib import Path
 
 import click
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from edgekms.logs import setup_logging
-from mgmt.cli.common import ExitCode, output_option
-from mgmt.cli.keys import client_options, open_client, write_output
-from mgmt.cli.output import echo_json, progress, table
-from mgmt.client import CREATE_TIMEOUT
+from mgmt.cli.common import ExitCode
+
+# The administration commands, in their own module (see there for why).
+_ADMIN_MODULE = "mgmt.cli.ca_admin"
 
 
-@click.group()
+class _CaGroup(click.Group):
+    """`serve` is here; the other commands are registered when first asked for."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            importlib.import_module(_ADMIN_MODULE)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        importlib.import_module(_ADMIN_MODULE)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_CaGroup)
 def ca() -> None:
     """The mini-CA: VPN and HTTPS certificates whose CA keys live in the KMS."""
 
@@ -37,6 +49,10 @@ def serve(config_path: Path, log_level: str) -> None:
     """Run the CA service: kms.ca.* on NATS (exposed by the broker as gRPC
     CertificateAuthority) and HTTP for relying parties: /crl, /ocsp, /ca.crt, /chain.pem.
     Runs until SIGTERM or SIGINT."""
+    # nats-py imports aiohttp (its WebSocket transport) whenever it is installed: ~13 MB
+    # resident this service never uses (the bus is tcp/tls; mgmt.ca.http is asyncio).
+    # Blocked before this process first imports nats, as kms-crypto and kms-broker do.
+    sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
     from mgmt.ca.config import CAConfigError, load_serve_config
     from mgmt.ca.service import serve as serve_ca
 
@@ -54,192 +70,13 @@ def serve(config_path: Path, log_level: str) -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve_ca(config, stop)
 
+    from edgekms import aio
+
     try:
-        asyncio.run(run())
+        aio.run(run())
     except OSError as exc:
         click.echo(f"kmsctl: ca serve: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
-
-
-def _pem(der: bytes) -> bytes:
-    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-
-
-def _write_ca_files(out_dir: Path, root_der: bytes, intermediate_der: bytes) -> list[Path]:
-    """root.crt, intermediate.crt and chain.pem (issuing CA then root: OpenVPN's `ca`,
-    strongSwan's cacerts, a browser's trust import)."""
-    from mgmt.pki import write_public
-
-    files = {
-        "root.crt": _pem(root_der),
-        "intermediate.crt": _pem(intermediate_der),
-        "chain.pem": _pem(intermediate_der) + _pem(root_der),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        write_public(out_dir / name, data)
-    return [out_dir / name for name in files]
-
-
-def _cert_summary(der: bytes) -> dict[str, str]:
-    cert = x509.load_der_x509_certificate(der)
-    return {
-        "subject": cert.subject.rfc4514_string(),
-        "serial": f"{cert.serial_number:X}",
-        "not_after": cert.not_valid_after_utc.isoformat(),
-        "sha256": cert.fingerprint(hashes.SHA256()).hex(":").upper(),
-    }
-
-
-@ca.command("init")
-@click.option(
-    "--provider",
-    default="hsm0",
-    show_default=True,
-    help="Where the CA keys are made: hsm0 (the token) or tpm0 (the TPM).",
-)
-@click.option(
-    "--key-type",
-    default="ec-p256",
-    show_default=True,
-    help="ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096 (both CA keys).",
-)
-@click.option("--name", "common_name", default="EdgeKMS CA", show_default=True, help="Root CN.")
-@click.option("--org", "organization", default="", help="Organization (O) of both CA names.")
-@click.option("--root-days", type=click.IntRange(min=0), default=0, help="0: 7300.")
-@click.option("--intermediate-days", type=click.IntRange(min=0), default=0, help="0: 1825.")
-@click.option(
-    "--disable-root",
-    is_flag=True,
-    help="Disable ca/root in the key registry once the intermediate exists "
-    "(`kmsctl key enable ca/root` for the next intermediate).",
-)
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Also write root.crt, intermediate.crt and chain.pem here.",
-)
-@output_option
-@client_options
-def init_cmd(
-    provider: str,
-    key_type: str,
-    common_name: str,
-    organization: str,
-    root_days: int,
-    intermediate_days: int,
-    disable_root: bool,
-    out_dir: Path | None,
-    output: str,
-    data_dir: Path,
-    config_path: Path | None,
-) -> None:
-    """Create the CA: a root and an intermediate whose keys are generated in PROVIDER
-    through the KMS (registered as ca/root and ca/intermediate), the root self-signed, the
-    intermediate signed by it. Refused (exit 5) when the CA exists."""
-    with (
-        open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms,
-        progress(f"making the CA keys in {provider}"),
-    ):
-        response = kms.ca_init(
-            common_name,
-            key_type,
-            provider=provider,
-            organization=organization,
-            root_validity_days=root_days,
-            intermediate_validity_days=intermediate_days,
-            disable_root=disable_root,
-        )
-    files = (
-        _write_ca_files(
-            out_dir, response.root_certificate_der, response.intermediate_certificate_der
-        )
-        if out_dir is not None
-        else []
-    )
-    root = _cert_summary(response.root_certificate_der)
-    intermediate = _cert_summary(response.intermediate_certificate_der)
-    if output == "json":
-        echo_json(
-            {
-                "provider": provider,
-                "root": root,
-                "intermediate": intermediate,
-                "root_disabled": disable_root,
-                "files": [str(f) for f in files],
-            }
-        )
-        return
-    click.echo(f"root:         {root['subject']}  sha256 {root['sha256']}")
-    click.echo(f"intermediate: {intermediate['subject']}  until {intermediate['not_after']}")
-    if disable_root:
-        click.echo("ca/root is disabled in the key registry")
-    for f in files:
-        click.echo(f"wrote {f}")
-
-
-@ca.command("certs")
-@click.option(
-    "--out-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Writes root.crt, intermediate.crt and chain.pem (PEM).",
-)
-@client_options
-def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
-    """The CA certificates, for the relying parties' trust stores."""
-    with open_client(data_dir, config_path) as kms:
-        response = kms.get_ca_certificates()
-    for f in _write_ca_files(
-        out_dir, response.root_certificate_der, response.intermediate_certificate_der
-    ):
-        click.echo(f"wrote {f}")
-
-
-@ca.command("crl")
-@click.option("--out", required=True, help="Where to write the CRL ('-' for stdout).")
-@click.option("--pem", is_flag=True, help="PEM instead of DER (OpenVPN's crl-verify wants PEM).")
-@client_options
-def crl_cmd(out: str, pem: bool, data_dir: Path, config_path: Path | None) -> None:
-    """The current CRL, signed by the intermediate (rebuilt on every revocation)."""
-    with open_client(data_dir, config_path) as kms:
-        response = kms.get_crl()
-    data = response.crl_der
-    if pem:
-        crl = x509.load_der_x509_crl(data)
-        data = crl.public_bytes(serialization.Encoding.PEM)
-    write_output(out, data)
-    if out != "-":
-        click.echo(f"CRL {response.crl_number}, next update {response.next_update}", err=True)
-
-
-@ca.command("profiles")
-@output_option
-@client_options
-def profiles_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
-    """The profiles the CA issues under."""
-    with open_client(data_dir, config_path) as kms:
-        profiles = kms.list_profiles()
-    if output == "json":
-        echo_json(
-            [
-                {
-                    "name": p.name,
-                    "description": p.description,
-                    "max_validity_days": p.max_validity_days,
-                    "key_types": list(p.key_types),
-                    "extended_key_usages": list(p.extended_key_usages),
-                }
-                for p in profiles
-            ]
-        )
-        return
-    rows = [
-        [p.name, str(p.max_validity_days), ",".join(p.extended_key_usages), p.description]
-        for p in profiles
-    ]
-    click.echo(table(["PROFILE", "MAX_DAYS", "EKU", "DESCRIPTION"], rows))
 
 
 def register(cli: click.Group) -> None:

@@ -8,14 +8,17 @@ way. Verification in software lives here too: it needs only the public key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from typing import TYPE_CHECKING, TypeAlias
 
 from edgekms.errors import InvalidArgument
 from edgekms.v1 import common_pb2 as pb
+
+# cryptography is imported where software hashing or verification happens, not here:
+# the tables and request checks are on every service's hot path, and the PKCS#11 crypto
+# service otherwise never loads cryptography (~11 MB resident).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
 
 KeyType: TypeAlias = pb.KeyType.ValueType
 SignatureAlgorithm: TypeAlias = pb.SignatureAlgorithm.ValueType
@@ -42,14 +45,15 @@ class AlgorithmInfo:
     def hash(self) -> hashes.HashAlgorithm:
         if self.hash_name is None:
             raise InvalidArgument("sign.no_hash", f"{self.cli_name} signs the message itself")
-        return _HASHES[self.hash_name]()
+        from cryptography.hazmat.primitives import hashes
 
+        hash_types: dict[str, type[hashes.HashAlgorithm]] = {
+            "sha256": hashes.SHA256,
+            "sha384": hashes.SHA384,
+            "sha512": hashes.SHA512,
+        }
+        return hash_types[self.hash_name]()
 
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
 
 KEY_TYPES: dict[KeyType, KeyTypeInfo] = {
     k.key_type: k
@@ -149,6 +153,9 @@ def check_sign_request(
 
 
 def key_type_of_public_key(public_key_der: bytes) -> KeyType:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     key = serialization.load_der_public_key(public_key_der)
     if isinstance(key, ec.EllipticCurvePublicKey):
         return {"secp256r1": pb.KEY_TYPE_EC_P256, "secp384r1": pb.KEY_TYPE_EC_P384}.get(
@@ -167,6 +174,8 @@ def key_type_of_public_key(public_key_der: bytes) -> KeyType:
 
 def pss_padding(ainfo: AlgorithmInfo) -> padding.PSS:
     """PSS as EdgeKMS signs it: MGF1 with the message hash, salt length = digest length."""
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     return padding.PSS(mgf=padding.MGF1(ainfo.hash()), salt_length=ainfo.digest_size)
 
 
@@ -174,6 +183,9 @@ def verify_signature(
     public_key_der: bytes, algorithm: SignatureAlgorithm, data: bytes, signature: bytes
 ) -> bool:
     """Check a signature in software. `data` is the digest (or the Ed25519 message)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
     from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
     ainfo = algorithm_info(algorithm)

@@ -13,7 +13,6 @@ from typing import TypeVar
 import nats
 import nats.aio.client
 import pytest
-from aiohttp import web
 from google.protobuf.message import Message
 
 from edgekms.crypto_client import CryptoClient
@@ -103,7 +102,7 @@ async def ca_env(ca_nats: NatsServer, ca_crypto: CryptoProcess) -> AsyncIterator
         urls=CaUrls.from_base(base),
     )
     service = await add_ca_service(nc, ca)
-    runner: web.AppRunner = await start_http(ca, "127.0.0.1", port)
+    runner = await start_http(ca, "127.0.0.1", port)
     yield CAEnv(nc, ca, store, base, bucket)
     await runner.cleanup()
     await service.stop()

@@ -1,0 +1,98 @@
+"""What each service's entry point loads, checked in a fresh interpreter.
+
+Resident memory is a target (docs/performance.md): the PKCS#11 crypto service stays out
+of cryptography, asn1crypto, aiohttp and grpc, and no service imports another's
+package. An RSS threshold would be flaky on a shared machine; the module list is exact,
+and it is what fails when someone adds a top-level import that drags them back in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def loaded_after(*statements: str) -> set[str]:
+    """Names of the modules actually loaded (not blocked with None) after `statements`."""
+    code = "\n".join(
+        [
+            "import json, sys",
+            *statements,
+            "print(json.dumps(sorted(n for n, m in sys.modules.items() if m is not None)))",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return set(json.loads(done.stdout))
+
+
+def packages(modules: set[str]) -> set[str]:
+    return {name.partition(".")[0] for name in modules}
+
+
+def test_pkcs11_crypto_service_stays_lean() -> None:
+    loaded = packages(
+        loaded_after(
+            "import crypto_service.__main__",
+            "import crypto_service.providers.pkcs11",
+            "from crypto_service.config import make_provider",
+        )
+    )
+    assert "crypto_service" in loaded and "pkcs11" in loaded and "nats" in loaded
+    assert not loaded & {"cryptography", "asn1crypto", "aiohttp", "grpc", "mgmt", "broker"}
+
+
+def test_tpm_crypto_service_imports_no_other_service() -> None:
+    loaded = packages(
+        loaded_after("import crypto_service.__main__", "import crypto_service.providers.tpm2")
+    )
+    assert "tpm2_pytss" in loaded
+    assert not loaded & {"asn1crypto", "aiohttp", "grpc", "mgmt", "broker"}
+
+
+def test_broker_imports_no_other_service() -> None:
+    loaded = packages(loaded_after("import broker.__main__", "import broker.server"))
+    assert "grpc" in loaded
+    assert not loaded & {"aiohttp", "mgmt", "crypto_service", "asn1crypto"}
+
+
+def test_shared_tables_do_not_load_cryptography() -> None:
+    loaded = packages(loaded_after("import edgekms.algorithms", "import edgekms.busauth"))
+    assert "cryptography" not in loaded
+
+
+@pytest.mark.parametrize("helper", ["dh", "dsa", "ec", "rsa", "x509"])
+def test_deferred_pkcs11_helpers_still_work(helper: str) -> None:
+    """python-pkcs11's helpers load (with asn1crypto) on first use, not never."""
+    before = loaded_after("import crypto_service.providers.pkcs11", "import pkcs11.util")
+    assert "asn1crypto" not in packages(before)
+    after = loaded_after(
+        "import crypto_service.providers.pkcs11",
+        "import pkcs11",
+        f"assert callable(next(v for k, v in vars(pkcs11.util.{helper}).items()"
+        " if k.startswith(('encode_', 'decode_'))))",
+        f"from pkcs11.util.{helper} import *",
+    )
+    assert "asn1crypto" in packages(after)
+
+
+def test_ca_serve_loads_neither_grpc_nor_aiohttp() -> None:
+    """`kmsctl ca serve` is a long-running service: none of kmsctl's client side."""
+    loaded = packages(
+        loaded_after(
+            "import mgmt.cli",
+            "serve = mgmt.cli.cli.get_command(None, 'ca').get_command(None, 'serve')",
+            # A config that does not exist: serve imports the service, then exits (2).
+            "from pathlib import Path",
+            "missing = Path('/nonexistent/ca.toml')",
+            "try:\n    serve.callback(config_path=missing, log_level='error')\n"
+            "except SystemExit as exc:\n    assert exc.code == 2, exc.code",
+            "import mgmt.ca.service, mgmt.ca.http",
+        )
+    )
+    assert "mgmt" in loaded and "nats" in loaded
+    assert not loaded & {"grpc", "aiohttp", "broker", "crypto_service"}
