@@ -71,7 +71,7 @@ def bus_options(data_dir: Path, user: str = "broker") -> dict[str, Any]:
     return creds.connect_options()
 
 
-def start(data_dir: Path, timeout: float = 120.0) -> RunningStack:
+def start(data_dir: Path, timeout: float = 120.0, log_level: str = "warning") -> RunningStack:
     nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
     swtpm_port = free_port_pair()
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
@@ -91,7 +91,7 @@ def start(data_dir: Path, timeout: float = 120.0) -> RunningStack:
         "--ca-http",
         f"127.0.0.1:{ca_port}",
         "--log-level",
-        "warning",
+        log_level,
     ]
     state_file = data_dir / "run" / "state.json"
     with open(log_path, "ab") as log_file:

@@ -13,13 +13,13 @@ import sys
 # own process). Blocked here, before the first `import nats`, never in the library.
 sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
 
-import asyncio  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
 from broker.config import ConfigError, load_config  # noqa: E402
 from broker.server import serve  # noqa: E402
+from edgekms import aio  # noqa: E402
 from edgekms.errors import KMSError  # noqa: E402
 from edgekms.logs import setup_logging  # noqa: E402
 
@@ -46,7 +46,7 @@ def main(config_path: Path, log_level: str) -> None:
         click.echo(f"kms-broker: {exc}", err=True)
         sys.exit(2)
     try:
-        asyncio.run(serve(config))
+        aio.run(serve(config))
     except KMSError as exc:
         click.echo(f"kms-broker: {exc}", err=True)
         sys.exit(4)

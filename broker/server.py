@@ -104,21 +104,33 @@ class Broker:
             **cfg.bus.connect_options(),
         )
         self.registry = KeyRegistry(self.nc.jetstream())
-        await self.registry.start()
         # The audit stream exists before the first request: no decision goes unrecorded.
         audit = AuditWriter(self.nc.jetstream(), "broker")
-        try:
-            await audit.ensure_stream()
-        except Exception as exc:
-            raise Unavailable("audit.unavailable", f"no audit stream: {exc}") from None
+
+        async def audit_stream() -> None:
+            try:
+                await audit.ensure_stream()
+            except Exception as exc:
+                raise Unavailable("audit.unavailable", f"no audit stream: {exc}") from None
+
         crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout)
         # Clients, revocations and the failure throttle, consulted on every request.
         self.clients = ClientRegistry(self.nc.jetstream())
-        await self.clients.start()
         identities = IdentityCache(gate=AccessGate(self.clients, FailureThrottle()))
         # Request ids of state-changing calls (broker/idempotency.py).
         idempotency = IdempotencyStore(self.nc.jetstream())
-        await idempotency.start()
+        # Each is a few JetStream round trips of its own: opened side by side, the broker
+        # listens sooner. All of them finish before it listens; the first failure stops it.
+        opened = await asyncio.gather(
+            self.registry.start(),
+            audit_stream(),
+            self.clients.start(),
+            idempotency.start(),
+            return_exceptions=True,
+        )
+        for outcome in opened:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
         self.server = grpc.aio.server(
             options=[

@@ -31,6 +31,7 @@ from crypto_service.config import (  # noqa: E402
 )
 from crypto_service.providers.base import Provider  # noqa: E402
 from crypto_service.service import CryptoService  # noqa: E402
+from edgekms import aio  # noqa: E402
 from edgekms.errors import KMSError  # noqa: E402
 from edgekms.logs import setup_logging  # noqa: E402
 
@@ -136,7 +137,7 @@ def main(config_path: Path, log_level: str) -> None:
         sys.exit(EXIT_TOKEN)
     code = EXIT_OK
     try:
-        asyncio.run(_serve(config, provider))
+        aio.run(_serve(config, provider))
     except _Exit as exc:
         click.echo(f"kms-crypto: {exc.message}", err=True)
         code = exc.code

@@ -87,7 +87,11 @@ KMSCTL_CRYPTO_OPERATIONS = ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey")
 BROKER_USER = "broker"
 CA_USER = "ca"
 KMSCTL_USER = "kmsctl"
-BCRYPT_COST = 11
+# bcrypt's work factor slows the guessing of a weak password; these are 256-bit random
+# values (new_password), beyond guessing at any cost, and nats-server pays the factor on
+# every connection: cost 11 took ~115 ms of its CPU per connect (each service, each probe,
+# each reconnect), cost 4 (bcrypt's least) ~2 ms.
+BCRYPT_COST = 4
 SERVER_CERT_VALIDITY = datetime.timedelta(days=3650)
 
 
@@ -306,7 +310,7 @@ def password_hash(password: str, cost: int = BCRYPT_COST) -> str:
 def cached_password_hash(path: Path, cost: int = BCRYPT_COST) -> str:
     """The bcrypt hash of the password in `path`, kept beside it across restarts.
 
-    A cost-11 hash takes ~0.1-0.2 s of CPU and `kmsctl up` needs one per bus user at
+    A hash costs CPU (~0.1-0.2 s at cost 11) and `kmsctl up` needs one per bus user at
     every start; the cache (0600, `<user>.password.hash`) holds the hash with the SHA-256
     of the password it was made from, so a changed password (or cost) is rehashed. The
     passwords are 256-bit random values, so their SHA-256 reveals nothing a bcrypt hash

@@ -123,7 +123,8 @@ RDEPENDS:${PN} += "python3-aiohttp \
                    python3-logging \
                    python3-nats-py \
                    python3-protobuf \
-                   python3-tomllib"
+                   python3-tomllib \
+                   python3-uvloop"
 RDEPENDS:${PN}-setup += "${PN} python3-crypt"
 RDEPENDS:${PN}-nats += "${PN}-setup nats-server"
 RDEPENDS:${PN}-crypto-hsm += "${PN} \
