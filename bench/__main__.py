@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import report
 from bench.load import GENERATORS, LoadSpec, describe, resolve_generator, run_load
-from bench.procs import rss_kb
+from bench.procs import pss_kb, rss_kb
 from bench.raw import RawSpec, run_raw
 from bench.stats import RunResult, summarise
 
@@ -178,11 +178,12 @@ def main() -> None:
             results["pids"] = pids
             time.sleep(1.0)
             idle = {name: rss_kb(pid) for name, pid in pids.items()}
+            idle_pss = {name: pss_kb(pid) for name, pid in pids.items()}
             runs, samples, peak = _e2e(
                 stack, args.duration, args.warmup, args.processes, pids, generator
             )
             results["e2e"] = [r.to_json() for r in runs]
-            results["memory_kb"] = {"idle": idle, "peak": peak}
+            results["memory_kb"] = {"idle": idle, "peak": peak, "idle_pss": idle_pss}
             if not args.no_issuance:
                 from bench import issuance
 

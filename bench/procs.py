@@ -1,7 +1,10 @@
 """What /proc says about a process: resident memory, CPU time, children.
 
-VmRSS straight from /proc/<pid>/status, as the issue asks; CPU from utime+stime in
-/proc/<pid>/stat, so the report can say how the two cores were shared in each run.
+VmRSS straight from /proc/<pid>/status, as the issue asks; PSS from smaps_rollup beside
+it, because RSS counts pages shared between processes (libpython, libcrypto, the venv's
+extension modules) once in every process, so a sum of RSS overstates what the stack
+occupies; CPU from utime+stime in /proc/<pid>/stat, so the report can say how the two
+cores were shared in each run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ def rss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size in kB (each shared page divided among its users), 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1])
     except (OSError, ValueError):
         pass

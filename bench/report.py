@@ -110,6 +110,20 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 total <= 150,
             )
         )
+    pss = memory.get("idle_pss") or {}
+    pss_names = [n for n in pss if n != "kmsctl-up"]
+    if pss_names:
+        total = sum(pss[n] for n in pss_names) / 1024
+        # Not the measure (it asks for resident memory); shown beside it because a
+        # sum of RSS counts every shared library once per process.
+        out.append(
+            Target(
+                "… stack + nats-server, sum of idle PSS (for reference)",
+                "≤ 150 MB",
+                f"{total:.1f} MB",
+                total <= 150,
+            )
+        )
     ready = results.get("ready_seconds", {})
     if "warm" in ready:
         out.append(
@@ -203,7 +217,7 @@ def write(results: dict[str, Any], out: Path) -> None:
         "",
         "## Resident memory (VmRSS)",
         "",
-        memory_table(memory.get("idle", {}), peak),
+        memory_table(memory.get("idle", {}), peak, memory.get("idle_pss")),
         "",
     ]
     profiles = results.get("profiles") or {}

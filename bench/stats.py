@@ -167,21 +167,25 @@ def runs_table(runs: Iterable[RunResult]) -> str:
     return markdown_table(headers, rows)
 
 
-def memory_table(idle: Mapping[str, int], loaded: Mapping[str, int]) -> str:
-    """Resident memory (VmRSS, kB in, MB out) of each process idle and at peak under load."""
+def memory_table(
+    idle: Mapping[str, int], loaded: Mapping[str, int], idle_pss: Mapping[str, int] | None = None
+) -> str:
+    """Resident memory (VmRSS, kB in, MB out) of each process idle and at peak under load,
+    and, when measured, its idle PSS (shared pages divided among the processes using them)."""
+    pss = idle_pss or {}
     names = list(dict.fromkeys([*idle, *loaded]))
-    rows = [
-        (name, _fmt(idle.get(name, 0) / 1024, 1), _fmt(loaded.get(name, 0) / 1024, 1))
-        for name in names
-    ]
-    rows.append(
-        (
-            "**total**",
-            _fmt(sum(idle.values()) / 1024, 1),
-            _fmt(sum(loaded.values()) / 1024, 1),
-        )
-    )
-    return markdown_table(("process", "idle MB", "peak under load MB"), rows)
+    rows = []
+    for name in names:
+        row = [name, _fmt(idle.get(name, 0) / 1024, 1), _fmt(loaded.get(name, 0) / 1024, 1)]
+        if pss:
+            row.append(_fmt(pss.get(name, 0) / 1024, 1))
+        rows.append(tuple(row))
+    total = ["**total**", _fmt(sum(idle.values()) / 1024, 1), _fmt(sum(loaded.values()) / 1024, 1)]
+    if pss:
+        total.append(_fmt(sum(pss.values()) / 1024, 1))
+    rows.append(tuple(total))
+    header = ("process", "idle MB", "peak under load MB", *(("idle PSS MB",) if pss else ()))
+    return markdown_table(header, rows)
 
 
 @dataclass(frozen=True)
