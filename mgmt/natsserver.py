@@ -20,13 +20,6 @@ from pathlib import Path
 # Largest payload on the bus: a 64 KiB Ed25519 message plus framing, with room.
 MAX_PAYLOAD = 256 * 1024
 
-# Go's soft heap limit: under a Sign load nats-server's heap grows by GOGC's doubling
-# rule and the pages stay resident; with a limit the collector runs (and returns memory)
-# earlier. bench.quick at 64 in flight: peak RSS 30 -> 26 MB. Its binary's text is
-# ~15 MB of the RSS and is not counted by the limit. Soft: JetStream may go above it
-# (Go then bounds GC to half the CPU). An operator's own GOMEMLIMIT wins.
-GO_MEMORY_LIMIT = "16MiB"
-
 
 class NatsServerError(RuntimeError):
     """nats-server is missing, refused its config, or did not become ready."""
@@ -103,7 +96,6 @@ class NatsServer:
             [find_binary(), "-c", str(self.conf_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={"GOMEMLIMIT": GO_MEMORY_LIMIT, **os.environ},
             start_new_session=True,
         )
         log.close()
