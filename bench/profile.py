@@ -49,8 +49,9 @@ def summarise_collapsed(text: str, top: int = 12) -> dict[str, Any]:
         self_counts[_short(leaf)] += count
         if "asyncio/" in leaf or "selectors.py" in leaf:
             layer_counts[LOOP_SELF] += count
-        # Every stack starts in the service's main(): it says nothing about where time goes.
-        inner = [f for f in frames if "__main__.py" not in f]
+        # Every stack starts in the service's main() and edgekms.aio.run() (the event loop's
+        # entry): they say nothing about where time goes.
+        inner = [f for f in frames if "__main__.py" not in f and "edgekms/aio.py" not in f]
         for layer, needles in LAYERS.items():
             if any(n in frame for frame in inner for n in needles):
                 layer_counts[layer] += count
