@@ -183,6 +183,9 @@ def main() -> None:
                 stack, args.duration, args.warmup, args.processes, pids, generator
             )
             results["e2e"] = [r.to_json() for r in runs]
+            from bench import floor
+
+            results["floor"] = [floor.run(work, args.duration, args.warmup).to_json()]
             results["memory_kb"] = {"idle": idle, "peak": peak, "idle_pss": idle_pss}
             if not args.no_issuance:
                 from bench import issuance

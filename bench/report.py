@@ -203,6 +203,23 @@ def write(results: dict[str, Any], out: Path) -> None:
         runs_table(e2e),
         "",
     ]
+    floor = _runs(results.get("floor"))
+    if floor:
+        parts += [
+            "## The floor under the broker: a grpc.aio process that only answers",
+            "",
+            "Same grpc, mutual TLS, uvloop and client; the handler returns a precomputed valid "
+            "signature (bench/floor.py). CPU per call: "
+            + ", ".join(
+                f"{name} {seconds / r.seconds / max(r.rate, 1) * 1e6:,.0f} µs"
+                for r in floor
+                for name, seconds in sorted(r.cpu.items())
+            )
+            + ".",
+            "",
+            runs_table(floor),
+            "",
+        ]
     if issue:
         parts += [
             "## Certificate issuance: CSR in, stored certificate out (CA service on the bus)",
