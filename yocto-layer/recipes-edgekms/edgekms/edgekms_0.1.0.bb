@@ -113,8 +113,7 @@ USERADD_PARAM:${PN}-crypto-tpm = "--system --no-create-home --home-dir /nonexist
 USERADD_PARAM:${PN}-ca = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-ca"
 USERADD_PARAM:${PN}-broker = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-broker"
 
-RDEPENDS:${PN} += "python3-aiohttp \
-                   python3-asn1crypto \
+RDEPENDS:${PN} += "python3-asn1crypto \
                    python3-click \
                    python3-cryptography \
                    python3-grpcio \
