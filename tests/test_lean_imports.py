@@ -81,18 +81,17 @@ def test_deferred_pkcs11_helpers_still_work(helper: str) -> None:
 
 
 def test_ca_serve_loads_neither_grpc_nor_aiohttp() -> None:
-    """`kmsctl ca serve` is a long-running service: none of kmsctl's client side."""
-    loaded = packages(
-        loaded_after(
-            "import mgmt.cli",
-            "serve = mgmt.cli.cli.get_command(None, 'ca').get_command(None, 'serve')",
-            # A config that does not exist: serve imports the service, then exits (2).
-            "from pathlib import Path",
-            "missing = Path('/nonexistent/ca.toml')",
-            "try:\n    serve.callback(config_path=missing, log_level='error')\n"
-            "except SystemExit as exc:\n    assert exc.code == 2, exc.code",
-            "import mgmt.ca.service, mgmt.ca.http",
-        )
+    """`kmsctl ca serve` execs `python -m mgmt.ca`, a long-running service: none of
+    kmsctl's client side, not even its CLI (click), nor uvloop or importlib.metadata
+    (mgmt.ca.__main__ says what each costs)."""
+    modules = loaded_after(
+        "from mgmt.ca.__main__ import main",
+        # A config that does not exist: main imports the service, then answers 2.
+        "assert main(['--config', '/nonexistent/ca.toml', '--log-level', 'error']) == 2",
+        "import mgmt.ca.service, mgmt.ca.http, mgmt.registry_record, edgekms.crypto_client",
     )
-    assert "mgmt" in loaded and "nats" in loaded
-    assert not loaded & {"grpc", "aiohttp", "broker", "crypto_service"}
+    loaded = packages(modules)
+    assert {"mgmt", "nats", "cryptography", "google"} <= loaded
+    assert "mgmt.ca.service" in modules
+    assert not loaded & {"grpc", "aiohttp", "broker", "crypto_service", "click", "uvloop"}
+    assert "importlib.metadata" not in modules and "mgmt.cli" not in modules

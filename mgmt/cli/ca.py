@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import signal
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from edgekms.logs import setup_logging
 from mgmt.cli.common import ExitCode
 
 # The administration commands, in their own module (see there for why).
@@ -49,33 +47,16 @@ def serve(config_path: Path, log_level: str) -> None:
     """Run the CA service: kms.ca.* on NATS (exposed by the broker as gRPC
     CertificateAuthority) and HTTP for relying parties: /crl, /ocsp, /ca.crt, /chain.pem.
     Runs until SIGTERM or SIGINT."""
-    # nats-py imports aiohttp (its WebSocket transport) whenever it is installed: ~13 MB
-    # resident this service never uses (the bus is tcp/tls; mgmt.ca.http is asyncio).
-    # Blocked before this process first imports nats, as kms-crypto and kms-broker do.
-    sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
-    from mgmt.ca.config import CAConfigError, load_serve_config
-    from mgmt.ca.service import serve as serve_ca
-
-    setup_logging("ca", log_level)
+    # The service runs in a fresh interpreter without the CLI (mgmt.ca.__main__ says
+    # why); exec keeps this pid, so whoever started `kmsctl ca serve` supervises it.
+    argv = [sys.executable, "-m", "mgmt.ca", "--config", str(config_path)]
+    argv += ["--log-level", log_level]
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        config = load_serve_config(config_path)
-    except CAConfigError as exc:
-        click.echo(f"kmsctl: {exc}", err=True)
-        sys.exit(ExitCode.USAGE)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve_ca(config, stop)
-
-    from edgekms import aio
-
-    try:
-        aio.run(run())
+        os.execv(sys.executable, argv)
     except OSError as exc:
-        click.echo(f"kmsctl: ca serve: {exc}", err=True)
+        click.echo(f"kmsctl: ca serve: cannot start {sys.executable}: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
 
 
