@@ -159,6 +159,8 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
 def _log_outcome(
     method: str, identity: Identity | None, request: Any, started: float, err: KMSError | None
 ) -> None:
+    if err is None and not log.isEnabledFor(logging.INFO):
+        return  # per call on the hot path: skip building a line nobody keeps
     entry = {
         "method": method,
         "client": identity.client if identity else None,

@@ -122,7 +122,13 @@ class CryptoService:
             name=name,
             version=SERVICE_VERSION,
             description=f"EdgeKMS crypto service for provider {self.provider_id}",
-            metadata={"provider": self.provider_id, "kind": self.provider.kind},
+            # "workers": the broker's SignBatcher keeps more requests on the bus for a
+            # provider with a single worker thread, so that thread never waits for one.
+            metadata={
+                "provider": self.provider_id,
+                "kind": self.provider.kind,
+                "workers": str(self.workers),
+            },
         )
         for op in CRYPTO_OPERATIONS:
             await self._service.add_endpoint(

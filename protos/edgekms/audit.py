@@ -145,6 +145,42 @@ def build_entry(
     time: str | None = None,
 ) -> dict[str, Any]:
     """A sealed entry (with its hash) chained to `prev_hash`."""
+    return sealed_entry(
+        writer=writer,
+        action=action,
+        outcome=outcome,
+        prev_hash=prev_hash,
+        client=client,
+        role=role,
+        target=target,
+        request_id=request_id,
+        details=details,
+        time=time,
+    )[0]
+
+
+# In an entry's canonical JSON the top-level "hash" sorts right before "outcome"; every
+# field after "outcome" is a plain string (a string cannot hold an unescaped quote), so
+# the LAST occurrence of this is the top-level field, even if details has such a key.
+_OUTCOME_KEY = b',"outcome":'
+
+
+def sealed_entry(
+    *,
+    writer: str,
+    action: str,
+    outcome: str,
+    prev_hash: bytes,
+    client: str = "",
+    role: str = "",
+    target: str = "",
+    request_id: str = "",
+    details: Mapping[str, str] | None = None,
+    time: str | None = None,
+) -> tuple[dict[str, Any], bytes]:
+    """build_entry's entry and its canonical JSON, encoded once: the writer's hot path
+    needs both, and the bytes that were hashed differ from the stored ones only by the
+    hash field, which is spliced in instead of encoding the entry again."""
     entry: dict[str, Any] = {
         "v": FORMAT_VERSION,
         "time": time or now_rfc3339(),
@@ -157,8 +193,11 @@ def build_entry(
         "details": {str(k): str(v) for k, v in (details or {}).items()},
         "prev_hash": prev_hash.hex(),
     }
-    entry["hash"] = entry_hash(entry)
-    return entry
+    body = canonical(entry)
+    digest = hashlib.sha256(prev_hash + body).hexdigest()
+    entry["hash"] = digest
+    at = body.rindex(_OUTCOME_KEY)
+    return entry, b"".join((body[:at], b',"hash":"', digest.encode("ascii"), b'"', body[at:]))
 
 
 def parse_entry(raw: bytes) -> dict[str, Any]:
@@ -195,6 +234,14 @@ def encode_message(entries: list[dict[str, Any]]) -> bytes:
     if len(entries) == 1:
         return canonical(entries[0])
     return canonical({BATCH_KEY: entries})
+
+
+def join_message(encoded: list[bytes]) -> bytes:
+    """encode_message from the entries' canonical JSON (the canonical JSON of the batch
+    envelope is exactly its items' canonical JSON joined by commas)."""
+    if len(encoded) == 1:
+        return encoded[0]
+    return b"".join((b'{"' + BATCH_KEY.encode() + b'":[', b",".join(encoded), b"]}"))
 
 
 def split_message(raw: bytes) -> list[Any] | None:
@@ -402,14 +449,17 @@ class AuditWriter:
                 batch.append(p)
         return batch
 
-    def _chain(self, batch: list[_Pending], prev: bytes) -> list[dict[str, Any]]:
+    def _chain(
+        self, batch: list[_Pending], prev: bytes
+    ) -> tuple[list[dict[str, Any]], list[bytes]]:
         """Seal the batch's entries in order on `prev`; entries past the byte cap go back
         to the head of the queue (the first one always goes, however big)."""
         entries: list[dict[str, Any]] = []
+        encoded: list[bytes] = []
         size = len(BATCH_KEY) + 6
         for i, p in enumerate(batch):
             f = p.fields
-            entry = build_entry(
+            entry, raw = sealed_entry(
                 writer=self.writer,
                 action=f["action"],
                 outcome=f["outcome"],
@@ -421,14 +471,15 @@ class AuditWriter:
                 details=f["details"],
                 time=f["time"],
             )
-            size += len(canonical(entry)) + 1
+            size += len(raw) + 1
             if entries and size > self.max_batch_bytes:
                 self._queue[0:0] = batch[i:]
                 del batch[i:]
                 break
             entries.append(entry)
+            encoded.append(raw)
             prev = bytes.fromhex(entry["hash"])
-        return entries
+        return entries, encoded
 
     async def _publish(self, batch: list[_Pending]) -> list[Appended]:
         """Chain `batch` on the head and store it as one message; on a lost race re-chain
@@ -439,10 +490,10 @@ class AuditWriter:
                 if self._head is None:
                     self._head = await self.read_head()
                 last_seq, prev = self._head
-                entries = self._chain(batch, prev)
+                entries, encoded = self._chain(batch, prev)
                 ack = await self.js.publish(
                     self.subject,
-                    encode_message(entries),
+                    join_message(encoded),
                     timeout=self.timeout,
                     stream=STREAM,
                     headers={EXPECTED_LAST_SEQUENCE: str(last_seq)},

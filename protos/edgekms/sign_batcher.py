@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 # 64 in flight, 2 cores), 1 used the least CPU per Sign in broker, crypto service and
 # nats-server together (larger batches), 2 was within noise of it, 4 clearly worse.
 DEFAULT_MAX_OUTSTANDING = 1
+# A provider served by ONE worker thread (a TPM) idles while a batch's reply travels back
+# and the next batch travels in; a second request on the bus keeps it busy. Learnt from
+# the service's $SRV.PING metadata ("workers"); until that answer, the default applies.
+SINGLE_WORKER_MAX_OUTSTANDING = 2
 # Below the crypto service's limit (128), so the limit can move without breaking us.
 DEFAULT_MAX_ITEMS = 64
 # NATS max_payload on our bus is 128 KiB: half of it for the items' data leaves ample
@@ -61,6 +65,7 @@ class _Waiting:
 class _Lane:
     """One provider's queue and the number of its requests on the bus."""
 
+    limit: int
     outstanding: int = 0
     queue: deque[_Waiting] = field(default_factory=deque)
 
@@ -68,6 +73,17 @@ class _Lane:
 def _copy(err: KMSError) -> KMSError:
     # One exception object raised in many tasks would collect all their tracebacks.
     return type(err)(err.reason, err.message, err.details)
+
+
+def _expire(future: asyncio.Future[crypto_pb2.SignResponse], provider: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(
+            DeadlineExceeded(
+                "provider.deadline",
+                f"provider {provider!r} did not answer Sign within {timeout:g}s",
+                {"provider": provider},
+            )
+        )
 
 
 class SignBatcher:
@@ -80,6 +96,7 @@ class SignBatcher:
         max_items: int = DEFAULT_MAX_ITEMS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
+        single_worker_max_outstanding: int | None = SINGLE_WORKER_MAX_OUTSTANDING,
     ) -> None:
         if max_outstanding < 1 or max_items < 1 or max_item_bytes > max_bytes:
             raise ValueError("max_outstanding and max_items must be positive, items fit a batch")
@@ -88,6 +105,8 @@ class SignBatcher:
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.max_item_bytes = max_item_bytes
+        # None: never ask the provider, every lane keeps max_outstanding.
+        self.single_worker_max_outstanding = single_worker_max_outstanding
         self._lanes: dict[str, _Lane] = {}
         self._batches: set[asyncio.Task[None]] = set()
 
@@ -99,8 +118,8 @@ class SignBatcher:
             return await self.client.sign(provider, req, timeout)
         lane = self._lanes.get(provider)
         if lane is None:
-            lane = self._lanes[provider] = _Lane()
-        if lane.outstanding < self.max_outstanding and not lane.queue:
+            lane = self._new_lane(provider)
+        if lane.outstanding < lane.limit and not lane.queue:
             lane.outstanding += 1
             try:
                 return await self.client.sign(provider, req, timeout)
@@ -111,21 +130,48 @@ class SignBatcher:
         waiting = _Waiting(req, loop.time() + timeout, loop.create_future())
         lane.queue.append(waiting)
         self._pump(provider, lane)
+        # The deadline fails the future itself and a cancellation of the caller cancels
+        # it: either way the batch learns this member left (it is skipped if still
+        # queued, ignored if sent). A bare timer, not asyncio.timeout: this runs per Sign.
+        timer = loop.call_at(waiting.deadline, _expire, waiting.future, provider, timeout)
         try:
-            # A timeout or a cancellation cancels the future too: that is how the batch
-            # learns this member left (it is skipped if still queued, ignored if sent).
-            async with asyncio.timeout(timeout):
-                return await waiting.future
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "provider.deadline",
-                f"provider {provider!r} did not answer Sign within {timeout:g}s",
-                {"provider": provider},
-            ) from None
+            return await waiting.future
+        finally:
+            timer.cancel()
+
+    def lane_limit(self, provider: str) -> int:
+        """How many requests this batcher keeps on the bus for `provider` at most."""
+        lane = self._lanes.get(provider)
+        return self.max_outstanding if lane is None else lane.limit
+
+    def _new_lane(self, provider: str) -> _Lane:
+        lane = self._lanes[provider] = _Lane(self.max_outstanding)
+        if self.single_worker_max_outstanding is not None:
+            task = asyncio.create_task(self._learn_limit(provider, lane))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+        return lane
+
+    async def _learn_limit(self, provider: str, lane: _Lane) -> None:
+        """Raise the lane's limit if the provider says it has one worker. Best effort:
+        a provider that does not answer keeps the default (asked again never; a restart
+        of the broker asks again)."""
+        try:
+            answer = await self.client.ping(provider)
+        except Exception as exc:  # KMSError, or a client without ping: keep the default
+            log.debug("event=sign_lane_ping_failed provider=%s error=%s", provider, exc)
+            return
+        metadata = answer.get("metadata")
+        if not isinstance(metadata, dict) or metadata.get("workers") != "1":
+            return
+        assert self.single_worker_max_outstanding is not None
+        lane.limit = max(lane.limit, self.single_worker_max_outstanding)
+        log.info("event=sign_lane_limit provider=%s limit=%d", provider, lane.limit)
+        self._pump(provider, lane)
 
     def _pump(self, provider: str, lane: _Lane) -> None:
         """Send queued Signs while the lane has room."""
-        while lane.outstanding < self.max_outstanding and lane.queue:
+        while lane.outstanding < lane.limit and lane.queue:
             batch = self._take(lane)
             if not batch:
                 return

@@ -11,9 +11,11 @@ from edgekms.audit import (
     canonical,
     encode_message,
     entry_hash,
+    join_message,
     link_of,
     parse_entry,
     parse_message,
+    sealed_entry,
     verify_chain,
 )
 
@@ -38,6 +40,37 @@ def test_canonical_is_sorted_compact_utf8() -> None:
     assert (
         canonical({"b": "1", "a": {"d": "é", "c": ""}}) == '{"a":{"c":"","d":"é"},"b":"1"}'.encode()
     )
+
+
+def test_sealed_bytes_are_the_canonical_entry_even_for_hostile_fields() -> None:
+    # The writer splices the hash into the hashed bytes instead of encoding twice: the
+    # result must be byte for byte what canonical() gives, whatever the fields hold.
+    hostile = ',"outcome":"x","hash":"y"}'
+    prev = GENESIS
+    raws = []
+    for details in (
+        {},
+        {"outcome": hostile, "hash": "h", "zz": '"\\'},
+        {"a": "é\u2028\n", "outcome": ',"outcome":'},
+    ):
+        entry, raw = sealed_entry(
+            writer=hostile,
+            action="Sign",
+            outcome=hostile,
+            prev_hash=prev,
+            client=hostile,
+            target=hostile,
+            request_id=',"outcome":',
+            details=details,
+        )
+        assert raw == canonical(entry)
+        assert entry["hash"] == entry_hash(entry)
+        assert parse_entry(raw) == entry
+        raws.append(raw)
+        prev = bytes.fromhex(entry["hash"])
+    entries = [parse_entry(raw) for raw in raws]
+    assert join_message(raws) == encode_message(entries)
+    assert join_message(raws[:1]) == encode_message(entries[:1])
 
 
 def test_hash_covers_prev_hash_and_body() -> None:

@@ -137,6 +137,6 @@ async def test_pin_from_environment(
     """The PIN may come from an environment variable instead of a file."""
     proc = crypto_factory("hsmenv", env={"T_HSM_PIN": softhsm_token.pin}, pin_env="T_HSM_PIN")
     answer = await client.ping("hsmenv")
-    assert answer["metadata"] == {"provider": "hsmenv", "kind": "pkcs11"}
+    assert answer["metadata"] == {"provider": "hsmenv", "kind": "pkcs11", "workers": "4"}
     assert softhsm_token.pin not in proc.stderr()
     assert proc.stop() == 0

@@ -176,3 +176,48 @@ async def test_a_caller_leaving_an_in_flight_batch_leaves_the_rest(
     results = await asyncio.wait_for(asyncio.gather(*batch), 20)
     for i, result in enumerate(results, start=1):
         assert verify_signature(der, ECDSA, _digest(i), result.signature), i
+
+
+async def test_a_single_worker_provider_gets_a_second_request_on_the_bus(
+    crypto_factory: CryptoFactory, client: CryptoClient
+) -> None:
+    # A provider with one token thread (a TPM) says so in its $SRV.PING metadata; the
+    # batcher then keeps two requests on the bus so that thread never waits for one.
+    crypto_factory("hsmone", sessions=1)
+    crypto_factory("hsmfour", sessions=4)
+    batcher = SignBatcher(client)
+    keys = {p: await _key(client, p) for p in ("hsmone", "hsmfour")}
+    assert (await client.ping("hsmone"))["metadata"]["workers"] == "1"
+    assert (await client.ping("hsmfour"))["metadata"]["workers"] == "4"
+    for provider, (key_id, _) in keys.items():
+        request = crypto_pb2.SignRequest(key_id=key_id, algorithm=ECDSA, data=_digest(0))
+        await batcher.sign(provider, request)
+    for _ in range(100):
+        if batcher.lane_limit("hsmone") == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert batcher.lane_limit("hsmone") == 2
+    assert batcher.lane_limit("hsmfour") == 1
+    key_id, der = keys["hsmone"]
+    results = await asyncio.gather(
+        *(
+            batcher.sign(
+                "hsmone", crypto_pb2.SignRequest(key_id=key_id, algorithm=ECDSA, data=_digest(i))
+            )
+            for i in range(40)
+        )
+    )
+    for i, result in enumerate(results):
+        assert verify_signature(der, ECDSA, _digest(i), result.signature), i
+
+
+async def test_without_asking_every_lane_keeps_the_default(
+    crypto_factory: CryptoFactory, client: CryptoClient
+) -> None:
+    crypto_factory("hsmlone", sessions=1)
+    key_id, _ = await _key(client, "hsmlone")
+    batcher = SignBatcher(client, single_worker_max_outstanding=None)
+    request = crypto_pb2.SignRequest(key_id=key_id, algorithm=ECDSA, data=_digest(0))
+    await batcher.sign("hsmlone", request)
+    await asyncio.sleep(0.3)
+    assert batcher.lane_limit("hsmlone") == 1
