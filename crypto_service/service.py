@@ -11,6 +11,7 @@ queue group, so each request is answered by exactly one of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from crypto_service.providers.base import KeyCreateOptions, Provider
+from crypto_service.providers.base import KeyCreateOptions, Provider, RunsSerially
 from crypto_service.throttle import AuthGuard
 from edgekms.algorithms import (
     KeyType,
@@ -288,7 +289,14 @@ class CryptoService:
             jobs = min(self.workers, len(todo))
             size = -(-len(todo) // jobs)
             chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-            done = await asyncio.gather(*(self._run(self._sign_chunk, chunk) for chunk in chunks))
+            if isinstance(self.provider, RunsSerially):
+                # One hand-off to the token's own thread for the whole batch.
+                serial = self.provider.run_serially
+                done = await asyncio.gather(
+                    *(self._run(serial, functools.partial(self._sign_chunk, c)) for c in chunks)
+                )
+            else:
+                done = await asyncio.gather(*(self._run(self._sign_chunk, c) for c in chunks))
             for chunk_outcomes in done:
                 for index, outcome in chunk_outcomes:
                     if isinstance(outcome, bytes):

@@ -9,8 +9,9 @@ they remove what they created before raising.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from edgekms.algorithms import KeyType, SignatureAlgorithm
 
@@ -83,3 +84,17 @@ class Provider(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class RunsSerially(Protocol):
+    """A provider whose token takes one command at a time, from a thread of its own (the
+    TPM). Optional: the crypto service hands such a provider a whole batch of signs in
+    one call, so the batch costs one thread hand-off instead of one per signature."""
+
+    def run_serially(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the token's thread; calls to the provider inside it run directly."""
+        ...

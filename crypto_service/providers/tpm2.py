@@ -213,7 +213,13 @@ class Tpm2Provider:
         auth_file = config.key_auth_file
         self.key_auth_file: Path | None = Path(auth_file) if auth_file else None
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tpm2")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tpm2", initializer=self._on_tpm_thread
+        )
+        self._thread_id: int | None = None
+        # key id -> (the record file's identity, its parsed content): a sign stats the file
+        # (a destroyed key is gone at once, from any process) but does not re-read it.
+        self._records: dict[bytes, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self._closed = False
         self._close_lock = threading.Lock()
         # Touched only on the executor's thread:
@@ -227,10 +233,24 @@ class Tpm2Provider:
 
     # ---- the queue -------------------------------------------------------------------
 
+    def _on_tpm_thread(self) -> None:
+        self._thread_id = threading.get_ident()
+
     def _run(self, op: str, fn: Callable[[Any], T], key_id: bytes | None = None) -> T:
         if self._closed:
             raise Unavailable("tpm.closed", "the TPM provider is closed")
+        if threading.get_ident() == self._thread_id:
+            return self._guarded(op, fn, key_id)  # inside run_serially: already there
         return self._executor.submit(self._guarded, op, fn, key_id).result()
+
+    def run_serially(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the TPM thread (providers.base.RunsSerially): the crypto service
+        signs a whole batch in one hand-off; each sign inside runs directly."""
+        if self._closed:
+            raise Unavailable("tpm.closed", "the TPM provider is closed")
+        if threading.get_ident() == self._thread_id:
+            return fn()
+        return self._executor.submit(fn).result()
 
     def _guarded(self, op: str, fn: Callable[[Any], T], key_id: bytes | None) -> T:
         if self._esys is None:
@@ -407,11 +427,18 @@ class Tpm2Provider:
     def _read_record(self, key_id: bytes) -> dict[str, Any]:
         path = self._path(key_id)
         try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._records.get(key_id)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
             record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            self._records.pop(key_id, None)
             raise NotFound("key.not_found", f"no TPM key {key_id.hex()}") from None
         except (OSError, ValueError) as exc:
             raise Internal("tpm.state_corrupt", f"{path}: unreadable key record: {exc}") from None
+        self._records[key_id] = (stamp, record)
         return record
 
     def _write_record(self, key_id: bytes, record: dict[str, Any]) -> None:
@@ -693,6 +720,7 @@ class Tpm2Provider:
         path = self._path(key_id)
         try:
             path.unlink()
+            self._records.pop(key_id, None)
         except FileNotFoundError:
             raise NotFound("key.not_found", f"no TPM key {key_id.hex()}") from None
         self._fsync_dir()

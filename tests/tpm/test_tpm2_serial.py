@@ -1,0 +1,57 @@
+"""The TPM provider's batch path against a real swtpm: run_serially runs a batch on the TPM
+thread and the signs inside it run there directly (no hand-off, no deadlock); the parsed
+key records it keeps still see a key removed behind its back."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+
+import pytest
+
+from crypto_service.providers.base import KeyCreateOptions, RunsSerially
+from crypto_service.providers.pkcs11 import Pkcs11Provider
+from crypto_service.providers.tpm2 import Tpm2Provider
+from edgekms.algorithms import KEY_TYPE_BY_CLI, verify_signature
+from edgekms.errors import NotFound
+from edgekms.v1 import common_pb2 as pb
+
+pytestmark = pytest.mark.tpm
+
+P256 = KEY_TYPE_BY_CLI["ec-p256"].key_type
+ALG = pb.SIGNATURE_ALGORITHM_ECDSA_SHA256
+
+
+def test_a_batch_signs_on_the_tpm_thread(provider: Tpm2Provider) -> None:
+    assert isinstance(provider, RunsSerially)
+    key_id = secrets.token_bytes(16)
+    der = provider.generate(key_id, "serial", P256, KeyCreateOptions()).public_key_der
+    digests = [hashlib.sha256(b"serial/%d" % n).digest() for n in range(8)]
+    caller = threading.get_ident()
+
+    def batch() -> tuple[int, list[bytes]]:
+        return threading.get_ident(), [provider.sign(key_id, ALG, d) for d in digests]
+
+    thread, signatures = provider.run_serially(batch)
+    assert thread != caller  # ran on the provider's own thread
+    assert provider.run_serially(threading.get_ident) == thread  # always that one
+    for digest, signature in zip(digests, signatures, strict=True):
+        assert verify_signature(der, ALG, digest, signature)
+
+
+def test_a_key_file_removed_elsewhere_is_not_found_at_the_next_sign(
+    provider: Tpm2Provider,
+) -> None:
+    key_id = secrets.token_bytes(16)
+    provider.generate(key_id, "gone", P256, KeyCreateOptions())
+    digest = hashlib.sha256(b"gone").digest()
+    provider.sign(key_id, ALG, digest)  # the parsed record is now kept
+    provider._path(key_id).unlink()  # as another process's destroy would
+    with pytest.raises(NotFound):
+        provider.sign(key_id, ALG, digest)
+
+
+def test_pkcs11_is_not_serial() -> None:
+    # The PKCS#11 provider signs from several threads at once; only the TPM's runs serially.
+    assert not issubclass(Pkcs11Provider, RunsSerially)
