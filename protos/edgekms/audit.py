@@ -131,32 +131,10 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def build_entry(
-    *,
-    writer: str,
-    action: str,
-    outcome: str,
-    prev_hash: bytes,
-    client: str = "",
-    role: str = "",
-    target: str = "",
-    request_id: str = "",
-    details: Mapping[str, str] | None = None,
-    time: str | None = None,
-) -> dict[str, Any]:
-    """A sealed entry (with its hash) chained to `prev_hash`."""
-    return sealed_entry(
-        writer=writer,
-        action=action,
-        outcome=outcome,
-        prev_hash=prev_hash,
-        client=client,
-        role=role,
-        target=target,
-        request_id=request_id,
-        details=details,
-        time=time,
-    )[0]
+def build_entry(**fields: Any) -> dict[str, Any]:
+    """A sealed entry (with its hash) chained to `prev_hash`; the keywords of
+    sealed_entry, which also gives the entry's encoding."""
+    return sealed_entry(**fields)[0]
 
 
 # In an entry's canonical JSON the top-level "hash" sorts right before "outcome"; every
