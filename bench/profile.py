@@ -77,10 +77,14 @@ def run(stack: Any, pids: Mapping[str, int], out: Path, processes: int) -> dict[
     if binary is None:
         return {"skipped": "py-spy not installed in the venv"}
     from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
+    from mgmt.client import KMSClient
     from mgmt.clientconfig import load_client_config
 
     config = load_client_config(stack.client_config)
     ca_cert, cert, key = config.read_credentials()
+    key_name = "bench/hsm0/ec-p256"
+    with KMSClient.from_config(stack.client_config, timeout=60) as client:
+        public_key_der = client.get_public_key(key_name).der  # samples must verify
     duration = 6.0
     spec = LoadSpec(
         target=stack.broker,
@@ -88,12 +92,13 @@ def run(stack: Any, pids: Mapping[str, int], out: Path, processes: int) -> dict[
         ca_cert=ca_cert,
         cert=cert,
         key=key,
-        key_name="bench/hsm0/ec-p256",
+        key_name=key_name,
         algorithm=key_type_info(KEY_TYPE_BY_CLI["ec-p256"].key_type).default_algorithm,
         data=secrets.token_bytes(32),
         inflight=64,
         duration=duration,
         warmup=1.0,
+        public_key_der=public_key_der,
     )
     profile_dir = out / "profiles"
     profile_dir.mkdir(exist_ok=True)
