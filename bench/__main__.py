@@ -18,13 +18,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import report
-from bench.load import GENERATORS, LoadSpec, describe, resolve_generator, run_load
+from bench.load import GENERATORS, describe, resolve_generator, run_load
 from bench.procs import pss_kb, rss_kb
 from bench.raw import RawSpec, run_raw
 from bench.stats import RunResult, summarise
+
+if TYPE_CHECKING:
+    from bench.stackrun import RunningStack
 
 log = logging.getLogger("bench")
 
@@ -70,46 +73,27 @@ def _raw(work: Path, duration: float) -> list[RunResult]:
 
 
 def _e2e(
-    stack: Any,
+    stack: RunningStack,
     duration: float,
     warmup: float,
     processes: int,
     pids: dict[str, int],
     generator: str = "auto",
 ) -> tuple[list[RunResult], dict[str, list[float]], dict[str, int]]:
-    from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
     from mgmt.client import KMSClient
-    from mgmt.clientconfig import load_client_config
 
-    config = load_client_config(stack.client_config)
-    ca_cert, cert, key = config.read_credentials()
     runs: list[RunResult] = []
     samples: dict[str, list[float]] = {}
     peak: dict[str, int] = {}
-    public_keys: dict[str, bytes] = {}
     with KMSClient.from_config(stack.client_config, timeout=60) as client:
         for provider, cli in E2E_KEYS:
-            name = f"bench/{provider}/{cli}"
-            client.create_key(name, cli, provider=provider)
-            public_keys[name] = client.get_public_key(name).der
+            client.create_key(f"bench/{provider}/{cli}", cli, provider=provider)
     digest = secrets.token_bytes(32)
     for provider, cli in E2E_KEYS:
-        algorithm = key_type_info(KEY_TYPE_BY_CLI[cli].key_type).default_algorithm
         levels = INFLIGHT if cli == "ec-p256" else (16,)
         for inflight in levels:
-            spec = LoadSpec(
-                target=stack.broker,
-                server_name=config.server_name or "edgekms-broker",
-                ca_cert=ca_cert,
-                cert=cert,
-                key=key,
-                key_name=f"bench/{provider}/{cli}",
-                algorithm=algorithm,
-                data=digest,
-                inflight=inflight,
-                duration=duration,
-                warmup=warmup,
-                public_key_der=public_keys[f"bench/{provider}/{cli}"],
+            spec = stack.sign_spec(
+                f"bench/{provider}/{cli}", cli, inflight, duration, warmup, data=digest
             )
             outcome = run_load(spec, processes if inflight > 1 else 1, pids, generator)
             run = summarise(

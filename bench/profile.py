@@ -4,15 +4,17 @@ become a per-function table (self time, and time inside each top-level layer).""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.load import LoadSpec, run_load
+from bench.load import run_load
+
+if TYPE_CHECKING:
+    from bench.stackrun import RunningStack
 
 PROFILED = ("broker", "crypto-hsm0")
 LOOP_SELF = "asyncio loop and select, self time"
@@ -72,34 +74,12 @@ def _short(frame: str) -> str:
     return f"{name} ({'/'.join(parts[-2:])})" if path else name
 
 
-def run(stack: Any, pids: Mapping[str, int], out: Path, processes: int) -> dict[str, Any]:
+def run(stack: RunningStack, pids: Mapping[str, int], out: Path, processes: int) -> dict[str, Any]:
     binary = py_spy()
     if binary is None:
         return {"skipped": "py-spy not installed in the venv"}
-    from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
-    from mgmt.client import KMSClient
-    from mgmt.clientconfig import load_client_config
-
-    config = load_client_config(stack.client_config)
-    ca_cert, cert, key = config.read_credentials()
-    key_name = "bench/hsm0/ec-p256"
-    with KMSClient.from_config(stack.client_config, timeout=60) as client:
-        public_key_der = client.get_public_key(key_name).der  # samples must verify
     duration = 6.0
-    spec = LoadSpec(
-        target=stack.broker,
-        server_name=config.server_name or "edgekms-broker",
-        ca_cert=ca_cert,
-        cert=cert,
-        key=key,
-        key_name=key_name,
-        algorithm=key_type_info(KEY_TYPE_BY_CLI["ec-p256"].key_type).default_algorithm,
-        data=secrets.token_bytes(32),
-        inflight=64,
-        duration=duration,
-        warmup=1.0,
-        public_key_der=public_key_der,
-    )
+    spec = stack.sign_spec("bench/hsm0/ec-p256", "ec-p256", 64, duration, 1.0)
     profile_dir = out / "profiles"
     profile_dir.mkdir(exist_ok=True)
     spies = {}

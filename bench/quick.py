@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from bench import stackrun
-from bench.load import GENERATORS, LoadSpec, resolve_generator, run_load
+from bench.load import GENERATORS, resolve_generator, run_load
 from bench.procs import rss_kb
 from bench.stats import summarise
 
@@ -37,9 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
     from mgmt.client import KMSClient
-    from mgmt.clientconfig import load_client_config
 
     generator = resolve_generator(args.loadgen)
     work = Path(tempfile.mkdtemp(prefix="edgekms-quick-"))
@@ -50,28 +47,11 @@ def main() -> None:
             pids = stack.pids()
             time.sleep(1.0)
             print("idle RSS MB:", {n: round(rss_kb(p) / 1024, 1) for n, p in pids.items()})
-            config = load_client_config(stack.client_config)
-            ca_cert, cert, key = config.read_credentials()
             name = f"quick/{args.provider}/{args.key}"
             with KMSClient.from_config(stack.client_config, timeout=120) as client:
                 client.create_key(name, args.key, provider=args.provider)
-                public_key_der = client.get_public_key(name).der
-            algorithm = key_type_info(KEY_TYPE_BY_CLI[args.key].key_type).default_algorithm
             for inflight in args.inflight:
-                spec = LoadSpec(
-                    target=stack.broker,
-                    server_name=config.server_name or "edgekms-broker",
-                    ca_cert=ca_cert,
-                    cert=cert,
-                    key=key,
-                    key_name=name,
-                    algorithm=algorithm,
-                    data=secrets.token_bytes(32),
-                    inflight=inflight,
-                    duration=args.duration,
-                    warmup=args.warmup,
-                    public_key_der=public_key_der,
-                )
+                spec = stack.sign_spec(name, args.key, inflight, args.duration, args.warmup)
                 outcome = run_load(
                     spec, args.processes if inflight > 1 else 1, pids,
                     generator=generator, connections=args.connections, gomaxprocs=args.gomaxprocs,

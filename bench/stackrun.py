@@ -6,6 +6,7 @@ timed from spawn until <data-dir>/run/state.json says ready.
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.load import LoadSpec
 from bench.procs import children
 from mgmt.natsserver import free_port
 from mgmt.swtpm import free_port_pair
@@ -47,6 +49,41 @@ class RunningStack:
             elif comm.startswith("swtpm"):
                 found["swtpm"] = pid
         return {**found, **named}
+
+    def sign_spec(
+        self,
+        key_name: str,
+        key_type: str,
+        inflight: int,
+        duration: float,
+        warmup: float,
+        data: bytes | None = None,
+    ) -> LoadSpec:
+        """A Sign load on an existing key, as the stack's admin client (mutual TLS with its
+        client certificate), with the key's default algorithm; the key's public key rides
+        along, so every sample answer must verify (bench.load.check_samples)."""
+        from edgekms.algorithms import KEY_TYPE_BY_CLI, key_type_info
+        from mgmt.client import KMSClient
+        from mgmt.clientconfig import load_client_config
+
+        config = load_client_config(self.client_config)
+        ca_cert, cert, key = config.read_credentials()
+        with KMSClient.from_config(self.client_config, timeout=60) as client:
+            public_key_der = client.get_public_key(key_name).der
+        return LoadSpec(
+            target=self.broker,
+            server_name=config.server_name or "edgekms-broker",
+            ca_cert=ca_cert,
+            cert=cert,
+            key=key,
+            key_name=key_name,
+            algorithm=key_type_info(KEY_TYPE_BY_CLI[key_type].key_type).default_algorithm,
+            data=secrets.token_bytes(32) if data is None else data,
+            inflight=inflight,
+            duration=duration,
+            warmup=warmup,
+            public_key_der=public_key_der,
+        )
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGINT)
