@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,23 @@ KEY_NAME = "floor/ec-p256"
 SERVER_NAME = "floor-server"
 
 
-def _pki(directory: Path) -> dict[str, bytes]:
-    """A throwaway CA, server and client certificate, and the signing key's answer."""
+@dataclass(frozen=True)
+class MutualTls:
+    """PEM of a throwaway CA, a server certificate and key, a client certificate and key."""
+
+    ca_cert: bytes
+    server_cert: bytes
+    server_key: bytes
+    client_cert: bytes
+    client_key: bytes
+
+
+def mutual_tls(server_name: str, client_name: str = "bench") -> MutualTls:
+    """Certificates for a test gRPC server that requires client certificates, made with
+    the same template as EdgeKMS's own (edgekms.client_certs)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     from edgekms.client_certs import host_names, leaf_certificate, self_signed_ca
@@ -46,27 +58,35 @@ def _pki(directory: Path) -> dict[str, bytes]:
         )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench floor CA")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench test CA")])
     ca = self_signed_ca(ca_key, name, datetime.timedelta(days=1))
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = leaf_certificate(
-        ca, ca_key, SERVER_NAME, server_key.public_key(), host_names([SERVER_NAME]),
-        [ExtendedKeyUsageOID.SERVER_AUTH],
-    )  # fmt: skip
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = leaf_certificate(
-        ca, ca_key, "bench", client_key.public_key(), host_names(["bench"]),
-        [ExtendedKeyUsageOID.CLIENT_AUTH],
-    )  # fmt: skip
+    made = []
+    for cn, eku in ((server_name, ExtendedKeyUsageOID.SERVER_AUTH),
+                    (client_name, ExtendedKeyUsageOID.CLIENT_AUTH)):  # fmt: skip
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = leaf_certificate(ca, ca_key, cn, key.public_key(), host_names([cn]), [eku])
+        made.append((cert.public_bytes(serialization.Encoding.PEM), pem_key(key)))
+    (server_cert, server_key), (client_cert, client_key) = made
+    ca_cert = ca.public_bytes(serialization.Encoding.PEM)
+    return MutualTls(ca_cert, server_cert, server_key, client_cert, client_key)
+
+
+def _pki(directory: Path) -> dict[str, bytes]:
+    """The floor server's TLS material and the one signature it answers with, as files."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    tls = mutual_tls(SERVER_NAME)
     signing_key = ec.generate_private_key(ec.SECP256R1())
     digest = secrets.token_bytes(32)
     signature = signing_key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
     files = {
-        "ca.crt": ca.public_bytes(serialization.Encoding.PEM),
-        "server.crt": server.public_bytes(serialization.Encoding.PEM),
-        "server.key": pem_key(server_key),
-        "client.crt": client.public_bytes(serialization.Encoding.PEM),
-        "client.key": pem_key(client_key),
+        "ca.crt": tls.ca_cert,
+        "server.crt": tls.server_cert,
+        "server.key": tls.server_key,
+        "client.crt": tls.client_cert,
+        "client.key": tls.client_key,
         "signature": signature,
         "digest": digest,
         "public.der": signing_key.public_key().public_bytes(

@@ -8,23 +8,19 @@ sources are absent: `make test` does not need Go, `make bench` installs it.
 
 from __future__ import annotations
 
-import datetime
 import secrets
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bench.floor import MutualTls, mutual_tls
 from bench.load import BenchError, LoadSpec, build_loadgen, check_samples, go_available, run_load_go
-from edgekms.client_certs import host_names, leaf_certificate, self_signed_ca
 from edgekms.v1 import common_pb2, keys_pb2
 from mgmt.natsserver import free_port
 
@@ -43,49 +39,12 @@ def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_loadgen(tmp_path_factory.mktemp("loadgen") / "loadgen")
 
 
-@dataclass
-class Pki:
-    ca_cert: bytes
-    server_cert: bytes
-    server_key: bytes
-    client_cert: bytes
-    client_key: bytes
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+Pki = MutualTls
 
 
 @pytest.fixture(scope="module")
 def pki() -> Pki:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = self_signed_ca(
-        ca_key,
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loadgen test CA")]),
-        datetime.timedelta(days=1),
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = leaf_certificate(
-        ca, ca_key, SERVER_NAME, server_key.public_key(), host_names([SERVER_NAME]),
-        [ExtendedKeyUsageOID.SERVER_AUTH],
-    )  # fmt: skip
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    client = leaf_certificate(
-        ca, ca_key, "bench", client_key.public_key(), host_names(["bench"]),
-        [ExtendedKeyUsageOID.CLIENT_AUTH],
-    )  # fmt: skip
-    pem = serialization.Encoding.PEM
-    return Pki(
-        ca.public_bytes(pem),
-        server.public_bytes(pem),
-        _pem_key(server_key),
-        client.public_bytes(pem),
-        _pem_key(client_key),
-    )
+    return mutual_tls(SERVER_NAME)
 
 
 @pytest.fixture(scope="module")
