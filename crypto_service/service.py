@@ -97,6 +97,8 @@ class CryptoService:
         # batch cannot spend the TPM's whole auth budget at once: its state is locked.
         self._guard_lock = threading.Lock()
         self.provider = provider
+        # A token with a thread of its own (the TPM) takes a batch in one hand-off.
+        self._serial = provider.run_serially if isinstance(provider, RunsSerially) else None
         self.provider_id = provider_id
         self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms-token")
@@ -289,9 +291,9 @@ class CryptoService:
             jobs = min(self.workers, len(todo))
             size = -(-len(todo) // jobs)
             chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-            if isinstance(self.provider, RunsSerially):
+            if self._serial is not None:
                 # One hand-off to the token's own thread for the whole batch.
-                serial = self.provider.run_serially
+                serial = self._serial
                 done = await asyncio.gather(
                     *(self._run(serial, functools.partial(self._sign_chunk, c)) for c in chunks)
                 )

@@ -55,3 +55,36 @@ def test_a_key_file_removed_elsewhere_is_not_found_at_the_next_sign(
 def test_pkcs11_is_not_serial() -> None:
     # The PKCS#11 provider signs from several threads at once; only the TPM's runs serially.
     assert not issubclass(Pkcs11Provider, RunsSerially)
+
+
+async def test_the_service_signs_a_tpm_batch_on_the_tpm_thread(
+    provider: Tpm2Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crypto_service.service import CryptoService
+    from edgekms.v1 import crypto_pb2
+
+    key_id = secrets.token_bytes(16)
+    der = provider.generate(key_id, "service", P256, KeyCreateOptions()).public_key_der
+    threads: list[str] = []
+    real_sign = provider.sign
+
+    def sign(kid: bytes, algorithm: pb.SignatureAlgorithm.ValueType, data: bytes) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real_sign(kid, algorithm, data)
+
+    monkeypatch.setattr(provider, "sign", sign)
+    # The bus is not needed to run one operation: only start() touches it.
+    service = CryptoService(None, provider, "tpm0", workers=1)  # type: ignore[arg-type]
+    try:
+        digests = [hashlib.sha256(b"service/%d" % n).digest() for n in range(5)]
+        request = crypto_pb2.SignBatchRequest(
+            requests=[crypto_pb2.SignRequest(key_id=key_id, algorithm=ALG, data=d) for d in digests]
+        )
+        response = await service._ops["SignBatch"](request)
+    finally:
+        await service.stop()
+    assert isinstance(response, crypto_pb2.SignBatchResponse)
+    for digest, result in zip(digests, response.results, strict=True):
+        assert verify_signature(der, ALG, digest, result.signature)
+    # Every sign ran on the provider's TPM thread, none on the service's own workers.
+    assert len(threads) == 5 and all(name.startswith("tpm2") for name in threads), threads
