@@ -1,15 +1,16 @@
 """The benchmark's pure helpers (bench.stats, bench.load.split, bench.profile's stack
-summary, bench.report's target verdicts): the bench itself never runs in `make test`."""
+summary, bench.report's target verdicts and sections): the bench itself never runs in `make test`."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from bench.load import split
 from bench.profile import summarise_collapsed
-from bench.report import targets
+from bench.report import targets, write
 from bench.stats import (
     RunResult,
     histogram,
@@ -107,3 +108,36 @@ def test_target_verdicts_follow_the_figures() -> None:
     assert verdicts["RSS broker (peak)"] is False
     assert verdicts["start to ready (warm)"] is True
     assert verdicts["issuance at 1 in flight"] is None
+
+
+def test_memory_table_shows_idle_pss_when_measured() -> None:
+    table = memory_table({"broker": 2048, "ca": 1024}, {"broker": 4096}, {"broker": 1024})
+    assert table.splitlines()[0] == "| process | idle MB | peak under load MB | idle PSS MB |"
+    assert "| broker | 2.0 | 4.0 | 1.0 |" in table
+    assert "| **total** | 3.0 | 4.0 | 1.0 |" in table
+
+
+def test_pss_sum_is_reported_beside_the_rss_target_without_kmsctl_up() -> None:
+    results = {
+        "memory_kb": {
+            "idle": {"broker": 100 * 1024},
+            "peak": {"broker": 160 * 1024},
+            "idle_pss": {"broker": 140 * 1024, "kmsctl-up": 30 * 1024},
+        },
+    }
+    verdicts = {t.name: (t.met, t.measured) for t in targets(results)}
+    assert verdicts["RSS stack + nats-server (sum of peaks)"][0] is False
+    met, measured = verdicts["… stack + nats-server, sum of idle PSS (for reference)"]
+    assert met is True and measured == "140.0 MB"  # the supervisor is not part of the stack
+
+
+def test_report_has_the_floor_section_with_cpu_per_call(tmp_path: Path) -> None:
+    floor = summarise(
+        "floor", "none", "ec-p256", 64, [0.01] * 400, 2.0, cpu={"grpc.aio server": 1.0}
+    )
+    results = {"settings": {"warmup_s": 1.0, "duration_s": 2.0}, "floor": [floor.to_json()]}
+    write(results, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "## The floor under the broker" in text
+    # 1.0 CPU-second over 2 s at 200 calls/s: 2,500 µs a call.
+    assert "grpc.aio server 2,500 µs" in text
