@@ -1,5 +1,6 @@
 """The benchmark's pure helpers (bench.stats, bench.load.split, bench.profile's stack
-summary, bench.report's target verdicts and sections): the bench itself never runs in `make test`."""
+summary, bench.report's target verdicts and sections): the bench itself never runs in
+`make test`."""
 
 from __future__ import annotations
 
