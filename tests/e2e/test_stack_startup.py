@@ -46,6 +46,9 @@ def test_log_level_reaches_every_child_and_ready_means_sign_works(tmp_path: Path
             # keeps the standard loop, for memory.
             on_uvloop = "uvloop" in Path(f"/proc/{pid}/maps").read_text()
             assert on_uvloop == (name != "ca"), name
+            # Idle per-thread malloc arenas held memory: two arenas for every service.
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"MALLOC_ARENA_MAX=2" in environ, name
         with stack.client() as client:
             client.create_key("startup/p256", "ec-p256")
             signature = client.sign("startup/p256", b"cold")
