@@ -15,6 +15,8 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
+from edgekms import kvread
+
 
 async def open_bucket(
     js: JetStreamContext,
@@ -71,9 +73,11 @@ class FollowedBucket:
         raise NotImplementedError
 
     async def _follow(self) -> None:
-        watcher = await self.kv.watchall()
-        async for entry in watcher:
-            if entry is None:  # end of the initial snapshot
-                self._ready.set()
-                continue
+        # Not KeyValue.watch(): its end-of-snapshot marker can come before the snapshot
+        # (see edgekms.kvread), and the broker would answer from a partial view.
+        entries, last = await kvread.snapshot(self._js, self.bucket)
+        for entry in entries:
+            self.apply(entry)
+        self._ready.set()
+        async for entry in kvread.follow(self._js, self.bucket, last):
             self.apply(entry)

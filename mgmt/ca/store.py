@@ -22,6 +22,7 @@ from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from edgekms import kvread
 from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
 from edgekms.subjects import CA_BUCKET
 from edgekms.v1 import ca_pb2
@@ -61,8 +62,10 @@ def parse_rfc3339(text: str) -> datetime.datetime:
 class CAStore:
     """Async access to the CA bucket; raises edgekms.errors types."""
 
-    def __init__(self, kv: Any):
+    def __init__(self, js: Any, kv: Any, bucket: str):
         self.kv = kv
+        self._js = js
+        self.bucket = bucket
 
     @classmethod
     async def open(cls, js: Any, bucket: str = CA_BUCKET) -> CAStore:
@@ -74,7 +77,7 @@ class CAStore:
             kv = await js.create_key_value(
                 KeyValueConfig(bucket=bucket, history=5, storage=StorageType.FILE)
             )
-        return cls(kv)
+        return cls(js, kv, bucket)
 
     # ---- the CA itself -------------------------------------------------------------------
 
@@ -134,20 +137,15 @@ class CAStore:
             return None
 
     async def list_records(self) -> list[ca_pb2.CertificateRecord]:
-        watcher = await self.kv.watch("cert.>", ignore_deletes=True)
+        # Not KeyValue.watch(): it can end its replay early (see edgekms.kvread), and
+        # a short list here is a CRL without some revocations.
+        entries, _ = await kvread.snapshot(self._js, self.bucket, "cert.>")
         records: list[ca_pb2.CertificateRecord] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    record = ca_pb2.CertificateRecord()
-                    record.ParseFromString(entry.value)
-                    records.append(record)
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
+        for entry in entries:
+            if entry.value and not kvread.is_removal(entry):
+                record = ca_pb2.CertificateRecord()
+                record.ParseFromString(entry.value)
+                records.append(record)
         return records
 
     async def revoke(

@@ -13,6 +13,7 @@ import nats.errors
 import pytest
 from nats.js.api import StreamConfig
 
+from edgekms import kvread
 from edgekms.algorithms import MAX_MESSAGE_SIZE
 from mgmt.natsauth import BUS_MAX_PAYLOAD, BusCredentials, inbox_prefix
 from tests.natsperm.conftest import Conn, SecureBus, connected
@@ -235,13 +236,17 @@ async def test_broker_owns_its_buckets_and_nothing_else(secure_bus: SecureBus) -
         kv = await js.create_key_value(bucket="kms_keys", history=5)
         await kv.put("natsperm/broker", b"1")
         assert (await kv.get("natsperm/broker")).value == b"1"
-        watcher = await kv.watch("natsperm.>")
+        # How the broker follows its registries (edgekms.kvread): a pull snapshot, then
+        # an ordered push consumer.
+        await kv.put("natsperm.before", b"1")
+        entries, last = await kvread.snapshot(js, "kms_keys", "natsperm.>")
+        assert [e.key for e in entries] == ["natsperm.before"]
+        changes = kvread.follow(js, "kms_keys", last, "natsperm.>")
+        following = asyncio.ensure_future(anext(changes))
         await kv.put("natsperm.watched", b"2")
-        entry = await watcher.updates(timeout=3)  # type: ignore[no-untyped-call]
-        while entry is None:
-            entry = await watcher.updates(timeout=3)  # type: ignore[no-untyped-call]
-        assert entry.key == "natsperm.watched"
-        await watcher.stop()  # type: ignore[no-untyped-call]
+        entry = await asyncio.wait_for(following, 3)
+        assert (entry.key, entry.value) == ("natsperm.watched", b"2")
+        await changes.aclose()
         info = await js.account_info()
         assert info.streams >= 1
         await refused_js(broker, "$JS.API.STREAM.INFO.KV_kms_ca")
@@ -307,6 +312,8 @@ async def test_ca_answers_its_subjects_and_keeps_its_bucket(secure_bus: SecureBu
         kv = await js.create_key_value(bucket="kms_ca", history=5)
         await kv.put("natsperm.ca", b"state")
         assert (await kv.get("natsperm.ca")).value == b"state"
+        entries, _ = await kvread.snapshot(js, "kms_ca", "natsperm.>")  # listing records
+        assert [(e.key, e.value) for e in entries] == [("natsperm.ca", b"state")]
         await refused_js(ca, "$JS.API.STREAM.INFO.KV_kms_clients")
         await refused_js(ca, "$JS.API.STREAM.INFO.KV_kms_requests")
         await refused_subscribe(ca, "kms.crypto.hsm0.>")

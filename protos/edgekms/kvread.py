@@ -1,0 +1,149 @@
+"""Reading a JetStream KV bucket whole, exactly: a snapshot, and a follower after it.
+
+nats-py's `KeyValue.watch()` marks the end of its initial replay with a `None` that can
+come too early (nats-io/nats.py#842): it compares the consumer's pending count with the
+messages the client has *processed*, so a value already on the wire but not yet handed
+to the callback is missed. A listing then comes back short (the CA's certificate list,
+and with it the CRL), and a follower reports ready before it holds the whole bucket.
+
+A pull consumer has no such race: the server delivers nothing until asked, so its
+pending count right after creation is exactly what the snapshot has to read, and each
+fetched message says how many are still to come. `snapshot()` reads that way;
+`follow()` then continues with an ordered push consumer from the revision after the
+last one the snapshot saw, so no change between the two is lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+# The header names nats-py's KV uses; a server-placed marker (TTL, purge) says why.
+_KV_OP = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"
+_MARKER_OPS = {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}
+_FETCH_BATCH = 256
+_FETCH_WAIT_S = 5.0
+# A snapshot consumer left behind by a crashed reader goes away on its own.
+_INACTIVE_S = 30.0
+
+
+def _stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def _prefix(bucket: str) -> str:
+    return f"$KV.{bucket}."
+
+
+def _entry(bucket: str, msg: Msg) -> KeyValue.Entry:
+    headers = msg.headers or {}
+    operation = headers.get(_KV_OP)
+    if operation is None and _MARKER_REASON in headers:
+        operation = _MARKER_OPS.get(headers[_MARKER_REASON], "DEL")
+    meta = msg.metadata
+    return KeyValue.Entry(
+        bucket=bucket,
+        key=msg.subject[len(_prefix(bucket)) :],
+        value=msg.data,
+        revision=meta.sequence.stream,
+        delta=meta.num_pending,
+        created=None,
+        operation=operation,
+    )
+
+
+def is_removal(entry: KeyValue.Entry) -> bool:
+    """A delete or purge marker: the key has no value any more."""
+    return entry.operation in ("DEL", "PURGE")
+
+
+async def snapshot(
+    js: JetStreamContext, bucket: str, keys: str = ">"
+) -> tuple[list[KeyValue.Entry], int]:
+    """The latest entry of every key matching `keys` (delete markers included; see
+    `is_removal`), in revision order, and the highest revision read (0 for none)."""
+    psub = await js.pull_subscribe(
+        _prefix(bucket) + keys,
+        stream=_stream(bucket),
+        config=api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=api.AckPolicy.NONE,
+            mem_storage=True,
+            inactive_threshold=_INACTIVE_S,
+        ),
+    )
+    entries: list[KeyValue.Entry] = []
+    last = 0
+    consumer: str | None = None
+    try:
+        info = await psub.consumer_info()
+        consumer = info.name
+        remaining = info.num_pending or 0
+        while remaining > 0:
+            try:
+                msgs = await psub.fetch(min(remaining, _FETCH_BATCH), timeout=_FETCH_WAIT_S)
+            except TimeoutError:
+                msgs = []
+            if not msgs:
+                # Purged under us since the count was taken: ask the server again.
+                remaining = (await psub.consumer_info()).num_pending or 0
+                continue
+            for msg in msgs:
+                entry = _entry(bucket, msg)
+                entries.append(entry)
+                last = max(last, entry.revision or 0)
+                remaining = entry.delta or 0
+    finally:
+        await psub.unsubscribe()
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(_stream(bucket), consumer)
+    return entries, last
+
+
+async def follow(
+    js: JetStreamContext, bucket: str, after: int, keys: str = ">"
+) -> AsyncGenerator[KeyValue.Entry, None]:
+    """Every change to keys matching `keys` after revision `after` (a snapshot's
+    `last`), in order, for as long as the caller iterates; the subscription goes away
+    when the iteration ends or is cancelled."""
+    queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def deliver(msg: Msg) -> None:
+        queue.put_nowait(msg)
+
+    config = (
+        api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
+        )
+        if after
+        else api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+    )
+    sub = await js.subscribe(
+        _prefix(bucket) + keys,
+        stream=_stream(bucket),
+        cb=deliver,
+        ordered_consumer=True,
+        config=config,
+        inactive_threshold=_INACTIVE_S,
+    )
+    try:
+        while True:
+            yield _entry(bucket, await queue.get())
+    finally:
+        # The server would drop the consumer once idle; deleting it says so at once.
+        name: str | None = None
+        with contextlib.suppress(Exception):
+            name = (await sub.consumer_info()).name
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        if name is not None:
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(_stream(bucket), name)
