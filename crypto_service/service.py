@@ -27,6 +27,7 @@ from nats.micro.service import Service
 
 from crypto_service.providers.base import KeyCreateOptions, Provider, RunsSerially
 from crypto_service.throttle import AuthGuard
+from edgekms import natsrpc
 from edgekms.algorithms import (
     KeyType,
     SignatureAlgorithm,
@@ -140,7 +141,7 @@ class CryptoService:
                 queue_group=crypto_queue_group(self.provider_id),
                 handler=self._handler(op),
             )
-        await self.nc.flush()
+        await natsrpc.subscriptions_live(self.nc)
         log.info(
             "event=service_started service=%s provider=%s kind=%s workers=%d",
             name,

@@ -92,6 +92,7 @@ class CAService:
                 subject=ca_subject(name),
                 handler=self._handler(name, request_type, handler),
             )
+        await natsrpc.subscriptions_live(self.nc)
         log.info("event=ca_service_started endpoints=%d", len(operations(self.ca)))
         return self
 

@@ -4,6 +4,9 @@ nats.micro service (crypto services on kms.crypto.*, the CA service on kms.ca.*)
 A service's own error arrives with nats.micro's error headers and an edgekms.v1.Error
 payload and is rebuilt as the same KMSError class; bus trouble becomes Unavailable or
 DeadlineExceeded with a stable reason naming the service that did not answer.
+
+`subscriptions_live` is the other side's one need: knowing that subscriptions just made
+are in place on the server before anyone is told to send to them.
 """
 
 # ruff: noqa: ASYNC109 - `timeout` bounds one NATS request; it is the API, not a wrapper.
@@ -23,6 +26,21 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
 
 R = TypeVar("R", bound=Message)
+
+
+async def subscriptions_live(nc: nats.aio.client.Client) -> None:
+    """Return once the server has every SUB this connection has queued so far.
+
+    One `flush()` does not prove it with nats-py 2.16: flush writes its PING straight
+    to the socket, ahead of commands still queued for the client's flusher task, so the
+    PONG can come back before the server has seen a SUB made just before (a request from
+    another connection then meets "no responders", about once in a hundred tries here).
+    The first flush lets the flusher run: it was woken when the SUB was queued, and the
+    event loop runs it before a PONG can be read. The second PING is therefore written
+    behind the SUB, and the server answers it only after processing the SUB.
+    """
+    await nc.flush()
+    await nc.flush()
 
 
 async def request(

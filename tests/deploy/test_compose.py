@@ -20,6 +20,7 @@ import pytest
 import yaml
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from edgekms import natsrpc
 from mgmt import natsauth
 from mgmt.natsserver import find_binary, free_port, wait_for_port
 from mgmt.softhsm import token_exists
@@ -338,7 +339,7 @@ async def test_bus_users_have_only_their_subjects(setup_dir: Path, stack_nats: i
             await msg.respond(b"signed:" + msg.data)
 
         await hsm0.subscribe("kms.crypto.hsm0.Sign", queue="kms.crypto.hsm0", cb=answer)
-        await hsm0.flush()
+        await natsrpc.subscriptions_live(hsm0)
         reply = await broker.request("kms.crypto.hsm0.Sign", b"digest", timeout=5)
         assert reply.data == b"signed:digest"
 

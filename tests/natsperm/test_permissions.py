@@ -13,7 +13,7 @@ import nats.errors
 import pytest
 from nats.js.api import StreamConfig
 
-from edgekms import kvread
+from edgekms import kvread, natsrpc
 from edgekms.algorithms import MAX_MESSAGE_SIZE
 from mgmt.natsauth import BUS_MAX_PAYLOAD, BusCredentials, inbox_prefix
 from tests.natsperm.conftest import Conn, SecureBus, connected
@@ -48,22 +48,7 @@ async def answer(conn: Conn, subject: str, reply: bytes = b"ok") -> None:
         await msg.respond(reply)
 
     await conn.nc.subscribe(subject, cb=handler)
-    await conn.nc.flush()
-
-
-async def request_fresh(conn: Conn, subject: str, payload: bytes = b"") -> nats.aio.msg.Msg:
-    """A request to a subscription made a moment ago on another connection. About one
-    run in ten, the server answers "no responders" for a few milliseconds even though
-    the subscriber's PING/PONG confirmed its SUB (seen on nats-server 2.15, cause not
-    found); what these tests check is who may read replies, so retry that, briefly."""
-    deadline = asyncio.get_running_loop().time() + 2
-    while True:
-        try:
-            return await conn.nc.request(subject, payload, timeout=5)
-        except nats.errors.NoRespondersError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.02)
+    await natsrpc.subscriptions_live(conn.nc)
 
 
 async def nothing_arrives(sub: nats.aio.subscription.Subscription) -> None:
@@ -115,8 +100,8 @@ async def test_max_payload_fits_the_largest_message(secure_bus: SecureBus) -> No
         assert BUS_MAX_PAYLOAD > MAX_MESSAGE_SIZE + 1024
         async with connected(secure_bus, "crypto-hsm0") as crypto:
             await answer(crypto, "kms.crypto.hsm0.Sign")
-            reply = await request_fresh(
-                broker, "kms.crypto.hsm0.Sign", b"m" * (MAX_MESSAGE_SIZE + 1024)
+            reply = await broker.nc.request(
+                "kms.crypto.hsm0.Sign", b"m" * (MAX_MESSAGE_SIZE + 1024), timeout=5
             )
             assert reply.data == b"ok"
         with pytest.raises(nats.errors.MaxPayloadError):
@@ -132,7 +117,7 @@ async def test_crypto_service_answers_only_its_own_subjects(secure_bus: SecureBu
         connected(secure_bus, "crypto-hsm0") as hsm0,
     ):
         await answer(hsm0, "kms.crypto.hsm0.>", b"from-hsm0")
-        reply = await request_fresh(broker, "kms.crypto.hsm0.Sign")
+        reply = await broker.nc.request("kms.crypto.hsm0.Sign", timeout=5)
         assert reply.data == b"from-hsm0"
         # Listening on another provider's subjects, or all of them, is refused ...
         other = await refused_subscribe(hsm0, "kms.crypto.tpm0.>")
@@ -160,10 +145,10 @@ async def test_a_reply_may_be_sent_once(secure_bus: SecureBus) -> None:
         connected(secure_bus, "crypto-hsm0") as hsm0,
     ):
         sub = await hsm0.nc.subscribe("kms.crypto.hsm0.Attest")
-        await hsm0.nc.flush()
+        await natsrpc.subscriptions_live(hsm0.nc)
         inbox = broker.nc.new_inbox()
         replies = await broker.nc.subscribe(inbox)
-        await broker.nc.flush()
+        await natsrpc.subscriptions_live(broker.nc)
         await broker.nc.publish("kms.crypto.hsm0.Attest", b"", reply=inbox)
         request = await sub.next_msg(timeout=2)
         assert request.reply.startswith(inbox_prefix("broker") + ".")
@@ -190,9 +175,9 @@ async def test_nats_micro_discovery_works_for_own_service(secure_bus: SecureBus)
         connected(secure_bus, "broker") as broker,
     ):
         service = await nats.micro.add_service(tpm0.nc, name="kms-crypto-tpm0", version="0.1.0")
-        await tpm0.nc.flush()  # the server has the subscriptions before anyone asks
+        await natsrpc.subscriptions_live(tpm0.nc)
         try:
-            reply = await request_fresh(broker, "$SRV.PING.kms-crypto-tpm0")
+            reply = await broker.nc.request("$SRV.PING.kms-crypto-tpm0", timeout=5)
             assert b"kms-crypto-tpm0" in reply.data
             assert not tpm0.errors
         finally:
@@ -220,7 +205,7 @@ async def test_nobody_reads_another_identitys_replies(secure_bus: SecureBus) -> 
             await refused_subscribe(broker, ">"),
         ]
         await answer(hsm0, "kms.crypto.hsm0.GetPublicKey", b"public")
-        reply = await request_fresh(kmsctl, "kms.crypto.hsm0.GetPublicKey")
+        reply = await kmsctl.nc.request("kms.crypto.hsm0.GetPublicKey", timeout=5)
         assert reply.data == b"public"
         assert reply.subject.startswith(inbox_prefix("kmsctl") + ".")
         for spy in spies:
@@ -292,7 +277,7 @@ async def test_ca_signs_only_through_its_own_provider(secure_bus: SecureBus) -> 
         await answer(hsm0, "kms.crypto.hsm0.>", b"hsm0")
         await answer(tpm0, "kms.crypto.tpm0.>", b"tpm0")
         for op in ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey"):
-            reply = await request_fresh(ca, f"kms.crypto.hsm0.{op}")
+            reply = await ca.nc.request(f"kms.crypto.hsm0.{op}", timeout=5)
             assert reply.data == b"hsm0"
         for subject in ("kms.crypto.tpm0.Sign", "kms.crypto.hsm0.ListKeys"):
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
@@ -306,7 +291,7 @@ async def test_ca_answers_its_subjects_and_keeps_its_bucket(secure_bus: SecureBu
         connected(secure_bus, "broker") as broker,
     ):
         await answer(ca, "kms.ca.>", b"certificate")
-        reply = await request_fresh(broker, "kms.ca.IssueCertificate", b"csr")
+        reply = await broker.nc.request("kms.ca.IssueCertificate", b"csr", timeout=5)
         assert reply.data == b"certificate"
         js = ca.nc.jetstream(timeout=5)
         kv = await js.create_key_value(bucket="kms_ca", history=5)
