@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from nats.js import JetStreamContext, api
 
 from broker.authz import check_method
-from edgekms.audit import STREAM, SUBJECT_PREFIX, AuditWriter, parse_entry
+from edgekms.audit import STREAM, SUBJECT_PREFIX, AuditWriter, parse_message, split_message
 from edgekms.errors import ERROR_METADATA_KEY, Internal, KMSError, Unavailable
 from edgekms.identity import Identity
 from edgekms.logs import fields
@@ -162,12 +162,7 @@ async def abort_with(context: Context, err: KMSError) -> None:
     await context.abort(err.grpc_status, f"{err.reason}: {err.message}")
 
 
-def entry_message(raw: bytes) -> audit_pb2.AuditEntry:
-    """The typed view of stored bytes; empty if they are no entry (the reader says so)."""
-    try:
-        entry = parse_entry(raw)
-    except ValueError:
-        return audit_pb2.AuditEntry()
+def _typed(entry: dict[str, Any]) -> audit_pb2.AuditEntry:
     actor = entry["actor"]
     return audit_pb2.AuditEntry(
         time=str(entry["time"]),
@@ -183,6 +178,20 @@ def entry_message(raw: bytes) -> audit_pb2.AuditEntry:
         prev_hash=str(entry["prev_hash"]),
         hash=str(entry["hash"]),
     )
+
+
+def audit_record(seq: int, subject: str, raw: bytes) -> audit_pb2.AuditRecord:
+    """A stored message as TailAudit hands it out: the bytes untouched, plus the typed
+    view of the entries they hold (none if they do not parse; the reader says so)."""
+    record = audit_pb2.AuditRecord(seq=seq, raw=raw, subject=subject)
+    try:
+        entries = parse_message(raw)
+    except ValueError:
+        return record
+    record.entries.extend(_typed(e) for e in entries)
+    if len(entries) == 1 and split_message(raw) is None:
+        record.entry.CopyFrom(record.entries[0])
+    return record
 
 
 class AuditService(audit_pb2_grpc.AuditServiceServicer):
@@ -262,10 +271,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
                 seq = meta.sequence.stream
                 if last is not None and seq > last:
                     return
-                raw = bytes(msg.data)
-                yield audit_pb2.AuditRecord(
-                    seq=seq, raw=raw, subject=msg.subject, entry=entry_message(raw)
-                )
+                yield audit_record(seq, msg.subject, bytes(msg.data))
                 if last is not None and (seq >= last or meta.num_pending == 0):
                     return
         finally:

@@ -157,6 +157,16 @@ def test_kmsctl_tail_and_verify_expand_batches(audit_parts: Parts) -> None:
     as_json = json.loads(_kmsctl(audit_parts, "audit", "verify", "-o", "json").stdout)
     assert as_json["ok"] is True, as_json["problems"]
     assert as_json["entries"] > as_json["messages"] == as_json["last_seq"]
+    # TailAudit's typed view holds every entry of a batch too, not only the raw bytes.
+    with audit_parts.client() as client:
+        typed = [
+            (item.record.seq, index, entry.target)
+            for item in client.tail_audit(first)
+            if item.HasField("record")
+            for index, entry in enumerate(item.record.entries)
+            if entry.writer == "burst"
+        ]
+    assert typed == [(a.seq, a.index, f"b{i}") for i, a in enumerate(appended)]
 
 
 def test_kmsctl_tail_follow_sees_new_entries(audit_parts: Parts) -> None:

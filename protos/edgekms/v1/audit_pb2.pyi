@@ -132,6 +132,7 @@ class AuditRecord(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
     ENTRY_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """stream sequence"""
     raw: _builtins.bytes
@@ -139,7 +140,15 @@ class AuditRecord(_message.Message):
     subject: _builtins.str
     @_builtins.property
     def entry(self) -> Global___AuditEntry:
-        """empty when raw does not parse"""
+        """The message's entry when it holds one entry; empty when it holds a batch (see
+        `entries`) or when raw does not parse.
+        """
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """Every entry the message holds, in chain order: one, or a batch written in one
+        append by a busy broker. Empty when raw does not parse.
+        """
 
     def __init__(
         self,
@@ -148,10 +157,11 @@ class AuditRecord(_message.Message):
         raw: _builtins.bytes = ...,
         subject: _builtins.str = ...,
         entry: Global___AuditEntry | None = ...,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "raw", b"raw", "seq", b"seq", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "entry", b"entry", "raw", b"raw", "seq", b"seq", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
