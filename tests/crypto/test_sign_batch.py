@@ -12,13 +12,8 @@ from pathlib import Path
 import nats
 import nats.aio.client
 import pytest
-from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
 
-from crypto_service.config import Tpm2Config
-from crypto_service.providers.tpm2 import Tpm2Provider
-from crypto_service.service import MAX_SIGN_BATCH, CryptoService
-from crypto_service.throttle import AuthGuard
+from crypto_service.service import MAX_SIGN_BATCH
 from edgekms.algorithms import SignatureAlgorithm, verify_signature
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import InvalidArgument, KMSError, from_bytes, from_proto
@@ -27,6 +22,7 @@ from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
 from mgmt.natsserver import NatsServer
 from tests.crypto.conftest import CryptoProcess
+from tests.tpm.guarded import MAX_TRIES, guarded_tpm, lockout_counter
 from tests.tpm.swtpm_fixtures import SwtpmFactory, swtpm_factory
 
 __all__ = ["swtpm_factory"]
@@ -149,15 +145,6 @@ async def test_malformed_batch_is_refused(hsm0: CryptoProcess, nc: nats.aio.clie
 
 # --- the TPM's auth guard, item by item -------------------------------------------------
 
-MAX_TRIES = 3
-RECOVERY = 600  # the TPM forgives nothing during the test
-
-
-def _lockout_counter(tcti: str) -> int:
-    with ESAPI(tcti) as esys:
-        _, data = esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 1)
-        return int(data.data.tpmProperties[0].value)
-
 
 @pytest.mark.tpm
 async def test_one_batch_cannot_spend_the_tpm_auth_budget(
@@ -166,39 +153,16 @@ async def test_one_batch_cannot_spend_the_tpm_auth_budget(
     """All items pass the guard's check up front (nothing has failed yet); the guard is
     asked again before each one reaches the TPM, so wrong guesses stop one short of
     lockout even inside one batch."""
-    tpm = swtpm_factory()
-    with ESAPI(tpm.tcti) as esys:
-        esys.dictionary_attack_parameters(MAX_TRIES, RECOVERY, 0)
-    auth = tmp_path / "auth"
-    auth.write_bytes(b"right value")
-    provider = Tpm2Provider(
-        Tpm2Config(tcti=tpm.tcti, state_dir=tmp_path / "state", key_auth_file=auth)  # type: ignore[call-arg]
-    )
-    nc = await nats.connect(nats_server.url)
-    guard = AuthGuard.for_tpm(MAX_TRIES, RECOVERY)
-    service = CryptoService(nc, provider, "tpmbatch", workers=1, auth_guard=guard)
-    await service.start()
-    try:
-        crypto = CryptoClient(nc)
-        key_id = secrets.token_bytes(16)
-        made = await crypto.generate_key(
-            "tpmbatch",
-            crypto_pb2.GenerateKeyRequest(
-                key_id=key_id,
-                label="guarded",
-                key_type=pb.KEY_TYPE_EC_P256,
-                options=pb.KeyOptions(require_auth=True),
-            ),
-            timeout=60,
-        )
+    async with guarded_tpm(nats_server.url, swtpm_factory(), tmp_path, "tpmbatch") as tpm:
+        crypto, key_id = tpm.crypto, tpm.key_id
         good = await crypto.sign_batch(
             "tpmbatch",
             crypto_pb2.SignBatchRequest(requests=[_item(key_id, ECDSA, _digest(0))]),
             timeout=30,
         )
-        assert verify_signature(made.public_key_der, ECDSA, _digest(0), good.results[0].signature)
+        assert verify_signature(tpm.public_key_der, ECDSA, _digest(0), good.results[0].signature)
 
-        auth.write_bytes(b"a wrong guess")
+        tpm.auth.write_bytes(b"a wrong guess")
         items = [_item(key_id, ECDSA, _digest(i)) for i in range(6)]
         answer = await crypto.sign_batch(
             "tpmbatch", crypto_pb2.SignBatchRequest(requests=items), timeout=60
@@ -208,8 +172,4 @@ async def test_one_batch_cannot_spend_the_tpm_auth_budget(
         assert [(type(e).__name__, e.reason) for e in errors] == [
             ("PermissionDenied", "tpm.auth_failed")
         ] * spent + [("ResourceExhausted", "auth.throttled")] * (len(items) - spent)
-    finally:
-        await service.stop()
-        await nc.close()
-        provider.close()
-    assert _lockout_counter(tpm.tcti) == MAX_TRIES - 1
+    assert lockout_counter(tpm.tcti) == MAX_TRIES - 1
