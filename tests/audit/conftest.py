@@ -8,20 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import make_token, start_nats
-from tests.e2e.conftest import Parts, parts  # noqa: F401 - re-exported fixture
+from tests.e2e.conftest import Parts, parts, running_parts  # noqa: F401 - re-exported fixture
 
 
 @pytest.fixture(scope="module")
 def audit_parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parts]:
-    root = tmp_path_factory.mktemp("audit")
-    nats_server = start_nats(root / "nats")
-    built = Parts(root, nats_server, make_token(root / "softhsm"))
-    try:
-        built.start_crypto()
-        built.ceremony()
-        built.start_broker()
+    with running_parts(tmp_path_factory.mktemp("audit"), Parts) as built:
         yield built
-    finally:
-        built.stop_all()
-        nats_server.stop()

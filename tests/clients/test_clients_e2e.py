@@ -28,8 +28,7 @@ from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
 from edgekms.v1 import common_pb2 as pb
 from mgmt.client import KMSClient
-from tests.conftest import make_token, start_nats
-from tests.e2e.conftest import Parts
+from tests.e2e.conftest import Parts, running_parts
 
 KMSCTL = str(Path(sys.executable).parent / "kmsctl")
 
@@ -53,17 +52,8 @@ class Stack(Parts):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("clients")
-    nats_server = start_nats(root / "nats")
-    built = Stack(root, nats_server, make_token(root / "softhsm"))
-    try:
-        built.start_crypto()
-        built.ceremony()
-        built.start_broker()
+    with running_parts(tmp_path_factory.mktemp("clients"), Stack) as built:
         yield built
-    finally:
-        built.stop_all()
-        nats_server.stop()
 
 
 def kmsctl(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ ceremony, kms-broker) so fault tests can stop and restart one piece under the ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -214,12 +215,15 @@ class Parts:
             self.stop(name)
 
 
-@pytest.fixture
-def parts(tmp_path: Path) -> Iterator[Parts]:
-    """A broker + crypto service of its own, on its own nats-server and token."""
-    nats_server = start_nats(tmp_path / "nats")
-    token = make_token(tmp_path / "softhsm")
-    built = Parts(tmp_path, nats_server, token)
+P = TypeVar("P", bound=Parts)
+
+
+@contextlib.contextmanager
+def running_parts(root: Path, kind: type[P]) -> Iterator[P]:
+    """A broker + crypto service on their own nats-server and token under `root`,
+    initialised by the ceremony; everything stopped afterwards."""
+    nats_server = start_nats(root / "nats")
+    built = kind(root, nats_server, make_token(root / "softhsm"))
     try:
         built.start_crypto()
         built.ceremony()
@@ -228,3 +232,10 @@ def parts(tmp_path: Path) -> Iterator[Parts]:
     finally:
         built.stop_all()
         nats_server.stop()
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[Parts]:
+    """A broker + crypto service of its own, on its own nats-server and token."""
+    with running_parts(tmp_path, Parts) as built:
+        yield built
