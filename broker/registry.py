@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from nats.js.client import JetStreamContext
@@ -138,28 +139,12 @@ class KeyRegistry(FollowedBucket):
 
     async def update_policy(self, name: str, policy: pb.KeyPolicy) -> pb.KeyRecord:
         """Replace a key's policy (CAS on the stored revision); NotFound if absent."""
-        check_key_name(name)
-        for _ in range(5):
-            try:
-                entry = await self.kv.get(name)
-            except KeyNotFoundError:
-                raise NotFound("key.not_found", f"no key named {name!r}") from None
-            record = pb.KeyRecord()
-            record.ParseFromString(entry.value or b"")
-            if record.state == pb.KEY_STATE_PENDING:
-                raise NotFound("key.not_found", f"no key named {name!r}")
+
+        def edit(record: pb.KeyRecord) -> bool:
             record.policy.CopyFrom(policy)
-            record.updated_at = now()
-            try:
-                assert entry.revision is not None
-                revision = await self.kv.update(
-                    name, record.SerializeToString(), last=entry.revision
-                )
-            except KeyWrongLastSequenceError:
-                continue
-            self._records[name] = (record, revision)
-            return record
-        raise FailedPrecondition("key.contended", f"key {name!r} is changing; try again")
+            return True
+
+        return (await self._change(name, edit))[0]
 
     async def transition(
         self, name: str, allowed_from: tuple[int, ...], to: int
@@ -168,6 +153,26 @@ class KeyRegistry(FollowedBucket):
 
         Returns (record, changed); changed is False when it was already in `to`.
         """
+
+        def edit(record: pb.KeyRecord) -> bool:
+            if record.state == to:
+                return False
+            if record.state not in allowed_from:
+                state = pb.KeyState.Name(record.state).removeprefix("KEY_STATE_").lower()
+                raise FailedPrecondition(
+                    f"key.{state}", f"key {name!r} is {state}", {"state": state}
+                )
+            record.state = to  # type: ignore[assignment]
+            return True
+
+        return await self._change(name, edit)
+
+    async def _change(
+        self, name: str, edit: Callable[[pb.KeyRecord], bool]
+    ) -> tuple[pb.KeyRecord, bool]:
+        """Read the stored record, let `edit` change it (False: nothing to change; it may
+        raise to refuse), and store it compare-and-set on the revision read, reading
+        again if someone else changed it meanwhile. NotFound if absent or only reserved."""
         check_key_name(name)
         for _ in range(5):
             try:
@@ -178,14 +183,8 @@ class KeyRegistry(FollowedBucket):
             record.ParseFromString(entry.value or b"")
             if record.state == pb.KEY_STATE_PENDING:
                 raise NotFound("key.not_found", f"no key named {name!r}")
-            if record.state == to:
+            if not edit(record):
                 return record, False
-            if record.state not in allowed_from:
-                state = pb.KeyState.Name(record.state).removeprefix("KEY_STATE_").lower()
-                raise FailedPrecondition(
-                    f"key.{state}", f"key {name!r} is {state}", {"state": state}
-                )
-            record.state = to  # type: ignore[assignment]
             record.updated_at = now()
             try:
                 assert entry.revision is not None
