@@ -560,27 +560,25 @@ class Tpm2Provider:
         return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(i) for i in sorted(pcrs)))
 
     def _trial_policy(self, esys: Any, pcrs: tuple[int, ...], with_auth: bool) -> bytes:
-        session = esys.start_auth_session(
-            ESYS_TR.NONE,
-            ESYS_TR.NONE,
-            TPM2_SE.TRIAL,
-            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-            TPM2_ALG.SHA256,
-        )
+        """The policy digest a key is created with: the same policy run in a trial
+        session, which computes the digest without checking anything."""
+        session = self._pcr_session(esys, TPM2_SE.TRIAL, pcrs, with_auth)
         try:
-            esys.policy_pcr(session, TPM2B_DIGEST(), self._pcr_selection(pcrs))
-            if with_auth:
-                esys.policy_auth_value(session)
-            digest = esys.policy_get_digest(session)
-            return bytes(digest)
+            return bytes(esys.policy_get_digest(session))
         finally:
             esys.flush_context(session)
 
     def _policy_session(self, esys: Any, pcrs: tuple[int, ...], with_auth: bool) -> Any:
+        """A real policy session for one use of the key; the caller flushes it."""
+        return self._pcr_session(esys, TPM2_SE.POLICY, pcrs, with_auth)
+
+    def _pcr_session(self, esys: Any, kind: Any, pcrs: tuple[int, ...], with_auth: bool) -> Any:
+        """A session of `kind` with the key policy applied: the PCR values, and the
+        key's auth value if it has one. Flushed here if building it fails."""
         session = esys.start_auth_session(
             ESYS_TR.NONE,
             ESYS_TR.NONE,
-            TPM2_SE.POLICY,
+            kind,
             TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
             TPM2_ALG.SHA256,
         )
