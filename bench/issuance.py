@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.procs import Watch, wait_until
 from bench.stats import RunResult, summarise
+from edgekms.client_certs import self_signed_ca
 from mgmt.natsserver import free_port, wait_for_port
 
 LEVELS = (1, 16)
@@ -189,7 +190,7 @@ def _start_cfssl(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     import datetime
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -200,18 +201,7 @@ def _start_cfssl(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     directory.mkdir()
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cfssl Bench CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed_ca(key, name, datetime.timedelta(days=30))
     (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (directory / "ca-key.pem").write_bytes(
         key.private_bytes(

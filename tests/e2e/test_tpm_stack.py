@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgekms import errors
+from edgekms.client_certs import self_signed_ca
 from edgekms.v1 import common_pb2 as pb
 from mgmt.swtpm import free_port_pair
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
@@ -71,18 +72,7 @@ def test_certificate_through_remote_key_on_a_tpm_key(tpm_stack: KmsStack) -> Non
         key = client.remote_key("tpm/ca")
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TPM-backed CA")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(key, hashes.SHA256())
-        )
+        cert = self_signed_ca(key, name, datetime.timedelta(days=30))
         cert.verify_directly_issued_by(cert)
         spki = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

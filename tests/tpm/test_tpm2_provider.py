@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tpm2_pytss import ESAPI
@@ -29,6 +29,7 @@ from edgekms.algorithms import (
     SignatureAlgorithm,
     verify_signature,
 )
+from edgekms.client_certs import self_signed_ca
 from edgekms.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -139,18 +140,7 @@ def test_certificate_signed_through_remote_key(provider: Tpm2Provider) -> None:
     key = remote_key(TpmSigner(), made.public_key_der)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "TPM test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed_ca(key, name, datetime.timedelta(days=1))
     cert.verify_directly_issued_by(cert)
     assert (
         cert.public_key().public_bytes(
