@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mgmt import subprocs
+
 # Largest payload on the bus: a 64 KiB Ed25519 message plus framing, with room.
 MAX_PAYLOAD = 256 * 1024
 
@@ -95,31 +97,15 @@ class NatsServer:
         self.config.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.conf_path.write_text(self.config.render())
         os.chmod(self.conf_path, 0o600)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            [find_binary(), "-c", str(self.conf_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        self.process = subprocs.spawn([find_binary(), "-c", str(self.conf_path)], self.log_path)
         wait_for_port(self.config.host, self.config.port, timeout, self.process, self.log_path)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        subprocs.end(self.process, timeout)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        subprocs.kill(self.process)
 
     def __enter__(self) -> NatsServer:
         return self.start()

@@ -33,6 +33,7 @@ from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.logs import fields
 from edgekms.subjects import CA_SERVICE_NAME
+from mgmt import subprocs
 from mgmt.natsauth import (
     BUS_MAX_PAYLOAD,
     CA_USER,
@@ -170,24 +171,10 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
     def spawn(self) -> None:
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,  # Ctrl-C reaches `up`, which stops children in order
-            )
+        self.process = subprocs.spawn(self.argv, self.log_path, self.env)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        subprocs.end(self.process, timeout)
 
     def last_log_line(self) -> str:
         try:

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from mgmt import subprocs
 from mgmt.natsserver import NatsServerError, free_port, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,7 @@ class Swtpm:
 
     def start(self, timeout: float = 15.0) -> Swtpm:
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        logf = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            self.config.argv(),
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        logf.close()
+        self.process = subprocs.spawn(self.config.argv(), self.log_path)
         try:
             wait_for_port(
                 self.config.host, self.config.ctrl_port, timeout, self.process, self.log_path
@@ -130,20 +123,11 @@ class Swtpm:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        log.info("swtpm stopped port=%s", self.config.port)
+        if subprocs.end(self.process, timeout):
+            log.info("swtpm stopped port=%s", self.config.port)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        subprocs.kill(self.process)
 
     def __enter__(self) -> Swtpm:
         return self.start()
