@@ -14,15 +14,13 @@ import asyncio
 import functools
 import logging
 import threading
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import nats.micro
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from nats.aio.client import Client
-from nats.micro.request import Request
 from nats.micro.service import Service
 
 from crypto_service.providers.base import KeyCreateOptions, Provider, RunsSerially
@@ -103,12 +101,11 @@ class CryptoService:
         self.provider_id = provider_id
         self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms-token")
-        self._slots = asyncio.Semaphore(workers * 2)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._responder = natsrpc.Responder("the crypto service", concurrency=workers * 2)
         self._service: Service | None = None
         # Public keys never change, so a key's type is looked up once (dropped on destroy).
         self._public: dict[bytes, tuple[bytes, KeyType]] = {}
-        self._ops: dict[str, Callable[[Any], Awaitable[Message]]] = {
+        self._ops: dict[str, natsrpc.Handler] = {
             "GenerateKey": self._generate,
             "GetPublicKey": self._get_public_key,
             "Sign": self._sign,
@@ -139,7 +136,7 @@ class CryptoService:
                 name=op,
                 subject=crypto_subject(self.provider_id, op),
                 queue_group=crypto_queue_group(self.provider_id),
-                handler=self._handler(op),
+                handler=self._responder.endpoint(op, REQUEST_TYPES[op], self._ops[op]),
             )
         await natsrpc.subscriptions_live(self.nc)
         log.info(
@@ -155,56 +152,11 @@ class CryptoService:
         if self._service is not None:
             await self._service.stop()
             self._service = None
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._responder.drain()
         self._executor.shutdown(wait=True)
         log.info("event=service_stopped provider=%s", self.provider_id)
 
     # -- plumbing ------------------------------------------------------------------------
-
-    def _handler(self, op: str) -> Callable[[Request], Awaitable[None]]:
-        async def handle(req: Request) -> None:
-            await self._slots.acquire()
-            task = asyncio.create_task(self._serve(op, req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        return handle
-
-    async def _serve(self, op: str, req: Request) -> None:
-        started = time.monotonic()
-        try:
-            try:
-                message = REQUEST_TYPES[op]()
-                try:
-                    message.ParseFromString(req.data)
-                except DecodeError:
-                    raise InvalidArgument(
-                        "request.malformed", f"{op}: the payload is not a {type(message).__name__}"
-                    ) from None
-                response = await self._ops[op](message)
-            except KMSError as err:
-                log.info(
-                    "event=request_failed op=%s code=%s reason=%s", op, err.code_name, err.reason
-                )
-                await req.respond_error(
-                    err.code_name, err.message, err.to_proto().SerializeToString()
-                )
-                return
-            except Exception:
-                log.exception("event=request_crashed op=%s", op)
-                crash = Internal("internal.error", f"{op} failed inside the crypto service")
-                await req.respond_error(
-                    crash.code_name, crash.message, crash.to_proto().SerializeToString()
-                )
-                return
-            await req.respond(response.SerializeToString())
-            log.debug("event=request_done op=%s ms=%.1f", op, (time.monotonic() - started) * 1e3)
-        except Exception:
-            # The reply itself failed (connection gone): nothing to tell the caller.
-            log.exception("event=reply_failed op=%s", op)
-        finally:
-            self._slots.release()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

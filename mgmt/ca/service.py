@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from edgekms import natsrpc
 from edgekms.busauth import BusCredentials
-from edgekms.errors import Internal, InvalidArgument, KMSError
+from edgekms.errors import KMSError
 from edgekms.subjects import CA_BUCKET, CA_PREFIX, CA_SERVICE_NAME, ca_subject
 from edgekms.v1 import ca_pb2
 from mgmt.ca.authority import CertificateAuthority
@@ -37,10 +36,8 @@ QUEUE_GROUP = CA_PREFIX
 CRL_CHECK_INTERVAL = 3600.0
 MAX_IN_FLIGHT = 32
 
-Handler = Callable[[Any], Awaitable[Message]]
 
-
-def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], Handler]]:
+def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsrpc.Handler]]:
     """RPC name -> (request message type, handler); the subject is kms.ca.<RPC name>."""
 
     async def get_crl(_: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
@@ -72,8 +69,7 @@ class CAService:
     def __init__(self, nc: Any, ca: CertificateAuthority, concurrency: int = MAX_IN_FLIGHT):
         self.nc = nc
         self.ca = ca
-        self._slots = asyncio.Semaphore(concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._responder = natsrpc.Responder("the CA service", concurrency)
         self._service: Any = None
 
     async def start(self) -> CAService:
@@ -90,7 +86,7 @@ class CAService:
             await self._service.add_endpoint(
                 name=name,
                 subject=ca_subject(name),
-                handler=self._handler(name, request_type, handler),
+                handler=self._responder.endpoint(name, request_type, handler),
             )
         await natsrpc.subscriptions_live(self.nc)
         log.info("event=ca_service_started endpoints=%d", len(operations(self.ca)))
@@ -99,51 +95,7 @@ class CAService:
     async def stop(self) -> None:
         if self._service is not None:
             await self._service.stop()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _handler(
-        self, name: str, request_type: type[Message], handler: Handler
-    ) -> Callable[[Any], Awaitable[None]]:
-        async def handle(req: Any) -> None:
-            await self._slots.acquire()
-            task = asyncio.create_task(self._serve(name, request_type, handler, req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        return handle
-
-    async def _serve(
-        self, name: str, request_type: type[Message], handler: Handler, req: Any
-    ) -> None:
-        try:
-            try:
-                message = request_type()
-                try:
-                    message.ParseFromString(req.data)
-                except DecodeError:
-                    raise InvalidArgument(
-                        "request.malformed", f"{name}: the payload is not a {request_type.__name__}"
-                    ) from None
-                response = await handler(message)
-            except KMSError as err:
-                log.info("event=ca_request_refused op=%s reason=%s", name, err.reason)
-                await req.respond_error(
-                    err.code_name, err.message, err.to_proto().SerializeToString()
-                )
-                return
-            except Exception:
-                log.exception("event=ca_request_crashed op=%s", name)
-                crash = Internal("internal.error", f"{name} failed inside the CA service")
-                await req.respond_error(
-                    crash.code_name, crash.message, crash.to_proto().SerializeToString()
-                )
-                return
-            await req.respond(response.SerializeToString())
-        except Exception:
-            log.exception("event=ca_reply_failed op=%s", name)
-        finally:
-            self._slots.release()
+        await self._responder.drain()
 
 
 async def add_ca_service(nc: Any, ca: CertificateAuthority) -> CAService:

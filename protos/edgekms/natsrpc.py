@@ -1,18 +1,24 @@
-"""One request over NATS with typed errors back: the caller side of every EdgeKMS
-nats.micro service (crypto services on kms.crypto.*, the CA service on kms.ca.*).
+"""Requests over NATS with typed errors, both sides of every EdgeKMS nats.micro service
+(crypto services on kms.crypto.*, the CA service on kms.ca.*).
 
-A service's own error arrives with nats.micro's error headers and an edgekms.v1.Error
-payload and is rebuilt as the same KMSError class; bus trouble becomes Unavailable or
-DeadlineExceeded with a stable reason naming the service that did not answer.
+Caller side, `request`: a service's own error arrives with nats.micro's error headers
+and an edgekms.v1.Error payload and is rebuilt as the same KMSError class; bus trouble
+becomes Unavailable or DeadlineExceeded with a stable reason naming the service that did
+not answer.
 
-`subscriptions_live` is the other side's one need: knowing that subscriptions just made
-are in place on the server before anyone is told to send to them.
+Service side, `Responder`: each request parsed into its protobuf type and answered with
+the handler's response or, for a KMSError, that error in the form `request` rebuilds;
+and `subscriptions_live`, so that a service says it has started only once its endpoints
+are in place on the server.
 """
 
 # ruff: noqa: ASYNC109 - `timeout` bounds one NATS request; it is the API, not a wrapper.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats
@@ -20,12 +26,102 @@ import nats.aio.client
 import nats.errors
 from google.protobuf.message import DecodeError, Message
 
-from edgekms.errors import DeadlineExceeded, Internal, KMSError, Unavailable, from_bytes
+from edgekms.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    KMSError,
+    Unavailable,
+    from_bytes,
+)
 
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 ERROR_HEADER = "Nats-Service-Error"
 
 R = TypeVar("R", bound=Message)
+# A service operation: its request message in, its response message out.
+Handler = Callable[[Any], Awaitable[Message]]
+
+log = logging.getLogger(__name__)
+
+
+async def respond_error(req: Any, err: KMSError) -> None:
+    """Answer a nats.micro request with `err`, as `request` rebuilds it."""
+    await req.respond_error(err.code_name, err.message, err.to_proto().SerializeToString())
+
+
+class Responder:
+    """Serves a nats.micro service's endpoints: each request in a task of its own, at
+    most `concurrency` at once (the rest wait in nats.micro's subscription, so a slow
+    token or TPM cannot pile up unbounded work), answered with the handler's response,
+    its KMSError, or Internal("internal.error") naming the service if it crashed."""
+
+    def __init__(self, service: str, concurrency: int) -> None:
+        self.service = service
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def endpoint(
+        self, op: str, request_type: type[Message], handler: Handler
+    ) -> Callable[[Any], Awaitable[None]]:
+        """The nats.micro handler for one operation."""
+
+        async def handle(req: Any) -> None:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(op, request_type, handler, req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return handle
+
+    async def drain(self) -> None:
+        """Wait for the requests in flight (after the service stopped taking new ones)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(
+        self, op: str, request_type: type[Message], handler: Handler, req: Any
+    ) -> None:
+        started = time.monotonic()
+        try:
+            try:
+                message = request_type()
+                try:
+                    message.ParseFromString(req.data)
+                except DecodeError:
+                    raise InvalidArgument(
+                        "request.malformed", f"{op}: the payload is not a {request_type.__name__}"
+                    ) from None
+                response = await handler(message)
+            except KMSError as err:
+                log.info(
+                    "event=request_refused service=%s op=%s code=%s reason=%s",
+                    self.service,
+                    op,
+                    err.code_name,
+                    err.reason,
+                )
+                await respond_error(req, err)
+                return
+            except Exception:
+                log.exception("event=request_crashed service=%s op=%s", self.service, op)
+                await respond_error(
+                    req, Internal("internal.error", f"{op} failed inside {self.service}")
+                )
+                return
+            await req.respond(response.SerializeToString())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "event=request_done service=%s op=%s ms=%.1f",
+                    self.service,
+                    op,
+                    (time.monotonic() - started) * 1e3,
+                )
+        except Exception:
+            # The reply itself failed (connection gone): nothing to tell the caller.
+            log.exception("event=reply_failed service=%s op=%s", self.service, op)
+        finally:
+            self._slots.release()
 
 
 async def subscriptions_live(nc: nats.aio.client.Client) -> None:
