@@ -18,8 +18,8 @@ import click
 
 from edgekms.audit import ChainVerifier, check_entry, parse_entry, split_message
 from edgekms.v1 import audit_pb2
+from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, output_option
-from mgmt.cli.keys import client_options, open_client
 from mgmt.cli.output import table
 
 

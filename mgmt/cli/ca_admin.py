@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from mgmt.cli.ca import ca
+from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
-from mgmt.cli.keys import client_options, open_client, write_output
 from mgmt.cli.output import echo_json, progress, table
 from mgmt.client import CREATE_TIMEOUT
 

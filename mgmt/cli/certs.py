@@ -17,8 +17,8 @@ import click
 
 from edgekms.errors import InvalidArgument
 from edgekms.v1 import ca_pb2
+from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
-from mgmt.cli.keys import client_options, open_client, write_output
 from mgmt.cli.output import echo_json, table
 
 log = logging.getLogger(__name__)

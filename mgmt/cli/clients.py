@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from edgekms.errors import FailedPrecondition, InvalidArgument
 from edgekms.identity import ROLES
 from edgekms.v1 import clients_pb2
+from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import client_config_path, output_option
-from mgmt.cli.keys import client_options, open_client
 from mgmt.cli.output import echo_json, table
 from mgmt.pki import write_client_config, write_private, write_public
 

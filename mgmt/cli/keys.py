@@ -8,14 +8,10 @@ Files are hashed here and only the digest travels (Ed25519 excepted: it signs th
 from __future__ import annotations
 
 import base64
-import functools
-import os
 import secrets
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, ParamSpec, TypeVar
+from typing import IO, ParamSpec, TypeVar
 
 import click
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,11 +25,11 @@ from edgekms.algorithms import (
     key_type_info,
 )
 from edgekms.errors import FailedPrecondition, InvalidArgument
-from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
+from mgmt.cli.client_access import client_options, open_client, write_output
+from mgmt.cli.common import ExitCode, output_option
 from mgmt.cli.output import (
     algorithm_name,
     echo_json,
-    handle_errors,
     key_details,
     key_table,
     key_to_dict,
@@ -71,50 +67,6 @@ def parse_labels(values: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"label {key!r} given twice", param_hint="--label")
         labels[key] = value
     return labels
-
-
-def client_options(fn: Callable[P, R]) -> Callable[..., R]:
-    """--data-dir and --config, and turn KMSError into the one-line report + exit code."""
-
-    @data_dir_option
-    @click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar="EDGEKMS_CONFIG",
-        default=None,
-        help="Client config (broker address, CA, client certificate).  "
-        "[default: $EDGEKMS_CONFIG or DATA_DIR/client/config.toml]",
-    )
-    @functools.wraps(fn)
-    @handle_errors
-    def wrapper(*args: Any, **kwargs: Any) -> R:
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def open_client(data_dir: Path, config_path: Path | None, timeout: float = 10.0) -> KMSClient:
-    return KMSClient.from_config(config_path or client_config_path(data_dir), timeout=timeout)
-
-
-def write_output(target: str, data: bytes) -> None:
-    """Write all of `data` or nothing: a temporary file beside the target, then rename,
-    so an interrupted or failed command never leaves half a signature behind."""
-    if target == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    path = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _wire_data(ainfo: AlgorithmInfo, stream: IO[bytes]) -> bytes:

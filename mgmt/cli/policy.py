@@ -18,8 +18,8 @@ from edgekms.algorithms import ALGORITHM_BY_CLI
 from edgekms.errors import InvalidArgument
 from edgekms.identity import CLIENT_NAME_RE, ROLES
 from edgekms.v1 import common_pb2 as pb
+from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import output_option
-from mgmt.cli.keys import client_options, open_client
 from mgmt.cli.output import echo_json, policy_to_list
 
 OPERATIONS = {

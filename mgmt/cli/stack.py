@@ -10,6 +10,7 @@ import click
 
 from edgekms.errors import KMSError
 from edgekms.logs import setup_logging
+from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
 from mgmt.cli.output import echo_json, handle_errors, table
 
@@ -212,23 +213,12 @@ def init(
 
 
 @click.command()
-@data_dir_option
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="EDGEKMS_CONFIG",
-    default=None,
-    help="Client config (default: DATA_DIR/client/config.toml).",
-)
+@client_options
 @output_option
-@handle_errors
 def status(data_dir: Path, config_path: Path | None, output: str) -> None:
     """Is everything answering? Exit 0 only if the broker, the bus and every crypto
     service answer; 8 (unavailable) otherwise."""
-    from mgmt.client import KMSClient
-
-    with KMSClient.from_config(config_path or client_config_path(data_dir), timeout=5) as client:
+    with open_client(data_dir, config_path, timeout=5) as client:
         response = client.status()
     if output == "json":
         echo_json(

@@ -15,8 +15,9 @@ from cryptography.x509.oid import NameOID
 
 from edgekms.v1 import common_pb2 as pb
 from mgmt.cli import cli
+from mgmt.cli.client_access import write_output
 from mgmt.cli.common import ExitCode
-from mgmt.cli.keys import default_algorithm_for, parse_labels, write_output
+from mgmt.cli.keys import default_algorithm_for, parse_labels
 from mgmt.natsserver import free_port
 
 
