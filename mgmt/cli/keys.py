@@ -11,7 +11,7 @@ import base64
 import secrets
 import sys
 from pathlib import Path
-from typing import IO, ParamSpec, TypeVar
+from typing import IO
 
 import click
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,9 +37,6 @@ from mgmt.cli.output import (
     progress,
 )
 from mgmt.client import CREATE_TIMEOUT, KMSClient, resolve_algorithm
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 # Key types whose generation takes long enough that a silent terminal looks hung
 # (and every key on a TPM provider, which is slow at everything).
