@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
 import secrets
 import tomllib
 from dataclasses import dataclass
@@ -69,22 +68,19 @@ class PkiPaths:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file 0600 from the first byte (no window where others may read)."""
+    """Write a secret file 0600 from the first byte (no window where others may read);
+    a device or FIFO at the path is written in place (mgmt/outfile.py)."""
+    from mgmt.outfile import write_file
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file(path, data, private=True)
 
 
 def write_public(path: Path, data: bytes) -> None:
+    from mgmt.outfile import write_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_file(path, data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
