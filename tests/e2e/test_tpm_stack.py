@@ -17,7 +17,6 @@ from cryptography.x509.oid import NameOID
 from edgekms import errors
 from edgekms.client_certs import self_signed_ca
 from edgekms.v1 import common_pb2 as pb
-from mgmt.swtpm import free_port_pair
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.tpm
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.tpm
 @pytest.fixture(scope="module")
 def tpm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsStack]:
     data_dir = tmp_path_factory.mktemp("tpmstack") / "data"
-    stack = start_stack(data_dir, "--tpm", "swtpm", "--swtpm-port", str(free_port_pair()))
+    stack = start_stack(data_dir, "--tpm", "swtpm")
     yield stack
     assert stop_stack(stack) == 0
 
@@ -96,3 +95,21 @@ def test_tpm_digest_of_wrong_length_is_invalid_argument(tpm_stack: KmsStack) -> 
             client.sign_digest(
                 "tpm/len", pb.SIGNATURE_ALGORITHM_ECDSA_SHA256, hashlib.sha384(b"x").digest()
             )
+
+
+def test_swtpm_is_private_and_provisioned(tpm_stack: KmsStack) -> None:
+    """`kmsctl up --tpm swtpm` runs swtpm on 0600 Unix sockets, provisions it, and gives
+    tpm0 the owner and endorsement auth (tpm0 signing above proves the TPM took them)."""
+    import os
+    import stat
+
+    sock = tpm_stack.data_dir / "swtpm" / "swtpm.sock"
+    for path in (sock, Path(f"{sock}.ctrl")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    secrets = tpm_stack.data_dir / "secrets"
+    for name in ("owner", "endorsement", "lockout"):
+        assert stat.S_IMODE((secrets / f"tpm-{name}.auth").stat().st_mode) == 0o600
+    config = (tpm_stack.data_dir / "config" / "crypto-tpm0.toml").read_text()
+    assert f'tcti = "swtpm:path={sock}"' in config
+    assert f'owner_auth_file = "{secrets / "tpm-owner.auth"}"' in config
+    assert "tpm-lockout.auth" not in config  # the lockout auth stays with the operator
