@@ -35,7 +35,6 @@ from edgekms.errors import Unavailable
 from edgekms.logs import fields
 from edgekms.v1 import (
     audit_pb2,
-    audit_pb2_grpc,
     clients_pb2,
     keys_pb2,
 )
@@ -152,8 +151,11 @@ class Broker:
             keys_pb2.DESCRIPTOR.services_by_name["SystemService"],
             keys_pb2,
         )
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(
-            AuditService(self.nc.jetstream(), audit, identities), self.server
+        wire.register(
+            self.server,
+            AuditService(self.nc.jetstream(), audit, identities),
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
+            audit_pb2,
         )
         wire.register(
             self.server,

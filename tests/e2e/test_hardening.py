@@ -14,8 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from edgekms import errors
+from edgekms.v1 import clients_pb2
+from mgmt.client import KMSClient
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.e2e.test_broker import issue_client_cert
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -130,3 +135,103 @@ def test_out_through_a_symlink_to_a_file_is_refused_and_writes_nothing(
     assert "kmsctl: output.symlink:" in done.stderr
     assert victim.read_bytes() == b"precious"
     assert link.is_symlink()
+
+
+# --- certificates, names and restrictions ---------------------------------------------
+
+
+def admin_client(stack: KmsStack, out: Path, name: str, role: str, *extra: str) -> KMSClient:
+    ok(stack, "client", "add", name, "--role", role, "--out-dir", str(out / name), *extra)
+    return KMSClient.from_config(out / name / "config.toml", timeout=10)
+
+
+def test_a_namesake_can_neither_restrict_nor_replace_the_first_admin(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    """`client add admin --role signer --keys 'zzz/*'` used to narrow the bootstrap admin
+    to zzz/* (patterns were looked up by name); now the name is taken."""
+    with stack.client() as admin:
+        me = admin.whoami()
+        listed = {c.name: c for c in admin.list_clients()}
+    first = listed["admin"]  # recorded at its first request
+    assert (first.role, first.serial, first.created_by) == ("admin", me.serial, "(first use)")
+    done = kmsctl(
+        stack, "client", "add", "admin", "--role", "signer", "--keys", "zzz/*",
+        "--out-dir", str(tmp_path / "impostor"),
+    )  # fmt: skip
+    assert done.returncode == 5, done.stderr
+    assert "kmsctl: client.exists:" in done.stderr
+    assert not (tmp_path / "impostor" / "admin.crt").exists()
+    with stack.client() as admin:
+        admin.create_key("outside/zzz", "ec-p256")  # not limited to zzz/*
+        assert "outside/zzz" in {k.name for k in admin.list_keys()}
+        assert admin.whoami().role == "admin"
+
+
+def test_patterns_belong_to_the_certificate_and_a_second_certificate_is_refused(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    with stack.client() as admin:
+        admin.create_key("a/one", "ec-p256")
+        admin.create_key("b/one", "ec-p256")
+    old = admin_client(stack, tmp_path / "1", "carol", "signer", "--keys", "a/*")
+    with old:
+        assert old.sign("a/one", b"m")
+    ok(stack, "client", "revoke", "carol")
+    new = admin_client(stack, tmp_path / "2", "carol", "signer", "--keys", "b/*")
+    with new:
+        assert new.sign("b/one", b"m")
+        with pytest.raises(errors.PermissionDenied) as outside:
+            new.sign("a/one", b"m")  # the old certificate's pattern is not the new one's
+        assert outside.value.reason == "authz.key_pattern"
+    reopened = KMSClient.from_config(tmp_path / "1" / "carol" / "config.toml", timeout=10)
+    with reopened, pytest.raises(errors.Unauthenticated) as revoked:
+        reopened.sign("a/one", b"m")
+    assert revoked.value.reason == "auth.revoked"
+
+    # A certificate from the internal CA that `client add` did not make, naming a live
+    # client: refused rather than sharing carol's name, policies and audit trail.
+    cert, key = issue_client_cert(stack, "carol", "admin")
+    ca = (stack.data_dir / "client" / "ca.crt").read_bytes()
+    with KMSClient(
+        stack.broker, ca_cert=ca, cert=cert, key=key, server_name="edgekms-broker"
+    ) as twin:
+        with pytest.raises(errors.Unauthenticated) as conflict:
+            twin.list_keys()
+        assert conflict.value.reason == "auth.name_conflict"
+
+
+def test_a_certificate_never_used_is_revocable_by_serial(stack: KmsStack) -> None:
+    cert_pem, key = issue_client_cert(stack, "minted", "admin")
+    serial = format(x509.load_pem_x509_certificate(cert_pem).serial_number, "x")
+    revoked = json.loads(ok(stack, "client", "revoke", "--serial", serial.upper(), "-o", "json"))
+    assert (revoked["serial"], revoked["status"]) == (serial, "revoked")
+    ca = (stack.data_dir / "client" / "ca.crt").read_bytes()
+    with KMSClient(
+        stack.broker, ca_cert=ca, cert=cert_pem, key=key, server_name="edgekms-broker"
+    ) as minted:
+        with pytest.raises(errors.Unauthenticated) as refused:
+            minted.list_keys()
+        assert refused.value.reason == "auth.revoked"
+    bad = kmsctl(stack, "client", "revoke", "--serial", "not-hex")
+    assert bad.returncode == 3 and "kmsctl: client.serial_invalid:" in bad.stderr
+
+
+def test_z_the_first_admin_is_revocable(stack: KmsStack, tmp_path: Path) -> None:
+    """Last in this module: it revokes the stack's own admin certificate."""
+    second = admin_client(stack, tmp_path, "admin2", "admin")
+    with second:
+        revoked = second.revoke_client("admin")
+        assert revoked.status == clients_pb2.CLIENT_STATUS_REVOKED
+    with stack.client() as first, pytest.raises(errors.Unauthenticated) as refused:
+        first.list_keys()
+    assert refused.value.reason == "auth.revoked"
+    config = str(tmp_path / "admin2" / "config.toml")
+    lines = ok(stack, "audit", "tail", "-o", "json", "--config", config).splitlines()
+    entries = [json.loads(line)["entry"] for line in lines]
+    refused_entries = [
+        e for e in entries if e and e["action"] == "ListKeys" and e["outcome"] == "auth.revoked"
+    ]
+    # The refused caller is audited under the name and role its certificate carries.
+    assert refused_entries
+    assert refused_entries[-1]["actor"] == {"client": "admin", "role": "admin"}
