@@ -136,6 +136,11 @@ class Broker:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
+                ("grpc.server_handshake_timeout_ms", int(cfg.handshake_timeout * 1000)),
+                ("grpc.max_connection_idle_ms", int(cfg.idle_timeout * 1000)),
+                ("grpc.keepalive_time_ms", int(cfg.keepalive_interval * 1000)),
+                ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
         # Unary services go through broker.wire so undecodable requests get a typed error.
