@@ -235,6 +235,11 @@ async def run_ceremony(
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
         if paths.ca_cert.exists():
             ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+            # A new admin certificate for an existing CA (the client config was lost): the
+            # broker gives a name to one live certificate only (broker/clients.py), and
+            # the lost one may still be live, so this one gets a name of its own; revoke
+            # the lost one with `kmsctl client revoke admin`.
+            admin_name = f"{admin_name}-{secrets.token_hex(4)}"
         else:
             ca_cert = await asyncio.to_thread(build_ca_certificate, ca_key)
             write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))

@@ -19,7 +19,7 @@ from cryptography import x509
 from edgekms import errors
 from edgekms.v1 import clients_pb2
 from mgmt.client import KMSClient
-from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.e2e.conftest import KmsStack, Parts, start_stack, stop_stack
 from tests.e2e.test_broker import issue_client_cert
 
 pytestmark = pytest.mark.timeout(900)
@@ -235,3 +235,28 @@ def test_z_the_first_admin_is_revocable(stack: KmsStack, tmp_path: Path) -> None
     # The refused caller is audited under the name and role its certificate carries.
     assert refused_entries
     assert refused_entries[-1]["actor"] == {"client": "admin", "role": "admin"}
+
+
+def test_a_lost_admin_config_gets_a_new_admin_that_can_revoke_the_old(parts: Parts) -> None:
+    """Re-running the ceremony for an existing CA (client config lost) makes an admin of
+    a new name: the lost certificate keeps its name until that admin revokes it."""
+    with parts.client() as old:
+        assert old.whoami().client == "admin"
+    old_config = parts.client_config.read_text()
+    parts.client_config.unlink()
+    parts.ceremony()
+    with parts.client() as new:
+        me = new.whoami()
+        assert me.client.startswith("admin-") and me.role == "admin"
+        new.revoke_client("admin")
+    recovered = parts.root / "old-client"
+    recovered.mkdir()
+    for name in ("admin.crt", "admin.key", "ca.crt"):
+        (recovered / name).write_bytes((parts.client_config.parent / name).read_bytes())
+    (recovered / "config.toml").write_text(old_config)
+    with (
+        KMSClient.from_config(recovered / "config.toml", timeout=10) as lost,
+        pytest.raises(errors.Unauthenticated) as refused,
+    ):
+        lost.whoami()
+    assert refused.value.reason == "auth.revoked"
