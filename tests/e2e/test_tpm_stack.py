@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from edgekms.v1 import common_pb2 as pb
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.tpm
+
+KMSCTL = str(Path(sys.executable).parent / "kmsctl")
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +116,28 @@ def test_swtpm_is_private_and_provisioned(tpm_stack: KmsStack) -> None:
     assert f'tcti = "swtpm:path={sock}"' in config
     assert f'owner_auth_file = "{secrets / "tpm-owner.auth"}"' in config
     assert "tpm-lockout.auth" not in config  # the lockout auth stays with the operator
+
+
+def test_save_ak_to_a_null_device_leaves_the_device(tpm_stack: KmsStack, tmp_path: Path) -> None:
+    """The one --out-like option only a TPM stack exercises (the rest:
+    tests/e2e/test_hardening.py::test_a_null_device_survives_every_command_that_writes_a_file)."""
+    import os
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    with tpm_stack.client(timeout=60) as client:
+        client.create_key("tpm/attested", "ec-p256", provider="tpm0")
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    done = subprocess.run(
+        [KMSCTL, "key", "attest", "tpm/attested", "--save-ak", str(dev)],
+        env=tpm_stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    st = os.lstat(dev)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
