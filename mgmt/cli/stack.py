@@ -114,8 +114,8 @@ def up(
     )
     if swtpm_port is not None:
         click.echo(
-            "kmsctl up: --swtpm-port is ignored: swtpm listens on Unix sockets only root may"
-            " open (DATA_DIR/swtpm/swtpm.sock)",
+            "kmsctl up: --swtpm-port is ignored: swtpm listens on Unix sockets only this user"
+            " may open (DATA_DIR/swtpm/swtpm.sock)",
             err=True,
         )
     if ca_provider and ca_provider not in options.providers:
