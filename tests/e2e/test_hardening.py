@@ -217,6 +217,26 @@ def test_a_certificate_never_used_is_revocable_by_serial(stack: KmsStack) -> Non
     assert bad.returncode == 3 and "kmsctl: client.serial_invalid:" in bad.stderr
 
 
+def test_a_throttled_caller_is_audited_with_its_certificates_actor(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    """A throttled (or revoked) caller used to be audited with an empty actor: the
+    refusal came before the certificate was read."""
+    eve = admin_client(stack, tmp_path, "eve", "signer")
+    with eve:
+        for _ in range(10):  # a signer may not create keys: ten refusals...
+            with pytest.raises(errors.PermissionDenied):
+                eve.create_key("eve/key", "ec-p256")
+        with pytest.raises(errors.ResourceExhausted) as throttled:  # ...then throttled
+            eve.whoami()
+        assert throttled.value.reason == "auth.throttled"
+    lines = ok(stack, "audit", "tail", "-o", "json").splitlines()
+    entries = [json.loads(line)["entry"] for line in lines]
+    mine = [e for e in entries if e and e["outcome"] == "auth.throttled"]
+    assert mine
+    assert mine[-1]["actor"] == {"client": "eve", "role": "signer"}
+
+
 def test_z_the_first_admin_is_revocable(stack: KmsStack, tmp_path: Path) -> None:
     """Last in this module: it revokes the stack's own admin certificate."""
     second = admin_client(stack, tmp_path, "admin2", "admin")
