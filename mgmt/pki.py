@@ -228,18 +228,20 @@ async def run_ceremony(
     )
     try:
         crypto = CryptoClient(nc)
+        existing_ca = await read_key_record(await registry_kv(nc), INTERNAL_CA_KEY) is not None
         record = await internal_ca_key(nc, crypto, provider)
+        if existing_ca:
+            # Another admin for a CA that already has one (a second machine, or a lost
+            # client config): the broker gives a name to one live certificate only
+            # (broker/clients.py), so this one gets a name of its own; a lost one is
+            # revoked with `kmsctl client revoke admin`.
+            admin_name = f"{admin_name}-{secrets.token_hex(4)}"
         loop = asyncio.get_running_loop()
         signer = NatsDigestSigner(crypto, loop, record.provider, record.key_id)
         ca_key = remote_key(signer, record.public_key_der)
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
         if paths.ca_cert.exists():
             ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-            # A new admin certificate for an existing CA (the client config was lost): the
-            # broker gives a name to one live certificate only (broker/clients.py), and
-            # the lost one may still be live, so this one gets a name of its own; revoke
-            # the lost one with `kmsctl client revoke admin`.
-            admin_name = f"{admin_name}-{secrets.token_hex(4)}"
         else:
             ca_cert = await asyncio.to_thread(build_ca_certificate, ca_key)
             write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
