@@ -18,7 +18,6 @@ from typing import Any
 from bench.load import LoadSpec
 from bench.procs import children
 from mgmt.natsserver import free_port
-from mgmt.swtpm import free_port_pair
 
 BIN = Path(sys.executable).parent
 
@@ -110,7 +109,6 @@ def bus_options(data_dir: Path, user: str = "broker") -> dict[str, Any]:
 
 def start(data_dir: Path, timeout: float = 120.0, log_level: str = "warning") -> RunningStack:
     nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
-    swtpm_port = free_port_pair()
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     argv = [
         str(BIN / "kmsctl"),
@@ -123,8 +121,6 @@ def start(data_dir: Path, timeout: float = 120.0, log_level: str = "warning") ->
         f"127.0.0.1:{broker_port}",
         "--tpm",
         "swtpm",
-        "--swtpm-port",
-        str(swtpm_port),
         "--ca-http",
         f"127.0.0.1:{ca_port}",
         "--log-level",

@@ -29,8 +29,9 @@ from google.protobuf.message import Message
 from nats.js import JetStreamContext, api
 
 from broker.authz import check_method
+from broker.wire import Malformed
 from edgekms.audit import STREAM, SUBJECT_PREFIX, AuditWriter, parse_message, split_message
-from edgekms.errors import ERROR_METADATA_KEY, Internal, KMSError, Unavailable
+from edgekms.errors import ERROR_METADATA_KEY, Internal, InvalidArgument, KMSError, Unavailable
 from edgekms.identity import Identity
 from edgekms.logs import fields
 from edgekms.v1 import audit_pb2, audit_pb2_grpc
@@ -210,12 +211,19 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     async def TailAudit(  # type: ignore[override]
         self, request: audit_pb2.TailAuditRequest, context: Context
     ) -> AsyncIterator[audit_pb2.TailAuditResponse]:
-        scope = AuditScope.for_request(self.writer, "TailAudit", request)
-        scope.details.update(from_seq=str(request.from_seq), follow=str(request.follow).lower())
+        # broker.wire hands over a Malformed marker for bytes that are not a request.
+        malformed = isinstance(request, Malformed)
+        scope = AuditScope.for_request(self.writer, "TailAudit", None if malformed else request)
+        if not malformed:
+            scope.details.update(from_seq=str(request.from_seq), follow=str(request.follow).lower())
         failure: KMSError | None
         try:
-            scope.identity = self.identities.identify(context)
-            check_method(scope.identity, "TailAudit")
+            identity = await self.identities.identify(context, scope)
+            check_method(identity, "TailAudit")
+            if malformed:
+                raise InvalidArgument(
+                    "request.malformed", "TailAudit: the request is not a TailAuditRequest"
+                )
             failure = await scope.settle(None)
         except KMSError as err:
             failure = await scope.settle(err)

@@ -133,6 +133,10 @@ def check_key_policy(
 
 
 MAX_POLICY_RULES = 32
+# Per rule: enough for any real policy, small enough that a whole record stays far below
+# the bus's max_payload (an oversized record used to fail its KV write as INTERNAL).
+MAX_RULE_CLIENTS = 64
+MAX_RULE_ITEMS = 16
 
 
 def check_policy_rules(policy: pb.KeyPolicy, key_type: pb.KeyType.ValueType) -> None:
@@ -142,6 +146,16 @@ def check_policy_rules(policy: pb.KeyPolicy, key_type: pb.KeyType.ValueType) -> 
         raise InvalidArgument("policy.too_many_rules", f"at most {MAX_POLICY_RULES} rules")
     for index, rule in enumerate(policy.rules):
         where = {"rule": str(index)}
+        if (
+            len(rule.clients) > MAX_RULE_CLIENTS
+            or max(len(rule.roles), len(rule.operations), len(rule.algorithms)) > MAX_RULE_ITEMS
+        ):
+            raise InvalidArgument(
+                "policy.rule_too_large",
+                f"rule {index}: at most {MAX_RULE_CLIENTS} clients and {MAX_RULE_ITEMS}"
+                " roles, operations or algorithms",
+                where,
+            )
         if not rule.roles and not rule.clients:
             raise InvalidArgument("policy.no_subject", f"rule {index} names nobody", where)
         for role in rule.roles:

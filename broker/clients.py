@@ -8,6 +8,16 @@ does. Each client is recorded in the JetStream KV bucket `kms_clients`:
     client.<name>       edgekms.v1.Client (role, key pattern, serial, validity, status)
     revoked.<serial>    the client name; the revocation set, never deleted
 
+A name has one live certificate, and restrictions belong to that certificate: the key
+pattern is looked up by the caller's serial, never by the name it claims. A certificate
+the internal CA issued outside `client add` (the bootstrap admin's, or any other) is
+recorded under its name at its first request (`created_by` "(first use)"), so it can be
+revoked by name like any other, and a later `client add` of that name is ALREADY_EXISTS
+instead of a second certificate that would share the name, its policies and its audit
+trail. A valid certificate whose name is held by another live certificate is refused
+(UNAUTHENTICATED "auth.name_conflict"). `RevokeClient` also takes a bare serial, for a
+certificate that never made a request.
+
 Every broker replica follows the bucket with a watcher, so a revocation made anywhere
 refuses the certificate on its very next request (UNAUTHENTICATED, "auth.revoked"),
 with no restart; the replica that revoked adds the serial to its own set before it even
@@ -51,6 +61,7 @@ from edgekms.errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
 )
 from edgekms.identity import CLIENT_NAME_RE, ROLES, Identity
 from edgekms.logs import fields
@@ -64,6 +75,8 @@ log = logging.getLogger(__name__)
 MAX_PATTERN = 256
 PATTERN_RE = re.compile(r"^[a-z0-9/._*?\[\]!-]+$")
 MAX_VALIDITY_DAYS = 3650
+FIRST_USE = "(first use)"
+SERIAL_RE = re.compile(r"^[0-9a-f]{1,40}$")
 
 
 def serial_hex(serial: int) -> str:
@@ -97,7 +110,14 @@ class ClientRegistry(FollowedBucket):
     def __init__(self, js: JetStreamContext, replicas: int = 1):
         super().__init__(js, replicas)
         self._clients: dict[str, clients_pb2.Client] = {}
+        # serial (hex) -> the record that issued or first saw that certificate.
+        self._by_serial: dict[str, clients_pb2.Client] = {}
         self._revoked: set[str] = set()
+
+    def _remember(self, record: clients_pb2.Client) -> None:
+        self._clients[record.name] = record
+        if record.serial:
+            self._by_serial[record.serial] = record
 
     def apply(self, entry: Any) -> None:
         kind, _, rest = entry.key.partition(".")
@@ -112,7 +132,10 @@ class ClientRegistry(FollowedBucket):
             return
         record = clients_pb2.Client()
         record.ParseFromString(entry.value)
-        self._clients[rest] = record
+        if record.name != rest:
+            log.warning("client record under another name ignored", extra=fields(key=entry.key))
+            return
+        self._remember(record)
         if record.status == clients_pb2.CLIENT_STATUS_REVOKED and record.serial:
             self._revoked.add(record.serial)
 
@@ -120,6 +143,10 @@ class ClientRegistry(FollowedBucket):
 
     def is_revoked(self, serial: int) -> bool:
         return serial_hex(serial) in self._revoked
+
+    def holder(self, serial: str) -> clients_pb2.Client | None:
+        """The record of the certificate with this serial (hex), whatever its name now."""
+        return self._by_serial.get(serial)
 
     def get(self, name: str) -> clients_pb2.Client | None:
         record = self._clients.get(name)
@@ -170,7 +197,75 @@ class ClientRegistry(FollowedBucket):
     async def activate(self, record: clients_pb2.Client, revision: int) -> None:
         record.status = clients_pb2.CLIENT_STATUS_ACTIVE
         await self.kv.update(f"client.{record.name}", record.SerializeToString(), last=revision)
-        self._clients[record.name] = record
+        self._remember(record)
+
+    async def record_first_use(self, identity: Identity) -> None:
+        """Give the name to a certificate `client add` did not issue, if nobody live has it."""
+        serial = serial_hex(identity.serial)
+        record = clients_pb2.Client(
+            name=identity.client,
+            role=identity.role,
+            serial=serial,
+            not_after=_stamp(datetime.datetime.fromisoformat(identity.not_after)),
+            created_at=_stamp(),
+            created_by=FIRST_USE,
+            status=clients_pb2.CLIENT_STATUS_ACTIVE,
+        )
+        key = f"client.{identity.client}"
+        try:
+            await self.kv.create(key, record.SerializeToString())
+            self._remember(record)
+            log.info(
+                "client recorded at first use",
+                extra=fields(client=identity.client, role=identity.role, serial=serial),
+            )
+            return
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            raise Unavailable(
+                "client.contended", f"client {identity.client!r} is changing"
+            ) from None
+        current = clients_pb2.Client()
+        current.ParseFromString(entry.value or b"")
+        if current.serial == serial:  # another broker recorded it first
+            self._remember(current)
+            return
+        if current.status != clients_pb2.CLIENT_STATUS_REVOKED:
+            raise Unauthenticated(
+                "auth.name_conflict",
+                f"client name {identity.client!r} belongs to another certificate",
+                {"client": identity.client, "serial": serial, "holder_serial": current.serial},
+            )
+        assert entry.revision is not None
+        try:
+            await self.kv.update(key, record.SerializeToString(), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            raise Unavailable(
+                "client.contended", f"client {identity.client!r} is changing"
+            ) from None
+        self._remember(record)
+
+    async def revoke_serial(self, serial: str, by: str) -> clients_pb2.Client:
+        """Revoke a certificate by serial: its client's record if it has one, else the bare
+        serial (a certificate that never made a request)."""
+        holder = self._by_serial.get(serial)
+        if holder is not None:
+            current = self._clients.get(holder.name)
+            if current is not None and current.serial == serial:
+                return await self.revoke(holder.name, by)
+        await self.kv.put(f"revoked.{serial}", (holder.name if holder else "").encode())
+        self._revoked.add(serial)
+        return clients_pb2.Client(
+            name=holder.name if holder else "",
+            role=holder.role if holder else "",
+            serial=serial,
+            status=clients_pb2.CLIENT_STATUS_REVOKED,
+            revoked_at=_stamp(),
+            revoked_by=by,
+        )
 
     async def release(self, name: str, revision: int) -> None:
         """Drop a reservation whose certificate could not be made."""
@@ -202,7 +297,7 @@ class ClientRegistry(FollowedBucket):
                 await self.kv.update(key, record.SerializeToString(), last=entry.revision)
             except KeyWrongLastSequenceError:
                 continue
-            self._clients[name] = record
+            self._remember(record)
             return record
         raise FailedPrecondition("client.contended", f"client {name!r} is changing; try again")
 
@@ -241,8 +336,16 @@ class AccessGate:
         elif pem is not None:
             self.throttle.failed(self.certificate_subject(pem))
 
+    async def bind(self, identity: Identity) -> None:
+        """Make sure the certificate is on record (see the module docstring); a dict
+        lookup on every request but its first."""
+        if self.clients.holder(serial_hex(identity.serial)) is None:
+            await self.clients.record_first_use(identity)
+
     def key_pattern(self, identity: Identity) -> str:
-        record = self.clients.get(identity.client)
+        """The pattern of this certificate (by serial): a later certificate with the same
+        name neither narrows nor widens it."""
+        record = self.clients.holder(serial_hex(identity.serial))
         return record.key_pattern if record is not None else ""
 
     def key_allowed(self, identity: Identity, name: str) -> bool:
@@ -423,9 +526,21 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
     async def RevokeClient(
         self, request: clients_pb2.RevokeClientRequest, context: Context, identity: Identity
     ) -> clients_pb2.Client:
-        if not CLIENT_NAME_RE.match(request.name):
-            raise InvalidArgument("client.name_invalid", "not a client name")
-        record = await self.clients.revoke(request.name, identity.client)
+        if bool(request.name) == bool(request.serial):
+            raise InvalidArgument(
+                "client.revoke_target", "give exactly one of a client name or a serial"
+            )
+        if request.serial:
+            serial = request.serial.lower().removeprefix("0x").lstrip("0") or "0"
+            if not SERIAL_RE.match(serial):
+                raise InvalidArgument(
+                    "client.serial_invalid", "a serial is 1 to 40 hexadecimal digits"
+                )
+            record = await self.clients.revoke_serial(serial, identity.client)
+        else:
+            if not CLIENT_NAME_RE.match(request.name):
+                raise InvalidArgument("client.name_invalid", "not a client name")
+            record = await self.clients.revoke(request.name, identity.client)
         log.warning(
             "client revoked",
             extra=fields(client=record.name, serial=record.serial, by=identity.client),

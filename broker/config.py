@@ -6,6 +6,8 @@ default_provider = "hsm0"
 providers = ["hsm0"]          # crypto services `status` expects to answer
 sign_timeout = 5.0            # seconds; generation gets generate_timeout
 generate_timeout = 120.0
+handshake_timeout = 10.0      # TLS handshake; then idle_timeout (300) without a call,
+keepalive_interval = 60.0     # and keepalive pings answered within keepalive_timeout (20)
 [tls]
 cert = "pki/broker.crt"       # relative paths are relative to this file
 key = "pki/broker.key"
@@ -49,6 +51,14 @@ class BrokerConfig:
     sign_timeout: float = 5.0
     generate_timeout: float = 120.0
     bus: BusCredentials = field(default_factory=BusCredentials)
+    # Connections: a TLS handshake must finish within handshake_timeout; a connection
+    # with no call for idle_timeout is closed (GOAWAY); an open one is pinged every
+    # keepalive_interval and dropped when a ping goes unanswered for keepalive_timeout,
+    # so half-open connections (a peer gone without FIN) are not held for ever.
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    keepalive_interval: float = 60.0
+    keepalive_timeout: float = 20.0
 
 
 def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
@@ -69,6 +79,10 @@ KNOWN_FIELDS = frozenset(
         "providers",
         "sign_timeout",
         "generate_timeout",
+        "handshake_timeout",
+        "idle_timeout",
+        "keepalive_interval",
+        "keepalive_timeout",
         "tls",
         *BUS_FIELDS,
     }
@@ -123,4 +137,8 @@ def load_config(path: Path) -> BrokerConfig:
         tls=tls,
         sign_timeout=_seconds(raw, "sign_timeout", 5.0, path),
         generate_timeout=_seconds(raw, "generate_timeout", 120.0, path),
+        handshake_timeout=_seconds(raw, "handshake_timeout", 10.0, path),
+        idle_timeout=_seconds(raw, "idle_timeout", 300.0, path),
+        keepalive_interval=_seconds(raw, "keepalive_interval", 60.0, path),
+        keepalive_timeout=_seconds(raw, "keepalive_timeout", 20.0, path),
     )

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -37,6 +38,7 @@ from edgekms.errors import (
     InvalidArgument,
     KMSError,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
 )
 from edgekms.identity import Identity, identity_from_certificate
@@ -59,6 +61,30 @@ Handler = Callable[[Any, Req, Context, Identity], Awaitable[Resp]]
 # Keys EdgeKMS keeps for itself (the internal CA): their policy cannot be changed.
 RESERVED_PREFIX = "edgekms/"
 
+# Labels are for people and scripts; the limits keep a record far below the bus's
+# max_payload, where an oversized one used to fail its KV write as INTERNAL.
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 256
+LABEL_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,62}$")
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument("key.labels_invalid", f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(key):
+            raise InvalidArgument(
+                "key.labels_invalid",
+                f"label name {key[:70]!r} must match {LABEL_KEY_RE.pattern}",
+                {"label": key[:70]},
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            raise InvalidArgument(
+                "key.labels_invalid",
+                f"label {key!r}: values are at most {MAX_LABEL_VALUE} characters",
+                {"label": key},
+            )
+
 
 class IdentityCache:
     """Parsing a certificate per request is waste on the hot path: remember by PEM."""
@@ -75,20 +101,35 @@ class IdentityCache:
         pems = list(context.auth_context().get("x509_pem_cert") or [])
         return pems[0] if pems else None
 
-    def identify(self, context: Context) -> Identity:
+    async def identify(self, context: Context, scope: AuditScope | None = None) -> Identity:
+        """Who is calling, admitted (not throttled, revoked or expired) and on record.
+
+        The certificate is read before the gate's checks and handed to `scope` at once, so
+        that a throttled or revoked caller is audited under the name and role its
+        certificate carries rather than with an empty actor.
+        """
         pem = self._pem(context)
         if pem is None:
             raise Unauthenticated("auth.no_certificate", "no client certificate")
-        if self.gate is not None:
-            self.gate.before_identify(pem)
         identity = self._cache.get(pem)
         if identity is None:
+            if self.gate is not None:
+                # Before parsing: a certificate that never parses is throttled too.
+                self.gate.before_identify(pem)
             identity = identity_from_certificate(x509.load_pem_x509_certificate(pem))
             if len(self._cache) >= self._size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[pem] = identity
+            if scope is not None:
+                scope.identity = identity
+        else:
+            if scope is not None:
+                scope.identity = identity
+            if self.gate is not None:
+                self.gate.before_identify(pem)
         if self.gate is not None:
             self.gate.admit(identity)
+            await self.gate.bind(identity)
         return identity
 
     def check_scope(self, identity: Identity, method: str, request: Any) -> None:
@@ -116,8 +157,7 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
             scope = AuditScope.for_request(getattr(self, "audit", None), method, request)
             bound = scope.bind()
             try:
-                identity = self.identities.identify(context)
-                scope.identity = identity
+                identity = await self.identities.identify(context, scope)
                 check_method(identity, method)
                 if isinstance(request, Malformed):
                     raise InvalidArgument(
@@ -256,6 +296,19 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         for index in request.options.pcr_indexes:
             if index > 23:
                 raise InvalidArgument("key.pcr_invalid", f"PCR index {index} is out of range")
+        if len(request.options.pcr_indexes) > 24:
+            raise InvalidArgument("key.pcr_invalid", "at most 24 PCR indexes")
+        check_labels(request.labels)
+        if request.policy.rules:
+            # Policies are the administrators' (UpdateKeyPolicy is admin-only); a policy
+            # set at creation must not be a way around that, nor around its checks.
+            if identity.role != "admin":
+                raise PermissionDenied(
+                    "authz.policy_admin_only",
+                    "only administrators set key policies; create the key without one",
+                    {"role": identity.role},
+                )
+            check_policy_rules(request.policy, request.key_type)
         record = pb.KeyRecord(
             name=request.name,
             provider=provider,

@@ -35,7 +35,6 @@ from edgekms.errors import Unavailable
 from edgekms.logs import fields
 from edgekms.v1 import (
     audit_pb2,
-    audit_pb2_grpc,
     clients_pb2,
     keys_pb2,
 )
@@ -137,6 +136,11 @@ class Broker:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
+                ("grpc.server_handshake_timeout_ms", int(cfg.handshake_timeout * 1000)),
+                ("grpc.max_connection_idle_ms", int(cfg.idle_timeout * 1000)),
+                ("grpc.keepalive_time_ms", int(cfg.keepalive_interval * 1000)),
+                ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
         # Unary services go through broker.wire so undecodable requests get a typed error.
@@ -152,8 +156,11 @@ class Broker:
             keys_pb2.DESCRIPTOR.services_by_name["SystemService"],
             keys_pb2,
         )
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(
-            AuditService(self.nc.jetstream(), audit, identities), self.server
+        wire.register(
+            self.server,
+            AuditService(self.nc.jetstream(), audit, identities),
+            audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
+            audit_pb2,
         )
         wire.register(
             self.server,

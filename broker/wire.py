@@ -1,10 +1,11 @@
-"""Registering unary gRPC services so that undecodable requests get a typed answer.
+"""Registering gRPC services so that undecodable requests get a typed answer.
 
 grpc's generated registration parses each request before any handler runs; bytes that
 are not the method's protobuf then fail inside grpc as UNKNOWN "Unexpected DecodeError",
 without the typed Error clients rely on. Here the parse failure becomes a `Malformed`
 marker that the `rpc` wrapper answers with INVALID_ARGUMENT request.malformed, after the
-caller is identified and the refusal audited like any other.
+caller is identified and the refusal audited like any other. Server-streaming methods
+(AuditService.TailAudit) are registered the same way and check for the marker themselves.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ def unary_handlers(
     for method in service.methods:
         request_type = getattr(module, method.input_type.name)
         response_type = getattr(module, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client streaming is not supported here")
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
             implementation(method.name),
             request_deserializer=safe_parser(request_type),
             response_serializer=response_type.SerializeToString,

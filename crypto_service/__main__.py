@@ -31,6 +31,7 @@ from crypto_service.config import (  # noqa: E402
 )
 from crypto_service.providers.base import Provider  # noqa: E402
 from crypto_service.service import CryptoService  # noqa: E402
+from crypto_service.throttle import STATE_FILE, AuthGuard  # noqa: E402
 from edgekms import aio  # noqa: E402
 from edgekms.errors import KMSError  # noqa: E402
 from edgekms.logs import setup_logging  # noqa: E402
@@ -93,7 +94,11 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    service = CryptoService(nc, provider, config.provider_id, config.workers)
+    guard = None
+    if config.tpm2 is not None:
+        # The TPM's failure counter outlives this process; so must the guard's counts.
+        guard = AuthGuard.for_provider(provider, config.tpm2.state_dir / STATE_FILE)
+    service = CryptoService(nc, provider, config.provider_id, config.workers, auth_guard=guard)
     try:
         await service.start()
         await stop.wait()

@@ -52,6 +52,11 @@ class Tpm2Config:
     srk_handle: int | None = None
     # File holding the auth value of keys created with require_auth (1..32 bytes).
     key_auth_file: Path | None = None
+    # Hierarchy auth set by `kmsctl tpm provision`: the owner's for the storage key (a
+    # primary under the owner hierarchy), the endorsement's for the attestation key.
+    # None: empty auth, the state of a TPM nobody provisioned.
+    owner_auth_file: Path | None = None
+    endorsement_auth_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,16 @@ def _parse_tpm2(value: Any, fail: Fail) -> Tpm2Config:
     state_dir = _str(section, "state_dir", fail, required=True, prefix="tpm2.")
     srk_handle = _int(section, "srk_handle", fail, 0, 0x81000000, 0x81FFFFFF) or None
     key_auth_file = _str(section, "key_auth_file", fail, required=False, prefix="tpm2.")
-    typed = ("tcti", "state_dir", "srk_handle", "key_auth_file")
+    owner = _str(section, "owner_auth_file", fail, required=False, prefix="tpm2.")
+    endorsement = _str(section, "endorsement_auth_file", fail, required=False, prefix="tpm2.")
+    typed = (
+        "tcti",
+        "state_dir",
+        "srk_handle",
+        "key_auth_file",
+        "owner_auth_file",
+        "endorsement_auth_file",
+    )
     extra = {k: v for k, v in section.items() if k not in typed}
     return Tpm2Config(
         tcti=tcti,
@@ -193,6 +207,8 @@ def _parse_tpm2(value: Any, fail: Fail) -> Tpm2Config:
         extra=extra,
         srk_handle=srk_handle,
         key_auth_file=Path(key_auth_file) if key_auth_file else None,
+        owner_auth_file=Path(owner) if owner else None,
+        endorsement_auth_file=Path(endorsement) if endorsement else None,
     )
 
 

@@ -9,19 +9,36 @@ the TPM's max_tries), further attempts on the keys that failed are answered
 ResourceExhausted("auth.throttled", retry_after_seconds) here, without a TPM command.
 A lockout the TPM reports anyway ("tpm.lockout") blocks the key for the time it names.
 
+Persistence: the TPM's failure counter survives a restart of the service, so the
+guard's counts must too, or a kill -9 after two failures would hand a fresh budget to
+whoever guesses next (and the next guess would lock the TPM out). With `state_path`
+(kms-crypto uses `<tpm2.state_dir>/auth-guard.json`) every failure and lockout is written
+to that file (tmp, fsync, rename; 0600) before the answer leaves the service, and read
+back at start. Times in it are wall-clock seconds, since a monotonic clock restarts with
+the machine; entries older than the window are dropped when it is written, so the file
+holds at most a few entries per key that failed recently. An unreadable file is logged
+and treated as empty (the TPM's own counter still stops a guesser at max_tries).
+
 Limits: a provider may expose `auth_fail_limits() -> (max_tries, recovery_seconds)`;
 the guard then allows max_tries - 1 failures per recovery window. Otherwise the
-defaults fit a TPM's factory setting (3 tries, 1000 s). The counts live in the service
-process; another program sharing the TPM can still spend the TPM's budget.
+defaults fit a TPM's factory setting (3 tries, 1000 s). Another program sharing the TPM
+can still spend the TPM's budget, and a key that never failed is not known to be
+DA-protected, so its first wrong guess still reaches the TPM.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from edgekms.errors import KMSError, ResourceExhausted
 
@@ -29,6 +46,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TRIES = 3
 DEFAULT_RECOVERY = 1000.0
+STATE_VERSION = 1
+STATE_FILE = "auth-guard.json"
 
 
 class AuthGuard:
@@ -37,7 +56,8 @@ class AuthGuard:
         max_failures: int = DEFAULT_MAX_TRIES - 1,
         window: float = DEFAULT_RECOVERY,
         max_total: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        state_path: Path | None = None,
     ) -> None:
         if max_failures < 1 or window <= 0:
             raise ValueError("max_failures and window must be positive")
@@ -48,25 +68,97 @@ class AuthGuard:
         self._per_key: dict[bytes, deque[float]] = {}
         self._total: deque[float] = deque()
         self._blocked: dict[bytes, float] = {}
+        self.state_path = state_path
+        if state_path is not None:
+            self._load()
 
     @classmethod
-    def for_tpm(cls, max_tries: int, recovery_seconds: float) -> AuthGuard:
+    def for_tpm(
+        cls, max_tries: int, recovery_seconds: float, state_path: Path | None = None
+    ) -> AuthGuard:
         """Stay one failure below the TPM's own limit, forgetting as fast as it forgives."""
         budget = max(1, max_tries - 1)
         # The TPM forgives one failure per interval: a full budget drains in budget*interval.
         window = max(1.0, recovery_seconds * budget)
-        return cls(max_failures=budget, window=window, max_total=budget)
+        return cls(max_failures=budget, window=window, max_total=budget, state_path=state_path)
 
     @classmethod
-    def for_provider(cls, provider: object) -> AuthGuard:
+    def for_provider(cls, provider: object, state_path: Path | None = None) -> AuthGuard:
         limits = getattr(provider, "auth_fail_limits", None)
         if callable(limits):
             try:
                 max_tries, recovery = limits()
-                return cls.for_tpm(int(max_tries), float(recovery))
+                return cls.for_tpm(int(max_tries), float(recovery), state_path)
             except Exception:
                 log.warning("event=auth_limits_unreadable; using the TPM factory defaults")
-        return cls()
+        return cls(state_path=state_path)
+
+    # ---- the state file --------------------------------------------------------------
+
+    def _load(self) -> None:
+        assert self.state_path is not None
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("event=auth_guard_state_unreadable error=%s", exc.strerror or exc)
+            return
+        try:
+            data = json.loads(raw)
+            if data.get("version") != STATE_VERSION:
+                raise ValueError("unknown version")
+            now = self._clock()
+            failures = sorted(
+                (float(at), bytes.fromhex(key)) for key, at in data.get("failures", [])
+            )
+            blocked = {bytes.fromhex(k): float(v) for k, v in data.get("blocked", {}).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("event=auth_guard_state_invalid error=%s", exc)
+            return
+        for at, key in failures:
+            if at > now - self.window:
+                self._per_key.setdefault(key, deque()).append(at)
+                self._total.append(at)
+        for key, until in blocked.items():
+            if until > now:
+                self._blocked[key] = until
+                self._per_key.setdefault(key, deque())
+        if self._total or self._blocked:
+            log.info(
+                "event=auth_guard_restored failures=%d blocked=%d",
+                len(self._total),
+                len(self._blocked),
+            )
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        now = self._clock()
+        failures: list[list[Any]] = []
+        for key, times in self._per_key.items():
+            self._prune(times, now)
+            failures.extend([key.hex(), at] for at in times)
+        self._prune(self._total, now)
+        blocked = {k.hex(): v for k, v in self._blocked.items() if v > now}
+        data = {"version": STATE_VERSION, "failures": failures, "blocked": blocked}
+        directory = self.state_path.parent
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.state_path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(json.dumps(data, sort_keys=True).encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def _prune(self, times: deque[float], now: float) -> None:
         while times and times[0] <= now - self.window:
@@ -110,3 +202,11 @@ class AuthGuard:
                 wait = 0.0
             self._blocked[key_id] = now + max(wait, 1.0)
             self._per_key.setdefault(key_id, deque())
+        else:
+            return
+        try:
+            self._save()
+        except OSError as exc:
+            # The count in memory still holds; only a restart before the next good write
+            # would forget it. Refusing the answer would not un-count the TPM's failure.
+            log.error("event=auth_guard_state_write_failed error=%s", exc.strerror or exc)

@@ -383,9 +383,10 @@ class KMSClient:
         request = clients_pb2.ListClientsRequest(include_revoked=include_revoked)
         return list(self._call("ListClients", self._clients.ListClients, request, None).clients)
 
-    def revoke_client(self, name: str) -> clients_pb2.Client:
-        """Revoke the client's certificate; the broker refuses it from its next request on."""
-        request = clients_pb2.RevokeClientRequest(name=name)
+    def revoke_client(self, name: str = "", serial: str = "") -> clients_pb2.Client:
+        """Revoke a certificate, by its client's name or by its serial (hex); the broker
+        refuses it from its next request on."""
+        request = clients_pb2.RevokeClientRequest(name=name, serial=serial)
         return self._call("RevokeClient", self._clients.RevokeClient, request, None)
 
     # -- SystemService ----------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
 import secrets
 import tomllib
 from dataclasses import dataclass
@@ -69,22 +68,19 @@ class PkiPaths:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file 0600 from the first byte (no window where others may read)."""
+    """Write a secret file 0600 from the first byte (no window where others may read);
+    a device or FIFO at the path is written in place (mgmt/outfile.py)."""
+    from mgmt.outfile import write_file
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file(path, data, private=True)
 
 
 def write_public(path: Path, data: bytes) -> None:
+    from mgmt.outfile import write_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_file(path, data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -232,7 +228,14 @@ async def run_ceremony(
     )
     try:
         crypto = CryptoClient(nc)
+        existing_ca = await read_key_record(await registry_kv(nc), INTERNAL_CA_KEY) is not None
         record = await internal_ca_key(nc, crypto, provider)
+        if existing_ca:
+            # Another admin for a CA that already has one (a second machine, or a lost
+            # client config): the broker gives a name to one live certificate only
+            # (broker/clients.py), so this one gets a name of its own; a lost one is
+            # revoked with `kmsctl client revoke admin`.
+            admin_name = f"{admin_name}-{secrets.token_hex(4)}"
         loop = asyncio.get_running_loop()
         signer = NatsDigestSigner(crypto, loop, record.provider, record.key_id)
         ca_key = remote_key(signer, record.public_key_der)

@@ -123,7 +123,6 @@ class StackOptions:
     # ("device:/dev/tpmrm0") or a device path ("/dev/tpmrm0").
     tpm: str | None = None
     tpm_provider_id: str = "tpm0"
-    swtpm_port: int = 2321
     # The CA service's HTTP side (CRL, OCSP, CA certificates) and the base URL written
     # into certificates; "" leaves CRL DP / AIA out.
     ca_http: str = "127.0.0.1:8180"
@@ -278,21 +277,39 @@ class Stack:
         provider = self.options.tpm_provider_id
         auth = self.layout.secrets / f"{provider}.auth"
         _secret(auth)
-        return (
+        section = (
             "[tpm2]\n"
             f"tcti = {json.dumps(tcti)}\n"
             f"state_dir = {json.dumps(str(self.layout.root / provider))}\n"
             f"key_auth_file = {json.dumps(str(auth))}\n"
         )
+        from mgmt.tpm_provision import auth_file
+
+        owner = auth_file(self.layout.secrets, "owner")
+        endorsement = auth_file(self.layout.secrets, "endorsement")
+        if owner.exists():
+            section += f"owner_auth_file = {json.dumps(str(owner))}\n"
+        else:
+            log.warning(
+                "the TPM has no owner auth from `kmsctl tpm provision`: anyone who can reach"
+                " it may clear its lockout or the TPM itself",
+                extra=fields(tcti=tcti),
+            )
+        if endorsement.exists():
+            section += f"endorsement_auth_file = {json.dumps(str(endorsement))}\n"
+        return section
 
     def _start_swtpm(self) -> str:
-        from mgmt.swtpm import Swtpm, SwtpmConfig
+        """swtpm on private Unix sockets, its platform hierarchy locked as firmware would,
+        and provisioned (hierarchy auth in the secrets dir) before tpm0 connects."""
+        from mgmt.swtpm import Swtpm
+        from mgmt.tpm_provision import provision
 
-        self.swtpm = Swtpm(
-            SwtpmConfig(state_dir=self.layout.root / "swtpm", port=self.options.swtpm_port),
-            log_path=self.layout.logs / "swtpm.log",
-        )
+        self.swtpm = Swtpm.private(self.layout.root / "swtpm", lock_platform=True)
+        self.swtpm.log_path = self.layout.logs / "swtpm.log"
         self.swtpm.start()
+        result = provision(self.swtpm.tcti, self.layout.secrets)
+        log.info("swtpm provisioned", extra=fields(**result.auth))
         return self.swtpm.tcti
 
     def _tpm_tcti(self) -> str:

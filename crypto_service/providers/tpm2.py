@@ -44,6 +44,13 @@ names the signing key; a restricted key signs only TPM-made structures (they sta
 TPM_GENERATED_VALUE), so the evidence cannot be forged through the AK. mgmt.attestation
 checks it.
 
+Hierarchy auth
+--------------
+After `kmsctl tpm provision` the owner and endorsement hierarchies have auth values; the
+config's `owner_auth_file` and `endorsement_auth_file` name them, and they are set on the
+ESAPI context at every connect (read then, never logged). A wrong or missing one makes
+the connect fail with PermissionDenied("tpm.hierarchy_auth_failed").
+
 Errors
 ------
 TPM absent or unreachable: Unavailable("tpm.unavailable", naming the TCTI; the next call
@@ -278,12 +285,20 @@ class Tpm2Provider:
             ) from None
         try:
             self._esys = esys
+            self._set_hierarchy_auth(esys)
             self._flush_stale(esys)
             self._srk = self._open_srk(esys)
             if self._key_types is None:
                 self._key_types = self._probe_key_types(esys)
         except TSS2_Exception as exc:
             self._drop_connection()
+            if exc.error in (TPM2_RC.AUTH_FAIL, TPM2_RC.BAD_AUTH):
+                raise PermissionDenied(
+                    "tpm.hierarchy_auth_failed",
+                    "the TPM refused the owner auth value: configure owner_auth_file with"
+                    " the value `kmsctl tpm provision` stored",
+                    {"tcti": self.tcti},
+                ) from None
             raise self._map_error(exc, "connect", None) from None
         except KMSError:
             self._drop_connection()
@@ -294,6 +309,35 @@ class Tpm2Provider:
             hex(self.srk_handle) if self.srk_handle else "transient",
             ",".join(key_type_info(k).cli_name for k in sorted(self._key_types or ())),
         )
+
+    def _set_hierarchy_auth(self, esys: Any) -> None:
+        for handle, path in (
+            (ESYS_TR.OWNER, self.config.owner_auth_file),
+            (ESYS_TR.ENDORSEMENT, self.config.endorsement_auth_file),
+        ):
+            if path is None:
+                continue
+            try:
+                value = Path(path).read_bytes()
+            except OSError as exc:
+                raise FailedPrecondition(
+                    "tpm.hierarchy_auth_unreadable",
+                    f"cannot read hierarchy auth file {path}: {exc.strerror or exc}",
+                    {"path": str(path)},
+                ) from None
+            if value.endswith(b"\n"):
+                value = value[:-1]
+            esys.tr_set_auth(handle, TPM2B_AUTH(value))
+
+    def auth_fail_limits(self) -> tuple[int, float]:
+        """(max_tries, seconds per forgiven failure) as this TPM is set, for the guard."""
+
+        def read(esys: Any) -> tuple[int, float]:
+            _, data = esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.MAX_AUTH_FAIL, 2)
+            props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+            return props[int(TPM2_PT.MAX_AUTH_FAIL)], float(props[int(TPM2_PT.LOCKOUT_INTERVAL)])
+
+        return self._run("auth_fail_limits", read)
 
     def _drop_connection(self) -> None:
         self._loaded.clear()  # handles die with the connection (and _flush_stale cleans up)

@@ -400,7 +400,18 @@ class CertificateAuthority:
         await self.issuer()  # a CA must exist
         # Checked before the revocation is stored: it must reach a CRL this CA can sign.
         await self._require_active(INTERMEDIATE_LABEL)
-        record = await self.store.revoke(req.serial, req.reason, _now())
+        record, revoked_now = await self.store.revoke(
+            req.serial, req.reason, _now(), req.requester, req.request_id
+        )
+        if not revoked_now:
+            # A retry whose first attempt revoked (and whose answer was lost): the same
+            # answer, once the CRL holds the revocation (the first attempt may have died
+            # between storing the record and the CRL).
+            current = await self.store.get_crl()
+            if current is not None and _crl_lists(current, record):
+                return ca_pb2.RevokeCertificateResponse(
+                    record=record, crl_number=current.crl_number
+                )
         log.info("event=ca_revoke serial=%s requester=%s", record.serial, req.requester)
         crl = await self.rebuild_crl()
         return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
@@ -464,3 +475,11 @@ class CertificateAuthority:
 
 
 __all__ = ["CertificateAuthority"]
+
+
+def _crl_lists(current: ca_pb2.GetCRLResponse, record: ca_pb2.CertificateRecord) -> bool:
+    """Whether the stored CRL already names this certificate."""
+    if not current.crl_der:
+        return False
+    crl = x509.load_der_x509_crl(current.crl_der)
+    return crl.get_revoked_certificate_by_serial_number(int(record.serial, 16)) is not None

@@ -40,6 +40,9 @@ _MAX_HEADERS = 64
 _READ_DEADLINE = 10.0  # for the head and the body of one request
 _LINGER_BYTES = 256 * 1024  # read and dropped after a refused request, at most
 _LINGER_SECONDS = 1.0
+# For sending one answer and closing: a client that stops reading (or vanished without
+# a FIN, half-open) would otherwise hold the connection, and its buffers, forever.
+_WRITE_DEADLINE = 10.0
 OCSP_RESPONSE = "application/ocsp-response"
 _TEXT = "text/plain; charset=utf-8"
 
@@ -143,6 +146,7 @@ class HttpServer:
     def __init__(self, routes: dict[tuple[str, str], Handler]) -> None:
         self.routes = routes
         self.server: asyncio.Server | None = None
+        self.open_connections = 0  # for status and tests: every one ends within deadlines
 
     async def start(self, host: str, port: int) -> None:
         self.server = await asyncio.start_server(self._connection, host, port, limit=_MAX_LINE)
@@ -168,6 +172,13 @@ class HttpServer:
         return sorted(methods)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_connections += 1
+        try:
+            await self._serve_one(reader, writer)
+        finally:
+            self.open_connections -= 1
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head_only = False
         unread = False  # part of the request is still on the wire
         try:
@@ -187,15 +198,20 @@ class HttpServer:
                 log.error("event=ca_http_failed error=%s", type(exc).__name__)
                 response = Response.text(500, "internal error")
             writer.write(_serialise(response, head_only))
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), _WRITE_DEADLINE)
             if unread:
                 await _linger(reader, writer)
         except ConnectionError:
             pass  # the client went away before the answer
+        except TimeoutError:
+            log.warning("event=ca_http_write_timeout; connection aborted")
+            writer.transport.abort()  # unsent data would keep a plain close() waiting
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), _WRITE_DEADLINE)
+            if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
+                writer.transport.abort()
 
     async def _respond(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method

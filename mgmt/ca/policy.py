@@ -33,6 +33,9 @@ _UNDERSTOOD = frozenset(
     }
 )
 _MAX_CSR = 64 * 1024
+# A certificate's names must fit the CA's record of it on the bus: 3,000 SANs used to be
+# signed and then fail to store (INTERNAL). No NAS or VPN certificate needs more.
+MAX_SANS = 100
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -137,6 +140,12 @@ def check_sans(profile: Profile, san: x509.SubjectAlternativeName | None) -> Non
                 "csr.san_required", f"profile {profile.name} needs DNS or IP subject alt names"
             )
         return
+    if len(san) > MAX_SANS:
+        raise InvalidArgument(
+            "csr.too_many_sans",
+            f"at most {MAX_SANS} subject alt names per certificate, not {len(san)}",
+            {"max_sans": str(MAX_SANS)},
+        )
     seen: set[str] = set()
     for gn in san:
         if isinstance(gn, x509.DNSName):

@@ -149,13 +149,25 @@ class CAStore:
         return records
 
     async def revoke(
-        self, serial: str, reason: int, revoked_at: datetime.datetime
-    ) -> ca_pb2.CertificateRecord:
+        self,
+        serial: str,
+        reason: int,
+        revoked_at: datetime.datetime,
+        requester: str = "",
+        request_id: str = "",
+    ) -> tuple[ca_pb2.CertificateRecord, bool]:
         """Mark a certificate revoked; the revision check makes a concurrent second
-        revocation see the first and fail with cert.already_revoked."""
+        revocation see the first and fail with cert.already_revoked. A retry of the
+        revocation that did it (same requester and request id) gets the record back;
+        the bool says whether this call revoked it."""
         for _ in range(_CAS_RETRIES):
             record, revision = await self.get_record(serial)
             if record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
+                if request_id and (record.revocation_request_id, record.revoked_by) == (
+                    request_id,
+                    requester,
+                ):
+                    return record, False
                 raise FailedPrecondition(
                     "cert.already_revoked",
                     f"certificate {record.serial} was revoked at {record.revoked_at}",
@@ -164,6 +176,8 @@ class CAStore:
             record.status = ca_pb2.CERTIFICATE_STATUS_REVOKED
             record.revoked_at = rfc3339(revoked_at)
             record.revocation_reason = reason  # type: ignore[assignment]
+            record.revocation_request_id = request_id
+            record.revoked_by = requester
             try:
                 await self.kv.update(
                     cert_key(record.serial), record.SerializeToString(), last=revision
@@ -171,7 +185,7 @@ class CAStore:
             except KeyWrongLastSequenceError:
                 continue
             log.info("event=ca_revoked serial=%s reason=%s", record.serial, reason)
-            return record
+            return record, True
         raise Internal("store.contention", "the certificate record kept changing; try again")
 
     # ---- CRL -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "cert": ("certs",),
     "audit": ("audit",),
     "client": ("clients",),
+    "tpm": ("tpm",),
 }
 
 

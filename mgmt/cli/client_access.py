@@ -1,14 +1,11 @@
 """What every kmsctl command that talks to the broker shares: the --data-dir and --config
 options with the one-line error report, the client those options name, and writing a
-result to a file all at once. Kept apart from the command modules so that each command
+result to the file a user named. Kept apart from the command modules so that each command
 loads only its own module (tests/client/test_cli_lazy.py)."""
 
 from __future__ import annotations
 
 import functools
-import os
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -53,19 +50,8 @@ def open_client(data_dir: Path, config_path: Path | None, timeout: float = 10.0)
 
 
 def write_output(target: str, data: bytes) -> None:
-    """Write all of `data` or nothing: a temporary file beside the target, then rename,
-    so an interrupted or failed command never leaves half a signature behind."""
-    if target == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    path = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a command's result where --out says: all or nothing for a file, in place for
+    a device or FIFO, stdout for '-' (the rules and why: mgmt/outfile.py)."""
+    from mgmt.outfile import write_file
+
+    write_file(target, data)

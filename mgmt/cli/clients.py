@@ -209,17 +209,35 @@ def list_cmd(include_revoked: bool, output: str, data_dir: Path, config_path: Pa
 
 
 @client_group.command("revoke")
-@click.argument("name")
+@click.argument("name", required=False, default="")
+@click.option(
+    "--serial",
+    default="",
+    help="Revoke the certificate with this serial (hex) instead: any certificate the "
+    "internal CA issued, also one `client add` did not make or that never connected.",
+)
 @output_option
 @client_options
-def revoke_cmd(name: str, output: str, data_dir: Path, config_path: Path | None) -> None:
-    """Revoke NAME's certificate: the broker refuses it from its very next request."""
+def revoke_cmd(
+    name: str, serial: str, output: str, data_dir: Path, config_path: Path | None
+) -> None:
+    """Revoke NAME's certificate: the broker refuses it from its very next request.
+
+    \b
+      kmsctl client revoke backup-job
+      kmsctl client revoke --serial 5f1c...      # e.g. a certificate found in a log
+    The bootstrap admin is a client too (recorded at its first request): make another
+    admin before revoking it.
+    """
+    if bool(name) == bool(serial):
+        raise click.UsageError("give exactly one of NAME and --serial")
     with open_client(data_dir, config_path) as kms:
-        client = kms.revoke_client(name)
+        client = kms.revoke_client(name=name, serial=serial)
     if output == "json":
         echo_json(client_to_dict(client))
         return
-    click.echo(f"client {name} revoked (serial {client.serial})")
+    who = f"client {client.name}" if client.name else "certificate"
+    click.echo(f"{who} revoked (serial {client.serial})")
 
 
 def register(cli: click.Group) -> None:

@@ -88,7 +88,18 @@ def algorithm_name(algorithm: common_pb2.SignatureAlgorithm.ValueType) -> str:
 
 def state_name(state: common_pb2.KeyState.ValueType) -> str:
     """ "active", "disabled", ...: the enum name without its prefix, lower-case."""
+    if state not in common_pb2.KeyState.values():
+        return f"unknown-{int(state)}"
     return common_pb2.KeyState.Name(state).removeprefix("KEY_STATE_").lower()
+
+
+def operation_name(op: common_pb2.KeyOperation.ValueType) -> str:
+    """ "sign", "verify", ...; a number this kmsctl does not know (a newer broker, or a
+    record stored before the broker checked) prints as "unknown-N" rather than crashing
+    every listing."""
+    if op not in common_pb2.KeyOperation.values():
+        return f"unknown-{int(op)}"
+    return common_pb2.KeyOperation.Name(op).removeprefix("KEY_OPERATION_").lower()
 
 
 def policy_to_list(policy: common_pb2.KeyPolicy) -> list[dict[str, Any]]:
@@ -96,10 +107,7 @@ def policy_to_list(policy: common_pb2.KeyPolicy) -> list[dict[str, Any]]:
         {
             "roles": list(rule.roles),
             "clients": list(rule.clients),
-            "operations": [
-                common_pb2.KeyOperation.Name(op).removeprefix("KEY_OPERATION_").lower()
-                for op in rule.operations
-            ],
+            "operations": [operation_name(op) for op in rule.operations],
             "algorithms": [algorithm_name(a) for a in rule.algorithms],
         }
         for rule in policy.rules

@@ -31,7 +31,13 @@ from mgmt.cli.output import echo_json, handle_errors, table
     help="Also run crypto service tpm0: `swtpm` starts a software TPM for development; "
     "on a board give the device (/dev/tpmrm0) or a TCTI string.",
 )
-@click.option("--swtpm-port", default=2321, show_default=True, help="With --tpm swtpm.")
+@click.option(
+    "--swtpm-port",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Ignored: swtpm now listens on private Unix sockets (kept so old scripts run).",
+)
 @click.option(
     "--ca-http",
     default="127.0.0.1:8180",
@@ -62,7 +68,7 @@ def up(
     nats_port: int,
     broker_listen: str,
     tpm: str | None,
-    swtpm_port: int,
+    swtpm_port: int | None,
     ca_http: str,
     ca_base_url: str,
     ca_provider: str,
@@ -75,7 +81,8 @@ def up(
       nats-server     JetStream on a file store (DATA_DIR/nats)
       SoftHSM token   created on first run (DATA_DIR/softhsm/softhsm2.conf)
       kms-crypto      provider hsm0, in front of the token
-      kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device)
+      kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device);
+                      swtpm on 0600 Unix sockets, provisioned (`kmsctl tpm provision`)
       kmsctl ca serve the mini-CA on NATS, and HTTP for CRL/OCSP on --ca-http
       kms-broker      gRPC with mutual TLS on --broker-listen
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
@@ -100,12 +107,17 @@ def up(
         nats_port=nats_port,
         broker_listen=broker_listen,
         tpm=tpm,
-        swtpm_port=swtpm_port,
         ca_http=ca_http,
         ca_base_url=ca_base_url,
         ca_provider=ca_provider,
         log_level=log_level.lower(),
     )
+    if swtpm_port is not None:
+        click.echo(
+            "kmsctl up: --swtpm-port is ignored: swtpm listens on Unix sockets only this user"
+            " may open (DATA_DIR/swtpm/swtpm.sock)",
+            err=True,
+        )
     if ca_provider and ca_provider not in options.providers:
         raise click.UsageError(f"--ca-provider {ca_provider}: no such provider in this stack")
 

@@ -73,6 +73,38 @@ async def test_revoke_twice_is_failed_precondition(ca_env: CAEnv) -> None:
     assert await ca_env.record_count() == 1
 
 
+async def test_retried_revoke_gets_the_stored_answer(ca_env: CAEnv) -> None:
+    """The same revocation sent again (same requester and request id, as after a lost
+    answer) is answered as the first time; another request id still gets
+    cert.already_revoked, and nothing changes either way."""
+    await ca_env.init()
+    record = await _issue(ca_env)
+    request = ca_pb2.RevokeCertificateRequest(
+        serial=record.serial,
+        reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE,
+        requester="admin",
+        request_id="revoke-1",
+    )
+    first = await ca_env.call("RevokeCertificate", request, ca_pb2.RevokeCertificateResponse)
+    again = await ca_env.call("RevokeCertificate", request, ca_pb2.RevokeCertificateResponse)
+    assert again.record == first.record
+    assert again.crl_number == first.crl_number
+    for other in (
+        ca_pb2.RevokeCertificateRequest(
+            serial=record.serial, requester="admin", request_id="revoke-2"
+        ),
+        ca_pb2.RevokeCertificateRequest(
+            serial=record.serial, requester="mallory", request_id="revoke-1"
+        ),
+    ):
+        with pytest.raises(FailedPrecondition) as refused:
+            await ca_env.call("RevokeCertificate", other, ca_pb2.RevokeCertificateResponse)
+        assert refused.value.reason == "cert.already_revoked"
+    assert await _crl_number(ca_env) == first.crl_number
+    stored, _ = await ca_env.store.get_record(record.serial)
+    assert stored.revoked_at == first.record.revoked_at
+
+
 async def test_renew_revoked_is_failed_precondition(ca_env: CAEnv) -> None:
     await ca_env.init()
     record = await _issue(ca_env)

@@ -26,6 +26,11 @@ def _bad_signature() -> bytes:
     return bytes(der)
 
 
+def _der(pem: bytes) -> bytes:
+    """DER: 3,000 names fit the CA's 64 KiB request limit only without PEM's base64."""
+    return x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+
+
 def _with(extension: x509.ExtensionType, critical: bool) -> bytes:
     return make_csr(make_key("ec-p256"), extensions=[(extension, critical)])
 
@@ -76,6 +81,14 @@ CASES: dict[str, tuple[str, Callable[[], bytes], int, str]] = {
     ),
     "duplicate_extension": ("device", csr_with_duplicate_san, 0, "csr.duplicate_extension"),
     "validity_beyond_profile": ("https-server", _good, 400, "cert.validity_exceeds_profile"),
+    "three_thousand_sans": (
+        "https-server",
+        lambda: _der(
+            make_csr(make_key("ec-p256"), sans=tuple(f"dns:h{i}.home.arpa" for i in range(3000)))
+        ),
+        0,
+        "csr.too_many_sans",
+    ),
 }
 
 

@@ -105,6 +105,67 @@ CREATE_CASES: dict[str, tuple[keys_pb2.CreateKeyRequest, str]] = {
         ),
         "key.pcr_invalid",
     ),
+    "policy_operation_99": (
+        keys_pb2.CreateKeyRequest(
+            name="badinput/op99",
+            key_type=pb.KEY_TYPE_EC_P256,
+            policy=pb.KeyPolicy(
+                rules=[pb.PolicyRule(roles=["signer"], operations=[pb.KeyOperation.ValueType(99)])]
+            ),
+        ),
+        "policy.operation_unknown",
+    ),
+    "policy_unknown_role": (
+        keys_pb2.CreateKeyRequest(
+            name="badinput/role",
+            key_type=pb.KEY_TYPE_EC_P256,
+            policy=pb.KeyPolicy(
+                rules=[pb.PolicyRule(roles=["root"], operations=[pb.KEY_OPERATION_SIGN])]
+            ),
+        ),
+        "policy.role_unknown",
+    ),
+    "policy_100_rules": (
+        keys_pb2.CreateKeyRequest(
+            name="badinput/rules",
+            key_type=pb.KEY_TYPE_EC_P256,
+            policy=pb.KeyPolicy(
+                rules=[pb.PolicyRule(roles=["signer"], operations=[pb.KEY_OPERATION_SIGN])] * 100
+            ),
+        ),
+        "policy.too_many_rules",
+    ),
+    "policy_rule_of_5000_clients": (
+        keys_pb2.CreateKeyRequest(
+            name="badinput/bigrule",
+            key_type=pb.KEY_TYPE_EC_P256,
+            policy=pb.KeyPolicy(
+                rules=[
+                    pb.PolicyRule(
+                        clients=[f"c{i}" for i in range(5000)],
+                        operations=[pb.KEY_OPERATION_SIGN],
+                    )
+                ]
+            ),
+        ),
+        "policy.rule_too_large",
+    ),
+    "oversized_labels": (
+        keys_pb2.CreateKeyRequest(
+            name="badinput/labels",
+            key_type=pb.KEY_TYPE_EC_P256,
+            labels={f"l{i}": "v" * 200 for i in range(1000)},
+        ),
+        "key.labels_invalid",
+    ),
+    "oversized_label_value": (
+        keys_pb2.CreateKeyRequest(
+            name="badinput/label",
+            key_type=pb.KEY_TYPE_EC_P256,
+            labels={"note": "v" * 100_000},
+        ),
+        "key.labels_invalid",
+    ),
 }
 
 
@@ -296,6 +357,39 @@ def test_oversize_message_is_resource_exhausted(kms_stack: KmsStack, keys: KMSCl
         keys_pb2_grpc.KeyServiceStub(ch).CreateKey(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert records(kms_stack) == before
+
+
+def test_operator_may_not_set_a_policy_at_create(kms_stack: KmsStack) -> None:
+    """Policies are admin-only (UpdateKeyPolicy); CreateKey was a way around that."""
+    cert, key = issue_client_cert(kms_stack, "badinput-operator", "operator")
+    ca = (kms_stack.data_dir / "client" / "ca.crt").read_bytes()
+    before, objects = records(kms_stack), token_objects(kms_stack)
+    policy = pb.KeyPolicy(
+        rules=[pb.PolicyRule(roles=["operator"], operations=[pb.KEY_OPERATION_SIGN])]
+    )
+    with (
+        KMSClient(
+            kms_stack.broker, ca_cert=ca, cert=cert, key=key, server_name="edgekms-broker"
+        ) as operator,
+        pytest.raises(errors.PermissionDenied) as refused,
+    ):
+        operator.create_key("badinput/by-operator", "ec-p256", policy=policy)
+    assert refused.value.reason == "authz.policy_admin_only"
+    assert records(kms_stack) == before
+    assert token_objects(kms_stack) == objects
+
+
+def test_garbage_to_tail_audit_is_invalid_argument(kms_stack: KmsStack) -> None:
+    """It used to be UNKNOWN with a Python decode error."""
+    with channel(kms_stack) as ch, pytest.raises(grpc.RpcError) as refused:
+        call = ch.unary_stream(
+            "/edgekms.v1.AuditService/TailAudit",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        list(call(b"\x08\xff\xff", timeout=10))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert typed(refused.value).reason == "request.malformed"
 
 
 def test_garbage_bytes_are_invalid_argument(kms_stack: KmsStack) -> None:

@@ -6,7 +6,7 @@ the handlers are plain functions so that each HTTP rule is checked on its own.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -139,3 +139,40 @@ async def test_a_client_that_leaves_does_not_stop_the_server(server: tuple[str, 
         await writer.wait_closed()
     status, _, body = await exchange(server, b"GET /crl HTTP/1.1\r\n\r\n")
     assert (status, body) == (200, b"CRL-DER")
+
+
+async def test_a_client_that_never_reads_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends a request and then neither reads nor closes (or vanished
+    without a FIN) no longer holds its connection: the write deadline aborts it."""
+    import socket
+
+    monkeypatch.setattr(http, "_WRITE_DEADLINE", 0.5)
+    big = b"x" * (32 * 1024 * 1024)  # far more than both sockets' buffers hold
+
+    async def _big(_: Request) -> Response:
+        return Response(body=big, content_type="application/octet-stream")
+
+    srv = HttpServer({("GET", "/big"): _big})
+    await srv.start("127.0.0.1", 0)
+    assert srv.server is not None
+    port = srv.server.sockets[0].getsockname()[1]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /big HTTP/1.1\r\n\r\n")
+        assert await _until(lambda: srv.open_connections == 1)
+        # The client reads nothing all this time.
+        assert await _until(lambda: srv.open_connections == 0)
+    finally:
+        sock.close()
+        await srv.cleanup()
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Poll `condition` until it holds or `seconds` pass."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()

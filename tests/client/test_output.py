@@ -128,3 +128,24 @@ def test_progress_without_tty_prints_one_line(capsys: pytest.CaptureFixture[str]
     captured = capsys.readouterr()
     assert captured.err == "generating rsa-4096 key k ...\n"
     assert captured.out == ""
+
+
+def test_a_policy_with_an_operation_kmsctl_does_not_know_prints() -> None:
+    """`kmsctl key list -o json` crashed for every user once one key's policy named
+    operation 99 (stored before the broker checked policies at CreateKey)."""
+    key = keys_pb2.Key(
+        name="k",
+        state=77,  # type: ignore[arg-type]
+        policy=pb.KeyPolicy(
+            rules=[
+                pb.PolicyRule(
+                    roles=["signer"],
+                    operations=[pb.KeyOperation.ValueType(99), pb.KEY_OPERATION_SIGN],
+                )
+            ]
+        ),
+    )
+    shown = key_to_dict(key)
+    assert shown["policy"][0]["operations"] == ["unknown-99", "sign"]
+    assert shown["state"] == "unknown-77"
+    json.dumps(shown)

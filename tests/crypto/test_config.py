@@ -53,6 +53,19 @@ def test_tpm2_config_keeps_extra_keys(tmp_path: Path) -> None:
     assert config.tpm2.extra == {"future_option": 5}
 
 
+def test_tpm2_config_names_the_hierarchy_auth_files(tmp_path: Path) -> None:
+    text = (
+        'provider_id = "tpm0"\nnats_url = "nats://127.0.0.1:4222"\n[tpm2]\n'
+        'tcti = "device:/dev/tpmrm0"\nstate_dir = "/var/lib/tpm0"\n'
+        'owner_auth_file = "/s/tpm-owner.auth"\nendorsement_auth_file = "/s/tpm-endorsement.auth"\n'
+    )
+    config = load_config(_write(tmp_path, text))
+    assert config.tpm2 is not None
+    assert config.tpm2.owner_auth_file == Path("/s/tpm-owner.auth")
+    assert config.tpm2.endorsement_auth_file == Path("/s/tpm-endorsement.auth")
+    assert config.tpm2.extra == {}
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 
@@ -132,6 +132,8 @@ class Parts:
     provider: str = "hsm0"
     broker_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Top-level broker.toml lines a subclass adds (connection timeouts, ...).
+    broker_extra: ClassVar[str] = ""
 
     @property
     def client_config(self) -> Path:
@@ -192,7 +194,7 @@ class Parts:
         conf.write_text(
             f'listen = "127.0.0.1:{self.broker_port}"\nnats_url = "{self.nats.url}"\n'
             f'default_provider = "{self.provider}"\nproviders = ["{self.provider}"]\n'
-            "sign_timeout = 2.0\n[tls]\n"
+            f"sign_timeout = 2.0\n{self.broker_extra}[tls]\n"
             f'cert = "{pki / "broker.crt"}"\nkey = "{pki / "broker.key"}"\n'
             f'client_ca = "{pki / "internal-ca.crt"}"\n'
         )

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from cryptography import x509
 
 from mgmt.cli import cli
-from mgmt.swtpm import free_port_pair
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
 pytestmark = [pytest.mark.tpm, pytest.mark.timeout(600)]
@@ -21,9 +20,7 @@ pytestmark = [pytest.mark.tpm, pytest.mark.timeout(600)]
 @pytest.fixture(scope="module")
 def tpm_ca_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsStack]:
     data_dir = tmp_path_factory.mktemp("tpmca") / "data"
-    stack = start_stack(
-        data_dir, "--tpm", "swtpm", "--swtpm-port", str(free_port_pair()), "--ca-provider", "tpm0"
-    )
+    stack = start_stack(data_dir, "--tpm", "swtpm", "--ca-provider", "tpm0")
     yield stack
     assert stop_stack(stack) == 0, stack.log_path.read_text()[-2000:]
 

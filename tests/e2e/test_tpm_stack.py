@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,16 +18,17 @@ from cryptography.x509.oid import NameOID
 from edgekms import errors
 from edgekms.client_certs import self_signed_ca
 from edgekms.v1 import common_pb2 as pb
-from mgmt.swtpm import free_port_pair
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
 pytestmark = pytest.mark.tpm
+
+KMSCTL = str(Path(sys.executable).parent / "kmsctl")
 
 
 @pytest.fixture(scope="module")
 def tpm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsStack]:
     data_dir = tmp_path_factory.mktemp("tpmstack") / "data"
-    stack = start_stack(data_dir, "--tpm", "swtpm", "--swtpm-port", str(free_port_pair()))
+    stack = start_stack(data_dir, "--tpm", "swtpm")
     yield stack
     assert stop_stack(stack) == 0
 
@@ -96,3 +98,46 @@ def test_tpm_digest_of_wrong_length_is_invalid_argument(tpm_stack: KmsStack) -> 
             client.sign_digest(
                 "tpm/len", pb.SIGNATURE_ALGORITHM_ECDSA_SHA256, hashlib.sha384(b"x").digest()
             )
+
+
+def test_swtpm_is_private_and_provisioned(tpm_stack: KmsStack) -> None:
+    """`kmsctl up --tpm swtpm` runs swtpm on 0600 Unix sockets, provisions it, and gives
+    tpm0 the owner and endorsement auth (tpm0 signing above proves the TPM took them)."""
+    import os
+    import stat
+
+    sock = tpm_stack.data_dir / "swtpm" / "swtpm.sock"
+    for path in (sock, Path(f"{sock}.ctrl")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    secrets = tpm_stack.data_dir / "secrets"
+    for name in ("owner", "endorsement", "lockout"):
+        assert stat.S_IMODE((secrets / f"tpm-{name}.auth").stat().st_mode) == 0o600
+    config = (tpm_stack.data_dir / "config" / "crypto-tpm0.toml").read_text()
+    assert f'tcti = "swtpm:path={sock}"' in config
+    assert f'owner_auth_file = "{secrets / "tpm-owner.auth"}"' in config
+    assert "tpm-lockout.auth" not in config  # the lockout auth stays with the operator
+
+
+def test_save_ak_to_a_null_device_leaves_the_device(tpm_stack: KmsStack, tmp_path: Path) -> None:
+    """The one --out-like option only a TPM stack exercises (the rest:
+    tests/e2e/test_hardening.py::test_a_null_device_survives_every_command_that_writes_a_file)."""
+    import os
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+    with tpm_stack.client(timeout=60) as client:
+        client.create_key("tpm/attested", "ec-p256", provider="tpm0")
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    done = subprocess.run(
+        [KMSCTL, "key", "attest", "tpm/attested", "--save-ak", str(dev)],
+        env=tpm_stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    st = os.lstat(dev)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)

@@ -1,9 +1,9 @@
 """swtpm fixtures, importable by any conftest that needs a TPM (tests/tpm, tests/contract).
 
-Each swtpm has its own state directory and a free loopback port pair (control port =
-port + 1). swtpm serves one client at a time, so a test holds a provider open only while
-it uses it, and tests that need a TPM of their own (lockout, restarts) take a fresh one
-from `swtpm_factory`.
+Each swtpm has its own state directory and its own Unix sockets (0600) in it, as
+`kmsctl up --tpm swtpm` runs it. swtpm serves one client at a time, so a test holds a
+provider open only while it uses it, and tests that need a TPM of their own (lockout,
+restarts) take a fresh one from `swtpm_factory`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _require_swtpm() -> None:
 @pytest.fixture(scope="session")
 def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
     _require_swtpm()
-    tpm = Swtpm.on_free_port(tmp_path_factory.mktemp("swtpm") / "state").start()
+    tpm = Swtpm.private(tmp_path_factory.mktemp("swtpm") / "state").start()
     yield tpm
     tpm.stop()
 
@@ -38,7 +38,7 @@ def swtpm_factory(tmp_path: Path) -> Iterator[SwtpmFactory]:
     started: list[Swtpm] = []
 
     def make() -> Swtpm:
-        tpm = Swtpm.on_free_port(tmp_path / f"swtpm{len(started)}").start()
+        tpm = Swtpm.private(tmp_path / f"swtpm{len(started)}").start()
         started.append(tpm)
         return tpm
 

@@ -95,6 +95,8 @@ class CertificateRecord(_message.Message):
     RENEWED_FROM_FIELD_NUMBER: _builtins.int
     KEY_TYPE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REVOCATION_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REVOKED_BY_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     """Upper-case hex of the serial number, no separators."""
     profile: _builtins.str
@@ -118,6 +120,12 @@ class CertificateRecord(_message.Message):
     """The request id the certificate was issued for (empty if none was given): a retried
     issue with the same id finds this record instead of making a second certificate.
     """
+    revocation_request_id: _builtins.str
+    """Who revoked it and under which request id: a retried revoke (same requester, same
+    id) gets this record back instead of cert.already_revoked. Numbered high to stay
+    clear of fields added in order.
+    """
+    revoked_by: _builtins.str
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -138,10 +146,12 @@ class CertificateRecord(_message.Message):
         renewed_from: _builtins.str = ...,
         key_type: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        revocation_request_id: _builtins.str = ...,
+        revoked_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revoked_at", b"revoked_at", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revocation_request_id", b"revocation_request_id", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
