@@ -448,7 +448,13 @@ class KMSClient:
         return self._call("Init", self._ca.Init, request, deadline)
 
     def issue_certificate(
-        self, profile: str, csr: bytes, validity_days: int = 0, request_id: str | None = None
+        self,
+        profile: str,
+        csr: bytes,
+        validity_days: int = 0,
+        request_id: str | None = None,
+        *,
+        validity_seconds: int = 0,
     ) -> ca_pb2.IssueCertificateResponse:
         """A certificate for a PKCS#10 request (PEM or DER); the requester recorded is
         this client's certificate name, set by the broker. Sent again with the same
@@ -457,6 +463,7 @@ class KMSClient:
             profile=profile,
             csr=csr,
             validity_days=validity_days,
+            validity_seconds=validity_seconds,
             request_id=request_id or new_request_id(),
         )
         return self._call("IssueCertificate", self._ca.IssueCertificate, request, None)
@@ -486,11 +493,20 @@ class KMSClient:
         return self._call("RevokeCertificate", self._ca.RevokeCertificate, request, None)
 
     def renew_certificate(
-        self, serial: str, validity_days: int = 0, request_id: str | None = None
+        self,
+        serial: str,
+        validity_days: int = 0,
+        request_id: str | None = None,
+        *,
+        validity_seconds: int = 0,
     ) -> ca_pb2.IssueCertificateResponse:
-        """A new certificate (new serial) for the same key, subject and SANs."""
+        """A new certificate (new serial) for the same key, subject and SANs;
+        validity_seconds for lifetimes shorter than a day."""
         request = ca_pb2.RenewCertificateRequest(
-            serial=serial, validity_days=validity_days, request_id=request_id or new_request_id()
+            serial=serial,
+            validity_days=validity_days,
+            validity_seconds=validity_seconds,
+            request_id=request_id or new_request_id(),
         )
         return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
 

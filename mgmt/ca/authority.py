@@ -257,6 +257,8 @@ class CertificateAuthority:
                     name=p.name,
                     description=p.description,
                     max_validity_days=p.max_validity_days,
+                    default_validity_seconds=int(p.default_validity.total_seconds()),
+                    max_validity_seconds=int(p.max_validity.total_seconds()),
                     key_types=sorted(p.key_types),
                     extended_key_usages=p.eku_names(),
                 )
@@ -345,7 +347,7 @@ class CertificateAuthority:
 
     async def issue(self, req: ca_pb2.IssueCertificateRequest) -> ca_pb2.IssueCertificateResponse:
         profile = get_profile(self.profiles, req.profile)
-        plan = plan_from_csr(profile, load_csr(req.csr), req.validity_days)
+        plan = plan_from_csr(profile, load_csr(req.csr), req.validity_days, req.validity_seconds)
         return await self._issue_plan(plan, req.requester, request_id=req.request_id)
 
     async def renew(self, req: ca_pb2.RenewCertificateRequest) -> ca_pb2.IssueCertificateResponse:
@@ -364,7 +366,9 @@ class CertificateAuthority:
             ).value
         except x509.ExtensionNotFound:
             san = None
-        plan = make_plan(profile, cert.subject, public, san, req.validity_days)
+        plan = make_plan(
+            profile, cert.subject, public, san, req.validity_days, req.validity_seconds
+        )
         return await self._issue_plan(
             plan, req.requester or old.requester, old.serial, request_id=req.request_id
         )

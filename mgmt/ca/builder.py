@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from edgekms.errors import FailedPrecondition
+from mgmt.ca.durations import backdate_for, format_ttl
 from mgmt.ca.policy import IssuePlan, PublicKey
 
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -177,12 +178,16 @@ def build_leaf(
 ) -> x509.Certificate:
     """The end-entity certificate for an allowed plan (mgmt.ca.policy)."""
     now = now or _now()
-    not_before = now - BACKDATE
-    not_after = not_before + datetime.timedelta(days=plan.validity_days)
+    # The whole validity period is the lifetime asked for; a short one is backdated less.
+    backdate = datetime.timedelta(
+        seconds=int(backdate_for(plan.validity, BACKDATE).total_seconds())
+    )
+    not_before = now - backdate
+    not_after = not_before + plan.validity
     if not_after > ca_cert.not_valid_after_utc:
         raise FailedPrecondition(
             "cert.validity_exceeds_issuer",
-            f"{plan.validity_days} days would outlive the issuing CA "
+            f"{format_ttl(plan.validity)} would outlive the issuing CA "
             f"(valid until {ca_cert.not_valid_after_utc.isoformat()})",
             {"issuer_not_after": ca_cert.not_valid_after_utc.isoformat()},
         )

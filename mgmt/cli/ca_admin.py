@@ -7,12 +7,14 @@ group imports this module when one of them is asked for.
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from mgmt.ca.durations import format_ttl
 from mgmt.cli.ca import ca
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
@@ -187,6 +189,10 @@ def profiles_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
                     "name": p.name,
                     "description": p.description,
                     "max_validity_days": p.max_validity_days,
+                    "max_ttl": format_ttl(datetime.timedelta(seconds=p.max_validity_seconds)),
+                    "default_ttl": format_ttl(
+                        datetime.timedelta(seconds=p.default_validity_seconds)
+                    ),
                     "key_types": list(p.key_types),
                     "extended_key_usages": list(p.extended_key_usages),
                 }
@@ -195,7 +201,13 @@ def profiles_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
         )
         return
     rows = [
-        [p.name, str(p.max_validity_days), ",".join(p.extended_key_usages), p.description]
+        [
+            p.name,
+            format_ttl(datetime.timedelta(seconds=p.default_validity_seconds)),
+            format_ttl(datetime.timedelta(seconds=p.max_validity_seconds)),
+            ",".join(p.extended_key_usages),
+            p.description,
+        ]
         for p in profiles
     ]
-    click.echo(table(["PROFILE", "MAX_DAYS", "EKU", "DESCRIPTION"], rows))
+    click.echo(table(["PROFILE", "DEFAULT", "MAX", "EKU", "DESCRIPTION"], rows))

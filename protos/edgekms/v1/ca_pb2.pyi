@@ -276,6 +276,7 @@ class IssueCertificateRequest(_message.Message):
     REQUESTER_FIELD_NUMBER: _builtins.int
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     csr: _builtins.bytes
     """PKCS#10, PEM or DER. The key was made by the requester (kmsctl --generate makes it
@@ -286,6 +287,10 @@ class IssueCertificateRequest(_message.Message):
     """0: the profile's default."""
     request_id: _builtins.str
     """Idempotency: a retry with the same id gets the same certificate (same serial)."""
+    validity_seconds: _builtins.int
+    """The lifetime in seconds, for certificates shorter than a day (`--ttl 30m`); at
+    least 300. 0: validity_days decides. Setting both is refused (cert.ttl_conflict).
+    """
     def __init__(
         self,
         *,
@@ -294,10 +299,11 @@ class IssueCertificateRequest(_message.Message):
         requester: _builtins.str = ...,
         validity_days: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        validity_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "profile", b"profile", "request_id", b"request_id", "requester", b"requester", "validity_days", b"validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "profile", b"profile", "request_id", b"request_id", "requester", b"requester", "validity_days", b"validity_days", "validity_seconds", b"validity_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,10 +492,13 @@ class RenewCertificateRequest(_message.Message):
     REQUESTER_FIELD_NUMBER: _builtins.int
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     requester: _builtins.str
     validity_days: _builtins.int
     request_id: _builtins.str
+    validity_seconds: _builtins.int
+    """As in IssueCertificateRequest."""
     def __init__(
         self,
         *,
@@ -497,10 +506,11 @@ class RenewCertificateRequest(_message.Message):
         requester: _builtins.str = ...,
         validity_days: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        validity_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "requester", b"requester", "serial", b"serial", "validity_days", b"validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "requester", b"requester", "serial", b"serial", "validity_days", b"validity_days", "validity_seconds", b"validity_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -613,9 +623,14 @@ class ProfileInfo(_message.Message):
     MAX_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     KEY_TYPES_FIELD_NUMBER: _builtins.int
     EXTENDED_KEY_USAGES_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     max_validity_days: _builtins.int
+    default_validity_seconds: _builtins.int
+    """The exact default and maximum lifetimes (max_validity_days is their whole days)."""
+    max_validity_seconds: _builtins.int
     @_builtins.property
     def key_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -628,10 +643,12 @@ class ProfileInfo(_message.Message):
         max_validity_days: _builtins.int = ...,
         key_types: _abc.Iterable[_builtins.str] | None = ...,
         extended_key_usages: _abc.Iterable[_builtins.str] | None = ...,
+        default_validity_seconds: _builtins.int = ...,
+        max_validity_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "extended_key_usages", b"extended_key_usages", "key_types", b"key_types", "max_validity_days", b"max_validity_days", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_validity_seconds", b"default_validity_seconds", "description", b"description", "extended_key_usages", b"extended_key_usages", "key_types", b"key_types", "max_validity_days", b"max_validity_days", "max_validity_seconds", b"max_validity_seconds", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
