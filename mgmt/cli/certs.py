@@ -116,7 +116,7 @@ _TTL_HELP = (
 )
 
 
-def _read_password(path: Path) -> bytes:
+def read_password(path: Path) -> bytes:
     """The first line of the file; a file without one is refused."""
     lines = path.read_bytes().splitlines()
     password = lines[0] if lines else b""
@@ -179,6 +179,12 @@ def cert_group() -> None:
     "--key-out", default=None, help="Private key PEM (0600), with --generate --format pem."
 )
 @click.option(
+    "--legacy",
+    is_flag=True,
+    help="With --format pkcs12: the old 3DES/SHA-1 form for importers that refuse AES "
+    "(older Android, macOS, Windows). Weaker; kmsctl warns.",
+)
+@click.option(
     "--password-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
@@ -198,6 +204,7 @@ def issue_cmd(
     fmt: str,
     out: str,
     key_out: str | None,
+    legacy: bool,
     password_file: Path | None,
     output: str,
     data_dir: Path,
@@ -218,7 +225,9 @@ def issue_cmd(
             raise click.UsageError("--generate --format pem needs --key-out for the private key")
         if fmt == "pkcs12" and (password_file is None or key_out):
             raise click.UsageError("--format pkcs12 needs --password-file (and no --key-out)")
-    password = _read_password(password_file) if password_file is not None else None
+    if legacy and fmt != "pkcs12":
+        raise click.UsageError("--legacy is for --format pkcs12")
+    password = read_password(password_file) if password_file is not None else None
     seconds = lifetime_seconds(days, ttl)
 
     key: bundle.LeafKey | None = None
@@ -233,9 +242,12 @@ def issue_cmd(
     if key is not None and fmt == "pkcs12":
         assert password is not None
         name = cn or response.record.serial
-        write_private(
-            Path(out), bundle.pkcs12_bundle(name, key, response.certificate_der, chain, password)
+        if legacy:
+            click.echo(bundle.LEGACY_WARNING, err=True)
+        data = bundle.pkcs12_bundle(
+            name, key, response.certificate_der, chain, password, legacy=legacy
         )
+        write_private(Path(out), data)
     else:
         if key is not None:
             assert key_out is not None

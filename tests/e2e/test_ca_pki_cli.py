@@ -1,0 +1,285 @@
+"""`kmsctl` for the CA's longer life, end to end on a `kmsctl up` stack of its own (these
+tests rotate and revoke intermediates, which would disturb test_ca_cli.py's CA):
+short-lived certificates, legacy PKCS#12 and .ovpn export checked by openssl and a real
+OpenVPN."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from cryptography import x509
+
+from mgmt.cli import cli
+from mgmt.cli.common import ExitCode
+from mgmt.natsserver import free_port
+from mgmt.pki import write_private
+from tests.ca.test_bundles import LISTENING, openvpn, poll_log
+from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.e2e.test_ca_cli import kmsctl, load_chain, openssl
+
+pytestmark = pytest.mark.timeout(600)
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsStack]:
+    data_dir = tmp_path_factory.mktemp("pkistack") / "data"
+    started = start_stack(data_dir, "--ca-base-url", "http://ca.home.arpa:8180")
+    yield started
+    assert stop_stack(started) == 0, started.log_path.read_text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pkiwork")
+    (path / "pw.txt").write_text(PASSWORD + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ca_dir(stack: KmsStack, work: Path) -> Path:
+    done = kmsctl(stack, "ca", "init", "--name", "Home CA", "--out-dir", str(work / "ca"))
+    assert done.returncode == 0, done.stderr
+    return work / "ca"
+
+
+def run(stack: KmsStack, *args: str) -> Result:
+    return CliRunner().invoke(cli, [*args, "--data-dir", str(stack.data_dir)])
+
+
+def ok_json(result: Result) -> dict[str, Any]:
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.stdout))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- short-lived certificates ----------------------------------------------------------
+
+
+def test_ttl_one_hour_and_refusals(stack: KmsStack, ca_dir: Path, work: Path) -> None:
+    out, key = work / "short.crt", work / "short.key"
+    made = kmsctl(
+        stack, "cert", "issue", "--profile", "https-server", "--generate",
+        "--cn", "short.home.arpa", "--san", "dns:short.home.arpa", "--ttl", "1h",
+        "--out", str(out), "--key-out", str(key), "-o", "json",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    leaf = load_chain(out)[0]
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds() == 3600
+    default = ok_json(
+        run(
+            stack,
+            "cert",
+            "issue",
+            "--profile",
+            "https-server",
+            "--generate",
+            "--cn",
+            "web.home.arpa",
+            "--san",
+            "dns:web.home.arpa",
+            "--out",
+            str(work / "web.crt"),
+            "--key-out",
+            str(work / "web.key"),
+            "-o",
+            "json",
+        )
+    )
+    web = load_chain(work / "web.crt")[0]
+    assert (web.not_valid_after_utc - web.not_valid_before_utc).days == 90, default
+    for args, code, reason in [
+        (["--ttl", "1m"], ExitCode.INVALID_ARGUMENT, "cert.ttl_invalid"),
+        (["--ttl", "soon"], ExitCode.INVALID_ARGUMENT, "cert.ttl_invalid"),
+        (["--ttl", "399d"], ExitCode.INVALID_ARGUMENT, "cert.validity_exceeds_profile"),
+        (["--ttl", "1h", "--days", "2"], ExitCode.USAGE, "--days or --ttl"),
+    ]:
+        refused = run(
+            stack, "cert", "issue", "--profile", "https-server", "--generate",
+            "--cn", "no.home.arpa", "--san", "dns:no.home.arpa", *args,
+            "--out", str(work / "no.crt"), "--key-out", str(work / "no.key"),
+        )  # fmt: skip
+        assert refused.exit_code == code and reason in refused.output, refused.output
+    assert not (work / "no.crt").exists() and not (work / "no.key").exists()
+    profiles = json.loads(run(stack, "ca", "profiles", "-o", "json").stdout)
+    https = next(p for p in profiles if p["name"] == "https-server")
+    assert (https["default_ttl"], https["max_ttl"]) == ("90d", "398d")
+
+
+# -- bundles ---------------------------------------------------------------------------
+
+
+def test_legacy_pkcs12_with_a_warning(stack: KmsStack, ca_dir: Path, work: Path) -> None:
+    p12 = work / "old-phone.p12"
+    made = kmsctl(
+        stack, "cert", "issue", "--profile", "vpn-client", "--generate", "--cn", "old-phone",
+        "--format", "pkcs12", "--legacy", "--password-file", str(work / "pw.txt"),
+        "--out", str(p12),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "warning: --legacy" in made.stderr and "3DES" in made.stderr
+    assert mode(p12) == 0o600
+    pw = f"file:{work / 'pw.txt'}"
+    opened = openssl("pkcs12", "-legacy", "-in", str(p12), "-passin", pw, "-info", "-nokeys")
+    assert opened.returncode == 0, opened.stderr
+    assert "pbeWithSHA1And3-KeyTripleDES-CBC" in opened.stderr and "MAC: sha1" in opened.stderr
+    subjects = [
+        c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(opened.stdout.encode())
+    ]
+    assert subjects[0] == "CN=old-phone" and "CN=Home CA" in subjects
+    wrong = run(
+        stack, "cert", "issue", "--profile", "vpn-client", "--generate", "--cn", "x",
+        "--legacy", "--out", str(work / "x.crt"), "--key-out", str(work / "x.key"),
+    )  # fmt: skip
+    assert wrong.exit_code == ExitCode.USAGE and not (work / "x.crt").exists()
+
+
+@pytest.mark.skipif(shutil.which("openvpn") is None, reason="needs openvpn")
+def test_export_ovpn_connects_and_refuses_what_it_must(
+    stack: KmsStack, ca_dir: Path, work: Path
+) -> None:
+    def issue(profile: str, cn: str, *extra: str) -> str:
+        return str(
+            ok_json(
+                run(
+                    stack,
+                    "cert",
+                    "issue",
+                    "--profile",
+                    profile,
+                    "--generate",
+                    "--cn",
+                    cn,
+                    *extra,
+                    "--out",
+                    str(work / f"{cn}.crt"),
+                    "--key-out",
+                    str(work / f"{cn}.key"),
+                    "-o",
+                    "json",
+                )
+            )["serial"]
+        )
+
+    laptop = issue("vpn-client", "laptop")
+    server = issue("vpn-server", "vpn.home.arpa", "--san", "dns:vpn.home.arpa")
+    port = free_port()
+    profile, ta = work / "laptop.ovpn", work / "ta.key"
+    exported = run(
+        stack, "cert", "export", laptop, "--key", str(work / "laptop.key"),
+        "--remote", f"127.0.0.1:{port}", "--server-name", "vpn.home.arpa",
+        "--tls-crypt", str(ta), "--out", str(profile), "-o", "json",
+    )  # fmt: skip
+    answer = ok_json(exported)
+    assert answer["tls_crypt_created"] is True and answer["format"] == "ovpn"
+    assert mode(profile) == 0o600 and mode(ta) == 0o600
+    text = profile.read_text()
+    assert f"remote 127.0.0.1 {port}" in text and "<tls-crypt>" in text and "<key>" in text
+
+    # A second profile reuses the same tls-crypt key (the server has only one).
+    again = ok_json(
+        run(
+            stack,
+            "cert",
+            "export",
+            laptop,
+            "--key",
+            str(work / "laptop.key"),
+            "--remote",
+            f"127.0.0.1:{port}",
+            "--tls-crypt",
+            str(ta),
+            "--out",
+            str(work / "laptop2.ovpn"),
+            "-o",
+            "json",
+        )
+    )
+    assert again["tls_crypt_created"] is False
+    assert ta.read_text().split("-----")[2] in (work / "laptop2.ovpn").read_text()
+
+    # The real thing: an OpenVPN server set up as the README says, the client given only
+    # the .ovpn file.
+    write_private(work / "vpn.key.pem", (work / "vpn.home.arpa.key").read_bytes())
+    server_log, client_log = work / "ovpn-server.log", work / "ovpn-client.log"
+    server_argv = [
+        "--tls-server", "--proto", "udp", "--local", "127.0.0.1", "--lport", str(port),
+        "--ca", str(ca_dir / "chain.pem"), "--cert", str(work / "vpn.home.arpa.crt"),
+        "--key", str(work / "vpn.key.pem"), "--dh", "none", "--tls-crypt", str(ta),
+        "--remote-cert-tls", "client", "--verb", "3",
+    ]  # fmt: skip
+    with openvpn(server_log, *server_argv) as server_proc:
+        poll_log(server_log, LISTENING, server_proc)
+        with openvpn(client_log, "--config", str(profile)) as client_proc:
+            log = poll_log(client_log, "Initialization Sequence Completed", client_proc)
+    assert "VERIFY X509NAME OK: CN=vpn.home.arpa" in log
+
+    for args, code, reason in [
+        ([server, "--key", str(work / "vpn.home.arpa.key")], ExitCode.INVALID_ARGUMENT,
+         "bundle.not_client_certificate"),
+        ([laptop, "--key", str(work / "vpn.home.arpa.key")], ExitCode.INVALID_ARGUMENT,
+         "bundle.key_mismatch"),
+        ([laptop, "--key", str(work / "pw.txt")], ExitCode.INVALID_ARGUMENT, "bundle.key_invalid"),
+        ([laptop, "--key", str(work / "laptop.key"), "--remote", "a b"],
+         ExitCode.INVALID_ARGUMENT, "bundle.remote_invalid"),
+        ([laptop, "--key", str(work / "laptop.key"), "--tls-crypt", str(work / "pw.txt")],
+         ExitCode.INVALID_ARGUMENT, "bundle.tls_crypt_invalid"),
+    ]:  # fmt: skip
+        if "--remote" not in args:
+            args = [*args, "--remote", "vpn.home.arpa"]
+        refused = run(stack, "cert", "export", *args, "--out", str(work / "refused.ovpn"))
+        assert refused.exit_code == code and reason in refused.output, refused.output
+    assert not (work / "refused.ovpn").exists()
+
+
+def test_export_pkcs12_legacy_then_refused_once_revoked(
+    stack: KmsStack, ca_dir: Path, work: Path
+) -> None:
+    serial = ok_json(
+        run(
+            stack,
+            "cert",
+            "issue",
+            "--profile",
+            "vpn-client",
+            "--generate",
+            "--cn",
+            "tablet",
+            "--out",
+            str(work / "tablet.crt"),
+            "--key-out",
+            str(work / "tablet.key"),
+            "-o",
+            "json",
+        )
+    )["serial"]
+    p12 = work / "tablet.p12"
+    done = kmsctl(
+        stack, "cert", "export", serial, "--key", str(work / "tablet.key"), "--format", "pkcs12",
+        "--legacy", "--password-file", str(work / "pw.txt"), "--out", str(p12),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "warning: --legacy" in done.stderr
+    opened = openssl(
+        "pkcs12", "-legacy", "-in", str(p12), "-passin", f"file:{work / 'pw.txt'}", "-nodes"
+    )
+    assert opened.returncode == 0 and "BEGIN PRIVATE KEY" in opened.stdout, opened.stderr
+
+    # Revoked: nothing to export.
+    assert run(stack, "cert", "revoke", serial).exit_code == 0
+    revoked = run(
+        stack, "cert", "export", serial, "--key", str(work / "tablet.key"), "--format",
+        "pkcs12", "--password-file", str(work / "pw.txt"), "--out", str(work / "gone.p12"),
+    )  # fmt: skip
+    assert revoked.exit_code == ExitCode.FAILED_PRECONDITION and "cert.revoked" in revoked.output
+    assert not (work / "gone.p12").exists()
