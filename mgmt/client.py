@@ -431,6 +431,7 @@ class KMSClient:
         disable_root: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        name_constraints: ca_pb2.NameConstraints | None = None,
     ) -> ca_pb2.InitCAResponse:
         """Make the CA: root and intermediate keys in `provider`, their certificates.
         AlreadyExists (ca.already_initialized) when this KMS has a CA."""
@@ -443,6 +444,7 @@ class KMSClient:
             intermediate_validity_days=intermediate_validity_days,
             disable_root=disable_root,
             request_id=request_id or new_request_id(),
+            name_constraints=name_constraints,
         )
         deadline = CREATE_TIMEOUT if timeout is None else timeout
         return self._call("Init", self._ca.Init, request, deadline)

@@ -25,6 +25,7 @@ from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, InvalidA
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
+from mgmt.ca import constraints
 from mgmt.ca import ocsp as ocsp_mod
 from mgmt.ca.builder import (
     CAKey,
@@ -132,6 +133,7 @@ class CertificateAuthority:
             raise InvalidArgument(
                 "ca.validity_invalid", "the intermediate must end before the root"
             )
+        name_constraints = constraints.build(req.name_constraints)
         if await self.store.get_state() is not None:
             raise AlreadyExists("ca.already_initialized", "this CA exists already")
 
@@ -173,6 +175,7 @@ class CertificateAuthority:
                 int_public,
                 ca_name(f"{cn} Issuing CA", org),
                 int_days,
+                name_constraints=name_constraints,
             )
             state = ca_pb2.CAState(
                 provider=req.provider,
@@ -274,6 +277,9 @@ class CertificateAuthority:
         if len(requester) > _REQUESTER_MAX:
             raise InvalidArgument("cert.requester_invalid", "requester name is too long")
         issuer = await self.issuer()
+        # Before anything is signed: a name the intermediate may not certify is refused
+        # here, not left for the relying party's verifier to catch.
+        constraints.check(constraints.of_certificate(issuer.cert), plan.subject, plan.san)
         await self._require_active(INTERMEDIATE_LABEL)
 
         async def make(serial: int) -> ca_pb2.CertificateRecord:

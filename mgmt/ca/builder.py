@@ -122,7 +122,10 @@ def build_intermediate(
     subject: x509.Name,
     days: int,
     now: datetime.datetime | None = None,
+    name_constraints: x509.NameConstraints | None = None,
 ) -> x509.Certificate:
+    """An issuing CA under the root; `name_constraints` is marked critical (RFC 5280
+    says it MUST be, so a verifier that cannot enforce it rejects the chain)."""
     now = now or _now()
     not_after = now - BACKDATE + datetime.timedelta(days=days)
     if not_after > root_cert.not_valid_after_utc:
@@ -144,6 +147,8 @@ def build_intermediate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(root_cert), critical=False)
     )
+    if name_constraints is not None:
+        builder = builder.add_extension(name_constraints, critical=True)
     return builder.sign(root_key, signing_hash(root_key))
 
 

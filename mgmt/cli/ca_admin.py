@@ -8,12 +8,14 @@ group imports this module when one of them is asked for.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from edgekms.v1 import ca_pb2
 from mgmt.ca.durations import format_ttl
 from mgmt.cli.ca import ca
 from mgmt.cli.client_access import client_options, open_client, write_output
@@ -40,6 +42,34 @@ def _write_ca_files(out_dir: Path, root_der: bytes, intermediate_der: bytes) -> 
     for name, data in files.items():
         write_public(out_dir / name, data)
     return [out_dir / name for name in files]
+
+
+def name_constraint_options(f: Callable[..., None]) -> Callable[..., None]:
+    """--permit-dns/--permit-ip/--exclude-dns/--exclude-ip, for `ca init` and `ca rotate`."""
+    options = [
+        ("--permit-dns", "DOMAIN", "Leaves may carry only names in DOMAIN (and under it)."),
+        ("--permit-ip", "CIDR", "Leaves may carry only IP addresses in CIDR."),
+        ("--exclude-dns", "DOMAIN", "Leaves may never carry names in DOMAIN."),
+        ("--exclude-ip", "CIDR", "Leaves may never carry IP addresses in CIDR."),
+    ]
+    for flag, metavar, text in reversed(options):
+        f = click.option(flag, multiple=True, metavar=metavar, help=text + " Repeatable.")(f)
+    return f
+
+
+def constraints_dict(intermediate_der: bytes) -> dict[str, list[str]]:
+    """The intermediate's name constraints, as `-o json` shows them."""
+    from mgmt.ca import constraints
+
+    spec = constraints.to_spec(
+        constraints.of_certificate(x509.load_der_x509_certificate(intermediate_der))
+    )
+    return {
+        "permitted_dns": list(spec.permitted_dns),
+        "permitted_ip": list(spec.permitted_ip),
+        "excluded_dns": list(spec.excluded_dns),
+        "excluded_ip": list(spec.excluded_ip),
+    }
 
 
 def _cert_summary(der: bytes) -> dict[str, str]:
@@ -81,6 +111,7 @@ def _cert_summary(der: bytes) -> dict[str, str]:
     default=None,
     help="Also write root.crt, intermediate.crt and chain.pem here.",
 )
+@name_constraint_options
 @output_option
 @client_options
 def init_cmd(
@@ -92,13 +123,28 @@ def init_cmd(
     intermediate_days: int,
     disable_root: bool,
     out_dir: Path | None,
+    permit_dns: tuple[str, ...],
+    permit_ip: tuple[str, ...],
+    exclude_dns: tuple[str, ...],
+    exclude_ip: tuple[str, ...],
     output: str,
     data_dir: Path,
     config_path: Path | None,
 ) -> None:
     """Create the CA: a root and an intermediate whose keys are generated in PROVIDER
     through the KMS (registered as ca/root and ca/intermediate), the root self-signed, the
-    intermediate signed by it. Refused (exit 5) when the CA exists."""
+    intermediate signed by it. Refused (exit 5) when the CA exists.
+
+    \b
+    Limit what it may certify (critical name constraints on the intermediate):
+      kmsctl ca init --name "Home CA" --permit-dns home.arpa --permit-ip 192.168.0.0/16
+    """
+    nc = ca_pb2.NameConstraints(
+        permitted_dns=permit_dns,
+        permitted_ip=permit_ip,
+        excluded_dns=exclude_dns,
+        excluded_ip=exclude_ip,
+    )
     with (
         open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms,
         progress(f"making the CA keys in {provider}"),
@@ -111,6 +157,7 @@ def init_cmd(
             root_validity_days=root_days,
             intermediate_validity_days=intermediate_days,
             disable_root=disable_root,
+            name_constraints=nc,
         )
     files = (
         _write_ca_files(
@@ -128,12 +175,16 @@ def init_cmd(
                 "root": root,
                 "intermediate": intermediate,
                 "root_disabled": disable_root,
+                "name_constraints": constraints_dict(response.intermediate_certificate_der),
                 "files": [str(f) for f in files],
             }
         )
         return
     click.echo(f"root:         {root['subject']}  sha256 {root['sha256']}")
     click.echo(f"intermediate: {intermediate['subject']}  until {intermediate['not_after']}")
+    for kind, values in constraints_dict(response.intermediate_certificate_der).items():
+        if values:
+            click.echo(f"{kind + ':':<14}{', '.join(values)}")
     if disable_root:
         click.echo("ca/root is disabled in the key registry")
     for f in files:

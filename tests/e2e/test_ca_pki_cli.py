@@ -45,8 +45,17 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ca_dir(stack: KmsStack, work: Path) -> Path:
-    done = kmsctl(stack, "ca", "init", "--name", "Home CA", "--out-dir", str(work / "ca"))
+    done = kmsctl(
+        stack, "ca", "init", "--name", "Home CA", "--out-dir", str(work / "ca"),
+        "--permit-dns", "home.arpa", "--permit-ip", "192.168.0.0/16", "-o", "json",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["name_constraints"] == {
+        "permitted_dns": ["home.arpa"],
+        "permitted_ip": ["192.168.0.0/16"],
+        "excluded_dns": [],
+        "excluded_ip": [],
+    }
     return work / "ca"
 
 
@@ -61,6 +70,35 @@ def ok_json(result: Result) -> dict[str, Any]:
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- name constraints ------------------------------------------------------------------
+
+
+def test_names_outside_the_constraints_are_refused(
+    stack: KmsStack, ca_dir: Path, work: Path
+) -> None:
+    inter = load_chain(ca_dir / "intermediate.crt")[0]
+    assert inter.extensions.get_extension_for_class(x509.NameConstraints).critical
+    out = work / "nas.crt"
+    made = run(
+        stack, "cert", "issue", "--profile", "https-server", "--generate",
+        "--cn", "nas.home.arpa", "--san", "dns:nas.home.arpa", "--san", "ip:192.168.1.10",
+        "--out", str(out), "--key-out", str(work / "nas.key"),
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    chain = ["-CAfile", str(ca_dir / "root.crt"), "-untrusted", str(ca_dir / "intermediate.crt")]
+    assert openssl("verify", *chain, "-purpose", "sslserver", str(out)).returncode == 0
+    for cn, san in [("www.google.com", "dns:www.google.com"), ("nas.home.arpa", "ip:10.0.0.1")]:
+        refused = run(
+            stack, "cert", "issue", "--profile", "https-server", "--generate", "--cn", cn,
+            "--san", san, "--out", str(work / "out.crt"), "--key-out", str(work / "out.key"),
+        )  # fmt: skip
+        assert refused.exit_code == ExitCode.INVALID_ARGUMENT, refused.output
+        assert "csr.name_outside_constraints" in refused.output
+    assert not (work / "out.crt").exists() and not (work / "out.key").exists()
+    bad = run(stack, "ca", "init", "--name", "X", "--permit-ip", "10.0.0.1/8")
+    assert bad.exit_code == ExitCode.INVALID_ARGUMENT and "ca.name_constraint_invalid" in bad.output
 
 
 # -- short-lived certificates ----------------------------------------------------------

@@ -25,57 +25,59 @@ _sym_db = _symbol_database.Default()
 from edgekms.v1 import common_pb2 as edgekms_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65\x64gekms/v1/ca.proto\x12\nedgekms.v1\x1a\x17\x65\x64gekms/v1/common.proto\"\xf1\x02\n\x11\x43\x65rtificateRecord\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x11\n\trequester\x18\x03 \x01(\t\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.edgekms.v1.CertificateStatus\x12\x17\n\x0f\x63\x65rtificate_der\x18\x05 \x01(\x0c\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04sans\x18\x07 \x03(\t\x12\x12\n\nnot_before\x18\x08 \x01(\t\x12\x11\n\tnot_after\x18\t \x01(\t\x12\x11\n\tissued_at\x18\n \x01(\t\x12\x12\n\nrevoked_at\x18\x0b \x01(\t\x12\x37\n\x11revocation_reason\x18\x0c \x01(\x0e\x32\x1c.edgekms.v1.RevocationReason\x12\x14\n\x0crenewed_from\x18\r \x01(\t\x12\x10\n\x08key_type\x18\x0e \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\xe7\x01\n\x07\x43\x41State\x12\x10\n\x08provider\x18\x01 \x01(\t\x12%\n\x08key_type\x18\x02 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12\x13\n\x0broot_key_id\x18\x03 \x01(\x0c\x12\x1b\n\x13intermediate_key_id\x18\x04 \x01(\x0c\x12\x1c\n\x14root_certificate_der\x18\x05 \x01(\x0c\x12$\n\x1cintermediate_certificate_der\x18\x06 \x01(\x0c\x12\x19\n\x11root_key_disabled\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\t\"\xdd\x01\n\rInitCARequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12%\n\x08key_type\x18\x02 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12\x13\n\x0b\x63ommon_name\x18\x03 \x01(\t\x12\x14\n\x0corganization\x18\x04 \x01(\t\x12\x1a\n\x12root_validity_days\x18\x05 \x01(\r\x12\"\n\x1aintermediate_validity_days\x18\x06 \x01(\r\x12\x14\n\x0c\x64isable_root\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"T\n\x0eInitCAResponse\x12\x1c\n\x14root_certificate_der\x18\x01 \x01(\x0c\x12$\n\x1cintermediate_certificate_der\x18\x02 \x01(\x0c\"\x8f\x01\n\x17IssueCertificateRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x15\n\rvalidity_days\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x18\n\x10validity_seconds\x18\x06 \x01(\x04\"u\n\x18IssueCertificateResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.edgekms.v1.CertificateRecord\x12\x17\n\x0f\x63\x65rtificate_der\x18\x02 \x01(\x0c\x12\x11\n\tchain_der\x18\x03 \x03(\x0c\"\'\n\x15GetCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\"G\n\x16GetCertificateResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.edgekms.v1.CertificateRecord\"^\n\x17ListCertificatesRequest\x12\x14\n\x0crevoked_only\x18\x01 \x01(\x08\x12\x1c\n\x14\x65xpiring_within_days\x18\x02 \x01(\r\x12\x0f\n\x07profile\x18\x03 \x01(\t\"J\n\x18ListCertificatesResponse\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.edgekms.v1.CertificateRecord\"\x7f\n\x18RevokeCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12,\n\x06reason\x18\x02 \x01(\x0e\x32\x1c.edgekms.v1.RevocationReason\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"^\n\x19RevokeCertificateResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.edgekms.v1.CertificateRecord\x12\x12\n\ncrl_number\x18\x02 \x01(\x04\"\x81\x01\n\x17RenewCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x15\n\rvalidity_days\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10validity_seconds\x18\x05 \x01(\x04\"\x0f\n\rGetCRLRequest\"J\n\x0eGetCRLResponse\x12\x0f\n\x07\x63rl_der\x18\x01 \x01(\x0c\x12\x12\n\ncrl_number\x18\x02 \x01(\x04\x12\x13\n\x0bnext_update\x18\x03 \x01(\t\"\x1a\n\x18GetCACertificatesRequest\"_\n\x19GetCACertificatesResponse\x12\x1c\n\x14root_certificate_der\x18\x01 \x01(\x0c\x12$\n\x1cintermediate_certificate_der\x18\x02 \x01(\x0c\"\x15\n\x13ListProfilesRequest\"\xbb\x01\n\x0bProfileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11max_validity_days\x18\x03 \x01(\r\x12\x11\n\tkey_types\x18\x04 \x03(\t\x12\x1b\n\x13\x65xtended_key_usages\x18\x05 \x03(\t\x12 \n\x18\x64\x65\x66\x61ult_validity_seconds\x18\x06 \x01(\x04\x12\x1c\n\x14max_validity_seconds\x18\x07 \x01(\x04\"A\n\x14ListProfilesResponse\x12)\n\x08profiles\x18\x01 \x03(\x0b\x32\x17.edgekms.v1.ProfileInfo*u\n\x11\x43\x65rtificateStatus\x12\"\n\x1e\x43\x45RTIFICATE_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x45RTIFICATE_STATUS_VALID\x10\x01\x12\x1e\n\x1a\x43\x45RTIFICATE_STATUS_REVOKED\x10\x02*\xf3\x02\n\x10RevocationReason\x12!\n\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12$\n REVOCATION_REASON_KEY_COMPROMISE\x10\x01\x12#\n\x1fREVOCATION_REASON_CA_COMPROMISE\x10\x02\x12)\n%REVOCATION_REASON_AFFILIATION_CHANGED\x10\x03\x12 \n\x1cREVOCATION_REASON_SUPERSEDED\x10\x04\x12,\n(REVOCATION_REASON_CESSATION_OF_OPERATION\x10\x05\x12&\n\"REVOCATION_REASON_CERTIFICATE_HOLD\x10\x06\x12)\n%REVOCATION_REASON_PRIVILEGE_WITHDRAWN\x10\t\x12#\n\x1fREVOCATION_REASON_AA_COMPROMISE\x10\n2\xa3\x06\n\x14\x43\x65rtificateAuthority\x12=\n\x04Init\x12\x19.edgekms.v1.InitCARequest\x1a\x1a.edgekms.v1.InitCAResponse\x12]\n\x10IssueCertificate\x12#.edgekms.v1.IssueCertificateRequest\x1a$.edgekms.v1.IssueCertificateResponse\x12W\n\x0eGetCertificate\x12!.edgekms.v1.GetCertificateRequest\x1a\".edgekms.v1.GetCertificateResponse\x12]\n\x10ListCertificates\x12#.edgekms.v1.ListCertificatesRequest\x1a$.edgekms.v1.ListCertificatesResponse\x12`\n\x11RevokeCertificate\x12$.edgekms.v1.RevokeCertificateRequest\x1a%.edgekms.v1.RevokeCertificateResponse\x12]\n\x10RenewCertificate\x12#.edgekms.v1.RenewCertificateRequest\x1a$.edgekms.v1.IssueCertificateResponse\x12?\n\x06GetCRL\x12\x19.edgekms.v1.GetCRLRequest\x1a\x1a.edgekms.v1.GetCRLResponse\x12`\n\x11GetCACertificates\x12$.edgekms.v1.GetCACertificatesRequest\x1a%.edgekms.v1.GetCACertificatesResponse\x12Q\n\x0cListProfiles\x12\x1f.edgekms.v1.ListProfilesRequest\x1a .edgekms.v1.ListProfilesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65\x64gekms/v1/ca.proto\x12\nedgekms.v1\x1a\x17\x65\x64gekms/v1/common.proto\"\xf1\x02\n\x11\x43\x65rtificateRecord\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x11\n\trequester\x18\x03 \x01(\t\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.edgekms.v1.CertificateStatus\x12\x17\n\x0f\x63\x65rtificate_der\x18\x05 \x01(\x0c\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04sans\x18\x07 \x03(\t\x12\x12\n\nnot_before\x18\x08 \x01(\t\x12\x11\n\tnot_after\x18\t \x01(\t\x12\x11\n\tissued_at\x18\n \x01(\t\x12\x12\n\nrevoked_at\x18\x0b \x01(\t\x12\x37\n\x11revocation_reason\x18\x0c \x01(\x0e\x32\x1c.edgekms.v1.RevocationReason\x12\x14\n\x0crenewed_from\x18\r \x01(\t\x12\x10\n\x08key_type\x18\x0e \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\xe7\x01\n\x07\x43\x41State\x12\x10\n\x08provider\x18\x01 \x01(\t\x12%\n\x08key_type\x18\x02 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12\x13\n\x0broot_key_id\x18\x03 \x01(\x0c\x12\x1b\n\x13intermediate_key_id\x18\x04 \x01(\x0c\x12\x1c\n\x14root_certificate_der\x18\x05 \x01(\x0c\x12$\n\x1cintermediate_certificate_der\x18\x06 \x01(\x0c\x12\x19\n\x11root_key_disabled\x18\x07 \x01(\x08\x12\x12\n\ncreated_at\x18\x08 \x01(\t\"i\n\x0fNameConstraints\x12\x15\n\rpermitted_dns\x18\x01 \x03(\t\x12\x14\n\x0cpermitted_ip\x18\x02 \x03(\t\x12\x14\n\x0c\x65xcluded_dns\x18\x03 \x03(\t\x12\x13\n\x0b\x65xcluded_ip\x18\x04 \x03(\t\"\x94\x02\n\rInitCARequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12%\n\x08key_type\x18\x02 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12\x13\n\x0b\x63ommon_name\x18\x03 \x01(\t\x12\x14\n\x0corganization\x18\x04 \x01(\t\x12\x1a\n\x12root_validity_days\x18\x05 \x01(\r\x12\"\n\x1aintermediate_validity_days\x18\x06 \x01(\r\x12\x14\n\x0c\x64isable_root\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x35\n\x10name_constraints\x18\t \x01(\x0b\x32\x1b.edgekms.v1.NameConstraints\"T\n\x0eInitCAResponse\x12\x1c\n\x14root_certificate_der\x18\x01 \x01(\x0c\x12$\n\x1cintermediate_certificate_der\x18\x02 \x01(\x0c\"\x8f\x01\n\x17IssueCertificateRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x15\n\rvalidity_days\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x18\n\x10validity_seconds\x18\x06 \x01(\x04\"u\n\x18IssueCertificateResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.edgekms.v1.CertificateRecord\x12\x17\n\x0f\x63\x65rtificate_der\x18\x02 \x01(\x0c\x12\x11\n\tchain_der\x18\x03 \x03(\x0c\"\'\n\x15GetCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\"G\n\x16GetCertificateResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.edgekms.v1.CertificateRecord\"^\n\x17ListCertificatesRequest\x12\x14\n\x0crevoked_only\x18\x01 \x01(\x08\x12\x1c\n\x14\x65xpiring_within_days\x18\x02 \x01(\r\x12\x0f\n\x07profile\x18\x03 \x01(\t\"J\n\x18ListCertificatesResponse\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.edgekms.v1.CertificateRecord\"\x7f\n\x18RevokeCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12,\n\x06reason\x18\x02 \x01(\x0e\x32\x1c.edgekms.v1.RevocationReason\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"^\n\x19RevokeCertificateResponse\x12-\n\x06record\x18\x01 \x01(\x0b\x32\x1d.edgekms.v1.CertificateRecord\x12\x12\n\ncrl_number\x18\x02 \x01(\x04\"\x81\x01\n\x17RenewCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x15\n\rvalidity_days\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10validity_seconds\x18\x05 \x01(\x04\"\x0f\n\rGetCRLRequest\"J\n\x0eGetCRLResponse\x12\x0f\n\x07\x63rl_der\x18\x01 \x01(\x0c\x12\x12\n\ncrl_number\x18\x02 \x01(\x04\x12\x13\n\x0bnext_update\x18\x03 \x01(\t\"\x1a\n\x18GetCACertificatesRequest\"_\n\x19GetCACertificatesResponse\x12\x1c\n\x14root_certificate_der\x18\x01 \x01(\x0c\x12$\n\x1cintermediate_certificate_der\x18\x02 \x01(\x0c\"\x15\n\x13ListProfilesRequest\"\xbb\x01\n\x0bProfileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11max_validity_days\x18\x03 \x01(\r\x12\x11\n\tkey_types\x18\x04 \x03(\t\x12\x1b\n\x13\x65xtended_key_usages\x18\x05 \x03(\t\x12 \n\x18\x64\x65\x66\x61ult_validity_seconds\x18\x06 \x01(\x04\x12\x1c\n\x14max_validity_seconds\x18\x07 \x01(\x04\"A\n\x14ListProfilesResponse\x12)\n\x08profiles\x18\x01 \x03(\x0b\x32\x17.edgekms.v1.ProfileInfo*u\n\x11\x43\x65rtificateStatus\x12\"\n\x1e\x43\x45RTIFICATE_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43\x45RTIFICATE_STATUS_VALID\x10\x01\x12\x1e\n\x1a\x43\x45RTIFICATE_STATUS_REVOKED\x10\x02*\xf3\x02\n\x10RevocationReason\x12!\n\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12$\n REVOCATION_REASON_KEY_COMPROMISE\x10\x01\x12#\n\x1fREVOCATION_REASON_CA_COMPROMISE\x10\x02\x12)\n%REVOCATION_REASON_AFFILIATION_CHANGED\x10\x03\x12 \n\x1cREVOCATION_REASON_SUPERSEDED\x10\x04\x12,\n(REVOCATION_REASON_CESSATION_OF_OPERATION\x10\x05\x12&\n\"REVOCATION_REASON_CERTIFICATE_HOLD\x10\x06\x12)\n%REVOCATION_REASON_PRIVILEGE_WITHDRAWN\x10\t\x12#\n\x1fREVOCATION_REASON_AA_COMPROMISE\x10\n2\xa3\x06\n\x14\x43\x65rtificateAuthority\x12=\n\x04Init\x12\x19.edgekms.v1.InitCARequest\x1a\x1a.edgekms.v1.InitCAResponse\x12]\n\x10IssueCertificate\x12#.edgekms.v1.IssueCertificateRequest\x1a$.edgekms.v1.IssueCertificateResponse\x12W\n\x0eGetCertificate\x12!.edgekms.v1.GetCertificateRequest\x1a\".edgekms.v1.GetCertificateResponse\x12]\n\x10ListCertificates\x12#.edgekms.v1.ListCertificatesRequest\x1a$.edgekms.v1.ListCertificatesResponse\x12`\n\x11RevokeCertificate\x12$.edgekms.v1.RevokeCertificateRequest\x1a%.edgekms.v1.RevokeCertificateResponse\x12]\n\x10RenewCertificate\x12#.edgekms.v1.RenewCertificateRequest\x1a$.edgekms.v1.IssueCertificateResponse\x12?\n\x06GetCRL\x12\x19.edgekms.v1.GetCRLRequest\x1a\x1a.edgekms.v1.GetCRLResponse\x12`\n\x11GetCACertificates\x12$.edgekms.v1.GetCACertificatesRequest\x1a%.edgekms.v1.GetCACertificatesResponse\x12Q\n\x0cListProfiles\x12\x1f.edgekms.v1.ListProfilesRequest\x1a .edgekms.v1.ListProfilesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgekms.v1.ca_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CERTIFICATESTATUS']._serialized_start=2382
-  _globals['_CERTIFICATESTATUS']._serialized_end=2499
-  _globals['_REVOCATIONREASON']._serialized_start=2502
-  _globals['_REVOCATIONREASON']._serialized_end=2873
+  _globals['_CERTIFICATESTATUS']._serialized_start=2544
+  _globals['_CERTIFICATESTATUS']._serialized_end=2661
+  _globals['_REVOCATIONREASON']._serialized_start=2664
+  _globals['_REVOCATIONREASON']._serialized_end=3035
   _globals['_CERTIFICATERECORD']._serialized_start=61
   _globals['_CERTIFICATERECORD']._serialized_end=430
   _globals['_CASTATE']._serialized_start=433
   _globals['_CASTATE']._serialized_end=664
-  _globals['_INITCAREQUEST']._serialized_start=667
-  _globals['_INITCAREQUEST']._serialized_end=888
-  _globals['_INITCARESPONSE']._serialized_start=890
-  _globals['_INITCARESPONSE']._serialized_end=974
-  _globals['_ISSUECERTIFICATEREQUEST']._serialized_start=977
-  _globals['_ISSUECERTIFICATEREQUEST']._serialized_end=1120
-  _globals['_ISSUECERTIFICATERESPONSE']._serialized_start=1122
-  _globals['_ISSUECERTIFICATERESPONSE']._serialized_end=1239
-  _globals['_GETCERTIFICATEREQUEST']._serialized_start=1241
-  _globals['_GETCERTIFICATEREQUEST']._serialized_end=1280
-  _globals['_GETCERTIFICATERESPONSE']._serialized_start=1282
-  _globals['_GETCERTIFICATERESPONSE']._serialized_end=1353
-  _globals['_LISTCERTIFICATESREQUEST']._serialized_start=1355
-  _globals['_LISTCERTIFICATESREQUEST']._serialized_end=1449
-  _globals['_LISTCERTIFICATESRESPONSE']._serialized_start=1451
-  _globals['_LISTCERTIFICATESRESPONSE']._serialized_end=1525
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=1527
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=1654
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=1656
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=1750
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1753
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1882
-  _globals['_GETCRLREQUEST']._serialized_start=1884
-  _globals['_GETCRLREQUEST']._serialized_end=1899
-  _globals['_GETCRLRESPONSE']._serialized_start=1901
-  _globals['_GETCRLRESPONSE']._serialized_end=1975
-  _globals['_GETCACERTIFICATESREQUEST']._serialized_start=1977
-  _globals['_GETCACERTIFICATESREQUEST']._serialized_end=2003
-  _globals['_GETCACERTIFICATESRESPONSE']._serialized_start=2005
-  _globals['_GETCACERTIFICATESRESPONSE']._serialized_end=2100
-  _globals['_LISTPROFILESREQUEST']._serialized_start=2102
-  _globals['_LISTPROFILESREQUEST']._serialized_end=2123
-  _globals['_PROFILEINFO']._serialized_start=2126
-  _globals['_PROFILEINFO']._serialized_end=2313
-  _globals['_LISTPROFILESRESPONSE']._serialized_start=2315
-  _globals['_LISTPROFILESRESPONSE']._serialized_end=2380
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=2876
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=3679
+  _globals['_NAMECONSTRAINTS']._serialized_start=666
+  _globals['_NAMECONSTRAINTS']._serialized_end=771
+  _globals['_INITCAREQUEST']._serialized_start=774
+  _globals['_INITCAREQUEST']._serialized_end=1050
+  _globals['_INITCARESPONSE']._serialized_start=1052
+  _globals['_INITCARESPONSE']._serialized_end=1136
+  _globals['_ISSUECERTIFICATEREQUEST']._serialized_start=1139
+  _globals['_ISSUECERTIFICATEREQUEST']._serialized_end=1282
+  _globals['_ISSUECERTIFICATERESPONSE']._serialized_start=1284
+  _globals['_ISSUECERTIFICATERESPONSE']._serialized_end=1401
+  _globals['_GETCERTIFICATEREQUEST']._serialized_start=1403
+  _globals['_GETCERTIFICATEREQUEST']._serialized_end=1442
+  _globals['_GETCERTIFICATERESPONSE']._serialized_start=1444
+  _globals['_GETCERTIFICATERESPONSE']._serialized_end=1515
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_start=1517
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_end=1611
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_start=1613
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_end=1687
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=1689
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=1816
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=1818
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=1912
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1915
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=2044
+  _globals['_GETCRLREQUEST']._serialized_start=2046
+  _globals['_GETCRLREQUEST']._serialized_end=2061
+  _globals['_GETCRLRESPONSE']._serialized_start=2063
+  _globals['_GETCRLRESPONSE']._serialized_end=2137
+  _globals['_GETCACERTIFICATESREQUEST']._serialized_start=2139
+  _globals['_GETCACERTIFICATESREQUEST']._serialized_end=2165
+  _globals['_GETCACERTIFICATESRESPONSE']._serialized_start=2167
+  _globals['_GETCACERTIFICATESRESPONSE']._serialized_end=2262
+  _globals['_LISTPROFILESREQUEST']._serialized_start=2264
+  _globals['_LISTPROFILESREQUEST']._serialized_end=2285
+  _globals['_PROFILEINFO']._serialized_start=2288
+  _globals['_PROFILEINFO']._serialized_end=2475
+  _globals['_LISTPROFILESRESPONSE']._serialized_start=2477
+  _globals['_LISTPROFILESRESPONSE']._serialized_end=2542
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=3038
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=3841
 # @@protoc_insertion_point(module_scope)

@@ -195,6 +195,44 @@ class CAState(_message.Message):
 Global___CAState: _TypeAlias = CAState  # noqa: Y015
 
 @_typing.final
+class NameConstraints(_message.Message):
+    """Name constraints for an intermediate (RFC 5280 4.2.1.10, marked critical): the names
+    its leaves may carry. A DNS entry "home.arpa" covers that name and every name under
+    it; IP entries are CIDR networks. A kind with no permitted entries is not limited by
+    them (RFC 5280): give --permit-ip too, or exclude 0.0.0.0/0 and ::/0, to bar IPs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERMITTED_DNS_FIELD_NUMBER: _builtins.int
+    PERMITTED_IP_FIELD_NUMBER: _builtins.int
+    EXCLUDED_DNS_FIELD_NUMBER: _builtins.int
+    EXCLUDED_IP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def permitted_dns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def permitted_ip(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def excluded_dns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def excluded_ip(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        permitted_dns: _abc.Iterable[_builtins.str] | None = ...,
+        permitted_ip: _abc.Iterable[_builtins.str] | None = ...,
+        excluded_dns: _abc.Iterable[_builtins.str] | None = ...,
+        excluded_ip: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded_dns", b"excluded_dns", "excluded_ip", b"excluded_ip", "permitted_dns", b"permitted_dns", "permitted_ip", b"permitted_ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NameConstraints: _TypeAlias = NameConstraints  # noqa: Y015
+
+@_typing.final
 class InitCARequest(_message.Message):
     """Subject: kms.ca.Init. Creates the root and intermediate keys in `provider` and the
     two CA certificates. Refused (ca.already_initialized) when a CA exists.
@@ -210,6 +248,7 @@ class InitCARequest(_message.Message):
     INTERMEDIATE_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     DISABLE_ROOT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NAME_CONSTRAINTS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     key_type: _common_pb2.KeyType.ValueType
     common_name: _builtins.str
@@ -223,6 +262,10 @@ class InitCARequest(_message.Message):
     """Leave the root key disabled for signing once the intermediate exists."""
     request_id: _builtins.str
     """Idempotency (broker/idempotency.py): a retry with the same id gets the first answer."""
+    @_builtins.property
+    def name_constraints(self) -> Global___NameConstraints:
+        """Put into the intermediate; the CA refuses to issue outside them."""
+
     def __init__(
         self,
         *,
@@ -234,10 +277,11 @@ class InitCARequest(_message.Message):
         intermediate_validity_days: _builtins.int = ...,
         disable_root: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        name_constraints: Global___NameConstraints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["name_constraints", b"name_constraints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_name", b"common_name", "disable_root", b"disable_root", "intermediate_validity_days", b"intermediate_validity_days", "key_type", b"key_type", "organization", b"organization", "provider", b"provider", "request_id", b"request_id", "root_validity_days", b"root_validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_name", b"common_name", "disable_root", b"disable_root", "intermediate_validity_days", b"intermediate_validity_days", "key_type", b"key_type", "name_constraints", b"name_constraints", "organization", b"organization", "provider", b"provider", "request_id", b"request_id", "root_validity_days", b"root_validity_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
