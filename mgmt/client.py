@@ -515,6 +515,41 @@ class KMSClient:
     def get_crl(self) -> ca_pb2.GetCRLResponse:
         return self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
 
+    def get_root_crl(self) -> ca_pb2.GetCRLResponse:
+        """The root's CRL (revoked intermediates); long-lived, signed by the root."""
+        request = ca_pb2.GetRootCRLRequest()
+        return self._call("GetRootCRL", self._ca.GetRootCRL, request, None)
+
+    def revoke_intermediate(
+        self,
+        serial: str,
+        reason: ca_pb2.RevocationReason.ValueType = ca_pb2.REVOCATION_REASON_UNSPECIFIED,
+        request_id: str | None = None,
+    ) -> ca_pb2.RevokeIntermediateResponse:
+        """The root revokes intermediate `serial` (needs ca/root enabled)."""
+        request = ca_pb2.RevokeIntermediateRequest(
+            serial=serial, reason=reason, request_id=request_id or new_request_id()
+        )
+        return self._call("RevokeIntermediate", self._ca.RevokeIntermediate, request, None)
+
+    def rotate_ca(
+        self,
+        intermediate_validity_days: int = 0,
+        name_constraints: ca_pb2.NameConstraints | None = None,
+        clear_name_constraints: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ca_pb2.RotateCAResponse:
+        """A new intermediate key and certificate; leaves come from it from now on."""
+        request = ca_pb2.RotateCARequest(
+            intermediate_validity_days=intermediate_validity_days,
+            name_constraints=name_constraints,
+            clear_name_constraints=clear_name_constraints,
+            request_id=request_id or new_request_id(),
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._call("Rotate", self._ca.Rotate, request, deadline)
+
     def get_ca_certificates(self) -> ca_pb2.GetCACertificatesResponse:
         request = ca_pb2.GetCACertificatesRequest()
         return self._call("GetCACertificates", self._ca.GetCACertificates, request, None)

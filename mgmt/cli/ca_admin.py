@@ -8,7 +8,7 @@ group imports this module when one of them is asked for.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -28,15 +28,18 @@ def _pem(der: bytes) -> bytes:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
-def _write_ca_files(out_dir: Path, root_der: bytes, intermediate_der: bytes) -> list[Path]:
-    """root.crt, intermediate.crt and chain.pem (issuing CA then root: OpenVPN's `ca`,
+def _write_ca_files(
+    out_dir: Path, root_der: bytes, intermediate_der: bytes, retired: Sequence[bytes] = ()
+) -> list[Path]:
+    """root.crt, intermediate.crt and chain.pem (issuing CA, then the retired
+    intermediates whose certificates are still in force, then root: OpenVPN's `ca`,
     strongSwan's cacerts, a browser's trust import)."""
     from mgmt.pki import write_public
 
     files = {
         "root.crt": _pem(root_der),
         "intermediate.crt": _pem(intermediate_der),
-        "chain.pem": _pem(intermediate_der) + _pem(root_der),
+        "chain.pem": b"".join(_pem(d) for d in [intermediate_der, *retired, root_der]),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -204,7 +207,10 @@ def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
     with open_client(data_dir, config_path) as kms:
         response = kms.get_ca_certificates()
     for f in _write_ca_files(
-        out_dir, response.root_certificate_der, response.intermediate_certificate_der
+        out_dir,
+        response.root_certificate_der,
+        response.intermediate_certificate_der,
+        response.retired_intermediates_der,
     ):
         click.echo(f"wrote {f}")
 
@@ -212,11 +218,19 @@ def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
 @ca.command("crl")
 @click.option("--out", required=True, help="Where to write the CRL ('-' for stdout).")
 @click.option("--pem", is_flag=True, help="PEM instead of DER (OpenVPN's crl-verify wants PEM).")
+@click.option(
+    "--root",
+    "root_crl",
+    is_flag=True,
+    help="The root's CRL (revoked intermediates) instead: with the intermediate's, what "
+    "`openssl verify -crl_check_all` needs.",
+)
 @client_options
-def crl_cmd(out: str, pem: bool, data_dir: Path, config_path: Path | None) -> None:
-    """The current CRL, signed by the intermediate (rebuilt on every revocation)."""
+def crl_cmd(out: str, pem: bool, root_crl: bool, data_dir: Path, config_path: Path | None) -> None:
+    """The current CRL, signed by the intermediate (rebuilt on every revocation), or with
+    --root the root's own (long-lived; re-signed when the root key is used)."""
     with open_client(data_dir, config_path) as kms:
-        response = kms.get_crl()
+        response = kms.get_root_crl() if root_crl else kms.get_crl()
     data = response.crl_der
     if pem:
         crl = x509.load_der_x509_crl(data)
@@ -262,3 +276,8 @@ def profiles_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
         for p in profiles
     ]
     click.echo(table(["PROFILE", "DEFAULT", "MAX", "EKU", "DESCRIPTION"], rows))
+
+
+# `ca rotate` and `ca revoke-intermediate` live in their own module; importing it
+# registers them on the `ca` group.
+from mgmt.cli import ca_hierarchy  # noqa: E402, F401

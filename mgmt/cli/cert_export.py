@@ -26,9 +26,26 @@ log = logging.getLogger(__name__)
 
 
 def issuing_chain(cert_der: bytes, ca_certs: ca_pb2.GetCACertificatesResponse) -> list[bytes]:
-    """The issuing CA, then the root: what the client needs to check the server."""
-    intermediate = ca_certs.intermediate_certificate_der
-    return [intermediate, ca_certs.root_certificate_der]
+    """The intermediate that issued this certificate (after a rotation possibly a
+    retired one, matched by key identifier), then every other intermediate in force,
+    then the root: the client checks the server's chain with it, and the server's
+    certificate may come from either intermediate during the overlap."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        wanted = aki.key_identifier
+    except x509.ExtensionNotFound:
+        wanted = None
+    intermediates = [ca_certs.intermediate_certificate_der, *ca_certs.retired_intermediates_der]
+
+    def issued_it(der: bytes) -> bool:
+        ski = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        )
+        return ski.value.digest == wanted
+
+    intermediates.sort(key=lambda d: not issued_it(d))
+    return [*intermediates, ca_certs.root_certificate_der]
 
 
 @cert_group.command("export")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mgmt.cli import cli
 from mgmt.cli.common import ExitCode
@@ -321,3 +323,83 @@ def test_export_pkcs12_legacy_then_refused_once_revoked(
     )  # fmt: skip
     assert revoked.exit_code == ExitCode.FAILED_PRECONDITION and "cert.revoked" in revoked.output
     assert not (work / "gone.p12").exists()
+
+
+# -- rotation and revoking an intermediate ---------------------------------------------
+
+
+def test_rotate_then_revoke_the_old_intermediate(stack: KmsStack, ca_dir: Path, work: Path) -> None:
+    def leaf(name: str) -> Path:
+        out = work / f"{name}.crt"
+        made = run(
+            stack, "cert", "issue", "--profile", "https-server", "--generate", "--cn", name,
+            "--san", f"dns:{name}", "--out", str(out), "--key-out", str(work / f"{name}.key"),
+        )  # fmt: skip
+        assert made.exit_code == 0, made.output
+        return out
+
+    old_leaf = leaf("before.home.arpa")
+    old_inter = load_chain(ca_dir / "intermediate.crt")[0]
+    rotated = kmsctl(stack, "ca", "rotate", "--out-dir", str(work / "ca2"), "-o", "json")
+    assert rotated.returncode == 0, rotated.stderr
+    answer = json.loads(rotated.stdout)
+    assert answer["intermediate"]["subject"] == "CN=Home CA Issuing CA 2"
+    assert [r["subject"] for r in answer["retired"]] == [old_inter.subject.rfc4514_string()]
+    assert answer["name_constraints"]["permitted_dns"] == ["home.arpa"]  # carried over
+    shown = json.loads(run(stack, "key", "show", "ca/intermediate-2", "-o", "json").stdout)
+    assert (shown["provider"], shown["state"]) == ("hsm0", "active")
+    chain = work / "ca2" / "chain.pem"
+    assert [c.subject for c in load_chain(chain)][1] == old_inter.subject
+    new_leaf = leaf("after.home.arpa")
+    new_inter = load_chain(work / "ca2" / "intermediate.crt")[0]
+    load_chain(new_leaf)[0].verify_directly_issued_by(new_inter)
+
+    base = f"http://{stack.state()['ca_http']}"
+    old_key_id = (
+        old_inter.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        .value.digest.hex()
+        .upper()
+    )
+    old_crl = work / "old.crl"
+    got = subprocess.run(
+        ["curl", "-sSf", "-o", str(old_crl), f"{base}/crl/{old_key_id}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+
+    def crls() -> Path:
+        root_crl, new_crl = work / "root-crl.pem", work / "new-crl.pem"
+        assert run(stack, "ca", "crl", "--root", "--pem", "--out", str(root_crl)).exit_code == 0
+        assert run(stack, "ca", "crl", "--pem", "--out", str(new_crl)).exit_code == 0
+        old = x509.load_der_x509_crl(old_crl.read_bytes()).public_bytes(serialization.Encoding.PEM)
+        bundle = work / "all-crls.pem"
+        bundle.write_bytes(root_crl.read_bytes() + new_crl.read_bytes() + old)
+        return bundle
+
+    def strict(cert: Path) -> subprocess.CompletedProcess[str]:
+        return openssl(
+            "verify", "-crl_check_all", "-CAfile", str(ca_dir / "root.crt"),
+            "-untrusted", str(chain), "-CRLfile", str(crls()), str(cert),
+        )  # fmt: skip
+
+    for cert in (old_leaf, new_leaf):
+        checked = strict(cert)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    no = run(stack, "ca", "revoke-intermediate", f"{old_inter.serial_number:X}")
+    assert no.exit_code == ExitCode.USAGE and "--yes" in no.output
+    done = run(
+        stack, "ca", "revoke-intermediate", f"{old_inter.serial_number:X}",
+        "--reason", "superseded", "--yes", "-o", "json",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["reason"] == "superseded"
+    refused = strict(old_leaf)
+    assert refused.returncode != 0 and "certificate revoked" in refused.stdout + refused.stderr
+    still = strict(new_leaf)
+    assert still.returncode == 0, still.stdout + still.stderr
+    again = run(stack, "ca", "revoke-intermediate", f"{old_inter.serial_number:X}", "--yes")
+    assert again.exit_code == ExitCode.FAILED_PRECONDITION
+    assert "ca.intermediate_already_revoked" in again.output
+    unknown = run(stack, "ca", "revoke-intermediate", "ABCDEF", "--yes")
+    assert unknown.exit_code == ExitCode.NOT_FOUND and "ca.intermediate_unknown" in unknown.output
