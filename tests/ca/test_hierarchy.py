@@ -164,9 +164,26 @@ async def test_root_crl_and_revoking_the_intermediate(ca_env: CAEnv, tmp_path: P
     code, out = await verify_all(tmp_path, root, inter, [root_crl, inter_crl], leaf_pem)
     assert code != 0 and "certificate revoked" in out, out
     assert f"{inter}: revoked" in await ocsp_status(ca_env, root, inter, root, inter)
+
+
+async def test_a_revoked_intermediate_issues_nothing_until_rotation(ca_env: CAEnv) -> None:
+    made = await init(ca_env)
+    serial = f"{x509.load_der_x509_certificate(made.intermediate_certificate_der).serial_number:X}"
+    await ca_env.call(
+        "RevokeIntermediate",
+        ca_pb2.RevokeIntermediateRequest(
+            serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE
+        ),
+        ca_pb2.RevokeIntermediateResponse,
+    )
+    before = await ca_env.record_count()
     with pytest.raises(FailedPrecondition) as refused:
         await issue(ca_env, "after.example.com")
     assert refused.value.reason == "ca.intermediate_revoked"
+    assert await ca_env.record_count() == before
+    await ca_env.call("Rotate", ca_pb2.RotateCARequest(), ca_pb2.RotateCAResponse)
+    issued = await issue(ca_env, "after.example.com")
+    assert issued.record.status == ca_pb2.CERTIFICATE_STATUS_VALID
 
 
 async def test_rotation_keeps_the_old_intermediate_signing(ca_env: CAEnv, tmp_path: Path) -> None:
