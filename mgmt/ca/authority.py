@@ -615,26 +615,21 @@ class CertificateAuthority:
 
     async def _ocsp_for_intermediate(self, issuer: _Issuer, query: ocsp_mod.OCSPQuery) -> bytes:
         """The root's answer about one of its intermediates: good while known and not
-        revoked, revoked with time and reason, unknown for any other serial. Signed by
-        the root, so only while ca/root is enabled (tryLater otherwise; the root CRL,
-        long-lived, says the same)."""
+        revoked, revoked with time and reason, unknown for any other serial. Signed
+        live while ca/root is enabled; while it is disabled, the answer the root signed
+        ahead of time (mgmt.ca.hierarchy, no nonce), else tryLater."""
         serial = f"{query.serial:X}"
-        known = {
-            f"{x509.load_der_x509_certificate(d).serial_number:X}"
-            for d in [
-                issuer.state.intermediate_certificate_der,
-                *(r.certificate_der for r in issuer.state.retired),
-            ]
-        }
-        revoked = {r.serial: r for r in issuer.state.revoked_intermediates}
-        state: ocsp_mod.CertState | None = None
-        if serial in revoked:
-            entry = revoked[serial]
-            state = ocsp_mod.CertState(parse_rfc3339(entry.revoked_at), entry.reason)
-        elif serial in known:
-            state = ocsp_mod.CertState()
+        state = hierarchy.intermediate_states(issuer.state).get(serial)
         try:
-            root_key = await self.root_key()
+            try:
+                root_key = await self.root_key()
+            except FailedPrecondition:
+                presigned = await hierarchy.presigned_intermediate_ocsp(
+                    self.store, serial, query.hash_algorithm
+                )
+                if presigned is not None:
+                    return presigned
+                raise
             return await asyncio.to_thread(
                 ocsp_mod.build_response, root_key, issuer.root, query, state
             )

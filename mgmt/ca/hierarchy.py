@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from nats.js.errors import KeyNotFoundError
 
 from edgekms.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgekms.v1 import ca_pb2
 from mgmt.ca import constraints
+from mgmt.ca import ocsp as ocsp_mod
 from mgmt.ca.builder import CAKey, build_intermediate, ca_name, key_id_hex
 from mgmt.ca.crl import REASON_FLAGS, Revocation, build_crl
 from mgmt.ca.policy import PublicKey
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 INTERMEDIATE_LABEL = "ca/intermediate"
 ROOT_LABEL = "ca/root"
 ROOT_CRL_KEY = "crl.root"
+OCSP_CACHE_PREFIX = "ocsp.root"
 ROOT_CRL_VALIDITY = datetime.timedelta(days=365)
 # The root CRL is re-signed (when the root key is enabled) this long before nextUpdate.
 ROOT_CRL_REFRESH_MARGIN = datetime.timedelta(days=30)
@@ -148,7 +151,50 @@ async def build_root_crl(
     )
     await store.store_crl(response, ROOT_CRL_KEY)
     log.info("event=ca_root_crl_built number=%d revoked=%d", number, len(revoked))
+    await presign_intermediate_ocsp(store, root_key, root, state)
     return await store.get_crl(ROOT_CRL_KEY) or response
+
+
+def intermediate_states(state: ca_pb2.CAState) -> dict[str, ocsp_mod.CertState]:
+    """What the root says about each intermediate it knows, by upper-case hex serial."""
+    out = {
+        f"{x509.load_der_x509_certificate(der).serial_number:X}": ocsp_mod.CertState()
+        for der in [state.intermediate_certificate_der, *(r.certificate_der for r in state.retired)]
+    }
+    for entry in state.revoked_intermediates:
+        out[entry.serial] = ocsp_mod.CertState(parse_rfc3339(entry.revoked_at), entry.reason)
+    return out
+
+
+def _ocsp_cache_key(serial: str, algorithm: hashes.HashAlgorithm) -> str:
+    return f"{OCSP_CACHE_PREFIX}.{serial}.{algorithm.name}"
+
+
+async def presign_intermediate_ocsp(
+    store: CAStore, root_key: CAKey, root: x509.Certificate, state: ca_pb2.CAState
+) -> None:
+    """Root-signed OCSP answers about every intermediate, made while the root key is in
+    use and valid as long as the root CRL: the root sleeps between uses, and OCSP about
+    the intermediate must still be answered then (without the request's nonce)."""
+    for serial, cert_state in intermediate_states(state).items():
+        # CertID hashes, not signatures: SHA-1 is what openssl ocsp and most clients send.
+        for algorithm in (hashes.SHA1(), hashes.SHA256()):  # noqa: S303
+            query = ocsp_mod.query_for(root, int(serial, 16), algorithm)
+            der = await asyncio.to_thread(
+                ocsp_mod.build_response, root_key, root, query, cert_state,
+                validity=ROOT_CRL_VALIDITY,
+            )  # fmt: skip
+            await store.kv.put(_ocsp_cache_key(serial, algorithm), der)
+
+
+async def presigned_intermediate_ocsp(
+    store: CAStore, serial: str, algorithm: hashes.HashAlgorithm
+) -> bytes | None:
+    try:
+        entry = await store.kv.get(_ocsp_cache_key(serial, algorithm))
+    except KeyNotFoundError:
+        return None
+    return bytes(entry.value) if entry.value else None
 
 
 async def current_root_crl(ca: CertificateAuthority) -> ca_pb2.GetCRLResponse:
