@@ -5,15 +5,17 @@ still signing its CRL and OCSP. pkilint lints every certificate and both CRLs.""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgekms.errors import FailedPrecondition, NotFound
+from edgekms.errors import FailedPrecondition, InvalidArgument, KMSError, NotFound
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
 from mgmt.ca import hierarchy
@@ -307,3 +309,50 @@ async def test_rotation_needs_the_root(ca_env: CAEnv, tmp_path: Path) -> None:
         x509.load_der_x509_crl(crl.crl_der).issuer
         == x509.load_der_x509_certificate(made.root_certificate_der).subject
     )
+
+
+async def test_two_rotations_at_once_leave_one(ca_env: CAEnv) -> None:
+    """Both build a new intermediate; the CA state takes one (revision check), the other
+    is refused with its key destroyed, and bad constraints are refused before any key."""
+    made = await init(ca_env)
+    with pytest.raises(InvalidArgument) as bad:
+        await ca_env.call(
+            "Rotate",
+            ca_pb2.RotateCARequest(
+                clear_name_constraints=True,
+                name_constraints=ca_pb2.NameConstraints(permitted_dns=["home.arpa"]),
+            ),
+            ca_pb2.RotateCAResponse,
+        )
+    assert bad.value.reason == "ca.name_constraint_invalid"
+    # Both rotations read the CA state before either writes it: each waits in key
+    # generation (the real token's) until the other has arrived there too.
+    real = ca_env.ca.keys
+    arrived = asyncio.Barrier(2)
+
+    class Gated:
+        async def generate(self, provider: str, label: str, key_type: Any) -> tuple[bytes, bytes]:
+            await asyncio.wait_for(arrived.wait(), 60)
+            return await real.generate(provider, label, key_type)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    ca_env.ca.keys = Gated()  # type: ignore[assignment]
+    try:
+        results = await asyncio.gather(
+            *(
+                ca_env.call("Rotate", ca_pb2.RotateCARequest(), ca_pb2.RotateCAResponse)
+                for _ in "ab"
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        ca_env.ca.keys = real
+    won = [r for r in results if isinstance(r, ca_pb2.RotateCAResponse)]
+    lost = [r for r in results if isinstance(r, KMSError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert isinstance(lost[0], FailedPrecondition) and lost[0].reason == "ca.state_changed"
+    state = await ca_env.store.require_state()
+    assert [r.certificate_der for r in state.retired] == [made.intermediate_certificate_der]
+    assert state.intermediate_certificate_der == won[0].intermediate_certificate_der

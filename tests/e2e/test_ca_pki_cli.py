@@ -24,6 +24,7 @@ from mgmt.natsserver import free_port
 from mgmt.pki import write_private
 from tests.ca.test_bundles import LISTENING, openvpn, poll_log
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.e2e.test_broker import issue_client_cert
 from tests.e2e.test_ca_cli import kmsctl, load_chain, openssl
 
 pytestmark = pytest.mark.timeout(600)
@@ -403,3 +404,31 @@ def test_rotate_then_revoke_the_old_intermediate(stack: KmsStack, ca_dir: Path, 
     assert "ca.intermediate_already_revoked" in again.output
     unknown = run(stack, "ca", "revoke-intermediate", "ABCDEF", "--yes")
     assert unknown.exit_code == ExitCode.NOT_FOUND and "ca.intermediate_unknown" in unknown.output
+
+
+def test_operators_may_read_the_root_crl_but_not_rotate_or_revoke(
+    stack: KmsStack, ca_dir: Path, work: Path
+) -> None:
+    cert, key = issue_client_cert(stack, "ops", "operator")
+    conf = work / "operator"
+    conf.mkdir()
+    (conf / "ops.crt").write_bytes(cert)
+    write_private(conf / "ops.key", key)
+    (conf / "ca.crt").write_bytes((stack.data_dir / "client" / "ca.crt").read_bytes())
+    config = conf / "config.toml"
+    config.write_text(
+        f'broker = "{stack.broker}"\nserver_name = "edgekms-broker"\n'
+        'ca_cert = "ca.crt"\ncert = "ops.crt"\nkey = "ops.key"\n'
+    )
+
+    def as_operator(*args: str) -> Result:
+        return CliRunner().invoke(cli, [*args, "--config", str(config)])
+
+    crl = as_operator("ca", "crl", "--root", "--out", str(work / "ops-root.crl"))
+    assert crl.exit_code == 0, crl.output
+    assert x509.load_der_x509_crl((work / "ops-root.crl").read_bytes()).issuer == (
+        load_chain(ca_dir / "root.crt")[0].subject
+    )
+    for args in (["ca", "rotate"], ["ca", "revoke-intermediate", "ABCDEF", "--yes"]):
+        denied = as_operator(*args)
+        assert denied.exit_code == ExitCode.PERMISSION_DENIED, denied.output
