@@ -215,3 +215,49 @@ async def test_constrained_ca_in_the_token(ca_env: CAEnv, tmp_path: Path) -> Non
     ossl, gnutls = await asyncio.to_thread(verifiers, root, inter, forged, tmp_path)
     assert ossl.returncode != 0 and "subtree violation" in ossl.stdout + ossl.stderr
     assert gnutls.returncode != 0 and "Not verified" in gnutls.stdout
+
+
+async def test_rotation_sets_new_constraints_or_clears_them(ca_env: CAEnv) -> None:
+    """Constraints at rotation: the new intermediate carries the new ones and the CA
+    checks against them from then on; --clear-name-constraints drops them."""
+    await ca_env.call(
+        "Init",
+        ca_pb2.InitCARequest(
+            provider=PROVIDER,
+            key_type=pb.KEY_TYPE_EC_P256,
+            common_name="Home CA",
+            name_constraints=HOME,
+        ),
+        ca_pb2.InitCAResponse,
+    )
+    office = ca_pb2.NameConstraints(permitted_dns=["office.example"], permitted_ip=["10.0.0.0/8"])
+    rotated = await ca_env.call(
+        "Rotate", ca_pb2.RotateCARequest(name_constraints=office), ca_pb2.RotateCAResponse
+    )
+    inter = x509.load_der_x509_certificate(rotated.intermediate_certificate_der)
+    ext = inter.extensions.get_extension_for_class(x509.NameConstraints)
+    assert ext.critical and constraints.to_spec(ext.value) == office
+
+    def request(name: str) -> ca_pb2.IssueCertificateRequest:
+        csr = make_csr(make_key("ec-p256"), cn=name, sans=(f"dns:{name}",))
+        return ca_pb2.IssueCertificateRequest(profile="https-server", csr=csr, requester="admin")
+
+    await ca_env.call(
+        "IssueCertificate", request("pc.office.example"), ca_pb2.IssueCertificateResponse
+    )
+    with pytest.raises(InvalidArgument) as exc:
+        await ca_env.call(
+            "IssueCertificate", request("nas.home.arpa"), ca_pb2.IssueCertificateResponse
+        )
+    assert exc.value.reason == "csr.name_outside_constraints"
+
+    cleared = await ca_env.call(
+        "Rotate", ca_pb2.RotateCARequest(clear_name_constraints=True), ca_pb2.RotateCAResponse
+    )
+    assert (
+        constraints.of_certificate(
+            x509.load_der_x509_certificate(cleared.intermediate_certificate_der)
+        )
+        is None
+    )
+    await ca_env.call("IssueCertificate", request("nas.home.arpa"), ca_pb2.IssueCertificateResponse)

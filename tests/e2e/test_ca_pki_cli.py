@@ -152,6 +152,13 @@ def test_ttl_one_hour_and_refusals(stack: KmsStack, ca_dir: Path, work: Path) ->
         )  # fmt: skip
         assert refused.exit_code == code and reason in refused.output, refused.output
     assert not (work / "no.crt").exists() and not (work / "no.key").exists()
+    serial = json.loads(made.stdout)["serial"]
+    renewed = run(
+        stack, "cert", "renew", serial, "--ttl", "30m", "--out", str(work / "renewed.crt")
+    )
+    assert renewed.exit_code == 0, renewed.output
+    again = load_chain(work / "renewed.crt")[0]
+    assert (again.not_valid_after_utc - again.not_valid_before_utc).total_seconds() == 1800
     profiles = json.loads(run(stack, "ca", "profiles", "-o", "json").stdout)
     https = next(p for p in profiles if p["name"] == "https-server")
     assert (https["default_ttl"], https["max_ttl"]) == ("90d", "398d")
