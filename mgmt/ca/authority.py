@@ -225,8 +225,12 @@ class CertificateAuthority:
                 )
             await self.store.create_state(state)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self.store.kv.delete(hierarchy.ROOT_CRL_KEY)
+            with contextlib.suppress(Exception):  # the root CRL and OCSP answers signed so far
+                for key in await self.store.kv.keys():
+                    if key == hierarchy.ROOT_CRL_KEY or key.startswith(
+                        hierarchy.OCSP_CACHE_PREFIX + "."
+                    ):
+                        await self.store.kv.delete(key)
             for key_id in list(made):  # nothing half-done: the keys go with the failed init
                 await self.keys.destroy(req.provider, key_id)
             if self.registry is not None:
@@ -477,6 +481,7 @@ class CertificateAuthority:
             raise InvalidArgument(
                 "revoke.reason_unknown", f"unknown revocation reason {req.reason}"
             )
+        await self.issuer()  # a CA must exist
         # Checked before the revocation is stored: it must reach a CRL this CA can sign,
         # the one of the intermediate that issued it (the current or a retired one).
         existing, _ = await self.store.get_record(req.serial)

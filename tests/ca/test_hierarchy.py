@@ -279,6 +279,16 @@ async def test_rotation_keeps_the_old_intermediate_signing(ca_env: CAEnv, tmp_pa
         "GetCACertificates", ca_pb2.GetCACertificatesRequest(), ca_pb2.GetCACertificatesResponse
     )
     assert list(certs.retired_intermediates_der) == []
+    # Its certificates can no longer reach a CRL: revoking one is refused, not lost.
+    before = await ca_env.store.get_record(old_leaf.record.serial)
+    with pytest.raises(FailedPrecondition) as gone:
+        await ca_env.call(
+            "RevokeCertificate",
+            ca_pb2.RevokeCertificateRequest(serial=old_leaf.record.serial),
+            ca_pb2.RevokeCertificateResponse,
+        )
+    assert gone.value.reason == "cert.issuer_retired"
+    assert await ca_env.store.get_record(old_leaf.record.serial) == before
 
 
 async def test_rotation_needs_the_root(ca_env: CAEnv, tmp_path: Path) -> None:
