@@ -168,6 +168,7 @@ class CertificateAuthority:
 
         made: list[bytes] = []
         recorded: dict[str, int] = {}
+        signed: list[str] = []  # KV keys of what the root signed: removed on failure
 
         async def record(label: str, key_id: bytes, public_der: bytes) -> None:
             if self.registry is None:
@@ -218,6 +219,7 @@ class CertificateAuthority:
                 created_at=rfc3339(_now()),
             )
             # Signed now, while the root is in use: the root key may be disabled next.
+            signed += [hierarchy.root_crl_key(root), *hierarchy.ocsp_cache_keys(state)]
             await hierarchy.build_root_crl(self.store, root_key, root, state)
             if req.disable_root and self.registry is not None:
                 recorded[ROOT_LABEL] = await self.registry.set_state(
@@ -225,12 +227,9 @@ class CertificateAuthority:
                 )
             await self.store.create_state(state)
         except BaseException:
-            with contextlib.suppress(Exception):  # the root CRL and OCSP answers signed so far
-                for key in await self.store.kv.keys():
-                    if key == hierarchy.ROOT_CRL_KEY or key.startswith(
-                        hierarchy.OCSP_CACHE_PREFIX + "."
-                    ):
-                        await self.store.kv.delete(key)
+            for key in signed:  # this root's CRL and OCSP answers (no other root's)
+                with contextlib.suppress(Exception):
+                    await self.store.kv.delete(key)
             for key_id in list(made):  # nothing half-done: the keys go with the failed init
                 await self.keys.destroy(req.provider, key_id)
             if self.registry is not None:

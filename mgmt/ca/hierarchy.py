@@ -11,7 +11,9 @@ ca/root is enabled, when it nears its nextUpdate.
 
 State: CAState (store key `config`) names the current intermediate (key id, label,
 certificate), the retired ones and the revoked ones; CRLs live beside `crl.current`:
-`crl.root` (the root's) and `crl.issuer.<KEYID>` (a retired intermediate's).
+`crl.root.<ROOT KEYID>` (the root's) and `crl.issuer.<KEYID>` (a retired
+intermediate's); root-signed OCSP answers about the intermediates under
+`ocsp.root.<SERIAL>.<hash>`.
 """
 
 from __future__ import annotations
@@ -43,12 +45,29 @@ log = logging.getLogger(__name__)
 
 INTERMEDIATE_LABEL = "ca/intermediate"
 ROOT_LABEL = "ca/root"
-ROOT_CRL_KEY = "crl.root"
+ROOT_CRL_PREFIX = "crl.root"
 OCSP_CACHE_PREFIX = "ocsp.root"
+# CertID hashes, not signatures: SHA-1 is what openssl ocsp and most clients send.
+_CERT_ID_HASHES: tuple[hashes.HashAlgorithm, ...] = (hashes.SHA1(), hashes.SHA256())  # noqa: S303
 ROOT_CRL_VALIDITY = datetime.timedelta(days=365)
 # The root CRL is re-signed (when the root key is enabled) this long before nextUpdate.
 ROOT_CRL_REFRESH_MARGIN = datetime.timedelta(days=30)
 DEFAULT_INTERMEDIATE_DAYS = 1825
+
+
+def root_crl_key(root: x509.Certificate) -> str:
+    """Named by the root's key id, so that a failed or racing `Init` (another root)
+    can never overwrite or remove the CRL of the root that won."""
+    return f"{ROOT_CRL_PREFIX}.{key_id_hex(root)}"
+
+
+def ocsp_cache_keys(state: ca_pb2.CAState) -> list[str]:
+    """Every presigned OCSP answer this state's intermediates have (for clean-up)."""
+    return [
+        _ocsp_cache_key(serial, algorithm)
+        for serial in intermediate_states(state)
+        for algorithm in _CERT_ID_HASHES
+    ]
 
 
 def issuer_crl_key(key_id: str) -> str:
@@ -149,10 +168,10 @@ async def build_root_crl(
         crl_number=number,
         next_update=rfc3339(next_update),
     )
-    await store.store_crl(response, ROOT_CRL_KEY)
+    await store.store_crl(response, root_crl_key(root))
     log.info("event=ca_root_crl_built number=%d revoked=%d", number, len(revoked))
     await presign_intermediate_ocsp(store, root_key, root, state)
-    return await store.get_crl(ROOT_CRL_KEY) or response
+    return await store.get_crl(root_crl_key(root)) or response
 
 
 def intermediate_states(state: ca_pb2.CAState) -> dict[str, ocsp_mod.CertState]:
@@ -177,8 +196,7 @@ async def presign_intermediate_ocsp(
     use and valid as long as the root CRL: the root sleeps between uses, and OCSP about
     the intermediate must still be answered then (without the request's nonce)."""
     for serial, cert_state in intermediate_states(state).items():
-        # CertID hashes, not signatures: SHA-1 is what openssl ocsp and most clients send.
-        for algorithm in (hashes.SHA1(), hashes.SHA256()):  # noqa: S303
+        for algorithm in _CERT_ID_HASHES:
             query = ocsp_mod.query_for(root, int(serial, 16), algorithm)
             der = await asyncio.to_thread(
                 ocsp_mod.build_response, root_key, root, query, cert_state,
@@ -200,7 +218,8 @@ async def presigned_intermediate_ocsp(
 async def current_root_crl(ca: CertificateAuthority) -> ca_pb2.GetCRLResponse:
     """The stored root CRL, re-signed first when it is missing or near its nextUpdate
     and the root key is enabled; otherwise what is stored (it is long-lived)."""
-    stored = await ca.store.get_crl(ROOT_CRL_KEY)
+    issuer = await ca.issuer()
+    stored = await ca.store.get_crl(root_crl_key(issuer.root))
     if stored is not None and parse_rfc3339(stored.next_update) - _now() > ROOT_CRL_REFRESH_MARGIN:
         return stored
     try:
@@ -212,7 +231,6 @@ async def current_root_crl(ca: CertificateAuthority) -> ca_pb2.GetCRLResponse:
             ) from None
         log.warning("event=ca_root_crl_stale next_update=%s", stored.next_update)
         return stored
-    issuer = await ca.issuer()
     return await build_root_crl(ca.store, root_key, issuer.root, issuer.state)
 
 
