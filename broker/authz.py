@@ -22,6 +22,7 @@ CA_READ = frozenset(
         "ListCertificates",
         "GetCRL",
         "GetRootCRL",
+        "GetIssuerCRL",
         "GetCACertificates",
         "ListProfiles",
     }
@@ -68,7 +69,7 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
 # Rotating or revoking an intermediate replaces the CA itself: administrators only.
 ROLE_METHODS["admin"] |= CA_OPERATE | {"Init", "Rotate", "RevokeIntermediate"}
 ROLE_METHODS["operator"] |= CA_OPERATE
-ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL", "GetRootCRL"}
+ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL", "GetRootCRL", "GetIssuerCRL"}
 # Clients and key policies: only administrators change who may do what; operators may look.
 ROLE_METHODS["admin"] |= {"AddClient", "ListClients", "RevokeClient", "UpdateKeyPolicy"}
 ROLE_METHODS["operator"] |= {"ListClients"}

@@ -520,6 +520,11 @@ class KMSClient:
         request = ca_pb2.GetRootCRLRequest()
         return self._call("GetRootCRL", self._ca.GetRootCRL, request, None)
 
+    def get_issuer_crl(self, key_id: str) -> ca_pb2.GetCRLResponse:
+        """One intermediate's CRL (current or retired) by its key id (SKI hex)."""
+        request = ca_pb2.GetIssuerCRLRequest(key_id=key_id)
+        return self._call("GetIssuerCRL", self._ca.GetIssuerCRL, request, None)
+
     def revoke_intermediate(
         self,
         serial: str,

@@ -52,6 +52,9 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
     async def get_root_crl(_: ca_pb2.GetRootCRLRequest) -> Message:
         return await ca.root_crl()
 
+    async def get_issuer_crl(req: ca_pb2.GetIssuerCRLRequest) -> Message:
+        return await ca.issuer_crl(req.key_id)
+
     return {
         "Init": (ca_pb2.InitCARequest, ca.init),
         "IssueCertificate": (ca_pb2.IssueCertificateRequest, ca.issue),
@@ -63,6 +66,7 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
         "GetCACertificates": (ca_pb2.GetCACertificatesRequest, get_ca_certs),
         "ListProfiles": (ca_pb2.ListProfilesRequest, list_profiles),
         "GetRootCRL": (ca_pb2.GetRootCRLRequest, get_root_crl),
+        "GetIssuerCRL": (ca_pb2.GetIssuerCRLRequest, get_issuer_crl),
         "RevokeIntermediate": (ca_pb2.RevokeIntermediateRequest, ca.revoke_intermediate),
         "Rotate": (ca_pb2.RotateCARequest, ca.rotate),
     }

@@ -75,6 +75,12 @@ def constraints_dict(intermediate_der: bytes) -> dict[str, list[str]]:
     }
 
 
+def _key_id(der: bytes) -> str:
+    cert = x509.load_der_x509_certificate(der)
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return ski.digest.hex().upper()
+
+
 def _cert_summary(der: bytes) -> dict[str, str]:
     cert = x509.load_der_x509_certificate(der)
     return {
@@ -228,13 +234,27 @@ def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
 @client_options
 def crl_cmd(out: str, pem: bool, root_crl: bool, data_dir: Path, config_path: Path | None) -> None:
     """The current CRL, signed by the intermediate (rebuilt on every revocation), or with
-    --root the root's own (long-lived; re-signed when the root key is used)."""
+    --root the root's own (long-lived; re-signed when the root key is used). After a
+    rotation, --pem also holds each retired intermediate's CRL (one per issuing CA, as
+    OpenVPN's crl-verify needs them)."""
     with open_client(data_dir, config_path) as kms:
         response = kms.get_root_crl() if root_crl else kms.get_crl()
+        # After a rotation the retired intermediates' CRLs go along (PEM holds several):
+        # OpenVPN's crl-verify and openssl -CRLfile need one per intermediate in force.
+        retired = (
+            [
+                kms.get_issuer_crl(_key_id(der)).crl_der
+                for der in kms.get_ca_certificates().retired_intermediates_der
+            ]
+            if pem and not root_crl
+            else []
+        )
     data = response.crl_der
     if pem:
-        crl = x509.load_der_x509_crl(data)
-        data = crl.public_bytes(serialization.Encoding.PEM)
+        data = b"".join(
+            x509.load_der_x509_crl(d).public_bytes(serialization.Encoding.PEM)
+            for d in [data, *retired]
+        )
     write_output(out, data)
     if out != "-":
         click.echo(f"CRL {response.crl_number}, next update {response.next_update}", err=True)

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from mgmt.cli import cli
 from mgmt.cli.common import ExitCode
@@ -374,14 +373,22 @@ def test_rotate_then_revoke_the_old_intermediate(stack: KmsStack, ca_dir: Path, 
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert got.returncode == 0, got.stderr
+    assert x509.load_der_x509_crl(old_crl.read_bytes()).issuer == old_inter.subject
 
     def crls() -> Path:
-        root_crl, new_crl = work / "root-crl.pem", work / "new-crl.pem"
+        """`ca crl --root` and `ca crl --pem`, which after the rotation holds the CRLs of
+        both intermediates (what OpenVPN's crl-verify needs)."""
+        root_crl, inter_crls = work / "root-crl.pem", work / "inter-crls.pem"
         assert run(stack, "ca", "crl", "--root", "--pem", "--out", str(root_crl)).exit_code == 0
-        assert run(stack, "ca", "crl", "--pem", "--out", str(new_crl)).exit_code == 0
-        old = x509.load_der_x509_crl(old_crl.read_bytes()).public_bytes(serialization.Encoding.PEM)
+        assert run(stack, "ca", "crl", "--pem", "--out", str(inter_crls)).exit_code == 0
+        marker = b"-----BEGIN X509 CRL-----"
+        issuers = [
+            x509.load_pem_x509_crl(marker + part).issuer
+            for part in inter_crls.read_bytes().split(marker)[1:]
+        ]
+        assert issuers == [new_inter.subject, old_inter.subject]
         bundle = work / "all-crls.pem"
-        bundle.write_bytes(root_crl.read_bytes() + new_crl.read_bytes() + old)
+        bundle.write_bytes(root_crl.read_bytes() + inter_crls.read_bytes())
         return bundle
 
     def strict(cert: Path) -> subprocess.CompletedProcess[str]:

@@ -749,6 +749,30 @@ class GetRootCRLRequest(_message.Message):
 Global___GetRootCRLRequest: _TypeAlias = GetRootCRLRequest  # noqa: Y015
 
 @_typing.final
+class GetIssuerCRLRequest(_message.Message):
+    """Subject: kms.ca.GetIssuerCRL. One intermediate's CRL, current or retired, by the
+    upper-case hex of its subject key identifier (NOT_FOUND ca.intermediate_unknown for
+    any other): after a rotation relying parties need the retired one's too.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIssuerCRLRequest: _TypeAlias = GetIssuerCRLRequest  # noqa: Y015
+
+@_typing.final
 class RevokeIntermediateRequest(_message.Message):
     """Subject: kms.ca.RevokeIntermediate. The root revokes an intermediate (the current one
     or a retired one) and signs a new root CRL; a revoked current intermediate issues

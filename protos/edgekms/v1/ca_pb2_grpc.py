@@ -84,6 +84,11 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.GetRootCRLRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
                 _registered_method=True)
+        self.GetIssuerCRL = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/GetIssuerCRL',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.GetIssuerCRLRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
+                _registered_method=True)
         self.RevokeIntermediate = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/RevokeIntermediate',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateRequest.SerializeToString,
@@ -159,6 +164,12 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetIssuerCRL(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RevokeIntermediate(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -222,6 +233,11 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
             'GetRootCRL': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRootCRL,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.GetRootCRLRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.SerializeToString,
+            ),
+            'GetIssuerCRL': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIssuerCRL,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.GetIssuerCRLRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.SerializeToString,
             ),
             'RevokeIntermediate': grpc.unary_unary_rpc_method_handler(
@@ -504,6 +520,33 @@ class CertificateAuthority:
             target,
             '/edgekms.v1.CertificateAuthority/GetRootCRL',
             edgekms_dot_v1_dot_ca__pb2.GetRootCRLRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIssuerCRL(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/GetIssuerCRL',
+            edgekms_dot_v1_dot_ca__pb2.GetIssuerCRLRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
             options,
             channel_credentials,

@@ -46,6 +46,7 @@ class CertificateAuthorityStub:
     GetCACertificates: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetCACertificatesRequest, _ca_pb2.GetCACertificatesResponse]
     ListProfiles: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]
     GetRootCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetRootCRLRequest, _ca_pb2.GetCRLResponse]
+    GetIssuerCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetIssuerCRLRequest, _ca_pb2.GetCRLResponse]
     RevokeIntermediate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]
     Rotate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]
 
@@ -62,6 +63,7 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     GetCACertificates: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetCACertificatesRequest, _ca_pb2.GetCACertificatesResponse]  # type: ignore[assignment]
     ListProfiles: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]  # type: ignore[assignment]
     GetRootCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetRootCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
+    GetIssuerCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetIssuerCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
     RevokeIntermediate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]  # type: ignore[assignment]
     Rotate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]  # type: ignore[assignment]
 
@@ -133,6 +135,13 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     def GetRootCRL(
         self,
         request: _ca_pb2.GetRootCRLRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.GetCRLResponse, _abc.Awaitable[_ca_pb2.GetCRLResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetIssuerCRL(
+        self,
+        request: _ca_pb2.GetIssuerCRLRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.GetCRLResponse, _abc.Awaitable[_ca_pb2.GetCRLResponse]]: ...
 
