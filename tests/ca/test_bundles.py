@@ -284,3 +284,28 @@ async def test_ovpn_profile_connects_to_a_real_openvpn_server(
         ):
             await wait_for_line(server_log, "VERIFY ERROR", server_proc)
         assert "Peer Connection Initiated" not in server_log.read_text()
+
+
+def test_export_chain_puts_the_issuing_intermediate_first() -> None:
+    """After a rotation a leaf may come from the retired intermediate: the exported
+    chain starts with its issuer, then the other intermediate in force, then the root."""
+    from mgmt.ca.builder import build_intermediate, ca_name
+    from mgmt.cli.cert_export import issuing_chain
+
+    old = make_soft_ca()
+    new_key = make_key("ec-p256")
+    new = build_intermediate(
+        old.root_key, old.root, new_key.public_key(), ca_name("Test Issuing CA 2"), 365
+    )
+    _, old_leaf = soft_leaf(old, "vpn-client", (), "laptop")
+    certs = ca_pb2.GetCACertificatesResponse(
+        root_certificate_der=der(old.root),
+        intermediate_certificate_der=der(new),
+        retired_intermediates_der=[der(old.cert)],
+    )
+    assert issuing_chain(old_leaf, certs) == [der(old.cert), der(new), der(old.root)]
+    plan = plan_from_csr(
+        BUILTIN_PROFILES["vpn-client"], load_csr(make_csr(make_key("ec-p256"), cn="x", sans=()))
+    )
+    new_leaf = der(build_leaf(new_key, new, plan, random_serial()))
+    assert issuing_chain(new_leaf, certs) == [der(new), der(old.cert), der(old.root)]
