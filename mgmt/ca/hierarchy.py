@@ -36,7 +36,7 @@ from mgmt.ca import ocsp as ocsp_mod
 from mgmt.ca.builder import CAKey, build_intermediate, ca_name, key_id_hex
 from mgmt.ca.crl import REASON_FLAGS, Revocation, build_crl
 from mgmt.ca.policy import PublicKey
-from mgmt.ca.store import CAStore, parse_rfc3339, rfc3339
+from mgmt.ca.store import CAStore, normalize_serial, parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
     from mgmt.ca.authority import CertificateAuthority
@@ -246,8 +246,6 @@ async def revoke_intermediate(
     if found is None:
         raise FailedPrecondition("ca.not_initialized", "no CA yet: run `kmsctl ca init`")
     state, revision = found
-    from mgmt.ca.store import normalize_serial
-
     try:
         serial = normalize_serial(req.serial)
     except NotFound:
