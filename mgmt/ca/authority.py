@@ -557,7 +557,9 @@ class CertificateAuthority:
     async def refresh(self) -> None:
         """The service's periodic care: retired intermediates whose certificates have
         all expired are dropped, every remaining CRL and the root's kept fresh."""
-        await hierarchy.drop_spent_retired(self, await self.store.list_records())
+        issuer = await self.issuer()  # no CA yet: nothing to care for
+        if issuer.state.retired:  # the whole record list only when it can matter
+            await hierarchy.drop_spent_retired(self, await self.store.list_records())
         await self.current_crl()
         for issuing in (await self.issuing_cas())[1:]:
             await self.issuer_crl(issuing.key_id_hex)
