@@ -366,3 +366,21 @@ async def test_two_rotations_at_once_leave_one(ca_env: CAEnv) -> None:
     state = await ca_env.store.require_state()
     assert [r.certificate_der for r in state.retired] == [made.intermediate_certificate_der]
     assert state.intermediate_certificate_der == won[0].intermediate_certificate_der
+
+
+async def test_unknown_intermediate_crl_or_certificate_is_not_found(ca_env: CAEnv) -> None:
+    made = await init(ca_env)
+    key_id = key_id_hex(x509.load_der_x509_certificate(made.intermediate_certificate_der))
+    crl = await ca_env.call(
+        "GetIssuerCRL", ca_pb2.GetIssuerCRLRequest(key_id=key_id.lower()), ca_pb2.GetCRLResponse
+    )
+    assert crl.crl_der
+    for bogus in ("00FF", "", "../config"):
+        with pytest.raises(NotFound) as exc:
+            await ca_env.call(
+                "GetIssuerCRL", ca_pb2.GetIssuerCRLRequest(key_id=bogus), ca_pb2.GetCRLResponse
+            )
+        assert exc.value.reason == "ca.intermediate_unknown"
+    for path in ("/crl/00FF", "/crl/..%2Fconfig", "/ca/00FF.crt", f"/ca/{key_id}.pem"):
+        status, _, _ = await http_get(f"{ca_env.http_url}{path}")
+        assert status == 404, path
