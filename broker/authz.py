@@ -17,7 +17,15 @@ from edgekms.v1 import common_pb2 as pb
 # The CertificateAuthority's RPCs (forwarded to kms.ca.*): operators run the CA day to
 # day; only administrators create or replace the CA itself.
 CA_READ = frozenset(
-    {"GetCertificate", "ListCertificates", "GetCRL", "GetCACertificates", "ListProfiles"}
+    {
+        "GetCertificate",
+        "ListCertificates",
+        "GetCRL",
+        "GetRootCRL",
+        "GetIssuerCRL",
+        "GetCACertificates",
+        "ListProfiles",
+    }
 )
 CA_OPERATE = CA_READ | {"IssueCertificate", "RevokeCertificate", "RenewCertificate"}
 
@@ -58,9 +66,10 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
     ),
     "enrollee": frozenset({"WhoAmI"}),
 }
-ROLE_METHODS["admin"] |= CA_OPERATE | {"Init"}
+# Rotating or revoking an intermediate replaces the CA itself: administrators only.
+ROLE_METHODS["admin"] |= CA_OPERATE | {"Init", "Rotate", "RevokeIntermediate"}
 ROLE_METHODS["operator"] |= CA_OPERATE
-ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL"}
+ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL", "GetRootCRL", "GetIssuerCRL"}
 # Clients and key policies: only administrators change who may do what; operators may look.
 ROLE_METHODS["admin"] |= {"AddClient", "ListClients", "RevokeClient", "UpdateKeyPolicy"}
 ROLE_METHODS["operator"] |= {"ListClients"}

@@ -28,10 +28,17 @@ from edgekms.v1 import ca_pb2
 
 SERVICE = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"]
 # Making CA keys in a token or TPM can take seconds; the rest answers quickly.
-SLOW_METHODS = {"Init": 120.0}
+SLOW_METHODS = {"Init": 120.0, "Rotate": 120.0}
 DEFAULT_TIMEOUT = 10.0
 # Calls that change the CA's state: a retry with the same request_id is done once.
-STATE_CHANGING = {"Init", "IssueCertificate", "RevokeCertificate", "RenewCertificate"}
+STATE_CHANGING = {
+    "Init",
+    "IssueCertificate",
+    "RevokeCertificate",
+    "RenewCertificate",
+    "Rotate",
+    "RevokeIntermediate",
+}
 
 
 class CAForwarder:

@@ -432,6 +432,7 @@ class KMSClient:
         disable_root: bool = False,
         timeout: float | None = None,
         request_id: str | None = None,
+        name_constraints: ca_pb2.NameConstraints | None = None,
     ) -> ca_pb2.InitCAResponse:
         """Make the CA: root and intermediate keys in `provider`, their certificates.
         AlreadyExists (ca.already_initialized) when this KMS has a CA."""
@@ -444,12 +445,19 @@ class KMSClient:
             intermediate_validity_days=intermediate_validity_days,
             disable_root=disable_root,
             request_id=request_id or new_request_id(),
+            name_constraints=name_constraints,
         )
         deadline = CREATE_TIMEOUT if timeout is None else timeout
         return self._call("Init", self._ca.Init, request, deadline)
 
     def issue_certificate(
-        self, profile: str, csr: bytes, validity_days: int = 0, request_id: str | None = None
+        self,
+        profile: str,
+        csr: bytes,
+        validity_days: int = 0,
+        request_id: str | None = None,
+        *,
+        validity_seconds: int = 0,
     ) -> ca_pb2.IssueCertificateResponse:
         """A certificate for a PKCS#10 request (PEM or DER); the requester recorded is
         this client's certificate name, set by the broker. Sent again with the same
@@ -458,6 +466,7 @@ class KMSClient:
             profile=profile,
             csr=csr,
             validity_days=validity_days,
+            validity_seconds=validity_seconds,
             request_id=request_id or new_request_id(),
         )
         return self._call("IssueCertificate", self._ca.IssueCertificate, request, None)
@@ -487,16 +496,65 @@ class KMSClient:
         return self._call("RevokeCertificate", self._ca.RevokeCertificate, request, None)
 
     def renew_certificate(
-        self, serial: str, validity_days: int = 0, request_id: str | None = None
+        self,
+        serial: str,
+        validity_days: int = 0,
+        request_id: str | None = None,
+        *,
+        validity_seconds: int = 0,
     ) -> ca_pb2.IssueCertificateResponse:
-        """A new certificate (new serial) for the same key, subject and SANs."""
+        """A new certificate (new serial) for the same key, subject and SANs;
+        validity_seconds for lifetimes shorter than a day."""
         request = ca_pb2.RenewCertificateRequest(
-            serial=serial, validity_days=validity_days, request_id=request_id or new_request_id()
+            serial=serial,
+            validity_days=validity_days,
+            validity_seconds=validity_seconds,
+            request_id=request_id or new_request_id(),
         )
         return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
 
     def get_crl(self) -> ca_pb2.GetCRLResponse:
         return self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+
+    def get_root_crl(self) -> ca_pb2.GetCRLResponse:
+        """The root's CRL (revoked intermediates); long-lived, signed by the root."""
+        request = ca_pb2.GetRootCRLRequest()
+        return self._call("GetRootCRL", self._ca.GetRootCRL, request, None)
+
+    def get_issuer_crl(self, key_id: str) -> ca_pb2.GetCRLResponse:
+        """One intermediate's CRL (current or retired) by its key id (SKI hex)."""
+        request = ca_pb2.GetIssuerCRLRequest(key_id=key_id)
+        return self._call("GetIssuerCRL", self._ca.GetIssuerCRL, request, None)
+
+    def revoke_intermediate(
+        self,
+        serial: str,
+        reason: ca_pb2.RevocationReason.ValueType = ca_pb2.REVOCATION_REASON_UNSPECIFIED,
+        request_id: str | None = None,
+    ) -> ca_pb2.RevokeIntermediateResponse:
+        """The root revokes intermediate `serial` (needs ca/root enabled)."""
+        request = ca_pb2.RevokeIntermediateRequest(
+            serial=serial, reason=reason, request_id=request_id or new_request_id()
+        )
+        return self._call("RevokeIntermediate", self._ca.RevokeIntermediate, request, None)
+
+    def rotate_ca(
+        self,
+        intermediate_validity_days: int = 0,
+        name_constraints: ca_pb2.NameConstraints | None = None,
+        clear_name_constraints: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ca_pb2.RotateCAResponse:
+        """A new intermediate key and certificate; leaves come from it from now on."""
+        request = ca_pb2.RotateCARequest(
+            intermediate_validity_days=intermediate_validity_days,
+            name_constraints=name_constraints,
+            clear_name_constraints=clear_name_constraints,
+            request_id=request_id or new_request_id(),
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._call("Rotate", self._ca.Rotate, request, deadline)
 
     def get_ca_certificates(self) -> ca_pb2.GetCACertificatesResponse:
         request = ca_pb2.GetCACertificatesRequest()

@@ -9,10 +9,11 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 # What the services and tests use: SoftHSM, swtpm and its tools, tpm2-tools, libtss2
 # (tpm2-pytss builds against it), opensc (pkcs11-tool), openssl and curl (tests check
-# signatures and TLS with them), and a compiler with Python headers for the wheels
-# that build from source.
+# signatures and TLS with them), openvpn and gnutls-bin (the CA's .ovpn profiles and
+# name-constrained chains are checked by a real OpenVPN and GnuTLS's certtool), and a
+# compiler with Python headers for the wheels that build from source.
 APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl curl
-  ca-certificates gcc make pkg-config)
+  openvpn gnutls-bin ca-certificates gcc make pkg-config)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
 [ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-go golang-google-grpc-dev)

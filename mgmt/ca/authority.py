@@ -9,10 +9,12 @@ a typed error raised before anything is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,10 +23,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edgekms.algorithms import KEY_TYPES
-from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, KMSError
+from edgekms.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KMSError,
+    NotFound,
+)
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
+from mgmt.ca import constraints, hierarchy
 from mgmt.ca import ocsp as ocsp_mod
 from mgmt.ca.builder import (
     CAKey,
@@ -33,19 +43,24 @@ from mgmt.ca.builder import (
     build_leaf,
     build_root,
     ca_name,
+    key_id_hex,
     random_serial,
     serial_hex,
 )
 from mgmt.ca.crl import REASON_FLAGS, Revocation, build_crl
+from mgmt.ca.hierarchy import IssuingCA
 from mgmt.ca.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
 from mgmt.ca.profiles import BUILTIN_PROFILES, Profile, get_profile
 from mgmt.ca.signer import KeyBackend
-from mgmt.ca.store import CAStore, parse_rfc3339, rfc3339
+from mgmt.ca.store import CRL_CURRENT_KEY, CAStore, parse_rfc3339, rfc3339
 
 log = logging.getLogger(__name__)
 
-ROOT_LABEL = "ca/root"
-INTERMEDIATE_LABEL = "ca/intermediate"
+ROOT_LABEL = hierarchy.ROOT_LABEL
+INTERMEDIATE_LABEL = hierarchy.INTERMEDIATE_LABEL
+# How long a CA replica trusts its cached view of the CA state: another replica may
+# have rotated or revoked the intermediate meanwhile.
+ISSUER_RECHECK_SECONDS = 5.0
 # The CRL is rebuilt when less than this is left before its nextUpdate.
 CRL_REFRESH_MARGIN = datetime.timedelta(days=3)
 _REQUESTER_MAX = 256
@@ -95,6 +110,21 @@ class _Issuer:
     cert: x509.Certificate
     root: x509.Certificate
     key: CAKey
+    revision: int = 0
+    loaded_at: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """The current intermediate's name in the key registry."""
+        return hierarchy.current_label(self.state)
+
+    @property
+    def key_id_hex(self) -> str:
+        return key_id_hex(self.cert)
+
+    @property
+    def revoked(self) -> bool:
+        return f"{self.cert.serial_number:X}" in hierarchy.revoked_serials(self.state)
 
 
 class CertificateAuthority:
@@ -132,11 +162,13 @@ class CertificateAuthority:
             raise InvalidArgument(
                 "ca.validity_invalid", "the intermediate must end before the root"
             )
+        name_constraints = constraints.build(req.name_constraints)
         if await self.store.get_state() is not None:
             raise AlreadyExists("ca.already_initialized", "this CA exists already")
 
         made: list[bytes] = []
         recorded: dict[str, int] = {}
+        signed: list[str] = []  # KV keys of what the root signed: removed on failure
 
         async def record(label: str, key_id: bytes, public_der: bytes) -> None:
             if self.registry is None:
@@ -173,6 +205,8 @@ class CertificateAuthority:
                 int_public,
                 ca_name(f"{cn} Issuing CA", org),
                 int_days,
+                name_constraints=name_constraints,
+                urls=self.urls,
             )
             state = ca_pb2.CAState(
                 provider=req.provider,
@@ -184,12 +218,18 @@ class CertificateAuthority:
                 root_key_disabled=req.disable_root,
                 created_at=rfc3339(_now()),
             )
+            # Signed now, while the root is in use: the root key may be disabled next.
+            signed += [hierarchy.root_crl_key(root), *hierarchy.ocsp_cache_keys(state)]
+            await hierarchy.build_root_crl(self.store, root_key, root, state)
             if req.disable_root and self.registry is not None:
                 recorded[ROOT_LABEL] = await self.registry.set_state(
                     ROOT_LABEL, recorded[ROOT_LABEL], pb.KEY_STATE_DISABLED
                 )
             await self.store.create_state(state)
         except BaseException:
+            for key in signed:  # this root's CRL and OCSP answers (no other root's)
+                with contextlib.suppress(Exception):
+                    await self.store.kv.delete(key)
             for key_id in list(made):  # nothing half-done: the keys go with the failed init
                 await self.keys.destroy(req.provider, key_id)
             if self.registry is not None:
@@ -205,9 +245,23 @@ class CertificateAuthority:
             intermediate_certificate_der=state.intermediate_certificate_der,
         )
 
+    def forget_issuer(self) -> None:
+        """Drop the cached CA state (after a rotation or revocation here)."""
+        self._issuer = None
+
     async def issuer(self) -> _Issuer:
+        cached = self._issuer
+        if cached is not None and time.monotonic() - cached.loaded_at > ISSUER_RECHECK_SECONDS:
+            found = await self.store.get_state()
+            if found is None or found[1] != cached.revision:
+                self._issuer = None
+            else:
+                cached.loaded_at = time.monotonic()
         if self._issuer is None:
-            state = await self.store.require_state()
+            found = await self.store.get_state()
+            if found is None:
+                raise FailedPrecondition("ca.not_initialized", "no CA yet: run `kmsctl ca init`")
+            state, revision = found
             cert = x509.load_der_x509_certificate(state.intermediate_certificate_der)
             root = x509.load_der_x509_certificate(state.root_certificate_der)
             key = self.keys.signing_key(
@@ -217,8 +271,13 @@ class CertificateAuthority:
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
                 ),
             )
-            self._issuer = _Issuer(state, cert, root, key)
+            self._issuer = _Issuer(state, cert, root, key, revision, time.monotonic())
         return self._issuer
+
+    async def issuing_cas(self) -> list[IssuingCA]:
+        """Every intermediate that signs: the current one first, then retired ones."""
+        issuer = await self.issuer()
+        return hierarchy.issuing_cas(issuer.state, self.keys.signing_key)
 
     async def _require_active(self, label: str) -> None:
         """Refuse (FailedPrecondition ca.key_disabled) to sign with a CA key that the key
@@ -248,7 +307,19 @@ class CertificateAuthority:
         return ca_pb2.GetCACertificatesResponse(
             root_certificate_der=issuer.state.root_certificate_der,
             intermediate_certificate_der=issuer.state.intermediate_certificate_der,
+            retired_intermediates_der=[r.certificate_der for r in reversed(issuer.state.retired)],
         )
+
+    async def rotate(self, req: ca_pb2.RotateCARequest) -> ca_pb2.RotateCAResponse:
+        return await hierarchy.rotate(self, req)
+
+    async def revoke_intermediate(
+        self, req: ca_pb2.RevokeIntermediateRequest
+    ) -> ca_pb2.RevokeIntermediateResponse:
+        return await hierarchy.revoke_intermediate(self, req)
+
+    async def root_crl(self) -> ca_pb2.GetCRLResponse:
+        return await hierarchy.current_root_crl(self)
 
     def list_profiles(self) -> ca_pb2.ListProfilesResponse:
         return ca_pb2.ListProfilesResponse(
@@ -257,6 +328,8 @@ class CertificateAuthority:
                     name=p.name,
                     description=p.description,
                     max_validity_days=p.max_validity_days,
+                    default_validity_seconds=int(p.default_validity.total_seconds()),
+                    max_validity_seconds=int(p.max_validity.total_seconds()),
                     key_types=sorted(p.key_types),
                     extended_key_usages=p.eku_names(),
                 )
@@ -272,12 +345,19 @@ class CertificateAuthority:
         if len(requester) > _REQUESTER_MAX:
             raise InvalidArgument("cert.requester_invalid", "requester name is too long")
         issuer = await self.issuer()
-        await self._require_active(INTERMEDIATE_LABEL)
+        # Before anything is signed: a name the intermediate may not certify is refused
+        # here, not left for the relying party's verifier to catch.
+        constraints.check(constraints.of_certificate(issuer.cert), plan.subject, plan.san)
+        if issuer.revoked:
+            raise FailedPrecondition(
+                "ca.intermediate_revoked",
+                "the issuing intermediate is revoked: `kmsctl ca rotate` makes a new one",
+            )
+        await self._require_active(issuer.label)
+        urls = self.urls.for_issuer(issuer.key_id_hex)
 
         async def make(serial: int) -> ca_pb2.CertificateRecord:
-            cert = await asyncio.to_thread(
-                build_leaf, issuer.key, issuer.cert, plan, serial, self.urls
-            )
+            cert = await asyncio.to_thread(build_leaf, issuer.key, issuer.cert, plan, serial, urls)
             return ca_pb2.CertificateRecord(
                 serial=serial_hex(serial),
                 profile=plan.profile.name,
@@ -292,6 +372,7 @@ class CertificateAuthority:
                 renewed_from=renewed_from,
                 key_type=plan.key_type,
                 request_id=request_id,
+                issuer_key_id=issuer.key_id_hex,
             )
 
         from mgmt.ca.store import store_with_fresh_serial
@@ -345,7 +426,7 @@ class CertificateAuthority:
 
     async def issue(self, req: ca_pb2.IssueCertificateRequest) -> ca_pb2.IssueCertificateResponse:
         profile = get_profile(self.profiles, req.profile)
-        plan = plan_from_csr(profile, load_csr(req.csr), req.validity_days)
+        plan = plan_from_csr(profile, load_csr(req.csr), req.validity_days, req.validity_seconds)
         return await self._issue_plan(plan, req.requester, request_id=req.request_id)
 
     async def renew(self, req: ca_pb2.RenewCertificateRequest) -> ca_pb2.IssueCertificateResponse:
@@ -364,7 +445,9 @@ class CertificateAuthority:
             ).value
         except x509.ExtensionNotFound:
             san = None
-        plan = make_plan(profile, cert.subject, public, san, req.validity_days)
+        plan = make_plan(
+            profile, cert.subject, public, san, req.validity_days, req.validity_seconds
+        )
         return await self._issue_plan(
             plan, req.requester or old.requester, old.serial, request_id=req.request_id
         )
@@ -398,8 +481,11 @@ class CertificateAuthority:
                 "revoke.reason_unknown", f"unknown revocation reason {req.reason}"
             )
         await self.issuer()  # a CA must exist
-        # Checked before the revocation is stored: it must reach a CRL this CA can sign.
-        await self._require_active(INTERMEDIATE_LABEL)
+        # Checked before the revocation is stored: it must reach a CRL this CA can sign,
+        # the one of the intermediate that issued it (the current or a retired one).
+        existing, _ = await self.store.get_record(req.serial)
+        issuing = await self._issuing_ca_of(existing)
+        await self._require_active(issuing.label)
         record, revoked_now = await self.store.revoke(
             req.serial, req.reason, _now(), req.requester, req.request_id
         )
@@ -407,27 +493,50 @@ class CertificateAuthority:
             # A retry whose first attempt revoked (and whose answer was lost): the same
             # answer, once the CRL holds the revocation (the first attempt may have died
             # between storing the record and the CRL).
-            current = await self.store.get_crl()
+            key = (
+                hierarchy.issuer_crl_key(issuing.key_id_hex) if issuing.retired else CRL_CURRENT_KEY
+            )
+            current = await self.store.get_crl(key)
             if current is not None and _crl_lists(current, record):
                 return ca_pb2.RevokeCertificateResponse(
                     record=record, crl_number=current.crl_number
                 )
         log.info("event=ca_revoke serial=%s requester=%s", record.serial, req.requester)
-        crl = await self.rebuild_crl()
+        crl = await self.rebuild_issuer_crl(issuing)
         return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
+
+    async def _issuing_ca_of(self, record: ca_pb2.CertificateRecord) -> IssuingCA:
+        issuer = await self.issuer()
+        first = hierarchy.first_key_id(issuer.state)
+        cas = await self.issuing_cas()
+        for issuing in cas:
+            if hierarchy.belongs_to(record, issuing.key_id_hex, first):
+                return issuing
+        raise FailedPrecondition(
+            "cert.issuer_retired",
+            f"certificate {record.serial} came from an intermediate that is no longer kept",
+        )
 
     # ---- CRL and OCSP --------------------------------------------------------------------
 
     async def rebuild_crl(self) -> ca_pb2.GetCRLResponse:
+        """The current intermediate's CRL, rebuilt."""
+        return await self.rebuild_issuer_crl((await self.issuing_cas())[0])
+
+    async def rebuild_issuer_crl(self, issuing: IssuingCA) -> ca_pb2.GetCRLResponse:
+        """One intermediate's CRL (the certificates it issued that are revoked), rebuilt
+        and stored: the current one's under crl.current, a retired one's beside it."""
         issuer = await self.issuer()
-        await self._require_active(INTERMEDIATE_LABEL)
+        await self._require_active(issuing.label)
         number = await self.store.next_crl_number()
+        first = hierarchy.first_key_id(issuer.state)
         revoked = [
             Revocation(int(r.serial, 16), parse_rfc3339(r.revoked_at), r.revocation_reason)
             for r in await self.store.list_records()
             if r.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+            and hierarchy.belongs_to(r, issuing.key_id_hex, first)
         ]
-        crl = await asyncio.to_thread(build_crl, issuer.key, issuer.cert, revoked, number)
+        crl = await asyncio.to_thread(build_crl, issuing.key, issuing.cert, revoked, number)
         next_update = crl.next_update_utc
         assert next_update is not None
         response = ca_pb2.GetCRLResponse(
@@ -435,10 +544,40 @@ class CertificateAuthority:
             crl_number=number,
             next_update=rfc3339(next_update),
         )
-        await self.store.store_crl(response)
-        log.info("event=ca_crl_built number=%d revoked=%d", number, len(revoked))
-        current = await self.store.get_crl()
+        key = hierarchy.issuer_crl_key(issuing.key_id_hex) if issuing.retired else CRL_CURRENT_KEY
+        await self.store.store_crl(response, key)
+        log.info(
+            "event=ca_crl_built number=%d revoked=%d issuer=%s",
+            number,
+            len(revoked),
+            issuing.key_id_hex,
+        )
+        current = await self.store.get_crl(key)
         return current or response
+
+    async def issuer_crl(self, key_id: str) -> ca_pb2.GetCRLResponse:
+        """The CRL of intermediate `key_id` (upper-case hex SKI), current or retired,
+        rebuilt when missing or close to its nextUpdate."""
+        for issuing in await self.issuing_cas():
+            if issuing.key_id_hex == key_id.upper():
+                if not issuing.retired:
+                    return await self.current_crl()
+                crl = await self.store.get_crl(hierarchy.issuer_crl_key(issuing.key_id_hex))
+                if crl is None or parse_rfc3339(crl.next_update) - _now() < CRL_REFRESH_MARGIN:
+                    crl = await self.rebuild_issuer_crl(issuing)
+                return crl
+        raise NotFound("ca.intermediate_unknown", f"no intermediate {key_id!r} signs here")
+
+    async def refresh(self) -> None:
+        """The service's periodic care: retired intermediates whose certificates have
+        all expired are dropped, every remaining CRL and the root's kept fresh."""
+        issuer = await self.issuer()  # no CA yet: nothing to care for
+        if issuer.state.retired:  # the whole record list only when it can matter
+            await hierarchy.drop_spent_retired(self, await self.store.list_records())
+        await self.current_crl()
+        for issuing in (await self.issuing_cas())[1:]:
+            await self.issuer_crl(issuing.key_id_hex)
+        await self.root_crl()
 
     async def current_crl(self) -> ca_pb2.GetCRLResponse:
         """The stored CRL, rebuilt first when it is missing or close to its nextUpdate."""
@@ -451,23 +590,68 @@ class CertificateAuthority:
         """A DER OCSP response for a DER request; never raises for bad requests."""
         try:
             issuer = await self.issuer()
+            cas = await self.issuing_cas()
         except KMSError:
             return ocsp_mod.unsuccessful(x509.ocsp.OCSPResponseStatus.INTERNAL_ERROR)
-        try:
-            query = ocsp_mod.parse_request(request_der, issuer.cert)
-        except ocsp_mod.BadOCSPRequest as exc:
-            return ocsp_mod.unsuccessful(exc.status)
+        # Which of our CAs the query names: an intermediate (about a leaf) or the root
+        # (about an intermediate).
+        signers: list[tuple[x509.Certificate, str | None]] = [(c.cert, c.label) for c in cas]
+        signers.append((issuer.root, None))
+        query: ocsp_mod.OCSPQuery | None = None
+        error: ocsp_mod.BadOCSPRequest | None = None
+        for cert, label in signers:
+            try:
+                query = ocsp_mod.parse_request(request_der, cert)
+            except ocsp_mod.BadOCSPRequest as exc:
+                error = exc
+                if exc.status != x509.ocsp.OCSPResponseStatus.UNAUTHORIZED:
+                    break
+                continue
+            signer_cert, signer_label = cert, label
+            break
+        if query is None:
+            assert error is not None
+            return ocsp_mod.unsuccessful(error.status)
+        if signer_label is None:
+            return await self._ocsp_for_intermediate(issuer, query)
+        issuing = next(c for c in cas if c.label == signer_label)
         record = await self.store.find_record(query.serial)
         state: ocsp_mod.CertState | None = None
-        if record is not None:
+        if record is not None and hierarchy.belongs_to(
+            record, issuing.key_id_hex, hierarchy.first_key_id(issuer.state)
+        ):
             revoked = record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
             state = ocsp_mod.CertState(
                 parse_rfc3339(record.revoked_at) if revoked else None, record.revocation_reason
             )
         try:
-            await self._require_active(INTERMEDIATE_LABEL)
+            await self._require_active(issuing.label)
             return await asyncio.to_thread(
-                ocsp_mod.build_response, issuer.key, issuer.cert, query, state
+                ocsp_mod.build_response, issuing.key, signer_cert, query, state
+            )
+        except KMSError as exc:
+            log.warning("event=ca_ocsp_sign_failed reason=%s", exc.reason)
+            return ocsp_mod.unsuccessful(x509.ocsp.OCSPResponseStatus.TRY_LATER)
+
+    async def _ocsp_for_intermediate(self, issuer: _Issuer, query: ocsp_mod.OCSPQuery) -> bytes:
+        """The root's answer about one of its intermediates: good while known and not
+        revoked, revoked with time and reason, unknown for any other serial. Signed
+        live while ca/root is enabled; while it is disabled, the answer the root signed
+        ahead of time (mgmt.ca.hierarchy, no nonce), else tryLater."""
+        serial = f"{query.serial:X}"
+        state = hierarchy.intermediate_states(issuer.state).get(serial)
+        try:
+            try:
+                root_key = await self.root_key()
+            except FailedPrecondition:
+                presigned = await hierarchy.presigned_intermediate_ocsp(
+                    self.store, serial, query.hash_algorithm
+                )
+                if presigned is not None:
+                    return presigned
+                raise
+            return await asyncio.to_thread(
+                ocsp_mod.build_response, root_key, issuer.root, query, state
             )
         except KMSError as exc:
             log.warning("event=ca_ocsp_sign_failed reason=%s", exc.reason)

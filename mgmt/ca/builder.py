@@ -7,6 +7,7 @@ except through that key's sign().
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import secrets
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from edgekms.errors import FailedPrecondition
+from mgmt.ca.durations import backdate_for, format_ttl
 from mgmt.ca.policy import IssuePlan, PublicKey
 
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -33,13 +35,34 @@ class CaUrls:
     crl: str = ""
     ocsp: str = ""
     ca_issuers: str = ""
+    # What the intermediate itself carries: the root's CRL and certificate.
+    root_crl: str = ""
+    root_issuers: str = ""
+    base: str = ""
 
     @classmethod
     def from_base(cls, base_url: str) -> CaUrls:
         if not base_url:
             return cls()
         base = base_url.rstrip("/")
-        return cls(crl=f"{base}/crl", ocsp=f"{base}/ocsp", ca_issuers=f"{base}/ca.crt")
+        return cls(
+            crl=f"{base}/crl",
+            ocsp=f"{base}/ocsp",
+            ca_issuers=f"{base}/ca.crt",
+            root_crl=f"{base}/root.crl",
+            root_issuers=f"{base}/root.crt",
+            base=base,
+        )
+
+    def for_issuer(self, key_id: str) -> CaUrls:
+        """The URLs a leaf of one intermediate carries: its issuer's own CRL and
+        certificate (/crl/<KEYID>, /ca/<KEYID>.crt), which stay put after a rotation
+        makes another intermediate the current one."""
+        if not self.base:
+            return self
+        return dataclasses.replace(
+            self, crl=f"{self.base}/crl/{key_id}", ca_issuers=f"{self.base}/ca/{key_id}.crt"
+        )
 
 
 def random_serial() -> int:
@@ -121,7 +144,11 @@ def build_intermediate(
     subject: x509.Name,
     days: int,
     now: datetime.datetime | None = None,
+    name_constraints: x509.NameConstraints | None = None,
+    urls: CaUrls = CaUrls(),
 ) -> x509.Certificate:
+    """An issuing CA under the root; `name_constraints` is marked critical (RFC 5280
+    says it MUST be, so a verifier that cannot enforce it rejects the chain)."""
     now = now or _now()
     not_after = now - BACKDATE + datetime.timedelta(days=days)
     if not_after > root_cert.not_valid_after_utc:
@@ -143,7 +170,18 @@ def build_intermediate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(root_cert), critical=False)
     )
+    if name_constraints is not None:
+        builder = builder.add_extension(name_constraints, critical=True)
+    # Where a strict verifier (openssl -crl_check_all) finds the root's CRL and the root.
+    builder = _add_revocation_urls(builder, urls.root_crl, urls.ocsp, urls.root_issuers)
     return builder.sign(root_key, signing_hash(root_key))
+
+
+def key_id_hex(cert: x509.Certificate) -> str:
+    """A CA certificate's subject key identifier, upper-case hex: how records, URLs and
+    the store name an intermediate."""
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return ski.digest.hex().upper()
 
 
 def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -177,12 +215,16 @@ def build_leaf(
 ) -> x509.Certificate:
     """The end-entity certificate for an allowed plan (mgmt.ca.policy)."""
     now = now or _now()
-    not_before = now - BACKDATE
-    not_after = not_before + datetime.timedelta(days=plan.validity_days)
+    # The whole validity period is the lifetime asked for; a short one is backdated less.
+    backdate = datetime.timedelta(
+        seconds=int(backdate_for(plan.validity, BACKDATE).total_seconds())
+    )
+    not_before = now - backdate
+    not_after = not_before + plan.validity
     if not_after > ca_cert.not_valid_after_utc:
         raise FailedPrecondition(
             "cert.validity_exceeds_issuer",
-            f"{plan.validity_days} days would outlive the issuing CA "
+            f"{format_ttl(plan.validity)} would outlive the issuing CA "
             f"(valid until {ca_cert.not_valid_after_utc.isoformat()})",
             {"issuer_not_after": ca_cert.not_valid_after_utc.isoformat()},
         )
@@ -203,28 +245,36 @@ def build_leaf(
     if plan.san is not None:
         # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
         builder = builder.add_extension(plan.san, critical=len(plan.subject) == 0)
-    if urls.crl:
+    builder = _add_revocation_urls(builder, urls.crl, urls.ocsp, urls.ca_issuers)
+    return builder.sign(ca_key, signing_hash(ca_key))
+
+
+def _add_revocation_urls(
+    builder: x509.CertificateBuilder, crl: str, ocsp: str, ca_issuers: str
+) -> x509.CertificateBuilder:
+    """CRL distribution point and AIA (OCSP, caIssuers), each only when configured."""
+    if crl:
         point = x509.DistributionPoint(
-            full_name=[x509.UniformResourceIdentifier(urls.crl)],
+            full_name=[x509.UniformResourceIdentifier(crl)],
             relative_name=None,
             reasons=None,
             crl_issuer=None,
         )
         builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
     access = []
-    if urls.ocsp:
+    if ocsp:
         access.append(
             x509.AccessDescription(
-                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(urls.ocsp)
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp)
             )
         )
-    if urls.ca_issuers:
+    if ca_issuers:
         access.append(
             x509.AccessDescription(
                 AuthorityInformationAccessOID.CA_ISSUERS,
-                x509.UniformResourceIdentifier(urls.ca_issuers),
+                x509.UniformResourceIdentifier(ca_issuers),
             )
         )
     if access:
         builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
-    return builder.sign(ca_key, signing_hash(ca_key))
+    return builder

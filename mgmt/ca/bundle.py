@@ -3,7 +3,10 @@ runs kmsctl (it never travels to the CA), the CSR for it, and write the result a
 as a PKCS#12 bundle with the chain.
 
 PKCS#12 uses AES-256-CBC with PBKDF2 and a SHA-256 MAC, which OpenSSL 3, nginx, OpenVPN
-and strongSwan read; the password comes from a file, never from argv.
+and strongSwan read; the password comes from a file, never from argv. `legacy=True`
+makes the old form (3DES, SHA-1 MAC, 2048 iterations) that older Android, macOS and
+Windows importers insist on: weak against an offline guess of the password, so kmsctl
+warns when it writes one.
 """
 
 from __future__ import annotations
@@ -78,6 +81,32 @@ def pem_bundle(cert_der: bytes, chain_der: list[bytes]) -> bytes:
     )
 
 
+def load_leaf_key(data: bytes) -> LeafKey:
+    """An unencrypted PEM private key (what --generate writes), typed error otherwise."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(
+            "bundle.key_invalid", f"not an unencrypted PEM private key: {exc}"
+        ) from None
+    if not isinstance(key, LeafKey):
+        raise InvalidArgument("bundle.key_invalid", f"{type(key).__name__} keys are not exported")
+    return key
+
+
+def check_key_matches(key: LeafKey, cert_der: bytes) -> None:
+    """Refuse a bundle whose key is not the certificate's: it would import, then fail
+    every handshake."""
+    public = x509.load_der_x509_certificate(cert_der).public_key()
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != public.public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise InvalidArgument(
+            "bundle.key_mismatch", "the key is not the one the certificate was issued for"
+        )
+
+
 def key_pem(key: LeafKey, password: bytes | None = None) -> bytes:
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(password)
@@ -89,18 +118,39 @@ def key_pem(key: LeafKey, password: bytes | None = None) -> bytes:
     )
 
 
+LEGACY_WARNING = (
+    "warning: --legacy writes PKCS#12 with 3DES and a SHA-1 MAC for old importers; "
+    "anyone holding the file can guess its password far faster than with the default "
+    "AES-256 form: use a long password and delete the file once imported"
+)
+
+
 def pkcs12_bundle(
-    name: str, key: LeafKey, cert_der: bytes, chain_der: list[bytes], password: bytes
+    name: str,
+    key: LeafKey,
+    cert_der: bytes,
+    chain_der: list[bytes],
+    password: bytes,
+    legacy: bool = False,
 ) -> bytes:
     if not password:
         raise InvalidArgument("bundle.password_missing", "a PKCS#12 bundle needs a password")
-    encryption = (
-        serialization.PrivateFormat.PKCS12.encryption_builder()
-        .kdf_rounds(200_000)
-        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
-        .hmac_hash(hashes.SHA256())
-        .build(password)
-    )
+    builder = serialization.PrivateFormat.PKCS12.encryption_builder()
+    if legacy:
+        # pbeWithSHAAnd3-KeyTripleDES-CBC for key and certificates, HMAC-SHA1 MAC, and
+        # OpenSSL 1.x's iteration count: what pre-2020 importers were built for.
+        builder = (
+            builder.kdf_rounds(2048)
+            .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+            .hmac_hash(hashes.SHA1())  # noqa: S303 - the legacy form is SHA-1 by definition
+        )
+    else:
+        builder = (
+            builder.kdf_rounds(200_000)
+            .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+            .hmac_hash(hashes.SHA256())
+        )
+    encryption = builder.build(password)
     return pkcs12.serialize_key_and_certificates(
         name.encode(),
         key,

@@ -1,12 +1,15 @@
 """What relying parties fetch over plain HTTP: the CRL, OCSP (RFC 6960 GET and POST) and
 the CA certificates. No authentication: all of it is public and signed.
 
-    GET  /crl            current CRL, DER (application/pkix-crl)
+    GET  /crl            current intermediate's CRL, DER (application/pkix-crl)
+    GET  /crl/<KEYID>    one intermediate's CRL (current or retired), as leaves point to
+    GET  /root.crl       the root's CRL (revoked intermediates), DER
     GET  /ocsp/<base64>  OCSP request in the URL (RFC 6960 A.1)
     POST /ocsp           OCSP request in the body (application/ocsp-request)
     GET  /ca.crt         issuing CA certificate, DER (the AIA caIssuers target)
     GET  /root.crt       root certificate, DER
-    GET  /chain.pem      issuing CA then root, PEM
+    GET  /ca/<KEYID>.crt one intermediate's certificate, DER (a leaf's caIssuers)
+    GET  /chain.pem      issuing CA, retired intermediates still in use, root; PEM
 
 The server is a few dozen lines of asyncio rather than aiohttp: six fixed routes, small
 bodies, one request per connection, and aiohttp costs the CA service ~13 MB resident.
@@ -29,7 +32,7 @@ from urllib.parse import unquote
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from edgekms.errors import KMSError
+from edgekms.errors import KMSError, NotFound
 from mgmt.ca.authority import CertificateAuthority
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,41 @@ def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
             return unavailable(exc)
         return Response(body=current.crl_der, content_type="application/pkix-crl")
 
+    async def issuer_crl(request: Request) -> Response:
+        key_id = request.path[len("/crl/") :]
+        if not key_id.isalnum():
+            return Response.text(404, "no such resource")
+        try:
+            found = await ca.issuer_crl(key_id)
+        except KMSError as exc:
+            if isinstance(exc, NotFound):
+                return Response.text(404, exc.reason)
+            return unavailable(exc)
+        return Response(body=found.crl_der, content_type="application/pkix-crl")
+
+    async def root_crl(_: Request) -> Response:
+        try:
+            found = await ca.root_crl()
+        except KMSError as exc:
+            return unavailable(exc)
+        return Response(body=found.crl_der, content_type="application/pkix-crl")
+
+    async def issuer_cert(request: Request) -> Response:
+        name = request.path[len("/ca/") :]
+        if not name.endswith(".crt"):
+            return Response.text(404, "no such resource")
+        try:
+            cas = await ca.issuing_cas()
+        except KMSError as exc:
+            return unavailable(exc)
+        for issuing in cas:
+            if issuing.key_id_hex == name.removesuffix(".crt").upper():
+                return Response(
+                    body=issuing.cert.public_bytes(serialization.Encoding.DER),
+                    content_type="application/pkix-cert",
+                )
+        return Response.text(404, "no such intermediate")
+
     async def ocsp_get(request: Request) -> Response:
         raw = unquote(request.path[len("/ocsp/") :])
         # Clients send standard or URL-safe base64, padded or not.
@@ -123,14 +161,21 @@ def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
             certs = await ca.ca_certificates()
         except KMSError as exc:
             return unavailable(exc)
+        ders = [
+            certs.intermediate_certificate_der,
+            *certs.retired_intermediates_der,
+            certs.root_certificate_der,
+        ]
         pem = b"".join(
-            x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM)
-            for d in (certs.intermediate_certificate_der, certs.root_certificate_der)
+            x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM) for d in ders
         )
         return Response(body=pem, content_type="application/pem-certificate-chain")
 
     return {
         ("GET", "/crl"): crl,
+        ("GET", "/crl/"): issuer_crl,
+        ("GET", "/root.crl"): root_crl,
+        ("GET", "/ca/"): issuer_cert,
         ("GET", "/ocsp/"): ocsp_get,
         ("POST", "/ocsp"): ocsp_post,
         ("POST", "/ocsp/"): ocsp_post,
@@ -157,15 +202,27 @@ class HttpServer:
             await self.server.wait_closed()
             self.server = None
 
+    def _prefix(self, path: str) -> str | None:
+        """The GET prefix route ("/ocsp/", "/crl/", ...) a longer path falls under."""
+        for method, route in self.routes:
+            if (
+                method == "GET"
+                and route.endswith("/")
+                and path.startswith(route) != (path == route)
+            ):
+                return route
+        return None
+
     def route(self, method: str, path: str) -> Handler | None:
         handler = self.routes.get((method, path))
-        if handler is None and method == "GET" and path.startswith("/ocsp/") and path != "/ocsp/":
-            handler = self.routes.get(("GET", "/ocsp/"))
+        prefix = self._prefix(path)
+        if handler is None and method == "GET" and prefix is not None:
+            handler = self.routes.get(("GET", prefix))
         return handler
 
     def allowed(self, path: str) -> list[str]:
         methods = {m for (m, p) in self.routes if p == path}
-        if path.startswith("/ocsp/") and path != "/ocsp/":
+        if self._prefix(path) is not None:
             methods.add("GET")
         if "GET" in methods:
             methods.add("HEAD")

@@ -99,6 +99,18 @@ def parse_request(der: bytes, ca_cert: x509.Certificate) -> OCSPQuery:
     return OCSPQuery(serial, algorithm, name_hash, key_hash, nonce)
 
 
+def query_for(ca_cert: x509.Certificate, serial: int, algorithm: hashes.HashAlgorithm) -> OCSPQuery:
+    """The query a client would send about `serial` under `ca_cert` (for responses the
+    CA signs ahead of time, without a nonce)."""
+    return OCSPQuery(
+        serial,
+        algorithm,
+        _digest(algorithm, ca_cert.subject.public_bytes()),
+        _digest(algorithm, _key_bits(ca_cert)),
+        None,
+    )
+
+
 def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
         serialization.Encoding.DER
@@ -111,6 +123,7 @@ def build_response(
     query: OCSPQuery,
     state: CertState | None,
     now: datetime.datetime | None = None,
+    validity: datetime.timedelta = RESPONSE_VALIDITY,
 ) -> bytes:
     """A signed, successful response: good, revoked, or unknown when `state` is None."""
     now = now or datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -133,7 +146,7 @@ def build_response(
             algorithm=query.hash_algorithm,
             cert_status=status,
             this_update=now,
-            next_update=now + RESPONSE_VALIDITY,
+            next_update=now + validity,
             revocation_time=revocation_time,
             revocation_reason=revocation_reason,
         )

@@ -7,6 +7,7 @@ builder turns into a certificate without further judgement.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
 
 from edgekms.errors import InvalidArgument
+from mgmt.ca.durations import MIN_TTL, format_ttl
 from mgmt.ca.profiles import Profile, san_strings
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -48,7 +50,7 @@ class IssuePlan:
     public_key: PublicKey
     key_type: str
     san: x509.SubjectAlternativeName | None
-    validity_days: int
+    validity: datetime.timedelta
 
     @property
     def san_list(self) -> list[str]:
@@ -192,19 +194,45 @@ def check_sans(profile: Profile, san: x509.SubjectAlternativeName | None) -> Non
         )
 
 
-def check_validity(profile: Profile, validity_days: int) -> int:
-    days = validity_days or profile.default_validity_days
-    if days > profile.max_validity_days:
+def check_validity(
+    profile: Profile, validity_days: int = 0, validity_seconds: int = 0
+) -> datetime.timedelta:
+    """The lifetime a request gets: what it asks (in days, or in seconds for short-lived
+    certificates), else the profile's default; never past the profile's maximum."""
+    if validity_days and validity_seconds:
+        raise InvalidArgument(
+            "cert.ttl_conflict", "give the lifetime in days or in seconds, not both"
+        )
+    if validity_seconds:
+        asked = datetime.timedelta(seconds=validity_seconds)
+        if asked < MIN_TTL:
+            raise InvalidArgument(
+                "cert.ttl_invalid",
+                f"a lifetime of {format_ttl(asked)} is below the minimum {format_ttl(MIN_TTL)}",
+                {"min_seconds": str(int(MIN_TTL.total_seconds()))},
+            )
+    elif validity_days:
+        asked = datetime.timedelta(days=validity_days)
+    else:
+        asked = profile.default_validity
+    if asked > profile.max_validity:
         raise InvalidArgument(
             "cert.validity_exceeds_profile",
-            f"{days} days asked; profile {profile.name} allows {profile.max_validity_days}",
-            {"max": str(profile.max_validity_days)},
+            f"{format_ttl(asked)} asked; profile {profile.name} allows "
+            f"{format_ttl(profile.max_validity)}",
+            {
+                "max": str(profile.max_validity_days),
+                "max_seconds": str(int(profile.max_validity.total_seconds())),
+            },
         )
-    return days
+    return asked
 
 
 def plan_from_csr(
-    profile: Profile, csr: x509.CertificateSigningRequest, validity_days: int = 0
+    profile: Profile,
+    csr: x509.CertificateSigningRequest,
+    validity_days: int = 0,
+    validity_seconds: int = 0,
 ) -> IssuePlan:
     """The plan for a verified CSR (see load_csr), or the first thing the profile refuses."""
     try:
@@ -241,7 +269,7 @@ def plan_from_csr(
         ).value
     except x509.ExtensionNotFound:
         san = None
-    return make_plan(profile, csr.subject, public_key, san, validity_days)
+    return make_plan(profile, csr.subject, public_key, san, validity_days, validity_seconds)
 
 
 def make_plan(
@@ -250,6 +278,7 @@ def make_plan(
     public_key: PublicKey,
     san: x509.SubjectAlternativeName | None,
     validity_days: int = 0,
+    validity_seconds: int = 0,
 ) -> IssuePlan:
     """Shared by issuance from a CSR and renewal from a stored certificate."""
     key_type = key_type_name(public_key)
@@ -264,5 +293,5 @@ def make_plan(
     check_sans(profile, san)
     if len(subject) == 0 and (san is None or len(san) == 0):
         raise InvalidArgument("csr.subject_empty", "a certificate needs a subject or a SAN")
-    days = check_validity(profile, validity_days)
-    return IssuePlan(profile, subject, public_key, key_type, san if san else None, days)
+    validity = check_validity(profile, validity_days, validity_seconds)
+    return IssuePlan(profile, subject, public_key, key_type, san if san else None, validity)

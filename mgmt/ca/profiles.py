@@ -8,6 +8,7 @@ request asks for is checked against its profile in mgmt.ca.policy.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from edgekms.errors import InvalidArgument
+from edgekms.errors import InvalidArgument, KMSError
+from mgmt.ca.durations import check_ttl, parse_ttl
 
 # Key types a CA will certify, as edgekms.algorithms spells them. RSA below 2048 and EC
 # curves other than P-256/P-384 never appear here, so no profile can allow them.
@@ -84,8 +86,10 @@ class Profile:
     description: str
     extended_key_usages: tuple[ObjectIdentifier, ...]
     key_types: frozenset[str]
-    max_validity_days: int
-    default_validity_days: int
+    # Exact lifetimes (short-lived certificates go down to minutes); a request that names
+    # none gets the default, one past the maximum is refused.
+    max_validity: datetime.timedelta
+    default_validity: datetime.timedelta
     san_required: bool = False
     sans: SanPolicy = field(default_factory=SanPolicy)
     # keyAgreement for EC keys (some IKE stacks want it); digitalSignature is always set
@@ -95,10 +99,20 @@ class Profile:
     # define them and pkilint's PKIX linter reports them as errors.
     allow_wildcards: bool = False
 
+    @property
+    def max_validity_days(self) -> int:
+        """Whole days of max_validity (0 for a profile of hours), for display."""
+        return self.max_validity // _DAY
+
+    @property
+    def default_validity_days(self) -> int:
+        return self.default_validity // _DAY
+
     def eku_names(self) -> list[str]:
         return [_EKU_BY_OID.get(o.dotted_string, o.dotted_string) for o in self.extended_key_usages]
 
 
+_DAY = datetime.timedelta(days=1)
 _RSA = frozenset({"rsa-2048", "rsa-3072", "rsa-4096"})
 _EC = frozenset({"ec-p256", "ec-p384"})
 
@@ -110,8 +124,10 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             description="TLS web server (nginx, the NAS's HTTPS): serverAuth, DNS/IP SANs",
             extended_key_usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
             key_types=_RSA | _EC,
-            max_validity_days=398,
-            default_validity_days=397,
+            max_validity=_DAY * 398,
+            # 90 days, as the public web is moving to: short enough that renewal is
+            # routine (the agent renews on its own), long enough to survive a holiday.
+            default_validity=_DAY * 90,
             san_required=True,
             sans=SanPolicy(dns=("*",), ip=("0.0.0.0/0", "::/0")),
         ),
@@ -120,8 +136,8 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             description="OpenVPN (remote-cert-tls server) and strongSwan gateway",
             extended_key_usages=(ExtendedKeyUsageOID.SERVER_AUTH, EKU_NAMES["ikeIntermediate"]),
             key_types=_RSA | _EC | {"ed25519"},
-            max_validity_days=825,
-            default_validity_days=730,
+            max_validity=_DAY * 825,
+            default_validity=_DAY * 730,
             san_required=True,
             sans=SanPolicy(dns=("*",), ip=("0.0.0.0/0", "::/0")),
         ),
@@ -130,8 +146,8 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             description="OpenVPN (remote-cert-tls client) and strongSwan road warrior",
             extended_key_usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
             key_types=_RSA | _EC | {"ed25519"},
-            max_validity_days=825,
-            default_validity_days=365,
+            max_validity=_DAY * 825,
+            default_validity=_DAY * 365,
             sans=SanPolicy(dns=("*",), ip=(), email=("*@*",)),
         ),
         Profile(
@@ -139,8 +155,8 @@ BUILTIN_PROFILES: dict[str, Profile] = {
             description="A device that is both TLS client and server (mTLS to the broker)",
             extended_key_usages=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
             key_types=_RSA | _EC | {"ed25519"},
-            max_validity_days=825,
-            default_validity_days=365,
+            max_validity=_DAY * 825,
+            default_validity=_DAY * 365,
             sans=SanPolicy(dns=("*",), ip=("0.0.0.0/0", "::/0"), uri=("https://*",)),
         ),
     )
@@ -168,6 +184,8 @@ def _profile_from_table(name: str, table: dict[str, Any]) -> Profile:
         "key_types",
         "max_validity_days",
         "default_validity_days",
+        "max_ttl",
+        "default_ttl",
         "san_required",
         "key_agreement",
         "allow_wildcards",
@@ -208,15 +226,7 @@ def _profile_from_table(name: str, table: dict[str, Any]) -> Profile:
     else:
         key_types = _RSA | _EC
 
-    max_days = table.get("max_validity_days", base.max_validity_days if base else 365)
-    default_days = table.get(
-        "default_validity_days", min(max_days, 365) if isinstance(max_days, int) else 0
-    )
-    for label, v in (("max_validity_days", max_days), ("default_validity_days", default_days)):
-        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 3650:
-            raise _bad(f"profile {name}: {label} must be an integer in 1..3650", profile=name)
-    if default_days > max_days:
-        raise _bad(f"profile {name}: default_validity_days exceeds max_validity_days", profile=name)
+    max_validity, default_validity = _lifetimes(name, table, base)
 
     san_required = table.get("san_required", base.san_required if base else False)
     key_agreement = table.get("key_agreement", base.key_agreement if base else False)
@@ -250,13 +260,53 @@ def _profile_from_table(name: str, table: dict[str, Any]) -> Profile:
         description=description,
         extended_key_usages=ekus,
         key_types=key_types,
-        max_validity_days=max_days,
-        default_validity_days=default_days,
+        max_validity=max_validity,
+        default_validity=default_validity,
         san_required=san_required,
         sans=sans,
         key_agreement=key_agreement,
         allow_wildcards=wildcards,
     )
+
+
+def _lifetime(
+    name: str, table: dict[str, Any], days_key: str, ttl_key: str
+) -> datetime.timedelta | None:
+    """One lifetime setting, as whole days (`max_validity_days = 90`) or a duration
+    (`max_ttl = "12h"`), never both."""
+    if days_key in table and ttl_key in table:
+        raise _bad(f"profile {name}: give {days_key} or {ttl_key}, not both", profile=name)
+    if days_key in table:
+        days = table[days_key]
+        if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= 3650:
+            raise _bad(f"profile {name}: {days_key} must be an integer in 1..3650", profile=name)
+        return _DAY * days
+    if ttl_key in table:
+        text = table[ttl_key]
+        if not isinstance(text, str):
+            raise _bad(f'profile {name}: {ttl_key} must be a string like "12h"', profile=name)
+        try:
+            return parse_ttl(text)
+        except KMSError as exc:
+            raise _bad(f"profile {name}: {ttl_key}: {exc.message}", profile=name) from None
+    return None
+
+
+def _lifetimes(
+    name: str, table: dict[str, Any], base: Profile | None
+) -> tuple[datetime.timedelta, datetime.timedelta]:
+    """(max, default): a default that is not given is min(max, the base's default or a
+    year); a default above the maximum is refused."""
+    max_validity = _lifetime(name, table, "max_validity_days", "max_ttl")
+    default_validity = _lifetime(name, table, "default_validity_days", "default_ttl")
+    if max_validity is None:
+        max_validity = base.max_validity if base else _DAY * 365
+    if default_validity is None:
+        default_validity = min(max_validity, base.default_validity if base else _DAY * 365)
+    if default_validity > max_validity:
+        raise _bad(f"profile {name}: the default lifetime exceeds the maximum", profile=name)
+    check_ttl(max_validity, "profile.invalid")
+    return max_validity, default_validity
 
 
 def _eku(profile: str, value: str) -> ObjectIdentifier:

@@ -49,6 +49,12 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
     async def list_profiles(_: ca_pb2.ListProfilesRequest) -> Message:
         return ca.list_profiles()
 
+    async def get_root_crl(_: ca_pb2.GetRootCRLRequest) -> Message:
+        return await ca.root_crl()
+
+    async def get_issuer_crl(req: ca_pb2.GetIssuerCRLRequest) -> Message:
+        return await ca.issuer_crl(req.key_id)
+
     return {
         "Init": (ca_pb2.InitCARequest, ca.init),
         "IssueCertificate": (ca_pb2.IssueCertificateRequest, ca.issue),
@@ -59,6 +65,10 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
         "GetCRL": (ca_pb2.GetCRLRequest, get_crl),
         "GetCACertificates": (ca_pb2.GetCACertificatesRequest, get_ca_certs),
         "ListProfiles": (ca_pb2.ListProfilesRequest, list_profiles),
+        "GetRootCRL": (ca_pb2.GetRootCRLRequest, get_root_crl),
+        "GetIssuerCRL": (ca_pb2.GetIssuerCRLRequest, get_issuer_crl),
+        "RevokeIntermediate": (ca_pb2.RevokeIntermediateRequest, ca.revoke_intermediate),
+        "Rotate": (ca_pb2.RotateCARequest, ca.rotate),
     }
 
 
@@ -104,10 +114,11 @@ async def add_ca_service(nc: Any, ca: CertificateAuthority) -> CAService:
 
 
 async def keep_crl_fresh(ca: CertificateAuthority, interval: float = CRL_CHECK_INTERVAL) -> None:
-    """Rebuild the CRL before its nextUpdate, even when nothing is revoked."""
+    """Rebuild the CRLs before their nextUpdate, even when nothing is revoked, and drop
+    retired intermediates whose certificates have all expired."""
     while True:
         try:
-            await ca.current_crl()
+            await ca.refresh()
         except KMSError as exc:  # no CA yet, or the token is away: try again later
             log.info("event=ca_crl_refresh_skipped reason=%s", exc.reason)
         await asyncio.sleep(interval)

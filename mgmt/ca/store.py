@@ -96,6 +96,16 @@ class CAStore:
             raise FailedPrecondition("ca.not_initialized", "no CA yet: run `kmsctl ca init`")
         return found[0]
 
+    async def update_state(self, state: ca_pb2.CAState, revision: int) -> int:
+        """Replace the CA state read at `revision` (rotation, intermediate revocation);
+        FailedPrecondition ca.state_changed if another writer got there first."""
+        try:
+            return int(await self.kv.update(CONFIG_KEY, state.SerializeToString(), last=revision))
+        except KeyWrongLastSequenceError:
+            raise FailedPrecondition(
+                "ca.state_changed", "the CA changed meanwhile (another rotation?): try again"
+            ) from None
+
     async def create_state(self, state: ca_pb2.CAState) -> None:
         try:
             await self.kv.create(CONFIG_KEY, state.SerializeToString())
@@ -209,24 +219,26 @@ class CAStore:
             return number
         raise Internal("store.contention", "the CRL number kept changing; try again")
 
-    async def get_crl(self) -> ca_pb2.GetCRLResponse | None:
+    async def get_crl(self, key: str = CRL_CURRENT_KEY) -> ca_pb2.GetCRLResponse | None:
+        """The current CRL; `key` names another CRL (the root's, a retired intermediate's:
+        mgmt.ca.hierarchy)."""
         try:
-            entry = await self.kv.get(CRL_CURRENT_KEY)
+            entry = await self.kv.get(key)
         except KeyNotFoundError:
             return None
         crl = ca_pb2.GetCRLResponse()
         crl.ParseFromString(entry.value)
         return crl
 
-    async def store_crl(self, crl: ca_pb2.GetCRLResponse) -> bool:
+    async def store_crl(self, crl: ca_pb2.GetCRLResponse, key: str = CRL_CURRENT_KEY) -> bool:
         """Keep `crl` as current unless a CRL with a higher number is there already (two
         replicas building at once): the higher number was built later, from more."""
         for _ in range(_CAS_RETRIES):
             try:
-                entry = await self.kv.get(CRL_CURRENT_KEY)
+                entry = await self.kv.get(key)
             except KeyNotFoundError:
                 try:
-                    await self.kv.create(CRL_CURRENT_KEY, crl.SerializeToString())
+                    await self.kv.create(key, crl.SerializeToString())
                 except KeyWrongLastSequenceError:
                     continue
                 return True
@@ -235,7 +247,7 @@ class CAStore:
             if current.crl_number >= crl.crl_number:
                 return False
             try:
-                await self.kv.update(CRL_CURRENT_KEY, crl.SerializeToString(), last=entry.revision)
+                await self.kv.update(key, crl.SerializeToString(), last=entry.revision)
             except KeyWrongLastSequenceError:
                 continue
             return True

@@ -18,7 +18,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "status": ("stack",),
     "key": ("keys", "policy"),
     "ca": ("ca",),
-    "cert": ("certs",),
+    "cert": ("certs", "cert_export"),
     "audit": ("audit",),
     "client": ("clients",),
     "tpm": ("tpm",),

@@ -7,12 +7,16 @@ group imports this module when one of them is asked for.
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from edgekms.v1 import ca_pb2
+from mgmt.ca.durations import format_ttl
 from mgmt.cli.ca import ca
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
@@ -24,20 +28,57 @@ def _pem(der: bytes) -> bytes:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
-def _write_ca_files(out_dir: Path, root_der: bytes, intermediate_der: bytes) -> list[Path]:
-    """root.crt, intermediate.crt and chain.pem (issuing CA then root: OpenVPN's `ca`,
+def _write_ca_files(
+    out_dir: Path, root_der: bytes, intermediate_der: bytes, retired: Sequence[bytes] = ()
+) -> list[Path]:
+    """root.crt, intermediate.crt and chain.pem (issuing CA, then the retired
+    intermediates whose certificates are still in force, then root: OpenVPN's `ca`,
     strongSwan's cacerts, a browser's trust import)."""
     from mgmt.pki import write_public
 
     files = {
         "root.crt": _pem(root_der),
         "intermediate.crt": _pem(intermediate_der),
-        "chain.pem": _pem(intermediate_der) + _pem(root_der),
+        "chain.pem": b"".join(_pem(d) for d in [intermediate_der, *retired, root_der]),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         write_public(out_dir / name, data)
     return [out_dir / name for name in files]
+
+
+def name_constraint_options(f: Callable[..., None]) -> Callable[..., None]:
+    """--permit-dns/--permit-ip/--exclude-dns/--exclude-ip, for `ca init` and `ca rotate`."""
+    options = [
+        ("--permit-dns", "DOMAIN", "Leaves may carry only names in DOMAIN (and under it)."),
+        ("--permit-ip", "CIDR", "Leaves may carry only IP addresses in CIDR."),
+        ("--exclude-dns", "DOMAIN", "Leaves may never carry names in DOMAIN."),
+        ("--exclude-ip", "CIDR", "Leaves may never carry IP addresses in CIDR."),
+    ]
+    for flag, metavar, text in reversed(options):
+        f = click.option(flag, multiple=True, metavar=metavar, help=text + " Repeatable.")(f)
+    return f
+
+
+def constraints_dict(intermediate_der: bytes) -> dict[str, list[str]]:
+    """The intermediate's name constraints, as `-o json` shows them."""
+    from mgmt.ca import constraints
+
+    spec = constraints.to_spec(
+        constraints.of_certificate(x509.load_der_x509_certificate(intermediate_der))
+    )
+    return {
+        "permitted_dns": list(spec.permitted_dns),
+        "permitted_ip": list(spec.permitted_ip),
+        "excluded_dns": list(spec.excluded_dns),
+        "excluded_ip": list(spec.excluded_ip),
+    }
+
+
+def _key_id(der: bytes) -> str:
+    cert = x509.load_der_x509_certificate(der)
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return ski.digest.hex().upper()
 
 
 def _cert_summary(der: bytes) -> dict[str, str]:
@@ -79,6 +120,7 @@ def _cert_summary(der: bytes) -> dict[str, str]:
     default=None,
     help="Also write root.crt, intermediate.crt and chain.pem here.",
 )
+@name_constraint_options
 @output_option
 @client_options
 def init_cmd(
@@ -90,13 +132,28 @@ def init_cmd(
     intermediate_days: int,
     disable_root: bool,
     out_dir: Path | None,
+    permit_dns: tuple[str, ...],
+    permit_ip: tuple[str, ...],
+    exclude_dns: tuple[str, ...],
+    exclude_ip: tuple[str, ...],
     output: str,
     data_dir: Path,
     config_path: Path | None,
 ) -> None:
     """Create the CA: a root and an intermediate whose keys are generated in PROVIDER
     through the KMS (registered as ca/root and ca/intermediate), the root self-signed, the
-    intermediate signed by it. Refused (exit 5) when the CA exists."""
+    intermediate signed by it. Refused (exit 5) when the CA exists.
+
+    \b
+    Limit what it may certify (critical name constraints on the intermediate):
+      kmsctl ca init --name "Home CA" --permit-dns home.arpa --permit-ip 192.168.0.0/16
+    """
+    nc = ca_pb2.NameConstraints(
+        permitted_dns=permit_dns,
+        permitted_ip=permit_ip,
+        excluded_dns=exclude_dns,
+        excluded_ip=exclude_ip,
+    )
     with (
         open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms,
         progress(f"making the CA keys in {provider}"),
@@ -109,6 +166,7 @@ def init_cmd(
             root_validity_days=root_days,
             intermediate_validity_days=intermediate_days,
             disable_root=disable_root,
+            name_constraints=nc,
         )
     files = (
         _write_ca_files(
@@ -126,12 +184,16 @@ def init_cmd(
                 "root": root,
                 "intermediate": intermediate,
                 "root_disabled": disable_root,
+                "name_constraints": constraints_dict(response.intermediate_certificate_der),
                 "files": [str(f) for f in files],
             }
         )
         return
     click.echo(f"root:         {root['subject']}  sha256 {root['sha256']}")
     click.echo(f"intermediate: {intermediate['subject']}  until {intermediate['not_after']}")
+    for kind, values in constraints_dict(response.intermediate_certificate_der).items():
+        if values:
+            click.echo(f"{kind + ':':<14}{', '.join(values)}")
     if disable_root:
         click.echo("ca/root is disabled in the key registry")
     for f in files:
@@ -151,7 +213,10 @@ def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
     with open_client(data_dir, config_path) as kms:
         response = kms.get_ca_certificates()
     for f in _write_ca_files(
-        out_dir, response.root_certificate_der, response.intermediate_certificate_der
+        out_dir,
+        response.root_certificate_der,
+        response.intermediate_certificate_der,
+        response.retired_intermediates_der,
     ):
         click.echo(f"wrote {f}")
 
@@ -159,15 +224,37 @@ def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
 @ca.command("crl")
 @click.option("--out", required=True, help="Where to write the CRL ('-' for stdout).")
 @click.option("--pem", is_flag=True, help="PEM instead of DER (OpenVPN's crl-verify wants PEM).")
+@click.option(
+    "--root",
+    "root_crl",
+    is_flag=True,
+    help="The root's CRL (revoked intermediates) instead: with the intermediate's, what "
+    "`openssl verify -crl_check_all` needs.",
+)
 @client_options
-def crl_cmd(out: str, pem: bool, data_dir: Path, config_path: Path | None) -> None:
-    """The current CRL, signed by the intermediate (rebuilt on every revocation)."""
+def crl_cmd(out: str, pem: bool, root_crl: bool, data_dir: Path, config_path: Path | None) -> None:
+    """The current CRL, signed by the intermediate (rebuilt on every revocation), or with
+    --root the root's own (long-lived; re-signed when the root key is used). After a
+    rotation, --pem also holds each retired intermediate's CRL (one per issuing CA, as
+    OpenVPN's crl-verify needs them)."""
     with open_client(data_dir, config_path) as kms:
-        response = kms.get_crl()
+        response = kms.get_root_crl() if root_crl else kms.get_crl()
+        # After a rotation the retired intermediates' CRLs go along (PEM holds several):
+        # OpenVPN's crl-verify and openssl -CRLfile need one per intermediate in force.
+        retired = (
+            [
+                kms.get_issuer_crl(_key_id(der)).crl_der
+                for der in kms.get_ca_certificates().retired_intermediates_der
+            ]
+            if pem and not root_crl
+            else []
+        )
     data = response.crl_der
     if pem:
-        crl = x509.load_der_x509_crl(data)
-        data = crl.public_bytes(serialization.Encoding.PEM)
+        data = b"".join(
+            x509.load_der_x509_crl(d).public_bytes(serialization.Encoding.PEM)
+            for d in [data, *retired]
+        )
     write_output(out, data)
     if out != "-":
         click.echo(f"CRL {response.crl_number}, next update {response.next_update}", err=True)
@@ -187,6 +274,10 @@ def profiles_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
                     "name": p.name,
                     "description": p.description,
                     "max_validity_days": p.max_validity_days,
+                    "max_ttl": format_ttl(datetime.timedelta(seconds=p.max_validity_seconds)),
+                    "default_ttl": format_ttl(
+                        datetime.timedelta(seconds=p.default_validity_seconds)
+                    ),
                     "key_types": list(p.key_types),
                     "extended_key_usages": list(p.extended_key_usages),
                 }
@@ -195,7 +286,18 @@ def profiles_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
         )
         return
     rows = [
-        [p.name, str(p.max_validity_days), ",".join(p.extended_key_usages), p.description]
+        [
+            p.name,
+            format_ttl(datetime.timedelta(seconds=p.default_validity_seconds)),
+            format_ttl(datetime.timedelta(seconds=p.max_validity_seconds)),
+            ",".join(p.extended_key_usages),
+            p.description,
+        ]
         for p in profiles
     ]
-    click.echo(table(["PROFILE", "MAX_DAYS", "EKU", "DESCRIPTION"], rows))
+    click.echo(table(["PROFILE", "DEFAULT", "MAX", "EKU", "DESCRIPTION"], rows))
+
+
+# `ca rotate` and `ca revoke-intermediate` live in their own module; importing it
+# registers them on the `ca` group.
+from mgmt.cli import ca_hierarchy  # noqa: E402, F401

@@ -100,7 +100,23 @@ def _pem_chain(cert_der: bytes, chain_der: list[bytes]) -> bytes:
     return pem_bundle(cert_der, chain_der)
 
 
-def _read_password(path: Path) -> bytes:
+def lifetime_seconds(days: int, ttl: str | None) -> int:
+    """--ttl (30m, 12h, 90d) as seconds for the CA; refused next to --days."""
+    if ttl is None:
+        return 0
+    if days:
+        raise click.UsageError("give --days or --ttl, not both")
+    from mgmt.ca.durations import parse_ttl
+
+    return int(parse_ttl(ttl).total_seconds())
+
+
+_TTL_HELP = (
+    "Lifetime: 30m, 12h, 90d or 4w (5m at least; the profile's maximum applies). Instead of --days."
+)
+
+
+def read_password(path: Path) -> bytes:
     """The first line of the file; a file without one is refused."""
     lines = path.read_bytes().splitlines()
     password = lines[0] if lines else b""
@@ -145,6 +161,7 @@ def cert_group() -> None:
     help="Key made by --generate: ec-p256, ec-p384, rsa-2048, rsa-3072, ed25519.",
 )
 @click.option("--days", type=click.IntRange(min=0), default=0, help="0: the profile's default.")
+@click.option("--ttl", default=None, help=_TTL_HELP)
 @click.option(
     "--format",
     "fmt",
@@ -162,6 +179,12 @@ def cert_group() -> None:
     "--key-out", default=None, help="Private key PEM (0600), with --generate --format pem."
 )
 @click.option(
+    "--legacy",
+    is_flag=True,
+    help="With --format pkcs12: the old 3DES/SHA-1 form for importers that refuse AES "
+    "(older Android, macOS, Windows). Weaker; kmsctl warns.",
+)
+@click.option(
     "--password-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
@@ -177,9 +200,11 @@ def issue_cmd(
     sans: tuple[str, ...],
     key_type: str,
     days: int,
+    ttl: str | None,
     fmt: str,
     out: str,
     key_out: str | None,
+    legacy: bool,
     password_file: Path | None,
     output: str,
     data_dir: Path,
@@ -200,7 +225,10 @@ def issue_cmd(
             raise click.UsageError("--generate --format pem needs --key-out for the private key")
         if fmt == "pkcs12" and (password_file is None or key_out):
             raise click.UsageError("--format pkcs12 needs --password-file (and no --key-out)")
-    password = _read_password(password_file) if password_file is not None else None
+    if legacy and fmt != "pkcs12":
+        raise click.UsageError("--legacy is for --format pkcs12")
+    password = read_password(password_file) if password_file is not None else None
+    seconds = lifetime_seconds(days, ttl)
 
     key: bundle.LeafKey | None = None
     if csr_path is not None:
@@ -209,14 +237,17 @@ def issue_cmd(
         key = bundle.generate_key(key_type)
         csr = bundle.make_csr(key, cn, list(sans))
     with open_client(data_dir, config_path) as kms:
-        response = kms.issue_certificate(profile, csr, days)
+        response = kms.issue_certificate(profile, csr, days, validity_seconds=seconds)
     chain = list(response.chain_der)
     if key is not None and fmt == "pkcs12":
         assert password is not None
         name = cn or response.record.serial
-        write_private(
-            Path(out), bundle.pkcs12_bundle(name, key, response.certificate_der, chain, password)
+        if legacy:
+            click.echo(bundle.LEGACY_WARNING, err=True)
+        data = bundle.pkcs12_bundle(
+            name, key, response.certificate_der, chain, password, legacy=legacy
         )
+        write_private(Path(out), data)
     else:
         if key is not None:
             assert key_out is not None
@@ -303,16 +334,24 @@ def revoke_cmd(
 @cert_group.command("renew")
 @click.argument("serial")
 @click.option("--days", type=click.IntRange(min=0), default=0, help="0: the profile's default.")
+@click.option("--ttl", default=None, help=_TTL_HELP)
 @click.option("--out", required=True, help="The new certificate then chain, PEM.")
 @output_option
 @client_options
 def renew_cmd(
-    serial: str, days: int, out: str, output: str, data_dir: Path, config_path: Path | None
+    serial: str,
+    days: int,
+    ttl: str | None,
+    out: str,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
 ) -> None:
     """A new certificate (new serial) for the same key, subject and SANs; the old one
     stays valid until it expires or is revoked."""
+    seconds = lifetime_seconds(days, ttl)
     with open_client(data_dir, config_path) as kms:
-        response = kms.renew_certificate(normalize_serial(serial), days)
+        response = kms.renew_certificate(normalize_serial(serial), days, validity_seconds=seconds)
     write_output(out, _pem_chain(response.certificate_der, list(response.chain_der)))
     if output == "json":
         echo_json(record_to_dict(response.record))

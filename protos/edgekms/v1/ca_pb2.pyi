@@ -97,6 +97,7 @@ class CertificateRecord(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     REVOCATION_REQUEST_ID_FIELD_NUMBER: _builtins.int
     REVOKED_BY_FIELD_NUMBER: _builtins.int
+    ISSUER_KEY_ID_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     """Upper-case hex of the serial number, no separators."""
     profile: _builtins.str
@@ -126,6 +127,10 @@ class CertificateRecord(_message.Message):
     clear of fields added in order.
     """
     revoked_by: _builtins.str
+    issuer_key_id: _builtins.str
+    """Upper-case hex of the issuing intermediate's subject key identifier; empty for
+    certificates issued before rotation existed (they are the first intermediate's).
+    """
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -148,10 +153,11 @@ class CertificateRecord(_message.Message):
         request_id: _builtins.str = ...,
         revocation_request_id: _builtins.str = ...,
         revoked_by: _builtins.str = ...,
+        issuer_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revocation_request_id", b"revocation_request_id", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "issuer_key_id", b"issuer_key_id", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revocation_request_id", b"revocation_request_id", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -173,6 +179,9 @@ class CAState(_message.Message):
     INTERMEDIATE_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
     ROOT_KEY_DISABLED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    INTERMEDIATE_LABEL_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
+    REVOKED_INTERMEDIATES_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     key_type: _common_pb2.KeyType.ValueType
     root_key_id: _builtins.bytes
@@ -184,6 +193,20 @@ class CAState(_message.Message):
     re-enabled for the next intermediate.
     """
     created_at: _builtins.str
+    intermediate_label: _builtins.str
+    """Registry name of the current intermediate's key: "" means "ca/intermediate" (the
+    one `Init` made); each rotation makes "ca/intermediate-<n>".
+    """
+    @_builtins.property
+    def retired(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetiredIntermediate]:
+        """Intermediates replaced by `Rotate`, oldest first. Each still signs its own CRL and
+        OCSP answers until the last certificate it issued has expired; then it is dropped.
+        """
+
+    @_builtins.property
+    def revoked_intermediates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedIntermediate]:
+        """Intermediates the root has revoked (what the root CRL lists)."""
+
     def __init__(
         self,
         *,
@@ -195,14 +218,109 @@ class CAState(_message.Message):
         intermediate_certificate_der: _builtins.bytes = ...,
         root_key_disabled: _builtins.bool = ...,
         created_at: _builtins.str = ...,
+        intermediate_label: _builtins.str = ...,
+        retired: _abc.Iterable[Global___RetiredIntermediate] | None = ...,
+        revoked_intermediates: _abc.Iterable[Global___RevokedIntermediate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "intermediate_certificate_der", b"intermediate_certificate_der", "intermediate_key_id", b"intermediate_key_id", "key_type", b"key_type", "provider", b"provider", "root_certificate_der", b"root_certificate_der", "root_key_disabled", b"root_key_disabled", "root_key_id", b"root_key_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "intermediate_certificate_der", b"intermediate_certificate_der", "intermediate_key_id", b"intermediate_key_id", "intermediate_label", b"intermediate_label", "key_type", b"key_type", "provider", b"provider", "retired", b"retired", "revoked_intermediates", b"revoked_intermediates", "root_certificate_der", b"root_certificate_der", "root_key_disabled", b"root_key_disabled", "root_key_id", b"root_key_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CAState: _TypeAlias = CAState  # noqa: Y015
+
+@_typing.final
+class RetiredIntermediate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    KEY_LABEL_FIELD_NUMBER: _builtins.int
+    RETIRED_AT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.bytes
+    certificate_der: _builtins.bytes
+    key_label: _builtins.str
+    retired_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.bytes = ...,
+        certificate_der: _builtins.bytes = ...,
+        key_label: _builtins.str = ...,
+        retired_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "key_id", b"key_id", "key_label", b"key_label", "retired_at", b"retired_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetiredIntermediate: _TypeAlias = RetiredIntermediate  # noqa: Y015
+
+@_typing.final
+class RevokedIntermediate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    """upper-case hex"""
+    revoked_at: _builtins.str
+    reason: Global___RevocationReason.ValueType
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        revoked_at: _builtins.str = ...,
+        reason: Global___RevocationReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "revoked_at", b"revoked_at", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedIntermediate: _TypeAlias = RevokedIntermediate  # noqa: Y015
+
+@_typing.final
+class NameConstraints(_message.Message):
+    """Name constraints for an intermediate (RFC 5280 4.2.1.10, marked critical): the names
+    its leaves may carry. A DNS entry "home.arpa" covers that name and every name under
+    it; IP entries are CIDR networks. A kind with no permitted entries is not limited by
+    them (RFC 5280): give --permit-ip too, or exclude 0.0.0.0/0 and ::/0, to bar IPs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERMITTED_DNS_FIELD_NUMBER: _builtins.int
+    PERMITTED_IP_FIELD_NUMBER: _builtins.int
+    EXCLUDED_DNS_FIELD_NUMBER: _builtins.int
+    EXCLUDED_IP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def permitted_dns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def permitted_ip(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def excluded_dns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def excluded_ip(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        permitted_dns: _abc.Iterable[_builtins.str] | None = ...,
+        permitted_ip: _abc.Iterable[_builtins.str] | None = ...,
+        excluded_dns: _abc.Iterable[_builtins.str] | None = ...,
+        excluded_ip: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded_dns", b"excluded_dns", "excluded_ip", b"excluded_ip", "permitted_dns", b"permitted_dns", "permitted_ip", b"permitted_ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NameConstraints: _TypeAlias = NameConstraints  # noqa: Y015
 
 @_typing.final
 class InitCARequest(_message.Message):
@@ -220,6 +338,7 @@ class InitCARequest(_message.Message):
     INTERMEDIATE_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     DISABLE_ROOT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NAME_CONSTRAINTS_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     key_type: _common_pb2.KeyType.ValueType
     common_name: _builtins.str
@@ -233,6 +352,10 @@ class InitCARequest(_message.Message):
     """Leave the root key disabled for signing once the intermediate exists."""
     request_id: _builtins.str
     """Idempotency (broker/idempotency.py): a retry with the same id gets the first answer."""
+    @_builtins.property
+    def name_constraints(self) -> Global___NameConstraints:
+        """Put into the intermediate; the CA refuses to issue outside them."""
+
     def __init__(
         self,
         *,
@@ -244,10 +367,11 @@ class InitCARequest(_message.Message):
         intermediate_validity_days: _builtins.int = ...,
         disable_root: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        name_constraints: Global___NameConstraints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["name_constraints", b"name_constraints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_name", b"common_name", "disable_root", b"disable_root", "intermediate_validity_days", b"intermediate_validity_days", "key_type", b"key_type", "organization", b"organization", "provider", b"provider", "request_id", b"request_id", "root_validity_days", b"root_validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_name", b"common_name", "disable_root", b"disable_root", "intermediate_validity_days", b"intermediate_validity_days", "key_type", b"key_type", "name_constraints", b"name_constraints", "organization", b"organization", "provider", b"provider", "request_id", b"request_id", "root_validity_days", b"root_validity_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,6 +410,7 @@ class IssueCertificateRequest(_message.Message):
     REQUESTER_FIELD_NUMBER: _builtins.int
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     csr: _builtins.bytes
     """PKCS#10, PEM or DER. The key was made by the requester (kmsctl --generate makes it
@@ -296,6 +421,10 @@ class IssueCertificateRequest(_message.Message):
     """0: the profile's default."""
     request_id: _builtins.str
     """Idempotency: a retry with the same id gets the same certificate (same serial)."""
+    validity_seconds: _builtins.int
+    """The lifetime in seconds, for certificates shorter than a day (`--ttl 30m`); at
+    least 300. 0: validity_days decides. Setting both is refused (cert.ttl_conflict).
+    """
     def __init__(
         self,
         *,
@@ -304,10 +433,11 @@ class IssueCertificateRequest(_message.Message):
         requester: _builtins.str = ...,
         validity_days: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        validity_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "profile", b"profile", "request_id", b"request_id", "requester", b"requester", "validity_days", b"validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "profile", b"profile", "request_id", b"request_id", "requester", b"requester", "validity_days", b"validity_days", "validity_seconds", b"validity_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -496,10 +626,13 @@ class RenewCertificateRequest(_message.Message):
     REQUESTER_FIELD_NUMBER: _builtins.int
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     requester: _builtins.str
     validity_days: _builtins.int
     request_id: _builtins.str
+    validity_seconds: _builtins.int
+    """As in IssueCertificateRequest."""
     def __init__(
         self,
         *,
@@ -507,10 +640,11 @@ class RenewCertificateRequest(_message.Message):
         requester: _builtins.str = ...,
         validity_days: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        validity_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "requester", b"requester", "serial", b"serial", "validity_days", b"validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "requester", b"requester", "serial", b"serial", "validity_days", b"validity_days", "validity_seconds", b"validity_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,21 +715,195 @@ class GetCACertificatesResponse(_message.Message):
 
     ROOT_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
     INTERMEDIATE_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    RETIRED_INTERMEDIATES_DER_FIELD_NUMBER: _builtins.int
     root_certificate_der: _builtins.bytes
     intermediate_certificate_der: _builtins.bytes
+    @_builtins.property
+    def retired_intermediates_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Earlier intermediates that still have certificates in force (after a rotation):
+        relying parties need them in their chain files until those expire.
+        """
+
     def __init__(
         self,
         *,
         root_certificate_der: _builtins.bytes = ...,
         intermediate_certificate_der: _builtins.bytes = ...,
+        retired_intermediates_der: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["intermediate_certificate_der", b"intermediate_certificate_der", "root_certificate_der", b"root_certificate_der"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intermediate_certificate_der", b"intermediate_certificate_der", "retired_intermediates_der", b"retired_intermediates_der", "root_certificate_der", b"root_certificate_der"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCACertificatesResponse: _TypeAlias = GetCACertificatesResponse  # noqa: Y015
+
+@_typing.final
+class GetRootCRLRequest(_message.Message):
+    """Subject: kms.ca.GetRootCRL. The root's own CRL (long-lived: the root key may be
+    disabled between uses), listing revoked intermediates.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRootCRLRequest: _TypeAlias = GetRootCRLRequest  # noqa: Y015
+
+@_typing.final
+class GetIssuerCRLRequest(_message.Message):
+    """Subject: kms.ca.GetIssuerCRL. One intermediate's CRL, current or retired, by the
+    upper-case hex of its subject key identifier (NOT_FOUND ca.intermediate_unknown for
+    any other): after a rotation relying parties need the retired one's too.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIssuerCRLRequest: _TypeAlias = GetIssuerCRLRequest  # noqa: Y015
+
+@_typing.final
+class RevokeIntermediateRequest(_message.Message):
+    """Subject: kms.ca.RevokeIntermediate. The root revokes an intermediate (the current one
+    or a retired one) and signs a new root CRL; a revoked current intermediate issues
+    nothing more until `Rotate`. Needs the root key enabled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    reason: Global___RevocationReason.ValueType
+    requester: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        reason: Global___RevocationReason.ValueType = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "requester", b"requester", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeIntermediateRequest: _TypeAlias = RevokeIntermediateRequest  # noqa: Y015
+
+@_typing.final
+class RevokeIntermediateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    ROOT_CRL_NUMBER_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    root_crl_number: _builtins.int
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        root_crl_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["root_crl_number", b"root_crl_number", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeIntermediateResponse: _TypeAlias = RevokeIntermediateResponse  # noqa: Y015
+
+@_typing.final
+class RotateCARequest(_message.Message):
+    """Subject: kms.ca.Rotate. A new intermediate key in the CA's provider, certified by the
+    root; leaves come from it from then on, while the old intermediate keeps signing its
+    CRL and OCSP until its last certificate expires. Needs the root key enabled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERMEDIATE_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    NAME_CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    CLEAR_NAME_CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    intermediate_validity_days: _builtins.int
+    """0: 1825"""
+    clear_name_constraints: _builtins.bool
+    requester: _builtins.str
+    request_id: _builtins.str
+    @_builtins.property
+    def name_constraints(self) -> Global___NameConstraints:
+        """The new intermediate's constraints; with none given the current ones carry over,
+        unless clear_name_constraints.
+        """
+
+    def __init__(
+        self,
+        *,
+        intermediate_validity_days: _builtins.int = ...,
+        name_constraints: Global___NameConstraints | None = ...,
+        clear_name_constraints: _builtins.bool = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["name_constraints", b"name_constraints"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clear_name_constraints", b"clear_name_constraints", "intermediate_validity_days", b"intermediate_validity_days", "name_constraints", b"name_constraints", "request_id", b"request_id", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCARequest: _TypeAlias = RotateCARequest  # noqa: Y015
+
+@_typing.final
+class RotateCAResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERMEDIATE_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    ROOT_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    RETIRED_INTERMEDIATES_DER_FIELD_NUMBER: _builtins.int
+    intermediate_certificate_der: _builtins.bytes
+    root_certificate_der: _builtins.bytes
+    @_builtins.property
+    def retired_intermediates_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        intermediate_certificate_der: _builtins.bytes = ...,
+        root_certificate_der: _builtins.bytes = ...,
+        retired_intermediates_der: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intermediate_certificate_der", b"intermediate_certificate_der", "retired_intermediates_der", b"retired_intermediates_der", "root_certificate_der", b"root_certificate_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCAResponse: _TypeAlias = RotateCAResponse  # noqa: Y015
 
 @_typing.final
 class ListProfilesRequest(_message.Message):
@@ -623,9 +931,14 @@ class ProfileInfo(_message.Message):
     MAX_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     KEY_TYPES_FIELD_NUMBER: _builtins.int
     EXTENDED_KEY_USAGES_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     max_validity_days: _builtins.int
+    default_validity_seconds: _builtins.int
+    """The exact default and maximum lifetimes (max_validity_days is their whole days)."""
+    max_validity_seconds: _builtins.int
     @_builtins.property
     def key_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -638,10 +951,12 @@ class ProfileInfo(_message.Message):
         max_validity_days: _builtins.int = ...,
         key_types: _abc.Iterable[_builtins.str] | None = ...,
         extended_key_usages: _abc.Iterable[_builtins.str] | None = ...,
+        default_validity_seconds: _builtins.int = ...,
+        max_validity_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "extended_key_usages", b"extended_key_usages", "key_types", b"key_types", "max_validity_days", b"max_validity_days", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_validity_seconds", b"default_validity_seconds", "description", b"description", "extended_key_usages", b"extended_key_usages", "key_types", b"key_types", "max_validity_days", b"max_validity_days", "max_validity_seconds", b"max_validity_seconds", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

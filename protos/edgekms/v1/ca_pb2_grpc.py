@@ -79,6 +79,26 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesResponse.FromString,
                 _registered_method=True)
+        self.GetRootCRL = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/GetRootCRL',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.GetRootCRLRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
+                _registered_method=True)
+        self.GetIssuerCRL = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/GetIssuerCRL',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.GetIssuerCRLRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
+                _registered_method=True)
+        self.RevokeIntermediate = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/RevokeIntermediate',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateResponse.FromString,
+                _registered_method=True)
+        self.Rotate = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/Rotate',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.RotateCARequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.RotateCAResponse.FromString,
+                _registered_method=True)
 
 
 class CertificateAuthorityServicer:
@@ -138,6 +158,30 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRootCRL(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIssuerCRL(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeIntermediate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rotate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +229,26 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.ListProfiles,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesResponse.SerializeToString,
+            ),
+            'GetRootCRL': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRootCRL,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.GetRootCRLRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.SerializeToString,
+            ),
+            'GetIssuerCRL': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIssuerCRL,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.GetIssuerCRLRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.SerializeToString,
+            ),
+            'RevokeIntermediate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeIntermediate,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateResponse.SerializeToString,
+            ),
+            'Rotate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rotate,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.RotateCARequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.RotateCAResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +494,114 @@ class CertificateAuthority:
             '/edgekms.v1.CertificateAuthority/ListProfiles',
             edgekms_dot_v1_dot_ca__pb2.ListProfilesRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.ListProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRootCRL(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/GetRootCRL',
+            edgekms_dot_v1_dot_ca__pb2.GetRootCRLRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIssuerCRL(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/GetIssuerCRL',
+            edgekms_dot_v1_dot_ca__pb2.GetIssuerCRLRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeIntermediate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/RevokeIntermediate',
+            edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rotate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/Rotate',
+            edgekms_dot_v1_dot_ca__pb2.RotateCARequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.RotateCAResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class CertificateAuthorityStub:
     GetCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetCRLRequest, _ca_pb2.GetCRLResponse]
     GetCACertificates: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetCACertificatesRequest, _ca_pb2.GetCACertificatesResponse]
     ListProfiles: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]
+    GetRootCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetRootCRLRequest, _ca_pb2.GetCRLResponse]
+    GetIssuerCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetIssuerCRLRequest, _ca_pb2.GetCRLResponse]
+    RevokeIntermediate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]
+    Rotate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -58,6 +62,10 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     GetCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
     GetCACertificates: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetCACertificatesRequest, _ca_pb2.GetCACertificatesResponse]  # type: ignore[assignment]
     ListProfiles: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]  # type: ignore[assignment]
+    GetRootCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetRootCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
+    GetIssuerCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetIssuerCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
+    RevokeIntermediate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]  # type: ignore[assignment]
+    Rotate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -122,5 +130,33 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.ListProfilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.ListProfilesResponse, _abc.Awaitable[_ca_pb2.ListProfilesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRootCRL(
+        self,
+        request: _ca_pb2.GetRootCRLRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.GetCRLResponse, _abc.Awaitable[_ca_pb2.GetCRLResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetIssuerCRL(
+        self,
+        request: _ca_pb2.GetIssuerCRLRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.GetCRLResponse, _abc.Awaitable[_ca_pb2.GetCRLResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeIntermediate(
+        self,
+        request: _ca_pb2.RevokeIntermediateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.RevokeIntermediateResponse, _abc.Awaitable[_ca_pb2.RevokeIntermediateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Rotate(
+        self,
+        request: _ca_pb2.RotateCARequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.RotateCAResponse, _abc.Awaitable[_ca_pb2.RotateCAResponse]]: ...
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
