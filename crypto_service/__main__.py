@@ -93,7 +93,12 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    service = CryptoService(nc, provider, config.provider_id, config.workers)
+    from edgekms.audit import AuditWriter
+
+    # This service's own audit writer: it records the refusals of keys used through
+    # another class's subjects (docs/security.md, "Keys bound to their owners").
+    audit = AuditWriter(nc.jetstream(), f"crypto-{config.provider_id}")
+    service = CryptoService(nc, provider, config.provider_id, config.workers, audit=audit)
     try:
         await service.start()
         await stop.wait()

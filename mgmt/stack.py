@@ -189,6 +189,9 @@ class Stack:
         self.options = options
         self.layout = Layout(options.data_dir)
         self.nats: NatsServer | None = None
+        # The supervisor's bus identity holds the ceremony grant (mgmt.natsauth) only
+        # until the ceremony is done; then the server is reloaded without it.
+        self._ceremony_grant = False
         self.swtpm: Swtpm | None = None
         self.children: list[Child] = []
         self._stopping = asyncio.Event()
@@ -209,13 +212,16 @@ class Stack:
         for path in (self.layout.config, self.layout.logs, self.layout.nats_dir):
             path.mkdir(parents=True, exist_ok=True)
 
-    def _start_nats(self) -> None:
+    def _nats_config(self, ceremony: bool) -> NatsServerConfig:
         # One identity per part, least privilege each; TLS from the bus CA (mgmt.natsauth).
-        identities = stack_identities(self.options.providers, self.options.ca_provider or None)
+        # The supervisor may touch the internal CA's key only while the ceremony is due.
+        identities = stack_identities(
+            self.options.providers, self.options.ca_provider or None, ceremony=ceremony
+        )
         tls = ensure_bus_tls(self.layout.nats_dir / "tls", self.layout.secrets)
         passwords = ensure_passwords(self.layout.secrets, [i.user for i in identities])
         self.bus = {user: BusCredentials(user, p, tls.ca_cert) for user, p in passwords.items()}
-        config = NatsServerConfig(
+        return NatsServerConfig(
             store_dir=self.layout.nats_dir / "jetstream",
             port=self.options.nats_port,
             max_payload=BUS_MAX_PAYLOAD,
@@ -227,10 +233,23 @@ class Stack:
                 {user: cached_password_hash(p) for user, p in passwords.items()},
             ),
         )
+
+    def _start_nats(self) -> None:
+        self._ceremony_grant = not self._ceremony_done()
+        config = self._nats_config(ceremony=self._ceremony_grant)
         self.nats = NatsServer(
             config, self.layout.nats_dir / "nats.conf", self.layout.logs / "nats.log"
         )
         self.nats.start()
+
+    def _end_ceremony_grant(self) -> None:
+        """Reload the bus without the supervisor's grant on the internal CA's key: from
+        here on only the broker (issuing client certificates) may sign with it."""
+        if not self._ceremony_grant or self.nats is None:
+            return
+        self.nats.reload(self._nats_config(ceremony=False))
+        self._ceremony_grant = False
+        log.info("ceremony grant withdrawn", extra=fields(part="nats"))
 
     def _bus_toml(self, user: str) -> str:
         creds = self.bus[user]
@@ -504,6 +523,7 @@ class Stack:
         )
         if result.created:
             log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))
+        await asyncio.to_thread(self._end_ceremony_grant)
         await self._start_child(self._broker_child())
 
     async def supervise(self) -> None:

@@ -34,7 +34,8 @@ def test_only_responders_may_reply_and_crypto_publishes_nothing() -> None:
     assert by_user["crypto-hsm0"].allow_responses
     assert by_user["ca"].allow_responses
     assert not by_user["broker"].allow_responses
-    assert by_user["crypto-hsm0"].publish == ()
+    assert by_user["crypto-hsm0"].publish[0] == "kms.audit.crypto-hsm0"
+    assert not any(s.startswith("kms.crypto") for s in by_user["crypto-hsm0"].publish)
     assert Permissions().render()["publish"] == {"deny": [">"]}
     assert Permissions().render()["subscribe"] == {"deny": [">"]}
 
