@@ -108,6 +108,16 @@ KMSCTL_CRYPTO_OPERATIONS = CLASS_OPERATIONS
 # What the broker may ask of the internal CA's key: issuing client certificates.
 BROKER_INTERNAL_OPERATIONS = ("GetPublicKey", "Sign")
 
+# The registry records the CA service owns (mgmt/ca/authority.py ROOT_LABEL,
+# INTERMEDIATE_LABEL), and the one the ceremony writes.
+CA_REGISTRY_KEYS = ("ca/root", "ca/intermediate")
+CEREMONY_REGISTRY_KEYS = ("edgekms/internal-ca",)
+# Streams the supervisor makes or hardens at start (edgekms.kvstore, edgekms.audit).
+SETUP_STREAMS = (
+    *(f"KV_{b}" for b in (KEY_REGISTRY_BUCKET, CLIENTS_BUCKET, IDEMPOTENCY_BUCKET, CA_BUCKET)),
+    AUDIT_STREAM,
+)
+
 BROKER_USER = "broker"
 CA_USER = "ca"
 KMSCTL_USER = "kmsctl"
@@ -136,13 +146,20 @@ class Permissions:
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     allow_responses: bool = False
+    # Subjects refused although an allowed wildcard covers them (deny wins in nats-server).
+    publish_deny: tuple[str, ...] = ()
 
     def render(self) -> dict[str, Any]:
-        def side(allowed: tuple[str, ...]) -> dict[str, list[str]]:
-            return {"allow": list(allowed)} if allowed else {"deny": [">"]}
+        def side(allowed: tuple[str, ...], denied: tuple[str, ...] = ()) -> dict[str, list[str]]:
+            if not allowed:
+                return {"deny": [">"]}
+            out = {"allow": list(allowed)}
+            if denied:
+                out["deny"] = list(denied)
+            return out
 
         out: dict[str, Any] = {
-            "publish": side(self.publish),
+            "publish": side(self.publish, self.publish_deny),
             "subscribe": side(self.subscribe),
         }
         if self.allow_responses:
@@ -181,15 +198,28 @@ def stream_create(stream: str) -> tuple[str, ...]:
     return (f"$JS.API.STREAM.CREATE.{stream}",)
 
 
-def kv_access(bucket: str, *, write: bool = True, create: bool = True) -> tuple[str, ...]:
-    """A KV bucket is stream KV_<bucket>; writes are publishes to $KV.<bucket>.<key>."""
+def kv_access(
+    bucket: str, *, write: bool = True, create: bool = True, keys: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """A KV bucket is stream KV_<bucket>; writes are publishes to $KV.<bucket>.<key>, so
+    `keys` limits an identity's writes to those keys (none given: every key)."""
     stream = f"KV_{bucket}"
     subjects = stream_read(stream)
     if write:
-        subjects += (f"$KV.{bucket}.>",)
+        subjects += tuple(f"$KV.{bucket}.{k}" for k in keys) if keys else (f"$KV.{bucket}.>",)
     if create:
         subjects += stream_create(stream)
     return subjects
+
+
+def stream_setup(streams: Sequence[str]) -> tuple[str, ...]:
+    """Making a stream, or tightening an old one's settings (edgekms.kvstore.harden):
+    the supervisor's grant while it sets the stack up, withdrawn before it serves."""
+    return tuple(
+        f"$JS.API.STREAM.{verb}.{stream}"
+        for stream in streams
+        for verb in ("INFO", "CREATE", "UPDATE")
+    )
 
 
 def micro_subscriptions(service_name: str) -> tuple[str, ...]:
@@ -263,8 +293,9 @@ def ca_identity(provider: str) -> Identity:
             publish=(
                 *(crypto_subject(provider, op, KEY_CLASS_CA) for op in CA_CRYPTO_OPERATIONS),
                 *kv_access(CA_BUCKET),
-                # The CA records its own keys (ca/root, ca/intermediate) in the registry.
-                *kv_access(KEY_REGISTRY_BUCKET),
+                # The CA records its own keys (ca/root, ca/intermediate) in the registry,
+                # and may write no other key's record.
+                *kv_access(KEY_REGISTRY_BUCKET, keys=CA_REGISTRY_KEYS),
                 *stream_read(AUDIT_STREAM),
                 *stream_create(AUDIT_STREAM),
                 audit_publish(CA_USER),
@@ -280,10 +311,13 @@ def ca_identity(provider: str) -> Identity:
     )
 
 
-def kmsctl_identity(providers: Sequence[str], ceremony: bool = False) -> Identity:
-    """`kmsctl up` itself: readiness pings, and while `ceremony` (first start only, until
-    the supervisor reloads the server without it) the internal CA's key on the first
-    provider."""
+def kmsctl_identity(
+    providers: Sequence[str], ceremony: bool = False, setup: bool = False
+) -> Identity:
+    """`kmsctl up` itself: readiness pings; while `setup` (each start, until the supervisor
+    reloads the server without it) making and hardening the stack's streams; while
+    `ceremony` (first start only) the internal CA's key on the first provider and its
+    registry record."""
     for provider in providers:
         _check_provider(provider)
     first = providers[0]
@@ -299,20 +333,29 @@ def kmsctl_identity(providers: Sequence[str], ceremony: bool = False) -> Identit
                 *keys,
                 *(f"$SRV.PING.{crypto_service_name(p)}" for p in providers),
                 f"$SRV.PING.{CA_SERVICE_NAME}",
-                *kv_access(KEY_REGISTRY_BUCKET),
+                *kv_access(
+                    KEY_REGISTRY_BUCKET, write=ceremony, create=False, keys=CEREMONY_REGISTRY_KEYS
+                ),
+                *(stream_setup(SETUP_STREAMS) if setup else ()),
             ),
             subscribe=(f"{inbox_prefix(KMSCTL_USER)}.>",),
         ),
-        f"kmsctl up: readiness probes{f', bootstrap ceremony on {first}' if ceremony else ''}",
+        f"kmsctl up: readiness probes{', stack setup' if setup else ''}"
+        f"{f', bootstrap ceremony on {first}' if ceremony else ''}",
     )
 
 
 def stack_identities(
-    providers: Sequence[str], ca_provider: str | None = None, *, ceremony: bool = False
+    providers: Sequence[str],
+    ca_provider: str | None = None,
+    *,
+    ceremony: bool = False,
+    setup: bool = False,
 ) -> list[Identity]:
     """Every identity of one stack; the CA's signs through `ca_provider` (default: first).
 
     `ceremony`: the supervisor may make and use the internal CA's key (first start only).
+    `setup`: the supervisor may make and harden the stack's streams (each start, briefly).
     """
     if not providers:
         raise InvalidArgument("bus.no_providers", "a stack needs at least one provider")
@@ -322,7 +365,7 @@ def stack_identities(
         broker_identity(),
         *(crypto_identity(p) for p in providers),
         ca_identity(ca_provider or providers[0]),
-        kmsctl_identity(providers, ceremony),
+        kmsctl_identity(providers, ceremony, setup),
     ]
 
 

@@ -39,6 +39,7 @@ broker then refuses the operation it was recording.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -96,9 +97,10 @@ def audit_subject(writer: str) -> str:
 
 
 def stream_config() -> api.StreamConfig:
-    """Append-only by convention, whole by construction: nothing expires, nothing is
-    discarded. deny_delete/deny_purge are left off on purpose: they cannot be undone on
-    a stream, and the chain detects a deletion anyway (see docs/security.md)."""
+    """Append-only, whole by construction: nothing expires, nothing is discarded, and
+    nobody can delete, purge or roll up entries (deny_delete, deny_purge, no rollup
+    headers, no per-message TTL: settings that cannot be undone on a stream, which is the
+    point). The chain detects a deletion anyway; now there is none to detect."""
     return api.StreamConfig(
         name=STREAM,
         subjects=[f"{SUBJECT_PREFIX}.>"],
@@ -110,7 +112,34 @@ def stream_config() -> api.StreamConfig:
         max_age=0,
         num_replicas=1,
         allow_direct=True,
+        deny_delete=True,
+        deny_purge=True,
+        allow_rollup_hdrs=False,
+        allow_msg_ttl=False,
     )
+
+
+async def harden_stream(js: JetStreamContext) -> bool:
+    """Make KMS_AUDIT, or bring one an older version made to stream_config's rules
+    (`kmsctl up` does this at start with a grant no service holds). True if it changed."""
+    try:
+        info = await js.stream_info(STREAM)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(stream_config())
+        log.info("audit stream created", extra=fields(stream=STREAM))
+        return True
+    want = stream_config()
+    current = info.config
+    changes = {
+        name: getattr(want, name)
+        for name in ("deny_delete", "deny_purge", "allow_rollup_hdrs")
+        if getattr(current, name) != getattr(want, name)
+    }
+    if not changes:
+        return False
+    await js.update_stream(dataclasses.replace(current, **changes))
+    log.warning("audit stream hardened", extra=fields(stream=STREAM, changed=",".join(changes)))
+    return True
 
 
 def canonical(value: Mapping[str, Any]) -> bytes:

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
 from edgekms.audit import STREAM, AuditWriter, canonical, parse_entry, split_message, stream_config
 from edgekms.errors import Unavailable
-from tests.audit.helpers import rewrite, stored, verify_stream
+from tests.audit.helpers import deletable_stream_config, rewrite, stored, verify_stream
 from tests.conftest import start_nats
 
 
@@ -28,6 +29,21 @@ async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
     finally:
         await conn.close()
         server.stop()
+
+
+async def test_the_stream_refuses_deletion_and_purge(nc: NATS) -> None:
+    """Issue 11, item 4: the stream itself takes no delete, purge or rollup."""
+    await _fill(nc, 3)
+    js = nc.jetstream()
+    with pytest.raises(nats.js.errors.APIError) as info:
+        await js.delete_msg(STREAM, 2)
+    assert "not permitted" in str(info.value)
+    with pytest.raises(nats.js.errors.APIError):
+        await js.purge_stream(STREAM)
+    with pytest.raises(nats.js.errors.APIError):
+        await js.publish("kms.audit.test", b"{}", headers={"Nats-Rollup": "all"})
+    assert [seq for seq, _, _ in await stored(js)] == [1, 2, 3]
+    assert (await verify_stream(js)).ok
 
 
 async def _fill(nc: NATS, n: int) -> AuditWriter:
@@ -93,6 +109,7 @@ async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
 
 
 async def test_deleted_entry_is_named(nc: NATS) -> None:
+    await nc.jetstream().add_stream(deletable_stream_config())
     await _fill(nc, 6)
     await nc.jetstream().delete_msg(STREAM, 4)
     report = await verify_stream(nc.jetstream())
@@ -100,6 +117,7 @@ async def test_deleted_entry_is_named(nc: NATS) -> None:
 
 
 async def test_deleted_last_entry_is_named_and_writing_goes_on(nc: NATS) -> None:
+    await nc.jetstream().add_stream(deletable_stream_config())
     await _fill(nc, 4)
     await nc.jetstream().delete_msg(STREAM, 4)
     fresh = AuditWriter(nc.jetstream(), "test")  # no cached head: reads past the hole

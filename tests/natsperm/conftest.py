@@ -51,9 +51,9 @@ class SecureBus:
 
 
 def start_secure_bus(
-    root: Path, providers: tuple[str, ...] = PROVIDERS, ceremony: bool = False
+    root: Path, providers: tuple[str, ...] = PROVIDERS, ceremony: bool = False, setup: bool = False
 ) -> SecureBus:
-    identities = stack_identities(providers, ceremony=ceremony)
+    identities = stack_identities(providers, ceremony=ceremony, setup=setup)
     secrets_dir = root / "secrets"
     tls = ensure_bus_tls(root / "tls", secrets_dir)
     passwords = ensure_passwords(secrets_dir, [i.user for i in identities])
@@ -71,7 +71,8 @@ def start_secure_bus(
 
 
 def end_ceremony(bus: SecureBus) -> None:
-    """Reload the bus without the supervisor's ceremony grant, as `kmsctl up` does."""
+    """Reload the bus without the supervisor's ceremony (and setup) grant, as `kmsctl up`
+    does."""
     identities = stack_identities(bus.providers, ceremony=False)
     plain = {user: read_password(path) for user, path in bus.passwords.items()}
     config = dataclasses.replace(
