@@ -27,8 +27,8 @@ async def stored(js: JetStreamContext) -> list[tuple[int, bytes, str]]:
 async def verify_stream(js: JetStreamContext) -> ChainReport:
     info = await js.stream_info(STREAM)
     verifier = ChainVerifier()
-    for seq, raw, _ in await stored(js):
-        verifier.feed(seq, raw)
+    for seq, raw, subject in await stored(js):
+        verifier.feed(seq, raw, subject)
     return verifier.finish(info.state.last_seq)
 
 

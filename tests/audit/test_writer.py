@@ -1,5 +1,6 @@
-"""AuditWriter against a real nats-server: one chain across writers, tampering through
-the raw JetStream API caught and named, and no entry stored when the stream is gone."""
+"""AuditWriter against a real nats-server: a chain per writer (replicas of one writer
+racing on it without forking), tampering through the raw JetStream API caught and named,
+and no entry stored when the stream is gone."""
 
 from __future__ import annotations
 
@@ -83,11 +84,16 @@ async def test_entries_carry_the_fields_and_chain(nc: NATS) -> None:
     assert (await verify_stream(nc.jetstream())).ok
 
 
-async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
+async def test_writers_and_replicas_chain_without_forks(tmp_path: Path) -> None:
+    """Two replicas of writer w0 (two connections) race on its chain; w1 has its own."""
     server = start_nats(tmp_path / "nats")
     conns = [await nats.connect(server.url) for _ in range(2)]
     try:
-        writers = [AuditWriter(c.jetstream(), f"w{i}") for i, c in enumerate(conns)]
+        writers = [
+            AuditWriter(conns[0].jetstream(), "w0"),
+            AuditWriter(conns[1].jetstream(), "w0"),
+            AuditWriter(conns[1].jetstream(), "w1"),
+        ]
         await writers[0].ensure_stream()
         await writers[1].ensure_stream()
 
@@ -99,7 +105,7 @@ async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
         report = await verify_stream(conns[0].jetstream())
         assert report.ok, report.problems
         # Group commit: two tasks per writer share messages, so fewer messages than entries.
-        assert report.entries == 240 and report.messages == report.last_seq <= 240
+        assert report.entries == 360 and report.messages == report.last_seq <= 360
         subjects = {s for _, _, s in await stored(conns[0].jetstream())}
         assert subjects == {"kms.audit.w0", "kms.audit.w1"}
     finally:
