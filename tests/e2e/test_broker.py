@@ -55,10 +55,12 @@ def _client_with(stack: KmsStack, cert: bytes, key: bytes) -> KMSClient:
 
 
 def issue_client_cert(stack: KmsStack, client: str, role: str) -> tuple[bytes, bytes]:
-    """A client certificate from the stack's own internal CA (its key is in the token)."""
+    """A client certificate from the stack's own internal CA (its key is in the token),
+    signed as the broker signs client certificates: after the ceremony the broker's bus
+    identity is the only one that may use the internal CA's key."""
 
     async def issue() -> tuple[bytes, bytes]:
-        nc = await nats.connect(stack.nats_url, **stack.nats_options())
+        nc = await nats.connect(stack.nats_url, **stack.nats_options("broker"))
         try:
             kv = await nc.jetstream().key_value("kms_keys")
             record = pb.KeyRecord()
