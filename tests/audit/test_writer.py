@@ -14,8 +14,17 @@ import nats
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, StreamConfig
 
-from edgekms.audit import STREAM, AuditWriter, canonical, parse_entry, split_message, stream_config
+from edgekms.audit import (
+    STREAM,
+    AuditWriter,
+    canonical,
+    harden_stream,
+    parse_entry,
+    split_message,
+    stream_config,
+)
 from edgekms.errors import Unavailable
 from tests.audit.helpers import deletable_stream_config, rewrite, stored, verify_stream
 from tests.conftest import start_nats
@@ -252,4 +261,27 @@ async def test_failed_batch_fails_every_caller_and_stores_nothing(nc: NATS) -> N
     # The writer carries on from the real head: nothing half-done is chained to.
     after = await writer.append("GetKey", "ok")
     assert after.seq == first.seq + 1 and after.entry["prev_hash"] == first.entry["hash"]
+    assert (await verify_stream(js)).ok
+
+
+async def test_a_stream_an_older_version_made_is_hardened(nc: NATS) -> None:
+    """`kmsctl up` upgrades the old KMS_AUDIT (deletable, no limits) in place."""
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(
+            name=STREAM,
+            subjects=["kms.audit.>"],
+            discard=DiscardPolicy.OLD,
+            max_bytes=-1,
+            allow_direct=True,
+        )
+    )
+    writer = await _fill(nc, 2)
+    assert await harden_stream(js)
+    config = (await js.stream_info(STREAM)).config
+    assert config.deny_delete and config.deny_purge and not config.allow_rollup_hdrs
+    assert config.discard == DiscardPolicy.NEW and config.discard_new_per_subject
+    assert config.max_bytes == stream_config().max_bytes
+    assert not await harden_stream(js)  # once is enough
+    await writer.append("Sign", "ok")
     assert (await verify_stream(js)).ok
