@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 AUDIT_UNAVAILABLE = "audit.unavailable"
+AUDIT_FULL = "audit.full"  # the stream's limits are reached (edgekms.audit)
 # Request fields worth keeping in an entry's details (never data, digests or signatures).
 _DETAIL_FIELDS = (
     "provider",
@@ -122,7 +123,7 @@ class AuditScope:
         audit.unavailable when the record could not be stored (fail closed)."""
         if err is None and self.recorded:
             return None
-        if err is not None and err.reason == AUDIT_UNAVAILABLE:
+        if err is not None and err.reason in (AUDIT_UNAVAILABLE, AUDIT_FULL):
             return err  # the log is what failed: nothing more can be written to it
         if err is not None and self.recorded:
             self.details["after"] = "ok recorded before the change"

@@ -12,10 +12,9 @@ import contextlib
 from typing import Any
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from edgekms import kvread
+from edgekms import kvread, kvstore
 
 
 async def open_bucket(
@@ -27,13 +26,9 @@ async def open_bucket(
     replicas: int = 1,
     ttl: float | None = None,
 ) -> KeyValue:
-    """The bucket, created with these settings if it does not exist yet."""
-    try:
-        return await js.key_value(bucket)
-    except BucketNotFoundError:
-        return await js.create_key_value(
-            bucket=bucket, history=history, replicas=replicas, ttl=ttl, description=description
-        )
+    """The bucket, created if it does not exist yet: with the stack's settings for it
+    (edgekms.kvstore: no rollups, no purge or delete), else with these."""
+    return await kvstore.open_kv(js, kvstore.spec_for(bucket, description, history, ttl or 0.0))
 
 
 class FollowedBucket:

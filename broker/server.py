@@ -33,6 +33,7 @@ from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import Unavailable
 from edgekms.logs import fields
+from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import (
     audit_pb2,
     clients_pb2,
@@ -164,7 +165,18 @@ class Broker:
         )
         wire.register(
             self.server,
-            ClientService(cfg, self.registry, self.clients, crypto, identities, audit),
+            ClientService(
+                cfg,
+                self.registry,
+                self.clients,
+                # Client certificates are signed with the internal CA's key, a key of
+                # class "internal", through that class's subjects.
+                CryptoClient(
+                    self.nc, default_timeout=cfg.sign_timeout, key_class=KEY_CLASS_INTERNAL
+                ),
+                identities,
+                audit,
+            ),
             clients_pb2.DESCRIPTOR.services_by_name["ClientService"],
             clients_pb2,
         )

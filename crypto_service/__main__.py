@@ -98,7 +98,14 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
     if config.tpm2 is not None:
         # The TPM's failure counter outlives this process; so must the guard's counts.
         guard = AuthGuard.for_provider(provider, config.tpm2.state_dir / STATE_FILE)
-    service = CryptoService(nc, provider, config.provider_id, config.workers, auth_guard=guard)
+    from edgekms.audit import AuditWriter
+
+    # This service's own audit writer: it records the refusals of keys used through
+    # another class's subjects (docs/security.md, "Keys bound to their owners").
+    audit = AuditWriter(nc.jetstream(), f"crypto-{config.provider_id}")
+    service = CryptoService(
+        nc, provider, config.provider_id, config.workers, auth_guard=guard, audit=audit
+    )
     try:
         await service.start()
         await stop.wait()

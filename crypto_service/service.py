@@ -6,6 +6,14 @@ thread pool; nats-py delivers one subscription's messages one after another, so 
 request becomes its own task, with at most `workers * 2` in flight per service (the rest
 wait in the subscription, which is the back-pressure). Replicas of one provider share a
 queue group, so each request is answered by exactly one of them.
+
+Key classes: every operation arrives on the subjects of one key class (user, ca,
+internal: edgekms.subjects), and only the rightful bus identity may publish on a class's
+subjects (mgmt/natsauth.py). A key gets the class of the subject its GenerateKey came in
+on, stored with it in the token; Sign, SignBatch, DestroyKey and Attest refuse a key whose
+stored class is not the subject's (PERMISSION_DENIED `key.class_mismatch`), and audit the
+refusal under this service's own writer name. Reading a public key or verifying is open
+to every class: nothing secret is used.
 """
 
 from __future__ import annotations
@@ -14,9 +22,9 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats.micro
 from google.protobuf.message import Message
@@ -33,15 +41,20 @@ from edgekms.algorithms import (
     key_type_info,
     verify_signature,
 )
-from edgekms.errors import Internal, InvalidArgument, KMSError
+from edgekms.errors import Internal, InvalidArgument, KMSError, PermissionDenied
 from edgekms.subjects import (
-    CRYPTO_OPERATIONS,
+    KEY_CLASS_USER,
+    KEY_CLASSES,
+    class_operations,
     crypto_queue_group,
     crypto_service_name,
     crypto_subject,
 )
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
+
+if TYPE_CHECKING:
+    from edgekms.audit import AuditWriter
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +80,21 @@ REQUEST_TYPES: dict[str, type[Message]] = {
 }
 
 
+# How long a refusal waits for its audit entry before answering anyway (it is a refusal
+# either way; the log line stays).
+AUDIT_TIMEOUT = 5.0
+
 # A batch item that passed validation: (position in the batch, key id, algorithm, data).
 _SignItem = tuple[int, bytes, SignatureAlgorithm, bytes]
+
+
+def _for_class(op: Callable[[Any, str], Awaitable[Message]], key_class: str) -> natsrpc.Handler:
+    """An operation bound to the key class of the subjects it is served on."""
+
+    async def handle(req: Any) -> Message:
+        return await op(req, key_class)
+
+    return handle
 
 
 def _check_key_id(key_id: bytes) -> None:
@@ -88,8 +114,12 @@ class CryptoService:
         provider_id: str,
         workers: int,
         auth_guard: AuthGuard | None = None,
+        audit: AuditWriter | None = None,
     ) -> None:
         self.nc = nc
+        # Refusals of a key used on another class's subjects are audited here: the caller
+        # that tried is, by assumption, compromised and would not record them.
+        self.audit = audit
         # Wrong TPM auth values are refused here before they can drive the TPM into lockout.
         self.auth_guard = auth_guard or AuthGuard.for_provider(provider)
         # SignBatch consults the guard from the token's threads, item by item, so that a
@@ -105,7 +135,9 @@ class CryptoService:
         self._service: Service | None = None
         # Public keys never change, so a key's type is looked up once (dropped on destroy).
         self._public: dict[bytes, tuple[bytes, KeyType]] = {}
-        self._ops: dict[str, natsrpc.Handler] = {
+        # A key's class never changes either (dropped on destroy).
+        self._classes: dict[bytes, str] = {}
+        self._ops: dict[str, Callable[[Any, str], Awaitable[Message]]] = {
             "GenerateKey": self._generate,
             "GetPublicKey": self._get_public_key,
             "Sign": self._sign,
@@ -131,13 +163,16 @@ class CryptoService:
                 "workers": str(self.workers),
             },
         )
-        for op in CRYPTO_OPERATIONS:
-            await self._service.add_endpoint(
-                name=op,
-                subject=crypto_subject(self.provider_id, op),
-                queue_group=crypto_queue_group(self.provider_id),
-                handler=self._responder.endpoint(op, REQUEST_TYPES[op], self._ops[op]),
-            )
+        for key_class in KEY_CLASSES:
+            for op in class_operations(key_class):
+                handler = _for_class(self._ops[op], key_class)
+                await self._service.add_endpoint(
+                    # nats.micro wants distinct names; user keys keep the plain ones.
+                    name=op if key_class == KEY_CLASS_USER else f"{key_class}-{op}",
+                    subject=crypto_subject(self.provider_id, op, key_class),
+                    queue_group=crypto_queue_group(self.provider_id),
+                    handler=self._responder.endpoint(op, REQUEST_TYPES[op], handler),
+                )
         await natsrpc.subscriptions_live(self.nc)
         log.info(
             "event=service_started service=%s provider=%s kind=%s workers=%d",
@@ -169,6 +204,50 @@ class CryptoService:
             self._public[key_id] = cached
         return cached
 
+    async def _key_class(self, key_id: bytes) -> str:
+        cached = self._classes.get(key_id)
+        if cached is None:
+            cached = await self._run(self.provider.key_class, key_id)
+            self._classes[key_id] = cached
+        return cached
+
+    async def _check_class(self, key_id: bytes, key_class: str, op: str) -> None:
+        """Refuse (and audit) a key whose stored class is not the subject's."""
+        stored = await self._key_class(key_id)
+        if stored == key_class:
+            return
+        details = {
+            "provider": self.provider_id,
+            "operation": op,
+            "key_class": stored,
+            "subject_class": key_class,
+        }
+        log.warning(
+            "event=key_class_refused provider=%s op=%s key_id=%s key_class=%s subject_class=%s",
+            self.provider_id,
+            op,
+            key_id.hex(),
+            stored,
+            key_class,
+        )
+        if self.audit is not None:
+            try:
+                async with asyncio.timeout(AUDIT_TIMEOUT):
+                    await self.audit.append(
+                        f"crypto.{op}",
+                        "key.class_mismatch",
+                        target=key_id.hex(),
+                        details=details,
+                    )
+            except (KMSError, TimeoutError) as exc:
+                log.error("event=audit_failed op=%s error=%s", op, type(exc).__name__)
+        raise PermissionDenied(
+            "key.class_mismatch",
+            f"key {key_id.hex()} is a {stored!r} key; it cannot be used through the "
+            f"{key_class!r} subjects",
+            details,
+        )
+
     def _guard_check(self, key_id: bytes) -> None:
         with self._guard_lock:
             self.auth_guard.check(key_id)
@@ -179,7 +258,7 @@ class CryptoService:
 
     # -- operations ----------------------------------------------------------------------
 
-    async def _generate(self, req: crypto_pb2.GenerateKeyRequest) -> Message:
+    async def _generate(self, req: crypto_pb2.GenerateKeyRequest, key_class: str) -> Message:
         _check_key_id(req.key_id)
         if req.key_type == pb.KEY_TYPE_UNSPECIFIED:
             raise InvalidArgument("key.type_missing", "key_type is required")
@@ -187,25 +266,29 @@ class CryptoService:
         if len(req.label) > MAX_LABEL:
             raise InvalidArgument("key.label_too_long", f"labels are limited to {MAX_LABEL}")
         options = KeyCreateOptions(
-            pcr_indexes=tuple(req.options.pcr_indexes), require_auth=req.options.require_auth
+            pcr_indexes=tuple(req.options.pcr_indexes),
+            require_auth=req.options.require_auth,
+            key_class=key_class,
         )
         made = await self._run(
             self.provider.generate, bytes(req.key_id), req.label, req.key_type, options
         )
         self._public[made.key_id] = (made.public_key_der, req.key_type)
+        self._classes[made.key_id] = key_class
         return crypto_pb2.GenerateKeyResponse(
             key_id=made.key_id, public_key_der=made.public_key_der
         )
 
-    async def _get_public_key(self, req: crypto_pb2.GetPublicKeyRequest) -> Message:
+    async def _get_public_key(self, req: crypto_pb2.GetPublicKeyRequest, key_class: str) -> Message:
         _check_key_id(req.key_id)
         der, key_type = await self._public_key(bytes(req.key_id))
         return crypto_pb2.GetPublicKeyResponse(public_key_der=der, key_type=key_type)
 
-    async def _sign(self, req: crypto_pb2.SignRequest) -> Message:
+    async def _sign(self, req: crypto_pb2.SignRequest, key_class: str) -> Message:
         _check_key_id(req.key_id)
         key_id = bytes(req.key_id)
         _, key_type = await self._public_key(key_id)
+        await self._check_class(key_id, key_class, "Sign")
         check_sign_request(key_type, req.algorithm, req.data)
         self._guard_check(key_id)
         try:
@@ -215,7 +298,7 @@ class CryptoService:
             raise
         return crypto_pb2.SignResponse(signature=signature)
 
-    async def _sign_batch(self, req: crypto_pb2.SignBatchRequest) -> Message:
+    async def _sign_batch(self, req: crypto_pb2.SignBatchRequest, key_class: str) -> Message:
         """Each item validated as `_sign` does, the valid ones signed in at most `workers`
         executor jobs (one per thread, so the hand-off is paid per chunk, not per item)."""
         count = len(req.requests)
@@ -234,6 +317,7 @@ class CryptoService:
                 _check_key_id(item.key_id)
                 key_id = bytes(item.key_id)
                 _, key_type = await self._public_key(key_id)
+                await self._check_class(key_id, key_class, "SignBatch")
                 check_sign_request(key_type, item.algorithm, item.data)
                 self._guard_check(key_id)
             except KMSError as err:
@@ -280,7 +364,7 @@ class CryptoService:
                 outcomes.append((index, crash))
         return outcomes
 
-    async def _verify(self, req: crypto_pb2.VerifyRequest) -> Message:
+    async def _verify(self, req: crypto_pb2.VerifyRequest, key_class: str) -> Message:
         _check_key_id(req.key_id)
         der, key_type = await self._public_key(bytes(req.key_id))
         check_sign_request(key_type, req.algorithm, req.data)
@@ -289,17 +373,19 @@ class CryptoService:
         valid = verify_signature(der, req.algorithm, bytes(req.data), bytes(req.signature))
         return crypto_pb2.VerifyResponse(valid=valid)
 
-    async def _destroy(self, req: crypto_pb2.DestroyKeyRequest) -> Message:
+    async def _destroy(self, req: crypto_pb2.DestroyKeyRequest, key_class: str) -> Message:
         _check_key_id(req.key_id)
         key_id = bytes(req.key_id)
+        await self._check_class(key_id, key_class, "DestroyKey")
         self._public.pop(key_id, None)
         try:
             await self._run(self.provider.destroy, key_id)
         finally:
             self._public.pop(key_id, None)
+            self._classes.pop(key_id, None)
         return crypto_pb2.DestroyKeyResponse()
 
-    async def _list_keys(self, req: crypto_pb2.ListProviderKeysRequest) -> Message:
+    async def _list_keys(self, req: crypto_pb2.ListProviderKeysRequest, key_class: str) -> Message:
         keys = await self._run(self.provider.list_keys)
         return crypto_pb2.ListProviderKeysResponse(
             keys=[
@@ -308,8 +394,9 @@ class CryptoService:
             ]
         )
 
-    async def _attest(self, req: crypto_pb2.AttestRequest) -> Message:
+    async def _attest(self, req: crypto_pb2.AttestRequest, key_class: str) -> Message:
         _check_key_id(req.key_id)
+        await self._check_class(bytes(req.key_id), key_class, "Attest")
         if len(req.nonce) > MAX_NONCE:
             raise InvalidArgument("attest.nonce_too_long", f"nonces are limited to {MAX_NONCE}")
         self._guard_check(bytes(req.key_id))

@@ -61,9 +61,13 @@ from edgekms.subjects import (
     CA_BUCKET,
     CA_PREFIX,
     CA_SERVICE_NAME,
+    CLASS_OPERATIONS,
     CLIENTS_BUCKET,
+    CRYPTO_OPERATIONS,
     CRYPTO_PREFIX,
     IDEMPOTENCY_BUCKET,
+    KEY_CLASS_CA,
+    KEY_CLASS_INTERNAL,
     KEY_REGISTRY_BUCKET,
     PROVIDER_ID_RE,
     crypto_service_name,
@@ -74,15 +78,45 @@ log = logging.getLogger(__name__)
 
 AUDIT_SUBJECTS = f"{AUDIT_PREFIX}.>"
 
+
+def audit_publish(writer: str) -> str:
+    """The one audit subject a writer may publish on: its entries name it as their writer,
+    and the verifier holds an entry's `writer` to the subject it was stored under."""
+    return f"{AUDIT_PREFIX}.{writer}"
+
+
+def audit_append(stream: str = AUDIT_STREAM) -> tuple[str, ...]:
+    """What an audit writer needs of the stream besides its subject: the chain head."""
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+    )
+
+
 # The largest message on the bus is a Sign request carrying an Ed25519 message of
 # MAX_MESSAGE_SIZE; everything else (digests, DER keys, certificates, CRLs of a small CA,
 # KV records) is far smaller. The rest is room for the protobuf envelope and headers.
 BUS_MAX_PAYLOAD = MAX_MESSAGE_SIZE + 64 * 1024
 
-# What the CA service may ask of its provider: make, use and drop its own CA keys.
-CA_CRYPTO_OPERATIONS = ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey")
-# What `kmsctl up` itself may ask (bootstrap ceremony, readiness probes).
-KMSCTL_CRYPTO_OPERATIONS = ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey")
+# What the CA service may ask of its provider: make, use and drop its own CA keys (class
+# "ca", on kms.crypto.<provider>.ca.<Op>).
+CA_CRYPTO_OPERATIONS = CLASS_OPERATIONS
+# What `kmsctl up` itself may ask during the bootstrap ceremony (class "internal"); the
+# grant exists only while the ceremony runs (stack_identities(ceremony=True)).
+KMSCTL_CRYPTO_OPERATIONS = CLASS_OPERATIONS
+# What the broker may ask of the internal CA's key: issuing client certificates.
+BROKER_INTERNAL_OPERATIONS = ("GetPublicKey", "Sign")
+
+# The registry records the CA service owns (mgmt/ca/authority.py ROOT_LABEL,
+# INTERMEDIATE_LABEL), and the one the ceremony writes.
+CA_REGISTRY_KEYS = ("ca/root", "ca/intermediate")
+CEREMONY_REGISTRY_KEYS = ("edgekms/internal-ca",)
+# Streams the supervisor makes or hardens at start (edgekms.kvstore, edgekms.audit).
+SETUP_STREAMS = (
+    *(f"KV_{b}" for b in (KEY_REGISTRY_BUCKET, CLIENTS_BUCKET, IDEMPOTENCY_BUCKET, CA_BUCKET)),
+    AUDIT_STREAM,
+)
 
 BROKER_USER = "broker"
 CA_USER = "ca"
@@ -112,13 +146,20 @@ class Permissions:
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     allow_responses: bool = False
+    # Subjects refused although an allowed wildcard covers them (deny wins in nats-server).
+    publish_deny: tuple[str, ...] = ()
 
     def render(self) -> dict[str, Any]:
-        def side(allowed: tuple[str, ...]) -> dict[str, list[str]]:
-            return {"allow": list(allowed)} if allowed else {"deny": [">"]}
+        def side(allowed: tuple[str, ...], denied: tuple[str, ...] = ()) -> dict[str, list[str]]:
+            if not allowed:
+                return {"deny": [">"]}
+            out = {"allow": list(allowed)}
+            if denied:
+                out["deny"] = list(denied)
+            return out
 
         out: dict[str, Any] = {
-            "publish": side(self.publish),
+            "publish": side(self.publish, self.publish_deny),
             "subscribe": side(self.subscribe),
         }
         if self.allow_responses:
@@ -157,15 +198,28 @@ def stream_create(stream: str) -> tuple[str, ...]:
     return (f"$JS.API.STREAM.CREATE.{stream}",)
 
 
-def kv_access(bucket: str, *, write: bool = True, create: bool = True) -> tuple[str, ...]:
-    """A KV bucket is stream KV_<bucket>; writes are publishes to $KV.<bucket>.<key>."""
+def kv_access(
+    bucket: str, *, write: bool = True, create: bool = True, keys: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """A KV bucket is stream KV_<bucket>; writes are publishes to $KV.<bucket>.<key>, so
+    `keys` limits an identity's writes to those keys (none given: every key)."""
     stream = f"KV_{bucket}"
     subjects = stream_read(stream)
     if write:
-        subjects += (f"$KV.{bucket}.>",)
+        subjects += tuple(f"$KV.{bucket}.{k}" for k in keys) if keys else (f"$KV.{bucket}.>",)
     if create:
         subjects += stream_create(stream)
     return subjects
+
+
+def stream_setup(streams: Sequence[str]) -> tuple[str, ...]:
+    """Making a stream, or tightening an old one's settings (edgekms.kvstore.harden):
+    the supervisor's grant while it sets the stack up, withdrawn before it serves."""
+    return tuple(
+        f"$JS.API.STREAM.{verb}.{stream}"
+        for stream in streams
+        for verb in ("INFO", "CREATE", "UPDATE")
+    )
 
 
 def micro_subscriptions(service_name: str) -> tuple[str, ...]:
@@ -190,7 +244,10 @@ def broker_identity() -> Identity:
         user,
         Permissions(
             publish=(
-                f"{CRYPTO_PREFIX}.>",
+                # User keys of any provider (three tokens: never another class's subjects),
+                # and the internal CA's key for signing client certificates.
+                *(crypto_subject("*", op) for op in CRYPTO_OPERATIONS),
+                *(crypto_subject("*", op, KEY_CLASS_INTERNAL) for op in BROKER_INTERNAL_OPERATIONS),
                 f"{CA_PREFIX}.>",
                 # Health pings of any service (wildcards match whole tokens only, so
                 # "kms-crypto-*" cannot be said); the answers are discovery data.
@@ -201,7 +258,7 @@ def broker_identity() -> Identity:
                 *kv_access(CLIENTS_BUCKET),
                 *stream_read(AUDIT_STREAM),
                 *stream_create(AUDIT_STREAM),
-                AUDIT_SUBJECTS,
+                audit_publish(BROKER_USER),
             ),
             subscribe=(f"{inbox_prefix(user)}.>",),
         ),
@@ -211,17 +268,20 @@ def broker_identity() -> Identity:
 
 def crypto_identity(provider: str) -> Identity:
     _check_provider(provider)
+    user = crypto_user(provider)
     return Identity(
-        crypto_user(provider),
+        user,
         Permissions(
-            publish=(),
+            # Replies, and its own audit entries (refusals of keys of another class).
+            publish=(audit_publish(user), *audit_append()),
             subscribe=(
                 f"{CRYPTO_PREFIX}.{provider}.>",
                 *micro_subscriptions(crypto_service_name(provider)),
+                f"{inbox_prefix(user)}.>",
             ),
             allow_responses=True,
         ),
-        f"crypto service {provider}: answers its own subjects, publishes only replies",
+        f"crypto service {provider}: answers its own subjects, publishes replies and its audit",
     )
 
 
@@ -231,13 +291,14 @@ def ca_identity(provider: str) -> Identity:
         CA_USER,
         Permissions(
             publish=(
-                *(crypto_subject(provider, op) for op in CA_CRYPTO_OPERATIONS),
+                *(crypto_subject(provider, op, KEY_CLASS_CA) for op in CA_CRYPTO_OPERATIONS),
                 *kv_access(CA_BUCKET),
-                # The CA records its own keys (ca/root, ca/intermediate) in the registry.
-                *kv_access(KEY_REGISTRY_BUCKET),
+                # The CA records its own keys (ca/root, ca/intermediate) in the registry,
+                # and may write no other key's record.
+                *kv_access(KEY_REGISTRY_BUCKET, keys=CA_REGISTRY_KEYS),
                 *stream_read(AUDIT_STREAM),
                 *stream_create(AUDIT_STREAM),
-                AUDIT_SUBJECTS,
+                audit_publish(CA_USER),
             ),
             subscribe=(
                 f"{CA_PREFIX}.>",
@@ -250,28 +311,52 @@ def ca_identity(provider: str) -> Identity:
     )
 
 
-def kmsctl_identity(providers: Sequence[str]) -> Identity:
-    """`kmsctl up` itself: the bootstrap ceremony on the first provider, readiness pings."""
+def kmsctl_identity(
+    providers: Sequence[str], ceremony: bool = False, setup: bool = False
+) -> Identity:
+    """`kmsctl up` itself: readiness pings; while `setup` (each start, until the supervisor
+    reloads the server without it) making and hardening the stack's streams; while
+    `ceremony` (first start only) the internal CA's key on the first provider and its
+    registry record."""
     for provider in providers:
         _check_provider(provider)
-    ceremony = providers[0]
+    first = providers[0]
+    keys = (
+        tuple(crypto_subject(first, op, KEY_CLASS_INTERNAL) for op in KMSCTL_CRYPTO_OPERATIONS)
+        if ceremony
+        else ()
+    )
     return Identity(
         KMSCTL_USER,
         Permissions(
             publish=(
-                *(crypto_subject(ceremony, op) for op in KMSCTL_CRYPTO_OPERATIONS),
+                *keys,
                 *(f"$SRV.PING.{crypto_service_name(p)}" for p in providers),
                 f"$SRV.PING.{CA_SERVICE_NAME}",
-                *kv_access(KEY_REGISTRY_BUCKET),
+                *kv_access(
+                    KEY_REGISTRY_BUCKET, write=ceremony, create=False, keys=CEREMONY_REGISTRY_KEYS
+                ),
+                *(stream_setup(SETUP_STREAMS) if setup else ()),
             ),
             subscribe=(f"{inbox_prefix(KMSCTL_USER)}.>",),
         ),
-        f"kmsctl up: bootstrap ceremony on {ceremony}, readiness probes",
+        f"kmsctl up: readiness probes{', stack setup' if setup else ''}"
+        f"{f', bootstrap ceremony on {first}' if ceremony else ''}",
     )
 
 
-def stack_identities(providers: Sequence[str], ca_provider: str | None = None) -> list[Identity]:
-    """Every identity of one stack; the CA's signs through `ca_provider` (default: first)."""
+def stack_identities(
+    providers: Sequence[str],
+    ca_provider: str | None = None,
+    *,
+    ceremony: bool = False,
+    setup: bool = False,
+) -> list[Identity]:
+    """Every identity of one stack; the CA's signs through `ca_provider` (default: first).
+
+    `ceremony`: the supervisor may make and use the internal CA's key (first start only).
+    `setup`: the supervisor may make and harden the stack's streams (each start, briefly).
+    """
     if not providers:
         raise InvalidArgument("bus.no_providers", "a stack needs at least one provider")
     if len(set(providers)) != len(providers):
@@ -280,7 +365,7 @@ def stack_identities(providers: Sequence[str], ca_provider: str | None = None) -
         broker_identity(),
         *(crypto_identity(p) for p in providers),
         ca_identity(ca_provider or providers[0]),
-        kmsctl_identity(providers),
+        kmsctl_identity(providers, ceremony, setup),
     ]
 
 

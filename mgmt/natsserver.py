@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,6 +104,30 @@ class NatsServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         subprocs.end(self.process, timeout)
+
+    def reload(self, config: NatsServerConfig, timeout: float = 15.0) -> None:
+        """Rewrite the config and have the running server apply it (SIGHUP), returning
+        once its log says so. New permissions apply to connections already open: this
+        is how `kmsctl up` withdraws the ceremony's grant once the ceremony is done."""
+        if self.process is None or self.process.poll() is not None:
+            raise NatsServerError("nats-server is not running")
+        before = self._reloads()
+        self.config = config
+        self.conf_path.write_text(config.render())
+        os.chmod(self.conf_path, 0o600)
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._reloads() <= before:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise NatsServerError(f"nats-server did not reload {self.conf_path}")
+            time.sleep(0.05)
+
+    def _reloads(self) -> int:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return text.count("Reloaded server configuration")
 
     def kill(self) -> None:
         subprocs.kill(self.process)

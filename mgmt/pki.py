@@ -36,6 +36,7 @@ from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
+from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
 from mgmt.registry_record import (
@@ -227,7 +228,9 @@ async def run_ceremony(
         nats_url, name="kmsctl-init", connect_timeout=5, **(nats_options or {})
     )
     try:
-        crypto = CryptoClient(nc)
+        # The internal CA's key is of class "internal": made and used on its own subjects,
+        # which only the ceremony (and the broker, issuing client certificates) may use.
+        crypto = CryptoClient(nc, key_class=KEY_CLASS_INTERNAL)
         existing_ca = await read_key_record(await registry_kv(nc), INTERNAL_CA_KEY) is not None
         record = await internal_ca_key(nc, crypto, provider)
         if existing_ca:

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from edgekms.errors import AlreadyExists, FailedPrecondition, NotFound
 from edgekms.subjects import KEY_REGISTRY_BUCKET
@@ -35,11 +35,9 @@ def _stamp() -> str:
 
 async def registry_kv(nc: Any) -> Any:
     """The registry bucket, created as the broker creates it when nobody has yet."""
-    js = nc.jetstream()
-    try:
-        return await js.key_value(KEY_REGISTRY_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(bucket=KEY_REGISTRY_BUCKET, history=5)
+    from edgekms import kvstore
+
+    return await kvstore.open_kv(nc.jetstream(), kvstore.BUCKETS[KEY_REGISTRY_BUCKET])
 
 
 def admin_only_policy() -> pb.KeyPolicy:

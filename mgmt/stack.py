@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from edgekms import natsrpc
+from edgekms import audit, kvstore, natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.logs import fields
@@ -49,7 +50,7 @@ from mgmt.natsauth import (
     render_authorization,
     stack_identities,
 )
-from mgmt.natsserver import NatsServer, NatsServerConfig
+from mgmt.natsserver import NatsServer, NatsServerConfig, NatsServerError
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
 from mgmt.softhsm import init_token
 from mgmt.swtpm import Swtpm
@@ -188,6 +189,9 @@ class Stack:
         self.options = options
         self.layout = Layout(options.data_dir)
         self.nats: NatsServer | None = None
+        # The supervisor's bus identity holds the ceremony grant (mgmt.natsauth) only
+        # until the ceremony is done; then the server is reloaded without it.
+        self._ceremony_grant = False
         self.swtpm: Swtpm | None = None
         self.children: list[Child] = []
         self._stopping = asyncio.Event()
@@ -208,13 +212,20 @@ class Stack:
         for path in (self.layout.config, self.layout.logs, self.layout.nats_dir):
             path.mkdir(parents=True, exist_ok=True)
 
-    def _start_nats(self) -> None:
+    def _nats_config(self, ceremony: bool, setup: bool = False) -> NatsServerConfig:
         # One identity per part, least privilege each; TLS from the bus CA (mgmt.natsauth).
-        identities = stack_identities(self.options.providers, self.options.ca_provider or None)
+        # The supervisor may touch the internal CA's key only while the ceremony is due,
+        # and make or harden streams only while it sets the stack up.
+        identities = stack_identities(
+            self.options.providers,
+            self.options.ca_provider or None,
+            ceremony=ceremony,
+            setup=setup,
+        )
         tls = ensure_bus_tls(self.layout.nats_dir / "tls", self.layout.secrets)
         passwords = ensure_passwords(self.layout.secrets, [i.user for i in identities])
         self.bus = {user: BusCredentials(user, p, tls.ca_cert) for user, p in passwords.items()}
-        config = NatsServerConfig(
+        return NatsServerConfig(
             store_dir=self.layout.nats_dir / "jetstream",
             port=self.options.nats_port,
             max_payload=BUS_MAX_PAYLOAD,
@@ -226,10 +237,44 @@ class Stack:
                 {user: cached_password_hash(p) for user, p in passwords.items()},
             ),
         )
+
+    def _start_nats(self) -> None:
+        self._ceremony_grant = not self._ceremony_done()
+        config = self._nats_config(ceremony=self._ceremony_grant, setup=True)
         self.nats = NatsServer(
             config, self.layout.nats_dir / "nats.conf", self.layout.logs / "nats.log"
         )
         self.nats.start()
+
+    async def _set_up_state(self) -> None:
+        """Make every bucket and the audit stream, or harden those an older version
+        made (edgekms.kvstore, edgekms.audit), before any service starts; then reload
+        the bus without the supervisor's setup grant."""
+        try:
+            nc = await natsrpc.connect(
+                self.nats_url, name="kmsctl-setup", connect_timeout=5, **self._kmsctl_bus()
+            )
+            try:
+                js = nc.jetstream(timeout=10)
+                for spec in kvstore.BUCKETS.values():
+                    await kvstore.harden(js, spec)
+                await audit.harden_stream(js)
+            finally:
+                await nc.close()
+        finally:
+            # Withdrawn whatever happened: the grant never outlives the setup.
+            assert self.nats is not None
+            config = self._nats_config(ceremony=self._ceremony_grant)
+            await asyncio.to_thread(self.nats.reload, config)
+
+    def _end_ceremony_grant(self) -> None:
+        """Reload the bus without the supervisor's grant on the internal CA's key: from
+        here on only the broker (issuing client certificates) may sign with it."""
+        if not self._ceremony_grant or self.nats is None:
+            return
+        self.nats.reload(self._nats_config(ceremony=False))
+        self._ceremony_grant = False
+        log.info("ceremony grant withdrawn", extra=fields(part="nats"))
 
     def _bus_toml(self, user: str) -> str:
         creds = self.bus[user]
@@ -461,6 +506,7 @@ class Stack:
             self.layout.state_file.unlink()
         self._start_nats()
         log.info("started", extra=fields(part="nats", url=self.nats_url))
+        await self._set_up_state()
         # Once NATS is up the parts need only it, except the ceremony (needs hsm0) and
         # the broker (needs the ceremony's files): start the rest side by side, so the
         # start costs the slowest chain, not the sum of every service's imports. On a data
@@ -521,6 +567,7 @@ class Stack:
         )
         if result.created:
             log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))
+        await asyncio.to_thread(self._end_ceremony_grant)
         await self._start_child(self._broker_child())
 
     async def supervise(self) -> None:
@@ -533,6 +580,12 @@ class Stack:
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()
+                try:
+                    await self._set_up_state()
+                except (KMSError, OSError, NatsServerError, nats.errors.Error) as exc:
+                    # The streams stay as they are (a service makes a missing bucket
+                    # with the same settings); the grant is withdrawn regardless.
+                    log.error("stack setup failed", extra=fields(error=type(exc).__name__))
                 self._write_state(True)
             if self.swtpm is not None and not self.swtpm.running():
                 log.warning("swtpm exited; restarting")

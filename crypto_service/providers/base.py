@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 from edgekms.algorithms import KeyType, SignatureAlgorithm
+from edgekms.subjects import KEY_CLASS_CA, KEY_CLASS_INTERNAL, KEY_CLASS_USER, KEY_CLASSES
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,29 @@ class KeyCreateOptions:
 
     pcr_indexes: tuple[int, ...] = ()
     require_auth: bool = False
+    # The key's class (edgekms.subjects.KEY_CLASSES), stored with the key by the provider
+    # and read back by the crypto service on every use: the class of the subject the
+    # GenerateKey came in on, never a field of the request.
+    key_class: str = KEY_CLASS_USER
+
+
+def legacy_key_class(label: str) -> str:
+    """The class of a key made before classes were stored (no class in its record).
+
+    Migration by name, documented in docs/security.md: `edgekms/...` was only ever made by
+    the ceremony, `ca/...` by the CA service; everything else was a broker's user key.
+    """
+    if label.startswith("edgekms/"):
+        return KEY_CLASS_INTERNAL
+    if label.startswith("ca/"):
+        return KEY_CLASS_CA
+    return KEY_CLASS_USER
+
+
+def check_key_class(key_class: str) -> str:
+    if key_class not in KEY_CLASSES:
+        raise ValueError(f"unknown key class {key_class!r}")
+    return key_class
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,11 @@ class Provider(Protocol):
 
     def sign(self, key_id: bytes, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
         """Sign a digest (or an Ed25519 message); ECDSA results are DER-encoded."""
+        ...
+
+    def key_class(self, key_id: bytes) -> str:
+        """The class stored with the key at generation (legacy_key_class for older keys);
+        NotFound for an unknown key_id."""
         ...
 
     def destroy(self, key_id: bytes) -> None: ...

@@ -40,6 +40,8 @@ from crypto_service.providers.base import (  # noqa: E402
     GeneratedKey,
     KeyCreateOptions,
     StoredKey,
+    check_key_class,
+    legacy_key_class,
 )
 from edgekms.algorithms import (  # noqa: E402
     AlgorithmInfo,
@@ -65,6 +67,25 @@ log = logging.getLogger(__name__)
 MAX_KEY_ID = 64
 MAX_LABEL = 128
 SESSION_WAIT = 30.0
+# A key's class is kept on the token in CKA_SUBJECT of both halves of the pair, as a DER
+# Name with one organizationalUnitName "edgekms-key-class:<class>": an attribute any
+# PKCS#11 token keeps for keys and nobody but the crypto service can set.
+CLASS_OU_PREFIX = "edgekms-key-class:"
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes((tag, len(body))) + body
+
+
+def class_subject(key_class: str) -> bytes:
+    """The CKA_SUBJECT value recording `key_class`."""
+    ou = _der(0x0C, (CLASS_OU_PREFIX + check_key_class(key_class)).encode())
+    atv = _der(0x30, _der(0x06, b"\x55\x04\x0b") + ou)
+    return _der(0x30, _der(0x31, atv))
+
+
+_CLASS_BY_SUBJECT: dict[bytes, str] = {}
 
 # DER of the named curves' OIDs, as CKA_EC_PARAMS carries them.
 _P256_PARAMS = der.P256_OID
@@ -368,6 +389,7 @@ class Pkcs11Provider:
         self._state_lock = threading.Lock()
         self._write_lock = threading.Lock()  # check-then-create/destroy are atomic here
         self._public: dict[bytes, tuple[bytes, KeyType]] = {}
+        self._classes: dict[bytes, str] = {}
         log.info(
             "event=provider_open kind=pkcs11 token=%s sessions=%d key_types=%s",
             config.token_label,
@@ -446,7 +468,9 @@ class Pkcs11Provider:
                     raise AlreadyExists(
                         "key.id_exists", f"key_id {key_id.hex()} is taken on {self._where}"
                     )
-                public, private = self._generate_pair(session, key_id, label, key_type)
+                public, private = self._generate_pair(
+                    session, key_id, label, key_type, options.key_class
+                )
             except p11err.PKCS11Error as exc:
                 # C_GenerateKeyPair is all or nothing, but sweep in case a token disagrees.
                 self._sweep(session, key_id)
@@ -461,13 +485,21 @@ class Pkcs11Provider:
             pooled.private_keys[key_id] = private
         with self._state_lock:
             self._public[key_id] = (spki, key_type)
-        log.info("event=key_generated key_id=%s type=%s", key_id.hex(), info.cli_name)
+            self._classes[key_id] = options.key_class
+        log.info(
+            "event=key_generated key_id=%s type=%s class=%s",
+            key_id.hex(),
+            info.cli_name,
+            options.key_class,
+        )
         return GeneratedKey(key_id=key_id, public_key_der=spki)
 
     def _generate_pair(
-        self, session: Any, key_id: bytes, label: str, key_type: KeyType
+        self, session: Any, key_id: bytes, label: str, key_type: KeyType, key_class: str
     ) -> tuple[Any, Any]:
+        subject = class_subject(key_class)
         public_template = {
+            Attribute.SUBJECT: subject,
             Attribute.TOKEN: True,
             Attribute.PRIVATE: False,
             Attribute.VERIFY: True,
@@ -475,6 +507,7 @@ class Pkcs11Provider:
             Attribute.WRAP: False,
         }
         private_template = {
+            Attribute.SUBJECT: subject,
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
@@ -531,6 +564,41 @@ class Pkcs11Provider:
         with self._state_lock:
             self._public[key_id] = result
         return result
+
+    def key_class(self, key_id: bytes) -> str:
+        self._check_key_id(key_id)
+        with self._state_lock:
+            cached = self._classes.get(key_id)
+        if cached is not None:
+            return cached
+        with self._session() as pooled:
+            try:
+                obj = self._find(pooled.session, key_id, ObjectClass.PRIVATE_KEY)
+                if obj is None:
+                    raise self._not_found(key_id)
+                found = self._read_class(obj)
+            except p11err.PKCS11Error as exc:
+                raise _token_error(exc, f"key class on {self._where}") from None
+        with self._state_lock:
+            self._classes[key_id] = found
+        return found
+
+    @staticmethod
+    def _read_class(obj: Any) -> str:
+        """The class in the key's CKA_SUBJECT; a key without one predates classes."""
+        if not _CLASS_BY_SUBJECT:
+            for name in ("user", "ca", "internal"):
+                _CLASS_BY_SUBJECT[class_subject(name)] = name
+        try:
+            subject = bytes(obj[Attribute.SUBJECT] or b"")
+        except (p11err.AttributeTypeInvalid, p11err.AttributeSensitive):
+            subject = b""
+        found = _CLASS_BY_SUBJECT.get(subject)
+        if found is not None:
+            return found
+        if subject:
+            raise Internal("key.class_corrupt", "the key's stored class is not one EdgeKMS writes")
+        return legacy_key_class(str(obj[Attribute.LABEL] or ""))
 
     def sign(self, key_id: bytes, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
         self._check_key_id(key_id)
@@ -604,6 +672,7 @@ class Pkcs11Provider:
                 with self._state_lock:
                     self._epoch += 1
                     self._public.pop(key_id, None)
+                    self._classes.pop(key_id, None)
                 pooled.private_keys.pop(key_id, None)
         log.info("event=key_destroyed key_id=%s", key_id.hex())
 

@@ -105,7 +105,14 @@ from tpm2_pytss.types import (
     TPMT_TK_HASHCHECK,
 )
 
-from crypto_service.providers.base import Attestation, GeneratedKey, KeyCreateOptions, StoredKey
+from crypto_service.providers.base import (
+    Attestation,
+    GeneratedKey,
+    KeyCreateOptions,
+    StoredKey,
+    check_key_class,
+    legacy_key_class,
+)
 from edgekms.algorithms import (
     KEY_TYPE_BY_CLI,
     KeyType,
@@ -124,6 +131,7 @@ from edgekms.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from edgekms.subjects import KEY_CLASSES
 from edgekms.v1 import common_pb2 as pb
 
 if TYPE_CHECKING:
@@ -595,6 +603,9 @@ class Tpm2Provider:
             "require_auth": bool(auth),
             "pcr_indexes": list(pcrs),
             "srk_handle": self.srk_handle,
+            # The key's class (docs/security.md, "Keys bound to their owners"): this file
+            # is the crypto service's own, so the class cannot be changed by a caller.
+            "key_class": check_key_class(options.key_class),
         }
         self._write_record(key_id, record)
         return GeneratedKey(key_id=key_id, public_key_der=spki)
@@ -685,6 +696,15 @@ class Tpm2Provider:
         record = self._read_record(key_id)
         public, _ = TPM2B_PUBLIC.unmarshal(_unb64(record["public"]))
         return bytes(public.publicArea.to_der()), self._key_type_of(record)
+
+    def key_class(self, key_id: bytes) -> str:
+        record = self._read_record(key_id)
+        stored = record.get("key_class")
+        if stored is None:  # made before classes were stored
+            return legacy_key_class(str(record.get("label", "")))
+        if stored not in KEY_CLASSES:
+            raise Internal("key.class_corrupt", f"TPM key {key_id.hex()}: unknown class")
+        return str(stored)
 
     def public_area(self, key_id: bytes) -> bytes:
         """The key's marshalled TPMT_PUBLIC, as TPM2_Certify names it."""

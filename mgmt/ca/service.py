@@ -140,6 +140,7 @@ class ServeConfig:
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     """Run the CA service until `stop` is set (or forever)."""
     from edgekms.crypto_client import CryptoClient
+    from edgekms.subjects import KEY_CLASS_CA
     from mgmt.ca.http import start_http
     from mgmt.registry_record import RegistryKeys
 
@@ -155,7 +156,8 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         store = await CAStore.open(nc.jetstream(), config.bucket)
         ca = CertificateAuthority(
             store,
-            KMSKeyBackend(CryptoClient(nc), asyncio.get_running_loop()),
+            # The CA's keys are of class "ca": only this service may use them.
+            KMSKeyBackend(CryptoClient(nc, key_class=KEY_CLASS_CA), asyncio.get_running_loop()),
             load_profiles(config.profiles_file),
             CaUrls.from_base(config.base_url),
             registry=await RegistryKeys.open(nc, SERVICE_NAME, "ca.key_disabled"),

@@ -69,14 +69,10 @@ class CAStore:
 
     @classmethod
     async def open(cls, js: Any, bucket: str = CA_BUCKET) -> CAStore:
-        from nats.js.api import KeyValueConfig, StorageType
+        from edgekms import kvstore
 
-        try:
-            kv = await js.key_value(bucket)
-        except Exception:  # the bucket does not exist yet
-            kv = await js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=5, storage=StorageType.FILE)
-            )
+        # No rollups, no purge or delete: edgekms.kvstore.
+        kv = await kvstore.open_kv(js, kvstore.spec_for(bucket, "EdgeKMS mini-CA state"))
         return cls(js, kv, bucket)
 
     # ---- the CA itself -------------------------------------------------------------------

@@ -142,12 +142,14 @@ def tail(
 @client_options
 @output_option
 def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
-    """Walk the whole chain from entry 1 and report the first broken link.
+    """Walk every writer's chain from entry 1; report the first broken link and a count.
 
     Catches a deleted entry (a missing sequence number), an altered one (its hash does
-    not match), and entries reordered or inserted (an entry that does not link to the
-    one before). Prints the head hash: keep it somewhere else, and a later run proves
-    that nothing up to it was rewritten.
+    not match), entries reordered or inserted (an entry that does not link to its
+    writer's one before), and an entry claiming another writer than the bus identity
+    that stored it (writer_mismatch). Prints the first problem and how many there are,
+    not a line each (-o json lists the first few). Prints each writer's head hash: keep
+    them somewhere else, and a later run proves that nothing up to them was rewritten.
     """
     verifier = ChainVerifier()
     last_seq = 0
@@ -156,7 +158,7 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
             if item.HasField("state"):
                 last_seq = item.state.last_seq
             else:
-                verifier.feed(item.record.seq, item.record.raw)
+                verifier.feed(item.record.seq, item.record.raw, item.record.subject)
     report = verifier.finish(last_seq)
     if output == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -166,11 +168,15 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
             f"last seq {report.last_seq}, "
             f"head {report.head_hash}"
         )
+        for writer, head in sorted(report.heads.items()):
+            click.echo(f"  {writer}: head {head}")
     else:
         first = report.problems[0]
         click.echo(f"audit chain broken at entry {first.where}: {first.message}")
-        for problem in report.problems[1:]:
-            click.echo(f"  also at entry {problem.where}: {problem.message}")
+        click.echo(
+            f"{report.problem_count} problem(s) in {report.entries} entries "
+            f"({report.messages} messages, last seq {report.last_seq})"
+        )
     if not report.ok:
         sys.exit(int(ExitCode.FAILURE))
 

@@ -27,18 +27,33 @@ message, so one fsync serves the whole batch and the batch is stored all or noth
 
 Chain. hash = SHA-256(prev_hash || canonical(entry without "hash")), prev_hash being the
 previous entry's hash (32 zero bytes for the first). Both travel hex-encoded in the entry.
-One global chain across writers: an append reads the head (last sequence and its hash,
-cached per writer), publishes with Nats-Expected-Last-Sequence = that sequence, and on
-"wrong last sequence" (another writer got there first) re-reads the head and retries, a
-bounded number of times. The server's check is atomic, so the chain never forks.
+One chain per writer (format "2"): each writer publishes only on its own subject
+kms.audit.<writer> (the bus permissions allow it no other), chains each entry to the last
+one on that subject, and publishes with Nats-Expected-Last-Subject-Sequence = that
+entry's sequence; on "wrong last sequence" (a replica of the same writer got there
+first) it re-reads its head and retries, a bounded number of times. The server's check
+is atomic, so no chain forks, and another writer's traffic, a flood included, never
+makes a writer lose a race. Entries of format "1" (one global chain, from before) still
+verify: each links to the entry stored before it, whoever wrote it.
 
-Fail closed. An append that cannot be stored raises Unavailable("audit.unavailable"); the
-broker then refuses the operation it was recording.
+Authentication. The stored subject is set by nats-server from the publishing
+connection's grant, so an entry's `writer` must be the subject's last token; the
+verifier reports any other as `writer_mismatch`. A forged entry claiming writer=broker
+can only come from the broker's own bus identity.
+
+Limits. The stream refuses, rather than discards, what is beyond its limits: a total
+size (`max_bytes`), a size per message, and a count of messages per writer subject
+(`discard_new_per_subject`). Beyond them an append fails with
+ResourceExhausted("audit.full") and, like any failed append, the operation is refused.
+
+Fail closed. An append that cannot be stored raises Unavailable("audit.unavailable") (or
+ResourceExhausted("audit.full")); the broker then refuses the operation it was recording.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -52,7 +67,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from edgekms.errors import Unavailable
+from edgekms.errors import ResourceExhausted, Unavailable
 from edgekms.logs import fields
 from edgekms.subjects import AUDIT_PREFIX, AUDIT_STREAM
 
@@ -61,12 +76,22 @@ log = logging.getLogger(__name__)
 STREAM = AUDIT_STREAM
 SUBJECT_PREFIX = AUDIT_PREFIX
 GENESIS = bytes(32)
-FORMAT_VERSION = "1"
-# JetStream's error code for a failed Nats-Expected-Last-Sequence check.
+# "1": one global chain (entries written before per-writer chains); "2": a chain per writer.
+FORMAT_VERSION = "2"
+GLOBAL_CHAIN_VERSION = "1"
+# JetStream's error code for a failed Nats-Expected-Last-(Subject-)Sequence check.
 WRONG_LAST_SEQUENCE = 10071
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
-# How far back the writer looks for a readable head when the newest entries were deleted.
-HEAD_SEARCH_LIMIT = 1000
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+# JetStream's "maximum messages per subject exceeded" / "maximum bytes exceeded".
+STREAM_FULL = 10077
+# The stream's limits (docs/security.md, "Audit log", "Limits"): all it may hold, one
+# message (a batch is at most MAX_BATCH_BYTES), and messages per writer subject.
+DEFAULT_MAX_BYTES = 4 * 1024**3
+MAX_MESSAGE_BYTES = 96 * 1024
+DEFAULT_WRITER_QUOTA = 20_000_000
+# verify keeps the first problems it finds in full, and counts the rest.
+MAX_LISTED_PROBLEMS = 20
 # Group-commit caps: a batch message stays far below the bus's max payload
 # (mgmt/natsauth.BUS_MAX_PAYLOAD, over 1 MiB), and 128 entries cover any realistic
 # number of requests in flight at once.
@@ -95,22 +120,75 @@ def audit_subject(writer: str) -> str:
     return f"{SUBJECT_PREFIX}.{writer}"
 
 
-def stream_config() -> api.StreamConfig:
-    """Append-only by convention, whole by construction: nothing expires, nothing is
-    discarded. deny_delete/deny_purge are left off on purpose: they cannot be undone on
-    a stream, and the chain detects a deletion anyway (see docs/security.md)."""
+def subject_writer(subject: str) -> str | None:
+    """The writer a stored subject names (kms.audit.<writer>), or None."""
+    prefix = SUBJECT_PREFIX + "."
+    if not subject.startswith(prefix) or "." in subject[len(prefix) :]:
+        return None
+    return subject[len(prefix) :] or None
+
+
+def stream_config(
+    max_bytes: int = DEFAULT_MAX_BYTES, writer_quota: int = DEFAULT_WRITER_QUOTA
+) -> api.StreamConfig:
+    """Append-only, whole by construction: nothing expires, nothing is discarded, and
+    nobody can delete, purge or roll up entries (deny_delete, deny_purge, no rollup
+    headers, no per-message TTL: settings that cannot be undone on a stream, which is the
+    point). The chain detects a deletion anyway; now there is none to detect."""
     return api.StreamConfig(
         name=STREAM,
         subjects=[f"{SUBJECT_PREFIX}.>"],
         storage=api.StorageType.FILE,
         retention=api.RetentionPolicy.LIMITS,
-        discard=api.DiscardPolicy.OLD,
+        # Full is refused (audit.full), never made room for by dropping old entries.
+        discard=api.DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=writer_quota,
         max_msgs=-1,
-        max_bytes=-1,
+        max_bytes=max_bytes,
+        max_msg_size=MAX_MESSAGE_BYTES,
         max_age=0,
         num_replicas=1,
         allow_direct=True,
+        deny_delete=True,
+        deny_purge=True,
+        allow_rollup_hdrs=False,
+        allow_msg_ttl=False,
     )
+
+
+async def harden_stream(js: JetStreamContext) -> bool:
+    """Make KMS_AUDIT, or bring one an older version made to stream_config's rules
+    (`kmsctl up` does this at start with a grant no service holds). True if it changed."""
+    try:
+        info = await js.stream_info(STREAM)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(stream_config())
+        log.info("audit stream created", extra=fields(stream=STREAM))
+        return True
+    want = stream_config()
+    current = info.config
+    changes = {
+        name: getattr(want, name)
+        for name in (
+            "deny_delete",
+            "deny_purge",
+            "allow_rollup_hdrs",
+            "discard",
+            "discard_new_per_subject",
+            "max_msgs_per_subject",
+            "max_bytes",
+            "max_msg_size",
+        )
+        if getattr(current, name) != getattr(want, name)
+        # Limits an operator set deliberately are kept.
+        and not (name in ("max_bytes", "max_msgs_per_subject") and getattr(current, name) > 0)
+    }
+    if not changes:
+        return False
+    await js.update_stream(dataclasses.replace(current, **changes))
+    log.warning("audit stream hardened", extra=fields(stream=STREAM, changed=",".join(changes)))
+    return True
 
 
 def canonical(value: Mapping[str, Any]) -> bytes:
@@ -335,26 +413,15 @@ class AuditWriter:
             await self.js.stream_info(STREAM)
 
     async def read_head(self) -> tuple[int, bytes]:
-        """(last sequence, hash to chain to). The last sequence is the stream's, even if
-        that message was deleted: the publish precondition compares against it."""
-        info = await self.js.stream_info(STREAM)
-        last = info.state.last_seq
-        if last == 0:
+        """(sequence of this writer's last message, hash to chain to); (0, GENESIS) for
+        a writer with none yet. Only this writer's own subject is read: other writers'
+        traffic cannot move this head."""
+        try:
+            msg = await self.js.get_msg(STREAM, subject=self.subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            await self.js.stream_info(STREAM)  # no stream at all is NotFoundError too
             return 0, GENESIS
-        return last, await self._link_below(last + 1, info.state.first_seq)
-
-    async def _link_below(self, above: int, first: int) -> bytes:
-        seq = above - 1
-        while seq >= max(first, 1) and above - seq <= HEAD_SEARCH_LIMIT:
-            try:
-                msg = await self.js.get_msg(STREAM, seq=seq, direct=True)
-            except nats.js.errors.NotFoundError:
-                seq -= 1
-                continue
-            return link_of(msg.data or b"")
-        if seq < max(first, 1):
-            return GENESIS
-        raise Unavailable("audit.unavailable", "the audit chain head cannot be found")
+        return int(msg.seq or 0), link_of(msg.data or b"")
 
     async def append(
         self,
@@ -398,13 +465,13 @@ class AuditWriter:
                 continue
             try:
                 results = await self._publish(batch)
-            except Unavailable as exc:
+            except (Unavailable, ResourceExhausted) as exc:
                 # The whole message was refused: none of its entries is stored, and each
                 # caller gets its own error object (one raised in many tasks would share
                 # a traceback).
                 for p in batch:
                     if not p.done.done():
-                        p.done.set_exception(Unavailable(exc.reason, exc.message))
+                        p.done.set_exception(type(exc)(exc.reason, exc.message))
                 continue
             except BaseException as exc:  # a bug or cancellation: fail the batch closed
                 self._head = None
@@ -474,16 +541,18 @@ class AuditWriter:
                     join_message(encoded),
                     timeout=self.timeout,
                     stream=STREAM,
-                    headers={EXPECTED_LAST_SEQUENCE: str(last_seq)},
+                    headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq)},
                 )
             except nats.js.errors.APIError as exc:
                 self._head = None
                 if exc.err_code == WRONG_LAST_SEQUENCE:
-                    # Another writer appended first: chain to its entry instead.
+                    # A replica of this writer appended first: chain to its entry instead.
                     await asyncio.sleep(random.uniform(0, 0.002 * attempt))
                     continue
+                if exc.err_code == STREAM_FULL:
+                    raise self._full(action, exc, len(batch)) from None
                 raise self._unavailable(action, exc, len(batch)) from None
-            except Unavailable:
+            except (Unavailable, ResourceExhausted):
                 self._head = None
                 raise
             except (nats.errors.Error, TimeoutError, OSError) as exc:
@@ -495,6 +564,17 @@ class AuditWriter:
         raise Unavailable(
             "audit.unavailable",
             f"the audit log is too contended: {self.max_attempts} attempts lost the race",
+        )
+
+    def _full(self, action: str, exc: BaseException, entries: int) -> ResourceExhausted:
+        log.error(
+            "audit log full",
+            extra=fields(action=action, writer=self.writer, entries=entries, limit=str(exc)),
+        )
+        return ResourceExhausted(
+            "audit.full",
+            "the audit log is full (archive and rotate it, docs/security.md): "
+            f"{getattr(exc, 'description', exc)}",
         )
 
     def _unavailable(self, action: str, exc: BaseException, entries: int = 1) -> Unavailable:
@@ -516,7 +596,8 @@ class ChainProblem:
     a lone entry or for a problem with the message as a whole (missing, malformed)."""
 
     seq: int
-    kind: str  # missing | malformed | hash_mismatch | prev_mismatch | out_of_order
+    # missing | malformed | hash_mismatch | prev_mismatch | out_of_order | writer_mismatch
+    kind: str
     message: str
     index: int | None = None
 
@@ -534,12 +615,21 @@ class ChainReport:
     entries: int = 0  # entries walked, counting each one inside a batch
     messages: int = 0  # stored messages walked
     last_seq: int = 0
-    head_hash: str = GENESIS.hex()
+    head_hash: str = GENESIS.hex()  # the last entry's hash
+    heads: dict[str, str] = field(default_factory=dict)  # writer -> its last entry's hash
+    # The first MAX_LISTED_PROBLEMS problems; problem_count counts them all (a flood of
+    # junk is one count, not a line per message).
     problems: list[ChainProblem] = field(default_factory=list)
+    problem_count: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return self.problem_count == 0
+
+    def add(self, problem: ChainProblem) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_LISTED_PROBLEMS:
+            self.problems.append(problem)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -548,67 +638,99 @@ class ChainReport:
             "messages": self.messages,
             "last_seq": self.last_seq,
             "head_hash": self.head_hash,
+            "heads": dict(sorted(self.heads.items())),
             "first_problem": self.problems[0].to_dict() if self.problems else None,
+            "problem_count": self.problem_count,
             "problems": [p.to_dict() for p in self.problems],
         }
 
 
 class ChainVerifier:
-    """Walks the chain in stream order from sequence 1, entry by entry (into batches).
-    Feed every stored message; each broken link is reported once, and the walk carries
-    on from the stored entry so that one bad entry does not make every later one look
-    bad too."""
+    """Walks the stream in order from sequence 1, entry by entry (into batches): every
+    sequence present, every entry its own hash, each format-2 entry linked to the last
+    entry of its writer (format 1: to the entry before it), and, when the stored subject
+    is given, each entry's writer the one the subject names. Each broken link is
+    reported once, and the walk carries on from the stored entry so that one bad entry
+    does not make every later one look bad too. Memory: one hash per writer."""
 
     def __init__(self) -> None:
         self.report = ChainReport()
         self._expected_seq = 1
-        self._prev = GENESIS
+        self._prev = GENESIS  # format 1: the entry stored before
         self._prev_name = ""
+        self._writer_prev: dict[str, tuple[bytes, str]] = {}
+        # After a gap, the next entry of each writer cannot be held to its predecessor
+        # (the missing message may have been that writer's): reported once, as missing.
+        self._gap_excused: set[str] | None = None
 
-    def feed(self, seq: int, raw: bytes) -> None:
+    def feed(self, seq: int, raw: bytes, subject: str | None = None) -> None:
         report = self.report
         gap = seq > self._expected_seq
         if seq < self._expected_seq:
-            report.problems.append(
-                ChainProblem(seq, "out_of_order", f"entry {seq} arrived after {seq}")
-            )
+            report.add(ChainProblem(seq, "out_of_order", f"entry {seq} arrived after {seq}"))
             return
         if gap:
             first, last = self._expected_seq, seq - 1
             span = f"entry {first}" if first == last else f"entries {first}..{last}"
-            report.problems.append(
-                ChainProblem(first, "missing", f"{span} missing from the stream (deleted)")
-            )
+            report.add(ChainProblem(first, "missing", f"{span} missing from the stream (deleted)"))
+            self._gap_excused = set()
         report.messages += 1
         report.last_seq = seq
         self._expected_seq = seq + 1
+        named = subject_writer(subject) if subject is not None else None
         items = split_message(raw)
         if items is None:
             report.entries += 1
             try:
                 entry = parse_entry(raw)
             except ValueError as exc:
-                report.problems.append(ChainProblem(seq, "malformed", f"entry {seq}: {exc}"))
-                self._advance(link_of(raw), f"entry {seq}")
+                report.add(ChainProblem(seq, "malformed", f"entry {seq}: {exc}"))
+                self._advance(link_of(raw), f"entry {seq}", named or "")
                 return
-            self._check(entry, seq, None, gap)
+            self._check(entry, seq, None, gap, subject, named)
             return
         for index, item in enumerate(items):
             report.entries += 1
             try:
                 entry = check_entry(item)
             except ValueError as exc:
-                report.problems.append(
-                    ChainProblem(seq, "malformed", f"entry {seq} #{index}: {exc}", index)
-                )
-                self._advance(_item_link(item), f"entry {seq} #{index}")
+                report.add(ChainProblem(seq, "malformed", f"entry {seq} #{index}: {exc}", index))
+                self._advance(_item_link(item), f"entry {seq} #{index}", named or "")
                 continue
-            self._check(entry, seq, index, gap and index == 0)
+            self._check(entry, seq, index, gap and index == 0, subject, named)
 
-    def _check(self, entry: dict[str, Any], seq: int, index: int | None, gap: bool) -> None:
+    def _check(
+        self,
+        entry: dict[str, Any],
+        seq: int,
+        index: int | None,
+        gap: bool,
+        subject: str | None,
+        named: str | None,
+    ) -> None:
         name = f"entry {seq}" if index is None else f"entry {seq} #{index}"
+        writer = str(entry["writer"])
+        chain = named or writer
+        if subject is not None and writer != named:
+            self.report.add(
+                ChainProblem(
+                    seq,
+                    "writer_mismatch",
+                    f"{name} claims writer {writer!r} but was stored on {subject!r}: "
+                    "only that subject's own bus identity can publish there",
+                    index,
+                )
+            )
+        if entry["v"] == GLOBAL_CHAIN_VERSION:
+            prev, before = self._prev, self._prev_name
+            excused = gap
+        else:
+            prev, before = self._writer_prev.get(chain, (GENESIS, ""))
+            excused = self._gap_excused is not None and chain not in self._gap_excused
+            if self._gap_excused is not None:
+                self._gap_excused.add(chain)
         if entry_hash(entry) != entry["hash"]:
-            self.report.problems.append(
+            self.report.add(
                 ChainProblem(
                     seq,
                     "hash_mismatch",
@@ -616,9 +738,9 @@ class ChainVerifier:
                     index,
                 )
             )
-        elif entry["prev_hash"] != self._prev.hex() and not gap:
-            before = self._prev_name or "the start of the chain"
-            self.report.problems.append(
+        elif entry["prev_hash"] != prev.hex() and not excused:
+            before = before or "the start of the chain"
+            self.report.add(
                 ChainProblem(
                     seq,
                     "prev_mismatch",
@@ -627,26 +749,32 @@ class ChainVerifier:
                     index,
                 )
             )
-        self._advance(bytes.fromhex(entry["hash"]), name)
+        self._advance(bytes.fromhex(entry["hash"]), name, chain)
 
-    def _advance(self, link: bytes, name: str) -> None:
+    def _advance(self, link: bytes, name: str, chain: str) -> None:
         self._prev = link
         self._prev_name = name
+        self._writer_prev[chain] = (link, name)
         self.report.head_hash = link.hex()
+        if chain:
+            self.report.heads[chain] = link.hex()
 
     def finish(self, last_seq: int) -> ChainReport:
         """`last_seq` is the stream's: entries deleted from the end show up here."""
         if last_seq >= self._expected_seq:
             first = self._expected_seq
             span = f"entry {first}" if first == last_seq else f"entries {first}..{last_seq}"
-            self.report.problems.append(
+            self.report.add(
                 ChainProblem(first, "missing", f"{span} missing from the end of the stream")
             )
         return self.report
 
 
-def verify_chain(records: list[tuple[int, bytes]], last_seq: int) -> ChainReport:
+def verify_chain(
+    records: list[tuple[int, bytes]] | list[tuple[int, bytes, str]], last_seq: int
+) -> ChainReport:
+    """Records are (seq, raw) or (seq, raw, subject); with subjects, writers are checked."""
     verifier = ChainVerifier()
-    for seq, raw in records:
-        verifier.feed(seq, raw)
+    for record in records:
+        verifier.feed(*record)
     return verifier.finish(last_seq)

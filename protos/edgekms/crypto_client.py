@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 
 from edgekms import natsrpc
 from edgekms.errors import Internal, Unavailable
-from edgekms.subjects import crypto_service_name, crypto_subject
+from edgekms.subjects import KEY_CLASS_USER, crypto_service_name, crypto_subject
 from edgekms.v1 import crypto_pb2
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,19 @@ R = TypeVar("R", bound=Message)
 
 
 class CryptoClient:
-    """Requests to kms.crypto.<provider>.<Operation>; safe to share across tasks."""
+    """Requests to kms.crypto.<provider>.<Operation> (user keys) or
+    kms.crypto.<provider>.<class>.<Operation> (the CA's and the internal CA's keys: a
+    client per class, `key_class`); safe to share across tasks."""
 
-    def __init__(self, nc: nats.aio.client.Client, default_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        nc: nats.aio.client.Client,
+        default_timeout: float = 5.0,
+        key_class: str = KEY_CLASS_USER,
+    ) -> None:
         self.nc = nc
         self.default_timeout = default_timeout
+        self.key_class = key_class
 
     async def _call(
         self,
@@ -48,7 +56,7 @@ class CryptoClient:
     ) -> R:
         return await natsrpc.request(
             self.nc,
-            crypto_subject(provider, operation),
+            crypto_subject(provider, operation, self.key_class),
             request,
             response_type,
             self.default_timeout if timeout is None else timeout,

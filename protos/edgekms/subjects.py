@@ -32,8 +32,34 @@ CA_BUCKET = "kms_ca"
 AUDIT_STREAM = "KMS_AUDIT"
 
 
-def crypto_subject(provider: str, operation: str) -> str:
-    return f"{CRYPTO_PREFIX}.{provider}.{operation}"
+# Key classes ("owners"): fixed when a key is generated, stored with the key in the token
+# (or the TPM service's key record) and checked by the crypto service on every use. Each
+# class has its own subjects, and the bus lets only the rightful identity publish there:
+# `user` keys on kms.crypto.<provider>.<Op> (the broker), the mini-CA's on
+# kms.crypto.<provider>.ca.<Op> (the CA service), the internal CA's on
+# kms.crypto.<provider>.internal.<Op> (the bootstrap ceremony, and the broker issuing
+# client certificates). docs/security.md, "Keys bound to their owners".
+KEY_CLASS_USER = "user"
+KEY_CLASS_CA = "ca"
+KEY_CLASS_INTERNAL = "internal"
+KEY_CLASSES = (KEY_CLASS_USER, KEY_CLASS_CA, KEY_CLASS_INTERNAL)
+# What a non-user class may ask on its own subjects: make, read, use and drop its keys.
+CLASS_OPERATIONS = ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey")
+
+
+def crypto_subject(provider: str, operation: str, key_class: str = KEY_CLASS_USER) -> str:
+    """The subject of one operation for keys of one class (user keys keep the short form,
+    three tokens, so `kms.crypto.*.<Op>` grants never reach another class's subjects)."""
+    if key_class == KEY_CLASS_USER:
+        return f"{CRYPTO_PREFIX}.{provider}.{operation}"
+    if key_class not in KEY_CLASSES:
+        raise ValueError(f"unknown key class {key_class!r}")
+    return f"{CRYPTO_PREFIX}.{provider}.{key_class}.{operation}"
+
+
+def class_operations(key_class: str) -> tuple[str, ...]:
+    """The operations a crypto service answers for keys of `key_class`."""
+    return CRYPTO_OPERATIONS if key_class == KEY_CLASS_USER else CLASS_OPERATIONS
 
 
 def crypto_queue_group(provider: str) -> str:

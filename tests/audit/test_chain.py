@@ -7,6 +7,7 @@ import json
 
 from edgekms.audit import (
     GENESIS,
+    MAX_LISTED_PROBLEMS,
     build_entry,
     canonical,
     encode_message,
@@ -137,10 +138,84 @@ def test_swapped_entries_are_named() -> None:
 
 
 def test_inserted_garbage_is_malformed_and_breaks_the_link() -> None:
+    """Garbage on a writer's subject breaks that writer's chain."""
     raws = _chain(3)
     raws.insert(1, b"not json")
-    report = verify_chain(list(enumerate(raws, start=1)), 4)
+    records = [(seq, raw, "kms.audit.test") for seq, raw in enumerate(raws, start=1)]
+    report = verify_chain(records, 4)
     assert [(p.seq, p.kind) for p in report.problems] == [(2, "malformed"), (3, "prev_mismatch")]
+
+
+def _writer_chain(writer: str, n: int, prev: bytes = GENESIS) -> list[bytes]:
+    out = []
+    for i in range(n):
+        entry = build_entry(
+            writer=writer, action="Sign", outcome="ok", prev_hash=prev, target=f"{writer}{i}"
+        )
+        out.append(canonical(entry))
+        prev = bytes.fromhex(entry["hash"])
+    return out
+
+
+def test_each_writer_chains_its_own_entries_however_they_interleave() -> None:
+    broker, ca = _writer_chain("broker", 3), _writer_chain("ca", 3)
+    order = [("broker", broker[0]), ("ca", ca[0]), ("ca", ca[1]), ("broker", broker[1])]
+    order += [("ca", ca[2]), ("broker", broker[2])]
+    records = [(seq, raw, f"kms.audit.{w}") for seq, (w, raw) in enumerate(order, start=1)]
+    report = verify_chain(records, 6)
+    assert report.ok, report.problems
+    assert report.heads == {
+        "broker": parse_entry(broker[2])["hash"],
+        "ca": parse_entry(ca[2])["hash"],
+    }
+
+
+def test_an_entry_claiming_another_writer_is_named() -> None:
+    """Issue 11, item 4: a correctly chained entry claiming writer=broker, stored by the
+    CA's identity (on kms.audit.ca), fails verify."""
+    ca = _writer_chain("ca", 1)
+    forged = build_entry(
+        writer="broker",
+        action="ClientService/AddClient",
+        outcome="ok",
+        client="admin",
+        role="admin",
+        prev_hash=bytes.fromhex(parse_entry(ca[0])["hash"]),
+    )
+    records = [(1, ca[0], "kms.audit.ca"), (2, canonical(forged), "kms.audit.ca")]
+    report = verify_chain(records, 2)
+    assert [(p.seq, p.kind) for p in report.problems] == [(2, "writer_mismatch")]
+    assert "claims writer 'broker'" in report.problems[0].message
+
+
+def test_entries_of_the_global_chain_still_verify_and_hand_over() -> None:
+    """Format 1 (one chain across writers, before per-writer chains) followed by format
+    2: each writer's first new entry links to its own last old one."""
+    old: list[tuple[str, bytes]] = []
+    prev = GENESIS
+    for writer in ["broker", "ca", "broker"]:
+        entry = build_entry(writer=writer, action="Sign", outcome="ok", prev_hash=prev)
+        entry["v"] = "1"
+        entry["hash"] = entry_hash(entry)
+        old.append((writer, canonical(entry)))
+        prev = bytes.fromhex(entry["hash"])
+    last_broker = bytes.fromhex(parse_entry(old[2][1])["hash"])
+    new = _writer_chain("broker", 2, prev=last_broker)
+    order = [*old, ("broker", new[0]), ("broker", new[1])]
+    records = [(seq, raw, f"kms.audit.{w}") for seq, (w, raw) in enumerate(order, start=1)]
+    assert verify_chain(records, 5).ok
+
+
+def test_a_flood_of_junk_is_one_count_not_a_line_each() -> None:
+    good = _writer_chain("broker", 2)
+    records = [(1, good[0], "kms.audit.broker")]
+    records += [(seq, b"junk", "kms.audit.ca") for seq in range(2, 5002)]
+    records.append((5002, good[1], "kms.audit.broker"))
+    report = verify_chain(records, 5002)
+    assert report.problem_count == 5000
+    assert len(report.problems) == MAX_LISTED_PROBLEMS
+    assert report.problems[0].seq == 2 and report.problems[0].kind == "malformed"
+    assert report.to_dict()["problem_count"] == 5000
 
 
 def test_request_details_names_enums_and_keeps_unknown_values() -> None:

@@ -1,5 +1,6 @@
-"""AuditWriter against a real nats-server: one chain across writers, tampering through
-the raw JetStream API caught and named, and no entry stored when the stream is gone."""
+"""AuditWriter against a real nats-server: a chain per writer (replicas of one writer
+racing on it without forking), tampering through the raw JetStream API caught and named,
+and no entry stored when the stream is gone."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, StreamConfig
 
-from edgekms.audit import STREAM, AuditWriter, canonical, parse_entry, split_message, stream_config
+from edgekms.audit import (
+    STREAM,
+    AuditWriter,
+    canonical,
+    harden_stream,
+    parse_entry,
+    split_message,
+    stream_config,
+)
 from edgekms.errors import Unavailable
-from tests.audit.helpers import rewrite, stored, verify_stream
+from tests.audit.helpers import deletable_stream_config, rewrite, stored, verify_stream
 from tests.conftest import start_nats
 
 
@@ -28,6 +39,21 @@ async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
     finally:
         await conn.close()
         server.stop()
+
+
+async def test_the_stream_refuses_deletion_and_purge(nc: NATS) -> None:
+    """Issue 11, item 4: the stream itself takes no delete, purge or rollup."""
+    await _fill(nc, 3)
+    js = nc.jetstream()
+    with pytest.raises(nats.js.errors.APIError) as info:
+        await js.delete_msg(STREAM, 2)
+    assert "not permitted" in str(info.value)
+    with pytest.raises(nats.js.errors.APIError):
+        await js.purge_stream(STREAM)
+    with pytest.raises(nats.js.errors.APIError):
+        await js.publish("kms.audit.test", b"{}", headers={"Nats-Rollup": "all"})
+    assert [seq for seq, _, _ in await stored(js)] == [1, 2, 3]
+    assert (await verify_stream(js)).ok
 
 
 async def _fill(nc: NATS, n: int) -> AuditWriter:
@@ -67,11 +93,16 @@ async def test_entries_carry_the_fields_and_chain(nc: NATS) -> None:
     assert (await verify_stream(nc.jetstream())).ok
 
 
-async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
+async def test_writers_and_replicas_chain_without_forks(tmp_path: Path) -> None:
+    """Two replicas of writer w0 (two connections) race on its chain; w1 has its own."""
     server = start_nats(tmp_path / "nats")
     conns = [await nats.connect(server.url) for _ in range(2)]
     try:
-        writers = [AuditWriter(c.jetstream(), f"w{i}") for i, c in enumerate(conns)]
+        writers = [
+            AuditWriter(conns[0].jetstream(), "w0"),
+            AuditWriter(conns[1].jetstream(), "w0"),
+            AuditWriter(conns[1].jetstream(), "w1"),
+        ]
         await writers[0].ensure_stream()
         await writers[1].ensure_stream()
 
@@ -83,7 +114,7 @@ async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
         report = await verify_stream(conns[0].jetstream())
         assert report.ok, report.problems
         # Group commit: two tasks per writer share messages, so fewer messages than entries.
-        assert report.entries == 240 and report.messages == report.last_seq <= 240
+        assert report.entries == 360 and report.messages == report.last_seq <= 360
         subjects = {s for _, _, s in await stored(conns[0].jetstream())}
         assert subjects == {"kms.audit.w0", "kms.audit.w1"}
     finally:
@@ -93,6 +124,7 @@ async def test_two_writers_one_chain_no_forks(tmp_path: Path) -> None:
 
 
 async def test_deleted_entry_is_named(nc: NATS) -> None:
+    await nc.jetstream().add_stream(deletable_stream_config())
     await _fill(nc, 6)
     await nc.jetstream().delete_msg(STREAM, 4)
     report = await verify_stream(nc.jetstream())
@@ -100,6 +132,7 @@ async def test_deleted_entry_is_named(nc: NATS) -> None:
 
 
 async def test_deleted_last_entry_is_named_and_writing_goes_on(nc: NATS) -> None:
+    await nc.jetstream().add_stream(deletable_stream_config())
     await _fill(nc, 4)
     await nc.jetstream().delete_msg(STREAM, 4)
     fresh = AuditWriter(nc.jetstream(), "test")  # no cached head: reads past the hole
@@ -228,4 +261,27 @@ async def test_failed_batch_fails_every_caller_and_stores_nothing(nc: NATS) -> N
     # The writer carries on from the real head: nothing half-done is chained to.
     after = await writer.append("GetKey", "ok")
     assert after.seq == first.seq + 1 and after.entry["prev_hash"] == first.entry["hash"]
+    assert (await verify_stream(js)).ok
+
+
+async def test_a_stream_an_older_version_made_is_hardened(nc: NATS) -> None:
+    """`kmsctl up` upgrades the old KMS_AUDIT (deletable, no limits) in place."""
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(
+            name=STREAM,
+            subjects=["kms.audit.>"],
+            discard=DiscardPolicy.OLD,
+            max_bytes=-1,
+            allow_direct=True,
+        )
+    )
+    writer = await _fill(nc, 2)
+    assert await harden_stream(js)
+    config = (await js.stream_info(STREAM)).config
+    assert config.deny_delete and config.deny_purge and not config.allow_rollup_hdrs
+    assert config.discard == DiscardPolicy.NEW and config.discard_new_per_subject
+    assert config.max_bytes == stream_config().max_bytes
+    assert not await harden_stream(js)  # once is enough
+    await writer.append("Sign", "ok")
     assert (await verify_stream(js)).ok

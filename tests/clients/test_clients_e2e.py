@@ -26,6 +26,7 @@ from edgekms.client_certs import INTERNAL_CA_KEY, client_certificate
 from edgekms.crypto_client import CryptoClient
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
+from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import common_pb2 as pb
 from mgmt.client import KMSClient
 from tests.e2e.conftest import Parts, running_parts
@@ -87,7 +88,10 @@ def shared_issue(
             record = pb.KeyRecord()
             record.ParseFromString((await kv.get(INTERNAL_CA_KEY)).value or b"")
             signer = NatsDigestSigner(
-                CryptoClient(nc), asyncio.get_running_loop(), record.provider, record.key_id
+                CryptoClient(nc, key_class=KEY_CLASS_INTERNAL),
+                asyncio.get_running_loop(),
+                record.provider,
+                record.key_id,
             )
             ca_key = remote_key(signer, record.public_key_der)
             assert isinstance(ca_key, ec.EllipticCurvePrivateKey)

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from crypto_service.providers.base import KeyCreateOptions, Provider
+from crypto_service.providers.base import KeyCreateOptions, Provider, legacy_key_class
 from edgekms.algorithms import ALGORITHMS, KEY_TYPES, KeyType, SignatureAlgorithm
 from edgekms.errors import (
     AlreadyExists,
@@ -23,6 +23,7 @@ from edgekms.errors import (
     KMSError,
     NotFound,
 )
+from edgekms.subjects import KEY_CLASS_USER, KEY_CLASSES
 from edgekms.v1 import common_pb2 as pb
 from tests.contract.conftest import KeyCache, require_key_type
 
@@ -243,3 +244,37 @@ def test_attest_gives_evidence_or_says_unsupported(provider: Provider, key_cache
         return
     assert evidence.format == provider.kind
     assert evidence.attestation and evidence.signature and evidence.attestation_key_der
+
+
+# --- key classes: stored with the key, read back by the crypto service -----------------
+
+
+@pytest.mark.parametrize("key_class", KEY_CLASSES)
+def test_key_class_is_stored_with_the_key(provider: Provider, key_class: str) -> None:
+    key_id = secrets.token_bytes(16)
+    provider.generate(
+        key_id,
+        f"contract-class-{key_class}",
+        pb.KEY_TYPE_EC_P256,
+        KeyCreateOptions(key_class=key_class),
+    )
+    try:
+        assert provider.key_class(key_id) == key_class
+    finally:
+        provider.destroy(key_id)
+    with pytest.raises(NotFound):
+        provider.key_class(key_id)
+
+
+def test_key_class_defaults_to_user(provider: Provider, key_cache: KeyCache) -> None:
+    key_id, _ = key_cache.get(pb.KEY_TYPE_EC_P256)
+    assert provider.key_class(key_id) == KEY_CLASS_USER
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [("edgekms/internal-ca", "internal"), ("ca/root", "ca"), ("nas/https", "user")],
+)
+def test_legacy_class_comes_from_the_name(label: str, expected: str) -> None:
+    """Keys made before classes were stored get theirs from their name (the migration)."""
+    assert legacy_key_class(label) == expected

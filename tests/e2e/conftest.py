@@ -55,9 +55,10 @@ class KmsStack:
     def env(self) -> dict[str, str]:
         return {**os.environ, "EDGEKMS_DATA_DIR": str(self.data_dir)}
 
-    def nats_options(self) -> dict[str, Any]:
-        """nats.connect options for the stack's authenticated bus, as `kmsctl up` itself."""
-        return local_credentials(self.data_dir).connect_options()
+    def nats_options(self, user: str = "kmsctl") -> dict[str, Any]:
+        """nats.connect options for the stack's authenticated bus, as `kmsctl up` itself
+        (or as another part's identity, `user`)."""
+        return local_credentials(self.data_dir, user).connect_options()
 
 
 def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:

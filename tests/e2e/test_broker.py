@@ -25,6 +25,7 @@ from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
+from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import keys_pb2, keys_pb2_grpc
 from mgmt.client import KMSClient
@@ -54,16 +55,21 @@ def _client_with(stack: KmsStack, cert: bytes, key: bytes) -> KMSClient:
 
 
 def issue_client_cert(stack: KmsStack, client: str, role: str) -> tuple[bytes, bytes]:
-    """A client certificate from the stack's own internal CA (its key is in the token)."""
+    """A client certificate from the stack's own internal CA (its key is in the token),
+    signed as the broker signs client certificates: after the ceremony the broker's bus
+    identity is the only one that may use the internal CA's key."""
 
     async def issue() -> tuple[bytes, bytes]:
-        nc = await nats.connect(stack.nats_url, **stack.nats_options())
+        nc = await nats.connect(stack.nats_url, **stack.nats_options("broker"))
         try:
             kv = await nc.jetstream().key_value("kms_keys")
             record = pb.KeyRecord()
             record.ParseFromString((await kv.get(INTERNAL_CA_KEY)).value or b"")
             signer = NatsDigestSigner(
-                CryptoClient(nc), asyncio.get_running_loop(), record.provider, record.key_id
+                CryptoClient(nc, key_class=KEY_CLASS_INTERNAL),
+                asyncio.get_running_loop(),
+                record.provider,
+                record.key_id,
             )
             ca_key = remote_key(signer, record.public_key_der)
             assert isinstance(ca_key, ec.EllipticCurvePrivateKey)

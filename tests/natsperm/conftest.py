@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class SecureBus:
     tls: BusTLS
     passwords: dict[str, Path]
     identities: dict[str, Identity]
+    providers: tuple[str, ...] = PROVIDERS
 
     @property
     def url(self) -> str:
@@ -48,8 +50,10 @@ class SecureBus:
         return BusCredentials(user, self.passwords[user], self.tls.ca_cert)
 
 
-def start_secure_bus(root: Path, providers: tuple[str, ...] = PROVIDERS) -> SecureBus:
-    identities = stack_identities(providers)
+def start_secure_bus(
+    root: Path, providers: tuple[str, ...] = PROVIDERS, ceremony: bool = False, setup: bool = False
+) -> SecureBus:
+    identities = stack_identities(providers, ceremony=ceremony, setup=setup)
     secrets_dir = root / "secrets"
     tls = ensure_bus_tls(root / "tls", secrets_dir)
     passwords = ensure_passwords(secrets_dir, [i.user for i in identities])
@@ -63,7 +67,19 @@ def start_secure_bus(root: Path, providers: tuple[str, ...] = PROVIDERS) -> Secu
         authorization=render_authorization(identities, plain),
     )
     server = NatsServer(config, root / "nats.conf", root / "nats.log").start()
-    return SecureBus(server, tls, passwords, {i.user: i for i in identities})
+    return SecureBus(server, tls, passwords, {i.user: i for i in identities}, providers)
+
+
+def end_ceremony(bus: SecureBus) -> None:
+    """Reload the bus without the supervisor's ceremony (and setup) grant, as `kmsctl up`
+    does."""
+    identities = stack_identities(bus.providers, ceremony=False)
+    plain = {user: read_password(path) for user, path in bus.passwords.items()}
+    config = dataclasses.replace(
+        bus.server.config, authorization=render_authorization(identities, plain)
+    )
+    bus.server.reload(config)
+    bus.identities = {i.user: i for i in identities}
 
 
 @pytest.fixture(scope="session")

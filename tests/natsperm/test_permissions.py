@@ -131,11 +131,14 @@ async def test_crypto_service_answers_only_its_own_subjects(secure_bus: SecureBu
 
 
 async def test_crypto_service_publishes_nothing_but_replies(secure_bus: SecureBus) -> None:
+    """Replies, and audit entries under its own writer name only."""
     async with connected(secure_bus, "crypto-hsm0") as hsm0:
         await refused_publish(hsm0, "kms.crypto.tpm0.Sign")
         await refused_publish(hsm0, "kms.crypto.hsm0.Sign")
         await refused_publish(hsm0, "kms.ca.IssueCertificate")
         await refused_publish(hsm0, "kms.audit.crypto")
+        await refused_publish(hsm0, "kms.audit.broker")
+        await refused_publish(hsm0, "kms.audit.crypto-tpm0")
         await refused_publish(hsm0, f"{inbox_prefix('broker')}.forged")
 
 
@@ -160,8 +163,11 @@ async def test_a_reply_may_be_sent_once(secure_bus: SecureBus) -> None:
 
 
 async def test_crypto_service_has_no_jetstream(secure_bus: SecureBus) -> None:
+    """Only the audit chain's head (stream info, direct get) for its own entries."""
     async with connected(secure_bus, "crypto-hsm0") as hsm0:
         await refused_js(hsm0, "$JS.API.INFO")
+        await refused_js(hsm0, "$JS.API.STREAM.PURGE.KMS_AUDIT")
+        await refused_js(hsm0, "$JS.API.CONSUMER.CREATE.KMS_AUDIT")
         await refused_js(hsm0, "$JS.API.STREAM.INFO.KV_kms_keys")
         await refused_js(hsm0, "$JS.API.STREAM.CREATE.KV_crypto")
         await refused_publish(hsm0, "$KV.kms_keys.ca/root")
@@ -204,9 +210,9 @@ async def test_nobody_reads_another_identitys_replies(secure_bus: SecureBus) -> 
             await refused_subscribe(kmsctl, f"{inbox_prefix('broker')}.>"),
             await refused_subscribe(broker, ">"),
         ]
-        await answer(hsm0, "kms.crypto.hsm0.GetPublicKey", b"public")
-        reply = await kmsctl.nc.request("kms.crypto.hsm0.GetPublicKey", timeout=5)
-        assert reply.data == b"public"
+        await answer(ca, "$SRV.PING.kms-ca", b"pong")
+        reply = await kmsctl.nc.request("$SRV.PING.kms-ca", timeout=5)
+        assert reply.data == b"pong"
         assert reply.subject.startswith(inbox_prefix("kmsctl") + ".")
         for spy in spies:
             await nothing_arrives(spy)
@@ -277,9 +283,15 @@ async def test_ca_signs_only_through_its_own_provider(secure_bus: SecureBus) -> 
         await answer(hsm0, "kms.crypto.hsm0.>", b"hsm0")
         await answer(tpm0, "kms.crypto.tpm0.>", b"tpm0")
         for op in ("GenerateKey", "GetPublicKey", "Sign", "DestroyKey"):
-            reply = await ca.nc.request(f"kms.crypto.hsm0.{op}", timeout=5)
+            reply = await ca.nc.request(f"kms.crypto.hsm0.ca.{op}", timeout=5)
             assert reply.data == b"hsm0"
-        for subject in ("kms.crypto.tpm0.Sign", "kms.crypto.hsm0.ListKeys"):
+        for subject in (
+            "kms.crypto.tpm0.ca.Sign",
+            "kms.crypto.hsm0.ListKeys",
+            # The user keys' and the internal CA's subjects (issue 11, item 1).
+            "kms.crypto.hsm0.Sign",
+            "kms.crypto.hsm0.internal.Sign",
+        ):
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await ca.nc.request(subject, b"", timeout=0.5)
             await ca.violation(f'publish to "{subject}"')

@@ -13,6 +13,7 @@ import nats
 import nats.errors
 import pytest
 
+from mgmt.client import KMSClient
 from mgmt.natsauth import BusCredentials, password_path
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
@@ -87,3 +88,52 @@ async def test_live_crypto_service_serves_broker_not_others(stack: KmsStack) -> 
     finally:
         await crypto.close()
         await broker.close()
+
+
+async def test_a_junk_flood_from_the_ca_does_not_stall_signing(stack: KmsStack) -> None:
+    """Issue 11, item 4, on a live `kmsctl up`: the CA's identity floods kms.audit.ca
+    with junk while the broker signs. The broker's chain is its own, so no Sign is lost
+    to a race with the flood; nats-server still stores the junk first (one fsync each),
+    so a Sign may wait for it and time out once (UNAVAILABLE, retried), never more than
+    the flood lasts. `kmsctl audit verify` then names the first junk entry and a count."""
+    import subprocess
+    import sys
+
+    ca = await nats.connect(
+        stack.nats_url, allow_reconnect=False, **_creds(stack, "ca").connect_options()
+    )
+    flooding = asyncio.Event()
+
+    async def flood() -> None:
+        for i in range(3000):
+            await ca.publish("kms.audit.ca", b"junk %d" % i)
+            if i == 100:
+                flooding.set()
+        await ca.flush()
+
+    def sign_many() -> int:
+        with KMSClient.from_config(stack.client_config, timeout=30, retries=20) as client:
+            client.create_key("flood/key", "ec-p256")
+            return sum(bool(client.sign("flood/key", b"m%d" % i)) for i in range(20))
+
+    try:
+        task = asyncio.create_task(flood())
+        await flooding.wait()
+        assert await asyncio.to_thread(sign_many) == 20
+        await task
+    finally:
+        await ca.close()
+    kmsctl = str(Path(sys.executable).parent / "kmsctl")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [kmsctl, "audit", "verify"],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("audit chain broken at entry"), lines[:3]
+    assert "not JSON" in lines[0]
+    assert len(lines) == 2 and lines[1].startswith("3000 problem(s)"), lines[:3]

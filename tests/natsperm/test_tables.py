@@ -34,7 +34,8 @@ def test_only_responders_may_reply_and_crypto_publishes_nothing() -> None:
     assert by_user["crypto-hsm0"].allow_responses
     assert by_user["ca"].allow_responses
     assert not by_user["broker"].allow_responses
-    assert by_user["crypto-hsm0"].publish == ()
+    assert by_user["crypto-hsm0"].publish[0] == "kms.audit.crypto-hsm0"
+    assert not any(s.startswith("kms.crypto") for s in by_user["crypto-hsm0"].publish)
     assert Permissions().render()["publish"] == {"deny": [">"]}
     assert Permissions().render()["subscribe"] == {"deny": [">"]}
 
@@ -129,3 +130,36 @@ def test_broker_config_reads_its_bus_identity(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text(body.replace('nats_user = "broker"\n', ""))
     with pytest.raises(BrokerConfigError, match="nats_user/nats_password_file"):
         load_broker_config(tmp_path / "bad.toml")
+
+
+def test_no_service_may_change_a_stream_and_setup_is_the_supervisors_alone() -> None:
+    """Issue 11, item 3: stream update, purge and delete, and message delete, are nobody's
+    but the supervisor's during setup (create and update only)."""
+    for setup in (False, True):
+        for identity in stack_identities(["hsm0", "tpm0"], setup=setup, ceremony=setup):
+            for subject in identity.permissions.publish:
+                for verb in ("STREAM.PURGE.", "STREAM.DELETE.", "STREAM.MSG.DELETE."):
+                    assert verb not in subject, subject
+                if ".STREAM.UPDATE." in subject:
+                    assert setup and identity.user == "kmsctl", (identity.user, subject)
+
+
+def test_registry_writes_are_limited_to_the_keys_a_writer_owns() -> None:
+    by_user = {i.user: i.permissions.publish for i in stack_identities(["hsm0"])}
+    assert [s for s in by_user["ca"] if s.startswith("$KV.kms_keys.")] == [
+        "$KV.kms_keys.ca/root",
+        "$KV.kms_keys.ca/intermediate",
+    ]
+    assert not [s for s in by_user["kmsctl"] if s.startswith("$KV.")]
+    ceremony = {i.user: i.permissions.publish for i in stack_identities(["hsm0"], ceremony=True)}
+    assert [s for s in ceremony["kmsctl"] if s.startswith("$KV.")] == [
+        "$KV.kms_keys.edgekms/internal-ca"
+    ]
+    assert "$KV.kms_keys.>" in by_user["broker"]
+
+
+def test_each_audit_writer_publishes_on_its_own_subject_only() -> None:
+    for identity in stack_identities(["hsm0", "tpm0"]):
+        audit = [s for s in identity.permissions.publish if s.startswith("kms.audit")]
+        expected = {"kmsctl": []}.get(identity.user, [f"kms.audit.{identity.user}"])
+        assert audit == expected, identity.user

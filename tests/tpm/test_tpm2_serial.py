@@ -5,6 +5,7 @@ key records it keeps still see a key removed behind its back."""
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import threading
 
@@ -80,7 +81,7 @@ async def test_the_service_signs_a_tpm_batch_on_the_tpm_thread(
         request = crypto_pb2.SignBatchRequest(
             requests=[crypto_pb2.SignRequest(key_id=key_id, algorithm=ALG, data=d) for d in digests]
         )
-        response = await service._ops["SignBatch"](request)
+        response = await service._ops["SignBatch"](request, "user")
     finally:
         await service.stop()
     assert isinstance(response, crypto_pb2.SignBatchResponse)
@@ -88,3 +89,35 @@ async def test_the_service_signs_a_tpm_batch_on_the_tpm_thread(
         assert verify_signature(der, ALG, digest, result.signature)
     # Every sign ran on the provider's TPM thread, none on the service's own workers.
     assert len(threads) == 5 and all(name.startswith("tpm2") for name in threads), threads
+
+
+async def test_the_service_binds_tpm_keys_to_their_class(provider: Tpm2Provider) -> None:
+    """Issue 11, item 1, on the TPM: a key made on the CA's subjects signs only there; the
+    class is in the TPM service's key record, so a fresh read gives the same answer."""
+    from crypto_service.service import CryptoService
+    from edgekms.errors import PermissionDenied
+    from edgekms.v1 import crypto_pb2
+
+    service = CryptoService(None, provider, "tpm0", workers=1)  # type: ignore[arg-type]
+    key_id = secrets.token_bytes(16)
+    digest = hashlib.sha256(b"tbs").digest()
+    sign = crypto_pb2.SignRequest(key_id=key_id, algorithm=ALG, data=digest)
+    try:
+        made = await service._ops["GenerateKey"](
+            crypto_pb2.GenerateKeyRequest(key_id=key_id, label="ca/root", key_type=P256), "ca"
+        )
+        assert isinstance(made, crypto_pb2.GenerateKeyResponse)
+        for wrong in ("user", "internal"):
+            with pytest.raises(PermissionDenied) as info:
+                await service._ops["Sign"](sign, wrong)
+            assert info.value.reason == "key.class_mismatch"
+        with pytest.raises(PermissionDenied):
+            await service._ops["DestroyKey"](crypto_pb2.DestroyKeyRequest(key_id=key_id), "user")
+        signed = await service._ops["Sign"](sign, "ca")
+        assert isinstance(signed, crypto_pb2.SignResponse)
+        assert verify_signature(made.public_key_der, ALG, digest, signed.signature)
+        record = json.loads(provider._path(key_id).read_text())
+        assert record["key_class"] == "ca"
+    finally:
+        await service.stop()
+        provider.destroy(key_id)
