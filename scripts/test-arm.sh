@@ -26,6 +26,8 @@ read -r -a TESTS <<<"${EDGEKMS_ARM_TESTS:-${DEFAULT_TESTS[*]}}"
 ROOT_SRC=/opt/edgekms            # the project's tree inside the root (replaced every run)
 ROOT_VENV=/opt/edgekms-board     # the board's versions (requirements-board-test.txt)
 ROOT_WHEELS=/var/cache/edgekms-wheels
+# The tests' deadlines (tests/conftest.py SLOWDOWN): emulation is 10-30x slower.
+SLOWDOWN=${EDGEKMS_TEST_SLOWDOWN:-20}
 # See setup_venv: the armhf run's one departure from requirements-board.txt.
 ARMHF_CRYPTOGRAPHY=44.0.3
 
@@ -126,7 +128,7 @@ run_arch() {
   } >"$out"
   # /tmp is a tmpfs inside the root (scripts/arm-root.sh): SoftHSM's token directories
   # under pytest's tmp_path must not be on the host's ext4 on armhf (see docs/arm.md).
-  arm_root run "$arch" /bin/sh -c "cd $ROOT_SRC && $ROOT_VENV/bin/python -m pytest -p no:cacheprovider -ra --timeout=1800 ${TESTS[*]}" \
+  arm_root run "$arch" /bin/sh -c "cd $ROOT_SRC && EDGEKMS_TEST_SLOWDOWN=$SLOWDOWN $ROOT_VENV/bin/python -m pytest -p no:cacheprovider -ra --timeout=1800 ${TESTS[*]}" \
     >>"$out" 2>&1 || rc=$?
   echo "# exit $rc, $((SECONDS - t0)) s for this architecture (setup included)" >>"$out"
   tail -5 "$out"
