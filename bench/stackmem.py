@@ -41,6 +41,29 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def floor_kb() -> dict[str, int]:
+    """RSS of processes that do almost nothing: /bin/sleep and an idle `python3 -c`. Under
+    qemu-user that is mostly the emulator itself (its code, translation cache and guest
+    address-space bookkeeping), which is inside every emulated process's figure; natively
+    it is the true floor. The difference between the two runs is the emulation's share."""
+    import subprocess
+    import sys
+
+    found: dict[str, int] = {}
+    for name, argv in (
+        ("sleep", ["sleep", "60"]),
+        ("python", [sys.executable, "-c", "import sys; sys.stdin.read()"]),
+    ):
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        try:
+            time.sleep(3.0)  # let the process reach its idle state: a measurement
+            found[name] = rss_kb(process.pid)
+        finally:
+            process.kill()
+            process.wait()
+    return found
+
+
 def measure(work: Path, signs: int) -> dict[str, Any]:
     """Start a stack under `work`, sign `signs` times per provider, return the samples."""
     from mgmt.client import KMSClient
@@ -61,6 +84,7 @@ def measure(work: Path, signs: int) -> dict[str, Any]:
             "versions": _versions(),
             "ready_seconds": round(stack.ready_seconds, 2),
             "signs_per_provider": signs,
+            "floor_rss_kb": floor_kb(),
             "idle": idle,
             "after_signing": loaded,
         }
@@ -86,6 +110,13 @@ def table(result: dict[str, Any]) -> str:
         totals = [t + v for t, v in zip(totals, row, strict=True)]
         lines.append(f"| {name} | " + " | ".join(f"{v / 1024:.1f}" for v in row) + " |")
     lines.append("| **total** | " + " | ".join(f"**{v / 1024:.1f}**" for v in totals) + " |")
+    floor = result.get("floor_rss_kb", {})
+    if floor:
+        lines.append("")
+        lines.append(
+            "Floor (RSS of an idle process): "
+            + ", ".join(f"{name} {kb / 1024:.1f} MB" for name, kb in sorted(floor.items()))
+        )
     return "\n".join(lines)
 
 
