@@ -83,17 +83,31 @@ setup_venv() {
     sed -i "s/^cryptography==.*/cryptography==$ARMHF_CRYPTOGRAPHY/" \
       "$root/var/tmp/edgekms-req/requirements-board.txt"
   fi
+  # One wheel at a time, each retried: a dropped connection costs one package, and every
+  # wheel built (cffi, python-pkcs11 and tpm2-pytss build from source here) stays in the
+  # wheelhouse for the next run.
   local script
   script=$(
     cat <<EOF
 set -e
-[ -x $ROOT_VENV/bin/python ] || python3 -m venv $ROOT_VENV
-$ROOT_VENV/bin/pip install -q --upgrade pip==24.3.1
-$ROOT_VENV/bin/pip wheel -q --find-links $ROOT_WHEELS -w $ROOT_WHEELS -r /var/tmp/edgekms-req/requirements-board-test.txt
-$ROOT_VENV/bin/pip install -q --no-index --find-links $ROOT_WHEELS -r /var/tmp/edgekms-req/requirements-board-test.txt
+[ -x $ROOT_VENV/bin/pip ] || python3 -m venv $ROOT_VENV
+cd /var/tmp/edgekms-req
+for spec in \$(cat requirements-board.txt requirements-board-test.txt | sed 's/#.*//' | grep '=='); do
+  name=\${spec%%==*}; version=\${spec#*==}
+  file=\$(echo "\$name" | tr 'A-Z-' 'a-z_')
+  if ls $ROOT_WHEELS | tr 'A-Z-' 'a-z_' | grep -q "^\$file-\$version-"; then continue; fi
+  echo "test-arm: wheel \$spec"
+  ok=0
+  for attempt in 1 2 3; do
+    if $ROOT_VENV/bin/pip wheel -q --no-deps --retries 10 --find-links $ROOT_WHEELS -w $ROOT_WHEELS "\$spec"; then ok=1; break; fi
+    echo "test-arm: \$spec failed (attempt \$attempt)"
+  done
+  [ \$ok = 1 ]
+done
+$ROOT_VENV/bin/pip install -q --no-index --find-links $ROOT_WHEELS -r requirements-board-test.txt
 EOF
   )
-  arm_root run "$arch" /bin/sh -c "$script"
+  arm_root run "$arch" /bin/sh -c "$script" || return 1
   cp "$REPO/requirements-board-test.txt" "$stamp.test"
   cp "$REPO/requirements-board.txt" "$stamp.board"
   touch "$stamp"
@@ -104,15 +118,16 @@ run_arch() {
   local root="$CACHE/$arch/root"
   local t0=$SECONDS
   log "$arch: root"
-  arm_root build "$arch"
-  setup_venv "$arch" "$root"
+  arm_root build "$arch" || return 1
+  setup_venv "$arch" "$root" || return 1
   log "$arch: installing the project"
-  build_project_wheel "$CACHE/project-wheel"
+  build_project_wheel "$CACHE/project-wheel" || return 1
   rm -rf "$root/var/tmp/edgekms-project-wheel" && cp -r "$CACHE/project-wheel" "$root/var/tmp/edgekms-project-wheel"
   copy_tree "$root"
   swtpm_wrapper "$root"
   arm_root run "$arch" /bin/sh -c \
-    "$ROOT_VENV/bin/pip install -q --no-deps --force-reinstall /var/tmp/edgekms-project-wheel/*.whl"
+    "$ROOT_VENV/bin/pip install -q --no-deps --force-reinstall /var/tmp/edgekms-project-wheel/*.whl" ||
+    return 1
   mkdir -p "$RESULTS"
   local out="$RESULTS/test-$arch.txt"
   log "$arch: the end-to-end subset (output: $out)"
