@@ -66,6 +66,37 @@ EOF
   chmod +x "$root/usr/local/bin/swtpm"
 }
 
+# What needs no emulated build comes from the host, fast: the binary and pure wheels PyPI
+# has for the architecture, and pure-Python sdists (nats-py) built into -none-any wheels.
+# Only what compiles (cffi, pyyaml, python-pkcs11, tpm2-pytss) is left to the root.
+host_wheels() {
+  local arch=$1 wheels=$2 reqs=$3
+  local plats=()
+  case "$arch" in
+    armhf) plats=(linux_armv7l manylinux_2_31_armv7l manylinux_2_28_armv7l manylinux_2_17_armv7l manylinux2014_armv7l) ;;
+    arm64) plats=(linux_aarch64 manylinux_2_28_aarch64 manylinux_2_17_aarch64 manylinux2014_aarch64) ;;
+  esac
+  local platform_args=() p spec tmp
+  for p in "${plats[@]}"; do platform_args+=(--platform "$p"); done
+  tmp=$(mktemp -d)
+  for spec in $(sed 's/#.*//' "$reqs"/requirements-board.txt "$reqs"/requirements-board-test.txt | grep '=='); do
+    env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+      "$REPO/.venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --retries 10 \
+      "${platform_args[@]}" --python-version 3.11 --implementation cp --abi cp311 --abi abi3 \
+      --abi none -d "$wheels" "$spec" >/dev/null 2>&1 && continue
+    case "$spec" in
+      # Pure Python published as an sdist only: the host makes its -none-any wheel.
+      nats-py==*)
+        env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+          "$REPO/.venv/bin/python" -m pip wheel -q --no-deps --retries 10 -w "$tmp" "$spec" \
+          >/dev/null 2>&1 || true
+        ;;
+    esac
+  done
+  cp "$tmp"/*-none-any.whl "$wheels"/ 2>/dev/null || true
+  rm -rf "$tmp"
+}
+
 setup_venv() {
   local arch=$1 root=$2
   local stamp="$root$ROOT_VENV/.board-installed"
@@ -83,6 +114,7 @@ setup_venv() {
     sed -i "s/^cryptography==.*/cryptography==$ARMHF_CRYPTOGRAPHY/" \
       "$root/var/tmp/edgekms-req/requirements-board.txt"
   fi
+  host_wheels "$arch" "$root$ROOT_WHEELS" "$root/var/tmp/edgekms-req"
   # One wheel at a time, each retried: a dropped connection costs one package, and every
   # wheel built (cffi, python-pkcs11 and tpm2-pytss build from source here) stays in the
   # wheelhouse for the next run.
@@ -94,8 +126,8 @@ set -e
 cd /var/tmp/edgekms-req
 for spec in \$(cat requirements-board.txt requirements-board-test.txt | sed 's/#.*//' | grep '=='); do
   name=\${spec%%==*}; version=\${spec#*==}
-  file=\$(echo "\$name" | tr 'A-Z-' 'a-z_')
-  if ls $ROOT_WHEELS | tr 'A-Z-' 'a-z_' | grep -q "^\$file-\$version-"; then continue; fi
+  file=\$(echo "\$name" | tr 'A-Z.-' 'a-z__')
+  if ls $ROOT_WHEELS | tr 'A-Z' 'a-z' | grep -q "^\$file-\$version-.*\\.whl\$"; then continue; fi
   echo "test-arm: wheel \$spec"
   ok=0
   for attempt in 1 2 3; do
@@ -121,8 +153,8 @@ run_arch() {
   arm_root build "$arch" || return 1
   setup_venv "$arch" "$root" || return 1
   log "$arch: installing the project"
-  build_project_wheel "$CACHE/project-wheel" || return 1
-  rm -rf "$root/var/tmp/edgekms-project-wheel" && cp -r "$CACHE/project-wheel" "$root/var/tmp/edgekms-project-wheel"
+  build_project_wheel "$CACHE/$arch/project-wheel" || return 1
+  rm -rf "$root/var/tmp/edgekms-project-wheel" && cp -r "$CACHE/$arch/project-wheel" "$root/var/tmp/edgekms-project-wheel"
   copy_tree "$root"
   swtpm_wrapper "$root"
   arm_root run "$arch" /bin/sh -c \
