@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= $(HOME)/.local/share/edgekms
 PYTEST_ARGS ?=
+# `make test-arm ARCHES=armhf` runs one architecture only.
+ARCHES ?=
 
-.PHONY: setup run test lint typecheck protos check-protos lock bench clean
+.PHONY: setup run test lint typecheck protos check-protos lock bench test-board test-arm clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -36,5 +38,16 @@ bench:
 	@WITH_BENCH=1 ./scripts/bootstrap.sh
 	$(BIN)/python -m bench
 
+# The end-to-end subset (tests/board-subset.txt) on the board's package versions
+# (requirements-board.txt, Yocto scarthgap's), in a second venv on this machine.
+test-board: setup
+	./scripts/test-board.sh
+
+# The same subset on armhf (Cortex-A7) and arm64 Debian roots under qemu-user, with that
+# architecture's nats-server, SoftHSM and swtpm (root; ~30 min per arch the first time,
+# cached in ~/.cache/edgekms-arm). Results land in bench/results/arm/. Not part of `test`.
+test-arm: setup
+	./scripts/test-arm.sh $(ARCHES)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-board build *.egg-info .pytest_cache .mypy_cache .ruff_cache

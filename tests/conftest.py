@@ -7,6 +7,7 @@ stack in tests/e2e/). Nothing here is mocked.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,18 @@ import pytest
 from mgmt.natsserver import NatsServer, NatsServerConfig, free_port
 from mgmt.softhsm import SoftHSMToken, init_token
 
+# How much slower than this machine the parts run: the fixtures' deadlines are generous
+# for a loaded x86 machine, and `make test-arm` (qemu-user, 10-30x slower) raises them
+# with EDGEKMS_TEST_SLOWDOWN. A deadline, never a sleep: a test still ends when it can.
+SLOWDOWN = max(1.0, float(os.environ.get("EDGEKMS_TEST_SLOWDOWN", "1") or 1))
+
 
 def start_nats(directory: Path) -> NatsServer:
     directory.mkdir(parents=True, exist_ok=True)
     config = NatsServerConfig(store_dir=directory / "jetstream", port=free_port())
-    return NatsServer(config, directory / "nats.conf", directory / "nats.log").start()
+    return NatsServer(config, directory / "nats.conf", directory / "nats.log").start(
+        timeout=15.0 * SLOWDOWN
+    )
 
 
 @pytest.fixture(scope="session")

@@ -34,3 +34,40 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 def test_every_proto_has_generated_code() -> None:
     for proto in GENERATED.glob("*.proto"):
         assert (GENERATED / f"{proto.stem}_pb2.py").exists(), proto.name
+
+
+def test_generated_code_imports_without_runtime_version() -> None:
+    """protobuf 4.25 (the board's, requirements-board.txt) has no runtime_version module:
+    the committed code must still import. Blocking the module here stands in for it."""
+    import subprocess
+
+    modules = sorted(f"edgekms.v1.{p.stem}" for p in GENERATED.glob("*_pb2*.py"))
+    code = "\n".join(
+        [
+            "import sys",
+            "sys.modules['google.protobuf.runtime_version'] = None",
+            *(f"import {m}" for m in modules),
+            "print('ok')",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_compat_rewrite_refuses_output_of_an_unknown_shape(tmp_path: Path) -> None:
+    """A generator whose output changed must stop `make protos`, not commit half a rewrite."""
+    gen = _load_generator()
+    module = tmp_path / "edgekms" / "v1" / "odd_pb2_grpc.py"
+    module.parent.mkdir(parents=True)
+    original = "import grpc\n\nclass OddStub:\n    pass\n"
+    module.write_text(original)
+    try:
+        gen.compat(module)
+    except SystemExit as refused:
+        assert "odd_pb2_grpc.py" in str(refused)
+    else:
+        raise AssertionError("compat accepted a module without the grpcio version check")
+    assert module.read_text() == original

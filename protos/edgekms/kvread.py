@@ -64,6 +64,13 @@ def is_removal(entry: KeyValue.Entry) -> bool:
     return entry.operation in ("DEL", "PURGE")
 
 
+def _deliver_prefix(js: JetStreamContext) -> bytes:
+    """The connection's own inbox prefix, for a pull consumer's replies. nats-py before
+    2.13 (2.12.0 on the board) uses the global `_INBOX.` unless told, which a bus
+    identity may not subscribe to (mgmt/natsauth.py gives each its own `_INBOX.<user>`)."""
+    return bytes(js._nc._inbox_prefix) + b"."
+
+
 async def snapshot(
     js: JetStreamContext, bucket: str, keys: str = ">"
 ) -> tuple[list[KeyValue.Entry], int]:
@@ -72,6 +79,7 @@ async def snapshot(
     psub = await js.pull_subscribe(
         _prefix(bucket) + keys,
         stream=_stream(bucket),
+        inbox_prefix=_deliver_prefix(js),
         config=api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             ack_policy=api.AckPolicy.NONE,

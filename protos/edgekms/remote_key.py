@@ -13,11 +13,17 @@ that every service and the CLI use this one implementation.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+if TYPE_CHECKING:
+    # Only in the signature RSAPrivateKey.sign has since cryptography 47; the board's
+    # cryptography 42 (Yocto scarthgap) has no NoDigestInfo, and an RSA key here never
+    # signs without a DigestInfo anyway (_digest refuses anything but a hash).
+    from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo
 
 from edgekms.algorithms import SignatureAlgorithm
 from edgekms.v1 import common_pb2 as pb

@@ -28,7 +28,7 @@ from mgmt.client import KMSClient
 from mgmt.natsauth import local_credentials
 from mgmt.natsserver import NatsServer, free_port, wait_for_port
 from mgmt.pki import run_ceremony
-from tests.conftest import TokenInfo, make_token, start_nats
+from tests.conftest import SLOWDOWN, TokenInfo, make_token, start_nats
 
 BIN = Path(sys.executable).parent
 
@@ -47,7 +47,7 @@ class KmsStack:
         return self.data_dir / "client" / "config.toml"
 
     def client(self, timeout: float = 10.0) -> KMSClient:
-        return KMSClient.from_config(self.client_config, timeout=timeout)
+        return KMSClient.from_config(self.client_config, timeout=timeout * SLOWDOWN)
 
     def state(self) -> dict[str, object]:
         return dict(json.loads((self.data_dir / "run" / "state.json").read_text()))
@@ -62,6 +62,7 @@ class KmsStack:
 
 
 def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
+    timeout *= SLOWDOWN
     nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     with open(log_path, "ab") as log_file:
@@ -105,7 +106,7 @@ def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
 def stop_stack(stack: KmsStack) -> int:
     stack.process.send_signal(signal.SIGINT)
     try:
-        return stack.process.wait(30)
+        return stack.process.wait(30 * SLOWDOWN)
     except subprocess.TimeoutExpired:
         stack.process.kill()
         stack.process.wait()
@@ -141,7 +142,7 @@ class Parts:
         return self.root / "client" / "config.toml"
 
     def client(self, timeout: float = 10.0) -> KMSClient:
-        return KMSClient.from_config(self.client_config, timeout=timeout)
+        return KMSClient.from_config(self.client_config, timeout=timeout * SLOWDOWN)
 
     def crypto_config(self) -> Path:
         path = self.root / "crypto.toml"
@@ -165,7 +166,7 @@ class Parts:
 
         nc = await nats.connect(self.nats.url)
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 30 * SLOWDOWN
             while True:
                 try:
                     await CryptoClient(nc).ping(self.provider, timeout=0.5)
@@ -200,7 +201,7 @@ class Parts:
             f'client_ca = "{pki / "internal-ca.crt"}"\n'
         )
         self._spawn("broker", [str(BIN / "kms-broker"), "--config", str(conf)], dict(os.environ))
-        wait_for_port("127.0.0.1", self.broker_port, 30, self.processes["broker"])
+        wait_for_port("127.0.0.1", self.broker_port, 30 * SLOWDOWN, self.processes["broker"])
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -211,7 +212,7 @@ class Parts:
         process = self.processes.pop(name, None)
         if process is not None and process.poll() is None:
             process.send_signal(sig)
-            process.wait(15)
+            process.wait(15 * SLOWDOWN)
 
     def stop_all(self) -> None:
         for name in list(self.processes)[::-1]:

@@ -5,24 +5,16 @@ import warnings
 
 from edgekms.v1 import audit_pb2 as edgekms_dot_v1_dot_audit__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+# EdgeKMS (scripts/gen_protos.py): this code also runs on grpcio 1.62, the board's.
 GRPC_VERSION = grpc.__version__
-_version_not_supported = False
-
-try:
-    from grpc._utilities import first_version_is_lower
-    _version_not_supported = first_version_is_lower(GRPC_VERSION, GRPC_GENERATED_VERSION)
-except ImportError:
-    _version_not_supported = True
-
-if _version_not_supported:
+if tuple(int(p) for p in GRPC_VERSION.split('.')[:2]) < (1, 62):
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edgekms/v1/audit_pb2_grpc.py depends on'
-        + f' grpcio>={GRPC_GENERATED_VERSION}.'
-        + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
-        + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + ' but the generated code in edgekms/v1/audit_pb2_grpc.py needs grpcio>=1.62.'
     )
+# Registered methods (grpcio >= 1.63) are a speed-up: used where the runtime has them.
+_REGISTERED_METHODS = hasattr(grpc.Server, 'add_registered_method_handlers')
+_REGISTERED_METHOD_KWARGS = {'_registered_method': True} if _REGISTERED_METHODS else {}
 
 
 class AuditServiceStub:
@@ -38,7 +30,7 @@ class AuditServiceStub:
                 '/edgekms.v1.AuditService/TailAudit',
                 request_serializer=edgekms_dot_v1_dot_audit__pb2.TailAuditRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_audit__pb2.TailAuditResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class AuditServiceServicer:
@@ -65,7 +57,8 @@ def add_AuditServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'edgekms.v1.AuditService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('edgekms.v1.AuditService', rpc_method_handlers)
+    if _REGISTERED_METHODS:
+        server.add_registered_method_handlers('edgekms.v1.AuditService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -97,4 +90,4 @@ class AuditService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)

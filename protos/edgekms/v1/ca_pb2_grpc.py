@@ -5,24 +5,16 @@ import warnings
 
 from edgekms.v1 import ca_pb2 as edgekms_dot_v1_dot_ca__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+# EdgeKMS (scripts/gen_protos.py): this code also runs on grpcio 1.62, the board's.
 GRPC_VERSION = grpc.__version__
-_version_not_supported = False
-
-try:
-    from grpc._utilities import first_version_is_lower
-    _version_not_supported = first_version_is_lower(GRPC_VERSION, GRPC_GENERATED_VERSION)
-except ImportError:
-    _version_not_supported = True
-
-if _version_not_supported:
+if tuple(int(p) for p in GRPC_VERSION.split('.')[:2]) < (1, 62):
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edgekms/v1/ca_pb2_grpc.py depends on'
-        + f' grpcio>={GRPC_GENERATED_VERSION}.'
-        + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
-        + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + ' but the generated code in edgekms/v1/ca_pb2_grpc.py needs grpcio>=1.62.'
     )
+# Registered methods (grpcio >= 1.63) are a speed-up: used where the runtime has them.
+_REGISTERED_METHODS = hasattr(grpc.Server, 'add_registered_method_handlers')
+_REGISTERED_METHOD_KWARGS = {'_registered_method': True} if _REGISTERED_METHODS else {}
 
 
 class CertificateAuthorityStub:
@@ -38,67 +30,67 @@ class CertificateAuthorityStub:
                 '/edgekms.v1.CertificateAuthority/Init',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.InitCARequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.InitCAResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.IssueCertificate = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/IssueCertificate',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.IssueCertificateRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.GetCertificate = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/GetCertificate',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.GetCertificateRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCertificateResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.ListCertificates = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/ListCertificates',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.ListCertificatesRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.ListCertificatesResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.RevokeCertificate = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/RevokeCertificate',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.RevokeCertificateRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.RevokeCertificateResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.RenewCertificate = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/RenewCertificate',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.RenewCertificateRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.GetCRL = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/GetCRL',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.GetCRLRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.GetCACertificates = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/GetCACertificates',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.GetCACertificatesRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCACertificatesResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.ListProfiles = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/ListProfiles',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.GetRootCRL = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/GetRootCRL',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.GetRootCRLRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.GetIssuerCRL = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/GetIssuerCRL',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.GetIssuerCRLRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetCRLResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.RevokeIntermediate = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/RevokeIntermediate',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.RevokeIntermediateResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.Rotate = channel.unary_unary(
                 '/edgekms.v1.CertificateAuthority/Rotate',
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.RotateCARequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.RotateCAResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class CertificateAuthorityServicer:
@@ -254,7 +246,8 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'edgekms.v1.CertificateAuthority', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('edgekms.v1.CertificateAuthority', rpc_method_handlers)
+    if _REGISTERED_METHODS:
+        server.add_registered_method_handlers('edgekms.v1.CertificateAuthority', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -286,7 +279,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def IssueCertificate(request,
@@ -313,7 +306,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def GetCertificate(request,
@@ -340,7 +333,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def ListCertificates(request,
@@ -367,7 +360,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def RevokeCertificate(request,
@@ -394,7 +387,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def RenewCertificate(request,
@@ -421,7 +414,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def GetCRL(request,
@@ -448,7 +441,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def GetCACertificates(request,
@@ -475,7 +468,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def ListProfiles(request,
@@ -502,7 +495,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def GetRootCRL(request,
@@ -529,7 +522,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def GetIssuerCRL(request,
@@ -556,7 +549,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def RevokeIntermediate(request,
@@ -583,7 +576,7 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def Rotate(request,
@@ -610,4 +603,4 @@ class CertificateAuthority:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)

@@ -5,24 +5,16 @@ import warnings
 
 from edgekms.v1 import clients_pb2 as edgekms_dot_v1_dot_clients__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+# EdgeKMS (scripts/gen_protos.py): this code also runs on grpcio 1.62, the board's.
 GRPC_VERSION = grpc.__version__
-_version_not_supported = False
-
-try:
-    from grpc._utilities import first_version_is_lower
-    _version_not_supported = first_version_is_lower(GRPC_VERSION, GRPC_GENERATED_VERSION)
-except ImportError:
-    _version_not_supported = True
-
-if _version_not_supported:
+if tuple(int(p) for p in GRPC_VERSION.split('.')[:2]) < (1, 62):
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edgekms/v1/clients_pb2_grpc.py depends on'
-        + f' grpcio>={GRPC_GENERATED_VERSION}.'
-        + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
-        + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + ' but the generated code in edgekms/v1/clients_pb2_grpc.py needs grpcio>=1.62.'
     )
+# Registered methods (grpcio >= 1.63) are a speed-up: used where the runtime has them.
+_REGISTERED_METHODS = hasattr(grpc.Server, 'add_registered_method_handlers')
+_REGISTERED_METHOD_KWARGS = {'_registered_method': True} if _REGISTERED_METHODS else {}
 
 
 class ClientServiceStub:
@@ -40,17 +32,17 @@ class ClientServiceStub:
                 '/edgekms.v1.ClientService/AddClient',
                 request_serializer=edgekms_dot_v1_dot_clients__pb2.AddClientRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_clients__pb2.AddClientResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.ListClients = channel.unary_unary(
                 '/edgekms.v1.ClientService/ListClients',
                 request_serializer=edgekms_dot_v1_dot_clients__pb2.ListClientsRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_clients__pb2.ListClientsResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.RevokeClient = channel.unary_unary(
                 '/edgekms.v1.ClientService/RevokeClient',
                 request_serializer=edgekms_dot_v1_dot_clients__pb2.RevokeClientRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_clients__pb2.Client.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class ClientServiceServicer:
@@ -102,7 +94,8 @@ def add_ClientServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'edgekms.v1.ClientService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('edgekms.v1.ClientService', rpc_method_handlers)
+    if _REGISTERED_METHODS:
+        server.add_registered_method_handlers('edgekms.v1.ClientService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -136,7 +129,7 @@ class ClientService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def ListClients(request,
@@ -163,7 +156,7 @@ class ClientService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def RevokeClient(request,
@@ -190,4 +183,4 @@ class ClientService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)

@@ -6,17 +6,21 @@
 """Generated protocol buffer code."""
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
-from google.protobuf import runtime_version as _runtime_version
+try:
+  from google.protobuf import runtime_version as _runtime_version
+except ImportError:  # protobuf < 5.26 (the board's 4.25): no runtime version check
+  _runtime_version = None
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-_runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC,
-    7,
-    35,
-    1,
-    '',
-    'edgekms/v1/keys.proto'
-)
+if _runtime_version is not None:
+  _runtime_version.ValidateProtobufRuntimeVersion(
+      _runtime_version.Domain.PUBLIC,
+      7,
+      35,
+      1,
+      '',
+      'edgekms/v1/keys.proto'
+  )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()

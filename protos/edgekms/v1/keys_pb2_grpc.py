@@ -5,24 +5,16 @@ import warnings
 
 from edgekms.v1 import keys_pb2 as edgekms_dot_v1_dot_keys__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+# EdgeKMS (scripts/gen_protos.py): this code also runs on grpcio 1.62, the board's.
 GRPC_VERSION = grpc.__version__
-_version_not_supported = False
-
-try:
-    from grpc._utilities import first_version_is_lower
-    _version_not_supported = first_version_is_lower(GRPC_VERSION, GRPC_GENERATED_VERSION)
-except ImportError:
-    _version_not_supported = True
-
-if _version_not_supported:
+if tuple(int(p) for p in GRPC_VERSION.split('.')[:2]) < (1, 62):
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edgekms/v1/keys_pb2_grpc.py depends on'
-        + f' grpcio>={GRPC_GENERATED_VERSION}.'
-        + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
-        + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + ' but the generated code in edgekms/v1/keys_pb2_grpc.py needs grpcio>=1.62.'
     )
+# Registered methods (grpcio >= 1.63) are a speed-up: used where the runtime has them.
+_REGISTERED_METHODS = hasattr(grpc.Server, 'add_registered_method_handlers')
+_REGISTERED_METHOD_KWARGS = {'_registered_method': True} if _REGISTERED_METHODS else {}
 
 
 class KeyServiceStub:
@@ -40,57 +32,57 @@ class KeyServiceStub:
                 '/edgekms.v1.KeyService/CreateKey',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.CreateKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.GetKey = channel.unary_unary(
                 '/edgekms.v1.KeyService/GetKey',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.GetKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.ListKeys = channel.unary_unary(
                 '/edgekms.v1.KeyService/ListKeys',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.ListKeysResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.GetPublicKey = channel.unary_unary(
                 '/edgekms.v1.KeyService/GetPublicKey',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.GetPublicKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.PublicKey.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.Sign = channel.unary_unary(
                 '/edgekms.v1.KeyService/Sign',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.SignRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.SignResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.Verify = channel.unary_unary(
                 '/edgekms.v1.KeyService/Verify',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.VerifyResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.DisableKey = channel.unary_unary(
                 '/edgekms.v1.KeyService/DisableKey',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.DisableKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.EnableKey = channel.unary_unary(
                 '/edgekms.v1.KeyService/EnableKey',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.EnableKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.DestroyKey = channel.unary_unary(
                 '/edgekms.v1.KeyService/DestroyKey',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.DestroyKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.AttestKey = channel.unary_unary(
                 '/edgekms.v1.KeyService/AttestKey',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.AttestKeyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.AttestKeyResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.UpdateKeyPolicy = channel.unary_unary(
                 '/edgekms.v1.KeyService/UpdateKeyPolicy',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class KeyServiceServicer:
@@ -231,7 +223,8 @@ def add_KeyServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'edgekms.v1.KeyService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('edgekms.v1.KeyService', rpc_method_handlers)
+    if _REGISTERED_METHODS:
+        server.add_registered_method_handlers('edgekms.v1.KeyService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -265,7 +258,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def GetKey(request,
@@ -292,7 +285,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def ListKeys(request,
@@ -319,7 +312,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def GetPublicKey(request,
@@ -346,7 +339,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def Sign(request,
@@ -373,7 +366,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def Verify(request,
@@ -400,7 +393,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def DisableKey(request,
@@ -427,7 +420,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def EnableKey(request,
@@ -454,7 +447,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def DestroyKey(request,
@@ -481,7 +474,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def AttestKey(request,
@@ -508,7 +501,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def UpdateKeyPolicy(request,
@@ -535,7 +528,7 @@ class KeyService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
 
 class SystemServiceStub:
@@ -552,12 +545,12 @@ class SystemServiceStub:
                 '/edgekms.v1.SystemService/GetStatus',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.GetStatusResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
         self.WhoAmI = channel.unary_unary(
                 '/edgekms.v1.SystemService/WhoAmI',
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.WhoAmIRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.WhoAmIResponse.FromString,
-                _registered_method=True)
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class SystemServiceServicer:
@@ -594,7 +587,8 @@ def add_SystemServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'edgekms.v1.SystemService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('edgekms.v1.SystemService', rpc_method_handlers)
+    if _REGISTERED_METHODS:
+        server.add_registered_method_handlers('edgekms.v1.SystemService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -627,7 +621,7 @@ class SystemService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
 
     @staticmethod
     def WhoAmI(request,
@@ -654,4 +648,4 @@ class SystemService:
             wait_for_ready,
             timeout,
             metadata,
-            _registered_method=True)
+            **_REGISTERED_METHOD_KWARGS)
