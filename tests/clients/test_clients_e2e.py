@@ -36,6 +36,11 @@ KMSCTL = str(Path(sys.executable).parent / "kmsctl")
 
 
 class Stack(Parts):
+    def __post_init__(self) -> None:
+        # gRPC core logs why a TLS handshake failed at INFO: an environment asking gRPC
+        # for less must not hide from the broker's log the reasons wait_for_broker_log reads.
+        self.broker_env["GRPC_VERBOSITY"] = "INFO"
+
     @property
     def broker(self) -> str:
         return f"127.0.0.1:{self.broker_port}"

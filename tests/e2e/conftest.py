@@ -132,6 +132,11 @@ class Parts:
     provider: str = "hsm0"
     broker_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Added to the brokers' environment (e.g. GRPC_VERBOSITY for a test reading its log).
+    broker_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A hook for subclasses (e.g. to fill broker_env); the dataclass calls it."""
 
     @property
     def client_config(self) -> Path:
@@ -199,7 +204,8 @@ class Parts:
             f'cert = "{pki / "broker.crt"}"\nkey = "{pki / "broker.key"}"\n'
             f'client_ca = "{pki / "internal-ca.crt"}"\n'
         )
-        self._spawn(name, [str(BIN / "kms-broker"), "--config", str(conf)], dict(os.environ))
+        env = {**os.environ, **self.broker_env}
+        self._spawn(name, [str(BIN / "kms-broker"), "--config", str(conf)], env)
         wait_for_port("127.0.0.1", port, 30, self.processes[name])
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
