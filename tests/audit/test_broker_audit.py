@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -169,7 +170,37 @@ def test_kmsctl_tail_and_verify_expand_batches(audit_parts: Parts) -> None:
     assert typed == [(a.seq, a.index, f"b{i}") for i, a in enumerate(appended)]
 
 
+class _Lines:
+    """A child's stdout read line by line on a thread, so that the test can wait for
+    each line with a deadline instead of guessing how long the child needs."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self._stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # end of output
+
+    def next(self, timeout: float = 60.0) -> str | None:
+        """The next line, or None once the child closed its output."""
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output within {timeout}s") from None
+
+
 def test_kmsctl_tail_follow_sees_new_entries(audit_parts: Parts) -> None:
+    """`-f` keeps the call open and prints entries written after it started.
+
+    The follower's first line is its own TailAudit entry, which the broker writes once
+    the call is authorised; only after that line is read are three GetStatus calls
+    made. Without following, the tail would end at the entries present when it began
+    and close its output before they arrive."""
     with audit_parts.client() as client:
         start = _last_seq(client) + 1
     argv = [KMSCTL, "audit", "tail", "-f", "-o", "json", "--from", str(start), "--count", "4"]
@@ -180,20 +211,29 @@ def test_kmsctl_tail_follow_sees_new_entries(audit_parts: Parts) -> None:
         text=True,
     )
     try:
-        time.sleep(1.0)  # new entries arrive while the tail waits
+        lines = _Lines(process)
+        first = lines.next()
+        assert first is not None, "the tail ended before printing anything"
+        started = json.loads(first)
+        assert started["entry"]["action"] == "TailAudit"
+        assert started["entry"]["details"]["follow"] == "true"
         with audit_parts.client() as client:
             for _ in range(3):
                 client.status()
-        out, err = process.communicate(timeout=30)
+        later: list[dict[str, Any]] = []
+        for _ in range(3):
+            line = lines.next()
+            assert line is not None, f"the tail stopped following after {1 + len(later)} lines"
+            later.append(json.loads(line))
+        process.wait(timeout=60)  # --count 4 reached: it ends by itself
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 0, err
-    lines = [json.loads(line) for line in out.splitlines()]
-    assert [line["seq"] for line in lines] == list(range(start, start + 4))
-    actions = [line["entry"]["action"] for line in lines]
-    assert actions.count("GetStatus") == 3 and "TailAudit" in actions
+    assert process.returncode == 0, process.stderr.read() if process.stderr else ""
+    assert started["seq"] == start
+    assert [line["seq"] for line in later] == [start + 1, start + 2, start + 3]
+    assert [line["entry"]["action"] for line in later] == ["GetStatus"] * 3
 
 
 def test_signer_may_not_read_the_log(audit_parts: Parts) -> None:
@@ -208,12 +248,12 @@ def test_signer_may_not_read_the_log(audit_parts: Parts) -> None:
     cert, key = issue_client_cert(stack, "reader", "signer")
     with audit_parts.client() as admin:
         start = _last_seq(admin)
-    with _client_with(stack, cert, key) as client, pytest.raises(errors.KMSError) as caught:
+    with _client_with(stack, cert, key) as client, pytest.raises(errors.PermissionDenied) as caught:
         list(client.tail_audit(1))
-    assert caught.value.reason in ("authz.role_denied", "client.unknown")
+    assert caught.value.reason == "authz.role_denied"
     with audit_parts.client() as admin:
         denied = [e for e in _entries_all(admin, start) if e["actor"]["client"] == "reader"]
-    assert denied and denied[-1]["outcome"] == caught.value.reason
+    assert [(e["action"], e["outcome"]) for e in denied] == [("TailAudit", "authz.role_denied")]
 
 
 def _entries_all(client: KMSClient, after: int) -> list[dict[str, Any]]:

@@ -91,14 +91,36 @@ def make_csr(
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
 
 
+class PkilintLoadError(AssertionError):
+    """pkilint could not read the document at all, so it has not been linted."""
+
+
 def pkilint(kind: str, der: bytes, tmp: Path) -> str:
-    """Run pkilint's linter on `der` in-process; returns findings at WARNING or above."""
+    """Run pkilint's linter on `der` in-process; returns findings at WARNING or above,
+    "" only when pkilint read the whole document and found nothing.
+
+    pkilint's command-line mains print a load failure to stderr and return 1, which
+    looks like one finding with an empty report: the document is loaded here first,
+    with the loader those mains use, and a failure raises PkilintLoadError. Anything
+    on stderr, or a finding count without a report, raises too."""
+    from pkilint import loader
     from pkilint.bin import lint_crl, lint_ocsp_response, lint_pkix_cert
 
+    loaders: dict[str, loader.DocumentLoader] = {
+        "cert": loader.RFC5280CertificateDocumentLoader(),
+        "crl": loader.RFC5280CertificateListDocumentLoader(),
+        "ocsp": loader.RFC6960OCSPResponseDocumentLoader(),
+    }
+    if kind not in loaders:
+        raise ValueError(f"unknown document kind {kind!r}")
+    try:
+        loaders[kind].load_der_document(der, kind)
+    except Exception as exc:  # pyasn1 raises its own errors as well as ValueError
+        raise PkilintLoadError(f"pkilint cannot load this {kind}: {exc}") from exc
     path = tmp / f"doc-{kind}-{datetime.datetime.now().timestamp()}.der"
     path.write_bytes(der)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         if kind == "cert":
             count = lint_pkix_cert.main(["lint", "-s", "WARNING", str(path)])
         elif kind == "crl":
@@ -106,4 +128,8 @@ def pkilint(kind: str, der: bytes, tmp: Path) -> str:
         else:
             count = lint_ocsp_response.main(["lint", "-s", "WARNING", str(path)])
     text = out.getvalue().strip()
+    if err.getvalue().strip():
+        raise PkilintLoadError(f"pkilint reported on stderr: {err.getvalue().strip()}")
+    if count and not text:
+        raise PkilintLoadError(f"pkilint counted {count} findings but reported none")
     return text if count else ""

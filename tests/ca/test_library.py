@@ -23,7 +23,14 @@ from mgmt.ca.crl import Revocation, build_crl
 from mgmt.ca.ocsp import BadOCSPRequest, CertState, build_response, parse_request
 from mgmt.ca.policy import load_csr, plan_from_csr
 from mgmt.ca.profiles import BUILTIN_PROFILES, get_profile, parse_profiles
-from tests.ca.helpers import SoftCA, make_csr, make_key, make_soft_ca, pkilint
+from tests.ca.helpers import (
+    PkilintLoadError,
+    SoftCA,
+    make_csr,
+    make_key,
+    make_soft_ca,
+    pkilint,
+)
 
 URLS = CaUrls.from_base("http://ca.example.com:8080")
 
@@ -111,6 +118,37 @@ def test_pkilint_does_find_problems(ca: SoftCA, tmp_path: Path) -> None:
         .sign(ca.key, hashes.SHA256())
     )
     assert pkilint("cert", der(bad), tmp_path) != ""
+
+
+def _documents(ca: SoftCA) -> dict[str, bytes]:
+    """One real, lint-clean document of each kind the helper reads."""
+    leaf = issue(ca, "https-server", make_csr(make_key("ec-p256")))
+    query = parse_request(_ocsp_request(leaf, ca.cert, None), ca.cert)
+    return {
+        "cert": der(leaf),
+        "crl": der(build_crl(ca.key, ca.cert, [], crl_number=1)),
+        "ocsp": build_response(ca.key, ca.cert, query, CertState()),
+    }
+
+
+@pytest.mark.parametrize("kind", ["cert", "crl", "ocsp"])
+def test_pkilint_refuses_what_it_cannot_load(ca: SoftCA, kind: str, tmp_path: Path) -> None:
+    """A document pkilint cannot read is never reported clean: garbage, a DER prefix
+    with nothing sensible in it, a real document cut short or with bytes appended, and
+    a real document of another kind all raise. The real document itself lints clean,
+    so the refusals are about loading, not about the helper."""
+    docs = _documents(ca)
+    assert pkilint(kind, docs[kind], tmp_path) == ""
+    other = docs["crl" if kind != "crl" else "cert"]
+    for bad in (
+        b"garbage bytes, not DER at all",
+        b"\x30\x03\x02\x01\x01",
+        docs[kind][:-7],
+        docs[kind] + b"trailing",
+        other,
+    ):
+        with pytest.raises(PkilintLoadError):
+            pkilint(kind, bad, tmp_path)
 
 
 def test_crl_lints_clean_and_lists_revocations(ca: SoftCA, tmp_path: Path) -> None:

@@ -10,13 +10,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -35,6 +37,11 @@ KMSCTL = str(Path(sys.executable).parent / "kmsctl")
 
 
 class Stack(Parts):
+    def __post_init__(self) -> None:
+        # gRPC core logs why a TLS handshake failed at INFO: an environment asking gRPC
+        # for less must not hide from the broker's log the reasons wait_for_broker_log reads.
+        self.broker_env["GRPC_VERBOSITY"] = "INFO"
+
     @property
     def broker(self) -> str:
         return f"127.0.0.1:{self.broker_port}"
@@ -72,16 +79,42 @@ def add_client(stack: Stack, tmp: Path, name: str, role: str, *extra: str) -> KM
     return KMSClient.from_config(out / "config.toml", timeout=10)
 
 
+NO_EKU: list[x509.ObjectIdentifier] = []  # shared_issue(eku=NO_EKU): no extendedKeyUsage at all
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A client certificate and its key as PEM, with what the test asked for."""
+
+    cert: bytes
+    key: bytes
+    not_after: datetime.datetime
+
+    def client(self, stack: Stack) -> KMSClient:
+        ca_pem = (stack.data_dir / "client" / "ca.crt").read_bytes()
+        return KMSClient(
+            stack.broker,
+            ca_cert=ca_pem,
+            cert=self.cert,
+            key=self.key,
+            server_name="edgekms-broker",
+            timeout=5,
+        )
+
+
 def shared_issue(
     stack: Stack,
     client: str,
     role: str,
     not_after: datetime.datetime | None = None,
     eku: list[x509.ObjectIdentifier] | None = None,
-) -> KMSClient:
-    """A certificate from the stack's internal CA through the shared issuer."""
+) -> Issued:
+    """A certificate from the stack's internal CA, signed in the token through the bus
+    with the same template `kmsctl client add` uses (edgekms.client_certs), so that a
+    test changing one property (validity, EKU) changes only that one. `eku=NO_EKU` drops
+    the extension, which the template always writes, and signs the rest unchanged."""
 
-    async def issue() -> tuple[bytes, bytes]:
+    async def issue() -> Issued:
         nc = await nats.connect(stack.nats_url)
         try:
             kv = await nc.jetstream().key_value("kms_keys")
@@ -109,22 +142,62 @@ def shared_issue(
                 role,
                 not_before=start,
                 not_after=not_after,
-                eku=eku,
+                eku=eku or None,
             )
+            if eku is NO_EKU:
+                cert = await asyncio.to_thread(_without_eku, cert, ca_key)
             pem_key = key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            return cert.public_bytes(serialization.Encoding.PEM), pem_key
+            return Issued(
+                cert.public_bytes(serialization.Encoding.PEM), pem_key, cert.not_valid_after_utc
+            )
         finally:
             await nc.close()
 
-    cert, key = asyncio.run(issue())
-    ca_pem = (stack.data_dir / "client" / "ca.crt").read_bytes()
-    return KMSClient(
-        stack.broker, ca_cert=ca_pem, cert=cert, key=key, server_name="edgekms-broker", timeout=5
+    return asyncio.run(issue())
+
+
+def _without_eku(cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())  # type: ignore[arg-type]
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
     )
+    for ext in cert.extensions:
+        if not isinstance(ext.value, x509.ExtendedKeyUsage):
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def broker_log_size(stack: Stack) -> int:
+    return (stack.root / "broker.log").stat().st_size
+
+
+def wait_for_broker_log(stack: Stack, since: int, text: str, timeout: float = 30.0) -> str:
+    """Poll the broker's log, from byte `since`, for a line containing `text`.
+
+    A TLS refusal never reaches the broker's handlers, and gRPC closes the socket
+    without a TLS alert, so the client sees only UNAVAILABLE "Socket closed", the same
+    as for any broken connection. The reason exists in one place: the line gRPC core
+    logs for the failed handshake (ssl_transport_security.cc, "Handshake failed with
+    error ... CERTIFICATE_VERIFY_FAILED: <reason>")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(stack.root / "broker.log", "rb") as log:
+            log.seek(since)
+            for line in log.read().decode(errors="replace").splitlines():
+                if "Handshake failed" in line and text in line:
+                    return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the broker logged no handshake failure with {text!r}")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -186,21 +259,64 @@ def test_key_pattern_is_enforced(stack: Stack, keys: list[str], tmp_path: Path) 
         assert [k.name for k in nas.list_keys()] == ["nas/https"]
 
 
+def test_shared_issue_makes_certificates_that_work(stack: Stack) -> None:
+    """The positive control for the refusals below: the helper's certificates, with no
+    property changed, are accepted and name their holder."""
+    issued = shared_issue(stack, "fine", "signer")
+    with issued.client(stack) as fine:
+        who = fine.whoami()
+        assert (who.client, who.role) == ("fine", "signer")
+    short = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    with shared_issue(stack, "short", "signer", not_after=short).client(stack) as c:
+        assert c.whoami().client == "short"
+    explicit = shared_issue(stack, "cauth", "admin", eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    with explicit.client(stack) as c:
+        assert c.whoami().client == "cauth"
+
+
 def test_expired_certificate_refused(stack: Stack) -> None:
+    # Expired before connecting: refused in the TLS handshake, for that reason.
     past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
-    with (
-        shared_issue(stack, "old", "signer", not_after=past) as old,
-        pytest.raises((errors.Unauthenticated, errors.Unavailable)),
-    ):
-        old.whoami()
+    since = broker_log_size(stack)
+    old = shared_issue(stack, "old", "signer", not_after=past)
+    with old.client(stack) as expired, pytest.raises(errors.Unavailable):
+        expired.whoami()
+    wait_for_broker_log(stack, since, "certificate has expired")
+    # Expired while connected: TLS checked it once, at the handshake; the broker checks
+    # on every request and refuses the next one as auth.expired. The window only has to
+    # cover issuing plus one request; a machine too slow for it gets a longer one.
+    for window in (10, 30, 90):
+        until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=window)
+        issued = shared_issue(stack, f"brief{window}", "signer", not_after=until)
+        with issued.client(stack) as brief:
+            try:
+                assert brief.whoami().client == f"brief{window}"
+            except errors.Unavailable:
+                if datetime.datetime.now(datetime.UTC) < issued.not_after:
+                    raise
+                continue  # expired before the first request got through
+            while datetime.datetime.now(datetime.UTC) <= issued.not_after:
+                time.sleep(0.2)  # waiting for the wall clock to pass notAfter
+            with pytest.raises(errors.Unauthenticated) as refused:
+                brief.whoami()
+            assert refused.value.reason == "auth.expired"
+            return
+    pytest.fail("no certificate lived long enough to be used once")
 
 
 def test_wrong_eku_refused(stack: Stack) -> None:
-    with (
-        shared_issue(stack, "srv", "admin", eku=[ExtendedKeyUsageOID.SERVER_AUTH]) as wrong,
-        pytest.raises((errors.Unauthenticated, errors.Unavailable)),
-    ):
-        wrong.whoami()
+    # serverAuth only: TLS itself checks the purpose (OpenSSL's ssl_client) and refuses.
+    since = broker_log_size(stack)
+    wrong = shared_issue(stack, "srv", "admin", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    with wrong.client(stack) as srv, pytest.raises(errors.Unavailable):
+        srv.whoami()
+    wait_for_broker_log(stack, since, "unsupported certificate purpose")
+    # No extendedKeyUsage at all satisfies TLS (no EKU means any purpose); the broker
+    # requires clientAuth explicitly.
+    with shared_issue(stack, "noeku", "admin", eku=NO_EKU).client(stack) as noeku:
+        with pytest.raises(errors.Unauthenticated) as refused:
+            noeku.whoami()
+        assert refused.value.reason == "auth.no_client_eku"
 
 
 def test_wrong_role_refused(stack: Stack, keys: list[str], tmp_path: Path) -> None:

@@ -67,6 +67,10 @@ async def test_bad_config_exits_2(crypto_factory: CryptoFactory, tmp_path: Path)
 async def test_stopped_service_is_unavailable_fast_then_restarts(
     crypto_factory: CryptoFactory, client: CryptoClient
 ) -> None:
+    """A stopped service leaves no responders: NATS says so at once and the caller gets
+    Unavailable provider.unavailable, however long its own timeout. Waiting out the
+    timeout would be DeadlineExceeded provider.deadline, so the type proves "fast"
+    without a stopwatch. After a restart, signing is polled for until it works."""
     proc = crypto_factory("hsmr")
     made = await client.generate_key(
         "hsmr",
@@ -77,13 +81,20 @@ async def test_stopped_service_is_unavailable_fast_then_restarts(
     await client.sign("hsmr", _sign_req(made.key_id))
     assert proc.stop() == 0
     assert "event=service_stopped" in proc.stderr()
-    started = time.monotonic()
     with pytest.raises(Unavailable) as info:
-        await client.sign("hsmr", _sign_req(made.key_id))
+        await client.sign("hsmr", _sign_req(made.key_id), timeout=120)
     assert info.value.reason == "provider.unavailable"
-    assert time.monotonic() - started < 1.0
     proc.start()
-    signed = await client.sign("hsmr", _sign_req(made.key_id, 1))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            signed = await client.sign("hsmr", _sign_req(made.key_id, 1), timeout=10)
+            break
+        except Unavailable as err:  # registered, but the bus may not route to it yet
+            assert err.reason == "provider.unavailable"
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
     assert signed.signature
 
 

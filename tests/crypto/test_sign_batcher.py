@@ -13,6 +13,7 @@ import secrets
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import nats.aio.client
 import pytest
@@ -154,28 +155,63 @@ async def test_a_short_deadline_expires_without_failing_the_others(
 
 
 async def test_a_caller_leaving_an_in_flight_batch_leaves_the_rest(
-    crypto_factory: CryptoFactory, client: CryptoClient
+    crypto_factory: CryptoFactory, client: CryptoClient, nc: nats.aio.client.Client
 ) -> None:
+    """Two callers leave a SignBatch that is already on the bus, one by its deadline and
+    one by cancellation; the other members still get their signatures.
+
+    Nothing here races the service: it is frozen before anything is sent, so no answer
+    can come early. `first` takes the lane's one slot as a plain Sign and the rest
+    queue behind it; cancelling `first` frees the slot and the queue goes out as one
+    SignBatch, which a plain subscription on the bus sees (with every member in it)
+    before anyone leaves. Only after both have left is the service let go."""
     proc = crypto_factory("hsmleave")
     key_id, der = await _key(client, "hsmleave")
-    batcher = SignBatcher(client, max_outstanding=1)
+    batcher = SignBatcher(client, max_outstanding=1, single_worker_max_outstanding=None)
+    seen: list[crypto_pb2.SignBatchRequest] = []
+
+    async def watch(msg: Any) -> None:
+        batch = crypto_pb2.SignBatchRequest()
+        batch.ParseFromString(msg.data)
+        seen.append(batch)
+
+    watcher = await nc.subscribe("kms.crypto.hsmleave.SignBatch", cb=watch)
+    await nc.flush()
 
     def sign(i: int, timeout: float) -> asyncio.Task[crypto_pb2.SignResponse]:
         request = crypto_pb2.SignRequest(key_id=key_id, algorithm=ECDSA, data=_digest(i))
         return asyncio.create_task(batcher.sign("hsmleave", request, timeout=timeout))
 
-    first = sign(0, 20)
-    await asyncio.sleep(0)  # `first` is sent ...
-    batch = [sign(i, 20) for i in range(1, 5)]
-    short = sign(5, 0.5)
-    # ... and the rest go together the moment it is answered, while the service is
-    # frozen: the batch (with `short` in it) is on the bus when `short` gives up.
-    await first
-    with _frozen(proc), pytest.raises(DeadlineExceeded):
-        await short
-    results = await asyncio.wait_for(asyncio.gather(*batch), 20)
+    try:
+        with _frozen(proc):
+            first = sign(0, 120)  # the lane's one slot: a plain Sign nobody answers
+            await asyncio.sleep(0)
+            batch = [sign(i, 120) for i in range(1, 5)]
+            short = sign(5, 10)  # leaves by its deadline, while in the batch
+            leaving = sign(6, 120)  # leaves by cancellation, while in the batch
+            for _ in range(200):  # queued behind `first`
+                await asyncio.sleep(0)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            deadline = asyncio.get_running_loop().time() + 60
+            while not seen:
+                assert asyncio.get_running_loop().time() < deadline, "no SignBatch was sent"
+                await asyncio.sleep(0.05)
+            assert [r.data for r in seen[0].requests] == [_digest(i) for i in range(1, 7)]
+            assert not short.done() and not leaving.done()  # both were on the bus
+            leaving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+            with pytest.raises(DeadlineExceeded) as info:
+                await short
+            assert info.value.reason == "provider.deadline"
+        results = await asyncio.wait_for(asyncio.gather(*batch), 60)
+    finally:
+        await watcher.unsubscribe()
     for i, result in enumerate(results, start=1):
         assert verify_signature(der, ECDSA, _digest(i), result.signature), i
+    assert len(seen) == 1  # the members that stayed were not sent again
 
 
 async def test_a_single_worker_provider_gets_a_second_request_on_the_bus(

@@ -343,11 +343,13 @@ async def test_bus_users_have_only_their_subjects(setup_dir: Path, stack_nats: i
         reply = await broker.request("kms.crypto.hsm0.Sign", b"digest", timeout=5)
         assert reply.data == b"signed:digest"
 
-        # hsm0 may not listen on tpm0's subjects, nor ask anybody anything.
-        await hsm0.subscribe("kms.crypto.tpm0.Sign")
+        # hsm0 may not listen on tpm0's subjects, nor ask anybody anything. The
+        # subscription answers like the one above, so that, were it granted, the
+        # broker's request below would get this answer instead of no responders.
+        await hsm0.subscribe("kms.crypto.tpm0.Sign", queue="kms.crypto.tpm0", cb=answer)
         await hsm0.publish("kms.ca.Issue", b"x")
         await hsm0.flush()
-        for _ in range(50):
+        for _ in range(600):  # up to 30 s for both errors to arrive
             if len(errors) >= 2:
                 break
             await asyncio.sleep(0.05)
@@ -355,7 +357,7 @@ async def test_bus_users_have_only_their_subjects(setup_dir: Path, stack_nats: i
         assert 'permissions violation for subscription to "kms.crypto.tpm0.sign"' in text
         assert 'permissions violation for publish to "kms.ca.issue"' in text
         with pytest.raises((NatsTimeoutError, nats.errors.NoRespondersError)):
-            await broker.request("kms.crypto.tpm0.Sign", b"digest", timeout=0.5)
+            await broker.request("kms.crypto.tpm0.Sign", b"digest", timeout=2)
     finally:
         await hsm0.close()
         await broker.close()

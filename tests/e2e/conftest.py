@@ -136,6 +136,11 @@ class Parts:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # Top-level broker.toml lines a subclass adds (connection timeouts, ...).
     broker_extra: ClassVar[str] = ""
+    # Added to the brokers' environment (e.g. GRPC_VERBOSITY for a test reading its log).
+    broker_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A hook for subclasses (e.g. to fill broker_env); the dataclass calls it."""
 
     @property
     def client_config(self) -> Path:
@@ -190,18 +195,22 @@ class Parts:
             )
         )
 
-    def start_broker(self) -> None:
+    def start_broker(self, name: str = "broker", port: int | None = None) -> None:
+        """Start a broker on the parts' bus and registry; `name` and `port` start another
+        one beside it (another process, same NATS, same buckets, same certificates)."""
+        port = self.broker_port if port is None else port
         pki = self.root / "pki"
-        conf = self.root / "broker.toml"
+        conf = self.root / f"{name}.toml"
         conf.write_text(
-            f'listen = "127.0.0.1:{self.broker_port}"\nnats_url = "{self.nats.url}"\n'
+            f'listen = "127.0.0.1:{port}"\nnats_url = "{self.nats.url}"\n'
             f'default_provider = "{self.provider}"\nproviders = ["{self.provider}"]\n'
             f"sign_timeout = 2.0\n{self.broker_extra}[tls]\n"
             f'cert = "{pki / "broker.crt"}"\nkey = "{pki / "broker.key"}"\n'
             f'client_ca = "{pki / "internal-ca.crt"}"\n'
         )
-        self._spawn("broker", [str(BIN / "kms-broker"), "--config", str(conf)], dict(os.environ))
-        wait_for_port("127.0.0.1", self.broker_port, 30 * SLOWDOWN, self.processes["broker"])
+        env = {**os.environ, **self.broker_env}
+        self._spawn(name, [str(BIN / "kms-broker"), "--config", str(conf)], env)
+        wait_for_port("127.0.0.1", port, 30 * SLOWDOWN, self.processes[name])
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child

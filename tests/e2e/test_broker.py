@@ -316,19 +316,38 @@ def test_key_policy_limits_who_signs(kms_stack: KmsStack) -> None:
 
 
 def test_crypto_service_down_is_unavailable_then_recovers(parts: Parts) -> None:
-    with parts.client(timeout=10) as client:
+    """With its crypto service gone the broker answers UNAVAILABLE provider.unavailable
+    at once: NATS reports no responders, which is told apart from a slow service by the
+    type, not by a stopwatch (a service that does not answer in time is DEADLINE_EXCEEDED
+    provider.deadline, the client's own deadline DEADLINE_EXCEEDED too). Once the
+    service is back, signing and the status recover; both are polled for."""
+    with parts.client(timeout=60) as client:
         client.create_key("fault/p256", "ec-p256")
         client.sign("fault/p256", b"before")
         parts.stop("crypto")
-        started = time.monotonic()
         with pytest.raises(errors.Unavailable) as info:
             client.sign("fault/p256", b"while down")
-        assert time.monotonic() - started < 2.5, "UNAVAILABLE must come within the deadline"
         assert info.value.reason == "provider.unavailable"
         status = client.status()
         assert not status.ok
         assert {c.name: c.ok for c in status.components}["crypto/hsm0"] is False
         parts.start_crypto()
-        signature = client.sign("fault/p256", b"after restart")
+        signature = _until_ok(lambda: client.sign("fault/p256", b"after restart"))
         assert client.verify("fault/p256", b"after restart", signature)
-        assert client.status().ok
+        assert _until_ok(lambda: client.status().ok or None) is True
+
+
+def _until_ok(attempt: Any, timeout: float = 60.0) -> Any:
+    """Poll `attempt` until it returns something other than None without a retryable
+    error; a crypto service that has just registered may still be warming up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = attempt()
+            if result is not None:
+                return result
+        except (errors.Unavailable, errors.DeadlineExceeded):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not recovered within {timeout}s")
+        time.sleep(0.2)

@@ -6,8 +6,25 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from mgmt.client import KMSClient
 from mgmt.natsserver import free_port
 from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """Certificates and keys under `directory` (config.toml is left out: each start
+    points it at that start's broker address)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != "config.toml"
+    }
+
+
+def _keys(client: KMSClient) -> list[tuple[str, str, int, bytes]]:
+    return [
+        (k.name, k.provider, k.state, client.get_public_key(k.name).der) for k in client.list_keys()
+    ]
 
 
 def test_restart_keeps_keys_and_certificates_and_wrong_pin_is_refused(tmp_path: Path) -> None:
@@ -31,19 +48,57 @@ def test_restart_keeps_keys_and_certificates_and_wrong_pin_is_refused(tmp_path: 
         with stack.client() as client:
             assert client.verify("persist/p256", b"first life", first_sig)
             client.sign("persist/p256", b"second life")
+            keys_before = _keys(client)
     finally:
         assert stop_stack(stack) == 0
+    certificates_before = {"pki": _files(data_dir / "pki"), "client": _files(data_dir / "client")}
+    assert "persist/p256" in [name for name, *_ in keys_before]
 
     pin_file = data_dir / "secrets" / "hsm0.pin"
+    right_pin = pin_file.read_bytes()
     pin_file.write_text("not-the-pin\n")
     result = subprocess.run(
-        [str(BIN / "kmsctl"), "up", "--data-dir", str(data_dir), "--nats-port", str(free_port())],
+        [
+            str(BIN / "kmsctl"),
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--nats-port",
+            str(free_port()),
+            "--broker-listen",
+            f"127.0.0.1:{free_port()}",
+            "--ca-http",
+            f"127.0.0.1:{free_port()}",
+        ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     assert result.returncode == 8
     assert "crypto-hsm0 failed to start (token refused" in result.stderr
+    assert "not-the-pin" not in result.stdout + result.stderr
+
+    # The refusal destroyed nothing: with the right PIN back, the same certificates on
+    # disk, the same keys in the registry, and the old key still signs as before.
+    pin_file.write_bytes(right_pin)
+    assert {
+        "pki": _files(data_dir / "pki"),
+        "client": _files(data_dir / "client"),
+    } == certificates_before
+    stack = start_stack(data_dir)
+    try:
+        assert {
+            "pki": _files(data_dir / "pki"),
+            "client": _files(data_dir / "client"),
+        } == certificates_before
+        with stack.client() as client:
+            assert client.whoami().role == "admin"
+            assert _keys(client) == keys_before
+            assert client.verify("persist/p256", b"first life", first_sig)
+            third = client.sign("persist/p256", b"third life")
+            assert client.verify("persist/p256", b"third life", third)
+    finally:
+        assert stop_stack(stack) == 0
 
 
 def test_init_uses_bus_credentials_and_is_refused_without(

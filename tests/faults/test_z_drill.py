@@ -4,7 +4,13 @@ restarts each. Clients retry with the same request id; the drill asserts that er
 were seen only while something was down and only of retryable kinds, that every
 request eventually succeeded, that no serial was issued twice nor a certificate left
 without its record, and that the audit chain still verifies. Runs last in the package:
-it leaves the stack's parts restarted, not pristine."""
+it leaves the stack's parts restarted, not pristine.
+
+"While something was down" is measured, not assumed: a part is down from its kill
+until, after kmsctl up restarted it, three signs and three issues that began after
+the restart have succeeded. Every failed attempt must have been in flight during such
+a window. There is no bound on the drill's total time: every wait below polls for its
+condition with a generous deadline, and speed belongs in bench/."""
 
 from __future__ import annotations
 
@@ -24,11 +30,17 @@ from mgmt.client import RETRYABLE
 from tests.e2e.conftest import BIN, KmsStack
 from tests.faults.conftest import new_csr
 
-pytestmark = pytest.mark.timeout(180)
-
 # Long enough for any restart (the supervisor's backoff, a broker reconnecting).
-OP_DEADLINE = 45.0
+OP_DEADLINE = 90.0
 TARGETS = ("nats", "broker", "crypto-hsm0", "ca")
+WARM_UP = 60.0  # for the first ten successes
+RESTART = 60.0  # for kmsctl up to restart a killed part
+RECOVER = 90.0  # for the restarted part to serve signs and issues again
+ATTEMPT = 3.0  # each attempt's gRPC deadline
+# The waits above, each at its limit, plus the workers' last attempts and the checks.
+pytestmark = pytest.mark.timeout(
+    int(WARM_UP + len(TARGETS) * (RESTART + RECOVER) + OP_DEADLINE + 10 + 120)
+)
 
 
 @dataclass
@@ -36,7 +48,10 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     ok: int = 0
     signed: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)
+    # (kind, code, reason, attempt began, attempt ended), monotonic seconds
+    errors: list[tuple[str, str, str, float, float]] = field(default_factory=list)
+    # (kind, attempt began) of every success
+    successes: list[tuple[str, float]] = field(default_factory=list)
     gave_up: list[str] = field(default_factory=list)
     serials: list[str] = field(default_factory=list)
 
@@ -59,14 +74,16 @@ def _alive(pid: int) -> bool:
 
 
 def _worker(stack: KmsStack, index: int, stop: threading.Event, tally: Tally) -> None:
-    with stack.client(timeout=3.0) as client:
+    with stack.client(timeout=ATTEMPT) as client:
         step = 0
         while not stop.is_set():
             step += 1
             rid = uuid.uuid4().hex
             csr = new_csr(f"drill-{index}-{step}") if step % 2 == 0 else b""
             give_up = time.monotonic() + OP_DEADLINE
+            kind = "issue" if csr else "sign"
             while True:
+                began = time.monotonic()
                 try:
                     if csr:
                         # Every retry carries the same request id and body.
@@ -79,10 +96,12 @@ def _worker(stack: KmsStack, index: int, stop: threading.Event, tally: Tally) ->
                             tally.signed += 1
                     with tally.lock:
                         tally.ok += 1
+                        tally.successes.append((kind, began))
                     break
                 except KMSError as err:
+                    ended = time.monotonic()
                     with tally.lock:
-                        tally.errors.append((err.code_name, err.reason))
+                        tally.errors.append((kind, err.code_name, err.reason, began, ended))
                     if time.monotonic() > give_up:
                         with tally.lock:
                             tally.gave_up.append(f"{err.code_name} {err.reason}")
@@ -103,8 +122,20 @@ def _wait_progress(tally: Tally, more: int, timeout: float) -> None:
     raise AssertionError(f"no progress: {tally.ok} ok, last errors {tally.errors[-5:]}")
 
 
+def _wait_recovered(tally: Tally, since: float, timeout: float) -> float:
+    """Poll until three signs and three issues that began at or after `since` have
+    succeeded; returns when that was seen (the end of the part's down window)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with tally.lock:
+            kinds = [kind for kind, began in tally.successes if began >= since]
+        if kinds.count("sign") >= 3 and kinds.count("issue") >= 3:
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError(f"not recovered: {tally.ok} ok, last errors {tally.errors[-5:]}")
+
+
 def test_kill_9_each_part_under_load(fault_stack: KmsStack) -> None:
-    started = time.monotonic()
     with fault_stack.client() as client:
         client.create_key("drill", "ec-p256")
         records_before = {r.serial for r in client.list_certificates()}
@@ -116,14 +147,16 @@ def test_kill_9_each_part_under_load(fault_stack: KmsStack) -> None:
     for worker in workers:
         worker.start()
     errors_during: dict[str, int] = {}
+    down: dict[str, tuple[float, float]] = {}  # target: (killed, recovered)
     try:
-        _wait_progress(tally, 10, 20)
+        _wait_progress(tally, 10, WARM_UP)
         for target in TARGETS:
             pid = _pid(fault_stack, target)
             with tally.lock:
                 errors_before = len(tally.errors)
+            killed = time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + RESTART
             while time.monotonic() < deadline:
                 new = _pid(fault_stack, target)
                 if new != pid and _alive(new):
@@ -132,8 +165,9 @@ def test_kill_9_each_part_under_load(fault_stack: KmsStack) -> None:
             else:
                 raise AssertionError(f"kmsctl up did not restart {target}")
             assert fault_stack.process.poll() is None, "kmsctl up itself stopped"
-            # Restarted and reconnected: requests through every part succeed again.
-            _wait_progress(tally, 10, 40)
+            # Restarted and reconnected: signs and issues succeed again.
+            recovered = _wait_recovered(tally, time.monotonic(), RECOVER)
+            down[target] = (killed, recovered)
             with tally.lock:
                 errors_during[target] = len(tally.errors) - errors_before
     finally:
@@ -147,8 +181,15 @@ def test_kill_9_each_part_under_load(fault_stack: KmsStack) -> None:
     # holds requests through a quick bus restart, and a crypto or CA kill can fall
     # between requests; so only the broker's is required to show errors.
     assert errors_during["broker"] > 0, errors_during
-    kinds = {code for code, _ in tally.errors}
-    assert kinds <= RETRYABLE, sorted(set(tally.errors))
+    kinds = {code for _, code, _, _, _ in tally.errors}
+    assert kinds <= RETRYABLE, sorted({(code, reason) for _, code, reason, _, _ in tally.errors})
+    # Only while a part was down: every failed attempt overlaps a down window.
+    outside = [
+        (kind, code, reason)
+        for kind, code, reason, began, ended in tally.errors
+        if not any(began <= recovered and ended >= killed for killed, recovered in down.values())
+    ]
+    assert outside == [], outside
 
     assert len(tally.serials) == len(set(tally.serials)), "a serial was issued twice"
     with fault_stack.client() as client:
@@ -179,4 +220,3 @@ def test_kill_9_each_part_under_load(fault_stack: KmsStack) -> None:
     assert verify.returncode == 0, report.get("problems")
     # Every signature handed out was recorded first (CA calls are the CA's to record).
     assert report["entries"] >= tally.signed, (report, tally.signed)
-    assert time.monotonic() - started < 90, "the drill must stay under 90 s"
