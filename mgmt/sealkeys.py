@@ -49,6 +49,18 @@ class SealKeys:
         )
 
 
+def local_seal(secrets_dir: Path, writer: str | None) -> RecordSeal | None:
+    """The seal of `writer` (None: a verifier only) from the keys `kmsctl up` made under
+    secrets_dir, for management commands run beside it (`kmsctl init`); None when it made
+    none (an unsealed development bus)."""
+    files = {w: seal_key_path(secrets_dir, w) for w in WRITERS}
+    if not all(path.exists() for path in files.values()):
+        return None
+    keys = {w: load_signing_key(path) for w, path in files.items()}
+    public = {w: key.public_key() for w, key in keys.items()}
+    return RecordSeal(writer, keys[writer] if writer else None, public)
+
+
 def seal_key_path(secrets_dir: Path, writer: str) -> Path:
     return secrets_dir / "seal" / f"{writer}.key"
 
