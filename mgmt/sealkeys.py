@@ -9,20 +9,28 @@ holds the ceremony's (it runs the ceremony itself).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import nats.js.errors
+
+from edgekms import kvread, natsrpc
 from edgekms.logs import fields
 from edgekms.sealed import (
     WRITERS,
     RecordSeal,
+    TamperedRecord,
     load_public_key,
     load_signing_key,
     new_signing_key_pem,
+    owner_of,
     public_key_hex,
     seal_fields_toml,
 )
+from edgekms.subjects import CA_BUCKET, CLIENTS_BUCKET, KEY_REGISTRY_BUCKET
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +88,62 @@ def ensure_seal_keys(secrets_dir: Path) -> SealKeys:
         files[writer] = path
         public[writer] = public_key_hex(load_signing_key(path).public_key())
     return SealKeys(files, public)
+
+
+RESEALED_MARKER = ".resealed"
+
+
+async def reseal_legacy(
+    url: str,
+    bus_options: dict[str, dict[str, Any]],
+    keys: SealKeys,
+    marker: Path,
+    buckets: tuple[tuple[str, str], ...] = (
+        (KEY_REGISTRY_BUCKET, "broker"),
+        (CLIENTS_BUCKET, "broker"),
+        (CA_BUCKET, "ca"),
+    ),
+) -> int:
+    """Seal, once, the records a stack wrote before it sealed records: each with its
+    rightful owner's key (edgekms.sealed.owner_of), written compare-and-set through the
+    bus identity that may write the bucket (`bus_options`: user -> connect options).
+
+    Runs while `marker` is absent, i.e. at the first start that has sealing keys, before
+    any service; the marker is written once every bucket is done, and from then on an
+    unsealed record is refused like any other tampered one. Records with a seal are left
+    as they are (a bad one stays refused). Returns how many records were sealed.
+    """
+    if await asyncio.to_thread(marker.exists):
+        return 0
+    sealed_count = 0
+    for bucket, user in buckets:
+        nc = await natsrpc.connect(
+            url, name="kmsctl-reseal", connect_timeout=5, **bus_options[user]
+        )
+        try:
+            js = nc.jetstream(timeout=10)
+            try:
+                kv = await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                continue
+            entries, _ = await kvread.snapshot(js, bucket)
+            for entry in entries:
+                if not entry.value or kvread.is_removal(entry):
+                    continue
+                owner = keys.seal(owner_of(bucket, entry.key))
+                try:
+                    owner.open(bucket, entry.key, entry.value)
+                    continue
+                except TamperedRecord as err:
+                    if err.reason != "record.unsealed":
+                        continue
+                value = owner.seal(bucket, entry.key, entry.value)
+                await kv.update(entry.key, value, last=entry.revision)
+                sealed_count += 1
+        finally:
+            await nc.close()
+    from mgmt.pki import write_private
+
+    await asyncio.to_thread(write_private, marker, f"{sealed_count}\n".encode())
+    log.warning("records written before sealing were sealed", extra=fields(count=sealed_count))
+    return sealed_count

@@ -37,6 +37,7 @@ from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
 from mgmt import subprocs
 from mgmt.natsauth import (
+    BROKER_USER,
     BUS_MAX_PAYLOAD,
     CA_USER,
     KMSCTL_USER,
@@ -53,7 +54,7 @@ from mgmt.natsauth import (
 )
 from mgmt.natsserver import NatsServer, NatsServerConfig, NatsServerError
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
-from mgmt.sealkeys import SealKeys, ensure_seal_keys
+from mgmt.sealkeys import RESEALED_MARKER, SealKeys, ensure_seal_keys, reseal_legacy
 from mgmt.softhsm import init_token
 from mgmt.swtpm import Swtpm
 
@@ -272,6 +273,14 @@ class Stack:
                 await audit.harden_stream(js)
             finally:
                 await nc.close()
+            # Records of a stack from before sealing: sealed once by their owners' keys,
+            # before any service reads them (mgmt.sealkeys.reseal_legacy).
+            await reseal_legacy(
+                self.nats_url,
+                {user: self.bus[user].connect_options() for user in (BROKER_USER, CA_USER)},
+                self._seals,
+                self.layout.secrets / "seal" / RESEALED_MARKER,
+            )
         finally:
             # Withdrawn whatever happened: the grant never outlives the setup.
             assert self.nats is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,11 +24,12 @@ from broker.throttle import FailureThrottle
 from edgekms import audit, kvstore
 from edgekms.errors import FailedPrecondition, NotFound, Unauthenticated
 from edgekms.identity import Identity
-from edgekms.sealed import WRITERS, RecordSeal, TamperedRecord
+from edgekms.sealed import WRITERS, RecordSeal, TamperedRecord, owner_of
 from edgekms.v1 import ca_pb2, clients_pb2, sealed_pb2
 from edgekms.v1 import common_pb2 as pb
 from mgmt.ca.store import CAStore
 from mgmt.registry_record import RegistryKeys
+from mgmt.sealkeys import RESEALED_MARKER, ensure_seal_keys, reseal_legacy
 from tests.natsperm.conftest import SecureBus, connect, connected, end_ceremony, start_secure_bus
 
 pytestmark = pytest.mark.timeout(120)
@@ -300,3 +302,39 @@ async def _registry(conn: object, seal: RecordSeal) -> object:
     from mgmt.registry_record import registry_kv
 
     return await registry_kv(conn.nc, seal)  # type: ignore[attr-defined]
+
+
+async def test_records_from_before_sealing_are_sealed_once_by_their_owners(
+    seal_bus: SecureBus, tmp_path: Path
+) -> None:
+    keys = ensure_seal_keys(tmp_path / "secrets")
+    marker = tmp_path / "secrets" / "seal" / RESEALED_MARKER
+    options = {user: seal_bus.creds(user).connect_options() for user in ("broker", "ca")}
+    old_key = _ca_key_record("ca/root", b"old-root").SerializeToString()
+    old_client = clients_pb2.Client(name="legacy", role="admin", serial="1e9").SerializeToString()
+    old_cert = ca_pb2.CertificateRecord(serial="1E9A", profile="device").SerializeToString()
+    async with connected(seal_bus, "broker") as broker, connected(seal_bus, "ca") as ca:
+        bjs, cjs = broker.nc.jetstream(timeout=5), ca.nc.jetstream(timeout=5)
+        await (await bjs.key_value("kms_keys")).put("ca/root", old_key)
+        await (await bjs.key_value("kms_clients")).put("client.legacy", old_client)
+        await (await cjs.key_value("kms_ca")).put("cert.1E9A", old_cert)
+        assert await reseal_legacy(seal_bus.url, options, keys, marker) >= 3
+        assert marker.exists()
+        reader = keys.seal("broker")
+        for js, bucket, key, payload in (
+            (bjs, "kms_keys", "ca/root", old_key),
+            (bjs, "kms_clients", "client.legacy", old_client),
+            (cjs, "kms_ca", "cert.1E9A", old_cert),
+        ):
+            stored = (await (await js.key_value(bucket)).get(key)).value or b""
+            assert reader.open(bucket, key, stored) == payload
+            envelope = sealed_pb2.SealedRecord()
+            envelope.ParseFromString(stored)
+            assert envelope.writer == owner_of(bucket, key)
+        # Once only: an unsealed record written later stays refused.
+        await (await bjs.key_value("kms_clients")).put("client.later", old_client)
+        assert await reseal_legacy(seal_bus.url, options, keys, marker) == 0
+        stored = (await (await bjs.key_value("kms_clients")).get("client.later")).value or b""
+        with pytest.raises(TamperedRecord) as refused:
+            reader.open("kms_clients", "client.later", stored)
+        assert refused.value.reason == "record.unsealed"
