@@ -17,6 +17,12 @@ Optional bus identity (mgmt.natsauth; `kmsctl up` writes these):
 nats_user = "broker"
 nats_password_file = "secrets/nats/broker.password"
 nats_ca = "nats/tls/bus-ca.crt"
+
+Record sealing (edgekms.sealed; `kmsctl up` writes these): the broker's own key, and
+every writer's public key to verify what it reads. Without them records are not sealed.
+seal_writer = "broker"
+seal_key_file = "secrets/seal/broker.key"
+seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
 """
 
 from __future__ import annotations
