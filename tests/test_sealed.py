@@ -30,6 +30,8 @@ def test_owners_follow_the_write_grants() -> None:
 
     assert {owner_of("kms_keys", k) for k in CA_REGISTRY_KEYS} == {"ca"}
     assert {owner_of("kms_keys", k) for k in CEREMONY_REGISTRY_KEYS} == {"ceremony"}
+    assert owner_of("kms_keys", "ca/intermediate-2") == "ca"  # a rotation's
+    assert owner_of("kms_keys", "ca/backup") == "broker"  # a user key under ca/
     assert owner_of("kms_keys", "nas/https") == "broker"
     assert owner_of("kms_clients", "revoked.ab") == "broker"
     assert owner_of("kms_ca", "config") == "ca"

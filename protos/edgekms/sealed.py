@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ WRITERS = (WRITER_BROKER, WRITER_CA, WRITER_CEREMONY)
 # Keys of kms_keys written by their owner outside the broker (mgmt.natsauth grants the
 # same keys to the same identities).
 CA_OWNED_KEYS = ("ca/root", "ca/intermediate")
+# A rotation's intermediates are recorded as ca/intermediate-<generation> (mgmt.ca.hierarchy).
+CA_OWNED_KEY_RE = re.compile(r"^ca/(?:root|intermediate(?:-[0-9]{1,9})?)$")
 CEREMONY_OWNED_KEYS = ("edgekms/internal-ca",)
 SEALED_BUCKETS = (KEY_REGISTRY_BUCKET, CLIENTS_BUCKET, CA_BUCKET)
 # What an amendment of another owner's key record must leave as the owner sealed it.
@@ -70,7 +73,7 @@ class TamperedRecord(FailedPrecondition):
 def owner_of(bucket: str, key: str) -> str:
     """The one writer whose seal makes a record of `key` in `bucket` its own."""
     if bucket == KEY_REGISTRY_BUCKET:
-        if key in CA_OWNED_KEYS:
+        if CA_OWNED_KEY_RE.match(key):
             return WRITER_CA
         if key in CEREMONY_OWNED_KEYS:
             return WRITER_CEREMONY
