@@ -15,6 +15,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from edgekms import kvread, kvstore
+from edgekms.sealed import RecordSeal, SealedKV, TamperedRecord, sealed
 
 
 async def open_bucket(
@@ -38,16 +39,21 @@ class FollowedBucket:
     bucket: str
     description: str
 
-    def __init__(self, js: JetStreamContext, replicas: int = 1):
+    def __init__(self, js: JetStreamContext, replicas: int = 1, seal: RecordSeal | None = None):
         self._js = js
         self._replicas = replicas
-        self._kv: KeyValue | None = None
+        self._seal = seal
+        self._kv: KeyValue | SealedKV | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
     async def start(self) -> None:
-        self._kv = await open_bucket(
-            self._js, self.bucket, description=self.description, replicas=self._replicas
+        self._kv = sealed(
+            await open_bucket(
+                self._js, self.bucket, description=self.description, replicas=self._replicas
+            ),
+            self.bucket,
+            self._seal,
         )
         self._watch_task = asyncio.create_task(self._follow(), name=f"{self.bucket}-watch")
         await asyncio.wait_for(self._ready.wait(), timeout=10)
@@ -59,7 +65,8 @@ class FollowedBucket:
                 await self._watch_task
 
     @property
-    def kv(self) -> KeyValue:
+    def kv(self) -> KeyValue | SealedKV:
+        """The bucket (edgekms.sealed.SealedKV when sealing: what is read is verified)."""
         assert self._kv is not None, f"{self.bucket} not started"
         return self._kv
 
@@ -67,12 +74,29 @@ class FollowedBucket:
         """Fold one watched entry (a put, a delete or a purge) into the view."""
         raise NotImplementedError
 
+    def refuse(self, entry: Any, err: TamperedRecord) -> None:
+        """A watched entry failed its seal (already logged): forget the key, so that
+        whatever needed it fails closed. Subclasses may keep more (revocations)."""
+        raise NotImplementedError
+
+    def _admit(self, entry: Any) -> None:
+        if isinstance(self._kv, SealedKV):
+            try:
+                entry = self._kv.open_entry(entry)
+            except TamperedRecord as err:
+                self.refuse(entry, err)
+                return
+        self.apply(entry)
+
     async def _follow(self) -> None:
         # Not KeyValue.watch(): its end-of-snapshot marker can come before the snapshot
         # (see edgekms.kvread), and the broker would answer from a partial view.
         entries, last = await kvread.snapshot(self._js, self.bucket)
-        for entry in entries:
-            self.apply(entry)
+        for count, entry in enumerate(entries, 1):
+            self._admit(entry)
+            if count % 512 == 0:
+                # Each record's seal is verified here (CPU): let requests in between.
+                await asyncio.sleep(0)
         self._ready.set()
         async for entry in kvread.follow(self._js, self.bucket, last):
-            self.apply(entry)
+            self._admit(entry)

@@ -67,6 +67,7 @@ from edgekms.identity import CLIENT_NAME_RE, ROLES, Identity
 from edgekms.logs import fields
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
+from edgekms.sealed import RecordSeal, TamperedRecord
 from edgekms.subjects import CLIENTS_BUCKET
 from edgekms.v1 import clients_pb2, clients_pb2_grpc
 
@@ -107,8 +108,8 @@ class ClientRegistry(FollowedBucket):
     bucket = CLIENTS_BUCKET
     description = "EdgeKMS clients (client.<name>) and revoked serials (revoked.<hex>)"
 
-    def __init__(self, js: JetStreamContext, replicas: int = 1):
-        super().__init__(js, replicas)
+    def __init__(self, js: JetStreamContext, replicas: int = 1, seal: RecordSeal | None = None):
+        super().__init__(js, replicas, seal)
         self._clients: dict[str, clients_pb2.Client] = {}
         # serial (hex) -> the record that issued or first saw that certificate.
         self._by_serial: dict[str, clients_pb2.Client] = {}
@@ -138,6 +139,18 @@ class ClientRegistry(FollowedBucket):
         self._remember(record)
         if record.status == clients_pb2.CLIENT_STATUS_REVOKED and record.serial:
             self._revoked.add(record.serial)
+
+    def refuse(self, entry: Any, err: TamperedRecord) -> None:
+        kind, _, rest = entry.key.partition(".")
+        if kind == "revoked":
+            # Fail closed: a revocation counts whatever its record says.
+            self._revoked.add(rest)
+        elif kind == "client":
+            # The name's certificate is refused until the record is genuine again:
+            # its holder is unknown, and binding it reads the record and fails.
+            dropped = self._clients.pop(rest, None)
+            if dropped is not None and dropped.serial:
+                self._by_serial.pop(dropped.serial, None)
 
     # -- reads (memory) -----------------------------------------------------------------
 

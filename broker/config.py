@@ -17,6 +17,12 @@ Optional bus identity (mgmt.natsauth; `kmsctl up` writes these):
 nats_user = "broker"
 nats_password_file = "secrets/nats/broker.password"
 nats_ca = "nats/tls/bus-ca.crt"
+
+Record sealing (edgekms.sealed; `kmsctl up` writes these): the broker's own key, and
+every writer's public key to verify what it reads. Without them records are not sealed.
+seal_writer = "broker"
+seal_key_file = "secrets/seal/broker.key"
+seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekms.busauth import BusCredentials, parse_bus_fields
+from edgekms.sealed import RecordSeal, parse_seal_fields
 from edgekms.subjects import PROVIDER_ID_RE
 
 
@@ -51,6 +58,9 @@ class BrokerConfig:
     sign_timeout: float = 5.0
     generate_timeout: float = 120.0
     bus: BusCredentials = field(default_factory=BusCredentials)
+    # Record sealing (edgekms.sealed): the broker's own key and every writer's public
+    # key; None (no seal_* fields) only on a development bus: `kmsctl up` always seals.
+    seal: RecordSeal | None = None
     # Connections: a TLS handshake must finish within handshake_timeout; a connection
     # with no call for idle_timeout is closed (GOAWAY); an open one is pinged every
     # keepalive_interval and dropped when a ping goes unanswered for keepalive_timeout,
@@ -71,6 +81,7 @@ def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
 
 
 BUS_FIELDS = ("nats_user", "nats_password_file", "nats_ca")
+SEAL_FIELDS = ("seal_writer", "seal_key_file", "seal_public_keys")
 KNOWN_FIELDS = frozenset(
     {
         "listen",
@@ -85,6 +96,7 @@ KNOWN_FIELDS = frozenset(
         "keepalive_timeout",
         "tls",
         *BUS_FIELDS,
+        *SEAL_FIELDS,
     }
 )
 KNOWN_TLS_FIELDS = frozenset({"cert", "key", "client_ca"})
@@ -128,8 +140,14 @@ def load_config(path: Path) -> BrokerConfig:
     bus, problems = parse_bus_fields(raw, base)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
+    seal, problems = parse_seal_fields(raw, base)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    if seal is not None and seal.writer != "broker":
+        raise ConfigError(f"{path}: seal_writer must be 'broker' for the broker")
     return BrokerConfig(
         bus=bus,
+        seal=seal,
         listen=_field(raw, "listen", str, path),
         nats_url=_field(raw, "nats_url", str, path),
         default_provider=default,

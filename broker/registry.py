@@ -21,6 +21,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from broker.buckets import FollowedBucket
 from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from edgekms.logs import fields
+from edgekms.sealed import RecordSeal, TamperedRecord
 from edgekms.subjects import KEY_REGISTRY_BUCKET
 from edgekms.v1 import common_pb2 as pb
 
@@ -51,8 +52,8 @@ class KeyRegistry(FollowedBucket):
     bucket = KEY_REGISTRY_BUCKET
     description = "EdgeKMS key registry: KeyRecord by key name"
 
-    def __init__(self, js: JetStreamContext, replicas: int = 1):
-        super().__init__(js, replicas)
+    def __init__(self, js: JetStreamContext, replicas: int = 1, seal: RecordSeal | None = None):
+        super().__init__(js, replicas, seal)
         self._records: dict[str, tuple[pb.KeyRecord, int]] = {}
 
     def apply(self, entry: Any) -> None:
@@ -64,6 +65,11 @@ class KeyRegistry(FollowedBucket):
         current = self._records.get(entry.key)
         if current is None or current[1] < entry.revision:
             self._records[entry.key] = (record, entry.revision)
+
+    def refuse(self, entry: Any, err: TamperedRecord) -> None:
+        # A key whose record is not genuine is not used: NotFound until its owner
+        # writes it again.
+        self._records.pop(entry.key, None)
 
     def get(self, name: str) -> pb.KeyRecord:
         """The record as last seen; NotFound if absent or only a pending reservation."""

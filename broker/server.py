@@ -103,7 +103,7 @@ class Broker:
             allow_reconnect=True,
             **cfg.bus.connect_options(),
         )
-        self.registry = KeyRegistry(self.nc.jetstream())
+        self.registry = KeyRegistry(self.nc.jetstream(), seal=cfg.seal)
         # The audit stream exists before the first request: no decision goes unrecorded.
         audit = AuditWriter(self.nc.jetstream(), "broker")
 
@@ -115,7 +115,7 @@ class Broker:
 
         crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout)
         # Clients, revocations and the failure throttle, consulted on every request.
-        self.clients = ClientRegistry(self.nc.jetstream())
+        self.clients = ClientRegistry(self.nc.jetstream(), seal=cfg.seal)
         identities = IdentityCache(gate=AccessGate(self.clients, FailureThrottle()))
         # Request ids of state-changing calls (broker/idempotency.py).
         idempotency = IdempotencyStore(self.nc.jetstream())

@@ -36,6 +36,7 @@ from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
+from edgekms.sealed import RecordSeal
 from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
@@ -143,7 +144,11 @@ def build_ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 
 async def internal_ca_key(
-    nc: NATS, crypto: CryptoClient, provider: str, generate_timeout: float = 120.0
+    nc: NATS,
+    crypto: CryptoClient,
+    provider: str,
+    generate_timeout: float = 120.0,
+    seal: RecordSeal | None = None,
 ) -> pb.KeyRecord:
     """The internal CA's key record, generating the key in the token on first use.
 
@@ -151,7 +156,7 @@ async def internal_ca_key(
     create-if-absent: a second ceremony racing this one loses and the loser's key is
     destroyed, so exactly one internal CA key is ever recorded.
     """
-    kv = await registry_kv(nc)
+    kv = await registry_kv(nc, seal)
     found = await read_key_record(kv, INTERNAL_CA_KEY)
     if found is not None:
         return found[0]
@@ -212,12 +217,14 @@ async def run_ceremony(
     broker_names: list[str],
     admin_name: str = "admin",
     nats_options: dict[str, Any] | None = None,
+    seal: RecordSeal | None = None,
 ) -> CeremonyResult:
     """Make the internal CA, the broker's server cert and the first admin's client cert.
 
     Idempotent: files that exist are kept, so a second run changes nothing.
     `nats_options` (mgmt.natsauth.BusCredentials.connect_options) give the ceremony its
-    own bus identity on an authenticated bus.
+    own bus identity on an authenticated bus; `seal` (the ceremony's, edgekms.sealed)
+    signs the internal CA's registry record and checks the one found.
     """
     paths = PkiPaths(pki_dir)
     client_config = client_dir / "config.toml"
@@ -231,8 +238,9 @@ async def run_ceremony(
         # The internal CA's key is of class "internal": made and used on its own subjects,
         # which only the ceremony (and the broker, issuing client certificates) may use.
         crypto = CryptoClient(nc, key_class=KEY_CLASS_INTERNAL)
-        existing_ca = await read_key_record(await registry_kv(nc), INTERNAL_CA_KEY) is not None
-        record = await internal_ca_key(nc, crypto, provider)
+        kv = await registry_kv(nc, seal)
+        existing_ca = await read_key_record(kv, INTERNAL_CA_KEY) is not None
+        record = await internal_ca_key(nc, crypto, provider, seal=seal)
         if existing_ca:
             # Another admin for a CA that already has one (a second machine, or a lost
             # client config): the broker gives a name to one live certificate only

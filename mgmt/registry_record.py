@@ -22,6 +22,7 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from edgekms.errors import AlreadyExists, FailedPrecondition, NotFound
+from edgekms.sealed import RecordSeal, sealed
 from edgekms.subjects import KEY_REGISTRY_BUCKET
 from edgekms.v1 import common_pb2 as pb
 
@@ -33,11 +34,13 @@ def _stamp() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-async def registry_kv(nc: Any) -> Any:
-    """The registry bucket, created as the broker creates it when nobody has yet."""
+async def registry_kv(nc: Any, seal: RecordSeal | None = None) -> Any:
+    """The registry bucket, created as the broker creates it when nobody has yet; with
+    `seal`, records are signed as its writer and verified on read (edgekms.sealed)."""
     from edgekms import kvstore
 
-    return await kvstore.open_kv(nc.jetstream(), kvstore.BUCKETS[KEY_REGISTRY_BUCKET])
+    kv = await kvstore.open_kv(nc.jetstream(), kvstore.BUCKETS[KEY_REGISTRY_BUCKET])
+    return sealed(kv, KEY_REGISTRY_BUCKET, seal)
 
 
 def admin_only_policy() -> pb.KeyPolicy:
@@ -155,8 +158,10 @@ class RegistryKeys:
         self.disabled_reason = disabled_reason
 
     @classmethod
-    async def open(cls, nc: Any, created_by: str, disabled_reason: str) -> RegistryKeys:
-        return cls(await registry_kv(nc), created_by, disabled_reason)
+    async def open(
+        cls, nc: Any, created_by: str, disabled_reason: str, seal: RecordSeal | None = None
+    ) -> RegistryKeys:
+        return cls(await registry_kv(nc, seal), created_by, disabled_reason)
 
     async def record(
         self,

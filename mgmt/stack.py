@@ -33,9 +33,11 @@ from edgekms import audit, kvstore, natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.logs import fields
+from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
 from mgmt import subprocs
 from mgmt.natsauth import (
+    BROKER_USER,
     BUS_MAX_PAYLOAD,
     CA_USER,
     KMSCTL_USER,
@@ -52,6 +54,7 @@ from mgmt.natsauth import (
 )
 from mgmt.natsserver import NatsServer, NatsServerConfig, NatsServerError
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
+from mgmt.sealkeys import RESEALED_MARKER, SealKeys, ensure_seal_keys, reseal_legacy
 from mgmt.softhsm import init_token
 from mgmt.swtpm import Swtpm
 
@@ -197,6 +200,8 @@ class Stack:
         self._stopping = asyncio.Event()
         # Each part's bus identity (mgmt.natsauth), filled in when nats-server starts.
         self.bus: dict[str, BusCredentials] = {}
+        # Each writer's record-sealing key (mgmt.sealkeys), made with the directories.
+        self.seal_keys: SealKeys | None = None
         # One connection for every readiness probe: each connect costs a TLS handshake
         # and a password check in nats-server, and probes run while services start.
         self._probe: NatsClient | None = None
@@ -211,6 +216,13 @@ class Stack:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in (self.layout.config, self.layout.logs, self.layout.nats_dir):
             path.mkdir(parents=True, exist_ok=True)
+        # Record sealing (edgekms.sealed): each writer's key named only by its config.
+        self.seal_keys = ensure_seal_keys(self.layout.secrets)
+
+    @property
+    def _seals(self) -> SealKeys:
+        assert self.seal_keys is not None, "directories not prepared"
+        return self.seal_keys
 
     def _nats_config(self, ceremony: bool, setup: bool = False) -> NatsServerConfig:
         # One identity per part, least privilege each; TLS from the bus CA (mgmt.natsauth).
@@ -261,6 +273,14 @@ class Stack:
                 await audit.harden_stream(js)
             finally:
                 await nc.close()
+            # Records of a stack from before sealing: sealed once by their owners' keys,
+            # before any service reads them (mgmt.sealkeys.reseal_legacy).
+            await reseal_legacy(
+                self.nats_url,
+                {user: self.bus[user].connect_options() for user in (BROKER_USER, CA_USER)},
+                self._seals,
+                self.layout.secrets / "seal" / RESEALED_MARKER,
+            )
         finally:
             # Withdrawn whatever happened: the grant never outlives the setup.
             assert self.nats is not None
@@ -399,6 +419,7 @@ class Stack:
             (
                 f"nats_url = {json.dumps(self.nats_url)}\n"
                 f"{self._bus_toml(CA_USER)}"
+                f"{self._seals.toml(WRITER_CA)}"
                 f"http_listen = {json.dumps(self.options.ca_http)}\n"
                 f"base_url = {json.dumps(self.options.ca_base_url)}\n"
             ).encode(),
@@ -428,6 +449,7 @@ class Stack:
                 f"listen = {json.dumps(self.options.broker_listen)}\n"
                 f"nats_url = {json.dumps(self.nats_url)}\n"
                 f"{self._bus_toml(broker_identity().user)}"
+                f"{self._seals.toml(WRITER_BROKER)}"
                 f"default_provider = {json.dumps(self.options.provider_id)}\n"
                 f"providers = {json.dumps(self.options.providers)}\n"
                 "[tls]\n"
@@ -564,6 +586,7 @@ class Stack:
             broker_address=self.options.broker_listen.replace("0.0.0.0", "127.0.0.1"),
             broker_names=sorted({"localhost", "127.0.0.1", host} - {"0.0.0.0", ""}),
             nats_options=self._kmsctl_bus(),
+            seal=self._seals.seal(WRITER_CEREMONY),
         )
         if result.created:
             log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))

@@ -7,6 +7,9 @@ profiles_file = "profiles.toml"     # optional custom profiles; relative to this
 nats_user = "ca"                    # optional bus identity (mgmt.natsauth), with
 nats_password_file = "ca.password"  # its password file and the bus CA (relative paths:
 nats_ca = "bus-ca.crt"              # relative to this file)
+seal_writer = "ca"                  # optional record sealing (edgekms.sealed): the CA's
+seal_key_file = "seal-ca.key"       # own Ed25519 key (0600) and every writer's public key
+seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 from edgekms.busauth import parse_bus_fields
+from edgekms.sealed import WRITER_CA, parse_seal_fields
 from mgmt.ca.service import ServeConfig
 
 
@@ -31,6 +35,9 @@ KNOWN_FIELDS = frozenset(
         "nats_user",
         "nats_password_file",
         "nats_ca",
+        "seal_writer",
+        "seal_key_file",
+        "seal_public_keys",
     }
 )
 
@@ -58,8 +65,14 @@ def load_serve_config(path: Path) -> ServeConfig:
     bus, problems = parse_bus_fields(raw, path.parent)
     if problems:
         raise CAConfigError(f"{path}: {problems[0]}")
+    seal, problems = parse_seal_fields(raw, path.parent)
+    if problems:
+        raise CAConfigError(f"{path}: {problems[0]}")
+    if seal is not None and seal.writer != WRITER_CA:
+        raise CAConfigError(f"{path}: seal_writer must be {WRITER_CA!r} for the CA")
     return ServeConfig(
         bus=bus,
+        seal=seal,
         nats_url=nats_url,
         http_host=host,
         http_port=int(port),

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from edgekms import natsrpc
 from edgekms.busauth import BusCredentials
 from edgekms.errors import KMSError
+from edgekms.sealed import RecordSeal
 from edgekms.subjects import CA_BUCKET, CA_PREFIX, CA_SERVICE_NAME, ca_subject
 from edgekms.v1 import ca_pb2
 from mgmt.ca.authority import CertificateAuthority
@@ -135,6 +136,9 @@ class ServeConfig:
     bucket: str = CA_BUCKET
     # The CA's bus identity (mgmt.natsauth); the default is an open bus.
     bus: BusCredentials = field(default_factory=BusCredentials)
+    # Record sealing (edgekms.sealed): the CA's key and every writer's public key; None
+    # only on a development bus (`kmsctl up` always seals).
+    seal: RecordSeal | None = None
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -153,14 +157,14 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         **config.bus.connect_options(),
     )
     try:
-        store = await CAStore.open(nc.jetstream(), config.bucket)
+        store = await CAStore.open(nc.jetstream(), config.bucket, config.seal)
         ca = CertificateAuthority(
             store,
             # The CA's keys are of class "ca": only this service may use them.
             KMSKeyBackend(CryptoClient(nc, key_class=KEY_CLASS_CA), asyncio.get_running_loop()),
             load_profiles(config.profiles_file),
             CaUrls.from_base(config.base_url),
-            registry=await RegistryKeys.open(nc, SERVICE_NAME, "ca.key_disabled"),
+            registry=await RegistryKeys.open(nc, SERVICE_NAME, "ca.key_disabled", config.seal),
         )
         service = await add_ca_service(nc, ca)
         runner = await start_http(ca, config.http_host, config.http_port)

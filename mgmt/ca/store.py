@@ -24,6 +24,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from edgekms import kvread
 from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, NotFound
+from edgekms.sealed import RecordSeal, SealedKV, sealed
 from edgekms.subjects import CA_BUCKET
 from edgekms.v1 import ca_pb2
 
@@ -68,12 +69,16 @@ class CAStore:
         self.bucket = bucket
 
     @classmethod
-    async def open(cls, js: Any, bucket: str = CA_BUCKET) -> CAStore:
+    async def open(
+        cls, js: Any, bucket: str = CA_BUCKET, seal: RecordSeal | None = None
+    ) -> CAStore:
+        """The bucket, made if absent; with `seal` every value is signed as the CA on
+        write and verified on read (edgekms.sealed), a tampered one refused."""
         from edgekms import kvstore
 
         # No rollups, no purge or delete: edgekms.kvstore.
         kv = await kvstore.open_kv(js, kvstore.spec_for(bucket, "EdgeKMS mini-CA state"))
-        return cls(js, kv, bucket)
+        return cls(js, sealed(kv, bucket, seal), bucket)
 
     # ---- the CA itself -------------------------------------------------------------------
 
@@ -149,8 +154,11 @@ class CAStore:
         records: list[ca_pb2.CertificateRecord] = []
         for entry in entries:
             if entry.value and not kvread.is_removal(entry):
+                if isinstance(self.kv, SealedKV):
+                    # Fail closed: a CRL built past a tampered record could miss it.
+                    entry = self.kv.open_entry(entry)
                 record = ca_pb2.CertificateRecord()
-                record.ParseFromString(entry.value)
+                record.ParseFromString(entry.value or b"")
                 records.append(record)
         return records
 

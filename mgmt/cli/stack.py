@@ -192,8 +192,10 @@ def init(
     broker's certificate and the first admin's client certificate are issued from it,
     and DATA_DIR/client/config.toml is written for every later command.
     """
+    from edgekms.sealed import WRITER_CEREMONY
     from mgmt.natsauth import BusCredentials, local_credentials
     from mgmt.pki import run_ceremony
+    from mgmt.sealkeys import local_seal
 
     if nats_user or nats_password_file:
         credentials = BusCredentials(nats_user, nats_password_file, nats_ca)
@@ -208,6 +210,8 @@ def init(
             broker_address=broker_address,
             broker_names=list(broker_names),
             nats_options=credentials.connect_options(),
+            # The ceremony's record-sealing key, if `kmsctl up` made the keys here.
+            seal=local_seal(data_dir / "secrets", WRITER_CEREMONY),
         )
     )
     if output == "json":

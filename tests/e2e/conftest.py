@@ -28,6 +28,7 @@ from mgmt.client import KMSClient
 from mgmt.natsauth import local_credentials
 from mgmt.natsserver import NatsServer, free_port, wait_for_port
 from mgmt.pki import run_ceremony
+from mgmt.sealkeys import local_seal
 from tests.conftest import SLOWDOWN, TokenInfo, make_token, start_nats
 
 BIN = Path(sys.executable).parent
@@ -54,6 +55,12 @@ class KmsStack:
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "EDGEKMS_DATA_DIR": str(self.data_dir)}
+
+    def open_record(self, bucket: str, key: str, value: bytes) -> bytes:
+        """A stored record's payload, verified with the writers' keys of this stack."""
+        seal = local_seal(self.data_dir / "secrets", None)
+        assert seal is not None, "kmsctl up made no sealing keys"
+        return seal.open(bucket, key, value)
 
     def nats_options(self, user: str = "kmsctl") -> dict[str, Any]:
         """nats.connect options for the stack's authenticated bus, as `kmsctl up` itself

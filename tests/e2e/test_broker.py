@@ -64,7 +64,8 @@ def issue_client_cert(stack: KmsStack, client: str, role: str) -> tuple[bytes, b
         try:
             kv = await nc.jetstream().key_value("kms_keys")
             record = pb.KeyRecord()
-            record.ParseFromString((await kv.get(INTERNAL_CA_KEY)).value or b"")
+            stored = (await kv.get(INTERNAL_CA_KEY)).value or b""
+            record.ParseFromString(stack.open_record("kms_keys", INTERNAL_CA_KEY, stored))
             signer = NatsDigestSigner(
                 CryptoClient(nc, key_class=KEY_CLASS_INTERNAL),
                 asyncio.get_running_loop(),

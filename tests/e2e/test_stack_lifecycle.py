@@ -3,6 +3,7 @@ stops the stack with a clear message instead of a crash loop."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def test_init_uses_bus_credentials_and_is_refused_without(
     )
     assert refused.returncode != 0
     assert not (tmp_path / "anon" / "client" / "config.toml").exists()
+    # The supervisor holds the ceremony's record-sealing key too (mgmt.sealkeys).
+    shutil.copytree(
+        kms_stack.data_dir / "secrets" / "seal", tmp_path / "second" / "secrets" / "seal"
+    )
     minted = subprocess.run(
         [
             *common,

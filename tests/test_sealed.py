@@ -1,0 +1,108 @@
+"""Pure logic of edgekms.sealed: who owns which key, what a seal binds, and the config
+fields that give a service its keys (the live attacks are in tests/natsperm and
+tests/e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.config import ConfigError, load_config
+from edgekms.sealed import (
+    WRITERS,
+    RecordSeal,
+    TamperedRecord,
+    new_signing_key_pem,
+    owner_of,
+    parse_seal_fields,
+    public_key_hex,
+)
+from mgmt.sealkeys import ensure_seal_keys
+
+KEYS = {writer: Ed25519PrivateKey.generate() for writer in WRITERS}
+PUBLIC = {writer: key.public_key() for writer, key in KEYS.items()}
+
+
+def test_owners_follow_the_write_grants() -> None:
+    from mgmt.natsauth import CA_REGISTRY_KEYS, CEREMONY_REGISTRY_KEYS
+
+    assert {owner_of("kms_keys", k) for k in CA_REGISTRY_KEYS} == {"ca"}
+    assert {owner_of("kms_keys", k) for k in CEREMONY_REGISTRY_KEYS} == {"ceremony"}
+    assert owner_of("kms_keys", "ca/intermediate-2") == "ca"  # a rotation's
+    assert owner_of("kms_keys", "ca/backup") == "broker"  # a user key under ca/
+    assert owner_of("kms_keys", "nas/https") == "broker"
+    assert owner_of("kms_clients", "revoked.ab") == "broker"
+    assert owner_of("kms_ca", "config") == "ca"
+
+
+def test_a_seal_binds_bucket_and_key() -> None:
+    seal = RecordSeal("broker", KEYS["broker"], PUBLIC)
+    value = seal.seal("kms_clients", "client.alice", b"payload")
+    assert seal.open("kms_clients", "client.alice", value) == b"payload"
+    for bucket, key in (("kms_clients", "client.mallory"), ("kms_keys", "client.alice")):
+        with pytest.raises(TamperedRecord) as refused:
+            seal.open(bucket, key, value)
+        assert refused.value.reason in ("record.seal_invalid", "record.writer_not_owner")
+
+
+def test_an_unknown_writer_is_refused() -> None:
+    seal = RecordSeal("broker", KEYS["broker"], {"broker": PUBLIC["broker"]})
+    value = RecordSeal("ca", KEYS["ca"], PUBLIC).seal("kms_ca", "config", b"x")
+    with pytest.raises(TamperedRecord) as refused:
+        seal.open("kms_ca", "config", value)
+    assert refused.value.reason == "record.writer_unknown"
+
+
+def _fields(writer: str, key_file: Path, public: dict[str, str]) -> dict[str, object]:
+    return {"seal_writer": writer, "seal_key_file": str(key_file), "seal_public_keys": public}
+
+
+def test_config_fields_give_a_working_seal(tmp_path: Path) -> None:
+    keys = ensure_seal_keys(tmp_path)
+    seal, problems = parse_seal_fields(_fields("ca", keys.key_files["ca"], keys.public_keys))
+    assert problems == [] and seal is not None and seal.writer == "ca"
+    assert seal.open("kms_ca", "config", seal.seal("kms_ca", "config", b"s")) == b"s"
+    assert parse_seal_fields({}) == (None, [])
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"seal_writer": "root"}, "seal_writer: must be one of"),
+        ({"seal_public_keys": {"broker": "zz"}}, "seal_public_keys.broker: must be 64"),
+        ({"seal_public_keys": {"mallory": "00" * 32}}, "seal_public_keys.mallory: not a writer"),
+        ({"seal_public_keys": "x"}, "seal_public_keys: must be a table"),
+        ({"seal_key_file": "/nonexistent/key"}, "seal_key_file: cannot read"),
+    ],
+)
+def test_bad_seal_fields_are_problems(
+    tmp_path: Path, change: dict[str, object], problem: str
+) -> None:
+    keys = ensure_seal_keys(tmp_path)
+    table = {**_fields("broker", keys.key_files["broker"], keys.public_keys), **change}
+    seal, problems = parse_seal_fields(table)
+    assert seal is None and problems and problems[0].startswith(problem), problems
+
+
+def test_a_key_that_is_not_the_named_writers_is_a_problem(tmp_path: Path) -> None:
+    keys = ensure_seal_keys(tmp_path)
+    _, other = new_signing_key_pem()
+    public = {**keys.public_keys, "broker": other}
+    _, problems = parse_seal_fields(_fields("broker", keys.key_files["broker"], public))
+    assert problems == ["seal_key_file: does not match seal_public_keys.broker"]
+    assert public_key_hex(PUBLIC["ca"]) != other
+
+
+def test_the_broker_config_refuses_another_writers_key(tmp_path: Path) -> None:
+    keys = ensure_seal_keys(tmp_path / "secrets")
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        'listen = "127.0.0.1:0"\nnats_url = "nats://127.0.0.1:4222"\n'
+        'default_provider = "hsm0"\nproviders = ["hsm0"]\n'
+        + keys.toml("ca")
+        + '[tls]\ncert = "c"\nkey = "k"\nclient_ca = "a"\n'
+    )
+    with pytest.raises(ConfigError, match="seal_writer must be 'broker'"):
+        load_config(config)
