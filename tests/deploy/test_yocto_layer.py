@@ -363,21 +363,21 @@ def read_unit_at(path: Path) -> configparser.ConfigParser:
 
 def test_data_partition_is_in_the_flash_layout() -> None:
     distro = bb_assignments(LAYER / "conf" / "distro" / "edgekms-os.conf")
-    assert "edgekmsdata" in distro["PARTITIONS_IMAGES"].split()
-    assert "edgekmsdata" in distro["PARTITIONS_LIST"].split()
+    assert "edgekmsfs" in distro["PARTITIONS_IMAGES"].split()
+    assert "edgekmsfs" in distro["PARTITIONS_LIST"].split()
     flag = re.search(
-        r'^PARTITIONS_IMAGES\[edgekmsdata\] = "([^"]*)"',
+        r'^PARTITIONS_IMAGES\[edgekmsfs\] = "([^"]*)"',
         (LAYER / "conf" / "distro" / "edgekms-os.conf").read_text(),
         re.M,
     )
     assert flag
     image, label, _mount, size, kind = flag.group(1).split(",")
-    assert label == "${EDGEKMS_DATAFS_LABEL}" and distro["EDGEKMS_DATAFS_LABEL"] == "edgekmsdata"
+    assert label == "${EDGEKMS_DATAFS_LABEL}" and distro["EDGEKMS_DATAFS_LABEL"] == "edgekmsfs"
     assert kind == "FileSystem" and int(distro[size.strip("${}")]) >= 65536
     placeholder = LAYER / "dynamic-layers" / "stm-st-stm32mp" / "recipes-edgekms" / "images"
     assert (placeholder / f"{image}.bb").is_file()
     datafs = (FILES / "edgekms-datafs").read_text()
-    assert "by-partlabel/edgekmsdata" in datafs and "luksFormat --type luks2" in datafs
+    assert "by-partlabel/edgekmsfs" in datafs and "luksFormat --type luks2" in datafs
     assert "--tpm2-device=auto" in datafs and "--recovery-key" in datafs
 
 
@@ -431,3 +431,14 @@ def test_provisioning_owns_the_console_until_initialized() -> None:
     assert "--pin" not in script and "--so-pin" not in script
     assert "systemd-ask-password" in script
     assert 'rm -f "$STATE/init/client/admin.key"' in script
+
+
+def test_dk_boards_get_a_tpm_node() -> None:
+    linux = LAYER / "dynamic-layers" / "stm-st-stm32mp" / "recipes-kernel" / "linux"
+    dtsi = (linux / "linux-stm32mp" / "stm32mp15xx-dkx-edgekms-tpm.dtsi").read_text()
+    assert '"tcg,tpm_tis-spi"' in dtsi and 'status = "okay"' in dtsi
+    append = (linux / "linux-stm32mp_%.bbappend").read_text()
+    assert "file://stm32mp15xx-dkx-edgekms-tpm.dtsi" in append
+    assert '#include "stm32mp15xx-dkx-edgekms-tpm.dtsi"' in append
+    fragment = (linux / "linux-stm32mp" / "edgekms.config").read_text()
+    assert "CONFIG_TCG_TIS_SPI=y" in fragment

@@ -1,5 +1,5 @@
 SUMMARY = "EdgeKMS data partition placeholder for ST's flash layout"
-DESCRIPTION = "An empty ext4 partition image (PARTLABEL edgekmsdata) that ST's flash \
+DESCRIPTION = "An empty ext4 partition image (PARTLABEL edgekmsfs) that ST's flash \
                layout writes next to the root file system. edgekms-provision turns it \
                into a LUKS2 volume sealed to the TPM on the first boot; it never \
                carries data from the build."
@@ -9,7 +9,7 @@ SECTION = "images"
 LICENSE = "MIT"
 
 # ST's partition-image recipe: core-image with an empty package list, sized and
-# labelled from PARTITIONS_IMAGES[edgekmsdata] (conf/distro/edgekms-os.conf).
+# labelled from PARTITIONS_IMAGES[edgekmsfs] (conf/distro/edgekms-os.conf).
 inherit core-image
 # From meta-st-stm32mp, present whenever this dynamic layer is parsed.
 # nooelint: oelint.file.requirenotfound
