@@ -270,8 +270,12 @@ BOARD_UNITS = {
 }
 
 
+# Units that run the layer's own shell scripts (tests/deploy/test_yocto_layer.py checks them).
+SHELL_UNITS = {"edgekms-datafs.service", "edgekms-provision.service"}
+
+
 def test_unit_command_lines_parse() -> None:
-    units = sorted(p.name for p in UNITS.glob("*.service"))
+    units = sorted(p.name for p in UNITS.glob("*.service") if p.name not in SHELL_UNITS)
     parsed = 0
     for name in units:
         argv = unit_argv(name)

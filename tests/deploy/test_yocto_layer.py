@@ -1,6 +1,10 @@
 """Checks on meta-edgekms that need no bitbake: oelint-adv over every recipe and
 append, layer.conf's fields, one systemd unit per service with the right user,
-restart policy and device groups, the image's contents, and the kas pins."""
+restart policy, hardening and device groups, the image's contents, the Go modules of
+nats-server, the data partition and provisioning scripts, and the kas pins.
+
+The bitbake parse itself (against the upstream layers) is yocto-layer/scripts/
+check-layer.sh: it needs the upstream layers, which CI does not have."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ KAS = LAYER / "kas" / "edgekms-stm32mp15-disco.yml"
 # oelint-adv's HOMEPAGE check pings the site: there is no network here, so it is off.
 ALWAYS_SUPPRESSED = ["oelint.vars.homepageping"]
 # Target-only packages (services, a firewall ruleset) have no native variant.
-TARGET_ONLY = {"edgekms_0.1.0.bb", "edgekms-firewall_1.0.bb"}
+TARGET_ONLY = {"edgekms_0.1.0.bb", "edgekms-firewall_1.0.bb", "python3-tpm2-pytss_2.2.1.bb"}
 
 # The long-running services and what each must run (the agreed command lines).
 SERVICES = {
@@ -92,8 +96,74 @@ def test_layer_conf_has_its_fields() -> None:
     assert int(conf["BBFILE_PRIORITY_edgekms"]) > 7  # above meta-python and meta-tpm
     assert conf["LAYERSERIES_COMPAT_edgekms"].split() == ["scarthgap"]
     depends = set(conf["LAYERDEPENDS_edgekms"].split())
-    assert {"core", "openembedded-layer", "meta-python", "tpm-layer"} <= depends
+    # Hard dependencies for every provider the image needs (optee-client is meta-arm's).
+    assert {
+        "core",
+        "openembedded-layer",
+        "meta-python",
+        "networking-layer",
+        "tpm-layer",
+        "meta-arm",
+    } <= depends
     assert "recipes-*/*/*.bb" in conf["BBFILES"]
+    # The board's parts only with the BSP layer: dynamic-layers/<collection>/.
+    dynamic = conf["BBFILES_DYNAMIC"].split()
+    for recipe in (LAYER / "dynamic-layers").rglob("*.bb*"):
+        collection = recipe.relative_to(LAYER / "dynamic-layers").parts[0]
+        assert any(entry.startswith(f"{collection}:") for entry in dynamic), recipe
+    assert "stm-st-stm32mp" not in conf.get("LAYERRECOMMENDS_edgekms", "")
+    assert not list((LAYER / "recipes-kernel").glob("**/*.bbappend"))
+
+
+def test_distro_name_is_no_recipe_name() -> None:
+    """DISTRO is an override: a PN equal to it breaks parsing (defect 1)."""
+    distro = bb_assignments(LAYER / "conf" / "distro" / "edgekms-os.conf")["DISTRO"]
+    recipes = {p.name.split("_")[0].removesuffix(".bb") for p in LAYER.rglob("*.bb")}
+    assert distro == "edgekms-os" and distro not in recipes
+    for append in LAYER.rglob("*.bbappend"):
+        overrides = re.findall(r"^[A-Z_]+(?::\w+)*:([a-z0-9-]+)\s", append.read_text(), re.M)
+        assert set(overrides) <= {"edgekms-os", "prepend", "append", "remove"}, append
+
+
+def test_no_recipe_needs_a_package_scarthgap_lacks() -> None:
+    text = "\n".join(p.read_text() for p in LAYER.rglob("*.bb*"))
+    assert "uvloop" not in text
+    assert "externalsrc" not in RECIPE.read_text().split("SRC_URI", 1)[1]
+    recipe = bb_assignments(RECIPE)
+    assert recipe["SRC_URI"].startswith("git://") and re.fullmatch(
+        r"[0-9a-f]{40}", recipe["SRCREV"]
+    )
+    tpm = recipe["RDEPENDS:${PN}-crypto-tpm"]
+    assert "libtss2-tcti-device" in tpm and "python3-tpm2-pytss (>= 2.2.1)" in tpm
+    pytss = LAYER / "recipes-devtools" / "python" / "python3-tpm2-pytss_2.2.1.bb"
+    assert re.search(r'^SRC_URI\[sha256sum\] = "b8f15473[0-9a-f]{56}"$', pytss.read_text(), re.M)
+
+
+NATS = LAYER / "recipes-edgekms" / "nats-server"
+
+
+def test_nats_server_fetches_every_go_module_and_builds_offline() -> None:
+    recipe_text = (NATS / "nats-server_2.10.25.bb").read_text()
+    assert "[network]" not in recipe_text
+    recipe = bb_assignments(NATS / "nats-server_2.10.25.bb")
+    # Stripping is the packaging's job; a pre-stripped binary is a QA error.
+    assert not {"-s", "-w"} & set(recipe["GO_EXTRA_LDFLAGS"].split())
+    assert 'export GOFLAGS = "-mod=vendor"' in recipe_text
+    assert 'export GOPROXY = "off"' in recipe_text
+    assert "go-vendor" in recipe_text
+    mods = bb_assignments(NATS / "nats-server-go-mods.inc")
+    uris = mods["SRC_URI"].split()
+    modules_txt = (NATS / "files" / "modules.txt").read_text()
+    required = re.findall(r"^# (\S+) (\S+)$", modules_txt, re.M)
+    assert len(required) == 10 and modules_txt.count("## explicit") == 10
+    for path, version in required:
+        uri = next(u for u in uris if f";go_module_path={path};" in u)
+        assert uri.startswith("git://") and "is_go_dependency=1" in uri
+        assert f"@{version};" in uri
+        name = re.search(r";name=([^;]+)", uri)
+        assert name and re.fullmatch(r"[0-9a-f]{40}", mods[f"SRCREV_{name.group(1)}"])
+    licences = bb_assignments(NATS / "nats-server-licenses.inc")["LIC_FILES_CHKSUM"].split()
+    assert len(licences) == len(required)
 
 
 def read_unit(name: str) -> configparser.ConfigParser:
@@ -107,7 +177,16 @@ def test_every_service_package_has_its_unit() -> None:
     recipe = bb_assignments(RECIPE)
     packages = recipe["SYSTEMD_PACKAGES"].split()
     units = {recipe[f"SYSTEMD_SERVICE:{pkg}"] for pkg in packages}
-    assert set(SERVICES) | {"edgekms-init.service", "edgekms-setup.service"} == units
+    assert (
+        set(SERVICES)
+        | {
+            "edgekms-init.service",
+            "edgekms-setup.service",
+            "edgekms-datafs.service",
+            "edgekms-provision.service",
+        }
+        == units
+    )
     src_uri = recipe["SRC_URI"]
     for unit in units:
         assert (FILES / unit).is_file(), unit
@@ -179,6 +258,11 @@ def test_board_configs_match_the_service_formats() -> None:
 def test_image_installs_every_service_and_no_debug_features() -> None:
     image = bb_assignments(IMAGE)
     installed = set(image["IMAGE_INSTALL"].split())
+    # Set outright, without core-image's packagegroup-base-extended (wifi, avahi, nfs).
+    assert "IMAGE_INSTALL" in re.findall(r"^(IMAGE_INSTALL) = ", IMAGE.read_text(), re.M)
+    assert not installed & {"packagegroup-base-extended", "avahi-daemon", "wpa-supplicant"}
+    distro = bb_assignments(LAYER / "conf" / "distro" / "edgekms-os.conf")
+    assert not set(distro["DISTRO_FEATURES"].split()) & {"wifi", "nfs", "zeroconf", "x11"}
     packages = set(bb_assignments(RECIPE)["SYSTEMD_PACKAGES"].replace("${PN}", "edgekms").split())
     assert packages <= installed
     assert {"optee-client", "tpm2-tss", "edgekms-firewall"} <= installed
@@ -192,8 +276,8 @@ def test_image_installs_every_service_and_no_debug_features() -> None:
 def test_kas_pins_every_layer_to_a_scarthgap_commit() -> None:
     kas = yaml.safe_load(KAS.read_text())
     assert kas["machine"] == "stm32mp15-disco"
-    assert kas["distro"] == "edgekms" and kas["target"] == "edgekms-image"
-    assert (LAYER / "conf" / "distro" / "edgekms.conf").is_file()
+    assert kas["distro"] == "edgekms-os" and kas["target"] == "edgekms-image"
+    assert (LAYER / "conf" / "distro" / "edgekms-os.conf").is_file()
     remote = {name: repo for name, repo in kas["repos"].items() if repo and "url" in repo}
     assert set(remote) == {
         "poky",
@@ -207,3 +291,154 @@ def test_kas_pins_every_layer_to_a_scarthgap_commit() -> None:
         assert re.fullmatch(r"[0-9a-f]{40}", repo["commit"]), name
     assert "meta-tpm" in kas["repos"]["meta-security"]["layers"]
     assert "yocto-layer" in kas["repos"]["edgekms"]["layers"]
+
+
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectClock": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelTunables": "yes",
+    "RestrictNamespaces": "yes",
+    "CapabilityBoundingSet": "",
+}
+
+
+@pytest.mark.parametrize(
+    "name", sorted({*SERVICES, "edgekms-init.service", "edgekms-setup.service"})
+)
+def test_unit_is_confined(name: str) -> None:
+    unit = read_unit(name)
+    service = unit["Service"]
+    for key, value in HARDENING.items():
+        assert service.get(key) == value, (name, key)
+    assert "\nSystemCallFilter=@system-service\n" in (FILES / name).read_text(), name
+    families = set(service["RestrictAddressFamilies"].split())
+    assert families and families <= {"AF_UNIX", "AF_INET", "AF_INET6"}, name
+    # edgekms-setup alone is uid 0 (it owns the root-only secrets), with no capabilities.
+    if name != "edgekms-setup.service":
+        assert service.get("User", "root") != "root", name
+    # None of them runs on the tmpfs /var/lib: only with the data partition mounted.
+    assert unit["Unit"]["ConditionPathIsMountPoint"] == "@LOCALSTATEDIR@/lib/edgekms", name
+
+
+def test_init_gives_up_after_a_few_tries() -> None:
+    unit = read_unit("edgekms-init.service")
+    assert unit["Service"]["Restart"] == "on-failure"
+    assert int(unit["Unit"]["StartLimitBurst"]) <= 5
+    assert unit["Unit"]["StartLimitIntervalSec"]
+    assert unit["Service"]["User"] == "edgekms-init"
+
+
+def test_tee_supplicant_runs_unprivileged_on_the_data_partition() -> None:
+    dropin = read_unit("tee-supplicant-edgekms.conf")
+    assert dropin["Service"]["User"] == "teesuppl"
+    assert dropin["Service"]["CapabilityBoundingSet"] == ""
+    assert dropin["Service"]["ReadWritePaths"] == "@LOCALSTATEDIR@/lib/tee"
+    assert "edgekms-datafs.service" in dropin["Unit"]["Requires"]
+    rules = (FILES / "edgekms-tee.rules").read_text()
+    assert 'KERNEL=="teepriv[0-9]*", MODE="0660", GROUP="teesuppl"' in rules
+
+
+def test_firewall_fails_closed() -> None:
+    nft = LAYER / "recipes-connectivity" / "nftables" / "files"
+    unit = read_unit_at(nft / "edgekms-firewall.service")
+    assert "ExecStop" not in unit["Service"]
+    assert "systemd-networkd.service" in unit["Install"]["RequiredBy"]
+    dropin = read_unit_at(nft / "networkd-edgekms-firewall.conf")
+    assert dropin["Unit"]["Requires"] == "edgekms-firewall.service"
+    assert (
+        "networkd-edgekms-firewall.conf"
+        in (LAYER / "recipes-connectivity" / "nftables" / "edgekms-firewall_1.0.bb").read_text()
+    )
+
+
+def read_unit_at(path: Path) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(path.read_text())
+    return unit
+
+
+def test_data_partition_is_in_the_flash_layout() -> None:
+    distro = bb_assignments(LAYER / "conf" / "distro" / "edgekms-os.conf")
+    assert "edgekmsfs" in distro["PARTITIONS_IMAGES"].split()
+    assert "edgekmsfs" in distro["PARTITIONS_LIST"].split()
+    flag = re.search(
+        r'^PARTITIONS_IMAGES\[edgekmsfs\] = "([^"]*)"',
+        (LAYER / "conf" / "distro" / "edgekms-os.conf").read_text(),
+        re.M,
+    )
+    assert flag
+    image, label, _mount, size, kind = flag.group(1).split(",")
+    assert label == "${EDGEKMS_DATAFS_LABEL}" and distro["EDGEKMS_DATAFS_LABEL"] == "edgekmsfs"
+    assert kind == "FileSystem" and int(distro[size.strip("${}")]) >= 65536
+    placeholder = LAYER / "dynamic-layers" / "stm-st-stm32mp" / "recipes-edgekms" / "images"
+    assert (placeholder / f"{image}.bb").is_file()
+    datafs = (FILES / "edgekms-datafs").read_text()
+    assert "by-partlabel/edgekmsfs" in datafs and "luksFormat --type luks2" in datafs
+    assert "--tpm2-device=auto" in datafs and "--recovery-key" in datafs
+
+
+SCRIPTS = [FILES / "edgekms-datafs", FILES / "edgekms-provision"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_board_script_is_valid_sh(script: Path) -> None:
+    result = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    checker = shutil.which("shellcheck")
+    if checker:
+        result = subprocess.run(
+            [checker, "-s", "sh", str(script)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stdout
+
+
+def run_datafs(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "EDGEKMS_DATAFS_DEVICE": str(tmp_path / "none")}
+    return subprocess.run(
+        ["sh", str(FILES / "edgekms-datafs"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_datafs_refuses_without_its_partition(tmp_path: Path) -> None:
+    """Without the partition nothing is mounted or formatted: distinct exit codes."""
+    assert run_datafs(tmp_path, "status").stdout.strip() == "missing"
+    opened = run_datafs(tmp_path, "open")
+    assert opened.returncode == 2 and "no data partition" in opened.stderr
+    formatted = run_datafs(tmp_path, "format")
+    assert formatted.returncode == 2 and "no data partition" in formatted.stderr
+    assert run_datafs(tmp_path, "bogus").returncode == 64
+    assert not (tmp_path / "none").exists()
+
+
+def test_provisioning_owns_the_console_until_initialized() -> None:
+    unit = read_unit("edgekms-provision.service")
+    assert unit["Unit"]["ConditionPathExists"] == "!@LOCALSTATEDIR@/lib/edgekms/init/.initialized"
+    assert unit["Service"]["StandardInput"] == "tty"
+    assert unit["Service"]["TTYPath"] == "/dev/console"
+    init = read_unit("edgekms-init.service")["Service"]
+    assert init["ExecStartPost"].endswith("@LOCALSTATEDIR@/lib/edgekms/init/.initialized")
+    script = (FILES / "edgekms-provision").read_text()
+    # PINs come from no-echo prompts, never argv; the admin key leaves the board.
+    assert "--pin" not in script and "--so-pin" not in script
+    assert "systemd-ask-password" in script
+    assert 'rm -f "$STATE/init/client/admin.key"' in script
+
+
+def test_dk_boards_get_a_tpm_node() -> None:
+    linux = LAYER / "dynamic-layers" / "stm-st-stm32mp" / "recipes-kernel" / "linux"
+    dtsi = (linux / "linux-stm32mp" / "stm32mp15xx-dkx-edgekms-tpm.dtsi").read_text()
+    assert '"tcg,tpm_tis-spi"' in dtsi and 'status = "okay"' in dtsi
+    append = (linux / "linux-stm32mp_%.bbappend").read_text()
+    assert "file://stm32mp15xx-dkx-edgekms-tpm.dtsi" in append
+    assert '#include "stm32mp15xx-dkx-edgekms-tpm.dtsi"' in append
+    fragment = (linux / "linux-stm32mp" / "edgekms.config").read_text()
+    assert "CONFIG_TCG_TIS_SPI=y" in fragment

@@ -15,24 +15,33 @@ LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 # the python3-protobuf 4.25 of meta-python.
 DEPENDS += "python3-grpcio-tools-native"
 
-SRC_URI = "file://edgekms-setup.service \
+PV .= "+git"
+
+# The project at a fixed commit: archivable (archiver, SPDX), reproducible, and never a
+# stale working tree. Bump SRCREV to release; for development, point devtool or
+# EXTERNALSRC:pn-edgekms in local.conf at a checkout instead.
+SRC_URI = "git://github.com/edgekms/edgekms.git;protocol=https;branch=main \
+           file://edgekms-setup.service \
            file://edgekms-nats.service \
            file://edgekms-crypto-hsm0.service \
            file://edgekms-crypto-tpm0.service \
            file://edgekms-ca.service \
            file://edgekms-broker.service \
            file://edgekms-init.service \
+           file://edgekms-datafs.service \
+           file://edgekms-provision.service \
+           file://edgekms-datafs \
+           file://edgekms-provision \
+           file://tee-supplicant-edgekms.conf \
            file://edgekms.tmpfiles \
            file://edgekms-tee.rules"
+SRCREV = "f2ca3f7a15238773fee3fe89f60b3509970b65a6"
 
-# The layer lives in the EdgeKMS repository and builds that checkout (set
-# EDGEKMS_SRCDIR in local.conf to build another one).
-EXTERNALSRC = "${EDGEKMS_SRCDIR}"
-EXTERNALSRC_BUILD = "${WORKDIR}/build"
+S = "${WORKDIR}/git"
 
-inherit externalsrc python_setuptools_build_meta systemd useradd
+inherit python_setuptools_build_meta systemd useradd
 
-EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init"
+EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init datafs provision"
 
 do_install:append() {
     site=${D}${PYTHON_SITEPACKAGES_DIR}
@@ -55,9 +64,22 @@ do_install:append() {
            -e 's,@LIBEXECDIR@,${libexecdir},g' \
            ${D}${systemd_system_unitdir}/edgekms-*.service
 
+    # tee-supplicant (meta-arm) as its own user, its state on the data partition.
+    install -d ${D}${systemd_system_unitdir}/tee-supplicant@.service.d
+    sed -e 's,@LOCALSTATEDIR@,${localstatedir},g' ${WORKDIR}/tee-supplicant-edgekms.conf \
+        > ${D}${systemd_system_unitdir}/tee-supplicant@.service.d/edgekms.conf
+
     # First boot and every boot after: the bus identities (mgmt.natsauth), as `kmsctl up` makes them.
     install -d ${D}${libexecdir}/edgekms
     install -m 0755 ${S}/deploy/edgekms-setup ${D}${libexecdir}/edgekms/edgekms-setup
+    # The encrypted data partition and the first-boot console ceremony.
+    for script in edgekms-datafs edgekms-provision; do
+        sed -e 's,@LIBEXECDIR@,${libexecdir},g' \
+            -e 's,@LOCALSTATEDIR@,${localstatedir},g' \
+            -e 's,@LIBDIR@,${libdir},g' \
+            ${WORKDIR}/${script} > ${D}${libexecdir}/edgekms/${script}
+        chmod 0755 ${D}${libexecdir}/edgekms/${script}
+    done
 
     install -d ${D}${nonarch_libdir}/tmpfiles.d
     sed -e 's,@LOCALSTATEDIR@,${localstatedir},g' ${WORKDIR}/edgekms.tmpfiles \
@@ -72,13 +94,18 @@ do_install:append() {
     done
 }
 
-PACKAGE_BEFORE_PN = "${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
 
 FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/edgekms.conf"
+FILES:${PN}-datafs += "${systemd_system_unitdir}/edgekms-datafs.service \
+                       ${libexecdir}/edgekms/edgekms-datafs"
+FILES:${PN}-provision += "${systemd_system_unitdir}/edgekms-provision.service \
+                          ${libexecdir}/edgekms/edgekms-provision"
 FILES:${PN}-setup += "${systemd_system_unitdir}/edgekms-setup.service \
                       ${libexecdir}/edgekms/edgekms-setup"
 FILES:${PN}-nats += "${systemd_system_unitdir}/edgekms-nats.service"
 FILES:${PN}-crypto-hsm += "${systemd_system_unitdir}/edgekms-crypto-hsm0.service \
+                           ${systemd_system_unitdir}/tee-supplicant@.service.d/edgekms.conf \
                            ${sysconfdir}/edgekms/crypto-hsm0.toml \
                            ${nonarch_base_libdir}/udev/rules.d/60-edgekms-tee.rules"
 FILES:${PN}-crypto-tpm += "${systemd_system_unitdir}/edgekms-crypto-tpm0.service \
@@ -94,7 +121,9 @@ CONFFILES:${PN}-crypto-tpm = "${sysconfdir}/edgekms/crypto-tpm0.toml"
 CONFFILES:${PN}-ca = "${sysconfdir}/edgekms/ca.toml"
 CONFFILES:${PN}-broker = "${sysconfdir}/edgekms/broker.toml"
 
-SYSTEMD_PACKAGES = "${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+SYSTEMD_SERVICE:${PN}-datafs = "edgekms-datafs.service"
+SYSTEMD_SERVICE:${PN}-provision = "edgekms-provision.service"
 SYSTEMD_SERVICE:${PN}-setup = "edgekms-setup.service"
 SYSTEMD_SERVICE:${PN}-nats = "edgekms-nats.service"
 SYSTEMD_SERVICE:${PN}-crypto-hsm = "edgekms-crypto-hsm0.service"
@@ -103,14 +132,17 @@ SYSTEMD_SERVICE:${PN}-ca = "edgekms-ca.service"
 SYSTEMD_SERVICE:${PN}-broker = "edgekms-broker.service"
 SYSTEMD_SERVICE:${PN}-init = "edgekms-init.service"
 
-# One system user per service; tss (from tpm2-tss) and teeclnt give device access.
-USERADD_PACKAGES = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker"
+# One system user per service; tss (from tpm2-tss) and teeclnt give device access;
+# teesuppl runs tee-supplicant (see tee-supplicant-edgekms.conf).
+USERADD_PACKAGES = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
 USERADD_PARAM:${PN}-nats = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-nats"
 GROUPADD_PARAM:${PN}-crypto-hsm = "--system teeclnt"
-USERADD_PARAM:${PN}-crypto-hsm = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group --groups teeclnt edgekms-hsm"
+USERADD_PARAM:${PN}-crypto-hsm = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group --groups teeclnt edgekms-hsm; \
+                                  --system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group teesuppl"
 GROUPADD_PARAM:${PN}-crypto-tpm = "--system tss"
 USERADD_PARAM:${PN}-crypto-tpm = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group --groups tss edgekms-tpm"
 USERADD_PARAM:${PN}-ca = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-ca"
+USERADD_PARAM:${PN}-init = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-init"
 USERADD_PARAM:${PN}-broker = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-broker"
 
 RDEPENDS:${PN} += "python3-asn1crypto \
@@ -122,16 +154,29 @@ RDEPENDS:${PN} += "python3-asn1crypto \
                    python3-logging \
                    python3-nats-py \
                    python3-protobuf \
-                   python3-tomllib \
-                   python3-uvloop"
+                   python3-tomllib"
 RDEPENDS:${PN}-setup += "${PN} python3-crypt"
 RDEPENDS:${PN}-nats += "${PN}-setup nats-server"
 RDEPENDS:${PN}-crypto-hsm += "${PN} \
                               optee-client \
                               python3-pkcs11"
+# tpm2-pytss >= 2.2.1 (our recipe: 2.1.0 does not import with cryptography 42); the
+# device TCTI is a plugin tpm2-tss loads at run time for device:/dev/tpmrm0.
 RDEPENDS:${PN}-crypto-tpm += "${PN} \
-                              python3-tpm2-pytss \
+                              libtss2-tcti-device \
+                              python3-tpm2-pytss (>= 2.2.1) \
                               tpm2-tss"
+RDEPENDS:${PN}-datafs += "cryptsetup \
+                          e2fsprogs-mke2fs \
+                          systemd-crypt \
+                          util-linux-mount \
+                          util-linux-mountpoint \
+                          util-linux-umount"
+RDEPENDS:${PN}-provision += "${PN}-datafs \
+                             ${PN}-init \
+                             opensc \
+                             util-linux-mount \
+                             util-linux-umount"
 RDEPENDS:${PN}-ca += "${PN}"
 RDEPENDS:${PN}-broker += "${PN}"
 RDEPENDS:${PN}-init += "${PN}"
