@@ -70,6 +70,7 @@ from edgekms.subjects import (
     KEY_CLASS_INTERNAL,
     KEY_REGISTRY_BUCKET,
     PROVIDER_ID_RE,
+    ca_registry_key_names,
     crypto_service_name,
     crypto_subject,
 )
@@ -110,7 +111,7 @@ BROKER_INTERNAL_OPERATIONS = ("GetPublicKey", "Sign")
 
 # The registry records the CA service owns (mgmt/ca/authority.py ROOT_LABEL,
 # INTERMEDIATE_LABEL), and the one the ceremony writes.
-CA_REGISTRY_KEYS = ("ca/root", "ca/intermediate")
+CA_REGISTRY_KEYS = ca_registry_key_names()
 CEREMONY_REGISTRY_KEYS = ("edgekms/internal-ca",)
 # Streams the supervisor makes or hardens at start (edgekms.kvstore, edgekms.audit).
 SETUP_STREAMS = (

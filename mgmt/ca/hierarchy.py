@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from nats.js.errors import KeyNotFoundError
 
 from edgekms.errors import FailedPrecondition, InvalidArgument, NotFound
+from edgekms.subjects import CA_MAX_INTERMEDIATE_GENERATION
 from edgekms.v1 import ca_pb2
 from mgmt.ca import constraints
 from mgmt.ca import ocsp as ocsp_mod
@@ -106,6 +107,20 @@ class IssuingCA:
 
 def current_label(state: ca_pb2.CAState) -> str:
     return state.intermediate_label or INTERMEDIATE_LABEL
+
+
+def next_generation(state: ca_pb2.CAState) -> int:
+    """The next rotation's number, from the current intermediate's label: counting the
+    retired ones would reuse a label once spent ones are dropped (drop_spent_retired)."""
+    label = current_label(state)
+    prefix = f"{INTERMEDIATE_LABEL}-"
+    generation = int(label[len(prefix) :]) + 1 if label.startswith(prefix) else 2
+    if generation > CA_MAX_INTERMEDIATE_GENERATION:
+        raise FailedPrecondition(
+            "ca.rotation_limit",
+            f"this CA has rotated its intermediate {generation - 1} times, the most it may",
+        )
+    return generation
 
 
 def issuing_cas(
@@ -310,7 +325,7 @@ async def rotate(ca: CertificateAuthority, req: ca_pb2.RotateCARequest) -> ca_pb
     if not 1 <= days <= 36500:
         raise InvalidArgument("ca.validity_invalid", "the intermediate's days are 1..36500")
     root_key = await ca.root_key()  # refused while ca/root is disabled
-    generation = len(state.retired) + 2
+    generation = next_generation(state)
     label = f"{INTERMEDIATE_LABEL}-{generation}"
     made: list[bytes] = []
     recorded: list[tuple[str, int]] = []

@@ -30,6 +30,21 @@ IDEMPOTENCY_BUCKET = "kms_requests"
 CLIENTS_BUCKET = "kms_clients"
 CA_BUCKET = "kms_ca"
 AUDIT_STREAM = "KMS_AUDIT"
+# The registry names of the CA's keys: its root, its first intermediate, and one per
+# rotation (ca/intermediate-2 ...). A KV key is one subject token, so the CA's bus grant
+# lists each name; rotations stop at this generation (a 5-year intermediate: centuries).
+CA_ROOT_KEY_NAME = "ca/root"
+CA_INTERMEDIATE_KEY_NAME = "ca/intermediate"
+CA_MAX_INTERMEDIATE_GENERATION = 99
+
+
+def ca_registry_key_names() -> tuple[str, ...]:
+    """Every registry name the CA service may record its own keys under."""
+    return (
+        CA_ROOT_KEY_NAME,
+        CA_INTERMEDIATE_KEY_NAME,
+        *(f"{CA_INTERMEDIATE_KEY_NAME}-{n}" for n in range(2, CA_MAX_INTERMEDIATE_GENERATION + 1)),
+    )
 
 
 # Key classes ("owners"): fixed when a key is generated, stored with the key in the token

@@ -149,6 +149,7 @@ def test_registry_writes_are_limited_to_the_keys_a_writer_owns() -> None:
     assert [s for s in by_user["ca"] if s.startswith("$KV.kms_keys.")] == [
         "$KV.kms_keys.ca/root",
         "$KV.kms_keys.ca/intermediate",
+        *(f"$KV.kms_keys.ca/intermediate-{n}" for n in range(2, 100)),
     ]
     assert not [s for s in by_user["kmsctl"] if s.startswith("$KV.")]
     ceremony = {i.user: i.permissions.publish for i in stack_identities(["hsm0"], ceremony=True)}
