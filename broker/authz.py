@@ -58,7 +58,8 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
     ),
     "enrollee": frozenset({"WhoAmI"}),
 }
-ROLE_METHODS["admin"] |= CA_OPERATE | {"Init"}
+# Pruning removes records for good: administrators only, like creating the CA.
+ROLE_METHODS["admin"] |= CA_OPERATE | {"Init", "PruneCertificates"}
 ROLE_METHODS["operator"] |= CA_OPERATE
 ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL"}
 # Clients and key policies: only administrators change who may do what; operators may look.

@@ -31,7 +31,13 @@ SERVICE = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"]
 SLOW_METHODS = {"Init": 120.0}
 DEFAULT_TIMEOUT = 10.0
 # Calls that change the CA's state: a retry with the same request_id is done once.
-STATE_CHANGING = {"Init", "IssueCertificate", "RevokeCertificate", "RenewCertificate"}
+STATE_CHANGING = {
+    "Init",
+    "IssueCertificate",
+    "RevokeCertificate",
+    "RenewCertificate",
+    "PruneCertificates",
+}
 
 
 class CAForwarder:

@@ -13,10 +13,11 @@ Every call has a deadline: a broker that hangs must not hang the caller.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -56,6 +57,8 @@ DEFAULT_TIMEOUT = 10.0
 CREATE_TIMEOUT = 120.0
 
 _Resp = TypeVar("_Resp")
+# Fetches of a chunked CRL that may find it replaced half-way before giving up.
+_CRL_ATTEMPTS = 3
 
 # Failures after which the same request may be sent again (edgekms.v1.ErrorCode names).
 RETRYABLE = frozenset({"ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"})
@@ -465,14 +468,75 @@ class KMSClient:
         request = ca_pb2.GetCertificateRequest(serial=serial)
         return self._call("GetCertificate", self._ca.GetCertificate, request, None).record
 
-    def list_certificates(
-        self, *, revoked_only: bool = False, expiring_within_days: int = 0, profile: str = ""
-    ) -> list[ca_pb2.CertificateRecord]:
+    def list_certificates_page(
+        self, request: ca_pb2.ListCertificatesRequest
+    ) -> ca_pb2.ListCertificatesResponse:
+        """One page as the CA answers it (records without certificate_der)."""
+        return self._call("ListCertificates", self._ca.ListCertificates, request, None)
+
+    def iter_certificates(
+        self,
+        *,
+        revoked_only: bool = False,
+        expiring_within_days: int = 0,
+        expiring_within_seconds: int = 0,
+        profile: str = "",
+        match: str = "",
+        state: ca_pb2.CertificateState.ValueType = ca_pb2.CERTIFICATE_STATE_ANY,
+        issued_after: str = "",
+        page_size: int = 0,
+    ) -> Iterator[ca_pb2.CertificateRecord]:
+        """Every matching record, soonest to expire first, fetched a page at a time as
+        the iteration goes (certificate_der left out: get_certificate has it)."""
         request = ca_pb2.ListCertificatesRequest(
-            revoked_only=revoked_only, expiring_within_days=expiring_within_days, profile=profile
+            revoked_only=revoked_only,
+            expiring_within_days=expiring_within_days,
+            expiring_within_seconds=expiring_within_seconds,
+            profile=profile,
+            match=match,
+            state=state,
+            issued_after=issued_after,
+            page_size=page_size,
         )
-        response = self._call("ListCertificates", self._ca.ListCertificates, request, None)
-        return list(response.records)
+        while True:
+            page = self.list_certificates_page(request)
+            yield from page.records
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def list_certificates(
+        self,
+        *,
+        revoked_only: bool = False,
+        expiring_within_days: int = 0,
+        profile: str = "",
+        match: str = "",
+        state: ca_pb2.CertificateState.ValueType = ca_pb2.CERTIFICATE_STATE_ANY,
+        issued_after: str = "",
+    ) -> list[ca_pb2.CertificateRecord]:
+        """Every matching record (all pages; see iter_certificates)."""
+        return list(
+            self.iter_certificates(
+                revoked_only=revoked_only,
+                expiring_within_days=expiring_within_days,
+                profile=profile,
+                match=match,
+                state=state,
+                issued_after=issued_after,
+            )
+        )
+
+    def prune_certificates(
+        self, older_than_days: int, *, dry_run: bool = False, request_id: str | None = None
+    ) -> ca_pb2.PruneCertificatesResponse:
+        """Remove the records of certificates expired more than older_than_days ago."""
+        request = ca_pb2.PruneCertificatesRequest(
+            older_than_days=older_than_days,
+            dry_run=dry_run,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("PruneCertificates", self._ca.PruneCertificates, request, None)
 
     def revoke_certificate(
         self,
@@ -495,7 +559,33 @@ class KMSClient:
         return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
 
     def get_crl(self) -> ca_pb2.GetCRLResponse:
-        return self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        """The whole current CRL. A large CRL comes in chunks (ca.proto GetCRL); they are
+        put together here and checked against the CRL's SHA-256, and fetched again from
+        the start if the CA replaced the CRL meanwhile."""
+        for _ in range(_CRL_ATTEMPTS):
+            first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+            parts = [first.crl_der]
+            size = len(first.crl_der)
+            try:
+                while size < first.total_size:
+                    request = ca_pb2.GetCRLRequest(offset=size, crl_number=first.crl_number)
+                    chunk = self._call("GetCRL", self._ca.GetCRL, request, None)
+                    if not chunk.crl_der:
+                        break
+                    parts.append(chunk.crl_der)
+                    size += len(chunk.crl_der)
+            except errors.FailedPrecondition as exc:
+                if exc.reason == "crl.changed":
+                    continue
+                raise
+            der = b"".join(parts)
+            if first.sha256 and hashlib.sha256(der).digest() != first.sha256:
+                continue
+            whole = ca_pb2.GetCRLResponse()
+            whole.CopyFrom(first)
+            whole.crl_der = der
+            return whole
+        raise errors.Unavailable("crl.changing", "the CRL kept changing while it was fetched")
 
     def get_ca_certificates(self) -> ca_pb2.GetCACertificatesResponse:
         request = ca_pb2.GetCACertificatesRequest()

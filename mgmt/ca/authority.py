@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -36,7 +37,10 @@ from mgmt.ca.builder import (
     random_serial,
     serial_hex,
 )
-from mgmt.ca.crl import REASON_FLAGS, Revocation, build_crl
+from mgmt.ca.catalog import Catalog
+from mgmt.ca.crl import REASON_FLAGS, EntryCache, Revocation, build_crl
+from mgmt.ca.crlstore import CRLJobs, CRLStore
+from mgmt.ca.listing import Query
 from mgmt.ca.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
 from mgmt.ca.profiles import BUILTIN_PROFILES, Profile, get_profile
 from mgmt.ca.signer import KeyBackend
@@ -49,6 +53,9 @@ INTERMEDIATE_LABEL = "ca/intermediate"
 # The CRL is rebuilt when less than this is left before its nextUpdate.
 CRL_REFRESH_MARGIN = datetime.timedelta(days=3)
 _REQUESTER_MAX = 256
+# Serials a prune names in its answer (it may remove many more).
+_PRUNE_NAMED = 100
+_PRUNE_MAX_DAYS = 36500
 
 
 def request_serial(secret: bytes, requester: str, request_id: str) -> int:
@@ -114,6 +121,12 @@ class CertificateAuthority:
         self.urls = urls
         self._new_serial = new_serial
         self._issuer: _Issuer | None = None
+        # Listing and CRLs read the in-memory catalog, not the whole bucket.
+        self.catalog = Catalog(store.js, store.bucket)
+        self.crls = CRLStore(store.kv)
+        self.crl_jobs = CRLJobs(self._build_crl)
+        self._crl_entries = EntryCache()
+        self._crl_lock = asyncio.Lock()
 
     # ---- the CA itself -------------------------------------------------------------------
 
@@ -300,6 +313,11 @@ class CertificateAuthority:
             record = await self._issue_once(issuer, make, requester, request_id)
         else:
             record = await store_with_fresh_serial(self.store, make, self._new_serial)
+        self.catalog.note(record)
+        if renewed_from:
+            old = await self.store.mark_superseded(renewed_from, record.serial)
+            if old is not None:
+                self.catalog.note(old)
         log.info(
             "event=ca_issued serial=%s profile=%s requester=%s sans=%s",
             record.serial,
@@ -374,21 +392,50 @@ class CertificateAuthority:
         return ca_pb2.GetCertificateResponse(record=record)
 
     async def list(self, req: ca_pb2.ListCertificatesRequest) -> ca_pb2.ListCertificatesResponse:
-        records = await self.store.list_records()
-        now = _now()
-        horizon = now + datetime.timedelta(days=req.expiring_within_days)
-        out = []
-        for r in records:
-            revoked = r.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
-            if req.revoked_only and not revoked:
-                continue
-            if req.profile and r.profile != req.profile:
-                continue
-            if req.expiring_within_days and (revoked or parse_rfc3339(r.not_after) > horizon):
-                continue
-            out.append(r)
-        out.sort(key=lambda r: (r.not_after, r.serial))
-        return ca_pb2.ListCertificatesResponse(records=out)
+        """One page of records (mgmt.ca.listing), filters checked before anything is read."""
+        query = Query.parse(req, _now())  # a bad filter or token: refused before any read
+        await self.catalog.refresh()
+        return self.catalog.page(query)
+
+    async def prune(self, req: ca_pb2.PruneCertificatesRequest) -> ca_pb2.PruneCertificatesResponse:
+        """Remove the records of certificates that expired more than `older_than_days`
+        ago. An expired certificate fails verification on its dates alone, so no CRL
+        needs its entry (RFC 5280 3.3 lets a CRL drop it); a revoked certificate that has
+        not expired is never pruned, whatever its age."""
+        if not 1 <= req.older_than_days <= _PRUNE_MAX_DAYS:
+            raise InvalidArgument(
+                "prune.retention_invalid",
+                f"the retention period must be 1 to {_PRUNE_MAX_DAYS} days",
+            )
+        await self.issuer()  # a CA must exist
+        horizon = rfc3339(_now() - datetime.timedelta(days=req.older_than_days))
+        await self.catalog.refresh()
+        doomed = self.catalog.expired_before(horizon)
+        response = ca_pb2.PruneCertificatesResponse()
+        if req.dry_run:
+            response.pruned = len(doomed)
+            response.serials.extend(r.serial for r in doomed[:_PRUNE_NAMED])
+            return response
+        revoked_gone = False
+        for summary in doomed:
+            record = await self.store.remove_expired(summary.serial, horizon)
+            if record is None:
+                continue  # changed since it was listed (or gone already)
+            self.catalog.forget(record.serial)
+            response.pruned += 1
+            if len(response.serials) < _PRUNE_NAMED:
+                response.serials.append(record.serial)
+            revoked_gone |= record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+        log.info(
+            "event=ca_pruned count=%d older_than_days=%d requester=%s",
+            response.pruned,
+            req.older_than_days,
+            req.requester,
+        )
+        if revoked_gone:  # the next CRL leaves their entries out
+            response.crl_number = await self.store.next_crl_number()
+            self.crl_jobs.want(response.crl_number)
+        return response
 
     async def revoke(
         self, req: ca_pb2.RevokeCertificateRequest
@@ -401,40 +448,75 @@ class CertificateAuthority:
         # Checked before the revocation is stored: it must reach a CRL this CA can sign.
         await self._require_active(INTERMEDIATE_LABEL)
         record = await self.store.revoke(req.serial, req.reason, _now())
-        log.info("event=ca_revoke serial=%s requester=%s", record.serial, req.requester)
-        crl = await self.rebuild_crl()
-        return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
+        self.catalog.note(record)
+        # The CRL that lists it is built in the background (mgmt.ca.crlstore.CRLJobs):
+        # reserving its number is one KV update however many certificates are revoked.
+        number = await self.store.next_crl_number()
+        self.crl_jobs.want(number)
+        log.info(
+            "event=ca_revoke serial=%s requester=%s crl=%d", record.serial, req.requester, number
+        )
+        return ca_pb2.RevokeCertificateResponse(record=record, crl_number=number)
 
     # ---- CRL and OCSP --------------------------------------------------------------------
 
     async def rebuild_crl(self) -> ca_pb2.GetCRLResponse:
-        issuer = await self.issuer()
-        await self._require_active(INTERMEDIATE_LABEL)
-        number = await self.store.next_crl_number()
-        revoked = [
-            Revocation(int(r.serial, 16), parse_rfc3339(r.revoked_at), r.revocation_reason)
-            for r in await self.store.list_records()
-            if r.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
-        ]
-        crl = await asyncio.to_thread(build_crl, issuer.key, issuer.cert, revoked, number)
-        next_update = crl.next_update_utc
-        assert next_update is not None
-        response = ca_pb2.GetCRLResponse(
-            crl_der=crl.public_bytes(serialization.Encoding.DER),
-            crl_number=number,
-            next_update=rfc3339(next_update),
-        )
-        await self.store.store_crl(response)
-        log.info("event=ca_crl_built number=%d revoked=%d", number, len(revoked))
-        current = await self.store.get_crl()
-        return current or response
+        """Build and store a CRL now, under a new number; the current CRL after that."""
+        await self._build_crl(await self.store.next_crl_number())
+        return await self.current_crl()
+
+    async def _build_crl(self, number: int) -> None:
+        async with self._crl_lock:
+            issuer = await self.issuer()
+            await self._require_active(INTERMEDIATE_LABEL)
+            await self.catalog.refresh()
+            revoked = [
+                Revocation(int(r.serial, 16), parse_rfc3339(r.revoked_at), r.revocation_reason)
+                for r in self.catalog.revoked()
+            ]
+            started = time.monotonic()
+            crl = await asyncio.to_thread(
+                build_crl, issuer.key, issuer.cert, revoked, number, cache=self._crl_entries
+            )
+            built = time.monotonic()
+            self._crl_entries.keep_only(revoked)
+            next_update = crl.next_update_utc
+            assert next_update is not None
+            der = crl.public_bytes(serialization.Encoding.DER)
+            await self.crls.publish(number, rfc3339(next_update), der, len(revoked))
+            log.info(
+                "event=ca_crl_built number=%d revoked=%d bytes=%d build_ms=%.0f store_ms=%.0f",
+                number,
+                len(revoked),
+                len(der),
+                (built - started) * 1e3,
+                (time.monotonic() - built) * 1e3,
+            )
 
     async def current_crl(self) -> ca_pb2.GetCRLResponse:
-        """The stored CRL, rebuilt first when it is missing or close to its nextUpdate."""
-        crl = await self.store.get_crl()
-        if crl is None or parse_rfc3339(crl.next_update) - _now() < CRL_REFRESH_MARGIN:
-            crl = await self.rebuild_crl()
-        return crl
+        """The whole current CRL (for /crl), rebuilt first when it is missing or close to
+        its nextUpdate, and after the revocations this CA has taken so far."""
+        await self.crl_jobs.settled()
+        found = await self.crls.current()
+        if found is None or parse_rfc3339(found[0].next_update) - _now() < CRL_REFRESH_MARGIN:
+            await self._build_crl(await self.store.next_crl_number())
+            found = await self.crls.current()
+            if found is None:
+                raise Internal("crl.missing", "the CRL was built but cannot be read back")
+        meta, der = found
+        return ca_pb2.GetCRLResponse(
+            crl_der=der,
+            crl_number=meta.crl_number,
+            next_update=meta.next_update,
+            total_size=meta.total_size,
+            sha256=meta.sha256,
+        )
+
+    async def crl_chunk(self, req: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
+        """GetCRL on the bus: one chunk of the current CRL (mgmt.ca.crlstore)."""
+        if req.offset == 0 and not req.crl_number:
+            await self.current_crl()  # fresh, and with this CA's revocations in it
+        return await self.crls.chunk(req)
 
     async def ocsp(self, request_der: bytes) -> bytes:
         """A DER OCSP response for a DER request; never raises for bad requests."""

@@ -40,8 +40,8 @@ MAX_IN_FLIGHT = 32
 def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsrpc.Handler]]:
     """RPC name -> (request message type, handler); the subject is kms.ca.<RPC name>."""
 
-    async def get_crl(_: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
-        return await ca.current_crl()
+    async def get_crl(req: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
+        return await ca.crl_chunk(req)
 
     async def get_ca_certs(_: ca_pb2.GetCACertificatesRequest) -> Message:
         return await ca.ca_certificates()
@@ -59,6 +59,7 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
         "GetCRL": (ca_pb2.GetCRLRequest, get_crl),
         "GetCACertificates": (ca_pb2.GetCACertificatesRequest, get_ca_certs),
         "ListProfiles": (ca_pb2.ListProfilesRequest, list_profiles),
+        "PruneCertificates": (ca_pb2.PruneCertificatesRequest, ca.prune),
     }
 
 
@@ -104,13 +105,18 @@ async def add_ca_service(nc: Any, ca: CertificateAuthority) -> CAService:
 
 
 async def keep_crl_fresh(ca: CertificateAuthority, interval: float = CRL_CHECK_INTERVAL) -> None:
-    """Rebuild the CRL before its nextUpdate, even when nothing is revoked."""
+    """Rebuild the CRL at start (a revocation taken just before a crash may not have
+    reached one), then before its nextUpdate, even when nothing is revoked."""
+    try:
+        await ca.rebuild_crl()
+    except KMSError as exc:
+        log.info("event=ca_crl_refresh_skipped reason=%s", exc.reason)
     while True:
+        await asyncio.sleep(interval)
         try:
             await ca.current_crl()
         except KMSError as exc:  # no CA yet, or the token is away: try again later
             log.info("event=ca_crl_refresh_skipped reason=%s", exc.reason)
-        await asyncio.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -127,17 +133,21 @@ class ServeConfig:
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the CA service until `stop` is set (or forever)."""
+    """Run the CA service until `stop` is set (or forever). Raises Unavailable
+    ("bus.lost") if the bus connection closes for good, so the process exits and its
+    supervisor starts it again."""
     from edgekms.crypto_client import CryptoClient
     from mgmt.ca.http import start_http
     from mgmt.registry_record import RegistryKeys
 
+    watch = natsrpc.BusWatch("the CA service")
     nc = await natsrpc.connect(
         config.nats_url,
         name=SERVICE_NAME,
         # Keep reconnecting through a bus restart, however long (kmsctl up restarts it).
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        **watch.options(),
         **config.bus.connect_options(),
     )
     try:
@@ -159,12 +169,17 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             config.http_port,
         )
         try:
-            await (stop or asyncio.Event()).wait()
+            await natsrpc.first_of(stop or asyncio.Event(), watch.lost)
         finally:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+            await ca.crl_jobs.stop()
             await runner.cleanup()
             await service.stop()
+        if watch.lost.is_set():
+            raise watch.error()
     finally:
-        await nc.drain()
+        watch.stopping()
+        if not nc.is_closed:
+            await nc.drain()

@@ -6,7 +6,8 @@ Layout of bucket `kms_ca` (values are serialized edgekms.v1 protobuf messages):
     config          CAState: provider, key ids, root and intermediate certificates
     cert.<SERIAL>   CertificateRecord (upper-case hex serial), status and revocation
     crl.number      the last CRL number handed out, decimal ASCII (monotonic counter)
-    crl.current     GetCRLResponse: the newest CRL (DER), its number and nextUpdate
+    crl.meta        StoredCRL: the current CRL's number, size, SHA-256 and chunk slot
+    crl.der.<s>.<i> its DER in 64 KiB chunks (mgmt.ca.crlstore)
 
 Every write that must not race uses KV's revision check (create-if-absent, or update at
 the revision read), so several CA replicas can share one bucket.
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"
 CRL_NUMBER_KEY = "crl.number"
-CRL_CURRENT_KEY = "crl.current"
 _CAS_RETRIES = 20
 
 
@@ -66,6 +66,11 @@ class CAStore:
         self.kv = kv
         self._js = js
         self.bucket = bucket
+
+    @property
+    def js(self) -> Any:
+        """The JetStream context, for readers of the whole bucket (mgmt.ca.catalog)."""
+        return self._js
 
     @classmethod
     async def open(cls, js: Any, bucket: str = CA_BUCKET) -> CAStore:
@@ -174,6 +179,42 @@ class CAStore:
             return record
         raise Internal("store.contention", "the certificate record kept changing; try again")
 
+    async def mark_superseded(self, serial: str, by: str) -> ca_pb2.CertificateRecord | None:
+        """Note on a renewed certificate's record which certificate replaced it (for
+        listing and retention); None if the record is gone. The newest renewal wins."""
+        for _ in range(_CAS_RETRIES):
+            try:
+                record, revision = await self.get_record(serial)
+            except NotFound:
+                return None
+            record.superseded_by = by
+            try:
+                await self.kv.update(
+                    cert_key(record.serial), record.SerializeToString(), last=revision
+                )
+            except KeyWrongLastSequenceError:
+                continue
+            return record
+        raise Internal("store.contention", "the certificate record kept changing; try again")
+
+    async def remove_expired(self, serial: str, horizon: str) -> ca_pb2.CertificateRecord | None:
+        """Delete a record whose certificate expired before `horizon` (RFC 3339), at the
+        revision checked, then purge its history so the DER is gone from disk too; None
+        (nothing removed) if it is gone, changed meanwhile, or not that old."""
+        try:
+            record, revision = await self.get_record(serial)
+        except NotFound:
+            return None
+        if not record.not_after or record.not_after >= horizon:
+            return None
+        try:
+            await self.kv.delete(cert_key(record.serial), last=revision)
+        except KeyWrongLastSequenceError:
+            return None
+        await self.kv.purge(cert_key(record.serial))
+        log.info("event=ca_record_pruned serial=%s not_after=%s", record.serial, record.not_after)
+        return record
+
     # ---- CRL -----------------------------------------------------------------------------
 
     async def next_crl_number(self) -> int:
@@ -194,38 +235,6 @@ class CAStore:
                 continue
             return number
         raise Internal("store.contention", "the CRL number kept changing; try again")
-
-    async def get_crl(self) -> ca_pb2.GetCRLResponse | None:
-        try:
-            entry = await self.kv.get(CRL_CURRENT_KEY)
-        except KeyNotFoundError:
-            return None
-        crl = ca_pb2.GetCRLResponse()
-        crl.ParseFromString(entry.value)
-        return crl
-
-    async def store_crl(self, crl: ca_pb2.GetCRLResponse) -> bool:
-        """Keep `crl` as current unless a CRL with a higher number is there already (two
-        replicas building at once): the higher number was built later, from more."""
-        for _ in range(_CAS_RETRIES):
-            try:
-                entry = await self.kv.get(CRL_CURRENT_KEY)
-            except KeyNotFoundError:
-                try:
-                    await self.kv.create(CRL_CURRENT_KEY, crl.SerializeToString())
-                except KeyWrongLastSequenceError:
-                    continue
-                return True
-            current = ca_pb2.GetCRLResponse()
-            current.ParseFromString(entry.value)
-            if current.crl_number >= crl.crl_number:
-                return False
-            try:
-                await self.kv.update(CRL_CURRENT_KEY, crl.SerializeToString(), last=entry.revision)
-            except KeyWrongLastSequenceError:
-                continue
-            return True
-        raise Internal("store.contention", "the CRL kept changing; try again")
 
 
 async def store_with_fresh_serial(

@@ -65,18 +65,27 @@ def is_removal(entry: KeyValue.Entry) -> bool:
 
 
 async def snapshot(
-    js: JetStreamContext, bucket: str, keys: str = ">"
+    js: JetStreamContext, bucket: str, keys: str = ">", after: int = 0
 ) -> tuple[list[KeyValue.Entry], int]:
     """The latest entry of every key matching `keys` (delete markers included; see
-    `is_removal`), in revision order, and the highest revision read (0 for none)."""
+    `is_removal`), in revision order, and the highest revision read (0 for none).
+
+    With `after` (a previous call's highest revision), every change since then instead,
+    in order: applied one by one to what that call returned, they bring it up to date,
+    so an in-memory index of a large bucket catches up by reading only what changed."""
+    policy = (
+        {"deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1}
+        if after
+        else {"deliver_policy": api.DeliverPolicy.LAST_PER_SUBJECT}
+    )
     psub = await js.pull_subscribe(
         _prefix(bucket) + keys,
         stream=_stream(bucket),
         config=api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             ack_policy=api.AckPolicy.NONE,
             mem_storage=True,
             inactive_threshold=_INACTIVE_S,
+            **policy,  # type: ignore[arg-type]
         ),
     )
     entries: list[KeyValue.Entry] = []

@@ -79,6 +79,11 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesResponse.FromString,
                 _registered_method=True)
+        self.PruneCertificates = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/PruneCertificates',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.FromString,
+                _registered_method=True)
 
 
 class CertificateAuthorityServicer:
@@ -138,6 +143,12 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PruneCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +196,11 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.ListProfiles,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.ListProfilesResponse.SerializeToString,
+            ),
+            'PruneCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneCertificates,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +446,33 @@ class CertificateAuthority:
             '/edgekms.v1.CertificateAuthority/ListProfiles',
             edgekms_dot_v1_dot_ca__pb2.ListProfilesRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.ListProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/PruneCertificates',
+            edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,7 @@ class CertificateAuthorityStub:
     GetCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetCRLRequest, _ca_pb2.GetCRLResponse]
     GetCACertificates: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetCACertificatesRequest, _ca_pb2.GetCACertificatesResponse]
     ListProfiles: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]
+    PruneCertificates: _grpc.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -58,6 +59,7 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     GetCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
     GetCACertificates: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetCACertificatesRequest, _ca_pb2.GetCACertificatesResponse]  # type: ignore[assignment]
     ListProfiles: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]  # type: ignore[assignment]
+    PruneCertificates: _aio.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -122,5 +124,12 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.ListProfilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.ListProfilesResponse, _abc.Awaitable[_ca_pb2.ListProfilesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PruneCertificates(
+        self,
+        request: _ca_pb2.PruneCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.PruneCertificatesResponse, _abc.Awaitable[_ca_pb2.PruneCertificatesResponse]]: ...
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

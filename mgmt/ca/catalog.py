@@ -1,0 +1,115 @@
+"""The CA's in-memory index of its certificate records, so that listing a page and
+building a CRL do not read the whole `kms_ca` bucket each time.
+
+With 50,000 records a full read of the bucket is tens of megabytes of certificates;
+the issue that led here had every revocation do one (and the CRL reply then passed the
+bus's max_payload). The catalog reads the bucket once, keeps each record without its
+certificate DER, sorted for listing (mgmt.ca.listing), and before every use catches up
+with the changes since the last revision it read (edgekms.kvread.snapshot with
+`after`): one short JetStream round trip when nothing changed, and it sees what other
+CA replicas wrote too. Nothing here is authoritative: the bucket is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from edgekms import kvread
+from edgekms.v1 import ca_pb2
+from mgmt.ca.listing import Query, SortKey, select_page, sort_key
+
+log = logging.getLogger(__name__)
+
+_CERT_PREFIX = "cert."
+
+
+class Catalog:
+    """Every certificate record (without certificate_der) by serial, and their sort
+    keys in listing order. `refresh()` before reading; one refresh runs at a time."""
+
+    def __init__(self, js: Any, bucket: str) -> None:
+        self._js = js
+        self._bucket = bucket
+        self._records: dict[str, ca_pb2.CertificateRecord] = {}  # by padded serial
+        self._order: list[SortKey] = []
+        self._revision = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    async def refresh(self) -> None:
+        """Apply every change to cert.* since the last refresh (all of them, the first
+        time)."""
+        async with self._lock:
+            entries, last = await kvread.snapshot(
+                self._js, self._bucket, f"{_CERT_PREFIX}>", after=self._revision
+            )
+            for entry in entries:
+                serial = entry.key[len(_CERT_PREFIX) :]
+                if kvread.is_removal(entry) or not entry.value:
+                    self._drop(serial)
+                    continue
+                record = ca_pb2.CertificateRecord()
+                record.ParseFromString(entry.value)
+                self._put(record)
+            if last:
+                if not self._revision:
+                    log.info("event=ca_catalog_loaded records=%d", len(self._records))
+                self._revision = max(self._revision, last)
+
+    def note(self, record: ca_pb2.CertificateRecord) -> None:
+        """Take a record this CA just wrote, so its own next read shows it even before a
+        refresh (the refresh then applies the same change again, harmlessly)."""
+        self._put(record)
+
+    def _put(self, record: ca_pb2.CertificateRecord) -> None:
+        summary = ca_pb2.CertificateRecord()
+        summary.CopyFrom(record)
+        summary.ClearField("certificate_der")
+        key = sort_key(summary)
+        old = self._records.get(key[1])
+        if old is not None:
+            old_key = sort_key(old)
+            if old_key != key:
+                self._remove_key(old_key)
+                bisect.insort(self._order, key)
+        else:
+            bisect.insort(self._order, key)
+        self._records[key[1]] = summary
+
+    def _drop(self, serial: str) -> None:
+        padded = serial.upper().rjust(40, "0")
+        old = self._records.pop(padded, None)
+        if old is not None:
+            self._remove_key(sort_key(old))
+
+    def _remove_key(self, key: SortKey) -> None:
+        index = bisect.bisect_left(self._order, key)
+        if index < len(self._order) and self._order[index] == key:
+            del self._order[index]
+
+    def forget(self, serial: str) -> None:
+        """Drop a record this CA just removed (see `note`)."""
+        self._drop(serial)
+
+    def page(self, query: Query) -> ca_pb2.ListCertificatesResponse:
+        return select_page(self._order, self._records, query)
+
+    def revoked(self) -> Iterator[ca_pb2.CertificateRecord]:
+        for record in self._records.values():
+            if record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
+                yield record
+
+    def expired_before(self, horizon: str) -> list[ca_pb2.CertificateRecord]:
+        """Records whose notAfter is before `horizon` (RFC 3339), oldest first."""
+        end = bisect.bisect_left(self._order, (horizon, ""))
+        return [self._records[key[1]] for key in self._order[:end]]
