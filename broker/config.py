@@ -4,6 +4,7 @@ listen = "127.0.0.1:8443"
 nats_url = "nats://127.0.0.1:4222"
 default_provider = "hsm0"
 providers = ["hsm0"]          # crypto services `status` expects to answer
+ca = true                     # `status` expects the CA service to answer too
 sign_timeout = 5.0            # seconds; generation gets generate_timeout
 generate_timeout = 120.0
 [tls]
@@ -48,6 +49,8 @@ class BrokerConfig:
     tls: TLSConfig
     sign_timeout: float = 5.0
     generate_timeout: float = 120.0
+    # A CA service runs beside this broker: `status` reports whether it answers.
+    ca: bool = False
     bus: BusCredentials = field(default_factory=BusCredentials)
 
 
@@ -69,6 +72,7 @@ KNOWN_FIELDS = frozenset(
         "providers",
         "sign_timeout",
         "generate_timeout",
+        "ca",
         "tls",
         *BUS_FIELDS,
     }
@@ -111,6 +115,9 @@ def load_config(path: Path) -> BrokerConfig:
             raise ConfigError(f"{path}: bad provider id {provider!r}")
     if default not in providers:
         raise ConfigError(f"{path}: default_provider {default!r} is not in providers")
+    ca = raw.get("ca", False)
+    if not isinstance(ca, bool):
+        raise ConfigError(f"{path}: 'ca' must be true or false")
     bus, problems = parse_bus_fields(raw, base)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
@@ -123,4 +130,5 @@ def load_config(path: Path) -> BrokerConfig:
         tls=tls,
         sign_timeout=_seconds(raw, "sign_timeout", 5.0, path),
         generate_timeout=_seconds(raw, "generate_timeout", 120.0, path),
+        ca=ca,
     )

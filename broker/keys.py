@@ -27,6 +27,7 @@ from broker.config import BrokerConfig
 from broker.idempotency import IdempotencyStore, idempotent
 from broker.registry import KeyRegistry, check_key_name
 from broker.wire import Malformed
+from edgekms import natsrpc
 from edgekms.algorithms import check_sign_request, key_type_info
 from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
@@ -42,6 +43,7 @@ from edgekms.errors import (
 from edgekms.identity import Identity, identity_from_certificate
 from edgekms.logs import fields
 from edgekms.sign_batcher import SignBatcher
+from edgekms.subjects import CA_SERVICE_NAME
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2, keys_pb2, keys_pb2_grpc
 
@@ -539,6 +541,15 @@ class SystemService(keys_pb2_grpc.SystemServiceServicer):
                 components.append(
                     keys_pb2.ComponentStatus(name=f"crypto/{provider}", ok=False, detail=str(err))
                 )
+        # The CA answers pings only while it holds its bus connection (it exits when the
+        # connection closes for good, and the supervisor restarts it).
+        if self.config.ca:
+            try:
+                info = await natsrpc.ping(self.crypto.nc, CA_SERVICE_NAME, timeout=1.0)
+                detail = f"{info.get('name', '')} {info.get('version', '')}".strip()
+                components.append(keys_pb2.ComponentStatus(name="ca", ok=True, detail=detail))
+            except KMSError as err:
+                components.append(keys_pb2.ComponentStatus(name="ca", ok=False, detail=str(err)))
         return keys_pb2.GetStatusResponse(ok=all(c.ok for c in components), components=components)
 
     @rpc("WhoAmI")

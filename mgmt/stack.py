@@ -368,6 +368,7 @@ class Stack:
                 f"{self._bus_toml(broker_identity().user)}"
                 f"default_provider = {json.dumps(self.options.provider_id)}\n"
                 f"providers = {json.dumps(self.options.providers)}\n"
+                "ca = true\n"
                 "[tls]\n"
                 f"cert = {json.dumps(str(pki.broker_cert))}\n"
                 f"key = {json.dumps(str(pki.broker_key))}\n"

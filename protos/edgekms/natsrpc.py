@@ -240,6 +240,32 @@ class BusWatch:
         return Unavailable("bus.lost", f"{self.service} lost its NATS connection{detail}")
 
 
+async def ping(
+    nc: nats.aio.client.Client, service_name: str, timeout: float = 1.0
+) -> dict[str, Any]:
+    """The first replica's nats.micro $SRV.PING answer (id, name, version): a service
+    that lost the bus, or hangs, does not answer, and says so as Unavailable."""
+    import json
+
+    try:
+        msg = await nc.request(f"$SRV.PING.{service_name}", b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise Unavailable(
+            "service.unavailable", f"nothing answers for {service_name} (not on the bus)"
+        ) from None
+    except (TimeoutError, nats.errors.TimeoutError):
+        raise Unavailable(
+            "service.unavailable", f"{service_name} did not answer a ping within {timeout:g}s"
+        ) from None
+    except nats.errors.Error:
+        raise Unavailable("bus.unavailable", "the NATS connection is not usable") from None
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        raise Internal("wire.bad_response", f"{service_name}: the ping reply is not JSON") from None
+    return answer if isinstance(answer, dict) else {}
+
+
 async def first_of(*events: asyncio.Event) -> None:
     """Wait until any of `events` is set (a stop signal, BusWatch.lost)."""
     waiters = [asyncio.create_task(event.wait()) for event in events]
