@@ -94,7 +94,8 @@ class CAService:
         return self
 
     async def stop(self) -> None:
-        if self._service is not None:
+        # On a connection closed for good there is nothing to unsubscribe from.
+        if self._service is not None and not self.nc.is_closed:
             await self._service.stop()
         await self._responder.drain()
 
