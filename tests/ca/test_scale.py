@@ -117,11 +117,22 @@ async def test_crl_of_4000_revoked_travels_in_chunks(ca_env: CAEnv) -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
     assert body == der
-    # A stale number or an offset past the end: typed refusals, not a wrong CRL.
+    # The CA still answers everything else.
+    listed_revoked = await _list_all(
+        ca_env, ca_pb2.ListCertificatesRequest(state=ca_pb2.CERTIFICATE_STATE_REVOKED)
+    )
+    assert len(listed_revoked) == 4001
+
+
+async def test_crl_chunk_requests_out_of_range_are_refused(ca_env: CAEnv) -> None:
+    """A chunk of a CRL that was replaced, or past the end: typed refusals, never bytes
+    of some other CRL."""
+    await ca_env.init()
+    meta, _, _ = await _fetch_crl(ca_env)
     with pytest.raises(FailedPrecondition) as stale:
         await ca_env.call(
             "GetCRL",
-            ca_pb2.GetCRLRequest(offset=CHUNK_SIZE, crl_number=meta.crl_number + 1000),
+            ca_pb2.GetCRLRequest(offset=1, crl_number=meta.crl_number + 1000),
             ca_pb2.GetCRLResponse,
         )
     assert stale.value.reason == "crl.changed"
@@ -132,11 +143,8 @@ async def test_crl_of_4000_revoked_travels_in_chunks(ca_env: CAEnv) -> None:
             ca_pb2.GetCRLResponse,
         )
     assert past.value.reason == "crl.offset_invalid"
-    # The CA still answers everything else.
-    listed_revoked = await _list_all(
-        ca_env, ca_pb2.ListCertificatesRequest(state=ca_pb2.CERTIFICATE_STATE_REVOKED)
-    )
-    assert len(listed_revoked) == 4001
+    again, _, _ = await _fetch_crl(ca_env)
+    assert again.crl_number == meta.crl_number  # nothing rebuilt or changed by them
 
 
 def _expect(
@@ -227,13 +235,17 @@ async def test_a_second_replica_sees_the_first_ones_writes(ca_env: CAEnv) -> Non
 @pytest.mark.parametrize(
     ("request_fields", "reason"),
     [
-        ({"page_token": "not-a-token"}, "list.page_token_invalid"),
-        ({"page_token": "MjAyNi0wMS0wMVQwMDowMDowMFp8eno"}, "list.page_token_invalid"),
-        ({"page_size": 1001}, "list.page_size_invalid"),
-        ({"state": 99}, "list.state_unknown"),
-        ({"issued_after": "yesterday"}, "list.filter_invalid"),
-        ({"match": "x" * 257}, "list.filter_invalid"),
-        ({"revoked_only": True, "state": 1}, "list.filter_invalid"),
+        pytest.param({"page_token": "not-a-token"}, "list.page_token_invalid", id="token"),
+        pytest.param(
+            {"page_token": "MjAyNi0wMS0wMVQwMDowMDowMFp8eno"},
+            "list.page_token_invalid",
+            id="token_forged",
+        ),
+        pytest.param({"page_size": 1001}, "list.page_size_invalid", id="page_size"),
+        pytest.param({"state": 99}, "list.state_unknown", id="state"),
+        pytest.param({"issued_after": "yesterday"}, "list.filter_invalid", id="issued_after"),
+        pytest.param({"match": "x" * 257}, "list.filter_invalid", id="match_long"),
+        pytest.param({"revoked_only": True, "state": 1}, "list.filter_invalid", id="contradiction"),
     ],
 )
 async def test_bad_listing_requests_are_refused(
