@@ -25,6 +25,7 @@ from broker.audit_service import AuditScope, record_before_change
 from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
 from broker.idempotency import IdempotencyStore, idempotent
+from broker.paging import page_by_name
 from broker.registry import KeyRegistry, check_key_name
 from broker.wire import Malformed
 from edgekms import natsrpc
@@ -303,9 +304,11 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         identity: Identity,
     ) -> keys_pb2.ListKeysResponse:
         records = self.registry.list(request.prefix, request.include_destroyed)
-        return keys_pb2.ListKeysResponse(
-            keys=[to_key(r) for r in records if self.identities.key_allowed(identity, r.name)]
+        allowed = (r for r in records if self.identities.key_allowed(identity, r.name))
+        page, next_token = page_by_name(
+            allowed, lambda r: r.name, request.page_size, request.page_token
         )
+        return keys_pb2.ListKeysResponse(keys=[to_key(r) for r in page], next_page_token=next_token)
 
     @rpc("GetPublicKey")
     async def GetPublicKey(

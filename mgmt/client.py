@@ -273,10 +273,21 @@ class KMSClient:
         request = keys_pb2.GetKeyRequest(name=name)
         return self._remember(self._call("GetKey", self._keys.GetKey, request, None))
 
-    def list_keys(self, prefix: str = "", include_destroyed: bool = False) -> list[keys_pb2.Key]:
-        request = keys_pb2.ListKeysRequest(prefix=prefix, include_destroyed=include_destroyed)
-        response = self._call("ListKeys", self._keys.ListKeys, request, None)
-        return [self._remember(k) for k in response.keys]
+    def list_keys(
+        self, prefix: str = "", include_destroyed: bool = False, *, page_size: int = 0
+    ) -> list[keys_pb2.Key]:
+        """Every key (all pages, of page_size each; 0: the broker's 100) whose name
+        starts with `prefix` that this client may see."""
+        request = keys_pb2.ListKeysRequest(
+            prefix=prefix, include_destroyed=include_destroyed, page_size=page_size
+        )
+        keys: list[keys_pb2.Key] = []
+        while True:
+            response = self._call("ListKeys", self._keys.ListKeys, request, None)
+            keys.extend(self._remember(k) for k in response.keys)
+            if not response.next_page_token:
+                return keys
+            request.page_token = response.next_page_token
 
     def get_public_key(self, name: str) -> keys_pb2.PublicKey:
         request = keys_pb2.GetPublicKeyRequest(name=name)
@@ -382,9 +393,20 @@ class KMSClient:
         )
         return self._call("AddClient", self._clients.AddClient, request, None)
 
-    def list_clients(self, include_revoked: bool = False) -> list[clients_pb2.Client]:
-        request = clients_pb2.ListClientsRequest(include_revoked=include_revoked)
-        return list(self._call("ListClients", self._clients.ListClients, request, None).clients)
+    def list_clients(
+        self, include_revoked: bool = False, *, page_size: int = 0
+    ) -> list[clients_pb2.Client]:
+        """Every client (all pages, of page_size each; 0: the broker's 100), by name."""
+        request = clients_pb2.ListClientsRequest(
+            include_revoked=include_revoked, page_size=page_size
+        )
+        clients: list[clients_pb2.Client] = []
+        while True:
+            response = self._call("ListClients", self._clients.ListClients, request, None)
+            clients.extend(response.clients)
+            if not response.next_page_token:
+                return clients
+            request.page_token = response.next_page_token
 
     def revoke_client(self, name: str) -> clients_pb2.Client:
         """Revoke the client's certificate; the broker refuses it from its next request on."""
