@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import nats.errors
+
+from edgekms.errors import AlreadyExists
 from edgekms.v1 import ca_pb2
 from mgmt.ca.store import CAStore, rfc3339
 
 PROFILES = ("https-server", "vpn-client", "device", "vpn-server")
-_WINDOW = 256
+_WINDOW = 64
+_ATTEMPTS = 5
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,23 @@ async def seed_records(
         elif end <= horizon:
             counts["expiring"] += 1
         async with slots:
-            await store.create_record(record)
+            for attempt in range(_ATTEMPTS):
+                try:
+                    await store.create_record(record)
+                    break
+                except AlreadyExists:
+                    if attempt == 0:
+                        raise
+                    break  # the attempt that timed out had stored it
+                except nats.errors.TimeoutError:
+                    # A loaded machine: the write may have landed without its ack.
+                    if await store.find_record(int(serial, 16)) is not None:
+                        break
+                    if attempt == _ATTEMPTS - 1:
+                        raise
         serials.append(serial)
+        if len(serials) % 10_000 == 0:
+            log.info("event=seeded count=%d of=%d", len(serials), count)
 
     await asyncio.gather(*(one(i) for i in range(count)))
     return Seeded(serials, counts["revoked"], counts["expiring"], counts["expired"])

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from nats.js.kv import KeyValue
+
 from edgekms import kvread
 from edgekms.v1 import ca_pb2
 from mgmt.ca.listing import Query, SortKey, select_page, sort_key
@@ -50,21 +52,22 @@ class Catalog:
         """Apply every change to cert.* since the last refresh (all of them, the first
         time)."""
         async with self._lock:
-            entries, last = await kvread.snapshot(
-                self._js, self._bucket, f"{_CERT_PREFIX}>", after=self._revision
+            _, last = await kvread.snapshot(
+                self._js, self._bucket, f"{_CERT_PREFIX}>", after=self._revision, each=self._apply
             )
-            for entry in entries:
-                serial = entry.key[len(_CERT_PREFIX) :]
-                if kvread.is_removal(entry) or not entry.value:
-                    self._drop(serial)
-                    continue
-                record = ca_pb2.CertificateRecord()
-                record.ParseFromString(entry.value)
-                self._put(record)
             if last:
                 if not self._revision:
                     log.info("event=ca_catalog_loaded records=%d", len(self._records))
                 self._revision = max(self._revision, last)
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        serial = entry.key[len(_CERT_PREFIX) :]
+        if kvread.is_removal(entry) or not entry.value:
+            self._drop(serial)
+            return
+        record = ca_pb2.CertificateRecord()
+        record.ParseFromString(entry.value)
+        self._put(record)
 
     def note(self, record: ca_pb2.CertificateRecord) -> None:
         """Take a record this CA just wrote, so its own next read shows it even before a

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from nats.aio.msg import Msg
 from nats.js import api
@@ -65,14 +65,21 @@ def is_removal(entry: KeyValue.Entry) -> bool:
 
 
 async def snapshot(
-    js: JetStreamContext, bucket: str, keys: str = ">", after: int = 0
+    js: JetStreamContext,
+    bucket: str,
+    keys: str = ">",
+    after: int = 0,
+    each: Callable[[KeyValue.Entry], None] | None = None,
 ) -> tuple[list[KeyValue.Entry], int]:
     """The latest entry of every key matching `keys` (delete markers included; see
     `is_removal`), in revision order, and the highest revision read (0 for none).
 
     With `after` (a previous call's highest revision), every change since then instead,
     in order: applied one by one to what that call returned, they bring it up to date,
-    so an in-memory index of a large bucket catches up by reading only what changed."""
+    so an in-memory index of a large bucket catches up by reading only what changed.
+
+    With `each`, every entry goes to it as it arrives and the list comes back empty: a
+    bucket of 50,000 certificates is then never held whole, values and all, at once."""
     policy = (
         {"deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": after + 1}
         if after
@@ -106,7 +113,10 @@ async def snapshot(
                 continue
             for msg in msgs:
                 entry = _entry(bucket, msg)
-                entries.append(entry)
+                if each is None:
+                    entries.append(entry)
+                else:
+                    each(entry)
                 last = max(last, entry.revision or 0)
                 remaining = entry.delta or 0
     finally:
