@@ -136,3 +136,77 @@ def test_ca_survives_4000_revoked_and_status_tells_when_it_does_not_answer(
     with stack.client(timeout=30) as client:
         record = client.get_certificate(real.serial)
     assert record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+
+
+def _operator_config(stack: KmsStack, where: Path) -> Path:
+    """A client config for a new operator, its certificate from `client add` (the
+    broker's own path), its key made here."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with stack.client(timeout=30) as admin:
+        added = admin.add_client(f"ops{os.getpid()}", "operator", public_key_der=public)
+    where.mkdir()
+    (where / "ops.crt").write_text(added.certificate_pem)
+    (where / "ops.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (where / "ca.crt").write_bytes((stack.data_dir / "client" / "ca.crt").read_bytes())
+    config = where / "config.toml"
+    config.write_text(
+        f'broker = "{stack.broker}"\nserver_name = "edgekms-broker"\n'
+        'ca_cert = "ca.crt"\ncert = "ops.crt"\nkey = "ops.key"\n'
+    )
+    return config
+
+
+def test_prune_serials_and_json_from_kmsctl(stack: KmsStack, tmp_path: Path) -> None:
+    if kmsctl(stack, "ca", "certs", "-o", "json").returncode != 0:
+        init = kmsctl(stack, "ca", "init", "--name", "Scale CA", "--out-dir", str(tmp_path))
+        assert init.returncode == 0, init.stderr
+    shown = kmsctl(stack, "ca", "certs", "--out-dir", str(tmp_path / "ca"), "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    certs = json.loads(shown.stdout)
+    assert len(certs["files"]) == 3
+    for which in ("root", "intermediate"):
+        printed = subprocess.run(
+            ["openssl", "x509", "-noout", "-serial", "-in", str(tmp_path / "ca" / f"{which}.crt")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert printed == f"serial={certs[which]['serial']}"  # leading zero and all
+    # A certificate whose serial's hex has an odd number of digits prints with the zero.
+    with stack.client(timeout=30) as client:
+        for _ in range(64):
+            record = client.issue_certificate(
+                "device", make_csr(make_key("ec-p256"), cn="odd", sans=("dns:odd.home.arpa",))
+            ).record
+            if len(record.serial) % 2:
+                break
+    assert len(record.serial) % 2, "64 random serials, none with an odd digit count"
+    show = kmsctl(stack, "cert", "show", record.serial, "-o", "json")
+    assert json.loads(show.stdout)["serial"] == "0" + record.serial
+    by_openssl_spelling = kmsctl(stack, "cert", "show", "0" + record.serial, "-o", "json")
+    assert by_openssl_spelling.returncode == 0, by_openssl_spelling.stderr
+
+    dry = kmsctl(stack, "ca", "prune", "--older-than", "30d", "--dry-run", "-o", "json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "pruned": 0, "dry_run": True, "serials": [], "crl_number": 0
+    }  # fmt: skip
+    bad = kmsctl(stack, "ca", "prune", "--older-than", "0d")
+    assert bad.returncode == 3 and "cert.duration_invalid" in bad.stderr
+    # Pruning is for administrators only.
+    config = _operator_config(stack, tmp_path / "operator")
+    denied = kmsctl(stack, "ca", "prune", "--older-than", "30d", "--config", str(config))
+    assert denied.returncode == 7, denied.stdout + denied.stderr
+    assert "authz.role_denied" in denied.stderr
