@@ -22,7 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edgekms.algorithms import KEY_TYPES
-from edgekms.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, KMSError
+from edgekms.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KMSError,
+    Unavailable,
+)
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
@@ -56,6 +63,9 @@ _REQUESTER_MAX = 256
 # Serials a prune names in its answer (it may remove many more).
 _PRUNE_NAMED = 100
 _PRUNE_MAX_DAYS = 36500
+# How long a listing waits for the catalog to catch up before answering Unavailable:
+# below the broker's 10 s deadline for CA calls.
+CATALOG_WAIT = 6.0
 
 
 def request_serial(secret: bytes, requester: str, request_id: str) -> int:
@@ -127,6 +137,7 @@ class CertificateAuthority:
         self.crl_jobs = CRLJobs(self._build_crl)
         self._crl_entries = EntryCache()
         self._crl_lock = asyncio.Lock()
+        self._catching_up: asyncio.Task[None] | None = None
 
     # ---- the CA itself -------------------------------------------------------------------
 
@@ -394,8 +405,24 @@ class CertificateAuthority:
     async def list(self, req: ca_pb2.ListCertificatesRequest) -> ca_pb2.ListCertificatesResponse:
         """One page of records (mgmt.ca.listing), filters checked before anything is read."""
         query = Query.parse(req, _now())  # a bad filter or token: refused before any read
-        await self.catalog.refresh()
+        await self._catch_up()
         return self.catalog.page(query)
+
+    async def _catch_up(self) -> None:
+        """Bring the catalog up to date, or say the CA is still reading its records: the
+        first read of 50,000 records takes seconds, longer than a caller's deadline on
+        a loaded machine, so it goes on in the background and the caller retries
+        (Unavailable is retried by KMSClient)."""
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self.catalog.refresh())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._catching_up), CATALOG_WAIT)
+        except TimeoutError:
+            raise Unavailable(
+                "ca.catalog_loading",
+                f"the CA is still reading its certificate records ({len(self.catalog)} so "
+                "far); try again in a few seconds",
+            ) from None
 
     async def prune(self, req: ca_pb2.PruneCertificatesRequest) -> ca_pb2.PruneCertificatesResponse:
         """Remove the records of certificates that expired more than `older_than_days`
@@ -409,7 +436,7 @@ class CertificateAuthority:
             )
         await self.issuer()  # a CA must exist
         horizon = rfc3339(_now() - datetime.timedelta(days=req.older_than_days))
-        await self.catalog.refresh()
+        await self._catch_up()
         doomed = self.catalog.expired_before(horizon)
         response = ca_pb2.PruneCertificatesResponse()
         if req.dry_run:

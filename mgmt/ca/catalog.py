@@ -27,6 +27,8 @@ from mgmt.ca.listing import Query, SortKey, select_page, sort_key
 log = logging.getLogger(__name__)
 
 _CERT_PREFIX = "cert."
+# Past this many changes in one refresh, sorting all keys beats inserting each.
+_RESORT_AFTER = 256
 
 
 class Catalog:
@@ -50,24 +52,45 @@ class Catalog:
 
     async def refresh(self) -> None:
         """Apply every change to cert.* since the last refresh (all of them, the first
-        time)."""
+        time). Changes go to the records first and the order is then patched, or sorted
+        afresh when many came (inserting 50,000 keys one by one moves gigabytes)."""
         async with self._lock:
+            changed: set[str] = set()
+            before: dict[str, SortKey | None] = {}
+
+            def apply(entry: KeyValue.Entry) -> None:
+                padded = entry.key[len(_CERT_PREFIX) :].upper().rjust(40, "0")
+                if padded not in changed:
+                    changed.add(padded)
+                    old = self._records.get(padded)
+                    before[padded] = sort_key(old) if old is not None else None
+                if kvread.is_removal(entry) or not entry.value:
+                    self._records.pop(padded, None)
+                    return
+                record = ca_pb2.CertificateRecord()
+                record.ParseFromString(entry.value)
+                record.ClearField("certificate_der")
+                self._records[padded] = record
+
             _, last = await kvread.snapshot(
-                self._js, self._bucket, f"{_CERT_PREFIX}>", after=self._revision, each=self._apply
+                self._js, self._bucket, f"{_CERT_PREFIX}>", after=self._revision, each=apply
             )
+            if len(changed) > _RESORT_AFTER:
+                self._order = sorted(sort_key(r) for r in self._records.values())
+            else:
+                for padded in changed:
+                    old_key = before[padded]
+                    if old_key is not None:
+                        self._remove_key(old_key)
+                    record = self._records.get(padded)
+                    if record is not None:
+                        key = sort_key(record)
+                        self._remove_key(key)  # note() may have put it there meanwhile
+                        bisect.insort(self._order, key)
             if last:
                 if not self._revision:
                     log.info("event=ca_catalog_loaded records=%d", len(self._records))
                 self._revision = max(self._revision, last)
-
-    def _apply(self, entry: KeyValue.Entry) -> None:
-        serial = entry.key[len(_CERT_PREFIX) :]
-        if kvread.is_removal(entry) or not entry.value:
-            self._drop(serial)
-            return
-        record = ca_pb2.CertificateRecord()
-        record.ParseFromString(entry.value)
-        self._put(record)
 
     def note(self, record: ca_pb2.CertificateRecord) -> None:
         """Take a record this CA just wrote, so its own next read shows it even before a
