@@ -246,10 +246,23 @@ def write(results: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "ca_scale.md").write_text("\n".join(lines))
 
 
-def main() -> None:
+def run_fresh(work: Path, duration: float = 4.0) -> dict[str, Any]:
+    """`run` on a `kmsctl up` stack of its own under `work`, stopped afterwards."""
     import os
     import platform
 
+    work.mkdir(parents=True, exist_ok=True)
+    stack = stackrun.start(work / "data")
+    try:
+        results = run(stack, duration)
+    finally:
+        log.info("stack stopped: %d", stack.stop())
+    results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results["host"] = f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
+    return results
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ca_scale", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--duration", type=float, default=4.0)
@@ -257,16 +270,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(tempfile.mkdtemp(prefix="edgekms-ca-scale-"))
-    stack = stackrun.start(work / "data")
     try:
-        results = run(stack, args.duration)
+        results = run_fresh(work, args.duration)
     finally:
-        code = stack.stop()
-        log.info("stack stopped: %d", code)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results["host"] = f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
     write(results, args.out)
     print(json.dumps(results, indent=2))
 
