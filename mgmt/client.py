@@ -57,6 +57,8 @@ DEFAULT_TIMEOUT = 10.0
 CREATE_TIMEOUT = 120.0
 
 _Resp = TypeVar("_Resp")
+# How long a listing waits for a CA still reading its records (ca.catalog_loading).
+CATALOG_PATIENCE = 120.0
 # Fetches of a chunked CRL that may find it replaced half-way before giving up.
 _CRL_ATTEMPTS = 3
 
@@ -493,8 +495,18 @@ class KMSClient:
     def list_certificates_page(
         self, request: ca_pb2.ListCertificatesRequest
     ) -> ca_pb2.ListCertificatesResponse:
-        """One page as the CA answers it (records without certificate_der)."""
-        return self._call("ListCertificates", self._ca.ListCertificates, request, None)
+        """One page as the CA answers it (records without certificate_der). While a CA
+        that just started reads its records (ca.catalog_loading, seconds for tens of
+        thousands) this asks again, for up to CATALOG_PATIENCE seconds."""
+        deadline = time.monotonic() + CATALOG_PATIENCE
+        while True:
+            try:
+                return self._call("ListCertificates", self._ca.ListCertificates, request, None)
+            except errors.Unavailable as exc:
+                if exc.reason != "ca.catalog_loading" or time.monotonic() > deadline:
+                    raise
+                log.info("ca.catalog_loading: asking again in 1 s")
+                time.sleep(1.0)
 
     def iter_certificates(
         self,
