@@ -198,11 +198,36 @@ def test_prune_serials_and_json_from_kmsctl(stack: KmsStack, tmp_path: Path) -> 
     by_openssl_spelling = kmsctl(stack, "cert", "show", "0" + record.serial, "-o", "json")
     assert by_openssl_spelling.returncode == 0, by_openssl_spelling.stderr
 
+    def count(*args: str) -> int:
+        listed = kmsctl(stack, "cert", "list", *args, "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        return len(json.loads(listed.stdout))
+
+    def crl_entries() -> int:
+        described = kmsctl(stack, "ca", "crl", "-o", "json")
+        assert described.returncode == 0, described.stderr
+        return int(json.loads(described.stdout)["revoked"])
+
+    # The first test's seeded revocations end between 100 days ago and 700 days ahead:
+    # those that ended more than 30 days ago go, and only those.
+    total, entries = count(), crl_entries()
     dry = kmsctl(stack, "ca", "prune", "--older-than", "30d", "--dry-run", "-o", "json")
     assert dry.returncode == 0, dry.stderr
-    assert json.loads(dry.stdout) == {
-        "pruned": 0, "dry_run": True, "serials": [], "crl_number": 0
-    }  # fmt: skip
+    would = json.loads(dry.stdout)
+    assert would["dry_run"] is True and len(would["serials"]) == min(would["pruned"], 100)
+    assert count() == total
+    done = kmsctl(stack, "ca", "prune", "--older-than", "30d", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    pruned = json.loads(done.stdout)
+    assert pruned["pruned"] == would["pruned"]
+    assert count() == total - pruned["pruned"]
+    assert crl_entries() == entries - pruned["pruned"]  # every seeded one was revoked
+    assert (
+        kmsctl(stack, "ca", "prune", "--older-than", "30d", "-o", "json").stdout.count(
+            '"pruned": 0'
+        )
+        == 1
+    )
     bad = kmsctl(stack, "ca", "prune", "--older-than", "0d")
     assert bad.returncode == 3 and "cert.duration_invalid" in bad.stderr
     # Pruning is for administrators only.
