@@ -9,6 +9,7 @@ a typed error raised before anything is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -66,6 +67,8 @@ _PRUNE_MAX_DAYS = 36500
 # How long a listing waits for the catalog to catch up before answering Unavailable:
 # below the broker's 10 s deadline for CA calls.
 CATALOG_WAIT = 6.0
+# How long GetCRL and /crl wait for a CRL build in progress.
+CRL_WAIT = 5.0
 
 
 def request_serial(secret: bytes, requester: str, request_id: str) -> int:
@@ -522,8 +525,11 @@ class CertificateAuthority:
 
     async def current_crl(self) -> ca_pb2.GetCRLResponse:
         """The whole current CRL (for /crl), rebuilt first when it is missing or close to
-        its nextUpdate, and after the revocations this CA has taken so far."""
-        await self.crl_jobs.settled()
+        its nextUpdate, and after the revocations this CA has taken so far (waiting at
+        most CRL_WAIT for a build in progress: past that, the stored CRL, whose number
+        says which revocations it holds)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.crl_jobs.settled()), CRL_WAIT)
         found = await self.crls.current()
         if found is None or parse_rfc3339(found[0].next_update) - _now() < CRL_REFRESH_MARGIN:
             await self._build_crl(await self.store.next_crl_number())
