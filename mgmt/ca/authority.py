@@ -68,7 +68,7 @@ _PRUNE_MAX_DAYS = 36500
 # below the broker's 10 s deadline for CA calls.
 CATALOG_WAIT = 6.0
 # How long GetCRL and /crl wait for a CRL build in progress.
-CRL_WAIT = 5.0
+CRL_WAIT = 7.0
 
 
 def request_serial(secret: bytes, requester: str, request_id: str) -> int:

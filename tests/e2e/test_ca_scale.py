@@ -90,13 +90,23 @@ def test_ca_survives_4000_revoked_and_status_tells_when_it_does_not_answer(
     seeded = asyncio.run(_seed(stack, real.certificate_der))
     pid = _ca_pid(stack)
 
-    revoke = kmsctl(stack, "cert", "revoke", real.serial, "--reason", "key-compromise")
+    revoke = kmsctl(
+        stack, "cert", "revoke", real.serial, "--reason", "key-compromise", "-o", "json"
+    )
     assert revoke.returncode == 0, revoke.stderr
+    reserved = json.loads(revoke.stdout)["crl_number"]
 
+    # The CRL numbered `reserved` (or later) lists it; it is built in the background.
     crl_file = tmp_path / "crl.der"
-    fetched = kmsctl(stack, "ca", "crl", "--out", str(crl_file), "-o", "json")
-    assert fetched.returncode == 0, fetched.stderr
-    described = json.loads(fetched.stdout)
+    deadline = time.monotonic() + 120
+    while True:
+        fetched = kmsctl(stack, "ca", "crl", "--out", str(crl_file), "-o", "json")
+        assert fetched.returncode == 0, fetched.stderr
+        described = json.loads(fetched.stdout)
+        if described["crl_number"] >= reserved:
+            break
+        assert time.monotonic() < deadline, f"no CRL {reserved} yet: {described}"
+        time.sleep(0.5)
     der = crl_file.read_bytes()
     assert len(der) > 128 * 1024  # past the bus's max_payload: it travelled in chunks
     crl = x509.load_der_x509_crl(der)
