@@ -59,6 +59,8 @@ CREATE_TIMEOUT = 120.0
 _Resp = TypeVar("_Resp")
 # How long a listing waits for a CA still reading its records (ca.catalog_loading).
 CATALOG_PATIENCE = 120.0
+# How long get_crl waits for a CRL the CA is still building.
+CRL_PATIENCE = 60.0
 # Fetches of a chunked CRL that may find it replaced half-way before giving up.
 _CRL_ATTEMPTS = 3
 
@@ -595,9 +597,17 @@ class KMSClient:
     def get_crl(self) -> ca_pb2.GetCRLResponse:
         """The whole current CRL. A large CRL comes in chunks (ca.proto GetCRL); they are
         put together here and checked against the CRL's SHA-256, and fetched again from
-        the start if the CA replaced the CRL meanwhile."""
-        for _ in range(_CRL_ATTEMPTS):
+        the start if the CA replaced the CRL meanwhile. While the CA says a newer CRL is
+        being built (revocations just taken), it waits for that one, up to
+        CRL_PATIENCE seconds."""
+        patience = time.monotonic() + CRL_PATIENCE
+        first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        while first.pending and time.monotonic() < patience:
+            time.sleep(0.5)
             first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        for attempt in range(_CRL_ATTEMPTS):
+            if attempt:
+                first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
             parts = [first.crl_der]
             size = len(first.crl_der)
             try:

@@ -549,7 +549,9 @@ class CertificateAuthority:
         """GetCRL on the bus: one chunk of the current CRL (mgmt.ca.crlstore)."""
         if req.offset == 0 and not req.crl_number:
             await self.current_crl()  # fresh, and with this CA's revocations in it
-        return await self.crls.chunk(req)
+        response = await self.crls.chunk(req)
+        response.pending = self.crl_jobs.busy
+        return response
 
     async def ocsp(self, request_der: bytes) -> bytes:
         """A DER OCSP response for a DER request; never raises for bad requests."""

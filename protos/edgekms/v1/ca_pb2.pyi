@@ -678,6 +678,7 @@ class GetCRLResponse(_message.Message):
     NEXT_UPDATE_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     crl_der: _builtins.bytes
     """The bytes [offset, offset + len) of the DER CRL (all of it when it fits 64 KiB)."""
     crl_number: _builtins.int
@@ -685,6 +686,10 @@ class GetCRLResponse(_message.Message):
     total_size: _builtins.int
     sha256: _builtins.bytes
     """SHA-256 of the whole DER CRL."""
+    pending: _builtins.bool
+    """A newer CRL is being built (revocations taken since this one): ask again shortly
+    for a CRL that lists them. KMSClient.get_crl does.
+    """
     def __init__(
         self,
         *,
@@ -693,10 +698,11 @@ class GetCRLResponse(_message.Message):
         next_update: _builtins.str = ...,
         total_size: _builtins.int = ...,
         sha256: _builtins.bytes = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der", "crl_number", b"crl_number", "next_update", b"next_update", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der", "crl_number", b"crl_number", "next_update", b"next_update", "pending", b"pending", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
