@@ -198,7 +198,7 @@ def main() -> None:
             # On a stack of its own: 100,000 seeded records would weigh on the rest.
             from bench import ca_scale
 
-            results["ca_scale"] = ca_scale.run_fresh(work / "ca-scale", args.duration)
+            results["ca_scale"] = ca_scale.run_fresh(work / "ca-scale")
             ca_scale.write(results["ca_scale"], out)
     finally:
         if not args.keep:

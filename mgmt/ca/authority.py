@@ -501,7 +501,7 @@ class CertificateAuthority:
             await self._require_active(INTERMEDIATE_LABEL)
             await self.catalog.refresh()
             revoked = [
-                Revocation(int(r.serial, 16), parse_rfc3339(r.revoked_at), r.revocation_reason)
+                Revocation(int(r.serial, 16), parse_rfc3339(r.revoked_at), r.reason)
                 for r in self.catalog.revoked()
             ]
             started = time.monotonic()

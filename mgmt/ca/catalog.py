@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 
 from edgekms import kvread
 from edgekms.v1 import ca_pb2
-from mgmt.ca.listing import Query, SortKey, select_page, sort_key
+from mgmt.ca.listing import Query, Row, SortKey, make_row, padded, select_page
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Catalog:
     def __init__(self, js: Any, bucket: str) -> None:
         self._js = js
         self._bucket = bucket
-        self._records: dict[str, ca_pb2.CertificateRecord] = {}  # by padded serial
+        self._records: dict[str, Row] = {}  # by padded serial
         self._order: list[SortKey] = []
         self._revision = 0
         self._lock = asyncio.Lock()
@@ -59,34 +59,33 @@ class Catalog:
             before: dict[str, SortKey | None] = {}
 
             def apply(entry: KeyValue.Entry) -> None:
-                padded = entry.key[len(_CERT_PREFIX) :].upper().rjust(40, "0")
-                if padded not in changed:
-                    changed.add(padded)
-                    old = self._records.get(padded)
-                    before[padded] = sort_key(old) if old is not None else None
+                serial = padded(entry.key[len(_CERT_PREFIX) :])
+                if serial not in changed:
+                    changed.add(serial)
+                    old = self._records.get(serial)
+                    before[serial] = old.key if old is not None else None
                 if kvread.is_removal(entry) or not entry.value:
-                    self._records.pop(padded, None)
+                    self._records.pop(serial, None)
                     return
                 record = ca_pb2.CertificateRecord()
                 record.ParseFromString(entry.value)
                 record.ClearField("certificate_der")
-                self._records[padded] = record
+                self._records[serial] = make_row(record)
 
             _, last = await kvread.snapshot(
                 self._js, self._bucket, f"{_CERT_PREFIX}>", after=self._revision, each=apply
             )
             if len(changed) > _RESORT_AFTER:
-                self._order = sorted(sort_key(r) for r in self._records.values())
+                self._order = sorted(r.key for r in self._records.values())
             else:
-                for padded in changed:
-                    old_key = before[padded]
+                for serial in changed:
+                    old_key = before[serial]
                     if old_key is not None:
                         self._remove_key(old_key)
-                    record = self._records.get(padded)
-                    if record is not None:
-                        key = sort_key(record)
-                        self._remove_key(key)  # note() may have put it there meanwhile
-                        bisect.insort(self._order, key)
+                    row = self._records.get(serial)
+                    if row is not None:
+                        self._remove_key(row.key)  # note() may have put it there meanwhile
+                        bisect.insort(self._order, row.key)
             if last:
                 if not self._revision:
                     log.info("event=ca_catalog_loaded records=%d", len(self._records))
@@ -98,25 +97,20 @@ class Catalog:
         self._put(record)
 
     def _put(self, record: ca_pb2.CertificateRecord) -> None:
-        summary = ca_pb2.CertificateRecord()
-        summary.CopyFrom(record)
-        summary.ClearField("certificate_der")
-        key = sort_key(summary)
-        old = self._records.get(key[1])
+        row = make_row(record)
+        old = self._records.get(row.serial_key)
         if old is not None:
-            old_key = sort_key(old)
-            if old_key != key:
-                self._remove_key(old_key)
-                bisect.insort(self._order, key)
+            if old.key != row.key:
+                self._remove_key(old.key)
+                bisect.insort(self._order, row.key)
         else:
-            bisect.insort(self._order, key)
-        self._records[key[1]] = summary
+            bisect.insort(self._order, row.key)
+        self._records[row.serial_key] = row
 
     def _drop(self, serial: str) -> None:
-        padded = serial.upper().rjust(40, "0")
-        old = self._records.pop(padded, None)
+        old = self._records.pop(padded(serial), None)
         if old is not None:
-            self._remove_key(sort_key(old))
+            self._remove_key(old.key)
 
     def _remove_key(self, key: SortKey) -> None:
         index = bisect.bisect_left(self._order, key)
@@ -130,12 +124,12 @@ class Catalog:
     def page(self, query: Query) -> ca_pb2.ListCertificatesResponse:
         return select_page(self._order, self._records, query)
 
-    def revoked(self) -> Iterator[ca_pb2.CertificateRecord]:
-        for record in self._records.values():
-            if record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
-                yield record
+    def revoked(self) -> Iterator[Row]:
+        for row in self._records.values():
+            if row.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
+                yield row
 
-    def expired_before(self, horizon: str) -> list[ca_pb2.CertificateRecord]:
+    def expired_before(self, horizon: str) -> list[Row]:
         """Records whose notAfter is before `horizon` (RFC 3339), oldest first."""
         end = bisect.bisect_left(self._order, (horizon, ""))
         return [self._records[key[1]] for key in self._order[:end]]

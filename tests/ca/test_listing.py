@@ -10,7 +10,16 @@ import pytest
 
 from edgekms.errors import InvalidArgument
 from edgekms.v1 import ca_pb2
-from mgmt.ca.listing import PAGE_BYTES, Query, decode_token, encode_token, select_page, sort_key
+from mgmt.ca.listing import (
+    PAGE_BYTES,
+    Query,
+    Row,
+    decode_token,
+    encode_token,
+    make_row,
+    select_page,
+    sort_key,
+)
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 
@@ -28,9 +37,9 @@ def _record(serial: int, days: int, **fields: object) -> ca_pb2.CertificateRecor
 
 def _index(
     records: list[ca_pb2.CertificateRecord],
-) -> tuple[list[tuple[str, str]], dict[str, ca_pb2.CertificateRecord]]:
+) -> tuple[list[tuple[str, str]], dict[str, Row]]:
     keys = sorted(sort_key(r) for r in records)
-    return keys, {sort_key(r)[1]: r for r in records}
+    return keys, {sort_key(r)[1]: make_row(r) for r in records}
 
 
 def _walk(records: list[ca_pb2.CertificateRecord], **request: object) -> list[str]:
@@ -43,6 +52,17 @@ def _walk(records: list[ca_pb2.CertificateRecord], **request: object) -> list[st
         if not page.next_page_token:
             return out
         req.page_token = page.next_page_token
+
+
+def test_a_row_keeps_the_record_without_its_der() -> None:
+    record = _record(0xA1, 3, subject="CN=NAS", sans=["dns:NAS.home.arpa"], profile="device")
+    record.certificate_der = b"x" * 700
+    row = make_row(record)
+    back = row.record()
+    assert not back.certificate_der and record.certificate_der  # the caller's copy kept
+    record.ClearField("certificate_der")
+    assert back == record
+    assert row.text == "cn=nas\ndns:nas.home.arpa" and row.key == sort_key(record)
 
 
 def test_tokens_round_trip() -> None:
