@@ -43,24 +43,27 @@ def reason_flag(reason: int) -> x509.ReasonFlags | None:
 
 
 class EntryCache:
-    """Built CRL entries by revocation: an entry never changes once made, and making
-    50,000 of them again for every CRL took longer than encoding and signing the CRL."""
+    """Built CRL entries by revocation (serial hex, revocation time as stored, reason):
+    an entry never changes once made, and making 50,000 of them again for every CRL,
+    dates parsed and all, took longer than encoding and signing the CRL."""
 
     def __init__(self) -> None:
-        self._entries: dict[Revocation, x509.RevokedCertificate] = {}
+        self._entries: dict[tuple[str, str, int], tuple[int, x509.RevokedCertificate]] = {}
 
-    def entry(self, rev: Revocation) -> x509.RevokedCertificate:
-        found = self._entries.get(rev)
-        if found is None:
-            found = _entry(rev)
-            self._entries[rev] = found
-        return found
-
-    def keep_only(self, revocations: Iterable[Revocation]) -> None:
-        """Forget the entries of revocations no longer listed (pruned records)."""
-        wanted = set(revocations)
-        for rev in [r for r in self._entries if r not in wanted]:
-            del self._entries[rev]
+    def entries(self, revoked: Iterable[tuple[str, str, int]]) -> list[x509.RevokedCertificate]:
+        """The entries of `revoked`, ordered by serial; entries of revocations no longer
+        listed (pruned records) are forgotten."""
+        fresh: dict[tuple[str, str, int], tuple[int, x509.RevokedCertificate]] = {}
+        for key in revoked:
+            found = self._entries.get(key)
+            if found is None:
+                serial_hex, revoked_at, reason = key
+                when = datetime.datetime.strptime(revoked_at, "%Y-%m-%dT%H:%M:%SZ")
+                rev = Revocation(int(serial_hex, 16), when.replace(tzinfo=datetime.UTC), reason)
+                found = (rev.serial, _entry(rev))
+            fresh[key] = found
+        self._entries = fresh
+        return [entry for _, entry in sorted(fresh.values(), key=lambda pair: pair[0])]
 
 
 def _entry(rev: Revocation) -> x509.RevokedCertificate:
@@ -82,15 +85,16 @@ def build_crl(
     crl_number: int,
     now: datetime.datetime | None = None,
     validity: datetime.timedelta = CRL_VALIDITY,
-    cache: EntryCache | None = None,
+    entries: list[x509.RevokedCertificate] | None = None,
 ) -> x509.CertificateRevocationList:
+    """A signed CRL of `revocations`, or of `entries` already built (EntryCache)."""
     now = now or datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    ordered = sorted(revocations, key=lambda r: r.serial)
-    make = cache.entry if cache is not None else _entry
+    if entries is None:
+        entries = [_entry(r) for r in sorted(revocations, key=lambda r: r.serial)]
     # All entries at once: add_revoked_certificate copies the list each time (quadratic).
     builder = (
-        x509.CertificateRevocationListBuilder(revoked_certificates=[make(r) for r in ordered])
+        x509.CertificateRevocationListBuilder(revoked_certificates=entries)
         .issuer_name(ca_cert.subject)
         .last_update(now)
         .next_update(now + validity)

@@ -39,6 +39,8 @@ CRL_META_KEY = "crl.meta"
 CHUNK_SIZE = 64 * 1024
 _SLOTS = ("a", "b")
 _CAS_RETRIES = 20
+# Pause between two background CRL builds while revocations keep arriving.
+BUILD_GAP = 1.0
 
 
 def chunk_key(slot: str, index: int) -> str:
@@ -157,8 +159,9 @@ class CRLJobs:
     number reserved before it started (CRL numbers need only increase, RFC 5280 5.2.3,
     so the numbers skipped are fine)."""
 
-    def __init__(self, build: Callable[[int], Awaitable[object]]) -> None:
+    def __init__(self, build: Callable[[int], Awaitable[object]], gap: float = BUILD_GAP) -> None:
         self._build = build
+        self._gap = gap
         self._wanted = 0
         self._built = 0
         self._runner: asyncio.Task[None] | None = None
@@ -194,6 +197,10 @@ class CRLJobs:
             self._built = max(self._built, number)
             async with self._changed:
                 self._changed.notify_all()
+            if self._wanted > self._built:
+                # Revocations keep coming: leave the CA a moment for them between builds
+                # (one build of 50,000 entries is seconds of work on a small machine).
+                await asyncio.sleep(self._gap)
 
     async def stop(self) -> None:
         if self._runner is not None:
