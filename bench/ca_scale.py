@@ -201,13 +201,13 @@ def run(stack: stackrun.RunningStack) -> dict[str, Any]:
         last = next(kms.iter_certificates(state=ca_pb2.CERTIFICATE_STATE_VALID, page_size=1))
         warm_revoke = kms.revoke_certificate(last.serial)
         started = time.perf_counter()
-        warm = kms.get_crl()
-        while warm.crl_number < warm_revoke.crl_number and time.perf_counter() < started + 300:
+        latest = kms.get_crl()
+        while latest.crl_number < warm_revoke.crl_number and time.perf_counter() < started + 300:
             time.sleep(0.05)
-            warm = kms.get_crl()
+            latest = kms.get_crl()
         out["crl_warm"] = {
             "ms_until_fetched": round((time.perf_counter() - started) * 1e3, 1),
-            "entries": len(x509.load_der_x509_crl(warm.crl_der)),
+            "entries": len(x509.load_der_x509_crl(latest.crl_der)),
         }
         out["ca_rss_mb"] = round(rss_kb(stack.pids()["ca"]) / 1024, 1)
     finally:
