@@ -132,4 +132,5 @@ class Catalog:
     def expired_before(self, horizon: str) -> list[Row]:
         """Records whose notAfter is before `horizon` (RFC 3339), oldest first."""
         end = bisect.bisect_left(self._order, (horizon, ""))
-        return [self._records[key[1]] for key in self._order[:end]]
+        rows = (self._records.get(key[1]) for key in self._order[:end])
+        return [row for row in rows if row is not None and row.not_after < horizon]

@@ -213,8 +213,10 @@ def select_page(
     last: SortKey | None = None
     for index in range(start, len(order)):
         key = order[index]
-        record = records[key[1]]
-        if not query.accepts(record):
+        record = records.get(key[1])
+        # A refresh running meanwhile updates the rows before the order: skip a key
+        # whose row went or moved (the next page or listing has it right).
+        if record is None or record.key != key or not query.accepts(record):
             continue
         if len(page.records) >= query.page_size:
             page.next_page_token = encode_token(last) if last else ""
