@@ -362,7 +362,8 @@ def show_cmd(
 def revoke_cmd(
     serial: str, reason: str, output: str, data_dir: Path, config_path: Path | None
 ) -> None:
-    """Revoke a certificate; the CA publishes a new CRL at once (`kmsctl ca crl`)."""
+    """Revoke a certificate; the CA builds a new CRL within moments (`kmsctl ca crl`
+    waits for it) and answers OCSP with "revoked" at once."""
     with open_client(data_dir, config_path) as kms:
         response = kms.revoke_certificate(normalize_serial(serial), REASONS[reason])
     if output == "json":
