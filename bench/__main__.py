@@ -3,7 +3,8 @@
 Order: raw provider rates on a token and swtpm of their own; then `kmsctl up` (cold, then
 warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/64 in
 flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
-hot path. Results land in bench/results/ (results.json, results.md, chart.png).
+hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py). Results land in
+bench/results/ (results.json, results.md, chart.png, ca_scale.md).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-issuance", action="store_true")
+    parser.add_argument(
+        "--no-ca-scale", action="store_true", help="skip the 50,000-certificate CA figures"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
 
@@ -190,6 +194,12 @@ def main() -> None:
             }
         finally:
             stack.stop()
+        if not args.no_ca_scale:
+            # On a stack of its own: 100,000 seeded records would weigh on the rest.
+            from bench import ca_scale
+
+            results["ca_scale"] = ca_scale.run_fresh(work / "ca-scale")
+            ca_scale.write(results["ca_scale"], out)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

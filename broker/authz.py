@@ -66,8 +66,9 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
     ),
     "enrollee": frozenset({"WhoAmI"}),
 }
-# Rotating or revoking an intermediate replaces the CA itself: administrators only.
-ROLE_METHODS["admin"] |= CA_OPERATE | {"Init", "Rotate", "RevokeIntermediate"}
+# Rotating or revoking an intermediate replaces the CA itself, and pruning removes records
+# for good: administrators only, like creating the CA.
+ROLE_METHODS["admin"] |= CA_OPERATE | {"Init", "Rotate", "RevokeIntermediate", "PruneCertificates"}
 ROLE_METHODS["operator"] |= CA_OPERATE
 ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL", "GetRootCRL", "GetIssuerCRL"}
 # Clients and key policies: only administrators change who may do what; operators may look.

@@ -38,6 +38,7 @@ STATE_CHANGING = {
     "RenewCertificate",
     "Rotate",
     "RevokeIntermediate",
+    "PruneCertificates",
 }
 
 

@@ -45,6 +45,7 @@ from broker.authz import KEY_SCOPED_METHODS
 from broker.buckets import FollowedBucket
 from broker.config import BrokerConfig
 from broker.keys import Context, IdentityCache, rpc
+from broker.paging import page_by_name
 from broker.registry import KeyRegistry
 from broker.throttle import FailureThrottle
 from edgekms.client_certs import (
@@ -531,9 +532,13 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
     async def ListClients(
         self, request: clients_pb2.ListClientsRequest, context: Context, identity: Identity
     ) -> clients_pb2.ListClientsResponse:
-        return clients_pb2.ListClientsResponse(
-            clients=self.clients.list(include_revoked=request.include_revoked)
+        page, next_token = page_by_name(
+            self.clients.list(include_revoked=request.include_revoked),
+            lambda c: c.name,
+            request.page_size,
+            request.page_token,
         )
+        return clients_pb2.ListClientsResponse(clients=page, next_page_token=next_token)
 
     @rpc("RevokeClient")
     async def RevokeClient(

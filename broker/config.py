@@ -4,6 +4,7 @@ listen = "127.0.0.1:8443"
 nats_url = "nats://127.0.0.1:4222"
 default_provider = "hsm0"
 providers = ["hsm0"]          # crypto services `status` expects to answer
+ca = true                     # `status` expects the CA service to answer too
 sign_timeout = 5.0            # seconds; generation gets generate_timeout
 generate_timeout = 120.0
 handshake_timeout = 10.0      # TLS handshake; then idle_timeout (300) without a call,
@@ -57,6 +58,8 @@ class BrokerConfig:
     tls: TLSConfig
     sign_timeout: float = 5.0
     generate_timeout: float = 120.0
+    # A CA service runs beside this broker: `status` reports whether it answers.
+    ca: bool = False
     bus: BusCredentials = field(default_factory=BusCredentials)
     # Record sealing (edgekms.sealed): the broker's own key and every writer's public
     # key; None (no seal_* fields) only on a development bus: `kmsctl up` always seals.
@@ -94,6 +97,7 @@ KNOWN_FIELDS = frozenset(
         "idle_timeout",
         "keepalive_interval",
         "keepalive_timeout",
+        "ca",
         "tls",
         *BUS_FIELDS,
         *SEAL_FIELDS,
@@ -137,6 +141,9 @@ def load_config(path: Path) -> BrokerConfig:
             raise ConfigError(f"{path}: bad provider id {provider!r}")
     if default not in providers:
         raise ConfigError(f"{path}: default_provider {default!r} is not in providers")
+    ca = raw.get("ca", False)
+    if not isinstance(ca, bool):
+        raise ConfigError(f"{path}: 'ca' must be true or false")
     bus, problems = parse_bus_fields(raw, base)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
@@ -159,4 +166,5 @@ def load_config(path: Path) -> BrokerConfig:
         idle_timeout=_seconds(raw, "idle_timeout", 300.0, path),
         keepalive_interval=_seconds(raw, "keepalive_interval", 60.0, path),
         keepalive_timeout=_seconds(raw, "keepalive_timeout", 20.0, path),
+        ca=ca,
     )

@@ -26,8 +26,10 @@ from broker.audit_service import AuditScope, record_before_change
 from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
 from broker.idempotency import IdempotencyStore, idempotent
+from broker.paging import page_by_name
 from broker.registry import KeyRegistry, check_key_name
 from broker.wire import Malformed
+from edgekms import natsrpc
 from edgekms.algorithms import check_sign_request, key_type_info
 from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
@@ -44,6 +46,7 @@ from edgekms.errors import (
 from edgekms.identity import Identity, identity_from_certificate
 from edgekms.logs import fields
 from edgekms.sign_batcher import SignBatcher
+from edgekms.subjects import CA_SERVICE_NAME
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2, keys_pb2, keys_pb2_grpc
 
@@ -354,9 +357,11 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         identity: Identity,
     ) -> keys_pb2.ListKeysResponse:
         records = self.registry.list(request.prefix, request.include_destroyed)
-        return keys_pb2.ListKeysResponse(
-            keys=[to_key(r) for r in records if self.identities.key_allowed(identity, r.name)]
+        allowed = (r for r in records if self.identities.key_allowed(identity, r.name))
+        page, next_token = page_by_name(
+            allowed, lambda r: r.name, request.page_size, request.page_token
         )
+        return keys_pb2.ListKeysResponse(keys=[to_key(r) for r in page], next_page_token=next_token)
 
     @rpc("GetPublicKey")
     async def GetPublicKey(
@@ -592,6 +597,15 @@ class SystemService(keys_pb2_grpc.SystemServiceServicer):
                 components.append(
                     keys_pb2.ComponentStatus(name=f"crypto/{provider}", ok=False, detail=str(err))
                 )
+        # The CA answers pings only while it holds its bus connection (it exits when the
+        # connection closes for good, and the supervisor restarts it).
+        if self.config.ca:
+            try:
+                info = await natsrpc.ping(self.crypto.nc, CA_SERVICE_NAME, timeout=1.0)
+                detail = f"{info.get('name', '')} {info.get('version', '')}".strip()
+                components.append(keys_pb2.ComponentStatus(name="ca", ok=True, detail=detail))
+            except KMSError as err:
+                components.append(keys_pb2.ComponentStatus(name="ca", ok=False, detail=str(err)))
         return keys_pb2.GetStatusResponse(ok=all(c.ok for c in components), components=components)
 
     @rpc("WhoAmI")

@@ -62,6 +62,8 @@ class Broker:
         self.registry: KeyRegistry | None = None
         self.clients: ClientRegistry | None = None
         self.port: int = 0
+        # Set when the bus connection closes for good: serve() then exits non-zero.
+        self.bus_watch = natsrpc.BusWatch("the broker")
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -101,6 +103,7 @@ class Broker:
             disconnected_cb=self._on_disconnect,
             reconnected_cb=self._on_reconnect,
             allow_reconnect=True,
+            **self.bus_watch.options(),
             **cfg.bus.connect_options(),
         )
         self.registry = KeyRegistry(self.nc.jetstream(), seal=cfg.seal)
@@ -207,6 +210,7 @@ class Broker:
             await self.registry.stop()
         if self.clients is not None:
             await self.clients.stop()
+        self.bus_watch.stopping()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
 
@@ -218,6 +222,8 @@ async def serve(config: BrokerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await natsrpc.first_of(stop, broker.bus_watch.lost)
     log.info("broker stopping")
     await broker.stop()
+    if broker.bus_watch.lost.is_set():
+        raise broker.bus_watch.error()

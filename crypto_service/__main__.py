@@ -32,7 +32,7 @@ from crypto_service.config import (  # noqa: E402
 from crypto_service.providers.base import Provider  # noqa: E402
 from crypto_service.service import CryptoService  # noqa: E402
 from crypto_service.throttle import STATE_FILE, AuthGuard  # noqa: E402
-from edgekms import aio  # noqa: E402
+from edgekms import aio, natsrpc  # noqa: E402
 from edgekms.errors import KMSError  # noqa: E402
 from edgekms.logs import setup_logging  # noqa: E402
 
@@ -53,8 +53,8 @@ class _Exit(Exception):
 
 
 async def _serve(config: ServiceConfig, provider: Provider) -> None:
-    async def on_error(exc: Exception) -> None:
-        log.warning("event=nats_error error=%s", type(exc).__name__)
+    # Closed for good (an -ERR from the server): exit so the supervisor restarts us.
+    watch = natsrpc.BusWatch(f"crypto service {config.provider_id}")
 
     async def on_disconnect() -> None:
         log.warning("event=nats_disconnected")
@@ -77,7 +77,7 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
-                error_cb=on_error,
+                **watch.options(),
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 **bus_options,
@@ -108,14 +108,18 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
     )
     try:
         await service.start()
-        await stop.wait()
+        await natsrpc.first_of(stop, watch.lost)
         log.info("event=stopping")
     finally:
         await service.stop()
+        watch.stopping()
         try:
-            await nc.drain()
+            if not nc.is_closed:
+                await nc.drain()
         except Exception as exc:
             log.warning("event=drain_failed error=%s", type(exc).__name__)
+    if watch.lost.is_set():
+        raise _Exit(EXIT_NATS, watch.error().message)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -185,7 +185,9 @@ class CryptoService:
     async def stop(self) -> None:
         """Stop taking requests, finish those in flight, release the threads."""
         if self._service is not None:
-            await self._service.stop()
+            # On a connection closed for good there is nothing to unsubscribe from.
+            if not self.nc.is_closed:
+                await self._service.stop()
             self._service = None
         await self._responder.drain()
         self._executor.shutdown(wait=True)

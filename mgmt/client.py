@@ -13,10 +13,11 @@ Every call has a deadline: a broker that hangs must not hang the caller.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -56,6 +57,12 @@ DEFAULT_TIMEOUT = 10.0
 CREATE_TIMEOUT = 120.0
 
 _Resp = TypeVar("_Resp")
+# How long a listing waits for a CA still reading its records (ca.catalog_loading).
+CATALOG_PATIENCE = 120.0
+# How long get_crl waits for a CRL the CA is still building.
+CRL_PATIENCE = 60.0
+# Fetches of a chunked CRL that may find it replaced half-way before giving up.
+_CRL_ATTEMPTS = 3
 
 # Failures after which the same request may be sent again (edgekms.v1.ErrorCode names).
 RETRYABLE = frozenset({"ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"})
@@ -270,10 +277,21 @@ class KMSClient:
         request = keys_pb2.GetKeyRequest(name=name)
         return self._remember(self._call("GetKey", self._keys.GetKey, request, None))
 
-    def list_keys(self, prefix: str = "", include_destroyed: bool = False) -> list[keys_pb2.Key]:
-        request = keys_pb2.ListKeysRequest(prefix=prefix, include_destroyed=include_destroyed)
-        response = self._call("ListKeys", self._keys.ListKeys, request, None)
-        return [self._remember(k) for k in response.keys]
+    def list_keys(
+        self, prefix: str = "", include_destroyed: bool = False, *, page_size: int = 0
+    ) -> list[keys_pb2.Key]:
+        """Every key (all pages, of page_size each; 0: the broker's 100) whose name
+        starts with `prefix` that this client may see."""
+        request = keys_pb2.ListKeysRequest(
+            prefix=prefix, include_destroyed=include_destroyed, page_size=page_size
+        )
+        keys: list[keys_pb2.Key] = []
+        while True:
+            response = self._call("ListKeys", self._keys.ListKeys, request, None)
+            keys.extend(self._remember(k) for k in response.keys)
+            if not response.next_page_token:
+                return keys
+            request.page_token = response.next_page_token
 
     def get_public_key(self, name: str) -> keys_pb2.PublicKey:
         request = keys_pb2.GetPublicKeyRequest(name=name)
@@ -379,9 +397,20 @@ class KMSClient:
         )
         return self._call("AddClient", self._clients.AddClient, request, None)
 
-    def list_clients(self, include_revoked: bool = False) -> list[clients_pb2.Client]:
-        request = clients_pb2.ListClientsRequest(include_revoked=include_revoked)
-        return list(self._call("ListClients", self._clients.ListClients, request, None).clients)
+    def list_clients(
+        self, include_revoked: bool = False, *, page_size: int = 0
+    ) -> list[clients_pb2.Client]:
+        """Every client (all pages, of page_size each; 0: the broker's 100), by name."""
+        request = clients_pb2.ListClientsRequest(
+            include_revoked=include_revoked, page_size=page_size
+        )
+        clients: list[clients_pb2.Client] = []
+        while True:
+            response = self._call("ListClients", self._clients.ListClients, request, None)
+            clients.extend(response.clients)
+            if not response.next_page_token:
+                return clients
+            request.page_token = response.next_page_token
 
     def revoke_client(self, name: str = "", serial: str = "") -> clients_pb2.Client:
         """Revoke a certificate, by its client's name or by its serial (hex); the broker
@@ -475,14 +504,85 @@ class KMSClient:
         request = ca_pb2.GetCertificateRequest(serial=serial)
         return self._call("GetCertificate", self._ca.GetCertificate, request, None).record
 
-    def list_certificates(
-        self, *, revoked_only: bool = False, expiring_within_days: int = 0, profile: str = ""
-    ) -> list[ca_pb2.CertificateRecord]:
+    def list_certificates_page(
+        self, request: ca_pb2.ListCertificatesRequest
+    ) -> ca_pb2.ListCertificatesResponse:
+        """One page as the CA answers it (records without certificate_der). While a CA
+        that just started reads its records (ca.catalog_loading, seconds for tens of
+        thousands) this asks again, for up to CATALOG_PATIENCE seconds."""
+        deadline = time.monotonic() + CATALOG_PATIENCE
+        while True:
+            try:
+                return self._call("ListCertificates", self._ca.ListCertificates, request, None)
+            except errors.Unavailable as exc:
+                if exc.reason != "ca.catalog_loading" or time.monotonic() > deadline:
+                    raise
+                log.info("ca.catalog_loading: asking again in 1 s")
+                time.sleep(1.0)
+
+    def iter_certificates(
+        self,
+        *,
+        revoked_only: bool = False,
+        expiring_within_days: int = 0,
+        expiring_within_seconds: int = 0,
+        profile: str = "",
+        match: str = "",
+        state: ca_pb2.CertificateState.ValueType = ca_pb2.CERTIFICATE_STATE_ANY,
+        issued_after: str = "",
+        page_size: int = 0,
+    ) -> Iterator[ca_pb2.CertificateRecord]:
+        """Every matching record, soonest to expire first, fetched a page at a time as
+        the iteration goes (certificate_der left out: get_certificate has it)."""
         request = ca_pb2.ListCertificatesRequest(
-            revoked_only=revoked_only, expiring_within_days=expiring_within_days, profile=profile
+            revoked_only=revoked_only,
+            expiring_within_days=expiring_within_days,
+            expiring_within_seconds=expiring_within_seconds,
+            profile=profile,
+            match=match,
+            state=state,
+            issued_after=issued_after,
+            page_size=page_size,
         )
-        response = self._call("ListCertificates", self._ca.ListCertificates, request, None)
-        return list(response.records)
+        while True:
+            page = self.list_certificates_page(request)
+            yield from page.records
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def list_certificates(
+        self,
+        *,
+        revoked_only: bool = False,
+        expiring_within_days: int = 0,
+        profile: str = "",
+        match: str = "",
+        state: ca_pb2.CertificateState.ValueType = ca_pb2.CERTIFICATE_STATE_ANY,
+        issued_after: str = "",
+    ) -> list[ca_pb2.CertificateRecord]:
+        """Every matching record (all pages; see iter_certificates)."""
+        return list(
+            self.iter_certificates(
+                revoked_only=revoked_only,
+                expiring_within_days=expiring_within_days,
+                profile=profile,
+                match=match,
+                state=state,
+                issued_after=issued_after,
+            )
+        )
+
+    def prune_certificates(
+        self, older_than_days: int, *, dry_run: bool = False, request_id: str | None = None
+    ) -> ca_pb2.PruneCertificatesResponse:
+        """Remove the records of certificates expired more than older_than_days ago."""
+        request = ca_pb2.PruneCertificatesRequest(
+            older_than_days=older_than_days,
+            dry_run=dry_run,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("PruneCertificates", self._ca.PruneCertificates, request, None)
 
     def revoke_certificate(
         self,
@@ -514,7 +614,41 @@ class KMSClient:
         return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
 
     def get_crl(self) -> ca_pb2.GetCRLResponse:
-        return self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        """The whole current CRL. A large CRL comes in chunks (ca.proto GetCRL); they are
+        put together here and checked against the CRL's SHA-256, and fetched again from
+        the start if the CA replaced the CRL meanwhile. While the CA says a newer CRL is
+        being built (revocations just taken), it waits for that one, up to
+        CRL_PATIENCE seconds."""
+        patience = time.monotonic() + CRL_PATIENCE
+        first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        while first.pending and time.monotonic() < patience:
+            time.sleep(0.5)
+            first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        for attempt in range(_CRL_ATTEMPTS):
+            if attempt:
+                first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+            parts = [first.crl_der]
+            size = len(first.crl_der)
+            try:
+                while size < first.total_size:
+                    request = ca_pb2.GetCRLRequest(offset=size, crl_number=first.crl_number)
+                    chunk = self._call("GetCRL", self._ca.GetCRL, request, None)
+                    if not chunk.crl_der:
+                        break
+                    parts.append(chunk.crl_der)
+                    size += len(chunk.crl_der)
+            except errors.FailedPrecondition as exc:
+                if exc.reason == "crl.changed":
+                    continue
+                raise
+            der = b"".join(parts)
+            if first.sha256 and hashlib.sha256(der).digest() != first.sha256:
+                continue
+            whole = ca_pb2.GetCRLResponse()
+            whole.CopyFrom(first)
+            whole.crl_der = der
+            return whole
+        raise errors.Unavailable("crl.changing", "the CRL kept changing while it was fetched")
 
     def get_root_crl(self) -> ca_pb2.GetCRLResponse:
         """The root's CRL (revoked intermediates); long-lived, signed by the root."""

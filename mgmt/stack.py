@@ -452,6 +452,7 @@ class Stack:
                 f"{self._seals.toml(WRITER_BROKER)}"
                 f"default_provider = {json.dumps(self.options.provider_id)}\n"
                 f"providers = {json.dumps(self.options.providers)}\n"
+                "ca = true\n"
                 "[tls]\n"
                 f"cert = {json.dumps(str(pki.broker_cert))}\n"
                 f"key = {json.dumps(str(pki.broker_key))}\n"

@@ -121,3 +121,37 @@ async def test_follow_from_an_empty_snapshot_sees_the_first_write(
     entry = await asyncio.wait_for(anext(changes), 5)
     assert (entry.key, entry.value, entry.revision) == ("first", b"1", 1)
     await changes.aclose()
+
+
+async def test_changes_after_a_revision_bring_a_copy_up_to_date(
+    bucket: tuple[Any, Any, str],
+) -> None:
+    """snapshot(after=...) is what the CA's catalog catches up with: every change since,
+    in order, delete markers included; nothing at all when nothing changed."""
+    js, kv, name = bucket
+    await kv.put("cert.a", b"a1")
+    await kv.put("cert.b", b"b1")
+    copy: dict[str, bytes | None] = {}
+    entries, last = await kvread.snapshot(js, name, "cert.>")
+    for entry in entries:
+        copy[entry.key] = entry.value
+    assert await kvread.snapshot(js, name, "cert.>", after=last) == ([], 0)
+    await kv.put("cert.a", b"a2")
+    await kv.put("other", b"not a cert")
+    await kv.delete("cert.b")
+    await kv.put("cert.c", b"c1")
+    seen: list[Any] = []
+    changes, newest = await kvread.snapshot(js, name, "cert.>", after=last, each=seen.append)
+    assert changes == [] and newest == (await kv.status()).values
+    assert [(e.key, e.value, kvread.is_removal(e)) for e in seen] == [
+        ("cert.a", b"a2", False),
+        ("cert.b", b"", True),
+        ("cert.c", b"c1", False),
+    ]
+    for entry in seen:
+        if kvread.is_removal(entry):
+            copy.pop(entry.key, None)
+        else:
+            copy[entry.key] = entry.value
+    fresh, _ = await kvread.snapshot(js, name, "cert.>")
+    assert copy == {e.key: e.value for e in fresh if not kvread.is_removal(e)}

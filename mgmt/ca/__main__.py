@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     from pathlib import Path
 
+    from edgekms.errors import KMSError
     from edgekms.logs import setup_logging
     from mgmt.ca.config import CAConfigError, load_serve_config
     from mgmt.ca.service import serve
@@ -91,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run())
     except OSError as exc:
         print(f"kmsctl: ca serve: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KMSError as exc:  # the bus went away for good: exit so the supervisor restarts
+        print(f"kmsctl: ca serve: {exc.reason}: {exc.message}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return 0
 

@@ -30,6 +30,7 @@ from edgekms.errors import (
     InvalidArgument,
     KMSError,
     NotFound,
+    Unavailable,
 )
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
@@ -47,12 +48,15 @@ from mgmt.ca.builder import (
     random_serial,
     serial_hex,
 )
-from mgmt.ca.crl import REASON_FLAGS, Revocation, build_crl
+from mgmt.ca.catalog import Catalog
+from mgmt.ca.crl import REASON_FLAGS, EntryCache, Revocation, build_crl
+from mgmt.ca.crlstore import CRLJobs, CRLStore
 from mgmt.ca.hierarchy import IssuingCA
+from mgmt.ca.listing import Query
 from mgmt.ca.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
 from mgmt.ca.profiles import BUILTIN_PROFILES, Profile, get_profile
 from mgmt.ca.signer import KeyBackend
-from mgmt.ca.store import CRL_CURRENT_KEY, CAStore, parse_rfc3339, rfc3339
+from mgmt.ca.store import CAStore, parse_rfc3339, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,14 @@ ISSUER_RECHECK_SECONDS = 5.0
 # The CRL is rebuilt when less than this is left before its nextUpdate.
 CRL_REFRESH_MARGIN = datetime.timedelta(days=3)
 _REQUESTER_MAX = 256
+# Serials a prune names in its answer (it may remove many more).
+_PRUNE_NAMED = 100
+_PRUNE_MAX_DAYS = 36500
+# How long a listing waits for the catalog to catch up before answering Unavailable:
+# below the broker's 10 s deadline for CA calls.
+CATALOG_WAIT = 6.0
+# How long GetCRL and /crl wait for a CRL build in progress.
+CRL_WAIT = 7.0
 
 
 def request_serial(secret: bytes, requester: str, request_id: str) -> int:
@@ -144,6 +156,13 @@ class CertificateAuthority:
         self.urls = urls
         self._new_serial = new_serial
         self._issuer: _Issuer | None = None
+        # Listing and CRLs read the in-memory catalog, not the whole bucket.
+        self.catalog = Catalog(store.js, store.bucket, store.open_entry)
+        self.crls = CRLStore(store.kv)
+        self.crl_jobs = CRLJobs(self._build_crl)
+        self._crl_entries = EntryCache()
+        self._crl_lock = asyncio.Lock()
+        self._catching_up: asyncio.Task[None] | None = None
 
     # ---- the CA itself -------------------------------------------------------------------
 
@@ -381,6 +400,11 @@ class CertificateAuthority:
             record = await self._issue_once(issuer, make, requester, request_id)
         else:
             record = await store_with_fresh_serial(self.store, make, self._new_serial)
+        self.catalog.note(record)
+        if renewed_from:
+            old = await self.store.mark_superseded(renewed_from, record.serial)
+            if old is not None:
+                self.catalog.note(old)
         log.info(
             "event=ca_issued serial=%s profile=%s requester=%s sans=%s",
             record.serial,
@@ -457,21 +481,66 @@ class CertificateAuthority:
         return ca_pb2.GetCertificateResponse(record=record)
 
     async def list(self, req: ca_pb2.ListCertificatesRequest) -> ca_pb2.ListCertificatesResponse:
-        records = await self.store.list_records()
-        now = _now()
-        horizon = now + datetime.timedelta(days=req.expiring_within_days)
-        out = []
-        for r in records:
-            revoked = r.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
-            if req.revoked_only and not revoked:
-                continue
-            if req.profile and r.profile != req.profile:
-                continue
-            if req.expiring_within_days and (revoked or parse_rfc3339(r.not_after) > horizon):
-                continue
-            out.append(r)
-        out.sort(key=lambda r: (r.not_after, r.serial))
-        return ca_pb2.ListCertificatesResponse(records=out)
+        """One page of records (mgmt.ca.listing), filters checked before anything is read."""
+        query = Query.parse(req, _now())  # a bad filter or token: refused before any read
+        await self._catch_up()
+        return self.catalog.page(query)
+
+    async def _catch_up(self) -> None:
+        """Bring the catalog up to date, or say the CA is still reading its records: the
+        first read of 50,000 records takes seconds, longer than a caller's deadline on
+        a loaded machine, so it goes on in the background and the caller retries
+        (Unavailable is retried by KMSClient)."""
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self.catalog.refresh())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._catching_up), CATALOG_WAIT)
+        except TimeoutError:
+            raise Unavailable(
+                "ca.catalog_loading",
+                f"the CA is still reading its certificate records ({len(self.catalog)} so "
+                "far); try again in a few seconds",
+            ) from None
+
+    async def prune(self, req: ca_pb2.PruneCertificatesRequest) -> ca_pb2.PruneCertificatesResponse:
+        """Remove the records of certificates that expired more than `older_than_days`
+        ago. An expired certificate fails verification on its dates alone, so no CRL
+        needs its entry (RFC 5280 3.3 lets a CRL drop it); a revoked certificate that has
+        not expired is never pruned, whatever its age."""
+        if not 1 <= req.older_than_days <= _PRUNE_MAX_DAYS:
+            raise InvalidArgument(
+                "prune.retention_invalid",
+                f"the retention period must be 1 to {_PRUNE_MAX_DAYS} days",
+            )
+        await self.issuer()  # a CA must exist
+        horizon = rfc3339(_now() - datetime.timedelta(days=req.older_than_days))
+        await self._catch_up()
+        doomed = self.catalog.expired_before(horizon)
+        response = ca_pb2.PruneCertificatesResponse()
+        if req.dry_run:
+            response.pruned = len(doomed)
+            response.serials.extend(r.serial for r in doomed[:_PRUNE_NAMED])
+            return response
+        revoked_gone = False
+        for summary in doomed:
+            record = await self.store.remove_expired(summary.serial, horizon)
+            if record is None:
+                continue  # changed since it was listed (or gone already)
+            self.catalog.forget(record.serial)
+            response.pruned += 1
+            if len(response.serials) < _PRUNE_NAMED:
+                response.serials.append(record.serial)
+            revoked_gone |= record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+        log.info(
+            "event=ca_pruned count=%d older_than_days=%d requester=%s",
+            response.pruned,
+            req.older_than_days,
+            req.requester,
+        )
+        if revoked_gone:  # the next CRL leaves their entries out
+            response.crl_number = await self.store.next_crl_number()
+            self.crl_jobs.want(response.crl_number)
+        return response
 
     async def revoke(
         self, req: ca_pb2.RevokeCertificateRequest
@@ -489,21 +558,25 @@ class CertificateAuthority:
         record, revoked_now = await self.store.revoke(
             req.serial, req.reason, _now(), req.requester, req.request_id
         )
-        if not revoked_now:
+        self.catalog.note(record)
+        if issuing.retired:
+            # A retired intermediate issues no more: its CRL is rebuilt at once.
+            crl = await self.rebuild_issuer_crl(issuing)
+            return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
+        found = await self.crls.current() if not revoked_now else None
+        if found is not None and _serial_listed(found[1], record):
             # A retry whose first attempt revoked (and whose answer was lost): the same
-            # answer, once the CRL holds the revocation (the first attempt may have died
-            # between storing the record and the CRL).
-            key = (
-                hierarchy.issuer_crl_key(issuing.key_id_hex) if issuing.retired else CRL_CURRENT_KEY
-            )
-            current = await self.store.get_crl(key)
-            if current is not None and _crl_lists(current, record):
-                return ca_pb2.RevokeCertificateResponse(
-                    record=record, crl_number=current.crl_number
-                )
-        log.info("event=ca_revoke serial=%s requester=%s", record.serial, req.requester)
-        crl = await self.rebuild_issuer_crl(issuing)
-        return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
+            # answer, with the CRL that already lists it.
+            return ca_pb2.RevokeCertificateResponse(record=record, crl_number=found[0].crl_number)
+        # The CRL that lists it is built in the background (mgmt.ca.crlstore.CRLJobs):
+        # reserving its number is one KV update however many certificates are revoked. A
+        # retry whose first attempt died before its CRL was built reserves one anew.
+        number = await self.store.next_crl_number()
+        self.crl_jobs.want(number)
+        log.info(
+            "event=ca_revoke serial=%s requester=%s crl=%d", record.serial, req.requester, number
+        )
+        return ca_pb2.RevokeCertificateResponse(record=record, crl_number=number)
 
     async def _issuing_ca_of(self, record: ca_pb2.CertificateRecord) -> IssuingCA:
         issuer = await self.issuer()
@@ -520,12 +593,17 @@ class CertificateAuthority:
     # ---- CRL and OCSP --------------------------------------------------------------------
 
     async def rebuild_crl(self) -> ca_pb2.GetCRLResponse:
-        """The current intermediate's CRL, rebuilt."""
-        return await self.rebuild_issuer_crl((await self.issuing_cas())[0])
+        """The current intermediate's CRL: built and stored now under a new number; the
+        current CRL after that."""
+        await self._build_crl(await self.store.next_crl_number())
+        return await self.current_crl()
 
     async def rebuild_issuer_crl(self, issuing: IssuingCA) -> ca_pb2.GetCRLResponse:
         """One intermediate's CRL (the certificates it issued that are revoked), rebuilt
-        and stored: the current one's under crl.current, a retired one's beside it."""
+        and stored: the current one's in chunks (mgmt.ca.crlstore), a retired one's, which
+        stops growing when it retires, in one record beside it (mgmt.ca.hierarchy)."""
+        if not issuing.retired:
+            return await self.rebuild_crl()
         issuer = await self.issuer()
         await self._require_active(issuing.label)
         number = await self.store.next_crl_number()
@@ -544,7 +622,7 @@ class CertificateAuthority:
             crl_number=number,
             next_update=rfc3339(next_update),
         )
-        key = hierarchy.issuer_crl_key(issuing.key_id_hex) if issuing.retired else CRL_CURRENT_KEY
+        key = hierarchy.issuer_crl_key(issuing.key_id_hex)
         await self.store.store_crl(response, key)
         log.info(
             "event=ca_crl_built number=%d revoked=%d issuer=%s",
@@ -554,6 +632,47 @@ class CertificateAuthority:
         )
         current = await self.store.get_crl(key)
         return current or response
+
+    async def _build_crl(self, number: int) -> None:
+        async with self._crl_lock:
+            issuer = await self.issuer()
+            issuing = (await self.issuing_cas())[0]
+            await self._require_active(issuing.label)
+            await self.catalog.refresh()
+            first = hierarchy.first_key_id(issuer.state)
+            mine = issuing.key_id_hex
+            revoked = [
+                (r.serial, r.revoked_at, r.reason)
+                for r in self.catalog.revoked()
+                if (r.issuer_key_id or first) == mine
+            ]
+
+            def encode() -> tuple[bytes, datetime.datetime]:
+                # All in a worker thread: parsing and encoding 50,000 entries on the event
+                # loop held up every request for seconds while a CRL was built.
+                crl = build_crl(
+                    issuing.key,
+                    issuing.cert,
+                    [],
+                    number,
+                    entries=self._crl_entries.entries(revoked),
+                )
+                next_update = crl.next_update_utc
+                assert next_update is not None
+                return crl.public_bytes(serialization.Encoding.DER), next_update
+
+            started = time.monotonic()
+            der, next_update = await asyncio.to_thread(encode)
+            built = time.monotonic()
+            await self.crls.publish(number, rfc3339(next_update), der, len(revoked))
+            log.info(
+                "event=ca_crl_built number=%d revoked=%d bytes=%d build_ms=%.0f store_ms=%.0f",
+                number,
+                len(revoked),
+                len(der),
+                (built - started) * 1e3,
+                (time.monotonic() - built) * 1e3,
+            )
 
     async def issuer_crl(self, key_id: str) -> ca_pb2.GetCRLResponse:
         """The CRL of intermediate `key_id` (upper-case hex SKI), current or retired,
@@ -580,11 +699,34 @@ class CertificateAuthority:
         await self.root_crl()
 
     async def current_crl(self) -> ca_pb2.GetCRLResponse:
-        """The stored CRL, rebuilt first when it is missing or close to its nextUpdate."""
-        crl = await self.store.get_crl()
-        if crl is None or parse_rfc3339(crl.next_update) - _now() < CRL_REFRESH_MARGIN:
-            crl = await self.rebuild_crl()
-        return crl
+        """The whole current CRL (for /crl), rebuilt first when it is missing or close to
+        its nextUpdate, and after the revocations this CA has taken so far (waiting at
+        most CRL_WAIT for a build in progress: past that, the stored CRL, whose number
+        says which revocations it holds)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.crl_jobs.settled()), CRL_WAIT)
+        found = await self.crls.current()
+        if found is None or parse_rfc3339(found[0].next_update) - _now() < CRL_REFRESH_MARGIN:
+            await self._build_crl(await self.store.next_crl_number())
+            found = await self.crls.current()
+            if found is None:
+                raise Internal("crl.missing", "the CRL was built but cannot be read back")
+        meta, der = found
+        return ca_pb2.GetCRLResponse(
+            crl_der=der,
+            crl_number=meta.crl_number,
+            next_update=meta.next_update,
+            total_size=meta.total_size,
+            sha256=meta.sha256,
+        )
+
+    async def crl_chunk(self, req: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
+        """GetCRL on the bus: one chunk of the current CRL (mgmt.ca.crlstore)."""
+        if req.offset == 0 and not req.crl_number:
+            await self.current_crl()  # fresh, and with this CA's revocations in it
+        response = await self.crls.chunk(req)
+        response.pending = self.crl_jobs.busy
+        return response
 
     async def ocsp(self, request_der: bytes) -> bytes:
         """A DER OCSP response for a DER request; never raises for bad requests."""
@@ -661,9 +803,9 @@ class CertificateAuthority:
 __all__ = ["CertificateAuthority"]
 
 
-def _crl_lists(current: ca_pb2.GetCRLResponse, record: ca_pb2.CertificateRecord) -> bool:
-    """Whether the stored CRL already names this certificate."""
-    if not current.crl_der:
+def _serial_listed(crl_der: bytes, record: ca_pb2.CertificateRecord) -> bool:
+    """Whether the CRL (DER) already names this certificate."""
+    if not crl_der:
         return False
-    crl = x509.load_der_x509_crl(current.crl_der)
+    crl = x509.load_der_x509_crl(crl_der)
     return crl.get_revoked_certificate_by_serial_number(int(record.serial, 16)) is not None

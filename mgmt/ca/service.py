@@ -41,8 +41,8 @@ MAX_IN_FLIGHT = 32
 def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsrpc.Handler]]:
     """RPC name -> (request message type, handler); the subject is kms.ca.<RPC name>."""
 
-    async def get_crl(_: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
-        return await ca.current_crl()
+    async def get_crl(req: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
+        return await ca.crl_chunk(req)
 
     async def get_ca_certs(_: ca_pb2.GetCACertificatesRequest) -> Message:
         return await ca.ca_certificates()
@@ -70,6 +70,7 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
         "GetIssuerCRL": (ca_pb2.GetIssuerCRLRequest, get_issuer_crl),
         "RevokeIntermediate": (ca_pb2.RevokeIntermediateRequest, ca.revoke_intermediate),
         "Rotate": (ca_pb2.RotateCARequest, ca.rotate),
+        "PruneCertificates": (ca_pb2.PruneCertificatesRequest, ca.prune),
     }
 
 
@@ -104,7 +105,8 @@ class CAService:
         return self
 
     async def stop(self) -> None:
-        if self._service is not None:
+        # On a connection closed for good there is nothing to unsubscribe from.
+        if self._service is not None and not self.nc.is_closed:
             await self._service.stop()
         await self._responder.drain()
 
@@ -115,14 +117,19 @@ async def add_ca_service(nc: Any, ca: CertificateAuthority) -> CAService:
 
 
 async def keep_crl_fresh(ca: CertificateAuthority, interval: float = CRL_CHECK_INTERVAL) -> None:
-    """Rebuild the CRLs before their nextUpdate, even when nothing is revoked, and drop
-    retired intermediates whose certificates have all expired."""
+    """Rebuild the current CRL at start (a revocation taken just before a crash may not
+    have reached one), then keep every CRL fresh before its nextUpdate, even when nothing
+    is revoked, and drop retired intermediates whose certificates have all expired."""
+    try:
+        await ca.rebuild_crl()
+    except KMSError as exc:
+        log.info("event=ca_crl_refresh_skipped reason=%s", exc.reason)
     while True:
+        await asyncio.sleep(interval)
         try:
             await ca.refresh()
         except KMSError as exc:  # no CA yet, or the token is away: try again later
             log.info("event=ca_crl_refresh_skipped reason=%s", exc.reason)
-        await asyncio.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -142,18 +149,22 @@ class ServeConfig:
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
-    """Run the CA service until `stop` is set (or forever)."""
+    """Run the CA service until `stop` is set (or forever). Raises Unavailable
+    ("bus.lost") if the bus connection closes for good, so the process exits and its
+    supervisor starts it again."""
     from edgekms.crypto_client import CryptoClient
     from edgekms.subjects import KEY_CLASS_CA
     from mgmt.ca.http import start_http
     from mgmt.registry_record import RegistryKeys
 
+    watch = natsrpc.BusWatch("the CA service")
     nc = await natsrpc.connect(
         config.nats_url,
         name=SERVICE_NAME,
         # Keep reconnecting through a bus restart, however long (kmsctl up restarts it).
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        **watch.options(),
         **config.bus.connect_options(),
     )
     try:
@@ -176,12 +187,17 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             config.http_port,
         )
         try:
-            await (stop or asyncio.Event()).wait()
+            await natsrpc.first_of(stop or asyncio.Event(), watch.lost)
         finally:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+            await ca.crl_jobs.stop()
             await runner.cleanup()
             await service.stop()
+        if watch.lost.is_set():
+            raise watch.error()
     finally:
-        await nc.drain()
+        watch.stopping()
+        if not nc.is_closed:
+            await nc.drain()

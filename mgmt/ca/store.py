@@ -6,7 +6,8 @@ Layout of bucket `kms_ca` (values are serialized edgekms.v1 protobuf messages):
     config          CAState: provider, key ids, root and intermediate certificates
     cert.<SERIAL>   CertificateRecord (upper-case hex serial), status and revocation
     crl.number      the last CRL number handed out, decimal ASCII (monotonic counter)
-    crl.current     GetCRLResponse: the newest CRL (DER), its number and nextUpdate
+    crl.meta        StoredCRL: the current CRL's number, size, SHA-256 and chunk slot
+    crl.der.<s>.<i> its DER in 64 KiB chunks (mgmt.ca.crlstore)
 
 Every write that must not race uses KV's revision check (create-if-absent, or update at
 the revision read), so several CA replicas can share one bucket.
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"
 CRL_NUMBER_KEY = "crl.number"
-CRL_CURRENT_KEY = "crl.current"
 _CAS_RETRIES = 20
 
 
@@ -67,6 +67,16 @@ class CAStore:
         self.kv = kv
         self._js = js
         self.bucket = bucket
+
+    @property
+    def js(self) -> Any:
+        """The JetStream context, for readers of the whole bucket (mgmt.ca.catalog)."""
+        return self._js
+
+    def open_entry(self, entry: Any) -> Any:
+        """A raw bucket entry as this store reads it: its seal verified and taken off
+        (TamperedRecord if it fails) when the store seals; as it is otherwise."""
+        return self.kv.open_entry(entry) if isinstance(self.kv, SealedKV) else entry
 
     @classmethod
     async def open(
@@ -202,6 +212,43 @@ class CAStore:
             return record, True
         raise Internal("store.contention", "the certificate record kept changing; try again")
 
+    async def mark_superseded(self, serial: str, by: str) -> ca_pb2.CertificateRecord | None:
+        """Note on a renewed certificate's record which certificate replaced it (for
+        listing and retention); None if the record is gone. The newest renewal wins."""
+        for _ in range(_CAS_RETRIES):
+            try:
+                record, revision = await self.get_record(serial)
+            except NotFound:
+                return None
+            record.superseded_by = by
+            try:
+                await self.kv.update(
+                    cert_key(record.serial), record.SerializeToString(), last=revision
+                )
+            except KeyWrongLastSequenceError:
+                continue
+            return record
+        raise Internal("store.contention", "the certificate record kept changing; try again")
+
+    async def remove_expired(self, serial: str, horizon: str) -> ca_pb2.CertificateRecord | None:
+        """Delete a record whose certificate expired before `horizon` (RFC 3339), at the
+        revision checked; None (nothing removed) if it is gone, changed meanwhile, or not
+        that old. A delete marker, not a purge: the CA's bucket refuses purges and rollups
+        from every identity (edgekms.kvstore), so the old revisions stay until the bucket's
+        per-key history (edgekms.kvstore) pushes them out."""
+        try:
+            record, revision = await self.get_record(serial)
+        except NotFound:
+            return None
+        if not record.not_after or record.not_after >= horizon:
+            return None
+        try:
+            await self.kv.delete(cert_key(record.serial), last=revision)
+        except KeyWrongLastSequenceError:
+            return None
+        log.info("event=ca_record_pruned serial=%s not_after=%s", record.serial, record.not_after)
+        return record
+
     # ---- CRL -----------------------------------------------------------------------------
 
     async def next_crl_number(self) -> int:
@@ -223,9 +270,9 @@ class CAStore:
             return number
         raise Internal("store.contention", "the CRL number kept changing; try again")
 
-    async def get_crl(self, key: str = CRL_CURRENT_KEY) -> ca_pb2.GetCRLResponse | None:
-        """The current CRL; `key` names another CRL (the root's, a retired intermediate's:
-        mgmt.ca.hierarchy)."""
+    async def get_crl(self, key: str) -> ca_pb2.GetCRLResponse | None:
+        """A CRL kept whole in one record: the root's or a retired intermediate's
+        (mgmt.ca.hierarchy); the current intermediate's is in chunks (mgmt.ca.crlstore)."""
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
@@ -234,8 +281,8 @@ class CAStore:
         crl.ParseFromString(entry.value)
         return crl
 
-    async def store_crl(self, crl: ca_pb2.GetCRLResponse, key: str = CRL_CURRENT_KEY) -> bool:
-        """Keep `crl` as current unless a CRL with a higher number is there already (two
+    async def store_crl(self, crl: ca_pb2.GetCRLResponse, key: str) -> bool:
+        """Keep `crl` under `key` unless a CRL with a higher number is there already (two
         replicas building at once): the higher number was built later, from more."""
         for _ in range(_CAS_RETRIES):
             try:

@@ -8,6 +8,7 @@ group imports this module when one of them is asked for.
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mgmt.ca.durations import format_ttl
 from mgmt.cli.ca import ca
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
-from mgmt.cli.output import echo_json, progress, table
+from mgmt.cli.output import echo_json, openssl_serial, progress, table
 from mgmt.client import CREATE_TIMEOUT
 
 
@@ -85,7 +86,7 @@ def _cert_summary(der: bytes) -> dict[str, str]:
     cert = x509.load_der_x509_certificate(der)
     return {
         "subject": cert.subject.rfc4514_string(),
-        "serial": f"{cert.serial_number:X}",
+        "serial": openssl_serial(cert.serial_number),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "sha256": cert.fingerprint(hashes.SHA256()).hex(":").upper(),
     }
@@ -204,25 +205,45 @@ def init_cmd(
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Writes root.crt, intermediate.crt and chain.pem (PEM).",
+    default=None,
+    help="Writes root.crt, intermediate.crt and chain.pem (PEM). Needed unless -o json.",
 )
+@output_option
 @client_options
-def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
+def certs_cmd(out_dir: Path | None, output: str, data_dir: Path, config_path: Path | None) -> None:
     """The CA certificates, for the relying parties' trust stores."""
+    if out_dir is None and output != "json":
+        raise click.UsageError("give --out-dir (or -o json for the certificates' details)")
     with open_client(data_dir, config_path) as kms:
         response = kms.get_ca_certificates()
-    for f in _write_ca_files(
-        out_dir,
-        response.root_certificate_der,
-        response.intermediate_certificate_der,
-        response.retired_intermediates_der,
-    ):
+    files = (
+        _write_ca_files(
+            out_dir,
+            response.root_certificate_der,
+            response.intermediate_certificate_der,
+            response.retired_intermediates_der,
+        )
+        if out_dir is not None
+        else []
+    )
+    if output == "json":
+        echo_json(
+            {
+                "root": _cert_summary(response.root_certificate_der),
+                "intermediate": _cert_summary(response.intermediate_certificate_der),
+                "retired_intermediates": [
+                    _cert_summary(der) for der in response.retired_intermediates_der
+                ],
+                "files": [str(f) for f in files],
+            }
+        )
+        return
+    for f in files:
         click.echo(f"wrote {f}")
 
 
 @ca.command("crl")
-@click.option("--out", required=True, help="Where to write the CRL ('-' for stdout).")
+@click.option("--out", default=None, help="Where to write the CRL ('-' for stdout).")
 @click.option("--pem", is_flag=True, help="PEM instead of DER (OpenVPN's crl-verify wants PEM).")
 @click.option(
     "--root",
@@ -231,12 +252,26 @@ def certs_cmd(out_dir: Path, data_dir: Path, config_path: Path | None) -> None:
     help="The root's CRL (revoked intermediates) instead: with the intermediate's, what "
     "`openssl verify -crl_check_all` needs.",
 )
+@output_option
 @client_options
-def crl_cmd(out: str, pem: bool, root_crl: bool, data_dir: Path, config_path: Path | None) -> None:
-    """The current CRL, signed by the intermediate (rebuilt on every revocation), or with
-    --root the root's own (long-lived; re-signed when the root key is used). After a
+def crl_cmd(
+    out: str | None,
+    pem: bool,
+    root_crl: bool,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """The current CRL, signed by the intermediate, or with --root the root's own
+    (long-lived; re-signed when the root key is used). A revocation reaches the
+    intermediate's CRL within moments (the CA builds it in the background). After a
     rotation, --pem also holds each retired intermediate's CRL (one per issuing CA, as
-    OpenVPN's crl-verify needs them)."""
+    OpenVPN's crl-verify needs them). -o json describes the CRL: number, dates, how many
+    entries, its SHA-256."""
+    if out is None and output != "json":
+        raise click.UsageError("give --out (or -o json for the CRL's details)")
+    if out == "-" and output == "json":
+        raise click.UsageError("-o json prints to stdout: write the CRL to a file with --out")
     with open_client(data_dir, config_path) as kms:
         response = kms.get_root_crl() if root_crl else kms.get_crl()
         # After a rotation the retired intermediates' CRLs go along (PEM holds several):
@@ -250,14 +285,73 @@ def crl_cmd(out: str, pem: bool, root_crl: bool, data_dir: Path, config_path: Pa
             else []
         )
     data = response.crl_der
+    crl = x509.load_der_x509_crl(data)
     if pem:
         data = b"".join(
             x509.load_der_x509_crl(d).public_bytes(serialization.Encoding.PEM)
             for d in [data, *retired]
         )
-    write_output(out, data)
-    if out != "-":
+    if out is not None:
+        write_output(out, data)
+    if output == "json":
+        echo_json(
+            {
+                "crl_number": response.crl_number,
+                "this_update": crl.last_update_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "next_update": response.next_update,
+                "issuer": crl.issuer.rfc4514_string(),
+                "revoked": len(crl),
+                "size": len(response.crl_der),
+                "sha256": hashlib.sha256(response.crl_der).hexdigest(),
+                "out": out or "",
+            }
+        )
+    elif out != "-":
         click.echo(f"CRL {response.crl_number}, next update {response.next_update}", err=True)
+
+
+@ca.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Retention: remove records of certificates expired longer ago than this (90d, 12w).",
+)
+@click.option("--dry-run", is_flag=True, help="Only say what would go.")
+@output_option
+@client_options
+def prune_cmd(
+    older_than: str, dry_run: bool, output: str, data_dir: Path, config_path: Path | None
+) -> None:
+    """Remove the CA's records of long-expired certificates (renewals pile them up).
+
+    Only certificates past their notAfter for longer than --older-than go, revoked or
+    not: an expired certificate fails verification on its dates, so no CRL needs its
+    entry. A revoked certificate that has not expired stays, however old. Administrators
+    only.
+    """
+    from mgmt.cli.certs import parse_days
+
+    days = parse_days(older_than)
+    with open_client(data_dir, config_path) as kms:
+        response = kms.prune_certificates(days, dry_run=dry_run)
+    serials = [openssl_serial(s) for s in response.serials]
+    if output == "json":
+        echo_json(
+            {
+                "pruned": response.pruned,
+                "dry_run": dry_run,
+                "serials": serials,
+                "crl_number": response.crl_number,
+            }
+        )
+        return
+    verb = "would prune" if dry_run else "pruned"
+    click.echo(f"{verb} {response.pruned} record(s) expired before {days} day(s) ago")
+    for serial in serials:
+        click.echo(f"  {serial}")
+    if response.pruned > len(serials):
+        click.echo(f"  ... and {response.pruned - len(serials)} more")
 
 
 @ca.command("profiles")

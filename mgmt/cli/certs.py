@@ -8,6 +8,8 @@ argv. Files are written after the CA answered, so a refusal leaves nothing behin
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import logging
 import re
 from pathlib import Path
@@ -19,7 +21,7 @@ from edgekms.errors import InvalidArgument
 from edgekms.v1 import ca_pb2
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
-from mgmt.cli.output import echo_json, table
+from mgmt.cli.output import echo_json, openssl_serial, table
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,13 @@ def status_name(status: ca_pb2.CertificateStatus.ValueType) -> str:
 
 
 def record_to_dict(record: ca_pb2.CertificateRecord) -> dict[str, Any]:
-    """The stable json shape of a certificate record."""
+    """The stable json shape of a certificate record (serials as openssl prints them)."""
     revoked = record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
     return {
-        "serial": record.serial,
+        "serial": openssl_serial(record.serial),
         "profile": record.profile,
         "status": status_name(record.status),
+        "state": record_state(record),
         "subject": record.subject,
         "sans": list(record.sans),
         "key_type": record.key_type,
@@ -83,8 +86,19 @@ def record_to_dict(record: ca_pb2.CertificateRecord) -> dict[str, Any]:
         "revocation_reason": _REASON_NAMES.get(record.revocation_reason, "unspecified")
         if revoked
         else "",
-        "renewed_from": record.renewed_from,
+        "renewed_from": openssl_serial(record.renewed_from) if record.renewed_from else "",
+        "superseded_by": openssl_serial(record.superseded_by) if record.superseded_by else "",
     }
+
+
+def record_state(record: ca_pb2.CertificateRecord, now: str | None = None) -> str:
+    """revoked, expired, superseded (renewed, still valid) or valid."""
+    if record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
+        return "revoked"
+    now = now or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if record.not_after and record.not_after < now:
+        return "expired"
+    return "superseded" if record.superseded_by else "valid"
 
 
 def record_details(record: ca_pb2.CertificateRecord) -> str:
@@ -257,37 +271,94 @@ def issue_cmd(
     if output == "json":
         echo_json(record_to_dict(response.record))
     else:
-        click.echo(f"issued {response.record.serial} ({profile}) until {response.record.not_after}")
+        click.echo(
+            f"issued {openssl_serial(response.record.serial)} ({profile}) "
+            f"until {response.record.not_after}"
+        )
+
+
+_STATES: dict[str, ca_pb2.CertificateState.ValueType] = {
+    "any": ca_pb2.CERTIFICATE_STATE_ANY,
+    "valid": ca_pb2.CERTIFICATE_STATE_VALID,
+    "revoked": ca_pb2.CERTIFICATE_STATE_REVOKED,
+    "expired": ca_pb2.CERTIFICATE_STATE_EXPIRED,
+    "superseded": ca_pb2.CERTIFICATE_STATE_SUPERSEDED,
+}
 
 
 @cert_group.command("list")
 @click.option("--expiring", default=None, help="Only valid ones ending within, e.g. 30d or 4w.")
-@click.option("--revoked", is_flag=True, help="Only revoked ones.")
+@click.option("--revoked", is_flag=True, help="Only revoked ones (same as --state revoked).")
+@click.option(
+    "--state",
+    type=click.Choice(list(_STATES)),
+    default="any",
+    show_default=True,
+    help="valid: neither revoked nor expired; superseded: renewed since.",
+)
 @click.option("--profile", default="", help="Only this profile's.")
+@click.option(
+    "--match", default="", help="Subject or SAN containing this, any case (e.g. nas.home)."
+)
+@click.option(
+    "--issued-after", default="", help="Only issued after this UTC time, 2026-01-31T00:00:00Z."
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many (the CA is asked a page at a time either way).",
+)
 @output_option
 @client_options
 def list_cmd(
     expiring: str | None,
     revoked: bool,
+    state: str,
     profile: str,
+    match: str,
+    issued_after: str,
+    limit: int | None,
     output: str,
     data_dir: Path,
     config_path: Path | None,
 ) -> None:
-    """Certificates the CA issued, soonest to expire first."""
+    """Certificates the CA issued, soonest to expire first.
+
+    The CA answers in pages; this fetches them one after another, so a CA holding tens
+    of thousands of certificates lists them all. Filters run in the CA:
+
+    \b
+      kmsctl cert list --expiring 30d           renew these soon
+      kmsctl cert list --match nas.home.arpa    by subject or SAN
+      kmsctl cert list --state superseded       renewed: candidates to revoke
+    """
     within = parse_days(expiring) if expiring is not None else 0
     with open_client(data_dir, config_path) as kms:
-        records = kms.list_certificates(
-            revoked_only=revoked, expiring_within_days=within, profile=profile
+        found = kms.iter_certificates(
+            revoked_only=revoked,
+            expiring_within_days=within,
+            profile=profile,
+            match=match,
+            state=_STATES[state],
+            issued_after=issued_after,
         )
+        records = list(itertools.islice(found, limit))
     if output == "json":
         echo_json([record_to_dict(r) for r in records])
         return
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = [
-        [r.serial, r.profile, status_name(r.status), r.not_after, r.subject or ",".join(r.sans)]
+        [
+            openssl_serial(r.serial),
+            r.profile,
+            record_state(r, now),
+            r.not_after,
+            r.subject or ",".join(r.sans),
+        ]
         for r in records
     ]
-    click.echo(table(["SERIAL", "PROFILE", "STATUS", "NOT_AFTER", "SUBJECT"], rows))
+    click.echo(table(["SERIAL", "PROFILE", "STATE", "NOT_AFTER", "SUBJECT"], rows))
 
 
 @cert_group.command("show")
@@ -322,13 +393,17 @@ def show_cmd(
 def revoke_cmd(
     serial: str, reason: str, output: str, data_dir: Path, config_path: Path | None
 ) -> None:
-    """Revoke a certificate; the CA publishes a new CRL at once (`kmsctl ca crl`)."""
+    """Revoke a certificate; the CA builds a new CRL within moments (`kmsctl ca crl`
+    waits for it) and answers OCSP with "revoked" at once."""
     with open_client(data_dir, config_path) as kms:
         response = kms.revoke_certificate(normalize_serial(serial), REASONS[reason])
     if output == "json":
         echo_json({**record_to_dict(response.record), "crl_number": response.crl_number})
     else:
-        click.echo(f"revoked {response.record.serial} ({reason}); CRL {response.crl_number}")
+        click.echo(
+            f"revoked {openssl_serial(response.record.serial)} ({reason}); "
+            f"in CRL {response.crl_number} and later"
+        )
 
 
 @cert_group.command("renew")
@@ -357,7 +432,8 @@ def renew_cmd(
         echo_json(record_to_dict(response.record))
     else:
         click.echo(
-            f"renewed {response.record.renewed_from} as {response.record.serial} "
+            f"renewed {openssl_serial(response.record.renewed_from)} as "
+            f"{openssl_serial(response.record.serial)} "
             f"until {response.record.not_after}"
         )
 

@@ -134,6 +134,15 @@ def key_to_dict(key: keys_pb2.Key) -> dict[str, Any]:
     }
 
 
+def openssl_serial(serial: str | int) -> str:
+    """A serial number as `openssl x509 -serial` prints it: upper-case hex in whole
+    bytes, so a leading zero is kept ("0A1B", not "A1B") and it matches what people
+    copy from openssl. Accepts the CA's canonical hex or an int."""
+    value = int(serial, 16) if isinstance(serial, str) else serial
+    digits = f"{value:X}"
+    return digits.rjust(len(digits) + len(digits) % 2, "0")
+
+
 def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False))
 

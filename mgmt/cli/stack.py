@@ -232,8 +232,9 @@ def init(
 @client_options
 @output_option
 def status(data_dir: Path, config_path: Path | None, output: str) -> None:
-    """Is everything answering? Exit 0 only if the broker, the bus and every crypto
-    service answer; 8 (unavailable) otherwise."""
+    """Is everything answering? Exit 0 only if the broker, the bus, every crypto
+    service and the CA answer; 8 (unavailable) otherwise. A service that lost its bus
+    connection does not answer (and exits, so that `kmsctl up` restarts it)."""
     with open_client(data_dir, config_path, timeout=5) as client:
         response = client.status()
     if output == "json":

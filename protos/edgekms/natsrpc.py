@@ -197,6 +197,85 @@ async def request(
     return response
 
 
+class BusWatch:
+    """Tells a long-running service that its bus connection is gone for good.
+
+    nats-py reconnects after a dropped socket, but closes the connection for good after
+    most `-ERR`s from the server (a message over max_payload among them): the process
+    then lives on, answering nothing, and its supervisor never restarts it. A service
+    passes `options()` to nats.connect and waits on `lost` beside its stop signal, then
+    exits non-zero, so `kmsctl up` restarts it with a fresh connection.
+    """
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.lost = asyncio.Event()
+        self.last_error = ""
+        self._stopping = False
+
+    def options(self) -> dict[str, Any]:
+        return {"closed_cb": self._closed, "error_cb": self._error}
+
+    def stopping(self) -> None:
+        """The service is closing the connection itself: that is not a loss."""
+        self._stopping = True
+
+    async def _error(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.warning("event=bus_error service=%s error=%r", self.service, self.last_error)
+
+    async def _closed(self) -> None:
+        if self._stopping:
+            return
+        log.error(
+            "event=bus_lost service=%s last_error=%r: exiting for a restart",
+            self.service,
+            self.last_error,
+        )
+        self.lost.set()
+
+    def error(self) -> Unavailable:
+        """What the service exits with once `lost` is set."""
+        detail = f" ({self.last_error})" if self.last_error else ""
+        return Unavailable("bus.lost", f"{self.service} lost its NATS connection{detail}")
+
+
+async def ping(
+    nc: nats.aio.client.Client, service_name: str, timeout: float = 1.0
+) -> dict[str, Any]:
+    """The first replica's nats.micro $SRV.PING answer (id, name, version): a service
+    that lost the bus, or hangs, does not answer, and says so as Unavailable."""
+    import json
+
+    try:
+        msg = await nc.request(f"$SRV.PING.{service_name}", b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise Unavailable(
+            "service.unavailable", f"nothing answers for {service_name} (not on the bus)"
+        ) from None
+    except (TimeoutError, nats.errors.TimeoutError):
+        raise Unavailable(
+            "service.unavailable", f"{service_name} did not answer a ping within {timeout:g}s"
+        ) from None
+    except nats.errors.Error:
+        raise Unavailable("bus.unavailable", "the NATS connection is not usable") from None
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        raise Internal("wire.bad_response", f"{service_name}: the ping reply is not JSON") from None
+    return answer if isinstance(answer, dict) else {}
+
+
+async def first_of(*events: asyncio.Event) -> None:
+    """Wait until any of `events` is set (a stop signal, BusWatch.lost)."""
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 async def connect(
     url: str, *, name: str, deadline: float = 10.0, **options: Any
 ) -> nats.aio.client.Client:

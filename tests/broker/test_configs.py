@@ -33,6 +33,8 @@ def test_broker_config_loads(tmp_path: Path) -> None:
     config = load_config(_broker(tmp_path, extra="sign_timeout = 2"))
     assert config.sign_timeout == 2.0
     assert config.tls.cert == tmp_path / "broker.crt"
+    assert config.ca is False  # status reports a CA only where one is configured
+    assert load_config(_broker(tmp_path, extra="ca = true")).ca is True
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,7 @@ def test_broker_config_loads(tmp_path: Path) -> None:
         ('sign_timeout = "fast"', "", "'sign_timeout' must be a positive number"),
         ("generate_timeout = 0", "", "'generate_timeout' must be a positive number"),
         ('nats_user = "broker"', "", "give both or neither"),
+        ('ca = "yes"', "", "'ca' must be true or false"),
     ],
 )
 def test_broker_config_refuses(tmp_path: Path, extra: str, tls_extra: str, message: str) -> None:

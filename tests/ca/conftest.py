@@ -104,6 +104,7 @@ async def ca_env(ca_nats: NatsServer, ca_crypto: CryptoProcess) -> AsyncIterator
     service = await add_ca_service(nc, ca)
     runner = await start_http(ca, "127.0.0.1", port)
     yield CAEnv(nc, ca, store, base, bucket)
+    await ca.crl_jobs.stop()
     await runner.cleanup()
     await service.stop()
     await js.delete_key_value(bucket)

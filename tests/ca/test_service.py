@@ -23,8 +23,9 @@ from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
 from mgmt.ca.bundle import generate_key, pem_bundle, pkcs12_bundle
 from mgmt.ca.bundle import make_csr as make_bundle_csr
+from mgmt.ca.crlstore import CRL_META_KEY
 from mgmt.ca.service import ServeConfig, serve
-from mgmt.ca.store import CRL_CURRENT_KEY, rfc3339
+from mgmt.ca.store import rfc3339
 from mgmt.natsserver import NatsServer, free_port
 from tests.ca.asn1 import csr_with_duplicate_san
 from tests.ca.conftest import CAEnv, write
@@ -383,11 +384,11 @@ async def test_crl_is_rebuilt_before_next_update(ca_env: CAEnv) -> None:
     # Same CRL while it is fresh...
     assert (await ca_env.ca.current_crl()).crl_number == first.crl_number
     # ...a new one, with a higher number, once nextUpdate is near.
-    stale = ca_pb2.GetCRLResponse()
-    stale.CopyFrom(first)
+    entry = await ca_env.store.kv.get(CRL_META_KEY)
+    stale = ca_pb2.StoredCRL()
+    stale.ParseFromString(entry.value)
     stale.next_update = rfc3339(datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1))
-    entry = await ca_env.store.kv.get(CRL_CURRENT_KEY)
-    await ca_env.store.kv.update(CRL_CURRENT_KEY, stale.SerializeToString(), last=entry.revision)
+    await ca_env.store.kv.update(CRL_META_KEY, stale.SerializeToString(), last=entry.revision)
     fresh = await ca_env.ca.current_crl()
     assert fresh.crl_number > first.crl_number
     crl = x509.load_der_x509_crl(fresh.crl_der)

@@ -102,7 +102,7 @@ def test_shipped_config_loads_with_the_real_loader(path: Path) -> None:
 KNOWN_KEYS = {
     "broker.toml": {
         "listen", "nats_url", "default_provider", "providers", "sign_timeout",
-        "generate_timeout", "tls", "nats_user", "nats_password_file", "nats_ca",
+        "generate_timeout", "tls", "nats_user", "nats_password_file", "nats_ca", "ca",
     },
     "ca.toml": {
         "nats_url", "http_listen", "base_url", "profiles_file", "nats_user",

@@ -104,6 +104,7 @@ def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
                 f"127.0.0.1:{broker_port}",
                 process,
                 log_path,
+                ca_url=f"http://127.0.0.1:{ca_port}",
             )
         time.sleep(0.1)
     process.kill()

@@ -117,7 +117,7 @@ def test_status_reports_every_part(kms_stack: KmsStack) -> None:
     with kms_stack.client() as client:
         status = client.status()
     names = {c.name: c.ok for c in status.components}
-    assert names == {"broker": True, "bus": True, "crypto/hsm0": True}
+    assert names == {"broker": True, "bus": True, "crypto/hsm0": True, "ca": True}
     assert status.ok
 
 

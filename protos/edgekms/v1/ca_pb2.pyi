@@ -72,6 +72,34 @@ REVOCATION_REASON_PRIVILEGE_WITHDRAWN: RevocationReason.ValueType  # 9
 REVOCATION_REASON_AA_COMPROMISE: RevocationReason.ValueType  # 10
 Global___RevocationReason: _TypeAlias = RevocationReason  # noqa: Y015
 
+class _CertificateState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CertificateStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CertificateState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CERTIFICATE_STATE_ANY: _CertificateState.ValueType  # 0
+    CERTIFICATE_STATE_VALID: _CertificateState.ValueType  # 1
+    """Not revoked and not yet expired (superseded ones included: they still verify)."""
+    CERTIFICATE_STATE_REVOKED: _CertificateState.ValueType  # 2
+    CERTIFICATE_STATE_EXPIRED: _CertificateState.ValueType  # 3
+    """Not revoked, past notAfter."""
+    CERTIFICATE_STATE_SUPERSEDED: _CertificateState.ValueType  # 4
+    """Renewed (superseded_by set), whether or not expired since."""
+
+class CertificateState(_CertificateState, metaclass=_CertificateStateEnumTypeWrapper):
+    """The life-cycle states a listing can select (ListCertificatesRequest.state)."""
+
+CERTIFICATE_STATE_ANY: CertificateState.ValueType  # 0
+CERTIFICATE_STATE_VALID: CertificateState.ValueType  # 1
+"""Not revoked and not yet expired (superseded ones included: they still verify)."""
+CERTIFICATE_STATE_REVOKED: CertificateState.ValueType  # 2
+CERTIFICATE_STATE_EXPIRED: CertificateState.ValueType  # 3
+"""Not revoked, past notAfter."""
+CERTIFICATE_STATE_SUPERSEDED: CertificateState.ValueType  # 4
+"""Renewed (superseded_by set), whether or not expired since."""
+Global___CertificateState: _TypeAlias = CertificateState  # noqa: Y015
+
 @_typing.final
 class CertificateRecord(_message.Message):
     """What the CA keeps about every certificate it issued, stored (KV bucket kms_ca, key
@@ -98,6 +126,7 @@ class CertificateRecord(_message.Message):
     REVOCATION_REQUEST_ID_FIELD_NUMBER: _builtins.int
     REVOKED_BY_FIELD_NUMBER: _builtins.int
     ISSUER_KEY_ID_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
     """Upper-case hex of the serial number, no separators."""
     profile: _builtins.str
@@ -131,6 +160,10 @@ class CertificateRecord(_message.Message):
     """Upper-case hex of the issuing intermediate's subject key identifier; empty for
     certificates issued before rotation existed (they are the first intermediate's).
     """
+    superseded_by: _builtins.str
+    """Serial of the certificate that renewed this one (set when it is renewed): the record
+    is superseded, though the certificate stays valid until it expires or is revoked.
+    """
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -154,10 +187,11 @@ class CertificateRecord(_message.Message):
         revocation_request_id: _builtins.str = ...,
         revoked_by: _builtins.str = ...,
         issuer_key_id: _builtins.str = ...,
+        superseded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "issuer_key_id", b"issuer_key_id", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revocation_request_id", b"revocation_request_id", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "issuer_key_id", b"issuer_key_id", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revocation_request_id", b"revocation_request_id", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject", "superseded_by", b"superseded_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -515,27 +549,54 @@ Global___GetCertificateResponse: _TypeAlias = GetCertificateResponse  # noqa: Y0
 
 @_typing.final
 class ListCertificatesRequest(_message.Message):
-    """Subject: kms.ca.ListCertificates"""
+    """Subject: kms.ca.ListCertificates. One page, soonest to expire first (then by serial);
+    every filter given must match.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REVOKED_ONLY_FIELD_NUMBER: _builtins.int
     EXPIRING_WITHIN_DAYS_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EXPIRING_WITHIN_SECONDS_FIELD_NUMBER: _builtins.int
+    ISSUED_AFTER_FIELD_NUMBER: _builtins.int
     revoked_only: _builtins.bool
     expiring_within_days: _builtins.int
     """Only valid certificates whose notAfter falls within this many days (0: no filter)."""
     profile: _builtins.str
+    page_size: _builtins.int
+    """At most this many records (0: 100; above 1000: refused). A page also ends before its
+    reply would pass 64 KiB, far below the bus's max_payload.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first."""
+    match: _builtins.str
+    """Case-insensitive substring of the subject or of one SAN ("dns:nas.home.arpa")."""
+    state: Global___CertificateState.ValueType
+    expiring_within_seconds: _builtins.int
+    """Like expiring_within_days, in seconds (for lifetimes shorter than a day)."""
+    issued_after: _builtins.str
+    """RFC 3339 UTC ("2026-01-31T00:00:00Z"): only certificates issued after it."""
     def __init__(
         self,
         *,
         revoked_only: _builtins.bool = ...,
         expiring_within_days: _builtins.int = ...,
         profile: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        match: _builtins.str = ...,
+        state: Global___CertificateState.ValueType = ...,
+        expiring_within_seconds: _builtins.int = ...,
+        issued_after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_within_days", b"expiring_within_days", "profile", b"profile", "revoked_only", b"revoked_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_within_days", b"expiring_within_days", "expiring_within_seconds", b"expiring_within_seconds", "issued_after", b"issued_after", "match", b"match", "page_size", b"page_size", "page_token", b"page_token", "profile", b"profile", "revoked_only", b"revoked_only", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -546,20 +607,90 @@ class ListCertificatesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___CertificateRecord]: ...
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___CertificateRecord]:
+        """Without certificate_der (GetCertificate has it), so a page stays small."""
+
     def __init__(
         self,
         *,
         records: _abc.Iterable[Global___CertificateRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListCertificatesResponse: _TypeAlias = ListCertificatesResponse  # noqa: Y015
+
+@_typing.final
+class PruneCertificatesRequest(_message.Message):
+    """Subject: kms.ca.PruneCertificates. Removes the records of certificates that expired
+    more than the retention period ago (revoked or not: an expired certificate needs no
+    CRL entry any more, so no current CRL needs them). Administrators only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_DAYS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    older_than_days: _builtins.int
+    """The retention period: records whose notAfter is older than now minus this go."""
+    dry_run: _builtins.bool
+    """Only count (and name) what would go."""
+    requester: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        older_than_days: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "older_than_days", b"older_than_days", "request_id", b"request_id", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneCertificatesRequest: _TypeAlias = PruneCertificatesRequest  # noqa: Y015
+
+@_typing.final
+class PruneCertificatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRUNED_FIELD_NUMBER: _builtins.int
+    SERIALS_FIELD_NUMBER: _builtins.int
+    CRL_NUMBER_FIELD_NUMBER: _builtins.int
+    pruned: _builtins.int
+    crl_number: _builtins.int
+    """The CRL built after the prune (0 for a dry run or when nothing went)."""
+    @_builtins.property
+    def serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The first 100 serials pruned (or that would be, for a dry run)."""
+
+    def __init__(
+        self,
+        *,
+        pruned: _builtins.int = ...,
+        serials: _abc.Iterable[_builtins.str] | None = ...,
+        crl_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_number", b"crl_number", "pruned", b"pruned", "serials", b"serials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneCertificatesResponse: _TypeAlias = PruneCertificatesResponse  # noqa: Y015
 
 @_typing.final
 class RevokeCertificateRequest(_message.Message):
@@ -598,6 +729,10 @@ class RevokeCertificateResponse(_message.Message):
     RECORD_FIELD_NUMBER: _builtins.int
     CRL_NUMBER_FIELD_NUMBER: _builtins.int
     crl_number: _builtins.int
+    """The number of a CRL that lists this revocation, or 0 when the new CRL is still being
+    built (it is built in the background, so revoking stays fast however long the CRL;
+    GetCRL from the same CA waits for it, and OCSP answers "revoked" at once).
+    """
     @_builtins.property
     def record(self) -> Global___CertificateRecord: ...
     def __init__(
@@ -652,16 +787,27 @@ Global___RenewCertificateRequest: _TypeAlias = RenewCertificateRequest  # noqa: 
 
 @_typing.final
 class GetCRLRequest(_message.Message):
-    """Subject: kms.ca.GetCRL"""
+    """Subject: kms.ca.GetCRL. A CRL with thousands of entries is larger than one bus
+    message, so it travels in chunks: ask from offset 0 (crl_number 0: the current CRL),
+    then from each next offset with the crl_number of the first answer, until total_size;
+    check sha256. A CRL replaced meanwhile answers crl.changed: start again.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    OFFSET_FIELD_NUMBER: _builtins.int
+    CRL_NUMBER_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    crl_number: _builtins.int
     def __init__(
         self,
+        *,
+        offset: _builtins.int = ...,
+        crl_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_number", b"crl_number", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,23 +820,82 @@ class GetCRLResponse(_message.Message):
     CRL_DER_FIELD_NUMBER: _builtins.int
     CRL_NUMBER_FIELD_NUMBER: _builtins.int
     NEXT_UPDATE_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     crl_der: _builtins.bytes
+    """The bytes [offset, offset + len) of the DER CRL (all of it when it fits 64 KiB)."""
     crl_number: _builtins.int
     next_update: _builtins.str
+    total_size: _builtins.int
+    sha256: _builtins.bytes
+    """SHA-256 of the whole DER CRL."""
+    pending: _builtins.bool
+    """A newer CRL is being built (revocations taken since this one): ask again shortly
+    for a CRL that lists them. KMSClient.get_crl does.
+    """
     def __init__(
         self,
         *,
         crl_der: _builtins.bytes = ...,
         crl_number: _builtins.int = ...,
         next_update: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der", "crl_number", b"crl_number", "next_update", b"next_update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_der", b"crl_der", "crl_number", b"crl_number", "next_update", b"next_update", "pending", b"pending", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCRLResponse: _TypeAlias = GetCRLResponse  # noqa: Y015
+
+@_typing.final
+class StoredCRL(_message.Message):
+    """How the CA keeps its current CRL (KV key crl.meta of bucket kms_ca); the DER itself
+    is stored in chunks under crl.der.<slot>.<index> so no KV value nears max_payload.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRL_NUMBER_FIELD_NUMBER: _builtins.int
+    NEXT_UPDATE_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    crl_number: _builtins.int
+    next_update: _builtins.str
+    total_size: _builtins.int
+    sha256: _builtins.bytes
+    chunk_size: _builtins.int
+    chunks: _builtins.int
+    slot: _builtins.str
+    """"a" or "b": the CA writes each new CRL into the slot the current one does not use."""
+    revoked: _builtins.int
+    def __init__(
+        self,
+        *,
+        crl_number: _builtins.int = ...,
+        next_update: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+        chunk_size: _builtins.int = ...,
+        chunks: _builtins.int = ...,
+        slot: _builtins.str = ...,
+        revoked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "chunks", b"chunks", "crl_number", b"crl_number", "next_update", b"next_update", "revoked", b"revoked", "sha256", b"sha256", "slot", b"slot", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredCRL: _TypeAlias = StoredCRL  # noqa: Y015
 
 @_typing.final
 class GetCACertificatesRequest(_message.Message):

@@ -91,6 +91,11 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.RotateCARequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.RotateCAResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.PruneCertificates = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/PruneCertificates',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class CertificateAuthorityServicer:
@@ -174,6 +179,12 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PruneCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +252,11 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.Rotate,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.RotateCARequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.RotateCAResponse.SerializeToString,
+            ),
+            'PruneCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneCertificates,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -595,6 +611,33 @@ class CertificateAuthority:
             '/edgekms.v1.CertificateAuthority/Rotate',
             edgekms_dot_v1_dot_ca__pb2.RotateCARequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.RotateCAResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def PruneCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/PruneCertificates',
+            edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,7 @@ class CertificateAuthorityStub:
     GetIssuerCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetIssuerCRLRequest, _ca_pb2.GetCRLResponse]
     RevokeIntermediate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]
     Rotate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]
+    PruneCertificates: _grpc.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -66,6 +67,7 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     GetIssuerCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetIssuerCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
     RevokeIntermediate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]  # type: ignore[assignment]
     Rotate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]  # type: ignore[assignment]
+    PruneCertificates: _aio.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -158,5 +160,12 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.RotateCARequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.RotateCAResponse, _abc.Awaitable[_ca_pb2.RotateCAResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PruneCertificates(
+        self,
+        request: _ca_pb2.PruneCertificatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.PruneCertificatesResponse, _abc.Awaitable[_ca_pb2.PruneCertificatesResponse]]: ...
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
