@@ -10,13 +10,14 @@ PYTHON=${PYTHON:-python3}
 # What the services and tests use: SoftHSM, swtpm and its tools, tpm2-tools, libtss2
 # (tpm2-pytss builds against it), opensc (pkcs11-tool), openssl and curl (tests check
 # signatures and TLS with them), openvpn and gnutls-bin (the CA's .ovpn profiles and
-# name-constrained chains are checked by a real OpenVPN and GnuTLS's certtool), and a
-# compiler with Python headers for the wheels that build from source.
+# name-constrained chains are checked by a real OpenVPN and GnuTLS's certtool), golang-go
+# (the same chains are checked by Go's crypto/x509 in tests/ca/goverify), and a compiler
+# with Python headers for the wheels that build from source.
 APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl curl
-  openvpn gnutls-bin ca-certificates gcc make pkg-config)
+  openvpn gnutls-bin golang-go ca-certificates gcc make pkg-config)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
-[ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-go golang-google-grpc-dev)
+[ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-google-grpc-dev)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   APT_PACKAGES+=(python3 python3-venv python3-dev)
 elif [ "$("$PYTHON" -c 'import sys; print(sys.prefix)')" = /usr ]; then
