@@ -66,12 +66,16 @@ async def _seed(
 ) -> tuple[Any, float]:
     import nats
 
+    from edgekms.sealed import WRITER_CA
     from mgmt.ca.store import CAStore
     from mgmt.natsauth import CA_USER
+    from mgmt.sealkeys import local_seal
 
     nc = await nats.connect(nats_url, **stackrun.bus_options(data_dir, CA_USER))
     try:
-        store = await CAStore.open(nc.jetstream())
+        # Sealed as the CA seals its records (edgekms.sealed): the CA refuses others.
+        seal = local_seal(data_dir / "secrets", WRITER_CA)
+        store = await CAStore.open(nc.jetstream(), seal=seal)
         started = time.perf_counter()
         logging.getLogger("mgmt.ca.store").setLevel(logging.WARNING)
         seeded = await seed_records(store, count, der, revoked=revoked, prefix=prefix)

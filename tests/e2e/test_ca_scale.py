@@ -28,9 +28,11 @@ import pytest
 from cryptography import x509
 
 from bench.seed import seed_records
+from edgekms.sealed import WRITER_CA
 from edgekms.v1 import ca_pb2
 from mgmt.ca.store import CAStore
 from mgmt.natsauth import CA_USER, local_credentials
+from mgmt.sealkeys import local_seal
 from tests.ca.helpers import make_csr, make_key
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
@@ -63,7 +65,9 @@ async def _seed(stack: KmsStack, certificate_der: bytes) -> list[str]:
         stack.nats_url, **local_credentials(stack.data_dir, CA_USER).connect_options()
     )
     try:
-        store = await CAStore.open(nc.jetstream())
+        # Sealed as the CA seals its records (edgekms.sealed): the CA refuses others.
+        seal = local_seal(stack.data_dir / "secrets", WRITER_CA)
+        store = await CAStore.open(nc.jetstream(), seal=seal)
         seeded = await seed_records(
             store, REVOKED, certificate_der, revoked=lambda i: True, prefix="gone"
         )
