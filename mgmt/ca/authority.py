@@ -555,23 +555,28 @@ class CertificateAuthority:
         existing, _ = await self.store.get_record(req.serial)
         issuing = await self._issuing_ca_of(existing)
         await self._require_active(issuing.label)
-        record, revoked_now = await self.store.revoke(
-            req.serial, req.reason, _now(), req.requester, req.request_id
-        )
-        self.catalog.note(record)
         if issuing.retired:
             # A retired intermediate issues no more: its CRL is rebuilt at once.
+            record, _ = await self.store.revoke(
+                req.serial, req.reason, _now(), req.requester, req.request_id
+            )
+            self.catalog.note(record)
             crl = await self.rebuild_issuer_crl(issuing)
             return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
-        found = await self.crls.current() if not revoked_now else None
-        if found is not None and _serial_listed(found[1], record):
-            # A retry whose first attempt revoked (and whose answer was lost): the same
-            # answer, with the CRL that already lists it.
-            return ca_pb2.RevokeCertificateResponse(record=record, crl_number=found[0].crl_number)
-        # The CRL that lists it is built in the background (mgmt.ca.crlstore.CRLJobs):
-        # reserving its number is one KV update however many certificates are revoked. A
-        # retry whose first attempt died before its CRL was built reserves one anew.
+        # The CRL that lists it is built in the background (mgmt.ca.crlstore.CRLJobs): its
+        # number is reserved first and kept with the revocation, one KV update each
+        # however many certificates are revoked. A number reserved by a revocation that
+        # then fails is skipped (CRL numbers may skip).
         number = await self.store.next_crl_number()
+        record, revoked_now = await self.store.revoke(
+            req.serial, req.reason, _now(), req.requester, req.request_id, number
+        )
+        self.catalog.note(record)
+        if not revoked_now and record.revocation_crl_number:
+            # A retry whose first attempt revoked (and whose answer was lost): the same
+            # answer. That attempt wanted its CRL built, or died first, and then the
+            # build every start makes lists it.
+            number = record.revocation_crl_number
         self.crl_jobs.want(number)
         log.info(
             "event=ca_revoke serial=%s requester=%s crl=%d", record.serial, req.requester, number
@@ -801,11 +806,3 @@ class CertificateAuthority:
 
 
 __all__ = ["CertificateAuthority"]
-
-
-def _serial_listed(crl_der: bytes, record: ca_pb2.CertificateRecord) -> bool:
-    """Whether the CRL (DER) already names this certificate."""
-    if not crl_der:
-        return False
-    crl = x509.load_der_x509_crl(crl_der)
-    return crl.get_revoked_certificate_by_serial_number(int(record.serial, 16)) is not None

@@ -179,11 +179,14 @@ class CAStore:
         revoked_at: datetime.datetime,
         requester: str = "",
         request_id: str = "",
+        crl_number: int = 0,
     ) -> tuple[ca_pb2.CertificateRecord, bool]:
         """Mark a certificate revoked; the revision check makes a concurrent second
         revocation see the first and fail with cert.already_revoked. A retry of the
         revocation that did it (same requester and request id) gets the record back;
-        the bool says whether this call revoked it."""
+        the bool says whether this call revoked it. `crl_number`, reserved before, is
+        kept with the revocation: the CRL with that number or a later one lists it, and a
+        retry answers with it."""
         for _ in range(_CAS_RETRIES):
             record, revision = await self.get_record(serial)
             if record.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
@@ -202,6 +205,7 @@ class CAStore:
             record.revocation_reason = reason  # type: ignore[assignment]
             record.revocation_request_id = request_id
             record.revoked_by = requester
+            record.revocation_crl_number = crl_number
             try:
                 await self.kv.update(
                     cert_key(record.serial), record.SerializeToString(), last=revision

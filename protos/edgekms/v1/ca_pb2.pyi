@@ -125,6 +125,7 @@ class CertificateRecord(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     REVOCATION_REQUEST_ID_FIELD_NUMBER: _builtins.int
     REVOKED_BY_FIELD_NUMBER: _builtins.int
+    REVOCATION_CRL_NUMBER_FIELD_NUMBER: _builtins.int
     ISSUER_KEY_ID_FIELD_NUMBER: _builtins.int
     SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     serial: _builtins.str
@@ -156,6 +157,10 @@ class CertificateRecord(_message.Message):
     clear of fields added in order.
     """
     revoked_by: _builtins.str
+    revocation_crl_number: _builtins.int
+    """The CRL number reserved when it was revoked: that CRL or a later one lists it (the
+    answer a retried revoke gets again).
+    """
     issuer_key_id: _builtins.str
     """Upper-case hex of the issuing intermediate's subject key identifier; empty for
     certificates issued before rotation existed (they are the first intermediate's).
@@ -186,12 +191,13 @@ class CertificateRecord(_message.Message):
         request_id: _builtins.str = ...,
         revocation_request_id: _builtins.str = ...,
         revoked_by: _builtins.str = ...,
+        revocation_crl_number: _builtins.int = ...,
         issuer_key_id: _builtins.str = ...,
         superseded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "issuer_key_id", b"issuer_key_id", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_reason", b"revocation_reason", "revocation_request_id", b"revocation_request_id", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject", "superseded_by", b"superseded_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "issued_at", b"issued_at", "issuer_key_id", b"issuer_key_id", "key_type", b"key_type", "not_after", b"not_after", "not_before", b"not_before", "profile", b"profile", "renewed_from", b"renewed_from", "request_id", b"request_id", "requester", b"requester", "revocation_crl_number", b"revocation_crl_number", "revocation_reason", b"revocation_reason", "revocation_request_id", b"revocation_request_id", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "serial", b"serial", "status", b"status", "subject", b"subject", "superseded_by", b"superseded_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
