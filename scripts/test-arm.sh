@@ -121,6 +121,7 @@ host_wheels() {
   done
   env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
     "$REPO/.venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --retries 10 \
+    --platform any --implementation py --abi none --python-version 3.11 \
     -d "$wheels" "${BUILD_REQS[@]}" >/dev/null || return 1
 }
 
