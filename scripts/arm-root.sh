@@ -6,6 +6,7 @@
 #   scripts/arm-root.sh build ARCH          debootstrap + the Debian packages (cached)
 #   scripts/arm-root.sh run ARCH CMD...     run CMD inside the root (mounts, clean env)
 #   scripts/arm-root.sh shell ARCH          an interactive shell inside the root
+#   scripts/arm-root.sh umount ARCH         undo the mounts a killed run left behind
 #
 # ARCH is armhf (emulated as a Cortex-A7, the STM32MP15's CPU) or arm64. The roots live
 # under $EDGEKMS_ARM_CACHE (default ~/.cache/edgekms-arm) and are reused between runs: a
@@ -159,7 +160,7 @@ run() {
   return $rc
 }
 
-[ $# -ge 2 ] || die "usage: $0 build|run|shell ARCH [CMD...]"
+[ $# -ge 2 ] || die "usage: $0 build|run|shell|umount ARCH [CMD...]"
 cmd=$1
 arch=$2
 shift 2
@@ -168,5 +169,6 @@ case "$cmd" in
   build) build "$arch" ;;
   run) [ $# -gt 0 ] || die "run needs a command"; run "$arch" "$@" ;;
   shell) run "$arch" /bin/bash -l ;;
-  *) die "unknown command '$cmd' (build, run or shell)" ;;
+  umount) umount_root "$(root_of "$arch")" ;;
+  *) die "unknown command '$cmd' (build, run, shell or umount)" ;;
 esac

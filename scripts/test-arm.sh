@@ -30,6 +30,17 @@ ROOT_WHEELS=/var/cache/edgekms-wheels
 SLOWDOWN=${EDGEKMS_TEST_SLOWDOWN:-20}
 # See setup_venv: the armhf run's one departure from requirements-board.txt.
 ARMHF_CRYPTOGRAPHY=44.0.3
+# Built from source inside the roots (no wheel for armv7/aarch64 on PyPI): the host
+# fetches their sdists ...
+SDISTS=(python-pkcs11==0.7.0 tpm2-pytss==2.2.1)
+# ... and what their builds need (pure Python wheels): python-pkcs11 0.7.0's setup.py
+# wants Cython (0.29: the release line it was written for), setuptools_scm, and wheel for
+# bdist_wheel; tpm2-pytss 2.2.1's pyproject.toml wants setuptools, wheel,
+# setuptools_scm[toml], pycparser and pkgconfig, ...
+BUILD_REQS=(setuptools==69.5.1 wheel==0.43.0 Cython==0.29.37 setuptools_scm==8.1.0
+  pkgconfig==1.5.5)
+# ... and its setup.py imports these (already in the wheelhouse, at the board's pins).
+BUILD_IMPORTS="cffi cryptography asn1crypto packaging pycparser typing_extensions"
 
 arm_root() { "$REPO/scripts/arm-root.sh" "$@"; }
 
@@ -68,7 +79,10 @@ EOF
 
 # What needs no emulated build comes from the host, fast: the binary and pure wheels PyPI
 # has for the architecture, and pure-Python sdists (nats-py) built into -none-any wheels.
-# Only what compiles (cffi, pyyaml, python-pkcs11, tpm2-pytss) is left to the root.
+# Only what compiles (cffi, pyyaml, python-pkcs11, tpm2-pytss) is left to the root, and
+# for those the host also fetches the sdists and every build requirement (BUILD_REQS and
+# SDISTS): the root then builds offline, without pip's build isolation, whose downloads
+# through emulated TLS were reset often enough to lose whole builds.
 host_wheels() {
   local arch=$1 wheels=$2 reqs=$3
   local plats=()
@@ -95,6 +109,20 @@ host_wheels() {
   done
   cp "$tmp"/*-none-any.whl "$wheels"/ 2>/dev/null || true
   rm -rf "$tmp"
+  # The sources of what has no wheel for the architecture, and the (pure Python) wheels
+  # their builds import, so the root never needs PyPI.
+  local have
+  for spec in "${SDISTS[@]}"; do
+    have=$(echo "${spec%%==*}-${spec#*==}.tar.gz" | tr 'A-Z_' 'a-z-')
+    ls "$wheels" | tr 'A-Z_' 'a-z-' | grep -qx "$have" && continue
+    env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+      "$REPO/.venv/bin/python" -m pip download -q --no-deps --no-binary=:all: --retries 10 \
+      -d "$wheels" "$spec" >/dev/null || return 1
+  done
+  env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+    "$REPO/.venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --retries 10 \
+    --platform any --implementation py --abi none --python-version 3.11 \
+    -d "$wheels" "${BUILD_REQS[@]}" >/dev/null || return 1
 }
 
 setup_venv() {
@@ -115,26 +143,23 @@ setup_venv() {
       "$root/var/tmp/edgekms-req/requirements-board.txt"
   fi
   host_wheels "$arch" "$root$ROOT_WHEELS" "$root/var/tmp/edgekms-req"
-  # One wheel at a time, each retried: a dropped connection costs one package, and every
-  # wheel built (cffi, python-pkcs11 and tpm2-pytss build from source here) stays in the
-  # wheelhouse for the next run.
+  # Offline from here: the build requirements go into the venv first, then each missing
+  # wheel (cffi, pyyaml, python-pkcs11, tpm2-pytss: they compile) is built from the
+  # wheelhouse's sdist with --no-index --no-build-isolation, one at a time; every wheel
+  # built stays in the wheelhouse for the next run.
   local script
   script=$(
     cat <<EOF
 set -e
 [ -x $ROOT_VENV/bin/pip ] || python3 -m venv $ROOT_VENV
 cd /var/tmp/edgekms-req
+$ROOT_VENV/bin/pip install -q --no-index --find-links $ROOT_WHEELS ${BUILD_REQS[*]} $BUILD_IMPORTS
 for spec in \$(cat requirements-board.txt requirements-board-test.txt | sed 's/#.*//' | grep '=='); do
   name=\${spec%%==*}; version=\${spec#*==}
   file=\$(echo "\$name" | tr 'A-Z.-' 'a-z__')
   if ls $ROOT_WHEELS | tr 'A-Z' 'a-z' | grep -q "^\$file-\$version-.*\\.whl\$"; then continue; fi
-  echo "test-arm: wheel \$spec"
-  ok=0
-  for attempt in 1 2 3; do
-    if $ROOT_VENV/bin/pip wheel -q --no-deps --retries 10 --find-links $ROOT_WHEELS -w $ROOT_WHEELS "\$spec"; then ok=1; break; fi
-    echo "test-arm: \$spec failed (attempt \$attempt)"
-  done
-  [ \$ok = 1 ]
+  echo "test-arm: building \$spec (offline)"
+  $ROOT_VENV/bin/pip wheel -q --no-deps --no-index --no-build-isolation --find-links $ROOT_WHEELS -w $ROOT_WHEELS "\$spec"
 done
 $ROOT_VENV/bin/pip install -q --no-index --find-links $ROOT_WHEELS -r requirements-board-test.txt
 EOF
