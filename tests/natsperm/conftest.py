@@ -134,3 +134,29 @@ async def connected(bus: SecureBus, user: str) -> AsyncIterator[Conn]:
         yield conn
     finally:
         await conn.nc.close()
+
+
+@contextlib.contextmanager
+def hardened_bus(directory: Path) -> Iterator[SecureBus]:
+    """A secure bus whose buckets and audit stream the supervisor has made or hardened
+    (edgekms.kvstore, edgekms.audit) before its setup grant goes, as `kmsctl up` does."""
+    from edgekms import audit, kvstore
+
+    bus = start_secure_bus(directory, setup=True)
+    try:
+
+        async def set_up() -> None:
+            conn = await connect(bus, "kmsctl")
+            try:
+                js = conn.nc.jetstream(timeout=10)
+                for spec in kvstore.BUCKETS.values():
+                    await kvstore.harden(js, spec)
+                await audit.harden_stream(js)
+            finally:
+                await conn.nc.close()
+
+        asyncio.run(set_up())
+        end_ceremony(bus)
+        yield bus
+    finally:
+        bus.server.stop()

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.clients import AccessGate, ClientRegistry
 from broker.registry import KeyRegistry
 from broker.throttle import FailureThrottle
-from edgekms import audit, kvstore
 from edgekms.errors import FailedPrecondition, NotFound, Unauthenticated
 from edgekms.identity import Identity
 from edgekms.sealed import WRITERS, RecordSeal, TamperedRecord, owner_of
@@ -30,7 +29,7 @@ from edgekms.v1 import common_pb2 as pb
 from mgmt.ca.store import CAStore
 from mgmt.registry_record import RegistryKeys
 from mgmt.sealkeys import RESEALED_MARKER, ensure_seal_keys, reseal_legacy
-from tests.natsperm.conftest import SecureBus, connect, connected, end_ceremony, start_secure_bus
+from tests.natsperm.conftest import SecureBus, connected, hardened_bus
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,24 +44,8 @@ def seal_of(writer: str, key: Ed25519PrivateKey | None = None) -> RecordSeal:
 
 @pytest.fixture(scope="module")
 def seal_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBus]:
-    bus = start_secure_bus(tmp_path_factory.mktemp("sealbus"), setup=True)
-    try:
-
-        async def set_up() -> None:
-            conn = await connect(bus, "kmsctl")
-            try:
-                js = conn.nc.jetstream(timeout=10)
-                for spec in kvstore.BUCKETS.values():
-                    await kvstore.harden(js, spec)
-                await audit.harden_stream(js)
-            finally:
-                await conn.nc.close()
-
-        asyncio.run(set_up())
-        end_ceremony(bus)
+    with hardened_bus(tmp_path_factory.mktemp("sealbus")) as bus:
         yield bus
-    finally:
-        bus.server.stop()
 
 
 def _identity(name: str, serial: int) -> Identity:

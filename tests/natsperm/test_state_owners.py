@@ -9,23 +9,20 @@ kms_clients. Each must be refused by the server, with the state unchanged.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import nats.errors
 import nats.js.errors
 import pytest
 
-from edgekms import audit, kvstore
+from edgekms import kvstore
 from edgekms.v1 import common_pb2 as pb
 from mgmt.natsserver import NatsServer
 from tests.natsperm.conftest import (
     Conn,
     SecureBus,
-    connect,
     connected,
-    end_ceremony,
-    start_secure_bus,
+    hardened_bus,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -36,24 +33,8 @@ JS_TIMEOUT = 0.5
 
 @pytest.fixture(scope="module")
 def state_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBus]:
-    bus = start_secure_bus(tmp_path_factory.mktemp("statebus"), setup=True)
-    try:
-
-        async def set_up() -> None:
-            conn = await connect(bus, "kmsctl")
-            try:
-                js = conn.nc.jetstream(timeout=10)
-                for spec in kvstore.BUCKETS.values():
-                    await kvstore.harden(js, spec)
-                await audit.harden_stream(js)
-            finally:
-                await conn.nc.close()
-
-        asyncio.run(set_up())
-        end_ceremony(bus)  # the setup grant goes, as in `kmsctl up`
+    with hardened_bus(tmp_path_factory.mktemp("statebus")) as bus:
         yield bus
-    finally:
-        bus.server.stop()
 
 
 def _record(name: str, with_policy: bool = True) -> bytes:
