@@ -77,6 +77,17 @@ ROLE_METHODS["operator"] |= {"ListClients"}
 # Renewal by the holder: the caller's own client certificate (RenewClient, proved by the
 # mutual TLS connection it renews) and mini-CA certificates whose key the caller proves
 # it holds (RenewHeldCertificate): every role, since possession is the credential.
+# Devices: enrollment tokens and deny/allow are administrators'; operators may look.
+ROLE_METHODS["admin"] |= {
+    "CreateEnrollToken",
+    "ListEnrollTokens",
+    "RevokeEnrollToken",
+    "ListDevices",
+    "GetDevice",
+    "DenyDevices",
+    "AllowDevices",
+}
+ROLE_METHODS["operator"] |= {"ListDevices", "GetDevice"}
 for _role in ROLE_METHODS:
     ROLE_METHODS[_role] |= {"RenewClient", "RenewHeldCertificate"}
 # The audit log: administrators and operators may read it (kmsctl audit tail/verify).

@@ -53,6 +53,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from broker.authz import KEY_SCOPED_METHODS
 from broker.buckets import FollowedBucket
 from broker.config import BrokerConfig
+from broker.devices import KINDS as DEVICE_KINDS
+from broker.devices import DeviceBook
 from broker.keys import Context, IdentityCache, rpc
 from broker.paging import page_by_name
 from broker.registry import KeyRegistry
@@ -129,6 +131,8 @@ class ClientRegistry(FollowedBucket):
         # and those whose renewal is complete (superseded.<serial>).
         self._renewed: dict[str, str] = {}
         self._superseded: set[str] = set()
+        # Enrollment tokens, devices and denied groups (broker.devices).
+        self.devices = DeviceBook()
 
     def _remember(self, record: clients_pb2.Client) -> None:
         self._clients[record.name] = record
@@ -143,6 +147,9 @@ class ClientRegistry(FollowedBucket):
             return
         if kind == "superseded":
             self._superseded.add(rest)
+            return
+        if kind in DEVICE_KINDS:
+            self.devices.apply(kind, rest, entry)
             return
         if kind == "renewal":
             if entry.value:
@@ -169,6 +176,8 @@ class ClientRegistry(FollowedBucket):
         if kind in ("revoked", "superseded"):
             # Fail closed: a revocation counts whatever its record says.
             self._revoked.add(rest)
+        elif kind in DEVICE_KINDS:
+            self.devices.refuse(kind, rest)
         elif kind == "client":
             # The name's certificate is refused until the record is genuine again:
             # its holder is unknown, and binding it reads the record and fails.
@@ -278,7 +287,9 @@ class ClientRegistry(FollowedBucket):
     async def reserve(self, name: str, role: str, key_pattern: str, by: str) -> int:
         """Take the name with a pending record; AlreadyExists while an active client has it.
 
-        A revoked name may be given to a new certificate: the old serial stays revoked.
+        A revoked name may be given to a new certificate: the old serial stays revoked. A
+        pending record left by `by` itself (an enrollment whose broker was killed, retried
+        with the same token) is taken over.
         """
         pending = clients_pb2.Client(
             name=name, role=role, key_pattern=key_pattern, created_at=_stamp(), created_by=by
@@ -294,7 +305,12 @@ class ClientRegistry(FollowedBucket):
             raise FailedPrecondition("client.contended", f"client {name!r} is changing") from None
         current = clients_pb2.Client()
         current.ParseFromString(entry.value or b"")
-        if current.status != clients_pb2.CLIENT_STATUS_REVOKED:
+        resumable = (
+            current.status == clients_pb2.CLIENT_STATUS_UNSPECIFIED
+            and by.startswith("enroll:")
+            and current.created_by == by
+        )
+        if current.status != clients_pb2.CLIENT_STATUS_REVOKED and not resumable:
             raise AlreadyExists("client.exists", f"a client named {name!r} exists")
         assert entry.revision is not None
         try:
@@ -430,6 +446,12 @@ class AccessGate:
             raise Unauthenticated(
                 "auth.revoked",
                 f"the certificate of client {identity.client!r} is revoked",
+                {"client": identity.client, "serial": serial_hex(identity.serial)},
+            )
+        if self.clients.devices.is_denied(identity.client):
+            raise Unauthenticated(
+                "auth.denied",
+                f"device {identity.client!r} is denied",
                 {"client": identity.client, "serial": serial_hex(identity.serial)},
             )
         # A renewed certificate may still ask for its renewal's answer again (the

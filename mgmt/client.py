@@ -45,6 +45,8 @@ from edgekms.v1 import (
     clients_pb2,
     clients_pb2_grpc,
     common_pb2,
+    enroll_pb2,
+    enroll_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
 )
@@ -175,6 +177,7 @@ class KMSClient:
         self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
         self._clients = clients_pb2_grpc.ClientServiceStub(self._channel)
         self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
+        self._devices = enroll_pb2_grpc.DeviceServiceStub(self._channel)
         self._key_types: dict[str, KeyType] = {}
 
     @classmethod
@@ -658,6 +661,87 @@ class KMSClient:
             request_id=request_id or new_request_id(),
         )
         return self._call("RenewHeldCertificate", self._ca.RenewHeldCertificate, request, None)
+
+    # -- DeviceService (enrollment tokens, the device registry) ------------------------
+
+    def create_enroll_token(
+        self,
+        name: str,
+        profile: str = "device",
+        *,
+        sans: list[str] | None = None,
+        ttl_seconds: int = 0,
+        group: str = "",
+    ) -> enroll_pb2.CreateEnrollTokenResponse:
+        """A one-time enrollment token for device `name` (its string is only here)."""
+        request = enroll_pb2.CreateEnrollTokenRequest(
+            name=name, profile=profile, sans=sans or [], ttl_seconds=ttl_seconds, group=group
+        )
+        return self._call("CreateEnrollToken", self._devices.CreateEnrollToken, request, None)
+
+    def iter_enroll_tokens(self, include_spent: bool = False) -> Iterator[enroll_pb2.EnrollToken]:
+        request = enroll_pb2.ListEnrollTokensRequest(include_spent=include_spent)
+        while True:
+            page = self._call("ListEnrollTokens", self._devices.ListEnrollTokens, request, None)
+            yield from page.tokens
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def revoke_enroll_token(self, token_id: str) -> enroll_pb2.EnrollToken:
+        request = enroll_pb2.RevokeEnrollTokenRequest(id=token_id)
+        return self._call("RevokeEnrollToken", self._devices.RevokeEnrollToken, request, None)
+
+    def list_devices_page(
+        self, request: enroll_pb2.ListDevicesRequest
+    ) -> enroll_pb2.ListDevicesResponse:
+        return self._call("ListDevices", self._devices.ListDevices, request, None)
+
+    def iter_devices(
+        self, *, group: str = "", denied_only: bool = False, page_size: int = 0
+    ) -> Iterator[enroll_pb2.Device]:
+        """Every device (by name), a page at a time as the iteration goes."""
+        request = enroll_pb2.ListDevicesRequest(
+            group=group, denied_only=denied_only, page_size=page_size
+        )
+        while True:
+            page = self.list_devices_page(request)
+            yield from page.devices
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def get_device(self, name: str) -> enroll_pb2.Device:
+        return self._call(
+            "GetDevice", self._devices.GetDevice, enroll_pb2.GetDeviceRequest(name=name), None
+        )
+
+    def deny_devices(
+        self,
+        *,
+        name: str = "",
+        group: str = "",
+        batch: int = 0,
+        progress: Callable[[enroll_pb2.DenyDevicesResponse], None] | None = None,
+    ) -> enroll_pb2.DenyDevicesResponse:
+        """Deny a device or a group (refused at once), revoking every certificate of each
+        device batch by batch; `progress` sees each batch's answer. Returns the totals."""
+        request = enroll_pb2.DenyDevicesRequest(name=name, group=group, batch=batch)
+        total = enroll_pb2.DenyDevicesResponse()
+        while True:
+            answer = self._call("DenyDevices", self._devices.DenyDevices, request, 120.0)
+            total.devices_denied += answer.devices_denied
+            total.certificates_revoked += answer.certificates_revoked
+            total.devices_total = answer.devices_total
+            if progress is not None:
+                progress(answer)
+            if not answer.next_cursor:
+                return total
+            request.cursor = answer.next_cursor
+
+    def allow_devices(self, *, name: str = "", group: str = "") -> enroll_pb2.AllowDevicesResponse:
+        request = enroll_pb2.AllowDevicesRequest(name=name, group=group)
+        return self._call("AllowDevices", self._devices.AllowDevices, request, None)
 
     def get_crl(self) -> ca_pb2.GetCRLResponse:
         """The whole current CRL. A large CRL comes in chunks (ca.proto GetCRL); they are

@@ -21,6 +21,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "cert": ("certs", "cert_export"),
     "audit": ("audit",),
     "client": ("clients",),
+    "enroll": ("enroll",),
+    "device": ("devices",),
     "tpm": ("tpm",),
 }
 

@@ -25,6 +25,12 @@ from mgmt.cli.output import echo_json, handle_errors, table
     help="Where the broker listens (host:port). Use 0.0.0.0:8443 to serve the LAN.",
 )
 @click.option(
+    "--enroll-listen",
+    default="",
+    help="The broker's enrollment listener (server-only TLS, `kmsctl enroll` only). "
+    "[default: the broker's host, its port + 1]",
+)
+@click.option(
     "--tpm",
     default=None,
     metavar="swtpm|DEVICE|TCTI",
@@ -67,6 +73,7 @@ def up(
     data_dir: Path,
     nats_port: int,
     broker_listen: str,
+    enroll_listen: str,
     tpm: str | None,
     swtpm_port: int | None,
     ca_http: str,
@@ -84,7 +91,8 @@ def up(
       kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device);
                       swtpm on 0600 Unix sockets, provisioned (`kmsctl tpm provision`)
       kmsctl ca serve the mini-CA on NATS, and HTTP for CRL/OCSP on --ca-http
-      kms-broker      gRPC with mutual TLS on --broker-listen
+      kms-broker      gRPC with mutual TLS on --broker-listen, and device
+                      enrollment (server-only TLS) on --enroll-listen
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
     key is generated inside the token, the broker's certificate and an admin client
     certificate, with a client config that every later command uses.
@@ -106,6 +114,7 @@ def up(
         data_dir=data_dir,
         nats_port=nats_port,
         broker_listen=broker_listen,
+        enroll_listen=enroll_listen,
         tpm=tpm,
         ca_http=ca_http,
         ca_base_url=ca_base_url,

@@ -570,6 +570,7 @@ class ListCertificatesRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     EXPIRING_WITHIN_SECONDS_FIELD_NUMBER: _builtins.int
     ISSUED_AFTER_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
     revoked_only: _builtins.bool
     expiring_within_days: _builtins.int
     """Only valid certificates whose notAfter falls within this many days (0: no filter)."""
@@ -587,6 +588,8 @@ class ListCertificatesRequest(_message.Message):
     """Like expiring_within_days, in seconds (for lifetimes shorter than a day)."""
     issued_after: _builtins.str
     """RFC 3339 UTC ("2026-01-31T00:00:00Z"): only certificates issued after it."""
+    requester: _builtins.str
+    """Only certificates this requester asked for (exactly; a device's name)."""
     def __init__(
         self,
         *,
@@ -599,10 +602,11 @@ class ListCertificatesRequest(_message.Message):
         state: Global___CertificateState.ValueType = ...,
         expiring_within_seconds: _builtins.int = ...,
         issued_after: _builtins.str = ...,
+        requester: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_within_days", b"expiring_within_days", "expiring_within_seconds", b"expiring_within_seconds", "issued_after", b"issued_after", "match", b"match", "page_size", b"page_size", "page_token", b"page_token", "profile", b"profile", "revoked_only", b"revoked_only", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_within_days", b"expiring_within_days", "expiring_within_seconds", b"expiring_within_seconds", "issued_after", b"issued_after", "match", b"match", "page_size", b"page_size", "page_token", b"page_token", "profile", b"profile", "requester", b"requester", "revoked_only", b"revoked_only", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
