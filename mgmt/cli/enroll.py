@@ -108,6 +108,24 @@ def enroll_group(
     click.echo(f"  config: {done.config}")
 
 
+@enroll_group.command("fingerprint")
+@client_options
+def fingerprint_cmd(data_dir: Path, config_path: Path | None) -> None:
+    """Print the internal CA's SHA-256 fingerprint (what `kmsctl enroll --fingerprint`
+    pins), from this client config's CA file: no broker needed."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from mgmt.cli.common import client_config_path
+    from mgmt.clientconfig import load_client_config
+
+    config = load_client_config(config_path or client_config_path(data_dir))
+    ca = x509.load_pem_x509_certificates(config.ca_cert.read_bytes())[0]
+    click.echo(hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest())
+
+
 @enroll_group.group("token")
 def token_group() -> None:
     """One-time enrollment tokens (administrators).

@@ -60,6 +60,8 @@ def test_a_token_made_before_the_deny_cannot_enroll(stack: KmsStack, tmp_path: P
     result = device_enroll(stack, token, fingerprint, tmp_path / "meter-3")
     assert result.exit_code == ExitCode.PERMISSION_DENIED, result.output
     assert "enroll.denied" in result.output
+    assert not (tmp_path / "meter-3" / "device.key").exists()
+    assert "meter-3" not in {c["name"] for c in run_json(stack, "client", "list", "--all")}
     run_json(stack, "device", "allow", "--group", "meters-c")
 
 
