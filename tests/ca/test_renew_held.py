@@ -217,3 +217,32 @@ async def test_a_crash_before_the_old_is_superseded_leaves_it_valid_and_the_retr
     assert renewed.record.serial == stored.superseded_by
     stored, _ = await ca_env.store.get_record(first.record.serial)
     assert stored.revocation_reason == ca_pb2.REVOCATION_REASON_SUPERSEDED
+
+
+async def test_listing_by_requester_finds_only_its_certificates(ca_env: CAEnv) -> None:
+    """What a device's deny uses to find the mini-CA certificates it asked for."""
+    await ca_env.init()
+    mine = await issue(ca_env, make_key("ec-p256"))  # requester device-7
+    other = await ca_env.call(
+        "IssueCertificate",
+        ca_pb2.IssueCertificateRequest(
+            profile="https-server",
+            csr=make_csr(make_key("ec-p256"), cn="other.test", sans=("dns:other.test",)),
+            requester="device-8",
+        ),
+        ca_pb2.IssueCertificateResponse,
+    )
+    page = await ca_env.call(
+        "ListCertificates",
+        ca_pb2.ListCertificatesRequest(requester="device-7", state=ca_pb2.CERTIFICATE_STATE_VALID),
+        ca_pb2.ListCertificatesResponse,
+    )
+    serials = {r.serial for r in page.records}
+    assert mine.record.serial in serials and other.record.serial not in serials
+    with pytest.raises(InvalidArgument) as bad:
+        await ca_env.call(
+            "ListCertificates",
+            ca_pb2.ListCertificatesRequest(requester="x" * 1000),
+            ca_pb2.ListCertificatesResponse,
+        )
+    assert bad.value.reason == "list.filter_invalid"
