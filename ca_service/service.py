@@ -17,6 +17,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from ca_service.acme.settings import AcmeConfig
 from ca_service.authority import CertificateAuthority
 from ca_service.builder import CaUrls
 from ca_service.profiles import load_profiles
@@ -36,6 +37,8 @@ SERVICE_VERSION = "0.1.0"
 QUEUE_GROUP = CA_PREFIX
 CRL_CHECK_INTERVAL = 3600.0
 MAX_IN_FLIGHT = 32
+# The CA's audit writer name: its entries go to kms.audit.ca (mgmt.natsauth grants it).
+SERVICE_NAME_AUDIT = "ca"
 
 
 def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsrpc.Handler]]:
@@ -146,6 +149,8 @@ class ServeConfig:
     # Record sealing (edgekms.sealed): the CA's key and every writer's public key; None
     # only on a development bus (`kmsctl up` always seals).
     seal: RecordSeal | None = None
+    # ACME over HTTPS (ca_service.acme); None: no ACME.
+    acme: AcmeConfig | None = None
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -179,6 +184,13 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         )
         service = await add_ca_service(nc, ca)
         runner = await start_http(ca, config.http_host, config.http_port)
+        acme = None
+        if config.acme is not None:
+            from ca_service.acme.server import AcmeServer
+            from edgekms.audit import AuditWriter
+
+            acme = AcmeServer(ca, config.acme, AuditWriter(nc.jetstream(), SERVICE_NAME_AUDIT))
+            await acme.start()
         refresher = asyncio.create_task(keep_crl_fresh(ca))
         log.info(
             "event=ca_serving nats=%s http=%s:%d",
@@ -193,6 +205,8 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await ca.crl_jobs.stop()
+            if acme is not None:
+                await acme.stop()
             await runner.cleanup()
             await service.stop()
         if watch.lost.is_set():
