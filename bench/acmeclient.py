@@ -102,6 +102,8 @@ class Answer:
 
     @property
     def problem_type(self) -> str:
+        if not self.headers.get("content-type", "").startswith("application/problem+json"):
+            return ""
         value = self.json()
         return str(value.get("type", "")) if isinstance(value, dict) else ""
 

@@ -189,7 +189,11 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             from ca_service.acme.server import AcmeServer
             from edgekms.audit import AuditWriter
 
-            acme = AcmeServer(ca, config.acme, AuditWriter(nc.jetstream(), SERVICE_NAME_AUDIT))
+            audit = AuditWriter(nc.jetstream(), SERVICE_NAME_AUDIT)
+            # kmsctl up makes the stream first; a CA run on its own makes it (the CA's bus
+            # grant allows creating KMS_AUDIT, nothing else).
+            await audit.ensure_stream()
+            acme = AcmeServer(ca, config.acme, audit)
             await acme.start()
         refresher = asyncio.create_task(keep_crl_fresh(ca))
         log.info(
