@@ -95,16 +95,16 @@ class AcmeEnv:
 def acme_config(port: int, http_port: int, **kw: Any) -> AcmeConfig:
     hosts = {name: "127.0.0.1" for name in NAMES if name != "down.home.arpa"}
     hosts["down.home.arpa"] = "127.0.0.2"  # nothing listens there
-    return AcmeConfig(
-        host="127.0.0.1",
-        port=port,
-        names=("127.0.0.1",),
-        http01_port=http_port,
-        tlsalpn01_port=http_port,
-        hosts=hosts,
-        policy=NamePolicy(),
-        **kw,
-    )
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "names": ("127.0.0.1",),
+        "http01_port": http_port,
+        "tlsalpn01_port": http_port,
+        "hosts": hosts,
+        "policy": NamePolicy(),
+    }
+    return AcmeConfig(**(settings | kw))
 
 
 async def start_acme(ca: CAEnv, config: AcmeConfig, audit: AuditWriter) -> AcmeServer:
