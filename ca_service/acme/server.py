@@ -104,7 +104,7 @@ _REVOKE_REASONS = {
     4: ca_pb2.REVOCATION_REASON_SUPERSEDED,
     5: ca_pb2.REVOCATION_REASON_CESSATION_OF_OPERATION,
 }
-SERVER_CERT_RETRY = 5.0
+SERVER_CERT_RETRY = 1.0  # a KV read per try while no CA exists yet
 
 
 def _now() -> datetime.datetime:
