@@ -96,8 +96,53 @@ def test_readme_acme_commands_run_as_written(tmp_path: Path) -> None:
                 check=False,
             )
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            listed = json.loads(result.stdout[result.stdout.index("[") :])
+            decoder, out = json.JSONDecoder(), result.stdout
+            listed, end = decoder.raw_decode(out, out.index("["))
             assert listed and all(r["requester"].startswith("acme:") for r in listed), listed
+            accounts, end = decoder.raw_decode(out, out.index("[", end))
+            assert {f"acme:{a['id']}" for a in accounts} == {r["requester"] for r in listed}
+            assert "*.home.arpa, *.lan" in out[end:]  # policy show, from acme.toml
+            assert "hmac key:" in out[end:] and "lego on the NAS" in out[end:]
+            # Operators may look but not mint keys.
+            op_dir = tmp_path / "op"
+            added = subprocess.run(
+                ["kmsctl", "client", "add", "op", "--role", "operator", "--out-dir", str(op_dir)],
+                env={**stack.env(), "PATH": env_path},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert added.returncode == 0, added.stderr
+            as_operator = {
+                **stack.env(),
+                "PATH": env_path,
+                "EDGEKMS_CONFIG": str(op_dir / "config.toml"),
+            }
+            looked = subprocess.run(
+                ["kmsctl", "acme", "eab", "list", "-o", "json"],
+                env=as_operator,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert looked.returncode == 0 and json.loads(looked.stdout)[0]["status"] == "valid"
+            minted = subprocess.run(
+                ["kmsctl", "acme", "eab", "create"],
+                env=as_operator,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert minted.returncode == 7, minted.stdout + minted.stderr
+            assert "authz.role_denied" in minted.stderr and "hmac" not in minted.stdout
+            after_refusal = subprocess.run(
+                ["kmsctl", "acme", "eab", "list", "-o", "json"],
+                env=as_operator,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert len(json.loads(after_refusal.stdout)) == 1  # no key was made
             live = tmp_path / "certbot" / "config" / "live" / "nas.home.arpa"
             leaf = x509.load_pem_x509_certificates((live / "fullchain.pem").read_bytes())[0]
             assert f"{leaf.serial_number:X}".lstrip("0") in {
