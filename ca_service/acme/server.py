@@ -10,7 +10,7 @@ ca_service.acme.nonces), then the key (`jwk` only for new-account and revoke-cer
 naming a valid account otherwise) and the signature. A refusal is a problem document
 (ca_service.acme.problems) and changes nothing.
 
-Certificates are issued by the CA's own `_issue_plan` under the configured profile with
+Certificates are issued by the CA's own `issue_plan` under the configured profile with
 requester `acme:<account id>` and request id `acme-order-<order id>`: a normal record,
 listed, revocable, in the CRL and OCSP, and idempotent, so a finalize interrupted by a
 crash is completed by the next request that touches the order (the same serial, never a
@@ -210,7 +210,7 @@ class AcmeServer:
         )
         profile = get_profile(self.ca.profiles, "https-server")
         plan = plan_from_csr(profile, load_csr(csr.public_bytes(serialization.Encoding.DER)))
-        issued = await self.ca._issue_plan(plan, "acme:server")
+        issued = await self.ca.issue_plan(plan, "acme:server")
         cert = x509.load_der_x509_certificate(issued.certificate_der)
         chain = b"".join(
             x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM)
@@ -881,7 +881,7 @@ class AcmeServer:
         csr = load_csr(jws.b64d(order.csr, "csr"))
         plan = plan_from_csr(get_profile(self.ca.profiles, self.config.profile), csr)
         try:
-            issued = await self.ca._issue_plan(
+            issued = await self.ca.issue_plan(
                 plan, f"acme:{order.account}", request_id=f"acme-order-{order.id}"
             )
         except (Unavailable, ServerInternal) as exc:

@@ -90,7 +90,7 @@ class EabKey:
 T = TypeVar("T", Account, Authz, Order, EabKey)
 
 
-def _decode(kind: type[T], raw: bytes) -> T:
+def decode(kind: type[T], raw: bytes) -> T:
     data = json.loads(raw)
     if kind is Authz:
         data["challenges"] = [Challenge(**c) for c in data.get("challenges", [])]
@@ -116,7 +116,7 @@ class AcmeStore:
             return None
         if not entry.value:
             return None
-        return _decode(cls, entry.value), int(entry.revision)
+        return decode(cls, entry.value), int(entry.revision)
 
     async def create(self, kind: str, ident: str, value: T) -> int:
         """Create-if-absent; raises nats' KeyWrongLastSequenceError when it exists."""
@@ -154,15 +154,19 @@ class AcmeStore:
         await self.kv.update(self.key(KEY, old), b"", last=entry.revision)
         return True
 
+    def open(self, raw: Any) -> Any:
+        """A raw bucket entry with its seal checked and taken off (edgekms.sealed)."""
+        return self.kv.open_entry(raw) if hasattr(self.kv, "open_entry") else raw
+
     async def scan(self, kind: str, cls: type[T]) -> AsyncIterator[T]:
         """Every record of one kind, read as the catalog reads (edgekms.kvread)."""
         entries, _ = await kvread.snapshot(self.js, self.bucket, f"{PREFIX}{kind}.>")
         for raw in entries:
             if not raw.value or kvread.is_removal(raw):
                 continue
-            entry = self.kv.open_entry(raw) if hasattr(self.kv, "open_entry") else raw
+            entry = self.open(raw)
             if entry.value:
-                yield _decode(cls, entry.value)
+                yield decode(cls, entry.value)
 
 
 def _encode(value: Any) -> bytes:

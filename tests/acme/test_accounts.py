@@ -192,3 +192,49 @@ async def test_external_account_binding_when_required(acme_env: AcmeEnv) -> None
         assert reused.problem_type == ACME + "unauthorized"
     finally:
         await server.stop()
+
+
+async def test_accounts_and_binding_keys_list_a_page_at_a_time(acme_env: AcmeEnv) -> None:
+    """The admin listing pages by id from an index kept up to date with the bucket: an
+    account made between pages shows on a later listing, none is listed twice."""
+    from ca_service.acme.admin import AcmeAdmin
+    from edgekms.errors import InvalidArgument
+
+    admin = AcmeAdmin(acme_env.server.store, acme_env.server)
+    made = []
+    for _ in range(5):
+        client = acme_env.client()
+        await asyncio.to_thread(client.register)
+        made.append(client.kid.rsplit("/", 1)[1])
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await admin.list_accounts(
+            ca_pb2.ListAcmeAccountsRequest(page_size=2, page_token=token)
+        )
+        assert len(page.accounts) <= 2
+        seen += [a.id for a in page.accounts]
+        if not page.next_page_token:
+            break
+        token = page.next_page_token
+    assert sorted(seen) == sorted(made) and len(seen) == len(set(seen))
+    late = acme_env.client()
+    await asyncio.to_thread(late.register, contact=["mailto:late@nas.home.arpa"])
+    again = await admin.list_accounts(ca_pb2.ListAcmeAccountsRequest(page_size=1000))
+    by_id = {a.id: a for a in again.accounts}
+    assert len(by_id) == 6 and by_id[late.kid.rsplit("/", 1)[1]].contact == [
+        "mailto:late@nas.home.arpa"
+    ]
+    created = [await admin.create_eab(ca_pb2.CreateAcmeEabRequest(note=f"k{i}")) for i in range(3)]
+    revoked = await admin.revoke_eab(ca_pb2.RevokeAcmeEabRequest(kid=created[0].eab.kid))
+    assert revoked.eab.status == "revoked"
+    keys = await admin.list_eab(ca_pb2.ListAcmeEabRequest(page_size=1000))
+    states = {k.kid: k.status for k in keys.keys}
+    assert states == {
+        created[0].eab.kid: "revoked",
+        created[1].eab.kid: "valid",
+        created[2].eab.kid: "valid",
+    }
+    with pytest.raises(InvalidArgument) as caught:
+        await admin.list_accounts(ca_pb2.ListAcmeAccountsRequest(page_size=1001))
+    assert caught.value.reason == "list.page_size_invalid"
