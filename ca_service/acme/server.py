@@ -104,6 +104,7 @@ _REVOKE_REASONS = {
     4: ca_pb2.REVOCATION_REASON_SUPERSEDED,
     5: ca_pb2.REVOCATION_REASON_CESSATION_OF_OPERATION,
 }
+RETRY_AFTER = 1  # seconds, on pending orders and challenges being validated
 SERVER_CERT_RETRY = 1.0  # a KV read per try while no CA exists yet
 
 
@@ -651,7 +652,11 @@ class AcmeServer:
 
     async def _order_response(self, order: Order) -> Response:
         body = await self._order_json(order)
-        return self._json(200, body, {"Location": self.url("order", order.id)})
+        headers = {"Location": self.url("order", order.id)}
+        if body["status"] in ("pending", "processing"):
+            # RFC 8555 8.2: when to look again (a validation takes about a second).
+            headers["Retry-After"] = str(RETRY_AFTER)
+        return self._json(200, body, headers)
 
     async def order_resource(self, auth: Authenticated, rest: list[str]) -> Response:
         order, revision = await self._load_order(auth, rest)
@@ -733,6 +738,8 @@ class AcmeServer:
             await self._resume_validations(authz.id)
         response = self._json(200, self._challenge_json(authz, index))
         response.headers["Link"] = f'<{self.url("authz", authz.id)}>;rel="up"'
+        if chall.status == "processing":
+            response.headers["Retry-After"] = str(RETRY_AFTER)
         return response
 
     async def _resume_validations(self, authz_id: str) -> None:

@@ -133,7 +133,9 @@ async def test_finalize_before_valid_is_refused_and_leaves_the_order_pending(
     csr, _ = csr_for(["nas.home.arpa"])
     answer = await asyncio.to_thread(client.post_raw, order["finalize"], {"csr": b64(csr)})
     assert answer.status == 403 and answer.problem_type == ACME + "orderNotReady"
-    assert (await asyncio.to_thread(client.get, order_url)).json()["status"] == "pending"
+    pending = await asyncio.to_thread(client.get, order_url)
+    assert pending.json()["status"] == "pending"
+    assert pending.headers["retry-after"] == "1"  # when to look again (RFC 8555 8.2)
     assert await acme_env.ca.record_count() == 1  # the ACME server's own certificate
 
 
