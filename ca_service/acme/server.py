@@ -25,7 +25,6 @@ TLS context loads it). It is renewed after two thirds of its life.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime
 import hashlib
@@ -693,10 +692,9 @@ class AcmeServer:
 
     def _authz_json(self, authz: Authz) -> dict[str, Any]:
         status = self._authz_status(authz)
-        shown = range(len(authz.challenges))
+        shown = list(range(len(authz.challenges)))
         if status == "valid":  # RFC 8555 7.1.4: the challenge that passed
-            shown = range(len(authz.challenges))
-            shown = [i for i in shown if authz.challenges[i].status == "valid"]  # type: ignore[assignment]
+            shown = [i for i in shown if authz.challenges[i].status == "valid"]
         return {
             "identifier": authz.identifier,
             "status": status,
@@ -1017,7 +1015,3 @@ class _AcmeHttp(HttpServer):
 
     async def _respond(self, request: Request) -> Response:
         return await self.acme.handle(request)
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
