@@ -51,6 +51,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--no-ca-scale", action="store_true", help="skip the 50,000-certificate CA figures"
     )
+    parser.add_argument("--no-acme", action="store_true", help="skip ACME orders per second")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
 
@@ -200,6 +201,13 @@ def main() -> None:
             }
         finally:
             stack.stop()
+        if not args.no_acme:
+            # On a stack of its own, with ACME on (bench.acme).
+            from bench import acme
+
+            results["acme"] = [
+                r.to_json() for r in acme.run_fresh(work / "acme", args.duration, args.warmup)
+            ]
         if not args.no_ca_scale:
             # On a stack of its own: 100,000 seeded records would weigh on the rest.
             from bench import ca_scale

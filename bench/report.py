@@ -235,6 +235,14 @@ def write(results: dict[str, Any], out: Path) -> None:
             runs_table(enroll),
             "",
         ]
+    acme = _runs(results.get("acme"))
+    if acme:
+        parts += [
+            "## ACME orders: new order, http-01 (answered locally), finalize, download",
+            "",
+            runs_table(acme),
+            "",
+        ]
     parts += [
         "## How the two cores were shared (CPU-seconds per second, measured window)",
         "",

@@ -107,7 +107,9 @@ def bus_options(data_dir: Path, user: str = "broker") -> dict[str, Any]:
     return creds.connect_options()
 
 
-def start(data_dir: Path, timeout: float = 120.0, log_level: str = "warning") -> RunningStack:
+def start(
+    data_dir: Path, timeout: float = 120.0, log_level: str = "warning", extra: tuple[str, ...] = ()
+) -> RunningStack:
     nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     argv = [
@@ -125,6 +127,7 @@ def start(data_dir: Path, timeout: float = 120.0, log_level: str = "warning") ->
         f"127.0.0.1:{ca_port}",
         "--log-level",
         log_level,
+        *extra,
     ]
     state_file = data_dir / "run" / "state.json"
     with open(log_path, "ab") as log_file:

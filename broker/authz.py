@@ -71,6 +71,11 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
 ROLE_METHODS["admin"] |= CA_OPERATE | {"Init", "Rotate", "RevokeIntermediate", "PruneCertificates"}
 ROLE_METHODS["operator"] |= CA_OPERATE
 ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL", "GetRootCRL", "GetIssuerCRL"}
+# ACME administration: operators may look at accounts, keys and the policy; only
+# administrators mint or revoke external account binding keys (they admit new accounts).
+ACME_READ = frozenset({"ListAcmeAccounts", "ListAcmeEab", "GetAcmePolicy"})
+ROLE_METHODS["admin"] |= ACME_READ | {"CreateAcmeEab", "RevokeAcmeEab"}
+ROLE_METHODS["operator"] |= ACME_READ
 # Clients and key policies: only administrators change who may do what; operators may look.
 ROLE_METHODS["admin"] |= {"AddClient", "ListClients", "RevokeClient", "UpdateKeyPolicy"}
 ROLE_METHODS["operator"] |= {"ListClients"}

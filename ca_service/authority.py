@@ -451,6 +451,14 @@ class CertificateAuthority:
             return record
         raise Internal("cert.serial_exhausted", "could not store the certificate")
 
+    async def issue_plan(
+        self, plan: IssuePlan, requester: str, request_id: str = ""
+    ) -> ca_pb2.IssueCertificateResponse:
+        """Issue what a checked plan describes (the ACME server's finalize and its own
+        TLS certificate): the same path as IssueCertificate, record stored first, and
+        with `request_id` the same certificate for every retry."""
+        return await self._issue_plan(plan, requester, request_id=request_id)
+
     async def issue(self, req: ca_pb2.IssueCertificateRequest) -> ca_pb2.IssueCertificateResponse:
         profile = get_profile(self.profiles, req.profile)
         plan = plan_from_csr(profile, load_csr(req.csr), req.validity_days, req.validity_seconds)

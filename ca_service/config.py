@@ -10,6 +10,8 @@ nats_ca = "bus-ca.crt"              # relative to this file)
 seal_writer = "ca"                  # optional record sealing (edgekms.sealed): the CA's
 seal_key_file = "seal-ca.key"       # own Ed25519 key (0600) and every writer's public key
 seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
+[acme]                              # optional: ACME over HTTPS (ca_service.acme.settings)
+listen = "0.0.0.0:8555"
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from ca_service.acme.settings import parse_acme
 from ca_service.service import ServeConfig
 from edgekms.busauth import parse_bus_fields
 from edgekms.sealed import WRITER_CA, parse_seal_fields
@@ -38,6 +41,7 @@ KNOWN_FIELDS = frozenset(
         "seal_writer",
         "seal_key_file",
         "seal_public_keys",
+        "acme",
     }
 )
 
@@ -70,7 +74,14 @@ def load_serve_config(path: Path) -> ServeConfig:
         raise CAConfigError(f"{path}: {problems[0]}")
     if seal is not None and seal.writer != WRITER_CA:
         raise CAConfigError(f"{path}: seal_writer must be {WRITER_CA!r} for the CA")
+    acme = None
+    if "acme" in raw:
+        try:
+            acme = parse_acme(raw["acme"])
+        except ValueError as exc:
+            raise CAConfigError(f"{path}: {exc}") from None
     return ServeConfig(
+        acme=acme,
         bus=bus,
         seal=seal,
         nats_url=nats_url,

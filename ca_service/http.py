@@ -24,6 +24,7 @@ import base64
 import binascii
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -67,6 +68,7 @@ class Request:
     method: str
     path: str  # still percent-encoded, without the query
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
 
 class _BadRequest(Exception):
@@ -188,13 +190,29 @@ def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
 class HttpServer:
     """The listening socket and its routes; `cleanup()` stops it (aiohttp's runner API)."""
 
-    def __init__(self, routes: dict[tuple[str, str], Handler]) -> None:
+    def __init__(
+        self, routes: dict[tuple[str, str], Handler], max_body: int = _MAX_OCSP_BODY
+    ) -> None:
         self.routes = routes
+        self.max_body = max_body
         self.server: asyncio.Server | None = None
         self.open_connections = 0  # for status and tests: every one ends within deadlines
 
-    async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._connection, host, port, limit=_MAX_LINE)
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Listen; with `tls` the same server speaks HTTPS (the ACME side)."""
+        self.server = await asyncio.start_server(
+            self._connection,
+            host,
+            port,
+            limit=_MAX_LINE,
+            ssl=tls,
+            ssl_handshake_timeout=_READ_DEADLINE if tls is not None else None,
+        )
+
+    def refusal(self, status: int, reason: str) -> Response:
+        """The answer to a request refused before any route saw it (too large, malformed
+        head, too slow): one line of text here, a problem document on the ACME side."""
+        return Response.text(status, reason)
 
     async def cleanup(self) -> None:
         if self.server is not None:
@@ -240,16 +258,18 @@ class HttpServer:
         unread = False  # part of the request is still on the wire
         try:
             try:
-                request = await asyncio.wait_for(_read_request(reader), _READ_DEADLINE)
+                request = await asyncio.wait_for(
+                    _read_request(reader, self.max_body), _READ_DEADLINE
+                )
                 head_only = request.method == "HEAD"
                 response = await self._respond(request)
             except (ConnectionError, asyncio.IncompleteReadError):
                 return  # the client went away: nobody to answer
             except _BadRequest as exc:
-                response = Response.text(exc.status, exc.reason)
+                response = self.refusal(exc.status, exc.reason)
                 unread = True
             except TimeoutError:
-                response = Response.text(408, "request not complete in time")
+                response = self.refusal(408, "request not complete in time")
                 unread = True
             except Exception as exc:
                 log.error("event=ca_http_failed error=%s", type(exc).__name__)
@@ -305,7 +325,7 @@ async def _read_line(reader: asyncio.StreamReader) -> bytes:
     return line.rstrip(b"\r\n")
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Request:
+async def _read_request(reader: asyncio.StreamReader, max_body: int = _MAX_OCSP_BODY) -> Request:
     parts = (await _read_line(reader)).split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         raise _BadRequest(400, "not an HTTP/1.x request line")
@@ -334,10 +354,10 @@ async def _read_request(reader: asyncio.StreamReader) -> Request:
     if not length_text.isdigit():
         raise _BadRequest(400, "bad Content-Length")
     length = int(length_text)
-    if length > _MAX_OCSP_BODY:
-        raise _BadRequest(413, f"bodies are limited to {_MAX_OCSP_BODY} bytes")
+    if length > max_body:
+        raise _BadRequest(413, f"bodies are limited to {max_body} bytes")
     body = await reader.readexactly(length) if length else b""
-    return Request(method, target.partition("?")[0], body)
+    return Request(method, target.partition("?")[0], body, headers)
 
 
 def _serialise(response: Response, head_only: bool) -> bytes:

@@ -17,6 +17,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from ca_service.acme.admin import AcmeAdmin
+from ca_service.acme.settings import AcmeConfig
 from ca_service.authority import CertificateAuthority
 from ca_service.builder import CaUrls
 from ca_service.profiles import load_profiles
@@ -36,10 +38,15 @@ SERVICE_VERSION = "0.1.0"
 QUEUE_GROUP = CA_PREFIX
 CRL_CHECK_INTERVAL = 3600.0
 MAX_IN_FLIGHT = 32
+# The CA's audit writer name: its entries go to kms.audit.ca (mgmt.natsauth grants it).
+SERVICE_NAME_AUDIT = "ca"
 
 
-def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsrpc.Handler]]:
+def operations(
+    ca: CertificateAuthority, acme: AcmeAdmin | None = None
+) -> dict[str, tuple[type[Message], natsrpc.Handler]]:
     """RPC name -> (request message type, handler); the subject is kms.ca.<RPC name>."""
+    admin = acme or AcmeAdmin(None)
 
     async def get_crl(req: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
         return await ca.crl_chunk(req)
@@ -72,6 +79,11 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
         "Rotate": (ca_pb2.RotateCARequest, ca.rotate),
         "PruneCertificates": (ca_pb2.PruneCertificatesRequest, ca.prune),
         "RenewHeldCertificate": (ca_pb2.RenewHeldCertificateRequest, ca.renew_held),
+        "ListAcmeAccounts": (ca_pb2.ListAcmeAccountsRequest, admin.list_accounts),
+        "CreateAcmeEab": (ca_pb2.CreateAcmeEabRequest, admin.create_eab),
+        "ListAcmeEab": (ca_pb2.ListAcmeEabRequest, admin.list_eab),
+        "RevokeAcmeEab": (ca_pb2.RevokeAcmeEabRequest, admin.revoke_eab),
+        "GetAcmePolicy": (ca_pb2.GetAcmePolicyRequest, admin.policy),
     }
 
 
@@ -79,9 +91,16 @@ class CAService:
     """The nats.micro side: each request runs as its own task (bounded), so slow token
     signatures for one caller do not queue everybody else behind them."""
 
-    def __init__(self, nc: Any, ca: CertificateAuthority, concurrency: int = MAX_IN_FLIGHT):
+    def __init__(
+        self,
+        nc: Any,
+        ca: CertificateAuthority,
+        concurrency: int = MAX_IN_FLIGHT,
+        acme: AcmeAdmin | None = None,
+    ):
         self.nc = nc
         self.ca = ca
+        self.acme = acme
         self._responder = natsrpc.Responder("the CA service", concurrency)
         self._service: Any = None
 
@@ -95,7 +114,7 @@ class CAService:
             description="EdgeKMS certificate authority",
             queue_group=QUEUE_GROUP,
         )
-        for name, (request_type, handler) in operations(self.ca).items():
+        for name, (request_type, handler) in operations(self.ca, self.acme).items():
             await self._service.add_endpoint(
                 name=name,
                 subject=ca_subject(name),
@@ -112,9 +131,11 @@ class CAService:
         await self._responder.drain()
 
 
-async def add_ca_service(nc: Any, ca: CertificateAuthority) -> CAService:
+async def add_ca_service(
+    nc: Any, ca: CertificateAuthority, acme: AcmeAdmin | None = None
+) -> CAService:
     """Register every CA operation as a nats.micro endpoint on kms.ca.<Operation>."""
-    return await CAService(nc, ca).start()
+    return await CAService(nc, ca, acme=acme).start()
 
 
 async def keep_crl_fresh(ca: CertificateAuthority, interval: float = CRL_CHECK_INTERVAL) -> None:
@@ -147,6 +168,8 @@ class ServeConfig:
     # Record sealing (edgekms.sealed): the CA's key and every writer's public key; None
     # only on a development bus (`kmsctl up` always seals).
     seal: RecordSeal | None = None
+    # ACME over HTTPS (ca_service.acme); None: no ACME.
+    acme: AcmeConfig | None = None
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -178,8 +201,21 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             CaUrls.from_base(config.base_url),
             registry=await RegistryKeys.open(nc, SERVICE_NAME, "ca.key_disabled", config.seal),
         )
-        service = await add_ca_service(nc, ca)
+        acme = None
+        if config.acme is not None:
+            from ca_service.acme.server import AcmeServer
+            from edgekms.audit import AuditWriter
+
+            audit = AuditWriter(nc.jetstream(), SERVICE_NAME_AUDIT)
+            # kmsctl up makes the stream first; a CA run on its own makes it (the CA's bus
+            # grant allows creating KMS_AUDIT, nothing else).
+            await audit.ensure_stream()
+            acme = AcmeServer(ca, config.acme, audit)
+        admin = AcmeAdmin(acme.store, acme) if acme is not None else None
+        service = await add_ca_service(nc, ca, admin)
         runner = await start_http(ca, config.http_host, config.http_port)
+        if acme is not None:
+            await acme.start()
         refresher = asyncio.create_task(keep_crl_fresh(ca))
         log.info(
             "event=ca_serving nats=%s http=%s:%d",
@@ -194,6 +230,8 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await ca.crl_jobs.stop()
+            if acme is not None:
+                await acme.stop()
             await runner.cleanup()
             await service.stop()
         if watch.lost.is_set():

@@ -608,6 +608,41 @@ class KMSClient:
         )
         return self._call("PruneCertificates", self._ca.PruneCertificates, request, None)
 
+    # -- ACME administration (docs/ca.md, "ACME") ------------------------------------------
+
+    def iter_acme_accounts(self, page_size: int = 0) -> Iterator[ca_pb2.AcmeAccount]:
+        """Every ACME account, by id, a page at a time."""
+        request = ca_pb2.ListAcmeAccountsRequest(page_size=page_size)
+        while True:
+            page = self._call("ListAcmeAccounts", self._ca.ListAcmeAccounts, request, None)
+            yield from page.accounts
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def create_acme_eab(self, note: str = "") -> ca_pb2.CreateAcmeEabResponse:
+        """A new external account binding key (administrators only); the MAC key is in
+        the answer and nowhere else."""
+        request = ca_pb2.CreateAcmeEabRequest(note=note, request_id=new_request_id())
+        return self._call("CreateAcmeEab", self._ca.CreateAcmeEab, request, None)
+
+    def iter_acme_eab(self, page_size: int = 0) -> Iterator[ca_pb2.AcmeEab]:
+        request = ca_pb2.ListAcmeEabRequest(page_size=page_size)
+        while True:
+            page = self._call("ListAcmeEab", self._ca.ListAcmeEab, request, None)
+            yield from page.keys
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def revoke_acme_eab(self, kid: str) -> ca_pb2.RevokeAcmeEabResponse:
+        request = ca_pb2.RevokeAcmeEabRequest(kid=kid)
+        return self._call("RevokeAcmeEab", self._ca.RevokeAcmeEab, request, None)
+
+    def acme_policy(self) -> ca_pb2.GetAcmePolicyResponse:
+        request = ca_pb2.GetAcmePolicyRequest()
+        return self._call("GetAcmePolicy", self._ca.GetAcmePolicy, request, None)
+
     def revoke_certificate(
         self,
         serial: str,

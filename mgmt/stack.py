@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,12 @@ class StackOptions:
     # The one provider the CA service may reach on the bus ("": the first, hsm0);
     # `kmsctl ca init --provider` must name this one.
     ca_provider: str = ""
+    # ACME (RFC 8555) over HTTPS from the CA service: where it listens ("" for none), the
+    # names in its certificate, and a TOML file with the rest of the [acme] table
+    # (http01_port, hosts, allow_dns, allow_ip, eab_required, ...: docs/ca.md, "ACME").
+    acme_listen: str = ""
+    acme_names: tuple[str, ...] = ()
+    acme_config: Path | None = None
     # Every child gets the level of `kmsctl up` itself (--log-level): at info the broker
     # writes a line per request, ~5 % of its CPU under load.
     log_level: str = "info"
@@ -144,6 +151,47 @@ class StackOptions:
     @property
     def providers(self) -> list[str]:
         return [self.provider_id] + ([self.tpm_provider_id] if self.tpm else [])
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value for what an [acme] table holds: strings (JSON escapes are TOML's),
+    integers, booleans and lists of those."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def acme_toml(options: StackOptions) -> str:
+    """The [acme] table of ca.toml: the user's --acme-config file with --acme and
+    --acme-name on top; "" without --acme. The CA checks it and refuses a bad one at
+    start (kmsctl up then stops with its message)."""
+    if not options.acme_listen:
+        return ""
+    table: dict[str, object] = {}
+    if options.acme_config is not None:
+        try:
+            table = tomllib.loads(options.acme_config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise StackError(f"--acme-config {options.acme_config}: {exc}") from None
+    table["listen"] = options.acme_listen
+    if options.acme_names:
+        table["names"] = list(options.acme_names)
+    elif "names" not in table:
+        host = options.acme_listen.rpartition(":")[0].strip("[]")
+        table["names"] = [host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"]
+    lines = ["[acme]"]
+    subtables: list[str] = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            subtables.append(f"[acme.{key}]")
+            subtables += [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines + subtables) + "\n"
 
 
 def _secret(path: Path) -> str:
@@ -425,6 +473,7 @@ class Stack:
                 f"{self._seals.toml(WRITER_CA)}"
                 f"http_listen = {json.dumps(self.options.ca_http)}\n"
                 f"base_url = {json.dumps(self.options.ca_base_url)}\n"
+                f"{acme_toml(self.options)}"
             ).encode(),
         )
         host, _, port = self.options.ca_http.rpartition(":")
@@ -525,6 +574,7 @@ class Stack:
             "broker": self.options.broker_listen,
             "enroll": self.enroll_listen,
             "ca_http": self.options.ca_http,
+            "acme_listen": self.options.acme_listen,
             "client_config": str(self.layout.client_dir / "config.toml"),
             "pid": os.getpid(),
             "children": {c.name: c.process.pid for c in self.children if c.process is not None},

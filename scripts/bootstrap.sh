@@ -12,9 +12,10 @@ PYTHON=${PYTHON:-python3}
 # signatures and TLS with them), openvpn and gnutls-bin (the CA's .ovpn profiles and
 # name-constrained chains are checked by a real OpenVPN and GnuTLS's certtool), golang-go
 # (the same chains are checked by Go's crypto/x509 in tests/ca/goverify), and a compiler
-# with Python headers for the wheels that build from source.
+# with Python headers for the wheels that build from source; certbot, lego and nginx-light
+# (the ACME tests: real clients obtain certificates, nginx serves them).
 APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl curl
-  openvpn gnutls-bin golang-go ca-certificates gcc make pkg-config)
+  openvpn gnutls-bin golang-go ca-certificates gcc make pkg-config certbot lego nginx-light)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
 [ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-google-grpc-dev)

@@ -24,6 +24,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "enroll": ("enroll",),
     "device": ("devices",),
     "tpm": ("tpm",),
+    "acme": ("acme",),
 }
 
 

@@ -63,6 +63,30 @@ from mgmt.cli.output import echo_json, handle_errors, table
     "service may reach only this one. Default: hsm0.",
 )
 @click.option(
+    "--acme",
+    "acme_listen",
+    default="",
+    metavar="HOST:PORT",
+    help="Also serve ACME (RFC 8555) over HTTPS here, for certbot, lego, acme.sh, Caddy "
+    "and Traefik; its certificate comes from the mini-CA (after `kmsctl ca init`). The "
+    "directory is https://HOST:PORT/acme/directory.",
+)
+@click.option(
+    "--acme-name",
+    "acme_names",
+    multiple=True,
+    metavar="NAME",
+    help="A DNS name or IP address clients reach the ACME server by (repeatable; in its "
+    "certificate). Default: the --acme host, or 127.0.0.1.",
+)
+@click.option(
+    "--acme-config",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="TOML with the rest of the ACME settings: http01_port, tlsalpn01_port, [hosts], "
+    'allow_dns, allow_ip, eab_required (docs/ca.md, "ACME").',
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -79,6 +103,9 @@ def up(
     ca_http: str,
     ca_base_url: str,
     ca_provider: str,
+    acme_listen: str,
+    acme_names: tuple[str, ...],
+    acme_config: Path | None,
     log_level: str,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
@@ -91,6 +118,7 @@ def up(
       kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device);
                       swtpm on 0600 Unix sockets, provisioned (`kmsctl tpm provision`)
       kmsctl ca serve the mini-CA on NATS, and HTTP for CRL/OCSP on --ca-http
+                      (and ACME over HTTPS on --acme)
       kms-broker      gRPC with mutual TLS on --broker-listen, and device
                       enrollment (server-only TLS) on --enroll-listen
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
@@ -119,6 +147,9 @@ def up(
         ca_http=ca_http,
         ca_base_url=ca_base_url,
         ca_provider=ca_provider,
+        acme_listen=acme_listen,
+        acme_names=acme_names,
+        acme_config=acme_config,
         log_level=log_level.lower(),
     )
     if swtpm_port is not None:

@@ -1198,6 +1198,347 @@ class ListProfilesResponse(_message.Message):
 Global___ListProfilesResponse: _TypeAlias = ListProfilesResponse  # noqa: Y015
 
 @_typing.final
+class AcmeAccount(_message.Message):
+    """---- ACME (RFC 8555) administration: docs/ca.md, "ACME" ---------------------------------
+
+    One ACME account as the CA keeps it (its key by RFC 7638 thumbprint).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CONTACT_FIELD_NUMBER: _builtins.int
+    THUMBPRINT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EAB_KID_FIELD_NUMBER: _builtins.int
+    KEY_TYPE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    status: _builtins.str
+    """valid | deactivated"""
+    thumbprint: _builtins.str
+    created_at: _builtins.str
+    """RFC 3339"""
+    eab_kid: _builtins.str
+    """the external account binding it was made with, if any"""
+    key_type: _builtins.str
+    """EC P-256, EC P-384, RSA"""
+    @_builtins.property
+    def contact(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        contact: _abc.Iterable[_builtins.str] | None = ...,
+        thumbprint: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+        eab_kid: _builtins.str = ...,
+        key_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact", b"contact", "created_at", b"created_at", "eab_kid", b"eab_kid", "id", b"id", "key_type", b"key_type", "status", b"status", "thumbprint", b"thumbprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcmeAccount: _TypeAlias = AcmeAccount  # noqa: Y015
+
+@_typing.final
+class ListAcmeAccountsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """default 100, at most 1000"""
+    page_token: _builtins.str
+    """the last id of the previous page"""
+    requester: _builtins.str
+    """set by the broker"""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAcmeAccountsRequest: _TypeAlias = ListAcmeAccountsRequest  # noqa: Y015
+
+@_typing.final
+class ListAcmeAccountsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcmeAccount]: ...
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___AcmeAccount] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAcmeAccountsResponse: _TypeAlias = ListAcmeAccountsResponse  # noqa: Y015
+
+@_typing.final
+class AcmeEab(_message.Message):
+    """An external account binding key (RFC 8555 7.3.4): the MAC key is shown once, at
+    creation; the CA keeps it to check the binding, which can be used once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    kid: _builtins.str
+    status: _builtins.str
+    """valid | used | revoked"""
+    created_at: _builtins.str
+    created_by: _builtins.str
+    account: _builtins.str
+    """the account it bound, once used"""
+    note: _builtins.str
+    def __init__(
+        self,
+        *,
+        kid: _builtins.str = ...,
+        status: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        account: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "created_at", b"created_at", "created_by", b"created_by", "kid", b"kid", "note", b"note", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcmeEab: _TypeAlias = AcmeEab  # noqa: Y015
+
+@_typing.final
+class CreateAcmeEabRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTE_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    note: _builtins.str
+    """at most 256 characters"""
+    requester: _builtins.str
+    """set by the broker"""
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        note: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "request_id", b"request_id", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAcmeEabRequest: _TypeAlias = CreateAcmeEabRequest  # noqa: Y015
+
+@_typing.final
+class CreateAcmeEabResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EAB_FIELD_NUMBER: _builtins.int
+    HMAC_KEY_FIELD_NUMBER: _builtins.int
+    hmac_key: _builtins.bytes
+    """32 random bytes; give them to the client base64url-encoded"""
+    @_builtins.property
+    def eab(self) -> Global___AcmeEab: ...
+    def __init__(
+        self,
+        *,
+        eab: Global___AcmeEab | None = ...,
+        hmac_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["eab", b"eab"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eab", b"eab", "hmac_key", b"hmac_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAcmeEabResponse: _TypeAlias = CreateAcmeEabResponse  # noqa: Y015
+
+@_typing.final
+class ListAcmeEabRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    page_token: _builtins.str
+    requester: _builtins.str
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAcmeEabRequest: _TypeAlias = ListAcmeEabRequest  # noqa: Y015
+
+@_typing.final
+class ListAcmeEabResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcmeEab]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___AcmeEab] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAcmeEabResponse: _TypeAlias = ListAcmeEabResponse  # noqa: Y015
+
+@_typing.final
+class RevokeAcmeEabRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KID_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    kid: _builtins.str
+    requester: _builtins.str
+    def __init__(
+        self,
+        *,
+        kid: _builtins.str = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kid", b"kid", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAcmeEabRequest: _TypeAlias = RevokeAcmeEabRequest  # noqa: Y015
+
+@_typing.final
+class RevokeAcmeEabResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EAB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def eab(self) -> Global___AcmeEab: ...
+    def __init__(
+        self,
+        *,
+        eab: Global___AcmeEab | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["eab", b"eab"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eab", b"eab"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAcmeEabResponse: _TypeAlias = RevokeAcmeEabResponse  # noqa: Y015
+
+@_typing.final
+class GetAcmePolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAcmePolicyRequest: _TypeAlias = GetAcmePolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetAcmePolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    DIRECTORY_URL_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
+    IP_FIELD_NUMBER: _builtins.int
+    EAB_REQUIRED_FIELD_NUMBER: _builtins.int
+    HTTP01_PORT_FIELD_NUMBER: _builtins.int
+    TLSALPN01_PORT_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """false: the CA runs without an [acme] table"""
+    directory_url: _builtins.str
+    eab_required: _builtins.bool
+    http01_port: _builtins.int
+    tlsalpn01_port: _builtins.int
+    profile: _builtins.str
+    @_builtins.property
+    def dns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"*.home.arpa" ..."""
+
+    @_builtins.property
+    def ip(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """networks"""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        directory_url: _builtins.str = ...,
+        dns: _abc.Iterable[_builtins.str] | None = ...,
+        ip: _abc.Iterable[_builtins.str] | None = ...,
+        eab_required: _builtins.bool = ...,
+        http01_port: _builtins.int = ...,
+        tlsalpn01_port: _builtins.int = ...,
+        profile: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_url", b"directory_url", "dns", b"dns", "eab_required", b"eab_required", "enabled", b"enabled", "http01_port", b"http01_port", "ip", b"ip", "profile", b"profile", "tlsalpn01_port", b"tlsalpn01_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAcmePolicyResponse: _TypeAlias = GetAcmePolicyResponse  # noqa: Y015
+
+@_typing.final
 class RenewHeldCertificateRequest(_message.Message):
     """Subject: kms.ca.RenewHeldCertificate. Renewal by the holder of a mini-CA certificate
     (like `step ca renew`), proved by possession of its key rather than by a role:

@@ -101,6 +101,31 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.RenewHeldCertificateRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.ListAcmeAccounts = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/ListAcmeAccounts',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeAccountsRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeAccountsResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.CreateAcmeEab = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/CreateAcmeEab',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.CreateAcmeEabRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.CreateAcmeEabResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.ListAcmeEab = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/ListAcmeEab',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeEabRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeEabResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.RevokeAcmeEab = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/RevokeAcmeEab',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.RevokeAcmeEabRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.RevokeAcmeEabResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.GetAcmePolicy = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/GetAcmePolicy',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class CertificateAuthorityServicer:
@@ -196,6 +221,36 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAcmeAccounts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAcmeEab(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAcmeEab(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAcmeEab(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAcmePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +328,31 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.RenewHeldCertificate,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.RenewHeldCertificateRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.SerializeToString,
+            ),
+            'ListAcmeAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAcmeAccounts,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeAccountsRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeAccountsResponse.SerializeToString,
+            ),
+            'CreateAcmeEab': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAcmeEab,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.CreateAcmeEabRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.CreateAcmeEabResponse.SerializeToString,
+            ),
+            'ListAcmeEab': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAcmeEab,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeEabRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.ListAcmeEabResponse.SerializeToString,
+            ),
+            'RevokeAcmeEab': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAcmeEab,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.RevokeAcmeEabRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.RevokeAcmeEabResponse.SerializeToString,
+            ),
+            'GetAcmePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAcmePolicy,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -681,6 +761,141 @@ class CertificateAuthority:
             '/edgekms.v1.CertificateAuthority/RenewHeldCertificate',
             edgekms_dot_v1_dot_ca__pb2.RenewHeldCertificateRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def ListAcmeAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/ListAcmeAccounts',
+            edgekms_dot_v1_dot_ca__pb2.ListAcmeAccountsRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.ListAcmeAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def CreateAcmeEab(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/CreateAcmeEab',
+            edgekms_dot_v1_dot_ca__pb2.CreateAcmeEabRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.CreateAcmeEabResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def ListAcmeEab(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/ListAcmeEab',
+            edgekms_dot_v1_dot_ca__pb2.ListAcmeEabRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.ListAcmeEabResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def RevokeAcmeEab(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/RevokeAcmeEab',
+            edgekms_dot_v1_dot_ca__pb2.RevokeAcmeEabRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.RevokeAcmeEabResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def GetAcmePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/GetAcmePolicy',
+            edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

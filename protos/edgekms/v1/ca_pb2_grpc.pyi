@@ -51,6 +51,11 @@ class CertificateAuthorityStub:
     Rotate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]
     PruneCertificates: _grpc.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]
     RenewHeldCertificate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RenewHeldCertificateRequest, _ca_pb2.IssueCertificateResponse]
+    ListAcmeAccounts: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListAcmeAccountsRequest, _ca_pb2.ListAcmeAccountsResponse]
+    CreateAcmeEab: _grpc.UnaryUnaryMultiCallable[_ca_pb2.CreateAcmeEabRequest, _ca_pb2.CreateAcmeEabResponse]
+    ListAcmeEab: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListAcmeEabRequest, _ca_pb2.ListAcmeEabResponse]
+    RevokeAcmeEab: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeAcmeEabRequest, _ca_pb2.RevokeAcmeEabResponse]
+    GetAcmePolicy: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetAcmePolicyRequest, _ca_pb2.GetAcmePolicyResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -70,6 +75,11 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     Rotate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]  # type: ignore[assignment]
     PruneCertificates: _aio.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]  # type: ignore[assignment]
     RenewHeldCertificate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RenewHeldCertificateRequest, _ca_pb2.IssueCertificateResponse]  # type: ignore[assignment]
+    ListAcmeAccounts: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListAcmeAccountsRequest, _ca_pb2.ListAcmeAccountsResponse]  # type: ignore[assignment]
+    CreateAcmeEab: _aio.UnaryUnaryMultiCallable[_ca_pb2.CreateAcmeEabRequest, _ca_pb2.CreateAcmeEabResponse]  # type: ignore[assignment]
+    ListAcmeEab: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListAcmeEabRequest, _ca_pb2.ListAcmeEabResponse]  # type: ignore[assignment]
+    RevokeAcmeEab: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeAcmeEabRequest, _ca_pb2.RevokeAcmeEabResponse]  # type: ignore[assignment]
+    GetAcmePolicy: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetAcmePolicyRequest, _ca_pb2.GetAcmePolicyResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -176,5 +186,40 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.RenewHeldCertificateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.IssueCertificateResponse, _abc.Awaitable[_ca_pb2.IssueCertificateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAcmeAccounts(
+        self,
+        request: _ca_pb2.ListAcmeAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.ListAcmeAccountsResponse, _abc.Awaitable[_ca_pb2.ListAcmeAccountsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateAcmeEab(
+        self,
+        request: _ca_pb2.CreateAcmeEabRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.CreateAcmeEabResponse, _abc.Awaitable[_ca_pb2.CreateAcmeEabResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAcmeEab(
+        self,
+        request: _ca_pb2.ListAcmeEabRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.ListAcmeEabResponse, _abc.Awaitable[_ca_pb2.ListAcmeEabResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeAcmeEab(
+        self,
+        request: _ca_pb2.RevokeAcmeEabRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.RevokeAcmeEabResponse, _abc.Awaitable[_ca_pb2.RevokeAcmeEabResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetAcmePolicy(
+        self,
+        request: _ca_pb2.GetAcmePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.GetAcmePolicyResponse, _abc.Awaitable[_ca_pb2.GetAcmePolicyResponse]]: ...
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,95 @@
+"""lego, a second unchanged client (Go's TLS and JOSE stack, ES256 account key where
+certbot's is RS256): it obtains certificates with http-01 from its own HTTP server and
+with tls-alpn-01 from its own TLS server, each on the port the CA's config names."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from ca_service.acme.server import AcmeServer
+from edgekms.v1 import ca_pb2
+from mgmt.natsserver import free_port
+from tests.acme.conftest import AcmeEnv, acme_config, start_acme
+from tests.conftest import SLOWDOWN
+
+pytestmark = pytest.mark.skipif(shutil.which("lego") is None, reason="needs lego")
+
+
+@pytest.fixture
+async def lego_server(acme_env: AcmeEnv) -> AsyncIterator[AcmeServer]:
+    """A second ACME listener of the same CA whose challenge ports are free ones lego
+    can take (the first one's http-01 port is the webroot server's)."""
+    config = acme_config(free_port(), free_port(), tlsalpn01_port=free_port())
+    server = await start_acme(acme_env.ca, config, acme_env.audit)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def lego(
+    server: AcmeServer, root: Path, work: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    argv = [
+        "lego",
+        *("--server", server.config.directory_url, "--email", "admin@nas.home.arpa"),
+        *("--accept-tos", "--path", str(work), "--domains", "nas.home.arpa", *args, "run"),
+    ]
+    return await asyncio.to_thread(
+        subprocess.run,
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=240 * SLOWDOWN,
+        check=False,
+        env={**os.environ, "LEGO_CA_CERTIFICATES": str(root)},
+    )
+
+
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
+async def test_lego_obtains_a_certificate(
+    acme_env: AcmeEnv, lego_server: AcmeServer, tmp_path: Path, challenge: str
+) -> None:
+    config = lego_server.config
+    if challenge == "http-01":
+        args = ("--http", "--http.port", f"127.0.0.1:{config.http01_port}")
+    else:
+        args = ("--tls", "--tls.port", f"127.0.0.1:{config.tlsalpn01_port}")
+    got = await lego(lego_server, acme_env.root_pem, tmp_path, *args)
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    chain = x509.load_pem_x509_certificates(
+        (tmp_path / "certificates" / "nas.home.arpa.crt").read_bytes()
+    )
+    leaf = chain[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["nas.home.arpa"]
+    record, _ = await acme_env.ca.store.get_record(f"{leaf.serial_number:X}")
+    assert record.requester.startswith("acme:")
+    assert record.status == ca_pb2.CERTIFICATE_STATUS_VALID
+    # What lego saved verifies to the root alone, as nginx would serve it.
+    verify = await asyncio.to_thread(
+        subprocess.run,
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(acme_env.root_pem),
+            "-untrusted",
+            str(tmp_path / "certificates" / "nas.home.arpa.issuer.crt"),
+            "-purpose",
+            "sslserver",
+            str(tmp_path / "certificates" / "nas.home.arpa.crt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
