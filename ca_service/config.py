@@ -10,15 +10,21 @@ nats_ca = "bus-ca.crt"              # relative to this file)
 seal_writer = "ca"                  # optional record sealing (edgekms.sealed): the CA's
 seal_key_file = "seal-ca.key"       # own Ed25519 key (0600) and every writer's public key
 seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
+crl_lifetime = "7d"                 # optional: how long each CRL is good for (1m..30d);
+                                    # minutes only where agents keep crl files fresh
 """
 
 from __future__ import annotations
 
+import datetime
 import tomllib
 from pathlib import Path
 
+from ca_service.crl import CRL_VALIDITY
 from ca_service.service import ServeConfig
 from edgekms.busauth import parse_bus_fields
+from edgekms.durations import parse_crl_lifetime
+from edgekms.errors import InvalidArgument
 from edgekms.sealed import WRITER_CA, parse_seal_fields
 
 
@@ -38,8 +44,20 @@ KNOWN_FIELDS = frozenset(
         "seal_writer",
         "seal_key_file",
         "seal_public_keys",
+        "crl_lifetime",
     }
 )
+
+
+def _crl_lifetime(path: Path, value: object) -> datetime.timedelta:
+    if value is None:
+        return CRL_VALIDITY
+    if not isinstance(value, str):
+        raise CAConfigError(f'{path}: crl_lifetime must be a string like "7d"')
+    try:
+        return parse_crl_lifetime(value)
+    except InvalidArgument as exc:
+        raise CAConfigError(f"{path}: crl_lifetime: {exc.message}") from None
 
 
 def load_serve_config(path: Path) -> ServeConfig:
@@ -70,7 +88,9 @@ def load_serve_config(path: Path) -> ServeConfig:
         raise CAConfigError(f"{path}: {problems[0]}")
     if seal is not None and seal.writer != WRITER_CA:
         raise CAConfigError(f"{path}: seal_writer must be {WRITER_CA!r} for the CA")
+    crl_validity = _crl_lifetime(path, raw.get("crl_lifetime"))
     return ServeConfig(
+        crl_validity=crl_validity,
         bus=bus,
         seal=seal,
         nats_url=nats_url,

@@ -134,6 +134,9 @@ class StackOptions:
     # The one provider the CA service may reach on the bus ("": the first, hsm0);
     # `kmsctl ca init --provider` must name this one.
     ca_provider: str = ""
+    # How long each CRL is good for ("" : the CA's 7 days); minutes for devices whose
+    # `kmsctl agent` keeps OpenVPN's crl-verify file fresh (docs/agent.md).
+    ca_crl_lifetime: str = ""
     # Every child gets the level of `kmsctl up` itself (--log-level): at info the broker
     # writes a line per request, ~5 % of its CPU under load.
     log_level: str = "info"
@@ -422,6 +425,11 @@ class Stack:
                 f"{self._seals.toml(WRITER_CA)}"
                 f"http_listen = {json.dumps(self.options.ca_http)}\n"
                 f"base_url = {json.dumps(self.options.ca_base_url)}\n"
+                + (
+                    f"crl_lifetime = {json.dumps(self.options.ca_crl_lifetime)}\n"
+                    if self.options.ca_crl_lifetime
+                    else ""
+                )
             ).encode(),
         )
         host, _, port = self.options.ca_http.rpartition(":")

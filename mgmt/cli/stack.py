@@ -57,6 +57,13 @@ from mgmt.cli.output import echo_json, handle_errors, table
     "service may reach only this one. Default: hsm0.",
 )
 @click.option(
+    "--ca-crl-lifetime",
+    default="",
+    metavar="DURATION",
+    help="How long each CRL the CA signs is good for (1m..30d, e.g. 1d). Default 7d. "
+    "Short CRLs need devices that fetch them often (`kmsctl agent`).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -72,6 +79,7 @@ def up(
     ca_http: str,
     ca_base_url: str,
     ca_provider: str,
+    ca_crl_lifetime: str,
     log_level: str,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
@@ -102,6 +110,14 @@ def up(
     from mgmt.stack import StackError, StackOptions, run_stack
 
     setup_logging("kmsctl-up", log_level)
+    if ca_crl_lifetime:
+        from edgekms.durations import parse_crl_lifetime
+        from edgekms.errors import InvalidArgument
+
+        try:
+            parse_crl_lifetime(ca_crl_lifetime)
+        except InvalidArgument as exc:
+            raise click.BadParameter(exc.message, param_hint="--ca-crl-lifetime") from None
     options = StackOptions(
         data_dir=data_dir,
         nats_port=nats_port,
@@ -110,6 +126,7 @@ def up(
         ca_http=ca_http,
         ca_base_url=ca_base_url,
         ca_provider=ca_provider,
+        ca_crl_lifetime=ca_crl_lifetime,
         log_level=log_level.lower(),
     )
     if swtpm_port is not None:
