@@ -22,6 +22,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "audit": ("audit",),
     "client": ("clients",),
     "tpm": ("tpm",),
+    "agent": ("agent",),
 }
 
 
