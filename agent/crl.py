@@ -77,41 +77,47 @@ def _pem_blocks(data: bytes) -> list[bytes]:
     return blocks
 
 
-def fetch_crls(kms: KMSClient, fmt: str) -> list[x509.CertificateRevocationList]:
-    """The current intermediate's CRL and (PEM) every retired one's, each verified
-    against the CA certificate it names."""
+def fetch_crls(
+    kms: KMSClient, fmt: str
+) -> tuple[list[x509.CertificateRevocationList], list[x509.Certificate]]:
+    """The current intermediate's CRL and (PEM) every retired one's, with the CA
+    certificates that may sign them (current intermediate first)."""
     cas = kms.get_ca_certificates()
     issuers = [x509.load_der_x509_certificate(cas.intermediate_certificate_der)]
     retired = [x509.load_der_x509_certificate(d) for d in cas.retired_intermediates_der]
     ders = [kms.get_crl().crl_der]
     if fmt == "pem":
         ders += [kms.get_issuer_crl(_key_id(c).upper()).crl_der for c in retired]
-    issuers += retired
     crls = []
     for der in ders:
         try:
-            crl = x509.load_der_x509_crl(der)
+            crls.append(x509.load_der_x509_crl(der))
         except ValueError as exc:
             raise errors.FailedPrecondition(
                 "agent.crl_invalid", f"the KMS sent a CRL that does not parse: {exc}"
             ) from None
+    return crls, issuers + retired
+
+
+def check_crls(
+    item: CrlItem,
+    fresh: list[x509.CertificateRevocationList],
+    issuers: list[x509.Certificate],
+    existing: bytes | None,
+    now: float,
+) -> bytes:
+    """The bytes to write for `fresh`, after the checks of the module docstring against
+    the CA certificates and the file as it is (`existing`). Pure: no I/O."""
+    if not fresh:
+        raise errors.FailedPrecondition("agent.crl_invalid", "the KMS sent no CRL")
+    old_by_issuer = {crl.issuer: _number(crl) for crl in _parse_file(existing, item.format)}
+    for crl in fresh:
         signer = next((c for c in issuers if c.subject == crl.issuer), None)
         if signer is None or not crl.is_signature_valid(signer.public_key()):  # type: ignore[arg-type]
             raise errors.FailedPrecondition(
                 "agent.crl_bad_signature",
                 f"the CRL of {crl.issuer.rfc4514_string()} is not signed by that CA",
             )
-        crls.append(crl)
-    return crls
-
-
-def keep_crl(item: CrlItem, kms: KMSClient, now: float) -> CrlOutcome:
-    """Fetch, check and (when it changed) replace the item's CRL file."""
-    fresh = fetch_crls(kms, item.format)
-    old_by_issuer = {
-        crl.issuer: _number(crl) for crl in _parse_file(read_if_regular(item.path), item.format)
-    }
-    for crl in fresh:
         number = _number(crl)
         if number < old_by_issuer.get(crl.issuer, -1):
             raise errors.FailedPrecondition(
@@ -127,10 +133,16 @@ def keep_crl(item: CrlItem, kms: KMSClient, now: float) -> CrlOutcome:
                 f"nextUpdate ({crl.next_update_utc})",
             )
     if item.format == "der":
-        data = fresh[0].public_bytes(serialization.Encoding.DER)
-    else:
-        data = b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in fresh)
-    changed = read_if_regular(item.path) != data
+        return fresh[0].public_bytes(serialization.Encoding.DER)
+    return b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in fresh)
+
+
+def keep_crl(item: CrlItem, kms: KMSClient, now: float) -> CrlOutcome:
+    """Fetch, check and (when it changed) replace the item's CRL file."""
+    fresh, issuers = fetch_crls(kms, item.format)
+    existing = read_if_regular(item.path)
+    data = check_crls(item, fresh, issuers, existing, now)
+    changed = existing != data
     if changed:
         write_atomically(item.path, data, item.mode, item.owner)
     else:
