@@ -397,6 +397,27 @@ class KMSClient:
         )
         return self._call("AddClient", self._clients.AddClient, request, None)
 
+    def renew_client(
+        self,
+        *,
+        csr: bytes = b"",
+        public_key_der: bytes = b"",
+        validity_days: int = 0,
+        request_id: str | None = None,
+    ) -> clients_pb2.AddClientResponse:
+        """Renew the certificate this client connects with (renewal by the holder): the
+        same key, or with `csr`/`public_key_der` a new one. The old certificate is refused
+        ("auth.superseded") once the new one is stored; a retry with the same request_id
+        (also after that) gets the same certificate. mgmt.renew.renew_client_config does
+        this for a config and its files."""
+        request = clients_pb2.RenewClientRequest(
+            csr=csr,
+            public_key_der=public_key_der,
+            validity_days=validity_days,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("RenewClient", self._clients.RenewClient, request, None)
+
     def list_clients(
         self, include_revoked: bool = False, *, page_size: int = 0
     ) -> list[clients_pb2.Client]:
@@ -612,6 +633,31 @@ class KMSClient:
             request_id=request_id or new_request_id(),
         )
         return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
+
+    def renew_held_certificate(
+        self,
+        certificate_der: bytes,
+        csr: bytes,
+        *,
+        old_key_signature: bytes = b"",
+        validity_days: int = 0,
+        validity_seconds: int = 0,
+        request_id: str | None = None,
+    ) -> ca_pb2.IssueCertificateResponse:
+        """Renew a mini-CA certificate by proving possession of its key (any role may):
+        `csr` signed by the old key, or for a new key signed by it plus the old key's
+        `old_key_signature` (edgekms.renewal_proof). The old certificate is revoked with
+        reason superseded once the new one is stored. mgmt.renew.renew_held builds the
+        request from the files."""
+        request = ca_pb2.RenewHeldCertificateRequest(
+            certificate_der=certificate_der,
+            csr=csr,
+            old_key_signature=old_key_signature,
+            validity_days=validity_days,
+            validity_seconds=validity_seconds,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("RenewHeldCertificate", self._ca.RenewHeldCertificate, request, None)
 
     def get_crl(self) -> ca_pb2.GetCRLResponse:
         """The whole current CRL. A large CRL comes in chunks (ca.proto GetCRL); they are
