@@ -8,8 +8,10 @@ One pass over one item (`keep_cert`) decides from the files as they are:
   is issued for a CSR of that key;
 * no certificate, or one for another key, another CN or other SANs than the config now
   says: a certificate is issued for the key (the config changed);
-* a certificate past its renewal point: renewed by serial (same key, same names, new
-  serial; the CA marks the old one superseded); a revoked one gets a new key instead;
+* a certificate past its renewal point: renewed by its holder (mgmt.renew.renew_held:
+  the key proves possession, any role may; same names, new serial, the same key or with
+  `rekey` a new one; the CA revokes the old one as superseded); one the CA will not
+  renew (revoked: with a new key; expired, superseded, unknown) is issued afresh;
 * otherwise nothing but modes and owners put right.
 
 A request id derived from the item, its key and the certificate it replaces is sent
@@ -38,13 +40,14 @@ from edgekms.v1 import ca_pb2
 from mgmt.bundle import LeafKey, check_key_matches, generate_key, key_pem, make_csr, pem_bundle
 from mgmt.bundle import load_leaf_key as _load_leaf_key
 from mgmt.client import KMSClient
+from mgmt.renew import renew_held
 
 
 @dataclass(frozen=True)
 class CertOutcome:
     """What a pass did and what the item's certificate is now."""
 
-    action: str  # "issued", "renewed", "rekeyed", "unchanged"
+    action: str  # "issued", "renewed", "rekeyed", "reissued", "unchanged"
     serial: str
     not_before: float
     not_after: float
@@ -202,21 +205,31 @@ def keep_cert(item: CertItem, connect: Callable[[], KMSClient], now: float) -> C
         kms = connect()
         serial = _serial_hex(current)
         try:
-            response = kms.renew_certificate(
-                serial, request_id=_request_id("renew", item.name, serial), **_validity(item)
-            )
-            action = "renewed"
+            # Renewal by the holder (proof of the key over mutual TLS): any role may,
+            # and the CA marks the old certificate superseded on its CRL.
+            held = renew_held(
+                kms, current, key, rekey=item.rekey,
+                request_id=_request_id("renew", item.name, serial), **_validity(item),
+            )  # fmt: skip
+            response, action = held.response, "renewed"
+            if held.new_key is not None:
+                assert isinstance(held.new_key, LeafKey)
+                new_key = key = held.new_key
+                action = "rekeyed"
         except errors.FailedPrecondition as exc:
-            if exc.reason != "cert.revoked":
+            if exc.reason not in ("cert.revoked", "cert.superseded", "cert.expired"):
                 raise
-            # Revoked: the key may be why. A new key, a new certificate.
-            new_key = key = generate_key(item.key_type)
+            if exc.reason == "cert.revoked":
+                # Revoked: the key may be why. A new key, a new certificate.
+                new_key = key = generate_key(item.key_type)
             response = _issue(item, kms, key, previous=serial)
-            action = "rekeyed"
-        except errors.NotFound:
+            action = "reissued"
+        except errors.InvalidArgument as exc:
+            if exc.reason != "renew.certificate_unknown":
+                raise
             # The CA no longer knows it (pruned, another CA): ask for a new one.
             response = _issue(item, kms, key, previous=serial)
-            action = "issued"
+            action = "reissued"
     else:
         kms = connect()
         previous = _serial_hex(current) if current is not None else ""

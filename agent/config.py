@@ -4,9 +4,15 @@
     state_file = "agent-state.json"        # each item's next due time (`kmsctl agent status`)
     renew_at = 0.667                       # renew at this fraction of a lifetime
     crl_max_interval_seconds = 3600        # fetch every CRL at least this often
+    min_interval_seconds = 5               # never two passes over one item closer than this
     retry_initial_seconds = 5              # first retry after a failure, then doubling
     retry_max_seconds = 600                # ... up to this (each with jitter)
     exec_timeout_seconds = 60              # a reload command running longer is killed
+
+    [identity]                             # optional: the client certificate client_config
+    renew_at = 0.667                       # names, renewed over mutual TLS with itself
+    rekey = false                          # true: a new key at each renewal
+    exec = ["systemctl", "restart", "my-kms-client"]
 
     [[cert]]
     name = "nginx"
@@ -23,6 +29,7 @@
     group = "www-data"
     cert_mode = "0644"
     key_mode = "0640"                      # never readable or writable by others
+    rekey = false                          # true: a new key at each renewal
     exec = ["systemctl", "reload", "nginx"]
 
     [[crl]]
@@ -65,6 +72,9 @@ MAX_ITEMS = 256
 MAX_SANS = 100
 MAX_EXEC_ARGS = 64
 DEFAULT_RENEW_AT = 2 / 3
+# Tiny fractions are for tests with short lifetimes; min_interval_seconds keeps even
+# those from renewing in a tight loop.
+MIN_RENEW_AT = 0.001
 
 TOP_KEYS = frozenset(
     {
@@ -72,10 +82,11 @@ TOP_KEYS = frozenset(
         "state_file",
         "renew_at",
         "crl_max_interval_seconds",
-        "crl_min_interval_seconds",
+        "min_interval_seconds",
         "retry_initial_seconds",
         "retry_max_seconds",
         "exec_timeout_seconds",
+        "identity",
         "cert",
         "crl",
     }
@@ -98,8 +109,11 @@ CERT_KEYS = frozenset(
         "key_mode",
         "exec",
         "renew_at",
+        "rekey",
     }
 )
+IDENTITY_KEYS = frozenset({"renew_at", "rekey", "exec"})
+IDENTITY_NAME = "identity"
 CRL_KEYS = frozenset({"name", "path", "format", "owner", "group", "mode", "exec"})
 
 
@@ -130,8 +144,23 @@ class CertItem:
     key_mode: int = 0o600
     exec: tuple[str, ...] = ()
     renew_at: float = DEFAULT_RENEW_AT
+    rekey: bool = False
 
     kind = "cert"
+
+
+@dataclass(frozen=True)
+class IdentityItem:
+    """The agent's own client certificate (the files client_config names), renewed by
+    itself over mutual TLS (ClientService.RenewClient)."""
+
+    client_config: Path
+    renew_at: float = DEFAULT_RENEW_AT
+    rekey: bool = False
+    exec: tuple[str, ...] = ()
+
+    kind = "identity"
+    name = IDENTITY_NAME
 
 
 @dataclass(frozen=True)
@@ -153,18 +182,20 @@ class AgentConfig:
     path: Path
     client_config: Path
     state_file: Path
+    identity: IdentityItem | None = None
     certs: tuple[CertItem, ...] = ()
     crls: tuple[CrlItem, ...] = ()
     renew_at: float = DEFAULT_RENEW_AT
     crl_max_interval: float = 3600.0
-    crl_min_interval: float = 5.0
+    min_interval: float = 5.0
     retry_initial: float = 5.0
     retry_max: float = 600.0
     exec_timeout: float = 60.0
 
     @property
-    def items(self) -> tuple[CertItem | CrlItem, ...]:
-        return (*self.certs, *self.crls)
+    def items(self) -> tuple[IdentityItem | CertItem | CrlItem, ...]:
+        first: tuple[IdentityItem, ...] = (self.identity,) if self.identity else ()
+        return (*first, *self.certs, *self.crls)
 
 
 def _bad(path: Path, key: str, message: str) -> InvalidArgument:
@@ -311,6 +342,7 @@ def _cert_item(reader: _Reader, seen: set[str], renew_at: float) -> CertItem:
     assert cert is not None and key is not None
     if cert == key:
         raise reader.bad("key", "must be another file than cert")
+    rekey = reader.boolean("rekey", False)
     return CertItem(
         name=name,
         profile=profile,
@@ -326,7 +358,8 @@ def _cert_item(reader: _Reader, seen: set[str], renew_at: float) -> CertItem:
         cert_mode=reader.mode("cert_mode", 0o644),
         key_mode=key_mode,
         exec=reader.command(),
-        renew_at=reader.number("renew_at", renew_at, 0.05, 0.95),
+        renew_at=reader.number("renew_at", renew_at, MIN_RENEW_AT, 0.95),
+        rekey=rekey,
     )
 
 
@@ -360,16 +393,28 @@ def parse_config(text: str, path: Path) -> AgentConfig:
     client_config = top.path_of("client_config")
     state_file = top.path_of("state_file", required=False) or path.parent / "agent-state.json"
     assert client_config is not None
-    renew_at = top.number("renew_at", DEFAULT_RENEW_AT, 0.05, 0.95)
+    renew_at = top.number("renew_at", DEFAULT_RENEW_AT, MIN_RENEW_AT, 0.95)
     retry_initial = top.number("retry_initial_seconds", 5, 0.1, 3600)
     retry_max = top.number("retry_max_seconds", 600, 1, 86400)
     if retry_max < retry_initial:
         raise top.bad("retry_max_seconds", "must not be below retry_initial_seconds")
-    crl_min = top.number("crl_min_interval_seconds", 5, 1, 3600)
+    min_interval = top.number("min_interval_seconds", 5, 1, 3600)
     crl_max = top.number("crl_max_interval_seconds", 3600, 10, 7 * 86400)
-    if crl_max < crl_min:
-        raise top.bad("crl_max_interval_seconds", "must not be below crl_min_interval_seconds")
-    seen: set[str] = set()
+    if crl_max < min_interval:
+        raise top.bad("crl_max_interval_seconds", "must not be below min_interval_seconds")
+    identity = None
+    if "identity" in raw:
+        table = raw["identity"]
+        if not isinstance(table, dict):
+            raise top.bad("identity", "must be an [identity] table")
+        reader = _Reader(path, "identity", table, IDENTITY_KEYS)
+        identity = IdentityItem(
+            client_config=client_config,
+            renew_at=reader.number("renew_at", renew_at, MIN_RENEW_AT, 0.95),
+            rekey=reader.boolean("rekey", False),
+            exec=reader.command(),
+        )
+    seen: set[str] = {IDENTITY_NAME}
     cert_tables = _tables(path, raw, "cert")
     crl_tables = _tables(path, raw, "crl")
     if len(cert_tables) + len(crl_tables) > MAX_ITEMS:
@@ -381,8 +426,8 @@ def parse_config(text: str, path: Path) -> AgentConfig:
     crls = tuple(
         _crl_item(_Reader(path, f"crl[{i}]", t, CRL_KEYS), seen) for i, t in enumerate(crl_tables)
     )
-    if not certs and not crls:
-        raise _bad(path, "cert", "nothing to keep: add a [[cert]] or [[crl]] table")
+    if not certs and not crls and identity is None:
+        raise _bad(path, "cert", "nothing to keep: add [identity], [[cert]] or [[crl]]")
     _check_distinct_files(path, certs, crls, state_file)
     return AgentConfig(
         path=path,
@@ -390,9 +435,10 @@ def parse_config(text: str, path: Path) -> AgentConfig:
         state_file=state_file,
         certs=certs,
         crls=crls,
+        identity=identity,
         renew_at=renew_at,
         crl_max_interval=crl_max,
-        crl_min_interval=crl_min,
+        min_interval=min_interval,
         retry_initial=retry_initial,
         retry_max=retry_max,
         exec_timeout=top.number("exec_timeout_seconds", 60, 1, 3600),

@@ -25,7 +25,8 @@ from types import FrameType
 
 from agent import crl as crl_files
 from agent.certs import keep_cert
-from agent.config import AgentConfig, CertItem, CrlItem, load_config
+from agent.config import AgentConfig, CertItem, CrlItem, IdentityItem, load_config
+from agent.identity import keep_identity
 from agent.reload import run_reload
 from agent.schedule import crl_refresh_time, retry_time
 from agent.state import ItemState, iso, load_state, save_state
@@ -34,6 +35,8 @@ from edgekms.logs import fields
 from mgmt.client import KMSClient
 
 log = logging.getLogger("agent")
+
+Item = IdentityItem | CertItem | CrlItem
 
 # The longest single wait: a clock that jumps (NTP on a board that booted in 1970) is
 # noticed within this.
@@ -153,10 +156,15 @@ class Agent:
 
     # -- one item -----------------------------------------------------------------------
 
-    def _work(self, item: CertItem | CrlItem, state: ItemState, now: float) -> bool:
+    def _work(self, item: Item, state: ItemState, now: float) -> bool:
         """Do the item's work if due; True if its files changed."""
-        if isinstance(item, CertItem):
-            outcome = keep_cert(item, self._client, now)
+        if isinstance(item, IdentityItem | CertItem):
+            if isinstance(item, IdentityItem):
+                outcome = keep_identity(item, now, CALL_TIMEOUT)
+                if outcome.changed:
+                    self._drop_client()  # the next call dials with the new certificate
+            else:
+                outcome = keep_cert(item, self._client, now)
             state.serial = outcome.serial
             state.not_after = outcome.not_after
             state.work_due = outcome.due
@@ -170,7 +178,7 @@ class Agent:
                     serial=outcome.serial,
                     not_after=iso(outcome.not_after),
                     renew_at=iso(outcome.due),
-                    path=str(item.cert),
+                    kind=item.kind,
                 )
             return outcome.changed
         if now < state.work_due:
@@ -179,7 +187,7 @@ class Agent:
         state.crl_numbers = list(result.crl_numbers)
         state.next_update = result.next_update
         state.work_due = crl_refresh_time(
-            now, result.next_update, self.config.crl_min_interval, self.config.crl_max_interval
+            now, result.next_update, self.config.min_interval, self.config.crl_max_interval
         )
         _event(
             logging.INFO,
@@ -195,9 +203,11 @@ class Agent:
         )
         return result.changed
 
-    def _reload_env(self, item: CertItem | CrlItem) -> dict[str, str]:
+    def _reload_env(self, item: Item) -> dict[str, str]:
         env = {"EDGEKMS_AGENT_ITEM": item.name, "EDGEKMS_AGENT_KIND": item.kind}
-        if isinstance(item, CertItem):
+        if isinstance(item, IdentityItem):
+            env["EDGEKMS_AGENT_CLIENT_CONFIG"] = str(item.client_config)
+        elif isinstance(item, CertItem):
             env["EDGEKMS_AGENT_CERT"] = str(item.cert)
             env["EDGEKMS_AGENT_KEY"] = str(item.key)
             if item.chain is not None:
@@ -206,7 +216,7 @@ class Agent:
             env["EDGEKMS_AGENT_CRL"] = str(item.path)
         return env
 
-    def tick(self, item: CertItem | CrlItem, now: float) -> errors.KMSError | None:
+    def tick(self, item: Item, now: float) -> errors.KMSError | None:
         """One pass over one item; the error it ended with, if any."""
         state = self.states[item.name]
         try:
@@ -229,7 +239,7 @@ class Agent:
             state.last_error = {"reason": exc.reason, "message": exc.message, "at": iso(now) or ""}
             if exc.code_name in _DIAL_AGAIN:
                 self._drop_client()
-            deadline = state.not_after if isinstance(item, CertItem) else state.next_update
+            deadline = state.next_update if isinstance(item, CrlItem) else state.not_after
             state.next_due = retry_time(
                 now,
                 state.failures,
@@ -255,7 +265,9 @@ class Agent:
         state.failures = 0
         state.last_error = None
         state.last_ok = now
-        state.next_due = state.work_due
+        # Never two passes over one item closer than min_interval (a renewal point that
+        # a very short lifetime puts in the past at once must not spin).
+        state.next_due = max(state.work_due, now + self.config.min_interval)
         return None
 
     # -- passes -------------------------------------------------------------------------

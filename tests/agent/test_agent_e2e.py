@@ -6,6 +6,7 @@ generous deadline."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -44,6 +45,12 @@ entry = {"item": os.environ["EDGEKMS_AGENT_ITEM"], "at": time.time()}
 if "EDGEKMS_AGENT_CERT" in os.environ:
     cert = x509.load_pem_x509_certificates(Path(os.environ["EDGEKMS_AGENT_CERT"]).read_bytes())[0]
     entry["serial"] = format(cert.serial_number, "X")
+if "EDGEKMS_AGENT_CLIENT_CONFIG" in os.environ:
+    import tomllib
+    conf = Path(os.environ["EDGEKMS_AGENT_CLIENT_CONFIG"])
+    crt = conf.parent / tomllib.loads(conf.read_text())["cert"]
+    held = x509.load_pem_x509_certificates(crt.read_bytes())[0]
+    entry["serial"] = format(held.serial_number, "X")
 if "EDGEKMS_AGENT_CRL" in os.environ:
     data = Path(os.environ["EDGEKMS_AGENT_CRL"]).read_bytes()
     entry["crls"] = data.count(b"BEGIN X509 CRL")
@@ -119,7 +126,7 @@ def test_renews_twice_reloads_each_time_and_keeps_crl_verify_good(
         f'client_config = "{agent_stack.operator_config}"\n'
         f'state_file = "{tmp_path / "state.json"}"\n'
         "renew_at = 0.25\n"
-        "crl_min_interval_seconds = 2\n"
+        "min_interval_seconds = 2\n"
         "crl_max_interval_seconds = 20\n"
         "retry_initial_seconds = 1\n"
         "retry_max_seconds = 5\n"
@@ -428,3 +435,79 @@ def test_bad_config_exits_3_naming_the_key(agent_stack: AgentStack, tmp_path: Pa
     assert done.returncode == 3, done.stderr
     assert "agent.config_invalid" in done.stderr and "cert[0].key_mod" in done.stderr
     assert not (tmp_path / "a.key").exists()
+
+
+# ---- the agent's own identity ------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_identity_renews_itself_and_the_agent_goes_on_with_it(
+    agent_stack: AgentStack, tmp_path: Path, run_agent: Callable[..., AgentProcess]
+) -> None:
+    """A signer client (no right to issue anything) with a one-day certificate and
+    renew_at so small that it is due at once: the agent renews it by itself over mutual
+    TLS, twice (min_interval apart), runs the reload command after each with the new
+    certificate in place, and keeps fetching its CRL file with the new identity; the
+    first certificate is refused by the broker afterwards, the last one works."""
+    device = tmp_path / "device"
+    done = subprocess.run(
+        [str(BIN / "kmsctl"), "client", "add", "dev-identity", "--role", "signer",
+         "--days", "1", "--out-dir", str(device)],
+        env=agent_stack.stack.env(), capture_output=True, text=True, check=False,
+        timeout=60 * SLOWDOWN,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first_pem = (device / "dev-identity.crt").read_bytes()
+    first_serial = serial_of(device / "dev-identity.crt")
+    hooks = tmp_path / "hooks"
+    command = reload_command(hooks)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'client_config = "{device / "config.toml"}"\n'
+        f'state_file = "{tmp_path / "state.json"}"\n'
+        "min_interval_seconds = 3\nretry_initial_seconds = 1\nretry_max_seconds = 4\n"
+        f"[identity]\nrenew_at = 0.001\nexec = {toml_list(command)}\n"
+        f'[[crl]]\nname = "crl"\npath = "{tmp_path / "crl.pem"}"\n'
+    )
+    agent = run_agent(config, tmp_path / "agent.log")
+    reloads = agent.wait_for(
+        "two identity renewals",
+        lambda: (
+            [r for r in records(hooks) if r["item"] == "identity"]
+            if len([r for r in records(hooks) if r["item"] == "identity"]) >= 2
+            else None
+        ),
+    )
+    serials = [r["serial"] for r in reloads[:2]]
+    assert first_serial not in serials and len(set(serials)) == 2
+    renewed = agent.events("agent_cert_renewed")
+    assert [e["serial"] for e in renewed[:2]] == serials
+    second_at = float(reloads[1]["at"])
+
+    def crl_fetched_after_second_renewal() -> bool:
+        return any(
+            calendar.timegm(time.strptime(e["ts"][:19], "%Y-%m-%dT%H:%M:%S")) >= second_at + 1
+            for e in agent.events("agent_crl_updated") + agent.events("agent_crl_checked")
+        )
+
+    agent.wait_for("a CRL fetched with the renewed identity", crl_fetched_after_second_renewal)
+    assert agent.stop() == 0
+
+    from mgmt.client import KMSClient
+
+    with KMSClient.from_config(device / "config.toml") as kms:
+        me = kms.whoami()
+    assert me.client == "dev-identity"
+    assert int(me.serial, 16) == int(serial_of(device / "dev-identity.crt"), 16)
+    # The first certificate (same key: renewal kept it) is refused from now on.
+    key = (device / "dev-identity.key").read_bytes()
+    ca = (device / "ca.crt").read_bytes()
+    server = load_client_config(device / "config.toml")
+    with KMSClient(
+        server.broker, ca_cert=ca, cert=first_pem, key=key, server_name=server.server_name
+    ) as old:
+        from edgekms import errors
+
+        with pytest.raises(errors.KMSError) as caught:
+            old.whoami()
+        assert caught.value.reason == "auth.superseded", caught.value

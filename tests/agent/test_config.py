@@ -53,7 +53,7 @@ def test_a_full_config_loads_with_paths_beside_the_file() -> None:
 
 
 def test_defaults_are_two_thirds_and_0600() -> None:
-    (web,) = parse_config(TOP + CERT, Path("/a/agent.toml")).certs  # type: ignore[attr-defined]
+    (web,) = parse_config(TOP + CERT, Path("/a/agent.toml")).certs
     assert abs(web.renew_at - 2 / 3) < 1e-9
     assert web.key_mode == 0o600 and web.cert_mode == 0o644 and web.key_type == "ec-p256"
 
