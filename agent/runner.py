@@ -220,9 +220,19 @@ class Agent:
         """One pass over one item; the error it ended with, if any."""
         state = self.states[item.name]
         try:
-            if self._work(item, state, now):
-                state.last_change = now
-                state.reload_pending = bool(item.exec)
+            try:
+                if self._work(item, state, now):
+                    state.last_change = now
+                    state.reload_pending = bool(item.exec)
+            except errors.KMSError:
+                raise
+            except Exception as exc:
+                # A bug or an OS surprise in one item must not end the loop for all of
+                # them: logged with its traceback, retried like any failure.
+                log.exception("event=agent_unexpected item=%s", item.name)
+                raise errors.Internal("agent.unexpected", f"{type(exc).__name__}: {exc}") from exc
+            if state.reload_pending and not item.exec:
+                state.reload_pending = False  # the command was taken out of the config
             if state.reload_pending:
                 output = run_reload(item.exec, self._reload_env(item), self.config.exec_timeout)
                 state.reload_pending = False
@@ -283,7 +293,16 @@ class Agent:
                 err = self.tick(item, now)
                 if err is not None:
                     failed.append(err)
-        save_state(self.config.state_file, self.states, time.time())
+        try:
+            save_state(self.config.state_file, self.states, time.time())
+        except errors.KMSError as exc:  # a full disk must not stop the renewals
+            _event(
+                logging.ERROR,
+                "agent_state_unsaved",
+                f"reason={exc.reason} {exc.message}",
+                reason=exc.reason,
+                error=exc.message,
+            )
         return failed
 
     def run_once(self) -> int:

@@ -67,3 +67,16 @@ def test_a_restarted_agent_keeps_due_times(tmp_path: Path) -> None:
     agent = Agent(config)
     assert agent.states["vpn-crl"].next_due == 2e9
     agent.close()
+
+
+def test_a_pending_reload_whose_command_was_removed_is_dropped(tmp_path: Path) -> None:
+    """A reload left pending by a failure, then taken out of the config at SIGHUP: the
+    next pass forgets it instead of running an empty command."""
+    path = write_config(tmp_path, "vpn-crl")
+    agent = Agent(load_config(path))
+    state = agent.states["vpn-crl"]
+    state.work_due, state.reload_pending = 2e9, True  # not due; only the reload pending
+    (item,) = agent.config.items
+    assert agent.tick(item, 1e9) is None
+    assert state.reload_pending is False and state.failures == 0
+    agent.close()
