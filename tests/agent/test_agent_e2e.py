@@ -22,6 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from edgekms.v1 import ca_pb2
 from mgmt import bundle, ovpn
 from mgmt.clientconfig import load_client_config
 from mgmt.natsserver import free_port
@@ -511,3 +512,53 @@ def test_identity_renews_itself_and_the_agent_goes_on_with_it(
         with pytest.raises(errors.KMSError) as caught:
             old.whoami()
         assert caught.value.reason == "auth.superseded", caught.value
+
+
+def test_a_revoked_certificate_is_replaced_with_a_new_key(
+    agent_stack: AgentStack, tmp_path: Path
+) -> None:
+    """`--once` passes (cron): the first issues; an operator revokes the certificate (a
+    key that may have leaked); the next pass, refused renewal (`cert.revoked`), makes a
+    new key and gets a new certificate for it; the revoked serial is gone from the files."""
+    files = tmp_path / "etc"
+    files.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'client_config = "{agent_stack.operator_config}"\n'
+        f'state_file = "{tmp_path / "state.json"}"\n'
+        "min_interval_seconds = 1\nrenew_at = 0.001\n"
+        "[[cert]]\n"
+        'name = "web"\nprofile = "https-server"\ncommon_name = "nas.home.arpa"\n'
+        'sans = ["dns:nas.home.arpa"]\nttl = "5m"\n'
+        f'cert = "{files / "nas.crt"}"\nkey = "{files / "nas.key"}"\n'
+    )
+
+    def once() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "kmsctl"), "agent", "--config", str(config), "--once"],
+            capture_output=True, text=True, check=False, timeout=120 * SLOWDOWN,
+        )  # fmt: skip
+
+    first = once()
+    assert first.returncode == 0, first.stderr
+    assert '"event": "agent_cert_issued"' in first.stderr
+    first_serial, first_key = serial_of(files / "nas.crt"), (files / "nas.key").read_bytes()
+    with agent_stack.stack.client() as kms:
+        kms.revoke_certificate(first_serial, ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+    state = json.loads((tmp_path / "state.json").read_text())
+    due = calendar.timegm(time.strptime(state["items"]["web"]["next_due"], "%Y-%m-%dT%H:%M:%SZ"))
+    deadline = time.monotonic() + 30 * SLOWDOWN
+    while time.time() < due + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)  # --once does only what is due: let min_interval pass
+    second = once()
+    assert second.returncode == 0, second.stderr
+    assert '"event": "agent_cert_reissued"' in second.stderr
+    assert serial_of(files / "nas.crt") != first_serial
+    assert (files / "nas.key").read_bytes() != first_key
+    bundle.check_key_matches(
+        bundle.load_leaf_key((files / "nas.key").read_bytes()),
+        leaf(files / "nas.crt").public_bytes(serialization.Encoding.DER),
+    )
+    with agent_stack.stack.client() as kms:
+        record = kms.get_certificate(serial_of(files / "nas.crt"))
+        assert record.status == ca_pb2.CERTIFICATE_STATUS_VALID
