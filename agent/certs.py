@@ -15,15 +15,15 @@ One pass over one item (`keep_cert`) decides from the files as they are:
 * otherwise nothing but modes and owners put right.
 
 A request id derived from the item, its key and the certificate it replaces is sent
-with every issue and renewal, so a pass cut short after the KMS answered (a crash, a
-power cut) gets the same certificate again on the next pass instead of a second one.
+with every issue and same-key renewal, so a pass cut short after the KMS answered (a
+crash, a power cut) gets the same certificate again on the next pass instead of a
+second one. (A rekey makes its key anew on each try, so it cannot; see keep_cert.)
 Every certificate received is checked before a file is touched: it is for our key and
 signed by the first certificate of the chain it came with.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import ipaddress
 from collections.abc import Callable
@@ -207,10 +207,14 @@ def keep_cert(item: CertItem, connect: Callable[[], KMSClient], now: float) -> C
         try:
             # Renewal by the holder (proof of the key over mutual TLS): any role may,
             # and the CA marks the old certificate superseded on its CRL.
+            # A retry of a same-key renewal keeps its request id (the CA answers with the
+            # certificate it stored). A rekey's new key is made anew on each try, so it
+            # takes a fresh id: the stored answer of a lost try would be for a key no
+            # longer held (that try then ends as cert.superseded, and a fresh issuance).
+            request_id = None if item.rekey else _request_id("renew", item.name, serial)
             held = renew_held(
-                kms, current, key, rekey=item.rekey,
-                request_id=_request_id("renew", item.name, serial), **_validity(item),
-            )  # fmt: skip
+                kms, current, key, rekey=item.rekey, request_id=request_id, **_validity(item)
+            )
             response, action = held.response, "renewed"
             if held.new_key is not None:
                 assert isinstance(held.new_key, LeafKey)
@@ -253,14 +257,3 @@ def _issue(
         request_id=request_id,
         **_validity(item),
     )
-
-
-def describe(cert_path: str, outcome: CertOutcome) -> dict[str, str]:
-    """Log fields for an outcome."""
-    return {
-        "serial": outcome.serial,
-        "not_after": datetime.datetime.fromtimestamp(outcome.not_after, datetime.UTC).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        ),
-        "path": cert_path,
-    }

@@ -562,3 +562,41 @@ def test_a_revoked_certificate_is_replaced_with_a_new_key(
     with agent_stack.stack.client() as kms:
         record = kms.get_certificate(serial_of(files / "nas.crt"))
         assert record.status == ca_pb2.CERTIFICATE_STATUS_VALID
+
+
+def test_rekey_renews_with_a_new_key_each_time(agent_stack: AgentStack, tmp_path: Path) -> None:
+    """`rekey = true`: each renewal (here every `--once` pass, the renewal point being at
+    once) makes a new key on the device, the old key signing for it; the certificate
+    matches the new key, the old one is superseded."""
+    files = tmp_path / "etc"
+    files.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'client_config = "{agent_stack.operator_config}"\n'
+        f'state_file = "{tmp_path / "state.json"}"\n'
+        "min_interval_seconds = 1\nrenew_at = 0.001\n"
+        "[[cert]]\n"
+        'name = "vpn"\nprofile = "vpn-server"\ncommon_name = "vpn2.home.arpa"\n'
+        'sans = ["dns:vpn2.home.arpa"]\nttl = "5m"\nrekey = true\n'
+        f'cert = "{files / "vpn.crt"}"\nkey = "{files / "vpn.key"}"\n'
+    )
+    argv = [str(BIN / "kmsctl"), "agent", "--config", str(config), "--once"]
+    first = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    assert first.returncode == 0, first.stderr
+    first_serial, first_key = serial_of(files / "vpn.crt"), (files / "vpn.key").read_bytes()
+    state = json.loads((tmp_path / "state.json").read_text())
+    due = calendar.timegm(time.strptime(state["items"]["vpn"]["next_due"], "%Y-%m-%dT%H:%M:%SZ"))
+    deadline = time.monotonic() + 30 * SLOWDOWN
+    while time.time() < due + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)  # --once does only what is due: let min_interval pass
+    second = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert '"event": "agent_cert_rekeyed"' in second.stderr
+    assert (files / "vpn.key").read_bytes() != first_key
+    assert mode_of(files / "vpn.key") == 0o600
+    bundle.check_key_matches(
+        bundle.load_leaf_key((files / "vpn.key").read_bytes()),
+        leaf(files / "vpn.crt").public_bytes(serialization.Encoding.DER),
+    )
+    with agent_stack.stack.client() as kms:
+        assert kms.get_certificate(first_serial).superseded_by == serial_of(files / "vpn.crt")
