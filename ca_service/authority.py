@@ -36,7 +36,7 @@ from ca_service.builder import (
     serial_hex,
 )
 from ca_service.catalog import Catalog
-from ca_service.crl import REASON_FLAGS, EntryCache, Revocation, build_crl
+from ca_service.crl import CRL_VALIDITY, REASON_FLAGS, EntryCache, Revocation, build_crl
 from ca_service.crlstore import CRLJobs, CRLStore
 from ca_service.hierarchy import IssuingCA
 from ca_service.listing import Query
@@ -151,8 +151,14 @@ class CertificateAuthority:
         urls: CaUrls = CaUrls(),  # noqa: B008 - frozen dataclass
         new_serial: Callable[[], int] = random_serial,
         registry: CAKeyRegistry | None = None,
+        crl_validity: datetime.timedelta = CRL_VALIDITY,
     ):
         self.store = store
+        # How long each intermediate CRL is good for (ca.toml crl_lifetime), and how much
+        # of it may be left before it is rebuilt: never more than half, so a CRL of
+        # minutes (devices whose agent keeps crl-verify files fresh) is rebuilt in time.
+        self.crl_validity = crl_validity
+        self.crl_refresh_margin = min(CRL_REFRESH_MARGIN, crl_validity / 2)
         self.registry = registry
         self.keys = keys
         self.profiles = dict(profiles or BUILTIN_PROFILES)
@@ -738,7 +744,9 @@ class CertificateAuthority:
             if r.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
             and hierarchy.belongs_to(r, issuing.key_id_hex, first)
         ]
-        crl = await asyncio.to_thread(build_crl, issuing.key, issuing.cert, revoked, number)
+        crl = await asyncio.to_thread(
+            build_crl, issuing.key, issuing.cert, revoked, number, validity=self.crl_validity
+        )
         next_update = crl.next_update_utc
         assert next_update is not None
         response = ca_pb2.GetCRLResponse(
@@ -779,6 +787,7 @@ class CertificateAuthority:
                     issuing.cert,
                     [],
                     number,
+                    validity=self.crl_validity,
                     entries=self._crl_entries.entries(revoked),
                 )
                 next_update = crl.next_update_utc
@@ -806,7 +815,7 @@ class CertificateAuthority:
                 if not issuing.retired:
                     return await self.current_crl()
                 crl = await self.store.get_crl(hierarchy.issuer_crl_key(issuing.key_id_hex))
-                if crl is None or parse_rfc3339(crl.next_update) - _now() < CRL_REFRESH_MARGIN:
+                if crl is None or parse_rfc3339(crl.next_update) - _now() < self.crl_refresh_margin:
                     crl = await self.rebuild_issuer_crl(issuing)
                 return crl
         raise NotFound("ca.intermediate_unknown", f"no intermediate {key_id!r} signs here")
@@ -830,7 +839,7 @@ class CertificateAuthority:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.crl_jobs.settled()), CRL_WAIT)
         found = await self.crls.current()
-        if found is None or parse_rfc3339(found[0].next_update) - _now() < CRL_REFRESH_MARGIN:
+        if found is None or parse_rfc3339(found[0].next_update) - _now() < self.crl_refresh_margin:
             await self._build_crl(await self.store.next_crl_number())
             found = await self.crls.current()
             if found is None:

@@ -10,18 +10,24 @@ nats_ca = "bus-ca.crt"              # relative to this file)
 seal_writer = "ca"                  # optional record sealing (edgekms.sealed): the CA's
 seal_key_file = "seal-ca.key"       # own Ed25519 key (0600) and every writer's public key
 seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
+crl_lifetime = "7d"                 # optional: how long each CRL is good for (1m..30d);
+                                    # minutes only where agents keep crl files fresh
 [acme]                              # optional: ACME over HTTPS (ca_service.acme.settings)
 listen = "0.0.0.0:8555"
 """
 
 from __future__ import annotations
 
+import datetime
 import tomllib
 from pathlib import Path
 
 from ca_service.acme.settings import parse_acme
+from ca_service.crl import CRL_VALIDITY
 from ca_service.service import ServeConfig
 from edgekms.busauth import parse_bus_fields
+from edgekms.durations import parse_crl_lifetime
+from edgekms.errors import InvalidArgument
 from edgekms.sealed import WRITER_CA, parse_seal_fields
 
 
@@ -42,8 +48,20 @@ KNOWN_FIELDS = frozenset(
         "seal_key_file",
         "seal_public_keys",
         "acme",
+        "crl_lifetime",
     }
 )
+
+
+def _crl_lifetime(path: Path, value: object) -> datetime.timedelta:
+    if value is None:
+        return CRL_VALIDITY
+    if not isinstance(value, str):
+        raise CAConfigError(f'{path}: crl_lifetime must be a string like "7d"')
+    try:
+        return parse_crl_lifetime(value)
+    except InvalidArgument as exc:
+        raise CAConfigError(f"{path}: crl_lifetime: {exc.message}") from None
 
 
 def load_serve_config(path: Path) -> ServeConfig:
@@ -80,8 +98,10 @@ def load_serve_config(path: Path) -> ServeConfig:
             acme = parse_acme(raw["acme"])
         except ValueError as exc:
             raise CAConfigError(f"{path}: {exc}") from None
+    crl_validity = _crl_lifetime(path, raw.get("crl_lifetime"))
     return ServeConfig(
         acme=acme,
+        crl_validity=crl_validity,
         bus=bus,
         seal=seal,
         nats_url=nats_url,

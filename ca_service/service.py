@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from ca_service.acme.admin import AcmeAdmin
 from ca_service.acme.settings import AcmeConfig
 from ca_service.authority import CertificateAuthority
 from ca_service.builder import CaUrls
+from ca_service.crl import CRL_VALIDITY
 from ca_service.profiles import load_profiles
 from ca_service.signer import KMSKeyBackend
 from ca_service.store import CAStore
@@ -170,6 +172,8 @@ class ServeConfig:
     seal: RecordSeal | None = None
     # ACME over HTTPS (ca_service.acme); None: no ACME.
     acme: AcmeConfig | None = None
+    # How long each CRL is good for (ca.toml crl_lifetime; ca_service.crl.CRL_VALIDITY).
+    crl_validity: datetime.timedelta = CRL_VALIDITY
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -200,6 +204,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             load_profiles(config.profiles_file),
             CaUrls.from_base(config.base_url),
             registry=await RegistryKeys.open(nc, SERVICE_NAME, "ca.key_disabled", config.seal),
+            crl_validity=config.crl_validity,
         )
         acme = None
         if config.acme is not None:
@@ -216,7 +221,9 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         runner = await start_http(ca, config.http_host, config.http_port)
         if acme is not None:
             await acme.start()
-        refresher = asyncio.create_task(keep_crl_fresh(ca))
+        # Checked at least four times per CRL lifetime, so a short one never runs out.
+        interval = min(CRL_CHECK_INTERVAL, config.crl_validity.total_seconds() / 4)
+        refresher = asyncio.create_task(keep_crl_fresh(ca, interval))
         log.info(
             "event=ca_serving nats=%s http=%s:%d",
             config.nats_url,

@@ -144,6 +144,9 @@ class StackOptions:
     acme_listen: str = ""
     acme_names: tuple[str, ...] = ()
     acme_config: Path | None = None
+    # How long each CRL is good for ("" : the CA's 7 days); minutes for devices whose
+    # `kmsctl agent` keeps OpenVPN's crl-verify file fresh (docs/agent.md).
+    ca_crl_lifetime: str = ""
     # Every child gets the level of `kmsctl up` itself (--log-level): at info the broker
     # writes a line per request, ~5 % of its CPU under load.
     log_level: str = "info"
@@ -473,7 +476,12 @@ class Stack:
                 f"{self._seals.toml(WRITER_CA)}"
                 f"http_listen = {json.dumps(self.options.ca_http)}\n"
                 f"base_url = {json.dumps(self.options.ca_base_url)}\n"
-                f"{acme_toml(self.options)}"
+                + (
+                    f"crl_lifetime = {json.dumps(self.options.ca_crl_lifetime)}\n"
+                    if self.options.ca_crl_lifetime
+                    else ""
+                )
+                + acme_toml(self.options)
             ).encode(),
         )
         host, _, port = self.options.ca_http.rpartition(":")

@@ -25,6 +25,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "device": ("devices",),
     "tpm": ("tpm",),
     "acme": ("acme",),
+    "agent": ("agent",),
 }
 
 

@@ -87,6 +87,13 @@ from mgmt.cli.output import echo_json, handle_errors, table
     'allow_dns, allow_ip, eab_required (docs/ca.md, "ACME").',
 )
 @click.option(
+    "--ca-crl-lifetime",
+    default="",
+    metavar="DURATION",
+    help="How long each CRL the CA signs is good for (1m..30d, e.g. 1d). Default 7d. "
+    "Short CRLs need devices that fetch them often (`kmsctl agent`).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -106,6 +113,7 @@ def up(
     acme_listen: str,
     acme_names: tuple[str, ...],
     acme_config: Path | None,
+    ca_crl_lifetime: str,
     log_level: str,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
@@ -138,6 +146,14 @@ def up(
     from mgmt.stack import StackError, StackOptions, run_stack
 
     setup_logging("kmsctl-up", log_level)
+    if ca_crl_lifetime:
+        from edgekms.durations import parse_crl_lifetime
+        from edgekms.errors import InvalidArgument
+
+        try:
+            parse_crl_lifetime(ca_crl_lifetime)
+        except InvalidArgument as exc:
+            raise click.BadParameter(exc.message, param_hint="--ca-crl-lifetime") from None
     options = StackOptions(
         data_dir=data_dir,
         nats_port=nats_port,
@@ -150,6 +166,7 @@ def up(
         acme_listen=acme_listen,
         acme_names=acme_names,
         acme_config=acme_config,
+        ca_crl_lifetime=ca_crl_lifetime,
         log_level=log_level.lower(),
     )
     if swtpm_port is not None:

@@ -16,22 +16,34 @@ from edgekms.errors import InvalidArgument
 MIN_TTL = datetime.timedelta(minutes=5)
 # Ten years: what a profile may allow at most (as max_validity_days always did).
 MAX_TTL = datetime.timedelta(days=3650)
+# A CRL's lifetime (ca.toml crl_lifetime, `kmsctl up --ca-crl-lifetime`): minutes for
+# tests and devices whose agent fetches often, a month at most (RFC 5280 leaves it open;
+# a stale revocation list is the risk).
+CRL_LIFETIME_MIN = datetime.timedelta(minutes=1)
+CRL_LIFETIME_MAX = datetime.timedelta(days=30)
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_RE = re.compile(r"^(\d{1,7})([mhdw])$")
 
 
 def parse_ttl(text: str, reason: str = "cert.ttl_invalid") -> datetime.timedelta:
     """ "30m", "12h", "90d" or "4w" (one number, one unit) within MIN_TTL..MAX_TTL."""
+    ttl = parse_duration(text, reason)
+    check_ttl(ttl, reason)
+    return ttl
+
+
+def parse_duration(text: str, reason: str) -> datetime.timedelta:
+    """ "30m", "12h", "90d" or "4w" (one number, one unit), any length: for durations
+    that are not certificate lifetimes (a CRL's, an agent's intervals), which the caller
+    bounds itself."""
     match = _DURATION_RE.match(text.strip().lower())
     if not match:
         raise InvalidArgument(
             reason,
-            f"{text!r} is not a lifetime like 30m, 12h, 90d or 4w",
+            f"{text!r} is not a duration like 30m, 12h, 90d or 4w",
             {"value": text},
         )
-    ttl = datetime.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-    check_ttl(ttl, reason)
-    return ttl
+    return datetime.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
 def check_ttl(ttl: datetime.timedelta, reason: str = "cert.ttl_invalid") -> None:
@@ -58,3 +70,18 @@ def backdate_for(ttl: datetime.timedelta, backdate: datetime.timedelta) -> datet
     """How far before now a certificate of this lifetime starts: the usual margin for
     lagging clocks, but never more than a sixth of a short lifetime."""
     return min(backdate, ttl / 6)
+
+
+def parse_crl_lifetime(text: str) -> datetime.timedelta:
+    """A CRL lifetime within CRL_LIFETIME_MIN..CRL_LIFETIME_MAX, else InvalidArgument
+    `config.crl_lifetime_invalid`."""
+    reason = "config.crl_lifetime_invalid"
+    lifetime = parse_duration(text, reason)
+    if not CRL_LIFETIME_MIN <= lifetime <= CRL_LIFETIME_MAX:
+        raise InvalidArgument(
+            reason,
+            f"a CRL lifetime of {format_ttl(lifetime)} is outside "
+            f"{format_ttl(CRL_LIFETIME_MIN)}..{format_ttl(CRL_LIFETIME_MAX)}",
+            {"value": text},
+        )
+    return lifetime

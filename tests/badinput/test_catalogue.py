@@ -26,6 +26,7 @@ AREAS = {
     "config",
     "output",
     "ACME",
+    "agent",
 }
 MIN_ROWS = 40
 

@@ -184,6 +184,7 @@ def test_every_service_package_has_its_unit() -> None:
             "edgekms-setup.service",
             "edgekms-datafs.service",
             "edgekms-provision.service",
+            "edgekms-agent.service",
         }
         == units
     )

@@ -27,6 +27,8 @@ SRC_URI = "git://github.com/edgekms/edgekms.git;protocol=https;branch=main \
            file://edgekms-crypto-tpm0.service \
            file://edgekms-ca.service \
            file://edgekms-broker.service \
+           file://edgekms-agent.service \
+           file://edgekms-agent.toml \
            file://edgekms-init.service \
            file://edgekms-datafs.service \
            file://edgekms-provision.service \
@@ -41,7 +43,7 @@ S = "${WORKDIR}/git"
 
 inherit python_setuptools_build_meta systemd useradd
 
-EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init datafs provision"
+EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init datafs provision agent"
 
 do_install:append() {
     site=${D}${PYTHON_SITEPACKAGES_DIR}
@@ -92,9 +94,11 @@ do_install:append() {
     for conf in crypto-hsm0.toml crypto-tpm0.toml broker.toml ca.toml; do
         install -m 0644 ${S}/deploy/${conf} ${D}${sysconfdir}/edgekms/${conf}
     done
+    # The device agent's list of what to keep fresh (kmsctl agent, docs/agent.md).
+    install -m 0644 ${WORKDIR}/edgekms-agent.toml ${D}${sysconfdir}/edgekms/agent.toml
 }
 
-PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent"
 
 FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/edgekms.conf"
 FILES:${PN}-datafs += "${systemd_system_unitdir}/edgekms-datafs.service \
@@ -115,13 +119,16 @@ FILES:${PN}-ca += "${systemd_system_unitdir}/edgekms-ca.service \
 FILES:${PN}-broker += "${systemd_system_unitdir}/edgekms-broker.service \
                        ${sysconfdir}/edgekms/broker.toml"
 FILES:${PN}-init += "${systemd_system_unitdir}/edgekms-init.service"
+FILES:${PN}-agent += "${systemd_system_unitdir}/edgekms-agent.service \
+                      ${sysconfdir}/edgekms/agent.toml"
 
 CONFFILES:${PN}-crypto-hsm = "${sysconfdir}/edgekms/crypto-hsm0.toml"
 CONFFILES:${PN}-crypto-tpm = "${sysconfdir}/edgekms/crypto-tpm0.toml"
 CONFFILES:${PN}-ca = "${sysconfdir}/edgekms/ca.toml"
 CONFFILES:${PN}-broker = "${sysconfdir}/edgekms/broker.toml"
+CONFFILES:${PN}-agent = "${sysconfdir}/edgekms/agent.toml"
 
-SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent"
 SYSTEMD_SERVICE:${PN}-datafs = "edgekms-datafs.service"
 SYSTEMD_SERVICE:${PN}-provision = "edgekms-provision.service"
 SYSTEMD_SERVICE:${PN}-setup = "edgekms-setup.service"
@@ -131,6 +138,7 @@ SYSTEMD_SERVICE:${PN}-crypto-tpm = "edgekms-crypto-tpm0.service"
 SYSTEMD_SERVICE:${PN}-ca = "edgekms-ca.service"
 SYSTEMD_SERVICE:${PN}-broker = "edgekms-broker.service"
 SYSTEMD_SERVICE:${PN}-init = "edgekms-init.service"
+SYSTEMD_SERVICE:${PN}-agent = "edgekms-agent.service"
 
 # One system user per service; tss (from tpm2-tss) and teeclnt give device access;
 # teesuppl runs tee-supplicant (see tee-supplicant-edgekms.conf).
@@ -180,5 +188,6 @@ RDEPENDS:${PN}-provision += "${PN}-datafs \
 RDEPENDS:${PN}-ca += "${PN}"
 RDEPENDS:${PN}-broker += "${PN}"
 RDEPENDS:${PN}-init += "${PN}"
+RDEPENDS:${PN}-agent += "${PN}"
 
 CVE_PRODUCT = "edgekms"

@@ -18,6 +18,7 @@ IMAGE_LINGUAS = ""
 # NFS, avahi, wpa-supplicant...), none of which a key server uses.
 IMAGE_INSTALL = "packagegroup-core-boot \
                  edgekms \
+                 edgekms-agent \
                  edgekms-broker \
                  edgekms-ca \
                  edgekms-crypto-hsm \
