@@ -197,6 +197,8 @@ class Stack:
         self._ceremony_grant = False
         self.swtpm: Swtpm | None = None
         self.children: list[Child] = []
+        # Spawned, not yet ready (recorded in the state file all the same).
+        self._starting: list[Child] = []
         self._stopping = asyncio.Event()
         # Each part's bus identity (mgmt.natsauth), filled in when nats-server starts.
         self.bus: dict[str, BusCredentials] = {}
@@ -479,6 +481,10 @@ class Stack:
 
     async def _start_child(self, child: Child) -> None:
         child.spawn()
+        # Recorded at once, so that a supervisor killed while starting leaves the pids
+        # the next `kmsctl up` needs to end its leftovers (mgmt.stacklock).
+        self._starting.append(child)
+        self._write_state(False)
         log.debug(
             "spawned",
             extra=fields(part=child.name, pid=child.process.pid if child.process else None),
@@ -501,6 +507,8 @@ class Stack:
             ready.cancel()
             child.stop(timeout=5.0)
             raise
+        finally:
+            self._starting.remove(child)
         self.children.append(child)
         log.info(
             "started",
@@ -515,11 +523,20 @@ class Stack:
             "ca_http": self.options.ca_http,
             "client_config": str(self.layout.client_dir / "config.toml"),
             "pid": os.getpid(),
-            "children": {c.name: c.process.pid for c in self.children if c.process is not None},
+            "children": {
+                c.name: c.process.pid
+                for c in [*self.children, *self._starting]
+                if c.process is not None
+            },
             # Current pids, rewritten after every restart (fault drills kill them by pid).
             "nats_pid": (
                 self.nats.process.pid if self.nats is not None and self.nats.process else None
             ),
+            # For a takeover after this supervisor is killed (mgmt.stacklock.reap_orphans).
+            "swtpm_pid": (
+                self.swtpm.process.pid if self.swtpm is not None and self.swtpm.process else None
+            ),
+            "data_dir": str(self.layout.root.resolve()),
         }
         write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
 
@@ -528,6 +545,7 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             self.layout.state_file.unlink()
         self._start_nats()
+        self._write_state(False)
         log.info("started", extra=fields(part="nats", url=self.nats_url))
         await self._set_up_state()
         # Once NATS is up the parts need only it, except the ceremony (needs hsm0) and

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from edgekms.errors import KMSError
-from edgekms.logs import setup_logging
+from edgekms.logs import fields, setup_logging
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
-from mgmt.cli.output import echo_json, handle_errors, table
+from mgmt.cli.output import echo_json, fail, handle_errors, table
+
+if TYPE_CHECKING:
+    from mgmt import stacklock
+
+log = logging.getLogger("kmsctl.up")
 
 
 @click.command()
@@ -99,9 +106,79 @@ def up(
     # Blocked in this process only, before its first `import nats` (as kms-broker and
     # kms-crypto do); the CA service, which serves HTTP with aiohttp, is its own process.
     sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
+    from mgmt import stacklock
+
+    # Absolute, as the children's command lines name it (a takeover recognises them so).
+    data_dir = data_dir.expanduser().resolve()
+    setup_logging("kmsctl-up", log_level)
+    # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
+    # a live data dir, or a port something else holds, is refused in a fraction of a
+    # second and leaves the data dir as it was.
+    try:
+        lock = stacklock.acquire(data_dir / "run")
+    except KMSError as exc:
+        _refuse(exc)
+    try:
+        _take_over_and_check(data_dir, lock, nats_port, broker_listen, ca_http)
+        _run_up(
+            data_dir,
+            nats_port,
+            broker_listen,
+            tpm,
+            swtpm_port,
+            ca_http,
+            ca_base_url,
+            ca_provider,
+            log_level,
+        )
+    finally:
+        lock.release()
+
+
+def _refuse(exc: KMSError) -> NoReturn:
+    fail(exc)
+
+
+def _take_over_and_check(
+    data_dir: Path, lock: stacklock.StackLock, nats_port: int, broker_listen: str, ca_http: str
+) -> None:
+    """Holding the lock, no live supervisor runs on this data dir: end what a killed one
+    left running there, then check that every port the stack needs is free."""
+    from mgmt import stacklock
+
+    reaped = stacklock.reap_orphans(data_dir)
+    # The last supervisor's state (perhaps "ready", with dead pids) no longer holds.
+    (data_dir / "run" / stacklock.STATE_NAME).unlink(missing_ok=True)
+    if lock.previous_pid is not None or reaped:
+        log.warning(
+            "took over the data dir of a stopped supervisor",
+            extra=fields(previous_pid=lock.previous_pid, ended=reaped),
+        )
+    try:
+        stacklock.check_ports(
+            {
+                "--nats-port": ("127.0.0.1", nats_port),
+                "--broker-listen": stacklock.split_listen("--broker-listen", broker_listen),
+                "--ca-http": stacklock.split_listen("--ca-http", ca_http),
+            }
+        )
+    except KMSError as exc:
+        _refuse(exc)
+
+
+def _run_up(
+    data_dir: Path,
+    nats_port: int,
+    broker_listen: str,
+    tpm: str | None,
+    swtpm_port: int | None,
+    ca_http: str,
+    ca_base_url: str,
+    ca_provider: str,
+    log_level: str,
+) -> None:
     from mgmt.stack import StackError, StackOptions, run_stack
 
-    setup_logging("kmsctl-up", log_level)
     options = StackOptions(
         data_dir=data_dir,
         nats_port=nats_port,

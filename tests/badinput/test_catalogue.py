@@ -15,7 +15,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "security.md"
 SECTION = "## Bad-input catalogue"
-AREAS = {"gRPC", "NATS", "CSR", "PIN/auth", "key", "client certificate", "CA", "config", "output"}
+AREAS = {
+    "gRPC",
+    "NATS",
+    "CSR",
+    "PIN/auth",
+    "key",
+    "client certificate",
+    "CA",
+    "config",
+    "output",
+    "stack",
+}
 MIN_ROWS = 40
 
 
