@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from edgekms.errors import KMSError
+from edgekms.errors import KMSError, Unavailable
 from edgekms.logs import fields, setup_logging
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
@@ -198,7 +199,14 @@ def _run_up(
     if ca_provider and ca_provider not in options.providers:
         raise click.UsageError(f"--ca-provider {ca_provider}: no such provider in this stack")
 
+    from mgmt import stackstate
+
+    pointer: list[Path] = []
+
     def ready(stack: object) -> None:
+        # So that kmsctl, given no data dir, finds this stack (mgmt.stackstate).
+        with contextlib.suppress(OSError):
+            pointer.append(stackstate.announce(data_dir))
         click.echo(
             f"EdgeKMS is up: broker {broker_listen}, NATS 127.0.0.1:{nats_port}, "
             f"data in {data_dir}. Client config: {client_config_path(data_dir)}. Ctrl-C stops.",
@@ -213,18 +221,27 @@ def _run_up(
     except KMSError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
+    finally:
+        for path in pointer:
+            stackstate.withdraw(path)
     click.echo("EdgeKMS stopped.", err=True)
 
 
 @click.command()
 @data_dir_option
-@click.option("--nats-url", default="nats://127.0.0.1:4222", show_default=True)
+@click.option(
+    "--nats-url",
+    default=None,
+    help="The bus.  [default: the running stack's, from DATA_DIR/run/state.json, else "
+    "nats://127.0.0.1:4222]",
+)
 @click.option("--provider", default="hsm0", show_default=True, help="Where the CA key is made.")
 @click.option(
     "--broker-address",
-    default="127.0.0.1:8443",
-    show_default=True,
-    help="host:port clients dial; written into the client config.",
+    default=None,
+    help="host:port clients dial, written into the client config. On an initialised data "
+    "dir the config keeps its address unless this is given.  [default: the running "
+    "stack's, else 127.0.0.1:8443]",
 )
 @click.option(
     "--broker-name",
@@ -233,6 +250,12 @@ def _run_up(
     default=("localhost", "127.0.0.1"),
     show_default=True,
     help="Extra DNS names / IPs for the broker's certificate (repeat).",
+)
+@click.option(
+    "--new-admin",
+    is_flag=True,
+    help="Issue another admin certificate for an internal CA that exists (this data dir "
+    "lost its client config, or a second machine). Never done without it.",
 )
 @click.option("--nats-user", envvar="EDGEKMS_NATS_USER", help="Bus identity (default: kmsctl's).")
 @click.option(
@@ -251,10 +274,11 @@ def _run_up(
 @handle_errors
 def init(
     data_dir: Path,
-    nats_url: str,
+    nats_url: str | None,
     provider: str,
-    broker_address: str,
+    broker_address: str | None,
     broker_names: tuple[str, ...],
+    new_admin: bool,
     nats_user: str | None,
     nats_password_file: Path | None,
     nats_ca: Path | None,
@@ -268,29 +292,55 @@ def init(
     The internal CA key is generated inside the token and never leaves it; the
     broker's certificate and the first admin's client certificate are issued from it,
     and DATA_DIR/client/config.toml is written for every later command.
+
+    \b
+    On a data dir that is initialised already it changes nothing: the client config
+    keeps its broker address unless --broker-address is given, and no admin
+    certificate is issued again unless --new-admin is given (exit 5 otherwise).
     """
     from edgekms.sealed import WRITER_CEREMONY
     from mgmt.natsauth import BusCredentials, local_credentials
     from mgmt.pki import run_ceremony
     from mgmt.sealkeys import local_seal
+    from mgmt.stackstate import read_state
 
+    state = read_state(data_dir) or {}
+    if nats_url is None:
+        nats_url = str(state.get("nats_url") or "nats://127.0.0.1:4222")
+    if broker_address is None and isinstance(state.get("broker"), str):
+        # A new config points at the stack that runs here; an existing one stays as is.
+        fresh = not client_config_path(data_dir).exists()
+        broker_address = str(state["broker"]).replace("0.0.0.0", "127.0.0.1") if fresh else None
     if nats_user or nats_password_file:
         credentials = BusCredentials(nats_user, nats_password_file, nats_ca)
     else:
         credentials = local_credentials(data_dir)
-    result = asyncio.run(
-        run_ceremony(
-            nats_url,
-            provider,
-            data_dir / "pki",
-            data_dir / "client",
-            broker_address=broker_address,
-            broker_names=list(broker_names),
-            nats_options=credentials.connect_options(),
-            # The ceremony's record-sealing key, if `kmsctl up` made the keys here.
-            seal=local_seal(data_dir / "secrets", WRITER_CEREMONY),
+    logging.getLogger("nats.aio.client").addFilter(_one_line_bus_errors)
+    try:
+        result = asyncio.run(
+            run_ceremony(
+                nats_url,
+                provider,
+                data_dir / "pki",
+                data_dir / "client",
+                broker_address=broker_address,
+                broker_names=list(broker_names),
+                nats_options=credentials.connect_options(),
+                # The ceremony's record-sealing key, if `kmsctl up` made the keys here.
+                seal=local_seal(data_dir / "secrets", WRITER_CEREMONY),
+                new_admin=new_admin,
+            )
         )
-    )
+    except Unavailable as exc:
+        if exc.reason != "bus.unavailable":
+            raise
+        raise Unavailable(
+            exc.reason,
+            f"{exc.message}. `kmsctl up` runs the ceremony itself: is it running on "
+            f"{data_dir}? (start it with `kmsctl up --data-dir {data_dir}`). For services "
+            "you run yourself, give their bus with --nats-url and its credentials.",
+            exc.details,
+        ) from None
     if output == "json":
         echo_json(
             {
@@ -303,6 +353,19 @@ def init(
         click.echo(f"Internal CA ready: {result.ca_cert}\nClient config: {result.client_config}")
     else:
         click.echo(f"Already initialised: {result.client_config}")
+
+
+def _one_line_bus_errors(record: logging.LogRecord) -> bool:
+    """nats-py logs each failed dial with a traceback, and the one-line error `init`
+    ends with says it: those are dropped. What the bus refused (a permissions
+    violation) stays, as one line."""
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        if isinstance(exc, OSError | TimeoutError):
+            return False
+        record.msg, record.args = f"nats: {exc}", ()
+        record.exc_info = None
+    return True
 
 
 @click.command()
