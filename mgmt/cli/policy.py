@@ -20,6 +20,7 @@ from edgekms.identity import CLIENT_NAME_RE, ROLES
 from edgekms.v1 import common_pb2 as pb
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import output_option
+from mgmt.cli.completion import complete_key_names
 from mgmt.cli.output import echo_json, policy_to_list
 
 OPERATIONS = {
@@ -83,7 +84,7 @@ def describe(policy: pb.KeyPolicy) -> str:
 
 
 @click.command("policy")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option(
     "--allow",
     "allow",
