@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import grpc
 from cryptography.hazmat.primitives import hashes
@@ -36,7 +36,6 @@ from edgekms.algorithms import (
     key_type_info,
 )
 from edgekms.errors import InvalidArgument, KMSError
-from edgekms.remote_key import RemoteKey, remote_key
 from edgekms.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -49,6 +48,9 @@ from edgekms.v1 import (
     keys_pb2_grpc,
 )
 from mgmt.clientconfig import load_client_config
+
+if TYPE_CHECKING:
+    from edgekms.remote_key import RemoteKey
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +363,8 @@ class KMSClient:
     def remote_key(self, name: str) -> RemoteKey:
         """A cryptography private-key object whose sign() runs in the KMS, so that
         CertificateBuilder().sign(client.remote_key(name), SHA256()) signs in the token."""
+        from edgekms.remote_key import remote_key
+
         public = self.get_public_key(name)
         return remote_key(_KeySigner(self, name), public.der)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 import click
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 
 from edgekms.algorithms import (
     ALGORITHM_BY_CLI,
@@ -385,6 +385,9 @@ def verify_cmd(
 
 def _load_public_key_der(path: Path) -> bytes:
     """A pinned public key file, PEM or DER SubjectPublicKeyInfo, as DER."""
+    # Here, not at the top: serialization costs key list and key sign ~50 ms of imports.
+    from cryptography.hazmat.primitives import serialization
+
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -407,6 +410,8 @@ def _load_public_key_der(path: Path) -> bytes:
 
 
 def _pem(der: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return (
         serialization.load_der_public_key(der)
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -16,7 +16,6 @@ import click
 
 from edgekms.algorithms import ALGORITHM_BY_CLI
 from edgekms.errors import InvalidArgument
-from edgekms.identity import CLIENT_NAME_RE, ROLES
 from edgekms.v1 import common_pb2 as pb
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import output_option
@@ -42,6 +41,10 @@ def parse_rule(text: str) -> pb.PolicyRule:
         raise InvalidArgument(
             "policy.rule_syntax", f"{text!r} is not ROLE_OR_CLIENT:OP[,OP][:ALG,...]"
         )
+    # Here, not at the top: edgekms.identity brings cryptography.x509, which every
+    # `kmsctl key ...` command would otherwise import.
+    from edgekms.identity import CLIENT_NAME_RE, ROLES
+
     subject, ops_text = parts[0], parts[1]
     rule = pb.PolicyRule()
     if subject in ROLES:

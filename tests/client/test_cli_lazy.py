@@ -85,3 +85,19 @@ def test_command_summaries_are_each_commands_own_short_help() -> None:
             assert full.startswith(summary.removesuffix("...")), (name, full)
         else:
             assert summary == full, (name, full)
+
+
+def test_key_commands_leave_x509_and_serialization_unimported() -> None:
+    """`key list` and `key sign` need grpc and the hashes, not cryptography.x509 or the
+    key serialization modules (~0.1 s of imports together on this machine when quiet):
+    those load only in the commands that use them."""
+    code = (
+        "import sys, mgmt.cli.keys, mgmt.cli.policy, mgmt.client\n"
+        "print(sorted(m for m in ('cryptography.x509', "
+        "'cryptography.hazmat.primitives.serialization', 'edgekms.identity', "
+        "'edgekms.remote_key') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert ast.literal_eval(out) == []
