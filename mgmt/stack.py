@@ -36,6 +36,7 @@ from edgekms.logs import fields
 from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
 from mgmt import subprocs
+from mgmt.logrotate import rotate_all
 from mgmt.natsauth import (
     BROKER_USER,
     BUS_MAX_PAYLOAD,
@@ -137,6 +138,9 @@ class StackOptions:
     # Every child gets the level of `kmsctl up` itself (--log-level): at info the broker
     # writes a line per request, ~5 % of its CPU under load.
     log_level: str = "info"
+    # Rotation of <data-dir>/logs/*.log (mgmt.logrotate): size limit and copies kept.
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
 
     @property
     def providers(self) -> list[str]:
@@ -612,13 +616,35 @@ class Stack:
         await asyncio.to_thread(self._end_ceremony_grant)
         await self._start_child(self._broker_child())
 
+    def _rotate_logs(self) -> None:
+        try:
+            rotated = rotate_all(
+                self.layout.logs, self.options.log_max_bytes, self.options.log_backups
+            )
+        except OSError as exc:
+            log.warning("log rotation failed", extra=fields(error=str(exc)))
+            return
+        for done in rotated:
+            if done.kept:
+                log.info("log rotated", extra=fields(log=done.path.name, size=done.size))
+            else:
+                log.warning(
+                    "log directory full: log truncated without a copy",
+                    extra=fields(log=done.path.name, size=done.size),
+                )
+
     async def supervise(self) -> None:
-        """Restart children that die; give up on one that dies too often."""
+        """Restart children that die; give up on one that dies too often; keep the logs
+        within their size (mgmt.logrotate)."""
+        ticks = 0
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
             if self._stopping.is_set():
                 return
+            ticks += 1
+            if ticks % 4 == 0:
+                await asyncio.to_thread(self._rotate_logs)
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()

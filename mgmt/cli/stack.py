@@ -71,6 +71,28 @@ log = logging.getLogger("kmsctl.up")
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     help="Of `kmsctl up` and of every service it starts.",
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="Of `kmsctl up`'s own lines on the console: text for people, json for a "
+    "collector. The services' logs under DATA_DIR/logs are JSON lines either way.",
+)
+@click.option(
+    "--log-max-bytes",
+    default=10 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=64 * 1024),
+    help="Rotate a log under DATA_DIR/logs once it reaches this size.",
+)
+@click.option(
+    "--log-backups",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=0, max=100),
+    help="Rotated copies kept per log (<name>.log.1 is the newest).",
+)
 def up(
     data_dir: Path,
     nats_port: int,
@@ -81,6 +103,9 @@ def up(
     ca_base_url: str,
     ca_provider: str,
     log_level: str,
+    log_format: str,
+    log_max_bytes: int,
+    log_backups: int,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -111,7 +136,7 @@ def up(
 
     # Absolute, as the children's command lines name it (a takeover recognises them so).
     data_dir = data_dir.expanduser().resolve()
-    setup_logging("kmsctl-up", log_level)
+    setup_logging("kmsctl-up", log_level, log_format)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
     # second and leaves the data dir as it was.
@@ -131,6 +156,8 @@ def up(
             ca_base_url,
             ca_provider,
             log_level,
+            log_max_bytes,
+            log_backups,
         )
     finally:
         lock.release()
@@ -177,6 +204,8 @@ def _run_up(
     ca_base_url: str,
     ca_provider: str,
     log_level: str,
+    log_max_bytes: int,
+    log_backups: int,
 ) -> None:
     from mgmt.stack import StackError, StackOptions, run_stack
 
@@ -189,6 +218,8 @@ def _run_up(
         ca_base_url=ca_base_url,
         ca_provider=ca_provider,
         log_level=log_level.lower(),
+        log_max_bytes=log_max_bytes,
+        log_backups=log_backups,
     )
     if swtpm_port is not None:
         click.echo(
