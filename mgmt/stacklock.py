@@ -148,7 +148,9 @@ def reap_orphans(data_dir: Path, grace: float = ORPHAN_GRACE) -> list[int]:
 
 
 def split_listen(option: str, value: str) -> tuple[str, int]:
-    """host:port of a listen option, or InvalidArgument-like refusal as a precondition."""
+    """(host, port) of a listen option; FailedPrecondition `stack.listen_invalid` for
+    anything else, before the stack starts (a bad value would otherwise surface as a
+    child that cannot bind, after nats-server and the token were started)."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise FailedPrecondition(

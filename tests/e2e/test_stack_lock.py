@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from mgmt.natsserver import free_port
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
@@ -196,3 +198,29 @@ def test_make_run_passes_the_data_dir_and_ports() -> None:
         check=True,
     )
     assert "--data-dir /srv/old " in legacy.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("--broker-listen", "8443", "stack.listen_invalid"),
+        ("--ca-http", "127.0.0.1:http", "stack.listen_invalid"),
+        # TEST-NET-1: no interface here has it, so nothing could listen there.
+        ("--ca-http", "192.0.2.1:8180", "stack.port_unusable"),
+    ],
+)
+def test_a_listen_address_that_cannot_be_used_is_refused_first(
+    tmp_path: Path, option: str, value: str, reason: str
+) -> None:
+    data_dir = tmp_path / "data"
+    argv = _up(data_dir, free_port(), f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    result = subprocess.run(
+        [*argv, option, value], capture_output=True, text=True, timeout=60 * SLOWDOWN
+    )
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.startswith(f"kmsctl: {reason}: ")
+    assert option in result.stderr
+    assert sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*")) == [
+        "run",
+        "run/up.lock",
+    ]
