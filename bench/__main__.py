@@ -47,6 +47,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-issuance", action="store_true")
+    parser.add_argument("--no-enrollment", action="store_true")
     parser.add_argument(
         "--no-ca-scale", action="store_true", help="skip the 50,000-certificate CA figures"
     )
@@ -189,6 +190,11 @@ def main() -> None:
                 results["issuance"] = [r.to_json() for r in issue_runs]
                 samples.update(issue_samples)
                 results["memory_kb"]["peak_issuance"] = issue_peak
+            if not args.no_enrollment:
+                from bench import enrollment
+
+                enroll_runs = enrollment.run(stack, args.duration, args.warmup, pids)
+                results["enrollment"] = [r.to_json() for r in enroll_runs]
             if not args.no_profile:
                 from bench import profile
 

@@ -227,6 +227,14 @@ def write(results: dict[str, Any], out: Path) -> None:
             runs_table(issue),
             "",
         ]
+    enroll = _runs(results.get("enrollment"))
+    if enroll:
+        parts += [
+            "## Device enrollment: token + CSR in, client certificate out (bench/enrollment.py)",
+            "",
+            runs_table(enroll),
+            "",
+        ]
     parts += [
         "## How the two cores were shared (CPU-seconds per second, measured window)",
         "",

@@ -74,6 +74,22 @@ ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL", "GetRootCRL", "GetIssu
 # Clients and key policies: only administrators change who may do what; operators may look.
 ROLE_METHODS["admin"] |= {"AddClient", "ListClients", "RevokeClient", "UpdateKeyPolicy"}
 ROLE_METHODS["operator"] |= {"ListClients"}
+# Renewal by the holder: the caller's own client certificate (RenewClient, proved by the
+# mutual TLS connection it renews) and mini-CA certificates whose key the caller proves
+# it holds (RenewHeldCertificate): every role, since possession is the credential.
+# Devices: enrollment tokens and deny/allow are administrators'; operators may look.
+ROLE_METHODS["admin"] |= {
+    "CreateEnrollToken",
+    "ListEnrollTokens",
+    "RevokeEnrollToken",
+    "ListDevices",
+    "GetDevice",
+    "DenyDevices",
+    "AllowDevices",
+}
+ROLE_METHODS["operator"] |= {"ListDevices", "GetDevice"}
+for _role in ROLE_METHODS:
+    ROLE_METHODS[_role] |= {"RenewClient", "RenewHeldCertificate"}
 # The audit log: administrators and operators may read it (kmsctl audit tail/verify).
 ROLE_METHODS["admin"] |= {"TailAudit"}
 ROLE_METHODS["operator"] |= {"TailAudit"}

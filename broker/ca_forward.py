@@ -36,6 +36,7 @@ STATE_CHANGING = {
     "IssueCertificate",
     "RevokeCertificate",
     "RenewCertificate",
+    "RenewHeldCertificate",
     "Rotate",
     "RevokeIntermediate",
     "PruneCertificates",

@@ -7,6 +7,8 @@ does. Each client is recorded in the JetStream KV bucket `kms_clients`:
 
     client.<name>       edgekms.v1.Client (role, key pattern, serial, validity, status)
     revoked.<serial>    the client name; the revocation set, never deleted
+    renewal.<serial>    edgekms.v1.ClientRenewal: the certificate that renews this one
+    superseded.<serial> the new serial: a renewed certificate, refused from then on
 
 A name has one live certificate, and restrictions belong to that certificate: the key
 pattern is looked up by the caller's serial, never by the name it claims. A certificate
@@ -22,7 +24,14 @@ Every broker replica follows the bucket with a watcher, so a revocation made any
 refuses the certificate on its very next request (UNAUTHENTICATED, "auth.revoked"),
 with no restart; the replica that revoked adds the serial to its own set before it even
 answers. The AccessGate is what the `rpc` wrapper asks on every request: throttled?
-revoked? expired? which keys may this client touch?
+revoked? superseded? expired? which keys may this client touch?
+
+`RenewClient` is renewal by the certificate itself, over the mutual TLS connection it
+authenticates (docs/security.md, "Renewal by the holder"): renewal.<old> is created
+first (the one place two renewals of one certificate race), then client.<name> moves to
+the new serial, then superseded.<old> retires the old certificate. A crash before the
+last step leaves the old certificate valid and its retry (same request id) finishes;
+after it, only that retry is still let in, and it gets the same certificate back.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from broker.authz import KEY_SCOPED_METHODS
 from broker.buckets import FollowedBucket
 from broker.config import BrokerConfig
+from broker.devices import KINDS as DEVICE_KINDS
+from broker.devices import DeviceBook
 from broker.keys import Context, IdentityCache, rpc
 from broker.paging import page_by_name
 from broker.registry import KeyRegistry
@@ -79,6 +90,7 @@ PATTERN_RE = re.compile(r"^[a-z0-9/._*?\[\]!-]+$")
 MAX_VALIDITY_DAYS = 3650
 FIRST_USE = "(first use)"
 SERIAL_RE = re.compile(r"^[0-9a-f]{1,40}$")
+MAX_REQUEST_ID = 128
 
 
 def serial_hex(serial: int) -> str:
@@ -115,6 +127,12 @@ class ClientRegistry(FollowedBucket):
         # serial (hex) -> the record that issued or first saw that certificate.
         self._by_serial: dict[str, clients_pb2.Client] = {}
         self._revoked: set[str] = set()
+        # old serial (hex) -> client name, for certificates renewed (renewal.<serial>);
+        # and those whose renewal is complete (superseded.<serial>).
+        self._renewed: dict[str, str] = {}
+        self._superseded: set[str] = set()
+        # Enrollment tokens, devices and denied groups (broker.devices).
+        self.devices = DeviceBook()
 
     def _remember(self, record: clients_pb2.Client) -> None:
         self._clients[record.name] = record
@@ -126,6 +144,18 @@ class ClientRegistry(FollowedBucket):
         if kind == "revoked":
             # Revocations are never undone, whatever happens to the entry.
             self._revoked.add(rest)
+            return
+        if kind == "superseded":
+            self._superseded.add(rest)
+            return
+        if kind in DEVICE_KINDS:
+            self.devices.apply(kind, rest, entry)
+            return
+        if kind == "renewal":
+            if entry.value:
+                renewal = clients_pb2.ClientRenewal()
+                renewal.ParseFromString(entry.value)
+                self._renewed[rest] = renewal.name
             return
         if kind != "client":
             return
@@ -143,9 +173,11 @@ class ClientRegistry(FollowedBucket):
 
     def refuse(self, entry: Any, err: TamperedRecord) -> None:
         kind, _, rest = entry.key.partition(".")
-        if kind == "revoked":
+        if kind in ("revoked", "superseded"):
             # Fail closed: a revocation counts whatever its record says.
             self._revoked.add(rest)
+        elif kind in DEVICE_KINDS:
+            self.devices.refuse(kind, rest)
         elif kind == "client":
             # The name's certificate is refused until the record is genuine again:
             # its holder is unknown, and binding it reads the record and fails.
@@ -158,9 +190,80 @@ class ClientRegistry(FollowedBucket):
     def is_revoked(self, serial: int) -> bool:
         return serial_hex(serial) in self._revoked
 
+    def is_superseded(self, serial: int) -> bool:
+        return serial_hex(serial) in self._superseded
+
     def holder(self, serial: str) -> clients_pb2.Client | None:
-        """The record of the certificate with this serial (hex), whatever its name now."""
-        return self._by_serial.get(serial)
+        """The record of the certificate with this serial (hex), whatever its name now; for
+        a renewed certificate, the record of the one that renewed it (same name, role and
+        key pattern), until the old one is superseded."""
+        record = self._by_serial.get(serial)
+        if record is None and serial in self._renewed:
+            record = self._clients.get(self._renewed[serial])
+        return record
+
+    # -- renewal (RenewClient) --------------------------------------------------------
+
+    async def renewal_of(self, serial: str) -> clients_pb2.ClientRenewal | None:
+        try:
+            entry = await self.kv.get(f"renewal.{serial}")
+        except KeyNotFoundError:
+            return None
+        renewal = clients_pb2.ClientRenewal()
+        renewal.ParseFromString(entry.value or b"")
+        return renewal
+
+    async def claim_renewal(self, renewal: clients_pb2.ClientRenewal) -> clients_pb2.ClientRenewal:
+        """Create renewal.<old serial>; the renewal already there if a retry (or a rival)
+        got there first."""
+        try:
+            await self.kv.create(f"renewal.{renewal.old_serial}", renewal.SerializeToString())
+        except KeyWrongLastSequenceError:
+            found = await self.renewal_of(renewal.old_serial)
+            if found is None:
+                raise Unavailable("client.contended", "the renewal is changing") from None
+            return found
+        self._renewed[renewal.old_serial] = renewal.name
+        return renewal
+
+    async def move_to(self, renewal: clients_pb2.ClientRenewal, cert: x509.Certificate) -> None:
+        """Point client.<name> at the new certificate (compare-and-set), unless a retry
+        did already; refused if the name no longer belongs to the old certificate."""
+        key = f"client.{renewal.name}"
+        for _ in range(5):
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                raise NotFound("client.not_found", f"no client named {renewal.name!r}") from None
+            record = clients_pb2.Client()
+            record.ParseFromString(entry.value or b"")
+            if record.serial == renewal.new_serial:
+                self._remember(record)
+                return
+            if (
+                record.serial != renewal.old_serial
+                or record.status != clients_pb2.CLIENT_STATUS_ACTIVE
+            ):
+                raise Unauthenticated(
+                    "auth.revoked",
+                    f"the certificate of client {renewal.name!r} is no longer its own",
+                    {"client": renewal.name, "serial": renewal.old_serial},
+                )
+            record.serial = renewal.new_serial
+            record.not_before = _stamp(cert.not_valid_before_utc)
+            record.not_after = _stamp(cert.not_valid_after_utc)
+            assert entry.revision is not None
+            try:
+                await self.kv.update(key, record.SerializeToString(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            self._remember(record)
+            return
+        raise Unavailable("client.contended", f"client {renewal.name!r} is changing; try again")
+
+    async def supersede(self, old_serial: str, new_serial: str) -> None:
+        await self.kv.put(f"superseded.{old_serial}", new_serial.encode())
+        self._superseded.add(old_serial)
 
     def get(self, name: str) -> clients_pb2.Client | None:
         record = self._clients.get(name)
@@ -184,7 +287,9 @@ class ClientRegistry(FollowedBucket):
     async def reserve(self, name: str, role: str, key_pattern: str, by: str) -> int:
         """Take the name with a pending record; AlreadyExists while an active client has it.
 
-        A revoked name may be given to a new certificate: the old serial stays revoked.
+        A revoked name may be given to a new certificate: the old serial stays revoked. A
+        pending record left by `by` itself (an enrollment whose broker was killed, retried
+        with the same token) is taken over.
         """
         pending = clients_pb2.Client(
             name=name, role=role, key_pattern=key_pattern, created_at=_stamp(), created_by=by
@@ -200,7 +305,12 @@ class ClientRegistry(FollowedBucket):
             raise FailedPrecondition("client.contended", f"client {name!r} is changing") from None
         current = clients_pb2.Client()
         current.ParseFromString(entry.value or b"")
-        if current.status != clients_pb2.CLIENT_STATUS_REVOKED:
+        resumable = (
+            current.status == clients_pb2.CLIENT_STATUS_UNSPECIFIED
+            and by.startswith("enroll:")
+            and current.created_by == by
+        )
+        if current.status != clients_pb2.CLIENT_STATUS_REVOKED and not resumable:
             raise AlreadyExists("client.exists", f"a client named {name!r} exists")
         assert entry.revision is not None
         try:
@@ -330,12 +440,26 @@ class AccessGate:
     def before_identify(self, pem: bytes) -> None:
         self.throttle.check(self.certificate_subject(pem))
 
-    def admit(self, identity: Identity) -> None:
+    def admit(self, identity: Identity, method: str = "") -> None:
         self.throttle.check("client:" + identity.client)
         if self.clients.is_revoked(identity.serial):
             raise Unauthenticated(
                 "auth.revoked",
                 f"the certificate of client {identity.client!r} is revoked",
+                {"client": identity.client, "serial": serial_hex(identity.serial)},
+            )
+        if self.clients.devices.is_denied(identity.client):
+            raise Unauthenticated(
+                "auth.denied",
+                f"device {identity.client!r} is denied",
+                {"client": identity.client, "serial": serial_hex(identity.serial)},
+            )
+        # A renewed certificate may still ask for its renewal's answer again (the
+        # handler checks it is a retry of that very renewal); nothing else.
+        if self.clients.is_superseded(identity.serial) and method != "RenewClient":
+            raise Unauthenticated(
+                "auth.superseded",
+                f"the certificate of client {identity.client!r} was renewed: use the new one",
                 {"client": identity.client, "serial": serial_hex(identity.serial)},
             )
         not_after = datetime.datetime.fromisoformat(identity.not_after)
@@ -432,7 +556,11 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
         )
 
     async def _issue(
-        self, request: clients_pb2.AddClientRequest, public_key: object
+        self,
+        name: str,
+        role: str,
+        public_key: object,
+        not_after: datetime.datetime | None,
     ) -> x509.Certificate:
         checked = check_client_public_key(public_key)
         try:
@@ -450,20 +578,19 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
             timeout=self.config.sign_timeout,
         )
         ca_key = remote_key(signer, record.public_key_der)
-        not_after = None
-        if request.validity_days:
-            not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
-                days=request.validity_days
-            )
         return await asyncio.to_thread(
             client_certificate,
             ca_cert,
             ca_key,  # type: ignore[arg-type]
             checked,
-            request.name,
-            request.role,
+            name,
+            role,
             not_after=not_after,
         )
+
+    def _ca_pem(self) -> str:
+        ca = self._ca_certificate(self.registry.get(INTERNAL_CA_KEY).public_key_der)
+        return ca.public_bytes(serialization.Encoding.PEM).decode()
 
     @rpc("AddClient")
     async def AddClient(
@@ -495,8 +622,13 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
         revision = await self.clients.reserve(
             request.name, request.role, request.key_pattern, identity.client
         )
+        not_after = None
+        if request.validity_days:
+            not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
+                days=request.validity_days
+            )
         try:
-            cert = await self._issue(request, public_key)
+            cert = await self._issue(request.name, request.role, public_key, not_after)
             record = clients_pb2.Client(
                 name=request.name,
                 role=request.role,
@@ -521,11 +653,10 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
                 by=identity.client,
             ),
         )
-        ca_pem = self._ca_certificate(self.registry.get(INTERNAL_CA_KEY).public_key_der)
         return clients_pb2.AddClientResponse(
             client=record,
             certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-            ca_certificate_pem=ca_pem.public_bytes(serialization.Encoding.PEM).decode(),
+            ca_certificate_pem=self._ca_pem(),
         )
 
     @rpc("ListClients")
@@ -564,3 +695,91 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
             extra=fields(client=record.name, serial=record.serial, by=identity.client),
         )
         return record
+
+    @rpc("RenewClient")
+    async def RenewClient(
+        self, request: clients_pb2.RenewClientRequest, context: Context, identity: Identity
+    ) -> clients_pb2.AddClientResponse:
+        """Renewal by the certificate itself (see the module docstring for the order of
+        writes that keeps one of the two certificates valid whatever fails)."""
+        if not request.request_id or len(request.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(
+                "renew.request_id_invalid",
+                f"a renewal needs a request_id of 1 to {MAX_REQUEST_ID} characters",
+            )
+        if request.csr and request.public_key_der:
+            raise InvalidArgument(
+                "renew.key_conflict", "give at most one of a CSR or a public key (rekey)"
+            )
+        if request.validity_days > MAX_VALIDITY_DAYS:
+            raise InvalidArgument(
+                "client.validity_invalid", f"validity is at most {MAX_VALIDITY_DAYS} days"
+            )
+        caller = self.identities.caller_certificate(context)
+        if request.csr:
+            public_key = _load_csr_key(request.csr)
+        elif request.public_key_der:
+            public_key = _load_public_key(request.public_key_der)
+        else:
+            public_key = caller.public_key()
+        check_client_public_key(public_key)
+        wanted_spki = _spki(public_key)
+        old_serial = serial_hex(identity.serial)
+        renewal = await self.clients.renewal_of(old_serial)
+        if renewal is None:
+            if self.clients.is_superseded(identity.serial):
+                raise _superseded(identity)
+            lifetime = caller.not_valid_after_utc - caller.not_valid_before_utc
+            if request.validity_days:
+                lifetime = datetime.timedelta(days=request.validity_days)
+            not_after = datetime.datetime.now(datetime.UTC) + lifetime
+            fresh = await self._issue(identity.client, identity.role, public_key, not_after)
+            renewal = await self.clients.claim_renewal(
+                clients_pb2.ClientRenewal(
+                    name=identity.client,
+                    old_serial=old_serial,
+                    new_serial=serial_hex(fresh.serial_number),
+                    request_id=request.request_id,
+                    certificate_der=fresh.public_bytes(serialization.Encoding.DER),
+                    renewed_at=_stamp(),
+                )
+            )
+        if renewal.request_id != request.request_id:
+            # Renewed already, by another request: only that request's retry may ask.
+            raise _superseded(identity)
+        cert = x509.load_der_x509_certificate(renewal.certificate_der)
+        if _spki(cert.public_key()) != wanted_spki:
+            raise InvalidArgument(
+                "request.id_reused", "this request id renewed the certificate for another key"
+            )
+        await self.clients.move_to(renewal, cert)
+        await self.clients.supersede(old_serial, renewal.new_serial)
+        record = self.clients.get(identity.client)
+        log.info(
+            "client renewed",
+            extra=fields(
+                client=identity.client,
+                old_serial=old_serial,
+                serial=renewal.new_serial,
+                rekey=wanted_spki != _spki(caller.public_key()),
+            ),
+        )
+        return clients_pb2.AddClientResponse(
+            client=record,
+            certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            ca_certificate_pem=self._ca_pem(),
+        )
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined,no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _superseded(identity: Identity) -> Unauthenticated:
+    return Unauthenticated(
+        "auth.superseded",
+        f"the certificate of client {identity.client!r} was renewed already: use the new one",
+        {"client": identity.client, "serial": serial_hex(identity.serial)},
+    )

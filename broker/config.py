@@ -72,6 +72,9 @@ class BrokerConfig:
     idle_timeout: float = 300.0
     keepalive_interval: float = 60.0
     keepalive_timeout: float = 20.0
+    # The enrollment listener (server-only TLS: EnrollmentService and health only);
+    # "" for none. docs/security.md, "Enrollment".
+    enroll_listen: str = ""
 
 
 def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
@@ -98,6 +101,7 @@ KNOWN_FIELDS = frozenset(
         "keepalive_interval",
         "keepalive_timeout",
         "ca",
+        "enroll_listen",
         "tls",
         *BUS_FIELDS,
         *SEAL_FIELDS,
@@ -167,4 +171,5 @@ def load_config(path: Path) -> BrokerConfig:
         keepalive_interval=_seconds(raw, "keepalive_interval", 60.0, path),
         keepalive_timeout=_seconds(raw, "keepalive_timeout", 20.0, path),
         ca=ca,
+        enroll_listen=str(raw.get("enroll_listen", "")),
     )

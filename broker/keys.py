@@ -100,11 +100,22 @@ class IdentityCache:
         self.gate = gate
 
     @staticmethod
+    def caller_certificate(context: Context) -> x509.Certificate:
+        """The certificate the caller's mutual TLS connection presented (identify() has
+        admitted it before any handler runs)."""
+        pem = IdentityCache._pem(context)
+        if pem is None:
+            raise Unauthenticated("auth.no_certificate", "no client certificate")
+        return x509.load_pem_x509_certificate(pem)
+
+    @staticmethod
     def _pem(context: Context) -> bytes | None:
         pems = list(context.auth_context().get("x509_pem_cert") or [])
         return pems[0] if pems else None
 
-    async def identify(self, context: Context, scope: AuditScope | None = None) -> Identity:
+    async def identify(
+        self, context: Context, scope: AuditScope | None = None, method: str = ""
+    ) -> Identity:
         """Who is calling, admitted (not throttled, revoked or expired) and on record.
 
         The certificate is read before the gate's checks and handed to `scope` at once, so
@@ -131,7 +142,7 @@ class IdentityCache:
             if self.gate is not None:
                 self.gate.before_identify(pem)
         if self.gate is not None:
-            self.gate.admit(identity)
+            self.gate.admit(identity, method)
             await self.gate.bind(identity)
         return identity
 
@@ -160,7 +171,7 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
             scope = AuditScope.for_request(getattr(self, "audit", None), method, request)
             bound = scope.bind()
             try:
-                identity = await self.identities.identify(context, scope)
+                identity = await self.identities.identify(context, scope, method)
                 check_method(identity, method)
                 if isinstance(request, Malformed):
                     raise InvalidArgument(

@@ -14,6 +14,7 @@ import signal
 
 import grpc
 import grpc.aio
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.client import Client as NATS
 
@@ -23,6 +24,8 @@ from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
 from broker.clients import AccessGate, ClientRegistry, ClientService
 from broker.config import BrokerConfig
+from broker.devices import DeviceStore
+from broker.enrollment import DeviceService, EnrollmentService
 from broker.idempotency import IdempotencyStore
 from broker.keys import IdentityCache, KeyService, SystemService
 from broker.registry import KeyRegistry
@@ -36,6 +39,7 @@ from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import (
     audit_pb2,
     clients_pb2,
+    enroll_pb2,
     keys_pb2,
 )
 
@@ -47,7 +51,9 @@ SERVICE_NAMES = (
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     CA_SERVICE.full_name,
     clients_pb2.DESCRIPTOR.services_by_name["ClientService"].full_name,
+    enroll_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
 )
+ENROLL_SERVICE = enroll_pb2.DESCRIPTOR.services_by_name["EnrollmentService"]
 # Largest gRPC message accepted: an Ed25519 message of 64 KiB plus the envelope.
 MAX_MESSAGE = 256 * 1024
 
@@ -57,6 +63,9 @@ class Broker:
         self.config = config
         self.nc: NATS | None = None
         self.server: grpc.aio.Server | None = None
+        # The enrollment listener (server-only TLS), when configured.
+        self.enroll_server: grpc.aio.Server | None = None
+        self.enroll_port: int = 0
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.registry: KeyRegistry | None = None
         self.clients: ClientRegistry | None = None
@@ -165,22 +174,28 @@ class Broker:
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
             audit_pb2,
         )
+        client_service = ClientService(
+            cfg,
+            self.registry,
+            self.clients,
+            # Client certificates are signed with the internal CA's key, a key of
+            # class "internal", through that class's subjects.
+            CryptoClient(self.nc, default_timeout=cfg.sign_timeout, key_class=KEY_CLASS_INTERNAL),
+            identities,
+            audit,
+        )
         wire.register(
             self.server,
-            ClientService(
-                cfg,
-                self.registry,
-                self.clients,
-                # Client certificates are signed with the internal CA's key, a key of
-                # class "internal", through that class's subjects.
-                CryptoClient(
-                    self.nc, default_timeout=cfg.sign_timeout, key_class=KEY_CLASS_INTERNAL
-                ),
-                identities,
-                audit,
-            ),
+            client_service,
             clients_pb2.DESCRIPTOR.services_by_name["ClientService"],
             clients_pb2,
+        )
+        device_store = DeviceStore(self.clients.kv, self.clients.devices)
+        wire.register(
+            self.server,
+            DeviceService(self.nc, self.clients, client_service, device_store, identities, audit),
+            enroll_pb2.DESCRIPTOR.services_by_name["DeviceService"],
+            enroll_pb2,
         )
         self.server.add_generic_rpc_handlers(
             (CAForwarder(self.nc, identities, idempotency, audit).handler(),)
@@ -195,12 +210,57 @@ class Broker:
         self.port = self.server.add_secure_port(cfg.listen, credentials)
         if self.port == 0:
             raise Unavailable("broker.listen_failed", f"cannot listen on {cfg.listen}")
+        if cfg.enroll_listen:
+            await self._start_enrollment(client_service, device_store, audit)
         await self.server.start()
         await self._set_serving(True)
         log.info("broker ready", extra=fields(listen=cfg.listen, port=self.port))
 
+    async def _start_enrollment(
+        self, issuer: ClientService, store: DeviceStore, audit: AuditWriter
+    ) -> None:
+        """The enrollment listener: server-only TLS (a device has no client certificate
+        yet), EnrollmentService and health only, so nothing else is reachable without a
+        certificate. Its chain carries the internal CA, for the device to pin by
+        fingerprint on first contact (docs/security.md, "Enrollment")."""
+        cfg = self.config
+        assert self.clients is not None
+        leaf = x509.load_pem_x509_certificate(cfg.tls.cert.read_bytes())
+        try:
+            names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            server_name = (names.get_values_for_type(x509.DNSName) or [""])[0]
+        except x509.ExtensionNotFound:
+            server_name = ""
+        self.enroll_server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024),
+                ("grpc.so_reuseport", 0),
+                ("grpc.server_handshake_timeout_ms", int(cfg.handshake_timeout * 1000)),
+                ("grpc.max_connection_idle_ms", int(cfg.idle_timeout * 1000)),
+            ]
+        )
+        wire.register(
+            self.enroll_server,
+            EnrollmentService(self.clients, issuer, store, self.port, server_name, audit),
+            ENROLL_SERVICE,
+            enroll_pb2,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.enroll_server)
+        chain = cfg.tls.cert.read_bytes().rstrip() + b"\n" + cfg.tls.client_ca.read_bytes()
+        credentials = grpc.ssl_server_credentials(
+            [(cfg.tls.key.read_bytes(), chain)], require_client_auth=False
+        )
+        self.enroll_port = self.enroll_server.add_secure_port(cfg.enroll_listen, credentials)
+        if self.enroll_port == 0:
+            raise Unavailable("broker.listen_failed", f"cannot listen on {cfg.enroll_listen}")
+        await self.enroll_server.start()
+        log.info("enrollment ready", extra=fields(listen=cfg.enroll_listen, port=self.enroll_port))
+
     async def stop(self, grace: float = 5.0) -> None:
         await self._set_serving(False)
+        if self.enroll_server is not None:
+            await self.enroll_server.stop(grace)
         if self.server is not None:
             await self.server.stop(grace)
         if self.registry is not None:

@@ -53,8 +53,10 @@ from edgekms.errors import (
     InvalidArgument,
     KMSError,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
+from edgekms.renewal_proof import verify_renewal
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
@@ -476,6 +478,114 @@ class CertificateAuthority:
         return await self._issue_plan(
             plan, req.requester or old.requester, old.serial, request_id=req.request_id
         )
+
+    async def renew_held(
+        self, req: ca_pb2.RenewHeldCertificateRequest
+    ) -> ca_pb2.IssueCertificateResponse:
+        """Renewal by the holder, proved by possession of the certified key (the CSR's
+        self-signature, plus the old key's signature for a new key). The new certificate
+        is stored first, then the old one is revoked with reason superseded: a crash in
+        between leaves the old one valid, and the retry (same request id) finds the stored
+        certificate (its serial comes from the request id) and finishes."""
+        if not req.request_id or len(req.request_id) > 128:
+            raise InvalidArgument(
+                "renew.request_id_invalid", "a renewal needs a request_id of 1 to 128 characters"
+            )
+        try:
+            held = x509.load_der_x509_certificate(req.certificate_der)
+        except ValueError:
+            raise InvalidArgument(
+                "renew.certificate_invalid", "certificate_der is not a DER certificate"
+            ) from None
+        old, _ = await self.store.get_record(serial_hex(held.serial_number))
+        if old.certificate_der != req.certificate_der:
+            raise InvalidArgument(
+                "renew.certificate_unknown", "this CA did not issue this certificate"
+            )
+        retry = (
+            old.status == ca_pb2.CERTIFICATE_STATUS_REVOKED
+            and old.revocation_reason == ca_pb2.REVOCATION_REASON_SUPERSEDED
+            and (old.revocation_request_id, old.revoked_by) == (req.request_id, req.requester)
+        )
+        if not retry and old.superseded_by and old.status != ca_pb2.CERTIFICATE_STATUS_REVOKED:
+            # Stored by this very request before a crash kept it from revoking the old one?
+            newer = await self.store.find_record(int(old.superseded_by, 16))
+            retry = newer is not None and (newer.request_id, newer.renewed_from) == (
+                req.request_id,
+                old.serial,
+            )
+        if not retry:
+            if old.status == ca_pb2.CERTIFICATE_STATUS_REVOKED:
+                superseded = old.revocation_reason == ca_pb2.REVOCATION_REASON_SUPERSEDED
+                raise FailedPrecondition(
+                    "cert.superseded" if superseded else "cert.revoked",
+                    f"certificate {old.serial} is revoked: it cannot be renewed",
+                    {"serial": old.serial},
+                )
+            if old.superseded_by:
+                raise FailedPrecondition(
+                    "cert.superseded",
+                    f"certificate {old.serial} was renewed as {old.superseded_by} already",
+                    {"serial": old.serial},
+                )
+            if held.not_valid_after_utc <= _now():
+                raise FailedPrecondition(
+                    "cert.expired",
+                    f"certificate {old.serial} expired at {old.not_after}: issue a new one",
+                    {"serial": old.serial},
+                )
+        csr = load_csr(req.csr)
+        csr_der = csr.public_bytes(serialization.Encoding.DER)
+        old_public = held.public_key()
+        new_public = csr.public_key()
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if new_public.public_bytes(serialization.Encoding.DER, spki) != old_public.public_bytes(
+            serialization.Encoding.DER, spki
+        ) and not verify_renewal(old_public, csr_der, req.old_key_signature):
+            raise PermissionDenied(
+                "renew.proof_invalid",
+                "a new key needs the old key's signature over the request",
+                {"serial": old.serial},
+            )
+        if not isinstance(new_public, PublicKey):
+            raise InvalidArgument(
+                "csr.key_type_not_allowed", f"{type(new_public).__name__} keys are not certified"
+            )
+        profile = get_profile(self.profiles, old.profile)
+        try:
+            san: x509.SubjectAlternativeName | None = held.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+        except x509.ExtensionNotFound:
+            san = None
+        days, seconds = req.validity_days, req.validity_seconds
+        if not days and not seconds:
+            lifetime = held.not_valid_after_utc - held.not_valid_before_utc
+            seconds = int(min(lifetime, profile.max_validity).total_seconds())
+        plan = make_plan(profile, held.subject, new_public, san, days, seconds)
+        # Issued under the original requester: a device's certificates stay its own (a
+        # deny of the device revokes them), whoever presents the proof.
+        response = await self._issue_plan(
+            plan, old.requester or req.requester, old.serial, request_id=req.request_id
+        )
+        number = await self.store.next_crl_number()
+        record, _ = await self.store.revoke(
+            old.serial,
+            ca_pb2.REVOCATION_REASON_SUPERSEDED,
+            _now(),
+            req.requester,
+            req.request_id,
+            number,
+        )
+        self.catalog.note(record)
+        self.crl_jobs.want(record.revocation_crl_number or number)
+        log.info(
+            "event=ca_renewed_by_holder old=%s new=%s requester=%s",
+            old.serial,
+            response.record.serial,
+            req.requester,
+        )
+        return response
 
     async def get(self, req: ca_pb2.GetCertificateRequest) -> ca_pb2.GetCertificateResponse:
         record, _ = await self.store.get_record(req.serial)

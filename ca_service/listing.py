@@ -60,6 +60,7 @@ class Row(NamedTuple):
     reason: int
     issuer_key_id: str  # empty: the first intermediate's (ca_service.hierarchy.belongs_to)
     blob: bytes
+    requester: str = ""
 
     @property
     def key(self) -> SortKey:
@@ -91,6 +92,7 @@ def make_row(record: ca_pb2.CertificateRecord) -> Row:
         reason=record.revocation_reason,
         issuer_key_id=record.issuer_key_id,
         blob=record.SerializeToString(),
+        requester=record.requester,
     )
 
 
@@ -135,6 +137,7 @@ class Query:
     now: str
     page_size: int
     start_after: SortKey | None
+    requester: str = ""
 
     @classmethod
     def parse(cls, req: ca_pb2.ListCertificatesRequest, now: datetime.datetime) -> Query:
@@ -144,7 +147,7 @@ class Query:
             )
         if req.state not in ca_pb2.CertificateState.values():
             raise InvalidArgument("list.state_unknown", f"unknown certificate state {req.state}")
-        if len(req.match) > _MATCH_MAX or len(req.profile) > _MATCH_MAX:
+        if max(len(req.match), len(req.profile), len(req.requester)) > _MATCH_MAX:
             raise InvalidArgument("list.filter_invalid", "a filter is too long")
         issued_after = ""
         if req.issued_after:
@@ -174,6 +177,7 @@ class Query:
             now=_rfc3339(now),
             page_size=req.page_size or DEFAULT_PAGE_SIZE,
             start_after=decode_token(req.page_token) if req.page_token else None,
+            requester=req.requester,
         )
 
     def accepts(self, record: Row) -> bool:
@@ -188,6 +192,8 @@ class Query:
         if self.state == ca_pb2.CERTIFICATE_STATE_SUPERSEDED and not record.superseded_by:
             return False
         if self.profile and record.profile != self.profile:
+            return False
+        if self.requester and record.requester != self.requester:
             return False
         # "Expiring" means still valid now and ending before the horizon.
         if self.expiring_before and (revoked or expired or record.not_after > self.expiring_before):

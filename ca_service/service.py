@@ -71,6 +71,7 @@ def operations(ca: CertificateAuthority) -> dict[str, tuple[type[Message], natsr
         "RevokeIntermediate": (ca_pb2.RevokeIntermediateRequest, ca.revoke_intermediate),
         "Rotate": (ca_pb2.RotateCARequest, ca.rotate),
         "PruneCertificates": (ca_pb2.PruneCertificatesRequest, ca.prune),
+        "RenewHeldCertificate": (ca_pb2.RenewHeldCertificateRequest, ca.renew_held),
     }
 
 

@@ -122,6 +122,9 @@ class StackOptions:
     data_dir: Path
     nats_port: int = 4222
     broker_listen: str = "127.0.0.1:8443"
+    # The broker's enrollment listener (server-only TLS); "" : the broker's host and the
+    # port after its own (8444 for 8443).
+    enroll_listen: str = ""
     provider_id: str = "hsm0"
     token_label: str = "edgekms"  # noqa: S105 - a label, not a secret
     # None: no TPM service; "swtpm": start swtpm for development; otherwise a TCTI
@@ -446,6 +449,13 @@ class Stack:
             ready=ready,
         )
 
+    @property
+    def enroll_listen(self) -> str:
+        if self.options.enroll_listen:
+            return self.options.enroll_listen
+        host, _, port = self.options.broker_listen.rpartition(":")
+        return f"{host}:{int(port) + 1}"
+
     def _broker_child(self) -> Child:
         pki = self.layout.pki
         conf = self.layout.config / "broker.toml"
@@ -459,6 +469,7 @@ class Stack:
                 f"default_provider = {json.dumps(self.options.provider_id)}\n"
                 f"providers = {json.dumps(self.options.providers)}\n"
                 "ca = true\n"
+                f"enroll_listen = {json.dumps(self.enroll_listen)}\n"
                 "[tls]\n"
                 f"cert = {json.dumps(str(pki.broker_cert))}\n"
                 f"key = {json.dumps(str(pki.broker_key))}\n"
@@ -524,6 +535,7 @@ class Stack:
             "ready": ready,
             "nats_url": self.nats_url,
             "broker": self.options.broker_listen,
+            "enroll": self.enroll_listen,
             "ca_http": self.options.ca_http,
             "client_config": str(self.layout.client_dir / "config.toml"),
             "pid": os.getpid(),

@@ -39,6 +39,7 @@ GRPC_FILES = {
     Path("edgekms/v1/ca.proto"),
     Path("edgekms/v1/audit.proto"),
     Path("edgekms/v1/clients.proto"),
+    Path("edgekms/v1/enroll.proto"),
 }
 
 

@@ -87,6 +87,8 @@ def _parse(
         raise
     if isinstance(command, click.Group):
         rest = [*ctx._protected_args, *ctx.args]
+        if not rest and command.invoke_without_command:
+            return  # a group that runs itself (`kmsctl enroll --token ...`)
         sub_name, sub, sub_args = command.resolve_command(ctx, rest)
         assert sub is not None and sub_name is not None
         _parse(sub, sub_name, sub_args, ctx)

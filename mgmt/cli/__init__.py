@@ -25,6 +25,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "cert": ("certs", "cert_export"),
     "audit": ("audit",),
     "client": ("clients",),
+    "enroll": ("enroll",),
+    "device": ("devices",),
     "tpm": ("tpm",),
     "completion": ("completion",),
 }
@@ -43,6 +45,8 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "cert": "Certificates from the mini-CA: issue, list, show, revoke, renew.",
     "audit": "Read the hash-chained audit log and verify it.",
     "client": "Clients of the broker: their certificates, roles and key patterns.",
+    "enroll": "Enroll this device with a one-time token, or manage tokens (`enroll token`).",
+    "device": "Enrolled devices: list, show, deny and allow (one device or a --group).",
     "tpm": "The TPM behind crypto service tpm0.",
     "completion": "Print the shell completion script for bash, zsh or fish.",
 }

@@ -407,27 +407,101 @@ def revoke_cmd(
 
 
 @cert_group.command("renew")
-@click.argument("serial")
+@click.argument("serial", required=False, default="")
+@click.option(
+    "--self",
+    "by_holder",
+    is_flag=True,
+    help="Renewal by the holder: prove possession of --key instead of naming a SERIAL "
+    "(any role); the old certificate is revoked as superseded.",
+)
+@click.option(
+    "--cert",
+    "cert_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --self: the certificate to renew (PEM; a chain file's first certificate).",
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --self: its private key (PEM).",
+)
+@click.option("--rekey", is_flag=True, help="With --self: certify a new key of the same type.")
+@click.option(
+    "--key-out",
+    default=None,
+    help="With --rekey: where the new key goes (0600). [default: --key, replaced]",
+)
 @click.option("--days", type=click.IntRange(min=0), default=0, help="0: the profile's default.")
 @click.option("--ttl", default=None, help=_TTL_HELP)
-@click.option("--out", required=True, help="The new certificate then chain, PEM.")
+@click.option(
+    "--out",
+    default=None,
+    help="The new certificate then chain, PEM. [default: --cert with --self; else required]",
+)
 @output_option
 @client_options
 def renew_cmd(
     serial: str,
+    by_holder: bool,
+    cert_path: Path | None,
+    key_path: Path | None,
+    rekey: bool,
+    key_out: str | None,
     days: int,
     ttl: str | None,
-    out: str,
+    out: str | None,
     output: str,
     data_dir: Path,
     config_path: Path | None,
 ) -> None:
-    """A new certificate (new serial) for the same key, subject and SANs; the old one
-    stays valid until it expires or is revoked."""
+    """A new certificate (new serial) for the same subject and SANs.
+
+    \b
+    By serial (operators): same key; the old one stays valid until it expires or is
+    revoked:
+      kmsctl cert renew 5F1C... --out nas.crt
+    By the holder (--self, any role): proof of possession of the key; the old one is
+    revoked with reason superseded once the new one is stored:
+      kmsctl cert renew --self --cert nas.crt --key nas.key
+      kmsctl cert renew --self --cert nas.crt --key nas.key --rekey
+    A revoked, expired or already renewed certificate is refused (exit 6).
+    """
     seconds = lifetime_seconds(days, ttl)
-    with open_client(data_dir, config_path) as kms:
-        response = kms.renew_certificate(normalize_serial(serial), days, validity_seconds=seconds)
-    write_output(out, _pem_chain(response.certificate_der, list(response.chain_der)))
+    if by_holder:
+        if serial:
+            raise click.UsageError("--self renews the certificate of --cert: no SERIAL")
+        if cert_path is None or key_path is None:
+            raise click.UsageError("--self needs --cert and --key")
+        from mgmt.renew import key_pem, load_certificate, load_private_key, renew_held
+
+        cert = load_certificate(cert_path)
+        key = load_private_key(key_path)
+        with open_client(data_dir, config_path) as kms:
+            done = renew_held(
+                kms, cert, key, rekey=rekey, validity_days=days, validity_seconds=seconds
+            )
+        response = done.response
+        if done.new_key is not None:
+            from mgmt.pki import write_private
+
+            write_private(Path(key_out or str(key_path)), key_pem(done.new_key))
+        write_output(
+            out or str(cert_path), _pem_chain(response.certificate_der, list(response.chain_der))
+        )
+    else:
+        if not serial or cert_path or key_path or rekey or key_out:
+            raise click.UsageError("give a SERIAL, or --self with --cert and --key")
+        if out is None:
+            raise click.UsageError("--out is required with a SERIAL")
+        with open_client(data_dir, config_path) as kms:
+            response = kms.renew_certificate(
+                normalize_serial(serial), days, validity_seconds=seconds
+            )
+        write_output(out, _pem_chain(response.certificate_der, list(response.chain_der)))
     if output == "json":
         echo_json(record_to_dict(response.record))
     else:

@@ -85,6 +85,7 @@ def client_group() -> None:
       kmsctl client add phone --role signer --p12 --password-file pw.txt --out-dir .
       kmsctl client list -o json
       kmsctl client revoke nas-signer
+      kmsctl client renew --rekey          # the caller's own certificate
     """
 
 
@@ -238,6 +239,43 @@ def revoke_cmd(
         return
     who = f"client {client.name}" if client.name else "certificate"
     click.echo(f"{who} revoked (serial {client.serial})")
+
+
+@client_group.command("renew")
+@click.option("--rekey", is_flag=True, help="Make a new key (same type) and certify it instead.")
+@click.option(
+    "--days", type=click.IntRange(1, 3650), default=None, help="[default: the old lifetime]"
+)
+@output_option
+@client_options
+def renew_cmd(
+    rekey: bool, days: int | None, output: str, data_dir: Path, config_path: Path | None
+) -> None:
+    """Renew the client certificate this config connects with, by itself.
+
+    \b
+      kmsctl client renew --config dev/config.toml            # same key
+      kmsctl client renew --rekey -o json                      # a new key too
+    The certificate (and with --rekey the key) the config names are replaced; the old
+    certificate is refused by the broker from then on (auth.superseded). Any role may
+    renew its own certificate; a revoked, expired or denied one cannot.
+    """
+    from mgmt.renew import renew_client_config
+
+    done = renew_client_config(
+        config_path or resolve_config(data_dir), rekey=rekey, validity_days=days or 0
+    )
+    if output == "json":
+        echo_json(
+            {
+                **client_to_dict(done.response.client),
+                "rekeyed": done.rekeyed,
+                "files": [str(done.cert_path)] + ([str(done.key_path)] if done.rekeyed else []),
+            }
+        )
+        return
+    client = done.response.client
+    click.echo(f"client {client.name}: renewed, serial {client.serial}, until {client.not_after}")
 
 
 def register(cli: click.Group) -> None:

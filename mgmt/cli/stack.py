@@ -33,6 +33,12 @@ log = logging.getLogger("kmsctl.up")
     help="Where the broker listens (host:port). Use 0.0.0.0:8443 to serve the LAN.",
 )
 @click.option(
+    "--enroll-listen",
+    default="",
+    help="The broker's enrollment listener (server-only TLS, `kmsctl enroll` only). "
+    "[default: the broker's host, its port + 1]",
+)
+@click.option(
     "--tpm",
     default=None,
     metavar="swtpm|DEVICE|TCTI",
@@ -97,6 +103,7 @@ def up(
     data_dir: Path,
     nats_port: int,
     broker_listen: str,
+    enroll_listen: str,
     tpm: str | None,
     swtpm_port: int | None,
     ca_http: str,
@@ -117,7 +124,8 @@ def up(
       kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device);
                       swtpm on 0600 Unix sockets, provisioned (`kmsctl tpm provision`)
       kmsctl ca serve the mini-CA on NATS, and HTTP for CRL/OCSP on --ca-http
-      kms-broker      gRPC with mutual TLS on --broker-listen
+      kms-broker      gRPC with mutual TLS on --broker-listen, and device
+                      enrollment (server-only TLS) on --enroll-listen
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
     key is generated inside the token, the broker's certificate and an admin client
     certificate, with a client config that every later command uses.
@@ -145,11 +153,12 @@ def up(
     except KMSError as exc:
         _refuse(exc)
     try:
-        _take_over_and_check(data_dir, lock, nats_port, broker_listen, ca_http)
+        _take_over_and_check(data_dir, lock, nats_port, broker_listen, enroll_listen, ca_http)
         _run_up(
             data_dir,
             nats_port,
             broker_listen,
+            enroll_listen,
             tpm,
             swtpm_port,
             ca_http,
@@ -168,7 +177,12 @@ def _refuse(exc: KMSError) -> NoReturn:
 
 
 def _take_over_and_check(
-    data_dir: Path, lock: stacklock.StackLock, nats_port: int, broker_listen: str, ca_http: str
+    data_dir: Path,
+    lock: stacklock.StackLock,
+    nats_port: int,
+    broker_listen: str,
+    enroll_listen: str,
+    ca_http: str,
 ) -> None:
     """Holding the lock, no live supervisor runs on this data dir: end what a killed one
     left running there, then check that every port the stack needs is free."""
@@ -183,10 +197,15 @@ def _take_over_and_check(
             extra=fields(previous_pid=lock.previous_pid, ended=reaped),
         )
     try:
+        broker = stacklock.split_listen("--broker-listen", broker_listen)
         stacklock.check_ports(
             {
                 "--nats-port": ("127.0.0.1", nats_port),
-                "--broker-listen": stacklock.split_listen("--broker-listen", broker_listen),
+                "--broker-listen": broker,
+                # Its default: the broker's host, the port after the broker's (mgmt.stack).
+                "--enroll-listen": stacklock.split_listen(
+                    "--enroll-listen", enroll_listen or f"{broker[0]}:{broker[1] + 1}"
+                ),
                 "--ca-http": stacklock.split_listen("--ca-http", ca_http),
             }
         )
@@ -198,6 +217,7 @@ def _run_up(
     data_dir: Path,
     nats_port: int,
     broker_listen: str,
+    enroll_listen: str,
     tpm: str | None,
     swtpm_port: int | None,
     ca_http: str,
@@ -213,6 +233,7 @@ def _run_up(
         data_dir=data_dir,
         nats_port=nats_port,
         broker_listen=broker_listen,
+        enroll_listen=enroll_listen,
         tpm=tpm,
         ca_http=ca_http,
         ca_base_url=ca_base_url,

@@ -45,6 +45,8 @@ from edgekms.v1 import (
     clients_pb2,
     clients_pb2_grpc,
     common_pb2,
+    enroll_pb2,
+    enroll_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
 )
@@ -177,6 +179,7 @@ class KMSClient:
         self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
         self._clients = clients_pb2_grpc.ClientServiceStub(self._channel)
         self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
+        self._devices = enroll_pb2_grpc.DeviceServiceStub(self._channel)
         self._key_types: dict[str, KeyType] = {}
 
     @classmethod
@@ -401,6 +404,27 @@ class KMSClient:
         )
         return self._call("AddClient", self._clients.AddClient, request, None)
 
+    def renew_client(
+        self,
+        *,
+        csr: bytes = b"",
+        public_key_der: bytes = b"",
+        validity_days: int = 0,
+        request_id: str | None = None,
+    ) -> clients_pb2.AddClientResponse:
+        """Renew the certificate this client connects with (renewal by the holder): the
+        same key, or with `csr`/`public_key_der` a new one. The old certificate is refused
+        ("auth.superseded") once the new one is stored; a retry with the same request_id
+        (also after that) gets the same certificate. mgmt.renew.renew_client_config does
+        this for a config and its files."""
+        request = clients_pb2.RenewClientRequest(
+            csr=csr,
+            public_key_der=public_key_der,
+            validity_days=validity_days,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("RenewClient", self._clients.RenewClient, request, None)
+
     def list_clients(
         self, include_revoked: bool = False, *, page_size: int = 0
     ) -> list[clients_pb2.Client]:
@@ -616,6 +640,112 @@ class KMSClient:
             request_id=request_id or new_request_id(),
         )
         return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
+
+    def renew_held_certificate(
+        self,
+        certificate_der: bytes,
+        csr: bytes,
+        *,
+        old_key_signature: bytes = b"",
+        validity_days: int = 0,
+        validity_seconds: int = 0,
+        request_id: str | None = None,
+    ) -> ca_pb2.IssueCertificateResponse:
+        """Renew a mini-CA certificate by proving possession of its key (any role may):
+        `csr` signed by the old key, or for a new key signed by it plus the old key's
+        `old_key_signature` (edgekms.renewal_proof). The old certificate is revoked with
+        reason superseded once the new one is stored. mgmt.renew.renew_held builds the
+        request from the files."""
+        request = ca_pb2.RenewHeldCertificateRequest(
+            certificate_der=certificate_der,
+            csr=csr,
+            old_key_signature=old_key_signature,
+            validity_days=validity_days,
+            validity_seconds=validity_seconds,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("RenewHeldCertificate", self._ca.RenewHeldCertificate, request, None)
+
+    # -- DeviceService (enrollment tokens, the device registry) ------------------------
+
+    def create_enroll_token(
+        self,
+        name: str,
+        profile: str = "device",
+        *,
+        sans: list[str] | None = None,
+        ttl_seconds: int = 0,
+        group: str = "",
+    ) -> enroll_pb2.CreateEnrollTokenResponse:
+        """A one-time enrollment token for device `name` (its string is only here)."""
+        request = enroll_pb2.CreateEnrollTokenRequest(
+            name=name, profile=profile, sans=sans or [], ttl_seconds=ttl_seconds, group=group
+        )
+        return self._call("CreateEnrollToken", self._devices.CreateEnrollToken, request, None)
+
+    def iter_enroll_tokens(self, include_spent: bool = False) -> Iterator[enroll_pb2.EnrollToken]:
+        request = enroll_pb2.ListEnrollTokensRequest(include_spent=include_spent)
+        while True:
+            page = self._call("ListEnrollTokens", self._devices.ListEnrollTokens, request, None)
+            yield from page.tokens
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def revoke_enroll_token(self, token_id: str) -> enroll_pb2.EnrollToken:
+        request = enroll_pb2.RevokeEnrollTokenRequest(id=token_id)
+        return self._call("RevokeEnrollToken", self._devices.RevokeEnrollToken, request, None)
+
+    def list_devices_page(
+        self, request: enroll_pb2.ListDevicesRequest
+    ) -> enroll_pb2.ListDevicesResponse:
+        return self._call("ListDevices", self._devices.ListDevices, request, None)
+
+    def iter_devices(
+        self, *, group: str = "", denied_only: bool = False, page_size: int = 0
+    ) -> Iterator[enroll_pb2.Device]:
+        """Every device (by name), a page at a time as the iteration goes."""
+        request = enroll_pb2.ListDevicesRequest(
+            group=group, denied_only=denied_only, page_size=page_size
+        )
+        while True:
+            page = self.list_devices_page(request)
+            yield from page.devices
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def get_device(self, name: str) -> enroll_pb2.Device:
+        return self._call(
+            "GetDevice", self._devices.GetDevice, enroll_pb2.GetDeviceRequest(name=name), None
+        )
+
+    def deny_devices(
+        self,
+        *,
+        name: str = "",
+        group: str = "",
+        batch: int = 0,
+        progress: Callable[[enroll_pb2.DenyDevicesResponse], None] | None = None,
+    ) -> enroll_pb2.DenyDevicesResponse:
+        """Deny a device or a group (refused at once), revoking every certificate of each
+        device batch by batch; `progress` sees each batch's answer. Returns the totals."""
+        request = enroll_pb2.DenyDevicesRequest(name=name, group=group, batch=batch)
+        total = enroll_pb2.DenyDevicesResponse()
+        while True:
+            answer = self._call("DenyDevices", self._devices.DenyDevices, request, 120.0)
+            total.devices_denied += answer.devices_denied
+            total.certificates_revoked += answer.certificates_revoked
+            total.devices_total = answer.devices_total
+            if progress is not None:
+                progress(answer)
+            if not answer.next_cursor:
+                return total
+            request.cursor = answer.next_cursor
+
+    def allow_devices(self, *, name: str = "", group: str = "") -> enroll_pb2.AllowDevicesResponse:
+        request = enroll_pb2.AllowDevicesRequest(name=name, group=group)
+        return self._call("AllowDevices", self._devices.AllowDevices, request, None)
 
     def get_crl(self) -> ca_pb2.GetCRLResponse:
         """The whole current CRL. A large CRL comes in chunks (ca.proto GetCRL); they are

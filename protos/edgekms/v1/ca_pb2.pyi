@@ -570,6 +570,7 @@ class ListCertificatesRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     EXPIRING_WITHIN_SECONDS_FIELD_NUMBER: _builtins.int
     ISSUED_AFTER_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
     revoked_only: _builtins.bool
     expiring_within_days: _builtins.int
     """Only valid certificates whose notAfter falls within this many days (0: no filter)."""
@@ -587,6 +588,8 @@ class ListCertificatesRequest(_message.Message):
     """Like expiring_within_days, in seconds (for lifetimes shorter than a day)."""
     issued_after: _builtins.str
     """RFC 3339 UTC ("2026-01-31T00:00:00Z"): only certificates issued after it."""
+    requester: _builtins.str
+    """Only certificates this requester asked for (exactly; a device's name)."""
     def __init__(
         self,
         *,
@@ -599,10 +602,11 @@ class ListCertificatesRequest(_message.Message):
         state: Global___CertificateState.ValueType = ...,
         expiring_within_seconds: _builtins.int = ...,
         issued_after: _builtins.str = ...,
+        requester: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_within_days", b"expiring_within_days", "expiring_within_seconds", b"expiring_within_seconds", "issued_after", b"issued_after", "match", b"match", "page_size", b"page_size", "page_token", b"page_token", "profile", b"profile", "revoked_only", b"revoked_only", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_within_days", b"expiring_within_days", "expiring_within_seconds", b"expiring_within_seconds", "issued_after", b"issued_after", "match", b"match", "page_size", b"page_size", "page_token", b"page_token", "profile", b"profile", "requester", b"requester", "revoked_only", b"revoked_only", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1192,3 +1196,57 @@ class ListProfilesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListProfilesResponse: _TypeAlias = ListProfilesResponse  # noqa: Y015
+
+@_typing.final
+class RenewHeldCertificateRequest(_message.Message):
+    """Subject: kms.ca.RenewHeldCertificate. Renewal by the holder of a mini-CA certificate
+    (like `step ca renew`), proved by possession of its key rather than by a role:
+    same subject, SANs and profile; the old certificate is revoked with reason
+    superseded once the new one is stored (a crash in between leaves the old one valid;
+    the retry, same request_id, finishes the job). Refused for a revoked, expired or
+    superseded certificate. docs/security.md, "Renewal by the holder".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
+    OLD_KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
+    certificate_der: _builtins.bytes
+    """The certificate to renew, exactly as the CA issued it (DER)."""
+    csr: _builtins.bytes
+    """PKCS#10 (PEM or DER) signed by the key to certify: the old key (same-key renewal),
+    or a new one (rekey), then with old_key_signature.
+    """
+    old_key_signature: _builtins.bytes
+    """Rekey only: the old key's signature over "edgekms-renew-v1\\0" + the CSR's DER
+    (ECDSA with SHA-256 as DER, RSA PKCS#1 v1.5 with SHA-256, or Ed25519).
+    """
+    requester: _builtins.str
+    """Set by the broker: the authenticated caller."""
+    request_id: _builtins.str
+    validity_days: _builtins.int
+    """0 (both): the old certificate's lifetime again, within the profile's maximum."""
+    validity_seconds: _builtins.int
+    def __init__(
+        self,
+        *,
+        certificate_der: _builtins.bytes = ...,
+        csr: _builtins.bytes = ...,
+        old_key_signature: _builtins.bytes = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        validity_days: _builtins.int = ...,
+        validity_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "csr", b"csr", "old_key_signature", b"old_key_signature", "request_id", b"request_id", "requester", b"requester", "validity_days", b"validity_days", "validity_seconds", b"validity_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewHeldCertificateRequest: _TypeAlias = RenewHeldCertificateRequest  # noqa: Y015

@@ -96,6 +96,11 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.RenewHeldCertificate = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/RenewHeldCertificate',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.RenewHeldCertificateRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class CertificateAuthorityServicer:
@@ -185,6 +190,12 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewHeldCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -257,6 +268,11 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.PruneCertificates,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.SerializeToString,
+            ),
+            'RenewHeldCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewHeldCertificate,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.RenewHeldCertificateRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -638,6 +654,33 @@ class CertificateAuthority:
             '/edgekms.v1.CertificateAuthority/PruneCertificates',
             edgekms_dot_v1_dot_ca__pb2.PruneCertificatesRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.PruneCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def RenewHeldCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/RenewHeldCertificate',
+            edgekms_dot_v1_dot_ca__pb2.RenewHeldCertificateRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.IssueCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

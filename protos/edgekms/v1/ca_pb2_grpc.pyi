@@ -50,6 +50,7 @@ class CertificateAuthorityStub:
     RevokeIntermediate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]
     Rotate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]
     PruneCertificates: _grpc.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]
+    RenewHeldCertificate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RenewHeldCertificateRequest, _ca_pb2.IssueCertificateResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -68,6 +69,7 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     RevokeIntermediate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeIntermediateRequest, _ca_pb2.RevokeIntermediateResponse]  # type: ignore[assignment]
     Rotate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RotateCARequest, _ca_pb2.RotateCAResponse]  # type: ignore[assignment]
     PruneCertificates: _aio.UnaryUnaryMultiCallable[_ca_pb2.PruneCertificatesRequest, _ca_pb2.PruneCertificatesResponse]  # type: ignore[assignment]
+    RenewHeldCertificate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RenewHeldCertificateRequest, _ca_pb2.IssueCertificateResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -167,5 +169,12 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.PruneCertificatesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.PruneCertificatesResponse, _abc.Awaitable[_ca_pb2.PruneCertificatesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RenewHeldCertificate(
+        self,
+        request: _ca_pb2.RenewHeldCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.IssueCertificateResponse, _abc.Awaitable[_ca_pb2.IssueCertificateResponse]]: ...
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

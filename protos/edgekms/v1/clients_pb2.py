@@ -28,15 +28,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gekms/v1/clients.proto\x12\nedgekms.v1\"\xea\x01\n\x06\x43lient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bkey_pattern\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x12\n\nnot_before\x18\x05 \x01(\t\x12\x11\n\tnot_after\x18\x06 \x01(\t\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.edgekms.v1.ClientStatus\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x12\n\nrevoked_at\x18\n \x01(\t\x12\x12\n\nrevoked_by\x18\x0b \x01(\t\"\x7f\n\x10\x41\x64\x64\x43lientRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bkey_pattern\x18\x03 \x01(\t\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x05 \x01(\x0c\x12\x15\n\rvalidity_days\x18\x06 \x01(\r\"l\n\x11\x41\x64\x64\x43lientResponse\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.edgekms.v1.Client\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\t\"T\n\x12ListClientsRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x13ListClientsResponse\x12#\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x12.edgekms.v1.Client\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x13RevokeClientRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t*b\n\x0c\x43lientStatus\x12\x1d\n\x19\x43LIENT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43LIENT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x43LIENT_STATUS_REVOKED\x10\x02\x32\xee\x01\n\rClientService\x12H\n\tAddClient\x12\x1c.edgekms.v1.AddClientRequest\x1a\x1d.edgekms.v1.AddClientResponse\x12N\n\x0bListClients\x12\x1e.edgekms.v1.ListClientsRequest\x1a\x1f.edgekms.v1.ListClientsResponse\x12\x43\n\x0cRevokeClient\x12\x1f.edgekms.v1.RevokeClientRequest\x1a\x12.edgekms.v1.Clientb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gekms/v1/clients.proto\x12\nedgekms.v1\"\xea\x01\n\x06\x43lient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bkey_pattern\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x12\n\nnot_before\x18\x05 \x01(\t\x12\x11\n\tnot_after\x18\x06 \x01(\t\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.edgekms.v1.ClientStatus\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x12\n\nrevoked_at\x18\n \x01(\t\x12\x12\n\nrevoked_by\x18\x0b \x01(\t\"\x7f\n\x10\x41\x64\x64\x43lientRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bkey_pattern\x18\x03 \x01(\t\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x05 \x01(\x0c\x12\x15\n\rvalidity_days\x18\x06 \x01(\r\"l\n\x11\x41\x64\x64\x43lientResponse\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.edgekms.v1.Client\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\t\"T\n\x12ListClientsRequest\x12\x17\n\x0finclude_revoked\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x13ListClientsResponse\x12#\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x12.edgekms.v1.Client\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x13RevokeClientRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\"d\n\x12RenewClientRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x02 \x01(\x0c\x12\x15\n\rvalidity_days\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x86\x01\n\rClientRenewal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nold_serial\x18\x02 \x01(\t\x12\x12\n\nnew_serial\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_der\x18\x05 \x01(\x0c\x12\x12\n\nrenewed_at\x18\x06 \x01(\t*b\n\x0c\x43lientStatus\x12\x1d\n\x19\x43LIENT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43LIENT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x43LIENT_STATUS_REVOKED\x10\x02\x32\xbc\x02\n\rClientService\x12H\n\tAddClient\x12\x1c.edgekms.v1.AddClientRequest\x1a\x1d.edgekms.v1.AddClientResponse\x12N\n\x0bListClients\x12\x1e.edgekms.v1.ListClientsRequest\x1a\x1f.edgekms.v1.ListClientsResponse\x12\x43\n\x0cRevokeClient\x12\x1f.edgekms.v1.RevokeClientRequest\x1a\x12.edgekms.v1.Client\x12L\n\x0bRenewClient\x12\x1e.edgekms.v1.RenewClientRequest\x1a\x1d.edgekms.v1.AddClientResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgekms.v1.clients_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLIENTSTATUS']._serialized_start=740
-  _globals['_CLIENTSTATUS']._serialized_end=838
+  _globals['_CLIENTSTATUS']._serialized_start=979
+  _globals['_CLIENTSTATUS']._serialized_end=1077
   _globals['_CLIENT']._serialized_start=41
   _globals['_CLIENT']._serialized_end=275
   _globals['_ADDCLIENTREQUEST']._serialized_start=277
@@ -49,6 +49,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCLIENTSRESPONSE']._serialized_end=685
   _globals['_REVOKECLIENTREQUEST']._serialized_start=687
   _globals['_REVOKECLIENTREQUEST']._serialized_end=738
-  _globals['_CLIENTSERVICE']._serialized_start=841
-  _globals['_CLIENTSERVICE']._serialized_end=1079
+  _globals['_RENEWCLIENTREQUEST']._serialized_start=740
+  _globals['_RENEWCLIENTREQUEST']._serialized_end=840
+  _globals['_CLIENTRENEWAL']._serialized_start=843
+  _globals['_CLIENTRENEWAL']._serialized_end=977
+  _globals['_CLIENTSERVICE']._serialized_start=1080
+  _globals['_CLIENTSERVICE']._serialized_end=1396
 # @@protoc_insertion_point(module_scope)

@@ -234,3 +234,77 @@ class RevokeClientRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeClientRequest: _TypeAlias = RevokeClientRequest  # noqa: Y015
+
+@_typing.final
+class RenewClientRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_DER_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    csr: _builtins.bytes
+    """For a new key (rekey): at most one of a PKCS#10 CSR (PEM or DER; its signature
+    proves the caller holds the new key) or a SubjectPublicKeyInfo (DER). Neither: the
+    same key as the calling certificate.
+    """
+    public_key_der: _builtins.bytes
+    validity_days: _builtins.int
+    """0: the old certificate's lifetime again; never beyond the internal CA's own expiry."""
+    request_id: _builtins.str
+    """A retry with the same id gets the same certificate, also after the old one is
+    superseded. Required.
+    """
+    def __init__(
+        self,
+        *,
+        csr: _builtins.bytes = ...,
+        public_key_der: _builtins.bytes = ...,
+        validity_days: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "public_key_der", b"public_key_der", "request_id", b"request_id", "validity_days", b"validity_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewClientRequest: _TypeAlias = RenewClientRequest  # noqa: Y015
+
+@_typing.final
+class ClientRenewal(_message.Message):
+    """Kept under "renewal.<old serial>" in kms_clients before the client record moves to
+    the new certificate: a renewal retried after a crash or a lost answer finds it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OLD_SERIAL_FIELD_NUMBER: _builtins.int
+    NEW_SERIAL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    RENEWED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    old_serial: _builtins.str
+    new_serial: _builtins.str
+    request_id: _builtins.str
+    certificate_der: _builtins.bytes
+    renewed_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        old_serial: _builtins.str = ...,
+        new_serial: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        certificate_der: _builtins.bytes = ...,
+        renewed_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "name", b"name", "new_serial", b"new_serial", "old_serial", b"old_serial", "renewed_at", b"renewed_at", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientRenewal: _TypeAlias = ClientRenewal  # noqa: Y015

@@ -43,6 +43,11 @@ class ClientServiceStub:
                 request_serializer=edgekms_dot_v1_dot_clients__pb2.RevokeClientRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_clients__pb2.Client.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.RenewClient = channel.unary_unary(
+                '/edgekms.v1.ClientService/RenewClient',
+                request_serializer=edgekms_dot_v1_dot_clients__pb2.RenewClientRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_clients__pb2.AddClientResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class ClientServiceServicer:
@@ -72,6 +77,18 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewClient(self, request, context):
+        """Renewal by the certificate itself: the caller's own client certificate (the one
+        its mutual TLS connection presents) is replaced by a new one with the same name,
+        role and key pattern, for the same key or (rekey) the key of `csr`/`public_key_der`.
+        Once the new certificate is stored the old one is superseded: refused on its next
+        request ("auth.superseded"), except for a retry of this very renewal (same
+        request_id), which gets the same certificate back. Any role may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +106,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.RevokeClient,
                     request_deserializer=edgekms_dot_v1_dot_clients__pb2.RevokeClientRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_clients__pb2.Client.SerializeToString,
+            ),
+            'RenewClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewClient,
+                    request_deserializer=edgekms_dot_v1_dot_clients__pb2.RenewClientRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_clients__pb2.AddClientResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +197,33 @@ class ClientService:
             '/edgekms.v1.ClientService/RevokeClient',
             edgekms_dot_v1_dot_clients__pb2.RevokeClientRequest.SerializeToString,
             edgekms_dot_v1_dot_clients__pb2.Client.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def RenewClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.ClientService/RenewClient',
+            edgekms_dot_v1_dot_clients__pb2.RenewClientRequest.SerializeToString,
+            edgekms_dot_v1_dot_clients__pb2.AddClientResponse.FromString,
             options,
             channel_credentials,
             insecure,

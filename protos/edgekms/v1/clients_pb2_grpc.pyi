@@ -48,6 +48,14 @@ class ClientServiceStub:
     """Effective at once: the revoked certificate's next request is refused
     UNAUTHENTICATED with reason "auth.revoked", without restarting anything.
     """
+    RenewClient: _grpc.UnaryUnaryMultiCallable[_clients_pb2.RenewClientRequest, _clients_pb2.AddClientResponse]
+    """Renewal by the certificate itself: the caller's own client certificate (the one
+    its mutual TLS connection presents) is replaced by a new one with the same name,
+    role and key pattern, for the same key or (rekey) the key of `csr`/`public_key_der`.
+    Once the new certificate is stored the old one is superseded: refused on its next
+    request ("auth.superseded"), except for a retry of this very renewal (same
+    request_id), which gets the same certificate back. Any role may call it.
+    """
 
 @_typing.type_check_only
 class ClientServiceAsyncStub(ClientServiceStub):
@@ -64,6 +72,14 @@ class ClientServiceAsyncStub(ClientServiceStub):
     RevokeClient: _aio.UnaryUnaryMultiCallable[_clients_pb2.RevokeClientRequest, _clients_pb2.Client]  # type: ignore[assignment]
     """Effective at once: the revoked certificate's next request is refused
     UNAUTHENTICATED with reason "auth.revoked", without restarting anything.
+    """
+    RenewClient: _aio.UnaryUnaryMultiCallable[_clients_pb2.RenewClientRequest, _clients_pb2.AddClientResponse]  # type: ignore[assignment]
+    """Renewal by the certificate itself: the caller's own client certificate (the one
+    its mutual TLS connection presents) is replaced by a new one with the same name,
+    role and key pattern, for the same key or (rekey) the key of `csr`/`public_key_der`.
+    Once the new certificate is stored the old one is superseded: refused on its next
+    request ("auth.superseded"), except for a retry of this very renewal (same
+    request_id), which gets the same certificate back. Any role may call it.
     """
 
 class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -96,6 +112,20 @@ class ClientServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_clients_pb2.Client, _abc.Awaitable[_clients_pb2.Client]]:
         """Effective at once: the revoked certificate's next request is refused
         UNAUTHENTICATED with reason "auth.revoked", without restarting anything.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewClient(
+        self,
+        request: _clients_pb2.RenewClientRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_clients_pb2.AddClientResponse, _abc.Awaitable[_clients_pb2.AddClientResponse]]:
+        """Renewal by the certificate itself: the caller's own client certificate (the one
+        its mutual TLS connection presents) is replaced by a new one with the same name,
+        role and key pattern, for the same key or (rekey) the key of `csr`/`public_key_der`.
+        Once the new certificate is stored the old one is superseded: refused on its next
+        request ("auth.superseded"), except for a retry of this very renewal (same
+        request_id), which gets the same certificate back. Any role may call it.
         """
 
 def add_ClientServiceServicer_to_server(servicer: ClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,226 @@
+"""`kmsctl enroll ...`: a device enrolls itself from a one-time token, and the
+administrator's side of it, `kmsctl enroll token create|list|revoke`.
+
+Enrollment runs on the device and needs no client config: only the broker's
+enrollment address, the token and the CA fingerprint `token create` printed
+(mgmt/enroll.py pins the CA by that fingerprint before the token travels).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgekms.v1 import enroll_pb2
+from mgmt.cli.client_access import client_options, open_client
+from mgmt.cli.output import echo_json, handle_errors, table
+
+
+def token_to_dict(token: enroll_pb2.EnrollToken) -> dict[str, Any]:
+    """The stable json shape of a token (never its secret)."""
+    return {
+        "id": token.id,
+        "name": token.name,
+        "profile": token.profile,
+        "sans": list(token.sans),
+        "group": token.group,
+        "state": enroll_pb2.EnrollTokenState.Name(token.state)
+        .removeprefix("ENROLL_TOKEN_STATE_")
+        .lower(),
+        "expires_at": token.expires_at,
+        "created_at": token.created_at,
+        "created_by": token.created_by,
+        "used_at": token.used_at,
+        "serial": token.serial,
+    }
+
+
+@click.group("enroll", invoke_without_command=True)
+@click.option("--server", default=None, help="The broker's enrollment listener, HOST:PORT.")
+@click.option("--token", "token_file", default=None, help="File holding the token ('-': stdin).")
+@click.option("--fingerprint", default=None, help="SHA-256 of the CA certificate (64 hex).")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where device.key (0600), device.crt, ca.crt and config.toml go.",
+)
+@click.option("--tpm", is_flag=True, help="Make the key in the device's TPM (not yet supported).")
+@click.option("--pkcs11", default=None, help="Make the key in a PKCS#11 token (not yet supported).")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+@handle_errors
+def enroll_group(
+    ctx: click.Context,
+    server: str | None,
+    token_file: str | None,
+    fingerprint: str | None,
+    out_dir: Path | None,
+    tpm: bool,
+    pkcs11: str | None,
+    output: str,
+) -> None:
+    """Enroll this device with a one-time token, or manage tokens (`enroll token`).
+
+    \b
+    On the device:
+      kmsctl enroll --server kms.home.arpa:8444 --token token.txt \\
+          --fingerprint 3f1c...e9 --out-dir /etc/edgekms
+      kmsctl key sign devices/DEV/app --in f --out f.sig --config /etc/edgekms/config.toml
+    The token is read from a file (never argv: it would show in `ps`). The key is
+    made here (EC P-256, 0600) and only a CSR leaves the device. Exit 7 for a token that
+    is wrong, used, revoked or expired, or a CA that does not match the fingerprint.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not (server and token_file and fingerprint and out_dir):
+        raise click.UsageError("enroll needs --server, --token, --fingerprint and --out-dir")
+    if tpm or pkcs11:
+        raise click.UsageError("--tpm and --pkcs11 keys are not supported yet: use a key file")
+    from mgmt.enroll import enroll
+
+    if token_file == "-":  # noqa: S105 - stdin, not a password
+        raw = sys.stdin.read()
+    else:
+        try:
+            raw = Path(token_file).read_text()
+        except OSError as exc:
+            raise click.UsageError(f"cannot read the token from {token_file}: {exc}") from None
+    done = enroll(server, raw.strip(), fingerprint, out_dir)
+    client = done.response.client
+    if output == "json":
+        echo_json(
+            {
+                "name": client.name,
+                "role": client.role,
+                "keys": client.key_pattern,
+                "serial": client.serial,
+                "not_after": client.not_after,
+                "config": str(done.config),
+                "files": [str(f) for f in done.files],
+            }
+        )
+        return
+    click.echo(f"enrolled as {client.name} ({client.role}, keys {client.key_pattern or '*'})")
+    click.echo(f"  config: {done.config}")
+
+
+@enroll_group.command("fingerprint")
+@client_options
+def fingerprint_cmd(data_dir: Path, config_path: Path | None) -> None:
+    """Print the internal CA's SHA-256 fingerprint (what `kmsctl enroll --fingerprint`
+    pins), from this client config's CA file: no broker needed."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from mgmt.cli.common import client_config_path
+    from mgmt.clientconfig import load_client_config
+
+    config = load_client_config(config_path or client_config_path(data_dir))
+    ca = x509.load_pem_x509_certificates(config.ca_cert.read_bytes())[0]
+    click.echo(hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest())
+
+
+@enroll_group.group("token")
+def token_group() -> None:
+    """One-time enrollment tokens (administrators).
+
+    \b
+      kmsctl enroll token create sensor-7 --profile device --group sensors --ttl 1h
+      kmsctl enroll token list
+      kmsctl enroll token revoke ID
+    """
+
+
+@token_group.command("create")
+@click.argument("name")
+@click.option("--profile", default="device", show_default=True, help="What the device becomes.")
+@click.option("--san", "sans", multiple=True, help="dns:NAME or ip:ADDR the CSR may name.")
+@click.option(
+    "--ttl", default="1h", show_default=True, help="How long it may be redeemed: 30m, 2h, 7d."
+)
+@click.option("--group", default="", help="The device's group (for `device deny --group`).")
+@click.option(
+    "--token-out",
+    default=None,
+    help="Write the token to this file (0600) instead of printing it.",
+)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@client_options
+def create_cmd(
+    name: str,
+    profile: str,
+    sans: tuple[str, ...],
+    ttl: str,
+    group: str,
+    token_out: str | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """A one-time token for device NAME; prints it (once) and the CA fingerprint.
+
+    The token is kept only as a hash; it is bound to NAME, the profile, the SANs and
+    the group, and is spent by one enrollment.
+    """
+    from edgekms.durations import parse_ttl
+
+    seconds = int(parse_ttl(ttl, "enroll.ttl_invalid").total_seconds())
+    with open_client(data_dir, config_path) as kms:
+        made = kms.create_enroll_token(
+            name, profile, sans=list(sans), ttl_seconds=seconds, group=group
+        )
+    if token_out:
+        from mgmt.pki import write_private
+
+        write_private(Path(token_out), (made.token_string + "\n").encode())
+    if output == "json":
+        out = {**token_to_dict(made.token), "fingerprint": made.ca_fingerprint}
+        if not token_out:
+            out["token"] = made.token_string
+        echo_json(out)
+        return
+    if not token_out:
+        click.echo(f"token:       {made.token_string}")
+    click.echo(f"fingerprint: {made.ca_fingerprint}")
+    click.echo(f"id:          {made.token.id} (expires {made.token.expires_at})")
+
+
+@token_group.command("list")
+@click.option("--all", "include_spent", is_flag=True, help="Also used, revoked and expired ones.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@client_options
+def list_cmd(include_spent: bool, output: str, data_dir: Path, config_path: Path | None) -> None:
+    """Tokens not yet spent (with --all: every one)."""
+    with open_client(data_dir, config_path) as kms:
+        tokens = [token_to_dict(t) for t in kms.iter_enroll_tokens(include_spent)]
+    if output == "json":
+        echo_json(tokens)
+        return
+    rows = [
+        (t["id"], t["name"], t["profile"], t["group"], t["state"], t["expires_at"]) for t in tokens
+    ]
+    click.echo(table(("ID", "NAME", "PROFILE", "GROUP", "STATE", "EXPIRES"), rows))
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@client_options
+def revoke_cmd(token_id: str, output: str, data_dir: Path, config_path: Path | None) -> None:
+    """Revoke token ID: redeeming it is refused from now on."""
+    with open_client(data_dir, config_path) as kms:
+        token = kms.revoke_enroll_token(token_id)
+    if output == "json":
+        echo_json(token_to_dict(token))
+        return
+    click.echo(f"token {token.id} for {token.name} revoked")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(enroll_group)

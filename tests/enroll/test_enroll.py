@@ -1,0 +1,286 @@
+"""Enrollment against the real stack (`kmsctl up`: nats-server, SoftHSM, kms-crypto, the
+CA, the broker with its enrollment listener): a device enrolls from a one-time token and
+signs through the broker with its own identity; bad tokens and CSRs are refused with
+typed errors and spend nothing; a broker killed mid-enrollment loses no token; a denied
+device (or group) is refused on its next request, cannot renew or enroll again."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from click.testing import CliRunner, Result
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from edgekms import errors
+from edgekms.v1 import enroll_pb2
+from mgmt.cli import cli
+from mgmt.cli.common import ExitCode
+from mgmt.client import KMSClient
+from mgmt.enroll import send_enroll
+from tests.conftest import SLOWDOWN
+from tests.e2e.conftest import KmsStack
+from tests.enroll.conftest import run, run_json
+
+
+def enroll_address(stack: KmsStack) -> str:
+    return str(stack.state()["enroll"])
+
+
+def new_token(stack: KmsStack, tmp: Path, name: str, *extra: str) -> tuple[Path, str, str]:
+    """(token file, fingerprint, token id) from `kmsctl enroll token create`."""
+    path = tmp / f"{name}.token"
+    made = run_json(
+        stack, "enroll", "token", "create", name, "--profile", "device", "--token-out",
+        str(path), *extra,
+    )  # fmt: skip
+    assert "token" not in made  # written to the file only
+    return path, made["fingerprint"], made["id"]
+
+
+def device_enroll(stack: KmsStack, token: Path, fingerprint: str, out: Path) -> Result:
+    return CliRunner().invoke(
+        cli,
+        [
+            "enroll", "--server", enroll_address(stack), "--token", str(token),
+            "--fingerprint", fingerprint, "--out-dir", str(out), "-o", "json",
+        ],
+    )  # fmt: skip
+
+
+def enrolled(stack: KmsStack, tmp: Path, name: str, *extra: str) -> Path:
+    token, fingerprint, _ = new_token(stack, tmp, name, *extra)
+    result = device_enroll(stack, token, fingerprint, tmp / name)
+    assert result.exit_code == 0, result.output
+    return tmp / name / "config.toml"
+
+
+def csr(key: Any, cn: str | None = None, sans: list[x509.GeneralName] | None = None) -> bytes:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)] if cn else [])
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def redeem(stack: KmsStack, token: str, fingerprint: str, der: bytes, rid: str = "") -> Any:
+    return send_enroll(
+        enroll_address(stack),
+        fingerprint,
+        enroll_pb2.EnrollRequest(token=token, csr=der, request_id=rid or os.urandom(8).hex()),
+        retries=0,
+    )
+
+
+def token_state(stack: KmsStack, token_id: str) -> str:
+    listed = run_json(stack, "enroll", "token", "list", "--all")
+    return str({t["id"]: t for t in listed}[token_id]["state"])
+
+
+def test_a_device_enrolls_from_a_token_and_signs_with_its_own_identity(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    run_json(stack, "key", "create", "devices/sensor-1/app", "--type", "ec-p256")
+    run_json(stack, "key", "create", "nas/not-yours", "--type", "ec-p256")
+    token, fingerprint, token_id = new_token(stack, tmp_path, "sensor-1", "--group", "lab")
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    result = device_enroll(stack, token, fingerprint, tmp_path / "dev")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["name"] == "sensor-1" and out["role"] == "signer"
+    assert out["keys"] == "devices/sensor-1/*"
+    assert stat.S_IMODE((tmp_path / "dev" / "device.key").stat().st_mode) == 0o600
+
+    with KMSClient.from_config(tmp_path / "dev" / "config.toml", timeout=20) as device:
+        me = device.whoami()
+        assert (me.client, me.role) == ("sensor-1", "signer")
+        signature = device.sign("devices/sensor-1/app", b"reading 42")
+        public = serialization.load_der_public_key(
+            device.get_public_key("devices/sensor-1/app").der
+        )
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(signature, b"reading 42", ec.ECDSA(hashes.SHA256()))
+        with pytest.raises(errors.PermissionDenied) as refused:
+            device.sign("nas/not-yours", b"x")
+        assert refused.value.reason == "authz.key_pattern"
+    shown = run_json(stack, "device", "show", "sensor-1")
+    assert shown["group"] == "lab" and shown["status"] == "active"
+    assert token_state(stack, token_id) == "used"
+    # Replayed: the token is spent.
+    again = device_enroll(stack, token, fingerprint, tmp_path / "dev2")
+    assert again.exit_code == ExitCode.PERMISSION_DENIED, again.output
+    assert "enroll.token_used" in again.output
+    assert not (tmp_path / "dev2" / "device.key").exists()
+
+
+def test_a_wrong_fingerprint_never_sends_the_token(stack: KmsStack, tmp_path: Path) -> None:
+    token, _fingerprint, token_id = new_token(stack, tmp_path, "pinned")
+    wrong = "0" * 64
+    result = device_enroll(stack, token, wrong, tmp_path / "pinned")
+    assert result.exit_code == ExitCode.PERMISSION_DENIED, result.output
+    assert "enroll.fingerprint_mismatch" in result.output
+    assert token_state(stack, token_id) == "active"
+
+
+def test_malformed_wrong_and_revoked_tokens_are_refused(stack: KmsStack, tmp_path: Path) -> None:
+    token_file, fingerprint, token_id = new_token(stack, tmp_path, "victim")
+    token = token_file.read_text().strip()
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(errors.InvalidArgument) as bad:
+        redeem(stack, "not-a-token", fingerprint, csr(key))
+    assert bad.value.reason == "enroll.token_malformed"
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(errors.Unauthenticated) as wrong:
+        redeem(stack, forged, fingerprint, csr(key))
+    assert wrong.value.reason == "enroll.token_invalid"
+    run_json(stack, "enroll", "token", "revoke", token_id)
+    with pytest.raises(errors.Unauthenticated) as revoked:
+        redeem(stack, token, fingerprint, csr(key))
+    assert revoked.value.reason == "enroll.token_revoked"
+    assert "victim" not in {c["name"] for c in run_json(stack, "client", "list", "--all")}
+
+
+def test_csrs_the_token_does_not_allow_are_refused_and_spend_nothing(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    token_file, fingerprint, token_id = new_token(
+        stack, tmp_path, "cam-1", "--san", "dns:cam-1.home.arpa"
+    )
+    token = token_file.read_text().strip()
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    cases = [
+        (csr(ec_key, cn="cam-2"), "enroll.name_not_allowed"),
+        (csr(ec_key, sans=[x509.DNSName("evil.example")]), "enroll.name_not_allowed"),
+        (csr(rsa.generate_private_key(65537, 2048)), "enroll.key_not_allowed"),
+    ]
+    for der, reason in cases:
+        with pytest.raises(errors.PermissionDenied) as refused:
+            redeem(stack, token, fingerprint, der)
+        assert refused.value.reason == reason
+    with pytest.raises(errors.InvalidArgument) as malformed:
+        redeem(stack, token, fingerprint, b"not a csr")
+    assert malformed.value.reason == "enroll.csr_invalid"
+    assert token_state(stack, token_id) == "active"
+    # The names it does allow: enrolled.
+    ok = redeem(
+        stack, token, fingerprint, csr(ec_key, cn="cam-1", sans=[x509.DNSName("cam-1.home.arpa")])
+    )
+    assert ok.client.name == "cam-1"
+
+
+def test_an_expired_token_is_refused(stack: KmsStack) -> None:
+    with stack.client() as admin:
+        made = admin.create_enroll_token("late-1", ttl_seconds=60)
+    expires = datetime.datetime.fromisoformat(made.token.expires_at)
+    deadline = time.monotonic() + 180 * SLOWDOWN
+    while datetime.datetime.now(datetime.UTC) <= expires and time.monotonic() < deadline:
+        time.sleep(1)
+    key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(errors.Unauthenticated) as expired:
+        redeem(stack, made.token_string, made.ca_fingerprint, csr(key))
+    assert expired.value.reason == "enroll.token_expired"
+
+
+def test_tokens_are_throttled_after_repeated_failures(stack: KmsStack, tmp_path: Path) -> None:
+    token_file, fingerprint, _ = new_token(stack, tmp_path, "brute")
+    token = token_file.read_text().strip()
+    key = ec.generate_private_key(ec.SECP256R1())
+    seen: list[str] = []
+    for i in range(12):
+        guess = token[:-6] + f"{i:06d}"
+        try:
+            redeem(stack, guess, fingerprint, csr(key))
+        except errors.KMSError as err:
+            seen.append(err.reason)
+    assert "enroll.token_invalid" in seen
+    assert seen[-1] == "auth.throttled"
+    # Even the right token is refused while the guesser's backoff runs.
+    with pytest.raises(errors.ResourceExhausted):
+        redeem(stack, token, fingerprint, csr(key))
+    audit = run(stack, "audit", "tail", "-o", "json")
+    assert audit.exit_code == 0, audit.output
+    assert "enroll.token_invalid" in audit.stdout
+
+
+def _read_token_record(stack: KmsStack, token_id: str) -> enroll_pb2.EnrollToken:
+    async def read() -> bytes:
+        nc = await nats.connect(stack.nats_url, **stack.nats_options("broker"))
+        try:
+            kv = await nc.jetstream().key_value("kms_clients")
+            entry = await kv.get(f"token.{token_id}")
+            return stack.open_record("kms_clients", f"token.{token_id}", entry.value or b"")
+        finally:
+            await nc.close()
+
+    record = enroll_pb2.EnrollToken()
+    record.ParseFromString(asyncio.run(read()))
+    return record
+
+
+def test_a_broker_killed_mid_enrollment_leaves_the_token_usable(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    token_file, fingerprint, token_id = new_token(stack, tmp_path, "crashy")
+    token = token_file.read_text().strip()
+    key = ec.generate_private_key(ec.SECP256R1())
+    request_id = "crash-" + os.urandom(4).hex()
+    state = stack.state()
+    children = dict(state["children"])  # type: ignore[call-overload]
+    crypto_pid, broker_pid = int(children["crypto-hsm0"]), int(children["broker"])
+    # The token's signature hangs (crypto service stopped), so the broker is caught
+    # between reserving the token and storing a certificate; then it is killed.
+    os.kill(crypto_pid, signal.SIGSTOP)
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            redeem(stack, token, fingerprint, csr(key), request_id)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60 * SLOWDOWN
+        while time.monotonic() < deadline:
+            if _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the token was never reserved")
+        os.kill(broker_pid, signal.SIGKILL)
+    finally:
+        os.kill(crypto_pid, signal.SIGCONT)
+    thread.join(60 * SLOWDOWN)
+    assert outcome and outcome[0] is not None  # the attempt did not get through
+    # Reserved, not consumed, no device: the token is still there to use.
+    record = _read_token_record(stack, token_id)
+    assert record.state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED
+    # kmsctl up restarts the broker; the device's retry (same request id) enrolls.
+    deadline = time.monotonic() + 120 * SLOWDOWN
+    while True:
+        try:
+            done = redeem(stack, token, fingerprint, csr(key), request_id)
+            break
+        except errors.KMSError as err:
+            if err.code_name not in ("ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert done.client.name == "crashy"
+    assert _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_USED
