@@ -2,7 +2,12 @@
 # and `make test` (set up, then every check). Both install what is missing first.
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA_DIR ?= $(HOME)/.local/share/edgekms
+# `make run` and `kmsctl` read the same variable, EDGEKMS_DATA_DIR (DATA_DIR still works
+# for `make run DATA_DIR=...`), and the ports: NATS_PORT, BROKER_LISTEN, CA_HTTP.
+EDGEKMS_DATA_DIR ?= $(or $(DATA_DIR),$(HOME)/.local/share/edgekms)
+NATS_PORT ?= 4222
+BROKER_LISTEN ?= 127.0.0.1:8443
+CA_HTTP ?= 127.0.0.1:8180
 PYTEST_ARGS ?=
 # `make test-arm ARCHES=armhf` runs one architecture only.
 ARCHES ?=
@@ -13,7 +18,8 @@ setup:
 	@./scripts/bootstrap.sh
 
 run: setup
-	$(BIN)/kmsctl up --data-dir $(DATA_DIR)
+	$(BIN)/kmsctl up --data-dir $(EDGEKMS_DATA_DIR) --nats-port $(NATS_PORT) \
+		--broker-listen $(BROKER_LISTEN) --ca-http $(CA_HTTP)
 
 test: setup lint typecheck
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)

@@ -164,6 +164,11 @@ def main() -> None:
         results["ready_seconds"] = {"cold": cold.ready_seconds, "warm": stack.ready_seconds}
         log.warning("ready cold=%.2fs warm=%.2fs", cold.ready_seconds, stack.ready_seconds)
         try:
+            from bench import cli
+
+            # Before the load runs: what a person at the shell waits for kmsctl.
+            results["cli"] = cli.measure(stack.data_dir, work=work)
+            (args.out / "cli.md").write_text(cli.render(results["cli"]))
             pids = stack.pids()
             results["pids"] = pids
             time.sleep(1.0)

@@ -127,6 +127,9 @@ def start(
         f"127.0.0.1:{ca_port}",
         "--log-level",
         log_level,
+        # bench/startup.py reads kmsctl up's own lines for its timeline: JSON, not text.
+        "--log-format",
+        "json",
         *extra,
     ]
     state_file = data_dir / "run" / "state.json"

@@ -136,6 +136,13 @@ def check_method(identity: Identity, method: str) -> None:
         )
 
 
+# A key policy restricts who signs, not the administrator: admin keeps every management
+# operation and verify on every key (verifying uses only the public key, which admin may
+# read anyway), so a policy cannot lock the administrator out of a key. Signing stays
+# with whom the policy names; an admin who must sign changes the policy, audited.
+_ADMIN_KEEPS = _MANAGEMENT | {pb.KEY_OPERATION_VERIFY}
+
+
 def check_key_policy(
     identity: Identity,
     record: pb.KeyRecord,
@@ -145,7 +152,7 @@ def check_key_policy(
     rules = record.policy.rules
     if not rules:
         return
-    if identity.role == "admin" and operation in _MANAGEMENT:
+    if identity.role == "admin" and operation in _ADMIN_KEEPS:
         return
     for rule in rules:
         if identity.role not in rule.roles and identity.client not in rule.clients:

@@ -333,10 +333,13 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             created_by=identity.client,
             labels=request.labels,
         )
-        await record_before_change(provider=provider)
         # A reservation outlives any generation only if its broker died: then take it.
+        # Taken before the decision is recorded: a name in use is refused with one entry
+        # (key.exists), not an "ok" followed by the refusal. The reservation is no key
+        # yet, and is released if the entry cannot be stored.
         revision = await self.registry.reserve(record, self.config.generate_timeout + 30)
         try:
+            await record_before_change(provider=provider)
             generated = await self.crypto.generate_key(
                 provider,
                 crypto_pb2.GenerateKeyRequest(
@@ -442,6 +445,11 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     ) -> keys_pb2.Key:
         record = self.registry.get(name)
         check_key_policy(identity, record, operation)  # type: ignore[arg-type]
+        # Refused before the decision is recorded, so the entry says the refusal, once
+        # (the registry checks again on the stored record, for a change meanwhile).
+        if record.state != to and record.state not in allowed:
+            state = _state_name(record.state)
+            raise FailedPrecondition(f"key.{state}", f"key {name!r} is {state}", {"state": state})
         await record_before_change(state=_state_name(to))
         updated, changed = await self.registry.transition(name, allowed, to)
         if changed:

@@ -1,5 +1,5 @@
 """Assemble and run the broker: NATS connection, key registry, gRPC server with mTLS,
-the standard health service and server reflection.
+the standard health service and server reflection (v1 and v1alpha, broker.reflection).
 
 The server requires a client certificate chaining to the internal CA: a connection
 without one, or with another CA's, fails in the TLS handshake before any handler runs.
@@ -16,10 +16,9 @@ import grpc
 import grpc.aio
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 
-from broker import wire
+from broker import reflection, wire
 from broker.audit_service import AuditService
 from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
@@ -202,9 +201,7 @@ class Broker:
             (CAForwarder(self.nc, identities, idempotency, audit).handler(),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        reflection.enable(self.server, (*SERVICE_NAMES, health.SERVICE_NAME))
         credentials = grpc.ssl_server_credentials(
             [(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())],
             root_certificates=cfg.tls.client_ca.read_bytes(),

@@ -49,9 +49,11 @@ setup)
 init)
     # crypto-hsm is healthy once it holds its bus connection; its service may need a
     # moment more to answer, so the (idempotent) ceremony gets a few bounded tries.
+    # --new-admin: a try that made the internal CA's key but failed before the admin
+    # certificate is finished by the next (a completed ceremony changes nothing).
     tries=0
     until kmsctl init --data-dir "$DATA/init" --nats-url "$NATS_URL" --provider hsm0 \
-        --broker-address 127.0.0.1:8443 \
+        --broker-address 127.0.0.1:8443 --new-admin \
         --broker-name broker --broker-name localhost --broker-name 127.0.0.1 \
         --nats-user kmsctl --nats-password-file "$DATA/init/nats.password" \
         --nats-ca "$DATA/public/bus-ca.crt" "$@"; do

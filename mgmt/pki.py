@@ -33,6 +33,7 @@ from edgekms.client_certs import (
     self_signed_ca,
 )
 from edgekms.crypto_client import CryptoClient
+from edgekms.errors import AlreadyExists
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.registry_record import (
@@ -49,6 +50,8 @@ from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
 
 BROKER_SERVER_NAME = "edgekms-broker"
+# Where a new client config points when no broker address is given (`kmsctl up`'s default).
+DEFAULT_BROKER_ADDRESS = "127.0.0.1:8443"
 CA_VALIDITY = datetime.timedelta(days=3650)
 
 
@@ -213,11 +216,12 @@ async def run_ceremony(
     provider: str,
     pki_dir: Path,
     client_dir: Path,
-    broker_address: str,
+    broker_address: str | None,
     broker_names: list[str],
     admin_name: str = "admin",
     nats_options: dict[str, Any] | None = None,
     seal: RecordSeal | None = None,
+    new_admin: bool = True,
 ) -> CeremonyResult:
     """Make the internal CA, the broker's server cert and the first admin's client cert.
 
@@ -225,12 +229,24 @@ async def run_ceremony(
     `nats_options` (mgmt.natsauth.BusCredentials.connect_options) give the ceremony its
     own bus identity on an authenticated bus; `seal` (the ceremony's, edgekms.sealed)
     signs the internal CA's registry record and checks the one found.
+    `broker_address` None keeps a config's address as it is (a new one gets
+    DEFAULT_BROKER_ADDRESS); `new_admin` False refuses, with AlreadyExists
+    `init.already_initialised`, to issue another admin certificate for a CA that exists.
     """
     paths = PkiPaths(pki_dir)
     client_config = client_dir / "config.toml"
     if paths.ca_cert.exists() and paths.broker_cert.exists() and client_config.exists():
-        point_client_at(client_config, broker_address)
+        if broker_address is not None:
+            point_client_at(client_config, broker_address)
         return CeremonyResult(False, paths.ca_cert, client_config)
+    if not new_admin and paths.ca_cert.exists():
+        raise AlreadyExists(
+            "init.already_initialised",
+            f"{paths.ca_cert} exists but {client_config} does not: a new admin certificate is "
+            "issued only with --new-admin (revoke a lost one with `kmsctl client revoke`)",
+            {"path": str(client_config)},
+        )
+    broker_address = broker_address or DEFAULT_BROKER_ADDRESS
     nc = await natsrpc.connect(
         nats_url, name="kmsctl-init", connect_timeout=5, **(nats_options or {})
     )
@@ -240,6 +256,13 @@ async def run_ceremony(
         crypto = CryptoClient(nc, key_class=KEY_CLASS_INTERNAL)
         kv = await registry_kv(nc, seal)
         existing_ca = await read_key_record(kv, INTERNAL_CA_KEY) is not None
+        if existing_ca and not new_admin:
+            raise AlreadyExists(
+                "init.already_initialised",
+                "this bus's registry has an internal CA already: a new admin certificate is "
+                "issued only with --new-admin (revoke a lost one with `kmsctl client revoke`)",
+                {"path": str(client_config)},
+            )
         record = await internal_ca_key(nc, crypto, provider, seal=seal)
         if existing_ca:
             # Another admin for a CA that already has one (a second machine, or a lost

@@ -37,6 +37,7 @@ from edgekms.logs import fields
 from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
 from mgmt import subprocs
+from mgmt.logrotate import rotate_all
 from mgmt.natsauth import (
     BROKER_USER,
     BUS_MAX_PAYLOAD,
@@ -150,6 +151,9 @@ class StackOptions:
     # Every child gets the level of `kmsctl up` itself (--log-level): at info the broker
     # writes a line per request, ~5 % of its CPU under load.
     log_level: str = "info"
+    # Rotation of <data-dir>/logs/*.log (mgmt.logrotate): size limit and copies kept.
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
 
     @property
     def providers(self) -> list[str]:
@@ -251,6 +255,8 @@ class Stack:
         self._ceremony_grant = False
         self.swtpm: Swtpm | None = None
         self.children: list[Child] = []
+        # Spawned, not yet ready (recorded in the state file all the same).
+        self._starting: list[Child] = []
         self._stopping = asyncio.Event()
         # Each part's bus identity (mgmt.natsauth), filled in when nats-server starts.
         self.bus: dict[str, BusCredentials] = {}
@@ -547,6 +553,10 @@ class Stack:
 
     async def _start_child(self, child: Child) -> None:
         child.spawn()
+        # Recorded at once, so that a supervisor killed while starting leaves the pids
+        # the next `kmsctl up` needs to end its leftovers (mgmt.stacklock).
+        self._starting.append(child)
+        self._write_state(False)
         log.debug(
             "spawned",
             extra=fields(part=child.name, pid=child.process.pid if child.process else None),
@@ -569,6 +579,8 @@ class Stack:
             ready.cancel()
             child.stop(timeout=5.0)
             raise
+        finally:
+            self._starting.remove(child)
         self.children.append(child)
         log.info(
             "started",
@@ -585,11 +597,20 @@ class Stack:
             "acme_listen": self.options.acme_listen,
             "client_config": str(self.layout.client_dir / "config.toml"),
             "pid": os.getpid(),
-            "children": {c.name: c.process.pid for c in self.children if c.process is not None},
+            "children": {
+                c.name: c.process.pid
+                for c in [*self.children, *self._starting]
+                if c.process is not None
+            },
             # Current pids, rewritten after every restart (fault drills kill them by pid).
             "nats_pid": (
                 self.nats.process.pid if self.nats is not None and self.nats.process else None
             ),
+            # For a takeover after this supervisor is killed (mgmt.stacklock.reap_orphans).
+            "swtpm_pid": (
+                self.swtpm.process.pid if self.swtpm is not None and self.swtpm.process else None
+            ),
+            "data_dir": str(self.layout.root.resolve()),
         }
         write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
 
@@ -598,6 +619,7 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             self.layout.state_file.unlink()
         self._start_nats()
+        self._write_state(False)
         log.info("started", extra=fields(part="nats", url=self.nats_url))
         await self._set_up_state()
         # Once NATS is up the parts need only it, except the ceremony (needs hsm0) and
@@ -664,13 +686,35 @@ class Stack:
         await asyncio.to_thread(self._end_ceremony_grant)
         await self._start_child(self._broker_child())
 
+    def _rotate_logs(self) -> None:
+        try:
+            rotated = rotate_all(
+                self.layout.logs, self.options.log_max_bytes, self.options.log_backups
+            )
+        except OSError as exc:
+            log.warning("log rotation failed", extra=fields(error=str(exc)))
+            return
+        for done in rotated:
+            if done.kept:
+                log.info("log rotated", extra=fields(log=done.path.name, size=done.size))
+            else:
+                log.warning(
+                    "log directory full: log truncated without a copy",
+                    extra=fields(log=done.path.name, size=done.size),
+                )
+
     async def supervise(self) -> None:
-        """Restart children that die; give up on one that dies too often."""
+        """Restart children that die; give up on one that dies too often; keep the logs
+        within their size (mgmt.logrotate)."""
+        ticks = 0
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
             if self._stopping.is_set():
                 return
+            ticks += 1
+            if ticks % 4 == 0:
+                await asyncio.to_thread(self._rotate_logs)
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()

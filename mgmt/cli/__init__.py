@@ -4,8 +4,12 @@ assembles them. Exit codes (mgmt.cli.output.ExitCode) mean the same in every com
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    import click.shell_completion
 
 from mgmt.cli.common import CONTEXT_SETTINGS
 
@@ -26,6 +30,29 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "tpm": ("tpm",),
     "acme": ("acme",),
     "agent": ("agent",),
+    "completion": ("completion",),
+}
+
+
+# Each command's one-line help, as `kmsctl --help` lists it: kept here so that the top
+# help and completing a command name import no command module (the key and audit
+# modules pull in grpc, cryptography and nats: most of a second on a small board).
+# tests/client/test_cli_lazy.py holds it equal to each command's own short help.
+COMMAND_SUMMARIES: dict[str, str] = {
+    "up": "Run the embedded EdgeKMS in the foreground until Ctrl-C.",
+    "init": "Run the bootstrap ceremony (once; later runs change nothing).",
+    "status": "Is everything answering? Exit 0 only if the broker, the bus,...",
+    "key": "Create, inspect, use and retire keys.",
+    "ca": "The mini-CA: VPN and HTTPS certificates whose CA keys live in...",
+    "cert": "Certificates from the mini-CA: issue, list, show, revoke, renew.",
+    "audit": "Read the hash-chained audit log and verify it.",
+    "client": "Clients of the broker: their certificates, roles and key patterns.",
+    "enroll": "Enroll this device with a one-time token, or manage tokens (`enroll token`).",
+    "device": "Enrolled devices: list, show, deny and allow (one device or a --group).",
+    "tpm": "The TPM behind crypto service tpm0.",
+    "acme": "ACME (RFC 8555): accounts, external account binding keys, the name policy.",
+    "agent": "Keep this device's certificates and CRL files fresh, unattended.",
+    "completion": "Print the shell completion script for bash, zsh or fish.",
 }
 
 
@@ -38,8 +65,26 @@ class _LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        _register_all()
-        return super().list_commands(ctx)
+        return sorted(COMMAND_MODULES)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMAND_SUMMARIES.get(name, "")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def shell_complete(
+        self, ctx: click.Context, incomplete: str
+    ) -> list[click.shell_completion.CompletionItem]:
+        from click.shell_completion import CompletionItem
+
+        items = [
+            CompletionItem(name, help=COMMAND_SUMMARIES.get(name))
+            for name in self.list_commands(ctx)
+            if name.startswith(incomplete)
+        ]
+        # Options of the group itself (--version, --help) when the word starts with "-".
+        items.extend(click.Command.shell_complete(self, ctx, incomplete))
+        return items
 
 
 @click.group(cls=_LazyGroup, context_settings=CONTEXT_SETTINGS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +21,9 @@ from edgekms.v1 import audit_pb2
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, output_option
 from mgmt.cli.output import table
+
+if TYPE_CHECKING:
+    from edgekms.client import KMSClient
 
 
 @click.group("audit")
@@ -82,29 +85,42 @@ _HEADERS = ["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]
 @client_options
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new entries as they come.")
 @click.option(
-    "--from", "from_seq", type=click.IntRange(min=1), default=1, show_default=True,
-    help="First sequence number to print.",
+    "--from", "from_seq", type=click.IntRange(min=1), default=None,
+    help="First sequence number to print.  [default: 1, or the newest COUNT with -n]",
 )  # fmt: skip
 @click.option(
     "-n", "--count", type=click.IntRange(min=1), default=None,
-    help="Stop after this many entries (with -f too).",
+    help="The newest COUNT entries, as tail(1) does (then follow, with -f); with --from, "
+    "COUNT entries from there and stop.",
 )  # fmt: skip
 @output_option
 def tail(
     data_dir: Path,
     config_path: Path | None,
     follow: bool,
-    from_seq: int,
+    from_seq: int | None,
     count: int | None,
     output: str,
 ) -> None:
     """Print audit entries in order, oldest first, one line each (a batch message's
-    entries are shown as SEQ#INDEX after its first)."""
+    entries are shown as SEQ#INDEX after its first).
+
+    \b
+      kmsctl audit tail -n 4          the newest four entries
+      kmsctl audit tail --from 100 -n 10
+      kmsctl audit tail -f -o json    everything, then new entries as they come
+    """
     printed = 0
+    newest = count is not None and from_seq is None
     with open_client(data_dir, config_path) as kms:
-        stream = kms.tail_audit(from_seq, follow=follow)
+        if newest:
+            assert count is not None
+            # Each message holds at least one entry: the last COUNT messages hold the
+            # newest COUNT entries (this read is itself audited, and shows among them).
+            from_seq = max(1, _last_seq(kms) - count + 1)
+        stream = kms.tail_audit(from_seq or 1, follow=follow)
         try:
-            if output == "text" and not follow:
+            if not follow:
                 rows = [
                     data
                     for item in stream
@@ -112,12 +128,16 @@ def tail(
                     for data in record_to_dicts(item.record)
                 ]
                 if count is not None:
-                    rows = rows[:count]
-                if rows:
+                    rows = rows[-count:] if newest else rows[:count]
+                if output == "json":
+                    for data in rows:
+                        click.echo(json.dumps(data, sort_keys=True))
+                elif rows:
                     click.echo(table(_HEADERS, [_row(d) for d in rows]))
                 return
             if output == "text":
                 click.echo("  ".join(_HEADERS))
+            limit = None if newest else count
             for item in stream:
                 if not item.HasField("record"):
                     continue
@@ -128,14 +148,22 @@ def tail(
                         click.echo("  ".join(_row(data)))
                     sys.stdout.flush()
                     printed += 1
-                    if count is not None and printed >= count:
+                    if limit is not None and printed >= limit:
                         break
-                if count is not None and printed >= count:
+                if limit is not None and printed >= limit:
                     break
         except KeyboardInterrupt:
             pass
         finally:
             stream.close()
+
+
+def _last_seq(kms: KMSClient) -> int:
+    """The audit stream's last sequence number (a tail from past its end: state only)."""
+    for item in kms.tail_audit(2**63 - 1):
+        if item.HasField("state"):
+            return int(item.state.last_seq)
+    return 0
 
 
 @audit_group.command("verify")

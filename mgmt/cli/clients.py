@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from edgekms.errors import FailedPrecondition, InvalidArgument
 from edgekms.identity import ROLES
 from edgekms.v1 import clients_pb2
-from mgmt.cli.client_access import client_options, open_client
-from mgmt.cli.common import client_config_path, output_option
+from mgmt.cli.client_access import client_options, open_client, resolve_config
+from mgmt.cli.common import output_option
 from mgmt.cli.output import echo_json, table
 from mgmt.pki import write_client_config, write_private, write_public
 
@@ -147,7 +147,7 @@ def add_cmd(
     public_der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    admin_config = config_path or client_config_path(data_dir)
+    admin_config = config_path or resolve_config(data_dir)
     with open_client(data_dir, config_path) as kms:
         issued = kms.add_client(
             name, role, public_key_der=public_der, key_pattern=key_pattern, validity_days=days or 0
@@ -263,7 +263,7 @@ def renew_cmd(
     from mgmt.renew import renew_client_config
 
     done = renew_client_config(
-        config_path or client_config_path(data_dir), rekey=rekey, validity_days=days or 0
+        config_path or resolve_config(data_dir), rekey=rekey, validity_days=days or 0
     )
     if output == "json":
         echo_json(

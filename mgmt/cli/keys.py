@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 import click
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 
 from edgekms.algorithms import (
     ALGORITHM_BY_CLI,
@@ -27,6 +27,7 @@ from edgekms.algorithms import (
 from edgekms.errors import FailedPrecondition, InvalidArgument
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import ExitCode, output_option
+from mgmt.cli.completion import complete_key_names
 from mgmt.cli.output import (
     algorithm_name,
     echo_json,
@@ -186,7 +187,7 @@ def list_cmd(
 
 
 @key_group.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @output_option
 @client_options
 def show_cmd(name: str, output: str, data_dir: Path, config_path: Path | None) -> None:
@@ -206,7 +207,7 @@ def show_cmd(name: str, output: str, data_dir: Path, config_path: Path | None) -
 
 def _state_command(verb: str, doc: str) -> None:
     @key_group.command(verb, help=doc)
-    @click.argument("name")
+    @click.argument("name", shell_complete=complete_key_names)
     @output_option
     @client_options
     def cmd(name: str, output: str, data_dir: Path, config_path: Path | None) -> None:
@@ -239,7 +240,7 @@ _state_command(
 
 
 @key_group.command("destroy")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask; needed when stdin is not a terminal.")
 @output_option
 @client_options
@@ -272,7 +273,7 @@ def destroy_cmd(
 
 
 @key_group.command("pubkey")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("--out", "out", default="-", metavar="FILE", help="Write the PEM here. [default: -]")
 @output_option
 @client_options
@@ -296,7 +297,7 @@ def pubkey_cmd(name: str, out: str, output: str, data_dir: Path, config_path: Pa
 
 
 @key_group.command("sign")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option(
     "--in", "infile", required=True, type=click.File("rb"), help="File to sign; - is stdin."
 )
@@ -341,7 +342,7 @@ def sign_cmd(
 
 
 @key_group.command("verify")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option(
     "--in", "infile", required=True, type=click.File("rb"), help="Signed file; - is stdin."
 )
@@ -384,6 +385,9 @@ def verify_cmd(
 
 def _load_public_key_der(path: Path) -> bytes:
     """A pinned public key file, PEM or DER SubjectPublicKeyInfo, as DER."""
+    # Here, not at the top: serialization costs key list and key sign ~50 ms of imports.
+    from cryptography.hazmat.primitives import serialization
+
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -406,6 +410,8 @@ def _load_public_key_der(path: Path) -> bytes:
 
 
 def _pem(der: bytes) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return (
         serialization.load_der_public_key(der)
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -414,7 +420,7 @@ def _pem(der: bytes) -> str:
 
 
 @key_group.command("attest")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option(
     "--ak",
     "ak_file",

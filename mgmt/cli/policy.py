@@ -16,10 +16,10 @@ import click
 
 from edgekms.algorithms import ALGORITHM_BY_CLI
 from edgekms.errors import InvalidArgument
-from edgekms.identity import CLIENT_NAME_RE, ROLES
 from edgekms.v1 import common_pb2 as pb
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import output_option
+from mgmt.cli.completion import complete_key_names
 from mgmt.cli.output import echo_json, policy_to_list
 
 OPERATIONS = {
@@ -41,6 +41,10 @@ def parse_rule(text: str) -> pb.PolicyRule:
         raise InvalidArgument(
             "policy.rule_syntax", f"{text!r} is not ROLE_OR_CLIENT:OP[,OP][:ALG,...]"
         )
+    # Here, not at the top: edgekms.identity brings cryptography.x509, which every
+    # `kmsctl key ...` command would otherwise import.
+    from edgekms.identity import CLIENT_NAME_RE, ROLES
+
     subject, ops_text = parts[0], parts[1]
     rule = pb.PolicyRule()
     if subject in ROLES:
@@ -83,7 +87,7 @@ def describe(policy: pb.KeyPolicy) -> str:
 
 
 @click.command("policy")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option(
     "--allow",
     "allow",

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from edgekms.errors import KMSError
-from edgekms.logs import setup_logging
+from edgekms.errors import KMSError, Unavailable
+from edgekms.logs import fields, setup_logging
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
-from mgmt.cli.output import echo_json, handle_errors, table
+from mgmt.cli.output import echo_json, fail, handle_errors, table
+
+if TYPE_CHECKING:
+    from mgmt import stacklock
+
+log = logging.getLogger("kmsctl.up")
 
 
 @click.command()
@@ -100,6 +108,28 @@ from mgmt.cli.output import echo_json, handle_errors, table
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     help="Of `kmsctl up` and of every service it starts.",
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="Of `kmsctl up`'s own lines on the console: text for people, json for a "
+    "collector. The services' logs under DATA_DIR/logs are JSON lines either way.",
+)
+@click.option(
+    "--log-max-bytes",
+    default=10 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=64 * 1024),
+    help="Rotate a log under DATA_DIR/logs once it reaches this size.",
+)
+@click.option(
+    "--log-backups",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=0, max=100),
+    help="Rotated copies kept per log (<name>.log.1 is the newest).",
+)
 def up(
     data_dir: Path,
     nats_port: int,
@@ -115,6 +145,9 @@ def up(
     acme_config: Path | None,
     ca_crl_lifetime: str,
     log_level: str,
+    log_format: str,
+    log_max_bytes: int,
+    log_backups: int,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -143,9 +176,108 @@ def up(
     # Blocked in this process only, before its first `import nats` (as kms-broker and
     # kms-crypto do); the CA service, which serves HTTP with aiohttp, is its own process.
     sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
+    from mgmt import stacklock
+
+    # Absolute, as the children's command lines name it (a takeover recognises them so).
+    data_dir = data_dir.expanduser().resolve()
+    setup_logging("kmsctl-up", log_level, log_format)
+    # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
+    # a live data dir, or a port something else holds, is refused in a fraction of a
+    # second and leaves the data dir as it was.
+    try:
+        lock = stacklock.acquire(data_dir / "run")
+    except KMSError as exc:
+        _refuse(exc)
+    try:
+        _take_over_and_check(
+            data_dir, lock, nats_port, broker_listen, enroll_listen, ca_http, acme_listen
+        )
+        _run_up(
+            data_dir,
+            nats_port,
+            broker_listen,
+            enroll_listen,
+            tpm,
+            swtpm_port,
+            ca_http,
+            ca_base_url,
+            ca_provider,
+            acme_listen,
+            acme_names,
+            acme_config,
+            ca_crl_lifetime,
+            log_level,
+            log_max_bytes,
+            log_backups,
+        )
+    finally:
+        lock.release()
+
+
+def _refuse(exc: KMSError) -> NoReturn:
+    fail(exc)
+
+
+def _take_over_and_check(
+    data_dir: Path,
+    lock: stacklock.StackLock,
+    nats_port: int,
+    broker_listen: str,
+    enroll_listen: str,
+    ca_http: str,
+    acme_listen: str,
+) -> None:
+    """Holding the lock, no live supervisor runs on this data dir: end what a killed one
+    left running there, then check that every port the stack needs is free."""
+    from mgmt import stacklock
+
+    reaped = stacklock.reap_orphans(data_dir)
+    # The last supervisor's state (perhaps "ready", with dead pids) no longer holds.
+    (data_dir / "run" / stacklock.STATE_NAME).unlink(missing_ok=True)
+    if lock.previous_pid is not None or reaped:
+        log.warning(
+            "took over the data dir of a stopped supervisor",
+            extra=fields(previous_pid=lock.previous_pid, ended=reaped),
+        )
+    try:
+        broker = stacklock.split_listen("--broker-listen", broker_listen)
+        acme = {"--acme": stacklock.split_listen("--acme", acme_listen)} if acme_listen else {}
+        stacklock.check_ports(
+            {
+                **acme,
+                "--nats-port": ("127.0.0.1", nats_port),
+                "--broker-listen": broker,
+                # Its default: the broker's host, the port after the broker's (mgmt.stack).
+                "--enroll-listen": stacklock.split_listen(
+                    "--enroll-listen", enroll_listen or f"{broker[0]}:{broker[1] + 1}"
+                ),
+                "--ca-http": stacklock.split_listen("--ca-http", ca_http),
+            }
+        )
+    except KMSError as exc:
+        _refuse(exc)
+
+
+def _run_up(
+    data_dir: Path,
+    nats_port: int,
+    broker_listen: str,
+    enroll_listen: str,
+    tpm: str | None,
+    swtpm_port: int | None,
+    ca_http: str,
+    ca_base_url: str,
+    ca_provider: str,
+    acme_listen: str,
+    acme_names: tuple[str, ...],
+    acme_config: Path | None,
+    ca_crl_lifetime: str,
+    log_level: str,
+    log_max_bytes: int,
+    log_backups: int,
+) -> None:
     from mgmt.stack import StackError, StackOptions, run_stack
 
-    setup_logging("kmsctl-up", log_level)
     if ca_crl_lifetime:
         from edgekms.durations import parse_crl_lifetime
         from edgekms.errors import InvalidArgument
@@ -168,6 +300,8 @@ def up(
         acme_config=acme_config,
         ca_crl_lifetime=ca_crl_lifetime,
         log_level=log_level.lower(),
+        log_max_bytes=log_max_bytes,
+        log_backups=log_backups,
     )
     if swtpm_port is not None:
         click.echo(
@@ -178,7 +312,14 @@ def up(
     if ca_provider and ca_provider not in options.providers:
         raise click.UsageError(f"--ca-provider {ca_provider}: no such provider in this stack")
 
+    from mgmt import stackstate
+
+    pointer: list[Path] = []
+
     def ready(stack: object) -> None:
+        # So that kmsctl, given no data dir, finds this stack (mgmt.stackstate).
+        with contextlib.suppress(OSError):
+            pointer.append(stackstate.announce(data_dir))
         click.echo(
             f"EdgeKMS is up: broker {broker_listen}, NATS 127.0.0.1:{nats_port}, "
             f"data in {data_dir}. Client config: {client_config_path(data_dir)}. Ctrl-C stops.",
@@ -193,18 +334,27 @@ def up(
     except KMSError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
+    finally:
+        for path in pointer:
+            stackstate.withdraw(path)
     click.echo("EdgeKMS stopped.", err=True)
 
 
 @click.command()
 @data_dir_option
-@click.option("--nats-url", default="nats://127.0.0.1:4222", show_default=True)
+@click.option(
+    "--nats-url",
+    default=None,
+    help="The bus.  [default: the running stack's, from DATA_DIR/run/state.json, else "
+    "nats://127.0.0.1:4222]",
+)
 @click.option("--provider", default="hsm0", show_default=True, help="Where the CA key is made.")
 @click.option(
     "--broker-address",
-    default="127.0.0.1:8443",
-    show_default=True,
-    help="host:port clients dial; written into the client config.",
+    default=None,
+    help="host:port clients dial, written into the client config. On an initialised data "
+    "dir the config keeps its address unless this is given.  [default: the running "
+    "stack's, else 127.0.0.1:8443]",
 )
 @click.option(
     "--broker-name",
@@ -213,6 +363,12 @@ def up(
     default=("localhost", "127.0.0.1"),
     show_default=True,
     help="Extra DNS names / IPs for the broker's certificate (repeat).",
+)
+@click.option(
+    "--new-admin",
+    is_flag=True,
+    help="Issue another admin certificate for an internal CA that exists (this data dir "
+    "lost its client config, or a second machine). Never done without it.",
 )
 @click.option("--nats-user", envvar="EDGEKMS_NATS_USER", help="Bus identity (default: kmsctl's).")
 @click.option(
@@ -231,10 +387,11 @@ def up(
 @handle_errors
 def init(
     data_dir: Path,
-    nats_url: str,
+    nats_url: str | None,
     provider: str,
-    broker_address: str,
+    broker_address: str | None,
     broker_names: tuple[str, ...],
+    new_admin: bool,
     nats_user: str | None,
     nats_password_file: Path | None,
     nats_ca: Path | None,
@@ -248,29 +405,55 @@ def init(
     The internal CA key is generated inside the token and never leaves it; the
     broker's certificate and the first admin's client certificate are issued from it,
     and DATA_DIR/client/config.toml is written for every later command.
+
+    \b
+    On a data dir that is initialised already it changes nothing: the client config
+    keeps its broker address unless --broker-address is given, and no admin
+    certificate is issued again unless --new-admin is given (exit 5 otherwise).
     """
     from edgekms.sealed import WRITER_CEREMONY
     from mgmt.natsauth import BusCredentials, local_credentials
     from mgmt.pki import run_ceremony
     from mgmt.sealkeys import local_seal
+    from mgmt.stackstate import read_state
 
+    state = read_state(data_dir) or {}
+    if nats_url is None:
+        nats_url = str(state.get("nats_url") or "nats://127.0.0.1:4222")
+    if broker_address is None and isinstance(state.get("broker"), str):
+        # A new config points at the stack that runs here; an existing one stays as is.
+        fresh = not client_config_path(data_dir).exists()
+        broker_address = str(state["broker"]).replace("0.0.0.0", "127.0.0.1") if fresh else None
     if nats_user or nats_password_file:
         credentials = BusCredentials(nats_user, nats_password_file, nats_ca)
     else:
         credentials = local_credentials(data_dir)
-    result = asyncio.run(
-        run_ceremony(
-            nats_url,
-            provider,
-            data_dir / "pki",
-            data_dir / "client",
-            broker_address=broker_address,
-            broker_names=list(broker_names),
-            nats_options=credentials.connect_options(),
-            # The ceremony's record-sealing key, if `kmsctl up` made the keys here.
-            seal=local_seal(data_dir / "secrets", WRITER_CEREMONY),
+    logging.getLogger("nats.aio.client").addFilter(_one_line_bus_errors)
+    try:
+        result = asyncio.run(
+            run_ceremony(
+                nats_url,
+                provider,
+                data_dir / "pki",
+                data_dir / "client",
+                broker_address=broker_address,
+                broker_names=list(broker_names),
+                nats_options=credentials.connect_options(),
+                # The ceremony's record-sealing key, if `kmsctl up` made the keys here.
+                seal=local_seal(data_dir / "secrets", WRITER_CEREMONY),
+                new_admin=new_admin,
+            )
         )
-    )
+    except Unavailable as exc:
+        if exc.reason != "bus.unavailable":
+            raise
+        raise Unavailable(
+            exc.reason,
+            f"{exc.message}. `kmsctl up` runs the ceremony itself: is it running on "
+            f"{data_dir}? (start it with `kmsctl up --data-dir {data_dir}`). For services "
+            "you run yourself, give their bus with --nats-url and its credentials.",
+            exc.details,
+        ) from None
     if output == "json":
         echo_json(
             {
@@ -283,6 +466,19 @@ def init(
         click.echo(f"Internal CA ready: {result.ca_cert}\nClient config: {result.client_config}")
     else:
         click.echo(f"Already initialised: {result.client_config}")
+
+
+def _one_line_bus_errors(record: logging.LogRecord) -> bool:
+    """nats-py logs each failed dial with a traceback, and the one-line error `init`
+    ends with says it: those are dropped. What the bus refused (a permissions
+    violation) stays, as one line."""
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        if isinstance(exc, OSError | TimeoutError):
+            return False
+        record.msg, record.args = f"nats: {exc}", ()
+        record.exc_info = None
+    return True
 
 
 @click.command()

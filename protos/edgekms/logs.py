@@ -1,17 +1,61 @@
-"""Structured logs for every EdgeKMS process: one JSON object a line on stderr.
+"""Structured logs for every EdgeKMS process: one JSON object a line on stderr, or, for a
+person at a console, one readable line (`--log-format text`).
 
 Call `setup_logging("broker")` once at start; then log with
 `log.info("sign", extra={"fields": {"key": name, "client": who}})` and the fields land
 as top-level JSON keys. Secrets are never passed in: there is no field for them.
+
+One field set: a message written the older way, logfmt inside the text
+(`"event=ca_issued serial=%s"`), is split by the formatter into its message and fields,
+so that every line carries `msg` plus top-level fields whichever way it was logged.
+asyncio's "returning true from eof_received() has no effect when using ssl" (printed for
+every TLS connection the peer closes) says nothing to an operator and is dropped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
+
+_LOGFMT_KEY = re.compile(r"^[a-z_][a-z0-9_.]*$")
+_ASYNCIO_NOISE = "returning true from eof_received() has no effect when using ssl"
+FORMATS = ("text", "json")
+
+
+def split_logfmt(message: str) -> tuple[str, dict[str, str]] | None:
+    """("msg", fields) of a logfmt message ("event=x a=1 b=2" or "name a=1 b=2"), or
+    None when it is prose (any token that is not key=value after the first)."""
+    tokens = message.split(" ")
+    if len(tokens) < 2 and not message.startswith("event="):
+        return None
+    head, rest = tokens[0], tokens[1:]
+    if head.startswith("event="):
+        head = head.removeprefix("event=")
+    elif "=" in head or not _LOGFMT_KEY.match(head):
+        return None
+    found: dict[str, str] = {}
+    for token in rest:
+        key, sep, value = token.partition("=")
+        if not sep or not _LOGFMT_KEY.match(key) or key in found:
+            return None
+        found[key] = value
+    return head, found
+
+
+def _message_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    message = record.getMessage()
+    extra: dict[str, Any] = {}
+    split = split_logfmt(message)
+    if split is not None:
+        message, extra = split[0], dict(split[1])
+    fields = getattr(record, "fields", None)
+    if isinstance(fields, dict):
+        extra.update(fields)
+    return message, extra
 
 
 class JSONFormatter(logging.Formatter):
@@ -26,19 +70,49 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
-            "msg": record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
+        message, extra = _message_and_fields(record)
+        entry["msg"] = message
+        entry.update({k: v for k, v in extra.items() if k not in entry})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-def setup_logging(service: str, level: str = "info") -> None:
+class TextFormatter(logging.Formatter):
+    """One line a record for people: time, level, service, message, then key=value."""
+
+    def __init__(self, service: str):
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        message, extra = _message_and_fields(record)
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in extra.items())
+        line = f"{when} {record.levelname.lower():<7} {self.service}: {message}"
+        if pairs:
+            line += f"  {pairs}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+def _not_asyncio_noise(record: logging.LogRecord) -> bool:
+    return not (record.name == "asyncio" and record.getMessage() == _ASYNCIO_NOISE)
+
+
+def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:
+    """Log to stderr at `level`, as JSON lines (`fmt` "json", for files and collectors)
+    or readable lines ("text", for a console)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter(service))
+    handler.setFormatter(TextFormatter(service) if fmt == "text" else JSONFormatter(service))
+    handler.addFilter(_not_asyncio_noise)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -115,6 +115,48 @@ def test_every_decision_appends_one_entry(audit_parts: Parts) -> None:
     assert whole > start
 
 
+def test_a_refused_change_is_one_entry_with_its_reason(audit_parts: Parts) -> None:
+    """A change refused for the state it finds (a name in use, a destroyed key) is
+    decided before anything is recorded: one entry, with the refusal as its outcome, not
+    an "ok" followed by the refusal (issue 14, item 7)."""
+    with audit_parts.client() as client:
+        start = _last_seq(client)
+        client.create_key("aud-once", "ec-p256")
+        with pytest.raises(errors.AlreadyExists):
+            client.create_key("aud-once", "ec-p256")
+        client.destroy_key("aud-once")
+        with pytest.raises(errors.FailedPrecondition) as destroyed:
+            client.enable_key("aud-once")
+        assert destroyed.value.reason == "key.destroyed"
+        entries = _entries(client, start)
+        _verify_whole(client)
+    assert [(e["action"], e["target"], e["outcome"]) for e in entries] == [
+        ("CreateKey", "aud-once", "ok"),
+        ("CreateKey", "aud-once", "key.exists"),
+        ("DestroyKey", "aud-once", "ok"),
+        ("EnableKey", "aud-once", "key.destroyed"),
+    ]
+    assert not any("after" in e["details"] for e in entries)
+
+
+def test_kmsctl_tail_n_prints_the_newest_entries(audit_parts: Parts) -> None:
+    """`audit tail -n N` is tail(1)'s: the newest N, oldest of them first (it printed
+    the oldest N). The two reads it makes are audited and are the newest of all."""
+    with audit_parts.client() as client:
+        client.create_key("aud-newest", "ec-p256")
+    result = _kmsctl(audit_parts, "audit", "tail", "-n", "3", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line)["entry"] for line in result.stdout.splitlines()]
+    assert [(e["action"], e["target"]) for e in entries] == [
+        ("CreateKey", "aud-newest"),
+        ("TailAudit", ""),
+        ("TailAudit", ""),
+    ]
+    text = _kmsctl(audit_parts, "audit", "tail", "-n", "1")
+    assert text.returncode == 0 and "TailAudit" in text.stdout.splitlines()[-1]
+    assert len(text.stdout.splitlines()) == 2  # the header and one entry
+
+
 def test_kmsctl_tail_json_and_verify(audit_parts: Parts) -> None:
     with audit_parts.client() as client:
         client.list_keys()

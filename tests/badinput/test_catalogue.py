@@ -27,6 +27,7 @@ AREAS = {
     "output",
     "ACME",
     "agent",
+    "stack",
 }
 MIN_ROWS = 40
 

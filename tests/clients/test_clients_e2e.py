@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edgekms import errors
+from edgekms.audit import parse_message
 from edgekms.client_certs import INTERNAL_CA_KEY, client_certificate
 from edgekms.crypto_client import CryptoClient
 from edgekms.nats_signer import NatsDigestSigner
@@ -200,6 +201,17 @@ def wait_for_broker_log(stack: Stack, since: int, text: str, timeout: float = 30
         time.sleep(0.1)
 
 
+def _audit(stack: Stack) -> list[dict[str, object]]:
+    """Every audit entry so far (batched records expanded), read as the administrator."""
+    with stack.client() as admin:
+        return [
+            entry
+            for item in admin.tail_audit(1)
+            if item.HasField("record")
+            for entry in parse_message(item.record.raw)
+        ]
+
+
 @pytest.fixture(scope="module")
 def keys(stack: Stack) -> list[str]:
     with stack.client() as admin:
@@ -223,6 +235,11 @@ def test_signer_added_signs_then_revoked_is_refused_at_once(
         with pytest.raises(errors.Unauthenticated) as refused:
             signer.sign("nas/https", b"m")  # the very next request, same channel
         assert refused.value.reason == "auth.revoked"
+    # Audited once, under the name and role the refused certificate carries.
+    revoked = [e for e in _audit(stack) if e["outcome"] == "auth.revoked"]
+    assert [(e["action"], e["target"], e["actor"]) for e in revoked] == [
+        ("Sign", "nas/https", {"client": "alice", "role": "signer"})
+    ]
     after = json.loads(kmsctl(stack, "client", "list", "--all", "-o", "json").stdout)
     assert next(c for c in after if c["name"] == "alice")["status"] == "revoked"
     names = [c["name"] for c in json.loads(kmsctl(stack, "client", "list", "-o", "json").stdout)]
@@ -300,6 +317,10 @@ def test_expired_certificate_refused(stack: Stack) -> None:
             with pytest.raises(errors.Unauthenticated) as refused:
                 brief.whoami()
             assert refused.value.reason == "auth.expired"
+            refusals = [e for e in _audit(stack) if e["outcome"] == "auth.expired"]
+            assert [(e["action"], e["actor"]) for e in refusals] == [
+                ("WhoAmI", {"client": f"brief{window}", "role": "signer"})
+            ]
             return
     pytest.fail("no certificate lived long enough to be used once")
 

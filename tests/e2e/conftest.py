@@ -68,6 +68,11 @@ class KmsStack:
         return local_credentials(self.data_dir, user).connect_options()
 
 
+def state_home(data_dir: Path) -> Path:
+    """The XDG_STATE_HOME a test stack on `data_dir` runs with."""
+    return data_dir.parent / f"{data_dir.name}-state"
+
+
 def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
     timeout *= SLOWDOWN
     nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
@@ -89,6 +94,9 @@ def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # Its pointer for kmsctl's discovery (mgmt.stackstate) beside the data dir,
+            # not in the home of whoever runs the tests.
+            env={**os.environ, "XDG_STATE_HOME": str(state_home(data_dir))},
         )
     state_file = data_dir / "run" / "state.json"
     deadline = time.monotonic() + timeout

@@ -133,6 +133,8 @@ def test_init_uses_bus_credentials_and_is_refused_without(
             str(kms_stack.data_dir / "nats" / "tls" / "bus-ca.crt"),
             "--broker-address",
             kms_stack.broker,
+            # Past the refusal to issue an admin for an existing CA (tests/e2e/test_data_dir.py).
+            "--new-admin",
         ],
         capture_output=True,
         text=True,

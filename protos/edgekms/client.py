@@ -1,0 +1,897 @@
+"""KMSClient: the synchronous, typed way a Python program reaches EdgeKMS.
+
+It speaks gRPC with mutual TLS to the broker, hashes locally before signing (the wire
+carries digests, see docs/design.md) and turns every gRPC failure back into the typed
+edgekms.errors exception the broker raised, so callers never see a raw grpc.RpcError.
+Every call has a deadline: a broker that hangs must not hang the caller.
+
+    with KMSClient.from_config(path) as kms:
+        kms.create_key("web", "ec-p256")
+        sig = kms.sign("web", b"hello")
+        cert = builder.sign(kms.remote_key("web"), hashes.SHA256())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives import hashes
+
+from edgekms import errors
+from edgekms.algorithms import (
+    ALGORITHM_BY_CLI,
+    KEY_TYPE_BY_CLI,
+    AlgorithmInfo,
+    KeyType,
+    SignatureAlgorithm,
+    algorithm_info,
+    key_type_info,
+)
+from edgekms.clientconfig import load_client_config
+from edgekms.errors import InvalidArgument, KMSError
+from edgekms.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    ca_pb2,
+    ca_pb2_grpc,
+    clients_pb2,
+    clients_pb2_grpc,
+    common_pb2,
+    enroll_pb2,
+    enroll_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from edgekms.remote_key import RemoteKey
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+# Generating RSA-4096 on a token, or any key on a slow TPM, takes seconds to a minute.
+CREATE_TIMEOUT = 120.0
+
+_Resp = TypeVar("_Resp")
+# How long a listing waits for a CA still reading its records (ca.catalog_loading).
+CATALOG_PATIENCE = 120.0
+# How long get_crl waits for a CRL the CA is still building.
+CRL_PATIENCE = 60.0
+# Fetches of a chunked CRL that may find it replaced half-way before giving up.
+_CRL_ATTEMPTS = 3
+
+# Failures after which the same request may be sent again (edgekms.v1.ErrorCode names).
+RETRYABLE = frozenset({"ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"})
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def resolve_key_type(key_type: KeyType | str) -> KeyType:
+    """Accept the enum value or kmsctl's spelling ("ec-p256")."""
+    if isinstance(key_type, str):
+        info = KEY_TYPE_BY_CLI.get(key_type.lower())
+        if info is None:
+            raise InvalidArgument(
+                "key.type_unknown",
+                f"unknown key type {key_type!r}; one of {', '.join(KEY_TYPE_BY_CLI)}",
+                {"value": key_type},
+            )
+        return info.key_type
+    return key_type_info(key_type).key_type
+
+
+def resolve_algorithm(algorithm: SignatureAlgorithm | str) -> AlgorithmInfo:
+    """Accept the enum value or kmsctl's spelling ("ecdsa-sha256")."""
+    if isinstance(algorithm, str):
+        info = ALGORITHM_BY_CLI.get(algorithm.lower())
+        if info is None:
+            raise InvalidArgument(
+                "sign.algorithm_unknown",
+                f"unknown signature algorithm {algorithm!r}; one of {', '.join(ALGORITHM_BY_CLI)}",
+                {"value": algorithm},
+            )
+        return info
+    return algorithm_info(algorithm)
+
+
+def prepare_data(ainfo: AlgorithmInfo, data: bytes, prehashed: bool) -> bytes:
+    """What goes on the wire: the digest of `data` (or `data` if it already is one);
+    Ed25519 signs the message itself, so a digest makes no sense there."""
+    if ainfo.hash_name is None:
+        if prehashed:
+            raise InvalidArgument(
+                "sign.prehashed_unsupported", f"{ainfo.cli_name} signs the message, not a digest"
+            )
+        return data
+    if prehashed:
+        return data
+    h = hashes.Hash(ainfo.hash())
+    h.update(data)
+    return h.finalize()
+
+
+def error_from_rpc(exc: grpc.RpcError) -> KMSError:
+    """Rebuild the broker's typed error from a failed call (status + trailing Error)."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+    trailing: bytes | None = None
+    if isinstance(exc, grpc.Call):
+        for key, value in exc.trailing_metadata() or ():
+            if key == errors.ERROR_METADATA_KEY and isinstance(value, bytes):
+                trailing = value
+                break
+    return errors.from_grpc(code, details, trailing)
+
+
+class _KeySigner:
+    """A DigestSigner bound to one key name, for RemoteKey."""
+
+    def __init__(self, client: KMSClient, name: str) -> None:
+        self._client = client
+        self._name = name
+
+    def sign_digest(self, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
+        return self._client.sign_digest(self._name, algorithm, data)
+
+
+class KMSClient:
+    """One mTLS channel to the broker. Thread-safe as grpc channels are; close() when done."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca_cert: bytes,
+        cert: bytes,
+        key: bytes,
+        server_name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 0,
+        retry_wait: float = 0.25,
+    ) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca_cert, private_key=key, certificate_chain=cert
+        )
+        options: list[tuple[str, str | int]] = []
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+            options.append(("grpc.default_authority", server_name))
+        self.target = target
+        self.timeout = timeout
+        # Calls failing UNAVAILABLE / DEADLINE_EXCEEDED are sent again, up to `retries`
+        # times, as the same request: state changes keep their request_id, so the
+        # broker does them once (broker/idempotency.py).
+        self.retries = retries
+        self.retry_wait = retry_wait
+        self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
+        self._system = keys_pb2_grpc.SystemServiceStub(self._channel)
+        self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
+        self._clients = clients_pb2_grpc.ClientServiceStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
+        self._devices = enroll_pb2_grpc.DeviceServiceStub(self._channel)
+        self._key_types: dict[str, KeyType] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        path: Path | str,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = 0,
+        retry_wait: float = 0.25,
+    ) -> KMSClient:
+        """A client for the broker a config file names (`kmsctl init` writes one)."""
+        config = load_client_config(Path(path).expanduser())
+        ca_cert, cert, key = config.read_credentials()
+        return cls(
+            config.broker,
+            ca_cert=ca_cert,
+            cert=cert,
+            key=key,
+            server_name=config.server_name,
+            timeout=timeout,
+            retries=retries,
+            retry_wait=retry_wait,
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _call(
+        self, method: str, fn: Callable[..., _Resp], request: object, timeout: float | None
+    ) -> _Resp:
+        deadline = self.timeout if timeout is None else timeout
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                response = fn(request, timeout=deadline)
+                break
+            except grpc.RpcError as exc:
+                err = error_from_rpc(exc)
+                log.debug(
+                    "rpc.failed method=%s reason=%s code=%s attempt=%d elapsed_ms=%d",
+                    method,
+                    err.reason,
+                    err.code_name,
+                    attempt,
+                    (time.monotonic() - started) * 1000,
+                )
+                if attempt >= self.retries or err.code_name not in RETRYABLE:
+                    raise err from None
+                attempt += 1
+                time.sleep(self.retry_wait * min(attempt, 8))
+        log.debug("rpc.ok method=%s elapsed_ms=%d", method, (time.monotonic() - started) * 1000)
+        return response
+
+    def _remember(self, key: keys_pb2.Key) -> keys_pb2.Key:
+        if key.key_type != common_pb2.KEY_TYPE_UNSPECIFIED:
+            self._key_types[key.name] = key.key_type
+        return key
+
+    def key_type(self, name: str) -> KeyType:
+        """The key's type, asked once per client (a key's type never changes)."""
+        cached = self._key_types.get(name)
+        if cached is None:
+            cached = self.get_key(name).key_type
+        return cached
+
+    def _algorithm(self, name: str, algorithm: SignatureAlgorithm | str | None) -> AlgorithmInfo:
+        if algorithm is None:
+            return algorithm_info(key_type_info(self.key_type(name)).default_algorithm)
+        return resolve_algorithm(algorithm)
+
+    # -- KeyService -------------------------------------------------------------------
+
+    def create_key(
+        self,
+        name: str,
+        key_type: KeyType | str,
+        *,
+        provider: str = "",
+        policy: common_pb2.KeyPolicy | None = None,
+        options: common_pb2.KeyOptions | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> keys_pb2.Key:
+        """Generate a key in a provider. The request_id (random unless given) makes a retry
+        after a lost answer return the first result instead of failing with ALREADY_EXISTS."""
+        request = keys_pb2.CreateKeyRequest(
+            name=name,
+            key_type=resolve_key_type(key_type),
+            provider=provider,
+            policy=policy,
+            options=options,
+            labels=dict(labels or {}),
+            request_id=request_id or new_request_id(),
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._remember(self._call("CreateKey", self._keys.CreateKey, request, deadline))
+
+    def get_key(self, name: str) -> keys_pb2.Key:
+        request = keys_pb2.GetKeyRequest(name=name)
+        return self._remember(self._call("GetKey", self._keys.GetKey, request, None))
+
+    def list_keys(
+        self, prefix: str = "", include_destroyed: bool = False, *, page_size: int = 0
+    ) -> list[keys_pb2.Key]:
+        """Every key (all pages, of page_size each; 0: the broker's 100) whose name
+        starts with `prefix` that this client may see."""
+        request = keys_pb2.ListKeysRequest(
+            prefix=prefix, include_destroyed=include_destroyed, page_size=page_size
+        )
+        keys: list[keys_pb2.Key] = []
+        while True:
+            response = self._call("ListKeys", self._keys.ListKeys, request, None)
+            keys.extend(self._remember(k) for k in response.keys)
+            if not response.next_page_token:
+                return keys
+            request.page_token = response.next_page_token
+
+    def get_public_key(self, name: str) -> keys_pb2.PublicKey:
+        request = keys_pb2.GetPublicKeyRequest(name=name)
+        response = self._call("GetPublicKey", self._keys.GetPublicKey, request, None)
+        if response.key_type != common_pb2.KEY_TYPE_UNSPECIFIED:
+            self._key_types[name] = response.key_type
+        return response
+
+    def sign_digest(self, name: str, algorithm: SignatureAlgorithm, digest: bytes) -> bytes:
+        """Sign what is already on-the-wire data: a digest (or the Ed25519 message)."""
+        request = keys_pb2.SignRequest(
+            name=name, algorithm=algorithm, data=digest, request_id=new_request_id()
+        )
+        return self._call("Sign", self._keys.Sign, request, None).signature
+
+    def sign(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        algorithm: SignatureAlgorithm | str | None = None,
+        prehashed: bool = False,
+    ) -> bytes:
+        """Sign `data`, hashing it here with the algorithm's hash unless `prehashed`.
+        Without an algorithm, the key type's default (ECDSA over the curve's hash, RSA
+        PKCS#1 v1.5 with SHA-256, pure Ed25519). ECDSA signatures come back DER-encoded."""
+        ainfo = self._algorithm(name, algorithm)
+        return self.sign_digest(name, ainfo.algorithm, prepare_data(ainfo, data, prehashed))
+
+    def verify(
+        self,
+        name: str,
+        data: bytes,
+        signature: bytes,
+        *,
+        algorithm: SignatureAlgorithm | str | None = None,
+        prehashed: bool = False,
+    ) -> bool:
+        """True if `signature` is the key's over `data`; a bad signature is False, not an error."""
+        ainfo = self._algorithm(name, algorithm)
+        request = keys_pb2.VerifyRequest(
+            name=name,
+            algorithm=ainfo.algorithm,
+            data=prepare_data(ainfo, data, prehashed),
+            signature=signature,
+        )
+        return self._call("Verify", self._keys.Verify, request, None).valid
+
+    def disable_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
+        request = keys_pb2.DisableKeyRequest(name=name, request_id=request_id or new_request_id())
+        return self._remember(self._call("DisableKey", self._keys.DisableKey, request, None))
+
+    def enable_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
+        request = keys_pb2.EnableKeyRequest(name=name, request_id=request_id or new_request_id())
+        return self._remember(self._call("EnableKey", self._keys.EnableKey, request, None))
+
+    def destroy_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
+        request = keys_pb2.DestroyKeyRequest(name=name, request_id=request_id or new_request_id())
+        key = self._call("DestroyKey", self._keys.DestroyKey, request, None)
+        self._key_types.pop(name, None)
+        return key
+
+    def attest_key(self, name: str, nonce: bytes) -> keys_pb2.AttestKeyResponse:
+        request = keys_pb2.AttestKeyRequest(name=name, nonce=nonce)
+        return self._call("AttestKey", self._keys.AttestKey, request, None)
+
+    def remote_key(self, name: str) -> RemoteKey:
+        """A cryptography private-key object whose sign() runs in the KMS, so that
+        CertificateBuilder().sign(client.remote_key(name), SHA256()) signs in the token."""
+        from edgekms.remote_key import remote_key
+
+        public = self.get_public_key(name)
+        return remote_key(_KeySigner(self, name), public.der)
+
+    def update_key_policy(
+        self, name: str, policy: common_pb2.KeyPolicy, request_id: str | None = None
+    ) -> keys_pb2.Key:
+        """Replace the key's policy; an empty KeyPolicy clears it (the role table decides)."""
+        request = keys_pb2.UpdateKeyPolicyRequest(
+            name=name, policy=policy, request_id=request_id or new_request_id()
+        )
+        return self._call("UpdateKeyPolicy", self._keys.UpdateKeyPolicy, request, None)
+
+    # -- ClientService ----------------------------------------------------------------
+
+    def add_client(
+        self,
+        name: str,
+        role: str,
+        *,
+        public_key_der: bytes = b"",
+        csr: bytes = b"",
+        key_pattern: str = "",
+        validity_days: int = 0,
+    ) -> clients_pb2.AddClientResponse:
+        """Have the broker issue a client certificate for a key made here (give its public
+        half as DER SubjectPublicKeyInfo, or a CSR); the private key never travels."""
+        request = clients_pb2.AddClientRequest(
+            name=name,
+            role=role,
+            key_pattern=key_pattern,
+            public_key_der=public_key_der,
+            csr=csr,
+            validity_days=validity_days,
+        )
+        return self._call("AddClient", self._clients.AddClient, request, None)
+
+    def renew_client(
+        self,
+        *,
+        csr: bytes = b"",
+        public_key_der: bytes = b"",
+        validity_days: int = 0,
+        request_id: str | None = None,
+    ) -> clients_pb2.AddClientResponse:
+        """Renew the certificate this client connects with (renewal by the holder): the
+        same key, or with `csr`/`public_key_der` a new one. The old certificate is refused
+        ("auth.superseded") once the new one is stored; a retry with the same request_id
+        (also after that) gets the same certificate. mgmt.renew.renew_client_config does
+        this for a config and its files."""
+        request = clients_pb2.RenewClientRequest(
+            csr=csr,
+            public_key_der=public_key_der,
+            validity_days=validity_days,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("RenewClient", self._clients.RenewClient, request, None)
+
+    def list_clients(
+        self, include_revoked: bool = False, *, page_size: int = 0
+    ) -> list[clients_pb2.Client]:
+        """Every client (all pages, of page_size each; 0: the broker's 100), by name."""
+        request = clients_pb2.ListClientsRequest(
+            include_revoked=include_revoked, page_size=page_size
+        )
+        clients: list[clients_pb2.Client] = []
+        while True:
+            response = self._call("ListClients", self._clients.ListClients, request, None)
+            clients.extend(response.clients)
+            if not response.next_page_token:
+                return clients
+            request.page_token = response.next_page_token
+
+    def revoke_client(self, name: str = "", serial: str = "") -> clients_pb2.Client:
+        """Revoke a certificate, by its client's name or by its serial (hex); the broker
+        refuses it from its next request on."""
+        request = clients_pb2.RevokeClientRequest(name=name, serial=serial)
+        return self._call("RevokeClient", self._clients.RevokeClient, request, None)
+
+    # -- SystemService ----------------------------------------------------------------
+
+    def status(self) -> keys_pb2.GetStatusResponse:
+        return self._call("GetStatus", self._system.GetStatus, keys_pb2.GetStatusRequest(), None)
+
+    def whoami(self) -> keys_pb2.WhoAmIResponse:
+        return self._call("WhoAmI", self._system.WhoAmI, keys_pb2.WhoAmIRequest(), None)
+
+    # -- AuditService -----------------------------------------------------------------
+
+    def tail_audit(
+        self, from_seq: int = 1, *, follow: bool = False, timeout: float | None = None
+    ) -> Generator[audit_pb2.TailAuditResponse, None, None]:
+        """The audit stream's state first, then its stored entries from `from_seq` on.
+        With `follow`, new entries keep coming until the iterator is closed (no deadline
+        unless given); without, it ends at the last entry present when the call began.
+        The entries are the stored bytes: check them with edgekms.audit.ChainVerifier."""
+        request = audit_pb2.TailAuditRequest(from_seq=from_seq, follow=follow)
+        deadline = timeout if timeout is not None or follow else 10 * self.timeout
+        call = self._audit.TailAudit(request, timeout=deadline)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            err = error_from_rpc(exc)
+            log.debug("rpc.failed method=TailAudit reason=%s code=%s", err.reason, err.code_name)
+            raise err from None
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    # -- CertificateAuthority (the mini-CA, docs/ca.md) ---------------------------------
+
+    def ca_init(
+        self,
+        common_name: str,
+        key_type: KeyType | str = "ec-p256",
+        *,
+        provider: str = "hsm0",
+        organization: str = "",
+        root_validity_days: int = 0,
+        intermediate_validity_days: int = 0,
+        disable_root: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        name_constraints: ca_pb2.NameConstraints | None = None,
+    ) -> ca_pb2.InitCAResponse:
+        """Make the CA: root and intermediate keys in `provider`, their certificates.
+        AlreadyExists (ca.already_initialized) when this KMS has a CA."""
+        request = ca_pb2.InitCARequest(
+            provider=provider,
+            key_type=resolve_key_type(key_type),
+            common_name=common_name,
+            organization=organization,
+            root_validity_days=root_validity_days,
+            intermediate_validity_days=intermediate_validity_days,
+            disable_root=disable_root,
+            request_id=request_id or new_request_id(),
+            name_constraints=name_constraints,
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._call("Init", self._ca.Init, request, deadline)
+
+    def issue_certificate(
+        self,
+        profile: str,
+        csr: bytes,
+        validity_days: int = 0,
+        request_id: str | None = None,
+        *,
+        validity_seconds: int = 0,
+    ) -> ca_pb2.IssueCertificateResponse:
+        """A certificate for a PKCS#10 request (PEM or DER); the requester recorded is
+        this client's certificate name, set by the broker. Sent again with the same
+        request_id, the answer is the same certificate (same serial), never a second."""
+        request = ca_pb2.IssueCertificateRequest(
+            profile=profile,
+            csr=csr,
+            validity_days=validity_days,
+            validity_seconds=validity_seconds,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("IssueCertificate", self._ca.IssueCertificate, request, None)
+
+    def get_certificate(self, serial: str) -> ca_pb2.CertificateRecord:
+        request = ca_pb2.GetCertificateRequest(serial=serial)
+        return self._call("GetCertificate", self._ca.GetCertificate, request, None).record
+
+    def list_certificates_page(
+        self, request: ca_pb2.ListCertificatesRequest
+    ) -> ca_pb2.ListCertificatesResponse:
+        """One page as the CA answers it (records without certificate_der). While a CA
+        that just started reads its records (ca.catalog_loading, seconds for tens of
+        thousands) this asks again, for up to CATALOG_PATIENCE seconds."""
+        deadline = time.monotonic() + CATALOG_PATIENCE
+        while True:
+            try:
+                return self._call("ListCertificates", self._ca.ListCertificates, request, None)
+            except errors.Unavailable as exc:
+                if exc.reason != "ca.catalog_loading" or time.monotonic() > deadline:
+                    raise
+                log.info("ca.catalog_loading: asking again in 1 s")
+                time.sleep(1.0)
+
+    def iter_certificates(
+        self,
+        *,
+        revoked_only: bool = False,
+        expiring_within_days: int = 0,
+        expiring_within_seconds: int = 0,
+        profile: str = "",
+        match: str = "",
+        state: ca_pb2.CertificateState.ValueType = ca_pb2.CERTIFICATE_STATE_ANY,
+        issued_after: str = "",
+        page_size: int = 0,
+    ) -> Iterator[ca_pb2.CertificateRecord]:
+        """Every matching record, soonest to expire first, fetched a page at a time as
+        the iteration goes (certificate_der left out: get_certificate has it)."""
+        request = ca_pb2.ListCertificatesRequest(
+            revoked_only=revoked_only,
+            expiring_within_days=expiring_within_days,
+            expiring_within_seconds=expiring_within_seconds,
+            profile=profile,
+            match=match,
+            state=state,
+            issued_after=issued_after,
+            page_size=page_size,
+        )
+        while True:
+            page = self.list_certificates_page(request)
+            yield from page.records
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def list_certificates(
+        self,
+        *,
+        revoked_only: bool = False,
+        expiring_within_days: int = 0,
+        profile: str = "",
+        match: str = "",
+        state: ca_pb2.CertificateState.ValueType = ca_pb2.CERTIFICATE_STATE_ANY,
+        issued_after: str = "",
+    ) -> list[ca_pb2.CertificateRecord]:
+        """Every matching record (all pages; see iter_certificates)."""
+        return list(
+            self.iter_certificates(
+                revoked_only=revoked_only,
+                expiring_within_days=expiring_within_days,
+                profile=profile,
+                match=match,
+                state=state,
+                issued_after=issued_after,
+            )
+        )
+
+    def prune_certificates(
+        self, older_than_days: int, *, dry_run: bool = False, request_id: str | None = None
+    ) -> ca_pb2.PruneCertificatesResponse:
+        """Remove the records of certificates expired more than older_than_days ago."""
+        request = ca_pb2.PruneCertificatesRequest(
+            older_than_days=older_than_days,
+            dry_run=dry_run,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("PruneCertificates", self._ca.PruneCertificates, request, None)
+
+    def revoke_certificate(
+        self,
+        serial: str,
+        reason: ca_pb2.RevocationReason.ValueType = ca_pb2.REVOCATION_REASON_UNSPECIFIED,
+        request_id: str | None = None,
+    ) -> ca_pb2.RevokeCertificateResponse:
+        request = ca_pb2.RevokeCertificateRequest(
+            serial=serial, reason=reason, request_id=request_id or new_request_id()
+        )
+        return self._call("RevokeCertificate", self._ca.RevokeCertificate, request, None)
+
+    def renew_certificate(
+        self,
+        serial: str,
+        validity_days: int = 0,
+        request_id: str | None = None,
+        *,
+        validity_seconds: int = 0,
+    ) -> ca_pb2.IssueCertificateResponse:
+        """A new certificate (new serial) for the same key, subject and SANs;
+        validity_seconds for lifetimes shorter than a day."""
+        request = ca_pb2.RenewCertificateRequest(
+            serial=serial,
+            validity_days=validity_days,
+            validity_seconds=validity_seconds,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("RenewCertificate", self._ca.RenewCertificate, request, None)
+
+    def renew_held_certificate(
+        self,
+        certificate_der: bytes,
+        csr: bytes,
+        *,
+        old_key_signature: bytes = b"",
+        validity_days: int = 0,
+        validity_seconds: int = 0,
+        request_id: str | None = None,
+    ) -> ca_pb2.IssueCertificateResponse:
+        """Renew a mini-CA certificate by proving possession of its key (any role may):
+        `csr` signed by the old key, or for a new key signed by it plus the old key's
+        `old_key_signature` (edgekms.renewal_proof). The old certificate is revoked with
+        reason superseded once the new one is stored. mgmt.renew.renew_held builds the
+        request from the files."""
+        request = ca_pb2.RenewHeldCertificateRequest(
+            certificate_der=certificate_der,
+            csr=csr,
+            old_key_signature=old_key_signature,
+            validity_days=validity_days,
+            validity_seconds=validity_seconds,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call("RenewHeldCertificate", self._ca.RenewHeldCertificate, request, None)
+
+    # -- DeviceService (enrollment tokens, the device registry) ------------------------
+
+    def create_enroll_token(
+        self,
+        name: str,
+        profile: str = "device",
+        *,
+        sans: list[str] | None = None,
+        ttl_seconds: int = 0,
+        group: str = "",
+    ) -> enroll_pb2.CreateEnrollTokenResponse:
+        """A one-time enrollment token for device `name` (its string is only here)."""
+        request = enroll_pb2.CreateEnrollTokenRequest(
+            name=name, profile=profile, sans=sans or [], ttl_seconds=ttl_seconds, group=group
+        )
+        return self._call("CreateEnrollToken", self._devices.CreateEnrollToken, request, None)
+
+    def iter_enroll_tokens(self, include_spent: bool = False) -> Iterator[enroll_pb2.EnrollToken]:
+        request = enroll_pb2.ListEnrollTokensRequest(include_spent=include_spent)
+        while True:
+            page = self._call("ListEnrollTokens", self._devices.ListEnrollTokens, request, None)
+            yield from page.tokens
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def revoke_enroll_token(self, token_id: str) -> enroll_pb2.EnrollToken:
+        request = enroll_pb2.RevokeEnrollTokenRequest(id=token_id)
+        return self._call("RevokeEnrollToken", self._devices.RevokeEnrollToken, request, None)
+
+    def list_devices_page(
+        self, request: enroll_pb2.ListDevicesRequest
+    ) -> enroll_pb2.ListDevicesResponse:
+        return self._call("ListDevices", self._devices.ListDevices, request, None)
+
+    def iter_devices(
+        self, *, group: str = "", denied_only: bool = False, page_size: int = 0
+    ) -> Iterator[enroll_pb2.Device]:
+        """Every device (by name), a page at a time as the iteration goes."""
+        request = enroll_pb2.ListDevicesRequest(
+            group=group, denied_only=denied_only, page_size=page_size
+        )
+        while True:
+            page = self.list_devices_page(request)
+            yield from page.devices
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def get_device(self, name: str) -> enroll_pb2.Device:
+        return self._call(
+            "GetDevice", self._devices.GetDevice, enroll_pb2.GetDeviceRequest(name=name), None
+        )
+
+    def deny_devices(
+        self,
+        *,
+        name: str = "",
+        group: str = "",
+        batch: int = 0,
+        progress: Callable[[enroll_pb2.DenyDevicesResponse], None] | None = None,
+    ) -> enroll_pb2.DenyDevicesResponse:
+        """Deny a device or a group (refused at once), revoking every certificate of each
+        device batch by batch; `progress` sees each batch's answer. Returns the totals."""
+        request = enroll_pb2.DenyDevicesRequest(name=name, group=group, batch=batch)
+        total = enroll_pb2.DenyDevicesResponse()
+        while True:
+            answer = self._call("DenyDevices", self._devices.DenyDevices, request, 120.0)
+            total.devices_denied += answer.devices_denied
+            total.certificates_revoked += answer.certificates_revoked
+            total.devices_total = answer.devices_total
+            if progress is not None:
+                progress(answer)
+            if not answer.next_cursor:
+                return total
+            request.cursor = answer.next_cursor
+
+    def allow_devices(self, *, name: str = "", group: str = "") -> enroll_pb2.AllowDevicesResponse:
+        request = enroll_pb2.AllowDevicesRequest(name=name, group=group)
+        return self._call("AllowDevices", self._devices.AllowDevices, request, None)
+
+    def get_crl(self) -> ca_pb2.GetCRLResponse:
+        """The whole current CRL. A large CRL comes in chunks (ca.proto GetCRL); they are
+        put together here and checked against the CRL's SHA-256, and fetched again from
+        the start if the CA replaced the CRL meanwhile. While the CA says a newer CRL is
+        being built (revocations just taken), it waits for that one, up to
+        CRL_PATIENCE seconds."""
+        patience = time.monotonic() + CRL_PATIENCE
+        first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        while first.pending and time.monotonic() < patience:
+            time.sleep(0.5)
+            first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+        for attempt in range(_CRL_ATTEMPTS):
+            if attempt:
+                first = self._call("GetCRL", self._ca.GetCRL, ca_pb2.GetCRLRequest(), None)
+            parts = [first.crl_der]
+            size = len(first.crl_der)
+            try:
+                while size < first.total_size:
+                    request = ca_pb2.GetCRLRequest(offset=size, crl_number=first.crl_number)
+                    chunk = self._call("GetCRL", self._ca.GetCRL, request, None)
+                    if not chunk.crl_der:
+                        break
+                    parts.append(chunk.crl_der)
+                    size += len(chunk.crl_der)
+            except errors.FailedPrecondition as exc:
+                if exc.reason == "crl.changed":
+                    continue
+                raise
+            der = b"".join(parts)
+            if first.sha256 and hashlib.sha256(der).digest() != first.sha256:
+                continue
+            whole = ca_pb2.GetCRLResponse()
+            whole.CopyFrom(first)
+            whole.crl_der = der
+            return whole
+        raise errors.Unavailable("crl.changing", "the CRL kept changing while it was fetched")
+
+    def get_root_crl(self) -> ca_pb2.GetCRLResponse:
+        """The root's CRL (revoked intermediates); long-lived, signed by the root."""
+        request = ca_pb2.GetRootCRLRequest()
+        return self._call("GetRootCRL", self._ca.GetRootCRL, request, None)
+
+    def get_issuer_crl(self, key_id: str) -> ca_pb2.GetCRLResponse:
+        """One intermediate's CRL (current or retired) by its key id (SKI hex)."""
+        request = ca_pb2.GetIssuerCRLRequest(key_id=key_id)
+        return self._call("GetIssuerCRL", self._ca.GetIssuerCRL, request, None)
+
+    def revoke_intermediate(
+        self,
+        serial: str,
+        reason: ca_pb2.RevocationReason.ValueType = ca_pb2.REVOCATION_REASON_UNSPECIFIED,
+        request_id: str | None = None,
+    ) -> ca_pb2.RevokeIntermediateResponse:
+        """The root revokes intermediate `serial` (needs ca/root enabled)."""
+        request = ca_pb2.RevokeIntermediateRequest(
+            serial=serial, reason=reason, request_id=request_id or new_request_id()
+        )
+        return self._call("RevokeIntermediate", self._ca.RevokeIntermediate, request, None)
+
+    def rotate_ca(
+        self,
+        intermediate_validity_days: int = 0,
+        name_constraints: ca_pb2.NameConstraints | None = None,
+        clear_name_constraints: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ca_pb2.RotateCAResponse:
+        """A new intermediate key and certificate; leaves come from it from now on."""
+        request = ca_pb2.RotateCARequest(
+            intermediate_validity_days=intermediate_validity_days,
+            name_constraints=name_constraints,
+            clear_name_constraints=clear_name_constraints,
+            request_id=request_id or new_request_id(),
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._call("Rotate", self._ca.Rotate, request, deadline)
+
+    def get_ca_certificates(self) -> ca_pb2.GetCACertificatesResponse:
+        request = ca_pb2.GetCACertificatesRequest()
+        return self._call("GetCACertificates", self._ca.GetCACertificates, request, None)
+
+    def list_profiles(self) -> list[ca_pb2.ProfileInfo]:
+        request = ca_pb2.ListProfilesRequest()
+        return list(self._call("ListProfiles", self._ca.ListProfiles, request, None).profiles)
+
+    # -- ACME administration (docs/ca.md, "ACME") ------------------------------------------
+
+    def iter_acme_accounts(self, page_size: int = 0) -> Iterator[ca_pb2.AcmeAccount]:
+        """Every ACME account, by id, a page at a time."""
+        request = ca_pb2.ListAcmeAccountsRequest(page_size=page_size)
+        while True:
+            page = self._call("ListAcmeAccounts", self._ca.ListAcmeAccounts, request, None)
+            yield from page.accounts
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def create_acme_eab(self, note: str = "") -> ca_pb2.CreateAcmeEabResponse:
+        """A new external account binding key (administrators only); the MAC key is in
+        the answer and nowhere else."""
+        request = ca_pb2.CreateAcmeEabRequest(note=note, request_id=new_request_id())
+        return self._call("CreateAcmeEab", self._ca.CreateAcmeEab, request, None)
+
+    def iter_acme_eab(self, page_size: int = 0) -> Iterator[ca_pb2.AcmeEab]:
+        request = ca_pb2.ListAcmeEabRequest(page_size=page_size)
+        while True:
+            page = self._call("ListAcmeEab", self._ca.ListAcmeEab, request, None)
+            yield from page.keys
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def revoke_acme_eab(self, kid: str) -> ca_pb2.RevokeAcmeEabResponse:
+        request = ca_pb2.RevokeAcmeEabRequest(kid=kid)
+        return self._call("RevokeAcmeEab", self._ca.RevokeAcmeEab, request, None)
+
+    def acme_policy(self) -> ca_pb2.GetAcmePolicyResponse:
+        request = ca_pb2.GetAcmePolicyRequest()
+        return self._call("GetAcmePolicy", self._ca.GetAcmePolicy, request, None)
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = [
+    "CREATE_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "RETRYABLE",
+    "KMSClient",
+    "error_from_rpc",
+    "new_request_id",
+    "prepare_data",
+    "resolve_algorithm",
+    "resolve_key_type",
+]

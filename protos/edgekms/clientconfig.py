@@ -1,0 +1,148 @@
+"""The client config file: where the broker is and which certificate proves who we are.
+
+`kmsctl init` writes it (TOML, paths relative to the file's own directory) and every
+client command reads it. Problems with it are the caller's setup, not the KMS's, so they
+come out as FailedPrecondition with a hint of what to do, never as a traceback.
+
+    broker = "127.0.0.1:8443"
+    server_name = "edgekms-broker"
+    ca_cert = "ca.crt"
+    cert = "admin.crt"
+    key = "admin.key"
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekms.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("broker", "ca_cert", "cert", "key")
+_KNOWN = (*_REQUIRED, "server_name")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """A parsed config with absolute paths; the key's bytes are read only when dialing."""
+
+    path: Path
+    broker: str
+    ca_cert: Path
+    cert: Path
+    key: Path
+    server_name: str | None = None
+
+    def read_credentials(self) -> tuple[bytes, bytes, bytes]:
+        """(CA bundle, client certificate chain, client private key) as PEM bytes."""
+        return (
+            _read(self.ca_cert, "ca_cert"),
+            _read(self.cert, "cert"),
+            _read(self.key, "key"),
+        )
+
+
+def _read(path: Path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FailedPrecondition(
+            "config.file_missing",
+            f"{field} file {path} does not exist (run `kmsctl init` to create it)",
+            {"field": field, "path": str(path)},
+        ) from None
+    except OSError as exc:
+        raise FailedPrecondition(
+            "config.file_unreadable",
+            f"cannot read {field} file {path}: {exc.strerror}",
+            {"field": field, "path": str(path)},
+        ) from None
+
+
+def parse_broker(value: str) -> tuple[str, int]:
+    """Split "host:port" (or "[v6]:port"); the port is mandatory because there is no default."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FailedPrecondition(
+            "config.broker_invalid", f"broker must be host:port, got {value!r}", {"value": value}
+        )
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def parse_client_config(text: str, path: Path) -> ClientConfig:
+    """Parse config text as if it were read from `path` (relative paths resolve beside it)."""
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FailedPrecondition(
+            "config.invalid", f"{path} is not valid TOML: {exc}", {"path": str(path)}
+        ) from None
+    missing = [f for f in _REQUIRED if f not in data]
+    if missing:
+        raise FailedPrecondition(
+            "config.field_missing",
+            f"{path} lacks {', '.join(missing)} (run `kmsctl init` to rewrite it)",
+            {"path": str(path), "fields": ",".join(missing)},
+        )
+    for field in _KNOWN:
+        if field in data and (not isinstance(data[field], str) or not data[field]):
+            raise FailedPrecondition(
+                "config.field_invalid",
+                f"{field} in {path} must be a non-empty string",
+                {"path": str(path), "field": field},
+            )
+    unknown = sorted(set(data) - set(_KNOWN))
+    if unknown:
+        # Tolerated so that newer `kmsctl init` files still work with an older client.
+        log.warning("config.unknown_fields path=%s fields=%s", path, ",".join(unknown))
+    parse_broker(data["broker"])
+    base = path.parent
+
+    def resolve(field: str) -> Path:
+        p = Path(data[field]).expanduser()
+        return p if p.is_absolute() else base / p
+
+    return ClientConfig(
+        path=path,
+        broker=data["broker"],
+        ca_cert=resolve("ca_cert"),
+        cert=resolve("cert"),
+        key=resolve("key"),
+        server_name=data.get("server_name"),
+    )
+
+
+def load_client_config(path: Path) -> ClientConfig:
+    """Read and check the config; a FailedPrecondition says what is wrong and how to fix it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FailedPrecondition(
+            "config.missing",
+            f"no client config at {path}: run `kmsctl init` first (or pass --config)",
+            {"path": str(path)},
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FailedPrecondition(
+            "config.unreadable", f"cannot read client config {path}: {exc}", {"path": str(path)}
+        ) from None
+    config = parse_client_config(text, path)
+    try:
+        mode = config.key.stat().st_mode
+    except OSError:
+        pass  # reported with a clear error when the key is read
+    else:
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "config.key_permissions path=%s mode=%o hint=chmod_600", config.key, mode & 0o777
+            )
+    return config
+
+
+__all__ = ["ClientConfig", "load_client_config", "parse_broker", "parse_client_config"]

@@ -1,0 +1,72 @@
+"""`kmsctl completion` (issue 14, item 6): the scripts for bash, zsh and fish, and what
+a TAB completes as the shell asks it (commands, options, key names from the running
+stack, nothing and no error when no stack answers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import BIN, KmsStack
+
+
+def _complete(words: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """What bash's completion function gets back for the line `words` (last word being
+    completed), as `kmsctl completion bash` makes bash ask."""
+    cword = len(words.split(" ")) - 1
+    return subprocess.run(
+        [str(BIN / "kmsctl")],
+        env={
+            **env,
+            "_KMSCTL_COMPLETE": "bash_complete",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("shell", "marker"),
+    [("bash", "complete -o nosort -F"), ("zsh", "compdef"), ("fish", "complete --no-files")],
+)
+def test_completion_prints_each_shells_script(shell: str, marker: str) -> None:
+    result = subprocess.run(
+        [str(BIN / "kmsctl"), "completion", shell], capture_output=True, text=True, check=True
+    )
+    assert marker in result.stdout
+    assert "_KMSCTL_COMPLETE" in result.stdout
+
+
+def test_completion_of_an_unknown_shell_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [str(BIN / "kmsctl"), "completion", "tcsh"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "tcsh" in result.stderr
+
+
+def test_tab_completes_commands_options_and_key_names(kms_stack: KmsStack, tmp_path: Path) -> None:
+    with kms_stack.client() as client:
+        client.create_key("comp/alpha", "ec-p256")
+        client.create_key("comp/beta", "ec-p256")
+    env = kms_stack.env()
+    assert _complete("kmsctl ke", env).stdout.split() == ["plain,key"]
+    assert "plain,--in" in _complete("kmsctl key sign --i", env).stdout.split()
+    names = _complete("kmsctl key sign comp/", env).stdout.split()
+    assert names == ["plain,comp/alpha", "plain,comp/beta"]
+    # --data-dir given on the line wins over the environment.
+    other = {k: v for k, v in env.items() if k != "EDGEKMS_DATA_DIR"}
+    named = _complete(f"kmsctl key show --data-dir {kms_stack.data_dir} comp/a", other)
+    assert named.stdout.split() == ["plain,comp/alpha"]
+
+    # No stack there: nothing offered, nothing printed, exit 0 (a TAB must not break
+    # the line being typed).
+    silent = _complete("kmsctl key sign comp/", {**os.environ, "EDGEKMS_DATA_DIR": str(tmp_path)})
+    assert silent.returncode == 0
+    assert silent.stdout.split() == [] and silent.stderr == ""

@@ -1,0 +1,61 @@
+"""The log formats (pure logic): logfmt written inside a message becomes fields, the
+text format reads as a line, asyncio's TLS noise is dropped."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from edgekms.logs import JSONFormatter, TextFormatter, _not_asyncio_noise, fields, split_logfmt
+
+
+def _record(msg: str, *args: object, name: str = "t", **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord(name, logging.INFO, __file__, 1, msg, args, None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_logfmt_messages_split_into_message_and_fields() -> None:
+    assert split_logfmt("event=ca_issued serial=01 profile=vpn") == (
+        "ca_issued",
+        {"serial": "01", "profile": "vpn"},
+    )
+    assert split_logfmt("config.unknown_fields path=/x fields=a,b") == (
+        "config.unknown_fields",
+        {"path": "/x", "fields": "a,b"},
+    )
+    for prose in ("started", "took over the data dir", "a=b", "x y=1 y=2", "x 1=2"):
+        assert split_logfmt(prose) is None, prose
+
+
+def test_json_lines_carry_one_field_set() -> None:
+    line = JSONFormatter("ca").format(_record("event=ca_issued serial=%s n=%d", "0A", 3))
+    entry = json.loads(line)
+    assert (entry["msg"], entry["serial"], entry["n"], entry["service"]) == (
+        "ca_issued",
+        "0A",
+        "3",
+        "ca",
+    )
+    structured = JSONFormatter("broker").format(_record("request", **fields(method="Sign", ms=1.5)))
+    assert json.loads(structured)["ms"] == 1.5
+    # A field never overwrites the line's own keys.
+    clash = json.loads(JSONFormatter("b").format(_record("x", **fields(level="evil"))))
+    assert clash["level"] == "info"
+
+
+def test_text_lines_for_people() -> None:
+    line = TextFormatter("kmsctl-up").format(
+        _record("started", **fields(part="nats", url="tls://127.0.0.1:4222"))
+    )
+    assert line.endswith("info    kmsctl-up: started  part=nats url=tls://127.0.0.1:4222")
+    spaced = TextFormatter("x").format(_record("m", **fields(why="two words")))
+    assert spaced.endswith('why="two words"')
+
+
+def test_asyncio_tls_noise_is_dropped_and_nothing_else() -> None:
+    noise = "returning true from eof_received() has no effect when using ssl"
+    assert not _not_asyncio_noise(_record(noise, name="asyncio"))
+    assert _not_asyncio_noise(_record("Task was destroyed but it is pending!", name="asyncio"))
+    assert _not_asyncio_noise(_record(noise, name="broker"))
