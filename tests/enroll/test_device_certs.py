@@ -6,6 +6,7 @@ certificate (the CA's CRL and OCSP say so at the next fetch) and its renewal is 
 from __future__ import annotations
 
 import ipaddress
+import json
 import urllib.request
 from pathlib import Path
 
@@ -73,10 +74,22 @@ def test_a_device_gets_certificates_for_its_own_names_and_loses_them_when_denied
         with pytest.raises(errors.PermissionDenied) as revoke:
             device.revoke_certificate(issued.record.serial)
         assert revoke.value.reason == "authz.role_denied"
+    # The same through kmsctl, as the README shows: a vpn-server certificate for its IP.
+    vpn_csr, vpn_crt = tmp_path / "vpn.csr", tmp_path / "vpn.crt"
+    vpn_csr.write_bytes(csr(key, cn=NAS, sans=[names[1]]))
+    cli = run(
+        stack, "cert", "issue", "--profile", "vpn-server", "--csr", str(vpn_csr),
+        "--out", str(vpn_crt), "-o", "json", config=config,
+    )  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["profile"] == "vpn-server"
+    vpn_leaf = x509.load_pem_x509_certificate(vpn_crt.read_bytes())
     with stack.client() as admin:
         named = admin.list_certificates_page(ca_pb2.ListCertificatesRequest(requester="nas-7"))
     # Nothing else was signed for its names; the one that was names the device as requester.
-    assert [(r.serial, r.requester) for r in named.records] == [(issued.record.serial, "nas-7")]
+    assert sorted((int(r.serial, 16), r.requester) for r in named.records) == sorted(
+        [(leaf.serial_number, "nas-7"), (vpn_leaf.serial_number, "nas-7")]
+    )
     audit = run(stack, "audit", "tail", "-o", "json")
     assert audit.exit_code == 0, audit.output
     assert (
@@ -84,10 +97,12 @@ def test_a_device_gets_certificates_for_its_own_names_and_loses_them_when_denied
     )
 
     denied = run_json(stack, "device", "deny", "nas-7")
-    assert denied["certificates_revoked"] >= 2  # its client and its https-server certificate
+    # Its client certificate and its https-server and vpn-server certificates.
+    assert denied["certificates_revoked"] >= 3
     crl = x509.load_der_x509_crl(fetch(f"{stack.ca_url}/crl"))
     assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
     assert ocsp_status(stack, leaf, issuer) == ocsp.OCSPCertStatus.REVOKED
+    assert crl.get_revoked_certificate_by_serial_number(vpn_leaf.serial_number) is not None
 
     with KMSClient.from_config(config, timeout=20) as device:
         # The device itself is refused at the door, for a new certificate or a renewal.
