@@ -2,7 +2,8 @@
 
 The CA service (`kmsctl ca serve`) owns the logic and state; the broker adds what only
 the ingress can: the caller's authenticated identity (written into `requester`, never
-taken from the request), the role check, and error mapping. Handlers are built from the
+taken from the request), the role check, and error mapping. An enrolled device may ask
+for certificates for its own names only (broker/device_certs.py). Handlers are built from the
 service descriptor, so a new RPC in ca.proto is exposed without code here.
 """
 
@@ -18,10 +19,13 @@ from nats.aio.client import Client as NATS
 
 from broker import wire
 from broker.audit_service import note
+from broker.authz import ROLE_METHODS
+from broker.device_certs import DEVICE_METHODS, check_issue
 from broker.idempotency import IdempotencyStore
 from broker.keys import Context, IdentityCache, rpc
 from edgekms import natsrpc
 from edgekms.audit import AuditWriter
+from edgekms.errors import PermissionDenied
 from edgekms.identity import Identity
 from edgekms.subjects import ca_subject
 from edgekms.v1 import ca_pb2
@@ -41,6 +45,11 @@ STATE_CHANGING = {
     "RevokeIntermediate",
     "PruneCertificates",
 }
+
+# Where `requester` is a filter chosen by the caller (list what device X asked for), not
+# the caller's name: left as given. Written over, it made every listing through the
+# broker show only the caller's own certificates.
+REQUESTER_FILTERS = frozenset({"ListCertificates"})
 
 
 class CAForwarder:
@@ -64,7 +73,20 @@ class CAForwarder:
         async def forward(
             self: CAForwarder, request: Message, context: Context, identity: Identity
         ) -> Message:
-            if "requester" in request.DESCRIPTOR.fields_by_name:
+            if method in DEVICE_METHODS and method not in ROLE_METHODS.get(
+                identity.role, frozenset()
+            ):
+                # Admitted by check_method only as an enrolled device: its own names only.
+                device = self.identities.device(identity)
+                if device is None:
+                    raise PermissionDenied(
+                        "authz.role_denied",
+                        f"role {identity.role!r} may not call {method}",
+                        {"client": identity.client, "role": identity.role, "method": method},
+                    )
+                assert isinstance(request, ca_pb2.IssueCertificateRequest)
+                check_issue(device, request)
+            if method not in REQUESTER_FILTERS and "requester" in request.DESCRIPTOR.fields_by_name:
                 request.requester = identity.client  # type: ignore[attr-defined]
             ceiling = SLOW_METHODS.get(method, DEFAULT_TIMEOUT)
             remaining = context.time_remaining()

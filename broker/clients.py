@@ -81,7 +81,7 @@ from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
 from edgekms.sealed import RecordSeal, TamperedRecord
 from edgekms.subjects import CLIENTS_BUCKET
-from edgekms.v1 import clients_pb2, clients_pb2_grpc
+from edgekms.v1 import clients_pb2, clients_pb2_grpc, enroll_pb2
 
 log = logging.getLogger(__name__)
 
@@ -485,6 +485,18 @@ class AccessGate:
         name neither narrows nor widens it."""
         record = self.clients.holder(serial_hex(identity.serial))
         return record.key_pattern if record is not None else ""
+
+    def device(self, identity: Identity) -> enroll_pb2.Device | None:
+        """The device record of a certificate enrollment issued (or its renewal), unless
+        the device or its group is denied; None for administrators' clients, even one
+        later given a device's name."""
+        device = self.clients.devices.devices.get(identity.client)
+        if device is None or self.clients.devices.is_denied(identity.client):
+            return None
+        record = self.clients.holder(serial_hex(identity.serial))
+        if record is None or not record.created_by.startswith("enroll:"):
+            return None
+        return device
 
     def key_allowed(self, identity: Identity, name: str) -> bool:
         return key_matches(self.key_pattern(identity), name)

@@ -15,8 +15,10 @@ internal CA, in an order that never loses a token to a crash (docs/security.md,
 A failure before 3 puts the token back (ACTIVE); a broker killed before 3 leaves it
 RESERVED until the lease runs out (or its retry, same request id, comes), then usable
 again; killed after 3, the retry finds the device record and gets the same certificate,
-and step 4 is done then. Refusals count against the caller's address and the token
-(broker.throttle: 5 in 60 s, then backoff), and every attempt is audited.
+and step 4 is done then (a redeem with any other request id does step 4 too, and is
+refused: the token is spent once a certificate was stored for it). Refusals count
+against the caller's address and the token (broker.throttle: 5 in 60 s, then backoff),
+and every attempt is audited.
 """
 
 from __future__ import annotations
@@ -260,6 +262,16 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
             # Stored by this request before (a lost answer, a killed broker): finish.
             await self._finish(token, revision, existing[0].serial)
             return self._response(existing[0])
+        if (
+            existing is not None
+            and existing[0].token_id == token.id
+            and existing[0].certificate_der
+        ):
+            # Stored for this token by another request whose broker died before step 4:
+            # the token is spent. Consume it now, so it is never redeemed twice; that
+            # request's retry still gets its certificate (above).
+            await self._finish(token, revision, existing[0].serial)
+            raise Unauthenticated("enroll.token_used", "this enrollment token was used already")
         if token.state == USED:
             raise Unauthenticated("enroll.token_used", "this enrollment token was used already")
         if token.state == REVOKED:

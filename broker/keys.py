@@ -48,7 +48,7 @@ from edgekms.logs import fields
 from edgekms.sign_batcher import SignBatcher
 from edgekms.subjects import CA_SERVICE_NAME
 from edgekms.v1 import common_pb2 as pb
-from edgekms.v1 import crypto_pb2, keys_pb2, keys_pb2_grpc
+from edgekms.v1 import crypto_pb2, enroll_pb2, keys_pb2, keys_pb2_grpc
 
 if TYPE_CHECKING:
     from broker.clients import AccessGate
@@ -146,6 +146,13 @@ class IdentityCache:
             await self.gate.bind(identity)
         return identity
 
+    def device(self, identity: Identity) -> enroll_pb2.Device | None:
+        """The caller's device record, if it enrolled as a device (broker.devices) and its
+        certificate carries the role its enrollment gave; None for every other client."""
+        if self.gate is None:
+            return None
+        return self.gate.device(identity)
+
     def check_scope(self, identity: Identity, method: str, request: Any) -> None:
         if self.gate is not None:
             self.gate.check_scope(identity, method, request)
@@ -172,7 +179,7 @@ def rpc(method: str) -> Callable[[Handler[Req, Resp]], Any]:
             bound = scope.bind()
             try:
                 identity = await self.identities.identify(context, scope, method)
-                check_method(identity, method)
+                check_method(identity, method, self.identities.device(identity) is not None)
                 if isinstance(request, Malformed):
                     raise InvalidArgument(
                         "request.malformed", f"{method}: the request is not a {request.expected}"

@@ -284,3 +284,111 @@ def test_a_broker_killed_mid_enrollment_leaves_the_token_usable(
             time.sleep(0.5)
     assert done.client.name == "crashy"
     assert _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_USED
+
+
+def _rewrite_token_record(stack: KmsStack, token_id: str) -> None:
+    """Write the token's record again unchanged (as another broker replica might): its
+    revision moves on, so the next compare-and-set on the old revision loses."""
+
+    async def rewrite() -> None:
+        nc = await nats.connect(stack.nats_url, **stack.nats_options("broker"))
+        try:
+            kv = await nc.jetstream().key_value("kms_clients")
+            entry = await kv.get(f"token.{token_id}")
+            await kv.update(f"token.{token_id}", entry.value or b"", last=entry.revision)
+        finally:
+            await nc.close()
+
+    asyncio.run(rewrite())
+
+
+def _device_serial(stack: KmsStack, name: str) -> str:
+    async def read() -> bytes:
+        nc = await nats.connect(stack.nats_url, **stack.nats_options("broker"))
+        try:
+            kv = await nc.jetstream().key_value("kms_clients")
+            entry = await kv.get(f"device.{name}")
+            return stack.open_record("kms_clients", f"device.{name}", entry.value or b"")
+        finally:
+            await nc.close()
+
+    record = enroll_pb2.Device()
+    record.ParseFromString(asyncio.run(read()))
+    return record.serial
+
+
+def test_a_broker_killed_after_store_before_consume_never_spends_the_token_twice(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    """The state a broker killed between step 3 (store) and step 4 (consume) leaves,
+    made deterministic: while the broker waits on the crypto service (token reserved),
+    the token record is rewritten, so step 4's compare-and-set loses after the device and
+    client records are stored; then the broker is killed and restarted by kmsctl up."""
+    token_file, fingerprint, token_id = new_token(stack, tmp_path, "crashy-late")
+    token = token_file.read_text().strip()
+    key = ec.generate_private_key(ec.SECP256R1())
+    request_id = "late-" + os.urandom(4).hex()
+    children = dict(stack.state()["children"])  # type: ignore[call-overload]
+    crypto_pid, broker_pid = int(children["crypto-hsm0"]), int(children["broker"])
+    os.kill(crypto_pid, signal.SIGSTOP)
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            redeem(stack, token, fingerprint, csr(key), request_id)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60 * SLOWDOWN
+        while time.monotonic() < deadline:
+            if _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the token was never reserved")
+        _rewrite_token_record(stack, token_id)
+    finally:
+        os.kill(crypto_pid, signal.SIGCONT)
+    thread.join(60 * SLOWDOWN)
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.Unavailable), outcome
+    assert outcome[0].reason == "enroll.token_busy"
+    # Stored, not consumed: the device and its client exist, the token is still reserved.
+    record = _read_token_record(stack, token_id)
+    assert record.state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED
+    stored_serial = _device_serial(stack, "crashy-late")
+    clients = {c["name"]: c for c in run_json(stack, "client", "list", "--all")}
+    assert clients["crashy-late"]["serial"] == stored_serial
+    # The broker dies in that state; kmsctl up starts it again.
+    os.kill(broker_pid, signal.SIGKILL)
+
+    def until_up(request: str) -> Any:
+        deadline = time.monotonic() + 120 * SLOWDOWN
+        while True:
+            try:
+                return redeem(stack, token, fingerprint, csr(key), request)
+            except errors.KMSError as err:
+                if err.code_name not in ("ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    # Someone else with the token, another request id: refused, and the token consumed.
+    with pytest.raises(errors.Unauthenticated) as thief:
+        until_up("thief-" + os.urandom(4).hex())
+    assert thief.value.reason == "enroll.token_used"
+    assert _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_USED
+    # The device's own retry (same request id) gets the certificate that was stored.
+    done = until_up(request_id)
+    assert done.client.name == "crashy-late" and done.client.serial == stored_serial
+    issued = x509.load_pem_x509_certificate(done.certificate_pem.encode())
+    assert issued.public_key() == key.public_key()
+    assert format(issued.serial_number, "x") == stored_serial
+    assert _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_USED
+    # And only one client certificate was ever made for the name.
+    clients = {c["name"]: c for c in run_json(stack, "client", "list", "--all")}
+    assert clients["crashy-late"]["serial"] == stored_serial
