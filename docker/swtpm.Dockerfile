@@ -1,5 +1,5 @@
 # A software TPM 2.0 for the crypto-tpm container: swtpm on TCP (commands 2321, control 2322).
-FROM debian:bookworm-slim
+FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends swtpm swtpm-tools \
  && rm -rf /var/lib/apt/lists/* \
