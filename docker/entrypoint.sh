@@ -14,7 +14,8 @@
 #   public/  bus CA and nats-server certificates                  (read-only for all)
 #   nats/    nats.conf (bcrypt hashes), server key, JetStream      (nats)
 #   hsm0/    SoftHSM token, PIN, crypto-hsm0's bus password        (crypto-hsm)
-#   tpm0/    TPM key blobs, crypto-tpm0's bus password             (crypto-tpm)
+#   tpm0/    TPM key blobs, hierarchy auth, crypto-tpm0's bus password (crypto-tpm)
+#   swtpm/   swtpm's two 0600 Unix sockets                         (swtpm, crypto-tpm)
 #   ca/      the CA service's bus password                         (ca, read-only)
 #   broker/  broker's bus password, TLS key and certificates       (broker, read-only)
 #   init/    kmsctl's bus password, ceremony output, admin bundle  (init)
@@ -90,7 +91,15 @@ crypto-hsm)
     exec kms-crypto --config "$CONF/crypto-hsm0.toml" "$@"
     ;;
 crypto-tpm)
-    python3 "$WAIT" "tcp:$NATS_HOSTPORT" "tcp:${EDGEKMS_SWTPM_CTRL:-swtpm:2322}"
+    # swtpm's 0600 sockets (edgekms-swtpm volume); their existence, not a probe
+    # connection, which would take swtpm's one client slot.
+    SWTPM_SOCK=${EDGEKMS_SWTPM_SOCK:-$DATA/swtpm/swtpm.sock}
+    python3 "$WAIT" "tcp:$NATS_HOSTPORT" "sock:$SWTPM_SOCK" "sock:$SWTPM_SOCK.ctrl"
+    # As firmware would, then as `kmsctl up --tpm swtpm` does: the platform hierarchy
+    # disabled, and random owner/endorsement/lockout auth in this volume (idempotent:
+    # a rerun keeps them; refused, exit 6, if someone else owns this TPM).
+    python3 /usr/local/bin/edgekms-lock-platform "swtpm:path=$SWTPM_SOCK"
+    kmsctl tpm provision --tpm "swtpm:path=$SWTPM_SOCK" --data-dir "$DATA/tpm0" -o json
     exec kms-crypto --config "$CONF/crypto-tpm0.toml" "$@"
     ;;
 ca)
