@@ -90,6 +90,7 @@ def container_rss(found: Engine, env: dict[str, str], project: str) -> dict[str,
 def run(found: Engine, timeout: float = 600.0) -> dict[str, Any]:
     build_images(found)
     results: dict[str, Any] = {"engine": found.kind, "compose": " ".join(found.compose)}
+    results["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
     results["image_bytes"] = image_sizes(found)
     project = f"edgekms-bench-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="edgekms-bench-client-") as tmp:
@@ -129,7 +130,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     lines = [
         "# Containers: the compose stack",
         "",
-        f"Engine: {results['engine']} (compose CLI: `{results['compose']}`).",
+        f"Engine: {results['engine']} (compose CLI: `{results['compose']}`); load average "
+        f"at start {results.get('loadavg_at_start', '?')}.",
         "",
         "| figure | value |",
         "| --- | --- |",

@@ -120,8 +120,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             client_dir = tmp_path_factory.mktemp("edgekms-client")
             # The init role runs as the image's uid (10001) and exports the client config
             # here; a bind-mounted directory keeps the host's owner.
-            os.chown(client_dir, IMAGE_UID, IMAGE_UID)
-            client_dir.chmod(0o700)
+            if os.geteuid() == 0:
+                os.chown(client_dir, IMAGE_UID, IMAGE_UID)
+                client_dir.chmod(0o700)
+            else:  # a Docker user who is not root: pytest's base temp dir is 0700 already
+                client_dir.chmod(0o777)
             running = Stack(found, client_dir)
             try:
                 running.up()
