@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class Engine:
     compose: list[str]
     service: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
     def run(
         self, argv: list[str], timeout: float, cwd: Path = ROOT, check: bool = True

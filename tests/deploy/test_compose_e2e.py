@@ -15,6 +15,7 @@ SoftHSM and swtpm).
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -65,14 +66,16 @@ class Stack:
             "EDGEKMS_CA_PORT": str(self.ca_port),
         }
 
-    def run(self, *args: str, timeout: float = 300.0, check: bool = True) -> Any:
-        """`compose -p PROJECT ARGS`; the CompletedProcess."""
+    def run(
+        self, *args: str, timeout: float = 300.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """`compose -p PROJECT ARGS` with this stack's ports and client directory."""
         argv = [*self.engine.compose, "-p", self.project, "-f", "compose.yaml", *args]
         found = Engine(self.engine.kind, self.env, self.engine.compose)
         return found.run(argv, timeout * SLOWDOWN, check=check)
 
     def compose(self, *args: str, timeout: float = 300.0, check: bool = True) -> str:
-        return str(self.run(*args, timeout=timeout, check=check).stdout)
+        return self.run(*args, timeout=timeout, check=check).stdout
 
     def up(self) -> None:
         self.compose("up", "-d", "--no-build", timeout=600.0)
