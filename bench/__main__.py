@@ -3,8 +3,10 @@
 Order: raw provider rates on a token and swtpm of their own; then `kmsctl up` (cold, then
 warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/64 in
 flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
-hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py). Results land in
-bench/results/ (results.json, results.md, chart.png, ca_scale.md).
+hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py); then the
+compose stack (bench/containers.py: image sizes, `compose up` to first signature, RSS per
+container). Results land in bench/results/ (results.json, results.md, chart.png,
+ca_scale.md, containers.md).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def _args() -> argparse.Namespace:
         "--no-ca-scale", action="store_true", help="skip the 50,000-certificate CA figures"
     )
     parser.add_argument("--no-acme", action="store_true", help="skip ACME orders per second")
+    parser.add_argument(
+        "--no-containers", action="store_true", help="skip the compose stack's figures"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
 
@@ -219,6 +224,12 @@ def main() -> None:
 
             results["ca_scale"] = ca_scale.run_fresh(work / "ca-scale")
             ca_scale.write(results["ca_scale"], out)
+        if not args.no_containers:
+            # Last: the images' build and the stack's start weigh on nothing measured after.
+            from bench import containers
+
+            results["containers"] = containers.measure()
+            containers.write(results["containers"], out)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,12 @@ its config names. It cannot be asked over NATS: its identity may publish only re
 (mgmt.natsauth), and lending it another identity's password would undo the per-service
 secrets. nats-server closes a connection whose login fails, and kms-crypto exits when it
 loses the bus for good, so a lasting connection means "logged in and serving". The
-broker and the CA are healthy when their ports accept connections.
+broker and the CA are healthy when their ports accept connections; nats-server when its
+monitoring endpoint says JetStream is up.
+
+The checks are what compose's `healthcheck:` runs where the engine schedules them
+(Docker), and what the test harness runs by `exec` where it does not (podman without
+systemd): readiness never depends on the scheduler (docker/wait.py).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import socket
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,6 +53,14 @@ def established_to(port: int, tables: Iterable[Path] = PROC_TCP) -> bool:
     return False
 
 
+def nats_healthy(url: str = "http://127.0.0.1:8222/healthz?js-enabled-only=true") -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:  # noqa: S310 (fixed URL)
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def bus_port(config: Path) -> int:
     url = tomllib.loads(config.read_text())["nats_url"]
     return urlsplit(url).port or 4222
@@ -54,7 +68,7 @@ def bus_port(config: Path) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: edgekms-healthcheck crypto-hsm|crypto-tpm|ca|broker", file=sys.stderr)
+        print("usage: edgekms-healthcheck nats|crypto-hsm|crypto-tpm|ca|broker", file=sys.stderr)
         return 2
     role = argv[1]
     if role in ("crypto-hsm", "crypto-tpm"):
@@ -64,6 +78,8 @@ def main(argv: list[str]) -> int:
         except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as exc:
             print(f"health role={role} error={type(exc).__name__}", file=sys.stderr)
             ok = False
+    elif role == "nats":
+        ok = nats_healthy()
     elif role == "ca":
         ok = port_open("127.0.0.1", 8080)
     elif role == "broker":

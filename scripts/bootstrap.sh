@@ -16,6 +16,13 @@ PYTHON=${PYTHON:-python3}
 # (the ACME tests: real clients obtain certificates, nginx serves them).
 APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl curl
   openvpn gnutls-bin golang-go ca-certificates gcc make pkg-config certbot lego nginx-light)
+# The compose stack's end-to-end tests (tests/deploy/test_compose_e2e.py) where no Docker
+# engine runs: rootful podman with runc, netavark and aardvark-dns (networks with name
+# resolution; iptables for published ports), Debian's docker-compose 1.29 through podman's
+# Docker API, and debootstrap for the base image where no registry can be reached
+# (scripts/base-image.sh). Installed packages only: the tests' podman settings live in a
+# temporary containers.conf of their own (docs/containers.md).
+APT_PACKAGES+=(podman runc netavark aardvark-dns iptables docker-compose debootstrap)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
 [ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-google-grpc-dev)

@@ -24,6 +24,7 @@ from edgekms import natsrpc
 from mgmt import natsauth
 from mgmt.natsserver import find_binary, free_port, wait_for_port
 from mgmt.softhsm import token_exists
+from tests.deploy.engine import compose_command
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -57,24 +58,79 @@ def test_every_long_running_service_has_a_healthcheck(compose: dict[str, Any]) -
         assert check["retries"] >= 3
 
 
-def test_start_order_is_expressed_by_conditions(compose: dict[str, Any]) -> None:
+def test_start_order_needs_no_healthcheck_scheduler(compose: dict[str, Any]) -> None:
+    """podman without systemd never runs healthchecks, so no start may wait on one:
+    one-shots are waited for by exit status, services only by their start (each role
+    then waits for its own dependencies, docker/wait.py)."""
     services = compose["services"]
-    allowed = {"service_healthy", "service_completed_successfully"}
 
     def needs(name: str) -> dict[str, str]:
         return {d: c["condition"] for d, c in services[name].get("depends_on", {}).items()}
 
     for name in services:
         for dep, condition in needs(name).items():
-            assert dep in services and condition in allowed, (name, dep)
-            expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert dep in services, (name, dep)
+            expected = "service_completed_successfully" if dep in ONE_SHOT else "service_started"
             assert condition == expected, (name, dep)
     assert needs("nats") == {"setup": "service_completed_successfully"}
     # The ceremony signs through crypto-hsm, so it runs after it; the broker needs its output.
-    assert needs("crypto-hsm") == {"nats": "service_healthy"}
-    assert needs("init") == {"nats": "service_healthy", "crypto-hsm": "service_healthy"}
+    assert needs("crypto-hsm") == {"nats": "service_started"}
+    assert needs("init") == {"nats": "service_started", "crypto-hsm": "service_started"}
     assert {"nats", "swtpm"} <= set(needs("crypto-tpm"))
     assert {"init", "crypto-hsm", "crypto-tpm", "ca"} <= set(needs("broker"))
+
+
+# What each role waits for before it starts (docker/entrypoint.sh).
+WAITS = {
+    "nats": ["file:$DATA/nats/nats.conf"],
+    "init": ["tcp:$NATS_HOSTPORT"],
+    "crypto-hsm": ["tcp:$NATS_HOSTPORT"],
+    "crypto-tpm": ["tcp:$NATS_HOSTPORT"],
+    "ca": ["tcp:$NATS_HOSTPORT"],
+    "broker": ["file:$DATA/broker/pki/internal-ca.crt", "tcp:$NATS_HOSTPORT"],
+}
+
+
+def test_every_role_waits_for_its_dependencies_itself() -> None:
+    text = ENTRYPOINT.read_text()
+    for role, targets in WAITS.items():
+        body = text.split(f"\n{role})\n", 1)[1].split("\n    ;;", 1)[0]
+        waits = [line for line in body.splitlines() if '"$WAIT"' in line]
+        assert waits, role
+        for target in targets:
+            assert f'"{target}"' in waits[0], (role, target)
+
+
+def load_wait() -> Any:
+    import importlib.machinery
+    import importlib.util
+
+    path = ROOT / "docker" / "wait.py"
+    loader = importlib.machinery.SourceFileLoader("edgekms_wait", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_wait_returns_once_its_targets_are_there(tmp_path: Path) -> None:
+    import socket
+
+    wait = load_wait()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        (tmp_path / "ready").write_text("x")
+        argv = ["edgekms-wait", "--timeout", "30", f"file:{tmp_path / 'ready'}"]
+        assert wait.main([*argv, f"tcp:127.0.0.1:{port}"]) == 0
+
+
+def test_wait_gives_up_at_its_deadline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wait = load_wait()
+    missing = tmp_path / "never"
+    assert wait.main(["edgekms-wait", "--timeout", "0.5", f"file:{missing}"]) == 1
+    assert f"pending=file:{missing}" in capsys.readouterr().err
+    assert wait.main(["edgekms-wait", "nonsense"]) == 64
 
 
 def test_no_privileges_and_only_loopback_ports(compose: dict[str, Any]) -> None:
@@ -86,7 +142,10 @@ def test_no_privileges_and_only_loopback_ports(compose: dict[str, Any]) -> None:
         assert service.get("read_only") is True, name
         assert "devices" not in service and "network_mode" not in service, name
         published += service.get("ports", [])
-    assert sorted(published) == ["127.0.0.1:8080:8080", "127.0.0.1:8443:8443"]
+    assert sorted(published) == [
+        "127.0.0.1:${EDGEKMS_BROKER_PORT:-8443}:8443",
+        "127.0.0.1:${EDGEKMS_CA_PORT:-8080}:8080",
+    ]
 
 
 def test_volumes_are_declared_and_state_is_shared(compose: dict[str, Any]) -> None:
@@ -106,7 +165,9 @@ def test_volumes_are_declared_and_state_is_shared(compose: dict[str, Any]) -> No
 MOUNTS = {
     "nats": {"edgekms-nats": "rw", "edgekms-public": "ro"},
     "crypto-hsm": {"edgekms-hsm0": "rw", "edgekms-public": "ro"},
-    "crypto-tpm": {"edgekms-tpm0": "rw", "edgekms-public": "ro"},
+    "crypto-tpm": {"edgekms-tpm0": "rw", "edgekms-swtpm": "rw", "edgekms-public": "ro"},
+    # swtpm's sockets: the only way to the TPM, shared by these two alone.
+    "swtpm": {"edgekms-swtpm": "rw"},
     "ca": {"edgekms-ca": "ro", "edgekms-public": "ro"},
     "broker": {"edgekms-broker": "ro", "edgekms-public": "ro"},
     "init": {"edgekms-init": "rw", "edgekms-broker": "rw", "edgekms-public": "ro"},
@@ -127,9 +188,9 @@ def test_each_service_mounts_only_its_own_secrets(compose: dict[str, Any]) -> No
     services = compose["services"]
     for name, expected in MOUNTS.items():
         assert named_mounts(services[name]) == expected, name
-    # Only setup sees every volume, and only setup sees the master secrets.
+    # Only setup sees every secret volume, and only setup sees the master secrets.
     assert set(named_mounts(services["setup"])) == {
-        v for v in compose["volumes"] if v.startswith("edgekms-")
+        v for v in compose["volumes"] if v.startswith("edgekms-") and v != "edgekms-swtpm"
     }
     holders = [n for n, s in services.items() if "edgekms-setup" in named_mounts(s)]
     assert holders == ["setup"]
@@ -144,7 +205,7 @@ def test_every_role_the_compose_file_runs_exists_in_the_entrypoint(
         for s in compose["services"].values()
         if s.get("image") == "edgekms:dev" and "command" in s
     }
-    assert used == {"setup", "init", "crypto-hsm", "crypto-tpm", "ca", "broker"}
+    assert used == {"setup", "nats", "init", "crypto-hsm", "crypto-tpm", "ca", "broker"}
     assert used <= roles
     for check in compose["services"].values():
         test = check.get("healthcheck", {}).get("test", [])
@@ -159,19 +220,16 @@ def test_dockerfiles_exist_and_drop_root() -> None:
         assert "rm -rf /var/lib/apt/lists/*" in text
 
 
-def compose_plugin() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(
-        ["docker", "compose", "version"], capture_output=True, text=True, timeout=20, check=False
-    )
-    return probe.returncode == 0
+COMPOSE_CLI = compose_command(os.environ)
 
 
-@pytest.mark.skipif(not compose_plugin(), reason="the docker CLI here has no compose plugin")
-def test_docker_compose_config_accepts_the_file() -> None:
+@pytest.mark.skipif(COMPOSE_CLI is None, reason="no compose CLI (docker compose, docker-compose)")
+def test_the_compose_cli_accepts_the_file() -> None:
+    """The CLI that runs the stack (v2 plugin, or Debian's docker-compose 1.29, which
+    rejects a top-level `name:`) validates it; no engine is needed for that."""
+    assert COMPOSE_CLI is not None
     result = subprocess.run(
-        ["docker", "compose", "-f", str(COMPOSE), "config", "-q"],
+        [*COMPOSE_CLI, "-f", str(COMPOSE), "config", "-q"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -179,6 +237,7 @@ def test_docker_compose_config_accepts_the_file() -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
+    assert "name" not in yaml.safe_load(COMPOSE.read_text())
 
 
 # --- the setup one-shot, for real, and the bus it configures ----------------------

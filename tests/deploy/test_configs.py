@@ -48,6 +48,8 @@ ENTRYPOINT_VARS = {
     "SETUP": "/usr/local/bin/edgekms-setup",
     "NATS_URL": "tls://nats:4222",
     "CA_PROVIDER": "hsm0",
+    "BROKER_ADDRESS": "127.0.0.1:8443",
+    "SWTPM_SOCK": "/var/lib/edgekms/swtpm/swtpm.sock",
 }
 UNIT_DIRS = {
     "@BINDIR@": "/usr/bin",
@@ -197,7 +199,13 @@ def entrypoint_commands() -> list[list[str]]:
 def test_entrypoint_command_lines_parse() -> None:
     commands = entrypoint_commands()
     seen = {" ".join(c[:3]) if c[0] == "kmsctl" else Path(c[0]).name for c in commands}
-    assert seen >= {"kmsctl init --data-dir", "kmsctl ca serve", "kms-crypto", "kms-broker"}
+    assert seen >= {
+        "kmsctl init --data-dir",
+        "kmsctl ca serve",
+        "kmsctl tpm provision",
+        "kms-crypto",
+        "kms-broker",
+    }
     for argv in commands:
         if argv[0] == "python3":
             args = setup_module_from_script().build_parser().parse_args(argv[2:])
@@ -210,6 +218,14 @@ def test_entrypoint_command_lines_parse() -> None:
             assert str(params["nats_password_file"]) == "/var/lib/edgekms/init/nats.password"
             assert str(params["nats_ca"]) == "/var/lib/edgekms/public/bus-ca.crt"
             assert params["provider"] == "hsm0"
+        if ctx.info_name == "provision":
+            # The TPM it provisions is the one crypto-tpm0 uses, and its auth files land
+            # where that config reads them.
+            tpm2 = tomllib.loads((DOCKER_CONFIG / "crypto-tpm0.toml").read_text())["tpm2"]
+            assert ctx.params["tpm"] == tpm2["tcti"]
+            secrets = Path(ctx.params["data_dir"]) / "secrets"
+            assert Path(tpm2["owner_auth_file"]) == secrets / "tpm-owner.auth"
+            assert Path(tpm2["endorsement_auth_file"]) == secrets / "tpm-endorsement.auth"
         if ctx.info_name in ("kms-crypto", "kms-broker", "serve"):
             config = Path(ctx.params["config_path"])
             assert (DOCKER_CONFIG / config.name).is_file(), argv

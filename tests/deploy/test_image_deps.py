@@ -39,7 +39,7 @@ def _lock() -> dict[str, set[str]]:
 
 def _image_list() -> set[str]:
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    match = re.search(r"grep -E '\^\(([^)]*)\)==' requirements\.lock", dockerfile)
+    match = re.search(r"grep -E '\^\(([^)]*)\)==' \S*requirements\.lock", dockerfile)
     assert match, "the Dockerfile no longer selects runtime packages from the lock"
     return {_name(n) for n in match.group(1).split("|")}
 
