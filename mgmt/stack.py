@@ -42,6 +42,7 @@ from mgmt.natsauth import (
     CA_USER,
     KMSCTL_USER,
     BusCredentials,
+    audit_writers,
     broker_identity,
     bus_fields_toml,
     cached_password_hash,
@@ -270,7 +271,7 @@ class Stack:
                 js = nc.jetstream(timeout=10)
                 for spec in kvstore.BUCKETS.values():
                     await kvstore.harden(js, spec)
-                await audit.harden_stream(js)
+                await audit.harden_stream(js, audit_writers(self.options.providers))
             finally:
                 await nc.close()
             # Records of a stack from before sealing: sealed once by their owners' keys,

@@ -28,9 +28,13 @@ def audit_group() -> None:
     """Read the hash-chained audit log and verify it.
 
     \b
-      kmsctl audit tail                  every entry so far
-      kmsctl audit tail -f --from 120    from entry 120 on, then follow
-      kmsctl audit verify                exit 0 if the chain is whole
+      kmsctl audit tail                  every entry so far, every writer
+      kmsctl audit tail --writer ca      the CA's entries only
+      kmsctl audit tail -f --from 120    the broker's from entry 120 on, then follow
+      kmsctl audit verify                exit 0 if every writer's chain is whole
+
+    Each writer (broker, ca, crypto-<id>) has a stream of its own, numbered from 1;
+    SEQ is the number in that stream.
     """
 
 
@@ -44,17 +48,37 @@ def record_to_dicts(record: audit_pb2.AuditRecord) -> list[dict[str, Any]]:
             entry: dict[str, Any] | None = parse_entry(record.raw)
         except ValueError:
             entry = None
-        result: dict[str, Any] = {"seq": record.seq, "index": 0, "entry": entry}
+        result: dict[str, Any] = {
+            "stream": record.stream,
+            "seq": record.seq,
+            "index": 0,
+            "entry": entry,
+        }
         if entry is None:
             result["raw"] = record.raw.decode("utf-8", errors="replace")
         return [result]
     out = []
     for index, item in enumerate(items):
         try:
-            out.append({"seq": record.seq, "index": index, "entry": check_entry(item)})
+            out.append(
+                {
+                    "stream": record.stream,
+                    "seq": record.seq,
+                    "index": index,
+                    "entry": check_entry(item),
+                }
+            )
         except ValueError:
             raw = json.dumps(item, sort_keys=True)
-            out.append({"seq": record.seq, "index": index, "entry": None, "raw": raw})
+            out.append(
+                {
+                    "stream": record.stream,
+                    "seq": record.seq,
+                    "index": index,
+                    "entry": None,
+                    "raw": raw,
+                }
+            )
     return out
 
 
@@ -89,6 +113,11 @@ _HEADERS = ["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]
     "-n", "--count", type=click.IntRange(min=1), default=None,
     help="Stop after this many entries (with -f too).",
 )  # fmt: skip
+@click.option(
+    "--writer", default="", metavar="NAME",
+    help="Only this writer's stream (broker, ca, crypto-<id>); -f follows the broker's "
+    "unless given.",
+)  # fmt: skip
 @output_option
 def tail(
     data_dir: Path,
@@ -96,13 +125,14 @@ def tail(
     follow: bool,
     from_seq: int,
     count: int | None,
+    writer: str,
     output: str,
 ) -> None:
     """Print audit entries in order, oldest first, one line each (a batch message's
-    entries are shown as SEQ#INDEX after its first)."""
+    entries are shown as SEQ#INDEX after its first), stream by stream."""
     printed = 0
     with open_client(data_dir, config_path) as kms:
-        stream = kms.tail_audit(from_seq, follow=follow)
+        stream = kms.tail_audit(from_seq, follow=follow, writer=writer)
         try:
             if output == "text" and not follow:
                 rows = [
@@ -144,6 +174,9 @@ def tail(
 def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
     """Walk every writer's chain from entry 1; report the first broken link and a count.
 
+    Reads every audit stream: the legacy shared one of older versions first, then each
+    writer's own, carrying each writer's chain from one into the other.
+
     Catches a deleted entry (a missing sequence number), an altered one (its hash does
     not match), entries reordered or inserted (an entry that does not link to its
     writer's one before), and an entry claiming another writer than the bus identity
@@ -152,10 +185,13 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
     them somewhere else, and a later run proves that nothing up to them was rewritten.
     """
     verifier = ChainVerifier()
-    last_seq = 0
+    last_seq: int | None = None
     with open_client(data_dir, config_path) as kms:
         for item in kms.tail_audit(1):
             if item.HasField("state"):
+                if last_seq is not None:
+                    verifier.end_stream(last_seq)
+                verifier.begin_stream(item.state.stream)
                 last_seq = item.state.last_seq
             else:
                 verifier.feed(item.record.seq, item.record.raw, item.record.subject)
@@ -164,9 +200,8 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
         click.echo(
-            f"audit chain whole: {report.entries} entries in {report.messages} messages, "
-            f"last seq {report.last_seq}, "
-            f"head {report.head_hash}"
+            f"audit chain whole: {report.entries} entries in {report.messages} messages "
+            f"in {len(report.streams)} stream(s)"
         )
         for writer, head in sorted(report.heads.items()):
             click.echo(f"  {writer}: head {head}")
@@ -175,7 +210,7 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
         click.echo(f"audit chain broken at entry {first.where}: {first.message}")
         click.echo(
             f"{report.problem_count} problem(s) in {report.entries} entries "
-            f"({report.messages} messages, last seq {report.last_seq})"
+            f"({report.messages} messages in {len(report.streams)} stream(s))"
         )
     if not report.ok:
         sys.exit(int(ExitCode.FAILURE))
