@@ -269,18 +269,18 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             await abort_with(context, failure)
             return
         try:
+            streams = await audit_streams(self.js)
             if request.writer or request.follow:
-                streams = [writer_stream(request.writer or self.writer.writer)]
-            else:
-                streams = await audit_streams(self.js)
-            infos = []
-            for name in streams:
-                try:
-                    infos.append(await self.js.stream_info(name))
-                except nats.js.errors.NotFoundError:
+                # Only a stream that exists is asked about: the bus grants this broker
+                # the stack's writers' streams, and a question about any other name
+                # would go unanswered (a timeout), not be refused.
+                name = writer_stream(request.writer or self.writer.writer)
+                if name not in streams:
                     raise NotFound(
-                        "audit.writer_unknown", f"no audit stream {name}: that writer wrote nothing"
-                    ) from None
+                        "audit.writer_unknown", f"no audit stream {name}: no such writer"
+                    )
+                streams = [name]
+            infos = [await self.js.stream_info(name) for name in streams]
         except (nats.errors.Error, TimeoutError) as exc:
             await abort_with(context, Unavailable(AUDIT_UNAVAILABLE, f"audit stream: {exc}"))
             return

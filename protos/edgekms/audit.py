@@ -77,7 +77,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from edgekms.errors import ResourceExhausted, Unavailable
+from edgekms.errors import InvalidArgument, ResourceExhausted, Unavailable
 from edgekms.logs import fields
 from edgekms.subjects import AUDIT_PREFIX, AUDIT_STREAM
 
@@ -191,6 +191,37 @@ def stream_config(
     )
 
 
+# The least a writer's stream may be given: room for a few of the largest messages.
+MIN_STREAM_BYTES = 4 * MAX_MESSAGE_BYTES
+_UNITS = {"": 1, "B": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_limit(text: str) -> tuple[str, int, int]:
+    """`WRITER=SIZE[/MESSAGES]` (SIZE in B, KiB, MiB or GiB: `ca=256MiB/1000000`) as
+    (writer, max_bytes, max_msgs), or InvalidArgument("audit.limit_invalid")."""
+    writer, sep, rest = text.partition("=")
+    size, _, count = rest.partition("/")
+    number = size.rstrip("BbIiKkMmGg")
+    unit = size[len(number) :].upper()
+    try:
+        writer_stream(writer)
+        if not sep or unit not in _UNITS or not number.isdigit():
+            raise ValueError(text)
+        max_bytes = int(number) * _UNITS[unit]
+        max_msgs = int(count) if count else DEFAULT_WRITER_QUOTA
+    except ValueError:
+        raise InvalidArgument(
+            "audit.limit_invalid",
+            f"{text!r}: want WRITER=SIZE[/MESSAGES], e.g. ca=256MiB or broker=2GiB/20000000",
+        ) from None
+    if max_bytes < MIN_STREAM_BYTES or max_msgs < 1:
+        raise InvalidArgument(
+            "audit.limit_invalid",
+            f"{text!r}: a writer's stream needs at least {MIN_STREAM_BYTES} bytes and 1 message",
+        )
+    return writer, max_bytes, max_msgs
+
+
 _HARDENED = (
     "deny_delete",
     "deny_purge",
@@ -233,13 +264,14 @@ async def harden_stream(
 ) -> bool:
     """Close the legacy stream, then make each writer's stream, or bring one an older
     version made to stream_config's rules (`kmsctl up` does this at start with a grant no
-    service holds). `limits`: writer -> (max_bytes, max_msgs) for a new stream. True if
-    anything changed."""
+    service holds). `limits`: writer -> (max_bytes, max_msgs), the deployment's choice,
+    applied to new and existing streams alike; without, a new stream gets the defaults
+    and an existing one keeps the limits it has. True if anything changed."""
     changed = await _close_legacy(js)
+    limits = limits or {}
     for writer in writers:
-        max_bytes, quota = (limits or {}).get(
-            writer, (default_max_bytes(writer), DEFAULT_WRITER_QUOTA)
-        )
+        explicit = writer in limits
+        max_bytes, quota = limits.get(writer, (default_max_bytes(writer), DEFAULT_WRITER_QUOTA))
         want = stream_config(writer, max_bytes, quota)
         try:
             info = await js.stream_info(want.name or "")
@@ -253,8 +285,11 @@ async def harden_stream(
             name: getattr(want, name)
             for name in _HARDENED
             if getattr(current, name) != getattr(want, name)
-            # Limits an operator set deliberately are kept.
-            and not (name in ("max_bytes", "max_msgs") and (getattr(current, name) or 0) > 0)
+            # Limits set before are kept, unless the deployment names new ones.
+            and (
+                explicit
+                or not (name in ("max_bytes", "max_msgs") and (getattr(current, name) or 0) > 0)
+            )
         }
         if changes:
             await js.update_stream(dataclasses.replace(current, **changes))
