@@ -3,8 +3,9 @@
 Order: raw provider rates on a token and swtpm of their own; then `kmsctl up` (cold, then
 warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/64 in
 flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
-hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py). Results land in
-bench/results/ (results.json, results.md, chart.png, ca_scale.md).
+hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py), and a broker
+start with 50,000 sealed key records (bench/sealed_start.py). Results land in
+bench/results/ (results.json, results.md, chart.png, ca_scale.md, sealed_start.md).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--no-issuance", action="store_true")
     parser.add_argument(
         "--no-ca-scale", action="store_true", help="skip the 50,000-certificate CA figures"
+    )
+    parser.add_argument(
+        "--no-sealed-start",
+        action="store_true",
+        help="skip the broker start with 50,000 sealed records",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
@@ -200,6 +206,12 @@ def main() -> None:
 
             results["ca_scale"] = ca_scale.run_fresh(work / "ca-scale")
             ca_scale.write(results["ca_scale"], out)
+        if not args.no_sealed_start:
+            # A broker start with 50,000 sealed records, on a stack of its own too.
+            from bench import sealed_start
+
+            results["sealed_start"] = sealed_start.run_fresh(work / "sealed-start")
+            sealed_start.write(results["sealed_start"], out)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
