@@ -91,7 +91,7 @@ class FollowedBucket:
                 )
             seen = self.progress
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._ready.wait()), timeout=stall_timeout)
+                await asyncio.wait_for(self._ready.wait(), timeout=stall_timeout)
         log.info(
             "bucket loaded",
             extra=fields(
