@@ -4,8 +4,10 @@ Order: raw provider rates on a token and swtpm of their own; then `kmsctl up` (c
 warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/64 in
 flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
 hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py), and a broker
-start with 50,000 sealed key records (bench/sealed_start.py). Results land in
-bench/results/ (results.json, results.md, chart.png, ca_scale.md, sealed_start.md).
+start with 50,000 sealed key records (bench/sealed_start.py); on the main stack also the
+audit bytes per Sign and per certificate (bench/audit_bytes.py). Results land in
+bench/results/ (results.json, results.md, chart.png, ca_scale.md, sealed_start.md,
+audit_bytes.md).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def _args() -> argparse.Namespace:
         "--no-sealed-start",
         action="store_true",
         help="skip the broker start with 50,000 sealed records",
+    )
+    parser.add_argument(
+        "--no-audit-bytes", action="store_true", help="skip the audit bytes per operation"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
@@ -190,6 +195,11 @@ def main() -> None:
                 results["issuance"] = [r.to_json() for r in issue_runs]
                 samples.update(issue_samples)
                 results["memory_kb"]["peak_issuance"] = issue_peak
+            if not args.no_audit_bytes:
+                from bench import audit_bytes
+
+                results["audit_bytes"] = audit_bytes.run(stack)
+                audit_bytes.write(results["audit_bytes"], out)
             if not args.no_profile:
                 from bench import profile
 
