@@ -3,10 +3,12 @@
 Order: raw provider rates on a token and swtpm of their own; then `kmsctl up` (cold, then
 warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/64 in
 flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
-hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py); then the
-compose stack (bench/containers.py: image sizes, `compose up` to first signature, RSS per
-container). Results land in bench/results/ (results.json, results.md, chart.png,
-ca_scale.md, containers.md).
+hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py), and a broker
+start with 50,000 sealed key records (bench/sealed_start.py); on the main stack also the
+audit bytes per Sign and per certificate (bench/audit_bytes.py); then the compose stack
+(bench/containers.py: image sizes, `compose up` to first signature, RSS per container).
+Results land in bench/results/ (results.json, results.md, chart.png, ca_scale.md,
+sealed_start.md, audit_bytes.md, containers.md).
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--no-acme", action="store_true", help="skip ACME orders per second")
     parser.add_argument(
         "--no-containers", action="store_true", help="skip the compose stack's figures"
+    )
+    parser.add_argument(
+        "--no-sealed-start",
+        action="store_true",
+        help="skip the broker start with 50,000 sealed records",
+    )
+    parser.add_argument(
+        "--no-audit-bytes", action="store_true", help="skip the audit bytes per operation"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
@@ -201,6 +211,11 @@ def main() -> None:
 
                 enroll_runs = enrollment.run(stack, args.duration, args.warmup, pids)
                 results["enrollment"] = [r.to_json() for r in enroll_runs]
+            if not args.no_audit_bytes:
+                from bench import audit_bytes
+
+                results["audit_bytes"] = audit_bytes.run(stack)
+                audit_bytes.write(results["audit_bytes"], out)
             if not args.no_profile:
                 from bench import profile
 
@@ -224,6 +239,12 @@ def main() -> None:
 
             results["ca_scale"] = ca_scale.run_fresh(work / "ca-scale")
             ca_scale.write(results["ca_scale"], out)
+        if not args.no_sealed_start:
+            # A broker start with 50,000 sealed records, on a stack of its own too.
+            from bench import sealed_start
+
+            results["sealed_start"] = sealed_start.run_fresh(work / "sealed-start")
+            sealed_start.write(results["sealed_start"], out)
         if not args.no_containers:
             # Last: the images' build and the stack's start weigh on nothing measured after.
             from bench import containers

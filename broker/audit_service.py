@@ -7,9 +7,10 @@ gets Unavailable("audit.unavailable"). A call that changes state calls
 `record_before_change()` right before the change, so no change happens unrecorded; if
 the change then fails, a second entry records the failure.
 
-Serving. TailAudit hands out the stored bytes untouched, with their stream sequence,
-so that kmsctl (not the broker) checks the chain: a broker that could be lied to, or
-that lies, cannot vouch for the log it serves.
+Serving. TailAudit hands out the stored bytes untouched, with their stream and
+sequence, every writer's stream in turn (edgekms.audit: a stream per writer), so that
+kmsctl (not the broker) checks the chains: a broker that could be lied to, or that
+lies, cannot vouch for the log it serves.
 """
 
 from __future__ import annotations
@@ -30,8 +31,22 @@ from nats.js import JetStreamContext, api
 
 from broker.authz import check_method
 from broker.wire import Malformed
-from edgekms.audit import STREAM, SUBJECT_PREFIX, AuditWriter, parse_message, split_message
-from edgekms.errors import ERROR_METADATA_KEY, Internal, InvalidArgument, KMSError, Unavailable
+from edgekms.audit import (
+    AuditWriter,
+    StreamUsage,
+    audit_streams,
+    parse_message,
+    split_message,
+    writer_stream,
+)
+from edgekms.errors import (
+    ERROR_METADATA_KEY,
+    Internal,
+    InvalidArgument,
+    KMSError,
+    NotFound,
+    Unavailable,
+)
 from edgekms.identity import Identity
 from edgekms.logs import fields
 from edgekms.v1 import audit_pb2, audit_pb2_grpc
@@ -182,10 +197,10 @@ def _typed(entry: dict[str, Any]) -> audit_pb2.AuditEntry:
     )
 
 
-def audit_record(seq: int, subject: str, raw: bytes) -> audit_pb2.AuditRecord:
+def audit_record(seq: int, subject: str, raw: bytes, stream: str = "") -> audit_pb2.AuditRecord:
     """A stored message as TailAudit hands it out: the bytes untouched, plus the typed
     view of the entries they hold (none if they do not parse; the reader says so)."""
-    record = audit_pb2.AuditRecord(seq=seq, raw=raw, subject=subject)
+    record = audit_pb2.AuditRecord(seq=seq, raw=raw, subject=subject, stream=stream)
     try:
         entries = parse_message(raw)
     except ValueError:
@@ -194,6 +209,19 @@ def audit_record(seq: int, subject: str, raw: bytes) -> audit_pb2.AuditRecord:
     if len(entries) == 1 and split_message(raw) is None:
         record.entry.CopyFrom(record.entries[0])
     return record
+
+
+def state_message(usage: StreamUsage) -> audit_pb2.AuditStreamState:
+    return audit_pb2.AuditStreamState(
+        first_seq=usage.first_seq,
+        last_seq=usage.last_seq,
+        messages=usage.messages,
+        stream=usage.stream,
+        writer=usage.writer,
+        bytes=usage.bytes,
+        max_bytes=usage.max_bytes,
+        max_msgs=usage.max_msgs,
+    )
 
 
 class AuditService(audit_pb2_grpc.AuditServiceServicer):
@@ -217,6 +245,8 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         scope = AuditScope.for_request(self.writer, "TailAudit", None if malformed else request)
         if not malformed:
             scope.details.update(from_seq=str(request.from_seq), follow=str(request.follow).lower())
+            if request.writer:
+                scope.details["writer"] = request.writer[:64]
         failure: KMSError | None
         try:
             identity = await self.identities.identify(context, scope)
@@ -225,6 +255,13 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
                 raise InvalidArgument(
                     "request.malformed", "TailAudit: the request is not a TailAuditRequest"
                 )
+            if request.writer:
+                try:
+                    writer_stream(request.writer)
+                except ValueError:
+                    raise InvalidArgument(
+                        "audit.writer_invalid", "TailAudit: writer is not a writer's name"
+                    ) from None
             failure = await scope.settle(None)
         except KMSError as err:
             failure = await scope.settle(err)
@@ -232,36 +269,55 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             await abort_with(context, failure)
             return
         try:
-            info = await self.js.stream_info(STREAM)
+            streams = await audit_streams(self.js)
+            if request.writer or request.follow:
+                # Only a stream that exists is asked about: the bus grants this broker
+                # the stack's writers' streams, and a question about any other name
+                # would go unanswered (a timeout), not be refused.
+                name = writer_stream(request.writer or self.writer.writer)
+                if name not in streams:
+                    raise NotFound(
+                        "audit.writer_unknown", f"no audit stream {name}: no such writer"
+                    )
+                streams = [name]
+            infos = [await self.js.stream_info(name) for name in streams]
         except (nats.errors.Error, TimeoutError) as exc:
             await abort_with(context, Unavailable(AUDIT_UNAVAILABLE, f"audit stream: {exc}"))
             return
-        state = info.state
-        yield audit_pb2.TailAuditResponse(
-            state=audit_pb2.AuditStreamState(
-                first_seq=state.first_seq, last_seq=state.last_seq, messages=state.messages
-            )
-        )
-        start = max(request.from_seq, 1)
-        if not request.follow and (start > state.last_seq or state.messages == 0):
-            return
-        try:
-            async for record in self._read(start, None if request.follow else state.last_seq):
-                yield audit_pb2.TailAuditResponse(record=record)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("audit tail failed", extra=fields(error=type(exc).__name__))
-            await abort_with(context, Unavailable(AUDIT_UNAVAILABLE, f"audit stream: {exc}"))
         except KMSError as err:
             await abort_with(context, err)
-        except Exception:
-            log.exception("audit tail failed unexpectedly")
-            await abort_with(context, Internal("internal.error", "the audit tail failed"))
+            return
+        start = max(request.from_seq, 1)
+        for info in infos:
+            usage = StreamUsage.of(info)
+            yield audit_pb2.TailAuditResponse(state=state_message(usage))
+            if not request.follow and (start > usage.last_seq or usage.messages == 0):
+                continue
+            try:
+                async for record in self._read(
+                    usage.stream, start, None if request.follow else usage.last_seq
+                ):
+                    yield audit_pb2.TailAuditResponse(record=record)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("audit tail failed", extra=fields(error=type(exc).__name__))
+                await abort_with(context, Unavailable(AUDIT_UNAVAILABLE, f"audit stream: {exc}"))
+                return
+            except KMSError as err:
+                await abort_with(context, err)
+                return
+            except Exception:
+                log.exception("audit tail failed unexpectedly")
+                await abort_with(context, Internal("internal.error", "the audit tail failed"))
+                return
 
-    async def _read(self, start: int, last: int | None) -> AsyncIterator[audit_pb2.AuditRecord]:
-        """Stored messages from `start` in order; up to `last`, or forever if None."""
+    async def _read(
+        self, stream: str, start: int, last: int | None
+    ) -> AsyncIterator[audit_pb2.AuditRecord]:
+        """Stored messages of `stream` from `start` in order; up to `last`, or forever if
+        None. The filter is every subject: the legacy stream's entries kept theirs."""
         sub = await self.js.subscribe(
-            f"{SUBJECT_PREFIX}.>",
-            stream=STREAM,
+            ">",
+            stream=stream,
             ordered_consumer=True,
             config=api.ConsumerConfig(
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
@@ -280,7 +336,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
                 seq = meta.sequence.stream
                 if last is not None and seq > last:
                     return
-                yield audit_record(seq, msg.subject, bytes(msg.data))
+                yield audit_record(seq, msg.subject, bytes(msg.data), stream)
                 if last is not None and (seq >= last or meta.num_pending == 0):
                     return
         finally:

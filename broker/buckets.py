@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from typing import Any
 
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from edgekms import kvread, kvstore
+from edgekms.errors import Unavailable
+from edgekms.logs import fields
 from edgekms.sealed import RecordSeal, SealedKV, TamperedRecord, sealed
+
+log = logging.getLogger(__name__)
+
+# How long the initial snapshot may go without a single record before start() gives up.
+SNAPSHOT_STALL_S = 10.0
 
 
 async def open_bucket(
@@ -46,8 +55,19 @@ class FollowedBucket:
         self._kv: KeyValue | SealedKV | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        # Entries of the initial snapshot read from the bus plus those verified and
+        # applied: what start() watches move.
+        self.progress = 0
 
-    async def start(self) -> None:
+    async def start(self, stall_timeout: float = SNAPSHOT_STALL_S) -> None:
+        """Open the bucket and return once its initial snapshot is in memory.
+
+        The wait has no fixed length, only a stall limit: a bucket of 50,000 sealed
+        records takes tens of seconds to read and verify on a loaded 2-core board (a
+        fixed 10 s made such a broker fail every start and be restarted forever), so
+        the start goes on as long as records keep coming and fails (Unavailable,
+        bus.snapshot_stalled) once none has for `stall_timeout` seconds, or at once
+        with the reader's own error."""
         self._kv = sealed(
             await open_bucket(
                 self._js, self.bucket, description=self.description, replicas=self._replicas
@@ -56,7 +76,30 @@ class FollowedBucket:
             self._seal,
         )
         self._watch_task = asyncio.create_task(self._follow(), name=f"{self.bucket}-watch")
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
+        seen = -1
+        started = time.monotonic()
+        while not self._ready.is_set():
+            if self._watch_task.done():
+                self._watch_task.result()  # its error, if it failed
+                break
+            if self.progress == seen:
+                self._watch_task.cancel()
+                raise Unavailable(
+                    "bus.snapshot_stalled",
+                    f"{self.bucket}: no record for {stall_timeout:g} s after "
+                    f"{self.progress} entries of the initial snapshot",
+                )
+            seen = self.progress
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout=stall_timeout)
+        log.info(
+            "bucket loaded",
+            extra=fields(
+                bucket=self.bucket,
+                entries=self.progress // 2,
+                seconds=round(time.monotonic() - started, 2),
+            ),
+        )
 
     async def stop(self) -> None:
         if self._watch_task is not None:
@@ -91,12 +134,20 @@ class FollowedBucket:
     async def _follow(self) -> None:
         # Not KeyValue.watch(): its end-of-snapshot marker can come before the snapshot
         # (see edgekms.kvread), and the broker would answer from a partial view.
-        entries, last = await kvread.snapshot(self._js, self.bucket)
+        entries: list[Any] = []
+
+        def read(entry: Any) -> None:
+            entries.append(entry)
+            self.progress += 1
+
+        _, last = await kvread.snapshot(self._js, self.bucket, each=read)
         for count, entry in enumerate(entries, 1):
             self._admit(entry)
+            self.progress += 1
             if count % 512 == 0:
                 # Each record's seal is verified here (CPU): let requests in between.
                 await asyncio.sleep(0)
+        entries.clear()
         self._ready.set()
         async for entry in kvread.follow(self._js, self.bucket, last):
             self._admit(entry)

@@ -23,6 +23,7 @@ Record sealing (edgekms.sealed; `kmsctl up` writes these): the broker's own key,
 every writer's public key to verify what it reads. Without them records are not sealed.
 seal_writer = "broker"
 seal_key_file = "secrets/seal/broker.key"
+seal_counter_file = "secrets/seal/broker.counters"   # counters seen (replays), optional
 seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
 """
 
@@ -87,7 +88,7 @@ def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
 
 
 BUS_FIELDS = ("nats_user", "nats_password_file", "nats_ca")
-SEAL_FIELDS = ("seal_writer", "seal_key_file", "seal_public_keys")
+SEAL_FIELDS = ("seal_writer", "seal_key_file", "seal_public_keys", "seal_counter_file")
 KNOWN_FIELDS = frozenset(
     {
         "listen",

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+import nats.errors
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -31,7 +32,7 @@ from broker.registry import KeyRegistry, check_key_name
 from broker.wire import Malformed
 from edgekms import natsrpc
 from edgekms.algorithms import check_sign_request, key_type_info
-from edgekms.audit import AuditWriter
+from edgekms.audit import WARN_FRACTION, AuditWriter, StreamUsage, audit_streams
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import (
     ERROR_METADATA_KEY,
@@ -262,6 +263,21 @@ def to_key(record: pb.KeyRecord) -> keys_pb2.Key:
         labels=record.labels,
         key_id=record.key_id.hex(),
     )
+
+
+def usage_detail(usage: StreamUsage) -> str:
+    """ "12% of 2.0 GiB (5,120 of 20,000,000 messages)", led by FULL or warning."""
+    limit = f"{usage.max_bytes / 1024**3:.1f} GiB" if usage.max_bytes > 0 else "no limit"
+    quota = f"{usage.max_msgs:,}" if usage.max_msgs > 0 else "no limit"
+    text = (
+        f"{usage.fraction:.0%} of {limit} ({usage.bytes:,} bytes, "
+        f"{usage.messages:,} of {quota} messages)"
+    )
+    if usage.full:
+        return f"FULL, its appends refused with audit.full: {text}"
+    if usage.fraction >= WARN_FRACTION:
+        return f"warning, nearly full: {text}"
+    return text
 
 
 class KeyService(keys_pb2_grpc.KeyServiceServicer):
@@ -632,7 +648,35 @@ class SystemService(keys_pb2_grpc.SystemServiceServicer):
                 components.append(keys_pb2.ComponentStatus(name="ca", ok=True, detail=detail))
             except KMSError as err:
                 components.append(keys_pb2.ComponentStatus(name="ca", ok=False, detail=str(err)))
+        components.extend(await self._audit_status())
         return keys_pb2.GetStatusResponse(ok=all(c.ok for c in components), components=components)
+
+    async def _audit_status(self) -> list[keys_pb2.ComponentStatus]:
+        """One line per audit writer's stream: how full it is, a warning from
+        WARN_FRACTION on, and not ok once full (that writer's appends fail closed with
+        audit.full; the others' are unaffected)."""
+        if self.audit is None:
+            return []
+        js = self.audit.js
+        try:
+            usages = [
+                StreamUsage.of(await js.stream_info(name)) for name in await audit_streams(js)
+            ]
+        except (nats.errors.Error, TimeoutError, KMSError) as exc:
+            return [keys_pb2.ComponentStatus(name="audit", ok=False, detail=f"unreadable: {exc}")]
+        out = []
+        for usage in usages:
+            if not usage.writer:
+                detail = f"legacy stream (closed): {usage.messages} messages, {usage.bytes} bytes"
+                out.append(keys_pb2.ComponentStatus(name="audit", ok=True, detail=detail))
+                continue
+            detail = usage_detail(usage)
+            out.append(
+                keys_pb2.ComponentStatus(
+                    name=f"audit/{usage.writer}", ok=not usage.full, detail=detail
+                )
+            )
+        return out
 
     @rpc("WhoAmI")
     async def WhoAmI(

@@ -9,6 +9,7 @@ nats_password_file = "ca.password"  # its password file and the bus CA (relative
 nats_ca = "bus-ca.crt"              # relative to this file)
 seal_writer = "ca"                  # optional record sealing (edgekms.sealed): the CA's
 seal_key_file = "seal-ca.key"       # own Ed25519 key (0600) and every writer's public key
+seal_counter_file = "seal-ca.counters"  # optional: counters seen, to catch replays
 seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
 crl_lifetime = "7d"                 # optional: how long each CRL is good for (1m..30d);
                                     # minutes only where agents keep crl files fresh
@@ -49,6 +50,7 @@ KNOWN_FIELDS = frozenset(
         "seal_public_keys",
         "acme",
         "crl_lifetime",
+        "seal_counter_file",
     }
 )
 

@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 import nats  # noqa: E402
+import nats.errors  # noqa: E402
 
 from crypto_service.config import (  # noqa: E402
     ConfigError,
@@ -103,6 +104,12 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
     # This service's own audit writer: it records the refusals of keys used through
     # another class's subjects (docs/security.md, "Keys bound to their owners").
     audit = AuditWriter(nc.jetstream(), f"crypto-{config.provider_id}")
+    try:
+        # Its own stream (edgekms.audit: one per writer); `kmsctl up` makes it first.
+        await audit.ensure_stream()
+    except (KMSError, nats.errors.Error, TimeoutError) as exc:
+        # Refusals are still refused; only their audit entries would fail (logged).
+        log.error("event=audit_stream_missing error=%s", type(exc).__name__)
     service = CryptoService(
         nc, provider, config.provider_id, config.workers, auth_guard=guard, audit=audit
     )

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgekms.algorithms import MAX_MESSAGE_SIZE
+from edgekms.audit import writer_stream
 
 # The client side moved to edgekms.busauth so services need not import mgmt; these
 # names stay importable from here for kmsctl, bench and the tests.
@@ -86,12 +87,37 @@ def audit_publish(writer: str) -> str:
     return f"{AUDIT_PREFIX}.{writer}"
 
 
-def audit_append(stream: str = AUDIT_STREAM) -> tuple[str, ...]:
-    """What an audit writer needs of the stream besides its subject: the chain head."""
+def audit_append(writer: str) -> tuple[str, ...]:
+    """What an audit writer needs besides its subject: its stream's info and its chain
+    head, and the head it left in the legacy stream (a data dir from before per-writer
+    streams: its first entry in its own stream links to it)."""
+    return tuple(
+        subject
+        for stream in (writer_stream(writer), AUDIT_STREAM)
+        for subject in (
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+        )
+    )
+
+
+def audit_writers(providers: Sequence[str]) -> tuple[str, ...]:
+    """Every audit writer of a stack: the broker, the CA, one per crypto service."""
+    return (BROKER_USER, CA_USER, *(crypto_user(p) for p in providers))
+
+
+def audit_streams(providers: Sequence[str]) -> tuple[str, ...]:
+    """Every audit stream of a stack, the legacy one first (edgekms.audit)."""
+    return (AUDIT_STREAM, *(writer_stream(w) for w in audit_writers(providers)))
+
+
+def audit_reader(providers: Sequence[str]) -> tuple[str, ...]:
+    """Reading every writer's stream (TailAudit, status) and listing them by subject."""
     return (
-        f"$JS.API.STREAM.INFO.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}",
-        f"$JS.API.DIRECT.GET.{stream}.>",
+        "$JS.API.STREAM.NAMES",
+        *(subject for stream in audit_streams(providers) for subject in stream_read(stream)),
     )
 
 
@@ -113,11 +139,18 @@ BROKER_INTERNAL_OPERATIONS = ("GetPublicKey", "Sign")
 # INTERMEDIATE_LABEL), and the one the ceremony writes.
 CA_REGISTRY_KEYS = ca_registry_key_names()
 CEREMONY_REGISTRY_KEYS = ("edgekms/internal-ca",)
-# Streams the supervisor makes or hardens at start (edgekms.kvstore, edgekms.audit).
+# Streams the supervisor makes or hardens at start (edgekms.kvstore, edgekms.audit);
+# the audit streams come from setup_streams(providers).
 SETUP_STREAMS = (
     *(f"KV_{b}" for b in (KEY_REGISTRY_BUCKET, CLIENTS_BUCKET, IDEMPOTENCY_BUCKET, CA_BUCKET)),
     AUDIT_STREAM,
 )
+
+
+def setup_streams(providers: Sequence[str]) -> tuple[str, ...]:
+    """SETUP_STREAMS and every writer's audit stream of a stack with these providers."""
+    return (*SETUP_STREAMS, *audit_streams(providers)[1:])
+
 
 BROKER_USER = "broker"
 CA_USER = "ca"
@@ -239,7 +272,9 @@ def _check_provider(provider: str) -> None:
         raise InvalidArgument("bus.provider_invalid", f"{provider!r} is not a provider id")
 
 
-def broker_identity() -> Identity:
+def broker_identity(providers: Sequence[str] = ()) -> Identity:
+    """The broker's grant; `providers` name the crypto services whose audit streams it
+    reads for TailAudit and status (the CA's and its own it always reads)."""
     user = BROKER_USER
     return Identity(
         user,
@@ -257,8 +292,8 @@ def broker_identity() -> Identity:
                 *kv_access(KEY_REGISTRY_BUCKET),
                 *kv_access(IDEMPOTENCY_BUCKET),
                 *kv_access(CLIENTS_BUCKET),
-                *stream_read(AUDIT_STREAM),
-                *stream_create(AUDIT_STREAM),
+                *audit_reader(providers),
+                *stream_create(writer_stream(BROKER_USER)),
                 audit_publish(BROKER_USER),
             ),
             subscribe=(f"{inbox_prefix(user)}.>",),
@@ -274,7 +309,7 @@ def crypto_identity(provider: str) -> Identity:
         user,
         Permissions(
             # Replies, and its own audit entries (refusals of keys of another class).
-            publish=(audit_publish(user), *audit_append()),
+            publish=(audit_publish(user), *audit_append(user), *stream_create(writer_stream(user))),
             subscribe=(
                 f"{CRYPTO_PREFIX}.{provider}.>",
                 *micro_subscriptions(crypto_service_name(provider)),
@@ -297,8 +332,8 @@ def ca_identity(provider: str) -> Identity:
                 # The CA records its own keys (ca/root, ca/intermediate) in the registry,
                 # and may write no other key's record.
                 *kv_access(KEY_REGISTRY_BUCKET, keys=CA_REGISTRY_KEYS),
-                *stream_read(AUDIT_STREAM),
-                *stream_create(AUDIT_STREAM),
+                *audit_append(CA_USER),
+                *stream_create(writer_stream(CA_USER)),
                 audit_publish(CA_USER),
             ),
             subscribe=(
@@ -337,7 +372,7 @@ def kmsctl_identity(
                 *kv_access(
                     KEY_REGISTRY_BUCKET, write=ceremony, create=False, keys=CEREMONY_REGISTRY_KEYS
                 ),
-                *(stream_setup(SETUP_STREAMS) if setup else ()),
+                *(stream_setup(setup_streams(providers)) if setup else ()),
             ),
             subscribe=(f"{inbox_prefix(KMSCTL_USER)}.>",),
         ),
@@ -362,8 +397,10 @@ def stack_identities(
         raise InvalidArgument("bus.no_providers", "a stack needs at least one provider")
     if len(set(providers)) != len(providers):
         raise InvalidArgument("bus.provider_duplicate", "provider ids must be distinct")
+    for provider in providers:
+        _check_provider(provider)
     return [
-        broker_identity(),
+        broker_identity(providers),
         *(crypto_identity(p) for p in providers),
         ca_identity(ca_provider or providers[0]),
         kmsctl_identity(providers, ceremony, setup),

@@ -44,6 +44,7 @@ from mgmt.natsauth import (
     CA_USER,
     KMSCTL_USER,
     BusCredentials,
+    audit_writers,
     broker_identity,
     bus_fields_toml,
     cached_password_hash,
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 FATAL_EXIT_CODES = {2: "bad configuration", 3: "token refused (PIN or token missing)"}
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+# How long the broker may take to listen (it reads and verifies every record first).
+BROKER_READY_S = 600.0
 # Between readiness checks while a child starts: short, since the stack's ready time is
 # the last child's ready time plus up to one interval.
 PROBE_INTERVAL = 0.02
@@ -154,6 +157,9 @@ class StackOptions:
     # Rotation of <data-dir>/logs/*.log (mgmt.logrotate): size limit and copies kept.
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
+    # The deployment's audit stream limits: writer -> (max_bytes, max_msgs), from
+    # `kmsctl up --audit-limit` (edgekms.audit.parse_limit); others keep the defaults.
+    audit_limits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def providers(self) -> list[str]:
@@ -330,7 +336,9 @@ class Stack:
                 js = nc.jetstream(timeout=10)
                 for spec in kvstore.BUCKETS.values():
                     await kvstore.harden(js, spec)
-                await audit.harden_stream(js)
+                await audit.harden_stream(
+                    js, audit_writers(self.options.providers), self.options.audit_limits
+                )
             finally:
                 await nc.close()
             # Records of a stack from before sealing: sealed once by their owners' keys,
@@ -494,7 +502,10 @@ class Stack:
 
         async def ready() -> None:
             # The CA serves HTTP only after its NATS endpoints: the port first, then a ping.
-            await _wait_port(host, int(port), 30.0)
+            # No short limit: with 50,000 sealed records the broker verifies for tens of
+            # seconds on a loaded board; it ends itself if its snapshot stalls
+            # (broker.buckets.SNAPSHOT_STALL_S), and an exit is seen at once.
+            await _wait_port(host, int(port), BROKER_READY_S)
             nc = await self._probe_connection()
             await nc.request(f"$SRV.PING.{CA_SERVICE_NAME}", b"", timeout=5)
 
@@ -538,7 +549,10 @@ class Stack:
         async def ready() -> None:
             # The broker listens only once its bus, registry, audit stream and buckets
             # are open and health says SERVING (broker.server.Broker.start).
-            await _wait_port(host, int(port), 30.0)
+            # No short limit: with 50,000 sealed records the broker verifies for tens of
+            # seconds on a loaded board; it ends itself if its snapshot stalls
+            # (broker.buckets.SNAPSHOT_STALL_S), and an exit is seen at once.
+            await _wait_port(host, int(port), BROKER_READY_S)
 
         return Child(
             name="broker",

@@ -4,6 +4,7 @@ tests/e2e)."""
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import ConfigError, load_config
 from edgekms.sealed import (
+    LEGACY_SEAL_VERSION,
     WRITERS,
+    CounterBook,
     RecordSeal,
     TamperedRecord,
     new_signing_key_pem,
@@ -19,6 +22,8 @@ from edgekms.sealed import (
     parse_seal_fields,
     public_key_hex,
 )
+from edgekms.sealed import _message as _message
+from edgekms.v1 import sealed_pb2
 from mgmt.sealkeys import ensure_seal_keys
 
 KEYS = {writer: Ed25519PrivateKey.generate() for writer in WRITERS}
@@ -106,3 +111,73 @@ def test_the_broker_config_refuses_another_writers_key(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="seal_writer must be 'broker'"):
         load_config(config)
+
+
+def test_an_older_genuine_record_stored_later_is_a_replay_and_a_late_one_is_not() -> None:
+    """Issue 11 item 3's gap: a writer's own older record written back under the same key
+    is refused; the same older record delivered late (at its own, earlier revision, as a
+    follower may see it) is not."""
+    writer = RecordSeal("broker", KEYS["broker"], PUBLIC)
+    loose = writer.seal("kms_keys", "nas/app", b"loose policy")
+    strict = writer.seal("kms_keys", "nas/app", b"strict policy")
+    reader = RecordSeal(None, None, PUBLIC)
+    assert reader.open("kms_keys", "nas/app", loose, revision=3) == b"loose policy"
+    assert reader.open("kms_keys", "nas/app", strict, revision=4) == b"strict policy"
+    assert reader.open("kms_keys", "nas/app", loose, revision=3) == b"loose policy"  # late
+    with pytest.raises(TamperedRecord) as refused:
+        reader.open("kms_keys", "nas/app", loose, revision=9)  # written back
+    assert refused.value.reason == "record.replayed"
+    assert refused.value.details["key"] == "nas/app"
+
+
+def test_counters_grow_past_the_clock_and_what_was_seen() -> None:
+    writer = RecordSeal("broker", KEYS["broker"], PUBLIC)
+    first = writer.next_counter("kms_keys", "k")
+    writer.counters.observe("kms_keys", "k", first + 10**9, 7)  # a record from a fast clock
+    assert writer.next_counter("kms_keys", "k") == first + 10**9 + 1
+
+
+def test_the_counter_is_signed() -> None:
+    writer = RecordSeal("broker", KEYS["broker"], PUBLIC)
+    envelope = sealed_pb2.SealedRecord()
+    envelope.ParseFromString(writer.seal("kms_keys", "nas/app", b"p"))
+    envelope.counter += 10**12  # lifted to outrank a newer record
+    with pytest.raises(TamperedRecord) as refused:
+        RecordSeal(None, None, PUBLIC).open("kms_keys", "nas/app", envelope.SerializeToString())
+    assert refused.value.reason == "record.seal_invalid"
+
+
+def test_format_1_records_still_open_and_rank_below_any_counter() -> None:
+    """Records sealed before counters (format 1) still verify, as counter 0."""
+    message = _message("kms_keys", "nas/app", "broker", b"", b"old", LEGACY_SEAL_VERSION)
+    legacy = sealed_pb2.SealedRecord(
+        version=LEGACY_SEAL_VERSION,
+        writer="broker",
+        payload=b"old",
+        signature=KEYS["broker"].sign(message),
+    ).SerializeToString()
+    reader = RecordSeal(None, None, PUBLIC)
+    assert reader.open("kms_keys", "nas/app", legacy, revision=1) == b"old"
+    current = RecordSeal("broker", KEYS["broker"], PUBLIC).seal("kms_keys", "nas/app", b"new")
+    assert reader.open("kms_keys", "nas/app", current, revision=2) == b"new"
+    with pytest.raises(TamperedRecord) as refused:
+        reader.open("kms_keys", "nas/app", legacy, revision=3)
+    assert refused.value.reason == "record.replayed"
+
+
+def test_the_counter_book_outlives_the_process(tmp_path: Path) -> None:
+    path = tmp_path / "seal" / "broker.counters"
+    book = CounterBook(path)
+    book.observe("kms_keys", "nas/app", 500, 4)
+    book.observe("kms_keys", "nas/app", 400, 3)  # lower: not recorded
+    book.observe("kms_clients", "client.a", 9, 2)
+    book.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("kms_keys\tnas/app\t99")  # a line torn by a crash
+    again = CounterBook(path)
+    assert again.held("kms_keys", "nas/app") == (500, 4)
+    assert again.held("kms_clients", "client.a") == (9, 2)
+    with pytest.raises(TamperedRecord):
+        again.check("kms_keys", "nas/app", 450, 5)
+    again.close()

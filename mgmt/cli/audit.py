@@ -31,9 +31,13 @@ def audit_group() -> None:
     """Read the hash-chained audit log and verify it.
 
     \b
-      kmsctl audit tail                  every entry so far
-      kmsctl audit tail -f --from 120    from entry 120 on, then follow
-      kmsctl audit verify                exit 0 if the chain is whole
+      kmsctl audit tail                  every entry so far, every writer
+      kmsctl audit tail --writer ca      the CA's entries only
+      kmsctl audit tail -f --from 120    the broker's from entry 120 on, then follow
+      kmsctl audit verify                exit 0 if every writer's chain is whole
+
+    Each writer (broker, ca, crypto-<id>) has a stream of its own, numbered from 1;
+    SEQ is the number in that stream.
     """
 
 
@@ -47,17 +51,37 @@ def record_to_dicts(record: audit_pb2.AuditRecord) -> list[dict[str, Any]]:
             entry: dict[str, Any] | None = parse_entry(record.raw)
         except ValueError:
             entry = None
-        result: dict[str, Any] = {"seq": record.seq, "index": 0, "entry": entry}
+        result: dict[str, Any] = {
+            "stream": record.stream,
+            "seq": record.seq,
+            "index": 0,
+            "entry": entry,
+        }
         if entry is None:
             result["raw"] = record.raw.decode("utf-8", errors="replace")
         return [result]
     out = []
     for index, item in enumerate(items):
         try:
-            out.append({"seq": record.seq, "index": index, "entry": check_entry(item)})
+            out.append(
+                {
+                    "stream": record.stream,
+                    "seq": record.seq,
+                    "index": index,
+                    "entry": check_entry(item),
+                }
+            )
         except ValueError:
             raw = json.dumps(item, sort_keys=True)
-            out.append({"seq": record.seq, "index": index, "entry": None, "raw": raw})
+            out.append(
+                {
+                    "stream": record.stream,
+                    "seq": record.seq,
+                    "index": index,
+                    "entry": None,
+                    "raw": raw,
+                }
+            )
     return out
 
 
@@ -90,8 +114,13 @@ _HEADERS = ["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]
 )  # fmt: skip
 @click.option(
     "-n", "--count", type=click.IntRange(min=1), default=None,
-    help="The newest COUNT entries, as tail(1) does (then follow, with -f); with --from, "
-    "COUNT entries from there and stop.",
+    help="The newest COUNT entries of one stream (--writer's, else the broker's), as "
+    "tail(1) does (then follow, with -f); with --from, COUNT entries from there and stop.",
+)  # fmt: skip
+@click.option(
+    "--writer", default="", metavar="NAME",
+    help="Only this writer's stream (broker, ca, crypto-<id>); -f follows the broker's "
+    "unless given.",
 )  # fmt: skip
 @output_option
 def tail(
@@ -100,25 +129,28 @@ def tail(
     follow: bool,
     from_seq: int | None,
     count: int | None,
+    writer: str,
     output: str,
 ) -> None:
     """Print audit entries in order, oldest first, one line each (a batch message's
-    entries are shown as SEQ#INDEX after its first).
+    entries are shown as SEQ#INDEX after its first), stream by stream.
 
     \b
-      kmsctl audit tail -n 4          the newest four entries
+      kmsctl audit tail -n 4          the broker's newest four entries
       kmsctl audit tail --from 100 -n 10
-      kmsctl audit tail -f -o json    everything, then new entries as they come
+      kmsctl audit tail -f -o json    everything, then the broker's new entries as they come
     """
     printed = 0
     newest = count is not None and from_seq is None
     with open_client(data_dir, config_path) as kms:
         if newest:
             assert count is not None
+            # One stream's newest entries: the writer's, or the broker's as -f follows.
+            writer = writer or "broker"
             # Each message holds at least one entry: the last COUNT messages hold the
             # newest COUNT entries (this read is itself audited, and shows among them).
-            from_seq = max(1, _last_seq(kms) - count + 1)
-        stream = kms.tail_audit(from_seq or 1, follow=follow)
+            from_seq = max(1, _last_seq(kms, writer) - count + 1)
+        stream = kms.tail_audit(from_seq or 1, follow=follow, writer=writer)
         try:
             if not follow:
                 rows = [
@@ -158,9 +190,10 @@ def tail(
             stream.close()
 
 
-def _last_seq(kms: KMSClient) -> int:
-    """The audit stream's last sequence number (a tail from past its end: state only)."""
-    for item in kms.tail_audit(2**63 - 1):
+def _last_seq(kms: KMSClient, writer: str) -> int:
+    """A writer's audit stream's last sequence number (a tail from past its end: state
+    only)."""
+    for item in kms.tail_audit(2**63 - 1, writer=writer):
         if item.HasField("state"):
             return int(item.state.last_seq)
     return 0
@@ -172,6 +205,9 @@ def _last_seq(kms: KMSClient) -> int:
 def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
     """Walk every writer's chain from entry 1; report the first broken link and a count.
 
+    Reads every audit stream: the legacy shared one of older versions first, then each
+    writer's own, carrying each writer's chain from one into the other.
+
     Catches a deleted entry (a missing sequence number), an altered one (its hash does
     not match), entries reordered or inserted (an entry that does not link to its
     writer's one before), and an entry claiming another writer than the bus identity
@@ -180,10 +216,13 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
     them somewhere else, and a later run proves that nothing up to them was rewritten.
     """
     verifier = ChainVerifier()
-    last_seq = 0
+    last_seq: int | None = None
     with open_client(data_dir, config_path) as kms:
         for item in kms.tail_audit(1):
             if item.HasField("state"):
+                if last_seq is not None:
+                    verifier.end_stream(last_seq)
+                verifier.begin_stream(item.state.stream)
                 last_seq = item.state.last_seq
             else:
                 verifier.feed(item.record.seq, item.record.raw, item.record.subject)
@@ -192,9 +231,8 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
         click.echo(
-            f"audit chain whole: {report.entries} entries in {report.messages} messages, "
-            f"last seq {report.last_seq}, "
-            f"head {report.head_hash}"
+            f"audit chain whole: {report.entries} entries in {report.messages} messages "
+            f"in {len(report.streams)} stream(s)"
         )
         for writer, head in sorted(report.heads.items()):
             click.echo(f"  {writer}: head {head}")
@@ -203,7 +241,7 @@ def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
         click.echo(f"audit chain broken at entry {first.where}: {first.message}")
         click.echo(
             f"{report.problem_count} problem(s) in {report.entries} entries "
-            f"({report.messages} messages, last seq {report.last_seq})"
+            f"({report.messages} messages in {len(report.streams)} stream(s))"
         )
     if not report.ok:
         sys.exit(int(ExitCode.FAILURE))

@@ -102,6 +102,17 @@ log = logging.getLogger("kmsctl.up")
     "Short CRLs need devices that fetch them often (`kmsctl agent`).",
 )
 @click.option(
+    "--audit-limit",
+    "audit_limits",
+    multiple=True,
+    metavar="WRITER=SIZE[/MESSAGES]",
+    help="The most one audit writer's stream may hold (broker, ca, crypto-<id>; SIZE in "
+    "B, KiB, MiB, GiB), e.g. --audit-limit broker=512MiB --audit-limit ca=64MiB/200000. "
+    "Default: broker 2GiB, others 1GiB, 20000000 messages each. Beyond it that writer's "
+    "appends, and the operations they record, are refused with audit.full; `kmsctl "
+    "status` warns from 80%.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -144,6 +155,7 @@ def up(
     acme_names: tuple[str, ...],
     acme_config: Path | None,
     ca_crl_lifetime: str,
+    audit_limits: tuple[str, ...],
     log_level: str,
     log_format: str,
     log_max_bytes: int,
@@ -206,6 +218,7 @@ def up(
             acme_names,
             acme_config,
             ca_crl_lifetime,
+            audit_limits,
             log_level,
             log_max_bytes,
             log_backups,
@@ -272,6 +285,7 @@ def _run_up(
     acme_names: tuple[str, ...],
     acme_config: Path | None,
     ca_crl_lifetime: str,
+    audit_limits: tuple[str, ...],
     log_level: str,
     log_max_bytes: int,
     log_backups: int,
@@ -302,6 +316,7 @@ def _run_up(
         log_level=log_level.lower(),
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,
+        audit_limits=_audit_limits(audit_limits),
     )
     if swtpm_port is not None:
         click.echo(
@@ -481,13 +496,33 @@ def _one_line_bus_errors(record: logging.LogRecord) -> bool:
     return True
 
 
+def _audit_limits(values: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """--audit-limit values by writer; a malformed one is a usage error (exit 2)."""
+    from edgekms.audit import parse_limit
+    from edgekms.errors import InvalidArgument
+
+    out: dict[str, tuple[int, int]] = {}
+    for value in values:
+        try:
+            writer, max_bytes, max_msgs = parse_limit(value)
+        except InvalidArgument as err:
+            raise click.BadParameter(
+                f"{err.reason}: {err.message}", param_hint="--audit-limit"
+            ) from None
+        out[writer] = (max_bytes, max_msgs)
+    return out
+
+
 @click.command()
 @client_options
 @output_option
 def status(data_dir: Path, config_path: Path | None, output: str) -> None:
     """Is everything answering? Exit 0 only if the broker, the bus, every crypto
-    service and the CA answer; 8 (unavailable) otherwise. A service that lost its bus
-    connection does not answer (and exits, so that `kmsctl up` restarts it)."""
+    service and the CA answer and no audit writer's stream is full; 8 (unavailable)
+    otherwise. A service that lost its bus connection does not answer (and exits, so
+    that `kmsctl up` restarts it). One audit/<writer> line per audit stream: WARN from
+    80% of its limit, FULL when that writer's appends (and what they record) are
+    refused with audit.full."""
     with open_client(data_dir, config_path, timeout=5) as client:
         response = client.status()
     if output == "json":
@@ -500,10 +535,18 @@ def status(data_dir: Path, config_path: Path | None, output: str) -> None:
             }
         )
     else:
-        rows = [[c.name, "ok" if c.ok else "DOWN", c.detail] for c in response.components]
+        rows = [[c.name, _state(c.name, c.ok, c.detail), c.detail] for c in response.components]
         click.echo(table(["component", "status", "detail"], rows))
     if not response.ok:
         sys.exit(ExitCode.UNAVAILABLE)
+
+
+def _state(name: str, ok: bool, detail: str) -> str:
+    """ok, WARN (an audit stream nearly full), FULL (a writer's appends are refused),
+    or DOWN."""
+    if ok:
+        return "WARN" if detail.startswith("warning") else "ok"
+    return "FULL" if name.startswith("audit/") and detail.startswith("FULL") else "DOWN"
 
 
 def register(cli: click.Group) -> None:

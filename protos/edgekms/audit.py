@@ -3,9 +3,19 @@
 Shared because the broker and the CA service append to the same chain, and kmsctl
 verifies it; all three must agree byte for byte on what is hashed.
 
-Storage. Entries are messages in the JetStream stream KMS_AUDIT (file storage, no limits,
-so nothing is discarded by age or size; nats-server runs with `sync_interval: always`, so
-an acknowledged append is on disk). Each writer publishes on `kms.audit.<writer>`.
+Storage. Each writer has a JetStream stream of its own, KMS_AUDIT_<WRITER> (file storage),
+capturing only its subject `kms.audit.<writer>`, with its own limits (bytes and
+messages; nats-server runs with `sync_interval: always`, so an acknowledged append is on
+disk). A stream per writer, not one shared stream, because JetStream bounds a stream's
+bytes, not a subject's: in one stream a flooding writer (say the CA's bus identity)
+filled the shared size and every other writer, the broker's Sign path included, failed
+with audit.full. Now a flood fills the flooder's stream only.
+
+Migration. Data dirs from before kept every writer in the one stream KMS_AUDIT (the
+legacy stream). The supervisor's setup closes it (its subjects moved to
+LEGACY_SUBJECT, which nobody may publish on), keeping every entry; each writer's first
+entry in its own stream links to its last entry in the legacy stream, so `verify`
+walks the legacy stream first, then each writer's, and the chains run on unbroken.
 
 Encoding. The stored bytes are the canonical JSON of the entry: keys sorted, no
 whitespace, UTF-8, strings only (no floats). Canonical JSON rather than deterministic
@@ -41,10 +51,10 @@ connection's grant, so an entry's `writer` must be the subject's last token; the
 verifier reports any other as `writer_mismatch`. A forged entry claiming writer=broker
 can only come from the broker's own bus identity.
 
-Limits. The stream refuses, rather than discards, what is beyond its limits: a total
-size (`max_bytes`), a size per message, and a count of messages per writer subject
-(`discard_new_per_subject`). Beyond them an append fails with
-ResourceExhausted("audit.full") and, like any failed append, the operation is refused.
+Limits. A writer's stream refuses, rather than discards, what is beyond its limits: a
+total size (`max_bytes`), a size per message, and a count of messages. Beyond them an
+append fails with ResourceExhausted("audit.full") and, like any failed append, the
+operation is refused; other writers' streams are untouched.
 
 Fail closed. An append that cannot be stored raises Unavailable("audit.unavailable") (or
 ResourceExhausted("audit.full")); the broker then refuses the operation it was recording.
@@ -67,13 +77,19 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from edgekms.errors import ResourceExhausted, Unavailable
+from edgekms.errors import InvalidArgument, ResourceExhausted, Unavailable
 from edgekms.logs import fields
 from edgekms.subjects import AUDIT_PREFIX, AUDIT_STREAM
 
 log = logging.getLogger(__name__)
 
-STREAM = AUDIT_STREAM
+# The one shared stream of older versions, kept (closed) for its entries.
+LEGACY_STREAM = AUDIT_STREAM
+STREAM = LEGACY_STREAM  # the name older callers import
+# Where the legacy stream's subjects point once closed: outside kms.audit.>, granted to
+# nobody, so nothing is ever stored in it again and no writer stream overlaps it.
+LEGACY_SUBJECT = "kms.audit-legacy.closed"
+STREAM_PREFIX = f"{AUDIT_STREAM}_"
 SUBJECT_PREFIX = AUDIT_PREFIX
 GENESIS = bytes(32)
 # "1": one global chain (entries written before per-writer chains); "2": a chain per writer.
@@ -85,11 +101,17 @@ EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 # JetStream's "maximum messages per subject exceeded" / "maximum bytes exceeded".
 STREAM_FULL = 10077
-# The stream's limits (docs/security.md, "Audit log", "Limits"): all it may hold, one
-# message (a batch is at most MAX_BATCH_BYTES), and messages per writer subject.
-DEFAULT_MAX_BYTES = 4 * 1024**3
+# Each writer stream's limits (docs/security.md, "Audit log", "Limits"): all it may
+# hold, one message (a batch is at most MAX_BATCH_BYTES), and its count of messages.
+# The broker records every decision; the others record far fewer events.
+DEFAULT_MAX_BYTES = 1024**3
+DEFAULT_BROKER_MAX_BYTES = 2 * 1024**3
 MAX_MESSAGE_BYTES = 96 * 1024
 DEFAULT_WRITER_QUOTA = 20_000_000
+# kmsctl status warns when a writer's stream is this full (bytes or messages).
+WARN_FRACTION = 0.8
+# Status calls a stream full with less than this left: one entry no longer fits for sure.
+FULL_MARGIN = 4096
 # verify keeps the first problems it finds in full, and counts the rest.
 MAX_LISTED_PROBLEMS = 20
 # Group-commit caps: a batch message stays far below the bus's max payload
@@ -120,6 +142,18 @@ def audit_subject(writer: str) -> str:
     return f"{SUBJECT_PREFIX}.{writer}"
 
 
+def writer_stream(writer: str) -> str:
+    """The stream holding one writer's chain: KMS_AUDIT_<WRITER> (a stream name may not
+    hold '.', and writers are plain tokens such as broker, ca, crypto-hsm0)."""
+    if not writer or any(c in writer for c in ".*> /\\") or not writer.isprintable():
+        raise ValueError(f"{writer!r} is not an audit writer name")
+    return f"{STREAM_PREFIX}{writer.upper()}"
+
+
+def default_max_bytes(writer: str) -> int:
+    return DEFAULT_BROKER_MAX_BYTES if writer == "broker" else DEFAULT_MAX_BYTES
+
+
 def subject_writer(subject: str) -> str | None:
     """The writer a stored subject names (kms.audit.<writer>), or None."""
     prefix = SUBJECT_PREFIX + "."
@@ -129,23 +163,23 @@ def subject_writer(subject: str) -> str | None:
 
 
 def stream_config(
-    max_bytes: int = DEFAULT_MAX_BYTES, writer_quota: int = DEFAULT_WRITER_QUOTA
+    writer: str = "broker",
+    max_bytes: int | None = None,
+    writer_quota: int = DEFAULT_WRITER_QUOTA,
 ) -> api.StreamConfig:
-    """Append-only, whole by construction: nothing expires, nothing is discarded, and
-    nobody can delete, purge or roll up entries (deny_delete, deny_purge, no rollup
-    headers, no per-message TTL: settings that cannot be undone on a stream, which is the
-    point). The chain detects a deletion anyway; now there is none to detect."""
+    """One writer's stream. Append-only, whole by construction: nothing expires, nothing
+    is discarded, and nobody can delete, purge or roll up entries (deny_delete,
+    deny_purge, no rollup headers, no per-message TTL: settings that cannot be undone on
+    a stream, which is the point). The chain detects a deletion anyway; now there is none
+    to detect. Full is refused (audit.full), never made room for by dropping entries."""
     return api.StreamConfig(
-        name=STREAM,
-        subjects=[f"{SUBJECT_PREFIX}.>"],
+        name=writer_stream(writer),
+        subjects=[audit_subject(writer)],
         storage=api.StorageType.FILE,
         retention=api.RetentionPolicy.LIMITS,
-        # Full is refused (audit.full), never made room for by dropping old entries.
         discard=api.DiscardPolicy.NEW,
-        discard_new_per_subject=True,
-        max_msgs_per_subject=writer_quota,
-        max_msgs=-1,
-        max_bytes=max_bytes,
+        max_msgs=writer_quota,
+        max_bytes=default_max_bytes(writer) if max_bytes is None else max_bytes,
         max_msg_size=MAX_MESSAGE_BYTES,
         max_age=0,
         num_replicas=1,
@@ -157,38 +191,183 @@ def stream_config(
     )
 
 
-async def harden_stream(js: JetStreamContext) -> bool:
-    """Make KMS_AUDIT, or bring one an older version made to stream_config's rules
-    (`kmsctl up` does this at start with a grant no service holds). True if it changed."""
+# The least a writer's stream may be given: room for a few of the largest messages.
+MIN_STREAM_BYTES = 4 * MAX_MESSAGE_BYTES
+_UNITS = {"": 1, "B": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def parse_limit(text: str) -> tuple[str, int, int]:
+    """`WRITER=SIZE[/MESSAGES]` (SIZE in B, KiB, MiB or GiB: `ca=256MiB/1000000`) as
+    (writer, max_bytes, max_msgs), or InvalidArgument("audit.limit_invalid")."""
+    writer, sep, rest = text.partition("=")
+    size, _, count = rest.partition("/")
+    number = size.rstrip("BbIiKkMmGg")
+    unit = size[len(number) :].upper()
     try:
-        info = await js.stream_info(STREAM)
-    except nats.js.errors.NotFoundError:
-        await js.add_stream(stream_config())
-        log.info("audit stream created", extra=fields(stream=STREAM))
-        return True
-    want = stream_config()
-    current = info.config
-    changes = {
-        name: getattr(want, name)
-        for name in (
-            "deny_delete",
-            "deny_purge",
-            "allow_rollup_hdrs",
-            "discard",
-            "discard_new_per_subject",
-            "max_msgs_per_subject",
-            "max_bytes",
-            "max_msg_size",
+        writer_stream(writer)
+        if not sep or unit not in _UNITS or not number.isdigit():
+            raise ValueError(text)
+        max_bytes = int(number) * _UNITS[unit]
+        max_msgs = int(count) if count else DEFAULT_WRITER_QUOTA
+    except ValueError:
+        raise InvalidArgument(
+            "audit.limit_invalid",
+            f"{text!r}: want WRITER=SIZE[/MESSAGES], e.g. ca=256MiB or broker=2GiB/20000000",
+        ) from None
+    if max_bytes < MIN_STREAM_BYTES or max_msgs < 1:
+        raise InvalidArgument(
+            "audit.limit_invalid",
+            f"{text!r}: a writer's stream needs at least {MIN_STREAM_BYTES} bytes and 1 message",
         )
-        if getattr(current, name) != getattr(want, name)
-        # Limits an operator set deliberately are kept.
-        and not (name in ("max_bytes", "max_msgs_per_subject") and getattr(current, name) > 0)
-    }
+    return writer, max_bytes, max_msgs
+
+
+_HARDENED = (
+    "deny_delete",
+    "deny_purge",
+    "allow_rollup_hdrs",
+    "discard",
+    "max_msgs",
+    "max_bytes",
+    "max_msg_size",
+)
+
+
+async def _close_legacy(js: JetStreamContext) -> bool:
+    """Close the shared stream of older versions: its subjects moved off kms.audit.>
+    (so writer streams can take them) and hardened; every entry stays."""
+    try:
+        info = await js.stream_info(LEGACY_STREAM)
+    except nats.js.errors.NotFoundError:
+        return False
+    current = info.config
+    changes: dict[str, Any] = {}
+    if list(current.subjects or []) != [LEGACY_SUBJECT]:
+        changes["subjects"] = [LEGACY_SUBJECT]
+    for name, value in (("deny_delete", True), ("deny_purge", True), ("allow_rollup_hdrs", False)):
+        if getattr(current, name) != value:
+            changes[name] = value
     if not changes:
         return False
     await js.update_stream(dataclasses.replace(current, **changes))
-    log.warning("audit stream hardened", extra=fields(stream=STREAM, changed=",".join(changes)))
+    log.warning(
+        "legacy audit stream closed",
+        extra=fields(stream=LEGACY_STREAM, changed=",".join(changes), messages=info.state.messages),
+    )
     return True
+
+
+async def harden_stream(
+    js: JetStreamContext,
+    writers: tuple[str, ...] | list[str] = ("broker",),
+    limits: Mapping[str, tuple[int, int]] | None = None,
+) -> bool:
+    """Close the legacy stream, then make each writer's stream, or bring one an older
+    version made to stream_config's rules (`kmsctl up` does this at start with a grant no
+    service holds). `limits`: writer -> (max_bytes, max_msgs), the deployment's choice,
+    applied to new and existing streams alike; without, a new stream gets the defaults
+    and an existing one keeps the limits it has. True if anything changed."""
+    changed = await _close_legacy(js)
+    limits = limits or {}
+    for writer in writers:
+        explicit = writer in limits
+        max_bytes, quota = limits.get(writer, (default_max_bytes(writer), DEFAULT_WRITER_QUOTA))
+        want = stream_config(writer, max_bytes, quota)
+        try:
+            info = await js.stream_info(want.name or "")
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(want)
+            log.info("audit stream created", extra=fields(stream=want.name, writer=writer))
+            changed = True
+            continue
+        current = info.config
+        changes = {
+            name: getattr(want, name)
+            for name in _HARDENED
+            if getattr(current, name) != getattr(want, name)
+            # Limits set before are kept, unless the deployment names new ones.
+            and (
+                explicit
+                or not (name in ("max_bytes", "max_msgs") and (getattr(current, name) or 0) > 0)
+            )
+        }
+        if changes:
+            await js.update_stream(dataclasses.replace(current, **changes))
+            log.warning(
+                "audit stream hardened",
+                extra=fields(stream=want.name, changed=",".join(changes)),
+            )
+            changed = True
+    return changed
+
+
+@dataclass(frozen=True)
+class StreamUsage:
+    """How full one audit stream is, for `kmsctl status` and TailAudit's state."""
+
+    stream: str
+    writer: str  # "" for the legacy stream
+    messages: int
+    bytes: int
+    max_msgs: int
+    max_bytes: int
+    first_seq: int
+    last_seq: int
+
+    @property
+    def fraction(self) -> float:
+        """The larger of bytes and messages used, against their limits (0 if none)."""
+        parts = [
+            used / limit
+            for used, limit in ((self.bytes, self.max_bytes), (self.messages, self.max_msgs))
+            if limit > 0
+        ]
+        return max(parts, default=0.0)
+
+    @property
+    def full(self) -> bool:
+        """No room for another append: its message quota reached, or less than
+        FULL_MARGIN bytes left (an entry is a few hundred bytes; a batch more)."""
+        if self.max_msgs > 0 and self.messages >= self.max_msgs:
+            return True
+        return self.max_bytes > 0 and self.bytes + FULL_MARGIN > self.max_bytes
+
+    @classmethod
+    def of(cls, info: api.StreamInfo) -> StreamUsage:
+        config, state = info.config, info.state
+        name = config.name or ""
+        subjects = list(config.subjects or [])
+        writer = subject_writer(subjects[0]) if len(subjects) == 1 else None
+        return cls(
+            stream=name,
+            writer=writer or "",
+            messages=int(state.messages or 0),
+            bytes=int(state.bytes or 0),
+            max_msgs=int(config.max_msgs or -1),
+            max_bytes=int(config.max_bytes or -1),
+            first_seq=int(state.first_seq or 0),
+            last_seq=int(state.last_seq or 0),
+        )
+
+
+async def audit_streams(js: JetStreamContext) -> list[str]:
+    """Every audit stream in reading order: the legacy stream first (if there is one:
+    the writers' chains start in it), then the writers' streams by name. Needs
+    $JS.API.STREAM.NAMES and STREAM.INFO of the legacy stream."""
+    reply = await js._nc.request(  # nats-py has no public names-by-subject
+        "$JS.API.STREAM.NAMES",
+        json.dumps({"subject": f"{SUBJECT_PREFIX}.>"}).encode(),
+        timeout=5.0,
+    )
+    body = json.loads(reply.data or b"{}")
+    if "error" in body:
+        raise Unavailable("audit.unavailable", f"audit streams: {body['error']}")
+    names = sorted(n for n in (body.get("streams") or []) if n.startswith(STREAM_PREFIX))
+    try:
+        await js.stream_info(LEGACY_STREAM)
+    except nats.js.errors.NotFoundError:
+        return names
+    return [LEGACY_STREAM, *names]
 
 
 def canonical(value: Mapping[str, Any]) -> bytes:
@@ -372,10 +551,11 @@ class _Pending:
 
 
 class AuditWriter:
-    """Appends to the global chain for one process with group commit: one publish in
-    flight at a time, everything that queued meanwhile goes out as the next single
-    message. Appends from several processes race on the server's expected-last-sequence
-    check and the loser re-chains its whole batch on the new head and retries."""
+    """Appends to one writer's chain, in its own stream, for one process with group
+    commit: one publish in flight at a time, everything that queued meanwhile goes out as
+    the next single message. Replicas of one writer race on the server's
+    expected-last-subject-sequence check and the loser re-chains its whole batch on the
+    new head and retries."""
 
     def __init__(
         self,
@@ -390,6 +570,7 @@ class AuditWriter:
         self.js = js
         self.writer = writer
         self.subject = audit_subject(writer)
+        self.stream = writer_stream(writer)
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.max_batch_entries = max(1, max_batch_entries)
@@ -399,29 +580,41 @@ class AuditWriter:
         self._drainer: asyncio.Task[None] | None = None
 
     async def ensure_stream(self) -> None:
-        """Create KMS_AUDIT if missing; an existing stream is left as it is."""
+        """Create this writer's stream if missing (with the default limits; `kmsctl up`
+        makes it first, with the deployment's); an existing stream is left as it is."""
         try:
-            await self.js.stream_info(STREAM)
+            await self.js.stream_info(self.stream)
             return
         except nats.js.errors.NotFoundError:
             pass
         try:
-            await self.js.add_stream(stream_config())
-            log.info("audit stream created", extra=fields(stream=STREAM))
+            await self.js.add_stream(stream_config(self.writer))
+            log.info("audit stream created", extra=fields(stream=self.stream))
         except nats.js.errors.BadRequestError:
-            # Another writer created it between our look and our add.
-            await self.js.stream_info(STREAM)
+            # Another replica created it between our look and our add.
+            await self.js.stream_info(self.stream)
 
     async def read_head(self) -> tuple[int, bytes]:
-        """(sequence of this writer's last message, hash to chain to); (0, GENESIS) for
-        a writer with none yet. Only this writer's own subject is read: other writers'
-        traffic cannot move this head."""
+        """(sequence of this writer's last message in its stream, hash to chain to).
+        A writer with no message in its stream yet chains to its last entry in the
+        legacy stream (a data dir from before per-writer streams), else to GENESIS.
+        Only this writer's own subject is read: other writers cannot move this head."""
         try:
-            msg = await self.js.get_msg(STREAM, subject=self.subject, direct=True)
+            msg = await self.js.get_msg(self.stream, subject=self.subject, direct=True)
         except nats.js.errors.NotFoundError:
-            await self.js.stream_info(STREAM)  # no stream at all is NotFoundError too
-            return 0, GENESIS
+            await self.js.stream_info(self.stream)  # no stream at all is NotFoundError too
+            return 0, await self._legacy_head()
         return int(msg.seq or 0), link_of(msg.data or b"")
+
+    async def _legacy_head(self) -> bytes:
+        try:
+            info = await self.js.stream_info(LEGACY_STREAM)
+            msg = await self.js.get_msg(
+                LEGACY_STREAM, subject=self.subject, direct=bool(info.config.allow_direct)
+            )
+        except nats.js.errors.NotFoundError:
+            return GENESIS  # no legacy stream, or nothing of this writer in it
+        return link_of(msg.data or b"")
 
     async def append(
         self,
@@ -540,7 +733,7 @@ class AuditWriter:
                     self.subject,
                     join_message(encoded),
                     timeout=self.timeout,
-                    stream=STREAM,
+                    stream=self.stream,
                     headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq)},
                 )
             except nats.js.errors.APIError as exc:
@@ -569,11 +762,17 @@ class AuditWriter:
     def _full(self, action: str, exc: BaseException, entries: int) -> ResourceExhausted:
         log.error(
             "audit log full",
-            extra=fields(action=action, writer=self.writer, entries=entries, limit=str(exc)),
+            extra=fields(
+                action=action,
+                writer=self.writer,
+                stream=self.stream,
+                entries=entries,
+                limit=str(exc),
+            ),
         )
         return ResourceExhausted(
             "audit.full",
-            "the audit log is full (archive and rotate it, docs/security.md): "
+            f"the audit log of {self.writer} is full (archive and rotate it, docs/security.md): "
             f"{getattr(exc, 'description', exc)}",
         )
 
@@ -600,14 +799,23 @@ class ChainProblem:
     kind: str
     message: str
     index: int | None = None
+    stream: str = ""  # the stream the sequence number belongs to
 
     @property
     def where(self) -> str:
-        """ "12" for message 12, "12 #3" for the entry at index 3 of batch message 12."""
-        return str(self.seq) if self.index is None else f"{self.seq} #{self.index}"
+        """ "12" for message 12, "12 #3" for the entry at index 3 of batch message 12,
+        prefixed by the stream when there is one ("KMS_AUDIT_CA 12")."""
+        at = str(self.seq) if self.index is None else f"{self.seq} #{self.index}"
+        return f"{self.stream} {at}" if self.stream else at
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "index": self.index, "kind": self.kind, "message": self.message}
+        return {
+            "stream": self.stream,
+            "seq": self.seq,
+            "index": self.index,
+            "kind": self.kind,
+            "message": self.message,
+        }
 
 
 @dataclass
@@ -617,6 +825,7 @@ class ChainReport:
     last_seq: int = 0
     head_hash: str = GENESIS.hex()  # the last entry's hash
     heads: dict[str, str] = field(default_factory=dict)  # writer -> its last entry's hash
+    streams: dict[str, int] = field(default_factory=dict)  # stream -> its last sequence
     # The first MAX_LISTED_PROBLEMS problems; problem_count counts them all (a flood of
     # junk is one count, not a line per message).
     problems: list[ChainProblem] = field(default_factory=list)
@@ -639,6 +848,7 @@ class ChainReport:
             "last_seq": self.last_seq,
             "head_hash": self.head_hash,
             "heads": dict(sorted(self.heads.items())),
+            "streams": dict(self.streams),
             "first_problem": self.problems[0].to_dict() if self.problems else None,
             "problem_count": self.problem_count,
             "problems": [p.to_dict() for p in self.problems],
@@ -646,15 +856,18 @@ class ChainReport:
 
 
 class ChainVerifier:
-    """Walks the stream in order from sequence 1, entry by entry (into batches): every
-    sequence present, every entry its own hash, each format-2 entry linked to the last
-    entry of its writer (format 1: to the entry before it), and, when the stored subject
-    is given, each entry's writer the one the subject names. Each broken link is
-    reported once, and the walk carries on from the stored entry so that one bad entry
-    does not make every later one look bad too. Memory: one hash per writer."""
+    """Walks each audit stream in order from sequence 1 (the legacy stream first, then
+    each writer's: `begin_stream` / `end_stream` around each), entry by entry (into
+    batches): every sequence present, every entry its own hash, each format-2 entry
+    linked to the last entry of its writer, across streams (format 1: to the entry before
+    it), and, when the stored subject is given, each entry's writer the one the subject
+    names. Each broken link is reported once, and the walk carries on from the stored
+    entry so that one bad entry does not make every later one look bad too. Memory: one
+    hash per writer. Without begin_stream it walks one unnamed stream (`finish`)."""
 
     def __init__(self) -> None:
         self.report = ChainReport()
+        self._stream = ""
         self._expected_seq = 1
         self._prev = GENESIS  # format 1: the entry stored before
         self._prev_name = ""
@@ -663,16 +876,35 @@ class ChainVerifier:
         # (the missing message may have been that writer's): reported once, as missing.
         self._gap_excused: set[str] | None = None
 
+    def begin_stream(self, stream: str) -> None:
+        """Sequences from here on are `stream`'s, starting at 1."""
+        self._stream = stream
+        self._expected_seq = 1
+
+    def end_stream(self, last_seq: int) -> None:
+        """`last_seq` is the stream's: entries deleted from its end show up here."""
+        if last_seq >= self._expected_seq:
+            first = self._expected_seq
+            span = f"entry {first}" if first == last_seq else f"entries {first}..{last_seq}"
+            self._add(first, "missing", f"{span} missing from the end of the stream")
+            # The missing entries may be any writer's: each one's next entry is excused.
+            self._gap_excused = set()
+        if self._stream:
+            self.report.streams[self._stream] = last_seq
+
+    def _add(self, seq: int, kind: str, message: str, index: int | None = None) -> None:
+        self.report.add(ChainProblem(seq, kind, message, index, self._stream))
+
     def feed(self, seq: int, raw: bytes, subject: str | None = None) -> None:
         report = self.report
         gap = seq > self._expected_seq
         if seq < self._expected_seq:
-            report.add(ChainProblem(seq, "out_of_order", f"entry {seq} arrived after {seq}"))
+            self._add(seq, "out_of_order", f"entry {seq} arrived after {seq}")
             return
         if gap:
             first, last = self._expected_seq, seq - 1
             span = f"entry {first}" if first == last else f"entries {first}..{last}"
-            report.add(ChainProblem(first, "missing", f"{span} missing from the stream (deleted)"))
+            self._add(first, "missing", f"{span} missing from the stream (deleted)")
             self._gap_excused = set()
         report.messages += 1
         report.last_seq = seq
@@ -684,7 +916,7 @@ class ChainVerifier:
             try:
                 entry = parse_entry(raw)
             except ValueError as exc:
-                report.add(ChainProblem(seq, "malformed", f"entry {seq}: {exc}"))
+                self._add(seq, "malformed", f"entry {seq}: {exc}")
                 self._advance(link_of(raw), f"entry {seq}", named or "")
                 return
             self._check(entry, seq, None, gap, subject, named)
@@ -694,7 +926,7 @@ class ChainVerifier:
             try:
                 entry = check_entry(item)
             except ValueError as exc:
-                report.add(ChainProblem(seq, "malformed", f"entry {seq} #{index}: {exc}", index))
+                self._add(seq, "malformed", f"entry {seq} #{index}: {exc}", index)
                 self._advance(_item_link(item), f"entry {seq} #{index}", named or "")
                 continue
             self._check(entry, seq, index, gap and index == 0, subject, named)
@@ -709,17 +941,17 @@ class ChainVerifier:
         named: str | None,
     ) -> None:
         name = f"entry {seq}" if index is None else f"entry {seq} #{index}"
+        if self._stream:
+            name = f"{self._stream} {name}"
         writer = str(entry["writer"])
         chain = named or writer
         if subject is not None and writer != named:
-            self.report.add(
-                ChainProblem(
-                    seq,
-                    "writer_mismatch",
-                    f"{name} claims writer {writer!r} but was stored on {subject!r}: "
-                    "only that subject's own bus identity can publish there",
-                    index,
-                )
+            self._add(
+                seq,
+                "writer_mismatch",
+                f"{name} claims writer {writer!r} but was stored on {subject!r}: "
+                "only that subject's own bus identity can publish there",
+                index,
             )
         if entry["v"] == GLOBAL_CHAIN_VERSION:
             prev, before = self._prev, self._prev_name
@@ -730,24 +962,20 @@ class ChainVerifier:
             if self._gap_excused is not None:
                 self._gap_excused.add(chain)
         if entry_hash(entry) != entry["hash"]:
-            self.report.add(
-                ChainProblem(
-                    seq,
-                    "hash_mismatch",
-                    f"{name} does not match its hash: its contents were altered",
-                    index,
-                )
+            self._add(
+                seq,
+                "hash_mismatch",
+                f"{name} does not match its hash: its contents were altered",
+                index,
             )
         elif entry["prev_hash"] != prev.hex() and not excused:
             before = before or "the start of the chain"
-            self.report.add(
-                ChainProblem(
-                    seq,
-                    "prev_mismatch",
-                    f"{name} does not link to {before}: "
-                    "entries were reordered or inserted, or the one before was rewritten",
-                    index,
-                )
+            self._add(
+                seq,
+                "prev_mismatch",
+                f"{name} does not link to {before}: "
+                "entries were reordered or inserted, or the one before was rewritten",
+                index,
             )
         self._advance(bytes.fromhex(entry["hash"]), name, chain)
 
@@ -759,14 +987,10 @@ class ChainVerifier:
         if chain:
             self.report.heads[chain] = link.hex()
 
-    def finish(self, last_seq: int) -> ChainReport:
-        """`last_seq` is the stream's: entries deleted from the end show up here."""
-        if last_seq >= self._expected_seq:
-            first = self._expected_seq
-            span = f"entry {first}" if first == last_seq else f"entries {first}..{last_seq}"
-            self.report.add(
-                ChainProblem(first, "missing", f"{span} missing from the end of the stream")
-            )
+    def finish(self, last_seq: int | None = None) -> ChainReport:
+        """The report; `last_seq` ends the current stream first (see end_stream)."""
+        if last_seq is not None:
+            self.end_stream(last_seq)
         return self.report
 
 

@@ -457,13 +457,20 @@ class KMSClient:
     # -- AuditService -----------------------------------------------------------------
 
     def tail_audit(
-        self, from_seq: int = 1, *, follow: bool = False, timeout: float | None = None
+        self,
+        from_seq: int = 1,
+        *,
+        follow: bool = False,
+        timeout: float | None = None,
+        writer: str = "",
     ) -> Generator[audit_pb2.TailAuditResponse, None, None]:
-        """The audit stream's state first, then its stored entries from `from_seq` on.
-        With `follow`, new entries keep coming until the iterator is closed (no deadline
-        unless given); without, it ends at the last entry present when the call began.
-        The entries are the stored bytes: check them with edgekms.audit.ChainVerifier."""
-        request = audit_pb2.TailAuditRequest(from_seq=from_seq, follow=follow)
+        """Each audit stream's state, then its stored entries from `from_seq` on: every
+        writer's stream in turn (the legacy one first), or only `writer`'s. With `follow`
+        (one writer's stream: the broker's unless given), new entries keep coming until
+        the iterator is closed (no deadline unless given); without, it ends at the last
+        entry present when the call began. The entries are the stored bytes: check them
+        with edgekms.audit.ChainVerifier."""
+        request = audit_pb2.TailAuditRequest(from_seq=from_seq, follow=follow, writer=writer)
         deadline = timeout if timeout is not None or follow else 10 * self.timeout
         call = self._audit.TailAudit(request, timeout=deadline)
         try:

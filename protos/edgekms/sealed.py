@@ -11,6 +11,19 @@ config, made by `kmsctl up`); every reader holds all the writers' public keys, s
 verify but never forge. The signature covers the bucket and the key, so a genuine record
 copied under another key (or into another bucket) fails too.
 
+Replay. A signature alone cannot tell a writer's current record from its own older one
+written back under the same key (an older, looser policy of a user key). So a record
+(format 2) also signs a `counter`: at least one above the highest this writer has seen
+for the key, and at least the writer's clock in microseconds, so it grows across deletes
+and restarts. Every reader keeps the highest counter it has seen per record with the
+revision it was stored at (CounterBook), and refuses a record stored at a LATER revision
+with a LOWER counter: "record.replayed". (A record at an earlier revision with a lower
+counter is just an old one delivered late, as followers may.) A writer's book is kept in
+a file of its own (seal_counter_file, 0600, beside its key), so a replay made while it
+was down is caught when it starts and reads the bucket again. Format-1 records (no
+counter, from before) still open, as counter 0: any format-2 record of the key outranks
+them.
+
 Which writer may seal which key is fixed here (`owner_of`): the CA's records and its keys
 ca/root and ca/intermediate are the CA's, the internal CA's key edgekms/internal-ca the
 ceremony's, everything else in kms_keys and kms_clients the broker's. The broker may also
@@ -29,7 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,8 +62,9 @@ from edgekms.v1 import common_pb2, sealed_pb2
 
 log = logging.getLogger(__name__)
 
-SEAL_VERSION = 1
-_DOMAIN = b"edgekms.sealed.v1"
+SEAL_VERSION = 2
+LEGACY_SEAL_VERSION = 1  # no counter: records sealed before replay protection
+_DOMAINS = {LEGACY_SEAL_VERSION: b"edgekms.sealed.v1", SEAL_VERSION: b"edgekms.sealed.v2"}
 
 WRITER_BROKER = "broker"
 WRITER_CA = "ca"
@@ -93,10 +109,100 @@ def may_amend(bucket: str, key: str, writer: str) -> bool:
     )
 
 
-def _message(bucket: str, key: str, writer: str, origin: bytes, payload: bytes) -> bytes:
+def _message(
+    bucket: str,
+    key: str,
+    writer: str,
+    origin: bytes,
+    payload: bytes,
+    version: int = SEAL_VERSION,
+    counter: int = 0,
+) -> bytes:
     # Length-prefixed, so no two different tuples give the same bytes.
-    parts = (_DOMAIN, bucket.encode(), key.encode(), writer.encode(), origin, payload)
+    parts = [_DOMAINS[version], bucket.encode(), key.encode(), writer.encode(), origin, payload]
+    if version >= SEAL_VERSION:
+        parts.append(counter.to_bytes(8, "big"))
     return b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+
+
+class CounterBook:
+    """The highest counter seen per record (bucket and key) and the revision it was
+    stored at; in memory, and with a path also in an append-only file (0600) that a
+    restart reads back, so a replay made while this process was down is caught.
+
+    The file is lines `bucket<TAB>key<TAB>counter<TAB>revision`; the last line of a key
+    wins, a torn last line (a crash mid-write) is skipped, and the file is rewritten
+    compactly at load when it holds far more lines than records."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._held: dict[str, tuple[int, int]] = {}
+        self._file: Any = None
+        if path is not None:
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        lines = 0
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    lines += 1
+                    parts = line.rstrip("\n").split("\t")
+                    if len(parts) != 4 or not parts[2].isdigit() or not parts[3].isdigit():
+                        continue
+                    self._held[f"{parts[0]}/{parts[1]}"] = (int(parts[2]), int(parts[3]))
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if lines > 2 * len(self._held) + 1024:
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for name, (counter, revision) in self._held.items():
+                    bucket, _, key = name.partition("/")
+                    f.write(f"{bucket}\t{key}\t{counter}\t{revision}\n")
+            os.replace(tmp, path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+
+    def held(self, bucket: str, key: str) -> tuple[int, int]:
+        """(counter, revision) of the highest record seen; (0, 0) for none."""
+        return self._held.get(f"{bucket}/{key}", (0, 0))
+
+    def check(self, bucket: str, key: str, counter: int, revision: int | None) -> None:
+        """TamperedRecord("record.replayed") for a record stored after the one held but
+        carrying a lower counter: a writer's older record written back."""
+        held_counter, held_revision = self.held(bucket, key)
+        if revision is not None and revision > held_revision and counter < held_counter:
+            raise TamperedRecord(
+                "record.replayed",
+                f"record {bucket}/{key} at revision {revision} is older (counter {counter}) "
+                f"than one seen before (counter {held_counter}, revision {held_revision}): "
+                "a genuine older record written back",
+                {
+                    "bucket": bucket,
+                    "key": key,
+                    "counter": str(counter),
+                    "held_counter": str(held_counter),
+                },
+            )
+
+    def observe(self, bucket: str, key: str, counter: int, revision: int | None) -> None:
+        """Remember a record read or written (revision None: not known, kept as 0)."""
+        name = f"{bucket}/{key}"
+        held = self._held.get(name, (0, 0))
+        new = (counter, revision or 0)
+        if new <= held:
+            return
+        self._held[name] = new
+        if self._file is not None:
+            self._file.write(f"{bucket}\t{key}\t{new[0]}\t{new[1]}\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def public_key_hex(key: Ed25519PublicKey) -> str:
@@ -140,24 +246,43 @@ class RecordSeal:
         writer: str | None,
         signing_key: Ed25519PrivateKey | None,
         public_keys: Mapping[str, Ed25519PublicKey],
+        counters: CounterBook | None = None,
     ) -> None:
         if (writer is None) != (signing_key is None):
             raise ValueError("a writer needs its signing key, and a key its writer")
         self.writer = writer
         self._signing_key = signing_key
         self._public_keys = dict(public_keys)
+        self.counters = counters if counters is not None else CounterBook()
+        self._issued: dict[str, int] = {}
 
-    def seal(self, bucket: str, key: str, payload: bytes, origin: bytes = b"") -> bytes:
-        """The value to store for `payload` under `key`, signed as this process."""
+    def next_counter(self, bucket: str, key: str) -> int:
+        """Above every counter seen or handed out for the record, and at least the clock
+        (µs). Handed-out counters are kept apart from the book: a record sealed but never
+        stored (a lost compare-and-set) must not make the stored one look replayed."""
+        held, _ = self.counters.held(bucket, key)
+        name = f"{bucket}/{key}"
+        counter = max(held + 1, self._issued.get(name, 0) + 1, time.time_ns() // 1000)
+        self._issued[name] = counter
+        return counter
+
+    def seal(
+        self, bucket: str, key: str, payload: bytes, origin: bytes = b"", counter: int | None = None
+    ) -> bytes:
+        """The value to store for `payload` under `key`, signed as this process, with
+        `counter` (default: next_counter)."""
         if self._signing_key is None or self.writer is None:
             raise FailedPrecondition("seal.no_writer_key", "this process may not write records")
-        signature = self._signing_key.sign(_message(bucket, key, self.writer, origin, payload))
+        if counter is None:
+            counter = self.next_counter(bucket, key)
+        message = _message(bucket, key, self.writer, origin, payload, SEAL_VERSION, counter)
         return sealed_pb2.SealedRecord(
             version=SEAL_VERSION,
             writer=self.writer,
             payload=payload,
-            signature=signature,
+            signature=self._signing_key.sign(message),
             origin=origin,
+            counter=counter,
         ).SerializeToString()
 
     def _envelope(self, bucket: str, key: str, value: bytes) -> sealed_pb2.SealedRecord:
@@ -167,7 +292,7 @@ class RecordSeal:
             envelope.ParseFromString(value)
         except DecodeError:
             envelope.Clear()
-        if envelope.version != SEAL_VERSION or not envelope.signature:
+        if envelope.version not in _DOMAINS or not envelope.signature:
             raise TamperedRecord(
                 "record.unsealed",
                 f"record {bucket}/{key} carries no seal",
@@ -180,7 +305,21 @@ class RecordSeal:
                 f"record {bucket}/{key} claims an unknown writer",
                 {"bucket": bucket, "key": key, "writer": envelope.writer[:40]},
             )
-        message = _message(bucket, key, envelope.writer, envelope.origin, envelope.payload)
+        if envelope.version == LEGACY_SEAL_VERSION and envelope.counter:
+            raise TamperedRecord(
+                "record.seal_invalid",
+                f"record {bucket}/{key}: a counter on a format-1 seal",
+                {"bucket": bucket, "key": key, "writer": envelope.writer},
+            )
+        message = _message(
+            bucket,
+            key,
+            envelope.writer,
+            envelope.origin,
+            envelope.payload,
+            envelope.version,
+            envelope.counter,
+        )
         try:
             public_key.verify(envelope.signature, message)
         except InvalidSignature:
@@ -191,11 +330,12 @@ class RecordSeal:
             ) from None
         return envelope
 
-    def open(self, bucket: str, key: str, value: bytes) -> bytes:
-        """The payload of a stored value, if its seal holds and its writer may write it;
+    def open(self, bucket: str, key: str, value: bytes, revision: int | None = None) -> bytes:
+        """The payload of a stored value, if its seal holds, its writer may write it and,
+        stored at `revision`, it is not older than a record of the key seen before;
         TamperedRecord otherwise (logged as event=record_tampered)."""
         try:
-            return self._open(bucket, key, value)
+            return self._open(bucket, key, value, revision)
         except TamperedRecord as err:
             log.error(
                 "record refused: tampered",
@@ -203,8 +343,14 @@ class RecordSeal:
             )
             raise
 
-    def _open(self, bucket: str, key: str, value: bytes) -> bytes:
+    def _open(self, bucket: str, key: str, value: bytes, revision: int | None) -> bytes:
         envelope = self._envelope(bucket, key, value)
+        payload = self._judge(bucket, key, envelope)
+        self.counters.check(bucket, key, envelope.counter, revision)
+        self.counters.observe(bucket, key, envelope.counter, revision)
+        return payload
+
+    def _judge(self, bucket: str, key: str, envelope: sealed_pb2.SealedRecord) -> bytes:
         owner = owner_of(bucket, key)
         details = {"bucket": bucket, "key": key, "writer": envelope.writer, "owner": owner}
         if envelope.writer == owner:
@@ -271,34 +417,45 @@ class SealedKV:
         fails. Removal markers (no value) come back as they are."""
         if not entry.value:
             return entry
-        payload = self.seal.open(self.bucket, entry.key, entry.value)
+        payload = self.seal.open(self.bucket, entry.key, entry.value, entry.revision)
         return dataclasses.replace(entry, value=payload)
 
     async def get(self, key: str, revision: int | None = None) -> KeyValue.Entry:
         return self.open_entry(await self.raw.get(key, revision))
 
     async def create(self, key: str, value: bytes) -> int:
-        return int(await self.raw.create(key, self.seal.seal(self.bucket, key, value)))
+        counter = self.seal.next_counter(self.bucket, key)
+        sealed_value = self.seal.seal(self.bucket, key, value, counter=counter)
+        return self._written(key, counter, await self.raw.create(key, sealed_value))
 
     async def put(self, key: str, value: bytes) -> int:
-        return int(await self.raw.put(key, await self._sealed(key, value)))
+        counter, sealed_value = await self._sealed(key, value)
+        return self._written(key, counter, await self.raw.put(key, sealed_value))
 
     async def update(self, key: str, value: bytes, last: int | None = None) -> int:
-        return int(await self.raw.update(key, await self._sealed(key, value), last=last))
+        counter, sealed_value = await self._sealed(key, value)
+        return self._written(key, counter, await self.raw.update(key, sealed_value, last=last))
+
+    def _written(self, key: str, counter: int, revision: int) -> int:
+        """Only a stored record raises the book: one refused (a lost compare-and-set)
+        must not make the record that stayed look like a replay."""
+        self.seal.counters.observe(self.bucket, key, counter, int(revision))
+        return int(revision)
 
     async def delete(self, key: str, last: int | None = None) -> bool:
         return bool(await self.raw.delete(key, last=last))
 
-    async def _sealed(self, key: str, value: bytes) -> bytes:
+    async def _sealed(self, key: str, value: bytes) -> tuple[int, bytes]:
         origin = b""
         if self.seal.writer is not None and may_amend(self.bucket, key, self.seal.writer):
             # An amendment keeps the owner's own seal; a compare-and-set update fails
             # anyway if the record changed after this read.
             current = await self.raw.get(key)
             if current.value:
-                self.seal.open(self.bucket, key, current.value)
+                self.seal.open(self.bucket, key, current.value, current.revision)
                 origin = self.seal.origin_for(self.bucket, key, current.value)
-        return self.seal.seal(self.bucket, key, value, origin)
+        counter = self.seal.next_counter(self.bucket, key)
+        return counter, self.seal.seal(self.bucket, key, value, origin, counter)
 
 
 def sealed(kv: Any, bucket: str, seal: RecordSeal | None) -> Any:
@@ -316,7 +473,7 @@ def parse_seal_fields(
     ("field: what is wrong") for the caller to raise as its own config error.
     """
     problems: list[str] = []
-    names = ("seal_writer", "seal_key_file", "seal_public_keys")
+    names = ("seal_writer", "seal_key_file", "seal_public_keys", "seal_counter_file")
     if not any(name in table for name in names):
         return None, problems
     writer = table.get("seal_writer")
@@ -342,6 +499,9 @@ def parse_seal_fields(
             problems.append(f"seal_public_keys.{name}: must be 64 hexadecimal digits")
     if problems:
         return None, problems
+    counter_file = table.get("seal_counter_file")
+    if counter_file is not None and (not isinstance(counter_file, str) or not counter_file):
+        return None, ["seal_counter_file: must be a non-empty string"]
     signing_key = None
     if isinstance(key_file, str):
         path = Path(key_file).expanduser()
@@ -354,17 +514,32 @@ def parse_seal_fields(
             public_keys[str(writer)]
         ):
             return None, ["seal_key_file: does not match seal_public_keys." + str(writer)]
-    return RecordSeal(writer, signing_key, public_keys), problems
+    counters = None
+    if isinstance(counter_file, str):
+        path = Path(counter_file).expanduser()
+        path = path if path.is_absolute() or base is None else base / path
+        try:
+            counters = CounterBook(path)
+        except OSError as exc:
+            return None, [f"seal_counter_file: {exc.strerror or type(exc).__name__}"]
+    return RecordSeal(writer, signing_key, public_keys, counters), problems
+
+
+def counter_file_for(key_file: Path) -> Path:
+    """Where a writer keeps its CounterBook: beside its sealing key, as private."""
+    return key_file.with_name(key_file.stem + ".counters")
 
 
 def seal_fields_toml(
     writer: str | None, key_file: Path | None, public_keys: Mapping[str, str]
 ) -> str:
-    """The config lines that give a service its sealing key and every writer's public key."""
+    """The config lines that give a service its sealing key, its counter book and every
+    writer's public key."""
     lines = []
     if writer is not None and key_file is not None:
         lines.append(f'seal_writer = "{writer}"\n')
         lines.append(f'seal_key_file = "{key_file}"\n')
+        lines.append(f'seal_counter_file = "{counter_file_for(key_file)}"\n')
     table = ", ".join(f'{name} = "{value}"' for name, value in sorted(public_keys.items()))
     lines.append(f"seal_public_keys = {{ {table} }}\n")
     return "".join(lines)

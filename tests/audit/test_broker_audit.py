@@ -21,13 +21,14 @@ import nats
 import pytest
 
 from edgekms import errors
-from edgekms.audit import STREAM, AuditWriter, ChainVerifier, parse_entry, stream_config
+from edgekms.audit import AuditWriter, ChainVerifier, parse_entry, stream_config, writer_stream
 from edgekms.v1 import common_pb2 as pb
 from mgmt.client import KMSClient
 from tests.audit.helpers import rewrite, stored
 from tests.e2e.conftest import Parts
 
 KMSCTL = str(Path(sys.executable).parent / "kmsctl")
+BROKER = writer_stream("broker")
 
 
 def _kmsctl(parts: Parts, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -41,9 +42,9 @@ def _kmsctl(parts: Parts, *args: str, timeout: float = 60) -> subprocess.Complet
 
 
 def _entries(client: KMSClient, after: int) -> list[dict[str, Any]]:
-    """Entries after sequence `after`, TailAudit's own records left out."""
+    """The broker's entries after sequence `after`, TailAudit's own records left out."""
     out = []
-    for item in client.tail_audit(after + 1):
+    for item in client.tail_audit(after + 1, writer="broker"):
         if item.HasField("record"):
             entry = parse_entry(item.record.raw)
             if entry["action"] != "TailAudit":
@@ -52,7 +53,7 @@ def _entries(client: KMSClient, after: int) -> list[dict[str, Any]]:
 
 
 def _last_seq(client: KMSClient) -> int:
-    for item in client.tail_audit(1):
+    for item in client.tail_audit(1, writer="broker"):
         if item.HasField("state"):
             return item.state.last_seq
     raise AssertionError("no state from TailAudit")
@@ -71,9 +72,12 @@ def _js(parts: Parts, action: Any) -> Any:
 
 def _verify_whole(client: KMSClient) -> int:
     verifier = ChainVerifier()
-    last = 0
+    last: int | None = None
     for item in client.tail_audit(1):
         if item.HasField("state"):
+            if last is not None:
+                verifier.end_stream(last)
+            verifier.begin_stream(item.state.stream)
             last = item.state.last_seq
         else:
             verifier.feed(item.record.seq, item.record.raw)
@@ -160,20 +164,21 @@ def test_kmsctl_tail_n_prints_the_newest_entries(audit_parts: Parts) -> None:
 def test_kmsctl_tail_json_and_verify(audit_parts: Parts) -> None:
     with audit_parts.client() as client:
         client.list_keys()
-    result = _kmsctl(audit_parts, "audit", "tail", "-o", "json")
+    result = _kmsctl(audit_parts, "audit", "tail", "-o", "json", "--writer", "broker")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     seqs = [line["seq"] for line in lines]
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 2
     assert any(line["entry"]["action"] == "ListKeys" for line in lines)
-    text = _kmsctl(audit_parts, "audit", "tail", "--from", str(seqs[-1]))
+    assert {line["stream"] for line in lines} == {"KMS_AUDIT_BROKER"}
+    text = _kmsctl(audit_parts, "audit", "tail", "--from", str(seqs[-1]), "--writer", "broker")
     assert text.returncode == 0 and text.stdout.splitlines()[0].split()[0] == "SEQ"
     verified = _kmsctl(audit_parts, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.startswith("audit chain whole:")
     as_json = json.loads(_kmsctl(audit_parts, "audit", "verify", "-o", "json").stdout)
     assert as_json["ok"] is True and as_json["first_problem"] is None
-    assert as_json["entries"] == as_json["last_seq"] > len(seqs)
+    assert as_json["entries"] >= as_json["streams"]["KMS_AUDIT_BROKER"] > len(seqs)
 
 
 def test_kmsctl_tail_and_verify_expand_batches(audit_parts: Parts) -> None:
@@ -182,29 +187,33 @@ def test_kmsctl_tail_and_verify_expand_batches(audit_parts: Parts) -> None:
 
     async def burst(js: Any) -> list[Any]:
         writer = AuditWriter(js, "burst")
+        await writer.ensure_stream()
         return list(
             await asyncio.gather(*(writer.append("Sign", "ok", target=f"b{i}") for i in range(40)))
         )
 
     appended = _js(audit_parts, burst)
     first = min(a.seq for a in appended)
-    result = _kmsctl(audit_parts, "audit", "tail", "-o", "json", "--from", str(first))
+    result = _kmsctl(
+        audit_parts, "audit", "tail", "-o", "json", "--from", str(first), "--writer", "burst"
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     mine = [line for line in lines if line["entry"]["writer"] == "burst"]
     assert [(m["seq"], m["index"]) for m in mine] == [(a.seq, a.index) for a in appended]
     assert [m["entry"]["target"] for m in mine] == [f"b{i}" for i in range(40)]
     assert max(m["index"] for m in mine) > 0  # at least one message held several entries
-    text = _kmsctl(audit_parts, "audit", "tail", "--from", str(first))
+    text = _kmsctl(audit_parts, "audit", "tail", "--from", str(first), "--writer", "burst")
     assert f"{appended[-1].seq}#{appended[-1].index}" in text.stdout
     as_json = json.loads(_kmsctl(audit_parts, "audit", "verify", "-o", "json").stdout)
     assert as_json["ok"] is True, as_json["problems"]
-    assert as_json["entries"] > as_json["messages"] == as_json["last_seq"]
+    assert as_json["entries"] > as_json["messages"]
+    assert as_json["streams"]["KMS_AUDIT_BURST"] == max(a.seq for a in appended)
     # TailAudit's typed view holds every entry of a batch too, not only the raw bytes.
     with audit_parts.client() as client:
         typed = [
             (item.record.seq, index, entry.target)
-            for item in client.tail_audit(first)
+            for item in client.tail_audit(first, writer="burst")
             if item.HasField("record")
             for index, entry in enumerate(item.record.entries)
             if entry.writer == "burst"
@@ -303,7 +312,7 @@ def test_signer_may_not_read_the_log(audit_parts: Parts) -> None:
 def _entries_all(client: KMSClient, after: int) -> list[dict[str, Any]]:
     return [
         parse_entry(item.record.raw)
-        for item in client.tail_audit(after + 1)
+        for item in client.tail_audit(after + 1, writer="broker")
         if item.HasField("record")
     ]
 
@@ -316,14 +325,19 @@ def test_verify_names_tampered_reordered_and_deleted_entries(parts: Parts) -> No
     assert _kmsctl(parts, "audit", "verify").returncode == 0
 
     async def tamper(js: Any) -> None:
-        messages = [(raw, subject) for _, raw, subject in await stored(js)]
+        messages = [(raw, subject) for _, raw, subject in await stored(js, BROKER)]
         entry = json.loads(messages[2][0])
         entry["outcome"] = "authz.policy_denied"
         await rewrite(
-            js, [*messages[:2], (json.dumps(entry).encode(), messages[2][1]), *messages[3:]]
+            js,
+            [*messages[:2], (json.dumps(entry).encode(), messages[2][1]), *messages[3:]],
+            "broker",
         )
 
-    original = _js(parts, stored)
+    async def broker_stored(js: Any) -> list[tuple[int, bytes, str]]:
+        return await stored(js, BROKER)
+
+    original = _js(parts, broker_stored)
     _js(parts, tamper)
     result = _kmsctl(parts, "audit", "verify", "-o", "json")
     assert result.returncode == 1
@@ -333,33 +347,37 @@ def test_verify_names_tampered_reordered_and_deleted_entries(parts: Parts) -> No
     )
 
     async def restore(js: Any) -> None:
-        now = [(raw, subject) for _, raw, subject in await stored(js)]
+        now = [(raw, subject) for _, raw, subject in await stored(js, BROKER)]
         now[2] = (original[2][1], original[2][2])
-        await rewrite(js, now)
+        await rewrite(js, now, "broker")
 
     _js(parts, restore)
     assert _kmsctl(parts, "audit", "verify").returncode == 0
 
     async def swap(js: Any) -> None:
-        now = [(raw, subject) for _, raw, subject in await stored(js)]
+        now = [(raw, subject) for _, raw, subject in await stored(js, BROKER)]
         now[3], now[4] = now[4], now[3]
-        await rewrite(js, now)
+        await rewrite(js, now, "broker")
 
     _js(parts, swap)
     result = _kmsctl(parts, "audit", "verify")
     assert result.returncode == 1
-    assert result.stdout.startswith("audit chain broken at entry 4:"), result.stdout
+    assert result.stdout.startswith("audit chain broken at entry KMS_AUDIT_BROKER 4:"), (
+        result.stdout
+    )
     assert "reordered" in result.stdout
     _js(parts, swap)  # swapping back restores the chain
     assert _kmsctl(parts, "audit", "verify").returncode == 0
 
     async def delete(js: Any) -> None:
-        await js.delete_msg(STREAM, 6)
+        await js.delete_msg(BROKER, 6)
 
     _js(parts, delete)
     result = _kmsctl(parts, "audit", "verify")
     assert result.returncode == 1
-    assert result.stdout.startswith("audit chain broken at entry 6:"), result.stdout
+    assert result.stdout.startswith("audit chain broken at entry KMS_AUDIT_BROKER 6:"), (
+        result.stdout
+    )
     assert "missing" in result.stdout
 
 
@@ -369,7 +387,7 @@ def test_unwritable_log_refuses_the_operation(parts: Parts) -> None:
         assert client.sign("fc", b"before")
 
         async def drop(js: Any) -> None:
-            await js.delete_stream(STREAM)
+            await js.delete_stream(BROKER)
 
         _js(parts, drop)
         with pytest.raises(errors.Unavailable) as caught:
@@ -381,7 +399,7 @@ def test_unwritable_log_refuses_the_operation(parts: Parts) -> None:
             client.get_key("fc")
 
         async def recreate(js: Any) -> None:
-            await js.add_stream(stream_config())
+            await js.add_stream(stream_config("broker"))
 
         _js(parts, recreate)
         assert client.get_key("fc").state == pb.KEY_STATE_ACTIVE  # the disable never happened

@@ -8,6 +8,7 @@ import json
 from edgekms.audit import (
     GENESIS,
     MAX_LISTED_PROBLEMS,
+    ChainVerifier,
     build_entry,
     canonical,
     encode_message,
@@ -283,3 +284,34 @@ def test_malformed_item_in_a_batch_is_named_and_the_walk_goes_on() -> None:
         (1, 2, "prev_mismatch"),
     ]
     assert report.entries == 4
+
+
+def test_a_writer_chain_runs_on_from_the_legacy_stream_into_its_own() -> None:
+    """Per-writer streams: each stream numbers from 1, a writer's chain crosses from the
+    closed legacy stream into its own, and a dropped legacy tail breaks that link."""
+    chain = _chain(5)
+    verifier = ChainVerifier()
+    verifier.begin_stream("KMS_AUDIT")
+    for seq, raw in enumerate(chain[:3], 1):
+        verifier.feed(seq, raw, "kms.audit.test")
+    verifier.end_stream(3)
+    verifier.begin_stream("KMS_AUDIT_TEST")
+    for seq, raw in enumerate(chain[3:], 1):
+        verifier.feed(seq, raw, "kms.audit.test")
+    report = verifier.finish(2)
+    assert report.ok and report.entries == 5
+    assert report.streams == {"KMS_AUDIT": 3, "KMS_AUDIT_TEST": 2}
+
+    verifier = ChainVerifier()
+    verifier.begin_stream("KMS_AUDIT")
+    for seq, raw in enumerate(chain[:2], 1):  # the legacy stream rewritten one short
+        verifier.feed(seq, raw, "kms.audit.test")
+    verifier.end_stream(2)
+    verifier.begin_stream("KMS_AUDIT_TEST")
+    for seq, raw in enumerate(chain[3:], 1):
+        verifier.feed(seq, raw, "kms.audit.test")
+    report = verifier.finish(2)
+    assert [(p.stream, p.seq, p.kind) for p in report.problems] == [
+        ("KMS_AUDIT_TEST", 1, "prev_mismatch")
+    ]
+    assert report.problems[0].where == "KMS_AUDIT_TEST 1"

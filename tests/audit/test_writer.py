@@ -17,13 +17,14 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, StreamConfig
 
 from edgekms.audit import (
-    STREAM,
+    LEGACY_STREAM,
     AuditWriter,
     canonical,
     harden_stream,
     parse_entry,
     split_message,
     stream_config,
+    writer_stream,
 )
 from edgekms.errors import Unavailable
 from tests.audit.helpers import deletable_stream_config, rewrite, stored, verify_stream
@@ -46,10 +47,10 @@ async def test_the_stream_refuses_deletion_and_purge(nc: NATS) -> None:
     await _fill(nc, 3)
     js = nc.jetstream()
     with pytest.raises(nats.js.errors.APIError) as info:
-        await js.delete_msg(STREAM, 2)
+        await js.delete_msg(writer_stream("test"), 2)
     assert "not permitted" in str(info.value)
     with pytest.raises(nats.js.errors.APIError):
-        await js.purge_stream(STREAM)
+        await js.purge_stream(writer_stream("test"))
     with pytest.raises(nats.js.errors.APIError):
         await js.publish("kms.audit.test", b"{}", headers={"Nats-Rollup": "all"})
     assert [seq for seq, _, _ in await stored(js)] == [1, 2, 3]
@@ -105,6 +106,7 @@ async def test_writers_and_replicas_chain_without_forks(tmp_path: Path) -> None:
         ]
         await writers[0].ensure_stream()
         await writers[1].ensure_stream()
+        await writers[2].ensure_stream()
 
         async def busy(writer: AuditWriter) -> None:
             for i in range(60):
@@ -114,9 +116,12 @@ async def test_writers_and_replicas_chain_without_forks(tmp_path: Path) -> None:
         report = await verify_stream(conns[0].jetstream())
         assert report.ok, report.problems
         # Group commit: two tasks per writer share messages, so fewer messages than entries.
-        assert report.entries == 360 and report.messages == report.last_seq <= 360
-        subjects = {s for _, _, s in await stored(conns[0].jetstream())}
-        assert subjects == {"kms.audit.w0", "kms.audit.w1"}
+        assert report.entries == 360 and report.messages <= 360
+        assert set(report.streams) == {writer_stream("w0"), writer_stream("w1")}
+        # Each writer in its own stream, on its own subject.
+        for name in ("w0", "w1"):
+            subjects = {s for _, _, s in await stored(conns[0].jetstream(), writer_stream(name))}
+            assert subjects == {f"kms.audit.{name}"}
     finally:
         for c in conns:
             await c.close()
@@ -126,7 +131,7 @@ async def test_writers_and_replicas_chain_without_forks(tmp_path: Path) -> None:
 async def test_deleted_entry_is_named(nc: NATS) -> None:
     await nc.jetstream().add_stream(deletable_stream_config())
     await _fill(nc, 6)
-    await nc.jetstream().delete_msg(STREAM, 4)
+    await nc.jetstream().delete_msg(writer_stream("test"), 4)
     report = await verify_stream(nc.jetstream())
     assert [(p.seq, p.kind) for p in report.problems] == [(4, "missing")]
 
@@ -134,7 +139,7 @@ async def test_deleted_entry_is_named(nc: NATS) -> None:
 async def test_deleted_last_entry_is_named_and_writing_goes_on(nc: NATS) -> None:
     await nc.jetstream().add_stream(deletable_stream_config())
     await _fill(nc, 4)
-    await nc.jetstream().delete_msg(STREAM, 4)
+    await nc.jetstream().delete_msg(writer_stream("test"), 4)
     fresh = AuditWriter(nc.jetstream(), "test")  # no cached head: reads past the hole
     appended = await fresh.append("GetKey", "ok")
     assert appended.seq == 5
@@ -166,19 +171,19 @@ async def test_reordered_entries_are_named(nc: NATS) -> None:
 async def test_forged_append_is_named(nc: NATS) -> None:
     await _fill(nc, 3)
     (_, raw, _) = (await stored(nc.jetstream()))[0]
-    await nc.jetstream().publish("kms.audit.test", raw, stream=STREAM)  # a replayed entry
+    await nc.jetstream().publish("kms.audit.test", raw)  # a replayed entry
     report = await verify_stream(nc.jetstream())
     assert [(p.seq, p.kind) for p in report.problems] == [(4, "prev_mismatch")]
 
 
 async def test_no_stream_fails_closed(nc: NATS) -> None:
     writer = await _fill(nc, 2)
-    await nc.jetstream().delete_stream(STREAM)
+    await nc.jetstream().delete_stream(writer_stream("test"))
     with pytest.raises(Unavailable) as caught:
         await writer.append("Sign", "ok")
     assert caught.value.reason == "audit.unavailable"
     with pytest.raises(Unavailable):
-        await AuditWriter(nc.jetstream(), "other").append("Sign", "ok")
+        await AuditWriter(nc.jetstream(), "other").append("Sign", "ok")  # no stream made
 
 
 # -- group commit ------------------------------------------------------------------------
@@ -231,12 +236,12 @@ async def test_tampered_entry_inside_a_batch_is_named_with_its_index(nc: NATS) -
     assert items is not None and len(items) > 4
     items[3]["outcome"] = "authz.policy_denied"
     messages[batch_at] = (canonical({"batch": items}), messages[batch_at][1])
-    await rewrite(nc.jetstream(), messages)
+    await rewrite(nc.jetstream(), messages, "broker")
     report = await verify_stream(nc.jetstream())
     assert [(p.seq, p.index, p.kind) for p in report.problems] == [
         (batch_at + 1, 3, "hash_mismatch")
     ]
-    assert report.problems[0].where == f"{batch_at + 1} #3"
+    assert report.problems[0].where == f"KMS_AUDIT_BROKER {batch_at + 1} #3"
     assert f"entry {batch_at + 1} #3" in report.problems[0].message
 
 
@@ -244,7 +249,7 @@ async def test_failed_batch_fails_every_caller_and_stores_nothing(nc: NATS) -> N
     # The stream takes a lone entry but not a batch of 12: the server rejects the whole
     # message, with the stream intact, the way a real store failure would.
     js = nc.jetstream()
-    config = stream_config()
+    config = stream_config("broker")
     config.max_msg_size = 2048
     await js.add_stream(config)
     writer = AuditWriter(js, "broker")
@@ -257,31 +262,50 @@ async def test_failed_batch_fails_every_caller_and_stores_nothing(nc: NATS) -> N
     assert {o.reason for o in outcomes if isinstance(o, Unavailable)} == {"audit.unavailable"}
     records = await stored(js)
     assert [seq for seq, _, _ in records] == [first.seq]
-    assert (await js.stream_info(STREAM)).state.last_seq == first.seq
+    assert (await js.stream_info(writer_stream("broker"))).state.last_seq == first.seq
     # The writer carries on from the real head: nothing half-done is chained to.
     after = await writer.append("GetKey", "ok")
     assert after.seq == first.seq + 1 and after.entry["prev_hash"] == first.entry["hash"]
     assert (await verify_stream(js)).ok
 
 
-async def test_a_stream_an_older_version_made_is_hardened(nc: NATS) -> None:
-    """`kmsctl up` upgrades the old KMS_AUDIT (deletable, no limits) in place."""
+async def test_a_stream_an_older_version_made_is_closed_and_chains_go_on(nc: NATS) -> None:
+    """`kmsctl up` closes the old shared KMS_AUDIT (deletable, no limits, every writer
+    in it), keeping its entries, and gives each writer a stream whose first entry links
+    to that writer's last one in the old stream: verify walks both, unbroken."""
     js = nc.jetstream()
     await js.add_stream(
         StreamConfig(
-            name=STREAM,
+            name=LEGACY_STREAM,
             subjects=["kms.audit.>"],
             discard=DiscardPolicy.OLD,
             max_bytes=-1,
             allow_direct=True,
         )
     )
-    writer = await _fill(nc, 2)
-    assert await harden_stream(js)
-    config = (await js.stream_info(STREAM)).config
-    assert config.deny_delete and config.deny_purge and not config.allow_rollup_hdrs
-    assert config.discard == DiscardPolicy.NEW and config.discard_new_per_subject
-    assert config.max_bytes == stream_config().max_bytes
-    assert not await harden_stream(js)  # once is enough
-    await writer.append("Sign", "ok")
-    assert (await verify_stream(js)).ok
+    # Entries as an older version wrote them: two writers in the one stream.
+    old = {w: AuditWriter(js, w) for w in ("broker", "ca")}
+    for w in old.values():
+        w.stream = LEGACY_STREAM
+    for i in range(3):
+        for w in old.values():
+            await w.append("Sign", "ok", target=f"old{i}")
+    assert await harden_stream(js, ["broker", "ca"])
+    legacy = await js.stream_info(LEGACY_STREAM)
+    assert legacy.config.subjects == ["kms.audit-legacy.closed"]
+    assert legacy.config.deny_delete and legacy.config.deny_purge
+    assert legacy.state.messages == 6  # every old entry kept
+    config = (await js.stream_info(writer_stream("ca"))).config
+    assert config.subjects == ["kms.audit.ca"] and config.discard == DiscardPolicy.NEW
+    assert config.max_bytes == stream_config("ca").max_bytes
+    assert not await harden_stream(js, ["broker", "ca"])  # once is enough
+    for writer in ("broker", "ca"):
+        fresh = AuditWriter(js, writer)
+        appended = await fresh.append("Sign", "ok", target="new")
+        assert appended.seq == 1  # its own stream, numbered from 1 ...
+        # ... chained to its last entry in the closed stream.
+        assert appended.entry["prev_hash"] == old[writer]._head[1].hex()  # type: ignore[index]
+    report = await verify_stream(js)
+    assert report.ok, report.problems
+    assert report.entries == 8
+    assert list(report.streams) == [LEGACY_STREAM, writer_stream("broker"), writer_stream("ca")]

@@ -392,6 +392,29 @@ def test_garbage_to_tail_audit_is_invalid_argument(kms_stack: KmsStack) -> None:
     assert typed(refused.value).reason == "request.malformed"
 
 
+def test_tail_audit_of_a_bad_writer_is_refused(kms_stack: KmsStack) -> None:
+    """A writer names a stream (KMS_AUDIT_<WRITER>): no dots, wildcards or spaces."""
+    with kms_stack.client() as client:
+        for writer in ("a.b", ">", "x y"):
+            with pytest.raises(errors.InvalidArgument) as refused:
+                list(client.tail_audit(1, writer=writer))
+            assert refused.value.reason == "audit.writer_invalid", writer
+        denied = [
+            e
+            for item in client.tail_audit(1, writer="broker")
+            if item.HasField("record")
+            for e in item.record.entries
+            if e.action == "TailAudit" and e.outcome == "audit.writer_invalid"
+        ]
+    assert len(denied) == 3  # each refusal audited
+
+
+def test_tail_audit_of_an_unknown_writer_is_not_found(kms_stack: KmsStack) -> None:
+    with kms_stack.client() as client, pytest.raises(errors.NotFound) as refused:
+        list(client.tail_audit(1, writer="nobody"))
+    assert refused.value.reason == "audit.writer_unknown"
+
+
 def test_garbage_bytes_are_invalid_argument(kms_stack: KmsStack) -> None:
     before = records(kms_stack)
     try:

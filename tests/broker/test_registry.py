@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 
 import nats
 import pytest
 
 from broker.registry import KeyRegistry
-from edgekms.errors import AlreadyExists
+from edgekms.errors import AlreadyExists, Unavailable
 from edgekms.v1 import common_pb2 as pb
 from mgmt.natsserver import NatsServer
 
@@ -50,5 +51,67 @@ async def test_stale_reservation_is_taken_over_once(nats_server: NatsServer) -> 
             await alive.reserve(_record("stale/one"), stale_after=0)
         await dead.stop()
         await alive.stop()
+    finally:
+        await nc.close()
+
+
+class _SlowRegistry(KeyRegistry):
+    """A registry whose every record costs CPU to admit, as a sealed record's Ed25519
+    check does on a loaded board."""
+
+    def apply(self, entry: object) -> None:
+        time.sleep(0.001)
+        super().apply(entry)
+
+
+class _StuckRegistry(KeyRegistry):
+    """A registry whose snapshot never delivers a record (a bus that stopped answering)."""
+
+    async def _follow(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_the_initial_snapshot_is_waited_for_as_long_as_it_moves(
+    nats_server: NatsServer,
+) -> None:
+    """Issue 11's 50,000-record start: the wait has a stall limit, not a total one. Here
+    admitting the records takes several stall limits in all, and the start succeeds."""
+    count = 2000
+    nc = await nats.connect(nats_server.url)
+    try:
+        writer = KeyRegistry(nc.jetstream())
+        await writer.start()
+        slots = asyncio.Semaphore(64)
+
+        async def put(i: int) -> None:
+            async with slots:
+                record = _record(f"many/k{i}")
+                record.state = pb.KEY_STATE_ACTIVE
+                await writer.kv.put(record.name, record.SerializeToString())
+
+        await asyncio.gather(*(put(i) for i in range(count)))
+        await writer.stop()
+        slow = _SlowRegistry(nc.jetstream())
+        await slow.start(stall_timeout=0.3)
+        assert slow.progress >= 2 * count  # every record read, then admitted
+        assert len(slow.list("many/")) == count
+        assert slow.get("many/k1999").name == "many/k1999"
+        await slow.stop()
+    finally:
+        await nc.close()
+
+
+async def test_a_stalled_snapshot_ends_the_start_with_a_typed_error(
+    nats_server: NatsServer,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        stuck = _StuckRegistry(nc.jetstream())
+        with pytest.raises(Unavailable) as info:
+            await stuck.start(stall_timeout=0.3)
+        assert info.value.reason == "bus.snapshot_stalled"
+        assert stuck._watch_task is not None
+        await asyncio.gather(stuck._watch_task, return_exceptions=True)
+        assert stuck._watch_task.cancelled()  # nothing left running
     finally:
         await nc.close()

@@ -117,7 +117,16 @@ def test_status_reports_every_part(kms_stack: KmsStack) -> None:
     with kms_stack.client() as client:
         status = client.status()
     names = {c.name: c.ok for c in status.components}
-    assert names == {"broker": True, "bus": True, "crypto/hsm0": True, "ca": True}
+    assert names == {
+        "broker": True,
+        "bus": True,
+        "crypto/hsm0": True,
+        "ca": True,
+        # One line per audit writer's stream (docs/security.md, "Fail closed").
+        "audit/broker": True,
+        "audit/ca": True,
+        "audit/crypto-hsm0": True,
+    }
     assert status.ok
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from edgekms import errors
 from edgekms.sealed import WRITERS, RecordSeal, load_public_key
 from edgekms.v1 import clients_pb2, sealed_pb2
+from edgekms.v1 import common_pb2 as pb
 from mgmt.client import KMSClient
 from mgmt.pki import point_client_at
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
@@ -139,3 +142,87 @@ def test_a_sealed_stack_works_and_a_revocation_survives_the_brokers_identity(
     # The admin and the rest of the stack are unaffected.
     with again.client(timeout=30) as admin:
         assert admin.verify("sealed/app", b"n", admin.sign("sealed/app", b"n"))
+
+
+def _policy(*roles: str) -> pb.KeyPolicy:
+    return pb.KeyPolicy(
+        rules=[pb.PolicyRule(roles=list(roles), operations=[pb.KEY_OPERATION_SIGN])]
+    )
+
+
+def test_a_keys_older_looser_policy_written_back_does_not_return(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    """Issue 11: with the broker's bus identity, a key's older genuine record (its
+    looser policy) written back under the same key. The running broker refuses it as a
+    replay (record.replayed in its log) and the key fails closed; the signer the old
+    policy allowed never signs again; after the broker is killed and restarted it still
+    refuses the record (its counters were kept on disk)."""
+    loose, strict = _policy("signer", "admin"), _policy("admin")
+    out = tmp_path / "replayer"
+    _kmsctl(stack, "client", "add", "replayer", "--role", "signer", "--out-dir", str(out))
+    with stack.client(timeout=30) as admin:
+        admin.create_key("replay/app", "ec-p256", policy=loose)
+        with KMSClient.from_config(out / "config.toml", timeout=30) as signer:
+            assert signer.sign("replay/app", b"allowed while loose")
+        admin.update_key_policy("replay/app", strict)
+        with (
+            KMSClient.from_config(out / "config.toml", timeout=30) as signer,
+            pytest.raises(errors.PermissionDenied),
+        ):
+            signer.sign("replay/app", b"refused once strict")
+
+    async def replay() -> None:
+        nc = await nats.connect(stack.nats_url, **stack.nats_options("broker"))
+        try:
+            kv = await nc.jetstream(timeout=10).key_value("kms_keys")
+            reader = _reader_seal(stack)
+            for entry in await kv.history("replay/app"):
+                record = pb.KeyRecord()
+                record.ParseFromString(reader.open("kms_keys", "replay/app", entry.value or b""))
+                if record.state == pb.KEY_STATE_ACTIVE and record.policy == loose:
+                    await kv.put("replay/app", entry.value or b"")  # genuine, and older
+                    return
+            raise AssertionError("no older record with the loose policy in the history")
+        finally:
+            await nc.close()
+
+    asyncio.run(replay())
+    broker_log = stack.data_dir / "logs" / "broker.log"
+
+    def refused_in_log() -> int:
+        return sum(
+            "record.replayed" in line and "replay/app" in line
+            for line in broker_log.read_text().splitlines()
+        )
+
+    deadline = time.monotonic() + 60
+    with KMSClient.from_config(out / "config.toml", timeout=30) as signer:
+        while refused_in_log() == 0:
+            assert time.monotonic() < deadline, "the broker did not refuse the replay"
+            time.sleep(0.2)
+        with pytest.raises((errors.NotFound, errors.PermissionDenied)):
+            signer.sign("replay/app", b"the loose policy must not return")
+    with stack.client(timeout=30) as admin, pytest.raises(errors.NotFound):
+        admin.get_key("replay/app")  # fails closed until its owner writes it again
+    # Killed and restarted by `kmsctl up`: the broker reads the bucket afresh, with the
+    # counters it kept, and refuses the record again.
+    before = refused_in_log()
+    os.kill(int(stack.state()["children"]["broker"]), signal.SIGKILL)  # type: ignore[index]
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with stack.client(timeout=10) as admin:
+                admin.get_key("replay/app")
+            raise AssertionError("the restarted broker accepted the replayed record")
+        except errors.NotFound:
+            break
+        except errors.Unavailable:
+            assert time.monotonic() < deadline, "the broker did not come back"
+            time.sleep(0.5)
+    assert refused_in_log() > before
+    with (
+        KMSClient.from_config(out / "config.toml", timeout=30) as signer,
+        pytest.raises((errors.NotFound, errors.PermissionDenied)),
+    ):
+        signer.sign("replay/app", b"still not")

@@ -17,7 +17,7 @@ ECDSA = pb.SIGNATURE_ALGORITHM_ECDSA_SHA256
 
 
 def _last_seq(client: KMSClient) -> int:
-    for item in client.tail_audit(1):
+    for item in client.tail_audit(1, writer="broker"):
         if item.HasField("state"):
             return item.state.last_seq
     raise AssertionError("no state from TailAudit")
@@ -38,7 +38,7 @@ def test_concurrent_signs_each_verify_and_are_each_audited(kms_stack: KmsStack) 
             assert verify_signature(der, ECDSA, digest, signature), i
         signs = [
             entry
-            for item in client.tail_audit(after + 1)
+            for item in client.tail_audit(after + 1, writer="broker")
             if item.HasField("record")
             for entry in parse_message(item.record.raw)
             if entry["action"] == "Sign"

@@ -23,6 +23,7 @@ from mgmt.natsauth import (
     BusCredentials,
     BusTLS,
     Identity,
+    audit_writers,
     ensure_bus_tls,
     ensure_passwords,
     read_password,
@@ -151,7 +152,7 @@ def hardened_bus(directory: Path) -> Iterator[SecureBus]:
                 js = conn.nc.jetstream(timeout=10)
                 for spec in kvstore.BUCKETS.values():
                     await kvstore.harden(js, spec)
-                await audit.harden_stream(js)
+                await audit.harden_stream(js, audit_writers(bus.providers))
             finally:
                 await conn.nc.close()
 

@@ -1,10 +1,11 @@
 """An audit nobody can forge or flood (issue 11, item 4), against a real nats-server with
-the stack's permission tables and the audit stream made by the supervisor's setup.
+the stack's permission tables and the audit streams made by the supervisor's setup.
 
 Each writer may publish only on kms.audit.<itself>, chains only its own entries, and has
-a quota of messages in the stream: a flood of junk from one writer (here the CA's
-identity) neither stalls another writer's appends nor grows beyond its quota, and
-`verify` reports it as one problem and a count. An entry claiming another writer fails.
+a stream of its own with its own limits: a flood of junk from one writer (here the CA's
+identity), by count or by bytes, fills its own stream only, never stalls another
+writer's appends, and `verify` reports it as one problem and a count. An entry claiming
+another writer fails.
 """
 
 from __future__ import annotations
@@ -17,21 +18,25 @@ import nats.js.errors
 import pytest
 
 from edgekms.audit import (
-    STREAM,
     STREAM_FULL,
     AuditWriter,
     ChainReport,
     ChainVerifier,
+    StreamUsage,
+    audit_streams,
     build_entry,
     canonical,
-    stream_config,
+    harden_stream,
+    writer_stream,
 )
 from edgekms.errors import ResourceExhausted
+from mgmt.natsauth import audit_writers
 from tests.natsperm.conftest import SecureBus, connect, connected, end_ceremony, start_secure_bus
 
 pytestmark = pytest.mark.timeout(120)
 
-QUOTA = 300  # messages per writer subject in this test's stream
+QUOTA = 300  # messages in the CA's stream in this test
+CA_BYTES = 512 * 1024  # the CA's stream's size in this test
 FLOOD = 1000
 
 
@@ -43,8 +48,11 @@ def audit_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBus]:
         async def set_up() -> None:
             conn = await connect(bus, "kmsctl")
             try:
-                await conn.nc.jetstream(timeout=10).add_stream(
-                    stream_config(max_bytes=64 * 1024 * 1024, writer_quota=QUOTA)
+                await harden_stream(
+                    conn.nc.jetstream(timeout=10),
+                    audit_writers(bus.providers),
+                    # The CA's stream small, the broker's as `kmsctl up` makes it.
+                    limits={"ca": (CA_BYTES, QUOTA)},
                 )
             finally:
                 await conn.nc.close()
@@ -60,12 +68,21 @@ async def verify(bus: SecureBus) -> ChainReport:
     """What `kmsctl audit verify` does with TailAudit's records, read here directly."""
     async with connected(bus, "broker") as broker:
         js = broker.nc.jetstream(timeout=10)
-        info = await js.stream_info(STREAM)
         verifier = ChainVerifier()
-        for seq in range(1, info.state.last_seq + 1):
-            msg = await js.get_msg(STREAM, seq=seq, direct=True)
-            verifier.feed(seq, msg.data or b"", msg.subject or "")
-        return verifier.finish(info.state.last_seq)
+        for stream in await audit_streams(js):
+            info = await js.stream_info(stream)
+            verifier.begin_stream(stream)
+            for seq in range(1, info.state.last_seq + 1):
+                msg = await js.get_msg(stream, seq=seq, direct=True)
+                verifier.feed(seq, msg.data or b"", msg.subject or "")
+            verifier.end_stream(info.state.last_seq)
+        return verifier.finish()
+
+
+async def usage(bus: SecureBus, writer: str) -> StreamUsage:
+    async with connected(bus, "broker") as broker:
+        info = await broker.nc.jetstream(timeout=10).stream_info(writer_stream(writer))
+        return StreamUsage.of(info)
 
 
 async def test_a_junk_flood_neither_stalls_the_broker_nor_outgrows_its_quota(
@@ -96,9 +113,9 @@ async def test_a_junk_flood_neither_stalls_the_broker_nor_outgrows_its_quota(
         assert len(set(seqs)) == 40
         # The flood is bounded by the CA's quota, and what is beyond it is refused.
         assert refused == FLOOD - QUOTA
-        info = await broker.nc.jetstream(timeout=10).stream_info(STREAM, subjects_filter=">")
-        assert info.state.subjects is not None
-        assert info.state.subjects["kms.audit.ca"] == QUOTA
+    ca_usage = await usage(audit_bus, "ca")
+    assert ca_usage.messages == QUOTA and ca_usage.full
+    assert not (await usage(audit_bus, "broker")).full
     report = await verify(audit_bus)
     assert report.problem_count == QUOTA  # each junk message, counted...
     assert len(report.problems) < QUOTA  # ...but listed only from the first few
@@ -117,8 +134,52 @@ async def test_a_full_writer_gets_a_typed_error_and_others_go_on(audit_bus: Secu
             await ca_writer.append("ca.issue", "ok", target="one too many")
         assert info.value.reason == "audit.full"
         appended = await AuditWriter(broker.nc.jetstream(timeout=10), "broker").append("Sign", "ok")
-        assert appended.seq == QUOTA + 1
+        assert appended.seq == 1  # in the broker's own stream
     assert (await verify(audit_bus)).ok
+
+
+async def test_a_flood_that_fills_the_cas_bytes_leaves_the_broker_appending(
+    audit_bus: SecureBus,
+) -> None:
+    """Issue 11, item 4's gap: one stream's total size shared by every writer let a
+    flooder fill it for all. Now the CA's bus identity fills its own stream's bytes with
+    big junk messages; the broker's decisions, during and after, are all stored, and
+    the CA's own appends are the ones refused with audit.full."""
+    junk = b"x" * (32 * 1024)
+    async with connected(audit_bus, "broker") as broker, connected(audit_bus, "ca") as ca:
+        writer = AuditWriter(broker.nc.jetstream(timeout=10), "broker")
+
+        async def flood() -> int:
+            """Big junk until refused, then smaller until even a tiny message is."""
+            js = ca.nc.jetstream(timeout=10)
+            refused = 0
+            for size in (len(junk), 1024, 16):
+                for i in range(CA_BYTES // size + 8):
+                    try:
+                        await js.publish("kms.audit.ca", junk[:size] + b"%d" % i)
+                    except nats.js.errors.APIError as exc:
+                        assert exc.err_code == STREAM_FULL, exc
+                        refused += 1
+                        break
+            return refused
+
+        async def decisions() -> list[int]:
+            return [(await writer.append("Sign", "ok", target=f"b{i}")).seq for i in range(40)]
+
+        refused, seqs = await asyncio.gather(flood(), decisions())
+        assert refused == 3  # the CA's stream filled up and refused the rest ...
+        assert seqs == list(range(1, 41))  # ... while every broker decision was stored
+        with pytest.raises(ResourceExhausted) as info:
+            await AuditWriter(ca.nc.jetstream(timeout=10), "ca").append("ca.issue", "ok")
+        assert info.value.reason == "audit.full"
+        assert "ca" in info.value.message
+        after = await writer.append("Sign", "ok", target="after the flood")
+        assert after.seq == 41
+    ca_usage = await usage(audit_bus, "ca")
+    assert ca_usage.full and ca_usage.bytes <= CA_BYTES
+    report = await verify(audit_bus)
+    assert report.heads["broker"] == after.entry["hash"]
+    assert {p.stream for p in report.problems} == {writer_stream("ca")}  # junk, one count
 
 
 async def test_an_entry_claiming_the_broker_fails_verify(audit_bus: SecureBus) -> None:
@@ -148,4 +209,6 @@ async def test_an_entry_claiming_the_broker_fails_verify(audit_bus: SecureBus) -
             headers={"Nats-Expected-Last-Subject-Sequence": str(seq)},
         )
     report = await verify(audit_bus)
-    assert [(p.seq, p.kind) for p in report.problems] == [(3, "writer_mismatch")]
+    assert [(p.stream, p.seq, p.kind) for p in report.problems] == [
+        (writer_stream("ca"), 2, "writer_mismatch")
+    ]

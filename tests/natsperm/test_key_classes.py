@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from edgekms.audit import AuditWriter, parse_message
+from edgekms.audit import AuditWriter, audit_streams, parse_message
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import PermissionDenied
 from edgekms.subjects import KEY_CLASS_CA, KEY_CLASS_INTERNAL, KEY_CLASS_USER, crypto_subject
@@ -141,11 +141,14 @@ async def audit_entries(bus: SecureBus) -> list[dict[str, Any]]:
     conn = await connect(bus, "broker")
     try:
         js = conn.nc.jetstream(timeout=5)
-        info = await js.stream_info("KMS_AUDIT")
         entries: list[dict[str, Any]] = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg("KMS_AUDIT", seq=seq, direct=True)
-            entries.extend(parse_message(msg.data or b""))
+        for stream in await audit_streams(js):
+            info = await js.stream_info(stream)
+            if not info.state.messages:
+                continue
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(stream, seq=seq, direct=True)
+                entries.extend(parse_message(msg.data or b""))
         return entries
     finally:
         await conn.nc.close()

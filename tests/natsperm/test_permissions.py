@@ -15,6 +15,7 @@ from nats.js.api import StreamConfig
 
 from edgekms import kvread, natsrpc
 from edgekms.algorithms import MAX_MESSAGE_SIZE
+from edgekms.audit import stream_config
 from mgmt.natsauth import BUS_MAX_PAYLOAD, BusCredentials, inbox_prefix
 from tests.natsperm.conftest import Conn, SecureBus, connected
 
@@ -163,11 +164,14 @@ async def test_a_reply_may_be_sent_once(secure_bus: SecureBus) -> None:
 
 
 async def test_crypto_service_has_no_jetstream(secure_bus: SecureBus) -> None:
-    """Only the audit chain's head (stream info, direct get) for its own entries."""
+    """Only its own audit stream's head (stream info, direct get) for its own entries."""
     async with connected(secure_bus, "crypto-hsm0") as hsm0:
         await refused_js(hsm0, "$JS.API.INFO")
         await refused_js(hsm0, "$JS.API.STREAM.PURGE.KMS_AUDIT")
-        await refused_js(hsm0, "$JS.API.CONSUMER.CREATE.KMS_AUDIT")
+        await refused_js(hsm0, "$JS.API.STREAM.PURGE.KMS_AUDIT_CRYPTO-HSM0")
+        await refused_js(hsm0, "$JS.API.CONSUMER.CREATE.KMS_AUDIT_CRYPTO-HSM0")
+        await refused_js(hsm0, "$JS.API.STREAM.INFO.KMS_AUDIT_BROKER")
+        await refused_js(hsm0, "$JS.API.STREAM.CREATE.KMS_AUDIT_BROKER")
         await refused_js(hsm0, "$JS.API.STREAM.INFO.KV_kms_keys")
         await refused_js(hsm0, "$JS.API.STREAM.CREATE.KV_crypto")
         await refused_publish(hsm0, "$KV.kms_keys.ca/root")
@@ -323,11 +327,14 @@ async def test_audit_stream_write_is_limited_to_its_writers(secure_bus: SecureBu
         connected(secure_bus, "kmsctl") as kmsctl,
     ):
         js = broker.nc.jetstream(timeout=5)
-        await js.add_stream(StreamConfig(name="KMS_AUDIT", subjects=["kms.audit.>"]))
+        await js.add_stream(stream_config("broker"))
         ack = await js.publish("kms.audit.broker", b"entry")
-        assert ack.stream == "KMS_AUDIT"
+        assert ack.stream == "KMS_AUDIT_BROKER"
         await refused_publish(kmsctl, "kms.audit.broker")
-        await refused_js(kmsctl, "$JS.API.STREAM.INFO.KMS_AUDIT")
-        await refused_js(broker, "$JS.API.STREAM.DELETE.KMS_AUDIT")
-        await refused_js(broker, "$JS.API.STREAM.MSG.DELETE.KMS_AUDIT")
+        await refused_js(kmsctl, "$JS.API.STREAM.INFO.KMS_AUDIT_BROKER")
+        await refused_js(broker, "$JS.API.STREAM.DELETE.KMS_AUDIT_BROKER")
+        await refused_js(broker, "$JS.API.STREAM.MSG.DELETE.KMS_AUDIT_BROKER")
+        await refused_js(broker, "$JS.API.STREAM.UPDATE.KMS_AUDIT_BROKER")
+        # A writer may make only its own stream.
+        await refused_js(broker, "$JS.API.STREAM.CREATE.KMS_AUDIT_CA")
         await asyncio.sleep(0)

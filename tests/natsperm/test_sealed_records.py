@@ -25,7 +25,7 @@ from ca_service.store import CAStore
 from edgekms.errors import FailedPrecondition, NotFound, Unauthenticated
 from edgekms.identity import Identity
 from edgekms.registry_record import RegistryKeys
-from edgekms.sealed import WRITERS, RecordSeal, TamperedRecord, owner_of
+from edgekms.sealed import WRITERS, CounterBook, RecordSeal, TamperedRecord, owner_of
 from edgekms.v1 import ca_pb2, clients_pb2, sealed_pb2
 from edgekms.v1 import common_pb2 as pb
 from mgmt.sealkeys import RESEALED_MARKER, ensure_seal_keys, reseal_legacy
@@ -321,3 +321,85 @@ async def test_records_from_before_sealing_are_sealed_once_by_their_owners(
         with pytest.raises(TamperedRecord) as refused:
             reader.open("kms_clients", "client.later", stored)
         assert refused.value.reason == "record.unsealed"
+
+
+def _policy(*roles: str) -> pb.KeyPolicy:
+    return pb.KeyPolicy(
+        rules=[pb.PolicyRule(roles=list(roles), operations=[pb.KEY_OPERATION_SIGN])]
+    )
+
+
+async def _older_genuine_value(raw: object, key: str, policy: pb.KeyPolicy) -> bytes:
+    """From the bucket's history: the broker's own sealed record of `key` that still
+    carried `policy`, as an attacker with the broker's bus identity can read it."""
+    for entry in await raw.history(key):  # type: ignore[attr-defined]
+        envelope = sealed_pb2.SealedRecord()
+        envelope.ParseFromString(entry.value or b"")
+        record = pb.KeyRecord()
+        record.ParseFromString(envelope.payload)
+        if record.state == pb.KEY_STATE_ACTIVE and record.policy == policy:
+            return bytes(entry.value or b"")
+    raise AssertionError("no older record with that policy in the history")
+
+
+async def test_an_older_genuine_key_record_written_back_is_refused_live_and_after_a_restart(
+    seal_bus: SecureBus, tmp_path: Path
+) -> None:
+    """Issue 11: a sealed record binds bucket and key but not a version, so the broker's
+    bus identity could write a key's older, looser policy back. Now the record's counter
+    is signed: the running broker's follower refuses it (record.replayed) and drops the
+    key, and a broker started after the replay, with the counters it kept on disk
+    (seal_counter_file), refuses it too. The looser policy never takes effect."""
+    name = "replay/app"
+    loose, strict = _policy("signer", "admin"), _policy("admin")
+    book = tmp_path / "broker.counters"
+    async with connected(seal_bus, "broker") as broker:
+        js = broker.nc.jetstream(timeout=5)
+        registry = KeyRegistry(
+            js, seal=RecordSeal("broker", KEYS["broker"], PUBLIC, CounterBook(book))
+        )
+        await registry.start()
+        try:
+            record = pb.KeyRecord(
+                name=name, provider="hsm0", key_type=pb.KEY_TYPE_EC_P256, key_id=b"r" * 16
+            )
+            record.policy.CopyFrom(loose)
+            revision = await registry.reserve(record)
+            await registry.activate(record, revision)
+            await registry.update_policy(name, strict)
+            assert registry.get(name).policy == strict
+            raw = await js.key_value("kms_keys")
+            older = await _older_genuine_value(raw, name, loose)
+            await raw.put(name, older)  # the replay, with the broker's own bus grant
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                try:
+                    held = registry.get(name)
+                except NotFound:
+                    break  # dropped: neither policy is used, the key fails closed
+                assert held.policy == strict, "the older, looser policy took effect"
+                assert asyncio.get_running_loop().time() < deadline, "replay not refused"
+                await asyncio.sleep(0.05)
+            with pytest.raises(TamperedRecord) as refused:
+                await registry.update_policy(name, strict)
+            assert refused.value.reason == "record.replayed"
+        finally:
+            await registry.stop()
+            registry_seal = registry._seal
+            assert registry_seal is not None
+            registry_seal.counters.close()
+        # A replay while the broker is down: the record written back again, then a fresh
+        # broker with the counters it kept refuses it as it reads the bucket.
+        await raw.put(name, older)
+        fresh = KeyRegistry(
+            js, seal=RecordSeal("broker", KEYS["broker"], PUBLIC, CounterBook(book))
+        )
+        await fresh.start()
+        try:
+            with pytest.raises(NotFound):
+                fresh.get(name)
+            with pytest.raises(TamperedRecord) as refused:
+                await fresh.kv.get(name)
+            assert refused.value.reason == "record.replayed"
+        finally:
+            await fresh.stop()

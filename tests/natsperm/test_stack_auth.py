@@ -123,6 +123,18 @@ async def test_a_junk_flood_from_the_ca_does_not_stall_signing(stack: KmsStack) 
         await task
     finally:
         await ca.close()
+    # Core publishes: the server has them all, its stream stores them in its own time.
+    broker = await nats.connect(
+        stack.nats_url, allow_reconnect=False, **_creds(stack, "broker").connect_options()
+    )
+    try:
+        js = broker.jetstream(timeout=10)
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await js.stream_info("KMS_AUDIT_CA")).state.messages < 3000:
+            assert asyncio.get_running_loop().time() < deadline, "the junk was not all stored"
+            await asyncio.sleep(0.2)
+    finally:
+        await broker.close()
     kmsctl = str(Path(sys.executable).parent / "kmsctl")
     result = await asyncio.to_thread(
         subprocess.run,

@@ -109,6 +109,7 @@ async def test_the_supervisor_loses_its_setup_grant(state_bus: SecureBus) -> Non
         for subject in (
             "$JS.API.STREAM.UPDATE.KV_kms_keys",
             "$JS.API.STREAM.UPDATE.KMS_AUDIT",
+            "$JS.API.STREAM.UPDATE.KMS_AUDIT_CA",
             "$KV.kms_keys.edgekms/internal-ca",
         ):
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
@@ -119,7 +120,14 @@ async def test_the_supervisor_loses_its_setup_grant(state_bus: SecureBus) -> Non
 async def test_every_stack_stream_is_hardened(state_bus: SecureBus) -> None:
     async with connected(state_bus, "broker") as broker:
         js = broker.nc.jetstream(timeout=5)
-        for name in ("KV_kms_keys", "KV_kms_clients", "KV_kms_requests", "KMS_AUDIT"):
+        streams = ("KV_kms_keys", "KV_kms_clients", "KV_kms_requests")
+        audit = (
+            "KMS_AUDIT_BROKER",
+            "KMS_AUDIT_CA",
+            "KMS_AUDIT_CRYPTO-HSM0",
+            "KMS_AUDIT_CRYPTO-TPM0",
+        )
+        for name in (*streams, *audit):
             config = (await js.stream_info(name)).config
             assert kvstore.is_hardened(config), name
             assert not config.allow_msg_ttl, name

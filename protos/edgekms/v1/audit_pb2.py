@@ -28,7 +28,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64gekms/v1/audit.proto\x12\nedgekms.v1\"*\n\nAuditActor\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"\x9d\x02\n\nAuditEntry\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0e\n\x06writer\x18\x02 \x01(\t\x12%\n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x16.edgekms.v1.AuditActor\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x34\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32#.edgekms.v1.AuditEntry.DetailsEntry\x12\x11\n\tprev_hash\x18\t \x01(\t\x12\x0c\n\x04hash\x18\n \x01(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0b\n\x03raw\x18\x02 \x01(\x0c\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12%\n\x05\x65ntry\x18\x04 \x01(\x0b\x32\x16.edgekms.v1.AuditEntry\x12\'\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x16.edgekms.v1.AuditEntry\"I\n\x10\x41uditStreamState\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x10\n\x08messages\x18\x03 \x01(\x04\"4\n\x10TailAuditRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"u\n\x11TailAuditResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1c.edgekms.v1.AuditStreamStateH\x00\x12)\n\x06record\x18\x02 \x01(\x0b\x32\x17.edgekms.v1.AuditRecordH\x00\x42\x06\n\x04item2Z\n\x0c\x41uditService\x12J\n\tTailAudit\x12\x1c.edgekms.v1.TailAuditRequest\x1a\x1d.edgekms.v1.TailAuditResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64gekms/v1/audit.proto\x12\nedgekms.v1\"*\n\nAuditActor\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"\x9d\x02\n\nAuditEntry\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0e\n\x06writer\x18\x02 \x01(\t\x12%\n\x05\x61\x63tor\x18\x03 \x01(\x0b\x32\x16.edgekms.v1.AuditActor\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x34\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32#.edgekms.v1.AuditEntry.DetailsEntry\x12\x11\n\tprev_hash\x18\t \x01(\t\x12\x0c\n\x04hash\x18\n \x01(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x0b\x41uditRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0b\n\x03raw\x18\x02 \x01(\x0c\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12%\n\x05\x65ntry\x18\x04 \x01(\x0b\x32\x16.edgekms.v1.AuditEntry\x12\'\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x16.edgekms.v1.AuditEntry\x12\x0e\n\x06stream\x18\x06 \x01(\t\"\x9d\x01\n\x10\x41uditStreamState\x12\x11\n\tfirst_seq\x18\x01 \x01(\x04\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x10\n\x08messages\x18\x03 \x01(\x04\x12\x0e\n\x06stream\x18\x04 \x01(\t\x12\x0e\n\x06writer\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x11\n\tmax_bytes\x18\x07 \x01(\x03\x12\x10\n\x08max_msgs\x18\x08 \x01(\x03\"D\n\x10TailAuditRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0e\n\x06writer\x18\x03 \x01(\t\"u\n\x11TailAuditResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1c.edgekms.v1.AuditStreamStateH\x00\x12)\n\x06record\x18\x02 \x01(\x0b\x32\x17.edgekms.v1.AuditRecordH\x00\x42\x06\n\x04item2Z\n\x0c\x41uditService\x12J\n\tTailAudit\x12\x1c.edgekms.v1.TailAuditRequest\x1a\x1d.edgekms.v1.TailAuditResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,13 +44,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITENTRY_DETAILSENTRY']._serialized_start=322
   _globals['_AUDITENTRY_DETAILSENTRY']._serialized_end=368
   _globals['_AUDITRECORD']._serialized_start=371
-  _globals['_AUDITRECORD']._serialized_end=507
-  _globals['_AUDITSTREAMSTATE']._serialized_start=509
-  _globals['_AUDITSTREAMSTATE']._serialized_end=582
-  _globals['_TAILAUDITREQUEST']._serialized_start=584
-  _globals['_TAILAUDITREQUEST']._serialized_end=636
-  _globals['_TAILAUDITRESPONSE']._serialized_start=638
-  _globals['_TAILAUDITRESPONSE']._serialized_end=755
-  _globals['_AUDITSERVICE']._serialized_start=757
-  _globals['_AUDITSERVICE']._serialized_end=847
+  _globals['_AUDITRECORD']._serialized_end=523
+  _globals['_AUDITSTREAMSTATE']._serialized_start=526
+  _globals['_AUDITSTREAMSTATE']._serialized_end=683
+  _globals['_TAILAUDITREQUEST']._serialized_start=685
+  _globals['_TAILAUDITREQUEST']._serialized_end=753
+  _globals['_TAILAUDITRESPONSE']._serialized_start=755
+  _globals['_TAILAUDITRESPONSE']._serialized_end=872
+  _globals['_AUDITSERVICE']._serialized_start=874
+  _globals['_AUDITSERVICE']._serialized_end=964
 # @@protoc_insertion_point(module_scope)

@@ -37,9 +37,12 @@ class AuditServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def TailAudit(self, request, context):
-        """Entries from a sequence number on, in stream order. Without `follow` the stream ends
-        after the last entry present when the call began; with it, new entries keep coming
-        until the caller cancels. The first message is always the stream's state.
+        """Entries from a sequence number on, in stream order, one audit stream after another
+        (the legacy stream first, then each writer's by name), or only the stream of
+        `writer`. Each stream's records are preceded by its state; sequence numbers are the
+        stream's own. Without `follow` the call ends after the last entry present when it
+        began; with it, new entries keep coming until the caller cancels (with `follow`,
+        `writer` is required: the broker's own stream when empty).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -28,7 +28,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/sealed.proto\x12\nedgekms.v1\"c\n\x0cSealedRecord\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06writer\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06origin\x18\x05 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/sealed.proto\x12\nedgekms.v1\"t\n\x0cSealedRecord\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06writer\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06origin\x18\x05 \x01(\x0c\x12\x0f\n\x07\x63ounter\x18\x06 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgekms.v1.sealed_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEALEDRECORD']._serialized_start=39
-  _globals['_SEALEDRECORD']._serialized_end=138
+  _globals['_SEALEDRECORD']._serialized_end=155
 # @@protoc_insertion_point(module_scope)

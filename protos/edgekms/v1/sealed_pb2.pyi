@@ -29,6 +29,7 @@ class SealedRecord(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    COUNTER_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Version of the signed message layout (edgekms.sealed.SEAL_VERSION)."""
     writer: _builtins.str
@@ -36,10 +37,17 @@ class SealedRecord(_message.Message):
     payload: _builtins.bytes
     """The record itself (a serialized KeyRecord, Client, CAState, ... or plain bytes)."""
     signature: _builtins.bytes
-    """Ed25519 over the bucket, the key, the writer, the origin and the payload."""
+    """Ed25519 over the bucket, the key, the writer, the origin, the payload and (version
+    2) the counter.
+    """
     origin: _builtins.bytes
     """For a record amended by a writer other than its key's owner (the broker disabling
     ca/root): the owner's own SealedRecord, whose key material the amendment must keep.
+    """
+    counter: _builtins.int
+    """Version 2: signed too. Above every counter its writer saw for this key and at least
+    the writer's clock in microseconds; a reader refuses a record stored after one with
+    a higher counter (a genuine older record written back: "record.replayed").
     """
     def __init__(
         self,
@@ -49,10 +57,11 @@ class SealedRecord(_message.Message):
         payload: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
         origin: _builtins.bytes = ...,
+        counter: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["origin", b"origin", "payload", b"payload", "signature", b"signature", "version", b"version", "writer", b"writer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "origin", b"origin", "payload", b"payload", "signature", b"signature", "version", b"version", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
