@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgekms.errors import KMSError
+from edgekms.errors import FailedPrecondition, KMSError
 from edgekms.logs import setup_logging
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
@@ -78,7 +78,7 @@ def up(
 
     \b
     Starts, each as its own process with a log under DATA_DIR/logs:
-      nats-server     JetStream on a file store (DATA_DIR/nats)
+      nats-server     JetStream on a file store (DATA_DIR/nats); 2.10 or later
       SoftHSM token   created on first run (DATA_DIR/softhsm/softhsm2.conf)
       kms-crypto      provider hsm0, in front of the token
       kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device);
@@ -93,6 +93,9 @@ def up(
     Example:
       kmsctl up --data-dir ./kms &
       kmsctl status --data-dir ./kms
+
+    Exits 6 when the machine cannot run it as it is (a nats-server older than 2.10:
+    `nats.server_too_old`), 8 when a part failed to start or died for good.
     """
     # nats-py imports aiohttp (its WebSocket transport) whenever it is installed: ~0.2 s
     # before nats-server can start, and ~10 MB kept, for a supervisor that dials tls://.
@@ -133,6 +136,10 @@ def up(
     except StackError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
+    except FailedPrecondition as exc:
+        # Waiting will not help (e.g. nats.server_too_old): the machine needs changing.
+        click.echo(f"kmsctl: {exc}", err=True)
+        sys.exit(ExitCode.FAILED_PRECONDITION)
     except KMSError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
