@@ -94,7 +94,10 @@ mount_root() {
   cp -f /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
   # /tmp on a tmpfs: SoftHSM on armhf cannot list a token directory on the host's ext4
   # under emulation (32-bit directory offsets against a 64-bit kernel; docs/arm.md).
-  mountpoint -q "$root/tmp" || mount -t tmpfs -o size=2g,mode=1777 tmpfs "$root/tmp"
+  # 8 GiB is a ceiling, not memory taken: each test's nats-server offers JetStream 75% of
+  # the free space, and the audit stream reserves 4 GiB (edgekms.audit DEFAULT_MAX_BYTES);
+  # with 2 GiB every stack was refused ("insufficient storage resources available").
+  mountpoint -q "$root/tmp" || mount -t tmpfs -o size=8g,mode=1777 tmpfs "$root/tmp"
 }
 
 umount_root() {
