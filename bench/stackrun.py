@@ -125,6 +125,9 @@ def start(data_dir: Path, timeout: float = 120.0, log_level: str = "warning") ->
         f"127.0.0.1:{ca_port}",
         "--log-level",
         log_level,
+        # Each service's readiness wait: as long as the whole start may take (qemu-user).
+        "--start-timeout",
+        str(timeout),
     ]
     state_file = data_dir / "run" / "state.json"
     with open(log_path, "ab") as log_file:

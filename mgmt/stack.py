@@ -137,6 +137,9 @@ class StackOptions:
     # Every child gets the level of `kmsctl up` itself (--log-level): at info the broker
     # writes a line per request, ~5 % of its CPU under load.
     log_level: str = "info"
+    # Seconds each service may take to become ready (--start-timeout). Imports alone
+    # take seconds on a Cortex-A7 and ten times that under qemu-user (docs/arm.md).
+    start_timeout: float = 30.0
 
     @property
     def providers(self) -> list[str]:
@@ -393,7 +396,7 @@ class Stack:
 
         async def ready() -> None:
             client = CryptoClient(await self._probe_connection())
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + self.options.start_timeout
             while True:
                 try:
                     await client.ping(provider, timeout=0.5)
@@ -428,7 +431,7 @@ class Stack:
 
         async def ready() -> None:
             # The CA serves HTTP only after its NATS endpoints: the port first, then a ping.
-            await _wait_port(host, int(port), 30.0)
+            await _wait_port(host, int(port), self.options.start_timeout)
             nc = await self._probe_connection()
             await nc.request(f"$SRV.PING.{CA_SERVICE_NAME}", b"", timeout=5)
 
@@ -464,7 +467,7 @@ class Stack:
         async def ready() -> None:
             # The broker listens only once its bus, registry, audit stream and buckets
             # are open and health says SERVING (broker.server.Broker.start).
-            await _wait_port(host, int(port), 30.0)
+            await _wait_port(host, int(port), self.options.start_timeout)
 
         return Child(
             name="broker",

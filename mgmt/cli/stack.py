@@ -63,6 +63,15 @@ from mgmt.cli.output import echo_json, handle_errors, table
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     help="Of `kmsctl up` and of every service it starts.",
 )
+@click.option(
+    "--start-timeout",
+    type=click.FloatRange(min=1.0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long each service may take to become ready before kmsctl up gives up. "
+    "Raise it on a slow board or under emulation (qemu-user: 20x).",
+)
 def up(
     data_dir: Path,
     nats_port: int,
@@ -73,6 +82,7 @@ def up(
     ca_base_url: str,
     ca_provider: str,
     log_level: str,
+    start_timeout: float,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -114,6 +124,7 @@ def up(
         ca_base_url=ca_base_url,
         ca_provider=ca_provider,
         log_level=log_level.lower(),
+        start_timeout=start_timeout,
     )
     if swtpm_port is not None:
         click.echo(
