@@ -66,8 +66,8 @@ async def _seed(
 ) -> tuple[Any, float]:
     import nats
 
+    from ca_service.store import CAStore
     from edgekms.sealed import WRITER_CA
-    from mgmt.ca.store import CAStore
     from mgmt.natsauth import CA_USER
     from mgmt.sealkeys import local_seal
 
@@ -77,7 +77,7 @@ async def _seed(
         seal = local_seal(data_dir / "secrets", WRITER_CA)
         store = await CAStore.open(nc.jetstream(), seal=seal)
         started = time.perf_counter()
-        logging.getLogger("mgmt.ca.store").setLevel(logging.WARNING)
+        logging.getLogger("ca_service.store").setLevel(logging.WARNING)
         seeded = await seed_records(store, count, der, revoked=revoked, prefix=prefix)
         return seeded, time.perf_counter() - started
     finally:

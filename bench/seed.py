@@ -1,5 +1,5 @@
 """Fills a CA's store with many certificate records quickly, through the CA's own store
-module (mgmt.ca.store.CAStore.create_record), for the scale tests and benchmarks.
+module (ca_service.store.CAStore.create_record), for the scale tests and benchmarks.
 
 Signing 50,000 real certificates through a token takes hours on the test machines; the
 listing, CRL and prune paths need records, not signatures, so each seeded record carries
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import nats.errors
 
+from ca_service.store import CAStore, rfc3339
 from edgekms.errors import AlreadyExists
 from edgekms.v1 import ca_pb2
-from mgmt.ca.store import CAStore, rfc3339
 
 PROFILES = ("https-server", "vpn-client", "device", "vpn-server")
 _WINDOW = 64

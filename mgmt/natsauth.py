@@ -109,7 +109,7 @@ KMSCTL_CRYPTO_OPERATIONS = CLASS_OPERATIONS
 # What the broker may ask of the internal CA's key: issuing client certificates.
 BROKER_INTERNAL_OPERATIONS = ("GetPublicKey", "Sign")
 
-# The registry records the CA service owns (mgmt/ca/authority.py ROOT_LABEL,
+# The registry records the CA service owns (ca_service/authority.py ROOT_LABEL,
 # INTERMEDIATE_LABEL), and the one the ceremony writes.
 CA_REGISTRY_KEYS = ca_registry_key_names()
 CEREMONY_REGISTRY_KEYS = ("edgekms/internal-ca",)

@@ -35,18 +35,18 @@ from edgekms.client_certs import (
 from edgekms.crypto_client import CryptoClient
 from edgekms.identity import identity_uris
 from edgekms.nats_signer import NatsDigestSigner
-from edgekms.remote_key import remote_key
-from edgekms.sealed import RecordSeal
-from edgekms.subjects import KEY_CLASS_INTERNAL
-from edgekms.v1 import common_pb2 as pb
-from edgekms.v1 import crypto_pb2
-from mgmt.registry_record import (
+from edgekms.registry_record import (
     admin_only_policy,
     new_key_record,
     read_key_record,
     record_generated_key,
     registry_kv,
 )
+from edgekms.remote_key import remote_key
+from edgekms.sealed import RecordSeal
+from edgekms.subjects import KEY_CLASS_INTERNAL
+from edgekms.v1 import common_pb2 as pb
+from edgekms.v1 import crypto_pb2
 
 BROKER_SERVER_NAME = "edgekms-broker"
 CA_VALIDITY = datetime.timedelta(days=3650)

@@ -81,17 +81,19 @@ def test_deferred_pkcs11_helpers_still_work(helper: str) -> None:
 
 
 def test_ca_serve_loads_neither_grpc_nor_aiohttp() -> None:
-    """`kmsctl ca serve` execs `python -m mgmt.ca`, a long-running service: none of
+    """`kmsctl ca serve` execs `python -m ca_service`, a long-running service: none of
     kmsctl's client side, not even its CLI (click), nor uvloop or importlib.metadata
-    (mgmt.ca.__main__ says what each costs)."""
+    (ca_service.__main__ says what each costs)."""
     modules = loaded_after(
-        "from mgmt.ca.__main__ import main",
+        "from ca_service.__main__ import main",
         # A config that does not exist: main imports the service, then answers 2.
         "assert main(['--config', '/nonexistent/ca.toml', '--log-level', 'error']) == 2",
-        "import mgmt.ca.service, mgmt.ca.http, mgmt.registry_record, edgekms.crypto_client",
+        "import ca_service.service, ca_service.http",
+        "import edgekms.registry_record, edgekms.crypto_client",
     )
     loaded = packages(modules)
-    assert {"mgmt", "nats", "cryptography", "google"} <= loaded
-    assert "mgmt.ca.service" in modules
-    assert not loaded & {"grpc", "aiohttp", "broker", "crypto_service", "click", "uvloop"}
+    assert {"ca_service", "nats", "cryptography", "google"} <= loaded
+    assert "ca_service.service" in modules
+    # A service of its own: nothing of kmsctl's package, nor another service's.
+    assert not loaded & {"grpc", "aiohttp", "broker", "crypto_service", "mgmt", "click", "uvloop"}
     assert "importlib.metadata" not in modules and "mgmt.cli" not in modules

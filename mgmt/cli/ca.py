@@ -47,9 +47,9 @@ def serve(config_path: Path, log_level: str) -> None:
     """Run the CA service: kms.ca.* on NATS (exposed by the broker as gRPC
     CertificateAuthority) and HTTP for relying parties: /crl, /ocsp, /ca.crt, /chain.pem.
     Runs until SIGTERM or SIGINT."""
-    # The service runs in a fresh interpreter without the CLI (mgmt.ca.__main__ says
+    # The service runs in a fresh interpreter without the CLI (ca_service.__main__ says
     # why); exec keeps this pid, so whoever started `kmsctl ca serve` supervises it.
-    argv = [sys.executable, "-m", "mgmt.ca", "--config", str(config_path)]
+    argv = [sys.executable, "-m", "ca_service", "--config", str(config_path)]
     argv += ["--log-level", log_level]
     sys.stdout.flush()
     sys.stderr.flush()

@@ -16,8 +16,8 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from edgekms.durations import format_ttl
 from edgekms.v1 import ca_pb2
-from mgmt.ca.durations import format_ttl
 from mgmt.cli.ca import ca
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
@@ -63,7 +63,7 @@ def name_constraint_options(f: Callable[..., None]) -> Callable[..., None]:
 
 def constraints_dict(intermediate_der: bytes) -> dict[str, list[str]]:
     """The intermediate's name constraints, as `-o json` shows them."""
-    from mgmt.ca import constraints
+    from edgekms import nameconstraints as constraints
 
     spec = constraints.to_spec(
         constraints.of_certificate(x509.load_der_x509_certificate(intermediate_der))

@@ -115,7 +115,7 @@ def export_cmd(
 
     The server takes the same CA chain (`kmsctl ca certs`), `remote-cert-tls client`
     and, with --tls-crypt, `tls-crypt ta.key`."""
-    from mgmt.ca import bundle, ovpn
+    from mgmt import bundle, ovpn
     from mgmt.pki import write_private
 
     if fmt == "ovpn":

@@ -1,7 +1,7 @@
 """`kmsctl cert ...`: certificates from the mini-CA, through the broker.
 
 The CA only ever sees a CSR. With `--generate` the leaf key is made here, on the
-administrator's machine (mgmt.ca.bundle), and leaves only as the file written for its
+administrator's machine (mgmt.bundle), and leaves only as the file written for its
 user: a PEM key (0600) or a PKCS#12 bundle whose password comes from a file, never from
 argv. Files are written after the CA answered, so a refusal leaves nothing behind.
 """
@@ -109,7 +109,7 @@ def record_details(record: ca_pb2.CertificateRecord) -> str:
 
 
 def _pem_chain(cert_der: bytes, chain_der: list[bytes]) -> bytes:
-    from mgmt.ca.bundle import pem_bundle
+    from mgmt.bundle import pem_bundle
 
     return pem_bundle(cert_der, chain_der)
 
@@ -120,7 +120,7 @@ def lifetime_seconds(days: int, ttl: str | None) -> int:
         return 0
     if days:
         raise click.UsageError("give --days or --ttl, not both")
-    from mgmt.ca.durations import parse_ttl
+    from edgekms.durations import parse_ttl
 
     return int(parse_ttl(ttl).total_seconds())
 
@@ -225,7 +225,7 @@ def issue_cmd(
     config_path: Path | None,
 ) -> None:
     """Issue a certificate for a CSR (--csr) or for a key made here (--generate)."""
-    from mgmt.ca import bundle
+    from mgmt import bundle
     from mgmt.pki import write_private
 
     if bool(csr_path) == generate:

@@ -3,7 +3,7 @@
 uvloop measured +9 % end-to-end Sign throughput with the broker and the crypto services
 on it (issue 7), for ~2 MB of resident memory each. The CA service does not use it: its
 issuance waits on token signatures, not on the loop, and it is held to 45 MB
-(mgmt/ca/__main__.py). It is a dependency of the package
+(ca_service/__main__.py). It is a dependency of the package
 and of the device image, but a service still starts on the standard loop where it is
 missing (a platform without a wheel), since nothing depends on uvloop's behaviour.
 """

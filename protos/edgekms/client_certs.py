@@ -2,7 +2,7 @@
 ceremony (mgmt.pki), the bus TLS (mgmt.natsauth) and the broker's ClientService, so that
 a client added with `kmsctl client add` and the first admin made by `kmsctl init` look
 alike and both carry their identity as edgekms.identity documents. (The mini-CA that
-serves NAS users builds its certificates from profiles, in mgmt.ca.)
+serves NAS users builds its certificates from profiles, in ca_service.)
 
 The CA key is whatever private-key object the caller holds: in practice a RemoteKey
 whose signatures are made in the token. Building blocks on it (cryptography's builders

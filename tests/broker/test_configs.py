@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import ConfigError, load_config
-from mgmt.ca.config import CAConfigError, load_serve_config
+from ca_service.config import CAConfigError, load_serve_config
 
 BROKER = """listen = "127.0.0.1:8443"
 nats_url = "nats://127.0.0.1:4222"

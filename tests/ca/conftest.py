@@ -15,17 +15,17 @@ import nats.aio.client
 import pytest
 from google.protobuf.message import Message
 
+from ca_service.authority import CertificateAuthority
+from ca_service.builder import CaUrls
+from ca_service.http import start_http
+from ca_service.service import add_ca_service
+from ca_service.signer import KMSKeyBackend
+from ca_service.store import CAStore
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import from_bytes
 from edgekms.subjects import ca_subject
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
-from mgmt.ca.authority import CertificateAuthority
-from mgmt.ca.builder import CaUrls
-from mgmt.ca.http import start_http
-from mgmt.ca.service import add_ca_service
-from mgmt.ca.signer import KMSKeyBackend
-from mgmt.ca.store import CAStore
 from mgmt.natsserver import NatsServer, free_port
 from tests.conftest import TokenInfo, start_nats
 from tests.crypto.conftest import CryptoProcess, write_config

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from mgmt.ca.builder import CAKey, build_intermediate, build_root, ca_name
+from ca_service.builder import CAKey, build_intermediate, build_root, ca_name
 
 LeafKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 

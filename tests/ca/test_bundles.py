@@ -16,12 +16,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service.builder import build_leaf, random_serial
+from ca_service.policy import load_csr, plan_from_csr
+from ca_service.profiles import BUILTIN_PROFILES
 from edgekms.errors import InvalidArgument
 from edgekms.v1 import ca_pb2
-from mgmt.ca import bundle, ovpn
-from mgmt.ca.builder import build_leaf, random_serial
-from mgmt.ca.policy import load_csr, plan_from_csr
-from mgmt.ca.profiles import BUILTIN_PROFILES
+from mgmt import bundle, ovpn
 from mgmt.natsserver import free_port
 from mgmt.pki import write_private
 from tests.ca.conftest import CAEnv
@@ -289,7 +289,7 @@ async def test_ovpn_profile_connects_to_a_real_openvpn_server(
 def test_export_chain_puts_the_issuing_intermediate_first() -> None:
     """After a rotation a leaf may come from the retired intermediate: the exported
     chain starts with its issuer, then the other intermediate in force, then the root."""
-    from mgmt.ca.builder import build_intermediate, ca_name
+    from ca_service.builder import build_intermediate, ca_name
     from mgmt.cli.cert_export import issuing_chain
 
     old = make_soft_ca()

@@ -14,10 +14,10 @@ import nats
 import nats.aio.client
 import pytest
 
+from ca_service.service import ServeConfig, serve
 from edgekms import natsrpc
 from edgekms.errors import Unavailable
 from edgekms.v1 import ca_pb2
-from mgmt.ca.service import ServeConfig, serve
 from mgmt.natsserver import NatsServer, free_port
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,13 +14,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service.builder import CAKey, build_intermediate, build_leaf, ca_name, random_serial
+from ca_service.policy import load_csr, plan_from_csr
+from ca_service.profiles import BUILTIN_PROFILES
+from edgekms import nameconstraints as constraints
 from edgekms.errors import InvalidArgument
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
-from mgmt.ca import constraints
-from mgmt.ca.builder import CAKey, build_intermediate, build_leaf, ca_name, random_serial
-from mgmt.ca.policy import load_csr, plan_from_csr
-from mgmt.ca.profiles import BUILTIN_PROFILES
 from tests.ca.conftest import PROVIDER, CAEnv
 from tests.ca.helpers import make_csr, make_key, make_soft_ca
 from tests.ca.lint import pkilint_findings

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from mgmt.ca import constraints
-from mgmt.ca.builder import build_intermediate, ca_name
+from ca_service.builder import build_intermediate, ca_name
+from edgekms import nameconstraints as constraints
 from tests.ca.helpers import make_key, make_soft_ca
 from tests.ca.test_constraints import HOME, leaf_for, pem
 

@@ -1,4 +1,4 @@
-"""`kmsctl ca serve` execs the lean CA process (`python -m mgmt.ca`): same pid, same
+"""`kmsctl ca serve` execs the lean CA process (`python -m ca_service`): same pid, same
 options, same errors and exit codes, and a service that answers on the real bus."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import nats
 import pytest
 
+from ca_service import __main__ as entry
 from edgekms.v1 import ca_pb2
-from mgmt.ca import __main__ as entry
 from mgmt.cli.common import ExitCode
 from mgmt.natsserver import NatsServer, free_port
 
@@ -93,7 +93,7 @@ def test_kmsctl_ca_serve_runs_the_lean_process_under_its_own_pid(
                 time.sleep(0.1)
         assert b"https-server" in answer
         argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
-        assert argv[1:5] == ["-m", "mgmt.ca", "--config", str(config)], argv
+        assert argv[1:5] == ["-m", "ca_service", "--config", str(config)], argv
         assert argv[5:7] == ["--log-level", "warning"], argv
         # The standard event loop: uvloop's extension module is not even mapped in.
         assert "uvloop" not in Path(f"/proc/{proc.pid}/maps").read_text()

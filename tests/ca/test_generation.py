@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from ca_service.hierarchy import next_generation
 from edgekms.errors import FailedPrecondition
 from edgekms.subjects import CA_MAX_INTERMEDIATE_GENERATION
 from edgekms.v1 import ca_pb2
-from mgmt.ca.hierarchy import next_generation
 from mgmt.natsauth import ca_identity
 
 

@@ -15,12 +15,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ca_service import hierarchy
+from ca_service.builder import key_id_hex
+from ca_service.store import rfc3339
 from edgekms.errors import FailedPrecondition, InvalidArgument, KMSError, NotFound
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
-from mgmt.ca import hierarchy
-from mgmt.ca.builder import key_id_hex
-from mgmt.ca.store import rfc3339
 from tests.ca.conftest import PROVIDER, CAEnv, write
 from tests.ca.helpers import make_csr, make_key
 from tests.ca.lint import pkilint_findings

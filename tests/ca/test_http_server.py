@@ -1,4 +1,4 @@
-"""The CA's small HTTP/1.1 server (mgmt.ca.http) on a real socket: what a relying party
+"""The CA's small HTTP/1.1 server (ca_service.http) on a real socket: what a relying party
 gets for good requests, and the 4xx every kind of bad request gets instead of a hang or
 a crash. The routes' CA answers are in test_service.py (real CA, NATS, SoftHSM); here
 the handlers are plain functions so that each HTTP rule is checked on its own."""
@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from mgmt.ca import http
-from mgmt.ca.http import HttpServer, Request, Response
+from ca_service import http
+from ca_service.http import HttpServer, Request, Response
 
 seen: list[Request] = []
 

@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from ca_service.builder import CaUrls, build_leaf, random_serial
+from ca_service.crl import Revocation, build_crl
+from ca_service.ocsp import BadOCSPRequest, CertState, build_response, parse_request
+from ca_service.policy import load_csr, plan_from_csr
+from ca_service.profiles import BUILTIN_PROFILES, get_profile, parse_profiles
 from edgekms.errors import FailedPrecondition, InvalidArgument
 from edgekms.v1 import ca_pb2
-from mgmt.ca.builder import CaUrls, build_leaf, random_serial
-from mgmt.ca.crl import Revocation, build_crl
-from mgmt.ca.ocsp import BadOCSPRequest, CertState, build_response, parse_request
-from mgmt.ca.policy import load_csr, plan_from_csr
-from mgmt.ca.profiles import BUILTIN_PROFILES, get_profile, parse_profiles
 from tests.ca.helpers import (
     PkilintLoadError,
     SoftCA,

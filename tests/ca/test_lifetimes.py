@@ -11,12 +11,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service.builder import CaUrls, build_leaf, random_serial
+from ca_service.policy import load_csr, plan_from_csr
+from ca_service.profiles import BUILTIN_PROFILES, parse_profiles
+from edgekms.durations import format_ttl, parse_ttl
 from edgekms.errors import InvalidArgument
 from edgekms.v1 import ca_pb2
-from mgmt.ca.builder import CaUrls, build_leaf, random_serial
-from mgmt.ca.durations import format_ttl, parse_ttl
-from mgmt.ca.policy import load_csr, plan_from_csr
-from mgmt.ca.profiles import BUILTIN_PROFILES, parse_profiles
 from tests.ca.conftest import CAEnv, write
 from tests.ca.helpers import SoftCA, make_csr, make_key, make_soft_ca
 from tests.ca.lint import pkilint_findings

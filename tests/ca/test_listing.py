@@ -1,4 +1,4 @@
-"""mgmt.ca.listing, pure logic: page tokens round-trip and refuse what they did not make;
+"""ca_service.listing, pure logic: page tokens round-trip and refuse what they did not make;
 pages follow the sort order, stop at the size or byte budget, and resume after the token
 whatever changed in between."""
 
@@ -8,9 +8,7 @@ import datetime
 
 import pytest
 
-from edgekms.errors import InvalidArgument
-from edgekms.v1 import ca_pb2
-from mgmt.ca.listing import (
+from ca_service.listing import (
     PAGE_BYTES,
     Query,
     Row,
@@ -20,6 +18,8 @@ from mgmt.ca.listing import (
     select_page,
     sort_key,
 )
+from edgekms.errors import InvalidArgument
+from edgekms.v1 import ca_pb2
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 

@@ -21,12 +21,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.seed import seed_records
+from ca_service.authority import CertificateAuthority
+from ca_service.crlstore import CHUNK_SIZE
+from ca_service.listing import PAGE_BYTES
+from ca_service.store import CAStore, rfc3339
 from edgekms.errors import FailedPrecondition, InvalidArgument
 from edgekms.v1 import ca_pb2
-from mgmt.ca.authority import CertificateAuthority
-from mgmt.ca.crlstore import CHUNK_SIZE
-from mgmt.ca.listing import PAGE_BYTES
-from mgmt.ca.store import CAStore, rfc3339
 from tests.ca.conftest import CAEnv
 from tests.ca.helpers import make_csr, make_key
 

@@ -18,14 +18,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from ca_service.crlstore import CRL_META_KEY
+from ca_service.service import ServeConfig, serve
+from ca_service.store import rfc3339
 from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KMSError, NotFound
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
-from mgmt.ca.bundle import generate_key, pem_bundle, pkcs12_bundle
-from mgmt.ca.bundle import make_csr as make_bundle_csr
-from mgmt.ca.crlstore import CRL_META_KEY
-from mgmt.ca.service import ServeConfig, serve
-from mgmt.ca.store import rfc3339
+from mgmt.bundle import generate_key, pem_bundle, pkcs12_bundle
+from mgmt.bundle import make_csr as make_bundle_csr
 from mgmt.natsserver import NatsServer, free_port
 from tests.ca.asn1 import csr_with_duplicate_san
 from tests.ca.conftest import CAEnv, write

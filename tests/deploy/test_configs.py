@@ -28,10 +28,10 @@ import pytest
 
 from broker import __main__ as broker_main
 from broker.config import load_config as load_broker
+from ca_service.config import load_serve_config
 from crypto_service import __main__ as crypto_main
 from crypto_service.config import load_config as load_crypto
 from mgmt import natsauth
-from mgmt.ca.config import load_serve_config
 from mgmt.cli import cli as kmsctl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +137,7 @@ def test_a_stale_field_would_be_refused() -> None:
         parse_config(
             {"provider_id": "hsm0", "nats_url": "tls://x:1", "state_dir": "/x", "pkcs11": {}}
         )
-    from mgmt.ca.config import CAConfigError
+    from ca_service.config import CAConfigError
 
     with pytest.raises(CAConfigError, match="http_listen"):
         load_serve_config(_write_toml('nats_url = "tls://x:1"\nhttp_listen = "8080"\n'))

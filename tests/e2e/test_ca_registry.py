@@ -19,16 +19,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ca_service.authority import INTERMEDIATE_LABEL, ROOT_LABEL, CertificateAuthority
+from ca_service.signer import KMSKeyBackend
+from ca_service.store import CAStore
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import AlreadyExists, FailedPrecondition, NotFound
+from edgekms.registry_record import RegistryKeys, new_key_record, read_key_record
 from edgekms.v1 import ca_pb2, crypto_pb2
 from edgekms.v1 import common_pb2 as pb
-from mgmt.ca.authority import INTERMEDIATE_LABEL, ROOT_LABEL, CertificateAuthority
-from mgmt.ca.bundle import generate_key, make_csr
-from mgmt.ca.signer import KMSKeyBackend
-from mgmt.ca.store import CAStore
+from mgmt.bundle import generate_key, make_csr
 from mgmt.natsserver import NatsServer
-from mgmt.registry_record import RegistryKeys, new_key_record, read_key_record
 from tests.ca.conftest import PROVIDER, ca_crypto, ca_nats  # noqa: F401 - fixtures
 from tests.crypto.conftest import CryptoProcess
 

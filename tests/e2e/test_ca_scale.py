@@ -28,9 +28,9 @@ import pytest
 from cryptography import x509
 
 from bench.seed import seed_records
+from ca_service.store import CAStore
 from edgekms.sealed import WRITER_CA
 from edgekms.v1 import ca_pb2
-from mgmt.ca.store import CAStore
 from mgmt.natsauth import CA_USER, local_credentials
 from mgmt.sealkeys import local_seal
 from tests.ca.helpers import make_csr, make_key

@@ -1,5 +1,5 @@
 """`kmsctl up`'s start-up: the level it is given reaches every service, the broker and the
-crypto services run on uvloop (the CA service on the standard loop, mgmt/ca/__main__.py
+crypto services run on uvloop (the CA service on the standard loop, ca_service/__main__.py
 says why), and "ready" still means a signed request goes through at once, on a cold
 data dir and on a warm one (where the broker starts beside the crypto services)."""
 

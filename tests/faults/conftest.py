@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mgmt.ca.bundle import make_csr
+from mgmt.bundle import make_csr
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
 

@@ -21,13 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.clients import AccessGate, ClientRegistry
 from broker.registry import KeyRegistry
 from broker.throttle import FailureThrottle
+from ca_service.store import CAStore
 from edgekms.errors import FailedPrecondition, NotFound, Unauthenticated
 from edgekms.identity import Identity
+from edgekms.registry_record import RegistryKeys
 from edgekms.sealed import WRITERS, RecordSeal, TamperedRecord, owner_of
 from edgekms.v1 import ca_pb2, clients_pb2, sealed_pb2
 from edgekms.v1 import common_pb2 as pb
-from mgmt.ca.store import CAStore
-from mgmt.registry_record import RegistryKeys
 from mgmt.sealkeys import RESEALED_MARKER, ensure_seal_keys, reseal_legacy
 from tests.natsperm.conftest import SecureBus, connected, hardened_bus
 
@@ -282,7 +282,7 @@ async def test_a_tampered_certificate_record_is_refused_by_the_ca(seal_bus: Secu
 
 
 async def _registry(conn: object, seal: RecordSeal) -> object:
-    from mgmt.registry_record import registry_kv
+    from edgekms.registry_record import registry_kv
 
     return await registry_kv(conn.nc, seal)  # type: ignore[attr-defined]
 

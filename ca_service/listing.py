@@ -1,5 +1,5 @@
 """Which certificate records a ListCertificates page holds: the filters, the order and
-the page tokens, as pure functions over the CA's in-memory catalog (mgmt.ca.catalog).
+the page tokens, as pure functions over the CA's in-memory catalog (ca_service.catalog).
 
 Records are listed soonest to expire first, then by serial. A page token names the last
 record of the previous page by that sort key, so a page starts right after it whatever
@@ -58,7 +58,7 @@ class Row(NamedTuple):
     text: str  # subject and SANs, lower case, one per line
     revoked_at: str
     reason: int
-    issuer_key_id: str  # empty: the first intermediate's (mgmt.ca.hierarchy.belongs_to)
+    issuer_key_id: str  # empty: the first intermediate's (ca_service.hierarchy.belongs_to)
     blob: bytes
 
     @property

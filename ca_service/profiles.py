@@ -3,7 +3,7 @@
 A profile is the CA's whole policy for one use (HTTPS server, VPN server or client,
 device). The built-ins are what nginx, browsers, OpenVPN (`remote-cert-tls`) and strongSwan
 accept as they are; administrators add or override profiles in a TOML file. Everything a
-request asks for is checked against its profile in mgmt.ca.policy.
+request asks for is checked against its profile in ca_service.policy.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
+from edgekms.durations import check_ttl, parse_ttl
 from edgekms.errors import InvalidArgument, KMSError
-from mgmt.ca.durations import check_ttl, parse_ttl
 
 # Key types a CA will certify, as edgekms.algorithms spells them. RSA below 2048 and EC
 # curves other than P-256/P-384 never appear here, so no profile can allow them.

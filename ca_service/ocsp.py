@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import ocsp
 
-from mgmt.ca.builder import CAKey, signing_hash
-from mgmt.ca.crl import reason_flag
+from ca_service.builder import CAKey, signing_hash
+from ca_service.crl import reason_flag
 
 RESPONSE_VALIDITY = datetime.timedelta(hours=24)
 _MAX_NONCE = 32  # RFC 8954

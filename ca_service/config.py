@@ -17,9 +17,9 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from ca_service.service import ServeConfig
 from edgekms.busauth import parse_bus_fields
 from edgekms.sealed import WRITER_CA, parse_seal_fields
-from mgmt.ca.service import ServeConfig
 
 
 class CAConfigError(ValueError):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from ca_service.builder import CAKey, signing_hash
 from edgekms.v1 import ca_pb2
-from mgmt.ca.builder import CAKey, signing_hash
 
 # How long a CRL is good for; the service rebuilds it well before (see service.py).
 CRL_VALIDITY = datetime.timedelta(days=7)

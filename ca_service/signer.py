@@ -13,13 +13,13 @@ import logging
 import secrets
 from typing import Protocol
 
+from ca_service.builder import CAKey
 from edgekms.algorithms import KeyType
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
 from edgekms.v1 import crypto_pb2
-from mgmt.ca.builder import CAKey
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The CA service (`kmsctl ca serve`): answers kms.ca.<Operation> on NATS with ca.proto
 messages, for the broker's CertificateAuthority gRPC service, and serves relying
-parties over HTTP (mgmt.ca.http). It keeps the CRL fresh in the background.
+parties over HTTP (ca_service.http). It keeps the CRL fresh in the background.
 
 Errors leave as nats.micro service errors whose payload is the edgekms.v1.Error, as the
 crypto services answer, so the broker turns them into the same gRPC status.
@@ -17,17 +17,17 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from ca_service.authority import CertificateAuthority
+from ca_service.builder import CaUrls
+from ca_service.profiles import load_profiles
+from ca_service.signer import KMSKeyBackend
+from ca_service.store import CAStore
 from edgekms import natsrpc
 from edgekms.busauth import BusCredentials
 from edgekms.errors import KMSError
 from edgekms.sealed import RecordSeal
 from edgekms.subjects import CA_BUCKET, CA_PREFIX, CA_SERVICE_NAME, ca_subject
 from edgekms.v1 import ca_pb2
-from mgmt.ca.authority import CertificateAuthority
-from mgmt.ca.builder import CaUrls
-from mgmt.ca.profiles import load_profiles
-from mgmt.ca.signer import KMSKeyBackend
-from mgmt.ca.store import CAStore
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,10 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     """Run the CA service until `stop` is set (or forever). Raises Unavailable
     ("bus.lost") if the bus connection closes for good, so the process exits and its
     supervisor starts it again."""
+    from ca_service.http import start_http
     from edgekms.crypto_client import CryptoClient
+    from edgekms.registry_record import RegistryKeys
     from edgekms.subjects import KEY_CLASS_CA
-    from mgmt.ca.http import start_http
-    from mgmt.registry_record import RegistryKeys
 
     watch = natsrpc.BusWatch("the CA service")
     nc = await natsrpc.connect(

@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
 
+from ca_service.profiles import Profile, san_strings
+from edgekms.durations import MIN_TTL, format_ttl
 from edgekms.errors import InvalidArgument
-from mgmt.ca.durations import MIN_TTL, format_ttl
-from mgmt.ca.profiles import Profile, san_strings
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
+from ca_service.policy import IssuePlan, PublicKey
+from edgekms.durations import backdate_for, format_ttl
 from edgekms.errors import FailedPrecondition
-from mgmt.ca.durations import backdate_for, format_ttl
-from mgmt.ca.policy import IssuePlan, PublicKey
 
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -213,7 +213,7 @@ def build_leaf(
     urls: CaUrls = CaUrls(),
     now: datetime.datetime | None = None,
 ) -> x509.Certificate:
-    """The end-entity certificate for an allowed plan (mgmt.ca.policy)."""
+    """The end-entity certificate for an allowed plan (ca_service.policy)."""
     now = now or _now()
     # The whole validity period is the lifetime asked for; a short one is backdated less.
     backdate = datetime.timedelta(

@@ -1,4 +1,4 @@
-"""The process that runs the CA service: `kmsctl ca serve` execs `python -m mgmt.ca`.
+"""The process that runs the CA service: `kmsctl ca serve` execs `python -m ca_service`.
 
 The CA's resident-memory target is 45 MB (docs/performance.md), and kmsctl's CLI (click
 and its group modules) alone costs ~4 MB that a running service never uses again. So
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 8
 
-USAGE = "usage: python -m mgmt.ca --config PATH [--log-level LEVEL]"
+USAGE = "usage: python -m ca_service --config PATH [--log-level LEVEL]"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, str]:
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kmsctl: ca serve: {exc}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
     # nats-py imports aiohttp (its WebSocket transport) whenever it is installed: ~13 MB
-    # resident this service never uses (the bus is tcp/tls; mgmt.ca.http is asyncio).
+    # resident this service never uses (the bus is tcp/tls; ca_service.http is asyncio).
     sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
     _import_nats_without_metadata()
 
@@ -66,10 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     from pathlib import Path
 
+    from ca_service.config import CAConfigError, load_serve_config
+    from ca_service.service import serve
     from edgekms.errors import KMSError
     from edgekms.logs import setup_logging
-    from mgmt.ca.config import CAConfigError, load_serve_config
-    from mgmt.ca.service import serve
 
     setup_logging("ca", log_level)
     try:

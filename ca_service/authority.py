@@ -22,6 +22,29 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service import hierarchy
+from ca_service import ocsp as ocsp_mod
+from ca_service.builder import (
+    CAKey,
+    CaUrls,
+    build_intermediate,
+    build_leaf,
+    build_root,
+    ca_name,
+    key_id_hex,
+    random_serial,
+    serial_hex,
+)
+from ca_service.catalog import Catalog
+from ca_service.crl import REASON_FLAGS, EntryCache, Revocation, build_crl
+from ca_service.crlstore import CRLJobs, CRLStore
+from ca_service.hierarchy import IssuingCA
+from ca_service.listing import Query
+from ca_service.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
+from ca_service.profiles import BUILTIN_PROFILES, Profile, get_profile
+from ca_service.signer import KeyBackend
+from ca_service.store import CAStore, parse_rfc3339, rfc3339
+from edgekms import nameconstraints as constraints
 from edgekms.algorithms import KEY_TYPES
 from edgekms.errors import (
     AlreadyExists,
@@ -35,28 +58,6 @@ from edgekms.errors import (
 from edgekms.subjects import PROVIDER_ID_RE
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
-from mgmt.ca import constraints, hierarchy
-from mgmt.ca import ocsp as ocsp_mod
-from mgmt.ca.builder import (
-    CAKey,
-    CaUrls,
-    build_intermediate,
-    build_leaf,
-    build_root,
-    ca_name,
-    key_id_hex,
-    random_serial,
-    serial_hex,
-)
-from mgmt.ca.catalog import Catalog
-from mgmt.ca.crl import REASON_FLAGS, EntryCache, Revocation, build_crl
-from mgmt.ca.crlstore import CRLJobs, CRLStore
-from mgmt.ca.hierarchy import IssuingCA
-from mgmt.ca.listing import Query
-from mgmt.ca.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
-from mgmt.ca.profiles import BUILTIN_PROFILES, Profile, get_profile
-from mgmt.ca.signer import KeyBackend
-from mgmt.ca.store import CAStore, parse_rfc3339, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _now() -> datetime.datetime:
 
 
 class CAKeyRegistry(Protocol):
-    """The key registry as the CA uses it (mgmt.registry_record.RegistryKeys): its keys
+    """The key registry as the CA uses it (edgekms.registry_record.RegistryKeys): its keys
     are recorded there, so `kmsctl key disable ca/root` reaches the CA too."""
 
     async def record(
@@ -394,7 +395,7 @@ class CertificateAuthority:
                 issuer_key_id=issuer.key_id_hex,
             )
 
-        from mgmt.ca.store import store_with_fresh_serial
+        from ca_service.store import store_with_fresh_serial
 
         if request_id:
             record = await self._issue_once(issuer, make, requester, request_id)
@@ -481,7 +482,7 @@ class CertificateAuthority:
         return ca_pb2.GetCertificateResponse(record=record)
 
     async def list(self, req: ca_pb2.ListCertificatesRequest) -> ca_pb2.ListCertificatesResponse:
-        """One page of records (mgmt.ca.listing), filters checked before anything is read."""
+        """One page of records (ca_service.listing), filters checked before anything is read."""
         query = Query.parse(req, _now())  # a bad filter or token: refused before any read
         await self._catch_up()
         return self.catalog.page(query)
@@ -563,7 +564,7 @@ class CertificateAuthority:
             self.catalog.note(record)
             crl = await self.rebuild_issuer_crl(issuing)
             return ca_pb2.RevokeCertificateResponse(record=record, crl_number=crl.crl_number)
-        # The CRL that lists it is built in the background (mgmt.ca.crlstore.CRLJobs): its
+        # The CRL that lists it is built in the background (ca_service.crlstore.CRLJobs): its
         # number is reserved first and kept with the revocation, one KV update each
         # however many certificates are revoked. A number reserved by a revocation that
         # then fails is skipped (CRL numbers may skip).
@@ -605,8 +606,8 @@ class CertificateAuthority:
 
     async def rebuild_issuer_crl(self, issuing: IssuingCA) -> ca_pb2.GetCRLResponse:
         """One intermediate's CRL (the certificates it issued that are revoked), rebuilt
-        and stored: the current one's in chunks (mgmt.ca.crlstore), a retired one's, which
-        stops growing when it retires, in one record beside it (mgmt.ca.hierarchy)."""
+        and stored: the current one's in chunks (ca_service.crlstore), a retired one's, which
+        stops growing when it retires, in one record beside it (ca_service.hierarchy)."""
         if not issuing.retired:
             return await self.rebuild_crl()
         issuer = await self.issuer()
@@ -726,7 +727,7 @@ class CertificateAuthority:
         )
 
     async def crl_chunk(self, req: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
-        """GetCRL on the bus: one chunk of the current CRL (mgmt.ca.crlstore)."""
+        """GetCRL on the bus: one chunk of the current CRL (ca_service.crlstore)."""
         if req.offset == 0 and not req.crl_number:
             await self.current_crl()  # fresh, and with this CA's revocations in it
         response = await self.crls.chunk(req)
@@ -784,7 +785,7 @@ class CertificateAuthority:
         """The root's answer about one of its intermediates: good while known and not
         revoked, revoked with time and reason, unknown for any other serial. Signed
         live while ca/root is enabled; while it is disabled, the answer the root signed
-        ahead of time (mgmt.ca.hierarchy, no nonce), else tryLater."""
+        ahead of time (ca_service.hierarchy, no nonce), else tryLater."""
         serial = f"{query.serial:X}"
         state = hierarchy.intermediate_states(issuer.state).get(serial)
         try:

@@ -29,18 +29,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from nats.js.errors import KeyNotFoundError
 
+from ca_service import ocsp as ocsp_mod
+from ca_service.builder import CAKey, build_intermediate, ca_name, key_id_hex
+from ca_service.crl import REASON_FLAGS, Revocation, build_crl
+from ca_service.policy import PublicKey
+from ca_service.store import CAStore, normalize_serial, parse_rfc3339, rfc3339
+from edgekms import nameconstraints as constraints
 from edgekms.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgekms.subjects import CA_MAX_INTERMEDIATE_GENERATION
 from edgekms.v1 import ca_pb2
-from mgmt.ca import constraints
-from mgmt.ca import ocsp as ocsp_mod
-from mgmt.ca.builder import CAKey, build_intermediate, ca_name, key_id_hex
-from mgmt.ca.crl import REASON_FLAGS, Revocation, build_crl
-from mgmt.ca.policy import PublicKey
-from mgmt.ca.store import CAStore, normalize_serial, parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
-    from mgmt.ca.authority import CertificateAuthority
+    from ca_service.authority import CertificateAuthority
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ building a CRL do not read the whole `kms_ca` bucket each time.
 With 50,000 records a full read of the bucket is tens of megabytes of certificates;
 the issue that led here had every revocation do one (and the CRL reply then passed the
 bus's max_payload). The catalog reads the bucket once, keeps each record without its
-certificate DER, sorted for listing (mgmt.ca.listing), and before every use catches up
+certificate DER, sorted for listing (ca_service.listing), and before every use catches up
 with the changes since the last revision it read (edgekms.kvread.snapshot with
 `after`): one short JetStream round trip when nothing changed, and it sees what other
 CA replicas wrote too. Nothing here is authoritative: the bucket is.
@@ -20,9 +20,9 @@ from typing import Any
 
 from nats.js.kv import KeyValue
 
+from ca_service.listing import Query, Row, SortKey, make_row, padded, select_page
 from edgekms import kvread
 from edgekms.v1 import ca_pb2
-from mgmt.ca.listing import Query, Row, SortKey, make_row, padded, select_page
 
 log = logging.getLogger(__name__)
 

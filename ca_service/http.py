@@ -32,8 +32,8 @@ from urllib.parse import unquote
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service.authority import CertificateAuthority
 from edgekms.errors import KMSError, NotFound
-from mgmt.ca.authority import CertificateAuthority
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Layout of bucket `kms_ca` (values are serialized edgekms.v1 protobuf messages):
     cert.<SERIAL>   CertificateRecord (upper-case hex serial), status and revocation
     crl.number      the last CRL number handed out, decimal ASCII (monotonic counter)
     crl.meta        StoredCRL: the current CRL's number, size, SHA-256 and chunk slot
-    crl.der.<s>.<i> its DER in 64 KiB chunks (mgmt.ca.crlstore)
+    crl.der.<s>.<i> its DER in 64 KiB chunks (ca_service.crlstore)
 
 Every write that must not race uses KV's revision check (create-if-absent, or update at
 the revision read), so several CA replicas can share one bucket.
@@ -70,7 +70,7 @@ class CAStore:
 
     @property
     def js(self) -> Any:
-        """The JetStream context, for readers of the whole bucket (mgmt.ca.catalog)."""
+        """The JetStream context, for readers of the whole bucket (ca_service.catalog)."""
         return self._js
 
     def open_entry(self, entry: Any) -> Any:
@@ -276,7 +276,7 @@ class CAStore:
 
     async def get_crl(self, key: str) -> ca_pb2.GetCRLResponse | None:
         """A CRL kept whole in one record: the root's or a retired intermediate's
-        (mgmt.ca.hierarchy); the current intermediate's is in chunks (mgmt.ca.crlstore)."""
+        (ca_service.hierarchy); the current intermediate's is in chunks (ca_service.crlstore)."""
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
