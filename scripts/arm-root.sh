@@ -23,8 +23,8 @@ PACKAGES=(python3 python3-venv python3-pip python3-dev build-essential pkg-confi
   libffi-dev libssl-dev libtss2-dev softhsm2 swtpm swtpm-tools openssl
   ca-certificates procps adduser)
 
-# nats-server >= 2.10 of the root's architecture: Debian trixie's package, a static Go
-# binary that runs on bookworm's libc (Depends: libc6 >= 2.34). The host fetches the .deb
+# nats-server >= 2.10 of the root's architecture: Debian trixie's package, a Go binary
+# that links only libc and runs on bookworm's (Depends: libc6 >= 2.34). The host fetches the .deb
 # from its own mirror's pool (pool/ is shared by every suite), checks the pinned SHA-256,
 # and dpkg installs it in the root, replacing bookworm's 2.9.10 if a cached root has it.
 # The board runs the layer's 2.10.25 (yocto-layer/recipes-*/nats-server). When trixie
