@@ -127,6 +127,9 @@ def start(
         f"127.0.0.1:{ca_port}",
         "--log-level",
         log_level,
+        # Each service's readiness wait: as long as the whole start may take (qemu-user).
+        "--start-timeout",
+        str(timeout),
         # bench/startup.py reads kmsctl up's own lines for its timeline: JSON, not text.
         "--log-format",
         "json",

@@ -111,6 +111,30 @@ def query_for(ca_cert: x509.Certificate, serial: int, algorithm: hashes.HashAlgo
     )
 
 
+# cryptography 45 added add_response_by_hash; the board's (scarthgap) is 42.0.5, where a
+# single response can only be added from a certificate and its issuer (see _stand_in).
+_BY_HASH = hasattr(ocsp.OCSPResponseBuilder, "add_response_by_hash")
+_STAND_IN_TIME = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+
+
+def _stand_in(ca_cert: x509.Certificate, serial: int) -> x509.Certificate:
+    """A throwaway certificate carrying only what cryptography < 45 builds a CertID
+    from: the serial and the issuer's name (the issuer's key hash comes from `ca_cert`).
+    It is signed by a throwaway key and is not part of the response, which comes out
+    the same as add_response_by_hash makes it (tests/ca/test_library.py checks)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(_STAND_IN_TIME)
+        .not_valid_after(_STAND_IN_TIME + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
 def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
         serialization.Encoding.DER
@@ -137,21 +161,36 @@ def build_response(
         revocation_reason = reason_flag(state.reason)
     else:
         status = ocsp.OCSPCertStatus.GOOD
-    builder = (
-        ocsp.OCSPResponseBuilder()
-        .add_response_by_hash(
+    next_update = now + validity
+    builder = ocsp.OCSPResponseBuilder()
+    if _BY_HASH:
+        builder = builder.add_response_by_hash(
             issuer_name_hash=query.issuer_name_hash,
             issuer_key_hash=query.issuer_key_hash,
             serial_number=query.serial,
             algorithm=query.hash_algorithm,
             cert_status=status,
             this_update=now,
-            next_update=now + validity,
+            next_update=next_update,
             revocation_time=revocation_time,
             revocation_reason=revocation_reason,
         )
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, ca_cert)
-    )
+    elif query.serial > 0 and query.serial.bit_length() < 160:
+        builder = builder.add_response(
+            cert=_stand_in(ca_cert, query.serial),
+            issuer=ca_cert,
+            algorithm=query.hash_algorithm,
+            cert_status=status,
+            this_update=now,
+            next_update=next_update,
+            revocation_time=revocation_time,
+            revocation_reason=revocation_reason,
+        )
+    else:
+        # No certificate can carry this serial (RFC 5280: positive, at most 20 octets),
+        # so no CA issued it: the request is malformed.
+        return unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, ca_cert)
     if query.nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(query.nonce), critical=False)
     return builder.sign(ca_key, signing_hash(ca_key)).public_bytes(serialization.Encoding.DER)

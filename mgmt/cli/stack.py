@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from edgekms.errors import KMSError, Unavailable
+from edgekms.errors import FailedPrecondition, KMSError, Unavailable
 from edgekms.logs import fields, setup_logging
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
@@ -141,6 +141,15 @@ log = logging.getLogger("kmsctl.up")
     type=click.IntRange(min=0, max=100),
     help="Rotated copies kept per log (<name>.log.1 is the newest).",
 )
+@click.option(
+    "--start-timeout",
+    type=click.FloatRange(min=1.0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long each service may take to become ready before kmsctl up gives up. "
+    "Raise it on a slow board or under emulation (qemu-user: 20x).",
+)
 def up(
     data_dir: Path,
     nats_port: int,
@@ -160,12 +169,13 @@ def up(
     log_format: str,
     log_max_bytes: int,
     log_backups: int,
+    start_timeout: float,
 ) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
     \b
     Starts, each as its own process with a log under DATA_DIR/logs:
-      nats-server     JetStream on a file store (DATA_DIR/nats)
+      nats-server     JetStream on a file store (DATA_DIR/nats); 2.10 or later
       SoftHSM token   created on first run (DATA_DIR/softhsm/softhsm2.conf)
       kms-crypto      provider hsm0, in front of the token
       kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device);
@@ -182,6 +192,9 @@ def up(
     Example:
       kmsctl up --data-dir ./kms &
       kmsctl status --data-dir ./kms
+
+    Exits 6 when the machine cannot run it as it is (a nats-server older than 2.10:
+    `nats.server_too_old`), 8 when a part failed to start or died for good.
     """
     # nats-py imports aiohttp (its WebSocket transport) whenever it is installed: ~0.2 s
     # before nats-server can start, and ~10 MB kept, for a supervisor that dials tls://.
@@ -219,6 +232,7 @@ def up(
             acme_config,
             ca_crl_lifetime,
             audit_limits,
+            start_timeout,
             log_level,
             log_max_bytes,
             log_backups,
@@ -286,6 +300,7 @@ def _run_up(
     acme_config: Path | None,
     ca_crl_lifetime: str,
     audit_limits: tuple[str, ...],
+    start_timeout: float,
     log_level: str,
     log_max_bytes: int,
     log_backups: int,
@@ -317,6 +332,7 @@ def _run_up(
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,
         audit_limits=_audit_limits(audit_limits),
+        start_timeout=start_timeout,
     )
     if swtpm_port is not None:
         click.echo(
@@ -346,6 +362,10 @@ def _run_up(
     except StackError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
+    except FailedPrecondition as exc:
+        # Waiting will not help (e.g. nats.server_too_old): the machine needs changing.
+        click.echo(f"kmsctl: {exc}", err=True)
+        sys.exit(ExitCode.FAILED_PRECONDITION)
     except KMSError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from ca_service import ocsp as ocsp_mod
 from ca_service.builder import CaUrls, build_leaf, random_serial
 from ca_service.crl import Revocation, build_crl
 from ca_service.ocsp import BadOCSPRequest, CertState, build_response, parse_request
@@ -210,6 +211,81 @@ def test_ocsp_responses(ca: SoftCA, state: str, tmp_path: Path) -> None:
     ca_public = ca.cert.public_key()
     assert isinstance(ca_public, ec.EllipticCurvePublicKey)
     ca_public.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+
+
+def _single(raw: bytes) -> tuple[object, ...]:
+    """Everything of a response but its signature and producedAt (the signing time)."""
+    resp = ocsp.load_der_ocsp_response(raw)
+    assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    return (
+        resp.serial_number,
+        resp.hash_algorithm.name,
+        resp.issuer_name_hash,
+        resp.issuer_key_hash,
+        resp.certificate_status,
+        resp.this_update_utc,
+        resp.next_update_utc,
+        resp.revocation_time_utc,
+        resp.revocation_reason,
+        resp.responder_key_hash,
+        resp.responder_name,
+        [c.serial_number for c in resp.certificates],
+        [(e.oid, e.critical, e.value) for e in resp.extensions],
+    )
+
+
+@pytest.mark.parametrize("algorithm", [hashes.SHA1(), hashes.SHA256()], ids=["sha1", "sha256"])  # noqa: S303
+@pytest.mark.parametrize("state", ["good", "revoked", "unknown"])
+def test_ocsp_without_add_response_by_hash_answers_the_same(
+    ca: SoftCA,
+    state: str,
+    algorithm: hashes.HashAlgorithm,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The board's cryptography (42.0.5) has no add_response_by_hash: build_response
+    then adds the response from a stand-in certificate. Its answer must be the one the
+    by-hash path gives, field by field, lint clean and signed by the CA."""
+    leaf = issue(ca, "https-server", make_csr(make_key("ec-p256")))
+    request = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca.cert, algorithm)
+    request = request.add_extension(x509.OCSPNonce(b"fedcba9876543210"), critical=False)
+    der_request = request.build().public_bytes(serialization.Encoding.DER)
+    query = parse_request(der_request, ca.cert)
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    cert_state = {
+        "good": CertState(),
+        "revoked": CertState(now, ca_pb2.REVOCATION_REASON_KEY_COMPROMISE),
+        "unknown": None,
+    }[state]
+    # Where cryptography has it (the lock's), the by-hash answer to compare with.
+    by_hash = (
+        build_response(ca.key, ca.cert, query, cert_state, now=now) if ocsp_mod._BY_HASH else None
+    )
+    monkeypatch.setattr(ocsp_mod, "_BY_HASH", False)
+    fallback = build_response(ca.key, ca.cert, query, cert_state, now=now)
+    assert pkilint("ocsp", fallback, tmp_path) == ""
+    resp = ocsp.load_der_ocsp_response(fallback)
+    assert resp.serial_number == leaf.serial_number
+    assert resp.issuer_name_hash == query.issuer_name_hash
+    assert resp.issuer_key_hash == query.issuer_key_hash
+    ca_public = ca.cert.public_key()
+    assert isinstance(ca_public, ec.EllipticCurvePublicKey)
+    ca_public.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+    if by_hash is not None:
+        assert _single(fallback) == _single(by_hash)
+
+
+@pytest.mark.parametrize("serial", [0, -5, 2**160], ids=["zero", "negative", "21_octets"])
+def test_ocsp_without_add_response_by_hash_refuses_a_serial_no_certificate_has(
+    ca: SoftCA, serial: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No certificate can carry such a serial, so the stand-in cannot either: the
+    answer is malformedRequest rather than a crash of the CA service."""
+    monkeypatch.setattr(ocsp_mod, "_BY_HASH", False)
+    query = ocsp_mod.query_for(ca.cert, serial, hashes.SHA256())
+    raw = build_response(ca.key, ca.cert, query, None)
+    resp = ocsp.load_der_ocsp_response(raw)
+    assert resp.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
 
 def test_ocsp_refuses_other_issuer_and_garbage(ca: SoftCA) -> None:

@@ -90,6 +90,9 @@ def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
                 f"127.0.0.1:{broker_port}",
                 "--ca-http",
                 f"127.0.0.1:{ca_port}",
+                # Each service's own readiness deadline, scaled as the tests' are.
+                "--start-timeout",
+                str(30.0 * SLOWDOWN),
                 *extra,
             ],
             stdout=log_file,

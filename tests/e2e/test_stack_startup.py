@@ -77,3 +77,16 @@ def test_unknown_log_level_is_refused_before_anything_starts(tmp_path: Path) -> 
     assert result.exit_code == 2
     assert "verbose" in result.output
     assert not data_dir.exists()
+
+
+def test_start_timeout_below_a_second_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """--start-timeout bounds each service's readiness wait (raised for slow boards and
+    qemu-user); zero or less would make every start fail, so click refuses it."""
+    data_dir = tmp_path / "data"
+    for bad in ("0", "-5", "soon"):
+        result = CliRunner().invoke(
+            cli, ["up", "--data-dir", str(data_dir), "--start-timeout", bad]
+        )
+        assert result.exit_code == 2, result.output
+        assert "--start-timeout" in result.output
+    assert not data_dir.exists()
