@@ -30,6 +30,7 @@ from mgmt.natsserver import NatsServer, free_port
 from tests.acme.conftest import Webroot
 from tests.conftest import SLOWDOWN
 from tests.crypto.conftest import CryptoProcess
+from tests.logevents import has_event
 
 
 class CAProcess:
@@ -57,7 +58,7 @@ class CAProcess:
 
     def wait_for(self, event: str, after: int = 0, deadline: float = 90.0) -> None:
         end = time.monotonic() + deadline * SLOWDOWN
-        while event not in self.log.read_text(errors="replace")[after:]:
+        while not has_event(self.log.read_text(errors="replace")[after:], event):
             assert self.proc is not None and self.proc.poll() is None, self.tail()
             assert time.monotonic() < end, f"no {event}: {self.tail()}"
             time.sleep(0.1)
@@ -93,7 +94,7 @@ async def test_a_finalize_killed_mid_way_is_completed_after_restart(
     tmp_path: Path,
 ) -> None:
     ca_process.start()
-    ca_process.wait_for("event=ca_service_started")
+    ca_process.wait_for("ca_service_started")
     nc = await nats.connect(ca_nats.url)
     try:
         reply = await nc.request(
@@ -110,7 +111,7 @@ async def test_a_finalize_killed_mid_way_is_completed_after_restart(
                 serialization.Encoding.PEM
             )
         )
-        ca_process.wait_for("event=acme_listening")
+        ca_process.wait_for("acme_listening")
         directory = f"https://127.0.0.1:{ca_process.acme_port}/acme/directory"
         client = AcmeClient(directory, str(root))
         await asyncio.to_thread(client.register)
@@ -143,7 +144,7 @@ async def test_a_finalize_killed_mid_way_is_completed_after_restart(
 
         offset = len(ca_process.log.read_text(errors="replace"))
         ca_process.start()
-        ca_process.wait_for("event=acme_listening", after=offset)
+        ca_process.wait_for("acme_listening", after=offset)
         done = await asyncio.to_thread(client.poll, order_url, ("valid", "invalid"))
         assert done["status"] == "valid", done
         chain = (await asyncio.to_thread(client.get, done["certificate"])).body

@@ -13,6 +13,7 @@ from edgekms.errors import Unavailable
 from mgmt.natsserver import NatsServer
 from tests.conftest import TokenInfo
 from tests.crypto.conftest import CryptoProcess, write_config
+from tests.logevents import has_event
 
 EDITS: dict[str, tuple[Callable[[str], str], str]] = {
     "not_toml": (lambda text: text.replace("[pkcs11]", "[pkcs11"), "TOML"),
@@ -44,7 +45,7 @@ async def test_bad_crypto_config_exits_2_and_never_registers(
         assert proc.wait() == 2
         err = proc.stderr()
         assert str(path) in err and field in err, err
-        assert "event=service_started" not in err
+        assert not has_event(err, "service_started")
         with pytest.raises(Unavailable):
             await client.ping(provider)
     finally:

@@ -19,6 +19,7 @@ from edgekms.subjects import crypto_subject
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
 from tests.crypto.conftest import CryptoFactory, CryptoProcess
+from tests.logevents import has_event
 
 P = "hsm0"
 
@@ -90,6 +91,6 @@ async def test_missing_pin_file_exits_2_and_never_registers(
     assert proc.wait() == 2
     err = proc.stderr()
     assert "pkcs11.pin_file" in err
-    assert "event=service_started" not in err
+    assert not has_event(err, "service_started")
     with pytest.raises(Unavailable):
         await client.ping("hsmnopin")

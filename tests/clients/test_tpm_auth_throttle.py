@@ -26,6 +26,7 @@ from edgekms.errors import PermissionDenied, ResourceExhausted
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
 from mgmt.natsserver import NatsServer
+from tests.logevents import count_event, has_event
 from tests.tpm.guarded import MAX_TRIES, RECOVERY, RIGHT_AUTH, guarded_tpm, lockout_counter
 from tests.tpm.swtpm_fixtures import SwtpmFactory, swtpm_factory
 
@@ -74,7 +75,7 @@ KMS_CRYPTO = str(Path(sys.executable).parent / "kms-crypto")
 
 def start_kms_crypto(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """A real kms-crypto process; returns once it has registered on the bus."""
-    started = log.read_text(errors="replace").count("event=service_started") if log.exists() else 0
+    started = count_event(log.read_text(errors="replace"), "service_started") if log.exists() else 0
     with open(log, "ab") as err:
         proc = subprocess.Popen(
             [KMS_CRYPTO, "--config", str(config)],
@@ -83,7 +84,7 @@ def start_kms_crypto(config: Path, log: Path) -> subprocess.Popen[bytes]:
             start_new_session=True,
         )
     deadline = time.monotonic() + 60
-    while log.read_text(errors="replace").count("event=service_started") <= started:
+    while count_event(log.read_text(errors="replace"), "service_started") <= started:
         assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
         assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
         time.sleep(0.05)
@@ -139,7 +140,7 @@ async def test_guard_counts_survive_a_kill_9(
             with pytest.raises(ResourceExhausted) as throttled:
                 await crypto.sign("tpmkill", request)
             assert throttled.value.reason == "auth.throttled"
-        assert "event=auth_guard_restored failures=2" in log.read_text()
+        assert has_event(log.read_text(), "auth_guard_restored", failures=2)
         assert stat.S_IMODE((state_dir / STATE_FILE).stat().st_mode) == 0o600
     finally:
         await nc.close()

@@ -18,6 +18,7 @@ import pytest
 from edgekms.crypto_client import CryptoClient
 from mgmt.natsserver import NatsServer
 from tests.conftest import TokenInfo
+from tests.logevents import has_event
 
 KMS_CRYPTO = str(Path(sys.executable).parent / "kms-crypto")
 
@@ -72,7 +73,7 @@ class CryptoProcess:
             )
         if wait:
             deadline = time.monotonic() + timeout
-            while "event=service_started" not in self.stderr()[offset:]:
+            while not has_event(self.stderr()[offset:], "service_started"):
                 if self.process.poll() is not None:
                     raise RuntimeError(f"kms-crypto exited early: {self.stderr()[-2000:]}")
                 if time.monotonic() > deadline:

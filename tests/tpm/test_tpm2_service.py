@@ -22,6 +22,7 @@ from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
 from mgmt.attestation import verify_certify
 from mgmt.natsserver import NatsServer
+from tests.logevents import has_event
 from tests.tpm.conftest import AUTH_VALUE
 from tests.tpm.swtpm_fixtures import SwtpmFactory
 
@@ -69,7 +70,7 @@ def tpm_service(
     service = TpmService(proc, log)
     try:
         deadline = time.monotonic() + 20
-        while "event=service_started" not in service.stderr():
+        while not has_event(service.stderr(), "service_started"):
             assert proc.poll() is None, service.stderr()[-2000:]
             assert time.monotonic() < deadline, service.stderr()[-2000:]
             time.sleep(0.05)
