@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgekms.audit import ChainVerifier, check_entry, parse_entry, split_message
+from edgekms.audit import (
+    LEGACY_STREAM,
+    STREAM_PREFIX,
+    ChainVerifier,
+    check_entry,
+    parse_entry,
+    split_message,
+)
 from edgekms.v1 import audit_pb2
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, output_option
@@ -37,7 +44,8 @@ def audit_group() -> None:
       kmsctl audit verify                exit 0 if every writer's chain is whole
 
     Each writer (broker, ca, crypto-<id>) has a stream of its own, numbered from 1;
-    SEQ is the number in that stream.
+    WRITER names the stream a line comes from and SEQ is the number in that stream
+    (`legacy`: the shared stream an older version wrote, closed now).
     """
 
 
@@ -85,14 +93,29 @@ def record_to_dicts(record: audit_pb2.AuditRecord) -> list[dict[str, Any]]:
     return out
 
 
+def stream_writer(stream: str) -> str:
+    """The writer a stream belongs to, as `--writer` spells it (KMS_AUDIT_CRYPTO-HSM0 is
+    crypto-hsm0): sequence numbers restart in each writer's stream, so a SEQ means
+    nothing without it. The closed shared stream of older versions is `legacy`; a name
+    that is neither is shown as it is, never guessed from the entry (whose `writer`
+    field is the writer's own claim, checked only by `verify`)."""
+    if stream == LEGACY_STREAM:
+        return "legacy"
+    if stream.startswith(STREAM_PREFIX) and len(stream) > len(STREAM_PREFIX):
+        return stream[len(STREAM_PREFIX) :].lower()
+    return stream or "-"
+
+
 def _row(data: dict[str, Any]) -> list[str]:
     where = str(data["seq"]) if data["index"] == 0 else f"{data['seq']}#{data['index']}"
+    writer = stream_writer(str(data.get("stream", "")))
     entry = data["entry"]
     if entry is None:
-        return [where, "-", "-", "-", "-", "(not an audit entry)"]
+        return [writer, where, "-", "-", "-", "-", "(not an audit entry)"]
     actor = entry["actor"]
     who = f"{actor.get('client', '')}/{actor.get('role', '')}".strip("/") or "-"
     return [
+        writer,
         where,
         str(entry["time"]),
         who,
@@ -102,7 +125,7 @@ def _row(data: dict[str, Any]) -> list[str]:
     ]
 
 
-_HEADERS = ["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]
+_HEADERS = ["WRITER", "SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"]
 
 
 @audit_group.command("tail")
