@@ -658,7 +658,18 @@ class AuditWriter:
             return
         try:
             await self.js.add_stream(want)
-        except nats.js.errors.BadRequestError as exc:
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == NO_ROOM:
+                # Nothing was made: the service stops with a reason that names the fix.
+                raise ResourceExhausted(
+                    "audit.no_room",
+                    f"the JetStream store cannot reserve {want.max_bytes} bytes for "
+                    f"{self.stream}: give this service's config a smaller audit_max_bytes "
+                    "(or kmsctl up --audit-limit), or its store more room",
+                    {"stream": self.stream, "max_bytes": str(want.max_bytes)},
+                ) from None
+            if not isinstance(exc, nats.js.errors.BadRequestError):
+                raise
             # Another replica created it between our look and our add.
             try:
                 info = await self.js.stream_info(self.stream)
@@ -666,17 +677,6 @@ class AuditWriter:
                 raise exc from None
             self._note_limits(info.config, want)
             return
-        except nats.js.errors.APIError as exc:
-            if exc.err_code != NO_ROOM:
-                raise
-            # Nothing was made: the service stops with a reason that names the fix.
-            raise ResourceExhausted(
-                "audit.no_room",
-                f"the JetStream store cannot reserve {want.max_bytes} bytes for {self.stream}: "
-                "give this service's config a smaller audit_max_bytes (or kmsctl up "
-                "--audit-limit), or its store more room",
-                {"stream": self.stream, "max_bytes": str(want.max_bytes)},
-            ) from None
         log.info(
             "audit stream created",
             extra=fields(stream=self.stream, max_bytes=want.max_bytes, max_msgs=want.max_msgs),

@@ -7,6 +7,7 @@ tests/deploy/test_yocto_layer.py::test_data_partition_holds_the_audit_streams_re
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -69,7 +70,7 @@ def board_nats(board_store: Path, tmp_path: Path) -> Iterator[NatsServer]:
 
 
 async def test_each_writer_gets_its_board_stream_and_the_old_defaults_are_refused(
-    board_nats: NatsServer,
+    board_nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     board: BoardSizing = board_sizing()
     assert f"max_file_store: {board.max_file_store}" in board_nats.conf_path.read_text()
@@ -99,7 +100,10 @@ async def test_each_writer_gets_its_board_stream_and_the_old_defaults_are_refuse
         for writer, limit in board.limits.items():
             assert limit is not None, writer
             smaller = StreamLimit(MIN_STREAM_BYTES, 10)
-            await AuditWriter(js, writer, limit=smaller).ensure_stream()
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="edgekms.audit"):
+                await AuditWriter(js, writer, limit=smaller).ensure_stream()
+            assert [r.getMessage() for r in caplog.records] == ["audit stream keeps its limits"]
             info = await js.stream_info(writer_stream(writer))
             assert (info.config.max_bytes, info.config.max_msgs) == (
                 limit.max_bytes,
