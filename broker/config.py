@@ -25,6 +25,11 @@ seal_writer = "broker"
 seal_key_file = "secrets/seal/broker.key"
 seal_counter_file = "secrets/seal/broker.counters"   # counters seen (replays), optional
 seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
+
+Its audit stream's limits, where the broker creates that stream itself (no `kmsctl up`,
+as on the board): sized to the JetStream store, which refuses what it cannot reserve.
+audit_max_bytes = "96MiB"     # B, KiB, MiB or GiB; default 2GiB
+audit_max_msgs = 1000000      # optional; default 20000000
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
 from edgekms.sealed import RecordSeal, parse_seal_fields
 from edgekms.subjects import PROVIDER_ID_RE
@@ -76,6 +82,9 @@ class BrokerConfig:
     # The enrollment listener (server-only TLS: EnrollmentService and health only);
     # "" for none. docs/security.md, "Enrollment".
     enroll_listen: str = ""
+    # Its audit stream's limits where the broker creates it (no `kmsctl up`: the board);
+    # None: edgekms.audit's defaults (2 GiB). docs/security.md, "Sizing for a board".
+    audit_limit: StreamLimit | None = None
 
 
 def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
@@ -106,6 +115,7 @@ KNOWN_FIELDS = frozenset(
         "tls",
         *BUS_FIELDS,
         *SEAL_FIELDS,
+        *AUDIT_FIELDS,
     }
 )
 KNOWN_TLS_FIELDS = frozenset({"cert", "key", "client_ca"})
@@ -157,6 +167,9 @@ def load_config(path: Path) -> BrokerConfig:
         raise ConfigError(f"{path}: {problems[0]}")
     if seal is not None and seal.writer != "broker":
         raise ConfigError(f"{path}: seal_writer must be 'broker' for the broker")
+    audit_limit, problems = parse_limit_fields(raw)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
     return BrokerConfig(
         bus=bus,
         seal=seal,
@@ -173,4 +186,5 @@ def load_config(path: Path) -> BrokerConfig:
         keepalive_timeout=_seconds(raw, "keepalive_timeout", 20.0, path),
         ca=ca,
         enroll_listen=str(raw.get("enroll_listen", "")),
+        audit_limit=audit_limit,
     )

@@ -116,7 +116,7 @@ class Broker:
         )
         self.registry = KeyRegistry(self.nc.jetstream(), seal=cfg.seal)
         # The audit stream exists before the first request: no decision goes unrecorded.
-        audit = AuditWriter(self.nc.jetstream(), "broker")
+        audit = AuditWriter(self.nc.jetstream(), "broker", limit=cfg.audit_limit)
 
         async def audit_stream() -> None:
             try:

@@ -13,6 +13,8 @@ seal_counter_file = "seal-ca.counters"  # optional: counters seen, to catch repl
 seal_public_keys = { broker = "<hex>", ca = "<hex>", ceremony = "<hex>" }
 crl_lifetime = "7d"                 # optional: how long each CRL is good for (1m..30d);
                                     # minutes only where agents keep crl files fresh
+audit_max_bytes = "16MiB"           # optional: the CA's audit stream (ACME), where it
+audit_max_msgs = 100000             # makes it itself (the board); default 1GiB, 20000000
 [acme]                              # optional: ACME over HTTPS (ca_service.acme.settings)
 listen = "0.0.0.0:8555"
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 from ca_service.acme.settings import parse_acme
 from ca_service.crl import CRL_VALIDITY
 from ca_service.service import ServeConfig
+from edgekms.audit import AUDIT_FIELDS, parse_limit_fields
 from edgekms.busauth import parse_bus_fields
 from edgekms.durations import parse_crl_lifetime
 from edgekms.errors import InvalidArgument
@@ -51,6 +54,7 @@ KNOWN_FIELDS = frozenset(
         "acme",
         "crl_lifetime",
         "seal_counter_file",
+        *AUDIT_FIELDS,
     }
 )
 
@@ -101,9 +105,13 @@ def load_serve_config(path: Path) -> ServeConfig:
         except ValueError as exc:
             raise CAConfigError(f"{path}: {exc}") from None
     crl_validity = _crl_lifetime(path, raw.get("crl_lifetime"))
+    audit_limit, problems = parse_limit_fields(raw)
+    if problems:
+        raise CAConfigError(f"{path}: {problems[0]}")
     return ServeConfig(
         acme=acme,
         crl_validity=crl_validity,
+        audit_limit=audit_limit,
         bus=bus,
         seal=seal,
         nats_url=nats_url,

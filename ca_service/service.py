@@ -27,6 +27,7 @@ from ca_service.profiles import load_profiles
 from ca_service.signer import KMSKeyBackend
 from ca_service.store import CAStore
 from edgekms import natsrpc
+from edgekms.audit import StreamLimit
 from edgekms.busauth import BusCredentials
 from edgekms.errors import KMSError
 from edgekms.sealed import RecordSeal
@@ -174,6 +175,9 @@ class ServeConfig:
     acme: AcmeConfig | None = None
     # How long each CRL is good for (ca.toml crl_lifetime; ca_service.crl.CRL_VALIDITY).
     crl_validity: datetime.timedelta = CRL_VALIDITY
+    # Its audit stream's limits where it creates that stream itself (ca.toml
+    # audit_max_bytes/audit_max_msgs, the board); None: edgekms.audit's defaults.
+    audit_limit: StreamLimit | None = None
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -211,7 +215,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             from ca_service.acme.server import AcmeServer
             from edgekms.audit import AuditWriter
 
-            audit = AuditWriter(nc.jetstream(), SERVICE_NAME_AUDIT)
+            audit = AuditWriter(nc.jetstream(), SERVICE_NAME_AUDIT, limit=config.audit_limit)
             # kmsctl up makes the stream first; a CA run on its own makes it (the CA's bus
             # grant allows creating KMS_AUDIT, nothing else).
             await audit.ensure_stream()

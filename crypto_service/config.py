@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
 from edgekms.subjects import PROVIDER_ID_RE
 
@@ -69,6 +70,9 @@ class ServiceConfig:
     source: Path | None = None
     # This service's bus identity (nats_user, nats_password_file, nats_ca); empty: open bus.
     bus: BusCredentials = field(default_factory=BusCredentials)
+    # Its audit stream's limits where it creates that stream itself (no `kmsctl up`: the
+    # board); None: edgekms.audit's defaults (1 GiB). docs/security.md, "Sizing for a board".
+    audit_limit: StreamLimit | None = None
 
     @property
     def kind(self) -> str:
@@ -76,7 +80,7 @@ class ServiceConfig:
 
 
 _BUS_KEYS = {"nats_user", "nats_password_file", "nats_ca"}
-_TOP_KEYS = {"provider_id", "nats_url", "workers", "pkcs11", "tpm2", *_BUS_KEYS}
+_TOP_KEYS = {"provider_id", "nats_url", "workers", "pkcs11", "tpm2", *_BUS_KEYS, *AUDIT_FIELDS}
 _PKCS11_KEYS = {"module", "token_label", "pin_file", "pin_env", "sessions"}
 
 
@@ -126,7 +130,11 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> ServiceConfi
     if problems:
         name, _, problem = problems[0].partition(": ")
         raise fail(name, problem)
-    return ServiceConfig(provider_id, nats_url, workers, pkcs11, tpm2, path, bus)
+    audit_limit, problems = parse_limit_fields(data)
+    if problems:
+        name, _, problem = problems[0].partition(": ")
+        raise fail(name, problem)
+    return ServiceConfig(provider_id, nats_url, workers, pkcs11, tpm2, path, bus, audit_limit)
 
 
 Fail = Callable[[str, str], ConfigError]

@@ -124,6 +124,10 @@ class NatsServerConfig:
     tls_key: Path | None = None
     # A rendered `authorization { ... }` block (mgmt.natsauth); None: an open bus.
     authorization: str | None = None
+    # JetStream's file store cap in bytes; None: nats-server's own choice, 75% of the
+    # free space at start. A board sets it so the store can never fill its data
+    # partition, and so every stream's max_bytes is reserved against a known figure.
+    max_file_store: int | None = None
 
     def render(self) -> str:
         # JSON is valid NATS config syntax, and json.dumps quotes paths safely.
@@ -135,6 +139,7 @@ class NatsServerConfig:
             "jetstream: {",
             f"  store_dir: {json.dumps(str(self.store_dir))}",
             "  sync_interval: always",
+            *([f"  max_file_store: {self.max_file_store}"] if self.max_file_store else []),
             "}",
         ]
         if self.tls_cert is not None and self.tls_key is not None:

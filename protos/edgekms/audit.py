@@ -101,6 +101,9 @@ EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 # JetStream's "maximum messages per subject exceeded" / "maximum bytes exceeded".
 STREAM_FULL = 10077
+# JetStream's "insufficient storage resources available": a new stream's max_bytes is
+# more than the store can reserve (its max_file_store, else 75% of the free space).
+NO_ROOM = 10047
 # Each writer stream's limits (docs/security.md, "Audit log", "Limits"): all it may
 # hold, one message (a batch is at most MAX_BATCH_BYTES), and its count of messages.
 # The broker records every decision; the others record far fewer events.
@@ -196,18 +199,26 @@ MIN_STREAM_BYTES = 4 * MAX_MESSAGE_BYTES
 _UNITS = {"": 1, "B": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
+def parse_size(text: str) -> int:
+    """`SIZE` in B, KiB, MiB or GiB (`96MiB`) as bytes; ValueError if it is not one.
+    Shared by `--audit-limit` and the services' `audit_max_bytes` so both read alike."""
+    number = text.rstrip("BbIiKkMmGg")
+    unit = text[len(number) :].upper()
+    if unit not in _UNITS or not number.isdigit():
+        raise ValueError(text)
+    return int(number) * _UNITS[unit]
+
+
 def parse_limit(text: str) -> tuple[str, int, int]:
     """`WRITER=SIZE[/MESSAGES]` (SIZE in B, KiB, MiB or GiB: `ca=256MiB/1000000`) as
     (writer, max_bytes, max_msgs), or InvalidArgument("audit.limit_invalid")."""
     writer, sep, rest = text.partition("=")
     size, _, count = rest.partition("/")
-    number = size.rstrip("BbIiKkMmGg")
-    unit = size[len(number) :].upper()
     try:
         writer_stream(writer)
-        if not sep or unit not in _UNITS or not number.isdigit():
+        if not sep:
             raise ValueError(text)
-        max_bytes = int(number) * _UNITS[unit]
+        max_bytes = parse_size(size)
         max_msgs = int(count) if count else DEFAULT_WRITER_QUOTA
     except ValueError:
         raise InvalidArgument(
@@ -220,6 +231,50 @@ def parse_limit(text: str) -> tuple[str, int, int]:
             f"{text!r}: a writer's stream needs at least {MIN_STREAM_BYTES} bytes and 1 message",
         )
     return writer, max_bytes, max_msgs
+
+
+@dataclass(frozen=True)
+class StreamLimit:
+    """A deployment's limits for one writer's stream, from its service's config
+    (`audit_max_bytes`, `audit_max_msgs`). Where no `kmsctl up` makes the streams (the
+    board), the service creates its own with these, so they can be sized to the store."""
+
+    max_bytes: int
+    max_msgs: int = DEFAULT_WRITER_QUOTA
+
+
+AUDIT_FIELDS = ("audit_max_bytes", "audit_max_msgs")
+
+
+def parse_limit_fields(raw: Mapping[str, Any]) -> tuple[StreamLimit | None, list[str]]:
+    """The `audit_max_bytes = "96MiB"` and optional `audit_max_msgs = 100000` of a
+    service's TOML: (None, []) when absent (the defaults apply), else (limit, []), or
+    (None, problems) naming the field. `audit_max_msgs` alone is refused: a count with
+    the default size would still reserve the default's bytes, which is what the field
+    is there to avoid."""
+    if "audit_max_bytes" not in raw:
+        if "audit_max_msgs" in raw:
+            return None, ["audit_max_msgs: needs audit_max_bytes beside it"]
+        return None, []
+    size = raw["audit_max_bytes"]
+    try:
+        if not isinstance(size, str):
+            raise ValueError(size)
+        max_bytes = parse_size(size)
+    except ValueError:
+        return None, [
+            f'audit_max_bytes: want a size such as "96MiB" (B, KiB, MiB, GiB), not {size!r}'
+        ]
+    if max_bytes < MIN_STREAM_BYTES:
+        return None, [
+            f"audit_max_bytes: {size!r} is below the least a stream needs, {MIN_STREAM_BYTES} bytes"
+        ]
+    count = raw.get("audit_max_msgs", DEFAULT_WRITER_QUOTA)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        return None, [
+            f"audit_max_msgs: want a whole number of messages of at least 1, not {count!r}"
+        ]
+    return StreamLimit(max_bytes, count), []
 
 
 _HARDENED = (
@@ -566,9 +621,12 @@ class AuditWriter:
         max_attempts: int = 50,
         max_batch_entries: int = MAX_BATCH_ENTRIES,
         max_batch_bytes: int = MAX_BATCH_BYTES,
+        limit: StreamLimit | None = None,
     ) -> None:
         self.js = js
         self.writer = writer
+        # The deployment's limits for a stream this writer creates (None: the defaults).
+        self.limit = limit
         self.subject = audit_subject(writer)
         self.stream = writer_stream(writer)
         self.timeout = timeout
@@ -580,19 +638,64 @@ class AuditWriter:
         self._drainer: asyncio.Task[None] | None = None
 
     async def ensure_stream(self) -> None:
-        """Create this writer's stream if missing (with the default limits; `kmsctl up`
-        makes it first, with the deployment's); an existing stream is left as it is."""
+        """Create this writer's stream if missing, with the deployment's limits (the
+        service config's `audit_max_bytes`/`audit_max_msgs`) or else the defaults; `kmsctl
+        up` makes it first. An existing stream keeps the limits it has, as with
+        harden_stream without `--audit-limit`: a service may create its stream but never
+        change it (its bus grant holds no STREAM.UPDATE), so a compromised one cannot
+        shrink its stream to cut entries off. A difference is logged for the operator."""
+        want = (
+            stream_config(self.writer)
+            if self.limit is None
+            else stream_config(self.writer, self.limit.max_bytes, self.limit.max_msgs)
+        )
         try:
-            await self.js.stream_info(self.stream)
-            return
+            info = await self.js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
             pass
+        else:
+            self._note_limits(info.config, want)
+            return
         try:
-            await self.js.add_stream(stream_config(self.writer))
-            log.info("audit stream created", extra=fields(stream=self.stream))
-        except nats.js.errors.BadRequestError:
+            await self.js.add_stream(want)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == NO_ROOM:
+                # Nothing was made: the service stops with a reason that names the fix.
+                raise ResourceExhausted(
+                    "audit.no_room",
+                    f"the JetStream store cannot reserve {want.max_bytes} bytes for "
+                    f"{self.stream}: give this service's config a smaller audit_max_bytes "
+                    "(or kmsctl up --audit-limit), or its store more room",
+                    {"stream": self.stream, "max_bytes": str(want.max_bytes)},
+                ) from None
+            if not isinstance(exc, nats.js.errors.BadRequestError):
+                raise
             # Another replica created it between our look and our add.
-            await self.js.stream_info(self.stream)
+            try:
+                info = await self.js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                raise exc from None
+            self._note_limits(info.config, want)
+            return
+        log.info(
+            "audit stream created",
+            extra=fields(stream=self.stream, max_bytes=want.max_bytes, max_msgs=want.max_msgs),
+        )
+
+    def _note_limits(self, current: api.StreamConfig, want: api.StreamConfig) -> None:
+        if self.limit is None:
+            return
+        if (current.max_bytes, current.max_msgs) != (want.max_bytes, want.max_msgs):
+            log.warning(
+                "audit stream keeps its limits",
+                extra=fields(
+                    stream=self.stream,
+                    max_bytes=current.max_bytes,
+                    max_msgs=current.max_msgs,
+                    configured_max_bytes=want.max_bytes,
+                    configured_max_msgs=want.max_msgs,
+                ),
+            )
 
     async def read_head(self) -> tuple[int, bytes]:
         """(sequence of this writer's last message in its stream, hash to chain to).

@@ -105,10 +105,11 @@ KNOWN_KEYS = {
     "broker.toml": {
         "listen", "nats_url", "default_provider", "providers", "sign_timeout",
         "generate_timeout", "tls", "nats_user", "nats_password_file", "nats_ca", "ca",
+        "audit_max_bytes", "audit_max_msgs",
     },
     "ca.toml": {
         "nats_url", "http_listen", "base_url", "profiles_file", "nats_user",
-        "nats_password_file", "nats_ca",
+        "nats_password_file", "nats_ca", "audit_max_bytes", "audit_max_msgs",
     },
 }  # fmt: skip
 
@@ -356,6 +357,8 @@ def test_board_setup_makes_every_credential_source(tmp_path: Path) -> None:
     conf = (tmp_path / "secrets" / "nats.conf").read_text()
     assert '"/run/credentials/edgekms-nats.service/nats-server.key"' in conf
     assert 'host: "127.0.0.1"' in conf
+    # The store's cap on the board's data partition (docs/security.md, "Sizing for a board").
+    assert "  max_file_store: 167772160\n" in conf
     assert re.search(r'"user": "ca"', conf)
     for password in (tmp_path / "secrets" / "nats").iterdir():
         assert password.read_text().strip() not in conf

@@ -382,23 +382,29 @@ def test_data_partition_is_in_the_flash_layout() -> None:
     assert "--tpm2-device=auto" in datafs and "--recovery-key" in datafs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: the audit stream reserves 4 GiB and the data partition is 256 MiB",
-)
 def test_data_partition_holds_the_audit_streams_reservation() -> None:
-    """JetStream refuses a stream whose max_bytes it cannot reserve (err 10047,
-    'insufficient storage resources available'), and without a configured
-    max_file_store it offers 75% of the store's free space. The broker creates
-    KMS_AUDIT with edgekms.audit's DEFAULT_MAX_BYTES on the board's first start, so the
-    partition must offer that much, less LUKS2's 16 MiB header. `make test-arm` met
-    this in its 2 GiB /tmp (docs/arm.md); a 256 MiB tmpfs store refuses it too."""
-    from edgekms.audit import DEFAULT_MAX_BYTES
+    """JetStream refuses a stream whose max_bytes it cannot reserve (err 10047) against
+    its store's cap, so every writer's stream must be sized for the board: each service
+    config the layer installs sets its writer's limit, the limits and the KV buckets fit
+    the store's cap (edgekms-setup --max-file-store), and the cap fits the 256 MiB
+    partition less LUKS2's header, ext4's share and the other files on it. The live
+    half is tests/deploy/test_board_store.py."""
+    from edgekms.audit import MIN_STREAM_BYTES, default_max_bytes
+    from tests.deploy.boardsizing import KV_BUCKETS, OTHER_FILES, board_sizing
 
-    distro = bb_assignments(LAYER / "conf" / "distro" / "edgekms-os.conf")
-    partition = int(distro["EDGEKMS_DATAFS_SIZE"]) * 1024
-    offered = (partition - 16 * 1024**2) * 3 // 4
-    assert offered >= DEFAULT_MAX_BYTES
+    board = board_sizing()
+    assert set(board.limits) == {"broker", "ca", "crypto-hsm0", "crypto-tpm0"}
+    for writer, limit in board.limits.items():
+        assert limit is not None, f"{writer}: no audit_max_bytes, so the 1-2 GiB default"
+        assert MIN_STREAM_BYTES <= limit.max_bytes < default_max_bytes(writer), writer
+    # The broker records every decision: it gets the largest share.
+    sizes = {writer: limit.max_bytes for writer, limit in board.limits.items() if limit}
+    assert max(sizes, key=sizes.__getitem__) == "broker", sizes
+    assert board.reserved + KV_BUCKETS <= board.max_file_store, (
+        board.reserved,
+        board.max_file_store,
+    )
+    assert board.max_file_store + OTHER_FILES <= board.usable, (board.max_file_store, board.usable)
 
 
 SCRIPTS = [FILES / "edgekms-datafs", FILES / "edgekms-provision"]
