@@ -206,6 +206,9 @@ def up(
     # Absolute, as the children's command lines name it (a takeover recognises them so).
     data_dir = data_dir.expanduser().resolve()
     setup_logging("kmsctl-up", log_level, log_format)
+    # Options that are usage errors refuse before the lock, which makes DATA_DIR/run.
+    _audit_limits(audit_limits)
+    _check_crl_lifetime(ca_crl_lifetime)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
     # second and leaves the data dir as it was.
@@ -307,14 +310,6 @@ def _run_up(
 ) -> None:
     from mgmt.stack import StackError, StackOptions, run_stack
 
-    if ca_crl_lifetime:
-        from edgekms.durations import parse_crl_lifetime
-        from edgekms.errors import InvalidArgument
-
-        try:
-            parse_crl_lifetime(ca_crl_lifetime)
-        except InvalidArgument as exc:
-            raise click.BadParameter(exc.message, param_hint="--ca-crl-lifetime") from None
     options = StackOptions(
         data_dir=data_dir,
         nats_port=nats_port,
@@ -514,6 +509,19 @@ def _one_line_bus_errors(record: logging.LogRecord) -> bool:
         record.msg, record.args = f"nats: {exc}", ()
         record.exc_info = None
     return True
+
+
+def _check_crl_lifetime(value: str) -> None:
+    """--ca-crl-lifetime outside 1m..30d is a usage error (exit 2)."""
+    if not value:
+        return
+    from edgekms.durations import parse_crl_lifetime
+    from edgekms.errors import InvalidArgument
+
+    try:
+        parse_crl_lifetime(value)
+    except InvalidArgument as exc:
+        raise click.BadParameter(exc.message, param_hint="--ca-crl-lifetime") from None
 
 
 def _audit_limits(values: tuple[str, ...]) -> dict[str, tuple[int, int]]:
