@@ -306,9 +306,12 @@ class HttpServer:
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Half-close, then read (a bounded amount of) what the client still sends: closing a
     socket with unread input resets the connection, and the reset can destroy the 4xx
-    answer before the client reads it."""
+    answer before the client reads it. TLS has no half-close (the ACME side): there the
+    input is read all the same, the answer having been sent already."""
+    if writer.can_write_eof():
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
     with contextlib.suppress(Exception):
-        writer.write_eof()
         discarded = 0
         while discarded < _LINGER_BYTES:
             chunk = await asyncio.wait_for(reader.read(4096), _LINGER_SECONDS)

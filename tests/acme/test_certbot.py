@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from edgekms.audit import STREAM
+from edgekms.audit import writer_stream
 from edgekms.v1 import ca_pb2
 from mgmt.natsserver import free_port
 from tests.acme.conftest import AcmeEnv, wait_listening
@@ -81,7 +81,7 @@ http {{
 async def audit_actions(env: AcmeEnv) -> list[str]:
     """The actions of the CA writer's audit entries (subject kms.audit.ca)."""
     js = env.ca.nc.jetstream()
-    sub = await js.subscribe("kms.audit.ca", stream=STREAM, ordered_consumer=True)
+    sub = await js.subscribe("kms.audit.ca", stream=writer_stream("ca"), ordered_consumer=True)
     actions: list[str] = []
     try:
         while True:
