@@ -156,6 +156,11 @@ class AuditScope:
         _current.reset(token)
 
 
+def current_scope() -> AuditScope | None:
+    """The audit scope of the call this task serves (None outside a call)."""
+    return _current.get()
+
+
 async def record_before_change(**details: str) -> None:
     """Called by a handler just before it changes state: the decision is stored first,
     so a change the log cannot record never happens."""

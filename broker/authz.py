@@ -39,6 +39,8 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
             "ListKeys",
             "GetPublicKey",
             "Sign",
+            "SignBatch",
+            "SignStream",
             "Verify",
             "DisableKey",
             "EnableKey",
@@ -63,7 +65,17 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
         }
     ),
     "signer": frozenset(
-        {"GetKey", "ListKeys", "GetPublicKey", "Sign", "Verify", "GetStatus", "WhoAmI"}
+        {
+            "GetKey",
+            "ListKeys",
+            "GetPublicKey",
+            "Sign",
+            "SignBatch",
+            "SignStream",
+            "Verify",
+            "GetStatus",
+            "WhoAmI",
+        }
     ),
     "enrollee": frozenset({"WhoAmI"}),
 }

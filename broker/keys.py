@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -23,6 +23,7 @@ import nats.errors
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from broker import sign_many
 from broker.audit_service import AuditScope, record_before_change
 from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
@@ -426,6 +427,13 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def Sign(
         self, request: keys_pb2.SignRequest, context: Context, identity: Identity
     ) -> keys_pb2.SignResponse:
+        return await self._sign(request, context, identity)
+
+    async def _sign(
+        self, request: keys_pb2.SignRequest, context: Context, identity: Identity
+    ) -> keys_pb2.SignResponse:
+        """One Sign after its caller is admitted: the same checks for a unary call and for
+        every item of a batch or a stream (broker/sign_many.py)."""
         record = self.registry.get(request.name)
         require_usable(record)
         check_key_policy(identity, record, pb.KEY_OPERATION_SIGN, request.algorithm)
@@ -440,6 +448,19 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         return keys_pb2.SignResponse(
             signature=response.signature, algorithm=request.algorithm, key_name=record.name
         )
+
+    @rpc("SignBatch")
+    async def SignBatch(
+        self, request: keys_pb2.SignBatchRequest, context: Context, identity: Identity
+    ) -> keys_pb2.SignBatchResponse:
+        return await sign_many.sign_batch(self, request, context, identity)
+
+    async def SignStream(
+        self, requests: AsyncIterator[keys_pb2.SignRequest | Malformed], context: Context
+    ) -> AsyncIterator[keys_pb2.SignStreamResponse]:
+        # grpc.aio serves a bidirectional method only from an async generator function.
+        async for response in sign_many.sign_stream(self, requests, context):
+            yield response
 
     @rpc("Verify")
     async def Verify(

@@ -4,8 +4,10 @@ grpc's generated registration parses each request before any handler runs; bytes
 are not the method's protobuf then fail inside grpc as UNKNOWN "Unexpected DecodeError",
 without the typed Error clients rely on. Here the parse failure becomes a `Malformed`
 marker that the `rpc` wrapper answers with INVALID_ARGUMENT request.malformed, after the
-caller is identified and the refusal audited like any other. Server-streaming methods
-(AuditService.TailAudit) are registered the same way and check for the marker themselves.
+caller is identified and the refusal audited like any other. Streaming methods
+(AuditService.TailAudit, KeyService.SignStream) are registered the same way and check for
+the marker themselves (SignStream per message: one undecodable message is that item's
+error, not the stream's).
 """
 
 from __future__ import annotations
@@ -39,19 +41,21 @@ def safe_parser(message_type: type[Message]) -> Callable[[bytes], Message | Malf
 def unary_handlers(
     service: ServiceDescriptor, module: ModuleType, implementation: Callable[[str], Any]
 ) -> grpc.GenericRpcHandler[Any, Any]:
-    """A generic handler for every (unary-unary) method of `service`; `implementation`
-    gives the callable for a method name, messages come from the generated `module`."""
+    """A generic handler for every method of `service` (unary, server-streaming or
+    bidirectional); `implementation` gives the callable for a method name, messages come
+    from the generated `module`."""
     handlers = {}
     for method in service.methods:
         request_type = getattr(module, method.input_type.name)
         response_type = getattr(module, method.output_type.name)
-        if method.client_streaming:
+        if method.client_streaming and not method.server_streaming:
             raise ValueError(f"{method.full_name}: client streaming is not supported here")
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        if method.client_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
             implementation(method.name),
             request_deserializer=safe_parser(request_type),

@@ -24,13 +24,15 @@ from edgekms.algorithms import (
     KeyType,
     key_type_info,
 )
-from edgekms.errors import FailedPrecondition, InvalidArgument
+from edgekms.errors import FailedPrecondition, InvalidArgument, KMSError
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import ExitCode, output_option
 from mgmt.cli.completion import complete_key_names
 from mgmt.cli.output import (
     algorithm_name,
     echo_json,
+    error_line,
+    exit_code_for,
     key_details,
     key_table,
     key_to_dict,
@@ -299,13 +301,91 @@ def pubkey_cmd(name: str, out: str, output: str, data_dir: Path, config_path: Pa
 @key_group.command("sign")
 @click.argument("name", shell_complete=complete_key_names)
 @click.option(
-    "--in", "infile", required=True, type=click.File("rb"), help="File to sign; - is stdin."
+    "--in",
+    "infiles",
+    required=True,
+    multiple=True,
+    type=click.File("rb"),
+    help="File to sign; - is stdin. Repeat for many files (signed in one SignBatch call).",
 )
-@click.option("--out", "out", required=True, metavar="SIG", help="Signature file; - is stdout.")
+@click.option("--out", "out", default=None, metavar="SIG", help="Signature file; - is stdout.")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="With many --in files: write each signature to DIR/<file name>.sig.",
+)
 @algorithm_option
 @output_option
 @client_options
 def sign_cmd(
+    name: str,
+    infiles: tuple[IO[bytes], ...],
+    out: str | None,
+    out_dir: Path | None,
+    algorithm: str | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Sign a file with key NAME; the file is hashed here, only its digest travels.
+
+    ECDSA signatures are DER, RSA ones raw, as openssl expects them. Many files (--in
+    repeated, with --out-dir) go to the KMS as one batch: each is still authorised and
+    audited as its own signature. If some are refused, the others are still written, each
+    refusal is reported, and the exit code is the first refusal's.
+
+    \b
+    Examples:
+      kmsctl key sign web --in release.tar --out release.sig
+      openssl dgst -sha256 -verify web.pem -signature release.sig release.tar
+      tar c dir | kmsctl key sign web --in - --out dir.sig --algorithm ecdsa-sha384
+      kmsctl key sign web --in a.bin --in b.bin --out-dir sigs
+    """
+    if len(infiles) == 1 and out_dir is None:
+        if out is None:
+            raise click.UsageError("give --out SIG (or --out-dir DIR)")
+        _sign_one(name, infiles[0], out, algorithm, output, data_dir, config_path)
+        return
+    if out is not None or out_dir is None:
+        raise click.UsageError("many --in files take --out-dir DIR, not --out")
+    if any(f.name == "<stdin>" for f in infiles):
+        raise click.UsageError("--in - (stdin) signs one file only")
+    targets = [out_dir / f"{Path(f.name).name}.sig" for f in infiles]
+    if len(set(targets)) != len(targets):
+        raise click.UsageError("two --in files have the same name: their signatures would clash")
+    with open_client(data_dir, config_path) as kms:
+        ainfo = _algorithm(kms, name, algorithm)
+        digests = [_wire_data(ainfo, f) for f in infiles]
+        results = kms.sign_digests([(name, ainfo.algorithm, d) for d in digests])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = []
+    first_error: KMSError | None = None
+    for infile, target, result in zip(infiles, targets, results, strict=True):
+        if isinstance(result, KMSError):
+            first_error = first_error or result
+            report.append({"in": infile.name, "error": result.reason, "message": result.message})
+            if output != "json":
+                click.echo(f"{infile.name}: {error_line(result)}", err=True)
+            continue
+        write_output(str(target), result)
+        report.append(
+            {
+                "in": infile.name,
+                "out": str(target),
+                "signature": base64.b64encode(result).decode(),
+            }
+        )
+    if output == "json":
+        echo_json({"name": name, "algorithm": algorithm_name(ainfo.algorithm), "results": report})
+    else:
+        signed = sum(1 for r in report if "out" in r)
+        click.echo(f"signed {signed} of {len(report)} files with {name} -> {out_dir}", err=True)
+    if first_error is not None:
+        sys.exit(int(exit_code_for(first_error)))
+
+
+def _sign_one(
     name: str,
     infile: IO[bytes],
     out: str,
@@ -314,16 +394,6 @@ def sign_cmd(
     data_dir: Path,
     config_path: Path | None,
 ) -> None:
-    """Sign a file with key NAME; the file is hashed here, only its digest travels.
-
-    ECDSA signatures are DER, RSA ones raw, as openssl expects them.
-
-    \b
-    Examples:
-      kmsctl key sign web --in release.tar --out release.sig
-      openssl dgst -sha256 -verify web.pem -signature release.sig release.tar
-      tar c dir | kmsctl key sign web --in - --out dir.sig --algorithm ecdsa-sha384
-    """
     with open_client(data_dir, config_path) as kms:
         ainfo = _algorithm(kms, name, algorithm)
         signature = kms.sign_digest(name, ainfo.algorithm, _wire_data(ainfo, infile))

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -142,6 +142,16 @@ class _KeySigner:
 
     def sign_digest(self, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
         return self._client.sign_digest(self._name, algorithm, data)
+
+
+# Items per SignBatch call: the broker's limit (broker/sign_many.py).
+SIGN_BATCH_ITEMS = 1000
+
+
+def _sign_result(result: keys_pb2.SignResult) -> bytes | KMSError:
+    if result.WhichOneof("outcome") == "signature":
+        return result.signature.signature
+    return errors.from_proto(result.error)
 
 
 class KMSClient:
@@ -325,6 +335,65 @@ class KMSClient:
         PKCS#1 v1.5 with SHA-256, pure Ed25519). ECDSA signatures come back DER-encoded."""
         ainfo = self._algorithm(name, algorithm)
         return self.sign_digest(name, ainfo.algorithm, prepare_data(ainfo, data, prehashed))
+
+    def sign_digests(
+        self,
+        items: Iterable[tuple[str, SignatureAlgorithm, bytes]],
+        *,
+        timeout: float | None = None,
+    ) -> list[bytes | KMSError]:
+        """Sign many (key name, algorithm, on-the-wire data) items with SignBatch, up to
+        SIGN_BATCH_ITEMS per call. One result per item, in order: its signature, or the
+        KMSError that item alone was refused with (a refusal of the whole call, such as
+        a role that may not sign, is raised)."""
+        requests = [
+            keys_pb2.SignRequest(name=name, algorithm=algorithm, data=data)
+            for name, algorithm, data in items
+        ]
+        results: list[bytes | KMSError] = []
+        for start in range(0, len(requests), SIGN_BATCH_ITEMS):
+            chunk = keys_pb2.SignBatchRequest(items=requests[start : start + SIGN_BATCH_ITEMS])
+            response = self._call("SignBatch", self._keys.SignBatch, chunk, timeout)
+            results.extend(_sign_result(r) for r in response.results)
+        return results
+
+    def sign_many(
+        self,
+        name: str,
+        datas: Iterable[bytes],
+        *,
+        algorithm: SignatureAlgorithm | str | None = None,
+        prehashed: bool = False,
+        timeout: float | None = None,
+    ) -> list[bytes | KMSError]:
+        """`sign` for many messages with one key, in batches (see sign_digests)."""
+        ainfo = self._algorithm(name, algorithm)
+        return self.sign_digests(
+            ((name, ainfo.algorithm, prepare_data(ainfo, d, prehashed)) for d in datas),
+            timeout=timeout,
+        )
+
+    def sign_stream(
+        self,
+        items: Iterable[tuple[str, SignatureAlgorithm, bytes]],
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[tuple[int, bytes | KMSError]]:
+        """Sign over one SignStream, for callers that produce digests as they go: yields
+        (position of the item, signature or its KMSError) as answers come, not
+        necessarily in order. `items` is read lazily, as the broker asks for more."""
+        requests = (
+            keys_pb2.SignRequest(
+                name=name, algorithm=algorithm, data=data, request_id=new_request_id()
+            )
+            for name, algorithm, data in items
+        )
+        responses = self._keys.SignStream(requests, timeout=timeout)
+        try:
+            for response in responses:
+                yield response.index, _sign_result(response.result)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
 
     def verify(
         self,

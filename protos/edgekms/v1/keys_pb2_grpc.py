@@ -83,6 +83,16 @@ class KeyServiceStub:
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.SignBatch = channel.unary_unary(
+                '/edgekms.v1.KeyService/SignBatch',
+                request_serializer=edgekms_dot_v1_dot_keys__pb2.SignBatchRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_keys__pb2.SignBatchResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SignStream = channel.stream_stream(
+                '/edgekms.v1.KeyService/SignStream',
+                request_serializer=edgekms_dot_v1_dot_keys__pb2.SignRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_keys__pb2.SignStreamResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class KeyServiceServicer:
@@ -161,6 +171,26 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignBatch(self, request, context):
+        """Many Signs in one call (up to 1,000 items, 4 MiB): each item is authorised, audited
+        and answered as its own Sign, in request order; one item's refusal does not fail the
+        others. The call as a whole fails only when it is not a batch at all (empty, too
+        large) or its caller may not sign.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignStream(self, request_iterator, context):
+        """Signs over one open stream: each request is answered as soon as its signature is
+        ready (not necessarily in order), tagged with its position in the stream and its
+        request_id. At most 256 requests of one stream are worked on at a time; the stream
+        reads no further until one completes (flow control does the rest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +248,16 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.UpdateKeyPolicy,
                     request_deserializer=edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_keys__pb2.Key.SerializeToString,
+            ),
+            'SignBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignBatch,
+                    request_deserializer=edgekms_dot_v1_dot_keys__pb2.SignBatchRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_keys__pb2.SignBatchResponse.SerializeToString,
+            ),
+            'SignStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SignStream,
+                    request_deserializer=edgekms_dot_v1_dot_keys__pb2.SignRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_keys__pb2.SignStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -520,6 +560,60 @@ class KeyService:
             '/edgekms.v1.KeyService/UpdateKeyPolicy',
             edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.SerializeToString,
             edgekms_dot_v1_dot_keys__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SignBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.KeyService/SignBatch',
+            edgekms_dot_v1_dot_keys__pb2.SignBatchRequest.SerializeToString,
+            edgekms_dot_v1_dot_keys__pb2.SignBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SignStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/edgekms.v1.KeyService/SignStream',
+            edgekms_dot_v1_dot_keys__pb2.SignRequest.SerializeToString,
+            edgekms_dot_v1_dot_keys__pb2.SignStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,18 @@ class KeyServiceStub:
     AttestKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.AttestKeyRequest, _keys_pb2.AttestKeyResponse]
     UpdateKeyPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyPolicyRequest, _keys_pb2.Key]
     """Replaces the key's policy (an empty policy clears it: the role table decides)."""
+    SignBatch: _grpc.UnaryUnaryMultiCallable[_keys_pb2.SignBatchRequest, _keys_pb2.SignBatchResponse]
+    """Many Signs in one call (up to 1,000 items, 4 MiB): each item is authorised, audited
+    and answered as its own Sign, in request order; one item's refusal does not fail the
+    others. The call as a whole fails only when it is not a batch at all (empty, too
+    large) or its caller may not sign.
+    """
+    SignStream: _grpc.StreamStreamMultiCallable[_keys_pb2.SignRequest, _keys_pb2.SignStreamResponse]
+    """Signs over one open stream: each request is answered as soon as its signature is
+    ready (not necessarily in order), tagged with its position in the stream and its
+    request_id. At most 256 requests of one stream are worked on at a time; the stream
+    reads no further until one completes (flow control does the rest).
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -75,6 +87,18 @@ class KeyServiceAsyncStub(KeyServiceStub):
     AttestKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.AttestKeyRequest, _keys_pb2.AttestKeyResponse]  # type: ignore[assignment]
     UpdateKeyPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyPolicyRequest, _keys_pb2.Key]  # type: ignore[assignment]
     """Replaces the key's policy (an empty policy clears it: the role table decides)."""
+    SignBatch: _aio.UnaryUnaryMultiCallable[_keys_pb2.SignBatchRequest, _keys_pb2.SignBatchResponse]  # type: ignore[assignment]
+    """Many Signs in one call (up to 1,000 items, 4 MiB): each item is authorised, audited
+    and answered as its own Sign, in request order; one item's refusal does not fail the
+    others. The call as a whole fails only when it is not a batch at all (empty, too
+    large) or its caller may not sign.
+    """
+    SignStream: _aio.StreamStreamMultiCallable[_keys_pb2.SignRequest, _keys_pb2.SignStreamResponse]  # type: ignore[assignment]
+    """Signs over one open stream: each request is answered as soon as its signature is
+    ready (not necessarily in order), tagged with its position in the stream and its
+    request_id. At most 256 requests of one stream are worked on at a time; the stream
+    reads no further until one completes (flow control does the rest).
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every method answers errors with the gRPC status of the ErrorCode and, in the trailing
@@ -162,6 +186,30 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
         """Replaces the key's policy (an empty policy clears it: the role table decides)."""
+
+    @_abc_1.abstractmethod
+    def SignBatch(
+        self,
+        request: _keys_pb2.SignBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.SignBatchResponse, _abc.Awaitable[_keys_pb2.SignBatchResponse]]:
+        """Many Signs in one call (up to 1,000 items, 4 MiB): each item is authorised, audited
+        and answered as its own Sign, in request order; one item's refusal does not fail the
+        others. The call as a whole fails only when it is not a batch at all (empty, too
+        large) or its caller may not sign.
+        """
+
+    @_abc_1.abstractmethod
+    def SignStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_keys_pb2.SignRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_keys_pb2.SignStreamResponse], _abc.AsyncIterator[_keys_pb2.SignStreamResponse]]:
+        """Signs over one open stream: each request is answered as soon as its signature is
+        ready (not necessarily in order), tagged with its position in the stream and its
+        request_id. At most 256 requests of one stream are worked on at a time; the stream
+        reads no further until one completes (flow control does the rest).
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
