@@ -5,10 +5,11 @@ warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/
 flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
 hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py), and a broker
 start with 50,000 sealed key records (bench/sealed_start.py); on the main stack also the
-audit bytes per Sign and per certificate (bench/audit_bytes.py); then the compose stack
+audit bytes per Sign and per certificate (bench/audit_bytes.py) and SignBatch /
+SignStream rates (bench/sign_many.py); then the compose stack
 (bench/containers.py: image sizes, `compose up` to first signature, RSS per container).
 Results land in bench/results/ (results.json, results.md, chart.png, ca_scale.md,
-sealed_start.md, audit_bytes.md, containers.md).
+sealed_start.md, audit_bytes.md, sign_many.md, containers.md).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-audit-bytes", action="store_true", help="skip the audit bytes per operation"
+    )
+    parser.add_argument(
+        "--no-sign-many", action="store_true", help="skip SignBatch and SignStream rates"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
@@ -211,6 +215,12 @@ def main() -> None:
 
                 enroll_runs = enrollment.run(stack, args.duration, args.warmup, pids)
                 results["enrollment"] = [r.to_json() for r in enroll_runs]
+            if not args.no_sign_many:
+                from bench import sign_many
+
+                results["sign_many"] = sign_many.run(stack, args.duration)
+                results["sign_many"]["raw_one_thread_per_s"] = sign_many.raw_rate(raw)
+                sign_many.write(results["sign_many"], out)
             if not args.no_audit_bytes:
                 from bench import audit_bytes
 

@@ -1,0 +1,183 @@
+"""`python -m bench.sign_many`: signatures per second through SignBatch and SignStream
+(issue 19, item 1), next to the raw one-thread SoftHSM rate measured in the same run.
+
+The target is >= 10,000 ECDSA P-256 signatures/s and >= 75 % of the raw one-thread token
+rate. Batches of BATCH items, 1 and 4 batches in flight; one SignStream kept full. The
+load comes from this process (Python grpc), so on a two-core machine the client, the
+broker, nats-server and the crypto service share the cores: the figure is what one box
+does, not what the broker alone could. Part of `make bench`; alone about a minute.
+Results: bench/results/sign_many.json and sign_many.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench import stackrun
+
+log = logging.getLogger("bench.sign_many")
+
+BATCH = 500
+KEY = "bench/many-p256"
+
+
+def _batches(client: Any, inflight: int, duration: float) -> dict[str, float]:
+    from edgekms.v1 import common_pb2 as pb
+
+    digests = [hashlib.sha256(f"many {i}".encode()).digest() for i in range(BATCH)]
+    items = [(KEY, pb.SIGNATURE_ALGORITHM_ECDSA_SHA256, d) for d in digests]
+    client.sign_digests(items)  # warm: key record, sessions, batcher
+
+    def loop(deadline: float) -> tuple[int, int, list[float]]:
+        signed = failed = 0
+        latencies: list[float] = []
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            results = client.sign_digests(items)
+            latencies.append(time.perf_counter() - started)
+            ok = sum(1 for r in results if isinstance(r, bytes))
+            signed += ok
+            failed += len(results) - ok
+        return signed, failed, latencies
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(inflight) as pool:
+        parts = list(pool.map(loop, [started + duration] * inflight))
+    window = time.perf_counter() - started
+    signed = sum(p[0] for p in parts)
+    latencies = sorted(x for p in parts for x in p[2])
+    return {
+        "inflight_batches": inflight,
+        "batch": BATCH,
+        "signatures_per_s": round(signed / window, 1),
+        "failed": sum(p[1] for p in parts),
+        "batch_p50_ms": round(latencies[len(latencies) // 2] * 1000, 1) if latencies else 0.0,
+    }
+
+
+def _stream(client: Any, count: int) -> dict[str, float]:
+    from edgekms.v1 import common_pb2 as pb
+
+    digest = hashlib.sha256(b"stream").digest()
+    items = ((KEY, pb.SIGNATURE_ALGORITHM_ECDSA_SHA256, digest) for _ in range(count))
+    started = time.perf_counter()
+    signed = failed = 0
+    for _, result in client.sign_stream(items, timeout=600):
+        if isinstance(result, bytes):
+            signed += 1
+        else:
+            failed += 1
+    window = time.perf_counter() - started
+    return {"count": count, "signatures_per_s": round(signed / window, 1), "failed": failed}
+
+
+def run(stack: stackrun.RunningStack, duration: float) -> dict[str, Any]:
+    from mgmt.client import KMSClient
+
+    with KMSClient.from_config(stack.client_config, timeout=120) as client:
+        client.create_key(KEY, "ec-p256", provider="hsm0")
+        batch = []
+        for n in (1, 4):
+            batch.append(_batches(client, n, duration))
+            log.warning("SignBatch x%d in flight: %.0f/s", n, batch[-1]["signatures_per_s"])
+        # As many as the best batch run signed in `duration`: the same work, one stream.
+        count = max(1000, int(max(r["signatures_per_s"] for r in batch) * duration))
+        stream = _stream(client, count)
+        log.warning("SignStream: %.0f/s", stream["signatures_per_s"])
+    return {"batch": batch, "stream": stream}
+
+
+def raw_one_thread(work: Path, duration: float) -> float:
+    """SoftHSM P-256 signatures/s from one thread, no bus, no broker (bench.raw)."""
+    import secrets
+
+    from bench.raw import RawSpec, run_raw
+    from mgmt.softhsm import init_token
+    from mgmt.swtpm import Swtpm
+
+    pin = secrets.token_hex(8)
+    token = init_token(work / "raw-softhsm", "bench", pin=pin, so_pin=secrets.token_hex(8))
+    with Swtpm.on_free_port(work / "raw-swtpm") as tpm:
+        runs = run_raw(
+            RawSpec(
+                softhsm_conf=str(token.conf),
+                module=token.module,
+                token_label="bench",
+                pin=pin,
+                tcti=tpm.tcti,
+                tpm_state_dir=str(work / "raw-tpm-state"),
+                duration=duration,
+                key_types=("ec-p256",),
+                threads=(1,),
+            )
+        )
+    return raw_rate(runs)
+
+
+def raw_rate(runs: list[Any]) -> float:
+    """The one-thread SoftHSM P-256 rate among bench.raw's runs (0 when absent)."""
+    for r in runs:
+        if (r.provider, r.key_type, r.inflight) == ("softhsm", "ec-p256", 1):
+            return float(r.rate)
+    return 0.0
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sign_many.json").write_text(json.dumps(result, indent=2) + "\n")
+    raw = result.get("raw_one_thread_per_s") or 0.0
+    lines = [
+        "# Many signatures per call (SignBatch, SignStream)",
+        "",
+        f"SoftHSM ECDSA P-256; raw one-thread token rate in the same run: {raw:,.0f}/s.",
+        "",
+        "| path | signatures/s | share of raw one-thread | failed |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in result["batch"]:
+        share = f"{row['signatures_per_s'] / raw:.0%}" if raw else "n/a"
+        lines.append(
+            f"| SignBatch of {row['batch']}, {row['inflight_batches']} in flight "
+            f"(p50 {row['batch_p50_ms']} ms per batch) | {row['signatures_per_s']:,.0f} "
+            f"| {share} | {row['failed']} |"
+        )
+    stream = result["stream"]
+    share = f"{stream['signatures_per_s'] / raw:.0%}" if raw else "n/a"
+    lines.append(
+        f"| one SignStream | {stream['signatures_per_s']:,.0f} | {share} | {stream['failed']} |"
+    )
+    (out / "sign_many.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.sign_many", description=__doc__)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    work = Path(tempfile.mkdtemp(prefix="edgekms-bench-many-"))
+    try:
+        raw = raw_one_thread(work, args.duration)
+        stack = stackrun.start(work / "data")
+        try:
+            result = run(stack, args.duration)
+        finally:
+            stack.stop()
+        result["raw_one_thread_per_s"] = raw
+        write(result, args.out)
+        print((args.out / "sign_many.md").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
