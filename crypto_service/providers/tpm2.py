@@ -110,6 +110,7 @@ from tpm2_pytss.types import (
     TPMT_TK_HASHCHECK,
 )
 
+from crypto_service.providers import oaep
 from crypto_service.providers.base import (
     Attestation,
     GeneratedKey,
@@ -923,18 +924,23 @@ class Tpm2Provider:
         label = oaep_label(aad)
 
         def rsa_decrypt(esys: Any, handle: Any, session: Any) -> bytes:
-            scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.OAEP)
-            scheme.details.oaep.hashAlg = TPM2_ALG.SHA256
+            # Raw RSA in the TPM (scheme NULL on a NULL-scheme key), OAEP decoded here as
+            # for PKCS#11: libtpms answers a wrong OAEP label with TPM_RC_FAILURE, which
+            # must not look like a broken TPM, and every provider refuses alike.
+            scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.NULL)
             try:
-                return bytes(esys.rsa_decrypt(handle, ciphertext, scheme, label, session1=session))
+                return bytes(esys.rsa_decrypt(handle, ciphertext, scheme, None, session1=session))
             except TSS2_Exception as exc:
-                # A wrong label or a damaged block is TPM_RC_VALUE on a parameter (not a
-                # handle): the same answer as every other failure to decrypt.
+                # TPM_RC_VALUE on the ciphertext parameter: not below the modulus.
                 if exc.error in (TPM2_RC.VALUE, TPM2_RC.SIZE) and exc.parameter:
                     raise failed from None
                 raise
 
-        return self._use_key("decrypt", key_id, record, rsa_decrypt)
+        block = self._use_key("decrypt", key_id, record, rsa_decrypt)
+        try:
+            return oaep.decode(block.rjust(size, b"\x00"), label, size)
+        except oaep.OaepError:
+            raise failed from None
 
     def destroy(self, key_id: bytes) -> None:
         """Remove the key's blob: without it the TPM can no longer load the key.

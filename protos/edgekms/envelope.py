@@ -19,6 +19,7 @@ for another key, or with other AAD, fails to decrypt.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ def bound_aad(key_name: str, key_version: int, aad: bytes) -> bytes:
 
 
 def oaep_label(bound: bytes) -> bytes:
-    """The RSA-OAEP label for `bound_aad` bytes: hex SHA-256 and a NUL, because a TPM takes
-    only NUL-terminated labels (TPM2_RSA_Decrypt) and every provider must agree."""
-    return hashlib.sha256(bound).hexdigest().encode("ascii") + b"\x00"
+    """The RSA-OAEP label for `bound_aad` bytes: unpadded base64url of its SHA-256 and a
+    NUL (44 bytes), because a TPM takes only NUL-terminated labels of at most 64 bytes
+    (TPM2B_DATA in TPM2_RSA_Decrypt) and every provider must agree."""
+    digest = base64.urlsafe_b64encode(hashlib.sha256(bound).digest()).rstrip(b"=")
+    return digest + b"\x00"
