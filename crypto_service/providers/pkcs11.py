@@ -901,6 +901,12 @@ class Pkcs11Provider:
         def raw_decrypt(priv: Any) -> bytes:
             if not priv[Attribute.DECRYPT]:
                 raise _NotPermitted()
+            # SoftHSM answers a value above the modulus with CKR_GENERAL_ERROR: refuse it
+            # here as what it is, a ciphertext no one made with this key.
+            if int.from_bytes(ciphertext, "big") >= int.from_bytes(
+                bytes(priv[Attribute.MODULUS]), "big"
+            ):
+                raise failed
             try:
                 block = bytes(priv.decrypt(ciphertext, mechanism=Mechanism.RSA_X_509))
             except (p11err.EncryptedDataInvalid, p11err.EncryptedDataLenRange, p11err.DataLenRange):

@@ -921,6 +921,13 @@ class Tpm2Provider:
         size = key_type_info(key_type).bits // 8
         if len(ciphertext) != size:
             raise failed
+        public_der, _ = self.public_key(key_id)
+        public = serialization.load_der_public_key(public_der)
+        assert isinstance(public, rsa.RSAPublicKey)
+        # libtpms answers a value above the modulus with TPM_RC_FAILURE (which reads as a
+        # broken TPM): refuse it here as what it is.
+        if int.from_bytes(ciphertext, "big") >= public.public_numbers().n:
+            raise failed
         label = oaep_label(aad)
 
         def rsa_decrypt(esys: Any, handle: Any, session: Any) -> bytes:
