@@ -124,7 +124,7 @@ class Broker:
             except Exception as exc:
                 raise Unavailable("audit.unavailable", f"no audit stream: {exc}") from None
 
-        crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout)
+        crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout, nodes=cfg.provider_nodes)
         # Clients, revocations and the failure throttle, consulted on every request.
         self.clients = ClientRegistry(self.nc.jetstream(), seal=cfg.seal)
         identities = IdentityCache(gate=AccessGate(self.clients, FailureThrottle()))
@@ -180,7 +180,12 @@ class Broker:
             self.clients,
             # Client certificates are signed with the internal CA's key, a key of
             # class "internal", through that class's subjects.
-            CryptoClient(self.nc, default_timeout=cfg.sign_timeout, key_class=KEY_CLASS_INTERNAL),
+            CryptoClient(
+                self.nc,
+                default_timeout=cfg.sign_timeout,
+                key_class=KEY_CLASS_INTERNAL,
+                nodes=cfg.provider_nodes,
+            ),
             identities,
             audit,
         )
