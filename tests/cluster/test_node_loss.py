@@ -70,6 +70,7 @@ async def _issue(store: CAStore, writer: audit.AuditWriter, load: Load, who: str
         )
 
     while not load.stop.is_set():
+        began = time.monotonic()
         try:
             record = await store_with_fresh_serial(
                 store, make, lambda: secrets.randbits(63) | (1 << 62)
@@ -84,7 +85,8 @@ async def _issue(store: CAStore, writer: audit.AuditWriter, load: Load, who: str
             continue
         load.issued.append(record.serial)
         load.crl_numbers.append(number)
-        if load.killed_at is not None and load.first_after_kill is None:
+        # Only an issuance begun after the kill shows the service answering again.
+        if load.killed_at is not None and began >= load.killed_at and not load.first_after_kill:
             load.first_after_kill = time.monotonic()
 
 
