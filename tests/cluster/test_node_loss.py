@@ -19,13 +19,15 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+import nats
 import nats.errors
 import nats.js.errors
+import pytest
 from nats.aio.client import Client
 
 from ca_service.store import CAStore, store_with_fresh_serial
 from edgekms import audit, kvstore
-from edgekms.errors import KMSError
+from edgekms.errors import KMSError, Unavailable
 from edgekms.v1 import ca_pb2
 from tests.audit.helpers import stored, verify_stream
 from tests.cluster.conftest import Cluster
@@ -191,3 +193,47 @@ async def test_kill_one_node_under_load_then_restart_the_cluster(
         assert info.config.num_replicas == 3
     finally:
         await nc.close()
+
+
+async def test_a_node_without_quorum_refuses_appends_and_loses_nothing(
+    ready_cluster: Cluster,
+) -> None:
+    """Two of three nodes gone (what a partition looks like from the one left): the
+    audit writer on the remaining node gets no acknowledgement and answers a typed
+    UNAVAILABLE instead of reporting a write that only one copy holds. Once the others
+    are back every acknowledged entry is there and the chain verifies."""
+    cluster = ready_cluster
+    nc = await cluster.connect(0, "setup")
+    await _set_up(nc)
+    await nc.close()
+    lone = await nats.connect(cluster.urls[0], max_reconnect_attempts=-1)
+    writer = audit.AuditWriter(lone.jetstream(timeout=2), "ca", timeout=2, replicas=3)
+    acknowledged = []
+    for i in range(5):
+        acknowledged.append((await writer.append("Before", "ok", target=f"b{i}")).entry["hash"])
+    cluster.kill(1)
+    cluster.kill(2)
+    with pytest.raises(Unavailable) as refused:
+        await writer.append("Alone", "ok", target="alone")
+    assert refused.value.reason == "audit.unavailable"
+    cluster.start(1)
+    cluster.start(2)
+    await cluster.wait_ready()
+    deadline = time.monotonic() + 60 * SLOWDOWN
+    while True:
+        try:
+            acknowledged.append((await writer.append("After", "ok", target="a")).entry["hash"])
+            break
+        except Unavailable:
+            assert time.monotonic() < deadline, "no quorum again after the nodes came back"
+            await asyncio.sleep(0.2)
+    js = lone.jetstream(timeout=10)
+    hashes = {
+        entry["hash"]
+        for _, raw, _ in await stored(js, audit.writer_stream("ca"))
+        for entry in audit.parse_message(raw)
+    }
+    assert set(acknowledged) <= hashes
+    report = await verify_stream(js)
+    assert report.ok, report.to_dict()
+    await lone.close()
