@@ -89,6 +89,7 @@ def test_provider_nodes_load(tmp_path: Path) -> None:
         ('provider_nodes = { hsm0 = "nas 1" }', "provider_nodes.hsm0 is not a node name"),
         ('provider_nodes = "nas1"', "'provider_nodes' must be a table"),
     ],
+    ids=["unknown-provider", "bad-node-name", "not-a-table"],
 )
 def test_bad_provider_nodes_are_refused(tmp_path: Path, extra: str, message: str) -> None:
     path = _broker(tmp_path, extra)

@@ -108,6 +108,7 @@ def test_more_brokers_follow_the_first_each_once(tmp_path: Path) -> None:
         ('["b.lan"]', "config.broker_invalid"),  # no port
         ("[" + ", ".join(f'"h{i}:1"' for i in range(17)) + "]", "config.field_invalid"),
     ],
+    ids=["a-string", "not-strings", "no-port", "too-many"],
 )
 def test_bad_brokers_list_is_refused(tmp_path: Path, value: str, reason: str) -> None:
     with pytest.raises(FailedPrecondition) as info:
