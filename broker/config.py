@@ -46,6 +46,7 @@ from typing import Any
 
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
+from edgekms.kvstore import parse_replicas
 from edgekms.sealed import RecordSeal, parse_seal_fields
 from edgekms.subjects import PROVIDER_ID_RE
 
@@ -92,6 +93,9 @@ class BrokerConfig:
     audit_limit: StreamLimit | None = None
     # provider -> the cluster node whose token it is (docs/cluster.md); empty on one box.
     provider_nodes: dict[str, str] = field(default_factory=dict)
+    # Copies of a bucket or its audit stream the broker creates (a cluster: 3); what
+    # exists keeps its own (edgekms.kvstore).
+    replicas: int = 1
 
 
 # A node name as nats-server's server_name and the docs use it.
@@ -137,6 +141,7 @@ KNOWN_FIELDS = frozenset(
         "ca",
         "enroll_listen",
         "provider_nodes",
+        "replicas",
         "tls",
         *BUS_FIELDS,
         *SEAL_FIELDS,
@@ -195,7 +200,11 @@ def load_config(path: Path) -> BrokerConfig:
     audit_limit, problems = parse_limit_fields(raw)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
+    replicas, problems = parse_replicas(raw)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
     return BrokerConfig(
+        replicas=replicas,
         bus=bus,
         seal=seal,
         listen=_field(raw, "listen", str, path),

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import nats.js.errors
 from nats.js import JetStreamContext, api
@@ -68,6 +70,15 @@ def check_replicas(replicas: int) -> int:
 
 # JetStream's own limit on a stream's copies.
 MAX_REPLICAS = 5
+
+
+def parse_replicas(raw: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """A service config's `replicas` (copies of a bucket or stream it creates, where
+    `kmsctl up` did not make it first): 1 by default; problems as "field: problem"."""
+    value = raw.get("replicas", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REPLICAS:
+        return 1, [f"replicas: must be an integer from 1 to {MAX_REPLICAS}"]
+    return value, []
 
 
 def bucket_config(spec: BucketSpec, replicas: int = 1) -> api.StreamConfig:

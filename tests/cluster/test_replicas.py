@@ -7,6 +7,8 @@ deployment names none."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edgekms import audit, kvstore
@@ -77,3 +79,62 @@ async def test_every_bucket_and_audit_stream_is_r3(ready_cluster: Cluster) -> No
         assert info.config.num_replicas == 3
     finally:
         await nc.close()
+
+
+async def test_services_create_what_is_missing_with_their_configured_replicas(
+    ready_cluster: Cluster,
+) -> None:
+    """Where nothing made them first (no `kmsctl up`), a service's own bucket and audit
+    stream get the `replicas` of its config: the CA's store and an audit writer here."""
+    from ca_service.store import CAStore
+
+    nc = await ready_cluster.connect(1)
+    try:
+        js = nc.jetstream(timeout=10)
+        await CAStore.open(js, replicas=3)
+        writer = audit.AuditWriter(js, "crypto-hsm-x", replicas=3)
+        await writer.ensure_stream()
+        await writer.append("Sign", "ok", target="k")
+        for name in (kvstore.stream_name("kms_ca"), audit.writer_stream("crypto-hsm-x")):
+            info = await js.stream_info(name)
+            assert info.config.num_replicas == 3, name
+    finally:
+        await nc.close()
+
+
+def test_service_configs_take_replicas(tmp_path: Path) -> None:
+    from broker.config import ConfigError
+    from broker.config import load_config as load_broker
+    from ca_service.config import CAConfigError, load_serve_config
+    from crypto_service.config import ConfigError as CryptoConfigError
+    from crypto_service.config import parse_config
+
+    broker = tmp_path / "broker.toml"
+    body = (
+        'listen = "127.0.0.1:8443"\nnats_url = "nats://127.0.0.1:4222"\n'
+        'default_provider = "hsm0"\nproviders = ["hsm0"]\n{extra}\n'
+        '[tls]\ncert = "b.crt"\nkey = "b.key"\nclient_ca = "ca.crt"\n'
+    )
+    broker.write_text(body.format(extra="replicas = 3"))
+    assert load_broker(broker).replicas == 3
+    broker.write_text(body.format(extra=""))
+    assert load_broker(broker).replicas == 1
+    broker.write_text(body.format(extra="replicas = 7"))
+    with pytest.raises(ConfigError, match="replicas: must be an integer from 1 to 5"):
+        load_broker(broker)
+
+    ca = tmp_path / "ca.toml"
+    ca.write_text('nats_url = "nats://127.0.0.1:4222"\nreplicas = 3\n')
+    assert load_serve_config(ca).replicas == 3
+    ca.write_text('nats_url = "nats://127.0.0.1:4222"\nreplicas = "three"\n')
+    with pytest.raises(CAConfigError, match="replicas: must be an integer"):
+        load_serve_config(ca)
+
+    crypto = {
+        "provider_id": "hsm0",
+        "nats_url": "nats://127.0.0.1:4222",
+        "pkcs11": {"module": "/x.so", "token_label": "t", "pin_env": "PIN"},
+    }
+    assert parse_config({**crypto, "replicas": 3}).replicas == 3
+    with pytest.raises(CryptoConfigError, match="replicas: must be an integer"):
+        parse_config({**crypto, "replicas": 0})
