@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # `make test-arm ARCHES=armhf` runs one architecture only.
 ARCHES ?=
 
-.PHONY: setup run test lint typecheck protos check-protos lock bench test-board test-arm clean
+.PHONY: setup run test lint typecheck protos check-protos lock bench bench-cluster test-board test-arm clean
 
 setup:
 	@./scripts/bootstrap.sh
@@ -43,6 +43,11 @@ lock:
 bench:
 	@WITH_BENCH=1 ./scripts/bootstrap.sh
 	$(BIN)/python -m bench
+
+# One node against a three-node JetStream cluster on this machine (docs/cluster.md),
+# about a minute: bench/results/cluster.md.
+bench-cluster:
+	$(BIN)/python -m bench.cluster
 
 # The end-to-end subset (tests/board-subset.txt) on the board's package versions
 # (requirements-board.txt, Yocto scarthgap's), in a second venv on this machine.

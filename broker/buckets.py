@@ -38,7 +38,9 @@ async def open_bucket(
 ) -> KeyValue:
     """The bucket, created if it does not exist yet: with the stack's settings for it
     (edgekms.kvstore: no rollups, no purge or delete), else with these."""
-    return await kvstore.open_kv(js, kvstore.spec_for(bucket, description, history, ttl or 0.0))
+    return await kvstore.open_kv(
+        js, kvstore.spec_for(bucket, description, history, ttl or 0.0), replicas
+    )
 
 
 class FollowedBucket:

@@ -30,10 +30,15 @@ Its audit stream's limits, where the broker creates that stream itself (no `kmsc
 as on the board): sized to the JetStream store, which refuses what it cannot reserve.
 audit_max_bytes = "96MiB"     # B, KiB, MiB or GiB; default 2GiB
 audit_max_msgs = 1000000      # optional; default 20000000
+
+On a cluster (docs/cluster.md), where each provider is one node's token: the node of
+each provider, named in the UNAVAILABLE a key's operations answer while that node is down.
+provider_nodes = { hsm-a = "nas1", hsm-b = "nas2" }
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +46,7 @@ from typing import Any
 
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
+from edgekms.kvstore import parse_replicas
 from edgekms.sealed import RecordSeal, parse_seal_fields
 from edgekms.subjects import PROVIDER_ID_RE
 
@@ -85,6 +91,28 @@ class BrokerConfig:
     # Its audit stream's limits where the broker creates it (no `kmsctl up`: the board);
     # None: edgekms.audit's defaults (2 GiB). docs/security.md, "Sizing for a board".
     audit_limit: StreamLimit | None = None
+    # provider -> the cluster node whose token it is (docs/cluster.md); empty on one box.
+    provider_nodes: dict[str, str] = field(default_factory=dict)
+    # Copies of a bucket or its audit stream the broker creates (a cluster: 3); what
+    # exists keeps its own (edgekms.kvstore).
+    replicas: int = 1
+
+
+# A node name as nats-server's server_name and the docs use it.
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _provider_nodes(raw: dict[str, Any], providers: tuple[str, ...], path: Path) -> dict[str, str]:
+    """provider_nodes: each key one of `providers`, each value a node name."""
+    table = raw.get("provider_nodes", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'provider_nodes' must be a table of provider = node")
+    for provider, node in table.items():
+        if provider not in providers:
+            raise ConfigError(f"{path}: provider_nodes names {provider!r}, not in providers")
+        if not isinstance(node, str) or not NODE_NAME_RE.match(node):
+            raise ConfigError(f"{path}: provider_nodes.{provider} is not a node name")
+    return dict(table)
 
 
 def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
@@ -112,6 +140,8 @@ KNOWN_FIELDS = frozenset(
         "keepalive_timeout",
         "ca",
         "enroll_listen",
+        "provider_nodes",
+        "replicas",
         "tls",
         *BUS_FIELDS,
         *SEAL_FIELDS,
@@ -170,7 +200,11 @@ def load_config(path: Path) -> BrokerConfig:
     audit_limit, problems = parse_limit_fields(raw)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
+    replicas, problems = parse_replicas(raw)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
     return BrokerConfig(
+        replicas=replicas,
         bus=bus,
         seal=seal,
         listen=_field(raw, "listen", str, path),
@@ -187,4 +221,5 @@ def load_config(path: Path) -> BrokerConfig:
         ca=ca,
         enroll_listen=str(raw.get("enroll_listen", "")),
         audit_limit=audit_limit,
+        provider_nodes=_provider_nodes(raw, providers, path),
     )

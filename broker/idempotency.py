@@ -128,8 +128,10 @@ class IdempotencyStore:
         takeover_after: float = DEFAULT_TAKEOVER,
         bucket: str = IDEMPOTENCY_BUCKET,
         clock: Callable[[], float] = time.time,
+        replicas: int = 1,
     ):
         self._js = js
+        self._replicas = replicas
         self._ttl = ttl
         self._bucket = bucket
         self.takeover_after = takeover_after
@@ -143,6 +145,7 @@ class IdempotencyStore:
             self._js,
             self._bucket,
             history=1,
+            replicas=self._replicas,
             ttl=self._ttl,
             description="EdgeKMS request ids: claims and answers of state-changing calls",
         )

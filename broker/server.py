@@ -114,9 +114,11 @@ class Broker:
             **self.bus_watch.options(),
             **cfg.bus.connect_options(),
         )
-        self.registry = KeyRegistry(self.nc.jetstream(), seal=cfg.seal)
+        self.registry = KeyRegistry(self.nc.jetstream(), replicas=cfg.replicas, seal=cfg.seal)
         # The audit stream exists before the first request: no decision goes unrecorded.
-        audit = AuditWriter(self.nc.jetstream(), "broker", limit=cfg.audit_limit)
+        audit = AuditWriter(
+            self.nc.jetstream(), "broker", limit=cfg.audit_limit, replicas=cfg.replicas
+        )
 
         async def audit_stream() -> None:
             try:
@@ -124,12 +126,12 @@ class Broker:
             except Exception as exc:
                 raise Unavailable("audit.unavailable", f"no audit stream: {exc}") from None
 
-        crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout)
+        crypto = CryptoClient(self.nc, default_timeout=cfg.sign_timeout, nodes=cfg.provider_nodes)
         # Clients, revocations and the failure throttle, consulted on every request.
-        self.clients = ClientRegistry(self.nc.jetstream(), seal=cfg.seal)
+        self.clients = ClientRegistry(self.nc.jetstream(), replicas=cfg.replicas, seal=cfg.seal)
         identities = IdentityCache(gate=AccessGate(self.clients, FailureThrottle()))
         # Request ids of state-changing calls (broker/idempotency.py).
-        idempotency = IdempotencyStore(self.nc.jetstream())
+        idempotency = IdempotencyStore(self.nc.jetstream(), replicas=cfg.replicas)
         # Each is a few JetStream round trips of its own: opened side by side, the broker
         # listens sooner. All of them finish before it listens; the first failure stops it.
         opened = await asyncio.gather(
@@ -180,7 +182,12 @@ class Broker:
             self.clients,
             # Client certificates are signed with the internal CA's key, a key of
             # class "internal", through that class's subjects.
-            CryptoClient(self.nc, default_timeout=cfg.sign_timeout, key_class=KEY_CLASS_INTERNAL),
+            CryptoClient(
+                self.nc,
+                default_timeout=cfg.sign_timeout,
+                key_class=KEY_CLASS_INTERNAL,
+                nodes=cfg.provider_nodes,
+            ),
             identities,
             audit,
         )

@@ -32,6 +32,7 @@ from edgekms.audit import AUDIT_FIELDS, parse_limit_fields
 from edgekms.busauth import parse_bus_fields
 from edgekms.durations import parse_crl_lifetime
 from edgekms.errors import InvalidArgument
+from edgekms.kvstore import parse_replicas
 from edgekms.sealed import WRITER_CA, parse_seal_fields
 
 
@@ -54,6 +55,7 @@ KNOWN_FIELDS = frozenset(
         "acme",
         "crl_lifetime",
         "seal_counter_file",
+        "replicas",
         *AUDIT_FIELDS,
     }
 )
@@ -108,7 +110,11 @@ def load_serve_config(path: Path) -> ServeConfig:
     audit_limit, problems = parse_limit_fields(raw)
     if problems:
         raise CAConfigError(f"{path}: {problems[0]}")
+    replicas, problems = parse_replicas(raw)
+    if problems:
+        raise CAConfigError(f"{path}: {problems[0]}")
     return ServeConfig(
+        replicas=replicas,
         acme=acme,
         crl_validity=crl_validity,
         audit_limit=audit_limit,

@@ -178,6 +178,9 @@ class ServeConfig:
     # Its audit stream's limits where it creates that stream itself (ca.toml
     # audit_max_bytes/audit_max_msgs, the board); None: edgekms.audit's defaults.
     audit_limit: StreamLimit | None = None
+    # Copies of the bucket or audit stream the CA creates (a cluster: 3); what exists
+    # keeps its own (edgekms.kvstore).
+    replicas: int = 1
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -200,7 +203,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         **config.bus.connect_options(),
     )
     try:
-        store = await CAStore.open(nc.jetstream(), config.bucket, config.seal)
+        store = await CAStore.open(nc.jetstream(), config.bucket, config.seal, config.replicas)
         ca = CertificateAuthority(
             store,
             # The CA's keys are of class "ca": only this service may use them.
@@ -215,7 +218,12 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             from ca_service.acme.server import AcmeServer
             from edgekms.audit import AuditWriter
 
-            audit = AuditWriter(nc.jetstream(), SERVICE_NAME_AUDIT, limit=config.audit_limit)
+            audit = AuditWriter(
+                nc.jetstream(),
+                SERVICE_NAME_AUDIT,
+                limit=config.audit_limit,
+                replicas=config.replicas,
+            )
             # kmsctl up makes the stream first; a CA run on its own makes it (the CA's bus
             # grant allows creating KMS_AUDIT, nothing else).
             await audit.ensure_stream()

@@ -80,14 +80,14 @@ class CAStore:
 
     @classmethod
     async def open(
-        cls, js: Any, bucket: str = CA_BUCKET, seal: RecordSeal | None = None
+        cls, js: Any, bucket: str = CA_BUCKET, seal: RecordSeal | None = None, replicas: int = 1
     ) -> CAStore:
         """The bucket, made if absent; with `seal` every value is signed as the CA on
         write and verified on read (edgekms.sealed), a tampered one refused."""
         from edgekms import kvstore
 
         # No rollups, no purge or delete: edgekms.kvstore.
-        kv = await kvstore.open_kv(js, kvstore.spec_for(bucket, "EdgeKMS mini-CA state"))
+        kv = await kvstore.open_kv(js, kvstore.spec_for(bucket, "EdgeKMS mini-CA state"), replicas)
         return cls(js, sealed(kv, bucket, seal), bucket)
 
     # ---- the CA itself -------------------------------------------------------------------

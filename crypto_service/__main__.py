@@ -103,7 +103,12 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
 
     # This service's own audit writer: it records the refusals of keys used through
     # another class's subjects (docs/security.md, "Keys bound to their owners").
-    audit = AuditWriter(nc.jetstream(), f"crypto-{config.provider_id}", limit=config.audit_limit)
+    audit = AuditWriter(
+        nc.jetstream(),
+        f"crypto-{config.provider_id}",
+        limit=config.audit_limit,
+        replicas=config.replicas,
+    )
     try:
         # Its own stream (edgekms.audit: one per writer); `kmsctl up` makes it first.
         await audit.ensure_stream()

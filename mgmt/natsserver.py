@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from edgekms.errors import FailedPrecondition
 from mgmt import subprocs
@@ -113,6 +114,44 @@ def check_version(binary: str, timeout: float = 15.0) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """This node's part in a JetStream cluster (docs/cluster.md): nats-server's routes
+    carry messages between nodes, and JetStream's Raft groups keep each stream's copies.
+    Every node names the same cluster and the same route credentials; `server_name`
+    (NatsServerConfig) must differ per node, as JetStream's peers are known by it."""
+
+    name: str
+    port: int
+    host: str = "127.0.0.1"
+    # The other nodes' route listeners, host:port each (this node's own may be in the
+    # list: nats-server skips it), so one list can be given to every node.
+    routes: tuple[str, ...] = ()
+    # Routes authenticate with a shared user and password: without, any process that
+    # reaches the route port joins the cluster and sees every message.
+    user: str = "edgekms-route"
+    password: str = ""
+
+    def render(self) -> list[str]:
+        if not self.password:
+            raise NatsServerError(f"cluster {self.name}: routes need a password")
+        creds = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
+        urls = [f"nats-route://{creds}@{route}" for route in self.routes]
+        return [
+            "cluster: {",
+            f"  name: {json.dumps(self.name)}",
+            f"  host: {json.dumps(self.host)}",
+            f"  port: {self.port}",
+            "  authorization: {",
+            f"    user: {json.dumps(self.user)}",
+            f"    password: {json.dumps(self.password)}",
+            "    timeout: 2",
+            "  }",
+            f"  routes: {json.dumps(urls)}",
+            "}",
+        ]
+
+
+@dataclass(frozen=True)
 class NatsServerConfig:
     store_dir: Path
     port: int = 4222
@@ -128,6 +167,8 @@ class NatsServerConfig:
     # free space at start. A board sets it so the store can never fill its data
     # partition, and so every stream's max_bytes is reserved against a known figure.
     max_file_store: int | None = None
+    # A node of a JetStream cluster; None: the single embedded server.
+    cluster: ClusterConfig | None = None
 
     def render(self) -> str:
         # JSON is valid NATS config syntax, and json.dumps quotes paths safely.
@@ -152,6 +193,8 @@ class NatsServerConfig:
             ]
         if self.authorization is not None:
             lines.append(self.authorization)
+        if self.cluster is not None:
+            lines += self.cluster.render()
         return "\n".join([*lines, ""])
 
 

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import logging
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -19,8 +20,61 @@ from mgmt.cli.output import echo_json, fail, handle_errors, table
 
 if TYPE_CHECKING:
     from mgmt import stacklock
+    from mgmt.stack import StackOptions
 
 log = logging.getLogger("kmsctl.up")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """Everything `kmsctl up` was given, as click parsed it: one field per option of `up`
+    (same name as its parameter), so an option is declared once, in its decorator, and
+    travels as one object. Adding an option: a decorator on `up` and a field here (a
+    test checks the two agree); `stack_options` passes it on if the stack needs it."""
+
+    data_dir: Path
+    nats_port: int
+    broker_listen: str
+    enroll_listen: str
+    tpm: str | None
+    swtpm_port: int | None
+    ca_http: str
+    ca_base_url: str
+    ca_provider: str
+    acme_listen: str
+    acme_names: tuple[str, ...]
+    acme_config: Path | None
+    ca_crl_lifetime: str
+    audit_limits: tuple[str, ...]
+    log_level: str
+    log_format: str
+    log_max_bytes: int
+    log_backups: int
+    start_timeout: float
+
+    def stack_options(self, audit_limits: dict[str, tuple[int, int]]) -> StackOptions:
+        """The supervisor's options (mgmt.stack); `audit_limits` already parsed."""
+        from mgmt.stack import StackOptions
+
+        return StackOptions(
+            data_dir=self.data_dir,
+            nats_port=self.nats_port,
+            broker_listen=self.broker_listen,
+            enroll_listen=self.enroll_listen,
+            tpm=self.tpm,
+            ca_http=self.ca_http,
+            ca_base_url=self.ca_base_url,
+            ca_provider=self.ca_provider,
+            acme_listen=self.acme_listen,
+            acme_names=self.acme_names,
+            acme_config=self.acme_config,
+            ca_crl_lifetime=self.ca_crl_lifetime,
+            log_level=self.log_level.lower(),
+            log_max_bytes=self.log_max_bytes,
+            log_backups=self.log_backups,
+            audit_limits=audit_limits,
+            start_timeout=self.start_timeout,
+        )
 
 
 @click.command()
@@ -150,27 +204,7 @@ log = logging.getLogger("kmsctl.up")
     help="How long each service may take to become ready before kmsctl up gives up. "
     "Raise it on a slow board or under emulation (qemu-user: 20x).",
 )
-def up(
-    data_dir: Path,
-    nats_port: int,
-    broker_listen: str,
-    enroll_listen: str,
-    tpm: str | None,
-    swtpm_port: int | None,
-    ca_http: str,
-    ca_base_url: str,
-    ca_provider: str,
-    acme_listen: str,
-    acme_names: tuple[str, ...],
-    acme_config: Path | None,
-    ca_crl_lifetime: str,
-    audit_limits: tuple[str, ...],
-    log_level: str,
-    log_format: str,
-    log_max_bytes: int,
-    log_backups: int,
-    start_timeout: float,
-) -> None:
+def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
     \b
@@ -203,43 +237,23 @@ def up(
     sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
     from mgmt import stacklock
 
+    options = UpOptions(**params)
     # Absolute, as the children's command lines name it (a takeover recognises them so).
-    data_dir = data_dir.expanduser().resolve()
-    setup_logging("kmsctl-up", log_level, log_format)
+    options = replace(options, data_dir=options.data_dir.expanduser().resolve())
+    setup_logging("kmsctl-up", options.log_level, options.log_format)
     # Options that are usage errors refuse before the lock, which makes DATA_DIR/run.
-    _audit_limits(audit_limits)
-    _check_crl_lifetime(ca_crl_lifetime)
+    _audit_limits(options.audit_limits)
+    _check_crl_lifetime(options.ca_crl_lifetime)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
     # second and leaves the data dir as it was.
     try:
-        lock = stacklock.acquire(data_dir / "run")
+        lock = stacklock.acquire(options.data_dir / "run")
     except KMSError as exc:
         _refuse(exc)
     try:
-        _take_over_and_check(
-            data_dir, lock, nats_port, broker_listen, enroll_listen, ca_http, acme_listen
-        )
-        _run_up(
-            data_dir,
-            nats_port,
-            broker_listen,
-            enroll_listen,
-            tpm,
-            swtpm_port,
-            ca_http,
-            ca_base_url,
-            ca_provider,
-            acme_listen,
-            acme_names,
-            acme_config,
-            ca_crl_lifetime,
-            audit_limits,
-            start_timeout,
-            log_level,
-            log_max_bytes,
-            log_backups,
-        )
+        _take_over_and_check(options, lock)
+        _run_up(options)
     finally:
         lock.release()
 
@@ -248,19 +262,12 @@ def _refuse(exc: KMSError) -> NoReturn:
     fail(exc)
 
 
-def _take_over_and_check(
-    data_dir: Path,
-    lock: stacklock.StackLock,
-    nats_port: int,
-    broker_listen: str,
-    enroll_listen: str,
-    ca_http: str,
-    acme_listen: str,
-) -> None:
+def _take_over_and_check(options: UpOptions, lock: stacklock.StackLock) -> None:
     """Holding the lock, no live supervisor runs on this data dir: end what a killed one
     left running there, then check that every port the stack needs is free."""
     from mgmt import stacklock
 
+    data_dir = options.data_dir
     reaped = stacklock.reap_orphans(data_dir)
     # The last supervisor's state (perhaps "ready", with dead pids) no longer holds.
     (data_dir / "run" / stacklock.STATE_NAME).unlink(missing_ok=True)
@@ -270,66 +277,31 @@ def _take_over_and_check(
             extra=fields(previous_pid=lock.previous_pid, ended=reaped),
         )
     try:
-        broker = stacklock.split_listen("--broker-listen", broker_listen)
+        broker = stacklock.split_listen("--broker-listen", options.broker_listen)
+        acme_listen = options.acme_listen
         acme = {"--acme": stacklock.split_listen("--acme", acme_listen)} if acme_listen else {}
         stacklock.check_ports(
             {
                 **acme,
-                "--nats-port": ("127.0.0.1", nats_port),
+                "--nats-port": ("127.0.0.1", options.nats_port),
                 "--broker-listen": broker,
                 # Its default: the broker's host, the port after the broker's (mgmt.stack).
                 "--enroll-listen": stacklock.split_listen(
-                    "--enroll-listen", enroll_listen or f"{broker[0]}:{broker[1] + 1}"
+                    "--enroll-listen", options.enroll_listen or f"{broker[0]}:{broker[1] + 1}"
                 ),
-                "--ca-http": stacklock.split_listen("--ca-http", ca_http),
+                "--ca-http": stacklock.split_listen("--ca-http", options.ca_http),
             }
         )
     except KMSError as exc:
         _refuse(exc)
 
 
-def _run_up(
-    data_dir: Path,
-    nats_port: int,
-    broker_listen: str,
-    enroll_listen: str,
-    tpm: str | None,
-    swtpm_port: int | None,
-    ca_http: str,
-    ca_base_url: str,
-    ca_provider: str,
-    acme_listen: str,
-    acme_names: tuple[str, ...],
-    acme_config: Path | None,
-    ca_crl_lifetime: str,
-    audit_limits: tuple[str, ...],
-    start_timeout: float,
-    log_level: str,
-    log_max_bytes: int,
-    log_backups: int,
-) -> None:
-    from mgmt.stack import StackError, StackOptions, run_stack
+def _run_up(up_options: UpOptions) -> None:
+    from mgmt.stack import StackError, run_stack
 
-    options = StackOptions(
-        data_dir=data_dir,
-        nats_port=nats_port,
-        broker_listen=broker_listen,
-        enroll_listen=enroll_listen,
-        tpm=tpm,
-        ca_http=ca_http,
-        ca_base_url=ca_base_url,
-        ca_provider=ca_provider,
-        acme_listen=acme_listen,
-        acme_names=acme_names,
-        acme_config=acme_config,
-        ca_crl_lifetime=ca_crl_lifetime,
-        log_level=log_level.lower(),
-        log_max_bytes=log_max_bytes,
-        log_backups=log_backups,
-        audit_limits=_audit_limits(audit_limits),
-        start_timeout=start_timeout,
-    )
-    if swtpm_port is not None:
+    options = up_options.stack_options(_audit_limits(up_options.audit_limits))
+    data_dir, ca_provider = up_options.data_dir, up_options.ca_provider
+    if up_options.swtpm_port is not None:
         click.echo(
             "kmsctl up: --swtpm-port is ignored: swtpm listens on Unix sockets only this user"
             " may open (DATA_DIR/swtpm/swtpm.sock)",
@@ -347,7 +319,7 @@ def _run_up(
         with contextlib.suppress(OSError):
             pointer.append(stackstate.announce(data_dir))
         click.echo(
-            f"EdgeKMS is up: broker {broker_listen}, NATS 127.0.0.1:{nats_port}, "
+            f"EdgeKMS is up: broker {options.broker_listen}, NATS 127.0.0.1:{options.nats_port}, "
             f"data in {data_dir}. Client config: {client_config_path(data_dir)}. Ctrl-C stops.",
             err=True,
         )

@@ -169,12 +169,15 @@ def stream_config(
     writer: str = "broker",
     max_bytes: int | None = None,
     writer_quota: int = DEFAULT_WRITER_QUOTA,
+    replicas: int = 1,
 ) -> api.StreamConfig:
     """One writer's stream. Append-only, whole by construction: nothing expires, nothing
     is discarded, and nobody can delete, purge or roll up entries (deny_delete,
     deny_purge, no rollup headers, no per-message TTL: settings that cannot be undone on
     a stream, which is the point). The chain detects a deletion anyway; now there is none
-    to detect. Full is refused (audit.full), never made room for by dropping entries."""
+    to detect. Full is refused (audit.full), never made room for by dropping entries.
+    `replicas`: copies on a JetStream cluster (docs/cluster.md); nats-server's
+    `sync_interval: always` makes each copy fsync before the append is acknowledged."""
     return api.StreamConfig(
         name=writer_stream(writer),
         subjects=[audit_subject(writer)],
@@ -185,7 +188,7 @@ def stream_config(
         max_bytes=default_max_bytes(writer) if max_bytes is None else max_bytes,
         max_msg_size=MAX_MESSAGE_BYTES,
         max_age=0,
-        num_replicas=1,
+        num_replicas=replicas,
         allow_direct=True,
         deny_delete=True,
         deny_purge=True,
@@ -316,18 +319,21 @@ async def harden_stream(
     js: JetStreamContext,
     writers: tuple[str, ...] | list[str] = ("broker",),
     limits: Mapping[str, tuple[int, int]] | None = None,
+    replicas: int | None = None,
 ) -> bool:
     """Close the legacy stream, then make each writer's stream, or bring one an older
     version made to stream_config's rules (`kmsctl up` does this at start with a grant no
     service holds). `limits`: writer -> (max_bytes, max_msgs), the deployment's choice,
     applied to new and existing streams alike; without, a new stream gets the defaults
-    and an existing one keeps the limits it has. True if anything changed."""
+    and an existing one keeps the limits it has. `replicas` likewise: a new stream gets
+    that many copies (None: one), an existing one is scaled to it only if given. True if
+    anything changed."""
     changed = await _close_legacy(js)
     limits = limits or {}
     for writer in writers:
         explicit = writer in limits
         max_bytes, quota = limits.get(writer, (default_max_bytes(writer), DEFAULT_WRITER_QUOTA))
-        want = stream_config(writer, max_bytes, quota)
+        want = stream_config(writer, max_bytes, quota, replicas or 1)
         try:
             info = await js.stream_info(want.name or "")
         except nats.js.errors.NotFoundError:
@@ -346,6 +352,8 @@ async def harden_stream(
                 or not (name in ("max_bytes", "max_msgs") and (getattr(current, name) or 0) > 0)
             )
         }
+        if replicas is not None and (current.num_replicas or 1) != replicas:
+            changes["num_replicas"] = replicas
         if changes:
             await js.update_stream(dataclasses.replace(current, **changes))
             log.warning(
@@ -622,11 +630,14 @@ class AuditWriter:
         max_batch_entries: int = MAX_BATCH_ENTRIES,
         max_batch_bytes: int = MAX_BATCH_BYTES,
         limit: StreamLimit | None = None,
+        replicas: int = 1,
     ) -> None:
         self.js = js
         self.writer = writer
         # The deployment's limits for a stream this writer creates (None: the defaults).
         self.limit = limit
+        # Copies of a stream this writer creates (a cluster's choice; one otherwise).
+        self.replicas = replicas
         self.subject = audit_subject(writer)
         self.stream = writer_stream(writer)
         self.timeout = timeout
@@ -645,9 +656,11 @@ class AuditWriter:
         change it (its bus grant holds no STREAM.UPDATE), so a compromised one cannot
         shrink its stream to cut entries off. A difference is logged for the operator."""
         want = (
-            stream_config(self.writer)
+            stream_config(self.writer, replicas=self.replicas)
             if self.limit is None
-            else stream_config(self.writer, self.limit.max_bytes, self.limit.max_msgs)
+            else stream_config(
+                self.writer, self.limit.max_bytes, self.limit.max_msgs, replicas=self.replicas
+            )
         )
         try:
             info = await self.js.stream_info(self.stream)

@@ -5,6 +5,13 @@ carries digests, see docs/design.md) and turns every gRPC failure back into the 
 edgekms.errors exception the broker raised, so callers never see a raw grpc.RpcError.
 Every call has a deadline: a broker that hangs must not hang the caller.
 
+Several brokers (a cluster, docs/cluster.md): given a list of addresses, a call that
+finds its broker UNAVAILABLE moves to the next one, and stays there. A request is sent
+again only when doing it twice cannot do it twice: reads, and state changes carrying a
+request_id (the brokers share the idempotency bucket, so the second broker answers the
+first one's result). Any other state change moves on only if its broker could not be
+reached before it was sent (see `resendable`).
+
     with KMSClient.from_config(path) as kms:
         kms.create_key("web", "ec-p256")
         sig = kms.sign("web", b"hello")
@@ -17,7 +24,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -70,6 +77,52 @@ _CRL_ATTEMPTS = 3
 
 # Failures after which the same request may be sent again (edgekms.v1.ErrorCode names).
 RETRYABLE = frozenset({"ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"})
+
+
+# Methods that change nothing: sent again, to the same broker or the next, at no risk.
+READ_ONLY = frozenset(
+    {
+        "GetKey",
+        "ListKeys",
+        "GetPublicKey",
+        "Verify",
+        "AttestKey",
+        "ListClients",
+        "GetStatus",
+        "WhoAmI",
+        "GetCertificate",
+        "ListCertificates",
+        "ListEnrollTokens",
+        "ListDevices",
+        "GetDevice",
+        "GetCRL",
+        "GetRootCRL",
+        "GetIssuerCRL",
+        "GetCACertificates",
+        "ListProfiles",
+        "ListAcmeAccounts",
+        "ListAcmeEab",
+        "GetAcmePolicy",
+        # Use a key without changing anything: sent again, they only cost another audit
+        # entry.
+        "SignBatch",
+        "Encrypt",
+        "Decrypt",
+        "GenerateDataKey",
+    }
+)
+# How long a call waits for a broker's connection before a state change without a
+# request_id moves to the next broker (it is never sent twice).
+CONNECT_WAIT = 3.0
+
+
+def resendable(method: str, request: object) -> bool:
+    """May this request be sent again after a failure that left its fate unknown? Reads
+    may; a state change only with a request_id (the broker, any broker, does it once:
+    broker/idempotency.py). A method not known to be a read counts as a state change."""
+    if method in READ_ONLY:
+        return True
+    return bool(getattr(request, "request_id", ""))
 
 
 def new_request_id() -> str:
@@ -159,7 +212,7 @@ class KMSClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         ca_cert: bytes,
         cert: bytes,
@@ -169,28 +222,77 @@ class KMSClient:
         retries: int = 0,
         retry_wait: float = 0.25,
     ) -> None:
-        credentials = grpc.ssl_channel_credentials(
+        targets = [target] if isinstance(target, str) else list(dict.fromkeys(target))
+        if not targets:
+            raise InvalidArgument("config.broker_missing", "no broker address to dial")
+        self._credentials = grpc.ssl_channel_credentials(
             root_certificates=ca_cert, private_key=key, certificate_chain=cert
         )
-        options: list[tuple[str, str | int]] = []
+        self._options: list[tuple[str, str | int]] = []
         if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-            options.append(("grpc.default_authority", server_name))
-        self.target = target
+            self._options.append(("grpc.ssl_target_name_override", server_name))
+            self._options.append(("grpc.default_authority", server_name))
+        # Every broker this client may use, in order of preference; `target` is the one
+        # in use (after a failover, the one that answered).
+        self.targets = targets
+        self._active = 0
+        self._channels: dict[int, grpc.Channel] = {}
         self.timeout = timeout
-        # Calls failing UNAVAILABLE / DEADLINE_EXCEEDED are sent again, up to `retries`
-        # times, as the same request: state changes keep their request_id, so the
-        # broker does them once (broker/idempotency.py).
+        # Calls failing UNAVAILABLE / DEADLINE_EXCEEDED are sent again, to the next
+        # broker first, up to `retries` rounds, as the same request, if `resendable`.
         self.retries = retries
         self.retry_wait = retry_wait
-        self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
-        self._system = keys_pb2_grpc.SystemServiceStub(self._channel)
-        self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
-        self._clients = clients_pb2_grpc.ClientServiceStub(self._channel)
-        self._audit = audit_pb2_grpc.AuditServiceStub(self._channel)
-        self._devices = enroll_pb2_grpc.DeviceServiceStub(self._channel)
         self._key_types: dict[str, KeyType] = {}
+        self._use(0)
+
+    @property
+    def target(self) -> str:
+        return self.targets[self._active]
+
+    @property
+    def _channel(self) -> grpc.Channel:
+        return self._channels[self._active]
+
+    def _use(self, index: int) -> None:
+        """Point the stubs at broker `index` (its channel made on first use)."""
+        channel = self._channels.get(index)
+        if channel is None:
+            channel = grpc.secure_channel(
+                self.targets[index], self._credentials, options=self._options
+            )
+            self._channels[index] = channel
+        self._active = index
+        self._keys = keys_pb2_grpc.KeyServiceStub(channel)
+        self._system = keys_pb2_grpc.SystemServiceStub(channel)
+        self._ca = ca_pb2_grpc.CertificateAuthorityStub(channel)
+        self._clients = clients_pb2_grpc.ClientServiceStub(channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(channel)
+        self._devices = enroll_pb2_grpc.DeviceServiceStub(channel)
+
+    def _stub_of(self, method: str, fn: object) -> str:
+        """Which stub attribute `fn` (a bound method of the active broker's) is on."""
+        for name in ("_keys", "_system", "_ca", "_clients", "_audit", "_devices"):
+            if getattr(getattr(self, name), method, None) is fn:
+                return name
+        raise AssertionError(f"{method} is not a method of this client's stubs")
+
+    def _reachable(self, seconds: float) -> bool:
+        """Does the active broker's channel connect within `seconds`?"""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=seconds)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
+    def _next_reachable(self, seconds: float) -> bool:
+        """Move to the first broker, from the active one on, that connects; False if
+        none does."""
+        for step in range(len(self.targets)):
+            index = (self._active + step) % len(self.targets)
+            self._use(index)
+            if self._reachable(seconds):
+                return True
+        return False
 
     @classmethod
     def from_config(
@@ -204,7 +306,7 @@ class KMSClient:
         config = load_client_config(Path(path).expanduser())
         ca_cert, cert, key = config.read_credentials()
         return cls(
-            config.broker,
+            list(config.brokers),
             ca_cert=ca_cert,
             cert=cert,
             key=key,
@@ -221,7 +323,15 @@ class KMSClient:
     ) -> _Resp:
         deadline = self.timeout if timeout is None else timeout
         started = time.monotonic()
+        again = resendable(method, request)
+        stub = self._stub_of(method, fn) if len(self.targets) > 1 else ""
+        if stub and not again and not self._reachable(min(deadline, CONNECT_WAIT)):
+            # Sent at most once: moved before sending, never after.
+            if self._next_reachable(min(deadline, CONNECT_WAIT)):
+                log.info("rpc.failover method=%s target=%s", method, self.target)
+            fn = getattr(getattr(self, stub), method)
         attempt = 0
+        tried = 1
         while True:
             try:
                 response = fn(request, timeout=deadline)
@@ -229,16 +339,30 @@ class KMSClient:
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc)
                 log.debug(
-                    "rpc.failed method=%s reason=%s code=%s attempt=%d elapsed_ms=%d",
+                    "rpc.failed method=%s reason=%s code=%s attempt=%d target=%s elapsed_ms=%d",
                     method,
                     err.reason,
                     err.code_name,
                     attempt,
+                    self.target,
                     (time.monotonic() - started) * 1000,
                 )
-                if attempt >= self.retries or err.code_name not in RETRYABLE:
+                if err.code_name not in RETRYABLE or not again:
+                    raise err from None
+                if stub and tried < len(self.targets):
+                    # The next broker at once: this one is down, or cut off from the bus.
+                    tried += 1
+                    self._use((self._active + 1) % len(self.targets))
+                    fn = getattr(getattr(self, stub), method)
+                    log.info("rpc.failover method=%s target=%s", method, self.target)
+                    continue
+                if attempt >= self.retries:
                     raise err from None
                 attempt += 1
+                tried = 1
+                if stub:
+                    self._use((self._active + 1) % len(self.targets))
+                    fn = getattr(getattr(self, stub), method)
                 time.sleep(self.retry_wait * min(attempt, 8))
         log.debug("rpc.ok method=%s elapsed_ms=%d", method, (time.monotonic() - started) * 1000)
         return response
@@ -981,7 +1105,8 @@ class KMSClient:
     # -- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.values():
+            channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -998,11 +1123,13 @@ class KMSClient:
 __all__ = [
     "CREATE_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "READ_ONLY",
     "RETRYABLE",
     "KMSClient",
     "error_from_rpc",
     "new_request_id",
     "prepare_data",
+    "resendable",
     "resolve_algorithm",
     "resolve_key_type",
 ]

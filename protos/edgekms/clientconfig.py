@@ -9,6 +9,9 @@ come out as FailedPrecondition with a hint of what to do, never as a traceback.
     ca_cert = "ca.crt"
     cert = "admin.crt"
     key = "admin.key"
+    # Optional: more brokers of the same cluster, tried in order after `broker` when it
+    # is unavailable (docs/cluster.md, "Clients").
+    brokers = ["nas2.lan:8443", "nas3.lan:8443"]
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 
 _REQUIRED = ("broker", "ca_cert", "cert", "key")
 _KNOWN = (*_REQUIRED, "server_name")
+# The most broker addresses one config may list: a cluster has a handful of nodes, and a
+# client tries each in turn before giving up.
+MAX_BROKERS = 16
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,13 @@ class ClientConfig:
     cert: Path
     key: Path
     server_name: str | None = None
+    # The other brokers of a cluster, in order of preference after `broker`.
+    more_brokers: tuple[str, ...] = ()
+
+    @property
+    def brokers(self) -> tuple[str, ...]:
+        """Every broker address, `broker` first, each once."""
+        return tuple(dict.fromkeys((self.broker, *self.more_brokers)))
 
     def read_credentials(self) -> tuple[bytes, bytes, bytes]:
         """(CA bundle, client certificate chain, client private key) as PEM bytes."""
@@ -97,11 +110,12 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
                 f"{field} in {path} must be a non-empty string",
                 {"path": str(path), "field": field},
             )
-    unknown = sorted(set(data) - set(_KNOWN))
+    unknown = sorted(set(data) - {*_KNOWN, "brokers"})
     if unknown:
         # Tolerated so that newer `kmsctl init` files still work with an older client.
         log.warning("config.unknown_fields path=%s fields=%s", path, ",".join(unknown))
     parse_broker(data["broker"])
+    more = _more_brokers(data.get("brokers", []), path)
     base = path.parent
 
     def resolve(field: str) -> Path:
@@ -115,7 +129,27 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
         cert=resolve("cert"),
         key=resolve("key"),
         server_name=data.get("server_name"),
+        more_brokers=more,
     )
+
+
+def _more_brokers(value: object, path: Path) -> tuple[str, ...]:
+    """`brokers`: a list of at most MAX_BROKERS host:port strings."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FailedPrecondition(
+            "config.field_invalid",
+            f"brokers in {path} must be a list of host:port strings",
+            {"path": str(path), "field": "brokers"},
+        )
+    if len(value) > MAX_BROKERS:
+        raise FailedPrecondition(
+            "config.field_invalid",
+            f"brokers in {path} lists {len(value)} addresses; at most {MAX_BROKERS}",
+            {"path": str(path), "field": "brokers"},
+        )
+    for item in value:
+        parse_broker(item)
+    return tuple(value)
 
 
 def load_client_config(path: Path) -> ClientConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import nats.aio.client
@@ -34,17 +35,29 @@ R = TypeVar("R", bound=Message)
 class CryptoClient:
     """Requests to kms.crypto.<provider>.<Operation> (user keys) or
     kms.crypto.<provider>.<class>.<Operation> (the CA's and the internal CA's keys: a
-    client per class, `key_class`); safe to share across tasks."""
+    client per class, `key_class`); safe to share across tasks. On a cluster `nodes`
+    maps a provider to the node whose token it is, so that a provider that does not
+    answer is reported with its node (details["node"]): the operator learns which box
+    is down, and every other provider's keys keep working."""
 
     def __init__(
         self,
         nc: nats.aio.client.Client,
         default_timeout: float = 5.0,
         key_class: str = KEY_CLASS_USER,
+        nodes: Mapping[str, str] | None = None,
     ) -> None:
         self.nc = nc
         self.default_timeout = default_timeout
         self.key_class = key_class
+        self.nodes = dict(nodes or {})
+
+    def _where(self, provider: str) -> tuple[str, dict[str, str]]:
+        """How errors name the provider: its node too, where one is known."""
+        node = self.nodes.get(provider)
+        if node is None:
+            return f"provider {provider!r}", {"provider": provider}
+        return f"provider {provider!r} on node {node!r}", {"provider": provider, "node": node}
 
     async def _call(
         self,
@@ -60,9 +73,9 @@ class CryptoClient:
             request,
             response_type,
             self.default_timeout if timeout is None else timeout,
-            service=f"provider {provider!r}",
+            service=self._where(provider)[0],
             reason_prefix="provider",
-            details={"provider": provider},
+            details=self._where(provider)[1],
         )
 
     async def generate_key(
@@ -130,19 +143,18 @@ class CryptoClient:
     async def ping(self, provider: str, timeout: float = 1.0) -> dict[str, Any]:
         """The first replica's $SRV.PING answer (id, name, version, metadata)."""
         subject = f"$SRV.PING.{crypto_service_name(provider)}"
+        where, details = self._where(provider)
         try:
             msg = await self.nc.request(subject, b"", timeout=timeout)
         except nats.errors.NoRespondersError:
             raise Unavailable(
-                "provider.unavailable",
-                f"no crypto service answers for provider {provider!r}",
-                {"provider": provider},
+                "provider.unavailable", f"no crypto service answers for {where}", details
             ) from None
         except (TimeoutError, nats.errors.TimeoutError):
             raise Unavailable(
                 "provider.unavailable",
-                f"provider {provider!r} did not answer a ping within {timeout:g}s",
-                {"provider": provider},
+                f"{where} did not answer a ping within {timeout:g}s",
+                details,
             ) from None
         except nats.errors.Error:
             raise Unavailable("bus.unavailable", "the NATS connection is not usable") from None

@@ -74,3 +74,26 @@ def test_shipped_configs_have_no_unknown_fields(shipped: str) -> None:
     root = Path(__file__).resolve().parents[2] / shipped
     load_config(root / "broker.toml")
     load_serve_config(root / "ca.toml")
+
+
+def test_provider_nodes_load(tmp_path: Path) -> None:
+    config = load_config(_broker(tmp_path, extra='provider_nodes = { hsm0 = "nas1" }'))
+    assert config.provider_nodes == {"hsm0": "nas1"}
+    assert load_config(_broker(tmp_path)).provider_nodes == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('provider_nodes = { tpm9 = "nas1" }', "provider_nodes names 'tpm9', not in providers"),
+        ('provider_nodes = { hsm0 = "nas 1" }', "provider_nodes.hsm0 is not a node name"),
+        ('provider_nodes = "nas1"', "'provider_nodes' must be a table"),
+    ],
+    ids=["unknown-provider", "bad-node-name", "not-a-table"],
+)
+def test_bad_provider_nodes_are_refused(tmp_path: Path, extra: str, message: str) -> None:
+    path = _broker(tmp_path, extra)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(path) in str(refused.value)
+    assert message in str(refused.value)

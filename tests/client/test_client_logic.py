@@ -108,3 +108,18 @@ def test_status_only_maps_by_code() -> None:
     got = error_from_rpc(_Failed(grpc.StatusCode.NOT_FOUND, "", ()))
     assert type(got) is errors.NotFound
     assert got.message == "NOT_FOUND"
+
+
+def test_only_reads_and_requests_with_an_id_are_sent_again() -> None:
+    """The failover's rule (edgekms.client.resendable): a state change without a request
+    id is never sent a second time, to any broker."""
+    from edgekms.client import READ_ONLY, resendable
+    from edgekms.v1 import clients_pb2, keys_pb2
+
+    assert resendable("GetKey", keys_pb2.GetKeyRequest(name="k"))
+    assert resendable("CreateKey", keys_pb2.CreateKeyRequest(name="k", request_id="r1"))
+    assert not resendable("CreateKey", keys_pb2.CreateKeyRequest(name="k"))
+    assert not resendable("RevokeClient", clients_pb2.RevokeClientRequest(name="c"))
+    # A method this client does not know to be a read is treated as a change.
+    assert not resendable("SomethingNew", object())
+    assert "RevokeClient" not in READ_ONLY and "Sign" not in READ_ONLY

@@ -91,3 +91,26 @@ def test_credentials_missing_file_is_typed(tmp_path: Path) -> None:
     assert info.value.details["field"] == "key"
     (tmp_path / "admin.key").write_bytes(b"key")
     assert config.read_credentials() == (b"ca", b"cert", b"key")
+
+
+def test_more_brokers_follow_the_first_each_once(tmp_path: Path) -> None:
+    text = GOOD + 'brokers = ["b.lan:8443", "127.0.0.1:8443", "c.lan:8443"]\n'
+    config = parse_client_config(text, tmp_path / "config.toml")
+    assert config.brokers == ("127.0.0.1:8443", "b.lan:8443", "c.lan:8443")
+    assert parse_client_config(GOOD, tmp_path / "c.toml").brokers == ("127.0.0.1:8443",)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ('"b.lan:8443"', "config.field_invalid"),  # a string, not a list
+        ("[1, 2]", "config.field_invalid"),
+        ('["b.lan"]', "config.broker_invalid"),  # no port
+        ("[" + ", ".join(f'"h{i}:1"' for i in range(17)) + "]", "config.field_invalid"),
+    ],
+    ids=["a-string", "not-strings", "no-port", "too-many"],
+)
+def test_bad_brokers_list_is_refused(tmp_path: Path, value: str, reason: str) -> None:
+    with pytest.raises(FailedPrecondition) as info:
+        parse_client_config(GOOD + f"brokers = {value}\n", tmp_path / "c.toml")
+    assert info.value.reason == reason
