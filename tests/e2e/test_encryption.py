@@ -214,3 +214,22 @@ def test_kmsctl_encrypt_decrypt_rotate(enc_stack: KmsStack, tmp_path: Path) -> N
     assert b"decrypt.failed" in wrong.stderr and wrong.stdout == b""
     too_big = _kmsctl(enc_stack, "encrypt", name, stdin=bytes(64 * 1024 + 1))
     assert too_big.returncode == 3 and b"encrypt.plaintext_too_large" in too_big.stderr
+
+
+def test_kmsctl_creates_an_rsa_key_for_encryption(enc_stack: KmsStack, tmp_path: Path) -> None:
+    name = "enc/cli-rsa"
+    made = _kmsctl(enc_stack, "create", name, "--type", "rsa-2048", "--usage", "encrypt")
+    assert made.returncode == 0, made.stderr
+    shown = _kmsctl(enc_stack, "show", name)
+    assert b"usage:       encrypt" in shown.stdout and b"version:     1" in shown.stdout
+    enc = _kmsctl(enc_stack, "encrypt", name, "-o", "json", stdin=b"wrapped data key")
+    assert enc.returncode == 0, enc.stderr
+    assert json.loads(enc.stdout)["algorithm"] == "rsa-oaep-sha256"
+    (tmp_path / "ct.b64").write_text(json.loads(enc.stdout)["ciphertext"])
+    dec = _kmsctl(enc_stack, "decrypt", "--in", str(tmp_path / "ct.b64"), "--base64")
+    assert dec.returncode == 0 and dec.stdout == b"wrapped data key", dec.stderr
+    # An RSA key made to sign cannot encrypt: usage is fixed at creation.
+    signing = _kmsctl(enc_stack, "create", "enc/cli-rsa-sign", "--type", "rsa-2048")
+    assert signing.returncode == 0, signing.stderr
+    refused = _kmsctl(enc_stack, "encrypt", "enc/cli-rsa-sign", stdin=b"x")
+    assert refused.returncode == 3 and b"key.usage_mismatch" in refused.stderr
