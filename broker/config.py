@@ -30,6 +30,14 @@ Its audit stream's limits, where the broker creates that stream itself (no `kmsc
 as on the board): sized to the JetStream store, which refuses what it cannot reserve.
 audit_max_bytes = "96MiB"     # B, KiB, MiB or GiB; default 2GiB
 audit_max_msgs = 1000000      # optional; default 20000000
+
+Retention (edgekms.retention; broker/archiver.py): with an archive dir, this broker
+archives every writer's stream beyond its window, signs a checkpoint and purges what it
+archived. One broker per deployment archives; `kmsctl up` sets the dir.
+audit_archive_dir = "audit-archive"
+audit_window = 0.5            # share of each stream's limits kept in it (0 < w <= 0.8)
+audit_max_age = 604800        # seconds a message stays at most (0: no age bound)
+audit_archive_interval = 30.0 # seconds between rounds
 """
 
 from __future__ import annotations
@@ -41,6 +49,14 @@ from typing import Any
 
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
+from edgekms.errors import InvalidArgument
+from edgekms.retention import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_WINDOW_FRACTION,
+    RetentionPolicy,
+    parse_window_fraction,
+)
 from edgekms.sealed import RecordSeal, parse_seal_fields
 from edgekms.subjects import PROVIDER_ID_RE
 
@@ -85,6 +101,10 @@ class BrokerConfig:
     # Its audit stream's limits where the broker creates it (no `kmsctl up`: the board);
     # None: edgekms.audit's defaults (2 GiB). docs/security.md, "Sizing for a board".
     audit_limit: StreamLimit | None = None
+    # Retention: where archives and checkpoints go ("" or None: this broker does not
+    # archive), and the window it keeps.
+    audit_archive_dir: Path | None = None
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
 
 def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
@@ -97,6 +117,7 @@ def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
 
 
 BUS_FIELDS = ("nats_user", "nats_password_file", "nats_ca")
+RETENTION_FIELDS = ("audit_archive_dir", "audit_window", "audit_max_age", "audit_archive_interval")
 SEAL_FIELDS = ("seal_writer", "seal_key_file", "seal_public_keys", "seal_counter_file")
 KNOWN_FIELDS = frozenset(
     {
@@ -116,6 +137,7 @@ KNOWN_FIELDS = frozenset(
         *BUS_FIELDS,
         *SEAL_FIELDS,
         *AUDIT_FIELDS,
+        *RETENTION_FIELDS,
     }
 )
 KNOWN_TLS_FIELDS = frozenset({"cert", "key", "client_ca"})
@@ -170,6 +192,7 @@ def load_config(path: Path) -> BrokerConfig:
     audit_limit, problems = parse_limit_fields(raw)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
+    archive_dir, retention = _retention(raw, base, path)
     return BrokerConfig(
         bus=bus,
         seal=seal,
@@ -187,4 +210,23 @@ def load_config(path: Path) -> BrokerConfig:
         ca=ca,
         enroll_listen=str(raw.get("enroll_listen", "")),
         audit_limit=audit_limit,
+        audit_archive_dir=archive_dir,
+        retention=retention,
     )
+
+
+def _retention(raw: dict[str, Any], base: Path, path: Path) -> tuple[Path | None, RetentionPolicy]:
+    """The archive dir (relative to the config file) and the window, each field checked."""
+    folder = raw.get("audit_archive_dir", "")
+    if not isinstance(folder, str):
+        raise ConfigError(f"{path}: 'audit_archive_dir' must be a path")
+    try:
+        window = parse_window_fraction(raw.get("audit_window", DEFAULT_WINDOW_FRACTION))
+    except InvalidArgument as exc:
+        raise ConfigError(f"{path}: 'audit_window': {exc.message}") from None
+    age = raw.get("audit_max_age", DEFAULT_MAX_AGE_S)
+    if isinstance(age, bool) or not isinstance(age, int | float) or age < 0:
+        raise ConfigError(f"{path}: 'audit_max_age' must be seconds, 0 or more")
+    interval = _seconds(raw, "audit_archive_interval", DEFAULT_INTERVAL_S, path)
+    policy = RetentionPolicy(window_fraction=window, max_age_s=float(age), interval_s=interval)
+    return (base / folder if folder else None), policy

@@ -113,6 +113,33 @@ log = logging.getLogger("kmsctl.up")
     "status` warns from 80%.",
 )
 @click.option(
+    "--audit-window",
+    type=click.FloatRange(min=0.01, max=0.8),
+    default=0.5,
+    show_default=True,
+    metavar="FRACTION",
+    help="Share of each audit stream's limit kept in the stream; the broker archives "
+    "older entries to DATA_DIR/audit-archive (gzip segments, each with a checkpoint "
+    "signed in the token) and then removes them from the stream. The rest of the limit "
+    "is room for archiving to fall behind in.",
+)
+@click.option(
+    "--audit-max-age",
+    type=click.IntRange(min=0),
+    default=7 * 24 * 3600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Archive audit entries older than this even if the window has room (0: by size only).",
+)
+@click.option(
+    "--audit-archive-interval",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often the broker's archiver looks at every audit stream.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -165,6 +192,9 @@ def up(
     acme_config: Path | None,
     ca_crl_lifetime: str,
     audit_limits: tuple[str, ...],
+    audit_window: float,
+    audit_max_age: int,
+    audit_archive_interval: float,
     log_level: str,
     log_format: str,
     log_max_bytes: int,
@@ -237,6 +267,7 @@ def up(
             audit_limits,
             start_timeout,
             log_level,
+            (audit_window, float(audit_max_age), audit_archive_interval),
             log_max_bytes,
             log_backups,
         )
@@ -305,6 +336,7 @@ def _run_up(
     audit_limits: tuple[str, ...],
     start_timeout: float,
     log_level: str,
+    retention: tuple[float, float, float],
     log_max_bytes: int,
     log_backups: int,
 ) -> None:
@@ -327,6 +359,9 @@ def _run_up(
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,
         audit_limits=_audit_limits(audit_limits),
+        audit_window=retention[0],
+        audit_max_age=retention[1],
+        audit_archive_interval=retention[2],
         start_timeout=start_timeout,
     )
     if swtpm_port is not None:
