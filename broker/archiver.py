@@ -117,6 +117,7 @@ class Taken:
     last_raw: bytes = b""
     stored: int = 0  # estimated bytes in the stream's count
     size: int = 0  # bytes of the segment's lines
+    cut: bool = False  # ended by the segment size: there is more to take
 
 
 class Archiver:
@@ -218,31 +219,41 @@ class Archiver:
             # A checkpoint written in a round that did not get to its purge.
             await self._purge(stream, covered)
         archived = 0
+        # Past the window: down to its low-water mark. Within it: only what is too old.
+        window = self.policy.window_fraction
+        fraction = window * self.policy.low_water if self._past(info, window) else window
         for _ in range(MAX_SEGMENTS_PER_ROUND):
             info = await self.js.stream_info(stream)
-            taken = await self._take(stream, info)
+            taken = await self._take(stream, info, fraction)
             if not taken.lines:
                 break
             await self._archive(stream, info, taken)
             await self._purge(stream, taken.last)
             archived += len(taken.lines)
+            if not taken.cut:
+                break  # down to the mark: what came in meanwhile waits for a later round
         return archived
 
-    async def _take(self, stream: str, info: api.StreamInfo) -> Taken:
-        """The oldest messages beyond the window (size, count or age), at most a segment,
-        never the last message (the writer chains on to it)."""
+    @staticmethod
+    def _past(info: api.StreamInfo, fraction: float) -> bool:
+        """Whether the stream holds more than `fraction` of its bytes or messages."""
+        state, config = info.state, info.config
+        max_bytes, max_msgs = int(config.max_bytes or -1), int(config.max_msgs or -1)
+        return (max_bytes > 0 and int(state.bytes or 0) > max_bytes * fraction) or (
+            max_msgs > 0 and int(state.messages or 0) > max_msgs * fraction
+        )
+
+    async def _take(self, stream: str, info: api.StreamInfo, fraction: float) -> Taken:
+        """The oldest messages beyond `fraction` of the stream's limits, or older than the
+        age bound, at most a segment, never the last message (the writer chains on to it)."""
         state, config = info.state, info.config
         policy = self.policy
         first, last = int(state.first_seq or 0), int(state.last_seq or 0)
         if int(state.messages or 0) <= 1 or first >= last:
             return Taken([])
         max_bytes, max_msgs = int(config.max_bytes or -1), int(config.max_msgs or -1)
-        over_bytes = (
-            int(state.bytes or 0) - int(max_bytes * policy.window_fraction) if max_bytes > 0 else 0
-        )
-        over_msgs = (
-            int(state.messages or 0) - int(max_msgs * policy.window_fraction) if max_msgs > 0 else 0
-        )
+        over_bytes = int(state.bytes or 0) - int(max_bytes * fraction) if max_bytes > 0 else 0
+        over_msgs = int(state.messages or 0) - int(max_msgs * fraction) if max_msgs > 0 else 0
         cutoff = (
             datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=policy.max_age_s)
             if policy.max_age_s > 0
@@ -275,6 +286,7 @@ class Archiver:
                 line = encode_line(seq, msg.subject, raw)
                 size = len(line)
                 if taken.lines and taken.size + size > policy.segment_bytes:
+                    taken.cut = True
                     break
                 headers = sum(len(k) + len(v) + 4 for k, v in (msg.headers or {}).items())
                 taken.stored += len(msg.subject) + len(raw) + headers + MESSAGE_OVERHEAD

@@ -98,6 +98,9 @@ class RetentionPolicy:
 
     window_fraction: float = DEFAULT_WINDOW_FRACTION
     max_age_s: float = DEFAULT_MAX_AGE_S
+    # Once past its window a stream is archived down to this share of the window, so
+    # that a busy writer makes a segment every few rounds, not a tiny one every round.
+    low_water: float = 0.75
     segment_bytes: int = DEFAULT_SEGMENT_BYTES
     interval_s: float = DEFAULT_INTERVAL_S
 

@@ -316,11 +316,10 @@ async def test_a_full_archive_disk_purges_nothing_refuses_with_audit_full_and_re
     archive = small_fs / "archive"
     archiver = Archiver(js, archive, signer, POLICY)
     filler = small_fs / "filler"
-    with pytest.raises(OSError) as no_space:  # every byte of the 256 KiB
-        with filler.open("wb") as out:
-            for _ in range(1024):
-                out.write(b"\0" * 1024)
-                out.flush()
+    with pytest.raises(OSError) as no_space, filler.open("wb") as out:  # all 256 KiB
+        for _ in range(1024):
+            out.write(b"\0" * 1024)
+            out.flush()
     assert no_space.value.errno == errno.ENOSPC
     await _fill_past_window(writer, int(LIMIT.max_bytes * 0.75))
     with pytest.raises(ResourceExhausted) as refused:
