@@ -167,9 +167,10 @@ class Broker:
             keys_pb2.DESCRIPTOR.services_by_name["KeyService"],
             keys_pb2,
         )
+        system = SystemService(cfg, self.registry, crypto, identities, self._bus_check, audit)
         wire.register(
             self.server,
-            SystemService(cfg, self.registry, crypto, identities, self._bus_check, audit),
+            system,
             keys_pb2.DESCRIPTOR.services_by_name["SystemService"],
             keys_pb2,
         )
@@ -228,6 +229,7 @@ class Broker:
                 InternalKeySigner(self.registry, internal, cfg.sign_timeout),
                 cfg.retention,
             )
+            system.archiver = self.archiver
             self.archive_task = asyncio.create_task(self.archiver.run())
         await self._set_serving(True)
         log.info("broker ready", extra=fields(listen=cfg.listen, port=self.port))

@@ -170,6 +170,8 @@ class StackOptions:
     audit_window: float = 0.5
     audit_max_age: float = 7 * 24 * 3600.0
     audit_archive_interval: float = 30.0
+    # JetStream's store cap (--max-file-store); None: nats-server's 75 % of free space.
+    max_file_store: int | None = None
     # Seconds each service may take to become ready (--start-timeout). Imports alone
     # take seconds on a Cortex-A7 and ten times that under qemu-user (docs/arm.md).
     start_timeout: float = 30.0
@@ -320,6 +322,7 @@ class Stack:
             store_dir=self.layout.nats_dir / "jetstream",
             port=self.options.nats_port,
             max_payload=BUS_MAX_PAYLOAD,
+            max_file_store=self.options.max_file_store,
             tls_cert=tls.server_cert,
             tls_key=tls.server_key,
             authorization=render_authorization(

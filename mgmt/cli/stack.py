@@ -113,6 +113,15 @@ log = logging.getLogger("kmsctl.up")
     "status` warns from 80%.",
 )
 @click.option(
+    "--max-file-store",
+    default="",
+    metavar="SIZE",
+    help="Cap JetStream's store at SIZE (B, KiB, MiB, GiB), e.g. 160MiB: past it writes "
+    "are refused (an audit append: audit.full) while the disk keeps its room. Refused at "
+    "start (nats.store_exceeds_disk) when the disk cannot hold it. Default: nats-server's "
+    "own, 75% of the free space at start.",
+)
+@click.option(
     "--audit-window",
     type=click.FloatRange(min=0.01, max=0.8),
     default=0.5,
@@ -192,6 +201,7 @@ def up(
     acme_config: Path | None,
     ca_crl_lifetime: str,
     audit_limits: tuple[str, ...],
+    max_file_store: str,
     audit_window: float,
     audit_max_age: int,
     audit_archive_interval: float,
@@ -238,6 +248,7 @@ def up(
     setup_logging("kmsctl-up", log_level, log_format)
     # Options that are usage errors refuse before the lock, which makes DATA_DIR/run.
     _audit_limits(audit_limits)
+    store_cap = _max_file_store(max_file_store)
     _check_crl_lifetime(ca_crl_lifetime)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
@@ -267,7 +278,7 @@ def up(
             audit_limits,
             start_timeout,
             log_level,
-            (audit_window, float(audit_max_age), audit_archive_interval),
+            (audit_window, float(audit_max_age), audit_archive_interval, store_cap),
             log_max_bytes,
             log_backups,
         )
@@ -336,7 +347,7 @@ def _run_up(
     audit_limits: tuple[str, ...],
     start_timeout: float,
     log_level: str,
-    retention: tuple[float, float, float],
+    retention: tuple[float, float, float, int | None],
     log_max_bytes: int,
     log_backups: int,
 ) -> None:
@@ -362,6 +373,7 @@ def _run_up(
         audit_window=retention[0],
         audit_max_age=retention[1],
         audit_archive_interval=retention[2],
+        max_file_store=retention[3],
         start_timeout=start_timeout,
     )
     if swtpm_port is not None:
@@ -557,6 +569,24 @@ def _check_crl_lifetime(value: str) -> None:
         parse_crl_lifetime(value)
     except InvalidArgument as exc:
         raise click.BadParameter(exc.message, param_hint="--ca-crl-lifetime") from None
+
+
+def _max_file_store(value: str) -> int | None:
+    """--max-file-store as bytes (None: not given); a malformed one is a usage error."""
+    if not value:
+        return None
+    from edgekms.audit import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: want a size such as 160MiB (B, KiB, MiB, GiB)",
+            param_hint="--max-file-store",
+        ) from None
+    if size < 1024 * 1024:
+        raise click.BadParameter(f"{value!r}: at least 1MiB", param_hint="--max-file-store")
+    return size
 
 
 def _audit_limits(values: tuple[str, ...]) -> dict[str, tuple[int, int]]:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nats.aio.client import Client as NATS
 
 from broker.archiver import Archiver
+from broker.keys import archive_status
 from edgekms.audit import (
     MIN_STREAM_BYTES,
     AuditWriter,
@@ -325,6 +326,9 @@ async def test_a_full_archive_disk_purges_nothing_refuses_with_audit_full_and_re
     with pytest.raises(ResourceExhausted) as refused:
         await archiver.round()
     assert refused.value.reason == "audit.archive_no_space"
+    # kmsctl status says so, as a warning (the records are safe in the stream).
+    line = archive_status(archiver)
+    assert line.ok and line.detail.startswith("warning, archiving behind: audit.archive_no_space")
     assert (await js.stream_info(STREAM)).state.first_seq == 1  # nothing purged
     leftovers = [p.name for p in archive.rglob("*") if p.is_file()]
     assert not [n for n in leftovers if n.endswith(TMP_SUFFIX) or n.endswith(SEGMENT_SUFFIX)]
@@ -348,6 +352,7 @@ async def test_a_full_archive_disk_purges_nothing_refuses_with_audit_full_and_re
             await asyncio.sleep(0.2)
     info = await js.stream_info(STREAM)
     assert info.state.bytes <= LIMIT.max_bytes * POLICY.window_fraction
+    assert not archive_status(archiver).detail.startswith("warning")
     await writer.append("Sign", "ok", target="after")
     report, _ = await _prove(nc, signer, archive, archive)
     assert report.ok, report.to_dict()

@@ -75,6 +75,10 @@ def test_signing_past_the_limit_is_archived_pruned_and_proven(stack: KmsStack) -
     assert len(checkpoints) < signed / 100, (len(checkpoints), signed)
     code, report = _verify(stack)
     assert code == 0, report
+    status = json.loads(_kmsctl(stack, "status", "-o", "json").stdout)
+    lines = {c["name"]: c for c in status["components"]}
+    assert lines["audit/archive"]["ok"] and str(archive) in lines["audit/archive"]["detail"]
+    assert not str(lines["audit/broker"]["detail"]).startswith(("warning", "FULL"))
     assert report["problem_count"] == 0
     streams = report["streams"]
     assert isinstance(streams, dict) and streams[STREAM] > checkpoints[-1].last_seq
