@@ -24,6 +24,7 @@ import datetime
 import gzip
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -135,7 +136,12 @@ class Archiver:
         self.policy = policy or RetentionPolicy()
         self.read_timeout = read_timeout
         self._warned: set[str] = set()
+        # What status and metrics read: the last round's failure (None: it went well),
+        # totals since start, and the wall-clock time of the last round that went well.
         self.last_error: KMSError | None = None
+        self.archived_messages = 0
+        self.archived_segments = 0
+        self.last_ok_at: float | None = None
 
     async def run(self) -> None:
         """Rounds until cancelled; a failed round is logged and retried next interval."""
@@ -182,6 +188,7 @@ class Archiver:
         self.last_error = failure
         if failure is not None:
             raise failure
+        self.last_ok_at = time.time()
         return archived
 
     def _covered(self, stream: str) -> int:
@@ -230,6 +237,8 @@ class Archiver:
             await self._archive(stream, info, taken)
             await self._purge(stream, taken.last)
             archived += len(taken.lines)
+            self.archived_messages += len(taken.lines)
+            self.archived_segments += 1
             if not taken.cut:
                 break  # down to the mark: what came in meanwhile waits for a later round
         return archived

@@ -42,10 +42,13 @@ def audit_group() -> None:
       kmsctl audit tail --writer ca      the CA's entries only
       kmsctl audit tail -f --from 120    the broker's from entry 120 on, then follow
       kmsctl audit verify                exit 0 if every writer's chain is whole
+      kmsctl audit verify --archive DIR  ... and every archived segment in DIR
 
     Each writer (broker, ca, crypto-<id>) has a stream of its own, numbered from 1;
     WRITER names the stream a line comes from and SEQ is the number in that stream
-    (`legacy`: the shared stream an older version wrote, closed now).
+    (`legacy`: the shared stream an older version wrote, closed now). Older entries
+    leave a stream only archived: gzip segments with checkpoints signed in the token,
+    in the broker's DATA_DIR/audit-archive (docs/security.md, "Retention").
     """
 
 

@@ -135,6 +135,7 @@ async def test_past_the_window_records_are_archived_checkpointed_and_pruned(
     archived = await archiver.round()
     after = await js.stream_info(STREAM)
     assert archived[STREAM] > 0
+    assert archiver.archived_messages == archived[STREAM] and archiver.last_ok_at is not None
     # The window: at most half the stream's limit stays; the oldest went, in order.
     assert after.state.bytes <= LIMIT.max_bytes * POLICY.window_fraction
     assert after.state.first_seq == archived[STREAM] + 1
