@@ -34,7 +34,14 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 
 from broker.registry import KeyRegistry
-from edgekms.audit import LEGACY_STREAM, STREAM_PREFIX, audit_streams, link_of, subject_writer
+from edgekms.audit import (
+    LEGACY_STREAM,
+    STREAM_PREFIX,
+    AuditWriter,
+    audit_streams,
+    link_of,
+    subject_writer,
+)
 from edgekms.client_certs import INTERNAL_CA_KEY
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError, NotFound, Unavailable
@@ -129,7 +136,10 @@ class Archiver:
         signer: CheckpointSigner,
         policy: RetentionPolicy | None = None,
         read_timeout: float = 5.0,
+        audit: AuditWriter | None = None,
     ) -> None:
+        # The broker's own audit writer: each purge is recorded in its chain.
+        self.audit = audit
         self.js = js
         self.archive_dir = archive_dir
         self.signer = signer
@@ -361,12 +371,26 @@ class Archiver:
 
     async def _purge(self, stream: str, through: int) -> None:
         """Drop `stream`'s messages up to and including `through`, which a checkpoint
-        on disk covers."""
+        on disk covers, and record it in the broker's chain (action `audit.purge`).
+        The record comes after the purge: the signed checkpoint already vouches for
+        it, and a full broker stream must still be prunable, so a record that cannot
+        be stored is logged, not a reason to keep the entries."""
         await self.js.purge_stream(stream, seq=through + 1)
         log.info(
             "audit purged",
             extra=fields(event="audit_purged", stream=stream, through=through),
         )
+        if self.audit is None:
+            return
+        try:
+            await self.audit.append(
+                "audit.purge", "ok", target=stream, details={"through": str(through)}
+            )
+        except KMSError as err:
+            log.warning(
+                "audit purge not recorded",
+                extra=fields(event="audit_purge_unrecorded", stream=stream, reason=err.reason),
+            )
 
 
 __all__ = ["Archiver", "CheckpointSigner", "InternalKeySigner"]

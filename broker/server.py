@@ -228,6 +228,7 @@ class Broker:
                 cfg.audit_archive_dir,
                 InternalKeySigner(self.registry, internal, cfg.sign_timeout),
                 cfg.retention,
+                audit=audit,
             )
             system.archiver = self.archiver
             self.archive_task = asyncio.create_task(self.archiver.run())

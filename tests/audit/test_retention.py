@@ -32,6 +32,7 @@ from edgekms.audit import (
     ChainReport,
     ChainVerifier,
     StreamLimit,
+    parse_message,
     writer_stream,
 )
 from edgekms.errors import ResourceExhausted
@@ -130,6 +131,7 @@ async def test_past_the_window_records_are_archived_checkpointed_and_pruned(
     nc: NATS, tmp_path: Path
 ) -> None:
     writer, archiver, signer = await _archived_stack(nc, tmp_path)
+    archiver.audit = writer  # each purge recorded in the (here: the same) writer's chain
     js = nc.jetstream()
     before = await js.stream_info(STREAM)
     archived = await archiver.round()
@@ -139,7 +141,18 @@ async def test_past_the_window_records_are_archived_checkpointed_and_pruned(
     # The window: at most half the stream's limit stays; the oldest went, in order.
     assert after.state.bytes <= LIMIT.max_bytes * POLICY.window_fraction
     assert after.state.first_seq == archived[STREAM] + 1
-    assert after.state.last_seq == before.state.last_seq
+    # Nothing but one `audit.purge` record per segment was added meanwhile.
+    assert after.state.last_seq == before.state.last_seq + archiver.archived_segments
+    purges = [
+        entry
+        for _, raw, _ in await stored(js, STREAM)
+        for entry in parse_message(raw)
+        if entry["action"] == "audit.purge"
+    ]
+    assert len(purges) == archiver.archived_segments
+    assert (
+        purges[0]["target"] == STREAM and int(purges[-1]["details"]["through"]) == archived[STREAM]
+    )
     segments = sorted((tmp_path / "archive" / STREAM).glob(f"*{SEGMENT_SUFFIX}"))
     checkpoints = checkpoint_files(tmp_path / "archive", STREAM)
     assert len(segments) == len(checkpoints) >= 2  # 32 KiB segments
