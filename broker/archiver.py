@@ -31,6 +31,8 @@ from typing import Protocol
 
 import nats.errors
 import nats.js.errors
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from nats.js import JetStreamContext, api
 
 from broker.registry import KeyRegistry
@@ -79,6 +81,8 @@ class CheckpointSigner(Protocol):
 
     async def key_id(self) -> str: ...
 
+    async def public_key_der(self) -> bytes: ...
+
     async def sign(self, digest: bytes) -> bytes: ...
 
 
@@ -103,6 +107,9 @@ class InternalKeySigner:
 
     async def key_id(self) -> str:
         return key_id(self._record().public_key_der)
+
+    async def public_key_der(self) -> bytes:
+        return bytes(self._record().public_key_der)
 
     async def sign(self, digest: bytes) -> bytes:
         record = self._record()
@@ -201,9 +208,12 @@ class Archiver:
         self.last_ok_at = time.time()
         return archived
 
-    def _covered(self, stream: str) -> int:
-        """The last sequence the newest checkpoint of `stream` covers (0: none). Stray
-        temporary files of an interrupted round are removed."""
+    async def _covered(self, stream: str) -> int:
+        """The last sequence the newest checkpoint of `stream` covers (0: none), once
+        its signature (by this archiver's key) and its segment's SHA-256 are checked:
+        the purge after a cut-off round trusts it, so a checkpoint planted in the
+        archive dir must not be able to purge what was never archived. Stray temporary
+        files of an interrupted round are removed."""
         folder = stream_dir(self.archive_dir, stream)
         if folder.is_dir():
             for stray in folder.glob(f"*{TMP_SUFFIX}"):
@@ -211,14 +221,25 @@ class Archiver:
         files = checkpoint_files(self.archive_dir, stream)
         if not files:
             return 0
+        der = await self.signer.public_key_der()
+        public = serialization.load_der_public_key(der)
         try:
-            return Checkpoint.from_json(files[-1].read_bytes()).last_seq
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                raise CheckpointError("checkpoint_invalid", "the signing key is not EC")
+            checkpoint = Checkpoint.from_json(files[-1].read_bytes())
+            checkpoint.verify({key_id(der): public})
+            if checkpoint.stream != stream:
+                raise CheckpointError("checkpoint_invalid", f"it is {checkpoint.stream}'s")
+            segment = (folder / checkpoint.segment).read_bytes()
+            if hashlib.sha256(segment).hexdigest() != checkpoint.sha256:
+                raise CheckpointError("archive_tampered", "its segment is not the one it signed")
         except (CheckpointError, OSError) as exc:
             raise Unavailable(
                 "audit.archive_failed",
-                f"{files[-1]} is not a checkpoint ({exc}): archiving {stream} stops "
-                "until an operator looks",
+                f"{files[-1]} does not hold ({exc}): archiving {stream} stops until an "
+                "operator looks (docs/security.md, Retention)",
             ) from None
+        return checkpoint.last_seq
 
     async def archive_stream(self, stream: str) -> int:
         """Archive, checkpoint and purge `stream` down to its window; messages archived."""
@@ -231,7 +252,7 @@ class Archiver:
                     extra=fields(event="audit_purge_denied", stream=stream),
                 )
             return 0
-        covered = self._covered(stream)
+        covered = await self._covered(stream)
         if info.state.first_seq <= covered < info.state.last_seq:
             # A checkpoint written in a round that did not get to its purge.
             await self._purge(stream, covered)

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import errno
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from edgekms.audit import (
     parse_message,
     writer_stream,
 )
-from edgekms.errors import ResourceExhausted
+from edgekms.errors import ResourceExhausted, Unavailable
 from edgekms.retention import (
     CHECKPOINT_SUFFIX,
     SEGMENT_SUFFIX,
@@ -44,8 +45,10 @@ from edgekms.retention import (
     RetentionPolicy,
     StreamProof,
     checkpoint_files,
+    checkpoint_name,
     key_id,
     newest_checkpoint,
+    segment_name,
 )
 from tests.audit.helpers import stored
 from tests.conftest import SLOWDOWN, start_nats
@@ -73,6 +76,9 @@ class SoftSigner:
 
     async def key_id(self) -> str:
         return key_id(self.public_der())
+
+    async def public_key_der(self) -> bytes:
+        return self.public_der()
 
     async def sign(self, digest: bytes) -> bytes:
         from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -216,7 +222,7 @@ async def test_a_tampered_or_missing_segment_is_found(nc: NATS, tmp_path: Path) 
     # The tamperer also re-signs nothing: changing the checkpoint's sha256 breaks it.
     cp_path = copy / STREAM / segments[0].name.replace(SEGMENT_SUFFIX, CHECKPOINT_SUFFIX)
     cp = json.loads(cp_path.read_bytes())
-    cp["sha256"] = __import__("hashlib").sha256(target.read_bytes()).hexdigest()
+    cp["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
     cp_path.write_text(json.dumps(cp))
     report, _ = await _prove(nc, signer, copy, archive)
     assert report.problems[0].kind == "checkpoint_invalid", report.to_dict()
@@ -371,3 +377,45 @@ async def test_a_full_archive_disk_purges_nothing_refuses_with_audit_full_and_re
     report, _ = await _prove(nc, signer, archive, archive)
     assert report.ok, report.to_dict()
     assert report.messages == last + 1
+
+
+async def test_a_checkpoint_planted_in_the_archive_dir_purges_nothing(
+    nc: NATS, tmp_path: Path
+) -> None:
+    """Whoever can write the archive dir but not sign in the token plants a checkpoint
+    "covering" the whole stream, hoping the archiver's catch-up purge removes entries
+    never archived: refused (audit.archive_failed), nothing purged."""
+    _, archiver, signer = await _archived_stack(nc, tmp_path)
+    js = nc.jetstream()
+    last = (await js.stream_info(STREAM)).state.last_seq
+    folder = tmp_path / "archive" / STREAM
+    folder.mkdir(parents=True)
+    segment = folder / segment_name(1, last - 1)
+    segment.write_bytes(gzip.compress(b""))
+    other = SoftSigner()
+    forged = Checkpoint(
+        stream=STREAM,
+        writer="test",
+        first_seq=1,
+        last_seq=last - 1,
+        hash="0" * 64,
+        messages=last - 1,
+        time="2026-01-01T00:00:00.000000Z",
+        segment=segment.name,
+        sha256=hashlib.sha256(segment.read_bytes()).hexdigest(),
+        key=await other.key_id(),
+    )
+    forged = dataclasses.replace(forged, signature=(await other.sign(forged.digest())).hex())
+    (folder / checkpoint_name(1, last - 1)).write_bytes(forged.to_json())
+    with pytest.raises(Unavailable) as refused:
+        await archiver.round()
+    assert refused.value.reason == "audit.archive_failed"
+    info = await js.stream_info(STREAM)
+    assert (info.state.first_seq, info.state.last_seq) == (1, last)
+    # The same with the genuine key but another segment's bytes: refused as well.
+    genuine = dataclasses.replace(forged, key=await signer.key_id(), sha256="1" * 64)
+    genuine = dataclasses.replace(genuine, signature=(await signer.sign(genuine.digest())).hex())
+    (folder / checkpoint_name(1, last - 1)).write_bytes(genuine.to_json())
+    with pytest.raises(Unavailable):
+        await archiver.round()
+    assert (await js.stream_info(STREAM)).state.first_seq == 1
