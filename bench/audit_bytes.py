@@ -7,7 +7,8 @@ after 400 Signs one at a time, 400 Signs 16 in flight (group commit puts several
 in one message), and 40 certificate issuances; the figure is the stream's stored bytes
 (JetStream's own count: entries plus per-message overhead) divided by the operations.
 Each operation writes one entry; an issuance through the broker writes the broker's
-entry for IssueCertificate (the CA itself writes none). Results:
+entry for IssueCertificate (the CA itself writes none). Then the whole stream is encoded
+as the archiver writes segments (gzip), for the bytes per entry once archived. Results:
 bench/results/audit_bytes.json and audit_bytes.md.
 """
 
@@ -19,6 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,54 @@ async def _usage(stack: stackrun.RunningStack) -> tuple[int, int]:
     try:
         info = await nc.jetstream(timeout=10).stream_info(writer_stream("broker"))
         return int(info.state.bytes or 0), int(info.state.messages or 0)
+    finally:
+        await nc.close()
+
+
+async def _archived(stack: stackrun.RunningStack) -> dict[str, float]:
+    """Bytes per entry once archived: every message of the broker's stream encoded as
+    the archiver writes a segment (edgekms.retention.encode_line, gzip level 9), in
+    segments of the archiver's default size, against JetStream's own count."""
+    import gzip
+
+    import nats
+
+    from edgekms.audit import parse_message, writer_stream
+    from edgekms.retention import DEFAULT_SEGMENT_BYTES, encode_line
+
+    nc = await nats.connect(stack.nats_url, **stackrun.bus_options(stack.data_dir, "broker"))
+    try:
+        js = nc.jetstream(timeout=10)
+        stream = writer_stream("broker")
+        info = await js.stream_info(stream)
+        started = time.perf_counter()
+        segments: list[bytes] = []
+        lines: list[bytes] = []
+        size = entries = 0
+        for seq in range(int(info.state.first_seq), int(info.state.last_seq) + 1):
+            msg = await js.get_msg(stream, seq=seq, direct=True)
+            line = encode_line(seq, msg.subject or "", msg.data or b"")
+            entries += len(parse_message(msg.data or b""))
+            if lines and size + len(line) > DEFAULT_SEGMENT_BYTES:
+                segments.append(gzip.compress(b"".join(lines), compresslevel=9, mtime=0))
+                lines, size = [], 0
+            lines.append(line)
+            size += len(line)
+        if lines:
+            segments.append(gzip.compress(b"".join(lines), compresslevel=9, mtime=0))
+        archived = sum(map(len, segments))
+        elapsed = time.perf_counter() - started
+        return {
+            # Read one by one (direct get) and compressed, as a lower bound of what the
+            # archiver (an ordered consumer) keeps up with.
+            "entries_per_s": round(entries / elapsed),
+            "entries": entries,
+            "stream_bytes_per_entry": round(int(info.state.bytes or 0) / entries, 1),
+            "archive_bytes_per_entry": round(archived / entries, 1),
+            "jsonl_bytes_per_entry": round(
+                sum(len(gzip.decompress(s)) for s in segments) / entries, 1
+            ),
+        }
     finally:
         await nc.close()
 
@@ -84,6 +134,7 @@ def run(stack: stackrun.RunningStack) -> dict[str, Any]:
             "sign_16_in_flight": _measure(stack, SIGNS, concurrent),
             "certificate": _measure(stack, ISSUES, issue),
         }
+        result["archived"] = asyncio.run(_archived(stack))
     log.warning("audit bytes: %s", result)
     return result
 
@@ -119,6 +170,20 @@ def write(result: dict[str, Any], out: Path) -> None:
         ),
         "",
     ]
+    archived = result.get("archived")
+    if archived:
+        lines += [
+            "Once archived (issue 21: gzip JSON Lines segments of up to 1 MiB, as the "
+            "broker's archiver writes them), per entry of the same stream:",
+            "",
+            "| entries | in the stream | segment line, uncompressed | in the archive (gzip) "
+            "| entries read and compressed per second |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {archived['entries']} | {archived['stream_bytes_per_entry']} "
+            f"| {archived['jsonl_bytes_per_entry']} | {archived['archive_bytes_per_entry']} "
+            f"| {archived.get('entries_per_s', '-')} |",
+            "",
+        ]
     (out / "audit_bytes.md").write_text("\n".join(lines))
 
 

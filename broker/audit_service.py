@@ -15,12 +15,14 @@ lies, cannot vouch for the log it serves.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -49,6 +51,7 @@ from edgekms.errors import (
 )
 from edgekms.identity import Identity
 from edgekms.logs import fields
+from edgekms.retention import newest_checkpoint
 from edgekms.v1 import audit_pb2, audit_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -244,7 +247,11 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         writer: AuditWriter,
         identities: Any,
         idle_timeout: float = 1.0,
+        archive_dir: Path | None = None,
     ) -> None:
+        # Where this broker's archiver keeps checkpoints: each stream's state carries
+        # the newest, for the reader to verify the window from (edgekms.retention).
+        self.archive_dir = archive_dir
         self.js = js
         self.writer = writer
         self.identities = identities
@@ -303,7 +310,12 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         start = max(request.from_seq, 1)
         for info in infos:
             usage = StreamUsage.of(info)
-            yield audit_pb2.TailAuditResponse(state=state_message(usage))
+            state = state_message(usage)
+            if self.archive_dir is not None:
+                state.checkpoint = await asyncio.to_thread(
+                    newest_checkpoint, self.archive_dir, usage.stream
+                )
+            yield audit_pb2.TailAuditResponse(state=state)
             if not request.follow and (start > usage.last_seq or usage.messages == 0):
                 continue
             try:

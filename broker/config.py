@@ -34,6 +34,14 @@ audit_max_msgs = 1000000      # optional; default 20000000
 On a cluster (docs/cluster.md), where each provider is one node's token: the node of
 each provider, named in the UNAVAILABLE a key's operations answer while that node is down.
 provider_nodes = { hsm-a = "nas1", hsm-b = "nas2" }
+
+Retention (edgekms.retention; broker/archiver.py): with an archive dir, this broker
+archives every writer's stream beyond its window, signs a checkpoint and purges what it
+archived. One broker per deployment archives; `kmsctl up` sets the dir.
+audit_archive_dir = "audit-archive"
+audit_window = 0.5            # share of each stream's limits kept in it (0 < w <= 0.8)
+audit_max_age = 604800        # seconds a message stays at most (0: no age bound)
+audit_archive_interval = 30.0 # seconds between rounds
 """
 
 from __future__ import annotations
@@ -46,7 +54,15 @@ from typing import Any
 
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
+from edgekms.errors import InvalidArgument
 from edgekms.kvstore import parse_replicas
+from edgekms.retention import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_WINDOW_FRACTION,
+    RetentionPolicy,
+    parse_window_fraction,
+)
 from edgekms.sealed import RecordSeal, parse_seal_fields
 from edgekms.subjects import PROVIDER_ID_RE
 
@@ -96,6 +112,10 @@ class BrokerConfig:
     # Copies of a bucket or its audit stream the broker creates (a cluster: 3); what
     # exists keeps its own (edgekms.kvstore).
     replicas: int = 1
+    # Retention: where archives and checkpoints go ("" or None: this broker does not
+    # archive), and the window it keeps.
+    audit_archive_dir: Path | None = None
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
 
 # A node name as nats-server's server_name and the docs use it.
@@ -125,6 +145,7 @@ def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
 
 
 BUS_FIELDS = ("nats_user", "nats_password_file", "nats_ca")
+RETENTION_FIELDS = ("audit_archive_dir", "audit_window", "audit_max_age", "audit_archive_interval")
 SEAL_FIELDS = ("seal_writer", "seal_key_file", "seal_public_keys", "seal_counter_file")
 KNOWN_FIELDS = frozenset(
     {
@@ -146,6 +167,7 @@ KNOWN_FIELDS = frozenset(
         *BUS_FIELDS,
         *SEAL_FIELDS,
         *AUDIT_FIELDS,
+        *RETENTION_FIELDS,
     }
 )
 KNOWN_TLS_FIELDS = frozenset({"cert", "key", "client_ca"})
@@ -203,6 +225,7 @@ def load_config(path: Path) -> BrokerConfig:
     replicas, problems = parse_replicas(raw)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
+    archive_dir, retention = _retention(raw, base, path)
     return BrokerConfig(
         replicas=replicas,
         bus=bus,
@@ -222,4 +245,23 @@ def load_config(path: Path) -> BrokerConfig:
         enroll_listen=str(raw.get("enroll_listen", "")),
         audit_limit=audit_limit,
         provider_nodes=_provider_nodes(raw, providers, path),
+        audit_archive_dir=archive_dir,
+        retention=retention,
     )
+
+
+def _retention(raw: dict[str, Any], base: Path, path: Path) -> tuple[Path | None, RetentionPolicy]:
+    """The archive dir (relative to the config file) and the window, each field checked."""
+    folder = raw.get("audit_archive_dir", "")
+    if not isinstance(folder, str):
+        raise ConfigError(f"{path}: 'audit_archive_dir' must be a path")
+    try:
+        window = parse_window_fraction(raw.get("audit_window", DEFAULT_WINDOW_FRACTION))
+    except InvalidArgument as exc:
+        raise ConfigError(f"{path}: 'audit_window': {exc.message}") from None
+    age = raw.get("audit_max_age", DEFAULT_MAX_AGE_S)
+    if isinstance(age, bool) or not isinstance(age, int | float) or age < 0:
+        raise ConfigError(f"{path}: 'audit_max_age' must be seconds, 0 or more")
+    interval = _seconds(raw, "audit_archive_interval", DEFAULT_INTERVAL_S, path)
+    policy = RetentionPolicy(window_fraction=window, max_age_s=float(age), interval_s=interval)
+    return (base / folder if folder else None), policy

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker import sign_many
+from broker.archiver import Archiver
 from broker.audit_service import AuditScope, note, record_before_change, retarget
 from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
@@ -315,6 +316,19 @@ def usage_detail(usage: StreamUsage) -> str:
     if usage.fraction >= WARN_FRACTION:
         return f"warning, nearly full: {text}"
     return text
+
+
+def archive_status(archiver: Archiver) -> keys_pb2.ComponentStatus:
+    """The archiver's line: where it archives and the window it keeps, or a warning
+    naming the typed reason its last round failed (records stay in their stream, which
+    fills towards audit.full until archiving catches up)."""
+    window = f"window {archiver.policy.window_fraction:.0%} of each stream's limit"
+    err = archiver.last_error
+    if err is not None:
+        detail = f"warning, archiving behind: {err.reason}: {err.message} ({window})"
+    else:
+        detail = f"to {archiver.archive_dir}, {window}"
+    return keys_pb2.ComponentStatus(name="audit/archive", ok=True, detail=detail)
 
 
 class KeyService(keys_pb2_grpc.KeyServiceServicer):
@@ -833,6 +847,8 @@ class SystemService(keys_pb2_grpc.SystemServiceServicer):
         self.identities = identities
         self.bus_check = bus_check
         self.audit = audit
+        # The audit archiver (broker/archiver.py), set once it runs: its line in status.
+        self.archiver: Archiver | None = None
 
     @rpc("GetStatus")
     async def GetStatus(
@@ -895,6 +911,8 @@ class SystemService(keys_pb2_grpc.SystemServiceServicer):
                     name=f"audit/{usage.writer}", ok=not usage.full, detail=detail
                 )
             )
+        if self.archiver is not None:
+            out.append(archive_status(self.archiver))
         return out
 
     @rpc("WhoAmI")

@@ -9,6 +9,7 @@ Health reports SERVING only while the bus is connected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.client import Client as NATS
 
 from broker import reflection, wire
+from broker.archiver import Archiver, InternalKeySigner
 from broker.audit_service import AuditService
 from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
@@ -65,6 +67,9 @@ class Broker:
         self.server: grpc.aio.Server | None = None
         # The enrollment listener (server-only TLS), when configured.
         self.enroll_server: grpc.aio.Server | None = None
+        # The audit archiver (broker/archiver.py), when this broker archives.
+        self.archiver: Archiver | None = None
+        self.archive_task: asyncio.Task[None] | None = None
         self.enroll_port: int = 0
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.registry: KeyRegistry | None = None
@@ -164,15 +169,16 @@ class Broker:
             keys_pb2.DESCRIPTOR.services_by_name["KeyService"],
             keys_pb2,
         )
+        system = SystemService(cfg, self.registry, crypto, identities, self._bus_check, audit)
         wire.register(
             self.server,
-            SystemService(cfg, self.registry, crypto, identities, self._bus_check, audit),
+            system,
             keys_pb2.DESCRIPTOR.services_by_name["SystemService"],
             keys_pb2,
         )
         wire.register(
             self.server,
-            AuditService(self.nc.jetstream(), audit, identities),
+            AuditService(self.nc.jetstream(), audit, identities, archive_dir=cfg.audit_archive_dir),
             audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
             audit_pb2,
         )
@@ -220,6 +226,19 @@ class Broker:
         if cfg.enroll_listen:
             await self._start_enrollment(client_service, device_store, audit)
         await self.server.start()
+        if cfg.audit_archive_dir is not None:
+            internal = CryptoClient(
+                self.nc, default_timeout=cfg.sign_timeout, key_class=KEY_CLASS_INTERNAL
+            )
+            self.archiver = Archiver(
+                self.nc.jetstream(),
+                cfg.audit_archive_dir,
+                InternalKeySigner(self.registry, internal, cfg.sign_timeout),
+                cfg.retention,
+                audit=audit,
+            )
+            system.archiver = self.archiver
+            self.archive_task = asyncio.create_task(self.archiver.run())
         await self._set_serving(True)
         log.info("broker ready", extra=fields(listen=cfg.listen, port=self.port))
 
@@ -266,6 +285,10 @@ class Broker:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self._set_serving(False)
+        if self.archive_task is not None:
+            self.archive_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.archive_task
         if self.enroll_server is not None:
             await self.enroll_server.stop(grace)
         if self.server is not None:

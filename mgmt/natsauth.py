@@ -121,6 +121,14 @@ def audit_reader(providers: Sequence[str]) -> tuple[str, ...]:
     )
 
 
+def audit_purge(providers: Sequence[str]) -> tuple[str, ...]:
+    """The archiver's purge of each writer's stream (broker/archiver.py), for the
+    broker only: it reads every one of these streams whole, so it can purge nothing it
+    could not have archived (docs/security.md, "Retention"). Never the closed legacy
+    stream, never a delete of one message, a stream update or delete."""
+    return tuple(f"$JS.API.STREAM.PURGE.{writer_stream(w)}" for w in audit_writers(providers))
+
+
 # The largest message on the bus is a Sign request carrying an Ed25519 message of
 # MAX_MESSAGE_SIZE; everything else (digests, DER keys, certificates, CRLs of a small CA,
 # KV records) is far smaller. The rest is room for the protobuf envelope and headers.
@@ -293,6 +301,7 @@ def broker_identity(providers: Sequence[str] = ()) -> Identity:
                 *kv_access(IDEMPOTENCY_BUCKET),
                 *kv_access(CLIENTS_BUCKET),
                 *audit_reader(providers),
+                *audit_purge(providers),
                 *stream_create(writer_stream(BROKER_USER)),
                 audit_publish(BROKER_USER),
             ),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from edgekms.errors import FailedPrecondition
+from edgekms.errors import FailedPrecondition, ResourceExhausted
 from mgmt import subprocs
 
 # Largest payload on the bus: a 64 KiB Ed25519 message plus framing, with room.
@@ -111,6 +111,35 @@ def check_version(binary: str, timeout: float = 15.0) -> tuple[int, int, int]:
             {"binary": binary, "version": found, "required": required},
         )
     return version
+
+
+def check_store_room(store_dir: Path, max_file_store: int) -> None:
+    """ResourceExhausted("nats.store_exceeds_disk") unless the file system holding
+    `store_dir` can take the whole store: its free space plus what the store already
+    holds. JetStream takes max_file_store at its word, so a cap larger than the disk
+    would let the store fill the disk (every other file on it then fails) instead of
+    refusing writes at the cap (edgekms.audit: audit.full)."""
+    probe = store_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    stat = os.statvfs(probe)
+    free = stat.f_bavail * stat.f_frsize
+    used = 0
+    if store_dir.is_dir():
+        used = sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file())
+    if free + used < max_file_store:
+        raise ResourceExhausted(
+            "nats.store_exceeds_disk",
+            f"JetStream's max_file_store ({max_file_store} bytes) is more than the file "
+            f"system holding {store_dir} can take ({free} bytes free, {used} in the store): "
+            "give it a smaller cap or more room",
+            {
+                "store_dir": str(store_dir),
+                "max_file_store": str(max_file_store),
+                "free": str(free),
+                "used": str(used),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -214,9 +243,12 @@ class NatsServer:
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         """Start the server and return once it listens. A binary older than MIN_VERSION
-        is refused (FailedPrecondition) before anything is written or started."""
+        is refused (FailedPrecondition) before anything is written or started, and so is
+        a max_file_store the disk cannot hold (check_store_room)."""
         binary = find_binary()
         check_version(binary, timeout)
+        if self.config.max_file_store:
+            check_store_room(self.config.store_dir, self.config.max_file_store)
         self.config.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.conf_path.write_text(self.config.render())
         os.chmod(self.conf_path, 0o600)

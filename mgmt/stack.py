@@ -109,6 +109,11 @@ class Layout:
         return self.root / "run"
 
     @property
+    def audit_archive(self) -> Path:
+        """The broker's audit archives and checkpoints (edgekms.retention)."""
+        return self.root / "audit-archive"
+
+    @property
     def pki(self) -> PkiPaths:
         return PkiPaths(self.root / "pki")
 
@@ -160,6 +165,13 @@ class StackOptions:
     # The deployment's audit stream limits: writer -> (max_bytes, max_msgs), from
     # `kmsctl up --audit-limit` (edgekms.audit.parse_limit); others keep the defaults.
     audit_limits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Retention (broker/archiver.py): the share of each stream's limit kept, the oldest
+    # age kept (seconds, 0: none), and how often the archiver looks.
+    audit_window: float = 0.5
+    audit_max_age: float = 7 * 24 * 3600.0
+    audit_archive_interval: float = 30.0
+    # JetStream's store cap (--max-file-store); None: nats-server's 75 % of free space.
+    max_file_store: int | None = None
     # Seconds each service may take to become ready (--start-timeout). Imports alone
     # take seconds on a Cortex-A7 and ten times that under qemu-user (docs/arm.md).
     start_timeout: float = 30.0
@@ -310,6 +322,7 @@ class Stack:
             store_dir=self.layout.nats_dir / "jetstream",
             port=self.options.nats_port,
             max_payload=BUS_MAX_PAYLOAD,
+            max_file_store=self.options.max_file_store,
             tls_cert=tls.server_cert,
             tls_key=tls.server_key,
             authorization=render_authorization(
@@ -541,6 +554,10 @@ class Stack:
                 f"providers = {json.dumps(self.options.providers)}\n"
                 "ca = true\n"
                 f"enroll_listen = {json.dumps(self.enroll_listen)}\n"
+                f"audit_archive_dir = {json.dumps(str(self.layout.audit_archive))}\n"
+                f"audit_window = {self.options.audit_window!r}\n"
+                f"audit_max_age = {self.options.audit_max_age!r}\n"
+                f"audit_archive_interval = {self.options.audit_archive_interval!r}\n"
                 "[tls]\n"
                 f"cert = {json.dumps(str(pki.broker_cert))}\n"
                 f"key = {json.dumps(str(pki.broker_key))}\n"

@@ -42,10 +42,13 @@ def audit_group() -> None:
       kmsctl audit tail --writer ca      the CA's entries only
       kmsctl audit tail -f --from 120    the broker's from entry 120 on, then follow
       kmsctl audit verify                exit 0 if every writer's chain is whole
+      kmsctl audit verify --archive DIR  ... and every archived segment in DIR
 
     Each writer (broker, ca, crypto-<id>) has a stream of its own, numbered from 1;
     WRITER names the stream a line comes from and SEQ is the number in that stream
-    (`legacy`: the shared stream an older version wrote, closed now).
+    (`legacy`: the shared stream an older version wrote, closed now). Older entries
+    leave a stream only archived: gzip segments with checkpoints signed in the token,
+    in the broker's DATA_DIR/audit-archive (docs/security.md, "Retention").
     """
 
 
@@ -224,41 +227,87 @@ def _last_seq(kms: KMSClient, writer: str) -> int:
 
 @audit_group.command("verify")
 @client_options
+@click.option(
+    "--archive",
+    "archive_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Also prove the archived segments in DIR (the broker's DATA_DIR/audit-archive, "
+    "or a copy shipped away): every writer's chain from entry 1, through every segment "
+    "and its signed checkpoint, into what the streams still hold.",
+)
 @output_option
-def verify(data_dir: Path, config_path: Path | None, output: str) -> None:
-    """Walk every writer's chain from entry 1; report the first broken link and a count.
+def verify(data_dir: Path, config_path: Path | None, archive_dir: Path | None, output: str) -> None:
+    """Walk every writer's chain; report the first broken link and a count.
 
     Reads every audit stream: the legacy shared one of older versions first, then each
-    writer's own, carrying each writer's chain from one into the other.
+    writer's own, carrying each writer's chain from one into the other. A stream whose
+    oldest entries were archived (retention) is proven from its newest checkpoint: the
+    chain head the archiver signed in the token before removing them, checked against
+    the internal CA's key in the client's CA file. With --archive DIR the archived
+    segments are proven too, end to end.
+
+    \b
+      kmsctl audit verify                          the window, from each checkpoint
+      kmsctl audit verify --archive ./kms/audit-archive
 
     Catches a deleted entry (a missing sequence number), an altered one (its hash does
     not match), entries reordered or inserted (an entry that does not link to its
-    writer's one before), and an entry claiming another writer than the bus identity
-    that stored it (writer_mismatch). Prints the first problem and how many there are,
-    not a line each (-o json lists the first few). Prints each writer's head hash: keep
-    them somewhere else, and a later run proves that nothing up to them was rewritten.
+    writer's one before), an entry claiming another writer than the bus identity that
+    stored it (writer_mismatch), a forged or unsigned checkpoint (checkpoint_invalid,
+    checkpoint_missing), an altered segment (archive_tampered) and a missing one
+    (segment_missing). Prints the first problem and how many there are, not a line each
+    (-o json lists the first few). Prints each writer's head hash: keep them somewhere
+    else, and a later run proves that nothing up to them was rewritten.
     """
+    from edgekms.clientconfig import load_client_config
+    from edgekms.retention import StreamProof, trusted_keys
+    from mgmt.cli.client_access import resolve_config
+
+    if archive_dir is not None and not archive_dir.is_dir():
+        raise click.BadParameter(f"{archive_dir} is not a directory", param_hint="--archive")
+    config = load_client_config(config_path or resolve_config(data_dir))
     verifier = ChainVerifier()
+    proof = StreamProof(verifier, trusted_keys(config.ca_cert.read_bytes()), archive_dir)
     last_seq: int | None = None
     with open_client(data_dir, config_path) as kms:
         for item in kms.tail_audit(1):
             if item.HasField("state"):
                 if last_seq is not None:
-                    verifier.end_stream(last_seq)
-                verifier.begin_stream(item.state.stream)
-                last_seq = item.state.last_seq
+                    proof.end(last_seq)
+                state = item.state
+                if state.stream == LEGACY_STREAM:
+                    verifier.begin_stream(state.stream)
+                else:
+                    proof.begin(
+                        state.stream,
+                        state.first_seq,
+                        state.last_seq,
+                        state.messages,
+                        state.checkpoint,
+                    )
+                last_seq = state.last_seq
             else:
-                verifier.feed(item.record.seq, item.record.raw, item.record.subject)
-    report = verifier.finish(last_seq)
+                proof.feed(item.record.seq, item.record.raw, item.record.subject)
+    if last_seq is not None:
+        proof.end(last_seq)
+    report = verifier.finish()
     if output == "json":
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        data = report.to_dict()
+        data["archived_segments"] = proof.segments
+        data["checkpoints"] = dict(sorted(proof.checkpoints.items()))
+        click.echo(json.dumps(data, indent=2))
     elif report.ok:
+        archived = f", {proof.segments} archived segment(s)" if archive_dir is not None else ""
         click.echo(
             f"audit chain whole: {report.entries} entries in {report.messages} messages "
-            f"in {len(report.streams)} stream(s)"
+            f"in {len(report.streams)} stream(s){archived}"
         )
         for writer, head in sorted(report.heads.items()):
             click.echo(f"  {writer}: head {head}")
+        for stream, seq in sorted(proof.checkpoints.items()):
+            click.echo(f"  {stream}: checkpoint at {seq}")
     else:
         first = report.problems[0]
         click.echo(f"audit chain broken at entry {first.where}: {first.message}")

@@ -46,14 +46,21 @@ class UpOptions:
     acme_config: Path | None
     ca_crl_lifetime: str
     audit_limits: tuple[str, ...]
+    max_file_store: str
+    audit_window: float
+    audit_max_age: int
+    audit_archive_interval: float
     log_level: str
     log_format: str
     log_max_bytes: int
     log_backups: int
     start_timeout: float
 
-    def stack_options(self, audit_limits: dict[str, tuple[int, int]]) -> StackOptions:
-        """The supervisor's options (mgmt.stack); `audit_limits` already parsed."""
+    def stack_options(
+        self, audit_limits: dict[str, tuple[int, int]], max_file_store: int | None
+    ) -> StackOptions:
+        """The supervisor's options (mgmt.stack); `audit_limits` and `max_file_store`
+        already parsed."""
         from mgmt.stack import StackOptions
 
         return StackOptions(
@@ -73,6 +80,10 @@ class UpOptions:
             log_max_bytes=self.log_max_bytes,
             log_backups=self.log_backups,
             audit_limits=audit_limits,
+            audit_window=self.audit_window,
+            audit_max_age=float(self.audit_max_age),
+            audit_archive_interval=self.audit_archive_interval,
+            max_file_store=max_file_store,
             start_timeout=self.start_timeout,
         )
 
@@ -167,6 +178,42 @@ class UpOptions:
     "status` warns from 80%.",
 )
 @click.option(
+    "--max-file-store",
+    default="",
+    metavar="SIZE",
+    help="Cap JetStream's store at SIZE (B, KiB, MiB, GiB), e.g. 160MiB: past it writes "
+    "are refused (an audit append: audit.full) while the disk keeps its room. Refused at "
+    "start (nats.store_exceeds_disk) when the disk cannot hold it. Default: nats-server's "
+    "own, 75% of the free space at start.",
+)
+@click.option(
+    "--audit-window",
+    type=click.FloatRange(min=0.01, max=0.8),
+    default=0.5,
+    show_default=True,
+    metavar="FRACTION",
+    help="Share of each audit stream's limit kept in the stream; the broker archives "
+    "older entries to DATA_DIR/audit-archive (gzip segments, each with a checkpoint "
+    "signed in the token) and then removes them from the stream. The rest of the limit "
+    "is room for archiving to fall behind in.",
+)
+@click.option(
+    "--audit-max-age",
+    type=click.IntRange(min=0),
+    default=7 * 24 * 3600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Archive audit entries older than this even if the window has room (0: by size only).",
+)
+@click.option(
+    "--audit-archive-interval",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often the broker's archiver looks at every audit stream.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -243,6 +290,7 @@ def up(**params: Any) -> None:
     setup_logging("kmsctl-up", options.log_level, options.log_format)
     # Options that are usage errors refuse before the lock, which makes DATA_DIR/run.
     _audit_limits(options.audit_limits)
+    _max_file_store(options.max_file_store)
     _check_crl_lifetime(options.ca_crl_lifetime)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
@@ -299,7 +347,9 @@ def _take_over_and_check(options: UpOptions, lock: stacklock.StackLock) -> None:
 def _run_up(up_options: UpOptions) -> None:
     from mgmt.stack import StackError, run_stack
 
-    options = up_options.stack_options(_audit_limits(up_options.audit_limits))
+    options = up_options.stack_options(
+        _audit_limits(up_options.audit_limits), _max_file_store(up_options.max_file_store)
+    )
     data_dir, ca_provider = up_options.data_dir, up_options.ca_provider
     if up_options.swtpm_port is not None:
         click.echo(
@@ -494,6 +544,24 @@ def _check_crl_lifetime(value: str) -> None:
         parse_crl_lifetime(value)
     except InvalidArgument as exc:
         raise click.BadParameter(exc.message, param_hint="--ca-crl-lifetime") from None
+
+
+def _max_file_store(value: str) -> int | None:
+    """--max-file-store as bytes (None: not given); a malformed one is a usage error."""
+    if not value:
+        return None
+    from edgekms.audit import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: want a size such as 160MiB (B, KiB, MiB, GiB)",
+            param_hint="--max-file-store",
+        ) from None
+    if size < 1024 * 1024:
+        raise click.BadParameter(f"{value!r}: at least 1MiB", param_hint="--max-file-store")
+    return size
 
 
 def _audit_limits(values: tuple[str, ...]) -> dict[str, tuple[int, int]]:

@@ -171,13 +171,17 @@ def stream_config(
     writer_quota: int = DEFAULT_WRITER_QUOTA,
     replicas: int = 1,
 ) -> api.StreamConfig:
-    """One writer's stream. Append-only, whole by construction: nothing expires, nothing
-    is discarded, and nobody can delete, purge or roll up entries (deny_delete,
-    deny_purge, no rollup headers, no per-message TTL: settings that cannot be undone on
-    a stream, which is the point). The chain detects a deletion anyway; now there is none
-    to detect. Full is refused (audit.full), never made room for by dropping entries.
-    `replicas`: copies on a JetStream cluster (docs/cluster.md); nats-server's
-    `sync_interval: always` makes each copy fsync before the append is acknowledged."""
+    """One writer's stream. Append-only: nothing expires, nothing is discarded, and nobody
+    can delete one entry or roll entries up (deny_delete, no rollup headers, no
+    per-message TTL: settings that cannot be undone on a stream, which is the point).
+    Purge is allowed by the stream, and granted on the bus to the archiver alone
+    (edgekms.retention: only through a sequence it archived and signed a checkpoint
+    for; a purge from the front is the one removal the chain and a checkpoint can
+    vouch for). Full is refused (audit.full), never made room for by dropping entries.
+    Streams made before retention keep deny_purge (nats-server cannot cancel it): they
+    are never pruned. `replicas`: copies on a JetStream cluster (docs/cluster.md);
+    nats-server's `sync_interval: always` makes each copy fsync before the append is
+    acknowledged."""
     return api.StreamConfig(
         name=writer_stream(writer),
         subjects=[audit_subject(writer)],
@@ -191,7 +195,7 @@ def stream_config(
         num_replicas=replicas,
         allow_direct=True,
         deny_delete=True,
-        deny_purge=True,
+        deny_purge=False,
         allow_rollup_hdrs=False,
         allow_msg_ttl=False,
     )
@@ -280,9 +284,10 @@ def parse_limit_fields(raw: Mapping[str, Any]) -> tuple[StreamLimit | None, list
     return StreamLimit(max_bytes, count), []
 
 
+# deny_purge is not among them: a stream made before retention keeps it (nats-server
+# refuses to cancel it, err 10052), and a newer one is made without it, for the archiver.
 _HARDENED = (
     "deny_delete",
-    "deny_purge",
     "allow_rollup_hdrs",
     "discard",
     "max_msgs",
@@ -1010,6 +1015,32 @@ class ChainVerifier:
 
     def _add(self, seq: int, kind: str, message: str, index: int | None = None) -> None:
         self.report.add(ChainProblem(seq, kind, message, index, self._stream))
+
+    def add_problem(self, seq: int, kind: str, message: str) -> None:
+        """A problem found beside the chain (edgekms.retention: a checkpoint, a segment)."""
+        self._add(seq, kind, message)
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence the current stream's next message should have."""
+        return self._expected_seq
+
+    def head(self, chain: str) -> str:
+        """The hex link `chain`'s next entry must carry, as walked so far ("" if none)."""
+        link = self._writer_prev.get(chain)
+        return link[0].hex() if link else ""
+
+    def resume(self, seq: int, chain: str, link: bytes | None, name: str) -> None:
+        """Go on after `seq` of the current stream, whose earlier messages are not walked
+        here (archived and purged): with `chain`'s link at `seq` (a checkpoint's hash), or
+        without one (None: the next entry's link cannot be checked, as after a gap)."""
+        self._expected_seq = seq + 1
+        if link is None:
+            self._gap_excused = set()
+            return
+        self._writer_prev[chain] = (link, name)
+        if self._gap_excused is not None:
+            self._gap_excused.add(chain)
 
     def feed(self, seq: int, raw: bytes, subject: str | None = None) -> None:
         report = self.report

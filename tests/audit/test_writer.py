@@ -5,6 +5,7 @@ and no entry stored when the stream is gone."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -42,19 +43,29 @@ async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
         server.stop()
 
 
-async def test_the_stream_refuses_deletion_and_purge(nc: NATS) -> None:
-    """Issue 11, item 4: the stream itself takes no delete, purge or rollup."""
+async def test_the_stream_refuses_deletion_and_rollup(nc: NATS) -> None:
+    """Issue 11, item 4: the stream itself takes no delete of an entry and no rollup.
+    Purge from the front is the archiver's (issue 21): the stream allows it, the bus
+    grants it to the broker alone (tests/natsperm/test_tables.py)."""
     await _fill(nc, 3)
     js = nc.jetstream()
     with pytest.raises(nats.js.errors.APIError) as info:
         await js.delete_msg(writer_stream("test"), 2)
     assert "not permitted" in str(info.value)
     with pytest.raises(nats.js.errors.APIError):
-        await js.purge_stream(writer_stream("test"))
-    with pytest.raises(nats.js.errors.APIError):
         await js.publish("kms.audit.test", b"{}", headers={"Nats-Rollup": "all"})
     assert [seq for seq, _, _ in await stored(js)] == [1, 2, 3]
     assert (await verify_stream(js)).ok
+    assert not (await js.stream_info(writer_stream("test"))).config.deny_purge
+
+
+async def test_a_stream_made_before_retention_keeps_deny_purge_at_setup(nc: NATS) -> None:
+    """nats-server cannot cancel deny_purge (err 10052): setup must leave it, not fail."""
+    js = nc.jetstream()
+    old = dataclasses.replace(stream_config("test"), deny_purge=True)
+    await js.add_stream(old)
+    await harden_stream(js, ("test",))
+    assert (await js.stream_info(writer_stream("test"))).config.deny_purge
 
 
 async def _fill(nc: NATS, n: int) -> AuditWriter:

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "security.md"
 SECTION = "## Bad-input catalogue"
 AREAS = {
+    "audit archive",
     "gRPC",
     "NATS",
     "CSR",

@@ -126,6 +126,8 @@ def test_status_reports_every_part(kms_stack: KmsStack) -> None:
         "audit/broker": True,
         "audit/ca": True,
         "audit/crypto-hsm0": True,
+        # The broker's archiver (docs/security.md, "Retention").
+        "audit/archive": True,
     }
     assert status.ok
 

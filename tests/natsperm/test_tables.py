@@ -134,11 +134,19 @@ def test_broker_config_reads_its_bus_identity(tmp_path: Path) -> None:
 
 def test_no_service_may_change_a_stream_and_setup_is_the_supervisors_alone() -> None:
     """Issue 11, item 3: stream update, purge and delete, and message delete, are nobody's
-    but the supervisor's during setup (create and update only)."""
+    but the supervisor's during setup (create and update only). Issue 21: the one
+    exception is the broker's archiver, which may purge each writer's audit stream (it
+    reads every one whole) and nothing else: not the closed legacy stream, no bucket."""
+    writers = ("BROKER", "CA", "CRYPTO-HSM0", "CRYPTO-TPM0")
     for setup in (False, True):
         for identity in stack_identities(["hsm0", "tpm0"], setup=setup, ceremony=setup):
+            purges = [s for s in identity.permissions.publish if "STREAM.PURGE." in s]
+            if identity.user == "broker":
+                assert purges == [f"$JS.API.STREAM.PURGE.KMS_AUDIT_{w}" for w in writers]
+            else:
+                assert purges == [], identity.user
             for subject in identity.permissions.publish:
-                for verb in ("STREAM.PURGE.", "STREAM.DELETE.", "STREAM.MSG.DELETE."):
+                for verb in ("STREAM.DELETE.", "STREAM.MSG.DELETE."):
                     assert verb not in subject, subject
                 if ".STREAM.UPDATE." in subject:
                     assert setup and identity.user == "kmsctl", (identity.user, subject)

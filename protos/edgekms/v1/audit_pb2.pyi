@@ -184,6 +184,7 @@ class AuditStreamState(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     MAX_MSGS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     last_seq: _builtins.int
     messages: _builtins.int
@@ -195,6 +196,11 @@ class AuditStreamState(_message.Message):
     """-1: no limit"""
     max_msgs: _builtins.int
     """-1: no limit"""
+    checkpoint: _builtins.bytes
+    """The newest signed checkpoint of this stream (edgekms.retention: canonical JSON, as
+    the archiver wrote it), handed out untouched; empty when nothing was archived. The
+    reader verifies its signature: the window's first entry links to its hash.
+    """
     def __init__(
         self,
         *,
@@ -206,10 +212,11 @@ class AuditStreamState(_message.Message):
         bytes: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
         max_msgs: _builtins.int = ...,
+        checkpoint: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "first_seq", b"first_seq", "last_seq", b"last_seq", "max_bytes", b"max_bytes", "max_msgs", b"max_msgs", "messages", b"messages", "stream", b"stream", "writer", b"writer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "checkpoint", b"checkpoint", "first_seq", b"first_seq", "last_seq", b"last_seq", "max_bytes", b"max_bytes", "max_msgs", b"max_msgs", "messages", b"messages", "stream", b"stream", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
