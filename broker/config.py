@@ -30,6 +30,11 @@ Its audit stream's limits, where the broker creates that stream itself (no `kmsc
 as on the board): sized to the JetStream store, which refuses what it cannot reserve.
 audit_max_bytes = "96MiB"     # B, KiB, MiB or GiB; default 2GiB
 audit_max_msgs = 1000000      # optional; default 20000000
+
+Metrics (edgekms.metrics): /metrics, /healthz and /readyz on this address; absent or ""
+for none. The audit metrics come from a check of every audit chain this often (0: none).
+metrics_listen = "127.0.0.1:9464"
+audit_check_interval = 15.0
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
+from edgekms.metrics import LISTEN_FIELD, parse_listen_field
 from edgekms.sealed import RecordSeal, parse_seal_fields
 from edgekms.subjects import PROVIDER_ID_RE
 
@@ -85,6 +91,11 @@ class BrokerConfig:
     # Its audit stream's limits where the broker creates it (no `kmsctl up`: the board);
     # None: edgekms.audit's defaults (2 GiB). docs/security.md, "Sizing for a board".
     audit_limit: StreamLimit | None = None
+    # Where /metrics, /healthz and /readyz are served (edgekms.metrics); None: nowhere.
+    metrics_listen: str | None = None
+    # Seconds between two passes of the audit chain check behind the audit metrics
+    # (broker.metrics.AuditChainCheck); 0: no check.
+    audit_check_interval: float = 15.0
 
 
 def _field(table: dict[str, Any], name: str, kind: type, path: Path) -> Any:
@@ -113,6 +124,8 @@ KNOWN_FIELDS = frozenset(
         "ca",
         "enroll_listen",
         "tls",
+        LISTEN_FIELD,
+        "audit_check_interval",
         *BUS_FIELDS,
         *SEAL_FIELDS,
         *AUDIT_FIELDS,
@@ -170,7 +183,15 @@ def load_config(path: Path) -> BrokerConfig:
     audit_limit, problems = parse_limit_fields(raw)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
+    metrics_listen, problems = parse_listen_field(raw)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    check = raw.get("audit_check_interval", 15.0)
+    if isinstance(check, bool) or not isinstance(check, int | float) or check < 0:
+        raise ConfigError(f"{path}: 'audit_check_interval' must be 0 or more seconds")
     return BrokerConfig(
+        metrics_listen=metrics_listen,
+        audit_check_interval=float(check),
         bus=bus,
         seal=seal,
         listen=_field(raw, "listen", str, path),

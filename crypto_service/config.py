@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
+from edgekms.metrics import LISTEN_FIELD, parse_listen_field
 from edgekms.subjects import PROVIDER_ID_RE
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class ServiceConfig:
     # Its audit stream's limits where it creates that stream itself (no `kmsctl up`: the
     # board); None: edgekms.audit's defaults (1 GiB). docs/security.md, "Sizing for a board".
     audit_limit: StreamLimit | None = None
+    # Where /metrics, /healthz and /readyz are served (edgekms.metrics); None: nowhere.
+    metrics_listen: str | None = None
 
     @property
     def kind(self) -> str:
@@ -80,7 +83,16 @@ class ServiceConfig:
 
 
 _BUS_KEYS = {"nats_user", "nats_password_file", "nats_ca"}
-_TOP_KEYS = {"provider_id", "nats_url", "workers", "pkcs11", "tpm2", *_BUS_KEYS, *AUDIT_FIELDS}
+_TOP_KEYS = {
+    "provider_id",
+    "nats_url",
+    "workers",
+    "pkcs11",
+    "tpm2",
+    LISTEN_FIELD,
+    *_BUS_KEYS,
+    *AUDIT_FIELDS,
+}
 _PKCS11_KEYS = {"module", "token_label", "pin_file", "pin_env", "sessions"}
 
 
@@ -134,7 +146,13 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> ServiceConfi
     if problems:
         name, _, problem = problems[0].partition(": ")
         raise fail(name, problem)
-    return ServiceConfig(provider_id, nats_url, workers, pkcs11, tpm2, path, bus, audit_limit)
+    metrics_listen, problems = parse_listen_field(data)
+    if problems:
+        name, _, problem = problems[0].partition(": ")
+        raise fail(name, problem)
+    return ServiceConfig(
+        provider_id, nats_url, workers, pkcs11, tpm2, path, bus, audit_limit, metrics_listen
+    )
 
 
 Fail = Callable[[str, str], ConfigError]
