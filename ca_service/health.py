@@ -21,7 +21,7 @@ from edgekms.v1 import ca_pb2
 if TYPE_CHECKING:
     from ca_service.authority import CertificateAuthority
 
-COMPUTE_INTERVAL = 60.0
+COMPUTE_INTERVAL = 30.0
 EXPIRY_WINDOW = datetime.timedelta(days=30)
 
 

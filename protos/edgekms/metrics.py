@@ -45,6 +45,7 @@ MAX_CONNECTIONS = 32
 MAX_HEAD = 8 * 1024
 HEAD_TIMEOUT = 5.0
 RENDER_TTL = 0.5
+REFUSE_WAIT = 0.2
 # Request latencies, from a sub-millisecond Sign to a minute-long RSA-4096 generation.
 LATENCY_BUCKETS = (
     0.0005,
@@ -249,6 +250,10 @@ class MetricsServer:
         try:
             if self._open >= self.max_connections:
                 self.metrics.refused_scrapes.labels(self.metrics.service).inc()
+                # Read the request head if it comes at once (REFUSE_WAIT), so that the
+                # close does not reset the connection and lose the 503 on its way out.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REFUSE_WAIT)
                 await self._reply(writer, 503, b"too many scrapes at once\n", "text/plain")
                 return
             self._open += 1
@@ -273,6 +278,10 @@ class MetricsServer:
             return
         except asyncio.LimitOverrunError:
             self.metrics.refused_scrapes.labels(self.metrics.service).inc()
+            # What was sent already is read and dropped (at most 64 KiB, REFUSE_WAIT), so
+            # that the close does not reset the connection before the 431 arrives.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.read(64 * 1024), REFUSE_WAIT)
             await self._reply(writer, 431, b"request head too large\n", "text/plain")
             return
         parts = head.split(b"\r\n", 1)[0].split(b" ")
