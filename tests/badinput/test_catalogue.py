@@ -28,6 +28,7 @@ AREAS = {
     "ACME",
     "agent",
     "stack",
+    "metrics",
 }
 MIN_ROWS = 40
 

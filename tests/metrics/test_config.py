@@ -38,13 +38,20 @@ def _with_metrics(tmp_path: Path, name: str, line: str) -> Path:
     return path
 
 
+BAD_LISTEN = {
+    "a_name": '"nas.lan:9464"',
+    "no_port": '"127.0.0.1"',
+    "port_too_high": '"127.0.0.1:99999"',
+    "a_number": "9464",
+}
+
+
 @pytest.mark.parametrize("name", list(LOADERS))
-@pytest.mark.parametrize(
-    "value", ['"nas.lan:9464"', '"127.0.0.1"', '"127.0.0.1:99999"', "9464"], ids=str
-)
+@pytest.mark.parametrize("case", list(BAD_LISTEN))
 def test_every_service_config_refuses_a_bad_metrics_listen(
-    tmp_path: Path, name: str, value: str
+    tmp_path: Path, name: str, case: str
 ) -> None:
+    value = BAD_LISTEN[case]
     load, error = LOADERS[name]
     with pytest.raises(error) as refused:
         load(_with_metrics(tmp_path, name, f"metrics_listen = {value}"))
@@ -121,7 +128,11 @@ def _left(data_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
 
 
-@pytest.mark.parametrize("value", ["9464", "nas.lan:9464", "127.0.0.1:65534", "127.0.0.1:x"])
+@pytest.mark.parametrize(
+    "value",
+    ["9464", "nas.lan:9464", "127.0.0.1:65534", "127.0.0.1:x"],
+    ids=["no_host", "a_name", "no_room_after_it", "port_not_a_number"],
+)
 def test_kmsctl_up_refuses_a_bad_metrics_listen_before_starting(tmp_path: Path, value: str) -> None:
     data_dir = tmp_path / "data"
     done = _up(data_dir, "--metrics-listen", value)
