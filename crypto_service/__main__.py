@@ -1,6 +1,7 @@
 """`kms-crypto --config FILE`: run one crypto service until SIGTERM or SIGINT.
 
-Exit codes are for supervisors (systemd, compose): 0 clean stop, 2 bad config,
+Exit codes are for supervisors (systemd, compose): 0 clean stop, 2 bad config (a
+metrics_listen port another program holds included),
 3 the token refused us (wrong PIN, no such token), 4 NATS unreachable. Each failure
 prints one line on stderr that says what to fix; logs go to stderr as JSON lines
 (edgekms.logs) with key=value messages.
