@@ -11,10 +11,9 @@ import base64
 import secrets
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import click
-from cryptography.hazmat.primitives import hashes
 
 from edgekms.algorithms import (
     ALGORITHM_BY_CLI,
@@ -37,7 +36,13 @@ from mgmt.cli.output import (
     key_type_name,
     progress,
 )
-from mgmt.client import CREATE_TIMEOUT, KMSClient, resolve_algorithm
+
+if TYPE_CHECKING:
+    from mgmt.client import KMSClient
+
+# mgmt.client (grpc) and cryptography load inside the commands that call the broker or
+# hash, not with this module: click imports it to complete a key name on every TAB
+# (mgmt/cli/completion.py), and `kmsctl key --help` needs neither.
 
 # Key types whose generation takes long enough that a silent terminal looks hung
 # (and every key on a TPM provider, which is slow at everything).
@@ -77,6 +82,8 @@ def _wire_data(ainfo: AlgorithmInfo, stream: IO[bytes]) -> bytes:
                 f"{ainfo.cli_name} signs the message itself; at most {MAX_MESSAGE_SIZE} bytes",
             )
         return bytes(message)
+    from cryptography.hazmat.primitives import hashes
+
     h = hashes.Hash(ainfo.hash())
     while chunk := stream.read(_CHUNK):
         h.update(chunk)
@@ -85,6 +92,8 @@ def _wire_data(ainfo: AlgorithmInfo, stream: IO[bytes]) -> bytes:
 
 def _algorithm(kms: KMSClient, name: str, algorithm: str | None) -> AlgorithmInfo:
     if algorithm is not None:
+        from mgmt.client import resolve_algorithm
+
         return resolve_algorithm(algorithm)
     return default_algorithm_for(kms.key_type(name))
 
@@ -147,6 +156,8 @@ def create_cmd(
       kmsctl key create web --type ec-p256
       kmsctl key create ca/root --type rsa-4096 --provider hsm0 --label role=ca
     """
+    from mgmt.client import CREATE_TIMEOUT
+
     label_map = parse_labels(labels)
     with open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms:
         where = f" in {provider}" if provider else ""

@@ -54,3 +54,35 @@ def test_a_damaged_cache_is_ignored(cache_home: Path, tmp_path: Path, content: s
     cache.parent.mkdir(parents=True)
     cache.write_text(content)
     assert completion._cached_names(cache, "k") is None
+
+
+def test_a_cached_tab_imports_neither_grpc_nor_cryptography(tmp_path: Path) -> None:
+    """A TAB on a key name answered from the cache loads the `key` commands but none of
+    grpc, nats or cryptography: what keeps it near the interpreter's own start-up."""
+    import ast
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from click.shell_completion import ShellComplete\n"
+        "import mgmt.cli\n"
+        "from mgmt.cli import completion\n"
+        f"data = Path({str(tmp_path / 'data')!r})\n"
+        "cache = completion._cache_file(data / 'client' / 'config.toml')\n"
+        "completion._keep_names(cache, 'app/', ['app/one', 'nas/x'])\n"
+        "comp = ShellComplete(mgmt.cli.cli, {}, 'kmsctl', '_KMSCTL_COMPLETE')\n"
+        "items = comp.get_completions(['key', 'sign', '--data-dir', str(data)], 'app/o')\n"
+        "assert [i.value for i in items] == ['app/one'], items\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'grpc', 'nats', 'cryptography'}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+    ).stdout
+    assert ast.literal_eval(out) == []
