@@ -9,7 +9,6 @@ crypto services answer, so the broker turns them into the same gRPC status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 from collections.abc import Callable
@@ -296,8 +295,14 @@ async def _serve(config: ServeConfig, stop: asyncio.Event | None, status: _Statu
             if health is not None:
                 await health.stop()
             refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await refresher
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:
+                # It died with the connection (its first CRL rebuild was on the bus when
+                # the bus went): the loss itself is what serve() reports below.
+                log.info("event=ca_crl_refresh_ended error=%s", type(exc).__name__)
             await ca.crl_jobs.stop()
             if acme is not None:
                 await acme.stop()
