@@ -3,11 +3,13 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 # `make run` and `kmsctl` read the same variable, EDGEKMS_DATA_DIR (DATA_DIR still works
-# for `make run DATA_DIR=...`), and the ports: NATS_PORT, BROKER_LISTEN, CA_HTTP.
+# for `make run DATA_DIR=...`), and the ports: NATS_PORT, BROKER_LISTEN, CA_HTTP,
+# METRICS_LISTEN (the first of the services' metrics ports).
 EDGEKMS_DATA_DIR ?= $(or $(DATA_DIR),$(HOME)/.local/share/edgekms)
 NATS_PORT ?= 4222
 BROKER_LISTEN ?= 127.0.0.1:8443
 CA_HTTP ?= 127.0.0.1:8180
+METRICS_LISTEN ?= 127.0.0.1:9464
 PYTEST_ARGS ?=
 # `make test-arm ARCHES=armhf` runs one architecture only.
 ARCHES ?=
@@ -19,7 +21,7 @@ setup:
 
 run: setup
 	$(BIN)/kmsctl up --data-dir $(EDGEKMS_DATA_DIR) --nats-port $(NATS_PORT) \
-		--broker-listen $(BROKER_LISTEN) --ca-http $(CA_HTTP)
+		--broker-listen $(BROKER_LISTEN) --ca-http $(CA_HTTP) --metrics-listen "$(METRICS_LISTEN)"
 
 test: setup lint typecheck
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)

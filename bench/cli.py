@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,13 +26,29 @@ TARGET_MS = 200.0
 KEY = "bench/cli"
 
 
-def _commands(work: Path) -> dict[str, list[str]]:
+def _tab(line: str) -> dict[str, str]:
+    """The environment bash's completion function gives kmsctl for a TAB at the end of
+    `line` (what `kmsctl completion bash` installs)."""
+    return {
+        "_KMSCTL_COMPLETE": "bash_complete",
+        "COMP_WORDS": line,
+        "COMP_CWORD": str(len(line.split(" ")) - 1),
+    }
+
+
+def _commands(work: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name -> (arguments, extra environment). A TAB on a key name is measured twice: with
+    no cached names (it asks the broker), and with the names the TAB before fetched
+    (mgmt/cli/completion.py's cache), as when a person types on and presses TAB again."""
     message = work / "message.txt"
     message.write_bytes(b"a message to sign\n")
     return {
-        "kmsctl --help": ["--help"],
-        "kmsctl key list": ["key", "list"],
-        "kmsctl key sign": ["key", "sign", KEY, "--in", str(message), "--out", os.devnull],
+        "kmsctl --help": (["--help"], {}),
+        "kmsctl key list": (["key", "list"], {}),
+        "kmsctl key sign": (["key", "sign", KEY, "--in", str(message), "--out", os.devnull], {}),
+        "TAB: a command (kmsctl ke)": ([], _tab("kmsctl ke")),
+        "TAB: a key name, broker asked": ([], _tab("kmsctl key sign bench/")),
+        "TAB: a key name, from the cache": ([], _tab("kmsctl key sign bench/c")),
     }
 
 
@@ -59,9 +76,19 @@ def measure(data_dir: Path, runs: int = 21, work: Path | None = None) -> dict[st
         if created.returncode not in (0, 5):  # 5: made by an earlier run
             raise RuntimeError(created.stderr.decode())
         figures: dict[str, Any] = {}
-        for name, args in commands.items():
-            _time([kmsctl, *args], env)
-            pairs = [_time([kmsctl, *args], env) for _ in range(runs)]
+        cache = Path(scratch) / "cache"
+        for name, (args, extra) in commands.items():
+            run_env = {**env, **extra, "XDG_CACHE_HOME": str(cache)}
+            fresh = "broker asked" in name
+            _time([kmsctl, *args], run_env)
+            pairs = []
+            for _ in range(runs):
+                if fresh:  # no cached names: this TAB asks the broker
+                    shutil.rmtree(cache, ignore_errors=True)
+                else:  # the names stay as fresh as a TAB a moment ago left them
+                    for kept in cache.glob("edgekms/*.json"):
+                        os.utime(kept)
+                pairs.append(_time([kmsctl, *args], run_env))
             wall = sorted(w for w, _ in pairs)
             cpu = sorted(c for _, c in pairs)
             figures[name] = {

@@ -133,6 +133,9 @@ def start(
         # bench/startup.py reads kmsctl up's own lines for its timeline: JSON, not text.
         "--log-format",
         "json",
+        # Metrics on free ports: a bench stack must not fight a running one for 9464..
+        "--metrics-listen",
+        "127.0.0.1:0",
         *extra,
     ]
     state_file = data_dir / "run" / "state.json"

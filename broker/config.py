@@ -42,6 +42,10 @@ audit_archive_dir = "audit-archive"
 audit_window = 0.5            # share of each stream's limits kept in it (0 < w <= 0.8)
 audit_max_age = 604800        # seconds a message stays at most (0: no age bound)
 audit_archive_interval = 30.0 # seconds between rounds
+Metrics (edgekms.metrics): /metrics, /healthz and /readyz on this address; absent or ""
+for none. The audit metrics come from a check of every audit chain this often (0: none).
+metrics_listen = "127.0.0.1:9464"
+audit_check_interval = 15.0
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
 from edgekms.errors import InvalidArgument
 from edgekms.kvstore import parse_replicas
+from edgekms.metrics import LISTEN_FIELD, parse_listen_field
 from edgekms.retention import (
     DEFAULT_INTERVAL_S,
     DEFAULT_MAX_AGE_S,
@@ -116,6 +121,11 @@ class BrokerConfig:
     # archive), and the window it keeps.
     audit_archive_dir: Path | None = None
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    # Where /metrics, /healthz and /readyz are served (edgekms.metrics); None: nowhere.
+    metrics_listen: str | None = None
+    # Seconds between two passes of the audit chain check behind the audit metrics
+    # (broker.metrics.AuditChainCheck); 0: no check.
+    audit_check_interval: float = 15.0
 
 
 # A node name as nats-server's server_name and the docs use it.
@@ -164,6 +174,8 @@ KNOWN_FIELDS = frozenset(
         "provider_nodes",
         "replicas",
         "tls",
+        LISTEN_FIELD,
+        "audit_check_interval",
         *BUS_FIELDS,
         *SEAL_FIELDS,
         *AUDIT_FIELDS,
@@ -226,8 +238,16 @@ def load_config(path: Path) -> BrokerConfig:
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
     archive_dir, retention = _retention(raw, base, path)
+    metrics_listen, problems = parse_listen_field(raw)
+    if problems:
+        raise ConfigError(f"{path}: {problems[0]}")
+    check = raw.get("audit_check_interval", 15.0)
+    if isinstance(check, bool) or not isinstance(check, int | float) or check < 0:
+        raise ConfigError(f"{path}: 'audit_check_interval' must be 0 or more seconds")
     return BrokerConfig(
         replicas=replicas,
+        metrics_listen=metrics_listen,
+        audit_check_interval=float(check),
         bus=bus,
         seal=seal,
         listen=_field(raw, "listen", str, path),

@@ -30,6 +30,7 @@ from broker.devices import DeviceStore
 from broker.enrollment import DeviceService, EnrollmentService
 from broker.idempotency import IdempotencyStore
 from broker.keys import IdentityCache, KeyService, SystemService
+from broker.metrics import AuditChainCheck, MetricsInterceptor
 from broker.registry import KeyRegistry
 from broker.throttle import FailureThrottle
 from edgekms import natsrpc
@@ -37,6 +38,7 @@ from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import Unavailable
 from edgekms.logs import fields
+from edgekms.metrics import MetricsServer, Periodic, ServiceMetrics, serve_metrics
 from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import (
     audit_pb2,
@@ -77,6 +79,19 @@ class Broker:
         self.port: int = 0
         # Set when the bus connection closes for good: serve() then exits non-zero.
         self.bus_watch = natsrpc.BusWatch("the broker")
+        # /metrics, /healthz, /readyz (edgekms.metrics, broker.metrics).
+        self.metrics = ServiceMetrics("broker")
+        self.metrics.bus_gauge(lambda: self.nc is not None and bool(self.nc.is_connected))
+        self.metrics_server: MetricsServer | None = None
+        self.audit_check: Periodic | None = None
+        self.serving = False
+
+    def not_ready(self) -> list[str]:
+        """/readyz: listening, with the bus connected."""
+        problems = [] if self.serving else ["not listening yet"]
+        if self.nc is None or not self.nc.is_connected:
+            problems.append("bus not connected")
+        return problems
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -107,6 +122,8 @@ class Broker:
 
     async def start(self) -> None:
         cfg = self.config
+        # First, so that /healthz answers (and /readyz says why not) while the rest starts.
+        self.metrics_server = await serve_metrics(self.metrics, self.not_ready, cfg.metrics_listen)
         self.nc = await natsrpc.connect(
             cfg.nats_url,
             name="kms-broker",
@@ -151,6 +168,7 @@ class Broker:
                 raise outcome
 
         self.server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -160,7 +178,7 @@ class Broker:
                 ("grpc.keepalive_time_ms", int(cfg.keepalive_interval * 1000)),
                 ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            ],
         )
         # Unary services go through broker.wire so undecodable requests get a typed error.
         wire.register(
@@ -240,6 +258,13 @@ class Broker:
             system.archiver = self.archiver
             self.archive_task = asyncio.create_task(self.archiver.run())
         await self._set_serving(True)
+        self.serving = True
+        if cfg.audit_check_interval > 0:
+            check = AuditChainCheck(self.nc.jetstream(), self.metrics)
+            self.audit_check = Periodic(
+                "audit chain check", check.run_once, cfg.audit_check_interval
+            )
+            self.audit_check.start()
         log.info("broker ready", extra=fields(listen=cfg.listen, port=self.port))
 
     async def _start_enrollment(
@@ -258,13 +283,14 @@ class Broker:
         except x509.ExtensionNotFound:
             server_name = ""
         self.enroll_server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024),
                 ("grpc.so_reuseport", 0),
                 ("grpc.server_handshake_timeout_ms", int(cfg.handshake_timeout * 1000)),
                 ("grpc.max_connection_idle_ms", int(cfg.idle_timeout * 1000)),
-            ]
+            ],
         )
         wire.register(
             self.enroll_server,
@@ -284,11 +310,16 @@ class Broker:
         log.info("enrollment ready", extra=fields(listen=cfg.enroll_listen, port=self.enroll_port))
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.serving = False
         await self._set_serving(False)
         if self.archive_task is not None:
             self.archive_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.archive_task
+        if self.audit_check is not None:
+            await self.audit_check.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self.enroll_server is not None:
             await self.enroll_server.stop(grace)
         if self.server is not None:

@@ -131,6 +131,14 @@ class Catalog:
         """Drop a record this CA just removed (see `note`)."""
         self._drop(serial)
 
+    def order(self) -> list[SortKey]:
+        """The sort keys (notAfter, padded serial) in order; not a copy: read, do not keep."""
+        return self._order
+
+    def rows(self) -> dict[str, Row]:
+        """Every row by padded serial; not a copy: read, do not keep."""
+        return self._records
+
     def page(self, query: Query) -> ca_pb2.ListCertificatesResponse:
         return select_page(self._order, self._records, query)
 

@@ -15,6 +15,7 @@ crl_lifetime = "7d"                 # optional: how long each CRL is good for (1
                                     # minutes only where agents keep crl files fresh
 audit_max_bytes = "16MiB"           # optional: the CA's audit stream (ACME), where it
 audit_max_msgs = 100000             # makes it itself (the board); default 1GiB, 20000000
+metrics_listen = "127.0.0.1:9465"   # optional: /metrics, /healthz, /readyz (edgekms.metrics)
 [acme]                              # optional: ACME over HTTPS (ca_service.acme.settings)
 listen = "0.0.0.0:8555"
 """
@@ -33,6 +34,7 @@ from edgekms.busauth import parse_bus_fields
 from edgekms.durations import parse_crl_lifetime
 from edgekms.errors import InvalidArgument
 from edgekms.kvstore import parse_replicas
+from edgekms.metrics import LISTEN_FIELD, parse_listen_field
 from edgekms.sealed import WRITER_CA, parse_seal_fields
 
 
@@ -56,6 +58,7 @@ KNOWN_FIELDS = frozenset(
         "crl_lifetime",
         "seal_counter_file",
         "replicas",
+        LISTEN_FIELD,
         *AUDIT_FIELDS,
     }
 )
@@ -113,8 +116,12 @@ def load_serve_config(path: Path) -> ServeConfig:
     replicas, problems = parse_replicas(raw)
     if problems:
         raise CAConfigError(f"{path}: {problems[0]}")
+    metrics_listen, problems = parse_listen_field(raw)
+    if problems:
+        raise CAConfigError(f"{path}: {problems[0]}")
     return ServeConfig(
         replicas=replicas,
+        metrics_listen=metrics_listen,
         acme=acme,
         crl_validity=crl_validity,
         audit_limit=audit_limit,

@@ -9,9 +9,9 @@ crypto services answer, so the broker turns them into the same gRPC status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from edgekms import natsrpc
 from edgekms.audit import StreamLimit
 from edgekms.busauth import BusCredentials
 from edgekms.errors import KMSError
+from edgekms.metrics import ServiceMetrics, serve_metrics
 from edgekms.sealed import RecordSeal
 from edgekms.subjects import CA_BUCKET, CA_PREFIX, CA_SERVICE_NAME, ca_subject
 from edgekms.v1 import ca_pb2
@@ -100,11 +101,12 @@ class CAService:
         ca: CertificateAuthority,
         concurrency: int = MAX_IN_FLIGHT,
         acme: AcmeAdmin | None = None,
+        observe: Callable[[str, str, float], None] | None = None,
     ):
         self.nc = nc
         self.ca = ca
         self.acme = acme
-        self._responder = natsrpc.Responder("the CA service", concurrency)
+        self._responder = natsrpc.Responder("the CA service", concurrency, observe)
         self._service: Any = None
 
     async def start(self) -> CAService:
@@ -135,10 +137,13 @@ class CAService:
 
 
 async def add_ca_service(
-    nc: Any, ca: CertificateAuthority, acme: AcmeAdmin | None = None
+    nc: Any,
+    ca: CertificateAuthority,
+    acme: AcmeAdmin | None = None,
+    observe: Callable[[str, str, float], None] | None = None,
 ) -> CAService:
     """Register every CA operation as a nats.micro endpoint on kms.ca.<Operation>."""
-    return await CAService(nc, ca, acme=acme).start()
+    return await CAService(nc, ca, acme=acme, observe=observe).start()
 
 
 async def keep_crl_fresh(ca: CertificateAuthority, interval: float = CRL_CHECK_INTERVAL) -> None:
@@ -181,17 +186,58 @@ class ServeConfig:
     # Copies of the bucket or audit stream the CA creates (a cluster: 3); what exists
     # keeps its own (edgekms.kvstore).
     replicas: int = 1
+    # Where /metrics, /healthz and /readyz are served (edgekms.metrics); None: nowhere.
+    metrics_listen: str | None = None
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     """Run the CA service until `stop` is set (or forever). Raises Unavailable
     ("bus.lost") if the bus connection closes for good, so the process exits and its
-    supervisor starts it again."""
+    supervisor starts it again. The metrics endpoint starts first, so that /healthz
+    answers (and /readyz says why not) while the rest starts."""
+    # Metrics only where the config asks for them: without metrics_listen no registry,
+    # no periodic CRL and expiry figures, and prometheus-client is not imported.
+    status = _Status(ServiceMetrics("ca") if config.metrics_listen else None)
+    endpoint = None
+    if status.metrics is not None:
+        endpoint = await serve_metrics(status.metrics, status.not_ready, config.metrics_listen)
+    try:
+        await _serve(config, stop, status)
+    finally:
+        if endpoint is not None:
+            await endpoint.stop()
+
+
+class _Status:
+    """What /metrics and /readyz read: the registry, the bus connection, serving or not."""
+
+    def __init__(self, metrics: ServiceMetrics | None) -> None:
+        self.metrics = metrics
+        self.nc: Any = None
+        self.serving = False
+        if metrics is not None:
+            metrics.bus_gauge(self.bus_connected)
+
+    def bus_connected(self) -> bool:
+        return self.nc is not None and bool(self.nc.is_connected)
+
+    def not_ready(self) -> list[str]:
+        """/readyz: serving, with the bus connected."""
+        problems = [] if self.serving else ["not serving yet"]
+        if not self.bus_connected():
+            problems.append("bus not connected")
+        return problems
+
+
+async def _serve(config: ServeConfig, stop: asyncio.Event | None, status: _Status) -> None:
+    from ca_service.health import COMPUTE_INTERVAL, CAHealth
     from ca_service.http import start_http
     from edgekms.crypto_client import CryptoClient
+    from edgekms.metrics import Periodic
     from edgekms.registry_record import RegistryKeys
     from edgekms.subjects import KEY_CLASS_CA
 
+    metrics = status.metrics
     watch = natsrpc.BusWatch("the CA service")
     nc = await natsrpc.connect(
         config.nats_url,
@@ -202,6 +248,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         **watch.options(),
         **config.bus.connect_options(),
     )
+    status.nc = nc
     try:
         store = await CAStore.open(nc.jetstream(), config.bucket, config.seal, config.replicas)
         ca = CertificateAuthority(
@@ -229,13 +276,20 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
             await audit.ensure_stream()
             acme = AcmeServer(ca, config.acme, audit)
         admin = AcmeAdmin(acme.store, acme) if acme is not None else None
-        service = await add_ca_service(nc, ca, admin)
+        service = await add_ca_service(
+            nc, ca, admin, observe=metrics.observe if metrics is not None else None
+        )
         runner = await start_http(ca, config.http_host, config.http_port)
         if acme is not None:
             await acme.start()
         # Checked at least four times per CRL lifetime, so a short one never runs out.
         interval = min(CRL_CHECK_INTERVAL, config.crl_validity.total_seconds() / 4)
         refresher = asyncio.create_task(keep_crl_fresh(ca, interval))
+        health = None
+        if metrics is not None:
+            health = Periodic("ca health", CAHealth(metrics, ca).compute, COMPUTE_INTERVAL)
+            health.start()
+        status.serving = True
         log.info(
             "event=ca_serving nats=%s http=%s:%d",
             config.nats_url,
@@ -245,9 +299,18 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         try:
             await natsrpc.first_of(stop or asyncio.Event(), watch.lost)
         finally:
+            status.serving = False
+            if health is not None:
+                await health.stop()
             refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await refresher
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:
+                # It died with the connection (its first CRL rebuild was on the bus when
+                # the bus went): the loss itself is what serve() reports below.
+                log.info("event=ca_crl_refresh_ended error=%s", type(exc).__name__)
             await ca.crl_jobs.stop()
             if acme is not None:
                 await acme.stop()

@@ -1,6 +1,7 @@
 """`kms-crypto --config FILE`: run one crypto service until SIGTERM or SIGINT.
 
-Exit codes are for supervisors (systemd, compose): 0 clean stop, 2 bad config,
+Exit codes are for supervisors (systemd, compose): 0 clean stop, 2 bad config (a
+metrics_listen port another program holds included),
 3 the token refused us (wrong PIN, no such token), 4 NATS unreachable. Each failure
 prints one line on stderr that says what to fix; logs go to stderr as JSON lines
 (edgekms.logs) with key=value messages.
@@ -30,12 +31,14 @@ from crypto_service.config import (  # noqa: E402
     load_config,
     make_provider,
 )
+from crypto_service.health import PROBE_INTERVAL, TokenHealth  # noqa: E402
 from crypto_service.providers.base import Provider  # noqa: E402
 from crypto_service.service import CryptoService  # noqa: E402
 from crypto_service.throttle import STATE_FILE, AuthGuard  # noqa: E402
 from edgekms import aio, natsrpc  # noqa: E402
 from edgekms.errors import KMSError  # noqa: E402
 from edgekms.logs import setup_logging  # noqa: E402
+from edgekms.metrics import Periodic, ServiceMetrics, serve_metrics  # noqa: E402
 
 log = logging.getLogger("crypto_service")
 
@@ -115,14 +118,46 @@ async def _serve(config: ServiceConfig, provider: Provider) -> None:
     except (KMSError, nats.errors.Error, TimeoutError) as exc:
         # Refusals are still refused; only their audit entries would fail (logged).
         log.error("event=audit_stream_missing error=%s", type(exc).__name__)
+    # Metrics only where the config asks for them (edgekms.metrics): without
+    # metrics_listen no registry, no token probe, and prometheus-client is not imported.
+    metrics = ServiceMetrics(f"crypto-{config.provider_id}") if config.metrics_listen else None
+    token = TokenHealth(metrics, provider, config.provider_id) if metrics else None
+
+    def not_ready() -> list[str]:
+        """/readyz: the bus connected and the token answering its last probe."""
+        problems = [] if nc.is_connected else ["bus not connected"]
+        if token is not None and not token.up:
+            problems.append(f"token {config.provider_id}: {token.last_error}")
+        return problems
+
     service = CryptoService(
-        nc, provider, config.provider_id, config.workers, auth_guard=guard, audit=audit
+        nc,
+        provider,
+        config.provider_id,
+        config.workers,
+        auth_guard=guard,
+        audit=audit,
+        observe=metrics.observe if metrics else None,
     )
+    prober = Periodic("token probe", token.probe, PROBE_INTERVAL) if token else None
+    endpoint = None
     try:
+        if metrics is not None:
+            metrics.bus_gauge(lambda: bool(nc.is_connected))
+            try:
+                endpoint = await serve_metrics(metrics, not_ready, config.metrics_listen)
+            except KMSError as exc:
+                raise _Exit(EXIT_CONFIG, exc.message) from None
+        if prober is not None:
+            prober.start()
         await service.start()
         await natsrpc.first_of(stop, watch.lost)
         log.info("event=stopping")
     finally:
+        if prober is not None:
+            await prober.stop()
+        if endpoint is not None:
+            await endpoint.stop()
         await service.stop()
         watch.stopping()
         try:

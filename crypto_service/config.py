@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
 from edgekms.kvstore import parse_replicas
+from edgekms.metrics import LISTEN_FIELD, parse_listen_field
 from edgekms.subjects import PROVIDER_ID_RE
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class ServiceConfig:
     audit_limit: StreamLimit | None = None
     # Copies of its audit stream where it creates that stream (a cluster: 3).
     replicas: int = 1
+    # Where /metrics, /healthz and /readyz are served (edgekms.metrics); None: nowhere.
+    metrics_listen: str | None = None
 
     @property
     def kind(self) -> str:
@@ -90,6 +93,7 @@ _TOP_KEYS = {
     "pkcs11",
     "tpm2",
     "replicas",
+    LISTEN_FIELD,
     *_BUS_KEYS,
     *AUDIT_FIELDS,
 }
@@ -150,8 +154,21 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> ServiceConfi
     if problems:
         name, _, problem = problems[0].partition(": ")
         raise fail(name, problem)
+    metrics_listen, problems = parse_listen_field(data)
+    if problems:
+        name, _, problem = problems[0].partition(": ")
+        raise fail(name, problem)
     return ServiceConfig(
-        provider_id, nats_url, workers, pkcs11, tpm2, path, bus, audit_limit, replicas
+        provider_id,
+        nats_url,
+        workers,
+        pkcs11,
+        tpm2,
+        path,
+        bus,
+        audit_limit,
+        replicas=replicas,
+        metrics_listen=metrics_listen,
     )
 
 

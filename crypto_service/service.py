@@ -124,6 +124,7 @@ class CryptoService:
         workers: int,
         auth_guard: AuthGuard | None = None,
         audit: AuditWriter | None = None,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.nc = nc
         # Refusals of a key used on another class's subjects are audited here: the caller
@@ -140,7 +141,10 @@ class CryptoService:
         self.provider_id = provider_id
         self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kms-token")
-        self._responder = natsrpc.Responder("the crypto service", concurrency=workers * 2)
+        # `observe` gets each answered request (edgekms.metrics, crypto_service.health).
+        self._responder = natsrpc.Responder(
+            "the crypto service", concurrency=workers * 2, observe=observe
+        )
         self._service: Service | None = None
         # Public keys never change, so a key's type is looked up once (dropped on destroy).
         self._public: dict[bytes, tuple[bytes, KeyType]] = {}

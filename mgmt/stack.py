@@ -59,6 +59,7 @@ from mgmt.natsserver import NatsServer, NatsServerConfig, NatsServerError
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
 from mgmt.sealkeys import RESEALED_MARKER, SealKeys, ensure_seal_keys, reseal_legacy
 from mgmt.softhsm import init_token
+from mgmt.stacklock import metrics_addresses, metrics_parts
 from mgmt.swtpm import Swtpm
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,10 @@ class StackOptions:
     # Seconds each service may take to become ready (--start-timeout). Imports alone
     # take seconds on a Cortex-A7 and ten times that under qemu-user (docs/arm.md).
     start_timeout: float = 30.0
+    # Where the services serve /metrics, /healthz and /readyz (edgekms.metrics): the
+    # broker on this address, the CA and each crypto service on the ports after it
+    # (mgmt.stacklock.metrics_addresses); port 0: free ports; "": no metrics endpoints.
+    metrics_listen: str = ""
 
     @property
     def providers(self) -> list[str]:
@@ -287,6 +292,23 @@ class Stack:
         # and a password check in nats-server, and probes run while services start.
         self._probe: NatsClient | None = None
         self._probe_lock = asyncio.Lock()
+        # Each part's metrics address (part -> (host, port)); empty: no endpoints.
+        self.metrics = metrics_addresses(options.metrics_listen, metrics_parts(options.providers))
+
+    def _metrics_toml(self, part: str) -> str:
+        """The `metrics_listen` line of a part's config (edgekms.metrics), or nothing."""
+        if part not in self.metrics:
+            return ""
+        host, port = self.metrics[part]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"metrics_listen = {json.dumps(where)}\n"
+
+    def metrics_urls(self) -> dict[str, str]:
+        """part -> its /metrics URL, for state.json, `kmsctl status` and Prometheus."""
+        return {
+            part: (f"http://[{h}]:{p}/metrics" if ":" in h else f"http://{h}:{p}/metrics")
+            for part, (h, p) in self.metrics.items()
+        }
 
     @property
     def nats_url(self) -> str:
@@ -473,6 +495,7 @@ class Stack:
         conf = self.layout.config / f"crypto-{provider}.toml"
         header = f"provider_id = {json.dumps(provider)}\nnats_url = {json.dumps(self.nats_url)}\n"
         header += self._bus_toml(crypto_user(provider))
+        header += self._metrics_toml(f"crypto-{provider}")
         write_public(conf, (header + section).encode())
 
         async def ready() -> None:
@@ -506,6 +529,7 @@ class Stack:
                 f"{self._seals.toml(WRITER_CA)}"
                 f"http_listen = {json.dumps(self.options.ca_http)}\n"
                 f"base_url = {json.dumps(self.options.ca_base_url)}\n"
+                f"{self._metrics_toml('ca')}"
                 + (
                     f"crl_lifetime = {json.dumps(self.options.ca_crl_lifetime)}\n"
                     if self.options.ca_crl_lifetime
@@ -558,6 +582,7 @@ class Stack:
                 f"audit_window = {self.options.audit_window!r}\n"
                 f"audit_max_age = {self.options.audit_max_age!r}\n"
                 f"audit_archive_interval = {self.options.audit_archive_interval!r}\n"
+                f"{self._metrics_toml('broker')}"
                 "[tls]\n"
                 f"cert = {json.dumps(str(pki.broker_cert))}\n"
                 f"key = {json.dumps(str(pki.broker_key))}\n"
@@ -629,6 +654,8 @@ class Stack:
             "enroll": self.enroll_listen,
             "ca_http": self.options.ca_http,
             "acme_listen": self.options.acme_listen,
+            # Each part's /metrics URL (/healthz and /readyz beside it); {} when off.
+            "metrics": self.metrics_urls(),
             "client_config": str(self.layout.client_dir / "config.toml"),
             "pid": os.getpid(),
             "children": {

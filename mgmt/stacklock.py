@@ -184,3 +184,42 @@ def check_ports(ports: dict[str, tuple[str, int]]) -> None:
                     f"cannot listen on {host}:{port} ({option}): {exc.strerror}",
                     {"option": option, "address": f"{host}:{port}"},
                 ) from None
+
+
+def metrics_parts(provider_ids: list[str]) -> list[str]:
+    """The parts that serve metrics, in the order their ports follow --metrics-listen."""
+    return ["broker", "ca", *(f"crypto-{p}" for p in provider_ids)]
+
+
+def metrics_addresses(listen: str, parts: list[str]) -> dict[str, tuple[str, int]]:
+    """Where each part serves /metrics: consecutive ports from --metrics-listen's (the
+    broker on it, then the CA, then each crypto service); "" : none. Port 0 gives each part
+    a free port chosen now (tests). FailedPrecondition `stack.listen_invalid` for a value
+    that is not IP:PORT or whose ports would run past 65535."""
+    if not listen:
+        return {}
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        valid = bool(sep) and port.isdigit() and int(port) + len(parts) - 1 < 65536
+    except OSError:
+        valid = False
+    if not valid:
+        raise FailedPrecondition(
+            "stack.listen_invalid",
+            f"--metrics-listen must be IP:PORT with room for {len(parts)} ports after it"
+            f" (one per service), got {listen!r}",
+            {"option": "--metrics-listen", "value": listen},
+        )
+    base = int(port)
+    if base:
+        return {part: (host, base + i) for i, part in enumerate(parts)}
+    chosen: dict[str, tuple[str, int]] = {}
+    for part in parts:
+        with socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+        ) as sock:
+            sock.bind((host, 0))
+            chosen[part] = (host, int(sock.getsockname()[1]))
+    return chosen

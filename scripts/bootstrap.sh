@@ -23,6 +23,9 @@ APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl c
 # (scripts/base-image.sh). Installed packages only: the tests' podman settings live in a
 # temporary containers.conf of their own (docs/containers.md).
 APT_PACKAGES+=(podman runc netavark aardvark-dns iptables docker-compose debootstrap)
+# The metrics tests (tests/metrics): a real Prometheus scrapes every service of a stack,
+# and promtool checks the example alert rules (deploy/prometheus/).
+APT_PACKAGES+=(prometheus)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
 [ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-google-grpc-dev)

@@ -21,6 +21,10 @@ from mgmt.softhsm import SoftHSMToken, init_token
 # for a loaded x86 machine, and `make test-arm` (qemu-user, 10-30x slower) raises them
 # with EDGEKMS_TEST_SLOWDOWN. A deadline, never a sleep: a test still ends when it can.
 SLOWDOWN = max(1.0, float(os.environ.get("EDGEKMS_TEST_SLOWDOWN", "1") or 1))
+# Every `kmsctl up` a test starts (they inherit this environment) serves its metrics on
+# free ports rather than the default 9464.., which stacks running side by side would fight
+# over (`kmsctl up --metrics-listen`, docs/architecture.md "Metrics").
+os.environ.setdefault("EDGEKMS_METRICS_LISTEN", "127.0.0.1:0")
 
 
 def start_nats(directory: Path) -> NatsServer:

@@ -159,3 +159,15 @@ class RunsSerially(Protocol):
     def run_serially(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the token's thread; calls to the provider inside it run directly."""
         ...
+
+
+@runtime_checkable
+class ReportsHealth(Protocol):
+    """A provider that can say, cheaply, whether its token answers (crypto_service.health
+    asks every few seconds for /readyz and the token gauges). Optional, like RunsSerially:
+    test doubles need not implement it."""
+
+    def health(self) -> dict[str, float]:
+        """One round trip to the token. Returns token-specific figures (the TPM: its
+        lockout counter, its max tries); raises a KMSError when the token does not answer."""
+        ...

@@ -92,6 +92,7 @@ from tpm2_pytss.constants import (
     TPM2_SE,
     TPM2_ST,
     TPMA_OBJECT,
+    TPMA_PERMANENT,
     TSS2_RC,
 )
 from tpm2_pytss.types import (
@@ -370,6 +371,31 @@ class Tpm2Provider:
             return props[int(TPM2_PT.MAX_AUTH_FAIL)], float(props[int(TPM2_PT.LOCKOUT_INTERVAL)])
 
         return self._run("auth_fail_limits", read)
+
+    def health(self) -> dict[str, float]:
+        """The TPM's dictionary-attack state in one GetCapability (it also proves the TPM
+        answers): lockout_counter, max_auth_fail and in_lockout (providers.base.ReportsHealth).
+        """
+
+        def read(esys: Any) -> dict[str, float]:
+            _, data = esys.get_capability(
+                TPM2_CAP.TPM_PROPERTIES,
+                TPM2_PT.PERMANENT,
+                int(TPM2_PT.LOCKOUT_RECOVERY) - int(TPM2_PT.PERMANENT) + 1,
+            )
+            props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+            permanent = props.get(int(TPM2_PT.PERMANENT), 0)
+            counter = props.get(int(TPM2_PT.LOCKOUT_COUNTER), 0)
+            max_tries = props.get(int(TPM2_PT.MAX_AUTH_FAIL), 0)
+            # TPMA_PERMANENT.inLockout is bit 9: set while the TPM refuses DA-protected use.
+            in_lockout = bool(permanent & TPMA_PERMANENT.INLOCKOUT)
+            return {
+                "lockout_counter": float(counter),
+                "max_auth_fail": float(max_tries),
+                "in_lockout": 1.0 if in_lockout else 0.0,
+            }
+
+        return self._run("health", read)
 
     def _drop_connection(self) -> None:
         self._loaded.clear()  # handles die with the connection (and _flush_stale cleans up)

@@ -11,10 +11,9 @@ import base64
 import secrets
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
-from cryptography.hazmat.primitives import hashes
 
 from edgekms.algorithms import (
     ALGORITHM_BY_CLI,
@@ -44,7 +43,13 @@ from mgmt.cli.output import (
     key_type_name,
     progress,
 )
-from mgmt.client import CREATE_TIMEOUT, KMSClient, resolve_algorithm
+
+if TYPE_CHECKING:
+    from mgmt.client import KMSClient
+
+# mgmt.client (grpc) and cryptography load inside the commands that call the broker or
+# hash, not with this module: click imports it to complete a key name on every TAB
+# (mgmt/cli/completion.py), and `kmsctl key --help` needs neither.
 
 # Key types whose generation takes long enough that a silent terminal looks hung
 # (and every key on a TPM provider, which is slow at everything).
@@ -84,6 +89,8 @@ def _wire_data(ainfo: AlgorithmInfo, stream: IO[bytes]) -> bytes:
                 f"{ainfo.cli_name} signs the message itself; at most {MAX_MESSAGE_SIZE} bytes",
             )
         return bytes(message)
+    from cryptography.hazmat.primitives import hashes
+
     h = hashes.Hash(ainfo.hash())
     while chunk := stream.read(_CHUNK):
         h.update(chunk)
@@ -92,6 +99,8 @@ def _wire_data(ainfo: AlgorithmInfo, stream: IO[bytes]) -> bytes:
 
 def _algorithm(kms: KMSClient, name: str, algorithm: str | None) -> AlgorithmInfo:
     if algorithm is not None:
+        from mgmt.client import resolve_algorithm
+
         return resolve_algorithm(algorithm)
     return default_algorithm_for(kms.key_type(name))
 
@@ -167,6 +176,8 @@ def create_cmd(
       kmsctl key create disks --type aes-256
       kmsctl key create backup/wrap --type rsa-3072 --usage encrypt
     """
+    from mgmt.client import CREATE_TIMEOUT
+
     label_map = parse_labels(labels)
     options = None
     if usage is not None:
@@ -802,6 +813,8 @@ def rotate_cmd(name: str, output: str, data_dir: Path, config_path: Path | None)
     Example:
       kmsctl key rotate disks
     """
+    from mgmt.client import CREATE_TIMEOUT
+
     with (
         open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms,
         progress(f"making a new version of {name}"),

@@ -55,6 +55,7 @@ class UpOptions:
     log_max_bytes: int
     log_backups: int
     start_timeout: float
+    metrics_listen: str
 
     def stack_options(
         self, audit_limits: dict[str, tuple[int, int]], max_file_store: int | None
@@ -85,6 +86,7 @@ class UpOptions:
             audit_archive_interval=self.audit_archive_interval,
             max_file_store=max_file_store,
             start_timeout=self.start_timeout,
+            metrics_listen=self.metrics_listen,
         )
 
 
@@ -251,6 +253,16 @@ class UpOptions:
     help="How long each service may take to become ready before kmsctl up gives up. "
     "Raise it on a slow board or under emulation (qemu-user: 20x).",
 )
+@click.option(
+    "--metrics-listen",
+    default="127.0.0.1:9464",
+    show_default=True,
+    envvar="EDGEKMS_METRICS_LISTEN",
+    metavar="IP:PORT",
+    help="Prometheus /metrics, /healthz and /readyz: the broker on this port, the CA on "
+    "the next, then each crypto service (hsm0, tpm0). Loopback by default; port 0 picks "
+    'free ports; "" serves none. `kmsctl status` lists them.',
+)
 def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -301,9 +313,26 @@ def up(**params: Any) -> None:
         _refuse(exc)
     try:
         _take_over_and_check(options, lock)
+        _check_metrics_ports(options.metrics_listen, options.tpm)
         _run_up(options)
     finally:
         lock.release()
+
+
+def _check_metrics_ports(metrics_listen: str, tpm: str | None) -> None:
+    """Each service's metrics port is free (or the value is refused), before anything
+    starts, as for the other ports (mgmt.stacklock)."""
+    from mgmt import stacklock
+
+    parts = stacklock.metrics_parts(["hsm0", *(["tpm0"] if tpm else [])])
+    try:
+        addresses = stacklock.metrics_addresses(metrics_listen, parts)
+        if metrics_listen and not metrics_listen.endswith(":0"):
+            stacklock.check_ports(
+                {f"--metrics-listen ({part})": where for part, where in addresses.items()}
+            )
+    except KMSError as exc:
+        _refuse(exc)
 
 
 def _refuse(exc: KMSError) -> NoReturn:
@@ -370,7 +399,9 @@ def _run_up(up_options: UpOptions) -> None:
             pointer.append(stackstate.announce(data_dir))
         click.echo(
             f"EdgeKMS is up: broker {options.broker_listen}, NATS 127.0.0.1:{options.nats_port}, "
-            f"data in {data_dir}. Client config: {client_config_path(data_dir)}. Ctrl-C stops.",
+            f"data in {data_dir}. Client config: {client_config_path(data_dir)}. "
+            + (f"Metrics from {up_options.metrics_listen}. " if up_options.metrics_listen else "")
+            + "Ctrl-C stops.",
             err=True,
         )
 
@@ -593,6 +624,7 @@ def status(data_dir: Path, config_path: Path | None, output: str) -> None:
     refused with audit.full."""
     with open_client(data_dir, config_path, timeout=5) as client:
         response = client.status()
+    metrics = _metrics_endpoints(data_dir)
     if output == "json":
         echo_json(
             {
@@ -600,13 +632,30 @@ def status(data_dir: Path, config_path: Path | None, output: str) -> None:
                 "components": [
                     {"name": c.name, "ok": c.ok, "detail": c.detail} for c in response.components
                 ],
+                "metrics": metrics,
             }
         )
     else:
         rows = [[c.name, _state(c.name, c.ok, c.detail), c.detail] for c in response.components]
         click.echo(table(["component", "status", "detail"], rows))
+        if metrics:
+            click.echo("metrics (/healthz and /readyz beside each):")
+            for part, url in metrics.items():
+                click.echo(f"  {part:<14} {url}")
     if not response.ok:
         sys.exit(ExitCode.UNAVAILABLE)
+
+
+def _metrics_endpoints(data_dir: Path) -> dict[str, str]:
+    """part -> /metrics URL, from the state file of a `kmsctl up` on this data dir; {}
+    when none runs there or its services serve no metrics."""
+    from mgmt import stackstate
+
+    state = stackstate.read_state(data_dir.expanduser())
+    found = state.get("metrics") if state else None
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): str(v) for k, v in found.items()}
 
 
 def _state(name: str, ok: bool, detail: str) -> str:

@@ -1002,6 +1002,12 @@ class ChainVerifier:
         self._stream = stream
         self._expected_seq = 1
 
+    def resume_stream(self, stream: str, after_seq: int) -> None:
+        """Carry on walking `stream` after `after_seq`, which an earlier pass of this same
+        verifier reached (the broker's periodic check reads only what is new)."""
+        self._stream = stream
+        self._expected_seq = after_seq + 1
+
     def end_stream(self, last_seq: int) -> None:
         """`last_seq` is the stream's: entries deleted from its end show up here."""
         if last_seq >= self._expected_seq:

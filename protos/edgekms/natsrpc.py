@@ -56,10 +56,18 @@ class Responder:
     token or TPM cannot pile up unbounded work), answered with the handler's response,
     its KMSError, or Internal("internal.error") naming the service if it crashed."""
 
-    def __init__(self, service: str, concurrency: int) -> None:
+    def __init__(
+        self,
+        service: str,
+        concurrency: int,
+        observe: Callable[[str, str, float], None] | None = None,
+    ) -> None:
         self.service = service
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        # (op, outcome, seconds) of each answered request: the service's metrics
+        # (edgekms.metrics); outcome is "ok" or the error code in lower case.
+        self.observe = observe
 
     def endpoint(
         self, op: str, request_type: type[Message], handler: Handler
@@ -83,6 +91,7 @@ class Responder:
         self, op: str, request_type: type[Message], handler: Handler, req: Any
     ) -> None:
         started = time.monotonic()
+        outcome = "ok"
         try:
             try:
                 message = request_type()
@@ -94,6 +103,7 @@ class Responder:
                     ) from None
                 response = await handler(message)
             except KMSError as err:
+                outcome = err.code_name.removeprefix("ERROR_CODE_").lower()
                 log.info(
                     "event=request_refused service=%s op=%s code=%s reason=%s",
                     self.service,
@@ -104,6 +114,7 @@ class Responder:
                 await respond_error(req, err)
                 return
             except Exception:
+                outcome = "internal"
                 log.exception("event=request_crashed service=%s op=%s", self.service, op)
                 await respond_error(
                     req, Internal("internal.error", f"{op} failed inside {self.service}")
@@ -122,6 +133,8 @@ class Responder:
             log.exception("event=reply_failed service=%s op=%s", self.service, op)
         finally:
             self._slots.release()
+            if self.observe is not None:
+                self.observe(op, outcome, time.monotonic() - started)
 
 
 async def subscriptions_live(nc: nats.aio.client.Client) -> None:

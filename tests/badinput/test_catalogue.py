@@ -29,6 +29,7 @@ AREAS = {
     "ACME",
     "agent",
     "stack",
+    "metrics",
 }
 MIN_ROWS = 40
 

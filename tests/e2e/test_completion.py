@@ -55,7 +55,9 @@ def test_tab_completes_commands_options_and_key_names(kms_stack: KmsStack, tmp_p
     with kms_stack.client() as client:
         client.create_key("comp/alpha", "ec-p256")
         client.create_key("comp/beta", "ec-p256")
-    env = kms_stack.env()
+    # The names a TAB fetches are cached per user (mgmt/cli/completion.py): here, not in
+    # the home of whoever runs the tests.
+    env = {**kms_stack.env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     assert _complete("kmsctl ke", env).stdout.split() == ["plain,key"]
     assert "plain,--in" in _complete("kmsctl key sign --i", env).stdout.split()
     names = _complete("kmsctl key sign comp/", env).stdout.split()
@@ -67,6 +69,9 @@ def test_tab_completes_commands_options_and_key_names(kms_stack: KmsStack, tmp_p
 
     # No stack there: nothing offered, nothing printed, exit 0 (a TAB must not break
     # the line being typed).
-    silent = _complete("kmsctl key sign comp/", {**os.environ, "EDGEKMS_DATA_DIR": str(tmp_path)})
+    silent = _complete(
+        "kmsctl key sign comp/",
+        {**os.environ, "EDGEKMS_DATA_DIR": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c")},
+    )
     assert silent.returncode == 0
     assert silent.stdout.split() == [] and silent.stderr == ""
