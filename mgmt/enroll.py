@@ -5,7 +5,9 @@ First contact pins the CA: a TLS connection to the broker's enrollment listener 
 does not verify yet, whose chain must hold a certificate with exactly that fingerprint
 which issued the listener's certificate; only then does the token travel, over gRPC
 trusting that one CA (docs/security.md, "Enrollment"). The key is made here and never
-leaves: a PEM file written 0600. (`--tpm` and `--pkcs11` keys are not supported yet.)
+leaves: a PEM file written 0600, or with `tpm` a key made in the device's TPM
+(mgmt.devicekey; the file is then the TPM-wrapped blob, and the client config says
+`key_store = "tpm"` so that KMSClient dials through edgekms.keytunnel).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgekms.errors import InvalidArgument, KMSError, PermissionDenied, Unavailable
 from edgekms.v1 import enroll_pb2, enroll_pb2_grpc
 from mgmt.client import RETRYABLE, error_from_rpc, new_request_id
+from mgmt.devicekey import TPM_KEY_FILE, create_tpm_key, tpm_private_key
 from mgmt.pki import write_client_config, write_private, write_public
 
 KEY_FILE = "device.key"
@@ -135,14 +138,27 @@ def enroll(
     request_id: str | None = None,
     timeout: float = 30.0,
     retries: int = 3,
+    tpm: str | None = None,
 ) -> Enrolled:
-    """Make a key, enroll it with the token and write key, certificate, CA and config."""
+    """Make a key (in the TPM behind TCTI `tpm`, if given), enroll it with the token and
+    write key (or TPM blob), certificate, CA and config."""
     host, _ = split_server(server)
     normalize_fingerprint(fingerprint)
-    key_path = out_dir / KEY_FILE
-    if key_path.exists():
-        raise InvalidArgument("enroll.exists", f"{key_path} exists; not overwriting it")
-    key = ec.generate_private_key(ec.SECP256R1())
+    for existing in (out_dir / KEY_FILE, out_dir / TPM_KEY_FILE):
+        if existing.exists():
+            raise InvalidArgument("enroll.exists", f"{existing} exists; not overwriting it")
+    key: ec.EllipticCurvePrivateKey
+    if tpm is not None:
+        # Made (and the CSR signed) in the TPM before the token travels: an absent or
+        # broken TPM spends nothing and writes nothing.
+        key_path = out_dir / TPM_KEY_FILE
+        blob, _ = create_tpm_key(tpm)
+        key = tpm_private_key(blob, tpm)  # type: ignore[assignment]
+        key_bytes = blob
+    else:
+        key_path = out_dir / KEY_FILE
+        key = ec.generate_private_key(ec.SECP256R1())
+        key_bytes = _key_pem(key)
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
@@ -155,7 +171,7 @@ def enroll(
     )
     # The key goes to disk before the request: an answer lost after the certificate was
     # stored is recovered by the retry (same request id) for this same key.
-    write_private(key_path, _key_pem(key))
+    write_private(key_path, key_bytes)
     try:
         response = send_enroll(server, fingerprint, request, timeout=timeout, retries=retries)
     except KMSError as err:
@@ -169,8 +185,11 @@ def enroll(
         "broker": f"{host}:{response.broker_port}",
         "ca_cert": CA_FILE,
         "cert": CERT_FILE,
-        "key": KEY_FILE,
+        "key": key_path.name,
     }
+    if tpm is not None:
+        values["key_store"] = "tpm"
+        values["tpm"] = tpm
     if response.server_name:
         values["server_name"] = response.server_name
     write_client_config(config, **values)

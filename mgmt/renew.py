@@ -4,7 +4,8 @@ and the files replaced with what comes back.
 Two kinds of certificate (docs/security.md, "Renewal by the holder"):
 
 * the client certificate a config names: renewed over the mutual TLS connection it
-  authenticates (ClientService.RenewClient). With `rekey` a new key is made here first.
+  authenticates (ClientService.RenewClient). With `rekey` a new key is made here first
+  (in the same TPM when the config says `key_store = "tpm"`).
 * a mini-CA certificate (https-server, vpn-server, ...): the CSR is signed by its key,
   and for a new key the old key signs the CSR too (edgekms.renewal_proof).
 
@@ -22,10 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from edgekms.errors import InvalidArgument
+from edgekms.keytunnel import DEFAULT_TCTI
 from edgekms.renewal_proof import PrivateKey, sign_renewal
 from edgekms.v1 import ca_pb2, clients_pb2
 from mgmt.client import KMSClient
 from mgmt.clientconfig import load_client_config
+from mgmt.devicekey import create_tpm_key
 from mgmt.pki import write_private, write_public
 
 
@@ -131,10 +134,19 @@ def renew_client_config(
     """Renew the client certificate `config_path` names, with its own connection, and
     replace its files (the key first for a rekey, then the certificate)."""
     config = load_client_config(config_path)
-    new_key: PrivateKey | None = None
+    new_key_bytes: bytes | None = None
     public_der = b""
-    if rekey:
+    if rekey and config.key_store == "tpm":
+        # The new key is made in the same TPM (and the TPM closed again) before the
+        # tunnel holds it; the old blob is replaced only once the KMS answered.
+        blob, public = create_tpm_key(config.tpm or DEFAULT_TCTI)
+        new_key_bytes = blob
+        public_der = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif rekey:
         new_key = new_key_like(load_private_key(config.key))
+        new_key_bytes = key_pem(new_key)
         public_der = new_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -142,7 +154,7 @@ def renew_client_config(
         response = kms.renew_client(
             public_key_der=public_der, validity_days=validity_days, request_id=request_id
         )
-    if new_key is not None:
-        write_private(config.key, key_pem(new_key))
+    if new_key_bytes is not None:
+        write_private(config.key, new_key_bytes)
     write_public(config.cert, response.certificate_pem.encode())
-    return ClientRenewal(response, config.cert, config.key, new_key is not None)
+    return ClientRenewal(response, config.cert, config.key, new_key_bytes is not None)

@@ -46,9 +46,23 @@ def token_to_dict(token: enroll_pb2.EnrollToken) -> dict[str, Any]:
     "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where device.key (0600), device.crt, ca.crt and config.toml go.",
+    help="Where device.key (0600; with --tpm device.tss2.pem), device.crt, ca.crt and "
+    "config.toml go.",
 )
-@click.option("--tpm", is_flag=True, help="Make the key in the device's TPM (not yet supported).")
+@click.option(
+    "--tpm",
+    is_flag=True,
+    help="Make the key in the device's TPM; it never leaves it (see --tpm-tcti).",
+)
+@click.option(
+    "--tpm-tcti",
+    envvar="EDGEKMS_TPM_TCTI",
+    default="/dev/tpmrm0",
+    show_default=True,
+    metavar="DEVICE|TCTI",
+    help="With --tpm: the TPM, a device or a TCTI string (swtpm:path=DIR/swtpm.sock); "
+    "env EDGEKMS_TPM_TCTI.",
+)
 @click.option("--pkcs11", default=None, help="Make the key in a PKCS#11 token (not yet supported).")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
@@ -60,6 +74,7 @@ def enroll_group(
     fingerprint: str | None,
     out_dir: Path | None,
     tpm: bool,
+    tpm_tcti: str,
     pkcs11: str | None,
     output: str,
 ) -> None:
@@ -73,13 +88,19 @@ def enroll_group(
     The token is read from a file (never argv: it would show in `ps`). The key is
     made here (EC P-256, 0600) and only a CSR leaves the device. Exit 7 for a token that
     is wrong, used, revoked or expired, or a CA that does not match the fingerprint.
+
+    \b
+    With the key in the device's TPM (it never leaves it; the TPM signs the CSR and
+    every TLS handshake, through the tpm2-openssl provider):
+      kmsctl enroll --tpm --tpm-tcti /dev/tpmrm0 --server ... --out-dir /etc/edgekms
+    Exit 6 if the TPM cannot be used (nothing is written, the token is not sent).
     """
     if ctx.invoked_subcommand is not None:
         return
     if not (server and token_file and fingerprint and out_dir):
         raise click.UsageError("enroll needs --server, --token, --fingerprint and --out-dir")
-    if tpm or pkcs11:
-        raise click.UsageError("--tpm and --pkcs11 keys are not supported yet: use a key file")
+    if pkcs11:
+        raise click.UsageError("--pkcs11 keys are not supported yet: use --tpm or a key file")
     from mgmt.enroll import enroll
 
     if token_file == "-":  # noqa: S105 - stdin, not a password
@@ -89,7 +110,7 @@ def enroll_group(
             raw = Path(token_file).read_text()
         except OSError as exc:
             raise click.UsageError(f"cannot read the token from {token_file}: {exc}") from None
-    done = enroll(server, raw.strip(), fingerprint, out_dir)
+    done = enroll(server, raw.strip(), fingerprint, out_dir, tpm=tpm_tcti if tpm else None)
     client = done.response.client
     if output == "json":
         echo_json(

@@ -37,6 +37,7 @@ from edgekms.algorithms import (
 )
 from edgekms.clientconfig import load_client_config
 from edgekms.errors import InvalidArgument, KMSError
+from edgekms.keytunnel import DEFAULT_TCTI, KeyTunnel, TunnelSpec
 from edgekms.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -158,13 +159,10 @@ class KMSClient:
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = 0,
         retry_wait: float = 0.25,
+        tunnel: KeyTunnel | None = None,
     ) -> None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=ca_cert, private_key=key, certificate_chain=cert
-        )
         options: list[tuple[str, str | int]] = []
         if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
             options.append(("grpc.default_authority", server_name))
         self.target = target
         self.timeout = timeout
@@ -173,7 +171,18 @@ class KMSClient:
         # broker does them once (broker/idempotency.py).
         self.retries = retries
         self.retry_wait = retry_wait
-        self._channel = grpc.secure_channel(target, credentials, options=options)
+        # With a key in a TPM, TLS is the tunnel's (edgekms.keytunnel): the channel
+        # speaks plain HTTP/2 to its private Unix socket.
+        self._tunnel = tunnel
+        if tunnel is not None:
+            self._channel = grpc.insecure_channel(tunnel.target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca_cert, private_key=key, certificate_chain=cert
+            )
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._keys = keys_pb2_grpc.KeyServiceStub(self._channel)
         self._system = keys_pb2_grpc.SystemServiceStub(self._channel)
         self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
@@ -193,6 +202,18 @@ class KMSClient:
         """A client for the broker a config file names (`kmsctl init` writes one)."""
         config = load_client_config(Path(path).expanduser())
         ca_cert, cert, key = config.read_credentials()
+        tunnel = None
+        if config.key_store == "tpm":
+            tunnel = KeyTunnel(
+                TunnelSpec(
+                    broker=config.broker,
+                    server_name=config.server_name or "",
+                    ca_cert=str(config.ca_cert),
+                    cert=str(config.cert),
+                    key=str(config.key),
+                    tcti=config.tpm or DEFAULT_TCTI,
+                )
+            )
         return cls(
             config.broker,
             ca_cert=ca_cert,
@@ -202,6 +223,7 @@ class KMSClient:
             timeout=timeout,
             retries=retries,
             retry_wait=retry_wait,
+            tunnel=tunnel,
         )
 
     # -- plumbing ---------------------------------------------------------------------
@@ -878,6 +900,8 @@ class KMSClient:
 
     def close(self) -> None:
         self._channel.close()
+        if self._tunnel is not None:
+            self._tunnel.close()
 
     def __enter__(self) -> Self:
         return self

@@ -9,6 +9,14 @@ come out as FailedPrecondition with a hint of what to do, never as a traceback.
     ca_cert = "ca.crt"
     cert = "admin.crt"
     key = "admin.key"
+
+A device whose key is in its TPM (`kmsctl enroll --tpm`) says so, and which TPM:
+
+    key = "device.tss2.pem"     # TPM-wrapped: only that TPM can use it
+    key_store = "tpm"           # "file" (the default): key is a PEM private key
+    tpm = "/dev/tpmrm0"         # a device or a TCTI string ("swtpm:path=...")
+
+KMSClient then dials through edgekms.keytunnel instead of handing grpc the key.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from edgekms.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("broker", "ca_cert", "cert", "key")
-_KNOWN = (*_REQUIRED, "server_name")
+_KNOWN = (*_REQUIRED, "server_name", "key_store", "tpm")
+KEY_STORES = ("file", "tpm")
 
 
 @dataclass(frozen=True)
@@ -38,9 +47,12 @@ class ClientConfig:
     cert: Path
     key: Path
     server_name: str | None = None
+    key_store: str = "file"
+    tpm: str | None = None
 
     def read_credentials(self) -> tuple[bytes, bytes, bytes]:
-        """(CA bundle, client certificate chain, client private key) as PEM bytes."""
+        """(CA bundle, client certificate chain, client private key) as PEM bytes; for a
+        key in a TPM the third is the TPM-wrapped blob, which only the tunnel can use."""
         return (
             _read(self.ca_cert, "ca_cert"),
             _read(self.cert, "cert"),
@@ -102,6 +114,13 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
         # Tolerated so that newer `kmsctl init` files still work with an older client.
         log.warning("config.unknown_fields path=%s fields=%s", path, ",".join(unknown))
     parse_broker(data["broker"])
+    key_store = data.get("key_store", "file")
+    if key_store not in KEY_STORES:
+        raise FailedPrecondition(
+            "config.field_invalid",
+            f"key_store in {path} must be one of {', '.join(KEY_STORES)}",
+            {"path": str(path), "field": "key_store"},
+        )
     base = path.parent
 
     def resolve(field: str) -> Path:
@@ -115,6 +134,8 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
         cert=resolve("cert"),
         key=resolve("key"),
         server_name=data.get("server_name"),
+        key_store=key_store,
+        tpm=data.get("tpm"),
     )
 
 

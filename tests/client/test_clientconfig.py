@@ -91,3 +91,20 @@ def test_credentials_missing_file_is_typed(tmp_path: Path) -> None:
     assert info.value.details["field"] == "key"
     (tmp_path / "admin.key").write_bytes(b"key")
     assert config.read_credentials() == (b"ca", b"cert", b"key")
+
+
+def test_a_key_in_a_tpm_is_named_with_its_tpm(tmp_path: Path) -> None:
+    text = (
+        GOOD.replace('"admin.key"', '"device.tss2.pem"')
+        + 'key_store = "tpm"\ntpm = "/dev/tpmrm0"\n'
+    )
+    config = parse_client_config(text, tmp_path / "config.toml")
+    assert (config.key_store, config.tpm) == ("tpm", "/dev/tpmrm0")
+    assert parse_client_config(GOOD, tmp_path / "config.toml").key_store == "file"
+
+
+def test_an_unknown_key_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FailedPrecondition) as err:
+        parse_client_config(GOOD + 'key_store = "smartcard"\n', tmp_path / "config.toml")
+    assert err.value.reason == "config.field_invalid"
+    assert err.value.details["field"] == "key_store"
