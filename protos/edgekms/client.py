@@ -201,9 +201,12 @@ class KMSClient:
     ) -> KMSClient:
         """A client for the broker a config file names (`kmsctl init` writes one)."""
         config = load_client_config(Path(path).expanduser())
-        ca_cert, cert, key = config.read_credentials()
         tunnel = None
-        if config.key_store == "tpm":
+        if config.key_store == "file":
+            ca_cert, cert, key = config.read_credentials()
+        else:
+            # The key stays in the TPM or token: the tunnel does the TLS with it.
+            (ca_cert, cert), key = config.read_public(), b""
             tunnel = KeyTunnel(
                 TunnelSpec(
                     broker=config.broker,
@@ -212,19 +215,28 @@ class KMSClient:
                     cert=str(config.cert),
                     key=str(config.key),
                     tcti=config.tpm or DEFAULT_TCTI,
+                    store=config.key_store,
+                    pkcs11_module=config.pkcs11_module or "",
+                    pin_file=str(config.pin_file or ""),
+                    pin_env=config.pin_env or "",
                 )
             )
-        return cls(
-            config.broker,
-            ca_cert=ca_cert,
-            cert=cert,
-            key=key,
-            server_name=config.server_name,
-            timeout=timeout,
-            retries=retries,
-            retry_wait=retry_wait,
-            tunnel=tunnel,
-        )
+        try:
+            return cls(
+                config.broker,
+                ca_cert=ca_cert,
+                cert=cert,
+                key=key,
+                server_name=config.server_name,
+                timeout=timeout,
+                retries=retries,
+                retry_wait=retry_wait,
+                tunnel=tunnel,
+            )
+        except BaseException:
+            if tunnel is not None:
+                tunnel.close()  # the child and its socket directory go with the failure
+            raise
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -16,6 +16,14 @@ A device whose key is in its TPM (`kmsctl enroll --tpm`) says so, and which TPM:
     key_store = "tpm"           # "file" (the default): key is a PEM private key
     tpm = "/dev/tpmrm0"         # a device or a TCTI string ("swtpm:path=...")
 
+or in a PKCS#11 token (`kmsctl enroll --pkcs11`), named by its RFC 7512 URI, with the
+module and where the PIN is (a file, or an environment variable; never the PIN itself):
+
+    key = "pkcs11:token=dev;object=edgekms-device-0a1b;type=private"
+    key_store = "pkcs11"
+    pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
+    pin_file = "/etc/edgekms/pin"   # or pin_env = "EDGEKMS_PKCS11_PIN"
+
 KMSClient then dials through edgekms.keytunnel instead of handing grpc the key.
 """
 
@@ -33,8 +41,8 @@ from edgekms.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("broker", "ca_cert", "cert", "key")
-_KNOWN = (*_REQUIRED, "server_name", "key_store", "tpm")
-KEY_STORES = ("file", "tpm")
+_KNOWN = (*_REQUIRED, "server_name", "key_store", "tpm", "pkcs11_module", "pin_file", "pin_env")
+KEY_STORES = ("file", "tpm", "pkcs11")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,14 @@ class ClientConfig:
     server_name: str | None = None
     key_store: str = "file"
     tpm: str | None = None
+    pkcs11_module: str | None = None
+    pin_file: Path | None = None
+    pin_env: str | None = None
+
+    @property
+    def key_uri(self) -> str:
+        """The PKCS#11 URI of the key (key_store "pkcs11": `key` is not a path)."""
+        return str(self.key)
 
     def read_credentials(self) -> tuple[bytes, bytes, bytes]:
         """(CA bundle, client certificate chain, client private key) as PEM bytes; for a
@@ -58,6 +74,10 @@ class ClientConfig:
             _read(self.cert, "cert"),
             _read(self.key, "key"),
         )
+
+    def read_public(self) -> tuple[bytes, bytes]:
+        """(CA bundle, client certificate chain): what a key in a TPM or token needs."""
+        return _read(self.ca_cert, "ca_cert"), _read(self.cert, "cert")
 
 
 def _read(path: Path, field: str) -> bytes:
@@ -121,6 +141,14 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
             f"key_store in {path} must be one of {', '.join(KEY_STORES)}",
             {"path": str(path), "field": "key_store"},
         )
+    if key_store == "pkcs11" and (
+        not data.get("pkcs11_module") or not str(data["key"]).startswith("pkcs11:")
+    ):
+        raise FailedPrecondition(
+            "config.field_invalid",
+            f"{path}: a PKCS#11 key needs pkcs11_module and a pkcs11: URI as key",
+            {"path": str(path), "field": "pkcs11_module"},
+        )
     base = path.parent
 
     def resolve(field: str) -> Path:
@@ -132,10 +160,13 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
         broker=data["broker"],
         ca_cert=resolve("ca_cert"),
         cert=resolve("cert"),
-        key=resolve("key"),
+        key=Path(data["key"]) if key_store == "pkcs11" else resolve("key"),
         server_name=data.get("server_name"),
         key_store=key_store,
         tpm=data.get("tpm"),
+        pkcs11_module=data.get("pkcs11_module"),
+        pin_file=resolve("pin_file") if "pin_file" in data else None,
+        pin_env=data.get("pin_env"),
     )
 
 
@@ -155,6 +186,8 @@ def load_client_config(path: Path) -> ClientConfig:
         ) from None
     config = parse_client_config(text, path)
     try:
+        if config.key_store == "pkcs11":
+            raise OSError("not a file")
         mode = config.key.stat().st_mode
     except OSError:
         pass  # reported with a clear error when the key is read

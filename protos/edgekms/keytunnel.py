@@ -1,4 +1,5 @@
-"""Mutual TLS with a client key that never leaves the device's TPM: a local forwarder.
+"""Mutual TLS with a client key that never leaves the device's TPM or PKCS#11 token: a
+local forwarder.
 
 grpcio (BoringSSL) takes a client private key only as PEM bytes, so a key that lives in
 a TPM cannot be handed to it. Instead, the gRPC channel speaks plain HTTP/2 to a Unix
@@ -17,6 +18,15 @@ only. The TPM must be behind a resource manager (the kernel's /dev/tpmrm0, or
 tpm2-abrmd): a handshake needs more objects at once than a bare TPM's three slots. The
 child exits when its parent goes (its stdin closes) or on close(); the socket's
 directory is removed with it.
+
+A PKCS#11 key (Debian bookworm has no pkcs11 provider, only libp11's engine,
+libengine-pkcs11-openssl): the child loads the engine through ctypes from the same
+libcrypto its `ssl` module uses, gives it the module and the PIN (read in the child
+from the PIN file or environment variable the config names, never argv), loads the key
+by its RFC 7512 URI and sets it on the SSLContext's SSL_CTX. Python has no API for that:
+the SSL_CTX pointer is read from the SSLContext object (CPython's PySSLContext holds it
+first after the object header) and checked (its verify mode and options must match what
+Python reports, SSL_CTX_check_private_key must accept the key) before it is used.
 
 The broker is verified as grpc would: against the config's CA, for `server_name` (or the
 host), with ALPN "h2". Anyone who can connect to the socket speaks as this device, which
@@ -41,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekms.errors import FailedPrecondition, KMSError, Unavailable
+from edgekms.errors import FailedPrecondition, KMSError, PermissionDenied, Unavailable
 
 # tpm2-openssl reads its TCTI from this variable ("device:/dev/tpmrm0", "swtpm:...").
 TCTI_ENV = "TPM2OPENSSL_TCTI"
@@ -76,14 +86,19 @@ def tcti_of(value: str) -> str:
 
 @dataclass(frozen=True)
 class TunnelSpec:
-    """What the child needs: nothing secret (the key file is TPM-wrapped)."""
+    """What the child needs: nothing secret (the key file is TPM-wrapped; a PKCS#11 PIN
+    is named by its file or environment variable, and read by the child)."""
 
     broker: str  # host:port
     server_name: str
     ca_cert: str
     cert: str
-    key: str
-    tcti: str
+    key: str  # the TSS2 PEM file, or the PKCS#11 URI
+    tcti: str = ""
+    store: str = "tpm"  # or "pkcs11"
+    pkcs11_module: str = ""
+    pin_file: str = ""
+    pin_env: str = ""
 
 
 class KeyTunnel:
@@ -93,9 +108,11 @@ class KeyTunnel:
         self._dir = Path(tempfile.mkdtemp(prefix="edgekms-tunnel-"))
         os.chmod(self._dir, 0o700)
         self.socket_path = self._dir / "kms.sock"
-        conf = self._dir / "openssl.cnf"
-        conf.write_text(_OPENSSL_CONF)
-        env = dict(os.environ, OPENSSL_CONF=str(conf), **{TCTI_ENV: tcti_of(spec.tcti)})
+        env = dict(os.environ)
+        if spec.store == "tpm":
+            conf = self._dir / "openssl.cnf"
+            conf.write_text(_OPENSSL_CONF)
+            env.update({"OPENSSL_CONF": str(conf), TCTI_ENV: tcti_of(spec.tcti)})
         args = {**spec.__dict__, "socket": str(self.socket_path)}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "edgekms.keytunnel"],
@@ -155,9 +172,9 @@ def _error_from(line: str) -> KMSError:
         data = json.loads(line)
         reason, message = str(data["reason"]), str(data["message"])
     except (ValueError, KeyError, TypeError):
-        return FailedPrecondition(
-            "tunnel.failed", "the TPM key forwarder exited before it was ready"
-        )
+        return FailedPrecondition("tunnel.failed", "the key forwarder exited before it was ready")
+    if data.get("code") == PermissionDenied.grpc_name:
+        return PermissionDenied(reason, message)
     return FailedPrecondition(reason, message)
 
 
@@ -169,6 +186,9 @@ def _context(spec: TunnelSpec) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_verify_locations(spec.ca_cert)
     context.set_alpn_protocols(["h2"])
+    if spec.store == "pkcs11":
+        _use_engine_key(context, spec)
+        return context
     try:
         context.load_cert_chain(spec.cert, spec.key)
     except (ssl.SSLError, OSError) as exc:
@@ -178,6 +198,92 @@ def _context(spec: TunnelSpec) -> ssl.SSLContext:
             " (is the TPM there, and is this the TPM the key was made in?)",
         ) from None
     return context
+
+
+def _pin(spec: TunnelSpec) -> str:
+    if spec.pin_file:
+        try:
+            return Path(spec.pin_file).read_text().strip()
+        except OSError as exc:
+            raise FailedPrecondition(
+                "device_key.pin_unreadable", f"cannot read the PIN file {spec.pin_file}: {exc}"
+            ) from None
+    value = os.environ.get(spec.pin_env, "") if spec.pin_env else ""
+    if not value:
+        raise FailedPrecondition(
+            "device_key.pin_unreadable", f"no PIN: set {spec.pin_env or 'pin_file'}"
+        )
+    return value
+
+
+ENGINE_SO = "/usr/lib/{arch}/engines-3/pkcs11.so"
+# How CPython spells each verify mode to OpenSSL (SSL_VERIFY_PEER | ..._FAIL_IF_NO_PEER_CERT).
+_SSL_VERIFY = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
+
+def _engine_so() -> str:
+    import sysconfig
+
+    arch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+    return ENGINE_SO.format(arch=arch)
+
+
+def _use_engine_key(context: ssl.SSLContext, spec: TunnelSpec) -> None:
+    """The client certificate and the token's key (through libp11's engine) on the
+    SSLContext's SSL_CTX; FailedPrecondition/PermissionDenied for what goes wrong."""
+    import ctypes
+    import ctypes.util
+
+    def fail(reason: str, message: str) -> KMSError:
+        cls = PermissionDenied if reason == "device_key.pin_incorrect" else FailedPrecondition
+        return cls(reason, message)
+
+    crypto = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+    libssl = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+    vp, cp = ctypes.c_void_p, ctypes.c_char_p
+    crypto.ENGINE_by_id.restype = vp
+    crypto.ENGINE_by_id.argtypes = [cp]
+    crypto.ENGINE_ctrl_cmd_string.argtypes = [vp, cp, cp, ctypes.c_int]
+    crypto.ENGINE_init.argtypes = [vp]
+    crypto.ENGINE_load_private_key.restype = vp
+    crypto.ENGINE_load_private_key.argtypes = [vp, cp, vp, vp]
+    libssl.SSL_CTX_use_PrivateKey.argtypes = [vp, vp]
+    libssl.SSL_CTX_use_certificate_chain_file.argtypes = [vp, cp]
+    libssl.SSL_CTX_check_private_key.argtypes = [vp]
+    libssl.SSL_CTX_get_verify_mode.argtypes = [vp]
+    libssl.SSL_CTX_get_options.argtypes = [vp]
+    libssl.SSL_CTX_get_options.restype = ctypes.c_uint64
+
+    engine = crypto.ENGINE_by_id(b"dynamic")
+    steps = [(b"SO_PATH", _engine_so().encode()), (b"ID", b"pkcs11"), (b"LOAD", None)]
+    if not engine or not all(crypto.ENGINE_ctrl_cmd_string(engine, n, v, 0) for n, v in steps):
+        raise fail(
+            "device_key.engine_missing",
+            f"cannot load the PKCS#11 engine {_engine_so()} (Debian libengine-pkcs11-openssl)",
+        )
+    if not crypto.ENGINE_ctrl_cmd_string(engine, b"MODULE_PATH", spec.pkcs11_module.encode(), 0):
+        raise fail("device_key.module_unusable", f"engine refused module {spec.pkcs11_module}")
+    if not crypto.ENGINE_init(engine):
+        raise fail("device_key.module_unusable", f"cannot initialise {spec.pkcs11_module}")
+    crypto.ENGINE_ctrl_cmd_string(engine, b"PIN", _pin(spec).encode(), 0)
+    pkey = crypto.ENGINE_load_private_key(engine, spec.key.encode(), None, None)
+    if not pkey:
+        raise fail(
+            "device_key.token_key_unusable",
+            f"cannot load {spec.key} from {spec.pkcs11_module}: no such token or key, or a"
+            " wrong PIN",
+        )
+    ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if (
+        not ctx
+        or libssl.SSL_CTX_get_verify_mode(ctx) != _SSL_VERIFY[context.verify_mode]
+        or libssl.SSL_CTX_get_options(ctx) != int(context.options)
+    ):
+        raise fail("tunnel.unsupported_python", "cannot find the SSL_CTX of this Python")
+    if libssl.SSL_CTX_use_certificate_chain_file(ctx, spec.cert.encode()) != 1:
+        raise fail("device_key.certificate_unreadable", f"cannot use certificate {spec.cert}")
+    if libssl.SSL_CTX_use_PrivateKey(ctx, pkey) != 1 or libssl.SSL_CTX_check_private_key(ctx) != 1:
+        raise fail("device_key.token_key_unusable", f"the token's key does not match {spec.cert}")
 
 
 def _relay(conn: socket.socket, tls: ssl.SSLSocket) -> None:
@@ -238,7 +344,8 @@ def main() -> int:
     try:
         context = _context(spec)
     except KMSError as err:
-        print(json.dumps({"reason": err.reason, "message": err.message}), flush=True)
+        out = {"reason": err.reason, "message": err.message, "code": err.grpc_name}
+        print(json.dumps(out), flush=True)
         return 1
     old = os.umask(0o077)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
