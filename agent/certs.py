@@ -36,6 +36,7 @@ from agent.config import CertItem
 from agent.files import fix_metadata, read_if_regular, write_atomically
 from agent.schedule import renewal_time
 from edgekms import errors
+from edgekms.sans import dropped, san_strings
 from edgekms.v1 import ca_pb2
 from mgmt.bundle import LeafKey, check_key_matches, generate_key, key_pem, make_csr, pem_bundle
 from mgmt.bundle import load_leaf_key as _load_leaf_key
@@ -100,21 +101,11 @@ def _load_cert(item: CertItem) -> x509.Certificate | None:
 def _names(cert: x509.Certificate) -> tuple[str, set[str]]:
     cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
-    sans: set[str] = set()
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return cn, sans
-    for name in ext:
-        if isinstance(name, x509.DNSName):
-            sans.add(f"dns:{name.value}")
-        elif isinstance(name, x509.IPAddress):
-            sans.add(f"ip:{name.value}")
-        elif isinstance(name, x509.RFC822Name):
-            sans.add(f"email:{name.value}")
-        elif isinstance(name, x509.UniformResourceIdentifier):
-            sans.add(f"uri:{name.value}")
-    return cn, sans
+        return cn, set()
+    return cn, set(san_strings(ext, other=dropped))
 
 
 def _matches(item: CertItem, cert: x509.Certificate, key: LeafKey) -> bool:

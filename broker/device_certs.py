@@ -14,6 +14,7 @@ from __future__ import annotations
 from cryptography import x509
 
 from edgekms.errors import InvalidArgument, PermissionDenied
+from edgekms.sans import ADDRESS_KINDS, san_strings, type_and_value
 from edgekms.v1 import ca_pb2, enroll_pb2
 
 # Methods a device may call beyond its role's, each checked by `check_issue` below.
@@ -47,15 +48,7 @@ def _names(
         return attributes, []
     except (ValueError, x509.DuplicateExtension):
         raise InvalidArgument("csr.malformed", "the CSR's extensions are unreadable") from None
-    sans: list[str] = []
-    for general in ext:
-        if isinstance(general, x509.DNSName):
-            sans.append(f"dns:{general.value.lower()}")
-        elif isinstance(general, x509.IPAddress):
-            sans.append(f"ip:{general.value}")
-        else:
-            sans.append(f"{type(general).__name__}:{general.value}")
-    return attributes, sans
+    return attributes, san_strings(ext, kinds=ADDRESS_KINDS, lower_dns=True, other=type_and_value)
 
 
 def check_issue(device: enroll_pb2.Device, request: ca_pb2.IssueCertificateRequest) -> None:

@@ -71,6 +71,7 @@ from edgekms.errors import (
 )
 from edgekms.identity import CLIENT_NAME_RE, Identity
 from edgekms.logs import fields
+from edgekms.sans import ADDRESS_KINDS, other_value, san_strings
 from edgekms.subjects import ca_subject
 from edgekms.v1 import ca_pb2, clients_pb2, enroll_pb2, enroll_pb2_grpc
 
@@ -120,19 +121,11 @@ def _check_san(value: str) -> str:
 
 def _csr_names(csr: x509.CertificateSigningRequest) -> tuple[list[str], list[str]]:
     cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-    sans: list[str] = []
     try:
         ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return cns, sans
-    for general in ext:
-        if isinstance(general, x509.DNSName):
-            sans.append(f"dns:{general.value.lower()}")
-        elif isinstance(general, x509.IPAddress):
-            sans.append(f"ip:{general.value}")
-        else:
-            sans.append(f"other:{general.value}")
-    return cns, sans
+        return cns, []
+    return cns, san_strings(ext, kinds=ADDRESS_KINDS, lower_dns=True, other=other_value)
 
 
 class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):

@@ -19,6 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
+from edgekms import sans
 from edgekms.durations import check_ttl, parse_ttl
 from edgekms.errors import InvalidArgument, KMSError
 
@@ -357,16 +358,4 @@ def get_profile(profiles: dict[str, Profile], name: str) -> Profile:
 
 def san_strings(san: x509.SubjectAlternativeName) -> list[str]:
     """SANs as "kind:value" strings, the way records and logs show them."""
-    out: list[str] = []
-    for gn in san:
-        if isinstance(gn, x509.DNSName):
-            out.append(f"dns:{gn.value}")
-        elif isinstance(gn, x509.IPAddress):
-            out.append(f"ip:{gn.value}")
-        elif isinstance(gn, x509.RFC822Name):
-            out.append(f"email:{gn.value}")
-        elif isinstance(gn, x509.UniformResourceIdentifier):
-            out.append(f"uri:{gn.value}")
-        else:
-            out.append(f"other:{gn!r}")
-    return out
+    return sans.san_strings(san, other=sans.other_repr)

@@ -5,7 +5,10 @@ First contact pins the CA: a TLS connection to the broker's enrollment listener 
 does not verify yet, whose chain must hold a certificate with exactly that fingerprint
 which issued the listener's certificate; only then does the token travel, over gRPC
 trusting that one CA (docs/security.md, "Enrollment"). The key is made here and never
-leaves: a PEM file written 0600. (`--tpm` and `--pkcs11` keys are not supported yet.)
+leaves: a PEM file written 0600, or with `tpm` a key made in the device's TPM
+(mgmt.devicekey; the file is then the TPM-wrapped blob, and the client config says
+`key_store = "tpm"` so that KMSClient dials through edgekms.keytunnel), or with
+`pkcs11` in a PKCS#11 token (no key file at all; the config names the key's URI).
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgekms.errors import InvalidArgument, KMSError, PermissionDenied, Unavailable
 from edgekms.v1 import enroll_pb2, enroll_pb2_grpc
 from mgmt.client import RETRYABLE, error_from_rpc, new_request_id
+from mgmt.devicekey import (
+    PIN_ENV,
+    TPM_KEY_FILE,
+    Pkcs11Slot,
+    create_pkcs11_key,
+    create_tpm_key,
+    delete_pkcs11_key,
+    key_uri,
+    pkcs11_private_key,
+    tpm_private_key,
+)
 from mgmt.pki import write_client_config, write_private, write_public
 
 KEY_FILE = "device.key"
@@ -135,14 +149,40 @@ def enroll(
     request_id: str | None = None,
     timeout: float = 30.0,
     retries: int = 3,
+    tpm: str | None = None,
+    pkcs11: Pkcs11Slot | None = None,
 ) -> Enrolled:
-    """Make a key, enroll it with the token and write key, certificate, CA and config."""
+    """Make a key (in the TPM behind TCTI `tpm`, if given), enroll it with the token and
+    write key (or TPM blob), certificate, CA and config."""
     host, _ = split_server(server)
     normalize_fingerprint(fingerprint)
-    key_path = out_dir / KEY_FILE
-    if key_path.exists():
-        raise InvalidArgument("enroll.exists", f"{key_path} exists; not overwriting it")
-    key = ec.generate_private_key(ec.SECP256R1())
+    for existing in (out_dir / KEY_FILE, out_dir / TPM_KEY_FILE):
+        if existing.exists():
+            raise InvalidArgument("enroll.exists", f"{existing} exists; not overwriting it")
+    if (out_dir / CONFIG_FILE).exists():
+        raise InvalidArgument(
+            "enroll.exists", f"{out_dir / CONFIG_FILE} exists; not overwriting it"
+        )
+    key: ec.EllipticCurvePrivateKey
+    token_label = ""
+    if pkcs11 is not None:
+        # Made in the token (and the CSR signed there) before the token travels: a
+        # wrong PIN or a missing token spends nothing and writes nothing.
+        token_label, public = create_pkcs11_key(pkcs11)
+        key = pkcs11_private_key(pkcs11, token_label, public)  # type: ignore[assignment]
+        key_path = out_dir / CONFIG_FILE  # nothing of the key is written
+        key_bytes = b""
+    elif tpm is not None:
+        # Made (and the CSR signed) in the TPM before the token travels: an absent or
+        # broken TPM spends nothing and writes nothing.
+        key_path = out_dir / TPM_KEY_FILE
+        blob, _ = create_tpm_key(tpm)
+        key = tpm_private_key(blob, tpm)  # type: ignore[assignment]
+        key_bytes = blob
+    else:
+        key_path = out_dir / KEY_FILE
+        key = ec.generate_private_key(ec.SECP256R1())
+        key_bytes = _key_pem(key)
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
@@ -155,12 +195,16 @@ def enroll(
     )
     # The key goes to disk before the request: an answer lost after the certificate was
     # stored is recovered by the retry (same request id) for this same key.
-    write_private(key_path, _key_pem(key))
+    if pkcs11 is None:
+        write_private(key_path, key_bytes)
     try:
         response = send_enroll(server, fingerprint, request, timeout=timeout, retries=retries)
     except KMSError as err:
-        if err.code_name not in RETRYABLE:
-            key_path.unlink(missing_ok=True)  # refused: nothing was stored for this key
+        if err.code_name not in RETRYABLE:  # refused: nothing was stored for this key
+            if pkcs11 is not None:
+                delete_pkcs11_key(pkcs11, token_label)
+            else:
+                key_path.unlink(missing_ok=True)
         raise
     cert_path, ca_path, config = out_dir / CERT_FILE, out_dir / CA_FILE, out_dir / CONFIG_FILE
     write_public(cert_path, response.certificate_pem.encode())
@@ -169,12 +213,28 @@ def enroll(
         "broker": f"{host}:{response.broker_port}",
         "ca_cert": CA_FILE,
         "cert": CERT_FILE,
-        "key": KEY_FILE,
+        "key": key_path.name,
     }
+    if tpm is not None:
+        values["key_store"] = "tpm"
+        values["tpm"] = tpm
+    if pkcs11 is not None:
+        values["key"] = key_uri(pkcs11.token, token_label)
+        values["key_store"] = "pkcs11"
+        values["pkcs11_module"] = pkcs11.module
+        if pkcs11.pin_file:
+            values["pin_file"] = str(Path(pkcs11.pin_file).resolve())
+        else:
+            values["pin_env"] = pkcs11.pin_env or PIN_ENV
     if response.server_name:
         values["server_name"] = response.server_name
     write_client_config(config, **values)
-    return Enrolled(response, config, [key_path, cert_path, ca_path, config])
+    files = (
+        [cert_path, ca_path, config]
+        if pkcs11 is not None
+        else [key_path, cert_path, ca_path, config]
+    )
+    return Enrolled(response, config, files)
 
 
 def _server_name(leaf: x509.Certificate) -> str:

@@ -4,7 +4,8 @@ and the files replaced with what comes back.
 Two kinds of certificate (docs/security.md, "Renewal by the holder"):
 
 * the client certificate a config names: renewed over the mutual TLS connection it
-  authenticates (ClientService.RenewClient). With `rekey` a new key is made here first.
+  authenticates (ClientService.RenewClient). With `rekey` a new key is made here first
+  (in the same TPM or PKCS#11 token when the config says `key_store = "tpm"`/"pkcs11").
 * a mini-CA certificate (https-server, vpn-server, ...): the CSR is signed by its key,
   and for a new key the old key signs the CSR too (edgekms.renewal_proof).
 
@@ -14,6 +15,7 @@ a rekey the new key is written first, under the same mode, then the certificate.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from edgekms.errors import InvalidArgument
+from edgekms.errors import InvalidArgument, KMSError
+from edgekms.keytunnel import DEFAULT_TCTI
 from edgekms.renewal_proof import PrivateKey, sign_renewal
 from edgekms.v1 import ca_pb2, clients_pb2
-from mgmt.client import KMSClient
+from mgmt.client import RETRYABLE, KMSClient
 from mgmt.clientconfig import load_client_config
-from mgmt.pki import write_private, write_public
+from mgmt.devicekey import (
+    create_pkcs11_key,
+    create_tpm_key,
+    delete_pkcs11_key,
+    key_uri,
+    slot_of,
+    uri_attribute,
+)
+from mgmt.pki import write_client_config, write_private, write_public
 
 
 def load_private_key(path: Path) -> PrivateKey:
@@ -131,18 +142,53 @@ def renew_client_config(
     """Renew the client certificate `config_path` names, with its own connection, and
     replace its files (the key first for a rekey, then the certificate)."""
     config = load_client_config(config_path)
-    new_key: PrivateKey | None = None
+    new_key_bytes: bytes | None = None
     public_der = b""
-    if rekey:
+    new_label = ""
+    if rekey and config.key_store == "pkcs11":
+        # A new key in the same token under a new label; the config is pointed at it and
+        # the old key destroyed only once the KMS answered (else the new one goes).
+        slot = slot_of(config)
+        new_label, public = create_pkcs11_key(slot)
+        public_der = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif rekey and config.key_store == "tpm":
+        # The new key is made in the same TPM (and the TPM closed again) before the
+        # tunnel holds it; the old blob is replaced only once the KMS answered.
+        blob, public = create_tpm_key(config.tpm or DEFAULT_TCTI)
+        new_key_bytes = blob
+        public_der = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif rekey:
         new_key = new_key_like(load_private_key(config.key))
+        new_key_bytes = key_pem(new_key)
         public_der = new_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-    with KMSClient.from_config(config_path, timeout=timeout, retries=3) as kms:
-        response = kms.renew_client(
-            public_key_der=public_der, validity_days=validity_days, request_id=request_id
-        )
-    if new_key is not None:
-        write_private(config.key, key_pem(new_key))
+    try:
+        with KMSClient.from_config(config_path, timeout=timeout, retries=3) as kms:
+            response = kms.renew_client(
+                public_key_der=public_der, validity_days=validity_days, request_id=request_id
+            )
+    except KMSError as err:
+        if new_label and err.code_name not in RETRYABLE:
+            delete_pkcs11_key(slot_of(config), new_label)
+        raise
+    if new_label:
+        _point_config_at_key(config_path, key_uri(slot_of(config).token, new_label))
+        write_public(config.cert, response.certificate_pem.encode())
+        delete_pkcs11_key(slot_of(config), uri_attribute(config.key_uri, "object"))
+        return ClientRenewal(response, config.cert, config.key, True)
+    if new_key_bytes is not None:
+        write_private(config.key, new_key_bytes)
     write_public(config.cert, response.certificate_pem.encode())
-    return ClientRenewal(response, config.cert, config.key, new_key is not None)
+    return ClientRenewal(response, config.cert, config.key, new_key_bytes is not None)
+
+
+def _point_config_at_key(config_path: Path, uri: str) -> None:
+    """Rewrite the client config (atomically) with `key` set to the new key's URI."""
+    values = tomllib.loads(config_path.read_text())
+    values["key"] = uri
+    write_client_config(config_path, **{k: str(v) for k, v in values.items()})

@@ -7,14 +7,18 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-# What the services and tests use: SoftHSM, swtpm and its tools, tpm2-tools, libtss2
+# What the services and tests use: SoftHSM, swtpm and its tools, tpm2-tools, tpm2-openssl
+# (the OpenSSL provider through which a device whose key is in its TPM does TLS; the tests
+# put swtpm behind tpm2-abrmd on a private dbus-daemon, as /dev/tpmrm0 is), libp11's
+# engine libengine-pkcs11-openssl (the same for a key in a PKCS#11 token), libtss2
 # (tpm2-pytss builds against it), opensc (pkcs11-tool), openssl and curl (tests check
 # signatures and TLS with them), openvpn and gnutls-bin (the CA's .ovpn profiles and
 # name-constrained chains are checked by a real OpenVPN and GnuTLS's certtool), golang-go
 # (the same chains are checked by Go's crypto/x509 in tests/ca/goverify), and a compiler
 # with Python headers for the wheels that build from source; certbot, lego and nginx-light
 # (the ACME tests: real clients obtain certificates, nginx serves them).
-APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev opensc openssl curl
+APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd
+  libtss2-tcti-tabrmd0 dbus-daemon libengine-pkcs11-openssl libtss2-dev opensc openssl curl
   openvpn gnutls-bin golang-go ca-certificates gcc make pkg-config certbot lego nginx-light)
 # The compose stack's end-to-end tests (tests/deploy/test_compose_e2e.py) where no Docker
 # engine runs: rootful podman with runc, netavark and aardvark-dns (networks with name

@@ -105,6 +105,8 @@ _REVOKE_REASONS = {
 }
 RETRY_AFTER = 1  # seconds, on pending orders and challenges being validated
 SERVER_CERT_RETRY = 1.0  # a KV read per try while no CA exists yet
+PRUNE_INTERVAL = 3600.0  # seconds between two passes over the orders (at most)
+ORDERS_PAGE = 100  # order URLs per page of an account's `orders` list
 
 
 def _now() -> datetime.datetime:
@@ -147,6 +149,7 @@ class AcmeServer:
         self._tls: ssl.SSLContext | None = None
         self.http: HttpServer | None = None
         self._cert_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self.server_cert: x509.Certificate | None = None
         self.ready = asyncio.Event()
 
@@ -156,12 +159,14 @@ class AcmeServer:
         """Listen as soon as the CA exists and has issued this server's certificate; until
         then (no `ca init` yet) keep trying in the background."""
         self._cert_task = asyncio.create_task(self._keep_certificate())
+        self._prune_task = asyncio.create_task(self._keep_pruning())
 
     async def stop(self) -> None:
-        if self._cert_task is not None:
-            self._cert_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cert_task
+        for task in (self._cert_task, self._prune_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for task in list(self._validations.values()):
             task.cancel()
         if self.http is not None:
@@ -313,6 +318,7 @@ class AcmeServer:
             "new-order": self.new_order,
             "acct": self.account_resource,
             "order": self.order_resource,
+            "orders": self.orders_list,
             "authz": self.authz_resource,
             "chall": self.challenge_resource,
             "finalize": self.finalize,
@@ -392,6 +398,7 @@ class AcmeServer:
             "contact": account.contact,
             "key": account.jwk,
             "createdAt": account.created_at,
+            "orders": self.url("orders", account.id),
         }
         return value
 
@@ -597,6 +604,9 @@ class AcmeServer:
         for authz in authzs:
             await self.store.create(AUTHZ, authz.id, authz)
         await self.store.create(ORDER, order.id, order)
+        # Indexed after the order exists: a crash between leaves an order the list does
+        # not show (pruned in time all the same), never an index entry naming nothing.
+        await self.store.index_order(order.account, order.id, order.created_at)
         log.info(
             "event=acme_order_created account=%s order=%s names=%s",
             auth.account_id,
@@ -606,6 +616,76 @@ class AcmeServer:
         return self._json(
             201, await self._order_json(order), {"Location": self.url("order", order.id)}
         )
+
+    async def _keep_pruning(self) -> None:
+        """Prune at start and then every PRUNE_INTERVAL (sooner for a short retention); a
+        failed pass is logged and the next one tries again."""
+        interval = max(1.0, min(PRUNE_INTERVAL, self.config.order_retention / 2))
+        while True:
+            try:
+                await self.prune_orders()
+            except Exception as exc:  # a bus hiccup must not end the task for good
+                log.warning("event=acme_prune_failed error=%s", exc)
+            await asyncio.sleep(interval)
+
+    async def prune_orders(self, now: datetime.datetime | None = None) -> int:
+        """Delete every order whose expiry lies more than `order_retention` in the past,
+        with its authorizations (those first: an order is never left naming nothing it
+        could be shown with; a pass cut short leaves an order that the next one deletes).
+        An order being finalized (`processing`) is left to finish. Audited once per pass
+        that deleted anything. Returns how many orders went."""
+        cutoff = (now or _now()) - datetime.timedelta(seconds=self.config.order_retention)
+        gone: list[Order] = []
+        async for order in self.store.scan(ORDER, Order):
+            if order.status == "processing" or parse_rfc3339(order.expires) > cutoff:
+                continue
+            gone.append(order)
+        if not gone:
+            return 0
+        await self._audit(
+            "acme.orders_pruned", "ok", "", "orders", count=str(len(gone)),
+            expired_before=rfc3339(cutoff),
+        )  # fmt: skip
+        for order in gone:
+            await self.store.unindex_order(order.account, order.id)
+            for authz_id in order.authzs:
+                await self.store.delete(AUTHZ, authz_id)
+            await self.store.delete(ORDER, order.id)
+        log.info("event=acme_orders_pruned count=%d expired_before=%s", len(gone), cutoff)
+        return len(gone)
+
+    async def orders_list(self, auth: Authenticated, rest: list[str]) -> Response:
+        """RFC 8555 7.1.2.1: the account's orders, ORDERS_PAGE URLs a page, oldest
+        first, invalid ones left out; `Link: <...>;rel="next"` names the next page
+        (`/acme/orders/<account>/<cursor>`, the cursor the last order's position)."""
+        if not rest or len(rest) > 2 or not _safe_id(rest[0]):
+            raise NotFoundResource("acme.orders_unknown", "no such orders list")
+        if rest[0] != auth.account_id:
+            raise Unauthorized("acme.not_your_orders", "the list belongs to another account")
+        after: tuple[str, str] = ("", "")
+        if len(rest) == 2:
+            created, sep, order_id = rest[1].partition("~")
+            if not sep or not _safe_id(order_id) or len(created) > 40:
+                raise Malformed("acme.cursor_invalid", "not a cursor of this list")
+            after = (created, order_id)
+        page: list[str] = []
+        last: tuple[str, str] | None = None
+        more = False
+        for created, order_id in await self.store.account_orders(auth.account_id):
+            if (created, order_id) <= after:
+                continue
+            if len(page) >= ORDERS_PAGE:
+                more = True
+                break
+            last = (created, order_id)
+            found = await self.store.get(ORDER, order_id, Order)
+            if found is not None and await self._order_status(found[0]) != "invalid":
+                page.append(self.url("order", order_id))
+        headers = {}
+        if more and last is not None:
+            cursor = f"{last[0]}~{last[1]}"
+            headers["Link"] = f'<{self.url("orders", auth.account_id, cursor)}>;rel="next"'
+        return self._json(200, {"orders": page}, headers)
 
     async def _load_order(self, auth: Authenticated, rest: list[str]) -> tuple[Order, int]:
         if len(rest) != 1 or not _safe_id(rest[0]):

@@ -10,6 +10,8 @@ tlsalpn01_port = 443                 # where tls-alpn-01 connects (RFC 8737: 443
 allow_dns = ["home.arpa", "lan", "local"]   # name policy: DNS suffixes
 allow_ip = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
 eab_required = false                 # new accounts need an admin-made EAB key
+order_retention_days = 30            # an order (and its authorizations) is deleted this
+                                     # long after it expired (orders live 7 days)
 [acme.hosts]                         # static resolver override for validation
 "nas.home.arpa" = "127.0.0.1"
 """
@@ -37,8 +39,11 @@ KNOWN = frozenset(
         "eab_required",
         "hosts",
         "max_body",
+        "order_retention_days",
     }
 )
+DEFAULT_ORDER_RETENTION_DAYS = 30
+MAX_ORDER_RETENTION_DAYS = 3650
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class AcmeConfig:
     eab_required: bool = False
     hosts: dict[str, str] = field(default_factory=dict)
     max_body: int = MAX_BODY
+    # Seconds after an order's expiry at which it and its authorizations are deleted: an
+    # account's 50,000 finished orders must not stay in the CA's bucket for ever.
+    order_retention: float = DEFAULT_ORDER_RETENTION_DAYS * 86400.0
 
     @property
     def directory_base(self) -> str:
@@ -111,6 +119,13 @@ def parse_acme(raw: Any) -> AcmeConfig:
     max_body = raw.get("max_body", MAX_BODY)
     if not isinstance(max_body, int) or not 4096 <= max_body <= 1024 * 1024:
         raise ValueError("acme max_body must be 4096 to 1048576 bytes")
+    retention = raw.get("order_retention_days", DEFAULT_ORDER_RETENTION_DAYS)
+    if (
+        isinstance(retention, bool)
+        or not isinstance(retention, int)
+        or not 0 <= retention <= MAX_ORDER_RETENTION_DAYS
+    ):
+        raise ValueError(f"acme order_retention_days must be 0 to {MAX_ORDER_RETENTION_DAYS}")
     return AcmeConfig(
         host=host.strip("[]"),
         port=_port(int(port), "listen port"),
@@ -126,4 +141,5 @@ def parse_acme(raw: Any) -> AcmeConfig:
         eab_required=eab,
         hosts={str(k).lower(): str(v) for k, v in hosts.items()},
         max_body=max_body,
+        order_retention=retention * 86400.0,
     )

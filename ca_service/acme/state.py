@@ -6,6 +6,8 @@
     acme.order.<id>         Order: identifiers, authorizations, status, CSR, serial
     acme.authz.<id>         Authorization with its challenges
     acme.eab.<kid>          External account binding key (HMAC), made by an admin
+    acme.ordidx.<acct>.<order id>  an account's order (value: its creation time), so
+                            the account's `orders` list reads that account's keys only
 
 Values are JSON (sealed by the CA like every record of the bucket, edgekms.sealed), and
 every change is compare-and-set on the revision read, so two CA replicas, or a retry
@@ -26,7 +28,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from edgekms import kvread
 from edgekms.errors import FailedPrecondition
 
-ACCOUNT, KEY, ORDER, AUTHZ, EAB = "acct", "key", "order", "authz", "eab"
+ACCOUNT, KEY, ORDER, AUTHZ, EAB, ORDER_INDEX = "acct", "key", "order", "authz", "eab", "ordidx"
 PREFIX = "acme."
 
 
@@ -129,6 +131,30 @@ class AcmeStore:
             raise FailedPrecondition(
                 "acme.state_changed", f"the {kind} changed meanwhile: try again"
             ) from None
+
+    async def index_order(self, account: str, order_id: str, created_at: str) -> None:
+        await self.kv.put(self.key(ORDER_INDEX, f"{account}.{order_id}"), created_at.encode())
+
+    async def unindex_order(self, account: str, order_id: str) -> None:
+        await self.kv.delete(self.key(ORDER_INDEX, f"{account}.{order_id}"))
+
+    async def account_orders(self, account: str) -> list[tuple[str, str]]:
+        """(created_at, order id) of every order indexed for `account`, oldest first;
+        one read of that account's index keys, not of every order."""
+        prefix = f"{PREFIX}{ORDER_INDEX}.{account}."
+        entries, _ = await kvread.snapshot(self.js, self.bucket, f"{prefix}>")
+        found: list[tuple[str, str]] = []
+        for raw in entries:
+            if not raw.value or kvread.is_removal(raw):
+                continue
+            entry = self.open(raw)
+            if entry.value:
+                found.append((entry.value.decode(), str(raw.key)[len(prefix) :]))
+        return sorted(found)
+
+    async def delete(self, kind: str, ident: str) -> None:
+        """Remove a record (a delete marker; scan and get skip it)."""
+        await self.kv.delete(self.key(kind, ident))
 
     async def get_account_id(self, thumbprint: str) -> str | None:
         try:

@@ -46,10 +46,48 @@ def token_to_dict(token: enroll_pb2.EnrollToken) -> dict[str, Any]:
     "--out-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where device.key (0600), device.crt, ca.crt and config.toml go.",
+    help="Where device.key (0600; with --tpm device.tss2.pem), device.crt, ca.crt and "
+    "config.toml go.",
 )
-@click.option("--tpm", is_flag=True, help="Make the key in the device's TPM (not yet supported).")
-@click.option("--pkcs11", default=None, help="Make the key in a PKCS#11 token (not yet supported).")
+@click.option(
+    "--tpm",
+    is_flag=True,
+    help="Make the key in the device's TPM; it never leaves it (see --tpm-tcti).",
+)
+@click.option(
+    "--tpm-tcti",
+    envvar="EDGEKMS_TPM_TCTI",
+    default="/dev/tpmrm0",
+    show_default=True,
+    metavar="DEVICE|TCTI",
+    help="With --tpm: the TPM, a device or a TCTI string (swtpm:path=DIR/swtpm.sock); "
+    "env EDGEKMS_TPM_TCTI.",
+)
+@click.option(
+    "--pkcs11",
+    default=None,
+    metavar="LABEL|URI",
+    help="Make the key in this PKCS#11 token (its label, or pkcs11:token=LABEL); it never "
+    "leaves it. Needs --pkcs11-module and the PIN from --pkcs11-pin-file or the env.",
+)
+@click.option(
+    "--pkcs11-module",
+    envvar="EDGEKMS_PKCS11_MODULE",
+    default=None,
+    help="With --pkcs11: the PKCS#11 module (.so); env EDGEKMS_PKCS11_MODULE.",
+)
+@click.option(
+    "--pkcs11-pin-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --pkcs11: file holding the user PIN (else the variable --pkcs11-pin-env names).",
+)
+@click.option(
+    "--pkcs11-pin-env",
+    default="EDGEKMS_PKCS11_PIN",
+    show_default=True,
+    help="With --pkcs11: environment variable holding the PIN (never give the PIN in argv).",
+)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 @handle_errors
@@ -60,7 +98,11 @@ def enroll_group(
     fingerprint: str | None,
     out_dir: Path | None,
     tpm: bool,
+    tpm_tcti: str,
     pkcs11: str | None,
+    pkcs11_module: str | None,
+    pkcs11_pin_file: Path | None,
+    pkcs11_pin_env: str,
     output: str,
 ) -> None:
     """Enroll this device with a one-time token, or manage tokens (`enroll token`).
@@ -73,13 +115,36 @@ def enroll_group(
     The token is read from a file (never argv: it would show in `ps`). The key is
     made here (EC P-256, 0600) and only a CSR leaves the device. Exit 7 for a token that
     is wrong, used, revoked or expired, or a CA that does not match the fingerprint.
+
+    \b
+    With the key in the device's TPM (it never leaves it; the TPM signs the CSR and
+    every TLS handshake, through the tpm2-openssl provider):
+      kmsctl enroll --tpm --tpm-tcti /dev/tpmrm0 --server ... --out-dir /etc/edgekms
+    Exit 6 if the TPM cannot be used (nothing is written, the token is not sent).
+
+    \b
+    With the key in a PKCS#11 token (the PIN from a file or EDGEKMS_PKCS11_PIN):
+      kmsctl enroll --pkcs11 devtoken --pkcs11-module /usr/lib/softhsm/libsofthsm2.so \\
+          --pkcs11-pin-file /etc/edgekms/pin --server ... --out-dir /etc/edgekms
+    Exit 7 for a wrong PIN, 6 for a token that is not there (nothing written or spent).
     """
     if ctx.invoked_subcommand is not None:
         return
     if not (server and token_file and fingerprint and out_dir):
         raise click.UsageError("enroll needs --server, --token, --fingerprint and --out-dir")
-    if tpm or pkcs11:
-        raise click.UsageError("--tpm and --pkcs11 keys are not supported yet: use a key file")
+    slot = None
+    if tpm and pkcs11:
+        raise click.UsageError("give --tpm or --pkcs11, not both")
+    if pkcs11:
+        from mgmt.devicekey import Pkcs11Slot
+
+        label, uri_module = _parse_pkcs11(pkcs11)
+        module = uri_module or pkcs11_module
+        if not module:
+            raise click.UsageError("--pkcs11 needs --pkcs11-module (or EDGEKMS_PKCS11_MODULE)")
+        slot = Pkcs11Slot(
+            module, label, str(pkcs11_pin_file) if pkcs11_pin_file else "", pkcs11_pin_env
+        )
     from mgmt.enroll import enroll
 
     if token_file == "-":  # noqa: S105 - stdin, not a password
@@ -89,7 +154,9 @@ def enroll_group(
             raw = Path(token_file).read_text()
         except OSError as exc:
             raise click.UsageError(f"cannot read the token from {token_file}: {exc}") from None
-    done = enroll(server, raw.strip(), fingerprint, out_dir)
+    done = enroll(
+        server, raw.strip(), fingerprint, out_dir, tpm=tpm_tcti if tpm else None, pkcs11=slot
+    )
     client = done.response.client
     if output == "json":
         echo_json(
@@ -106,6 +173,27 @@ def enroll_group(
         return
     click.echo(f"enrolled as {client.name} ({client.role}, keys {client.key_pattern or '*'})")
     click.echo(f"  config: {done.config}")
+
+
+def _parse_pkcs11(value: str) -> tuple[str, str]:
+    """(token label, module path or "") from a label or an RFC 7512 URI
+    (`pkcs11:token=dev?module-path=/usr/lib/softhsm/libsofthsm2.so`). A PIN in the URI
+    (pin-value) is refused: it would show in `ps`."""
+    from urllib.parse import unquote
+
+    if not value.startswith("pkcs11:"):
+        return value, ""
+    path, _, query = value.removeprefix("pkcs11:").partition("?")
+    attrs = {}
+    for part in [*path.split(";"), *query.split("&")]:
+        name, _, item = part.partition("=")
+        if name:
+            attrs[name] = unquote(item)
+    if "pin-value" in attrs:
+        raise click.UsageError("no pin-value in the URI: give --pkcs11-pin-file or the env")
+    if not attrs.get("token"):
+        raise click.UsageError(f"{value!r} names no token (pkcs11:token=LABEL)")
+    return attrs["token"], attrs.get("module-path", "")
 
 
 @enroll_group.command("fingerprint")

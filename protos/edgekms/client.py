@@ -44,6 +44,7 @@ from edgekms.algorithms import (
 )
 from edgekms.clientconfig import load_client_config
 from edgekms.errors import InvalidArgument, KMSError
+from edgekms.keytunnel import DEFAULT_TCTI, KeyTunnel, TunnelSpec
 from edgekms.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -221,17 +222,30 @@ class KMSClient:
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = 0,
         retry_wait: float = 0.25,
+        tunnel: KeyTunnel | None = None,
     ) -> None:
-        targets = [target] if isinstance(target, str) else list(dict.fromkeys(target))
+        # With a key in a TPM or token, TLS is the tunnel's (edgekms.keytunnel): the
+        # channel speaks plain HTTP/2 to its private Unix socket, and the tunnel dials
+        # one broker, so such a client does not fail over (docs/cluster.md).
+        self._tunnel = tunnel
+        if tunnel is not None:
+            targets = [target if isinstance(target, str) else target[0]]
+        else:
+            targets = [target] if isinstance(target, str) else list(dict.fromkeys(target))
         if not targets:
             raise InvalidArgument("config.broker_missing", "no broker address to dial")
-        self._credentials = grpc.ssl_channel_credentials(
-            root_certificates=ca_cert, private_key=key, certificate_chain=cert
+        self._credentials = (
+            grpc.ssl_channel_credentials(
+                root_certificates=ca_cert, private_key=key, certificate_chain=cert
+            )
+            if tunnel is None
+            else None
         )
         self._options: list[tuple[str, str | int]] = []
         if server_name:
-            self._options.append(("grpc.ssl_target_name_override", server_name))
             self._options.append(("grpc.default_authority", server_name))
+            if tunnel is None:
+                self._options.append(("grpc.ssl_target_name_override", server_name))
         # Every broker this client may use, in order of preference; `target` is the one
         # in use (after a failover, the one that answered).
         self.targets = targets
@@ -257,9 +271,13 @@ class KMSClient:
         """Point the stubs at broker `index` (its channel made on first use)."""
         channel = self._channels.get(index)
         if channel is None:
-            channel = grpc.secure_channel(
-                self.targets[index], self._credentials, options=self._options
-            )
+            if self._tunnel is not None:
+                channel = grpc.insecure_channel(self._tunnel.target, options=self._options)
+            else:
+                assert self._credentials is not None
+                channel = grpc.secure_channel(
+                    self.targets[index], self._credentials, options=self._options
+                )
             self._channels[index] = channel
         self._active = index
         self._keys = keys_pb2_grpc.KeyServiceStub(channel)
@@ -304,17 +322,42 @@ class KMSClient:
     ) -> KMSClient:
         """A client for the broker a config file names (`kmsctl init` writes one)."""
         config = load_client_config(Path(path).expanduser())
-        ca_cert, cert, key = config.read_credentials()
-        return cls(
-            list(config.brokers),
-            ca_cert=ca_cert,
-            cert=cert,
-            key=key,
-            server_name=config.server_name,
-            timeout=timeout,
-            retries=retries,
-            retry_wait=retry_wait,
-        )
+        tunnel = None
+        if config.key_store == "file":
+            ca_cert, cert, key = config.read_credentials()
+        else:
+            # The key stays in the TPM or token: the tunnel does the TLS with it.
+            (ca_cert, cert), key = config.read_public(), b""
+            tunnel = KeyTunnel(
+                TunnelSpec(
+                    broker=config.broker,
+                    server_name=config.server_name or "",
+                    ca_cert=str(config.ca_cert),
+                    cert=str(config.cert),
+                    key=str(config.key),
+                    tcti=config.tpm or DEFAULT_TCTI,
+                    store=config.key_store,
+                    pkcs11_module=config.pkcs11_module or "",
+                    pin_file=str(config.pin_file or ""),
+                    pin_env=config.pin_env or "",
+                )
+            )
+        try:
+            return cls(
+                list(config.brokers),
+                ca_cert=ca_cert,
+                cert=cert,
+                key=key,
+                server_name=config.server_name,
+                timeout=timeout,
+                retries=retries,
+                retry_wait=retry_wait,
+                tunnel=tunnel,
+            )
+        except BaseException:
+            if tunnel is not None:
+                tunnel.close()  # the child and its socket directory go with the failure
+            raise
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -1107,6 +1150,8 @@ class KMSClient:
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
+        if self._tunnel is not None:
+            self._tunnel.close()
 
     def __enter__(self) -> Self:
         return self

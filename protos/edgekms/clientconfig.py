@@ -12,6 +12,22 @@ come out as FailedPrecondition with a hint of what to do, never as a traceback.
     # Optional: more brokers of the same cluster, tried in order after `broker` when it
     # is unavailable (docs/cluster.md, "Clients").
     brokers = ["nas2.lan:8443", "nas3.lan:8443"]
+
+A device whose key is in its TPM (`kmsctl enroll --tpm`) says so, and which TPM:
+
+    key = "device.tss2.pem"     # TPM-wrapped: only that TPM can use it
+    key_store = "tpm"           # "file" (the default): key is a PEM private key
+    tpm = "/dev/tpmrm0"         # a device or a TCTI string ("swtpm:path=...")
+
+or in a PKCS#11 token (`kmsctl enroll --pkcs11`), named by its RFC 7512 URI, with the
+module and where the PIN is (a file, or an environment variable; never the PIN itself):
+
+    key = "pkcs11:token=dev;object=edgekms-device-0a1b;type=private"
+    key_store = "pkcs11"
+    pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
+    pin_file = "/etc/edgekms/pin"   # or pin_env = "EDGEKMS_PKCS11_PIN"
+
+KMSClient then dials through edgekms.keytunnel instead of handing grpc the key.
 """
 
 from __future__ import annotations
@@ -28,7 +44,16 @@ from edgekms.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("broker", "ca_cert", "cert", "key")
-_KNOWN = (*_REQUIRED, "server_name")
+_KNOWN = (
+    *_REQUIRED,
+    "server_name",
+    "key_store",
+    "tpm",
+    "pkcs11_module",
+    "pin_file",
+    "pin_env",
+)
+KEY_STORES = ("file", "tpm", "pkcs11")
 # The most broker addresses one config may list: a cluster has a handful of nodes, and a
 # client tries each in turn before giving up.
 MAX_BROKERS = 16
@@ -52,13 +77,29 @@ class ClientConfig:
         """Every broker address, `broker` first, each once."""
         return tuple(dict.fromkeys((self.broker, *self.more_brokers)))
 
+    key_store: str = "file"
+    tpm: str | None = None
+    pkcs11_module: str | None = None
+    pin_file: Path | None = None
+    pin_env: str | None = None
+
+    @property
+    def key_uri(self) -> str:
+        """The PKCS#11 URI of the key (key_store "pkcs11": `key` is not a path)."""
+        return str(self.key)
+
     def read_credentials(self) -> tuple[bytes, bytes, bytes]:
-        """(CA bundle, client certificate chain, client private key) as PEM bytes."""
+        """(CA bundle, client certificate chain, client private key) as PEM bytes; for a
+        key in a TPM the third is the TPM-wrapped blob, which only the tunnel can use."""
         return (
             _read(self.ca_cert, "ca_cert"),
             _read(self.cert, "cert"),
             _read(self.key, "key"),
         )
+
+    def read_public(self) -> tuple[bytes, bytes]:
+        """(CA bundle, client certificate chain): what a key in a TPM or token needs."""
+        return _read(self.ca_cert, "ca_cert"), _read(self.cert, "cert")
 
 
 def _read(path: Path, field: str) -> bytes:
@@ -116,6 +157,21 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
         log.warning("config.unknown_fields path=%s fields=%s", path, ",".join(unknown))
     parse_broker(data["broker"])
     more = _more_brokers(data.get("brokers", []), path)
+    key_store = data.get("key_store", "file")
+    if key_store not in KEY_STORES:
+        raise FailedPrecondition(
+            "config.field_invalid",
+            f"key_store in {path} must be one of {', '.join(KEY_STORES)}",
+            {"path": str(path), "field": "key_store"},
+        )
+    if key_store == "pkcs11" and (
+        not data.get("pkcs11_module") or not str(data["key"]).startswith("pkcs11:")
+    ):
+        raise FailedPrecondition(
+            "config.field_invalid",
+            f"{path}: a PKCS#11 key needs pkcs11_module and a pkcs11: URI as key",
+            {"path": str(path), "field": "pkcs11_module"},
+        )
     base = path.parent
 
     def resolve(field: str) -> Path:
@@ -127,9 +183,14 @@ def parse_client_config(text: str, path: Path) -> ClientConfig:
         broker=data["broker"],
         ca_cert=resolve("ca_cert"),
         cert=resolve("cert"),
-        key=resolve("key"),
+        key=Path(data["key"]) if key_store == "pkcs11" else resolve("key"),
         server_name=data.get("server_name"),
         more_brokers=more,
+        key_store=key_store,
+        tpm=data.get("tpm"),
+        pkcs11_module=data.get("pkcs11_module"),
+        pin_file=resolve("pin_file") if "pin_file" in data else None,
+        pin_env=data.get("pin_env"),
     )
 
 
@@ -168,6 +229,8 @@ def load_client_config(path: Path) -> ClientConfig:
         ) from None
     config = parse_client_config(text, path)
     try:
+        if config.key_store == "pkcs11":
+            raise OSError("not a file")
         mode = config.key.stat().st_mode
     except OSError:
         pass  # reported with a clear error when the key is read

@@ -114,3 +114,20 @@ def test_bad_brokers_list_is_refused(tmp_path: Path, value: str, reason: str) ->
     with pytest.raises(FailedPrecondition) as info:
         parse_client_config(GOOD + f"brokers = {value}\n", tmp_path / "c.toml")
     assert info.value.reason == reason
+
+
+def test_a_key_in_a_tpm_is_named_with_its_tpm(tmp_path: Path) -> None:
+    text = (
+        GOOD.replace('"admin.key"', '"device.tss2.pem"')
+        + 'key_store = "tpm"\ntpm = "/dev/tpmrm0"\n'
+    )
+    config = parse_client_config(text, tmp_path / "config.toml")
+    assert (config.key_store, config.tpm) == ("tpm", "/dev/tpmrm0")
+    assert parse_client_config(GOOD, tmp_path / "config.toml").key_store == "file"
+
+
+def test_an_unknown_key_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FailedPrecondition) as err:
+        parse_client_config(GOOD + 'key_store = "smartcard"\n', tmp_path / "config.toml")
+    assert err.value.reason == "config.field_invalid"
+    assert err.value.details["field"] == "key_store"

@@ -14,6 +14,8 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -230,62 +232,6 @@ def _read_token_record(stack: KmsStack, token_id: str) -> enroll_pb2.EnrollToken
     return record
 
 
-def test_a_broker_killed_mid_enrollment_leaves_the_token_usable(
-    stack: KmsStack, tmp_path: Path
-) -> None:
-    token_file, fingerprint, token_id = new_token(stack, tmp_path, "crashy")
-    token = token_file.read_text().strip()
-    key = ec.generate_private_key(ec.SECP256R1())
-    request_id = "crash-" + os.urandom(4).hex()
-    state = stack.state()
-    children = dict(state["children"])  # type: ignore[call-overload]
-    crypto_pid, broker_pid = int(children["crypto-hsm0"]), int(children["broker"])
-    # The token's signature hangs (crypto service stopped), so the broker is caught
-    # between reserving the token and storing a certificate; then it is killed.
-    os.kill(crypto_pid, signal.SIGSTOP)
-    outcome: list[BaseException | None] = []
-
-    def attempt() -> None:
-        try:
-            redeem(stack, token, fingerprint, csr(key), request_id)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=attempt)
-    try:
-        thread.start()
-        deadline = time.monotonic() + 60 * SLOWDOWN
-        while time.monotonic() < deadline:
-            if _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the token was never reserved")
-        os.kill(broker_pid, signal.SIGKILL)
-    finally:
-        os.kill(crypto_pid, signal.SIGCONT)
-    thread.join(60 * SLOWDOWN)
-    assert outcome and outcome[0] is not None  # the attempt did not get through
-    # Reserved, not consumed, no device: the token is still there to use.
-    record = _read_token_record(stack, token_id)
-    assert record.state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED
-    # kmsctl up restarts the broker; the device's retry (same request id) enrolls.
-    deadline = time.monotonic() + 120 * SLOWDOWN
-    while True:
-        try:
-            done = redeem(stack, token, fingerprint, csr(key), request_id)
-            break
-        except errors.KMSError as err:
-            if err.code_name not in ("ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"):
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    assert done.client.name == "crashy"
-    assert _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_USED
-
-
 def _rewrite_token_record(stack: KmsStack, token_id: str) -> None:
     """Write the token's record again unchanged (as another broker replica might): its
     revision moves on, so the next compare-and-set on the old revision loses."""
@@ -317,20 +263,42 @@ def _device_serial(stack: KmsStack, name: str) -> str:
     return record.serial
 
 
-def test_a_broker_killed_after_store_before_consume_never_spends_the_token_twice(
-    stack: KmsStack, tmp_path: Path
-) -> None:
-    """The state a broker killed between step 3 (store) and step 4 (consume) leaves,
-    made deterministic: while the broker waits on the crypto service (token reserved),
-    the token record is rewritten, so step 4's compare-and-set loses after the device and
-    client records are stored; then the broker is killed and restarted by kmsctl up."""
-    token_file, fingerprint, token_id = new_token(stack, tmp_path, "crashy-late")
+@dataclass
+class Reserved:
+    """An enrollment caught between "reserve" and "store": the token is reserved and the
+    broker waits on kms-crypto, which is stopped (SIGSTOP) until `resume()`."""
+
+    name: str
+    token: str
+    fingerprint: str
+    token_id: str
+    key: ec.EllipticCurvePrivateKey
+    request_id: str
+    broker_pid: int
+    crypto_pid: int
+    thread: threading.Thread
+    outcome: list[BaseException | None]
+    resumed: bool = False
+
+    def resume(self) -> None:
+        """Let kms-crypto run again and wait for the attempt to end."""
+        if not self.resumed:
+            self.resumed = True
+            os.kill(self.crypto_pid, signal.SIGCONT)
+        self.thread.join(60 * SLOWDOWN)
+
+
+@pytest.fixture
+def reserved(stack: KmsStack, tmp_path: Path) -> Iterator[Reserved]:
+    """A token brought to "reserved" with kms-crypto stopped: the attempt (a thread) hangs
+    on the token's signature until the test resumes it (always resumed at teardown)."""
+    name = "crashy-" + os.urandom(3).hex()
+    token_file, fingerprint, token_id = new_token(stack, tmp_path, name)
     token = token_file.read_text().strip()
     key = ec.generate_private_key(ec.SECP256R1())
-    request_id = "late-" + os.urandom(4).hex()
+    request_id = "crash-" + os.urandom(4).hex()
     children = dict(stack.state()["children"])  # type: ignore[call-overload]
     crypto_pid, broker_pid = int(children["crypto-hsm0"]), int(children["broker"])
-    os.kill(crypto_pid, signal.SIGSTOP)
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
@@ -340,55 +308,90 @@ def test_a_broker_killed_after_store_before_consume_never_spends_the_token_twice
         except BaseException as exc:
             outcome.append(exc)
 
-    thread = threading.Thread(target=attempt)
+    state = Reserved(
+        name, token, fingerprint, token_id, key, request_id, broker_pid, crypto_pid,
+        threading.Thread(target=attempt), outcome,
+    )  # fmt: skip
+    os.kill(crypto_pid, signal.SIGSTOP)
     try:
-        thread.start()
+        state.thread.start()
         deadline = time.monotonic() + 60 * SLOWDOWN
-        while time.monotonic() < deadline:
-            if _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED:
-                break
+        while _read_token_record(stack, token_id).state != enroll_pb2.ENROLL_TOKEN_STATE_RESERVED:
+            if time.monotonic() > deadline:
+                pytest.fail("the token was never reserved")
             time.sleep(0.05)
-        else:
-            pytest.fail("the token was never reserved")
-        _rewrite_token_record(stack, token_id)
+        yield state
     finally:
-        os.kill(crypto_pid, signal.SIGCONT)
-    thread.join(60 * SLOWDOWN)
+        state.resume()
+
+
+def until_enrolled(stack: KmsStack, reserved: Reserved, request_id: str) -> Any:
+    """Redeem the reserved token (its key) with `request_id` once the broker is back."""
+    deadline = time.monotonic() + 120 * SLOWDOWN
+    while True:
+        try:
+            return redeem(
+                stack, reserved.token, reserved.fingerprint, csr(reserved.key), request_id
+            )
+        except errors.KMSError as err:
+            if err.code_name not in ("ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_broker_killed_mid_enrollment_leaves_the_token_usable(
+    stack: KmsStack, reserved: Reserved
+) -> None:
+    # The token's signature hangs (crypto service stopped), so the broker is caught
+    # between reserving the token and storing a certificate; then it is killed.
+    os.kill(reserved.broker_pid, signal.SIGKILL)
+    reserved.resume()
+    assert reserved.outcome and reserved.outcome[0] is not None  # did not get through
+    # Reserved, not consumed, no device: the token is still there to use.
+    record = _read_token_record(stack, reserved.token_id)
+    assert record.state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED
+    # kmsctl up restarts the broker; the device's retry (same request id) enrolls.
+    done = until_enrolled(stack, reserved, reserved.request_id)
+    assert done.client.name == reserved.name
+    record = _read_token_record(stack, reserved.token_id)
+    assert record.state == enroll_pb2.ENROLL_TOKEN_STATE_USED
+
+
+def test_a_broker_killed_after_store_before_consume_never_spends_the_token_twice(
+    stack: KmsStack, reserved: Reserved
+) -> None:
+    """The state a broker killed between step 3 (store) and step 4 (consume) leaves,
+    made deterministic: while the broker waits on the crypto service (token reserved),
+    the token record is rewritten, so step 4's compare-and-set loses after the device and
+    client records are stored; then the broker is killed and restarted by kmsctl up."""
+    name, token_id = reserved.name, reserved.token_id
+    _rewrite_token_record(stack, token_id)
+    reserved.resume()
+    outcome = reserved.outcome
     assert len(outcome) == 1 and isinstance(outcome[0], errors.Unavailable), outcome
     assert outcome[0].reason == "enroll.token_busy"
     # Stored, not consumed: the device and its client exist, the token is still reserved.
     record = _read_token_record(stack, token_id)
     assert record.state == enroll_pb2.ENROLL_TOKEN_STATE_RESERVED
-    stored_serial = _device_serial(stack, "crashy-late")
+    stored_serial = _device_serial(stack, name)
     clients = {c["name"]: c for c in run_json(stack, "client", "list", "--all")}
-    assert clients["crashy-late"]["serial"] == stored_serial
+    assert clients[name]["serial"] == stored_serial
     # The broker dies in that state; kmsctl up starts it again.
-    os.kill(broker_pid, signal.SIGKILL)
-
-    def until_up(request: str) -> Any:
-        deadline = time.monotonic() + 120 * SLOWDOWN
-        while True:
-            try:
-                return redeem(stack, token, fingerprint, csr(key), request)
-            except errors.KMSError as err:
-                if err.code_name not in ("ERROR_CODE_UNAVAILABLE", "ERROR_CODE_DEADLINE_EXCEEDED"):
-                    raise
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
+    os.kill(reserved.broker_pid, signal.SIGKILL)
     # Someone else with the token, another request id: refused, and the token consumed.
     with pytest.raises(errors.Unauthenticated) as thief:
-        until_up("thief-" + os.urandom(4).hex())
+        until_enrolled(stack, reserved, "thief-" + os.urandom(4).hex())
     assert thief.value.reason == "enroll.token_used"
     assert _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_USED
     # The device's own retry (same request id) gets the certificate that was stored.
-    done = until_up(request_id)
-    assert done.client.name == "crashy-late" and done.client.serial == stored_serial
+    done = until_enrolled(stack, reserved, reserved.request_id)
+    assert done.client.name == name and done.client.serial == stored_serial
     issued = x509.load_pem_x509_certificate(done.certificate_pem.encode())
-    assert issued.public_key() == key.public_key()
+    assert issued.public_key() == reserved.key.public_key()
     assert format(issued.serial_number, "x") == stored_serial
     assert _read_token_record(stack, token_id).state == enroll_pb2.ENROLL_TOKEN_STATE_USED
     # And only one client certificate was ever made for the name.
     clients = {c["name"]: c for c in run_json(stack, "client", "list", "--all")}
-    assert clients["crashy-late"]["serial"] == stored_serial
+    assert clients[name]["serial"] == stored_serial
