@@ -18,7 +18,8 @@ and `swtpm/`. `swtpm/` *is* the development TPM (its seeds); copying it would ma
 second TPM with the same seeds, which a real TPM never allows, so it stays out like a
 real TPM would. TPM key blobs are wrapped by that TPM's storage key: restored elsewhere
 they are kept (their registry records, public keys and audit history stay) but the TPM
-refuses to load them (`tpm.blob_rejected` on use); on the same TPM they work. `config/`
+refuses to load them (`tpm.blob_rejected` on use); on the same TPM they work (a real
+TPM's board, or `restore --force` over a data dir, which keeps that dir's `swtpm/`). `config/`
 and `softhsm/softhsm2.conf` hold absolute paths, and `kmsctl up` rewrites both at each
 start, so a restore into another path needs nothing else.
 

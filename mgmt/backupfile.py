@@ -176,15 +176,26 @@ class BackupWriter(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
-        view = bytes(data)
-        self._buffer += view
-        self.written += len(view)
-        while len(self._buffer) > self._chunk_size:
-            self._emit(bytes(self._buffer[: self._chunk_size]), last=False)
-            del self._buffer[: self._chunk_size]
-        return len(view)
+        # A full chunk is sealed only once more data follows, so close() always has a
+        # last chunk to flag; large writes are sealed straight from the caller's buffer.
+        view = memoryview(data).cast("B")
+        taken = len(view)
+        self.written += taken
+        size = self._chunk_size
+        while view:
+            if len(self._buffer) == size:
+                self._emit(self._buffer, last=False)
+                self._buffer = bytearray()
+            if not self._buffer and len(view) > size:
+                self._emit(view[:size], last=False)
+                view = view[size:]
+                continue
+            room = size - len(self._buffer)
+            self._buffer += view[:room]
+            view = view[room:]
+        return taken
 
-    def _emit(self, plain: bytes, last: bool) -> None:
+    def _emit(self, plain: bytes | bytearray | memoryview, last: bool) -> None:
         if self._counter >= 2**32 - 1:
             raise InvalidArgument("backup.too_large", "a backup holds at most 2^32 chunks")
         sealed = self._aead.encrypt(_nonce(self._prefix, self._counter, last), plain, self._aad)
@@ -274,6 +285,7 @@ class BackupReader(io.RawIOBase):
         self._counter = 0
         self._done = False
         self._pending = b""
+        self._offset = 0
         self.read_bytes = 0  # plaintext bytes returned so far (progress)
 
     def readable(self) -> bool:
@@ -311,11 +323,11 @@ class BackupReader(io.RawIOBase):
         )
 
     def readinto(self, buffer: Any) -> int:
-        while not self._pending and not self._done:
-            self._pending = self._next_chunk()
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
+        while self._offset >= len(self._pending) and not self._done:
+            self._pending, self._offset = self._next_chunk(), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = self._pending[self._offset : self._offset + n]
+        self._offset += n
         self.read_bytes += n
         return n
 

@@ -62,6 +62,7 @@ class Source:
     tpm_pub: bytes
     signature: bytes
     serials: set[str]
+    crl_number: int
     audit_entries: int
     refused_while_running: subprocess.CompletedProcess[str]
     backup_run: subprocess.CompletedProcess[str]
@@ -79,6 +80,13 @@ def _serials(data_dir: Path) -> set[str]:
     listed = json.loads(done.stdout)
     items = listed["certificates"] if isinstance(listed, dict) else listed
     return {str(c["serial"]) for c in items}
+
+
+def _revoke(data_dir: Path, serial: str) -> int:
+    """Revoke `serial`; the CRL number that revocation gets."""
+    done = kmsctl("cert", "revoke", serial, "-o", "json", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    return int(json.loads(done.stdout)["crl_number"])
 
 
 def _issue(data_dir: Path, work: Path, cn: str) -> str:
@@ -107,6 +115,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
         done = kmsctl("ca", "init", data_dir=data_dir)
         assert done.returncode == 0, done.stderr
         _issue(data_dir, work, "before.home.arpa")
+        crl_number = _revoke(data_dir, _issue(data_dir, work, "revoked.home.arpa"))
         serials = _serials(data_dir)
         audit_entries = _audit_entries(data_dir)
         passphrase = work / "pass.txt"
@@ -124,7 +133,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
     )  # fmt: skip
     yield Source(
         data_dir, work, backup, passphrase, hsm_pub, tpm_pub, signature, serials,
-        audit_entries, refused, run,
+        crl_number, audit_entries, refused, run,
     )  # fmt: skip
 
 
@@ -181,6 +190,8 @@ def test_restore_into_a_new_dir_brings_up_the_same_keys_ca_and_audit_chain(
         new_serial = _issue(target, tmp_path, "after.home.arpa")
         assert new_serial not in source.serials
         assert _serials(target) == source.serials | {new_serial}
+        # CRL numbers go on from the backup's: a relying party never sees one go back.
+        assert _revoke(target, new_serial) > source.crl_number
         # The audit chain verifies across the restore and has grown from the backup's.
         assert _audit_entries(target) > source.audit_entries
     finally:
@@ -253,15 +264,22 @@ def _variant(source: Source, tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize(
     ("how", "secret", "code", "reason"),
     [
-        ("wrong_passphrase", "wrong", ExitCode.PERMISSION_DENIED, "backup.wrong_key"),
-        ("key_file_for_a_passphrase_backup", "key", ExitCode.PERMISSION_DENIED, "backup.wrong_key"),
-        ("truncated", "right", ExitCode.INVALID_ARGUMENT, "backup.truncated"),
-        ("tampered", "right", ExitCode.INVALID_ARGUMENT, "backup.corrupt"),
-        ("newer_version", "right", ExitCode.FAILED_PRECONDITION, "backup.version_unsupported"),
-        ("not_a_backup", "right", ExitCode.INVALID_ARGUMENT, "backup.not_a_backup"),
-        ("empty_passphrase", "empty", ExitCode.INVALID_ARGUMENT, "backup.passphrase_empty"),
-        ("no_passphrase_and_no_terminal", "none", ExitCode.INVALID_ARGUMENT,
-         "backup.passphrase_missing"),
+        pytest.param("wrong_passphrase", "wrong", ExitCode.PERMISSION_DENIED,
+                     "backup.wrong_key", id="wrong_passphrase"),
+        pytest.param("key_file_for_a_passphrase_backup", "key", ExitCode.PERMISSION_DENIED,
+                     "backup.wrong_key", id="key_file_for_a_passphrase_backup"),
+        pytest.param("truncated", "right", ExitCode.INVALID_ARGUMENT,
+                     "backup.truncated", id="truncated"),
+        pytest.param("tampered", "right", ExitCode.INVALID_ARGUMENT,
+                     "backup.corrupt", id="tampered"),
+        pytest.param("newer_version", "right", ExitCode.FAILED_PRECONDITION,
+                     "backup.version_unsupported", id="newer_version"),
+        pytest.param("not_a_backup", "right", ExitCode.INVALID_ARGUMENT,
+                     "backup.not_a_backup", id="not_a_backup"),
+        pytest.param("empty_passphrase", "empty", ExitCode.INVALID_ARGUMENT,
+                     "backup.passphrase_empty", id="empty_passphrase"),
+        pytest.param("no_passphrase_and_no_terminal", "none", ExitCode.INVALID_ARGUMENT,
+                     "backup.passphrase_missing", id="no_passphrase_and_no_terminal"),
     ],
 )  # fmt: skip
 def test_a_bad_backup_or_secret_restores_nothing(
@@ -310,11 +328,25 @@ def test_restore_over_a_data_dir_that_is_not_empty_is_refused_without_force(
 @pytest.mark.parametrize(
     ("case", "code", "reason"),
     [
-        ("out_dir_missing", ExitCode.NOT_FOUND, "backup.out_dir_missing"),
-        ("out_dir_not_writable", ExitCode.FAILED_PRECONDITION, "backup.out_unwritable"),
-        ("out_exists", ExitCode.ALREADY_EXISTS, "backup.out_exists"),
-        ("not_a_data_dir", ExitCode.NOT_FOUND, "backup.no_data_dir"),
-        ("empty_passphrase", ExitCode.INVALID_ARGUMENT, "backup.passphrase_empty"),
+        pytest.param(
+            "out_dir_missing", ExitCode.NOT_FOUND, "backup.out_dir_missing", id="out_dir_missing"
+        ),
+        pytest.param(
+            "out_dir_not_writable",
+            ExitCode.FAILED_PRECONDITION,
+            "backup.out_unwritable",
+            id="out_dir_not_writable",
+        ),
+        pytest.param("out_exists", ExitCode.ALREADY_EXISTS, "backup.out_exists", id="out_exists"),
+        pytest.param(
+            "not_a_data_dir", ExitCode.NOT_FOUND, "backup.no_data_dir", id="not_a_data_dir"
+        ),
+        pytest.param(
+            "empty_passphrase",
+            ExitCode.INVALID_ARGUMENT,
+            "backup.passphrase_empty",
+            id="empty_passphrase",
+        ),
     ],
 )
 def test_a_bad_backup_request_writes_nothing(

@@ -28,6 +28,7 @@ AREAS = {
     "ACME",
     "agent",
     "stack",
+    "backup",
 }
 MIN_ROWS = 40
 
