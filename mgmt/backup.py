@@ -23,6 +23,10 @@ TPM's board, or `restore --force` over a data dir, which keeps that dir's `swtpm
 and `softhsm/softhsm2.conf` hold absolute paths, and `kmsctl up` rewrites both at each
 start, so a restore into another path needs nothing else.
 
+Each backup and restore leaves one JSON line (edgekms.logs' format) in the data dir's
+`logs/backup.log`: they run with the stack stopped, so the audit chain cannot take an
+entry, and the line says when, from where and to where.
+
 Restore never writes a byte before the whole file has been authenticated: a first pass
 decrypts and checks every chunk and the archive's structure, the second extracts into a
 hidden directory beside the target that is renamed into place only when complete.
@@ -34,6 +38,7 @@ import contextlib
 import datetime
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -110,6 +115,24 @@ class Manifest:
             raise InvalidArgument(
                 "backup.corrupt", f"the backup's manifest is damaged: {exc}"
             ) from None
+
+
+LOG_NAME = "backup.log"
+
+
+def log_event(data_dir: Path, message: str, **values: Any) -> None:
+    """Append one structured line to <data-dir>/logs/backup.log; a full or read-only log
+    directory costs the line, never the backup or restore that is already done."""
+    from edgekms.logs import JSONFormatter
+
+    record = logging.LogRecord("mgmt.backup", logging.INFO, __file__, 0, message, None, None)
+    record.fields = values
+    line = JSONFormatter("kmsctl").format(record) + "\n"
+    logs = data_dir / "logs"
+    with contextlib.suppress(OSError):
+        logs.mkdir(mode=0o700, exist_ok=True)
+        with (logs / LOG_NAME).open("a", encoding="utf-8") as fh:
+            fh.write(line)
 
 
 def _version() -> str:
@@ -283,7 +306,12 @@ def create_backup(
             raise FailedPrecondition(
                 "backup.out_unwritable", f"writing {out} failed: {exc.strerror}", {"out": str(out)}
             ) from None
-        return BackupResult(out, out.stat().st_size, manifest)
+        size = out.stat().st_size
+        log_event(
+            data_dir, "backup written", out=str(out.resolve()), size=size, files=manifest.files,
+            streams=len(manifest.streams), tpm_keys=manifest.tpm_keys,
+        )  # fmt: skip
+        return BackupResult(out, size, manifest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
@@ -474,6 +502,11 @@ def restore_backup(
     finally:
         if lock is not None:
             lock.release()
+    log_event(
+        target, "restored", file=str(path.resolve()), created=manifest.created,
+        source=manifest.source, hostname=manifest.hostname, replaced=occupied,
+        tpm_keys=manifest.tpm_keys,
+    )  # fmt: skip
     return RestoreResult(target, manifest, occupied)
 
 

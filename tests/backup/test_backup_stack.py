@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mgmt.cli.common import ExitCode
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.logevents import has_event
 
 pytestmark = pytest.mark.tpm
 
@@ -150,6 +151,8 @@ def test_backup_of_a_stopped_stack_holds_every_stream_and_the_tpm_blobs(source: 
     )
     assert summary["tpm_keys"] == {"tpm0": 1}
     assert summary["size"] == source.backup.stat().st_size
+    log = (source.data_dir / "logs" / "backup.log").read_text()
+    assert has_event(log, "backup written", out=source.backup, size=summary["size"])
     assert source.backup.stat().st_mode & 0o777 == 0o600
     # Encrypted: no PEM, no PIN, no file name of the data dir shows through.
     blob = source.backup.read_bytes()
@@ -169,6 +172,8 @@ def test_restore_into_a_new_dir_brings_up_the_same_keys_ca_and_audit_chain(
     assert "restoring:" in done.stderr  # progress
     # The command says that TPM keys come back only on their own TPM.
     assert "tpm0: 1 key(s)" in done.stderr and "only on the TPM" in done.stderr
+    log = (target / "logs" / "backup.log").read_text()
+    assert has_event(log, "restored", file=source.backup, source=source.data_dir)
     stack = _up(target)  # a fresh swtpm: another TPM; other ports than the source's
     try:
         with stack.client(timeout=60) as client:
