@@ -478,21 +478,18 @@ def restore_backup(
             _extract(path, staging, secret)
             for name in ("run", "logs"):
                 (staging / name).mkdir(mode=0o700, exist_ok=True)
-            if occupied:
-                # The target's own TPM (swtpm/) and logs stay: the backup has neither,
-                # and a development TPM thrown away takes its keys with it.
-                for name in KEPT_ON_REPLACE:
-                    if (target / name).is_dir():
-                        shutil.rmtree(staging / name, ignore_errors=True)
-                        (target / name).rename(staging / name)
-                old = Path(f"{staging}.old")
-                target.rename(old)
-                staging.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    target.rmdir()  # empty: replaced by the rename
-                staging.rename(target)
+            # Locked before it becomes the target (the flock follows the file through
+            # the rename), so no `kmsctl up` starts on it until it is complete.
+            new_lock = stacklock.acquire(staging / "run")
+            try:
+                if occupied:
+                    _swap_in(staging, target)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        target.rmdir()  # empty: replaced by the rename
+                    staging.rename(target)
+            finally:
+                new_lock.release()
         except OSError as exc:
             raise FailedPrecondition(
                 "restore.unwritable", f"restoring into {target} failed: {exc.strerror}"
@@ -508,6 +505,24 @@ def restore_backup(
         tpm_keys=manifest.tpm_keys,
     )  # fmt: skip
     return RestoreResult(target, manifest, occupied)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put `staging` where `target` is, then move the target's own TPM (swtpm/) and logs
+    into it: the backup has neither, and a development TPM thrown away takes its keys
+    with it. Until the swap the old dir is whole; if the swap fails it is put back."""
+    old = Path(f"{staging}.old")
+    target.rename(old)
+    try:
+        staging.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
+    for name in KEPT_ON_REPLACE:
+        if (old / name).is_dir():
+            shutil.rmtree(target / name, ignore_errors=True)
+            (old / name).rename(target / name)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _extract(path: Path, staging: Path, secret: Secret) -> None:

@@ -154,6 +154,15 @@ def test_backup_of_a_stopped_stack_holds_every_stream_and_the_tpm_blobs(source: 
     log = (source.data_dir / "logs" / "backup.log").read_text()
     assert has_event(log, "backup written", out=source.backup, size=summary["size"])
     assert source.backup.stat().st_mode & 0o777 == 0o600
+    # --check verifies the whole file and writes nothing.
+    before = set(source.work.iterdir())
+    checked = kmsctl(
+        "restore", str(source.backup), "--check", "--passphrase-file", str(source.passphrase),
+        "-o", "json", "--data-dir", str(source.work / "never-made"),
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["verified"] is True
+    assert set(source.work.iterdir()) == before
     # Encrypted: no PEM, no PIN, no file name of the data dir shows through.
     blob = source.backup.read_bytes()
     pin = (source.data_dir / "secrets" / "hsm0.pin").read_bytes().strip()
