@@ -248,6 +248,29 @@ def test_restore_over_its_own_data_dir_keeps_its_tpm_and_the_tpm_key_signs(
         assert stop_stack(stack) == 0
 
 
+def test_a_key_file_or_the_environment_instead_of_a_passphrase_file(
+    source: Source, tmp_path: Path
+) -> None:
+    key = tmp_path / "backup.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    out = tmp_path / "with-key.backup"
+    made = kmsctl("backup", "--out", str(out), "--key-file", str(key), data_dir=source.data_dir)
+    assert made.returncode == 0, made.stderr
+    checked = kmsctl("restore", str(out), "--check", "--key-file", str(key))
+    assert checked.returncode == 0, checked.stderr
+    env = {**os.environ, "EDGEKMS_BACKUP_PASSPHRASE": "from the environment"}
+    out = tmp_path / "with-env.backup"
+    argv = [KMSCTL, "backup", "--out", str(out), "--data-dir", str(source.data_dir)]
+    made = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    assert made.returncode == 0, made.stderr
+    argv = [KMSCTL, "restore", str(out), "--check"]
+    checked = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+    # The environment's passphrase, not the file's, opens it.
+    wrong = kmsctl("restore", str(out), "--check", "--passphrase-file", str(source.passphrase))
+    assert wrong.returncode == ExitCode.PERMISSION_DENIED
+
+
 # -- bad input ----------------------------------------------------------------------
 
 
