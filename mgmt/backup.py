@@ -349,6 +349,9 @@ def _write_archive(
                     progress(done, total)
             else:
                 tar.addfile(info)
+            # TarFile keeps every member it wrote; with 50,000 token objects that is
+            # tens of MiB for nothing (a stream is never listed back).
+            tar.members.clear()
     buffered.flush()
     writer.close()
 
@@ -417,6 +420,7 @@ def verify_backup(path: Path, secret: Secret, progress: Progress | None = None) 
                 manifest = _read_manifest(tar, members)
                 for member in members:
                     _check_member(member)
+                    tar.members.clear()  # as in _write_archive: nothing reads them back
                     if progress is not None:
                         progress(src.tell(), total)
         except tarfile.TarError as exc:
@@ -536,6 +540,7 @@ def _extract(path: Path, staging: Path, secret: Secret) -> None:
                 for member in members:
                     _check_member(member)
                     tar.extract(member, staging, filter="tar")
+                    tar.members.clear()
         except tarfile.TarError as exc:
             raise InvalidArgument(
                 "backup.corrupt", f"the backup's archive is damaged: {exc}"
