@@ -31,6 +31,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "acme": ("acme",),
     "agent": ("agent",),
     "completion": ("completion",),
+    "backup": ("backup",),
+    "restore": ("backup",),
 }
 
 
@@ -53,6 +55,8 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "acme": "ACME (RFC 8555): accounts, external account binding keys, the name policy.",
     "agent": "Keep this device's certificates and CRL files fresh, unattended.",
     "completion": "Print the shell completion script for bash, zsh or fish.",
+    "backup": "Write an encrypted backup of a stopped stack's data dir.",
+    "restore": "Restore a backup into a new data dir, then start it with `kmsctl up...",
 }
 
 

@@ -30,6 +30,7 @@ AREAS = {
     "agent",
     "stack",
     "metrics",
+    "backup",
 }
 MIN_ROWS = 40
 
