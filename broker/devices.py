@@ -79,6 +79,25 @@ class DeviceBook:
         self.tokens: dict[str, enroll_pb2.EnrollToken] = {}
         self.devices: dict[str, enroll_pb2.Device] = {}
         self.denied_groups: set[str] = set()
+        # EK identity (SHA-256 of its SPKI) -> the device enrolled with it.
+        self.ek_owners: dict[bytes, str] = {}
+
+    def put(self, device: enroll_pb2.Device) -> None:
+        """Record `device`, keeping the EK index in step."""
+        old = self.devices.get(device.name)
+        if (
+            old is not None
+            and old.ek_sha256
+            and old.ek_sha256 != device.ek_sha256
+            and self.ek_owners.get(old.ek_sha256) == device.name
+        ):
+            del self.ek_owners[old.ek_sha256]
+        self.devices[device.name] = device
+        if device.ek_sha256:
+            self.ek_owners[device.ek_sha256] = device.name
+
+    def ek_owner(self, ek_sha256: bytes) -> str | None:
+        return self.ek_owners.get(ek_sha256)
 
     def apply(self, kind: str, rest: str, entry: Any) -> None:
         gone = entry.operation in ("DEL", "PURGE") or not entry.value
@@ -97,7 +116,7 @@ class DeviceBook:
             device = enroll_pb2.Device()
             device.ParseFromString(entry.value)
             if device.name == rest:
-                self.devices[rest] = device
+                self.put(device)
         elif kind == "denied-group":
             group = enroll_pb2.DeniedGroup()
             if not gone:
@@ -182,7 +201,7 @@ class DeviceStore:
             raise Unavailable(
                 "device.contended", f"device {record.name!r} is changing; try again"
             ) from None
-        self.book.devices[record.name] = record
+        self.book.put(record)
         return int(new)
 
     async def set_group(self, group: str, denied: bool, by: str) -> None:

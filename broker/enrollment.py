@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import ipaddress
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -36,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
 
+from broker.attest import ChallengeBook, ManufacturerCAs, check_evidence
 from broker.audit_service import AuditScope
 from broker.clients import ClientRegistry, ClientService, serial_hex
 from broker.devices import (
@@ -56,7 +59,7 @@ from broker.keys import Context, IdentityCache, rpc
 from broker.paging import page_by_name
 from broker.throttle import FailureThrottle
 from broker.wire import Malformed
-from edgekms import natsrpc
+from edgekms import natsrpc, tpmcred
 from edgekms.audit import AuditWriter
 from edgekms.client_certs import INTERNAL_CA_KEY
 from edgekms.errors import (
@@ -77,6 +80,7 @@ from edgekms.v1 import ca_pb2, clients_pb2, enroll_pb2, enroll_pb2_grpc
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Message)
+R = TypeVar("R")
 
 RESERVE_LEASE = datetime.timedelta(seconds=60)
 DEFAULT_TTL = 3600
@@ -147,7 +151,11 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         server_name: str,
         audit: AuditWriter | None,
         throttle: FailureThrottle | None = None,
+        ek_cas: ManufacturerCAs | None = None,
+        challenges: ChallengeBook | None = None,
     ):
+        self.ek_cas = ek_cas or ManufacturerCAs([])
+        self.challenges = challenges or ChallengeBook()
         self.clients = clients
         self.issuer = issuer
         self.store = store
@@ -163,52 +171,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         self, request: enroll_pb2.EnrollRequest, context: Context
     ) -> enroll_pb2.EnrollResponse:
         started = time.perf_counter()
-        scope = AuditScope.for_request(self.audit, "Enroll", request)
-        scope.details = {"peer": _peer_host(context)}
-        bound = scope.bind()
-        peer = "peer:" + _peer_host(context)
-        subjects: list[str] = []
-        try:
-            self.peer_throttle.check(peer)
-            if isinstance(request, Malformed):
-                raise InvalidArgument(
-                    "request.malformed", "Enroll: the request is not an EnrollRequest"
-                )
-            token_id, digest = parse_token(request.token)
-            scope.details["token_id"] = token_id
-            subjects.append("token:" + token_id)
-            self.throttle.check(subjects[-1])
-            response = await self._enroll(request, token_id, digest, scope)
-            failure = await scope.settle(None)
-            if failure is not None:
-                raise failure
-        except KMSError as err:
-            # Wrong, spent or malformed tokens count; a CSR the token refuses does not.
-            if isinstance(err, Unauthenticated) or err.reason == "enroll.token_malformed":
-                self.peer_throttle.failed(peer)
-                for subject in subjects:
-                    self.throttle.failed(subject)
-            err = (await scope.settle(err)) or err
-            log.warning(
-                "enrollment refused",
-                extra=fields(reason=err.reason, **scope.details),
-            )
-            context.set_trailing_metadata(
-                ((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),)
-            )
-            await context.abort(err.grpc_status, f"{err.reason}: {err.message}")
-            raise
-        except Exception:
-            log.exception("unexpected error", extra=fields(method="Enroll"))
-            internal: KMSError = Internal("internal.error", "the broker failed unexpectedly")
-            internal = (await scope.settle(internal)) or internal
-            context.set_trailing_metadata(
-                ((ERROR_METADATA_KEY, internal.to_proto().SerializeToString()),)
-            )
-            await context.abort(internal.grpc_status, internal.reason)
-            raise
-        finally:
-            AuditScope.unbind(bound)
+        response = await self._guarded("Enroll", request, context, self._enroll)
         log.info(
             "device enrolled",
             extra=fields(
@@ -218,6 +181,172 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
             ),
         )
         return response
+
+    async def BeginAttestation(
+        self, request: enroll_pb2.BeginAttestationRequest, context: Context
+    ) -> enroll_pb2.AttestationChallenge:
+        return await self._guarded("BeginAttestation", request, context, self._begin)
+
+    async def _guarded(
+        self,
+        method: str,
+        request: Any,
+        context: Context,
+        body: Callable[[Any, str, bytes, AuditScope, str], Awaitable[R]],
+    ) -> R:
+        """Throttle, audit and error mapping shared by the enrollment listener's RPCs."""
+        scope = AuditScope.for_request(self.audit, method, request)
+        scope.details = {"peer": _peer_host(context)}
+        bound = scope.bind()
+        peer = "peer:" + _peer_host(context)
+        subjects: list[str] = []
+        try:
+            self.peer_throttle.check(peer)
+            if isinstance(request, Malformed):
+                raise InvalidArgument(
+                    "request.malformed", f"{method}: the request is not a {method} request"
+                )
+            token_id, digest = parse_token(request.token)
+            scope.details["token_id"] = token_id
+            subjects.append("token:" + token_id)
+            self.throttle.check(subjects[-1])
+            response = await body(request, token_id, digest, scope, peer)
+            failure = await scope.settle(None)
+            if failure is not None:
+                raise failure
+        except KMSError as err:
+            # Wrong, spent or malformed tokens count, and so do refused TPM evidence
+            # (guessing at challenges); a CSR the token refuses does not.
+            if (
+                isinstance(err, Unauthenticated)
+                or err.reason == "enroll.token_malformed"
+                or (err.reason.startswith("attest.") and err.reason != "attest.throttled")
+            ):
+                self.peer_throttle.failed(peer)
+                for subject in subjects:
+                    self.throttle.failed(subject)
+            err = (await scope.settle(err)) or err
+            log.warning(
+                "enrollment refused",
+                extra=fields(method=method, reason=err.reason, **scope.details),
+            )
+            context.set_trailing_metadata(
+                ((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),)
+            )
+            await context.abort(err.grpc_status, f"{err.reason}: {err.message}")
+            raise
+        except Exception:
+            log.exception("unexpected error", extra=fields(method=method))
+            internal: KMSError = Internal("internal.error", "the broker failed unexpectedly")
+            internal = (await scope.settle(internal)) or internal
+            context.set_trailing_metadata(
+                ((ERROR_METADATA_KEY, internal.to_proto().SerializeToString()),)
+            )
+            await context.abort(internal.grpc_status, internal.reason)
+            raise
+        finally:
+            AuditScope.unbind(bound)
+        return response
+
+    async def _live_token(self, token_id: str, digest: bytes) -> enroll_pb2.EnrollToken:
+        """The token, if its secret matches and it may still be redeemed."""
+        found = await self.store.token(token_id)
+        if found is None or not secret_matches(found[0], digest):
+            raise Unauthenticated("enroll.token_invalid", "no such enrollment token")
+        token = found[0]
+        if token.state == USED:
+            raise Unauthenticated("enroll.token_used", "this enrollment token was used already")
+        if token.state == REVOKED:
+            raise Unauthenticated("enroll.token_revoked", "this enrollment token was revoked")
+        if token.expires_at <= stamp():
+            raise Unauthenticated(
+                "enroll.token_expired", f"the token expired at {token.expires_at}"
+            )
+        self._check_not_denied(token)
+        return token
+
+    def _check_not_denied(self, token: enroll_pb2.EnrollToken) -> None:
+        if self.clients.devices.is_denied(token.name) or (
+            token.group and token.group in self.clients.devices.denied_groups
+        ):
+            raise PermissionDenied("enroll.denied", f"device {token.name!r} is denied")
+
+    def _check_ek_free(self, ek_sha256: bytes, name: str) -> None:
+        """A denied device's EK is refused under any name; an EK is one device's."""
+        book = self.clients.devices
+        owner = book.ek_owner(ek_sha256)
+        if owner is None:
+            return
+        if book.is_denied(owner):
+            raise PermissionDenied("enroll.denied", f"this TPM is device {owner!r}, denied")
+        if owner != name:
+            raise PermissionDenied(
+                "attest.ek_in_use", f"this TPM is enrolled already as device {owner!r}"
+            )
+
+    async def _begin(
+        self,
+        request: enroll_pb2.BeginAttestationRequest,
+        token_id: str,
+        digest: bytes,
+        scope: AuditScope,
+        peer: str,
+    ) -> enroll_pb2.AttestationChallenge:
+        token = await self._live_token(token_id, digest)
+        scope.target = token.name
+        self.challenges.ration(peer)
+        checked = check_evidence(
+            request.ek_certificate,
+            request.ek_public,
+            request.ak_public,
+            token.ek_sha256,
+            self.ek_cas,
+        )
+        scope.details["ek_sha256"] = checked.ek_sha256.hex()
+        self._check_ek_free(checked.ek_sha256, token.name)
+        challenge = self.challenges.issue(token.id, checked.ek_sha256, request.ak_public)
+        blob, secret = tpmcred.make_credential(checked.ek, challenge.nonce, checked.ak.name)
+        scope.details["challenge"] = challenge.id
+        expires = _now() + datetime.timedelta(seconds=self.challenges.ttl)
+        return enroll_pb2.AttestationChallenge(
+            challenge_id=challenge.id,
+            credential_blob=blob,
+            encrypted_secret=secret,
+            expires_at=stamp(expires),
+        )
+
+    def _check_attested(
+        self, request: enroll_pb2.EnrollRequest, token: enroll_pb2.EnrollToken, scope: AuditScope
+    ) -> tuple[object, bytes, bytes]:
+        """(device public key, EK identity, AK public area) of a TPM-attested request:
+        the challenge is this token's, unused and alive, its nonce came back (so the AK
+        is in the EK's TPM), and that AK certified the device key over the nonce."""
+        challenge = self.challenges.take(request.challenge_id, token.id)
+        scope.details["ek_sha256"] = challenge.ek_sha256.hex()
+        if not hmac.compare_digest(request.activated_nonce, challenge.nonce):
+            raise FailedPrecondition(
+                "attest.nonce_mismatch",
+                "the nonce is not the challenge's: the AK is not in that EK's TPM",
+            )
+        self._check_ek_free(challenge.ek_sha256, token.name)
+        ak = tpmcred.parse_public(challenge.ak_public, "the AK's TPMT_PUBLIC")
+        key = tpmcred.verify_certify(
+            ak,
+            request.certify_info,
+            request.certify_signature,
+            request.key_public,
+            challenge.nonce,
+        )
+        profile = PROFILES[token.profile]
+        if (
+            not isinstance(key.key, ec.EllipticCurvePublicKey)
+            or key.key.curve.name not in profile["curves"]
+        ):
+            raise PermissionDenied(
+                "enroll.key_not_allowed",
+                f"profile {token.profile} allows EC P-256 or P-384 keys only",
+            )
+        return key.key, challenge.ek_sha256, challenge.ak_public
 
     def _response(self, device: enroll_pb2.Device) -> enroll_pb2.EnrollResponse:
         cert = x509.load_der_x509_certificate(device.certificate_der)
@@ -242,6 +371,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         token_id: str,
         digest: bytes,
         scope: AuditScope,
+        peer: str,
     ) -> enroll_pb2.EnrollResponse:
         if not request.request_id or len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(
@@ -289,12 +419,18 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
             raise FailedPrecondition(
                 "enroll.token_busy", "another enrollment is redeeming this token; try later"
             )
-        if self.clients.devices.is_denied(token.name) or (
-            token.group and token.group in self.clients.devices.denied_groups
-        ):
-            raise PermissionDenied("enroll.denied", f"device {token.name!r} is denied")
+        self._check_not_denied(token)
         profile = PROFILES[token.profile]
-        public_key = self._check_csr(request.csr, token, profile)
+        ek_sha256 = ak_public = b""
+        if request.challenge_id:
+            public_key, ek_sha256, ak_public = self._check_attested(request, token, scope)
+        elif token.attest or token.ek_sha256:
+            raise PermissionDenied(
+                "enroll.attestation_required",
+                "this token is redeemed only by a TPM-attested enrollment (kmsctl enroll --attest)",
+            )
+        else:
+            public_key = self._check_csr(request.csr, token, profile)
         # 1. reserve
         token.state = RESERVED
         token.request_id = request.request_id
@@ -323,6 +459,8 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                     status=enroll_pb2.DEVICE_STATUS_ACTIVE,
                     certificate_der=cert.public_bytes(serialization.Encoding.DER),
                     sans=list(token.sans),
+                    ek_sha256=ek_sha256,
+                    ak_public=ak_public,
                 )
                 await self.store.put_device(device, existing[1] if existing else None)
             except BaseException:
@@ -445,8 +583,19 @@ class DeviceService(enroll_pb2_grpc.DeviceServiceServicer):
             request.group and request.group in self.clients.devices.denied_groups
         ):
             raise FailedPrecondition("enroll.denied", f"device {request.name!r} is denied")
+        if request.ek_sha256 and len(request.ek_sha256) != 32:
+            raise InvalidArgument(
+                "enroll.ek_invalid", "an EK is registered by its SHA-256 (32 bytes)"
+            )
+        owner = self.clients.devices.ek_owner(request.ek_sha256) if request.ek_sha256 else None
+        if owner is not None and owner != request.name:
+            raise FailedPrecondition(
+                "attest.ek_in_use", f"this EK is enrolled already as device {owner!r}"
+            )
         token_id, token_string, digest = new_token()
         record = enroll_pb2.EnrollToken(
+            attest=request.attest or bool(request.ek_sha256),
+            ek_sha256=request.ek_sha256,
             id=token_id,
             name=request.name,
             profile=request.profile,

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.client import Client as NATS
 
 from broker import reflection, wire
+from broker.attest import ManufacturerCAs
 from broker.audit_service import AuditService
 from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
@@ -242,7 +243,15 @@ class Broker:
         )
         wire.register(
             self.enroll_server,
-            EnrollmentService(self.clients, issuer, store, self.port, server_name, audit),
+            EnrollmentService(
+                self.clients,
+                issuer,
+                store,
+                self.port,
+                server_name,
+                audit,
+                ek_cas=ManufacturerCAs.load(cfg.ek_ca_file),
+            ),
             ENROLL_SERVICE,
             enroll_pb2,
         )

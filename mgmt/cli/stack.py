@@ -39,6 +39,13 @@ log = logging.getLogger("kmsctl.up")
     "[default: the broker's host, its port + 1]",
 )
 @click.option(
+    "--ek-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="PEM bundle of TPM manufacturer CAs: an EK certificate chaining to one of them "
+    "may enroll with `kmsctl enroll --attest` (docs/security.md, TPM-attested enrollment).",
+)
+@click.option(
     "--tpm",
     default=None,
     metavar="swtpm|DEVICE|TCTI",
@@ -155,6 +162,7 @@ def up(
     nats_port: int,
     broker_listen: str,
     enroll_listen: str,
+    ek_ca: Path | None,
     tpm: str | None,
     swtpm_port: int | None,
     ca_http: str,
@@ -239,6 +247,7 @@ def up(
             log_level,
             log_max_bytes,
             log_backups,
+            ek_ca=ek_ca,
         )
     finally:
         lock.release()
@@ -307,6 +316,7 @@ def _run_up(
     log_level: str,
     log_max_bytes: int,
     log_backups: int,
+    ek_ca: Path | None = None,
 ) -> None:
     from mgmt.stack import StackError, StackOptions, run_stack
 
@@ -328,6 +338,7 @@ def _run_up(
         log_backups=log_backups,
         audit_limits=_audit_limits(audit_limits),
         start_timeout=start_timeout,
+        ek_ca=ek_ca.resolve() if ek_ca else None,
     )
     if swtpm_port is not None:
         click.echo(

@@ -683,10 +683,20 @@ class KMSClient:
         sans: list[str] | None = None,
         ttl_seconds: int = 0,
         group: str = "",
+        attest: bool = False,
+        ek_sha256: bytes = b"",
     ) -> enroll_pb2.CreateEnrollTokenResponse:
-        """A one-time enrollment token for device `name` (its string is only here)."""
+        """A one-time enrollment token for device `name` (its string is only here);
+        `attest`: redeemable only by a TPM-attested enrollment, `ek_sha256`: only by the
+        TPM with that EK."""
         request = enroll_pb2.CreateEnrollTokenRequest(
-            name=name, profile=profile, sans=sans or [], ttl_seconds=ttl_seconds, group=group
+            name=name,
+            profile=profile,
+            sans=sans or [],
+            ttl_seconds=ttl_seconds,
+            group=group,
+            attest=attest,
+            ek_sha256=ek_sha256,
         )
         return self._call("CreateEnrollToken", self._devices.CreateEnrollToken, request, None)
 

@@ -29,53 +29,57 @@ _sym_db = _symbol_database.Default()
 from edgekms.v1 import clients_pb2 as edgekms_dot_v1_dot_clients__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/enroll.proto\x12\nedgekms.v1\x1a\x18\x65\x64gekms/v1/clients.proto\"\xca\x02\n\x0b\x45nrollToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0c\n\x04sans\x18\x04 \x03(\t\x12\r\n\x05group\x18\x05 \x01(\t\x12+\n\x05state\x18\x06 \x01(\x0e\x32\x1c.edgekms.v1.EnrollTokenState\x12\x15\n\rsecret_sha256\x18\x07 \x01(\x0c\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x12\n\nexpires_at\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x16\n\x0ereserved_until\x18\x0c \x01(\t\x12\x0f\n\x07used_at\x18\r \x01(\t\x12\x0e\n\x06serial\x18\x0e \x01(\t\x12\x12\n\nrevoked_at\x18\x0f \x01(\t\x12\x12\n\nrevoked_by\x18\x10 \x01(\t\"\x92\x02\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x10\n\x08token_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0b\x65nrolled_at\x18\x07 \x01(\t\x12(\n\x06status\x18\x08 \x01(\x0e\x32\x18.edgekms.v1.DeviceStatus\x12\x11\n\tdenied_at\x18\t \x01(\t\x12\x11\n\tdenied_by\x18\n \x01(\t\x12\x17\n\x0f\x63\x65rtificate_der\x18\x0b \x01(\x0c\x12\x0c\n\x04sans\x18\x0c \x03(\t\x12\x18\n\x10revocations_done\x18\r \x01(\x08\"R\n\x0b\x44\x65niedGroup\x12\r\n\x05group\x18\x01 \x01(\t\x12\x11\n\tdenied_at\x18\x02 \x01(\t\x12\x11\n\tdenied_by\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65nied\x18\x04 \x01(\x08\"?\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x93\x01\n\x0e\x45nrollResponse\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.edgekms.v1.Client\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\t\x12\x13\n\x0b\x62roker_port\x18\x04 \x01(\r\x12\x13\n\x0bserver_name\x18\x05 \x01(\t\"k\n\x18\x43reateEnrollTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\x12\r\n\x05group\x18\x05 \x01(\t\"q\n\x19\x43reateEnrollTokenResponse\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.edgekms.v1.EnrollToken\x12\x14\n\x0ctoken_string\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61_fingerprint\x18\x03 \x01(\t\"W\n\x17ListEnrollTokensRequest\x12\x15\n\rinclude_spent\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x18ListEnrollTokensResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.edgekms.v1.EnrollToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x18RevokeEnrollTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"_\n\x12ListDevicesRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65nied_only\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.edgekms.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10GetDeviceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"P\n\x12\x44\x65nyDevicesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\"w\n\x13\x44\x65nyDevicesResponse\x12\x16\n\x0e\x64\x65vices_denied\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x65rtificates_revoked\x18\x02 \x01(\r\x12\x13\n\x0bnext_cursor\x18\x03 \x01(\t\x12\x15\n\rdevices_total\x18\x04 \x01(\r\"2\n\x13\x41llowDevicesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\"/\n\x14\x41llowDevicesResponse\x12\x17\n\x0f\x64\x65vices_allowed\x18\x01 \x01(\r*\xb3\x01\n\x10\x45nrollTokenState\x12\"\n\x1e\x45NROLL_TOKEN_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NROLL_TOKEN_STATE_ACTIVE\x10\x01\x12\x1f\n\x1b\x45NROLL_TOKEN_STATE_RESERVED\x10\x02\x12\x1b\n\x17\x45NROLL_TOKEN_STATE_USED\x10\x03\x12\x1e\n\x1a\x45NROLL_TOKEN_STATE_REVOKED\x10\x04*a\n\x0c\x44\x65viceStatus\x12\x1d\n\x19\x44\x45VICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45VICE_STATUS_ACTIVE\x10\x01\x12\x18\n\x14\x44\x45VICE_STATUS_DENIED\x10\x02\x32T\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.edgekms.v1.EnrollRequest\x1a\x1a.edgekms.v1.EnrollResponse2\xd6\x04\n\rDeviceService\x12`\n\x11\x43reateEnrollToken\x12$.edgekms.v1.CreateEnrollTokenRequest\x1a%.edgekms.v1.CreateEnrollTokenResponse\x12]\n\x10ListEnrollTokens\x12#.edgekms.v1.ListEnrollTokensRequest\x1a$.edgekms.v1.ListEnrollTokensResponse\x12R\n\x11RevokeEnrollToken\x12$.edgekms.v1.RevokeEnrollTokenRequest\x1a\x17.edgekms.v1.EnrollToken\x12N\n\x0bListDevices\x12\x1e.edgekms.v1.ListDevicesRequest\x1a\x1f.edgekms.v1.ListDevicesResponse\x12=\n\tGetDevice\x12\x1c.edgekms.v1.GetDeviceRequest\x1a\x12.edgekms.v1.Device\x12N\n\x0b\x44\x65nyDevices\x12\x1e.edgekms.v1.DenyDevicesRequest\x1a\x1f.edgekms.v1.DenyDevicesResponse\x12Q\n\x0c\x41llowDevices\x12\x1f.edgekms.v1.AllowDevicesRequest\x1a .edgekms.v1.AllowDevicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/enroll.proto\x12\nedgekms.v1\x1a\x18\x65\x64gekms/v1/clients.proto\"\xed\x02\n\x0b\x45nrollToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0c\n\x04sans\x18\x04 \x03(\t\x12\r\n\x05group\x18\x05 \x01(\t\x12+\n\x05state\x18\x06 \x01(\x0e\x32\x1c.edgekms.v1.EnrollTokenState\x12\x15\n\rsecret_sha256\x18\x07 \x01(\x0c\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x12\n\nexpires_at\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x16\n\x0ereserved_until\x18\x0c \x01(\t\x12\x0f\n\x07used_at\x18\r \x01(\t\x12\x0e\n\x06serial\x18\x0e \x01(\t\x12\x12\n\nrevoked_at\x18\x0f \x01(\t\x12\x12\n\nrevoked_by\x18\x10 \x01(\t\x12\x0e\n\x06\x61ttest\x18\x11 \x01(\x08\x12\x11\n\tek_sha256\x18\x12 \x01(\x0c\"\xb8\x02\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x10\n\x08token_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0b\x65nrolled_at\x18\x07 \x01(\t\x12(\n\x06status\x18\x08 \x01(\x0e\x32\x18.edgekms.v1.DeviceStatus\x12\x11\n\tdenied_at\x18\t \x01(\t\x12\x11\n\tdenied_by\x18\n \x01(\t\x12\x17\n\x0f\x63\x65rtificate_der\x18\x0b \x01(\x0c\x12\x0c\n\x04sans\x18\x0c \x03(\t\x12\x18\n\x10revocations_done\x18\r \x01(\x08\x12\x11\n\tek_sha256\x18\x0e \x01(\x0c\x12\x11\n\tak_public\x18\x0f \x01(\x0c\"R\n\x0b\x44\x65niedGroup\x12\r\n\x05group\x18\x01 \x01(\t\x12\x11\n\tdenied_at\x18\x02 \x01(\t\x12\x11\n\tdenied_by\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65nied\x18\x04 \x01(\x08\"\xb3\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63tivated_nonce\x18\x05 \x01(\x0c\x12\x12\n\nkey_public\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63\x65rtify_info\x18\x07 \x01(\x0c\x12\x19\n\x11\x63\x65rtify_signature\x18\x08 \x01(\x0c\"f\n\x17\x42\x65ginAttestationRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0e\x65k_certificate\x18\x02 \x01(\x0c\x12\x11\n\tek_public\x18\x03 \x01(\x0c\x12\x11\n\tak_public\x18\x04 \x01(\x0c\"s\n\x14\x41ttestationChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\x12\x12\n\nexpires_at\x18\x04 \x01(\t\"\x93\x01\n\x0e\x45nrollResponse\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.edgekms.v1.Client\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\t\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\t\x12\x13\n\x0b\x62roker_port\x18\x04 \x01(\r\x12\x13\n\x0bserver_name\x18\x05 \x01(\t\"\x8e\x01\n\x18\x43reateEnrollTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04sans\x18\x03 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\x12\r\n\x05group\x18\x05 \x01(\t\x12\x0e\n\x06\x61ttest\x18\x06 \x01(\x08\x12\x11\n\tek_sha256\x18\x07 \x01(\x0c\"q\n\x19\x43reateEnrollTokenResponse\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.edgekms.v1.EnrollToken\x12\x14\n\x0ctoken_string\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61_fingerprint\x18\x03 \x01(\t\"W\n\x17ListEnrollTokensRequest\x12\x15\n\rinclude_spent\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x18ListEnrollTokensResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.edgekms.v1.EnrollToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x18RevokeEnrollTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"_\n\x12ListDevicesRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65nied_only\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x13ListDevicesResponse\x12#\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x12.edgekms.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10GetDeviceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"P\n\x12\x44\x65nyDevicesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\"w\n\x13\x44\x65nyDevicesResponse\x12\x16\n\x0e\x64\x65vices_denied\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x65rtificates_revoked\x18\x02 \x01(\r\x12\x13\n\x0bnext_cursor\x18\x03 \x01(\t\x12\x15\n\rdevices_total\x18\x04 \x01(\r\"2\n\x13\x41llowDevicesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\"/\n\x14\x41llowDevicesResponse\x12\x17\n\x0f\x64\x65vices_allowed\x18\x01 \x01(\r*\xb3\x01\n\x10\x45nrollTokenState\x12\"\n\x1e\x45NROLL_TOKEN_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NROLL_TOKEN_STATE_ACTIVE\x10\x01\x12\x1f\n\x1b\x45NROLL_TOKEN_STATE_RESERVED\x10\x02\x12\x1b\n\x17\x45NROLL_TOKEN_STATE_USED\x10\x03\x12\x1e\n\x1a\x45NROLL_TOKEN_STATE_REVOKED\x10\x04*a\n\x0c\x44\x65viceStatus\x12\x1d\n\x19\x44\x45VICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45VICE_STATUS_ACTIVE\x10\x01\x12\x18\n\x14\x44\x45VICE_STATUS_DENIED\x10\x02\x32\xaf\x01\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.edgekms.v1.EnrollRequest\x1a\x1a.edgekms.v1.EnrollResponse\x12Y\n\x10\x42\x65ginAttestation\x12#.edgekms.v1.BeginAttestationRequest\x1a .edgekms.v1.AttestationChallenge2\xd6\x04\n\rDeviceService\x12`\n\x11\x43reateEnrollToken\x12$.edgekms.v1.CreateEnrollTokenRequest\x1a%.edgekms.v1.CreateEnrollTokenResponse\x12]\n\x10ListEnrollTokens\x12#.edgekms.v1.ListEnrollTokensRequest\x1a$.edgekms.v1.ListEnrollTokensResponse\x12R\n\x11RevokeEnrollToken\x12$.edgekms.v1.RevokeEnrollTokenRequest\x1a\x17.edgekms.v1.EnrollToken\x12N\n\x0bListDevices\x12\x1e.edgekms.v1.ListDevicesRequest\x1a\x1f.edgekms.v1.ListDevicesResponse\x12=\n\tGetDevice\x12\x1c.edgekms.v1.GetDeviceRequest\x1a\x12.edgekms.v1.Device\x12N\n\x0b\x44\x65nyDevices\x12\x1e.edgekms.v1.DenyDevicesRequest\x1a\x1f.edgekms.v1.DenyDevicesResponse\x12Q\n\x0c\x41llowDevices\x12\x1f.edgekms.v1.AllowDevicesRequest\x1a .edgekms.v1.AllowDevicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgekms.v1.enroll_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLLTOKENSTATE']._serialized_start=1942
-  _globals['_ENROLLTOKENSTATE']._serialized_end=2121
-  _globals['_DEVICESTATUS']._serialized_start=2123
-  _globals['_DEVICESTATUS']._serialized_end=2220
+  _globals['_ENROLLTOKENSTATE']._serialized_start=2389
+  _globals['_ENROLLTOKENSTATE']._serialized_end=2568
+  _globals['_DEVICESTATUS']._serialized_start=2570
+  _globals['_DEVICESTATUS']._serialized_end=2667
   _globals['_ENROLLTOKEN']._serialized_start=66
-  _globals['_ENROLLTOKEN']._serialized_end=396
-  _globals['_DEVICE']._serialized_start=399
-  _globals['_DEVICE']._serialized_end=673
-  _globals['_DENIEDGROUP']._serialized_start=675
-  _globals['_DENIEDGROUP']._serialized_end=757
-  _globals['_ENROLLREQUEST']._serialized_start=759
-  _globals['_ENROLLREQUEST']._serialized_end=822
-  _globals['_ENROLLRESPONSE']._serialized_start=825
-  _globals['_ENROLLRESPONSE']._serialized_end=972
-  _globals['_CREATEENROLLTOKENREQUEST']._serialized_start=974
-  _globals['_CREATEENROLLTOKENREQUEST']._serialized_end=1081
-  _globals['_CREATEENROLLTOKENRESPONSE']._serialized_start=1083
-  _globals['_CREATEENROLLTOKENRESPONSE']._serialized_end=1196
-  _globals['_LISTENROLLTOKENSREQUEST']._serialized_start=1198
-  _globals['_LISTENROLLTOKENSREQUEST']._serialized_end=1285
-  _globals['_LISTENROLLTOKENSRESPONSE']._serialized_start=1287
-  _globals['_LISTENROLLTOKENSRESPONSE']._serialized_end=1379
-  _globals['_REVOKEENROLLTOKENREQUEST']._serialized_start=1381
-  _globals['_REVOKEENROLLTOKENREQUEST']._serialized_end=1419
-  _globals['_LISTDEVICESREQUEST']._serialized_start=1421
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1516
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1518
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1601
-  _globals['_GETDEVICEREQUEST']._serialized_start=1603
-  _globals['_GETDEVICEREQUEST']._serialized_end=1635
-  _globals['_DENYDEVICESREQUEST']._serialized_start=1637
-  _globals['_DENYDEVICESREQUEST']._serialized_end=1717
-  _globals['_DENYDEVICESRESPONSE']._serialized_start=1719
-  _globals['_DENYDEVICESRESPONSE']._serialized_end=1838
-  _globals['_ALLOWDEVICESREQUEST']._serialized_start=1840
-  _globals['_ALLOWDEVICESREQUEST']._serialized_end=1890
-  _globals['_ALLOWDEVICESRESPONSE']._serialized_start=1892
-  _globals['_ALLOWDEVICESRESPONSE']._serialized_end=1939
-  _globals['_ENROLLMENTSERVICE']._serialized_start=2222
-  _globals['_ENROLLMENTSERVICE']._serialized_end=2306
-  _globals['_DEVICESERVICE']._serialized_start=2309
-  _globals['_DEVICESERVICE']._serialized_end=2907
+  _globals['_ENROLLTOKEN']._serialized_end=431
+  _globals['_DEVICE']._serialized_start=434
+  _globals['_DEVICE']._serialized_end=746
+  _globals['_DENIEDGROUP']._serialized_start=748
+  _globals['_DENIEDGROUP']._serialized_end=830
+  _globals['_ENROLLREQUEST']._serialized_start=833
+  _globals['_ENROLLREQUEST']._serialized_end=1012
+  _globals['_BEGINATTESTATIONREQUEST']._serialized_start=1014
+  _globals['_BEGINATTESTATIONREQUEST']._serialized_end=1116
+  _globals['_ATTESTATIONCHALLENGE']._serialized_start=1118
+  _globals['_ATTESTATIONCHALLENGE']._serialized_end=1233
+  _globals['_ENROLLRESPONSE']._serialized_start=1236
+  _globals['_ENROLLRESPONSE']._serialized_end=1383
+  _globals['_CREATEENROLLTOKENREQUEST']._serialized_start=1386
+  _globals['_CREATEENROLLTOKENREQUEST']._serialized_end=1528
+  _globals['_CREATEENROLLTOKENRESPONSE']._serialized_start=1530
+  _globals['_CREATEENROLLTOKENRESPONSE']._serialized_end=1643
+  _globals['_LISTENROLLTOKENSREQUEST']._serialized_start=1645
+  _globals['_LISTENROLLTOKENSREQUEST']._serialized_end=1732
+  _globals['_LISTENROLLTOKENSRESPONSE']._serialized_start=1734
+  _globals['_LISTENROLLTOKENSRESPONSE']._serialized_end=1826
+  _globals['_REVOKEENROLLTOKENREQUEST']._serialized_start=1828
+  _globals['_REVOKEENROLLTOKENREQUEST']._serialized_end=1866
+  _globals['_LISTDEVICESREQUEST']._serialized_start=1868
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1963
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1965
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=2048
+  _globals['_GETDEVICEREQUEST']._serialized_start=2050
+  _globals['_GETDEVICEREQUEST']._serialized_end=2082
+  _globals['_DENYDEVICESREQUEST']._serialized_start=2084
+  _globals['_DENYDEVICESREQUEST']._serialized_end=2164
+  _globals['_DENYDEVICESRESPONSE']._serialized_start=2166
+  _globals['_DENYDEVICESRESPONSE']._serialized_end=2285
+  _globals['_ALLOWDEVICESREQUEST']._serialized_start=2287
+  _globals['_ALLOWDEVICESREQUEST']._serialized_end=2337
+  _globals['_ALLOWDEVICESRESPONSE']._serialized_start=2339
+  _globals['_ALLOWDEVICESRESPONSE']._serialized_end=2386
+  _globals['_ENROLLMENTSERVICE']._serialized_start=2670
+  _globals['_ENROLLMENTSERVICE']._serialized_end=2845
+  _globals['_DEVICESERVICE']._serialized_start=2848
+  _globals['_DEVICESERVICE']._serialized_end=3446
 # @@protoc_insertion_point(module_scope)

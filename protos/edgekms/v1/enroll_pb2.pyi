@@ -86,6 +86,8 @@ class EnrollToken(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_BY_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     profile: _builtins.str
@@ -101,6 +103,12 @@ class EnrollToken(_message.Message):
     serial: _builtins.str
     revoked_at: _builtins.str
     revoked_by: _builtins.str
+    attest: _builtins.bool
+    """Redeemable only by a TPM-attested enrollment (BeginAttestation, then Enroll)."""
+    ek_sha256: _builtins.bytes
+    """Pre-registered EK: SHA-256 of its SubjectPublicKeyInfo (DER); only that TPM may
+    redeem the token (no manufacturer certificate needed). Implies attest.
+    """
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -122,10 +130,12 @@ class EnrollToken(_message.Message):
         serial: _builtins.str = ...,
         revoked_at: _builtins.str = ...,
         revoked_by: _builtins.str = ...,
+        attest: _builtins.bool = ...,
+        ek_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "expires_at", b"expires_at", "group", b"group", "id", b"id", "name", b"name", "profile", b"profile", "request_id", b"request_id", "reserved_until", b"reserved_until", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "secret_sha256", b"secret_sha256", "serial", b"serial", "state", b"state", "used_at", b"used_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "created_at", b"created_at", "created_by", b"created_by", "ek_sha256", b"ek_sha256", "expires_at", b"expires_at", "group", b"group", "id", b"id", "name", b"name", "profile", b"profile", "request_id", b"request_id", "reserved_until", b"reserved_until", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "secret_sha256", b"secret_sha256", "serial", b"serial", "state", b"state", "used_at", b"used_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -150,6 +160,8 @@ class Device(_message.Message):
     CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
     SANS_FIELD_NUMBER: _builtins.int
     REVOCATIONS_DONE_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
+    AK_PUBLIC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     group: _builtins.str
     profile: _builtins.str
@@ -163,6 +175,11 @@ class Device(_message.Message):
     certificate_der: _builtins.bytes
     revocations_done: _builtins.bool
     """The deny's revocations are done (client certificate and mini-CA certificates)."""
+    ek_sha256: _builtins.bytes
+    """TPM-attested devices: the identity (SHA-256 of the EK's SubjectPublicKeyInfo DER)
+    and the AK's TPMT_PUBLIC, pinned at enrollment.
+    """
+    ak_public: _builtins.bytes
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -181,10 +198,12 @@ class Device(_message.Message):
         certificate_der: _builtins.bytes = ...,
         sans: _abc.Iterable[_builtins.str] | None = ...,
         revocations_done: _builtins.bool = ...,
+        ek_sha256: _builtins.bytes = ...,
+        ak_public: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "ek_sha256", b"ek_sha256", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,6 +246,11 @@ class EnrollRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     CSR_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    ACTIVATED_NONCE_FIELD_NUMBER: _builtins.int
+    KEY_PUBLIC_FIELD_NUMBER: _builtins.int
+    CERTIFY_INFO_FIELD_NUMBER: _builtins.int
+    CERTIFY_SIGNATURE_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """"ekt1.<id>.<secret>" as `kmsctl enroll token create` printed it."""
     csr: _builtins.bytes
@@ -234,20 +258,96 @@ class EnrollRequest(_message.Message):
     SANs, if any, among the token's.
     """
     request_id: _builtins.str
+    challenge_id: _builtins.str
+    """TPM-attested enrollment (instead of csr): the challenge BeginAttestation gave,
+    the nonce TPM2_ActivateCredential recovered from it, and the device key's
+    TPMT_PUBLIC with the AK's TPM2_Certify of it over that nonce (TPMS_ATTEST and the
+    ECDSA-SHA256 signature, DER).
+    """
+    activated_nonce: _builtins.bytes
+    key_public: _builtins.bytes
+    certify_info: _builtins.bytes
+    certify_signature: _builtins.bytes
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         csr: _builtins.bytes = ...,
         request_id: _builtins.str = ...,
+        challenge_id: _builtins.str = ...,
+        activated_nonce: _builtins.bytes = ...,
+        key_public: _builtins.bytes = ...,
+        certify_info: _builtins.bytes = ...,
+        certify_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "request_id", b"request_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_nonce", b"activated_nonce", "certify_info", b"certify_info", "certify_signature", b"certify_signature", "challenge_id", b"challenge_id", "csr", b"csr", "key_public", b"key_public", "request_id", b"request_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+
+@_typing.final
+class BeginAttestationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EK_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    EK_PUBLIC_FIELD_NUMBER: _builtins.int
+    AK_PUBLIC_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    ek_certificate: _builtins.bytes
+    """The EK certificate (DER) from the TPM's NV; may be empty when the token names a
+    pre-registered EK.
+    """
+    ek_public: _builtins.bytes
+    """TPMT_PUBLIC of the EK and of the AK."""
+    ak_public: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        ek_certificate: _builtins.bytes = ...,
+        ek_public: _builtins.bytes = ...,
+        ak_public: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "ek_certificate", b"ek_certificate", "ek_public", b"ek_public", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginAttestationRequest: _TypeAlias = BeginAttestationRequest  # noqa: Y015
+
+@_typing.final
+class AttestationChallenge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_BLOB_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_SECRET_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    credential_blob: _builtins.bytes
+    """TPMS_ID_OBJECT and the encrypted seed: TPM2_ActivateCredential's two inputs."""
+    encrypted_secret: _builtins.bytes
+    expires_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        credential_blob: _builtins.bytes = ...,
+        encrypted_secret: _builtins.bytes = ...,
+        expires_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "credential_blob", b"credential_blob", "encrypted_secret", b"encrypted_secret", "expires_at", b"expires_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestationChallenge: _TypeAlias = AttestationChallenge  # noqa: Y015
 
 @_typing.final
 class EnrollResponse(_message.Message):
@@ -293,11 +393,16 @@ class CreateEnrollTokenRequest(_message.Message):
     SANS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     ttl_seconds: _builtins.int
     """Seconds; 0: 3600. At most 7 days."""
     group: _builtins.str
+    attest: _builtins.bool
+    """See EnrollToken.attest and ek_sha256."""
+    ek_sha256: _builtins.bytes
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -308,10 +413,12 @@ class CreateEnrollTokenRequest(_message.Message):
         sans: _abc.Iterable[_builtins.str] | None = ...,
         ttl_seconds: _builtins.int = ...,
         group: _builtins.str = ...,
+        attest: _builtins.bool = ...,
+        ek_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "name", b"name", "profile", b"profile", "sans", b"sans", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "ek_sha256", b"ek_sha256", "group", b"group", "name", b"name", "profile", b"profile", "sans", b"sans", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,6 +33,11 @@ class EnrollmentServiceStub:
                 request_serializer=edgekms_dot_v1_dot_enroll__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_enroll__pb2.EnrollResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.BeginAttestation = channel.unary_unary(
+                '/edgekms.v1.EnrollmentService/BeginAttestation',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.BeginAttestationRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.AttestationChallenge.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class EnrollmentServiceServicer:
@@ -48,6 +53,16 @@ class EnrollmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginAttestation(self, request, context):
+        """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+        area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+        that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+        AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -55,6 +70,11 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=edgekms_dot_v1_dot_enroll__pb2.EnrollRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_enroll__pb2.EnrollResponse.SerializeToString,
+            ),
+            'BeginAttestation': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginAttestation,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.BeginAttestationRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.AttestationChallenge.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +107,33 @@ class EnrollmentService:
             '/edgekms.v1.EnrollmentService/Enroll',
             edgekms_dot_v1_dot_enroll__pb2.EnrollRequest.SerializeToString,
             edgekms_dot_v1_dot_enroll__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def BeginAttestation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.EnrollmentService/BeginAttestation',
+            edgekms_dot_v1_dot_enroll__pb2.BeginAttestationRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.AttestationChallenge.FromString,
             options,
             channel_credentials,
             insecure,

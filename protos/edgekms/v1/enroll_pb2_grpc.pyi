@@ -43,6 +43,12 @@ class EnrollmentServiceStub:
     """Redeems a token for a client certificate of the key in `csr`. A retry with the
     same request_id (after a lost answer or a killed broker) gets the same certificate.
     """
+    BeginAttestation: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.BeginAttestationRequest, _enroll_pb2.AttestationChallenge]
+    """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+    area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+    that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+    AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
+    """
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -54,6 +60,12 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     Enroll: _aio.UnaryUnaryMultiCallable[_enroll_pb2.EnrollRequest, _enroll_pb2.EnrollResponse]  # type: ignore[assignment]
     """Redeems a token for a client certificate of the key in `csr`. A retry with the
     same request_id (after a lost answer or a killed broker) gets the same certificate.
+    """
+    BeginAttestation: _aio.UnaryUnaryMultiCallable[_enroll_pb2.BeginAttestationRequest, _enroll_pb2.AttestationChallenge]  # type: ignore[assignment]
+    """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+    area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+    that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+    AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -69,6 +81,18 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_enroll_pb2.EnrollResponse, _abc.Awaitable[_enroll_pb2.EnrollResponse]]:
         """Redeems a token for a client certificate of the key in `csr`. A retry with the
         same request_id (after a lost answer or a killed broker) gets the same certificate.
+        """
+
+    @_abc_1.abstractmethod
+    def BeginAttestation(
+        self,
+        request: _enroll_pb2.BeginAttestationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.AttestationChallenge, _abc.Awaitable[_enroll_pb2.AttestationChallenge]]:
+        """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+        area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+        that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+        AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
