@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -45,6 +46,7 @@ from tpm2_pytss.utils import NVReadEK, create_ek_template
 from edgekms.errors import FailedPrecondition, Unavailable
 
 EK_TEMPLATE = "EK-RSA2048"
+OPEN_RETRY_S = 5.0
 EK_CERT_INDEX = 0x01C00002
 
 _AK_ATTRS = (
@@ -127,11 +129,23 @@ class DeviceKey:
 class DeviceTpm:
     """The device's TPM, through one ESAPI context (a context manager)."""
 
-    def __init__(self, tcti: str | None, endorsement_auth: bytes = b""):
-        try:
-            self.esys = ESAPI(tcti)
-        except TSS2_Exception as exc:
-            raise Unavailable("tpm.unavailable", f"cannot open the TPM ({tcti}): {exc}") from None
+    def __init__(
+        self, tcti: str | None, endorsement_auth: bytes = b"", ek_template: str = EK_TEMPLATE
+    ):
+        self.ek_template = ek_template
+        # A TPM just started (swtpm, or a resource manager at early boot) may refuse the
+        # first connection; a few tries over OPEN_RETRY_S, then Unavailable.
+        deadline = time.monotonic() + OPEN_RETRY_S
+        while True:
+            try:
+                self.esys = ESAPI(tcti)
+                break
+            except TSS2_Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise Unavailable(
+                        "tpm.unavailable", f"cannot open the TPM ({tcti}): {exc}"
+                    ) from None
+                time.sleep(0.2)
         if endorsement_auth:
             self.esys.tr_set_auth(ESYS_TR.ENDORSEMENT, TPM2B_AUTH(endorsement_auth))
         self._ek: Any = None
@@ -159,7 +173,7 @@ class DeviceTpm:
         """The EK, loaded once per context (a primary is recreated from the seed)."""
         if self._ek is None:
             reader = NVReadEK(self.esys)
-            _, template = create_ek_template(EK_TEMPLATE, reader)
+            _, template = create_ek_template(self.ek_template, reader)
             handle, public, _, _, _ = self.esys.create_primary(None, template, ESYS_TR.ENDORSEMENT)
             self._ek, self._ek_public = handle, bytes(public.publicArea.marshal())
         return self._ek, self._ek_public

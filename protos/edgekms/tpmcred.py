@@ -173,6 +173,8 @@ def parse_public(data: bytes, what: str = "TPMT_PUBLIC") -> TpmPublic:
     """TPMT_PUBLIC of an RSA or ECC key; other object types are refused."""
     r = _Reader(data, what)
     key_type, name_alg, attrs = r.u16(), r.u16(), r.u32()
+    if key_type not in (ALG_RSA, ALG_ECC):
+        raise _bad("unsupported_key", f"{what}: key type {key_type:#x} is not RSA or ECC")
     if name_alg not in _HASHES:
         raise _bad("unsupported_key", f"{what}: name algorithm {name_alg:#x} is not supported")
     policy = r.tpm2b()
