@@ -80,6 +80,7 @@ def test_the_outstanding_challenges_are_capped_across_addresses() -> None:
         (b"\x00\x08\x00\x0b" + b"\x00" * 10, b"", "attest.unsupported_key"),
         (b"\xff" * 5000, b"", "attest.malformed"),
     ],
+    ids=["empty", "truncated", "keyedhash", "oversized"],
 )
 def test_malformed_ek_areas_are_refused(ek_public: bytes, ak_public: bytes, reason: str) -> None:
     with pytest.raises(errors.KMSError) as bad:

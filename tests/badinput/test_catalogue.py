@@ -28,6 +28,7 @@ AREAS = {
     "ACME",
     "agent",
     "stack",
+    "attest",
 }
 MIN_ROWS = 40
 
