@@ -8,7 +8,8 @@ start with 50,000 sealed key records (bench/sealed_start.py); on the main stack 
 audit bytes per Sign and per certificate (bench/audit_bytes.py); then the compose stack
 (bench/containers.py: image sizes, `compose up` to first signature, RSS per container).
 Results land in bench/results/ (results.json, results.md, chart.png, ca_scale.md,
-sealed_start.md, audit_bytes.md, containers.md).
+sealed_start.md, audit_bytes.md, containers.md, encryption.md: Encrypt/Decrypt per second
+end to end next to the raw token rate, bench/encryption.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-audit-bytes", action="store_true", help="skip the audit bytes per operation"
+    )
+    parser.add_argument(
+        "--no-encryption", action="store_true", help="skip Encrypt/Decrypt per second"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
@@ -216,6 +220,13 @@ def main() -> None:
 
                 results["audit_bytes"] = audit_bytes.run(stack)
                 audit_bytes.write(results["audit_bytes"], out)
+            if not args.no_encryption:
+                from bench import encryption
+
+                enc_runs = encryption.run_raw(work, args.duration)
+                enc_runs += encryption.run(stack, args.duration, args.warmup)
+                results["encryption"] = [r.to_json() for r in enc_runs]
+                encryption.write(enc_runs, out)
             if not args.no_profile:
                 from bench import profile
 

@@ -174,6 +174,14 @@ def note(**details: str) -> None:
         scope.details.update(details)
 
 
+def retarget(target: str) -> None:
+    """Name what this call acted on when the request does not (Decrypt learns its key
+    from the ciphertext): the entry written after the handler carries it."""
+    scope = _current.get()
+    if scope is not None and not scope.recorded:
+        scope.target = target
+
+
 async def abort_with(context: Context, err: KMSError) -> None:
     context.set_trailing_metadata(((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),))
     await context.abort(err.grpc_status, f"{err.reason}: {err.message}")

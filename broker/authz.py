@@ -67,6 +67,12 @@ ROLE_METHODS: dict[str, frozenset[str]] = {
     ),
     "enrollee": frozenset({"WhoAmI"}),
 }
+# Encryption: using a key (Encrypt, Decrypt, GenerateDataKey) is like signing, for the
+# roles that sign; making a new version of a key (RotateKey) is managing it, like
+# creating one: administrators and operators.
+ROLE_METHODS["admin"] |= {"Encrypt", "Decrypt", "GenerateDataKey", "RotateKey"}
+ROLE_METHODS["operator"] |= {"RotateKey"}
+ROLE_METHODS["signer"] |= {"Encrypt", "Decrypt", "GenerateDataKey"}
 # Rotating or revoking an intermediate replaces the CA itself, and pruning removes records
 # for good: administrators only, like creating the CA.
 ROLE_METHODS["admin"] |= CA_OPERATE | {"Init", "Rotate", "RevokeIntermediate", "PruneCertificates"}
@@ -114,6 +120,11 @@ KEY_SCOPED_METHODS = frozenset(
         "DestroyKey",
         "AttestKey",
         "UpdateKeyPolicy",
+        "Encrypt",
+        "GenerateDataKey",
+        "RotateKey",
+        # Decrypt names its key in the envelope; `name` is optional there, so the broker
+        # checks the envelope's name against the pattern itself (broker/keys.py).
     }
 )
 
@@ -124,6 +135,7 @@ _MANAGEMENT = frozenset(
         pb.KEY_OPERATION_ENABLE,
         pb.KEY_OPERATION_DESTROY,
         pb.KEY_OPERATION_ATTEST,
+        pb.KEY_OPERATION_ROTATE,
     }
 )
 

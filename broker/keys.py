@@ -23,15 +23,22 @@ import nats.errors
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.audit_service import AuditScope, record_before_change
+from broker.audit_service import AuditScope, note, record_before_change, retarget
 from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
 from broker.idempotency import IdempotencyStore, idempotent
 from broker.paging import page_by_name
 from broker.registry import KeyRegistry, check_key_name
 from broker.wire import Malformed
-from edgekms import natsrpc
-from edgekms.algorithms import check_sign_request, key_type_info
+from edgekms import envelope, natsrpc
+from edgekms.algorithms import (
+    check_aad,
+    check_encrypt_request,
+    check_sign_request,
+    check_usage,
+    key_type_info,
+    key_usage,
+)
 from edgekms.audit import WARN_FRACTION, AuditWriter, StreamUsage, audit_streams
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import (
@@ -249,6 +256,34 @@ def require_usable(record: pb.KeyRecord) -> None:
         )
 
 
+# Versions one key may have: each rotation keeps the one before, and the record must stay
+# far below the bus's max_payload. A key rotated this often wants replacing instead.
+MAX_KEY_VERSIONS = 256
+
+
+def require_signing(record: pb.KeyRecord) -> None:
+    if key_usage(record.key_type, record.options.usage) != pb.KEY_USAGE_SIGN_VERIFY:
+        raise InvalidArgument(
+            "key.usage_mismatch",
+            f"key {record.name!r} is for encryption; it cannot sign or verify",
+            {"usage": "encrypt-decrypt"},
+        )
+
+
+def version_key_id(record: pb.KeyRecord, version: int) -> bytes:
+    """The provider handle of one version of the key; NotFound for a version it never had."""
+    if version == (record.version or 1):
+        return record.key_id
+    for kept in record.previous_versions:
+        if kept.version == version:
+            return kept.key_id
+    raise NotFound(
+        "key.version_not_found",
+        f"key {record.name!r} has no version {version} (current: {record.version or 1})",
+        {"version": str(version), "current": str(record.version or 1)},
+    )
+
+
 def to_key(record: pb.KeyRecord) -> keys_pb2.Key:
     return keys_pb2.Key(
         name=record.name,
@@ -262,6 +297,7 @@ def to_key(record: pb.KeyRecord) -> keys_pb2.Key:
         created_by=record.created_by,
         labels=record.labels,
         key_id=record.key_id.hex(),
+        version=record.version or 1,
     )
 
 
@@ -324,6 +360,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         if request.key_type == pb.KEY_TYPE_UNSPECIFIED:
             raise InvalidArgument("key.type_missing", "a key type is required")
         key_type_info(request.key_type)
+        check_usage(request.key_type, request.options.usage)
         provider = request.provider or self.config.default_provider
         if provider not in self.config.providers:
             raise InvalidArgument(
@@ -411,6 +448,10 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         check_key_policy(identity, record, pb.KEY_OPERATION_GET_PUBLIC_KEY)
         if record.state == pb.KEY_STATE_DESTROYED:
             require_usable(record)
+        if not record.public_key_der:
+            raise FailedPrecondition(
+                "key.no_public_key", f"key {record.name!r} is symmetric: it has no public key"
+            )
         pem = (
             serialization.load_der_public_key(record.public_key_der)
             .public_bytes(
@@ -429,6 +470,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         record = self.registry.get(request.name)
         require_usable(record)
         check_key_policy(identity, record, pb.KEY_OPERATION_SIGN, request.algorithm)
+        require_signing(record)
         check_sign_request(record.key_type, request.algorithm, request.data)
         response = await self.signer.sign(
             record.provider,
@@ -448,6 +490,7 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         record = self.registry.get(request.name)
         require_usable(record)
         check_key_policy(identity, record, pb.KEY_OPERATION_VERIFY, request.algorithm)
+        require_signing(record)
         check_sign_request(record.key_type, request.algorithm, request.data)
         if not request.signature:
             raise InvalidArgument("verify.signature_missing", "no signature to verify")
@@ -532,12 +575,14 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             )
         await record_before_change(state="destroyed")
         # NotFound: already gone from the token (a destroy that failed halfway): finish it.
-        with contextlib.suppress(NotFound):
-            await self.crypto.destroy_key(
-                record.provider,
-                crypto_pb2.DestroyKeyRequest(key_id=record.key_id),
-                timeout=self._timeout(context, self.config.sign_timeout),
-            )
+        # Every version goes: a destroyed key decrypts nothing any more.
+        for key_id in [record.key_id, *(v.key_id for v in record.previous_versions)]:
+            with contextlib.suppress(NotFound):
+                await self.crypto.destroy_key(
+                    record.provider,
+                    crypto_pb2.DestroyKeyRequest(key_id=key_id),
+                    timeout=self._timeout(context, self.config.sign_timeout),
+                )
         return await self._transition(
             identity,
             request.name,
@@ -596,6 +641,159 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
             key_public_area=evidence.key_public_area,
             public_key_der=record.public_key_der,
         )
+
+    # -- encryption ----------------------------------------------------------------------
+
+    async def _seal(
+        self, context: Context, record: pb.KeyRecord, plaintext: bytes, aad: bytes
+    ) -> tuple[bytes, int, int]:
+        """Encrypt under the newest version: (envelope, version, algorithm)."""
+        version = record.version or 1
+        response = await self.crypto.encrypt(
+            record.provider,
+            crypto_pb2.EncryptRequest(
+                key_id=record.key_id,
+                plaintext=plaintext,
+                aad=envelope.bound_aad(record.name, version, aad),
+            ),
+            timeout=self._timeout(context, self.config.sign_timeout),
+        )
+        sealed = envelope.Envelope(
+            response.algorithm, record.name, version, response.nonce, response.ciphertext
+        ).encode()
+        note(key_version=str(version))
+        return sealed, version, response.algorithm
+
+    @rpc("Encrypt")
+    async def Encrypt(
+        self, request: keys_pb2.EncryptRequest, context: Context, identity: Identity
+    ) -> keys_pb2.EncryptResponse:
+        record = self.registry.get(request.name)
+        require_usable(record)
+        check_key_policy(identity, record, pb.KEY_OPERATION_ENCRYPT)
+        check_encrypt_request(record.key_type, record.options.usage, request.plaintext, request.aad)
+        sealed, version, algorithm = await self._seal(
+            context, record, request.plaintext, request.aad
+        )
+        return keys_pb2.EncryptResponse(
+            ciphertext=sealed,
+            key_name=record.name,
+            key_version=version,
+            algorithm=algorithm,  # type: ignore[arg-type]
+        )
+
+    @rpc("Decrypt")
+    async def Decrypt(
+        self, request: keys_pb2.DecryptRequest, context: Context, identity: Identity
+    ) -> keys_pb2.DecryptResponse:
+        sealed = envelope.decode(request.ciphertext)
+        retarget(sealed.key_name)
+        note(key_version=str(sealed.key_version))
+        if request.name and request.name != sealed.key_name:
+            raise InvalidArgument(
+                "decrypt.key_mismatch",
+                f"the ciphertext was made with key {sealed.key_name!r}, not {request.name!r}",
+                {"ciphertext_key": sealed.key_name, "key": request.name},
+            )
+        if not self.identities.key_allowed(identity, sealed.key_name):
+            raise PermissionDenied(
+                "authz.key_pattern",
+                f"client {identity.client!r} may not use key {sealed.key_name!r}",
+                {"client": identity.client, "key": sealed.key_name},
+            )
+        record = self.registry.get(sealed.key_name)
+        require_usable(record)
+        check_key_policy(identity, record, pb.KEY_OPERATION_DECRYPT)
+        check_encrypt_request(record.key_type, record.options.usage, b"", request.aad)
+        key_id = version_key_id(record, sealed.key_version)
+        response = await self.crypto.decrypt(
+            record.provider,
+            crypto_pb2.DecryptRequest(
+                key_id=key_id,
+                algorithm=sealed.algorithm,
+                nonce=sealed.nonce,
+                ciphertext=sealed.body,
+                aad=envelope.bound_aad(sealed.key_name, sealed.key_version, request.aad),
+            ),
+            timeout=self._timeout(context, self.config.sign_timeout),
+        )
+        return keys_pb2.DecryptResponse(
+            plaintext=response.plaintext, key_name=record.name, key_version=sealed.key_version
+        )
+
+    @rpc("GenerateDataKey")
+    async def GenerateDataKey(
+        self, request: keys_pb2.GenerateDataKeyRequest, context: Context, identity: Identity
+    ) -> keys_pb2.GenerateDataKeyResponse:
+        record = self.registry.get(request.name)
+        require_usable(record)
+        check_key_policy(identity, record, pb.KEY_OPERATION_GENERATE_DATA_KEY)
+        check_aad(request.aad)
+        data_key = secrets.token_bytes(32)
+        check_encrypt_request(record.key_type, record.options.usage, data_key, request.aad)
+        sealed, version, _ = await self._seal(context, record, data_key, request.aad)
+        if request.without_plaintext:
+            note(plaintext="withheld")
+        return keys_pb2.GenerateDataKeyResponse(
+            plaintext=b"" if request.without_plaintext else data_key,
+            ciphertext=sealed,
+            key_name=record.name,
+            key_version=version,
+        )
+
+    @rpc("RotateKey")
+    @idempotent("RotateKey", keys_pb2.Key)
+    async def RotateKey(
+        self, request: keys_pb2.RotateKeyRequest, context: Context, identity: Identity
+    ) -> keys_pb2.Key:
+        record = self.registry.get(request.name)
+        check_key_policy(identity, record, pb.KEY_OPERATION_ROTATE)
+        require_usable(record)
+        if record.name.startswith(RESERVED_PREFIX):
+            raise FailedPrecondition(
+                "key.reserved", f"{record.name!r} belongs to EdgeKMS itself and is not rotated"
+            )
+        if key_usage(record.key_type, record.options.usage) != pb.KEY_USAGE_ENCRYPT_DECRYPT:
+            # A signing key's public key is in certificates and verifiers: a new version
+            # would silently break them. Make a new key and move its users instead.
+            raise FailedPrecondition(
+                "key.rotate_unsupported",
+                f"key {record.name!r} signs; only encryption keys are rotated in place",
+            )
+        current = record.version or 1
+        if current >= MAX_KEY_VERSIONS:
+            raise FailedPrecondition(
+                "key.too_many_versions",
+                f"key {record.name!r} has {current} versions, the most one key keeps",
+                {"max_versions": str(MAX_KEY_VERSIONS)},
+            )
+        await record_before_change(version=str(current + 1))
+        key_id = secrets.token_bytes(16)
+        generated = await self.crypto.generate_key(
+            record.provider,
+            crypto_pb2.GenerateKeyRequest(
+                key_id=key_id, label=record.name, key_type=record.key_type, options=record.options
+            ),
+            timeout=self._timeout(context, self.config.generate_timeout),
+        )
+        try:
+            updated = await self.registry.rotate(
+                record.name, current, key_id, generated.public_key_der
+            )
+        except BaseException:
+            # Nothing half-done: the new version's key leaves the token again.
+            with contextlib.suppress(KMSError):
+                await self.crypto.destroy_key(
+                    record.provider,
+                    crypto_pb2.DestroyKeyRequest(key_id=key_id),
+                    timeout=self._timeout(context, self.config.sign_timeout),
+                )
+            raise
+        log.info(
+            "key rotated",
+            extra=fields(key=record.name, version=updated.version, client=identity.client),
+        )
+        return to_key(updated)
 
 
 class SystemService(keys_pb2_grpc.SystemServiceServicer):

@@ -152,6 +152,39 @@ class KeyRegistry(FollowedBucket):
 
         return (await self._change(name, edit))[0]
 
+    async def rotate(
+        self, name: str, from_version: int, key_id: bytes, public_key_der: bytes
+    ) -> pb.KeyRecord:
+        """Make (key_id, public_key_der) the key's version from_version + 1, keeping the
+        current one in previous_versions (its public key dropped: only decryption uses
+        it). FailedPrecondition key.contended if another rotation came first."""
+
+        def edit(record: pb.KeyRecord) -> bool:
+            if record.state != pb.KEY_STATE_ACTIVE:
+                state = pb.KeyState.Name(record.state).removeprefix("KEY_STATE_").lower()
+                raise FailedPrecondition(
+                    f"key.{state}", f"key {name!r} is {state}", {"state": state}
+                )
+            current = record.version or 1
+            if current != from_version:
+                raise FailedPrecondition(
+                    "key.contended", f"key {name!r} was rotated meanwhile; try again"
+                )
+            record.previous_versions.append(
+                pb.KeyVersion(
+                    version=current,
+                    key_id=record.key_id,
+                    created_at=record.version_created_at or record.created_at,
+                )
+            )
+            record.version = current + 1
+            record.key_id = key_id
+            record.public_key_der = public_key_der
+            record.version_created_at = now()
+            return True
+
+        return (await self._change(name, edit))[0]
+
     async def transition(
         self, name: str, allowed_from: tuple[int, ...], to: int
     ) -> tuple[pb.KeyRecord, bool]:

@@ -35,9 +35,12 @@ from crypto_service.providers.base import KeyCreateOptions, Provider, RunsSerial
 from crypto_service.throttle import AuthGuard
 from edgekms import natsrpc
 from edgekms.algorithms import (
+    MAX_AAD,
+    MAX_PLAINTEXT,
     KeyType,
     SignatureAlgorithm,
     check_sign_request,
+    check_usage,
     key_type_info,
     verify_signature,
 )
@@ -65,6 +68,10 @@ MAX_NONCE = 64
 # Items in one SignBatch: bounds the reply (128 RSA-4096 signatures are 64 KiB, half of
 # the bus's max_payload) and how long one batch holds the token's threads.
 MAX_SIGN_BATCH = 128
+# Encrypt/Decrypt: the broker's limits, plus the envelope header it binds into the AAD
+# and the tag or RSA block the ciphertext grows by.
+MAX_BOUND_AAD = MAX_AAD + 256
+MAX_CIPHERTEXT = MAX_PLAINTEXT + 1024
 
 T = TypeVar("T")
 
@@ -77,6 +84,8 @@ REQUEST_TYPES: dict[str, type[Message]] = {
     "DestroyKey": crypto_pb2.DestroyKeyRequest,
     "ListKeys": crypto_pb2.ListProviderKeysRequest,
     "Attest": crypto_pb2.AttestRequest,
+    "Encrypt": crypto_pb2.EncryptRequest,
+    "Decrypt": crypto_pb2.DecryptRequest,
 }
 
 
@@ -146,6 +155,8 @@ class CryptoService:
             "DestroyKey": self._destroy,
             "ListKeys": self._list_keys,
             "Attest": self._attest,
+            "Encrypt": self._encrypt,
+            "Decrypt": self._decrypt,
         }
 
     async def start(self) -> None:
@@ -271,6 +282,7 @@ class CryptoService:
             pcr_indexes=tuple(req.options.pcr_indexes),
             require_auth=req.options.require_auth,
             key_class=key_class,
+            usage=check_usage(req.key_type, req.options.usage),
         )
         made = await self._run(
             self.provider.generate, bytes(req.key_id), req.label, req.key_type, options
@@ -415,3 +427,50 @@ class CryptoService:
             attestation_key_der=evidence.attestation_key_der,
             key_public_area=evidence.key_public_area,
         )
+
+    async def _encrypt(self, req: crypto_pb2.EncryptRequest, key_class: str) -> Message:
+        _check_key_id(req.key_id)
+        key_id = bytes(req.key_id)
+        await self._public_key(key_id)
+        await self._check_class(key_id, key_class, "Encrypt")
+        if len(req.plaintext) > MAX_PLAINTEXT:
+            raise InvalidArgument(
+                "encrypt.plaintext_too_large", f"plaintexts are limited to {MAX_PLAINTEXT} bytes"
+            )
+        if len(req.aad) > MAX_BOUND_AAD:
+            raise InvalidArgument("encrypt.aad_too_large", f"AAD is limited to {MAX_BOUND_AAD}")
+        self._guard_check(key_id)
+        try:
+            sealed = await self._run(
+                self.provider.encrypt, key_id, bytes(req.plaintext), bytes(req.aad)
+            )
+        except KMSError as err:
+            self._guard_observe(key_id, err)
+            raise
+        return crypto_pb2.EncryptResponse(
+            algorithm=sealed.algorithm, nonce=sealed.nonce, ciphertext=sealed.ciphertext
+        )
+
+    async def _decrypt(self, req: crypto_pb2.DecryptRequest, key_class: str) -> Message:
+        _check_key_id(req.key_id)
+        key_id = bytes(req.key_id)
+        await self._public_key(key_id)
+        await self._check_class(key_id, key_class, "Decrypt")
+        if len(req.ciphertext) > MAX_CIPHERTEXT or len(req.nonce) > MAX_NONCE:
+            raise InvalidArgument("decrypt.failed", "the ciphertext is longer than any we make")
+        if len(req.aad) > MAX_BOUND_AAD:
+            raise InvalidArgument("encrypt.aad_too_large", f"AAD is limited to {MAX_BOUND_AAD}")
+        self._guard_check(key_id)
+        try:
+            plaintext = await self._run(
+                self.provider.decrypt,
+                key_id,
+                req.algorithm,
+                bytes(req.nonce),
+                bytes(req.ciphertext),
+                bytes(req.aad),
+            )
+        except KMSError as err:
+            self._guard_observe(key_id, err)
+            raise
+        return crypto_pb2.DecryptResponse(plaintext=plaintext)

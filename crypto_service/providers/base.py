@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
-from edgekms.algorithms import KeyType, SignatureAlgorithm
+from edgekms.algorithms import EncryptionAlgorithm, KeyType, KeyUsage, SignatureAlgorithm
 from edgekms.subjects import KEY_CLASS_CA, KEY_CLASS_INTERNAL, KEY_CLASS_USER, KEY_CLASSES
+from edgekms.v1 import common_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,18 @@ class KeyCreateOptions:
     # and read back by the crypto service on every use: the class of the subject the
     # GenerateKey came in on, never a field of the request.
     key_class: str = KEY_CLASS_USER
+    # KEY_USAGE_ENCRYPT_DECRYPT makes an RSA key that decrypts (RSA-OAEP) and cannot sign;
+    # UNSPECIFIED is the type's default (edgekms.algorithms.key_usage).
+    usage: KeyUsage = pb.KEY_USAGE_UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """What `Provider.encrypt` returns: the algorithm it used, its nonce, the ciphertext."""
+
+    algorithm: EncryptionAlgorithm
+    nonce: bytes
+    ciphertext: bytes
 
 
 def legacy_key_class(label: str) -> str:
@@ -110,6 +123,25 @@ class Provider(Protocol):
 
     def attest(self, key_id: bytes, nonce: bytes) -> Attestation:
         """Hardware evidence for the key; FailedPrecondition where the token has none."""
+        ...
+
+    def encrypt(self, key_id: bytes, plaintext: bytes, aad: bytes) -> Sealed:
+        """Encrypt under an AES-256 key (AEAD over `aad`) or an encrypt-usage RSA key
+        (RSA-OAEP SHA-256, label edgekms.envelope.oaep_label(aad)); the provider picks the
+        nonce. InvalidArgument key.usage_mismatch for a key that cannot encrypt."""
+        ...
+
+    def decrypt(
+        self,
+        key_id: bytes,
+        algorithm: EncryptionAlgorithm,
+        nonce: bytes,
+        ciphertext: bytes,
+        aad: bytes,
+    ) -> bytes:
+        """The plaintext; InvalidArgument decrypt.failed when the ciphertext, nonce or AAD
+        is not what the key made (one reason for all: no oracle), decrypt.algorithm_mismatch
+        when `algorithm` is not this key's."""
         ...
 
     def close(self) -> None: ...

@@ -18,13 +18,14 @@ import hashlib
 import hmac
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from crypto_service.providers import der
+from crypto_service.providers import der, oaep
 from crypto_service.providers._lean_pkcs11 import defer_pkcs11_util
 
 defer_pkcs11_util()
@@ -33,23 +34,28 @@ import pkcs11  # noqa: E402
 from pkcs11 import Attribute, Mechanism, ObjectClass  # noqa: E402
 from pkcs11 import KeyType as P11KeyType  # noqa: E402
 from pkcs11 import exceptions as p11err  # noqa: E402
+from pkcs11.mechanisms import GCMParams  # noqa: E402
 
 from crypto_service.config import Pkcs11Config  # noqa: E402
 from crypto_service.providers.base import (  # noqa: E402
     Attestation,
     GeneratedKey,
     KeyCreateOptions,
+    Sealed,
     StoredKey,
     check_key_class,
     legacy_key_class,
 )
 from edgekms.algorithms import (  # noqa: E402
     AlgorithmInfo,
+    EncryptionAlgorithm,
     KeyType,
     SignatureAlgorithm,
     check_sign_request,
     key_type_info,
+    key_usage,
 )
+from edgekms.envelope import oaep_label  # noqa: E402
 from edgekms.errors import (  # noqa: E402
     AlreadyExists,
     FailedPrecondition,
@@ -71,6 +77,11 @@ SESSION_WAIT = 30.0
 # Name with one organizationalUnitName "edgekms-key-class:<class>": an attribute any
 # PKCS#11 token keeps for keys and nobody but the crypto service can set.
 CLASS_OU_PREFIX = "edgekms-key-class:"
+# AES-256-GCM as EdgeKMS uses it: a fresh random 96-bit nonce per message (NIST SP
+# 800-38D 8.2.2: at most 2^32 messages per key with random nonces; `kmsctl key rotate`
+# long before that), 128-bit tag.
+GCM_NONCE = 12
+GCM_TAG_BITS = 128
 
 
 def _der(tag: int, body: bytes) -> bytes:
@@ -119,6 +130,18 @@ _PSS_PARAMS = {
     "sha384": (Mechanism.SHA384, pkcs11.MGF.SHA384),
     "sha512": (Mechanism.SHA512, pkcs11.MGF.SHA512),
 }
+
+
+class _NotPermitted(Exception):
+    """The key's own attributes (CKA_ENCRYPT, CKA_DECRYPT) forbid the operation: checked
+    here because python-pkcs11 does not map CKR_KEY_FUNCTION_NOT_PERMITTED."""
+
+
+def _algorithm_mismatch(algorithm: int) -> InvalidArgument:
+    return InvalidArgument(
+        "decrypt.algorithm_mismatch",
+        f"the ciphertext says algorithm {algorithm}, which this key does not use",
+    )
 
 
 def digest_info(hash_name: str, digest: bytes) -> bytes:
@@ -296,6 +319,8 @@ class _PooledSession:
     session: Any
     epoch: int = 0
     private_keys: dict[bytes, Any] = field(default_factory=dict)
+    # Secret (AES) keys and RSA public keys used to encrypt, by (object class, key_id).
+    objects: dict[tuple[int, bytes], Any] = field(default_factory=dict)
 
 
 def _token_error(exc: p11err.PKCS11Error, what: str) -> KMSError:
@@ -371,6 +396,10 @@ class Pkcs11Provider:
             types |= {pb.KEY_TYPE_RSA_2048, pb.KEY_TYPE_RSA_3072, pb.KEY_TYPE_RSA_4096}
         if {Mechanism.EC_EDWARDS_KEY_PAIR_GEN, Mechanism.EDDSA} <= mechanisms:
             types.add(pb.KEY_TYPE_ED25519)
+        if {Mechanism.AES_KEY_GEN, Mechanism.AES_GCM} <= mechanisms:
+            types.add(pb.KEY_TYPE_AES_256)
+        # RSA-OAEP is raw RSA in the token plus padding here (providers/oaep.py).
+        self._rsa_raw = Mechanism.RSA_X_509 in mechanisms
         self._key_types = frozenset(types)
         self._pss = Mechanism.RSA_PKCS_PSS in mechanisms
 
@@ -416,6 +445,7 @@ class Pkcs11Provider:
                 epoch = self._epoch
             if pooled.epoch != epoch:
                 pooled.private_keys.clear()
+                pooled.objects.clear()
                 pooled.epoch = epoch
             yield pooled
         finally:
@@ -468,21 +498,26 @@ class Pkcs11Provider:
                     raise AlreadyExists(
                         "key.id_exists", f"key_id {key_id.hex()} is taken on {self._where}"
                     )
-                public, private = self._generate_pair(
-                    session, key_id, label, key_type, options.key_class
-                )
+                if key_type == pb.KEY_TYPE_AES_256:
+                    self._generate_secret(session, key_id, label, options.key_class)
+                    spki = b""
+                else:
+                    public, private = self._generate_pair(
+                        session, key_id, label, key_type, options.key_class, options.usage
+                    )
             except p11err.PKCS11Error as exc:
                 # C_GenerateKeyPair is all or nothing, but sweep in case a token disagrees.
                 self._sweep(session, key_id)
                 raise _token_error(exc, f"generate on {self._where}") from None
-            try:
-                spki, made_type = _public_der(public)
-                if made_type != key_type:
-                    raise Internal("token.key_type_mismatch", "the token made another key type")
-            except BaseException:
-                self._sweep(session, key_id)
-                raise
-            pooled.private_keys[key_id] = private
+            if key_type != pb.KEY_TYPE_AES_256:
+                try:
+                    spki, made_type = _public_der(public)
+                    if made_type != key_type:
+                        raise Internal("token.key_type_mismatch", "the token made another key type")
+                except BaseException:
+                    self._sweep(session, key_id)
+                    raise
+                pooled.private_keys[key_id] = private
         with self._state_lock:
             self._public[key_id] = (spki, key_type)
             self._classes[key_id] = options.key_class
@@ -494,16 +529,50 @@ class Pkcs11Provider:
         )
         return GeneratedKey(key_id=key_id, public_key_der=spki)
 
+    @staticmethod
+    def _generate_secret(session: Any, key_id: bytes, label: str, key_class: str) -> Any:
+        """An AES-256 key that never leaves the token: sensitive, non-extractable, for
+        encrypt/decrypt only (no wrap, unwrap, sign or derive). Secret keys carry no
+        CKA_SUBJECT, so their class cannot be stored: only user keys may be symmetric."""
+        if key_class != "user":
+            raise FailedPrecondition(
+                "provider.key_type_unsupported", "only user keys may be AES keys"
+            )
+        template = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.WRAP: False,
+            Attribute.UNWRAP: False,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+            Attribute.DERIVE: False,
+        }
+        return session.generate_key(
+            P11KeyType.AES, 256, id=key_id, label=label, store=True, template=template
+        )
+
     def _generate_pair(
-        self, session: Any, key_id: bytes, label: str, key_type: KeyType, key_class: str
+        self,
+        session: Any,
+        key_id: bytes,
+        label: str,
+        key_type: KeyType,
+        key_class: str,
+        usage: pb.KeyUsage.ValueType = pb.KEY_USAGE_UNSPECIFIED,
     ) -> tuple[Any, Any]:
         subject = class_subject(key_class)
+        # An encryption RSA key decrypts and never signs; a signing key the other way.
+        encrypts = key_usage(key_type, usage) == pb.KEY_USAGE_ENCRYPT_DECRYPT
         public_template = {
             Attribute.SUBJECT: subject,
             Attribute.TOKEN: True,
             Attribute.PRIVATE: False,
-            Attribute.VERIFY: True,
-            Attribute.ENCRYPT: False,
+            Attribute.VERIFY: not encrypts,
+            Attribute.ENCRYPT: encrypts,
             Attribute.WRAP: False,
         }
         private_template = {
@@ -512,16 +581,21 @@ class Pkcs11Provider:
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
             Attribute.EXTRACTABLE: False,
-            Attribute.SIGN: True,
-            Attribute.DECRYPT: False,
+            Attribute.SIGN: not encrypts,
+            Attribute.DECRYPT: encrypts,
             Attribute.UNWRAP: False,
             Attribute.DERIVE: False,
         }
+        flags = (
+            pkcs11.MechanismFlag.ENCRYPT | pkcs11.MechanismFlag.DECRYPT
+            if encrypts
+            else pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.VERIFY
+        )
         common: dict[str, Any] = {
             "id": key_id,
             "label": label,
             "store": True,
-            "capabilities": pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.VERIFY,
+            "capabilities": flags,
             "public_template": public_template,
             "private_template": private_template,
         }
@@ -556,9 +630,12 @@ class Pkcs11Provider:
         with self._session() as pooled:
             try:
                 obj = self._find(pooled.session, key_id, ObjectClass.PUBLIC_KEY)
-                if obj is None:
+                if obj is not None:
+                    result = _public_der(obj)
+                elif self._find(pooled.session, key_id, ObjectClass.SECRET_KEY) is not None:
+                    result = (b"", pb.KEY_TYPE_AES_256)  # symmetric: no public half
+                else:
                     raise self._not_found(key_id)
-                result = _public_der(obj)
             except p11err.PKCS11Error as exc:
                 raise _token_error(exc, f"public key on {self._where}") from None
         with self._state_lock:
@@ -574,9 +651,12 @@ class Pkcs11Provider:
         with self._session() as pooled:
             try:
                 obj = self._find(pooled.session, key_id, ObjectClass.PRIVATE_KEY)
-                if obj is None:
+                if obj is not None:
+                    found = self._read_class(obj)
+                elif self._find(pooled.session, key_id, ObjectClass.SECRET_KEY) is not None:
+                    found = "user"  # secret keys are made for user keys only
+                else:
                     raise self._not_found(key_id)
-                found = self._read_class(obj)
             except p11err.PKCS11Error as exc:
                 raise _token_error(exc, f"key class on {self._where}") from None
         with self._state_lock:
@@ -657,7 +737,11 @@ class Pkcs11Provider:
             try:
                 objs = [
                     obj
-                    for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+                    for cls in (
+                        ObjectClass.PRIVATE_KEY,
+                        ObjectClass.PUBLIC_KEY,
+                        ObjectClass.SECRET_KEY,
+                    )
                     for obj in pooled.session.get_objects(
                         {Attribute.ID: key_id, Attribute.CLASS: cls}
                     )
@@ -674,6 +758,7 @@ class Pkcs11Provider:
                     self._public.pop(key_id, None)
                     self._classes.pop(key_id, None)
                 pooled.private_keys.pop(key_id, None)
+                pooled.objects.clear()
         log.info("event=key_destroyed key_id=%s", key_id.hex())
 
     def list_keys(self) -> list[StoredKey]:
@@ -686,12 +771,152 @@ class Pkcs11Provider:
                     if key_type == pb.KEY_TYPE_UNSPECIFIED or not key_id:
                         continue  # not ours: some other tool's key on a shared token
                     keys.append(StoredKey(key_id, str(obj[Attribute.LABEL]), key_type))
+                for obj in pooled.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+                    key_id = bytes(obj[Attribute.ID])
+                    if obj[Attribute.KEY_TYPE] != P11KeyType.AES or not key_id:
+                        continue
+                    keys.append(StoredKey(key_id, str(obj[Attribute.LABEL]), pb.KEY_TYPE_AES_256))
             except p11err.PKCS11Error as exc:
                 raise _token_error(exc, f"list on {self._where}") from None
         return keys
 
     def attest(self, key_id: bytes, nonce: bytes) -> Attestation:
         raise FailedPrecondition("attest.unsupported", "PKCS#11 tokens give no key attestation")
+
+    # -- encryption ----------------------------------------------------------------------
+
+    def _with_object(self, key_id: bytes, cls: ObjectClass, what: str, use: Any) -> Any:
+        """Run `use(obj)` on the token object (cached per session handle, looked up afresh
+        once if it was destroyed behind our back); token failures become typed errors."""
+        with self._session() as pooled:
+            for attempt in (1, 2):
+                cache_key = (int(cls), key_id)
+                obj = pooled.objects.get(cache_key)
+                try:
+                    if obj is None:
+                        obj = self._find(pooled.session, key_id, cls)
+                        if obj is None:
+                            raise self._not_found(key_id)
+                        pooled.objects[cache_key] = obj
+                    return use(obj)
+                except (p11err.ObjectHandleInvalid, p11err.KeyHandleInvalid):
+                    pooled.objects.pop(cache_key, None)
+                    if attempt == 2:
+                        raise self._not_found(key_id) from None
+                except _NotPermitted:
+                    raise InvalidArgument(
+                        "key.usage_mismatch", "this key signs; it cannot encrypt or decrypt"
+                    ) from None
+                except p11err.PKCS11Error as exc:
+                    raise _token_error(exc, f"{what} on {self._where}") from None
+        raise self._not_found(key_id)  # pragma: no cover
+
+    def encrypt(self, key_id: bytes, plaintext: bytes, aad: bytes) -> Sealed:
+        self._check_key_id(key_id)
+        _, key_type = self.public_key(key_id)
+        if key_type == pb.KEY_TYPE_AES_256:
+            nonce = secrets.token_bytes(GCM_NONCE)
+            params = GCMParams(nonce, aad or None, GCM_TAG_BITS)
+            body = self._with_object(
+                key_id,
+                ObjectClass.SECRET_KEY,
+                "encrypt",
+                lambda k: bytes(
+                    k.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+                ),
+            )
+            return Sealed(pb.ENCRYPTION_ALGORITHM_AES_256_GCM, nonce, body)
+        if key_type_info(key_type).family != "rsa":
+            raise InvalidArgument("key.usage_mismatch", "this key cannot encrypt")
+        self._require_rsa_raw()
+        size = key_type_info(key_type).bits // 8
+        if len(plaintext) > oaep.max_message(size):
+            raise InvalidArgument(
+                "encrypt.plaintext_too_large",
+                f"RSA-OAEP with a {size * 8}-bit key takes at most {oaep.max_message(size)} "
+                "bytes; encrypt a data key (GenerateDataKey) instead",
+                {"max_bytes": str(oaep.max_message(size))},
+            )
+        block = oaep.encode(plaintext, oaep_label(aad), size)
+
+        def raw_encrypt(pub: Any) -> bytes:
+            if not pub[Attribute.ENCRYPT]:
+                raise _NotPermitted()
+            return bytes(pub.encrypt(block, mechanism=Mechanism.RSA_X_509))
+
+        body = self._with_object(key_id, ObjectClass.PUBLIC_KEY, "encrypt", raw_encrypt)
+        return Sealed(pb.ENCRYPTION_ALGORITHM_RSA_OAEP_SHA256, b"", body)
+
+    def _require_rsa_raw(self) -> None:
+        if not self._rsa_raw:
+            raise FailedPrecondition(
+                "provider.algorithm_unsupported", f"{self._where} has no CKM_RSA_X_509"
+            )
+
+    def decrypt(
+        self,
+        key_id: bytes,
+        algorithm: EncryptionAlgorithm,
+        nonce: bytes,
+        ciphertext: bytes,
+        aad: bytes,
+    ) -> bytes:
+        self._check_key_id(key_id)
+        _, key_type = self.public_key(key_id)
+        failed = InvalidArgument(
+            "decrypt.failed", "the ciphertext does not decrypt with this key and AAD"
+        )
+        if key_type == pb.KEY_TYPE_AES_256:
+            if algorithm != pb.ENCRYPTION_ALGORITHM_AES_256_GCM:
+                raise _algorithm_mismatch(algorithm)
+            if len(nonce) != GCM_NONCE or len(ciphertext) < GCM_TAG_BITS // 8:
+                raise failed
+            params = GCMParams(nonce, aad or None, GCM_TAG_BITS)
+
+            def gcm_open(k: Any) -> bytes:
+                try:
+                    return bytes(
+                        k.decrypt(ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params)
+                    )
+                except (
+                    p11err.GeneralError,
+                    p11err.EncryptedDataInvalid,
+                    p11err.EncryptedDataLenRange,
+                    p11err.FunctionFailed,
+                ):
+                    # SoftHSM answers a wrong tag with CKR_GENERAL_ERROR.
+                    raise failed from None
+
+            return self._with_object(key_id, ObjectClass.SECRET_KEY, "decrypt", gcm_open)  # type: ignore[no-any-return]
+        if key_type_info(key_type).family != "rsa":
+            raise InvalidArgument("key.usage_mismatch", "this key cannot decrypt")
+        if algorithm != pb.ENCRYPTION_ALGORITHM_RSA_OAEP_SHA256:
+            raise _algorithm_mismatch(algorithm)
+        self._require_rsa_raw()
+        size = key_type_info(key_type).bits // 8
+        if len(ciphertext) != size:
+            raise failed
+        label = oaep_label(aad)
+
+        def raw_decrypt(priv: Any) -> bytes:
+            if not priv[Attribute.DECRYPT]:
+                raise _NotPermitted()
+            # SoftHSM answers a value above the modulus with CKR_GENERAL_ERROR: refuse it
+            # here as what it is, a ciphertext no one made with this key.
+            if int.from_bytes(ciphertext, "big") >= int.from_bytes(
+                bytes(priv[Attribute.MODULUS]), "big"
+            ):
+                raise failed
+            try:
+                block = bytes(priv.decrypt(ciphertext, mechanism=Mechanism.RSA_X_509))
+            except (p11err.EncryptedDataInvalid, p11err.EncryptedDataLenRange, p11err.DataLenRange):
+                raise failed from None
+            try:
+                return oaep.decode(block.rjust(size, b"\x00"), label, size)
+            except oaep.OaepError:
+                raise failed from None
+
+        return self._with_object(key_id, ObjectClass.PRIVATE_KEY, "decrypt", raw_decrypt)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         if self._closed:

@@ -75,7 +75,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
     ESYS_TR,
@@ -100,26 +104,32 @@ from tpm2_pytss.types import (
     TPML_PCR_SELECTION,
     TPMS_SENSITIVE_CREATE,
     TPMT_PUBLIC_PARMS,
+    TPMT_RSA_DECRYPT,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
     TPMT_TK_HASHCHECK,
 )
 
+from crypto_service.providers import oaep
 from crypto_service.providers.base import (
     Attestation,
     GeneratedKey,
     KeyCreateOptions,
+    Sealed,
     StoredKey,
     check_key_class,
     legacy_key_class,
 )
 from edgekms.algorithms import (
     KEY_TYPE_BY_CLI,
+    EncryptionAlgorithm,
     KeyType,
     SignatureAlgorithm,
     check_sign_request,
     key_type_info,
+    key_usage,
 )
+from edgekms.envelope import oaep_label
 from edgekms.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -165,6 +175,16 @@ _TEMPLATES: dict[KeyType, str] = {
     pb.KEY_TYPE_RSA_3072: "rsa3072:null",
     pb.KEY_TYPE_RSA_4096: "rsa4096:null",
 }
+# AES-256 keys: the TPM's own AES (TPM2_EncryptDecrypt2) has no AEAD mode (CFB, CBC, CTR,
+# OFB, ECB only) and is optional in the PC Client profile, so an "aes-256" key in a TPM
+# is a keyed-hash (HMAC-SHA256) object under the SRK, non-exportable like every key
+# here. Each Encrypt draws a 32-byte random salt, has the TPM compute the one-time key
+# HMAC(K, AEAD_CONTEXT || salt), and seals with AES-256-GCM under it (a zero nonce: the
+# key is used for one message only). The salt travels as the envelope's nonce.
+_HMAC_TEMPLATE = "hmac:sha256"
+AEAD_CONTEXT = b"edgekms-tpm-aead-v1\x00"
+AEAD_SALT = 32
+_ZERO_NONCE = bytes(12)
 _HASH_ALG = {"sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
 
 _KEY_ATTRS = (
@@ -191,6 +211,10 @@ _AK_ATTRS = (
     | TPMA_OBJECT.SIGN_ENCRYPT
     | TPMA_OBJECT.NODA
 )
+
+
+def _oaep(label: bytes) -> padding.OAEP:
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=label)
 
 
 def srk_template() -> Any:
@@ -389,7 +413,7 @@ class Tpm2Provider:
 
     @staticmethod
     def _probe_key_types(esys: Any) -> frozenset[KeyType]:
-        found: set[KeyType] = set()
+        found: set[KeyType] = {pb.KEY_TYPE_AES_256}  # HMAC-SHA256: every TPM 2.0 has it
         for key_type, spec in _TEMPLATES.items():
             area = TPM2B_PUBLIC.parse(spec, objectAttributes=_KEY_ATTRS).publicArea
             try:
@@ -578,12 +602,18 @@ class Tpm2Provider:
                 policy = self._trial_policy(esys, pcrs, bool(auth))
             else:
                 attrs |= TPMA_OBJECT.USERWITHAUTH
-            template = TPM2B_PUBLIC.parse(
-                _TEMPLATES[key_type], objectAttributes=attrs, authPolicy=policy
-            )
+            if key_type == pb.KEY_TYPE_AES_256:
+                spec = _HMAC_TEMPLATE
+            else:
+                spec = _TEMPLATES[key_type]
+                if key_usage(key_type, options.usage) == pb.KEY_USAGE_ENCRYPT_DECRYPT:
+                    # An RSA key that decrypts (OAEP) and cannot sign.
+                    attrs = (attrs & ~TPMA_OBJECT.SIGN_ENCRYPT) | TPMA_OBJECT.DECRYPT
+            template = TPM2B_PUBLIC.parse(spec, objectAttributes=attrs, authPolicy=policy)
             sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=TPM2B_AUTH(auth)))
             private, public, _, _, _ = esys.create(self._srk, sensitive, template)
-            return public.marshal(), private.marshal(), public.publicArea.to_der()
+            spki = b"" if key_type == pb.KEY_TYPE_AES_256 else public.publicArea.to_der()
+            return public.marshal(), private.marshal(), spki
 
         log.info(
             "tpm generate key_id=%s key_type=%s pcrs=%s require_auth=%s",
@@ -606,6 +636,7 @@ class Tpm2Provider:
             # The key's class (docs/security.md, "Keys bound to their owners"): this file
             # is the crypto service's own, so the class cannot be changed by a caller.
             "key_class": check_key_class(options.key_class),
+            "usage": int(key_usage(key_type, options.usage)),
         }
         self._write_record(key_id, record)
         return GeneratedKey(key_id=key_id, public_key_der=spki)
@@ -694,8 +725,11 @@ class Tpm2Provider:
 
     def public_key(self, key_id: bytes) -> tuple[bytes, KeyType]:
         record = self._read_record(key_id)
+        key_type = self._key_type_of(record)
+        if key_type == pb.KEY_TYPE_AES_256:
+            return b"", key_type  # a keyed-hash object: nothing public
         public, _ = TPM2B_PUBLIC.unmarshal(_unb64(record["public"]))
-        return bytes(public.publicArea.to_der()), self._key_type_of(record)
+        return bytes(public.publicArea.to_der()), key_type
 
     def key_class(self, key_id: bytes) -> str:
         record = self._read_record(key_id)
@@ -772,6 +806,148 @@ class Tpm2Provider:
             return bytes(sig.signature.rsassa.sig)
 
         return self._run("sign", do_sign, key_id)
+
+    # ---- encryption ------------------------------------------------------------------
+
+    def _use_key(self, op: str, key_id: bytes, record: dict[str, Any], use: Callable[..., T]) -> T:
+        """Run use(esys, handle, session) with the key loaded and its policy or auth
+        satisfied, on the TPM thread; a stale cached handle is retried once (as sign)."""
+        pcrs = tuple(record.get("pcr_indexes", ()))
+        needs_auth = bool(record.get("require_auth"))
+        auth = self._auth_value() if needs_auth else b""
+        cache_key = (key_id, str(record["private"]))
+
+        def once(esys: Any, handle: Any) -> T:
+            session = ESYS_TR.PASSWORD
+            try:
+                esys.tr_set_auth(handle, TPM2B_AUTH(auth))
+                if pcrs:
+                    session = self._policy_session(esys, pcrs, needs_auth)
+                return use(esys, handle, session)
+            finally:
+                if session != ESYS_TR.PASSWORD:
+                    esys.flush_context(session)
+
+        def run(esys: Any) -> T:
+            handle, cached = self._loaded_handle(esys, key_id, record)
+            try:
+                return once(esys, handle)
+            except TSS2_Exception as exc:
+                if self._is_transport_error(exc):
+                    raise
+                self._evict(esys, cache_key)
+                stale = exc.error in _STALE_HANDLE_RCS or exc.rc == TSS2_RC.ESYS_RC_BAD_TR
+                if not cached or not stale:
+                    raise
+                handle, _ = self._loaded_handle(esys, key_id, record)
+                try:
+                    return once(esys, handle)
+                except TSS2_Exception:
+                    self._evict(esys, cache_key)
+                    raise
+
+        return self._run(op, run, key_id)
+
+    def _encryption_record(self, key_id: bytes) -> tuple[dict[str, Any], KeyType]:
+        record = self._read_record(key_id)
+        key_type = self._key_type_of(record)
+        usage = record.get("usage", pb.KEY_USAGE_UNSPECIFIED)
+        if key_usage(key_type, usage) != pb.KEY_USAGE_ENCRYPT_DECRYPT:
+            raise InvalidArgument(
+                "key.usage_mismatch", "this key signs; it cannot encrypt or decrypt"
+            )
+        return record, key_type
+
+    def _derive(self, key_id: bytes, record: dict[str, Any], salt: bytes) -> bytes:
+        """The one-time AES-256 key for `salt`, computed inside the TPM."""
+
+        def hmac(esys: Any, handle: Any, session: Any) -> bytes:
+            digest = esys.hmac(handle, AEAD_CONTEXT + salt, TPM2_ALG.SHA256, session1=session)
+            return bytes(digest)
+
+        return self._use_key("encrypt", key_id, record, hmac)
+
+    def encrypt(self, key_id: bytes, plaintext: bytes, aad: bytes) -> Sealed:
+        record, key_type = self._encryption_record(key_id)
+        if key_type == pb.KEY_TYPE_AES_256:
+            salt = os.urandom(AEAD_SALT)
+            data_key = self._derive(key_id, record, salt)
+            body = AESGCM(data_key).encrypt(_ZERO_NONCE, plaintext, aad)
+            return Sealed(pb.ENCRYPTION_ALGORITHM_TPM_HMAC_AES_256_GCM, salt, body)
+        public_der, _ = self.public_key(key_id)
+        public = serialization.load_der_public_key(public_der)
+        assert isinstance(public, rsa.RSAPublicKey)
+        limit = public.key_size // 8 - 2 * 32 - 2
+        if len(plaintext) > limit:
+            raise InvalidArgument(
+                "encrypt.plaintext_too_large",
+                f"RSA-OAEP with a {public.key_size}-bit key takes at most {limit} bytes; "
+                "encrypt a data key (GenerateDataKey) instead",
+                {"max_bytes": str(limit)},
+            )
+        body = public.encrypt(plaintext, _oaep(oaep_label(aad)))
+        return Sealed(pb.ENCRYPTION_ALGORITHM_RSA_OAEP_SHA256, b"", body)
+
+    def decrypt(
+        self,
+        key_id: bytes,
+        algorithm: EncryptionAlgorithm,
+        nonce: bytes,
+        ciphertext: bytes,
+        aad: bytes,
+    ) -> bytes:
+        record, key_type = self._encryption_record(key_id)
+        failed = InvalidArgument(
+            "decrypt.failed", "the ciphertext does not decrypt with this key and AAD"
+        )
+        want = (
+            pb.ENCRYPTION_ALGORITHM_TPM_HMAC_AES_256_GCM
+            if key_type == pb.KEY_TYPE_AES_256
+            else pb.ENCRYPTION_ALGORITHM_RSA_OAEP_SHA256
+        )
+        if algorithm != want:
+            raise InvalidArgument(
+                "decrypt.algorithm_mismatch",
+                f"the ciphertext says algorithm {algorithm}, which this key does not use",
+            )
+        if key_type == pb.KEY_TYPE_AES_256:
+            if len(nonce) != AEAD_SALT or len(ciphertext) < 16:
+                raise failed
+            data_key = self._derive(key_id, record, nonce)
+            try:
+                return AESGCM(data_key).decrypt(_ZERO_NONCE, ciphertext, aad)
+            except InvalidTag:
+                raise failed from None
+        size = key_type_info(key_type).bits // 8
+        if len(ciphertext) != size:
+            raise failed
+        public_der, _ = self.public_key(key_id)
+        public = serialization.load_der_public_key(public_der)
+        assert isinstance(public, rsa.RSAPublicKey)
+        # libtpms answers a value above the modulus with TPM_RC_FAILURE (which reads as a
+        # broken TPM): refuse it here as what it is.
+        if int.from_bytes(ciphertext, "big") >= public.public_numbers().n:
+            raise failed
+        label = oaep_label(aad)
+
+        def rsa_decrypt(esys: Any, handle: Any, session: Any) -> bytes:
+            # Raw RSA in the TPM (scheme NULL on a NULL-scheme key), OAEP decoded here as
+            # for PKCS#11: libtpms answers a wrong OAEP label with TPM_RC_FAILURE, which
+            # must not look like a broken TPM, and every provider refuses alike.
+            scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.NULL)
+            try:
+                return bytes(esys.rsa_decrypt(handle, ciphertext, scheme, None, session1=session))
+            except TSS2_Exception as exc:
+                # TPM_RC_VALUE on the ciphertext parameter: not below the modulus.
+                if exc.error in (TPM2_RC.VALUE, TPM2_RC.SIZE) and exc.parameter:
+                    raise failed from None
+                raise
+
+        block = self._use_key("decrypt", key_id, record, rsa_decrypt)
+        try:
+            return oaep.decode(block.rjust(size, b"\x00"), label, size)
+        except oaep.OaepError:
+            raise failed from None
 
     def destroy(self, key_id: bytes) -> None:
         """Remove the key's blob: without it the TPM can no longer load the key.

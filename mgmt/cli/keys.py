@@ -11,7 +11,7 @@ import base64
 import secrets
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import click
 from cryptography.hazmat.primitives import hashes
@@ -19,18 +19,23 @@ from cryptography.hazmat.primitives import hashes
 from edgekms.algorithms import (
     ALGORITHM_BY_CLI,
     KEY_TYPE_BY_CLI,
+    MAX_AAD,
     MAX_MESSAGE_SIZE,
+    MAX_PLAINTEXT,
     AlgorithmInfo,
     KeyType,
     key_type_info,
 )
+from edgekms.envelope import MALFORMED, MAX_ENVELOPE
 from edgekms.errors import FailedPrecondition, InvalidArgument
+from edgekms.v1.common_pb2 import KEY_USAGE_ENCRYPT_DECRYPT, KEY_USAGE_SIGN_VERIFY, KeyOptions
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import ExitCode, output_option
 from mgmt.cli.completion import complete_key_names
 from mgmt.cli.output import (
     algorithm_name,
     echo_json,
+    encryption_algorithm_name,
     key_details,
     key_table,
     key_to_dict,
@@ -111,6 +116,9 @@ def key_group() -> None:
       kmsctl key sign web --in release.tar --out release.sig
       kmsctl key pubkey web --out web.pem
       openssl dgst -sha256 -verify web.pem -signature release.sig release.tar
+      kmsctl key create disks --type aes-256
+      kmsctl key encrypt disks --in secret.txt --out secret.ekms --aad volume=data
+      kmsctl key decrypt --in secret.ekms --out - --aad volume=data
     """
 
 
@@ -125,6 +133,13 @@ def key_group() -> None:
 )
 @click.option("--provider", default="", help="Provider id (hsm0, tpm0). [default: the broker's]")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="A label; repeatable.")
+@click.option(
+    "--usage",
+    type=click.Choice(["sign", "encrypt"]),
+    default=None,
+    help="What the key is for, fixed for its life: rsa-* keys sign unless made for "
+    "encrypt (RSA-OAEP); aes-256 keys only encrypt; ec and ed25519 keys only sign.",
+)
 @output_option
 @client_options
 def create_cmd(
@@ -132,6 +147,7 @@ def create_cmd(
     key_type: str,
     provider: str,
     labels: tuple[str, ...],
+    usage: str | None,
     output: str,
     data_dir: Path,
     config_path: Path | None,
@@ -146,15 +162,26 @@ def create_cmd(
     Examples:
       kmsctl key create web --type ec-p256
       kmsctl key create ca/root --type rsa-4096 --provider hsm0 --label role=ca
+      kmsctl key create disks --type aes-256
+      kmsctl key create backup/wrap --type rsa-3072 --usage encrypt
     """
     label_map = parse_labels(labels)
+    options = None
+    if usage is not None:
+        options = KeyOptions(
+            usage=KEY_USAGE_ENCRYPT_DECRYPT if usage == "encrypt" else KEY_USAGE_SIGN_VERIFY
+        )
     with open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms:
         where = f" in {provider}" if provider else ""
         if key_type in _SLOW_TYPES or provider.startswith("tpm"):
             with progress(f"generating {key_type} key {name}{where}"):
-                key = kms.create_key(name, key_type, provider=provider, labels=label_map)
+                key = kms.create_key(
+                    name, key_type, provider=provider, labels=label_map, options=options
+                )
         else:
-            key = kms.create_key(name, key_type, provider=provider, labels=label_map)
+            key = kms.create_key(
+                name, key_type, provider=provider, labels=label_map, options=options
+            )
     if output == "json":
         echo_json(key_to_dict(key))
     else:
@@ -513,3 +540,204 @@ __all__ = [
     "register",
     "write_output",
 ]
+
+
+# Encryption input is bounded (the broker takes at most MAX_PLAINTEXT bytes): read one
+# byte more to tell "too large" from "exactly the limit".
+def _read_bounded(stream: IO[bytes], limit: int, reason: str, what: str) -> bytes:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidArgument(
+            reason,
+            f"{what} is limited to {limit} bytes; for more, encrypt a data key "
+            "(GenerateDataKey) and the data with it",
+            {"max_bytes": str(limit)},
+        )
+    return bytes(data)
+
+
+def _aad(aad: str | None, aad_file: IO[bytes] | None) -> bytes:
+    if aad is not None and aad_file is not None:
+        raise click.UsageError("give --aad or --aad-file, not both")
+    if aad_file is not None:
+        return _read_bounded(aad_file, MAX_AAD, "encrypt.aad_too_large", "AAD")
+    return (aad or "").encode()
+
+
+aad_options = [
+    click.option(
+        "--aad",
+        default=None,
+        metavar="TEXT",
+        help="Additional authenticated data: not stored, required again byte for byte "
+        "to decrypt (a volume name, a device id).",
+    ),
+    click.option(
+        "--aad-file",
+        type=click.File("rb"),
+        default=None,
+        help="As --aad, read from a file (binary AAD).",
+    ),
+]
+
+
+def _with_aad(fn: Any) -> Any:
+    for option in reversed(aad_options):
+        fn = option(fn)
+    return fn
+
+
+@key_group.command("encrypt")
+@click.argument("name", shell_complete=complete_key_names)
+@click.option(
+    "--in", "infile", default="-", type=click.File("rb"), help="Plaintext; - is stdin. [default: -]"
+)
+@click.option(
+    "--out",
+    "out",
+    default=None,
+    metavar="FILE",
+    help="Ciphertext file; - is stdout. [default: stdout; with -o json, only the json]",
+)
+@_with_aad
+@output_option
+@client_options
+def encrypt_cmd(
+    name: str,
+    infile: IO[bytes],
+    out: str | None,
+    aad: str | None,
+    aad_file: IO[bytes] | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Encrypt at most 64 KiB with key NAME (aes-256, or an rsa key made --usage encrypt).
+
+    \b
+    The ciphertext names its key and key version, so `kmsctl key decrypt` needs no key
+    name, and it still decrypts after `kmsctl key rotate`. -o json prints it base64.
+
+    \b
+    Examples:
+      kmsctl key encrypt disks --in passphrase.txt --out passphrase.ekms
+      echo -n hunter2 | kmsctl key encrypt disks --aad volume=data -o json
+    """
+    plaintext = _read_bounded(infile, MAX_PLAINTEXT, "encrypt.plaintext_too_large", "the plaintext")
+    with open_client(data_dir, config_path) as kms:
+        sealed = kms.encrypt(name, plaintext, _aad(aad, aad_file))
+    if out is not None or output != "json":
+        write_output(out or "-", sealed.ciphertext)
+    if output == "json":
+        echo_json(
+            {
+                "name": sealed.key_name,
+                "version": sealed.key_version,
+                "algorithm": encryption_algorithm_name(sealed.algorithm),
+                "ciphertext": base64.b64encode(sealed.ciphertext).decode(),
+                "out": out,
+            }
+        )
+    elif out not in (None, "-"):
+        click.echo(f"encrypted with {sealed.key_name} v{sealed.key_version} -> {out}", err=True)
+
+
+@key_group.command("decrypt")
+@click.option(
+    "--in",
+    "infile",
+    default="-",
+    type=click.File("rb"),
+    help="Ciphertext from `key encrypt`; - is stdin. [default: -]",
+)
+@click.option(
+    "--base64",
+    "base64_in",
+    is_flag=True,
+    help="The input is base64 (the `ciphertext` of `key encrypt -o json`).",
+)
+@click.option(
+    "--out",
+    "out",
+    default=None,
+    metavar="FILE",
+    help="Plaintext file; - is stdout. [default: stdout; with -o json, only the json]",
+)
+@click.option(
+    "--key",
+    "name",
+    default="",
+    metavar="NAME",
+    help="Refuse a ciphertext made by any other key (decrypt.key_mismatch).",
+)
+@_with_aad
+@output_option
+@client_options
+def decrypt_cmd(
+    infile: IO[bytes],
+    base64_in: bool,
+    out: str | None,
+    name: str,
+    aad: str | None,
+    aad_file: IO[bytes] | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Decrypt a ciphertext made by `kmsctl key encrypt` (the key is named inside it).
+
+    \b
+    The same --aad as at encryption is required. A ciphertext that was changed, made
+    for other AAD, or made by a destroyed key is refused (exit 2, decrypt.failed).
+
+    \b
+    Examples:
+      kmsctl key decrypt --in passphrase.ekms --out - | cryptsetup open --key-file - ...
+      kmsctl key decrypt --in secret.b64 --base64 --aad volume=data -o json
+    """
+    raw = _read_bounded(infile, MAX_ENVELOPE * 2, MALFORMED, "a ciphertext")
+    if base64_in:
+        try:
+            raw = base64.b64decode(raw.strip(), validate=True)
+        except ValueError:
+            raise InvalidArgument(MALFORMED, "the input is not base64") from None
+    with open_client(data_dir, config_path) as kms:
+        opened = kms.decrypt_full(raw, _aad(aad, aad_file), name)
+    if out is not None or output != "json":
+        write_output(out or "-", opened.plaintext)
+    if output == "json":
+        echo_json(
+            {
+                "name": opened.key_name,
+                "version": opened.key_version,
+                "plaintext": base64.b64encode(opened.plaintext).decode(),
+                "out": out,
+            }
+        )
+
+
+@key_group.command("rotate")
+@click.argument("name", shell_complete=complete_key_names)
+@output_option
+@client_options
+def rotate_cmd(name: str, output: str, data_dir: Path, config_path: Path | None) -> None:
+    """Make a new version of encryption key NAME in its provider.
+
+    \b
+    New ciphertexts use the new version; older ones keep decrypting with theirs (each
+    names its version). Signing keys are not rotated in place: their public key is in
+    certificates. Destroying the key destroys every version.
+
+    \b
+    Example:
+      kmsctl key rotate disks
+    """
+    with (
+        open_client(data_dir, config_path, timeout=CREATE_TIMEOUT) as kms,
+        progress(f"making a new version of {name}"),
+    ):
+        key = kms.rotate_key(name)
+    if output == "json":
+        echo_json(key_to_dict(key))
+    else:
+        click.echo(f"{key.name}: now version {key.version or 1}")

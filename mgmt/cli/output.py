@@ -19,7 +19,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import click
 
 from edgekms import errors
-from edgekms.algorithms import ALGORITHMS, KEY_TYPES
+from edgekms.algorithms import ALGORITHMS, KEY_TYPES, key_usage
 from edgekms.v1 import common_pb2, keys_pb2
 from mgmt.cli.common import ExitCode
 
@@ -131,7 +131,22 @@ def key_to_dict(key: keys_pb2.Key) -> dict[str, Any]:
             "pcr_indexes": list(key.options.pcr_indexes),
             "require_auth": key.options.require_auth,
         },
+        "usage": usage_name(key.key_type, key.options.usage),
+        "version": key.version or 1,
     }
+
+
+def usage_name(key_type: common_pb2.KeyType.ValueType, usage: common_pb2.KeyUsage.ValueType) -> str:
+    """ "sign" or "encrypt": what the key is for (its type's default when unset)."""
+    effective = key_usage(key_type, usage)
+    return "encrypt" if effective == common_pb2.KEY_USAGE_ENCRYPT_DECRYPT else "sign"
+
+
+def encryption_algorithm_name(algorithm: common_pb2.EncryptionAlgorithm.ValueType) -> str:
+    if algorithm not in common_pb2.EncryptionAlgorithm.values():
+        return f"unknown-{int(algorithm)}"
+    name = common_pb2.EncryptionAlgorithm.Name(algorithm)
+    return name.removeprefix("ENCRYPTION_ALGORITHM_").lower().replace("_", "-")
 
 
 def openssl_serial(serial: str | int) -> str:
@@ -180,6 +195,8 @@ def key_details(key: keys_pb2.Key) -> str:
         f"created_at:  {d['created_at']}",
         f"updated_at:  {d['updated_at']}",
         f"created_by:  {d['created_by']}",
+        f"usage:       {d['usage']}",
+        f"version:     {d['version']}",
     ]
     if d["labels"]:
         lines.append("labels:")

@@ -31,6 +31,10 @@ OPERATIONS = {
     "enable": pb.KEY_OPERATION_ENABLE,
     "destroy": pb.KEY_OPERATION_DESTROY,
     "attest": pb.KEY_OPERATION_ATTEST,
+    "encrypt": pb.KEY_OPERATION_ENCRYPT,
+    "decrypt": pb.KEY_OPERATION_DECRYPT,
+    "generate-data-key": pb.KEY_OPERATION_GENERATE_DATA_KEY,
+    "rotate": pb.KEY_OPERATION_ROTATE,
 }
 
 

@@ -70,6 +70,8 @@ KEY_TYPES: dict[KeyType, KeyTypeInfo] = {
             pb.KEY_TYPE_RSA_4096, "rsa-4096", "rsa", 4096, pb.SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256
         ),
         KeyTypeInfo(pb.KEY_TYPE_ED25519, "ed25519", "ed25519", 255, pb.SIGNATURE_ALGORITHM_ED25519),
+        # Symmetric: encrypts and decrypts, never signs (no signature algorithm fits it).
+        KeyTypeInfo(pb.KEY_TYPE_AES_256, "aes-256", "aes", 256, pb.SIGNATURE_ALGORITHM_UNSPECIFIED),
     )
 }
 
@@ -106,6 +108,67 @@ ALGORITHM_BY_CLI = {a.cli_name: a for a in ALGORITHMS.values()}
 
 # Largest message Ed25519 accepts through the KMS: the NATS payload limit minus room.
 MAX_MESSAGE_SIZE = 64 * 1024
+
+
+# Encrypt/Decrypt limits: a plaintext fits one bus message with room to spare; AAD is
+# context (a volume name, a device id), not data.
+MAX_PLAINTEXT = 64 * 1024
+MAX_AAD = 8 * 1024
+
+KeyUsage: TypeAlias = pb.KeyUsage.ValueType
+EncryptionAlgorithm: TypeAlias = pb.EncryptionAlgorithm.ValueType
+
+
+def key_usage(key_type: KeyType, usage: KeyUsage) -> KeyUsage:
+    """The usage a key has: what its record says, or the default for its type (records
+    made before usages existed are signing keys, AES keys can only encrypt)."""
+    if usage != pb.KEY_USAGE_UNSPECIFIED:
+        return usage
+    if key_type == pb.KEY_TYPE_AES_256:
+        return pb.KEY_USAGE_ENCRYPT_DECRYPT
+    return pb.KEY_USAGE_SIGN_VERIFY
+
+
+def check_usage(key_type: KeyType, usage: KeyUsage) -> KeyUsage:
+    """Refuse a usage a key type cannot have; return the effective usage."""
+    if usage not in pb.KeyUsage.values():
+        raise InvalidArgument("key.usage_unknown", f"unknown key usage {usage}")
+    effective = key_usage(key_type, usage)
+    family = key_type_info(key_type).family
+    if effective == pb.KEY_USAGE_ENCRYPT_DECRYPT and family not in ("aes", "rsa"):
+        raise InvalidArgument(
+            "key.usage_unsupported",
+            f"{key_type_info(key_type).cli_name} keys cannot encrypt; use aes-256 or rsa-*",
+        )
+    if effective == pb.KEY_USAGE_SIGN_VERIFY and family == "aes":
+        raise InvalidArgument("key.usage_unsupported", "aes-256 keys cannot sign")
+    return effective
+
+
+def check_encrypt_request(key_type: KeyType, usage: KeyUsage, plaintext: bytes, aad: bytes) -> None:
+    """Refuse an Encrypt no token should see: a signing key, an oversized input."""
+    if key_usage(key_type, usage) != pb.KEY_USAGE_ENCRYPT_DECRYPT:
+        raise InvalidArgument(
+            "key.usage_mismatch",
+            f"this {key_type_info(key_type).cli_name} key signs; it cannot encrypt or decrypt",
+            {"usage": "sign-verify"},
+        )
+    if len(plaintext) > MAX_PLAINTEXT:
+        raise InvalidArgument(
+            "encrypt.plaintext_too_large",
+            f"plaintexts are limited to {MAX_PLAINTEXT} bytes, got {len(plaintext)}",
+            {"max_bytes": str(MAX_PLAINTEXT), "got": str(len(plaintext))},
+        )
+    check_aad(aad)
+
+
+def check_aad(aad: bytes) -> None:
+    if len(aad) > MAX_AAD:
+        raise InvalidArgument(
+            "encrypt.aad_too_large",
+            f"additional authenticated data is limited to {MAX_AAD} bytes, got {len(aad)}",
+            {"max_bytes": str(MAX_AAD)},
+        )
 
 
 def key_type_info(key_type: KeyType) -> KeyTypeInfo:

@@ -359,6 +359,41 @@ class KMSClient:
         self._key_types.pop(name, None)
         return key
 
+    def encrypt(self, name: str, plaintext: bytes, aad: bytes = b"") -> keys_pb2.EncryptResponse:
+        """Encrypt up to 64 KiB under the key's newest version; `.ciphertext` is a
+        self-describing envelope (key name, version, algorithm, nonce) for `decrypt`."""
+        request = keys_pb2.EncryptRequest(name=name, plaintext=plaintext, aad=aad)
+        return self._call("Encrypt", self._keys.Encrypt, request, None)
+
+    def decrypt(self, ciphertext: bytes, aad: bytes = b"", name: str = "") -> bytes:
+        """The plaintext of an envelope from `encrypt` (the same `aad` is required); with
+        `name`, the envelope must be that key's."""
+        return self.decrypt_full(ciphertext, aad, name).plaintext
+
+    def decrypt_full(
+        self, ciphertext: bytes, aad: bytes = b"", name: str = ""
+    ) -> keys_pb2.DecryptResponse:
+        """As `decrypt`, with the key name and version the envelope named."""
+        request = keys_pb2.DecryptRequest(ciphertext=ciphertext, aad=aad, name=name)
+        return self._call("Decrypt", self._keys.Decrypt, request, None)
+
+    def generate_data_key(
+        self, name: str, aad: bytes = b"", *, without_plaintext: bool = False
+    ) -> keys_pb2.GenerateDataKeyResponse:
+        """A fresh 256-bit data key: `.plaintext` to use now and forget, `.ciphertext`
+        (wrapped under the KMS key) to store beside the data and `decrypt` later."""
+        request = keys_pb2.GenerateDataKeyRequest(
+            name=name, aad=aad, without_plaintext=without_plaintext
+        )
+        return self._call("GenerateDataKey", self._keys.GenerateDataKey, request, None)
+
+    def rotate_key(self, name: str, request_id: str | None = None) -> keys_pb2.Key:
+        """Make a new version of an encryption key; older ciphertexts keep decrypting."""
+        request = keys_pb2.RotateKeyRequest(name=name, request_id=request_id or new_request_id())
+        return self._remember(
+            self._call("RotateKey", self._keys.RotateKey, request, CREATE_TIMEOUT)
+        )
+
     def attest_key(self, name: str, nonce: bytes) -> keys_pb2.AttestKeyResponse:
         request = keys_pb2.AttestKeyRequest(name=name, nonce=nonce)
         return self._call("AttestKey", self._keys.AttestKey, request, None)

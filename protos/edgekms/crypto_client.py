@@ -117,6 +117,16 @@ class CryptoClient:
     ) -> crypto_pb2.AttestResponse:
         return await self._call(provider, "Attest", req, crypto_pb2.AttestResponse, timeout)
 
+    async def encrypt(
+        self, provider: str, req: crypto_pb2.EncryptRequest, timeout: float | None = None
+    ) -> crypto_pb2.EncryptResponse:
+        return await self._call(provider, "Encrypt", req, crypto_pb2.EncryptResponse, timeout)
+
+    async def decrypt(
+        self, provider: str, req: crypto_pb2.DecryptRequest, timeout: float | None = None
+    ) -> crypto_pb2.DecryptResponse:
+        return await self._call(provider, "Decrypt", req, crypto_pb2.DecryptResponse, timeout)
+
     async def ping(self, provider: str, timeout: float = 1.0) -> dict[str, Any]:
         """The first replica's $SRV.PING answer (id, name, version, metadata)."""
         subject = f"$SRV.PING.{crypto_service_name(provider)}"

@@ -21,6 +21,9 @@ CRYPTO_OPERATIONS = (
     "DestroyKey",
     "ListKeys",
     "Attest",
+    # User keys only: encryption keys are made by the broker for its clients.
+    "Encrypt",
+    "Decrypt",
 )
 
 # JetStream names: every bucket and stream, in one place, because the bus permissions

@@ -98,6 +98,8 @@ def test_key_json_has_stable_names() -> None:
             }
         ],
         "options": {"pcr_indexes": [], "require_auth": False},
+        "usage": "sign",
+        "version": 1,
     }
     assert list(d["labels"]) == ["a", "z"]
 

@@ -74,6 +74,12 @@ def test_generate_gives_public_key_and_listing(
 ) -> None:
     require_key_type(provider, key_type)
     key_id, der = key_cache.get(key_type)
+    if KEY_TYPES[key_type].family == "aes":
+        # Symmetric: nothing public (tests/contract/test_encryption_contract.py uses it).
+        assert der == b""
+        assert provider.public_key(key_id) == (b"", key_type)
+        assert key_type in {k.key_type for k in provider.list_keys() if k.key_id == key_id}
+        return
     public = serialization.load_der_public_key(der)
     expected = {
         "ec": ec.EllipticCurvePublicKey,

@@ -28,7 +28,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/common.proto\x12\nedgekms.v1\"\x8e\x01\n\nPolicyRule\x12\r\n\x05roles\x18\x01 \x03(\t\x12\x0f\n\x07\x63lients\x18\x02 \x03(\t\x12,\n\noperations\x18\x03 \x03(\x0e\x32\x18.edgekms.v1.KeyOperation\x12\x32\n\nalgorithms\x18\x04 \x03(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\"2\n\tKeyPolicy\x12%\n\x05rules\x18\x01 \x03(\x0b\x32\x16.edgekms.v1.PolicyRule\"7\n\nKeyOptions\x12\x13\n\x0bpcr_indexes\x18\x01 \x03(\r\x12\x14\n\x0crequire_auth\x18\x02 \x01(\x08\"\x8d\x03\n\tKeyRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12%\n\x08key_type\x18\x03 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.edgekms.v1.KeyState\x12\x0e\n\x06key_id\x18\x05 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x06 \x01(\x0c\x12%\n\x06policy\x18\x07 \x01(\x0b\x32\x15.edgekms.v1.KeyPolicy\x12\'\n\x07options\x18\x08 \x01(\x0b\x32\x16.edgekms.v1.KeyOptions\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x12\x31\n\x06labels\x18\x0c \x03(\x0b\x32!.edgekms.v1.KeyRecord.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xae\x01\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.edgekms.v1.ErrorCode\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32\x1e.edgekms.v1.Error.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaa\x01\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x14\n\x10KEY_TYPE_EC_P384\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x03\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x04\x12\x15\n\x11KEY_TYPE_RSA_4096\x10\x05\x12\x14\n\x10KEY_TYPE_ED25519\x10\x06*\x83\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_PENDING\x10\x01\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x02\x12\x16\n\x12KEY_STATE_DISABLED\x10\x03\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x04*\xc2\x03\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA256\x10\x01\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA384\x10\x02\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA512\x10\x03\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256\x10\x04\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA384\x10\x05\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA512\x10\x06\x12&\n\"SIGNATURE_ALGORITHM_RSA_PSS_SHA256\x10\x07\x12&\n\"SIGNATURE_ALGORITHM_RSA_PSS_SHA384\x10\x08\x12&\n\"SIGNATURE_ALGORITHM_RSA_PSS_SHA512\x10\t\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\n*\xeb\x01\n\x0cKeyOperation\x12\x1d\n\x19KEY_OPERATION_UNSPECIFIED\x10\x00\x12\x16\n\x12KEY_OPERATION_SIGN\x10\x01\x12\x18\n\x14KEY_OPERATION_VERIFY\x10\x02\x12 \n\x1cKEY_OPERATION_GET_PUBLIC_KEY\x10\x03\x12\x19\n\x15KEY_OPERATION_DISABLE\x10\x04\x12\x18\n\x14KEY_OPERATION_ENABLE\x10\x05\x12\x19\n\x15KEY_OPERATION_DESTROY\x10\x06\x12\x18\n\x14KEY_OPERATION_ATTEST\x10\x07*\xe1\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x1d\n\x19\x45RROR_CODE_ALREADY_EXISTS\x10\x03\x12\"\n\x1e\x45RROR_CODE_FAILED_PRECONDITION\x10\x04\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\x05\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x06\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x07\x12 \n\x1c\x45RROR_CODE_DEADLINE_EXCEEDED\x10\x08\x12!\n\x1d\x45RROR_CODE_RESOURCE_EXHAUSTED\x10\t\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gekms/v1/common.proto\x12\nedgekms.v1\"\x8e\x01\n\nPolicyRule\x12\r\n\x05roles\x18\x01 \x03(\t\x12\x0f\n\x07\x63lients\x18\x02 \x03(\t\x12,\n\noperations\x18\x03 \x03(\x0e\x32\x18.edgekms.v1.KeyOperation\x12\x32\n\nalgorithms\x18\x04 \x03(\x0e\x32\x1e.edgekms.v1.SignatureAlgorithm\"2\n\tKeyPolicy\x12%\n\x05rules\x18\x01 \x03(\x0b\x32\x16.edgekms.v1.PolicyRule\"\\\n\nKeyOptions\x12\x13\n\x0bpcr_indexes\x18\x01 \x03(\r\x12\x14\n\x0crequire_auth\x18\x02 \x01(\x08\x12#\n\x05usage\x18\x03 \x01(\x0e\x32\x14.edgekms.v1.KeyUsage\"Y\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06key_id\x18\x02 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x03 \x01(\x0c\x12\x12\n\ncreated_at\x18\x04 \x01(\t\"\xed\x03\n\tKeyRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12%\n\x08key_type\x18\x03 \x01(\x0e\x32\x13.edgekms.v1.KeyType\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.edgekms.v1.KeyState\x12\x0e\n\x06key_id\x18\x05 \x01(\x0c\x12\x16\n\x0epublic_key_der\x18\x06 \x01(\x0c\x12%\n\x06policy\x18\x07 \x01(\x0b\x32\x15.edgekms.v1.KeyPolicy\x12\'\n\x07options\x18\x08 \x01(\x0b\x32\x16.edgekms.v1.KeyOptions\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x12\x31\n\x06labels\x18\x0c \x03(\x0b\x32!.edgekms.v1.KeyRecord.LabelsEntry\x12\x0f\n\x07version\x18\r \x01(\r\x12\x31\n\x11previous_versions\x18\x0e \x03(\x0b\x32\x16.edgekms.v1.KeyVersion\x12\x1a\n\x12version_created_at\x18\x0f \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xae\x01\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.edgekms.v1.ErrorCode\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12/\n\x07\x64\x65tails\x18\x04 \x03(\x0b\x32\x1e.edgekms.v1.Error.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xc0\x01\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_TYPE_EC_P256\x10\x01\x12\x14\n\x10KEY_TYPE_EC_P384\x10\x02\x12\x15\n\x11KEY_TYPE_RSA_2048\x10\x03\x12\x15\n\x11KEY_TYPE_RSA_3072\x10\x04\x12\x15\n\x11KEY_TYPE_RSA_4096\x10\x05\x12\x14\n\x10KEY_TYPE_ED25519\x10\x06\x12\x14\n\x10KEY_TYPE_AES_256\x10\x07*_\n\x08KeyUsage\x12\x19\n\x15KEY_USAGE_UNSPECIFIED\x10\x00\x12\x19\n\x15KEY_USAGE_SIGN_VERIFY\x10\x01\x12\x1d\n\x19KEY_USAGE_ENCRYPT_DECRYPT\x10\x02*\xba\x01\n\x13\x45ncryptionAlgorithm\x12$\n ENCRYPTION_ALGORITHM_UNSPECIFIED\x10\x00\x12$\n ENCRYPTION_ALGORITHM_AES_256_GCM\x10\x01\x12(\n$ENCRYPTION_ALGORITHM_RSA_OAEP_SHA256\x10\x02\x12-\n)ENCRYPTION_ALGORITHM_TPM_HMAC_AES_256_GCM\x10\x03*\x83\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_PENDING\x10\x01\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x02\x12\x16\n\x12KEY_STATE_DISABLED\x10\x03\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x04*\xc2\x03\n\x12SignatureAlgorithm\x12#\n\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA256\x10\x01\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA384\x10\x02\x12$\n SIGNATURE_ALGORITHM_ECDSA_SHA512\x10\x03\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256\x10\x04\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA384\x10\x05\x12(\n$SIGNATURE_ALGORITHM_RSA_PKCS1_SHA512\x10\x06\x12&\n\"SIGNATURE_ALGORITHM_RSA_PSS_SHA256\x10\x07\x12&\n\"SIGNATURE_ALGORITHM_RSA_PSS_SHA384\x10\x08\x12&\n\"SIGNATURE_ALGORITHM_RSA_PSS_SHA512\x10\t\x12\x1f\n\x1bSIGNATURE_ALGORITHM_ED25519\x10\n*\xe0\x02\n\x0cKeyOperation\x12\x1d\n\x19KEY_OPERATION_UNSPECIFIED\x10\x00\x12\x16\n\x12KEY_OPERATION_SIGN\x10\x01\x12\x18\n\x14KEY_OPERATION_VERIFY\x10\x02\x12 \n\x1cKEY_OPERATION_GET_PUBLIC_KEY\x10\x03\x12\x19\n\x15KEY_OPERATION_DISABLE\x10\x04\x12\x18\n\x14KEY_OPERATION_ENABLE\x10\x05\x12\x19\n\x15KEY_OPERATION_DESTROY\x10\x06\x12\x18\n\x14KEY_OPERATION_ATTEST\x10\x07\x12\x19\n\x15KEY_OPERATION_ENCRYPT\x10\x08\x12\x19\n\x15KEY_OPERATION_DECRYPT\x10\t\x12#\n\x1fKEY_OPERATION_GENERATE_DATA_KEY\x10\n\x12\x18\n\x14KEY_OPERATION_ROTATE\x10\x0b*\xe1\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12\x1d\n\x19\x45RROR_CODE_ALREADY_EXISTS\x10\x03\x12\"\n\x1e\x45RROR_CODE_FAILED_PRECONDITION\x10\x04\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\x05\x12\x1e\n\x1a\x45RROR_CODE_UNAUTHENTICATED\x10\x06\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x07\x12 \n\x1c\x45RROR_CODE_DEADLINE_EXCEEDED\x10\x08\x12!\n\x1d\x45RROR_CODE_RESOURCE_EXHAUSTED\x10\t\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,28 +39,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYRECORD_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ERROR_DETAILSENTRY']._loaded_options = None
   _globals['_ERROR_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_KEYTYPE']._serialized_start=871
-  _globals['_KEYTYPE']._serialized_end=1041
-  _globals['_KEYSTATE']._serialized_start=1044
-  _globals['_KEYSTATE']._serialized_end=1175
-  _globals['_SIGNATUREALGORITHM']._serialized_start=1178
-  _globals['_SIGNATUREALGORITHM']._serialized_end=1628
-  _globals['_KEYOPERATION']._serialized_start=1631
-  _globals['_KEYOPERATION']._serialized_end=1866
-  _globals['_ERRORCODE']._serialized_start=1869
-  _globals['_ERRORCODE']._serialized_end=2222
+  _globals['_KEYTYPE']._serialized_start=1095
+  _globals['_KEYTYPE']._serialized_end=1287
+  _globals['_KEYUSAGE']._serialized_start=1289
+  _globals['_KEYUSAGE']._serialized_end=1384
+  _globals['_ENCRYPTIONALGORITHM']._serialized_start=1387
+  _globals['_ENCRYPTIONALGORITHM']._serialized_end=1573
+  _globals['_KEYSTATE']._serialized_start=1576
+  _globals['_KEYSTATE']._serialized_end=1707
+  _globals['_SIGNATUREALGORITHM']._serialized_start=1710
+  _globals['_SIGNATUREALGORITHM']._serialized_end=2160
+  _globals['_KEYOPERATION']._serialized_start=2163
+  _globals['_KEYOPERATION']._serialized_end=2515
+  _globals['_ERRORCODE']._serialized_start=2518
+  _globals['_ERRORCODE']._serialized_end=2871
   _globals['_POLICYRULE']._serialized_start=40
   _globals['_POLICYRULE']._serialized_end=182
   _globals['_KEYPOLICY']._serialized_start=184
   _globals['_KEYPOLICY']._serialized_end=234
   _globals['_KEYOPTIONS']._serialized_start=236
-  _globals['_KEYOPTIONS']._serialized_end=291
-  _globals['_KEYRECORD']._serialized_start=294
-  _globals['_KEYRECORD']._serialized_end=691
-  _globals['_KEYRECORD_LABELSENTRY']._serialized_start=646
-  _globals['_KEYRECORD_LABELSENTRY']._serialized_end=691
-  _globals['_ERROR']._serialized_start=694
-  _globals['_ERROR']._serialized_end=868
-  _globals['_ERROR_DETAILSENTRY']._serialized_start=822
-  _globals['_ERROR_DETAILSENTRY']._serialized_end=868
+  _globals['_KEYOPTIONS']._serialized_end=328
+  _globals['_KEYVERSION']._serialized_start=330
+  _globals['_KEYVERSION']._serialized_end=419
+  _globals['_KEYRECORD']._serialized_start=422
+  _globals['_KEYRECORD']._serialized_end=915
+  _globals['_KEYRECORD_LABELSENTRY']._serialized_start=870
+  _globals['_KEYRECORD_LABELSENTRY']._serialized_end=915
+  _globals['_ERROR']._serialized_start=918
+  _globals['_ERROR']._serialized_end=1092
+  _globals['_ERROR_DETAILSENTRY']._serialized_start=1046
+  _globals['_ERROR_DETAILSENTRY']._serialized_end=1092
 # @@protoc_insertion_point(module_scope)

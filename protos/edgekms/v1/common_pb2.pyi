@@ -34,6 +34,11 @@ class _KeyTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyType.Value
     KEY_TYPE_RSA_3072: _KeyType.ValueType  # 4
     KEY_TYPE_RSA_4096: _KeyType.ValueType  # 5
     KEY_TYPE_ED25519: _KeyType.ValueType  # 6
+    KEY_TYPE_AES_256: _KeyType.ValueType  # 7
+    """A symmetric AES-256 key for Encrypt/Decrypt (AES-256-GCM on a PKCS#11 token; on a
+    TPM a keyed-hash key that derives a one-time AES-256-GCM key per message, see
+    docs/security.md "Encryption"). It has no public half.
+    """
 
 class KeyType(_KeyType, metaclass=_KeyTypeEnumTypeWrapper):
     """The shape of a key. Which types a provider can hold is its own business: asking for
@@ -47,7 +52,61 @@ KEY_TYPE_RSA_2048: KeyType.ValueType  # 3
 KEY_TYPE_RSA_3072: KeyType.ValueType  # 4
 KEY_TYPE_RSA_4096: KeyType.ValueType  # 5
 KEY_TYPE_ED25519: KeyType.ValueType  # 6
+KEY_TYPE_AES_256: KeyType.ValueType  # 7
+"""A symmetric AES-256 key for Encrypt/Decrypt (AES-256-GCM on a PKCS#11 token; on a
+TPM a keyed-hash key that derives a one-time AES-256-GCM key per message, see
+docs/security.md "Encryption"). It has no public half.
+"""
 Global___KeyType: _TypeAlias = KeyType  # noqa: Y015
+
+class _KeyUsage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyUsageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyUsage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_USAGE_UNSPECIFIED: _KeyUsage.ValueType  # 0
+    KEY_USAGE_SIGN_VERIFY: _KeyUsage.ValueType  # 1
+    KEY_USAGE_ENCRYPT_DECRYPT: _KeyUsage.ValueType  # 2
+    """AES-256 keys, and RSA keys for RSA-OAEP (SHA-256)."""
+
+class KeyUsage(_KeyUsage, metaclass=_KeyUsageEnumTypeWrapper):
+    """What a key is for, fixed at creation (the token is told too: a sign key cannot
+    decrypt there, a decrypt key cannot sign). UNSPECIFIED: SIGN_VERIFY for asymmetric
+    types (every key made before usages existed), ENCRYPT_DECRYPT for AES.
+    """
+
+KEY_USAGE_UNSPECIFIED: KeyUsage.ValueType  # 0
+KEY_USAGE_SIGN_VERIFY: KeyUsage.ValueType  # 1
+KEY_USAGE_ENCRYPT_DECRYPT: KeyUsage.ValueType  # 2
+"""AES-256 keys, and RSA keys for RSA-OAEP (SHA-256)."""
+Global___KeyUsage: _TypeAlias = KeyUsage  # noqa: Y015
+
+class _EncryptionAlgorithm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EncryptionAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EncryptionAlgorithm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENCRYPTION_ALGORITHM_UNSPECIFIED: _EncryptionAlgorithm.ValueType  # 0
+    ENCRYPTION_ALGORITHM_AES_256_GCM: _EncryptionAlgorithm.ValueType  # 1
+    """AES-256-GCM in the token: 96-bit random nonce, 128-bit tag."""
+    ENCRYPTION_ALGORITHM_RSA_OAEP_SHA256: _EncryptionAlgorithm.ValueType  # 2
+    """RSA-OAEP with SHA-256 and MGF1-SHA-256; the label binds the envelope header and AAD."""
+    ENCRYPTION_ALGORITHM_TPM_HMAC_AES_256_GCM: _EncryptionAlgorithm.ValueType  # 3
+    """TPM: a one-time AES-256-GCM key HMAC-SHA256(tpm key, salt) made in the TPM."""
+
+class EncryptionAlgorithm(_EncryptionAlgorithm, metaclass=_EncryptionAlgorithmEnumTypeWrapper):
+    """How a ciphertext was made; carried in the envelope (edgekms/envelope.py)."""
+
+ENCRYPTION_ALGORITHM_UNSPECIFIED: EncryptionAlgorithm.ValueType  # 0
+ENCRYPTION_ALGORITHM_AES_256_GCM: EncryptionAlgorithm.ValueType  # 1
+"""AES-256-GCM in the token: 96-bit random nonce, 128-bit tag."""
+ENCRYPTION_ALGORITHM_RSA_OAEP_SHA256: EncryptionAlgorithm.ValueType  # 2
+"""RSA-OAEP with SHA-256 and MGF1-SHA-256; the label binds the envelope header and AAD."""
+ENCRYPTION_ALGORITHM_TPM_HMAC_AES_256_GCM: EncryptionAlgorithm.ValueType  # 3
+"""TPM: a one-time AES-256-GCM key HMAC-SHA256(tpm key, salt) made in the TPM."""
+Global___EncryptionAlgorithm: _TypeAlias = EncryptionAlgorithm  # noqa: Y015
 
 class _KeyState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -127,6 +186,11 @@ class _KeyOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyOpera
     KEY_OPERATION_ENABLE: _KeyOperation.ValueType  # 5
     KEY_OPERATION_DESTROY: _KeyOperation.ValueType  # 6
     KEY_OPERATION_ATTEST: _KeyOperation.ValueType  # 7
+    KEY_OPERATION_ENCRYPT: _KeyOperation.ValueType  # 8
+    KEY_OPERATION_DECRYPT: _KeyOperation.ValueType  # 9
+    KEY_OPERATION_GENERATE_DATA_KEY: _KeyOperation.ValueType  # 10
+    KEY_OPERATION_ROTATE: _KeyOperation.ValueType  # 11
+    """Make a new version of the key (management: administrators keep it under any policy)."""
 
 class KeyOperation(_KeyOperation, metaclass=_KeyOperationEnumTypeWrapper):
     """Operations a key policy can grant. Mirrors the KeyService methods that touch a key."""
@@ -139,6 +203,11 @@ KEY_OPERATION_DISABLE: KeyOperation.ValueType  # 4
 KEY_OPERATION_ENABLE: KeyOperation.ValueType  # 5
 KEY_OPERATION_DESTROY: KeyOperation.ValueType  # 6
 KEY_OPERATION_ATTEST: KeyOperation.ValueType  # 7
+KEY_OPERATION_ENCRYPT: KeyOperation.ValueType  # 8
+KEY_OPERATION_DECRYPT: KeyOperation.ValueType  # 9
+KEY_OPERATION_GENERATE_DATA_KEY: KeyOperation.ValueType  # 10
+KEY_OPERATION_ROTATE: KeyOperation.ValueType  # 11
+"""Make a new version of the key (management: administrators keep it under any policy)."""
 Global___KeyOperation: _TypeAlias = KeyOperation  # noqa: Y015
 
 class _ErrorCode:
@@ -243,10 +312,12 @@ class KeyOptions(_message.Message):
 
     PCR_INDEXES_FIELD_NUMBER: _builtins.int
     REQUIRE_AUTH_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     require_auth: _builtins.bool
     """TPM: whether the key needs an auth value; the value itself never travels here,
     the crypto service reads it from its own secrets.
     """
+    usage: Global___KeyUsage.ValueType
     @_builtins.property
     def pcr_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """TPM: PCR indexes the key is bound to (sha256 bank); empty means no PCR policy."""
@@ -256,14 +327,47 @@ class KeyOptions(_message.Message):
         *,
         pcr_indexes: _abc.Iterable[_builtins.int] | None = ...,
         require_auth: _builtins.bool = ...,
+        usage: Global___KeyUsage.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pcr_indexes", b"pcr_indexes", "require_auth", b"require_auth"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pcr_indexes", b"pcr_indexes", "require_auth", b"require_auth", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyOptions: _TypeAlias = KeyOptions  # noqa: Y015
+
+@_typing.final
+class KeyVersion(_message.Message):
+    """One earlier version of a rotated key: still in the token, still decrypting the
+    ciphertexts made with it, never used to encrypt again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_DER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    key_id: _builtins.bytes
+    public_key_der: _builtins.bytes
+    created_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        key_id: _builtins.bytes = ...,
+        public_key_der: _builtins.bytes = ...,
+        created_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key_id", b"key_id", "public_key_der", b"public_key_der", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyVersion: _TypeAlias = KeyVersion  # noqa: Y015
 
 @_typing.final
 class KeyRecord(_message.Message):
@@ -305,6 +409,9 @@ class KeyRecord(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSIONS_FIELD_NUMBER: _builtins.int
+    VERSION_CREATED_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     provider: _builtins.str
     key_type: Global___KeyType.ValueType
@@ -317,12 +424,22 @@ class KeyRecord(_message.Message):
     """RFC 3339 UTC timestamps."""
     updated_at: _builtins.str
     created_by: _builtins.str
+    version: _builtins.int
+    """The version key_id and public_key_der hold (0 in records made before rotation
+    existed: that is version 1). `kmsctl key rotate` makes version + 1.
+    """
+    version_created_at: _builtins.str
+    """When `version` was made (empty for version 1: created_at)."""
     @_builtins.property
     def policy(self) -> Global___KeyPolicy: ...
     @_builtins.property
     def options(self) -> Global___KeyOptions: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def previous_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyVersion]:
+        """The versions before `version`, oldest first."""
+
     def __init__(
         self,
         *,
@@ -338,10 +455,13 @@ class KeyRecord(_message.Message):
         updated_at: _builtins.str = ...,
         created_by: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        version: _builtins.int = ...,
+        previous_versions: _abc.Iterable[Global___KeyVersion] | None = ...,
+        version_created_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "name", b"name", "options", b"options", "policy", b"policy", "provider", b"provider", "public_key_der", b"public_key_der", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "name", b"name", "options", b"options", "policy", b"policy", "previous_versions", b"previous_versions", "provider", b"provider", "public_key_der", b"public_key_der", "state", b"state", "updated_at", b"updated_at", "version", b"version", "version_created_at", b"version_created_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

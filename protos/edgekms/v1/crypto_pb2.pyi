@@ -459,3 +459,108 @@ class AttestResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttestResponse: _TypeAlias = AttestResponse  # noqa: Y015
+
+@_typing.final
+class EncryptRequest(_message.Message):
+    """Subject: kms.crypto.<provider>.Encrypt (user keys only). The provider picks the nonce."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PLAINTEXT_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.bytes
+    plaintext: _builtins.bytes
+    aad: _builtins.bytes
+    """Authenticated, not encrypted: the broker's envelope header plus the caller's AAD."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.bytes = ...,
+        plaintext: _builtins.bytes = ...,
+        aad: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "key_id", b"key_id", "plaintext", b"plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptRequest: _TypeAlias = EncryptRequest  # noqa: Y015
+
+@_typing.final
+class EncryptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    algorithm: _common_pb2.EncryptionAlgorithm.ValueType
+    nonce: _builtins.bytes
+    ciphertext: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        algorithm: _common_pb2.EncryptionAlgorithm.ValueType = ...,
+        nonce: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "ciphertext", b"ciphertext", "nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptResponse: _TypeAlias = EncryptResponse  # noqa: Y015
+
+@_typing.final
+class DecryptRequest(_message.Message):
+    """Subject: kms.crypto.<provider>.Decrypt"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.bytes
+    algorithm: _common_pb2.EncryptionAlgorithm.ValueType
+    nonce: _builtins.bytes
+    ciphertext: _builtins.bytes
+    aad: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.bytes = ...,
+        algorithm: _common_pb2.EncryptionAlgorithm.ValueType = ...,
+        nonce: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+        aad: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "algorithm", b"algorithm", "ciphertext", b"ciphertext", "key_id", b"key_id", "nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptRequest: _TypeAlias = DecryptRequest  # noqa: Y015
+
+@_typing.final
+class DecryptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAINTEXT_FIELD_NUMBER: _builtins.int
+    plaintext: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        plaintext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plaintext", b"plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptResponse: _TypeAlias = DecryptResponse  # noqa: Y015

@@ -54,6 +54,7 @@ class Key(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     provider: _builtins.str
     key_type: _common_pb2.KeyType.ValueType
@@ -63,6 +64,8 @@ class Key(_message.Message):
     created_by: _builtins.str
     key_id: _builtins.str
     """Hex-encoded provider handle, for operators correlating with token tools."""
+    version: _builtins.int
+    """The current version (1 for a key never rotated)."""
     @_builtins.property
     def policy(self) -> _common_pb2.KeyPolicy: ...
     @_builtins.property
@@ -83,10 +86,11 @@ class Key(_message.Message):
         created_by: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         key_id: _builtins.str = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "name", b"name", "options", b"options", "policy", b"policy", "provider", b"provider", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "name", b"name", "options", b"options", "policy", b"policy", "provider", b"provider", "state", b"state", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,3 +639,189 @@ class WhoAmIResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WhoAmIResponse: _TypeAlias = WhoAmIResponse  # noqa: Y015
+
+@_typing.final
+class EncryptRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PLAINTEXT_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    plaintext: _builtins.bytes
+    """At most 64 KiB."""
+    aad: _builtins.bytes
+    """Additional authenticated data: not stored in the ciphertext, required again (byte
+    for byte) to decrypt. At most 8 KiB.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        plaintext: _builtins.bytes = ...,
+        aad: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "name", b"name", "plaintext", b"plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptRequest: _TypeAlias = EncryptRequest  # noqa: Y015
+
+@_typing.final
+class EncryptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    ciphertext: _builtins.bytes
+    key_name: _builtins.str
+    key_version: _builtins.int
+    algorithm: _common_pb2.EncryptionAlgorithm.ValueType
+    def __init__(
+        self,
+        *,
+        ciphertext: _builtins.bytes = ...,
+        key_name: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        algorithm: _common_pb2.EncryptionAlgorithm.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "ciphertext", b"ciphertext", "key_name", b"key_name", "key_version", b"key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptResponse: _TypeAlias = EncryptResponse  # noqa: Y015
+
+@_typing.final
+class DecryptRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ciphertext: _builtins.bytes
+    aad: _builtins.bytes
+    name: _builtins.str
+    """Optional: when given, the envelope must name this key (decrypt.key_mismatch)."""
+    def __init__(
+        self,
+        *,
+        ciphertext: _builtins.bytes = ...,
+        aad: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "ciphertext", b"ciphertext", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptRequest: _TypeAlias = DecryptRequest  # noqa: Y015
+
+@_typing.final
+class DecryptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAINTEXT_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    plaintext: _builtins.bytes
+    key_name: _builtins.str
+    key_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        plaintext: _builtins.bytes = ...,
+        key_name: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "key_version", b"key_version", "plaintext", b"plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptResponse: _TypeAlias = DecryptResponse  # noqa: Y015
+
+@_typing.final
+class GenerateDataKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    WITHOUT_PLAINTEXT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    aad: _builtins.bytes
+    without_plaintext: _builtins.bool
+    """Return only the wrapped data key (for a holder that decrypts it later)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        aad: _builtins.bytes = ...,
+        without_plaintext: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "name", b"name", "without_plaintext", b"without_plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateDataKeyRequest: _TypeAlias = GenerateDataKeyRequest  # noqa: Y015
+
+@_typing.final
+class GenerateDataKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAINTEXT_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    plaintext: _builtins.bytes
+    """32 bytes; empty when without_plaintext was asked."""
+    ciphertext: _builtins.bytes
+    """The data key encrypted under the KMS key: an envelope for Decrypt."""
+    key_name: _builtins.str
+    key_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        plaintext: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+        key_name: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "key_name", b"key_name", "key_version", b"key_version", "plaintext", b"plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateDataKeyResponse: _TypeAlias = GenerateDataKeyResponse  # noqa: Y015
+
+@_typing.final
+class RotateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeyRequest: _TypeAlias = RotateKeyRequest  # noqa: Y015

@@ -83,6 +83,26 @@ class KeyServiceStub:
                 request_serializer=edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.Encrypt = channel.unary_unary(
+                '/edgekms.v1.KeyService/Encrypt',
+                request_serializer=edgekms_dot_v1_dot_keys__pb2.EncryptRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_keys__pb2.EncryptResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.Decrypt = channel.unary_unary(
+                '/edgekms.v1.KeyService/Decrypt',
+                request_serializer=edgekms_dot_v1_dot_keys__pb2.DecryptRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_keys__pb2.DecryptResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.GenerateDataKey = channel.unary_unary(
+                '/edgekms.v1.KeyService/GenerateDataKey',
+                request_serializer=edgekms_dot_v1_dot_keys__pb2.GenerateDataKeyRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_keys__pb2.GenerateDataKeyResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.RotateKey = channel.unary_unary(
+                '/edgekms.v1.KeyService/RotateKey',
+                request_serializer=edgekms_dot_v1_dot_keys__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_keys__pb2.Key.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class KeyServiceServicer:
@@ -161,6 +181,37 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encrypt(self, request, context):
+        """Encrypts at most 64 KiB under the key's newest version (AES-256 or an RSA key made
+        for ENCRYPT_DECRYPT). The ciphertext is a self-describing envelope
+        (edgekms/envelope.py): key name, key version, algorithm, nonce.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decrypt(self, request, context):
+        """Decrypts an envelope with the key version it names; the same AAD must be given.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateDataKey(self, request, context):
+        """A fresh 256-bit data key, in plaintext and encrypted under the key (envelope
+        encryption as in AWS KMS and Vault transit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """Makes a new version of the key in its provider; earlier versions keep decrypting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +268,26 @@ def add_KeyServiceServicer_to_server(servicer, server):
             'UpdateKeyPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateKeyPolicy,
                     request_deserializer=edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_keys__pb2.Key.SerializeToString,
+            ),
+            'Encrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encrypt,
+                    request_deserializer=edgekms_dot_v1_dot_keys__pb2.EncryptRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_keys__pb2.EncryptResponse.SerializeToString,
+            ),
+            'Decrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decrypt,
+                    request_deserializer=edgekms_dot_v1_dot_keys__pb2.DecryptRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_keys__pb2.DecryptResponse.SerializeToString,
+            ),
+            'GenerateDataKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateDataKey,
+                    request_deserializer=edgekms_dot_v1_dot_keys__pb2.GenerateDataKeyRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_keys__pb2.GenerateDataKeyResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=edgekms_dot_v1_dot_keys__pb2.RotateKeyRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_keys__pb2.Key.SerializeToString,
             ),
     }
@@ -519,6 +590,114 @@ class KeyService:
             target,
             '/edgekms.v1.KeyService/UpdateKeyPolicy',
             edgekms_dot_v1_dot_keys__pb2.UpdateKeyPolicyRequest.SerializeToString,
+            edgekms_dot_v1_dot_keys__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def Encrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.KeyService/Encrypt',
+            edgekms_dot_v1_dot_keys__pb2.EncryptRequest.SerializeToString,
+            edgekms_dot_v1_dot_keys__pb2.EncryptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def Decrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.KeyService/Decrypt',
+            edgekms_dot_v1_dot_keys__pb2.DecryptRequest.SerializeToString,
+            edgekms_dot_v1_dot_keys__pb2.DecryptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def GenerateDataKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.KeyService/GenerateDataKey',
+            edgekms_dot_v1_dot_keys__pb2.GenerateDataKeyRequest.SerializeToString,
+            edgekms_dot_v1_dot_keys__pb2.GenerateDataKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.KeyService/RotateKey',
+            edgekms_dot_v1_dot_keys__pb2.RotateKeyRequest.SerializeToString,
             edgekms_dot_v1_dot_keys__pb2.Key.FromString,
             options,
             channel_credentials,

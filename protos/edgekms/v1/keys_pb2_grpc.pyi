@@ -51,6 +51,19 @@ class KeyServiceStub:
     AttestKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.AttestKeyRequest, _keys_pb2.AttestKeyResponse]
     UpdateKeyPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyPolicyRequest, _keys_pb2.Key]
     """Replaces the key's policy (an empty policy clears it: the role table decides)."""
+    Encrypt: _grpc.UnaryUnaryMultiCallable[_keys_pb2.EncryptRequest, _keys_pb2.EncryptResponse]
+    """Encrypts at most 64 KiB under the key's newest version (AES-256 or an RSA key made
+    for ENCRYPT_DECRYPT). The ciphertext is a self-describing envelope
+    (edgekms/envelope.py): key name, key version, algorithm, nonce.
+    """
+    Decrypt: _grpc.UnaryUnaryMultiCallable[_keys_pb2.DecryptRequest, _keys_pb2.DecryptResponse]
+    """Decrypts an envelope with the key version it names; the same AAD must be given."""
+    GenerateDataKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GenerateDataKeyRequest, _keys_pb2.GenerateDataKeyResponse]
+    """A fresh 256-bit data key, in plaintext and encrypted under the key (envelope
+    encryption as in AWS KMS and Vault transit).
+    """
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RotateKeyRequest, _keys_pb2.Key]
+    """Makes a new version of the key in its provider; earlier versions keep decrypting."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -75,6 +88,19 @@ class KeyServiceAsyncStub(KeyServiceStub):
     AttestKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.AttestKeyRequest, _keys_pb2.AttestKeyResponse]  # type: ignore[assignment]
     UpdateKeyPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyPolicyRequest, _keys_pb2.Key]  # type: ignore[assignment]
     """Replaces the key's policy (an empty policy clears it: the role table decides)."""
+    Encrypt: _aio.UnaryUnaryMultiCallable[_keys_pb2.EncryptRequest, _keys_pb2.EncryptResponse]  # type: ignore[assignment]
+    """Encrypts at most 64 KiB under the key's newest version (AES-256 or an RSA key made
+    for ENCRYPT_DECRYPT). The ciphertext is a self-describing envelope
+    (edgekms/envelope.py): key name, key version, algorithm, nonce.
+    """
+    Decrypt: _aio.UnaryUnaryMultiCallable[_keys_pb2.DecryptRequest, _keys_pb2.DecryptResponse]  # type: ignore[assignment]
+    """Decrypts an envelope with the key version it names; the same AAD must be given."""
+    GenerateDataKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.GenerateDataKeyRequest, _keys_pb2.GenerateDataKeyResponse]  # type: ignore[assignment]
+    """A fresh 256-bit data key, in plaintext and encrypted under the key (envelope
+    encryption as in AWS KMS and Vault transit).
+    """
+    RotateKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.RotateKeyRequest, _keys_pb2.Key]  # type: ignore[assignment]
+    """Makes a new version of the key in its provider; earlier versions keep decrypting."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Every method answers errors with the gRPC status of the ErrorCode and, in the trailing
@@ -162,6 +188,43 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
         """Replaces the key's policy (an empty policy clears it: the role table decides)."""
+
+    @_abc_1.abstractmethod
+    def Encrypt(
+        self,
+        request: _keys_pb2.EncryptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.EncryptResponse, _abc.Awaitable[_keys_pb2.EncryptResponse]]:
+        """Encrypts at most 64 KiB under the key's newest version (AES-256 or an RSA key made
+        for ENCRYPT_DECRYPT). The ciphertext is a self-describing envelope
+        (edgekms/envelope.py): key name, key version, algorithm, nonce.
+        """
+
+    @_abc_1.abstractmethod
+    def Decrypt(
+        self,
+        request: _keys_pb2.DecryptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.DecryptResponse, _abc.Awaitable[_keys_pb2.DecryptResponse]]:
+        """Decrypts an envelope with the key version it names; the same AAD must be given."""
+
+    @_abc_1.abstractmethod
+    def GenerateDataKey(
+        self,
+        request: _keys_pb2.GenerateDataKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.GenerateDataKeyResponse, _abc.Awaitable[_keys_pb2.GenerateDataKeyResponse]]:
+        """A fresh 256-bit data key, in plaintext and encrypted under the key (envelope
+        encryption as in AWS KMS and Vault transit).
+        """
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _keys_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.Key, _abc.Awaitable[_keys_pb2.Key]]:
+        """Makes a new version of the key in its provider; earlier versions keep decrypting."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
