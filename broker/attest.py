@@ -68,6 +68,7 @@ class Challenge:
     ek_sha256: bytes
     ak_public: bytes
     expires: float
+    ek_public: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,11 @@ class ChallengeBook:
             )
         times.append(now)
 
-    def issue(self, token_id: str, ek_sha256: bytes, ak_public: bytes) -> Challenge:
+    def issue(
+        self, token_id: str, ek_sha256: bytes, ak_public: bytes, ek_public: bytes = b""
+    ) -> Challenge:
         challenge = Challenge(
+            ek_public=ek_public,
             id=secrets.token_hex(16),
             nonce=secrets.token_bytes(NONCE_SIZE),
             token_id=token_id,

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
 
+from broker import unlock
 from broker.attest import ChallengeBook, ManufacturerCAs, check_evidence
 from broker.audit_service import AuditScope
 from broker.clients import ClientRegistry, ClientService, serial_hex
@@ -55,13 +56,14 @@ from broker.devices import (
     token_spent,
 )
 from broker.devices import now as _now
-from broker.keys import Context, IdentityCache, rpc
+from broker.keys import Context, IdentityCache, require_usable, rpc
 from broker.paging import page_by_name
 from broker.throttle import FailureThrottle
 from broker.wire import Malformed
 from edgekms import natsrpc, tpmcred
 from edgekms.audit import AuditWriter
 from edgekms.client_certs import INTERNAL_CA_KEY
+from edgekms.crypto_client import CryptoClient
 from edgekms.errors import (
     ERROR_METADATA_KEY,
     FailedPrecondition,
@@ -153,7 +155,11 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         throttle: FailureThrottle | None = None,
         ek_cas: ManufacturerCAs | None = None,
         challenges: ChallengeBook | None = None,
+        crypto: CryptoClient | None = None,
     ):
+        # The KeyService's crypto client (ordinary key class): unlock secrets are
+        # decrypted with ordinary KMS keys, not the internal CA's class.
+        self.crypto = crypto
         self.ek_cas = ek_cas or ManufacturerCAs([])
         self.challenges = challenges or ChallengeBook()
         self.clients = clients
@@ -193,6 +199,8 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         request: Any,
         context: Context,
         body: Callable[[Any, str, bytes, AuditScope, str], Awaitable[R]],
+        *,
+        with_token: bool = True,
     ) -> R:
         """Throttle, audit and error mapping shared by the enrollment listener's RPCs."""
         scope = AuditScope.for_request(self.audit, method, request)
@@ -206,9 +214,15 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                 raise InvalidArgument(
                     "request.malformed", f"{method}: the request is not a {method} request"
                 )
-            token_id, digest = parse_token(request.token)
-            scope.details["token_id"] = token_id
-            subjects.append("token:" + token_id)
+            if with_token:
+                token_id, digest = parse_token(request.token)
+                scope.details["token_id"] = token_id
+                subjects.append("token:" + token_id)
+            else:
+                # Unlock: no token; refusals count against the device it names.
+                token_id, digest = "", b""
+                scope.target = f"{request.device[:80]}/{request.volume[:80]}"
+                subjects.append("device:" + request.device[:80])
             self.throttle.check(subjects[-1])
             response = await body(request, token_id, digest, scope, peer)
             failure = await scope.settle(None)
@@ -220,7 +234,10 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
             if (
                 isinstance(err, Unauthenticated)
                 or err.reason == "enroll.token_malformed"
-                or (err.reason.startswith("attest.") and err.reason != "attest.throttled")
+                or (
+                    err.reason.startswith(("attest.", "unlock.", "enroll.denied"))
+                    and err.reason != "attest.throttled"
+                )
             ):
                 self.peer_throttle.failed(peer)
                 for subject in subjects:
@@ -247,6 +264,57 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         finally:
             AuditScope.unbind(bound)
         return response
+
+    async def BeginUnlock(
+        self, request: enroll_pb2.BeginUnlockRequest, context: Context
+    ) -> enroll_pb2.UnlockChallenge:
+        async def body(
+            request: enroll_pb2.BeginUnlockRequest, _t: str, _d: bytes, scope: AuditScope, peer: str
+        ) -> enroll_pb2.UnlockChallenge:
+            answer = unlock.begin(self.clients.devices, self.challenges, request, peer)
+            scope.details["challenge"] = answer.challenge_id
+            return answer
+
+        return await self._guarded("BeginUnlock", request, context, body, with_token=False)
+
+    async def Unlock(
+        self, request: enroll_pb2.UnlockRequest, context: Context
+    ) -> enroll_pb2.UnlockResponse:
+        return await self._guarded("Unlock", request, context, self._unlock, with_token=False)
+
+    async def _unlock(
+        self,
+        request: enroll_pb2.UnlockRequest,
+        _token_id: str,
+        _digest: bytes,
+        scope: AuditScope,
+        peer: str,
+    ) -> enroll_pb2.UnlockResponse:
+        unlock.check_names(request.device, request.volume)
+        scope.details["challenge"] = request.challenge_id[:64]
+        challenge = self.challenges.take(
+            request.challenge_id, f"unlock:{request.device}.{request.volume}"
+        )
+        book = self.clients.devices
+        device = unlock.attested_device(book, request.device)
+        secret = book.unlocks.get(f"{request.device}.{request.volume}")
+        if secret is None:
+            raise NotFound("unlock.not_found", "the volume's secret was removed")
+        scope.details["ek_sha256"] = device.ek_sha256.hex()
+        if device.ek_sha256 != challenge.ek_sha256 or device.ek_sha256 != secret.ek_sha256:
+            raise PermissionDenied(
+                "unlock.ek_mismatch", "the device's TPM is not the one the secret is for"
+            )
+        unlock.verify_quote(device, secret, challenge.nonce, request.quote, request.signature)
+        unlock.check_window(secret)
+        record = self.issuer.registry.get(secret.key_name)
+        require_usable(record)
+        provider, decrypt = unlock.decrypt_request(secret, record)
+        if self.crypto is None:
+            raise FailedPrecondition("unlock.unavailable", "this broker cannot decrypt")
+        answer = await self.crypto.decrypt(provider, decrypt, timeout=CA_TIMEOUT)
+        scope.details["generation"] = str(secret.generation)
+        return unlock.wrap_for_device(device, answer.plaintext, request.challenge_id)
 
     async def _live_token(self, token_id: str, digest: bytes) -> enroll_pb2.EnrollToken:
         """The token, if its secret matches and it may still be redeemed."""
@@ -304,7 +372,9 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         )
         scope.details["ek_sha256"] = checked.ek_sha256.hex()
         self._check_ek_free(checked.ek_sha256, token.name)
-        challenge = self.challenges.issue(token.id, checked.ek_sha256, request.ak_public)
+        challenge = self.challenges.issue(
+            token.id, checked.ek_sha256, request.ak_public, request.ek_public
+        )
         blob, secret = tpmcred.make_credential(checked.ek, challenge.nonce, checked.ak.name)
         scope.details["challenge"] = challenge.id
         expires = _now() + datetime.timedelta(seconds=self.challenges.ttl)
@@ -317,7 +387,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
 
     def _check_attested(
         self, request: enroll_pb2.EnrollRequest, token: enroll_pb2.EnrollToken, scope: AuditScope
-    ) -> tuple[object, bytes, bytes]:
+    ) -> tuple[object, bytes, bytes, bytes]:
         """(device public key, EK identity, AK public area) of a TPM-attested request:
         the challenge is this token's, unused and alive, its nonce came back (so the AK
         is in the EK's TPM), and that AK certified the device key over the nonce."""
@@ -346,7 +416,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                 "enroll.key_not_allowed",
                 f"profile {token.profile} allows EC P-256 or P-384 keys only",
             )
-        return key.key, challenge.ek_sha256, challenge.ak_public
+        return key.key, challenge.ek_sha256, challenge.ak_public, challenge.ek_public
 
     def _response(self, device: enroll_pb2.Device) -> enroll_pb2.EnrollResponse:
         cert = x509.load_der_x509_certificate(device.certificate_der)
@@ -421,9 +491,11 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
             )
         self._check_not_denied(token)
         profile = PROFILES[token.profile]
-        ek_sha256 = ak_public = b""
+        ek_sha256 = ak_public = ek_public = b""
         if request.challenge_id:
-            public_key, ek_sha256, ak_public = self._check_attested(request, token, scope)
+            public_key, ek_sha256, ak_public, ek_public = self._check_attested(
+                request, token, scope
+            )
         elif token.attest or token.ek_sha256:
             raise PermissionDenied(
                 "enroll.attestation_required",
@@ -461,6 +533,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                     sans=list(token.sans),
                     ek_sha256=ek_sha256,
                     ak_public=ak_public,
+                    ek_public=ek_public,
                 )
                 await self.store.put_device(device, existing[1] if existing else None)
             except BaseException:
@@ -534,7 +607,99 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         return key
 
 
-class DeviceService(enroll_pb2_grpc.DeviceServiceServicer):
+class _UnlockAdmin:
+    """DeviceService's unlock-secret RPCs (mixed in below)."""
+
+    clients: ClientRegistry
+    store: DeviceStore
+
+    @rpc("PutUnlockSecret")
+    async def PutUnlockSecret(
+        self, request: enroll_pb2.PutUnlockSecretRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.UnlockSecret:
+        given = request.secret
+        unlock.check_names(given.device, given.volume)
+        device = self.clients.devices.devices.get(given.device)
+        if device is None or not device.ek_sha256:
+            raise FailedPrecondition(
+                "unlock.device_unattested",
+                f"device {given.device!r} did not enroll with its TPM (kmsctl enroll --attest)",
+            )
+        existing = await self.store.unlock(given.device, given.volume)
+        unlock.new_secret_exists(existing, request.replace)
+        record = enroll_pb2.UnlockSecret()
+        record.CopyFrom(given)
+        if request.replace and existing is not None:
+            old = existing[0]
+            record.generation = old.generation + 1
+            if not record.pcrs:  # rotate keeps the policy unless given anew
+                record.pcrs[:] = list(old.pcrs)
+                record.pcr_digest = old.pcr_digest
+                record.not_before, record.not_after = old.not_before, old.not_after
+        else:
+            record.generation = 1
+        record.ek_sha256 = device.ek_sha256
+        record.created_at = stamp()
+        record.created_by = identity.client
+        record.removed = False
+        record.last_released_at = ""
+        unlock.check_policy(record)
+        await self.store.put_unlock(record, existing[1] if existing else None)
+        return _unlock_summary(record)
+
+    @rpc("ListUnlockSecrets")
+    async def ListUnlockSecrets(
+        self, request: enroll_pb2.ListUnlockSecretsRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.ListUnlockSecretsResponse:
+        book = self.clients.devices.unlocks
+        selected = (
+            book[k] for k in sorted(book) if not request.device or book[k].device == request.device
+        )
+        page, token = page_by_name(
+            selected, lambda s: f"{s.device}.{s.volume}", request.page_size, request.page_token
+        )
+        return enroll_pb2.ListUnlockSecretsResponse(
+            secrets=[_unlock_summary(s) for s in page], next_page_token=token
+        )
+
+    @rpc("GetUnlockSecret")
+    async def GetUnlockSecret(
+        self, request: enroll_pb2.GetUnlockSecretRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.UnlockSecret:
+        found = self.clients.devices.unlocks.get(f"{request.device}.{request.volume}")
+        if found is None:
+            raise NotFound("unlock.not_found", "no such unlock secret")
+        return _unlock_summary(found)
+
+    @rpc("RemoveUnlockSecret")
+    async def RemoveUnlockSecret(
+        self, request: enroll_pb2.GetUnlockSecretRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.UnlockSecret:
+        unlock.check_names(request.device, request.volume)
+        existing = await self.store.unlock(request.device, request.volume)
+        if existing is None or existing[0].removed:
+            raise NotFound("unlock.not_found", "no such unlock secret")
+        record = enroll_pb2.UnlockSecret(
+            device=request.device,
+            volume=request.volume,
+            removed=True,
+            generation=existing[0].generation,
+            created_at=stamp(),
+            created_by=identity.client,
+        )
+        await self.store.put_unlock(record, existing[1])
+        return _unlock_summary(existing[0])
+
+
+def _unlock_summary(secret: enroll_pb2.UnlockSecret) -> enroll_pb2.UnlockSecret:
+    """What administrators see: the policy, never the ciphertext."""
+    out = enroll_pb2.UnlockSecret()
+    out.CopyFrom(secret)
+    out.ClearField("ciphertext")
+    return out
+
+
+class DeviceService(_UnlockAdmin, enroll_pb2_grpc.DeviceServiceServicer):
     """Enrollment tokens and the device registry, for administrators."""
 
     def __init__(

@@ -212,13 +212,17 @@ class Broker:
         if self.port == 0:
             raise Unavailable("broker.listen_failed", f"cannot listen on {cfg.listen}")
         if cfg.enroll_listen:
-            await self._start_enrollment(client_service, device_store, audit)
+            await self._start_enrollment(client_service, device_store, audit, crypto)
         await self.server.start()
         await self._set_serving(True)
         log.info("broker ready", extra=fields(listen=cfg.listen, port=self.port))
 
     async def _start_enrollment(
-        self, issuer: ClientService, store: DeviceStore, audit: AuditWriter
+        self,
+        issuer: ClientService,
+        store: DeviceStore,
+        audit: AuditWriter,
+        crypto: CryptoClient | None = None,
     ) -> None:
         """The enrollment listener: server-only TLS (a device has no client certificate
         yet), EnrollmentService and health only, so nothing else is reachable without a
@@ -251,6 +255,7 @@ class Broker:
                 server_name,
                 audit,
                 ek_cas=ManufacturerCAs.load(cfg.ek_ca_file),
+                crypto=crypto,
             ),
             ENROLL_SERVICE,
             enroll_pb2,

@@ -275,6 +275,20 @@ class DeviceTpm:
             self.esys.flush_context(handle)
         return bytes(info.marshal()[2:]), _der_signature(sig)
 
+    def pcr_digest(self, pcrs: list[int]) -> bytes:
+        """SHA-256 of the sha256 bank's `pcrs` values concatenated in ascending order: the
+        digest a TPM2_Quote over them carries, and what an unlock policy records."""
+        import hashlib
+
+        return hashlib.sha256(b"".join(_pcr_values(self.esys, pcrs))).digest()
+
+    def extend(self, pcr: int, data: bytes) -> None:
+        """TPM2_PCR_Event on `pcr` (what a boot stage does when it measures the next)."""
+        from tpm2_pytss.types import TPM2B_EVENT
+
+        handle = getattr(ESYS_TR, f"PCR{pcr}")
+        self.esys.pcr_event(handle, TPM2B_EVENT(data))
+
     def quote(self, pcrs: list[int], nonce: bytes) -> tuple[bytes, bytes]:
         """(TPMS_ATTEST, DER ECDSA signature): the AK quotes the sha256 bank's `pcrs`."""
         self._ak_handle()
@@ -282,6 +296,18 @@ class DeviceTpm:
         scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
         info, sig = self.esys.quote(self._ak, selection, TPM2B_DATA(nonce), scheme)
         return bytes(info.marshal()[2:]), _der_signature(sig)
+
+
+def _pcr_values(esys: Any, pcrs: list[int]) -> list[bytes]:
+    """The sha256 bank's values of `pcrs`, in ascending order (TPM2_PCR_Read returns at
+    most eight a call)."""
+    values: list[bytes] = []
+    for start in range(0, len(pcrs), 8):
+        chunk = sorted(pcrs)[start : start + 8]
+        selection = TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(p) for p in chunk))
+        _, _, digests = esys.pcr_read(selection)
+        values += [bytes(d) for d in digests]
+    return values
 
 
 def _sized(area: bytes) -> bytes:

@@ -767,6 +767,30 @@ class KMSClient:
                 return
             request.page_token = page.next_page_token
 
+    def put_unlock_secret(
+        self, secret: enroll_pb2.UnlockSecret, replace: bool = False
+    ) -> enroll_pb2.UnlockSecret:
+        """Store (replace: rotate) a device volume's unlock secret and its policy."""
+        request = enroll_pb2.PutUnlockSecretRequest(secret=secret, replace=replace)
+        return self._call("PutUnlockSecret", self._devices.PutUnlockSecret, request, None)
+
+    def iter_unlock_secrets(self, device: str = "") -> Iterator[enroll_pb2.UnlockSecret]:
+        request = enroll_pb2.ListUnlockSecretsRequest(device=device)
+        while True:
+            page = self._call("ListUnlockSecrets", self._devices.ListUnlockSecrets, request, None)
+            yield from page.secrets
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def get_unlock_secret(self, device: str, volume: str) -> enroll_pb2.UnlockSecret:
+        request = enroll_pb2.GetUnlockSecretRequest(device=device, volume=volume)
+        return self._call("GetUnlockSecret", self._devices.GetUnlockSecret, request, None)
+
+    def remove_unlock_secret(self, device: str, volume: str) -> enroll_pb2.UnlockSecret:
+        request = enroll_pb2.GetUnlockSecretRequest(device=device, volume=volume)
+        return self._call("RemoveUnlockSecret", self._devices.RemoveUnlockSecret, request, None)
+
     def get_device(self, name: str) -> enroll_pb2.Device:
         return self._call(
             "GetDevice", self._devices.GetDevice, enroll_pb2.GetDeviceRequest(name=name), None

@@ -162,6 +162,7 @@ class Device(_message.Message):
     REVOCATIONS_DONE_FIELD_NUMBER: _builtins.int
     EK_SHA256_FIELD_NUMBER: _builtins.int
     AK_PUBLIC_FIELD_NUMBER: _builtins.int
+    EK_PUBLIC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     group: _builtins.str
     profile: _builtins.str
@@ -180,6 +181,8 @@ class Device(_message.Message):
     and the AK's TPMT_PUBLIC, pinned at enrollment.
     """
     ak_public: _builtins.bytes
+    ek_public: _builtins.bytes
+    """The EK's TPMT_PUBLIC: what released secrets are made for (MakeCredential)."""
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -200,14 +203,295 @@ class Device(_message.Message):
         revocations_done: _builtins.bool = ...,
         ek_sha256: _builtins.bytes = ...,
         ak_public: _builtins.bytes = ...,
+        ek_public: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "ek_sha256", b"ek_sha256", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "ek_public", b"ek_public", "ek_sha256", b"ek_sha256", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Device: _TypeAlias = Device  # noqa: Y015
+
+@_typing.final
+class UnlockSecret(_message.Message):
+    """"unlock.<device>.<volume>": a secret released to one attested device against a quote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
+    PCRS_FIELD_NUMBER: _builtins.int
+    PCR_DIGEST_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LAST_RELEASED_AT_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    volume: _builtins.str
+    ciphertext: _builtins.bytes
+    """KeyService Encrypt envelope of the secret, AAD "edgekms-unlock-v1\\0<device>\\0<volume>"."""
+    key_name: _builtins.str
+    key_version: _builtins.int
+    ek_sha256: _builtins.bytes
+    """The policy: the device's EK identity at the time, the sha256-bank PCRs quoted and
+    SHA-256 of their concatenated values; optional window (RFC 3339, "" for none).
+    """
+    pcr_digest: _builtins.bytes
+    not_before: _builtins.str
+    not_after: _builtins.str
+    created_at: _builtins.str
+    created_by: _builtins.str
+    generation: _builtins.int
+    """Increments with each replacement of the secret (kmsctl unlock rotate)."""
+    last_released_at: _builtins.str
+    removed: _builtins.bool
+    """Removed (kmsctl unlock remove): the bucket keeps no deletes, so a removal is a
+    record without ciphertext that nothing is released from.
+    """
+    @_builtins.property
+    def pcrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+        key_name: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        ek_sha256: _builtins.bytes = ...,
+        pcrs: _abc.Iterable[_builtins.int] | None = ...,
+        pcr_digest: _builtins.bytes = ...,
+        not_before: _builtins.str = ...,
+        not_after: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        last_released_at: _builtins.str = ...,
+        removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "created_at", b"created_at", "created_by", b"created_by", "device", b"device", "ek_sha256", b"ek_sha256", "generation", b"generation", "key_name", b"key_name", "key_version", b"key_version", "last_released_at", b"last_released_at", "not_after", b"not_after", "not_before", b"not_before", "pcr_digest", b"pcr_digest", "pcrs", b"pcrs", "removed", b"removed", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockSecret: _TypeAlias = UnlockSecret  # noqa: Y015
+
+@_typing.final
+class PutUnlockSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    replace: _builtins.bool
+    """false: refused if the volume has a secret already; true: replaces it (rotate)."""
+    @_builtins.property
+    def secret(self) -> Global___UnlockSecret: ...
+    def __init__(
+        self,
+        *,
+        secret: Global___UnlockSecret | None = ...,
+        replace: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replace", b"replace", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutUnlockSecretRequest: _TypeAlias = PutUnlockSecretRequest  # noqa: Y015
+
+@_typing.final
+class ListUnlockSecretsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnlockSecretsRequest: _TypeAlias = ListUnlockSecretsRequest  # noqa: Y015
+
+@_typing.final
+class ListUnlockSecretsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRETS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnlockSecret]: ...
+    def __init__(
+        self,
+        *,
+        secrets: _abc.Iterable[Global___UnlockSecret] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "secrets", b"secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnlockSecretsResponse: _TypeAlias = ListUnlockSecretsResponse  # noqa: Y015
+
+@_typing.final
+class GetUnlockSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    volume: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUnlockSecretRequest: _TypeAlias = GetUnlockSecretRequest  # noqa: Y015
+
+@_typing.final
+class BeginUnlockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    volume: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginUnlockRequest: _TypeAlias = BeginUnlockRequest  # noqa: Y015
+
+@_typing.final
+class UnlockChallenge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    PCRS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    nonce: _builtins.bytes
+    expires_at: _builtins.str
+    @_builtins.property
+    def pcrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+        pcrs: _abc.Iterable[_builtins.int] | None = ...,
+        expires_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "expires_at", b"expires_at", "nonce", b"nonce", "pcrs", b"pcrs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockChallenge: _TypeAlias = UnlockChallenge  # noqa: Y015
+
+@_typing.final
+class UnlockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    device: _builtins.str
+    volume: _builtins.str
+    quote: _builtins.bytes
+    """TPMS_ATTEST of TPM2_Quote by the device's enrolled AK, and its ECDSA-SHA256
+    signature (DER).
+    """
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        quote: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "device", b"device", "quote", b"quote", "signature", b"signature", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockRequest: _TypeAlias = UnlockRequest  # noqa: Y015
+
+@_typing.final
+class UnlockResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_BLOB_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_SECRET_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    credential_blob: _builtins.bytes
+    """TPM2_MakeCredential of a one-time 256-bit key to the device's EK, bound to its AK;
+    `sealed` is the secret under that key (AES-256-GCM, 12-byte nonce first, AAD the
+    challenge id).
+    """
+    encrypted_secret: _builtins.bytes
+    sealed: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        credential_blob: _builtins.bytes = ...,
+        encrypted_secret: _builtins.bytes = ...,
+        sealed: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_blob", b"credential_blob", "encrypted_secret", b"encrypted_secret", "sealed", b"sealed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockResponse: _TypeAlias = UnlockResponse  # noqa: Y015
 
 @_typing.final
 class DeniedGroup(_message.Message):
