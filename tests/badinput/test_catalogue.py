@@ -29,6 +29,7 @@ AREAS = {
     "agent",
     "stack",
     "attest",
+    "unlock",
 }
 MIN_ROWS = 40
 
