@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -44,6 +46,19 @@ log = logging.getLogger("kmsctl.up")
     default=None,
     help="PEM bundle of TPM manufacturer CAs: an EK certificate chaining to one of them "
     "may enroll with `kmsctl enroll --attest` (docs/security.md, TPM-attested enrollment).",
+)
+@click.option(
+    "--mdns",
+    is_flag=True,
+    help="Announce the enrollment listener on the LAN as _edgekms._tcp (multicast DNS), "
+    "for `kmsctl unlock fetch --mdns` on devices.",
+)
+@click.option(
+    "--mdns-interface",
+    "mdns_interfaces",
+    multiple=True,
+    metavar="IPV4",
+    help="Announce on this interface address only (repeatable). [default: all]",
 )
 @click.option(
     "--tpm",
@@ -163,6 +178,8 @@ def up(
     broker_listen: str,
     enroll_listen: str,
     ek_ca: Path | None,
+    mdns: bool,
+    mdns_interfaces: tuple[str, ...],
     tpm: str | None,
     swtpm_port: int | None,
     ca_http: str,
@@ -248,6 +265,7 @@ def up(
             log_max_bytes,
             log_backups,
             ek_ca=ek_ca,
+            mdns_interfaces=list(mdns_interfaces) if mdns else None,
         )
     finally:
         lock.release()
@@ -317,6 +335,7 @@ def _run_up(
     log_max_bytes: int,
     log_backups: int,
     ek_ca: Path | None = None,
+    mdns_interfaces: list[str] | None = None,
 ) -> None:
     from mgmt.stack import StackError, StackOptions, run_stack
 
@@ -352,11 +371,32 @@ def _run_up(
     from mgmt import stackstate
 
     pointer: list[Path] = []
+    announced: list[Any] = []
+
+    def announce_mdns() -> None:
+        """_edgekms._tcp for the enrollment listener (off the event loop: zeroconf's
+        registration blocks while it probes the name)."""
+        from mgmt.mdns import Announcement
+
+        host, _, port = broker_listen.rpartition(":")
+        target = enroll_listen or f"{host}:{int(port) + 1}"
+        e_host, _, e_port = target.rpartition(":")
+        try:
+            announced.append(
+                Announcement(
+                    f"edgekms-{socket.gethostname()}", e_host, int(e_port), mdns_interfaces
+                )
+            )
+            log.info("announced on mDNS", extra=fields(service="_edgekms._tcp", port=e_port))
+        except Exception as exc:  # a LAN without multicast must not stop the KMS
+            log.warning("mDNS announcement failed", extra=fields(error=str(exc)[:200]))
 
     def ready(stack: object) -> None:
         # So that kmsctl, given no data dir, finds this stack (mgmt.stackstate).
         with contextlib.suppress(OSError):
             pointer.append(stackstate.announce(data_dir))
+        if mdns_interfaces is not None:
+            threading.Thread(target=announce_mdns, name="mdns", daemon=True).start()
         click.echo(
             f"EdgeKMS is up: broker {broker_listen}, NATS 127.0.0.1:{nats_port}, "
             f"data in {data_dir}. Client config: {client_config_path(data_dir)}. Ctrl-C stops.",
@@ -378,6 +418,9 @@ def _run_up(
     finally:
         for path in pointer:
             stackstate.withdraw(path)
+        for announcement in announced:
+            with contextlib.suppress(Exception):
+                announcement.close()
     click.echo("EdgeKMS stopped.", err=True)
 
 

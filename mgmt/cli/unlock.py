@@ -284,6 +284,19 @@ _TCTI = click.option(
     help="Where `kmsctl enroll --attest` wrote device.json (KMS address, CA fingerprint).",
 )
 @click.option("--server", default="", help="The KMS enrollment listener HOST:PORT.")
+@click.option(
+    "--mdns",
+    is_flag=True,
+    help="Find the KMS on the LAN (_edgekms._tcp, `kmsctl up --mdns`) instead of the address "
+    "saved at enrollment; the CA fingerprint is still the saved one.",
+)
+@click.option(
+    "--mdns-interface",
+    "mdns_interfaces",
+    multiple=True,
+    metavar="IPV4",
+    help="Look on this interface address only (repeatable). [default: all]",
+)
 @click.option("--fingerprint", default="", help="SHA-256 of the internal CA certificate.")
 @click.option("--device", default="", help="This device's name.")
 @_TCTI
@@ -305,6 +318,8 @@ def fetch_cmd(
     volume: str,
     device_dir: Path,
     server: str,
+    mdns: bool,
+    mdns_interfaces: tuple[str, ...],
     fingerprint: str,
     device: str,
     tcti: str,
@@ -318,6 +333,14 @@ def fetch_cmd(
     from mgmt.unlock import fetch, target_from
 
     auth = endorsement_auth_file.read_bytes().rstrip(b"\n") if endorsement_auth_file else b""
+    if mdns and not server:
+        from edgekms.errors import Unavailable
+        from mgmt.mdns import discover
+
+        found = discover(interfaces=list(mdns_interfaces) or None)
+        if not found:
+            raise Unavailable("unlock.kms_not_found", "no _edgekms._tcp service answered")
+        server = found[0].server
     target = target_from(device_dir, server, fingerprint, device)
     value = fetch(target, volume, tcti_of(tcti), endorsement_auth=auth)
     if out_path is None:

@@ -1,24 +1,42 @@
 """Remote unlock tests get a stack of their own (the broker's per-address challenge
 ration is shared by everything on loopback, so the enrollment tests' challenges must not
-count against these), with the TPM manufacturer fixtures of tests/attest, an AES-256
-KMS key `unlock`, and LUKS2 image files."""
+count against these) that also announces itself by mDNS on loopback, with the TPM
+manufacturer fixtures of tests/attest, an AES-256 KMS key `unlock`, and LUKS2 image
+files."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.attest.conftest import device_tpm, other_maker, stack, trusted_maker
-from tests.e2e.conftest import KmsStack
+from tests.attest.conftest import Manufacturer, device_tpm, other_maker, trusted_maker
+from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 from tests.enroll.conftest import run
 
-__all__ = ["device_tpm", "other_maker", "stack", "trusted_maker"]
+__all__ = ["device_tpm", "other_maker", "trusted_maker"]
 
 pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="package")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, trusted_maker: Manufacturer
+) -> Iterator[KmsStack]:
+    """The stack trusting the test manufacturer, announcing itself on loopback by mDNS."""
+    started = start_stack(
+        tmp_path_factory.mktemp("unlock") / "data",
+        "--ek-ca",
+        str(trusted_maker.bundle),
+        "--mdns",
+        "--mdns-interface",
+        "127.0.0.1",
+    )
+    yield started
+    assert stop_stack(started) == 0, started.log_path.read_text()[-2000:]
 
 
 @pytest.fixture(scope="package")
@@ -44,12 +62,23 @@ def luks_volume(tmp_path: Path) -> LuksFactory:
             out.truncate(20 * 1024 * 1024)
         subprocess.run(
             [
-                "cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode",
-                "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                "--key-file", str(key_file), str(image),
+                "cryptsetup",
+                "luksFormat",
+                "--type",
+                "luks2",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                str(key_file),
+                str(image),
             ],
-            check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         return image
 
     return make

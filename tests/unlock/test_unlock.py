@@ -280,3 +280,36 @@ def test_rotate_replaces_the_secret_and_keeps_the_policy(
     assert rotated["generation"] == 2 and rotated["pcrs"] == [0, 7]
     got = fetch(tpm, out)
     assert got.exit_code == 0 and got.stdout_bytes == new.read_bytes() != old.read_bytes()
+
+
+def test_the_device_finds_the_kms_by_mdns_on_loopback(
+    stack: KmsStack, unlock_key: str, device_tpm: DeviceFactory, tmp_path: Path
+) -> None:
+    import json
+
+    tpm = device_tpm()
+    out = attested(stack, tpm, tmp_path, "field-2")
+    secret = add_secret(stack, tpm, "field-2", tmp_path)
+    saved = json.loads((out / "device.json").read_text())
+    del saved["enrollment"]  # no address: only mDNS can tell where the KMS is
+    (out / "device.json").write_text(json.dumps(saved))
+    without = fetch(tpm, out)
+    assert without.exit_code == 3 and "unlock.target_unknown" in without.output
+    found = CliRunner().invoke(
+        cli,
+        [
+            "unlock",
+            "fetch",
+            "--volume",
+            "data",
+            "--device-dir",
+            str(out),
+            "--tcti",
+            tpm.tcti,
+            "--mdns",
+            "--mdns-interface",
+            "127.0.0.1",
+        ],
+    )
+    assert found.exit_code == 0, found.output
+    assert found.stdout_bytes == secret.read_bytes()
