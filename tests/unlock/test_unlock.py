@@ -278,6 +278,8 @@ def test_rotate_replaces_the_secret_and_keeps_the_policy(
         stack, "unlock", "rotate", "gw-3", "--volume", "data", "--from-file", str(new)
     )
     assert rotated["generation"] == 2 and rotated["pcrs"] == [0, 7]
+    again = run(stack, "unlock", "add", "gw-3", "--volume", "data", "--from-file", str(new))
+    assert again.exit_code == 5 and "unlock.exists" in again.output
     got = fetch(tpm, out)
     assert got.exit_code == 0 and got.stdout_bytes == new.read_bytes() != old.read_bytes()
 
