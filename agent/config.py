@@ -332,8 +332,10 @@ def _cert_item(reader: _Reader, seen: set[str], renew_at: float) -> CertItem:
         except InvalidArgument as exc:
             raise reader.bad("ttl", exc.message) from None
     key_type = reader.string("key_type", "ec-p256")
-    if key_type not in KEY_TYPE_BY_CLI:
-        raise reader.bad("key_type", f"one of {', '.join(KEY_TYPE_BY_CLI)}")
+    # A certificate's key signs: the symmetric type (aes-256) is no choice here.
+    certifiable = [name for name, info in KEY_TYPE_BY_CLI.items() if info.family != "aes"]
+    if key_type not in certifiable:
+        raise reader.bad("key_type", f"one of {', '.join(certifiable)}")
     key_mode = reader.mode("key_mode", 0o600)
     if key_mode & 0o037:
         raise reader.bad("key_mode", "a key must not be writable by its group or open to others")

@@ -5,7 +5,7 @@ decrypting what they made)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -73,7 +73,7 @@ def _flip_last_byte(sealed: bytes) -> bytes:
     return sealed[:-1] + bytes((sealed[-1] ^ 0x01,))
 
 
-DECRYPT_CASES = {
+DECRYPT_CASES: dict[str, tuple[Callable[[bytes], bytes], bytes, str, str]] = {
     "tampered_ciphertext": (lambda s: _flip_last_byte(s), AAD, "", "decrypt.failed"),
     "tampered_nonce": (
         lambda s: _edit(s, nonce=bytes(12)),
@@ -131,7 +131,7 @@ def test_bad_decrypt_is_refused_and_changes_nothing(
 ) -> None:
     edit, aad, name, reason = DECRYPT_CASES[case]
     with pytest.raises(errors.KMSError) as refused:
-        kms.decrypt(edit(sealed), aad=aad, name=name)  # type: ignore[operator]
+        kms.decrypt(edit(sealed), aad=aad, name=name)
     assert refused.value.reason == reason, refused.value
     assert isinstance(refused.value, errors.InvalidArgument | errors.NotFound), refused.value
     _unchanged(kms, sealed)

@@ -5,7 +5,7 @@ cryptography's own OAEP, in both directions where the private key allows."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -61,7 +61,7 @@ def test_aes_empty_plaintext_round_trips(provider: Provider, key_cache: KeyCache
     assert provider.decrypt(key_id, sealed.algorithm, sealed.nonce, sealed.ciphertext, b"") == b""
 
 
-AES_TAMPERING = {
+AES_TAMPERING: dict[str, Callable[[bytes, bytes, bytes], tuple[bytes, bytes, bytes]]] = {
     "wrong_aad": lambda n, c, a: (n, c, a + b"!"),
     "no_aad": lambda n, c, a: (n, c, b""),
     "flipped_tag_bit": lambda n, c, a: (n, c[:-1] + bytes((c[-1] ^ 1,)), a),
@@ -129,7 +129,7 @@ def test_rsa_oaep_round_trip_and_interop(provider: Provider, rsa_key: tuple[byte
     assert provider.decrypt(key_id, sealed.algorithm, b"", theirs, AAD) == b"from cryptography"
 
 
-RSA_TAMPERING = {
+RSA_TAMPERING: dict[str, Callable[[bytes, bytes], tuple[bytes, bytes]]] = {
     "wrong_aad": lambda c, a: (c, a + b"!"),
     "flipped_bit": lambda c, a: (c[:-1] + bytes((c[-1] ^ 1,)), a),
     "short_block": lambda c, a: (c[:-1], a),

@@ -4,10 +4,12 @@ encrypt, on both providers; every call lands in the audit log without its plaint
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +161,56 @@ def test_signer_role_encrypts_operator_does_not(enc_stack: KmsStack, keys: list[
     with _client_with(enc_stack, cert, key) as operator, pytest.raises(errors.KMSError) as refused:
         operator.decrypt(sealed.ciphertext)
     assert refused.value.reason == "authz.role_denied"
+
+
+def _kmsctl(
+    stack: KmsStack, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(BIN / "kmsctl"), "key", *args],
+        env=stack.env(),
+        input=stdin,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_kmsctl_encrypt_decrypt_rotate(enc_stack: KmsStack, tmp_path: Path) -> None:
+    """The CLI as a script uses it: stdin to a file, file to stdout, -o json with base64,
+    a rotation in between, and the exit codes of a refusal."""
+    name = "enc/cli-disks"
+    made = _kmsctl(enc_stack, "create", name, "--type", "aes-256", "-o", "json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["usage"] == "encrypt"
+    sealed_file = tmp_path / "pass.ekms"
+    enc = _kmsctl(
+        enc_stack, "encrypt", name, "--aad", "volume=data", "--out", str(sealed_file),
+        stdin=b"disk passphrase",
+    )  # fmt: skip
+    assert enc.returncode == 0, enc.stderr
+    assert b"disk passphrase" not in sealed_file.read_bytes()
+    rotated = _kmsctl(enc_stack, "rotate", name, "-o", "json")
+    assert rotated.returncode == 0, rotated.stderr
+    assert json.loads(rotated.stdout)["version"] == 2
+    dec = _kmsctl(
+        enc_stack, "decrypt", "--in", str(sealed_file), "--aad", "volume=data", "--out", "-"
+    )
+    assert dec.returncode == 0, dec.stderr
+    assert dec.stdout == b"disk passphrase"
+    as_json = _kmsctl(enc_stack, "encrypt", name, "-o", "json", stdin=b"\x00binary\xff")
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert (doc["name"], doc["version"], doc["algorithm"]) == (name, 2, "aes-256-gcm")
+    b64 = tmp_path / "ct.b64"
+    b64.write_text(doc["ciphertext"])
+    back = _kmsctl(enc_stack, "decrypt", "--in", str(b64), "--base64", "-o", "json")
+    assert back.returncode == 0, back.stderr
+    opened = json.loads(back.stdout)
+    assert base64.b64decode(opened["plaintext"]) == b"\x00binary\xff"
+    assert opened["version"] == 2
+    wrong = _kmsctl(enc_stack, "decrypt", "--in", str(sealed_file), "--aad", "volume=other")
+    assert wrong.returncode == 3  # INVALID_ARGUMENT
+    assert b"decrypt.failed" in wrong.stderr and wrong.stdout == b""
+    too_big = _kmsctl(enc_stack, "encrypt", name, stdin=bytes(64 * 1024 + 1))
+    assert too_big.returncode == 3 and b"encrypt.plaintext_too_large" in too_big.stderr
