@@ -218,12 +218,13 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                 token_id, digest = parse_token(request.token)
                 scope.details["token_id"] = token_id
                 subjects.append("token:" + token_id)
+                self.throttle.check(subjects[-1])
             else:
-                # Unlock: no token; refusals count against the device it names.
+                # Unlock: no token. Refusals count against the address only: counting
+                # them against the device would let anyone on the LAN keep it from
+                # unlocking by sending bad answers in its name.
                 token_id, digest = "", b""
                 scope.target = f"{request.device[:80]}/{request.volume[:80]}"
-                subjects.append("device:" + request.device[:80])
-            self.throttle.check(subjects[-1])
             response = await body(request, token_id, digest, scope, peer)
             failure = await scope.settle(None)
             if failure is not None:
