@@ -315,3 +315,72 @@ def test_the_device_finds_the_kms_by_mdns_on_loopback(
     )
     assert found.exit_code == 0, found.output
     assert found.stdout_bytes == secret.read_bytes()
+
+
+def test_a_broker_killed_mid_release_releases_nothing_and_the_retry_unlocks(
+    stack: KmsStack,
+    unlock_key: str,
+    device_tpm: DeviceFactory,
+    luks_volume: LuksFactory,
+    tmp_path: Path,
+) -> None:
+    import signal
+    import threading
+    import time
+
+    from tests.conftest import SLOWDOWN
+
+    tpm = device_tpm()
+    out = attested(stack, tpm, tmp_path, "crashy-1")
+    secret = add_secret(stack, tpm, "crashy-1", tmp_path)
+    image = luks_volume(secret)
+    server, fingerprint = fingerprint_of(out)
+    children = dict(stack.state()["children"])  # type: ignore[call-overload]
+    crypto_pid, broker_pid = int(children["crypto-hsm0"]), int(children["broker"])
+    with enrollment_stub(server, fingerprint) as stub:
+        challenge = call(
+            stub.BeginUnlock, enroll_pb2.BeginUnlockRequest(device="crashy-1", volume="data")
+        )
+    with DeviceTpm(tpm.tcti) as device:
+        quote, signature = device.quote(list(challenge.pcrs), challenge.nonce)
+    request = enroll_pb2.UnlockRequest(
+        challenge_id=challenge.challenge_id, device="crashy-1", volume="data",
+        quote=quote, signature=signature,
+    )  # fmt: skip
+    outcome: list[object] = []
+
+    def attempt() -> None:
+        try:
+            with enrollment_stub(server, fingerprint) as stub:
+                outcome.append(call(stub.Unlock, request))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    # The Decrypt hangs (crypto service stopped), so the broker is caught mid-release
+    # (or before it): then it is killed. Whichever, nothing may come out of it.
+    os.kill(crypto_pid, signal.SIGSTOP)
+    thread = threading.Thread(target=attempt)
+    try:
+        thread.start()
+        thread.join(2.0)
+        os.kill(broker_pid, signal.SIGKILL)
+    finally:
+        os.kill(crypto_pid, signal.SIGCONT)
+    thread.join(60 * SLOWDOWN)
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.KMSError), outcome
+    # kmsctl up restarts the broker; the old challenge died with it, a new fetch unlocks.
+    deadline = time.monotonic() + 120 * SLOWDOWN
+    while True:
+        try:
+            with enrollment_stub(server, fingerprint) as stub:
+                call(stub.Unlock, request)
+            pytest.fail("a challenge outlived its broker")
+        except errors.FailedPrecondition as err:
+            assert err.reason == "attest.challenge_unknown"
+            break
+        except (errors.Unavailable, errors.DeadlineExceeded):
+            assert time.monotonic() < deadline, "the broker did not come back"
+            time.sleep(0.5)
+    got = fetch(tpm, out)
+    assert got.exit_code == 0, got.output
+    assert opens(image, got.stdout_bytes)
