@@ -388,7 +388,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
 
     def _check_attested(
         self, request: enroll_pb2.EnrollRequest, token: enroll_pb2.EnrollToken, scope: AuditScope
-    ) -> tuple[object, bytes, bytes, bytes]:
+    ) -> tuple[object, bytes, bytes, bytes, dict[int, bytes]]:
         """(device public key, EK identity, AK public area) of a TPM-attested request:
         the challenge is this token's, unused and alive, its nonce came back (so the AK
         is in the EK's TPM), and that AK certified the device key over the nonce."""
@@ -417,7 +417,16 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                 "enroll.key_not_allowed",
                 f"profile {token.profile} allows EC P-256 or P-384 keys only",
             )
-        return key.key, challenge.ek_sha256, challenge.ak_public, challenge.ek_public
+        pcr_values: dict[int, bytes] = {}
+        if request.pcr_quote:
+            pcr_values = unlock.verify_enrollment_pcrs(
+                ak,
+                request.pcr_quote,
+                request.pcr_quote_signature,
+                list(request.pcr_values),
+                challenge.nonce,
+            )
+        return key.key, challenge.ek_sha256, challenge.ak_public, challenge.ek_public, pcr_values
 
     def _response(self, device: enroll_pb2.Device) -> enroll_pb2.EnrollResponse:
         cert = x509.load_der_x509_certificate(device.certificate_der)
@@ -493,8 +502,9 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         self._check_not_denied(token)
         profile = PROFILES[token.profile]
         ek_sha256 = ak_public = ek_public = b""
+        pcr_values: dict[int, bytes] = {}
         if request.challenge_id:
-            public_key, ek_sha256, ak_public, ek_public = self._check_attested(
+            public_key, ek_sha256, ak_public, ek_public, pcr_values = self._check_attested(
                 request, token, scope
             )
         elif token.attest or token.ek_sha256:
@@ -535,6 +545,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                     ek_sha256=ek_sha256,
                     ak_public=ak_public,
                     ek_public=ek_public,
+                    pcr_values=pcr_values,
                 )
                 await self.store.put_device(device, existing[1] if existing else None)
             except BaseException:
@@ -640,6 +651,9 @@ class _UnlockAdmin:
         else:
             record.generation = 1
         record.ek_sha256 = device.ek_sha256
+        if record.pcrs and not record.pcr_digest:
+            # The known-good values quoted at enrollment make the digest.
+            record.pcr_digest = unlock.digest_from_recorded(device, list(record.pcrs))
         record.created_at = stamp()
         record.created_by = identity.client
         record.removed = False

@@ -21,6 +21,7 @@ Every attempt is audited by the caller's AuditScope (the enrollment listener's).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import hmac
 import secrets
 from typing import Any
@@ -167,6 +168,38 @@ def verify_quote(
             "unlock.pcr_mismatch",
             "the PCR values differ from the policy's: the boot chain is not the enrolled one",
         )
+
+
+def verify_enrollment_pcrs(
+    ak: tpmcred.TpmPublic, quote: bytes, signature: bytes, values: list[bytes], nonce: bytes
+) -> dict[int, bytes]:
+    """PCR values sent at attested enrollment, once the AK's quote over the challenge's
+    nonce vouches for them: {pcr: value}."""
+    info = tpmcred.verify_signed(ak, quote, signature)
+    if info.type != tpmcred.TPM_ST_ATTEST_QUOTE:
+        raise FailedPrecondition("attest.wrong_type", "the PCR evidence is not a TPM2_Quote")
+    if not hmac.compare_digest(info.extra_data, nonce):
+        raise FailedPrecondition("attest.nonce_mismatch", "the PCR quote answers another nonce")
+    if info.pcr_bank != PCR_BANK_SHA256 or len(values) != len(info.pcrs):
+        raise FailedPrecondition(
+            "attest.pcr_values", "the PCR values do not match the quote's sha256 selection"
+        )
+    if any(len(v) != 32 for v in values) or not hmac.compare_digest(
+        hashlib.sha256(b"".join(values)).digest(), info.pcr_digest
+    ):
+        raise FailedPrecondition("attest.pcr_values", "the PCR values are not the quoted ones")
+    return dict(zip(sorted(info.pcrs), values, strict=True))
+
+
+def digest_from_recorded(device: enroll_pb2.Device, pcrs: list[int]) -> bytes:
+    """The policy digest of `pcrs` from the values recorded at enrollment."""
+    missing = [p for p in pcrs if p not in device.pcr_values]
+    if missing:
+        raise InvalidArgument(
+            "unlock.pcr_digest_invalid",
+            f"no values were recorded at enrollment for PCR {missing[0]}: give --pcr-digest",
+        )
+    return hashlib.sha256(b"".join(device.pcr_values[p] for p in sorted(pcrs))).digest()
 
 
 def wrap_for_device(

@@ -43,6 +43,7 @@ from mgmt.pki import write_private, write_public
 from mgmt.tpmdevice import DeviceTpm
 
 TPM_KEY_FILE = "device.tpmkey"
+ENROLL_PCRS = list(range(8))  # the firmware and boot loader PCRs of the PC Client profile
 DEVICE_FILE = "device.json"
 
 
@@ -103,6 +104,9 @@ def attested_enroll(
         nonce = tpm.activate(challenge.credential_blob, challenge.encrypted_secret)
         key = tpm.create_key()
         certify_info, certify_signature = tpm.certify(key, nonce)
+        # The boot state as enrolled: PCRs 0-7 quoted over the same nonce, with their values.
+        pcr_quote, pcr_signature = tpm.quote(ENROLL_PCRS, nonce)
+        pcr_values = tpm.pcr_values(ENROLL_PCRS)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_private(key_path, key.to_json())
         try:
@@ -115,6 +119,9 @@ def attested_enroll(
                     key_public=key.public,
                     certify_info=certify_info,
                     certify_signature=certify_signature,
+                    pcr_quote=pcr_quote,
+                    pcr_quote_signature=pcr_signature,
+                    pcr_values=pcr_values,
                 ),
                 timeout=timeout,
             )

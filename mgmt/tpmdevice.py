@@ -275,6 +275,10 @@ class DeviceTpm:
             self.esys.flush_context(handle)
         return bytes(info.marshal()[2:]), _der_signature(sig)
 
+    def pcr_values(self, pcrs: list[int]) -> list[bytes]:
+        """The sha256 bank's values of `pcrs`, in ascending PCR order."""
+        return _pcr_values(self.esys, pcrs)
+
     def pcr_digest(self, pcrs: list[int]) -> bytes:
         """SHA-256 of the sha256 bank's `pcrs` values concatenated in ascending order: the
         digest a TPM2_Quote over them carries, and what an unlock policy records."""

@@ -118,10 +118,8 @@ def _policy(pcrs: str, pcr_digest: str, not_before: str, not_after: str) -> dict
         digest = bytes.fromhex(pcr_digest) if pcr_digest else b""
     except ValueError:
         raise click.BadParameter("64 hex digits", param_hint="--pcr-digest") from None
-    if parsed and len(digest) != 32:
-        raise click.UsageError(
-            "--pcrs needs --pcr-digest: run `kmsctl unlock pcrs` on the device in its good state"
-        )
+    if digest and len(digest) != 32:
+        raise click.BadParameter("64 hex digits", param_hint="--pcr-digest")
     return {
         "pcrs": parsed,
         "pcr_digest": digest,
@@ -169,7 +167,12 @@ def _secret_options(fn: Any) -> Any:
 @_secret_options
 @click.option("--key", default=DEFAULT_KEY, show_default=True, help="The KMS key (aes-256).")
 @click.option("--pcrs", default="", help="sha256-bank PCRs the device must quote: 0,2,4,7.")
-@click.option("--pcr-digest", default="", help="Their expected digest (`kmsctl unlock pcrs`).")
+@click.option(
+    "--pcr-digest",
+    default="",
+    help="Their expected digest (`kmsctl unlock pcrs` on the device). [default: from the "
+    "PCR 0-7 values the device quoted at `kmsctl enroll --attest`]",
+)
 @click.option("--not-before", default="", help="Released from this time (RFC 3339) on.")
 @click.option("--not-after", default="", help="Released until this time (RFC 3339).")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")

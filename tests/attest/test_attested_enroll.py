@@ -44,11 +44,22 @@ def device_enroll(stack: KmsStack, tpm: Swtpm, token: Path, fingerprint: str, ou
     return CliRunner().invoke(
         cli,
         [
-            "enroll", "--attest", "--tcti", tpm.tcti, "--server", enroll_address(stack),
-            "--token", str(token), "--fingerprint", fingerprint, "--out-dir", str(out),
-            "-o", "json",
+            "enroll",
+            "--attest",
+            "--tcti",
+            tpm.tcti,
+            "--server",
+            enroll_address(stack),
+            "--token",
+            str(token),
+            "--fingerprint",
+            fingerprint,
+            "--out-dir",
+            str(out),
+            "-o",
+            "json",
         ],
-    )  # fmt: skip
+    )
 
 
 def refusal(result: Result) -> str:
@@ -143,10 +154,17 @@ def test_an_attest_token_refuses_a_plain_csr(stack: KmsStack, tmp_path: Path) ->
     result = CliRunner().invoke(
         cli,
         [
-            "enroll", "--server", enroll_address(stack), "--token", str(token),
-            "--fingerprint", fingerprint, "--out-dir", str(tmp_path / "out"),
+            "enroll",
+            "--server",
+            enroll_address(stack),
+            "--token",
+            str(token),
+            "--fingerprint",
+            fingerprint,
+            "--out-dir",
+            str(tmp_path / "out"),
         ],
-    )  # fmt: skip
+    )
     assert "enroll.attestation_required" in refusal(result)
 
 
@@ -169,9 +187,14 @@ def _begin(
 
 
 def _finish(
-    stack: KmsStack, fingerprint: str, token: str, challenge_id: str, nonce: bytes,
-    key: DeviceKey, certify: tuple[bytes, bytes],
-) -> Any:  # fmt: skip
+    stack: KmsStack,
+    fingerprint: str,
+    token: str,
+    challenge_id: str,
+    nonce: bytes,
+    key: DeviceKey,
+    certify: tuple[bytes, bytes],
+) -> Any:
     with enrollment_stub(enroll_address(stack), fingerprint) as stub:
         return call(
             stub.Enroll,
@@ -200,19 +223,22 @@ def test_wrong_nonce_replayed_challenge_and_foreign_ak_are_refused(
         # A guessed nonce: refused, and the challenge is gone with it.
         wrong = os.urandom(32)
         with pytest.raises(errors.FailedPrecondition) as bad:
-            _finish(stack, fingerprint, token, challenge.challenge_id, wrong, key,
-                    a.certify(key, wrong))  # fmt: skip
+            _finish(
+                stack, fingerprint, token, challenge.challenge_id, wrong, key, a.certify(key, wrong)
+            )
         assert bad.value.reason == "attest.nonce_mismatch"
         with pytest.raises(errors.FailedPrecondition) as replay:
-            _finish(stack, fingerprint, token, challenge.challenge_id, nonce, key,
-                    a.certify(key, nonce))  # fmt: skip
+            _finish(
+                stack, fingerprint, token, challenge.challenge_id, nonce, key, a.certify(key, nonce)
+            )
         assert replay.value.reason == "attest.challenge_unknown"
         # A certification over another nonce than the challenge's.
         _, second = _begin(stack, fingerprint, token, a)
         nonce2 = a.activate(second.credential_blob, second.encrypted_secret)
         with pytest.raises(errors.FailedPrecondition) as stale:
-            _finish(stack, fingerprint, token, second.challenge_id, nonce2, key,
-                    a.certify(key, nonce))  # fmt: skip
+            _finish(
+                stack, fingerprint, token, second.challenge_id, nonce2, key, a.certify(key, nonce)
+            )
         assert stale.value.reason == "attest.nonce_mismatch"
     # A's EK certificate with B's AK: the credential is bound to B's AK name, so A's TPM
     # cannot activate it, and B's TPM has not A's EK: nobody can answer.
@@ -224,10 +250,12 @@ def test_wrong_nonce_replayed_challenge_and_foreign_ak_are_refused(
             crossed = call(
                 stub.BeginAttestation,
                 enroll_pb2.BeginAttestationRequest(
-                    token=token, ek_certificate=evidence.ek_certificate_der,
-                    ek_public=evidence.ek_public, ak_public=ak_b,
+                    token=token,
+                    ek_certificate=evidence.ek_certificate_der,
+                    ek_public=evidence.ek_public,
+                    ak_public=ak_b,
                 ),
-            )  # fmt: skip
+            )
         if tpmcred.parse_public(ak_b).name != tpmcred.parse_public(evidence.ak_public).name:
             with pytest.raises(errors.FailedPrecondition) as cannot:
                 a.activate(crossed.credential_blob, crossed.encrypted_secret)
@@ -260,3 +288,40 @@ def test_a_denied_devices_tpm_cannot_enroll_again_under_any_name(
         device_enroll(stack, tpm, token3, fingerprint, tmp_path / "c")
     )
     assert audited(stack, "enroll.denied")
+
+
+def test_pcr_values_that_are_not_the_quoted_ones_are_refused(
+    stack: KmsStack, device_tpm: DeviceFactory, tmp_path: Path
+) -> None:
+    tpm = device_tpm()
+    token_file, fingerprint = new_token(stack, tmp_path, "pcr-liar", "--attest")
+    token = token_file.read_text().strip()
+    with DeviceTpm(tpm.tcti) as device:
+        _, challenge = _begin(stack, fingerprint, token, device)
+        nonce = device.activate(challenge.credential_blob, challenge.encrypted_secret)
+        key = device.create_key()
+        info, signature = device.certify(key, nonce)
+        quote, quote_signature = device.quote(list(range(8)), nonce)
+        values = device.pcr_values(list(range(8)))
+    values[7] = b"\x01" * 32  # claims a PCR 7 it did not have
+    with (
+        enrollment_stub(enroll_address(stack), fingerprint) as stub,
+        pytest.raises(errors.FailedPrecondition) as lied,
+    ):
+        call(
+            stub.Enroll,
+            enroll_pb2.EnrollRequest(
+                token=token,
+                request_id=os.urandom(8).hex(),
+                challenge_id=challenge.challenge_id,
+                activated_nonce=nonce,
+                key_public=key.public,
+                certify_info=info,
+                certify_signature=signature,
+                pcr_quote=quote,
+                pcr_quote_signature=quote_signature,
+                pcr_values=values,
+            ),
+        )
+    assert lied.value.reason == "attest.pcr_values"
+    assert "pcr-liar" not in {d["name"] for d in run_json(stack, "device", "list")}

@@ -344,9 +344,12 @@ def test_a_broker_killed_mid_release_releases_nothing_and_the_retry_unlocks(
     with DeviceTpm(tpm.tcti) as device:
         quote, signature = device.quote(list(challenge.pcrs), challenge.nonce)
     request = enroll_pb2.UnlockRequest(
-        challenge_id=challenge.challenge_id, device="crashy-1", volume="data",
-        quote=quote, signature=signature,
-    )  # fmt: skip
+        challenge_id=challenge.challenge_id,
+        device="crashy-1",
+        volume="data",
+        quote=quote,
+        signature=signature,
+    )
     outcome: list[object] = []
 
     def attempt() -> None:
@@ -384,3 +387,42 @@ def test_a_broker_killed_mid_release_releases_nothing_and_the_retry_unlocks(
     got = fetch(tpm, out)
     assert got.exit_code == 0, got.output
     assert opens(image, got.stdout_bytes)
+
+
+def test_the_pcr_values_recorded_at_enrollment_make_the_policy(
+    stack: KmsStack, unlock_key: str, device_tpm: DeviceFactory, tmp_path: Path
+) -> None:
+    tpm = device_tpm()
+    out = attested(stack, tpm, tmp_path, "auto-1")
+    secret = tmp_path / "auto.key"
+    added = run_json(
+        stack,
+        "unlock",
+        "add",
+        "auto-1",
+        "--volume",
+        "data",
+        "--pcrs",
+        PCRS,
+        "--generate",
+        "--secret-out",
+        str(secret),
+    )
+    assert added["pcr_digest"] == pcr_digest(tpm)
+    got = fetch(tpm, out)
+    assert got.exit_code == 0 and got.stdout_bytes == secret.read_bytes()
+    # PCR 8 was not quoted at enrollment: its digest must be given.
+    unknown = run(
+        stack,
+        "unlock",
+        "add",
+        "auto-1",
+        "--volume",
+        "other",
+        "--pcrs",
+        "8",
+        "--generate",
+        "--secret-out",
+        str(tmp_path / "other.key"),
+    )
+    assert unknown.exit_code == 3 and "unlock.pcr_digest_invalid" in unknown.output

@@ -147,6 +147,26 @@ class Device(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PcrValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
@@ -163,6 +183,7 @@ class Device(_message.Message):
     EK_SHA256_FIELD_NUMBER: _builtins.int
     AK_PUBLIC_FIELD_NUMBER: _builtins.int
     EK_PUBLIC_FIELD_NUMBER: _builtins.int
+    PCR_VALUES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     group: _builtins.str
     profile: _builtins.str
@@ -185,6 +206,10 @@ class Device(_message.Message):
     """The EK's TPMT_PUBLIC: what released secrets are made for (MakeCredential)."""
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def pcr_values(self) -> _containers.ScalarMap[_builtins.int, _builtins.bytes]:
+        """sha256-bank PCR values quoted at attested enrollment, by PCR number."""
+
     def __init__(
         self,
         *,
@@ -204,10 +229,11 @@ class Device(_message.Message):
         ek_sha256: _builtins.bytes = ...,
         ak_public: _builtins.bytes = ...,
         ek_public: _builtins.bytes = ...,
+        pcr_values: _abc.Mapping[_builtins.int, _builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "ek_public", b"ek_public", "ek_sha256", b"ek_sha256", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "ek_public", b"ek_public", "ek_sha256", b"ek_sha256", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "pcr_values", b"pcr_values", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,6 +561,9 @@ class EnrollRequest(_message.Message):
     KEY_PUBLIC_FIELD_NUMBER: _builtins.int
     CERTIFY_INFO_FIELD_NUMBER: _builtins.int
     CERTIFY_SIGNATURE_FIELD_NUMBER: _builtins.int
+    PCR_QUOTE_FIELD_NUMBER: _builtins.int
+    PCR_QUOTE_SIGNATURE_FIELD_NUMBER: _builtins.int
+    PCR_VALUES_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """"ekt1.<id>.<secret>" as `kmsctl enroll token create` printed it."""
     csr: _builtins.bytes
@@ -552,6 +581,14 @@ class EnrollRequest(_message.Message):
     key_public: _builtins.bytes
     certify_info: _builtins.bytes
     certify_signature: _builtins.bytes
+    pcr_quote: _builtins.bytes
+    """Optional: the AK's TPM2_Quote of sha256-bank PCRs over the same nonce, and those
+    PCRs' values in ascending PCR order; recorded on the device as the known-good state
+    unlock policies are made from.
+    """
+    pcr_quote_signature: _builtins.bytes
+    @_builtins.property
+    def pcr_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
@@ -563,10 +600,13 @@ class EnrollRequest(_message.Message):
         key_public: _builtins.bytes = ...,
         certify_info: _builtins.bytes = ...,
         certify_signature: _builtins.bytes = ...,
+        pcr_quote: _builtins.bytes = ...,
+        pcr_quote_signature: _builtins.bytes = ...,
+        pcr_values: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_nonce", b"activated_nonce", "certify_info", b"certify_info", "certify_signature", b"certify_signature", "challenge_id", b"challenge_id", "csr", b"csr", "key_public", b"key_public", "request_id", b"request_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_nonce", b"activated_nonce", "certify_info", b"certify_info", "certify_signature", b"certify_signature", "challenge_id", b"challenge_id", "csr", b"csr", "key_public", b"key_public", "pcr_quote", b"pcr_quote", "pcr_quote_signature", b"pcr_quote_signature", "pcr_values", b"pcr_values", "request_id", b"request_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
