@@ -40,7 +40,7 @@ from nats.aio.client import Client as NATS
 
 from broker import unlock
 from broker.attest import ChallengeBook, ManufacturerCAs, check_evidence
-from broker.audit_service import AuditScope
+from broker.audit_service import AuditScope, note, retarget
 from broker.clients import ClientRegistry, ClientService, serial_hex
 from broker.devices import (
     ACTIVE,
@@ -631,6 +631,8 @@ class _UnlockAdmin:
     ) -> enroll_pb2.UnlockSecret:
         given = request.secret
         unlock.check_names(given.device, given.volume)
+        retarget(f"{given.device}/{given.volume}")
+        note(replace=str(request.replace).lower(), key=given.key_name[:128])
         device = self.clients.devices.devices.get(given.device)
         if device is None or not device.ek_sha256:
             raise FailedPrecondition(
@@ -691,6 +693,7 @@ class _UnlockAdmin:
         self, request: enroll_pb2.GetUnlockSecretRequest, context: Context, identity: Identity
     ) -> enroll_pb2.UnlockSecret:
         unlock.check_names(request.device, request.volume)
+        retarget(f"{request.device}/{request.volume}")
         existing = await self.store.unlock(request.device, request.volume)
         if existing is None or existing[0].removed:
             raise NotFound("unlock.not_found", "no such unlock secret")
