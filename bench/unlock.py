@@ -121,7 +121,7 @@ def run(work: Path, duration: float) -> list[RunResult]:
             [
                 "enroll",
                 "--attest",
-                "--tcti",
+                "--tpm-tcti",
                 tpm.tcti,
                 "--server",
                 enroll_addr,

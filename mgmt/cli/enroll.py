@@ -58,10 +58,13 @@ def token_to_dict(token: enroll_pb2.EnrollToken) -> dict[str, Any]:
     "fresh server nonce) and have the key made in it, certified by its AK.",
 )
 @click.option(
-    "--tcti",
-    default="device:/dev/tpmrm0",
+    "--tpm-tcti",
+    envvar="EDGEKMS_TPM_TCTI",
+    default="/dev/tpmrm0",
     show_default=True,
-    help="The TPM for --attest: a TCTI string or a device path.",
+    metavar="DEVICE|TCTI",
+    help="The TPM for --attest: a device or a TCTI string (swtpm:path=DIR/swtpm.sock); "
+    "env EDGEKMS_TPM_TCTI.",
 )
 @click.option(
     "--endorsement-auth-file",
@@ -81,7 +84,7 @@ def enroll_group(
     out_dir: Path | None,
     tpm: bool,
     attest: bool,
-    tcti: str,
+    tpm_tcti: str,
     endorsement_auth_file: Path | None,
     pkcs11: str | None,
     output: str,
@@ -99,7 +102,7 @@ def enroll_group(
 
     \b
     Proven by the device's TPM (docs/security.md, "TPM-attested enrollment"):
-      kmsctl enroll --attest --tcti device:/dev/tpmrm0 --server kms.home.arpa:8444 \\
+      kmsctl enroll --attest --tpm-tcti /dev/tpmrm0 --server kms.home.arpa:8444 \\
           --token token.txt --fingerprint 3f1c...e9 --out-dir /etc/edgekms
     The TPM's EK (its manufacturer certificate, or an EK the token registers) answers
     a one-time challenge; the key is made in the TPM and never leaves it.
@@ -120,7 +123,9 @@ def enroll_group(
         except OSError as exc:
             raise click.UsageError(f"cannot read the token from {token_file}: {exc}") from None
     if attest:
-        _attested(server, raw.strip(), fingerprint, out_dir, tcti, endorsement_auth_file, output)
+        _attested(
+            server, raw.strip(), fingerprint, out_dir, tpm_tcti, endorsement_auth_file, output
+        )
         return
     done = enroll(server, raw.strip(), fingerprint, out_dir)
     client = done.response.client

@@ -46,7 +46,7 @@ def device_enroll(stack: KmsStack, tpm: Swtpm, token: Path, fingerprint: str, ou
         [
             "enroll",
             "--attest",
-            "--tcti",
+            "--tpm-tcti",
             tpm.tcti,
             "--server",
             enroll_address(stack),
