@@ -1006,6 +1006,11 @@ def _summary(device: enroll_pb2.Device, denied: bool) -> enroll_pb2.Device:
     out = enroll_pb2.Device()
     out.CopyFrom(device)
     out.ClearField("certificate_der")
+    # The TPM areas and PCR values stay in the registry: listings of 50,000 devices
+    # carry the EK identity only.
+    out.ClearField("ek_public")
+    out.ClearField("ak_public")
+    out.ClearField("pcr_values")
     if denied:
         out.status = enroll_pb2.DEVICE_STATUS_DENIED
     return out
