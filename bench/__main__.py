@@ -10,7 +10,8 @@ SignStream rates (bench/sign_many.py); then the compose stack
 (bench/containers.py: image sizes, `compose up` to first signature, RSS per container).
 Results land in bench/results/ (results.json, results.md, chart.png, ca_scale.md,
 sealed_start.md, audit_bytes.md, sign_many.md, containers.md, encryption.md: Encrypt/Decrypt
-per second end to end next to the raw token rate, bench/encryption.py).
+per second end to end next to the raw token rate, bench/encryption.py; unlock.md: remote
+unlock round trips per second next to the raw TPM2_Quote rate, bench/unlock.py).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-encryption", action="store_true", help="skip Encrypt/Decrypt per second"
+    )
+    parser.add_argument(
+        "--no-unlock", action="store_true", help="skip remote unlock round trips per second"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     return parser.parse_args()
@@ -237,6 +241,13 @@ def main() -> None:
                 enc_runs += encryption.run(stack, args.duration, args.warmup)
                 results["encryption"] = [r.to_json() for r in enc_runs]
                 encryption.write(enc_runs, out)
+            if not args.no_unlock:
+                from bench import unlock
+
+                # A stack and a device TPM of its own (bench/unlock.py).
+                unlock_runs = unlock.run(work / "unlock", args.duration)
+                results["unlock"] = [r.to_json() for r in unlock_runs]
+                unlock.write(unlock_runs, out)
             if not args.no_profile:
                 from bench import profile
 

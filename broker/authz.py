@@ -110,8 +110,12 @@ ROLE_METHODS["admin"] |= {
     "GetDevice",
     "DenyDevices",
     "AllowDevices",
+    "PutUnlockSecret",
+    "ListUnlockSecrets",
+    "GetUnlockSecret",
+    "RemoveUnlockSecret",
 }
-ROLE_METHODS["operator"] |= {"ListDevices", "GetDevice"}
+ROLE_METHODS["operator"] |= {"ListDevices", "GetDevice", "ListUnlockSecrets", "GetUnlockSecret"}
 for _role in ROLE_METHODS:
     ROLE_METHODS[_role] |= {"RenewClient", "RenewHeldCertificate"}
 # The audit log: administrators and operators may read it (kmsctl audit tail/verify).

@@ -109,6 +109,9 @@ class BrokerConfig:
     # The enrollment listener (server-only TLS: EnrollmentService and health only);
     # "" for none. docs/security.md, "Enrollment".
     enroll_listen: str = ""
+    # PEM bundle of TPM manufacturer CAs an EK certificate must chain to, for
+    # TPM-attested enrollment; None: only tokens with a registered EK attest.
+    ek_ca_file: Path | None = None
     # Its audit stream's limits where the broker creates it (no `kmsctl up`: the board);
     # None: edgekms.audit's defaults (2 GiB). docs/security.md, "Sizing for a board".
     audit_limit: StreamLimit | None = None
@@ -173,6 +176,7 @@ KNOWN_FIELDS = frozenset(
         "enroll_listen",
         "provider_nodes",
         "replicas",
+        "ek_ca_file",
         "tls",
         LISTEN_FIELD,
         "audit_check_interval",
@@ -231,6 +235,9 @@ def load_config(path: Path) -> BrokerConfig:
         raise ConfigError(f"{path}: {problems[0]}")
     if seal is not None and seal.writer != "broker":
         raise ConfigError(f"{path}: seal_writer must be 'broker' for the broker")
+    ek_ca = raw.get("ek_ca_file", "")
+    if not isinstance(ek_ca, str):
+        raise ConfigError(f"{path}: 'ek_ca_file' must be a path")
     audit_limit, problems = parse_limit_fields(raw)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
@@ -263,6 +270,7 @@ def load_config(path: Path) -> BrokerConfig:
         keepalive_timeout=_seconds(raw, "keepalive_timeout", 20.0, path),
         ca=ca,
         enroll_listen=str(raw.get("enroll_listen", "")),
+        ek_ca_file=(base / ek_ca) if ek_ca else None,
         audit_limit=audit_limit,
         provider_nodes=_provider_nodes(raw, providers, path),
         audit_archive_dir=archive_dir,

@@ -28,7 +28,7 @@ from edgekms.v1 import enroll_pb2
 TOKEN_PREFIX = "ekt1"  # noqa: S105 - a format tag, not a secret
 TOKEN_RE = re.compile(r"^ekt1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
 GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-KINDS = ("token", "device", "denied-group")
+KINDS = ("token", "device", "denied-group", "unlock")
 
 ACTIVE = enroll_pb2.ENROLL_TOKEN_STATE_ACTIVE
 RESERVED = enroll_pb2.ENROLL_TOKEN_STATE_RESERVED
@@ -79,6 +79,27 @@ class DeviceBook:
         self.tokens: dict[str, enroll_pb2.EnrollToken] = {}
         self.devices: dict[str, enroll_pb2.Device] = {}
         self.denied_groups: set[str] = set()
+        # EK identity (SHA-256 of its SPKI) -> the device enrolled with it.
+        self.ek_owners: dict[bytes, str] = {}
+        # "<device>.<volume>" -> its unlock secret (broker.unlock); removed ones dropped.
+        self.unlocks: dict[str, enroll_pb2.UnlockSecret] = {}
+
+    def put(self, device: enroll_pb2.Device) -> None:
+        """Record `device`, keeping the EK index in step."""
+        old = self.devices.get(device.name)
+        if (
+            old is not None
+            and old.ek_sha256
+            and old.ek_sha256 != device.ek_sha256
+            and self.ek_owners.get(old.ek_sha256) == device.name
+        ):
+            del self.ek_owners[old.ek_sha256]
+        self.devices[device.name] = device
+        if device.ek_sha256:
+            self.ek_owners[device.ek_sha256] = device.name
+
+    def ek_owner(self, ek_sha256: bytes) -> str | None:
+        return self.ek_owners.get(ek_sha256)
 
     def apply(self, kind: str, rest: str, entry: Any) -> None:
         gone = entry.operation in ("DEL", "PURGE") or not entry.value
@@ -97,7 +118,15 @@ class DeviceBook:
             device = enroll_pb2.Device()
             device.ParseFromString(entry.value)
             if device.name == rest:
-                self.devices[rest] = device
+                self.put(device)
+        elif kind == "unlock":
+            secret = enroll_pb2.UnlockSecret()
+            if not gone:
+                secret.ParseFromString(entry.value)
+            if gone or secret.removed or f"{secret.device}.{secret.volume}" != rest:
+                self.unlocks.pop(rest, None)
+            else:
+                self.unlocks[rest] = secret
         elif kind == "denied-group":
             group = enroll_pb2.DeniedGroup()
             if not gone:
@@ -117,6 +146,8 @@ class DeviceBook:
             )
         elif kind == "denied-group":
             self.denied_groups.add(rest)
+        elif kind == "unlock":
+            self.unlocks.pop(rest, None)  # fail closed: nothing is released from it
 
     def is_denied(self, name: str) -> bool:
         device = self.devices.get(name)
@@ -182,7 +213,7 @@ class DeviceStore:
             raise Unavailable(
                 "device.contended", f"device {record.name!r} is changing; try again"
             ) from None
-        self.book.devices[record.name] = record
+        self.book.put(record)
         return int(new)
 
     async def set_group(self, group: str, denied: bool, by: str) -> None:
@@ -192,3 +223,27 @@ class DeviceStore:
             self.book.denied_groups.add(group)
         else:
             self.book.denied_groups.discard(group)
+
+    async def unlock(self, device: str, volume: str) -> tuple[enroll_pb2.UnlockSecret, int] | None:
+        record = enroll_pb2.UnlockSecret()
+        revision = await self._get(f"unlock.{device}.{volume}", record)
+        return None if revision is None else (record, revision)
+
+    async def put_unlock(self, record: enroll_pb2.UnlockSecret, revision: int | None) -> int:
+        """Create (revision None) or compare-and-set the volume's secret."""
+        key = f"unlock.{record.device}.{record.volume}"
+        try:
+            if revision is None:
+                new = await self.kv.create(key, record.SerializeToString())
+            else:
+                new = await self.kv.update(key, record.SerializeToString(), last=revision)
+        except KeyWrongLastSequenceError:
+            raise Unavailable(
+                "unlock.contended", f"the secret of {record.volume!r} is changing; try again"
+            ) from None
+        rest = f"{record.device}.{record.volume}"
+        if record.removed:
+            self.book.unlocks.pop(rest, None)
+        else:
+            self.book.unlocks[rest] = record
+        return int(new)

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import ipaddress
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -36,7 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
 
-from broker.audit_service import AuditScope
+from broker import unlock
+from broker.attest import ChallengeBook, ManufacturerCAs, check_evidence
+from broker.audit_service import AuditScope, note, retarget
 from broker.clients import ClientRegistry, ClientService, serial_hex
 from broker.devices import (
     ACTIVE,
@@ -52,13 +56,14 @@ from broker.devices import (
     token_spent,
 )
 from broker.devices import now as _now
-from broker.keys import Context, IdentityCache, rpc
+from broker.keys import Context, IdentityCache, require_usable, rpc
 from broker.paging import page_by_name
 from broker.throttle import FailureThrottle
 from broker.wire import Malformed
-from edgekms import natsrpc
+from edgekms import natsrpc, tpmcred
 from edgekms.audit import AuditWriter
 from edgekms.client_certs import INTERNAL_CA_KEY
+from edgekms.crypto_client import CryptoClient
 from edgekms.errors import (
     ERROR_METADATA_KEY,
     FailedPrecondition,
@@ -78,6 +83,7 @@ from edgekms.v1 import ca_pb2, clients_pb2, enroll_pb2, enroll_pb2_grpc
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Message)
+R = TypeVar("R")
 
 RESERVE_LEASE = datetime.timedelta(seconds=60)
 DEFAULT_TTL = 3600
@@ -140,7 +146,15 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         server_name: str,
         audit: AuditWriter | None,
         throttle: FailureThrottle | None = None,
+        ek_cas: ManufacturerCAs | None = None,
+        challenges: ChallengeBook | None = None,
+        crypto: CryptoClient | None = None,
     ):
+        # The KeyService's crypto client (ordinary key class): unlock secrets are
+        # decrypted with ordinary KMS keys, not the internal CA's class.
+        self.crypto = crypto
+        self.ek_cas = ek_cas or ManufacturerCAs([])
+        self.challenges = challenges or ChallengeBook()
         self.clients = clients
         self.issuer = issuer
         self.store = store
@@ -156,52 +170,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         self, request: enroll_pb2.EnrollRequest, context: Context
     ) -> enroll_pb2.EnrollResponse:
         started = time.perf_counter()
-        scope = AuditScope.for_request(self.audit, "Enroll", request)
-        scope.details = {"peer": _peer_host(context)}
-        bound = scope.bind()
-        peer = "peer:" + _peer_host(context)
-        subjects: list[str] = []
-        try:
-            self.peer_throttle.check(peer)
-            if isinstance(request, Malformed):
-                raise InvalidArgument(
-                    "request.malformed", "Enroll: the request is not an EnrollRequest"
-                )
-            token_id, digest = parse_token(request.token)
-            scope.details["token_id"] = token_id
-            subjects.append("token:" + token_id)
-            self.throttle.check(subjects[-1])
-            response = await self._enroll(request, token_id, digest, scope)
-            failure = await scope.settle(None)
-            if failure is not None:
-                raise failure
-        except KMSError as err:
-            # Wrong, spent or malformed tokens count; a CSR the token refuses does not.
-            if isinstance(err, Unauthenticated) or err.reason == "enroll.token_malformed":
-                self.peer_throttle.failed(peer)
-                for subject in subjects:
-                    self.throttle.failed(subject)
-            err = (await scope.settle(err)) or err
-            log.warning(
-                "enrollment refused",
-                extra=fields(reason=err.reason, **scope.details),
-            )
-            context.set_trailing_metadata(
-                ((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),)
-            )
-            await context.abort(err.grpc_status, f"{err.reason}: {err.message}")
-            raise
-        except Exception:
-            log.exception("unexpected error", extra=fields(method="Enroll"))
-            internal: KMSError = Internal("internal.error", "the broker failed unexpectedly")
-            internal = (await scope.settle(internal)) or internal
-            context.set_trailing_metadata(
-                ((ERROR_METADATA_KEY, internal.to_proto().SerializeToString()),)
-            )
-            await context.abort(internal.grpc_status, internal.reason)
-            raise
-        finally:
-            AuditScope.unbind(bound)
+        response = await self._guarded("Enroll", request, context, self._enroll)
         log.info(
             "device enrolled",
             extra=fields(
@@ -211,6 +180,246 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
             ),
         )
         return response
+
+    async def BeginAttestation(
+        self, request: enroll_pb2.BeginAttestationRequest, context: Context
+    ) -> enroll_pb2.AttestationChallenge:
+        return await self._guarded("BeginAttestation", request, context, self._begin)
+
+    async def _guarded(
+        self,
+        method: str,
+        request: Any,
+        context: Context,
+        body: Callable[[Any, str, bytes, AuditScope, str], Awaitable[R]],
+        *,
+        with_token: bool = True,
+    ) -> R:
+        """Throttle, audit and error mapping shared by the enrollment listener's RPCs."""
+        scope = AuditScope.for_request(self.audit, method, request)
+        scope.details = {"peer": _peer_host(context)}
+        bound = scope.bind()
+        peer = "peer:" + _peer_host(context)
+        subjects: list[str] = []
+        try:
+            self.peer_throttle.check(peer)
+            if isinstance(request, Malformed):
+                raise InvalidArgument(
+                    "request.malformed", f"{method}: the request is not a {method} request"
+                )
+            if with_token:
+                token_id, digest = parse_token(request.token)
+                scope.details["token_id"] = token_id
+                subjects.append("token:" + token_id)
+                self.throttle.check(subjects[-1])
+            else:
+                # Unlock: no token. Refusals count against the address only: counting
+                # them against the device would let anyone on the LAN keep it from
+                # unlocking by sending bad answers in its name.
+                token_id, digest = "", b""
+                scope.target = f"{request.device[:80]}/{request.volume[:80]}"
+            response = await body(request, token_id, digest, scope, peer)
+            failure = await scope.settle(None)
+            if failure is not None:
+                raise failure
+        except KMSError as err:
+            # Wrong, spent or malformed tokens count, and so do refused TPM evidence
+            # (guessing at challenges); a CSR the token refuses does not.
+            if (
+                isinstance(err, Unauthenticated)
+                or err.reason == "enroll.token_malformed"
+                or (
+                    err.reason.startswith(("attest.", "unlock.", "enroll.denied"))
+                    and err.reason != "attest.throttled"
+                )
+            ):
+                self.peer_throttle.failed(peer)
+                for subject in subjects:
+                    self.throttle.failed(subject)
+            err = (await scope.settle(err)) or err
+            log.warning(
+                "enrollment refused",
+                extra=fields(method=method, reason=err.reason, **scope.details),
+            )
+            context.set_trailing_metadata(
+                ((ERROR_METADATA_KEY, err.to_proto().SerializeToString()),)
+            )
+            await context.abort(err.grpc_status, f"{err.reason}: {err.message}")
+            raise
+        except Exception:
+            log.exception("unexpected error", extra=fields(method=method))
+            internal: KMSError = Internal("internal.error", "the broker failed unexpectedly")
+            internal = (await scope.settle(internal)) or internal
+            context.set_trailing_metadata(
+                ((ERROR_METADATA_KEY, internal.to_proto().SerializeToString()),)
+            )
+            await context.abort(internal.grpc_status, internal.reason)
+            raise
+        finally:
+            AuditScope.unbind(bound)
+        return response
+
+    async def BeginUnlock(
+        self, request: enroll_pb2.BeginUnlockRequest, context: Context
+    ) -> enroll_pb2.UnlockChallenge:
+        async def body(
+            request: enroll_pb2.BeginUnlockRequest, _t: str, _d: bytes, scope: AuditScope, peer: str
+        ) -> enroll_pb2.UnlockChallenge:
+            answer = unlock.begin(self.clients.devices, self.challenges, request, peer)
+            scope.details["challenge"] = answer.challenge_id
+            return answer
+
+        return await self._guarded("BeginUnlock", request, context, body, with_token=False)
+
+    async def Unlock(
+        self, request: enroll_pb2.UnlockRequest, context: Context
+    ) -> enroll_pb2.UnlockResponse:
+        return await self._guarded("Unlock", request, context, self._unlock, with_token=False)
+
+    async def _unlock(
+        self,
+        request: enroll_pb2.UnlockRequest,
+        _token_id: str,
+        _digest: bytes,
+        scope: AuditScope,
+        peer: str,
+    ) -> enroll_pb2.UnlockResponse:
+        unlock.check_names(request.device, request.volume)
+        scope.details["challenge"] = request.challenge_id[:64]
+        challenge = self.challenges.take(
+            request.challenge_id, f"unlock:{request.device}.{request.volume}"
+        )
+        book = self.clients.devices
+        device = unlock.attested_device(book, request.device)
+        secret = book.unlocks.get(f"{request.device}.{request.volume}")
+        if secret is None:
+            raise NotFound("unlock.not_found", "the volume's secret was removed")
+        scope.details["ek_sha256"] = device.ek_sha256.hex()
+        if device.ek_sha256 != challenge.ek_sha256 or device.ek_sha256 != secret.ek_sha256:
+            raise PermissionDenied(
+                "unlock.ek_mismatch", "the device's TPM is not the one the secret is for"
+            )
+        unlock.verify_quote(device, secret, challenge.nonce, request.quote, request.signature)
+        unlock.check_window(secret)
+        record = self.issuer.registry.get(secret.key_name)
+        require_usable(record)
+        provider, decrypt = unlock.decrypt_request(secret, record)
+        if self.crypto is None:
+            raise FailedPrecondition("unlock.unavailable", "this broker cannot decrypt")
+        answer = await self.crypto.decrypt(provider, decrypt, timeout=CA_TIMEOUT)
+        scope.details["generation"] = str(secret.generation)
+        return unlock.wrap_for_device(device, answer.plaintext, request.challenge_id)
+
+    async def _live_token(self, token_id: str, digest: bytes) -> enroll_pb2.EnrollToken:
+        """The token, if its secret matches and it may still be redeemed."""
+        found = await self.store.token(token_id)
+        if found is None or not secret_matches(found[0], digest):
+            raise Unauthenticated("enroll.token_invalid", "no such enrollment token")
+        token = found[0]
+        if token.state == USED:
+            raise Unauthenticated("enroll.token_used", "this enrollment token was used already")
+        if token.state == REVOKED:
+            raise Unauthenticated("enroll.token_revoked", "this enrollment token was revoked")
+        if token.expires_at <= stamp():
+            raise Unauthenticated(
+                "enroll.token_expired", f"the token expired at {token.expires_at}"
+            )
+        self._check_not_denied(token)
+        return token
+
+    def _check_not_denied(self, token: enroll_pb2.EnrollToken) -> None:
+        if self.clients.devices.is_denied(token.name) or (
+            token.group and token.group in self.clients.devices.denied_groups
+        ):
+            raise PermissionDenied("enroll.denied", f"device {token.name!r} is denied")
+
+    def _check_ek_free(self, ek_sha256: bytes, name: str) -> None:
+        """A denied device's EK is refused under any name; an EK is one device's."""
+        book = self.clients.devices
+        owner = book.ek_owner(ek_sha256)
+        if owner is None:
+            return
+        if book.is_denied(owner):
+            raise PermissionDenied("enroll.denied", f"this TPM is device {owner!r}, denied")
+        if owner != name:
+            raise PermissionDenied(
+                "attest.ek_in_use", f"this TPM is enrolled already as device {owner!r}"
+            )
+
+    async def _begin(
+        self,
+        request: enroll_pb2.BeginAttestationRequest,
+        token_id: str,
+        digest: bytes,
+        scope: AuditScope,
+        peer: str,
+    ) -> enroll_pb2.AttestationChallenge:
+        token = await self._live_token(token_id, digest)
+        scope.target = token.name
+        self.challenges.ration(peer)
+        checked = check_evidence(
+            request.ek_certificate,
+            request.ek_public,
+            request.ak_public,
+            token.ek_sha256,
+            self.ek_cas,
+        )
+        scope.details["ek_sha256"] = checked.ek_sha256.hex()
+        self._check_ek_free(checked.ek_sha256, token.name)
+        challenge = self.challenges.issue(
+            token.id, checked.ek_sha256, request.ak_public, request.ek_public
+        )
+        blob, secret = tpmcred.make_credential(checked.ek, challenge.nonce, checked.ak.name)
+        scope.details["challenge"] = challenge.id
+        expires = _now() + datetime.timedelta(seconds=self.challenges.ttl)
+        return enroll_pb2.AttestationChallenge(
+            challenge_id=challenge.id,
+            credential_blob=blob,
+            encrypted_secret=secret,
+            expires_at=stamp(expires),
+        )
+
+    def _check_attested(
+        self, request: enroll_pb2.EnrollRequest, token: enroll_pb2.EnrollToken, scope: AuditScope
+    ) -> tuple[object, bytes, bytes, bytes, dict[int, bytes]]:
+        """(device public key, EK identity, AK public area) of a TPM-attested request:
+        the challenge is this token's, unused and alive, its nonce came back (so the AK
+        is in the EK's TPM), and that AK certified the device key over the nonce."""
+        challenge = self.challenges.take(request.challenge_id, token.id)
+        scope.details["ek_sha256"] = challenge.ek_sha256.hex()
+        if not hmac.compare_digest(request.activated_nonce, challenge.nonce):
+            raise FailedPrecondition(
+                "attest.nonce_mismatch",
+                "the nonce is not the challenge's: the AK is not in that EK's TPM",
+            )
+        self._check_ek_free(challenge.ek_sha256, token.name)
+        ak = tpmcred.parse_public(challenge.ak_public, "the AK's TPMT_PUBLIC")
+        key = tpmcred.verify_certify(
+            ak,
+            request.certify_info,
+            request.certify_signature,
+            request.key_public,
+            challenge.nonce,
+        )
+        profile = PROFILES[token.profile]
+        if (
+            not isinstance(key.key, ec.EllipticCurvePublicKey)
+            or key.key.curve.name not in profile["curves"]
+        ):
+            raise PermissionDenied(
+                "enroll.key_not_allowed",
+                f"profile {token.profile} allows EC P-256 or P-384 keys only",
+            )
+        pcr_values: dict[int, bytes] = {}
+        if request.pcr_quote:
+            pcr_values = unlock.verify_enrollment_pcrs(
+                ak,
+                request.pcr_quote,
+                request.pcr_quote_signature,
+                list(request.pcr_values),
+                challenge.nonce,
+            )
+        return key.key, challenge.ek_sha256, challenge.ak_public, challenge.ek_public, pcr_values
 
     def _response(self, device: enroll_pb2.Device) -> enroll_pb2.EnrollResponse:
         cert = x509.load_der_x509_certificate(device.certificate_der)
@@ -235,6 +444,7 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         token_id: str,
         digest: bytes,
         scope: AuditScope,
+        peer: str,
     ) -> enroll_pb2.EnrollResponse:
         if not request.request_id or len(request.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(
@@ -282,12 +492,21 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
             raise FailedPrecondition(
                 "enroll.token_busy", "another enrollment is redeeming this token; try later"
             )
-        if self.clients.devices.is_denied(token.name) or (
-            token.group and token.group in self.clients.devices.denied_groups
-        ):
-            raise PermissionDenied("enroll.denied", f"device {token.name!r} is denied")
+        self._check_not_denied(token)
         profile = PROFILES[token.profile]
-        public_key = self._check_csr(request.csr, token, profile)
+        ek_sha256 = ak_public = ek_public = b""
+        pcr_values: dict[int, bytes] = {}
+        if request.challenge_id:
+            public_key, ek_sha256, ak_public, ek_public, pcr_values = self._check_attested(
+                request, token, scope
+            )
+        elif token.attest or token.ek_sha256:
+            raise PermissionDenied(
+                "enroll.attestation_required",
+                "this token is redeemed only by a TPM-attested enrollment (kmsctl enroll --attest)",
+            )
+        else:
+            public_key = self._check_csr(request.csr, token, profile)
         # 1. reserve
         token.state = RESERVED
         token.request_id = request.request_id
@@ -316,6 +535,10 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
                     status=enroll_pb2.DEVICE_STATUS_ACTIVE,
                     certificate_der=cert.public_bytes(serialization.Encoding.DER),
                     sans=list(token.sans),
+                    ek_sha256=ek_sha256,
+                    ak_public=ak_public,
+                    ek_public=ek_public,
+                    pcr_values=pcr_values,
                 )
                 await self.store.put_device(device, existing[1] if existing else None)
             except BaseException:
@@ -389,7 +612,105 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         return key
 
 
-class DeviceService(enroll_pb2_grpc.DeviceServiceServicer):
+class _UnlockAdmin:
+    """DeviceService's unlock-secret RPCs (mixed in below)."""
+
+    clients: ClientRegistry
+    store: DeviceStore
+
+    @rpc("PutUnlockSecret")
+    async def PutUnlockSecret(
+        self, request: enroll_pb2.PutUnlockSecretRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.UnlockSecret:
+        given = request.secret
+        unlock.check_names(given.device, given.volume)
+        retarget(f"{given.device}/{given.volume}")
+        note(replace=str(request.replace).lower(), key=given.key_name[:128])
+        device = self.clients.devices.devices.get(given.device)
+        if device is None or not device.ek_sha256:
+            raise FailedPrecondition(
+                "unlock.device_unattested",
+                f"device {given.device!r} did not enroll with its TPM (kmsctl enroll --attest)",
+            )
+        existing = await self.store.unlock(given.device, given.volume)
+        unlock.new_secret_exists(existing, request.replace)
+        record = enroll_pb2.UnlockSecret()
+        record.CopyFrom(given)
+        if request.replace and existing is not None:
+            old = existing[0]
+            record.generation = old.generation + 1
+            if not record.pcrs:  # rotate keeps the policy unless given anew
+                record.pcrs[:] = list(old.pcrs)
+                record.pcr_digest = old.pcr_digest
+                record.not_before, record.not_after = old.not_before, old.not_after
+        else:
+            record.generation = 1
+        record.ek_sha256 = device.ek_sha256
+        if record.pcrs and not record.pcr_digest:
+            # The known-good values quoted at enrollment make the digest.
+            record.pcr_digest = unlock.digest_from_recorded(device, list(record.pcrs))
+        record.created_at = stamp()
+        record.created_by = identity.client
+        record.removed = False
+        record.last_released_at = ""
+        unlock.check_policy(record)
+        await self.store.put_unlock(record, existing[1] if existing else None)
+        return _unlock_summary(record)
+
+    @rpc("ListUnlockSecrets")
+    async def ListUnlockSecrets(
+        self, request: enroll_pb2.ListUnlockSecretsRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.ListUnlockSecretsResponse:
+        book = self.clients.devices.unlocks
+        selected = (
+            book[k] for k in sorted(book) if not request.device or book[k].device == request.device
+        )
+        page, token = page_by_name(
+            selected, lambda s: f"{s.device}.{s.volume}", request.page_size, request.page_token
+        )
+        return enroll_pb2.ListUnlockSecretsResponse(
+            secrets=[_unlock_summary(s) for s in page], next_page_token=token
+        )
+
+    @rpc("GetUnlockSecret")
+    async def GetUnlockSecret(
+        self, request: enroll_pb2.GetUnlockSecretRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.UnlockSecret:
+        found = self.clients.devices.unlocks.get(f"{request.device}.{request.volume}")
+        if found is None:
+            raise NotFound("unlock.not_found", "no such unlock secret")
+        return _unlock_summary(found)
+
+    @rpc("RemoveUnlockSecret")
+    async def RemoveUnlockSecret(
+        self, request: enroll_pb2.GetUnlockSecretRequest, context: Context, identity: Identity
+    ) -> enroll_pb2.UnlockSecret:
+        unlock.check_names(request.device, request.volume)
+        retarget(f"{request.device}/{request.volume}")
+        existing = await self.store.unlock(request.device, request.volume)
+        if existing is None or existing[0].removed:
+            raise NotFound("unlock.not_found", "no such unlock secret")
+        record = enroll_pb2.UnlockSecret(
+            device=request.device,
+            volume=request.volume,
+            removed=True,
+            generation=existing[0].generation,
+            created_at=stamp(),
+            created_by=identity.client,
+        )
+        await self.store.put_unlock(record, existing[1])
+        return _unlock_summary(existing[0])
+
+
+def _unlock_summary(secret: enroll_pb2.UnlockSecret) -> enroll_pb2.UnlockSecret:
+    """What administrators see: the policy, never the ciphertext."""
+    out = enroll_pb2.UnlockSecret()
+    out.CopyFrom(secret)
+    out.ClearField("ciphertext")
+    return out
+
+
+class DeviceService(_UnlockAdmin, enroll_pb2_grpc.DeviceServiceServicer):
     """Enrollment tokens and the device registry, for administrators."""
 
     def __init__(
@@ -438,8 +759,19 @@ class DeviceService(enroll_pb2_grpc.DeviceServiceServicer):
             request.group and request.group in self.clients.devices.denied_groups
         ):
             raise FailedPrecondition("enroll.denied", f"device {request.name!r} is denied")
+        if request.ek_sha256 and len(request.ek_sha256) != 32:
+            raise InvalidArgument(
+                "enroll.ek_invalid", "an EK is registered by its SHA-256 (32 bytes)"
+            )
+        owner = self.clients.devices.ek_owner(request.ek_sha256) if request.ek_sha256 else None
+        if owner is not None and owner != request.name:
+            raise FailedPrecondition(
+                "attest.ek_in_use", f"this EK is enrolled already as device {owner!r}"
+            )
         token_id, token_string, digest = new_token()
         record = enroll_pb2.EnrollToken(
+            attest=request.attest or bool(request.ek_sha256),
+            ek_sha256=request.ek_sha256,
             id=token_id,
             name=request.name,
             profile=request.profile,
@@ -667,6 +999,11 @@ def _summary(device: enroll_pb2.Device, denied: bool) -> enroll_pb2.Device:
     out = enroll_pb2.Device()
     out.CopyFrom(device)
     out.ClearField("certificate_der")
+    # The TPM areas and PCR values stay in the registry: listings of 50,000 devices
+    # carry the EK identity only.
+    out.ClearField("ek_public")
+    out.ClearField("ak_public")
+    out.ClearField("pcr_values")
     if denied:
         out.status = enroll_pb2.DEVICE_STATUS_DENIED
     return out

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 
 from broker import reflection, wire
 from broker.archiver import Archiver, InternalKeySigner
+from broker.attest import ManufacturerCAs
 from broker.audit_service import AuditService
 from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
@@ -242,7 +243,7 @@ class Broker:
         if self.port == 0:
             raise Unavailable("broker.listen_failed", f"cannot listen on {cfg.listen}")
         if cfg.enroll_listen:
-            await self._start_enrollment(client_service, device_store, audit)
+            await self._start_enrollment(client_service, device_store, audit, crypto)
         await self.server.start()
         if cfg.audit_archive_dir is not None:
             internal = CryptoClient(
@@ -268,7 +269,11 @@ class Broker:
         log.info("broker ready", extra=fields(listen=cfg.listen, port=self.port))
 
     async def _start_enrollment(
-        self, issuer: ClientService, store: DeviceStore, audit: AuditWriter
+        self,
+        issuer: ClientService,
+        store: DeviceStore,
+        audit: AuditWriter,
+        crypto: CryptoClient | None = None,
     ) -> None:
         """The enrollment listener: server-only TLS (a device has no client certificate
         yet), EnrollmentService and health only, so nothing else is reachable without a
@@ -294,7 +299,16 @@ class Broker:
         )
         wire.register(
             self.enroll_server,
-            EnrollmentService(self.clients, issuer, store, self.port, server_name, audit),
+            EnrollmentService(
+                self.clients,
+                issuer,
+                store,
+                self.port,
+                server_name,
+                audit,
+                ek_cas=ManufacturerCAs.load(cfg.ek_ca_file),
+                crypto=crypto,
+            ),
             ENROLL_SERVICE,
             enroll_pb2,
         )

@@ -135,6 +135,8 @@ class StackOptions:
     # The broker's enrollment listener (server-only TLS); "" : the broker's host and the
     # port after its own (8444 for 8443).
     enroll_listen: str = ""
+    # PEM bundle of TPM manufacturer CAs for attested enrollment (broker ek_ca_file).
+    ek_ca: Path | None = None
     provider_id: str = "hsm0"
     token_label: str = "edgekms"  # noqa: S105 - a label, not a secret
     # None: no TPM service; "swtpm": start swtpm for development; otherwise a TCTI
@@ -583,7 +585,12 @@ class Stack:
                 f"audit_max_age = {self.options.audit_max_age!r}\n"
                 f"audit_archive_interval = {self.options.audit_archive_interval!r}\n"
                 f"{self._metrics_toml('broker')}"
-                "[tls]\n"
+                + (
+                    f"ek_ca_file = {json.dumps(str(self.options.ek_ca))}\n"
+                    if self.options.ek_ca
+                    else ""
+                )
+                + "[tls]\n"
                 f"cert = {json.dumps(str(pki.broker_cert))}\n"
                 f"key = {json.dumps(str(pki.broker_key))}\n"
                 f"client_ca = {json.dumps(str(pki.ca_cert))}\n"

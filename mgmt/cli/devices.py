@@ -30,6 +30,7 @@ def device_to_dict(device: enroll_pb2.Device) -> dict[str, Any]:
         "sans": list(device.sans),
         "denied_at": device.denied_at,
         "denied_by": device.denied_by,
+        "ek_sha256": device.ek_sha256.hex(),
     }
 
 

@@ -35,6 +35,8 @@ def token_to_dict(token: enroll_pb2.EnrollToken) -> dict[str, Any]:
         "created_by": token.created_by,
         "used_at": token.used_at,
         "serial": token.serial,
+        "attest": token.attest,
+        "ek_sha256": token.ek_sha256.hex(),
     }
 
 
@@ -88,6 +90,19 @@ def token_to_dict(token: enroll_pb2.EnrollToken) -> dict[str, Any]:
     show_default=True,
     help="With --pkcs11: environment variable holding the PIN (never give the PIN in argv).",
 )
+@click.option(
+    "--attest",
+    is_flag=True,
+    help="TPM-attested enrollment: prove this TPM by its EK (credential activation over a "
+    "fresh server nonce) and have the key made in it, certified by its AK (TPM from "
+    "--tpm-tcti).",
+)
+@click.option(
+    "--endorsement-auth-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The endorsement hierarchy's auth value (--attest on a provisioned TPM).",
+)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_context
 @handle_errors
@@ -98,7 +113,9 @@ def enroll_group(
     fingerprint: str | None,
     out_dir: Path | None,
     tpm: bool,
+    attest: bool,
     tpm_tcti: str,
+    endorsement_auth_file: Path | None,
     pkcs11: str | None,
     pkcs11_module: str | None,
     pkcs11_pin_file: Path | None,
@@ -127,11 +144,20 @@ def enroll_group(
       kmsctl enroll --pkcs11 devtoken --pkcs11-module /usr/lib/softhsm/libsofthsm2.so \\
           --pkcs11-pin-file /etc/edgekms/pin --server ... --out-dir /etc/edgekms
     Exit 7 for a wrong PIN, 6 for a token that is not there (nothing written or spent).
+
+    \b
+    Proven by the device's TPM (docs/security.md, "TPM-attested enrollment"):
+      kmsctl enroll --attest --tpm-tcti /dev/tpmrm0 --server kms.home.arpa:8444 \\
+          --token token.txt --fingerprint 3f1c...e9 --out-dir /etc/edgekms
+    The TPM's EK (its manufacturer certificate, or an EK the token registers) answers
+    a one-time challenge; the key is made in the TPM and never leaves it.
     """
     if ctx.invoked_subcommand is not None:
         return
     if not (server and token_file and fingerprint and out_dir):
         raise click.UsageError("enroll needs --server, --token, --fingerprint and --out-dir")
+    if attest and pkcs11:
+        raise click.UsageError("--attest proves a TPM: give it without --pkcs11")
     slot = None
     if tpm and pkcs11:
         raise click.UsageError("give --tpm or --pkcs11, not both")
@@ -154,6 +180,11 @@ def enroll_group(
             raw = Path(token_file).read_text()
         except OSError as exc:
             raise click.UsageError(f"cannot read the token from {token_file}: {exc}") from None
+    if attest:
+        _attested(
+            server, raw.strip(), fingerprint, out_dir, tpm_tcti, endorsement_auth_file, output
+        )
+        return
     done = enroll(
         server, raw.strip(), fingerprint, out_dir, tpm=tpm_tcti if tpm else None, pkcs11=slot
     )
@@ -196,6 +227,72 @@ def _parse_pkcs11(value: str) -> tuple[str, str]:
     return attrs["token"], attrs.get("module-path", "")
 
 
+def _attested(
+    server: str,
+    token: str,
+    fingerprint: str,
+    out_dir: Path,
+    tcti: str,
+    endorsement_auth_file: Path | None,
+    output: str,
+) -> None:
+    from mgmt.attested_enroll import attested_enroll
+    from mgmt.cli.tpm import tcti_of
+
+    auth = endorsement_auth_file.read_bytes().rstrip(b"\n") if endorsement_auth_file else b""
+    done = attested_enroll(
+        server, token, fingerprint, out_dir, tcti_of(tcti), endorsement_auth=auth
+    )
+    client = done.response.client
+    if output == "json":
+        echo_json(
+            {
+                "name": client.name,
+                "role": client.role,
+                "keys": client.key_pattern,
+                "serial": client.serial,
+                "not_after": client.not_after,
+                "ek_sha256": done.ek_sha256,
+                "files": [str(f) for f in done.files],
+            }
+        )
+        return
+    click.echo(f"enrolled as {client.name} ({client.role}), TPM-attested")
+    click.echo(f"  ek_sha256: {done.ek_sha256}")
+
+
+def ek_sha256_of(value: str) -> bytes:
+    """64 hex digits, or a file: a PEM public key, or an EK certificate (PEM or DER)."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    hexed = value.lower()
+    if len(hexed) == 64 and all(c in "0123456789abcdef" for c in hexed):
+        return bytes.fromhex(hexed)
+    try:
+        data = Path(value).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"not 64 hex digits, nor a readable file: {exc}") from None
+    key: Any
+    try:
+        if b"CERTIFICATE" in data:
+            key = x509.load_pem_x509_certificate(data).public_key()
+        elif b"PUBLIC KEY" in data:
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = x509.load_der_x509_certificate(data).public_key()
+    except ValueError:
+        raise click.BadParameter(
+            f"{value}: not a PEM public key or an EK certificate (PEM or DER)"
+        ) from None
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).digest()
+
+
 @enroll_group.command("fingerprint")
 @client_options
 def fingerprint_cmd(data_dir: Path, config_path: Path | None) -> None:
@@ -234,6 +331,18 @@ def token_group() -> None:
 )
 @click.option("--group", default="", help="The device's group (for `device deny --group`).")
 @click.option(
+    "--attest",
+    is_flag=True,
+    help="Redeemable only by a TPM-attested enrollment (`kmsctl enroll --attest`).",
+)
+@click.option(
+    "--ek",
+    default=None,
+    metavar="FILE|SHA256",
+    help="Register the device's EK (PEM public key from `kmsctl tpm ek --out`, its "
+    "certificate, or its 64-hex SHA-256): only that TPM may redeem the token. Implies --attest.",
+)
+@click.option(
     "--token-out",
     default=None,
     help="Write the token to this file (0600) instead of printing it.",
@@ -246,6 +355,8 @@ def create_cmd(
     sans: tuple[str, ...],
     ttl: str,
     group: str,
+    attest: bool,
+    ek: str | None,
     token_out: str | None,
     output: str,
     data_dir: Path,
@@ -259,9 +370,16 @@ def create_cmd(
     from edgekms.durations import parse_ttl
 
     seconds = int(parse_ttl(ttl, "enroll.ttl_invalid").total_seconds())
+    ek_sha256 = ek_sha256_of(ek) if ek else b""
     with open_client(data_dir, config_path) as kms:
         made = kms.create_enroll_token(
-            name, profile, sans=list(sans), ttl_seconds=seconds, group=group
+            name,
+            profile,
+            sans=list(sans),
+            ttl_seconds=seconds,
+            group=group,
+            attest=attest,
+            ek_sha256=ek_sha256,
         )
     if token_out:
         from mgmt.pki import write_private

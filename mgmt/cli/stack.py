@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from dataclasses import dataclass, replace
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -36,6 +38,9 @@ class UpOptions:
     nats_port: int
     broker_listen: str
     enroll_listen: str
+    ek_ca: Path | None
+    mdns: bool
+    mdns_interfaces: tuple[str, ...]
     tpm: str | None
     swtpm_port: int | None
     ca_http: str
@@ -87,6 +92,7 @@ class UpOptions:
             max_file_store=max_file_store,
             start_timeout=self.start_timeout,
             metrics_listen=self.metrics_listen,
+            ek_ca=self.ek_ca.resolve() if self.ek_ca else None,
         )
 
 
@@ -104,6 +110,26 @@ class UpOptions:
     default="",
     help="The broker's enrollment listener (server-only TLS, `kmsctl enroll` only). "
     "[default: the broker's host, its port + 1]",
+)
+@click.option(
+    "--ek-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="PEM bundle of TPM manufacturer CAs: an EK certificate chaining to one of them "
+    "may enroll with `kmsctl enroll --attest` (docs/security.md, TPM-attested enrollment).",
+)
+@click.option(
+    "--mdns",
+    is_flag=True,
+    help="Announce the enrollment listener on the LAN as _edgekms._tcp (multicast DNS), "
+    "for `kmsctl unlock fetch --mdns` on devices.",
+)
+@click.option(
+    "--mdns-interface",
+    "mdns_interfaces",
+    multiple=True,
+    metavar="IPV4",
+    help="Announce on this interface address only (repeatable). [default: all]",
 )
 @click.option(
     "--tpm",
@@ -392,11 +418,33 @@ def _run_up(up_options: UpOptions) -> None:
     from mgmt import stackstate
 
     pointer: list[Path] = []
+    announced: list[Any] = []
+    mdns_interfaces = list(up_options.mdns_interfaces) if up_options.mdns else None
+
+    def announce_mdns() -> None:
+        """_edgekms._tcp for the enrollment listener (off the event loop: zeroconf's
+        registration blocks while it probes the name)."""
+        from mgmt.mdns import Announcement
+
+        host, _, port = up_options.broker_listen.rpartition(":")
+        target = up_options.enroll_listen or f"{host}:{int(port) + 1}"
+        e_host, _, e_port = target.rpartition(":")
+        try:
+            announced.append(
+                Announcement(
+                    f"edgekms-{socket.gethostname()}", e_host, int(e_port), mdns_interfaces
+                )
+            )
+            log.info("announced on mDNS", extra=fields(service="_edgekms._tcp", port=e_port))
+        except Exception as exc:  # a LAN without multicast must not stop the KMS
+            log.warning("mDNS announcement failed", extra=fields(error=str(exc)[:200]))
 
     def ready(stack: object) -> None:
         # So that kmsctl, given no data dir, finds this stack (mgmt.stackstate).
         with contextlib.suppress(OSError):
             pointer.append(stackstate.announce(data_dir))
+        if mdns_interfaces is not None:
+            threading.Thread(target=announce_mdns, name="mdns", daemon=True).start()
         click.echo(
             f"EdgeKMS is up: broker {options.broker_listen}, NATS 127.0.0.1:{options.nats_port}, "
             f"data in {data_dir}. Client config: {client_config_path(data_dir)}. "
@@ -420,6 +468,9 @@ def _run_up(up_options: UpOptions) -> None:
     finally:
         for path in pointer:
             stackstate.withdraw(path)
+        for announcement in announced:
+            with contextlib.suppress(Exception):
+                announcement.close()
     click.echo("EdgeKMS stopped.", err=True)
 
 

@@ -97,3 +97,66 @@ def provision_cmd(
 
 def register(cli: click.Group) -> None:
     cli.add_command(tpm_group)
+
+
+@tpm_group.command("ek")
+@click.option(
+    "--tpm",
+    required=True,
+    metavar="DEVICE|TCTI",
+    help="The device's TPM: /dev/tpmrm0 or a TCTI string (swtpm:path=DIR/swtpm.sock).",
+)
+@click.option(
+    "--endorsement-auth-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The endorsement hierarchy's auth value, if the TPM was provisioned.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the EK's public key (PEM) here, for `enroll token create --ek`.",
+)
+@output_option
+@handle_errors
+def ek_cmd(
+    tpm: str, endorsement_auth_file: Path | None, out_path: Path | None, output: str
+) -> None:
+    """Show this TPM's endorsement key: its identity (SHA-256 of the EK's public key,
+    what the device registry records) and whether it carries a manufacturer certificate.
+
+    \b
+    On the device, to pre-register a TPM without an EK certificate:
+      kmsctl tpm ek --tpm /dev/tpmrm0 --out ek.pem
+    then on the administrator's machine:
+      kmsctl enroll token create router-1 --ek ek.pem
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from edgekms import tpmcred
+    from mgmt.pki import write_public
+    from mgmt.tpmdevice import DeviceTpm
+
+    auth = endorsement_auth_file.read_bytes().rstrip(b"\n") if endorsement_auth_file else b""
+    with DeviceTpm(tcti_of(tpm), auth) as device:
+        evidence = device.evidence()
+    ek = tpmcred.parse_public(evidence.ek_public)
+    identity = tpmcred.ek_identity(ek.public_key_der).hex()
+    pem = ek.key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if out_path is not None:
+        write_public(out_path, pem)
+    if output == "json":
+        echo_json(
+            {
+                "ek_sha256": identity,
+                "ek_certificate": bool(evidence.ek_certificate_der),
+                "public_key_pem": pem.decode(),
+            }
+        )
+        return
+    click.echo(f"ek_sha256:      {identity}")
+    click.echo(f"ek certificate: {'yes' if evidence.ek_certificate_der else 'none'}")

@@ -954,10 +954,20 @@ class KMSClient:
         sans: list[str] | None = None,
         ttl_seconds: int = 0,
         group: str = "",
+        attest: bool = False,
+        ek_sha256: bytes = b"",
     ) -> enroll_pb2.CreateEnrollTokenResponse:
-        """A one-time enrollment token for device `name` (its string is only here)."""
+        """A one-time enrollment token for device `name` (its string is only here);
+        `attest`: redeemable only by a TPM-attested enrollment, `ek_sha256`: only by the
+        TPM with that EK."""
         request = enroll_pb2.CreateEnrollTokenRequest(
-            name=name, profile=profile, sans=sans or [], ttl_seconds=ttl_seconds, group=group
+            name=name,
+            profile=profile,
+            sans=sans or [],
+            ttl_seconds=ttl_seconds,
+            group=group,
+            attest=attest,
+            ek_sha256=ek_sha256,
         )
         return self._call("CreateEnrollToken", self._devices.CreateEnrollToken, request, None)
 
@@ -992,6 +1002,30 @@ class KMSClient:
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token
+
+    def put_unlock_secret(
+        self, secret: enroll_pb2.UnlockSecret, replace: bool = False
+    ) -> enroll_pb2.UnlockSecret:
+        """Store (replace: rotate) a device volume's unlock secret and its policy."""
+        request = enroll_pb2.PutUnlockSecretRequest(secret=secret, replace=replace)
+        return self._call("PutUnlockSecret", self._devices.PutUnlockSecret, request, None)
+
+    def iter_unlock_secrets(self, device: str = "") -> Iterator[enroll_pb2.UnlockSecret]:
+        request = enroll_pb2.ListUnlockSecretsRequest(device=device)
+        while True:
+            page = self._call("ListUnlockSecrets", self._devices.ListUnlockSecrets, request, None)
+            yield from page.secrets
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def get_unlock_secret(self, device: str, volume: str) -> enroll_pb2.UnlockSecret:
+        request = enroll_pb2.GetUnlockSecretRequest(device=device, volume=volume)
+        return self._call("GetUnlockSecret", self._devices.GetUnlockSecret, request, None)
+
+    def remove_unlock_secret(self, device: str, volume: str) -> enroll_pb2.UnlockSecret:
+        request = enroll_pb2.GetUnlockSecretRequest(device=device, volume=volume)
+        return self._call("RemoveUnlockSecret", self._devices.RemoveUnlockSecret, request, None)
 
     def get_device(self, name: str) -> enroll_pb2.Device:
         return self._call(

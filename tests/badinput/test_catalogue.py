@@ -31,6 +31,8 @@ AREAS = {
     "stack",
     "metrics",
     "backup",
+    "attest",
+    "unlock",
 }
 MIN_ROWS = 40
 

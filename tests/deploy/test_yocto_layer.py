@@ -185,6 +185,7 @@ def test_every_service_package_has_its_unit() -> None:
             "edgekms-datafs.service",
             "edgekms-provision.service",
             "edgekms-agent.service",
+            "edgekms-unlock@.service",
         }
         == units
     )
@@ -407,7 +408,11 @@ def test_data_partition_holds_the_audit_streams_reservation() -> None:
     assert board.max_file_store + OTHER_FILES <= board.usable, (board.max_file_store, board.usable)
 
 
-SCRIPTS = [FILES / "edgekms-datafs", FILES / "edgekms-provision"]
+SCRIPTS = [
+    FILES / "edgekms-datafs",
+    FILES / "edgekms-provision",
+    FILES / "edgekms-unlock-keyscript",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

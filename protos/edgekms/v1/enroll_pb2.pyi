@@ -86,6 +86,8 @@ class EnrollToken(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_BY_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     profile: _builtins.str
@@ -101,6 +103,12 @@ class EnrollToken(_message.Message):
     serial: _builtins.str
     revoked_at: _builtins.str
     revoked_by: _builtins.str
+    attest: _builtins.bool
+    """Redeemable only by a TPM-attested enrollment (BeginAttestation, then Enroll)."""
+    ek_sha256: _builtins.bytes
+    """Pre-registered EK: SHA-256 of its SubjectPublicKeyInfo (DER); only that TPM may
+    redeem the token (no manufacturer certificate needed). Implies attest.
+    """
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -122,10 +130,12 @@ class EnrollToken(_message.Message):
         serial: _builtins.str = ...,
         revoked_at: _builtins.str = ...,
         revoked_by: _builtins.str = ...,
+        attest: _builtins.bool = ...,
+        ek_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "expires_at", b"expires_at", "group", b"group", "id", b"id", "name", b"name", "profile", b"profile", "request_id", b"request_id", "reserved_until", b"reserved_until", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "secret_sha256", b"secret_sha256", "serial", b"serial", "state", b"state", "used_at", b"used_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "created_at", b"created_at", "created_by", b"created_by", "ek_sha256", b"ek_sha256", "expires_at", b"expires_at", "group", b"group", "id", b"id", "name", b"name", "profile", b"profile", "request_id", b"request_id", "reserved_until", b"reserved_until", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "sans", b"sans", "secret_sha256", b"secret_sha256", "serial", b"serial", "state", b"state", "used_at", b"used_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,6 +146,26 @@ class Device(_message.Message):
     """"device.<name>": written when its certificate is issued, before the token is used."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PcrValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     NAME_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
@@ -150,6 +180,10 @@ class Device(_message.Message):
     CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
     SANS_FIELD_NUMBER: _builtins.int
     REVOCATIONS_DONE_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
+    AK_PUBLIC_FIELD_NUMBER: _builtins.int
+    EK_PUBLIC_FIELD_NUMBER: _builtins.int
+    PCR_VALUES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     group: _builtins.str
     profile: _builtins.str
@@ -163,8 +197,19 @@ class Device(_message.Message):
     certificate_der: _builtins.bytes
     revocations_done: _builtins.bool
     """The deny's revocations are done (client certificate and mini-CA certificates)."""
+    ek_sha256: _builtins.bytes
+    """TPM-attested devices: the identity (SHA-256 of the EK's SubjectPublicKeyInfo DER)
+    and the AK's TPMT_PUBLIC, pinned at enrollment.
+    """
+    ak_public: _builtins.bytes
+    ek_public: _builtins.bytes
+    """The EK's TPMT_PUBLIC: what released secrets are made for (MakeCredential)."""
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def pcr_values(self) -> _containers.ScalarMap[_builtins.int, _builtins.bytes]:
+        """sha256-bank PCR values quoted at attested enrollment, by PCR number."""
+
     def __init__(
         self,
         *,
@@ -181,14 +226,298 @@ class Device(_message.Message):
         certificate_der: _builtins.bytes = ...,
         sans: _abc.Iterable[_builtins.str] | None = ...,
         revocations_done: _builtins.bool = ...,
+        ek_sha256: _builtins.bytes = ...,
+        ak_public: _builtins.bytes = ...,
+        ek_public: _builtins.bytes = ...,
+        pcr_values: _abc.Mapping[_builtins.int, _builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "certificate_der", b"certificate_der", "denied_at", b"denied_at", "denied_by", b"denied_by", "ek_public", b"ek_public", "ek_sha256", b"ek_sha256", "enrolled_at", b"enrolled_at", "group", b"group", "name", b"name", "pcr_values", b"pcr_values", "profile", b"profile", "request_id", b"request_id", "revocations_done", b"revocations_done", "sans", b"sans", "serial", b"serial", "status", b"status", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Device: _TypeAlias = Device  # noqa: Y015
+
+@_typing.final
+class UnlockSecret(_message.Message):
+    """"unlock.<device>.<volume>": a secret released to one attested device against a quote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
+    PCRS_FIELD_NUMBER: _builtins.int
+    PCR_DIGEST_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LAST_RELEASED_AT_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    volume: _builtins.str
+    ciphertext: _builtins.bytes
+    """KeyService Encrypt envelope of the secret, AAD "edgekms-unlock-v1\\0<device>\\0<volume>"."""
+    key_name: _builtins.str
+    key_version: _builtins.int
+    ek_sha256: _builtins.bytes
+    """The policy: the device's EK identity at the time, the sha256-bank PCRs quoted and
+    SHA-256 of their concatenated values; optional window (RFC 3339, "" for none).
+    """
+    pcr_digest: _builtins.bytes
+    not_before: _builtins.str
+    not_after: _builtins.str
+    created_at: _builtins.str
+    created_by: _builtins.str
+    generation: _builtins.int
+    """Increments with each replacement of the secret (kmsctl unlock rotate)."""
+    last_released_at: _builtins.str
+    removed: _builtins.bool
+    """Removed (kmsctl unlock remove): the bucket keeps no deletes, so a removal is a
+    record without ciphertext that nothing is released from.
+    """
+    @_builtins.property
+    def pcrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+        key_name: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        ek_sha256: _builtins.bytes = ...,
+        pcrs: _abc.Iterable[_builtins.int] | None = ...,
+        pcr_digest: _builtins.bytes = ...,
+        not_before: _builtins.str = ...,
+        not_after: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        last_released_at: _builtins.str = ...,
+        removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "created_at", b"created_at", "created_by", b"created_by", "device", b"device", "ek_sha256", b"ek_sha256", "generation", b"generation", "key_name", b"key_name", "key_version", b"key_version", "last_released_at", b"last_released_at", "not_after", b"not_after", "not_before", b"not_before", "pcr_digest", b"pcr_digest", "pcrs", b"pcrs", "removed", b"removed", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockSecret: _TypeAlias = UnlockSecret  # noqa: Y015
+
+@_typing.final
+class PutUnlockSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    replace: _builtins.bool
+    """false: refused if the volume has a secret already; true: replaces it (rotate)."""
+    @_builtins.property
+    def secret(self) -> Global___UnlockSecret: ...
+    def __init__(
+        self,
+        *,
+        secret: Global___UnlockSecret | None = ...,
+        replace: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replace", b"replace", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutUnlockSecretRequest: _TypeAlias = PutUnlockSecretRequest  # noqa: Y015
+
+@_typing.final
+class ListUnlockSecretsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnlockSecretsRequest: _TypeAlias = ListUnlockSecretsRequest  # noqa: Y015
+
+@_typing.final
+class ListUnlockSecretsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRETS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnlockSecret]: ...
+    def __init__(
+        self,
+        *,
+        secrets: _abc.Iterable[Global___UnlockSecret] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "secrets", b"secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnlockSecretsResponse: _TypeAlias = ListUnlockSecretsResponse  # noqa: Y015
+
+@_typing.final
+class GetUnlockSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    volume: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUnlockSecretRequest: _TypeAlias = GetUnlockSecretRequest  # noqa: Y015
+
+@_typing.final
+class BeginUnlockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    volume: _builtins.str
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginUnlockRequest: _TypeAlias = BeginUnlockRequest  # noqa: Y015
+
+@_typing.final
+class UnlockChallenge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    PCRS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    nonce: _builtins.bytes
+    expires_at: _builtins.str
+    @_builtins.property
+    def pcrs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+        pcrs: _abc.Iterable[_builtins.int] | None = ...,
+        expires_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "expires_at", b"expires_at", "nonce", b"nonce", "pcrs", b"pcrs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockChallenge: _TypeAlias = UnlockChallenge  # noqa: Y015
+
+@_typing.final
+class UnlockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    device: _builtins.str
+    volume: _builtins.str
+    quote: _builtins.bytes
+    """TPMS_ATTEST of TPM2_Quote by the device's enrolled AK, and its ECDSA-SHA256
+    signature (DER).
+    """
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        device: _builtins.str = ...,
+        volume: _builtins.str = ...,
+        quote: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "device", b"device", "quote", b"quote", "signature", b"signature", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockRequest: _TypeAlias = UnlockRequest  # noqa: Y015
+
+@_typing.final
+class UnlockResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_BLOB_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_SECRET_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    credential_blob: _builtins.bytes
+    """TPM2_MakeCredential of a one-time 256-bit key to the device's EK, bound to its AK;
+    `sealed` is the secret under that key (AES-256-GCM, 12-byte nonce first, AAD the
+    challenge id).
+    """
+    encrypted_secret: _builtins.bytes
+    sealed: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        credential_blob: _builtins.bytes = ...,
+        encrypted_secret: _builtins.bytes = ...,
+        sealed: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_blob", b"credential_blob", "encrypted_secret", b"encrypted_secret", "sealed", b"sealed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockResponse: _TypeAlias = UnlockResponse  # noqa: Y015
 
 @_typing.final
 class DeniedGroup(_message.Message):
@@ -227,6 +556,14 @@ class EnrollRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     CSR_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    ACTIVATED_NONCE_FIELD_NUMBER: _builtins.int
+    KEY_PUBLIC_FIELD_NUMBER: _builtins.int
+    CERTIFY_INFO_FIELD_NUMBER: _builtins.int
+    CERTIFY_SIGNATURE_FIELD_NUMBER: _builtins.int
+    PCR_QUOTE_FIELD_NUMBER: _builtins.int
+    PCR_QUOTE_SIGNATURE_FIELD_NUMBER: _builtins.int
+    PCR_VALUES_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """"ekt1.<id>.<secret>" as `kmsctl enroll token create` printed it."""
     csr: _builtins.bytes
@@ -234,20 +571,107 @@ class EnrollRequest(_message.Message):
     SANs, if any, among the token's.
     """
     request_id: _builtins.str
+    challenge_id: _builtins.str
+    """TPM-attested enrollment (instead of csr): the challenge BeginAttestation gave,
+    the nonce TPM2_ActivateCredential recovered from it, and the device key's
+    TPMT_PUBLIC with the AK's TPM2_Certify of it over that nonce (TPMS_ATTEST and the
+    ECDSA-SHA256 signature, DER).
+    """
+    activated_nonce: _builtins.bytes
+    key_public: _builtins.bytes
+    certify_info: _builtins.bytes
+    certify_signature: _builtins.bytes
+    pcr_quote: _builtins.bytes
+    """Optional: the AK's TPM2_Quote of sha256-bank PCRs over the same nonce, and those
+    PCRs' values in ascending PCR order; recorded on the device as the known-good state
+    unlock policies are made from.
+    """
+    pcr_quote_signature: _builtins.bytes
+    @_builtins.property
+    def pcr_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         csr: _builtins.bytes = ...,
         request_id: _builtins.str = ...,
+        challenge_id: _builtins.str = ...,
+        activated_nonce: _builtins.bytes = ...,
+        key_public: _builtins.bytes = ...,
+        certify_info: _builtins.bytes = ...,
+        certify_signature: _builtins.bytes = ...,
+        pcr_quote: _builtins.bytes = ...,
+        pcr_quote_signature: _builtins.bytes = ...,
+        pcr_values: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "request_id", b"request_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_nonce", b"activated_nonce", "certify_info", b"certify_info", "certify_signature", b"certify_signature", "challenge_id", b"challenge_id", "csr", b"csr", "key_public", b"key_public", "pcr_quote", b"pcr_quote", "pcr_quote_signature", b"pcr_quote_signature", "pcr_values", b"pcr_values", "request_id", b"request_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+
+@_typing.final
+class BeginAttestationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EK_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    EK_PUBLIC_FIELD_NUMBER: _builtins.int
+    AK_PUBLIC_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    ek_certificate: _builtins.bytes
+    """The EK certificate (DER) from the TPM's NV; may be empty when the token names a
+    pre-registered EK.
+    """
+    ek_public: _builtins.bytes
+    """TPMT_PUBLIC of the EK and of the AK."""
+    ak_public: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        ek_certificate: _builtins.bytes = ...,
+        ek_public: _builtins.bytes = ...,
+        ak_public: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "ek_certificate", b"ek_certificate", "ek_public", b"ek_public", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginAttestationRequest: _TypeAlias = BeginAttestationRequest  # noqa: Y015
+
+@_typing.final
+class AttestationChallenge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_BLOB_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_SECRET_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    credential_blob: _builtins.bytes
+    """TPMS_ID_OBJECT and the encrypted seed: TPM2_ActivateCredential's two inputs."""
+    encrypted_secret: _builtins.bytes
+    expires_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        credential_blob: _builtins.bytes = ...,
+        encrypted_secret: _builtins.bytes = ...,
+        expires_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "credential_blob", b"credential_blob", "encrypted_secret", b"encrypted_secret", "expires_at", b"expires_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestationChallenge: _TypeAlias = AttestationChallenge  # noqa: Y015
 
 @_typing.final
 class EnrollResponse(_message.Message):
@@ -293,11 +717,16 @@ class CreateEnrollTokenRequest(_message.Message):
     SANS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    ATTEST_FIELD_NUMBER: _builtins.int
+    EK_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     profile: _builtins.str
     ttl_seconds: _builtins.int
     """Seconds; 0: 3600. At most 7 days."""
     group: _builtins.str
+    attest: _builtins.bool
+    """See EnrollToken.attest and ek_sha256."""
+    ek_sha256: _builtins.bytes
     @_builtins.property
     def sans(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -308,10 +737,12 @@ class CreateEnrollTokenRequest(_message.Message):
         sans: _abc.Iterable[_builtins.str] | None = ...,
         ttl_seconds: _builtins.int = ...,
         group: _builtins.str = ...,
+        attest: _builtins.bool = ...,
+        ek_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "name", b"name", "profile", b"profile", "sans", b"sans", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attest", b"attest", "ek_sha256", b"ek_sha256", "group", b"group", "name", b"name", "profile", b"profile", "sans", b"sans", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,6 +33,21 @@ class EnrollmentServiceStub:
                 request_serializer=edgekms_dot_v1_dot_enroll__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_enroll__pb2.EnrollResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.BeginAttestation = channel.unary_unary(
+                '/edgekms.v1.EnrollmentService/BeginAttestation',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.BeginAttestationRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.AttestationChallenge.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.BeginUnlock = channel.unary_unary(
+                '/edgekms.v1.EnrollmentService/BeginUnlock',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.BeginUnlockRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.UnlockChallenge.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.Unlock = channel.unary_unary(
+                '/edgekms.v1.EnrollmentService/Unlock',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.UnlockRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.UnlockResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class EnrollmentServiceServicer:
@@ -48,6 +63,32 @@ class EnrollmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginAttestation(self, request, context):
+        """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+        area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+        that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+        AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginUnlock(self, request, context):
+        """Remote unlock (docs/security.md, "Remote unlock"), by an attested device: step 1
+        gives a one-time nonce and the PCRs the volume's policy covers; step 2 takes the
+        AK's TPM2_Quote over them and that nonce and releases the secret so that only the
+        device's TPM can recover it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unlock(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -55,6 +96,21 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=edgekms_dot_v1_dot_enroll__pb2.EnrollRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_enroll__pb2.EnrollResponse.SerializeToString,
+            ),
+            'BeginAttestation': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginAttestation,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.BeginAttestationRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.AttestationChallenge.SerializeToString,
+            ),
+            'BeginUnlock': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginUnlock,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.BeginUnlockRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.UnlockChallenge.SerializeToString,
+            ),
+            'Unlock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unlock,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.UnlockRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.UnlockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +143,87 @@ class EnrollmentService:
             '/edgekms.v1.EnrollmentService/Enroll',
             edgekms_dot_v1_dot_enroll__pb2.EnrollRequest.SerializeToString,
             edgekms_dot_v1_dot_enroll__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def BeginAttestation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.EnrollmentService/BeginAttestation',
+            edgekms_dot_v1_dot_enroll__pb2.BeginAttestationRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.AttestationChallenge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def BeginUnlock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.EnrollmentService/BeginUnlock',
+            edgekms_dot_v1_dot_enroll__pb2.BeginUnlockRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.UnlockChallenge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def Unlock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.EnrollmentService/Unlock',
+            edgekms_dot_v1_dot_enroll__pb2.UnlockRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.UnlockResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,6 +280,26 @@ class DeviceServiceStub:
                 request_serializer=edgekms_dot_v1_dot_enroll__pb2.AllowDevicesRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_enroll__pb2.AllowDevicesResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.PutUnlockSecret = channel.unary_unary(
+                '/edgekms.v1.DeviceService/PutUnlockSecret',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.PutUnlockSecretRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.ListUnlockSecrets = channel.unary_unary(
+                '/edgekms.v1.DeviceService/ListUnlockSecrets',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.ListUnlockSecretsRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.ListUnlockSecretsResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.GetUnlockSecret = channel.unary_unary(
+                '/edgekms.v1.DeviceService/GetUnlockSecret',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.GetUnlockSecretRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.RemoveUnlockSecret = channel.unary_unary(
+                '/edgekms.v1.DeviceService/RemoveUnlockSecret',
+                request_serializer=edgekms_dot_v1_dot_enroll__pb2.GetUnlockSecretRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class DeviceServiceServicer:
@@ -193,6 +350,32 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutUnlockSecret(self, request, context):
+        """Unlock secrets of attested devices ("unlock.<device>.<volume>"): the secret
+        encrypted under a KMS key (KeyService Encrypt) with its release policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUnlockSecrets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUnlockSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveUnlockSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +413,26 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.AllowDevices,
                     request_deserializer=edgekms_dot_v1_dot_enroll__pb2.AllowDevicesRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_enroll__pb2.AllowDevicesResponse.SerializeToString,
+            ),
+            'PutUnlockSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutUnlockSecret,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.PutUnlockSecretRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.SerializeToString,
+            ),
+            'ListUnlockSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUnlockSecrets,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.ListUnlockSecretsRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.ListUnlockSecretsResponse.SerializeToString,
+            ),
+            'GetUnlockSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUnlockSecret,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.GetUnlockSecretRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.SerializeToString,
+            ),
+            'RemoveUnlockSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveUnlockSecret,
+                    request_deserializer=edgekms_dot_v1_dot_enroll__pb2.GetUnlockSecretRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -423,6 +626,114 @@ class DeviceService:
             '/edgekms.v1.DeviceService/AllowDevices',
             edgekms_dot_v1_dot_enroll__pb2.AllowDevicesRequest.SerializeToString,
             edgekms_dot_v1_dot_enroll__pb2.AllowDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def PutUnlockSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.DeviceService/PutUnlockSecret',
+            edgekms_dot_v1_dot_enroll__pb2.PutUnlockSecretRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def ListUnlockSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.DeviceService/ListUnlockSecrets',
+            edgekms_dot_v1_dot_enroll__pb2.ListUnlockSecretsRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.ListUnlockSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def GetUnlockSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.DeviceService/GetUnlockSecret',
+            edgekms_dot_v1_dot_enroll__pb2.GetUnlockSecretRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def RemoveUnlockSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.DeviceService/RemoveUnlockSecret',
+            edgekms_dot_v1_dot_enroll__pb2.GetUnlockSecretRequest.SerializeToString,
+            edgekms_dot_v1_dot_enroll__pb2.UnlockSecret.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,19 @@ class EnrollmentServiceStub:
     """Redeems a token for a client certificate of the key in `csr`. A retry with the
     same request_id (after a lost answer or a killed broker) gets the same certificate.
     """
+    BeginAttestation: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.BeginAttestationRequest, _enroll_pb2.AttestationChallenge]
+    """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+    area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+    that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+    AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
+    """
+    BeginUnlock: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.BeginUnlockRequest, _enroll_pb2.UnlockChallenge]
+    """Remote unlock (docs/security.md, "Remote unlock"), by an attested device: step 1
+    gives a one-time nonce and the PCRs the volume's policy covers; step 2 takes the
+    AK's TPM2_Quote over them and that nonce and releases the secret so that only the
+    device's TPM can recover it.
+    """
+    Unlock: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.UnlockRequest, _enroll_pb2.UnlockResponse]
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -55,6 +68,19 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Redeems a token for a client certificate of the key in `csr`. A retry with the
     same request_id (after a lost answer or a killed broker) gets the same certificate.
     """
+    BeginAttestation: _aio.UnaryUnaryMultiCallable[_enroll_pb2.BeginAttestationRequest, _enroll_pb2.AttestationChallenge]  # type: ignore[assignment]
+    """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+    area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+    that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+    AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
+    """
+    BeginUnlock: _aio.UnaryUnaryMultiCallable[_enroll_pb2.BeginUnlockRequest, _enroll_pb2.UnlockChallenge]  # type: ignore[assignment]
+    """Remote unlock (docs/security.md, "Remote unlock"), by an attested device: step 1
+    gives a one-time nonce and the PCRs the volume's policy covers; step 2 takes the
+    AK's TPM2_Quote over them and that nonce and releases the secret so that only the
+    device's TPM can recover it.
+    """
+    Unlock: _aio.UnaryUnaryMultiCallable[_enroll_pb2.UnlockRequest, _enroll_pb2.UnlockResponse]  # type: ignore[assignment]
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served on the broker's enrollment listener (server-only TLS; the caller has no
@@ -70,6 +96,37 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Redeems a token for a client certificate of the key in `csr`. A retry with the
         same request_id (after a lost answer or a killed broker) gets the same certificate.
         """
+
+    @_abc_1.abstractmethod
+    def BeginAttestation(
+        self,
+        request: _enroll_pb2.BeginAttestationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.AttestationChallenge, _abc.Awaitable[_enroll_pb2.AttestationChallenge]]:
+        """TPM-attested enrollment, step 1: the device shows its EK (certificate or public
+        area) and its AK; the answer is TPM2_MakeCredential of a fresh single-use nonce to
+        that EK, bound to that AK's name. Step 2 is Enroll with the activated nonce and the
+        AK's TPM2_Certify of the device key (docs/security.md, "TPM-attested enrollment").
+        """
+
+    @_abc_1.abstractmethod
+    def BeginUnlock(
+        self,
+        request: _enroll_pb2.BeginUnlockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.UnlockChallenge, _abc.Awaitable[_enroll_pb2.UnlockChallenge]]:
+        """Remote unlock (docs/security.md, "Remote unlock"), by an attested device: step 1
+        gives a one-time nonce and the PCRs the volume's policy covers; step 2 takes the
+        AK's TPM2_Quote over them and that nonce and releases the secret so that only the
+        device's TPM can recover it.
+        """
+
+    @_abc_1.abstractmethod
+    def Unlock(
+        self,
+        request: _enroll_pb2.UnlockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.UnlockResponse, _abc.Awaitable[_enroll_pb2.UnlockResponse]]: ...
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -90,6 +147,13 @@ class DeviceServiceStub:
     revokes the certificates of up to `batch` devices and says where it got to.
     """
     AllowDevices: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.AllowDevicesRequest, _enroll_pb2.AllowDevicesResponse]
+    PutUnlockSecret: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.PutUnlockSecretRequest, _enroll_pb2.UnlockSecret]
+    """Unlock secrets of attested devices ("unlock.<device>.<volume>"): the secret
+    encrypted under a KMS key (KeyService Encrypt) with its release policy.
+    """
+    ListUnlockSecrets: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.ListUnlockSecretsRequest, _enroll_pb2.ListUnlockSecretsResponse]
+    GetUnlockSecret: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.GetUnlockSecretRequest, _enroll_pb2.UnlockSecret]
+    RemoveUnlockSecret: _grpc.UnaryUnaryMultiCallable[_enroll_pb2.GetUnlockSecretRequest, _enroll_pb2.UnlockSecret]
 
 @_typing.type_check_only
 class DeviceServiceAsyncStub(DeviceServiceStub):
@@ -106,6 +170,13 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     revokes the certificates of up to `batch` devices and says where it got to.
     """
     AllowDevices: _aio.UnaryUnaryMultiCallable[_enroll_pb2.AllowDevicesRequest, _enroll_pb2.AllowDevicesResponse]  # type: ignore[assignment]
+    PutUnlockSecret: _aio.UnaryUnaryMultiCallable[_enroll_pb2.PutUnlockSecretRequest, _enroll_pb2.UnlockSecret]  # type: ignore[assignment]
+    """Unlock secrets of attested devices ("unlock.<device>.<volume>"): the secret
+    encrypted under a KMS key (KeyService Encrypt) with its release policy.
+    """
+    ListUnlockSecrets: _aio.UnaryUnaryMultiCallable[_enroll_pb2.ListUnlockSecretsRequest, _enroll_pb2.ListUnlockSecretsResponse]  # type: ignore[assignment]
+    GetUnlockSecret: _aio.UnaryUnaryMultiCallable[_enroll_pb2.GetUnlockSecretRequest, _enroll_pb2.UnlockSecret]  # type: ignore[assignment]
+    RemoveUnlockSecret: _aio.UnaryUnaryMultiCallable[_enroll_pb2.GetUnlockSecretRequest, _enroll_pb2.UnlockSecret]  # type: ignore[assignment]
 
 class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
     """On the mutual TLS listener; administrators only (operators may list and show)."""
@@ -161,5 +232,36 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _enroll_pb2.AllowDevicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_enroll_pb2.AllowDevicesResponse, _abc.Awaitable[_enroll_pb2.AllowDevicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PutUnlockSecret(
+        self,
+        request: _enroll_pb2.PutUnlockSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.UnlockSecret, _abc.Awaitable[_enroll_pb2.UnlockSecret]]:
+        """Unlock secrets of attested devices ("unlock.<device>.<volume>"): the secret
+        encrypted under a KMS key (KeyService Encrypt) with its release policy.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUnlockSecrets(
+        self,
+        request: _enroll_pb2.ListUnlockSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.ListUnlockSecretsResponse, _abc.Awaitable[_enroll_pb2.ListUnlockSecretsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUnlockSecret(
+        self,
+        request: _enroll_pb2.GetUnlockSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.UnlockSecret, _abc.Awaitable[_enroll_pb2.UnlockSecret]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveUnlockSecret(
+        self,
+        request: _enroll_pb2.GetUnlockSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enroll_pb2.UnlockSecret, _abc.Awaitable[_enroll_pb2.UnlockSecret]]: ...
 
 def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -34,6 +34,8 @@ SRC_URI = "git://github.com/edgekms/edgekms.git;protocol=https;branch=main \
            file://edgekms-provision.service \
            file://edgekms-datafs \
            file://edgekms-provision \
+           file://edgekms-unlock@.service \
+           file://edgekms-unlock-keyscript \
            file://tee-supplicant-edgekms.conf \
            file://edgekms.tmpfiles \
            file://edgekms-tee.rules"
@@ -75,8 +77,13 @@ do_install:append() {
     install -d ${D}${libexecdir}/edgekms
     install -m 0755 ${S}/deploy/edgekms-setup ${D}${libexecdir}/edgekms/edgekms-setup
     # The encrypted data partition and the first-boot console ceremony.
-    for script in edgekms-datafs edgekms-provision; do
+    # Remote unlock: a template unit per volume, and a crypttab keyscript.
+    sed -e 's,@BINDIR@,${bindir},g' -e 's,@SYSCONFDIR@,${sysconfdir},g' \
+        ${WORKDIR}/edgekms-unlock@.service > ${D}${systemd_system_unitdir}/edgekms-unlock@.service
+    for script in edgekms-datafs edgekms-provision edgekms-unlock-keyscript; do
         sed -e 's,@LIBEXECDIR@,${libexecdir},g' \
+            -e 's,@BINDIR@,${bindir},g' \
+            -e 's,@SYSCONFDIR@,${sysconfdir},g' \
             -e 's,@LOCALSTATEDIR@,${localstatedir},g' \
             -e 's,@LIBDIR@,${libdir},g' \
             ${WORKDIR}/${script} > ${D}${libexecdir}/edgekms/${script}
@@ -98,7 +105,7 @@ do_install:append() {
     install -m 0644 ${WORKDIR}/edgekms-agent.toml ${D}${sysconfdir}/edgekms/agent.toml
 }
 
-PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent"
+PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-unlock"
 
 FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/edgekms.conf"
 FILES:${PN}-datafs += "${systemd_system_unitdir}/edgekms-datafs.service \
@@ -121,6 +128,8 @@ FILES:${PN}-broker += "${systemd_system_unitdir}/edgekms-broker.service \
 FILES:${PN}-init += "${systemd_system_unitdir}/edgekms-init.service"
 FILES:${PN}-agent += "${systemd_system_unitdir}/edgekms-agent.service \
                       ${sysconfdir}/edgekms/agent.toml"
+FILES:${PN}-unlock += "${systemd_system_unitdir}/edgekms-unlock@.service \
+                       ${libexecdir}/edgekms/edgekms-unlock-keyscript"
 
 CONFFILES:${PN}-crypto-hsm = "${sysconfdir}/edgekms/crypto-hsm0.toml"
 CONFFILES:${PN}-crypto-tpm = "${sysconfdir}/edgekms/crypto-tpm0.toml"
@@ -128,7 +137,7 @@ CONFFILES:${PN}-ca = "${sysconfdir}/edgekms/ca.toml"
 CONFFILES:${PN}-broker = "${sysconfdir}/edgekms/broker.toml"
 CONFFILES:${PN}-agent = "${sysconfdir}/edgekms/agent.toml"
 
-SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent"
+SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-unlock"
 SYSTEMD_SERVICE:${PN}-datafs = "edgekms-datafs.service"
 SYSTEMD_SERVICE:${PN}-provision = "edgekms-provision.service"
 SYSTEMD_SERVICE:${PN}-setup = "edgekms-setup.service"
@@ -139,6 +148,9 @@ SYSTEMD_SERVICE:${PN}-ca = "edgekms-ca.service"
 SYSTEMD_SERVICE:${PN}-broker = "edgekms-broker.service"
 SYSTEMD_SERVICE:${PN}-init = "edgekms-init.service"
 SYSTEMD_SERVICE:${PN}-agent = "edgekms-agent.service"
+# A template: enabled per volume (systemctl enable edgekms-unlock@data.service).
+SYSTEMD_SERVICE:${PN}-unlock = "edgekms-unlock@.service"
+SYSTEMD_AUTO_ENABLE:${PN}-unlock = "disable"
 
 # One system user per service; tss (from tpm2-tss) and teeclnt give device access;
 # teesuppl runs tee-supplicant (see tee-supplicant-edgekms.conf).
@@ -189,5 +201,10 @@ RDEPENDS:${PN}-ca += "${PN}"
 RDEPENDS:${PN}-broker += "${PN}"
 RDEPENDS:${PN}-init += "${PN}"
 RDEPENDS:${PN}-agent += "${PN}"
+RDEPENDS:${PN}-unlock += "${PN} \
+                          cryptsetup \
+                          libtss2-tcti-device \
+                          python3-tpm2-pytss (>= 2.2.1) \
+                          tpm2-tss"
 
 CVE_PRODUCT = "edgekms"

@@ -23,6 +23,7 @@ IMAGE_INSTALL = "packagegroup-core-boot \
                  edgekms-ca \
                  edgekms-crypto-hsm \
                  edgekms-crypto-tpm \
+                 edgekms-unlock \
                  edgekms-datafs \
                  edgekms-firewall \
                  edgekms-init \
