@@ -7,8 +7,8 @@ import contextlib
 import logging
 import socket
 import sys
-from dataclasses import dataclass, replace
 import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
