@@ -30,6 +30,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "tpm": ("tpm",),
     "acme": ("acme",),
     "agent": ("agent",),
+    "spiffe": ("spiffe",),
     "completion": ("completion",),
 }
 
@@ -52,6 +53,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "tpm": "The TPM behind crypto service tpm0.",
     "acme": "ACME (RFC 8555): accounts, external account binding keys, the name policy.",
     "agent": "Keep this device's certificates and CRL files fresh, unattended.",
+    "spiffe": "SPIFFE workload identity: trust domain, registration entries, Workload...",
     "completion": "Print the shell completion script for bash, zsh or fish.",
 }
 
