@@ -41,9 +41,7 @@ def entry_to_dict(entry: ca_pb2.SpiffeEntry) -> dict[str, Any]:
 def _ttl(text: str | None, what: str) -> int:
     if not text:
         return 0
-    from edgekms.durations import parse_ttl
-
-    return sp.check_ttl(int(parse_ttl(text, "spiffe.ttl_invalid").total_seconds()), what)
+    return sp.check_ttl(sp.parse_seconds(text), what)
 
 
 @click.group("spiffe", context_settings=CONTEXT_SETTINGS)
@@ -132,7 +130,7 @@ def entry_group() -> None:
     "--selector", "selectors", multiple=True, required=True,
     help="type:key:value; repeat: all must match (unix:uid:1000, systemd:unit:x.service).",
 )  # fmt: skip
-@click.option("--ttl", default=None, help="X.509-SVID lifetime (30m, 1h; default 1h).")
+@click.option("--ttl", default=None, help="X.509-SVID lifetime, 10s..7d (30m, 1h; default 1h).")
 @click.option("--jwt-ttl", default=None, help="JWT-SVID lifetime (default 5m).")
 @_OUTPUT
 @client_options

@@ -165,6 +165,17 @@ def check_ttl(seconds: int, what: str = "ttl") -> int:
     return seconds
 
 
+def parse_seconds(text: str) -> int:
+    """ "90s", "30m", "1h", "7d": SVID lifetimes are short, so seconds are allowed here
+    (edgekms.durations, for certificates, starts at minutes)."""
+    match = re.fullmatch(r"(\d{1,7})([smhd])", text.strip().lower())
+    if not match:
+        raise InvalidArgument(
+            "spiffe.ttl_invalid", f"{text[:40]!r} is not a duration like 90s, 30m, 1h or 7d"
+        )
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
 def entry_id(node: str, spiffe_id: str) -> str:
     """Stable per (node, ID): creating the same entry twice is AlreadyExists, not a
     second copy, and the KV key needs no lookup."""

@@ -7,12 +7,15 @@ cannot enter)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,7 +72,7 @@ class SpiffeStack:
         return str(json.loads(self.kmsctl(*args).stdout)["entry_id"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def spiffe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpiffeStack]:
     root = tmp_path_factory.mktemp("spiffestack")
     stack = start_stack(root / "data")
@@ -125,6 +128,79 @@ def agent(spiffe_stack: SpiffeStack) -> Iterator[Agent]:
         yield running
     finally:
         running.stop()
+
+
+class Relay:
+    """A TCP relay to the broker that can be cut: the device's uplink going away. Unlike
+    a closed listener alone, `cut` also drops the connections in use, so the agent's
+    open gRPC channel fails the way a lost link does."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open = threading.Event()
+        self._open.set()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                self._conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._open.clear()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def restore(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+def device_behind_relay(spiffe_stack: SpiffeStack, name: str) -> tuple[Path, Relay]:
+    """A device enrolled now whose client config reaches the broker through a Relay."""
+    config = enrolled(spiffe_stack.stack, spiffe_stack.root, name)
+    relay = Relay(spiffe_stack.stack.broker)
+    text = config.read_text()
+    config.write_text(text.replace(spiffe_stack.stack.broker, f"127.0.0.1:{relay.port}"))
+    return config, relay
 
 
 def workload_env() -> dict[str, str]:
