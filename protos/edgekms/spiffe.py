@@ -88,7 +88,7 @@ def parse_id(text: str, *, require_path: bool = False) -> SpiffeId:
     if len(td) > MAX_TRUST_DOMAIN or not _TD_RE.match(td):
         raise _bad_id(text, "trust domain characters are a-z 0-9 . - _")
     if slash:
-        if not path:
+        if not path or path.endswith("/"):
             raise _bad_id(text, "a trailing '/' is not allowed")
         for segment in path.split("/"):
             if not segment:

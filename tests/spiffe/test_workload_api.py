@@ -225,3 +225,45 @@ def test_the_path_selector_tells_two_programs_of_one_uid_apart(
         "the by-path SVID",
     )
     assert [s["spiffe_id"] for s in answer["svids"]] == [f"spiffe://{TRUST_DOMAIN}/by-path"]
+
+
+def test_entries_are_managed_and_the_ca_refuses_bad_ones_itself(
+    spiffe_stack: SpiffeStack,
+) -> None:
+    """The CA checks what kmsctl checks (a caller may skip kmsctl), and list, show and
+    delete work as documented, -o json for scripts."""
+    import pytest
+
+    from edgekms.errors import AlreadyExists, InvalidArgument
+
+    with spiffe_stack.stack.client() as admin:
+        for spiffe_id, selectors, reason in [
+            ("spiffe://home.arpa/x?y", ["unix:uid:1"], "spiffe.id_invalid"),
+            ("spiffe://other.example/x", ["unix:uid:1"], "spiffe.trust_domain_mismatch"),
+            ("spiffe://home.arpa/x", ["unix:pid:1"], "spiffe.selector_invalid"),
+            ("spiffe://home.arpa/x", [], "spiffe.selector_missing"),
+        ]:
+            with pytest.raises(InvalidArgument) as caught:
+                admin.spiffe_create_entry(spiffe_id, "nas-spiffe", selectors)
+            assert caught.value.reason == reason
+        with pytest.raises(AlreadyExists) as exists:
+            admin.spiffe_init("other.example")
+        assert exists.value.reason == "spiffe.already_initialized"
+    eid = spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/managed", "systemd:unit:backup.service")
+    again = spiffe_stack.kmsctl(
+        "spiffe", "entry", "create", "--id", f"spiffe://{TRUST_DOMAIN}/managed",
+        "--node", "nas-spiffe", "--selector", "unix:uid:5", check=False,
+    )  # fmt: skip
+    assert again.returncode == 5 and "spiffe.entry_exists" in again.stderr
+    shown = json.loads(spiffe_stack.kmsctl("spiffe", "entry", "show", eid, "-o", "json").stdout)
+    assert shown["selectors"] == ["systemd:unit:backup.service"]
+    assert shown["ttl_seconds"] == 3600 and shown["created_by"] == "admin"
+    listed = json.loads(
+        spiffe_stack.kmsctl("spiffe", "entry", "list", "--node", "nas-spiffe", "-o", "json").stdout
+    )
+    assert eid in {e["entry_id"] for e in listed}
+    spiffe_stack.kmsctl("spiffe", "entry", "delete", eid)
+    gone = spiffe_stack.kmsctl("spiffe", "entry", "show", eid, check=False)
+    assert gone.returncode == 4 and "spiffe.entry_not_found" in gone.stderr
+    bundle = json.loads(spiffe_stack.kmsctl("spiffe", "bundle", "-o", "json").stdout)
+    assert bundle["trust_domain"] == TRUST_DOMAIN and len(bundle["x509_authorities_pem"]) == 1
