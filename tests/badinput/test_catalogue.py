@@ -28,6 +28,7 @@ AREAS = {
     "ACME",
     "agent",
     "stack",
+    "SPIFFE",
 }
 MIN_ROWS = 40
 
