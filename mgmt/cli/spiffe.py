@@ -92,9 +92,15 @@ def init_cmd(
 
 
 @spiffe_group.command("bundle")
+@click.option(
+    "--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Write the X.509 authorities (PEM) to this file instead of stdout.",
+)  # fmt: skip
 @_OUTPUT
 @client_options
-def bundle_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
+def bundle_cmd(
+    out_path: Path | None, output: str, data_dir: Path, config_path: Path | None
+) -> None:
     """The trust domain's bundle: X.509 authorities (PEM) and the JWT keys (JWKS)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -114,6 +120,10 @@ def bundle_cmd(output: str, data_dir: Path, config_path: Path | None) -> None:
                 "jwks": json.loads(bundle.jwks),
             }
         )
+        return
+    if out_path is not None:
+        out_path.write_text("".join(pems))
+        click.echo(f"wrote {len(pems)} authority certificate(s) to {out_path}", err=True)
         return
     click.echo("".join(pems), nl=False)
 

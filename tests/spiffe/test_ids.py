@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgekms import spiffe as sp
 from edgekms.errors import InvalidArgument
 from spiffe_agent import jwtsvid
-from spiffe_agent.attest import Caller, selectors_of, unit_of_cgroup
 from spiffe_agent.__main__ import parse_args, socket_path
+from spiffe_agent.attest import Caller, selectors_of, unit_of_cgroup
 from tests.e2e.conftest import BIN
 
 GOOD_IDS = [
