@@ -97,6 +97,7 @@ def operations(
         "SpiffeSignX509Svid": (ca_pb2.SpiffeSignX509SvidRequest, spiffe.sign_x509),
         "SpiffeSignJwtSvid": (ca_pb2.SpiffeSignJwtSvidRequest, spiffe.sign_jwt),
         "SpiffeGetBundle": (ca_pb2.SpiffeGetBundleRequest, spiffe.bundle),
+        "SpiffeFederate": (ca_pb2.SpiffeFederateRequest, spiffe.federate),
     }
 
 

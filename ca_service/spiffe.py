@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import logging
 import time
@@ -33,15 +34,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from ca_service import spiffe_bundle
 from ca_service.builder import CAKey, build_intermediate, ca_name, random_serial, signing_hash
 from ca_service.policy import PublicKey
-from ca_service.store import rfc3339
+from ca_service.store import parse_rfc3339, rfc3339
 from edgekms import kvread
 from edgekms import spiffe as sp
 from edgekms.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    KMSError,
     NotFound,
     PermissionDenied,
 )
@@ -63,6 +66,7 @@ MAX_AUDIENCES = 16
 # An SVID starts this far in the past (a lagging clock), never more than a tenth of it.
 BACKDATE = datetime.timedelta(seconds=30)
 STATE_RECHECK_SECONDS = 5.0
+MAX_FEDERATIONS = 64
 
 
 def node_token(node: str) -> str:
@@ -93,6 +97,8 @@ class SpiffeAuthority:
     def __init__(self, ca: CertificateAuthority):
         self.ca = ca
         self._state: tuple[ca_pb2.SpiffeState, int, float] | None = None
+        self._refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- the trust domain --------------------------------------------------------------
 
@@ -191,7 +197,92 @@ class SpiffeAuthority:
 
     async def bundle(self, _: ca_pb2.SpiffeGetBundleRequest | None = None) -> ca_pb2.SpiffeBundle:
         state = await self.state()
+        self._refresh_due(state)
         return _bundle(state)
+
+    # ---- federation --------------------------------------------------------------------
+
+    async def federate(self, req: ca_pb2.SpiffeFederateRequest) -> ca_pb2.SpiffeFederateResponse:
+        td = sp.check_trust_domain(req.trust_domain)
+        spiffe_bundle.check_url(req.bundle_url)
+        if req.endpoint_ca_pem:
+            try:
+                x509.load_pem_x509_certificates(req.endpoint_ca_pem)
+            except ValueError:
+                raise InvalidArgument(
+                    "spiffe.endpoint_ca_invalid", "the endpoint CA is not PEM certificates"
+                ) from None
+        state = await self.state()
+        if td == state.trust_domain:
+            raise InvalidArgument("spiffe.trust_domain_own", "that is this KMS's trust domain")
+        federation = await self._read_foreign(td, req.bundle_url, req.endpoint_ca_pem)
+        await self._store_federation(federation)
+        log.info(
+            "event=spiffe_federated trust_domain=%s url=%s sequence=%d requester=%s",
+            td, req.bundle_url[:200], federation.sequence, req.requester,
+        )  # fmt: skip
+        return ca_pb2.SpiffeFederateResponse(federation=federation)
+
+    async def _read_foreign(
+        self, td: str, url: str, endpoint_ca_pem: bytes
+    ) -> ca_pb2.SpiffeFederation:
+        data = await asyncio.to_thread(spiffe_bundle.fetch, url, endpoint_ca_pem)
+        federation = spiffe_bundle.parse(td, data)
+        federation.bundle_url = url
+        federation.endpoint_ca_pem = endpoint_ca_pem
+        federation.refreshed_at = rfc3339(_now())
+        return federation
+
+    async def _store_federation(self, federation: ca_pb2.SpiffeFederation) -> None:
+        for _ in range(10):
+            found = await self._get_state()
+            if found is None:
+                raise FailedPrecondition("spiffe.not_initialized", "no SPIFFE trust domain yet")
+            state, revision = found
+            kept = [f for f in state.federations if f.trust_domain != federation.trust_domain]
+            if len(kept) >= MAX_FEDERATIONS:
+                raise FailedPrecondition(
+                    "spiffe.too_many_federations", f"at most {MAX_FEDERATIONS} trust domains"
+                )
+            del state.federations[:]
+            state.federations.extend([*kept, federation])
+            state.sequence += 1
+            try:
+                await self.ca.store.kv.update(CONFIG_KEY, state.SerializeToString(), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            self._state = None
+            return
+        raise FailedPrecondition("spiffe.state_changed", "the trust domain kept changing")
+
+    def _refresh_due(self, state: ca_pb2.SpiffeState) -> None:
+        """Start (in the background) a re-read of each foreign bundle past its hint."""
+        now = _now()
+        for f in state.federations:
+            age = (now - parse_rfc3339(f.refreshed_at)).total_seconds() if f.refreshed_at else 1e9
+            if age < f.refresh_hint_seconds or f.trust_domain in self._refreshing:
+                continue
+            self._refreshing.add(f.trust_domain)
+            task = asyncio.create_task(self._refresh(f))
+            self._tasks.add(task)  # a strong reference: the loop keeps only a weak one
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(_forget, self._refreshing, f.trust_domain))
+
+    async def _refresh(self, old: ca_pb2.SpiffeFederation) -> None:
+        try:
+            new = await self._read_foreign(old.trust_domain, old.bundle_url, old.endpoint_ca_pem)
+            if (list(new.x509_authorities_der), new.jwks) == (
+                list(old.x509_authorities_der),
+                old.jwks,
+            ):
+                new.sequence = old.sequence  # unchanged: keep ours without a new sequence
+            await self._store_federation(new)
+            log.info("event=spiffe_federation_refreshed trust_domain=%s", old.trust_domain)
+        except KMSError as exc:
+            log.warning(
+                "event=spiffe_federation_refresh_failed trust_domain=%s reason=%s",
+                old.trust_domain, exc.reason,
+            )  # fmt: skip
 
     # ---- entries -----------------------------------------------------------------------
 
@@ -377,6 +468,10 @@ class SpiffeAuthority:
         )
 
 
+def _forget(refreshing: set[str], td: str, _: object) -> None:
+    refreshing.discard(td)
+
+
 def _not_entitled(node: str, spiffe_id: str) -> PermissionDenied:
     return PermissionDenied(
         "spiffe.not_entitled",
@@ -394,6 +489,15 @@ def _bundle(state: ca_pb2.SpiffeState) -> ca_pb2.SpiffeBundle:
         x509_authorities_der=list(state.x509_authorities_der),
         jwks=json.dumps(jwks, separators=(",", ":")).encode(),
         sequence=state.sequence,
+        federated=[
+            ca_pb2.SpiffeBundle(
+                trust_domain=f.trust_domain,
+                x509_authorities_der=list(f.x509_authorities_der),
+                jwks=f.jwks,
+                sequence=f.sequence,
+            )
+            for f in state.federations
+        ],
     )
 
 

@@ -81,15 +81,34 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
             raise PermissionDenied("spiffe.no_identity", "no identity issued")
         return entries
 
+    def _federated_x509(self) -> dict[str, bytes]:
+        """The foreign trust domains' X.509 authorities (kmsctl spiffe federate)."""
+        bundle = self.ids.state.bundle
+        if bundle is None:
+            return {}
+        return {
+            td_id(f.trust_domain): b"".join(f.x509_authorities_der)
+            for f in bundle.federated
+            if f.x509_authorities_der
+        }
+
     def _x509_bundles(self) -> dict[str, bytes]:
         bundle = self.ids.state.bundle
         if bundle is None:
             return {}
-        return {td_id(bundle.trust_domain): b"".join(bundle.x509_authorities_der)}
+        return {
+            td_id(bundle.trust_domain): b"".join(bundle.x509_authorities_der),
+            **self._federated_x509(),
+        }
 
     def _jwt_bundles(self) -> dict[str, bytes]:
         bundle = self.ids.state.bundle
-        return {} if bundle is None else {td_id(bundle.trust_domain): bundle.jwks}
+        if bundle is None:
+            return {}
+        return {
+            td_id(bundle.trust_domain): bundle.jwks,
+            **{td_id(f.trust_domain): f.jwks for f in bundle.federated},
+        }
 
     async def _stream(
         self,
@@ -143,7 +162,7 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
                     else b"",
                 )
             )
-        return wl.X509SVIDResponse(svids=svids)
+        return wl.X509SVIDResponse(svids=svids, federated_bundles=self._federated_x509())
 
     async def FetchX509SVID(
         self, request: wl.X509SVIDRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -128,6 +128,48 @@ def bundle_cmd(
     click.echo("".join(pems), nl=False)
 
 
+@spiffe_group.command("federate")
+@click.option("--trust-domain", required=True, help="The foreign trust domain, e.g. other.example.")
+@click.option("--bundle-url", required=True, help="Its bundle endpoint (https_web), https://...")
+@click.option(
+    "--endpoint-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="PEM CA that authenticates the endpoint's TLS (default: the system's roots).",
+)  # fmt: skip
+@_OUTPUT
+@client_options
+def federate_cmd(
+    trust_domain: str,
+    bundle_url: str,
+    endpoint_ca: Path | None,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Trust another trust domain: read its bundle from its bundle endpoint now (exit 6
+    if it cannot be read, nothing stored) and at its refresh hint after; workloads get
+    it as a federated bundle. Administrators only; again to change the URL."""
+    sp.check_trust_domain(trust_domain)
+    ca_pem = endpoint_ca.read_bytes() if endpoint_ca else b""
+    with open_client(data_dir, config_path) as kms:
+        federation = kms.spiffe_federate(trust_domain, bundle_url, ca_pem)
+    if output == "json":
+        echo_json(
+            {
+                "trust_domain": federation.trust_domain,
+                "bundle_url": federation.bundle_url,
+                "x509_authorities": len(federation.x509_authorities_der),
+                "jwt_keys": len(json.loads(federation.jwks).get("keys", [])),
+                "sequence": federation.sequence,
+                "refresh_hint_seconds": federation.refresh_hint_seconds,
+            }
+        )
+        return
+    click.echo(
+        f"federated with {federation.trust_domain}: {len(federation.x509_authorities_der)} "
+        f"X.509 authorities, sequence {federation.sequence}"
+    )
+
+
 @spiffe_group.group("entry")
 def entry_group() -> None:
     """Registration entries: which workloads on which device get which SPIFFE ID."""

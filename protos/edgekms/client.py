@@ -941,6 +941,18 @@ class KMSClient:
         request = ca_pb2.SpiffeSignJwtSvidRequest(spiffe_id=spiffe_id, audience=audience)
         return self._call("SpiffeSignJwtSvid", self._ca.SpiffeSignJwtSvid, request, None)
 
+    def spiffe_federate(
+        self, trust_domain: str, bundle_url: str, endpoint_ca_pem: bytes = b""
+    ) -> ca_pb2.SpiffeFederation:
+        """Trust a foreign trust domain's bundle, read from its bundle endpoint."""
+        request = ca_pb2.SpiffeFederateRequest(
+            trust_domain=trust_domain,
+            bundle_url=bundle_url,
+            endpoint_ca_pem=endpoint_ca_pem,
+            request_id=new_request_id(),
+        )
+        return self._call("SpiffeFederate", self._ca.SpiffeFederate, request, 30.0).federation
+
     def spiffe_bundle(self) -> ca_pb2.SpiffeBundle:
         request = ca_pb2.SpiffeGetBundleRequest()
         return self._call("SpiffeGetBundle", self._ca.SpiffeGetBundle, request, None)

@@ -1613,6 +1613,7 @@ class SpiffeState(_message.Message):
     X509_AUTHORITIES_DER_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    FEDERATIONS_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     provider: _builtins.str
     ca_key_id: _builtins.bytes
@@ -1627,6 +1628,10 @@ class SpiffeState(_message.Message):
     def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The X.509 authorities of the bundle (the mini-CA's root), DER."""
 
+    @_builtins.property
+    def federations(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeFederation]:
+        """Foreign trust domains whose bundles workloads receive (kmsctl spiffe federate)."""
+
     def __init__(
         self,
         *,
@@ -1640,14 +1645,117 @@ class SpiffeState(_message.Message):
         x509_authorities_der: _abc.Iterable[_builtins.bytes] | None = ...,
         created_at: _builtins.str = ...,
         sequence: _builtins.int = ...,
+        federations: _abc.Iterable[Global___SpiffeFederation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "ca_key_id", b"ca_key_id", "created_at", b"created_at", "jwt_key_id", b"jwt_key_id", "jwt_kid", b"jwt_kid", "jwt_public_key_der", b"jwt_public_key_der", "provider", b"provider", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "ca_key_id", b"ca_key_id", "created_at", b"created_at", "federations", b"federations", "jwt_key_id", b"jwt_key_id", "jwt_kid", b"jwt_kid", "jwt_public_key_der", b"jwt_public_key_der", "provider", b"provider", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SpiffeState: _TypeAlias = SpiffeState  # noqa: Y015
+
+@_typing.final
+class SpiffeFederation(_message.Message):
+    """A foreign trust domain and the last bundle read from its bundle endpoint (https_web)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    BUNDLE_URL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_CA_PEM_FIELD_NUMBER: _builtins.int
+    X509_AUTHORITIES_DER_FIELD_NUMBER: _builtins.int
+    JWKS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REFRESHED_AT_FIELD_NUMBER: _builtins.int
+    REFRESH_HINT_SECONDS_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    bundle_url: _builtins.str
+    endpoint_ca_pem: _builtins.bytes
+    """PEM of the CA that authenticates the endpoint's TLS; empty: the system's roots."""
+    jwks: _builtins.bytes
+    """its jwt-svid keys, as a JWK Set"""
+    sequence: _builtins.int
+    """its spiffe_sequence"""
+    refreshed_at: _builtins.str
+    refresh_hint_seconds: _builtins.int
+    @_builtins.property
+    def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        bundle_url: _builtins.str = ...,
+        endpoint_ca_pem: _builtins.bytes = ...,
+        x509_authorities_der: _abc.Iterable[_builtins.bytes] | None = ...,
+        jwks: _builtins.bytes = ...,
+        sequence: _builtins.int = ...,
+        refreshed_at: _builtins.str = ...,
+        refresh_hint_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "jwks", b"jwks", "refresh_hint_seconds", b"refresh_hint_seconds", "refreshed_at", b"refreshed_at", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeFederation: _TypeAlias = SpiffeFederation  # noqa: Y015
+
+@_typing.final
+class SpiffeFederateRequest(_message.Message):
+    """Subject: kms.ca.SpiffeFederate. Reads the foreign bundle now (refused if it cannot be
+    read or parsed: nothing is stored), then keeps it fresh at its refresh hint.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    BUNDLE_URL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_CA_PEM_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    bundle_url: _builtins.str
+    """https:// only"""
+    endpoint_ca_pem: _builtins.bytes
+    requester: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        bundle_url: _builtins.str = ...,
+        endpoint_ca_pem: _builtins.bytes = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "request_id", b"request_id", "requester", b"requester", "trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeFederateRequest: _TypeAlias = SpiffeFederateRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeFederateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEDERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def federation(self) -> Global___SpiffeFederation: ...
+    def __init__(
+        self,
+        *,
+        federation: Global___SpiffeFederation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeFederateResponse: _TypeAlias = SpiffeFederateResponse  # noqa: Y015
 
 @_typing.final
 class SpiffeInitRequest(_message.Message):
@@ -2048,12 +2156,17 @@ class SpiffeBundle(_message.Message):
     X509_AUTHORITIES_DER_FIELD_NUMBER: _builtins.int
     JWKS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    FEDERATED_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     jwks: _builtins.bytes
     """RFC 7517 JWK Set (JSON) of the JWT-SVID keys."""
     sequence: _builtins.int
     @_builtins.property
     def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def federated(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeBundle]:
+        """The federated trust domains' bundles (their own `federated` empty)."""
+
     def __init__(
         self,
         *,
@@ -2061,10 +2174,11 @@ class SpiffeBundle(_message.Message):
         x509_authorities_der: _abc.Iterable[_builtins.bytes] | None = ...,
         jwks: _builtins.bytes = ...,
         sequence: _builtins.int = ...,
+        federated: _abc.Iterable[Global___SpiffeBundle] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwks", b"jwks", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federated", b"federated", "jwks", b"jwks", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -166,6 +166,11 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeGetBundleRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeBundle.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeFederate = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeFederate',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class CertificateAuthorityServicer:
@@ -340,6 +345,12 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SpiffeFederate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -482,6 +493,11 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.SpiffeGetBundle,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeGetBundleRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeBundle.SerializeToString,
+            ),
+            'SpiffeFederate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeFederate,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1241,6 +1257,33 @@ class CertificateAuthority:
             '/edgekms.v1.CertificateAuthority/SpiffeGetBundle',
             edgekms_dot_v1_dot_ca__pb2.SpiffeGetBundleRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.SpiffeBundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeFederate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeFederate',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
             options,
             channel_credentials,
             insecure,

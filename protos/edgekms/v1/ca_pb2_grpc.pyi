@@ -65,6 +65,7 @@ class CertificateAuthorityStub:
     SpiffeSignX509Svid: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignX509SvidRequest, _ca_pb2.SpiffeSignX509SvidResponse]
     SpiffeSignJwtSvid: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignJwtSvidRequest, _ca_pb2.SpiffeSignJwtSvidResponse]
     SpiffeGetBundle: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetBundleRequest, _ca_pb2.SpiffeBundle]
+    SpiffeFederate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeFederateRequest, _ca_pb2.SpiffeFederateResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -98,6 +99,7 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     SpiffeSignX509Svid: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignX509SvidRequest, _ca_pb2.SpiffeSignX509SvidResponse]  # type: ignore[assignment]
     SpiffeSignJwtSvid: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignJwtSvidRequest, _ca_pb2.SpiffeSignJwtSvidResponse]  # type: ignore[assignment]
     SpiffeGetBundle: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetBundleRequest, _ca_pb2.SpiffeBundle]  # type: ignore[assignment]
+    SpiffeFederate: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeFederateRequest, _ca_pb2.SpiffeFederateResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -296,5 +298,12 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.SpiffeGetBundleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.SpiffeBundle, _abc.Awaitable[_ca_pb2.SpiffeBundle]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeFederate(
+        self,
+        request: _ca_pb2.SpiffeFederateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeFederateResponse, _abc.Awaitable[_ca_pb2.SpiffeFederateResponse]]: ...
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
