@@ -202,3 +202,33 @@ def test_federation_refuses_bad_urls_endpoints_and_bundles(
     assert code == 3 and err.startswith("kmsctl: spiffe.trust_domain_own:"), err
     with spiffe_stack.stack.client() as admin:
         assert "third.example" not in {f.trust_domain for f in admin.spiffe_bundle().federated}
+
+
+def test_a_federated_bundle_is_read_again_at_its_refresh_hint(
+    spiffe_stack: SpiffeStack, foreign: Foreign
+) -> None:
+    """fast.example says spiffe_refresh_hint 10: a changed bundle (new root, sequence 2)
+    replaces the stored one once the hint has passed, without another `federate`."""
+    old = json.loads(foreign.documents["/bundle"])
+    foreign.documents["/fast"] = json.dumps(
+        {**old, "spiffe_sequence": 1, "spiffe_refresh_hint": 10}
+    ).encode()
+    spiffe_stack.kmsctl(
+        "spiffe", "federate", "--trust-domain", "fast.example", "--bundle-url",
+        f"{foreign.url}/fast", "--endpoint-ca", str(foreign.tls_ca),
+    )  # fmt: skip
+    new_root = _self_signed(ec.generate_private_key(ec.SECP256R1()), "fast root 2", ca=True)
+    new_der = new_root.public_bytes(serialization.Encoding.DER)
+    public = new_root.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    keys = [{**sp.jwk_of(public, "", "x509-svid"), "x5c": [base64.b64encode(new_der).decode()]}]
+    foreign.documents["/fast"] = json.dumps(
+        {"keys": keys, "spiffe_sequence": 2, "spiffe_refresh_hint": 10}
+    ).encode()
+
+    def refreshed() -> bool:
+        with spiffe_stack.stack.client() as admin:
+            fast = [f for f in admin.spiffe_bundle().federated if f.trust_domain == "fast.example"]
+        return bool(fast) and list(fast[0].x509_authorities_der) == [new_der]
+
+    wait_for(refreshed, 90, "fast.example's new bundle")
