@@ -54,6 +54,7 @@ def spiffe_group() -> None:
           --selector unix:uid:1000 --selector unix:path:/usr/bin/restic --ttl 30m
       kmsctl spiffe entry list --node nas -o json
       kmsctl spiffe bundle -o json
+      kmsctl spiffe federate --trust-domain other.example --bundle-url https://spire.other/bundle
       kmsctl spiffe agent --client-config /var/lib/edgekms/device/config.toml   (on the device)
 
     Selectors: unix:uid:N, unix:gid:N, unix:path:/abs/exe, unix:sha256:HEX (of the

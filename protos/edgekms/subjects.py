@@ -46,9 +46,9 @@ def ca_registry_key_names() -> tuple[str, ...]:
     return (
         CA_ROOT_KEY_NAME,
         CA_INTERMEDIATE_KEY_NAME,
+        *(f"{CA_INTERMEDIATE_KEY_NAME}-{n}" for n in range(2, CA_MAX_INTERMEDIATE_GENERATION + 1)),
         SPIFFE_CA_KEY_NAME,
         SPIFFE_JWT_KEY_NAME,
-        *(f"{CA_INTERMEDIATE_KEY_NAME}-{n}" for n in range(2, CA_MAX_INTERMEDIATE_GENERATION + 1)),
     )
 
 
