@@ -27,7 +27,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgekms import spiffe as sp
-from tests.spiffe.conftest import TRUST_DOMAIN, Agent, SpiffeStack, wait_for, workload
+from tests.spiffe.conftest import (
+    TRUST_DOMAIN,
+    Agent,
+    SpiffeStack,
+    read_json_line,
+    wait_for,
+    workload,
+    workload_process,
+)
 
 FOREIGN = "other.example"
 
@@ -149,6 +157,11 @@ def test_a_federated_bundle_reaches_the_workloads(
     spiffe_stack: SpiffeStack, agent: Agent, foreign: Foreign
 ) -> None:
     spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/federated-user", "unix:uid:1061")
+    wait_for(lambda: "svids" in workload(agent.socket, 1061, 1061, "x509"), 60, "an SVID")
+    # A stream open before the federation: the new bundle is pushed on it.
+    stream = workload_process(agent.socket, 1061, 1061, "stream", "2")
+    before = read_json_line(stream)
+    assert f"spiffe://{FOREIGN}" not in before["bundles"]
     made = json.loads(
         spiffe_stack.kmsctl(
             "spiffe", "federate", "--trust-domain", FOREIGN, "--bundle-url",
@@ -163,6 +176,13 @@ def test_a_federated_bundle_reaches_the_workloads(
         "sequence": 7,
         "refresh_hint_seconds": 60,
     }
+    try:
+        pushed = read_json_line(stream, timeout=60)
+        assert f"spiffe://{FOREIGN}" in pushed["bundles"], pushed
+        assert pushed["svids"] == before["svids"]  # same SVID: only the bundles changed
+    finally:
+        stream.kill()
+        stream.wait()
     answer = wait_for(
         lambda: (a := workload(agent.socket, 1061, 1061, "x509")).get("bundles") and a,
         60,

@@ -119,7 +119,10 @@ def main() -> int:
             for i, message in enumerate(
                 api.FetchX509SVID(wl.X509SVIDRequest(), metadata=HEADER, timeout=600)
             ):
-                out(svids=[describe(s) for s in message.svids])
+                out(
+                    svids=[describe(s) for s in message.svids],
+                    bundles=sorted(message.federated_bundles),
+                )
                 if i + 1 >= count:
                     break
         elif mode == "bundles":
