@@ -17,6 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_FAILED_PRECONDITION = 6
+# kmsctl's exit codes by error code (mgmt.cli.common.ExitCode; not imported: click).
+EXIT_CODES = {
+    "ERROR_CODE_INVALID_ARGUMENT": 3,
+    "ERROR_CODE_NOT_FOUND": 4,
+    "ERROR_CODE_FAILED_PRECONDITION": EXIT_FAILED_PRECONDITION,
+    "ERROR_CODE_PERMISSION_DENIED": 7,
+    "ERROR_CODE_UNAUTHENTICATED": 7,
+    "ERROR_CODE_UNAVAILABLE": 8,
+}
 DEFAULT_SOCKET = "unix:///run/edgekms/workload.sock"
 USAGE = (
     "usage: python -m spiffe_agent --client-config PATH [--socket unix:///PATH]"
@@ -118,7 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(client_config, public, interval, stop)
 
-    run(main_async())
+    from edgekms.errors import KMSError
+
+    try:
+        run(main_async())
+    except KMSError as exc:  # a missing or unreadable client config, a socket in use
+        print(f"kmsctl: {exc.reason}: {exc.message}", file=sys.stderr)
+        return EXIT_CODES.get(exc.code_name, 1)
+    except OSError as exc:
+        print(f"kmsctl: spiffe.socket_unusable: {exc}", file=sys.stderr)
+        return EXIT_FAILED_PRECONDITION
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -200,3 +201,16 @@ def test_kmsctl_refuses_a_malformed_entry_before_sending_it(
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("kmsctl: spiffe.")
+
+
+def test_the_agent_refuses_a_missing_client_config_in_one_line(tmp_path: Path) -> None:
+    """Exit 6 and `kmsctl: config.missing: ...`, not a traceback; no socket is left."""
+    sock = tmp_path / "run" / "workload.sock"
+    done = subprocess.run(
+        [str(BIN / "kmsctl"), "spiffe", "agent", "--client-config", str(tmp_path / "none.toml"),
+         "--socket", f"unix://{sock}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 6, done.stderr
+    assert done.stderr.startswith("kmsctl: config.missing:") and "Traceback" not in done.stderr
+    assert not sock.exists()
