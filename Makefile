@@ -31,7 +31,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy broker crypto_service ca_service mgmt agent protos/edgekms tests scripts bench
+	$(BIN)/mypy broker crypto_service ca_service mgmt agent spiffe_agent protos/edgekms tests scripts bench
 
 # Regenerate protos/edgekms/v1/*_pb2*.py after changing a .proto (a test fails if stale).
 protos: setup

@@ -11,7 +11,8 @@ SignStream rates (bench/sign_many.py); then the compose stack
 Results land in bench/results/ (results.json, results.md, chart.png, ca_scale.md,
 sealed_start.md, audit_bytes.md, sign_many.md, containers.md, encryption.md: Encrypt/Decrypt
 per second end to end next to the raw token rate, bench/encryption.py; unlock.md: remote
-unlock round trips per second next to the raw TPM2_Quote rate, bench/unlock.py).
+unlock round trips per second next to the raw TPM2_Quote rate, bench/unlock.py;
+spiffe.json: bench/spiffe.py).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def _args() -> argparse.Namespace:
         "--no-ca-scale", action="store_true", help="skip the 50,000-certificate CA figures"
     )
     parser.add_argument("--no-acme", action="store_true", help="skip ACME orders per second")
+    parser.add_argument(
+        "--no-spiffe", action="store_true", help="skip SVIDs minted/s and rotation cost"
+    )
     parser.add_argument(
         "--no-containers", action="store_true", help="skip the compose stack's figures"
     )
@@ -265,6 +269,12 @@ def main() -> None:
             results["acme"] = [
                 r.to_json() for r in acme.run_fresh(work / "acme", args.duration, args.warmup)
             ]
+        if not args.no_spiffe:
+            # On a stack of its own, with the device's SPIFFE agent (bench.spiffe).
+            from bench import spiffe
+
+            results["spiffe"] = spiffe.run(20, 100)
+            (out / "spiffe.json").write_text(json.dumps(results["spiffe"], indent=1) + "\n")
         if not args.no_ca_scale:
             # On a stack of its own: 100,000 seeded records would weigh on the rest.
             from bench import ca_scale

@@ -95,6 +95,14 @@ ROLE_METHODS["signer"] |= {"GetCACertificates", "GetCRL", "GetRootCRL", "GetIssu
 ACME_READ = frozenset({"ListAcmeAccounts", "ListAcmeEab", "GetAcmePolicy"})
 ROLE_METHODS["admin"] |= ACME_READ | {"CreateAcmeEab", "RevokeAcmeEab"}
 ROLE_METHODS["operator"] |= ACME_READ
+# SPIFFE (docs/spiffe.md): administrators make the trust domain, operators manage
+# registration entries; every role may read the bundle. SVIDs are signed only for an
+# enrolled device's own entries (broker.device_certs.SPIFFE_DEVICE_METHODS).
+SPIFFE_READ = frozenset({"SpiffeGetEntry", "SpiffeListEntries", "SpiffeGetBundle"})
+SPIFFE_MANAGE = SPIFFE_READ | {"SpiffeCreateEntry", "SpiffeDeleteEntry"}
+ROLE_METHODS["admin"] |= SPIFFE_MANAGE | {"SpiffeInit", "SpiffeFederate"}
+ROLE_METHODS["operator"] |= SPIFFE_MANAGE
+ROLE_METHODS["signer"] |= {"SpiffeGetBundle"}
 # Clients and key policies: only administrators change who may do what; operators may look.
 ROLE_METHODS["admin"] |= {"AddClient", "ListClients", "RevokeClient", "UpdateKeyPolicy"}
 ROLE_METHODS["operator"] |= {"ListClients"}

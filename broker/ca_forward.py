@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from broker import wire
 from broker.audit_service import note
 from broker.authz import ROLE_METHODS
-from broker.device_certs import DEVICE_METHODS, check_issue
+from broker.device_certs import DEVICE_METHODS, SPIFFE_DEVICE_METHODS, check_issue
 from broker.idempotency import IdempotencyStore
 from broker.keys import Context, IdentityCache, rpc
 from edgekms import natsrpc
@@ -32,7 +32,7 @@ from edgekms.v1 import ca_pb2
 
 SERVICE = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"]
 # Making CA keys in a token or TPM can take seconds; the rest answers quickly.
-SLOW_METHODS = {"Init": 120.0, "Rotate": 120.0}
+SLOW_METHODS = {"Init": 120.0, "Rotate": 120.0, "SpiffeInit": 120.0, "SpiffeFederate": 30.0}
 DEFAULT_TIMEOUT = 10.0
 # Calls that change the CA's state: a retry with the same request_id is done once.
 STATE_CHANGING = {
@@ -44,6 +44,10 @@ STATE_CHANGING = {
     "Rotate",
     "RevokeIntermediate",
     "PruneCertificates",
+    "SpiffeInit",
+    "SpiffeCreateEntry",
+    "SpiffeDeleteEntry",
+    "SpiffeFederate",
 }
 
 # Where `requester` is a filter chosen by the caller (list what device X asked for), not
@@ -73,7 +77,9 @@ class CAForwarder:
         async def forward(
             self: CAForwarder, request: Message, context: Context, identity: Identity
         ) -> Message:
-            if method in DEVICE_METHODS and method not in ROLE_METHODS.get(
+            if method in SPIFFE_DEVICE_METHODS:
+                self._spiffe_node(method, request, identity)
+            elif method in DEVICE_METHODS and method not in ROLE_METHODS.get(
                 identity.role, frozenset()
             ):
                 # Admitted by check_method only as an enrolled device: its own names only.
@@ -115,6 +121,20 @@ class CAForwarder:
             return response
 
         return functools.partial(rpc(method)(forward), self)
+
+    def _spiffe_node(self, method: str, request: Message, identity: Identity) -> None:
+        """A device asks for its own node, whatever the request says; anyone else needs
+        the role (administrators and operators list entries; nobody else signs SVIDs)."""
+        device = self.identities.device(identity)
+        if device is not None:
+            request.node = device.name  # type: ignore[attr-defined]
+        elif method not in ROLE_METHODS.get(identity.role, frozenset()):
+            raise PermissionDenied(
+                "authz.role_denied",
+                f"role {identity.role!r} may not call {method}: only an enrolled device, "
+                "for the workloads on it",
+                {"client": identity.client, "role": identity.role, "method": method},
+            )
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         def implementation(method: str) -> Callable[[Message, Context], Any]:

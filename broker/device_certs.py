@@ -17,8 +17,13 @@ from edgekms.errors import InvalidArgument, PermissionDenied
 from edgekms.sans import ADDRESS_KINDS, san_strings, type_and_value
 from edgekms.v1 import ca_pb2, enroll_pb2
 
-# Methods a device may call beyond its role's, each checked by `check_issue` below.
-DEVICE_METHODS = frozenset({"IssueCertificate"})
+# SPIFFE calls a device makes for the workloads on it (spiffe_agent): narrowed by the
+# forwarder to the device's own node (`node` written from its certificate, never taken
+# from the request), so a device can list, and get SVIDs for, only its own entries.
+SPIFFE_DEVICE_METHODS = frozenset({"SpiffeSignX509Svid", "SpiffeSignJwtSvid", "SpiffeListEntries"})
+# Methods a device may call beyond its role's: IssueCertificate checked by `check_issue`
+# below, the SPIFFE ones by their node.
+DEVICE_METHODS = frozenset({"IssueCertificate"}) | SPIFFE_DEVICE_METHODS
 
 # Per enrollment profile (broker.enrollment.PROFILES): the mini-CA profiles its devices
 # may ask for. Not `device` itself: that profile's certificates are broker identities.

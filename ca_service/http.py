@@ -33,7 +33,9 @@ from urllib.parse import unquote
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service import spiffe_bundle
 from ca_service.authority import CertificateAuthority
+from ca_service.spiffe import SpiffeAuthority
 from edgekms.errors import KMSError, NotFound
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,16 @@ def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
 
     def unavailable(exc: KMSError) -> Response:
         return Response.text(503, exc.reason)
+
+    spiffe = SpiffeAuthority(ca)
+
+    async def spiffe_bundle_document(_: Request) -> Response:
+        # The trust domain's bundle endpoint (docs/spiffe.md, "Federation").
+        try:
+            bundle = await spiffe.bundle()
+        except KMSError as exc:
+            return unavailable(exc)
+        return Response(body=spiffe_bundle.document(bundle), content_type="application/json")
 
     async def crl(_: Request) -> Response:
         try:
@@ -175,6 +187,7 @@ def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
 
     return {
         ("GET", "/crl"): crl,
+        ("GET", "/spiffe/bundle"): spiffe_bundle_document,
         ("GET", "/crl/"): issuer_crl,
         ("GET", "/root.crl"): root_crl,
         ("GET", "/ca/"): issuer_cert,

@@ -25,6 +25,7 @@ from ca_service.builder import CaUrls
 from ca_service.crl import CRL_VALIDITY
 from ca_service.profiles import load_profiles
 from ca_service.signer import KMSKeyBackend
+from ca_service.spiffe import SpiffeAuthority
 from ca_service.store import CAStore
 from edgekms import natsrpc
 from edgekms.audit import StreamLimit
@@ -51,6 +52,7 @@ def operations(
 ) -> dict[str, tuple[type[Message], natsrpc.Handler]]:
     """RPC name -> (request message type, handler); the subject is kms.ca.<RPC name>."""
     admin = acme or AcmeAdmin(None)
+    spiffe = SpiffeAuthority(ca)
 
     async def get_crl(req: ca_pb2.GetCRLRequest) -> ca_pb2.GetCRLResponse:
         return await ca.crl_chunk(req)
@@ -88,6 +90,15 @@ def operations(
         "ListAcmeEab": (ca_pb2.ListAcmeEabRequest, admin.list_eab),
         "RevokeAcmeEab": (ca_pb2.RevokeAcmeEabRequest, admin.revoke_eab),
         "GetAcmePolicy": (ca_pb2.GetAcmePolicyRequest, admin.policy),
+        "SpiffeInit": (ca_pb2.SpiffeInitRequest, spiffe.init),
+        "SpiffeCreateEntry": (ca_pb2.SpiffeCreateEntryRequest, spiffe.create_entry),
+        "SpiffeGetEntry": (ca_pb2.SpiffeGetEntryRequest, spiffe.get_entry),
+        "SpiffeListEntries": (ca_pb2.SpiffeListEntriesRequest, spiffe.list_entries),
+        "SpiffeDeleteEntry": (ca_pb2.SpiffeDeleteEntryRequest, spiffe.delete_entry),
+        "SpiffeSignX509Svid": (ca_pb2.SpiffeSignX509SvidRequest, spiffe.sign_x509),
+        "SpiffeSignJwtSvid": (ca_pb2.SpiffeSignJwtSvidRequest, spiffe.sign_jwt),
+        "SpiffeGetBundle": (ca_pb2.SpiffeGetBundleRequest, spiffe.bundle),
+        "SpiffeFederate": (ca_pb2.SpiffeFederateRequest, spiffe.federate),
     }
 
 

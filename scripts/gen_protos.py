@@ -40,6 +40,7 @@ GRPC_FILES = {
     Path("edgekms/v1/audit.proto"),
     Path("edgekms/v1/clients.proto"),
     Path("edgekms/v1/enroll.proto"),
+    Path("edgekms/v1/workload.proto"),
 }
 
 

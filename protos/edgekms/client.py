@@ -1179,6 +1179,89 @@ class KMSClient:
         request = ca_pb2.GetAcmePolicyRequest()
         return self._call("GetAcmePolicy", self._ca.GetAcmePolicy, request, None)
 
+    # -- SPIFFE (docs/spiffe.md) -----------------------------------------------------------
+
+    def spiffe_init(
+        self, trust_domain: str, *, ca_validity_days: int = 0, timeout: float | None = None
+    ) -> ca_pb2.SpiffeInitResponse:
+        """Make the trust domain: its signing CA under the root and its JWT key, both in
+        the token (administrators only)."""
+        request = ca_pb2.SpiffeInitRequest(
+            trust_domain=trust_domain,
+            ca_validity_days=ca_validity_days,
+            request_id=new_request_id(),
+        )
+        deadline = CREATE_TIMEOUT if timeout is None else timeout
+        return self._call("SpiffeInit", self._ca.SpiffeInit, request, deadline)
+
+    def spiffe_create_entry(
+        self,
+        spiffe_id: str,
+        node: str,
+        selectors: list[str],
+        *,
+        ttl_seconds: int = 0,
+        jwt_ttl_seconds: int = 0,
+    ) -> ca_pb2.SpiffeEntry:
+        request = ca_pb2.SpiffeCreateEntryRequest(
+            spiffe_id=spiffe_id,
+            node=node,
+            selectors=selectors,
+            ttl_seconds=ttl_seconds,
+            jwt_ttl_seconds=jwt_ttl_seconds,
+            request_id=new_request_id(),
+        )
+        return self._call("SpiffeCreateEntry", self._ca.SpiffeCreateEntry, request, None).entry
+
+    def spiffe_get_entry(self, entry_id: str) -> ca_pb2.SpiffeEntry:
+        request = ca_pb2.SpiffeGetEntryRequest(entry_id=entry_id)
+        return self._call("SpiffeGetEntry", self._ca.SpiffeGetEntry, request, None).entry
+
+    def spiffe_iter_entries(
+        self, node: str = "", page_size: int = 0
+    ) -> Iterator[ca_pb2.SpiffeEntry]:
+        """Every entry (of `node`), a page at a time; an enrolled device gets its own."""
+        request = ca_pb2.SpiffeListEntriesRequest(node=node, page_size=page_size)
+        while True:
+            page = self._call("SpiffeListEntries", self._ca.SpiffeListEntries, request, None)
+            yield from page.entries
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def spiffe_delete_entry(self, entry_id: str) -> ca_pb2.SpiffeEntry:
+        request = ca_pb2.SpiffeDeleteEntryRequest(entry_id=entry_id, request_id=new_request_id())
+        return self._call("SpiffeDeleteEntry", self._ca.SpiffeDeleteEntry, request, None).entry
+
+    def spiffe_sign_x509_svid(
+        self, spiffe_id: str, csr_der: bytes
+    ) -> ca_pb2.SpiffeSignX509SvidResponse:
+        """An X.509-SVID for a key made here (an enrolled device, for its own entries)."""
+        request = ca_pb2.SpiffeSignX509SvidRequest(spiffe_id=spiffe_id, csr=csr_der)
+        return self._call("SpiffeSignX509Svid", self._ca.SpiffeSignX509Svid, request, None)
+
+    def spiffe_sign_jwt_svid(
+        self, spiffe_id: str, audience: list[str]
+    ) -> ca_pb2.SpiffeSignJwtSvidResponse:
+        request = ca_pb2.SpiffeSignJwtSvidRequest(spiffe_id=spiffe_id, audience=audience)
+        return self._call("SpiffeSignJwtSvid", self._ca.SpiffeSignJwtSvid, request, None)
+
+    def spiffe_federate(
+        self, trust_domain: str, bundle_url: str, endpoint_ca_pem: bytes = b""
+    ) -> ca_pb2.SpiffeFederation:
+        """Trust a foreign trust domain's bundle, read from its bundle endpoint."""
+        request = ca_pb2.SpiffeFederateRequest(
+            trust_domain=trust_domain,
+            bundle_url=bundle_url,
+            endpoint_ca_pem=endpoint_ca_pem,
+            request_id=new_request_id(),
+        )
+        return self._call("SpiffeFederate", self._ca.SpiffeFederate, request, 30.0).federation
+
+    def spiffe_bundle(self) -> ca_pb2.SpiffeBundle:
+        request = ca_pb2.SpiffeGetBundleRequest()
+        return self._call("SpiffeGetBundle", self._ca.SpiffeGetBundle, request, None)
+
     # -- lifetime ---------------------------------------------------------------------
 
     def close(self) -> None:

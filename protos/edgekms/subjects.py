@@ -39,6 +39,9 @@ AUDIT_STREAM = "KMS_AUDIT"
 CA_ROOT_KEY_NAME = "ca/root"
 CA_INTERMEDIATE_KEY_NAME = "ca/intermediate"
 CA_MAX_INTERMEDIATE_GENERATION = 99
+# The SPIFFE trust domain's keys (ca_service/spiffe.py): its X.509 signing CA, its JWT key.
+SPIFFE_CA_KEY_NAME = "ca/spiffe"
+SPIFFE_JWT_KEY_NAME = "ca/spiffe-jwt"
 
 
 def ca_registry_key_names() -> tuple[str, ...]:
@@ -47,6 +50,8 @@ def ca_registry_key_names() -> tuple[str, ...]:
         CA_ROOT_KEY_NAME,
         CA_INTERMEDIATE_KEY_NAME,
         *(f"{CA_INTERMEDIATE_KEY_NAME}-{n}" for n in range(2, CA_MAX_INTERMEDIATE_GENERATION + 1)),
+        SPIFFE_CA_KEY_NAME,
+        SPIFFE_JWT_KEY_NAME,
     )
 
 

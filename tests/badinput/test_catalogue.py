@@ -33,6 +33,7 @@ AREAS = {
     "backup",
     "attest",
     "unlock",
+    "SPIFFE",
 }
 MIN_ROWS = 40
 

@@ -158,6 +158,9 @@ def test_registry_writes_are_limited_to_the_keys_a_writer_owns() -> None:
         "$KV.kms_keys.ca/root",
         "$KV.kms_keys.ca/intermediate",
         *(f"$KV.kms_keys.ca/intermediate-{n}" for n in range(2, 100)),
+        # The SPIFFE trust domain's keys (ca_service/spiffe.py).
+        "$KV.kms_keys.ca/spiffe",
+        "$KV.kms_keys.ca/spiffe-jwt",
     ]
     assert not [s for s in by_user["kmsctl"] if s.startswith("$KV.")]
     ceremony = {i.user: i.permissions.publish for i in stack_identities(["hsm0"], ceremony=True)}

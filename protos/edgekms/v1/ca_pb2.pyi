@@ -1591,3 +1591,595 @@ class RenewHeldCertificateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewHeldCertificateRequest: _TypeAlias = RenewHeldCertificateRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeState(_message.Message):
+    """---- SPIFFE (docs/spiffe.md) ------------------------------------------------------------
+
+    The trust domain, kept under KV key "spiffe.config" of bucket kms_ca: its X.509 signing
+    CA (certified by the mini-CA's root, key "ca/spiffe" in the token) and its JWT signing
+    key ("ca/spiffe-jwt", ES256).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    CA_KEY_ID_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    JWT_KEY_ID_FIELD_NUMBER: _builtins.int
+    JWT_PUBLIC_KEY_DER_FIELD_NUMBER: _builtins.int
+    JWT_KID_FIELD_NUMBER: _builtins.int
+    X509_AUTHORITIES_DER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    FEDERATIONS_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    provider: _builtins.str
+    ca_key_id: _builtins.bytes
+    ca_certificate_der: _builtins.bytes
+    jwt_key_id: _builtins.bytes
+    jwt_public_key_der: _builtins.bytes
+    jwt_kid: _builtins.str
+    created_at: _builtins.str
+    sequence: _builtins.int
+    """Bumped whenever the bundle changes (spiffe_sequence of the bundle endpoint)."""
+    @_builtins.property
+    def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The X.509 authorities of the bundle (the mini-CA's root), DER."""
+
+    @_builtins.property
+    def federations(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeFederation]:
+        """Foreign trust domains whose bundles workloads receive (kmsctl spiffe federate)."""
+
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        ca_key_id: _builtins.bytes = ...,
+        ca_certificate_der: _builtins.bytes = ...,
+        jwt_key_id: _builtins.bytes = ...,
+        jwt_public_key_der: _builtins.bytes = ...,
+        jwt_kid: _builtins.str = ...,
+        x509_authorities_der: _abc.Iterable[_builtins.bytes] | None = ...,
+        created_at: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        federations: _abc.Iterable[Global___SpiffeFederation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "ca_key_id", b"ca_key_id", "created_at", b"created_at", "federations", b"federations", "jwt_key_id", b"jwt_key_id", "jwt_kid", b"jwt_kid", "jwt_public_key_der", b"jwt_public_key_der", "provider", b"provider", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeState: _TypeAlias = SpiffeState  # noqa: Y015
+
+@_typing.final
+class SpiffeFederation(_message.Message):
+    """A foreign trust domain and the last bundle read from its bundle endpoint (https_web)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    BUNDLE_URL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_CA_PEM_FIELD_NUMBER: _builtins.int
+    X509_AUTHORITIES_DER_FIELD_NUMBER: _builtins.int
+    JWKS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REFRESHED_AT_FIELD_NUMBER: _builtins.int
+    REFRESH_HINT_SECONDS_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    bundle_url: _builtins.str
+    endpoint_ca_pem: _builtins.bytes
+    """PEM of the CA that authenticates the endpoint's TLS; empty: the system's roots."""
+    jwks: _builtins.bytes
+    """its jwt-svid keys, as a JWK Set"""
+    sequence: _builtins.int
+    """its spiffe_sequence"""
+    refreshed_at: _builtins.str
+    refresh_hint_seconds: _builtins.int
+    @_builtins.property
+    def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        bundle_url: _builtins.str = ...,
+        endpoint_ca_pem: _builtins.bytes = ...,
+        x509_authorities_der: _abc.Iterable[_builtins.bytes] | None = ...,
+        jwks: _builtins.bytes = ...,
+        sequence: _builtins.int = ...,
+        refreshed_at: _builtins.str = ...,
+        refresh_hint_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "jwks", b"jwks", "refresh_hint_seconds", b"refresh_hint_seconds", "refreshed_at", b"refreshed_at", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeFederation: _TypeAlias = SpiffeFederation  # noqa: Y015
+
+@_typing.final
+class SpiffeFederateRequest(_message.Message):
+    """Subject: kms.ca.SpiffeFederate. Reads the foreign bundle now (refused if it cannot be
+    read or parsed: nothing is stored), then keeps it fresh at its refresh hint.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    BUNDLE_URL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_CA_PEM_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    bundle_url: _builtins.str
+    """https:// only"""
+    endpoint_ca_pem: _builtins.bytes
+    requester: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        bundle_url: _builtins.str = ...,
+        endpoint_ca_pem: _builtins.bytes = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "request_id", b"request_id", "requester", b"requester", "trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeFederateRequest: _TypeAlias = SpiffeFederateRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeFederateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEDERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def federation(self) -> Global___SpiffeFederation: ...
+    def __init__(
+        self,
+        *,
+        federation: Global___SpiffeFederation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeFederateResponse: _TypeAlias = SpiffeFederateResponse  # noqa: Y015
+
+@_typing.final
+class SpiffeInitRequest(_message.Message):
+    """Subject: kms.ca.SpiffeInit. Refused (spiffe.already_initialized) when one exists."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CA_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    requester: _builtins.str
+    request_id: _builtins.str
+    ca_validity_days: _builtins.int
+    """0: 365"""
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        ca_validity_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_validity_days", b"ca_validity_days", "request_id", b"request_id", "requester", b"requester", "trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeInitRequest: _TypeAlias = SpiffeInitRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeInitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    JWT_KID_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    ca_certificate_der: _builtins.bytes
+    jwt_kid: _builtins.str
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        ca_certificate_der: _builtins.bytes = ...,
+        jwt_kid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "jwt_kid", b"jwt_kid", "trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeInitResponse: _TypeAlias = SpiffeInitResponse  # noqa: Y015
+
+@_typing.final
+class SpiffeEntry(_message.Message):
+    """A registration entry (KV key "spiffe.entry.<node>.<entry id>"): the workloads on device
+    `node` whose attested selectors include every one of `selectors` get `spiffe_id`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    SELECTORS_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    JWT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """32 hex digits: SHA-256 of node and SPIFFE ID"""
+    spiffe_id: _builtins.str
+    node: _builtins.str
+    ttl_seconds: _builtins.int
+    """X.509-SVID lifetime; 0: 3600"""
+    created_at: _builtins.str
+    created_by: _builtins.str
+    jwt_ttl_seconds: _builtins.int
+    """0: 300"""
+    @_builtins.property
+    def selectors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"unix:uid:1000", "unix:path:/usr/bin/restic", ..."""
+
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        spiffe_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        selectors: _abc.Iterable[_builtins.str] | None = ...,
+        ttl_seconds: _builtins.int = ...,
+        created_at: _builtins.str = ...,
+        created_by: _builtins.str = ...,
+        jwt_ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "entry_id", b"entry_id", "jwt_ttl_seconds", b"jwt_ttl_seconds", "node", b"node", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeEntry: _TypeAlias = SpiffeEntry  # noqa: Y015
+
+@_typing.final
+class SpiffeCreateEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    SELECTORS_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    JWT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    spiffe_id: _builtins.str
+    node: _builtins.str
+    ttl_seconds: _builtins.int
+    requester: _builtins.str
+    request_id: _builtins.str
+    jwt_ttl_seconds: _builtins.int
+    @_builtins.property
+    def selectors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        spiffe_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        selectors: _abc.Iterable[_builtins.str] | None = ...,
+        ttl_seconds: _builtins.int = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        jwt_ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwt_ttl_seconds", b"jwt_ttl_seconds", "node", b"node", "request_id", b"request_id", "requester", b"requester", "selectors", b"selectors", "spiffe_id", b"spiffe_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeCreateEntryRequest: _TypeAlias = SpiffeCreateEntryRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeEntryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___SpiffeEntry: ...
+    def __init__(
+        self,
+        *,
+        entry: Global___SpiffeEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeEntryResponse: _TypeAlias = SpiffeEntryResponse  # noqa: Y015
+
+@_typing.final
+class SpiffeGetEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeGetEntryRequest: _TypeAlias = SpiffeGetEntryRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeListEntriesRequest(_message.Message):
+    """An enrolled device's call is narrowed by the broker to its own node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """"": every node (administrators and operators only)"""
+    page_size: _builtins.int
+    """0: 1000"""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeListEntriesRequest: _TypeAlias = SpiffeListEntriesRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeListEntriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___SpiffeEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeListEntriesResponse: _TypeAlias = SpiffeListEntriesResponse  # noqa: Y015
+
+@_typing.final
+class SpiffeDeleteEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    requester: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "request_id", b"request_id", "requester", b"requester"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeDeleteEntryRequest: _TypeAlias = SpiffeDeleteEntryRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeSignX509SvidRequest(_message.Message):
+    """Subject: kms.ca.SpiffeSignX509Svid. The CSR's key was made on the device; the CA signs
+    only for an entry of `node` naming `spiffe_id`. From a device, `node` is written by the
+    broker (its own name), never taken from the request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    csr: _builtins.bytes
+    """PKCS#10 DER; its SANs are ignored, the SVID carries the entry's ID"""
+    spiffe_id: _builtins.str
+    node: _builtins.str
+    requester: _builtins.str
+    def __init__(
+        self,
+        *,
+        csr: _builtins.bytes = ...,
+        spiffe_id: _builtins.str = ...,
+        node: _builtins.str = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "node", b"node", "requester", b"requester", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeSignX509SvidRequest: _TypeAlias = SpiffeSignX509SvidRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeSignX509SvidResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    INTERMEDIATES_DER_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    certificate_der: _builtins.bytes
+    @_builtins.property
+    def intermediates_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The SVID's chain after the leaf: the SPIFFE signing CA."""
+
+    @_builtins.property
+    def bundle(self) -> Global___SpiffeBundle: ...
+    def __init__(
+        self,
+        *,
+        certificate_der: _builtins.bytes = ...,
+        intermediates_der: _abc.Iterable[_builtins.bytes] | None = ...,
+        bundle: Global___SpiffeBundle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "certificate_der", b"certificate_der", "intermediates_der", b"intermediates_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeSignX509SvidResponse: _TypeAlias = SpiffeSignX509SvidResponse  # noqa: Y015
+
+@_typing.final
+class SpiffeSignJwtSvidRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    spiffe_id: _builtins.str
+    node: _builtins.str
+    requester: _builtins.str
+    @_builtins.property
+    def audience(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        spiffe_id: _builtins.str = ...,
+        audience: _abc.Iterable[_builtins.str] | None = ...,
+        node: _builtins.str = ...,
+        requester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "node", b"node", "requester", b"requester", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeSignJwtSvidRequest: _TypeAlias = SpiffeSignJwtSvidRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeSignJwtSvidResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    expires_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeSignJwtSvidResponse: _TypeAlias = SpiffeSignJwtSvidResponse  # noqa: Y015
+
+@_typing.final
+class SpiffeGetBundleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeGetBundleRequest: _TypeAlias = SpiffeGetBundleRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeBundle(_message.Message):
+    """The trust domain's bundle as a workload needs it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    X509_AUTHORITIES_DER_FIELD_NUMBER: _builtins.int
+    JWKS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    FEDERATED_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    jwks: _builtins.bytes
+    """RFC 7517 JWK Set (JSON) of the JWT-SVID keys."""
+    sequence: _builtins.int
+    @_builtins.property
+    def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def federated(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeBundle]:
+        """The federated trust domains' bundles (their own `federated` empty)."""
+
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        x509_authorities_der: _abc.Iterable[_builtins.bytes] | None = ...,
+        jwks: _builtins.bytes = ...,
+        sequence: _builtins.int = ...,
+        federated: _abc.Iterable[Global___SpiffeBundle] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federated", b"federated", "jwks", b"jwks", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeBundle: _TypeAlias = SpiffeBundle  # noqa: Y015

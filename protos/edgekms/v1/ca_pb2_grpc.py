@@ -126,6 +126,51 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeInit = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeInit',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeInitRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeInitResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeCreateEntry = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeCreateEntry',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeCreateEntryRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeGetEntry = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeGetEntry',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeGetEntryRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeListEntries = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeListEntries',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeListEntriesRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeListEntriesResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeDeleteEntry = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeDeleteEntry',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeDeleteEntryRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeSignX509Svid = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeSignX509Svid',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignX509SvidRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignX509SvidResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeSignJwtSvid = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeSignJwtSvid',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignJwtSvidRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignJwtSvidResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeGetBundle = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeGetBundle',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeGetBundleRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeBundle.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeFederate = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeFederate',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class CertificateAuthorityServicer:
@@ -251,6 +296,61 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SpiffeInit(self, request, context):
+        """SPIFFE (docs/spiffe.md): the trust domain, registration entries, SVIDs, bundles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeCreateEntry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeGetEntry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeListEntries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeDeleteEntry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeSignX509Svid(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeSignJwtSvid(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeGetBundle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeFederate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +453,51 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.GetAcmePolicy,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyResponse.SerializeToString,
+            ),
+            'SpiffeInit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeInit,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeInitRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeInitResponse.SerializeToString,
+            ),
+            'SpiffeCreateEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeCreateEntry,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeCreateEntryRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.SerializeToString,
+            ),
+            'SpiffeGetEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeGetEntry,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeGetEntryRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.SerializeToString,
+            ),
+            'SpiffeListEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeListEntries,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeListEntriesRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeListEntriesResponse.SerializeToString,
+            ),
+            'SpiffeDeleteEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeDeleteEntry,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeDeleteEntryRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.SerializeToString,
+            ),
+            'SpiffeSignX509Svid': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeSignX509Svid,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignX509SvidRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignX509SvidResponse.SerializeToString,
+            ),
+            'SpiffeSignJwtSvid': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeSignJwtSvid,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignJwtSvidRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeSignJwtSvidResponse.SerializeToString,
+            ),
+            'SpiffeGetBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeGetBundle,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeGetBundleRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeBundle.SerializeToString,
+            ),
+            'SpiffeFederate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeFederate,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -896,6 +1041,249 @@ class CertificateAuthority:
             '/edgekms.v1.CertificateAuthority/GetAcmePolicy',
             edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.GetAcmePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeInit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeInit',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeInitRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeInitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeCreateEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeCreateEntry',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeCreateEntryRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeGetEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeGetEntry',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeGetEntryRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeListEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeListEntries',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeListEntriesRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeDeleteEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeDeleteEntry',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeDeleteEntryRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeSignX509Svid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeSignX509Svid',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeSignX509SvidRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeSignX509SvidResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeSignJwtSvid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeSignJwtSvid',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeSignJwtSvidRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeSignJwtSvidResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeGetBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeGetBundle',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeGetBundleRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeBundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeFederate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeFederate',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
             options,
             channel_credentials,
             insecure,

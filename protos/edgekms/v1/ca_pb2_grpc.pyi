@@ -56,6 +56,16 @@ class CertificateAuthorityStub:
     ListAcmeEab: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListAcmeEabRequest, _ca_pb2.ListAcmeEabResponse]
     RevokeAcmeEab: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeAcmeEabRequest, _ca_pb2.RevokeAcmeEabResponse]
     GetAcmePolicy: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetAcmePolicyRequest, _ca_pb2.GetAcmePolicyResponse]
+    SpiffeInit: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeInitRequest, _ca_pb2.SpiffeInitResponse]
+    """SPIFFE (docs/spiffe.md): the trust domain, registration entries, SVIDs, bundles."""
+    SpiffeCreateEntry: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeCreateEntryRequest, _ca_pb2.SpiffeEntryResponse]
+    SpiffeGetEntry: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetEntryRequest, _ca_pb2.SpiffeEntryResponse]
+    SpiffeListEntries: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeListEntriesRequest, _ca_pb2.SpiffeListEntriesResponse]
+    SpiffeDeleteEntry: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeDeleteEntryRequest, _ca_pb2.SpiffeEntryResponse]
+    SpiffeSignX509Svid: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignX509SvidRequest, _ca_pb2.SpiffeSignX509SvidResponse]
+    SpiffeSignJwtSvid: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignJwtSvidRequest, _ca_pb2.SpiffeSignJwtSvidResponse]
+    SpiffeGetBundle: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetBundleRequest, _ca_pb2.SpiffeBundle]
+    SpiffeFederate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeFederateRequest, _ca_pb2.SpiffeFederateResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -80,6 +90,16 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     ListAcmeEab: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListAcmeEabRequest, _ca_pb2.ListAcmeEabResponse]  # type: ignore[assignment]
     RevokeAcmeEab: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeAcmeEabRequest, _ca_pb2.RevokeAcmeEabResponse]  # type: ignore[assignment]
     GetAcmePolicy: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetAcmePolicyRequest, _ca_pb2.GetAcmePolicyResponse]  # type: ignore[assignment]
+    SpiffeInit: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeInitRequest, _ca_pb2.SpiffeInitResponse]  # type: ignore[assignment]
+    """SPIFFE (docs/spiffe.md): the trust domain, registration entries, SVIDs, bundles."""
+    SpiffeCreateEntry: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeCreateEntryRequest, _ca_pb2.SpiffeEntryResponse]  # type: ignore[assignment]
+    SpiffeGetEntry: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetEntryRequest, _ca_pb2.SpiffeEntryResponse]  # type: ignore[assignment]
+    SpiffeListEntries: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeListEntriesRequest, _ca_pb2.SpiffeListEntriesResponse]  # type: ignore[assignment]
+    SpiffeDeleteEntry: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeDeleteEntryRequest, _ca_pb2.SpiffeEntryResponse]  # type: ignore[assignment]
+    SpiffeSignX509Svid: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignX509SvidRequest, _ca_pb2.SpiffeSignX509SvidResponse]  # type: ignore[assignment]
+    SpiffeSignJwtSvid: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignJwtSvidRequest, _ca_pb2.SpiffeSignJwtSvidResponse]  # type: ignore[assignment]
+    SpiffeGetBundle: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetBundleRequest, _ca_pb2.SpiffeBundle]  # type: ignore[assignment]
+    SpiffeFederate: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeFederateRequest, _ca_pb2.SpiffeFederateResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -221,5 +241,69 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.GetAcmePolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.GetAcmePolicyResponse, _abc.Awaitable[_ca_pb2.GetAcmePolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeInit(
+        self,
+        request: _ca_pb2.SpiffeInitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeInitResponse, _abc.Awaitable[_ca_pb2.SpiffeInitResponse]]:
+        """SPIFFE (docs/spiffe.md): the trust domain, registration entries, SVIDs, bundles."""
+
+    @_abc_1.abstractmethod
+    def SpiffeCreateEntry(
+        self,
+        request: _ca_pb2.SpiffeCreateEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeEntryResponse, _abc.Awaitable[_ca_pb2.SpiffeEntryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeGetEntry(
+        self,
+        request: _ca_pb2.SpiffeGetEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeEntryResponse, _abc.Awaitable[_ca_pb2.SpiffeEntryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeListEntries(
+        self,
+        request: _ca_pb2.SpiffeListEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeListEntriesResponse, _abc.Awaitable[_ca_pb2.SpiffeListEntriesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeDeleteEntry(
+        self,
+        request: _ca_pb2.SpiffeDeleteEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeEntryResponse, _abc.Awaitable[_ca_pb2.SpiffeEntryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeSignX509Svid(
+        self,
+        request: _ca_pb2.SpiffeSignX509SvidRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeSignX509SvidResponse, _abc.Awaitable[_ca_pb2.SpiffeSignX509SvidResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeSignJwtSvid(
+        self,
+        request: _ca_pb2.SpiffeSignJwtSvidRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeSignJwtSvidResponse, _abc.Awaitable[_ca_pb2.SpiffeSignJwtSvidResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeGetBundle(
+        self,
+        request: _ca_pb2.SpiffeGetBundleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeBundle, _abc.Awaitable[_ca_pb2.SpiffeBundle]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeFederate(
+        self,
+        request: _ca_pb2.SpiffeFederateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeFederateResponse, _abc.Awaitable[_ca_pb2.SpiffeFederateResponse]]: ...
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,585 @@
+"""The SPIFFE trust domain in the mini-CA: its signing CA, registration entries, SVIDs.
+
+Why here: the CA service already holds the root and talks to the token; a SPIFFE
+signing CA is one more intermediate under that root (key `ca/spiffe`, EC P-256, in the
+token), and the JWT-SVID key (`ca/spiffe-jwt`, ES256) is another token key. Nothing
+private leaves the token; the SVID keys are made on the device (spiffe_agent), which
+sends a CSR.
+
+State in bucket kms_ca (sealed like every CA record):
+
+    spiffe.config                        SpiffeState
+    spiffe.entry.<node>.<entry id>       SpiffeEntry
+
+An entry's KV key starts with its node, so one device's entries are read without the
+others (a subject filter), and the entry for (node, SPIFFE ID) is one `get` when the
+device asks for an SVID. SVIDs are not recorded per serial (they live an hour and are
+never revoked: SPIFFE relies on short lifetimes); the broker's audit log has each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from ca_service import spiffe_bundle
+from ca_service.builder import CAKey, build_intermediate, ca_name, random_serial, signing_hash
+from ca_service.policy import PublicKey
+from ca_service.store import parse_rfc3339, rfc3339
+from edgekms import kvread
+from edgekms import spiffe as sp
+from edgekms.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    KMSError,
+    NotFound,
+    PermissionDenied,
+)
+from edgekms.sealed import SealedKV
+from edgekms.subjects import SPIFFE_CA_KEY_NAME, SPIFFE_JWT_KEY_NAME
+from edgekms.v1 import ca_pb2
+from edgekms.v1 import common_pb2 as pb
+
+if TYPE_CHECKING:
+    from ca_service.authority import CertificateAuthority
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "spiffe.config"
+ENTRY_PREFIX = "spiffe.entry"
+DEFAULT_CA_DAYS = 365
+MAX_PAGE = 1000
+MAX_AUDIENCES = 16
+# An SVID starts this far in the past (a lagging clock), never more than a tenth of it.
+BACKDATE = datetime.timedelta(seconds=30)
+STATE_RECHECK_SECONDS = 5.0
+MAX_FEDERATIONS = 64
+
+
+def node_token(node: str) -> str:
+    """A device name as one KV key token: '.' (allowed in device names) becomes '=',
+    which device names never hold."""
+    return node.replace(".", "=")
+
+
+def entry_key(node: str, eid: str) -> str:
+    return f"{ENTRY_PREFIX}.{node_token(node)}.{eid}"
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def _spki(public: Any) -> bytes:
+    return bytes(
+        public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+class SpiffeAuthority:
+    """The SPIFFE RPCs of the CA service (kms.ca.Spiffe*)."""
+
+    def __init__(self, ca: CertificateAuthority):
+        self.ca = ca
+        self._state: tuple[ca_pb2.SpiffeState, int, float] | None = None
+        self._refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- the trust domain --------------------------------------------------------------
+
+    async def _get_state(self) -> tuple[ca_pb2.SpiffeState, int] | None:
+        try:
+            entry = await self.ca.store.kv.get(CONFIG_KEY)
+        except KeyNotFoundError:
+            return None
+        state = ca_pb2.SpiffeState()
+        state.ParseFromString(entry.value)
+        return state, int(entry.revision)
+
+    async def state(self) -> ca_pb2.SpiffeState:
+        cached = self._state
+        if cached is not None and time.monotonic() - cached[2] < STATE_RECHECK_SECONDS:
+            return cached[0]
+        found = await self._get_state()
+        if found is None:
+            raise FailedPrecondition(
+                "spiffe.not_initialized",
+                "no SPIFFE trust domain yet: run `kmsctl spiffe init --trust-domain NAME`",
+            )
+        self._state = (found[0], found[1], time.monotonic())
+        return found[0]
+
+    async def init(self, req: ca_pb2.SpiffeInitRequest) -> ca_pb2.SpiffeInitResponse:
+        td = sp.check_trust_domain(req.trust_domain)
+        days = req.ca_validity_days or DEFAULT_CA_DAYS
+        if not 1 <= days <= 3650:
+            raise InvalidArgument("spiffe.validity_invalid", "the SPIFFE CA's days are 1..3650")
+        ca = self.ca
+        issuer = await ca.issuer()  # ca.not_initialized without a mini-CA
+        if await self._get_state() is not None:
+            raise AlreadyExists("spiffe.already_initialized", "a SPIFFE trust domain exists")
+        provider = issuer.state.provider
+        root_key = await ca.root_key()  # refused while ca/root is disabled
+        made: list[bytes] = []
+        recorded: dict[str, int] = {}
+
+        async def make(label: str) -> tuple[bytes, bytes]:
+            key_id, public_der = await ca.keys.generate(provider, label, pb.KEY_TYPE_EC_P256)
+            made.append(key_id)
+            if ca.registry is not None:
+
+                async def destroy() -> None:
+                    made.remove(key_id)
+                    await ca.keys.destroy(provider, key_id)
+
+                recorded[label] = await ca.registry.record(
+                    label, provider, pb.KEY_TYPE_EC_P256, key_id, public_der, destroy,
+                    {"purpose": label, "trust_domain": td},
+                )  # fmt: skip
+            return key_id, public_der
+
+        try:
+            ca_id, ca_pub_der = await make(SPIFFE_CA_KEY_NAME)
+            jwt_id, jwt_pub_der = await make(SPIFFE_JWT_KEY_NAME)
+            ca_public = serialization.load_der_public_key(ca_pub_der)
+            assert isinstance(ca_public, PublicKey)
+            cert = await asyncio.to_thread(
+                build_intermediate, root_key, issuer.root, ca_public,
+                ca_name(f"SPIFFE {td}", "EdgeKMS"), days,
+            )  # fmt: skip
+            jwt_public = serialization.load_der_public_key(jwt_pub_der)
+            assert isinstance(jwt_public, ec.EllipticCurvePublicKey)
+            state = ca_pb2.SpiffeState(
+                trust_domain=td,
+                provider=provider,
+                ca_key_id=ca_id,
+                ca_certificate_der=cert.public_bytes(serialization.Encoding.DER),
+                jwt_key_id=jwt_id,
+                jwt_public_key_der=jwt_pub_der,
+                jwt_kid=sp.jwt_kid(jwt_public),
+                x509_authorities_der=[issuer.state.root_certificate_der],
+                created_at=rfc3339(_now()),
+                sequence=1,
+            )
+            try:
+                await ca.store.kv.create(CONFIG_KEY, state.SerializeToString())
+            except KeyWrongLastSequenceError:
+                raise AlreadyExists(
+                    "spiffe.already_initialized", "a SPIFFE trust domain exists"
+                ) from None
+        except BaseException:
+            for key_id in list(made):  # nothing half-done: no key outlives a failed init
+                await ca.keys.destroy(provider, key_id)
+            if ca.registry is not None:
+                for label, revision in recorded.items():
+                    await ca.registry.forget(label, revision)
+            raise
+        self._state = None
+        log.info("event=spiffe_initialized trust_domain=%s requester=%s", td, req.requester)
+        return ca_pb2.SpiffeInitResponse(
+            trust_domain=td, ca_certificate_der=state.ca_certificate_der, jwt_kid=state.jwt_kid
+        )
+
+    async def bundle(self, _: ca_pb2.SpiffeGetBundleRequest | None = None) -> ca_pb2.SpiffeBundle:
+        state = await self.state()
+        self._refresh_due(state)
+        return _bundle(state)
+
+    # ---- federation --------------------------------------------------------------------
+
+    async def federate(self, req: ca_pb2.SpiffeFederateRequest) -> ca_pb2.SpiffeFederateResponse:
+        td = sp.check_trust_domain(req.trust_domain)
+        spiffe_bundle.check_url(req.bundle_url)
+        if req.endpoint_ca_pem:
+            try:
+                x509.load_pem_x509_certificates(req.endpoint_ca_pem)
+            except ValueError:
+                raise InvalidArgument(
+                    "spiffe.endpoint_ca_invalid", "the endpoint CA is not PEM certificates"
+                ) from None
+        state = await self.state()
+        if td == state.trust_domain:
+            raise InvalidArgument("spiffe.trust_domain_own", "that is this KMS's trust domain")
+        federation = await self._read_foreign(td, req.bundle_url, req.endpoint_ca_pem)
+        await self._store_federation(federation)
+        log.info(
+            "event=spiffe_federated trust_domain=%s url=%s sequence=%d requester=%s",
+            td, req.bundle_url[:200], federation.sequence, req.requester,
+        )  # fmt: skip
+        return ca_pb2.SpiffeFederateResponse(federation=federation)
+
+    async def _read_foreign(
+        self, td: str, url: str, endpoint_ca_pem: bytes
+    ) -> ca_pb2.SpiffeFederation:
+        data = await asyncio.to_thread(spiffe_bundle.fetch, url, endpoint_ca_pem)
+        federation = spiffe_bundle.parse(td, data)
+        federation.bundle_url = url
+        federation.endpoint_ca_pem = endpoint_ca_pem
+        federation.refreshed_at = rfc3339(_now())
+        return federation
+
+    async def _store_federation(self, federation: ca_pb2.SpiffeFederation) -> None:
+        for _ in range(10):
+            found = await self._get_state()
+            if found is None:
+                raise FailedPrecondition("spiffe.not_initialized", "no SPIFFE trust domain yet")
+            state, revision = found
+            kept = [f for f in state.federations if f.trust_domain != federation.trust_domain]
+            if len(kept) >= MAX_FEDERATIONS:
+                raise FailedPrecondition(
+                    "spiffe.too_many_federations", f"at most {MAX_FEDERATIONS} trust domains"
+                )
+            del state.federations[:]
+            state.federations.extend([*kept, federation])
+            state.sequence += 1
+            try:
+                await self.ca.store.kv.update(CONFIG_KEY, state.SerializeToString(), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            self._state = None
+            return
+        raise FailedPrecondition("spiffe.state_changed", "the trust domain kept changing")
+
+    def _refresh_due(self, state: ca_pb2.SpiffeState) -> None:
+        """Start (in the background) a re-read of each foreign bundle past its hint."""
+        now = _now()
+        for f in state.federations:
+            age = (now - parse_rfc3339(f.refreshed_at)).total_seconds() if f.refreshed_at else 1e9
+            if age < f.refresh_hint_seconds or f.trust_domain in self._refreshing:
+                continue
+            self._refreshing.add(f.trust_domain)
+            task = asyncio.create_task(self._refresh(f))
+            self._tasks.add(task)  # a strong reference: the loop keeps only a weak one
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(_forget, self._refreshing, f.trust_domain))
+
+    async def _refresh(self, old: ca_pb2.SpiffeFederation) -> None:
+        try:
+            new = await self._read_foreign(old.trust_domain, old.bundle_url, old.endpoint_ca_pem)
+            if (list(new.x509_authorities_der), new.jwks) == (
+                list(old.x509_authorities_der),
+                old.jwks,
+            ):
+                new.sequence = old.sequence  # unchanged: keep ours without a new sequence
+            await self._store_federation(new)
+            log.info("event=spiffe_federation_refreshed trust_domain=%s", old.trust_domain)
+        except KMSError as exc:
+            log.warning(
+                "event=spiffe_federation_refresh_failed trust_domain=%s reason=%s",
+                old.trust_domain, exc.reason,
+            )  # fmt: skip
+
+    # ---- entries -----------------------------------------------------------------------
+
+    async def create_entry(
+        self, req: ca_pb2.SpiffeCreateEntryRequest
+    ) -> ca_pb2.SpiffeEntryResponse:
+        parsed = sp.parse_id(req.spiffe_id, require_path=True)
+        node = sp.check_node(req.node)
+        selectors = sp.check_selectors(list(req.selectors))
+        sp.check_ttl(req.ttl_seconds)
+        sp.check_ttl(req.jwt_ttl_seconds, "JWT ttl")
+        state = await self.state()
+        if parsed.trust_domain != state.trust_domain:
+            raise InvalidArgument(
+                "spiffe.trust_domain_mismatch",
+                f"this KMS's trust domain is {state.trust_domain!r}, not {parsed.trust_domain!r}",
+                {"trust_domain": parsed.trust_domain},
+            )
+        spiffe_id = str(parsed)
+        entry = ca_pb2.SpiffeEntry(
+            entry_id=sp.entry_id(node, spiffe_id),
+            spiffe_id=spiffe_id,
+            node=node,
+            selectors=selectors,
+            ttl_seconds=req.ttl_seconds or sp.DEFAULT_X509_TTL,
+            jwt_ttl_seconds=req.jwt_ttl_seconds or sp.DEFAULT_JWT_TTL,
+            created_at=rfc3339(_now()),
+            created_by=req.requester,
+        )
+        try:
+            await self.ca.store.kv.create(
+                entry_key(node, entry.entry_id), entry.SerializeToString()
+            )
+        except KeyWrongLastSequenceError:
+            raise AlreadyExists(
+                "spiffe.entry_exists",
+                f"{spiffe_id} has an entry for node {node!r} already: delete it first",
+                {"entry_id": entry.entry_id},
+            ) from None
+        log.info(
+            "event=spiffe_entry_created entry_id=%s spiffe_id=%s node=%s requester=%s",
+            entry.entry_id, spiffe_id, node, req.requester,
+        )  # fmt: skip
+        return ca_pb2.SpiffeEntryResponse(entry=entry)
+
+    async def _entries(self, keys: str) -> list[tuple[ca_pb2.SpiffeEntry, int]]:
+        store = self.ca.store
+        entries, _ = await kvread.snapshot(store.js, store.bucket, keys)
+        out = []
+        for raw in entries:
+            if not raw.value or kvread.is_removal(raw):
+                continue
+            opened = store.kv.open_entry(raw) if isinstance(store.kv, SealedKV) else raw
+            entry = ca_pb2.SpiffeEntry()
+            entry.ParseFromString(opened.value or b"")
+            out.append((entry, int(raw.revision or 0)))
+        return out
+
+    async def _find(self, eid: str) -> tuple[ca_pb2.SpiffeEntry, int]:
+        if not (len(eid) == 32 and all(c in "0123456789abcdef" for c in eid)):
+            raise InvalidArgument("spiffe.entry_id_invalid", "an entry id is 32 hex digits")
+        found = await self._entries(f"{ENTRY_PREFIX}.*.{eid}")
+        if not found:
+            raise NotFound("spiffe.entry_not_found", f"no entry {eid}", {"entry_id": eid})
+        return found[0]
+
+    async def get_entry(self, req: ca_pb2.SpiffeGetEntryRequest) -> ca_pb2.SpiffeEntryResponse:
+        return ca_pb2.SpiffeEntryResponse(entry=(await self._find(req.entry_id))[0])
+
+    async def list_entries(
+        self, req: ca_pb2.SpiffeListEntriesRequest
+    ) -> ca_pb2.SpiffeListEntriesResponse:
+        size = req.page_size or MAX_PAGE
+        if size > MAX_PAGE:
+            raise InvalidArgument("spiffe.page_size_invalid", f"at most {MAX_PAGE} a page")
+        keys = (
+            f"{ENTRY_PREFIX}.{node_token(sp.check_node(req.node))}.>"
+            if req.node
+            else f"{ENTRY_PREFIX}.>"
+        )
+        entries = sorted(
+            (e for e, _ in await self._entries(keys)), key=lambda e: (e.node, e.entry_id)
+        )
+        after = req.page_token
+        if after:
+            entries = [e for e in entries if f"{e.node}.{e.entry_id}" > after]
+        page = entries[:size]
+        token = f"{page[-1].node}.{page[-1].entry_id}" if len(entries) > size else ""
+        return ca_pb2.SpiffeListEntriesResponse(entries=page, next_page_token=token)
+
+    async def delete_entry(
+        self, req: ca_pb2.SpiffeDeleteEntryRequest
+    ) -> ca_pb2.SpiffeEntryResponse:
+        entry, revision = await self._find(req.entry_id)
+        try:
+            await self.ca.store.kv.delete(entry_key(entry.node, entry.entry_id), last=revision)
+        except KeyWrongLastSequenceError:
+            raise FailedPrecondition(
+                "spiffe.entry_changed", "the entry changed meanwhile: try again"
+            ) from None
+        log.info(
+            "event=spiffe_entry_deleted entry_id=%s spiffe_id=%s node=%s requester=%s",
+            entry.entry_id, entry.spiffe_id, entry.node, req.requester,
+        )  # fmt: skip
+        return ca_pb2.SpiffeEntryResponse(entry=entry)
+
+    async def _entry_for(self, node: str, spiffe_id: str) -> ca_pb2.SpiffeEntry:
+        """The entry that lets `node` hold `spiffe_id`; PermissionDenied otherwise (one
+        answer for "no such entry" and "another node's entry": a device learns nothing
+        about other nodes)."""
+        sp.check_node(node)
+        canonical = str(sp.parse_id(spiffe_id, require_path=True))
+        try:
+            raw = await self.ca.store.kv.get(entry_key(node, sp.entry_id(node, canonical)))
+        except KeyNotFoundError:
+            raise _not_entitled(node, canonical) from None
+        entry = ca_pb2.SpiffeEntry()
+        entry.ParseFromString(raw.value)
+        if entry.node != node or entry.spiffe_id != canonical:
+            raise _not_entitled(node, canonical)
+        return entry
+
+    # ---- SVIDs -------------------------------------------------------------------------
+
+    def _ca_key(self, state: ca_pb2.SpiffeState, cert: x509.Certificate) -> CAKey:
+        return self.ca.keys.signing_key(state.provider, state.ca_key_id, _spki(cert.public_key()))
+
+    async def sign_x509(
+        self, req: ca_pb2.SpiffeSignX509SvidRequest
+    ) -> ca_pb2.SpiffeSignX509SvidResponse:
+        state = await self.state()
+        entry = await self._entry_for(req.node, req.spiffe_id)
+        public = _csr_key(req.csr)
+        await self.ca._require_active(SPIFFE_CA_KEY_NAME)
+        ca_cert = x509.load_der_x509_certificate(state.ca_certificate_der)
+        key = self._ca_key(state, ca_cert)
+        ttl = datetime.timedelta(seconds=entry.ttl_seconds or sp.DEFAULT_X509_TTL)
+        cert = await asyncio.to_thread(build_svid, key, ca_cert, public, entry.spiffe_id, ttl)
+        log.info(
+            "event=spiffe_x509_svid_signed spiffe_id=%s node=%s serial=%X not_after=%s",
+            entry.spiffe_id, req.node, cert.serial_number, cert.not_valid_after_utc.isoformat(),
+        )  # fmt: skip
+        return ca_pb2.SpiffeSignX509SvidResponse(
+            certificate_der=cert.public_bytes(serialization.Encoding.DER),
+            intermediates_der=[state.ca_certificate_der],
+            bundle=_bundle(state),
+        )
+
+    async def sign_jwt(
+        self, req: ca_pb2.SpiffeSignJwtSvidRequest
+    ) -> ca_pb2.SpiffeSignJwtSvidResponse:
+        state = await self.state()
+        entry = await self._entry_for(req.node, req.spiffe_id)
+        audience = list(req.audience)
+        if not audience or len(audience) > MAX_AUDIENCES:
+            raise InvalidArgument(
+                "spiffe.audience_invalid", f"a JWT-SVID needs 1..{MAX_AUDIENCES} audiences"
+            )
+        for aud in audience:
+            if not aud or len(aud) > 256:
+                raise InvalidArgument("spiffe.audience_invalid", "an audience is 1..256 chars")
+        await self.ca._require_active(SPIFFE_JWT_KEY_NAME)
+        now = int(time.time())
+        expires = now + (entry.jwt_ttl_seconds or sp.DEFAULT_JWT_TTL)
+        header = {"alg": "ES256", "kid": state.jwt_kid, "typ": "JWT"}
+        claims: dict[str, Any] = {
+            "sub": entry.spiffe_id,
+            "aud": audience,
+            "exp": expires,
+            "iat": now,
+        }
+        signing_input = sp.jwt_signing_input(header, claims)
+        key = self.ca.keys.signing_key(state.provider, state.jwt_key_id, state.jwt_public_key_der)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        der = await asyncio.to_thread(key.sign, signing_input, ec.ECDSA(hashes.SHA256()))
+        token = f"{signing_input.decode()}.{sp.b64url(sp.der_to_jose(der))}"
+        log.info(
+            "event=spiffe_jwt_svid_signed spiffe_id=%s node=%s audiences=%d",
+            entry.spiffe_id, req.node, len(audience),
+        )  # fmt: skip
+        return ca_pb2.SpiffeSignJwtSvidResponse(
+            token=token, expires_at=rfc3339(datetime.datetime.fromtimestamp(expires, datetime.UTC))
+        )
+
+
+def _forget(refreshing: set[str], td: str, _: object) -> None:
+    refreshing.discard(td)
+
+
+def _not_entitled(node: str, spiffe_id: str) -> PermissionDenied:
+    return PermissionDenied(
+        "spiffe.not_entitled",
+        f"no entry gives {spiffe_id[:120]} to node {node!r}",
+        {"node": node, "spiffe_id": spiffe_id[:120]},
+    )
+
+
+def _bundle(state: ca_pb2.SpiffeState) -> ca_pb2.SpiffeBundle:
+    public = serialization.load_der_public_key(state.jwt_public_key_der)
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    jwks = {"keys": [sp.jwk_of(public, state.jwt_kid, "jwt-svid")]}
+    return ca_pb2.SpiffeBundle(
+        trust_domain=state.trust_domain,
+        x509_authorities_der=list(state.x509_authorities_der),
+        jwks=json.dumps(jwks, separators=(",", ":")).encode(),
+        sequence=state.sequence,
+        federated=[
+            ca_pb2.SpiffeBundle(
+                trust_domain=f.trust_domain,
+                x509_authorities_der=list(f.x509_authorities_der),
+                jwks=f.jwks,
+                sequence=f.sequence,
+            )
+            for f in state.federations
+        ],
+    )
+
+
+def _csr_key(csr_der: bytes) -> PublicKey:
+    """The CSR's public key, once its self-signature proves the requester holds it."""
+    try:
+        csr = x509.load_der_x509_csr(csr_der)
+    except ValueError:
+        raise InvalidArgument("csr.malformed", "the CSR is not PKCS#10 DER") from None
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, InvalidSignature):
+        valid = False
+    if not valid:
+        raise InvalidArgument("csr.signature_invalid", "the CSR's signature does not verify")
+    public = csr.public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.name not in ("secp256r1", "secp384r1"):
+            raise InvalidArgument("spiffe.key_unsupported", "EC keys are P-256 or P-384")
+    elif isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < 2048:
+            raise InvalidArgument("spiffe.key_unsupported", "RSA keys need 2048 bits at least")
+    elif not isinstance(public, ed25519.Ed25519PublicKey):
+        raise InvalidArgument("spiffe.key_unsupported", "EC, RSA or Ed25519 keys only")
+    return public
+
+
+def build_svid(
+    ca_key: CAKey,
+    ca_cert: x509.Certificate,
+    public: PublicKey,
+    spiffe_id: str,
+    ttl: datetime.timedelta,
+    now: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """An X.509-SVID as the X509-SVID specification has it: exactly one URI SAN (the
+    SPIFFE ID), CA:FALSE, digitalSignature (keyEncipherment too for RSA), no keyCertSign
+    or cRLSign, serverAuth + clientAuth; ending no later than its CA."""
+    now = now or _now()
+    backdate = min(BACKDATE, ttl / 10)
+    not_before = now - backdate
+    not_after = min(not_before + ttl, ca_cert.not_valid_after_utc)
+    if not_after <= now:
+        raise FailedPrecondition("spiffe.ca_expired", "the SPIFFE signing CA has expired")
+    is_rsa = isinstance(public, rsa.RSAPublicKey)
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeKMS")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(random_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=is_rsa,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    return builder.sign(ca_key, signing_hash(ca_key))

@@ -1,0 +1,74 @@
+"""The README's SPIFFE section, as written: its KMS block runs line by line under
+`set -e` against a fresh real stack (with a mini-CA, as the section says), the device
+block with the enrolled device's own paths in place of /var/lib and /run (which the
+test must not touch), and a program running as uid 1000 then gets
+spiffe://home.arpa/backup."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SLOWDOWN
+from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.enroll.test_enroll import enrolled
+from tests.spiffe.conftest import Agent, wait_for, workload
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADING = "## Workload identity: SPIFFE"
+
+
+def _blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(HEADING) :]
+    section = section[: section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
+    return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[KmsStack]:
+    stack = start_stack(tmp_path / "data")
+    try:
+        with stack.client(timeout=60) as kms:
+            kms.ca_init("Home CA")
+        yield stack
+    finally:
+        assert stop_stack(stack) == 0
+
+
+def test_readme_spiffe_section_runs_as_written(fresh_stack: KmsStack, tmp_path: Path) -> None:
+    kms_block, device_block = _blocks()
+    env = {**fresh_stack.env(), "PATH": f"{ROOT}/.venv/bin:/usr/bin:/bin"}
+    done = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + kms_block],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300 * SLOWDOWN,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    # init and create print a line each; the listing is the JSON after them.
+    listed = json.loads(done.stdout[done.stdout.index("\n[") + 1 :])
+    assert [(e["spiffe_id"], e["node"], e["ttl_seconds"]) for e in listed] == [
+        ("spiffe://home.arpa/backup", "nas", 1800)
+    ]
+    assert (tmp_path / "home.arpa-bundle.pem").read_text().startswith("-----BEGIN CERTIFICATE")
+
+    device_config = enrolled(fresh_stack, tmp_path, "nas")
+    line = device_block.strip()
+    assert line.startswith("kmsctl spiffe agent --client-config /var/lib/edgekms/device/")
+    agent = Agent(device_config, tmp_path / "agent")
+    try:
+        # The same command with this test's paths: Agent runs exactly these options.
+        assert "--socket unix:///run/edgekms/workload.sock" in line
+        answer = wait_for(
+            lambda: (a := workload(agent.socket, 1000, 1000, "x509")).get("svids") and a,
+            60,
+            "the backup SVID",
+        )
+        assert [s["spiffe_id"] for s in answer["svids"]] == ["spiffe://home.arpa/backup"]
+        assert workload(agent.socket, 1001, 1001, "x509")["error"] == "PERMISSION_DENIED"
+    finally:
+        agent.stop()
