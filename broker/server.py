@@ -80,9 +80,13 @@ class Broker:
         self.port: int = 0
         # Set when the bus connection closes for good: serve() then exits non-zero.
         self.bus_watch = natsrpc.BusWatch("the broker")
-        # /metrics, /healthz, /readyz (edgekms.metrics, broker.metrics).
-        self.metrics = ServiceMetrics("broker")
-        self.metrics.bus_gauge(lambda: self.nc is not None and bool(self.nc.is_connected))
+        # /metrics, /healthz, /readyz (edgekms.metrics, broker.metrics), only where the
+        # config asks for them: without metrics_listen (the board's and the containers'
+        # configs) prometheus-client is neither needed nor imported.
+        self.metrics: ServiceMetrics | None = None
+        if config.metrics_listen:
+            self.metrics = ServiceMetrics("broker")
+            self.metrics.bus_gauge(lambda: self.nc is not None and bool(self.nc.is_connected))
         self.metrics_server: MetricsServer | None = None
         self.audit_check: Periodic | None = None
         self.serving = False
@@ -124,7 +128,10 @@ class Broker:
     async def start(self) -> None:
         cfg = self.config
         # First, so that /healthz answers (and /readyz says why not) while the rest starts.
-        self.metrics_server = await serve_metrics(self.metrics, self.not_ready, cfg.metrics_listen)
+        if self.metrics is not None:
+            self.metrics_server = await serve_metrics(
+                self.metrics, self.not_ready, cfg.metrics_listen
+            )
         self.nc = await natsrpc.connect(
             cfg.nats_url,
             name="kms-broker",
@@ -169,7 +176,7 @@ class Broker:
                 raise outcome
 
         self.server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=[MetricsInterceptor(self.metrics)] if self.metrics else [],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -260,7 +267,7 @@ class Broker:
             self.archive_task = asyncio.create_task(self.archiver.run())
         await self._set_serving(True)
         self.serving = True
-        if cfg.audit_check_interval > 0:
+        if self.metrics is not None and cfg.audit_check_interval > 0:
             check = AuditChainCheck(self.nc.jetstream(), self.metrics)
             self.audit_check = Periodic(
                 "audit chain check", check.run_once, cfg.audit_check_interval
@@ -288,7 +295,7 @@ class Broker:
         except x509.ExtensionNotFound:
             server_name = ""
         self.enroll_server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=[MetricsInterceptor(self.metrics)] if self.metrics else [],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024),
