@@ -105,7 +105,8 @@ KNOWN_KEYS = {
     "broker.toml": {
         "listen", "nats_url", "default_provider", "providers", "sign_timeout",
         "generate_timeout", "tls", "nats_user", "nats_password_file", "nats_ca", "ca",
-        "audit_max_bytes", "audit_max_msgs",
+        "audit_max_bytes", "audit_max_msgs", "audit_archive_dir", "audit_window",
+        "audit_max_age", "audit_archive_interval",
     },
     "ca.toml": {
         "nats_url", "http_listen", "base_url", "profiles_file", "nats_user",
@@ -366,3 +367,14 @@ def test_board_setup_makes_every_credential_source(tmp_path: Path) -> None:
     nats_unit = read_unit("edgekms-nats.service")["Service"]
     assert nats_unit["ExecStart"].endswith("-c %d/nats.conf")
     assert set(credentials("edgekms-nats.service")) == {"nats.conf", "nats-server.key"}
+
+
+def test_the_board_broker_archives_where_its_unit_may_write() -> None:
+    """On the board the audit streams are kept to their window only if the broker can
+    write its archive: the config names a dir, and the broker's unit makes it and may
+    write there (ProtectSystem=strict leaves everything else read-only)."""
+    config = load_broker(BOARD_CONFIG / "broker.toml")
+    assert config.audit_archive_dir == Path("/var/lib/edgekms/audit-archive")
+    service = read_unit("edgekms-broker.service")["Service"]
+    assert service["StateDirectory"] == "edgekms/audit-archive"
+    assert str(config.audit_archive_dir) in service["ReadWritePaths"].split()
