@@ -139,6 +139,7 @@ def test_an_attested_enrollment_never_overwrites_a_client_config(
         ],
     )  # fmt: skip
     assert "enroll.exists" in refusal(refused)
+    assert refused.exit_code == 3  # INVALID_ARGUMENT
     assert (out / "config.toml").read_text() == before
     assert not (out / "device.tss2.pem").exists() and not (out / "device.crt").exists()
     # Nothing was spent: the same token enrolls into a fresh directory.
