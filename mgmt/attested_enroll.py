@@ -13,8 +13,11 @@
    certification. The broker issues the client certificate for that key and records the
    EK's SHA-256 as the device's identity, with its AK.
 
-Written to the out dir: device.tpmkey (the TPM-wrapped key blob, 0600: useless outside
-this TPM), device.crt, ca.crt and device.json (name, EK identity, broker address).
+Written to the out dir: device.tss2.pem (the TPM-wrapped key as a `TSS2 PRIVATE KEY`
+PEM, 0600: useless outside this TPM), device.crt, ca.crt, config.toml (`key_store =
+"tpm"`: the device is a client of the KMS with the certified key, mutual TLS through
+edgekms.keytunnel, as after `kmsctl enroll --tpm`) and device.json (name, EK identity,
+enrollment address and fingerprint: what `kmsctl unlock fetch` reads).
 """
 
 from __future__ import annotations
@@ -29,20 +32,22 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from edgekms.errors import InvalidArgument
+from edgekms.keytunnel import DEFAULT_TCTI
 from edgekms.v1 import enroll_pb2, enroll_pb2_grpc
 from mgmt.client import error_from_rpc, new_request_id
+from mgmt.devicekey import TPM_KEY_FILE
 from mgmt.enroll import (
     CA_FILE,
     CERT_FILE,
+    CONFIG_FILE,
     _server_name,
     normalize_fingerprint,
     pinned_ca,
     split_server,
 )
-from mgmt.pki import write_private, write_public
+from mgmt.pki import write_client_config, write_private, write_public
 from mgmt.tpmdevice import DeviceTpm
 
-TPM_KEY_FILE = "device.tpmkey"
 ENROLL_PCRS = list(range(8))  # the firmware and boot loader PCRs of the PC Client profile
 DEVICE_FILE = "device.json"
 
@@ -67,6 +72,7 @@ def enrollment_stub(
 class AttestedEnrollment:
     response: enroll_pb2.EnrollResponse
     ek_sha256: str
+    config: Path
     files: list[Path]
 
 
@@ -83,8 +89,9 @@ def attested_enroll(
     """The whole flow of the module docstring; KMSError on any refusal."""
     host, _ = split_server(server)
     key_path = out_dir / TPM_KEY_FILE
-    if key_path.exists():
-        raise InvalidArgument("enroll.exists", f"{key_path} exists; not overwriting it")
+    for existing in (key_path, out_dir / CONFIG_FILE):
+        if existing.exists():
+            raise InvalidArgument("enroll.exists", f"{existing} exists; not overwriting it")
     from edgekms import tpmcred
 
     with enrollment_stub(server, fingerprint) as stub, DeviceTpm(tcti, endorsement_auth) as tpm:
@@ -108,7 +115,7 @@ def attested_enroll(
         pcr_quote, pcr_signature = tpm.quote(ENROLL_PCRS, nonce)
         pcr_values = tpm.pcr_values(ENROLL_PCRS)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_private(key_path, key.to_json())
+        write_private(key_path, key.to_pem())
         try:
             response = stub.Enroll(
                 enroll_pb2.EnrollRequest(
@@ -130,8 +137,23 @@ def attested_enroll(
             raise error_from_rpc(exc) from None
     ek_sha256 = tpmcred.ek_identity(tpmcred.parse_public(evidence.ek_public).public_key_der)
     cert_path, ca_path, device_path = out_dir / CERT_FILE, out_dir / CA_FILE, out_dir / DEVICE_FILE
+    config_path = out_dir / CONFIG_FILE
     write_public(cert_path, response.certificate_pem.encode())
     write_public(ca_path, response.ca_certificate_pem.encode())
+    # The client config of `kmsctl enroll --tpm`: the certified key signs every TLS
+    # handshake in this TPM (edgekms.keytunnel), so `--config` works for whoami, key
+    # sign and `client renew` with no key on disk.
+    values = {
+        "broker": f"{host}:{response.broker_port}",
+        "ca_cert": CA_FILE,
+        "cert": CERT_FILE,
+        "key": TPM_KEY_FILE,
+        "key_store": "tpm",
+        "tpm": tcti or DEFAULT_TCTI,
+    }
+    if response.server_name:
+        values["server_name"] = response.server_name
+    write_client_config(config_path, **values)
     write_public(
         device_path,
         json.dumps(
@@ -148,5 +170,8 @@ def attested_enroll(
         + b"\n",
     )
     return AttestedEnrollment(
-        response, ek_sha256.hex(), [key_path, cert_path, ca_path, device_path]
+        response,
+        ek_sha256.hex(),
+        config_path,
+        [key_path, cert_path, ca_path, config_path, device_path],
     )

@@ -9,17 +9,18 @@
 * TPM2_ActivateCredential: the EK decrypts the server's challenge only if the AK named
   in it is loaded in this same TPM (the EK's policy is PolicySecret(endorsement));
 * the device key: an ECC P-256 signing key under the owner hierarchy's storage primary
-  (fixedTPM, fixedParent, sensitiveDataOrigin: it never leaves the TPM), kept as a
-  TPM-wrapped blob in a 0600 file, and TPM2_Certify of it by the AK over the nonce.
+  (fixedTPM, fixedParent, sensitiveDataOrigin: it never leaves the TPM), made exactly as
+  `kmsctl enroll --tpm` makes its key (tpm2-pytss TSSPrivKey: the parent is the primary
+  that tpm2-openssl re-derives for parent 0x40000001), so the certified key is kept as a
+  `TSS2 PRIVATE KEY` PEM and serves mutual TLS through edgekms.keytunnel; and
+  TPM2_Certify of it by the AK over the nonce.
 
 One ESAPI context per `DeviceTpm`; swtpm serves one client at a time, so hold it briefly.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_SE, TPMA_OBJECT
 from tpm2_pytss.types import (
     TPM2B_AUTH,
     TPM2B_DATA,
@@ -36,7 +37,6 @@ from tpm2_pytss.types import (
     TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
     TPML_PCR_SELECTION,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
@@ -58,35 +58,10 @@ _AK_ATTRS = (
     | TPMA_OBJECT.SIGN_ENCRYPT
     | TPMA_OBJECT.NODA
 )
-_SRK_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.DECRYPT
-    | TPMA_OBJECT.NODA
-)
-_KEY_ATTRS = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.SIGN_ENCRYPT
-    | TPMA_OBJECT.NODA
-)
 
 
 def ak_template() -> Any:
     return TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes=_AK_ATTRS)
-
-
-def srk_template() -> Any:
-    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=_SRK_ATTRS)
-
-
-def key_template() -> Any:
-    return TPM2B_PUBLIC.parse("ecc256:null", objectAttributes=_KEY_ATTRS)
 
 
 def _der_signature(sig: Any) -> bytes:
@@ -111,19 +86,28 @@ class DeviceKey:
     public: bytes
     private: bytes
 
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "format": "edgekms-tpm-key-1",
-                "public": base64.b64encode(self.public).decode(),
-                "private": base64.b64encode(self.private).decode(),
-            }
-        ).encode()
+    def _tss(self) -> Any:
+        from tpm2_pytss.tsskey import TSSPrivKey
+
+        public, _ = TPM2B_PUBLIC.unmarshal(_sized(self.public))
+        private, _ = TPM2B_PRIVATE.unmarshal(self.private)
+        return TSSPrivKey(private, public, empty_auth=True, parent=TPM2_RH.OWNER)
+
+    def to_pem(self) -> bytes:
+        """The `TSS2 PRIVATE KEY` PEM (parent 0x40000001, empty auth) that tpm2-openssl
+        and mgmt.devicekey load: the device's client config points at it."""
+        return bytes(self._tss().to_pem())
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> DeviceKey:
+        from tpm2_pytss.tsskey import TSSPrivKey
+
+        key = TSSPrivKey.from_pem(data)
+        return cls(bytes(key.public.publicArea.marshal()), bytes(key.private.marshal()))
 
     @classmethod
     def from_file(cls, path: Path) -> DeviceKey:
-        raw = json.loads(path.read_text())
-        return cls(base64.b64decode(raw["public"]), base64.b64decode(raw["private"]))
+        return cls.from_pem(path.read_bytes())
 
 
 class DeviceTpm:
@@ -246,28 +230,23 @@ class DeviceTpm:
             self._ek = None
 
     def create_key(self) -> DeviceKey:
-        """A fresh ECC P-256 signing key under the owner's storage primary."""
+        """A fresh ECC P-256 signing key under the owner's storage primary, made by
+        TSSPrivKey as mgmt.devicekey makes it: the same parent template (the one
+        tpm2-openssl re-derives for 0x40000001) and key template, so the PEM loads there."""
+        from tpm2_pytss.constants import TPM2_ECC
+        from tpm2_pytss.tsskey import TSSPrivKey
+
         self._flush_ek()
-        srk, _, _, _, _ = self.esys.create_primary(None, srk_template(), ESYS_TR.OWNER)
-        try:
-            private, public, _, _, _ = self.esys.create(
-                srk, TPM2B_SENSITIVE_CREATE(), key_template()
-            )
-        finally:
-            self.esys.flush_context(srk)
-        return DeviceKey(bytes(public.publicArea.marshal()), bytes(private.marshal()))
+        key = TSSPrivKey.create_ecc(self.esys, curveID=TPM2_ECC.NIST_P256)
+        return DeviceKey(bytes(key.public.publicArea.marshal()), bytes(key.private.marshal()))
 
     def certify(self, key: DeviceKey, nonce: bytes) -> tuple[bytes, bytes]:
         """(TPMS_ATTEST, DER ECDSA signature): the AK certifies `key` over `nonce`."""
         self._ak_handle()
         self._flush_ek()
-        srk, _, _, _, _ = self.esys.create_primary(None, srk_template(), ESYS_TR.OWNER)
-        try:
-            public, _ = TPM2B_PUBLIC.unmarshal(_sized(key.public))
-            private, _ = TPM2B_PRIVATE.unmarshal(key.private)
-            handle = self.esys.load(srk, private, public)
-        finally:
-            self.esys.flush_context(srk)
+        # TSSPrivKey.load makes the parent, loads the key and flushes the parent: at most
+        # three objects (AK, parent, key) are in the TPM at once.
+        handle = key._tss().load(self.esys)
         try:
             scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
             info, sig = self.esys.certify(handle, self._ak, TPM2B_DATA(nonce), scheme)

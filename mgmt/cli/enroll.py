@@ -150,7 +150,9 @@ def enroll_group(
       kmsctl enroll --attest --tpm-tcti /dev/tpmrm0 --server kms.home.arpa:8444 \\
           --token token.txt --fingerprint 3f1c...e9 --out-dir /etc/edgekms
     The TPM's EK (its manufacturer certificate, or an EK the token registers) answers
-    a one-time challenge; the key is made in the TPM and never leaves it.
+    a one-time challenge; the key is made in the TPM and never leaves it. The out-dir
+    then holds config.toml (key_store = "tpm", as with --tpm) for --config, and
+    device.json for `kmsctl unlock fetch`.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -253,12 +255,14 @@ def _attested(
                 "serial": client.serial,
                 "not_after": client.not_after,
                 "ek_sha256": done.ek_sha256,
+                "config": str(done.config),
                 "files": [str(f) for f in done.files],
             }
         )
         return
     click.echo(f"enrolled as {client.name} ({client.role}), TPM-attested")
     click.echo(f"  ek_sha256: {done.ek_sha256}")
+    click.echo(f"  config:    {done.config}  (the key stays in the TPM; use --config)")
 
 
 def ek_sha256_of(value: str) -> bytes:

@@ -1,10 +1,12 @@
 """Fixtures of the TPM-attested enrollment tests: TPM "manufacturers" (a local CA each,
 made by swtpm_localca as swtpm_setup runs it), swtpms whose EK certificate one of them
-signed (`swtpm_setup --create-ek-cert`), and one real `kmsctl up` stack trusting the
-first manufacturer (`--ek-ca`)."""
+signed (`swtpm_setup --create-ek-cert`), the same behind tpm2-abrmd (as a device's TPM
+is behind /dev/tpmrm0: what mutual TLS through the TPM needs), and one real `kmsctl up`
+stack trusting the first manufacturer (`--ek-ca`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -15,6 +17,8 @@ import pytest
 
 from mgmt.swtpm import Swtpm
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.tpm.swtpm_fixtures import ResourceManagedTpm
+from tests.tpm.swtpm_fixtures import session_bus as session_bus  # fixture
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -122,3 +126,34 @@ def device_tpm(tmp_path: Path, trusted_maker: Manufacturer) -> Iterator[DeviceFa
     yield make
     for tpm in started:
         tpm.stop()
+
+
+ManagedDeviceFactory = Callable[[], ResourceManagedTpm]
+
+
+@pytest.fixture
+def managed_device_tpm(
+    tmp_path: Path, trusted_maker: Manufacturer, session_bus: str
+) -> Iterator[ManagedDeviceFactory]:
+    """make(): a swtpm with a trusted EK certificate, behind its own tpm2-abrmd; clients
+    use its `tcti` (tabrmd:...)."""
+    if shutil.which("tpm2-abrmd") is None:
+        pytest.skip("tpm2-abrmd is not installed (Debian package tpm2-abrmd)")
+    started: list[ResourceManagedTpm] = []
+
+    def make() -> ResourceManagedTpm:
+        state = tmp_path / f"rm-tpm{len(started)}"
+        trusted_maker.provision(state)
+        tpm = Swtpm.private(state).start()
+        name = f"a{os.getpid()}x{len(started)}x{tmp_path.name[-8:]}".replace("-", "_")
+        try:
+            managed = ResourceManagedTpm(tpm, session_bus, name)
+        except BaseException:
+            tpm.stop()
+            raise
+        started.append(managed)
+        return managed
+
+    yield make
+    for managed in started:
+        managed.stop()

@@ -100,13 +100,18 @@ def test_a_device_with_a_manufacturer_ek_certificate_enrolls_with_its_tpm_key(
     assert done["ek_sha256"] == ek_sha256_of(tpm)
     # The certificate is for the key in the TPM; the key file is a TPM-wrapped blob
     # (0600) and holds no private key in the clear.
-    key_file = tmp_path / "out" / "device.tpmkey"
+    key_file = tmp_path / "out" / "device.tss2.pem"
     assert key_file.stat().st_mode & 0o777 == 0o600
+    assert key_file.read_bytes().startswith(b"-----BEGIN TSS2 PRIVATE KEY-----")
     blob = DeviceKey.from_file(key_file)
     cert = x509.load_pem_x509_certificate((tmp_path / "out" / "device.crt").read_bytes())
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     assert cert.public_key().public_bytes(*spki) == tpmcred.parse_public(blob.public).public_key_der
-    assert b"PRIVATE KEY" not in key_file.read_bytes()
+    with pytest.raises(ValueError):  # nothing a software library could load as a key
+        serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    config = (tmp_path / "out" / "config.toml").read_text()
+    assert 'key_store = "tpm"' in config and 'key = "device.tss2.pem"' in config
+    assert done["config"] == str(tmp_path / "out" / "config.toml")
     shown = run_json(stack, "device", "show", "router-1")
     assert shown["ek_sha256"] == done["ek_sha256"]
     assert audited(stack, "BeginAttestation")
