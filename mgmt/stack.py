@@ -317,7 +317,14 @@ class Stack:
         return f"tls://127.0.0.1:{self.options.nats_port}"
 
     def _prepare_dirs(self) -> None:
-        for path in (self.layout.root, self.layout.secrets, self.layout.run):
+        # The audit archive too, before its first round: `kmsctl audit verify --archive`
+        # on a stack that has archived nothing yet proves the window from entry 1.
+        for path in (
+            self.layout.root,
+            self.layout.secrets,
+            self.layout.run,
+            self.layout.audit_archive,
+        ):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path in (self.layout.config, self.layout.logs, self.layout.nats_dir):
             path.mkdir(parents=True, exist_ok=True)
@@ -549,7 +556,19 @@ class Stack:
             # (broker.buckets.SNAPSHOT_STALL_S), and an exit is seen at once.
             await _wait_port(host, int(port), max(BROKER_READY_S, self.options.start_timeout))
             nc = await self._probe_connection()
-            await nc.request(f"$SRV.PING.{CA_SERVICE_NAME}", b"", timeout=5)
+            # Pinged until it answers, within the service's start timeout: on a loaded
+            # machine the CA's first answer can take longer than one 5 s request (a
+            # single ping used to fail the whole `kmsctl up`). An exit is still seen at
+            # once by the supervisor.
+            deadline = time.monotonic() + self.options.start_timeout
+            while True:
+                try:
+                    await nc.request(f"$SRV.PING.{CA_SERVICE_NAME}", b"", timeout=5)
+                    return
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
 
         return Child(
             name="ca",
