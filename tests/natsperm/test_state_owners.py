@@ -127,10 +127,18 @@ async def test_every_stack_stream_is_hardened(state_bus: SecureBus) -> None:
             "KMS_AUDIT_CRYPTO-HSM0",
             "KMS_AUDIT_CRYPTO-TPM0",
         )
-        for name in (*streams, *audit):
+        for name in streams:
             config = (await js.stream_info(name)).config
             assert kvstore.is_hardened(config), name
             assert not config.allow_msg_ttl, name
+        # An audit stream refuses deletes, rollups and TTLs like a bucket, but allows
+        # purge from the front: the archiver's, behind a signed checkpoint, and granted on
+        # the bus to the broker alone (docs/security.md, "Retention").
+        for name in audit:
+            config = (await js.stream_info(name)).config
+            assert config.deny_delete and not config.allow_rollup_hdrs, name
+            assert not config.allow_msg_ttl, name
+            assert not config.deny_purge, name
 
 
 async def test_a_bucket_an_older_version_made_is_hardened(nats_server: NatsServer) -> None:
