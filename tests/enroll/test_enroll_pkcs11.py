@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
+import sys
 from pathlib import Path
 
-import pkcs11
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
@@ -25,11 +26,32 @@ from mgmt.cli.common import ExitCode
 from mgmt.client import KMSClient
 from mgmt.clientconfig import load_client_config
 from mgmt.devicekey import uri_attribute
+from mgmt.softhsm import init_token
 from tests.conftest import SLOWDOWN, TokenInfo
 from tests.e2e.conftest import BIN, KmsStack
 from tests.enroll.conftest import run_json
 from tests.enroll.test_enroll import enroll_address, new_token, token_state
 from tests.enroll.test_enroll_tpm import assert_no_clear_private_key
+
+
+@pytest.fixture
+def device_token(softhsm_token: TokenInfo, tmp_path: Path) -> TokenInfo:
+    """A token of the device's own, beside the session's in the same SOFTHSM2_CONF (one per
+    process). Not the shared token: libp11's engine, which the key tunnel uses, fails to
+    enumerate a token's private keys once one is of a type it does not know (the Ed25519
+    keys the contract tests leave there): "Unable to enumerate private keys". A device's
+    token holds its own key; docs/security.md says so."""
+    pin = secrets.token_hex(8)
+    token = init_token(
+        softhsm_token.conf.parent,
+        f"dev-{secrets.token_hex(4)}",
+        pin=pin,
+        so_pin=secrets.token_hex(8),
+    )
+    pin_file = tmp_path / "device-pin"
+    pin_file.write_text(pin + "\n")
+    pin_file.chmod(0o600)
+    return TokenInfo(token, pin, pin_file)
 
 
 def p11_enroll(
@@ -45,12 +67,29 @@ def p11_enroll(
     )  # fmt: skip
 
 
+_LABELS = """
+import json, os, sys
+import pkcs11
+token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
+with token.open(user_pin=os.environ["TEST_PIN"]) as session:
+    found = session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY})
+    print(json.dumps(sorted(str(o[pkcs11.Attribute.LABEL]) for o in found)))
+"""
+
+
 def labels(hsm: TokenInfo) -> set[str]:
-    """Labels of the private keys on the token."""
-    token = pkcs11.lib(hsm.module).get_token(token_label=hsm.label)
-    with token.open(user_pin=hsm.pin) as session:
-        found = session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY})
-        return {str(o[pkcs11.Attribute.LABEL]) for o in found}
+    """Labels of the private keys on the token, read in a process of its own: SoftHSM
+    sees only the tokens that existed when this process first loaded it, and the
+    device's token is made per test (the PIN travels in the environment, not argv)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LABELS, hsm.module, hsm.label],
+        env={**os.environ, "SOFTHSM2_CONF": str(hsm.conf), "TEST_PIN": hsm.pin},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return set(json.loads(done.stdout))
 
 
 def kmsctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -65,15 +104,20 @@ def certificate(out: Path) -> x509.Certificate:
 
 
 def test_a_device_enrolls_with_a_pkcs11_token_signs_and_renews(
-    stack: KmsStack, softhsm_token: TokenInfo, tmp_path: Path
+    stack: KmsStack, device_token: TokenInfo, tmp_path: Path
 ) -> None:
-    hsm = softhsm_token
+    hsm = device_token
     run_json(stack, "key", "create", "devices/p11-dev/app", "--type", "ec-p256")
     token, fingerprint, token_id = new_token(stack, tmp_path, "p11-dev")
     out = tmp_path / "dev"
     before = labels(hsm)
-    result = p11_enroll(stack, token, fingerprint, out, hsm, "--pkcs11-pin-file", str(hsm.pin_file))
-    assert result.exit_code == 0, result.output
+    # A kmsctl of its own: the device's token was made after this process loaded SoftHSM.
+    result = kmsctl(
+        "enroll", "--pkcs11", f"pkcs11:token={hsm.label}", "--pkcs11-module", hsm.module,
+        "--pkcs11-pin-file", str(hsm.pin_file), "--server", enroll_address(stack),
+        "--token", str(token), "--fingerprint", fingerprint, "--out-dir", str(out), "-o", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["name"] == "p11-dev"
     assert token_state(stack, token_id) == "used"
     # The key is on the token; the out-dir holds no key file and no private key.
@@ -127,6 +171,8 @@ def test_a_device_enrolls_with_a_pkcs11_token_signs_and_renews(
 def test_a_wrong_pin_writes_nothing_and_spends_no_token(
     stack: KmsStack, softhsm_token: TokenInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # In-process (CliRunner), where SoftHSM sees only the tokens made before it loaded:
+    # the shared token, which a wrong PIN leaves untouched.
     token, fingerprint, token_id = new_token(stack, tmp_path, "p11-wrong-pin")
     monkeypatch.setenv("EDGEKMS_PKCS11_PIN", "0" + softhsm_token.pin)
     before = labels(softhsm_token)
@@ -140,10 +186,10 @@ def test_a_wrong_pin_writes_nothing_and_spends_no_token(
 
 
 def test_a_missing_token_writes_nothing_and_spends_no_token(
-    stack: KmsStack, softhsm_token: TokenInfo, tmp_path: Path
+    stack: KmsStack, device_token: TokenInfo, tmp_path: Path
 ) -> None:
     token, fingerprint, token_id = new_token(stack, tmp_path, "p11-no-token")
-    absent = TokenInfo(softhsm_token.token, softhsm_token.pin, softhsm_token.pin_file)
+    absent = TokenInfo(device_token.token, device_token.pin, device_token.pin_file)
     out = tmp_path / "dev"
     result = CliRunner().invoke(
         cli,
