@@ -88,3 +88,28 @@ def test_exit_waits_for_a_thread_left_running(tmp_path: Path) -> None:
     assert b"kmsctl" in done.stdout
     assert finished.read_text() == "done"
     assert (tmp_path / "atexit.txt").read_text() == "ran\n"
+
+
+def test_only_short_lived_runs_go_without_the_cycle_collector() -> None:
+    """The cycle collector is switched off only for one-request commands and TABs: a
+    long-running `kmsctl up` or `agent run` with it off would keep every cycle forever."""
+    from mgmt.cli import _short_lived
+
+    assert _short_lived(["key", "sign", "web"], {})
+    assert _short_lived([], {"_KMSCTL_COMPLETE": "bash_complete"})
+    for args in (["up"], ["agent", "run"], ["audit", "tail", "--follow"], [], ["--help"]):
+        assert not _short_lived(args, {}), args
+
+
+def test_a_key_command_runs_without_the_cycle_collector_and_up_with_it(tmp_path: Path) -> None:
+    """Observed in the real console script's process: `key --help` (a key command that
+    needs no stack) runs with gc off, `up --help` with it on."""
+    seen = tmp_path / "gc.txt"
+    before = (
+        f"import gc; atexit.register(lambda: open({str(seen)!r}, 'a').write(str(gc.isenabled())))"
+    )
+    for args, expected in ((["key", "--help"], "False"), (["up", "--help"], "True")):
+        seen.unlink(missing_ok=True)
+        done = _main(tmp_path, *args, before=before)
+        assert done.returncode == 0, done.stderr
+        assert seen.read_text() == expected, args
