@@ -58,8 +58,9 @@ from edgekms.v1 import (
 )
 
 if TYPE_CHECKING:
-    # Both load where used: a `kmsctl key sign` pays for neither cryptography nor the
-    # tunnel's shutil/ssl/subprocess (docs/performance.md, "kmsctl start-up").
+    # The tunnel loads in from_config, for a key in a TPM or token only: a `kmsctl key
+    # sign` with a key file pays nothing for its subprocess, shutil and tempfile
+    # (docs/performance.md, "kmsctl start-up").
     from edgekms.keytunnel import KeyTunnel
     from edgekms.remote_key import RemoteKey
 
