@@ -8,6 +8,7 @@ Files are hashed here and only the digest travels (Ed25519 excepted: it signs th
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 import sys
 from pathlib import Path
@@ -89,12 +90,12 @@ def _wire_data(ainfo: AlgorithmInfo, stream: IO[bytes]) -> bytes:
                 f"{ainfo.cli_name} signs the message itself; at most {MAX_MESSAGE_SIZE} bytes",
             )
         return bytes(message)
-    from cryptography.hazmat.primitives import hashes
-
-    h = hashes.Hash(ainfo.hash())
+    # hashlib (OpenSSL's digests, like cryptography's) keeps cryptography's import, a
+    # sixth of a `key sign`, off the path (docs/performance.md, "kmsctl start-up").
+    h = hashlib.new(ainfo.hash_name)
     while chunk := stream.read(_CHUNK):
         h.update(chunk)
-    return h.finalize()
+    return h.digest()
 
 
 def _algorithm(kms: KMSClient, name: str, algorithm: str | None) -> AlgorithmInfo:

@@ -30,7 +30,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
 
 import grpc
-from cryptography.hazmat.primitives import hashes
 
 from edgekms import errors
 from edgekms.algorithms import (
@@ -44,7 +43,6 @@ from edgekms.algorithms import (
 )
 from edgekms.clientconfig import load_client_config
 from edgekms.errors import InvalidArgument, KMSError
-from edgekms.keytunnel import DEFAULT_TCTI, KeyTunnel, TunnelSpec
 from edgekms.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -60,6 +58,10 @@ from edgekms.v1 import (
 )
 
 if TYPE_CHECKING:
+    # The tunnel loads in from_config, for a key in a TPM or token only: a `kmsctl key
+    # sign` with a key file pays nothing for its subprocess, shutil and tempfile
+    # (docs/performance.md, "kmsctl start-up").
+    from edgekms.keytunnel import KeyTunnel
     from edgekms.remote_key import RemoteKey
 
 log = logging.getLogger(__name__)
@@ -169,9 +171,9 @@ def prepare_data(ainfo: AlgorithmInfo, data: bytes, prehashed: bool) -> bytes:
         return data
     if prehashed:
         return data
-    h = hashes.Hash(ainfo.hash())
-    h.update(data)
-    return h.finalize()
+    # hashlib, not cryptography: the same OpenSSL digests without importing cryptography
+    # into every client process (hash_name is a hashlib name: sha256, sha384, sha512).
+    return hashlib.new(ainfo.hash_name, data).digest()
 
 
 def error_from_rpc(exc: grpc.RpcError) -> KMSError:
@@ -327,6 +329,8 @@ class KMSClient:
             ca_cert, cert, key = config.read_credentials()
         else:
             # The key stays in the TPM or token: the tunnel does the TLS with it.
+            from edgekms.keytunnel import DEFAULT_TCTI, KeyTunnel, TunnelSpec
+
             (ca_cert, cert), key = config.read_public(), b""
             tunnel = KeyTunnel(
                 TunnelSpec(
