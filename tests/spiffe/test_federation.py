@@ -251,3 +251,51 @@ def test_a_federated_bundle_is_read_again_at_its_refresh_hint(
         return bool(fast) and list(fast[0].x509_authorities_der) == [new_der]
 
     wait_for(refreshed, 90, "fast.example's new bundle")
+
+
+def test_unfederate_takes_the_foreign_bundle_off_the_open_streams(
+    spiffe_stack: SpiffeStack, agent: Agent, foreign: Foreign
+) -> None:
+    spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/unfederated-user", "unix:uid:1091")
+    spiffe_stack.kmsctl(
+        "spiffe", "federate", "--trust-domain", "gone.example", "--bundle-url",
+        f"{foreign.url}/bundle", "--endpoint-ca", str(foreign.tls_ca),
+    )  # fmt: skip
+    wait_for(
+        lambda: (
+            "spiffe://gone.example"
+            in workload(agent.socket, 1091, 1091, "x509").get("bundles", [])
+        ),
+        60,
+        "gone.example's bundle at the workload",
+    )
+    stream = workload_process(agent.socket, 1091, 1091, "stream", "5")
+    jwks = workload_process(agent.socket, 1091, 1091, "jwtbundles", "5")
+    try:
+        assert "spiffe://gone.example" in read_json_line(stream)["bundles"]
+        assert "spiffe://gone.example" in read_json_line(jwks)["kids"]
+        gone = json.loads(
+            spiffe_stack.kmsctl(
+                "spiffe", "unfederate", "--trust-domain", "gone.example", "-o", "json"
+            ).stdout
+        )
+        assert gone == {"trust_domain": "gone.example", "bundle_url": f"{foreign.url}/bundle"}
+        pushed = read_json_line(stream, timeout=60)
+        assert "spiffe://gone.example" not in pushed["bundles"], pushed
+        assert f"spiffe://{TRUST_DOMAIN}/unfederated-user" in [
+            s["spiffe_id"] for s in pushed["svids"]
+        ]
+        assert "spiffe://gone.example" not in read_json_line(jwks, timeout=60)["kids"]
+    finally:
+        for proc in (stream, jwks):
+            proc.kill()
+            proc.wait()
+    with spiffe_stack.stack.client() as admin:
+        assert "gone.example" not in {f.trust_domain for f in admin.spiffe_bundle().federated}
+    again = spiffe_stack.kmsctl(
+        "spiffe", "unfederate", "--trust-domain", "gone.example", check=False
+    )
+    assert again.returncode == 4, again.stderr
+    assert again.stderr.startswith("kmsctl: spiffe.federation_not_found:"), again.stderr
+    bad = spiffe_stack.kmsctl("spiffe", "unfederate", "--trust-domain", "Bad:Name", check=False)
+    assert bad.returncode == 3 and "spiffe.trust_domain_invalid" in bad.stderr, bad.stderr

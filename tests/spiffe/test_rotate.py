@@ -26,7 +26,7 @@ from tests.spiffe.conftest import (
 )
 
 TD = f"spiffe://{TRUST_DOMAIN}"
-UID = 1061
+UID = 1081
 
 
 def _chain(svid: dict[str, Any]) -> list[x509.Certificate]:
