@@ -263,8 +263,7 @@ def test_unfederate_takes_the_foreign_bundle_off_the_open_streams(
     )  # fmt: skip
     wait_for(
         lambda: (
-            "spiffe://gone.example"
-            in workload(agent.socket, 1091, 1091, "x509").get("bundles", [])
+            "spiffe://gone.example" in workload(agent.socket, 1091, 1091, "x509").get("bundles", [])
         ),
         60,
         "gone.example's bundle at the workload",
