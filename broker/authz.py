@@ -100,7 +100,12 @@ ROLE_METHODS["operator"] |= ACME_READ
 # enrolled device's own entries (broker.device_certs.SPIFFE_DEVICE_METHODS).
 SPIFFE_READ = frozenset({"SpiffeGetEntry", "SpiffeListEntries", "SpiffeGetBundle"})
 SPIFFE_MANAGE = SPIFFE_READ | {"SpiffeCreateEntry", "SpiffeDeleteEntry"}
-ROLE_METHODS["admin"] |= SPIFFE_MANAGE | {"SpiffeInit", "SpiffeFederate"}
+ROLE_METHODS["admin"] |= SPIFFE_MANAGE | {
+    "SpiffeInit",
+    "SpiffeFederate",
+    "SpiffeUnfederate",
+    "SpiffeRotate",
+}
 ROLE_METHODS["operator"] |= SPIFFE_MANAGE
 ROLE_METHODS["signer"] |= {"SpiffeGetBundle"}
 # Clients and key policies: only administrators change who may do what; operators may look.

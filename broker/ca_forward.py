@@ -32,7 +32,13 @@ from edgekms.v1 import ca_pb2
 
 SERVICE = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"]
 # Making CA keys in a token or TPM can take seconds; the rest answers quickly.
-SLOW_METHODS = {"Init": 120.0, "Rotate": 120.0, "SpiffeInit": 120.0, "SpiffeFederate": 30.0}
+SLOW_METHODS = {
+    "Init": 120.0,
+    "Rotate": 120.0,
+    "SpiffeInit": 120.0,
+    "SpiffeFederate": 30.0,
+    "SpiffeRotate": 120.0,
+}
 DEFAULT_TIMEOUT = 10.0
 # Calls that change the CA's state: a retry with the same request_id is done once.
 STATE_CHANGING = {
@@ -48,6 +54,8 @@ STATE_CHANGING = {
     "SpiffeCreateEntry",
     "SpiffeDeleteEntry",
     "SpiffeFederate",
+    "SpiffeRotate",
+    "SpiffeUnfederate",
 }
 
 # Where `requester` is a filter chosen by the caller (list what device X asked for), not

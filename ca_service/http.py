@@ -83,21 +83,30 @@ class _BadRequest(Exception):
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+SPIFFE_BUNDLE_PATH = "/spiffe/bundle"
+
+
+def spiffe_bundle_handler(ca: CertificateAuthority) -> Handler:
+    """GET /spiffe/bundle: the trust domain's bundle endpoint (docs/spiffe.md,
+    "Federation"), served here in plain HTTP and on the ACME listener over HTTPS (the
+    `https_web` profile, with the mini-CA's server certificate)."""
+    spiffe = SpiffeAuthority(ca)
+
+    async def spiffe_bundle_document(_: Request) -> Response:
+        try:
+            bundle = await spiffe.bundle()
+        except KMSError as exc:
+            return Response.text(503, exc.reason)
+        return Response(body=spiffe_bundle.document(bundle), content_type="application/json")
+
+    return spiffe_bundle_document
+
+
 def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
     """(method, path) -> handler; "/ocsp/" as a GET path means the prefix of /ocsp/<base64>."""
 
     def unavailable(exc: KMSError) -> Response:
         return Response.text(503, exc.reason)
-
-    spiffe = SpiffeAuthority(ca)
-
-    async def spiffe_bundle_document(_: Request) -> Response:
-        # The trust domain's bundle endpoint (docs/spiffe.md, "Federation").
-        try:
-            bundle = await spiffe.bundle()
-        except KMSError as exc:
-            return unavailable(exc)
-        return Response(body=spiffe_bundle.document(bundle), content_type="application/json")
 
     async def crl(_: Request) -> Response:
         try:
@@ -187,7 +196,7 @@ def make_routes(ca: CertificateAuthority) -> dict[tuple[str, str], Handler]:
 
     return {
         ("GET", "/crl"): crl,
-        ("GET", "/spiffe/bundle"): spiffe_bundle_document,
+        ("GET", SPIFFE_BUNDLE_PATH): spiffe_bundle_handler(ca),
         ("GET", "/crl/"): issuer_crl,
         ("GET", "/root.crl"): root_crl,
         ("GET", "/ca/"): issuer_cert,

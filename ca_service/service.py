@@ -99,6 +99,8 @@ def operations(
         "SpiffeSignJwtSvid": (ca_pb2.SpiffeSignJwtSvidRequest, spiffe.sign_jwt),
         "SpiffeGetBundle": (ca_pb2.SpiffeGetBundleRequest, spiffe.bundle),
         "SpiffeFederate": (ca_pb2.SpiffeFederateRequest, spiffe.federate),
+        "SpiffeUnfederate": (ca_pb2.SpiffeUnfederateRequest, spiffe.unfederate),
+        "SpiffeRotate": (ca_pb2.SpiffeRotateRequest, spiffe.rotate),
     }
 
 

@@ -49,7 +49,12 @@ from edgekms.errors import (
     PermissionDenied,
 )
 from edgekms.sealed import SealedKV
-from edgekms.subjects import SPIFFE_CA_KEY_NAME, SPIFFE_JWT_KEY_NAME
+from edgekms.subjects import (
+    SPIFFE_CA_KEY_NAME,
+    SPIFFE_JWT_KEY_NAME,
+    SPIFFE_MAX_GENERATION,
+    spiffe_key_name,
+)
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
 
@@ -67,6 +72,10 @@ MAX_AUDIENCES = 16
 BACKDATE = datetime.timedelta(seconds=30)
 STATE_RECHECK_SECONDS = 5.0
 MAX_FEDERATIONS = 64
+# After a rotation the old key stays this long past the longest TTL of any entry: clocks
+# and the agents' sync interval.
+OVERLAP_MARGIN = 60
+MAX_OVERLAP = sp.MAX_TTL + 86400
 
 
 def node_token(node: str) -> str:
@@ -233,12 +242,20 @@ class SpiffeAuthority:
         federation.refreshed_at = rfc3339(_now())
         return federation
 
-    async def _store_federation(self, federation: ca_pb2.SpiffeFederation) -> None:
+    async def _store_federation(
+        self, federation: ca_pb2.SpiffeFederation, refresh: bool = False
+    ) -> None:
+        """Add or replace a federation; a background refresh (`refresh`) only replaces,
+        so one finishing after `unfederate` does not bring the domain back."""
         for _ in range(10):
             found = await self._get_state()
             if found is None:
                 raise FailedPrecondition("spiffe.not_initialized", "no SPIFFE trust domain yet")
             state, revision = found
+            if refresh and all(
+                f.trust_domain != federation.trust_domain for f in state.federations
+            ):
+                return
             kept = [f for f in state.federations if f.trust_domain != federation.trust_domain]
             if len(kept) >= MAX_FEDERATIONS:
                 raise FailedPrecondition(
@@ -276,13 +293,197 @@ class SpiffeAuthority:
                 old.jwks,
             ):
                 new.sequence = old.sequence  # unchanged: keep ours without a new sequence
-            await self._store_federation(new)
+            await self._store_federation(new, refresh=True)
             log.info("event=spiffe_federation_refreshed trust_domain=%s", old.trust_domain)
         except KMSError as exc:
             log.warning(
                 "event=spiffe_federation_refresh_failed trust_domain=%s reason=%s",
                 old.trust_domain, exc.reason,
             )  # fmt: skip
+
+    async def unfederate(
+        self, req: ca_pb2.SpiffeUnfederateRequest
+    ) -> ca_pb2.SpiffeFederateResponse:
+        """Stop trusting a foreign domain: its bundle leaves the next bundle read."""
+        td = sp.check_trust_domain(req.trust_domain)
+        for _ in range(10):
+            found = await self._get_state()
+            if found is None:
+                raise FailedPrecondition("spiffe.not_initialized", "no SPIFFE trust domain yet")
+            state, revision = found
+            gone = [f for f in state.federations if f.trust_domain == td]
+            if not gone:
+                raise NotFound(
+                    "spiffe.federation_not_found",
+                    f"not federated with {td!r}",
+                    {"trust_domain": td},
+                )
+            kept = [f for f in state.federations if f.trust_domain != td]
+            del state.federations[:]
+            state.federations.extend(kept)
+            state.sequence += 1
+            try:
+                await self.ca.store.kv.update(CONFIG_KEY, state.SerializeToString(), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            self._state = None
+            log.info("event=spiffe_unfederated trust_domain=%s requester=%s", td, req.requester)
+            return ca_pb2.SpiffeFederateResponse(federation=gone[0])
+        raise FailedPrecondition("spiffe.state_changed", "the trust domain kept changing")
+
+    # ---- rotation ----------------------------------------------------------------------
+
+    async def _default_overlap(self, jwt: bool) -> int:
+        """The longest lifetime an SVID of the rotated kind may have now, plus a margin:
+        every SVID the old key signed has expired by then."""
+        entries = await self._entries(f"{ENTRY_PREFIX}.>")
+        if jwt:
+            longest = max((e.jwt_ttl_seconds or sp.DEFAULT_JWT_TTL for e, _ in entries), default=0)
+            longest = max(longest, sp.DEFAULT_JWT_TTL)
+        else:
+            longest = max((e.ttl_seconds or sp.DEFAULT_X509_TTL for e, _ in entries), default=0)
+            longest = max(longest, sp.DEFAULT_X509_TTL)
+        return int(longest) + OVERLAP_MARGIN
+
+    async def rotate(self, req: ca_pb2.SpiffeRotateRequest) -> ca_pb2.SpiffeRotateResponse:
+        """New signing CA and/or JWT key in the token; the old ones retire, the JWT key
+        staying in the bundle until drop_at. Nothing half-done: on any failure the new
+        keys are destroyed and forgotten and the state is as it was."""
+        if not (req.x509 or req.jwt):
+            raise InvalidArgument(
+                "spiffe.rotate_nothing", "rotate the X.509 CA, the JWT key or both"
+            )
+        if req.overlap_set and req.overlap_seconds > MAX_OVERLAP:
+            raise InvalidArgument(
+                "spiffe.overlap_invalid", f"the overlap is at most {MAX_OVERLAP} seconds"
+            )
+        days = req.ca_validity_days or DEFAULT_CA_DAYS
+        if not 1 <= days <= 3650:
+            raise InvalidArgument("spiffe.validity_invalid", "the SPIFFE CA's days are 1..3650")
+        ca = self.ca
+        found = await self._get_state()
+        if found is None:
+            raise FailedPrecondition(
+                "spiffe.not_initialized",
+                "no SPIFFE trust domain yet: run `kmsctl spiffe init --trust-domain NAME`",
+            )
+        state, revision = found
+        generation = max(state.generation, 1) + 1
+        if generation > SPIFFE_MAX_GENERATION:
+            raise FailedPrecondition(
+                "spiffe.generations_exhausted", f"at most {SPIFFE_MAX_GENERATION} generations"
+            )
+        issuer = await ca.issuer()
+        root_key = await ca.root_key() if req.x509 else None  # refused while ca/root is off
+        provider = state.provider
+        now = _now()
+        made: list[bytes] = []
+        recorded: dict[str, int] = {}
+        retired: list[ca_pb2.SpiffeRetiredKey] = []
+
+        async def make(label: str) -> tuple[bytes, bytes]:
+            key_id, public_der = await ca.keys.generate(provider, label, pb.KEY_TYPE_EC_P256)
+            made.append(key_id)
+            if ca.registry is not None:
+
+                async def destroy() -> None:
+                    made.remove(key_id)
+                    await ca.keys.destroy(provider, key_id)
+
+                recorded[label] = await ca.registry.record(
+                    label, provider, pb.KEY_TYPE_EC_P256, key_id, public_der, destroy,
+                    {"purpose": label, "trust_domain": state.trust_domain},
+                )  # fmt: skip
+            return key_id, public_der
+
+        try:
+            if req.x509:
+                assert root_key is not None
+                overlap = (
+                    req.overlap_seconds if req.overlap_set else await self._default_overlap(False)
+                )
+                label = spiffe_key_name(False, generation)
+                key_id, public_der = await make(label)
+                public = serialization.load_der_public_key(public_der)
+                assert isinstance(public, PublicKey)
+                cert = await asyncio.to_thread(
+                    build_intermediate, root_key, issuer.root, public,
+                    ca_name(f"SPIFFE {state.trust_domain} {generation}", "EdgeKMS"), days,
+                )  # fmt: skip
+                retired.append(
+                    ca_pb2.SpiffeRetiredKey(
+                        jwt=False,
+                        key_label=state.ca_key_label or SPIFFE_CA_KEY_NAME,
+                        key_id=state.ca_key_id,
+                        ca_certificate_der=state.ca_certificate_der,
+                        retired_at=rfc3339(now),
+                        drop_at=rfc3339(now + datetime.timedelta(seconds=overlap)),
+                    )
+                )
+                state.ca_key_id = key_id
+                state.ca_certificate_der = cert.public_bytes(serialization.Encoding.DER)
+                state.ca_key_label = label
+            if req.jwt:
+                overlap = (
+                    req.overlap_seconds if req.overlap_set else await self._default_overlap(True)
+                )
+                label = spiffe_key_name(True, generation)
+                key_id, public_der = await make(label)
+                jwt_public = serialization.load_der_public_key(public_der)
+                assert isinstance(jwt_public, ec.EllipticCurvePublicKey)
+                retired.append(
+                    ca_pb2.SpiffeRetiredKey(
+                        jwt=True,
+                        key_label=state.jwt_key_label or SPIFFE_JWT_KEY_NAME,
+                        key_id=state.jwt_key_id,
+                        public_key_der=state.jwt_public_key_der,
+                        jwt_kid=state.jwt_kid,
+                        retired_at=rfc3339(now),
+                        drop_at=rfc3339(now + datetime.timedelta(seconds=overlap)),
+                    )
+                )
+                state.jwt_key_id = key_id
+                state.jwt_public_key_der = public_der
+                state.jwt_kid = sp.jwt_kid(jwt_public)
+                state.jwt_key_label = label
+            # Retired keys past their overlap leave the state now (the bundle already
+            # leaves them out: _bundle looks at the clock).
+            kept = [r for r in state.retired if parse_rfc3339(r.drop_at) > now]
+            del state.retired[:]
+            state.retired.extend([*kept, *retired])
+            state.generation = generation
+            state.sequence += 1
+            try:
+                await ca.store.kv.update(CONFIG_KEY, state.SerializeToString(), last=revision)
+            except KeyWrongLastSequenceError:
+                raise FailedPrecondition(
+                    "spiffe.state_changed", "the trust domain changed meanwhile: try again"
+                ) from None
+        except BaseException:
+            for key_id in list(made):  # nothing half-done: no new key outlives a failure
+                await ca.keys.destroy(provider, key_id)
+            if ca.registry is not None:
+                for label, rev in recorded.items():
+                    await ca.registry.forget(label, rev)
+            log.warning(
+                "event=spiffe_rotate_failed trust_domain=%s generation=%d requester=%s",
+                state.trust_domain, generation, req.requester,
+            )  # fmt: skip
+            raise
+        self._state = None
+        for r in retired:
+            log.info(
+                "event=spiffe_rotated trust_domain=%s kind=%s generation=%d old_key=%s "
+                "drop_at=%s requester=%s",
+                state.trust_domain, "jwt" if r.jwt else "x509", generation, r.key_label,
+                r.drop_at, req.requester,
+            )  # fmt: skip
+        return ca_pb2.SpiffeRotateResponse(
+            generation=generation,
+            ca_certificate_der=state.ca_certificate_der,
+            jwt_kid=state.jwt_kid,
+            retired=retired,
+        )
 
     # ---- entries -----------------------------------------------------------------------
 
@@ -416,7 +617,7 @@ class SpiffeAuthority:
         state = await self.state()
         entry = await self._entry_for(req.node, req.spiffe_id)
         public = _csr_key(req.csr)
-        await self.ca._require_active(SPIFFE_CA_KEY_NAME)
+        await self.ca._require_active(state.ca_key_label or SPIFFE_CA_KEY_NAME)
         ca_cert = x509.load_der_x509_certificate(state.ca_certificate_der)
         key = self._ca_key(state, ca_cert)
         ttl = datetime.timedelta(seconds=entry.ttl_seconds or sp.DEFAULT_X509_TTL)
@@ -444,7 +645,7 @@ class SpiffeAuthority:
         for aud in audience:
             if not aud or len(aud) > 256:
                 raise InvalidArgument("spiffe.audience_invalid", "an audience is 1..256 chars")
-        await self.ca._require_active(SPIFFE_JWT_KEY_NAME)
+        await self.ca._require_active(state.jwt_key_label or SPIFFE_JWT_KEY_NAME)
         now = int(time.time())
         expires = now + (entry.jwt_ttl_seconds or sp.DEFAULT_JWT_TTL)
         header = {"alg": "ES256", "kid": state.jwt_kid, "typ": "JWT"}
@@ -483,12 +684,21 @@ def _not_entitled(node: str, spiffe_id: str) -> PermissionDenied:
 def _bundle(state: ca_pb2.SpiffeState) -> ca_pb2.SpiffeBundle:
     public = serialization.load_der_public_key(state.jwt_public_key_der)
     assert isinstance(public, ec.EllipticCurvePublicKey)
-    jwks = {"keys": [sp.jwk_of(public, state.jwt_kid, "jwt-svid")]}
+    keys = [sp.jwk_of(public, state.jwt_kid, "jwt-svid")]
+    # A rotated-out JWT key validates the tokens it signed until its drop_at.
+    now = _now()
+    for old in state.retired:
+        if old.jwt and parse_rfc3339(old.drop_at) > now:
+            old_public = serialization.load_der_public_key(old.public_key_der)
+            assert isinstance(old_public, ec.EllipticCurvePublicKey)
+            keys.append(sp.jwk_of(old_public, old.jwt_kid, "jwt-svid"))
+    jwks = {"keys": keys}
     return ca_pb2.SpiffeBundle(
         trust_domain=state.trust_domain,
         x509_authorities_der=list(state.x509_authorities_der),
         jwks=json.dumps(jwks, separators=(",", ":")).encode(),
         sequence=state.sequence,
+        signing_ca_der=state.ca_certificate_der,
         federated=[
             ca_pb2.SpiffeBundle(
                 trust_domain=f.trust_domain,

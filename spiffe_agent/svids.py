@@ -123,10 +123,14 @@ class Identities:
             or self.state.bundle is None
             or bundle.SerializeToString() != self.state.bundle.SerializeToString()
         )
+        old_bundle = self.state.bundle
         self.state.denied = None
         self.state.synced = True
         self.state.entries = entries
         self.state.bundle = bundle
+        if old_bundle is not None and old_bundle.jwks != bundle.jwks:
+            self._jwts.clear()  # a rotated JWT key: new tokens from the new one
+        self._renew_other_ca(bundle.signing_ca_der)
         live = {e.entry_id: e for e in entries}
         for eid in list(self.state.svids):
             entry = live.get(eid)
@@ -138,6 +142,22 @@ class Identities:
         if changed:
             log.info("event=spiffe_synced entries=%d sequence=%d", len(entries), bundle.sequence)
             await self._bump()
+
+    def _renew_other_ca(self, signing_ca_der: bytes) -> None:
+        """After a rotation of the SPIFFE signing CA, renew now (not at half-life) the
+        SVIDs the old CA signed: new SVIDs come from the new CA."""
+        if not signing_ca_der:
+            return
+        stale = [
+            s
+            for s in self.state.svids.values()
+            if s.chain_der[1:2] != [signing_ca_der] and not s.due
+        ]
+        for svid in stale:
+            svid.due = self.clock()
+        if stale:
+            log.info("event=spiffe_signing_ca_changed renew=%d", len(stale))
+            self._wake.set()
 
     def matching(self, selectors: frozenset[str]) -> list[ca_pb2.SpiffeEntry]:
         return [e for e in self.state.entries if sp.matches(list(e.selectors), selectors)]

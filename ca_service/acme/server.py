@@ -79,7 +79,7 @@ from ca_service.acme.state import (
     Order,
 )
 from ca_service.authority import CertificateAuthority
-from ca_service.http import HttpServer, Request, Response
+from ca_service.http import SPIFFE_BUNDLE_PATH, HttpServer, Request, Response, spiffe_bundle_handler
 from ca_service.policy import load_csr, plan_from_csr
 from ca_service.profiles import get_profile
 from ca_service.store import parse_rfc3339, rfc3339
@@ -1081,6 +1081,9 @@ class _AcmeHttp(HttpServer):
     def __init__(self, acme: AcmeServer, max_body: int) -> None:
         super().__init__({}, max_body)
         self.acme = acme
+        # The SPIFFE bundle endpoint rides on this HTTPS listener (https_web profile):
+        # the one place the CA already holds a server certificate its peers can check.
+        self._spiffe_bundle = spiffe_bundle_handler(acme.ca)
 
     def refusal(self, status: int, reason: str) -> Response:
         problem = (
@@ -1094,4 +1097,8 @@ class _AcmeHttp(HttpServer):
         return response
 
     async def _respond(self, request: Request) -> Response:
+        if request.path == SPIFFE_BUNDLE_PATH and request.method in ("GET", "HEAD"):
+            response = await self._spiffe_bundle(request)
+            response.headers.setdefault("Cache-Control", "no-store")
+            return response
         return await self.acme.handle(request)

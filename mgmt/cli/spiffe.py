@@ -55,6 +55,8 @@ def spiffe_group() -> None:
       kmsctl spiffe entry list --node nas -o json
       kmsctl spiffe bundle -o json
       kmsctl spiffe federate --trust-domain other.example --bundle-url https://spire.other/bundle
+      kmsctl spiffe unfederate --trust-domain other.example
+      kmsctl spiffe rotate --key jwt
       kmsctl spiffe agent --client-config /var/lib/edgekms/device/config.toml   (on the device)
 
     Selectors: unix:uid:N, unix:gid:N, unix:path:/abs/exe, unix:sha256:HEX (of the
@@ -169,6 +171,77 @@ def federate_cmd(
         f"federated with {federation.trust_domain}: {len(federation.x509_authorities_der)} "
         f"X.509 authorities, sequence {federation.sequence}"
     )
+
+
+@spiffe_group.command("unfederate")
+@click.option("--trust-domain", required=True, help="The foreign trust domain to stop trusting.")
+@_OUTPUT
+@client_options
+def unfederate_cmd(
+    trust_domain: str, output: str, data_dir: Path, config_path: Path | None
+) -> None:
+    """Stop trusting a foreign trust domain: its bundle leaves the workloads' streams at
+    the agents' next sync (--sync-interval). Administrators only; exit 4 if this KMS is
+    not federated with it."""
+    sp.check_trust_domain(trust_domain)
+    with open_client(data_dir, config_path) as kms:
+        gone = kms.spiffe_unfederate(trust_domain)
+    if output == "json":
+        echo_json({"trust_domain": gone.trust_domain, "bundle_url": gone.bundle_url})
+        return
+    click.echo(f"no longer federated with {gone.trust_domain}")
+
+
+@spiffe_group.command("rotate")
+@click.option(
+    "--key", "which", type=click.Choice(["all", "x509", "jwt"]), default="all",
+    show_default=True, help="The X.509 signing CA, the JWT-SVID key, or both.",
+)  # fmt: skip
+@click.option(
+    "--overlap", default=None,
+    help="How long the old key stays trusted (90s, 2h, 7d; 0s drops it at once, for a "
+    "compromised key). Default: the longest TTL of any entry plus a minute.",
+)  # fmt: skip
+@click.option(
+    "--ca-days", type=click.IntRange(1, 3650), default=365, show_default=True,
+    help="Lifetime of the new SPIFFE signing CA.",
+)  # fmt: skip
+@_OUTPUT
+@client_options
+def rotate_cmd(
+    which: str,
+    overlap: str | None,
+    ca_days: int,
+    output: str,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Make new SPIFFE keys in the token and retire the old ones.
+
+    \b
+    The JWKS of the bundle carries the old JWT key next to the new one until the
+    JWT-SVIDs it signed have expired (the overlap), then drops it. X.509-SVIDs chain to
+    the mini-CA's root, which stays; agents renew at once the SVIDs the old CA signed.
+    Administrators only; nothing changes if it fails (exit 6 with the root key disabled).
+    """
+    overlap_s = sp.parse_seconds(overlap) if overlap is not None else None
+    with open_client(data_dir, config_path) as kms:
+        answer = kms.spiffe_rotate(
+            x509=which in ("all", "x509"),
+            jwt=which in ("all", "jwt"),
+            overlap_seconds=overlap_s,
+            ca_validity_days=ca_days,
+        )
+    retired = [
+        {"kind": "jwt" if r.jwt else "x509", "key": r.key_label, "drop_at": r.drop_at}
+        for r in answer.retired
+    ]
+    if output == "json":
+        echo_json({"generation": answer.generation, "jwt_kid": answer.jwt_kid, "retired": retired})
+        return
+    for r in retired:
+        click.echo(f"retired {r['kind']} key {r['key']}: trusted until {r['drop_at']}")
+    click.echo(f"generation {answer.generation} in use")
 
 
 @spiffe_group.group("entry")

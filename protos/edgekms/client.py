@@ -1262,6 +1262,32 @@ class KMSClient:
         )
         return self._call("SpiffeFederate", self._ca.SpiffeFederate, request, 30.0).federation
 
+    def spiffe_unfederate(self, trust_domain: str) -> ca_pb2.SpiffeFederation:
+        """Stop trusting a foreign trust domain; answers the federation removed."""
+        request = ca_pb2.SpiffeUnfederateRequest(
+            trust_domain=trust_domain, request_id=new_request_id()
+        )
+        return self._call("SpiffeUnfederate", self._ca.SpiffeUnfederate, request, None).federation
+
+    def spiffe_rotate(
+        self,
+        x509: bool,
+        jwt: bool,
+        overlap_seconds: int | None = None,
+        ca_validity_days: int = 0,
+    ) -> ca_pb2.SpiffeRotateResponse:
+        """New SPIFFE signing CA and/or JWT key; the old kept for `overlap_seconds`
+        (None: the longest entry TTL plus a minute)."""
+        request = ca_pb2.SpiffeRotateRequest(
+            x509=x509,
+            jwt=jwt,
+            overlap_seconds=overlap_seconds or 0,
+            overlap_set=overlap_seconds is not None,
+            ca_validity_days=ca_validity_days,
+            request_id=new_request_id(),
+        )
+        return self._call("SpiffeRotate", self._ca.SpiffeRotate, request, 120.0)
+
     def spiffe_bundle(self) -> ca_pb2.SpiffeBundle:
         request = ca_pb2.SpiffeGetBundleRequest()
         return self._call("SpiffeGetBundle", self._ca.SpiffeGetBundle, request, None)

@@ -74,8 +74,11 @@ WRITERS = (WRITER_BROKER, WRITER_CA, WRITER_CEREMONY)
 # Keys of kms_keys written by their owner outside the broker (mgmt.natsauth grants the
 # same keys to the same identities).
 CA_OWNED_KEYS = ("ca/root", "ca/intermediate", "ca/spiffe", "ca/spiffe-jwt")
-# A rotation's intermediates are recorded as ca/intermediate-<generation> (ca_service.hierarchy).
-CA_OWNED_KEY_RE = re.compile(r"^ca/(?:root|intermediate(?:-[0-9]{1,9})?|spiffe|spiffe-jwt)$")
+# A rotation's intermediates are recorded as ca/intermediate-<generation> (ca_service.hierarchy),
+# a SPIFFE rotation's keys as ca/spiffe-<generation>, ca/spiffe-jwt-<generation>.
+CA_OWNED_KEY_RE = re.compile(
+    r"^ca/(?:root|intermediate(?:-[0-9]{1,9})?|spiffe(?:-[0-9]{1,9})?|spiffe-jwt(?:-[0-9]{1,9})?)$"
+)
 CEREMONY_OWNED_KEYS = ("edgekms/internal-ca",)
 SEALED_BUCKETS = (KEY_REGISTRY_BUCKET, CLIENTS_BUCKET, CA_BUCKET)
 # What an amendment of another owner's key record must leave as the owner sealed it.

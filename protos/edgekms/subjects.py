@@ -42,6 +42,14 @@ CA_MAX_INTERMEDIATE_GENERATION = 99
 # The SPIFFE trust domain's keys (ca_service/spiffe.py): its X.509 signing CA, its JWT key.
 SPIFFE_CA_KEY_NAME = "ca/spiffe"
 SPIFFE_JWT_KEY_NAME = "ca/spiffe-jwt"
+# `kmsctl spiffe rotate` names each new pair ca/spiffe-N and ca/spiffe-jwt-N.
+SPIFFE_MAX_GENERATION = 99
+
+
+def spiffe_key_name(jwt: bool, generation: int) -> str:
+    """The registry name of a SPIFFE key of a generation (1: the one `init` made)."""
+    base = SPIFFE_JWT_KEY_NAME if jwt else SPIFFE_CA_KEY_NAME
+    return base if generation <= 1 else f"{base}-{generation}"
 
 
 def ca_registry_key_names() -> tuple[str, ...]:
@@ -50,8 +58,11 @@ def ca_registry_key_names() -> tuple[str, ...]:
         CA_ROOT_KEY_NAME,
         CA_INTERMEDIATE_KEY_NAME,
         *(f"{CA_INTERMEDIATE_KEY_NAME}-{n}" for n in range(2, CA_MAX_INTERMEDIATE_GENERATION + 1)),
-        SPIFFE_CA_KEY_NAME,
-        SPIFFE_JWT_KEY_NAME,
+        *(
+            spiffe_key_name(jwt, n)
+            for jwt in (False, True)
+            for n in range(1, SPIFFE_MAX_GENERATION + 1)
+        ),
     )
 
 

@@ -185,6 +185,7 @@ def test_every_service_package_has_its_unit() -> None:
             "edgekms-datafs.service",
             "edgekms-provision.service",
             "edgekms-agent.service",
+            "edgekms-spiffe-agent.service",
             "edgekms-unlock@.service",
         }
         == units

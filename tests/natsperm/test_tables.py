@@ -160,7 +160,9 @@ def test_registry_writes_are_limited_to_the_keys_a_writer_owns() -> None:
         *(f"$KV.kms_keys.ca/intermediate-{n}" for n in range(2, 100)),
         # The SPIFFE trust domain's keys (ca_service/spiffe.py).
         "$KV.kms_keys.ca/spiffe",
+        *(f"$KV.kms_keys.ca/spiffe-{n}" for n in range(2, 100)),
         "$KV.kms_keys.ca/spiffe-jwt",
+        *(f"$KV.kms_keys.ca/spiffe-jwt-{n}" for n in range(2, 100)),
     ]
     assert not [s for s in by_user["kmsctl"] if s.startswith("$KV.")]
     ceremony = {i.user: i.permissions.publish for i in stack_identities(["hsm0"], ceremony=True)}

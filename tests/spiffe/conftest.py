@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from mgmt.natsserver import free_port
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
 from tests.enroll.test_enroll import enrolled
@@ -53,6 +54,9 @@ class SpiffeStack:
     stack: KmsStack
     device_config: Path
     root: Path
+    # The CA's ACME listener (HTTPS, the mini-CA's server certificate), where the
+    # trust domain's bundle endpoint is served for the https_web profile.
+    https_url: str = ""
 
     def kmsctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -75,13 +79,14 @@ class SpiffeStack:
 @pytest.fixture(scope="package")
 def spiffe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpiffeStack]:
     root = tmp_path_factory.mktemp("spiffestack")
-    stack = start_stack(root / "data")
+    acme_port = free_port()
+    stack = start_stack(root / "data", "--acme", f"127.0.0.1:{acme_port}")
     try:
         with stack.client(timeout=60) as kms:
             kms.ca_init("SPIFFE Test CA")
             kms.spiffe_init(TRUST_DOMAIN)
         device_config = enrolled(stack, root, DEVICE)
-        yield SpiffeStack(stack, device_config, root)
+        yield SpiffeStack(stack, device_config, root, f"https://127.0.0.1:{acme_port}")
     finally:
         code = stop_stack(stack)
         assert code == 0, stack.log_path.read_text()[-2000:]

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -251,3 +252,94 @@ def test_a_federated_bundle_is_read_again_at_its_refresh_hint(
         return bool(fast) and list(fast[0].x509_authorities_der) == [new_der]
 
     wait_for(refreshed, 90, "fast.example's new bundle")
+
+
+def test_unfederate_takes_the_foreign_bundle_off_the_open_streams(
+    spiffe_stack: SpiffeStack, agent: Agent, foreign: Foreign
+) -> None:
+    spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/unfederated-user", "unix:uid:1091")
+    spiffe_stack.kmsctl(
+        "spiffe", "federate", "--trust-domain", "gone.example", "--bundle-url",
+        f"{foreign.url}/bundle", "--endpoint-ca", str(foreign.tls_ca),
+    )  # fmt: skip
+    wait_for(
+        lambda: (
+            "spiffe://gone.example" in workload(agent.socket, 1091, 1091, "x509").get("bundles", [])
+        ),
+        60,
+        "gone.example's bundle at the workload",
+    )
+    stream = workload_process(agent.socket, 1091, 1091, "stream", "5")
+    jwks = workload_process(agent.socket, 1091, 1091, "jwtbundles", "5")
+    try:
+        assert "spiffe://gone.example" in read_json_line(stream)["bundles"]
+        assert "spiffe://gone.example" in read_json_line(jwks)["kids"]
+        gone = json.loads(
+            spiffe_stack.kmsctl(
+                "spiffe", "unfederate", "--trust-domain", "gone.example", "-o", "json"
+            ).stdout
+        )
+        assert gone == {"trust_domain": "gone.example", "bundle_url": f"{foreign.url}/bundle"}
+        pushed = read_json_line(stream, timeout=60)
+        assert "spiffe://gone.example" not in pushed["bundles"], pushed
+        assert f"spiffe://{TRUST_DOMAIN}/unfederated-user" in [
+            s["spiffe_id"] for s in pushed["svids"]
+        ]
+        assert "spiffe://gone.example" not in read_json_line(jwks, timeout=60)["kids"]
+    finally:
+        for proc in (stream, jwks):
+            proc.kill()
+            proc.wait()
+    with spiffe_stack.stack.client() as admin:
+        assert "gone.example" not in {f.trust_domain for f in admin.spiffe_bundle().federated}
+    again = spiffe_stack.kmsctl(
+        "spiffe", "unfederate", "--trust-domain", "gone.example", check=False
+    )
+    assert again.returncode == 4, again.stderr
+    assert again.stderr.startswith("kmsctl: spiffe.federation_not_found:"), again.stderr
+    bad = spiffe_stack.kmsctl("spiffe", "unfederate", "--trust-domain", "Bad:Name", check=False)
+    assert bad.returncode == 3 and "spiffe.trust_domain_invalid" in bad.stderr, bad.stderr
+
+
+def test_our_bundle_endpoint_over_https_federates_another_stack(
+    spiffe_stack: SpiffeStack, tmp_path: Path
+) -> None:
+    """The https_web profile: /spiffe/bundle on the CA's HTTPS (ACME) listener, with the
+    mini-CA's server certificate. `kmsctl spiffe federate` reads it over HTTPS, checking
+    that certificate against --endpoint-ca (our root), as a second trust domain would;
+    here the same stack trusts itself under another name (mirror.example)."""
+    root_pem = tmp_path / "root.pem"
+    spiffe_stack.kmsctl("spiffe", "bundle", "--out", str(root_pem))
+    url = f"{spiffe_stack.https_url}/spiffe/bundle"
+    context = ssl.create_default_context(cafile=str(root_pem))
+
+    def read() -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(url, timeout=10, context=context) as r:  # noqa: S310 - the test's own loopback URL
+                return dict(json.loads(r.read()))
+        except OSError:
+            return None  # the ACME listener starts once the CA has issued its certificate
+
+    body = wait_for(read, 90, "the bundle endpoint over HTTPS")
+    assert sorted(k["use"] for k in body["keys"]) == ["jwt-svid", "x509-svid"]
+    # Not trusted without the endpoint's CA: the certificate is checked, not just TLS.
+    untrusted = spiffe_stack.kmsctl(
+        "spiffe", "federate", "--trust-domain", "mirror.example", "--bundle-url", url,
+        check=False,
+    )  # fmt: skip
+    assert untrusted.returncode == 6, untrusted.stderr
+    assert untrusted.stderr.startswith("kmsctl: spiffe.bundle_unreachable:"), untrusted.stderr
+    made = json.loads(
+        spiffe_stack.kmsctl(
+            "spiffe", "federate", "--trust-domain", "mirror.example", "--bundle-url", url,
+            "--endpoint-ca", str(root_pem), "-o", "json",
+        ).stdout
+    )  # fmt: skip
+    assert made["trust_domain"] == "mirror.example" and made["x509_authorities"] == 1
+    with spiffe_stack.stack.client() as admin:
+        ours = admin.spiffe_bundle()
+    mirror = next(f for f in ours.federated if f.trust_domain == "mirror.example")
+    assert list(mirror.x509_authorities_der) == list(ours.x509_authorities_der)
+    ours_kids = {k["kid"] for k in json.loads(ours.jwks)["keys"]}
+    assert {k["kid"] for k in json.loads(mirror.jwks)["keys"]} == ours_kids
+    spiffe_stack.kmsctl("spiffe", "unfederate", "--trust-domain", "mirror.example")

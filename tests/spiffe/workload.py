@@ -55,6 +55,7 @@ def describe(svid: wl.X509SVID) -> dict[str, Any]:
         "not_before": certs[0].not_valid_before_utc.timestamp(),
         "not_after": certs[0].not_valid_after_utc.timestamp(),
         "chain": len(certs),
+        "chain_der": [c.public_bytes(serialization.Encoding.DER).hex() for c in certs],
     }
 
 
@@ -130,6 +131,18 @@ def main() -> int:
                 iter(api.FetchX509Bundles(wl.X509BundlesRequest(), metadata=HEADER, timeout=60))
             )
             out(bundles={k: len(split_der(v)) for k, v in bundles.bundles.items()})
+        elif mode == "jwtbundles":
+            count = int(args[0])
+            for i, jwt_bundles in enumerate(
+                api.FetchJWTBundles(wl.JWTBundlesRequest(), metadata=HEADER, timeout=600)
+            ):
+                kids = {
+                    td: sorted(k["kid"] for k in json.loads(jwks)["keys"])
+                    for td, jwks in jwt_bundles.bundles.items()
+                }
+                out(kids=kids)
+                if i + 1 >= count:
+                    break
         elif mode == "jwt":
             answer = api.FetchJWTSVID(wl.JWTSVIDRequest(audience=args), metadata=HEADER, timeout=60)
             out(svids=[{"spiffe_id": s.spiffe_id, "token": s.svid} for s in answer.svids])

@@ -1614,6 +1614,10 @@ class SpiffeState(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     FEDERATIONS_FIELD_NUMBER: _builtins.int
+    CA_KEY_LABEL_FIELD_NUMBER: _builtins.int
+    JWT_KEY_LABEL_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     provider: _builtins.str
     ca_key_id: _builtins.bytes
@@ -1624,6 +1628,11 @@ class SpiffeState(_message.Message):
     created_at: _builtins.str
     sequence: _builtins.int
     """Bumped whenever the bundle changes (spiffe_sequence of the bundle endpoint)."""
+    ca_key_label: _builtins.str
+    """Registry names of the current keys; "" means the first ("ca/spiffe", "ca/spiffe-jwt")."""
+    jwt_key_label: _builtins.str
+    generation: _builtins.int
+    """0 or 1: never rotated"""
     @_builtins.property
     def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The X.509 authorities of the bundle (the mini-CA's root), DER."""
@@ -1631,6 +1640,10 @@ class SpiffeState(_message.Message):
     @_builtins.property
     def federations(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeFederation]:
         """Foreign trust domains whose bundles workloads receive (kmsctl spiffe federate)."""
+
+    @_builtins.property
+    def retired(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeRetiredKey]:
+        """Keys replaced by `kmsctl spiffe rotate`, kept until the SVIDs they signed expire."""
 
     def __init__(
         self,
@@ -1646,14 +1659,142 @@ class SpiffeState(_message.Message):
         created_at: _builtins.str = ...,
         sequence: _builtins.int = ...,
         federations: _abc.Iterable[Global___SpiffeFederation] | None = ...,
+        ca_key_label: _builtins.str = ...,
+        jwt_key_label: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        retired: _abc.Iterable[Global___SpiffeRetiredKey] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "ca_key_id", b"ca_key_id", "created_at", b"created_at", "federations", b"federations", "jwt_key_id", b"jwt_key_id", "jwt_kid", b"jwt_kid", "jwt_public_key_der", b"jwt_public_key_der", "provider", b"provider", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "ca_key_id", b"ca_key_id", "ca_key_label", b"ca_key_label", "created_at", b"created_at", "federations", b"federations", "generation", b"generation", "jwt_key_id", b"jwt_key_id", "jwt_key_label", b"jwt_key_label", "jwt_kid", b"jwt_kid", "jwt_public_key_der", b"jwt_public_key_der", "provider", b"provider", "retired", b"retired", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SpiffeState: _TypeAlias = SpiffeState  # noqa: Y015
+
+@_typing.final
+class SpiffeRetiredKey(_message.Message):
+    """A SPIFFE key rotated out. A JWT key's public half stays in the bundle's JWKS until
+    drop_at; a signing CA's SVIDs chain to the root, which stays, so its record is kept
+    for the audit of what signed them until drop_at.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JWT_FIELD_NUMBER: _builtins.int
+    KEY_LABEL_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_DER_FIELD_NUMBER: _builtins.int
+    JWT_KID_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    RETIRED_AT_FIELD_NUMBER: _builtins.int
+    DROP_AT_FIELD_NUMBER: _builtins.int
+    jwt: _builtins.bool
+    """false: the X.509 signing CA"""
+    key_label: _builtins.str
+    key_id: _builtins.bytes
+    public_key_der: _builtins.bytes
+    jwt_kid: _builtins.str
+    ca_certificate_der: _builtins.bytes
+    retired_at: _builtins.str
+    drop_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        jwt: _builtins.bool = ...,
+        key_label: _builtins.str = ...,
+        key_id: _builtins.bytes = ...,
+        public_key_der: _builtins.bytes = ...,
+        jwt_kid: _builtins.str = ...,
+        ca_certificate_der: _builtins.bytes = ...,
+        retired_at: _builtins.str = ...,
+        drop_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "drop_at", b"drop_at", "jwt", b"jwt", "jwt_kid", b"jwt_kid", "key_id", b"key_id", "key_label", b"key_label", "public_key_der", b"public_key_der", "retired_at", b"retired_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeRetiredKey: _TypeAlias = SpiffeRetiredKey  # noqa: Y015
+
+@_typing.final
+class SpiffeRotateRequest(_message.Message):
+    """Subject: kms.ca.SpiffeRotate (administrators). New key(s) in the token; the old one is
+    kept (JWKS) until the SVIDs it signed have expired. Nothing changes if it fails.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    X509_FIELD_NUMBER: _builtins.int
+    JWT_FIELD_NUMBER: _builtins.int
+    OVERLAP_SECONDS_FIELD_NUMBER: _builtins.int
+    OVERLAP_SET_FIELD_NUMBER: _builtins.int
+    CA_VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    x509: _builtins.bool
+    """rotate the X.509 signing CA"""
+    jwt: _builtins.bool
+    """rotate the JWT-SVID key"""
+    overlap_seconds: _builtins.int
+    """How long the old key stays in the bundle; 0 with overlap_set: dropped at once (a
+    compromised key). Unset: the longest TTL of any entry plus a minute.
+    """
+    overlap_set: _builtins.bool
+    ca_validity_days: _builtins.int
+    """0: 365"""
+    requester: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        x509: _builtins.bool = ...,
+        jwt: _builtins.bool = ...,
+        overlap_seconds: _builtins.int = ...,
+        overlap_set: _builtins.bool = ...,
+        ca_validity_days: _builtins.int = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_validity_days", b"ca_validity_days", "jwt", b"jwt", "overlap_seconds", b"overlap_seconds", "overlap_set", b"overlap_set", "request_id", b"request_id", "requester", b"requester", "x509", b"x509"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeRotateRequest: _TypeAlias = SpiffeRotateRequest  # noqa: Y015
+
+@_typing.final
+class SpiffeRotateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    JWT_KID_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    ca_certificate_der: _builtins.bytes
+    jwt_kid: _builtins.str
+    @_builtins.property
+    def retired(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpiffeRetiredKey]:
+        """those rotated out now"""
+
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+        ca_certificate_der: _builtins.bytes = ...,
+        jwt_kid: _builtins.str = ...,
+        retired: _abc.Iterable[Global___SpiffeRetiredKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_der", b"ca_certificate_der", "generation", b"generation", "jwt_kid", b"jwt_kid", "retired", b"retired"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeRotateResponse: _TypeAlias = SpiffeRotateResponse  # noqa: Y015
 
 @_typing.final
 class SpiffeFederation(_message.Message):
@@ -1756,6 +1897,36 @@ class SpiffeFederateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SpiffeFederateResponse: _TypeAlias = SpiffeFederateResponse  # noqa: Y015
+
+@_typing.final
+class SpiffeUnfederateRequest(_message.Message):
+    """Subject: kms.ca.SpiffeUnfederate (administrators). Stops trusting a foreign domain:
+    its bundle leaves the workloads' streams at the agents' next sync. Answers the
+    federation removed; spiffe.federation_not_found if there is none.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUST_DOMAIN_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    trust_domain: _builtins.str
+    requester: _builtins.str
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        trust_domain: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "requester", b"requester", "trust_domain", b"trust_domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpiffeUnfederateRequest: _TypeAlias = SpiffeUnfederateRequest  # noqa: Y015
 
 @_typing.final
 class SpiffeInitRequest(_message.Message):
@@ -2157,10 +2328,15 @@ class SpiffeBundle(_message.Message):
     JWKS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     FEDERATED_FIELD_NUMBER: _builtins.int
+    SIGNING_CA_DER_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     jwks: _builtins.bytes
     """RFC 7517 JWK Set (JSON) of the JWT-SVID keys."""
     sequence: _builtins.int
+    signing_ca_der: _builtins.bytes
+    """The current X.509 signing CA (not a trust anchor: the agent renews at once the
+    SVIDs another CA signed, after a rotation). Empty in federated bundles.
+    """
     @_builtins.property
     def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     @_builtins.property
@@ -2175,10 +2351,11 @@ class SpiffeBundle(_message.Message):
         jwks: _builtins.bytes = ...,
         sequence: _builtins.int = ...,
         federated: _abc.Iterable[Global___SpiffeBundle] | None = ...,
+        signing_ca_der: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federated", b"federated", "jwks", b"jwks", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federated", b"federated", "jwks", b"jwks", "sequence", b"sequence", "signing_ca_der", b"signing_ca_der", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

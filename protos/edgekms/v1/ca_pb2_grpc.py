@@ -171,6 +171,16 @@ class CertificateAuthorityStub:
                 request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.SerializeToString,
                 response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
                 **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeRotate = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeRotate',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeRotateRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeRotateResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
+        self.SpiffeUnfederate = channel.unary_unary(
+                '/edgekms.v1.CertificateAuthority/SpiffeUnfederate',
+                request_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeUnfederateRequest.SerializeToString,
+                response_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
+                **_REGISTERED_METHOD_KWARGS)
 
 
 class CertificateAuthorityServicer:
@@ -351,6 +361,18 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SpiffeRotate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpiffeUnfederate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -497,6 +519,16 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
             'SpiffeFederate': grpc.unary_unary_rpc_method_handler(
                     servicer.SpiffeFederate,
                     request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.SerializeToString,
+            ),
+            'SpiffeRotate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeRotate,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeRotateRequest.FromString,
+                    response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeRotateResponse.SerializeToString,
+            ),
+            'SpiffeUnfederate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpiffeUnfederate,
+                    request_deserializer=edgekms_dot_v1_dot_ca__pb2.SpiffeUnfederateRequest.FromString,
                     response_serializer=edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.SerializeToString,
             ),
     }
@@ -1283,6 +1315,60 @@ class CertificateAuthority:
             target,
             '/edgekms.v1.CertificateAuthority/SpiffeFederate',
             edgekms_dot_v1_dot_ca__pb2.SpiffeFederateRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeRotate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeRotate',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeRotateRequest.SerializeToString,
+            edgekms_dot_v1_dot_ca__pb2.SpiffeRotateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            **_REGISTERED_METHOD_KWARGS)
+
+    @staticmethod
+    def SpiffeUnfederate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgekms.v1.CertificateAuthority/SpiffeUnfederate',
+            edgekms_dot_v1_dot_ca__pb2.SpiffeUnfederateRequest.SerializeToString,
             edgekms_dot_v1_dot_ca__pb2.SpiffeFederateResponse.FromString,
             options,
             channel_credentials,

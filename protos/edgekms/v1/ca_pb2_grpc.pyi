@@ -66,6 +66,8 @@ class CertificateAuthorityStub:
     SpiffeSignJwtSvid: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignJwtSvidRequest, _ca_pb2.SpiffeSignJwtSvidResponse]
     SpiffeGetBundle: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetBundleRequest, _ca_pb2.SpiffeBundle]
     SpiffeFederate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeFederateRequest, _ca_pb2.SpiffeFederateResponse]
+    SpiffeRotate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeRotateRequest, _ca_pb2.SpiffeRotateResponse]
+    SpiffeUnfederate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SpiffeUnfederateRequest, _ca_pb2.SpiffeFederateResponse]
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -100,6 +102,8 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     SpiffeSignJwtSvid: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeSignJwtSvidRequest, _ca_pb2.SpiffeSignJwtSvidResponse]  # type: ignore[assignment]
     SpiffeGetBundle: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeGetBundleRequest, _ca_pb2.SpiffeBundle]  # type: ignore[assignment]
     SpiffeFederate: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeFederateRequest, _ca_pb2.SpiffeFederateResponse]  # type: ignore[assignment]
+    SpiffeRotate: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeRotateRequest, _ca_pb2.SpiffeRotateResponse]  # type: ignore[assignment]
+    SpiffeUnfederate: _aio.UnaryUnaryMultiCallable[_ca_pb2.SpiffeUnfederateRequest, _ca_pb2.SpiffeFederateResponse]  # type: ignore[assignment]
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -303,6 +307,20 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     def SpiffeFederate(
         self,
         request: _ca_pb2.SpiffeFederateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeFederateResponse, _abc.Awaitable[_ca_pb2.SpiffeFederateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeRotate(
+        self,
+        request: _ca_pb2.SpiffeRotateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SpiffeRotateResponse, _abc.Awaitable[_ca_pb2.SpiffeRotateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SpiffeUnfederate(
+        self,
+        request: _ca_pb2.SpiffeUnfederateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.SpiffeFederateResponse, _abc.Awaitable[_ca_pb2.SpiffeFederateResponse]]: ...
 

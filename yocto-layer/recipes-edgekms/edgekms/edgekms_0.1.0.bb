@@ -29,6 +29,7 @@ SRC_URI = "git://github.com/edgekms/edgekms.git;protocol=https;branch=main \
            file://edgekms-broker.service \
            file://edgekms-agent.service \
            file://edgekms-agent.toml \
+           file://edgekms-spiffe-agent.service \
            file://edgekms-init.service \
            file://edgekms-datafs.service \
            file://edgekms-provision.service \
@@ -45,7 +46,7 @@ S = "${WORKDIR}/git"
 
 inherit python_setuptools_build_meta systemd useradd
 
-EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init datafs provision agent"
+EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init datafs provision agent spiffe-agent"
 
 do_install:append() {
     site=${D}${PYTHON_SITEPACKAGES_DIR}
@@ -105,7 +106,7 @@ do_install:append() {
     install -m 0644 ${WORKDIR}/edgekms-agent.toml ${D}${sysconfdir}/edgekms/agent.toml
 }
 
-PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-unlock"
+PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-spiffe-agent ${PN}-unlock"
 
 FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/edgekms.conf"
 FILES:${PN}-datafs += "${systemd_system_unitdir}/edgekms-datafs.service \
@@ -128,6 +129,7 @@ FILES:${PN}-broker += "${systemd_system_unitdir}/edgekms-broker.service \
 FILES:${PN}-init += "${systemd_system_unitdir}/edgekms-init.service"
 FILES:${PN}-agent += "${systemd_system_unitdir}/edgekms-agent.service \
                       ${sysconfdir}/edgekms/agent.toml"
+FILES:${PN}-spiffe-agent += "${systemd_system_unitdir}/edgekms-spiffe-agent.service"
 FILES:${PN}-unlock += "${systemd_system_unitdir}/edgekms-unlock@.service \
                        ${libexecdir}/edgekms/edgekms-unlock-keyscript"
 
@@ -137,7 +139,7 @@ CONFFILES:${PN}-ca = "${sysconfdir}/edgekms/ca.toml"
 CONFFILES:${PN}-broker = "${sysconfdir}/edgekms/broker.toml"
 CONFFILES:${PN}-agent = "${sysconfdir}/edgekms/agent.toml"
 
-SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-unlock"
+SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-spiffe-agent ${PN}-unlock"
 SYSTEMD_SERVICE:${PN}-datafs = "edgekms-datafs.service"
 SYSTEMD_SERVICE:${PN}-provision = "edgekms-provision.service"
 SYSTEMD_SERVICE:${PN}-setup = "edgekms-setup.service"
@@ -148,6 +150,8 @@ SYSTEMD_SERVICE:${PN}-ca = "edgekms-ca.service"
 SYSTEMD_SERVICE:${PN}-broker = "edgekms-broker.service"
 SYSTEMD_SERVICE:${PN}-init = "edgekms-init.service"
 SYSTEMD_SERVICE:${PN}-agent = "edgekms-agent.service"
+# The Workload API (kmsctl spiffe agent, docs/spiffe.md) on /run/edgekms/workload.sock.
+SYSTEMD_SERVICE:${PN}-spiffe-agent = "edgekms-spiffe-agent.service"
 # A template: enabled per volume (systemctl enable edgekms-unlock@data.service).
 SYSTEMD_SERVICE:${PN}-unlock = "edgekms-unlock@.service"
 SYSTEMD_AUTO_ENABLE:${PN}-unlock = "disable"
@@ -201,6 +205,7 @@ RDEPENDS:${PN}-ca += "${PN}"
 RDEPENDS:${PN}-broker += "${PN}"
 RDEPENDS:${PN}-init += "${PN}"
 RDEPENDS:${PN}-agent += "${PN}"
+RDEPENDS:${PN}-spiffe-agent += "${PN}"
 RDEPENDS:${PN}-unlock += "${PN} \
                           cryptsetup \
                           libtss2-tcti-device \

@@ -19,6 +19,7 @@ IMAGE_LINGUAS = ""
 IMAGE_INSTALL = "packagegroup-core-boot \
                  edgekms \
                  edgekms-agent \
+                 edgekms-spiffe-agent \
                  edgekms-broker \
                  edgekms-ca \
                  edgekms-crypto-hsm \
