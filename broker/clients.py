@@ -736,6 +736,16 @@ class ClientService(clients_pb2_grpc.ClientServiceServicer):
             public_key = caller.public_key()
         check_client_public_key(public_key)
         wanted_spki = _spki(public_key)
+        device = self.identities.device(identity)
+        if device is not None and device.ek_sha256 and wanted_spki != _spki(caller.public_key()):
+            # Its key is the one its TPM's AK certified at enrollment; a new key would be
+            # one nobody proved is in that TPM. Moving to a new key is a new --attest.
+            raise FailedPrecondition(
+                "renew.rekey_attested",
+                f"device {identity.client!r} enrolled with TPM attestation: renew its "
+                "certified key, or enroll again with --attest for a new one",
+                {"client": identity.client},
+            )
         old_serial = serial_hex(identity.serial)
         renewal = await self.clients.renewal_of(old_serial)
         if renewal is None:

@@ -101,6 +101,13 @@ def test_an_attested_device_signs_renews_and_unlocks_with_its_certified_key(
     assert second.public_key().public_bytes(*SPKI) == first.public_key().public_bytes(*SPKI)
     with KMSClient.from_config(config, timeout=30 * SLOWDOWN) as device:
         assert device.whoami().client == "gw-tls"
+    # A new key would be one no AK certified: refused, the certificate kept.
+    rekeyed = kmsctl("client", "renew", "--rekey", "--config", str(config), "-o", "json")
+    assert rekeyed.returncode == 6, rekeyed.stdout + rekeyed.stderr
+    assert "renew.rekey_attested" in rekeyed.stderr
+    assert certificate(out).serial_number == second.serial_number
+    with KMSClient.from_config(config, timeout=30 * SLOWDOWN) as device:
+        assert device.whoami().client == "gw-tls"
 
     # Remote unlock from the same directory (device.json) and the same TPM.
     with DeviceTpm(tpm.tcti) as device_tpm:
