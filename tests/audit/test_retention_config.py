@@ -19,16 +19,22 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def _broker_toml(tmp_path: Path, extra: str) -> Path:
+    """The board's broker.toml with `extra` in place of its own archive dir."""
     text = (DEPLOY / "broker.toml").read_text()
+    text = "".join(
+        line for line in text.splitlines(keepends=True) if not line.startswith("audit_archive_dir")
+    )
     head, sep, tls = text.partition("[tls]")
     path = tmp_path / "broker.toml"
     path.write_text(head + extra + "\n" + sep + tls)
     return path
 
 
-def test_the_retention_fields_load_and_default() -> None:
-    plain = load_config(DEPLOY / "broker.toml")
-    assert plain.audit_archive_dir is None  # the board's units do not archive yet
+def test_the_retention_fields_load_and_default(tmp_path: Path) -> None:
+    board = load_config(DEPLOY / "broker.toml")
+    assert board.audit_archive_dir == Path("/var/lib/edgekms/audit-archive")
+    plain = load_config(_broker_toml(tmp_path, ""))
+    assert plain.audit_archive_dir is None  # no dir: this broker does not archive
     assert plain.retention == RetentionPolicy()
     assert plain.retention.max_age_s == DEFAULT_MAX_AGE_S
 
