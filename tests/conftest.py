@@ -17,6 +17,11 @@ import pytest
 from mgmt.natsserver import NatsServer, NatsServerConfig, free_port
 from mgmt.softhsm import SoftHSMToken, init_token
 
+# One private D-Bus session bus for the whole run, registered here only: GLib keeps the
+# first session bus a process connects to, so a second bus (a fixture registered per
+# package) would leave later tpm2-abrmd TCTIs dialling the first one.
+from tests.tpm.swtpm_fixtures import session_bus as session_bus
+
 # How much slower than this machine the parts run: the fixtures' deadlines are generous
 # for a loaded x86 machine, and `make test-arm` (qemu-user, 10-30x slower) raises them
 # with EDGEKMS_TEST_SLOWDOWN. A deadline, never a sleep: a test still ends when it can.

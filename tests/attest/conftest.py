@@ -18,7 +18,6 @@ import pytest
 from mgmt.swtpm import Swtpm
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 from tests.tpm.swtpm_fixtures import ResourceManagedTpm
-from tests.tpm.swtpm_fixtures import session_bus as session_bus  # fixture
 
 pytestmark = pytest.mark.timeout(600)
 

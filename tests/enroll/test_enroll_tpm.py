@@ -34,7 +34,6 @@ from tests.enroll.test_enroll import enroll_address, new_token, token_state
 from tests.logevents import has_event
 from tests.tpm.swtpm_fixtures import ManagedTpmFactory, ResourceManagedTpm
 from tests.tpm.swtpm_fixtures import managed_tpm_factory as managed_tpm_factory  # fixture
-from tests.tpm.swtpm_fixtures import session_bus as session_bus  # fixture
 
 # Private-key PEM labels a clear key would carry (PKCS#8, SEC1, PKCS#1, encrypted).
 CLEAR_KEY_LABELS = (
