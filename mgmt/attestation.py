@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgekms.errors import FailedPrecondition, InvalidArgument
+from edgekms.tpmwire import TpmReader
 from edgekms.v1 import common_pb2 as pb
 
 TPM_GENERATED_VALUE = 0xFF544347
@@ -65,39 +66,9 @@ def _bad(reason: str, message: str) -> FailedPrecondition:
     return FailedPrecondition("attest." + reason, message)
 
 
-class _Reader:
-    """A cursor over TPM big-endian wire data that fails with a typed error, never IndexError."""
-
-    def __init__(self, data: bytes, what: str):
-        self.data = data
-        self.pos = 0
-        self.what = what
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise _bad("malformed", f"{self.what} is truncated")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self) -> int:
-        return int(self.take(1)[0])
-
-    def u16(self) -> int:
-        return int(struct.unpack(">H", self.take(2))[0])
-
-    def u32(self) -> int:
-        return int(struct.unpack(">I", self.take(4))[0])
-
-    def u64(self) -> int:
-        return int(struct.unpack(">Q", self.take(8))[0])
-
-    def tpm2b(self) -> bytes:
-        return self.take(self.u16())
-
-    def end(self) -> None:
-        if self.pos != len(self.data):
-            raise _bad("malformed", f"{self.what} has {len(self.data) - self.pos} trailing bytes")
+def _reader(data: bytes, what: str) -> TpmReader:
+    """A cursor whose short or trailing data is attest.malformed (FailedPrecondition)."""
+    return TpmReader(data, what, lambda message: _bad("malformed", message))
 
 
 @dataclass(frozen=True)
@@ -117,7 +88,7 @@ class CertifyInfo:
 
 def parse_attest(data: bytes) -> CertifyInfo:
     """TPMS_ATTEST of a TPM2_Certify; other attestation types are refused."""
-    r = _Reader(data, "TPMS_ATTEST")
+    r = _reader(data, "TPMS_ATTEST")
     magic = r.u32()
     if magic != TPM_GENERATED_VALUE:
         raise _bad("not_tpm_generated", f"magic is {magic:#x}, not TPM_GENERATED_VALUE")
@@ -153,7 +124,7 @@ class PublicArea:
         return bool(self.attributes & ATTR_FIXED_PARENT)
 
 
-def _skip_scheme(r: _Reader) -> None:
+def _skip_scheme(r: TpmReader) -> None:
     alg = r.u16()
     if alg != ALG_NULL:
         r.u16()  # hashAlg
@@ -163,7 +134,7 @@ def _skip_scheme(r: _Reader) -> None:
 
 def parse_public(data: bytes) -> PublicArea:
     """TPMT_PUBLIC of an RSA or ECC key, with its key as SubjectPublicKeyInfo DER."""
-    r = _Reader(data, "TPMT_PUBLIC")
+    r = _reader(data, "TPMT_PUBLIC")
     key_type, name_alg, attrs = r.u16(), r.u16(), r.u32()
     policy = r.tpm2b()
     sym = r.u16()

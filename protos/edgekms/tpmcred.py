@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from edgekms.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from edgekms.tpmwire import TpmReader
 
 TPM_GENERATED_VALUE = 0xFF544347
 TPM_ST_ATTEST_CERTIFY = 0x8017
@@ -82,43 +83,14 @@ def _bad(reason: str, message: str) -> FailedPrecondition:
     return FailedPrecondition("attest." + reason, message)
 
 
-class _Reader:
-    """A cursor over TPM big-endian wire data that fails with a typed error."""
+def _malformed(message: str) -> InvalidArgument:
+    return InvalidArgument("attest.malformed", message)
 
-    def __init__(self, data: bytes, what: str):
-        if len(data) > MAX_STRUCT:
-            raise InvalidArgument("attest.malformed", f"{what} is longer than {MAX_STRUCT} bytes")
-        self.data = data
-        self.pos = 0
-        self.what = what
 
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise InvalidArgument("attest.malformed", f"{self.what} is truncated")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self) -> int:
-        return int(self.take(1)[0])
-
-    def u16(self) -> int:
-        return int(struct.unpack(">H", self.take(2))[0])
-
-    def u32(self) -> int:
-        return int(struct.unpack(">I", self.take(4))[0])
-
-    def u64(self) -> int:
-        return int(struct.unpack(">Q", self.take(8))[0])
-
-    def tpm2b(self) -> bytes:
-        return self.take(self.u16())
-
-    def end(self) -> None:
-        if self.pos != len(self.data):
-            raise InvalidArgument(
-                "attest.malformed", f"{self.what} has {len(self.data) - self.pos} trailing bytes"
-            )
+def _reader(data: bytes, what: str) -> TpmReader:
+    """A cursor whose short, trailing or over-long data is attest.malformed
+    (InvalidArgument): what a device sent, refused unread past MAX_STRUCT."""
+    return TpmReader(data, what, _malformed, MAX_STRUCT)
 
 
 def _tpm2b(data: bytes) -> bytes:
@@ -159,7 +131,7 @@ class TpmPublic:
         return self.attributes & bits == bits
 
 
-def _scheme(r: _Reader) -> tuple[int, int]:
+def _scheme(r: TpmReader) -> tuple[int, int]:
     alg = r.u16()
     hash_alg = 0
     if alg != ALG_NULL:
@@ -171,7 +143,7 @@ def _scheme(r: _Reader) -> tuple[int, int]:
 
 def parse_public(data: bytes, what: str = "TPMT_PUBLIC") -> TpmPublic:
     """TPMT_PUBLIC of an RSA or ECC key; other object types are refused."""
-    r = _Reader(data, what)
+    r = _reader(data, what)
     key_type, name_alg, attrs = r.u16(), r.u16(), r.u32()
     if key_type not in (ALG_RSA, ALG_ECC):
         raise _bad("unsupported_key", f"{what}: key type {key_type:#x} is not RSA or ECC")
@@ -403,7 +375,7 @@ class Attest:
 
 def parse_attest(data: bytes) -> Attest:
     """TPMS_ATTEST of a TPM2_Certify or TPM2_Quote (one PCR bank); others refused."""
-    r = _Reader(data, "TPMS_ATTEST")
+    r = _reader(data, "TPMS_ATTEST")
     magic = r.u32()
     if magic != TPM_GENERATED_VALUE:
         raise _bad("not_tpm_generated", f"magic is {magic:#x}, not TPM_GENERATED_VALUE")
