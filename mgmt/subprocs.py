@@ -11,8 +11,13 @@ from pathlib import Path
 
 
 def spawn(
-    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    umask: int = -1,
 ) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, output appended to `log_path`; `umask` (when
+    given) is the child's, so files and sockets it makes are born with tight modes."""
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
             list(argv),
@@ -21,6 +26,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             env=None if env is None else dict(env),
             start_new_session=True,
+            umask=umask,
         )
 
 

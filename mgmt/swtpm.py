@@ -165,7 +165,9 @@ class Swtpm:
         if self.config.port is None:
             for path in (self.config.socket_path, self.config.ctrl_path):
                 path.unlink(missing_ok=True)  # left by a swtpm that was killed
-        self.process = subprocs.spawn(self.config.argv(), self.log_path)
+        # swtpm binds its sockets, then chmods them to mode=0600: born under umask 077 they
+        # are never wider than that, even for the moment between the two calls.
+        self.process = subprocs.spawn(self.config.argv(), self.log_path, umask=0o077)
         try:
             if self.config.port is None:
                 self._wait_for_sockets(timeout)
@@ -193,8 +195,8 @@ class Swtpm:
         return self
 
     def _wait_for_sockets(self, timeout: float) -> None:
-        """Both sockets exist (swtpm makes them before it accepts); no probe connection,
-        which would take swtpm's one client slot."""
+        """Both sockets exist with their final mode 0600 (swtpm makes and chmods them
+        before it accepts); no probe connection, which would take swtpm's one client slot."""
         deadline = time.monotonic() + timeout
         paths = (self.config.socket_path, self.config.ctrl_path)
         while time.monotonic() < deadline:
@@ -203,7 +205,8 @@ class Swtpm:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
                 raise NatsServerError(f"process exited with {self.process.returncode}: {tail}")
             try:
-                if all(stat.S_ISSOCK(os.stat(p).st_mode) for p in paths):
+                modes = [os.stat(p).st_mode for p in paths]
+                if all(stat.S_ISSOCK(m) and stat.S_IMODE(m) == 0o600 for m in modes):
                     return
             except FileNotFoundError:
                 pass
