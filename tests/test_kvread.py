@@ -54,6 +54,25 @@ async def test_snapshot_is_the_latest_entry_of_each_key(bucket: tuple[Any, Any, 
     assert {e.key: kvread.is_removal(e) for e in entries} == {"cert.a": True, "cert.b": True}
 
 
+async def test_history_is_every_revision_of_one_key_oldest_first(
+    bucket: tuple[Any, Any, str],
+) -> None:
+    js, kv, name = bucket
+    await kv.put("k", b"v1")
+    await kv.put("other", b"x")
+    await kv.put("k", b"v2")
+    await kv.delete("k")
+    await kv.put("k", b"v3")
+    entries = await kvread.history(js, name, "k")
+    assert [(e.revision, e.value, kvread.is_removal(e)) for e in entries] == [
+        (1, b"v1", False),
+        (3, b"v2", False),
+        (4, b"", True),
+        (5, b"v3", False),
+    ]
+    assert await kvread.history(js, name, "never-written") == []
+
+
 async def test_snapshot_right_after_each_write_is_complete(
     bucket: tuple[Any, Any, str],
 ) -> None:

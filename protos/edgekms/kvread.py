@@ -88,6 +88,25 @@ async def snapshot(
         if after
         else {"deliver_policy": api.DeliverPolicy.LAST_PER_SUBJECT}
     )
+    return await _read(js, bucket, keys, policy, each)
+
+
+async def history(js: JetStreamContext, bucket: str, key: str) -> list[KeyValue.Entry]:
+    """Every revision of `key` the bucket still holds, oldest first (delete markers
+    included). KeyValue.history() rides the same watcher as watch(): when its one end
+    marker is lost (its callback times out waiting for the consumer's info on a busy
+    machine) it waits forever."""
+    entries, _ = await _read(js, bucket, key, {"deliver_policy": api.DeliverPolicy.ALL}, None)
+    return entries
+
+
+async def _read(
+    js: JetStreamContext,
+    bucket: str,
+    keys: str,
+    policy: dict[str, Any],
+    each: Callable[[KeyValue.Entry], None] | None,
+) -> tuple[list[KeyValue.Entry], int]:
     stream = _stream(bucket)
     info = await js.add_consumer(
         stream,

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from edgekms import errors
+from edgekms import errors, kvread
 from edgekms.sealed import WRITERS, RecordSeal, load_public_key
 from edgekms.v1 import clients_pb2, sealed_pb2
 from edgekms.v1 import common_pb2 as pb
@@ -175,9 +175,10 @@ def test_a_keys_older_looser_policy_written_back_does_not_return(
     async def replay() -> None:
         nc = await nats.connect(stack.nats_url, **stack.nats_options("broker"))
         try:
-            kv = await nc.jetstream(timeout=10).key_value("kms_keys")
+            js = nc.jetstream(timeout=10)
+            kv = await js.key_value("kms_keys")
             reader = _reader_seal(stack)
-            for entry in await kv.history("replay/app"):
+            for entry in await kvread.history(js, "kms_keys", "replay/app"):
                 record = pb.KeyRecord()
                 record.ParseFromString(reader.open("kms_keys", "replay/app", entry.value or b""))
                 if record.state == pb.KEY_STATE_ACTIVE and record.policy == loose:

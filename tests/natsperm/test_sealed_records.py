@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nats.js.client import JetStreamContext
 
 from broker.clients import AccessGate, ClientRegistry
 from broker.registry import KeyRegistry
 from broker.throttle import FailureThrottle
 from ca_service.store import CAStore
+from edgekms import kvread
 from edgekms.errors import FailedPrecondition, NotFound, Unauthenticated
 from edgekms.identity import Identity
 from edgekms.registry_record import RegistryKeys
@@ -329,10 +331,10 @@ def _policy(*roles: str) -> pb.KeyPolicy:
     )
 
 
-async def _older_genuine_value(raw: object, key: str, policy: pb.KeyPolicy) -> bytes:
+async def _older_genuine_value(js: JetStreamContext, key: str, policy: pb.KeyPolicy) -> bytes:
     """From the bucket's history: the broker's own sealed record of `key` that still
     carried `policy`, as an attacker with the broker's bus identity can read it."""
-    for entry in await raw.history(key):  # type: ignore[attr-defined]
+    for entry in await kvread.history(js, "kms_keys", key):
         envelope = sealed_pb2.SealedRecord()
         envelope.ParseFromString(entry.value or b"")
         record = pb.KeyRecord()
@@ -369,7 +371,7 @@ async def test_an_older_genuine_key_record_written_back_is_refused_live_and_afte
             await registry.update_policy(name, strict)
             assert registry.get(name).policy == strict
             raw = await js.key_value("kms_keys")
-            older = await _older_genuine_value(raw, name, loose)
+            older = await _older_genuine_value(js, name, loose)
             await raw.put(name, older)  # the replay, with the broker's own bus grant
             deadline = asyncio.get_running_loop().time() + 30
             while True:
