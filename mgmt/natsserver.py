@@ -317,3 +317,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_port_pair(host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A port N with N and N + 1 both free: for what listens on the next port up by
+    default (swtpm's control port; the broker's enrollment listener)."""
+    for _ in range(attempts):
+        port = free_port(host)
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port + 1))
+            except OSError:
+                continue
+        return port
+    raise NatsServerError(f"no pair of free ports found on {host}")

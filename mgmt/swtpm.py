@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mgmt import subprocs
-from mgmt.natsserver import NatsServerError, free_port, wait_for_port
+from mgmt.natsserver import NatsServerError, free_port_pair, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +45,6 @@ def find_binary() -> str:
     if found is None:
         raise SwtpmError("swtpm not found: install the swtpm package")
     return found
-
-
-def free_port_pair(host: str = "127.0.0.1", attempts: int = 50) -> int:
-    """A port N with N and N + 1 both free: swtpm's control port is the next one up."""
-    import socket
-
-    for _ in range(attempts):
-        port = free_port(host)
-        if port >= 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port + 1))
-            except OSError:
-                continue
-        return port
-    raise SwtpmError(f"no pair of free ports found on {host}")
 
 
 # sockaddr_un holds 108 bytes; the TCTI appends ".ctrl" to the command socket's path.

@@ -26,7 +26,7 @@ import pytest
 
 from mgmt.client import KMSClient
 from mgmt.natsauth import local_credentials
-from mgmt.natsserver import NatsServer, free_port, wait_for_port
+from mgmt.natsserver import NatsServer, free_port, free_port_pair, wait_for_port
 from mgmt.pki import run_ceremony
 from mgmt.sealkeys import local_seal
 from tests.conftest import SLOWDOWN, TokenInfo, make_token, start_nats
@@ -75,7 +75,8 @@ def state_home(data_dir: Path) -> Path:
 
 def start_stack(data_dir: Path, *extra: str, timeout: float = 90.0) -> KmsStack:
     timeout *= SLOWDOWN
-    nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
+    # The broker's port + 1 is its enrollment listener's default: both must be free.
+    nats_port, broker_port, ca_port = free_port(), free_port_pair(), free_port()
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from mgmt.client import KMSClient
-from mgmt.natsserver import free_port
+from mgmt.natsserver import free_port, free_port_pair
 from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
 
 
@@ -67,7 +67,7 @@ def test_restart_keeps_keys_and_certificates_and_wrong_pin_is_refused(tmp_path: 
             "--nats-port",
             str(free_port()),
             "--broker-listen",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{free_port_pair()}",
             "--ca-http",
             f"127.0.0.1:{free_port()}",
         ],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mgmt.natsserver import free_port
+from mgmt.natsserver import free_port, free_port_pair
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
 
@@ -79,7 +79,7 @@ def test_second_up_on_a_live_data_dir_is_refused_and_changes_nothing(
         _up(
             kms_stack.data_dir,
             free_port(),
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{free_port_pair()}",
             f"127.0.0.1:{free_port()}",
         ),
     ):
@@ -213,7 +213,7 @@ def test_a_listen_address_that_cannot_be_used_is_refused_first(
     tmp_path: Path, option: str, value: str, reason: str
 ) -> None:
     data_dir = tmp_path / "data"
-    argv = _up(data_dir, free_port(), f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    argv = _up(data_dir, free_port(), f"127.0.0.1:{free_port_pair()}", f"127.0.0.1:{free_port()}")
     result = subprocess.run(
         [*argv, option, value], capture_output=True, text=True, timeout=60 * SLOWDOWN
     )

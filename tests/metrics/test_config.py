@@ -19,7 +19,7 @@ from broker.config import load_config as load_broker
 from ca_service.config import CAConfigError, load_serve_config
 from crypto_service.config import ConfigError as CryptoConfigError
 from crypto_service.config import load_config as load_crypto
-from mgmt.natsserver import NatsServer, free_port
+from mgmt.natsserver import NatsServer, free_port, free_port_pair
 from tests.conftest import SLOWDOWN, TokenInfo
 
 BIN = Path(sys.executable).parent
@@ -112,7 +112,7 @@ def _up(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
             "--nats-port",
             str(free_port()),
             "--broker-listen",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{free_port_pair()}",
             "--ca-http",
             f"127.0.0.1:{free_port()}",
             *extra,

@@ -217,7 +217,7 @@ def test_auth_required_without_auth_file(
 
 
 def test_tpm_absent_is_unavailable(tmp_path: Path) -> None:
-    from mgmt.swtpm import free_port_pair
+    from mgmt.natsserver import free_port_pair
 
     tcti = f"swtpm:host=127.0.0.1,port={free_port_pair()}"
     from crypto_service.config import Tpm2Config
