@@ -21,6 +21,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from ca_service.store import CAStore
@@ -205,3 +206,124 @@ async def test_a_partitioned_node_refuses_writes_and_after_healing_nothing_is_lo
     assert report.ok, report.to_dict()
     await small.close()
     await large.close()
+
+
+@dataclass
+class Worker:
+    """One node's writer under load: what it was told succeeded, and how it failed."""
+
+    node: int
+    done: Side = field(default_factory=Side)
+    untyped: list[str] = field(default_factory=list)
+    refused_while_cut: int = 0
+    ok_while_cut: int = 0
+
+
+async def _load(
+    cluster: NetnsCluster, worker: Worker, cut: asyncio.Event, stop: asyncio.Event
+) -> None:
+    """Write through one node until told to stop; the connection stays on that node."""
+    nc = await cluster.connect(worker.node, f"load-{worker.node}")
+    try:
+        js = nc.jetstream(timeout=WRITE_TIMEOUT)
+        store = await _until("opening the CA store", lambda: CAStore.open(js))
+        kv = await _until(
+            "opening the registry",
+            lambda: kvstore.open_kv(js, kvstore.BUCKETS[KEY_REGISTRY_BUCKET]),
+        )
+        writer = audit.AuditWriter(js, "ca", timeout=WRITE_TIMEOUT, replicas=3)
+        who = f"load{worker.node}"
+        while not stop.is_set():
+            # Only a write begun after the cut and ended before the heal counts as one
+            # made while cut (the test sets `cut` after cutting, clears it before healing).
+            began_cut = cut.is_set()
+            try:
+                await worker.done.write(store, kv, writer, who)
+            except KMSError as err:
+                if cut.is_set() and err.reason in ("store.unavailable", "audit.unavailable"):
+                    worker.refused_while_cut += 1
+                await asyncio.sleep(0.05)
+                continue
+            except SETTLE_ERRORS as exc:  # an error nats-py raised past the typed ones
+                worker.untyped.append(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.05)
+                continue
+            if began_cut and cut.is_set():
+                worker.ok_while_cut += 1
+    finally:
+        await nc.close()
+
+
+async def _records(js: JetStreamContext) -> list[ca_pb2.CertificateRecord]:
+    return await (await CAStore.open(js)).list_records()
+
+
+async def _wait_for(what: str, condition: Callable[[], bool], seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds * SLOWDOWN
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {seconds * SLOWDOWN:g}s"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_partition_during_a_bounded_load_loses_nothing_acknowledged(
+    netns_cluster: NetnsCluster,
+) -> None:
+    cluster = netns_cluster
+    admin = await cluster.connect(0, "setup", failover=True)
+    await _set_up(admin)
+    info = await admin.jetstream(timeout=10).stream_info(kvstore.stream_name(CA_BUCKET))
+    assert info.cluster is not None and info.cluster.leader
+    cut_node = cluster.index_of(info.cluster.leader)
+    await admin.close()
+
+    workers = [Worker(i) for i in range(cluster.size)]
+    cut, stop = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(_load(cluster, w, cut, stop)) for w in workers]
+    small = workers[cut_node]
+    large = [w for w in workers if w is not small]
+    try:
+        await _wait_for(
+            "load before the cut", lambda: all(len(w.done.serials) >= 3 for w in workers)
+        )
+        cluster.partition(cut_node)
+        cut.set()
+        # The large side goes on; the small side is refused, typed.
+        marks = [len(w.done.serials) for w in large]
+        await _wait_for(
+            "the large side writing while cut",
+            lambda: all(len(w.done.serials) >= m + 5 for w, m in zip(large, marks, strict=True)),
+        )
+        await _wait_for("the small side refused", lambda: small.refused_while_cut >= 2)
+        cut.clear()
+        cluster.heal(cut_node)
+        mark = len(small.done.serials)
+        await _wait_for("the healed node writing again", lambda: len(small.done.serials) > mark)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # A write that slipped through between the cut and the node noticing would have
+    # been acknowledged by a node that cannot replicate: there is none.
+    assert small.ok_while_cut == 0
+    assert [w.untyped for w in workers] == [[] for _ in workers]
+
+    reader = await cluster.connect(cut_node, "reader")
+    try:
+        await _until(
+            "the cut node catching up", lambda: _caught_up(reader, cluster.name(cut_node)), 90
+        )
+        js = reader.jetstream(timeout=10)
+        serials = Counter(r.serial for r in await _until("listing", lambda: _records(js)))
+        hashes = Counter(
+            entry["hash"]
+            for _, raw, _ in await _until(
+                "reading the chain", lambda: stored(js, audit.writer_stream("ca"))
+            )
+            for entry in audit.parse_message(raw)
+        )
+        for worker in workers:
+            assert all(serials[s] == 1 for s in worker.done.serials), worker.node
+            assert all(hashes[h] == 1 for h in worker.done.hashes), worker.node
+        report = await _until("verifying the chain", lambda: verify_stream(js))
+        assert report.ok, report.to_dict()
+    finally:
+        await reader.close()
