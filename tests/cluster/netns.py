@@ -35,6 +35,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.api
 import nats.js.errors
 from nats.aio.client import Client
 
@@ -258,6 +259,25 @@ class NetnsCluster:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.2)
+        # Answering is not yet knowing every peer: until the meta group has all of them,
+        # a stream with a copy on each is refused. Make one (and drop it) to be sure.
+        probe = nats.js.api.StreamConfig(
+            name=f"READY_{self.tag}", subjects=[f"ready.{self.tag}"], num_replicas=self.size
+        )
+        while True:
+            try:
+                nc = await nats.connect(self.urls[0], connect_timeout=2)
+                try:
+                    js = nc.jetstream(timeout=5)
+                    await js.add_stream(probe)
+                    await js.delete_stream(probe.name or "")
+                    return
+                finally:
+                    await nc.close()
+            except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     def teardown(self) -> None:
         """Stop every server and delete every namespace this cluster made; never raises
