@@ -21,12 +21,13 @@ from typing import TypeVar
 import nats.errors
 import nats.js.errors
 import pytest
+from nats import micro
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from ca_service.store import CAStore
-from edgekms import audit, kvstore
+from edgekms import audit, kvstore, natsrpc
 from edgekms.errors import KMSError, Unavailable
 from edgekms.subjects import CA_BUCKET, KEY_REGISTRY_BUCKET
 from edgekms.v1 import ca_pb2
@@ -91,6 +92,38 @@ async def _caught_up(nc: Client, node: str) -> None:
         peer = peers.get(node)
         if peer is None or not peer.current or (peer.lag or 0) > 0:
             raise TimeoutError(f"{stream}: {node} not caught up ({peer})")
+
+
+async def _store_through_a_service(nc: Client, store: CAStore) -> None:
+    """A nats.micro endpoint served with natsrpc.Responder (as the CA service serves
+    its operations) storing a record, called with natsrpc.request on the same node."""
+    responder = natsrpc.Responder("a test store service", 4)
+
+    async def handle(record: ca_pb2.CertificateRecord) -> ca_pb2.CertificateRecord:
+        await store.create_record(record)
+        return record
+
+    service = await micro.add_service(nc, name="partition-probe", version="0.0.1")
+    try:
+        subject = f"test.partition.{secrets.token_hex(4)}"
+        await service.add_endpoint(
+            name="Store",
+            subject=subject,
+            handler=responder.endpoint("Store", ca_pb2.CertificateRecord, handle),
+        )
+        await natsrpc.subscriptions_live(nc)
+        await natsrpc.request(
+            nc,
+            subject,
+            _record(_serial(), "small"),
+            ca_pb2.CertificateRecord,
+            timeout=10 * WRITE_TIMEOUT,
+            service="a test store service",
+            reason_prefix="test",
+        )
+    finally:
+        await service.stop()
+        await responder.drain()
 
 
 @dataclass
@@ -174,6 +207,11 @@ async def test_a_partitioned_node_refuses_writes_and_after_healing_nothing_is_lo
     with pytest.raises(Unavailable) as by_audit:
         await small_writer.append("Alone", "ok", target="refused")
     assert by_audit.value.reason == "audit.unavailable"
+    # And as a service answers it over the bus (the CA service's Responder): the same
+    # typed UNAVAILABLE reaches the caller, not INTERNAL.
+    with pytest.raises(Unavailable) as over_the_bus:
+        await _store_through_a_service(small, small_store)
+    assert over_the_bus.value.reason == "store.unavailable"
 
     large_again = await large_again_task
     for _ in range(4):
