@@ -159,6 +159,33 @@ class ClusterConfig:
     # reaches the route port joins the cluster and sees every message.
     user: str = "edgekms-route"
     password: str = ""
+    # TLS on routes (all three or none): this node's route certificate and key (PEM,
+    # both serverAuth and clientAuth: a route is dialled and accepted) and the CA that
+    # every node's route certificate must chain to. Each side verifies the other's
+    # certificate (`verify: true`), so a node with a certificate from any other CA is
+    # refused even if it knows the password; the password stays required besides.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    def tls_lines(self) -> list[str]:
+        given = [self.tls_cert, self.tls_key, self.tls_ca]
+        if all(path is None for path in given):
+            return []
+        if any(path is None for path in given):
+            raise NatsServerError(
+                f"cluster {self.name}: route TLS needs a certificate, its key and the CA "
+                "of the routes, all three"
+            )
+        return [
+            "  tls: {",
+            f"    cert_file: {json.dumps(str(self.tls_cert))}",
+            f"    key_file: {json.dumps(str(self.tls_key))}",
+            f"    ca_file: {json.dumps(str(self.tls_ca))}",
+            "    verify: true",
+            "    timeout: 2",
+            "  }",
+        ]
 
     def render(self) -> list[str]:
         if not self.password:
@@ -175,6 +202,7 @@ class ClusterConfig:
             f"    password: {json.dumps(self.password)}",
             "    timeout: 2",
             "  }",
+            *self.tls_lines(),
             f"  routes: {json.dumps(urls)}",
             "}",
         ]

@@ -125,6 +125,18 @@ class InternalCA:
             names[0], public_key, host_names(names), [ExtendedKeyUsageOID.SERVER_AUTH]
         )
 
+    def issue_route(
+        self, public_key: ec.EllipticCurvePublicKey, names: list[str]
+    ) -> x509.Certificate:
+        """A cluster node's route certificate (mgmt.natsserver.ClusterConfig tls_*): a
+        route is both dialled and accepted, so serverAuth and clientAuth."""
+        return self._leaf(
+            names[0],
+            public_key,
+            host_names(names),
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        )
+
     def issue_client(
         self,
         public_key: ec.EllipticCurvePublicKey,

@@ -32,6 +32,9 @@ APT_PACKAGES+=(podman runc netavark aardvark-dns iptables docker-compose deboots
 # The metrics tests (tests/metrics): a real Prometheus scrapes every service of a stack,
 # and promtool checks the example alert rules (deploy/prometheus/).
 APT_PACKAGES+=(prometheus)
+# The partition tests (tests/cluster/test_partition.py): nats-server nodes in network
+# namespaces joined by veth pairs and a bridge (`ip netns`, `ip link`).
+APT_PACKAGES+=(iproute2)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
 [ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-google-grpc-dev)

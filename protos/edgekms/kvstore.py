@@ -13,24 +13,52 @@ per-message TTL switch, which nats-server cannot turn off on an existing stream.
 Replicas: on one nats-server every bucket is R1; on a JetStream cluster the deployment
 chooses (R3 on three nodes, docs/cluster.md), and `harden` scales a bucket made before
 to that number (nats-server moves the data; the bucket stays writable meanwhile).
+
+Unavailable: `open_kv` hands out a `GuardedKV`, whose reads and writes that get no
+answer from the bus (a node on the small side of a partition, without quorum; a lost
+connection) raise Unavailable("store.unavailable") naming the bucket, instead of
+nats-py's own exceptions, which the services would otherwise answer as INTERNAL. A
+write refused so was not acknowledged: the caller retries it (with its request id).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from edgekms.errors import Unavailable
 from edgekms.logs import fields
 from edgekms.subjects import CA_BUCKET, CLIENTS_BUCKET, IDEMPOTENCY_BUCKET, KEY_REGISTRY_BUCKET
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# What nats-py raises when a bucket operation got no answer: a timeout (no quorum
+# behind the stream, or its leader beyond a partition), nobody listening for the stream,
+# JetStream itself unavailable (503), or a connection that is not usable.
+UNANSWERED: tuple[type[BaseException], ...] = (
+    asyncio.TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 
 @dataclass(frozen=True)
@@ -115,11 +143,67 @@ def spec_for(bucket: str, description: str = "", history: int = 5, ttl: float = 
     return BucketSpec(bucket, description or bucket, history, ttl)
 
 
+def store_unavailable(bucket: str, operation: str, exc: BaseException) -> Unavailable:
+    """The typed error for a bucket operation that got no answer (UNANSWERED)."""
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return Unavailable(
+        "store.unavailable",
+        f"bucket {bucket}: {operation} got no answer from the bus ({detail}); nothing "
+        "was acknowledged, try again (a node without quorum refuses writes)",
+        {"bucket": bucket, "operation": operation},
+    )
+
+
+class GuardedKV(KeyValue):
+    """nats-py's KeyValue whose get, put, create, update and delete raise
+    Unavailable("store.unavailable") where nats-py would raise one of UNANSWERED; every
+    other error (wrong last sequence, key not found...) passes unchanged."""
+
+    @classmethod
+    def of(cls, kv: KeyValue) -> GuardedKV:
+        if isinstance(kv, GuardedKV):
+            return kv
+        return cls(name=kv._name, stream=kv._stream, pre=kv._pre, js=kv._js, direct=kv._direct)
+
+    async def _guard(self, operation: str, call: Awaitable[_T]) -> _T:
+        try:
+            return await call
+        except UNANSWERED as exc:
+            raise store_unavailable(self._name, operation, exc) from None
+
+    async def get(
+        self, key: str, revision: int | None = None, validate_keys: bool = True
+    ) -> KeyValue.Entry:
+        return await self._guard("get", super().get(key, revision, validate_keys))
+
+    async def put(self, key: str, value: bytes, validate_keys: bool = True) -> int:
+        return await self._guard("put", super().put(key, value, validate_keys))
+
+    async def create(
+        self, key: str, value: bytes, validate_keys: bool = True, msg_ttl: float | None = None
+    ) -> int:
+        return await self._guard("create", super().create(key, value, validate_keys, msg_ttl))
+
+    async def update(
+        self, key: str, value: bytes, last: int | None = None, validate_keys: bool = True
+    ) -> int:
+        return await self._guard("update", super().update(key, value, last, validate_keys))
+
+    async def delete(
+        self,
+        key: str,
+        last: int | None = None,
+        validate_keys: bool = True,
+        msg_ttl: float | None = None,
+    ) -> bool:
+        return await self._guard("delete", super().delete(key, last, validate_keys, msg_ttl))
+
+
 async def open_kv(js: JetStreamContext, spec: BucketSpec, replicas: int = 1) -> KeyValue:
-    """The bucket, made with `bucket_config` if it does not exist yet (one that exists
-    keeps its replicas: only the supervisor's `harden` changes them)."""
+    """The bucket (a GuardedKV), made with `bucket_config` if it does not exist yet (one
+    that exists keeps its replicas: only the supervisor's `harden` changes them)."""
     try:
-        return await js.key_value(spec.bucket)
+        return GuardedKV.of(await js.key_value(spec.bucket))
     except nats.js.errors.BucketNotFoundError:
         pass
     try:
@@ -127,7 +211,7 @@ async def open_kv(js: JetStreamContext, spec: BucketSpec, replicas: int = 1) -> 
         log.info("bucket created", extra=fields(bucket=spec.bucket, replicas=replicas))
     except nats.js.errors.BadRequestError:
         pass  # another part made it between our look and our add
-    return await js.key_value(spec.bucket)
+    return GuardedKV.of(await js.key_value(spec.bucket))
 
 
 def is_hardened(config: api.StreamConfig) -> bool:

@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client
 
 from mgmt.natsserver import ClusterConfig, NatsServer, NatsServerConfig, free_port
+from tests.cluster.netns import NetnsCluster, unavailable_reason
 from tests.conftest import SLOWDOWN
 
 CLUSTER = "edgekms-test"
@@ -132,3 +133,20 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 async def ready_cluster(cluster: Cluster) -> AsyncIterator[Cluster]:
     await cluster.wait_ready()
     yield cluster
+
+
+@pytest.fixture
+async def netns_cluster(tmp_path: Path) -> AsyncIterator[NetnsCluster]:
+    """Three nodes each in its own network namespace, ready (tests.cluster.netns); the
+    namespaces are deleted at teardown, also when setup fails half-way."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"partition tests need network namespaces: {reason}")
+    made = NetnsCluster(tmp_path / "netns")
+    try:
+        made.build_network()
+        made.start_all()
+        await made.wait_ready()
+        yield made
+    finally:
+        made.teardown()
