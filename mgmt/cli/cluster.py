@@ -1,0 +1,78 @@
+"""`kmsctl cluster`: make what the nodes of one cluster share, once (mgmt.clusterinit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mgmt.cli.common import output_option
+from mgmt.cli.output import echo_json, handle_errors
+
+
+@click.group()
+def cluster() -> None:
+    """Run EdgeKMS on several boxes: one bundle per node, then `kmsctl up --join`."""
+
+
+@cluster.command("init")
+@click.option(
+    "--name", required=True, help="The cluster's name (a-z 0-9 _ -), the same on every node."
+)
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    required=True,
+    metavar="NAME=HOST[:ROUTE_PORT[:BROKER_PORT]]",
+    help="A node (repeat, 1 to 5; 3 for a cluster that survives losing one): the address "
+    "the other nodes and clients reach it at, its route port (default 6222) and broker "
+    "port (default 8443). The first one runs the bootstrap ceremony and holds the "
+    "internal CA's key.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the bundles (one subdirectory per node, 0700; must not exist or "
+    "be empty). Carry each to its node by a private channel and delete the rest.",
+)
+@output_option
+@handle_errors
+def init(name: str, nodes: tuple[str, ...], out: Path, output: str) -> None:
+    """Make one bundle per node of a new cluster, once.
+
+    \b
+    Each bundle holds the cluster's shape, the route password, the join key and the
+    record-sealing keys, all shared by every node (0600 files; nothing secret is
+    printed). On each node, start it with its own bundle:
+      kmsctl cluster init --name office --node nas1=10.0.0.1 --node nas2=10.0.0.2 \
+          --node nas3=10.0.0.3 --out bundles
+      kmsctl up --data-dir /var/lib/edgekms --join bundles/nas1
+    The first node makes the internal CA and the admin client config (listing every
+    broker); the others take its PKI over the cluster. Every bucket and audit stream
+    gets one copy per node (R3 on three). See docs/cluster.md.
+    """
+    from mgmt.clusterinit import make_spec, parse_node, write_bundles
+
+    spec = make_spec(name, [parse_node(n) for n in nodes])
+    made = write_bundles(spec, out)
+    if output == "json":
+        echo_json(
+            {
+                "cluster": spec.name,
+                "replicas": spec.replicas,
+                "bundles": {n.name: str(path) for n, path in zip(spec.nodes, made, strict=True)},
+            }
+        )
+        return
+    click.echo(f"Cluster {spec.name}: {len(made)} node(s), {spec.replicas} copies of every stream.")
+    for node, path in zip(spec.nodes, made, strict=True):
+        role = " (first: runs the ceremony)" if node.name == spec.first.name else ""
+        click.echo(f"  {node.name:<12} {path}{role}")
+    click.echo("Start each node with `kmsctl up --join <its bundle>`.")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(cluster)
