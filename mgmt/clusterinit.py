@@ -232,11 +232,34 @@ def read_spec(path: Path) -> tuple[ClusterSpec, str]:
     return spec, raw["node"]
 
 
-def write_bundles(spec: ClusterSpec, out: Path) -> list[Path]:
+Secrets = tuple[str, str, dict[str, bytes]]
+
+
+def _new_secrets() -> Secrets:
+    """A new cluster's route password, join key (hex) and record-sealing keys."""
+    seal_keys = {writer: new_signing_key_pem()[0] for writer in WRITERS}
+    return secrets.token_urlsafe(32), secrets.token_bytes(32).hex(), seal_keys
+
+
+def read_secrets(bundle_dir: Path) -> tuple[ClusterSpec, Secrets]:
+    """An existing bundle's cluster and shared secrets (for `kmsctl cluster add-node`):
+    a bundle dir, or a node's installed DATA_DIR/secrets/cluster with its seal keys
+    beside it in DATA_DIR/secrets/seal."""
+    spec, _ = read_spec(bundle_dir / CLUSTER_FILE)
+    seal_dir = bundle_dir / "seal"
+    if not seal_dir.is_dir():
+        seal_dir = bundle_dir.parent / "seal"
+    password = _read_small(bundle_dir / ROUTE_PASSWORD_FILE).decode().strip()
+    join_key = _read_small(bundle_dir / JOIN_KEY_FILE).decode().strip()
+    seal_keys = {w: _read_small(seal_dir / f"{w}.key") for w in WRITERS}
+    return spec, (password, join_key, seal_keys)
+
+
+def write_bundles(spec: ClusterSpec, out: Path, from_bundle: Secrets | None = None) -> list[Path]:
     """One bundle per node under `out` (OUT/<node>/), sharing one route password, one
-    join key and one set of record-sealing keys. Refuses (cluster.bundle_exists) an
-    `out` that holds anything, so a second run never mints a second set of secrets
-    beside the first."""
+    join key and one set of record-sealing keys: new ones, or `from_bundle`'s (a node
+    added to a running cluster). Refuses (cluster.bundle_exists) an `out` that holds
+    anything, so a second run never mints a second set of secrets beside the first."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlreadyExists(
             "cluster.bundle_exists",
@@ -244,9 +267,8 @@ def write_bundles(spec: ClusterSpec, out: Path) -> list[Path]:
             {"path": str(out)},
         )
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    route_password = secrets.token_urlsafe(32)
-    join_key = secrets.token_bytes(32).hex()
-    seal_keys = {writer: new_signing_key_pem()[0] for writer in WRITERS}
+    shared = from_bundle or _new_secrets()
+    route_password, join_key, seal_keys = shared
     made = []
     for node in spec.nodes:
         directory = out / node.name

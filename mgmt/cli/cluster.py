@@ -74,5 +74,61 @@ def init(name: str, nodes: tuple[str, ...], out: Path, output: str) -> None:
     click.echo("Start each node with `kmsctl up --join <its bundle>`.")
 
 
+@cluster.command("add-node")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A bundle of the cluster, or a node's DATA_DIR/secrets/cluster: its secrets and "
+    "node list are kept.",
+)
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    required=True,
+    metavar="NAME=HOST[:ROUTE_PORT[:BROKER_PORT]]",
+    help="A node to add (repeat).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the new bundles (every node's, the old ones included).",
+)
+@output_option
+@handle_errors
+def add_node(source: Path, nodes: tuple[str, ...], out: Path, output: str) -> None:
+    """Bundles for a cluster grown by one or more nodes, with the same secrets.
+
+    
+    Every node gets a new bundle (the node list and the copies of each stream change):
+      kmsctl cluster add-node --from bundles/nas1 --node nas4=10.0.0.4 --out bundles-4
+    Start the new node with its bundle, then restart each old node with its new one
+    (`kmsctl up --join bundles-4/<node>` on its data dir): its routes and the copies of
+    every stream follow the new list. The first node stays first.
+    """
+    from mgmt.clusterinit import make_spec, parse_node, read_secrets, write_bundles
+
+    spec, shared = read_secrets(source)
+    grown = make_spec(spec.name, [*spec.nodes, *(parse_node(n) for n in nodes)])
+    made = write_bundles(grown, out, from_bundle=shared)
+    if output == "json":
+        echo_json(
+            {
+                "cluster": grown.name,
+                "replicas": grown.replicas,
+                "bundles": {n.name: str(p) for n, p in zip(grown.nodes, made, strict=True)},
+            }
+        )
+        return
+    click.echo(
+        f"Cluster {grown.name}: {len(made)} node(s), {grown.replicas} copies of every stream."
+    )
+    for node, path in zip(grown.nodes, made, strict=True):
+        click.echo(f"  {node.name:<12} {path}")
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(cluster)

@@ -373,8 +373,21 @@ def up(**params: Any) -> None:
 def _join_defaults(options: UpOptions) -> UpOptions:
     """With --join: the bundle readable (exit 3 otherwise), --tpm refused (a TPM on a
     cluster node is not built), and the broker on the node's address unless
-    --broker-listen was given."""
+    --broker-listen was given. Without: refused (exit 6) on a data dir that is a node."""
     if options.join is None:
+        from mgmt.clusterinit import CLUSTER_FILE, installed_dir
+
+        joined = installed_dir(options.data_dir / "secrets") / CLUSTER_FILE
+        if joined.exists():
+            # Its store holds a cluster's Raft state and its sealing keys are the
+            # cluster's: run alone it would be a second, diverging copy of the cluster.
+            _refuse(
+                FailedPrecondition(
+                    "cluster.join_required",
+                    f"{options.data_dir} is a cluster node: start it with --join and its bundle",
+                    {"data_dir": str(options.data_dir)},
+                )
+            )
         return options
     if options.tpm:
         raise click.UsageError(

@@ -10,6 +10,7 @@ anything starts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,8 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from edgekms.errors import Unavailable
+from edgekms import natsrpc
+from edgekms.errors import InvalidArgument, Unavailable
 from mgmt.client import KMSClient
+from mgmt.clusterinit import SharedPki, install_bundle, open_pki, read_secrets, seal_pki
+from mgmt.natsauth import local_credentials
 from mgmt.natsserver import free_port
 from tests.conftest import SLOWDOWN
 
@@ -184,6 +188,10 @@ def test_three_kmsctl_up_nodes_are_one_kms(three_nodes: list[Node]) -> None:
         assert broker_toml["provider_nodes"]["hsm-nas1"] == "nas1"
         assert broker_toml["replicas"] == 3
 
+    # Every bucket and audit stream has one copy per node, on three servers.
+    copies = asyncio.run(_copies(nas2))
+    assert copies == {s: (3, 3) for s in copies} and len(copies) == len(STREAMS), copies
+
     with KMSClient.from_config(_config_for(three_nodes, nas1), timeout=timeout) as via1:
         via1.create_key("office/on1", "ec-p256", provider="hsm-nas1")
         assert via1.get_key("office/on1").provider == "hsm-nas1"
@@ -224,6 +232,28 @@ def test_three_kmsctl_up_nodes_are_one_kms(three_nodes: list[Node]) -> None:
         assert refused.reason == "provider.unavailable", refused
         assert refused.details.get("node") == "nas1"
         assert _until("hsm-nas2 signs", lambda: via2.sign("office/on2", b"nas1 is down"))
+
+
+STREAMS = ("KV_kms_keys", "KV_kms_clients", "KV_kms_requests", "KMS_AUDIT_BROKER")
+
+
+async def _copies(node: Node) -> dict[str, tuple[int, int]]:
+    """stream -> (replicas configured, servers holding it: leader + replicas), read
+    through the node's server as its broker (which may read these streams)."""
+    state = json.loads((node.data_dir / "run" / "state.json").read_text())
+    options = local_credentials(node.data_dir, "broker").connect_options()
+    nc = await natsrpc.connect(state["nats_url"], name="test", **options)
+    try:
+        js = nc.jetstream(timeout=10)
+        found = {}
+        for stream in STREAMS:
+            info = await js.stream_info(stream)
+            assert info.cluster is not None
+            held = 1 + len(info.cluster.replicas or [])
+            found[stream] = (info.config.num_replicas or 1, held)
+        return found
+    finally:
+        await nc.close()
 
 
 def _refusal(client: KMSClient, seconds: float = 90.0) -> Unavailable:
@@ -300,3 +330,75 @@ def test_up_refuses_to_join_a_data_dir_with_its_own_sealing_keys(tmp_path: Path)
     assert "cluster.seal_mismatch" in done.stderr
     assert not (data / "secrets" / "cluster").exists()
     assert not (data / "nats").exists()
+
+
+def test_a_node_data_dir_is_not_started_without_its_bundle(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    assert (
+        _kmsctl(
+            "cluster", "init", "--name", "office", "--node=a=127.0.0.1", "--out", str(out)
+        ).returncode
+        == 0
+    )
+    data = tmp_path / "data"
+    install_bundle(out / "a", data / "secrets")
+    done = _kmsctl("up", "--data-dir", str(data), "--nats-port", str(free_port()))
+    assert done.returncode == 6, done.stderr
+    assert "cluster.join_required" in done.stderr
+    assert not (data / "nats").exists()
+
+
+def test_add_node_keeps_the_secrets_and_the_first_node(tmp_path: Path) -> None:
+    out, grown = tmp_path / "b", tmp_path / "b4"
+    three = [f"--node={n}=127.0.0.1:{7000 + i}:{7100 + i}" for i, n in enumerate(NODES)]
+    assert _kmsctl("cluster", "init", "--name", "office", *three, "--out", str(out)).returncode == 0
+    done = _kmsctl(
+        "cluster", "add-node", "--from", str(out / "nas2"), "--node", "nas4=127.0.0.1:7003:7103",
+        "--out", str(grown), "-o", "json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["replicas"] == 4
+    spec, shared = read_secrets(grown / "nas4")
+    assert [n.name for n in spec.nodes] == [*NODES, "nas4"] and spec.first.name == "nas1"
+    assert shared == read_secrets(out / "nas1")[1]
+    clash = _kmsctl(
+        "cluster", "add-node", "--from", str(out / "nas1"), "--node", "nas3=127.0.0.1:7009:7109",
+        "--out", str(tmp_path / "b5"),
+    )  # fmt: skip
+    assert clash.returncode == 3 and "cluster.node_duplicate" in clash.stderr
+
+
+def test_pki_sealed_under_another_join_key_is_refused(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for out in (ours, theirs):
+        assert (
+            _kmsctl(
+                "cluster", "init", "--name", "office", "--node=a=127.0.0.1", "--out", str(out)
+            ).returncode
+            == 0
+        )
+    mine = install_bundle(ours / "a", tmp_path / "d1" / "secrets")
+    other = install_bundle(theirs / "a", tmp_path / "d2" / "secrets")
+    pki = SharedPki(b"ca", b"cert", b"key")
+    assert open_pki(mine, seal_pki(mine, pki)) == pki
+    for blob in (seal_pki(other, pki), b"", b"x" * 40):
+        with pytest.raises(InvalidArgument) as refused:
+            open_pki(mine, blob)
+        assert refused.value.reason == "cluster.pki_forged"
+
+
+def test_the_node_unit_runs_a_real_kmsctl_up_command(tmp_path: Path) -> None:
+    """deploy/cluster/edgekms-node.service's ExecStart parses as `kmsctl up` does (its
+    bundle directory, which must exist, here a temporary one)."""
+    import shlex
+
+    from mgmt.cli.stack import up
+
+    unit = Path(__file__).parents[2] / "deploy" / "cluster" / "edgekms-node.service"
+    line = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    assert argv[:2] == ["/usr/bin/kmsctl", "up"]
+    assert argv[argv.index("--join") + 1] == "/var/lib/edgekms/bundle"
+    argv[argv.index("--join") + 1] = str(tmp_path)
+    with up.make_context("up", argv[2:]) as ctx:
+        assert ctx.params["join"] == tmp_path
