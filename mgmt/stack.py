@@ -941,6 +941,14 @@ class Stack:
                 reply = await nc.request(CLUSTER_PKI_SUBJECT, b"", timeout=2)
                 pki = open_pki(cluster, reply.data)
                 break
+            except KMSError as exc:
+                # Not sealed under our join key: nothing is written, and we ask again.
+                log.warning(
+                    "refused an answer on the cluster's PKI", extra=fields(reason=exc.reason)
+                )
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                 asked += 1
                 if time.monotonic() > deadline:

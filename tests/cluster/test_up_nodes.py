@@ -366,6 +366,7 @@ def test_add_node_keeps_the_secrets_and_the_first_node(tmp_path: Path) -> None:
         "--out", str(tmp_path / "b5"),
     )  # fmt: skip
     assert clash.returncode == 3 and "cluster.node_duplicate" in clash.stderr
+    assert not (tmp_path / "b5").exists()
 
 
 def test_pki_sealed_under_another_join_key_is_refused(tmp_path: Path) -> None:
