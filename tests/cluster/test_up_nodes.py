@@ -101,6 +101,9 @@ def _start(node: Node, bundle: Path) -> None:
                 str(free_port()),
                 "--ca-http",
                 f"127.0.0.1:{free_port()}",
+                # Not the broker's port + 1, which another node may have been given.
+                "--enroll-listen",
+                f"127.0.0.1:{free_port()}",
                 "--metrics-listen",
                 "",
                 "--start-timeout",
