@@ -5,8 +5,9 @@ hsm-<node>, a broker, a CA service; the ceremony ran once, on nas1.
 A key made through nas1's broker on hsm-nas1 signs through nas2's broker (over the
 routes); the admin config lists all three brokers; a certificate is issued through nas3;
 `kmsctl audit verify` passes; with nas1's stack stopped, hsm-nas1's keys answer
-UNAVAILABLE naming nas1 and hsm-nas2's keep signing. Bad bundles are refused before
-anything starts."""
+UNAVAILABLE naming nas1 and hsm-nas2's keep signing; nas1 restarted with its bundle
+runs no second ceremony and signs again. Bad bundles are refused before anything
+starts."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Node:
     name: str
     data_dir: Path
     broker: str
+    bundle: Path
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,7 +89,7 @@ def _bundles(root: Path, ports: dict[str, tuple[int, int]]) -> Path:
     return out
 
 
-def _start(node: Node, bundle: Path) -> None:
+def _start(node: Node) -> None:
     with open(node.log, "ab") as log_file:
         node.process = subprocess.Popen(
             [
@@ -96,7 +98,7 @@ def _start(node: Node, bundle: Path) -> None:
                 "--data-dir",
                 str(node.data_dir),
                 "--join",
-                str(bundle),
+                str(node.bundle),
                 "--nats-port",
                 str(free_port()),
                 "--ca-http",
@@ -133,10 +135,10 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]
     root = tmp_path_factory.mktemp("up-cluster")
     ports = {n: (free_port(), free_port()) for n in NODES}
     bundles = _bundles(root, ports)
-    nodes = [Node(n, root / n, f"127.0.0.1:{ports[n][1]}") for n in NODES]
+    nodes = [Node(n, root / n, f"127.0.0.1:{ports[n][1]}", bundles / n) for n in NODES]
     try:
         for node in nodes:
-            _start(node, bundles / node.name)
+            _start(node)
         _wait_ready(nodes, 240)
         yield nodes
     finally:
@@ -235,6 +237,16 @@ def test_three_kmsctl_up_nodes_are_one_kms(three_nodes: list[Node]) -> None:
         assert refused.reason == "provider.unavailable", refused
         assert refused.details.get("node") == "nas1"
         assert _until("hsm-nas2 signs", lambda: via2.sign("office/on2", b"nas1 is down"))
+
+    # nas1 back with the same bundle: no second ceremony, its keys sign again.
+    admin_before = (nas1.data_dir / "client" / "config.toml").read_bytes()
+    (nas1.data_dir / "run" / "state.json").unlink(missing_ok=True)
+    _start(nas1)
+    _wait_ready([nas1], 120)
+    with KMSClient.from_config(_config_for(three_nodes, nas2), timeout=timeout) as via2:
+        assert _until("hsm-nas1 signs again", lambda: via2.sign("office/on1", b"nas1 is back"))
+    assert (nas1.data_dir / "pki" / "internal-ca.crt").read_bytes() in ca_pems
+    assert (nas1.data_dir / "client" / "config.toml").read_bytes() == admin_before
 
 
 STREAMS = ("KV_kms_keys", "KV_kms_clients", "KV_kms_requests", "KMS_AUDIT_BROKER")
