@@ -29,7 +29,14 @@ import pytest
 from edgekms import natsrpc
 from edgekms.errors import InvalidArgument, Unavailable
 from mgmt.client import KMSClient
-from mgmt.clusterinit import SharedPki, install_bundle, open_pki, read_secrets, seal_pki
+from mgmt.clusterinit import (
+    SharedPki,
+    install_bundle,
+    open_pki,
+    parse_node,
+    read_secrets,
+    seal_pki,
+)
 from mgmt.natsauth import local_credentials
 from mgmt.natsserver import free_port
 from tests.conftest import SLOWDOWN
@@ -418,3 +425,19 @@ def test_the_node_unit_runs_a_real_kmsctl_up_command(tmp_path: Path) -> None:
     argv[argv.index("--join") + 1] = str(tmp_path)
     with up.make_context("up", argv[2:]) as ctx:
         assert ctx.params["join"] == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "node"),
+    [
+        ("nas1=10.0.0.1", ("nas1", "10.0.0.1", 6222, 8443)),
+        ("nas2=nas2.lan:7222", ("nas2", "nas2.lan", 7222, 8443)),
+        ("nas3=[fd00::3]:6222:9443", ("nas3", "fd00::3", 6222, 9443)),
+    ],
+)
+def test_a_node_is_name_host_and_optional_ports(text: str, node: tuple[str, str, int, int]) -> None:
+    parsed = parse_node(text)
+    assert (parsed.name, parsed.host, parsed.route_port, parsed.broker_port) == node
+    assert parsed.provider == f"hsm-{node[0]}"
+    if ":" in node[1]:
+        assert parsed.route == f"[{node[1]}]:{node[2]}"
