@@ -160,6 +160,10 @@ def setup_streams(providers: Sequence[str]) -> tuple[str, ...]:
     return (*SETUP_STREAMS, *audit_streams(providers)[1:])
 
 
+# Where cluster nodes' supervisors ask for and answer with the sealed PKI of the
+# cluster (mgmt.clusterinit); only the kmsctl identity of a cluster node may use it.
+CLUSTER_PKI_SUBJECT = "kms.cluster.pki"
+
 BROKER_USER = "broker"
 CA_USER = "ca"
 KMSCTL_USER = "kmsctl"
@@ -357,12 +361,13 @@ def ca_identity(provider: str) -> Identity:
 
 
 def kmsctl_identity(
-    providers: Sequence[str], ceremony: bool = False, setup: bool = False
+    providers: Sequence[str], ceremony: bool = False, setup: bool = False, cluster: bool = False
 ) -> Identity:
     """`kmsctl up` itself: readiness pings; while `setup` (each start, until the supervisor
     reloads the server without it) making and hardening the stack's streams; while
     `ceremony` (first start only) the internal CA's key on the first provider and its
-    registry record."""
+    registry record; on a `cluster` node, asking and answering the cluster's sealed PKI
+    (mgmt.clusterinit), which no other identity may hear."""
     for provider in providers:
         _check_provider(provider)
     first = providers[0]
@@ -382,8 +387,13 @@ def kmsctl_identity(
                     KEY_REGISTRY_BUCKET, write=ceremony, create=False, keys=CEREMONY_REGISTRY_KEYS
                 ),
                 *(stream_setup(setup_streams(providers)) if setup else ()),
+                *((CLUSTER_PKI_SUBJECT,) if cluster else ()),
             ),
-            subscribe=(f"{inbox_prefix(KMSCTL_USER)}.>",),
+            subscribe=(
+                f"{inbox_prefix(KMSCTL_USER)}.>",
+                *((CLUSTER_PKI_SUBJECT,) if cluster else ()),
+            ),
+            allow_responses=cluster,
         ),
         f"kmsctl up: readiness probes{', stack setup' if setup else ''}"
         f"{f', bootstrap ceremony on {first}' if ceremony else ''}",
@@ -396,11 +406,15 @@ def stack_identities(
     *,
     ceremony: bool = False,
     setup: bool = False,
+    local: Sequence[str] | None = None,
 ) -> list[Identity]:
     """Every identity of one stack; the CA's signs through `ca_provider` (default: first).
 
     `ceremony`: the supervisor may make and use the internal CA's key (first start only).
     `setup`: the supervisor may make and harden the stack's streams (each start, briefly).
+    `local`: on a cluster node, the providers whose crypto services run on this node
+    (the others' identities live on their own nodes' servers); None: all of them, and
+    no cluster grant for the supervisor.
     """
     if not providers:
         raise InvalidArgument("bus.no_providers", "a stack needs at least one provider")
@@ -410,9 +424,9 @@ def stack_identities(
         _check_provider(provider)
     return [
         broker_identity(providers),
-        *(crypto_identity(p) for p in providers),
+        *(crypto_identity(p) for p in providers if local is None or p in local),
         ca_identity(ca_provider or providers[0]),
-        kmsctl_identity(providers, ceremony, setup),
+        kmsctl_identity(providers, ceremony, setup, cluster=local is not None),
     ]
 
 

@@ -202,8 +202,9 @@ async def internal_ca_key(
     return record
 
 
-def write_client_config(path: Path, **values: str) -> None:
-    """The client config (format: mgmt.clientconfig); paths are relative to its folder."""
+def write_client_config(path: Path, **values: str | list[str]) -> None:
+    """The client config (format: mgmt.clientconfig); paths are relative to its folder.
+    A list (a cluster's `brokers`) is written as a TOML array (JSON's is TOML's)."""
     body = "".join(f"{name} = {json.dumps(value)}\n" for name, value in values.items())
     write_public(path, ("# EdgeKMS client config, written by `kmsctl init`.\n" + body).encode())
 
@@ -213,7 +214,12 @@ def point_client_at(path: Path, broker_address: str) -> None:
     values = tomllib.loads(path.read_text())
     if values.get("broker") != broker_address:
         values["broker"] = broker_address
-        write_client_config(path, **{k: str(v) for k, v in values.items()})
+        write_client_config(
+            path,
+            **{
+                k: [str(i) for i in v] if isinstance(v, list) else str(v) for k, v in values.items()
+            },
+        )
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
 from edgekms import audit, kvstore, natsrpc
@@ -37,11 +38,13 @@ from edgekms.logs import fields
 from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
 from mgmt import subprocs
+from mgmt.clusterinit import JoinBundle, add_brokers, open_pki, read_pki, seal_pki, write_pki
 from mgmt.logrotate import rotate_all
 from mgmt.natsauth import (
     BROKER_USER,
     BUS_MAX_PAYLOAD,
     CA_USER,
+    CLUSTER_PKI_SUBJECT,
     KMSCTL_USER,
     BusCredentials,
     audit_writers,
@@ -55,7 +58,7 @@ from mgmt.natsauth import (
     render_authorization,
     stack_identities,
 )
-from mgmt.natsserver import NatsServer, NatsServerConfig, NatsServerError
+from mgmt.natsserver import ClusterConfig, NatsServer, NatsServerConfig, NatsServerError
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
 from mgmt.sealkeys import RESEALED_MARKER, SealKeys, ensure_seal_keys, reseal_legacy
 from mgmt.softhsm import init_token
@@ -70,6 +73,9 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 # How long the broker may take to listen (it reads and verifies every record first).
 BROKER_READY_S = 600.0
+# How long a cluster node waits for its peers: for JetStream's quorum before it sets up
+# the streams, and (a node other than the first) for a node to answer with the PKI.
+CLUSTER_WAIT_S = 600.0
 # Between readiness checks while a child starts: short, since the stack's ready time is
 # the last child's ready time plus up to one interval.
 PROBE_INTERVAL = 0.02
@@ -182,10 +188,32 @@ class StackOptions:
     # broker on this address, the CA and each crypto service on the ports after it
     # (mgmt.stacklock.metrics_addresses); port 0: free ports; "": no metrics endpoints.
     metrics_listen: str = ""
+    # A node of a cluster (`kmsctl up --join`, mgmt.clusterinit); None: one box.
+    cluster: JoinBundle | None = None
 
     @property
     def providers(self) -> list[str]:
+        """The providers whose crypto services run here."""
         return [self.provider_id] + ([self.tpm_provider_id] if self.tpm else [])
+
+    @property
+    def all_providers(self) -> list[str]:
+        """Every provider the broker reaches: on a cluster, every node's token, the first
+        node's (which holds the internal CA's key) first."""
+        if self.cluster is None:
+            return self.providers
+        return self.cluster.spec.providers
+
+    @property
+    def ca_provider_id(self) -> str:
+        """The provider the CA service signs through: --ca-provider, else the first
+        (on a cluster the first node's token, the same on every node)."""
+        return self.ca_provider or self.all_providers[0]
+
+    @property
+    def replicas(self) -> int:
+        """Copies of each bucket and audit stream: one per node (R1 on one box)."""
+        return self.cluster.spec.replicas if self.cluster is not None else 1
 
 
 def _toml_value(value: object) -> str:
@@ -294,6 +322,8 @@ class Stack:
         # and a password check in nats-server, and probes run while services start.
         self._probe: NatsClient | None = None
         self._probe_lock = asyncio.Lock()
+        # A cluster node's connection answering for the cluster's PKI (mgmt.clusterinit).
+        self._pki_server: NatsClient | None = None
         # Each part's metrics address (part -> (host, port)); empty: no endpoints.
         self.metrics = metrics_addresses(options.metrics_listen, metrics_parts(options.providers))
 
@@ -340,11 +370,13 @@ class Stack:
         # One identity per part, least privilege each; TLS from the bus CA (mgmt.natsauth).
         # The supervisor may touch the internal CA's key only while the ceremony is due,
         # and make or harden streams only while it sets the stack up.
+        cluster = self.options.cluster
         identities = stack_identities(
-            self.options.providers,
-            self.options.ca_provider or None,
+            self.options.all_providers,
+            self.options.ca_provider_id,
             ceremony=ceremony,
             setup=setup,
+            local=self.options.providers if cluster is not None else None,
         )
         tls = ensure_bus_tls(self.layout.nats_dir / "tls", self.layout.secrets)
         passwords = ensure_passwords(self.layout.secrets, [i.user for i in identities])
@@ -361,10 +393,30 @@ class Stack:
                 {user: read_password(p) for user, p in passwords.items()},
                 {user: cached_password_hash(p) for user, p in passwords.items()},
             ),
+            **(self._cluster_fields(cluster) if cluster is not None else {}),
         )
 
+    @staticmethod
+    def _cluster_fields(cluster: JoinBundle) -> dict[str, Any]:
+        """This node's server name and cluster block: routes to every other node, the
+        route password from the bundle (in the 0600 config, never on a command line)."""
+        node = cluster.node
+        return {
+            "server_name": node.name,
+            "cluster": ClusterConfig(
+                name=cluster.spec.name,
+                port=node.route_port,
+                host=node.host,
+                routes=tuple(n.route for n in cluster.spec.nodes if n.name != node.name),
+                password=cluster.route_password(),
+            ),
+        }
+
     def _start_nats(self) -> None:
-        self._ceremony_grant = not self._ceremony_done()
+        # On a cluster only the first node runs the ceremony; the others fetch its PKI.
+        cluster = self.options.cluster
+        first = cluster is None or cluster.is_first
+        self._ceremony_grant = first and not self._ceremony_done()
         config = self._nats_config(ceremony=self._ceremony_grant, setup=True)
         self.nats = NatsServer(
             config, self.layout.nats_dir / "nats.conf", self.layout.logs / "nats.log"
@@ -374,20 +426,13 @@ class Stack:
     async def _set_up_state(self) -> None:
         """Make every bucket and the audit stream, or harden those an older version
         made (edgekms.kvstore, edgekms.audit), before any service starts; then reload
-        the bus without the supervisor's setup grant."""
+        the bus without the supervisor's setup grant. On a cluster node, with one copy
+        per node, once JetStream has its quorum (retried until CLUSTER_WAIT_S)."""
         try:
-            nc = await natsrpc.connect(
-                self.nats_url, name="kmsctl-setup", connect_timeout=5, **self._kmsctl_bus()
-            )
-            try:
-                js = nc.jetstream(timeout=10)
-                for spec in kvstore.BUCKETS.values():
-                    await kvstore.harden(js, spec)
-                await audit.harden_stream(
-                    js, audit_writers(self.options.providers), self.options.audit_limits
-                )
-            finally:
-                await nc.close()
+            if self.options.cluster is None:
+                await self._harden_streams(None)
+            else:
+                await self._harden_streams_on_cluster()
             # Records of a stack from before sealing: sealed once by their owners' keys,
             # before any service reads them (mgmt.sealkeys.reseal_legacy).
             await reseal_legacy(
@@ -401,6 +446,48 @@ class Stack:
             assert self.nats is not None
             config = self._nats_config(ceremony=self._ceremony_grant)
             await asyncio.to_thread(self.nats.reload, config)
+
+    async def _harden_streams(self, replicas: int | None) -> None:
+        nc = await natsrpc.connect(
+            self.nats_url, name="kmsctl-setup", connect_timeout=5, **self._kmsctl_bus()
+        )
+        try:
+            js = nc.jetstream(timeout=10)
+            for spec in kvstore.BUCKETS.values():
+                await kvstore.harden(js, spec, replicas=replicas)
+            await audit.harden_stream(
+                js,
+                audit_writers(self.options.all_providers),
+                self.options.audit_limits,
+                replicas=replicas,
+            )
+        finally:
+            await nc.close()
+
+    async def _harden_streams_on_cluster(self) -> None:
+        """Every node hardens every stream to the cluster's copies: the first to get
+        there creates it, the others find it so. Until the other nodes' servers are up
+        JetStream has no quorum (and an R3 stream no three peers): waited for."""
+        deadline = time.monotonic() + max(CLUSTER_WAIT_S, self.options.start_timeout)
+        attempt = 0
+        while True:
+            try:
+                await self._harden_streams(self.options.replicas)
+                return
+            except (KMSError, nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                attempt += 1
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"the cluster's JetStream did not take the streams in "
+                        f"{CLUSTER_WAIT_S:g}s ({type(exc).__name__}: {str(exc)[:200]}): are "
+                        "the other nodes up, and their routes reachable?"
+                    ) from None
+                if attempt % 20 == 1:
+                    log.info(
+                        "waiting for the cluster's JetStream",
+                        extra=fields(error=type(exc).__name__, attempt=attempt),
+                    )
+                await asyncio.sleep(0.5)
 
     def _end_ceremony_grant(self) -> None:
         """Reload the bus without the supervisor's grant on the internal CA's key: from
@@ -505,6 +592,7 @@ class Stack:
         header = f"provider_id = {json.dumps(provider)}\nnats_url = {json.dumps(self.nats_url)}\n"
         header += self._bus_toml(crypto_user(provider))
         header += self._metrics_toml(f"crypto-{provider}")
+        header += self._replicas_toml()
         write_public(conf, (header + section).encode())
 
         async def ready() -> None:
@@ -539,6 +627,7 @@ class Stack:
                 f"http_listen = {json.dumps(self.options.ca_http)}\n"
                 f"base_url = {json.dumps(self.options.ca_base_url)}\n"
                 f"{self._metrics_toml('ca')}"
+                f"{self._replicas_toml()}"
                 + (
                     f"crl_lifetime = {json.dumps(self.options.ca_crl_lifetime)}\n"
                     if self.options.ca_crl_lifetime
@@ -596,7 +685,9 @@ class Stack:
                 f"{self._bus_toml(broker_identity().user)}"
                 f"{self._seals.toml(WRITER_BROKER)}"
                 f"default_provider = {json.dumps(self.options.provider_id)}\n"
-                f"providers = {json.dumps(self.options.providers)}\n"
+                f"providers = {json.dumps(self.options.all_providers)}\n"
+                f"{self._provider_nodes_toml()}"
+                f"{self._replicas_toml()}"
                 "ca = true\n"
                 f"enroll_listen = {json.dumps(self.enroll_listen)}\n"
                 f"audit_archive_dir = {json.dumps(str(self.layout.audit_archive))}\n"
@@ -632,6 +723,22 @@ class Stack:
             log_path=self.layout.logs / "broker.log",
             ready=ready,
         )
+
+    def _replicas_toml(self) -> str:
+        """A service's `replicas` line on a cluster (what it creates gets one copy per
+        node, as the supervisor made the rest); nothing on one box."""
+        return f"replicas = {self.options.replicas}\n" if self.options.cluster else ""
+
+    def _provider_nodes_toml(self) -> str:
+        """broker.toml's provider -> node table on a cluster (its UNAVAILABLE names the
+        node of a provider nothing answers for); nothing on one box."""
+        cluster = self.options.cluster
+        if cluster is None:
+            return ""
+        pairs = ", ".join(
+            f"{json.dumps(n.provider)} = {json.dumps(n.name)}" for n in cluster.spec.nodes
+        )
+        return f"provider_nodes = {{ {pairs} }}\n"
 
     def _log_args(self) -> list[str]:
         return ["--log-level", self.options.log_level]
@@ -698,6 +805,11 @@ class Stack:
                 self.swtpm.process.pid if self.swtpm is not None and self.swtpm.process else None
             ),
             "data_dir": str(self.layout.root.resolve()),
+            **(
+                {"cluster": self.options.cluster.spec.name, "node": self.options.cluster.node.name}
+                if self.options.cluster is not None
+                else {}
+            ),
         }
         write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
 
@@ -745,6 +857,10 @@ class Stack:
         """The files the ceremony makes are all there (mgmt.pki.run_ceremony then only
         points the client config at this broker, without the bus)."""
         pki = self.layout.pki
+        cluster = self.options.cluster
+        if cluster is not None and not cluster.is_first:
+            # A node other than the first has the cluster's PKI and no admin of its own.
+            return all(p.exists() for p in (pki.ca_cert, pki.broker_cert, pki.broker_key))
         client_config = self.layout.client_dir / "config.toml"
         return all(p.exists() for p in (pki.ca_cert, pki.broker_cert, client_config))
 
@@ -757,21 +873,104 @@ class Stack:
             await self._start_ceremony_broker()
 
     async def _start_ceremony_broker(self) -> None:
+        cluster = self.options.cluster
+        if cluster is not None and not cluster.is_first:
+            await self._fetch_cluster_pki(cluster)
+        else:
+            await self._ceremony()
+        if cluster is not None:
+            await self._serve_cluster_pki(cluster)
+        await asyncio.to_thread(self._end_ceremony_grant)
+        await self._start_child(self._broker_child())
+
+    async def _ceremony(self) -> None:
+        """The bootstrap ceremony (once; on a cluster on the first node only): the broker
+        certificate names every node, the admin's client config lists every broker."""
         host = self.options.broker_listen.rpartition(":")[0]
+        cluster = self.options.cluster
+        names = {"localhost", "127.0.0.1", host}
+        broker_address = self.options.broker_listen.replace("0.0.0.0", "127.0.0.1")
+        if cluster is not None:
+            names |= {n.host for n in cluster.spec.nodes}
+            broker_address = cluster.node.broker
         result = await run_ceremony(
             self.nats_url,
             self.options.provider_id,
             self.layout.pki.root,
             self.layout.client_dir,
-            broker_address=self.options.broker_listen.replace("0.0.0.0", "127.0.0.1"),
-            broker_names=sorted({"localhost", "127.0.0.1", host} - {"0.0.0.0", ""}),
+            broker_address=broker_address,
+            broker_names=sorted(names - {"0.0.0.0", ""}),
             nats_options=self._kmsctl_bus(),
             seal=self._seals.seal(WRITER_CEREMONY),
         )
         if result.created:
             log.info("bootstrap ceremony done", extra=fields(ca=str(result.ca_cert)))
-        await asyncio.to_thread(self._end_ceremony_grant)
-        await self._start_child(self._broker_child())
+            if cluster is not None:
+                others = [n.broker for n in cluster.spec.nodes if n.name != cluster.node.name]
+                await asyncio.to_thread(add_brokers, result.client_config, others)
+
+    async def _serve_cluster_pki(self, cluster: JoinBundle) -> None:
+        """Answer the other nodes' supervisors with the cluster's PKI, sealed under the
+        join key (mgmt.clusterinit), on a connection of its own for the stack's life:
+        every node that has the PKI answers, so a node joins while any other is up."""
+        pki = await asyncio.to_thread(read_pki, self.layout.pki)
+        if pki is None:
+            raise StackError("the cluster's PKI is incomplete under " + str(self.layout.pki.root))
+        sealed = seal_pki(cluster, pki)
+        nc = await natsrpc.connect(
+            self.nats_url, name="kmsctl-cluster", connect_timeout=5, **self._kmsctl_bus()
+        )
+
+        async def answer(msg: Any) -> None:
+            if msg.reply:
+                await msg.respond(sealed)
+
+        await nc.subscribe(CLUSTER_PKI_SUBJECT, cb=answer)
+        self._pki_server = nc
+
+    async def _fetch_cluster_pki(self, cluster: JoinBundle) -> None:
+        """The PKI the first node's ceremony made, from whichever node answers (the
+        first start of a node other than the first; later starts have it on disk)."""
+        if await asyncio.to_thread(self._ceremony_done):
+            return
+        nc = await self._probe_connection()
+        deadline = time.monotonic() + max(CLUSTER_WAIT_S, self.options.start_timeout)
+        asked = 0
+        while True:
+            try:
+                reply = await nc.request(CLUSTER_PKI_SUBJECT, b"", timeout=2)
+                pki = open_pki(cluster, reply.data)
+                break
+            except KMSError as exc:
+                # Not sealed under our join key: nothing is written, and we ask again.
+                log.warning(
+                    "refused an answer on the cluster's PKI", extra=fields(reason=exc.reason)
+                )
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                asked += 1
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"no node of cluster {cluster.spec.name!r} answered with its PKI in "
+                        f"{CLUSTER_WAIT_S:g}s: start node {cluster.spec.first.name!r} "
+                        "(it runs the ceremony)"
+                    ) from None
+                if asked % 15 == 1:
+                    log.info(
+                        "waiting for the cluster's PKI",
+                        extra=fields(first=cluster.spec.first.name, error=type(exc).__name__),
+                    )
+                await asyncio.sleep(0.5)
+        await asyncio.to_thread(write_pki, self.layout.pki, pki)
+        log.info("cluster PKI received", extra=fields(cluster=cluster.spec.name))
+
+    async def close_cluster(self) -> None:
+        nc, self._pki_server = self._pki_server, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     def _rotate_logs(self) -> None:
         try:
@@ -898,4 +1097,5 @@ async def run_stack(options: StackOptions, on_ready: Callable[[Stack], None]) ->
         on_ready(stack)
         await stack.supervise()
     finally:
+        await stack.close_cluster()
         stack.stop()

@@ -40,6 +40,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "completion": ("completion",),
     "backup": ("backup",),
     "restore": ("backup",),
+    "cluster": ("cluster",),
 }
 
 
@@ -66,6 +67,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "completion": "Print the shell completion script for bash, zsh or fish.",
     "backup": "Write an encrypted backup of a stopped stack's data dir.",
     "restore": "Restore a backup into a new data dir, then start it with `kmsctl up...",
+    "cluster": "Run EdgeKMS on several boxes: one bundle per node, then `kmsctl up --join`.",
 }
 
 

@@ -22,6 +22,7 @@ from mgmt.cli.output import echo_json, fail, handle_errors, table
 
 if TYPE_CHECKING:
     from mgmt import stacklock
+    from mgmt.clusterinit import JoinBundle
     from mgmt.stack import StackOptions
 
 log = logging.getLogger("kmsctl.up")
@@ -61,15 +62,22 @@ class UpOptions:
     log_backups: int
     start_timeout: float
     metrics_listen: str
+    join: Path | None
 
     def stack_options(
-        self, audit_limits: dict[str, tuple[int, int]], max_file_store: int | None
+        self,
+        audit_limits: dict[str, tuple[int, int]],
+        max_file_store: int | None,
+        cluster: JoinBundle | None = None,
     ) -> StackOptions:
         """The supervisor's options (mgmt.stack); `audit_limits` and `max_file_store`
-        already parsed."""
+        already parsed; `cluster` the installed bundle of --join (the node's own
+        provider is hsm-<node>)."""
         from mgmt.stack import StackOptions
 
         return StackOptions(
+            cluster=cluster,
+            provider_id=cluster.node.provider if cluster is not None else "hsm0",
             data_dir=self.data_dir,
             nats_port=self.nats_port,
             broker_listen=self.broker_listen,
@@ -289,6 +297,16 @@ class UpOptions:
     "the next, then each crypto service (hsm0, tpm0). Loopback by default; port 0 picks "
     'free ports; "" serves none. `kmsctl status` lists them.',
 )
+@click.option(
+    "--join",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    metavar="BUNDLE",
+    help="Run this data dir as a node of a cluster, from its bundle (`kmsctl cluster "
+    "init`): its provider is hsm-<node>, nats-server routes to the other nodes, every "
+    "stream has one copy per node. The broker listens on the node's address and broker "
+    "port unless --broker-listen is given. The bundle is copied into DATA_DIR/secrets.",
+)
 def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -312,6 +330,10 @@ def up(**params: Any) -> None:
       kmsctl up --data-dir ./kms &
       kmsctl status --data-dir ./kms
 
+    
+    One node of a cluster (docs/cluster.md):
+      kmsctl up --data-dir /var/lib/edgekms --join bundles/nas1
+
     Exits 6 when the machine cannot run it as it is (a nats-server older than 2.10:
     `nats.server_too_old`), 8 when a part failed to start or died for good.
     """
@@ -330,6 +352,7 @@ def up(**params: Any) -> None:
     _audit_limits(options.audit_limits)
     _max_file_store(options.max_file_store)
     _check_crl_lifetime(options.ca_crl_lifetime)
+    options = _join_defaults(options)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
     # second and leaves the data dir as it was.
@@ -339,10 +362,61 @@ def up(**params: Any) -> None:
         _refuse(exc)
     try:
         _take_over_and_check(options, lock)
+        if options.join is not None:
+            _route_port_free(options.join)
         _check_metrics_ports(options.metrics_listen, options.tpm)
         _run_up(options)
     finally:
         lock.release()
+
+
+def _join_defaults(options: UpOptions) -> UpOptions:
+    """With --join: the bundle readable (exit 3 otherwise), --tpm refused (a TPM on a
+    cluster node is not built), and the broker on the node's address unless
+    --broker-listen was given. Without: refused (exit 6) on a data dir that is a node."""
+    if options.join is None:
+        from mgmt.clusterinit import CLUSTER_FILE, installed_dir
+
+        joined = installed_dir(options.data_dir / "secrets") / CLUSTER_FILE
+        if joined.exists():
+            # Its store holds a cluster's Raft state and its sealing keys are the
+            # cluster's: run alone it would be a second, diverging copy of the cluster.
+            _refuse(
+                FailedPrecondition(
+                    "cluster.join_required",
+                    f"{options.data_dir} is a cluster node: start it with --join and its bundle",
+                    {"data_dir": str(options.data_dir)},
+                )
+            )
+        return options
+    if options.tpm:
+        raise click.UsageError(
+            "--tpm with --join: a TPM provider on a cluster node is not built yet"
+        )
+    from mgmt.clusterinit import CLUSTER_FILE, read_spec
+
+    try:
+        spec, name = read_spec(options.join / CLUSTER_FILE)
+    except KMSError as exc:
+        _refuse(exc)
+    node = spec.node(name)
+    source = click.get_current_context().get_parameter_source("broker_listen")
+    if source is click.core.ParameterSource.DEFAULT:
+        options = replace(options, broker_listen=node.broker)
+    return options
+
+
+def _route_port_free(bundle: Path) -> None:
+    """The node's route port, like every other port, is free before anything starts."""
+    from mgmt import stacklock
+    from mgmt.clusterinit import CLUSTER_FILE, read_spec
+
+    try:
+        spec, name = read_spec(bundle / CLUSTER_FILE)
+        node = spec.node(name)
+        stacklock.check_ports({"--join (route port)": (node.host, node.route_port)})
+    except KMSError as exc:
+        _refuse(exc)
 
 
 def _check_metrics_ports(metrics_listen: str, tpm: str | None) -> None:
@@ -402,8 +476,18 @@ def _take_over_and_check(options: UpOptions, lock: stacklock.StackLock) -> None:
 def _run_up(up_options: UpOptions) -> None:
     from mgmt.stack import StackError, run_stack
 
+    cluster = None
+    if up_options.join is not None:
+        from mgmt.clusterinit import install_bundle
+
+        try:
+            cluster = install_bundle(up_options.join, up_options.data_dir / "secrets")
+        except KMSError as exc:
+            _refuse(exc)
     options = up_options.stack_options(
-        _audit_limits(up_options.audit_limits), _max_file_store(up_options.max_file_store)
+        _audit_limits(up_options.audit_limits),
+        _max_file_store(up_options.max_file_store),
+        cluster,
     )
     data_dir, ca_provider = up_options.data_dir, up_options.ca_provider
     if up_options.swtpm_port is not None:
@@ -412,7 +496,7 @@ def _run_up(up_options: UpOptions) -> None:
             " may open (DATA_DIR/swtpm/swtpm.sock)",
             err=True,
         )
-    if ca_provider and ca_provider not in options.providers:
+    if ca_provider and ca_provider not in options.all_providers:
         raise click.UsageError(f"--ca-provider {ca_provider}: no such provider in this stack")
 
     from mgmt import stackstate

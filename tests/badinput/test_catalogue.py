@@ -34,6 +34,7 @@ AREAS = {
     "attest",
     "unlock",
     "SPIFFE",
+    "cluster",
 }
 MIN_ROWS = 40
 

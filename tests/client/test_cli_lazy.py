@@ -62,7 +62,7 @@ def test_top_level_help_and_command_completion_import_no_command_module() -> Non
         "assert 'completion' in result.output and 'key ' in result.output\n"
         "ctx = click.Context(mgmt.cli.cli)\n"
         "assert [i.value for i in mgmt.cli.cli.shell_complete(ctx, 'c')] == "
-        "['ca', 'cert', 'client', 'completion']\n"
+        "['ca', 'cert', 'client', 'cluster', 'completion']\n"
         "print(sorted(m for m in sys.modules if m.startswith(('mgmt.cli.', 'grpc', 'nats'))))\n"
     )
     out = subprocess.run(
