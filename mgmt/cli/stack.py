@@ -61,6 +61,7 @@ class UpOptions:
     log_backups: int
     start_timeout: float
     metrics_listen: str
+    embedded: bool
 
     def stack_options(
         self, audit_limits: dict[str, tuple[int, int]], max_file_store: int | None
@@ -93,6 +94,7 @@ class UpOptions:
             start_timeout=self.start_timeout,
             metrics_listen=self.metrics_listen,
             ek_ca=self.ek_ca.resolve() if self.ek_ca else None,
+            embedded=self.embedded,
         )
 
 
@@ -289,6 +291,15 @@ class UpOptions:
     "the next, then each crypto service (hsm0, tpm0). Loopback by default; port 0 picks "
     'free ports; "" serves none. `kmsctl status` lists them.',
 )
+@click.option(
+    "--embedded",
+    is_flag=True,
+    default=False,
+    help="For a small board: run the broker and the CA service in one process (each "
+    "keeps its own bus identity), ~20 MB less memory. A compromised broker process then "
+    'also holds the CA\'s bus identity (docs/security.md, "Embedded mode"); the crypto '
+    "services, which hold the tokens, stay processes of their own.",
+)
 def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -303,6 +314,7 @@ def up(**params: Any) -> None:
                       (and ACME over HTTPS on --acme)
       kms-broker      gRPC with mutual TLS on --broker-listen, and device
                       enrollment (server-only TLS) on --enroll-listen
+    With --embedded the broker and the CA service share one process.
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
     key is generated inside the token, the broker's certificate and an admin client
     certificate, with a client config that every later command uses.
