@@ -127,10 +127,13 @@ class PssWatch:
         self.peak_rss_kb: dict[str, int] = {name: 0 for name in self.pids}
         self.peak_pss_kb: dict[str, int] = {name: 0 for name in self.pids}
         self.sums_pss_kb: list[int] = []
+        self.cpu: dict[str, float] = {}
+        self._cpu0: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def start(self) -> None:
+        self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self._thread.start()
 
     def _loop(self) -> None:
@@ -150,3 +153,7 @@ class PssWatch:
         self._stop.set()
         self._thread.join()
         self.sample()
+        self.cpu = {
+            name: round(cpu_seconds(pid) - self._cpu0.get(name, 0.0), 2)
+            for name, pid in self.pids.items()
+        }

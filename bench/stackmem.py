@@ -128,6 +128,9 @@ def under_load(
             watch.peak_pss_kb[name] for name in without_supervisor
         ),
         "samples": len(sums),
+        # CPU seconds of each process inside the sampled window: what a memory setting
+        # (GOGC, fewer processes) costs in work.
+        "cpu_seconds": watch.cpu,
     }
 
 
@@ -201,13 +204,14 @@ def table(result: dict[str, Any]) -> str:
             f"in flight, {load['signs_per_s']}/s; issuance at {load['issue_inflight']} in "
             f"flight, {load['issued_per_s']}/s; PSS sampled {load['samples']} times):",
             "",
-            "| process | peak RSS MB | peak PSS MB |",
-            "|---|---:|---:|",
+            "| process | peak RSS MB | peak PSS MB | CPU s |",
+            "|---|---:|---:|---:|",
         ]
+        cpu = load.get("cpu_seconds", {})
         for name in sorted(load["peak_rss_kb"]):
             lines.append(
                 f"| {name} | {load['peak_rss_kb'][name] / 1024:.1f} "
-                f"| {load['peak_pss_kb'][name] / 1024:.1f} |"
+                f"| {load['peak_pss_kb'][name] / 1024:.1f} | {cpu.get(name, 0.0):.2f} |"
             )
         lines += [
             "",
