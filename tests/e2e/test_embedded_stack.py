@@ -76,6 +76,13 @@ def test_ca_runs_inside_the_broker_process_and_the_token_outside(stack: KmsStack
     assert "libsofthsm2" not in _maps(broker)
 
 
+def test_status_sees_every_part_of_an_embedded_stack(stack: KmsStack) -> None:
+    """`kmsctl status` pings the CA on the bus: hosted in the broker's process, it answers."""
+    done = _kmsctl(stack, "status", "-o", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "DOWN" not in done.stdout
+
+
 def test_sign_issue_and_audit_verify_end_to_end(stack: KmsStack, tmp_path: Path) -> None:
     with stack.client() as client:
         client.create_key("embedded/p256", "ec-p256")
