@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from cryptography import x509
 
 from mgmt.cli import cli
 from mgmt.embedded import EXIT_USAGE, main, parse_args
+from mgmt.natsserver import free_port
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
 
@@ -159,3 +161,44 @@ def test_a_missing_config_is_a_usage_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == EXIT_USAGE, done.stderr
     assert "kms-embedded:" in done.stderr
+
+
+def test_acme_is_served_from_the_embedded_process(tmp_path: Path) -> None:
+    """The CA's ACME server (HTTPS, its own listener) runs on the broker's event loop
+    (uvloop) in embedded mode; its directory answers over TLS that chains to the root."""
+    acme_port = free_port()
+    # Its enrollment port named too: the default (the broker's port + 1) is not checked
+    # free, and the module's stack runs beside this one.
+    stack = start_stack(
+        tmp_path / "data",
+        "--embedded",
+        "--acme",
+        f"127.0.0.1:{acme_port}",
+        "--enroll-listen",
+        f"127.0.0.1:{free_port()}",
+    )
+    try:
+        made = CliRunner().invoke(
+            cli,
+            [
+                "ca", "init", "--name", "Board CA", "--out-dir", str(tmp_path / "ca"),
+                "--data-dir", str(stack.data_dir),
+            ],
+        )  # fmt: skip
+        assert made.exit_code == 0, made.output
+        assert "ca" not in _children(stack)
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca" / "root.crt"))
+        url = f"https://127.0.0.1:{acme_port}/acme/directory"
+        deadline = time.monotonic() + 60 * SLOWDOWN
+        directory: dict[str, object] = {}
+        while not directory:
+            try:
+                with urllib.request.urlopen(url, timeout=10, context=context) as answer:
+                    directory = json.loads(answer.read())
+            except OSError:
+                # The ACME listener takes its certificate once the CA exists: poll.
+                assert time.monotonic() < deadline, stack.log_path.read_text()[-2000:]
+                time.sleep(0.5)
+        assert str(directory["newNonce"]).startswith(f"https://127.0.0.1:{acme_port}/acme/")
+    finally:
+        assert stop_stack(stack) == 0
