@@ -296,7 +296,7 @@ class UpOptions:
     is_flag=True,
     default=False,
     help="For a small board: run the broker and the CA service in one process (each "
-    "keeps its own bus identity), ~20 MB less memory. A compromised broker process then "
+    "keeps its own bus identity), ~28 MB less PSS under load. A compromised broker process "
     'also holds the CA\'s bus identity (docs/security.md, "Embedded mode"); the crypto '
     "services, which hold the tokens, stay processes of their own.",
 )
