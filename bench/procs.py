@@ -110,3 +110,50 @@ def wait_until(deadline_wall: float) -> None:
     delay = deadline_wall - time.time()
     if delay > 0:
         time.sleep(delay)
+
+
+class PssWatch:
+    """RSS and PSS of named processes sampled together while a load runs.
+
+    The board target is on PSS (what the stack occupies, shared pages counted once),
+    measured with the load running: the peak of the per-instant sum over the processes,
+    not a sum of per-process peaks (which need not coincide), beside each process's own
+    peak RSS and PSS. Reading smaps_rollup walks a process's mappings, so the interval is
+    longer than Watch's."""
+
+    def __init__(self, pids: Mapping[str, int], interval: float = 0.5) -> None:
+        self.pids = dict(pids)
+        self.interval = interval
+        self.peak_rss_kb: dict[str, int] = {name: 0 for name in self.pids}
+        self.peak_pss_kb: dict[str, int] = {name: 0 for name in self.pids}
+        self.sums_pss_kb: list[int] = []
+        self.cpu: dict[str, float] = {}
+        self._cpu0: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        total = 0
+        for name, pid in self.pids.items():
+            rss, pss = rss_kb(pid), pss_kb(pid)
+            self.peak_rss_kb[name] = max(self.peak_rss_kb[name], rss)
+            self.peak_pss_kb[name] = max(self.peak_pss_kb[name], pss)
+            total += pss
+        self.sums_pss_kb.append(total)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.cpu = {
+            name: round(cpu_seconds(pid) - self._cpu0.get(name, 0.0), 2)
+            for name, pid in self.pids.items()
+        }

@@ -354,13 +354,17 @@ class Broker:
             await self.nc.drain()
 
 
-async def serve(config: BrokerConfig) -> None:
+async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run the broker until `stop` is set, or, without one, until SIGINT/SIGTERM. A host
+    process running other services beside it (mgmt.embedded) owns the signals and passes
+    its own event."""
     broker = Broker(config)
     await broker.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     await natsrpc.first_of(stop, broker.bus_watch.lost)
     log.info("broker stopping")
     await broker.stop()

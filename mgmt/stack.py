@@ -190,6 +190,9 @@ class StackOptions:
     metrics_listen: str = ""
     # A node of a cluster (`kmsctl up --join`, mgmt.clusterinit); None: one box.
     cluster: JoinBundle | None = None
+    # `kmsctl up --embedded`: the broker and the CA service in one process (mgmt.embedded),
+    # each with its own bus identity; the crypto services stay processes of their own.
+    embedded: bool = False
 
     @property
     def providers(self) -> list[str]:
@@ -739,6 +742,31 @@ class Stack:
             f"{json.dumps(n.provider)} = {json.dumps(n.name)}" for n in cluster.spec.nodes
         )
         return f"provider_nodes = {{ {pairs} }}\n"
+    def _embedded_child(self) -> Child:
+        """The broker and the CA service in one process (mgmt.embedded), each from its own
+        config file with its own bus identity, exactly as the two processes get them;
+        ready when both are (the CA's HTTP port and ping, the broker's port)."""
+        ca, broker = self._ca_child(), self._broker_child()
+
+        async def ready() -> None:
+            await asyncio.gather(ca.ready(), broker.ready())
+
+        return Child(
+            name="broker",
+            argv=[
+                sys.executable,
+                "-m",
+                "mgmt.embedded",
+                "--broker-config",
+                str(self.layout.config / "broker.toml"),
+                "--ca-config",
+                str(self.layout.config / "ca.toml"),
+                *self._log_args(),
+            ],
+            env=child_env(),
+            log_path=self.layout.logs / "broker.log",
+            ready=ready,
+        )
 
     def _log_args(self) -> list[str]:
         return ["--log-level", self.options.log_level]
@@ -810,6 +838,8 @@ class Stack:
                 if self.options.cluster is not None
                 else {}
             ),
+            # Services hosted inside another child's process (kmsctl up --embedded).
+            "embedded": {"broker": ["ca"]} if self.options.embedded else {},
         }
         write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
 
@@ -827,10 +857,10 @@ class Stack:
         # dir the ceremony has done, the broker needs nothing from hsm0 to start, so it
         # starts beside it; ready still waits for every child, hsm0 included.
         initialised = self._ceremony_done()
-        chains = [
-            self._start_hsm_ceremony_broker(with_broker=not initialised),
-            self._start_child(self._ca_child()),
-        ]
+        chains = [self._start_hsm_ceremony_broker(with_broker=not initialised)]
+        if not self.options.embedded:
+            # Embedded, the CA service starts with the broker, in its process.
+            chains.append(self._start_child(self._ca_child()))
         if initialised:
             chains.append(self._start_ceremony_broker())
         if self.options.tpm:
@@ -845,7 +875,8 @@ class Stack:
 
     def _child_order(self) -> list[str]:
         """Start order as before the parallel start: stop() stops them in reverse."""
-        return [f"crypto-{p}" for p in self.options.providers] + ["ca", "broker"]
+        services = ["broker"] if self.options.embedded else ["ca", "broker"]
+        return [f"crypto-{p}" for p in self.options.providers] + services
 
     async def _start_tpm(self) -> None:
         tcti = await asyncio.to_thread(self._tpm_tcti)
@@ -881,7 +912,10 @@ class Stack:
         if cluster is not None:
             await self._serve_cluster_pki(cluster)
         await asyncio.to_thread(self._end_ceremony_grant)
-        await self._start_child(self._broker_child())
+        if self.options.embedded:
+            await self._start_child(self._embedded_child())
+        else:
+            await self._start_child(self._broker_child())
 
     async def _ceremony(self) -> None:
         """The bootstrap ceremony (once; on a cluster on the first node only): the broker

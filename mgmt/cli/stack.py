@@ -63,6 +63,7 @@ class UpOptions:
     start_timeout: float
     metrics_listen: str
     join: Path | None
+    embedded: bool
 
     def stack_options(
         self,
@@ -101,6 +102,7 @@ class UpOptions:
             start_timeout=self.start_timeout,
             metrics_listen=self.metrics_listen,
             ek_ca=self.ek_ca.resolve() if self.ek_ca else None,
+            embedded=self.embedded,
         )
 
 
@@ -307,6 +309,15 @@ class UpOptions:
     "stream has one copy per node. The broker listens on the node's address and broker "
     "port unless --broker-listen is given. The bundle is copied into DATA_DIR/secrets.",
 )
+@click.option(
+    "--embedded",
+    is_flag=True,
+    default=False,
+    help="For a small board: run the broker and the CA service in one process (each "
+    "keeps its own bus identity), ~28 MB less PSS under load. A compromised broker process "
+    'also holds the CA\'s bus identity (docs/security.md, "Embedded mode"); the crypto '
+    "services, which hold the tokens, stay processes of their own.",
+)
 def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -321,6 +332,7 @@ def up(**params: Any) -> None:
                       (and ACME over HTTPS on --acme)
       kms-broker      gRPC with mutual TLS on --broker-listen, and device
                       enrollment (server-only TLS) on --enroll-listen
+    With --embedded the broker and the CA service share one process.
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
     key is generated inside the token, the broker's certificate and an admin client
     certificate, with a client config that every later command uses.
