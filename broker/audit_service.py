@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 import nats.errors
 import nats.js.errors
+from google.protobuf.descriptor import Descriptor, EnumDescriptor
 from google.protobuf.message import Message
 from nats.js import JetStreamContext, api
 
@@ -84,19 +86,38 @@ def request_details(request: Any) -> dict[str, str]:
     details: dict[str, str] = {}
     if not isinstance(request, Message):
         return details
-    for name in _DETAIL_FIELDS:
-        fd = request.DESCRIPTOR.fields_by_name.get(name)
-        if fd is None:
-            continue
+    for name, enum_type in _detail_fields(request.DESCRIPTOR):
         value = getattr(request, name)
         if not value:
             continue
-        if fd.enum_type is not None:
-            known = fd.enum_type.values_by_number.get(value)  # proto3 enums are open
-            details[name] = known.name.lower() if known is not None else str(value)
+        if enum_type is not None:
+            details[name] = _enum_name(enum_type, value)
         else:
             details[name] = str(value).lower() if isinstance(value, bool) else str(value)
     return details
+
+
+@functools.cache
+def _detail_fields(descriptor: Descriptor) -> tuple[tuple[str, EnumDescriptor | None], ...]:
+    """Which of _DETAIL_FIELDS a message type has: looked up once per type, not per call
+    (every request of every method passes here)."""
+    present = []
+    for name in _DETAIL_FIELDS:
+        fd = descriptor.fields_by_name.get(name)
+        if fd is not None:
+            present.append((name, fd.enum_type))
+    return tuple(present)
+
+
+@functools.cache
+def _enum_names(enum_type: EnumDescriptor) -> dict[int, str]:
+    """Each known value's lower-case name, once per enum type (a bounded set)."""
+    return {number: value.name.lower() for number, value in enum_type.values_by_number.items()}
+
+
+def _enum_name(enum_type: EnumDescriptor, value: int) -> str:
+    # proto3 enums are open: an unknown number is kept as its number, and not cached.
+    return _enum_names(enum_type).get(value) or str(value)
 
 
 @dataclass
@@ -119,7 +140,7 @@ class AuditScope:
             writer,
             method,
             target=str(getattr(request, "name", "") or ""),
-            request_id=str(getattr(request, "request_id", "") or "") or uuid.uuid4().hex,
+            request_id=str(getattr(request, "request_id", "") or "") or os.urandom(16).hex(),
             details=request_details(request),
         )
 
