@@ -253,10 +253,13 @@ def write(results: dict[str, Any], out: Path) -> None:
             "",
             "Same grpc, mutual TLS, uvloop and client; the handler returns a precomputed valid "
             "signature (bench/floor.py). CPU per call: "
-            + ", ".join(
-                f"{name} {seconds / r.seconds / max(r.rate, 1) * 1e6:,.0f} µs"
+            + "; ".join(
+                f"at {r.inflight} in flight "
+                + ", ".join(
+                    f"{name} {seconds / r.seconds / max(r.rate, 1) * 1e6:,.0f} µs"
+                    for name, seconds in sorted(r.cpu.items())
+                )
                 for r in floor
-                for name, seconds in sorted(r.cpu.items())
             )
             + ".",
             "",

@@ -142,7 +142,7 @@ def test_report_has_the_floor_section_with_cpu_per_call(tmp_path: Path) -> None:
     text = (tmp_path / "results.md").read_text()
     assert "## The floor under the broker" in text
     # 1.0 CPU-second over 2 s at 200 calls/s: 2,500 µs a call.
-    assert "grpc.aio server 2,500 µs" in text
+    assert "at 64 in flight grpc.aio server 2,500 µs" in text
 
 
 def test_unary_targets_are_judged_against_the_floor_of_the_same_run() -> None:
