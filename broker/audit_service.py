@@ -230,8 +230,14 @@ async def record_alongside(work: Awaitable[T], what: str) -> T:
 
 
 def _consume(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("audit entry of a cancelled call failed", extra=fields(error="audit"))
+    """Retrieve the outcome of a cancelled call's entry, so a failure is logged once as
+    what it is instead of as an unretrieved task exception."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        reason = exc.reason if isinstance(exc, KMSError) else type(exc).__name__
+        log.warning("audit entry of a cancelled call failed", extra=fields(reason=reason))
 
 
 def note(**details: str) -> None:

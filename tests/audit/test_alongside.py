@@ -147,3 +147,28 @@ async def test_a_cancelled_caller_leaves_its_entry_to_finish() -> None:
             break
         await asyncio.sleep(0.01)
     assert writer.entries == [("ok", {})]  # the decision is on record all the same
+
+
+async def test_a_cancelled_callers_failed_entry_is_logged_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = asyncio.Event()
+    writer = Writer(gate=release, error=Unavailable("audit.unavailable", "the log is gone"))
+    never = asyncio.Event()
+
+    async def sign() -> bytes:
+        await never.wait()
+        return b"signature"
+
+    task = asyncio.ensure_future(_in_scope(writer, sign()))
+    await asyncio.wait_for(writer.started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    for _ in range(100):
+        if any("cancelled call failed" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.01)
+    [record] = [r for r in caplog.records if "cancelled call failed" in r.getMessage()]
+    assert record.fields == {"reason": "audit.unavailable"}  # type: ignore[attr-defined]
