@@ -211,7 +211,8 @@ def main() -> None:
             results["e2e"] = [r.to_json() for r in runs]
             from bench import floor
 
-            results["floor"] = [floor.run(work, args.duration, args.warmup).to_json()]
+            # At 1 and at 64 in flight, as the unary targets compare (issue 19 item 2).
+            results["floor"] = [r.to_json() for r in floor.run(work, args.duration, args.warmup)]
             results["memory_kb"] = {"idle": idle, "peak": peak, "idle_pss": idle_pss}
             if not args.no_issuance:
                 from bench import issuance

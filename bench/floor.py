@@ -128,9 +128,12 @@ async def _serve(port: int, directory: Path) -> None:
     await server.wait_for_termination()
 
 
-def run(work: Path, duration: float, warmup: float, inflight: int = 64) -> RunResult:
-    """The trivial server's rate and CPU per call at `inflight`, with the bench's client."""
-    from edgekms.v1 import common_pb2
+def run(
+    work: Path, duration: float, warmup: float, inflights: tuple[int, ...] = (1, 64)
+) -> list[RunResult]:
+    """The trivial server's latency, rate and CPU per call at each of `inflights`, with
+    the bench's client. Both unary targets compare against it: the rate at 64 in flight,
+    and the p50 at 1 in flight (one call's wake-ups through grpc and TLS, nothing else)."""
     from mgmt.natsserver import free_port, wait_for_port
 
     directory = work / "floor"
@@ -142,27 +145,38 @@ def run(work: Path, duration: float, warmup: float, inflight: int = 64) -> RunRe
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    results = []
     try:
         wait_for_port("127.0.0.1", port, 15.0, server)
         time.sleep(0.3)
-        spec = LoadSpec(
-            target=f"127.0.0.1:{port}",
-            server_name=SERVER_NAME,
-            ca_cert=files["ca.crt"],
-            cert=files["client.crt"],
-            key=files["client.key"],
-            key_name=KEY_NAME,
-            algorithm=common_pb2.SIGNATURE_ALGORITHM_ECDSA_SHA256,
-            data=files["digest"],
-            inflight=inflight,
-            duration=duration,
-            warmup=warmup,
-            public_key_der=files["public.der"],
-        )
-        outcome = run_load(spec, 2, {"grpc.aio server": server.pid})
+        for inflight in inflights:
+            results.append(_measure(port, files, inflight, duration, warmup, server.pid))
     finally:
         server.terminate()
         server.wait(10)
+    return results
+
+
+def _measure(
+    port: int, files: dict[str, bytes], inflight: int, duration: float, warmup: float, pid: int
+) -> RunResult:
+    from edgekms.v1 import common_pb2
+
+    spec = LoadSpec(
+        target=f"127.0.0.1:{port}",
+        server_name=SERVER_NAME,
+        ca_cert=files["ca.crt"],
+        cert=files["client.crt"],
+        key=files["client.key"],
+        key_name=KEY_NAME,
+        algorithm=common_pb2.SIGNATURE_ALGORITHM_ECDSA_SHA256,
+        data=files["digest"],
+        inflight=inflight,
+        duration=duration,
+        warmup=warmup,
+        public_key_der=files["public.der"],
+    )
+    outcome = run_load(spec, 2 if inflight > 1 else 1, {"grpc.aio server": pid})
     return summarise(
         "floor", "none", "ec-p256", inflight, outcome.latencies, duration,
         errors=outcome.errors, cpu=outcome.cpu, note=outcome.generator,

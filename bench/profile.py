@@ -1,6 +1,11 @@
 """Where the time goes on the hot path: py-spy samples the broker and the crypto
 service while the load generator holds 64 Signs in flight, and the collapsed stacks
-become a per-function table (self time, and time inside each top-level layer)."""
+become a per-function table (self time, and time inside each top-level layer).
+
+`python -m bench.profile --inflight 1` profiles one level against a fresh stack of its own
+and prints the tables (the 1-in-flight path is a different shape: every call wakes each
+process on its own, nothing is shared between calls).
+"""
 
 from __future__ import annotations
 
@@ -74,12 +79,19 @@ def _short(frame: str) -> str:
     return f"{name} ({'/'.join(parts[-2:])})" if path else name
 
 
-def run(stack: RunningStack, pids: Mapping[str, int], out: Path, processes: int) -> dict[str, Any]:
+def run(
+    stack: RunningStack,
+    pids: Mapping[str, int],
+    out: Path,
+    processes: int,
+    inflight: int = 64,
+    key_name: str = "bench/hsm0/ec-p256",
+) -> dict[str, Any]:
     binary = py_spy()
     if binary is None:
         return {"skipped": "py-spy not installed in the venv"}
     duration = 6.0
-    spec = stack.sign_spec("bench/hsm0/ec-p256", "ec-p256", 64, duration, 1.0)
+    spec = stack.sign_spec(key_name, "ec-p256", inflight, duration, 1.0)
     profile_dir = out / "profiles"
     profile_dir.mkdir(exist_ok=True)
     spies = {}
@@ -104,3 +116,50 @@ def run(stack: RunningStack, pids: Mapping[str, int], out: Path, processes: int)
             continue
         result[name] = summarise_collapsed(target.read_text())
     return result
+
+
+def main() -> None:
+    import argparse
+    import json
+    import shutil
+    import tempfile
+
+    from bench import stackrun
+    from mgmt.client import KMSClient
+
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("--inflight", type=int, default=64)
+    parser.add_argument("--top", type=int, default=25, help="functions listed per process")
+    parser.add_argument("--out", type=Path, help="keep the collapsed stacks here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgekms-profile-"))
+    out = args.out or work
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        stack = stackrun.start(work / "data")
+        try:
+            name = "profile/hsm0/ec-p256"
+            with KMSClient.from_config(stack.client_config, timeout=120) as client:
+                client.create_key(name, "ec-p256", provider="hsm0")
+            result = run(stack, stack.pids(), out, 2, args.inflight, name)
+        finally:
+            stack.stop()
+        print(f"rate while profiled: {result.get('rate_while_profiled', 0):,.0f}/s")
+        for proc in PROFILED:
+            stacks = out / "profiles" / f"{proc}.collapsed.txt"
+            if not stacks.exists():
+                print(proc, json.dumps(result.get(proc)))
+                continue
+            summary = summarise_collapsed(stacks.read_text(), args.top)
+            print(f"== {proc}: {summary['samples']} samples")
+            for label, share in summary["layers"]:
+                print(f"   layer {share:5.1f}%  {label}")
+            for label, share in summary["self"]:
+                print(f"   self  {share:5.1f}%  {label}")
+    finally:
+        if args.out is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

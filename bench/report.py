@@ -30,6 +30,48 @@ def _find(runs: list[RunResult], **match: object) -> RunResult | None:
     return None
 
 
+# Issue 19 item 2: unary Sign against the do-nothing grpc.aio server of the same run.
+FLOOR_RATE_SHARE = 0.7
+FLOOR_P50_MARGIN_MS = 0.5
+
+
+def floor_targets(
+    r64: RunResult | None, r1: RunResult | None, floor: list[RunResult]
+) -> list[Target]:
+    """The unary rows judged against the floor (bench/floor.py) measured in the same run:
+    the machine's load moves both, so the ratio says what EdgeKMS adds."""
+    f64 = _find(floor, inflight=64)
+    f1 = _find(floor, inflight=1)
+    out = []
+    if r64 and f64 and f64.rate:
+        share = r64.rate / f64.rate
+        out.append(
+            Target(
+                "  … vs grpc.aio floor, 64 in flight",
+                f"≥ {FLOOR_RATE_SHARE:.0%} of the floor",
+                f"{share:.0%} ({r64.rate:,.0f} of {f64.rate:,.0f}/s)",
+                share >= FLOOR_RATE_SHARE,
+            )
+        )
+    else:
+        out.append(
+            Target("  … vs grpc.aio floor, 64 in flight", "≥ 70 % of the floor", "n/a", None)
+        )
+    if r1 and f1:
+        extra = r1.p50_ms - f1.p50_ms
+        out.append(
+            Target(
+                "  … p50 at 1 in flight vs the floor's",
+                f"≤ floor + {FLOOR_P50_MARGIN_MS} ms",
+                f"{r1.p50_ms:.2f} vs {f1.p50_ms:.2f} ms (+{extra:.2f})",
+                extra <= FLOOR_P50_MARGIN_MS,
+            )
+        )
+    else:
+        out.append(Target("  … p50 at 1 in flight vs the floor's", "≤ floor + 0.5 ms", "n/a", None))
+    return out
+
+
 def targets(results: dict[str, Any]) -> list[Target]:
     raw, e2e, issue = (
         _runs(results.get("raw")),
@@ -63,6 +105,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
             r1.p50_ms <= 1 if r1 else None,
         )
     )
+    out += floor_targets(r64, r1, _runs(results.get("floor")))
     for cli in ("ec-p256", "rsa-2048"):
         raw_tpm = _find(raw, provider="swtpm", key_type=cli)
         best = max((r.rate for r in e2e if r.provider == "tpm0" and r.key_type == cli), default=0.0)
@@ -210,10 +253,13 @@ def write(results: dict[str, Any], out: Path) -> None:
             "",
             "Same grpc, mutual TLS, uvloop and client; the handler returns a precomputed valid "
             "signature (bench/floor.py). CPU per call: "
-            + ", ".join(
-                f"{name} {seconds / r.seconds / max(r.rate, 1) * 1e6:,.0f} µs"
+            + "; ".join(
+                f"at {r.inflight} in flight "
+                + ", ".join(
+                    f"{name} {seconds / r.seconds / max(r.rate, 1) * 1e6:,.0f} µs"
+                    for name, seconds in sorted(r.cpu.items())
+                )
                 for r in floor
-                for name, seconds in sorted(r.cpu.items())
             )
             + ".",
             "",

@@ -25,7 +25,13 @@ from cryptography.hazmat.primitives import serialization
 
 from broker import sign_many
 from broker.archiver import Archiver
-from broker.audit_service import AuditScope, note, record_before_change, retarget
+from broker.audit_service import (
+    AuditScope,
+    note,
+    record_alongside,
+    record_before_change,
+    retarget,
+)
 from broker.authz import check_key_policy, check_method, check_policy_rules
 from broker.config import BrokerConfig
 from broker.idempotency import IdempotencyStore, idempotent
@@ -482,25 +488,35 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
     async def Sign(
         self, request: keys_pb2.SignRequest, context: Context, identity: Identity
     ) -> keys_pb2.SignResponse:
-        return await self._sign(request, context, identity)
+        return await self._sign(request, context, identity, alongside=True)
 
     async def _sign(
-        self, request: keys_pb2.SignRequest, context: Context, identity: Identity
+        self,
+        request: keys_pb2.SignRequest,
+        context: Context,
+        identity: Identity,
+        alongside: bool = False,
     ) -> keys_pb2.SignResponse:
         """One Sign after its caller is admitted: the same checks for a unary call and for
-        every item of a batch or a stream (broker/sign_many.py)."""
+        every item of a batch or a stream (broker/sign_many.py). `alongside`: the unary
+        call's audit entry is stored while the token signs (record_alongside), once every
+        check has passed; sign_many audits its items its own way."""
         record = self.registry.get(request.name)
         require_usable(record)
         check_key_policy(identity, record, pb.KEY_OPERATION_SIGN, request.algorithm)
         require_signing(record)
         check_sign_request(record.key_type, request.algorithm, request.data)
-        response = await self.signer.sign(
+        signing = self.signer.sign(
             record.provider,
             crypto_pb2.SignRequest(
                 key_id=record.key_id, algorithm=request.algorithm, data=request.data
             ),
             timeout=self._timeout(context, self.config.sign_timeout),
         )
+        if alongside:
+            response = await record_alongside(signing, "the signature")
+        else:
+            response = await signing
         return keys_pb2.SignResponse(
             signature=response.signature, algorithm=request.algorithm, key_name=record.name
         )

@@ -457,3 +457,28 @@ def test_chain_survives_kill_9_of_every_component(parts: Parts) -> None:
     report = json.loads(result.stdout)
     assert result.returncode == 0, report["problems"]
     assert report["entries"] >= outcomes.count("ok")
+
+
+def test_a_sign_that_fails_after_its_decision_is_recorded_twice(parts: Parts) -> None:
+    """A unary Sign stores its "ok" entry while the token signs (broker/audit_service.py,
+    record_alongside). When the signature then fails (here: no crypto service answers),
+    the failure is a second entry chained after the first, naming it, and the caller
+    gets the failure, not a signature."""
+    with parts.client(timeout=10) as client:
+        client.create_key("fa", "ec-p256")
+        assert client.sign("fa", b"before")
+        start = _last_seq(client)
+        parts.stop("crypto")
+        with pytest.raises(errors.KMSError) as caught:
+            client.sign("fa", b"nobody signs")
+        entries = [e for e in _entries(client, start) if e["action"] == "Sign"]
+        _verify_whole(client)
+    assert [(e["target"], e["outcome"]) for e in entries] == [
+        ("fa", "ok"),
+        ("fa", caught.value.reason),
+    ]
+    decided, failed = entries
+    assert decided["request_id"] and decided["request_id"] == failed["request_id"]
+    assert "after" not in decided["details"]
+    assert failed["details"]["after"] == "ok recorded before the signature"
+    assert caught.value.reason.startswith("provider.")

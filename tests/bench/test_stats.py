@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,4 +142,31 @@ def test_report_has_the_floor_section_with_cpu_per_call(tmp_path: Path) -> None:
     text = (tmp_path / "results.md").read_text()
     assert "## The floor under the broker" in text
     # 1.0 CPU-second over 2 s at 200 calls/s: 2,500 µs a call.
-    assert "grpc.aio server 2,500 µs" in text
+    assert "at 64 in flight grpc.aio server 2,500 µs" in text
+
+
+def test_unary_targets_are_judged_against_the_floor_of_the_same_run() -> None:
+    def run(kind: str, inflight: int, latency: float, count: int) -> dict[str, Any]:
+        return summarise(
+            kind, "hsm0" if kind == "e2e" else "none", "ec-p256", inflight,
+            [latency] * count, 1.0,
+        ).to_json()  # fmt: skip
+
+    results = {
+        # EdgeKMS: 3,000/s at 64, p50 1.40 ms at 1; the floor: 5,000/s, p50 0.80 ms.
+        "e2e": [run("e2e", 64, 0.02, 3000), run("e2e", 1, 0.0014, 700)],
+        "floor": [run("floor", 1, 0.0008, 1200), run("floor", 64, 0.012, 5000)],
+    }
+    verdicts = {t.name: (t.met, t.measured) for t in targets(results)}
+    met, measured = verdicts["  … vs grpc.aio floor, 64 in flight"]
+    assert met is False and measured == "60% (3,000 of 5,000/s)"
+    met, measured = verdicts["  … p50 at 1 in flight vs the floor's"]
+    assert met is False and measured == "1.40 vs 0.80 ms (+0.60)"
+    results["floor"] = [run("floor", 1, 0.001, 1000), run("floor", 64, 0.012, 4000)]
+    verdicts = {t.name: (t.met, t.measured) for t in targets(results)}
+    assert verdicts["  … vs grpc.aio floor, 64 in flight"][0] is True
+    assert verdicts["  … p50 at 1 in flight vs the floor's"][0] is True
+    # Without a floor in the run, nothing is judged.
+    del results["floor"]
+    verdicts = {t.name: (t.met, t.measured) for t in targets(results)}
+    assert verdicts["  … vs grpc.aio floor, 64 in flight"] == (None, "n/a")
