@@ -742,6 +742,7 @@ class Stack:
             f"{json.dumps(n.provider)} = {json.dumps(n.name)}" for n in cluster.spec.nodes
         )
         return f"provider_nodes = {{ {pairs} }}\n"
+
     def _embedded_child(self) -> Child:
         """The broker and the CA service in one process (mgmt.embedded), each from its own
         config file with its own bus identity, exactly as the two processes get them;
