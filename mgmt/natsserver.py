@@ -239,7 +239,8 @@ class LeafRemote:
             remote += f", tls: {{ ca_file: {json.dumps(str(self.tls_ca))} }}"
         return [
             "leafnodes: {",
-            "  reconnect: 1",
+            # Try the hub again every second while the uplink is down.
+            '  reconnect: "1s"',
             "  remotes: [",
             remote + " }",
             "  ]",
