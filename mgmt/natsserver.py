@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from edgekms.errors import FailedPrecondition, ResourceExhausted
+from edgekms.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from mgmt import subprocs
 
 # Largest payload on the bus: a 64 KiB Ed25519 message plus framing, with room.
@@ -186,9 +186,12 @@ _DOMAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def check_domain(domain: str) -> str:
-    """`domain` if it can be a JetStream domain, else NatsServerError."""
+    """`domain` if it can be a JetStream domain, else InvalidArgument."""
     if not _DOMAIN.match(domain):
-        raise NatsServerError(f"{domain!r} is not a JetStream domain (letters, digits, - and _)")
+        raise InvalidArgument(
+            "fleet.domain_invalid",
+            f"{domain[:70]!r} is not a JetStream domain (letters, digits, - and _)",
+        )
     return domain
 
 
@@ -201,7 +204,8 @@ class HubLeafListen:
     with the narrow permissions a leaf connection is held to). There is no separate leaf
     user list because nats-server gives those users no permissions, and a device must
     never have the run of the hub. Rendering refuses a listener on a hub without
-    authorization: any process reaching the port would join the hub's bus."""
+    authorization (InvalidArgument "fleet.leaf_listener_open"): any process reaching the
+    port would join the hub's bus."""
 
     port: int
     host: str = "127.0.0.1"
@@ -229,9 +233,14 @@ class LeafRemote:
 
     def render(self) -> list[str]:
         if not self.user or not self.password:
-            raise NatsServerError(f"leaf remote {self.url}: the hub needs a user and password")
+            raise InvalidArgument(
+                "fleet.uplink_credentials_missing",
+                f"leaf remote {self.url}: the hub needs a user and password",
+            )
         if "/" in self.url or "@" in self.url:
-            raise NatsServerError(f"leaf remote {self.url!r}: want host:port")
+            raise InvalidArgument(
+                "fleet.uplink_invalid", f"leaf remote {self.url!r}: want host:port"
+            )
         scheme = "tls" if self.tls_ca is not None else "nats-leaf"
         creds = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
         remote = f"    {{ url: {json.dumps(f'{scheme}://{creds}@{self.url}')}"
@@ -305,19 +314,23 @@ class NatsServerConfig:
         """The `leafnodes` block: a hub listens, a device connects; never both, as one
         server is either the hub or a device of it."""
         if self.leaf_listen is not None and self.leaf_remote is not None:
-            raise NatsServerError("a server is either a fleet hub or a device, not both")
+            raise InvalidArgument(
+                "fleet.hub_and_device", "a server is either a fleet hub or a device, not both"
+            )
         if self.leaf_listen is not None:
             if self.authorization is None:
-                raise NatsServerError(
+                raise InvalidArgument(
+                    "fleet.leaf_listener_open",
                     "a leaf node listener needs the hub's authorization: without it, any "
-                    "process that reaches the port joins the hub's bus"
+                    "process that reaches the port joins the hub's bus",
                 )
             return self.leaf_listen.render()
         if self.leaf_remote is not None:
             if not self.domain:
-                raise NatsServerError(
+                raise InvalidArgument(
+                    "fleet.domain_missing",
                     "a leaf device needs its own JetStream domain, or its streams and the "
-                    "hub's would be one JetStream"
+                    "hub's would be one JetStream",
                 )
             return self.leaf_remote.render()
         return []

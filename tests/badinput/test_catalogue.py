@@ -34,6 +34,7 @@ AREAS = {
     "attest",
     "unlock",
     "SPIFFE",
+    "fleet",
 }
 MIN_ROWS = 40
 

@@ -19,7 +19,6 @@ from mgmt.natsserver import (
     HubLeafListen,
     LeafRemote,
     NatsServerConfig,
-    NatsServerError,
     find_binary,
 )
 
@@ -68,25 +67,28 @@ def test_device_config_renders_plain_and_tls_uplinks(tmp_path: Path) -> None:
 
 
 def test_a_leaf_listener_without_authorization_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(NatsServerError, match="authorization"):
+    with pytest.raises(InvalidArgument) as err:
         hub(tmp_path, None).render()
+    assert err.value.reason == "fleet.leaf_listener_open"
 
 
 @pytest.mark.parametrize(
-    ("remote", "domain", "words"),
+    ("remote", "domain", "reason"),
     [
-        (LeafRemote("hub:7422", "leaf-a", ""), "dev-a", "user and password"),
-        (LeafRemote("hub:7422", "", "pw"), "dev-a", "user and password"),
-        (LeafRemote("nats://hub:7422", "leaf-a", "pw"), "dev-a", "host:port"),
-        (LeafRemote("hub:7422", "leaf-a", "pw"), None, "own JetStream domain"),
-        (LeafRemote("hub:7422", "leaf-a", "pw"), "dev.a", "not a JetStream domain"),
+        (LeafRemote("hub:7422", "leaf-a", ""), "dev-a", "fleet.uplink_credentials_missing"),
+        (LeafRemote("hub:7422", "", "pw"), "dev-a", "fleet.uplink_credentials_missing"),
+        (LeafRemote("nats://hub:7422", "leaf-a", "pw"), "dev-a", "fleet.uplink_invalid"),
+        (LeafRemote("hub:7422", "leaf-a", "pw"), None, "fleet.domain_missing"),
+        (LeafRemote("hub:7422", "leaf-a", "pw"), "dev.a", "fleet.domain_invalid"),
     ],
+    ids=["no-password", "no-user", "url-not-host-port", "no-domain", "domain-with-dot"],
 )
 def test_a_bad_uplink_is_refused(
-    tmp_path: Path, remote: LeafRemote, domain: str | None, words: str
+    tmp_path: Path, remote: LeafRemote, domain: str | None, reason: str
 ) -> None:
-    with pytest.raises(NatsServerError, match=words):
+    with pytest.raises(InvalidArgument) as err:
         device(tmp_path, remote, domain).render()
+    assert err.value.reason == reason
 
 
 def test_a_server_is_a_hub_or_a_device_not_both(tmp_path: Path) -> None:
@@ -97,8 +99,9 @@ def test_a_server_is_a_hub_or_a_device_not_both(tmp_path: Path) -> None:
         leaf_listen=HubLeafListen(7422),
         leaf_remote=LeafRemote("hub:7422", "u", "p"),
     )
-    with pytest.raises(NatsServerError, match="not both"):
+    with pytest.raises(InvalidArgument) as err:
         both.render()
+    assert err.value.reason == "fleet.hub_and_device"
 
 
 @pytest.mark.parametrize("bad", ["", "A", "a.b", "a*", "a>", "-a", "a" * 33, "a b", "ä"])
