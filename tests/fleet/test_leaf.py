@@ -257,3 +257,45 @@ async def test_a_device_reaches_the_hubs_ca_reads_only(fleet: Fleet, hub: Client
         assert set(heard) == {"kms.ca.GetCACertificates", "kms.ca.GetCRL"}
     finally:
         await device.close()
+
+
+async def test_messages_on_a_devices_deliver_subject_do_not_enter_its_copy(
+    fleet: Fleet, hub: Client
+) -> None:
+    """Answers are published to whatever reply subject a request names: a device could
+    ask the hub's CA something with another device's sourcing deliver subject as its
+    reply. Whatever lands there without the sourcing consumer's own metadata is not
+    stored in that device's copy."""
+    clients, writers = await start_writers(fleet, hub)
+    # Anyone on the hub allowed to listen sees the subject b's entries arrive on.
+    subjects: set[str] = set()
+
+    async def deliveries(msg: Msg) -> None:
+        subjects.add(msg.subject)
+
+    await hub.subscribe(f"{deliver_prefix('b')}.>", cb=deliveries)
+    await hub.flush()
+    try:
+        for i in range(2):
+            await writers["b"].append("Sign", "ok", target=f"b-key-{i}")
+
+        async def two() -> bool:
+            return await hub_messages(hub, "b") == 2 and bool(subjects)
+
+        await until(two, what="the hub's copy of b's audit")
+        stored = await hub.jetstream().get_msg(fleet_stream("b"), 1)
+        for subject in subjects:
+            await hub.publish(subject, b"junk")
+            await hub.publish(subject, stored.data or b"", reply="kms.ca.reply")
+        await hub.flush()
+        await writers["b"].append("Sign", "ok", target="b-key-2")
+
+        async def three() -> bool:
+            return await hub_messages(hub, "b") == 3
+
+        await until(three, what="b's next real entry at the hub")
+        report = await verify_device(hub.jetstream(), "b")
+        assert report.ok and report.entries == 3, report.to_dict()
+    finally:
+        for nc in clients.values():
+            await nc.close()
