@@ -125,3 +125,17 @@ def test_names_and_the_hub_stream() -> None:
     with pytest.raises(InvalidArgument) as err:
         fleet_stream_config("a1", [])
     assert err.value.reason == "fleet.writers_missing"
+
+
+def test_the_brokers_grant_reads_the_named_devices_copies_only() -> None:
+    from mgmt.natsauth import broker_identity, stack_identities
+
+    plain = broker_identity(["hsm0"]).permissions.publish
+    assert not [s for s in plain if "KMS_FLEET_" in s]
+    granted = broker_identity(["hsm0"], ["a"]).permissions.publish
+    fleet = {s for s in granted if "KMS_FLEET_" in s}
+    assert "$JS.API.STREAM.INFO.KMS_FLEET_A" in fleet
+    assert all("KMS_FLEET_A" in s for s in fleet)
+    assert not [s for s in granted if "STREAM.DELETE" in s or "STREAM.PURGE.KMS_FLEET" in s]
+    broker = stack_identities(["hsm0"], fleet_devices=["a", "b"])[0]
+    assert "$JS.API.DIRECT.GET.KMS_FLEET_B" in broker.permissions.publish
