@@ -209,12 +209,26 @@ class HubLeafListen:
 
     port: int
     host: str = "127.0.0.1"
+    # TLS for the leaf connections (cert and key PEM files, e.g. mgmt.natsauth's bus
+    # certificate); None: plain TCP, for loopback and a network the operator trusts.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def render(self) -> list[str]:
+        tls = []
+        if self.tls_cert is not None and self.tls_key is not None:
+            tls = [
+                "  tls: {",
+                f"    cert_file: {json.dumps(str(self.tls_cert))}",
+                f"    key_file: {json.dumps(str(self.tls_key))}",
+                "    timeout: 2",
+                "  }",
+            ]
         return [
             "leafnodes: {",
             f"  host: {json.dumps(self.host)}",
             f"  port: {self.port}",
+            *tls,
             "}",
         ]
 

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 
 from edgekms.fleet import device_domain
 from mgmt.fleet import device_identity, device_inbox, device_user
-from mgmt.natsauth import Identity, Permissions, render_authorization
+from mgmt.natsauth import BusTLS, Identity, Permissions, ensure_bus_tls, render_authorization
 from mgmt.natsserver import (
     HubLeafListen,
     LeafRemote,
@@ -64,6 +64,9 @@ class Fleet:
     device_ports: dict[str, int] = field(default_factory=dict)
     hub: NatsServer | None = None
     devices: dict[str, NatsServer | None] = field(default_factory=dict)
+    # The leaf connections over TLS: the hub's certificate from mgmt.natsauth's bus CA,
+    # which each device checks the hub against.
+    tls: BusTLS | None = None
 
     def __post_init__(self) -> None:
         self.hub_port = free_port()
@@ -84,7 +87,11 @@ class Fleet:
             server_name="hub",
             domain=HUB_DOMAIN,
             authorization=render_authorization(identities, self.passwords),
-            leaf_listen=HubLeafListen(port=self.leaf_port),
+            leaf_listen=HubLeafListen(
+                port=self.leaf_port,
+                tls_cert=self.tls.server_cert if self.tls else None,
+                tls_key=self.tls.server_key if self.tls else None,
+            ),
         )
 
     def device_config(self, device: str, uplink: bool = True) -> NatsServerConfig:
@@ -92,6 +99,7 @@ class Fleet:
             url=f"127.0.0.1:{self.leaf_port}",
             user=device_user(device),
             password=self.passwords[device_user(device)],
+            tls_ca=self.tls.ca_cert if self.tls else None,
         )
         return NatsServerConfig(
             store_dir=self.root / f"dev-{device}" / "jetstream",
@@ -148,9 +156,12 @@ class Fleet:
         )
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
+@pytest.fixture(params=[False], ids=["plain"])
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    """The hub and both devices; parametrize with [True] (indirect) for TLS leaf links."""
     made = Fleet(tmp_path / "fleet")
+    if request.param:
+        made.tls = ensure_bus_tls(tmp_path / "tls", tmp_path / "secrets")
     try:
         made.start_hub()
         for device in DEVICES:

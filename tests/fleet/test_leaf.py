@@ -8,6 +8,7 @@ sources it over the leaf connection, and edgekms.fleet.verify_device checks it t
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import nats.errors
@@ -296,6 +297,39 @@ async def test_messages_on_a_devices_deliver_subject_do_not_enter_its_copy(
         await until(three, what="b's next real entry at the hub")
         report = await verify_device(hub.jetstream(), "b")
         assert report.ok and report.entries == 3, report.to_dict()
+    finally:
+        for nc in clients.values():
+            await nc.close()
+
+
+@pytest.mark.parametrize("fleet", [True], ids=["tls"], indirect=True)
+async def test_device_audit_reaches_the_hub_over_tls(fleet: Fleet, hub: Client) -> None:
+    """The same sourcing with the leaf connections over TLS, each device checking the
+    hub's certificate against the bus CA."""
+    assert fleet.tls is not None
+    assert "tls://" in fleet.device_config("a").render()
+    assert "cert_file" in fleet.hub_config().render()
+    clients, writers = await start_writers(fleet, hub)
+    try:
+        for device in DEVICES:
+            await writers[device].append("Sign", "ok", target=f"{device}-key")
+        for device in DEVICES:
+
+            async def one(device: str = device) -> bool:
+                return await hub_messages(hub, device) == 1
+
+            await until(one, what=f"{device}'s audit at the hub over TLS")
+            report = await verify_device(hub.jetstream(), device)
+            assert report.ok and report.entries == 1, report.to_dict()
+        # The hub's leaf listener demands TLS of anyone connecting (its INFO says so
+        # before anything else), so the devices' links above were TLS.
+        reader, writer = await asyncio.open_connection("127.0.0.1", fleet.leaf_port)
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert line.startswith(b"INFO ")
+        assert json.loads(line[5:])["tls_required"] is True
     finally:
         for nc in clients.values():
             await nc.close()
