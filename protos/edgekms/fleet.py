@@ -20,6 +20,7 @@ subject names, and that each device stream's sequences arrive whole and in order
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ from edgekms.audit import (
     writer_stream,
 )
 from edgekms.errors import InvalidArgument, NotFound, Unavailable
+from edgekms.logs import fields
+
+log = logging.getLogger(__name__)
 
 # A device id is a subject token, part of a stream name and of a JetStream domain.
 DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -127,6 +131,10 @@ async def source_device(
         info = await js.stream_info(fleet_stream(device))
     except nats.js.errors.NotFoundError:
         await js.add_stream(config)
+        log.info(
+            "fleet device sourced",
+            extra=fields(device=device, stream=config.name, writers=",".join(sorted(writers))),
+        )
         return
     have = {s.name for s in info.config.sources or []}
     want = {s.name for s in config.sources or []}
@@ -138,6 +146,10 @@ async def source_device(
     ]
     info.config.sources = merged
     await js.update_stream(info.config)
+    log.info(
+        "fleet device sources added",
+        extra=fields(device=device, stream=config.name, added=",".join(sorted(want - have))),
+    )
 
 
 @dataclass(frozen=True)

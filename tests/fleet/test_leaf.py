@@ -333,3 +333,16 @@ async def test_device_audit_reaches_the_hub_over_tls(fleet: Fleet, hub: Client) 
     finally:
         for nc in clients.values():
             await nc.close()
+
+
+async def test_sourcing_a_device_again_adds_writers_and_drops_none(
+    fleet: Fleet, hub: Client
+) -> None:
+    js = hub.jetstream()
+    await source_device(js, "a", ["crypto-a"])
+    await source_device(js, "a", ["crypto-a", "broker"])
+    await source_device(js, "a", ["crypto-a"])  # names fewer: nothing is dropped
+    info = await js.stream_info(fleet_stream("a"))
+    names = {s.name for s in info.config.sources or []}
+    assert names == {writer_stream("crypto-a"), writer_stream("broker")}
+    assert not info.config.subjects
