@@ -204,6 +204,7 @@ async def test_a_device_reads_no_other_device_and_writes_nothing_of_the_hub(
             "$JS.dev-b.API.STREAM.DELETE.KMS_AUDIT_CRYPTO-B",
             "kms.ca.IssueCertificate",
             "kms.audit.broker",
+            "kms.crypto.hsm0.Sign",
         )
         for subject in forbidden:
             await a.publish(subject, b"from-a")
