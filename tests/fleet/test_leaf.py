@@ -347,3 +347,25 @@ async def test_sourcing_a_device_again_adds_writers_and_drops_none(
     names = {s.name for s in info.config.sources or []}
     assert names == {writer_stream("crypto-a"), writer_stream("broker")}
     assert not info.config.subjects
+
+
+async def test_the_hub_cannot_reach_a_devices_crypto_subjects(fleet: Fleet, hub: Client) -> None:
+    """Keys stay on their device: a responder on the device's crypto subject answers
+    processes on the device, and nothing sent from the hub reaches it."""
+    device = await fleet.connect_device("a")
+    heard: list[str] = []
+
+    async def crypto(msg: Msg) -> None:
+        heard.append(msg.subject)
+        await msg.respond(b"signed")
+
+    try:
+        await device.subscribe("kms.crypto.deva.>", cb=crypto)
+        await device.flush()
+        local = await device.request("kms.crypto.deva.Sign", b"", timeout=5)
+        assert local.data == b"signed"
+        with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
+            await hub.request("kms.crypto.deva.Sign", b"", timeout=2)
+        assert heard == ["kms.crypto.deva.Sign"]
+    finally:
+        await device.close()
