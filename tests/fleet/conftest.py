@@ -156,12 +156,10 @@ class Fleet:
         )
 
 
-@pytest.fixture(params=[False], ids=["plain"])
-def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    """The hub and both devices; parametrize with [True] (indirect) for TLS leaf links."""
-    made = Fleet(tmp_path / "fleet")
-    if request.param:
-        made.tls = ensure_bus_tls(tmp_path / "tls", tmp_path / "secrets")
+def running_fleet(root: Path, tls: bool = False) -> Iterator[Fleet]:
+    made = Fleet(root / "fleet")
+    if tls:
+        made.tls = ensure_bus_tls(root / "tls", root / "secrets")
     try:
         made.start_hub()
         for device in DEVICES:
@@ -169,6 +167,18 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
         yield made
     finally:
         made.stop_all()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """The hub and both devices, leaf links on plain TCP (loopback)."""
+    yield from running_fleet(tmp_path)
+
+
+@pytest.fixture
+def tls_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """The same with the leaf links over TLS (the hub's certificate from the bus CA)."""
+    yield from running_fleet(tmp_path, tls=True)
 
 
 @pytest.fixture

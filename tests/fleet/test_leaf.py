@@ -303,11 +303,12 @@ async def test_messages_on_a_devices_deliver_subject_do_not_enter_its_copy(
             await nc.close()
 
 
-@pytest.mark.parametrize("fleet", [True], ids=["tls"], indirect=True)
-async def test_device_audit_reaches_the_hub_over_tls(fleet: Fleet, hub: Client) -> None:
+async def test_device_audit_reaches_the_hub_over_tls(tls_fleet: Fleet) -> None:
     """The same sourcing with the leaf connections over TLS, each device checking the
     hub's certificate against the bus CA."""
+    fleet = tls_fleet
     assert fleet.tls is not None
+    hub = await fleet.connect_hub()
     assert "tls://" in fleet.device_config("a").render()
     assert "cert_file" in fleet.hub_config().render()
     clients, writers = await start_writers(fleet, hub)
@@ -334,6 +335,7 @@ async def test_device_audit_reaches_the_hub_over_tls(fleet: Fleet, hub: Client) 
     finally:
         for nc in clients.values():
             await nc.close()
+        await hub.close()
 
 
 async def test_sourcing_a_device_again_adds_writers_and_drops_none(
