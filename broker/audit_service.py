@@ -51,6 +51,7 @@ from edgekms.errors import (
     NotFound,
     Unavailable,
 )
+from edgekms.fleet import SOURCE_HEADER, fleet_stream
 from edgekms.identity import Identity
 from edgekms.logs import fields
 from edgekms.retention import newest_checkpoint
@@ -333,6 +334,8 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             scope.details.update(from_seq=str(request.from_seq), follow=str(request.follow).lower())
             if request.writer:
                 scope.details["writer"] = request.writer[:64]
+            if request.device:
+                scope.details["device"] = request.device[:64]
         failure: KMSError | None
         try:
             identity = await self.identities.identify(context, scope)
@@ -348,6 +351,13 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
                     raise InvalidArgument(
                         "audit.writer_invalid", "TailAudit: writer is not a writer's name"
                     ) from None
+            if request.device:
+                fleet_stream(request.device)  # InvalidArgument fleet.device_invalid
+                if request.writer or request.follow:
+                    raise InvalidArgument(
+                        "audit.device_exclusive",
+                        "TailAudit: device reads a device's whole copy; not with writer or follow",
+                    )
             failure = await scope.settle(None)
         except KMSError as err:
             failure = await scope.settle(err)
@@ -356,7 +366,12 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             return
         try:
             streams = await audit_streams(self.js)
-            if request.writer or request.follow:
+            if request.device:
+                # A fleet hub's copy of one device's audit (edgekms.fleet). The bus
+                # grant names each copy the broker may read: another name's info is
+                # refused by the server, and shows as UNAVAILABLE after the timeout.
+                streams = [fleet_stream(request.device)]
+            elif request.writer or request.follow:
                 # Only a stream that exists is asked about: the bus grants this broker
                 # the stack's writers' streams, and a question about any other name
                 # would go unanswered (a timeout), not be refused.
@@ -367,6 +382,14 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
                     )
                 streams = [name]
             infos = [await self.js.stream_info(name) for name in streams]
+        except nats.js.errors.NotFoundError:
+            await abort_with(
+                context,
+                NotFound("fleet.device_unknown", "the hub holds no audit for that device")
+                if request.device
+                else Unavailable(AUDIT_UNAVAILABLE, "an audit stream went away"),
+            )
+            return
         except (nats.errors.Error, TimeoutError) as exc:
             await abort_with(context, Unavailable(AUDIT_UNAVAILABLE, f"audit stream: {exc}"))
             return
@@ -427,7 +450,9 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
                 seq = meta.sequence.stream
                 if last is not None and seq > last:
                     return
-                yield audit_record(seq, msg.subject, bytes(msg.data), stream)
+                record = audit_record(seq, msg.subject, bytes(msg.data), stream)
+                record.source = (msg.headers or {}).get(SOURCE_HEADER, "")
+                yield record
                 if last is not None and (seq >= last or meta.num_pending == 0):
                     return
         finally:

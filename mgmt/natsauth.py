@@ -55,6 +55,7 @@ from edgekms.busauth import parse_bus_fields as parse_bus_fields
 from edgekms.busauth import read_password as read_password
 from edgekms.client_certs import host_names, leaf_certificate, self_signed_ca
 from edgekms.errors import InvalidArgument
+from edgekms.fleet import fleet_stream
 from edgekms.logs import fields
 from edgekms.subjects import (
     AUDIT_PREFIX,
@@ -284,9 +285,12 @@ def _check_provider(provider: str) -> None:
         raise InvalidArgument("bus.provider_invalid", f"{provider!r} is not a provider id")
 
 
-def broker_identity(providers: Sequence[str] = ()) -> Identity:
+def broker_identity(providers: Sequence[str] = (), fleet_devices: Sequence[str] = ()) -> Identity:
     """The broker's grant; `providers` name the crypto services whose audit streams it
-    reads for TailAudit and status (the CA's and its own it always reads)."""
+    reads for TailAudit and status (the CA's and its own it always reads). On a fleet
+    hub, `fleet_devices` name the devices whose hub copy of their audit (KMS_FLEET_<ID>,
+    edgekms.fleet) it reads for `TailAudit(device=...)`: a stream's name is one subject
+    token, so each copy is granted by name, and the grant grows with the fleet."""
     user = BROKER_USER
     return Identity(
         user,
@@ -305,6 +309,7 @@ def broker_identity(providers: Sequence[str] = ()) -> Identity:
                 *kv_access(IDEMPOTENCY_BUCKET),
                 *kv_access(CLIENTS_BUCKET),
                 *audit_reader(providers),
+                *(subject for d in fleet_devices for subject in stream_read(fleet_stream(d))),
                 *audit_purge(providers),
                 *stream_create(writer_stream(BROKER_USER)),
                 audit_publish(BROKER_USER),
@@ -407,8 +412,10 @@ def stack_identities(
     ceremony: bool = False,
     setup: bool = False,
     local: Sequence[str] | None = None,
+    fleet_devices: Sequence[str] = (),
 ) -> list[Identity]:
     """Every identity of one stack; the CA's signs through `ca_provider` (default: first).
+    `fleet_devices`: on a fleet hub, the devices whose audit copies the broker reads.
 
     `ceremony`: the supervisor may make and use the internal CA's key (first start only).
     `setup`: the supervisor may make and harden the stack's streams (each start, briefly).
@@ -423,7 +430,7 @@ def stack_identities(
     for provider in providers:
         _check_provider(provider)
     return [
-        broker_identity(providers),
+        broker_identity(providers, fleet_devices),
         *(crypto_identity(p) for p in providers if local is None or p in local),
         ca_identity(ca_provider or providers[0]),
         kmsctl_identity(providers, ceremony, setup, cluster=local is not None),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from edgekms.errors import FailedPrecondition, ResourceExhausted
+from edgekms.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from mgmt import subprocs
 
 # Largest payload on the bus: a 64 KiB Ed25519 message plus framing, with room.
@@ -208,6 +208,97 @@ class ClusterConfig:
         ]
 
 
+# A JetStream domain is one subject token ($JS.<domain>.API) and part of stream sources'
+# API prefixes: letters, digits, '-' and '_' only.
+_DOMAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_domain(domain: str) -> str:
+    """`domain` if it can be a JetStream domain, else InvalidArgument."""
+    if not _DOMAIN.match(domain):
+        raise InvalidArgument(
+            "fleet.domain_invalid",
+            f"{domain[:70]!r} is not a JetStream domain (letters, digits, - and _)",
+        )
+    return domain
+
+
+@dataclass(frozen=True)
+class HubLeafListen:
+    """The hub's listener for devices' leaf connections (docs/cluster.md, "Fleet").
+
+    A device's nats-server connects here as a leaf node and logs in as one of the hub's
+    own bus users (NatsServerConfig.authorization: mgmt.fleet renders each device's user
+    with the narrow permissions a leaf connection is held to). There is no separate leaf
+    user list because nats-server gives those users no permissions, and a device must
+    never have the run of the hub. Rendering refuses a listener on a hub without
+    authorization (InvalidArgument "fleet.leaf_listener_open"): any process reaching the
+    port would join the hub's bus."""
+
+    port: int
+    host: str = "127.0.0.1"
+    # TLS for the leaf connections (cert and key PEM files, e.g. mgmt.natsauth's bus
+    # certificate); None: plain TCP, for loopback and a network the operator trusts.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def render(self) -> list[str]:
+        tls = []
+        if self.tls_cert is not None and self.tls_key is not None:
+            tls = [
+                "  tls: {",
+                f"    cert_file: {json.dumps(str(self.tls_cert))}",
+                f"    key_file: {json.dumps(str(self.tls_key))}",
+                "    timeout: 2",
+                "  }",
+            ]
+        return [
+            "leafnodes: {",
+            f"  host: {json.dumps(self.host)}",
+            f"  port: {self.port}",
+            *tls,
+            "}",
+        ]
+
+
+@dataclass(frozen=True)
+class LeafRemote:
+    """A device's uplink: its nats-server as a leaf node of the hub (docs/cluster.md,
+    "Fleet"). The device logs in with its own hub user and password; with `tls_ca`, the
+    hub's leaf listener is reached over TLS and checked against that CA. The password is
+    in the config file (0600), never on a command line."""
+
+    url: str  # the hub's leaf listener, host:port
+    user: str
+    password: str
+    tls_ca: Path | None = None
+
+    def render(self) -> list[str]:
+        if not self.user or not self.password:
+            raise InvalidArgument(
+                "fleet.uplink_credentials_missing",
+                f"leaf remote {self.url}: the hub needs a user and password",
+            )
+        if "/" in self.url or "@" in self.url:
+            raise InvalidArgument(
+                "fleet.uplink_invalid", f"leaf remote {self.url!r}: want host:port"
+            )
+        scheme = "tls" if self.tls_ca is not None else "nats-leaf"
+        creds = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
+        remote = f"    {{ url: {json.dumps(f'{scheme}://{creds}@{self.url}')}"
+        if self.tls_ca is not None:
+            remote += f", tls: {{ ca_file: {json.dumps(str(self.tls_ca))} }}"
+        return [
+            "leafnodes: {",
+            # Try the hub again every second while the uplink is down.
+            '  reconnect: "1s"',
+            "  remotes: [",
+            remote + " }",
+            "  ]",
+            "}",
+        ]
+
+
 @dataclass(frozen=True)
 class NatsServerConfig:
     store_dir: Path
@@ -226,6 +317,11 @@ class NatsServerConfig:
     max_file_store: int | None = None
     # A node of a JetStream cluster; None: the single embedded server.
     cluster: ClusterConfig | None = None
+    # Fleet (docs/cluster.md): this server's JetStream domain (a device's "dev-<id>", the
+    # hub's own), its uplink to the hub as a leaf node, or the hub's listener for leaves.
+    domain: str | None = None
+    leaf_remote: LeafRemote | None = None
+    leaf_listen: HubLeafListen | None = None
 
     def render(self) -> str:
         # JSON is valid NATS config syntax, and json.dumps quotes paths safely.
@@ -238,6 +334,7 @@ class NatsServerConfig:
             f"  store_dir: {json.dumps(str(self.store_dir))}",
             "  sync_interval: always",
             *([f"  max_file_store: {self.max_file_store}"] if self.max_file_store else []),
+            *([f"  domain: {json.dumps(check_domain(self.domain))}"] if self.domain else []),
             "}",
         ]
         if self.tls_cert is not None and self.tls_key is not None:
@@ -252,7 +349,33 @@ class NatsServerConfig:
             lines.append(self.authorization)
         if self.cluster is not None:
             lines += self.cluster.render()
+        lines += self._render_leaf()
         return "\n".join([*lines, ""])
+
+    def _render_leaf(self) -> list[str]:
+        """The `leafnodes` block: a hub listens, a device connects; never both, as one
+        server is either the hub or a device of it."""
+        if self.leaf_listen is not None and self.leaf_remote is not None:
+            raise InvalidArgument(
+                "fleet.hub_and_device", "a server is either a fleet hub or a device, not both"
+            )
+        if self.leaf_listen is not None:
+            if self.authorization is None:
+                raise InvalidArgument(
+                    "fleet.leaf_listener_open",
+                    "a leaf node listener needs the hub's authorization: without it, any "
+                    "process that reaches the port joins the hub's bus",
+                )
+            return self.leaf_listen.render()
+        if self.leaf_remote is not None:
+            if not self.domain:
+                raise InvalidArgument(
+                    "fleet.domain_missing",
+                    "a leaf device needs its own JetStream domain, or its streams and the "
+                    "hub's would be one JetStream",
+                )
+            return self.leaf_remote.render()
+        return []
 
 
 class NatsServer:

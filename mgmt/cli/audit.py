@@ -43,6 +43,7 @@ def audit_group() -> None:
       kmsctl audit tail -f --from 120    the broker's from entry 120 on, then follow
       kmsctl audit verify                exit 0 if every writer's chain is whole
       kmsctl audit verify --archive DIR  ... and every archived segment in DIR
+      kmsctl audit verify --device a1    on a fleet hub: device a1's copy there
 
     Each writer (broker, ca, crypto-<id>) has a stream of its own, numbered from 1;
     WRITER names the stream a line comes from and SEQ is the number in that stream
@@ -237,8 +238,18 @@ def _last_seq(kms: KMSClient, writer: str) -> int:
     "or a copy shipped away): every writer's chain from entry 1, through every segment "
     "and its signed checkpoint, into what the streams still hold.",
 )
+@click.option(
+    "--device",
+    default="",
+    metavar="ID",
+    help="On a fleet hub: verify the hub's copy of device ID's audit instead "
+    '(docs/cluster.md, "Fleet"): every writer\'s chain, and that each entry was '
+    "sourced from the device, whole and in order.",
+)
 @output_option
-def verify(data_dir: Path, config_path: Path | None, archive_dir: Path | None, output: str) -> None:
+def verify(
+    data_dir: Path, config_path: Path | None, archive_dir: Path | None, device: str, output: str
+) -> None:
     """Walk every writer's chain; report the first broken link and a count.
 
     Reads every audit stream: the legacy shared one of older versions first, then each
@@ -265,6 +276,11 @@ def verify(data_dir: Path, config_path: Path | None, archive_dir: Path | None, o
     from edgekms.retention import StreamProof, trusted_keys
     from mgmt.cli.client_access import resolve_config
 
+    if device:
+        if archive_dir is not None:
+            raise click.BadParameter("not with --archive", param_hint="--device")
+        _verify_device(data_dir, config_path, device, output)
+        return
     if archive_dir is not None and not archive_dir.is_dir():
         raise click.BadParameter(f"{archive_dir} is not a directory", param_hint="--archive")
     config = load_client_config(config_path or resolve_config(data_dir))
@@ -315,6 +331,40 @@ def verify(data_dir: Path, config_path: Path | None, archive_dir: Path | None, o
             f"{report.problem_count} problem(s) in {report.entries} entries "
             f"({report.messages} messages in {len(report.streams)} stream(s))"
         )
+    if not report.ok:
+        sys.exit(int(ExitCode.FAILURE))
+
+
+def _verify_device(data_dir: Path, config_path: Path | None, device: str, output: str) -> None:
+    """`verify --device`: the hub's copy of one device's audit, walked here with
+    edgekms.fleet's verifier (chains and origins), as the broker hands it out."""
+    from edgekms.fleet import FleetVerifier
+
+    verifier = FleetVerifier(device)  # InvalidArgument fleet.device_invalid first
+    last_seq = 0
+    with open_client(data_dir, config_path) as kms:
+        for item in kms.tail_audit(1, device=device):
+            if item.HasField("state"):
+                last_seq = item.state.last_seq
+            else:
+                record = item.record
+                verifier.feed(record.seq, record.raw, record.subject, record.source or None)
+    report = verifier.finish(last_seq)
+    if output == "json":
+        data = report.to_dict()
+        data["device"] = device
+        click.echo(json.dumps(data, indent=2))
+    elif report.ok:
+        click.echo(
+            f"device {device}: audit chain whole at the hub: {report.entries} entries "
+            f"in {report.messages} messages"
+        )
+        for writer, head in sorted(report.heads.items()):
+            click.echo(f"  {writer}: head {head}")
+    else:
+        first = report.problems[0]
+        click.echo(f"device {device}: audit chain broken at entry {first.where}: {first.message}")
+        click.echo(f"{report.problem_count} problem(s) in {report.entries} entries")
     if not report.ok:
         sys.exit(int(ExitCode.FAILURE))
 

@@ -738,14 +738,18 @@ class KMSClient:
         follow: bool = False,
         timeout: float | None = None,
         writer: str = "",
+        device: str = "",
     ) -> Generator[audit_pb2.TailAuditResponse, None, None]:
         """Each audit stream's state, then its stored entries from `from_seq` on: every
         writer's stream in turn (the legacy one first), or only `writer`'s. With `follow`
         (one writer's stream: the broker's unless given), new entries keep coming until
         the iterator is closed (no deadline unless given); without, it ends at the last
         entry present when the call began. The entries are the stored bytes: check them
-        with edgekms.audit.ChainVerifier."""
-        request = audit_pb2.TailAuditRequest(from_seq=from_seq, follow=follow, writer=writer)
+        with edgekms.audit.ChainVerifier. `device`: on a fleet hub, the hub's copy of that
+        device's audit instead (check it with edgekms.fleet.FleetVerifier)."""
+        request = audit_pb2.TailAuditRequest(
+            from_seq=from_seq, follow=follow, writer=writer, device=device
+        )
         deadline = timeout if timeout is not None or follow else 10 * self.timeout
         call = self._audit.TailAudit(request, timeout=deadline)
         try:

@@ -35,6 +35,7 @@ AREAS = {
     "unlock",
     "SPIFFE",
     "cluster",
+    "fleet",
 }
 MIN_ROWS = 40
 

@@ -135,6 +135,7 @@ class AuditRecord(_message.Message):
     ENTRY_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """stream sequence"""
     raw: _builtins.bytes
@@ -142,6 +143,11 @@ class AuditRecord(_message.Message):
     subject: _builtins.str
     stream: _builtins.str
     """the stream `seq` numbers (KMS_AUDIT_BROKER, ...)"""
+    source: _builtins.str
+    """A fleet hub's copy of a device's audit (TailAuditRequest.device): where the message
+    was sourced from, nats-server's Nats-Stream-Source header as stored ("KMS_AUDIT_<W>:
+    <id> <seq> ..."); empty when it was stored at the hub itself. edgekms.fleet checks it.
+    """
     @_builtins.property
     def entry(self) -> Global___AuditEntry:
         """The message's entry when it holds one entry; empty when it holds a batch (see
@@ -163,10 +169,11 @@ class AuditRecord(_message.Message):
         entry: Global___AuditEntry | None = ...,
         entries: _abc.Iterable[Global___AuditEntry] | None = ...,
         stream: _builtins.str = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "entry", b"entry", "raw", b"raw", "seq", b"seq", "stream", b"stream", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "entry", b"entry", "raw", b"raw", "seq", b"seq", "source", b"source", "stream", b"stream", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -229,21 +236,27 @@ class TailAuditRequest(_message.Message):
     FROM_SEQ_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     WRITER_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     from_seq: _builtins.int
     """0 or 1: from the start (of each stream read)"""
     follow: _builtins.bool
     writer: _builtins.str
     """only this writer's stream ("broker", "ca", "crypto-hsm0")"""
+    device: _builtins.str
+    """On a fleet hub: only the hub's copy of this device's audit, KMS_FLEET_<DEVICE>
+    (docs/cluster.md, "Fleet"); not with `writer` or `follow`.
+    """
     def __init__(
         self,
         *,
         from_seq: _builtins.int = ...,
         follow: _builtins.bool = ...,
         writer: _builtins.str = ...,
+        device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "from_seq", b"from_seq", "writer", b"writer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "follow", b"follow", "from_seq", b"from_seq", "writer", b"writer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,62 @@
+"""The hub's side of a fleet: each device's bus user, and what its leaf connection may do.
+
+A device's nats-server logs in to the hub's leaf listener as the device's own hub user
+(mgmt.natsserver.HubLeafListen); nats-server then holds the whole leaf connection to that
+user's permissions, read from the hub's point of view: `publish` is what the device may
+send into the hub, `subscribe` what the hub may send down to the device. A compromised
+device must not read another device's audit, write the hub's buckets or streams, reach
+the hub's JetStream API or the CA's state-changing operations, so the grant is narrow
+(docs/cluster.md, "Fleet", and docs/security.md):
+
+- publish: its own sourcing deliver prefix (kms.fleet.<id>.src.>: the audit entries the
+  hub's copy pulls), replies to the hub's internal JetStream requests ($JSC.R.>: the
+  answer to "create the source consumer"), and the CA's read-only operations a device
+  needs to trust the hub (the CA chain and the CRL); replies to those come back on the
+  device's own inbox prefix;
+- subscribe: its own domain's JetStream API ($JS.dev-<id>.API.>: the hub's sourcing
+  consumer), flow control of sourcing ($JS.FC.>: empty messages; nats-server names these
+  subjects after the stream, not the domain, so they cannot be narrowed per device), and
+  its inbox.
+"""
+
+from __future__ import annotations
+
+from edgekms.fleet import check_device, deliver_prefix, device_domain
+from edgekms.subjects import ca_subject
+from mgmt.natsauth import Identity, Permissions
+
+# The CA operations a device may call across the leaf connection: reads that tell it
+# whom to trust. Issuing and renewing go through a broker, which authenticates the
+# caller and applies policy; the CA service itself trusts whoever reaches its subjects.
+DEVICE_CA_OPERATIONS = ("GetCACertificates", "GetCRL")
+
+
+def device_user(device: str) -> str:
+    """The device's bus user at the hub."""
+    return f"leaf-{check_device(device)}"
+
+
+def device_inbox(device: str) -> str:
+    """The inbox prefix a device-side client uses for requests into the hub (nats.py's
+    `inbox_prefix`): the only replies the hub may send down to this device."""
+    return f"_INBOX_{check_device(device)}"
+
+
+def device_identity(device: str) -> Identity:
+    """The hub user a device's leaf connection logs in as, with its narrow grant."""
+    domain = device_domain(device)
+    return Identity(
+        device_user(device),
+        Permissions(
+            publish=(
+                f"{deliver_prefix(device)}.>",
+                "$JSC.R.>",
+                *(ca_subject(op) for op in DEVICE_CA_OPERATIONS),
+            ),
+            subscribe=(f"$JS.{domain}.API.>", "$JS.FC.>", f"{device_inbox(device)}.>"),
+        ),
+        f"fleet device {device}: sources its audit into the hub, reads the CA chain and CRL",
+    )
+
+
+__all__ = ["DEVICE_CA_OPERATIONS", "device_identity", "device_inbox", "device_user"]
