@@ -440,22 +440,26 @@ class CertificateAuthority:
         """Issue under the serial the request id determines, so that a retry whose first
         attempt was stored but never answered (a CA, bus or broker killed in between)
         finds that record instead of making a second certificate: the create-if-absent
-        of cert.<serial> is the one place that decides."""
+        of cert.<serial> is the one place that decides. The record is not read first:
+        a first attempt (nearly every call) costs one KV write and no read, and a retry
+        pays a signature that is never stored or returned, then reads what the first
+        attempt stored."""
         serial = request_serial(issuer.state.intermediate_key_id, requester, request_id)
-        for _ in range(2):
-            existing = await self.store.find_record(serial)
-            if existing is not None:
-                if existing.request_id != request_id or existing.requester != requester:
-                    raise Internal("cert.serial_exhausted", "request serial collision")
-                log.info("event=ca_issue_replayed serial=%s", existing.serial)
-                return existing
-            record = await make(serial)
-            try:
-                await self.store.create_record(record)
-            except AlreadyExists:
-                continue  # a concurrent retry stored it first: answer with that one
+        record = await make(serial)
+        try:
+            await self.store.create_record(record)
             return record
-        raise Internal("cert.serial_exhausted", "could not store the certificate")
+        except AlreadyExists:
+            pass  # a first attempt (or a concurrent retry) stored it: answer with that one
+        existing = await self.store.find_record(serial)
+        if existing is None:
+            # Stored and then pruned in between: impossible for a fresh record (it
+            # would have to be long expired); refuse rather than sign a second one.
+            raise Internal("cert.serial_exhausted", "could not store the certificate")
+        if existing.request_id != request_id or existing.requester != requester:
+            raise Internal("cert.serial_exhausted", "request serial collision")
+        log.info("event=ca_issue_replayed serial=%s", existing.serial)
+        return existing
 
     async def issue_plan(
         self, plan: IssuePlan, requester: str, request_id: str = ""
