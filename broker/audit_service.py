@@ -20,7 +20,7 @@ import contextlib
 import contextvars
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,9 @@ class AuditScope:
     identity: Identity | None = None
     details: dict[str, str] = field(default_factory=dict)
     recorded: bool = False
+    # Writes started by the handler to run while the audit record is appended
+    # (beside_audit); settle() returns only once they are done too.
+    beside: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def for_request(cls, writer: AuditWriter | None, method: str, request: Any) -> AuditScope:
@@ -138,7 +141,16 @@ class AuditScope:
 
     async def settle(self, err: KMSError | None) -> KMSError | None:
         """Record how the call ended. Returns the error to answer with: `err`, or
-        audit.unavailable when the record could not be stored (fail closed)."""
+        audit.unavailable when the record could not be stored (fail closed). The writes
+        the handler left beside the audit record are finished before it returns."""
+        try:
+            return await self._settle(err)
+        finally:
+            if self.beside:
+                pending, self.beside = self.beside, []
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _settle(self, err: KMSError | None) -> KMSError | None:
         if err is None and self.recorded:
             return None
         if err is not None and err.reason in (AUDIT_UNAVAILABLE, AUDIT_FULL):
@@ -172,6 +184,17 @@ async def record_before_change(**details: str) -> None:
         return
     scope.details.update(details)
     await scope.record_ok()
+
+
+async def beside_audit(write: Coroutine[Any, Any, None]) -> None:
+    """Run `write` (which handles its own errors) while this call's audit record is
+    appended, instead of before it: both are stored before the caller is answered, in
+    one round trip's time instead of two. Outside a call it is simply awaited."""
+    scope = _current.get()
+    if scope is None:
+        await write
+        return
+    scope.beside.append(asyncio.ensure_future(write))
 
 
 def note(**details: str) -> None:

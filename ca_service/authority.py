@@ -97,6 +97,31 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
+def _same_request(stored: ca_pb2.CertificateRecord, fresh: ca_pb2.CertificateRecord) -> bool:
+    """Whether a retry asks for what the stored certificate certifies: the same profile,
+    subject, names, lifetime and public key (the stored one's dates are from its own
+    issuance, so the lifetime is compared, not the dates)."""
+
+    def lifetime(r: ca_pb2.CertificateRecord) -> datetime.timedelta:
+        return parse_rfc3339(r.not_after) - parse_rfc3339(r.not_before)
+
+    def spki(r: ca_pb2.CertificateRecord) -> bytes:
+        return (
+            x509.load_der_x509_certificate(r.certificate_der)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    return (
+        (stored.profile, stored.subject, list(stored.sans), stored.renewed_from)
+        == (fresh.profile, fresh.subject, list(fresh.sans), fresh.renewed_from)
+        and lifetime(stored) == lifetime(fresh)
+        and spki(stored) == spki(fresh)
+    )
+
+
 class CAKeyRegistry(Protocol):
     """The key registry as the CA uses it (edgekms.registry_record.RegistryKeys): its keys
     are recorded there, so `kmsctl key disable ca/root` reaches the CA too."""
@@ -458,6 +483,14 @@ class CertificateAuthority:
             raise Internal("cert.serial_exhausted", "could not store the certificate")
         if existing.request_id != request_id or existing.requester != requester:
             raise Internal("cert.serial_exhausted", "request serial collision")
+        if not _same_request(existing, record):
+            # The broker stores no claim for an issuance (broker.ca_forward): this is
+            # where another request under a used id is refused.
+            raise InvalidArgument(
+                "request.id_reused",
+                "request id already used for a different IssueCertificate request",
+                {"serial": existing.serial},
+            )
         log.info("event=ca_issue_replayed serial=%s", existing.serial)
         return existing
 
