@@ -28,7 +28,6 @@ from ca_service.builder import (
     CAKey,
     CaUrls,
     build_intermediate,
-    build_leaf,
     build_root,
     ca_name,
     key_id_hex,
@@ -39,6 +38,7 @@ from ca_service.catalog import Catalog
 from ca_service.crl import CRL_VALIDITY, REASON_FLAGS, EntryCache, Revocation, build_crl
 from ca_service.crlstore import CRLJobs, CRLStore
 from ca_service.hierarchy import IssuingCA
+from ca_service.leafsign import LeafSigner
 from ca_service.listing import Query
 from ca_service.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
 from ca_service.profiles import BUILTIN_PROFILES, Profile, get_profile
@@ -150,6 +150,8 @@ class _Issuer:
     cert: x509.Certificate
     root: x509.Certificate
     key: CAKey
+    # The same key for leaves, signed on the event loop (ca_service.leafsign).
+    leaf: LeafSigner
     revision: int = 0
     loaded_at: float = 0.0
 
@@ -317,14 +319,12 @@ class CertificateAuthority:
             state, revision = found
             cert = x509.load_der_x509_certificate(state.intermediate_certificate_der)
             root = x509.load_der_x509_certificate(state.root_certificate_der)
-            key = self.keys.signing_key(
-                state.provider,
-                state.intermediate_key_id,
-                cert.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                ),
+            public_der = cert.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
-            self._issuer = _Issuer(state, cert, root, key, revision, time.monotonic())
+            key = self.keys.signing_key(state.provider, state.intermediate_key_id, public_der)
+            leaf = self.keys.leaf_signer(state.provider, state.intermediate_key_id, public_der)
+            self._issuer = _Issuer(state, cert, root, key, leaf, revision, time.monotonic())
         return self._issuer
 
     async def issuing_cas(self) -> list[IssuingCA]:
@@ -410,13 +410,13 @@ class CertificateAuthority:
         urls = self.urls.for_issuer(issuer.key_id_hex)
 
         async def make(serial: int) -> ca_pb2.CertificateRecord:
-            cert = await asyncio.to_thread(build_leaf, issuer.key, issuer.cert, plan, serial, urls)
+            cert, der = await issuer.leaf.build(issuer.cert, plan, serial, urls)
             return ca_pb2.CertificateRecord(
                 serial=serial_hex(serial),
                 profile=plan.profile.name,
                 requester=requester,
                 status=ca_pb2.CERTIFICATE_STATUS_VALID,
-                certificate_der=_der(cert),
+                certificate_der=der,
                 subject=plan.subject.rfc4514_string(),
                 sans=plan.san_list,
                 not_before=rfc3339(cert.not_valid_before_utc),
