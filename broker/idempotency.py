@@ -21,6 +21,11 @@ does) and does the work again. That is safe because the work is
 itself safe to repeat: CreateKey answers key.exists for a name already made, and the
 CA derives a certificate's serial from the request id, so a repeated issue finds the
 record the first attempt stored instead of making a second certificate.
+
+For IssueCertificate that is all the protection needed, so no claim is written
+(`claim=False`, broker.ca_forward.SELF_DEDUPLICATING): the entry is read for a stored
+answer, the work runs, and its answer is stored beside the audit record. The CA refuses
+another request under a used id itself (request.id_reused).
 """
 
 from __future__ import annotations
