@@ -6,7 +6,9 @@ in the CA bucket) and to `cfssl serve` (Debian's golang-cfssl, CA key in softwar
 and 16 in flight.
 
 The load runs in one spawned process per run (asyncio: grpc.aio or aiohttp), measured
-the same way as the Sign runs.
+the same way as the Sign runs. `python -m bench.issuance` runs the EdgeKMS half alone on a
+fresh stack and prints CPU per certificate per process (`--profile DIR`: py-spy stacks of
+the CA, the broker and crypto-hsm0), for iterating on the issuance path.
 """
 
 from __future__ import annotations
