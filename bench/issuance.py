@@ -6,7 +6,9 @@ in the CA bucket) and to `cfssl serve` (Debian's golang-cfssl, CA key in softwar
 and 16 in flight.
 
 The load runs in one spawned process per run (asyncio: grpc.aio or aiohttp), measured
-the same way as the Sign runs.
+the same way as the Sign runs. `python -m bench.issuance` runs the EdgeKMS half alone on a
+fresh stack and prints CPU per certificate per process (`--profile DIR`: py-spy stacks of
+the CA, the broker and crypto-hsm0), for iterating on the issuance path.
 """
 
 from __future__ import annotations
@@ -264,3 +266,87 @@ def run(
         cfssl.terminate()
         cfssl.wait(10)
     return runs, samples, peak
+
+
+def _profile_start(pids: Mapping[str, int], out: Path, seconds: float) -> dict[str, Any]:
+    """py-spy on the CA service, the broker and crypto-hsm0 for `seconds` (raw stacks)."""
+    from bench.profile import py_spy
+
+    binary = py_spy()
+    if binary is None:
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    spies: dict[str, Any] = {}
+    for name in ("ca", "broker", "crypto-hsm0"):
+        if name not in pids:
+            continue
+        target = out / f"issue-{name}.collapsed.txt"
+        spies[name] = (
+            subprocess.Popen(
+                [binary, "record", "--pid", str(pids[name]), "--duration", str(int(seconds)),
+                 "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ),
+            target,
+        )  # fmt: skip
+    return spies
+
+
+def main() -> None:
+    """`python -m bench.issuance`: EdgeKMS issuance alone on a fresh stack, for iterating
+    on the issuance path (rate, CPU per certificate per process; `--profile`: py-spy)."""
+    import argparse
+    import tempfile
+
+    from bench import stackrun
+    from bench.profile import summarise_collapsed
+
+    parser = argparse.ArgumentParser(prog="python -m bench.issuance", description=main.__doc__)
+    parser.add_argument("--inflight", type=int, nargs="+", default=list(LEVELS))
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgekms-issue-"))
+    try:
+        stack = stackrun.start(work / "data")
+        try:
+            pids = stack.pids()
+            csrs = make_csrs()
+            _init_ca(stack.client_config)
+            for n in args.inflight:
+                spec = IssueSpec(
+                    "edgekms", stack.broker, str(stack.data_dir), csrs, n,
+                    args.duration, args.warmup,
+                )  # fmt: skip
+                spies: dict[str, Any] = {}
+                if args.profile is not None:
+                    spies = _profile_start(
+                        pids, args.profile / str(n), args.duration + args.warmup + 3.5
+                    )
+                result, _, _ = measure(spec, pids)
+                per_cert = {
+                    name: round(cpu / args.duration / max(result.rate, 1) * 1e6)
+                    for name, cpu in sorted(result.cpu.items())
+                    if cpu > 0.01
+                }
+                print(
+                    f"in flight {n}: {result.rate:,.0f}/s p50 {result.p50_ms:.2f} ms "
+                    f"p99 {result.p99_ms:.2f} ms errors {result.errors} {result.note}"
+                )
+                print(f"  CPU µs per certificate: {per_cert}")
+                for name, (proc, target) in spies.items():
+                    proc.communicate(timeout=60)
+                    if target.exists():
+                        summary = summarise_collapsed(target.read_text(), top=15)
+                        print(f"  py-spy {name}: {summary['samples']} samples")
+                        for fn, share in summary["self"]:
+                            print(f"    {share:5.1f}%  {fn}")
+        finally:
+            stack.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

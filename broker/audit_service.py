@@ -21,7 +21,7 @@ import contextvars
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -134,6 +134,9 @@ class AuditScope:
     recorded: bool = False
     # What a failure entry says about the "ok" stored before the work that then failed.
     recorded_before: str = "the change"
+    # Writes started by the handler to run while the audit record is appended
+    # (beside_audit); settle() returns only once they are done too.
+    beside: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def for_request(cls, writer: AuditWriter | None, method: str, request: Any) -> AuditScope:
@@ -164,7 +167,16 @@ class AuditScope:
 
     async def settle(self, err: KMSError | None) -> KMSError | None:
         """Record how the call ended. Returns the error to answer with: `err`, or
-        audit.unavailable when the record could not be stored (fail closed)."""
+        audit.unavailable when the record could not be stored (fail closed). The writes
+        the handler left beside the audit record are finished before it returns."""
+        try:
+            return await self._settle(err)
+        finally:
+            if self.beside:
+                pending, self.beside = self.beside, []
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _settle(self, err: KMSError | None) -> KMSError | None:
         if err is None and self.recorded:
             return None
         if err is not None and err.reason in (AUDIT_UNAVAILABLE, AUDIT_FULL):
@@ -239,6 +251,17 @@ def _consume(task: asyncio.Future[None]) -> None:
     if exc is not None:
         reason = exc.reason if isinstance(exc, KMSError) else type(exc).__name__
         log.warning("audit entry of a cancelled call failed", extra=fields(reason=reason))
+
+
+async def beside_audit(write: Coroutine[Any, Any, None]) -> None:
+    """Run `write` (which handles its own errors) while this call's audit record is
+    appended, instead of before it: both are stored before the caller is answered, in
+    one round trip's time instead of two. Outside a call it is simply awaited."""
+    scope = _current.get()
+    if scope is None:
+        await write
+        return
+    scope.beside.append(asyncio.ensure_future(write))
 
 
 def note(**details: str) -> None:

@@ -58,6 +58,12 @@ STATE_CHANGING = {
     "SpiffeUnfederate",
 }
 
+# State-changing calls whose work refuses a duplicate itself, so the broker writes no
+# claim for them (broker.idempotency, claim=False): the CA derives an issued certificate's
+# serial from the request id, stores it create-if-absent, and answers a retry with the
+# stored certificate (or request.id_reused for another request under the same id).
+SELF_DEDUPLICATING = frozenset({"IssueCertificate"})
+
 # Where `requester` is a filter chosen by the caller (list what device X asked for), not
 # the caller's name: left as given. Written over, it made every listing through the
 # broker show only the caller's own certificates.
@@ -121,7 +127,13 @@ class CAForwarder:
                 response = await send()
             else:
                 response = await self.idempotency.run(
-                    identity, method, request, response_type, send, lease=timeout
+                    identity,
+                    method,
+                    request,
+                    response_type,
+                    send,
+                    lease=timeout,
+                    claim=method not in SELF_DEDUPLICATING,
                 )
             record = getattr(response, "record", None)
             if record is not None and record.serial:

@@ -21,6 +21,11 @@ does) and does the work again. That is safe because the work is
 itself safe to repeat: CreateKey answers key.exists for a name already made, and the
 CA derives a certificate's serial from the request id, so a repeated issue finds the
 record the first attempt stored instead of making a second certificate.
+
+For IssueCertificate that is all the protection needed, so no claim is written
+(`claim=False`, broker.ca_forward.SELF_DEDUPLICATING): the entry is read for a stored
+answer, the work runs, and its answer is stored beside the audit record. The CA refuses
+another request under a used id itself (request.id_reused).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from broker.audit_service import beside_audit
 from broker.buckets import open_bucket
 from edgekms.errors import InvalidArgument, KMSError, Unavailable
 from edgekms.identity import Identity
@@ -177,9 +183,15 @@ class IdempotencyStore:
         response_type: type[M],
         work: Callable[[], Awaitable[M]],
         lease: float | None = None,
+        claim: bool = True,
     ) -> M:
         """Do `work` once for this client's request id; without an id, just do it.
-        `lease`: how long the work may take at most (the caller's remaining deadline)."""
+        `lease`: how long the work may take at most (the caller's remaining deadline).
+        `claim=False` for work that decides duplicates itself (IssueCertificate: the CA
+        derives the serial from the request id, stores it create-if-absent and refuses a
+        different request under it): no claim is written, the entry is only read for a
+        stored answer, and the answer is stored beside the call's audit record
+        (broker.audit_service.beside_audit), both before the caller is answered."""
         request_id = str(getattr(request, "request_id", "") or "")
         if not request_id:
             return await work()
@@ -188,6 +200,8 @@ class IdempotencyStore:
                 "request.id_invalid", f"a request id has at most {MAX_REQUEST_ID} characters"
             )
         key = entry_key(identity.client, request_id)
+        if not claim:
+            return await self._run_unclaimed(identity, key, method, request, response_type, work)
         now = self._clock()
         hold = self.takeover_after if lease is None else min(lease, self.takeover_after)
         mine = Entry(IN_PROGRESS, fingerprint(method, request), method, now, self.owner, now + hold)
@@ -243,6 +257,57 @@ class IdempotencyStore:
                 extra=fields(method=method, request_id=request_id, error=type(exc).__name__),
             )
         return response
+
+    async def _run_unclaimed(
+        self,
+        identity: Identity,
+        key: str,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        work: Callable[[], Awaitable[M]],
+    ) -> M:
+        """One read instead of a claim write: an answer stored by an earlier attempt is
+        replayed (and a different body refused) as with a claim; otherwise the work runs
+        and its answer is stored while the audit record is written."""
+        mine = Entry(IN_PROGRESS, fingerprint(method, request), method, self._clock(), self.owner)
+        try:
+            try:
+                found = await self.kv.get(key)
+            except KeyNotFoundError:
+                found = None
+            if found is not None and found.value:
+                # A claim left by a claiming call of the same id (stale or not) is no
+                # reason to wait: the work itself refuses a duplicate.
+                entry = Entry.decode(found.value)
+                if entry.fingerprint != mine.fingerprint or entry.state == DONE:
+                    replay = self._settled(entry, mine, method)
+                    if replay is not None:
+                        response = response_type()
+                        response.ParseFromString(replay)
+                        log.info(
+                            "request replayed",
+                            extra=fields(method=method, client=identity.client),
+                        )
+                        return response
+        except KMSError:
+            raise
+        except Exception as exc:
+            raise _unavailable(exc) from None
+        response = await work()
+        done = Entry(DONE, mine.fingerprint, method, self._clock(), self.owner)
+        done.response = response.SerializeToString()
+        await beside_audit(self._store_answer(key, done, method))
+        return response
+
+    async def _store_answer(self, key: str, done: Entry, method: str) -> None:
+        try:
+            await self.kv.put(key, done.encode())
+        except Exception as exc:
+            # As in run(): a retry redoes the work, which answers alike.
+            log.warning(
+                "request answer not stored", extra=fields(method=method, error=type(exc).__name__)
+            )
 
     def _settled(self, found: Entry, mine: Entry, method: str) -> bytes | None:
         """The stored answer, or None when a stale claim may be taken over; else raise."""

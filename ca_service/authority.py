@@ -28,7 +28,6 @@ from ca_service.builder import (
     CAKey,
     CaUrls,
     build_intermediate,
-    build_leaf,
     build_root,
     ca_name,
     key_id_hex,
@@ -39,6 +38,7 @@ from ca_service.catalog import Catalog
 from ca_service.crl import CRL_VALIDITY, REASON_FLAGS, EntryCache, Revocation, build_crl
 from ca_service.crlstore import CRLJobs, CRLStore
 from ca_service.hierarchy import IssuingCA
+from ca_service.leafsign import LeafSigner
 from ca_service.listing import Query
 from ca_service.policy import IssuePlan, PublicKey, load_csr, make_plan, plan_from_csr
 from ca_service.profiles import BUILTIN_PROFILES, Profile, get_profile
@@ -97,6 +97,31 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
+def _same_request(stored: ca_pb2.CertificateRecord, fresh: ca_pb2.CertificateRecord) -> bool:
+    """Whether a retry asks for what the stored certificate certifies: the same profile,
+    subject, names, lifetime and public key (the stored one's dates are from its own
+    issuance, so the lifetime is compared, not the dates)."""
+
+    def lifetime(r: ca_pb2.CertificateRecord) -> datetime.timedelta:
+        return parse_rfc3339(r.not_after) - parse_rfc3339(r.not_before)
+
+    def spki(r: ca_pb2.CertificateRecord) -> bytes:
+        return (
+            x509.load_der_x509_certificate(r.certificate_der)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    return (
+        (stored.profile, stored.subject, list(stored.sans), stored.renewed_from)
+        == (fresh.profile, fresh.subject, list(fresh.sans), fresh.renewed_from)
+        and lifetime(stored) == lifetime(fresh)
+        and spki(stored) == spki(fresh)
+    )
+
+
 class CAKeyRegistry(Protocol):
     """The key registry as the CA uses it (edgekms.registry_record.RegistryKeys): its keys
     are recorded there, so `kmsctl key disable ca/root` reaches the CA too."""
@@ -125,6 +150,8 @@ class _Issuer:
     cert: x509.Certificate
     root: x509.Certificate
     key: CAKey
+    # The same key for leaves, signed on the event loop (ca_service.leafsign).
+    leaf: LeafSigner
     revision: int = 0
     loaded_at: float = 0.0
 
@@ -292,14 +319,12 @@ class CertificateAuthority:
             state, revision = found
             cert = x509.load_der_x509_certificate(state.intermediate_certificate_der)
             root = x509.load_der_x509_certificate(state.root_certificate_der)
-            key = self.keys.signing_key(
-                state.provider,
-                state.intermediate_key_id,
-                cert.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                ),
+            public_der = cert.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
-            self._issuer = _Issuer(state, cert, root, key, revision, time.monotonic())
+            key = self.keys.signing_key(state.provider, state.intermediate_key_id, public_der)
+            leaf = self.keys.leaf_signer(state.provider, state.intermediate_key_id, public_der)
+            self._issuer = _Issuer(state, cert, root, key, leaf, revision, time.monotonic())
         return self._issuer
 
     async def issuing_cas(self) -> list[IssuingCA]:
@@ -385,13 +410,13 @@ class CertificateAuthority:
         urls = self.urls.for_issuer(issuer.key_id_hex)
 
         async def make(serial: int) -> ca_pb2.CertificateRecord:
-            cert = await asyncio.to_thread(build_leaf, issuer.key, issuer.cert, plan, serial, urls)
+            cert, der = await issuer.leaf.build(issuer.cert, plan, serial, urls)
             return ca_pb2.CertificateRecord(
                 serial=serial_hex(serial),
                 profile=plan.profile.name,
                 requester=requester,
                 status=ca_pb2.CERTIFICATE_STATUS_VALID,
-                certificate_der=_der(cert),
+                certificate_der=der,
                 subject=plan.subject.rfc4514_string(),
                 sans=plan.san_list,
                 not_before=rfc3339(cert.not_valid_before_utc),
@@ -440,22 +465,34 @@ class CertificateAuthority:
         """Issue under the serial the request id determines, so that a retry whose first
         attempt was stored but never answered (a CA, bus or broker killed in between)
         finds that record instead of making a second certificate: the create-if-absent
-        of cert.<serial> is the one place that decides."""
+        of cert.<serial> is the one place that decides. The record is not read first:
+        a first attempt (nearly every call) costs one KV write and no read, and a retry
+        pays a signature that is never stored or returned, then reads what the first
+        attempt stored."""
         serial = request_serial(issuer.state.intermediate_key_id, requester, request_id)
-        for _ in range(2):
-            existing = await self.store.find_record(serial)
-            if existing is not None:
-                if existing.request_id != request_id or existing.requester != requester:
-                    raise Internal("cert.serial_exhausted", "request serial collision")
-                log.info("event=ca_issue_replayed serial=%s", existing.serial)
-                return existing
-            record = await make(serial)
-            try:
-                await self.store.create_record(record)
-            except AlreadyExists:
-                continue  # a concurrent retry stored it first: answer with that one
+        record = await make(serial)
+        try:
+            await self.store.create_record(record)
             return record
-        raise Internal("cert.serial_exhausted", "could not store the certificate")
+        except AlreadyExists:
+            pass  # a first attempt (or a concurrent retry) stored it: answer with that one
+        existing = await self.store.find_record(serial)
+        if existing is None:
+            # Stored and then pruned in between: impossible for a fresh record (it
+            # would have to be long expired); refuse rather than sign a second one.
+            raise Internal("cert.serial_exhausted", "could not store the certificate")
+        if existing.request_id != request_id or existing.requester != requester:
+            raise Internal("cert.serial_exhausted", "request serial collision")
+        if not _same_request(existing, record):
+            # The broker stores no claim for an issuance (broker.ca_forward): this is
+            # where another request under a used id is refused.
+            raise InvalidArgument(
+                "request.id_reused",
+                "request id already used for a different IssueCertificate request",
+                {"serial": existing.serial},
+            )
+        log.info("event=ca_issue_replayed serial=%s", existing.serial)
+        return existing
 
     async def issue_plan(
         self, plan: IssuePlan, requester: str, request_id: str = ""

@@ -14,6 +14,7 @@ import secrets
 from typing import Protocol
 
 from ca_service.builder import CAKey
+from ca_service.leafsign import LeafSigner
 from edgekms.algorithms import KeyType
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
@@ -36,6 +37,10 @@ class KeyBackend(Protocol):
         ...
 
     async def destroy(self, provider: str, key_id: bytes) -> None: ...
+
+    def leaf_signer(self, provider: str, key_id: bytes, public_key_der: bytes) -> LeafSigner:
+        """Signs leaves of this key on the event loop (ca_service.leafsign)."""
+        ...
 
 
 class KMSKeyBackend:
@@ -60,6 +65,12 @@ class KMSKeyBackend:
         self._loop = loop
         signer = NatsDigestSigner(self._client, loop, provider, key_id, timeout=15.0)
         return remote_key(signer, public_key_der)
+
+    def leaf_signer(self, provider: str, key_id: bytes, public_key_der: bytes) -> LeafSigner:
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        signer = NatsDigestSigner(self._client, loop, provider, key_id, timeout=15.0)
+        return LeafSigner(signer, public_key_der)
 
     async def destroy(self, provider: str, key_id: bytes) -> None:
         try:

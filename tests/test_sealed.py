@@ -181,3 +181,32 @@ def test_the_counter_book_outlives_the_process(tmp_path: Path) -> None:
     with pytest.raises(TamperedRecord):
         again.check("kms_keys", "nas/app", 450, 5)
     again.close()
+
+
+def test_a_record_read_again_is_verified_once_and_other_bytes_every_time() -> None:
+    """The verified-envelope memo: the CA reads ca/intermediate before every issuance."""
+    from unittest import mock
+
+    from edgekms.sealed import VERIFIED_MEMO
+
+    seal = RecordSeal("ca", KEYS["ca"], PUBLIC)
+    value = seal.seal("kms_keys", "ca/intermediate", b"record")
+    with mock.patch.object(seal, "_verify", wraps=seal._verify) as verify:
+        for revision in (1, 1, 1):
+            assert seal.open("kms_keys", "ca/intermediate", value, revision) == b"record"
+        assert verify.call_count == 1
+        # One byte changed: verified afresh, and refused.
+        forged = bytearray(value)
+        forged[-1] ^= 1
+        with pytest.raises(TamperedRecord):
+            seal.open("kms_keys", "ca/intermediate", bytes(forged), 2)
+        with pytest.raises(TamperedRecord):
+            seal.open("kms_keys", "ca/intermediate", bytes(forged), 2)
+        assert verify.call_count == 3
+        # The same bytes under another key are not the memo's.
+        with pytest.raises(TamperedRecord):
+            seal.open("kms_keys", "ca/root", value)
+    # Bounded however many records pass through.
+    for i in range(VERIFIED_MEMO * 3):
+        seal.open("kms_ca", f"cert.{i:X}", seal.seal("kms_ca", f"cert.{i:X}", b"x"))
+    assert len(seal._verified) == VERIFIED_MEMO

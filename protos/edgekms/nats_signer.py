@@ -3,7 +3,8 @@ system (the bootstrap ceremony, the CA service, the broker issuing client certif
 rather than through the broker's gRPC API. Shared, so no service imports another's code.
 
 cryptography's builders call sign() synchronously, and the NATS client is asyncio: run
-the builder in a worker thread and this signer hands each request to the event loop.
+the builder in a worker thread and this signer hands each request to the event loop
+(or, with sign_digest_async, stay on the loop and splice the signature in afterwards).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ class NatsDigestSigner:
         self._provider = provider
         self._key_id = key_id
         self._timeout = timeout
+
+    async def sign_digest_async(self, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
+        """The same signature, awaited on the event loop (no worker thread): for callers
+        that compute what to sign themselves (ca_service.leafsign)."""
+        request = crypto_pb2.SignRequest(key_id=self._key_id, algorithm=algorithm, data=data)
+        response = await self._client.sign(self._provider, request, timeout=self._timeout)
+        return bytes(response.signature)
 
     def sign_digest(self, algorithm: SignatureAlgorithm, data: bytes) -> bytes:
         try:

@@ -81,6 +81,9 @@ CA_OWNED_KEY_RE = re.compile(
 )
 CEREMONY_OWNED_KEYS = ("edgekms/internal-ca",)
 SEALED_BUCKETS = (KEY_REGISTRY_BUCKET, CLIENTS_BUCKET, CA_BUCKET)
+# How many verified envelopes a process remembers (RecordSeal._envelope): records read
+# again and again are few (the CA's own key records); a bulk read just cycles through.
+VERIFIED_MEMO = 64
 # What an amendment of another owner's key record must leave as the owner sealed it.
 IDENTITY_FIELDS = ("name", "provider", "key_type", "key_id", "public_key_der")
 
@@ -258,6 +261,12 @@ class RecordSeal:
         self._public_keys = dict(public_keys)
         self.counters = counters if counters is not None else CounterBook()
         self._issued: dict[str, int] = {}
+        # Envelopes whose signature checked out, by (bucket, key, exact stored bytes): the
+        # same bytes verify the same way against the same public keys, so a record read
+        # on every request (the CA's ca/intermediate before each issuance) costs one
+        # Ed25519 verification, not one per read. Bounded; the counter and writer checks
+        # still run on every read.
+        self._verified: dict[tuple[str, str, bytes], sealed_pb2.SealedRecord] = {}
 
     def next_counter(self, bucket: str, key: str) -> int:
         """Above every counter seen or handed out for the record, and at least the clock
@@ -290,6 +299,17 @@ class RecordSeal:
 
     def _envelope(self, bucket: str, key: str, value: bytes) -> sealed_pb2.SealedRecord:
         """The parsed and signature-checked envelope; the writer is not yet judged."""
+        memo = (bucket, key, bytes(value))
+        known = self._verified.get(memo)
+        if known is not None:
+            return known
+        envelope = self._verify(bucket, key, value)
+        if len(self._verified) >= VERIFIED_MEMO:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[memo] = envelope
+        return envelope
+
+    def _verify(self, bucket: str, key: str, value: bytes) -> sealed_pb2.SealedRecord:
         envelope = sealed_pb2.SealedRecord()
         try:
             envelope.ParseFromString(value)

@@ -116,3 +116,37 @@ def test_claim_of_a_dead_broker_is_taken_over(fault_stack: KmsStack) -> None:
         taken = client.create_key("idem-stale", "ec-p256", request_id=stale)
         assert taken.state == common_pb2.KEY_STATE_ACTIVE
         assert client.create_key("idem-stale", "ec-p256", request_id=stale).key_id == taken.key_id
+
+
+async def _read_entry(stack: KmsStack, key: str) -> Entry:
+    options = local_credentials(stack.data_dir, BROKER_USER).connect_options()
+    nc = await nats.connect(stack.nats_url.replace("nats://", "tls://"), **options)
+    try:
+        kv = await nc.jetstream().key_value(IDEMPOTENCY_BUCKET)
+        found = await kv.get(key)
+        return Entry.decode(found.value or b"{}")
+    finally:
+        await nc.close()
+
+
+def test_an_issuance_stores_its_answer_without_a_claim_before_it_answers(
+    fault_stack: KmsStack,
+) -> None:
+    """IssueCertificate writes no claim (the CA's serial decides): one write of the answer,
+    made beside the audit record and finished before the caller has the certificate."""
+    from edgekms.v1 import ca_pb2
+
+    rid = uuid.uuid4().hex
+    csr = new_csr("answer-stored")
+    with fault_stack.client() as client:
+        who = client.whoami().client
+        first = client.issue_certificate("device", csr, request_id=rid)
+        entry = asyncio.run(_read_entry(fault_stack, entry_key(who, rid)))
+        assert entry.state == "done" and entry.method == "IssueCertificate"
+        stored = ca_pb2.IssueCertificateResponse()
+        stored.ParseFromString(entry.response)
+        assert stored.record.serial == first.record.serial
+        # A retry is answered from it.
+        assert client.issue_certificate("device", csr, request_id=rid).record.serial == (
+            first.record.serial
+        )
