@@ -8,9 +8,7 @@ a generous deadline (a busy two-core CI machine).
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from nats.aio.client import Client
 
 from mgmt.natsserver import ClusterConfig, NatsServer, NatsServerConfig, free_port
 from tests.cluster.netns import NetnsCluster, unavailable_reason
+from tests.cluster.ready import wait_cluster_ready
 from tests.conftest import SLOWDOWN
 
 CLUSTER = "edgekms-test"
@@ -99,24 +98,12 @@ class Cluster:
         )
 
     async def wait_ready(self, seconds: float = 60.0) -> None:
-        """Until JetStream answers account info through every live node (a meta leader
-        is elected and the node has joined it)."""
-        deadline = time.monotonic() + seconds * SLOWDOWN
-        for index, node in enumerate(self.nodes):
-            if node is None:
-                continue
-            while True:
-                try:
-                    nc = await nats.connect(self.urls[index], connect_timeout=2)
-                    try:
-                        await nc.jetstream(timeout=2).account_info()
-                        break
-                    finally:
-                        await nc.close()
-                except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError):
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+        """Until every live node's JetStream answers and the meta group knows them all
+        (tests.cluster.ready)."""
+        await wait_cluster_ready(
+            [u if n is not None else None for u, n in zip(self.urls, self.nodes, strict=True)],
+            seconds,
+        )
 
 
 @pytest.fixture

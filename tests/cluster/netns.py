@@ -22,14 +22,12 @@ also after a failed setup.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import os
 import secrets
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from mgmt.natsserver import (
     find_binary,
     wait_for_port,
 )
+from tests.cluster.ready import wait_cluster_ready
 from tests.conftest import SLOWDOWN
 
 CLIENT_PORT = 4222
@@ -241,43 +240,11 @@ class NetnsCluster:
         )
 
     async def wait_ready(self, seconds: float = 60.0) -> None:
-        """Until JetStream answers account info through every live node (a meta leader
-        is elected and the node has joined it)."""
-        deadline = time.monotonic() + seconds * SLOWDOWN
-        for index, node in enumerate(self.nodes):
-            if node is None:
-                continue
-            while True:
-                try:
-                    nc = await nats.connect(self.urls[index], connect_timeout=2)
-                    try:
-                        await nc.jetstream(timeout=2).account_info()
-                        break
-                    finally:
-                        await nc.close()
-                except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError):
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
-        # Answering is not yet knowing every peer: until the meta group has all of them,
-        # a stream with a copy on each is refused. Make one (and drop it) to be sure.
-        probe = nats.js.api.StreamConfig(
-            name=f"READY_{self.tag}", subjects=[f"ready.{self.tag}"], num_replicas=self.size
+        """Until every live node's JetStream answers and the meta group knows them all."""
+        await wait_cluster_ready(
+            [u if n is not None else None for u, n in zip(self.urls, self.nodes, strict=True)],
+            seconds,
         )
-        while True:
-            try:
-                nc = await nats.connect(self.urls[0], connect_timeout=2)
-                try:
-                    js = nc.jetstream(timeout=5)
-                    await js.add_stream(probe)
-                    await js.delete_stream(probe.name or "")
-                    return
-                finally:
-                    await nc.close()
-            except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
 
     def teardown(self) -> None:
         """Stop every server and delete every namespace this cluster made; never raises
