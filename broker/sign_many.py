@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 # Items in one SignBatch. A batch is answered as a whole, so it is held to what one
 # reply carries comfortably (1,000 RSA-4096 signatures are 512 KiB) and to what a caller
-# waits for at once; gRPC's 4 MiB message limit bounds the request's bytes.
+# waits for at once; the broker's gRPC limits (broker/server.py) bound the request's
+# bytes (256 KiB) and the reply's (1 MiB).
 MAX_BATCH_ITEMS = 1000
 # Requests of one stream worked on at once: the stream reads no further until one
 # completes, so a fast writer is held back by HTTP/2 flow control, not by memory here.
@@ -69,6 +70,8 @@ MAX_CHUNKED_ITEM_BYTES = 8 * 1024
 # Chunks of one batch on the bus at once: one being signed while the next travels in
 # keeps the token's threads busy; more only queues in the crypto service.
 CHUNKS_IN_FLIGHT = 2
+# The audit outcome of an item whose batch was cancelled before it was answered.
+CANCELLED = "request.cancelled"
 
 
 async def sign_item(
@@ -296,13 +299,19 @@ async def sign_batch(
     if batch.todo:
         timeout = service._timeout(context, service.config.sign_timeout)
         window = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
-        await asyncio.gather(
-            *(
-                _sign_chunk(service, batch, provider, chunk, timeout, window)
-                for provider, items in batch.todo.items()
-                for chunk in _chunks(items)
+        try:
+            await asyncio.gather(
+                *(
+                    _sign_chunk(service, batch, provider, chunk, timeout, window)
+                    for provider, items in batch.todo.items()
+                    for chunk in _chunks(items)
+                )
             )
-        )
+        except asyncio.CancelledError:
+            # The caller went away (cancelled, or its deadline passed): no signature
+            # leaves, and every decision is still recorded, as cancelled unless refused.
+            await _record_cancelled(service, request, identity, batch)
+            raise
 
     failed = await _record(service, request, identity, batch)
     log.info(
@@ -316,6 +325,22 @@ async def sign_batch(
         ),
     )
     return keys_pb2.SignBatchResponse(results=batch.results)
+
+
+async def _record_cancelled(
+    service: KeyService, request: keys_pb2.SignBatchRequest, identity: Identity, batch: _Batch
+) -> None:
+    for index, outcome in enumerate(batch.outcomes):
+        if outcome == "ok":
+            batch.outcomes[index] = CANCELLED
+    try:
+        await _record(service, request, identity, batch)
+    except Exception:  # the cancellation is what the caller sees; the log says why
+        log.exception("cancelled batch not recorded", extra=fields(method="SignBatch"))
+    log.warning(
+        "batch cancelled",
+        extra=fields(method="SignBatch", client=identity.client, items=len(batch.outcomes)),
+    )
 
 
 async def _record(
@@ -334,7 +359,12 @@ async def _record(
             Decision(
                 batch.outcomes[index],
                 target=item.name,
-                request_id=item.request_id or f"{batch.batch_id}.{index}",
+                # The caller's own id, unless missing or refused as too long.
+                request_id=(
+                    item.request_id
+                    if 0 < len(item.request_id) <= MAX_REQUEST_ID
+                    else f"{batch.batch_id}.{index}"
+                ),
                 details=shared,
             )
         )
