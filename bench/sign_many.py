@@ -136,7 +136,7 @@ def run(
     result: dict[str, Any] = {}
     with KMSClient.from_config(stack.client_config, timeout=120) as client:
         client.create_key(KEY, "ec-p256", provider="hsm0")
-        batch = []
+        batch: list[dict[str, Any]] = []
         for n in (1, 4):
             before = _cpu(pids)
             batch.append(_batches(client, n, duration))

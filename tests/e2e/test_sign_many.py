@@ -351,7 +351,7 @@ def test_per_item_errors_in_every_chunk_beside_signatures_each_audited(
     batch_id = batches[0]["request_id"]
     signs = [e for e in entries if e["action"] == "Sign"]
     assert len(signs) == len(items)
-    by_id = {e["request_id"]: e for e in signs}
+    by_id = {str(e["request_id"]): e for e in signs}
     assert sorted(by_id) == sorted(f"{batch_id}.{i}" for i in range(len(items)))
     for i, (name, _, _) in enumerate(items):
         entry = by_id[f"{batch_id}.{i}"]
@@ -443,7 +443,7 @@ def test_a_cancelled_batch_is_recorded_and_the_broker_serves_on(
         after = _last_seq(client)
         call = client._keys.SignBatch.future(keys_pb2.SignBatchRequest(items=items), timeout=120)
         time.sleep(0.5)  # lets the request reach the broker; nothing is asserted on time
-        call.cancel()
+        call.cancel()  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.FutureCancelledError):
             call.result()
         signs = _wait_for_signs(client, after, len(items))
