@@ -7,7 +7,9 @@ is raised to the caller with the writer carrying on from the real head."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +22,9 @@ from edgekms.audit import (
     AuditWriter,
     Decision,
     GroupSealer,
+    _entry_body,
+    canonical,
+    entry_hash,
     now_rfc3339,
     parse_message,
     sealed_entry,
@@ -156,3 +161,39 @@ async def test_a_group_the_store_refuses_raises_and_the_chain_goes_on(nc: NATS) 
     after = await writer.append("GetKey", "ok")
     assert after.entry["prev_hash"] == first.entry["hash"]
     assert (await verify_stream(js)).ok
+
+
+@pytest.mark.parametrize("text", AWKWARD)
+def test_the_spliced_hash_body_is_canonical_json(text: str) -> None:
+    """entry_hash splices the body of a well-shaped entry instead of sorting it through
+    the JSON encoder (it runs once per stored decision in the broker's chain check):
+    the bytes must be canonical()'s, for entries as stored and as parsed back."""
+    entry, raw = sealed_entry(
+        writer=text or "w",
+        action=text,
+        outcome=text,
+        prev_hash=os.urandom(32),
+        client=text,
+        role=text,
+        target=text,
+        request_id=text,
+        details={text: text, "via": text, "A": "1"},
+    )
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    assert _entry_body(entry) == canonical(body)
+    assert entry_hash(json.loads(raw)) == entry["hash"]
+
+
+def test_an_entry_of_another_shape_is_hashed_through_canonical_json() -> None:
+    entry, _ = sealed_entry(writer="broker", action="Sign", outcome="ok", prev_hash=bytes(32))
+    for change in (
+        {"details": {"n": 1}},
+        {"actor": {"client": "c", "role": "r", "extra": "x"}},
+        {"target": 7},
+        {"extra": "field"},
+    ):
+        odd = {**entry, **change}
+        assert _entry_body(odd) is None
+        body = {k: v for k, v in odd.items() if k != "hash"}
+        expected = hashlib.sha256(bytes(32) + canonical(body)).hexdigest()
+        assert entry_hash(odd) == expected
