@@ -37,7 +37,15 @@ from broker.idempotency import MAX_REQUEST_ID
 from broker.wire import Malformed
 from edgekms.algorithms import check_sign_request
 from edgekms.audit import Decision
-from edgekms.errors import ERROR_METADATA_KEY, Internal, InvalidArgument, KMSError
+from edgekms.errors import (
+    ERROR_METADATA_KEY,
+    Internal,
+    InvalidArgument,
+    KMSError,
+    PermissionDenied,
+    Unauthenticated,
+    from_proto,
+)
 from edgekms.identity import Identity
 from edgekms.logs import fields
 from edgekms.v1 import common_pb2 as pb
@@ -70,6 +78,8 @@ MAX_CHUNKED_ITEM_BYTES = 8 * 1024
 # Chunks of one batch on the bus at once: one being signed while the next travels in
 # keeps the token's threads busy; more only queues in the crypto service.
 CHUNKS_IN_FLIGHT = 2
+# Error codes of an item's refusal that count against the caller (broker.clients).
+_CALLER_REFUSED = frozenset({pb.ERROR_CODE_PERMISSION_DENIED, pb.ERROR_CODE_UNAUTHENTICATED})
 # The audit outcome of an item whose batch was cancelled before it was answered.
 CANCELLED = "request.cancelled"
 
@@ -130,6 +140,9 @@ class _Batch:
     todo: dict[str, list[tuple[int, pb.KeyRecord, crypto_pb2.SignRequest]]] = field(
         default_factory=dict
     )
+    # Refusals of the caller's authority the crypto service answered (a TPM key's wrong
+    # auth value): counted against the caller afterwards, as for a unary Sign.
+    denied: list[KMSError] = field(default_factory=list)
 
     def fail(self, index: int, err: KMSError) -> None:
         self.results[index].error.CopyFrom(err.to_proto())
@@ -210,6 +223,8 @@ async def _sign_chunk(
                 elif outcome == "error":
                     batch.results[index].error.CopyFrom(result.error)
                     batch.outcomes[index] = result.error.reason or "error"
+                    if result.error.code in _CALLER_REFUSED:
+                        batch.denied.append(from_proto(result.error))
                 else:
                     batch.fail(
                         index,
@@ -220,6 +235,8 @@ async def _sign_chunk(
                         ),
                     )
         except KMSError as err:
+            if isinstance(err, Unauthenticated | PermissionDenied):
+                batch.denied.append(err)
             for index, _, _ in chunk:
                 batch.fail(index, err)
         except Exception:
@@ -313,6 +330,8 @@ async def sign_batch(
             await _record_cancelled(service, request, identity, batch)
             raise
 
+    for denied in batch.denied:
+        service.identities.failed(context, identity, denied)
     failed = await _record(service, request, identity, batch)
     log.info(
         "batch signed",
