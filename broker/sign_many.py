@@ -136,6 +136,8 @@ class _Batch:
     parent: str
     results: list[keys_pb2.SignResult]
     outcomes: list[str]
+    # Per item: its decision is stored (a cancelled batch records the rest).
+    recorded: list[bool]
     # Items that passed every check, by provider: (index, record, request for the token).
     todo: dict[str, list[tuple[int, pb.KeyRecord, crypto_pb2.SignRequest]]] = field(
         default_factory=dict
@@ -264,8 +266,9 @@ async def sign_batch(
 ) -> keys_pb2.SignBatchResponse:
     """Every item checked as a unary Sign is (the checks of one (key, algorithm, length)
     are made once per batch: they depend on nothing else), the valid ones sent to their
-    crypto services as whole SignBatch chunks, then every item's decision stored as its
-    own "Sign" entry (AuditWriter.append_many) before any signature is returned."""
+    crypto services as whole SignBatch chunks, and every item's decision stored as its
+    own "Sign" entry (AuditWriter.append_many; a chunk's as soon as it is answered)
+    before any signature is returned."""
     count = len(request.items)
     if count == 0:
         raise InvalidArgument("batch.empty", "SignBatch: no items")
@@ -283,6 +286,7 @@ async def sign_batch(
         f"SignBatch:{batch_id}",
         [keys_pb2.SignResult() for _ in range(count)],
         ["ok"] * count,
+        [False] * count,
     )
     checked: dict[tuple[str, int, int], pb.KeyRecord | KMSError] = {}
     for index, item in enumerate(request.items):
@@ -313,26 +317,47 @@ async def sign_batch(
         )
         batch.todo.setdefault(found.provider, []).append((index, found, crypto_req))
 
-    if batch.todo:
-        timeout = service._timeout(context, service.config.sign_timeout)
-        window = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
-        try:
-            await asyncio.gather(
-                *(
-                    _sign_chunk(service, batch, provider, chunk, timeout, window)
-                    for provider, items in batch.todo.items()
-                    for chunk in _chunks(items)
-                )
+    # Each chunk's decisions are stored as soon as the chunk is answered (and the
+    # refusals at once), so the audit's fsyncs overlap the token's work on the next
+    # chunks instead of following all of it; the reply still waits for every one.
+    records: list[asyncio.Task[None]] = []
+
+    def record(indexes: list[int]) -> asyncio.Task[None]:
+        task = asyncio.create_task(_record(service, request, identity, batch, indexes))
+        records.append(task)
+        return task
+
+    refused_now = [i for i, outcome in enumerate(batch.outcomes) if outcome != "ok"]
+    if refused_now:
+        record(refused_now)
+    timeout = service._timeout(context, service.config.sign_timeout)
+    window = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+    async def sign_and_record(
+        provider: str, chunk: list[tuple[int, pb.KeyRecord, crypto_pb2.SignRequest]]
+    ) -> None:
+        await _sign_chunk(service, batch, provider, chunk, timeout, window)
+        # Shielded: a cancellation of the call must not cut a group of entries short.
+        await asyncio.shield(record([index for index, _, _ in chunk]))
+
+    try:
+        await asyncio.gather(
+            *(
+                sign_and_record(provider, chunk)
+                for provider, items in batch.todo.items()
+                for chunk in _chunks(items)
             )
-        except asyncio.CancelledError:
-            # The caller went away (cancelled, or its deadline passed): no signature
-            # leaves, and every decision is still recorded, as cancelled unless refused.
-            await _record_cancelled(service, request, identity, batch)
-            raise
+        )
+        await asyncio.gather(*(asyncio.shield(task) for task in records))
+    except asyncio.CancelledError:
+        # The caller went away (cancelled, or its deadline passed): no signature
+        # leaves, and every decision is still recorded, as cancelled unless refused.
+        await _record_cancelled(service, request, identity, batch, records)
+        raise
 
     for denied in batch.denied:
         service.identities.failed(context, identity, denied)
-    failed = await _record(service, request, identity, batch)
+    failed = sum(1 for result in batch.results if result.HasField("error"))
     log.info(
         "batch signed",
         extra=fields(
@@ -347,13 +372,20 @@ async def sign_batch(
 
 
 async def _record_cancelled(
-    service: KeyService, request: keys_pb2.SignBatchRequest, identity: Identity, batch: _Batch
+    service: KeyService,
+    request: keys_pb2.SignBatchRequest,
+    identity: Identity,
+    batch: _Batch,
+    records: list[asyncio.Task[None]],
 ) -> None:
-    for index, outcome in enumerate(batch.outcomes):
-        if outcome == "ok":
+    """After the groups already under way are stored, the items not yet recorded."""
+    await asyncio.gather(*records, return_exceptions=True)
+    rest = [i for i, done in enumerate(batch.recorded) if not done]
+    for index in rest:
+        if batch.outcomes[index] == "ok":
             batch.outcomes[index] = CANCELLED
     try:
-        await _record(service, request, identity, batch)
+        await _record(service, request, identity, batch, rest)
     except Exception:  # the cancellation is what the caller sees; the log says why
         log.exception("cancelled batch not recorded", extra=fields(method="SignBatch"))
     log.warning(
@@ -363,14 +395,21 @@ async def _record_cancelled(
 
 
 async def _record(
-    service: KeyService, request: keys_pb2.SignBatchRequest, identity: Identity, batch: _Batch
-) -> int:
-    """Store each item's decision as its own Sign entry; if that fails, no signature
-    leaves: every item becomes the audit error (fail closed, as for a unary Sign).
-    Returns the number of items not signed."""
+    service: KeyService,
+    request: keys_pb2.SignBatchRequest,
+    identity: Identity,
+    batch: _Batch,
+    indexes: list[int],
+) -> None:
+    """Store the decisions of these items, each as its own Sign entry; if that fails,
+    none of their signatures leaves: each becomes the audit error (fail closed, as for
+    a unary Sign)."""
+    if not indexes:
+        return
     details: dict[int, dict[str, str]] = {}
     decisions = []
-    for index, item in enumerate(request.items):
+    for index in indexes:
+        item = request.items[index]
         shared = details.get(item.algorithm)
         if shared is None:
             shared = details[item.algorithm] = {**request_details(item), "via": batch.parent}
@@ -393,11 +432,12 @@ async def _record(
                 "Sign", decisions, client=identity.client, role=identity.role
             )
         except KMSError as err:
-            for index in range(len(decisions)):
+            for index in indexes:
                 batch.results[index].Clear()
-                batch.fail(index, err)
-            return len(decisions)
-    return sum(1 for outcome in batch.outcomes if outcome != "ok")
+                batch.results[index].error.CopyFrom(err.to_proto())
+            return
+    for index in indexes:
+        batch.recorded[index] = True
 
 
 async def sign_stream(
