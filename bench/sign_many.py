@@ -15,7 +15,9 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stackrun
+from bench.procs import cpu_seconds
 
 log = logging.getLogger("bench.sign_many")
 
@@ -80,20 +83,77 @@ def _stream(client: Any, count: int) -> dict[str, float]:
     return {"count": count, "signatures_per_s": round(signed / window, 1), "failed": failed}
 
 
-def run(stack: stackrun.RunningStack, duration: float) -> dict[str, Any]:
+# Whose CPU a run's signatures cost: the stack's processes that do the work.
+CPU_OF = ("broker", "crypto-hsm0", "nats-server")
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of the stack's working processes and of this load process."""
+    used = {name: cpu_seconds(pids[name]) for name in CPU_OF if name in pids}
+    used["load (this process)"] = time.process_time()
+    return used
+
+
+def _profiled(client: Any, pids: dict[str, int], duration: float, out: Path) -> dict[str, Any]:
+    """One more SignBatch x1 run while py-spy samples the broker and the crypto service
+    (bench.profile's summary: self time per function, share per layer)."""
+    from bench.profile import py_spy, summarise_collapsed
+
+    binary = py_spy()
+    if binary is None:
+        return {"skipped": "py-spy not installed in the venv"}
+    profile_dir = out / "profiles"
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    spies = {}
+    for name in ("broker", "crypto-hsm0"):
+        target = profile_dir / f"sign_many-{name}.collapsed.txt"
+        spies[name] = (
+            subprocess.Popen(
+                [binary, "record", "--pid", str(pids[name]), "--duration", str(int(duration + 2)),
+                 "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ),
+            target,
+        )  # fmt: skip
+    result: dict[str, Any] = {"run": _batches(client, 1, duration)}
+    for name, (proc, target) in spies.items():
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0 or not target.exists():
+            result[name] = {"error": err.decode(errors="replace")[-300:]}
+            continue
+        result[name] = summarise_collapsed(target.read_text())
+    return result
+
+
+def run(
+    stack: stackrun.RunningStack,
+    duration: float,
+    profile_out: Path | None = None,
+) -> dict[str, Any]:
     from mgmt.client import KMSClient
 
+    pids = stack.pids()
+    result: dict[str, Any] = {}
     with KMSClient.from_config(stack.client_config, timeout=120) as client:
         client.create_key(KEY, "ec-p256", provider="hsm0")
-        batch = []
+        batch: list[dict[str, Any]] = []
         for n in (1, 4):
+            before = _cpu(pids)
             batch.append(_batches(client, n, duration))
+            after = _cpu(pids)
+            signed = batch[-1]["signatures_per_s"] * duration
+            batch[-1]["cpu_us_per_signature"] = {
+                name: round((after[name] - before[name]) / max(signed, 1) * 1e6, 1)
+                for name in after
+            }
             log.warning("SignBatch x%d in flight: %.0f/s", n, batch[-1]["signatures_per_s"])
+        if profile_out is not None:
+            result["profile"] = _profiled(client, pids, duration, profile_out)
         # As many as the best batch run signed in `duration`: the same work, one stream.
         count = max(1000, int(max(r["signatures_per_s"] for r in batch) * duration))
         stream = _stream(client, count)
         log.warning("SignStream: %.0f/s", stream["signatures_per_s"])
-    return {"batch": batch, "stream": stream}
+    return {**result, "batch": batch, "stream": stream, "load_average": os.getloadavg()[0]}
 
 
 def raw_one_thread(work: Path, duration: float) -> float:
@@ -104,6 +164,7 @@ def raw_one_thread(work: Path, duration: float) -> float:
     from mgmt.softhsm import init_token
     from mgmt.swtpm import Swtpm
 
+    work.mkdir(parents=True, exist_ok=True)
     pin = secrets.token_hex(8)
     token = init_token(work / "raw-softhsm", "bench", pin=pin, so_pin=secrets.token_hex(8))
     with Swtpm.on_free_port(work / "raw-swtpm") as tpm:
@@ -138,7 +199,14 @@ def write(result: dict[str, Any], out: Path) -> None:
     lines = [
         "# Many signatures per call (SignBatch, SignStream)",
         "",
-        f"SoftHSM ECDSA P-256; raw one-thread token rate in the same run: {raw:,.0f}/s.",
+        f"SoftHSM ECDSA P-256; raw one-thread token rate in the same run: {raw:,.0f}/s"
+        + (
+            " (mean of {:,.0f}/s before and {:,.0f}/s after the stack's runs).".format(
+                *result["raw_one_thread_runs_per_s"]
+            )
+            if len(result.get("raw_one_thread_runs_per_s") or ()) == 2
+            else "."
+        ),
         "",
         "| path | signatures/s | share of raw one-thread | failed |",
         "| --- | ---: | ---: | ---: |",
@@ -155,6 +223,35 @@ def write(result: dict[str, Any], out: Path) -> None:
     lines.append(
         f"| one SignStream | {stream['signatures_per_s']:,.0f} | {share} | {stream['failed']} |"
     )
+    if "load_average" in result:
+        lines += ["", f"Load average at the end of the run: {result['load_average']:.1f}."]
+    cpu_rows = [row for row in result["batch"] if "cpu_us_per_signature" in row]
+    if cpu_rows:
+        names = list(cpu_rows[0]["cpu_us_per_signature"])
+        lines += [
+            "",
+            "CPU per signature (µs) while the batches ran:",
+            "",
+            "| path | " + " | ".join(names) + " |",
+            "| --- |" + " ---: |" * len(names),
+        ]
+        for row in cpu_rows:
+            cpu = row["cpu_us_per_signature"]
+            lines.append(
+                f"| SignBatch, {row['inflight_batches']} in flight | "
+                + " | ".join(f"{cpu[n]:.0f}" for n in names)
+                + " |"
+            )
+    profile = result.get("profile") or {}
+    for name in ("broker", "crypto-hsm0"):
+        summary = profile.get(name)
+        if not isinstance(summary, dict) or not summary.get("samples"):
+            continue
+        lines += ["", f"py-spy, {name} ({summary['samples']} samples), share of samples:", ""]
+        lines += ["| layer | share |", "| --- | ---: |"]
+        lines += [f"| {layer} | {share_:.0f} % |" for layer, share_ in summary["layers"]]
+        lines += ["", "| self time (top) | share |", "| --- | ---: |"]
+        lines += [f"| `{fn}` | {share_:.1f} % |" for fn, share_ in summary["self"][:8]]
     (out / "sign_many.md").write_text("\n".join(lines) + "\n")
 
 
@@ -162,17 +259,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sign_many", description=__doc__)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--profile", action="store_true", help="also py-spy the broker and crypto-hsm0"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="edgekms-bench-many-"))
     try:
-        raw = raw_one_thread(work, args.duration)
+        # Raw before and after the stack's runs: on a shared machine the load moves, and
+        # the share is taken against the mean of the two.
+        raw_before = raw_one_thread(work / "before", args.duration)
         stack = stackrun.start(work / "data")
         try:
-            result = run(stack, args.duration)
+            result = run(stack, args.duration, args.out if args.profile else None)
         finally:
             stack.stop()
-        result["raw_one_thread_per_s"] = raw
+        raw_after = raw_one_thread(work / "after", args.duration)
+        result["raw_one_thread_runs_per_s"] = [raw_before, raw_after]
+        result["raw_one_thread_per_s"] = round((raw_before + raw_after) / 2, 1)
         write(result, args.out)
         print((args.out / "sign_many.md").read_text())
     finally:

@@ -122,6 +122,9 @@ def start(
         str(nats_port),
         "--broker-listen",
         f"127.0.0.1:{broker_port}",
+        # Its own free port: the default (the broker's + 1) may be another stack's.
+        "--enroll-listen",
+        f"127.0.0.1:{free_port()}",
         "--tpm",
         "swtpm",
         "--ca-http",

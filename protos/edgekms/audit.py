@@ -69,7 +69,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -447,9 +447,61 @@ def canonical(value: Mapping[str, Any]) -> bytes:
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """The hex hash an entry must carry: over its prev_hash bytes and the rest of it."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
     prev = bytes.fromhex(str(entry.get("prev_hash", "")))
-    return hashlib.sha256(prev + canonical(body)).hexdigest()
+    body = _entry_body(entry)
+    if body is None:
+        body = canonical({k: v for k, v in entry.items() if k != "hash"})
+    return hashlib.sha256(prev + body).hexdigest()
+
+
+_ACTOR_FIELDS = frozenset({"client", "role"})
+
+
+def _entry_body(entry: Mapping[str, Any]) -> bytes | None:
+    """canonical() of an entry without its hash, spliced in key order instead of sorted
+    by the JSON encoder: every stored entry is hashed again by the broker's periodic
+    chain check (broker/metrics.py) and by `kmsctl audit verify`, so this runs once per
+    decision. Only for the exact shape the writers make (every field a string, the actor
+    and details objects of strings; the string encoder raises TypeError on anything
+    else); any other shape (None) goes through canonical(), so the bytes are
+    canonical()'s in every case (tests/audit/test_append_many.py)."""
+    if entry.keys() != _ENTRY_FIELDS:
+        return None
+    actor = entry["actor"]
+    details = entry["details"]
+    if type(actor) is not dict or actor.keys() != _ACTOR_FIELDS or type(details) is not dict:
+        return None
+    e = _encode_str
+    try:
+        return "".join(
+            (
+                '{"action":',
+                e(entry["action"]),
+                ',"actor":{"client":',
+                e(actor["client"]),
+                ',"role":',
+                e(actor["role"]),
+                '},"details":{',
+                ",".join([e(k) + ":" + e(v) for k, v in sorted(details.items())]),
+                '},"outcome":',
+                e(entry["outcome"]),
+                ',"prev_hash":',
+                e(entry["prev_hash"]),
+                ',"request_id":',
+                e(entry["request_id"]),
+                ',"target":',
+                e(entry["target"]),
+                ',"time":',
+                e(entry["time"]),
+                ',"v":',
+                e(entry["v"]),
+                ',"writer":',
+                e(entry["writer"]),
+                "}",
+            )
+        ).encode("utf-8")
+    except TypeError:  # a value that is not a string, or keys that do not sort
+        return None
 
 
 def now_rfc3339() -> str:
@@ -501,6 +553,75 @@ def sealed_entry(
     entry["hash"] = digest
     at = body.rindex(_OUTCOME_KEY)
     return entry, b"".join((body[:at], b',"hash":"', digest.encode("ascii"), b'"', body[at:]))
+
+
+_encode_str = json.encoder.encode_basestring  # canonical()'s own string encoder
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One entry of AuditWriter.append_many: what differs between the decisions of one
+    call (a SignBatch's items); the action, actor and time are the group's."""
+
+    outcome: str
+    target: str = ""
+    request_id: str = ""
+    details: Mapping[str, str] | None = None
+
+
+class GroupSealer:
+    """sealed_entry's bytes for many entries that share writer, action, actor and time,
+    without building a dict per entry or sorting its keys again: the canonical JSON is
+    spliced from pre-encoded parts in the sorted key order. The bytes and hashes are
+    exactly sealed_entry's (tests/audit/test_group_seal.py compares them), so the chain
+    format, `kmsctl audit verify` and the archiver are unchanged; what gets cheaper is
+    the broker's CPU per decision (issue 19: ~16 µs per entry down to a few)."""
+
+    def __init__(self, writer: str, action: str, client: str, role: str, time: str) -> None:
+        self.action = action
+        self._head = (
+            b'{"action":'
+            + _encode_str(action).encode()
+            + b',"actor":'
+            + canonical({"client": client, "role": role})
+            + b',"details":'
+        )
+        self._tail = (
+            b',"time":'
+            + _encode_str(time).encode()
+            + b',"v":'
+            + _encode_str(FORMAT_VERSION).encode()
+            + b',"writer":'
+            + _encode_str(writer).encode()
+            + b"}"
+        )
+        self._details: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+    def _details_of(self, details: Mapping[str, str] | None) -> bytes:
+        key = tuple(sorted((str(k), str(v)) for k, v in (details or {}).items()))
+        encoded = self._details.get(key)
+        if encoded is None:
+            encoded = self._details[key] = self._head + canonical(dict(key))
+        return encoded
+
+    def seal(self, decision: Decision, prev_hash: bytes) -> tuple[bytes, bytes]:
+        """(stored bytes, hash) of `decision` chained to `prev_hash`."""
+        head = self._details_of(decision.details)
+        rest = b"".join(
+            (
+                b',"outcome":',
+                _encode_str(decision.outcome).encode(),
+                b',"prev_hash":"',
+                prev_hash.hex().encode(),
+                b'","request_id":',
+                _encode_str(decision.request_id).encode(),
+                b',"target":',
+                _encode_str(decision.target).encode(),
+                self._tail,
+            )
+        )
+        digest = hashlib.sha256(prev_hash + head + rest).digest()
+        return b"".join((head, b',"hash":"', digest.hex().encode(), b'"', rest)), digest
 
 
 def parse_entry(raw: bytes) -> dict[str, Any]:
@@ -612,10 +733,20 @@ class Appended:
 
 @dataclass
 class _Pending:
-    """One caller's entry waiting for a batch; its fields, not yet chained."""
+    """One caller's entry waiting for a batch; its fields, not yet chained. An entry of
+    append_many carries its Decision and its group's sealer instead of `fields`."""
 
     fields: dict[str, Any]
     done: asyncio.Future[Appended]
+    decision: Decision | None = None
+    sealer: GroupSealer | None = None
+
+    @property
+    def action(self) -> str:
+        """For logs about the message holding this entry."""
+        if self.sealer is not None:
+            return self.sealer.action
+        return str(self.fields["action"])
 
 
 class AuditWriter:
@@ -772,6 +903,52 @@ class AuditWriter:
         # decides; it never splits one.
         return await pending.done
 
+    async def append_many(
+        self,
+        action: str,
+        decisions: Sequence[Decision],
+        *,
+        client: str = "",
+        role: str = "",
+    ) -> None:
+        """Store one entry per decision, in order, each exactly as `append` would store
+        it (same fields, same chain; an auditor sees N entries): for a call that makes
+        many decisions at once (a SignBatch's items). Group commit packs them into as few
+        messages as the caps allow, and they are sealed without a dict per entry.
+        Returns once every message holding them is acknowledged; raises the first
+        failure (Unavailable/ResourceExhausted) otherwise, in which case a prefix of the
+        entries may be stored (each message is all or nothing) and the caller must treat
+        every decision as unrecorded."""
+        if not decisions:
+            return
+        loop = asyncio.get_running_loop()
+        sealer = GroupSealer(self.writer, action, client, role, now_rfc3339())
+        group = [
+            _Pending(fields={}, done=loop.create_future(), decision=d, sealer=sealer)
+            for d in decisions
+        ]
+        self._queue.extend(group)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        # Messages go out in queue order, one at a time: once the last entry's is
+        # settled, so is every earlier one's.
+        try:
+            await group[-1].done
+        finally:
+            failure = next(
+                (
+                    p.done.exception()
+                    for p in group
+                    if p.done.done() and not p.done.cancelled() and p.done.exception()
+                ),
+                None,
+            )
+            for p in group:
+                if p.done.done() and not p.done.cancelled():
+                    p.done.exception()  # retrieved: no "never retrieved" warnings
+        if failure is not None:
+            raise failure
+
     async def _drain(self) -> None:
         while self._queue:
             batch = self._take()
@@ -789,7 +966,7 @@ class AuditWriter:
                 continue
             except BaseException as exc:  # a bug or cancellation: fail the batch closed
                 self._head = None
-                err = self._unavailable(str(batch[0].fields["action"]), exc)
+                err = self._unavailable(batch[0].action, exc)
                 for p in batch + self._queue:
                     if not p.done.done():
                         p.done.set_exception(err)
@@ -817,6 +994,18 @@ class AuditWriter:
         encoded: list[bytes] = []
         size = len(BATCH_KEY) + 6
         for i, p in enumerate(batch):
+            if p.sealer is not None and p.decision is not None:
+                raw, link = p.sealer.seal(p.decision, prev)
+                size += len(raw) + 1
+                if entries and size > self.max_batch_bytes:
+                    self._queue[0:0] = batch[i:]
+                    del batch[i:]
+                    break
+                # append_many's callers need no dict: only the link, for the next entry.
+                entries.append({"hash": link.hex()})
+                encoded.append(raw)
+                prev = link
+                continue
             f = p.fields
             entry, raw = sealed_entry(
                 writer=self.writer,
@@ -843,7 +1032,7 @@ class AuditWriter:
     async def _publish(self, batch: list[_Pending]) -> list[Appended]:
         """Chain `batch` on the head and store it as one message; on a lost race re-chain
         on the new head. Raises Unavailable with nothing stored."""
-        action = str(batch[0].fields["action"])
+        action = batch[0].action
         for attempt in range(1, self.max_attempts + 1):
             try:
                 if self._head is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -273,3 +274,187 @@ def test_kmsctl_signs_many_files_in_one_batch(
     assert clash.returncode == 2
     assert "--out-dir" in clash.stderr
     assert not (tmp_path / "x").exists()
+
+
+RSA_PKCS1 = pb.SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256
+ED25519 = pb.SIGNATURE_ALGORITHM_ED25519
+
+
+@pytest.fixture(scope="module")
+def chunk_keys(kms_stack: KmsStack) -> dict[str, bytes]:
+    """Keys for the chunked path: signing keys of three types, an encryption key, and a
+    key whose policy lets only signers (not the admin these tests run as) sign."""
+    only_signers = pb.KeyPolicy(
+        rules=[pb.PolicyRule(roles=["signer"], operations=[pb.KEY_OPERATION_SIGN])]
+    )
+    with kms_stack.client(timeout=60) as admin:
+        admin.create_key("chunk/p256", "ec-p256", provider="hsm0")
+        admin.create_key("chunk/rsa", "rsa-2048", provider="hsm0")
+        admin.create_key("chunk/ed", "ed25519", provider="hsm0")
+        admin.create_key("chunk/aes", "aes-256", provider="hsm0")
+        admin.create_key("chunk/locked", "ec-p256", provider="hsm0", policy=only_signers)
+        return {n: admin.get_public_key(n).der for n in ("chunk/p256", "chunk/rsa", "chunk/ed")}
+
+
+def test_per_item_errors_in_every_chunk_beside_signatures_each_audited(
+    kms_stack: KmsStack, chunk_keys: dict[str, bytes]
+) -> None:
+    """Issue 19: 400 items cross several crypto-service chunks (128 items each); each
+    refusal kind lands on its own item only, every good item is signed by its own key,
+    and each item is one Sign entry with its own outcome and request id."""
+    # One policy refusal per chunk (128 items): the broker throttles a caller after ten.
+    LOCKED_AT = {3, 201, 390}
+    long_message = b"m" * (10 * 1024)  # beyond a chunk's per-item size: sent alone
+    refusals = {
+        0: (("chunk/absent", ECDSA256, _digest("a")), errors.NotFound, "key.not_found"),
+        1: (("chunk/p256", RSA_PKCS1, _digest("b")), errors.InvalidArgument, ""),
+        2: (("chunk/aes", ECDSA256, _digest("c")), errors.InvalidArgument, ""),
+        3: (("chunk/locked", ECDSA256, _digest("d")), errors.PermissionDenied, ""),
+        4: (("chunk/p256", ECDSA256, b"short"), errors.InvalidArgument, "sign.digest_length"),
+    }
+    items: list[tuple[str, int, bytes]] = []
+    expected: dict[int, tuple[type[errors.KMSError], str]] = {}
+    for i in range(400):
+        kind = i % 9
+        if kind == 3 and i not in LOCKED_AT:
+            kind = 8  # refusals of permission count against the caller: only a few
+        if kind in refusals:
+            item, error_type, reason = refusals[kind]
+            expected[i] = (error_type, reason)
+            items.append(item)
+        elif kind == 5:
+            items.append(("chunk/rsa", RSA_PKCS1, _digest(f"rsa {i}")))
+        elif kind == 6 and i < 100:
+            items.append(("chunk/ed", ED25519, long_message + str(i).encode()))
+        else:
+            items.append(("chunk/p256", ECDSA256, _digest(f"p256 {i}")))
+    with kms_stack.client(timeout=120) as client:
+        after = _last_seq(client)
+        results = client.sign_digests(items)  # type: ignore[arg-type]
+        entries = _entries_since(client, after)
+    assert len(results) == len(items)
+    for i, ((name, algorithm, data), result) in enumerate(zip(items, results, strict=True)):
+        if i in expected:
+            error_type, reason = expected[i]
+            assert isinstance(result, error_type), (i, result)
+            assert not reason or result.reason == reason, (i, result.reason)
+        else:
+            assert isinstance(result, bytes), (i, name, result)
+            assert verify_signature(chunk_keys[name], algorithm, data, result), (i, name)  # type: ignore[arg-type]
+    reasons = {i: r.reason for i, r in enumerate(results) if isinstance(r, errors.KMSError)}
+    assert [i for i, r in reasons.items() if r == "authz.policy_denied"] == sorted(LOCKED_AT)
+    assert reasons[2] == "key.usage_mismatch"
+    assert reasons[1] == "sign.algorithm_mismatch"
+
+    batches = [e for e in entries if e["action"] == "SignBatch"]
+    assert len(batches) == 1
+    batch_id = batches[0]["request_id"]
+    signs = [e for e in entries if e["action"] == "Sign"]
+    assert len(signs) == len(items)
+    by_id = {str(e["request_id"]): e for e in signs}
+    assert sorted(by_id) == sorted(f"{batch_id}.{i}" for i in range(len(items)))
+    for i, (name, _, _) in enumerate(items):
+        entry = by_id[f"{batch_id}.{i}"]
+        assert entry["target"] == name
+        assert entry["outcome"] == reasons.get(i, "ok"), i
+        assert entry["details"]["via"] == f"SignBatch:{batch_id}"  # type: ignore[index]
+    verified = _kmsctl(kms_stack, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_an_items_own_request_id_is_kept_and_an_oversized_one_refused(
+    kms_stack: KmsStack, chunk_keys: dict[str, bytes]
+) -> None:
+    good = keys_pb2.SignRequest(
+        name="chunk/p256", algorithm=ECDSA256, data=_digest("own id"), request_id="mine-1"
+    )
+    long_id = keys_pb2.SignRequest(
+        name="chunk/p256", algorithm=ECDSA256, data=_digest("long id"), request_id="x" * 129
+    )
+    with kms_stack.client(timeout=60) as client:
+        after = _last_seq(client)
+        reply = client._keys.SignBatch(keys_pb2.SignBatchRequest(items=[good, long_id]), timeout=60)
+        entries = _entries_since(client, after)
+    assert reply.results[0].WhichOneof("outcome") == "signature"
+    assert reply.results[0].signature.key_name == "chunk/p256"
+    assert reply.results[1].WhichOneof("outcome") == "error"
+    assert reply.results[1].error.reason == "request.id_invalid"
+    signs = [e for e in entries if e["action"] == "Sign"]
+    # Entries are stored as decisions are made (a refusal before a signature), so by id:
+    outcomes = {str(e["request_id"]): str(e["outcome"]) for e in signs}
+    assert len(outcomes) == 2 and outcomes.pop("mine-1") == "ok"
+    [(broker_id, outcome)] = outcomes.items()
+    assert outcome == "request.id_invalid"
+    assert broker_id.endswith(".1") and "x" * 129 not in broker_id  # never the oversized id
+
+
+def _wait_for_signs(client: KMSClient, after: int, count: int) -> list[dict[str, object]]:
+    """Poll the log until `count` Sign entries past `after` are there (generous deadline:
+    the broker records a cancelled batch after the caller has gone)."""
+    deadline = time.monotonic() + 60
+    while True:
+        signs = [e for e in _entries_since(client, after) if e["action"] == "Sign"]
+        if len(signs) >= count or time.monotonic() > deadline:
+            return signs
+        time.sleep(0.1)
+
+
+def test_a_batch_whose_deadline_passes_signs_nothing_unrecorded(
+    kms_stack: KmsStack, chunk_keys: dict[str, bytes]
+) -> None:
+    """A caller whose deadline passes mid-batch gets DEADLINE_EXCEEDED; each item is
+    still one Sign entry (signed-and-answered ones "ok", the rest cancelled or past the
+    deadline), the chain verifies, and the broker goes on serving batches."""
+    items = [
+        keys_pb2.SignRequest(name="chunk/rsa", algorithm=RSA_PKCS1, data=_digest(f"late {i}"))
+        for i in range(1000)
+    ]
+    with kms_stack.client(timeout=60) as client:
+        after = _last_seq(client)
+        with pytest.raises(grpc.RpcError) as late:
+            client._keys.SignBatch(keys_pb2.SignBatchRequest(items=items), timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        signs = _wait_for_signs(client, after, len(items))
+        assert len(signs) == len(items)
+        outcomes = {str(e["outcome"]) for e in signs}
+        assert outcomes <= {"ok", "request.cancelled", "provider.deadline"}, outcomes
+        assert outcomes != {"ok"}
+        again = client.sign_digests([("chunk/p256", ECDSA256, _digest("after deadline"))])
+        assert isinstance(again[0], bytes)
+        assert verify_signature(
+            chunk_keys["chunk/p256"], ECDSA256, _digest("after deadline"), again[0]
+        )
+    verified = _kmsctl(kms_stack, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_cancelled_batch_is_recorded_and_the_broker_serves_on(
+    kms_stack: KmsStack, chunk_keys: dict[str, bytes]
+) -> None:
+    """RSA-4096 signatures take milliseconds each, so 1,000 of them outlast the half
+    second before the caller cancels: the items not yet answered are recorded as
+    request.cancelled, none is left out of the log, and the next batch is served."""
+    with kms_stack.client(timeout=120) as admin:
+        admin.create_key("chunk/rsa4096", "rsa-4096", provider="hsm0")
+    items = [
+        keys_pb2.SignRequest(name="chunk/rsa4096", algorithm=RSA_PKCS1, data=_digest(f"gone {i}"))
+        for i in range(1000)
+    ]
+    with kms_stack.client(timeout=60) as client:
+        warm = client.sign_digests([("chunk/rsa4096", RSA_PKCS1, _digest("warm"))])
+        assert isinstance(warm[0], bytes)  # the channel is up before the timed part
+        after = _last_seq(client)
+        call = client._keys.SignBatch.future(keys_pb2.SignBatchRequest(items=items), timeout=120)
+        time.sleep(0.5)  # lets the request reach the broker; nothing is asserted on time
+        call.cancel()  # type: ignore[no-untyped-call]
+        with pytest.raises(grpc.FutureCancelledError):
+            call.result()
+        signs = _wait_for_signs(client, after, len(items))
+        assert len(signs) == len(items)
+        outcomes = {str(e["outcome"]) for e in signs}
+        assert "request.cancelled" in outcomes
+        assert outcomes <= {"ok", "request.cancelled"}
+        again = client.sign_digests([("chunk/p256", ECDSA256, _digest("after cancel"))])
+        assert isinstance(again[0], bytes)
+    verified = _kmsctl(kms_stack, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
