@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.load import LoadSpec
 from bench.procs import children
-from mgmt.natsserver import free_port, free_port_pair
+from mgmt.natsserver import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -110,8 +110,7 @@ def bus_options(data_dir: Path, user: str = "broker") -> dict[str, Any]:
 def start(
     data_dir: Path, timeout: float = 120.0, log_level: str = "warning", extra: tuple[str, ...] = ()
 ) -> RunningStack:
-    # The broker's port + 1 is its enrollment listener's default: both must be free.
-    nats_port, broker_port, ca_port = free_port(), free_port_pair(), free_port()
+    nats_port, broker_port, ca_port = free_port(), free_port(), free_port()
     log_path = data_dir.parent / f"{data_dir.name}-up.log"
     argv = [
         str(BIN / "kmsctl"),
