@@ -37,30 +37,15 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str]:
     return options["--config"], options["--log-level"]
 
 
-def _import_nats_without_metadata() -> None:
-    """nats-py asks importlib.metadata for its own version (only to report it in CONNECT)
-    when first imported; importlib.metadata brings zipfile, email, csv, shutil, tempfile
-    and importlib.resources, ~1.6 MB resident. Blocked for that one import, nats reports
-    version 0.0.0 to the server, which only shows it in its monitoring endpoints."""
-    if "nats" in sys.modules or "importlib.metadata" in sys.modules:
-        return
-    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]
-    try:
-        import nats  # noqa: F401
-    finally:
-        del sys.modules["importlib.metadata"]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config_arg, log_level = parse_args(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:
         print(f"kmsctl: ca serve: {exc}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
-    # nats-py imports aiohttp (its WebSocket transport) whenever it is installed: ~13 MB
-    # resident this service never uses (the bus is tcp/tls; ca_service.http is asyncio).
-    sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
-    _import_nats_without_metadata()
+    from edgekms.leannats import import_nats_lean
+
+    import_nats_lean()  # ca_service.http is asyncio: no aiohttp either
 
     import asyncio
     import signal

@@ -40,27 +40,15 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
     return options
 
 
-def _import_nats_lean() -> None:
-    """nats-py without aiohttp (its WebSocket transport, ~10 MB; both services dial
-    tls://) and without importlib.metadata (~1.6 MB, only for the version it reports in
-    CONNECT), as kms-broker and the CA's own process load it."""
-    sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
-    if "nats" in sys.modules or "importlib.metadata" in sys.modules:
-        return
-    sys.modules["importlib.metadata"] = None  # type: ignore[assignment]
-    try:
-        import nats  # noqa: F401
-    finally:
-        del sys.modules["importlib.metadata"]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:
         print(f"kms-embedded: {exc}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
-    _import_nats_lean()
+    from edgekms.leannats import import_nats_lean
+
+    import_nats_lean()
 
     import asyncio
     import signal
