@@ -197,6 +197,16 @@ async def test_a_device_reads_no_other_device_and_writes_nothing_of_the_hub(
 
         await hub.subscribe(">", cb=watch)
         await hub.flush()
+
+        # The hub's interest reaches device a's server over the leaf connection some time
+        # after the flush: until a permitted publish arrives, a forbidden one could be
+        # dropped for want of interest rather than refused, and prove nothing.
+        async def interest() -> bool:
+            await a.publish("kms.ca.GetCRL", b"from-a-probe")
+            await a.flush()
+            return any(data == b"from-a-probe" for _, data in seen)
+
+        await until(interest, what="the hub's interest to reach device a")
         forbidden = (
             "$KV.kms_keys.evil",
             "$KV.kms_ca.evil",
