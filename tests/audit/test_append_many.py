@@ -11,10 +11,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -34,7 +31,6 @@ from edgekms.audit import (
 )
 from edgekms.errors import Unavailable
 from tests.audit.helpers import stored, verify_stream
-from tests.conftest import start_nats
 
 # Strings that stress the splice: quotes, backslashes, control characters, non-ASCII,
 # JSON's line separators, keys that sort before and after the entry's own fields.
@@ -73,17 +69,6 @@ def test_entries_without_details_and_with_shared_details_seal_alike() -> None:
     assert first == second  # cached details give the same bytes
     bare, _ = sealer.seal(Decision("ok"), link)
     assert parse_message(bare)[0]["details"] == {}
-
-
-@pytest.fixture
-async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
-    server = start_nats(tmp_path / "nats")
-    conn = await nats.connect(server.url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        server.stop()
 
 
 async def test_many_decisions_are_many_chained_entries_in_few_messages(nc: NATS) -> None:

@@ -16,10 +16,9 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,7 +50,7 @@ from edgekms.retention import (
     segment_name,
 )
 from tests.audit.helpers import stored
-from tests.conftest import SLOWDOWN, start_nats
+from tests.conftest import SLOWDOWN
 
 STREAM = writer_stream("test")
 # The smallest stream a writer may have, and a window of half of it.
@@ -84,17 +83,6 @@ class SoftSigner:
         from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
         return self.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
-
-
-@pytest.fixture
-async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
-    server = start_nats(tmp_path / "nats")
-    conn = await nats.connect(server.url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        server.stop()
 
 
 async def _fill_past_window(writer: AuditWriter, js_bytes_goal: int) -> int:

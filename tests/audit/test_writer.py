@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import itertools
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -30,17 +29,6 @@ from edgekms.audit import (
 from edgekms.errors import Unavailable
 from tests.audit.helpers import deletable_stream_config, rewrite, stored, verify_stream
 from tests.conftest import start_nats
-
-
-@pytest.fixture
-async def nc(tmp_path: Path) -> AsyncIterator[NATS]:
-    server = start_nats(tmp_path / "nats")
-    conn = await nats.connect(server.url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        server.stop()
 
 
 async def test_the_stream_refuses_deletion_and_rollup(nc: NATS) -> None:
