@@ -23,12 +23,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.procs import Watch, wait_until
 from bench.stats import RunResult, summarise
 from edgekms.client_certs import self_signed_ca
 from mgmt.natsserver import free_port, wait_for_port
+
+if TYPE_CHECKING:
+    from bench.profile import Spies
 
 LEVELS = (1, 16)
 PROFILE = "https-server"
@@ -268,28 +271,14 @@ def run(
     return runs, samples, peak
 
 
-def _profile_start(pids: Mapping[str, int], out: Path, seconds: float) -> dict[str, Any]:
+def _profile_start(pids: Mapping[str, int], out: Path, seconds: float) -> Spies:
     """py-spy on the CA service, the broker and crypto-hsm0 for `seconds` (raw stacks)."""
-    from bench.profile import py_spy
+    from bench.profile import py_spy, start_spies
 
     binary = py_spy()
     if binary is None:
         return {}
-    out.mkdir(parents=True, exist_ok=True)
-    spies: dict[str, Any] = {}
-    for name in ("ca", "broker", "crypto-hsm0"):
-        if name not in pids:
-            continue
-        target = out / f"issue-{name}.collapsed.txt"
-        spies[name] = (
-            subprocess.Popen(
-                [binary, "record", "--pid", str(pids[name]), "--duration", str(int(seconds)),
-                 "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            ),
-            target,
-        )  # fmt: skip
-    return spies
+    return start_spies(binary, pids, ("ca", "broker", "crypto-hsm0"), out, seconds, "issue-")
 
 
 def main() -> None:
@@ -299,7 +288,7 @@ def main() -> None:
     import tempfile
 
     from bench import stackrun
-    from bench.profile import summarise_collapsed
+    from bench.profile import collect_spies
 
     parser = argparse.ArgumentParser(prog="python -m bench.issuance", description=main.__doc__)
     parser.add_argument("--inflight", type=int, nargs="+", default=list(LEVELS))
@@ -319,7 +308,7 @@ def main() -> None:
                     "edgekms", stack.broker, str(stack.data_dir), csrs, n,
                     args.duration, args.warmup,
                 )  # fmt: skip
-                spies: dict[str, Any] = {}
+                spies: Spies = {}
                 if args.profile is not None:
                     spies = _profile_start(
                         pids, args.profile / str(n), args.duration + args.warmup + 3.5
@@ -335,13 +324,13 @@ def main() -> None:
                     f"p99 {result.p99_ms:.2f} ms errors {result.errors} {result.note}"
                 )
                 print(f"  CPU µs per certificate: {per_cert}")
-                for name, (proc, target) in spies.items():
-                    proc.communicate(timeout=60)
-                    if target.exists():
-                        summary = summarise_collapsed(target.read_text(), top=15)
-                        print(f"  py-spy {name}: {summary['samples']} samples")
-                        for fn, share in summary["self"]:
-                            print(f"    {share:5.1f}%  {fn}")
+                for name, summary in collect_spies(spies, top=15).items():
+                    if "error" in summary:
+                        print(f"  py-spy {name}: {summary['error']}")
+                        continue
+                    print(f"  py-spy {name}: {summary['samples']} samples")
+                    for fn, share in summary["self"]:
+                        print(f"    {share:5.1f}%  {fn}")
         finally:
             stack.stop()
     finally:

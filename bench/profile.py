@@ -40,6 +40,48 @@ def py_spy() -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
+Spies = dict[str, tuple["subprocess.Popen[bytes]", Path]]
+
+
+def start_spies(
+    binary: str,
+    pids: Mapping[str, int],
+    names: tuple[str, ...],
+    out: Path,
+    seconds: float,
+    prefix: str = "",
+) -> Spies:
+    """py-spy recording each named process (those in `pids`) for `seconds`, raw stacks
+    into OUT/<prefix><name>.collapsed.txt, without stopping it (--nonblocking)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spies: Spies = {}
+    for name in names:
+        if name not in pids:
+            continue
+        target = out / f"{prefix}{name}.collapsed.txt"
+        spies[name] = (
+            subprocess.Popen(
+                [binary, "record", "--pid", str(pids[name]), "--duration", str(int(seconds)),
+                 "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ),
+            target,
+        )  # fmt: skip
+    return spies
+
+
+def collect_spies(spies: Spies, top: int = 12) -> dict[str, Any]:
+    """Each recorder waited for: its summary (summarise_collapsed), or its error."""
+    result: dict[str, Any] = {}
+    for name, (proc, target) in spies.items():
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0 or not target.exists():
+            result[name] = {"error": err.decode(errors="replace")[-300:]}
+            continue
+        result[name] = summarise_collapsed(target.read_text(), top=top)
+    return result
+
+
 def summarise_collapsed(text: str, top: int = 12) -> dict[str, Any]:
     """Self time per function and the share of samples that pass through each layer."""
     self_counts: Counter[str] = Counter()
@@ -92,29 +134,12 @@ def run(
         return {"skipped": "py-spy not installed in the venv"}
     duration = 6.0
     spec = stack.sign_spec(key_name, "ec-p256", inflight, duration, 1.0)
-    profile_dir = out / "profiles"
-    profile_dir.mkdir(exist_ok=True)
-    spies = {}
-    for name in PROFILED:
-        target = profile_dir / f"{name}.collapsed.txt"
-        spies[name] = (
-            subprocess.Popen(
-                [binary, "record", "--pid", str(pids[name]), "--duration", str(int(duration + 4)),
-                 "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            ),
-            target,
-        )  # fmt: skip
+    spies = start_spies(binary, pids, PROFILED, out / "profiles", duration + 4)
     outcome = run_load(spec, processes, pids)
     result: dict[str, Any] = {
         "rate_while_profiled": len(outcome.latencies) / duration,
     }
-    for name, (proc, target) in spies.items():
-        _, err = proc.communicate(timeout=60)
-        if proc.returncode != 0 or not target.exists():
-            result[name] = {"error": err.decode(errors="replace")[-300:]}
-            continue
-        result[name] = summarise_collapsed(target.read_text())
+    result.update(collect_spies(spies))
     return result
 
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,31 +96,16 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
 def _profiled(client: Any, pids: dict[str, int], duration: float, out: Path) -> dict[str, Any]:
     """One more SignBatch x1 run while py-spy samples the broker and the crypto service
     (bench.profile's summary: self time per function, share per layer)."""
-    from bench.profile import py_spy, summarise_collapsed
+    from bench.profile import collect_spies, py_spy, start_spies
 
     binary = py_spy()
     if binary is None:
         return {"skipped": "py-spy not installed in the venv"}
-    profile_dir = out / "profiles"
-    profile_dir.mkdir(parents=True, exist_ok=True)
-    spies = {}
-    for name in ("broker", "crypto-hsm0"):
-        target = profile_dir / f"sign_many-{name}.collapsed.txt"
-        spies[name] = (
-            subprocess.Popen(
-                [binary, "record", "--pid", str(pids[name]), "--duration", str(int(duration + 2)),
-                 "--rate", "200", "--format", "raw", "--output", str(target), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            ),
-            target,
-        )  # fmt: skip
+    spies = start_spies(
+        binary, pids, ("broker", "crypto-hsm0"), out / "profiles", duration + 2, "sign_many-"
+    )
     result: dict[str, Any] = {"run": _batches(client, 1, duration)}
-    for name, (proc, target) in spies.items():
-        _, err = proc.communicate(timeout=60)
-        if proc.returncode != 0 or not target.exists():
-            result[name] = {"error": err.decode(errors="replace")[-300:]}
-            continue
-        result[name] = summarise_collapsed(target.read_text())
+    result.update(collect_spies(spies))
     return result
 
 
