@@ -76,22 +76,9 @@ class Nodes:
         self.urls = [s.url for s in self.servers]
 
     async def wait_ready(self) -> None:
-        import nats
+        from mgmt.natsserver import wait_cluster_ready
 
-        deadline = time.monotonic() + 120
-        for url in self.urls:
-            while True:
-                try:
-                    nc = await nats.connect(url, connect_timeout=2)
-                    try:
-                        await nc.jetstream(timeout=2).account_info()
-                        break
-                    finally:
-                        await nc.close()
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+        await wait_cluster_ready(list(self.urls), 120)
 
     def stop(self) -> None:
         for server in self.servers:

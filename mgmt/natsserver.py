@@ -484,3 +484,54 @@ def free_port_pair(host: str = "127.0.0.1", attempts: int = 50) -> int:
                 continue
         return port
     raise NatsServerError(f"no pair of free ports found on {host}")
+
+
+async def wait_cluster_ready(urls: list[str | None], seconds: float) -> None:
+    """Until a JetStream cluster is ready for streams with a copy on each live node:
+    JetStream answers through every live node (`urls`, None for a node that is down),
+    and the meta group knows them all. Answering is not yet knowing every peer: until
+    the meta group has them, a stream with a copy on each is refused now and then, so
+    the check ends by making one such stream and dropping it. The nats client's errors
+    go out once `seconds` have passed."""
+    import asyncio
+    import secrets
+
+    import nats
+    import nats.errors
+    import nats.js.api
+    import nats.js.errors
+
+    retried = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
+    deadline = time.monotonic() + seconds
+    live = [url for url in urls if url is not None]
+    for url in live:
+        while True:
+            try:
+                nc = await nats.connect(url, connect_timeout=2)
+                try:
+                    await nc.jetstream(timeout=2).account_info()
+                    break
+                finally:
+                    await nc.close()
+            except retried:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    tag = secrets.token_hex(3)
+    probe = nats.js.api.StreamConfig(
+        name=f"READY_{tag}", subjects=[f"ready.{tag}"], num_replicas=len(live)
+    )
+    while True:
+        try:
+            nc = await nats.connect(live[0], connect_timeout=2)
+            try:
+                js = nc.jetstream(timeout=5)
+                await js.add_stream(probe)
+                await js.delete_stream(probe.name or "")
+                return
+            finally:
+                await nc.close()
+        except retried:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)

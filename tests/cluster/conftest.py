@@ -19,9 +19,14 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
-from mgmt.natsserver import ClusterConfig, NatsServer, NatsServerConfig, free_port
+from mgmt.natsserver import (
+    ClusterConfig,
+    NatsServer,
+    NatsServerConfig,
+    free_port,
+    wait_cluster_ready,
+)
 from tests.cluster.netns import NetnsCluster, unavailable_reason
-from tests.cluster.ready import wait_cluster_ready
 from tests.conftest import SLOWDOWN
 
 CLUSTER = "edgekms-test"
@@ -99,10 +104,10 @@ class Cluster:
 
     async def wait_ready(self, seconds: float = 60.0) -> None:
         """Until every live node's JetStream answers and the meta group knows them all
-        (tests.cluster.ready)."""
+        (mgmt.natsserver.wait_cluster_ready)."""
         await wait_cluster_ready(
             [u if n is not None else None for u, n in zip(self.urls, self.nodes, strict=True)],
-            seconds,
+            seconds * SLOWDOWN,
         )
 
 

@@ -44,9 +44,9 @@ from mgmt.natsserver import (
     NatsServerConfig,
     check_version,
     find_binary,
+    wait_cluster_ready,
     wait_for_port,
 )
-from tests.cluster.ready import wait_cluster_ready
 from tests.conftest import SLOWDOWN
 
 CLIENT_PORT = 4222
@@ -243,7 +243,7 @@ class NetnsCluster:
         """Until every live node's JetStream answers and the meta group knows them all."""
         await wait_cluster_ready(
             [u if n is not None else None for u, n in zip(self.urls, self.nodes, strict=True)],
-            seconds,
+            seconds * SLOWDOWN,
         )
 
     def teardown(self) -> None:
