@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mgmt.cli.common import output_option
 from mgmt.cli.output import echo_json, handle_errors
+
+if TYPE_CHECKING:
+    from mgmt.clusterinit import ClusterSpec
 
 
 @click.group()
@@ -58,20 +62,9 @@ def init(name: str, nodes: tuple[str, ...], out: Path, output: str) -> None:
 
     spec = make_spec(name, [parse_node(n) for n in nodes])
     made = write_bundles(spec, out)
-    if output == "json":
-        echo_json(
-            {
-                "cluster": spec.name,
-                "replicas": spec.replicas,
-                "bundles": {n.name: str(path) for n, path in zip(spec.nodes, made, strict=True)},
-            }
-        )
-        return
-    click.echo(f"Cluster {spec.name}: {len(made)} node(s), {spec.replicas} copies of every stream.")
-    for node, path in zip(spec.nodes, made, strict=True):
-        role = " (first: runs the ceremony)" if node.name == spec.first.name else ""
-        click.echo(f"  {node.name:<12} {path}{role}")
-    click.echo("Start each node with `kmsctl up --join <its bundle>`.")
+    _report(spec, made, output)
+    if output != "json":
+        click.echo("Start each node with `kmsctl up --join <its bundle>`.")
 
 
 @cluster.command("add-node")
@@ -114,20 +107,24 @@ def add_node(source: Path, nodes: tuple[str, ...], out: Path, output: str) -> No
     spec, shared = read_secrets(source)
     grown = make_spec(spec.name, [*spec.nodes, *(parse_node(n) for n in nodes)])
     made = write_bundles(grown, out, from_bundle=shared)
+    _report(grown, made, output)
+
+
+def _report(spec: ClusterSpec, made: list[Path], output: str) -> None:
+    """What init and add-node wrote: one bundle per node, the first one named."""
     if output == "json":
         echo_json(
             {
-                "cluster": grown.name,
-                "replicas": grown.replicas,
-                "bundles": {n.name: str(p) for n, p in zip(grown.nodes, made, strict=True)},
+                "cluster": spec.name,
+                "replicas": spec.replicas,
+                "bundles": {n.name: str(path) for n, path in zip(spec.nodes, made, strict=True)},
             }
         )
         return
-    click.echo(
-        f"Cluster {grown.name}: {len(made)} node(s), {grown.replicas} copies of every stream."
-    )
-    for node, path in zip(grown.nodes, made, strict=True):
-        click.echo(f"  {node.name:<12} {path}")
+    click.echo(f"Cluster {spec.name}: {len(made)} node(s), {spec.replicas} copies of every stream.")
+    for node, path in zip(spec.nodes, made, strict=True):
+        role = " (first: runs the ceremony)" if node.name == spec.first.name else ""
+        click.echo(f"  {node.name:<12} {path}{role}")
 
 
 def register(cli: click.Group) -> None:
