@@ -69,6 +69,17 @@ IN_PROGRESS = "in_progress"
 DONE = "done"
 
 
+def _replayed(
+    stored: bytes, response_type: type[M], method: str, client: str, request_id: str | None
+) -> M:
+    """The answer a settled call of the same id gave, for its retry."""
+    response = response_type()
+    response.ParseFromString(stored)
+    named = {} if request_id is None else {"request_id": request_id}
+    log.info("request replayed", extra=fields(method=method, client=client, **named))
+    return response
+
+
 def entry_key(client: str, request_id: str) -> str:
     """KV keys allow few characters; client names and ids may hold any: hash them."""
     return hashlib.sha256(f"{client}\0{request_id}".encode()).hexdigest()
@@ -211,13 +222,7 @@ class IdempotencyStore:
             if found is not None:
                 replay = self._settled(found, mine, method)
                 if replay is not None:
-                    response = response_type()
-                    response.ParseFromString(replay)
-                    log.info(
-                        "request replayed",
-                        extra=fields(method=method, client=identity.client, request_id=request_id),
-                    )
-                    return response
+                    return _replayed(replay, response_type, method, identity.client, request_id)
                 # A stale claim: take it over, or lose the race to another retry.
                 try:
                     revision = await self.kv.update(key, mine.encode(), last=revision)
@@ -283,13 +288,7 @@ class IdempotencyStore:
                 if entry.fingerprint != mine.fingerprint or entry.state == DONE:
                     replay = self._settled(entry, mine, method)
                     if replay is not None:
-                        response = response_type()
-                        response.ParseFromString(replay)
-                        log.info(
-                            "request replayed",
-                            extra=fields(method=method, client=identity.client),
-                        )
-                        return response
+                        return _replayed(replay, response_type, method, identity.client, None)
         except KMSError:
             raise
         except Exception as exc:
