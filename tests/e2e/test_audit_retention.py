@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from edgekms.errors import ResourceExhausted
 from edgekms.retention import SEGMENT_SUFFIX, Checkpoint, checkpoint_files
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
@@ -65,9 +66,19 @@ def test_signing_past_the_limit_is_archived_pruned_and_proven(stack: KmsStack) -
         deadline = time.monotonic() + 300 * SLOWDOWN
         # More than twice the stream's 512 KiB of Sign entries (about 570 bytes each):
         # without the archiver the stream would be full and Signs refused.
+        refused = 0
         while signed < 2000 or len(checkpoint_files(archive, STREAM)) < 3:
-            assert time.monotonic() < deadline, (signed, list(archive.rglob("*")))
-            assert client.sign("retention/key", b"entry %d" % signed)
+            assert time.monotonic() < deadline, (signed, refused, list(archive.rglob("*")))
+            try:
+                assert client.sign("retention/key", b"entry %d" % signed)
+            except ResourceExhausted as exc:
+                # The documented policy when archiving falls behind (a busy CI machine
+                # can outsign a 1 s archiver on 512 KiB): refused, never dropped. The
+                # archiver must catch up and the same Sign then go through.
+                assert exc.reason == "audit.full", exc
+                refused += 1
+                time.sleep(0.05)
+                continue
             signed += 1
     checkpoints = [Checkpoint.from_json(p.read_bytes()) for p in checkpoint_files(archive, STREAM)]
     assert checkpoints[0].first_seq == 1
