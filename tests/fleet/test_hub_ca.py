@@ -89,9 +89,11 @@ class HubCA:
     crypto: CryptoProcess
     service: CAService
     ca: CertificateAuthority
+    # Entries the fixture's own probes left (skipped by audit_entries).
+    audit_start: int = 0
 
     async def audit_entries(self) -> list[dict[str, Any]]:
-        """Every entry of the CA's audit chain at the hub."""
+        """The entries of the CA's audit chain at the hub since the fixture was ready."""
         js = self.hub.jetstream()
         info = await js.stream_info(writer_stream("ca"))
         entries: list[dict[str, Any]] = []
@@ -99,7 +101,7 @@ class HubCA:
             msg = await js.get_msg(writer_stream("ca"), seq)
             assert msg.subject == audit_subject("ca")
             entries.extend(parse_message(msg.data or b""))
-        return entries
+        return entries[self.audit_start :]
 
     async def records(self) -> int:
         return len(await self.store.list_records())
@@ -150,7 +152,9 @@ async def hub_ca(fleet: Fleet, softhsm_token: TokenInfo, tmp_path: Path) -> Asyn
             return False
 
         await until(device_reaches_the_ca, what="the hub CA's device subject from device a")
-        yield HubCA(fleet, hub, device, store, registry, crypto, service, ca)
+        made = HubCA(fleet, hub, device, store, registry, crypto, service, ca)
+        made.audit_start = len(await made.audit_entries())
+        yield made
     finally:
         if ca is not None:
             await ca.crl_jobs.stop()
@@ -189,6 +193,18 @@ async def test_a_device_gets_a_certificate_for_its_registered_name(hub_ca: HubCA
     assert issued[0]["request_id"] == request.request_id
 
 
+async def denials(hub_ca: HubCA, device: str) -> list[str]:
+    """The reasons of the CA's audited refusals of `device`'s requests."""
+    return [
+        e["details"]["reason"]
+        for e in await hub_ca.audit_entries()
+        if e["action"] == AUDIT_ACTION
+        and e["outcome"] == "denied"
+        and e["actor"]["client"] == f"fleet:{device}"
+        and e["details"]["device"] == device
+    ]
+
+
 @pytest.mark.asyncio
 async def test_a_device_gets_nothing_that_is_not_its_own(hub_ca: HubCA) -> None:
     before = await hub_ca.records()
@@ -200,55 +216,66 @@ async def test_a_device_gets_nothing_that_is_not_its_own(hub_ca: HubCA) -> None:
     with pytest.raises(PermissionDenied) as other_cn:
         await request_certificate(hub_ca.device, "a", issue_request(B_NAME, A_NAME), timeout=30)
     assert other_cn.value.reason == "device.name_not_allowed"
-    # A profile the registry does not allow it.
+    assert await hub_ca.records() == before
+    assert await denials(hub_ca, "a") == ["device.name_not_allowed"] * 2
+    assert await denials(hub_ca, "b") == []
+
+
+@pytest.mark.asyncio
+async def test_a_profile_the_registry_does_not_allow_is_refused(hub_ca: HubCA) -> None:
+    before = await hub_ca.records()
     with pytest.raises(PermissionDenied) as profile:
         await request_certificate(
             hub_ca.device, "a", issue_request(A_NAME, A_NAME, profile="vpn-client"), timeout=30
         )
     assert profile.value.reason == "device.profile_not_allowed"
-    # No request id (sent raw: request_certificate refuses it before sending).
-    with pytest.raises(InvalidArgument) as no_id:
+    assert await hub_ca.records() == before
+    assert await denials(hub_ca, "a") == ["device.profile_not_allowed"]
+
+
+@pytest.mark.asyncio
+async def test_a_request_without_a_request_id_is_refused(hub_ca: HubCA) -> None:
+    request = ca_pb2.IssueCertificateRequest(csr=csr(A_NAME, A_NAME), profile="https-server")
+    with pytest.raises(InvalidArgument) as local:
+        await request_certificate(hub_ca.device, "a", request, timeout=30)
+    assert local.value.reason == "fleet.request_id_invalid"
+    # Sent raw, past the device-side check: the CA refuses it too.
+    with pytest.raises(InvalidArgument) as at_ca:
         await natsrpc.request(
             hub_ca.device,
             device_ca_subject("a", "IssueCertificate"),
-            ca_pb2.IssueCertificateRequest(csr=csr(A_NAME, A_NAME), profile="https-server"),
+            request,
             ca_pb2.IssueCertificateResponse,
             30,
             service="the hub's CA",
             reason_prefix="hub_ca",
         )
-    assert no_id.value.reason == "fleet.request_id_invalid"
-    # b's subject, from a: nats-server does not carry it across a's leaf connection.
-    with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
-        await hub_ca.device.request(
-            device_ca_subject("b", "IssueCertificate"),
-            issue_request(B_NAME, B_NAME).SerializeToString(),
-            timeout=3,
-        )
-    # Nor the shared issuing subject, which trusts whoever reaches it.
-    with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
-        await hub_ca.device.request(
-            ca_subject("IssueCertificate"),
-            issue_request(B_NAME, B_NAME).SerializeToString(),
-            timeout=3,
-        )
-    assert await hub_ca.records() == before
-
-    denied = [
-        e
-        for e in await hub_ca.audit_entries()
-        if e["action"] == AUDIT_ACTION and e["outcome"] == "denied"
-    ]
-    reasons = [e["details"]["reason"] for e in denied if e["actor"]["client"] == "fleet:a"]
-    for reason in ("device.name_not_allowed", "device.profile_not_allowed"):
-        assert reason in reasons
-    assert "fleet:b" not in {e["actor"]["client"] for e in denied}
+    assert at_ca.value.reason == "fleet.request_id_invalid"
+    assert await denials(hub_ca, "a") == ["fleet.request_id_invalid"]
 
 
 @pytest.mark.asyncio
-async def test_a_disabled_or_removed_device_is_refused_and_no_uplink_is_unavailable(
-    hub_ca: HubCA,
-) -> None:
+async def test_a_device_is_refused_on_another_devices_subject(hub_ca: HubCA) -> None:
+    before = await hub_ca.records()
+    audit_before = len(await hub_ca.audit_entries())
+    # b's subject, from a: nats-server does not carry it across a's leaf connection.
+    # Nor the shared issuing subject, which trusts whoever reaches it.
+    for subject in (device_ca_subject("b", "IssueCertificate"), ca_subject("IssueCertificate")):
+        with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
+            await hub_ca.device.request(
+                subject, issue_request(B_NAME, B_NAME).SerializeToString(), timeout=3
+            )
+    # The same request from the hub (where b's subject is reachable) is answered, so
+    # the refusal above is the leaf grant's, not a missing endpoint.
+    answered = await request_certificate(hub_ca.hub, "b", issue_request(B_NAME, B_NAME))
+    assert answered.record.requester == "fleet:b"
+    assert await hub_ca.records() == before + 1
+    entries = (await hub_ca.audit_entries())[audit_before:]
+    assert [e["actor"]["client"] for e in entries] == ["fleet:b"]
+
+
+@pytest.mark.asyncio
+async def test_a_disabled_or_removed_device_is_refused(hub_ca: HubCA) -> None:
     await hub_ca.registry.set_enabled("a", False)
     with pytest.raises(PermissionDenied) as disabled:
         await request_certificate(hub_ca.device, "a", issue_request(A_NAME, A_NAME), timeout=30)
@@ -261,18 +288,11 @@ async def test_a_disabled_or_removed_device_is_refused_and_no_uplink_is_unavaila
     with pytest.raises(PermissionDenied) as removed:
         await request_certificate(hub_ca.device, "a", issue_request(A_NAME, A_NAME), timeout=30)
     assert removed.value.reason == "fleet.device_unknown"
-    entries = await hub_ca.audit_entries()
-    refusals = {
-        e["details"]["reason"]
-        for e in entries
-        if e["action"] == AUDIT_ACTION
-        and e["outcome"] == "denied"
-        and e["actor"]["client"] == "fleet:a"
-    }
-    assert {"fleet.device_disabled", "fleet.device_unknown"} <= refusals
+    assert await denials(hub_ca, "a") == ["fleet.device_disabled", "fleet.device_unknown"]
 
-    # The uplink down: the device's own nats-server answers that nothing is there.
-    await hub_ca.registry.put(DeviceRecord("a", (f"dns:{A_NAME}",), ("https-server",)))
+
+@pytest.mark.asyncio
+async def test_no_uplink_is_unavailable_and_the_uplink_back_serves_again(hub_ca: HubCA) -> None:
     hub_ca.fleet.stop_hub()
     try:
         refusal: list[Unavailable] = []
@@ -300,17 +320,21 @@ async def test_a_disabled_or_removed_device_is_refused_and_no_uplink_is_unavaila
 
         await until(hub_back, what="the hub's admin connection back after the restart")
 
-    # The uplink back: the device gets its certificate again.
+    issued: list[ca_pb2.IssueCertificateResponse] = []
+
     async def issued_again() -> bool:
         try:
-            await request_certificate(
-                hub_ca.device, "a", issue_request(A_NAME, A_NAME), timeout=5 * SLOWDOWN
+            issued.append(
+                await request_certificate(
+                    hub_ca.device, "a", issue_request(A_NAME, A_NAME), timeout=5 * SLOWDOWN
+                )
             )
         except (Unavailable, DeadlineExceeded):
             return False
         return True
 
     await until(issued_again, what="a certificate for device a after the uplink returned")
+    assert issued[-1].record.requester == "fleet:a"
 
 
 def test_registry_records_and_subjects_are_checked() -> None:
