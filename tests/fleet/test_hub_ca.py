@@ -28,8 +28,9 @@ from nats.aio.client import Client
 
 from ca_service.authority import CertificateAuthority
 from ca_service.builder import CaUrls
+from ca_service.config import CAConfigError, load_serve_config
 from ca_service.fleet import AUDIT_ACTION, DeviceCA
-from ca_service.service import CAService, add_ca_service
+from ca_service.service import CAService, add_ca_service, serve
 from ca_service.signer import KMSKeyBackend
 from ca_service.store import CAStore
 from edgekms import natsrpc
@@ -46,9 +47,10 @@ from edgekms.fleet_ca import (
 from edgekms.subjects import ca_subject
 from edgekms.v1 import ca_pb2
 from edgekms.v1 import common_pb2 as pb
+from mgmt.natsserver import free_port
 from tests.conftest import SLOWDOWN, TokenInfo
 from tests.crypto.conftest import CryptoProcess
-from tests.fleet.conftest import Fleet, until
+from tests.fleet.conftest import ADMIN, Fleet, until
 from tests.fleet.test_leaf_ca import PROVIDER, crypto_on_hub
 
 A_NAME = "a.fleet.test"
@@ -349,12 +351,97 @@ def test_registry_records_and_subjects_are_checked() -> None:
         DeviceRecord("A*", (f"dns:{A_NAME}",), ())
     assert device.value.reason == "fleet.device_invalid"
     for raw in (b"{", b"[]", b'{"device": "a", "names": "x", "profiles": [], "enabled": true}'):
-        with pytest.raises(InvalidArgument) as record:
+        with pytest.raises(InvalidArgument) as unreadable:
             DeviceRecord.from_json(raw)
-        assert record.value.reason == "fleet.record_invalid"
+        assert unreadable.value.reason == "fleet.record_invalid"
     record = DeviceRecord("a", (f"dns:{A_NAME}", "ip:10.0.0.7"), ("https-server", "vpn-client"))
     assert DeviceRecord.from_json(record.to_json()) == record
     assert subject_device("kms.ca.device.a.IssueCertificate") == "a"
     for subject in ("kms.ca.IssueCertificate", "kms.ca.device.A.IssueCertificate", "x.y.z.a.b"):
         with pytest.raises(InvalidArgument):
             subject_device(subject)
+
+
+def write_ca_config(directory: Path, fleet: Fleet, extra: str) -> Path:
+    """A ca.toml for a CA on the hub's bus as the hub's admin."""
+    directory.mkdir(parents=True, exist_ok=True)
+    password = directory / "admin.password"
+    password.write_text(fleet.passwords[ADMIN])
+    password.chmod(0o600)
+    config = directory / "ca.toml"
+    config.write_text(
+        f'nats_url = "nats://127.0.0.1:{fleet.hub_port}"\n'
+        f'http_listen = "127.0.0.1:{free_port()}"\n'
+        f'nats_user = "{ADMIN}"\n'
+        'nats_password_file = "admin.password"\n'
+        f"{extra}\n"
+    )
+    return config
+
+
+def test_the_ca_config_takes_fleet(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path / "unused")
+    assert load_serve_config(write_ca_config(tmp_path / "on", fleet, "fleet = true")).fleet
+    assert not load_serve_config(write_ca_config(tmp_path / "off", fleet, "")).fleet
+    with pytest.raises(CAConfigError, match="fleet must be true or false"):
+        load_serve_config(write_ca_config(tmp_path / "bad", fleet, 'fleet = "yes"'))
+
+
+@pytest.mark.asyncio
+async def test_the_ca_service_serves_fleet_devices_from_its_config(
+    fleet: Fleet, softhsm_token: TokenInfo, tmp_path: Path
+) -> None:
+    """`kmsctl ca serve` with `fleet = true`: the same path, wired by the service."""
+    crypto = crypto_on_hub(fleet, softhsm_token, tmp_path / "crypto")
+    hub = await fleet.connect_hub()
+    device = await fleet.connect_device("a")
+    stop = asyncio.Event()
+    config = load_serve_config(write_ca_config(tmp_path / "ca", fleet, "fleet = true"))
+    served = asyncio.create_task(serve(config, stop))
+    try:
+        registry = await DeviceRegistry.open(hub.jetstream())
+        await registry.put(DeviceRecord("a", (f"dns:{A_NAME}",), ("https-server",)))
+        init = ca_pb2.InitCARequest(
+            provider=PROVIDER,
+            key_type=pb.KEY_TYPE_EC_P256,
+            common_name="EdgeKMS Hub CA (served)",
+            disable_root=True,
+        )
+
+        async def initialised() -> bool:
+            if served.done():
+                served.result()  # the service died: its error, not a timeout
+            try:
+                await natsrpc.request(
+                    hub,
+                    ca_subject("Init"),
+                    init,
+                    ca_pb2.InitCAResponse,
+                    60,
+                    service="the CA service",
+                    reason_prefix="ca",
+                )
+            except Unavailable:
+                return False  # not subscribed yet
+            return True
+
+        await until(initialised, what="the served CA to answer Init")
+        issued: list[ca_pb2.IssueCertificateResponse] = []
+        request = issue_request(A_NAME, A_NAME)
+
+        async def certificate() -> bool:
+            try:
+                issued.append(await request_certificate(device, "a", request, timeout=10))
+            except (Unavailable, DeadlineExceeded):
+                return False
+            return True
+
+        await until(certificate, what="device a's certificate from the served CA")
+        assert issued[-1].record.requester == "fleet:a"
+        assert not served.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(served, 30 * SLOWDOWN)
+        await device.close()
+        await hub.close()
+        assert crypto.stop() == 0, crypto.stderr()[-2000:]
