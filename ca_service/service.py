@@ -303,7 +303,7 @@ async def _serve(config: ServeConfig, stop: asyncio.Event | None, status: _Statu
 
             acme = AcmeServer(ca, config.acme, audit)
         admin = AcmeAdmin(acme.store, acme) if acme is not None else None
-        fleet = DeviceCA(ca, nc.jetstream(), audit) if config.fleet and audit else None
+        fleet = DeviceCA(ca, nc.jetstream(), audit) if config.fleet and audit is not None else None
         service = await add_ca_service(
             nc,
             ca,
