@@ -22,8 +22,10 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from ca_service.authority import CertificateAuthority
+from ca_service.replies import reply_subject
 from edgekms import natsrpc
 from edgekms.audit import AuditWriter
+from edgekms.busauth import INBOX_ROOT
 from edgekms.csr_names import check_csr_names
 from edgekms.errors import InvalidArgument, KMSError, PermissionDenied
 from edgekms.fleet_ca import (
@@ -31,6 +33,7 @@ from edgekms.fleet_ca import (
     DeviceRecord,
     DeviceRegistry,
     device_ca_wildcard,
+    device_inbox,
     device_requester,
     subject_device,
 )
@@ -135,11 +138,39 @@ class DeviceCA:
             handler=self._endpoint(responder),
         )
 
+    async def _misdirected(self, subject: str, reply: str) -> bool:
+        """Whether a request's answer would go anywhere but the device's own inbox (the
+        only replies its leaf connection carries down): then it is not answered, only
+        audited, so that a device cannot have the CA publish into a hub subject."""
+        try:
+            device = subject_device(subject)
+        except InvalidArgument:
+            # No device: refused by `issue` (only a hub user reaches such a subject),
+            # answered on an inbox only.
+            return not reply.startswith(INBOX_ROOT)
+        if reply.startswith(device_inbox(device) + "."):
+            return False
+        await self.audit.append(
+            AUDIT_ACTION,
+            "denied",
+            client=device_requester(device),
+            role=AUDIT_ROLE,
+            details={"device": device, "reason": "fleet.reply_invalid", "reply": reply[:120]},
+        )
+        log.warning(
+            "fleet device request with a reply outside its inbox dropped",
+            extra=fields(device=device, reply=reply[:120]),
+        )
+        return True
+
     def _endpoint(self, responder: natsrpc.Responder) -> Callable[[Any], Awaitable[None]]:
         async def handle(req: Any) -> None:
+            subject = str(req.subject)
+            if await self._misdirected(subject, reply_subject(req)):
+                return
             # The subject is per request, so the handler is bound to it here; the
             # Responder bounds concurrency and turns errors into typed answers.
-            bound = functools.partial(self.issue, str(req.subject))
+            bound = functools.partial(self.issue, subject)
             await responder.endpoint(
                 "DeviceIssueCertificate", ca_pb2.IssueCertificateRequest, bound
             )(req)

@@ -25,6 +25,7 @@ from ca_service.builder import CaUrls
 from ca_service.crl import CRL_VALIDITY
 from ca_service.fleet import DeviceCA
 from ca_service.profiles import load_profiles
+from ca_service.replies import inbox_only
 from ca_service.signer import KMSKeyBackend
 from ca_service.spiffe import SpiffeAuthority
 from ca_service.store import CAStore
@@ -140,7 +141,7 @@ class CAService:
             await self._service.add_endpoint(
                 name=name,
                 subject=ca_subject(name),
-                handler=self._responder.endpoint(name, request_type, handler),
+                handler=inbox_only(self._responder.endpoint(name, request_type, handler)),
             )
         if self.fleet is not None:
             await self.fleet.register(self._service, self._responder)

@@ -23,7 +23,7 @@ the hub's JetStream API or the CA's state-changing operations, so the grant is n
 from __future__ import annotations
 
 from edgekms.fleet import check_device, deliver_prefix, device_domain
-from edgekms.fleet_ca import DEVICE_OPERATIONS, device_ca_subject
+from edgekms.fleet_ca import DEVICE_OPERATIONS, device_ca_subject, device_inbox
 from edgekms.subjects import ca_subject
 from mgmt.natsauth import Identity, Permissions
 
@@ -37,12 +37,6 @@ DEVICE_CA_OPERATIONS = ("GetCACertificates", "GetCRL")
 def device_user(device: str) -> str:
     """The device's bus user at the hub."""
     return f"leaf-{check_device(device)}"
-
-
-def device_inbox(device: str) -> str:
-    """The inbox prefix a device-side client uses for requests into the hub (nats.py's
-    `inbox_prefix`): the only replies the hub may send down to this device."""
-    return f"_INBOX_{check_device(device)}"
 
 
 def device_hub_ca_subjects(device: str) -> tuple[str, ...]:

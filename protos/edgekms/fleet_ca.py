@@ -71,6 +71,13 @@ def subject_device(subject: str) -> str:
     return check_device(parts[3])
 
 
+def device_inbox(device: str) -> str:
+    """The inbox prefix a device-side client uses for requests into the hub (nats.py's
+    `inbox_prefix`): the only replies the hub may send down to this device, and the only
+    reply subjects the hub's CA answers a device's request on."""
+    return f"_INBOX_{check_device(device)}"
+
+
 def device_requester(device: str) -> str:
     """The requester recorded on a fleet device's certificates (and its audit client)."""
     return f"fleet:{check_device(device)}"
@@ -226,6 +233,7 @@ __all__ = [
     "DeviceRegistry",
     "device_ca_subject",
     "device_ca_wildcard",
+    "device_inbox",
     "device_requester",
     "request_certificate",
     "subject_device",

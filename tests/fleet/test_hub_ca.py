@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats
 import nats.errors
 import pytest
 from cryptography import x509
@@ -41,6 +42,7 @@ from edgekms.fleet_ca import (
     DeviceRecord,
     DeviceRegistry,
     device_ca_subject,
+    device_inbox,
     request_certificate,
     subject_device,
 )
@@ -267,9 +269,19 @@ async def test_a_device_is_refused_on_another_devices_subject(hub_ca: HubCA) -> 
             await hub_ca.device.request(
                 subject, issue_request(B_NAME, B_NAME).SerializeToString(), timeout=3
             )
-    # The same request from the hub (where b's subject is reachable) is answered, so
-    # the refusal above is the leaf grant's, not a missing endpoint.
-    answered = await request_certificate(hub_ca.hub, "b", issue_request(B_NAME, B_NAME))
+    # The same request from the hub (where b's subject is reachable, here with b's
+    # inbox) is answered, so the refusal above is the leaf grant's, not a missing
+    # endpoint.
+    as_b = await nats.connect(
+        f"nats://127.0.0.1:{hub_ca.fleet.hub_port}",
+        user=ADMIN,
+        password=hub_ca.fleet.passwords[ADMIN],
+        inbox_prefix=device_inbox("b"),
+    )
+    try:
+        answered = await request_certificate(as_b, "b", issue_request(B_NAME, B_NAME))
+    finally:
+        await as_b.close()
     assert answered.record.requester == "fleet:b"
     assert await hub_ca.records() == before + 1
     entries = (await hub_ca.audit_entries())[audit_before:]
@@ -337,6 +349,43 @@ async def test_no_uplink_is_unavailable_and_the_uplink_back_serves_again(hub_ca:
 
     await until(issued_again, what="a certificate for device a after the uplink returned")
     assert issued[-1].record.requester == "fleet:a"
+
+
+@pytest.mark.asyncio
+async def test_the_ca_answers_a_device_only_on_its_inbox(hub_ca: HubCA) -> None:
+    """A request names the subject its answer is published on: a device naming a hub
+    KV key ($KV.kms_fleet_devices.b: device b's registry record) would have the CA
+    write its answer there. The CA answers only on inboxes (a device: its own)."""
+    kv = await hub_ca.hub.jetstream().key_value("kms_fleet_devices")
+    before = (await kv.get("b")).revision
+    target = "$KV.kms_fleet_devices.b"
+    request = issue_request(A_NAME, A_NAME).SerializeToString()
+    await hub_ca.device.publish(device_ca_subject("a", "IssueCertificate"), request, reply=target)
+    # Another device's inbox is not this device's either.
+    await hub_ca.device.publish(
+        device_ca_subject("a", "IssueCertificate"), request, reply="_INBOX_b.stolen"
+    )
+    await hub_ca.device.publish(ca_subject("GetCACertificates"), b"", reply=target)
+
+    async def both_dropped() -> bool:
+        return await denials(hub_ca, "a") == ["fleet.reply_invalid"] * 2
+
+    await until(both_dropped, what="the CA to drop device a's misdirected requests")
+    # Answered on an inbox, in order behind the misdirected read on the same subject.
+    answer = await hub_ca.device.request(
+        ca_subject("GetCACertificates"),
+        ca_pb2.GetCACertificatesRequest().SerializeToString(),
+        timeout=10 * SLOWDOWN,
+    )
+    assert answer.data
+    assert (await kv.get("b")).revision == before
+    assert await registry_record(hub_ca, "b") == DeviceRecord(
+        "b", (f"dns:{B_NAME}",), ("https-server",)
+    )
+
+
+async def registry_record(hub_ca: HubCA, device: str) -> DeviceRecord | None:
+    return await hub_ca.registry.get(device)
 
 
 def test_registry_records_and_subjects_are_checked() -> None:
