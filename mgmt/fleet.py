@@ -5,7 +5,7 @@ A device's nats-server logs in to the hub's leaf listener as the device's own hu
 user's permissions, read from the hub's point of view: `publish` is what the device may
 send into the hub, `subscribe` what the hub may send down to the device. A compromised
 device must not read another device's audit, write the hub's buckets or streams, reach
-the hub's JetStream API or the CA's state-changing operations, so the grant is narrow
+the hub's JetStream API or the CA's shared state-changing operations, so the grant is narrow
 (docs/cluster.md, "Fleet", and docs/security.md):
 
 - publish: its own sourcing deliver prefix (kms.fleet.<id>.src.>: the audit entries the
