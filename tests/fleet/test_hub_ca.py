@@ -160,13 +160,16 @@ async def hub_ca(fleet: Fleet, softhsm_token: TokenInfo, tmp_path: Path) -> Asyn
         made.audit_start = len(await made.audit_entries())
         yield made
     finally:
-        if ca is not None:
-            await ca.crl_jobs.stop()
-        if service is not None:
-            await service.stop()
-        await device.close()
-        await hub.close()
-        assert crypto.stop() == 0, crypto.stderr()[-2000:]
+        try:
+            if ca is not None:
+                await ca.crl_jobs.stop()
+            if service is not None:
+                await service.stop()
+            await device.close()
+            await hub.close()
+        finally:
+            # Stopped whatever happened above: never left running after the test.
+            assert crypto.stop() == 0, crypto.stderr()[-2000:]
 
 
 @pytest.mark.asyncio
@@ -489,8 +492,10 @@ async def test_the_ca_service_serves_fleet_devices_from_its_config(
         assert issued[-1].record.requester == "fleet:a"
         assert not served.done()
     finally:
-        stop.set()
-        await asyncio.wait_for(served, 30 * SLOWDOWN)
-        await device.close()
-        await hub.close()
-        assert crypto.stop() == 0, crypto.stderr()[-2000:]
+        try:
+            stop.set()
+            await asyncio.wait_for(served, 30 * SLOWDOWN)
+            await device.close()
+            await hub.close()
+        finally:
+            assert crypto.stop() == 0, crypto.stderr()[-2000:]
