@@ -141,9 +141,8 @@ class DeviceRecord:
             ):
                 raise TypeError
             return cls(data["device"], tuple(names), tuple(profiles), enabled)
-        except (ValueError, TypeError, KeyError) as exc:
-            if isinstance(exc, InvalidArgument):
-                raise
+        except (ValueError, TypeError, KeyError):
+            # (A well-formed record with a bad value raises its own InvalidArgument.)
             raise InvalidArgument(
                 "fleet.record_invalid", "the device's registry record is unreadable"
             ) from None
