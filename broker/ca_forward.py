@@ -21,6 +21,7 @@ from broker import wire
 from broker.audit_service import note
 from broker.authz import ROLE_METHODS
 from broker.device_certs import DEVICE_METHODS, SPIFFE_DEVICE_METHODS, check_issue
+from broker.hub_ca import HubCA
 from broker.idempotency import IdempotencyStore
 from broker.keys import Context, IdentityCache, rpc
 from edgekms import natsrpc
@@ -77,8 +78,11 @@ class CAForwarder:
         identities: IdentityCache,
         idempotency: IdempotencyStore | None = None,
         audit: AuditWriter | None = None,
+        hub: HubCA | None = None,
     ):
         self.nc = nc
+        # On a fleet device: the hub's CA, instead of a local one (broker.hub_ca).
+        self.hub = hub
         # Read by the `rpc` wrapper: who is calling, and where every decision is recorded
         # (certificate issuance and revocation are changes the audit log must show).
         self.identities = identities
@@ -113,6 +117,10 @@ class CAForwarder:
             timeout = ceiling if remaining is None else max(0.05, min(ceiling, remaining - 0.05))
 
             async def send() -> Message:
+                if self.hub is not None:
+                    return await self.hub.send(
+                        method, request, response_type, timeout, identity.client
+                    )
                 return await natsrpc.request(
                     self.nc,
                     ca_subject(method),

@@ -46,6 +46,9 @@ Metrics (edgekms.metrics): /metrics, /healthz and /readyz on this address; absen
 for none. The audit metrics come from a check of every audit chain this often (0: none).
 metrics_listen = "127.0.0.1:9464"
 audit_check_interval = 15.0
+A fleet device's broker (docs/cluster.md, "Fleet"): IssueCertificate, GetCACertificates
+and GetCRL go to the hub's CA across the leaf connection, as this device; no local CA.
+hub_ca_device = "a1"
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from typing import Any
 from edgekms.audit import AUDIT_FIELDS, StreamLimit, parse_limit_fields
 from edgekms.busauth import BusCredentials, parse_bus_fields
 from edgekms.errors import InvalidArgument
+from edgekms.fleet import DEVICE_ID_RE
 from edgekms.kvstore import parse_replicas
 from edgekms.metrics import LISTEN_FIELD, parse_listen_field
 from edgekms.retention import (
@@ -129,6 +133,9 @@ class BrokerConfig:
     # Seconds between two passes of the audit chain check behind the audit metrics
     # (broker.metrics.AuditChainCheck); 0: no check.
     audit_check_interval: float = 15.0
+    # On a fleet device: its id at the hub; IssueCertificate, GetCACertificates and
+    # GetCRL are sent to the hub's CA across the leaf connection (broker.hub_ca).
+    hub_ca_device: str = ""
 
 
 # A node name as nats-server's server_name and the docs use it.
@@ -180,6 +187,7 @@ KNOWN_FIELDS = frozenset(
         "tls",
         LISTEN_FIELD,
         "audit_check_interval",
+        "hub_ca_device",
         *BUS_FIELDS,
         *SEAL_FIELDS,
         *AUDIT_FIELDS,
@@ -251,7 +259,15 @@ def load_config(path: Path) -> BrokerConfig:
     check = raw.get("audit_check_interval", 15.0)
     if isinstance(check, bool) or not isinstance(check, int | float) or check < 0:
         raise ConfigError(f"{path}: 'audit_check_interval' must be 0 or more seconds")
+    hub_ca_device = raw.get("hub_ca_device", "")
+    if not isinstance(hub_ca_device, str) or (
+        hub_ca_device and not DEVICE_ID_RE.match(hub_ca_device)
+    ):
+        raise ConfigError(
+            f"{path}: 'hub_ca_device' must be a device id (a-z 0-9 -, at most 32 characters)"
+        )
     return BrokerConfig(
+        hub_ca_device=hub_ca_device,
         replicas=replicas,
         metrics_listen=metrics_listen,
         audit_check_interval=float(check),

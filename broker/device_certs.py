@@ -11,10 +11,8 @@ certificate), which is how `kmsctl device deny` finds and revokes these certific
 
 from __future__ import annotations
 
-from cryptography import x509
-
-from edgekms.errors import InvalidArgument, PermissionDenied
-from edgekms.sans import ADDRESS_KINDS, san_strings, type_and_value
+from edgekms.csr_names import check_csr_names, csr_names, load_csr
+from edgekms.errors import PermissionDenied
 from edgekms.v1 import ca_pb2, enroll_pb2
 
 # SPIFFE calls a device makes for the workloads on it (spiffe_agent): narrowed by the
@@ -32,28 +30,9 @@ CA_PROFILES: dict[str, frozenset[str]] = {
 }
 
 
-def _load(csr_bytes: bytes) -> x509.CertificateSigningRequest:
-    try:
-        if csr_bytes.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_csr(csr_bytes)
-        return x509.load_der_x509_csr(csr_bytes)
-    except ValueError:
-        raise InvalidArgument("csr.malformed", "the CSR is not PKCS#10 (PEM or DER)") from None
-
-
-def _names(
-    csr: x509.CertificateSigningRequest,
-) -> tuple[list[tuple[x509.ObjectIdentifier, str]], list[str]]:
-    """The subject's (OID, value) pairs and the SANs as `dns:NAME` / `ip:ADDR` (others
-    tagged with their type, so they match no recorded name)."""
-    attributes = [(a.oid, str(a.value)) for a in csr.subject]
-    try:
-        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return attributes, []
-    except (ValueError, x509.DuplicateExtension):
-        raise InvalidArgument("csr.malformed", "the CSR's extensions are unreadable") from None
-    return attributes, san_strings(ext, kinds=ADDRESS_KINDS, lower_dns=True, other=type_and_value)
+# The CSR's parsing and name check are shared with the CA's fleet path (edgekms.csr_names).
+_load = load_csr
+_names = csr_names
 
 
 def check_issue(device: enroll_pb2.Device, request: ca_pb2.IssueCertificateRequest) -> None:
@@ -66,34 +45,10 @@ def check_issue(device: enroll_pb2.Device, request: ca_pb2.IssueCertificateReque
             f" certificates, not {request.profile[:40]!r}",
             {"device": device.name, "profile": request.profile[:40]},
         )
-    allowed = set(device.sans)
-    if not allowed:
+    if not device.sans:
         raise PermissionDenied(
             "device.name_not_allowed",
             f"device {device.name!r} was enrolled without --san names, so it may certify none",
             {"device": device.name},
         )
-    attributes, sans = _names(_load(request.csr))
-    dns_names = {s.removeprefix("dns:") for s in allowed if s.startswith("dns:")}
-    for oid, value in attributes:
-        if oid != x509.NameOID.COMMON_NAME or (
-            value.lower() not in dns_names and value != device.name
-        ):
-            raise PermissionDenied(
-                "device.name_not_allowed",
-                f"subject attribute {value[:80]!r} is not one of the device's names",
-                {"device": device.name},
-            )
-    if not sans:
-        raise PermissionDenied(
-            "device.name_not_allowed",
-            "the CSR names no SAN; give one or more of the device's --san names",
-            {"device": device.name},
-        )
-    for san in sans:
-        if san not in allowed:
-            raise PermissionDenied(
-                "device.name_not_allowed",
-                f"SAN {san[:80]!r} is not one the device's token allowed",
-                {"device": device.name, "san": san[:80]},
-            )
+    check_csr_names(device.name, device.sans, request.csr)

@@ -29,6 +29,7 @@ from broker.clients import AccessGate, ClientRegistry, ClientService
 from broker.config import BrokerConfig
 from broker.devices import DeviceStore
 from broker.enrollment import DeviceService, EnrollmentService
+from broker.hub_ca import HubCA
 from broker.idempotency import IdempotencyStore
 from broker.keys import IdentityCache, KeyService, SystemService
 from broker.metrics import AuditChainCheck, MetricsInterceptor
@@ -38,6 +39,7 @@ from edgekms import natsrpc
 from edgekms.audit import AuditWriter
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import Unavailable
+from edgekms.fleet_ca import device_inbox
 from edgekms.logs import fields
 from edgekms.metrics import MetricsServer, Periodic, ServiceMetrics, serve_metrics
 from edgekms.subjects import KEY_CLASS_INTERNAL
@@ -70,6 +72,8 @@ class Broker:
     def __init__(self, config: BrokerConfig):
         self.config = config
         self.nc: NATS | None = None
+        # A fleet device's connection for the hub's CA (hub_ca_device), else None.
+        self.hub_nc: NATS | None = None
         self.server: grpc.aio.Server | None = None
         # The enrollment listener (server-only TLS), when configured.
         self.enroll_server: grpc.aio.Server | None = None
@@ -147,6 +151,22 @@ class Broker:
             **self.bus_watch.options(),
             **cfg.bus.connect_options(),
         )
+        hub = None
+        if cfg.hub_ca_device:
+            # A second connection whose replies come back on the device's inbox, the
+            # only replies the hub sends down the leaf connection (broker.hub_ca).
+            self.hub_nc = await natsrpc.connect(
+                cfg.nats_url,
+                name="kms-broker-hub-ca",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                **{
+                    **cfg.bus.connect_options(),
+                    "inbox_prefix": device_inbox(cfg.hub_ca_device),
+                },
+            )
+            hub = HubCA(self.hub_nc, cfg.hub_ca_device)
         self.registry = KeyRegistry(self.nc.jetstream(), replicas=cfg.replicas, seal=cfg.seal)
         # The audit stream exists before the first request: no decision goes unrecorded.
         audit = AuditWriter(
@@ -240,7 +260,7 @@ class Broker:
             enroll_pb2,
         )
         self.server.add_generic_rpc_handlers(
-            (CAForwarder(self.nc, identities, idempotency, audit).handler(),)
+            (CAForwarder(self.nc, identities, idempotency, audit, hub).handler(),)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable(self.server, (*SERVICE_NAMES, health.SERVICE_NAME))
@@ -353,6 +373,8 @@ class Broker:
         if self.clients is not None:
             await self.clients.stop()
         self.bus_watch.stopping()
+        if self.hub_nc is not None and not self.hub_nc.is_closed:
+            await self.hub_nc.drain()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
 

@@ -16,6 +16,8 @@ crl_lifetime = "7d"                 # optional: how long each CRL is good for (1
 audit_max_bytes = "16MiB"           # optional: the CA's audit stream (ACME), where it
 audit_max_msgs = 100000             # makes it itself (the board); default 1GiB, 20000000
 metrics_listen = "127.0.0.1:9465"   # optional: /metrics, /healthz, /readyz (edgekms.metrics)
+fleet = true                        # optional: a hub's CA also answers fleet devices'
+                                    # certificate requests (ca_service.fleet)
 [acme]                              # optional: ACME over HTTPS (ca_service.acme.settings)
 listen = "0.0.0.0:8555"
 """
@@ -58,6 +60,7 @@ KNOWN_FIELDS = frozenset(
         "crl_lifetime",
         "seal_counter_file",
         "replicas",
+        "fleet",
         LISTEN_FIELD,
         *AUDIT_FIELDS,
     }
@@ -119,7 +122,11 @@ def load_serve_config(path: Path) -> ServeConfig:
     metrics_listen, problems = parse_listen_field(raw)
     if problems:
         raise CAConfigError(f"{path}: {problems[0]}")
+    fleet = raw.get("fleet", False)
+    if not isinstance(fleet, bool):
+        raise CAConfigError(f"{path}: fleet must be true or false")
     return ServeConfig(
+        fleet=fleet,
         replicas=replicas,
         metrics_listen=metrics_listen,
         acme=acme,

@@ -23,7 +23,9 @@ from ca_service.acme.settings import AcmeConfig
 from ca_service.authority import CertificateAuthority
 from ca_service.builder import CaUrls
 from ca_service.crl import CRL_VALIDITY
+from ca_service.fleet import DeviceCA
 from ca_service.profiles import load_profiles
+from ca_service.replies import inbox_only
 from ca_service.signer import KMSKeyBackend
 from ca_service.spiffe import SpiffeAuthority
 from ca_service.store import CAStore
@@ -115,10 +117,13 @@ class CAService:
         concurrency: int = MAX_IN_FLIGHT,
         acme: AcmeAdmin | None = None,
         observe: Callable[[str, str, float], None] | None = None,
+        fleet: DeviceCA | None = None,
     ):
         self.nc = nc
         self.ca = ca
         self.acme = acme
+        # Certificate requests from fleet devices across their leaf links (ca_service.fleet).
+        self.fleet = fleet
         self._responder = natsrpc.Responder("the CA service", concurrency, observe)
         self._service: Any = None
 
@@ -136,8 +141,10 @@ class CAService:
             await self._service.add_endpoint(
                 name=name,
                 subject=ca_subject(name),
-                handler=self._responder.endpoint(name, request_type, handler),
+                handler=inbox_only(self._responder.endpoint(name, request_type, handler)),
             )
+        if self.fleet is not None:
+            await self.fleet.register(self._service, self._responder)
         await natsrpc.subscriptions_live(self.nc)
         log.info("event=ca_service_started endpoints=%d", len(operations(self.ca)))
         return self
@@ -154,9 +161,11 @@ async def add_ca_service(
     ca: CertificateAuthority,
     acme: AcmeAdmin | None = None,
     observe: Callable[[str, str, float], None] | None = None,
+    fleet: DeviceCA | None = None,
 ) -> CAService:
-    """Register every CA operation as a nats.micro endpoint on kms.ca.<Operation>."""
-    return await CAService(nc, ca, acme=acme, observe=observe).start()
+    """Register every CA operation as a nats.micro endpoint on kms.ca.<Operation> (and,
+    with `fleet`, the devices' kms.ca.device.*.IssueCertificate)."""
+    return await CAService(nc, ca, acme=acme, observe=observe, fleet=fleet).start()
 
 
 async def keep_crl_fresh(ca: CertificateAuthority, interval: float = CRL_CHECK_INTERVAL) -> None:
@@ -201,6 +210,9 @@ class ServeConfig:
     replicas: int = 1
     # Where /metrics, /healthz and /readyz are served (edgekms.metrics); None: nowhere.
     metrics_listen: str | None = None
+    # A hub's CA (ca.toml fleet = true): also answer fleet devices' certificate requests
+    # on kms.ca.device.<id>.IssueCertificate, within the hub's device registry.
+    fleet: bool = False
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -274,8 +286,8 @@ async def _serve(config: ServeConfig, stop: asyncio.Event | None, status: _Statu
             crl_validity=config.crl_validity,
         )
         acme = None
-        if config.acme is not None:
-            from ca_service.acme.server import AcmeServer
+        audit = None
+        if config.acme is not None or config.fleet:
             from edgekms.audit import AuditWriter
 
             audit = AuditWriter(
@@ -287,10 +299,18 @@ async def _serve(config: ServeConfig, stop: asyncio.Event | None, status: _Statu
             # kmsctl up makes the stream first; a CA run on its own makes it (the CA's bus
             # grant allows creating KMS_AUDIT, nothing else).
             await audit.ensure_stream()
+        if config.acme is not None and audit is not None:
+            from ca_service.acme.server import AcmeServer
+
             acme = AcmeServer(ca, config.acme, audit)
         admin = AcmeAdmin(acme.store, acme) if acme is not None else None
+        fleet = DeviceCA(ca, nc.jetstream(), audit) if config.fleet and audit is not None else None
         service = await add_ca_service(
-            nc, ca, admin, observe=metrics.observe if metrics is not None else None
+            nc,
+            ca,
+            admin,
+            observe=metrics.observe if metrics is not None else None,
+            fleet=fleet,
         )
         runner = await start_http(ca, config.http_host, config.http_port)
         if acme is not None:

@@ -5,14 +5,15 @@ A device's nats-server logs in to the hub's leaf listener as the device's own hu
 user's permissions, read from the hub's point of view: `publish` is what the device may
 send into the hub, `subscribe` what the hub may send down to the device. A compromised
 device must not read another device's audit, write the hub's buckets or streams, reach
-the hub's JetStream API or the CA's state-changing operations, so the grant is narrow
+the hub's JetStream API or the CA's shared state-changing operations, so the grant is narrow
 (docs/cluster.md, "Fleet", and docs/security.md):
 
 - publish: its own sourcing deliver prefix (kms.fleet.<id>.src.>: the audit entries the
   hub's copy pulls), replies to the hub's internal JetStream requests ($JSC.R.>: the
   answer to "create the source consumer"), and the CA's read-only operations a device
-  needs to trust the hub (the CA chain and the CRL); replies to those come back on the
-  device's own inbox prefix;
+  needs to trust the hub (the CA chain and the CRL), and its own per-device CA subject
+  kms.ca.device.<id>.IssueCertificate (ca_service.fleet: its registered names only);
+  replies to those come back on the device's own inbox prefix;
 - subscribe: its own domain's JetStream API ($JS.dev-<id>.API.>: the hub's sourcing
   consumer), flow control of sourcing ($JS.FC.>: empty messages; nats-server names these
   subjects after the stream, not the domain, so they cannot be narrowed per device), and
@@ -22,12 +23,14 @@ the hub's JetStream API or the CA's state-changing operations, so the grant is n
 from __future__ import annotations
 
 from edgekms.fleet import check_device, deliver_prefix, device_domain
+from edgekms.fleet_ca import DEVICE_OPERATIONS, device_ca_subject, device_inbox
 from edgekms.subjects import ca_subject
 from mgmt.natsauth import Identity, Permissions
 
-# The CA operations a device may call across the leaf connection: reads that tell it
-# whom to trust. Issuing and renewing go through a broker, which authenticates the
-# caller and applies policy; the CA service itself trusts whoever reaches its subjects.
+# The CA's shared operations a device may call across the leaf connection: reads that
+# tell it whom to trust. The shared issuing subjects trust whoever reaches them (a
+# broker authenticates callers first), so a device asks for certificates on its own
+# per-device subjects instead (device_hub_ca_subjects), where the CA checks it.
 DEVICE_CA_OPERATIONS = ("GetCACertificates", "GetCRL")
 
 
@@ -36,10 +39,11 @@ def device_user(device: str) -> str:
     return f"leaf-{check_device(device)}"
 
 
-def device_inbox(device: str) -> str:
-    """The inbox prefix a device-side client uses for requests into the hub (nats.py's
-    `inbox_prefix`): the only replies the hub may send down to this device."""
-    return f"_INBOX_{check_device(device)}"
+def device_hub_ca_subjects(device: str) -> tuple[str, ...]:
+    """The hub CA's subjects for this device only (kms.ca.device.<id>.<Op>): the CA takes
+    the device from the subject, so granting a device only its own is what authenticates
+    it there (ca_service.fleet applies the registry's policy)."""
+    return tuple(device_ca_subject(device, op) for op in DEVICE_OPERATIONS)
 
 
 def device_identity(device: str) -> Identity:
@@ -52,11 +56,19 @@ def device_identity(device: str) -> Identity:
                 f"{deliver_prefix(device)}.>",
                 "$JSC.R.>",
                 *(ca_subject(op) for op in DEVICE_CA_OPERATIONS),
+                *device_hub_ca_subjects(device),
             ),
             subscribe=(f"$JS.{domain}.API.>", "$JS.FC.>", f"{device_inbox(device)}.>"),
         ),
-        f"fleet device {device}: sources its audit into the hub, reads the CA chain and CRL",
+        f"fleet device {device}: sources its audit into the hub, reads the CA chain and CRL,"
+        " asks the CA for certificates for its own names",
     )
 
 
-__all__ = ["DEVICE_CA_OPERATIONS", "device_identity", "device_inbox", "device_user"]
+__all__ = [
+    "DEVICE_CA_OPERATIONS",
+    "device_hub_ca_subjects",
+    "device_identity",
+    "device_inbox",
+    "device_user",
+]

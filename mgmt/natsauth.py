@@ -56,6 +56,7 @@ from edgekms.busauth import read_password as read_password
 from edgekms.client_certs import host_names, leaf_certificate, self_signed_ca
 from edgekms.errors import InvalidArgument
 from edgekms.fleet import fleet_stream
+from edgekms.fleet_ca import FLEET_DEVICES_BUCKET
 from edgekms.logs import fields
 from edgekms.subjects import (
     AUDIT_PREFIX,
@@ -347,6 +348,9 @@ def ca_identity(provider: str) -> Identity:
             publish=(
                 *(crypto_subject(provider, op, KEY_CLASS_CA) for op in CA_CRYPTO_OPERATIONS),
                 *kv_access(CA_BUCKET),
+                # A hub's CA reads the fleet's device registry (ca_service.fleet); the
+                # operator writes it.
+                *kv_access(FLEET_DEVICES_BUCKET, write=False, create=False),
                 # The CA records its own keys (ca/root, ca/intermediate) in the registry,
                 # and may write no other key's record.
                 *kv_access(KEY_REGISTRY_BUCKET, keys=CA_REGISTRY_KEYS),

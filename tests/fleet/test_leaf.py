@@ -241,8 +241,9 @@ async def test_a_device_reads_no_other_device_and_writes_nothing_of_the_hub(
 
 async def test_a_device_reaches_the_hubs_ca_reads_only(fleet: Fleet, hub: Client) -> None:
     """The CA's chain and CRL are reachable from a device across the leaf connection,
-    answered on the device's own inbox; its state-changing operations are not (a
-    device enrolls and asks for certificates through a broker, which applies policy)."""
+    answered on the device's own inbox; its shared state-changing operations are not
+    (a device asks for certificates on its own kms.ca.device.<id> subject, where the CA
+    applies the hub's registry: tests/fleet/test_hub_ca.py)."""
     heard: list[str] = []
 
     async def ca(msg: Msg) -> None:

@@ -2,8 +2,9 @@
 
 The hub runs a real kms-crypto on the session's SoftHSM token and a CA service (as in
 tests/ca/), both on the hub's bus as its admin; a process on device a asks for the CA's
-chain through its own nats-server, and gets it on its own inbox. Issuing is not in the
-device's grant: the request reaches nothing (docs/cluster.md, "Fleet").
+chain through its own nats-server, and gets it on its own inbox. The shared issuing
+subject is not in the device's grant: the request reaches nothing (a device asks on its
+own per-device subject instead: tests/fleet/test_hub_ca.py; docs/cluster.md, "Fleet").
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ async def test_a_device_gets_the_hub_cas_chain_over_its_leaf(
         issuer = x509.load_der_x509_certificate(answers[-1].intermediate_certificate_der)
         assert "EdgeKMS Fleet Test CA" in issuer.subject.rfc4514_string()
 
-        # Issuing is the broker's to authorize: the device's grant does not reach it.
+        # The shared issuing subject trusts whoever reaches it: not in the device's grant.
         before = len(await store.list_records())
         with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
             await device.request(

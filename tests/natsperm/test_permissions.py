@@ -16,6 +16,7 @@ from nats.js.api import StreamConfig
 from edgekms import kvread, natsrpc
 from edgekms.algorithms import MAX_MESSAGE_SIZE
 from edgekms.audit import stream_config
+from edgekms.fleet_ca import FLEET_DEVICES_BUCKET, DeviceRegistry
 from mgmt.natsauth import BUS_MAX_PAYLOAD, BusCredentials, inbox_prefix
 from tests.natsperm.conftest import Conn, SecureBus, connected
 
@@ -338,3 +339,16 @@ async def test_audit_stream_write_is_limited_to_its_writers(secure_bus: SecureBu
         # A writer may make only its own stream.
         await refused_js(broker, "$JS.API.STREAM.CREATE.KMS_AUDIT_CA")
         await asyncio.sleep(0)
+
+
+async def test_ca_reads_the_fleet_registry_and_cannot_write_it(secure_bus: SecureBus) -> None:
+    """A hub's CA looks up a device's record (ca_service.fleet) and may not change it:
+    the operator's word on what a device may certify is not the CA's to edit."""
+    async with connected(secure_bus, "ca") as ca:
+        js = ca.nc.jetstream(timeout=5)
+        # Allowed to look: the bucket does not exist on this bus, and the answer says so
+        # (a grant without the read would get no answer and a violation instead).
+        assert await DeviceRegistry.existing(js) is None
+        assert not [e for e in ca.errors if "permissions violation" in e.lower()]
+        await refused_publish(ca, f"$KV.{FLEET_DEVICES_BUCKET}.a")
+        await refused_js(ca, f"$JS.API.STREAM.CREATE.KV_{FLEET_DEVICES_BUCKET}")
