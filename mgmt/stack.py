@@ -78,6 +78,7 @@ from mgmt.uplink import (
     DeviceRecord,
     UplinkBundle,
     check_address,
+    devices_dir,
     hub_ca_path,
     leaf_tls,
     list_devices,
@@ -355,6 +356,7 @@ class Stack:
         # (users reloaded and copies made): supervise() retries until the two agree.
         self._fleet_seen: list[DeviceRecord] = []
         self._fleet_applied: list[DeviceRecord] | None = None
+        self._fleet_mtime = -1
         # Each part's metrics address (part -> (host, port)); empty: no endpoints.
         self.metrics = metrics_addresses(options.metrics_listen, metrics_parts(options.providers))
 
@@ -510,11 +512,22 @@ class Stack:
         )
 
     def _fleet_changed(self) -> bool:
-        """The hub's device records differ from those last rendered."""
+        """The hub's device records differ from those last applied. The directory's
+        mtime (a record added or removed) is looked at first, so a hub with thousands of
+        devices does not read every record every two seconds."""
         if not self.options.leaf_listen:
             return False
         try:
-            return list_devices(self.layout.root) != self._fleet_applied
+            mtime = devices_dir(self.layout.root).stat().st_mtime_ns
+        except OSError:
+            mtime = 0
+        if mtime == self._fleet_mtime and self._fleet_applied is not None:
+            return False
+        try:
+            changed = list_devices(self.layout.root) != self._fleet_applied
+            if not changed:
+                self._fleet_mtime = mtime
+            return changed
         except KMSError as exc:
             log.warning("fleet record unreadable", extra=fields(reason=exc.reason))
             return False

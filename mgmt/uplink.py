@@ -292,6 +292,7 @@ __all__ = [
     "UplinkBundle",
     "add_device",
     "check_address",
+    "devices_dir",
     "hub_ca_path",
     "install_bundle",
     "leaf_tls",

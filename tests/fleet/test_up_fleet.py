@@ -29,9 +29,11 @@ import pytest
 
 from edgekms import natsrpc
 from edgekms.audit import link_of, writer_stream
+from edgekms.errors import FailedPrecondition
 from mgmt.client import KMSClient
 from mgmt.natsauth import BROKER_USER, local_credentials
 from mgmt.natsserver import free_port
+from mgmt.uplink import install_bundle
 from tests.conftest import SLOWDOWN
 
 BIN = Path(sys.executable).parent
@@ -272,16 +274,24 @@ def test_bad_bundles_and_unknown_devices_are_refused(tmp_path: Path) -> None:
             "--broker-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "", *args,
         )  # fmt: skip
 
-    broken = tmp_path / "broken.toml"
-    broken.write_text(bundle.read_text().replace('device = "a"', 'device = "A/>"'))
-    refused = up("--uplink", str(broken))
-    assert refused.returncode == 3 and "fleet.bundle_invalid" in refused.stderr
-    password = tomllib.loads(bundle.read_text())["password"]
-    assert password not in refused.stderr
-    garbage = tmp_path / "garbage.toml"
-    garbage.write_text("not = [toml")
-    refused = up("--uplink", str(garbage))
-    assert refused.returncode == 3 and "fleet.bundle_invalid" in refused.stderr
+    good = bundle.read_text()
+    password = tomllib.loads(good)["password"]
+    variants = {
+        "bad-id": good.replace('device = "a"', 'device = "A/>"'),
+        "no-port": good.replace(f'hub = "{leaf}"', 'hub = "hub.lan"'),
+        "no-password": "\n".join(
+            line for line in good.splitlines() if not line.startswith("password")
+        ),
+        "not-pem": good.split("hub_ca = ")[0] + 'hub_ca = "-----BEGIN CERTIFICATE-----"\n',
+        "not-toml": "not = [toml",
+    }
+    for name, text in variants.items():
+        broken = tmp_path / f"{name}.toml"
+        broken.write_text(text)
+        refused = up("--uplink", str(broken))
+        assert refused.returncode == 3, (name, refused.stderr)
+        assert "fleet.bundle_invalid" in refused.stderr, (name, refused.stderr)
+        assert password not in refused.stderr
     # Nothing was started or written for a refused bundle.
     assert not (device_dir / "secrets" / "uplink.toml").exists()
     assert not (device_dir / "nats" / "nats.conf").exists()
@@ -308,3 +318,22 @@ def test_bad_bundles_and_unknown_devices_are_refused(tmp_path: Path) -> None:
         "--out", str(bundle),
     )  # fmt: skip
     assert again.returncode == 6 and "fleet.bundle_exists" in again.stderr
+
+
+def test_a_device_data_dir_takes_no_other_devices_bundle(tmp_path: Path) -> None:
+    hub_dir, device_dir = tmp_path / "hub", tmp_path / "dev"
+    leaf = f"127.0.0.1:{free_port()}"
+    for device in ("a", "b"):
+        made = kmsctl(
+            "fleet", "add-device", device, "--data-dir", str(hub_dir), "--hub", leaf,
+            "--out", str(tmp_path / f"{device}.toml"),
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+    assert install_bundle(tmp_path / "a.toml", device_dir).device == "a"
+    installed = (device_dir / "secrets" / "uplink.toml").read_bytes()
+    with pytest.raises(FailedPrecondition) as err:
+        install_bundle(tmp_path / "b.toml", device_dir)
+    assert err.value.reason == "fleet.other_device"
+    assert (device_dir / "secrets" / "uplink.toml").read_bytes() == installed
+    # The same device's bundle again (a restart) is taken.
+    assert install_bundle(tmp_path / "a.toml", device_dir).device == "a"
