@@ -396,6 +396,7 @@ def up(**params: Any) -> None:
     _max_file_store(options.max_file_store)
     _check_crl_lifetime(options.ca_crl_lifetime)
     options = _join_defaults(options)
+    _fleet_checks(options)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
     # second and leaves the data dir as it was.
@@ -407,7 +408,7 @@ def up(**params: Any) -> None:
         _take_over_and_check(options, lock)
         if options.join is not None:
             _route_port_free(options.join)
-        _fleet_checks(options)
+        _leaf_port_free(options.leaf_listen)
         _check_metrics_ports(options.metrics_listen, options.tpm)
         _run_up(options)
     finally:
@@ -465,9 +466,8 @@ def _route_port_free(bundle: Path) -> None:
 
 def _fleet_checks(options: UpOptions) -> None:
     """A stack is a fleet hub or a device, not both, and neither on a cluster node (not
-    built yet); the hub's leaf port is free and the device's bundle sound, before
-    anything starts (exit 3 for a bad bundle or address)."""
-    from mgmt import stacklock
+    built yet); the hub's leaf address and the device's bundle sound: refused before the
+    lock, like every usage error (exit 2; exit 3 for a bad bundle or address)."""
     from mgmt.uplink import check_address, read_bundle
 
     if options.leaf_listen and options.uplink is not None:
@@ -476,10 +476,22 @@ def _fleet_checks(options: UpOptions) -> None:
         raise click.UsageError("a fleet hub or device on a cluster node is not built yet")
     try:
         if options.leaf_listen:
-            where = check_address(options.leaf_listen, "--leaf-listen")
-            stacklock.check_ports({"--leaf-listen": where})
+            check_address(options.leaf_listen, "--leaf-listen")
         if options.uplink is not None:
             read_bundle(options.uplink)
+    except KMSError as exc:
+        _refuse(exc)
+
+
+def _leaf_port_free(leaf_listen: str) -> None:
+    """The hub's leaf port, like every other port, is free before anything starts."""
+    from mgmt import stacklock
+    from mgmt.uplink import check_address
+
+    if not leaf_listen:
+        return
+    try:
+        stacklock.check_ports({"--leaf-listen": check_address(leaf_listen, "--leaf-listen")})
     except KMSError as exc:
         _refuse(exc)
 

@@ -259,21 +259,31 @@ def test_a_hub_and_two_devices_from_kmsctl_up(fleet_up: FleetUp) -> None:
     assert unknown.returncode == 8 and "audit.unavailable" in unknown.stderr
 
 
-def test_bad_bundles_and_unknown_devices_are_refused(tmp_path: Path) -> None:
-    hub_dir, device_dir = tmp_path / "hub", tmp_path / "dev"
-    leaf = f"127.0.0.1:{free_port()}"
-    bundle = tmp_path / "uplink-a.toml"
+def hub_bundle(tmp_path: Path, device: str = "a") -> tuple[Path, Path, str]:
+    """A hub data dir with `device` added: (hub data dir, its bundle, the leaf address)."""
+    hub_dir, leaf = tmp_path / "hub", f"127.0.0.1:{free_port()}"
+    bundle = tmp_path / f"uplink-{device}.toml"
     made = kmsctl(
-        "fleet", "add-device", "a", "--data-dir", str(hub_dir), "--hub", leaf, "--out", str(bundle)
-    )
+        "fleet", "add-device", device, "--data-dir", str(hub_dir), "--hub", leaf,
+        "--out", str(bundle),
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr
+    return hub_dir, bundle, leaf
 
-    def up(*args: str) -> subprocess.CompletedProcess[str]:
-        return kmsctl(
-            "up", "--data-dir", str(device_dir), "--nats-port", str(free_port()),
-            "--broker-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "", *args,
-        )  # fmt: skip
 
+def up_once(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kmsctl up` on free ports, for a case refused before anything starts."""
+    return kmsctl(
+        "up", "--data-dir", str(data_dir), "--nats-port", str(free_port()),
+        "--broker-listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "",
+        "--enroll-listen", f"127.0.0.1:{free_port()}", "--ca-http", f"127.0.0.1:{free_port()}",
+        *args,
+    )  # fmt: skip
+
+
+def test_bad_uplink_bundles_are_refused(tmp_path: Path) -> None:
+    _, bundle, leaf = hub_bundle(tmp_path)
+    device_dir = tmp_path / "dev"
     good = bundle.read_text()
     password = tomllib.loads(good)["password"]
     variants = {
@@ -288,7 +298,7 @@ def test_bad_bundles_and_unknown_devices_are_refused(tmp_path: Path) -> None:
     for name, text in variants.items():
         broken = tmp_path / f"{name}.toml"
         broken.write_text(text)
-        refused = up("--uplink", str(broken))
+        refused = up_once(device_dir, "--uplink", str(broken))
         assert refused.returncode == 3, (name, refused.stderr)
         assert "fleet.bundle_invalid" in refused.stderr, (name, refused.stderr)
         assert password not in refused.stderr
@@ -296,9 +306,16 @@ def test_bad_bundles_and_unknown_devices_are_refused(tmp_path: Path) -> None:
     assert not (device_dir / "secrets" / "uplink.toml").exists()
     assert not (device_dir / "nats" / "nats.conf").exists()
 
-    both = up("--uplink", str(bundle), "--leaf-listen", leaf)
-    assert both.returncode == 2 and "a hub or a device" in both.stderr
 
+def test_up_is_a_hub_or_a_device_not_both(tmp_path: Path) -> None:
+    _, bundle, leaf = hub_bundle(tmp_path)
+    both = up_once(tmp_path / "dev", "--uplink", str(bundle), "--leaf-listen", leaf)
+    assert both.returncode == 2 and "a hub or a device" in both.stderr
+    assert not (tmp_path / "dev" / "nats" / "nats.conf").exists()
+
+
+def test_fleet_commands_refuse_bad_input(tmp_path: Path) -> None:
+    hub_dir, bundle, leaf = hub_bundle(tmp_path)
     gone = kmsctl("fleet", "remove-device", "nobody", "--data-dir", str(hub_dir))
     assert gone.returncode == 4 and "fleet.device_unknown" in gone.stderr
     bad_id = kmsctl(
@@ -313,11 +330,15 @@ def test_bad_bundles_and_unknown_devices_are_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert bad_hub.returncode == 3 and "fleet.address_invalid" in bad_hub.stderr
     assert not (hub_dir / "fleet" / "devices" / "c.json").exists()
+    before = bundle.read_bytes()
     again = kmsctl(
         "fleet", "add-device", "a", "--data-dir", str(hub_dir), "--hub", leaf,
         "--out", str(bundle),
     )  # fmt: skip
     assert again.returncode == 6 and "fleet.bundle_exists" in again.stderr
+    assert bundle.read_bytes() == before
+    listed = kmsctl("fleet", "list", "--data-dir", str(hub_dir), "-o", "json")
+    assert [d["device"] for d in json.loads(listed.stdout)] == ["a"]
 
 
 def test_a_device_data_dir_takes_no_other_devices_bundle(tmp_path: Path) -> None:
