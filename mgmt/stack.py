@@ -411,7 +411,7 @@ class Stack:
             ceremony=ceremony,
             setup=setup,
             local=self.options.providers if cluster is not None else None,
-            fleet_devices=[r.device for r in fleet],
+            fleet_devices=[r.device for r in fleet] + self._fleet_removed(),
         )
         identities += [device_identity(r.device) for r in fleet]
         tls = ensure_bus_tls(self.layout.nats_dir / "tls", self.layout.secrets)
@@ -442,6 +442,12 @@ class Stack:
             return []
         self._fleet_seen = list_devices(self.layout.root)
         return self._fleet_seen
+
+    def _fleet_removed(self) -> list[str]:
+        """On a hub, devices taken out of the fleet: the broker still reads their copies."""
+        if not self.options.leaf_listen:
+            return []
+        return [r.device for r in list_devices(self.layout.root, removed=True)]
 
     def _fleet_fields(self) -> dict[str, Any]:
         """nats-server's fleet settings: on a hub, the domain "hub" and the leaf listener

@@ -83,6 +83,12 @@ def devices_dir(data_dir: Path) -> Path:
     return data_dir / "fleet" / "devices"
 
 
+def removed_dir(data_dir: Path) -> Path:
+    """Records of removed devices: no hub user any more, but the broker still reads
+    the hub's copy of their audit (evidence outlives the device)."""
+    return data_dir / "fleet" / "removed"
+
+
 def leaf_tls(data_dir: Path, names: tuple[str, ...] = ()) -> BusTLS:
     """The hub's leaf listener certificate and the CA devices check it against: a CA of
     its own (DATA_DIR/nats/leaf-tls, keys in DATA_DIR/secrets/leaf), so a device learns
@@ -146,19 +152,23 @@ def add_device(
         write_private(
             path, json.dumps({"device": device, "writers": list(record.writers)}).encode()
         )
+    # Added again after a removal: a device of the fleet once more.
+    (removed_dir(data_dir) / f"{device}.json").unlink(missing_ok=True)
     return record, read_password(password_file), tls
 
 
 def remove_device(data_dir: Path, device: str) -> None:
-    """Forget `device`: its record and its hub password (a bundle already handed out no
-    longer logs in once the hub reloads). The hub's copy of its audit is kept: it is
-    evidence, and `kmsctl audit verify --device` still reads it."""
+    """Take `device` out of the fleet: its hub password goes (a bundle already handed out
+    no longer logs in once the hub reloads) and its record moves to fleet/removed. The
+    hub's copy of its audit is kept: it is evidence, and `kmsctl audit verify --device`
+    still reads it (the broker's grant covers removed devices' copies)."""
     check_device(device)
     path = devices_dir(data_dir) / f"{device}.json"
     if not path.exists():
         raise NotFound("fleet.device_unknown", f"no device {device!r} in this hub's fleet")
-    path.unlink()
+    removed_dir(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     (data_dir / "secrets" / "nats" / f"{device_user(device)}.password").unlink(missing_ok=True)
+    path.replace(removed_dir(data_dir) / path.name)
 
 
 def read_record(path: Path) -> DeviceRecord:
@@ -180,9 +190,9 @@ def read_record(path: Path) -> DeviceRecord:
         ) from None
 
 
-def list_devices(data_dir: Path) -> list[DeviceRecord]:
-    """Every device recorded at this hub, by id."""
-    directory = devices_dir(data_dir)
+def list_devices(data_dir: Path, removed: bool = False) -> list[DeviceRecord]:
+    """Every device of this hub's fleet, by id; `removed`: those taken out of it."""
+    directory = removed_dir(data_dir) if removed else devices_dir(data_dir)
     if not directory.is_dir():
         return []
     return [read_record(p) for p in sorted(directory.glob("*.json"))]
@@ -300,5 +310,6 @@ __all__ = [
     "make_bundle",
     "read_bundle",
     "remove_device",
+    "removed_dir",
     "write_bundle",
 ]

@@ -252,6 +252,14 @@ def test_a_hub_and_two_devices_from_kmsctl_up(fleet_up: FleetUp) -> None:
     until("a's audit catches up at the hub", caught_up(fleet, "a", head))
     assert caught_up(fleet, "b", device_head(b))()
 
+    # b leaves the fleet while the hub runs: its hub user goes, its copy stays readable.
+    removed = kmsctl("fleet", "remove-device", "b", "--data-dir", str(fleet.hub.data_dir))
+    assert removed.returncode == 0, removed.stderr
+    until("the hub drops device b", lambda: fleet.hub.state()["fleet"]["devices"] == ["a"])
+    assert "leaf-b" not in (fleet.hub.data_dir / "nats" / "nats.conf").read_text()
+    kept = hub_verify(fleet, "b")
+    assert kept.returncode == 0 and json.loads(kept.stdout)["ok"], kept.stdout + kept.stderr
+
     # A device the hub never recorded: the broker's bus grant names no copy of it, so
     # the hub's nats-server refuses the read and it shows as UNAVAILABLE (exit 8) after
     # the request's timeout (broker/audit_service.py); a recorded device never does.
