@@ -370,13 +370,18 @@ def ca_identity(provider: str) -> Identity:
 
 
 def kmsctl_identity(
-    providers: Sequence[str], ceremony: bool = False, setup: bool = False, cluster: bool = False
+    providers: Sequence[str],
+    ceremony: bool = False,
+    setup: bool = False,
+    cluster: bool = False,
+    fleet_devices: Sequence[str] = (),
 ) -> Identity:
     """`kmsctl up` itself: readiness pings; while `setup` (each start, until the supervisor
     reloads the server without it) making and hardening the stack's streams; while
     `ceremony` (first start only) the internal CA's key on the first provider and its
     registry record; on a `cluster` node, asking and answering the cluster's sealed PKI
-    (mgmt.clusterinit), which no other identity may hear."""
+    (mgmt.clusterinit), which no other identity may hear. On a fleet hub, `setup` also
+    covers the hub's copy of each of `fleet_devices`' audit (edgekms.fleet.source_device)."""
     for provider in providers:
         _check_provider(provider)
     first = providers[0]
@@ -396,6 +401,7 @@ def kmsctl_identity(
                     KEY_REGISTRY_BUCKET, write=ceremony, create=False, keys=CEREMONY_REGISTRY_KEYS
                 ),
                 *(stream_setup(setup_streams(providers)) if setup else ()),
+                *(stream_setup([fleet_stream(d) for d in fleet_devices]) if setup else ()),
                 *((CLUSTER_PKI_SUBJECT,) if cluster else ()),
             ),
             subscribe=(
@@ -437,7 +443,9 @@ def stack_identities(
         broker_identity(providers, fleet_devices),
         *(crypto_identity(p) for p in providers if local is None or p in local),
         ca_identity(ca_provider or providers[0]),
-        kmsctl_identity(providers, ceremony, setup, cluster=local is not None),
+        kmsctl_identity(
+            providers, ceremony, setup, cluster=local is not None, fleet_devices=fleet_devices
+        ),
     ]
 
 

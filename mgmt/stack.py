@@ -34,11 +34,13 @@ from nats.aio.client import Client as NatsClient
 from edgekms import audit, kvstore, natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
+from edgekms.fleet import source_device
 from edgekms.logs import fields
 from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
 from mgmt import subprocs
 from mgmt.clusterinit import JoinBundle, add_brokers, open_pki, read_pki, seal_pki, write_pki
+from mgmt.fleet import device_identity
 from mgmt.logrotate import rotate_all
 from mgmt.natsauth import (
     BROKER_USER,
@@ -58,12 +60,29 @@ from mgmt.natsauth import (
     render_authorization,
     stack_identities,
 )
-from mgmt.natsserver import ClusterConfig, NatsServer, NatsServerConfig, NatsServerError
+from mgmt.natsserver import (
+    ClusterConfig,
+    HubLeafListen,
+    LeafRemote,
+    NatsServer,
+    NatsServerConfig,
+    NatsServerError,
+)
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
 from mgmt.sealkeys import RESEALED_MARKER, SealKeys, ensure_seal_keys, reseal_legacy
 from mgmt.softhsm import init_token
 from mgmt.stacklock import metrics_addresses, metrics_parts
 from mgmt.swtpm import Swtpm
+from mgmt.uplink import (
+    HUB_DOMAIN,
+    DeviceRecord,
+    UplinkBundle,
+    check_address,
+    devices_dir,
+    hub_ca_path,
+    leaf_tls,
+    list_devices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +212,12 @@ class StackOptions:
     # `kmsctl up --embedded`: the broker and the CA service in one process (mgmt.embedded),
     # each with its own bus identity; the crypto services stay processes of their own.
     embedded: bool = False
+    # A fleet hub (`kmsctl up --leaf-listen HOST:PORT`): devices' leaf connections are
+    # taken there, one bus user per device recorded by `kmsctl fleet add-device`; "": none.
+    leaf_listen: str = ""
+    # A fleet device (`kmsctl up --uplink BUNDLE`, mgmt.uplink): its own domain and a leaf
+    # connection to the hub; None: not a device.
+    uplink: UplinkBundle | None = None
 
     @property
     def providers(self) -> list[str]:
@@ -327,6 +352,11 @@ class Stack:
         self._probe_lock = asyncio.Lock()
         # A cluster node's connection answering for the cluster's PKI (mgmt.clusterinit).
         self._pki_server: NatsClient | None = None
+        # A fleet hub's device records as last rendered, and as last fully applied
+        # (users reloaded and copies made): supervise() retries until the two agree.
+        self._fleet_seen: list[DeviceRecord] = []
+        self._fleet_applied: list[DeviceRecord] | None = None
+        self._fleet_mtime = -1
         # Each part's metrics address (part -> (host, port)); empty: no endpoints.
         self.metrics = metrics_addresses(options.metrics_listen, metrics_parts(options.providers))
 
@@ -374,13 +404,16 @@ class Stack:
         # The supervisor may touch the internal CA's key only while the ceremony is due,
         # and make or harden streams only while it sets the stack up.
         cluster = self.options.cluster
+        fleet = self._fleet_devices()
         identities = stack_identities(
             self.options.all_providers,
             self.options.ca_provider_id,
             ceremony=ceremony,
             setup=setup,
             local=self.options.providers if cluster is not None else None,
+            fleet_devices=[r.device for r in fleet] + self._fleet_removed(),
         )
+        identities += [device_identity(r.device) for r in fleet]
         tls = ensure_bus_tls(self.layout.nats_dir / "tls", self.layout.secrets)
         passwords = ensure_passwords(self.layout.secrets, [i.user for i in identities])
         self.bus = {user: BusCredentials(user, p, tls.ca_cert) for user, p in passwords.items()}
@@ -397,7 +430,130 @@ class Stack:
                 {user: cached_password_hash(p) for user, p in passwords.items()},
             ),
             **(self._cluster_fields(cluster) if cluster is not None else {}),
+            **self._fleet_fields(),
         )
+
+    # --- fleet (docs/cluster.md, "Fleet"): a hub's leaf listener, a device's uplink ---------
+
+    def _fleet_devices(self) -> list[DeviceRecord]:
+        """On a hub, the devices `kmsctl fleet add-device` recorded, as rendered last
+        (supervise() notices a change and reloads); elsewhere none."""
+        if not self.options.leaf_listen:
+            return []
+        self._fleet_seen = list_devices(self.layout.root)
+        return self._fleet_seen
+
+    def _fleet_removed(self) -> list[str]:
+        """On a hub, devices taken out of the fleet: the broker still reads their copies."""
+        if not self.options.leaf_listen:
+            return []
+        return [r.device for r in list_devices(self.layout.root, removed=True)]
+
+    def _fleet_fields(self) -> dict[str, Any]:
+        """nats-server's fleet settings: on a hub, the domain "hub" and the leaf listener
+        (TLS with the hub's leaf certificate, mgmt.uplink.leaf_tls); on a device, its
+        domain and its leaf remote (the password from its installed bundle goes into the
+        0600 config only); elsewhere nothing."""
+        uplink = self.options.uplink
+        if self.options.leaf_listen:
+            host, port = check_address(self.options.leaf_listen, "--leaf-listen")
+            named = () if host in ("0.0.0.0", "::") else (host,)
+            tls = leaf_tls(self.layout.root, named)
+            return {
+                "domain": HUB_DOMAIN,
+                "leaf_listen": HubLeafListen(
+                    port=port, host=host, tls_cert=tls.server_cert, tls_key=tls.server_key
+                ),
+            }
+        if uplink is not None:
+            ca = hub_ca_path(self.layout.root)
+            if not ca.exists() or ca.read_text() != uplink.hub_ca_pem:
+                write_public(ca, uplink.hub_ca_pem.encode())
+            return {
+                "domain": uplink.domain,
+                "server_name": uplink.domain,
+                "leaf_remote": LeafRemote(
+                    url=uplink.hub, user=uplink.user, password=uplink.password, tls_ca=ca
+                ),
+            }
+        return {}
+
+    async def _source_fleet(self) -> None:
+        """The hub's copy of each recorded device's audit (edgekms.fleet.source_device),
+        made or given new writers, under the supervisor's setup grant."""
+        records = list(self._fleet_seen)
+        if not records:
+            self._fleet_applied = records
+            return
+        nc = await natsrpc.connect(
+            self.nats_url, name="kmsctl-fleet", connect_timeout=5, **self._kmsctl_bus()
+        )
+        try:
+            js = nc.jetstream(timeout=10)
+            for record in records:
+                await source_device(js, record.device, record.writers)
+        finally:
+            await nc.close()
+        self._fleet_applied = records
+
+    async def _refresh_fleet(self) -> None:
+        """A device added or removed while the hub runs: reload nats-server (SIGHUP) with
+        the new users and the setup grant, make the new copies, then reload without the
+        grant, whatever happened (the grant never outlives the setup)."""
+        assert self.nats is not None
+        before = {r.device for r in self._fleet_seen}
+        try:
+            config = self._nats_config(ceremony=self._ceremony_grant, setup=True)
+            await asyncio.to_thread(self.nats.reload, config)
+            await self._source_fleet()
+        finally:
+            config = self._nats_config(ceremony=self._ceremony_grant)
+            await asyncio.to_thread(self.nats.reload, config)
+        now = {r.device for r in self._fleet_seen}
+        log.info(
+            "fleet changed",
+            extra=fields(
+                added=",".join(sorted(now - before)), removed=",".join(sorted(before - now))
+            ),
+        )
+
+    def _fleet_changed(self) -> bool:
+        """The hub's device records differ from those last applied. The directory's
+        mtime (a record added or removed) is looked at first, so a hub with thousands of
+        devices does not read every record every two seconds."""
+        if not self.options.leaf_listen:
+            return False
+        try:
+            mtime = devices_dir(self.layout.root).stat().st_mtime_ns
+        except OSError:
+            mtime = 0
+        if mtime == self._fleet_mtime and self._fleet_applied is not None:
+            return False
+        try:
+            changed = list_devices(self.layout.root) != self._fleet_applied
+            if not changed:
+                self._fleet_mtime = mtime
+            return changed
+        except KMSError as exc:
+            log.warning("fleet record unreadable", extra=fields(reason=exc.reason))
+            return False
+
+    def _fleet_state(self) -> dict[str, Any]:
+        """state.json's fleet entry: the hub's listener and devices, or the device's id
+        and hub; nothing on a stack outside a fleet."""
+        if self.options.leaf_listen:
+            devices = sorted(r.device for r in self._fleet_seen)
+            return {
+                "fleet": {
+                    "role": "hub",
+                    "leaf_listen": self.options.leaf_listen,
+                    "devices": devices,
+                }
+            }
+        if self.options.uplink is not None:
+            uplink = self.options.uplink
+            return {"fleet": {"role": "device", "device": uplink.device, "hub": uplink.hub}}
+        return {}
 
     @staticmethod
     def _cluster_fields(cluster: JoinBundle) -> dict[str, Any]:
@@ -436,6 +592,7 @@ class Stack:
                 await self._harden_streams(None)
             else:
                 await self._harden_streams_on_cluster()
+            await self._source_fleet()
             # Records of a stack from before sealing: sealed once by their owners' keys,
             # before any service reads them (mgmt.sealkeys.reseal_legacy).
             await reseal_legacy(
@@ -841,6 +998,7 @@ class Stack:
             ),
             # Services hosted inside another child's process (kmsctl up --embedded).
             "embedded": {"broker": ["ca"]} if self.options.embedded else {},
+            **self._fleet_state(),
         }
         write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
 
@@ -1036,6 +1194,13 @@ class Stack:
             ticks += 1
             if ticks % 4 == 0:
                 await asyncio.to_thread(self._rotate_logs)
+                if await asyncio.to_thread(self._fleet_changed):
+                    try:
+                        await self._refresh_fleet()
+                    except (KMSError, OSError, NatsServerError, nats.errors.Error) as exc:
+                        # Tried again at the next look: the records still differ.
+                        log.error("fleet refresh failed", extra=fields(error=type(exc).__name__))
+                    self._write_state(True)
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()

@@ -41,6 +41,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "backup": ("backup",),
     "restore": ("backup",),
     "cluster": ("cluster",),
+    "fleet": ("fleet",),
 }
 
 
@@ -68,6 +69,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "backup": "Write an encrypted backup of a stopped stack's data dir.",
     "restore": "Restore a backup into a new data dir, then start it with `kmsctl up...",
     "cluster": "Run EdgeKMS on several boxes: one bundle per node, then `kmsctl up --join`.",
+    "fleet": "A fleet hub's devices: uplink bundles for `kmsctl up --uplink`, list, remove.",
 }
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mgmt import stacklock
     from mgmt.clusterinit import JoinBundle
     from mgmt.stack import StackOptions
+    from mgmt.uplink import UplinkBundle
 
 log = logging.getLogger("kmsctl.up")
 
@@ -64,16 +65,20 @@ class UpOptions:
     metrics_listen: str
     join: Path | None
     embedded: bool
+    leaf_listen: str
+    uplink: Path | None
 
     def stack_options(
         self,
         audit_limits: dict[str, tuple[int, int]],
         max_file_store: int | None,
         cluster: JoinBundle | None = None,
+        uplink: UplinkBundle | None = None,
     ) -> StackOptions:
         """The supervisor's options (mgmt.stack); `audit_limits` and `max_file_store`
         already parsed; `cluster` the installed bundle of --join (the node's own
-        provider is hsm-<node>)."""
+        provider is hsm-<node>); `uplink` the installed bundle of --uplink (a fleet
+        device)."""
         from mgmt.stack import StackOptions
 
         return StackOptions(
@@ -103,6 +108,8 @@ class UpOptions:
             metrics_listen=self.metrics_listen,
             ek_ca=self.ek_ca.resolve() if self.ek_ca else None,
             embedded=self.embedded,
+            leaf_listen=self.leaf_listen,
+            uplink=uplink,
         )
 
 
@@ -318,6 +325,25 @@ class UpOptions:
     'also holds the CA\'s bus identity (docs/security.md, "Embedded mode"); the crypto '
     "services, which hold the tokens, stay processes of their own.",
 )
+@click.option(
+    "--leaf-listen",
+    default="",
+    metavar="HOST:PORT",
+    help="Run this stack as a fleet hub: take devices' leaf connections here (TLS with "
+    "the hub's leaf certificate; each device logs in as its own narrow bus user, "
+    "recorded by `kmsctl fleet add-device`). The hub keeps a copy of every device's "
+    'audit that `kmsctl audit verify --device` checks. See docs/cluster.md, "Fleet".',
+)
+@click.option(
+    "--uplink",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    metavar="BUNDLE",
+    help="Run this stack as a fleet device, from its uplink bundle (`kmsctl fleet "
+    "add-device` at the hub): its own JetStream domain dev-<id>, its keys and services "
+    "local, a leaf connection to the hub, which copies its audit. It keeps signing while "
+    "the hub is away. The bundle is copied into DATA_DIR/secrets.",
+)
 def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -346,6 +372,11 @@ def up(**params: Any) -> None:
     One node of a cluster (docs/cluster.md):
       kmsctl up --data-dir /var/lib/edgekms --join bundles/nas1
 
+    \b
+    A fleet hub, and one of its devices (docs/cluster.md, "Fleet"):
+      kmsctl up --data-dir /var/lib/edgekms --leaf-listen 0.0.0.0:7422
+      kmsctl up --data-dir /var/lib/edgekms --uplink uplink-a1.toml
+
     Exits 6 when the machine cannot run it as it is (a nats-server older than 2.10:
     `nats.server_too_old`), 8 when a part failed to start or died for good.
     """
@@ -365,6 +396,7 @@ def up(**params: Any) -> None:
     _max_file_store(options.max_file_store)
     _check_crl_lifetime(options.ca_crl_lifetime)
     options = _join_defaults(options)
+    _fleet_checks(options)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
     # second and leaves the data dir as it was.
@@ -376,6 +408,7 @@ def up(**params: Any) -> None:
         _take_over_and_check(options, lock)
         if options.join is not None:
             _route_port_free(options.join)
+        _leaf_port_free(options.leaf_listen)
         _check_metrics_ports(options.metrics_listen, options.tpm)
         _run_up(options)
     finally:
@@ -427,6 +460,38 @@ def _route_port_free(bundle: Path) -> None:
         spec, name = read_spec(bundle / CLUSTER_FILE)
         node = spec.node(name)
         stacklock.check_ports({"--join (route port)": (node.host, node.route_port)})
+    except KMSError as exc:
+        _refuse(exc)
+
+
+def _fleet_checks(options: UpOptions) -> None:
+    """A stack is a fleet hub or a device, not both, and neither on a cluster node (not
+    built yet); the hub's leaf address and the device's bundle sound: refused before the
+    lock, like every usage error (exit 2; exit 3 for a bad bundle or address)."""
+    from mgmt.uplink import check_address, read_bundle
+
+    if options.leaf_listen and options.uplink is not None:
+        raise click.UsageError("--leaf-listen and --uplink: a stack is a hub or a device")
+    if options.join is not None and (options.leaf_listen or options.uplink is not None):
+        raise click.UsageError("a fleet hub or device on a cluster node is not built yet")
+    try:
+        if options.leaf_listen:
+            check_address(options.leaf_listen, "--leaf-listen")
+        if options.uplink is not None:
+            read_bundle(options.uplink)
+    except KMSError as exc:
+        _refuse(exc)
+
+
+def _leaf_port_free(leaf_listen: str) -> None:
+    """The hub's leaf port, like every other port, is free before anything starts."""
+    from mgmt import stacklock
+    from mgmt.uplink import check_address
+
+    if not leaf_listen:
+        return
+    try:
+        stacklock.check_ports({"--leaf-listen": check_address(leaf_listen, "--leaf-listen")})
     except KMSError as exc:
         _refuse(exc)
 
@@ -496,10 +561,19 @@ def _run_up(up_options: UpOptions) -> None:
             cluster = install_bundle(up_options.join, up_options.data_dir / "secrets")
         except KMSError as exc:
             _refuse(exc)
+    uplink = None
+    if up_options.uplink is not None:
+        from mgmt.uplink import install_bundle as install_uplink
+
+        try:
+            uplink = install_uplink(up_options.uplink, up_options.data_dir)
+        except KMSError as exc:
+            _refuse(exc)
     options = up_options.stack_options(
         _audit_limits(up_options.audit_limits),
         _max_file_store(up_options.max_file_store),
         cluster,
+        uplink,
     )
     data_dir, ca_provider = up_options.data_dir, up_options.ca_provider
     if up_options.swtpm_port is not None:
