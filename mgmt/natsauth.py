@@ -56,7 +56,7 @@ from edgekms.busauth import read_password as read_password
 from edgekms.client_certs import host_names, leaf_certificate, self_signed_ca
 from edgekms.errors import InvalidArgument
 from edgekms.fleet import fleet_stream
-from edgekms.fleet_ca import FLEET_DEVICES_BUCKET
+from edgekms.fleet_ca import FLEET_DEVICES_BUCKET, device_inbox
 from edgekms.logs import fields
 from edgekms.subjects import (
     AUDIT_PREFIX,
@@ -286,13 +286,18 @@ def _check_provider(provider: str) -> None:
         raise InvalidArgument("bus.provider_invalid", f"{provider!r} is not a provider id")
 
 
-def broker_identity(providers: Sequence[str] = (), fleet_devices: Sequence[str] = ()) -> Identity:
+def broker_identity(
+    providers: Sequence[str] = (), fleet_devices: Sequence[str] = (), hub_ca_device: str = ""
+) -> Identity:
     """The broker's grant; `providers` name the crypto services whose audit streams it
     reads for TailAudit and status (the CA's and its own it always reads). On a fleet
     hub, `fleet_devices` name the devices whose hub copy of their audit (KMS_FLEET_<ID>,
     edgekms.fleet) it reads for `TailAudit(device=...)`: a stream's name is one subject
-    token, so each copy is granted by name, and the grant grows with the fleet."""
+    token, so each copy is granted by name, and the grant grows with the fleet. On a
+    fleet device, `hub_ca_device` is its id: the broker hears the hub CA's answers on
+    the device's inbox (broker.hub_ca; it already may publish on kms.ca.>)."""
     user = BROKER_USER
+    hub_inbox = (f"{device_inbox(hub_ca_device)}.>",) if hub_ca_device else ()
     return Identity(
         user,
         Permissions(
@@ -315,7 +320,7 @@ def broker_identity(providers: Sequence[str] = (), fleet_devices: Sequence[str] 
                 *stream_create(writer_stream(BROKER_USER)),
                 audit_publish(BROKER_USER),
             ),
-            subscribe=(f"{inbox_prefix(user)}.>",),
+            subscribe=(f"{inbox_prefix(user)}.>", *hub_inbox),
         ),
         "the gRPC ingress: routes to every crypto service and the CA, owns the registry",
     )
@@ -402,6 +407,9 @@ def kmsctl_identity(
                 ),
                 *(stream_setup(setup_streams(providers)) if setup else ()),
                 *(stream_setup([fleet_stream(d) for d in fleet_devices]) if setup else ()),
+                # A hub's device registry, written from `kmsctl fleet`'s records while
+                # the stack sets up (the hub CA only reads it, ca_service.fleet).
+                *(kv_access(FLEET_DEVICES_BUCKET) if setup and fleet_devices else ()),
                 *((CLUSTER_PKI_SUBJECT,) if cluster else ()),
             ),
             subscribe=(
@@ -423,9 +431,11 @@ def stack_identities(
     setup: bool = False,
     local: Sequence[str] | None = None,
     fleet_devices: Sequence[str] = (),
+    hub_ca_device: str = "",
 ) -> list[Identity]:
     """Every identity of one stack; the CA's signs through `ca_provider` (default: first).
-    `fleet_devices`: on a fleet hub, the devices whose audit copies the broker reads.
+    `fleet_devices`: on a fleet hub, the devices whose audit copies the broker reads;
+    `hub_ca_device`: on a fleet device, its id (its broker asks the hub's CA).
 
     `ceremony`: the supervisor may make and use the internal CA's key (first start only).
     `setup`: the supervisor may make and harden the stack's streams (each start, briefly).
@@ -440,7 +450,7 @@ def stack_identities(
     for provider in providers:
         _check_provider(provider)
     return [
-        broker_identity(providers, fleet_devices),
+        broker_identity(providers, fleet_devices, hub_ca_device),
         *(crypto_identity(p) for p in providers if local is None or p in local),
         ca_identity(ca_provider or providers[0]),
         kmsctl_identity(

@@ -35,6 +35,8 @@ from edgekms import audit, kvstore, natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.fleet import source_device
+from edgekms.fleet_ca import DeviceRecord as RegistryRecord
+from edgekms.fleet_ca import DeviceRegistry
 from edgekms.logs import fields
 from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
@@ -218,6 +220,12 @@ class StackOptions:
     # A fleet device (`kmsctl up --uplink BUNDLE`, mgmt.uplink): its own domain and a leaf
     # connection to the hub; None: not a device.
     uplink: UplinkBundle | None = None
+
+    @property
+    def runs_ca(self) -> bool:
+        """Whether this stack runs a CA service: not on a fleet device, whose
+        certificates come from the hub's CA (its broker asks it, broker.hub_ca)."""
+        return self.uplink is None
 
     @property
     def providers(self) -> list[str]:
@@ -412,6 +420,7 @@ class Stack:
             setup=setup,
             local=self.options.providers if cluster is not None else None,
             fleet_devices=[r.device for r in fleet] + self._fleet_removed(),
+            hub_ca_device=self.options.uplink.device if self.options.uplink else "",
         )
         identities += [device_identity(r.device) for r in fleet]
         tls = ensure_bus_tls(self.layout.nats_dir / "tls", self.layout.secrets)
@@ -479,22 +488,49 @@ class Stack:
         return {}
 
     async def _source_fleet(self) -> None:
-        """The hub's copy of each recorded device's audit (edgekms.fleet.source_device),
-        made or given new writers, under the supervisor's setup grant."""
+        """Under the supervisor's setup grant, for each device recorded or changed since
+        the last pass: the hub's copy of its audit (edgekms.fleet.source_device) and its
+        entry in the device registry the hub's CA reads (edgekms.fleet_ca); a removed
+        device's entry is deleted, so the CA refuses it (its audit copy stays)."""
         records = list(self._fleet_seen)
-        if not records:
+        removed = self._fleet_removed()
+        if not records and not removed:
             self._fleet_applied = records
             return
+        # The first pass after a start checks every device; later ones what changed.
+        before = {r.device: r for r in self._fleet_applied or []}
+        first = self._fleet_applied is None
         nc = await natsrpc.connect(
             self.nats_url, name="kmsctl-fleet", connect_timeout=5, **self._kmsctl_bus()
         )
         try:
             js = nc.jetstream(timeout=10)
+            registry = await DeviceRegistry.open(js, self.options.replicas)
             for record in records:
+                if not first and before.get(record.device) == record:
+                    continue
                 await source_device(js, record.device, record.writers)
+                if await self._registry_get(registry, record.device) != (
+                    want := record.registry_record()
+                ):
+                    await registry.put(want)
+            for device in removed:
+                if (first or device in before) and await self._registry_get(
+                    registry, device
+                ) is not None:
+                    await registry.remove(device)
         finally:
             await nc.close()
         self._fleet_applied = records
+
+    @staticmethod
+    async def _registry_get(registry: DeviceRegistry, device: str) -> RegistryRecord | None:
+        """The registry's entry, or None where it is missing or unreadable (then the
+        supervisor writes it again from the hub's record)."""
+        try:
+            return await registry.get(device)
+        except KMSError:
+            return None
 
     async def _refresh_fleet(self) -> None:
         """A device added or removed while the hub runs: reload nats-server (SIGHUP) with
@@ -794,6 +830,8 @@ class Stack:
                     else ""
                 )
                 + acme_toml(self.options)
+                # A hub's CA also answers its fleet devices (ca_service.fleet).
+                + ("fleet = true\n" if self.options.leaf_listen else "")
             ).encode(),
         )
         host, _, port = self.options.ca_http.rpartition(":")
@@ -848,7 +886,7 @@ class Stack:
                 f"providers = {json.dumps(self.options.all_providers)}\n"
                 f"{self._provider_nodes_toml()}"
                 f"{self._replicas_toml()}"
-                "ca = true\n"
+                f"{self._hub_ca_toml()}"
                 f"enroll_listen = {json.dumps(self.enroll_listen)}\n"
                 f"audit_archive_dir = {json.dumps(str(self.layout.audit_archive))}\n"
                 f"audit_window = {self.options.audit_window!r}\n"
@@ -883,6 +921,13 @@ class Stack:
             log_path=self.layout.logs / "broker.log",
             ready=ready,
         )
+
+    def _hub_ca_toml(self) -> str:
+        """broker.toml's CA: this stack's own, or on a fleet device the hub's, reached
+        across the leaf connection as this device (broker.hub_ca)."""
+        if self.options.uplink is not None:
+            return f"ca = false\nhub_ca_device = {json.dumps(self.options.uplink.device)}\n"
+        return "ca = true\n"
 
     def _replicas_toml(self) -> str:
         """A service's `replicas` line on a cluster (what it creates gets one copy per
@@ -971,8 +1016,9 @@ class Stack:
             "nats_url": self.nats_url,
             "broker": self.options.broker_listen,
             "enroll": self.enroll_listen,
-            "ca_http": self.options.ca_http,
-            "acme_listen": self.options.acme_listen,
+            # A fleet device serves neither: its CA is the hub's.
+            "ca_http": self.options.ca_http if self.options.runs_ca else "",
+            "acme_listen": self.options.acme_listen if self.options.runs_ca else "",
             # Each part's /metrics URL (/healthz and /readyz beside it); {} when off.
             "metrics": self.metrics_urls(),
             "client_config": str(self.layout.client_dir / "config.toml"),
@@ -1017,7 +1063,7 @@ class Stack:
         # starts beside it; ready still waits for every child, hsm0 included.
         initialised = self._ceremony_done()
         chains = [self._start_hsm_ceremony_broker(with_broker=not initialised)]
-        if not self.options.embedded:
+        if self.options.runs_ca and not self.options.embedded:
             # Embedded, the CA service starts with the broker, in its process.
             chains.append(self._start_child(self._ca_child()))
         if initialised:
@@ -1034,7 +1080,9 @@ class Stack:
 
     def _child_order(self) -> list[str]:
         """Start order as before the parallel start: stop() stops them in reverse."""
-        services = ["broker"] if self.options.embedded else ["ca", "broker"]
+        services = (
+            ["ca", "broker"] if self.options.runs_ca and not self.options.embedded else ["broker"]
+        )
         return [f"crypto-{p}" for p in self.options.providers] + services
 
     async def _start_tpm(self) -> None:

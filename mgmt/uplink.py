@@ -26,6 +26,7 @@ from cryptography import x509
 
 from edgekms.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgekms.fleet import check_device
+from edgekms.fleet_ca import DeviceRecord as RegistryRecord
 from edgekms.subjects import PROVIDER_ID_RE
 from mgmt.fleet import device_user
 from mgmt.natsauth import (
@@ -39,8 +40,8 @@ from mgmt.pki import write_private
 
 # A bundle is a few hundred bytes of TOML and one certificate: anything larger is not one.
 MAX_BUNDLE_BYTES = 64 * 1024
-# A device record is smaller still.
-MAX_RECORD_BYTES = 16 * 1024
+# A device record: its writers and up to 64 names of up to 253 characters.
+MAX_RECORD_BYTES = 64 * 1024
 # Where the device keeps its installed bundle, under its secrets dir.
 INSTALLED_NAME = "uplink.toml"
 # The hub's JetStream domain: a device's is dev-<id>, so the two never meet.
@@ -70,13 +71,36 @@ def check_address(address: str, what: str = "hub address") -> tuple[str, int]:
 # --- the hub: device records ------------------------------------------------------------
 
 
+# What a device may ask the hub's CA for when `kmsctl fleet add-device` is given names
+# but no --profile: a TLS server certificate for its own names.
+DEFAULT_DEVICE_PROFILES = ("https-server",)
+
+
 @dataclass(frozen=True)
 class DeviceRecord:
-    """One device of the hub's fleet: its id and the audit writers its stack runs (the
-    hub's copy sources one stream per writer)."""
+    """One device of the hub's fleet: its id, the audit writers its stack runs (the
+    hub's copy sources one stream per writer), and the names (`dns:`/`ip:`) and
+    profiles it may ask the hub's CA for (none: no certificate at all)."""
 
     device: str
     writers: tuple[str, ...]
+    names: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ()
+
+    def registry_record(self) -> RegistryRecord:
+        """Its entry in the hub's device registry (edgekms.fleet_ca), which the hub's CA
+        reads; checked there (fleet.names_invalid, fleet.profile_invalid)."""
+        return RegistryRecord(self.device, self.names, self.profiles, enabled=True)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "device": self.device,
+                "writers": list(self.writers),
+                "names": list(self.names),
+                "profiles": list(self.profiles),
+            }
+        ).encode()
 
 
 def devices_dir(data_dir: Path) -> Path:
@@ -118,12 +142,39 @@ def _cert_names(cert_path: Path) -> list[str]:
     return [*dns, *ips]
 
 
+def _allowed(
+    device: str,
+    old: DeviceRecord | None,
+    names: tuple[str, ...] | None,
+    profiles: tuple[str, ...] | None,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names and profiles as the registry keeps them (DNS names lower-cased, no
+    duplicates), checked by the registry's own record. None keeps the old record's;
+    profiles default to DEFAULT_DEVICE_PROFILES once there are names."""
+    if names is None:
+        names = old.names if old is not None else ()
+    names = tuple(dict.fromkeys(n.lower() if n.startswith("dns:") else n for n in names))
+    if profiles is None:
+        profiles = old.profiles if old is not None and old.profiles else ()
+        if not profiles and names:
+            profiles = DEFAULT_DEVICE_PROFILES
+    profiles = tuple(dict.fromkeys(profiles))
+    RegistryRecord(device, names, profiles)
+    return names, profiles
+
+
 def add_device(
-    data_dir: Path, device: str, hub_address: str, providers: tuple[str, ...] = ("hsm0",)
+    data_dir: Path,
+    device: str,
+    hub_address: str,
+    providers: tuple[str, ...] = ("hsm0",),
+    names: tuple[str, ...] | None = None,
+    profiles: tuple[str, ...] | None = None,
 ) -> tuple[DeviceRecord, str, BusTLS]:
-    """Record `device` at the hub (once: again with the same writers changes nothing;
-    a device is re-added with other writers only after remove_device) and return its
-    record, its hub password and the leaf TLS. Nothing is written when an argument is bad."""
+    """Record `device` at the hub (once: again with the same writers keeps its names
+    unless new ones are given; a device is re-added with other writers only after
+    remove_device) and return its record, its hub password and the leaf TLS. Nothing is
+    written when an argument is bad."""
     check_device(device)
     host, _ = check_address(hub_address)
     bad = [p for p in providers if not PROVIDER_ID_RE.match(p)]
@@ -132,29 +183,56 @@ def add_device(
             "bus.provider_invalid", f"{str(bad[:1])[:60]} is not a list of provider ids"
         )
     writers = audit_writers(providers)
-    record = DeviceRecord(device, tuple(writers))
     path = devices_dir(data_dir) / f"{device}.json"
-    if path.exists():
-        old = read_record(path)
-        if old.writers != record.writers:
-            raise FailedPrecondition(
-                "fleet.device_exists",
-                f"device {device!r} is in the fleet with writers {', '.join(old.writers)}: "
-                "remove it first to change them",
-                {"device": device},
-            )
+    old = read_record(path) if path.exists() else None
+    if old is not None and old.writers != tuple(writers):
+        raise FailedPrecondition(
+            "fleet.device_exists",
+            f"device {device!r} is in the fleet with writers {', '.join(old.writers)}: "
+            "remove it first to change them",
+            {"device": device},
+        )
+    allowed, allowed_profiles = _allowed(device, old, names, profiles)
+    record = DeviceRecord(device, tuple(writers), allowed, allowed_profiles)
     tls = leaf_tls(data_dir, (host,))
     secrets_dir = data_dir / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     password_file = ensure_passwords(secrets_dir, [device_user(device)])[device_user(device)]
     devices_dir(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():
-        write_private(
-            path, json.dumps({"device": device, "writers": list(record.writers)}).encode()
-        )
+    if old != record:
+        _write_record(path, record)
     # Added again after a removal: a device of the fleet once more.
     (removed_dir(data_dir) / f"{device}.json").unlink(missing_ok=True)
     return record, read_password(password_file), tls
+
+
+def _write_record(path: Path, record: DeviceRecord) -> None:
+    """Replace the record whole (a reader never sees half of one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    write_private(tmp, record.to_json())
+    tmp.replace(path)
+
+
+def set_allowed(
+    data_dir: Path,
+    device: str,
+    names: tuple[str, ...] | None,
+    profiles: tuple[str, ...] | None = None,
+) -> DeviceRecord:
+    """Replace what `device` may ask the hub's CA for: its names and its profiles (None
+    keeps what it had). A running hub writes the
+    registry within seconds; certificates already issued stay valid until revoked."""
+    check_device(device)
+    path = devices_dir(data_dir) / f"{device}.json"
+    if not path.exists():
+        raise NotFound("fleet.device_unknown", f"no device {device!r} in this hub's fleet")
+    old = read_record(path)
+    allowed, allowed_profiles = _allowed(device, old, names, profiles)
+    record = DeviceRecord(device, old.writers, allowed, allowed_profiles)
+    if record != old:
+        _write_record(path, record)
+    return record
 
 
 def remove_device(data_dir: Path, device: str) -> None:
@@ -177,11 +255,16 @@ def read_record(path: Path) -> DeviceRecord:
             raise ValueError("too large")
         raw = json.loads(path.read_text())
         device, writers = raw["device"], raw["writers"]
-        if not isinstance(writers, list) or not all(isinstance(w, str) for w in writers):
-            raise ValueError("writers")
+        # Records from before names existed have none: no certificates from the hub.
+        names, profiles = raw.get("names", []), raw.get("profiles", [])
+        for values in (writers, names, profiles):
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ValueError("not a list of strings")
         if f"{device}.json" != path.name:
             raise ValueError("named for another device")
-        return DeviceRecord(check_device(device), tuple(writers))
+        record = DeviceRecord(check_device(device), tuple(writers), tuple(names), tuple(profiles))
+        record.registry_record()
+        return record
     except (OSError, ValueError, KeyError, TypeError, InvalidArgument) as exc:
         raise FailedPrecondition(
             "fleet.record_invalid",
@@ -297,6 +380,7 @@ def hub_ca_path(data_dir: Path) -> Path:
 
 
 __all__ = [
+    "DEFAULT_DEVICE_PROFILES",
     "HUB_DOMAIN",
     "DeviceRecord",
     "UplinkBundle",
@@ -311,5 +395,6 @@ __all__ = [
     "read_bundle",
     "remove_device",
     "removed_dir",
+    "set_allowed",
     "write_bundle",
 ]

@@ -474,6 +474,12 @@ def _fleet_checks(options: UpOptions) -> None:
         raise click.UsageError("--leaf-listen and --uplink: a stack is a hub or a device")
     if options.join is not None and (options.leaf_listen or options.uplink is not None):
         raise click.UsageError("a fleet hub or device on a cluster node is not built yet")
+    if options.embedded and options.uplink is not None:
+        # --embedded hosts the CA in the broker's process; a device runs no CA at all.
+        raise click.UsageError(
+            "--embedded with --uplink: a fleet device runs no CA (the hub's issues its "
+            "certificates), so there is nothing to embed"
+        )
     try:
         if options.leaf_listen:
             check_address(options.leaf_listen, "--leaf-listen")

@@ -26,15 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from edgekms import natsrpc
 from edgekms.audit import link_of, writer_stream
-from edgekms.errors import FailedPrecondition
+from edgekms.errors import FailedPrecondition, PermissionDenied
 from mgmt.client import KMSClient
 from mgmt.natsauth import BROKER_USER, local_credentials
 from mgmt.natsserver import free_port
 from mgmt.uplink import install_bundle
 from tests.conftest import SLOWDOWN
+from tests.fleet.test_hub_ca import csr
 
 BIN = Path(sys.executable).parent
 
@@ -133,9 +135,12 @@ class FleetUp:
         done = kmsctl(
             "fleet", "add-device", device, "--data-dir", str(self.hub.data_dir),
             "--hub", self.leaf, "--out", str(bundle), "-o", "json",
+            "--name", f"dns:{device}.lan",
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        assert json.loads(done.stdout)["writers"] == ["broker", "ca", "crypto-hsm0"]
+        added = json.loads(done.stdout)
+        assert added["writers"] == ["broker", "ca", "crypto-hsm0"]
+        assert (added["names"], added["profiles"]) == ([f"dns:{device}.lan"], ["https-server"])
         assert "password" not in done.stdout
         assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
         self.devices[device] = Up(device, self.root / device, ["--uplink", str(bundle)])
@@ -243,6 +248,8 @@ def test_a_hub_and_two_devices_from_kmsctl_up(fleet_up: FleetUp) -> None:
     assert report["device"] == "a" and report["entries"] > 3
     assert list(report["heads"]) == [BROKER_USER]
 
+    certificates_from_the_hub(fleet)
+
     # The hub goes away: device a keeps signing and recording each signature.
     fleet.hub.stop()
     sign(a, "dev/a-key", 5)
@@ -265,6 +272,51 @@ def test_a_hub_and_two_devices_from_kmsctl_up(fleet_up: FleetUp) -> None:
     # the request's timeout (broker/audit_service.py); a recorded device never does.
     unknown = hub_verify(fleet, "nobody")
     assert unknown.returncode == 8 and "audit.unavailable" in unknown.stderr
+
+
+def certificates_from_the_hub(fleet: FleetUp) -> None:
+    """A device's client asks its own broker; the certificate comes from the hub's CA,
+    for the names the hub registered for that device only, and `kmsctl fleet allow`
+    on the running hub takes a name away within seconds."""
+    a = fleet.devices["a"]
+    with KMSClient.from_config(fleet.hub.client_config, timeout=60 * SLOWDOWN) as hub:
+        hub.ca_init("EdgeKMS Hub CA")
+    # Each device runs no CA of its own: the hub's answers across the leaf connection.
+    assert "ca" not in a.state()["children"] and a.state()["ca_http"] == ""
+    assert not (a.data_dir / "config" / "ca.toml").exists()
+    with KMSClient.from_config(a.client_config, timeout=30 * SLOWDOWN) as kms:
+        issued = kms.issue_certificate("https-server", csr("a.lan", "a.lan"), request_id="a-1")
+        chain = kms.get_ca_certificates()
+        issuer = x509.load_der_x509_certificate(chain.intermediate_certificate_der)
+        x509.load_der_x509_certificate(issued.certificate_der).verify_directly_issued_by(issuer)
+        assert "EdgeKMS Hub CA" in issuer.subject.rfc4514_string()
+        assert issued.record.requester == "fleet:a"
+        with pytest.raises(PermissionDenied) as other:
+            kms.issue_certificate("https-server", csr("b.lan", "b.lan"), request_id="a-2")
+        assert other.value.reason == "device.name_not_allowed"
+        with pytest.raises(PermissionDenied) as profile:
+            kms.issue_certificate("vpn-client", csr("a.lan", "a.lan"), request_id="a-3")
+        assert profile.value.reason == "device.profile_not_allowed"
+    # Recorded at the hub, as the device.
+    listed = kmsctl("cert", "list", "--config", str(fleet.hub.client_config), "-o", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert issued.record.serial in listed.stdout
+
+    allowed = kmsctl(
+        "fleet", "allow", "a", "--data-dir", str(fleet.hub.data_dir), "--no-names", "-o", "json"
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["names"] == []
+
+    def refused() -> bool:
+        with KMSClient.from_config(a.client_config, timeout=30 * SLOWDOWN) as kms:
+            try:
+                kms.issue_certificate("https-server", csr("a.lan", "a.lan"))
+            except PermissionDenied as err:
+                return err.reason == "device.name_not_allowed"
+        return False
+
+    until("the hub's registry takes a.lan away", refused)
 
 
 def hub_bundle(tmp_path: Path, device: str = "a") -> tuple[Path, Path, str]:
@@ -319,6 +371,8 @@ def test_up_is_a_hub_or_a_device_not_both(tmp_path: Path) -> None:
     _, bundle, leaf = hub_bundle(tmp_path)
     both = up_once(tmp_path / "dev", "--uplink", str(bundle), "--leaf-listen", leaf)
     assert both.returncode == 2 and "a hub or a device" in both.stderr
+    embedded = up_once(tmp_path / "dev", "--uplink", str(bundle), "--embedded")
+    assert embedded.returncode == 2 and "runs no CA" in embedded.stderr
     assert not (tmp_path / "dev" / "nats" / "nats.conf").exists()
 
 
@@ -347,6 +401,33 @@ def test_fleet_commands_refuse_bad_input(tmp_path: Path) -> None:
     assert bundle.read_bytes() == before
     listed = kmsctl("fleet", "list", "--data-dir", str(hub_dir), "-o", "json")
     assert [d["device"] for d in json.loads(listed.stdout)] == ["a"]
+
+    # Names a device may have certified: dns:/ip: only, checked before anything is written.
+    record = hub_dir / "fleet" / "devices" / "a.json"
+    kept = record.read_bytes()
+    for bad in ("a.lan", "uri:spiffe://x/y", "dns:" + "x" * 300):
+        refused = kmsctl("fleet", "allow", "a", "--data-dir", str(hub_dir), "--name", bad)
+        assert refused.returncode == 3 and "fleet.names_invalid" in refused.stderr, bad
+    nobody = kmsctl("fleet", "allow", "zz", "--data-dir", str(hub_dir), "--name", "dns:z.lan")
+    assert nobody.returncode == 4 and "fleet.device_unknown" in nobody.stderr
+    nothing = kmsctl("fleet", "allow", "a", "--data-dir", str(hub_dir))
+    assert nothing.returncode == 2
+    assert record.read_bytes() == kept
+    unnamed = kmsctl(
+        "fleet", "add-device", "d", "--data-dir", str(hub_dir), "--hub", leaf,
+        "--name", "d.lan", "--out", str(tmp_path / "d.toml"),
+    )  # fmt: skip
+    assert unnamed.returncode == 3 and "fleet.names_invalid" in unnamed.stderr
+    assert not (hub_dir / "fleet" / "devices" / "d.json").exists()
+    assert not (tmp_path / "d.toml").exists()
+    # Names are kept lower-case and once; profiles default to https-server with names.
+    named = kmsctl(
+        "fleet", "allow", "a", "--data-dir", str(hub_dir), "-o", "json",
+        "--name", "dns:A.lan", "--name", "dns:a.lan", "--name", "ip:192.0.2.7",
+    )  # fmt: skip
+    assert named.returncode == 0, named.stderr
+    assert json.loads(named.stdout)["names"] == ["dns:a.lan", "ip:192.0.2.7"]
+    assert json.loads(named.stdout)["profiles"] == ["https-server"]
 
 
 def test_a_device_data_dir_takes_no_other_devices_bundle(tmp_path: Path) -> None:
