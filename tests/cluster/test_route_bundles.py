@@ -27,8 +27,10 @@ from edgekms.errors import InvalidArgument
 from mgmt.clusterinit import JoinBundle, install_bundle
 from mgmt.natsserver import NatsServer, NatsServerConfig, free_port
 from mgmt.stack import Stack
+from mgmt.stacklock import reap_orphans
 from tests.cluster.test_route_tls import _crossing, _plain_first_line, _route_info
 from tests.conftest import SLOWDOWN
+from tests.logevents import count_event
 
 BIN = Path(sys.executable).parent
 
@@ -253,3 +255,71 @@ def test_a_bundle_from_before_route_tls_runs_plain_routes(tmp_path: Path) -> Non
     assert not any((secrets_dir / "cluster" / n).exists() for n in ("route.crt", "route.key"))
     rendered = "\n".join(Stack._cluster_fields(old)["cluster"].render())
     assert "tls" not in rendered and "password:" in rendered
+    # add-node without --node moves such a bundle's cluster to TLS: a new route CA and
+    # a certificate for every node, with the same secrets.
+    moved = tmp_path / "tls"
+    done = _kmsctl("cluster", "add-node", "--from", str(out / "nas1"), "--out", str(moved))
+    assert done.returncode == 0, done.stderr
+    ca = x509.load_pem_x509_certificate((moved / "_admin" / "route-ca.crt").read_bytes())
+    for node in ("nas1", "nas2"):
+        cert = x509.load_pem_x509_certificate((moved / node / "route.crt").read_bytes())
+        cert.verify_directly_issued_by(ca)
+    assert (moved / "nas1" / "join.key").read_bytes() == (out / "nas1" / "join.key").read_bytes()
+    assert install_bundle(moved / "nas1", secrets_dir).route_tls is not None
+
+
+@pytest.mark.timeout(300)
+def test_up_with_a_bundle_from_before_route_tls_warns_and_runs_plain_routes(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "b"
+    # Two nodes, one started: it renders its config and then waits for its peer.
+    two = {n: f"127.0.0.1:{free_port()}:{free_port()}" for n in ("solo", "peer")}
+    _init(out, two)
+    for name in ("route.crt", "route.key", "routes-ca.crt"):
+        (out / "solo" / name).unlink()
+    data, log_path = tmp_path / "data", tmp_path / "up.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            [
+                str(BIN / "kmsctl"),
+                "up",
+                "--data-dir",
+                str(data),
+                "--join",
+                str(out / "solo"),
+                "--nats-port",
+                str(free_port()),
+                "--ca-http",
+                f"127.0.0.1:{free_port()}",
+                "--enroll-listen",
+                f"127.0.0.1:{free_port()}",
+                "--metrics-listen",
+                "",
+                "--log-format",
+                "json",
+                "--start-timeout",
+                str(60.0 * SLOWDOWN),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+        )
+    try:
+        deadline = time.monotonic() + 120 * SLOWDOWN
+        conf_path = data / "nats" / "nats.conf"
+        while not (conf_path.exists() and "routes:" in conf_path.read_text()):
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        event = "cluster routes without TLS: the bundle has no route certificate"
+        assert count_event(log_path.read_text(), event, cluster="office", node="solo") == 1
+        conf = conf_path.read_text()
+        cluster_block = conf[conf.index("cluster: {") :]
+        assert "password:" in cluster_block and "tls: {" not in cluster_block
+    finally:
+        # The supervisor waits for its peer's quorum and acts on a stop only once
+        # started: end it, and what it started, as a takeover would (mgmt.stacklock).
+        process.kill()
+        process.wait()
+        reap_orphans(data)
