@@ -27,7 +27,7 @@ from edgekms.errors import InvalidArgument
 from mgmt.clusterinit import JoinBundle, install_bundle
 from mgmt.natsserver import NatsServer, NatsServerConfig, free_port
 from mgmt.stack import Stack
-from mgmt.stacklock import reap_orphans
+from mgmt.stacklock import leftover_pids, reap_orphans
 from tests.cluster.test_route_tls import _crossing, _plain_first_line, _route_info
 from tests.conftest import SLOWDOWN
 from tests.logevents import count_event
@@ -308,7 +308,8 @@ def test_up_with_a_bundle_from_before_route_tls_warns_and_runs_plain_routes(
     try:
         deadline = time.monotonic() + 120 * SLOWDOWN
         conf_path = data / "nats" / "nats.conf"
-        while not (conf_path.exists() and "routes:" in conf_path.read_text()):
+        # Until its nats-server runs and is recorded (so the teardown can end it).
+        while not (conf_path.exists() and leftover_pids(data)):
             assert process.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)
