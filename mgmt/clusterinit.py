@@ -2,10 +2,12 @@
 
 `kmsctl cluster init` writes one bundle per node (a 0700 directory of 0600 files): the
 cluster's shape (cluster.toml: its name, every node's address, route port and broker
-port, and which node this bundle is for), the route password, the record-sealing keys
-(each broker verifies what every other broker sealed, so all hold the same writer
-keys) and a join key. `kmsctl up --join BUNDLE` installs the bundle into the data dir's
-secrets and runs that node.
+port, and which node this bundle is for), the route password, the node's route
+certificate and key and the route CA's certificate (mgmt.routeca: routes are TLS, each
+side checking the other's certificate), the record-sealing keys (each broker verifies
+what every other broker sealed, so all hold the same writer keys) and a join key. The
+route CA's key goes to OUT/_admin only. `kmsctl up --join BUNDLE` installs the bundle
+into the data dir's secrets and runs that node.
 
 The first node listed runs the bootstrap ceremony, once for the cluster: the internal CA
 (its key in that node's token), the broker certificate naming every node, the admin
@@ -35,6 +37,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from edgekms.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from edgekms.sealed import WRITERS, new_signing_key_pem
 from mgmt.pki import PkiPaths, write_private
+from mgmt.routeca import (
+    ADMIN_DIR,
+    ROUTE_CERT_FILE,
+    ROUTE_FILES,
+    ROUTE_KEY_FILE,
+    ROUTES_CA_FILE,
+    RouteCA,
+    RouteFiles,
+    check_route_files,
+    issue_route,
+    new_route_ca,
+    write_route_ca,
+)
 
 CLUSTER_FILE = "cluster.toml"
 ROUTE_PASSWORD_FILE = "route.password"  # noqa: S105 - a file name
@@ -114,6 +129,9 @@ class JoinBundle:
     node: ClusterNode
     route_password_file: Path
     join_key_file: Path
+    # This node's route certificate, its key and the route CA's certificate; None for a
+    # bundle made before routes had TLS (plain routes, with a warning: docs/cluster.md).
+    route_tls: tuple[Path, Path, Path] | None = None
 
     @property
     def is_first(self) -> bool:
@@ -255,11 +273,26 @@ def read_secrets(bundle_dir: Path) -> tuple[ClusterSpec, Secrets]:
     return spec, (password, join_key, seal_keys)
 
 
-def write_bundles(spec: ClusterSpec, out: Path, from_bundle: Secrets | None = None) -> list[Path]:
+def read_routes_ca(bundle_dir: Path) -> bytes | None:
+    """The route CA certificate a bundle (or installed DATA_DIR/secrets/cluster) trusts;
+    None for a bundle made before routes had TLS."""
+    path = bundle_dir / ROUTES_CA_FILE
+    return _read_small(path) if path.exists() else None
+
+
+def write_bundles(
+    spec: ClusterSpec,
+    out: Path,
+    from_bundle: Secrets | None = None,
+    route_ca: RouteCA | None = None,
+) -> list[Path]:
     """One bundle per node under `out` (OUT/<node>/), sharing one route password, one
     join key and one set of record-sealing keys: new ones, or `from_bundle`'s (a node
-    added to a running cluster). Refuses (cluster.bundle_exists) an `out` that holds
-    anything, so a second run never mints a second set of secrets beside the first."""
+    added to a running cluster). Each bundle gets its node's route certificate and key
+    from `route_ca`; without one, a new route CA is made and its key written to
+    OUT/_admin only (mgmt.routeca says why). Refuses (cluster.bundle_exists) an `out`
+    that holds anything, so a second run never mints a second set of secrets beside
+    the first."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlreadyExists(
             "cluster.bundle_exists",
@@ -269,6 +302,9 @@ def write_bundles(spec: ClusterSpec, out: Path, from_bundle: Secrets | None = No
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     shared = from_bundle or _new_secrets()
     route_password, join_key, seal_keys = shared
+    if route_ca is None:
+        route_ca = new_route_ca(spec.name)
+        write_route_ca(route_ca, out / ADMIN_DIR)
     made = []
     for node in spec.nodes:
         directory = out / node.name
@@ -278,6 +314,8 @@ def write_bundles(spec: ClusterSpec, out: Path, from_bundle: Secrets | None = No
         write_private(directory / JOIN_KEY_FILE, (join_key + "\n").encode())
         for writer, pem in seal_keys.items():
             write_private(directory / "seal" / f"{writer}.key", pem)
+        for name, pem in issue_route(route_ca, node.name, node.host).by_name().items():
+            write_private(directory / name, pem)
         made.append(directory)
     return made
 
@@ -303,6 +341,14 @@ def install_bundle(bundle_dir: Path, secrets_dir: Path) -> JoinBundle:
     target = installed_dir(secrets_dir)
     for name, source in files.items():
         contents[target / name] = _read_small(source)
+    route = _read_route_files(bundle_dir, spec.node(node_name).host)
+    stale: list[Path] = []
+    if route is None:
+        # A bundle from before route TLS: the node runs plain routes (a warning), and
+        # no route files of an earlier bundle stay behind to be used.
+        stale = [target / name for name in ROUTE_FILES]
+    else:
+        contents.update({target / name: pem for name, pem in route.by_name().items()})
     try:
         bytes.fromhex(contents[target / JOIN_KEY_FILE].decode().strip())
     except ValueError:
@@ -332,16 +378,43 @@ def install_bundle(bundle_dir: Path, secrets_dir: Path) -> JoinBundle:
                 "of its own (a single-box stack cannot join a cluster; start a fresh data dir)",
                 {"path": str(path)},
             )
+    for path in stale:
+        path.unlink(missing_ok=True)
     for path, data in contents.items():
         write_private(path, data)
     return load_installed(secrets_dir)
 
 
+def _read_route_files(bundle_dir: Path, host: str) -> RouteFiles | None:
+    """A bundle's route TLS files, checked (mgmt.routeca.check_route_files); None when
+    it has none at all, cluster.bundle_invalid when it has some but not all."""
+    present = [name for name in ROUTE_FILES if (bundle_dir / name).exists()]
+    if not present:
+        return None
+    if len(present) != len(ROUTE_FILES):
+        missing = sorted(set(ROUTE_FILES) - set(present))
+        raise _bad_bundle(
+            bundle_dir, f"route TLS needs {', '.join(ROUTE_FILES)}, all three: no {missing[0]}"
+        )
+    files = RouteFiles(
+        _read_small(bundle_dir / ROUTE_CERT_FILE),
+        _read_small(bundle_dir / ROUTE_KEY_FILE),
+        _read_small(bundle_dir / ROUTES_CA_FILE),
+    )
+    check_route_files(files, host, bundle_dir)
+    return files
+
+
 def load_installed(secrets_dir: Path) -> JoinBundle:
     target = installed_dir(secrets_dir)
     spec, node_name = read_spec(target / CLUSTER_FILE)
+    route = tuple(target / name for name in (ROUTE_CERT_FILE, ROUTE_KEY_FILE, ROUTES_CA_FILE))
     return JoinBundle(
-        spec, spec.node(node_name), target / ROUTE_PASSWORD_FILE, target / JOIN_KEY_FILE
+        spec,
+        spec.node(node_name),
+        target / ROUTE_PASSWORD_FILE,
+        target / JOIN_KEY_FILE,
+        (route[0], route[1], route[2]) if all(p.exists() for p in route) else None,
     )
 
 

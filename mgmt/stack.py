@@ -252,6 +252,13 @@ class StackOptions:
         return self.cluster.spec.replicas if self.cluster is not None else 1
 
 
+def _route_tls(cluster: JoinBundle) -> tuple[Path | None, Path | None, Path | None]:
+    """ClusterConfig's route TLS from the installed bundle: the node's route certificate,
+    its key and the route CA, each peer verified (mgmt.routeca); none for a bundle made
+    before route TLS, whose routes stay plain (`kmsctl up` warns)."""
+    return cluster.route_tls or (None, None, None)
+
+
 def _toml_value(value: object) -> str:
     """A TOML value for what an [acme] table holds: strings (JSON escapes are TOML's),
     integers, booleans and lists of those."""
@@ -594,7 +601,8 @@ class Stack:
     @staticmethod
     def _cluster_fields(cluster: JoinBundle) -> dict[str, Any]:
         """This node's server name and cluster block: routes to every other node, the
-        route password from the bundle (in the 0600 config, never on a command line)."""
+        route password from the bundle (in the 0600 config, never on a command line),
+        and TLS on the routes with the bundle's route certificate (`_route_tls`)."""
         node = cluster.node
         return {
             "server_name": node.name,
@@ -604,6 +612,9 @@ class Stack:
                 host=node.host,
                 routes=tuple(n.route for n in cluster.spec.nodes if n.name != node.name),
                 password=cluster.route_password(),
+                tls_cert=_route_tls(cluster)[0],
+                tls_key=_route_tls(cluster)[1],
+                tls_ca=_route_tls(cluster)[2],
             ),
         }
 

@@ -567,6 +567,17 @@ def _run_up(up_options: UpOptions) -> None:
             cluster = install_bundle(up_options.join, up_options.data_dir / "secrets")
         except KMSError as exc:
             _refuse(exc)
+        if cluster.route_tls is None:
+            # A bundle from before route TLS still runs, so a cluster is not cut off by
+            # an upgrade; its routes carry the cluster's messages in plain text.
+            log.warning(
+                "cluster routes without TLS: the bundle has no route certificate",
+                extra=fields(
+                    cluster=cluster.spec.name,
+                    node=cluster.node.name,
+                    fix="kmsctl cluster add-node makes bundles with route certificates",
+                ),
+            )
     uplink = None
     if up_options.uplink is not None:
         from mgmt.uplink import install_bundle as install_uplink

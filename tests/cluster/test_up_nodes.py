@@ -35,10 +35,12 @@ from mgmt.clusterinit import (
     open_pki,
     parse_node,
     read_secrets,
+    read_spec,
     seal_pki,
 )
 from mgmt.natsauth import local_credentials
 from mgmt.natsserver import free_port
+from tests.cluster.test_route_tls import _plain_first_line, _route_info
 from tests.conftest import SLOWDOWN
 
 BIN = Path(sys.executable).parent
@@ -199,6 +201,7 @@ def test_three_kmsctl_up_nodes_are_one_kms(three_nodes: list[Node]) -> None:
         assert broker_toml["providers"] == ["hsm-nas1", "hsm-nas2", "hsm-nas3"]
         assert broker_toml["provider_nodes"]["hsm-nas1"] == "nas1"
         assert broker_toml["replicas"] == 3
+        _assert_route_tls(node)
 
     # Every bucket and audit stream has one copy per node, on three servers.
     copies = asyncio.run(_copies(nas2))
@@ -254,6 +257,28 @@ def test_three_kmsctl_up_nodes_are_one_kms(three_nodes: list[Node]) -> None:
         assert _until("hsm-nas1 signs again", lambda: via2.sign("office/on1", b"nas1 is back"))
     assert (nas1.data_dir / "pki" / "internal-ca.crt").read_bytes() in ca_pems
     assert (nas1.data_dir / "client" / "config.toml").read_bytes() == admin_before
+
+
+def _assert_route_tls(node: Node) -> None:
+    """The node's routes are TLS with its bundle's certificate, each peer verified, the
+    password kept; its route port sends nothing in plain text, and its INFO only after a
+    handshake with a route certificate of the cluster's route CA."""
+    installed = node.data_dir / "secrets" / "cluster"
+    conf = (node.data_dir / "nats" / "nats.conf").read_text()
+    cluster_block = conf[conf.index("cluster: {") :]
+    for line in (
+        f"cert_file: {json.dumps(str(installed / 'route.crt'))}",
+        f"key_file: {json.dumps(str(installed / 'route.key'))}",
+        f"ca_file: {json.dumps(str(installed / 'routes-ca.crt'))}",
+        "verify: true",
+        "password:",
+    ):
+        assert line in cluster_block, (node.name, line)
+    route_port = read_spec(node.bundle / "cluster.toml")[0].node(node.name).route_port
+    assert not _plain_first_line(route_port).startswith(b"INFO")
+    peer = node.bundle.parent / ("nas2" if node.name == "nas1" else "nas1")
+    info = _route_info(route_port, peer / "route.crt", peer / "route.key", peer / "routes-ca.crt")
+    assert info.startswith(b"INFO ") and json.loads(info[5:])["tls_required"] is True
 
 
 STREAMS = ("KV_kms_keys", "KV_kms_clients", "KV_kms_requests", "KMS_AUDIT_BROKER")
@@ -375,8 +400,8 @@ def test_add_node_keeps_the_secrets_and_the_first_node(tmp_path: Path) -> None:
     three = [f"--node={n}=127.0.0.1:{7000 + i}:{7100 + i}" for i, n in enumerate(NODES)]
     assert _kmsctl("cluster", "init", "--name", "office", *three, "--out", str(out)).returncode == 0
     done = _kmsctl(
-        "cluster", "add-node", "--from", str(out / "nas2"), "--node", "nas4=127.0.0.1:7003:7103",
-        "--out", str(grown), "-o", "json",
+        "cluster", "add-node", "--from", str(out / "nas2"), "--route-ca", str(out / "_admin"),
+        "--node", "nas4=127.0.0.1:7003:7103", "--out", str(grown), "-o", "json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["replicas"] == 4
@@ -384,8 +409,8 @@ def test_add_node_keeps_the_secrets_and_the_first_node(tmp_path: Path) -> None:
     assert [n.name for n in spec.nodes] == [*NODES, "nas4"] and spec.first.name == "nas1"
     assert shared == read_secrets(out / "nas1")[1]
     clash = _kmsctl(
-        "cluster", "add-node", "--from", str(out / "nas1"), "--node", "nas3=127.0.0.1:7009:7109",
-        "--out", str(tmp_path / "b5"),
+        "cluster", "add-node", "--from", str(out / "nas1"), "--route-ca", str(out / "_admin"),
+        "--node", "nas3=127.0.0.1:7009:7109", "--out", str(tmp_path / "b5"),
     )  # fmt: skip
     assert clash.returncode == 3 and "cluster.node_duplicate" in clash.stderr
     assert not (tmp_path / "b5").exists()
