@@ -714,8 +714,8 @@ def render(results: Mapping[str, Any]) -> str:
         f"{machine.get('cpus', '?')} CPUs"
         + (f", 1-min load average {load[0]:.1f} at start" if load else "")
         + (f", {end[0]:.1f} at end" if end else "")
-        + f"; {results['settings']['warmup_s']:.0f} s warm-up, "
-        f"{results['settings']['duration_s']:.0f} s measured per run. EdgeKMS: "
+        + f"; {results['settings']['warmup_s']:g} s warm-up, "
+        f"{results['settings']['duration_s']:g} s measured per run. EdgeKMS: "
         "CertificateAuthority/IssueCertificate through the broker (mutual TLS), CA key in "
         "SoftHSM, every certificate stored in the CA bucket and audited before it returns.",
         "",
