@@ -527,6 +527,15 @@ def cfssl_rows(directory: Path) -> int:
 # on a quiet 2-core machine (~1,300/s at 16 in flight), so minting stays off the clock; a
 # faster machine mints the rest on demand.
 TOKENS_PER_SECOND = 2500
+# At most this many pre-minted (about 2 s of minting), and none used older than
+# TOKEN_FRESH_S: a token lives five minutes; a longer window mints the rest on demand.
+MAX_PREMINTED = 20_000
+TOKEN_FRESH_S = 240.0
+
+
+def tokens_to_premint(duration: float, warmup: float) -> int:
+    """How many one-time tokens step-ca's load process mints before its clock starts."""
+    return min(MAX_PREMINTED, int(TOKENS_PER_SECOND * (duration + warmup)))
 
 
 async def stepca_caller(spec: Any) -> tuple[Any, Any]:
@@ -548,15 +557,17 @@ async def stepca_caller(spec: Any) -> tuple[Any, Any]:
         common = csr.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
         sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names[pem] = (str(common), list(sans.get_values_for_type(x509.DNSName)))
-    pool: dict[bytes, collections.deque[str]] = {pem: collections.deque() for pem in spec.csrs}
+    pool: dict[bytes, collections.deque[tuple[float, str]]] = {
+        pem: collections.deque() for pem in spec.csrs
+    }
 
     def mint(pem: bytes) -> str:
         subject, sans = names[pem]
         return provisioner.token(audience, subject, sans, int(time.time()))
 
-    per_csr = int(TOKENS_PER_SECOND * (spec.duration + spec.warmup)) // len(spec.csrs) + 2
+    per_csr = tokens_to_premint(spec.duration, spec.warmup) // len(spec.csrs) + 2
     for pem in spec.csrs:
-        pool[pem].extend(mint(pem) for _ in range(per_csr))
+        pool[pem].extend((time.time(), mint(pem)) for _ in range(per_csr))
     context = ssl.create_default_context(cafile=str(directory / "certs" / "root_ca.crt"))
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=spec.inflight, ssl=context)
@@ -564,7 +575,9 @@ async def stepca_caller(spec: Any) -> tuple[Any, Any]:
 
     async def call(pem: bytes) -> None:
         tokens = pool[pem]
-        token = tokens.popleft() if tokens else mint(pem)
+        while tokens and tokens[0][0] < time.time() - TOKEN_FRESH_S:
+            tokens.popleft()
+        token = tokens.popleft()[1] if tokens else mint(pem)
         body = {"csr": pem.decode(), "ott": token}
         async with session.post(f"{spec.target}/1.0/sign", json=body) as resp:
             answer = await resp.json(content_type=None)
@@ -624,9 +637,7 @@ def _measure_peer(
         target = str(peer.directory) if peer.name == STEPCA else ""
         spec = issuance.IssueSpec(peer.name, peer.url, target, csrs, n, duration, warmup)
         # step-ca's load process mints its tokens before the start: give it the time.
-        lead = (
-            3.0 + (TOKENS_PER_SECOND * (duration + warmup)) / 4000 if peer.name == STEPCA else 3.0
-        )
+        lead = 3.0 + tokens_to_premint(duration, warmup) / 4000 if peer.name == STEPCA else 3.0
         result, _, _ = issuance.measure(spec, {peer.name: peer.proc.pid}, lead=lead)
         runs.append(result)
     return runs
@@ -652,8 +663,9 @@ def run(
             else:
                 peer = start_cfssl_sqlite(work / "cfssl-sqlite")
             measured = _measure_peer(peer, csrs, levels, duration, warmup)
-        except PeerUnavailable as exc:
-            skipped.append(Skipped(name, str(exc)))
+        except (PeerUnavailable, OSError, ValueError, subprocess.SubprocessError) as exc:
+            # Build, start or first-certificate failure: no figure for this peer, the reason.
+            skipped.append(Skipped(name, str(exc) or type(exc).__name__))
             continue
         finally:
             if peer is not None:

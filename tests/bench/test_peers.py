@@ -26,6 +26,7 @@ from bench.peers import (
     make_pki,
     render,
     strip_cloud_imports,
+    tokens_to_premint,
 )
 from bench.report import peer_targets, peers_table
 from bench.stats import RunResult, summarise
@@ -188,3 +189,8 @@ def test_check_issued_accepts_the_real_thing_and_refuses_a_forgery(tmp_path: Pat
         check_issued(_leaf(tmp_path, csr, ec.generate_private_key(ec.SECP256R1())), csr, pki)
     with pytest.raises(PeerUnavailable, match="CSR's key"):
         check_issued(_leaf(tmp_path, other, key), csr, pki)
+
+
+def test_premint_pool_is_bounded() -> None:
+    assert tokens_to_premint(4.0, 1.0) == 12_500
+    assert tokens_to_premint(3600.0, 1.0) == 20_000  # a long window mints the rest on demand
