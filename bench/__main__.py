@@ -2,10 +2,11 @@
 
 Order: raw provider rates on a token and swtpm of their own; then `kmsctl up` (cold, then
 warm restart) for time-to-ready; idle memory; end-to-end Sign over gRPC at 1/16/64 in
-flight per provider; certificate issuance against `cfssl serve`; py-spy profiles of the
-hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py), and a broker
-start with 50,000 sealed key records (bench/sealed_start.py); on the main stack also the
-audit bytes per Sign and per certificate (bench/audit_bytes.py) and SignBatch /
+flight per provider; certificate issuance against `cfssl serve`, and beside it step-ca
+and cfssl + SQLite built from Debian's packages (bench/peers.py, issuance_peers.md); py-spy
+profiles of the hot path; then the CA with 50,000 certificates stored (bench/ca_scale.py),
+and a broker start with 50,000 sealed key records (bench/sealed_start.py); on the main
+stack also the audit bytes per Sign and per certificate (bench/audit_bytes.py) and SignBatch /
 SignStream rates (bench/sign_many.py); then the compose stack
 (bench/containers.py: image sizes, `compose up` to first signature, RSS per container).
 Results land in bench/results/ (results.json, results.md, chart.png, ca_scale.md,
@@ -55,6 +56,11 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-issuance", action="store_true")
+    parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip step-ca and cfssl + SQLite beside issuance (bench/peers.py)",
+    )
     parser.add_argument("--no-enrollment", action="store_true")
     parser.add_argument(
         "--no-ca-scale", action="store_true", help="skip the 50,000-certificate CA figures"
@@ -217,12 +223,21 @@ def main() -> None:
             if not args.no_issuance:
                 from bench import issuance
 
+                csrs = issuance.make_csrs()
                 issue_runs, issue_samples, issue_peak = issuance.run(
-                    stack, work, args.duration, args.warmup, pids
+                    stack, work, args.duration, args.warmup, pids, csrs
                 )
                 results["issuance"] = [r.to_json() for r in issue_runs]
                 samples.update(issue_samples)
                 results["memory_kb"]["peak_issuance"] = issue_peak
+                if not args.no_peers:
+                    from bench import peers
+
+                    # The peer CAs on the same CSRs at the same levels, the stack idle.
+                    results["peers"] = peers.run_block(
+                        work / "peers", csrs, args.duration, args.warmup
+                    )
+                    peers.write(results, out)
             if not args.no_enrollment:
                 from bench import enrollment
 

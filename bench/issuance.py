@@ -40,9 +40,9 @@ CSR_COUNT = 64
 
 @dataclass(frozen=True)
 class IssueSpec:
-    kind: str  # "edgekms" | "cfssl"
-    target: str  # the broker's host:port or cfssl's base URL
-    data_dir: str  # the stack's, for the admin client's credentials
+    kind: str  # "edgekms" | "cfssl" | "cfssl-sqlite" | "step-ca"
+    target: str  # the broker's host:port or the peer's base URL
+    data_dir: str  # the stack's (admin credentials) or step-ca's (provisioner, root)
     csrs: tuple[bytes, ...]  # PEM
     inflight: int
     duration: float
@@ -115,8 +115,14 @@ async def _cfssl_caller(spec: IssueSpec) -> tuple[Callable[[bytes], Awaitable[No
 
 
 async def _drive(spec: IssueSpec, start_at: float) -> tuple[list[float], int, str]:
-    maker = _edgekms_caller if spec.kind == "edgekms" else _cfssl_caller
-    call, close = await maker(spec)
+    if spec.kind == "edgekms":
+        call, close = await _edgekms_caller(spec)
+    elif spec.kind == "step-ca":
+        from bench.peers import stepca_caller
+
+        call, close = await stepca_caller(spec)
+    else:  # cfssl, with or without its SQLite certdb: the same API
+        call, close = await _cfssl_caller(spec)
     latencies: list[float] = []
     errors = 0
     first_error = ""
@@ -156,11 +162,13 @@ def _child(spec: IssueSpec, start_at: float, out: mp.Queue[tuple[list[float], in
 
 
 def measure(
-    spec: IssueSpec, watch: Mapping[str, int]
+    spec: IssueSpec, watch: Mapping[str, int], lead: float = 3.0
 ) -> tuple[RunResult, list[float], dict[str, int]]:
+    """One run in a spawned load process; `lead` seconds for it to start (and prepare,
+    e.g. step-ca's tokens) before the warm-up begins."""
     ctx = mp.get_context("spawn")
     out: mp.Queue[tuple[list[float], int, str]] = ctx.Queue()
-    start_at = time.time() + 3.0
+    start_at = time.time() + lead
     proc = ctx.Process(target=_child, args=(spec, start_at, out))
     proc.start()
     wait_until(start_at + spec.warmup)
@@ -241,9 +249,16 @@ def _start_cfssl(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def run(
-    stack: Any, work: Path, duration: float, warmup: float, pids: Mapping[str, int]
+    stack: Any,
+    work: Path,
+    duration: float,
+    warmup: float,
+    pids: Mapping[str, int],
+    csrs: tuple[bytes, ...] | None = None,
 ) -> tuple[list[RunResult], dict[str, list[float]], dict[str, int]]:
-    csrs = make_csrs()
+    """EdgeKMS then cfssl (no DB) at each level; `csrs` so that bench/peers.py can sign
+    the very same ones."""
+    csrs = csrs or make_csrs()
     _init_ca(stack.client_config)
     runs: list[RunResult] = []
     samples: dict[str, list[float]] = {}

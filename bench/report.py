@@ -72,6 +72,103 @@ def floor_targets(
     return out
 
 
+# Issue 19 item 3: issuance at least as fast as step-ca at each level, same run.
+PEER_LEVELS = (1, 16)
+STEPCA_SHARE = 1.0
+
+
+def _rate_cell(r: RunResult | None) -> str:
+    if r is None or not r.count:
+        return "n/a"
+    return f"{r.rate:,.0f}/s (p50 {r.p50_ms:.2f}, p99 {r.p99_ms:.1f} ms)"
+
+
+def peer_targets(
+    issue: list[RunResult], peers: list[RunResult], skipped: dict[str, str]
+) -> list[Target]:
+    """EdgeKMS issuance judged against step-ca measured in the same run (bench/peers.py):
+    the ratio, since the machine's load moves both. Not measured when step-ca was skipped
+    (the reason shows) or EdgeKMS issuance did not run."""
+    out = []
+    for n in PEER_LEVELS:
+        name = f"issuance at {n} in flight vs step-ca"
+        goal = f"≥ {STEPCA_SHARE:.1f} x step-ca"
+        kms = _find(issue, provider="edgekms", inflight=n)
+        step = _find(peers, provider="step-ca", inflight=n)
+        if kms is None or step is None or not step.rate:
+            why = skipped.get("step-ca", "not run")
+            out.append(Target(name, goal, f"n/a (step-ca: {why})", None))
+            continue
+        share = kms.rate / step.rate
+        out.append(
+            Target(
+                name,
+                goal,
+                f"{share:.2f}x ({kms.rate:,.0f} vs {step.rate:,.0f}/s)",
+                share >= STEPCA_SHARE,
+            )
+        )
+    return out
+
+
+def peers_table(issue: list[RunResult], peers: list[RunResult]) -> str:
+    """Issuance side by side per level: EdgeKMS, step-ca, cfssl + SQLite, and the ratio
+    to step-ca, every figure from the same run and the same CSRs."""
+    rows = []
+    for n in sorted({r.inflight for r in [*issue, *peers]}):
+        kms = _find(issue, provider="edgekms", inflight=n)
+        step = _find(peers, provider="step-ca", inflight=n)
+        sqlite = _find(peers, provider="cfssl-sqlite", inflight=n)
+        ratio = f"{kms.rate / step.rate:.2f}" if kms and step and step.rate else "n/a"
+        rows.append((n, _rate_cell(kms), _rate_cell(step), _rate_cell(sqlite), ratio))
+    return markdown_table(
+        ("in flight", "EdgeKMS", "step-ca (badger)", "cfssl + SQLite", "EdgeKMS / step-ca"), rows
+    )
+
+
+def _skipped(results: dict[str, Any]) -> dict[str, str]:
+    block = results.get("peers") or {}
+    return {item["peer"]: item["reason"] for item in block.get("skipped", [])}
+
+
+def peers_section(results: dict[str, Any]) -> list[str]:
+    """The report's issuance-against-peers section (empty when the peers did not run)."""
+    block = results.get("peers")
+    if not block:
+        return []
+    issue, peers = _runs(results.get("issuance")), _runs(block.get("runs"))
+    parts = [
+        "## Issuance against step-ca and cfssl + SQLite (same run, same CSRs)",
+        "",
+        str(block.get("note", "")),
+        "",
+        peers_table(issue, peers),
+        "",
+    ]
+    for peer, reason in _skipped(results).items():
+        parts += [f"- {peer} skipped: {reason}"]
+    parts += ["", "CPU per certificate by process (measured window):", ""]
+    parts += [
+        f"- {r.provider} at {r.inflight} in flight: {cpu_per_certificate(r)}"
+        + (f"; {r.note}" if r.note else "")
+        for r in [*issue, *peers]
+    ]
+    if peers:
+        parts += ["", runs_table(peers), ""]
+    return parts
+
+
+def cpu_per_certificate(r: RunResult) -> str:
+    """Milliseconds of CPU each process spent per certificate: where the cores went."""
+    if not r.count:
+        return "n/a"
+    return ", ".join(
+        f"{name} {seconds / r.count * 1000:.2f} ms"
+        for name, seconds in sorted(r.cpu.items())
+        if seconds > 0
+    )
+
+
 def targets(results: dict[str, Any]) -> list[Target]:
     raw, e2e, issue = (
         _runs(results.get("raw")),
@@ -133,6 +230,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
             )
         else:
             out.append(Target(f"issuance at {n} in flight", "≥ cfssl", "n/a", None))
+    if results.get("peers"):
+        out += peer_targets(issue, _runs(results["peers"].get("runs")), _skipped(results))
     memory = results.get("memory_kb", {})
     peak = {**memory.get("idle", {})}
     for key in ("peak", "peak_issuance"):
@@ -273,6 +372,7 @@ def write(results: dict[str, Any], out: Path) -> None:
             runs_table(issue),
             "",
         ]
+    parts += peers_section(results)
     enroll = _runs(results.get("enrollment"))
     if enroll:
         parts += [
@@ -292,7 +392,7 @@ def write(results: dict[str, Any], out: Path) -> None:
     parts += [
         "## How the two cores were shared (CPU-seconds per second, measured window)",
         "",
-        cpu_table(e2e + issue),
+        cpu_table(e2e + issue + _runs((results.get("peers") or {}).get("runs"))),
         "",
         "## Resident memory (VmRSS)",
         "",

@@ -37,7 +37,11 @@ APT_PACKAGES+=(prometheus)
 APT_PACKAGES+=(iproute2)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
-[ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-google-grpc-dev)
+# bench/peers.py builds step-ca 0.19.0 the same way from Debian's packaged library source
+# (its main.go comes from the source package, fetched by apt-get with a private state) and
+# runs cfssl serve with its SQLite certdb (built into Debian's cfssl).
+[ -n "${WITH_BENCH:-}" ] && APT_PACKAGES+=(golang-cfssl golang-google-grpc-dev golang-go
+  golang-github-smallstep-certificates-dev)
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   APT_PACKAGES+=(python3 python3-venv python3-dev)
 elif [ "$("$PYTHON" -c 'import sys; print(sys.prefix)')" = /usr ]; then
