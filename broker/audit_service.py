@@ -52,6 +52,7 @@ from edgekms.errors import (
     Unavailable,
 )
 from edgekms.fleet import SOURCE_HEADER, fleet_stream
+from edgekms.fleet_ca import DeviceRegistry
 from edgekms.identity import Identity
 from edgekms.logs import fields
 from edgekms.retention import newest_checkpoint
@@ -346,6 +347,21 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         self.writer = writer
         self.identities = identities
         self.idle_timeout = idle_timeout
+        # A fleet hub's device registry, once it exists (_fleet_knows).
+        self._fleet_registry: DeviceRegistry | None = None
+
+    async def _fleet_knows(self, device: str) -> bool:
+        """Whether the hub's device registry (edgekms.fleet_ca; a removed device stays
+        there, disabled) holds `device`. Without a registry (a hub assembled by hand)
+        every device is worth a read: the read itself then decides."""
+        if self._fleet_registry is None:
+            self._fleet_registry = await DeviceRegistry.existing(self.js)
+            if self._fleet_registry is None:
+                return True
+        try:
+            return await self._fleet_registry.get(device) is not None
+        except KMSError:
+            return True  # an unreadable record: the copy may still be there
 
     async def TailAudit(  # type: ignore[override]
         self, request: audit_pb2.TailAuditRequest, context: Context
@@ -392,7 +408,13 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             if request.device:
                 # A fleet hub's copy of one device's audit (edgekms.fleet). The bus
                 # grant names each copy the broker may read: another name's info is
-                # refused by the server, and shows as UNAVAILABLE after the timeout.
+                # refused by the server, and would show as UNAVAILABLE after the
+                # timeout, so a device the hub's registry never held is refused first.
+                if not await self._fleet_knows(request.device):
+                    raise NotFound(
+                        "fleet.device_unknown",
+                        f"device {request.device!r} was never in this hub's fleet",
+                    )
                 streams = [fleet_stream(request.device)]
             elif request.writer or request.follow:
                 # Only a stream that exists is asked about: the bus grants this broker

@@ -316,6 +316,9 @@ def broker_identity(
                 *kv_access(CLIENTS_BUCKET),
                 *audit_reader(providers),
                 *(subject for d in fleet_devices for subject in stream_read(fleet_stream(d))),
+                # Which devices a hub's fleet holds (kmsctl fleet's records, written by
+                # the supervisor): a device never in it is refused at once.
+                *kv_access(FLEET_DEVICES_BUCKET, write=False, create=False),
                 *audit_purge(providers),
                 *stream_create(writer_stream(BROKER_USER)),
                 audit_publish(BROKER_USER),

@@ -23,7 +23,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -426,7 +426,7 @@ class Stack:
             ceremony=ceremony,
             setup=setup,
             local=self.options.providers if cluster is not None else None,
-            fleet_devices=[r.device for r in fleet] + self._fleet_removed(),
+            fleet_devices=[r.device for r in [*fleet, *self._fleet_removed()]],
             hub_ca_device=self.options.uplink.device if self.options.uplink else "",
         )
         identities += [device_identity(r.device) for r in fleet]
@@ -459,11 +459,11 @@ class Stack:
         self._fleet_seen = list_devices(self.layout.root)
         return self._fleet_seen
 
-    def _fleet_removed(self) -> list[str]:
+    def _fleet_removed(self) -> list[DeviceRecord]:
         """On a hub, devices taken out of the fleet: the broker still reads their copies."""
         if not self.options.leaf_listen:
             return []
-        return [r.device for r in list_devices(self.layout.root, removed=True)]
+        return list_devices(self.layout.root, removed=True)
 
     def _fleet_fields(self) -> dict[str, Any]:
         """nats-server's fleet settings: on a hub, the domain "hub" and the leaf listener
@@ -498,7 +498,7 @@ class Stack:
         """Under the supervisor's setup grant, for each device recorded or changed since
         the last pass: the hub's copy of its audit (edgekms.fleet.source_device) and its
         entry in the device registry the hub's CA reads (edgekms.fleet_ca); a removed
-        device's entry is deleted, so the CA refuses it (its audit copy stays)."""
+        device's entry is kept, disabled: the CA refuses it, the broker still knows it."""
         records = list(self._fleet_seen)
         removed = self._fleet_removed()
         if not records and not removed:
@@ -521,11 +521,13 @@ class Stack:
                     want := record.registry_record()
                 ):
                     await registry.put(want)
-            for device in removed:
-                if (first or device in before) and await self._registry_get(
-                    registry, device
-                ) is not None:
-                    await registry.remove(device)
+            for gone in removed:
+                # Kept, disabled: the CA refuses it and the broker still knows the
+                # device whose audit copy it keeps.
+                if first or gone.device in before:
+                    disabled = replace(gone.registry_record(), enabled=False)
+                    if await self._registry_get(registry, gone.device) != disabled:
+                        await registry.put(disabled)
         finally:
             await nc.close()
         self._fleet_applied = records

@@ -267,11 +267,10 @@ def test_a_hub_and_two_devices_from_kmsctl_up(fleet_up: FleetUp) -> None:
     kept = hub_verify(fleet, "b")
     assert kept.returncode == 0 and json.loads(kept.stdout)["ok"], kept.stdout + kept.stderr
 
-    # A device the hub never recorded: the broker's bus grant names no copy of it, so
-    # the hub's nats-server refuses the read and it shows as UNAVAILABLE (exit 8) after
-    # the request's timeout (broker/audit_service.py); a recorded device never does.
+    # A device the hub never recorded: the broker finds it in no registry entry and
+    # refuses it at once (its bus grant would not let it read such a copy anyway).
     unknown = hub_verify(fleet, "nobody")
-    assert unknown.returncode == 8 and "audit.unavailable" in unknown.stderr
+    assert unknown.returncode == 4 and "fleet.device_unknown" in unknown.stderr, unknown.stderr
 
 
 def certificates_from_the_hub(fleet: FleetUp) -> None:
@@ -402,7 +401,10 @@ def test_fleet_commands_refuse_bad_input(tmp_path: Path) -> None:
     listed = kmsctl("fleet", "list", "--data-dir", str(hub_dir), "-o", "json")
     assert [d["device"] for d in json.loads(listed.stdout)] == ["a"]
 
-    # Names a device may have certified: dns:/ip: only, checked before anything is written.
+
+def test_fleet_names_refuse_bad_input(tmp_path: Path) -> None:
+    """Names a device may have certified: dns:/ip: only, checked before anything is written."""
+    hub_dir, _, leaf = hub_bundle(tmp_path)
     record = hub_dir / "fleet" / "devices" / "a.json"
     kept = record.read_bytes()
     for bad in ("a.lan", "uri:spiffe://x/y", "dns:" + "x" * 300):
