@@ -69,7 +69,7 @@ COMMAND_SUMMARIES: dict[str, str] = {
     "backup": "Write an encrypted backup of a stopped stack's data dir.",
     "restore": "Restore a backup into a new data dir, then start it with `kmsctl up...",
     "cluster": "Run EdgeKMS on several boxes: one bundle per node, then `kmsctl up --join`.",
-    "fleet": "A fleet hub's devices: uplink bundles for `kmsctl up --uplink`, list, remove.",
+    "fleet": "A fleet hub's devices: uplink bundles, names for the hub's CA, list, remove.",
 }
 
 

@@ -16,8 +16,7 @@ if TYPE_CHECKING:
 
 @click.group()
 def fleet() -> None:
-    """A fleet hub's devices: uplink bundles for `kmsctl up --uplink`, the names each may
-    have certified by the hub's CA, list, remove."""
+    """A fleet hub's devices: uplink bundles, names for the hub's CA, list, remove."""
 
 
 @fleet.command("add-device")
