@@ -11,8 +11,10 @@ real broker registries, the CA's store and registry view, after a restart) must 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
-from collections.abc import Iterator
+import io
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from edgekms.sealed import WRITERS, CounterBook, RecordSeal, TamperedRecord, own
 from edgekms.v1 import ca_pb2, clients_pb2, sealed_pb2
 from edgekms.v1 import common_pb2 as pb
 from mgmt.sealkeys import RESEALED_MARKER, ensure_seal_keys, reseal_legacy
+from tests.conftest import SLOWDOWN
 from tests.natsperm.conftest import SecureBus, connected, hardened_bus
 
 pytestmark = pytest.mark.timeout(120)
@@ -344,6 +347,23 @@ async def _older_genuine_value(js: JetStreamContext, key: str, policy: pb.KeyPol
     raise AssertionError("no older record with that policy in the history")
 
 
+@contextlib.asynccontextmanager
+async def phase(what: str, seconds: float = 30.0) -> AsyncIterator[None]:
+    """Bound one step of a long test, and on a hang say which step and where every task
+    was: this test once waited out pytest-timeout under load with no trace of the step."""
+    try:
+        async with asyncio.timeout(seconds * SLOWDOWN):
+            yield
+    except TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=8, file=stacks)
+        raise AssertionError(
+            f"{what}: no progress in {seconds * SLOWDOWN:g} s\n{stacks.getvalue()}"
+        ) from None
+
+
+@pytest.mark.timeout(400)
 async def test_an_older_genuine_key_record_written_back_is_refused_live_and_after_a_restart(
     seal_bus: SecureBus, tmp_path: Path
 ) -> None:
@@ -360,20 +380,23 @@ async def test_an_older_genuine_key_record_written_back_is_refused_live_and_afte
         registry = KeyRegistry(
             js, seal=RecordSeal("broker", KEYS["broker"], PUBLIC, CounterBook(book))
         )
-        await registry.start()
+        async with phase("the live registry starts"):
+            await registry.start()
         try:
             record = pb.KeyRecord(
                 name=name, provider="hsm0", key_type=pb.KEY_TYPE_EC_P256, key_id=b"r" * 16
             )
             record.policy.CopyFrom(loose)
-            revision = await registry.reserve(record)
-            await registry.activate(record, revision)
-            await registry.update_policy(name, strict)
+            async with phase("the key is made and its policy tightened"):
+                revision = await registry.reserve(record)
+                await registry.activate(record, revision)
+                await registry.update_policy(name, strict)
             assert registry.get(name).policy == strict
-            raw = await js.key_value("kms_keys")
-            older = await _older_genuine_value(js, name, loose)
-            await raw.put(name, older)  # the replay, with the broker's own bus grant
-            deadline = asyncio.get_running_loop().time() + 30
+            async with phase("the older record is read from the history and written back"):
+                raw = await js.key_value("kms_keys")
+                older = await _older_genuine_value(js, name, loose)
+                await raw.put(name, older)  # the replay, with the broker's own bus grant
+            deadline = asyncio.get_running_loop().time() + 30 * SLOWDOWN
             while True:
                 try:
                     held = registry.get(name)
@@ -383,25 +406,31 @@ async def test_an_older_genuine_key_record_written_back_is_refused_live_and_afte
                 assert asyncio.get_running_loop().time() < deadline, "replay not refused"
                 await asyncio.sleep(0.05)
             with pytest.raises(TamperedRecord) as refused:
-                await registry.update_policy(name, strict)
+                async with phase("an update over the replayed record"):
+                    await registry.update_policy(name, strict)
             assert refused.value.reason == "record.replayed"
         finally:
-            await registry.stop()
+            async with phase("the live registry stops"):
+                await registry.stop()
             registry_seal = registry._seal
             assert registry_seal is not None
             registry_seal.counters.close()
         # A replay while the broker is down: the record written back again, then a fresh
         # broker with the counters it kept refuses it as it reads the bucket.
-        await raw.put(name, older)
+        async with phase("the record is written back while no broker runs"):
+            await raw.put(name, older)
         fresh = KeyRegistry(
             js, seal=RecordSeal("broker", KEYS["broker"], PUBLIC, CounterBook(book))
         )
-        await fresh.start()
+        async with phase("a fresh registry starts over the replayed record"):
+            await fresh.start()
         try:
             with pytest.raises(NotFound):
                 fresh.get(name)
             with pytest.raises(TamperedRecord) as refused:
-                await fresh.kv.get(name)
+                async with phase("a read of the replayed record"):
+                    await fresh.kv.get(name)
             assert refused.value.reason == "record.replayed"
         finally:
-            await fresh.stop()
+            async with phase("the fresh registry stops"):
+                await fresh.stop()
