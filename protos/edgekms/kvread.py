@@ -26,6 +26,8 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from edgekms.errors import Unavailable
+
 # The header names nats-py's KV uses; a server-placed marker (TTL, purge) says why.
 _KV_OP = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
@@ -33,6 +35,9 @@ _MARKER_OPS = {"MaxAge": "PURGE", "Purge": "PURGE", "Remove": "DEL"}
 _FETCH_BATCH = 1024
 _STATUS = "Status"  # the header nats-py gives a JetStream status message (404, 408, ...)
 _FETCH_WAIT_S = 5.0
+# Pull rounds in a row that deliver nothing while the consumer says entries are pending
+# before a read gives up (each round waits up to 2 x _FETCH_WAIT_S for a first message).
+_IDLE_ROUNDS = 3
 # A snapshot consumer left behind by a crashed reader goes away on its own.
 _INACTIVE_S = 30.0
 
@@ -124,13 +129,26 @@ async def _read(
     sub = await nc.subscribe(inbox, cb=reader.deliver, pending_msgs_limit=4 * _FETCH_BATCH)
     try:
         reader.remaining = info.num_pending or 0
+        idle = 0
         while reader.remaining > 0:
             await reader.ask(nc, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{info.name}", inbox)
             if reader.error is not None:
                 raise reader.error
-            if not reader.got:
-                # Purged under us since the count was taken: ask the server again.
-                reader.remaining = (await js.consumer_info(stream, info.name)).num_pending or 0
+            if reader.got:
+                idle = 0
+                continue
+            # Purged under us since the count was taken: ask the server again. A
+            # consumer that still has messages pending but delivers none, round after
+            # round, is a typed failure rather than a reader waiting forever.
+            pending = (await js.consumer_info(stream, info.name)).num_pending or 0
+            idle = idle + 1 if pending and pending == reader.remaining else 0
+            if idle >= _IDLE_ROUNDS:
+                raise Unavailable(
+                    "bus.read_stalled",
+                    f"{bucket}: {pending} entries pending and none delivered",
+                    {"bucket": bucket},
+                )
+            reader.remaining = pending
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
