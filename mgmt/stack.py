@@ -467,10 +467,16 @@ class Stack:
 
     def _fleet_fields(self) -> dict[str, Any]:
         """nats-server's fleet settings: on a hub, the domain "hub" and the leaf listener
-        (TLS with the hub's leaf certificate, mgmt.uplink.leaf_tls); on a device, its
-        domain and its leaf remote (the password from its installed bundle goes into the
-        0600 config only); elsewhere nothing."""
+        (TLS with the hub's leaf certificate, mgmt.uplink.leaf_tls); on any other cluster
+        node the domain "hub" alone; on a device, its domain and its leaf remote (the
+        password from its installed bundle goes into the 0600 config only); elsewhere
+        nothing."""
         uplink = self.options.uplink
+        if self.options.cluster is not None and not self.options.leaf_listen:
+            # A hub that is a cluster: its nodes must share one JetStream domain, so every
+            # node is in "hub", listening or not (an existing store takes it whole:
+            # tests/cluster/test_hub_domain.py).
+            return {"domain": HUB_DOMAIN}
         if self.options.leaf_listen:
             host, port = check_address(self.options.leaf_listen, "--leaf-listen")
             named = () if host in ("0.0.0.0", "::") else (host,)
@@ -516,7 +522,11 @@ class Stack:
             for record in records:
                 if not first and before.get(record.device) == record:
                     continue
-                await source_device(js, record.device, record.writers)
+                # One copy per node on a cluster hub: the copy outlives the node the
+                # device's leaf connection reaches.
+                await source_device(
+                    js, record.device, record.writers, replicas=self.options.replicas
+                )
                 if await self._registry_get(registry, record.device) != (
                     want := record.registry_record()
                 ):
@@ -843,8 +853,10 @@ class Stack:
                     else ""
                 )
                 + acme_toml(self.options)
-                # A hub's CA also answers its fleet devices (ca_service.fleet).
-                + ("fleet = true\n" if self.options.leaf_listen else "")
+                # A hub's CA also answers its fleet devices (ca_service.fleet); on a
+                # cluster every node's does, since a device's request crosses the routes
+                # to whichever CA takes it.
+                + ("fleet = true\n" if self._ca_fleet else "")
             ).encode(),
         )
         host, _, port = self.options.ca_http.rpartition(":")
@@ -934,6 +946,13 @@ class Stack:
             log_path=self.layout.logs / "broker.log",
             ready=ready,
         )
+
+    @property
+    def _ca_fleet(self) -> bool:
+        """Whether the CA answers fleet devices: on a hub, and on every cluster node (a
+        device's request may reach any node's CA; until the registry exists every
+        device is unknown to it)."""
+        return bool(self.options.leaf_listen) or self.options.cluster is not None
 
     def _hub_ca_toml(self) -> str:
         """broker.toml's CA: this stack's own, or on a fleet device the hub's, reached
