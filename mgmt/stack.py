@@ -35,8 +35,8 @@ from edgekms import audit, kvstore, natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.fleet import source_device
+from edgekms.fleet_ca import FLEET_DEVICES_BUCKET, DeviceRegistry
 from edgekms.fleet_ca import DeviceRecord as RegistryRecord
-from edgekms.fleet_ca import DeviceRegistry
 from edgekms.logs import fields
 from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
@@ -372,6 +372,11 @@ class Stack:
         self._fleet_seen: list[DeviceRecord] = []
         self._fleet_applied: list[DeviceRecord] | None = None
         self._fleet_mtime = -1
+        # On a cluster node that does not listen: the devices the hub's registry holds
+        # (replicated, R3), so its broker reads their copies too, and the registry
+        # stream's last sequence when they were read (_peer_fleet_changed).
+        self._peer_fleet: list[str] = []
+        self._peer_fleet_seq = -1
         # Each part's metrics address (part -> (host, port)); empty: no endpoints.
         self.metrics = metrics_addresses(options.metrics_listen, metrics_parts(options.providers))
 
@@ -426,7 +431,9 @@ class Stack:
             ceremony=ceremony,
             setup=setup,
             local=self.options.providers if cluster is not None else None,
-            fleet_devices=[r.device for r in [*fleet, *self._fleet_removed()]],
+            fleet_devices=sorted(
+                {r.device for r in [*fleet, *self._fleet_removed()]} | set(self._peer_fleet)
+            ),
             hub_ca_device=self.options.uplink.device if self.options.uplink else "",
         )
         identities += [device_identity(r.device) for r in fleet]
@@ -592,6 +599,47 @@ class Stack:
         except KMSError as exc:
             log.warning("fleet record unreadable", extra=fields(reason=exc.reason))
             return False
+
+    async def _peer_fleet_changed(self) -> bool:
+        """On a cluster node that does not listen: whether the hub's device registry
+        (written by the listening node's supervisor, replicated to every node) names
+        other devices than this node's broker is granted; if so they are taken. The
+        registry stream's last sequence is looked at first, so thousands of devices
+        are not listed every two seconds."""
+        if self.options.cluster is None or self.options.leaf_listen:
+            return False
+        nc = await self._probe_connection()
+        js = nc.jetstream(timeout=10)
+        try:
+            info = await js.stream_info(f"KV_{FLEET_DEVICES_BUCKET}")
+        except nats.js.errors.NotFoundError:
+            return False
+        last = info.state.last_seq
+        if last == self._peer_fleet_seq:
+            return False
+        registry = await DeviceRegistry.existing(js)
+        if registry is None:
+            return False
+        try:
+            devices = sorted(set(await registry.kv.keys()))
+        except nats.js.errors.NoKeysError:
+            devices = []
+        self._peer_fleet_seq = last
+        if devices == self._peer_fleet:
+            return False
+        self._peer_fleet = devices
+        return True
+
+    async def _refresh_peer_fleet(self) -> None:
+        """The broker of a node that does not listen granted every registered device's
+        copy (nats-server reloaded, SIGHUP), so `kmsctl audit verify --device` works
+        through any node's broker."""
+        if not await self._peer_fleet_changed():
+            return
+        assert self.nats is not None
+        config = self._nats_config(ceremony=self._ceremony_grant)
+        await asyncio.to_thread(self.nats.reload, config)
+        log.info("fleet grant changed", extra=fields(devices=len(self._peer_fleet)))
 
     def _fleet_state(self) -> dict[str, Any]:
         """state.json's fleet entry: the hub's listener and devices, or the device's id
@@ -1281,6 +1329,11 @@ class Stack:
                         # Tried again at the next look: the records still differ.
                         log.error("fleet refresh failed", extra=fields(error=type(exc).__name__))
                     self._write_state(True)
+                try:
+                    await self._refresh_peer_fleet()
+                except (KMSError, OSError, NatsServerError, nats.errors.Error) as exc:
+                    # Tried again at the next look: the sequence was not taken.
+                    log.error("fleet grant refresh failed", extra=fields(error=type(exc).__name__))
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()

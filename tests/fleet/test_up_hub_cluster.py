@@ -30,13 +30,15 @@ from edgekms.fleet_ca import FLEET_DEVICES_BUCKET
 from mgmt.client import KMSClient
 from mgmt.natsauth import BROKER_USER, local_credentials
 from mgmt.natsserver import free_port
-from tests.cluster.test_up_nodes import BIN, NODES, Node, _bundles, _wait_ready
+from tests.cluster.test_up_nodes import BIN, NODES, Node, _bundles, _config_for, _wait_ready
 from tests.conftest import SLOWDOWN
 from tests.fleet.test_hub_ca import csr
 from tests.fleet.test_up_fleet import Up, device_head, kmsctl, sign, until
 
 
 def _start_node(node: Node, *extra: str) -> None:
+    # A restarted node is ready when its new state file says so, not its last one.
+    (node.data_dir / "run" / "state.json").unlink(missing_ok=True)
     with open(node.log, "ab") as log_file:
         node.process = subprocess.Popen(
             [
@@ -205,6 +207,13 @@ def test_a_device_on_a_hub_that_is_a_cluster(hub_cluster: HubCluster) -> None:
         return all(copies[s] == 3 and copies[f"{s}.current"] == 3 for s in streams)
 
     until("three current copies of the device's copy and the registry", all_current)
+    # Every node's broker reads the copy: the nodes that do not listen learn the devices
+    # from the replicated registry and grant their brokers (a nats-server reload).
+    head = device_head(device)
+    only_nas2 = _config_for(hub_cluster.nodes, nas2)
+    until("nas2's broker verifies a's copy", _caught_up(only_nas2, "a", head))
+    for node in (nas2, nas3):
+        assert fleet_stream("a") in (node.data_dir / "nats" / "nats.conf").read_text()
 
     # A node that does not listen goes away: the device signs on, its audit reaches the
     # hub's (now two-node) copy and verifies whole, and the hub's CA still issues.
@@ -217,6 +226,19 @@ def test_a_device_on_a_hub_that_is_a_cluster(hub_cluster: HubCluster) -> None:
     assert second.serial_number != first.serial_number
     assert nas1.process is not None and nas1.process.poll() is None
     assert nas2.process is not None and nas2.process.poll() is None
+
+    # nas3 back, then the node the device reaches goes: the device is cut off and signs
+    # on alone, and the hub's copy of everything it sent before stays readable and whole
+    # through another node's broker.
+    _start_node(nas3)
+    _wait_ready([nas3], 180)
+    until("a's copy current on nas3 again", all_current)
+    head = device_head(device)
+    until("a's audit at the hub with nas3 back", _caught_up(hub_cluster.admin, "a", head))
+    nas1.stop()
+    sign(device, "dev/a-key", 2)
+    # Polled: the streams nas1 led elect new leaders on nas2 and nas3 first.
+    until("nas2's broker verifies a's copy without nas1", _caught_up(only_nas2, "a", head))
 
 
 def test_uplink_with_join_is_refused(tmp_path: Path) -> None:
