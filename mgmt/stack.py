@@ -88,6 +88,10 @@ from mgmt.uplink import (
 
 log = logging.getLogger(__name__)
 
+# How long a cluster node that does not listen waits for the fleet registry's stream
+# info in the supervisor's loop (Stack._peer_fleet_changed).
+PEER_FLEET_TIMEOUT_S = 3.0
+
 # Exit codes of kms-crypto / kms-broker that no restart can fix.
 FATAL_EXIT_CODES = {2: "bad configuration", 3: "token refused (PIN or token missing)"}
 MAX_RESTARTS = 5
@@ -609,7 +613,9 @@ class Stack:
         if self.options.cluster is None or self.options.leaf_listen:
             return False
         nc = await self._probe_connection()
-        js = nc.jetstream(timeout=10)
+        # Short: this runs in the supervisor's loop, which must not stall for long while
+        # the cluster has no quorum (the next look, two seconds on, tries again).
+        js = nc.jetstream(timeout=PEER_FLEET_TIMEOUT_S)
         try:
             info = await js.stream_info(f"KV_{FLEET_DEVICES_BUCKET}")
         except nats.js.errors.NotFoundError:
@@ -1332,8 +1338,11 @@ class Stack:
                 try:
                     await self._refresh_peer_fleet()
                 except (KMSError, OSError, NatsServerError, nats.errors.Error) as exc:
-                    # Tried again at the next look: the sequence was not taken.
-                    log.error("fleet grant refresh failed", extra=fields(error=type(exc).__name__))
+                    # Tried again at the next look: the sequence was not taken. A node
+                    # without quorum gets here every look: a warning, not an error.
+                    log.warning(
+                        "fleet grant refresh failed", extra=fields(error=type(exc).__name__)
+                    )
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()

@@ -332,7 +332,9 @@ class UpOptions:
     help="Run this stack as a fleet hub: take devices' leaf connections here (TLS with "
     "the hub's leaf certificate; each device logs in as its own narrow bus user, "
     "recorded by `kmsctl fleet add-device`). The hub keeps a copy of every device's "
-    'audit that `kmsctl audit verify --device` checks. See docs/cluster.md, "Fleet".',
+    "audit that `kmsctl audit verify --device` checks. With --join, on one node of a "
+    "cluster: the whole cluster is the hub (devices are added on that node, their copies "
+    'kept on every node). See docs/cluster.md, "Fleet".',
 )
 @click.option(
     "--uplink",

@@ -28,7 +28,7 @@ from edgekms import natsrpc
 from edgekms.fleet import fleet_stream
 from edgekms.fleet_ca import FLEET_DEVICES_BUCKET
 from mgmt.client import KMSClient
-from mgmt.natsauth import BROKER_USER, local_credentials
+from mgmt.natsauth import BROKER_USER, kmsctl_identity, local_credentials
 from mgmt.natsserver import free_port
 from tests.cluster.test_up_nodes import BIN, NODES, Node, _bundles, _config_for, _wait_ready
 from tests.conftest import SLOWDOWN
@@ -254,3 +254,17 @@ def test_uplink_with_join_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "--uplink with --join" in done.stderr, done.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_a_cluster_supervisor_reads_the_registry_and_writes_nothing_of_it() -> None:
+    """The grant behind every node's broker reading the copies: a cluster node's
+    supervisor may read the device registry, never write or make it (outside the setup
+    grant of a node that listens); one box's gets nothing of it."""
+    registry = f"KV_{FLEET_DEVICES_BUCKET}"
+    node = kmsctl_identity(["hsm-nas1"], cluster=True).permissions.publish
+    assert f"$JS.API.STREAM.INFO.{registry}" in node
+    assert f"$JS.API.CONSUMER.CREATE.{registry}.>" in node
+    assert not [s for s in node if s.startswith(f"$KV.{FLEET_DEVICES_BUCKET}")]
+    assert not [s for s in node if registry in s and ("STREAM.CREATE" in s or "UPDATE" in s)]
+    one_box = kmsctl_identity(["hsm0"]).permissions.publish
+    assert not [s for s in one_box if FLEET_DEVICES_BUCKET in s]
