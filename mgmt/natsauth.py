@@ -388,7 +388,8 @@ def kmsctl_identity(
     reloads the server without it) making and hardening the stack's streams; while
     `ceremony` (first start only) the internal CA's key on the first provider and its
     registry record; on a `cluster` node, asking and answering the cluster's sealed PKI
-    (mgmt.clusterinit), which no other identity may hear. On a fleet hub, `setup` also
+    (mgmt.clusterinit), which no other identity may hear, and reading the fleet's device
+    registry (mgmt.stack grants the node's broker their copies). On a fleet hub, `setup` also
     covers the hub's copy of each of `fleet_devices`' audit (edgekms.fleet.source_device)."""
     for provider in providers:
         _check_provider(provider)
@@ -413,6 +414,9 @@ def kmsctl_identity(
                 # A hub's device registry, written from `kmsctl fleet`'s records while
                 # the stack sets up (the hub CA only reads it, ca_service.fleet).
                 *(kv_access(FLEET_DEVICES_BUCKET) if setup and fleet_devices else ()),
+                # On a cluster node, which devices a hub that is the cluster serves (to
+                # grant its broker their copies); read only, never made here.
+                *(kv_access(FLEET_DEVICES_BUCKET, write=False, create=False) if cluster else ()),
                 *((CLUSTER_PKI_SUBJECT,) if cluster else ()),
             ),
             subscribe=(

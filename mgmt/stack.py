@@ -35,8 +35,8 @@ from edgekms import audit, kvstore, natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.fleet import source_device
+from edgekms.fleet_ca import FLEET_DEVICES_BUCKET, DeviceRegistry
 from edgekms.fleet_ca import DeviceRecord as RegistryRecord
-from edgekms.fleet_ca import DeviceRegistry
 from edgekms.logs import fields
 from edgekms.sealed import WRITER_BROKER, WRITER_CA, WRITER_CEREMONY
 from edgekms.subjects import CA_SERVICE_NAME
@@ -87,6 +87,10 @@ from mgmt.uplink import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long a cluster node that does not listen waits for the fleet registry's stream
+# info in the supervisor's loop (Stack._peer_fleet_changed).
+PEER_FLEET_TIMEOUT_S = 3.0
 
 # Exit codes of kms-crypto / kms-broker that no restart can fix.
 FATAL_EXIT_CODES = {2: "bad configuration", 3: "token refused (PIN or token missing)"}
@@ -372,6 +376,11 @@ class Stack:
         self._fleet_seen: list[DeviceRecord] = []
         self._fleet_applied: list[DeviceRecord] | None = None
         self._fleet_mtime = -1
+        # On a cluster node that does not listen: the devices the hub's registry holds
+        # (replicated, R3), so its broker reads their copies too, and the registry
+        # stream's last sequence when they were read (_peer_fleet_changed).
+        self._peer_fleet: list[str] = []
+        self._peer_fleet_seq = -1
         # Each part's metrics address (part -> (host, port)); empty: no endpoints.
         self.metrics = metrics_addresses(options.metrics_listen, metrics_parts(options.providers))
 
@@ -426,7 +435,9 @@ class Stack:
             ceremony=ceremony,
             setup=setup,
             local=self.options.providers if cluster is not None else None,
-            fleet_devices=[r.device for r in [*fleet, *self._fleet_removed()]],
+            fleet_devices=sorted(
+                {r.device for r in [*fleet, *self._fleet_removed()]} | set(self._peer_fleet)
+            ),
             hub_ca_device=self.options.uplink.device if self.options.uplink else "",
         )
         identities += [device_identity(r.device) for r in fleet]
@@ -467,10 +478,16 @@ class Stack:
 
     def _fleet_fields(self) -> dict[str, Any]:
         """nats-server's fleet settings: on a hub, the domain "hub" and the leaf listener
-        (TLS with the hub's leaf certificate, mgmt.uplink.leaf_tls); on a device, its
-        domain and its leaf remote (the password from its installed bundle goes into the
-        0600 config only); elsewhere nothing."""
+        (TLS with the hub's leaf certificate, mgmt.uplink.leaf_tls); on any other cluster
+        node the domain "hub" alone; on a device, its domain and its leaf remote (the
+        password from its installed bundle goes into the 0600 config only); elsewhere
+        nothing."""
         uplink = self.options.uplink
+        if self.options.cluster is not None and not self.options.leaf_listen:
+            # A hub that is a cluster: its nodes must share one JetStream domain, so every
+            # node is in "hub", listening or not (an existing store takes it whole:
+            # tests/cluster/test_hub_domain.py).
+            return {"domain": HUB_DOMAIN}
         if self.options.leaf_listen:
             host, port = check_address(self.options.leaf_listen, "--leaf-listen")
             named = () if host in ("0.0.0.0", "::") else (host,)
@@ -516,7 +533,11 @@ class Stack:
             for record in records:
                 if not first and before.get(record.device) == record:
                     continue
-                await source_device(js, record.device, record.writers)
+                # One copy per node on a cluster hub: the copy outlives the node the
+                # device's leaf connection reaches.
+                await source_device(
+                    js, record.device, record.writers, replicas=self.options.replicas
+                )
                 if await self._registry_get(registry, record.device) != (
                     want := record.registry_record()
                 ):
@@ -582,6 +603,49 @@ class Stack:
         except KMSError as exc:
             log.warning("fleet record unreadable", extra=fields(reason=exc.reason))
             return False
+
+    async def _peer_fleet_changed(self) -> bool:
+        """On a cluster node that does not listen: whether the hub's device registry
+        (written by the listening node's supervisor, replicated to every node) names
+        other devices than this node's broker is granted; if so they are taken. The
+        registry stream's last sequence is looked at first, so thousands of devices
+        are not listed every two seconds."""
+        if self.options.cluster is None or self.options.leaf_listen:
+            return False
+        nc = await self._probe_connection()
+        # Short: this runs in the supervisor's loop, which must not stall for long while
+        # the cluster has no quorum (the next look, two seconds on, tries again).
+        js = nc.jetstream(timeout=PEER_FLEET_TIMEOUT_S)
+        try:
+            info = await js.stream_info(f"KV_{FLEET_DEVICES_BUCKET}")
+        except nats.js.errors.NotFoundError:
+            return False
+        last = info.state.last_seq
+        if last == self._peer_fleet_seq:
+            return False
+        registry = await DeviceRegistry.existing(js)
+        if registry is None:
+            return False
+        try:
+            devices = sorted(set(await registry.kv.keys()))
+        except nats.js.errors.NoKeysError:
+            devices = []
+        self._peer_fleet_seq = last
+        if devices == self._peer_fleet:
+            return False
+        self._peer_fleet = devices
+        return True
+
+    async def _refresh_peer_fleet(self) -> None:
+        """The broker of a node that does not listen granted every registered device's
+        copy (nats-server reloaded, SIGHUP), so `kmsctl audit verify --device` works
+        through any node's broker."""
+        if not await self._peer_fleet_changed():
+            return
+        assert self.nats is not None
+        config = self._nats_config(ceremony=self._ceremony_grant)
+        await asyncio.to_thread(self.nats.reload, config)
+        log.info("fleet grant changed", extra=fields(devices=len(self._peer_fleet)))
 
     def _fleet_state(self) -> dict[str, Any]:
         """state.json's fleet entry: the hub's listener and devices, or the device's id
@@ -843,8 +907,10 @@ class Stack:
                     else ""
                 )
                 + acme_toml(self.options)
-                # A hub's CA also answers its fleet devices (ca_service.fleet).
-                + ("fleet = true\n" if self.options.leaf_listen else "")
+                # A hub's CA also answers its fleet devices (ca_service.fleet); on a
+                # cluster every node's does, since a device's request crosses the routes
+                # to whichever CA takes it.
+                + ("fleet = true\n" if self._ca_fleet else "")
             ).encode(),
         )
         host, _, port = self.options.ca_http.rpartition(":")
@@ -934,6 +1000,13 @@ class Stack:
             log_path=self.layout.logs / "broker.log",
             ready=ready,
         )
+
+    @property
+    def _ca_fleet(self) -> bool:
+        """Whether the CA answers fleet devices: on a hub, and on every cluster node (a
+        device's request may reach any node's CA; until the registry exists every
+        device is unknown to it)."""
+        return bool(self.options.leaf_listen) or self.options.cluster is not None
 
     def _hub_ca_toml(self) -> str:
         """broker.toml's CA: this stack's own, or on a fleet device the hub's, reached
@@ -1262,6 +1335,14 @@ class Stack:
                         # Tried again at the next look: the records still differ.
                         log.error("fleet refresh failed", extra=fields(error=type(exc).__name__))
                     self._write_state(True)
+                try:
+                    await self._refresh_peer_fleet()
+                except (KMSError, OSError, NatsServerError, nats.errors.Error) as exc:
+                    # Tried again at the next look: the sequence was not taken. A node
+                    # without quorum gets here every look: a warning, not an error.
+                    log.warning(
+                        "fleet grant refresh failed", extra=fields(error=type(exc).__name__)
+                    )
             if self.nats is not None and self.nats.process and self.nats.process.poll() is not None:
                 log.warning("nats-server exited; restarting")
                 self._start_nats()

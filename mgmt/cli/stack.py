@@ -332,7 +332,9 @@ class UpOptions:
     help="Run this stack as a fleet hub: take devices' leaf connections here (TLS with "
     "the hub's leaf certificate; each device logs in as its own narrow bus user, "
     "recorded by `kmsctl fleet add-device`). The hub keeps a copy of every device's "
-    'audit that `kmsctl audit verify --device` checks. See docs/cluster.md, "Fleet".',
+    "audit that `kmsctl audit verify --device` checks. With --join, on one node of a "
+    "cluster: the whole cluster is the hub (devices are added on that node, their copies "
+    'kept on every node). See docs/cluster.md, "Fleet".',
 )
 @click.option(
     "--uplink",
@@ -465,15 +467,19 @@ def _route_port_free(bundle: Path) -> None:
 
 
 def _fleet_checks(options: UpOptions) -> None:
-    """A stack is a fleet hub or a device, not both, and neither on a cluster node (not
-    built yet); the hub's leaf address and the device's bundle sound: refused before the
-    lock, like every usage error (exit 2; exit 3 for a bad bundle or address)."""
+    """A stack is a fleet hub or a device, not both; a cluster node may be a hub (it takes
+    leaf connections for the whole cluster) but not a device (not built yet); the hub's
+    leaf address and the device's bundle sound: refused before the lock, like every usage
+    error (exit 2; exit 3 for a bad bundle or address)."""
     from mgmt.uplink import check_address, read_bundle
 
     if options.leaf_listen and options.uplink is not None:
         raise click.UsageError("--leaf-listen and --uplink: a stack is a hub or a device")
-    if options.join is not None and (options.leaf_listen or options.uplink is not None):
-        raise click.UsageError("a fleet hub or device on a cluster node is not built yet")
+    if options.join is not None and options.uplink is not None:
+        raise click.UsageError(
+            "--uplink with --join: a fleet device on a cluster node is not built yet "
+            "(a node may be a fleet hub: --leaf-listen)"
+        )
     if options.embedded and options.uplink is not None:
         # --embedded hosts the CA in the broker's process; a device runs no CA at all.
         raise click.UsageError(

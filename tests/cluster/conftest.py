@@ -40,6 +40,8 @@ class Cluster:
     client_ports: list[int] = field(default_factory=list)
     route_ports: list[int] = field(default_factory=list)
     nodes: list[NatsServer | None] = field(default_factory=list)
+    # The nodes' JetStream domain (a fleet hub's "hub"); None: none.
+    domain: str | None = None
 
     def __post_init__(self) -> None:
         self.client_ports = [free_port() for _ in range(self.size)]
@@ -59,6 +61,7 @@ class Cluster:
             store_dir=self.root / self.name(index) / "jetstream",
             port=self.client_ports[index],
             server_name=self.name(index),
+            domain=self.domain,
             cluster=ClusterConfig(
                 name=CLUSTER, port=self.route_ports[index], routes=routes, password=self.password
             ),
