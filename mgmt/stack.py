@@ -224,6 +224,9 @@ class StackOptions:
     # The node's own token exists already (`kmsctl up --pkcs11-module ...`, a board's
     # OP-TEE token): no SoftHSM token is made and hsm0 opens this one; None: SoftHSM.
     pkcs11: ExternalToken | None = None
+    # A hub's copy of each device's audit at most this big (`--fleet-copy-limit`, a
+    # board hub's small store); None: edgekms.fleet's default.
+    fleet_copy_max_bytes: int | None = None
 
     @property
     def runs_ca(self) -> bool:
@@ -520,7 +523,7 @@ class Stack:
             for record in records:
                 if not first and before.get(record.device) == record:
                     continue
-                await source_device(js, record.device, record.writers)
+                await source_device(js, record.device, record.writers, **self._copy_limit())
                 if await self._registry_get(registry, record.device) != (
                     want := record.registry_record()
                 ):
@@ -1116,6 +1119,11 @@ class Stack:
             return all(p.exists() for p in (pki.ca_cert, pki.broker_cert, pki.broker_key))
         client_config = self.layout.client_dir / "config.toml"
         return all(p.exists() for p in (pki.ca_cert, pki.broker_cert, client_config))
+
+    def _copy_limit(self) -> dict[str, int]:
+        """source_device's max_bytes from --fleet-copy-limit; {}: its default."""
+        limit = self.options.fleet_copy_max_bytes
+        return {} if limit is None else {"max_bytes": limit}
 
     def _token_env_and_section(self) -> tuple[dict[str, str], str]:
         """The token crypto service's environment and [pkcs11] section: SoftHSM's

@@ -89,6 +89,7 @@ class UpOptions:
     pkcs11_module: Path | None
     pkcs11_token_label: str
     pkcs11_pin_file: Path | None
+    fleet_copy_limit: str
 
     def stack_options(
         self,
@@ -139,6 +140,7 @@ class UpOptions:
             leaf_listen=self.leaf_listen,
             uplink=uplink,
             pkcs11=pkcs11,
+            fleet_copy_max_bytes=_fleet_copy_limit(self.fleet_copy_limit, self.leaf_listen),
             **({"token_label": pkcs11.label} if pkcs11 is not None else {}),
         )
 
@@ -399,6 +401,14 @@ class UpOptions:
     "/var/lib/edgekms/secrets/hsm0.pin), with --pkcs11-module. The PIN is taken from "
     "no command line or environment.",
 )
+@click.option(
+    "--fleet-copy-limit",
+    default="",
+    metavar="SIZE",
+    help="With --leaf-listen: the most the hub's copy of one device's audit may hold (B, "
+    "KiB, MiB, GiB; default 1GiB). Past it the copy stops growing (what it holds stays "
+    "verifiable); size it with --max-file-store on a small hub (a board: 8MiB).",
+)
 def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
@@ -456,6 +466,7 @@ def up(**params: Any) -> None:
     # Options that are usage errors refuse before the lock, which makes DATA_DIR/run.
     _audit_limits(options.audit_limits)
     _max_file_store(options.max_file_store)
+    _fleet_copy_limit(options.fleet_copy_limit, options.leaf_listen)
     _check_crl_lifetime(options.ca_crl_lifetime)
     options = _join_defaults(options)
     _fleet_checks(options)
@@ -908,6 +919,29 @@ def _max_file_store(value: str) -> int | None:
         ) from None
     if size < 1024 * 1024:
         raise click.BadParameter(f"{value!r}: at least 1MiB", param_hint="--max-file-store")
+    return size
+
+
+def _fleet_copy_limit(value: str, leaf_listen: str) -> int | None:
+    """--fleet-copy-limit as bytes (None: not given, the 1 GiB default); only for a hub,
+    at least a stream's minimum: a usage error (exit 2) otherwise."""
+    if not value:
+        return None
+    from edgekms.audit import MIN_STREAM_BYTES, parse_size
+
+    if not leaf_listen:
+        raise click.UsageError("--fleet-copy-limit is a hub's: it needs --leaf-listen")
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: want a size such as 8MiB (B, KiB, MiB, GiB)",
+            param_hint="--fleet-copy-limit",
+        ) from None
+    if size < MIN_STREAM_BYTES:
+        raise click.BadParameter(
+            f"{value!r}: at least {MIN_STREAM_BYTES} bytes", param_hint="--fleet-copy-limit"
+        )
     return size
 
 

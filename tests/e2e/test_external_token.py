@@ -10,6 +10,7 @@ in the test's token; and every bad combination refused before anything starts.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -23,9 +24,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edgekms import natsrpc
 from edgekms.errors import InvalidArgument
+from edgekms.fleet import fleet_stream
 from mgmt.cli import cli
 from mgmt.client import KMSClient
+from mgmt.natsauth import BROKER_USER, local_credentials
 from mgmt.natsserver import free_port
 from mgmt.softhsm import init_token
 from tests.conftest import SLOWDOWN
@@ -168,7 +172,9 @@ def test_cluster_nodes_sign_with_the_tokens_they_were_given(tokens: Path, tmp_pa
 def test_a_fleet_hub_and_device_each_on_its_own_token(tokens: Path, tmp_path: Path) -> None:
     hub_token, device_token = board_token(tokens, "board-hub"), board_token(tokens, "board-a")
     leaf = f"127.0.0.1:{free_port()}"
-    hub = Up("hub", tmp_path / "hub", ["--leaf-listen", leaf, *hub_token.up_args()])
+    # Sized as the board's hub unit sizes it: each device's copy 8 MiB.
+    hub_args = ["--leaf-listen", leaf, "--fleet-copy-limit", "8MiB", *hub_token.up_args()]
+    hub = Up("hub", tmp_path / "hub", hub_args)
     fleet = FleetUp(tmp_path, leaf, hub, {})
     try:
         fleet.add_device("a")
@@ -187,6 +193,7 @@ def test_a_fleet_hub_and_device_each_on_its_own_token(tokens: Path, tmp_path: Pa
         assert device_token.private_keys() == device_keys + 1
         assert hub_token.private_keys() == hub_keys
         until("a's audit at the hub", caught_up(fleet, "a", device_head(device)))
+        assert copy_max_bytes(hub, "a") == 8 * 1024**2
         for up in (hub, device):
             assert up.process is not None
             children = [int(p) for p in up.state()["children"].values()]
@@ -197,6 +204,38 @@ def test_a_fleet_hub_and_device_each_on_its_own_token(tokens: Path, tmp_path: Pa
         if device_up is not None:
             device_up.stop()
         hub.stop()
+
+
+def copy_max_bytes(hub: Up, device: str) -> int:
+    """The limit of the hub's copy of `device`'s audit, read as the hub's broker (whose
+    grant reads each recorded device's copy)."""
+
+    async def read() -> int:
+        creds = local_credentials(hub.data_dir, BROKER_USER)
+        nc = await natsrpc.connect(hub.state()["nats_url"], name="test", **creds.connect_options())
+        try:
+            info = await nc.jetstream(timeout=10).stream_info(fleet_stream(device))
+            return int(info.config.max_bytes or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_copy_limit_is_a_hubs_and_a_size(tmp_path: Path) -> None:
+    """--fleet-copy-limit without --leaf-listen, or not a size, or below a stream's
+    minimum: a usage error (exit 2) before the data dir is made."""
+    data_dir = tmp_path / "data"
+    leaf = ["--leaf-listen", f"127.0.0.1:{free_port()}"]
+    for args, says in (
+        (["--fleet-copy-limit", "8MiB"], "needs --leaf-listen"),
+        ([*leaf, "--fleet-copy-limit", "lots"], "want a size"),
+        ([*leaf, "--fleet-copy-limit", "1KiB"], "at least"),
+    ):
+        result = CliRunner().invoke(cli, ["up", "--data-dir", str(data_dir), *args])
+        assert result.exit_code == 2, result.output
+        assert says in result.output
+        assert not data_dir.exists()
 
 
 def _write(path: Path, text: str, mode: int) -> Path:
