@@ -6,17 +6,20 @@ also stores the user PIN in a root-only file. `ExternalToken` names that token (
 label, PIN file) so the stack's crypto service uses it instead; `check_external` refuses
 a bad one before anything starts or is written. The PIN is never read here, only the
 file's kind, owner and mode, so it cannot reach a log or a command line: the crypto
-service reads it itself (crypto_service.config).
+service reads it itself (crypto_service.config). The data dir remembers the token's
+label (`config/pkcs11-token.json`), so a later start on another token, or on none, is
+refused rather than left with every key missing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgekms.errors import InvalidArgument
+from edgekms.errors import FailedPrecondition, InvalidArgument
 
 OPTIONS = ("--pkcs11-module", "--pkcs11-token-label", "--pkcs11-pin-file")
 # PKCS#11 token labels are 32 bytes, blank padded (CK_TOKEN_INFO.label).
@@ -113,3 +116,56 @@ def _check_pin_file(pin_file: Path) -> Path:
             {"pin_file": str(pin_file)},
         )
     return pin_file
+
+
+RECORD = Path("config") / "pkcs11-token.json"
+
+
+def check_data_dir(data_dir: Path, token: ExternalToken | None) -> None:
+    """A data dir keeps the token it was first started on: its key records name keys
+    in that token, so starting it on another (or on a SoftHSM token it would make) would
+    leave every key missing. FailedPrecondition before anything starts otherwise."""
+    record = data_dir / RECORD
+    softhsm = data_dir / "softhsm" / "softhsm2.conf"
+    if token is None:
+        if record.exists():
+            raise FailedPrecondition(
+                "pkcs11.token_required",
+                f"{data_dir} runs on the existing token {_recorded(record)!r}: start it with "
+                f"{', '.join(OPTIONS)}",
+                {"data_dir": str(data_dir)},
+            )
+        return
+    if softhsm.exists():
+        raise FailedPrecondition(
+            "pkcs11.softhsm_data_dir",
+            f"{data_dir} holds a SoftHSM token of its own, with its keys: start it without "
+            f"{OPTIONS[0]}, or use a new data dir",
+            {"data_dir": str(data_dir)},
+        )
+    if record.exists() and (label := _recorded(record)) != token.label:
+        raise FailedPrecondition(
+            "pkcs11.other_token",
+            f"{data_dir} runs on the token {label!r}, not {token.label!r}",
+            {"data_dir": str(data_dir), "label": label},
+        )
+
+
+def record_token(data_dir: Path, token: ExternalToken | None) -> None:
+    """Remember the token's label (and module, for people) in the data dir, no PIN."""
+    if token is None:
+        return
+    record = data_dir / RECORD
+    record.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"token_label": token.label, "module": str(token.module)}, indent=2)
+    temporary = record.with_suffix(".tmp")
+    temporary.write_text(text + "\n")
+    temporary.replace(record)
+
+
+def _recorded(record: Path) -> str:
+    try:
+        label = json.loads(record.read_text()).get("token_label", "")
+    except (OSError, ValueError, AttributeError):
+        label = ""
+    return str(label)

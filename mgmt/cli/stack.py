@@ -479,14 +479,30 @@ def up(**params: Any) -> None:
     except KMSError as exc:
         _refuse(exc)
     try:
+        _token_of_data_dir(options.data_dir, token)
         _take_over_and_check(options, lock)
         if options.join is not None:
             _route_port_free(options.join)
         _leaf_port_free(options.leaf_listen)
         _check_metrics_ports(options.metrics_listen, options.tpm)
+        from mgmt.pkcs11token import record_token
+
+        # Every check passed: the data dir remembers its token from here on.
+        record_token(options.data_dir, token)
         _run_up(options, token)
     finally:
         lock.release()
+
+
+def _token_of_data_dir(data_dir: Path, token: ExternalToken | None) -> None:
+    """Holding the lock: the data dir's token is the one given (exit 6 otherwise, nothing
+    started or written; mgmt.pkcs11token)."""
+    from mgmt.pkcs11token import check_data_dir
+
+    try:
+        check_data_dir(data_dir, token)
+    except KMSError as exc:
+        _refuse(exc)
 
 
 def _external_token(options: UpOptions) -> ExternalToken | None:

@@ -100,6 +100,9 @@ def assert_uses_token(data_dir: Path, provider: str, token: BoardToken) -> None:
     assert f'pin_file = "{token.pin_file}"' in conf
     assert not (data_dir / "softhsm").exists()
     assert not (data_dir / "secrets" / f"{provider}.pin").exists()
+    # The data dir remembers its token (no PIN), so a later start on another is refused.
+    record = json.loads((data_dir / "config" / "pkcs11-token.json").read_text())
+    assert record == {"token_label": token.label, "module": token.module}
     assert not (data_dir / "secrets" / f"{provider}.so-pin").exists()
 
 
@@ -338,3 +341,37 @@ def test_a_systemd_credential_is_taken_whatever_its_mode(
     with pytest.raises(InvalidArgument) as refused:
         check_external(Path(find_module()), "edgekms", outside)
     assert refused.value.reason == "pkcs11.pin_file_open"
+
+
+DATA_DIR_CASES = {
+    # id: (what the data dir holds, the token options given, reason)
+    "started-on-a-token-now-without": ("record", False, "pkcs11.token_required"),
+    "started-on-a-token-now-another": ("record", True, "pkcs11.other_token"),
+    "own-softhsm-token-now-an-existing-one": ("softhsm", True, "pkcs11.softhsm_data_dir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_DIR_CASES))
+def test_a_data_dir_keeps_the_token_it_was_started_on(case: str, tmp_path: Path) -> None:
+    """Its key records name keys in that token: another token, or a SoftHSM token made
+    in its place, would leave every key missing. Exit 6 holding the lock, before
+    anything starts: no nats-server store, no SoftHSM token made, no state."""
+    from mgmt.softhsm import find_module
+
+    holds, given, reason = DATA_DIR_CASES[case]
+    data_dir = tmp_path / "data"
+    if holds == "record":
+        (data_dir / "config").mkdir(parents=True)
+        record = {"token_label": "board-a", "module": find_module()}
+        (data_dir / "config" / "pkcs11-token.json").write_text(json.dumps(record))
+    else:
+        (data_dir / "softhsm").mkdir(parents=True)
+        (data_dir / "softhsm" / "softhsm2.conf").write_text("directories.tokendir = x\n")
+    before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+    pin_file = _write(tmp_path / "good.pin", "4321\n", 0o600)
+    args = _all(find_module(), "board-b", str(pin_file)) if given else []
+    result = CliRunner().invoke(cli, ["up", "--data-dir", str(data_dir), *args])
+    assert result.exit_code == 6, result.output
+    assert f"kmsctl: {reason}:" in result.output
+    after = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
+    assert [p for p in after if p not in before] == [Path("run"), Path("run/up.lock")]
