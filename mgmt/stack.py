@@ -1,7 +1,7 @@
 """The embedded default: the whole EdgeKMS on one machine, supervised in the foreground.
 
 `kmsctl up` starts nats-server (JetStream file store), then side by side the SoftHSM
-token (created on first run) and crypto service `hsm0`, the CA service, tpm0 with --tpm,
+token (created on first run; or a token that exists, `pkcs11`) and crypto service `hsm0`, the CA service, tpm0 with --tpm,
 and the broker (on the first run only after hsm0 and the bootstrap ceremony), each as
 its own process at `up`'s --log-level, with its log under <data-dir>/logs. A child
 that dies is restarted with backoff; one that keeps dying, or exits saying its config

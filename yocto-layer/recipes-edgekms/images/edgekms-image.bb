@@ -68,8 +68,8 @@ edgekms_role() {
     esac
     # Masked, not disabled: the image's preset pass enables what presets say, and a
     # masked unit stays off whatever enables it; Conflicts= in the role's unit besides.
-    for unit in edgekms-nats edgekms-init edgekms-crypto-hsm0 edgekms-crypto-tpm0 \
-                edgekms-ca edgekms-broker; do
+    for unit in edgekms-setup edgekms-nats edgekms-init edgekms-crypto-hsm0 \
+                edgekms-crypto-tpm0 edgekms-ca edgekms-broker; do
         systemctl --root=${IMAGE_ROOTFS} mask $unit.service
     done
     systemctl --root=${IMAGE_ROOTFS} enable edgekms-${EDGEKMS_ROLE}.service
