@@ -1,9 +1,10 @@
 """The embedded default: the whole EdgeKMS on one machine, supervised in the foreground.
 
 `kmsctl up` starts nats-server (JetStream file store), then side by side the SoftHSM
-token (created on first run; or a token that exists, `pkcs11`) and crypto service `hsm0`, the CA service, tpm0 with --tpm,
-and the broker (on the first run only after hsm0 and the bootstrap ceremony), each as
-its own process at `up`'s --log-level, with its log under <data-dir>/logs. A child
+token (created on first run; or a token that exists, `pkcs11`) and crypto service
+`hsm0`, the CA service, tpm0 with --tpm, and the broker (on the first run only after
+hsm0 and the bootstrap ceremony), each as its own process at `up`'s --log-level, with
+its log under <data-dir>/logs. A child
 that dies is restarted with backoff; one that keeps dying, or exits saying its config
 or token is wrong, stops the stack with its reason. SIGINT/SIGTERM stop everything in
 reverse order. <data-dir>/run/state.json says when the stack is ready and where.
