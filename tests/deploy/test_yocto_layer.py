@@ -597,6 +597,7 @@ def test_role_units_ship_disabled_in_their_own_package() -> None:
     assert "for unit in node fleet-hub fleet-device; do" in script
     assert 'cp -r "$USB_MNT/edgekms-bundle/." "$STATE/bundle/"' in script
     assert 'mv "$STATE/uplink.toml.tmp" "$STATE/uplink.toml"' in script
+    assert 'cp -r "$USB_MNT/edgekms-hub/." "$data/"' in script
 
 
 def _limits(argv: list[str]) -> dict[str, int]:
