@@ -1,9 +1,10 @@
 """The embedded default: the whole EdgeKMS on one machine, supervised in the foreground.
 
 `kmsctl up` starts nats-server (JetStream file store), then side by side the SoftHSM
-token (created on first run) and crypto service `hsm0`, the CA service, tpm0 with --tpm,
-and the broker (on the first run only after hsm0 and the bootstrap ceremony), each as
-its own process at `up`'s --log-level, with its log under <data-dir>/logs. A child
+token (created on first run; or a token that exists, `pkcs11`) and crypto service
+`hsm0`, the CA service, tpm0 with --tpm, and the broker (on the first run only after
+hsm0 and the bootstrap ceremony), each as its own process at `up`'s --log-level, with
+its log under <data-dir>/logs. A child
 that dies is restarted with backoff; one that keeps dying, or exits saying its config
 or token is wrong, stops the stack with its reason. SIGINT/SIGTERM stop everything in
 reverse order. <data-dir>/run/state.json says when the stack is ready and where.
@@ -70,6 +71,7 @@ from mgmt.natsserver import (
     NatsServerConfig,
     NatsServerError,
 )
+from mgmt.pkcs11token import ExternalToken
 from mgmt.pki import PkiPaths, run_ceremony, write_private, write_public
 from mgmt.sealkeys import RESEALED_MARKER, SealKeys, ensure_seal_keys, reseal_legacy
 from mgmt.softhsm import init_token
@@ -224,6 +226,12 @@ class StackOptions:
     # A fleet device (`kmsctl up --uplink BUNDLE`, mgmt.uplink): its own domain and a leaf
     # connection to the hub; None: not a device.
     uplink: UplinkBundle | None = None
+    # The node's own token exists already (`kmsctl up --pkcs11-module ...`, a board's
+    # OP-TEE token): no SoftHSM token is made and hsm0 opens this one; None: SoftHSM.
+    pkcs11: ExternalToken | None = None
+    # A hub's copy of each device's audit at most this big (`--fleet-copy-limit`, a
+    # board hub's small store); None: edgekms.fleet's default.
+    fleet_copy_max_bytes: int | None = None
 
     @property
     def runs_ca(self) -> bool:
@@ -536,7 +544,11 @@ class Stack:
                 # One copy per node on a cluster hub: the copy outlives the node the
                 # device's leaf connection reaches.
                 await source_device(
-                    js, record.device, record.writers, replicas=self.options.replicas
+                    js,
+                    record.device,
+                    record.writers,
+                    replicas=self.options.replicas,
+                    **self._copy_limit(),
                 )
                 if await self._registry_get(registry, record.device) != (
                     want := record.registry_record()
@@ -1188,11 +1200,35 @@ class Stack:
         client_config = self.layout.client_dir / "config.toml"
         return all(p.exists() for p in (pki.ca_cert, pki.broker_cert, client_config))
 
-    async def _start_hsm_ceremony_broker(self, with_broker: bool = True) -> None:
-        env = await asyncio.to_thread(self._softhsm_env)
-        await self._start_child(
-            self._crypto_child(self.options.provider_id, self._pkcs11_section(), env)
+    def _copy_limit(self) -> dict[str, int]:
+        """source_device's max_bytes from --fleet-copy-limit; {}: its default."""
+        limit = self.options.fleet_copy_max_bytes
+        return {} if limit is None else {"max_bytes": limit}
+
+    def _token_env_and_section(self) -> tuple[dict[str, str], str]:
+        """The token crypto service's environment and [pkcs11] section: SoftHSM's
+        (made on first run), or the existing token --pkcs11-module names."""
+        token = self.options.pkcs11
+        if token is None:
+            return self._softhsm_env(), self._pkcs11_section()
+        return child_env(), self._external_pkcs11_section(token)
+
+    @staticmethod
+    def _external_pkcs11_section(token: ExternalToken) -> str:
+        """[pkcs11] for a token the stack did not make: its module, label and PIN file
+        as given (the PIN stays in its file; kms-crypto reads it)."""
+        return (
+            "[pkcs11]\n"
+            f"module = {json.dumps(str(token.module))}\n"
+            f"token_label = {json.dumps(token.label)}\n"
+            f"pin_file = {json.dumps(str(token.pin_file))}\n"
+            # As the board's crypto-hsm0.toml: OP-TEE's TA holds few sessions at once.
+            "sessions = 2\n"
         )
+
+    async def _start_hsm_ceremony_broker(self, with_broker: bool = True) -> None:
+        env, section = await asyncio.to_thread(self._token_env_and_section)
+        await self._start_child(self._crypto_child(self.options.provider_id, section, env))
         if with_broker:
             await self._start_ceremony_broker()
 

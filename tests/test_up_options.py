@@ -31,3 +31,23 @@ def test_stack_options_carry_what_up_was_given(tmp_path: Path) -> None:
     assert stack.audit_window == options.audit_window
     with_frozen = dataclasses.replace(options, nats_port=5000)
     assert with_frozen.stack_options({}, None).nats_port == 5000
+
+
+def test_a_crypto_wildcard_limit_reaches_every_provider_not_named(tmp_path: Path) -> None:
+    """`--audit-limit crypto-*=SIZE` (the board's units: they cannot name a cluster's
+    other nodes) sizes each crypto service's stream that has no limit of its own."""
+    from mgmt.cli.stack import _audit_limits, expand_crypto_limit
+
+    limits = _audit_limits(("crypto-*=8MiB", "crypto-tpm0=16MiB/5", "broker=96MiB"))
+    assert limits["crypto-*"][0] == 8 * 1024**2
+    expanded = expand_crypto_limit(limits, ["hsm0", "tpm0", "hsm-nas2"])
+    assert expanded == {
+        "broker": limits["broker"],
+        "crypto-hsm0": limits["crypto-*"],
+        "crypto-tpm0": (16 * 1024**2, 5),
+        "crypto-hsm-nas2": limits["crypto-*"],
+    }
+    ctx = up.make_context("up", ["--data-dir", str(tmp_path), "--tpm", "swtpm"])
+    stack = UpOptions(**ctx.params).stack_options(limits, None)
+    assert set(stack.audit_limits) == {"broker", "crypto-hsm0", "crypto-tpm0"}
+    assert stack.pkcs11 is None and stack.token_label == "edgekms"

@@ -23,10 +23,29 @@ from mgmt.cli.output import echo_json, fail, handle_errors, table
 if TYPE_CHECKING:
     from mgmt import stacklock
     from mgmt.clusterinit import JoinBundle
+    from mgmt.pkcs11token import ExternalToken
     from mgmt.stack import StackOptions
     from mgmt.uplink import UplinkBundle
 
 log = logging.getLogger("kmsctl.up")
+
+
+# `--audit-limit crypto-*=SIZE`: every crypto service's stream not named on its own. A
+# board's unit cannot name a cluster's other nodes' providers (hsm-<node>), yet its store
+# must reserve every stream's copy (docs/security.md, "Sizing for a board").
+CRYPTO_WILDCARD = "crypto-*"
+
+
+def expand_crypto_limit(
+    limits: dict[str, tuple[int, int]], providers: list[str]
+) -> dict[str, tuple[int, int]]:
+    """`limits` with a `crypto-*` entry given to each provider's writer not named."""
+    limits = dict(limits)
+    every = limits.pop(CRYPTO_WILDCARD, None)
+    if every is not None:
+        for provider in providers:
+            limits.setdefault(f"crypto-{provider}", every)
+    return limits
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,10 @@ class UpOptions:
     embedded: bool
     leaf_listen: str
     uplink: Path | None
+    pkcs11_module: Path | None
+    pkcs11_token_label: str
+    pkcs11_pin_file: Path | None
+    fleet_copy_limit: str
 
     def stack_options(
         self,
@@ -74,13 +97,19 @@ class UpOptions:
         max_file_store: int | None,
         cluster: JoinBundle | None = None,
         uplink: UplinkBundle | None = None,
+        pkcs11: ExternalToken | None = None,
     ) -> StackOptions:
         """The supervisor's options (mgmt.stack); `audit_limits` and `max_file_store`
         already parsed; `cluster` the installed bundle of --join (the node's own
         provider is hsm-<node>); `uplink` the installed bundle of --uplink (a fleet
-        device)."""
+        device); `pkcs11` the checked --pkcs11-* token (None: a SoftHSM token)."""
         from mgmt.stack import StackOptions
 
+        if cluster is not None:
+            providers = cluster.spec.providers
+        else:
+            providers = ["hsm0", *(["tpm0"] if self.tpm else [])]
+        audit_limits = expand_crypto_limit(audit_limits, providers)
         return StackOptions(
             cluster=cluster,
             provider_id=cluster.node.provider if cluster is not None else "hsm0",
@@ -110,6 +139,9 @@ class UpOptions:
             embedded=self.embedded,
             leaf_listen=self.leaf_listen,
             uplink=uplink,
+            pkcs11=pkcs11,
+            fleet_copy_max_bytes=_fleet_copy_limit(self.fleet_copy_limit, self.leaf_listen),
+            **({"token_label": pkcs11.label} if pkcs11 is not None else {}),
         )
 
 
@@ -216,7 +248,8 @@ class UpOptions:
     "audit_limits",
     multiple=True,
     metavar="WRITER=SIZE[/MESSAGES]",
-    help="The most one audit writer's stream may hold (broker, ca, crypto-<id>; SIZE in "
+    help="The most one audit writer's stream may hold (broker, ca, crypto-<id>, or "
+    "crypto-* for every crypto service not named, every node's on a cluster; SIZE in "
     "B, KiB, MiB, GiB), e.g. --audit-limit broker=512MiB --audit-limit ca=64MiB/200000. "
     "Default: broker 2GiB, others 1GiB, 20000000 messages each. Beyond it that writer's "
     "appends, and the operations they record, are refused with audit.full; `kmsctl "
@@ -346,13 +379,46 @@ class UpOptions:
     "local, a leaf connection to the hub, which copies its audit. It keeps signing while "
     "the hub is away. The bundle is copied into DATA_DIR/secrets.",
 )
+@click.option(
+    "--pkcs11-module",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="PATH",
+    help="Use an existing PKCS#11 token instead of making a SoftHSM one: its module "
+    "(on the board OP-TEE's /usr/lib/libckteec.so.0). Needs --pkcs11-token-label and "
+    "--pkcs11-pin-file too; the token must be initialised already.",
+)
+@click.option(
+    "--pkcs11-token-label",
+    default="",
+    metavar="LABEL",
+    help="The existing token's label (the board's: edgekms), with --pkcs11-module.",
+)
+@click.option(
+    "--pkcs11-pin-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="File holding the existing token's user PIN, this user's and 0600 (the board's: "
+    "/var/lib/edgekms/secrets/hsm0.pin), with --pkcs11-module. The PIN is taken from "
+    "no command line or environment.",
+)
+@click.option(
+    "--fleet-copy-limit",
+    default="",
+    metavar="SIZE",
+    help="With --leaf-listen: the most the hub's copy of one device's audit may hold (B, "
+    "KiB, MiB, GiB; default 1GiB). Past it the copy stops growing (what it holds stays "
+    "verifiable); size it with --max-file-store on a small hub (a board: 8MiB).",
+)
 def up(**params: Any) -> None:
     """Run the embedded EdgeKMS in the foreground until Ctrl-C.
 
     \b
     Starts, each as its own process with a log under DATA_DIR/logs:
       nats-server     JetStream on a file store (DATA_DIR/nats); 2.10 or later
-      SoftHSM token   created on first run (DATA_DIR/softhsm/softhsm2.conf)
+      SoftHSM token   created on first run (DATA_DIR/softhsm/softhsm2.conf), unless
+                      --pkcs11-module names a token that exists (a board's OP-TEE)
       kms-crypto      provider hsm0, in front of the token
       kms-crypto      provider tpm0 in front of a TPM, with --tpm (swtpm or a device);
                       swtpm on 0600 Unix sockets, provisioned (`kmsctl tpm provision`)
@@ -379,6 +445,12 @@ def up(**params: Any) -> None:
       kmsctl up --data-dir /var/lib/edgekms --leaf-listen 0.0.0.0:7422
       kmsctl up --data-dir /var/lib/edgekms --uplink uplink-a1.toml
 
+    \b
+    On a board, with its provisioned OP-TEE token (any of the above):
+      kmsctl up --data-dir /var/lib/edgekms/node --join /var/lib/edgekms/bundle \\
+        --pkcs11-module /usr/lib/libckteec.so.0 --pkcs11-token-label edgekms \\
+        --pkcs11-pin-file /var/lib/edgekms/secrets/hsm0.pin
+
     Exits 6 when the machine cannot run it as it is (a nats-server older than 2.10:
     `nats.server_too_old`), 8 when a part failed to start or died for good.
     """
@@ -396,9 +468,11 @@ def up(**params: Any) -> None:
     # Options that are usage errors refuse before the lock, which makes DATA_DIR/run.
     _audit_limits(options.audit_limits)
     _max_file_store(options.max_file_store)
+    _fleet_copy_limit(options.fleet_copy_limit, options.leaf_listen)
     _check_crl_lifetime(options.ca_crl_lifetime)
     options = _join_defaults(options)
     _fleet_checks(options)
+    token = _external_token(options)
     # Before anything is imported, started or written (mgmt.stacklock): a second `up` on
     # a live data dir, or a port something else holds, is refused in a fraction of a
     # second and leaves the data dir as it was.
@@ -407,14 +481,44 @@ def up(**params: Any) -> None:
     except KMSError as exc:
         _refuse(exc)
     try:
+        _token_of_data_dir(options.data_dir, token)
         _take_over_and_check(options, lock)
         if options.join is not None:
             _route_port_free(options.join)
         _leaf_port_free(options.leaf_listen)
         _check_metrics_ports(options.metrics_listen, options.tpm)
-        _run_up(options)
+        from mgmt.pkcs11token import record_token
+
+        # Every check passed: the data dir remembers its token from here on.
+        record_token(options.data_dir, token)
+        _run_up(options, token)
     finally:
         lock.release()
+
+
+def _token_of_data_dir(data_dir: Path, token: ExternalToken | None) -> None:
+    """Holding the lock: the data dir's token is the one given (exit 6 otherwise, nothing
+    started or written; mgmt.pkcs11token)."""
+    from mgmt.pkcs11token import check_data_dir
+
+    try:
+        check_data_dir(data_dir, token)
+    except KMSError as exc:
+        _refuse(exc)
+
+
+def _external_token(options: UpOptions) -> ExternalToken | None:
+    """--pkcs11-module, --pkcs11-token-label and --pkcs11-pin-file: all three or none,
+    the module there, the PIN file this user's and 0600 (mgmt.pkcs11token); refused
+    typed (exit 3) before the lock, so nothing starts and nothing is written."""
+    from mgmt.pkcs11token import check_external
+
+    try:
+        return check_external(
+            options.pkcs11_module, options.pkcs11_token_label, options.pkcs11_pin_file
+        )
+    except KMSError as exc:
+        _refuse(exc)
 
 
 def _join_defaults(options: UpOptions) -> UpOptions:
@@ -562,7 +666,7 @@ def _take_over_and_check(options: UpOptions, lock: stacklock.StackLock) -> None:
         _refuse(exc)
 
 
-def _run_up(up_options: UpOptions) -> None:
+def _run_up(up_options: UpOptions, token: ExternalToken | None = None) -> None:
     from mgmt.stack import StackError, run_stack
 
     cluster = None
@@ -597,6 +701,7 @@ def _run_up(up_options: UpOptions) -> None:
         _max_file_store(up_options.max_file_store),
         cluster,
         uplink,
+        token,
     )
     data_dir, ca_provider = up_options.data_dir, up_options.ca_provider
     if up_options.swtpm_port is not None:
@@ -839,6 +944,29 @@ def _max_file_store(value: str) -> int | None:
     return size
 
 
+def _fleet_copy_limit(value: str, leaf_listen: str) -> int | None:
+    """--fleet-copy-limit as bytes (None: not given, the 1 GiB default); only for a hub,
+    at least a stream's minimum: a usage error (exit 2) otherwise."""
+    if not value:
+        return None
+    from edgekms.audit import MIN_STREAM_BYTES, parse_size
+
+    if not leaf_listen:
+        raise click.UsageError("--fleet-copy-limit is a hub's: it needs --leaf-listen")
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: want a size such as 8MiB (B, KiB, MiB, GiB)",
+            param_hint="--fleet-copy-limit",
+        ) from None
+    if size < MIN_STREAM_BYTES:
+        raise click.BadParameter(
+            f"{value!r}: at least {MIN_STREAM_BYTES} bytes", param_hint="--fleet-copy-limit"
+        )
+    return size
+
+
 def _audit_limits(values: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """--audit-limit values by writer; a malformed one is a usage error (exit 2)."""
     from edgekms.audit import parse_limit
@@ -846,8 +974,13 @@ def _audit_limits(values: tuple[str, ...]) -> dict[str, tuple[int, int]]:
 
     out: dict[str, tuple[int, int]] = {}
     for value in values:
+        every_crypto = value.startswith(CRYPTO_WILDCARD + "=")
+        if every_crypto:
+            # Parsed as one crypto writer's; stack_options gives it to each provider's.
+            value = "crypto-any" + value.removeprefix(CRYPTO_WILDCARD)
         try:
             writer, max_bytes, max_msgs = parse_limit(value)
+            writer = CRYPTO_WILDCARD if every_crypto else writer
         except InvalidArgument as err:
             raise click.BadParameter(
                 f"{err.reason}: {err.message}", param_hint="--audit-limit"

@@ -292,10 +292,20 @@ BOARD_UNITS = {
 
 # Units that run the layer's own shell scripts (tests/deploy/test_yocto_layer.py checks them).
 SHELL_UNITS = {"edgekms-datafs.service", "edgekms-provision.service"}
+# `kmsctl up` units whose bundle and credentials exist only on a board of that role:
+# test_yocto_layer.py::test_role_unit_runs_kmsctl_up_on_the_boards_token parses them with
+# stand-ins for those files.
+ROLE_UNITS = {
+    "edgekms-node.service",
+    "edgekms-fleet-hub.service",
+    "edgekms-fleet-device.service",
+}
 
 
 def test_unit_command_lines_parse() -> None:
-    units = sorted(p.name for p in UNITS.glob("*.service") if p.name not in SHELL_UNITS)
+    units = sorted(
+        p.name for p in UNITS.glob("*.service") if p.name not in SHELL_UNITS | ROLE_UNITS
+    )
     parsed = 0
     for name in units:
         argv = unit_argv(name)
@@ -349,8 +359,9 @@ def test_board_setup_makes_every_credential_source(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     for name in sorted(p.name for p in UNITS.glob("*.service")):
         for source in credentials(name).values():
-            # The ceremony makes the broker's; the hsm0 PIN is the operator's (OP-TEE token).
-            if "/init/pki/" in str(source) or source.name == "hsm0.pin":
+            # The ceremony makes the broker's; the hsm0 PIN is the operator's (OP-TEE token)
+            # and so is a fleet device's uplink bundle (from the hub, via provisioning).
+            if "/init/pki/" in str(source) or source.name in ("hsm0.pin", "uplink.toml"):
                 continue
             local = tmp_path / source.relative_to("/var/lib/edgekms")
             assert local.is_file(), (name, source)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,24 @@ SERVICES = {
     ),
     "edgekms-ca.service": ("edgekms-ca", "/kmsctl ca serve --config /etc/edgekms/ca.toml"),
     "edgekms-broker.service": ("edgekms-broker", "/kms-broker --config /etc/edgekms/broker.toml"),
+}
+
+
+# The single-process modes (kmsctl up) on the board's OP-TEE token, package edgekms-node:
+# unit -> (the option that makes the mode, its data dir).
+ROLE_UNITS = {
+    "edgekms-node.service": ("--join", "/var/lib/edgekms/node"),
+    "edgekms-fleet-hub.service": ("--leaf-listen", "/var/lib/edgekms/hub"),
+    "edgekms-fleet-device.service": ("--uplink", "/var/lib/edgekms/device"),
+}
+# What the per-service units hold that a role unit holds too: ports, the token.
+PER_SERVICE = {
+    "edgekms-nats.service",
+    "edgekms-init.service",
+    "edgekms-crypto-hsm0.service",
+    "edgekms-crypto-tpm0.service",
+    "edgekms-ca.service",
+    "edgekms-broker.service",
 }
 
 
@@ -176,9 +195,10 @@ def read_unit(name: str) -> configparser.ConfigParser:
 def test_every_service_package_has_its_unit() -> None:
     recipe = bb_assignments(RECIPE)
     packages = recipe["SYSTEMD_PACKAGES"].split()
-    units = {recipe[f"SYSTEMD_SERVICE:{pkg}"] for pkg in packages}
+    units = {unit for pkg in packages for unit in recipe[f"SYSTEMD_SERVICE:{pkg}"].split()}
     assert (
         set(SERVICES)
+        | set(ROLE_UNITS)
         | {
             "edgekms-init.service",
             "edgekms-setup.service",
@@ -194,7 +214,7 @@ def test_every_service_package_has_its_unit() -> None:
     for unit in units:
         assert (FILES / unit).is_file(), unit
         assert f"file://{unit}" in src_uri
-        pkg = next(p for p in packages if recipe[f"SYSTEMD_SERVICE:{p}"] == unit)
+        pkg = next(p for p in packages if unit in recipe[f"SYSTEMD_SERVICE:{p}"].split())
         assert unit in recipe[f"FILES:{pkg}"]
 
 
@@ -309,7 +329,7 @@ HARDENING = {
 
 
 @pytest.mark.parametrize(
-    "name", sorted({*SERVICES, "edgekms-init.service", "edgekms-setup.service"})
+    "name", sorted({*SERVICES, *ROLE_UNITS, "edgekms-init.service", "edgekms-setup.service"})
 )
 def test_unit_is_confined(name: str) -> None:
     unit = read_unit(name)
@@ -474,3 +494,146 @@ def test_dk_boards_get_a_tpm_node() -> None:
     assert '#include "stm32mp15xx-dkx-edgekms-tpm.dtsi"' in append
     fragment = (linux / "linux-stm32mp" / "edgekms.config").read_text()
     assert "CONFIG_TCG_TIS_SPI=y" in fragment
+
+
+def role_argv(name: str, credentials: Path) -> list[str]:
+    """The unit's ExecStart as the board runs it: the recipe's paths, `%d` its
+    credentials directory."""
+    service = read_unit(name)["Service"]
+    line = (
+        service["ExecStart"]
+        .replace("@BINDIR@", "/usr/bin")
+        .replace("@LOCALSTATEDIR@", "/var")
+        .replace("@LIBDIR@", "/usr/lib")
+        .replace("%d", str(credentials))
+    )
+    return shlex.split(line)
+
+
+@pytest.mark.parametrize("name", sorted(ROLE_UNITS))
+def test_role_unit_runs_kmsctl_up_on_the_boards_token(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each role unit's command is one `kmsctl up` passes, on OP-TEE's token as the
+    per-service hsm0 opens it (module, label), its PIN a credential of the unit, never
+    on the command line; the bundle or uplink where docs/cluster.md says."""
+    from mgmt.cli.stack import (
+        UpOptions,
+        _audit_limits,
+        _external_token,
+        _fleet_copy_limit,
+        _max_file_store,
+        up,
+    )
+
+    unit = read_unit(name)
+    service = unit["Service"]
+    text = (FILES / name).read_text()
+    option, data_dir = ROLE_UNITS[name]
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "hsm0-pin").write_text("123456\n")
+    (credentials / "hsm0-pin").chmod(0o440)  # root's, the unit's user let in by an ACL
+    (credentials / "uplink.toml").write_text("")
+    module = tmp_path / "libckteec.so.0"
+    module.write_bytes(b"")
+    argv = role_argv(name, credentials)
+    assert argv[:2] == ["/usr/bin/kmsctl", "up"]
+    assert argv[argv.index("--data-dir") + 1] == data_dir
+    hsm = tomllib.loads((ROOT / "deploy" / "crypto-hsm0.toml").read_text())["pkcs11"]
+    assert argv[argv.index("--pkcs11-module") + 1] == hsm["module"]
+    assert argv[argv.index("--pkcs11-token-label") + 1] == hsm["token_label"]
+    assert "TOKEN_LABEL=" + hsm["token_label"] in (FILES / "edgekms-provision").read_text()
+    assert argv[argv.index("--pkcs11-pin-file") + 1] == f"{credentials}/hsm0-pin"
+    assert "LoadCredential=hsm0-pin:@LOCALSTATEDIR@/lib/edgekms/secrets/hsm0.pin" in text
+    if option == "--join":
+        assert argv[argv.index("--join") + 1] == "/var/lib/edgekms/bundle"
+        argv[argv.index("--join") + 1] = str(tmp_path)
+    if option == "--uplink":
+        assert argv[argv.index("--uplink") + 1] == f"{credentials}/uplink.toml"
+        assert "LoadCredential=uplink.toml:@LOCALSTATEDIR@/lib/edgekms/uplink.toml" in text
+    argv[argv.index("--pkcs11-module") + 1] = str(module)
+    with up.make_context("up", argv[2:]) as ctx:
+        options = UpOptions(**ctx.params)
+        # The checks `kmsctl up` makes before it starts anything, as the unit runs them.
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+        token = _external_token(options)
+        assert token is not None and token.label == "edgekms"
+        _audit_limits(options.audit_limits)
+        _max_file_store(options.max_file_store)
+        _fleet_copy_limit(options.fleet_copy_limit, options.leaf_listen)
+    assert service["User"] == "edgekms-node"
+    assert "teeclnt" in service["SupplementaryGroups"].split()
+    assert service["DeviceAllow"] == "/dev/tee0 rw" and service["DevicePolicy"] == "closed"
+    assert service["KillSignal"] == "SIGINT" and service["Restart"] == "on-failure"
+    assert data_dir.removeprefix("/var/lib/") in service["StateDirectory"].split()
+    conflicts = set(unit["Unit"]["Conflicts"].split())
+    assert PER_SERVICE | (set(ROLE_UNITS) - {name}) == conflicts
+    assert "edgekms-datafs.service" in unit["Unit"]["Requires"]
+    assert "tee-supplicant@teepriv0.service" in unit["Unit"]["After"]
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_role_units_ship_disabled_in_their_own_package() -> None:
+    recipe = bb_assignments(RECIPE)
+    assert set(recipe["SYSTEMD_SERVICE:${PN}-node"].split()) == set(ROLE_UNITS)
+    assert recipe["SYSTEMD_AUTO_ENABLE:${PN}-node"] == "disable"
+    assert "--groups teeclnt edgekms-node" in recipe["USERADD_PARAM:${PN}-node"]
+    assert {"nats-server", "optee-client", "python3-pkcs11"} <= set(
+        recipe["RDEPENDS:${PN}-node"].split()
+    )
+    # @LIBDIR@ (libckteec's directory) is substituted in the installed units.
+    assert "-e 's,@LIBDIR@,${libdir},g'" in RECIPE.read_text()
+    services = recipe["EDGEKMS_SERVICES"].split()
+    for unit in ROLE_UNITS:
+        assert unit.removesuffix(".service").removeprefix("edgekms-") in services
+    image = IMAGE.read_text()
+    assert 'EDGEKMS_ROLE ??= ""' in image and "edgekms_role;" in image
+    # A role masks the per-service units and enables its own (the root is read-only).
+    for unit in PER_SERVICE:
+        assert unit.removesuffix(".service") in image
+    script = (FILES / "edgekms-provision").read_text()
+    assert 'is-enabled --quiet "edgekms-$unit.service"' in script
+    assert "for unit in node fleet-hub fleet-device; do" in script
+    assert 'cp -r "$USB_MNT/edgekms-bundle/." "$STATE/bundle/"' in script
+    assert 'mv "$STATE/uplink.toml.tmp" "$STATE/uplink.toml"' in script
+    assert 'cp -r "$USB_MNT/edgekms-hub/." "$data/"' in script
+
+
+def _limits(argv: list[str]) -> dict[str, int]:
+    from edgekms.audit import parse_size
+
+    out = {}
+    for at, arg in enumerate(argv):
+        if arg == "--audit-limit":
+            writer, _, size = argv[at + 1].partition("=")
+            out[writer] = parse_size(size.partition("/")[0])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ROLE_UNITS))
+def test_role_unit_store_holds_its_streams(name: str, tmp_path: Path) -> None:
+    """As the per-service board (test_data_partition_holds_the_audit_streams_reservation):
+    JetStream refuses a stream it cannot reserve, so every stream the role makes has a
+    limit, and they fit the store's cap, which fits the partition. A node reserves a copy
+    of every node's crypto stream (crypto-*: five nodes), a hub one copy per device (four
+    devices at least)."""
+    from edgekms.audit import parse_size
+    from tests.deploy.boardsizing import KV_BUCKETS, OTHER_FILES, board_sizing
+
+    argv = role_argv(name, tmp_path)
+    cap = parse_size(argv[argv.index("--max-file-store") + 1])
+    limits = _limits(argv)
+    option = ROLE_UNITS[name][0]
+    writers = {"broker", "crypto-*"} | ({"ca"} if option != "--uplink" else set())
+    assert set(limits) == writers, limits
+    reserved = limits["broker"] + limits.get("ca", 0)
+    if option == "--join":
+        reserved += 5 * limits["crypto-*"]
+    elif option == "--leaf-listen":
+        copy = parse_size(argv[argv.index("--fleet-copy-limit") + 1])
+        reserved += limits["crypto-*"] + 4 * copy
+    else:
+        reserved += limits["crypto-*"]
+    assert reserved + KV_BUCKETS <= cap, (reserved, cap)
+    assert cap + OTHER_FILES <= board_sizing().usable

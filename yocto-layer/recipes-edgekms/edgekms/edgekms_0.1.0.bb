@@ -27,6 +27,9 @@ SRC_URI = "git://github.com/edgekms/edgekms.git;protocol=https;branch=main \
            file://edgekms-crypto-tpm0.service \
            file://edgekms-ca.service \
            file://edgekms-broker.service \
+           file://edgekms-node.service \
+           file://edgekms-fleet-hub.service \
+           file://edgekms-fleet-device.service \
            file://edgekms-agent.service \
            file://edgekms-agent.toml \
            file://edgekms-spiffe-agent.service \
@@ -46,7 +49,8 @@ S = "${WORKDIR}/git"
 
 inherit python_setuptools_build_meta systemd useradd
 
-EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init datafs provision agent spiffe-agent"
+EDGEKMS_SERVICES = "setup nats crypto-hsm0 crypto-tpm0 ca broker init datafs provision agent spiffe-agent \
+                    node fleet-hub fleet-device"
 
 do_install:append() {
     site=${D}${PYTHON_SITEPACKAGES_DIR}
@@ -67,6 +71,7 @@ do_install:append() {
            -e 's,@SYSCONFDIR@,${sysconfdir},g' \
            -e 's,@LOCALSTATEDIR@,${localstatedir},g' \
            -e 's,@LIBEXECDIR@,${libexecdir},g' \
+           -e 's,@LIBDIR@,${libdir},g' \
            ${D}${systemd_system_unitdir}/edgekms-*.service
 
     # tee-supplicant (meta-arm) as its own user, its state on the data partition.
@@ -106,7 +111,7 @@ do_install:append() {
     install -m 0644 ${WORKDIR}/edgekms-agent.toml ${D}${sysconfdir}/edgekms/agent.toml
 }
 
-PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-spiffe-agent ${PN}-unlock"
+PACKAGE_BEFORE_PN = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-spiffe-agent ${PN}-unlock ${PN}-node"
 
 FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/edgekms.conf"
 FILES:${PN}-datafs += "${systemd_system_unitdir}/edgekms-datafs.service \
@@ -132,6 +137,11 @@ FILES:${PN}-agent += "${systemd_system_unitdir}/edgekms-agent.service \
 FILES:${PN}-spiffe-agent += "${systemd_system_unitdir}/edgekms-spiffe-agent.service"
 FILES:${PN}-unlock += "${systemd_system_unitdir}/edgekms-unlock@.service \
                        ${libexecdir}/edgekms/edgekms-unlock-keyscript"
+# The single-process modes (kmsctl up) on the board's OP-TEE token: a cluster node, a
+# fleet hub, a fleet device; each replaces the per-service units (docs/cluster.md).
+FILES:${PN}-node += "${systemd_system_unitdir}/edgekms-node.service \
+                     ${systemd_system_unitdir}/edgekms-fleet-hub.service \
+                     ${systemd_system_unitdir}/edgekms-fleet-device.service"
 
 CONFFILES:${PN}-crypto-hsm = "${sysconfdir}/edgekms/crypto-hsm0.toml"
 CONFFILES:${PN}-crypto-tpm = "${sysconfdir}/edgekms/crypto-tpm0.toml"
@@ -139,7 +149,7 @@ CONFFILES:${PN}-ca = "${sysconfdir}/edgekms/ca.toml"
 CONFFILES:${PN}-broker = "${sysconfdir}/edgekms/broker.toml"
 CONFFILES:${PN}-agent = "${sysconfdir}/edgekms/agent.toml"
 
-SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-spiffe-agent ${PN}-unlock"
+SYSTEMD_PACKAGES = "${PN}-datafs ${PN}-provision ${PN}-setup ${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-agent ${PN}-spiffe-agent ${PN}-unlock ${PN}-node"
 SYSTEMD_SERVICE:${PN}-datafs = "edgekms-datafs.service"
 SYSTEMD_SERVICE:${PN}-provision = "edgekms-provision.service"
 SYSTEMD_SERVICE:${PN}-setup = "edgekms-setup.service"
@@ -155,10 +165,14 @@ SYSTEMD_SERVICE:${PN}-spiffe-agent = "edgekms-spiffe-agent.service"
 # A template: enabled per volume (systemctl enable edgekms-unlock@data.service).
 SYSTEMD_SERVICE:${PN}-unlock = "edgekms-unlock@.service"
 SYSTEMD_AUTO_ENABLE:${PN}-unlock = "disable"
+# Shipped, never enabled by default: a board runs the per-service units until its
+# operator switches it over to one of these.
+SYSTEMD_SERVICE:${PN}-node = "edgekms-node.service edgekms-fleet-hub.service edgekms-fleet-device.service"
+SYSTEMD_AUTO_ENABLE:${PN}-node = "disable"
 
 # One system user per service; tss (from tpm2-tss) and teeclnt give device access;
 # teesuppl runs tee-supplicant (see tee-supplicant-edgekms.conf).
-USERADD_PACKAGES = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init"
+USERADD_PACKAGES = "${PN}-nats ${PN}-crypto-hsm ${PN}-crypto-tpm ${PN}-ca ${PN}-broker ${PN}-init ${PN}-node"
 USERADD_PARAM:${PN}-nats = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-nats"
 GROUPADD_PARAM:${PN}-crypto-hsm = "--system teeclnt"
 USERADD_PARAM:${PN}-crypto-hsm = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group --groups teeclnt edgekms-hsm; \
@@ -168,6 +182,9 @@ USERADD_PARAM:${PN}-crypto-tpm = "--system --no-create-home --home-dir /nonexist
 USERADD_PARAM:${PN}-ca = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-ca"
 USERADD_PARAM:${PN}-init = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-init"
 USERADD_PARAM:${PN}-broker = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group edgekms-broker"
+# kmsctl up and its whole stack in one unit: one user, in teeclnt for /dev/tee0.
+GROUPADD_PARAM:${PN}-node = "--system teeclnt"
+USERADD_PARAM:${PN}-node = "--system --no-create-home --home-dir /nonexistent --shell /sbin/nologin --user-group --groups teeclnt edgekms-node"
 
 RDEPENDS:${PN} += "python3-asn1crypto \
                    python3-click \
@@ -206,6 +223,12 @@ RDEPENDS:${PN}-broker += "${PN}"
 RDEPENDS:${PN}-init += "${PN}"
 RDEPENDS:${PN}-agent += "${PN}"
 RDEPENDS:${PN}-spiffe-agent += "${PN}"
+RDEPENDS:${PN}-node += "${PN} \
+                        ${PN}-datafs \
+                        ${PN}-provision \
+                        nats-server \
+                        optee-client \
+                        python3-pkcs11"
 RDEPENDS:${PN}-unlock += "${PN} \
                           cryptsetup \
                           libtss2-tcti-device \

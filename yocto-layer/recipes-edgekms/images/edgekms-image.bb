@@ -29,6 +29,7 @@ IMAGE_INSTALL = "packagegroup-core-boot \
                  edgekms-firewall \
                  edgekms-init \
                  edgekms-nats \
+                 edgekms-node \
                  edgekms-provision \
                  edgekms-setup \
                  opensc \
@@ -39,6 +40,13 @@ IMAGE_INSTALL = "packagegroup-core-boot \
 
 ROOTFS_POSTPROCESS_COMMAND += "edgekms_lock_root;"
 
+# The board's role. The root file system is read-only, so it is chosen here, at build
+# time (docs/cluster.md, "Under systemd"): "" runs the per-service units; "node",
+# "fleet-hub" or "fleet-device" runs that one `kmsctl up` unit of edgekms-node instead,
+# with the per-service units masked and the firewall opened for its port.
+EDGEKMS_ROLE ??= ""
+ROOTFS_POSTPROCESS_COMMAND += "edgekms_role;"
+
 edgekms_lock_root[doc] = "Locks the root account: no password, no console login"
 edgekms_lock_root() {
     # Nobody logs in: the first-boot ceremony (edgekms-provision) owns the serial console
@@ -46,6 +54,29 @@ edgekms_lock_root() {
     sed -i -e 's,^root:[^:]*:,root:*:,' ${IMAGE_ROOTFS}${sysconfdir}/shadow
     if [ -f ${IMAGE_ROOTFS}${sysconfdir}/securetty ]; then
         : > ${IMAGE_ROOTFS}${sysconfdir}/securetty
+    fi
+}
+
+edgekms_role[doc] = "Enables the unit of EDGEKMS_ROLE and masks the per-service units"
+edgekms_role() {
+    case "${EDGEKMS_ROLE}" in
+        "") return 0 ;;
+        node) port=6222 ;;
+        fleet-hub) port=7422 ;;
+        fleet-device) port="" ;;
+        *) bbfatal "EDGEKMS_ROLE='${EDGEKMS_ROLE}': want node, fleet-hub, fleet-device or empty" ;;
+    esac
+    # Masked, not disabled: the image's preset pass enables what presets say, and a
+    # masked unit stays off whatever enables it; Conflicts= in the role's unit besides.
+    for unit in edgekms-setup edgekms-nats edgekms-init edgekms-crypto-hsm0 \
+                edgekms-crypto-tpm0 edgekms-ca edgekms-broker; do
+        systemctl --root=${IMAGE_ROOTFS} mask $unit.service
+    done
+    systemctl --root=${IMAGE_ROOTFS} enable edgekms-${EDGEKMS_ROLE}.service
+    # Cluster routes (node) or devices' leaf connections (hub) come in from the LAN.
+    if [ -n "$port" ]; then
+        sed -i -e "/tcp dport 8443 ct state new accept/a\\        tcp dport $port ct state new accept" \
+            ${IMAGE_ROOTFS}${sysconfdir}/nftables/edgekms.nft
     fi
 }
 
