@@ -98,7 +98,10 @@ def _bundles(root: Path, ports: dict[str, tuple[int, int]]) -> Path:
     return out
 
 
-def _start(node: Node) -> None:
+def _start(node: Node, *extra: str) -> None:
+    """`kmsctl up --join` for `node` on free ports, `extra` appended (a hub's
+    --leaf-listen). A restarted node is ready when its new state file says so."""
+    (node.data_dir / "run" / "state.json").unlink(missing_ok=True)
     with open(node.log, "ab") as log_file:
         node.process = subprocess.Popen(
             [
@@ -119,6 +122,7 @@ def _start(node: Node) -> None:
                 "",
                 "--start-timeout",
                 str(60.0 * SLOWDOWN),
+                *extra,
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,40 +29,10 @@ from edgekms.fleet_ca import FLEET_DEVICES_BUCKET
 from mgmt.client import KMSClient
 from mgmt.natsauth import BROKER_USER, kmsctl_identity, local_credentials
 from mgmt.natsserver import free_port
-from tests.cluster.test_up_nodes import BIN, NODES, Node, _bundles, _config_for, _wait_ready
+from tests.cluster.test_up_nodes import NODES, Node, _bundles, _config_for, _start, _wait_ready
 from tests.conftest import SLOWDOWN
 from tests.fleet.test_hub_ca import csr
 from tests.fleet.test_up_fleet import Up, device_head, kmsctl, sign, until
-
-
-def _start_node(node: Node, *extra: str) -> None:
-    # A restarted node is ready when its new state file says so, not its last one.
-    (node.data_dir / "run" / "state.json").unlink(missing_ok=True)
-    with open(node.log, "ab") as log_file:
-        node.process = subprocess.Popen(
-            [
-                str(BIN / "kmsctl"),
-                "up",
-                "--data-dir",
-                str(node.data_dir),
-                "--join",
-                str(node.bundle),
-                "--nats-port",
-                str(free_port()),
-                "--ca-http",
-                f"127.0.0.1:{free_port()}",
-                "--enroll-listen",
-                f"127.0.0.1:{free_port()}",
-                "--metrics-listen",
-                "",
-                "--start-timeout",
-                str(60.0 * SLOWDOWN),
-                *extra,
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "XDG_STATE_HOME": str(node.data_dir.parent / f"{node.name}-st")},
-        )
 
 
 @dataclass
@@ -93,9 +62,9 @@ def hub_cluster(tmp_path: Path) -> Iterator[HubCluster]:
     nodes = [Node(n, tmp_path / n, f"127.0.0.1:{ports[n][1]}", bundles / n) for n in NODES]
     made = HubCluster(tmp_path, f"127.0.0.1:{free_port()}", nodes)
     try:
-        _start_node(nodes[0], "--leaf-listen", made.leaf)
+        _start(nodes[0], "--leaf-listen", made.leaf)
         for node in nodes[1:]:
-            _start_node(node)
+            _start(node)
         _wait_ready(nodes, 240)
         yield made
     finally:
@@ -230,7 +199,7 @@ def test_a_device_on_a_hub_that_is_a_cluster(hub_cluster: HubCluster) -> None:
     # nas3 back, then the node the device reaches goes: the device is cut off and signs
     # on alone, and the hub's copy of everything it sent before stays readable and whole
     # through another node's broker.
-    _start_node(nas3)
+    _start(nas3)
     _wait_ready([nas3], 180)
     until("a's copy current on nas3 again", all_current)
     head = device_head(device)
