@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -464,7 +465,31 @@ def wait_for_port(
     raise NatsServerError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+# Where free_port looks first: below Linux's ephemeral range (32768-60999 by default),
+# so that the port is not taken between the check and the bind by an outgoing
+# connection of some other process, which the kernel gives an ephemeral port.
+_CHOSEN_PORTS = (20000, 32767)
+_GIVEN: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a test or a bench to give a server. Picked at
+    random below the ephemeral range (a port the kernel hands out for port 0 may go to
+    any outgoing connection before the server binds it), else from the kernel."""
+    low, high = _CHOSEN_PORTS
+    for _ in range(64):
+        port = random.randint(low, high)
+        # Never the same port twice in one process: one given out a moment ago may not
+        # be bound yet by the server it was given to.
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
