@@ -32,7 +32,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
-from edgekms import audit, kvstore, natsrpc
+from edgekms import audit, kvread, kvstore, natsrpc
 from edgekms.crypto_client import CryptoClient
 from edgekms.errors import KMSError
 from edgekms.fleet import source_device
@@ -635,13 +635,11 @@ class Stack:
         last = info.state.last_seq
         if last == self._peer_fleet_seq:
             return False
-        registry = await DeviceRegistry.existing(js)
-        if registry is None:
-            return False
-        try:
-            devices = sorted(set(await registry.kv.keys()))
-        except nats.js.errors.NoKeysError:
-            devices = []
+        # Not KeyValue.keys(): it rides nats-py's watcher, whose end marker can come
+        # before the last key (edgekms.kvread), and a device left out would stay
+        # ungranted until the registry changed again.
+        entries, _ = await kvread.snapshot(js, FLEET_DEVICES_BUCKET)
+        devices = sorted({e.key for e in entries if not kvread.is_removal(e)})
         self._peer_fleet_seq = last
         if devices == self._peer_fleet:
             return False
