@@ -53,7 +53,7 @@ from mgmt.natsserver import free_port
 from tests.conftest import SLOWDOWN, TokenInfo
 from tests.crypto.conftest import CryptoProcess
 from tests.fleet.conftest import ADMIN, Fleet, until
-from tests.fleet.test_leaf_ca import PROVIDER, crypto_on_hub
+from tests.fleet.test_leaf_ca import PROVIDER, crypto_on_hub, init_hub_ca
 
 A_NAME = "a.fleet.test"
 B_NAME = "b.fleet.test"
@@ -132,15 +132,7 @@ async def hub_ca(fleet: Fleet, softhsm_token: TokenInfo, tmp_path: Path) -> Asyn
         await registry.put(DeviceRecord("a", (f"dns:{A_NAME}",), ("https-server",)))
         await registry.put(DeviceRecord("b", (f"dns:{B_NAME}",), ("https-server",)))
         service = await add_ca_service(hub, ca, fleet=DeviceCA(ca, js, audit))
-        init = ca_pb2.InitCARequest(
-            provider=PROVIDER,
-            key_type=pb.KEY_TYPE_EC_P256,
-            common_name="EdgeKMS Hub CA",
-            organization="EdgeKMS Tests",
-            disable_root=True,
-        )
-        done = await hub.request(ca_subject("Init"), init.SerializeToString(), timeout=60)
-        assert not (done.headers or {}).get("Nats-Service-Error-Code"), done.data[:200]
+        await init_hub_ca(hub, "EdgeKMS Hub CA")
 
         async def device_reaches_the_ca() -> bool:
             # The device's own subject is reachable once the leaf carries the CA's

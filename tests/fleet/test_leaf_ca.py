@@ -16,6 +16,7 @@ from pathlib import Path
 import nats.errors
 import pytest
 from cryptography import x509
+from nats.aio.client import Client
 
 from ca_service.authority import CertificateAuthority
 from ca_service.builder import CaUrls
@@ -32,6 +33,19 @@ from tests.fleet.conftest import ADMIN, Fleet, until
 
 pytestmark = pytest.mark.asyncio
 PROVIDER = "hubhsm"
+
+
+async def init_hub_ca(hub: Client, common_name: str) -> None:
+    """The hub CA's Init over the bus (intermediate in PROVIDER's token, no root kept)."""
+    init = ca_pb2.InitCARequest(
+        provider=PROVIDER,
+        key_type=pb.KEY_TYPE_EC_P256,
+        common_name=common_name,
+        organization="EdgeKMS Tests",
+        disable_root=True,
+    )
+    done = await hub.request(ca_subject("Init"), init.SerializeToString(), timeout=60)
+    assert not (done.headers or {}).get("Nats-Service-Error-Code"), done.data[:200]
 
 
 def crypto_on_hub(fleet: Fleet, token: TokenInfo, directory: Path) -> CryptoProcess:
@@ -64,15 +78,7 @@ async def test_a_device_gets_the_hub_cas_chain_over_its_leaf(
             urls=CaUrls.from_base("http://127.0.0.1:1"),
         )
         service = await add_ca_service(hub, ca)
-        init = ca_pb2.InitCARequest(
-            provider=PROVIDER,
-            key_type=pb.KEY_TYPE_EC_P256,
-            common_name="EdgeKMS Fleet Test CA",
-            organization="EdgeKMS Tests",
-            disable_root=True,
-        )
-        done = await hub.request(ca_subject("Init"), init.SerializeToString(), timeout=60)
-        assert not (done.headers or {}).get("Nats-Service-Error-Code"), done.data[:200]
+        await init_hub_ca(hub, "EdgeKMS Fleet Test CA")
 
         answers: list[ca_pb2.GetCACertificatesResponse] = []
 
