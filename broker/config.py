@@ -116,6 +116,9 @@ class BrokerConfig:
     # PEM bundle of TPM manufacturer CAs an EK certificate must chain to, for
     # TPM-attested enrollment; None: only tokens with a registered EK attest.
     ek_ca_file: Path | None = None
+    # How long a TPM attestation or unlock challenge stays answerable (broker.attest):
+    # long enough for a slow TPM's ActivateCredential/Quote and the round trip back.
+    attest_challenge_ttl: float = 60.0
     # Its audit stream's limits where the broker creates it (no `kmsctl up`: the board);
     # None: edgekms.audit's defaults (2 GiB). docs/security.md, "Sizing for a board".
     audit_limit: StreamLimit | None = None
@@ -136,6 +139,12 @@ class BrokerConfig:
     # On a fleet device: its id at the hub; IssueCertificate, GetCACertificates and
     # GetCRL are sent to the hub's CA across the leaf connection (broker.hub_ca).
     hub_ca_device: str = ""
+
+
+# attest_challenge_ttl's bounds: under 2 s a real TPM cannot answer in time; over 10
+# minutes a captured challenge stays worth stealing for too long.
+MIN_CHALLENGE_TTL = 2.0
+MAX_CHALLENGE_TTL = 600.0
 
 
 # A node name as nats-server's server_name and the docs use it.
@@ -184,6 +193,7 @@ KNOWN_FIELDS = frozenset(
         "provider_nodes",
         "replicas",
         "ek_ca_file",
+        "attest_challenge_ttl",
         "tls",
         LISTEN_FIELD,
         "audit_check_interval",
@@ -246,6 +256,12 @@ def load_config(path: Path) -> BrokerConfig:
     ek_ca = raw.get("ek_ca_file", "")
     if not isinstance(ek_ca, str):
         raise ConfigError(f"{path}: 'ek_ca_file' must be a path")
+    challenge_ttl = _seconds(raw, "attest_challenge_ttl", 60.0, path)
+    if not MIN_CHALLENGE_TTL <= challenge_ttl <= MAX_CHALLENGE_TTL:
+        raise ConfigError(
+            f"{path}: 'attest_challenge_ttl' must be {MIN_CHALLENGE_TTL:g} to "
+            f"{MAX_CHALLENGE_TTL:g} seconds"
+        )
     audit_limit, problems = parse_limit_fields(raw)
     if problems:
         raise ConfigError(f"{path}: {problems[0]}")
@@ -287,6 +303,7 @@ def load_config(path: Path) -> BrokerConfig:
         ca=ca,
         enroll_listen=str(raw.get("enroll_listen", "")),
         ek_ca_file=(base / ek_ca) if ek_ca else None,
+        attest_challenge_ttl=challenge_ttl,
         audit_limit=audit_limit,
         provider_nodes=_provider_nodes(raw, providers, path),
         audit_archive_dir=archive_dir,

@@ -154,7 +154,8 @@ class EnrollmentService(enroll_pb2_grpc.EnrollmentServiceServicer):
         # decrypted with ordinary KMS keys, not the internal CA's class.
         self.crypto = crypto
         self.ek_cas = ek_cas or ManufacturerCAs([])
-        self.challenges = challenges or ChallengeBook()
+        # `is None`, not `or`: an empty book is falsy (it has a length).
+        self.challenges = challenges if challenges is not None else ChallengeBook()
         self.clients = clients
         self.issuer = issuer
         self.store = store

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 
 from broker import reflection, wire
 from broker.archiver import Archiver, InternalKeySigner
-from broker.attest import ManufacturerCAs
+from broker.attest import ChallengeBook, ManufacturerCAs
 from broker.audit_service import AuditService
 from broker.ca_forward import SERVICE as CA_SERVICE
 from broker.ca_forward import CAForwarder
@@ -337,6 +337,7 @@ class Broker:
                 server_name,
                 audit,
                 ek_cas=ManufacturerCAs.load(cfg.ek_ca_file),
+                challenges=ChallengeBook(ttl=cfg.attest_challenge_ttl),
                 crypto=crypto,
             ),
             ENROLL_SERVICE,

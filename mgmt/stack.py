@@ -170,6 +170,9 @@ class StackOptions:
     enroll_listen: str = ""
     # PEM bundle of TPM manufacturer CAs for attested enrollment (broker ek_ca_file).
     ek_ca: Path | None = None
+    # Seconds a TPM attestation or unlock challenge stays answerable (broker
+    # attest_challenge_ttl).
+    attest_challenge_ttl: float = 60.0
     provider_id: str = "hsm0"
     token_label: str = "edgekms"  # noqa: S105 - a label, not a secret
     # None: no TPM service; "swtpm": start swtpm for development; otherwise a TCTI
@@ -982,6 +985,7 @@ class Stack:
                 f"audit_max_age = {self.options.audit_max_age!r}\n"
                 f"audit_archive_interval = {self.options.audit_archive_interval!r}\n"
                 f"{self._metrics_toml('broker')}"
+                f"attest_challenge_ttl = {self.options.attest_challenge_ttl!r}\n"
                 + (
                     f"ek_ca_file = {json.dumps(str(self.options.ek_ca))}\n"
                     if self.options.ek_ca

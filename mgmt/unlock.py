@@ -56,6 +56,13 @@ def target_from(
     return found
 
 
+# The refusals that say only "this challenge is gone" (expired while the TPM answered,
+# or lost with a broker that restarted between BeginUnlock and Unlock): a fresh
+# challenge is the whole remedy, so fetch asks again rather than fail the boot.
+STALE_CHALLENGE = frozenset({"attest.challenge_unknown", "attest.challenge_expired"})
+FETCH_ATTEMPTS = 2
+
+
 def fetch(
     target: Target,
     volume: str,
@@ -63,8 +70,24 @@ def fetch(
     *,
     endorsement_auth: bytes = b"",
     timeout: float = 30.0,
+    attempts: int = FETCH_ATTEMPTS,
 ) -> bytes:
-    """The volume's secret, released to this TPM; KMSError on any refusal."""
+    """The volume's secret, released to this TPM; KMSError on any refusal. A challenge
+    that died before its answer came (STALE_CHALLENGE) is asked for again, up to
+    `attempts` challenges in all; every other refusal is final at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _fetch_once(target, volume, tcti, endorsement_auth, timeout)
+        except FailedPrecondition as err:
+            if err.reason not in STALE_CHALLENGE or attempt == attempts:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _fetch_once(
+    target: Target, volume: str, tcti: str | None, endorsement_auth: bytes, timeout: float
+) -> bytes:
+    """One challenge, its quote, and the release opened by this TPM."""
     with enrollment_stub(target.server, target.fingerprint) as stub:
         try:
             challenge = stub.BeginUnlock(

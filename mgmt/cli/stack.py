@@ -60,6 +60,7 @@ class UpOptions:
     broker_listen: str
     enroll_listen: str
     ek_ca: Path | None
+    attest_challenge_ttl: float
     mdns: bool
     mdns_interfaces: tuple[str, ...]
     tpm: str | None
@@ -136,6 +137,7 @@ class UpOptions:
             start_timeout=self.start_timeout,
             metrics_listen=self.metrics_listen,
             ek_ca=self.ek_ca.resolve() if self.ek_ca else None,
+            attest_challenge_ttl=self.attest_challenge_ttl,
             embedded=self.embedded,
             leaf_listen=self.leaf_listen,
             uplink=uplink,
@@ -166,6 +168,16 @@ class UpOptions:
     default=None,
     help="PEM bundle of TPM manufacturer CAs: an EK certificate chaining to one of them "
     "may enroll with `kmsctl enroll --attest` (docs/security.md, TPM-attested enrollment).",
+)
+@click.option(
+    "--attest-challenge-ttl",
+    type=click.FloatRange(2.0, 600.0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a TPM challenge (enroll --attest, unlock fetch) may be answered. It "
+    "lives in the broker's memory only: a broker restart ends every open one, and the "
+    "device asks again.",
 )
 @click.option(
     "--mdns",

@@ -97,3 +97,47 @@ def test_bad_provider_nodes_are_refused(tmp_path: Path, extra: str, message: str
         load_config(path)
     assert str(path) in str(refused.value)
     assert message in str(refused.value)
+
+
+def test_the_attest_challenge_lifetime_loads_with_a_default(tmp_path: Path) -> None:
+    assert load_config(_broker(tmp_path)).attest_challenge_ttl == 60.0
+    loaded = load_config(_broker(tmp_path, extra="attest_challenge_ttl = 15"))
+    assert loaded.attest_challenge_ttl == 15.0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1.5", "'attest_challenge_ttl' must be 2 to 600 seconds"),
+        ("601", "'attest_challenge_ttl' must be 2 to 600 seconds"),
+        ("0", "'attest_challenge_ttl' must be a positive number"),
+        ('"1m"', "'attest_challenge_ttl' must be a positive number"),
+    ],
+    ids=["too-short", "too-long", "zero", "not-a-number"],
+)
+def test_an_attest_challenge_lifetime_out_of_bounds_is_refused(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    """Under 2 s no real TPM answers in time; over 10 minutes a captured challenge stays
+    worth stealing for too long. The broker does not start on either."""
+    path = _broker(tmp_path, f"attest_challenge_ttl = {value}")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(path) in str(refused.value) and message in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["1", "601", "soon"])
+def test_kmsctl_up_refuses_an_attest_challenge_lifetime_out_of_bounds(
+    tmp_path: Path, value: str
+) -> None:
+    """`kmsctl up --attest-challenge-ttl` is checked by click before anything starts."""
+    from click.testing import CliRunner
+
+    from mgmt.cli import cli
+
+    done = CliRunner().invoke(
+        cli, ["up", "--data-dir", str(tmp_path / "data"), "--attest-challenge-ttl", value]
+    )
+    assert done.exit_code == 2, done.output
+    assert "--attest-challenge-ttl" in done.output
+    assert not (tmp_path / "data").exists()
