@@ -426,3 +426,96 @@ def test_the_pcr_values_recorded_at_enrollment_make_the_policy(
         str(tmp_path / "other.key"),
     )
     assert unknown.exit_code == 3 and "unlock.pcr_digest_invalid" in unknown.output
+
+
+def test_fetch_writes_the_secret_0600_or_into_a_pipe_cryptsetup_reads(
+    stack: KmsStack,
+    unlock_key: str,
+    device_tpm: DeviceFactory,
+    luks_volume: LuksFactory,
+    tmp_path: Path,
+) -> None:
+    """`unlock fetch --out`: a key file (0600, in a 0700 directory it makes) for
+    /etc/crypttab, or a FIFO that `cryptsetup --key-file` is reading: the secret goes
+    there and never to stdout."""
+    import stat
+    import subprocess
+
+    from tests.conftest import SLOWDOWN
+
+    tpm = device_tpm()
+    out = attested(stack, tpm, tmp_path, "pipe-1")
+    secret = add_secret(stack, tpm, "pipe-1", tmp_path)
+    image = luks_volume(secret)
+    key_file = tmp_path / "run" / "edgekms-unlock" / "data.key"
+    written = CliRunner().invoke(
+        cli,
+        [
+            "unlock", "fetch", "--volume", "data", "--device-dir", str(out),
+            "--tcti", tpm.tcti, "--out", str(key_file),
+        ],
+    )  # fmt: skip
+    assert written.exit_code == 0, written.output
+    assert written.stdout_bytes == b""
+    assert key_file.read_bytes() == secret.read_bytes()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    assert opens(image, key_file.read_bytes())
+    # A FIFO: cryptsetup waits on it, fetch writes into it, nothing lands on disk.
+    fifo = tmp_path / "data.fifo"
+    os.mkfifo(fifo, 0o600)
+    reader = subprocess.Popen(
+        ["cryptsetup", "open", "--test-passphrase", "--key-file", str(fifo), str(image)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        piped = CliRunner().invoke(
+            cli,
+            [
+                "unlock", "fetch", "--volume", "data", "--device-dir", str(out),
+                "--tcti", tpm.tcti, "--out", str(fifo),
+            ],
+        )  # fmt: skip
+        assert piped.exit_code == 0, piped.output
+        assert piped.stdout_bytes == b""
+        said, _ = reader.communicate(timeout=120 * SLOWDOWN)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 0, said
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_secret_outside_its_time_window_is_not_released(
+    stack: KmsStack, unlock_key: str, device_tpm: DeviceFactory, tmp_path: Path
+) -> None:
+    """`unlock add --not-before/--not-after` on the real stack: a fetch before the
+    window opens or after it closed is refused (typed, audited) after the quote checked
+    out, and nothing is released; inside the window the same device unlocks."""
+    import datetime
+
+    tpm = device_tpm()
+    out = attested(stack, tpm, tmp_path, "window-1")
+    now = datetime.datetime.now(datetime.UTC)
+    windows = {
+        "early": ("--not-before", (now + datetime.timedelta(days=1)).isoformat()),
+        "late": ("--not-after", (now - datetime.timedelta(days=1)).isoformat()),
+        "open": ("--not-after", (now + datetime.timedelta(days=1)).isoformat()),
+    }
+    for volume, (option, when) in windows.items():
+        added = run_json(
+            stack, "unlock", "add", "window-1", "--volume", volume, "--pcrs", PCRS,
+            option, when, "--generate", "--secret-out", str(tmp_path / f"{volume}.key"),
+        )  # fmt: skip
+        assert added["generation"] == 1, added
+    for volume in ("early", "late"):
+        refused = fetch(tpm, out, volume=volume)
+        assert refused.exit_code == 7, refused.output
+        assert "unlock.outside_window" in refused.output
+        assert refused.stdout_bytes.find((tmp_path / f"{volume}.key").read_bytes()) == -1
+    assert audited(stack, "unlock.outside_window")
+    inside = fetch(tpm, out, volume="open")
+    assert inside.exit_code == 0, inside.output
+    assert inside.stdout_bytes == (tmp_path / "open.key").read_bytes()
