@@ -519,3 +519,87 @@ def test_a_secret_outside_its_time_window_is_not_released(
     inside = fetch(tpm, out, volume="open")
     assert inside.exit_code == 0, inside.output
     assert inside.stdout_bytes == (tmp_path / "open.key").read_bytes()
+
+
+def test_a_crypto_service_killed_mid_release_releases_nothing_and_the_retry_unlocks(
+    stack: KmsStack,
+    unlock_key: str,
+    device_tpm: DeviceFactory,
+    luks_volume: LuksFactory,
+    tmp_path: Path,
+) -> None:
+    """The other half of "the KMS killed mid-release": the key holder, not the broker.
+    The crypto service is stopped, an Unlock that passed every check waits on its
+    Decrypt, and the crypto service is killed: the device gets an error and nothing else,
+    its challenge is spent, and once `kmsctl up` has restarted the crypto service the
+    device's next fetch unlocks the volume."""
+    import signal
+    import threading
+    import time
+
+    from tests.conftest import SLOWDOWN
+
+    tpm = device_tpm()
+    out = attested(stack, tpm, tmp_path, "crashy-2")
+    secret = add_secret(stack, tpm, "crashy-2", tmp_path)
+    image = luks_volume(secret)
+    server, fingerprint = fingerprint_of(out)
+    children = dict(stack.state()["children"])  # type: ignore[call-overload]
+    crypto_pid = int(children["crypto-hsm0"])
+    with enrollment_stub(server, fingerprint) as stub:
+        challenge = call(
+            stub.BeginUnlock, enroll_pb2.BeginUnlockRequest(device="crashy-2", volume="data")
+        )
+    with DeviceTpm(tpm.tcti) as device:
+        quote, signature = device.quote(list(challenge.pcrs), challenge.nonce)
+    request = enroll_pb2.UnlockRequest(
+        challenge_id=challenge.challenge_id,
+        device="crashy-2",
+        volume="data",
+        quote=quote,
+        signature=signature,
+    )
+    outcome: list[object] = []
+
+    def attempt() -> None:
+        try:
+            with enrollment_stub(server, fingerprint) as stub:
+                outcome.append(call(stub.Unlock, request))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    # Whether the Decrypt reached the stopped service before the kill or not, nothing
+    # may come back but an error.
+    os.kill(crypto_pid, signal.SIGSTOP)
+    thread = threading.Thread(target=attempt)
+    try:
+        thread.start()
+        thread.join(2.0)
+    finally:
+        os.kill(crypto_pid, signal.SIGKILL)
+    thread.join(60 * SLOWDOWN)
+    assert not thread.is_alive()
+    assert len(outcome) == 1, outcome
+    assert isinstance(outcome[0], errors.DeadlineExceeded | errors.Unavailable), outcome
+    assert outcome[0].reason in ("provider.deadline", "provider.unavailable"), outcome
+    assert audited(stack, outcome[0].reason)
+    with (
+        enrollment_stub(server, fingerprint) as stub,
+        pytest.raises(errors.FailedPrecondition) as spent,
+    ):
+        call(stub.Unlock, request)
+    assert spent.value.reason == "attest.challenge_unknown"
+    # The crypto service is back when a KMS Encrypt under the same key works again (that
+    # spends no unlock challenge of this address's ration).
+    deadline = time.monotonic() + 120 * SLOWDOWN
+    while True:
+        try:
+            with stack.client() as client:
+                client.encrypt(unlock_key, b"are you back")
+            break
+        except errors.KMSError:
+            assert time.monotonic() < deadline, "the crypto service did not come back"
+            time.sleep(0.5)
+    got = fetch(tpm, out)
+    assert got.exit_code == 0, got.output
+    assert opens(image, got.stdout_bytes)
