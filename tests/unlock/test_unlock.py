@@ -603,3 +603,56 @@ def test_a_crypto_service_killed_mid_release_releases_nothing_and_the_retry_unlo
     got = fetch(tpm, out)
     assert got.exit_code == 0, got.output
     assert opens(image, got.stdout_bytes)
+
+
+def test_the_board_keyscript_feeds_cryptsetup_the_released_secret(
+    stack: KmsStack,
+    unlock_key: str,
+    device_tpm: DeviceFactory,
+    luks_volume: LuksFactory,
+    tmp_path: Path,
+) -> None:
+    """The board image's crypttab keyscript, its placeholders filled as the recipe fills
+    them, run as cryptsetup runs it (CRYPTTAB_NAME set, its stdout piped into
+    `cryptsetup --key-file -`): the volume opens with what it prints."""
+    import subprocess
+
+    from tests.conftest import SLOWDOWN
+    from tests.e2e.conftest import BIN
+
+    tpm = device_tpm()
+    out = attested(stack, tpm, tmp_path, "board-1")
+    secret = add_secret(stack, tpm, "board-1", tmp_path)
+    image = luks_volume(secret)
+    sysconf = tmp_path / "etc"
+    sysconf.mkdir()
+    (sysconf / "edgekms").symlink_to(out)
+    shipped = Path(__file__).resolve().parents[2] / (
+        "yocto-layer/recipes-edgekms/edgekms/files/edgekms-unlock-keyscript"
+    )
+    script = tmp_path / "edgekms-unlock-keyscript"
+    script.write_text(
+        shipped.read_text().replace("@BINDIR@", str(BIN)).replace("@SYSCONFDIR@", str(sysconf))
+    )
+    keyscript = subprocess.Popen(
+        ["sh", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "CRYPTTAB_NAME": "data", "EDGEKMS_UNLOCK_TCTI": tpm.tcti},
+    )
+    assert keyscript.stdout is not None
+    try:
+        opened = subprocess.run(
+            ["cryptsetup", "open", "--test-passphrase", "--key-file", "-", str(image)],
+            stdin=keyscript.stdout,
+            capture_output=True,
+            timeout=120 * SLOWDOWN,
+        )
+        keyscript.stdout.close()
+        keyscript.wait(timeout=60 * SLOWDOWN)
+    finally:
+        if keyscript.poll() is None:
+            keyscript.kill()
+            keyscript.wait()
+    assert keyscript.returncode == 0, keyscript.stderr.read() if keyscript.stderr else ""
+    assert opened.returncode == 0, opened.stderr
