@@ -123,12 +123,25 @@ def test_an_entry_matches_only_when_every_selector_was_attested() -> None:
 
 def test_the_systemd_unit_comes_from_the_cgroup_file() -> None:
     assert unit_of_cgroup("0::/system.slice/backup.service\n") == "backup.service"
+    # A sub-cgroup a service made of its own is still that service.
+    assert unit_of_cgroup("0::/system.slice/backup.service/worker\n") == "backup.service"
+    assert unit_of_cgroup("0::/system.slice/system-getty.slice/getty@tty1.service") == (
+        "getty@tty1.service"
+    )
+    # A user's own manager names the cgroups under it as it likes: a "backup.service"
+    # of uid 1000's making is in the system unit user@1000.service, not backup.service.
     assert (
         unit_of_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.scope")
-        == "x.scope"
+        == "user@1000.service"
     )
-    assert unit_of_cgroup("12:pids:/system.slice/nginx.service\n") == "nginx.service"
+    spoof = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/backup.service\n"
+    assert unit_of_cgroup(spoof) == "user@1000.service"
+    # Legacy and hybrid hierarchies: systemd's named one counts, other controllers not.
+    hybrid = "12:pids:/system.slice/nginx.service\n1:name=systemd:/system.slice/sshd.service\n0::/"
+    assert unit_of_cgroup(hybrid) == "sshd.service"
+    assert unit_of_cgroup("12:pids:/system.slice/nginx.service\n") == ""
     assert unit_of_cgroup("0::/\n") == ""
+    assert unit_of_cgroup("0::/docker/abc\n") == ""  # not a unit: none
 
 
 def test_the_agents_arguments_and_socket_forms() -> None:

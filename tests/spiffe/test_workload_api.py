@@ -6,8 +6,10 @@ their audience only, and the `workload.spiffe.io` header is required."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +22,12 @@ from tests.spiffe.conftest import (
     TRUST_DOMAIN,
     Agent,
     SpiffeStack,
+    UnitCgroups,
     read_json_line,
     system_python_path,
     wait_for,
     workload,
+    workload_in_cgroup,
     workload_process,
 )
 
@@ -224,6 +228,60 @@ def test_the_path_selector_tells_two_programs_of_one_uid_apart(
         "the by-path SVID",
     )
     assert [s["spiffe_id"] for s in answer["svids"]] == [f"spiffe://{TRUST_DOMAIN}/by-path"]
+
+
+def test_the_sha256_selector_is_the_executables_digest(
+    spiffe_stack: SpiffeStack, agent: Agent
+) -> None:
+    """The digest is of the running executable (read through /proc/<pid>/exe): the
+    right one gives the identity, another digest for the same uid does not."""
+    digest = hashlib.sha256(open(system_python_path(), "rb").read()).hexdigest()  # noqa: SIM115
+    spiffe_stack.entry(
+        f"spiffe://{TRUST_DOMAIN}/by-digest", "unix:uid:1061", f"unix:sha256:{digest}"
+    )
+    spiffe_stack.entry(
+        f"spiffe://{TRUST_DOMAIN}/other-digest", "unix:uid:1061", f"unix:sha256:{'0' * 64}"
+    )
+    answer = wait_for(
+        lambda: (a := workload(agent.socket, 1061, 1061, "x509")).get("svids") and a,
+        60,
+        "the by-digest SVID",
+    )
+    assert [s["spiffe_id"] for s in answer["svids"]] == [f"spiffe://{TRUST_DOMAIN}/by-digest"]
+
+
+def test_the_systemd_unit_selector_and_a_users_lookalike_unit(
+    spiffe_stack: SpiffeStack, agent: Agent
+) -> None:
+    """A process in the system unit's cgroup gets the unit's identity; a process of the
+    same uid in a cgroup its own user manager could have named `<unit>` does not."""
+    cgroups = UnitCgroups()
+    unit = f"edgekms-test-{secrets.token_hex(4)}.service"
+    unit_id = f"spiffe://{TRUST_DOMAIN}/unit-job"
+    spiffe_stack.entry(unit_id, "unix:uid:1071", f"systemd:unit:{unit}")
+    try:
+        system = cgroups.make(f"system.slice/{unit}")
+        lookalike = cgroups.make(f"user.slice/user-1071.slice/user@1071.service/app.slice/{unit}")
+        answer = wait_for(
+            lambda: (
+                (a := workload_in_cgroup(agent.socket, system, 1071, 1071, "x509")).get("svids")
+                and a
+            ),
+            60,
+            "the unit's SVID",
+        )
+        assert [s["spiffe_id"] for s in answer["svids"]] == [unit_id]
+        spoofed = workload_in_cgroup(agent.socket, lookalike, 1071, 1071, "x509")
+        assert spoofed == {
+            "error": "PERMISSION_DENIED",
+            "details": "spiffe.no_identity: no identity issued",
+        }
+        # Outside any unit the same uid is nobody either.
+        assert workload(agent.socket, 1071, 1071, "x509")["error"] == "PERMISSION_DENIED"
+        refused = [e for e in agent.events("spiffe_no_identity") if e.get("uid") == "1071"]
+        assert any(e.get("unit") == "user@1071.service" for e in refused), refused
+    finally:
+        cgroups.cleanup()
 
 
 def test_entries_are_managed_and_the_ca_refuses_bad_ones_itself(
