@@ -153,8 +153,8 @@ class SpiffeAuthority:
             ca_public = serialization.load_der_public_key(ca_pub_der)
             assert isinstance(ca_public, PublicKey)
             cert = await asyncio.to_thread(
-                build_intermediate, root_key, issuer.root, ca_public,
-                ca_name(f"SPIFFE {td}", "EdgeKMS"), days,
+                functools.partial(build_intermediate, spiffe_id=f"spiffe://{td}"),
+                root_key, issuer.root, ca_public, ca_name(f"SPIFFE {td}", "EdgeKMS"), days,
             )  # fmt: skip
             jwt_public = serialization.load_der_public_key(jwt_pub_der)
             assert isinstance(jwt_public, ec.EllipticCurvePublicKey)
@@ -371,7 +371,10 @@ class SpiffeAuthority:
                 public = serialization.load_der_public_key(public_der)
                 assert isinstance(public, PublicKey)
                 cert = await asyncio.to_thread(
-                    build_intermediate, root_key, issuer.root, public,
+                    functools.partial(
+                        build_intermediate, spiffe_id=f"spiffe://{state.trust_domain}"
+                    ),
+                    root_key, issuer.root, public,
                     ca_name(f"SPIFFE {state.trust_domain} {generation}", "EdgeKMS"), days,
                 )  # fmt: skip
                 retired.append(
