@@ -367,6 +367,38 @@ def test_a_second_agent_does_not_take_a_served_socket(
     assert a_file.read_text() == "not a socket"
 
 
+def test_entry_listing_pages_in_order_from_the_keys(spiffe_stack: SpiffeStack) -> None:
+    """A listing is paged by (node, entry id) from the entries' keys, each page unsealing
+    only its own entries: every entry once, in order, across pages; a node's listing
+    holds that node's only (a dotted node name included); an entry deleted between two
+    pages is simply not listed, and nothing else is skipped."""
+    from edgekms import spiffe as sp
+
+    nodes = ["page.node.b", "page-node-a"]
+    made = {
+        (node, sp.entry_id(node, f"spiffe://{TRUST_DOMAIN}/paged/{i}"))
+        for node in nodes
+        for i in range(5)
+    }
+    for node in nodes:
+        for i in range(5):
+            spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/paged/{i}", "unix:uid:7", node=node)
+    with spiffe_stack.stack.client() as admin:
+        for node in nodes:
+            listed = [(e.node, e.entry_id) for e in admin.spiffe_iter_entries(node, page_size=2)]
+            assert listed == sorted(p for p in made if p[0] == node)
+        everything = [(e.node, e.entry_id) for e in admin.spiffe_iter_entries(page_size=3)]
+        assert everything == sorted(everything) and len(everything) == len(set(everything))
+        assert made <= set(everything)
+        pages = admin.spiffe_iter_entries("page-node-a", page_size=2)
+        first = [next(pages), next(pages)]
+        doomed = sorted(p for p in made if p[0] == "page-node-a")[3]
+        admin.spiffe_delete_entry(doomed[1])
+        rest = list(pages)
+    got = [(e.node, e.entry_id) for e in [*first, *rest]]
+    assert got == [p for p in sorted(made) if p[0] == "page-node-a" and p != doomed]
+
+
 def test_entries_are_managed_and_the_ca_refuses_bad_ones_itself(
     spiffe_stack: SpiffeStack,
 ) -> None:
