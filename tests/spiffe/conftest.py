@@ -8,6 +8,7 @@ cannot enter)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -275,6 +276,10 @@ CGROUP_ROOTS = (
 )
 
 
+def _empty_cgroup(path: Path) -> bool:
+    return not (path / "cgroup.procs").read_text().split()
+
+
 class UnitCgroups:
     """Cgroups named like systemd units, made by the (root) test in a real systemd
     hierarchy of this kernel, so that a workload's /proc/<pid>/cgroup names a unit the
@@ -307,9 +312,7 @@ class UnitCgroups:
     def cleanup(self) -> None:
         """Remove what was made, deepest first, once the workloads have left it."""
         for path in reversed(self.made):
-            wait_for(
-                lambda p=path: not (p / "cgroup.procs").read_text().split(), 30, f"{path} empty"
-            )
+            wait_for(functools.partial(_empty_cgroup, path), 30, f"{path} empty")
             with contextlib.suppress(OSError):
                 path.rmdir()
 

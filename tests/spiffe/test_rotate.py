@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import json
 import subprocess
 from typing import Any
@@ -151,8 +152,11 @@ def test_rotation_keeps_the_old_key_for_the_overlap_then_drops_it(
             shown = spiffe_stack.kmsctl("key", "show", name, "-o", "json")
             return str(json.loads(shown.stdout)["state"])
 
+        def destroyed(name: str) -> bool:
+            return state_of(name) == "destroyed"
+
         for old_name in ("ca/spiffe", "ca/spiffe-jwt"):
-            wait_for(lambda n=old_name: state_of(n) == "destroyed", 60, f"{old_name} destroyed")
+            wait_for(functools.partial(destroyed, old_name), 60, f"{old_name} destroyed")
         assert state_of("ca/spiffe-2") == "active" and state_of("ca/spiffe-jwt-2") == "active"
         ca_log = (spiffe_stack.stack.data_dir / "logs" / "ca.log").read_text(errors="replace")
         swept = [e for e in entries(ca_log) if e.get("msg") == "spiffe_retired_key_destroyed"]
