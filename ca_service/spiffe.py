@@ -76,6 +76,8 @@ MAX_FEDERATIONS = 64
 # and the agents' sync interval.
 OVERLAP_MARGIN = 60
 MAX_OVERLAP = sp.MAX_TTL + 86400
+# A sweep of retired keys that failed (the token refusing) is not tried again sooner.
+SWEEP_RETRY_SECONDS = 60.0
 
 
 def node_token(node: str) -> str:
@@ -115,6 +117,7 @@ class SpiffeAuthority:
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeping = False
+        self._sweep_after = 0.0  # after a failed sweep: not again before this (monotonic)
 
     # ---- the trust domain --------------------------------------------------------------
 
@@ -455,7 +458,9 @@ class SpiffeAuthority:
     def _sweep_due(self, state: ca_pb2.SpiffeState) -> None:
         """Start (in the background) the destruction of retired keys past drop_at."""
         now = _now()
-        if self._sweeping or not any(parse_rfc3339(r.drop_at) <= now for r in state.retired):
+        if self._sweeping or time.monotonic() < self._sweep_after:
+            return
+        if not any(parse_rfc3339(r.drop_at) <= now for r in state.retired):
             return
         self._sweeping = True
         task = asyncio.create_task(self._sweep_retired())
@@ -508,8 +513,10 @@ class SpiffeAuthority:
                     )  # fmt: skip
                 return
         except KMSError as exc:
+            self._sweep_after = time.monotonic() + SWEEP_RETRY_SECONDS
             log.warning("event=spiffe_retired_sweep_failed reason=%s", exc.reason)
-        except Exception as exc:  # the bus away: tried again at the next sweep
+        except Exception as exc:  # the bus away: tried again at a later sweep
+            self._sweep_after = time.monotonic() + SWEEP_RETRY_SECONDS
             log.warning("event=spiffe_retired_sweep_failed reason=%s", type(exc).__name__)
 
     # ---- entries -----------------------------------------------------------------------

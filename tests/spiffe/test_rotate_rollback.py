@@ -6,6 +6,7 @@ nothing) is in test_rotate.py; the token cannot be made to fail half-way there."
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,7 +194,16 @@ async def test_retired_keys_past_their_overlap_are_destroyed_and_dropped() -> No
 async def test_a_retired_key_the_token_cannot_destroy_stays_listed() -> None:
     ca = FakeCA(_retired_state(), fail_on=0)
     ca.keys.refuse = {b"jwt-1"}
-    await SpiffeAuthority(ca)._sweep_retired()  # type: ignore[arg-type]
-    # Not dropped from the state: the next sweep tries again; nothing half-recorded.
+    authority = SpiffeAuthority(ca)  # type: ignore[arg-type]
+    await authority._sweep_retired()
+    # Not dropped from the state: a later sweep tries again; nothing half-recorded.
     assert ca.store.kv.updates == []
     assert ca.keys.destroyed == [b"ca-1"] and ca.registry.destroyed == ["ca/spiffe"]
+    # Not at every state read after a failure: the next try waits SWEEP_RETRY_SECONDS.
+    authority._sweep_due(_retired_state())
+    assert not authority._sweeping and not authority._tasks
+    authority._sweep_after = 0.0
+    authority._sweep_due(_retired_state())
+    assert authority._sweeping
+    await asyncio.gather(*authority._tasks)
+    assert not authority._sweeping
