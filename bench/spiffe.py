@@ -171,6 +171,53 @@ def run(mint_count: int, rotate_count: int) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def listing(entries: int, nodes: int = 50, writers: int = 8) -> dict[str, Any]:
+    """`entry list` over a CA holding `entries` registration entries on `nodes` nodes:
+    the first page (1000) and the whole listing of all of them, then one node's. Each
+    page reads the entries' keys without values and unseals only its own 1000."""
+    import concurrent.futures
+
+    from bench import stackrun
+    from mgmt.client import KMSClient
+
+    work = Path(tempfile.mkdtemp(prefix="edgekms-spiffe-list-"))
+    stack = stackrun.start(work / "data")
+    try:
+        env = {**os.environ, "EDGEKMS_DATA_DIR": str(stack.data_dir)}
+        _kmsctl(env, "ca", "init", "--name", "Bench CA")
+        _kmsctl(env, "spiffe", "init", "--trust-domain", TD)
+
+        def create(first: int) -> None:
+            with KMSClient.from_config(stack.client_config, timeout=60) as kms:
+                for i in range(first, entries, writers):
+                    kms.spiffe_create_entry(
+                        f"spiffe://{TD}/w/{i}", f"node-{i % nodes}", [f"unix:uid:{i % 60000}"]
+                    )
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(writers) as pool:
+            list(pool.map(create, range(writers)))
+        created = time.monotonic() - started
+        out: dict[str, Any] = {"entries": entries, "create_seconds": round(created, 1)}
+        with KMSClient.from_config(stack.client_config, timeout=120) as kms:
+            for name, node in (("all", ""), ("one_node", "node-7")):
+                started = time.monotonic()
+                listed = kms.spiffe_iter_entries(node=node)
+                next(listed)
+                first = time.monotonic() - started
+                count = 1 + sum(1 for _ in listed)
+                out[name] = {
+                    "listed": count,
+                    "first_page_seconds": round(first, 3),
+                    "all_seconds": round(time.monotonic() - started, 3),
+                }
+        out["machine"] = "shared 2-core machine, loaded by other work"
+        return out
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     import signal
 
@@ -179,7 +226,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mint", type=int, default=20, help="entries minted at once")
     parser.add_argument("--rotate", type=int, default=100, help="workloads that rotate")
+    parser.add_argument(
+        "--listing", type=int, default=0, metavar="N",
+        help="instead: time `entry list` over N registration entries (not part of make bench)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.listing:
+        print(json.dumps(listing(args.listing), indent=1))
+        return
     print(json.dumps(run(args.mint, args.rotate), indent=1))
 
 

@@ -143,6 +143,8 @@ class CAKeyRegistry(Protocol):
 
     async def require_active(self, name: str) -> pb.KeyRecord: ...
 
+    async def mark_destroyed(self, name: str) -> bool: ...
+
 
 @dataclass
 class _Issuer:

@@ -98,10 +98,10 @@ def ca_name(common_name: str, organization: str = "") -> x509.Name:
     return x509.Name(attrs)
 
 
-def _ca_key_usage() -> x509.KeyUsage:
+def _ca_key_usage(digital_signature: bool = True) -> x509.KeyUsage:
     # digitalSignature too: the issuing CA signs OCSP responses itself.
     return x509.KeyUsage(
-        digital_signature=True,
+        digital_signature=digital_signature,
         content_commitment=False,
         key_encipherment=False,
         data_encipherment=False,
@@ -146,9 +146,15 @@ def build_intermediate(
     now: datetime.datetime | None = None,
     name_constraints: x509.NameConstraints | None = None,
     urls: CaUrls = CaUrls(),
+    spiffe_id: str = "",
 ) -> x509.Certificate:
     """An issuing CA under the root; `name_constraints` is marked critical (RFC 5280
-    says it MUST be, so a verifier that cannot enforce it rejects the chain)."""
+    says it MUST be, so a verifier that cannot enforce it rejects the chain).
+
+    With `spiffe_id` (a trust domain's ID, no path) it is an X.509-SVID signing
+    certificate as the X509-SVID specification has it: that ID as its one URI SAN, and
+    key usage keyCertSign and cRLSign only (digitalSignature is for leaves there; this
+    CA signs no OCSP responses)."""
     now = now or _now()
     not_after = now - BACKDATE + datetime.timedelta(days=days)
     if not_after > root_cert.not_valid_after_utc:
@@ -166,10 +172,13 @@ def build_intermediate(
         .not_valid_before(now - BACKDATE)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(_ca_key_usage(digital_signature=not spiffe_id), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(root_cert), critical=False)
     )
+    if spiffe_id:
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)])
+        builder = builder.add_extension(san, critical=False)
     if name_constraints is not None:
         builder = builder.add_extension(name_constraints, critical=True)
     # Where a strict verifier (openssl -crl_check_all) finds the root's CRL and the root.

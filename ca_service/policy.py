@@ -186,6 +186,16 @@ def check_sans(profile: Profile, san: x509.SubjectAlternativeName | None) -> Non
                 f"{kind}:{value} is outside what profile {profile.name} allows",
                 {"san": f"{kind}:{value}", "profile": profile.name},
             )
+        if kind == "uri" and urlsplit(value).scheme == "spiffe":
+            # The SPIFFE bundle's X.509 authority is this CA's root: a spiffe:// URI in
+            # any other certificate under it would pass for an X.509-SVID, so only the
+            # SPIFFE signing CA writes them (ca_service.spiffe), whatever a profile says.
+            raise InvalidArgument(
+                "csr.san_spiffe_reserved",
+                f"{value[:120]} is a SPIFFE ID: SVIDs come from the SPIFFE CA "
+                "(kmsctl spiffe entry create), not from a profile",
+                {"san": f"{kind}:{value[:120]}", "profile": profile.name},
+            )
     if profile.san_required and not any(
         isinstance(gn, x509.DNSName | x509.IPAddress) for gn in san
     ):

@@ -17,7 +17,7 @@ from ca_service.builder import CAKey
 from ca_service.leafsign import LeafSigner
 from edgekms.algorithms import KeyType
 from edgekms.crypto_client import CryptoClient
-from edgekms.errors import KMSError
+from edgekms.errors import KMSError, NotFound
 from edgekms.nats_signer import NatsDigestSigner
 from edgekms.remote_key import remote_key
 from edgekms.v1 import crypto_pb2
@@ -36,7 +36,11 @@ class KeyBackend(Protocol):
         """A private-key object whose sign() may be called from a worker thread."""
         ...
 
-    async def destroy(self, provider: str, key_id: bytes) -> None: ...
+    async def destroy(self, provider: str, key_id: bytes, strict: bool = False) -> None:
+        """Destroy a key in its token. Rollbacks ignore failures (logged); `strict`
+        callers (a key no longer needed, whose record is then dropped) get them raised,
+        except NotFound: a key already gone is what they wanted."""
+        ...
 
     def leaf_signer(self, provider: str, key_id: bytes, public_key_der: bytes) -> LeafSigner:
         """Signs leaves of this key on the event loop (ca_service.leafsign)."""
@@ -72,8 +76,12 @@ class KMSKeyBackend:
         signer = NatsDigestSigner(self._client, loop, provider, key_id, timeout=15.0)
         return LeafSigner(signer, public_key_der)
 
-    async def destroy(self, provider: str, key_id: bytes) -> None:
+    async def destroy(self, provider: str, key_id: bytes, strict: bool = False) -> None:
         try:
             await self._client.destroy_key(provider, crypto_pb2.DestroyKeyRequest(key_id=key_id))
+        except NotFound:
+            return
         except KMSError as exc:
             log.warning("event=ca_key_destroy_failed provider=%s reason=%s", provider, exc.reason)
+            if strict:
+                raise

@@ -76,6 +76,8 @@ MAX_FEDERATIONS = 64
 # and the agents' sync interval.
 OVERLAP_MARGIN = 60
 MAX_OVERLAP = sp.MAX_TTL + 86400
+# A sweep of retired keys that failed (the token refusing) is not tried again sooner.
+SWEEP_RETRY_SECONDS = 60.0
 
 
 def node_token(node: str) -> str:
@@ -86,6 +88,12 @@ def node_token(node: str) -> str:
 
 def entry_key(node: str, eid: str) -> str:
     return f"{ENTRY_PREFIX}.{node_token(node)}.{eid}"
+
+
+def _entry_place(key: str) -> tuple[str, str, str]:
+    """(node, entry id, key) of an entry's KV key: its place in a listing."""
+    token, _, eid = key[len(ENTRY_PREFIX) + 1 :].rpartition(".")
+    return token.replace("=", "."), eid, key
 
 
 def _now() -> datetime.datetime:
@@ -108,6 +116,8 @@ class SpiffeAuthority:
         self._state: tuple[ca_pb2.SpiffeState, int, float] | None = None
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeping = False
+        self._sweep_after = 0.0  # after a failed sweep: not again before this (monotonic)
 
     # ---- the trust domain --------------------------------------------------------------
 
@@ -131,6 +141,7 @@ class SpiffeAuthority:
                 "no SPIFFE trust domain yet: run `kmsctl spiffe init --trust-domain NAME`",
             )
         self._state = (found[0], found[1], time.monotonic())
+        self._sweep_due(found[0])
         return found[0]
 
     async def init(self, req: ca_pb2.SpiffeInitRequest) -> ca_pb2.SpiffeInitResponse:
@@ -144,32 +155,15 @@ class SpiffeAuthority:
             raise AlreadyExists("spiffe.already_initialized", "a SPIFFE trust domain exists")
         provider = issuer.state.provider
         root_key = await ca.root_key()  # refused while ca/root is disabled
-        made: list[bytes] = []
-        recorded: dict[str, int] = {}
-
-        async def make(label: str) -> tuple[bytes, bytes]:
-            key_id, public_der = await ca.keys.generate(provider, label, pb.KEY_TYPE_EC_P256)
-            made.append(key_id)
-            if ca.registry is not None:
-
-                async def destroy() -> None:
-                    made.remove(key_id)
-                    await ca.keys.destroy(provider, key_id)
-
-                recorded[label] = await ca.registry.record(
-                    label, provider, pb.KEY_TYPE_EC_P256, key_id, public_der, destroy,
-                    {"purpose": label, "trust_domain": td},
-                )  # fmt: skip
-            return key_id, public_der
-
+        new_keys = _NewKeys(ca, provider, td)
         try:
-            ca_id, ca_pub_der = await make(SPIFFE_CA_KEY_NAME)
-            jwt_id, jwt_pub_der = await make(SPIFFE_JWT_KEY_NAME)
+            ca_id, ca_pub_der = await new_keys.make(SPIFFE_CA_KEY_NAME)
+            jwt_id, jwt_pub_der = await new_keys.make(SPIFFE_JWT_KEY_NAME)
             ca_public = serialization.load_der_public_key(ca_pub_der)
             assert isinstance(ca_public, PublicKey)
             cert = await asyncio.to_thread(
-                build_intermediate, root_key, issuer.root, ca_public,
-                ca_name(f"SPIFFE {td}", "EdgeKMS"), days,
+                functools.partial(build_intermediate, spiffe_id=f"spiffe://{td}"),
+                root_key, issuer.root, ca_public, ca_name(f"SPIFFE {td}", "EdgeKMS"), days,
             )  # fmt: skip
             jwt_public = serialization.load_der_public_key(jwt_pub_der)
             assert isinstance(jwt_public, ec.EllipticCurvePublicKey)
@@ -192,11 +186,7 @@ class SpiffeAuthority:
                     "spiffe.already_initialized", "a SPIFFE trust domain exists"
                 ) from None
         except BaseException:
-            for key_id in list(made):  # nothing half-done: no key outlives a failed init
-                await ca.keys.destroy(provider, key_id)
-            if ca.registry is not None:
-                for label, revision in recorded.items():
-                    await ca.registry.forget(label, revision)
+            await new_keys.undo()  # nothing half-done: no key outlives a failed init
             raise
         self._state = None
         log.info("event=spiffe_initialized trust_domain=%s requester=%s", td, req.requester)
@@ -377,25 +367,8 @@ class SpiffeAuthority:
         root_key = await ca.root_key() if req.x509 else None  # refused while ca/root is off
         provider = state.provider
         now = _now()
-        made: list[bytes] = []
-        recorded: dict[str, int] = {}
+        new_keys = _NewKeys(ca, provider, state.trust_domain)
         retired: list[ca_pb2.SpiffeRetiredKey] = []
-
-        async def make(label: str) -> tuple[bytes, bytes]:
-            key_id, public_der = await ca.keys.generate(provider, label, pb.KEY_TYPE_EC_P256)
-            made.append(key_id)
-            if ca.registry is not None:
-
-                async def destroy() -> None:
-                    made.remove(key_id)
-                    await ca.keys.destroy(provider, key_id)
-
-                recorded[label] = await ca.registry.record(
-                    label, provider, pb.KEY_TYPE_EC_P256, key_id, public_der, destroy,
-                    {"purpose": label, "trust_domain": state.trust_domain},
-                )  # fmt: skip
-            return key_id, public_der
-
         try:
             if req.x509:
                 assert root_key is not None
@@ -403,11 +376,14 @@ class SpiffeAuthority:
                     req.overlap_seconds if req.overlap_set else await self._default_overlap(False)
                 )
                 label = spiffe_key_name(False, generation)
-                key_id, public_der = await make(label)
+                key_id, public_der = await new_keys.make(label)
                 public = serialization.load_der_public_key(public_der)
                 assert isinstance(public, PublicKey)
                 cert = await asyncio.to_thread(
-                    build_intermediate, root_key, issuer.root, public,
+                    functools.partial(
+                        build_intermediate, spiffe_id=f"spiffe://{state.trust_domain}"
+                    ),
+                    root_key, issuer.root, public,
                     ca_name(f"SPIFFE {state.trust_domain} {generation}", "EdgeKMS"), days,
                 )  # fmt: skip
                 retired.append(
@@ -428,7 +404,7 @@ class SpiffeAuthority:
                     req.overlap_seconds if req.overlap_set else await self._default_overlap(True)
                 )
                 label = spiffe_key_name(True, generation)
-                key_id, public_der = await make(label)
+                key_id, public_der = await new_keys.make(label)
                 jwt_public = serialization.load_der_public_key(public_der)
                 assert isinstance(jwt_public, ec.EllipticCurvePublicKey)
                 retired.append(
@@ -446,11 +422,9 @@ class SpiffeAuthority:
                 state.jwt_public_key_der = public_der
                 state.jwt_kid = sp.jwt_kid(jwt_public)
                 state.jwt_key_label = label
-            # Retired keys past their overlap leave the state now (the bundle already
-            # leaves them out: _bundle looks at the clock).
-            kept = [r for r in state.retired if parse_rfc3339(r.drop_at) > now]
-            del state.retired[:]
-            state.retired.extend([*kept, *retired])
+            # Retired keys past their overlap stay listed until the sweep has destroyed
+            # them in the token (_sweep_retired); the bundle already leaves them out.
+            state.retired.extend(retired)
             state.generation = generation
             state.sequence += 1
             try:
@@ -460,11 +434,7 @@ class SpiffeAuthority:
                     "spiffe.state_changed", "the trust domain changed meanwhile: try again"
                 ) from None
         except BaseException:
-            for key_id in list(made):  # nothing half-done: no new key outlives a failure
-                await ca.keys.destroy(provider, key_id)
-            if ca.registry is not None:
-                for label, rev in recorded.items():
-                    await ca.registry.forget(label, rev)
+            await new_keys.undo()  # nothing half-done: no new key outlives a failure
             log.warning(
                 "event=spiffe_rotate_failed trust_domain=%s generation=%d requester=%s",
                 state.trust_domain, generation, req.requester,
@@ -484,6 +454,70 @@ class SpiffeAuthority:
             jwt_kid=state.jwt_kid,
             retired=retired,
         )
+
+    def _sweep_due(self, state: ca_pb2.SpiffeState) -> None:
+        """Start (in the background) the destruction of retired keys past drop_at."""
+        now = _now()
+        if self._sweeping or time.monotonic() < self._sweep_after:
+            return
+        if not any(parse_rfc3339(r.drop_at) <= now for r in state.retired):
+            return
+        self._sweeping = True
+        task = asyncio.create_task(self._sweep_retired())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._swept)
+
+    def _swept(self, _: object) -> None:
+        self._sweeping = False
+
+    async def _sweep_retired(self) -> None:
+        """Destroy in the token each retired key whose overlap has passed, mark its
+        registry record destroyed, then drop it from spiffe.config.
+
+        Why: a rotated-out key signs nothing more (the X.509 SVIDs it signed chain to
+        the root through the old CA certificate; the JWT-SVIDs it signed have expired by
+        drop_at), so keeping it only keeps something to steal, and a rotation meant for
+        a key thought compromised should end with that key gone. The token is asked
+        first and strictly: a key it cannot destroy now stays listed and is tried again
+        at the next sweep; the state is compare-and-set, so one CA instance of several
+        drops the records (destroying twice is harmless: a missing key is fine)."""
+        ca = self.ca
+        try:
+            for _ in range(10):
+                found = await self._get_state()
+                if found is None:
+                    return
+                state, revision = found
+                now = _now()
+                due = [r for r in state.retired if parse_rfc3339(r.drop_at) <= now]
+                if not due:
+                    return
+                for r in due:
+                    await ca.keys.destroy(state.provider, r.key_id, strict=True)
+                    if ca.registry is not None:
+                        await ca.registry.mark_destroyed(r.key_label)
+                kept = [r for r in state.retired if parse_rfc3339(r.drop_at) > now]
+                del state.retired[:]
+                state.retired.extend(kept)
+                try:
+                    await ca.store.kv.update(CONFIG_KEY, state.SerializeToString(), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue
+                self._state = None
+                for r in due:
+                    log.info(
+                        "event=spiffe_retired_key_destroyed trust_domain=%s kind=%s key=%s "
+                        "drop_at=%s",
+                        state.trust_domain, "jwt" if r.jwt else "x509", r.key_label, r.drop_at,
+                    )  # fmt: skip
+                return
+        except KMSError as exc:
+            self._sweep_after = time.monotonic() + SWEEP_RETRY_SECONDS
+            log.warning("event=spiffe_retired_sweep_failed reason=%s", exc.reason)
+        except Exception as exc:  # the bus away: tried again at a later sweep
+            self._sweep_after = time.monotonic() + SWEEP_RETRY_SECONDS
+            log.warning("event=spiffe_retired_sweep_failed reason=%s", type(exc).__name__)
 
     # ---- entries -----------------------------------------------------------------------
 
@@ -564,14 +598,35 @@ class SpiffeAuthority:
             if req.node
             else f"{ENTRY_PREFIX}.>"
         )
-        entries = sorted(
-            (e for e, _ in await self._entries(keys)), key=lambda e: (e.node, e.entry_id)
+        # The keys alone say each entry's place in the order (node, entry id): read them
+        # without values, then get and unseal only this page's entries. Reading every
+        # value for every page made a listing of 50,000 entries 50 full reads, each
+        # near the broker's 10 s ceiling on a busy board.
+        store = self.ca.store
+        order = sorted(
+            _entry_place(k) for k in await kvread.live_keys(store.js, store.bucket, keys)
         )
         after = req.page_token
         if after:
-            entries = [e for e in entries if f"{e.node}.{e.entry_id}" > after]
-        page = entries[:size]
-        token = f"{page[-1].node}.{page[-1].entry_id}" if len(entries) > size else ""
+            order = [p for p in order if f"{p[0]}.{p[1]}" > after]
+        chosen = order[:size]
+        limit = asyncio.Semaphore(64)
+
+        async def read(key: str) -> ca_pb2.SpiffeEntry | None:
+            async with limit:
+                try:
+                    raw = await store.kv.get(key)
+                except KeyNotFoundError:
+                    return None  # deleted since the keys were read
+            if not raw.value:
+                return None
+            entry = ca_pb2.SpiffeEntry()
+            entry.ParseFromString(raw.value)
+            return entry
+
+        found = await asyncio.gather(*(read(key) for _, _, key in chosen))
+        page = [e for e in found if e is not None]
+        token = f"{chosen[-1][0]}.{chosen[-1][1]}" if len(order) > size else ""
         return ca_pb2.SpiffeListEntriesResponse(entries=page, next_page_token=token)
 
     async def delete_entry(
@@ -667,6 +722,43 @@ class SpiffeAuthority:
         return ca_pb2.SpiffeSignJwtSvidResponse(
             token=token, expires_at=rfc3339(datetime.datetime.fromtimestamp(expires, datetime.UTC))
         )
+
+
+class _NewKeys:
+    """The keys one `spiffe init` or `spiffe rotate` makes in the token (EC P-256), each
+    recorded in the key registry as the CA's; `undo` destroys and forgets all of them,
+    so a failure half-way leaves nothing behind."""
+
+    def __init__(self, ca: CertificateAuthority, provider: str, trust_domain: str) -> None:
+        self.ca = ca
+        self.provider = provider
+        self.trust_domain = trust_domain
+        self.made: list[bytes] = []
+        self.recorded: dict[str, int] = {}
+
+    async def make(self, label: str) -> tuple[bytes, bytes]:
+        """(key id, SubjectPublicKeyInfo DER) of a new key named `label`."""
+        ca, provider = self.ca, self.provider
+        key_id, public_der = await ca.keys.generate(provider, label, pb.KEY_TYPE_EC_P256)
+        self.made.append(key_id)
+        if ca.registry is not None:
+
+            async def destroy() -> None:  # the registry's own undo when recording fails
+                self.made.remove(key_id)
+                await ca.keys.destroy(provider, key_id)
+
+            self.recorded[label] = await ca.registry.record(
+                label, provider, pb.KEY_TYPE_EC_P256, key_id, public_der, destroy,
+                {"purpose": label, "trust_domain": self.trust_domain},
+            )  # fmt: skip
+        return key_id, public_der
+
+    async def undo(self) -> None:
+        for key_id in list(self.made):
+            await self.ca.keys.destroy(self.provider, key_id)
+        if self.ca.registry is not None:
+            for label, revision in self.recorded.items():
+                await self.ca.registry.forget(label, revision)
 
 
 def _forget(refreshing: set[str], td: str, _: object) -> None:

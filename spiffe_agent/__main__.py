@@ -78,10 +78,12 @@ async def serve(client_config: Path, public: Path, interval: float, stop: asynci
     from edgekms.client import KMSClient
     from edgekms.v1 import workload_pb2_grpc
     from spiffe_agent.attest import Attestor
-    from spiffe_agent.gate import Gate
+    from spiffe_agent.gate import Gate, claim_socket_path
     from spiffe_agent.svids import Identities
     from spiffe_agent.workload import WorkloadAPI
 
+    # Before anything is made: a path another agent serves (or a file) is refused.
+    claim_socket_path(public)
     kms = KMSClient.from_config(client_config, timeout=10.0)
     identities = Identities(kms, interval)
     private = Path(tempfile.mkdtemp(prefix="edgekms-spiffe-"))  # 0700

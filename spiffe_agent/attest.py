@@ -40,15 +40,32 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def unit_of_cgroup(text: str) -> str:
-    """The systemd unit a process runs in, from /proc/<pid>/cgroup: the last path
-    component that names a service or scope ("0::/system.slice/backup.service")."""
+    """The systemd unit a process runs in, as the system's manager sees it, from
+    /proc/<pid>/cgroup.
+
+    Only systemd's own hierarchies count: `name=systemd` (legacy and hybrid set-ups),
+    then the unified one (`0::`); other controllers' paths are not systemd's word. In
+    the path, slices are skipped and the first other component is the unit, if it names
+    a service or scope. Why the first and not the last: a user's own manager
+    (user@1000.service) is delegated its cgroup subtree and may name cgroups in it as
+    it likes, so a process at `.../user@1000.service/app.slice/backup.service` is in
+    the system unit user@1000.service, and only root can place one in backup.service.
+    """
+    paths: dict[str, str] = {}
     for line in text.splitlines():
-        _, _, path = line.partition("::")
-        if not path and line.count(":") >= 2:
-            path = line.split(":", 2)[2]
-        for part in reversed(path.strip().split("/")):
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers == "name=systemd":
+            paths.setdefault("legacy", path.strip())
+        elif hierarchy == "0" and not controllers:
+            paths.setdefault("unified", path.strip())
+    for key in ("legacy", "unified"):
+        for part in paths.get(key, "").split("/"):
+            if not part or part.endswith(".slice"):
+                continue
             if part.endswith(_UNIT_SUFFIXES):
                 return part
+            break
     return ""
 
 

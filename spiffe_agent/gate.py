@@ -22,9 +22,10 @@ import logging
 import os
 import secrets
 import socket
+import stat
 from pathlib import Path
 
-from edgekms.errors import KMSError
+from edgekms.errors import FailedPrecondition, KMSError
 from spiffe_agent.attest import Attestor, Caller, peer_credentials
 
 log = logging.getLogger(__name__)
@@ -39,16 +40,17 @@ class Gate:
         self.attestor = attestor
         self.callers: dict[str, Caller | KMSError] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._inode = -1
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.public.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        with contextlib.suppress(FileNotFoundError):
-            self.public.unlink()
+        claim_socket_path(self.public)
         (self.private_dir / "peers").mkdir(mode=0o700, exist_ok=True)
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.public))
         # Anyone local may connect; who they are comes from the kernel (docstring).
         os.chmod(self.public, 0o666)  # noqa: S103
+        self._inode = os.stat(self.public).st_ino
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -57,8 +59,10 @@ class Gate:
                 await self._server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
+        # Only our own socket: another agent may have the path now (after a restart).
         with contextlib.suppress(FileNotFoundError):
-            self.public.unlink()
+            if os.stat(self.public).st_ino == self._inode:
+                self.public.unlink()
 
     def caller(self, peer: str) -> Caller | KMSError | None:
         return self.callers.get(peer)
@@ -94,6 +98,36 @@ class Gate:
                 bound.unlink()
             writer.close()
             self._tasks.discard(task)
+
+
+def claim_socket_path(path: Path) -> None:
+    """Make `path` free for our socket, or refuse: FailedPrecondition
+    `spiffe.socket_in_use` if an agent answers there (taking its path would cut off
+    every workload it serves without it knowing), `spiffe.socket_unusable` if something
+    other than a socket is there (a typo'd path must not delete a file). A socket
+    nobody answers on is a dead agent's and is removed."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FailedPrecondition(
+            "spiffe.socket_unusable", f"{path} exists and is not a socket", {"path": str(path)}
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # refused: nobody listens, a stale socket
+        return
+    finally:
+        probe.close()
+    raise FailedPrecondition(
+        "spiffe.socket_in_use",
+        f"another agent serves {path}: stop it first, or give another --socket",
+        {"path": str(path)},
+    )
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

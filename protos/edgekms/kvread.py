@@ -96,6 +96,16 @@ async def snapshot(
     return await _read(js, bucket, keys, policy, each)
 
 
+async def live_keys(js: JetStreamContext, bucket: str, keys: str = ">") -> list[str]:
+    """The keys matching `keys` that hold a value now (delete markers left out), in
+    revision order, read without their values: the server sends headers only, so a
+    listing that needs one page of a 50,000-key bucket does not fetch, and the caller
+    does not unseal, the other 49,000 values."""
+    policy = {"deliver_policy": api.DeliverPolicy.LAST_PER_SUBJECT, "headers_only": True}
+    entries, _ = await _read(js, bucket, keys, policy, None)
+    return [e.key for e in entries if not is_removal(e)]
+
+
 async def history(js: JetStreamContext, bucket: str, key: str) -> list[KeyValue.Entry]:
     """Every revision of `key` the bucket still holds, oldest first (delete markers
     included). KeyValue.history() rides the same watcher as watch(): when its one end

@@ -133,6 +133,23 @@ async def set_key_state(kv: Any, name: str, revision: int, state: pb.KeyState.Va
     return int(await kv.update(name, record.SerializeToString(), last=revision))
 
 
+async def mark_key_destroyed(kv: Any, name: str) -> bool:
+    """Record that the owner destroyed `name`'s key in the token (compare-and-set,
+    retried if the record moves meanwhile); False when there is no such record or it
+    says destroyed already. The record stays, so the name is never reused."""
+    for _ in range(5):
+        found = await read_key_record(kv, name)
+        if found is None or found[0].state == pb.KEY_STATE_DESTROYED:
+            return False
+        try:
+            await set_key_state(kv, name, found[1], pb.KEY_STATE_DESTROYED)
+        except (FailedPrecondition, KeyWrongLastSequenceError):
+            continue
+        log.info("event=registry_key_destroyed name=%s", name)
+        return True
+    raise FailedPrecondition("key.contended", f"key {name!r} kept changing")
+
+
 async def require_active(kv: Any, name: str, reason: str) -> pb.KeyRecord:
     """The record of `name` if it is ACTIVE; FailedPrecondition `reason` if it is
     disabled or destroyed, NotFound if the registry does not know it."""
@@ -193,11 +210,15 @@ class RegistryKeys:
     async def require_active(self, name: str) -> pb.KeyRecord:
         return await require_active(self.kv, name, self.disabled_reason)
 
+    async def mark_destroyed(self, name: str) -> bool:
+        return await mark_key_destroyed(self.kv, name)
+
 
 __all__ = [
     "RegistryKeys",
     "admin_only_policy",
     "forget_key_record",
+    "mark_key_destroyed",
     "new_key_record",
     "read_key_record",
     "record_generated_key",

@@ -18,7 +18,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
-    encode_dss_signature,
 )
 
 from edgekms.errors import InvalidArgument
@@ -215,14 +214,6 @@ def der_to_jose(signature: bytes) -> bytes:
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
-def jose_to_der(signature: bytes) -> bytes:
-    if len(signature) != 64:
-        raise InvalidArgument("jwt.signature_invalid", "an ES256 signature is 64 bytes")
-    return encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    )
-
-
 def jwk_of(public: ec.EllipticCurvePublicKey, kid: str, use: str) -> dict[str, Any]:
     numbers = public.public_numbers()
     return {
@@ -233,17 +224,6 @@ def jwk_of(public: ec.EllipticCurvePublicKey, kid: str, use: str) -> dict[str, A
         "kid": kid,
         "use": use,
     }
-
-
-def key_of_jwk(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
-    if jwk.get("kty") != "EC" or jwk.get("crv") != "P-256":
-        raise InvalidArgument("jwt.key_unsupported", "only EC P-256 JWT keys are supported")
-    x = int.from_bytes(b64url_decode(str(jwk.get("x", ""))), "big")
-    y = int.from_bytes(b64url_decode(str(jwk.get("y", ""))), "big")
-    try:
-        return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
-    except ValueError:
-        raise InvalidArgument("jwt.key_unsupported", "the JWK is not a P-256 point") from None
 
 
 def jwt_kid(public: ec.EllipticCurvePublicKey) -> str:

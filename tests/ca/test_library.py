@@ -387,6 +387,23 @@ def test_profile_refusals(
     assert _reason(exc) == reason
 
 
+def test_a_profile_cannot_issue_spiffe_ids() -> None:
+    """The SPIFFE bundle trusts the mini-CA's root, so a spiffe:// URI SAN from any
+    profile would be an X.509-SVID no SPIFFE entry granted: refused even where an
+    operator's profile allows it (any case of the scheme), while its https URIs go."""
+    profiles = parse_profiles(
+        '[profiles.svc]\nextends = "device"\n[profiles.svc.sans]\n'
+        'dns = ["*"]\nuri = ["spiffe://*", "https://*"]\n'
+    )
+    for uri in ("uri:spiffe://home.arpa/backup", "uri:SPIFFE://home.arpa/backup"):
+        csr = make_csr(make_key("ec-p256"), sans=(uri,))
+        with pytest.raises(InvalidArgument) as exc:
+            plan_from_csr(profiles["svc"], load_csr(csr), 0)
+        assert _reason(exc) == "csr.san_spiffe_reserved"
+    fine = make_csr(make_key("ec-p256"), sans=("uri:https://nas.home.arpa/x",))
+    plan_from_csr(profiles["svc"], load_csr(fine), 0)
+
+
 def test_duplicate_extension_in_csr() -> None:
     """cryptography will not build one, so splice a second SAN extension into the DER."""
     from tests.ca.asn1 import csr_with_duplicate_san

@@ -8,6 +8,7 @@ cannot enter)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -265,3 +266,77 @@ def read_json_line(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str
 
 def system_python_path() -> str:
     return os.path.realpath(SYSTEM_PYTHON)
+
+
+# systemd's cgroup hierarchies, in the order spiffe_agent.attest reads them.
+CGROUP_ROOTS = (
+    Path("/sys/fs/cgroup/systemd"),
+    Path("/sys/fs/cgroup/unified"),
+    Path("/sys/fs/cgroup"),
+)
+
+
+def _empty_cgroup(path: Path) -> bool:
+    return not (path / "cgroup.procs").read_text().split()
+
+
+class UnitCgroups:
+    """Cgroups named like systemd units, made by the (root) test in a real systemd
+    hierarchy of this kernel, so that a workload's /proc/<pid>/cgroup names a unit the
+    way systemd would have put it there. Skips (and says why) where none is writable."""
+
+    def __init__(self) -> None:
+        self.made: list[Path] = []
+        for root in CGROUP_ROOTS:
+            if not (root / "cgroup.procs").exists():
+                continue
+            probe = root / f"edgekms-probe-{os.getpid()}"
+            try:
+                probe.mkdir()
+                probe.rmdir()
+            except OSError:
+                continue
+            self.root = root
+            return
+        pytest.skip("no writable systemd cgroup hierarchy to place a workload in a unit")
+
+    def make(self, path: str) -> Path:
+        where = self.root
+        for part in path.strip("/").split("/"):
+            where = where / part
+            if not where.exists():
+                where.mkdir()
+                self.made.append(where)
+        return where
+
+    def cleanup(self) -> None:
+        """Remove what was made, deepest first, once the workloads have left it."""
+        for path in reversed(self.made):
+            wait_for(functools.partial(_empty_cgroup, path), 30, f"{path} empty")
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def workload_in_cgroup(
+    socket: Path, cgroup: Path, uid: int, gid: int, mode: str, *args: str
+) -> dict[str, Any]:
+    """Run tests/spiffe/workload.py MODE as uid/gid from inside `cgroup`: it joins the
+    cgroup as root, then drops to uid/gid and execs the workload (one process, so the
+    agent attests a process in that cgroup)."""
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"{SYSTEM_PYTHON} (Debian's python3) is needed to run workloads as uid {uid}")
+    enter = (
+        "import os, sys\n"
+        "with open(sys.argv[1] + '/cgroup.procs', 'w') as f: f.write(str(os.getpid()))\n"
+        "os.setgroups([]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))\n"
+        "os.execv(sys.executable, [sys.executable, '-S', *sys.argv[4:]])\n"
+    )
+    result = subprocess.run(
+        [str(SYSTEM_PYTHON), "-S", "-c", enter, str(cgroup), str(uid), str(gid),
+         str(WORKLOAD), mode, str(socket), *args],
+        capture_output=True, text=True, timeout=120 * SLOWDOWN, env=workload_env(), cwd="/tmp",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, result.stdout + result.stderr
+    return dict(lines[-1])

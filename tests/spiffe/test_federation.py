@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from edgekms import spiffe as sp
@@ -299,6 +299,67 @@ def test_unfederate_takes_the_foreign_bundle_off_the_open_streams(
     assert again.stderr.startswith("kmsctl: spiffe.federation_not_found:"), again.stderr
     bad = spiffe_stack.kmsctl("spiffe", "unfederate", "--trust-domain", "Bad:Name", check=False)
     assert bad.returncode == 3 and "spiffe.trust_domain_invalid" in bad.stderr, bad.stderr
+
+
+def test_a_spire_domain_signing_jwts_with_rsa_is_validated(
+    spiffe_stack: SpiffeStack, agent: Agent, foreign: Foreign
+) -> None:
+    """A SPIRE server may publish an RSA JWT key (jwt_key_type rsa-2048): its RS256 and
+    PS256 JWT-SVIDs validate through ValidateJWTSVID once federated, and an ES256 token
+    naming that RSA key does not."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    numbers = rsa_key.public_key().public_numbers()
+    jwk = {
+        "kty": "RSA", "use": "jwt-svid", "kid": "spire-rsa-1",
+        "n": sp.b64url(numbers.n.to_bytes(256, "big")), "e": sp.b64url(b"\x01\x00\x01"),
+    }  # fmt: skip
+    x = foreign.root.public_key()
+    assert isinstance(x, ec.EllipticCurvePublicKey)
+    root_der = foreign.root.public_bytes(serialization.Encoding.DER)
+    x509_key = {**sp.jwk_of(x, "", "x509-svid"), "x5c": [base64.b64encode(root_der).decode()]}
+    del x509_key["kid"]
+    foreign.documents["/bundle-rsa"] = json.dumps(
+        {"keys": [x509_key, jwk], "spiffe_sequence": 1, "spiffe_refresh_hint": 300}
+    ).encode()
+    spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/rsa-validator", "unix:uid:1093")
+    spiffe_stack.kmsctl(
+        "spiffe", "federate", "--trust-domain", "spire.example", "--bundle-url",
+        f"{foreign.url}/bundle-rsa", "--endpoint-ca", str(foreign.tls_ca),
+    )  # fmt: skip
+    try:
+        now = int(time.time())
+        claims = {"sub": "spiffe://spire.example/db", "aud": ["nas-api"], "exp": now + 120}
+
+        def token(alg: str, pad: padding.AsymmetricPadding) -> str:
+            head = sp.jwt_signing_input({"alg": alg, "kid": "spire-rsa-1", "typ": "JWT"}, claims)
+            return f"{head.decode()}.{sp.b64url(rsa_key.sign(head, pad, hashes.SHA256()))}"
+
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        rs256 = token("RS256", padding.PKCS1v15())
+        valid = wait_for(
+            lambda: (
+                (a := workload(agent.socket, 1093, 1093, "validate", "nas-api", rs256)).get(
+                    "spiffe_id"
+                )
+                and a
+            ),
+            60,
+            "spire.example's JWT keys at the agent",
+        )
+        assert valid == {
+            "spiffe_id": "spiffe://spire.example/db",
+            "sub": "spiffe://spire.example/db",
+        }
+        ps256 = workload(agent.socket, 1093, 1093, "validate", "nas-api", token("PS256", pss))
+        assert ps256.get("spiffe_id") == "spiffe://spire.example/db", ps256
+        head = sp.jwt_signing_input({"alg": "ES256", "kid": "spire-rsa-1"}, claims).decode()
+        confused = workload(
+            agent.socket, 1093, 1093, "validate", "nas-api", f"{head}.{sp.b64url(bytes(64))}"
+        )
+        assert confused["error"] == "INVALID_ARGUMENT", confused
+        assert "jwt.key_unsupported" in confused["details"], confused
+    finally:
+        spiffe_stack.kmsctl("spiffe", "unfederate", "--trust-domain", "spire.example")
 
 
 def test_our_bundle_endpoint_over_https_federates_another_stack(

@@ -9,10 +9,12 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from edgekms import spiffe as sp
 from edgekms.errors import InvalidArgument
@@ -123,12 +125,25 @@ def test_an_entry_matches_only_when_every_selector_was_attested() -> None:
 
 def test_the_systemd_unit_comes_from_the_cgroup_file() -> None:
     assert unit_of_cgroup("0::/system.slice/backup.service\n") == "backup.service"
+    # A sub-cgroup a service made of its own is still that service.
+    assert unit_of_cgroup("0::/system.slice/backup.service/worker\n") == "backup.service"
+    assert unit_of_cgroup("0::/system.slice/system-getty.slice/getty@tty1.service") == (
+        "getty@tty1.service"
+    )
+    # A user's own manager names the cgroups under it as it likes: a "backup.service"
+    # of uid 1000's making is in the system unit user@1000.service, not backup.service.
     assert (
         unit_of_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.scope")
-        == "x.scope"
+        == "user@1000.service"
     )
-    assert unit_of_cgroup("12:pids:/system.slice/nginx.service\n") == "nginx.service"
+    spoof = "0::/user.slice/user-1000.slice/user@1000.service/app.slice/backup.service\n"
+    assert unit_of_cgroup(spoof) == "user@1000.service"
+    # Legacy and hybrid hierarchies: systemd's named one counts, other controllers not.
+    hybrid = "12:pids:/system.slice/nginx.service\n1:name=systemd:/system.slice/sshd.service\n0::/"
+    assert unit_of_cgroup(hybrid) == "sshd.service"
+    assert unit_of_cgroup("12:pids:/system.slice/nginx.service\n") == ""
     assert unit_of_cgroup("0::/\n") == ""
+    assert unit_of_cgroup("0::/docker/abc\n") == ""  # not a unit: none
 
 
 def test_the_agents_arguments_and_socket_forms() -> None:
@@ -214,3 +229,93 @@ def test_the_agent_refuses_a_missing_client_config_in_one_line(tmp_path: Path) -
     assert done.returncode == 6, done.stderr
     assert done.stderr.startswith("kmsctl: config.missing:") and "Traceback" not in done.stderr
     assert not sock.exists()
+
+
+def _signed(alg: str, key: Any, kid: str, claims: dict[str, object], **header: object) -> str:
+    """A JWT signed as the JWT-SVID specification's `alg` says (raw r||s for ES*)."""
+    signing_input = sp.jwt_signing_input({"alg": alg, "kid": kid, **header}, claims)
+    spec = jwtsvid.ALGORITHMS[alg]
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(spec.hash())))
+        size = (key.curve.key_size + 7) // 8
+        signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    elif spec.pss:
+        pss = padding.PSS(mgf=padding.MGF1(spec.hash()), salt_length=spec.hash().digest_size)
+        signature = key.sign(signing_input, pss, spec.hash())
+    else:
+        signature = key.sign(signing_input, padding.PKCS1v15(), spec.hash())
+    return f"{signing_input.decode()}.{sp.b64url(signature)}"
+
+
+def _rsa_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, str]:
+    n = key.public_key().public_numbers()
+    return {
+        "kty": "RSA", "use": "jwt-svid", "kid": kid,
+        "n": sp.b64url(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")),
+        "e": sp.b64url(n.e.to_bytes(3, "big")),
+    }  # fmt: skip
+
+
+def _ec_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, str]:
+    n = key.public_key().public_numbers()
+    size = (key.curve.key_size + 7) // 8
+    crv = {"secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
+    return {
+        "kty": "EC", "crv": crv, "use": "jwt-svid", "kid": kid,
+        "x": sp.b64url(n.x.to_bytes(size, "big")), "y": sp.b64url(n.y.to_bytes(size, "big")),
+    }  # fmt: skip
+
+
+def test_jwt_svids_of_every_algorithm_the_specification_lists() -> None:
+    """A federated trust domain may sign with RSA (RS*, PS*) or another curve (ES384,
+    ES512): each validates with a key of its kind, and a key of the wrong kind, an alg
+    outside the list, a bad typ, a crit header or an nbf in the future are refused."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    p521 = ec.generate_private_key(ec.SECP521R1())
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    keys = [
+        _rsa_jwk(rsa_key, "rsa"),
+        _ec_jwk(p384, "p384"),
+        _ec_jwk(p521, "p521"),
+        sp.jwk_of(p256.public_key(), "p256", "jwt-svid"),
+    ]
+    jwks = {"spire.example": json.dumps({"keys": keys}).encode()}
+    now = int(time.time())
+    claims = {"sub": "spiffe://spire.example/db", "aud": "db-api", "exp": now + 60}
+    signers: dict[str, tuple[Any, str]] = {
+        "RS256": (rsa_key, "rsa"), "RS384": (rsa_key, "rsa"), "RS512": (rsa_key, "rsa"),
+        "PS256": (rsa_key, "rsa"), "PS384": (rsa_key, "rsa"), "PS512": (rsa_key, "rsa"),
+        "ES256": (p256, "p256"), "ES384": (p384, "p384"), "ES512": (p521, "p521"),
+    }  # fmt: skip
+    assert set(signers) == set(jwtsvid.ALGORITHMS)
+    for alg, (key, kid) in signers.items():
+        for typ in ({}, {"typ": "JWT"}, {"typ": "JOSE"}):
+            token = _signed(alg, key, kid, claims, **typ)
+            assert jwtsvid.validate(token, "db-api", jwks)[0] == "spiffe://spire.example/db"
+
+    def refused(token: str) -> str:
+        with pytest.raises(InvalidArgument) as caught:
+            jwtsvid.validate(token, "db-api", jwks)
+        return caught.value.reason
+
+    # The RSA key named for an ES256 token, the P-384 key for ES256: not its kind.
+    assert refused(_signed("ES256", p256, "rsa", claims)) == "jwt.key_unsupported"
+    assert refused(_signed("ES256", p256, "p384", claims)) == "jwt.key_unsupported"
+    assert refused(_signed("RS256", rsa_key, "p256", claims)) == "jwt.key_unsupported"
+    # A PS256 signature is not an RS256 one, though the key is the same.
+    ps = _signed("PS256", rsa_key, "rsa", claims).split(".")
+    rs_head = _signed("RS256", rsa_key, "rsa", claims).split(".")[0]
+    assert refused(f"{rs_head}.{ps[1]}.{ps[2]}") == "jwt.signature_invalid"
+    hs = sp.jwt_signing_input({"alg": "HS256", "kid": "rsa"}, claims).decode()
+    assert refused(f"{hs}.{sp.b64url(b'x' * 32)}") == "jwt.algorithm_unsupported"
+    assert refused(_signed("ES384", p384, "p384", claims, typ="at+jwt")) == "jwt.type_invalid"
+    assert refused(_signed("ES384", p384, "p384", claims, crit=["exp"])) == "jwt.header_unsupported"
+    later = {**claims, "nbf": now + 600}
+    assert refused(_signed("ES384", p384, "p384", later)) == "jwt.not_yet_valid"
+    assert refused(_signed("ES384", p384, "p384", {**claims, "exp": True})) == "jwt.expired"
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - refused
+    weak = {"spire.example": json.dumps({"keys": [_rsa_jwk(small, "small")]}).encode()}
+    with pytest.raises(InvalidArgument) as caught:
+        jwtsvid.validate(_signed("RS256", small, "small", claims), "db-api", weak)
+    assert caught.value.reason == "jwt.key_unsupported"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import json
 import subprocess
 from typing import Any
 
 from cryptography import x509
 
+from tests.logevents import entries
 from tests.spiffe.conftest import (
     TRUST_DOMAIN,
     Agent,
@@ -143,6 +145,28 @@ def test_rotation_keeps_the_old_key_for_the_overlap_then_drops_it(
         assert gone.get("error") == "INVALID_ARGUMENT", gone
         assert workload(agent.socket, UID, UID, "validate", "svc", new_jwt)["spiffe_id"]
         assert [k["kid"] for k in _bundle(spiffe_stack)["jwks"]["keys"]] == [new_kid]
+
+        # Past the overlap the retired keys are destroyed in the token (the CA sweeps
+        # them at its next SPIFFE request: the agent's sync), and the registry says so.
+        def state_of(name: str) -> str:
+            shown = spiffe_stack.kmsctl("key", "show", name, "-o", "json")
+            return str(json.loads(shown.stdout)["state"])
+
+        def destroyed(name: str) -> bool:
+            return state_of(name) == "destroyed"
+
+        for old_name in ("ca/spiffe", "ca/spiffe-jwt"):
+            wait_for(functools.partial(destroyed, old_name), 60, f"{old_name} destroyed")
+        assert state_of("ca/spiffe-2") == "active" and state_of("ca/spiffe-jwt-2") == "active"
+        ca_log = (spiffe_stack.stack.data_dir / "logs" / "ca.log").read_text(errors="replace")
+        swept = [e for e in entries(ca_log) if e.get("msg") == "spiffe_retired_key_destroyed"]
+        assert {(e["kind"], e["key"]) for e in swept} == {
+            ("x509", "ca/spiffe"),
+            ("jwt", "ca/spiffe-jwt"),
+        }
+        # The new keys still sign: an SVID and a JWT-SVID after the sweep.
+        fresh = workload(agent.socket, UID, UID, "jwt", "svc-after-sweep")["svids"][0]["token"]
+        assert _kid(fresh) == new_kid
     finally:
         for proc in streams:
             proc.kill()

@@ -6,6 +6,7 @@ nothing) is in test_rotate.py; the token cannot be made to fail half-way there."
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ca_service.spiffe import CONFIG_KEY, SpiffeAuthority
+from ca_service.store import rfc3339
 from edgekms.errors import Unavailable
 from edgekms.v1 import ca_pb2
 
@@ -65,6 +67,7 @@ class FakeKeys:
     fail_on: int
     made: list[bytes] = field(default_factory=list)
     destroyed: list[bytes] = field(default_factory=list)
+    refuse: set[bytes] = field(default_factory=set)
 
     async def generate(self, provider: str, label: str, key_type: Any) -> tuple[bytes, bytes]:
         if len(self.made) + 1 == self.fail_on:
@@ -77,7 +80,9 @@ class FakeKeys:
         )
         return key_id, der
 
-    async def destroy(self, provider: str, key_id: bytes) -> None:
+    async def destroy(self, provider: str, key_id: bytes, strict: bool = False) -> None:
+        if strict and key_id in self.refuse:
+            raise Unavailable("crypto.unavailable", "the token stopped answering")
         self.destroyed.append(key_id)
 
 
@@ -85,6 +90,7 @@ class FakeKeys:
 class FakeRegistry:
     recorded: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    destroyed: list[str] = field(default_factory=list)
 
     async def record(self, name: str, *args: Any, **kwargs: Any) -> int:
         self.recorded.append(name)
@@ -92,6 +98,10 @@ class FakeRegistry:
 
     async def forget(self, name: str, revision: int) -> None:
         self.forgotten.append(name)
+
+    async def mark_destroyed(self, name: str) -> bool:
+        self.destroyed.append(name)
+        return True
 
 
 class FakeCA:
@@ -148,3 +158,52 @@ async def test_a_rotation_that_succeeds_retires_both_old_keys() -> None:
     assert written.sequence == 4 and written.ca_key_label == "ca/spiffe-2"
     assert [(r.jwt, r.key_id) for r in written.retired] == [(False, b"old-ca"), (True, b"old-jwt")]
     assert ca.keys.destroyed == []
+
+
+def _retired_state() -> ca_pb2.SpiffeState:
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    past = rfc3339(now - datetime.timedelta(minutes=1))
+    future = rfc3339(now + datetime.timedelta(hours=1))
+
+    def retired(jwt: bool, label: str, key_id: bytes, drop_at: str) -> ca_pb2.SpiffeRetiredKey:
+        return ca_pb2.SpiffeRetiredKey(jwt=jwt, key_label=label, key_id=key_id, drop_at=drop_at)
+
+    return ca_pb2.SpiffeState(
+        trust_domain="home.arpa", provider="hsm0", ca_key_id=b"ca-3", jwt_key_id=b"jwt-3",
+        jwt_kid="k3", sequence=9, generation=3,
+        retired=[
+            retired(False, "ca/spiffe", b"ca-1", past),
+            retired(True, "ca/spiffe-jwt", b"jwt-1", past),
+            retired(True, "ca/spiffe-jwt-2", b"jwt-2", future),
+        ],
+    )  # fmt: skip
+
+
+async def test_retired_keys_past_their_overlap_are_destroyed_and_dropped() -> None:
+    ca = FakeCA(_retired_state(), fail_on=0)
+    await SpiffeAuthority(ca)._sweep_retired()  # type: ignore[arg-type]
+    assert ca.keys.destroyed == [b"ca-1", b"jwt-1"]  # in the token
+    assert ca.registry.destroyed == ["ca/spiffe", "ca/spiffe-jwt"]  # and in the registry
+    written = ca_pb2.SpiffeState()
+    written.ParseFromString(ca.store.kv.updates[-1])
+    # The key still in its overlap stays; nothing else in the state moved.
+    assert [r.key_label for r in written.retired] == ["ca/spiffe-jwt-2"]
+    assert (written.sequence, written.jwt_kid, written.ca_key_id) == (9, "k3", b"ca-3")
+
+
+async def test_a_retired_key_the_token_cannot_destroy_stays_listed() -> None:
+    ca = FakeCA(_retired_state(), fail_on=0)
+    ca.keys.refuse = {b"jwt-1"}
+    authority = SpiffeAuthority(ca)  # type: ignore[arg-type]
+    await authority._sweep_retired()
+    # Not dropped from the state: a later sweep tries again; nothing half-recorded.
+    assert ca.store.kv.updates == []
+    assert ca.keys.destroyed == [b"ca-1"] and ca.registry.destroyed == ["ca/spiffe"]
+    # Not at every state read after a failure: the next try waits SWEEP_RETRY_SECONDS.
+    authority._sweep_due(_retired_state())
+    assert not authority._sweeping and not authority._tasks
+    authority._sweep_after = 0.0
+    authority._sweep_due(_retired_state())
+    assert authority._sweeping
+    await asyncio.gather(*authority._tasks)
+    assert not authority._sweeping

@@ -6,8 +6,11 @@ their audience only, and the `workload.spiffe.io` header is required."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import secrets
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +19,19 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.conftest import SLOWDOWN
+from tests.e2e.conftest import BIN
 from tests.spiffe.conftest import (
+    SYSTEM_PYTHON,
     TRUST_DOMAIN,
     Agent,
     SpiffeStack,
+    UnitCgroups,
+    as_user,
     read_json_line,
     system_python_path,
     wait_for,
     workload,
+    workload_in_cgroup,
     workload_process,
 )
 
@@ -178,6 +186,17 @@ def test_svids_are_x509_svids_and_only_for_the_devices_own_entries(
     ca.verify_directly_issued_by(root)
     ca_basic = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert ca_basic.ca and ca_basic.path_length == 0
+    # The signing certificate is an SVID signing certificate as the specification has
+    # it: the trust domain's ID (no path) as its one URI SAN, keyCertSign (critical),
+    # and not digitalSignature, which is for leaves.
+    ca_san = ca.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ca_san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"spiffe://{TRUST_DOMAIN}"
+    ]
+    assert len(list(ca_san)) == 1
+    ca_usage = ca.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ca_usage.critical and ca_usage.value.key_cert_sign
+    assert not ca_usage.value.digital_signature
     jwks = json.loads(answer.bundle.jwks)
     assert [k["use"] for k in jwks["keys"]] == ["jwt-svid"]
     assert leaf.public_key() == key.public_key()
@@ -224,6 +243,160 @@ def test_the_path_selector_tells_two_programs_of_one_uid_apart(
         "the by-path SVID",
     )
     assert [s["spiffe_id"] for s in answer["svids"]] == [f"spiffe://{TRUST_DOMAIN}/by-path"]
+
+
+def test_the_sha256_selector_is_the_executables_digest(
+    spiffe_stack: SpiffeStack, agent: Agent
+) -> None:
+    """The digest is of the running executable (read through /proc/<pid>/exe): the
+    right one gives the identity, another digest for the same uid does not."""
+    digest = hashlib.sha256(open(system_python_path(), "rb").read()).hexdigest()  # noqa: SIM115
+    spiffe_stack.entry(
+        f"spiffe://{TRUST_DOMAIN}/by-digest", "unix:uid:1065", f"unix:sha256:{digest}"
+    )
+    spiffe_stack.entry(
+        f"spiffe://{TRUST_DOMAIN}/other-digest", "unix:uid:1065", f"unix:sha256:{'0' * 64}"
+    )
+    answer = wait_for(
+        lambda: (a := workload(agent.socket, 1065, 1065, "x509")).get("svids") and a,
+        60,
+        "the by-digest SVID",
+    )
+    assert [s["spiffe_id"] for s in answer["svids"]] == [f"spiffe://{TRUST_DOMAIN}/by-digest"]
+
+
+def test_the_systemd_unit_selector_and_a_users_lookalike_unit(
+    spiffe_stack: SpiffeStack, agent: Agent
+) -> None:
+    """A process in the system unit's cgroup gets the unit's identity; a process of the
+    same uid in a cgroup its own user manager could have named `<unit>` does not."""
+    cgroups = UnitCgroups()
+    unit = f"edgekms-test-{secrets.token_hex(4)}.service"
+    unit_id = f"spiffe://{TRUST_DOMAIN}/unit-job"
+    spiffe_stack.entry(unit_id, "unix:uid:1071", f"systemd:unit:{unit}")
+    try:
+        system = cgroups.make(f"system.slice/{unit}")
+        lookalike = cgroups.make(f"user.slice/user-1071.slice/user@1071.service/app.slice/{unit}")
+        answer = wait_for(
+            lambda: (
+                (a := workload_in_cgroup(agent.socket, system, 1071, 1071, "x509")).get("svids")
+                and a
+            ),
+            60,
+            "the unit's SVID",
+        )
+        assert [s["spiffe_id"] for s in answer["svids"]] == [unit_id]
+        spoofed = workload_in_cgroup(agent.socket, lookalike, 1071, 1071, "x509")
+        assert spoofed == {
+            "error": "PERMISSION_DENIED",
+            "details": "spiffe.no_identity: no identity issued",
+        }
+        # Outside any unit the same uid is nobody either.
+        assert workload(agent.socket, 1071, 1071, "x509")["error"] == "PERMISSION_DENIED"
+        refused = [e for e in agent.events("spiffe_no_identity") if e.get("uid") == "1071"]
+        assert any(e.get("unit") == "user@1071.service" for e in refused), refused
+    finally:
+        cgroups.cleanup()
+
+
+def _listening_paths(pid: int) -> list[str]:
+    """The Unix socket paths process `pid` holds open (its fds against /proc/net/unix)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    paths = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes:
+            paths.append(fields[7])
+    return paths
+
+
+def test_the_socket_modes_and_the_gate_cannot_be_skipped(
+    spiffe_stack: SpiffeStack, agent: Agent
+) -> None:
+    """The public socket is 0666 in a 0755 directory (docs/spiffe.md, "The socket's
+    mode"); the gRPC server behind the gate listens in a 0700 directory another uid
+    cannot enter, so no workload reaches it without being attested."""
+    assert stat.S_IMODE(agent.socket.stat().st_mode) == 0o666
+    assert stat.S_IMODE(agent.socket.parent.stat().st_mode) == 0o755
+    inner = [p for p in _listening_paths(agent.proc.pid) if p.endswith("/grpc.sock")]
+    assert len(inner) == 1, _listening_paths(agent.proc.pid)
+    assert stat.S_IMODE(Path(inner[0]).parent.stat().st_mode) == 0o700
+    dial = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+        "except OSError as e:\n    print(e.errno)\n"
+    )
+    result = subprocess.run(
+        [str(SYSTEM_PYTHON), "-S", "-c", dial, inner[0]],
+        capture_output=True, text=True, timeout=60 * SLOWDOWN, **as_user(1001, 1001),
+    )  # fmt: skip
+    assert result.stdout.strip() == "13", result.stdout + result.stderr  # EACCES
+
+
+def test_a_second_agent_does_not_take_a_served_socket(
+    spiffe_stack: SpiffeStack, agent: Agent, tmp_path: Path
+) -> None:
+    """Starting another agent on a socket an agent serves is refused (exit 6), and the
+    first keeps serving on it; a path that is not a socket is refused and left alone."""
+    spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/still-served", "unix:uid:1095")
+    wait_for(lambda: "svids" in workload(agent.socket, 1095, 1095, "x509"), 60, "an SVID")
+    inode = agent.socket.stat().st_ino
+
+    def second(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "kmsctl"), "spiffe", "agent", "--client-config",
+             str(spiffe_stack.device_config), "--socket", f"unix://{path}"],
+            capture_output=True, text=True, timeout=60 * SLOWDOWN,
+        )  # fmt: skip
+
+    taken = second(agent.socket)
+    assert taken.returncode == 6, taken.stdout + taken.stderr
+    assert taken.stderr.startswith("kmsctl: spiffe.socket_in_use:"), taken.stderr
+    assert agent.socket.stat().st_ino == inode
+    assert "svids" in workload(agent.socket, 1095, 1095, "x509")
+    a_file = tmp_path / "workload.sock"
+    a_file.write_text("not a socket")
+    refused = second(a_file)
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    assert refused.stderr.startswith("kmsctl: spiffe.socket_unusable:"), refused.stderr
+    assert a_file.read_text() == "not a socket"
+
+
+def test_entry_listing_pages_in_order_from_the_keys(spiffe_stack: SpiffeStack) -> None:
+    """A listing is paged by (node, entry id) from the entries' keys, each page unsealing
+    only its own entries: every entry once, in order, across pages; a node's listing
+    holds that node's only (a dotted node name included); an entry deleted between two
+    pages is simply not listed, and nothing else is skipped."""
+    from edgekms import spiffe as sp
+
+    nodes = ["page.node.b", "page-node-a"]
+    made = {
+        (node, sp.entry_id(node, f"spiffe://{TRUST_DOMAIN}/paged/{i}"))
+        for node in nodes
+        for i in range(5)
+    }
+    for node in nodes:
+        for i in range(5):
+            spiffe_stack.entry(f"spiffe://{TRUST_DOMAIN}/paged/{i}", "unix:uid:7", node=node)
+    with spiffe_stack.stack.client() as admin:
+        for node in nodes:
+            listed = [(e.node, e.entry_id) for e in admin.spiffe_iter_entries(node, page_size=2)]
+            assert listed == sorted(p for p in made if p[0] == node)
+        everything = [(e.node, e.entry_id) for e in admin.spiffe_iter_entries(page_size=3)]
+        assert everything == sorted(everything) and len(everything) == len(set(everything))
+        assert made <= set(everything)
+        pages = admin.spiffe_iter_entries("page-node-a", page_size=2)
+        first = [next(pages), next(pages)]
+        doomed = sorted(p for p in made if p[0] == "page-node-a")[3]
+        admin.spiffe_delete_entry(doomed[1])
+        rest = list(pages)
+    got = [(e.node, e.entry_id) for e in [*first, *rest]]
+    assert got == [p for p in sorted(made) if p[0] == "page-node-a" and p != doomed]
 
 
 def test_entries_are_managed_and_the_ca_refuses_bad_ones_itself(
