@@ -19,19 +19,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import nats
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgekms import errors
-from edgekms.v1 import enroll_pb2
+from edgekms.v1 import (
+    audit_pb2,
+    ca_pb2,
+    clients_pb2,
+    crypto_pb2,
+    enroll_pb2,
+    keys_pb2,
+    sealed_pb2,
+    workload_pb2,
+)
 from mgmt.cli import cli
 from mgmt.cli.common import ExitCode
 from mgmt.client import KMSClient
-from mgmt.enroll import send_enroll
+from mgmt.enroll import pinned_ca, send_enroll, split_server
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import KmsStack
 from tests.enroll.conftest import run, run_json
@@ -194,6 +205,51 @@ def test_an_expired_token_is_refused(stack: KmsStack) -> None:
     with pytest.raises(errors.Unauthenticated) as expired:
         redeem(stack, made.token_string, made.ca_fingerprint, csr(key))
     assert expired.value.reason == "enroll.token_expired"
+
+
+def test_without_a_client_certificate_only_enrollment_and_health_answer(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    """The enrollment listener asks for no client certificate, so it must serve nothing
+    else: every method of every other service of the contract, and reflection, is
+    UNIMPLEMENTED there; health answers. (The main port refuses the handshake itself
+    without a client certificate: tests/e2e/test_broker.py.)"""
+    _token, fingerprint, _ = new_token(stack, tmp_path, "no-cert-probe")
+    host, port = split_server(enroll_address(stack))
+    ca, leaf = pinned_ca(host, port, fingerprint)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    credentials = grpc.ssl_channel_credentials(ca.public_bytes(serialization.Encoding.PEM))
+    options = [("grpc.ssl_target_name_override", names.get_values_for_type(x509.DNSName)[0])]
+    modules = (
+        audit_pb2, ca_pb2, clients_pb2, crypto_pb2, enroll_pb2, keys_pb2, sealed_pb2,
+        workload_pb2,
+    )  # fmt: skip
+    paths = [
+        f"/{service.full_name}/{method.name}"
+        for module in modules
+        for service in module.DESCRIPTOR.services_by_name.values()
+        if service.full_name != "edgekms.v1.EnrollmentService"
+        for method in service.methods
+    ]
+    paths += [
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    assert "/edgekms.v1.KeyService/Sign" in paths and len(paths) > 40, paths
+    with grpc.secure_channel(f"{host}:{port}", credentials, options=options) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=20 * SLOWDOWN
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        answered = {}
+        for path in paths:
+            call = channel.unary_unary(path)
+            try:
+                call(b"", timeout=20 * SLOWDOWN)
+                answered[path] = "OK"
+            except grpc.RpcError as exc:
+                answered[path] = exc.code().name
+    assert {p: c for p, c in answered.items() if c != "UNIMPLEMENTED"} == {}
 
 
 def test_tokens_are_throttled_after_repeated_failures(stack: KmsStack, tmp_path: Path) -> None:
