@@ -7,7 +7,9 @@ device (or group) is refused on its next request, cannot renew or enroll again."
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
 import json
 import os
 import signal
@@ -137,6 +139,34 @@ def test_a_device_enrolls_from_a_token_and_signs_with_its_own_identity(
     assert again.exit_code == ExitCode.PERMISSION_DENIED, again.output
     assert "enroll.token_used" in again.output
     assert not (tmp_path / "dev2" / "device.key").exists()
+
+
+def test_a_token_is_kept_only_as_the_hash_of_its_secret(stack: KmsStack, tmp_path: Path) -> None:
+    """The token string is shown once (written to --token-out); what the broker keeps
+    is the SHA-256 of its secret, and neither the listing, the audit log nor the
+    stack's logs carry the secret."""
+    token_file, _fingerprint, token_id = new_token(stack, tmp_path, "hash-only", "--ttl", "1h")
+    token = token_file.read_text().strip()
+    prefix, listed_id, secret = token.split(".")
+    assert (prefix, listed_id) == ("ekt1", token_id)
+    record = _read_token_record(stack, token_id)
+    assert record.secret_sha256 == hashlib.sha256(secret.encode()).digest()
+    assert record.name == "hash-only" and record.profile == "device"
+    raw = record.SerializeToString()
+    assert secret.encode() not in raw
+    assert base64.urlsafe_b64decode(secret + "=") not in raw
+    listed = run(stack, "enroll", "token", "list", "--all", "-o", "json")
+    audit = run(stack, "audit", "tail", "-o", "json")
+    assert listed.exit_code == 0 and audit.exit_code == 0, listed.output + audit.output
+    assert token_id in listed.stdout and secret not in listed.stdout
+    created = [
+        json.loads(line)["entry"]
+        for line in audit.stdout.splitlines()
+        if '"CreateEnrollToken"' in line
+    ]
+    assert any(e["target"] == "hash-only" for e in created), created  # the creation is there
+    assert secret not in audit.stdout
+    assert secret not in stack.log_path.read_text(errors="replace")
 
 
 def test_a_wrong_fingerprint_never_sends_the_token(stack: KmsStack, tmp_path: Path) -> None:
