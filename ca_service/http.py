@@ -309,7 +309,7 @@ class HttpServer:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), _WRITE_DEADLINE)
-            if not writer.transport.is_closing() or writer.transport.get_write_buffer_size():
+            if not writer.transport.is_closing() or _unsent(writer.transport):
                 writer.transport.abort()
 
     async def _respond(self, request: Request) -> Response:
@@ -323,6 +323,16 @@ class HttpServer:
             response.headers["Allow"] = ", ".join(allowed)
             return response
         return Response.text(404, "no such resource")
+
+
+def _unsent(transport: asyncio.WriteTransport) -> int:
+    """Bytes the transport still holds. A TLS transport whose connection is already torn
+    down has no buffer left to ask (Python 3.11's raises AttributeError then): nothing
+    unsent, nothing to abort."""
+    try:
+        return transport.get_write_buffer_size()
+    except AttributeError:
+        return 0
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -15,13 +15,13 @@ PYTHON=${PYTHON:-python3}
 # signatures and TLS with them), openvpn and gnutls-bin (the CA's .ovpn profiles and
 # name-constrained chains are checked by a real OpenVPN and GnuTLS's certtool), golang-go
 # (the same chains are checked by Go's crypto/x509 in tests/ca/goverify), and a compiler
-# with Python headers for the wheels that build from source; certbot, lego and nginx-light
-# (the ACME tests: real clients obtain certificates, nginx serves them), and cryptsetup-bin
-# (remote unlock opens a real LUKS2 volume in an image file).
+# with Python headers for the wheels that build from source; certbot, lego, caddy and
+# nginx-light (the ACME tests: real clients obtain certificates, nginx and Caddy serve them),
+# and cryptsetup-bin (remote unlock opens a real LUKS2 volume in an image file).
 APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd
   libtss2-tcti-tabrmd0 dbus-daemon libengine-pkcs11-openssl libtss2-dev opensc openssl curl
-  openvpn gnutls-bin golang-go ca-certificates gcc make pkg-config certbot lego nginx-light
-  cryptsetup-bin)
+  openvpn gnutls-bin golang-go ca-certificates gcc make pkg-config certbot lego caddy
+  nginx-light cryptsetup-bin)
 # The compose stack's end-to-end tests (tests/deploy/test_compose_e2e.py) where no Docker
 # engine runs: rootful podman with runc, netavark and aardvark-dns (networks with name
 # resolution; iptables for published ports), Debian's docker-compose 1.29 through podman's

@@ -131,3 +131,16 @@ async def acme_env(ca_env: CAEnv, webroot: Webroot, tmp_path: Path) -> AsyncIter
         yield AcmeEnv(ca_env, server, config, root_pem, webroot, audit)
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def free_ports_server(acme_env: AcmeEnv) -> AsyncIterator[AcmeServer]:
+    """A second ACME listener of the same CA whose challenge ports are free ones that a
+    client which answers challenges itself (lego, Caddy) can take; the first listener's
+    http-01 port is the webroot server's."""
+    config = acme_config(free_port(), free_port(), tlsalpn01_port=free_port())
+    server = await start_acme(acme_env.ca, config, acme_env.audit)
+    try:
+        yield server
+    finally:
+        await server.stop()

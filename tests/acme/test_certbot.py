@@ -177,6 +177,47 @@ async def test_certbot_obtains_a_certificate_that_nginx_serves_and_curl_trusts(
         assert action in actions, actions
 
 
+async def test_certbot_renew_gets_a_new_certificate_from_the_same_ca(
+    acme_env: AcmeEnv, tmp_path: Path
+) -> None:
+    """`certbot renew`, as its timer runs it, from what `certonly` stored (server,
+    webroot, account): a new certificate with a new serial for the same names, the
+    old one still valid (ACME renewal is a new order; expiry retires the old)."""
+    work = tmp_path / "certbot"
+    bundle = {"REQUESTS_CA_BUNDLE": str(acme_env.root_pem)}
+    got = await run(
+        *certbot(
+            acme_env,
+            work,
+            "certonly",
+            *("-m", "admin@nas.home.arpa", "--webroot", "-w", str(acme_env.webroot.path)),
+            *("-d", "nas.home.arpa"),
+        ),
+        env=bundle,
+    )
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    live = work / "config" / "live" / "nas.home.arpa" / "cert.pem"
+    first = x509.load_pem_x509_certificate(live.read_bytes())
+    # --force-renewal: the certificate is months from expiry; `renew` takes the server
+    # and the webroot from the renewal configuration certonly wrote.
+    renewed = await run(
+        "certbot",
+        *("--config-dir", str(work / "config"), "--work-dir", str(work / "work")),
+        *("--logs-dir", str(work / "logs"), "--non-interactive"),
+        *("renew", "--force-renewal", "--no-random-sleep-on-renew"),
+        env=bundle,
+    )
+    assert renewed.returncode == 0, renewed.stdout[-3000:] + renewed.stderr[-3000:]
+    second = x509.load_pem_x509_certificate(live.read_bytes())
+    assert second.serial_number != first.serial_number
+    san = second.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["nas.home.arpa"]
+    for cert in (first, second):
+        record, _ = await acme_env.ca.store.get_record(f"{cert.serial_number:X}")
+        assert record.requester.startswith("acme:")
+        assert record.status == ca_pb2.CERTIFICATE_STATUS_VALID
+
+
 async def test_state_survives_a_restart_of_the_acme_server(acme_env: AcmeEnv) -> None:
     """Accounts and orders live in the CA's bucket: a new server (a new CA process on
     the same bucket) finds the account by its key and completes the order."""

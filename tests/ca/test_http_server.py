@@ -6,9 +6,16 @@ the handlers are plain functions so that each HTTP rule is checked on its own.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_service import http
 from ca_service.http import HttpServer, Request, Response
@@ -176,3 +183,69 @@ async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
             return True
         await asyncio.sleep(0.05)
     return condition()
+
+
+def _tls_pair(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts around a throwaway self-signed certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ca.home.arpa")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("ca.home.arpa")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = tmp_path / "cert.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = tmp_path / "key.pem"
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_pem, key_pem)
+    client = ssl.create_default_context(cafile=str(cert_pem))
+    return server, client
+
+
+async def test_tls_connections_close_without_an_unhandled_error(tmp_path: Path) -> None:
+    """Over TLS (the ACME server's listener), connections closed in every order, by the
+    server after its answer or by a client gone early, end without the event loop
+    reporting an unhandled exception from the connection handler."""
+    server_tls, client_tls = _tls_pair(tmp_path)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    srv = HttpServer({("GET", "/crl"): _crl})
+    await srv.start("127.0.0.1", 0, tls=server_tls)
+    assert srv.server is not None
+    port = srv.server.sockets[0].getsockname()[1]
+    try:
+        for i in range(20):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_tls, server_hostname="ca.home.arpa"
+            )
+            writer.write(b"GET /crl HTTP/1.1\r\nHost: ca.home.arpa\r\n\r\n")
+            await writer.drain()
+            if i % 2:
+                data = await asyncio.wait_for(reader.read(), 10)
+                assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"CRL-DER")
+            writer.close()  # half of them without reading the answer
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+        assert await _until(lambda: srv.open_connections == 0)
+        await asyncio.sleep(0.2)  # callbacks scheduled by the last close run now
+    finally:
+        await srv.cleanup()
+        loop.set_exception_handler(previous)
+    assert [str(c.get("message")) + repr(c.get("exception")) for c in unhandled] == []

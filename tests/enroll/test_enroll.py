@@ -7,7 +7,9 @@ device (or group) is refused on its next request, cannot renew or enroll again."
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
 import json
 import os
 import signal
@@ -19,19 +21,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import nats
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgekms import errors
-from edgekms.v1 import enroll_pb2
+from edgekms.v1 import (
+    audit_pb2,
+    ca_pb2,
+    clients_pb2,
+    crypto_pb2,
+    enroll_pb2,
+    keys_pb2,
+    sealed_pb2,
+    workload_pb2,
+)
 from mgmt.cli import cli
 from mgmt.cli.common import ExitCode
 from mgmt.client import KMSClient
-from mgmt.enroll import send_enroll
+from mgmt.enroll import pinned_ca, send_enroll, split_server
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import KmsStack
 from tests.enroll.conftest import run, run_json
@@ -128,6 +141,34 @@ def test_a_device_enrolls_from_a_token_and_signs_with_its_own_identity(
     assert not (tmp_path / "dev2" / "device.key").exists()
 
 
+def test_a_token_is_kept_only_as_the_hash_of_its_secret(stack: KmsStack, tmp_path: Path) -> None:
+    """The token string is shown once (written to --token-out); what the broker keeps
+    is the SHA-256 of its secret, and neither the listing, the audit log nor the
+    stack's logs carry the secret."""
+    token_file, _fingerprint, token_id = new_token(stack, tmp_path, "hash-only", "--ttl", "1h")
+    token = token_file.read_text().strip()
+    prefix, listed_id, secret = token.split(".")
+    assert (prefix, listed_id) == ("ekt1", token_id)
+    record = _read_token_record(stack, token_id)
+    assert record.secret_sha256 == hashlib.sha256(secret.encode()).digest()
+    assert record.name == "hash-only" and record.profile == "device"
+    raw = record.SerializeToString()
+    assert secret.encode() not in raw
+    assert base64.urlsafe_b64decode(secret + "=") not in raw
+    listed = run(stack, "enroll", "token", "list", "--all", "-o", "json")
+    audit = run(stack, "audit", "tail", "-o", "json")
+    assert listed.exit_code == 0 and audit.exit_code == 0, listed.output + audit.output
+    assert token_id in listed.stdout and secret not in listed.stdout
+    created = [
+        json.loads(line)["entry"]
+        for line in audit.stdout.splitlines()
+        if '"CreateEnrollToken"' in line
+    ]
+    assert any(e["target"] == "hash-only" for e in created), created  # the creation is there
+    assert secret not in audit.stdout
+    assert secret not in stack.log_path.read_text(errors="replace")
+
+
 def test_a_wrong_fingerprint_never_sends_the_token(stack: KmsStack, tmp_path: Path) -> None:
     token, _fingerprint, token_id = new_token(stack, tmp_path, "pinned")
     wrong = "0" * 64
@@ -194,6 +235,51 @@ def test_an_expired_token_is_refused(stack: KmsStack) -> None:
     with pytest.raises(errors.Unauthenticated) as expired:
         redeem(stack, made.token_string, made.ca_fingerprint, csr(key))
     assert expired.value.reason == "enroll.token_expired"
+
+
+def test_without_a_client_certificate_only_enrollment_and_health_answer(
+    stack: KmsStack, tmp_path: Path
+) -> None:
+    """The enrollment listener asks for no client certificate, so it must serve nothing
+    else: every method of every other service of the contract, and reflection, is
+    UNIMPLEMENTED there; health answers. (The main port refuses the handshake itself
+    without a client certificate: tests/e2e/test_broker.py.)"""
+    _token, fingerprint, _ = new_token(stack, tmp_path, "no-cert-probe")
+    host, port = split_server(enroll_address(stack))
+    ca, leaf = pinned_ca(host, port, fingerprint)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    credentials = grpc.ssl_channel_credentials(ca.public_bytes(serialization.Encoding.PEM))
+    options = [("grpc.ssl_target_name_override", names.get_values_for_type(x509.DNSName)[0])]
+    modules = (
+        audit_pb2, ca_pb2, clients_pb2, crypto_pb2, enroll_pb2, keys_pb2, sealed_pb2,
+        workload_pb2,
+    )  # fmt: skip
+    paths = [
+        f"/{service.full_name}/{method.name}"
+        for module in modules
+        for service in module.DESCRIPTOR.services_by_name.values()
+        if service.full_name != "edgekms.v1.EnrollmentService"
+        for method in service.methods
+    ]
+    paths += [
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    assert "/edgekms.v1.KeyService/Sign" in paths and len(paths) > 40, paths
+    with grpc.secure_channel(f"{host}:{port}", credentials, options=options) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=20 * SLOWDOWN
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        answered = {}
+        for path in paths:
+            call = channel.unary_unary(path, request_serializer=bytes, response_deserializer=bytes)
+            try:
+                call(b"", timeout=20 * SLOWDOWN)
+                answered[path] = "OK"
+            except grpc.RpcError as exc:
+                answered[path] = exc.code().name
+    assert {p: c for p, c in answered.items() if c != "UNIMPLEMENTED"} == {}
 
 
 def test_tokens_are_throttled_after_repeated_failures(stack: KmsStack, tmp_path: Path) -> None:
