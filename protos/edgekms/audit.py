@@ -36,15 +36,16 @@ everything queued (up to MAX_BATCH_ENTRIES / MAX_BATCH_BYTES) and publishes it a
 message, so one fsync serves the whole batch and the batch is stored all or nothing.
 
 Chain. hash = SHA-256(prev_hash || canonical(entry without "hash")), prev_hash being the
-previous entry's hash (32 zero bytes for the first). Both travel hex-encoded in the entry
-(formats "1" and "2"; format "3" below). One chain per writer (format "2" and on): each writer publishes only on its own subject
-kms.audit.<writer> (the bus permissions allow it no other), chains each entry to the last
-one on that subject, and publishes with Nats-Expected-Last-Subject-Sequence = that
-entry's sequence; on "wrong last sequence" (a replica of the same writer got there
-first) it re-reads its head and retries, a bounded number of times. The server's check
-is atomic, so no chain forks, and another writer's traffic, a flood included, never
-makes a writer lose a race. Entries of format "1" (one global chain, from before) still
-verify: each links to the entry stored before it, whoever wrote it.
+previous entry's hash (32 zero bytes for the first). Both travel hex-encoded in the
+entry (formats "1" and "2"; format "3" below). One chain per writer (format "2" and on):
+each writer publishes only on its own subject kms.audit.<writer> (the bus permissions
+allow it no other), chains each entry to the last one on that subject, and publishes
+with a compare-and-set on that entry's sequence (expected_last); on "wrong last
+sequence" (a replica of the same writer got there first) it re-reads its head and
+retries, a bounded number of times. The server's check is atomic, so no chain forks, and
+another writer's traffic, a flood included, never makes a writer lose a race. Entries of
+format "1" (one global chain, from before) still verify: each links to the entry stored
+before it, whoever wrote it.
 
 Compact entries (format "3", what writers store now; issue 21, "Cheaper records"). The
 same record in fewer bytes: one-letter field names, the actor flattened, and the two
@@ -66,10 +67,10 @@ entry into the long form above (check_entry), so every consumer (the verifier, T
 the same 32 bytes in every format: a chain runs on from "2" into "3" unbroken. Entries
 of formats "1" and "2" still verify as they always did (tests/audit/test_compact.py).
 The per-message header stays: it is the compare-and-set that keeps replicas of one
-writer from forking its chain (JetStream stores it, ~58 bytes a message). Its shorter
-stream-wide form would save 8 bytes but is not the same check: after a deleted tail a
-stream's last sequence is past its subject's last message (tests/audit/test_writer.py,
-test_deleted_last_entry_is_named_and_writing_goes_on).
+writer from forking its chain, and JetStream stores it with every message. It is the
+shorter stream-wide form now (Nats-Expected-Last-Sequence, 8 bytes less): a writer's
+stream holds its one subject, so the stream's last sequence is the subject's, except
+after a deleted tail, which read_head accounts for (expected_last).
 
 Authentication. The stored subject is set by nats-server from the publishing
 connection's grant, so an entry's `writer` must be the subject's last token; the
@@ -93,6 +94,7 @@ import binascii
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -973,7 +975,7 @@ def split_message(raw: bytes) -> list[Any] | None:
 def _restore_prev(items: list[Any]) -> None:
     """Give each compact item after the first that has no "p" the "h" of the item
     before it, which is the only link it can have (see "Compact entries" above)."""
-    for before, item in zip(items, items[1:], strict=False):
+    for before, item in itertools.pairwise(items):
         if (
             isinstance(item, dict)
             and item.get("v") == COMPACT_VERSION
@@ -1021,6 +1023,18 @@ def link_of(raw: bytes) -> bytes:
 
 
 # -- writing ----------------------------------------------------------------------------
+
+
+def expected_last(last_seq: int) -> dict[str, str]:
+    """The compare-and-set header of an append after the stream's `last_seq`
+    (AuditWriter.read_head). JetStream stores it with the message, so its length counts
+    in every message: a writer's stream captures its one subject only, so the check on
+    the stream's last sequence is the check on the subject's, in 8 bytes less than the
+    subject form. An empty stream (0) keeps the subject form, whose 0 every supported
+    nats-server reads as "nothing stored yet"."""
+    if last_seq:
+        return {EXPECTED_LAST_SEQUENCE: str(last_seq)}
+    return {EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
 
 
 @dataclass(frozen=True)
@@ -1152,16 +1166,26 @@ class AuditWriter:
             )
 
     async def read_head(self) -> tuple[int, bytes]:
-        """(sequence of this writer's last message in its stream, hash to chain to).
-        A writer with no message in its stream yet chains to its last entry in the
-        legacy stream (a data dir from before per-writer streams), else to GENESIS.
-        Only this writer's own subject is read: other writers cannot move this head."""
+        """(the stream's last sequence, hash to chain to: its last entry's). A writer with
+        no message in its stream yet chains to its last entry in the legacy stream (a
+        data dir from before per-writer streams), else to GENESIS. Only this writer's
+        own subject is in its stream: other writers cannot move this head.
+
+        The sequence is what the next append's compare-and-set expects (expected_last).
+        The stream's last sequence is read BEFORE its last message: if an append lands
+        between the two reads, the message read is newer and its sequence is the one to
+        expect; if the message read is older than the stream's last sequence, the
+        stream's tail was deleted (an older stream without deny_delete) and the stream's
+        sequence is the one to expect, the chain linking to the last entry there is.
+        Either way an append that lands after both reads fails the check, so the link
+        and the expected sequence never disagree."""
+        info = await self.js.stream_info(self.stream)  # no stream at all: NotFoundError
+        last = int(info.state.last_seq or 0)
         try:
             msg = await self.js.get_msg(self.stream, subject=self.subject, direct=True)
         except nats.js.errors.NotFoundError:
-            await self.js.stream_info(self.stream)  # no stream at all is NotFoundError too
-            return 0, await self._legacy_head()
-        return int(msg.seq or 0), link_of(msg.data or b"")
+            return last, await self._legacy_head()
+        return max(last, int(msg.seq or 0)), link_of(msg.data or b"")
 
     async def _legacy_head(self) -> bytes:
         try:
@@ -1352,7 +1376,7 @@ class AuditWriter:
                     join_message(encoded),
                     timeout=self.timeout,
                     stream=self.stream,
-                    headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq)},
+                    headers=expected_last(last_seq),
                 )
             except nats.js.errors.APIError as exc:
                 self._head = None
