@@ -20,6 +20,7 @@ from edgekms.audit import (
     LONG_VERSION,
     AuditWriter,
     Decision,
+    _compact_body,
     canonical,
     encode_message,
     entry_hash,
@@ -271,3 +272,31 @@ async def test_a_writer_upgraded_from_long_to_compact_entries_keeps_one_chain(nc
     later = await js.get_msg(stream, seq=before.messages + 1)
     assert (later.headers or {}).get("Nats-Expected-Last-Sequence") == str(before.messages)
     assert "Nats-Expected-Last-Subject-Sequence" not in (later.headers or {})
+
+
+AWKWARD = ['a"b', "back\\slash", "line\nbreak\x01", "naïve ✓", "\u2028\u2029", "", "o"]
+
+
+@pytest.mark.parametrize("text", AWKWARD)
+def test_the_spliced_compact_body_is_canonical_json(text: str) -> None:
+    """entry_hash splices a well-shaped compact body instead of sorting it through the
+    JSON encoder (the broker's chain check hashes every entry again): the bytes must be
+    canonical()'s, and an entry of another shape still hashes through canonical()."""
+    entry, raw = sealed_entry(
+        writer=text or "w",
+        action=text,
+        outcome=text,
+        prev_hash=os.urandom(32),
+        client=text,
+        role=text,
+        target=text,
+        request_id=text,
+        details={text: text, "via": text, "A": "1"},
+    )
+    body = {k: v for k, v in json.loads(raw).items() if k not in ("h", "p")}
+    assert _compact_body(entry) == canonical(body)
+    assert entry_hash(parse_entry(raw)) == entry["hash"]
+    odd = {**entry, "details": {"n": 1}, "target": 7}
+    expected = {**body, "d": {"n": 1}, "n": 7}
+    prev = bytes.fromhex(str(entry["prev_hash"]))
+    assert entry_hash(odd) == hashlib.sha256(prev + canonical(expected)).hexdigest()
