@@ -477,13 +477,15 @@ async def test_stream_fill_and_archiver_state_are_metrics(nc: NATS, tmp_path: Pa
     assert _sample(metrics, "edgekms_audit_stream_messages", **labels) == state.messages
     assert _sample(metrics, "edgekms_audit_stream_max_messages", **labels) == LIMIT.max_msgs
     filled = _sample(metrics, "edgekms_audit_stream_fill_ratio", **labels)
-    assert filled == pytest.approx(state.bytes / LIMIT.max_bytes) and filled >= 0.75
+    assert filled is not None and filled >= 0.75
+    assert filled == pytest.approx(state.bytes / LIMIT.max_bytes)
     # No round yet: not failing, never succeeded.
     assert _sample(metrics, "edgekms_audit_archive_ok") == 1
     assert _sample(metrics, "edgekms_audit_archive_last_success_timestamp_seconds") == 0
     await archiver.round()
     await check.run_once()
-    assert _sample(metrics, "edgekms_audit_stream_fill_ratio", **labels) <= POLICY.window_fraction
+    filled = _sample(metrics, "edgekms_audit_stream_fill_ratio", **labels)
+    assert filled is not None and filled <= POLICY.window_fraction
     ok_at = _sample(metrics, "edgekms_audit_archive_last_success_timestamp_seconds")
     assert ok_at is not None and ok_at == archiver.last_ok_at
     # A round that fails (its archive dir is a file now): 0 until one goes well again.
