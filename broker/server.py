@@ -291,7 +291,7 @@ class Broker:
         await self._set_serving(True)
         self.serving = True
         if self.metrics is not None and cfg.audit_check_interval > 0:
-            check = AuditChainCheck(self.nc.jetstream(), self.metrics)
+            check = AuditChainCheck(self.nc.jetstream(), self.metrics, self.archiver)
             self.audit_check = Periodic(
                 "audit chain check", check.run_once, cfg.audit_check_interval
             )

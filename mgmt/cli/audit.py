@@ -56,7 +56,8 @@ def audit_group() -> None:
 def record_to_dicts(record: audit_pb2.AuditRecord) -> list[dict[str, Any]]:
     """The stable json shape of each entry in a stored message: its sequence, its index
     within the message (0 for a lone entry; a group-committed batch holds several) and
-    the stored entry itself, or None with the raw text when it is no entry."""
+    the entry in its long form (a compact format 3 entry expanded, edgekms.audit), or
+    None with the raw text when it is no entry."""
     items = split_message(record.raw)
     if items is None:
         try:

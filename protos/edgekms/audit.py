@@ -36,15 +36,41 @@ everything queued (up to MAX_BATCH_ENTRIES / MAX_BATCH_BYTES) and publishes it a
 message, so one fsync serves the whole batch and the batch is stored all or nothing.
 
 Chain. hash = SHA-256(prev_hash || canonical(entry without "hash")), prev_hash being the
-previous entry's hash (32 zero bytes for the first). Both travel hex-encoded in the entry.
-One chain per writer (format "2"): each writer publishes only on its own subject
-kms.audit.<writer> (the bus permissions allow it no other), chains each entry to the last
-one on that subject, and publishes with Nats-Expected-Last-Subject-Sequence = that
-entry's sequence; on "wrong last sequence" (a replica of the same writer got there
-first) it re-reads its head and retries, a bounded number of times. The server's check
-is atomic, so no chain forks, and another writer's traffic, a flood included, never
-makes a writer lose a race. Entries of format "1" (one global chain, from before) still
-verify: each links to the entry stored before it, whoever wrote it.
+previous entry's hash (32 zero bytes for the first). Both travel hex-encoded in the
+entry (formats "1" and "2"; format "3" below). One chain per writer (format "2" and on):
+each writer publishes only on its own subject kms.audit.<writer> (the bus permissions
+allow it no other), chains each entry to the last one on that subject, and publishes
+with a compare-and-set on that entry's sequence (expected_last); on "wrong last
+sequence" (a replica of the same writer got there first) it re-reads its head and
+retries, a bounded number of times. The server's check is atomic, so no chain forks, and
+another writer's traffic, a flood included, never makes a writer lose a race. Entries of
+format "1" (one global chain, from before) still verify: each links to the entry stored
+before it, whoever wrote it.
+
+Compact entries (format "3", what writers store now; issue 21, "Cheaper records"). The
+same record in fewer bytes: one-letter field names, the actor flattened, and the two
+links as unpadded base64url (43 characters, not 64 hex):
+
+    {"a": action, "c": actor client, "d": details, "h": hash, "i": request_id,
+     "n": target, "o": outcome, "p": prev_hash, "r": actor role, "t": time, "v": "3",
+     "w": writer}
+
+hash = SHA-256(prev_hash || canonical(entry without "h" and "p")): the link is outside the
+body it seals, and still the first thing hashed, so the chain is exactly as strong (every
+entry commits to its predecessor's 32 bytes). That lets a batch message store the link
+once: in a batch every item after the first leaves "p" out, because it can only be the
+"h" of the item before it (split_message puts it back before anything reads the item).
+A lone entry and a batch's first item always carry "p", so an entry after a gap, or at
+the start of a pruned window, can still be checked on its own. Readers expand a compact
+entry into the long form above (check_entry), so every consumer (the verifier, TailAudit,
+`kmsctl audit tail`, the fleet's hub) sees one shape whatever the version, and links are
+the same 32 bytes in every format: a chain runs on from "2" into "3" unbroken. Entries
+of formats "1" and "2" still verify as they always did (tests/audit/test_compact.py).
+The per-message header stays: it is the compare-and-set that keeps replicas of one
+writer from forking its chain, and JetStream stores it with every message. It is the
+shorter stream-wide form now (Nats-Expected-Last-Sequence, 8 bytes less): a writer's
+stream holds its one subject, so the stream's last sequence is the subject's, except
+after a deleted tail, which read_head accounts for (expected_last).
 
 Authentication. The stored subject is set by nats-server from the publishing
 connection's grant, so an entry's `writer` must be the subject's last token; the
@@ -63,9 +89,12 @@ ResourceExhausted("audit.full")); the broker then refuses the operation it was r
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -92,8 +121,11 @@ LEGACY_SUBJECT = "kms.audit-legacy.closed"
 STREAM_PREFIX = f"{AUDIT_STREAM}_"
 SUBJECT_PREFIX = AUDIT_PREFIX
 GENESIS = bytes(32)
-# "1": one global chain (entries written before per-writer chains); "2": a chain per writer.
-FORMAT_VERSION = "2"
+# "1": one global chain (entries written before per-writer chains); "2": a chain per writer;
+# "3": a chain per writer, compact entries (see "Compact entries" above). Writers store "3".
+FORMAT_VERSION = "3"
+COMPACT_VERSION = "3"
+LONG_VERSION = "2"
 GLOBAL_CHAIN_VERSION = "1"
 # JetStream's error code for a failed Nats-Expected-Last-(Subject-)Sequence check.
 WRONG_LAST_SEQUENCE = 10071
@@ -446,8 +478,14 @@ def canonical(value: Mapping[str, Any]) -> bytes:
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
-    """The hex hash an entry must carry: over its prev_hash bytes and the rest of it."""
+    """The hex hash an entry (in the long form check_entry gives) must carry: over its
+    prev_hash bytes and the rest of it; for format "3", over the prev_hash bytes and the
+    compact body without either link ("" when the entry has no compact form, which
+    matches no hash)."""
     prev = bytes.fromhex(str(entry.get("prev_hash", "")))
+    if entry.get("v") == COMPACT_VERSION:
+        compact = _compact_body(entry)
+        return "" if compact is None else hashlib.sha256(prev + compact).hexdigest()
     body = _entry_body(entry)
     if body is None:
         body = canonical({k: v for k, v in entry.items() if k != "hash"})
@@ -532,12 +570,28 @@ def sealed_entry(
     request_id: str = "",
     details: Mapping[str, str] | None = None,
     time: str | None = None,
+    version: str = FORMAT_VERSION,
 ) -> tuple[dict[str, Any], bytes]:
-    """build_entry's entry and its canonical JSON, encoded once: the writer's hot path
-    needs both, and the bytes that were hashed differ from the stored ones only by the
-    hash field, which is spliced in instead of encoding the entry again."""
+    """build_entry's entry (in the long form, whatever `version`) and its stored bytes,
+    encoded once: the writer's hot path needs both, and the bytes that were hashed differ
+    from the stored ones only by the link fields, which are spliced in instead of
+    encoding the entry again. `version` "2" makes the long entries of before (tests of
+    old chains use it)."""
+    if version == COMPACT_VERSION:
+        return _sealed_compact(
+            writer=writer,
+            action=action,
+            outcome=outcome,
+            prev_hash=prev_hash,
+            client=client,
+            role=role,
+            target=target,
+            request_id=request_id,
+            details={str(k): str(v) for k, v in (details or {}).items()},
+            time=time or now_rfc3339(),
+        )
     entry: dict[str, Any] = {
-        "v": FORMAT_VERSION,
+        "v": version,
         "time": time or now_rfc3339(),
         "writer": writer,
         "actor": {"client": client, "role": role},
@@ -558,6 +612,218 @@ def sealed_entry(
 _encode_str = json.encoder.encode_basestring  # canonical()'s own string encoder
 
 
+# -- compact entries (format "3") --------------------------------------------------------
+
+_COMPACT_FIELDS = frozenset({"a", "c", "d", "h", "i", "n", "o", "p", "r", "t", "v", "w"})
+LINK_CHARS = 43  # unpadded base64url of 32 bytes
+# In a compact entry's canonical JSON every field after "i" (n, o, r, t, v, w), and
+# after "r" (t, v, w), is a plain string, which cannot hold an unescaped quote: the
+# LAST occurrence of each of these is the top-level key, whatever the details hold.
+_ID_KEY = b',"i":'
+_ROLE_KEY = b',"r":'
+_PREV_KEY = b',"p":"'
+
+
+def link_text(link: bytes) -> str:
+    """A 32-byte link as a compact entry stores it: unpadded base64url."""
+    return base64.urlsafe_b64encode(link).rstrip(b"=").decode("ascii")
+
+
+def parse_link(text: Any) -> bytes:
+    """The 32 bytes of a compact link, or ValueError. Only the one spelling link_text
+    makes is accepted (no padding, no stray characters, no other trailing bits), so
+    that one link has one stored form."""
+    if not isinstance(text, str) or len(text) != LINK_CHARS:
+        raise ValueError("not a base64url SHA-256")
+    try:
+        link = base64.urlsafe_b64decode(text + "=")
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64url") from None
+    if len(link) != 32 or link_text(link) != text:
+        raise ValueError("not a base64url SHA-256")
+    return link
+
+
+def _compact_body(entry: Mapping[str, Any]) -> bytes | None:
+    """The hashed bytes of a long-form format-3 entry: its compact form without "h" and
+    "p", canonical; None if it has no compact form (not the long shape). Spliced in key
+    order for the shape the writers make (every field a string, details of strings),
+    as _entry_body does for format 2, since the broker's chain check and `kmsctl audit
+    verify` hash every stored entry again; canonical() for any other value, so the
+    bytes are canonical()'s either way (tests/audit/test_compact.py)."""
+    if entry.keys() != _ENTRY_FIELDS:
+        return None
+    actor = entry["actor"]
+    if not isinstance(actor, dict) or actor.keys() != _ACTOR_FIELDS:
+        return None
+    details = entry["details"]
+    if type(details) is dict:
+        e = _encode_str
+        try:
+            return "".join(
+                (
+                    '{"a":',
+                    e(entry["action"]),
+                    ',"c":',
+                    e(actor["client"]),
+                    ',"d":{',
+                    ",".join([e(k) + ":" + e(v) for k, v in sorted(details.items())]),
+                    '},"i":',
+                    e(entry["request_id"]),
+                    ',"n":',
+                    e(entry["target"]),
+                    ',"o":',
+                    e(entry["outcome"]),
+                    ',"r":',
+                    e(actor["role"]),
+                    ',"t":',
+                    e(entry["time"]),
+                    ',"v":',
+                    e(entry["v"]),
+                    ',"w":',
+                    e(entry["writer"]),
+                    "}",
+                )
+            ).encode("utf-8")
+        except TypeError:  # a value that is not a string, or keys that do not sort
+            pass
+    try:
+        return canonical(
+            {
+                "a": entry["action"],
+                "c": actor["client"],
+                "d": entry["details"],
+                "i": entry["request_id"],
+                "n": entry["target"],
+                "o": entry["outcome"],
+                "r": actor["role"],
+                "t": entry["time"],
+                "v": entry["v"],
+                "w": entry["writer"],
+            }
+        )
+    except (TypeError, ValueError):
+        return None
+
+
+def _splice_links(body: bytes, link: bytes, prev: bytes) -> bytes:
+    """A compact body with its "h" and "p" put in their sorted places (see _ID_KEY)."""
+    at_i = body.rindex(_ID_KEY)
+    at_r = body.rindex(_ROLE_KEY)
+    return b"".join(
+        (
+            body[:at_i],
+            b',"h":"',
+            link_text(link).encode("ascii"),
+            b'"',
+            body[at_i:at_r],
+            _PREV_KEY,
+            link_text(prev).encode("ascii"),
+            b'"',
+            body[at_r:],
+        )
+    )
+
+
+def without_prev(raw: bytes) -> bytes:
+    """A compact entry's stored bytes without "p", for a batch item after the first
+    (split_message restores it from the item before)."""
+    at = raw.rindex(_PREV_KEY)
+    end = at + len(_PREV_KEY) + LINK_CHARS + 1
+    if raw[end - 1 : end] != b'"':
+        raise ValueError("not a compact entry's bytes")
+    return raw[:at] + raw[end:]
+
+
+def _sealed_compact(
+    *,
+    writer: str,
+    action: str,
+    outcome: str,
+    prev_hash: bytes,
+    client: str,
+    role: str,
+    target: str,
+    request_id: str,
+    details: dict[str, str],
+    time: str,
+) -> tuple[dict[str, Any], bytes]:
+    body = canonical(
+        {
+            "a": action,
+            "c": client,
+            "d": details,
+            "i": request_id,
+            "n": target,
+            "o": outcome,
+            "r": role,
+            "t": time,
+            "v": COMPACT_VERSION,
+            "w": writer,
+        }
+    )
+    digest = hashlib.sha256(prev_hash + body).digest()
+    entry: dict[str, Any] = {
+        "v": COMPACT_VERSION,
+        "time": time,
+        "writer": writer,
+        "actor": {"client": client, "role": role},
+        "action": action,
+        "target": target,
+        "outcome": outcome,
+        "request_id": request_id,
+        "details": details,
+        "prev_hash": prev_hash.hex(),
+        "hash": digest.hex(),
+    }
+    return entry, _splice_links(body, digest, prev_hash)
+
+
+def stored_form(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """What is stored for a long-form entry: itself for formats "1" and "2", the compact
+    object for "3" (ValueError if it has no compact form)."""
+    if entry.get("v") != COMPACT_VERSION:
+        return dict(entry)
+    body = _compact_body(entry)
+    if body is None:
+        raise ValueError("not an entry's long form")
+    compact: dict[str, Any] = json.loads(body)
+    compact["h"] = link_text(bytes.fromhex(str(entry["hash"])))
+    compact["p"] = link_text(bytes.fromhex(str(entry["prev_hash"])))
+    return compact
+
+
+def _expand(item: dict[str, Any]) -> dict[str, Any]:
+    """A stored compact entry in the long form, or ValueError saying why it is none."""
+    missing = _COMPACT_FIELDS - item.keys()
+    if missing:
+        raise ValueError(f"missing fields {', '.join(sorted(missing))}")
+    extra = item.keys() - _COMPACT_FIELDS
+    if extra:
+        raise ValueError(f"unknown fields {', '.join(sorted(extra))}")
+    links = {}
+    for name in ("p", "h"):
+        try:
+            links[name] = parse_link(item[name]).hex()
+        except ValueError:
+            raise ValueError(f"{name} is not a base64url SHA-256") from None
+    if not isinstance(item["d"], dict):
+        raise ValueError("d (details) must be an object")
+    return {
+        "v": item["v"],
+        "time": item["t"],
+        "writer": item["w"],
+        "actor": {"client": item["c"], "role": item["r"]},
+        "action": item["a"],
+        "target": item["n"],
+        "outcome": item["o"],
+        "request_id": item["i"],
+        "details": item["d"],
+        "prev_hash": links["p"],
+        "hash": links["h"],
+    }
+
+
 @dataclass(frozen=True)
 class Decision:
     """One entry of AuditWriter.append_many: what differs between the decisions of one
@@ -573,28 +839,58 @@ class GroupSealer:
     """sealed_entry's bytes for many entries that share writer, action, actor and time,
     without building a dict per entry or sorting its keys again: the canonical JSON is
     spliced from pre-encoded parts in the sorted key order. The bytes and hashes are
-    exactly sealed_entry's (tests/audit/test_group_seal.py compares them), so the chain
-    format, `kmsctl audit verify` and the archiver are unchanged; what gets cheaper is
-    the broker's CPU per decision (issue 19: ~16 µs per entry down to a few)."""
+    exactly sealed_entry's (tests/audit/test_append_many.py compares them, in both
+    formats), so the chain format, `kmsctl audit verify` and the archiver are unchanged;
+    what gets cheaper is the broker's CPU per decision (issue 19: ~16 µs per entry down
+    to a few)."""
 
-    def __init__(self, writer: str, action: str, client: str, role: str, time: str) -> None:
+    def __init__(
+        self,
+        writer: str,
+        action: str,
+        client: str,
+        role: str,
+        time: str,
+        version: str = FORMAT_VERSION,
+    ) -> None:
         self.action = action
-        self._head = (
-            b'{"action":'
-            + _encode_str(action).encode()
-            + b',"actor":'
-            + canonical({"client": client, "role": role})
-            + b',"details":'
-        )
-        self._tail = (
-            b',"time":'
-            + _encode_str(time).encode()
-            + b',"v":'
-            + _encode_str(FORMAT_VERSION).encode()
-            + b',"writer":'
-            + _encode_str(writer).encode()
-            + b"}"
-        )
+        self.compact = version == COMPACT_VERSION
+        if self.compact:
+            self._head = (
+                b'{"a":'
+                + _encode_str(action).encode()
+                + b',"c":'
+                + _encode_str(client).encode()
+                + b',"d":'
+            )
+            self._tail = (
+                b',"r":'
+                + _encode_str(role).encode()
+                + b',"t":'
+                + _encode_str(time).encode()
+                + b',"v":'
+                + _encode_str(version).encode()
+                + b',"w":'
+                + _encode_str(writer).encode()
+                + b"}"
+            )
+        else:
+            self._head = (
+                b'{"action":'
+                + _encode_str(action).encode()
+                + b',"actor":'
+                + canonical({"client": client, "role": role})
+                + b',"details":'
+            )
+            self._tail = (
+                b',"time":'
+                + _encode_str(time).encode()
+                + b',"v":'
+                + _encode_str(version).encode()
+                + b',"writer":'
+                + _encode_str(writer).encode()
+                + b"}"
+            )
         self._details: dict[tuple[tuple[str, str], ...], bytes] = {}
 
     def _details_of(self, details: Mapping[str, str] | None) -> bytes:
@@ -604,9 +900,29 @@ class GroupSealer:
             encoded = self._details[key] = self._head + canonical(dict(key))
         return encoded
 
-    def seal(self, decision: Decision, prev_hash: bytes) -> tuple[bytes, bytes]:
-        """(stored bytes, hash) of `decision` chained to `prev_hash`."""
+    def seal(
+        self, decision: Decision, prev_hash: bytes, with_prev: bool = True
+    ) -> tuple[bytes, bytes]:
+        """(stored bytes, hash) of `decision` chained to `prev_hash`; a compact entry
+        without its "p" when not `with_prev` (a batch item after the first)."""
         head = self._details_of(decision.details)
+        if self.compact:
+            mid = b"".join(
+                (
+                    b',"i":',
+                    _encode_str(decision.request_id).encode(),
+                    b',"n":',
+                    _encode_str(decision.target).encode(),
+                    b',"o":',
+                    _encode_str(decision.outcome).encode(),
+                )
+            )
+            digest = hashlib.sha256(prev_hash + head + mid + self._tail).digest()
+            parts = [head, b',"h":"', link_text(digest).encode("ascii"), b'"', mid]
+            if with_prev:
+                parts += [_PREV_KEY, link_text(prev_hash).encode("ascii"), b'"']
+            parts.append(self._tail)
+            return b"".join(parts), digest
         rest = b"".join(
             (
                 b',"outcome":',
@@ -634,9 +950,12 @@ def parse_entry(raw: bytes) -> dict[str, Any]:
 
 
 def check_entry(entry: Any) -> dict[str, Any]:
-    """`entry` itself if it has an entry's shape, or ValueError saying why not."""
+    """`entry` in the long form if it has a stored entry's shape (itself for formats "1"
+    and "2", expanded for a compact "3"), or ValueError saying why not."""
     if not isinstance(entry, dict):
         raise ValueError("not a JSON object")
+    if entry.get("v") == COMPACT_VERSION:
+        return _expand(entry)
     missing = _ENTRY_FIELDS - entry.keys()
     if missing:
         raise ValueError(f"missing fields {', '.join(sorted(missing))}")
@@ -654,10 +973,15 @@ def check_entry(entry: Any) -> dict[str, Any]:
 
 
 def encode_message(entries: list[dict[str, Any]]) -> bytes:
-    """The stored bytes for entries published together (see "Group commit" above)."""
-    if len(entries) == 1:
-        return canonical(entries[0])
-    return canonical({BATCH_KEY: entries})
+    """The stored bytes for long-form entries published together (see "Group commit"
+    and "Compact entries" above)."""
+    stored = [stored_form(e) for e in entries]
+    if len(stored) == 1:
+        return canonical(stored[0])
+    for item in stored[1:]:
+        if item.get("v") == COMPACT_VERSION:
+            del item["p"]
+    return canonical({BATCH_KEY: stored})
 
 
 def join_message(encoded: list[bytes]) -> bytes:
@@ -678,8 +1002,23 @@ def split_message(raw: bytes) -> list[Any] | None:
     if isinstance(value, dict) and value.keys() == {BATCH_KEY}:
         items = value[BATCH_KEY]
         if isinstance(items, list) and items:
+            _restore_prev(items)
             return items
     return None
+
+
+def _restore_prev(items: list[Any]) -> None:
+    """Give each compact item after the first that has no "p" the "h" of the item
+    before it, which is the only link it can have (see "Compact entries" above)."""
+    for before, item in itertools.pairwise(items):
+        if (
+            isinstance(item, dict)
+            and item.get("v") == COMPACT_VERSION
+            and "p" not in item
+            and isinstance(before, dict)
+            and isinstance(before.get("h"), str)
+        ):
+            item["p"] = before["h"]
 
 
 def parse_message(raw: bytes) -> list[dict[str, Any]]:
@@ -719,6 +1058,18 @@ def link_of(raw: bytes) -> bytes:
 
 
 # -- writing ----------------------------------------------------------------------------
+
+
+def expected_last(last_seq: int) -> dict[str, str]:
+    """The compare-and-set header of an append after the stream's `last_seq`
+    (AuditWriter.read_head). JetStream stores it with the message, so its length counts
+    in every message: a writer's stream captures its one subject only, so the check on
+    the stream's last sequence is the check on the subject's, in 8 bytes less than the
+    subject form. An empty stream (0) keeps the subject form, whose 0 every supported
+    nats-server reads as "nothing stored yet"."""
+    if last_seq:
+        return {EXPECTED_LAST_SEQUENCE: str(last_seq)}
+    return {EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
 
 
 @dataclass(frozen=True)
@@ -767,9 +1118,12 @@ class AuditWriter:
         max_batch_bytes: int = MAX_BATCH_BYTES,
         limit: StreamLimit | None = None,
         replicas: int = 1,
+        version: str = FORMAT_VERSION,
     ) -> None:
         self.js = js
         self.writer = writer
+        # The entry format this writer stores ("3"; "2" only for tests of mixed chains).
+        self.version = version
         # The deployment's limits for a stream this writer creates (None: the defaults).
         self.limit = limit
         # Copies of a stream this writer creates (a cluster's choice; one otherwise).
@@ -847,16 +1201,26 @@ class AuditWriter:
             )
 
     async def read_head(self) -> tuple[int, bytes]:
-        """(sequence of this writer's last message in its stream, hash to chain to).
-        A writer with no message in its stream yet chains to its last entry in the
-        legacy stream (a data dir from before per-writer streams), else to GENESIS.
-        Only this writer's own subject is read: other writers cannot move this head."""
+        """(the stream's last sequence, hash to chain to: its last entry's). A writer with
+        no message in its stream yet chains to its last entry in the legacy stream (a
+        data dir from before per-writer streams), else to GENESIS. Only this writer's
+        own subject is in its stream: other writers cannot move this head.
+
+        The sequence is what the next append's compare-and-set expects (expected_last).
+        The stream's last sequence is read BEFORE its last message: if an append lands
+        between the two reads, the message read is newer and its sequence is the one to
+        expect; if the message read is older than the stream's last sequence, the
+        stream's tail was deleted (an older stream without deny_delete) and the stream's
+        sequence is the one to expect, the chain linking to the last entry there is.
+        Either way an append that lands after both reads fails the check, so the link
+        and the expected sequence never disagree."""
+        info = await self.js.stream_info(self.stream)  # no stream at all: NotFoundError
+        last = int(info.state.last_seq or 0)
         try:
             msg = await self.js.get_msg(self.stream, subject=self.subject, direct=True)
         except nats.js.errors.NotFoundError:
-            await self.js.stream_info(self.stream)  # no stream at all is NotFoundError too
-            return 0, await self._legacy_head()
-        return int(msg.seq or 0), link_of(msg.data or b"")
+            return last, await self._legacy_head()
+        return max(last, int(msg.seq or 0)), link_of(msg.data or b"")
 
     async def _legacy_head(self) -> bytes:
         try:
@@ -922,7 +1286,7 @@ class AuditWriter:
         if not decisions:
             return
         loop = asyncio.get_running_loop()
-        sealer = GroupSealer(self.writer, action, client, role, now_rfc3339())
+        sealer = GroupSealer(self.writer, action, client, role, now_rfc3339(), self.version)
         group = [
             _Pending(fields={}, done=loop.create_future(), decision=d, sealer=sealer)
             for d in decisions
@@ -995,7 +1359,7 @@ class AuditWriter:
         size = len(BATCH_KEY) + 6
         for i, p in enumerate(batch):
             if p.sealer is not None and p.decision is not None:
-                raw, link = p.sealer.seal(p.decision, prev)
+                raw, link = p.sealer.seal(p.decision, prev, with_prev=not entries)
                 size += len(raw) + 1
                 if entries and size > self.max_batch_bytes:
                     self._queue[0:0] = batch[i:]
@@ -1018,7 +1382,10 @@ class AuditWriter:
                 request_id=f["request_id"],
                 details=f["details"],
                 time=f["time"],
+                version=self.version,
             )
+            if entries and self.version == COMPACT_VERSION:
+                raw = without_prev(raw)  # the item before holds the link (split_message)
             size += len(raw) + 1
             if entries and size > self.max_batch_bytes:
                 self._queue[0:0] = batch[i:]
@@ -1044,7 +1411,7 @@ class AuditWriter:
                     join_message(encoded),
                     timeout=self.timeout,
                     stream=self.stream,
-                    headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq)},
+                    headers=expected_last(last_seq),
                 )
             except nats.js.errors.APIError as exc:
                 self._head = None

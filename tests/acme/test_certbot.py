@@ -6,7 +6,6 @@ revocable into the CRL, and the whole exchange is in the audit log."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from edgekms.audit import writer_stream
+from edgekms.audit import parse_message, writer_stream
 from edgekms.v1 import ca_pb2
 from mgmt.natsserver import free_port
 from tests.acme.conftest import AcmeEnv, wait_listening
@@ -89,8 +88,7 @@ async def audit_actions(env: AcmeEnv) -> list[str]:
                 msg = await sub.next_msg(timeout=2)
             except TimeoutError:
                 return actions
-            data = json.loads(msg.data)
-            for entry in data.get("batch", [data]):
+            for entry in parse_message(msg.data):  # long form, whatever the format
                 actions.append(entry["action"])
     finally:
         await sub.unsubscribe()

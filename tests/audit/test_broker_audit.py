@@ -21,7 +21,14 @@ import nats
 import pytest
 
 from edgekms import errors
-from edgekms.audit import AuditWriter, ChainVerifier, parse_entry, stream_config, writer_stream
+from edgekms.audit import (
+    AuditWriter,
+    ChainVerifier,
+    parse_entry,
+    stored_form,
+    stream_config,
+    writer_stream,
+)
 from edgekms.v1 import common_pb2 as pb
 from mgmt.client import KMSClient
 from tests.audit.helpers import rewrite, stored
@@ -331,11 +338,12 @@ def test_verify_names_tampered_reordered_and_deleted_entries(parts: Parts) -> No
 
     async def tamper(js: Any) -> None:
         messages = [(raw, subject) for _, raw, subject in await stored(js, BROKER)]
-        entry = json.loads(messages[2][0])
+        entry = parse_entry(messages[2][0])  # the long form, whatever the format stored
         entry["outcome"] = "authz.policy_denied"
+        forged = json.dumps(stored_form(entry)).encode()
         await rewrite(
             js,
-            [*messages[:2], (json.dumps(entry).encode(), messages[2][1]), *messages[3:]],
+            [*messages[:2], (forged, messages[2][1]), *messages[3:]],
             "broker",
         )
 

@@ -1,4 +1,6 @@
-"""The chain itself: canonical encoding, hashing and the verifier's verdicts (pure logic)."""
+"""The chain itself: canonical encoding, hashing and the verifier's verdicts (pure logic),
+for entries of format "2" (the long form every chain written before format "3" holds;
+they must verify forever). The compact format "3" has its own: tests/audit/test_compact.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 
 from edgekms.audit import (
     GENESIS,
+    LONG_VERSION,
     MAX_LISTED_PROBLEMS,
     ChainVerifier,
     build_entry,
@@ -21,13 +24,15 @@ from edgekms.audit import (
     verify_chain,
 )
 
+V2 = LONG_VERSION
+
 
 def _chain(n: int) -> list[bytes]:
     prev = GENESIS
     out = []
     for i in range(n):
         entry = build_entry(
-            writer="test", action="Sign", outcome="ok", prev_hash=prev, target=f"k{i}"
+            version=V2, writer="test", action="Sign", outcome="ok", prev_hash=prev, target=f"k{i}"
         )
         out.append(canonical(entry))
         prev = bytes.fromhex(entry["hash"])
@@ -56,6 +61,7 @@ def test_sealed_bytes_are_the_canonical_entry_even_for_hostile_fields() -> None:
         {"a": "é\u2028\n", "outcome": ',"outcome":'},
     ):
         entry, raw = sealed_entry(
+            version=V2,
             writer=hostile,
             action="Sign",
             outcome=hostile,
@@ -76,7 +82,9 @@ def test_sealed_bytes_are_the_canonical_entry_even_for_hostile_fields() -> None:
 
 
 def test_hash_covers_prev_hash_and_body() -> None:
-    entry = build_entry(writer="w", action="Sign", outcome="ok", prev_hash=GENESIS, time="t")
+    entry = build_entry(
+        version=V2, writer="w", action="Sign", outcome="ok", prev_hash=GENESIS, time="t"
+    )
     body = {k: v for k, v in entry.items() if k != "hash"}
     assert entry["prev_hash"] == "00" * 32
     assert entry["hash"] == hashlib.sha256(GENESIS + canonical(body)).hexdigest()
@@ -151,7 +159,12 @@ def _writer_chain(writer: str, n: int, prev: bytes = GENESIS) -> list[bytes]:
     out = []
     for i in range(n):
         entry = build_entry(
-            writer=writer, action="Sign", outcome="ok", prev_hash=prev, target=f"{writer}{i}"
+            version=V2,
+            writer=writer,
+            action="Sign",
+            outcome="ok",
+            prev_hash=prev,
+            target=f"{writer}{i}",
         )
         out.append(canonical(entry))
         prev = bytes.fromhex(entry["hash"])
@@ -176,6 +189,7 @@ def test_an_entry_claiming_another_writer_is_named() -> None:
     CA's identity (on kms.audit.ca), fails verify."""
     ca = _writer_chain("ca", 1)
     forged = build_entry(
+        version=V2,
         writer="broker",
         action="ClientService/AddClient",
         outcome="ok",
@@ -195,7 +209,7 @@ def test_entries_of_the_global_chain_still_verify_and_hand_over() -> None:
     old: list[tuple[str, bytes]] = []
     prev = GENESIS
     for writer in ["broker", "ca", "broker"]:
-        entry = build_entry(writer=writer, action="Sign", outcome="ok", prev_hash=prev)
+        entry = build_entry(version=V2, writer=writer, action="Sign", outcome="ok", prev_hash=prev)
         entry["v"] = "1"
         entry["hash"] = entry_hash(entry)
         old.append((writer, canonical(entry)))

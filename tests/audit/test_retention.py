@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 
 from broker.archiver import Archiver
 from broker.keys import archive_status
+from broker.metrics import AuditChainCheck
 from edgekms.audit import (
     MIN_STREAM_BYTES,
     AuditWriter,
@@ -36,6 +37,7 @@ from edgekms.audit import (
     writer_stream,
 )
 from edgekms.errors import ResourceExhausted, Unavailable
+from edgekms.metrics import ServiceMetrics
 from edgekms.retention import (
     CHECKPOINT_SUFFIX,
     SEGMENT_SUFFIX,
@@ -407,3 +409,96 @@ async def test_a_checkpoint_planted_in_the_archive_dir_purges_nothing(
     with pytest.raises(Unavailable):
         await archiver.round()
     assert (await js.stream_info(STREAM)).state.first_seq == 1
+
+
+def _sample(metrics: ServiceMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"service": "broker", **labels})
+
+
+async def test_the_brokers_chain_check_starts_a_pruned_stream_at_its_checkpoint(
+    nc: NATS, tmp_path: Path
+) -> None:
+    """The broker's periodic chain check (edgekms_audit_chain_ok) after a restart on a
+    pruned stream: it starts at the window, linked to the newest checkpoint, and stays
+    whole; before, it read the purged entries as missing. A tampered first entry of the
+    window, or a checkpoint that does not verify, still turns it to 0."""
+    writer, archiver, signer = await _archived_stack(nc, tmp_path)
+    js = nc.jetstream()
+    await archiver.round()
+    info = (await js.stream_info(STREAM)).state
+    assert info.first_seq > 1
+    metrics = ServiceMetrics("broker")
+    check = AuditChainCheck(js, metrics, archiver)  # a broker just restarted
+    await check.run_once()
+    assert _sample(metrics, "edgekms_audit_chain_ok") == 1, check.verifier.report.to_dict()
+    assert _sample(metrics, "edgekms_audit_chain_entries", stream=STREAM) == info.messages
+    # Appends after the purge, and a later pass, keep it whole.
+    await writer.append("Sign", "ok", client="alice", role="signer", target="after")
+    await check.run_once()
+    assert _sample(metrics, "edgekms_audit_chain_ok") == 1, check.verifier.report.to_dict()
+    # A broker that does not archive (another one does) starts unlinked, and whole.
+    other = ServiceMetrics("broker")
+    await AuditChainCheck(js, other).run_once()
+    assert _sample(other, "edgekms_audit_chain_ok") == 1
+
+    # The newest checkpoint altered after signing: the purge it vouched for is not.
+    newest = checkpoint_files(tmp_path / "archive", STREAM)[-1]
+    genuine = Checkpoint.from_json(newest.read_bytes())
+    newest.write_bytes(dataclasses.replace(genuine, hash="0" * 64).to_json())
+    forged = ServiceMetrics("broker")
+    check = AuditChainCheck(js, forged, archiver)
+    await check.run_once()
+    assert _sample(forged, "edgekms_audit_chain_ok") == 0
+    assert [p.kind for p in check.verifier.report.problems] == ["checkpoint_invalid"]
+    # Signed, but with another head than the window's first entry links to.
+    moved = dataclasses.replace(genuine, hash="1" * 64)
+    moved = dataclasses.replace(moved, signature=(await signer.sign(moved.digest())).hex())
+    newest.write_bytes(moved.to_json())
+    relinked = ServiceMetrics("broker")
+    check = AuditChainCheck(js, relinked, archiver)
+    await check.run_once()
+    assert _sample(relinked, "edgekms_audit_chain_ok") == 0
+    assert [p.kind for p in check.verifier.report.problems] == ["prev_mismatch"]
+
+
+async def test_stream_fill_and_archiver_state_are_metrics(nc: NATS, tmp_path: Path) -> None:
+    """Issue 21, item 3: a metric well before the window's limit. Each stream's bytes,
+    messages, limits and fill ratio (what `kmsctl status` warns on from 0.8), and whether
+    the archiver's last round went well."""
+    writer, archiver, _ = await _archived_stack(nc, tmp_path)
+    js = nc.jetstream()
+    metrics = ServiceMetrics("broker")
+    check = AuditChainCheck(js, metrics, archiver)
+    await check.run_once()
+    state = (await js.stream_info(STREAM)).state
+    labels = {"stream": STREAM}
+    assert _sample(metrics, "edgekms_audit_stream_bytes", **labels) == state.bytes
+    assert _sample(metrics, "edgekms_audit_stream_max_bytes", **labels) == LIMIT.max_bytes
+    assert _sample(metrics, "edgekms_audit_stream_messages", **labels) == state.messages
+    assert _sample(metrics, "edgekms_audit_stream_max_messages", **labels) == LIMIT.max_msgs
+    filled = _sample(metrics, "edgekms_audit_stream_fill_ratio", **labels)
+    assert filled is not None and filled >= 0.75
+    assert filled == pytest.approx(state.bytes / LIMIT.max_bytes)
+    # No round yet: not failing, never succeeded.
+    assert _sample(metrics, "edgekms_audit_archive_ok") == 1
+    assert _sample(metrics, "edgekms_audit_archive_last_success_timestamp_seconds") == 0
+    await archiver.round()
+    await check.run_once()
+    filled = _sample(metrics, "edgekms_audit_stream_fill_ratio", **labels)
+    assert filled is not None and filled <= POLICY.window_fraction
+    ok_at = _sample(metrics, "edgekms_audit_archive_last_success_timestamp_seconds")
+    assert ok_at is not None and ok_at == archiver.last_ok_at
+    # A round that fails (its archive dir is a file now): 0 until one goes well again.
+    shutil.move(tmp_path / "archive", tmp_path / "moved")
+    (tmp_path / "archive").write_bytes(b"not a directory")
+    await _fill_past_window(writer, int(LIMIT.max_bytes * 0.75))
+    with pytest.raises(Unavailable):
+        await archiver.round()
+    await check.run_once()
+    assert _sample(metrics, "edgekms_audit_archive_ok") == 0
+    (tmp_path / "archive").unlink()
+    shutil.move(tmp_path / "moved", tmp_path / "archive")
+    await archiver.round()
+    await check.run_once()
+    assert _sample(metrics, "edgekms_audit_archive_ok") == 1
+    assert (_sample(metrics, "edgekms_audit_archive_last_success_timestamp_seconds") or 0) > ok_at

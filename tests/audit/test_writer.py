@@ -19,10 +19,12 @@ from nats.js.api import DiscardPolicy, StreamConfig
 from edgekms.audit import (
     LEGACY_STREAM,
     AuditWriter,
-    canonical,
+    encode_message,
     harden_stream,
     parse_entry,
+    parse_message,
     split_message,
+    stored_form,
     stream_config,
     writer_stream,
 )
@@ -149,10 +151,10 @@ async def test_deleted_last_entry_is_named_and_writing_goes_on(nc: NATS) -> None
 async def test_tampered_entry_is_named(nc: NATS) -> None:
     await _fill(nc, 6)
     messages = [(raw, subject) for _, raw, subject in await stored(nc.jetstream())]
-    entry = json.loads(messages[2][0])
+    entry = parse_entry(messages[2][0])
     entry["outcome"] = "ok"
     entry["actor"]["client"] = "mallory"
-    messages[2] = (json.dumps(entry).encode(), messages[2][1])
+    messages[2] = (json.dumps(stored_form(entry)).encode(), messages[2][1])
     await rewrite(nc.jetstream(), messages)
     report = await verify_stream(nc.jetstream())
     assert [(p.seq, p.kind) for p in report.problems] == [(3, "hash_mismatch")]
@@ -203,7 +205,7 @@ async def test_concurrent_appends_share_messages_and_chain(nc: NATS) -> None:
     by_place = {(r.seq, r.index): r.entry for r in results}
     assert len(by_place) == 200
     for seq, raw, _ in records:
-        items = split_message(raw) or [parse_entry(raw)]
+        items = parse_message(raw)  # each in the long form, as the writer returned it
         for index, item in enumerate(items):
             assert by_place[(seq, index)] == item
     ordered = [by_place[k] for k in sorted(by_place)]
@@ -231,10 +233,11 @@ async def test_tampered_entry_inside_a_batch_is_named_with_its_index(nc: NATS) -
     await asyncio.gather(*(writer.append("Sign", "ok", target=f"k{i}") for i in range(10)))
     messages = [(raw, subject) for _, raw, subject in await stored(nc.jetstream())]
     batch_at = next(i for i, (raw, _) in enumerate(messages) if split_message(raw))
-    items = split_message(messages[batch_at][0])
-    assert items is not None and len(items) > 4
+    assert split_message(messages[batch_at][0]) is not None
+    items = parse_message(messages[batch_at][0])
+    assert len(items) > 4
     items[3]["outcome"] = "authz.policy_denied"
-    messages[batch_at] = (canonical({"batch": items}), messages[batch_at][1])
+    messages[batch_at] = (encode_message(items), messages[batch_at][1])
     await rewrite(nc.jetstream(), messages, "broker")
     report = await verify_stream(nc.jetstream())
     assert [(p.seq, p.index, p.kind) for p in report.problems] == [

@@ -169,7 +169,8 @@ MOUNTS = {
     # swtpm's sockets: the only way to the TPM, shared by these two alone.
     "swtpm": {"edgekms-swtpm": "rw"},
     "ca": {"edgekms-ca": "ro", "edgekms-public": "ro"},
-    "broker": {"edgekms-broker": "ro", "edgekms-public": "ro"},
+    # The audit archive (issue 21): written by the broker's archiver, nothing secret in it.
+    "broker": {"edgekms-broker": "ro", "edgekms-public": "ro", "edgekms-audit-archive": "rw"},
     "init": {"edgekms-init": "rw", "edgekms-broker": "rw", "edgekms-public": "ro"},
 }
 
@@ -188,10 +189,15 @@ def test_each_service_mounts_only_its_own_secrets(compose: dict[str, Any]) -> No
     services = compose["services"]
     for name, expected in MOUNTS.items():
         assert named_mounts(services[name]) == expected, name
-    # Only setup sees every secret volume, and only setup sees the master secrets.
+    # Only setup sees every secret volume, and only setup sees the master secrets. The
+    # audit archive holds no secret (entries and public checkpoints): the broker's alone.
     assert set(named_mounts(services["setup"])) == {
-        v for v in compose["volumes"] if v.startswith("edgekms-") and v != "edgekms-swtpm"
+        v
+        for v in compose["volumes"]
+        if v.startswith("edgekms-") and v not in ("edgekms-swtpm", "edgekms-audit-archive")
     }
+    archivers = [n for n, s in services.items() if "edgekms-audit-archive" in named_mounts(s)]
+    assert archivers == ["broker"]
     holders = [n for n, s in services.items() if "edgekms-setup" in named_mounts(s)]
     assert holders == ["setup"]
 
@@ -483,3 +489,25 @@ def test_crypto_healthcheck_sees_a_live_bus_connection_and_its_end() -> None:
         assert not health.established_to(port)
     assert health.bus_port(CONFIG_DIR / "crypto-hsm0.toml") == 4222
     assert health.bus_port(CONFIG_DIR / "crypto-tpm0.toml") == 4222
+
+
+def test_the_compose_broker_archives_where_it_may_write(compose: dict[str, Any]) -> None:
+    """Issue 21 in the compose stack: the broker's config names an archive dir, that dir
+    is a writable volume of the broker's (its other volumes are read-only and so is its
+    root file system), and the image makes the mount point the unprivileged user's, so
+    the named volume starts out writable by it."""
+    config = tomllib.loads((CONFIG_DIR / "broker.toml").read_text())
+    archive = config["audit_archive_dir"]
+    assert archive == "/var/lib/edgekms/audit-archive"
+    broker = compose["services"]["broker"]
+    assert broker.get("read_only", compose["x-edgekms"]["read_only"]) is True
+    mounts = {v.split(":")[1]: v for v in broker["volumes"]}
+    assert archive in mounts and not mounts[archive].endswith(":ro")
+    made = re.search(
+        r"install -d -o edgekms -g edgekms -m 0700 ([^&]+)&&",
+        (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " "),
+    )
+    assert made is not None and archive in made.group(1).split()
+    from broker.config import load_config
+
+    assert load_config(CONFIG_DIR / "broker.toml").audit_archive_dir == Path(archive)

@@ -58,19 +58,21 @@ def _verify(stack: KmsStack, *args: str) -> tuple[int, dict[str, object]]:
     return result.returncode, json.loads(result.stdout)
 
 
-def test_signing_past_the_limit_is_archived_pruned_and_proven(stack: KmsStack) -> None:
+def _sign_past_the_window(stack: KmsStack, at_least: int, checkpoints: int) -> int:
+    """Signs until `at_least` went through and the archiver wrote `checkpoints`."""
     archive = stack.data_dir / "audit-archive"
     signed = 0
     with stack.client() as client:
-        client.create_key("retention/key", "ec-p256")
+        name = f"retention/key{time.monotonic_ns()}"
+        client.create_key(name, "ec-p256")
         deadline = time.monotonic() + 300 * SLOWDOWN
-        # More than twice the stream's 512 KiB of Sign entries (about 570 bytes each):
+        # Past the stream's 512 KiB of Sign entries (about 450 bytes each) and more:
         # without the archiver the stream would be full and Signs refused.
         refused = 0
-        while signed < 2000 or len(checkpoint_files(archive, STREAM)) < 3:
+        while signed < at_least or len(checkpoint_files(archive, STREAM)) < checkpoints:
             assert time.monotonic() < deadline, (signed, refused, list(archive.rglob("*")))
             try:
-                assert client.sign("retention/key", b"entry %d" % signed)
+                assert client.sign(name, b"entry %d" % signed)
             except ResourceExhausted as exc:
                 # The documented policy when archiving falls behind (a busy CI machine
                 # can outsign a 1 s archiver on 512 KiB): refused, never dropped. The
@@ -80,6 +82,12 @@ def test_signing_past_the_limit_is_archived_pruned_and_proven(stack: KmsStack) -
                 time.sleep(0.05)
                 continue
             signed += 1
+    return signed
+
+
+def test_signing_past_the_limit_is_archived_pruned_and_proven(stack: KmsStack) -> None:
+    archive = stack.data_dir / "audit-archive"
+    signed = _sign_past_the_window(stack, 2000, 3)
     checkpoints = [Checkpoint.from_json(p.read_bytes()) for p in checkpoint_files(archive, STREAM)]
     assert checkpoints[0].first_seq == 1
     # Segments of a size worth a file: past the window it archives down to 3/4 of it.
@@ -109,9 +117,10 @@ def test_signing_past_the_limit_is_archived_pruned_and_proven(stack: KmsStack) -
     import gzip
 
     segment = sorted((copy / STREAM).glob(f"*{SEGMENT_SUFFIX}"))[0]
-    data = gzip.decompress(segment.read_bytes()).replace(
-        b'\\"outcome\\":\\"ok\\"', b'\\"outcome\\":\\"no\\"', 1
-    )
+    genuine_text = gzip.decompress(segment.read_bytes())
+    # Compact entries (format 3) store the outcome as "o", escaped inside each line's raw.
+    data = genuine_text.replace(b'\\"o\\":\\"ok\\"', b'\\"o\\":\\"no\\"', 1)
+    assert data != genuine_text and len(data) == len(genuine_text)
     segment.write_bytes(gzip.compress(data))
     code, broken = _verify(stack, "--archive", str(copy))
     assert code == 1
@@ -131,3 +140,52 @@ def test_signing_past_the_limit_is_archived_pruned_and_proven(stack: KmsStack) -
         newest.write_bytes(genuine)
     code, report = _verify(stack)
     assert code == 0, report
+
+
+def _scrape(stack: KmsStack) -> dict[str, float]:
+    """The broker's /metrics as {series with labels: value}."""
+    import urllib.request
+
+    url = str(dict(stack.state()["metrics"])["broker"])  # type: ignore[call-overload]
+    with urllib.request.urlopen(url, timeout=10 * SLOWDOWN) as answer:  # noqa: S310 - loopback
+        text = answer.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def test_a_restarted_broker_checks_the_pruned_chain_whole_and_reports_the_fill(
+    stack: KmsStack,
+) -> None:
+    """Issue 21, item 3's metric, and the broker's chain check across a restart: the
+    stream was pruned before this broker started, so its check begins at the window
+    from the newest checkpoint (it used to read the archived entries as missing and
+    report the chain broken). The fill stays near the window and the archiver is ok."""
+    _sign_past_the_window(stack, 200, 1)
+    assert stop_stack(stack) == 0
+    restarted = start_stack(
+        stack.data_dir, "--audit-limit", "broker=512KiB", "--audit-archive-interval", "1"
+    )
+    try:
+        _sign_past_the_window(restarted, 300, 1)
+        chain_ok = 'edgekms_audit_chain_ok{service="broker"}'
+        fill = f'edgekms_audit_stream_fill_ratio{{service="broker",stream="{STREAM}"}}'
+        archive_ok = 'edgekms_audit_archive_ok{service="broker"}'
+        checked = 'edgekms_audit_last_verification_timestamp_seconds{service="broker"}'
+        deadline = time.monotonic() + 120 * SLOWDOWN
+        while True:
+            scraped = _scrape(restarted)
+            if scraped.get(checked, 0) > 0 and archive_ok in scraped:
+                break
+            assert time.monotonic() < deadline, scraped
+            time.sleep(0.5)
+        assert scraped[chain_ok] == 1, scraped
+        assert 0 < scraped[fill] < 0.8, scraped
+        assert scraped[archive_ok] == 1, scraped
+        code, report = _verify(restarted)
+        assert code == 0, report
+    finally:
+        assert stop_stack(restarted) == 0

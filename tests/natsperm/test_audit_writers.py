@@ -27,6 +27,7 @@ from edgekms.audit import (
     build_entry,
     canonical,
     harden_stream,
+    stored_form,
     writer_stream,
 )
 from edgekms.errors import ResourceExhausted
@@ -205,7 +206,7 @@ async def test_an_entry_claiming_the_broker_fails_verify(audit_bus: SecureBus) -
         )
         await ca.nc.jetstream(timeout=10).publish(
             "kms.audit.ca",
-            canonical(forged),
+            canonical(stored_form(forged)),
             headers={"Nats-Expected-Last-Subject-Sequence": str(seq)},
         )
     report = await verify(audit_bus)
