@@ -75,3 +75,40 @@ def test_tab_completes_commands_options_and_key_names(kms_stack: KmsStack, tmp_p
     )
     assert silent.returncode == 0
     assert silent.stdout.split() == [] and silent.stderr == ""
+
+
+def test_bash_itself_completes_with_the_installed_script(
+    kms_stack: KmsStack, tmp_path: Path
+) -> None:
+    """The README's line (`eval "$(kmsctl completion bash)"`) in a real bash: the function
+    it installs, called as bash calls it on a TAB, fills COMPREPLY with commands, options
+    and key names (the other test speaks the protocol; this one runs the script)."""
+    with kms_stack.client() as client:
+        client.create_key("bashcomp/one", "ec-p256")
+    env = {
+        **kms_stack.env(),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
+    script = r"""
+set -euo pipefail
+eval "$(kmsctl completion bash)"
+complete -p kmsctl
+tab() {  # the words of a line, the last one being completed
+    COMP_WORDS=("$@"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=()
+    _kmsctl_completion kmsctl
+    echo "${COMPREPLY[*]:-}"
+}
+tab kmsctl ke
+tab kmsctl key sign --ou
+tab kmsctl key sign bashcomp/
+"""
+    done = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    registered, commands, options, names = done.stdout.splitlines()
+    assert registered == "complete -o nosort -F _kmsctl_completion kmsctl"
+    assert commands.split() == ["key"]
+    assert options.split() == ["--out", "--out-dir", "--output"]
+    assert names.split() == ["bashcomp/one"]
