@@ -7,7 +7,9 @@ as top-level JSON keys. Secrets are never passed in: there is no field for them.
 
 One field set: a message written the older way, logfmt inside the text
 (`"event=ca_issued serial=%s"`), is split by the formatter into its message and fields,
-so that every line carries `msg` plus top-level fields whichever way it was logged.
+so that every line carries `msg` plus top-level fields whichever way it was logged. The
+split is made on the format string, before the arguments go in, so that an argument with
+spaces in it (`service=%s` given "the CA service") stays one field's value.
 asyncio's "returning true from eof_received() has no effect when using ssl" (printed for
 every TLS connection the peer closes) says nothing to an operator and is dropped.
 """
@@ -22,6 +24,8 @@ import time
 from typing import Any
 
 _LOGFMT_KEY = re.compile(r"^[a-z_][a-z0-9_.]*$")
+# One %-conversion, the whole of a logfmt value in a format string (`serial=%s`, `ms=%.1f`).
+_CONVERSION = re.compile(r"^%[-#0 +]*\d*(?:\.\d+)?[sdrifxXeEgGoua]$")
 _ASYNCIO_NOISE = "returning true from eof_received() has no effect when using ssl"
 FORMATS = ("text", "json")
 
@@ -46,12 +50,54 @@ def split_logfmt(message: str) -> tuple[str, dict[str, str]] | None:
     return head, found
 
 
+def _fill(value: str, args: list[object]) -> str | None:
+    """`value` with its conversion done (taking one of `args`), as is when it has none, or
+    None when it is not one or the other (`%s/%s`, a literal `%`)."""
+    if "%" not in value:
+        return value
+    if not _CONVERSION.match(value) or not args:
+        return None
+    try:
+        return value % (args.pop(0),)
+    except (TypeError, ValueError):
+        return None
+
+
+def split_logfmt_template(
+    template: str, args: tuple[object, ...]
+) -> tuple[str, dict[str, str]] | None:
+    """split_logfmt on a format string and its arguments: each `key=%s` becomes one field
+    whatever its argument holds (spaces, `=`), or None when the template is not logfmt
+    with one conversion per value and exactly one argument per conversion."""
+    template_split = split_logfmt(template)
+    if template_split is None:
+        return None
+    head, values = template_split
+    remaining = list(args)
+    message = _fill(head, remaining)
+    if message is None:
+        return None
+    found: dict[str, str] = {}
+    for key, value in values.items():
+        filled = _fill(value, remaining)
+        if filled is None:
+            return None
+        found[key] = filled
+    return (message, found) if not remaining else None
+
+
 def _message_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
-    message = record.getMessage()
     extra: dict[str, Any] = {}
-    split = split_logfmt(message)
+    split = None
+    if isinstance(record.msg, str) and isinstance(record.args, tuple) and record.args:
+        split = split_logfmt_template(record.msg, record.args)
     if split is not None:
         message, extra = split[0], dict(split[1])
+    else:
+        message = record.getMessage()
+        split = split_logfmt(message)
+        if split is not None:
+            message, extra = split[0], dict(split[1])
     fields = getattr(record, "fields", None)
     if isinstance(fields, dict):
         extra.update(fields)
