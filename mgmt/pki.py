@@ -253,8 +253,14 @@ async def run_ceremony(
             {"path": str(client_config)},
         )
     broker_address = broker_address or DEFAULT_BROKER_ADDRESS
+    # A person waits: a server that answers and refuses our certificate or password is
+    # said at once, not after the deadline (another stack's bus, most likely).
     nc = await natsrpc.connect(
-        nats_url, name="kmsctl-init", connect_timeout=5, **(nats_options or {})
+        nats_url,
+        name="kmsctl-init",
+        connect_timeout=5,
+        give_up_when_refused=True,
+        **(nats_options or {}),
     )
     try:
         # The internal CA's key is of class "internal": made and used on its own subjects,

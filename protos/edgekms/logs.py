@@ -153,6 +153,13 @@ def _not_asyncio_noise(record: logging.LogRecord) -> bool:
     return not (record.name == "asyncio" and record.getMessage() == _ASYNCIO_NOISE)
 
 
+def quiet_asyncio_tls_noise() -> None:
+    """Drop asyncio's eof_received line for a process that logs without setup_logging
+    (a kmsctl command on the bus: Python's last-resort handler printed it on the
+    console as the command ended)."""
+    logging.getLogger("asyncio").addFilter(_not_asyncio_noise)
+
+
 def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:
     """Log to stderr at `level`, as JSON lines (`fmt` "json", for files and collectors)
     or readable lines ("text", for a console)."""
