@@ -71,8 +71,20 @@ def test_an_argument_with_spaces_stays_one_fields_value() -> None:
         {"ms": "1.2", "n": "7"},
     )
     # Not one conversion per value, or arguments left over or missing: not split this way.
+    assert split_logfmt_template("event=serving http=%s:%d pct=%d%%", ("::1", 80, 5)) == (
+        "serving",
+        {"http": "::1:80", "pct": "5%"},
+    )
+    # Words, then fields: the words are the message.
+    assert split_logfmt_template("tpm connect failed tcti=%s rc=0x%x", ("swtpm:x", 0x98E)) == (
+        "tpm connect failed",
+        {"tcti": "swtpm:x", "rc": "0x98e"},
+    )
     for template, args in (
-        ("event=x path=%s/%s", ("a", "b")),
+        ("event=x pct=50%", ()),
+        ("tpm failed op=%s and then some", ("sign",)),
+        ("a %s word key=%s", ("x", "y")),
+        ("event=x pct=%d%", (50,)),
         ("event=x a=%s", ("1", "2")),
         ("event=x a=%s b=%s", ("1",)),
         ("took over %s", ("it",)),

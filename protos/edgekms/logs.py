@@ -24,8 +24,8 @@ import time
 from typing import Any
 
 _LOGFMT_KEY = re.compile(r"^[a-z_][a-z0-9_.]*$")
-# One %-conversion, the whole of a logfmt value in a format string (`serial=%s`, `ms=%.1f`).
-_CONVERSION = re.compile(r"^%[-#0 +]*\d*(?:\.\d+)?[sdrifxXeEgGoua]$")
+# A %-conversion in a logfmt value of a format string (`serial=%s`, `ms=%.1f`, `%s:%d`).
+_CONVERSION = re.compile(r"%%|%[-#0 +]*\d*(?:\.\d+)?[sdrifxXeEgGoua]")
 _ASYNCIO_NOISE = "returning true from eof_received() has no effect when using ssl"
 FORMATS = ("text", "json")
 
@@ -51,16 +51,46 @@ def split_logfmt(message: str) -> tuple[str, dict[str, str]] | None:
 
 
 def _fill(value: str, args: list[object]) -> str | None:
-    """`value` with its conversion done (taking one of `args`), as is when it has none, or
-    None when it is not one or the other (`%s/%s`, a literal `%`)."""
-    if "%" not in value:
-        return value
-    if not _CONVERSION.match(value) or not args:
+    """`value` with its conversions done, each taking the next of `args` (`%s:%d` takes
+    two), or None when a `%` is not a conversion or the arguments run out."""
+    out: list[str] = []
+    at = 0
+    for match in _CONVERSION.finditer(value):
+        literal = value[at : match.start()]
+        if "%" in literal:
+            return None
+        out.append(literal)
+        spec = match.group()
+        if spec == "%%":
+            out.append("%")
+        else:
+            if not args:
+                return None
+            try:
+                out.append(spec % (args.pop(0),))
+            except (TypeError, ValueError):
+                return None
+        at = match.end()
+    rest = value[at:]
+    if "%" in rest:
         return None
-    try:
-        return value % (args.pop(0),)
-    except (TypeError, ValueError):
+    out.append(rest)
+    return "".join(out)
+
+
+def _split_words_then_fields(template: str) -> tuple[str, dict[str, str]] | None:
+    """("words", fields) of "some words key=value key=value", or None."""
+    tokens = template.split(" ")
+    first = next((i for i, token in enumerate(tokens) if "=" in token), None)
+    if not first or any("%" in token or not token for token in tokens[:first]):
         return None
+    found: dict[str, str] = {}
+    for token in tokens[first:]:
+        key, sep, value = token.partition("=")
+        if not sep or not _LOGFMT_KEY.match(key) or key in found:
+            return None
+        found[key] = value
+    return " ".join(tokens[:first]), found
 
 
 def split_logfmt_template(
@@ -68,8 +98,10 @@ def split_logfmt_template(
 ) -> tuple[str, dict[str, str]] | None:
     """split_logfmt on a format string and its arguments: each `key=%s` becomes one field
     whatever its argument holds (spaces, `=`), or None when the template is not logfmt
-    with one conversion per value and exactly one argument per conversion."""
-    template_split = split_logfmt(template)
+    with its conversions in its values and exactly one argument per conversion. The
+    message may be words ("tpm connect failed tcti=%s rc=0x%x": "tpm connect failed"
+    with fields tcti and rc), as long as every token after the first `key=` is one."""
+    template_split = split_logfmt(template) or _split_words_then_fields(template)
     if template_split is None:
         return None
     head, values = template_split

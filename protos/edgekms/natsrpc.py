@@ -241,7 +241,8 @@ class BusWatch:
         if self._stopping:
             return
         log.error(
-            "event=bus_lost service=%s last_error=%r: exiting for a restart",
+            # It exits next, so that `kmsctl up` (or systemd) restarts it.
+            "event=bus_lost service=%s last_error=%r action=exit_for_restart",
             self.service,
             self.last_error,
         )

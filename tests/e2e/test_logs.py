@@ -5,6 +5,7 @@ with the copies kept, and a log directory that fills up truncated, not fatal."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ import pytest
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 from tests.logevents import count_event
+
+LOGFMT_PAIR = re.compile(r"(?:^|\s)[a-z_][a-z0-9_.]*=\S")
 
 
 def _until(condition: Callable[[], bool], what: str, seconds: float = 90.0) -> None:
@@ -70,6 +73,8 @@ def test_console_text_json_files_and_rotation(tmp_path: Path) -> None:
             entry = json.loads(line)
             assert "eof_received" not in entry["msg"], path
             assert not entry["msg"].startswith("event="), (path, entry)
+            # No `key=value` left inside the message: those are fields.
+            assert not LOGFMT_PAIR.search(entry["msg"]), (path, entry)
     rotated = [json.loads(x) for x in (logs / "broker.log.1").read_text().splitlines() if x]
     assert any(e["msg"] == "request" and e["method"] == "GetKey" for e in rotated)
 
