@@ -67,8 +67,10 @@ def exit_code_for(exc: errors.KMSError) -> int:
     return EXIT_BY_CODE.get(exc.code_name, EXIT_INTERNAL)
 
 
-def _event(level: int, event: str, message: str, **values: object) -> None:
-    log.log(level, f"event={event} {message}".rstrip(), extra=fields(event=event, **values))
+def _event(level: int, event: str, **values: object) -> None:
+    """One structured line: the event is the message, its details are fields (issue 14:
+    no logfmt inside `msg`; a value with spaces, an error's text, broke it)."""
+    log.log(level, event, extra=fields(event=event, **values))
 
 
 class Agent:
@@ -137,7 +139,6 @@ class Agent:
             _event(
                 logging.ERROR,
                 "agent_config_rejected",
-                f"reason={exc.reason} {exc.message}",
                 reason=exc.reason,
                 error=exc.message,
             )
@@ -150,7 +151,6 @@ class Agent:
         _event(
             logging.INFO,
             "agent_config_reloaded",
-            f"items={len(config.items)}",
             items=len(config.items),
         )
 
@@ -172,8 +172,6 @@ class Agent:
                 _event(
                     logging.INFO,
                     f"agent_cert_{outcome.action}",
-                    f"item={item.name} serial={outcome.serial} "
-                    f"not_after={iso(outcome.not_after)} renew_at={iso(outcome.due)}",
                     item=item.name,
                     serial=outcome.serial,
                     not_after=iso(outcome.not_after),
@@ -192,8 +190,6 @@ class Agent:
         _event(
             logging.INFO,
             "agent_crl_updated" if result.changed else "agent_crl_checked",
-            f"item={item.name} crl_numbers={list(result.crl_numbers)} "
-            f"next_update={iso(result.next_update)} refresh_at={iso(state.work_due)}",
             item=item.name,
             crl_numbers=list(result.crl_numbers),
             next_update=iso(result.next_update),
@@ -239,7 +235,6 @@ class Agent:
                 _event(
                     logging.INFO,
                     "agent_reload_ok",
-                    f"item={item.name} program={item.exec[0]}",
                     item=item.name,
                     program=item.exec[0],
                     output=output,
@@ -262,8 +257,6 @@ class Agent:
             _event(
                 logging.WARNING,
                 event,
-                f"item={item.name} reason={exc.reason} failures={state.failures} "
-                f"retry_in={state.next_due - now:.1f}s {exc.message}",
                 item=item.name,
                 reason=exc.reason,
                 error=exc.message,
@@ -299,7 +292,6 @@ class Agent:
             _event(
                 logging.ERROR,
                 "agent_state_unsaved",
-                f"reason={exc.reason} {exc.message}",
                 reason=exc.reason,
                 error=exc.message,
             )
@@ -314,7 +306,6 @@ class Agent:
         _event(
             logging.INFO,
             "agent_started",
-            f"config={self.config.path} items={len(self.config.items)}",
             config=str(self.config.path),
             items=len(self.config.items),
         )
@@ -331,7 +322,7 @@ class Agent:
                 self._wake.clear()
         finally:
             self.close()
-        _event(logging.INFO, "agent_stopped", "")
+        _event(logging.INFO, "agent_stopped")
         return 0
 
 

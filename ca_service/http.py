@@ -303,7 +303,7 @@ class HttpServer:
         except ConnectionError:
             pass  # the client went away before the answer
         except TimeoutError:
-            log.warning("event=ca_http_write_timeout; connection aborted")
+            log.warning("event=ca_http_write_timeout connection=aborted")
             writer.transport.abort()  # unsent data would keep a plain close() waiting
         finally:
             writer.close()

@@ -90,7 +90,7 @@ class AuthGuard:
                 max_tries, recovery = limits()
                 return cls.for_tpm(int(max_tries), float(recovery), state_path)
             except Exception:
-                log.warning("event=auth_limits_unreadable; using the TPM factory defaults")
+                log.warning("event=auth_limits_unreadable using=%s", "the TPM factory defaults")
         return cls(state_path=state_path)
 
     # ---- the state file --------------------------------------------------------------

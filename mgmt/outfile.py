@@ -108,3 +108,18 @@ def write_file(target: str | Path, data: bytes, *, private: bool = False) -> Non
         f"{path} is neither a regular file, a device nor a FIFO; nothing written",
         {"path": str(path)},
     )
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file 0600 from the first byte (no window where others may read),
+    making its directory 0700; a device or FIFO at the path is written in place. Here,
+    not in mgmt.pki, so that a command writing a key (`cert issue --generate`) does not
+    import the ceremony and, with it, nats-py."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_file(path, data, private=True)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a public file (0644 when new), making its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, data)

@@ -49,6 +49,10 @@ from edgekms.subjects import KEY_CLASS_INTERNAL
 from edgekms.v1 import common_pb2 as pb
 from edgekms.v1 import crypto_pb2
 
+# Re-exported: the ceremony's callers and many tests take them from here.
+from mgmt.outfile import write_private as write_private
+from mgmt.outfile import write_public as write_public
+
 BROKER_SERVER_NAME = "edgekms-broker"
 # Where a new client config points when no broker address is given (`kmsctl up`'s default).
 DEFAULT_BROKER_ADDRESS = "127.0.0.1:8443"
@@ -70,22 +74,6 @@ class PkiPaths:
     @property
     def broker_key(self) -> Path:
         return self.root / "broker.key"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file 0600 from the first byte (no window where others may read);
-    a device or FIFO at the path is written in place (mgmt/outfile.py)."""
-    from mgmt.outfile import write_file
-
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_file(path, data, private=True)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    from mgmt.outfile import write_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -265,8 +253,14 @@ async def run_ceremony(
             {"path": str(client_config)},
         )
     broker_address = broker_address or DEFAULT_BROKER_ADDRESS
+    # A person waits: a server that answers and refuses our certificate or password is
+    # said at once, not after the deadline (another stack's bus, most likely).
     nc = await natsrpc.connect(
-        nats_url, name="kmsctl-init", connect_timeout=5, **(nats_options or {})
+        nats_url,
+        name="kmsctl-init",
+        connect_timeout=5,
+        give_up_when_refused=True,
+        **(nats_options or {}),
     )
     try:
         # The internal CA's key is of class "internal": made and used on its own subjects,

@@ -35,6 +35,9 @@ APT_PACKAGES+=(prometheus)
 # The partition tests (tests/cluster/test_partition.py): nats-server nodes in network
 # namespaces joined by veth pairs and a bridge (`ip netns`, `ip link`).
 APT_PACKAGES+=(iproute2)
+# The completion tests (tests/e2e/test_completion.py): `kmsctl completion zsh|fish` loaded
+# into the real shells, whose TAB is asked for commands, options and key names.
+APT_PACKAGES+=(zsh fish)
 # `make bench` also measures cfssl, the peer a NAS admin might pick instead, and drives the
 # broker from a Go client (bench/loadgen) built in GOPATH mode from Debian's grpc sources.
 # bench/peers.py builds step-ca 0.19.0 the same way from Debian's packaged library source

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import click
-from cryptography import x509
 
 from edgekms.errors import FailedPrecondition
 from edgekms.v1 import ca_pb2
@@ -30,6 +29,10 @@ def issuing_chain(cert_der: bytes, ca_certs: ca_pb2.GetCACertificatesResponse) -
     retired one, matched by key identifier), then every other intermediate in force,
     then the root: the client checks the server's chain with it, and the server's
     certificate may come from either intermediate during the overlap."""
+    # Here, not at the top: every `kmsctl cert` command loads this module, and
+    # cryptography's x509 costs ~60 ms of a `cert issue` that never uses it.
+    from cryptography import x509
+
     cert = x509.load_der_x509_certificate(cert_der)
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
@@ -148,6 +151,8 @@ def export_cmd(
         )
     bundle.check_key_matches(key, record.certificate_der)
     chain = issuing_chain(record.certificate_der, ca_certs)
+    from cryptography import x509
+
     if fmt == "ovpn":
         ovpn.check_client_certificate(x509.load_der_x509_certificate(record.certificate_der))
         data = ovpn.client_profile(

@@ -8,12 +8,13 @@ argv. Files are written after the CA answered, so a refusal leaves nothing behin
 
 from __future__ import annotations
 
+import base64
 import datetime
 import itertools
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +23,9 @@ from edgekms.v1 import ca_pb2
 from mgmt.cli.client_access import client_options, open_client, write_output
 from mgmt.cli.common import output_option
 from mgmt.cli.output import echo_json, openssl_serial, table
+
+if TYPE_CHECKING:
+    from mgmt.bundle import LeafKey
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +113,17 @@ def record_details(record: ca_pb2.CertificateRecord) -> str:
 
 
 def _pem_chain(cert_der: bytes, chain_der: list[bytes]) -> bytes:
-    from mgmt.bundle import pem_bundle
-
-    return pem_bundle(cert_der, chain_der)
+    """Certificate then chain as PEM, byte for byte what mgmt.bundle.pem_bundle writes,
+    without loading cryptography's x509 (~40 ms of every `cert issue`) to do it: PEM is
+    the DER in base64, 64 characters a line, between the two markers."""
+    out = []
+    for der in [cert_der, *chain_der]:
+        text = base64.b64encode(der).decode("ascii")
+        lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+        out.append(
+            "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+        )
+    return "".join(out).encode("ascii")
 
 
 def lifetime_seconds(days: int, ttl: str | None) -> int:
@@ -225,8 +237,7 @@ def issue_cmd(
     config_path: Path | None,
 ) -> None:
     """Issue a certificate for a CSR (--csr) or for a key made here (--generate)."""
-    from mgmt import bundle
-    from mgmt.pki import write_private
+    from mgmt.outfile import write_private
 
     if bool(csr_path) == generate:
         raise click.UsageError("give exactly one of --csr FILE and --generate")
@@ -244,10 +255,12 @@ def issue_cmd(
     password = read_password(password_file) if password_file is not None else None
     seconds = lifetime_seconds(days, ttl)
 
-    key: bundle.LeafKey | None = None
+    key: LeafKey | None = None
     if csr_path is not None:
         csr = csr_path.read_bytes()
     else:
+        from mgmt import bundle  # cryptography's x509 and pkcs12: only to make a key here
+
         key = bundle.generate_key(key_type)
         csr = bundle.make_csr(key, cn, list(sans))
     with open_client(data_dir, config_path) as kms:
@@ -486,7 +499,7 @@ def renew_cmd(
             )
         response = done.response
         if done.new_key is not None:
-            from mgmt.pki import write_private
+            from mgmt.outfile import write_private
 
             write_private(Path(key_out or str(key_path)), key_pem(done.new_key))
         write_output(

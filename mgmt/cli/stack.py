@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from edgekms.errors import FailedPrecondition, KMSError, Unavailable
-from edgekms.logs import fields, setup_logging
+from edgekms.logs import fields, quiet_asyncio_tls_noise, setup_logging
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import ExitCode, client_config_path, data_dir_option, output_option
 from mgmt.cli.output import echo_json, fail, handle_errors, table
@@ -873,6 +873,7 @@ def init(
     else:
         credentials = local_credentials(data_dir)
     logging.getLogger("nats.aio.client").addFilter(_one_line_bus_errors)
+    quiet_asyncio_tls_noise()
     try:
         result = asyncio.run(
             run_ceremony(
@@ -889,6 +890,17 @@ def init(
             )
         )
     except Unavailable as exc:
+        if exc.reason == "bus.refused":
+            # Not down: someone else's bus (the issue's lost user, whose stack runs on
+            # another data dir, met it on the default port 4222).
+            raise Unavailable(
+                exc.reason,
+                f"{exc.message}. It is not the bus of {data_dir}: if a `kmsctl up` runs "
+                "elsewhere, give kmsctl that one's --data-dir (or EDGEKMS_DATA_DIR), where "
+                "it has initialised already; for services you run yourself, give their "
+                "--nats-url, --nats-user, --nats-password-file and --nats-ca.",
+                exc.details,
+            ) from None
         if exc.reason != "bus.unavailable":
             raise
         raise Unavailable(
@@ -914,11 +926,14 @@ def init(
 
 def _one_line_bus_errors(record: logging.LogRecord) -> bool:
     """nats-py logs each failed dial with a traceback, and the one-line error `init`
-    ends with says it: those are dropped. What the bus refused (a permissions
+    ends with says it: those are dropped, and so is the server's refusal of our
+    credentials (`bus.refused` names it). What the bus refused later (a permissions
     violation) stays, as one line."""
     if record.exc_info and record.exc_info[1] is not None:
         exc = record.exc_info[1]
         if isinstance(exc, OSError | TimeoutError):
+            return False
+        if "authorization violation" in str(exc).lower():
             return False
         record.msg, record.args = f"nats: {exc}", ()
         record.exc_info = None

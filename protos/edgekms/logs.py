@@ -7,7 +7,9 @@ as top-level JSON keys. Secrets are never passed in: there is no field for them.
 
 One field set: a message written the older way, logfmt inside the text
 (`"event=ca_issued serial=%s"`), is split by the formatter into its message and fields,
-so that every line carries `msg` plus top-level fields whichever way it was logged.
+so that every line carries `msg` plus top-level fields whichever way it was logged. The
+split is made on the format string, before the arguments go in, so that an argument with
+spaces in it (`service=%s` given "the CA service") stays one field's value.
 asyncio's "returning true from eof_received() has no effect when using ssl" (printed for
 every TLS connection the peer closes) says nothing to an operator and is dropped.
 """
@@ -22,6 +24,8 @@ import time
 from typing import Any
 
 _LOGFMT_KEY = re.compile(r"^[a-z_][a-z0-9_.]*$")
+# A %-conversion in a logfmt value of a format string (`serial=%s`, `ms=%.1f`, `%s:%d`).
+_CONVERSION = re.compile(r"%%|%[-#0 +]*\d*(?:\.\d+)?[sdrifxXeEgGoua]")
 _ASYNCIO_NOISE = "returning true from eof_received() has no effect when using ssl"
 FORMATS = ("text", "json")
 
@@ -46,12 +50,86 @@ def split_logfmt(message: str) -> tuple[str, dict[str, str]] | None:
     return head, found
 
 
+def _fill(value: str, args: list[object]) -> str | None:
+    """`value` with its conversions done, each taking the next of `args` (`%s:%d` takes
+    two), or None when a `%` is not a conversion or the arguments run out."""
+    out: list[str] = []
+    at = 0
+    for match in _CONVERSION.finditer(value):
+        literal = value[at : match.start()]
+        if "%" in literal:
+            return None
+        out.append(literal)
+        spec = match.group()
+        if spec == "%%":
+            out.append("%")
+        else:
+            if not args:
+                return None
+            try:
+                out.append(spec % (args.pop(0),))
+            except (TypeError, ValueError):
+                return None
+        at = match.end()
+    rest = value[at:]
+    if "%" in rest:
+        return None
+    out.append(rest)
+    return "".join(out)
+
+
+def _split_words_then_fields(template: str) -> tuple[str, dict[str, str]] | None:
+    """("words", fields) of "some words key=value key=value", or None."""
+    tokens = template.split(" ")
+    first = next((i for i, token in enumerate(tokens) if "=" in token), None)
+    if not first or any("%" in token or not token for token in tokens[:first]):
+        return None
+    found: dict[str, str] = {}
+    for token in tokens[first:]:
+        key, sep, value = token.partition("=")
+        if not sep or not _LOGFMT_KEY.match(key) or key in found:
+            return None
+        found[key] = value
+    return " ".join(tokens[:first]), found
+
+
+def split_logfmt_template(
+    template: str, args: tuple[object, ...]
+) -> tuple[str, dict[str, str]] | None:
+    """split_logfmt on a format string and its arguments: each `key=%s` becomes one field
+    whatever its argument holds (spaces, `=`), or None when the template is not logfmt
+    with its conversions in its values and exactly one argument per conversion. The
+    message may be words ("tpm connect failed tcti=%s rc=0x%x": "tpm connect failed"
+    with fields tcti and rc), as long as every token after the first `key=` is one."""
+    template_split = split_logfmt(template) or _split_words_then_fields(template)
+    if template_split is None:
+        return None
+    head, values = template_split
+    remaining = list(args)
+    message = _fill(head, remaining)
+    if message is None:
+        return None
+    found: dict[str, str] = {}
+    for key, value in values.items():
+        filled = _fill(value, remaining)
+        if filled is None:
+            return None
+        found[key] = filled
+    return (message, found) if not remaining else None
+
+
 def _message_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
-    message = record.getMessage()
     extra: dict[str, Any] = {}
-    split = split_logfmt(message)
+    split = None
+    if isinstance(record.msg, str) and isinstance(record.args, tuple) and record.args:
+        split = split_logfmt_template(record.msg, record.args)
     if split is not None:
         message, extra = split[0], dict(split[1])
+    else:
+        message = record.getMessage()
+        split = split_logfmt(message)
+        if split is not None:
+            message, extra = split[0], dict(split[1])
     fields = getattr(record, "fields", None)
     if isinstance(fields, dict):
         extra.update(fields)
@@ -105,6 +183,13 @@ def _text_value(value: Any) -> str:
 
 def _not_asyncio_noise(record: logging.LogRecord) -> bool:
     return not (record.name == "asyncio" and record.getMessage() == _ASYNCIO_NOISE)
+
+
+def quiet_asyncio_tls_noise() -> None:
+    """Drop asyncio's eof_received line for a process that logs without setup_logging
+    (a kmsctl command on the bus: Python's last-resort handler printed it on the
+    console as the command ended)."""
+    logging.getLogger("asyncio").addFilter(_not_asyncio_noise)
 
 
 def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:

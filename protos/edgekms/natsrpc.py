@@ -241,7 +241,8 @@ class BusWatch:
         if self._stopping:
             return
         log.error(
-            "event=bus_lost service=%s last_error=%r: exiting for a restart",
+            # It exits next, so that `kmsctl up` (or systemd) restarts it.
+            "event=bus_lost service=%s last_error=%r action=exit_for_restart",
             self.service,
             self.last_error,
         )
@@ -289,16 +290,74 @@ async def first_of(*events: asyncio.Event) -> None:
             waiter.cancel()
 
 
+def _refused_by_server(exc: BaseException) -> bool:
+    """An answer from a NATS server that retrying will not change: its certificate is
+    not from the CA we trust, or it refused our user or password."""
+    import ssl
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    return isinstance(exc, nats.errors.Error) and "authorization violation" in str(exc).lower()
+
+
 async def connect(
-    url: str, *, name: str, deadline: float = 10.0, **options: Any
+    url: str,
+    *,
+    name: str,
+    deadline: float = 10.0,
+    give_up_when_refused: bool = False,
+    **options: Any,
 ) -> nats.aio.client.Client:
     """nats.connect that gives up: nats-py retries a failing first connect forever
     (refused TLS, wrong password, nobody listening), which would hang a service's start
-    instead of failing it. Once connected, the client reconnects as usual."""
+    instead of failing it. Once connected, the client reconnects as usual.
+
+    The error nats-py reports while it retries (a certificate that does not verify, an
+    authorization violation) is named in the Unavailable, as `bus.refused` when a server
+    answered and refused us, since "cannot connect" then sends a person looking for a
+    server that is not down. `give_up_when_refused` (kmsctl, a person waiting) fails at
+    that answer instead of at the deadline; services keep waiting it out."""
+    last: list[BaseException] = []
+    # The server's refusal, kept: the broken pipe that follows it is no explanation.
+    refusal: list[BaseException] = []
+    refused = asyncio.Event()
+    # Theirs, or nats-py's own (it logs the error): wrapping must not silence it.
+    their_error_cb = options.pop("error_cb", None) or nats.aio.client._default_error_callback
+
+    async def error_cb(exc: Exception) -> None:
+        last[:] = [exc]
+        if _refused_by_server(exc):
+            refusal[:] = [exc]
+            refused.set()
+        await their_error_cb(exc)
+
+    connecting = asyncio.ensure_future(nats.connect(url, name=name, error_cb=error_cb, **options))
+    waiters: set[asyncio.Future[Any]] = {connecting}
+    if give_up_when_refused:
+        waiters.add(asyncio.ensure_future(refused.wait()))
     try:
-        return await asyncio.wait_for(nats.connect(url, name=name, **options), deadline)
+        done, _ = await asyncio.wait(waiters, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        if connecting in done:
+            return connecting.result()
+        raise TimeoutError
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if refusal:
+            raise Unavailable(
+                "bus.refused",
+                f"a NATS server answers at {url} but refused this client "
+                f"({type(refusal[0]).__name__}: {str(refusal[0])[:200]})",
+                {"url": url},
+            ) from None
+        if last:
+            detail += f"; last error: {type(last[-1]).__name__}: {str(last[-1])[:200]}"
         raise Unavailable(
             "bus.unavailable", f"cannot connect to NATS at {url} within {deadline:g}s ({detail})"
         ) from None
+    finally:
+        pending = [w for w in waiters if not w.done()]
+        for waiter in pending:
+            waiter.cancel()
+        # As wait_for did: the abandoned connect is cancelled and awaited, so that
+        # nats-py's retry loop and its socket end here.
+        await asyncio.gather(*pending, return_exceptions=True)

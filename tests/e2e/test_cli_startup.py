@@ -96,3 +96,56 @@ def test_key_list_and_sign_import_grpc_and_stubs_only(kms_stack: Any, tmp_path: 
             "mgmt.cli.output",
             "mgmt.cli.completion",
         }, commands
+
+
+def test_cert_issue_imports_neither_the_ceremony_nor_nats(kms_stack: Any, tmp_path: Path) -> None:
+    """`cert issue` took about a second a run (200 took 203 s; the issue): it imported
+    the ceremony (mgmt.pki) and through it nats-py and aiohttp to write one file, and
+    cryptography's x509 to turn DER into PEM. With a CSR it now loads what `key sign`
+    does; with --generate, cryptography to make the key, still no nats. The PEM it
+    writes is byte for byte what cryptography writes (mgmt.bundle.pem_bundle)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from mgmt.bundle import pem_bundle
+
+    env = {**os.environ, "EDGEKMS_DATA_DIR": str(kms_stack.data_dir)}
+    ca = subprocess.run(
+        [KMSCTL, "ca", "init", "--name", "Startup CA"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert ca.returncode in (0, 5), ca.stderr  # 5: another test made the CA already
+    key, csr = tmp_path / "leaf.key", tmp_path / "leaf.csr"
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-subj", "/CN=lean.home.arpa",
+         "-addext", "subjectAltName=DNS:lean.home.arpa", "-out", str(csr)],
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    out = tmp_path / "leaf.crt"
+    issued, modules = _traced(
+        kms_stack.data_dir, "cert", "issue", "--profile", "https-server",
+        "--csr", str(csr), "--out", str(out),
+    )  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    assert not _packages(modules) & HEAVY, _packages(modules) & HEAVY
+    assert not modules & (OUR_HEAVY | {"mgmt.pki", "mgmt.bundle"})
+    chain = x509.load_pem_x509_certificates(out.read_bytes())
+    assert len(chain) >= 2
+    assert chain[0].subject.rfc4514_string() == "CN=lean.home.arpa"
+    ders = [c.public_bytes(Encoding.DER) for c in chain]
+    assert out.read_bytes() == pem_bundle(ders[0], ders[1:])
+
+    generated, gen_modules = _traced(
+        kms_stack.data_dir, "cert", "issue", "--profile", "https-server", "--generate",
+        "--cn", "gen.home.arpa", "--san", "dns:gen.home.arpa",
+        "--out", str(tmp_path / "gen.crt"), "--key-out", str(tmp_path / "gen.key"),
+    )  # fmt: skip
+    assert generated.returncode == 0, generated.stderr
+    assert not _packages(gen_modules) & {"nats", "aiohttp"}
+    assert "mgmt.pki" not in gen_modules
+    assert (tmp_path / "gen.key").stat().st_mode & 0o777 == 0o600

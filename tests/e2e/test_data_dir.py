@@ -11,6 +11,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from mgmt.natsserver import free_port
 from mgmt.pki import write_client_config
 from tests.e2e.conftest import BIN, KmsStack, state_home
@@ -136,3 +138,37 @@ def test_init_without_a_bus_says_what_to_do(tmp_path: Path) -> None:
     assert f"kmsctl up --data-dir {data_dir}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (data_dir / "client").exists()
+
+
+@pytest.mark.parametrize("case", ["certificate", "password"])
+def test_init_against_another_stacks_bus_says_so_at_once(
+    kms_stack: KmsStack, tmp_path: Path, case: str
+) -> None:
+    """The issue's lost user: `kmsctl init` on an empty data dir dials a bus that is not
+    its own (another stack's, on the default port 4222 in the issue). The server answers
+    and refuses it, its certificate (`certificate`: our bus CA does not know the server)
+    or its password (`password`: the right CA and user, the wrong password); that is
+    said as `bus.refused` at the refusal, with what to do, instead of "cannot connect"
+    after ten seconds, and nothing is written."""
+    data_dir = tmp_path / "lost"
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not the password\n")
+    wrong.chmod(0o600)
+    bus_ca = kms_stack.data_dir / "nats" / "tls" / "bus-ca.crt"
+    assert bus_ca.exists()
+    args = {
+        "certificate": ["--nats-url", kms_stack.nats_url],
+        "password": [
+            "--nats-url", kms_stack.nats_url.replace("nats://", "tls://"),
+            "--nats-user", "kmsctl", "--nats-password-file", str(wrong), "--nats-ca", str(bus_ca),
+        ],
+    }[case]  # fmt: skip
+    result = _kmsctl("init", "--data-dir", str(data_dir), *args, env=_env(tmp_path))
+    assert result.returncode == 8, result.stderr
+    assert result.stderr.startswith("kmsctl: bus.refused: "), result.stderr
+    reason = "CERTIFICATE_VERIFY_FAILED" if case == "certificate" else "Authorization Violation"
+    assert reason in result.stderr
+    assert f"It is not the bus of {data_dir}" in result.stderr
+    assert "--data-dir" in result.stderr
+    assert "Traceback" not in result.stderr and "eof_received" not in result.stderr
+    assert not (data_dir / "client").exists() and not (data_dir / "pki").exists()

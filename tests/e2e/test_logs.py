@@ -5,6 +5,7 @@ with the copies kept, and a log directory that fills up truncated, not fatal."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,6 +15,9 @@ import pytest
 
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
+from tests.logevents import count_event
+
+LOGFMT_PAIR = re.compile(r"(?:^|\s)[a-z_][a-z0-9_.]*=\S")
 
 
 def _until(condition: Callable[[], bool], what: str, seconds: float = 90.0) -> None:
@@ -69,6 +73,8 @@ def test_console_text_json_files_and_rotation(tmp_path: Path) -> None:
             entry = json.loads(line)
             assert "eof_received" not in entry["msg"], path
             assert not entry["msg"].startswith("event="), (path, entry)
+            # No `key=value` left inside the message: those are fields.
+            assert not LOGFMT_PAIR.search(entry["msg"]), (path, entry)
     rotated = [json.loads(x) for x in (logs / "broker.log.1").read_text().splitlines() if x]
     assert any(e["msg"] == "request" and e["method"] == "GetKey" for e in rotated)
 
@@ -101,3 +107,22 @@ def test_a_full_log_directory_is_truncated_not_fatal(tmp_path: Path) -> None:
             assert stop_stack(stack) == 0
     finally:
         subprocess.run(["umount", str(logs)], check=True)
+
+
+def test_console_json_for_a_collector(tmp_path: Path) -> None:
+    """`--log-format json`: the supervisor's own log lines on the console are the same
+    JSON objects the services write (one field set), for a collector; only the two
+    sentences for people ("EdgeKMS is up", "EdgeKMS stopped.") are plain text."""
+    stack = start_stack(tmp_path / "data", "--log-format", "json")
+    assert stop_stack(stack) == 0
+    lines = [line for line in stack.log_path.read_text().splitlines() if line.strip()]
+    logged = [line for line in lines if not line.startswith("EdgeKMS ")]
+    assert logged and all(line.startswith("{") for line in logged), logged[:5]
+    entries = [json.loads(line) for line in logged]
+    assert all(e["service"] == "kmsctl-up" and e["level"] and e["ts"] for e in entries)
+    assert count_event("\n".join(logged), "started", part="nats") == 1
+    assert not any(e["msg"].startswith("event=") or "eof_received" in e["msg"] for e in entries)
+    assert [line.split(":")[0] for line in lines if line.startswith("EdgeKMS ")] == [
+        "EdgeKMS is up",
+        "EdgeKMS stopped.",
+    ]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mgmt.natsserver import free_port, free_port_pair
+from mgmt.stacklock import reap_orphans
 from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import BIN, KmsStack, start_stack, stop_stack
 
@@ -224,3 +225,68 @@ def test_a_listen_address_that_cannot_be_used_is_refused_first(
         "run",
         "run/up.lock",
     ]
+
+
+def test_two_ups_started_at_once_on_one_data_dir_give_one_stack(tmp_path: Path) -> None:
+    """Two `kmsctl up` launched together on a fresh data dir (a doubled systemd unit, a
+    script run twice): exactly one runs the stack, the other is refused with the pid of
+    the first, and the stack the winner made is whole (its ceremony not interleaved with
+    another's)."""
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    processes: list[tuple[subprocess.Popen[bytes], Path, str]] = []
+    try:
+        for name in ("first", "second"):
+            broker = f"127.0.0.1:{free_port_pair()}"
+            argv = [
+                *_up(data_dir, free_port(), broker, f"127.0.0.1:{free_port()}"),
+                "--start-timeout",
+                str(30.0 * SLOWDOWN),
+            ]
+            log_path = tmp_path / f"{name}-up.log"
+            with open(log_path, "wb") as log_file:
+                processes.append(
+                    (
+                        subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env),
+                        log_path,
+                        broker,
+                    )
+                )
+        # The loser gives up at once; the winner runs on.
+        deadline = time.monotonic() + 60 * SLOWDOWN
+        while all(p.poll() is None for p, _, _ in processes):
+            assert time.monotonic() < deadline, "neither `kmsctl up` was refused"
+            time.sleep(0.05)
+        loser = next(entry for entry in processes if entry[0].poll() is not None)
+        winner = next(entry for entry in processes if entry is not loser)
+        loser_output = loser[1].read_text()
+        assert loser[0].returncode == 6, loser_output
+        assert "kmsctl: stack.already_running:" in loser_output
+        assert f"pid {winner[0].pid}" in loser_output
+        assert "EdgeKMS is up" not in loser_output
+
+        state_file = data_dir / "run" / "state.json"
+        # Ready in its state file, and said so on its console (written just after).
+        while not (
+            state_file.exists()
+            and json.loads(state_file.read_text() or "{}").get("ready")
+            and "EdgeKMS is up" in winner[1].read_text()
+        ):
+            assert winner[0].poll() is None, winner[1].read_text()[-3000:]
+            assert time.monotonic() < deadline, winner[1].read_text()[-3000:]
+            time.sleep(0.1)
+        state = json.loads(state_file.read_text())
+        assert state["pid"] == winner[0].pid and state["broker"] == winner[2]
+        assert (data_dir / "run" / "up.lock").read_text().strip() == str(winner[0].pid)
+        assert winner[1].read_text().count("EdgeKMS is up") == 1
+        stack = KmsStack(data_dir, str(state["nats_url"]), winner[2], winner[0], winner[1])
+        with stack.client() as client:
+            client.create_key("lock/race", "ec-p256")
+            assert client.verify("lock/race", b"one stack", client.sign("lock/race", b"one stack"))
+        assert stop_stack(stack) == 0
+    finally:
+        for process, _, _ in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        reap_orphans(data_dir)  # what a killed winner left running

@@ -191,6 +191,11 @@ def test_prometheus_scrapes_every_service_and_finds_the_series(
 
 def test_health_endpoints_and_no_secret_in_any_scrape(stack: KmsStack) -> None:
     urls = {k: str(v) for k, v in dict(stack.state()["metrics"]).items()}  # type: ignore[call-overload]
+    # `kmsctl status` names every endpoint, for a person (text) and a script (json).
+    assert json.loads(_kmsctl(stack, "status", "-o", "json"))["metrics"] == urls
+    status_text = _kmsctl(stack, "status")
+    assert "metrics (/healthz and /readyz beside each):" in status_text
+    assert all(f"{part:<14} {url}" in status_text for part, url in urls.items())
     secrets_dir = stack.data_dir / "secrets"
     secrets = [
         p.read_bytes().strip()
