@@ -1,9 +1,11 @@
 """Docs that stand alone (issue 14, item 9): nothing in the repository points outside it
 (a link to ../shared, a path on the machine it was written on),
-every relative link in the Markdown resolves to a file in it, and every `kmsctl` command
+every relative link in the Markdown resolves to a file in it, every `kmsctl` command
 shown in README.md and docs/*.md is one the CLI accepts as written (command, options and
-their order: `kmsctl --config X status` was shown and failed). The CA walk-through runs
-for real in tests/e2e/test_ca_cli.py, the README's Python in tests/e2e/test_readme.py."""
+their order: `kmsctl --config X status` was shown and failed), and every one is run by a
+test as written or listed, with its reason, as one the suite cannot run
+(tests/doccommands.py: the blocks, who runs them, the list).
+"""
 
 from __future__ import annotations
 
@@ -16,15 +18,14 @@ import click
 import pytest
 
 from mgmt.cli import cli
+from tests import doccommands
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+ROOT, DOCS = doccommands.ROOT, doccommands.DOCS
 TEXT_SUFFIXES = {".md", ".py", ".toml", ".yaml", ".yml", ".sh", ".bb", ".bbappend", ".conf", ""}
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 # A path on the machine the repository was written on (its shared tools, other
 # worktrees): in a clone it names nothing. Tests' temporary dirs are not spelled so.
 OUTSIDE = re.compile(r"(?<![\w.])/work/(?:shared|wt|main)\b")
-FENCE = re.compile(r"```(?:sh|bash|console)\n(.*?)```", re.DOTALL)
 
 
 def _tracked() -> list[Path]:
@@ -57,21 +58,7 @@ def test_every_relative_markdown_link_resolves_inside_the_repository() -> None:
     assert broken == []
 
 
-def _kmsctl_lines() -> list[tuple[str, str]]:
-    """(doc, command line) for each `kmsctl ...` line in the docs' shell blocks,
-    continuation lines joined, a trailing `&` and comments dropped."""
-    found = []
-    for doc in DOCS:
-        for block in FENCE.findall(doc.read_text()):
-            for line in block.replace("\\\n", " ").splitlines():
-                for part in line.split("&&"):
-                    command = part.strip().removesuffix("&").strip()
-                    if command.startswith("kmsctl "):
-                        found.append((doc.name, command))
-    return found
-
-
-COMMANDS = _kmsctl_lines()
+COMMANDS = doccommands.commands()
 
 
 def _parse(
@@ -111,3 +98,45 @@ def test_every_kmsctl_command_in_the_docs_parses(doc: str, line: str) -> None:
         _parse(cli, "kmsctl", argv[1:], None)
     except click.UsageError as exc:
         pytest.fail(f"{doc}: `{line}`: {exc.format_message()}")
+
+
+def test_every_kmsctl_command_in_the_docs_runs_or_is_listed_with_its_reason() -> None:
+    """A new command in the docs fails here until a test runs its block (RUN) or it is
+    listed in CANNOT_RUN with why."""
+    unrun = [
+        f"{b.doc} {b.heading!r} block {b.index}: {c}"
+        for b in doccommands.blocks()
+        if (b.doc, b.heading, b.index) not in doccommands.RUN
+        for c in b.commands
+        if c not in doccommands.CANNOT_RUN
+    ]
+    assert unrun == []
+
+
+def test_the_runners_named_exist_and_take_their_blocks_from_the_doc() -> None:
+    """Each RUN entry names a block that is there, with a command, and a test file that
+    names the block's heading (it finds the block by it)."""
+    found = {(b.doc, b.heading, b.index): b for b in doccommands.blocks()}
+    wrong = []
+    for key, test in doccommands.RUN.items():
+        source = ROOT / test
+        if key not in found or not found[key].commands:
+            wrong.append(f"{key}: no such block with a kmsctl command")
+        elif not source.is_file() or key[1].lstrip("# ") not in source.read_text():
+            wrong.append(f"{key}: {test} does not name the heading")
+    assert wrong == []
+
+
+def test_the_cannot_run_list_is_short_reasoned_and_current() -> None:
+    shown = {c for _, c in COMMANDS}
+    stale = [c for c in doccommands.CANNOT_RUN if c not in shown]
+    assert stale == [], "listed but no longer in the docs"
+    assert all(len(reason) > 20 for reason in doccommands.CANNOT_RUN.values())
+    run = {
+        c
+        for b in doccommands.blocks()
+        if (b.doc, b.heading, b.index) in doccommands.RUN
+        for c in b.commands
+    }
+    assert not run & set(doccommands.CANNOT_RUN), "listed as not runnable, yet run"
+    assert len(doccommands.CANNOT_RUN) < len(shown) // 4

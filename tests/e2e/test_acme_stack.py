@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.timeout(600)]
 
 def acme_block() -> str:
     text = README.read_text()
-    section = text[text.index("## ACME") :]
+    section = text[text.index("## ACME: certbot, lego and the NAS's own clients") :]
     match = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL)
     assert match, "no sh block in the README's ACME section"
     return match.group(1)
