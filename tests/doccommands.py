@@ -164,6 +164,13 @@ RUN: dict[tuple[str, str, int], str] = {
     ("docs/cluster.md", "## Three nodes with `kmsctl up`", 1): "tests/cluster/test_docs_cluster.py",
     ("docs/cluster.md", "## Three nodes with `kmsctl up`", 2): "tests/cluster/test_docs_cluster.py",
     ("docs/cluster.md", "## Adding and removing a node", 0): "tests/cluster/test_docs_cluster.py",
+    ("README.md", "## Who may do what", 1): "tests/fleet/test_docs_fleet.py",
+    ("docs/cluster.md", "## Fleet: devices as leaf nodes", 2): "tests/fleet/test_docs_fleet.py",
+    ("docs/cluster.md", "## Fleet: devices as leaf nodes", 3): "tests/fleet/test_docs_fleet.py",
+    ("docs/cluster.md", "## Fleet: devices as leaf nodes", 4): "tests/fleet/test_docs_fleet.py",
+    ("docs/cluster.md", "## Fleet: devices as leaf nodes", 5): "tests/fleet/test_docs_fleet.py",
+    ("docs/cluster.md", "## Fleet: devices as leaf nodes", 6): "tests/fleet/test_docs_fleet.py",
+    ("docs/cluster.md", "## Fleet: devices as leaf nodes", 7): "tests/cluster/test_docs_cluster.py",
     ("docs/spiffe.md", "## Registration entries", 0): "tests/e2e/test_docs_run.py",
     ("docs/spiffe.md", "## Rotating the trust domain's keys", 0): "tests/e2e/test_docs_run.py",
 }

@@ -4,10 +4,13 @@ as written on loopback (issue 14, item 9): `kmsctl cluster init` with each node'
 --join` nodes from the doc's line (its data dir per node, the fixture's free ports for
 NATS, the CA's HTTP and enrollment, as tests/cluster/test_up_nodes.py starts them), the
 admin's commands in a directory holding a copy of nas1's `client/`, and `cluster
-add-node` for a fourth node. Lines come from the doc (tests/doccommands.py)."""
+add-node` for a fourth node. nas1 is started by "Fleet"'s "A hub that is a cluster"
+line (`--join bundles/nas1 --leaf-listen`), the same line with its leaf listener. Lines
+come from the doc (tests/doccommands.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -24,6 +27,7 @@ from tests.doccommands import ROOT, block, lines, run_lines
 DOC = "docs/cluster.md"
 THREE = "## Three nodes with `kmsctl up`"
 ADDING = "## Adding and removing a node"
+FLEET = "## Fleet: devices as leaf nodes"
 ENV_PATH = f"{ROOT}/.venv/bin:/usr/bin:/bin"
 
 pytestmark = pytest.mark.timeout(600)
@@ -42,6 +46,7 @@ def test_cluster_doc_three_nodes_and_add_node_run_as_written(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKMS_")}
     env["PATH"] = ENV_PATH
     ports = {n: (free_port(), free_port()) for n in (*NODES, "nas4")}
+    leaf = f"127.0.0.1:{free_port()}"
 
     init = lines(_addresses(block(DOC, THREE, 0).text, ports))
     assert len(init) == 1 and "127.0.0.1:" in init[0]
@@ -55,10 +60,17 @@ def test_cluster_doc_three_nodes_and_add_node_run_as_written(tmp_path: Path) -> 
     ]  # fmt: skip
     nodes = [Node(n, tmp_path / n / "node", f"127.0.0.1:{ports[n][1]}", bundles / n) for n in NODES]
     try:
+        # nas1 is also the fleet's hub, as "A hub that is a cluster" starts it (that
+        # line's --leaf-listen, on a free port); nas2 and nas3 as the line above.
+        (hub_line,) = lines(block(DOC, FLEET, 7).text.replace("0.0.0.0:7422", leaf))
+        hub_args = shlex.split(hub_line)
+        assert hub_args[:6] == shlex.split(up) and hub_args[6:] == ["--leaf-listen", leaf]
         for node in nodes:
             node.data_dir.parent.mkdir()
-            _start(node)  # the line above, for this node: its data dir, its bundle
+            _start(node, *(hub_args[6:] if node.name == "nas1" else []))
         _wait_ready(nodes, 240)
+        state = json.loads((nodes[0].data_dir / "run" / "state.json").read_text())
+        assert state["fleet"]["role"] == "hub" and state["fleet"]["leaf_listen"] == leaf
 
         # The admin's machine: a copy of nas1's client/ beside it, as the doc says.
         admin = tmp_path / "admin"
