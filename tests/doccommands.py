@@ -156,6 +156,7 @@ RUN: dict[tuple[str, str, int], str] = {
         "tests/agent/test_readme_agent.py"
     ),
     ("README.md", "## Workload identity: SPIFFE", 0): "tests/spiffe/test_readme_spiffe.py",
+    ("README.md", "## Workload identity: SPIFFE", 1): "tests/spiffe/test_readme_spiffe.py",
     ("docs/containers.md", "## How `make test` runs the stack", 0): ("tests/e2e/test_docs_run.py"),
     ("docs/deploy.md", "## Compose", 0): "tests/e2e/test_docs_run.py",
     ("docs/deploy.md", "## Backup and restore", 0): "tests/e2e/test_docs_run.py",
@@ -171,6 +172,9 @@ RUN: dict[tuple[str, str, int], str] = {
     ("docs/cluster.md", "## Fleet: devices as leaf nodes", 5): "tests/fleet/test_docs_fleet.py",
     ("docs/cluster.md", "## Fleet: devices as leaf nodes", 6): "tests/fleet/test_docs_fleet.py",
     ("docs/cluster.md", "## Fleet: devices as leaf nodes", 7): "tests/cluster/test_docs_cluster.py",
+    ("docs/spiffe.md", "## Federation", 0): "tests/spiffe/test_docs_federation.py",
+    ("docs/spiffe.md", "## Federation", 1): "tests/spiffe/test_docs_federation.py",
+    ("docs/spiffe.md", "## Federation", 2): "tests/spiffe/test_docs_federation.py",
     ("docs/spiffe.md", "## Registration entries", 0): "tests/e2e/test_docs_run.py",
     ("docs/spiffe.md", "## Rotating the trust domain's keys", 0): "tests/e2e/test_docs_run.py",
 }

@@ -96,20 +96,30 @@ def spiffe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpiffeSta
 class Agent:
     """`kmsctl spiffe agent` in the background, its JSON log in a file."""
 
-    def __init__(self, client_config: Path, where: Path, sync_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        client_config: Path,
+        where: Path,
+        sync_interval: float = 0.5,
+        argv: Callable[[Path], list[str]] | None = None,
+    ) -> None:
+        """`argv(socket)`, if given, is the command to run instead (a doc's line with
+        this agent's socket path put in)."""
         where.mkdir(parents=True, exist_ok=True)
         # pytest's temp dirs are 0700: the socket lives where other uids can reach it.
         self.public = Path(tempfile.mkdtemp(prefix="edgekms-spiffe-test-"))
         os.chmod(self.public, 0o755)  # noqa: S103 - other uids dial the socket
         self.socket = self.public / "run" / "workload.sock"
         self.log = where / "agent.log"
+        command = (
+            argv(self.socket)
+            if argv is not None
+            else [str(BIN / "kmsctl"), "spiffe", "agent", "--client-config", str(client_config),
+                  "--socket", f"unix://{self.socket}", "--sync-interval", str(sync_interval),
+                  "--log-level", "debug"]
+        )  # fmt: skip
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [str(BIN / "kmsctl"), "spiffe", "agent", "--client-config", str(client_config),
-                 "--socket", f"unix://{self.socket}", "--sync-interval", str(sync_interval),
-                 "--log-level", "debug"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 60, "the socket")
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
 

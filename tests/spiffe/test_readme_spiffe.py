@@ -1,8 +1,8 @@
 """The README's SPIFFE section, as written: its KMS block runs line by line under
 `set -e` against a fresh real stack (with a mini-CA, as the section says), the device
-block with the enrolled device's own paths in place of /var/lib and /run (which the
-test must not touch), and a program running as uid 1000 then gets
-spiffe://home.arpa/backup."""
+block (`kmsctl spiffe agent`, as written) with the enrolled device's own paths in place
+of /var/lib and /run (which the test must not touch), and a program running as uid 1000
+then gets spiffe://home.arpa/backup."""
 
 from __future__ import annotations
 
@@ -58,11 +58,17 @@ def test_readme_spiffe_section_runs_as_written(fresh_stack: KmsStack, tmp_path: 
 
     device_config = enrolled(fresh_stack, tmp_path, "nas")
     line = device_block.strip()
-    assert line.startswith("kmsctl spiffe agent --client-config /var/lib/edgekms/device/")
-    agent = Agent(device_config, tmp_path / "agent")
+    config, sock = "/var/lib/edgekms/device/config.toml", "/run/edgekms/workload.sock"
+    assert line.startswith(f"kmsctl spiffe agent --client-config {config} ")
+    assert f"--socket unix://{sock}" in line
+
+    def as_written(socket: Path) -> list[str]:
+        """The device block's line itself, with this test's paths for the device's."""
+        command = line.replace(config, str(device_config)).replace(sock, str(socket))
+        return ["bash", "-c", f'export PATH="{ROOT}/.venv/bin:$PATH"; exec {command}']
+
+    agent = Agent(device_config, tmp_path / "agent", argv=as_written)
     try:
-        # The same command with this test's paths: Agent runs exactly these options.
-        assert "--socket unix:///run/edgekms/workload.sock" in line
         answer = wait_for(
             lambda: (a := workload(agent.socket, 1000, 1000, "x509")).get("svids") and a,
             60,
