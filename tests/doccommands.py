@@ -125,6 +125,12 @@ RUN: dict[tuple[str, str, int], str] = {
     ("README.md", "## A five-minute tour", 1): "tests/e2e/test_docs_run.py",
     ("README.md", "## Who may do what", 0): "tests/e2e/test_readme.py",
     ("README.md", "## Devices", 0): "tests/enroll/test_readme_devices.py",
+    ("README.md", "## Devices", 1): "tests/attest/test_docs_tpm.py",
+    ("README.md", "## Devices", 2): "tests/attest/test_docs_tpm.py",
+    ("README.md", "### Enrollment proven by the device's TPM", 0): "tests/attest/test_docs_tpm.py",
+    ("README.md", "### Enrollment proven by the device's TPM", 1): "tests/attest/test_docs_tpm.py",
+    ("README.md", "### Enrollment proven by the device's TPM", 2): "tests/attest/test_docs_tpm.py",
+    ("docs/security.md", "## Remote unlock", 0): "tests/attest/test_docs_tpm.py",
     ("README.md", "## Certificates for your NAS: OpenVPN and HTTPS", 0): (
         "tests/e2e/test_docs_run.py"
     ),
@@ -181,4 +187,22 @@ RUN: dict[tuple[str, str, int], str] = {
 
 # Command lines the suite cannot run, each with why. Keep it short and honest: a line
 # here is a line no test runs.
-CANNOT_RUN: dict[str, str] = {}
+CANNOT_RUN: dict[str, str] = {
+    # On an existing token: OP-TEE's PKCS#11 module exists only on the board.
+    "kmsctl up --data-dir /var/lib/edgekms/node --join bundles/nas1 "
+    "--pkcs11-module /usr/lib/libckteec.so.0 --pkcs11-token-label edgekms "
+    "--pkcs11-pin-file /var/lib/edgekms/secrets/hsm0.pin": (
+        "libckteec (OP-TEE's token) is on the board only; tests/e2e/test_external_token.py "
+        "runs `up --pkcs11-module ...` on a SoftHSM token made beforehand"
+    ),
+    # The boot-time unlock: a real TPM at the default path and the LAN.
+    "kmsctl unlock fetch --volume data --device-dir /etc/edgekms --mdns "
+    "--out /run/cryptsetup-keys.d/data.key": (
+        "no --tcti: the default TPM /dev/tpmrm0, and mDNS on every interface; "
+        "tests/unlock/test_unlock.py runs it with --tcti and --mdns-interface 127.0.0.1"
+    ),
+    "kmsctl unlock fetch --volume data": (
+        "piped into `cryptsetup open /dev/sdb2`: a block device, device-mapper and the "
+        "default TPM; tests/unlock/test_unlock.py feeds cryptsetup through a FIFO instead"
+    ),
+}

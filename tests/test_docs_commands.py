@@ -128,15 +128,11 @@ def test_the_runners_named_exist_and_take_their_blocks_from_the_doc() -> None:
 
 
 def test_the_cannot_run_list_is_short_reasoned_and_current() -> None:
+    """A listed line is one no test runs (a runner of its block leaves it out and checks
+    it is listed); each is still in the docs, with a reason saying what stops it and
+    what runs instead."""
     shown = {c for _, c in COMMANDS}
     stale = [c for c in doccommands.CANNOT_RUN if c not in shown]
     assert stale == [], "listed but no longer in the docs"
     assert all(len(reason) > 20 for reason in doccommands.CANNOT_RUN.values())
-    run = {
-        c
-        for b in doccommands.blocks()
-        if (b.doc, b.heading, b.index) in doccommands.RUN
-        for c in b.commands
-    }
-    assert not run & set(doccommands.CANNOT_RUN), "listed as not runnable, yet run"
     assert len(doccommands.CANNOT_RUN) < len(shown) // 4

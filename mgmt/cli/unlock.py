@@ -237,7 +237,7 @@ def list_cmd(device: str, output: str, data_dir: Path, config_path: Path | None)
         echo_json(found)
         return
     rows = [
-        (s["device"], s["volume"], ",".join(map(str, s["pcrs"])) or "-", s["generation"])
+        (s["device"], s["volume"], ",".join(map(str, s["pcrs"])) or "-", str(s["generation"]))
         for s in found
     ]
     click.echo(table(("DEVICE", "VOLUME", "PCRS", "GENERATION"), rows))

@@ -223,6 +223,10 @@ def test_two_devices_get_only_their_own_secrets(
     assert fetch(tpm_a, out_a).stdout_bytes == secret_a.read_bytes()
     listed = run_json(stack, "unlock", "list")
     assert {(s["device"], s["volume"]) for s in listed} >= {("cab-a", "data"), ("cab-b", "data")}
+    # The table people read (it once failed on the generation, an int: TypeError).
+    text = run(stack, "unlock", "list", "cab-a")
+    assert text.exit_code == 0, text.output
+    assert text.stdout.splitlines()[1].split() == ["cab-a", "data", PCRS, "1"]
 
 
 def test_denied_unknown_and_removed_get_nothing(
