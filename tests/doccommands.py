@@ -8,8 +8,9 @@ what a reader copies.
 
 A command line is a line of a fenced block (```sh, ```bash, ```console, ```text or a bare
 ```) that starts with `kmsctl ` and an option or a command name (the architecture
-pictures start lines with `kmsctl` too); continuation lines are joined, `&&` and `|`
-split a line, a trailing `&` is dropped. A block is named by the doc, the nearest heading
+pictures start lines with `kmsctl` too), or the `kmsctl ...` of `$(kmsctl ...)`;
+continuation lines are joined, `&&` and `|` split a line, a leading `! ` (the command
+must fail) and a trailing `&` are dropped. A block is named by the doc, the nearest heading
 above it (outside fences) and its index among that heading's such blocks.
 """
 
@@ -41,7 +42,9 @@ class Block:
     def commands(self) -> list[str]:
         found = []
         for line in self.text.replace("\\\n", " ").splitlines():
-            for part in re.split(r"&&|\|", line):
+            line = re.sub(r"^\s*!\s+", "", line)  # `! kmsctl ...`: must fail, still a command
+            inner = re.findall(r"\$\((kmsctl [^)]*)\)", line)  # `x=$(kmsctl ...)`
+            for part in [*inner, *re.split(r"&&|\|", line)]:
                 command = part.strip().removesuffix("&").strip()
                 if COMMAND.match(command):
                     found.append(command)
