@@ -91,9 +91,9 @@ def test_the_docs_show_kmsctl_commands() -> None:
 
 @pytest.mark.parametrize(("doc", "line"), COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
 def test_every_kmsctl_command_in_the_docs_parses(doc: str, line: str) -> None:
-    if "..." in line:
-        pytest.skip("elided on purpose (`...`)")
     argv = shlex.split(line, comments=True)
+    if "..." in argv:
+        pytest.skip("elided on purpose (`...`)")
     try:
         _parse(cli, "kmsctl", argv[1:], None)
     except click.UsageError as exc:
