@@ -64,16 +64,12 @@ async def _archived(stack: stackrun.RunningStack) -> dict[str, float]:
     import nats
 
     from edgekms.audit import (
-        EXPECTED_LAST_SEQUENCE,
-        EXPECTED_LAST_SUBJECT_SEQUENCE,
         canonical,
         parse_message,
         split_message,
         writer_stream,
     )
     from edgekms.retention import DEFAULT_SEGMENT_BYTES, encode_line
-
-    header_cut = len(EXPECTED_LAST_SUBJECT_SEQUENCE) - len(EXPECTED_LAST_SEQUENCE)
 
     nc = await nats.connect(stack.nats_url, **stackrun.bus_options(stack.data_dir, "broker"))
     try:
@@ -97,8 +93,6 @@ async def _archived(stack: stackrun.RunningStack) -> dict[str, float]:
                 canonical(long[0]) if split_message(raw) is None else canonical({"batch": long})
             )
             long_extra += len(as_long) - len(raw)
-            if EXPECTED_LAST_SEQUENCE in (msg.headers or {}):
-                long_extra += header_cut
             if lines and size + len(line) > DEFAULT_SEGMENT_BYTES:
                 segments.append(gzip.compress(b"".join(lines), compresslevel=9, mtime=0))
                 lines, size = [], 0

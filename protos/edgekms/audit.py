@@ -40,7 +40,7 @@ previous entry's hash (32 zero bytes for the first). Both travel hex-encoded in 
 entry (formats "1" and "2"; format "3" below). One chain per writer (format "2" and on):
 each writer publishes only on its own subject kms.audit.<writer> (the bus permissions
 allow it no other), chains each entry to the last one on that subject, and publishes
-with a compare-and-set on that entry's sequence (expected_last); on "wrong last
+with Nats-Expected-Last-Subject-Sequence = that entry's sequence; on "wrong last
 sequence" (a replica of the same writer got there first) it re-reads its head and
 retries, a bounded number of times. The server's check is atomic, so no chain forks, and
 another writer's traffic, a flood included, never makes a writer lose a race. Entries of
@@ -67,10 +67,15 @@ entry into the long form above (check_entry), so every consumer (the verifier, T
 the same 32 bytes in every format: a chain runs on from "2" into "3" unbroken. Entries
 of formats "1" and "2" still verify as they always did (tests/audit/test_compact.py).
 The per-message header stays: it is the compare-and-set that keeps replicas of one
-writer from forking its chain, and JetStream stores it with every message. It is the
-shorter stream-wide form now (Nats-Expected-Last-Sequence, 8 bytes less): a writer's
-stream holds its one subject, so the stream's last sequence is the subject's, except
-after a deleted tail, which read_head accounts for (expected_last).
+writer from forking its chain, and JetStream stores it with every message. Its shorter
+stream-wide form (Nats-Expected-Last-Sequence, 8 bytes less) is not the same check and
+is not used: the head is read with a direct get, which on a cluster any replica may
+answer from a copy a few entries behind. Checked against the subject's sequence, such a
+stale head fails the compare-and-set and is read again; checked against the stream's
+last sequence (read from the leader) it could pass with a link to an older entry, a fork
+(seen once in tests/cluster/test_partition.py with writers on all three nodes). After a
+deleted tail, too, the stream's last sequence is past its subject's last message
+(tests/audit/test_writer.py, test_deleted_last_entry_is_named_and_writing_goes_on).
 
 Authentication. The stored subject is set by nats-server from the publishing
 connection's grant, so an entry's `writer` must be the subject's last token; the
@@ -129,7 +134,6 @@ LONG_VERSION = "2"
 GLOBAL_CHAIN_VERSION = "1"
 # JetStream's error code for a failed Nats-Expected-Last-(Subject-)Sequence check.
 WRONG_LAST_SEQUENCE = 10071
-EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 # JetStream's "maximum messages per subject exceeded" / "maximum bytes exceeded".
 STREAM_FULL = 10077
@@ -1060,18 +1064,6 @@ def link_of(raw: bytes) -> bytes:
 # -- writing ----------------------------------------------------------------------------
 
 
-def expected_last(last_seq: int) -> dict[str, str]:
-    """The compare-and-set header of an append after the stream's `last_seq`
-    (AuditWriter.read_head). JetStream stores it with the message, so its length counts
-    in every message: a writer's stream captures its one subject only, so the check on
-    the stream's last sequence is the check on the subject's, in 8 bytes less than the
-    subject form. An empty stream (0) keeps the subject form, whose 0 every supported
-    nats-server reads as "nothing stored yet"."""
-    if last_seq:
-        return {EXPECTED_LAST_SEQUENCE: str(last_seq)}
-    return {EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}
-
-
 @dataclass(frozen=True)
 class Appended:
     """Where an entry was stored: the stream sequence of the message holding it, and its
@@ -1201,26 +1193,19 @@ class AuditWriter:
             )
 
     async def read_head(self) -> tuple[int, bytes]:
-        """(the stream's last sequence, hash to chain to: its last entry's). A writer with
-        no message in its stream yet chains to its last entry in the legacy stream (a
-        data dir from before per-writer streams), else to GENESIS. Only this writer's
-        own subject is in its stream: other writers cannot move this head.
-
-        The sequence is what the next append's compare-and-set expects (expected_last).
-        The stream's last sequence is read BEFORE its last message: if an append lands
-        between the two reads, the message read is newer and its sequence is the one to
-        expect; if the message read is older than the stream's last sequence, the
-        stream's tail was deleted (an older stream without deny_delete) and the stream's
-        sequence is the one to expect, the chain linking to the last entry there is.
-        Either way an append that lands after both reads fails the check, so the link
-        and the expected sequence never disagree."""
-        info = await self.js.stream_info(self.stream)  # no stream at all: NotFoundError
-        last = int(info.state.last_seq or 0)
+        """(sequence of this writer's last message in its stream, hash to chain to).
+        A writer with no message in its stream yet chains to its last entry in the
+        legacy stream (a data dir from before per-writer streams), else to GENESIS.
+        Only this writer's own subject is read: other writers cannot move this head.
+        The sequence goes into the next append's Nats-Expected-Last-Subject-Sequence,
+        so a head read from a replica that is behind fails that append and is read
+        again, never chained to (see "Compact entries" above)."""
         try:
             msg = await self.js.get_msg(self.stream, subject=self.subject, direct=True)
         except nats.js.errors.NotFoundError:
-            return last, await self._legacy_head()
-        return max(last, int(msg.seq or 0)), link_of(msg.data or b"")
+            await self.js.stream_info(self.stream)  # no stream at all is NotFoundError too
+            return 0, await self._legacy_head()
+        return int(msg.seq or 0), link_of(msg.data or b"")
 
     async def _legacy_head(self) -> bytes:
         try:
@@ -1411,7 +1396,7 @@ class AuditWriter:
                     join_message(encoded),
                     timeout=self.timeout,
                     stream=self.stream,
-                    headers=expected_last(last_seq),
+                    headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq)},
                 )
             except nats.js.errors.APIError as exc:
                 self._head = None
