@@ -503,7 +503,7 @@ def up(**params: Any) -> None:
 
         # Every check passed: the data dir remembers its token from here on.
         record_token(options.data_dir, token)
-        _run_up(options, token)
+        _run_up(options, token, lock.fd)
     finally:
         lock.release()
 
@@ -678,7 +678,7 @@ def _take_over_and_check(options: UpOptions, lock: stacklock.StackLock) -> None:
         _refuse(exc)
 
 
-def _run_up(up_options: UpOptions, token: ExternalToken | None = None) -> None:
+def _run_up(up_options: UpOptions, token: ExternalToken | None = None, lock_fd: int = -1) -> None:
     from mgmt.stack import StackError, run_stack
 
     cluster = None
@@ -763,8 +763,24 @@ def _run_up(up_options: UpOptions, token: ExternalToken | None = None) -> None:
             err=True,
         )
 
+    def become_watcher(handover: dict[str, Any]) -> None:
+        """Once the stack is up, this process becomes the lean watcher (mgmt.upwatch,
+        standard library only): same pid, the data dir's lock handed on, our pointer
+        withdrawn by it when it stops. Not with --mdns: the announcement lives in this
+        process (zeroconf)."""
+        from mgmt.upwatch import exec_watcher
+
+        handover = {
+            **handover,
+            "pointers": [str(p) for p in pointer],
+            "log_level": up_options.log_level.lower(),
+            "log_format": up_options.log_format,
+        }
+        exec_watcher(handover, lock_fd)
+
+    lean = mdns_interfaces is None and lock_fd >= 0
     try:
-        asyncio.run(run_stack(options, ready))
+        asyncio.run(run_stack(options, ready, become_watcher if lean else None))
     except StackError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)
