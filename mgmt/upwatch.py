@@ -36,11 +36,9 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +69,25 @@ class WatchError(RuntimeError):
     """The stack failed for good: stopped, and `kmsctl up` exits 8 with this reason."""
 
 
-@dataclass
 class Proc:
-    """One process the watcher owns: what it runs, where its output goes, its pid."""
+    """One process the watcher owns: what it runs, where its output goes, its pid. A
+    plain class: dataclasses would cost this process ~1.5 MB (inspect, ast)."""
 
-    name: str
-    argv: list[str]
-    log: str
-    pid: int
-    env: dict[str, str] | None = None
-    restarts: list[float] = field(default_factory=list)
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: str,
+        pid: int,
+        env: dict[str, str] | None = None,
+        restarts: list[float] | None = None,
+    ):
+        self.name = name
+        self.argv = argv
+        self.log = log
+        self.pid = pid
+        self.env = env
+        self.restarts = list(restarts or [])
 
     def last_log_line(self) -> str:
         try:
@@ -243,6 +250,8 @@ class Watcher:
         """nats-server again from its config file as last reloaded: without the setup
         and ceremony grants, which the supervisor withdrew before it handed over (the
         streams it hardened are in the store; nothing is granted again)."""
+        import socket  # only on a restart: the watcher's steady state stays small
+
         self.nats.pid = self._spawn(self.nats)
         host, port = self.nats_address
         deadline = time.monotonic() + RESTART_READY_S
@@ -283,6 +292,8 @@ class Watcher:
 
     def _swtpm_listens(self) -> bool:
         if self.swtpm_ctrl_port is not None:
+            import socket
+
             try:
                 with socket.create_connection(("127.0.0.1", self.swtpm_ctrl_port), timeout=0.5):
                     return True

@@ -183,6 +183,11 @@ def test_restarts_children_and_nats_then_stops_all_in_reverse_order(tmp_path: Pa
         while run.log("broker").count("broker up") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert f"broker up {restarted['children']['broker']}" in run.log("broker")
+        # A restarted child holds none of the watcher's descriptors (the data dir's lock
+        # above all: a child holding it would keep the data dir locked after us).
+        fd_dir = Path(f"/proc/{restarted['children']['broker']}/fd")
+        held = {fd: os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+        assert sorted(held) == ["0", "1", "2"], held
         run.process.send_signal(signal.SIGTERM)
         assert run.wait_exit() == 0, run.out.read_text()
     finally:
