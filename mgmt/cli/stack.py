@@ -439,6 +439,9 @@ def up(**params: Any) -> None:
       kms-broker      gRPC with mutual TLS on --broker-listen, and device
                       enrollment (server-only TLS) on --enroll-listen
     With --embedded the broker and the CA service share one process.
+    Once every part is ready, `kmsctl up` goes on as a small watcher in the same process
+    (ps shows `python -m mgmt.upwatch`, same pid) that restarts what dies and stops
+    everything on Ctrl-C; with --join, --leaf-listen or --mdns it stays as it is.
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
     key is generated inside the token, the broker's certificate and an admin client
     certificate, with a client config that every later command uses.
