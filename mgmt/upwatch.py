@@ -198,8 +198,9 @@ class Watcher:
 
     def run(self) -> None:
         """Until a stop signal (returns) or a failure for good (WatchError)."""
+        # state.json is as the supervisor last wrote it (the handover's "state" is the
+        # same): rewritten only when a pid changes, so a hand-over touches no file.
         ticks = 0
-        self.write_state(True)
         while not self.wait(TICK_S):
             ticks += 1
             if ticks % 4 == 0:

@@ -61,8 +61,13 @@ lock = os.open(spec["lock"], os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.write(lock, str(os.getpid()).encode())
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+state = {"ready": True, "data_dir": spec["dir"], "pid": os.getpid(),
+         "children": {c["name"]: c["pid"] for c in children}, "nats_pid": nats["pid"],
+         "swtpm_pid": None}
+with open(spec["state"], "w") as f:
+    json.dump(state, f, indent=2)
 exec_watcher({
-    "state": {"ready": True, "data_dir": spec["dir"]},
+    "state": state,
     "state_file": spec["state"], "logs_dir": spec["logs"],
     "log_max_bytes": 1 << 20, "log_backups": 1,
     "children": children,
@@ -167,8 +172,15 @@ def test_restarts_children_and_nats_then_stops_all_in_reverse_order(tmp_path: Pa
     try:
         first = run.wait_state(lambda s: "broker" in s.get("children", {}))
         assert first["pid"] == run.process.pid and first["ready"] is True
+        written = run.state_file.stat().st_mtime_ns
+        deadline = time.monotonic() + 30 * SLOWDOWN
+        while "lean watcher took over" not in run.out.read_text():
+            assert time.monotonic() < deadline, run.out.read_text()
+            time.sleep(0.05)
         cmdline = Path(f"/proc/{run.process.pid}/cmdline").read_bytes().split(b"\0")
         assert b"mgmt.upwatch" in cmdline  # the same pid, now the watcher
+        # The hand-over rewrites nothing (a second `up` checks that nothing changed).
+        assert run.state_file.stat().st_mtime_ns == written
         os.kill(first["children"]["broker"], signal.SIGKILL)
         os.kill(first["nats_pid"], signal.SIGKILL)
         restarted = run.wait_state(
