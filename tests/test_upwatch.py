@@ -7,14 +7,18 @@ tests/e2e/test_embedded_stack.py and tests/e2e/test_stack_lock.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mgmt.cli.common import ExitCode
 from mgmt.natsserver import free_port
@@ -99,7 +103,8 @@ class Run:
             "children": [
                 {
                     "name": name,
-                    "argv": [sys.executable, "-c", SERVICE, name, str(code), str(life)],
+                    # The last argument (ignored) marks the process as this test's.
+                    "argv": [sys.executable, "-c", SERVICE, name, str(code), str(life), str(tmp)],
                     "log": str(self.logs / f"{name}.log"),
                     **extra.get(name, {}),
                 }
@@ -107,7 +112,7 @@ class Run:
             ],
             "nats": {
                 "name": "nats",
-                "argv": [sys.executable, "-c", NATS, str(port)],
+                "argv": [sys.executable, "-c", NATS, str(port), str(tmp)],
                 "log": str(self.logs / "nats.log"),
             },
         }
@@ -144,8 +149,36 @@ class Run:
                 self.process.kill()
                 self.process.wait()
 
+    def cleanup(self) -> None:
+        """Whatever the outcome: the watcher killed, and every process it or the driver
+        started (their command lines name this test's directory)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        marker = str(self.tmp).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in argv and int(entry.name) != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()
+
+
+@pytest.fixture
+def runs() -> Iterator[list[Run]]:
+    """The test's driven watchers, each cleaned up after the test, pass or fail (a
+    failed assertion must leave no watcher or child running on the machine)."""
+    started: list[Run] = []
+    yield started
+    for run in started:
+        run.cleanup()
 
 
 def _alive(pid: int) -> bool:
@@ -167,44 +200,43 @@ def _blocks_sigterm(pid: int) -> bool:
     return False
 
 
-def test_restarts_children_and_nats_then_stops_all_in_reverse_order(tmp_path: Path) -> None:
+def test_restarts_children_and_nats_then_stops_all_in_reverse_order(
+    tmp_path: Path, runs: list[Run]
+) -> None:
     run = Run(tmp_path, [("crypto-hsm0", 0, -1), ("broker", 0, -1)])
-    try:
-        first = run.wait_state(lambda s: "broker" in s.get("children", {}))
-        assert first["pid"] == run.process.pid and first["ready"] is True
-        written = run.state_file.stat().st_mtime_ns
-        deadline = time.monotonic() + 30 * SLOWDOWN
-        while "lean watcher took over" not in run.out.read_text():
-            assert time.monotonic() < deadline, run.out.read_text()
-            time.sleep(0.05)
-        cmdline = Path(f"/proc/{run.process.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"mgmt.upwatch" in cmdline  # the same pid, now the watcher
-        # The hand-over rewrites nothing (a second `up` checks that nothing changed).
-        assert run.state_file.stat().st_mtime_ns == written
-        os.kill(first["children"]["broker"], signal.SIGKILL)
-        os.kill(first["nats_pid"], signal.SIGKILL)
-        restarted = run.wait_state(
-            lambda s: (
-                s["children"]["broker"] != first["children"]["broker"]
-                and s["nats_pid"] != first["nats_pid"]
-            )
+    runs.append(run)
+    first = run.wait_state(lambda s: "broker" in s.get("children", {}))
+    assert first["pid"] == run.process.pid and first["ready"] is True
+    written = run.state_file.stat().st_mtime_ns
+    deadline = time.monotonic() + 30 * SLOWDOWN
+    while "lean watcher took over" not in run.out.read_text():
+        assert time.monotonic() < deadline, run.out.read_text()
+        time.sleep(0.05)
+    cmdline = Path(f"/proc/{run.process.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"mgmt.upwatch" in cmdline  # the same pid, now the watcher
+    # The hand-over rewrites nothing (a second `up` checks that nothing changed).
+    assert run.state_file.stat().st_mtime_ns == written
+    os.kill(first["children"]["broker"], signal.SIGKILL)
+    os.kill(first["nats_pid"], signal.SIGKILL)
+    restarted = run.wait_state(
+        lambda s: (
+            s["children"]["broker"] != first["children"]["broker"]
+            and s["nats_pid"] != first["nats_pid"]
         )
-        assert restarted["children"]["crypto-hsm0"] == first["children"]["crypto-hsm0"]
-        assert _alive(restarted["children"]["broker"]) and _alive(restarted["nats_pid"])
-        deadline = time.monotonic() + 30 * SLOWDOWN
-        while run.log("broker").count("broker up") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert f"broker up {restarted['children']['broker']}" in run.log("broker")
-        # A restarted child holds none of the watcher's descriptors (the data dir's lock
-        # above all: a child holding it would keep the data dir locked after us).
-        fd_dir = Path(f"/proc/{restarted['children']['broker']}/fd")
-        held = {fd: os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
-        assert sorted(held) == ["0", "1", "2"], held
-        run.process.send_signal(signal.SIGTERM)
-        assert run.wait_exit() == 0, run.out.read_text()
-    finally:
-        if run.process.poll() is None:
-            run.process.kill()
+    )
+    assert restarted["children"]["crypto-hsm0"] == first["children"]["crypto-hsm0"]
+    assert _alive(restarted["children"]["broker"]) and _alive(restarted["nats_pid"])
+    deadline = time.monotonic() + 30 * SLOWDOWN
+    while run.log("broker").count("broker up") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"broker up {restarted['children']['broker']}" in run.log("broker")
+    # A restarted child holds none of the watcher's descriptors (the data dir's lock
+    # above all: a child holding it would keep the data dir locked after us).
+    fd_dir = Path(f"/proc/{restarted['children']['broker']}/fd")
+    held = {fd: os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+    assert sorted(held) == ["0", "1", "2"], held
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait_exit() == 0, run.out.read_text()
     out = run.out.read_text()
     assert out.rstrip().endswith("EdgeKMS stopped."), out
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -225,8 +257,9 @@ def test_restarts_children_and_nats_then_stops_all_in_reverse_order(tmp_path: Pa
     assert run.lock.read_text() == ""  # the lock file's pid cleared, the flock gone
 
 
-def test_a_fatal_exit_code_stops_the_stack_with_its_reason(tmp_path: Path) -> None:
+def test_a_fatal_exit_code_stops_the_stack_with_its_reason(tmp_path: Path, runs: list[Run]) -> None:
     run = Run(tmp_path, [("crypto-hsm0", 0, -1), ("broker", 3, 1.0)])
+    runs.append(run)
     code = run.wait_exit()
     out = run.out.read_text()
     assert code == EXIT_UNAVAILABLE == ExitCode.UNAVAILABLE, out
@@ -238,7 +271,7 @@ def test_a_fatal_exit_code_stops_the_stack_with_its_reason(tmp_path: Path) -> No
     assert "crypto-hsm0 got SIGTERM" in run.log("crypto-hsm0")
 
 
-def test_a_child_dying_too_often_stops_the_stack(tmp_path: Path) -> None:
+def test_a_child_dying_too_often_stops_the_stack(tmp_path: Path, runs: list[Run]) -> None:
     # The restarts of the last minute travel in the handover, as from the supervisor.
     recent = [time.monotonic() - 1.0] * MAX_RESTARTS
     run = Run(
@@ -246,6 +279,7 @@ def test_a_child_dying_too_often_stops_the_stack(tmp_path: Path) -> None:
         [("crypto-hsm0", 1, 0.5), ("broker", 0, -1)],
         **{"crypto-hsm0": {"restarts": recent}},
     )
+    runs.append(run)
     code = run.wait_exit()
     out = run.out.read_text()
     assert code == EXIT_UNAVAILABLE, out
@@ -253,21 +287,18 @@ def test_a_child_dying_too_often_stops_the_stack(tmp_path: Path) -> None:
     assert not _alive(run.state()["children"]["broker"])
 
 
-def test_a_signal_sent_during_the_hand_over_is_not_lost(tmp_path: Path) -> None:
+def test_a_signal_sent_during_the_hand_over_is_not_lost(tmp_path: Path, runs: list[Run]) -> None:
     """SIGTERM before the watcher runs its loop (blocked across the exec): it stops."""
     run = Run(tmp_path, [("broker", 0, -1)])
-    try:
-        # As soon as the driver blocks SIGTERM, just before its exec: the signal lands
-        # in the driver, in the exec, or in the watcher before its loop.
-        deadline = time.monotonic() + 30 * SLOWDOWN
-        while not _blocks_sigterm(run.process.pid) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert _blocks_sigterm(run.process.pid)
-        run.process.send_signal(signal.SIGTERM)
-        assert run.wait_exit() == 0, run.out.read_text()
-    finally:
-        if run.process.poll() is None:
-            run.process.kill()
+    runs.append(run)
+    # As soon as the driver blocks SIGTERM, just before its exec: the signal lands
+    # in the driver, in the exec, or in the watcher before its loop.
+    deadline = time.monotonic() + 30 * SLOWDOWN
+    while not _blocks_sigterm(run.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert _blocks_sigterm(run.process.pid)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait_exit() == 0, run.out.read_text()
     assert "EdgeKMS stopped." in run.out.read_text()
     assert not _alive(run.state()["children"]["broker"])
 
