@@ -18,16 +18,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 5
 
 
-@dataclass(frozen=True)
-class Rotated:
+class Rotated(NamedTuple):
+    """One log rotated. A NamedTuple, not a dataclass: the lean watcher of `kmsctl up`
+    (mgmt.upwatch) imports this module, and dataclasses costs it ~1.5 MB."""
+
     path: Path
     size: int
     # False when the copy was given up (no space): the old lines are gone.
@@ -54,6 +55,8 @@ def rotate_if_big(path: Path, max_bytes: int, backups: int) -> Rotated | None:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(_backup(path, n), _backup(path, n + 1))
         partial = path.with_name(f"{path.name}.1.partial")
+        import shutil  # only when a log is rotated: the lean watcher stays small
+
         try:
             shutil.copyfile(path, partial)
             os.replace(partial, _backup(path, 1))

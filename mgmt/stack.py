@@ -87,6 +87,12 @@ from mgmt.uplink import (
     leaf_tls,
     list_devices,
 )
+from mgmt.upwatch import (
+    FATAL_EXIT_CODES,
+    MAX_RESTARTS,
+    RESTART_WINDOW,
+    STOP_SIGNALS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +100,6 @@ log = logging.getLogger(__name__)
 # info in the supervisor's loop (Stack._peer_fleet_changed).
 PEER_FLEET_TIMEOUT_S = 3.0
 
-# Exit codes of kms-crypto / kms-broker that no restart can fix.
-FATAL_EXIT_CODES = {2: "bad configuration", 3: "token refused (PIN or token missing)"}
-MAX_RESTARTS = 5
-RESTART_WINDOW = 60.0
 # How long the broker may take to listen (it reads and verifies every record first).
 BROKER_READY_S = 600.0
 # How long a cluster node waits for its peers: for JetStream's quorum before it sets up
@@ -1111,7 +1113,11 @@ class Stack:
         )
 
     def _write_state(self, ready: bool) -> None:
-        state = {
+        write_public(self.layout.state_file, json.dumps(self._state(ready), indent=2).encode())
+
+    def _state(self, ready: bool) -> dict[str, Any]:
+        """What run/state.json says (mgmt.stackstate reads it; so does `kmsctl status`)."""
+        return {
             "ready": ready,
             "nats_url": self.nats_url,
             "broker": self.options.broker_listen,
@@ -1146,7 +1152,6 @@ class Stack:
             "embedded": {"broker": ["ca"]} if self.options.embedded else {},
             **self._fleet_state(),
         }
-        write_public(self.layout.state_file, json.dumps(state, indent=2).encode())
 
     async def start(self) -> None:
         self._prepare_dirs()
@@ -1418,6 +1423,98 @@ class Stack:
                 child.spawn()
                 self._write_state(True)
 
+    def lean_watch_refusal(self) -> str:
+        """Why this supervisor must keep watching the stack itself ("": it may hand over
+        to the lean watcher, mgmt.upwatch). Its loop has bus work for the stack's life
+        on a cluster node (the PKI it answers for, the fleet registry it follows) and on
+        a fleet hub (nats-server reloaded with each device added); a lean watcher
+        without nats-py cannot do that."""
+        if self.options.cluster is not None:
+            return "a cluster node serves its PKI and follows the fleet registry on the bus"
+        if self.options.leaf_listen:
+            return "a fleet hub reloads nats-server with the devices added while it runs"
+        return ""
+
+    def handover(self) -> dict[str, Any]:
+        """Everything mgmt.upwatch needs to watch this started stack: each child's pid,
+        argv, environment, log and recent restarts (in start order), nats-server's and
+        swtpm's, the state file's content, and the log rotation limits."""
+        from mgmt.natsserver import find_binary
+
+        assert self.nats is not None and self.nats.process is not None
+        children = []
+        for child in self.children:
+            assert child.process is not None
+            children.append(
+                {
+                    "name": child.name,
+                    "argv": child.argv,
+                    "env": child.env,
+                    "log": str(child.log_path),
+                    "pid": child.process.pid,
+                    "restarts": child.restarts,
+                }
+            )
+        nats = {
+            "proc": {
+                "name": "nats",
+                "argv": [find_binary(), "-c", str(self.nats.conf_path)],
+                "log": str(self.nats.log_path),
+                "pid": self.nats.process.pid,
+            },
+            "host": self.nats.config.host,
+            "port": self.nats.config.port,
+        }
+        swtpm: dict[str, Any] | None = None
+        if self.swtpm is not None and self.swtpm.process is not None:
+            config = self.swtpm.config
+            swtpm = {
+                "proc": {
+                    "name": "swtpm",
+                    "argv": config.argv(),
+                    "log": str(self.swtpm.log_path),
+                    "pid": self.swtpm.process.pid,
+                },
+                "sockets": (
+                    [str(config.socket_path), str(config.ctrl_path)] if config.port is None else []
+                ),
+                "ctrl_port": config.ctrl_port if config.port is not None else None,
+                "lock_tcti": config.tcti if config.lock_platform else "",
+            }
+        return {
+            "state": self._state(True),
+            "state_file": str(self.layout.state_file),
+            "logs_dir": str(self.layout.logs),
+            "log_max_bytes": self.options.log_max_bytes,
+            "log_backups": self.options.log_backups,
+            "children": children,
+            "nats": nats,
+            "swtpm": swtpm,
+        }
+
+    async def hand_over(self, become: Callable[[dict[str, Any]], None]) -> None:
+        """Become the lean watcher (`become` exec's it and does not return), unless a
+        stop was asked for meanwhile: then return, and the caller stops the stack.
+
+        SIGINT/SIGTERM are blocked first and stay blocked through the exec (the watcher
+        takes them with sigtimedwait), and the thread pool is shut down, so that a
+        signal can neither reach a thread that would swallow it nor kill the process
+        between the two halves. One that came before is seen here (the loop's
+        handlers run during the yields) and stops the stack as before."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        await asyncio.get_running_loop().shutdown_default_executor()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self._stopping.is_set():
+            return
+        log.info("handing over to the lean watcher", extra=fields(pid=os.getpid()))
+        try:
+            become(self.handover())
+        except OSError as exc:
+            # The thread pool is gone: this process cannot supervise as before.
+            raise StackError(f"the lean watcher could not be started: {exc}") from None
+        raise StackError("the lean watcher returned")  # `become` must not return
+
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -1467,7 +1564,13 @@ def _script(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-async def run_stack(options: StackOptions, on_ready: Callable[[Stack], None]) -> None:
+async def run_stack(
+    options: StackOptions,
+    on_ready: Callable[[Stack], None],
+    become_watcher: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Start the stack, then watch it: here, or (given `become_watcher`, and unless
+    Stack.lean_watch_refusal) in the lean watcher this process becomes (mgmt.upwatch)."""
     stack = Stack(options)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1475,6 +1578,8 @@ async def run_stack(options: StackOptions, on_ready: Callable[[Stack], None]) ->
     try:
         await stack.start()
         on_ready(stack)
+        if become_watcher is not None and not stack.lean_watch_refusal():
+            await stack.hand_over(become_watcher)
         await stack.supervise()
     finally:
         await stack.close_cluster()

@@ -25,6 +25,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -198,11 +199,7 @@ class Swtpm:
 
     def lock_platform(self) -> None:
         """Disable the platform hierarchy until swtpm's next start, as firmware does."""
-        from tpm2_pytss import ESAPI
-        from tpm2_pytss.constants import ESYS_TR
-
-        with ESAPI(self.tcti) as esys:
-            esys.hierarchy_control(ESYS_TR.PLATFORM, ESYS_TR.PLATFORM, False)
+        lock_platform(self.tcti)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -219,3 +216,31 @@ class Swtpm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def lock_platform(tcti: str) -> None:
+    """Disable the TPM's platform hierarchy until its next start, as firmware does."""
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import ESYS_TR
+
+    with ESAPI(tcti) as esys:
+        esys.hierarchy_control(ESYS_TR.PLATFORM, ESYS_TR.PLATFORM, False)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m mgmt.swtpm lock-platform TCTI`: the lean watcher of `kmsctl up`
+    (mgmt.upwatch) locks a restarted swtpm this way, so that the TPM bindings load in
+    this short-lived process and never in the watcher."""
+    if len(argv) != 2 or argv[0] != "lock-platform":
+        print("usage: python -m mgmt.swtpm lock-platform TCTI", file=sys.stderr)
+        return 2
+    try:
+        lock_platform(argv[1])
+    except Exception as exc:  # any failure: the watcher ends swtpm and stops the stack
+        print(f"swtpm lock-platform failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -97,3 +97,15 @@ def test_ca_serve_loads_neither_grpc_nor_aiohttp() -> None:
     # A service of its own: nothing of kmsctl's package, nor another service's.
     assert not loaded & {"grpc", "aiohttp", "broker", "crypto_service", "mgmt", "click", "uvloop"}
     assert "importlib.metadata" not in modules and "mgmt.cli" not in modules
+
+
+def test_up_watcher_loads_the_standard_library_only() -> None:
+    """What stays of `kmsctl up` once the stack is up (mgmt.upwatch, issue 19: the
+    supervisor <= 45 MB RSS): the standard library, edgekms.logs and mgmt.logrotate;
+    no nats-py, cryptography, click, protobuf or grpc."""
+    loaded = loaded_after("import mgmt.upwatch")
+    ours = {m for m in loaded if m.partition(".")[0] in ("mgmt", "edgekms")}
+    assert ours == {"mgmt", "mgmt.upwatch", "mgmt.logrotate", "edgekms", "edgekms.logs"}
+    others = packages(loaded) - {"mgmt", "edgekms"} - set(sys.stdlib_module_names)
+    # The interpreter's own (__main__) and the editable install's import hooks.
+    assert {p for p in others if not p.startswith("_")} == set(), others

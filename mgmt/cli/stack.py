@@ -439,6 +439,9 @@ def up(**params: Any) -> None:
       kms-broker      gRPC with mutual TLS on --broker-listen, and device
                       enrollment (server-only TLS) on --enroll-listen
     With --embedded the broker and the CA service share one process.
+    Once every part is ready, `kmsctl up` goes on as a small watcher in the same process
+    (ps shows `python -m mgmt.upwatch`, same pid) that restarts what dies and stops
+    everything on Ctrl-C; with --join, --leaf-listen or --mdns it stays as it is.
     The first start runs the bootstrap ceremony (`kmsctl init`): an internal CA whose
     key is generated inside the token, the broker's certificate and an admin client
     certificate, with a client config that every later command uses.
@@ -503,7 +506,7 @@ def up(**params: Any) -> None:
 
         # Every check passed: the data dir remembers its token from here on.
         record_token(options.data_dir, token)
-        _run_up(options, token)
+        _run_up(options, token, lock.fd)
     finally:
         lock.release()
 
@@ -678,7 +681,7 @@ def _take_over_and_check(options: UpOptions, lock: stacklock.StackLock) -> None:
         _refuse(exc)
 
 
-def _run_up(up_options: UpOptions, token: ExternalToken | None = None) -> None:
+def _run_up(up_options: UpOptions, token: ExternalToken | None = None, lock_fd: int = -1) -> None:
     from mgmt.stack import StackError, run_stack
 
     cluster = None
@@ -763,8 +766,24 @@ def _run_up(up_options: UpOptions, token: ExternalToken | None = None) -> None:
             err=True,
         )
 
+    def become_watcher(handover: dict[str, Any]) -> None:
+        """Once the stack is up, this process becomes the lean watcher (mgmt.upwatch,
+        standard library only): same pid, the data dir's lock handed on, our pointer
+        withdrawn by it when it stops. Not with --mdns: the announcement lives in this
+        process (zeroconf)."""
+        from mgmt.upwatch import exec_watcher
+
+        handover = {
+            **handover,
+            "pointers": [str(p) for p in pointer],
+            "log_level": up_options.log_level.lower(),
+            "log_format": up_options.log_format,
+        }
+        exec_watcher(handover, lock_fd)
+
+    lean = mdns_interfaces is None and lock_fd >= 0
     try:
-        asyncio.run(run_stack(options, ready))
+        asyncio.run(run_stack(options, ready, become_watcher if lean else None))
     except StackError as exc:
         click.echo(f"kmsctl: {exc}", err=True)
         sys.exit(ExitCode.UNAVAILABLE)

@@ -142,6 +142,19 @@ def test_a_killed_embedded_process_is_restarted_with_both_services(stack: KmsSta
     assert "ca" not in _children(stack)
 
 
+def test_once_up_the_supervisor_is_the_lean_watcher(stack: KmsStack) -> None:
+    """Issue 19: `kmsctl up`'s process, its pid unchanged, is mgmt.upwatch once the
+    stack is ready, and has loaded no extension module from site-packages (no
+    cryptography, protobuf, grpc, pkcs11): only the standard library's."""
+    deadline = time.monotonic() + 60 * SLOWDOWN
+    while "mgmt.upwatch" not in _cmdline(stack.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "mgmt.upwatch" in _cmdline(stack.process.pid)
+    assert _state(stack)["pid"] == stack.process.pid
+    assert "site-packages" not in _maps(stack.process.pid)
+    assert "lean watcher took over" in stack.log_path.read_text()
+
+
 def test_bad_arguments_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--broker-config", "b.toml"]) == EXIT_USAGE
     assert "--ca-config is required" in capsys.readouterr().err

@@ -141,3 +141,49 @@ def test_save_ak_to_a_null_device_leaves_the_device(tpm_stack: KmsStack, tmp_pat
     assert done.returncode == 0, done.stderr
     st = os.lstat(dev)
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
+def test_a_killed_swtpm_is_restarted_by_the_watcher_and_locked_again(
+    tpm_stack: KmsStack,
+) -> None:
+    """Last in this module (it restarts the TPM under tpm0). Once the stack is up, the
+    lean watcher (mgmt.upwatch) restarts swtpm on its 0600 sockets and has its platform
+    hierarchy locked again, as firmware would, before it records the new pid."""
+    import json
+    import os
+    import signal
+    import stat
+    import time
+
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import ESYS_TR
+
+    from tests.conftest import SLOWDOWN
+
+    state_file = tpm_stack.data_dir / "run" / "state.json"
+    before = json.loads(state_file.read_text())["swtpm_pid"]
+    os.kill(before, signal.SIGKILL)
+    deadline = time.monotonic() + 60 * SLOWDOWN
+    after = before
+    while after == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = json.loads(state_file.read_text())["swtpm_pid"]
+    assert after != before, tpm_stack.log_path.read_text()[-2000:]
+    assert "swtpm exited; restarting" in tpm_stack.log_path.read_text()
+    sock = tpm_stack.data_dir / "swtpm" / "swtpm.sock"
+    for path in (sock, Path(f"{sock}.ctrl")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    # Disabling the platform hierarchy again must fail: it is off already.
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with ESAPI(f"swtpm:path={sock}") as esys:
+                esys.hierarchy_control(ESYS_TR.PLATFORM, ESYS_TR.PLATFORM, False)
+        except Exception as exc:  # TSS2_Exception: refused, or the slot busy (retried)
+            last = exc
+            if "hierarchy" in str(exc):
+                break
+            time.sleep(0.2)
+            continue
+        raise AssertionError("the restarted swtpm's platform hierarchy was enabled")
+    assert last is not None and "hierarchy" in str(last), last
