@@ -95,6 +95,56 @@ def fingerprint_of(out: Path) -> tuple[str, str]:
     return saved["enrollment"], saved["fingerprint"]
 
 
+class Released:
+    """An attested device with a secret and a LUKS image, its Unlock request answered
+    (quote over a fresh challenge) but not yet sent: what the mid-release crash tests
+    send while they stop and kill parts of the stack."""
+
+    def __init__(
+        self,
+        stack: KmsStack,
+        device_tpm: DeviceFactory,
+        luks_volume: LuksFactory,
+        tmp_path: Path,
+        name: str,
+    ) -> None:
+        self.tpm = device_tpm()
+        self.out = attested(stack, self.tpm, tmp_path, name)
+        self.image = luks_volume(add_secret(stack, self.tpm, name, tmp_path))
+        self.server, self.fingerprint = fingerprint_of(self.out)
+        self.children = {
+            k: int(v)
+            for k, v in dict(stack.state()["children"]).items()  # type: ignore[call-overload]
+        }
+        with enrollment_stub(self.server, self.fingerprint) as stub:
+            challenge = call(
+                stub.BeginUnlock, enroll_pb2.BeginUnlockRequest(device=name, volume="data")
+            )
+        with DeviceTpm(self.tpm.tcti) as device:
+            quote, signature = device.quote(list(challenge.pcrs), challenge.nonce)
+        self.request = enroll_pb2.UnlockRequest(
+            challenge_id=challenge.challenge_id,
+            device=name,
+            volume="data",
+            quote=quote,
+            signature=signature,
+        )
+        self.outcome: list[object] = []
+
+    def send(self) -> None:
+        """Send the Unlock once (run in a thread), keeping its answer or error."""
+        try:
+            with enrollment_stub(self.server, self.fingerprint) as stub:
+                self.outcome.append(call(stub.Unlock, self.request))
+        except BaseException as exc:
+            self.outcome.append(exc)
+
+    def resend(self) -> None:
+        """Send the same Unlock again, in this thread: its answer or its error."""
+        with enrollment_stub(self.server, self.fingerprint) as stub:
+            call(stub.Unlock, self.request)
+
+
 def test_the_released_secret_opens_the_volume_and_a_changed_pcr_7_gets_nothing(
     stack: KmsStack,
     unlock_key: str,
@@ -334,39 +384,14 @@ def test_a_broker_killed_mid_release_releases_nothing_and_the_retry_unlocks(
 
     from tests.conftest import SLOWDOWN
 
-    tpm = device_tpm()
-    out = attested(stack, tpm, tmp_path, "crashy-1")
-    secret = add_secret(stack, tpm, "crashy-1", tmp_path)
-    image = luks_volume(secret)
-    server, fingerprint = fingerprint_of(out)
-    children = dict(stack.state()["children"])  # type: ignore[call-overload]
-    crypto_pid, broker_pid = int(children["crypto-hsm0"]), int(children["broker"])
-    with enrollment_stub(server, fingerprint) as stub:
-        challenge = call(
-            stub.BeginUnlock, enroll_pb2.BeginUnlockRequest(device="crashy-1", volume="data")
-        )
-    with DeviceTpm(tpm.tcti) as device:
-        quote, signature = device.quote(list(challenge.pcrs), challenge.nonce)
-    request = enroll_pb2.UnlockRequest(
-        challenge_id=challenge.challenge_id,
-        device="crashy-1",
-        volume="data",
-        quote=quote,
-        signature=signature,
-    )
-    outcome: list[object] = []
-
-    def attempt() -> None:
-        try:
-            with enrollment_stub(server, fingerprint) as stub:
-                outcome.append(call(stub.Unlock, request))
-        except BaseException as exc:
-            outcome.append(exc)
+    released = Released(stack, device_tpm, luks_volume, tmp_path, "crashy-1")
+    crypto_pid, broker_pid = released.children["crypto-hsm0"], released.children["broker"]
+    outcome = released.outcome
 
     # The Decrypt hangs (crypto service stopped), so the broker is caught mid-release
     # (or before it): then it is killed. Whichever, nothing may come out of it.
     os.kill(crypto_pid, signal.SIGSTOP)
-    thread = threading.Thread(target=attempt)
+    thread = threading.Thread(target=released.send)
     try:
         thread.start()
         thread.join(2.0)
@@ -379,8 +404,7 @@ def test_a_broker_killed_mid_release_releases_nothing_and_the_retry_unlocks(
     deadline = time.monotonic() + 120 * SLOWDOWN
     while True:
         try:
-            with enrollment_stub(server, fingerprint) as stub:
-                call(stub.Unlock, request)
+            released.resend()
             pytest.fail("a challenge outlived its broker")
         except errors.FailedPrecondition as err:
             assert err.reason == "attest.challenge_unknown"
@@ -388,9 +412,9 @@ def test_a_broker_killed_mid_release_releases_nothing_and_the_retry_unlocks(
         except (errors.Unavailable, errors.DeadlineExceeded):
             assert time.monotonic() < deadline, "the broker did not come back"
             time.sleep(0.5)
-    got = fetch(tpm, out)
+    got = fetch(released.tpm, released.out)
     assert got.exit_code == 0, got.output
-    assert opens(image, got.stdout_bytes)
+    assert opens(released.image, got.stdout_bytes)
 
 
 def test_the_pcr_values_recorded_at_enrollment_make_the_policy(
@@ -543,39 +567,14 @@ def test_a_crypto_service_killed_mid_release_releases_nothing_and_the_retry_unlo
 
     from tests.conftest import SLOWDOWN
 
-    tpm = device_tpm()
-    out = attested(stack, tpm, tmp_path, "crashy-2")
-    secret = add_secret(stack, tpm, "crashy-2", tmp_path)
-    image = luks_volume(secret)
-    server, fingerprint = fingerprint_of(out)
-    children = dict(stack.state()["children"])  # type: ignore[call-overload]
-    crypto_pid = int(children["crypto-hsm0"])
-    with enrollment_stub(server, fingerprint) as stub:
-        challenge = call(
-            stub.BeginUnlock, enroll_pb2.BeginUnlockRequest(device="crashy-2", volume="data")
-        )
-    with DeviceTpm(tpm.tcti) as device:
-        quote, signature = device.quote(list(challenge.pcrs), challenge.nonce)
-    request = enroll_pb2.UnlockRequest(
-        challenge_id=challenge.challenge_id,
-        device="crashy-2",
-        volume="data",
-        quote=quote,
-        signature=signature,
-    )
-    outcome: list[object] = []
-
-    def attempt() -> None:
-        try:
-            with enrollment_stub(server, fingerprint) as stub:
-                outcome.append(call(stub.Unlock, request))
-        except BaseException as exc:
-            outcome.append(exc)
+    released = Released(stack, device_tpm, luks_volume, tmp_path, "crashy-2")
+    crypto_pid = released.children["crypto-hsm0"]
+    outcome = released.outcome
 
     # Whether the Decrypt reached the stopped service before the kill or not, nothing
     # may come back but an error.
     os.kill(crypto_pid, signal.SIGSTOP)
-    thread = threading.Thread(target=attempt)
+    thread = threading.Thread(target=released.send)
     try:
         thread.start()
         thread.join(2.0)
@@ -587,11 +586,8 @@ def test_a_crypto_service_killed_mid_release_releases_nothing_and_the_retry_unlo
     assert isinstance(outcome[0], errors.DeadlineExceeded | errors.Unavailable), outcome
     assert outcome[0].reason in ("provider.deadline", "provider.unavailable"), outcome
     assert audited(stack, outcome[0].reason)
-    with (
-        enrollment_stub(server, fingerprint) as stub,
-        pytest.raises(errors.FailedPrecondition) as spent,
-    ):
-        call(stub.Unlock, request)
+    with pytest.raises(errors.FailedPrecondition) as spent:
+        released.resend()
     assert spent.value.reason == "attest.challenge_unknown"
     # The crypto service is back when a KMS Encrypt under the same key works again (that
     # spends no unlock challenge of this address's ration).
@@ -604,9 +600,9 @@ def test_a_crypto_service_killed_mid_release_releases_nothing_and_the_retry_unlo
         except errors.KMSError:
             assert time.monotonic() < deadline, "the crypto service did not come back"
             time.sleep(0.5)
-    got = fetch(tpm, out)
+    got = fetch(released.tpm, released.out)
     assert got.exit_code == 0, got.output
-    assert opens(image, got.stdout_bytes)
+    assert opens(released.image, got.stdout_bytes)
 
 
 def test_the_board_keyscript_feeds_cryptsetup_the_released_secret(
