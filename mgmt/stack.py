@@ -89,9 +89,9 @@ from mgmt.uplink import (
 )
 from mgmt.upwatch import (
     FATAL_EXIT_CODES,
-    MAX_RESTARTS,
-    RESTART_WINDOW,
     STOP_SIGNALS,
+    WatchError,
+    plan_restart,
 )
 
 log = logging.getLogger(__name__)
@@ -1404,17 +1404,10 @@ class Stack:
                 code = child.process.poll()
                 if code is None:
                     continue
-                if code in FATAL_EXIT_CODES:
-                    raise StackError(f"{child.name} stopped: {FATAL_EXIT_CODES[code]}")
-                now = time.monotonic()
-                child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
-                if len(child.restarts) >= MAX_RESTARTS:
-                    raise StackError(
-                        f"{child.name} died {MAX_RESTARTS} times in {RESTART_WINDOW:.0f}s: "
-                        f"{child.last_log_line()}"
-                    )
-                child.restarts.append(now)
-                delay = min(2 ** (len(child.restarts) - 1) * 0.5, 10.0)
+                try:
+                    delay = plan_restart(child.name, code, child.restarts, child.last_log_line)
+                except WatchError as exc:
+                    raise StackError(str(exc)) from None
                 log.warning(
                     "child exited; restarting",
                     extra=fields(part=child.name, code=code, delay=delay),

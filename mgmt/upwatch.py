@@ -39,6 +39,7 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,26 @@ LOCK_PLATFORM_S = 60.0
 
 class WatchError(RuntimeError):
     """The stack failed for good: stopped, and `kmsctl up` exits 8 with this reason."""
+
+
+def plan_restart(
+    name: str, code: int, restarts: list[float], last_log_line: Callable[[], str]
+) -> float:
+    """How long to wait before restarting child `name`, which exited with `code`, and
+    note the restart in `restarts` (its recent restart times, kept within
+    RESTART_WINDOW in place); WatchError when the stack must stop instead: a fatal
+    code, or MAX_RESTARTS deaths in the window. One rule for both supervisors (this
+    watcher and mgmt.stack's own loop)."""
+    if code in FATAL_EXIT_CODES:
+        raise WatchError(f"{name} stopped: {FATAL_EXIT_CODES[code]}")
+    now = time.monotonic()
+    restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW]
+    if len(restarts) >= MAX_RESTARTS:
+        raise WatchError(
+            f"{name} died {MAX_RESTARTS} times in {RESTART_WINDOW:.0f}s: {last_log_line()}"
+        )
+    restarts.append(now)
+    return min(0.5 * 2.0 ** (len(restarts) - 1), 10.0)
 
 
 class Proc:
@@ -221,18 +242,8 @@ class Watcher:
                     self.restart_child(child, code)
 
     def restart_child(self, child: Proc, code: int) -> None:
-        """As mgmt.stack's loop did: fatal codes and too many deaths end the stack."""
-        if code in FATAL_EXIT_CODES:
-            raise WatchError(f"{child.name} stopped: {FATAL_EXIT_CODES[code]}")
-        now = time.monotonic()
-        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
-        if len(child.restarts) >= MAX_RESTARTS:
-            raise WatchError(
-                f"{child.name} died {MAX_RESTARTS} times in {RESTART_WINDOW:.0f}s: "
-                f"{child.last_log_line()}"
-            )
-        child.restarts.append(now)
-        delay = min(2 ** (len(child.restarts) - 1) * 0.5, 10.0)
+        """As mgmt.stack's loop does: fatal codes and too many deaths end the stack."""
+        delay = plan_restart(child.name, code, child.restarts, child.last_log_line)
         log.warning(
             "child exited; restarting", extra=fields(part=child.name, code=code, delay=delay)
         )

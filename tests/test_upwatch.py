@@ -22,7 +22,14 @@ import pytest
 
 from mgmt.cli.common import ExitCode
 from mgmt.natsserver import free_port
-from mgmt.upwatch import EXIT_UNAVAILABLE, MAX_RESTARTS
+from mgmt.upwatch import (
+    EXIT_UNAVAILABLE,
+    FATAL_EXIT_CODES,
+    MAX_RESTARTS,
+    RESTART_WINDOW,
+    WatchError,
+    plan_restart,
+)
 from tests.conftest import SLOWDOWN
 
 # A service: says it started, logs SIGTERM with its name, exits `code` after `life`
@@ -308,3 +315,22 @@ def test_the_watcher_is_only_started_by_kmsctl_up() -> None:
         [sys.executable, "-m", "mgmt.upwatch"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "started by `kmsctl up` only" in done.stderr
+
+
+def test_the_restart_rule_both_supervisors_share() -> None:
+    """plan_restart, the one rule of the watcher and of mgmt.stack's own loop: a backoff
+    that doubles from 0.5 s, MAX_RESTARTS deaths within RESTART_WINDOW end the stack
+    naming the child's last log line, restarts older than the window are forgotten, and
+    a fatal exit code ends it at once."""
+    restarts: list[float] = []
+    delays = [plan_restart("broker", 1, restarts, lambda: "boom") for _ in range(MAX_RESTARTS)]
+    assert delays == [min(0.5 * 2**i, 10.0) for i in range(MAX_RESTARTS)]
+    assert len(restarts) == MAX_RESTARTS
+    with pytest.raises(WatchError, match=f"broker died {MAX_RESTARTS} times.*boom"):
+        plan_restart("broker", 1, restarts, lambda: "boom")
+    restarts[:] = [time.monotonic() - RESTART_WINDOW - 1] * MAX_RESTARTS
+    assert plan_restart("broker", 1, restarts, lambda: "") == 0.5
+    assert len(restarts) == 1
+    fatal = next(iter(FATAL_EXIT_CODES))
+    with pytest.raises(WatchError, match=FATAL_EXIT_CODES[fatal]):
+        plan_restart("crypto-hsm0", fatal, [], lambda: "")
