@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -80,3 +81,25 @@ def rotate_all(directory: Path, max_bytes: int, backups: int) -> list[Rotated]:
         if rotated is not None:
             done.append(rotated)
     return done
+
+
+def rotate_and_report(directory: Path, max_bytes: int, backups: int, log: logging.Logger) -> None:
+    """rotate_all, each rotation said on `log`: a log truncated without a copy (the
+    directory full) as a warning, a failure to rotate too, never raised, since a
+    supervisor must go on watching its children whatever the disk does. Both
+    supervisors (mgmt.stack's loop and the lean mgmt.upwatch) call this."""
+    from edgekms.logs import fields
+
+    try:
+        rotated = rotate_all(directory, max_bytes, backups)
+    except OSError as exc:
+        log.warning("log rotation failed", extra=fields(error=str(exc)))
+        return
+    for done in rotated:
+        if done.kept:
+            log.info("log rotated", extra=fields(log=done.path.name, size=done.size))
+        else:
+            log.warning(
+                "log directory full: log truncated without a copy",
+                extra=fields(log=done.path.name, size=done.size),
+            )

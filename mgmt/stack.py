@@ -44,7 +44,7 @@ from edgekms.subjects import CA_SERVICE_NAME
 from mgmt import subprocs
 from mgmt.clusterinit import JoinBundle, add_brokers, open_pki, read_pki, seal_pki, write_pki
 from mgmt.fleet import device_identity
-from mgmt.logrotate import rotate_all
+from mgmt.logrotate import rotate_and_report
 from mgmt.natsauth import (
     BROKER_USER,
     BUS_MAX_PAYLOAD,
@@ -1343,21 +1343,9 @@ class Stack:
                 await nc.close()
 
     def _rotate_logs(self) -> None:
-        try:
-            rotated = rotate_all(
-                self.layout.logs, self.options.log_max_bytes, self.options.log_backups
-            )
-        except OSError as exc:
-            log.warning("log rotation failed", extra=fields(error=str(exc)))
-            return
-        for done in rotated:
-            if done.kept:
-                log.info("log rotated", extra=fields(log=done.path.name, size=done.size))
-            else:
-                log.warning(
-                    "log directory full: log truncated without a copy",
-                    extra=fields(log=done.path.name, size=done.size),
-                )
+        rotate_and_report(
+            self.layout.logs, self.options.log_max_bytes, self.options.log_backups, log
+        )
 
     async def supervise(self) -> None:
         """Restart children that die; give up on one that dies too often; keep the logs

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekms.logs import fields, setup_logging
-from mgmt.logrotate import rotate_all
+from mgmt.logrotate import rotate_and_report
 
 log = logging.getLogger("mgmt.stack")
 
@@ -341,19 +341,7 @@ class Watcher:
             raise WatchError(f"swtpm's platform hierarchy could not be locked (exit {code})")
 
     def rotate_logs(self) -> None:
-        try:
-            rotated = rotate_all(self.logs_dir, self.log_max_bytes, self.log_backups)
-        except OSError as exc:
-            log.warning("log rotation failed", extra=fields(error=str(exc)))
-            return
-        for done in rotated:
-            if done.kept:
-                log.info("log rotated", extra=fields(log=done.path.name, size=done.size))
-            else:
-                log.warning(
-                    "log directory full: log truncated without a copy",
-                    extra=fields(log=done.path.name, size=done.size),
-                )
+        rotate_and_report(self.logs_dir, self.log_max_bytes, self.log_backups, log)
 
     def write_state(self, ready: bool) -> None:
         self.state["ready"] = ready
