@@ -24,6 +24,7 @@ from ca_service.acme.policy import NamePolicy
 from ca_service.acme.server import AcmeServer
 from ca_service.acme.settings import AcmeConfig
 from edgekms.audit import AuditWriter
+from edgekms.v1 import ca_pb2
 from mgmt.natsserver import free_port
 from tests.ca.conftest import CAEnv, ca_crypto, ca_env, ca_nats  # noqa: F401 - fixtures
 from tests.conftest import SLOWDOWN
@@ -144,3 +145,47 @@ async def free_ports_server(acme_env: AcmeEnv) -> AsyncIterator[AcmeServer]:
         yield server
     finally:
         await server.stop()
+
+
+def curl_site(site: str, port: int, path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """curl https://SITE:PORT/PATH with SITE resolved to 127.0.0.1; `args` add trust."""
+    where = ["--resolve", f"{site}:{port}:127.0.0.1", f"https://{site}:{port}{path}"]
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args, *where],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def served_with_our_root(
+    name: str, site: str, port: int, path: str, root: Path, proc: asyncio.subprocess.Process
+) -> str:
+    """What an unchanged ACME-speaking web server (Caddy, Traefik) serves once curl,
+    trusting only our root, accepts it; it obtains the certificate in the background
+    after it starts listening, serving nothing or a self-signed one until then. Also
+    checks the other half of the point: without our root, curl refuses it (exit 60)."""
+    end = time.monotonic() + 240 * SLOWDOWN
+    while True:
+        got = await asyncio.to_thread(curl_site, site, port, path, "--cacert", str(root))
+        if got.returncode == 0:
+            break
+        if proc.returncode is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}: {got.stderr}")
+        if time.monotonic() > end:
+            raise AssertionError(f"no trusted HTTPS from {name}: {got.stderr}")
+        await asyncio.sleep(0.5)
+    untrusted = await asyncio.to_thread(curl_site, site, port, path)
+    assert untrusted.returncode == 60, untrusted.stderr
+    return got.stdout
+
+
+async def assert_acme_record(env: AcmeEnv, leaf: x509.Certificate, site: str) -> None:
+    """The certificate a client stored is for `site` only and is an ordinary, valid CA
+    record made for an ACME account under the https-server profile."""
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [site]
+    record, _ = await env.ca.store.get_record(f"{leaf.serial_number:X}")
+    assert record.requester.startswith("acme:") and record.profile == "https-server"
+    assert record.status == ca_pb2.CERTIFICATE_STATUS_VALID

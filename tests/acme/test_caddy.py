@@ -11,15 +11,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from ca_service.acme.server import AcmeServer
-from edgekms.v1 import ca_pb2
-from tests.acme.conftest import AcmeEnv
+from tests.acme.conftest import AcmeEnv, assert_acme_record, served_with_our_root
 from tests.conftest import SLOWDOWN
 
 pytestmark = pytest.mark.skipif(
@@ -63,32 +61,6 @@ def caddyfile(work: Path, server: AcmeServer, root: Path, challenge: str) -> Pat
     return path
 
 
-def curl(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    where = ["--resolve", f"{SITE}:{port}:127.0.0.1", f"https://{SITE}:{port}/"]
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "10", *args, *where],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-async def wait_for_https(port: int, root: Path, caddy: asyncio.subprocess.Process) -> str:
-    """Poll until curl, trusting only our root, gets the site's page: Caddy obtains the
-    certificate in the background after it starts listening."""
-    end = time.monotonic() + 240 * SLOWDOWN
-    while True:
-        got = await asyncio.to_thread(curl, port, "--cacert", str(root))
-        if got.returncode == 0:
-            return got.stdout
-        if caddy.returncode is not None:
-            raise AssertionError(f"caddy exited with {caddy.returncode}: {got.stderr}")
-        if time.monotonic() > end:
-            raise AssertionError(f"no trusted HTTPS from caddy: {got.stderr}")
-        await asyncio.sleep(0.5)
-
-
 def solved_challenges(log: str) -> set[str]:
     """The challenge types Caddy's JSON log says it tried."""
     types: set[str] = set()
@@ -121,13 +93,10 @@ async def test_caddy_obtains_a_certificate_and_serves_https_that_curl_trusts(
     try:
         port = free_ports_server.config.tlsalpn01_port
         try:
-            body = await wait_for_https(port, acme_env.root_pem, caddy)
+            body = await served_with_our_root("caddy", SITE, port, "/", acme_env.root_pem, caddy)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{log_path.read_text()[-4000:]}") from None
         assert body == BODY
-        # The system's trust store alone does not trust it: it is our root that does.
-        untrusted = await asyncio.to_thread(curl, port)
-        assert untrusted.returncode == 60, untrusted.stderr
     finally:
         caddy.terminate()
         await asyncio.wait_for(caddy.wait(), 30 * SLOWDOWN)
@@ -137,8 +106,4 @@ async def test_caddy_obtains_a_certificate_and_serves_https_that_curl_trusts(
     stored = sorted((work / "data" / "certificates").glob(f"*/{SITE}/{SITE}.crt"))
     assert len(stored) == 1, stored
     leaf = x509.load_pem_x509_certificates(stored[0].read_bytes())[0]
-    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == [SITE]
-    record, _ = await acme_env.ca.store.get_record(f"{leaf.serial_number:X}")
-    assert record.requester.startswith("acme:") and record.profile == "https-server"
-    assert record.status == ca_pb2.CERTIFICATE_STATUS_VALID
+    await assert_acme_record(acme_env, leaf, SITE)

@@ -15,15 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from ca_service.acme.server import AcmeServer
-from edgekms.v1 import ca_pb2
-from tests.acme.conftest import AcmeEnv
+from tests.acme.conftest import AcmeEnv, assert_acme_record, served_with_our_root
 from tests.conftest import SLOWDOWN
 
 TRAEFIK = shutil.which("traefik", path=str(Path(sys.executable).parent)) or shutil.which("traefik")
@@ -98,32 +96,6 @@ def traefik_config(
     return static
 
 
-def curl(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    where = ["--resolve", f"{SITE}:{port}:127.0.0.1", f"https://{SITE}:{port}/hello.txt"]
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "10", *args, *where],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-async def wait_for_trusted_https(port: int, root: Path, proc: asyncio.subprocess.Process) -> str:
-    """Poll until curl, trusting only our root, gets the backend's page through
-    Traefik: until its certificate arrives Traefik serves its own self-signed one."""
-    end = time.monotonic() + 240 * SLOWDOWN
-    while True:
-        got = await asyncio.to_thread(curl, port, "--cacert", str(root))
-        if got.returncode == 0:
-            return got.stdout
-        if proc.returncode is not None:
-            raise AssertionError(f"traefik exited with {proc.returncode}: {got.stderr}")
-        if time.monotonic() > end:
-            raise AssertionError(f"no trusted HTTPS from traefik: {got.stderr}")
-        await asyncio.sleep(0.5)
-
-
 @pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
 async def test_traefik_obtains_a_certificate_and_serves_https_that_curl_trusts(
     acme_env: AcmeEnv, free_ports_server: AcmeServer, tmp_path: Path, challenge: str
@@ -146,14 +118,14 @@ async def test_traefik_obtains_a_certificate_and_serves_https_that_curl_trusts(
         )
     try:
         port = free_ports_server.config.tlsalpn01_port
+        # Until its certificate arrives Traefik serves its own self-signed one.
         try:
-            body = await wait_for_trusted_https(port, acme_env.root_pem, proc)
+            body = await served_with_our_root(
+                "traefik", SITE, port, "/hello.txt", acme_env.root_pem, proc
+            )
         except AssertionError as e:
             raise AssertionError(f"{e}\n{log_path.read_text()[-4000:]}") from None
         assert body == BODY
-        # The system's trust store alone does not trust it: it is our root that does.
-        untrusted = await asyncio.to_thread(curl, port)
-        assert untrusted.returncode == 60, untrusted.stderr
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30 * SLOWDOWN)
@@ -177,8 +149,4 @@ async def test_traefik_obtains_a_certificate_and_serves_https_that_curl_trusts(
     stored = json.loads((work / "acme.json").read_text())["home"]["Certificates"]
     assert [c["domain"]["main"] for c in stored] == [SITE]
     leaf = x509.load_pem_x509_certificates(base64.b64decode(stored[0]["certificate"]))[0]
-    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == [SITE]
-    record, _ = await acme_env.ca.store.get_record(f"{leaf.serial_number:X}")
-    assert record.requester.startswith("acme:") and record.profile == "https-server"
-    assert record.status == ca_pb2.CERTIFICATE_STATUS_VALID
+    await assert_acme_record(acme_env, leaf, SITE)
