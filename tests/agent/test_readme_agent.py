@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.agent.conftest import AgentStack
 from tests.conftest import SLOWDOWN
+from tests.doccommands import block
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -20,9 +21,13 @@ HEADING = "## Devices keep themselves fresh: `kmsctl agent`"
 
 
 def _block(kind: str) -> str:
+    """The section's `toml` block (agent.toml) or its shell block, the one
+    tests/doccommands.py lists for this test."""
+    if kind == "sh":
+        return block("README.md", HEADING, 0).text
     text = README.read_text()
     section = text[text.index(HEADING) :]
-    match = re.search(rf"```{kind}\n(.*?)```", section, flags=re.DOTALL)
+    match = re.search(rf"^```{kind}\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
     assert match, f"no {kind} block in the agent section"
     return match.group(1)
 

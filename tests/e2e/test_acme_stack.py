@@ -7,7 +7,6 @@ temporary directory, and the data dir."""
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from cryptography import x509
 
 from mgmt.natsserver import free_port
 from tests.acme.conftest import wait_listening
+from tests.doccommands import block
 from tests.e2e.conftest import start_stack, stop_stack
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -25,11 +25,7 @@ pytestmark = [pytest.mark.timeout(600)]
 
 
 def acme_block() -> str:
-    text = README.read_text()
-    section = text[text.index("## ACME: certbot, lego and the NAS's own clients") :]
-    match = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL)
-    assert match, "no sh block in the README's ACME section"
-    return match.group(1)
+    return block("README.md", "## ACME: certbot, lego and the NAS's own clients", 0).text
 
 
 def test_readme_acme_commands_run_as_written(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from tests.doccommands import block
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -23,24 +24,16 @@ def test_readme_python_example_runs(kms_stack: KmsStack) -> None:
     assert getattr(csr, "is_signature_valid", False) is True
 
 
-def _sh_block_after(heading: str) -> str:
-    text = README.read_text()
-    section = text[text.index(heading) :]
-    match = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL)
-    assert match, f"no sh block after {heading!r}"
-    return match.group(1)
-
-
 def test_readme_shell_blocks_run_as_written(tmp_path: Path) -> None:
     """The five-minute tour and the security commands, line by line under `set -e`,
     against a stack of their own (the tour names keys other tests might use)."""
     stack = start_stack(tmp_path / "data")
     try:
         root = README.parent
-        tour = _sh_block_after("## A five-minute tour").replace(
+        tour = block("README.md", "## A five-minute tour", 0).text.replace(
             ". .venv/bin/activate", f". {root}/.venv/bin/activate"
         )
-        security = _sh_block_after("## Who may do what")
+        security = block("README.md", "## Who may do what", 0).text
         script = "set -euo pipefail\n" + tour + security
         result = subprocess.run(
             ["bash", "-c", script],

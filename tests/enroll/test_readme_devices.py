@@ -4,22 +4,17 @@ the package's real stack (its enrollment address put in for 127.0.0.1:8444)."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 
+from tests.doccommands import block
 from tests.e2e.conftest import KmsStack
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
 
 
 def devices_block() -> str:
-    text = README.read_text()
-    section = text[text.index("## Devices") :]
-    match = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL)
-    assert match, "no sh block in the README's Devices section"
-    return match.group(1)
+    return block("README.md", "## Devices", 0).text
 
 
 def test_readme_devices_commands_run_as_written(stack: KmsStack, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ then gets spiffe://home.arpa/backup."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SLOWDOWN
+from tests.doccommands import block
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 from tests.enroll.test_enroll import enrolled
 from tests.spiffe.conftest import Agent, wait_for, workload
@@ -24,10 +24,7 @@ HEADING = "## Workload identity: SPIFFE"
 
 
 def _blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(HEADING) :]
-    section = section[: section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
-    return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
+    return [block("README.md", HEADING, i).text for i in (0, 1)]
 
 
 @pytest.fixture
