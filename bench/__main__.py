@@ -81,6 +81,11 @@ def _args() -> argparse.Namespace:
         "--no-audit-bytes", action="store_true", help="skip the audit bytes per operation"
     )
     parser.add_argument(
+        "--no-relay-floor",
+        action="store_true",
+        help="skip the relay floors beside the grpc.aio floor (bench/relayfloor.py)",
+    )
+    parser.add_argument(
         "--no-sign-many", action="store_true", help="skip SignBatch and SignStream rates"
     )
     parser.add_argument(
@@ -215,10 +220,22 @@ def main() -> None:
                 stack, args.duration, args.warmup, args.processes, pids, generator
             )
             results["e2e"] = [r.to_json() for r in runs]
-            from bench import floor
+            # At 1 and at 64 in flight, as the unary targets compare (issue 19 item 2); and
+            # beside it the cheapest chain of the broker's shape (bench/relayfloor.py).
+            if args.no_relay_floor:
+                from bench import floor
 
-            # At 1 and at 64 in flight, as the unary targets compare (issue 19 item 2).
-            results["floor"] = [r.to_json() for r in floor.run(work, args.duration, args.warmup)]
+                floor_runs = floor.run(work, args.duration, args.warmup)
+            else:
+                from bench import relayfloor
+
+                load_before = os.getloadavg()[0]
+                floor_runs = relayfloor.run(work, args.duration, args.warmup)
+                results["relayfloor"] = [r.to_json() for r in floor_runs]
+                (args.out / "relayfloor.md").write_text(
+                    relayfloor.report(floor_runs, (load_before, os.getloadavg()[0]))
+                )
+            results["floor"] = [r.to_json() for r in floor_runs if r.path == "floor"]
             results["memory_kb"] = {"idle": idle, "peak": peak, "idle_pss": idle_pss}
             if not args.no_issuance:
                 from bench import issuance
