@@ -62,8 +62,38 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  # On a machine that runs systemd, nginx-light, caddy and prometheus each enable and
+  # start a system service as they are installed: nginx serving port 80 to the network,
+  # Prometheus on 9090, and Caddy failing beside nginx for the same port. They are test
+  # tools here (the tests run their own on free ports), so their services are neither
+  # started now (a policy-rc.d that refuses, for this install only, unless the machine
+  # has one of its own) nor enabled for the next boot.
+  TOOL_SERVICES=(nginx caddy prometheus)
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ -d /run/systemd/system ] && [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# scripts/bootstrap.sh: no service starts during its apt-get install\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap 'rm -f "$policy"' EXIT
+    # A service the machine had before this install is the machine's, and left alone.
+    new_services=()
+    for service in "${TOOL_SERVICES[@]}"; do
+      systemctl cat "$service.service" >/dev/null 2>&1 || new_services+=("$service")
+    done
+  fi
   apt-get -o DPkg::Lock::Timeout=900 update -qq
   apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then
+    rm -f "$policy"
+    trap - EXIT
+    for service in "${new_services[@]}"; do
+      if systemctl cat "$service.service" >/dev/null 2>&1; then
+        systemctl disable --quiet "$service.service"
+        echo "bootstrap: $service.service came with a test tool: left stopped and disabled"
+      fi
+    done
+  fi
 fi
 
 stamp="$VENV/.edgekms-installed"
