@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,6 @@ def _pki(directory: Path) -> dict[str, bytes]:
 
 
 async def _serve(port: int, directory: Path) -> None:
-    import grpc
-
     from edgekms.v1 import common_pb2, keys_pb2
 
     answer = keys_pb2.SignResponse(
@@ -112,6 +111,16 @@ async def _serve(port: int, directory: Path) -> None:
 
     async def sign(request: bytes, context: Any) -> bytes:
         return answer
+
+    await serve_sign(port, directory, sign)
+
+
+async def serve_sign(
+    port: int, directory: Path, sign: Callable[[bytes, Any], Awaitable[bytes]]
+) -> None:
+    """Serve `sign` as KeyService/Sign on raw bytes over the floor's mutual TLS (its
+    files in `directory`) until the process ends: one set-up for every floor server."""
+    import grpc
 
     handler = grpc.method_handlers_generic_handler(
         "edgekms.v1.KeyService", {"Sign": grpc.unary_unary_rpc_method_handler(sign)}
@@ -150,16 +159,20 @@ def run(
         wait_for_port("127.0.0.1", port, 15.0, server)
         time.sleep(0.3)
         for inflight in inflights:
-            results.append(_measure(port, files, inflight, duration, warmup, server.pid))
+            watch = {"grpc.aio server": server.pid}
+            results.append(measure("floor", port, files, inflight, duration, warmup, watch))
     finally:
         server.terminate()
         server.wait(10)
     return results
 
 
-def _measure(
-    port: int, files: dict[str, bytes], inflight: int, duration: float, warmup: float, pid: int
-) -> RunResult:
+def measure(
+    name: str, port: int, files: dict[str, bytes], inflight: int, duration: float,
+    warmup: float, watch: dict[str, int],
+) -> RunResult:  # fmt: skip
+    """One run of the bench's client against a floor server on `port` (the floor's TLS
+    files and signature), as RunResult path `name`, with `watch`'s processes' CPU."""
     from edgekms.v1 import common_pb2
 
     spec = LoadSpec(
@@ -176,9 +189,9 @@ def _measure(
         warmup=warmup,
         public_key_der=files["public.der"],
     )
-    outcome = run_load(spec, 2 if inflight > 1 else 1, {"grpc.aio server": pid})
+    outcome = run_load(spec, 2 if inflight > 1 else 1, watch)
     return summarise(
-        "floor", "none", "ec-p256", inflight, outcome.latencies, duration,
+        name, "none", "ec-p256", inflight, outcome.latencies, duration,
         errors=outcome.errors, cpu=outcome.cpu, note=outcome.generator,
     )  # fmt: skip
 

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import floor
-from bench.load import LoadSpec, run_load
-from bench.stats import RunResult, summarise
+from bench.stats import RunResult
 
 SUBJECT = "floor.sign"
 BATCH_SUBJECT = "floor.signbatch"
@@ -136,8 +135,6 @@ class _Rounds:
 
 
 async def _relay(port: int, url: str, directory: Path, mode: str) -> None:
-    import grpc
-
     nc = await _connect(url, directory)
     js = nc.jetstream()
     rounds = _Rounds(nc, js)
@@ -153,19 +150,7 @@ async def _relay(port: int, url: str, directory: Path, mode: str) -> None:
         )
         return bytes(answer.data)
 
-    handler = grpc.method_handlers_generic_handler(
-        "edgekms.v1.KeyService", {"Sign": grpc.unary_unary_rpc_method_handler(sign)}
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    credentials = grpc.ssl_server_credentials(
-        [((directory / "server.key").read_bytes(), (directory / "server.crt").read_bytes())],
-        root_certificates=(directory / "ca.crt").read_bytes(),
-        require_client_auth=True,
-    )
-    server.add_secure_port(f"127.0.0.1:{port}", credentials)
-    await server.start()
-    await server.wait_for_termination()
+    await floor.serve_sign(port, directory, sign)
 
 
 async def _make_stream(url: str, directory: Path) -> None:
@@ -188,33 +173,6 @@ def _spawn(*args: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def _measure(
-    name: str, port: int, files: dict[str, bytes], inflight: int, duration: float,
-    warmup: float, watch: dict[str, int],
-) -> RunResult:  # fmt: skip
-    from edgekms.v1 import common_pb2
-
-    spec = LoadSpec(
-        target=f"127.0.0.1:{port}",
-        server_name=floor.SERVER_NAME,
-        ca_cert=files["ca.crt"],
-        cert=files["client.crt"],
-        key=files["client.key"],
-        key_name=floor.KEY_NAME,
-        algorithm=common_pb2.SIGNATURE_ALGORITHM_ECDSA_SHA256,
-        data=files["digest"],
-        inflight=inflight,
-        duration=duration,
-        warmup=warmup,
-        public_key_der=files["public.der"],
-    )
-    outcome = run_load(spec, 2 if inflight > 1 else 1, watch)
-    return summarise(
-        name, "none", "ec-p256", inflight, outcome.latencies, duration,
-        errors=outcome.errors, cpu=outcome.cpu, note=outcome.generator,
-    )  # fmt: skip
 
 
 def run(
@@ -262,7 +220,7 @@ def run(
                     }
                     for inflight in inflights:
                         results.append(
-                            _measure(mode, port, files, inflight, duration, warmup, watch)
+                            floor.measure(mode, port, files, inflight, duration, warmup, watch)
                         )
                 finally:
                     relay.terminate()
