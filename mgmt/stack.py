@@ -921,11 +921,12 @@ class Stack:
                     if self.options.ca_crl_lifetime
                     else ""
                 )
-                + acme_toml(self.options)
                 # A hub's CA also answers its fleet devices (ca_service.fleet); on a
                 # cluster every node's does, since a device's request crosses the routes
                 # to whichever CA takes it.
                 + ("fleet = true\n" if self._ca_fleet else "")
+                # Tables last: a key after `[acme]` would be read as the table's.
+                + acme_toml(self.options)
             ).encode(),
         )
         host, _, port = self.options.ca_http.rpartition(":")

@@ -150,7 +150,10 @@ class FleetUp:
 @pytest.fixture
 def fleet_up(tmp_path: Path) -> Iterator[FleetUp]:
     leaf = f"127.0.0.1:{free_port()}"
-    hub = Up("hub", tmp_path / "hub", ["--leaf-listen", leaf])
+    # The hub also runs ACME: its ca.toml then holds `fleet = true` and an [acme] table,
+    # and a key written after the table would be read as the table's (the CA refuses it).
+    acme = f"127.0.0.1:{free_port()}"
+    hub = Up("hub", tmp_path / "hub", ["--leaf-listen", leaf, "--acme", acme])
     made = FleetUp(tmp_path, leaf, hub, {})
     try:
         yield made
