@@ -125,6 +125,15 @@ def _check_endpoint_id(td: str, text: str) -> str:
     return text
 
 
+ENDPOINT_PATH = "/edgekms/bundle-endpoint"
+
+
+def endpoint_spiffe_id(trust_domain: str) -> str:
+    """The SPIFFE ID our `https_spiffe` bundle endpoint presents; peers configure it as
+    their endpoint SPIFFE ID."""
+    return f"spiffe://{trust_domain}{ENDPOINT_PATH}"
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
@@ -751,6 +760,25 @@ class SpiffeAuthority:
             intermediates_der=[state.ca_certificate_der],
             bundle=_bundle(state),
         )
+
+    async def sign_endpoint_svid(
+        self, public: PublicKey, ttl: datetime.timedelta
+    ) -> tuple[x509.Certificate, bytes]:
+        """The X509-SVID of our own bundle endpoint (`https_spiffe`,
+        spiffe://<td>/edgekms/bundle-endpoint), with the signing CA's certificate that
+        chains it to the bundle. No registration entry: it is the CA's own identity, its
+        key made in the CA process, never requested by a node."""
+        state = await self.state()
+        await self.ca._require_active(state.ca_key_label or SPIFFE_CA_KEY_NAME)
+        ca_cert = x509.load_der_x509_certificate(state.ca_certificate_der)
+        key = self._ca_key(state, ca_cert)
+        spiffe_id = endpoint_spiffe_id(state.trust_domain)
+        cert = await asyncio.to_thread(build_svid, key, ca_cert, public, spiffe_id, ttl)
+        log.info(
+            "event=spiffe_endpoint_svid_signed spiffe_id=%s serial=%X not_after=%s",
+            spiffe_id, cert.serial_number, cert.not_valid_after_utc.isoformat(),
+        )  # fmt: skip
+        return cert, state.ca_certificate_der
 
     async def sign_jwt(
         self, req: ca_pb2.SpiffeSignJwtSvidRequest

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import http.server
 import ipaddress
 import json
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgekms import spiffe as sp
 from edgekms.errors import InvalidArgument
+from mgmt.natsserver import free_port
+from tests.e2e.conftest import BIN, start_stack, stop_stack
 from tests.logevents import count_event
-from tests.spiffe.conftest import SpiffeStack, wait_for
+from tests.spiffe.conftest import TRUST_DOMAIN, SpiffeStack, wait_for
 
 PEER = "peer.example"
 SERVER_ID = f"spiffe://{PEER}/spire/server"
@@ -443,3 +447,92 @@ def test_https_spiffe_endpoint_id_must_be_in_the_federated_domain(
             ("kmsctl: spiffe.endpoint_id_invalid:", "kmsctl: spiffe.id_invalid:")
         ), (endpoint_id, err)
     assert federated(spiffe_stack, BAD) is None
+
+
+def subprocess_kmsctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """kmsctl against another stack than the SPIFFE tests' one."""
+    return subprocess.run(
+        [str(BIN / "kmsctl"), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _svid_of(url: str) -> x509.Certificate | None:
+    """The certificate the endpoint at `url` presents, unverified (the test looks at
+    it; the CA's fetch is what verifies); None while it does not listen yet."""
+    host, port = url.removeprefix("https://").split("/")[0].rsplit(":", 1)
+    try:
+        pem = ssl.get_server_certificate((host, int(port)), timeout=10)
+    except OSError:
+        return None
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
+def test_edgekms_federates_edgekms_over_https_spiffe_both_ways(
+    spiffe_stack: SpiffeStack, tmp_path: Path
+) -> None:
+    """Two EdgeKMS stacks, each serving its bundle endpoint over https_spiffe
+    (`kmsctl up --spiffe-bundle-listen`), each federating the other over https_spiffe
+    with the other's X.509 authorities (`kmsctl spiffe bundle --out`) as --bundle."""
+    port = free_port()
+    office = start_stack(tmp_path / "office", "--spiffe-bundle-listen", f"127.0.0.1:{port}")
+    try:
+        with office.client(timeout=60) as kms:
+            kms.ca_init("Office CA")
+            kms.spiffe_init("office.example")
+        office_url = f"https://127.0.0.1:{port}/spiffe/bundle"
+        for url, td in (
+            (office_url, "office.example"),
+            (spiffe_stack.spiffe_bundle_url, TRUST_DOMAIN),
+        ):
+            svid = wait_for(functools.partial(_svid_of, url), 90, f"{td}'s endpoint")
+            uris = svid.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value.get_values_for_type(x509.UniformResourceIdentifier)
+            assert uris == [f"spiffe://{td}/edgekms/bundle-endpoint"]
+            assert not svid.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+        home_root = tmp_path / "home.pem"
+        spiffe_stack.kmsctl("spiffe", "bundle", "--out", str(home_root))
+        office_root = tmp_path / "office.pem"
+        office_env = {**office.env()}
+        done = subprocess_kmsctl(office_env, "spiffe", "bundle", "--out", str(office_root))
+        assert done.returncode == 0, done.stderr
+
+        # home.arpa federates office.example...
+        made = json.loads(
+            spiffe_stack.kmsctl(
+                "spiffe", "federate", "--trust-domain", "office.example", "--bundle-url",
+                office_url, "--endpoint-spiffe-id",
+                "spiffe://office.example/edgekms/bundle-endpoint", "--bundle", str(office_root),
+                "-o", "json",
+            ).stdout
+        )  # fmt: skip
+        assert made["endpoint_profile"] == "https_spiffe" and made["jwt_keys"] == 1
+        with office.client() as kms:
+            office_bundle = kms.spiffe_bundle()
+        assert federated(spiffe_stack, "office.example") == list(office_bundle.x509_authorities_der)
+        # ...and office.example federates home.arpa.
+        done = subprocess_kmsctl(
+            office_env, "spiffe", "federate", "--trust-domain", TRUST_DOMAIN, "--bundle-url",
+            spiffe_stack.spiffe_bundle_url, "--endpoint-spiffe-id",
+            f"spiffe://{TRUST_DOMAIN}/edgekms/bundle-endpoint", "--bundle", str(home_root),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        with office.client() as kms:
+            seen = {f.trust_domain: f for f in kms.spiffe_bundle().federated}
+        with spiffe_stack.stack.client() as admin:
+            home_bundle = admin.spiffe_bundle()
+        assert list(seen[TRUST_DOMAIN].x509_authorities_der) == list(
+            home_bundle.x509_authorities_der
+        )
+        # The wrong endpoint ID for office.example's endpoint is refused.
+        wrong = spiffe_stack.kmsctl(
+            "spiffe", "federate", "--trust-domain", "office.example", "--bundle-url",
+            office_url, "--endpoint-spiffe-id", "spiffe://office.example/spire/server",
+            "--bundle", str(office_root), check=False,
+        )  # fmt: skip
+        assert wrong.returncode == 6, wrong.stderr
+        assert "spiffe.endpoint_svid_invalid" in wrong.stderr, wrong.stderr
+    finally:
+        spiffe_stack.kmsctl("spiffe", "unfederate", "--trust-domain", "office.example", check=False)
+        assert stop_stack(office) == 0
