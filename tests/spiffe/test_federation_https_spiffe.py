@@ -29,10 +29,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ca_service.config import CAConfigError, load_serve_config
 from edgekms import spiffe as sp
 from edgekms.errors import InvalidArgument
-from mgmt.natsserver import free_port
+from mgmt.natsserver import free_port, free_port_pair
+from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import BIN, start_stack, stop_stack
+from tests.e2e.test_stack_lock import _up
 from tests.logevents import count_event
 from tests.spiffe.conftest import TRUST_DOMAIN, SpiffeStack, wait_for
 
@@ -536,3 +539,31 @@ def test_edgekms_federates_edgekms_over_https_spiffe_both_ways(
     finally:
         spiffe_stack.kmsctl("spiffe", "unfederate", "--trust-domain", "office.example", check=False)
         assert stop_stack(office) == 0
+
+
+@pytest.mark.parametrize("value", ["8444", "127.0.0.1:x", "127.0.0.1:70000"])
+def test_a_bad_spiffe_bundle_listen_is_refused_before_anything_starts(
+    tmp_path: Path, value: str
+) -> None:
+    """`kmsctl up --spiffe-bundle-listen` that is not HOST:PORT: refused first, as every
+    listen option; and the same value in ca.toml keeps the CA from starting."""
+    data_dir = tmp_path / "data"
+    argv = _up(data_dir, free_port(), f"127.0.0.1:{free_port_pair()}", f"127.0.0.1:{free_port()}")
+    done = subprocess.run(
+        [*argv, "--spiffe-bundle-listen", value],
+        capture_output=True, text=True, timeout=60 * SLOWDOWN,
+    )  # fmt: skip
+    assert done.returncode == 6, done.stderr
+    assert done.stderr.startswith("kmsctl: stack.listen_invalid: --spiffe-bundle-listen"), (
+        done.stderr
+    )
+    assert sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*")) == [
+        "run",
+        "run/up.lock",
+    ]
+    config = tmp_path / "ca.toml"
+    config.write_text(
+        f'nats_url = "nats://127.0.0.1:4222"\nspiffe_bundle_listen = {json.dumps(value)}\n'
+    )
+    with pytest.raises(CAConfigError, match="spiffe_bundle_listen must be host:port"):
+        load_serve_config(config)
