@@ -134,6 +134,17 @@ def endpoint_spiffe_id(trust_domain: str) -> str:
     return f"spiffe://{trust_domain}{ENDPOINT_PATH}"
 
 
+def _not_reserved(trust_domain: str, spiffe_id: str) -> None:
+    """Our bundle endpoint's ID is the CA's own: an SVID of it, with a key a node holds,
+    would let that node serve peers a bundle of its choosing over https_spiffe."""
+    if spiffe_id == endpoint_spiffe_id(trust_domain):
+        raise InvalidArgument(
+            "spiffe.id_reserved",
+            f"{spiffe_id} is the CA's own bundle endpoint's ID: no entry may have it",
+            {"spiffe_id": spiffe_id},
+        )
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
@@ -611,6 +622,7 @@ class SpiffeAuthority:
                 {"trust_domain": parsed.trust_domain},
             )
         spiffe_id = str(parsed)
+        _not_reserved(state.trust_domain, spiffe_id)
         entry = ca_pb2.SpiffeEntry(
             entry_id=sp.entry_id(node, spiffe_id),
             spiffe_id=spiffe_id,
@@ -744,6 +756,7 @@ class SpiffeAuthority:
         self, req: ca_pb2.SpiffeSignX509SvidRequest
     ) -> ca_pb2.SpiffeSignX509SvidResponse:
         state = await self.state()
+        _not_reserved(state.trust_domain, req.spiffe_id)
         entry = await self._entry_for(req.node, req.spiffe_id)
         public = _csr_key(req.csr)
         await self.ca._require_active(state.ca_key_label or SPIFFE_CA_KEY_NAME)

@@ -37,7 +37,7 @@ from tests.conftest import SLOWDOWN
 from tests.e2e.conftest import BIN, start_stack, stop_stack
 from tests.e2e.test_stack_lock import _up
 from tests.logevents import count_event
-from tests.spiffe.conftest import TRUST_DOMAIN, SpiffeStack, wait_for
+from tests.spiffe.conftest import DEVICE, TRUST_DOMAIN, SpiffeStack, wait_for
 
 PEER = "peer.example"
 SERVER_ID = f"spiffe://{PEER}/spire/server"
@@ -567,3 +567,18 @@ def test_a_bad_spiffe_bundle_listen_is_refused_before_anything_starts(
     )
     with pytest.raises(CAConfigError, match="spiffe_bundle_listen must be host:port"):
         load_serve_config(config)
+
+
+def test_no_entry_may_take_the_bundle_endpoints_id(spiffe_stack: SpiffeStack) -> None:
+    """A node holding an SVID of spiffe://<td>/edgekms/bundle-endpoint could serve our
+    peers a bundle of its choosing: the CA keeps that ID for itself."""
+    reserved = f"spiffe://{TRUST_DOMAIN}/edgekms/bundle-endpoint"
+    done = spiffe_stack.kmsctl(
+        "spiffe", "entry", "create", "--id", reserved, "--node", DEVICE,
+        "--selector", "unix:uid:1000", check=False,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.startswith("kmsctl: spiffe.id_reserved:"), done.stderr
+    listed = json.loads(spiffe_stack.kmsctl("spiffe", "entry", "list", "-o", "json").stdout)
+    entries = listed["entries"] if isinstance(listed, dict) else listed
+    assert reserved not in [e["spiffe_id"] for e in entries]
