@@ -18,6 +18,8 @@ audit_max_msgs = 100000             # makes it itself (the board); default 1GiB,
 metrics_listen = "127.0.0.1:9465"   # optional: /metrics, /healthz, /readyz (edgekms.metrics)
 fleet = true                        # optional: a hub's CA also answers fleet devices'
                                     # certificate requests (ca_service.fleet)
+spiffe_bundle_listen = "0.0.0.0:8443"  # optional: our SPIFFE bundle endpoint over
+                                    # https_spiffe (ca_service.spiffe_endpoint)
 [acme]                              # optional: ACME over HTTPS (ca_service.acme.settings)
 listen = "0.0.0.0:8555"
 """
@@ -61,6 +63,7 @@ KNOWN_FIELDS = frozenset(
         "seal_counter_file",
         "replicas",
         "fleet",
+        "spiffe_bundle_listen",
         LISTEN_FIELD,
         *AUDIT_FIELDS,
     }
@@ -125,7 +128,18 @@ def load_serve_config(path: Path) -> ServeConfig:
     fleet = raw.get("fleet", False)
     if not isinstance(fleet, bool):
         raise CAConfigError(f"{path}: fleet must be true or false")
+    bundle_listen = raw.get("spiffe_bundle_listen", "")
+    b_host, b_sep, b_port = str(bundle_listen).rpartition(":")
+    if bundle_listen and (
+        not isinstance(bundle_listen, str)
+        or not b_sep
+        or not b_host
+        or not b_port.isdigit()
+        or not 0 < int(b_port) < 65536
+    ):
+        raise CAConfigError(f"{path}: spiffe_bundle_listen must be host:port")
     return ServeConfig(
+        spiffe_bundle_listen=(b_host, int(b_port)) if bundle_listen else None,
         fleet=fleet,
         replicas=replicas,
         metrics_listen=metrics_listen,

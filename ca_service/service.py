@@ -213,6 +213,9 @@ class ServeConfig:
     # A hub's CA (ca.toml fleet = true): also answer fleet devices' certificate requests
     # on kms.ca.device.<id>.IssueCertificate, within the hub's device registry.
     fleet: bool = False
+    # Our SPIFFE bundle endpoint over https_spiffe (ca_service.spiffe_endpoint), its own
+    # listener; None: only the plain HTTP and the ACME (https_web) ones serve it.
+    spiffe_bundle_listen: tuple[str, int] | None = None
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -315,6 +318,12 @@ async def _serve(config: ServeConfig, stop: asyncio.Event | None, status: _Statu
         runner = await start_http(ca, config.http_host, config.http_port)
         if acme is not None:
             await acme.start()
+        bundle_endpoint = None
+        if config.spiffe_bundle_listen is not None:
+            from ca_service.spiffe_endpoint import SpiffeBundleEndpoint
+
+            bundle_endpoint = SpiffeBundleEndpoint(ca, *config.spiffe_bundle_listen)
+            await bundle_endpoint.start()
         # Checked at least four times per CRL lifetime, so a short one never runs out.
         interval = min(CRL_CHECK_INTERVAL, config.crl_validity.total_seconds() / 4)
         refresher = asyncio.create_task(keep_crl_fresh(ca, interval))
@@ -347,6 +356,8 @@ async def _serve(config: ServeConfig, stop: asyncio.Event | None, status: _Statu
             await ca.crl_jobs.stop()
             if acme is not None:
                 await acme.stop()
+            if bundle_endpoint is not None:
+                await bundle_endpoint.stop()
             await runner.cleanup()
             await service.stop()
         if watch.lost.is_set():

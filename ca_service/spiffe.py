@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -94,6 +95,54 @@ def _entry_place(key: str) -> tuple[str, str, str]:
     """(node, entry id, key) of an entry's KV key: its place in a listing."""
     token, _, eid = key[len(ENTRY_PREFIX) + 1 :].rpartition(".")
     return token.replace("=", "."), eid, key
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """Where a foreign bundle is read and how its endpoint is authenticated: `ca_pem`
+    (https_web, empty: the system's roots) or `spiffe_id` (https_spiffe)."""
+
+    url: str
+    ca_pem: bytes
+    spiffe_id: str
+
+
+def _check_endpoint_id(td: str, text: str) -> str:
+    """The https_spiffe endpoint's SPIFFE ID: a valid ID of the federated domain itself.
+    The specification allows another domain's ID, but then the bootstrap bundle would
+    be that domain's and the refresh would need it too; we keep one domain, one bundle."""
+    if not text:
+        raise InvalidArgument(
+            "spiffe.endpoint_id_invalid", "https_spiffe needs the endpoint's SPIFFE ID"
+        )
+    parsed = sp.parse_id(text)
+    if parsed.trust_domain != td:
+        raise InvalidArgument(
+            "spiffe.endpoint_id_invalid",
+            f"the endpoint's SPIFFE ID must be in {td!r}, the domain federated",
+            {"endpoint_spiffe_id": text[:200]},
+        )
+    return text
+
+
+ENDPOINT_PATH = "/edgekms/bundle-endpoint"
+
+
+def endpoint_spiffe_id(trust_domain: str) -> str:
+    """The SPIFFE ID our `https_spiffe` bundle endpoint presents; peers configure it as
+    their endpoint SPIFFE ID."""
+    return f"spiffe://{trust_domain}{ENDPOINT_PATH}"
+
+
+def _not_reserved(trust_domain: str, spiffe_id: str) -> None:
+    """Our bundle endpoint's ID is the CA's own: an SVID of it, with a key a node holds,
+    would let that node serve peers a bundle of its choosing over https_spiffe."""
+    if spiffe_id == endpoint_spiffe_id(trust_domain):
+        raise InvalidArgument(
+            "spiffe.id_reserved",
+            f"{spiffe_id} is the CA's own bundle endpoint's ID: no entry may have it",
+            {"spiffe_id": spiffe_id},
+        )
 
 
 def _now() -> datetime.datetime:
@@ -204,6 +253,12 @@ class SpiffeAuthority:
     async def federate(self, req: ca_pb2.SpiffeFederateRequest) -> ca_pb2.SpiffeFederateResponse:
         td = sp.check_trust_domain(req.trust_domain)
         spiffe_bundle.check_url(req.bundle_url)
+        if req.endpoint_ca_pem and (req.endpoint_spiffe_id or req.bootstrap_bundle):
+            raise InvalidArgument(
+                "spiffe.endpoint_profile_conflict",
+                "--endpoint-ca (https_web) and --endpoint-spiffe-id/--bundle (https_spiffe) "
+                "exclude each other",
+            )
         if req.endpoint_ca_pem:
             try:
                 x509.load_pem_x509_certificates(req.endpoint_ca_pem)
@@ -211,24 +266,49 @@ class SpiffeAuthority:
                 raise InvalidArgument(
                     "spiffe.endpoint_ca_invalid", "the endpoint CA is not PEM certificates"
                 ) from None
+        authorities: list[bytes] = []
+        if req.endpoint_spiffe_id or req.bootstrap_bundle:
+            _check_endpoint_id(td, req.endpoint_spiffe_id)
+            authorities = spiffe_bundle.parse_bootstrap(td, req.bootstrap_bundle)
         state = await self.state()
         if td == state.trust_domain:
             raise InvalidArgument("spiffe.trust_domain_own", "that is this KMS's trust domain")
-        federation = await self._read_foreign(td, req.bundle_url, req.endpoint_ca_pem)
+        endpoint = _Endpoint(req.bundle_url, req.endpoint_ca_pem, req.endpoint_spiffe_id)
+        federation = await self._read_foreign(td, endpoint, authorities)
         await self._store_federation(federation)
         log.info(
-            "event=spiffe_federated trust_domain=%s url=%s sequence=%d requester=%s",
-            td, req.bundle_url[:200], federation.sequence, req.requester,
+            "event=spiffe_federated trust_domain=%s url=%s profile=%s endpoint_id=%s "
+            "sequence=%d requester=%s",
+            td, req.bundle_url[:200], federation.endpoint_profile,
+            federation.endpoint_spiffe_id, federation.sequence, req.requester,
         )  # fmt: skip
         return ca_pb2.SpiffeFederateResponse(federation=federation)
 
     async def _read_foreign(
-        self, td: str, url: str, endpoint_ca_pem: bytes
+        self, td: str, endpoint: _Endpoint, authorities: list[bytes]
     ) -> ca_pb2.SpiffeFederation:
-        data = await asyncio.to_thread(spiffe_bundle.fetch, url, endpoint_ca_pem)
+        """Read and parse the bundle. `https_spiffe` authenticates the endpoint's SVID
+        against `authorities` (the bootstrap bundle, then the last good one) and wants
+        X.509 authorities in what it reads, or the next fetch could not be checked."""
+        if endpoint.spiffe_id:
+            data = await asyncio.to_thread(
+                spiffe_bundle.fetch_spiffe, endpoint.url, authorities, endpoint.spiffe_id
+            )
+        else:
+            data = await asyncio.to_thread(spiffe_bundle.fetch, endpoint.url, endpoint.ca_pem)
         federation = spiffe_bundle.parse(td, data)
-        federation.bundle_url = url
-        federation.endpoint_ca_pem = endpoint_ca_pem
+        if endpoint.spiffe_id and not federation.x509_authorities_der:
+            raise InvalidArgument(
+                "spiffe.bundle_invalid",
+                "an https_spiffe endpoint's bundle needs X.509 authorities to check the next "
+                "fetch with",
+            )
+        federation.bundle_url = endpoint.url
+        federation.endpoint_ca_pem = endpoint.ca_pem
+        federation.endpoint_profile = (
+            spiffe_bundle.HTTPS_SPIFFE if endpoint.spiffe_id else spiffe_bundle.HTTPS_WEB
+        )
+        federation.endpoint_spiffe_id = endpoint.spiffe_id
         federation.refreshed_at = rfc3339(_now())
         return federation
 
@@ -277,7 +357,12 @@ class SpiffeAuthority:
 
     async def _refresh(self, old: ca_pb2.SpiffeFederation) -> None:
         try:
-            new = await self._read_foreign(old.trust_domain, old.bundle_url, old.endpoint_ca_pem)
+            endpoint = _Endpoint(old.bundle_url, old.endpoint_ca_pem, old.endpoint_spiffe_id)
+            # https_spiffe: the last good bundle authenticates this fetch (a peer that
+            # rotates publishes its new authority before its endpoint's SVID uses it).
+            new = await self._read_foreign(
+                old.trust_domain, endpoint, list(old.x509_authorities_der)
+            )
             if (list(new.x509_authorities_der), new.jwks) == (
                 list(old.x509_authorities_der),
                 old.jwks,
@@ -537,6 +622,7 @@ class SpiffeAuthority:
                 {"trust_domain": parsed.trust_domain},
             )
         spiffe_id = str(parsed)
+        _not_reserved(state.trust_domain, spiffe_id)
         entry = ca_pb2.SpiffeEntry(
             entry_id=sp.entry_id(node, spiffe_id),
             spiffe_id=spiffe_id,
@@ -670,6 +756,7 @@ class SpiffeAuthority:
         self, req: ca_pb2.SpiffeSignX509SvidRequest
     ) -> ca_pb2.SpiffeSignX509SvidResponse:
         state = await self.state()
+        _not_reserved(state.trust_domain, req.spiffe_id)
         entry = await self._entry_for(req.node, req.spiffe_id)
         public = _csr_key(req.csr)
         await self.ca._require_active(state.ca_key_label or SPIFFE_CA_KEY_NAME)
@@ -686,6 +773,25 @@ class SpiffeAuthority:
             intermediates_der=[state.ca_certificate_der],
             bundle=_bundle(state),
         )
+
+    async def sign_endpoint_svid(
+        self, public: PublicKey, ttl: datetime.timedelta
+    ) -> tuple[x509.Certificate, bytes]:
+        """The X509-SVID of our own bundle endpoint (`https_spiffe`,
+        spiffe://<td>/edgekms/bundle-endpoint), with the signing CA's certificate that
+        chains it to the bundle. No registration entry: it is the CA's own identity, its
+        key made in the CA process, never requested by a node."""
+        state = await self.state()
+        await self.ca._require_active(state.ca_key_label or SPIFFE_CA_KEY_NAME)
+        ca_cert = x509.load_der_x509_certificate(state.ca_certificate_der)
+        key = self._ca_key(state, ca_cert)
+        spiffe_id = endpoint_spiffe_id(state.trust_domain)
+        cert = await asyncio.to_thread(build_svid, key, ca_cert, public, spiffe_id, ttl)
+        log.info(
+            "event=spiffe_endpoint_svid_signed spiffe_id=%s serial=%X not_after=%s",
+            spiffe_id, cert.serial_number, cert.not_valid_after_utc.isoformat(),
+        )  # fmt: skip
+        return cert, state.ca_certificate_der
 
     async def sign_jwt(
         self, req: ca_pb2.SpiffeSignJwtSvidRequest

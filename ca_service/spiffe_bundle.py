@@ -1,18 +1,23 @@
 """SPIFFE bundles in the SPIFFE Trust Domain and Bundle format (a JWK Set): ours as the
-bundle endpoint serves it, and a foreign one read from its endpoint (`https_web`).
+bundle endpoint serves it, and a foreign one read from its endpoint, over either profile
+of the SPIFFE Federation specification: `https_web` (the endpoint's TLS checked against
+the given CA or the system's roots, with its host name) or `https_spiffe` (the endpoint
+presents an X509-SVID, authenticated against the foreign domain's last good bundle, and
+its URI SAN must be the configured endpoint SPIFFE ID; no host name check).
 
 Why a module of its own: federation is the only place the CA reads from the network on
-an administrator's behalf, so the fetch is bounded (https only, 1 MiB, 10 s, the
-endpoint's TLS checked against the given CA or the system's roots) and the parse is
-strict (each `x509-svid` key has exactly one certificate in `x5c`; `jwt-svid` keys have a
-`kid`); anything else is refused and nothing is stored.
+an administrator's behalf, so the fetch is bounded (https only, 1 MiB, 10 s) and the
+parse is strict (each `x509-svid` key has exactly one certificate in `x5c`; `jwt-svid`
+keys have a `kid`); anything else is refused and nothing is stored.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import ssl
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -29,6 +34,8 @@ FETCH_TIMEOUT = 10.0
 DEFAULT_REFRESH_HINT = 300
 MIN_REFRESH = 10
 MAX_REFRESH = 86400
+HTTPS_WEB = "https_web"
+HTTPS_SPIFFE = "https_spiffe"
 
 
 def _int_b64(value: int) -> str:
@@ -126,7 +133,7 @@ def parse(trust_domain: str, data: bytes) -> ca_pb2.SpiffeFederation:
 def check_url(url: str) -> str:
     if not url.startswith("https://") or len(url) > 2048 or any(c.isspace() for c in url):
         raise InvalidArgument(
-            "spiffe.bundle_url_invalid", "the bundle endpoint must be an https:// URL (https_web)"
+            "spiffe.bundle_url_invalid", "the bundle endpoint must be an https:// URL"
         )
     return url
 
@@ -146,6 +153,129 @@ def fetch(url: str, endpoint_ca_pem: bytes) -> bytes:
         raise FailedPrecondition(
             "spiffe.bundle_unreachable", f"cannot read {url[:200]}: {exc}"[:300]
         ) from None
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise _bad("the bundle is over 1 MiB")
+    return data
+
+
+def _bad_bootstrap(message: str) -> InvalidArgument:
+    return InvalidArgument("spiffe.endpoint_bundle_invalid", message)
+
+
+def parse_bootstrap(trust_domain: str, data: bytes) -> list[bytes]:
+    """The X.509 authorities (DER) of a bundle given out of band for `https_spiffe`:
+    SPIFFE bundle JSON (as `spire-server bundle show -format spiffe` prints it) or PEM
+    certificates. They authenticate the endpoint's SVID at the first fetch."""
+    if not data.strip():
+        raise _bad_bootstrap("the endpoint's bundle is empty")
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise _bad_bootstrap("the endpoint's bundle is over 1 MiB")
+    if data.lstrip().startswith(b"{"):
+        try:
+            authorities = list(parse(trust_domain, data).x509_authorities_der)
+        except InvalidArgument as exc:
+            raise _bad_bootstrap(f"the endpoint's bundle: {exc.message}") from None
+    else:
+        try:
+            certs = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise _bad_bootstrap(
+                "the endpoint's bundle is neither SPIFFE bundle JSON nor PEM certificates"
+            ) from None
+        authorities = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+    if not authorities:
+        raise _bad_bootstrap("the endpoint's bundle has no X.509 authorities")
+    return authorities
+
+
+def _untrusted(url: str, why: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "spiffe.endpoint_svid_invalid",
+        f"{url[:200]} is not the SPIFFE endpoint configured: {why}"[:400],
+    )
+
+
+def _svid_context(authorities: list[bytes]) -> ssl.SSLContext:
+    """Trust exactly the bundle's X.509 authorities, each one a trust anchor (partial
+    chain: a SPIFFE signing CA is often an intermediate), no host name: the SPIFFE ID
+    is checked instead."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    pem = "".join(
+        x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+        for der in authorities
+    )
+    context.load_verify_locations(cadata=pem)
+    return context
+
+
+def check_endpoint_svid(url: str, leaf_der: bytes, endpoint_id: str) -> None:
+    """The endpoint's leaf is an X509-SVID of exactly `endpoint_id`: not a CA, one URI
+    SAN, equal to it (the chain itself was checked by the TLS handshake)."""
+    leaf = x509.load_der_x509_certificate(leaf_der)
+    try:
+        constraints = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if constraints.ca:
+            raise _untrusted(url, "its certificate is a CA certificate, not an X509-SVID")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if not uris:
+        raise _untrusted(url, "its certificate has no URI SAN (not an X509-SVID)")
+    if len(uris) != 1:
+        raise _untrusted(url, "its certificate has more than one URI SAN")
+    if uris[0] != endpoint_id:
+        raise _untrusted(url, f"its SVID is {uris[0][:200]!r}, not {endpoint_id!r}")
+
+
+def fetch_spiffe(url: str, authorities: list[bytes], endpoint_id: str) -> bytes:
+    """GET the bundle over `https_spiffe` (blocking: run it on a thread). The SVID is
+    checked after the handshake and before the request is sent. FailedPrecondition
+    either way: `spiffe.endpoint_svid_invalid` if the endpoint is not who it should
+    be, `spiffe.bundle_unreachable` if it cannot be read."""
+    parts = urllib.parse.urlsplit(check_url(url))
+    if not parts.hostname:
+        raise InvalidArgument("spiffe.bundle_url_invalid", "the bundle endpoint has no host")
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise InvalidArgument("spiffe.bundle_url_invalid", "the port is not a number") from None
+    path = parts.path or "/"
+    if parts.query:
+        path += f"?{parts.query}"
+    connection = http.client.HTTPSConnection(
+        parts.hostname, port, timeout=FETCH_TIMEOUT, context=_svid_context(authorities)
+    )
+    try:
+        try:
+            connection.connect()
+        except ssl.SSLCertVerificationError as exc:
+            raise _untrusted(url, f"its certificate: {exc.verify_message}") from None
+        sock = connection.sock
+        leaf = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        if not leaf:
+            raise _untrusted(url, "no certificate")
+        check_endpoint_svid(url, leaf, endpoint_id)
+        connection.request("GET", path, headers={"Accept": "application/json"})
+        answer = connection.getresponse()
+        if answer.status != 200:
+            raise FailedPrecondition(
+                "spiffe.bundle_unreachable", f"cannot read {url[:200]}: HTTP {answer.status}"
+            )
+        data: bytes = answer.read(MAX_BUNDLE_BYTES + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise FailedPrecondition(
+            "spiffe.bundle_unreachable", f"cannot read {url[:200]}: {exc}"[:300]
+        ) from None
+    finally:
+        connection.close()
     if len(data) > MAX_BUNDLE_BYTES:
         raise _bad("the bundle is over 1 MiB")
     return data

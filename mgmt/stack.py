@@ -194,6 +194,8 @@ class StackOptions:
     acme_listen: str = ""
     acme_names: tuple[str, ...] = ()
     acme_config: Path | None = None
+    # Our SPIFFE bundle endpoint over https_spiffe (ca_service.spiffe_endpoint); "" none.
+    spiffe_bundle_listen: str = ""
     # How long each CRL is good for ("" : the CA's 7 days); minutes for devices whose
     # `kmsctl agent` keeps OpenVPN's crl-verify file fresh (docs/agent.md).
     ca_crl_lifetime: str = ""
@@ -919,6 +921,11 @@ class Stack:
                 + (
                     f"crl_lifetime = {json.dumps(self.options.ca_crl_lifetime)}\n"
                     if self.options.ca_crl_lifetime
+                    else ""
+                )
+                + (
+                    f"spiffe_bundle_listen = {json.dumps(self.options.spiffe_bundle_listen)}\n"
+                    if self.options.spiffe_bundle_listen
                     else ""
                 )
                 # A hub's CA also answers its fleet devices (ca_service.fleet); on a

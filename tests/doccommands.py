@@ -184,6 +184,7 @@ RUN: dict[tuple[str, str, int], str] = {
     ("docs/spiffe.md", "## Federation", 0): "tests/spiffe/test_docs_federation.py",
     ("docs/spiffe.md", "## Federation", 1): "tests/spiffe/test_docs_federation.py",
     ("docs/spiffe.md", "## Federation", 2): "tests/spiffe/test_docs_federation.py",
+    ("docs/spiffe.md", "## Federation", 3): "tests/spiffe/test_docs_federation.py",
     ("docs/spiffe.md", "## Registration entries", 0): "tests/e2e/test_docs_run.py",
     ("docs/spiffe.md", "## Rotating the trust domain's keys", 0): "tests/e2e/test_docs_run.py",
 }

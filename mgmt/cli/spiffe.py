@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from edgekms import spiffe as sp
+from edgekms.errors import InvalidArgument
 from edgekms.v1 import ca_pb2
 from mgmt.cli.client_access import client_options, open_client
 from mgmt.cli.common import CONTEXT_SETTINGS
@@ -133,10 +134,22 @@ def bundle_cmd(
 
 @spiffe_group.command("federate")
 @click.option("--trust-domain", required=True, help="The foreign trust domain, e.g. other.example.")
-@click.option("--bundle-url", required=True, help="Its bundle endpoint (https_web), https://...")
+@click.option("--bundle-url", required=True, help="Its bundle endpoint, https://...")
 @click.option(
     "--endpoint-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-    help="PEM CA that authenticates the endpoint's TLS (default: the system's roots).",
+    help="https_web: PEM CA that authenticates the endpoint's TLS (default: the system's "
+    "roots).",
+)  # fmt: skip
+@click.option(
+    "--endpoint-spiffe-id", default=None,
+    help="https_spiffe: the SPIFFE ID of the endpoint's X509-SVID, in the federated domain "
+    "(a SPIRE server: spiffe://DOMAIN/spire/server). Needs --bundle.",
+)  # fmt: skip
+@click.option(
+    "--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="https_spiffe: the domain's current bundle, given out of band once (SPIFFE bundle "
+    "JSON as `spire-server bundle show -format spiffe` prints it, or PEM certificates).",
 )  # fmt: skip
 @_OUTPUT
 @client_options
@@ -144,22 +157,55 @@ def federate_cmd(
     trust_domain: str,
     bundle_url: str,
     endpoint_ca: Path | None,
+    endpoint_spiffe_id: str | None,
+    bundle_path: Path | None,
     output: str,
     data_dir: Path,
     config_path: Path | None,
 ) -> None:
     """Trust another trust domain: read its bundle from its bundle endpoint now (exit 6
-    if it cannot be read, nothing stored) and at its refresh hint after; workloads get
-    it as a federated bundle. Administrators only; again to change the URL."""
+    if it cannot be read or authenticated, nothing stored) and at its refresh hint
+    after; workloads get it as a federated bundle. Administrators only; again to change
+    the URL or the profile.
+
+    \b
+    Two endpoint profiles (SPIFFE Federation specification):
+      https_web     the endpoint's certificate is checked against --endpoint-ca (or the
+                    system's roots) and the URL's host name:
+        kmsctl spiffe federate --trust-domain other.example \\
+            --bundle-url https://spire.other.example/bundle --endpoint-ca ca.pem
+      https_spiffe  the endpoint presents an X509-SVID whose URI SAN must be
+                    --endpoint-spiffe-id, checked against the domain's bundle: --bundle
+                    the first time, then each bundle read authenticates the next read
+                    (no host name check, no public CA; SPIRE's usual choice):
+        kmsctl spiffe federate --trust-domain other.example \\
+            --bundle-url https://spire.other.example:8443 \\
+            --endpoint-spiffe-id spiffe://other.example/spire/server \\
+            --bundle other.example.bundle.json
+
+    --endpoint-ca and --endpoint-spiffe-id/--bundle exclude each other (exit 3)."""
     sp.check_trust_domain(trust_domain)
+    if endpoint_ca is not None and (endpoint_spiffe_id is not None or bundle_path is not None):
+        raise InvalidArgument(
+            "spiffe.endpoint_profile_conflict",
+            "--endpoint-ca (https_web) and --endpoint-spiffe-id/--bundle (https_spiffe) "
+            "exclude each other",
+        )
+    if (endpoint_spiffe_id is None) != (bundle_path is None):
+        raise click.UsageError("--endpoint-spiffe-id and --bundle go together (https_spiffe)")
     ca_pem = endpoint_ca.read_bytes() if endpoint_ca else b""
+    bootstrap = bundle_path.read_bytes() if bundle_path else b""
     with open_client(data_dir, config_path) as kms:
-        federation = kms.spiffe_federate(trust_domain, bundle_url, ca_pem)
+        federation = kms.spiffe_federate(
+            trust_domain, bundle_url, ca_pem, endpoint_spiffe_id or "", bootstrap
+        )
     if output == "json":
         echo_json(
             {
                 "trust_domain": federation.trust_domain,
                 "bundle_url": federation.bundle_url,
+                "endpoint_profile": federation.endpoint_profile,
+                "endpoint_spiffe_id": federation.endpoint_spiffe_id,
                 "x509_authorities": len(federation.x509_authorities_der),
                 "jwt_keys": len(json.loads(federation.jwks).get("keys", [])),
                 "sequence": federation.sequence,
@@ -168,8 +214,9 @@ def federate_cmd(
         )
         return
     click.echo(
-        f"federated with {federation.trust_domain}: {len(federation.x509_authorities_der)} "
-        f"X.509 authorities, sequence {federation.sequence}"
+        f"federated with {federation.trust_domain} ({federation.endpoint_profile}): "
+        f"{len(federation.x509_authorities_der)} X.509 authorities, sequence "
+        f"{federation.sequence}"
     )
 
 

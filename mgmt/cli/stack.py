@@ -71,6 +71,7 @@ class UpOptions:
     acme_listen: str
     acme_names: tuple[str, ...]
     acme_config: Path | None
+    spiffe_bundle_listen: str
     ca_crl_lifetime: str
     audit_limits: tuple[str, ...]
     max_file_store: str
@@ -125,6 +126,7 @@ class UpOptions:
             acme_listen=self.acme_listen,
             acme_names=self.acme_names,
             acme_config=self.acme_config,
+            spiffe_bundle_listen=self.spiffe_bundle_listen,
             ca_crl_lifetime=self.ca_crl_lifetime,
             log_level=self.log_level.lower(),
             log_max_bytes=self.log_max_bytes,
@@ -247,6 +249,15 @@ class UpOptions:
     default=None,
     help="TOML with the rest of the ACME settings: http01_port, tlsalpn01_port, [hosts], "
     'allow_dns, allow_ip, eab_required (docs/ca.md, "ACME").',
+)
+@click.option(
+    "--spiffe-bundle-listen",
+    default="",
+    metavar="HOST:PORT",
+    help="Also serve the SPIFFE trust domain's bundle endpoint over https_spiffe here "
+    "(GET /spiffe/bundle; TLS with an X509-SVID spiffe://TD/edgekms/bundle-endpoint, "
+    "after `kmsctl spiffe init`), as a SPIRE peer federates by default "
+    '(docs/spiffe.md, "Federation").',
 )
 @click.option(
     "--ca-crl-lifetime",
@@ -664,10 +675,15 @@ def _take_over_and_check(options: UpOptions, lock: stacklock.StackLock) -> None:
     try:
         broker = stacklock.split_listen("--broker-listen", options.broker_listen)
         acme_listen = options.acme_listen
-        acme = {"--acme": stacklock.split_listen("--acme", acme_listen)} if acme_listen else {}
+        extra = {"--acme": stacklock.split_listen("--acme", acme_listen)} if acme_listen else {}
+        bundle_listen = options.spiffe_bundle_listen
+        if bundle_listen:
+            extra["--spiffe-bundle-listen"] = stacklock.split_listen(
+                "--spiffe-bundle-listen", bundle_listen
+            )
         stacklock.check_ports(
             {
-                **acme,
+                **extra,
                 "--nats-port": ("127.0.0.1", options.nats_port),
                 "--broker-listen": broker,
                 # Its default: the broker's host, the port after the broker's (mgmt.stack).

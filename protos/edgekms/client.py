@@ -1255,13 +1255,22 @@ class KMSClient:
         return self._call("SpiffeSignJwtSvid", self._ca.SpiffeSignJwtSvid, request, None)
 
     def spiffe_federate(
-        self, trust_domain: str, bundle_url: str, endpoint_ca_pem: bytes = b""
+        self,
+        trust_domain: str,
+        bundle_url: str,
+        endpoint_ca_pem: bytes = b"",
+        endpoint_spiffe_id: str = "",
+        bootstrap_bundle: bytes = b"",
     ) -> ca_pb2.SpiffeFederation:
-        """Trust a foreign trust domain's bundle, read from its bundle endpoint."""
+        """Trust a foreign trust domain's bundle, read from its bundle endpoint:
+        `https_web` (endpoint_ca_pem, or the system's roots) or `https_spiffe`
+        (endpoint_spiffe_id and the domain's current bundle, given out of band)."""
         request = ca_pb2.SpiffeFederateRequest(
             trust_domain=trust_domain,
             bundle_url=bundle_url,
             endpoint_ca_pem=endpoint_ca_pem,
+            endpoint_spiffe_id=endpoint_spiffe_id,
+            bootstrap_bundle=bootstrap_bundle,
             request_id=new_request_id(),
         )
         return self._call("SpiffeFederate", self._ca.SpiffeFederate, request, 30.0).federation

@@ -58,6 +58,8 @@ class SpiffeStack:
     # The CA's ACME listener (HTTPS, the mini-CA's server certificate), where the
     # trust domain's bundle endpoint is served for the https_web profile.
     https_url: str = ""
+    # The trust domain's bundle endpoint over https_spiffe (--spiffe-bundle-listen).
+    spiffe_bundle_url: str = ""
 
     def kmsctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -80,14 +82,24 @@ class SpiffeStack:
 @pytest.fixture(scope="package")
 def spiffe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpiffeStack]:
     root = tmp_path_factory.mktemp("spiffestack")
-    acme_port = free_port()
-    stack = start_stack(root / "data", "--acme", f"127.0.0.1:{acme_port}")
+    acme_port, bundle_port = free_port(), free_port()
+    stack = start_stack(
+        root / "data",
+        "--acme", f"127.0.0.1:{acme_port}",
+        "--spiffe-bundle-listen", f"127.0.0.1:{bundle_port}",
+    )  # fmt: skip
     try:
         with stack.client(timeout=60) as kms:
             kms.ca_init("SPIFFE Test CA")
             kms.spiffe_init(TRUST_DOMAIN)
         device_config = enrolled(stack, root, DEVICE)
-        yield SpiffeStack(stack, device_config, root, f"https://127.0.0.1:{acme_port}")
+        yield SpiffeStack(
+            stack,
+            device_config,
+            root,
+            f"https://127.0.0.1:{acme_port}",
+            f"https://127.0.0.1:{bundle_port}/spiffe/bundle",
+        )
     finally:
         code = stop_stack(stack)
         assert code == 0, stack.log_path.read_text()[-2000:]

@@ -7,7 +7,11 @@
   paragraph says;
 - `kmsctl spiffe federate --trust-domain other.example ...` and `unfederate` on the
   home.arpa stack, test_federation.py's stand-in SPIRE endpoint (HTTPS on loopback, its
-  own TLS certificate) for `https://spire.other.example`.
+  own TLS certificate) for `https://spire.other.example`;
+- the `https_spiffe` line (`--endpoint-spiffe-id`, `--bundle`) on the home.arpa stack,
+  test_federation_https_spiffe.py's stand-in SPIRE endpoint (an X509-SVID for
+  spiffe://other.example/spire/server) for `https://spire.other.example:8443`, the
+  bundle file written as `spire-server bundle show -format spiffe` would.
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from tests.doccommands import ROOT, block, lines, run_lines
 from tests.e2e.conftest import KmsStack, start_stack, stop_stack
 from tests.spiffe.conftest import SpiffeStack, wait_for
 from tests.spiffe.test_federation import Foreign, foreign
+from tests.spiffe.test_federation_https_spiffe import (
+    Endpoint,
+    SpiffeCA,
+    bundle_json,
+    endpoints,
+    new_endpoint,
+)
 
-__all__ = ["foreign"]
+__all__ = ["endpoints", "foreign"]
 
 FEDERATION = "## Federation"
 DOC = "docs/spiffe.md"
@@ -50,7 +61,11 @@ def shell(stack: KmsStack) -> dict[str, str]:
 
 
 def test_spiffe_doc_federation_runs_as_written(
-    spiffe_stack: SpiffeStack, foreign: Foreign, office: KmsStack, tmp_path: Path
+    spiffe_stack: SpiffeStack,
+    foreign: Foreign,
+    office: KmsStack,
+    endpoints: list[Endpoint],
+    tmp_path: Path,
 ) -> None:
     home = spiffe_stack.stack
     # The doc's paragraph: the peer trusts the endpoint with our root.
@@ -79,13 +94,32 @@ def test_spiffe_doc_federation_runs_as_written(
     (trusting,) = lines(
         block(DOC, FEDERATION, 1).text.replace("https://spire.other.example", foreign.url)
     )
-    (stopping,) = lines(block(DOC, FEDERATION, 2).text)
+    (stopping,) = lines(block(DOC, FEDERATION, 3).text)
     ran = run_lines([trusting], tmp_path, shell(home))
     assert "other.example" in ran[0].out
     with home.client() as kms:
         bundle = kms.spiffe_bundle()
     other = next(f for f in bundle.federated if f.trust_domain == "other.example")
     assert {k["kid"] for k in json.loads(other.jwks)["keys"]} == {foreign.kid}
+
+    # The same domain again, over https_spiffe: its SPIRE server's SVID and bundle.
+    spire = SpiffeCA.make("other.example SPIRE")
+    spire_bundle = bundle_json([spire], sequence=3, hint=300)
+    (tmp_path / "other.example.bundle.json").write_bytes(spire_bundle)
+    endpoint = new_endpoint(
+        endpoints, tmp_path / "spire", *spire.leaf("spiffe://other.example/spire/server"),
+        spire_bundle,
+    )  # fmt: skip
+    (over_spiffe,) = lines(
+        block(DOC, FEDERATION, 2).text.replace(
+            "https://spire.other.example:8443", endpoint.url.rstrip("/")
+        )
+    )
+    ran = run_lines([over_spiffe], tmp_path, shell(home))
+    assert "other.example (https_spiffe)" in ran[0].out
+    with home.client() as kms:
+        other = next(f for f in kms.spiffe_bundle().federated if f.trust_domain == "other.example")
+    assert list(other.x509_authorities_der) == [spire.der]
     run_lines([stopping], tmp_path, shell(home))
     with home.client() as kms:
         assert "other.example" not in {f.trust_domain for f in kms.spiffe_bundle().federated}

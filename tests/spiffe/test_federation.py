@@ -172,6 +172,8 @@ def test_a_federated_bundle_reaches_the_workloads(
     assert made == {
         "trust_domain": FOREIGN,
         "bundle_url": f"{foreign.url}/bundle",
+        "endpoint_profile": "https_web",
+        "endpoint_spiffe_id": "",
         "x509_authorities": 1,
         "jwt_keys": 1,
         "sequence": 7,

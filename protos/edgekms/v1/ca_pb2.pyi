@@ -1798,7 +1798,7 @@ Global___SpiffeRotateResponse: _TypeAlias = SpiffeRotateResponse  # noqa: Y015
 
 @_typing.final
 class SpiffeFederation(_message.Message):
-    """A foreign trust domain and the last bundle read from its bundle endpoint (https_web)."""
+    """A foreign trust domain and the last bundle read from its bundle endpoint."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1810,16 +1810,27 @@ class SpiffeFederation(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     REFRESHED_AT_FIELD_NUMBER: _builtins.int
     REFRESH_HINT_SECONDS_FIELD_NUMBER: _builtins.int
+    ENDPOINT_PROFILE_FIELD_NUMBER: _builtins.int
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     bundle_url: _builtins.str
     endpoint_ca_pem: _builtins.bytes
-    """PEM of the CA that authenticates the endpoint's TLS; empty: the system's roots."""
+    """https_web only: PEM of the CA that authenticates the endpoint's TLS; empty: the
+    system's roots.
+    """
     jwks: _builtins.bytes
     """its jwt-svid keys, as a JWK Set"""
     sequence: _builtins.int
     """its spiffe_sequence"""
     refreshed_at: _builtins.str
     refresh_hint_seconds: _builtins.int
+    endpoint_profile: _builtins.str
+    """"https_web" or "https_spiffe" (empty in records made before: https_web)."""
+    endpoint_spiffe_id: _builtins.str
+    """https_spiffe only: the SPIFFE ID the endpoint's X509-SVID must carry (in this trust
+    domain); the SVID is authenticated against x509_authorities_der above, the last good
+    bundle, so each fetched bundle authenticates the next fetch.
+    """
     @_builtins.property
     def x509_authorities_der(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
@@ -1833,10 +1844,12 @@ class SpiffeFederation(_message.Message):
         sequence: _builtins.int = ...,
         refreshed_at: _builtins.str = ...,
         refresh_hint_seconds: _builtins.int = ...,
+        endpoint_profile: _builtins.str = ...,
+        endpoint_spiffe_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "jwks", b"jwks", "refresh_hint_seconds", b"refresh_hint_seconds", "refreshed_at", b"refreshed_at", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "endpoint_profile", b"endpoint_profile", "endpoint_spiffe_id", b"endpoint_spiffe_id", "jwks", b"jwks", "refresh_hint_seconds", b"refresh_hint_seconds", "refreshed_at", b"refreshed_at", "sequence", b"sequence", "trust_domain", b"trust_domain", "x509_authorities_der", b"x509_authorities_der"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1855,12 +1868,21 @@ class SpiffeFederateRequest(_message.Message):
     ENDPOINT_CA_PEM_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_SPIFFE_ID_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_BUNDLE_FIELD_NUMBER: _builtins.int
     trust_domain: _builtins.str
     bundle_url: _builtins.str
     """https:// only"""
     endpoint_ca_pem: _builtins.bytes
+    """https_web; not with endpoint_spiffe_id"""
     requester: _builtins.str
     request_id: _builtins.str
+    endpoint_spiffe_id: _builtins.str
+    """https_spiffe: the endpoint's SPIFFE ID (in trust_domain) and the domain's current
+    bundle given out of band (SPIFFE bundle JSON or PEM certificates), which
+    authenticates the first fetch. Both or neither.
+    """
+    bootstrap_bundle: _builtins.bytes
     def __init__(
         self,
         *,
@@ -1869,10 +1891,12 @@ class SpiffeFederateRequest(_message.Message):
         endpoint_ca_pem: _builtins.bytes = ...,
         requester: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        endpoint_spiffe_id: _builtins.str = ...,
+        bootstrap_bundle: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "request_id", b"request_id", "requester", b"requester", "trust_domain", b"trust_domain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_bundle", b"bootstrap_bundle", "bundle_url", b"bundle_url", "endpoint_ca_pem", b"endpoint_ca_pem", "endpoint_spiffe_id", b"endpoint_spiffe_id", "request_id", b"request_id", "requester", b"requester", "trust_domain", b"trust_domain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,130 @@
+"""Our SPIFFE bundle endpoint over the `https_spiffe` profile: a listener of its own
+(ca.toml `spiffe_bundle_listen`, `kmsctl up --spiffe-bundle-listen`) serving only
+GET /spiffe/bundle, whose TLS server certificate is an X509-SVID of our trust domain
+(spiffe://<td>/edgekms/bundle-endpoint) signed by the SPIFFE CA in the token.
+
+Why a listener of its own rather than the ACME one: a TLS listener presents one
+certificate, and a SPIRE peer's `https_web` client checks host names against the Web
+PKI while its `https_spiffe` client wants an SVID with no host name at all, so one
+listener cannot serve both peers. The SVID's key is made in this process and lives in
+memory (a 0600 temporary file exists only while the TLS context loads it, as for the
+ACME listener); the SVID lasts an hour and is renewed after two thirds of it, so a
+rotation of our SPIFFE CA reaches it within 40 minutes (the old CA's SVID still chains
+to the bundle's root meanwhile). Until the trust domain exists the listener is not
+opened and the CA tries again every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import ssl
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_service.http import (
+    SPIFFE_BUNDLE_PATH,
+    HttpServer,
+    Request,
+    Response,
+    spiffe_bundle_handler,
+)
+from ca_service.spiffe import SpiffeAuthority
+from edgekms.errors import KMSError
+
+if TYPE_CHECKING:
+    from ca_service.authority import CertificateAuthority
+
+log = logging.getLogger(__name__)
+
+SVID_TTL = datetime.timedelta(hours=1)
+RETRY_SECONDS = 5.0
+
+
+class SpiffeBundleEndpoint:
+    """The `https_spiffe` listener and the SVID it presents, kept fresh."""
+
+    def __init__(self, ca: CertificateAuthority, host: str, port: int) -> None:
+        self.spiffe = SpiffeAuthority(ca)
+        self.host = host
+        self.port = port
+        self.http: HttpServer | None = None
+        self.svid: x509.Certificate | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._task: asyncio.Task[None] | None = None
+        handler = spiffe_bundle_handler(ca)
+
+        async def bundle(request: Request) -> Response:
+            response = await handler(request)
+            response.headers.setdefault("Cache-Control", "no-store")
+            return response
+
+        self._routes = {("GET", SPIFFE_BUNDLE_PATH): bundle, ("HEAD", SPIFFE_BUNDLE_PATH): bundle}
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._keep_svid())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.http is not None:
+            await self.http.cleanup()
+
+    async def _keep_svid(self) -> None:
+        while True:
+            try:
+                not_after = await self._load_svid()
+            except KMSError as exc:
+                log.info("event=spiffe_bundle_endpoint_waiting reason=%s", exc.reason)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            if self.http is None:
+                assert self._tls is not None
+                server = HttpServer(dict(self._routes))
+                await server.start(self.host, self.port, self._tls)
+                self.http = server
+                log.info(
+                    "event=spiffe_bundle_endpoint_listening host=%s port=%d profile=https_spiffe",
+                    self.host,
+                    self.port,
+                )
+            assert self.svid is not None
+            life = not_after - self.svid.not_valid_before_utc
+            renew_at = self.svid.not_valid_before_utc + life * 2 / 3
+            now = datetime.datetime.now(datetime.UTC)
+            await asyncio.sleep(max(RETRY_SECONDS, (renew_at - now).total_seconds()))
+
+    async def _load_svid(self) -> datetime.datetime:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert, ca_der = await self.spiffe.sign_endpoint_svid(key.public_key(), SVID_TTL)
+        chain = cert.public_bytes(serialization.Encoding.PEM) + x509.load_der_x509_certificate(
+            ca_der
+        ).public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        context = self._tls or ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        with tempfile.TemporaryDirectory(prefix="edgekms-spiffe-") as tmp:
+            key_file = Path(tmp) / "key.pem"
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key_pem)
+            (Path(tmp) / "chain.pem").write_bytes(chain)
+            # New handshakes use the new SVID; open connections keep theirs.
+            context.load_cert_chain(Path(tmp) / "chain.pem", key_file)
+        self._tls = context
+        self.svid = cert
+        return cert.not_valid_after_utc
