@@ -20,10 +20,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import os
 import ssl
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -37,6 +34,7 @@ from ca_service.http import (
     Response,
     spiffe_bundle_handler,
 )
+from ca_service.servertls import load_identity
 from ca_service.spiffe import SpiffeAuthority
 from edgekms.errors import KMSError
 
@@ -110,21 +108,7 @@ class SpiffeBundleEndpoint:
         chain = cert.public_bytes(serialization.Encoding.PEM) + x509.load_der_x509_certificate(
             ca_der
         ).public_bytes(serialization.Encoding.PEM)
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        context = self._tls or ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        with tempfile.TemporaryDirectory(prefix="edgekms-spiffe-") as tmp:
-            key_file = Path(tmp) / "key.pem"
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(key_pem)
-            (Path(tmp) / "chain.pem").write_bytes(chain)
-            # New handshakes use the new SVID; open connections keep theirs.
-            context.load_cert_chain(Path(tmp) / "chain.pem", key_file)
-        self._tls = context
+        # New handshakes use the new SVID; open connections keep theirs.
+        self._tls = load_identity(self._tls, key, chain, "edgekms-spiffe-")
         self.svid = cert
         return cert.not_valid_after_utc

@@ -32,12 +32,9 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import secrets
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -82,6 +79,7 @@ from ca_service.authority import CertificateAuthority
 from ca_service.http import SPIFFE_BUNDLE_PATH, HttpServer, Request, Response, spiffe_bundle_handler
 from ca_service.policy import load_csr, plan_from_csr
 from ca_service.profiles import get_profile
+from ca_service.servertls import load_identity
 from ca_service.store import parse_rfc3339, rfc3339
 from edgekms import nameconstraints as constraints
 from edgekms.errors import AlreadyExists, KMSError, Unavailable
@@ -221,22 +219,8 @@ class AcmeServer:
             x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM)
             for d in [issued.certificate_der, issued.chain_der[0]]
         )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        context = self._tls or ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        with tempfile.TemporaryDirectory(prefix="edgekms-acme-") as tmp:
-            key_file = Path(tmp) / "key.pem"
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(key_pem)
-            (Path(tmp) / "chain.pem").write_bytes(chain)
-            # New handshakes use the new certificate; open connections keep theirs.
-            context.load_cert_chain(Path(tmp) / "chain.pem", key_file)
-        self._tls = context
+        # New handshakes use the new certificate; open connections keep theirs.
+        self._tls = load_identity(self._tls, key, chain, "edgekms-acme-")
         self.server_cert = cert
         log.info("event=acme_server_certificate serial=%s", issued.record.serial)
         return cert.not_valid_after_utc
