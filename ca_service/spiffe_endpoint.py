@@ -34,9 +34,8 @@ from ca_service.http import (
     Response,
     spiffe_bundle_handler,
 )
-from ca_service.servertls import load_identity
+from ca_service.servertls import keep_renewed, load_identity
 from ca_service.spiffe import SpiffeAuthority
-from edgekms.errors import KMSError
 
 if TYPE_CHECKING:
     from ca_service.authority import CertificateAuthority
@@ -79,30 +78,22 @@ class SpiffeBundleEndpoint:
             await self.http.cleanup()
 
     async def _keep_svid(self) -> None:
-        while True:
-            try:
-                not_after = await self._load_svid()
-            except KMSError as exc:
-                log.info("event=spiffe_bundle_endpoint_waiting reason=%s", exc.reason)
-                await asyncio.sleep(RETRY_SECONDS)
-                continue
-            if self.http is None:
-                assert self._tls is not None
-                server = HttpServer(dict(self._routes))
-                await server.start(self.host, self.port, self._tls)
-                self.http = server
-                log.info(
-                    "event=spiffe_bundle_endpoint_listening host=%s port=%d profile=https_spiffe",
-                    self.host,
-                    self.port,
-                )
-            assert self.svid is not None
-            life = not_after - self.svid.not_valid_before_utc
-            renew_at = self.svid.not_valid_before_utc + life * 2 / 3
-            now = datetime.datetime.now(datetime.UTC)
-            await asyncio.sleep(max(RETRY_SECONDS, (renew_at - now).total_seconds()))
+        await keep_renewed(
+            self._load_svid, self._open, RETRY_SECONDS, "spiffe_bundle_endpoint_waiting"
+        )
 
-    async def _load_svid(self) -> datetime.datetime:
+    async def _open(self) -> None:
+        assert self._tls is not None
+        server = HttpServer(dict(self._routes))
+        await server.start(self.host, self.port, self._tls)
+        self.http = server
+        log.info(
+            "event=spiffe_bundle_endpoint_listening host=%s port=%d profile=https_spiffe",
+            self.host,
+            self.port,
+        )
+
+    async def _load_svid(self) -> x509.Certificate:
         key = ec.generate_private_key(ec.SECP256R1())
         cert, ca_der = await self.spiffe.sign_endpoint_svid(key.public_key(), SVID_TTL)
         chain = cert.public_bytes(serialization.Encoding.PEM) + x509.load_der_x509_certificate(
@@ -111,4 +102,4 @@ class SpiffeBundleEndpoint:
         # New handshakes use the new SVID; open connections keep theirs.
         self._tls = load_identity(self._tls, key, chain, "edgekms-spiffe-")
         self.svid = cert
-        return cert.not_valid_after_utc
+        return cert

@@ -79,7 +79,7 @@ from ca_service.authority import CertificateAuthority
 from ca_service.http import SPIFFE_BUNDLE_PATH, HttpServer, Request, Response, spiffe_bundle_handler
 from ca_service.policy import load_csr, plan_from_csr
 from ca_service.profiles import get_profile
-from ca_service.servertls import load_identity
+from ca_service.servertls import keep_renewed, load_identity
 from ca_service.store import parse_rfc3339, rfc3339
 from edgekms import nameconstraints as constraints
 from edgekms.errors import AlreadyExists, KMSError, Unavailable
@@ -171,31 +171,24 @@ class AcmeServer:
             await self.http.cleanup()
 
     async def _keep_certificate(self) -> None:
-        while True:
-            try:
-                not_after = await self._load_server_certificate()
-            except KMSError as exc:
-                log.info("event=acme_waiting reason=%s", exc.reason)
-                await asyncio.sleep(SERVER_CERT_RETRY)
-                continue
-            if self.http is None:
-                assert self._tls is not None
-                server = _AcmeHttp(self, self.config.max_body)
-                await server.start(self.config.host, self.config.port, self._tls)
-                self.http = server
-                log.info(
-                    "event=acme_listening host=%s port=%d directory=%s",
-                    self.config.host,
-                    self.config.port,
-                    self.config.directory_url,
-                )
-                self.ready.set()
-            assert self.server_cert is not None
-            life = not_after - self.server_cert.not_valid_before_utc
-            renew_at = self.server_cert.not_valid_before_utc + life * 2 / 3
-            await asyncio.sleep(max(SERVER_CERT_RETRY, (renew_at - _now()).total_seconds()))
+        await keep_renewed(
+            self._load_server_certificate, self._open, SERVER_CERT_RETRY, "acme_waiting"
+        )
 
-    async def _load_server_certificate(self) -> datetime.datetime:
+    async def _open(self) -> None:
+        assert self._tls is not None
+        server = _AcmeHttp(self, self.config.max_body)
+        await server.start(self.config.host, self.config.port, self._tls)
+        self.http = server
+        log.info(
+            "event=acme_listening host=%s port=%d directory=%s",
+            self.config.host,
+            self.config.port,
+            self.config.directory_url,
+        )
+        self.ready.set()
+
+    async def _load_server_certificate(self) -> x509.Certificate:
         key = ec.generate_private_key(ec.SECP256R1())
         names: list[x509.GeneralName] = []
         for name in self.config.names:
@@ -223,7 +216,7 @@ class AcmeServer:
         self._tls = load_identity(self._tls, key, chain, "edgekms-acme-")
         self.server_cert = cert
         log.info("event=acme_server_certificate serial=%s", issued.record.serial)
-        return cert.not_valid_after_utc
+        return cert
 
     # ---- plumbing ------------------------------------------------------------------------
 
