@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_service.config import CAConfigError, load_serve_config
 from edgekms import spiffe as sp
+from edgekms.client_certs import self_signed_ca
 from edgekms.errors import InvalidArgument
 from mgmt.natsserver import free_port, free_port_pair
 from tests.conftest import SLOWDOWN
@@ -58,33 +59,7 @@ class SpiffeCA:
     def make(cls, name: str) -> SpiffeCA:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - datetime.timedelta(minutes=5))
-            .not_valid_after(_now() + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, cert)
+        return cls(key, self_signed_ca(key, subject, datetime.timedelta(days=1)))
 
     @property
     def der(self) -> bytes:
@@ -323,6 +298,15 @@ def bad_ca() -> SpiffeCA:
     return SpiffeCA.make("bad.example")
 
 
+@pytest.fixture
+def good(endpoints: list[Endpoint], tmp_path: Path, bad_ca: SpiffeCA) -> Endpoint:
+    """The bad domain's endpoint, behaving: its SVID is BAD_SERVER_ID's, from bad_ca."""
+    return new_endpoint(
+        endpoints, tmp_path / "good", *bad_ca.leaf(BAD_SERVER_ID),
+        bundle_json([bad_ca], sequence=1, hint=300),
+    )  # fmt: skip
+
+
 def federate_bad(spiffe_stack: SpiffeStack, url: str, *extra: str) -> tuple[int, str]:
     done = spiffe_stack.kmsctl(
         "spiffe", "federate", "--trust-domain", BAD, "--bundle-url", url, *extra, check=False
@@ -374,12 +358,8 @@ def test_https_spiffe_refuses_an_endpoint_that_is_not_the_svid_configured(
 
 
 def test_https_spiffe_refuses_a_malformed_bundle_file_and_takes_pem(
-    spiffe_stack: SpiffeStack, endpoints: list[Endpoint], tmp_path: Path, bad_ca: SpiffeCA
+    spiffe_stack: SpiffeStack, good: Endpoint, tmp_path: Path, bad_ca: SpiffeCA
 ) -> None:
-    good = new_endpoint(
-        endpoints, tmp_path / "good", *bad_ca.leaf(BAD_SERVER_ID),
-        bundle_json([bad_ca], sequence=1, hint=300),
-    )  # fmt: skip
     given = tmp_path / "given"
     for content in (
         b'{"keys": [{"use": "x509-svid", "x5c": ["@@"]}]}',
@@ -407,12 +387,8 @@ def test_https_spiffe_refuses_a_malformed_bundle_file_and_takes_pem(
 
 
 def test_https_spiffe_and_https_web_options_exclude_each_other(
-    spiffe_stack: SpiffeStack, endpoints: list[Endpoint], tmp_path: Path, bad_ca: SpiffeCA
+    spiffe_stack: SpiffeStack, good: Endpoint, tmp_path: Path, bad_ca: SpiffeCA
 ) -> None:
-    good = new_endpoint(
-        endpoints, tmp_path / "good", *bad_ca.leaf(BAD_SERVER_ID),
-        bundle_json([bad_ca], sequence=1, hint=300),
-    )  # fmt: skip
     endpoint_ca = tmp_path / "ca.pem"
     endpoint_ca.write_bytes(bad_ca.cert.public_bytes(serialization.Encoding.PEM))
     given = bad_bundle_file(bad_ca, tmp_path)
