@@ -60,6 +60,18 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _holder(fd: int, wait: float = 2.0) -> int | None:
+    """The pid in a lock file another process holds. It writes its pid just after
+    taking the lock, so a `kmsctl up` started at the same moment may find the file still
+    empty: look again for a short while rather than name no one."""
+    deadline = time.monotonic() + wait
+    while True:
+        holder = _read_pid(fd)
+        if holder is not None or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.01)
+
+
 def acquire(run_dir: Path) -> StackLock:
     """Take the data dir's lock, or raise FailedPrecondition `stack.already_running`
     naming the pid that holds it. On refusal nothing is created or changed."""
@@ -74,7 +86,7 @@ def acquire(run_dir: Path) -> StackLock:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             os.close(fd)
             raise
-        holder = _read_pid(fd)
+        holder = _holder(fd)
         os.close(fd)
         who = f"pid {holder}" if holder else "another process"
         raise FailedPrecondition(
